@@ -1,0 +1,44 @@
+"""The DeepSpeed config dict: a file from `ds_configs/`, the profile's own values, then overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mixmae_scale.config.derive import ResolvedConfig
+from mixmae_scale.config.load import REPO_ROOT, ConfigError, deep_merge
+
+DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+
+
+def ds_config_file(stage: int, offload_optimizer: bool) -> Path | None:
+    if stage == 0:
+        return None
+    name = "zero3_offload.json" if (stage == 3 and offload_optimizer) else f"zero{stage}.json"
+    return DS_CONFIGS_DIR / name
+
+
+def build_deepspeed_config(resolved: ResolvedConfig) -> dict[str, Any]:
+    config, derived = resolved.config, resolved.derived
+    path = ds_config_file(config.zero.stage, config.zero.offload_optimizer)
+    base: dict[str, Any] = {}
+    if path is not None:
+        try:
+            base = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"DeepSpeed config {path}: {exc}") from exc
+    dtype = config.precision.dtype
+    owned: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": derived.micro_batch,
+        "gradient_accumulation_steps": derived.accumulation,
+        "train_batch_size": derived.global_batch,
+        "gradient_clipping": config.optim.grad_clip,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": {"stage": config.zero.stage},
+    }
+    if config.zero.offload_optimizer:
+        owned["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return deep_merge(deep_merge(base, owned), config.deepspeed)

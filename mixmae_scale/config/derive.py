@@ -1,0 +1,182 @@
+"""Validation of ranges and the values that follow from the configuration, computed once.
+
+Batch arithmetic follows DeepSpeed's rule global = micro x accumulation x world size; the learning
+rate follows the MAE/MixMAE linear scaling rule lr = base_lr x global / 256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mixmae_scale.config.load import ConfigError
+from mixmae_scale.config.schema import Config
+from mixmae_scale.models.sizes import ARCH_FIELDS, SIZES
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    learning_rate: float
+    min_learning_rate: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    final_grid: int
+    masked_cells: int
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    config: Config
+    derived: Derived
+    sources: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "derived": dataclasses.asdict(self.derived),
+                "sources": list(self.sources)}
+
+    def model_digest(self) -> str:
+        """Changes exactly when a change would make checkpoints incompatible."""
+        model = dataclasses.asdict(self.config.model)
+        shape = {k: model[k] for k in ("img_size", "patch_size", "mlp_ratio", *ARCH_FIELDS)}
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fill_model_preset(config: Config) -> None:
+    model = config.model
+    if model.size == "custom":
+        missing = [f"model.{name}" for name in ARCH_FIELDS if getattr(model, name) is None]
+        if missing:
+            raise ConfigError(f"model.size is 'custom', so these keys must be set: {', '.join(missing)}")
+        return
+    for name, value in SIZES[model.size].items():
+        if getattr(model, name) is None:
+            setattr(model, name, list(value) if isinstance(value, list) else value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    m = config.model
+    stages = len(m.depths)
+    _require(stages >= 1, "model.depths must name at least one stage")
+    for name in ("num_heads", "window_size"):
+        _require(len(getattr(m, name)) == stages,
+                 f"model.{name} has {len(getattr(m, name))} entries but model.depths has {stages}")
+    _require(all(d >= 1 for d in m.depths), f"model.depths must be >= 1, got {m.depths}")
+    _require(m.patch_size >= 1 and m.img_size >= 1, "model.img_size and model.patch_size must be positive")
+    reduction = m.patch_size * 2 ** (stages - 1)
+    _require(m.img_size % reduction == 0,
+             f"model.img_size={m.img_size} must be divisible by patch_size x 2^(stages-1) = {reduction} "
+             "so that every stage has a whole number of tokens")
+    for s in range(stages):
+        dim = m.embed_dim * 2**s
+        _require(dim % m.num_heads[s] == 0,
+                 f"model.num_heads[{s}]={m.num_heads[s]} does not divide the stage width {dim}")
+        res = m.img_size // m.patch_size // 2**s
+        window = min(m.window_size[s], res)
+        _require(res % window == 0,
+                 f"model.window_size[{s}]={m.window_size[s]} does not tile the {res}x{res} stage grid")
+    _require(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads must divide model.decoder_dim")
+    _require(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    _require(0.0 <= m.range_mask_ratio and m.mask_ratio + m.range_mask_ratio < 1.0,
+             "model.range_mask_ratio must be >= 0 and mask_ratio + range_mask_ratio < 1")
+    _require(0.0 <= m.drop_path < 1.0, f"model.drop_path must be in [0, 1), got {m.drop_path}")
+    _require(m.checkpoint_every >= 0, "model.checkpoint_every must be >= 0 (0 disables checkpointing)")
+
+    b = config.batch
+    _require(b.micro >= 2 and b.micro % 2 == 0,
+             f"batch.micro must be even and >= 2 (images are mixed in pairs i, B-1-i), got {b.micro}")
+    _require(b.global_batch is not None or b.accumulation is not None,
+             "set batch.global_batch or batch.accumulation")
+    o = config.optim
+    _require(o.base_learning_rate > 0, "optim.base_learning_rate must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), f"optim.betas must be two values in [0, 1), got {o.betas}")
+    _require(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+    s = config.schedule
+    _require(s.epochs > 0 and 0 <= s.warmup_epochs <= s.epochs,
+             f"schedule: need 0 <= warmup_epochs <= epochs, got {s.warmup_epochs} and {s.epochs}")
+    _require(config.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0, 1, 2 or 3, got {config.zero.stage}")
+    _require(not (config.zero.offload_optimizer and config.zero.stage == 0),
+             "zero.offload_optimizer needs zero.stage >= 1")
+    d = config.data
+    _require(d.train_samples >= 1, "data.train_samples must be positive")
+    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+             f"data.crop_scale must be [min, max] within (0, 1], got {d.crop_scale}")
+    _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
+             f"data.crop_ratio must be [min, max], got {d.crop_ratio}")
+    c = config.cluster
+    _require(c.num_nodes >= 1 and c.gpus_per_node >= 1, "cluster.num_nodes and gpus_per_node must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
+    _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+
+
+def derive(config: Config, world_size: int | None = None, train_samples: int | None = None) -> Derived:
+    """`world_size` and `train_samples` default to the cluster section and data.train_samples; the
+    trainer passes the real process-group size and the manifest's count."""
+    world = world_size or config.cluster.num_nodes * config.cluster.gpus_per_node
+    b = config.batch
+    per_step = b.micro * world
+    if b.global_batch is not None:
+        if b.global_batch % per_step:
+            raise ConfigError(
+                f"batch.global_batch={b.global_batch} is not a multiple of batch.micro x world size = "
+                f"{b.micro} x {world} = {per_step}")
+        accumulation = b.global_batch // per_step
+        if b.accumulation is not None and b.accumulation != accumulation:
+            raise ConfigError(
+                f"batch.accumulation={b.accumulation} contradicts global_batch {b.global_batch} = "
+                f"{b.micro} x {accumulation} x {world}; set only one of them")
+    else:
+        accumulation = b.accumulation
+        if accumulation < 1:
+            raise ConfigError(f"batch.accumulation must be >= 1, got {accumulation}")
+    global_batch = per_step * accumulation
+    samples = train_samples or config.data.train_samples
+    steps_per_epoch = samples // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"the global batch {global_batch} is larger than the {samples} training samples")
+    m = config.model
+    final_grid = m.img_size // (m.patch_size * 2 ** (len(m.depths) - 1))
+    scale = global_batch / 256
+    return Derived(
+        world_size=world,
+        micro_batch=b.micro,
+        accumulation=accumulation,
+        global_batch=global_batch,
+        learning_rate=config.optim.base_learning_rate * scale,
+        min_learning_rate=config.schedule.min_learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=math.ceil(config.schedule.epochs * steps_per_epoch),
+        warmup_steps=math.ceil(config.schedule.warmup_epochs * steps_per_epoch),
+        final_grid=final_grid,
+        masked_cells=int(final_grid * final_grid * m.mask_ratio),
+    )
+
+
+def resolve(config: Config, sources: list[str] | tuple[str, ...] = (), world_size: int | None = None,
+            train_samples: int | None = None) -> ResolvedConfig:
+    fill_model_preset(config)
+    validate(config)
+    return ResolvedConfig(config, derive(config, world_size, train_samples), tuple(sources))
+
+
+def load_resolved(profile: str, cluster: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  world_size: int | None = None, train_samples: int | None = None) -> ResolvedConfig:
+    from mixmae_scale.config.load import load_config
+
+    config, sources = load_config(profile, cluster, overrides)
+    return resolve(config, sources, world_size, train_samples)

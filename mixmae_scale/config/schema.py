@@ -1,0 +1,152 @@
+"""Typed run configuration.
+
+Every knob a run has lives here, with its default and its allowed range, so that a profile typo or
+an out-of-range value fails before any process group or GPU is touched. Values that follow from
+others (learning rate, accumulation, step counts) are not fields here: `derive.py` computes them
+once, and nobody can set them by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SizeName = Literal["tiny", "base", "large", "huge", "custom"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the MixMAE encoder and decoder."""
+
+    size: SizeName = "base"
+    img_size: int = 224
+    patch_size: int = 4
+    # Architecture fields left unset (None) are filled from the size preset in
+    # `mixmae_scale.models.sizes`; a set field overrides the preset (e.g. windows for 384 px).
+    embed_dim: int | None = None
+    depths: list[int] | None = None
+    num_heads: list[int] | None = None
+    window_size: list[int] | None = None
+    mlp_ratio: float = 4.0
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    drop_path: float = 0.0
+    mask_ratio: float = 0.5
+    range_mask_ratio: float = 0.0
+    norm_pix_loss: bool = True
+    attention: Literal["fused", "reference"] = "fused"
+    # 0: no activation checkpointing; k >= 1: checkpoint every k-th encoder block.
+    checkpoint_every: int = 0
+
+
+@dataclass
+class DataConfig:
+    shards: str = "demo_data/shards"
+    loader: Literal["dali", "torch"] = "dali"
+    train_split: str = "train"
+    val_split: str = "val"
+    # Used for step arithmetic before a manifest is read (ImageNet-1K train by default); the
+    # trainer replaces it with the manifest's count.
+    train_samples: int = 1_281_167
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    hflip: float = 0.5
+    num_threads: int = 4
+    shuffle_buffer: int = 4096
+    decode_device: Literal["auto", "cpu", "gpu"] = "auto"
+
+
+@dataclass
+class BatchConfig:
+    """Batch arithmetic: give `micro` and one of `global_batch` or `accumulation`."""
+
+    micro: int = 128
+    global_batch: int | None = 2048
+    accumulation: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    base_learning_rate: float = 1.5e-4  # per 256 images; lr = base x global_batch / 256
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 disables clipping (the published recipe does not clip)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 600
+    warmup_epochs: float = 40
+    min_learning_rate: float = 0.0
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 1
+    offload_optimizer: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | path to a checkpoint tag folder
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 20
+    tensorboard: bool = True
+    csv: bool = True
+    # Peak dense bf16 FLOP/s of one device for MFU; 0 looks it up from the device name.
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    """Where the run goes; the world size used for batch arithmetic comes from here."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    hostfile: str | None = None
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "local"] = "pdsh"
+    master_addr: str | None = None
+    master_port: int = 29500
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str = "mixmae"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Free-form keys merged last into the DeepSpeed config dict (e.g. zero_optimization.*):
+    # DeepSpeed validates them itself when the engine starts.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+# Sections whose contents are free-form dictionaries rather than typed fields.
+FREE_FORM_SECTIONS = ("deepspeed",)
+FREE_FORM_FIELDS = ("cluster.env",)
