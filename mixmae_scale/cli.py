@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mixmae: error: {exc}", file=sys.stderr)
         return 2
 

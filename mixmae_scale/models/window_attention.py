@@ -72,7 +72,7 @@ class WindowAttention(nn.Module):
         if source_mask is not None:
             # Fold the windows into the head axis so one (nW * nH, N, N) mask broadcasts over the batch.
             n_windows = source_mask.shape[0]
-            mask = (mask + source_mask).view(1, n_windows * self.num_heads, n, n)
+            mask = (mask + source_mask).reshape(1, n_windows * self.num_heads, n, n)
             shape = (bw // n_windows, n_windows * self.num_heads, n, -1)
             q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         mask = mask.to(q.dtype)

@@ -1,0 +1,147 @@
+"""Import of the official MixMIM checkpoints (github.com/Sense-X/MixMIM) into our module tree.
+
+The official tree is flat (`patch_embed`, `layers`, `decoder_blocks`, `head` side by side); ours
+groups it under `encoder.` and `decoder.`. Buffers that we recompute (relative-position indices)
+are dropped; any other key we cannot place is an error that lists it. Files are read with
+`weights_only=True`: a checkpoint downloaded from the internet must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ENCODER_PREFIXES = ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")
+DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
+                    "decoder_pred.")
+RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+OFFICIAL_DECODER_HEADS = 16  # not recoverable from the weights; the official decoder uses 16 heads
+
+
+def read_official(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # unpickling refused or a corrupt file: say which file and why
+        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({exc})") from exc
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors under 'model'")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        if key.split(".")[-1] in RECOMPUTED_BUFFERS:
+            continue
+        if key.startswith(ENCODER_PREFIXES):
+            mapped[f"encoder.{key}"] = value
+        elif key.startswith(DECODER_PREFIXES):
+            mapped[f"decoder.{key}"] = value
+        elif key.startswith("head."):
+            mapped[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} key(s) of the official checkpoint have no place in our model: "
+                         + ", ".join(sorted(unknown)))
+    return mapped
+
+
+def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model shape, read off the weight shapes of a mapped state dict."""
+    proj = state["encoder.patch_embed.proj.weight"]
+    embed_dim, patch = proj.shape[0], proj.shape[-1]
+    blocks: dict[int, set[int]] = {}
+    heads: dict[int, int] = {}
+    windows: dict[int, int] = {}
+    for key, value in state.items():
+        match = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", key)
+        if match:
+            s, b = int(match[1]), int(match[2])
+            blocks.setdefault(s, set()).add(b)
+            heads[s] = value.shape[1]
+            windows[s] = (int(round(value.shape[0] ** 0.5)) + 1) // 2
+    stages = sorted(blocks)
+    tokens = state["encoder.absolute_pos_embed"].shape[1]
+    arch: dict[str, Any] = {
+        "img_size": int(round(tokens**0.5)) * patch,
+        "patch_size": patch,
+        "embed_dim": embed_dim,
+        "depths": [len(blocks[s]) for s in stages],
+        "num_heads": [heads[s] for s in stages],
+        "window_size": [windows[s] for s in stages],
+        "mlp_ratio": state["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+    }
+    if "decoder.decoder_embed.weight" in state:
+        arch["decoder_dim"] = state["decoder.decoder_embed.weight"].shape[0]
+        arch["decoder_depth"] = len({k.split(".")[2] for k in state if k.startswith("decoder.decoder_blocks.")})
+        arch["decoder_heads"] = OFFICIAL_DECODER_HEADS
+    if "head.weight" in state:
+        arch["num_classes"] = state["head.weight"].shape[0]
+    return arch
+
+
+def build_from_architecture(arch: dict[str, Any]) -> torch.nn.Module:
+    from mixmae_scale.models.classifier import SwinClassifier
+    from mixmae_scale.models.mixmae import MixMAE
+    from mixmae_scale.models.swin import SwinShape
+
+    shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
+                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])
+    if "num_classes" in arch:
+        return SwinClassifier(shape, arch["num_classes"], drop_path=0.0)
+    if "decoder_dim" in arch:
+        return MixMAE(shape, arch["decoder_dim"], arch["decoder_depth"], arch["decoder_heads"])
+    from mixmae_scale.models.swin import SwinEncoder
+
+    return _EncoderOnly(SwinEncoder(shape))
+
+
+class _EncoderOnly(torch.nn.Module):
+    """Gives a bare encoder the `encoder.` prefix that the other trees have."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], kind: str) -> None:
+    """Atomic write: a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={"format": "mixmae-scale", "kind": kind, "arch": json.dumps(arch)})
+    tmp.replace(path)
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != "mixmae-scale":
+        raise ValueError(f"{path}: not a mixmae-scale weights file (no 'format' metadata)")
+    return load_file(str(path)), json.loads(metadata["arch"])
+
+
+def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, Any]:
+    state = map_official_keys(read_official(src))
+    arch = infer_architecture(state)
+    model = build_from_architecture(arch)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{src}: converted weights do not fit the inferred model {arch}: missing "
+                         f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+    kind = "finetune" if "num_classes" in arch else "pretrain" if "decoder_dim" in arch else "encoder"
+    save_weights(out, state, arch, kind)
+    return {"source": str(src), "out": str(out), "kind": kind, "tensors": len(state), "arch": arch}

@@ -1,0 +1,28 @@
+"""Shared fixtures. Models here are real MixMAE modules at a small shape so that CPU tests stay fast."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def small_shape():
+    from mixmae_scale.models.swin import SwinShape
+
+    # 128 px: stages at 32, 16, 8, 4 tokens; a 4x4 mask grid; 16 windows in stage 1, 4 in stage 2.
+    return SwinShape(img_size=128, patch_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
+                     window_size=(8, 8, 8, 4))
+
+
+@pytest.fixture
+def small_mixmae(small_shape):
+    import torch
+
+    from mixmae_scale.models.mixmae import MixMAE
+
+    torch.manual_seed(0)
+    return MixMAE(small_shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()

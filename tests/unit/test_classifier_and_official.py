@@ -1,0 +1,114 @@
+"""Fine-tune model loading (with resolution change) and import of the official checkpoint layout."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
+from mixmae_scale.models.convert_official import convert_official_checkpoint, load_weights
+from mixmae_scale.models.mixmae import MixMAE
+from mixmae_scale.models.swin import SwinShape
+
+
+def _official_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our weights written under the official MixMIM key names, with its extra index buffers."""
+    state = {}
+    for key, value in model.state_dict().items():
+        state[key.removeprefix("encoder.").removeprefix("decoder.")] = value.clone()
+    for name, module in model.named_modules():
+        if hasattr(module, "relative_position_index"):
+            flat = name.removeprefix("encoder.")
+            state[f"{flat}.relative_position_index"] = module.relative_position_index.clone()
+    return state
+
+
+def test_classifier_on_the_same_shape_reproduces_the_pretrained_encoder(small_mixmae, small_shape):
+    classifier = SwinClassifier(small_shape, num_classes=5, drop_path=0.0).eval()
+    report = load_pretrained_encoder(classifier, small_mixmae.state_dict())
+    assert report.missing == [] and report.unexpected == [] and report.resized == []
+    assert report.ignored_decoder > 0
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = small_mixmae.encoder(images)
+        assert torch.equal(classifier.encoder(images), expected)
+        assert classifier(images).shape == (2, 5)
+
+
+def test_loading_at_a_new_resolution_and_windows_resizes_tables(small_mixmae):
+    # 128 px / W(8,8,8,4) pretraining -> 192 px with windows (12,12,12,6), as 224/W14 -> 384/W16-24-12.
+    bigger = SwinShape(img_size=192, patch_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
+                       window_size=(12, 12, 12, 6))
+    classifier = SwinClassifier(bigger, num_classes=3, drop_path=0.0)
+    report = load_pretrained_encoder(classifier, small_mixmae.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    assert "absolute_pos_embed" in report.resized
+    tables = [k for k in report.resized if k.endswith("relative_position_bias_table")]
+    assert len(tables) == 5  # one per block
+    table = classifier.encoder.layers[0].blocks[0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 12 - 1) ** 2, 1)
+    # The resized table keeps the centre (zero offset) close to the original's centre value.
+    old = small_mixmae.encoder.layers[0].blocks[0].attn.relative_position_bias_table
+    assert table[(23 * 23) // 2].item() == pytest.approx(old[(15 * 15) // 2].item(), abs=0.02)
+    assert torch.isfinite(classifier(torch.randn(2, 3, 192, 192))).all()
+
+
+def test_a_wider_encoder_is_refused_with_the_key_named(small_mixmae):
+    wider = SwinShape(128, 4, 32, (1, 1, 2, 1), (1, 2, 2, 4), (8, 8, 8, 4))
+    with pytest.raises(ValueError, match="patch_embed"):
+        load_pretrained_encoder(SwinClassifier(wider, 3), small_mixmae.state_dict())
+
+
+def test_official_pretraining_checkpoint_converts_and_loads_with_no_missing_keys(small_mixmae, tmp_path):
+    src = tmp_path / "mixmim_pretrain.pth"
+    torch.save({"model": _official_layout(small_mixmae), "epoch": 599,
+                "args": argparse.Namespace(model="mixmim_base", mask_ratio=0.5)}, src)
+    summary = convert_official_checkpoint(src, tmp_path / "out.safetensors")
+    assert summary["kind"] == "pretrain"
+    arch = summary["arch"]
+    assert arch["depths"] == [1, 1, 2, 1] and arch["num_heads"] == [1, 2, 2, 4]
+    assert arch["window_size"] == [8, 8, 8, 4] and arch["img_size"] == 128
+    state, saved_arch = load_weights(tmp_path / "out.safetensors")
+    assert saved_arch == arch
+    rebuilt = MixMAE(small_mixmae.shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+    result = rebuilt.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    images, mask = torch.randn(2, 3, 128, 128), small_mixmae.sample_mask(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images, mask=mask).loss, small_mixmae(images, mask=mask).loss)
+
+
+def test_official_finetuned_checkpoint_converts_to_a_classifier(small_shape, tmp_path):
+    classifier = SwinClassifier(small_shape, num_classes=7)
+    src = tmp_path / "mixmim_ft.pth"
+    torch.save({"model": _official_layout(classifier)}, src)
+    summary = convert_official_checkpoint(src, tmp_path / "ft.safetensors")
+    assert summary["kind"] == "finetune" and summary["arch"]["num_classes"] == 7
+
+
+def test_unmappable_official_keys_are_listed(small_mixmae, tmp_path):
+    state = _official_layout(small_mixmae)
+    state["mix_embed.0"] = torch.zeros(3)
+    state["layers.0.extra_gate"] = torch.zeros(1)
+    src = tmp_path / "odd.pth"
+    torch.save({"model": state}, src)
+    with pytest.raises(ValueError, match="mix_embed.0"):
+        convert_official_checkpoint(src, tmp_path / "odd.safetensors")
+    assert not (tmp_path / "odd.safetensors").exists()
+
+
+class _Payload:
+    """Stands for an object a hostile checkpoint would unpickle to run code."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoints_that_would_run_code_are_refused(small_mixmae, tmp_path, capsys):
+    src = tmp_path / "hostile.pth"
+    torch.save({"model": _official_layout(small_mixmae), "extra": _Payload()}, src)
+    with pytest.raises(ValueError, match="weights-only"):
+        convert_official_checkpoint(src, tmp_path / "x.safetensors")
+    assert "this must never run" not in capsys.readouterr().out

@@ -1,0 +1,153 @@
+"""Configuration: merge order, overrides, strict keys, derived arithmetic, every shipped profile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixmae_scale.config import ConfigError, load_config, load_resolved
+from mixmae_scale.config.deepspeed_config import DS_CONFIGS_DIR, build_deepspeed_config
+from mixmae_scale.config.load import PROFILES_DIR, merge_sources, parse_override
+
+SHIPPED = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def test_later_sources_win_in_merge_order(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("optim:\n  weight_decay: 0.1\nbatch:\n  micro: 32\n")
+    merged, sources = merge_sources("swin_b", str(cluster), ["batch.micro=16"])
+    assert sources[0].endswith("base.yaml") and sources[1].endswith("swin_b.yaml")
+    assert sources[2] == str(cluster) and sources[3] == "--set batch.micro=16"
+    assert merged["optim"]["weight_decay"] == 0.1  # cluster beats base
+    assert merged["batch"]["micro"] == 16  # --set beats the cluster file and the profile
+    assert merged["zero"]["stage"] == 1  # the size profile's own value survives
+    assert merged["optim"]["betas"] == [0.9, 0.95]  # base values the others leave alone survive
+
+
+def test_override_values_are_typed():
+    assert parse_override("model.window_size=[16,16,24,12]") == {"model": {"window_size": [16, 16, 24, 12]}}
+    config, _ = load_config("swin_b", overrides=["optim.base_learning_rate=1e-4", "precision.dtype=fp16",
+                                                 "model.norm_pix_loss=false", "batch.micro=64.0"])
+    assert config.optim.base_learning_rate == pytest.approx(1e-4)
+    assert config.precision.dtype == "fp16" and config.model.norm_pix_loss is False
+    assert config.batch.micro == 64 and isinstance(config.batch.micro, int)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lerning_rate=1", "did you mean 'optim.base_learning_rate'"),
+    ("model.windw_size=[7,7,7,7]", "did you mean 'model.window_size'"),
+    ("zero.stag=2", "did you mean 'zero.stage'"),
+])
+def test_unknown_key_names_the_closest_valid_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("swin_b", overrides=[override])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("batch.micro=abc", "'batch.micro' must be an integer"),
+    ("batch.micro=2.5", "'batch.micro' must be an integer"),
+    ("precision.dtype=fp8", "'precision.dtype' must be one of"),
+    ("model.norm_pix_loss=3", "'model.norm_pix_loss' must be true or false"),
+    ("optim.betas=0.9", "'optim.betas' must be a list"),
+    ("zero.stage=4", "zero.stage must be 0, 1, 2 or 3"),
+    ("model.mask_ratio=1.5", "model.mask_ratio must be in"),
+    ("batch.micro=3", "batch.micro must be even"),
+    ("model.window_size=[10,14,14,7]", r"model.window_size\[0\]=10 does not tile"),
+    ("model.img_size=200", "must be divisible by"),
+    ("override_without_equals", "not of the form"),
+])
+def test_bad_values_fail_with_the_key_named(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_resolved("swin_b", overrides=[override])
+
+
+def test_derived_batch_and_learning_rate():
+    r = load_resolved("swin_b", world_size=16)
+    d = r.derived
+    assert (d.micro_batch, d.accumulation, d.global_batch) == (128, 1, 2048)
+    assert d.learning_rate == pytest.approx(1.5e-4 * 2048 / 256)
+    assert d.steps_per_epoch == 1_281_167 // 2048
+    assert d.warmup_steps == 40 * d.steps_per_epoch and d.total_steps == 600 * d.steps_per_epoch
+    # Fewer GPUs: accumulation makes up the global batch, the learning rate does not change.
+    d8 = load_resolved("swin_b", world_size=4).derived
+    assert (d8.accumulation, d8.global_batch, d8.learning_rate) == (4, 2048, d.learning_rate)
+    # Accumulation given instead of the global batch: global follows micro x accumulation x world.
+    d2 = load_resolved("swin_b", overrides=["batch.global_batch=null", "batch.accumulation=3"],
+                       world_size=5).derived
+    assert d2.global_batch == 128 * 3 * 5 and d2.learning_rate == pytest.approx(1.5e-4 * 1920 / 256)
+
+
+def test_global_batch_that_does_not_divide_is_refused():
+    with pytest.raises(ConfigError, match="not a multiple of batch.micro x world size"):
+        load_resolved("swin_b", world_size=3)
+    with pytest.raises(ConfigError, match="contradicts"):
+        load_resolved("swin_b", overrides=["batch.accumulation=2"], world_size=16)
+
+
+def test_size_preset_fills_only_unset_fields():
+    r = load_resolved("swin_l", overrides=["model.img_size=384", "model.window_size=[16,16,24,12]"])
+    m = r.config.model
+    assert m.embed_dim == 192 and m.num_heads == [6, 12, 24, 48]
+    assert m.window_size == [16, 16, 24, 12]
+    with pytest.raises(ConfigError, match="model.size is 'custom'"):
+        load_resolved("swin_b", overrides=["model.size=custom"])
+
+
+def test_unknown_profile_suggests_a_name():
+    with pytest.raises(ConfigError, match="did you mean 'swin_h'"):
+        load_resolved("swin_hh")
+
+
+@pytest.mark.parametrize("profile", SHIPPED)
+def test_every_shipped_profile_resolves_and_builds_a_deepspeed_config(profile):
+    r = load_resolved(profile)
+    ds = build_deepspeed_config(r)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds[
+        "gradient_accumulation_steps"] * r.derived.world_size
+    assert ds["zero_optimization"]["stage"] == r.config.zero.stage
+    assert ds["bf16"]["enabled"] == (r.config.precision.dtype == "bf16")
+    json.dumps(r.to_dict())  # the run directory stores it as JSON/YAML
+
+
+def test_published_recipe_is_what_the_size_profiles_say():
+    for profile, stage, ckpt in (("swin_b", 1, 0), ("swin_l", 2, 1), ("swin_h", 3, 1)):
+        r = load_resolved(profile)
+        c = r.config
+        assert r.derived.global_batch == 2048 and c.schedule.epochs == 600 and c.schedule.warmup_epochs == 40
+        assert c.optim.base_learning_rate == pytest.approx(1.5e-4) and c.optim.weight_decay == 0.05
+        assert c.optim.betas == [0.9, 0.95] and c.model.mask_ratio == 0.5 and c.model.norm_pix_loss
+        assert (c.zero.stage, c.model.checkpoint_every) == (stage, ckpt)
+
+
+@pytest.mark.parametrize("path", sorted(DS_CONFIGS_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_file_is_valid_for_deepspeed(path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    r = load_resolved("tiny")
+    ds = build_deepspeed_config(r)
+    ds = {**json.loads(path.read_text()), **{k: ds[k] for k in (
+        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")}}
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    parsed = DeepSpeedConfig(ds)  # DeepSpeed's own schema check (single process, world size 1)
+    assert parsed.zero_optimization_stage == json.loads(path.read_text())["zero_optimization"]["stage"]
+
+
+def test_deepspeed_overrides_reach_any_key():
+    r = load_resolved("swin_h", overrides=["deepspeed.zero_optimization.stage3_prefetch_bucket_size=1e8",
+                                           "deepspeed.wall_clock_breakdown=true"])
+    ds = build_deepspeed_config(r)
+    assert float(ds["zero_optimization"]["stage3_prefetch_bucket_size"]) == 1e8
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 100000  # from zero3.json
+    assert ds["wall_clock_breakdown"] is True
+
+
+def test_config_show_cli_prints_the_resolved_huge_profile(capsys):
+    from mixmae_scale.cli import main
+
+    assert main(["config", "show", "--profile", "swin_h", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["embed_dim"] == 352 and data["derived"]["global_batch"] == 2048
+    assert data["deepspeed_config"]["zero_optimization"]["stage"] == 3
+    assert main(["config", "show", "--profile", "swin_b", "--set", "optim.lerning_rate=1"]) == 2
+    assert "optim.base_learning_rate" in capsys.readouterr().err
