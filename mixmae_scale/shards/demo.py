@@ -1,0 +1,112 @@
+"""The built-in demo dataset: real JPEG files in ImageNet layout whose classes can be learned.
+
+Ten classes of procedurally drawn pictures (a shape, a texture or a gradient per class, in a colour
+family per class) on varied backgrounds, at varied sizes and aspect ratios, written as JPEG under
+`train/<wnid>/` and `val/<wnid>/` with a `synset_words.txt`, so that the same converter that reads
+ImageNet reads it. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASSES = ["circle", "square", "triangle", "hstripes", "vstripes", "checker", "rings", "dots", "cross",
+           "gradient"]
+HUES = [0.0, 0.1, 0.18, 0.3, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+
+
+def wnid(index: int) -> str:
+    return f"n9{index:07d}"
+
+
+def _colour(rng: random.Random, hue: float) -> tuple[int, int, int]:
+    h = (hue + rng.uniform(-0.04, 0.04)) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_image(cls: int, rng: random.Random) -> Image.Image:
+    width, height = rng.randint(96, 256), rng.randint(96, 256)
+    background = tuple(rng.randint(0, 90) if rng.random() < 0.5 else rng.randint(160, 255) for _ in range(3))
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    fg = _colour(rng, HUES[cls])
+    cx, cy = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65)
+    r = min(width, height) * rng.uniform(0.25, 0.45)
+    name = CLASSES[cls]
+    if name == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif name == "square":
+        angle = rng.uniform(0, math.pi / 2)
+        pts = [(cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2))
+               for k in range(4)]
+        draw.polygon(pts, fill=fg)
+    elif name == "triangle":
+        angle = rng.uniform(0, 2 * math.pi)
+        pts = [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
+               for k in range(3)]
+        draw.polygon(pts, fill=fg)
+    elif name in ("hstripes", "vstripes"):
+        period = rng.randint(8, 20)
+        extent = height if name == "hstripes" else width
+        for start in range(rng.randint(0, period), extent, period):
+            box = [0, start, width, start + period // 2] if name == "hstripes" else [start, 0, start + period // 2, height]
+            draw.rectangle(box, fill=fg)
+    elif name == "checker":
+        cell = rng.randint(10, 24)
+        for y in range(0, height, cell):
+            for x in range(0, width, cell):
+                if (x // cell + y // cell) % 2 == 0:
+                    draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fg)
+    elif name == "rings":
+        step = rng.randint(6, 12)
+        for radius in range(int(r * 2), 0, -step):
+            colour = fg if (radius // step) % 2 == 0 else background
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+    elif name == "dots":
+        gap = rng.randint(14, 26)
+        dot = gap // 4
+        for y in range(gap // 2, height, gap):
+            for x in range(gap // 2, width, gap):
+                draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=fg)
+    elif name == "cross":
+        w = r * rng.uniform(0.25, 0.4)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+    elif name == "gradient":
+        end = _colour(rng, HUES[cls])
+        for x in range(width):
+            t = x / max(width - 1, 1)
+            colour = tuple(int(background[k] * (1 - t) + end[k] * t) for k in range(3))
+            draw.line([(x, 0), (x, height)], fill=colour)
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    return image
+
+
+def build_demo_images(root: Path, train_per_class: int = 260, val_per_class: int = 50, seed: int = 0) -> dict:
+    """Writes the demo tree under `root`; skips files that already exist (reruns are cheap)."""
+    root.mkdir(parents=True, exist_ok=True)
+    words = "".join(f"{wnid(i)} demo {name}\n" for i, name in enumerate(CLASSES))
+    (root / "synset_words.txt").write_text(words)
+    counts = {}
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for cls in range(len(CLASSES)):
+            folder = root / split / wnid(cls)
+            folder.mkdir(parents=True, exist_ok=True)
+            rng = random.Random(f"{seed}-{split}-{cls}")
+            for i in range(per_class):
+                image = draw_image(cls, rng)  # drawn even when the file exists, to keep the RNG stream
+                quality = rng.randint(80, 95)
+                path = folder / f"{wnid(cls)}_{i:05d}.JPEG"
+                if not path.exists():
+                    tmp = path.with_name(path.name + ".tmp")
+                    image.save(tmp, format="JPEG", quality=quality)
+                    tmp.replace(path)
+        counts[split] = per_class * len(CLASSES)
+    return counts

@@ -1,0 +1,168 @@
+"""Finding the images of a split and their labels: ILSVRC2012 layouts, class folders, flat folders.
+
+Class index = position of the wnid (or folder name) in sorted order, the torchvision/timm
+convention, so that our labels agree with every ImageNet checkpoint trained by those libraries.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+
+
+class SourceError(ValueError):
+    """The source tree is not what the command expects; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: str  # absolute
+    rel: str  # relative to the source root, recorded in each sample's json
+    label: int  # -1 for unlabeled
+    wnid: str | None
+    size: int  # bytes on disk; used to size shards before any file is read
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _list_images(folder: Path, root: Path, label: int, wnid: str | None) -> list[SourceImage]:
+    """Every file under `folder` (recursively); non-image names are kept so that they are reported."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            found.append(SourceImage(str(path), str(path.relative_to(root)), label, wnid, path.stat().st_size))
+    return found
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def read_class_names(src: Path) -> dict[str, str]:
+    """wnid -> human-readable name from LOC_synset_mapping.txt or synset_words.txt, when present."""
+    for name in ("LOC_synset_mapping.txt", "synset_words.txt"):
+        for candidate in (src / name, src.parent / name):
+            if candidate.exists():
+                names = {}
+                for line in candidate.read_text().splitlines():
+                    wnid, _, words = line.strip().partition(" ")
+                    if wnid:
+                        names[wnid] = words.strip()
+                return names
+    return {}
+
+
+def labeled_folder(split_dir: Path, root: Path, classes: list[str]) -> list[SourceImage]:
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    images: list[SourceImage] = []
+    empty = []
+    for wnid in class_folders(split_dir):
+        if wnid not in index:
+            raise SourceError(f"{split_dir / wnid}: class folder not among the training classes")
+        found = _list_images(split_dir / wnid, root, index[wnid], wnid)
+        if not found:
+            empty.append(wnid)
+        images.extend(found)
+    if empty:
+        raise SourceError(f"{split_dir}: empty class folder(s): {', '.join(empty[:10])}"
+                          + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
+    return images
+
+
+def _val_labels(src: Path) -> dict[str, str] | None:
+    """Flat validation labels: file stem -> wnid, from Kaggle's CSV or the devkit ground truth."""
+    for candidate in (src / "LOC_val_solution.csv", src.parent / "LOC_val_solution.csv"):
+        if candidate.exists():
+            with candidate.open() as handle:
+                reader = csv.DictReader(handle)
+                if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+                    raise SourceError(f"{candidate}: expected the columns ImageId,PredictionString")
+                return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
+    for candidate in (src / "ILSVRC2012_validation_ground_truth.txt",
+                      src / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"):
+        if candidate.exists():
+            order = _devkit_wnids(src, candidate)
+            labels = {}
+            for i, line in enumerate(candidate.read_text().split(), start=1):
+                ilsvrc_id = int(line)
+                if not 1 <= ilsvrc_id <= len(order):
+                    raise SourceError(f"{candidate}: line {i}: ILSVRC2012_ID {ilsvrc_id} out of range")
+                labels[f"ILSVRC2012_val_{i:08d}"] = order[ilsvrc_id - 1]
+            return labels
+    return None
+
+
+def _devkit_wnids(src: Path, truth: Path) -> list[str]:
+    """The devkit numbers classes 1..1000 in its own order (meta.mat); we need wnid per ID.
+
+    The order is read from `ILSVRC2012_devkit_order.txt` (one wnid per line, ID order) next to the
+    ground truth, or from the devkit's meta.mat with scipy.
+    """
+    listed = truth.parent / "ILSVRC2012_devkit_order.txt"
+    if listed.exists():
+        return [w.strip() for w in listed.read_text().split() if w.strip()]
+    meta = truth.parent / "meta.mat"
+    if meta.exists():
+        from scipy.io import loadmat
+
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        rows = sorted((int(s["ILSVRC2012_ID"]), str(s["WNID"])) for s in synsets if int(s["num_children"]) == 0)
+        return [wnid for _, wnid in rows]
+    raise SourceError(f"{truth}: the devkit class order is needed to map IDs to wnids; put the devkit's "
+                      f"data/meta.mat (or ILSVRC2012_devkit_order.txt, one wnid per line) beside it")
+
+
+def imagenet_split(src: Path, split: str) -> tuple[list[SourceImage], list[str]]:
+    """Images and the class list (sorted wnids of train/) for one split of an ILSVRC2012 tree."""
+    train_dir = src / "train"
+    if not train_dir.is_dir():
+        raise SourceError(f"{src}: not an ImageNet layout: expected {train_dir} with one folder per wnid "
+                          "(n01440764/, ...), and val/ either the same way or flat with "
+                          "LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt")
+    classes = class_folders(train_dir)
+    if not classes:
+        raise SourceError(f"{train_dir}: no class folders")
+    split_dir = src / split
+    if not split_dir.is_dir():
+        raise SourceError(f"{src}: split '{split}' has no folder {split_dir}")
+    if split == "train" or class_folders(split_dir):
+        return labeled_folder(split_dir, src, classes), classes
+    labels = _val_labels(src)
+    if labels is None:
+        raise SourceError(f"{split_dir} is flat, so its labels must come from LOC_val_solution.csv or "
+                          "ILSVRC2012_validation_ground_truth.txt in the source folder; neither was found")
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    images = []
+    for image in _list_images(split_dir, src, -1, None):
+        wnid = labels.get(Path(image.path).stem)
+        if wnid is None or wnid not in index:
+            images.append(image)  # unlabeled: rejected later with the reason
+            continue
+        images.append(SourceImage(image.path, image.rel, index[wnid], wnid, image.size))
+    return images, classes
+
+
+def folder_images(src: Path) -> tuple[list[SourceImage], list[str]]:
+    """A class-per-subfolder tree (labels), or a flat folder of images (unlabeled, label -1)."""
+    if not src.is_dir():
+        raise SourceError(f"{src}: not a folder")
+    classes = class_folders(src)
+    loose = [p for p in src.iterdir() if p.is_file() and _is_image_name(p.name)]
+    if classes and not loose:
+        return labeled_folder(src, src, classes), classes
+    if classes and loose:
+        raise SourceError(f"{src}: has both class folders and loose images; use one layout")
+    images = _list_images(src, src, -1, None)
+    if not images:
+        raise SourceError(f"{src}: no images found")
+    return images, []

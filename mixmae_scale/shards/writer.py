@@ -1,0 +1,200 @@
+"""Planning shards and writing one shard: deterministic tar, DALI index, then a completion record.
+
+A shard is written under a temporary name and renamed when complete, and its record (counts,
+checksum, rejected files) is written last: a shard without a record is redone on the next run, so an
+interrupted conversion resumes and ends byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+
+from mixmae_scale.shards.jpeg_check import prepare_image
+from mixmae_scale.shards.sources import SourceImage
+
+PROGRESS_DIR = ".progress"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    first: int  # position of the shard's first sample in the split's shuffled order
+    images: tuple[SourceImage, ...]
+    labeled: bool  # in a labeled split, a file without a label is rejected
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    quality: int = 95
+    resize_shorter: int | None = None
+    strict: bool = False
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    split: str
+    samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    copied: int = 0
+    converted: dict[str, int] = field(default_factory=dict)
+    rejected: list[dict] = field(default_factory=list)
+
+
+class RejectedImage(ValueError):
+    """Raised in strict mode at the first file that cannot go into a shard."""
+
+
+def plan_shards(images: list[SourceImage], split: str, seed: int, samples_per_shard: int | None,
+                shard_bytes: int | None, labeled: bool) -> list[ShardPlan]:
+    """Shuffle the whole split with `seed` (DALI's reader only shuffles inside a buffer), then cut it
+    into shards by count or by the files' sizes on disk."""
+    order = sorted(images, key=lambda im: im.rel)
+    random.Random(seed).shuffle(order)
+    plans: list[ShardPlan] = []
+    current: list[SourceImage] = []
+    size, first = 0, 0
+    for image in order:
+        full = (samples_per_shard is not None and len(current) >= samples_per_shard) or (
+            shard_bytes is not None and current and size + image.size > shard_bytes)
+        if full:
+            plans.append(ShardPlan(split, len(plans), first, tuple(current), labeled))
+            first += len(current)
+            current, size = [], 0
+        current.append(image)
+        size += image.size
+    if current:
+        plans.append(ShardPlan(split, len(plans), first, tuple(current), labeled))
+    return plans
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through, so the checksum costs no second read."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / PROGRESS_DIR / f"{name}.json"
+
+
+def read_record(out_dir: Path, name: str) -> ShardRecord | None:
+    path = record_path(out_dir, name)
+    if not path.exists():
+        return None
+    record = ShardRecord(**json.loads(path.read_text()))
+    if record.samples and not (out_dir / f"{name}.tar").exists():
+        return None  # the record outlived its shard (deleted by hand): write it again
+    return record
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_index(tar_path: Path, idx_path: Path) -> None:
+    """DALI's own index tool (wds2idx), written to a temporary name then renamed."""
+    from wds2idx import IndexCreator
+
+    tmp = idx_path.with_name(idx_path.name + ".tmp")
+    with IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
+        creator.create_index()
+    tmp.replace(idx_path)
+
+
+def write_shard(plan: ShardPlan, out_dir: Path, options: WriteOptions) -> ShardRecord:
+    record = ShardRecord(plan.name, plan.split)
+    tar_path = out_dir / f"{plan.name}.tar"
+    tmp_path = out_dir / f"{plan.name}.tar.tmp"
+    sink = _HashingFile(tmp_path)
+    writer = wds.TarWriter(sink, user="mixmae", group="mixmae", mode=0o444, mtime=0)
+    try:
+        for offset, image in enumerate(plan.images):
+            sample = _prepare_sample(plan, offset, image, record, options)
+            if sample is not None:
+                writer.write(sample)
+                record.samples += 1
+        writer.close()
+        sink.close()
+    except BaseException:
+        # Leave nothing half-written behind: the shard is redone from scratch on the next run.
+        with contextlib.suppress(Exception):
+            writer.close()
+        sink.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+    if record.samples == 0:
+        tmp_path.unlink()
+    else:
+        tmp_path.replace(tar_path)
+        write_index(tar_path, out_dir / f"{plan.name}.idx")
+    record.bytes, record.sha256 = sink.bytes, sink.sha256.hexdigest()
+    (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+    atomic_write_text(record_path(out_dir, plan.name), json.dumps(asdict(record), sort_keys=True))
+    return record
+
+
+def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: ShardRecord,
+                    options: WriteOptions) -> dict | None:
+    """The sample dict for one source file, or None (recorded as rejected)."""
+    try:
+        data = Path(image.path).read_bytes()
+    except OSError as exc:
+        _reject(record, image, f"unreadable: {exc}", options)
+        return None
+    if plan.labeled and image.label < 0:
+        _reject(record, image, "no label found for this file", options)
+        return None
+    prepared = prepare_image(data, options.quality, options.resize_shorter)
+    if prepared.data is None:
+        _reject(record, image, prepared.reason, options)
+        return None
+    if prepared.action == "copied":
+        record.copied += 1
+    else:
+        kind = prepared.action.split(" (")[0]
+        record.converted[kind] = record.converted.get(kind, 0) + 1
+    meta = {"source": image.rel, "wnid": image.wnid, "label": image.label, "width": prepared.width,
+            "height": prepared.height, "action": prepared.action}
+    return {"__key__": f"{plan.split}_{plan.first + offset:08d}", "jpg": prepared.data,
+            "cls": str(image.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def _reject(record: ShardRecord, image: SourceImage, reason: str, options: WriteOptions) -> None:
+    if options.strict:
+        raise RejectedImage(f"{image.path}: {reason} (--strict stops at the first rejected file)")
+    record.rejected.append({"source": image.rel, "path": image.path, "reason": reason})

@@ -1,0 +1,222 @@
+"""Shard conversion on real files made here: odd inputs, labels, determinism, resume, verification."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mixmae_scale.shards.convert import ConvertOptions, convert, parse_size
+from mixmae_scale.shards.jpeg_check import prepare_image, scan_jpeg
+from mixmae_scale.shards.sources import SourceError
+from mixmae_scale.shards.verify import verify
+
+
+def _jpeg(path: Path, colour=(200, 30, 30), size=(64, 48), mode="RGB", **save) -> bytes:
+    image = Image.new(mode, size, colour if mode != "L" else 128)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **save)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _imagenet_tree(root: Path, per_class: int = 3, classes=("n01", "n02", "n03")) -> Path:
+    for c, wnid in enumerate(classes):
+        for i in range(per_class):
+            _jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", colour=(40 * c, 100, 10 * i))
+            _jpeg(root / "val" / wnid / f"{wnid}_val_{i}.JPEG", colour=(40 * c, 50, 10 * i))
+    return root
+
+
+def _samples(out: Path, split: str) -> dict[str, dict]:
+    found = {}
+    for tar_path in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                found.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return found
+
+
+def test_odd_inputs_are_converted_or_rejected_and_counted(tmp_path):
+    src = tmp_path / "src"
+    cls = src / "train" / "n01"
+    _jpeg(cls / "good.JPEG")
+    _jpeg(cls / "cmyk.JPEG", colour=(10, 200, 30, 0), mode="CMYK")
+    _jpeg(cls / "gray.JPEG", mode="L")
+    _jpeg(cls / "progressive.JPEG", progressive=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, format="PNG")
+    (cls / "png_inside.JPEG").write_bytes(buf.getvalue())
+    full = _jpeg(cls / "nested" / "deeper" / "nested.JPEG", size=(200, 200))
+    (cls / "truncated.JPEG").write_bytes(full[: len(full) // 2])
+    (cls / "empty.JPEG").write_bytes(b"")
+    (cls / "notes.JPEG").write_text("this is not an image")
+    _jpeg(src / "val" / "n01" / "v.JPEG")
+    out = tmp_path / "out"
+    manifest = convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None))
+    train = manifest["splits"]["train"]
+    assert train["found"] == 9 and train["samples"] == 6 and train["rejected"] == 3
+    assert train["copied"] == 2  # good.JPEG and nested/deeper/nested.JPEG
+    assert sum(train["converted"].values()) == 4
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    reasons = {Path(r["source"]).name: r["reason"] for r in rejected}
+    assert set(reasons) == {"truncated.JPEG", "empty.JPEG", "notes.JPEG"}
+    assert "zero-byte" in reasons["empty.JPEG"] and "truncated" in reasons["truncated.JPEG"]
+    for sample in _samples(out, "train").values():
+        header = scan_jpeg(sample["jpg"])
+        assert header is not None and header.components == 3 and header.sof in (0xC0, 0xC1)
+        with Image.open(io.BytesIO(sample["jpg"])) as image:
+            assert image.mode == "RGB"
+        meta = json.loads(sample["json"])
+        assert meta["wnid"] == "n01" and int(sample["cls"]) == 0 and meta["width"] > 0
+    assert verify(out, decode=True)["ok"]
+
+
+def test_strict_stops_at_the_first_bad_file_and_names_it(tmp_path):
+    src = tmp_path / "src"
+    _jpeg(src / "train" / "n01" / "a.JPEG")
+    (src / "train" / "n01" / "b.JPEG").write_bytes(b"")
+    with pytest.raises(ValueError, match="b.JPEG: zero-byte file"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", splits=("train",), strict=True))
+
+
+def test_labels_follow_sorted_wnids_and_flat_validation_files(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=2, classes=("n03", "n01", "n02"))
+    # Replace val/ by a flat folder labelled by Kaggle's CSV.
+    for path in (src / "val").rglob("*.JPEG"):
+        path.unlink()
+    for wnid in ("n01", "n02", "n03"):
+        (src / "val" / wnid).rmdir()
+    rows = ["ImageId,PredictionString"]
+    for i, wnid in enumerate(["n02", "n03", "n01", "n02"]):
+        _jpeg(src / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+        rows.append(f"ILSVRC2012_val_{i + 1:08d},{wnid} 1 2 3 4")
+    (src / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (src / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 shark\n")
+    out = tmp_path / "out"
+    manifest = convert(src, out, ConvertOptions(layout="imagenet"))
+    assert [c["wnid"] for c in manifest["classes"]] == ["n01", "n02", "n03"]
+    assert manifest["classes"][0]["name"] == "tench, Tinca tinca"
+    labels = {json.loads(s["json"])["source"]: int(s["cls"]) for s in _samples(out, "val").values()}
+    assert labels == {"val/ILSVRC2012_val_00000001.JPEG": 1, "val/ILSVRC2012_val_00000002.JPEG": 2,
+                      "val/ILSVRC2012_val_00000003.JPEG": 0, "val/ILSVRC2012_val_00000004.JPEG": 1}
+    train = {json.loads(s["json"])["source"]: int(s["cls"]) for s in _samples(out, "train").values()}
+    assert all(label == ["n01", "n02", "n03"].index(Path(src_path).parent.name) for src_path, label in train.items())
+
+
+def test_devkit_ground_truth_maps_ids_through_the_devkit_order(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=1)
+    for path in (src / "val").rglob("*.JPEG"):
+        path.unlink()
+    for wnid in ("n01", "n02", "n03"):
+        (src / "val" / wnid).rmdir()
+    for i in range(3):
+        _jpeg(src / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    # The devkit numbers classes in its own order: ID 1 = n03, 2 = n01, 3 = n02.
+    (src / "ILSVRC2012_devkit_order.txt").write_text("n03\nn01\nn02\n")
+    (src / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n3\n")
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(layout="imagenet"))
+    labels = {json.loads(s["json"])["source"]: json.loads(s["json"])["wnid"] for s in _samples(out, "val").values()}
+    assert labels == {"val/ILSVRC2012_val_00000001.JPEG": "n03", "val/ILSVRC2012_val_00000002.JPEG": "n01",
+                      "val/ILSVRC2012_val_00000003.JPEG": "n02"}
+
+
+def test_clear_errors_for_wrong_layouts(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(SourceError, match="not an ImageNet layout: expected"):
+        convert(tmp_path / "photos", tmp_path / "out", ConvertOptions(layout="imagenet"))
+    src = _imagenet_tree(tmp_path / "src", per_class=1)
+    (src / "train" / "n09").mkdir()
+    with pytest.raises(SourceError, match="empty class folder"):
+        convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", splits=("train",)))
+    (src / "train" / "n09").rmdir()
+    with pytest.raises(SourceError, match="inside the source folder"):
+        convert(src, src / "shards", ConvertOptions(layout="imagenet"))
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_flat_unlabeled_folder(tmp_path):
+    for i in range(5):
+        _jpeg(tmp_path / "flat" / f"img{i}.jpg")
+    manifest = convert(tmp_path / "flat", tmp_path / "out", ConvertOptions(layout="folder", splits=("train",)))
+    assert manifest["splits"]["train"]["samples"] == 5 and not manifest["splits"]["train"]["labeled"]
+    assert all(s["cls"] == b"-1" for s in _samples(tmp_path / "out", "train").values())
+
+
+def test_same_input_gives_byte_identical_shards_and_seed_changes_order(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=5)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    manifest_a = convert(src, a, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None, workers=2))
+    manifest_b = convert(src, b, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None))
+    manifest_c = convert(src, c, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None, seed=1))
+    sums = lambda m: [s["sha256"] for s in m["splits"]["train"]["shards"]]  # noqa: E731
+    assert sums(manifest_a) == sums(manifest_b)
+    assert sums(manifest_a) != sums(manifest_c)
+    assert (a / "train-000000.idx").read_text() == (b / "train-000000.idx").read_text()
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
+    with pytest.raises(SourceError, match="samples_per_shard"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", samples_per_shard=3, shard_bytes=None))
+
+
+def test_killed_conversion_resumes_to_the_same_bytes(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=40)
+    reference = convert(src, tmp_path / "ref", ConvertOptions(layout="imagenet", samples_per_shard=5,
+                                                              shard_bytes=None, splits=("train",)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mixmae_scale.cli", "shards", "imagenet", "--src", str(src), "--out", str(out),
+           "--split", "train", "--samples-per-shard", "5"]
+    # Slow each shard down so the kill lands mid-run (the hook only sleeps; the writing is the real code).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
+    proc = subprocess.Popen(cmd + ["--workers", "1"], env={**env, "MIXMAE_TEST_SHARD_DELAY": "0.15"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / ".progress").glob("train-*.json"))) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / ".progress").glob("train-*.json")))
+    assert 4 <= done_before < len(reference["splits"]["train"]["shards"])
+    assert not (out / "dataset.json").exists()
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "done earlier" in result.stderr
+    resumed = json.loads((out / "dataset.json").read_text())
+    assert [s["sha256"] for s in resumed["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in reference["splits"]["train"]["shards"]]
+    assert not list(out.glob("*.tmp"))
+    assert verify(out)["ok"]
+
+
+def test_verify_finds_corruption(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(layout="imagenet"))
+    shard = out / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify(out)
+    assert not report["ok"] and any("sha256" in e for e in report["errors"])
+
+
+def test_prepare_image_keeps_good_jpeg_bytes(tmp_path):
+    data = _jpeg(tmp_path / "x.jpg")
+    assert prepare_image(data).data == data
+    resized = prepare_image(_jpeg(tmp_path / "big.jpg", size=(400, 300)), resize_shorter=100)
+    assert (resized.width, resized.height) == (133, 100) and resized.action == "resized"
