@@ -90,7 +90,7 @@ def validate(config: Config) -> None:
                  f"model.window_size[{s}]={m.window_size[s]} does not tile the {res}x{res} stage grid")
     _require(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads must divide model.decoder_dim")
     _require(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
-    _require(0.0 <= m.range_mask_ratio and m.mask_ratio + m.range_mask_ratio < 1.0,
+    _require(m.range_mask_ratio >= 0.0 and m.mask_ratio + m.range_mask_ratio < 1.0,
              "model.range_mask_ratio must be >= 0 and mask_ratio + range_mask_ratio < 1")
     _require(0.0 <= m.drop_path < 1.0, f"model.drop_path must be in [0, 1), got {m.drop_path}")
     _require(m.checkpoint_every >= 0, "model.checkpoint_every must be >= 0 (0 disables checkpointing)")
@@ -103,7 +103,8 @@ def validate(config: Config) -> None:
     o = config.optim
     _require(o.base_learning_rate > 0, "optim.base_learning_rate must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
-    _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), f"optim.betas must be two values in [0, 1), got {o.betas}")
+    _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas),
+             f"optim.betas must be two values in [0, 1), got {o.betas}")
     _require(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
     s = config.schedule
     _require(s.epochs > 0 and 0 <= s.warmup_epochs <= s.epochs,

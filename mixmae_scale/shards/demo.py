@@ -55,7 +55,8 @@ def draw_image(cls: int, rng: random.Random) -> Image.Image:
         period = rng.randint(8, 20)
         extent = height if name == "hstripes" else width
         for start in range(rng.randint(0, period), extent, period):
-            box = [0, start, width, start + period // 2] if name == "hstripes" else [start, 0, start + period // 2, height]
+            end = start + period // 2
+            box = [0, start, width, end] if name == "hstripes" else [start, 0, end, height]
             draw.rectangle(box, fill=fg)
     elif name == "checker":
         cell = rng.randint(10, 24)

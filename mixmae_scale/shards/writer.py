@@ -7,20 +7,18 @@ interrupted conversion resumes and ends byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import random
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import webdataset as wds
 
 from mixmae_scale.shards.jpeg_check import prepare_image
 from mixmae_scale.shards.sources import SourceImage
 
 PROGRESS_DIR = ".progress"
+INDEX_VERSION = "v1.2"
 
 
 @dataclass(frozen=True)
@@ -82,28 +80,56 @@ def plan_shards(images: list[SourceImage], split: str, seed: int, samples_per_sh
     return plans
 
 
-class _HashingFile:
-    """A write-only file that hashes what passes through, so the checksum costs no second read."""
+def _member_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uname = info.gname = "mixmae"
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+class TarShardWriter:
+    """Writes a standard (ustar) tar of webdataset samples and its DALI index in one pass.
+
+    Why not webdataset's TarWriter: it goes through tarfile's stream mode, which copies every byte
+    four times in Python and ran at 0.28x the speed of `tar cf` here (benchmarks/shards.py); this
+    writes header, payload and padding straight to a buffered file, hashing as it goes, and knows
+    every member's offset, so the index needs no second pass over the tar. Headers still come from
+    the standard library's `tarfile.TarInfo`. Tests check the index against DALI's own wds2idx.
+    """
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb", buffering=4 << 20)  # noqa: SIM115 - closed in close()
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self._index: list[str] = []
 
-    def write(self, data: bytes) -> int:
+    def _write(self, data: bytes) -> None:
         self.sha256.update(data)
+        self._file.write(data)
         self.bytes += len(data)
-        return self._file.write(data)
 
-    def flush(self) -> None:
-        self._file.flush()
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        """One sample; members in sorted extension order, as webdataset writes them."""
+        entries = []
+        for ext in sorted(fields):
+            payload = fields[ext]
+            name = f"{key}.{ext}"
+            self._write(_member_header(name, len(payload)))
+            entries.append(f"{ext} {self.bytes} {len(payload)} {name}")
+            self._write(payload)
+            if len(payload) % 512:
+                self._write(b"\0" * (512 - len(payload) % 512))
+        self._index.append(" ".join(entries))
 
     def close(self) -> None:
         if self._file.closed:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._write(b"\0" * 1024)  # end-of-archive: two zero blocks
         self._file.close()
+
+    def index_text(self) -> str:
+        """DALI's wds2idx format: 'v1.2 N', then per sample 'ext data_offset size name' per member."""
+        return f"{INDEX_VERSION} {len(self._index)}\n" + "".join(line + "\n" for line in self._index)
 
 
 def record_path(out_dir: Path, name: str) -> Path:
@@ -126,43 +152,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_index(tar_path: Path, idx_path: Path) -> None:
-    """DALI's own index tool (wds2idx), written to a temporary name then renamed."""
-    from wds2idx import IndexCreator
-
-    tmp = idx_path.with_name(idx_path.name + ".tmp")
-    with IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
-        creator.create_index()
-    tmp.replace(idx_path)
-
-
 def write_shard(plan: ShardPlan, out_dir: Path, options: WriteOptions) -> ShardRecord:
     record = ShardRecord(plan.name, plan.split)
     tar_path = out_dir / f"{plan.name}.tar"
     tmp_path = out_dir / f"{plan.name}.tar.tmp"
-    sink = _HashingFile(tmp_path)
-    writer = wds.TarWriter(sink, user="mixmae", group="mixmae", mode=0o444, mtime=0)
+    shard = TarShardWriter(tmp_path)
     try:
         for offset, image in enumerate(plan.images):
             sample = _prepare_sample(plan, offset, image, record, options)
             if sample is not None:
-                writer.write(sample)
+                shard.add(f"{plan.split}_{plan.first + offset:08d}", sample)
                 record.samples += 1
-        writer.close()
-        sink.close()
+        shard.close()
     except BaseException:
         # Leave nothing half-written behind: the shard is redone from scratch on the next run.
-        with contextlib.suppress(Exception):
-            writer.close()
-        sink.close()
+        shard.close()
         tmp_path.unlink(missing_ok=True)
         raise
     if record.samples == 0:
         tmp_path.unlink()
     else:
+        atomic_write_text(out_dir / f"{plan.name}.idx", shard.index_text())
         tmp_path.replace(tar_path)
-        write_index(tar_path, out_dir / f"{plan.name}.idx")
-    record.bytes, record.sha256 = sink.bytes, sink.sha256.hexdigest()
+    record.bytes, record.sha256 = shard.bytes, shard.sha256.hexdigest()
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
     atomic_write_text(record_path(out_dir, plan.name), json.dumps(asdict(record), sort_keys=True))
     return record
@@ -190,8 +202,7 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
         record.converted[kind] = record.converted.get(kind, 0) + 1
     meta = {"source": image.rel, "wnid": image.wnid, "label": image.label, "width": prepared.width,
             "height": prepared.height, "action": prepared.action}
-    return {"__key__": f"{plan.split}_{plan.first + offset:08d}", "jpg": prepared.data,
-            "cls": str(image.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+    return {"jpg": prepared.data, "cls": str(image.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
 def _reject(record: ShardRecord, image: SourceImage, reason: str, options: WriteOptions) -> None:

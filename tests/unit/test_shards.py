@@ -220,3 +220,19 @@ def test_prepare_image_keeps_good_jpeg_bytes(tmp_path):
     assert prepare_image(data).data == data
     resized = prepare_image(_jpeg(tmp_path / "big.jpg", size=(400, 300)), resize_shorter=100)
     assert (resized.width, resized.height) == (133, 100) and resized.action == "resized"
+
+
+def test_index_matches_dalis_own_wds2idx_and_shards_read_with_webdataset(tmp_path):
+    import webdataset as wds
+    from wds2idx import IndexCreator
+
+    src = _imagenet_tree(tmp_path / "src", per_class=4)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=5, shard_bytes=None))
+    for tar_path in sorted(out.glob("*.tar")):
+        dali_idx = tmp_path / (tar_path.stem + ".dali.idx")
+        with IndexCreator(str(tar_path), str(dali_idx), verbose=False) as creator:
+            creator.create_index()
+        assert (out / f"{tar_path.stem}.idx").read_text() == dali_idx.read_text()
+    keys = [s["__key__"] for s in wds.WebDataset(str(out / "train-{000000..000002}.tar"), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == 12
