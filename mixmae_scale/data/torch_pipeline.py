@@ -1,0 +1,116 @@
+"""The pure-PyTorch fallback: webdataset + Pillow + torchvision, the same views as the DALI pipelines.
+
+For machines without DALI (or to rule DALI out when debugging). Shards are split across ranks
+(`split_by_node`-style, by rank given explicitly) and across DataLoader workers (`split_by_worker`);
+the stream repeats, and the loader takes a fixed number of batches per epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from mixmae_scale.data.dali_pipeline import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
+from mixmae_scale.data.manifest import SplitShards
+
+
+class DaliStyleResizeCrop:
+    """Resize the shorter side, then centre-crop, rounding as DALI does.
+
+    torchvision truncates the longer side and rounds the crop offset half to even; DALI rounds both
+    half up. On sharp-edged images a one-pixel offset is a large difference, so the fallback follows
+    DALI and the two loaders give the same evaluation tensors.
+    """
+
+    def __init__(self, shorter: int, crop: int) -> None:
+        self.shorter, self.crop = shorter, crop
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        scale = self.shorter / min(w, h)
+        size = (math.floor(h * scale + 0.5), math.floor(w * scale + 0.5))
+        image = F.resize(image, list(size), InterpolationMode.BICUBIC, antialias=True)
+        top = math.floor((size[0] - self.crop) / 2 + 0.5)
+        left = math.floor((size[1] - self.crop) / 2 + 0.5)
+        return F.crop(image, top, left, self.crop, self.crop)
+
+
+def build_transform(spec: PipelineSpec) -> transforms.Compose:
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if spec.mode == "eval":
+        shorter = round(spec.img_size / EVAL_CROP_FRACTION)
+        return transforms.Compose([DaliStyleResizeCrop(shorter, spec.img_size), *normalize])
+    steps = [transforms.RandomResizedCrop(spec.img_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
+                                          interpolation=InterpolationMode.BICUBIC)]
+    if spec.rand_augment is not None:
+        ops, magnitude = spec.rand_augment
+        steps.append(transforms.RandAugment(num_ops=ops, magnitude=magnitude))
+    steps.append(transforms.RandomHorizontalFlip(spec.hflip))
+    return transforms.Compose(steps + normalize)
+
+
+def _decode(sample: dict, *, transform, with_meta: bool) -> tuple:
+    with Image.open(io.BytesIO(sample["jpg"])) as image:
+        tensor = transform(image.convert("RGB"))
+    label = int(sample["cls"])
+    meta = json.loads(sample["json"]) if with_meta else {}
+    return tensor, label, meta
+
+
+def _shards_for_rank(shards: SplitShards, rank: int, world: int) -> list[str]:
+    tars = list(shards.tars)
+    return tars[rank::world] if len(tars) >= world else tars
+
+
+def sample_stream(shards: SplitShards, spec: PipelineSpec, repeat: bool) -> wds.WebDataset:
+    """Raw samples for this rank; shards are data only (no pickle decoders are ever registered)."""
+    urls = _shards_for_rank(shards, spec.shard_id, spec.num_shards)
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                             handler=wds.reraise_exception, empty_check=False)
+    if len(shards.tars) < spec.num_shards:  # fewer shards than ranks: split by sample instead
+        dataset = dataset.slice(spec.shard_id, None, spec.num_shards)
+    if repeat:
+        dataset = dataset.repeat()
+    if spec.mode != "eval":
+        dataset = dataset.shuffle(spec.shuffle_buffer, rng=random.Random(hash((spec.seed, spec.shard_id))))
+    return dataset
+
+
+def torch_batches(shards: SplitShards, spec: PipelineSpec, workers: int, repeat: bool = True) -> Iterator[tuple]:
+    transform = build_transform(spec)
+    dataset = sample_stream(shards, spec, repeat).map(partial(_decode, transform=transform, with_meta=spec.with_meta))
+    dataset = dataset.batched(spec.batch_size, partial=not repeat, collation_fn=_collate)
+    # Workers are spawned, not forked: a fork after DALI or DeepSpeed started threads can deadlock.
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                           worker_init_fn=_SeedWorker(spec.seed, spec.shard_id),
+                           multiprocessing_context="spawn" if workers > 0 else None)
+    yield from loader
+
+
+class _SeedWorker:
+    """Seeds Python's and torch's RNGs per (seed, rank, worker): augmentations repeat exactly."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, worker_id: int) -> None:
+        seed = hash((self.seed, self.rank, worker_id)) % 2**31
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+
+def _collate(samples: list[tuple]) -> tuple:
+    images = torch.stack([s[0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
+    return images, labels, [s[2] for s in samples]
