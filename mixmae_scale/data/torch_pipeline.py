@@ -52,7 +52,7 @@ def build_transform(spec: PipelineSpec) -> transforms.Compose:
         shorter = round(spec.img_size / EVAL_CROP_FRACTION)
         return transforms.Compose([DaliStyleResizeCrop(shorter, spec.img_size), *normalize])
     steps = [transforms.RandomResizedCrop(spec.img_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
-                                          interpolation=InterpolationMode.BICUBIC)]
+                                          interpolation=InterpolationMode.BILINEAR, antialias=True)]
     if spec.rand_augment is not None:
         ops, magnitude = spec.rand_augment
         steps.append(transforms.RandAugment(num_ops=ops, magnitude=magnitude))

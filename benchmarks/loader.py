@@ -1,0 +1,83 @@
+"""Loader throughput: DALI-CPU, the PyTorch fallback and (with a GPU) DALI-GPU on the same shards.
+
+Builds photo-sized JPEG shards (benchmarks/shards.py's generator), then pulls pretraining batches
+(RandomResizedCrop 224, flip, normalise) from each loader with the same thread/worker count,
+alternating loaders between rounds; prints images/s and the ratio to the fallback, writes JSON.
+
+    python benchmarks/loader.py --images 1024 --batch 64 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mixmae_scale.data.dali_pipeline import PipelineSpec
+from mixmae_scale.data.loader import ShardLoader
+from mixmae_scale.shards.convert import ConvertOptions, convert
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def throughput(shards: Path, backend: str, spec: PipelineSpec, threads: int, batches: int) -> float:
+    loader = ShardLoader(str(shards), "train", spec, backend, workers=threads)
+    stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+    next(stream)  # start-up (pipeline build, worker spawn) is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(stream)
+    if batch.images.is_cuda:
+        torch.cuda.synchronize()
+    return batches * spec.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    from shards import make_tree  # benchmarks/shards.py
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "loader.json")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="mixmae-loader-bench-") as tmp:
+        src, shards = Path(tmp) / "src", Path(tmp) / "shards"
+        make_tree(src, args.images)
+        convert(src, shards, ConvertOptions(layout="imagenet", splits=("train",), samples_per_shard=128))
+        spec = PipelineSpec(mode="pretrain", img_size=224, batch_size=args.batch, num_threads=args.threads,
+                            shuffle_buffer=256)
+        variants = {"dali-cpu": ("dali", spec), "torch-fallback": ("torch", spec)}
+        if gpu:
+            from dataclasses import replace
+
+            variants["dali-gpu"] = ("dali", replace(spec, device_id=0))
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, (backend, variant_spec) in variants.items():
+                rates[name].append(throughput(shards, backend, variant_spec, args.threads, args.batches))
+    fallback = statistics.median(rates["torch-fallback"])
+    rows = [{"loader": name, "images_per_s": statistics.median(values), "vs_fallback": statistics.median(values) / fallback,
+             "runs": values} for name, values in rates.items()]
+    print(f"{args.images} photo-sized JPEGs, batch {args.batch}, 224 px, {args.threads} threads/workers")
+    print(f"{'loader':<16}{'images/s':>10}{'vs fallback':>13}")
+    for r in rows:
+        print(f"{r['loader']:<16}{r['images_per_s']:>10.0f}{r['vs_fallback']:>13.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "gpu": gpu, "rows": rows}, indent=2))
+    tmp_out.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
