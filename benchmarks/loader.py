@@ -66,8 +66,8 @@ def main() -> None:
             for name, (backend, variant_spec) in variants.items():
                 rates[name].append(throughput(shards, backend, variant_spec, args.threads, args.batches))
     fallback = statistics.median(rates["torch-fallback"])
-    rows = [{"loader": name, "images_per_s": statistics.median(values), "vs_fallback": statistics.median(values) / fallback,
-             "runs": values} for name, values in rates.items()]
+    rows = [{"loader": name, "images_per_s": statistics.median(values),
+             "vs_fallback": statistics.median(values) / fallback, "runs": values} for name, values in rates.items()]
     print(f"{args.images} photo-sized JPEGs, batch {args.batch}, 224 px, {args.threads} threads/workers")
     print(f"{'loader':<16}{'images/s':>10}{'vs fallback':>13}")
     for r in rows:

@@ -115,8 +115,46 @@ def _shards_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from mixmae_scale.config import load_config
+    from mixmae_scale.engine.pretrain import pretrain
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    config, sources = load_config(args.profile, args.cluster, args.overrides)
+    run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
+    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
+    try:
+        summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+        if rank == 0:
+            print(f"run directory: {run_dir} (config.yaml, metrics.csv, checkpoints/, summary.json)")
+            print(f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
+                  f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # ZeRO-3 ranks abort at exit without an orderly shutdown
+            dist.destroy_process_group()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mixmae_scale.engine.export import export_run
+
+    print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmae", description="MixMAE pretraining at cluster scale.")
+    # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     config = sub.add_parser("config", help="show the resolved configuration of a profile")
@@ -141,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="official .pth (pretraining or fine-tuned)")
     convert.add_argument("out", help="output .safetensors")
     convert.set_defaults(handler=_model_convert)
+
+    pre = sub.add_parser("pretrain", help="MixMAE pretraining (start with the deepspeed launcher or torchrun)")
+    _add_profile_args(pre)
+    pre.add_argument("--run-dir", help="default: run.output_dir/run.name")
+    pre.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
+    pre.set_defaults(handler=_pretrain)
+
+    export = sub.add_parser("export", help="a run's encoder (or encoder+decoder) as one safetensors file")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    export.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    export.add_argument("--with-decoder", action="store_true", help="keep the decoder (for visualisation)")
+    export.set_defaults(handler=_export)
 
     shards = sub.add_parser("shards", help="image folders to WebDataset tar shards; verify; demo data")
     shards_sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", required=True)

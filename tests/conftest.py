@@ -26,3 +26,16 @@ def small_mixmae(small_shape):
 
     torch.manual_seed(0)
     return MixMAE(small_shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The real demo dataset, small: 10 classes x 30 train / 8 val images, 64 samples per shard."""
+    from mixmae_scale.shards.convert import ConvertOptions, convert
+    from mixmae_scale.shards.demo import build_demo_images
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_images(root / "images", train_per_class=30, val_per_class=8, seed=0)
+    convert(root / "images", root / "shards", ConvertOptions(layout="imagenet", samples_per_shard=64,
+                                                             shard_bytes=None))
+    return root / "shards"

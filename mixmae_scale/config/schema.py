@@ -103,10 +103,20 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 20
+    heldout_batches: int = 4  # validation batches scored with fixed masks at the start and the end
     tensorboard: bool = True
     csv: bool = True
     # Peak dense bf16 FLOP/s of one device for MFU; 0 looks it up from the device name.
     peak_tflops: float = 0.0
+
+
+@dataclass
+class FaultConfig:
+    """How a run reacts to trouble, and one switch that provokes it (for tests of that reaction)."""
+
+    nonfinite_skip_limit: int = 5  # consecutive non-finite losses skipped before the run stops
+    data_stall_s: float = 300.0  # a batch that takes longer than this to arrive is reported
+    inject_nan_loss_at_steps: list[int] = field(default_factory=list)  # testing only
 
 
 @dataclass
@@ -141,6 +151,7 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Free-form keys merged last into the DeepSpeed config dict (e.g. zero_optimization.*):
     # DeepSpeed validates them itself when the engine starts.

@@ -14,19 +14,6 @@ from mixmae_scale.data.loader import ShardLoader, choose_decode_device
 from mixmae_scale.data.manifest import DataError
 
 
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory):
-    """The real demo dataset, small: 10 classes x 30 train / 8 val images, 64 samples per shard."""
-    from mixmae_scale.shards.convert import ConvertOptions, convert
-    from mixmae_scale.shards.demo import build_demo_images
-
-    root = tmp_path_factory.mktemp("demo")
-    build_demo_images(root / "images", train_per_class=30, val_per_class=8, seed=0)
-    convert(root / "images", root / "shards", ConvertOptions(layout="imagenet", samples_per_shard=64,
-                                                             shard_bytes=None))
-    return root / "shards"
-
-
 def _spec(**kw) -> PipelineSpec:
     base = dict(mode="pretrain", img_size=64, batch_size=8, num_threads=1, shuffle_buffer=64, seed=3,
                 with_meta=True)

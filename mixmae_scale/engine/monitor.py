@@ -1,0 +1,83 @@
+"""What a run reports: console lines with progress, a CSV of every logged step, TensorBoard through
+DeepSpeed's monitor, and MFU from the analytic FLOPs.
+"""
+
+from __future__ import annotations
+
+import csv
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, for MFU when logging.peak_tflops is not set.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def device_peak_flops(configured_tflops: float) -> float | None:
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None  # no meaningful peak for a CPU here: set logging.peak_tflops to get MFU
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricsLog:
+    """Rank 0 only: appends one CSV row per logged step and mirrors it to DeepSpeed's monitor."""
+
+    FIELDS = ("step", "epoch", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "mfu",
+              "data_wait_frac", "peak_mem_mib", "elapsed_s")
+
+    def __init__(self, path: Path, engine_monitor=None) -> None:
+        self.path = path
+        self.monitor = engine_monitor
+        new = not path.exists()
+        self._file = path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.FIELDS)
+        if new:
+            self._writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow({k: row.get(k) for k in self.FIELDS})
+        self._file.flush()
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            events = [(f"Train/{k}", float(v), int(row["images_seen"])) for k, v in row.items()
+                      if k not in ("step", "images_seen") and isinstance(v, int | float)]
+            self.monitor.write_events(events)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Throughput:
+    """Images/s and the share of wall time spent waiting for data, over the last logging window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.images = 0
+        self.data_wait = 0.0
+
+    def window(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return self.images / elapsed, self.data_wait / elapsed
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,157 @@
+"""Pretraining for real: the `deepspeed` launcher, 2 CPU ranks (gloo), DALI on demo shards, ZeRO 1-3.
+
+Each run is a real multi-process job, so these tests take tens of seconds each; runs shared by
+several tests are module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+PORTS = iter(range(29700, 29800))
+
+
+def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None = None, check: bool = True,
+           background: bool = False):
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(next(PORTS)),
+           "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run_dir),
+           "--set", f"data.shards={shards}", "--set", "batch.micro=8", "--set", "logging.every_steps=1",
+           "--set", "logging.heldout_batches=2", "--set", "data.shuffle_buffer=64"]
+    for item in overrides:
+        cmd += ["--set", item]
+    if max_steps:
+        cmd += ["--max-steps", str(max_steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode:
+        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
+
+
+def exported(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import load_weights
+
+    export_run(run_dir, out, with_decoder=True)
+    return load_weights(out)[0]
+
+
+@pytest.mark.parametrize("stage, dtype", [(1, "bf16"), (2, "fp32"), (3, "bf16")])
+def test_loss_falls_under_each_zero_stage(demo_shards, tmp_path, stage, dtype):
+    run = tmp_path / f"zero{stage}"
+    launch(run, demo_shards, f"zero.stage={stage}", f"precision.dtype={dtype}", "optim.base_learning_rate=0.02",
+           "checkpoint.every_steps=100", max_steps=40)
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 41))
+    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(36, 41)) / 5
+    assert last < 0.97 * first, (first, last)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["heldout_loss_end"] < summary["heldout_loss_start"]
+    assert len(summary["peak_mem_mib_per_rank"]) == 2 and summary["images_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards, tmp_path_factory):
+    runs = {}
+    for stage in (2, 3):
+        run = tmp_path_factory.mktemp(f"full{stage}")
+        launch(run, demo_shards, f"zero.stage={stage}", "precision.dtype=fp32", "checkpoint.every_steps=100",
+               max_steps=12)
+        runs[stage] = run
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_reproduces_the_uninterrupted_run(demo_shards, tmp_path, uninterrupted, stage):
+    run = tmp_path / "halves"
+    common = (f"zero.stage={stage}", "precision.dtype=fp32", "checkpoint.every_steps=100")
+    launch(run, demo_shards, *common, max_steps=6)
+    assert json.loads((run / "checkpoints" / "step00000006" / "COMPLETE").read_text())["step"] == 6
+    launch(run, demo_shards, *common, max_steps=12)
+    full, halves = losses(uninterrupted[stage]), losses(run)
+    for step in range(1, 13):
+        assert halves[step] == pytest.approx(full[step], rel=1e-6), step
+    a = exported(uninterrupted[stage], tmp_path / "full.safetensors")
+    b = exported(run, tmp_path / "halves.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
+
+
+def test_export_loads_into_the_finetune_model_without_deepspeed(uninterrupted, tmp_path):
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
+    from mixmae_scale.models.convert_official import load_weights
+    from mixmae_scale.models.swin import SwinShape
+
+    summary = export_run(uninterrupted[3], tmp_path / "encoder.safetensors")
+    state, arch = load_weights(tmp_path / "encoder.safetensors")
+    assert summary["kind"] == "encoder" and all(k.startswith("encoder.") for k in state)
+    shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
+                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])
+    classifier = SwinClassifier(shape, num_classes=10)
+    report = load_pretrained_encoder(classifier, state)
+    assert report.missing == [] and report.unexpected == []
+    assert torch.equal(classifier.encoder.patch_embed.proj.weight, state["encoder.patch_embed.proj.weight"])
+
+
+def test_resuming_with_another_model_shape_is_refused(uninterrupted, demo_shards):
+    result = launch(uninterrupted[2], demo_shards, "zero.stage=2", "precision.dtype=fp32", "model.embed_dim=48",
+                    max_steps=14, check=False)
+    assert result.returncode != 0
+    assert "holds a model of another shape" in result.stdout + result.stderr
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(demo_shards, tmp_path):
+    run = tmp_path / "nan"
+    launch(run, demo_shards, "faults.inject_nan_loss_at_steps=[3,4]", max_steps=6)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_nonfinite"] == 2 and summary["steps"] == 6
+    assert all(v == v for v in losses(run).values())  # no NaN reached the weights or the logged loss
+    stopped = tmp_path / "nan_stop"
+    result = launch(stopped, demo_shards, "faults.inject_nan_loss_at_steps=[2]", "faults.nonfinite_skip_limit=2",
+                    max_steps=6, check=False)
+    assert result.returncode != 0
+    assert "non-finite losses in a row at step 2" in result.stdout + result.stderr
+    assert (stopped / "checkpoints" / "step00000002" / "COMPLETE").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_shards, tmp_path):
+    run = tmp_path / "preempted"
+    proc = launch(run, demo_shards, "checkpoint.every_steps=1000", max_steps=400, background=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        time.sleep(0.5)
+    time.sleep(2)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pretrain" in " ".join(p.cmdline())
+             and "deepspeed.launcher" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    for p in ranks:  # as a scheduler's preemption does: every rank gets the signal
+        p.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by_signal"] and 0 < summary["steps"] < 400
+    assert Path(summary["checkpoint"]).name == f"step{summary['steps']:08d}"
+    assert (Path(summary["checkpoint"]) / "COMPLETE").exists()
