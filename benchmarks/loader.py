@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mixmae_scale.data.dali_pipeline import PipelineSpec
 from mixmae_scale.data.loader import ShardLoader
+from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.shards.convert import ConvertOptions, convert
 
 RESULTS = Path(__file__).resolve().parent / "results"

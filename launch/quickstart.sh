@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# The README's main command: set up .venv, then run the demo end to end on the built-in demo data.
-# Idempotent: a second run reuses the venv and the demo images and shards.
+# The README's main command: set up .venv, then run the whole demo on the built-in demo data:
+# demo shards -> MixMAE pretraining of the tiny profile through the deepspeed launcher -> export.
+# Idempotent: a second run reuses the venv and the demo shards, and resumes or re-reports the run.
+# On a machine with GPUs the launcher uses all of them; without, two CPU ranks (gloo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MIXMAE=.venv/bin/mixmae
 DEMO=${DEMO_DIR:-demo_data}
+RUN=${RUN_DIR:-runs/tiny-demo}
 
 echo "== 1/3 demo data: procedurally drawn JPEGs in ImageNet layout -> WebDataset shards ($DEMO)"
 $MIXMAE shards demo --out "$DEMO"
-$MIXMAE shards verify "$DEMO/shards" --decode
+$MIXMAE shards verify "$DEMO/shards"
 
-echo "== 2/3 the tiny profile, resolved (base -> tiny -> overrides), with its DeepSpeed config"
-$MIXMAE config show --profile tiny --set "data.shards=$DEMO/shards" | sed -n '/^derived:/,/^sources:/p'
+if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  RANKS=()                 # every visible GPU
+  echo "== 2/3 pretraining the tiny profile on $(nvidia-smi -L | wc -l) GPU(s) (deepspeed launcher)"
+else
+  RANKS=(--num_gpus 2)     # two CPU ranks, gloo backend
+  echo "== 2/3 pretraining the tiny profile on 2 CPU ranks (deepspeed launcher, gloo; a few minutes)"
+fi
+.venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
+  --profile tiny --run-dir "$RUN" --set "data.shards=$DEMO/shards" "$@"
 
-echo "== 3/3 model sizes: parameters and analytic GFLOPs"
-for size in tiny base large huge; do
-  $MIXMAE model info --size "$size" --json | .venv/bin/python -c \
-    "import json,sys; r=json.load(sys.stdin); print(f\"{r['size']:>6}: {r['encoder_params_with_head']/1e6:7.1f}M params (with 1000-class head), {r['encoder_gflops']:6.1f} encoder GFLOPs at {r['img_size']} px\")"
-done
-echo "demo outputs: $DEMO/images (JPEG tree), $DEMO/shards (tar shards, dataset.json, classes.json, rejected.jsonl)"
+echo "== 3/3 export: gathering the ZeRO shards into one safetensors file"
+$MIXMAE export "$RUN" --out "$RUN/encoder.safetensors"
+$MIXMAE export "$RUN" --out "$RUN/encoder_decoder.safetensors" --with-decoder >/dev/null
+echo
+echo "outputs:"
+echo "  $DEMO/shards                 demo shards (dataset.json, classes.json, rejected.jsonl)"
+echo "  $RUN/config.yaml   resolved configuration and DeepSpeed config"
+echo "  $RUN/metrics.csv   loss, lr, grad norm, images/s, memory per logged step"
+echo "  $RUN/summary.json  held-out reconstruction loss at step 0 and at the end, throughput, memory"
+echo "  $RUN/checkpoints/  DeepSpeed checkpoints (resume: run this command again after a stop)"
+echo "  $RUN/encoder.safetensors  the pretrained encoder, loadable without DeepSpeed"

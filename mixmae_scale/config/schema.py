@@ -116,7 +116,8 @@ class FaultConfig:
 
     nonfinite_skip_limit: int = 5  # consecutive non-finite losses skipped before the run stops
     data_stall_s: float = 300.0  # a batch that takes longer than this to arrive is reported
-    inject_nan_loss_at_steps: list[int] = field(default_factory=list)  # testing only
+    # Testing only: each entry poisons one attempt at that step with a NaN loss; [5, 5] = two in a row.
+    inject_nan_loss_at_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

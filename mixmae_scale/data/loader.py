@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixmae_scale.data.dali_pipeline import PipelineSpec, build_pipeline
 from mixmae_scale.data.manifest import DataError, SplitShards, load_split
+from mixmae_scale.data.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ class ShardLoader:
 
     # -- batches -------------------------------------------------------------------------------------
     def _dali_stream(self) -> Iterator[Batch]:
+        from mixmae_scale.data.dali_pipeline import build_pipeline
+
         self._pipe = build_pipeline(self.shards, self.spec, checkpoint=self._resume_checkpoint)
         while True:
             outputs = self._pipe.run()

@@ -21,8 +21,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from mixmae_scale.data.dali_pipeline import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
 from mixmae_scale.data.manifest import SplitShards
+from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
 
 
 class DaliStyleResizeCrop:

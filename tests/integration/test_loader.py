@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from mixmae_scale.data.dali_pipeline import PipelineSpec
 from mixmae_scale.data.loader import ShardLoader, choose_decode_device
 from mixmae_scale.data.manifest import DataError
+from mixmae_scale.data.spec import PipelineSpec
 
 
 def _spec(**kw) -> PipelineSpec:
@@ -105,3 +105,19 @@ def test_gpu_decoding_requested_without_a_gpu_is_refused():
     with pytest.raises(DataError, match="no CUDA device"):
         choose_decode_device("gpu", 0)
     assert choose_decode_device("auto", 0) is None
+
+
+def test_the_pytorch_fallback_runs_where_dali_cannot_be_imported(demo_shards):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['nvidia.dali'] = None\n"  # any DALI import now raises ImportError
+        "from mixmae_scale.data.spec import PipelineSpec\n"
+        "from mixmae_scale.data.loader import ShardLoader\n"
+        f"loader = ShardLoader({str(demo_shards)!r}, 'train', PipelineSpec(mode='pretrain', img_size=64, "
+        "batch_size=8), 'torch', workers=0)\n"
+        "batch = next(iter(loader)); print(tuple(batch.images.shape))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(8, 3, 64, 64)" in result.stdout

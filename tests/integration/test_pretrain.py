@@ -130,10 +130,10 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(demo_shards, tmp_path):
     assert summary["skipped_nonfinite"] == 2 and summary["steps"] == 6
     assert all(v == v for v in losses(run).values())  # no NaN reached the weights or the logged loss
     stopped = tmp_path / "nan_stop"
-    result = launch(stopped, demo_shards, "faults.inject_nan_loss_at_steps=[2]", "faults.nonfinite_skip_limit=2",
+    result = launch(stopped, demo_shards, "faults.inject_nan_loss_at_steps=[2,2,2]", "faults.nonfinite_skip_limit=2",
                     max_steps=6, check=False)
     assert result.returncode != 0
-    assert "non-finite losses in a row at step 2" in result.stdout + result.stderr
+    assert "3 non-finite losses in a row at step 2" in result.stdout + result.stderr
     assert (stopped / "checkpoints" / "step00000002" / "COMPLETE").exists()
 
 
