@@ -62,7 +62,9 @@ def _autocast(device: torch.device, dtype: str):
 
 
 def _all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only GPU tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return float(tensor.item())
 
@@ -96,7 +98,8 @@ def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str) 
                 break
             mask = model.sample_mask(torch.Generator().manual_seed(_seed_for(config.run.seed, 999, i)), device)
             with _autocast(device, config.precision.dtype):
-                total += float(engine(batch.images.to(device), mask=mask).loss.detach())
+                images = batch.images.to(device, dtype=next(model.parameters()).dtype)
+                total += float(engine(images, mask=mask).loss.detach())
             count += 1
     model.train(was_training)
     return total / max(count, 1)
@@ -188,6 +191,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             yield from loader
 
     stream = micro_batches()
+    param_dtype = next(engine.module.parameters()).dtype
     poisoned = Counter(config.faults.inject_nan_loss_at_steps)
     window = Throughput()
     loss_sum, loss_count, nonfinite_run, skipped_total = 0.0, 0, 0, 0
@@ -204,7 +208,9 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             if waited > config.faults.data_stall_s:
                 log.warning("rank %d waited %.0f s for a batch (faults.data_stall_s=%.0f)", rank, waited,
                             config.faults.data_stall_s)
-            images = batch.images.to(device, non_blocking=True)
+            # In the engine's parameter dtype: DeepSpeed's bf16/fp16 engines hold half-precision weights,
+            # and on CUDA its forward does not run under the caller's autocast.
+            images = batch.images.to(device, dtype=param_dtype, non_blocking=True)
             generator = torch.Generator().manual_seed(_seed_for(config.run.seed, rank, step, micro))
             mask = engine.module.sample_mask(generator, device)
             with _autocast(device, config.precision.dtype):

@@ -91,7 +91,7 @@ class MixMAE(nn.Module):
         mask = mask.to(images.device)
         features = self.forward_encoder(images, mask).flatten(1, 2)
         pred = unmix_predictions(self.decoder(features, mask), mask)
-        target = normalized_target(images, self.cell, self.norm_pix_loss)
+        target = normalized_target(images.float(), self.cell, self.norm_pix_loss)
         loss = (pred.float() - target.float()).pow(2).mean()
         return MixMAEOutput(loss=loss, pred=pred, mask=mask)
 
