@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: set up .venv, then run the whole demo on the built-in demo data:
-# demo shards -> MixMAE pretraining of the tiny profile through the deepspeed launcher -> export.
+# demo shards -> MixMAE pretraining of the tiny profile through the deepspeed launcher -> export ->
+# linear probe of the pretrained encoder against a randomly initialised one (top-1 on the demo classes).
 # Idempotent: a second run reuses the venv and the demo shards, and resumes or re-reports the run.
 # On a machine with GPUs the launcher uses all of them; without, two CPU ranks (gloo).
 set -euo pipefail
@@ -11,23 +12,27 @@ MIXMAE=.venv/bin/mixmae
 DEMO=${DEMO_DIR:-demo_data}
 RUN=${RUN_DIR:-runs/tiny-demo}
 
-echo "== 1/3 demo data: procedurally drawn JPEGs in ImageNet layout -> WebDataset shards ($DEMO)"
+echo "== 1/4 demo data: procedurally drawn JPEGs in ImageNet layout -> WebDataset shards ($DEMO)"
 $MIXMAE shards demo --out "$DEMO"
 $MIXMAE shards verify "$DEMO/shards"
 
 if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   RANKS=()                 # every visible GPU
-  echo "== 2/3 pretraining the tiny profile on $(nvidia-smi -L | wc -l) GPU(s) (deepspeed launcher)"
+  echo "== 2/4 pretraining the tiny profile on $(nvidia-smi -L | wc -l) GPU(s) (deepspeed launcher)"
 else
   RANKS=(--num_gpus 2)     # two CPU ranks, gloo backend
-  echo "== 2/3 pretraining the tiny profile on 2 CPU ranks (deepspeed launcher, gloo; a few minutes)"
+  echo "== 2/4 pretraining the tiny profile on 2 CPU ranks (deepspeed launcher, gloo; a few minutes)"
 fi
 .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
   --profile tiny --run-dir "$RUN" --set "data.shards=$DEMO/shards" "$@"
 
-echo "== 3/3 export: gathering the ZeRO shards into one safetensors file"
+echo "== 3/4 export: gathering the ZeRO shards into one safetensors file"
 $MIXMAE export "$RUN" --out "$RUN/encoder.safetensors"
 $MIXMAE export "$RUN" --out "$RUN/encoder_decoder.safetensors" --with-decoder >/dev/null
+
+echo "== 4/4 linear probe on the demo classes: the pretrained encoder vs a randomly initialised one"
+$MIXMAE probe --init "$RUN/encoder.safetensors" --data "$DEMO/shards" --baseline
+
 echo
 echo "outputs:"
 echo "  $DEMO/shards                 demo shards (dataset.json, classes.json, rejected.jsonl)"
@@ -36,3 +41,4 @@ echo "  $RUN/metrics.csv   loss, lr, grad norm, images/s, memory per logged step
 echo "  $RUN/summary.json  held-out reconstruction loss at step 0 and at the end, throughput, memory"
 echo "  $RUN/checkpoints/  DeepSpeed checkpoints (resume: run this command again after a stop)"
 echo "  $RUN/encoder.safetensors  the pretrained encoder, loadable without DeepSpeed"
+echo "next: fine-tune it with  .venv/bin/deepspeed ${RANKS[*]} --module mixmae_scale.cli finetune --profile finetune_tiny"

@@ -115,39 +115,120 @@ def _shards_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _distributed_job(args: argparse.Namespace, job) -> int:
+    """Environment and shutdown shared by the jobs that run under a launcher (or alone)."""
     import logging
     import os
-    from pathlib import Path
+    import socket
 
     import torch.distributed as dist
 
-    from mixmae_scale.config import load_config
-    from mixmae_scale.engine.pretrain import pretrain
-
-    rank = int(os.environ.get("RANK", "0"))
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
-    config, sources = load_config(args.profile, args.cluster, args.overrides)
-    run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
-    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
     try:
-        summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
-        if rank == 0:
-            print(f"run directory: {run_dir} (config.yaml, metrics.csv, checkpoints/, summary.json)")
-            print(f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
-                  f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
+        return job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
     finally:
         if dist.is_initialized():
             dist.barrier()  # ZeRO-3 ranks abort at exit without an orderly shutdown
             dist.destroy_process_group()
-    return 0
+
+
+def _train_job(args: argparse.Namespace, kind: str) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.config import load_config
+
+    def job(rank: int, local_rank: int) -> int:
+        config, sources = load_config(args.profile, args.cluster, args.overrides)
+        run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
+        if kind == "pretrain":
+            from mixmae_scale.engine.pretrain import pretrain
+
+            summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            message = (f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
+                       f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
+        else:
+            from mixmae_scale.finetune.train import finetune
+
+            summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            message = (f"fine-tuned {summary['steps']} steps: top-1 {summary['last']['top1']:.2f}% "
+                       f"(best {summary['best']['top1']:.2f}% at step {summary['best']['step']})")
+        if rank == 0:
+            print(f"run directory: {run_dir} (config.yaml, metrics.csv, checkpoints/, summary.json)")
+            print(message)
+        return 0
+
+    return _distributed_job(args, job)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    return _train_job(args, "pretrain")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    return _train_job(args, "finetune")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    def job(rank: int, local_rank: int) -> int:
+        from mixmae_scale.engine import distributed
+        from mixmae_scale.finetune.evaluate import evaluate_weights
+
+        _, world, device = distributed.init(local_rank)
+        result = evaluate_weights(args.init, args.data, args.split, rank, world, device, args.loader, args.batch,
+                                  args.threads, args.img_size)
+        if rank == 0:
+            print(json.dumps(result, indent=2))
+        return 0
+
+    return _distributed_job(args, job)
 
 
 def _export(args: argparse.Namespace) -> int:
     from mixmae_scale.engine.export import export_run
 
     print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder), indent=2))
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.finetune.probe import linear_probe
+
+    state, arch = load_encoder(args.init)
+    num_classes = load_split(args.data, "train").num_classes
+    results = {}
+    for name, weights in (("pretrained", state), ("random_init", None)) if args.baseline else (("pretrained", state),):
+        results[name] = dataclasses.asdict(linear_probe(weights, arch, args.data, num_classes, args.loader,
+                                                        args.batch, args.threads, args.seed))
+        print(f"linear probe, {name:>11}: top-1 {results[name]['top1']:.1f}% on {results[name]['val_samples']} "
+              f"validation images ({num_classes} classes)")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from mixmae_scale.visualize.reconstruction import visualize
+
+    print(json.dumps(visualize(args.source, args.data, args.out, args.images // 2, args.split, args.seed,
+                               args.loader), indent=2))
+    return 0
+
+
+def _runs_plot(args: argparse.Namespace) -> int:
+    from mixmae_scale.visualize.curves import plot_runs
+
+    print(json.dumps(plot_runs(args.runs, args.out), indent=2))
     return 0
 
 
@@ -186,12 +267,57 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
     pre.set_defaults(handler=_pretrain)
 
+    fine = sub.add_parser("finetune", help="fine-tune a pretrained encoder (deepspeed launcher or torchrun)")
+    _add_profile_args(fine)
+    fine.add_argument("--run-dir", help="default: run.output_dir/run.name")
+    fine.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    fine.set_defaults(handler=_finetune)
+
+    evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
+    evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
+                            "an official fine-tuned .pth")
+    evaluation.add_argument("--data", required=True)
+    evaluation.add_argument("--split", default="val")
+    evaluation.add_argument("--img-size", type=int, help="default: the weights' own")
+    evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    evaluation.add_argument("--batch", type=int, default=64)
+    evaluation.add_argument("--threads", type=int, default=2)
+    evaluation.set_defaults(handler=_eval)
+
     export = sub.add_parser("export", help="a run's encoder (or encoder+decoder) as one safetensors file")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
     export.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     export.add_argument("--with-decoder", action="store_true", help="keep the decoder (for visualisation)")
     export.set_defaults(handler=_export)
+
+    probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1)")
+    probe.add_argument("--init", required=True, help="exported .safetensors, a run folder or an official .pth")
+    probe.add_argument("--data", required=True, help="shard folder with train and val splits")
+    probe.add_argument("--baseline", action="store_true", help="also probe a randomly initialised encoder")
+    probe.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    probe.add_argument("--batch", type=int, default=64)
+    probe.add_argument("--threads", type=int, default=2)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(handler=_probe)
+
+    vis = sub.add_parser("visualize", help="PNG grid of mixed inputs and both streams' reconstructions")
+    vis.add_argument("source", help="run folder, encoder+decoder .safetensors or official pretraining .pth")
+    vis.add_argument("--data", required=True, help="shard folder")
+    vis.add_argument("--images", type=int, default=8, help="images (pairs x 2)")
+    vis.add_argument("--split", default="val")
+    vis.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    vis.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    vis.add_argument("--out", default="reconstruction.png")
+    vis.set_defaults(handler=_visualize)
+
+    runs = sub.add_parser("runs", help="look at run folders")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    plot = runs_sub.add_parser("plot", help="loss, lr, images/s and MFU of runs, against steps and images seen")
+    plot.add_argument("runs", nargs="+")
+    plot.add_argument("--out", default="curves.png")
+    plot.set_defaults(handler=_runs_plot)
 
     shards = sub.add_parser("shards", help="image folders to WebDataset tar shards; verify; demo data")
     shards_sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", required=True)

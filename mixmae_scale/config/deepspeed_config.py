@@ -42,3 +42,19 @@ def build_deepspeed_config(resolved: ResolvedConfig) -> dict[str, Any]:
     if config.zero.offload_optimizer:
         owned["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return deep_merge(deep_merge(base, owned), config.deepspeed)
+
+
+def engine_config(resolved: ResolvedConfig, run_root: Path) -> dict[str, Any]:
+    """The dict a training job hands to deepspeed.initialize: the above plus the per-iteration warm-up +
+    cosine schedule (DeepSpeed's WarmupCosineLR, which scales every parameter group's own lr, so layer
+    decay survives it) and TensorBoard through DeepSpeed's monitor."""
+    config, derived = resolved.config, resolved.derived
+    ds = build_deepspeed_config(resolved)
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": derived.total_steps, "warmup_num_steps": derived.warmup_steps,
+        "warmup_min_ratio": 0.0, "warmup_type": "linear",
+        "cos_min_ratio": derived.min_learning_rate / derived.learning_rate}}
+    if config.logging.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(run_root) / "tensorboard"),
+                             "job_name": config.run.name}
+    return ds

@@ -104,10 +104,27 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 20
     heldout_batches: int = 4  # validation batches scored with fixed masks at the start and the end
+    visualize_every_steps: int = 1000  # reconstruction grid of fixed validation images (0: never)
     tensorboard: bool = True
     csv: bool = True
     # Peak dense bf16 FLOP/s of one device for MFU; 0 looks it up from the device name.
     peak_tflops: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning and evaluation (the published B recipe by default; see launch/profiles/finetune_*.yaml)."""
+
+    init: str | None = None  # exported .safetensors, a pretraining run folder, or an official .pth
+    num_classes: int | None = None  # None: from the shards' classes.json
+    layer_decay: float = 0.7
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    rand_augment_ops: int = 2  # rand-m9-mstd0.5: 2 ops of magnitude 9 (0 ops disables it)
+    rand_augment_magnitude: int = 9
+    random_erasing: float = 0.25
+    eval_every_epochs: float = 1.0
 
 
 @dataclass
@@ -153,6 +170,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Free-form keys merged last into the DeepSpeed config dict (e.g. zero_optimization.*):
     # DeepSpeed validates them itself when the engine starts.

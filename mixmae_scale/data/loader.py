@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,29 @@ class ShardLoader:
                 continue
             yield Batch(images, labels, meta if self.spec.with_meta else None)
 
+    def eval_batches(self) -> Iterator[tuple[Batch, int]]:
+        """One pass over the split for evaluation: (batch, how many of its samples are real).
+
+        Every rank yields the same number of batches; samples past a rank's own share (DALI's
+        last-batch padding, or batches that only keep the ranks in step) count as padding.
+        """
+        counts = _eval_counts(self.shards.samples, self.spec.num_shards, self.backend)
+        mine = counts[self.spec.shard_id]
+        total = math.ceil(max(counts) / self.spec.batch_size)
+        if self.backend == "dali":
+            self._resume_checkpoint = None
+            stream = self._dali_stream()
+        else:
+            from mixmae_scale.data.torch_pipeline import torch_batches
+
+            stream = (Batch(i, lab, m if self.spec.with_meta else None)
+                      for i, lab, m in torch_batches(self.shards, self.spec, self.workers, repeat=False))
+        last = None
+        for index in range(total):
+            batch = next(stream, None) or last
+            last = batch
+            yield batch, max(0, min(self.spec.batch_size, batch.images.shape[0], mine - index * self.spec.batch_size))
+
     def __iter__(self) -> Iterator[Batch]:
         """One epoch: the remaining batches of the current epoch, then the counter moves on."""
         if self._stream is None:
@@ -127,6 +151,13 @@ class ShardLoader:
             yield batch
         self.epoch += 1
         self.batch_in_epoch = 0
+
+
+def _eval_counts(samples: int, world: int, backend: str) -> list[int]:
+    """Samples each rank reads in evaluation: DALI's contiguous shard ranges, or every world-th sample."""
+    if backend == "dali":
+        return [samples * (r + 1) // world - samples * r // world for r in range(world)]
+    return [len(range(r, samples, world)) for r in range(world)]
 
 
 def _to_torch(tensor_list, device_id: int) -> torch.Tensor:

@@ -68,17 +68,20 @@ def _decode(sample: dict, *, transform, with_meta: bool) -> tuple:
     return tensor, label, meta
 
 
-def _shards_for_rank(shards: SplitShards, rank: int, world: int) -> list[str]:
-    tars = list(shards.tars)
-    return tars[rank::world] if len(tars) >= world else tars
+def _split_by_sample(shards: SplitShards, spec: PipelineSpec) -> bool:
+    """Evaluation (exact counts) and too few shards split by sample; training splits by shard."""
+    return spec.mode == "eval" or len(shards.tars) < spec.num_shards
 
 
 def sample_stream(shards: SplitShards, spec: PipelineSpec, repeat: bool) -> wds.WebDataset:
     """Raw samples for this rank; shards are data only (no pickle decoders are ever registered)."""
-    urls = _shards_for_rank(shards, spec.shard_id, spec.num_shards)
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+    by_sample = _split_by_sample(shards, spec)
+    urls = list(shards.tars) if by_sample else list(shards.tars)[spec.shard_id::spec.num_shards]
+    # One worker per ordered stream in evaluation, so every world-th sample is this rank's, exactly.
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None,
+                             workersplitter=None if spec.mode == "eval" else wds.split_by_worker,
                              handler=wds.reraise_exception, empty_check=False)
-    if len(shards.tars) < spec.num_shards:  # fewer shards than ranks: split by sample instead
+    if by_sample:
         dataset = dataset.slice(spec.shard_id, None, spec.num_shards)
     if repeat:
         dataset = dataset.repeat()
@@ -92,6 +95,7 @@ def torch_batches(shards: SplitShards, spec: PipelineSpec, workers: int, repeat:
     dataset = sample_stream(shards, spec, repeat).map(partial(_decode, transform=transform, with_meta=spec.with_meta))
     dataset = dataset.batched(spec.batch_size, partial=not repeat, collation_fn=_collate)
     # Workers are spawned, not forked: a fork after DALI or DeepSpeed started threads can deadlock.
+    workers = min(workers, 1) if spec.mode == "eval" else workers
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                            worker_init_fn=_SeedWorker(spec.seed, spec.shard_id),
                            multiprocessing_context="spawn" if workers > 0 else None)

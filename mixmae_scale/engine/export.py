@@ -25,12 +25,13 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, wit
     if tag not in tags:
         raise FileNotFoundError(f"{ckpt_dir / tag}: not a complete checkpoint (complete: {', '.join(tags)})")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    keep = ("encoder.", "decoder.") if with_decoder else ("encoder.",)
+    # A fine-tuning run's head always comes along: the file is then a complete classifier.
+    keep = ("encoder.", "head.") + (("decoder.",) if with_decoder else ())
     weights = {k: v for k, v in state.items() if k.startswith(keep)}
     arch = infer_architecture(weights)
     if with_decoder:
         arch["decoder_heads"] = _decoder_heads(Path(run_dir))
-    kind = "pretrain" if with_decoder else "encoder"
+    kind = "finetune" if "head.weight" in weights else "pretrain" if with_decoder else "encoder"
     save_weights(out, weights, arch, kind)
     return {"run": str(run_dir), "checkpoint": str(ckpt_dir / tag), "out": str(out), "kind": kind,
             "tensors": len(weights), "params": sum(v.numel() for v in weights.values()), "arch": arch}

@@ -7,14 +7,12 @@ first, so no rank is ever left waiting in a collective.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import signal
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mixmae_scale.config import ResolvedConfig, resolve
-from mixmae_scale.config.deepspeed_config import build_deepspeed_config
+from mixmae_scale.config import resolve
+from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import ShardLoader, choose_decode_device
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import checkpoint as ckpt
+from mixmae_scale.engine import distributed
+from mixmae_scale.engine.distributed import all_reduce_scalar, autocast, seed_for, write_atomic
 from mixmae_scale.engine.monitor import MetricsLog, Throughput, device_peak_flops, format_eta, peak_memory_mib
 from mixmae_scale.engine.optimizer import build_optimizer
 from mixmae_scale.models.flops import model_report
@@ -51,37 +51,6 @@ class RunPaths:
         return self.root / "checkpoints"
 
 
-def _seed_for(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % 2**63
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
-def _all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
-    # NCCL reduces only GPU tensors; gloo only CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return float(tensor.item())
-
-
-def _deepspeed_config(resolved: ResolvedConfig, paths: RunPaths) -> dict[str, Any]:
-    config, derived = resolved.config, resolved.derived
-    ds = build_deepspeed_config(resolved)
-    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": derived.total_steps, "warmup_num_steps": derived.warmup_steps,
-        "warmup_min_ratio": 0.0, "warmup_type": "linear",
-        "cos_min_ratio": derived.min_learning_rate / derived.learning_rate}}
-    if config.logging.tensorboard:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(paths.root / "tensorboard"),
-                             "job_name": config.run.name}
-    return ds
-
-
 def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str) -> float:
     """Reconstruction loss on the first validation batches with fixed masks: comparable across steps
     and runs. Every rank scores the same batches (ZeRO-3 forwards are collective)."""
@@ -96,13 +65,47 @@ def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str) 
         for i, batch in enumerate(loader):
             if i >= config.logging.heldout_batches:
                 break
-            mask = model.sample_mask(torch.Generator().manual_seed(_seed_for(config.run.seed, 999, i)), device)
-            with _autocast(device, config.precision.dtype):
+            mask = model.sample_mask(torch.Generator().manual_seed(seed_for(config.run.seed, 999, i)), device)
+            with autocast(device, config.precision.dtype):
                 images = batch.images.to(device, dtype=next(model.parameters()).dtype)
                 total += float(engine(images, mask=mask).loss.detach())
             count += 1
     model.train(was_training)
     return total / max(count, 1)
+
+
+class ReconstructionSnapshots:
+    """The reconstruction grid of fixed validation images and a fixed mask, as PNG files in the run
+    folder and images in TensorBoard. Every rank runs the forward (ZeRO-3 gathers weights collectively);
+    rank 0 writes."""
+
+    def __init__(self, config: Config, root: Path, rank: int, device: torch.device) -> None:
+        from mixmae_scale.visualize.reconstruction import first_images
+
+        self.images = first_images(config.data.shards, config.data.val_split, 8, config.model.img_size,
+                                   config.data.loader).to(device)
+        self.seed, self.rank, self.folder = config.run.seed, rank, root / "reconstructions"
+        self.writer = None
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if config.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(root / "tensorboard" / "reconstructions"))
+
+    def write(self, model, step: int) -> None:
+        from mixmae_scale.visualize.reconstruction import grid, reconstruct, save_png
+
+        was_training = model.training
+        model.eval()
+        mask = model.sample_mask(torch.Generator().manual_seed(seed_for(self.seed, 777)), self.images.device)
+        picture = grid(reconstruct(model, self.images, mask))
+        model.train(was_training)
+        if self.rank == 0:
+            save_png(picture, self.folder / f"step{step:08d}.png")
+            if self.writer is not None:
+                self.writer.add_image("reconstruction", picture, step, dataformats="HWC")
+                self.writer.flush()
 
 
 class _StopFlag:
@@ -121,14 +124,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
              local_rank: int = 0) -> dict[str, Any]:
     import deepspeed
 
-    cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
+    rank, world, device = distributed.init(local_rank)
     train_shards = load_split(config.data.shards, config.data.train_split, world)
     resolved = resolve(config, sources, world_size=world, train_samples=train_shards.samples)
     derived = resolved.derived
@@ -139,21 +135,19 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         ckpt.check_compatible(paths.checkpoints, tag, resolved.model_digest(), world)
     if rank == 0:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": _deepspeed_config(resolved, paths)},
+        text = yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": engine_config(resolved, paths.root)},
                               sort_keys=False)
-        tmp = paths.root / "config.yaml.tmp"
-        tmp.write_text(text)
-        tmp.replace(paths.root / "config.yaml")
+        write_atomic(paths.root / "config.yaml", text)
     dist.barrier()
 
-    torch.manual_seed(_seed_for(config.run.seed, rank))
+    torch.manual_seed(seed_for(config.run.seed, rank))
     model = build_mixmae(config.model).to(device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=_deepspeed_config(resolved, paths))
+                                                   config=engine_config(resolved, paths.root))
     device_id = choose_decode_device(config.data.decode_device, local_rank)
     spec = PipelineSpec(mode="pretrain", img_size=config.model.img_size, batch_size=config.batch.micro,
-                        shard_id=rank, num_shards=world, seed=_seed_for(config.run.seed, rank) % 2**31,
+                        shard_id=rank, num_shards=world, seed=seed_for(config.run.seed, rank) % 2**31,
                         num_threads=config.data.num_threads, shuffle_buffer=config.data.shuffle_buffer,
                         crop_scale=tuple(config.data.crop_scale), crop_ratio=tuple(config.data.crop_ratio),
                         hflip=config.data.hflip, device_id=device_id)
@@ -191,6 +185,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             yield from loader
 
     stream = micro_batches()
+    every_picture = config.logging.visualize_every_steps
+    snapshots = ReconstructionSnapshots(config, paths.root, rank, device) if every_picture else None
     param_dtype = next(engine.module.parameters()).dtype
     poisoned = Counter(config.faults.inject_nan_loss_at_steps)
     window = Throughput()
@@ -211,14 +207,14 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             # In the engine's parameter dtype: DeepSpeed's bf16/fp16 engines hold half-precision weights,
             # and on CUDA its forward does not run under the caller's autocast.
             images = batch.images.to(device, dtype=param_dtype, non_blocking=True)
-            generator = torch.Generator().manual_seed(_seed_for(config.run.seed, rank, step, micro))
+            generator = torch.Generator().manual_seed(seed_for(config.run.seed, rank, step, micro))
             mask = engine.module.sample_mask(generator, device)
-            with _autocast(device, config.precision.dtype):
+            with autocast(device, config.precision.dtype):
                 loss = engine(images, mask=mask).loss
             if poisoned[step] > 0:  # fault injection for tests: one more poisoned attempt at this step
                 poisoned[step] -= 1
                 loss = loss * float("nan")
-            if _all_reduce(float(torch.isfinite(loss).all()), dist.ReduceOp.MIN) < 1:
+            if all_reduce_scalar(float(torch.isfinite(loss).all()), dist.ReduceOp.MIN) < 1:
                 nonfinite_run += 1
                 skipped_total += 1
                 if rank == 0:
@@ -240,8 +236,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         step += 1
         if step % config.logging.every_steps == 0 or step == last_step:
             rate, wait_frac = window.window()
-            global_rate = _all_reduce(rate)
-            mean_loss = _all_reduce(loss_sum) / max(_all_reduce(loss_count), 1)
+            global_rate = all_reduce_scalar(rate)
+            mean_loss = all_reduce_scalar(loss_sum) / max(all_reduce_scalar(loss_count), 1)
             rates.append(global_rate)
             if rank == 0:
                 mfu = global_rate * flops_per_image / (peak * world) if peak else None
@@ -261,7 +257,9 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                          format_eta(eta))
             window.reset()
             loss_sum, loss_count = 0.0, 0
-        stop_now = _all_reduce(float(stop.signal is not None), dist.ReduceOp.MAX) > 0
+        if snapshots is not None and (step % config.logging.visualize_every_steps == 0 or step == last_step):
+            snapshots.write(engine.module, step)
+        stop_now = all_reduce_scalar(float(stop.signal is not None), dist.ReduceOp.MAX) > 0
         if step % config.checkpoint.every_steps == 0 or step == last_step or stop_now:
             last_saved = save(step)
         if stop_now:

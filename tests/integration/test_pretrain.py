@@ -155,3 +155,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_shards, tmp_path):
     assert summary["stopped_by_signal"] and 0 < summary["steps"] < 400
     assert Path(summary["checkpoint"]).name == f"step{summary['steps']:08d}"
     assert (Path(summary["checkpoint"]) / "COMPLETE").exists()
+
+
+def test_curves_and_reconstructions_of_real_runs(uninterrupted, demo_shards, tmp_path):
+    from PIL import Image
+
+    from mixmae_scale.visualize.curves import plot_runs
+    from mixmae_scale.visualize.reconstruction import GAP, HEADER, visualize
+
+    plot_runs([str(uninterrupted[2]), str(uninterrupted[3])], tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == (1600, 650) and len(set(image.convert("L").getdata())) > 10
+    result = visualize(str(uninterrupted[3]), str(demo_shards), tmp_path / "rec.png", pairs=2)
+    with Image.open(tmp_path / "rec.png") as image:
+        assert image.size == (7 * 96 + 8 * GAP, HEADER + 2 * 96 + 3 * GAP) and result["pairs"] == 2

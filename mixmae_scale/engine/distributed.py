@@ -1,0 +1,48 @@
+"""Small helpers every training loop needs across ranks: process-group start, scalar reductions,
+seeds derived from (seed, rank, step, ...), the autocast context for the configured precision."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def init(local_rank: int) -> tuple[int, int, torch.device]:
+    """Start the process group (NCCL on GPUs, gloo on CPUs); returns rank, world size, device."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_for(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % 2**63
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def all_reduce_scalar(value: float, op=dist.ReduceOp.SUM) -> float:
+    # NCCL reduces only GPU tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return float(tensor.item())
+
+
+def write_atomic(path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
