@@ -232,6 +232,49 @@ def _runs_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from mixmae_scale.cluster.compose import batch_report, compose
+    from mixmae_scale.config import load_resolved
+
+    resolved = load_resolved(args.profile, args.cluster, args.overrides)
+    plan = compose(resolved, args.profile, args.cluster, args.overrides, job=args.job, check_files=not args.dry_run)
+    for line in batch_report(resolved):
+        print(line)
+    if plan.env_file:
+        print(f"environment for every rank ({plan.env_file}):\n" + "".join(f"  {line}\n" for line in
+                                                                          plan.env_text.splitlines()), end="")
+    print("command:\n  " + plan.shell())
+    if args.dry_run:
+        return 0
+    if plan.env_file:
+        tmp = plan.env_file.with_name(plan.env_file.name + ".tmp")
+        tmp.write_text(plan.env_text)
+        tmp.replace(plan.env_file)
+    return subprocess.call(plan.command, env=os.environ.copy())
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mixmae_scale.cluster.plan import plan
+    from mixmae_scale.config import load_resolved
+
+    overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
+    resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
+    result = plan(resolved, args.profile, args.gpus, args.gpu_mem_gb * 1e9 / 2**30)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"{args.profile}: {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, {result.dtype}, "
+          f"checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of {args.gpu_mem_gb:g} GB")
+    for name, gib in result.components_gib.items():
+        print(f"  {name:<22}{gib:8.2f} GiB")
+    print(f"  {'total':<22}{result.total_gib:8.2f} GiB at micro-batch {result.micro_batch}: "
+          f"{'fits' if result.fits else 'does NOT fit'}; largest micro-batch that fits: {result.max_micro_batch}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmae", description="MixMAE pretraining at cluster scale.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment wins.
@@ -266,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--run-dir", help="default: run.output_dir/run.name")
     pre.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
     pre.set_defaults(handler=_pretrain)
+
+    launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
+    launch.add_argument("profile")
+    launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
+    launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    launch.add_argument("--job", choices=["pretrain", "finetune"], default="pretrain")
+    launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
+    launch.set_defaults(handler=_launch)
+
+    planner = sub.add_parser("plan", help="per-GPU memory of a profile by component; largest micro-batch")
+    planner.add_argument("profile")
+    planner.add_argument("--gpus", type=int, required=True, help="world size (ZeRO partitions over it)")
+    planner.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    planner.add_argument("--cluster")
+    planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    planner.add_argument("--json", action="store_true")
+    planner.set_defaults(handler=_plan)
 
     fine = sub.add_parser("finetune", help="fine-tune a pretrained encoder (deepspeed launcher or torchrun)")
     _add_profile_args(fine)

@@ -98,6 +98,7 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint tag folder
+    at_end: bool = True  # also save when the run ends (benchmarks turn it off)
 
 
 @dataclass
@@ -144,6 +145,8 @@ class ClusterConfig:
     num_nodes: int = 1
     gpus_per_node: int = 8
     hostfile: str | None = None
+    include: str | None = None  # deepspeed --include, e.g. "worker-0:0,1@worker-1"
+    exclude: str | None = None
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "local"] = "pdsh"
     master_addr: str | None = None
     master_port: int = 29500

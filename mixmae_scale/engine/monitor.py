@@ -28,9 +28,23 @@ def device_peak_flops(configured_tflops: float) -> float | None:
 
 
 def peak_memory_mib() -> float:
+    """Peak since the last `reset_peak_memory()`: allocated GPU memory, or the process's peak RSS."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, never reset
+
+
+def reset_peak_memory() -> None:
+    """So that the reported peak is the training steps', not the model construction's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
 
 
 class MetricsLog:

@@ -30,7 +30,14 @@ from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import checkpoint as ckpt
 from mixmae_scale.engine import distributed
 from mixmae_scale.engine.distributed import all_reduce_scalar, autocast, seed_for, write_atomic
-from mixmae_scale.engine.monitor import MetricsLog, Throughput, device_peak_flops, format_eta, peak_memory_mib
+from mixmae_scale.engine.monitor import (
+    MetricsLog,
+    Throughput,
+    device_peak_flops,
+    format_eta,
+    peak_memory_mib,
+    reset_peak_memory,
+)
 from mixmae_scale.engine.optimizer import build_optimizer
 from mixmae_scale.models.flops import model_report
 from mixmae_scale.models.mixmae import build_mixmae
@@ -193,6 +200,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     loss_sum, loss_count, nonfinite_run, skipped_total = 0.0, 0, 0, 0
     run_start, rates = time.perf_counter(), []
     last_saved: Path | None = None
+    reset_peak_memory()
     engine.train()
     while step < last_step:
         micro = 0
@@ -260,7 +268,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         if snapshots is not None and (step % config.logging.visualize_every_steps == 0 or step == last_step):
             snapshots.write(engine.module, step)
         stop_now = all_reduce_scalar(float(stop.signal is not None), dist.ReduceOp.MAX) > 0
-        if step % config.checkpoint.every_steps == 0 or step == last_step or stop_now:
+        at_end = step == last_step and config.checkpoint.at_end
+        if step % config.checkpoint.every_steps == 0 or at_end or stop_now:
             last_saved = save(step)
         if stop_now:
             if rank == 0:

@@ -169,3 +169,35 @@ def test_curves_and_reconstructions_of_real_runs(uninterrupted, demo_shards, tmp
     result = visualize(str(uninterrupted[3]), str(demo_shards), tmp_path / "rec.png", pairs=2)
     with Image.open(tmp_path / "rec.png") as image:
         assert image.size == (7 * 96 + 8 * GAP, HEADER + 2 * 96 + 3 * GAP) and result["pairs"] == 2
+
+
+def test_two_launchers_as_two_nodes_write_one_checkpoint_that_resumes(demo_shards, tmp_path):
+    """Two `deepspeed --no_ssh --node_rank r` launchers on this machine stand in for two hosts (the
+    second host is what cannot exist here); ranks meet over gloo on 127.0.0.1."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run = tmp_path / "multinode"
+
+    def both_nodes(max_steps: int, port: int) -> list[str]:
+        procs = []
+        for node in (0, 1):
+            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
+                   "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
+                   "--master_port", str(port), "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny",
+                   "--run-dir", str(run), "--set", f"data.shards={demo_shards}", "--set", "batch.micro=8",
+                   "--set", "logging.every_steps=1", "--set", "logging.heldout_batches=1",
+                   "--set", "checkpoint.every_steps=100", "--max-steps", str(max_steps)]
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+        return outputs
+
+    both_nodes(4, next(PORTS))
+    tag = run / "checkpoints" / "step00000004"
+    assert json.loads((tag / "COMPLETE").read_text())["world_size"] == 2
+    assert (tag / "rank_0.json").exists() and (tag / "rank_1.json").exists()
+    outputs = both_nodes(8, next(PORTS))
+    assert "resumed from" in outputs[0]
+    assert sorted(losses(run)) == list(range(1, 9))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
