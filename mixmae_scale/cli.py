@@ -275,6 +275,39 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.scaling.spec import expand, load_spec
+
+    out = Path(args.out)
+    if args.scaling_command == "plan":
+        from mixmae_scale.data.manifest import load_split
+
+        spec = load_spec(args.spec)
+        runs = expand(spec, load_split(spec.shards, "train").samples)
+        print(f"{'run':<28}{'N':>12}{'D (images)':>12}{'C (FLOPs)':>12}")
+        for run in runs:
+            print(f"{run.run_id:<28}{run.params:>12,}{run.images_seen:>12,}{run.flops:>12.3g}")
+        print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total")
+        return 0
+    if args.scaling_command == "run":
+        from mixmae_scale.scaling.run import run_sweep
+
+        run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None)
+        return 0
+    from mixmae_scale.scaling.report import fit_results, read_results, write_report
+
+    rows = read_results(out / "results.jsonl")
+    fit = fit_results(rows, bootstrap=args.bootstrap)
+    (out / "fit.json").write_text(json.dumps(fit, indent=2))
+    if args.scaling_command == "report":
+        print(f"report: {write_report(rows, fit, Path(args.report_dir or out / 'report'))}")
+    else:
+        print(json.dumps(fit, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmae", description="MixMAE pretraining at cluster scale.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment wins.
@@ -304,11 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out", help="output .safetensors")
     convert.set_defaults(handler=_model_convert)
 
-    pre = sub.add_parser("pretrain", help="MixMAE pretraining (start with the deepspeed launcher or torchrun)")
-    _add_profile_args(pre)
-    pre.add_argument("--run-dir", help="default: run.output_dir/run.name")
-    pre.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
-    pre.set_defaults(handler=_pretrain)
+    for name, text, handler in (
+            ("pretrain", "MixMAE pretraining (start with the deepspeed launcher or torchrun)", _pretrain),
+            ("finetune", "fine-tune a pretrained encoder (deepspeed launcher or torchrun)", _finetune)):
+        job = sub.add_parser(name, help=text)
+        _add_profile_args(job)
+        job.add_argument("--run-dir", help="default: run.output_dir/run.name")
+        job.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
+        job.set_defaults(handler=handler)
 
     launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
     launch.add_argument("profile")
@@ -326,12 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     planner.add_argument("--json", action="store_true")
     planner.set_defaults(handler=_plan)
-
-    fine = sub.add_parser("finetune", help="fine-tune a pretrained encoder (deepspeed launcher or torchrun)")
-    _add_profile_args(fine)
-    fine.add_argument("--run-dir", help="default: run.output_dir/run.name")
-    fine.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    fine.set_defaults(handler=_finetune)
 
     evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
@@ -371,6 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--loader", choices=["dali", "torch"], default="dali")
     vis.add_argument("--out", default="reconstruction.png")
     vis.set_defaults(handler=_visualize)
+
+    scaling = sub.add_parser("scaling", help="scaling-law sweeps: plan, run, fit, report")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
+    for action, text in (("plan", "expand a sweep spec into runs with N, D and C"),
+                         ("run", "run the sweep here, one run after another (finished runs are skipped)"),
+                         ("fit", "fit L(C) and L(N, D) to results.jsonl"),
+                         ("report", "fit, then write figures and a Markdown report")):
+        p = scaling_sub.add_parser(action, help=text)
+        if action in ("plan", "run"):
+            p.add_argument("spec", help="sweep spec YAML")
+        p.add_argument("--out", default="runs/scaling", help="sweep folder (results.jsonl, runs/, report/)")
+        if action == "run":
+            p.add_argument("--emit-commands", help="write one `mixmae launch` line per run instead of running")
+        if action in ("fit", "report"):
+            p.add_argument("--bootstrap", type=int, default=200)
+        if action == "report":
+            p.add_argument("--report-dir")
+        p.set_defaults(handler=_scaling)
 
     runs = sub.add_parser("runs", help="look at run folders")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)

@@ -1,0 +1,143 @@
+"""Scaling-law fits: L(C) = E + A C^-alpha and L(N, D) = E + A / N^alpha + B / D^beta.
+
+Fitted with scipy's least squares on log residuals (log L_pred - log L) with a robust (Cauchy) loss,
+from several starting points, keeping the best; uncertainty from a bootstrap over runs; the
+compute-optimal split of a budget between model size and data from the fitted L(N, D).
+Parameters are optimised in log space (log A, log E, ...) so that they stay positive.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+
+class FitError(ValueError):
+    """Data that cannot support the requested fit; the message says what is missing."""
+
+
+@dataclass
+class LawFit:
+    names: tuple[str, ...]
+    values: dict[str, float]
+    residual_rms: float  # of log residuals on the fitted points
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap 5-95%
+
+    def __getitem__(self, name: str) -> float:
+        return self.values[name]
+
+
+def compute_law(c: np.ndarray, e: float, a: float, alpha: float) -> np.ndarray:
+    return e + a * np.power(c, -alpha)
+
+
+def nd_law(n: np.ndarray, d: np.ndarray, e: float, a: float, alpha: float, b: float, beta: float) -> np.ndarray:
+    return e + a / np.power(n, alpha) + b / np.power(d, beta)
+
+
+def _check(name: str, *arrays: np.ndarray, minimum: int) -> None:
+    lengths = {len(a) for a in arrays}
+    if len(lengths) != 1:
+        raise FitError(f"{name}: inputs of different lengths {sorted(lengths)}")
+    if lengths.pop() < minimum:
+        raise FitError(f"{name}: needs at least {minimum} runs, got {len(arrays[0])}")
+    for a in arrays:
+        if not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise FitError(f"{name}: every value must be finite and positive")
+
+
+def _robust_fit(residuals, starts: list[np.ndarray], f_scale: float = 0.02) -> tuple[np.ndarray, float]:
+    best = None
+    for start in starts:
+        try:
+            # Bootstrap resamples can push a start into overflow; such starts simply lose.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                result = least_squares(residuals, start, loss="cauchy", f_scale=f_scale, max_nfev=5000)
+        except (ValueError, FloatingPointError):
+            continue
+        if not np.isfinite(result.cost):
+            continue
+        if best is None or result.cost < best.cost:
+            best = result
+    if best is None:
+        raise FitError("no starting point converged")
+    return best.x, float(np.sqrt(np.mean(residuals(best.x) ** 2)))
+
+
+def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0) -> LawFit:
+    c, loss = np.asarray(c, float), np.asarray(loss, float)
+    _check("L(C) fit", c, loss, minimum=4)
+    scale = np.median(c)  # fit in C / median(C): exponents do not care, conditioning does
+
+    def residuals(p, cs=c / scale, ls=loss):
+        return np.log(compute_law(cs, np.exp(p[0]), np.exp(p[1]), p[2])) - np.log(ls)
+
+    starts = [np.array([np.log(f * loss.min()), np.log(g), alpha])
+              for f, g, alpha in itertools.product((0.3, 0.8), (0.1, 1.0), (0.1, 0.5))]
+    p, rms = _robust_fit(residuals, starts)
+    with np.errstate(over="ignore"):
+        values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * scale ** p[2]), "alpha": float(p[2])}
+    fit = LawFit(("E", "A", "alpha"), values, rms)
+    if bootstrap:
+        fit.intervals = _bootstrap(lambda idx: fit_compute(c[idx], loss[idx]), len(c), bootstrap, seed, fit.names)
+    return fit
+
+
+def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0) -> LawFit:
+    n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
+    _check("L(N, D) fit", n, d, loss, minimum=6)
+    n_scale, d_scale = np.median(n), np.median(d)
+
+    def residuals(p, ns=n / n_scale, ds=d / d_scale, ls=loss):
+        pred = nd_law(ns, ds, np.exp(p[0]), np.exp(p[1]), p[2], np.exp(p[3]), p[4])
+        return np.log(pred) - np.log(ls)
+
+    starts = [np.array([np.log(f * loss.min()), np.log(g), alpha, np.log(g), beta])
+              for f, g, alpha, beta in itertools.product((0.3, 0.8), (0.1, 1.0), (0.2, 0.6), (0.2, 0.6))]
+    p, rms = _robust_fit(residuals, starts)
+    with np.errstate(over="ignore"):
+        values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * n_scale ** p[2]), "alpha": float(p[2]),
+                  "B": float(np.exp(p[3]) * d_scale ** p[4]), "beta": float(p[4])}
+    fit = LawFit(("E", "A", "alpha", "B", "beta"), values, rms)
+    if bootstrap:
+        fit.intervals = _bootstrap(lambda idx: fit_nd(n[idx], d[idx], loss[idx]), len(n), bootstrap, seed, fit.names)
+    return fit
+
+
+def _bootstrap(refit, count: int, rounds: int, seed: int, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        idx = rng.integers(0, count, count)
+        if len(np.unique(idx)) < min(count, len(names) + 1):
+            continue
+        try:
+            fit = refit(idx)
+        except FitError:
+            continue
+        for name in names:
+            samples[name].append(fit[name])
+    return {name: (float(np.percentile(v, 5)), float(np.percentile(v, 95))) for name, v in samples.items() if v}
+
+
+def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float) -> tuple[np.ndarray, np.ndarray]:
+    """N*(C) and D*(C) minimising L(N, D) under C = k N D (k: training FLOPs per parameter per image)."""
+    a, alpha, b, beta = fit["A"], fit["alpha"], fit["B"], fit["beta"]
+    budget = np.asarray(compute, float) / flops_per_param_image  # = N * D
+    g = (alpha * a / (beta * b)) ** (1 / (alpha + beta))
+    n_opt = g * budget ** (beta / (alpha + beta))
+    return n_opt, budget / n_opt
+
+
+def extrapolation_error(c: np.ndarray, loss: np.ndarray, holdout: int = 2) -> dict[str, float]:
+    """Fit L(C) without the `holdout` largest-compute runs, predict them: relative errors."""
+    c, loss = np.asarray(c, float), np.asarray(loss, float)
+    order = np.argsort(c)
+    train, test = order[:-holdout], order[-holdout:]
+    fit = fit_compute(c[train], loss[train])
+    predicted = compute_law(c[test], fit["E"], fit["A"], fit["alpha"])
+    errors = np.abs(predicted - loss[test]) / loss[test]
+    return {"max_relative_error": float(errors.max()), "mean_relative_error": float(errors.mean())}
