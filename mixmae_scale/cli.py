@@ -157,8 +157,9 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
             from mixmae_scale.finetune.train import finetune
 
             summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
-            message = (f"fine-tuned {summary['steps']} steps: top-1 {summary['last']['top1']:.2f}% "
-                       f"(best {summary['best']['top1']:.2f}% at step {summary['best']['step']})")
+            last = summary["last"] or {"top1": float("nan")}
+            message = (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
+                       f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
         if rank == 0:
             print(f"run directory: {run_dir} (config.yaml, metrics.csv, checkpoints/, summary.json)")
             print(message)

@@ -101,7 +101,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(ft.label_smoothing)
     erasing = RandomErasing(ft.random_erasing, mode="pixel", device=device.type) if ft.random_erasing > 0 else None
 
-    step, best = 0, {"top1": -1.0}
+    step, best, result = 0, {"top1": -1.0}, None
     if tag is not None:
         _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
         step, best = int(client["step"]), client.get("best", best)
@@ -173,7 +173,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                 save(best_dir, step, keep=1)
         if step % config.checkpoint.every_steps == 0 or step == last_step:
             last = save(checkpoints, step, config.checkpoint.keep_last)
-    summary = {"steps": step, "best": best, "last": result if last_step else None, "checkpoint": str(last),
+    summary = {"steps": step, "best": best, "last": result, "checkpoint": str(last) if last else None,
                "num_classes": num_classes, "init": ft.init}
     if rank == 0:
         write_atomic(root / "summary.json", json.dumps(summary, indent=2))
