@@ -50,6 +50,7 @@ def load_split(folder: str | Path, split: str, world_size: int = 1) -> SplitShar
         if tar.stat().st_size != shard["bytes"]:
             raise DataError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard['bytes']}: the files "
                             "do not match the manifest (run `mixmae shards verify`)")
+        _check_member_names(idx)
         tars.append(str(tar))
         indexes.append(str(idx))
     if len(shards) < world_size:
@@ -57,3 +58,13 @@ def load_split(folder: str | Path, split: str, world_size: int = 1) -> SplitShar
                       "parts of the same files; more, smaller shards spread I/O better", stacklevel=2)
     return SplitShards(split, tuple(tars), tuple(indexes), int(info["samples"]),
                        tuple(int(s["samples"]) for s in shards), len(manifest.get("classes", [])))
+
+
+def _check_member_names(idx: Path) -> None:
+    """Shards are data: a member named with an absolute path or '..' marks a crafted archive."""
+    for number, line in enumerate(idx.read_text().splitlines()[1:], start=2):
+        fields = line.split()
+        for name in fields[3::4]:  # each component is "ext offset size name"
+            if name.startswith("/") or ".." in Path(name).parts:
+                raise DataError(f"{idx}:{number}: member name {name!r} is absolute or contains '..'; "
+                                "refusing a shard that could write outside its folder")

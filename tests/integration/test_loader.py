@@ -99,6 +99,18 @@ def test_clear_errors_for_missing_or_mismatched_shards(demo_shards, tmp_path):
         ShardLoader(str(demo_shards), "val", _spec(batch_size=64, num_shards=2))
 
 
+def test_shards_with_unsafe_member_names_are_refused(demo_shards, tmp_path):
+    crafted = tmp_path / "crafted"
+    shutil.copytree(demo_shards, crafted)
+    idx = crafted / "val-000001.idx"
+    lines = idx.read_text().splitlines()
+    fields = lines[1].split()
+    fields[3] = "../../etc/" + fields[3]
+    idx.write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match="absolute or contains '..'"):
+        ShardLoader(str(crafted), "val", _spec(mode="eval"))
+
+
 def test_gpu_decoding_requested_without_a_gpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
