@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.shards.convert import ConvertOptions, convert
@@ -73,9 +74,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['loader']:<16}{r['images_per_s']:>10.0f}{r['vs_fallback']:>13.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "gpu": gpu, "rows": rows}, indent=2))
-    tmp_out.replace(args.out)
+    write_text(args.out, json.dumps({"batch": args.batch, "threads": args.threads, "gpu": gpu, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mixmae_scale.atomic_file import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -214,9 +216,7 @@ def main() -> None:
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     out = args.out or RESULTS / f"model_step_{args.device}_{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    tmp.replace(out)
+    write_text(out, json.dumps({"machine": machine, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
 
 

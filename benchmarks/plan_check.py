@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.cluster.plan import measure_activations
 from mixmae_scale.config import load_resolved
 
@@ -59,9 +60,7 @@ def main() -> None:
         print(f"{r['size']:<6}{r['device'][:13]:<14}{r['dtype']:<6}{r['batch']:>6}{str(r['checkpointing']):>6}"
               f"{r['measured_mib']:>14.0f}{r['planned_mib']:>13.0f}{r['ratio']:>18.2f}")
     out = RESULTS / "plan_check.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(out)
+    write_text(out, json.dumps(rows, indent=2))
     print(f"wrote {out}")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.shards.convert import ConvertOptions, convert
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,9 +92,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['method']:<20}{r['seconds']:>10.2f}{r['images_per_s']:>12.0f}{r['MB_per_s']:>10.1f}{r['vs_tar']:>10.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"images": args.images, "bytes": total_bytes, "rows": rows}, indent=2))
-    tmp_out.replace(args.out)
+    write_text(args.out, json.dumps({"images": args.images, "bytes": total_bytes, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mixmae_scale.atomic_file import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -67,9 +69,7 @@ def main() -> None:
               f"{r['planned_gib']:.2f} GiB (model states + activations, no runtime overhead)")
     out = RESULTS / "swin_h_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, "ratio_zero3_over_zero1": z3 / z1}, indent=2))
-    tmp.replace(out)
+    write_text(out, json.dumps({"rows": rows, "ratio_zero3_over_zero1": z3 / z1}, indent=2))
     print(f"wrote {out}")
 
 

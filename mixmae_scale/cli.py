@@ -251,9 +251,9 @@ def _launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     if plan.env_file:
-        tmp = plan.env_file.with_name(plan.env_file.name + ".tmp")
-        tmp.write_text(plan.env_text)
-        tmp.replace(plan.env_file)
+        from mixmae_scale.atomic_file import write_text
+
+        write_text(plan.env_file, plan.env_text)
     return subprocess.call(plan.command, env=os.environ.copy())
 
 

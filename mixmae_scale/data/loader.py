@@ -95,10 +95,10 @@ class ShardLoader:
         self._stream, self._pipe = None, None
 
     # -- batches -------------------------------------------------------------------------------------
-    def _dali_stream(self) -> Iterator[Batch]:
+    def _dali_stream(self, checkpoint: bytes | None = None) -> Iterator[Batch]:
         from mixmae_scale.data.dali_pipeline import build_pipeline
 
-        self._pipe = build_pipeline(self.shards, self.spec, checkpoint=self._resume_checkpoint)
+        self._pipe = build_pipeline(self.shards, self.spec, checkpoint=checkpoint)
         while True:
             outputs = self._pipe.run()
             if self.spec.device_id is not None:
@@ -128,8 +128,7 @@ class ShardLoader:
         mine = counts[self.spec.shard_id]
         total = math.ceil(max(counts) / self.spec.batch_size)
         if self.backend == "dali":
-            self._resume_checkpoint = None
-            stream = self._dali_stream()
+            stream = self._dali_stream()  # from the start of the split, whatever the training position
         else:
             from mixmae_scale.data.torch_pipeline import torch_batches
 
@@ -144,7 +143,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         """One epoch: the remaining batches of the current epoch, then the counter moves on."""
         if self._stream is None:
-            self._stream = self._dali_stream() if self.backend == "dali" else self._torch_stream()
+            self._stream = (self._dali_stream(self._resume_checkpoint) if self.backend == "dali"
+                            else self._torch_stream())
         while self.batch_in_epoch < self.batches_per_epoch:
             batch = next(self._stream)
             self.batch_in_epoch += 1

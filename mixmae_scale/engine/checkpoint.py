@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mixmae_scale.atomic_file import write_text
+
 MARKER = "COMPLETE"
 
 
@@ -32,12 +34,6 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     return sorted(p.name for p in ckpt_dir.iterdir() if (p / MARKER).exists())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def rng_state() -> str:
@@ -60,10 +56,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_s
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     rank = dist.get_rank()
-    _atomic_write(ckpt_dir / tag / f"rank_{rank}.json", json.dumps(rank_state))
+    write_text(ckpt_dir / tag / f"rank_{rank}.json", json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
-        _atomic_write(ckpt_dir / tag / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        write_text(ckpt_dir / tag / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size()}))
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()

@@ -41,8 +41,3 @@ def all_reduce_scalar(value: float, op=dist.ReduceOp.SUM) -> float:
     dist.all_reduce(tensor, op=op)
     return float(tensor.item())
 
-
-def write_atomic(path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import resolve
 from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.schema import Config
@@ -29,7 +30,7 @@ from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import checkpoint as ckpt
 from mixmae_scale.engine import distributed
-from mixmae_scale.engine.distributed import all_reduce_scalar, autocast, seed_for, write_atomic
+from mixmae_scale.engine.distributed import all_reduce_scalar, autocast, seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
     Throughput,
@@ -144,7 +145,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": engine_config(resolved, paths.root)},
                               sort_keys=False)
-        write_atomic(paths.root / "config.yaml", text)
+        write_text(paths.root / "config.yaml", text)
     dist.barrier()
 
     torch.manual_seed(seed_for(config.run.seed, rank))
@@ -222,7 +223,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             if poisoned[step] > 0:  # fault injection for tests: one more poisoned attempt at this step
                 poisoned[step] -= 1
                 loss = loss * float("nan")
-            if all_reduce_scalar(float(torch.isfinite(loss).all()), dist.ReduceOp.MIN) < 1:
+            value = float(loss.detach())  # one host sync serves the finite check and the running mean
+            if all_reduce_scalar(float(math.isfinite(value)), dist.ReduceOp.MIN) < 1:
                 nonfinite_run += 1
                 skipped_total += 1
                 if rank == 0:
@@ -237,7 +239,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             nonfinite_run = 0
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach())
+            loss_sum += value
             loss_count += 1
             window.images += images.shape[0]
             micro += 1
@@ -290,9 +292,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         summary["mfu"] = summary["images_per_s"] * flops_per_image / (peak * world)
     if rank == 0:
         log.info("held-out reconstruction loss: %.4f at step 0 -> %.4f at step %d", heldout_start, heldout_end, step)
-        tmp = paths.root / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=lambda v: None if isinstance(v, float) and
-                                  math.isnan(v) else str(v)))
-        tmp.replace(paths.root / "summary.json")
+        write_text(paths.root / "summary.json", json.dumps(
+            summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
         metrics.close()
     return summary

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-NO_WEIGHT_DECAY = ("*relative_position_bias_table", "*absolute_pos_embed")
+from mixmae_scale.engine.optimizer import NO_WEIGHT_DECAY
 
 
 def layer_id(name: str, depths: list[int] | tuple[int, ...]) -> int:

@@ -20,6 +20,7 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import resolve
 from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.schema import Config
@@ -28,7 +29,7 @@ from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import checkpoint as ckpt
 from mixmae_scale.engine import distributed
-from mixmae_scale.engine.distributed import all_reduce_scalar, autocast, seed_for, write_atomic
+from mixmae_scale.engine.distributed import all_reduce_scalar, autocast, seed_for
 from mixmae_scale.engine.monitor import MetricsLog, Throughput, peak_memory_mib
 from mixmae_scale.finetune.evaluate import evaluate
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
@@ -71,7 +72,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         ckpt.check_compatible(checkpoints, tag, resolved.model_digest(), world)
     if rank == 0:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        write_atomic(root / "config.yaml", yaml.safe_dump(
+        write_text(root / "config.yaml", yaml.safe_dump(
             {**resolved.to_dict(), "deepspeed_config": engine_config(resolved, root)}, sort_keys=False))
     dist.barrier()
 
@@ -176,5 +177,5 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     summary = {"steps": step, "best": best, "last": result, "checkpoint": str(last) if last else None,
                "num_classes": num_classes, "init": ft.init}
     if rank == 0:
-        write_atomic(root / "summary.json", json.dumps(summary, indent=2))
+        write_text(root / "summary.json", json.dumps(summary, indent=2))
     return summary

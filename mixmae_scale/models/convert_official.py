@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixmae_scale.atomic_file import replacing
+
 ENCODER_PREFIXES = ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")
 DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                     "decoder_pred.")
@@ -117,11 +119,9 @@ class _EncoderOnly(torch.nn.Module):
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], kind: str) -> None:
     """Atomic write: a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={"format": "mixmae-scale", "kind": kind, "arch": json.dumps(arch)})
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "mixmae-scale", "kind": kind, "arch": json.dumps(arch)})
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
 
@@ -42,9 +43,7 @@ def subset_shards(shards: Path, fraction: float, out: Path) -> Path:
     for name in ("classes.json",):
         if (shards / name).exists() and not (folder / name).exists():
             (folder / name).symlink_to((shards / name).resolve())
-    tmp = folder / "dataset.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / "dataset.json")
+    write_text(folder / "dataset.json", json.dumps(manifest, indent=1))
     return folder
 
 

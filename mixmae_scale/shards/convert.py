@@ -16,13 +16,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mixmae_scale import __version__
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.shards.sources import SourceError, SourceImage, folder_images, imagenet_split, read_class_names
 from mixmae_scale.shards.writer import (
     PROGRESS_DIR,
     ShardPlan,
     ShardRecord,
     WriteOptions,
-    atomic_write_text,
     plan_shards,
     read_record,
     write_shard,
@@ -85,7 +85,7 @@ def _check_same_options(out: Path, options: ConvertOptions) -> None:
                               "use the same options to resume, or a new output folder")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(current, sort_keys=True))
+        write_text(path, json.dumps(current, sort_keys=True))
 
 
 def _discover(src: Path, split: str, layout: str) -> tuple[list[SourceImage], list[str]]:
@@ -163,9 +163,9 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> dict:
     names = read_class_names(src)
     manifest["classes"] = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})}
                            for i, w in enumerate(classes)]
-    atomic_write_text(out / "classes.json", json.dumps(manifest["classes"], indent=1))
-    atomic_write_text(out / "rejected.jsonl", "".join(line + "\n" for line in rejected_lines))
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    write_text(out / "classes.json", json.dumps(manifest["classes"], indent=1))
+    write_text(out / "rejected.jsonl", "".join(line + "\n" for line in rejected_lines))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

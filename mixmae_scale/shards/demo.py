@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from mixmae_scale.atomic_file import replacing
+
 CLASSES = ["circle", "square", "triangle", "hstripes", "vstripes", "checker", "rings", "dots", "cross",
            "gradient"]
 HUES = [0.0, 0.1, 0.18, 0.3, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
@@ -106,8 +108,7 @@ def build_demo_images(root: Path, train_per_class: int = 260, val_per_class: int
                 quality = rng.randint(80, 95)
                 path = folder / f"{wnid(cls)}_{i:05d}.JPEG"
                 if not path.exists():
-                    tmp = path.with_name(path.name + ".tmp")
-                    image.save(tmp, format="JPEG", quality=quality)
-                    tmp.replace(path)
+                    with replacing(path) as tmp:
+                        image.save(tmp, format="JPEG", quality=quality)
         counts[split] = per_class * len(CLASSES)
     return counts

@@ -14,6 +14,7 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.shards.jpeg_check import prepare_image
 from mixmae_scale.shards.sources import SourceImage
 
@@ -146,12 +147,6 @@ def read_record(out_dir: Path, name: str) -> ShardRecord | None:
     return record
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_shard(plan: ShardPlan, out_dir: Path, options: WriteOptions) -> ShardRecord:
     record = ShardRecord(plan.name, plan.split)
     tar_path = out_dir / f"{plan.name}.tar"
@@ -172,11 +167,11 @@ def write_shard(plan: ShardPlan, out_dir: Path, options: WriteOptions) -> ShardR
     if record.samples == 0:
         tmp_path.unlink()
     else:
-        atomic_write_text(out_dir / f"{plan.name}.idx", shard.index_text())
+        write_text(out_dir / f"{plan.name}.idx", shard.index_text())
         tmp_path.replace(tar_path)
     record.bytes, record.sha256 = shard.bytes, shard.sha256.hexdigest()
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
-    atomic_write_text(record_path(out_dir, plan.name), json.dumps(asdict(record), sort_keys=True))
+    write_text(record_path(out_dir, plan.name), json.dumps(asdict(record), sort_keys=True))
     return record
 
 

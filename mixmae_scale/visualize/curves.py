@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from mixmae_scale.atomic_file import replacing
+
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "images/s"), ("mfu", "MFU"))
 
 
@@ -47,9 +49,7 @@ def plot_runs(runs: list[str], out: str | Path) -> dict:
                         transform=ax.transAxes)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with replacing(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(out)
     return {"runs": list(runs), "out": str(out)}

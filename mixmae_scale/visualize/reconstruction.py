@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mixmae_scale.atomic_file import replacing
 from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from mixmae_scale.models.mixing import upsample_mask
 from mixmae_scale.models.mixmae import MixMAE, patchify, unpatchify
@@ -89,12 +90,8 @@ def grid(rec: Reconstruction, pairs: int | None = None) -> np.ndarray:
 
 
 def save_png(picture: np.ndarray, path) -> None:
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(picture).save(tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        Image.fromarray(picture).save(tmp)
 
 
 def first_images(shards: str, split: str, count: int, img_size: int, backend: str = "dali") -> torch.Tensor:
