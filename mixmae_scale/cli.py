@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 
 def _add_profile_args(parser: argparse.ArgumentParser) -> None:
@@ -263,17 +264,45 @@ def _plan(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
     resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
-    result = plan(resolved, args.profile, args.gpus, args.gpu_mem_gb * 1e9 / 2**30)
+    gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
+    result = plan(resolved, args.profile, args.gpus, gpu_mem_gib)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        report = result.to_dict()
+        if args.recommend:
+            from mixmae_scale.cluster.plan import options
+
+            found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom)
+            report["options"] = [asdict(o) for o in found]
+            report["recommended"] = asdict(chosen) if chosen else None
+        print(json.dumps(report, indent=2))
         return 0
     print(f"{args.profile}: {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, {result.dtype}, "
           f"checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of {args.gpu_mem_gb:g} GB")
     for name, gib in result.components_gib.items():
-        print(f"  {name:<22}{gib:8.2f} GiB")
-    print(f"  {'total':<22}{result.total_gib:8.2f} GiB at micro-batch {result.micro_batch}: "
+        print(f"  {name:<26}{gib:8.2f} GiB")
+    print("  (activations + gathered weights, and the optimizer step's transient, do not coexist; the peak "
+          "takes the larger)")
+    print(f"  {'peak':<26}{result.total_gib:8.2f} GiB during the {result.peak_phase}, "
+          f"micro-batch {result.micro_batch}: "
           f"{'fits' if result.fits else 'does NOT fit'}; largest micro-batch that fits: {result.max_micro_batch}")
+    if args.recommend:
+        _print_options(args, gpu_mem_gib)
     return 0
+
+
+def _print_options(args: argparse.Namespace, gpu_mem_gib: float) -> None:
+    from mixmae_scale.cluster.plan import options
+
+    found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom)
+    print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "
+          "(cheapest first):")
+    print(f"  {'ZeRO':>4}  {'checkpointing':<14}{'micro':>6}{'accum':>6}{'peak GiB':>10}")
+    for o in found:
+        mark = "  <- use" if o is chosen else ""
+        fits = f"{o.micro_batch:>6}{o.accumulation:>6}{o.peak_gib:>10.2f}" if o.micro_batch else f"{'does not fit':>22}"
+        print(f"  {o.zero_stage:>4}  {'on' if o.checkpointing else 'off':<14}{fits}{mark}")
+    if chosen is not None:
+        print("set: " + " ".join(f"--set {s}" for s in chosen.overrides()))
 
 
 def _scaling(args: argparse.Namespace) -> int:
@@ -362,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--cluster")
     planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     planner.add_argument("--json", action="store_true")
+    planner.add_argument("--recommend", action="store_true",
+                         help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")
+    planner.add_argument("--headroom", type=float, default=0.25, help="fraction of GPU memory kept free (--recommend)")
     planner.set_defaults(handler=_plan)
 
     evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")

@@ -8,6 +8,12 @@ backward (parameters excluded), per encoder block and elsewhere. With activation
 block keeps only its input, plus one block's activations while it is recomputed. The measurement
 uses the explicit attention path, which keeps the attention probabilities; memory-efficient SDPA
 kernels on GPUs keep less, so the activation figure is an upper bound there.
+
+Two transients decide the peak, and they never coexist: during forward and backward, activations
+plus (ZeRO-3) the 16-bit weights gathered for the blocks in flight; during the optimizer step, the
+fp32 upcast of the gradients being stepped plus, for an unfused AdamW (the CPU), two full-size
+temporaries. ZeRO-3 steps one `sub_group_size` slice of its partition at a time; ZeRO-1/2 step the
+whole partition at once, which is why their step can cost more than ZeRO-3's at small world sizes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from mixmae_scale.models.mixmae import build_mixmae
 from mixmae_scale.models.swin import SwinBlock
 
 GIB = 2**30
+# DeepSpeed's values for keys a ZeRO-3 config leaves out.
+DEEPSPEED_DEFAULTS = {"sub_group_size": 1e9, "stage3_max_live_parameters": 1e9, "stage3_prefetch_bucket_size": 5e7}
 # CUDA context, NCCL buffers and the allocator's slack; measured values differ by driver and card.
 RUNTIME_OVERHEAD_GIB = 1.5
 
@@ -54,6 +62,7 @@ class MemoryPlan:
     checkpointing: bool
     params: int
     components_gib: dict[str, float] = field(default_factory=dict)
+    peak_phase: str = ""
     total_gib: float = 0.0
     fits: bool = False
     max_micro_batch: int = 0
@@ -125,26 +134,122 @@ def model_state_bytes(params: int, stage: int, world: int, dtype: str) -> dict[s
             "fp32_master_weights": shard(master, stage >= 1), "adam_moments": shard(moments, stage >= 1)}
 
 
+def optimizer_step_bytes(params: int, stage: int, world: int, dtype: str, sub_group_size: float,
+                         fused: bool) -> float:
+    """The step's transient (see the module docstring): fp32 gradients of the slice being stepped, and an
+    unfused AdamW's temporaries (`exp_avg_sq.sqrt()`, then the denominator) over the same slice."""
+    chunk = params / world if stage >= 1 else params
+    if stage == 3:
+        chunk = min(chunk, sub_group_size)
+    upcast = 4 * chunk if dtype in ("bf16", "fp16") else 0.0
+    return upcast + (0.0 if fused else 2 * 4 * chunk)
+
+
+def gathered_weight_bytes(params: int, stage: int, world: int, dtype: str, zero: dict) -> float:
+    """ZeRO-3 only: full 16-bit copies of the weights in flight, beyond this rank's own partition."""
+    if stage < 3:
+        return 0.0
+    get = lambda key: float(zero.get(key, DEEPSPEED_DEFAULTS[key]))  # noqa: E731
+    live = min(params, get("stage3_max_live_parameters") + get("stage3_prefetch_bucket_size"))
+    return (2 if dtype in ("bf16", "fp16") else 4) * live * (1 - 1 / world)
+
+
 def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
-         activations: ActivationProfile | None = None, overhead_gib: float = RUNTIME_OVERHEAD_GIB) -> MemoryPlan:
+         activations: ActivationProfile | None = None, overhead_gib: float = RUNTIME_OVERHEAD_GIB,
+         fused_optimizer: bool = True) -> MemoryPlan:
+    """`fused_optimizer`: True on GPUs (build_optimizer uses fused AdamW there), False for CPU runs."""
+    from mixmae_scale.config.deepspeed_config import build_deepspeed_config
+
     config = resolved.config
-    dtype = config.precision.dtype
+    dtype, stage = config.precision.dtype, config.zero.stage
     checkpointing = config.model.checkpoint_every > 0
     with torch.device("meta"):
         params = sum(p.numel() for p in build_mixmae(config.model).parameters())
     activations = activations or measure_activations(resolved, dtype)
-    states = model_state_bytes(params, config.zero.stage, gpus, dtype)
+    zero = build_deepspeed_config(resolved).get("zero_optimization", {})
+    states = model_state_bytes(params, stage, gpus, dtype)
+    step = optimizer_step_bytes(params, stage, gpus, dtype, float(zero.get("sub_group_size",
+                                DEEPSPEED_DEFAULTS["sub_group_size"])), fused_optimizer)
     if config.zero.offload_optimizer:
         states["fp32_master_weights"] = states["adam_moments"] = 0.0
-    fixed = sum(states.values()) + overhead_gib * GIB
+        step = 0.0  # the step runs in host memory
+    gathered = gathered_weight_bytes(params, stage, gpus, dtype, zero)
     per_image = activations.per_image(checkpointing)
     micro = config.batch.micro
+    fixed = sum(states.values()) + overhead_gib * GIB
     components = {k: v / GIB for k, v in states.items()}
     components["activations"] = micro * per_image / GIB
+    components["gathered_weights"] = gathered / GIB
+    components["optimizer_step_transient"] = step / GIB
     components["runtime_overhead"] = overhead_gib
-    total = sum(components.values())
+    forward_backward = micro * per_image + gathered
+    phase = "forward/backward" if forward_backward >= step else "optimizer step"
+    total = (fixed + max(forward_backward, step)) / GIB
     budget = gpu_mem_gib * GIB - fixed
-    max_micro = max(0, int(budget // per_image)) // 2 * 2  # MixMAE pairs images: even micro-batches
-    return MemoryPlan(profile, gpus, gpu_mem_gib, config.zero.stage, dtype, micro, checkpointing, params,
-                      {k: round(v, 3) for k, v in components.items()}, round(total, 3), total <= gpu_mem_gib,
-                      max_micro)
+    max_micro = 0 if step > budget else max(0, int((budget - gathered) // per_image)) // 2 * 2  # even: pairs
+    return MemoryPlan(profile, gpus, gpu_mem_gib, stage, dtype, micro, checkpointing, params,
+                      {k: round(v, 3) for k, v in components.items()}, phase, round(total, 3),
+                      total <= gpu_mem_gib, max_micro)
+
+
+# Below this many images per GPU a Swin step stops saturating an 80 GB-class GPU, so a cheaper
+# configuration that only fits smaller micro-batches is passed over (unless the per-GPU batch is smaller).
+SATURATING_MICRO_BATCH = 32
+# The activation measurement under-estimated the H200's peak without checkpointing by up to 18%
+# (benchmarks/results/plan_check.json); the rest is allocator fragmentation.
+DEFAULT_HEADROOM = 0.25
+
+
+@dataclass
+class Option:
+    zero_stage: int
+    checkpointing: bool
+    micro_batch: int  # 0: does not fit at any micro-batch
+    accumulation: int
+    peak_gib: float
+
+    def overrides(self) -> list[str]:
+        return [f"zero.stage={self.zero_stage}", f"model.checkpoint_every={int(self.checkpointing)}",
+                f"batch.micro={self.micro_batch}", f"batch.accumulation={self.accumulation}"]
+
+
+def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = None,
+            overrides: list[str] | tuple[str, ...] = (), headroom: float = DEFAULT_HEADROOM,
+            activations: dict[str, ActivationProfile] | None = None) -> tuple[list[Option], Option | None]:
+    """Every ZeRO stage x checkpointing choice with the largest micro-batch that divides the per-GPU
+    share of the profile's global batch and fits in (1 - headroom) of the GPU, and the one to use.
+
+    Candidates are ranked by cost, not timed: no recompute before recompute (checkpointing adds about
+    a third to the step's compute), then the lower ZeRO stage (stage 3 adds 50% communication). The
+    choice is the first that reaches a saturating micro-batch."""
+    from mixmae_scale.config import load_resolved
+
+    base = load_resolved(profile, cluster, [*overrides, "batch.micro=2"], world_size=gpus)
+    global_batch = base.derived.global_batch
+    if global_batch % gpus:
+        raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
+    per_gpu = global_batch // gpus
+    activations = activations or {}
+    if base.config.precision.dtype not in activations:
+        activations[base.config.precision.dtype] = measure_activations(base, base.config.precision.dtype)
+    acts = activations[base.config.precision.dtype]
+    usable = gpu_mem_gib * (1 - headroom)
+    found: list[Option] = []
+    for checkpointing in (False, True):
+        for stage in (1, 2, 3):
+            settings = [*overrides, f"zero.stage={stage}", f"model.checkpoint_every={int(checkpointing)}",
+                        "batch.global_batch=null", "batch.accumulation=1", "batch.micro=2"]
+            largest = plan(load_resolved(profile, cluster, settings, world_size=gpus), profile, gpus, usable,
+                           activations=acts).max_micro_batch
+            micro = max((m for m in range(2, per_gpu + 1, 2) if per_gpu % m == 0 and m <= largest), default=0)
+            peak = 0.0
+            if micro:
+                settings[-1] = f"batch.micro={micro}"
+                peak = plan(load_resolved(profile, cluster, settings, world_size=gpus), profile, gpus, gpu_mem_gib,
+                            activations=acts).total_gib
+            found.append(Option(stage, checkpointing, micro, per_gpu // micro if micro else 0, round(peak, 2)))
+    enough = min(per_gpu, SATURATING_MICRO_BATCH)
+    chosen = next((o for o in found if o.micro_batch >= enough), None)
+    if chosen is None:
+        chosen = max((o for o in found if o.micro_batch), key=lambda o: o.micro_batch, default=None)
+    return found, chosen

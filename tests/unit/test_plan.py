@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mixmae_scale.cluster.plan import GIB, measure_activations, model_state_bytes, plan
+from mixmae_scale.cluster.plan import (
+    GIB,
+    gathered_weight_bytes,
+    measure_activations,
+    model_state_bytes,
+    optimizer_step_bytes,
+    plan,
+)
 from mixmae_scale.config import load_resolved
 
 
@@ -37,7 +44,36 @@ def test_plan_finds_the_largest_even_micro_batch_that_fits():
     activations = measure_activations(resolved, "bf16")
     result = plan(resolved, "tiny", gpus=2, gpu_mem_gib=2.0, activations=activations, overhead_gib=0.5)
     assert result.fits and result.max_micro_batch % 2 == 0 and result.max_micro_batch >= result.micro_batch
-    fixed = sum(v for k, v in result.components_gib.items() if k != "activations")
+    transient = ("activations", "gathered_weights", "optimizer_step_transient")
+    fixed = sum(v for k, v in result.components_gib.items() if k not in transient)
     per_image = activations.per_image(False) / GIB
     assert fixed + result.max_micro_batch * per_image <= 2.0 + 1e-3
     assert fixed + (result.max_micro_batch + 2) * per_image > 2.0 - 1e-3
+
+
+def test_zero3_steps_one_sub_group_at_a_time_and_zero1_the_whole_partition():
+    params, world = 1_000_000_000, 2
+    # bf16: a 4-byte upcast of the gradients stepped, plus two 4-byte temporaries for unfused AdamW.
+    assert optimizer_step_bytes(params, 1, world, "bf16", 1e8, fused=False) == 12 * params / world
+    assert optimizer_step_bytes(params, 3, world, "bf16", 1e8, fused=False) == 12 * 1e8
+    assert optimizer_step_bytes(params, 3, world, "bf16", 1e8, fused=True) == 4 * 1e8
+    assert optimizer_step_bytes(params, 1, world, "fp32", 1e8, fused=True) == 0
+
+
+def test_zero3_gathered_weights_follow_the_live_parameter_limit():
+    zero = {"stage3_max_live_parameters": 1e8, "stage3_prefetch_bucket_size": 5e7}
+    assert gathered_weight_bytes(10**9, 3, 2, "bf16", zero) == 2 * 1.5e8 * 0.5
+    assert gathered_weight_bytes(10**9, 3, 2, "bf16", {}) == 2 * 10**9 * 0.5  # DeepSpeed's 1e9 default: all
+    assert gathered_weight_bytes(10**9, 1, 2, "bf16", zero) == 0
+
+
+def test_peak_is_the_larger_phase_not_their_sum():
+    resolved = load_resolved("tiny", world_size=2, overrides=["zero.stage=1", "batch.micro=2"])
+    activations = measure_activations(resolved, "fp32")
+    result = plan(resolved, "tiny", gpus=2, gpu_mem_gib=8.0, activations=activations, overhead_gib=0.0,
+                  fused_optimizer=False)
+    c = result.components_gib
+    states = c["weights"] + c["gradients"] + c["fp32_master_weights"] + c["adam_moments"]
+    # At micro-batch 2 the unfused step's temporaries outweigh the activations of the tiny model.
+    assert result.peak_phase == "optimizer step"
+    assert result.total_gib == pytest.approx(states + max(c["activations"], c["optimizer_step_transient"]), abs=2e-3)

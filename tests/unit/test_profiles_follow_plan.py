@@ -1,0 +1,36 @@
+"""The size profiles carry the memory planner's choice for the cluster they declare (80 GB GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixmae_scale.cluster.plan import options
+from mixmae_scale.config import load_resolved
+
+
+@pytest.mark.slow  # measures each model's activations with a real CPU forward (Swin-H: about 3 GB)
+@pytest.mark.parametrize("profile", ["swin_b", "swin_l", "swin_h"])
+def test_profile_uses_the_planners_choice(profile):
+    declared = load_resolved(profile).config.cluster
+    gpus = declared.num_nodes * declared.gpus_per_node
+    resolved = load_resolved(profile, world_size=gpus)
+    found, chosen = options(profile, gpus, 80e9 / 2**30)
+    assert chosen is not None and chosen.micro_batch > 0
+    assert len(found) == 6 and all(o.micro_batch == 0 or o.peak_gib < 80e9 / 2**30 for o in found)
+    in_profile = (resolved.config.zero.stage, resolved.config.model.checkpoint_every > 0,
+                  resolved.derived.micro_batch, resolved.derived.accumulation)
+    assert in_profile == (chosen.zero_stage, chosen.checkpointing, chosen.micro_batch, chosen.accumulation), (
+        f"{profile} profile differs from `mixmae plan {profile} --gpus {gpus} --recommend`: {chosen}")
+
+
+def test_a_smaller_gpu_moves_swin_h_to_more_sharding_and_smaller_micro_batches():
+    from mixmae_scale.cluster.plan import ActivationProfile
+
+    # Synthetic per-image activations (bytes) keep this fast: 0.4 GiB per image without checkpointing.
+    acts = {"bf16": ActivationProfile(per_block=[0.4 * 2**30 / 24] * 24, block_inputs=[0.05 * 2**30 / 24] * 24,
+                                      other=0.0)}
+    _, big = options("swin_h", 8, 74.5, activations=acts)
+    _, small = options("swin_h", 8, 22.0, activations=acts)
+    assert (big.zero_stage, big.checkpointing) == (1, False)
+    assert small.micro_batch < big.micro_batch and (small.zero_stage, small.checkpointing) != (1, False)
+    assert small.micro_batch * small.accumulation * 8 == 2048 == big.micro_batch * big.accumulation * 8
