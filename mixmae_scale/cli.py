@@ -122,7 +122,7 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
     import os
     import socket
 
-    import torch.distributed as dist
+    from mixmae_scale.engine import distributed
 
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         with socket.socket() as probe:
@@ -135,9 +135,7 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
     try:
         return job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
     finally:
-        if dist.is_initialized():
-            dist.barrier()  # ZeRO-3 ranks abort at exit without an orderly shutdown
-            dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def _train_job(args: argparse.Namespace, kind: str) -> int:

@@ -4,7 +4,9 @@ seeds derived from (seed, rank, step, ...), the autocast context for the configu
 from __future__ import annotations
 
 import hashlib
+import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,23 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     else:
         torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown() -> None:
+    """Orderly end of a job: ZeRO-3 ranks abort at exit without it.
+
+    DeepSpeed's CPU all-reduce maps a 66 MiB shared-memory buffer per rank
+    (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, csrc/cpu/comm/shm.cpp) and
+    never unlinks it, so every CPU run used to leave RAM behind until reboot. Each rank removes its own
+    once all ranks are done with them; a rank killed outright still leaves its buffer."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def seed_for(*parts: int) -> int:

@@ -26,7 +26,8 @@ PORTS = iter(range(29700, 29800))
 
 def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None = None, check: bool = True,
            background: bool = False):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(next(PORTS)),
+    port = next(PORTS)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run_dir),
            "--set", f"data.shards={shards}", "--set", "batch.micro=8", "--set", "logging.every_steps=1",
            "--set", "logging.heldout_batches=2", "--set", "data.shuffle_buffer=64"]
@@ -41,6 +42,8 @@ def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None =
     if check and result.returncode:
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")
+    if result.returncode == 0:  # DeepSpeed's CPU all-reduce buffers are RAM; a finished job removes them
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return result
 
 
