@@ -222,10 +222,12 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     Candidates are ranked by cost, not timed: no recompute before recompute (checkpointing adds about
     a third to the step's compute), then the lower ZeRO stage (stage 3 adds 50% communication). The
     choice is the first that reaches a saturating micro-batch."""
-    from mixmae_scale.config import load_resolved
+    from mixmae_scale.config import load_config, load_resolved
 
-    base = load_resolved(profile, cluster, [*overrides, "batch.micro=2"], world_size=gpus)
-    global_batch = base.derived.global_batch
+    batch = load_config(profile, cluster, list(overrides))[0].batch
+    global_batch = batch.global_batch or batch.micro * (batch.accumulation or 1) * gpus
+    base = load_resolved(profile, cluster, [*overrides, "batch.global_batch=null", "batch.accumulation=1"],
+                         world_size=gpus)
     if global_batch % gpus:
         raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
     per_gpu = global_batch // gpus

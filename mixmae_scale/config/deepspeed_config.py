@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from mixmae_scale.config.derive import ResolvedConfig
 from mixmae_scale.config.load import REPO_ROOT, ConfigError, deep_merge
 
 DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def ds_config_file(stage: int, offload_optimizer: bool) -> Path | None:
@@ -41,20 +43,20 @@ def build_deepspeed_config(resolved: ResolvedConfig) -> dict[str, Any]:
     }
     if config.zero.offload_optimizer:
         owned["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return deep_merge(deep_merge(base, owned), config.deepspeed)
+    return deep_merge(deep_merge(base, owned), _whole_numbers_as_int(config.deepspeed))
 
 
-def engine_config(resolved: ResolvedConfig, run_root: Path) -> dict[str, Any]:
-    """The dict a training job hands to deepspeed.initialize: the above plus the per-iteration warm-up +
-    cosine schedule (DeepSpeed's WarmupCosineLR, which scales every parameter group's own lr, so layer
-    decay survives it) and TensorBoard through DeepSpeed's monitor."""
-    config, derived = resolved.config, resolved.derived
-    ds = build_deepspeed_config(resolved)
-    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": derived.total_steps, "warmup_num_steps": derived.warmup_steps,
-        "warmup_min_ratio": 0.0, "warmup_type": "linear",
-        "cos_min_ratio": derived.min_learning_rate / derived.learning_rate}}
-    if config.logging.tensorboard:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(run_root) / "tensorboard"),
-                             "job_name": config.run.name}
-    return ds
+def _whole_numbers_as_int(tree: Any) -> Any:
+    """PyYAML reads `1e8` as the string '1e8' (YAML 1.1 wants `1.0e+8`), and DeepSpeed's pydantic
+    schema refuses both strings and floats for its integer sizes: `--set
+    deepspeed.zero_optimization.stage3_prefetch_bucket_size=1e8` failed validation. Scientific notation
+    becomes a number, and whole numbers become ints, which DeepSpeed's float fields accept as well."""
+    if isinstance(tree, dict):
+        return {key: _whole_numbers_as_int(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_whole_numbers_as_int(value) for value in tree]
+    if isinstance(tree, str) and SCIENTIFIC.fullmatch(tree.strip()):
+        tree = float(tree)
+    if isinstance(tree, float) and tree.is_integer():
+        return int(tree)
+    return tree

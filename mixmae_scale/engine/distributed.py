@@ -26,20 +26,20 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shutdown() -> None:
+def shutdown(master_addr: str, master_port: str) -> None:
     """Orderly end of a job: ZeRO-3 ranks abort at exit without it.
 
     DeepSpeed's CPU all-reduce maps a 66 MiB shared-memory buffer per rank
     (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, csrc/cpu/comm/shm.cpp) and
     never unlinks it, so every CPU run used to leave RAM behind until reboot. Each rank removes its own
-    once all ranks are done with them; a rank killed outright still leaves its buffer."""
+    once all ranks are done with them; a rank killed outright still leaves its buffer. `master_addr` and
+    `master_port` are the rendezvous the launcher gave (MASTER_ADDR, MASTER_PORT): part of the name."""
     if not dist.is_initialized():
         return
     dist.barrier()
     rank = dist.get_rank()
     dist.destroy_process_group()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

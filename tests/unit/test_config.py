@@ -139,7 +139,10 @@ def test_deepspeed_overrides_reach_any_key():
                                            "deepspeed.zero_optimization.stage3_prefetch_bucket_size=1e8",
                                            "deepspeed.wall_clock_breakdown=true"])
     ds = build_deepspeed_config(r)
-    assert float(ds["zero_optimization"]["stage3_prefetch_bucket_size"]) == 1e8
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 10**8  # PyYAML: the string "1e8"
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    DeepSpeedZeroConfig(**ds["zero_optimization"])  # YAML's float 1e8 would fail DeepSpeed's int field
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 100000  # from zero3.json
     assert ds["wall_clock_breakdown"] is True
 

@@ -1,0 +1,50 @@
+"""The `mixmae` command. Each subcommand parses its arguments and calls into the library, nothing more.
+
+One module per group of subcommands, each with a `register(sub)` that adds its parsers. Heavy imports
+(torch, DeepSpeed, DALI) happen inside the handlers so that `mixmae --help` and `mixmae config show`
+stay fast. `python -m mixmae_scale.cli` (what the deepspeed launcher runs) is `__main__.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mixmae_scale.cli import (
+    cluster_commands,
+    config_command,
+    encoder_commands,
+    inspection_commands,
+    job_commands,
+    model_commands,
+    scaling_commands,
+    shard_commands,
+)
+
+GROUPS = (config_command, model_commands, job_commands, cluster_commands, encoder_commands, inspection_commands,
+          scaling_commands, shard_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixmae", description="MixMAE pretraining at cluster scale.")
+    # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mixmae_scale.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"mixmae: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,100 @@
+"""`mixmae launch|plan`: the deepspeed launcher command, and per-GPU memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from mixmae_scale.cluster.compose import batch_report, compose
+    from mixmae_scale.config import load_resolved
+
+    resolved = load_resolved(args.profile, args.cluster, args.overrides)
+    plan = compose(resolved, args.profile, args.cluster, args.overrides, job=args.job, check_files=not args.dry_run)
+    for line in batch_report(resolved):
+        print(line)
+    if plan.env_file:
+        print(f"environment for every rank ({plan.env_file}):\n" + "".join(f"  {line}\n" for line in
+                                                                          plan.env_text.splitlines()), end="")
+    print("command:\n  " + plan.shell())
+    if args.dry_run:
+        return 0
+    if plan.env_file:
+        from mixmae_scale.atomic_file import write_text
+
+        write_text(plan.env_file, plan.env_text)
+    return subprocess.call(plan.command, env=os.environ.copy())
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mixmae_scale.cluster.plan import plan
+    from mixmae_scale.config import load_resolved
+
+    overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
+    resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
+    gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
+    result = plan(resolved, args.profile, args.gpus, gpu_mem_gib)
+    if args.json:
+        report = result.to_dict()
+        if args.recommend:
+            from mixmae_scale.cluster.plan import options
+
+            found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom)
+            report["options"] = [asdict(o) for o in found]
+            report["recommended"] = asdict(chosen) if chosen else None
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.profile}: {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, {result.dtype}, "
+          f"checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of {args.gpu_mem_gb:g} GB")
+    for name, gib in result.components_gib.items():
+        print(f"  {name:<26}{gib:8.2f} GiB")
+    print("  (activations + gathered weights, and the optimizer step's transient, do not coexist; the peak "
+          "takes the larger)")
+    print(f"  {'peak':<26}{result.total_gib:8.2f} GiB during the {result.peak_phase}, "
+          f"micro-batch {result.micro_batch}: "
+          f"{'fits' if result.fits else 'does NOT fit'}; largest micro-batch that fits: {result.max_micro_batch}")
+    if args.recommend:
+        _print_options(args, gpu_mem_gib)
+    return 0
+
+
+def _print_options(args: argparse.Namespace, gpu_mem_gib: float) -> None:
+    from mixmae_scale.cluster.plan import options
+
+    found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom)
+    print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "
+          "(cheapest first):")
+    print(f"  {'ZeRO':>4}  {'checkpointing':<14}{'micro':>6}{'accum':>6}{'peak GiB':>10}")
+    for o in found:
+        mark = "  <- use" if o is chosen else ""
+        fits = f"{o.micro_batch:>6}{o.accumulation:>6}{o.peak_gib:>10.2f}" if o.micro_batch else f"{'does not fit':>22}"
+        print(f"  {o.zero_stage:>4}  {'on' if o.checkpointing else 'off':<14}{fits}{mark}")
+    if chosen is not None:
+        print("set: " + " ".join(f"--set {s}" for s in chosen.overrides()))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
+    launch.add_argument("profile")
+    launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
+    launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    launch.add_argument("--job", choices=["pretrain", "finetune"], default="pretrain")
+    launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
+    launch.set_defaults(handler=_launch)
+
+    planner = sub.add_parser("plan", help="per-GPU memory of a profile by component; largest micro-batch")
+    planner.add_argument("profile")
+    planner.add_argument("--gpus", type=int, required=True, help="world size (ZeRO partitions over it)")
+    planner.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    planner.add_argument("--cluster")
+    planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    planner.add_argument("--json", action="store_true")
+    planner.add_argument("--recommend", action="store_true",
+                         help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")
+    planner.add_argument("--headroom", type=float, default=0.25, help="fraction of GPU memory kept free (--recommend)")
+    planner.set_defaults(handler=_plan)

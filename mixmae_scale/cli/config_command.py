@@ -1,0 +1,33 @@
+"""`mixmae config show`: the merged, validated profile with its derived values."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mixmae_scale.cli.arguments import add_profile_args
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.config.deepspeed_config import build_deepspeed_config
+
+    resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.world_size)
+    data = resolved.to_dict()
+    data["deepspeed_config"] = build_deepspeed_config(resolved)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    config = sub.add_parser("config", help="show the resolved configuration of a profile")
+    config_sub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the merged, validated configuration and derived values")
+    add_profile_args(show)
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.set_defaults(handler=_config_show)

@@ -1,0 +1,39 @@
+"""`mixmae visualize|runs plot`: reconstructions and training curves as images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from mixmae_scale.visualize.reconstruction import visualize
+
+    print(json.dumps(visualize(args.source, args.data, args.out, args.images // 2, args.split, args.seed,
+                               args.loader), indent=2))
+    return 0
+
+
+def _runs_plot(args: argparse.Namespace) -> int:
+    from mixmae_scale.visualize.curves import plot_runs
+
+    print(json.dumps(plot_runs(args.runs, args.out), indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    vis = sub.add_parser("visualize", help="PNG grid of mixed inputs and both streams' reconstructions")
+    vis.add_argument("source", help="run folder, encoder+decoder .safetensors or official pretraining .pth")
+    vis.add_argument("--data", required=True, help="shard folder")
+    vis.add_argument("--images", type=int, default=8, help="images (pairs x 2)")
+    vis.add_argument("--split", default="val")
+    vis.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    vis.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    vis.add_argument("--out", default="reconstruction.png")
+    vis.set_defaults(handler=_visualize)
+    runs = sub.add_parser("runs", help="look at run folders")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    plot = runs_sub.add_parser("plot", help="loss, lr, images/s and MFU of runs, against steps and images seen")
+    plot.add_argument("runs", nargs="+")
+    plot.add_argument("--out", default="curves.png")
+    plot.set_defaults(handler=_runs_plot)

@@ -1,0 +1,103 @@
+"""`mixmae pretrain|finetune|eval`: the jobs that run under a launcher, one process per rank."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mixmae_scale.cli.arguments import add_profile_args
+
+
+def _distributed_job(args: argparse.Namespace, job) -> int:
+    """Environment and shutdown shared by the jobs that run under a launcher (or alone)."""
+    import logging
+    import os
+    import socket
+
+    from mixmae_scale.engine import distributed
+
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    try:
+        return job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
+    finally:
+        distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+
+
+def _train_job(args: argparse.Namespace, kind: str) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.config import load_config
+
+    def job(rank: int, local_rank: int) -> int:
+        config, sources = load_config(args.profile, args.cluster, args.overrides)
+        run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
+        if kind == "pretrain":
+            from mixmae_scale.engine.pretrain import pretrain
+
+            summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            message = (f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
+                       f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
+        else:
+            from mixmae_scale.finetune.train import finetune
+
+            summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            last = summary["last"] or {"top1": float("nan")}
+            message = (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
+                       f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
+        if rank == 0:
+            print(f"run directory: {run_dir} (config.yaml, metrics.csv, checkpoints/, summary.json)")
+            print(message)
+        return 0
+
+    return _distributed_job(args, job)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    return _train_job(args, "pretrain")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    return _train_job(args, "finetune")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    def job(rank: int, local_rank: int) -> int:
+        from mixmae_scale.engine import distributed
+        from mixmae_scale.finetune.evaluate import evaluate_weights
+
+        _, world, device = distributed.init(local_rank)
+        result = evaluate_weights(args.init, args.data, args.split, rank, world, device, args.loader, args.batch,
+                                  args.threads, args.img_size)
+        if rank == 0:
+            print(json.dumps(result, indent=2))
+        return 0
+
+    return _distributed_job(args, job)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, text, handler in (
+            ("pretrain", "MixMAE pretraining (start with the deepspeed launcher or torchrun)", _pretrain),
+            ("finetune", "fine-tune a pretrained encoder (deepspeed launcher or torchrun)", _finetune)):
+        job = sub.add_parser(name, help=text)
+        add_profile_args(job)
+        job.add_argument("--run-dir", help="default: run.output_dir/run.name")
+        job.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
+        job.set_defaults(handler=handler)
+    evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
+    evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
+                            "an official fine-tuned .pth")
+    evaluation.add_argument("--data", required=True)
+    evaluation.add_argument("--split", default="val")
+    evaluation.add_argument("--img-size", type=int, help="default: the weights' own")
+    evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    evaluation.add_argument("--batch", type=int, default=64)
+    evaluation.add_argument("--threads", type=int, default=2)
+    evaluation.set_defaults(handler=_eval)

@@ -1,0 +1,59 @@
+"""`mixmae scaling plan|run|fit|report`: scaling-law sweeps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.scaling.spec import expand, load_spec
+
+    out = Path(args.out)
+    if args.scaling_command == "plan":
+        from mixmae_scale.data.manifest import load_split
+
+        spec = load_spec(args.spec)
+        runs = expand(spec, load_split(spec.shards, "train").samples)
+        print(f"{'run':<28}{'N':>12}{'D (images)':>12}{'C (FLOPs)':>12}")
+        for run in runs:
+            print(f"{run.run_id:<28}{run.params:>12,}{run.images_seen:>12,}{run.flops:>12.3g}")
+        print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total")
+        return 0
+    if args.scaling_command == "run":
+        from mixmae_scale.scaling.run import run_sweep
+
+        run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None)
+        return 0
+    from mixmae_scale.scaling.report import fit_results, read_results, write_report
+
+    rows = read_results(out / "results.jsonl")
+    fit = fit_results(rows, bootstrap=args.bootstrap)
+    (out / "fit.json").write_text(json.dumps(fit, indent=2))
+    if args.scaling_command == "report":
+        print(f"report: {write_report(rows, fit, Path(args.report_dir or out / 'report'))}")
+    else:
+        print(json.dumps(fit, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    scaling = sub.add_parser("scaling", help="scaling-law sweeps: plan, run, fit, report")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
+    for action, text in (("plan", "expand a sweep spec into runs with N, D and C"),
+                         ("run", "run the sweep here, one run after another (finished runs are skipped)"),
+                         ("fit", "fit L(C) and L(N, D) to results.jsonl"),
+                         ("report", "fit, then write figures and a Markdown report")):
+        p = scaling_sub.add_parser(action, help=text)
+        if action in ("plan", "run"):
+            p.add_argument("spec", help="sweep spec YAML")
+        p.add_argument("--out", default="runs/scaling", help="sweep folder (results.jsonl, runs/, report/)")
+        if action == "run":
+            p.add_argument("--emit-commands", help="write one `mixmae launch` line per run instead of running")
+        if action in ("fit", "report"):
+            p.add_argument("--bootstrap", type=int, default=200)
+        if action == "report":
+            p.add_argument("--report-dir")
+        p.set_defaults(handler=_scaling)

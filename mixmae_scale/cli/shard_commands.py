@@ -1,0 +1,89 @@
+"""`mixmae shards imagenet|folder|verify|demo`: image folders to WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _shards_convert(args: argparse.Namespace) -> int:
+    from mixmae_scale.shards.convert import ConvertOptions, convert, parse_size, summary_lines
+
+    options = ConvertOptions(
+        layout=args.shards_command, splits=tuple(s for s in args.split.split(",") if s), seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
+        quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers)
+    manifest = convert(args.src, args.out, options)
+    for line in summary_lines(manifest):
+        print(line)
+    print(f"manifest: {args.out}/dataset.json; rejected files: {args.out}/rejected.jsonl")
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from mixmae_scale.shards.verify import verify
+
+    report = verify(args.folder, decode=args.decode)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for split, info in report["splits"].items():
+            decoded = f", {info['decoded']} decoded" if info["decoded"] is not None else ""
+            print(f"{split}: {info['samples']} samples in {info['shards']} shard(s){decoded}")
+        for error in report["errors"]:
+            print(f"ERROR {error}")
+        print("OK" if report["ok"] else f"{len(report['errors'])} problem(s)")
+    return 0 if report["ok"] else 1
+
+
+def _shards_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.shards.convert import ConvertOptions, convert, summary_lines
+    from mixmae_scale.shards.demo import build_demo_images
+
+    out = Path(args.out)
+    images = out / "images"
+    counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed)
+    print(f"demo images: {counts} under {images}")
+    options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
+                             samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
+    manifest = convert(images, out / "shards", options)
+    for line in summary_lines(manifest):
+        print(line)
+    print(f"demo shards: {out / 'shards'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    shards = sub.add_parser("shards", help="image folders to WebDataset tar shards; verify; demo data")
+    shards_sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+    for layout, text in (("imagenet", "an ILSVRC2012 tree (train/<wnid>/, val/ by folder or flat + labels)"),
+                         ("folder", "class-per-subfolder images, or a flat folder of unlabeled images")):
+        p = shards_sub.add_parser(layout, help=f"convert {text}")
+        p.add_argument("--src", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--split", default="train,val" if layout == "imagenet" else "train",
+                       help="comma-separated splits (for 'folder', 'train' is the source folder itself)")
+        p.add_argument("--shard-size", default="1GB", help="target shard size (by the source files' sizes)")
+        p.add_argument("--samples-per-shard", type=int, help="fixed sample count per shard instead")
+        p.add_argument("--workers", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+        p.add_argument("--resize-shorter", type=int, help="re-encode every image with this shorter side")
+        p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+        p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be used")
+        p.set_defaults(handler=_shards_convert)
+    verify = shards_sub.add_parser("verify", help="check a shard folder against its manifest")
+    verify.add_argument("folder")
+    verify.add_argument("--decode", action="store_true", help="decode every image too")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=_shards_verify)
+    demo = shards_sub.add_parser("demo", help="build the built-in demo dataset and its shards")
+    demo.add_argument("--out", default="demo_data")
+    demo.add_argument("--train-per-class", type=int, default=260)
+    demo.add_argument("--val-per-class", type=int, default=50)
+    demo.add_argument("--samples-per-shard", type=int, default=256)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_shards_demo)
