@@ -60,3 +60,19 @@ def _whole_numbers_as_int(tree: Any) -> Any:
     if isinstance(tree, float) and tree.is_integer():
         return int(tree)
     return tree
+
+
+def engine_config(resolved: ResolvedConfig, run_root: Path) -> dict[str, Any]:
+    """The dict a training job hands to deepspeed.initialize: the above plus the per-iteration warm-up +
+    cosine schedule (DeepSpeed's WarmupCosineLR, which scales every parameter group's own lr, so layer
+    decay survives it) and TensorBoard through DeepSpeed's monitor."""
+    config, derived = resolved.config, resolved.derived
+    ds = build_deepspeed_config(resolved)
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": derived.total_steps, "warmup_num_steps": derived.warmup_steps,
+        "warmup_min_ratio": 0.0, "warmup_type": "linear",
+        "cos_min_ratio": derived.min_learning_rate / derived.learning_rate}}
+    if config.logging.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(run_root) / "tensorboard"),
+                             "job_name": config.run.name}
+    return ds
