@@ -90,15 +90,12 @@ def main() -> None:
     rows = []
     for stage, port, extra in configs:
         row = run_stage(args.shards, stage, args.steps, port, extra)
-        if "failed" in row:
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            continue
         resolved = load_resolved("swin_h", overrides=[f"zero.stage={stage}", *COMMON, *extra], world_size=2)
         predicted = plan(resolved, "swin_h", gpus=2, gpu_mem_gib=1e6, overhead_gib=baseline, fused_optimizer=False)
         row.update(planned_gib=predicted.total_gib, planned_components_gib=predicted.components_gib,
                    planned_peak_phase=predicted.peak_phase)
-        row["planned_over_measured"] = predicted.total_gib * 1024 / max(row["peak_mib_per_rank"])
+        if "failed" not in row:
+            row["planned_over_measured"] = predicted.total_gib * 1024 / max(row["peak_mib_per_rank"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     z3, z1 = (max(r["peak_mib_per_rank"]) for r in rows[:2])
@@ -108,7 +105,7 @@ def main() -> None:
     for r in rows:
         name = f"ZeRO-{r['zero_stage']}" + (" (DeepSpeed's limits)" if r["settings"] != "ds_configs" else "")
         if "failed" in r:
-            print(f"{name:<34}{r['failed']}")
+            print(f"{name:<34}{r['failed']}; planned {r['planned_gib']:.2f} GiB per rank")
             continue
         print(f"{name:<34}{max(r['peak_mib_per_rank']) / 1024:>14.2f}{r['planned_gib']:>13.2f}"
               f"{r['planned_over_measured']:>18.2f}{r['images_per_s'] or 0:>8.2f}")
