@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,7 +101,10 @@ class ShardLoader:
 
         self._pipe = build_pipeline(self.shards, self.spec, checkpoint=checkpoint)
         while True:
-            outputs = self._pipe.run()
+            try:
+                outputs = self._pipe.run()
+            except RuntimeError as exc:
+                raise unreadable_sample_error(self.shards, exc) from exc
             if self.spec.device_id is not None:
                 tensor = _to_torch(outputs[0], self.spec.device_id)
             else:
@@ -151,6 +155,19 @@ class ShardLoader:
             yield batch
         self.epoch += 1
         self.batch_in_epoch = 0
+
+
+def unreadable_sample_error(shards: SplitShards, exc: Exception) -> DataError:
+    """DALI cannot skip a sample it fails to decode (its pipeline has no way to ask the reader for a
+    replacement), and its report does not name the sample, so the job stops with the shard folder and
+    the command that finds the file. The shard writer checks every JPEG, so this means shards damaged
+    after writing or written by another tool."""
+    folder = Path(shards.tars[0]).parent if shards.tars else "?"
+    detail = " ".join(str(exc).split())[:1500]
+    return DataError(
+        f"a sample of split '{shards.split}' in {folder} could not be read: {detail}. `mixmae shards verify "
+        f"--decode {folder}` lists every such file; rebuild the shards, then run the same command again to "
+        "resume from the last checkpoint")
 
 
 def _eval_counts(samples: int, world: int, backend: str) -> list[int]:

@@ -21,7 +21,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from mixmae_scale.data.manifest import SplitShards
+from mixmae_scale.data.manifest import DataError, SplitShards
 from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
 
 
@@ -61,8 +61,13 @@ def build_transform(spec: PipelineSpec) -> transforms.Compose:
 
 
 def _decode(sample: dict, *, transform, with_meta: bool) -> tuple:
-    with Image.open(io.BytesIO(sample["jpg"])) as image:
-        tensor = transform(image.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(sample["jpg"])) as image:
+            tensor = transform(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for truncated or foreign bytes
+        where = f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
+        raise DataError(f"{where} could not be decoded ({exc}). `mixmae shards verify --decode` lists every such "
+                        "file; rebuild the shards, then run the same command again to resume") from exc
     label = int(sample["cls"])
     meta = json.loads(sample["json"]) if with_meta else {}
     return tensor, label, meta

@@ -133,3 +133,25 @@ def test_the_pytorch_fallback_runs_where_dali_cannot_be_imported(demo_shards):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(8, 3, 64, 64)" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_an_undecodable_image_inside_a_shard_stops_with_the_shard_named(demo_shards, tmp_path, backend):
+    import tarfile
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(demo_shards, damaged)
+    tar_path = sorted(damaged.glob("val-*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with tar_path.open("r+b") as handle:  # same length, no JPEG (or any image) signature left
+        handle.seek(member.offset_data)
+        handle.write(b"\0" * 64)
+    loader = ShardLoader(str(damaged), "val", _spec(mode="eval"), backend, workers=1)
+    with pytest.raises(DataError) as error:
+        for _ in loader.eval_batches():
+            pass
+    message = str(error.value)
+    # DALI's decoder does not say which sample failed; the PyTorch loader names the tar and the member.
+    named = str(damaged) if backend == "dali" else f"{tar_path.name}: member {member.name.split('.')[0]}.jpg"
+    assert "shards verify --decode" in message and named in message, message
