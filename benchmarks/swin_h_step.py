@@ -66,6 +66,8 @@ def run_stage(shards: str, stage: int, steps: int, port: int, extra: tuple[str, 
             raise RuntimeError(f"ZeRO-{stage} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         if out.returncode:  # the comparison row may not fit in this machine's memory: say so, keep the rest
             killed = "exits with return code = -9" in out.stdout + out.stderr
+            for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # killed ranks' RAM
+                leftover.unlink(missing_ok=True)
             return {"zero_stage": stage, "settings": list(extra), "failed": "killed (out of memory)" if killed
                     else f"exit {out.returncode}: {(out.stdout + out.stderr)[-500:]}"}
         summary = json.loads((Path(tmp) / "summary.json").read_text())

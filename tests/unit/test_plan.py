@@ -77,3 +77,16 @@ def test_peak_is_the_larger_phase_not_their_sum():
     # At micro-batch 2 the unfused step's temporaries outweigh the activations of the tiny model.
     assert result.peak_phase == "optimizer step"
     assert result.total_gib == pytest.approx(states + max(c["activations"], c["optimizer_step_transient"]), abs=2e-3)
+
+
+def test_plan_cli_recommends_a_configuration_that_reaches_the_global_batch(capsys):
+    import json
+
+    from mixmae_scale.cli import main
+
+    assert main(["plan", "tiny", "--gpus", "2", "--gpu-mem-gb", "4", "--recommend", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    chosen, global_batch = report["recommended"], load_resolved("tiny", world_size=2).derived.global_batch
+    assert len(report["options"]) == 6 and report["peak_phase"] in ("forward/backward", "optimizer step")
+    assert chosen["micro_batch"] * chosen["accumulation"] * 2 == global_batch
+    assert chosen["peak_gib"] <= 4 * 1e9 / 2**30
