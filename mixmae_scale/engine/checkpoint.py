@@ -80,7 +80,19 @@ def find_resume(ckpt_dir: Path, resume: str) -> str | None:
     return tag
 
 
-def check_compatible(ckpt_dir: Path, tag: str, model_digest: str, world_size: int) -> None:
+def optimizer_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """What fixes the layout of DeepSpeed's optimizer shards, read from the config DeepSpeed gets: the
+    ZeRO stage, the precision (which selects the optimizer wrapper) and, at stage 3, the sub-groups the
+    partition is cut into (DeepSpeed's default: 1e9 elements)."""
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    dtype = next((name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled")), "fp32")
+    return {"zero_stage": stage, "dtype": dtype,
+            "sub_group_size": int(zero.get("sub_group_size", 1_000_000_000)) if stage == 3 else None}
+
+
+def check_compatible(ckpt_dir: Path, tag: str, model_digest: str, world_size: int,
+                     layout: dict[str, Any] | None = None) -> None:
     marker = json.loads((ckpt_dir / tag / MARKER).read_text())
     saved_world = int(marker["world_size"])
     meta_path = ckpt_dir / tag / "rank_0.json"
@@ -93,6 +105,12 @@ def check_compatible(ckpt_dir: Path, tag: str, model_digest: str, world_size: in
         raise ResumeError(f"{ckpt_dir / tag} was written by {saved_world} ranks, this run has {world_size}: ZeRO "
                           "optimizer shards are per rank. Convert it with DeepSpeed's ds_to_universal.py and load "
                           "the universal checkpoint, or resume on the same number of GPUs")
+    saved_layout = saved.get("optimizer_layout")
+    if layout is not None and saved_layout is not None and saved_layout != layout:
+        changed = ", ".join(f"{k} {saved_layout.get(k)} -> {v}" for k, v in layout.items() if saved_layout.get(k) != v)
+        raise ResumeError(f"{ckpt_dir / tag} holds DeepSpeed optimizer shards of another layout ({changed}); "
+                          "DeepSpeed cannot load them as they are. Resume with the same zero.stage, precision.dtype "
+                          "and sub_group_size, or convert the checkpoint with DeepSpeed's ds_to_universal.py")
 
 
 def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:

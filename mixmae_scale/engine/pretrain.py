@@ -137,22 +137,22 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     resolved = resolve(config, sources, world_size=world, train_samples=train_shards.samples)
     derived = resolved.derived
     paths = RunPaths(Path(run_dir))
+    ds_config = engine_config(resolved, paths.root)
+    layout = ckpt.optimizer_layout(ds_config)
     # Refuse an incompatible resume before anything in the run directory is touched.
     tag = ckpt.find_resume(paths.checkpoints, config.checkpoint.resume)
     if tag is not None:
-        ckpt.check_compatible(paths.checkpoints, tag, resolved.model_digest(), world)
+        ckpt.check_compatible(paths.checkpoints, tag, resolved.model_digest(), world, layout)
     if rank == 0:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": engine_config(resolved, paths.root)},
-                              sort_keys=False)
+        text = yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config}, sort_keys=False)
         write_text(paths.root / "config.yaml", text)
     dist.barrier()
 
     torch.manual_seed(seed_for(config.run.seed, rank))
     model = build_mixmae(config.model).to(device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=engine_config(resolved, paths.root))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     device_id = choose_decode_device(config.data.decode_device, local_rank)
     spec = PipelineSpec(mode="pretrain", img_size=config.model.img_size, batch_size=config.batch.micro,
                         shard_id=rank, num_shards=world, seed=seed_for(config.run.seed, rank) % 2**31,
@@ -185,7 +185,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     def save(at_step: int) -> Path:
         client = {"step": at_step, "heldout_start": heldout_start, "model_digest": resolved.model_digest(),
                   "world_size": world}
-        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "model_digest": resolved.model_digest()}
+        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "model_digest": resolved.model_digest(),
+                      "optimizer_layout": layout}
         return ckpt.save(engine, paths.checkpoints, at_step, client, rank_state, config.checkpoint.keep_last)
 
     def micro_batches():

@@ -67,13 +67,15 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     derived, ft = resolved.derived, config.finetune
     root = Path(run_dir)
     checkpoints, best_dir = root / "checkpoints", root / "best"
+    ds_config = engine_config(resolved, root)
+    layout = ckpt.optimizer_layout(ds_config)
     tag = ckpt.find_resume(checkpoints, config.checkpoint.resume)
     if tag is not None:
-        ckpt.check_compatible(checkpoints, tag, resolved.model_digest(), world)
+        ckpt.check_compatible(checkpoints, tag, resolved.model_digest(), world, layout)
     if rank == 0:
         checkpoints.mkdir(parents=True, exist_ok=True)
         write_text(root / "config.yaml", yaml.safe_dump(
-            {**resolved.to_dict(), "deepspeed_config": engine_config(resolved, root)}, sort_keys=False))
+            {**resolved.to_dict(), "deepspeed_config": ds_config}, sort_keys=False))
     dist.barrier()
 
     torch.manual_seed(seed_for(config.run.seed, rank))
@@ -81,9 +83,9 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  lr=derived.learning_rate, betas=tuple(config.optim.betas), eps=config.optim.eps)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=engine_config(resolved, root))
+                                  lr=derived.learning_rate, betas=tuple(config.optim.betas), eps=config.optim.eps,
+                                  fused=device.type == "cuda" or None)  # as in pretraining's build_optimizer
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     device_id = choose_decode_device(config.data.decode_device, local_rank)
     common = dict(img_size=config.model.img_size, batch_size=config.batch.micro, shard_id=rank, num_shards=world,
                   num_threads=config.data.num_threads, device_id=device_id)
@@ -117,7 +119,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
 
     def save(directory: Path, at_step: int, keep: int) -> Path:
         client = {"step": at_step, "best": best, "model_digest": resolved.model_digest(), "world_size": world}
-        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "model_digest": resolved.model_digest()}
+        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "model_digest": resolved.model_digest(),
+                      "optimizer_layout": layout}
         return ckpt.save(engine, directory, at_step, client, rank_state, keep)
 
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps

@@ -126,6 +126,14 @@ def test_resuming_with_another_model_shape_is_refused(uninterrupted, demo_shards
     assert "holds a model of another shape" in result.stdout + result.stderr
 
 
+def test_resuming_under_another_zero_stage_is_refused_with_the_way_out(uninterrupted, demo_shards):
+    # Without the check DeepSpeed fails with a bare AssertionError while looking for its shard files.
+    result = launch(uninterrupted[2], demo_shards, "zero.stage=3", "precision.dtype=fp32", max_steps=14, check=False)
+    assert result.returncode != 0
+    assert "optimizer shards of another layout (zero_stage 2 -> 3" in result.stdout + result.stderr
+    assert "ds_to_universal.py" in result.stdout + result.stderr
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(demo_shards, tmp_path):
     run = tmp_path / "nan"
     launch(run, demo_shards, "faults.inject_nan_loss_at_steps=[3,4]", max_steps=6)
