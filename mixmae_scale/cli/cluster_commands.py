@@ -15,7 +15,10 @@ def _launch(args: argparse.Namespace) -> int:
     from mixmae_scale.config import load_resolved
 
     resolved = load_resolved(args.profile, args.cluster, args.overrides)
-    plan = compose(resolved, args.profile, args.cluster, args.overrides, job=args.job, check_files=not args.dry_run)
+    job = args.job or resolved.job()
+    print(f"job: {job}" + ("" if args.job else " (from the profile: finetune.init is "
+                                               f"{'set' if job == 'finetune' else 'not set'}; --job overrides)"))
+    plan = compose(resolved, args.profile, args.cluster, args.overrides, job=job, check_files=not args.dry_run)
     for line in batch_report(resolved):
         print(line)
     if plan.env_file:
@@ -38,18 +41,20 @@ def _plan(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
     resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
-    result = plan(resolved, args.profile, args.gpus, gpu_mem_gib)
+    result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, job=args.job)
     if args.json:
         report = result.to_dict()
         if args.recommend:
             from mixmae_scale.cluster.plan import options
 
-            found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom)
+            found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
+                                    job=args.job)
             report["options"] = [asdict(o) for o in found]
             report["recommended"] = asdict(chosen) if chosen else None
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.profile}: {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, {result.dtype}, "
+    print(f"{args.profile} ({result.job}): {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, "
+          f"{result.dtype}, "
           f"checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of {args.gpu_mem_gb:g} GB")
     for name, gib in result.components_gib.items():
         print(f"  {name:<26}{gib:8.2f} GiB")
@@ -66,7 +71,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _print_options(args: argparse.Namespace, gpu_mem_gib: float) -> None:
     from mixmae_scale.cluster.plan import options
 
-    found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom)
+    found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
+                            job=args.job)
     print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "
           "(cheapest first):")
     print(f"  {'ZeRO':>4}  {'checkpointing':<14}{'micro':>6}{'accum':>6}{'peak GiB':>10}")
@@ -83,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.add_argument("profile")
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    launch.add_argument("--job", choices=["pretrain", "finetune"], default="pretrain")
+    launch.add_argument("--job", choices=["pretrain", "finetune"],
+                        help="default: finetune if the profile sets finetune.init, else pretrain")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
     launch.set_defaults(handler=_launch)
 
@@ -93,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--gpu-mem-gb", type=float, default=80.0)
     planner.add_argument("--cluster")
     planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    planner.add_argument("--job", choices=["pretrain", "finetune"],
+                         help="default: finetune if the profile sets finetune.init, else pretrain")
     planner.add_argument("--json", action="store_true")
     planner.add_argument("--recommend", action="store_true",
                          help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mixmae_scale.config import ResolvedConfig
-from mixmae_scale.models.mixmae import build_mixmae
+from mixmae_scale.models.classifier import SwinClassifier
+from mixmae_scale.models.mixmae import build_mixmae, swin_shape
 from mixmae_scale.models.swin import SwinBlock
 
 GIB = 2**30
@@ -54,6 +55,7 @@ class ActivationProfile:
 @dataclass
 class MemoryPlan:
     profile: str
+    job: str
     gpus: int
     gpu_mem_gib: float
     zero_stage: int
@@ -71,11 +73,21 @@ class MemoryPlan:
         return asdict(self)
 
 
-def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2) -> ActivationProfile:
+def build_for_job(resolved: ResolvedConfig, job: str) -> torch.nn.Module:
+    """The model the job trains: MixMAE (encoder + decoder) or the classifier (encoder + head)."""
+    config = resolved.config
+    if job == "finetune":
+        return SwinClassifier(swin_shape(config.model), config.finetune.num_classes or 1000,
+                              checkpoint_every=config.model.checkpoint_every)
+    return build_mixmae(config.model)
+
+
+def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2,
+                        job: str = "pretrain") -> ActivationProfile:
     """Run one real forward on the CPU and record what autograd saves (see the module docstring)."""
     config = resolved.config.model
     torch.manual_seed(0)
-    model = build_mixmae(config)
+    model = build_for_job(resolved, job)
     model.encoder.checkpoint_every = 0
     model.encoder.set_fused_attention(False)  # the explicit path saves what a math-kernel attention saves
     if dtype == "bf16":
@@ -114,9 +126,9 @@ def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2) ->
         return tensor
 
     images = torch.randn(batch, 3, config.img_size, config.img_size, dtype=next(model.parameters()).dtype)
-    mask = model.sample_mask(torch.Generator().manual_seed(0))
+    inputs = {"mask": model.sample_mask(torch.Generator().manual_seed(0))} if job == "pretrain" else {}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(images.requires_grad_(False), mask=mask)
+        model(images.requires_grad_(False), **inputs)
     for handle in handles:
         handle.remove()
     return ActivationProfile([b / batch for b in per_block], [b / batch for b in block_inputs],
@@ -156,16 +168,18 @@ def gathered_weight_bytes(params: int, stage: int, world: int, dtype: str, zero:
 
 def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
          activations: ActivationProfile | None = None, overhead_gib: float = RUNTIME_OVERHEAD_GIB,
-         fused_optimizer: bool = True) -> MemoryPlan:
-    """`fused_optimizer`: True on GPUs (build_optimizer uses fused AdamW there), False for CPU runs."""
+         fused_optimizer: bool = True, job: str | None = None) -> MemoryPlan:
+    """`fused_optimizer`: True on GPUs (build_optimizer uses fused AdamW there), False for CPU runs.
+    `job`: pretrain or finetune; by default what the profile is (`ResolvedConfig.job`)."""
     from mixmae_scale.config.deepspeed_config import build_deepspeed_config
 
     config = resolved.config
+    job = job or resolved.job()
     dtype, stage = config.precision.dtype, config.zero.stage
     checkpointing = config.model.checkpoint_every > 0
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_mixmae(config.model).parameters())
-    activations = activations or measure_activations(resolved, dtype)
+        params = sum(p.numel() for p in build_for_job(resolved, job).parameters())
+    activations = activations or measure_activations(resolved, dtype, job=job)
     zero = build_deepspeed_config(resolved).get("zero_optimization", {})
     states = model_state_bytes(params, stage, gpus, dtype)
     step = optimizer_step_bytes(params, stage, gpus, dtype, float(zero.get("sub_group_size",
@@ -187,7 +201,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
     total = (fixed + max(forward_backward, step)) / GIB
     budget = gpu_mem_gib * GIB - fixed
     max_micro = 0 if step > budget else max(0, int((budget - gathered) // per_image)) // 2 * 2  # even: pairs
-    return MemoryPlan(profile, gpus, gpu_mem_gib, stage, dtype, micro, checkpointing, params,
+    return MemoryPlan(profile, job, gpus, gpu_mem_gib, stage, dtype, micro, checkpointing, params,
                       {k: round(v, 3) for k, v in components.items()}, phase, round(total, 3),
                       total <= gpu_mem_gib, max_micro)
 
@@ -215,7 +229,8 @@ class Option:
 
 def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = None,
             overrides: list[str] | tuple[str, ...] = (), headroom: float = DEFAULT_HEADROOM,
-            activations: dict[str, ActivationProfile] | None = None) -> tuple[list[Option], Option | None]:
+            activations: dict[str, ActivationProfile] | None = None,
+            job: str | None = None) -> tuple[list[Option], Option | None]:
     """Every ZeRO stage x checkpointing choice with the largest micro-batch that divides the per-GPU
     share of the profile's global batch and fits in (1 - headroom) of the GPU, and the one to use.
 
@@ -228,12 +243,13 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     global_batch = batch.global_batch or batch.micro * (batch.accumulation or 1) * gpus
     base = load_resolved(profile, cluster, [*overrides, "batch.global_batch=null", "batch.accumulation=1"],
                          world_size=gpus)
+    job = job or base.job()
     if global_batch % gpus:
         raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
     per_gpu = global_batch // gpus
     activations = activations or {}
     if base.config.precision.dtype not in activations:
-        activations[base.config.precision.dtype] = measure_activations(base, base.config.precision.dtype)
+        activations[base.config.precision.dtype] = measure_activations(base, base.config.precision.dtype, job=job)
     acts = activations[base.config.precision.dtype]
     usable = gpu_mem_gib * (1 - headroom)
     found: list[Option] = []
@@ -242,13 +258,13 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
             settings = [*overrides, f"zero.stage={stage}", f"model.checkpoint_every={int(checkpointing)}",
                         "batch.global_batch=null", "batch.accumulation=1", "batch.micro=2"]
             largest = plan(load_resolved(profile, cluster, settings, world_size=gpus), profile, gpus, usable,
-                           activations=acts).max_micro_batch
+                           activations=acts, job=job).max_micro_batch
             micro = max((m for m in range(2, per_gpu + 1, 2) if per_gpu % m == 0 and m <= largest), default=0)
             peak = 0.0
             if micro:
                 settings[-1] = f"batch.micro={micro}"
                 peak = plan(load_resolved(profile, cluster, settings, world_size=gpus), profile, gpus, gpu_mem_gib,
-                            activations=acts).total_gib
+                            activations=acts, job=job).total_gib
             found.append(Option(stage, checkpointing, micro, per_gpu // micro if micro else 0, round(peak, 2)))
     enough = min(per_gpu, SATURATING_MICRO_BATCH)
     chosen = next((o for o in found if o.micro_batch >= enough), None)

@@ -43,6 +43,10 @@ class ResolvedConfig:
         return {**dataclasses.asdict(self.config), "derived": dataclasses.asdict(self.derived),
                 "sources": list(self.sources)}
 
+    def job(self) -> str:
+        """A profile that names the encoder to start from (`finetune.init`) is a fine-tuning profile."""
+        return "finetune" if self.config.finetune.init else "pretrain"
+
     def model_digest(self) -> str:
         """Changes exactly when a change would make checkpoints incompatible."""
         model = dataclasses.asdict(self.config.model)

@@ -56,3 +56,14 @@ def test_launch_dry_run_prints_command_and_arithmetic(capsys):
     assert main(["launch", "swin_h", "--dry-run", "--set", "cluster.num_nodes=2"]) == 0
     out = capsys.readouterr().out
     assert "global batch     2048 = 64 x 2 x 16" in out and "--module mixmae_scale.cli pretrain --profile swin_h" in out
+
+
+def test_launch_runs_a_finetuning_profile_as_finetuning_unless_told(capsys):
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "finetune_tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "job: finetune (from the profile" in out
+    assert "--module mixmae_scale.cli finetune --profile finetune_tiny" in out
+    assert main(["launch", "finetune_tiny", "--dry-run", "--job", "pretrain"]) == 0
+    assert "--module mixmae_scale.cli pretrain --profile finetune_tiny" in capsys.readouterr().out

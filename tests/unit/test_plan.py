@@ -90,3 +90,18 @@ def test_plan_cli_recommends_a_configuration_that_reaches_the_global_batch(capsy
     assert len(report["options"]) == 6 and report["peak_phase"] in ("forward/backward", "optimizer step")
     assert chosen["micro_batch"] * chosen["accumulation"] * 2 == global_batch
     assert chosen["peak_gib"] <= 4 * 1e9 / 2**30
+
+
+def test_a_finetuning_profile_is_planned_as_the_classifier_it_trains():
+    from mixmae_scale.finetune.train import build_classifier
+
+    resolved = load_resolved("finetune_tiny", world_size=2, overrides=["finetune.init=null", "finetune.num_classes=10"])
+    assert resolved.job() == "pretrain"  # without an encoder to start from it is not a fine-tuning profile
+    finetune = load_resolved("finetune_tiny", world_size=2, overrides=["finetune.num_classes=10"])
+    assert finetune.job() == "finetune" and load_resolved("tiny").job() == "pretrain"
+    result = plan(finetune, "finetune_tiny", gpus=2, gpu_mem_gib=4.0)
+    classifier = build_classifier(load_resolved("finetune_tiny", overrides=["finetune.init=null",
+                                                                            "finetune.num_classes=10"]).config, 10)
+    assert result.job == "finetune" and result.params == sum(p.numel() for p in classifier.parameters())
+    pretrain = plan(finetune, "finetune_tiny", gpus=2, gpu_mem_gib=4.0, job="pretrain")
+    assert pretrain.params > result.params  # MixMAE adds the decoder; the classifier only a head
