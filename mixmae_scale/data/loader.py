@@ -165,9 +165,9 @@ def unreadable_sample_error(shards: SplitShards, exc: Exception) -> DataError:
     folder = Path(shards.tars[0]).parent if shards.tars else "?"
     detail = " ".join(str(exc).split())[:1500]
     return DataError(
-        f"a sample of split '{shards.split}' in {folder} could not be read: {detail}. `mixmae shards verify "
-        f"--decode {folder}` lists every such file; rebuild the shards, then run the same command again to "
-        "resume from the last checkpoint")
+        f"DALI stopped while reading split '{shards.split}' in {folder}: {detail}. If an image could not be "
+        f"decoded, `mixmae shards verify --decode {folder}` lists every such file; rebuild the shards, then run "
+        "the same command again to resume from the last checkpoint")
 
 
 def _eval_counts(samples: int, world: int, backend: str) -> list[int]:
