@@ -35,27 +35,27 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mixmae_scale.cluster.plan import plan
+    from mixmae_scale.cluster.plan import measure_activations, options, plan
     from mixmae_scale.config import load_resolved
 
     overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
     resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
-    result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, job=args.job)
+    # One real forward serves the plan and every option (Swin-H: about 15 s and 3 GB on a CPU).
+    activations = measure_activations(resolved, resolved.config.precision.dtype, job=args.job or resolved.job())
+    result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, activations=activations, job=args.job)
+    found, chosen = (options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
+                             activations=activations, job=args.job) if args.recommend else ([], None))
     if args.json:
         report = result.to_dict()
         if args.recommend:
-            from mixmae_scale.cluster.plan import options
-
-            found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
-                                    job=args.job)
             report["options"] = [asdict(o) for o in found]
             report["recommended"] = asdict(chosen) if chosen else None
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.profile} ({result.job}): {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, "
-          f"{result.dtype}, "
-          f"checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of {args.gpu_mem_gb:g} GB")
+          f"{result.dtype}, checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of "
+          f"{args.gpu_mem_gb:g} GB")
     for name, gib in result.components_gib.items():
         print(f"  {name:<26}{gib:8.2f} GiB")
     print("  (activations + gathered weights, and the optimizer step's transient, do not coexist; the peak "
@@ -64,24 +64,17 @@ def _plan(args: argparse.Namespace) -> int:
           f"micro-batch {result.micro_batch}: "
           f"{'fits' if result.fits else 'does NOT fit'}; largest micro-batch that fits: {result.max_micro_batch}")
     if args.recommend:
-        _print_options(args, gpu_mem_gib)
+        print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "
+              "(cheapest first):")
+        print(f"  {'ZeRO':>4}  {'checkpointing':<14}{'micro':>6}{'accum':>6}{'peak GiB':>10}")
+        for o in found:
+            mark = "  <- use" if o is chosen else ""
+            fits = (f"{o.micro_batch:>6}{o.accumulation:>6}{o.peak_gib:>10.2f}" if o.micro_batch
+                    else f"{'does not fit':>22}")
+            print(f"  {o.zero_stage:>4}  {'on' if o.checkpointing else 'off':<14}{fits}{mark}")
+        if chosen is not None:
+            print("set: " + " ".join(f"--set {s}" for s in chosen.overrides()))
     return 0
-
-
-def _print_options(args: argparse.Namespace, gpu_mem_gib: float) -> None:
-    from mixmae_scale.cluster.plan import options
-
-    found, chosen = options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
-                            job=args.job)
-    print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "
-          "(cheapest first):")
-    print(f"  {'ZeRO':>4}  {'checkpointing':<14}{'micro':>6}{'accum':>6}{'peak GiB':>10}")
-    for o in found:
-        mark = "  <- use" if o is chosen else ""
-        fits = f"{o.micro_batch:>6}{o.accumulation:>6}{o.peak_gib:>10.2f}" if o.micro_batch else f"{'does not fit':>22}"
-        print(f"  {o.zero_stage:>4}  {'on' if o.checkpointing else 'off':<14}{fits}{mark}")
-    if chosen is not None:
-        print("set: " + " ".join(f"--set {s}" for s in chosen.overrides()))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -229,14 +229,15 @@ class Option:
 
 def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = None,
             overrides: list[str] | tuple[str, ...] = (), headroom: float = DEFAULT_HEADROOM,
-            activations: dict[str, ActivationProfile] | None = None,
+            activations: ActivationProfile | None = None,
             job: str | None = None) -> tuple[list[Option], Option | None]:
     """Every ZeRO stage x checkpointing choice with the largest micro-batch that divides the per-GPU
     share of the profile's global batch and fits in (1 - headroom) of the GPU, and the one to use.
 
     Candidates are ranked by cost, not timed: no recompute before recompute (checkpointing adds about
     a third to the step's compute), then the lower ZeRO stage (stage 3 adds 50% communication). The
-    choice is the first that reaches a saturating micro-batch."""
+    choice is the first that reaches a saturating micro-batch. `activations`: a measurement already
+    made for this profile, job and precision (it does not depend on stage or checkpointing)."""
     from mixmae_scale.config import load_config, load_resolved
 
     batch = load_config(profile, cluster, list(overrides))[0].batch
@@ -247,10 +248,7 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     if global_batch % gpus:
         raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
     per_gpu = global_batch // gpus
-    activations = activations or {}
-    if base.config.precision.dtype not in activations:
-        activations[base.config.precision.dtype] = measure_activations(base, base.config.precision.dtype, job=job)
-    acts = activations[base.config.precision.dtype]
+    acts = activations or measure_activations(base, base.config.precision.dtype, job=job)
     usable = gpu_mem_gib * (1 - headroom)
     found: list[Option] = []
     for checkpointing in (False, True):

@@ -27,8 +27,7 @@ def test_a_smaller_gpu_moves_swin_h_to_more_sharding_and_smaller_micro_batches()
     from mixmae_scale.cluster.plan import ActivationProfile
 
     # Synthetic per-image activations (bytes) keep this fast: 0.4 GiB per image without checkpointing.
-    acts = {"bf16": ActivationProfile(per_block=[0.4 * 2**30 / 24] * 24, block_inputs=[0.05 * 2**30 / 24] * 24,
-                                      other=0.0)}
+    acts = ActivationProfile(per_block=[0.4 * 2**30 / 24] * 24, block_inputs=[0.05 * 2**30 / 24] * 24, other=0.0)
     _, big = options("swin_h", 8, 74.5, activations=acts)
     _, small = options("swin_h", 8, 22.0, activations=acts)
     assert (big.zero_stage, big.checkpointing) == (1, False)
