@@ -8,7 +8,13 @@ import argparse
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, help="profile name under launch/profiles/ or a YAML path")
     parser.add_argument("--cluster", help="cluster YAML merged after the profile")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key, e.g. --set optim.base_learning_rate=1e-4 (repeatable)")
+    add_set_arg(parser)
     parser.add_argument("--world-size", type=int, help="world size for the batch arithmetic "
                         "(default: cluster.num_nodes x cluster.gpus_per_node)")
+
+
+def add_set_arg(parser: argparse.ArgumentParser) -> None:
+    """`--set a=1 b=2` and `--set a=1 --set b=2` both work: users try the first."""
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override keys, e.g. --set optim.base_learning_rate=1e-4 batch.micro=64 "
+                        "(several pairs at once, or --set repeated)")

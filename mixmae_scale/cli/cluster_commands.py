@@ -6,6 +6,8 @@ import argparse
 import json
 from dataclasses import asdict
 
+from mixmae_scale.cli.arguments import add_set_arg
+
 
 def _launch(args: argparse.Namespace) -> int:
     import os
@@ -35,14 +37,14 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mixmae_scale.cluster.plan import measure_activations, options, plan
+    from mixmae_scale.cluster.plan import measure_activations, options, plan, planning_dtype
     from mixmae_scale.config import load_resolved
 
     overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
     resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
     # One real forward serves the plan and every option (Swin-H: about 15 s and 3 GB on a CPU).
-    activations = measure_activations(resolved, resolved.config.precision.dtype, job=args.job or resolved.job())
+    activations = measure_activations(resolved, planning_dtype(resolved), job=args.job or resolved.job())
     result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, activations=activations, job=args.job)
     found, chosen = (options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
                              activations=activations, job=args.job) if args.recommend else ([], None))
@@ -81,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
     launch.add_argument("profile")
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
-    launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_arg(launch)
     launch.add_argument("--job", choices=["pretrain", "finetune"],
                         help="default: finetune if the profile sets finetune.init, else pretrain")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
@@ -92,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--gpus", type=int, required=True, help="world size (ZeRO partitions over it)")
     planner.add_argument("--gpu-mem-gb", type=float, default=80.0)
     planner.add_argument("--cluster")
-    planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_arg(planner)
     planner.add_argument("--job", choices=["pretrain", "finetune"],
                          help="default: finetune if the profile sets finetune.init, else pretrain")
     planner.add_argument("--json", action="store_true")

@@ -9,6 +9,8 @@ from mixmae_scale.cli.arguments import add_profile_args
 
 
 def _config_show(args: argparse.Namespace) -> int:
+    import sys
+
     import yaml
 
     from mixmae_scale.config import load_resolved
@@ -17,6 +19,10 @@ def _config_show(args: argparse.Namespace) -> int:
     resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.world_size)
     data = resolved.to_dict()
     data["deepspeed_config"] = build_deepspeed_config(resolved)
+    derived = resolved.derived
+    print(f"precision: {derived.dtype} ({derived.dtype_reason})", file=sys.stderr)
+    if derived.dtype_warning:
+        print(f"warning: {derived.dtype_warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(data, indent=2))
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mixmae_scale.cli.arguments import add_set_arg
+
 
 def _model_info(args: argparse.Namespace) -> int:
     from mixmae_scale.config import load_resolved
@@ -42,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--size", default="base", choices=["tiny", "base", "large", "huge", "custom"])
     info.add_argument("--img-size", type=int)
     info.add_argument("--num-classes", type=int, default=1000, help="classifier head for the count")
-    info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="model.* overrides for free shapes, e.g. --set model.embed_dim=96")
+    add_set_arg(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=_model_info)
     convert = model_sub.add_parser("convert-official",

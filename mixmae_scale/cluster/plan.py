@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mixmae_scale.config import ResolvedConfig
+from mixmae_scale.config.precision import choose_precision, detect_hardware
 from mixmae_scale.models.classifier import SwinClassifier
 from mixmae_scale.models.mixmae import build_mixmae, swin_shape
 from mixmae_scale.models.swin import SwinBlock
@@ -84,16 +85,17 @@ def build_for_job(resolved: ResolvedConfig, job: str) -> torch.nn.Module:
 
 def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2,
                         job: str = "pretrain") -> ActivationProfile:
-    """Run one real forward on the CPU and record what autograd saves (see the module docstring)."""
+    """Run one real forward on the CPU and record what autograd saves (see the module docstring).
+
+    The forward runs in fp32 and each saved fp32 tensor is counted at the element size of `dtype`:
+    a half-precision model saves the same tensors at half the size, and a bf16 forward on a CPU
+    without native bf16 took minutes for Swin-H (against seconds)."""
     config = resolved.config.model
     torch.manual_seed(0)
     model = build_for_job(resolved, job)
     model.encoder.checkpoint_every = 0
     model.encoder.set_fused_attention(False)  # the explicit path saves what a math-kernel attention saves
-    if dtype == "bf16":
-        model = model.to(torch.bfloat16)
-    elif dtype == "fp16":
-        model = model.to(torch.float16)
+    float_scale = 0.5 if dtype in ("bf16", "fp16") else 1.0
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     blocks = [m for m in model.encoder.modules() if isinstance(m, SwinBlock)]
     per_block = [0.0] * len(blocks)
@@ -103,7 +105,7 @@ def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2,
     def enter(index):
         def hook(module, inputs):
             state["block"] = index
-            block_inputs[index] = inputs[0].numel() * inputs[0].element_size()
+            block_inputs[index] = inputs[0].numel() * inputs[0].element_size() * float_scale
         return hook
 
     def leave(module, inputs, output):
@@ -119,10 +121,11 @@ def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2,
         ptr = storage.data_ptr()
         if ptr not in param_ptrs and ptr not in state["seen"]:
             state["seen"].add(ptr)
+            size = storage.nbytes() * (float_scale if tensor.dtype == torch.float32 else 1.0)
             if state["block"] is None:
-                state["other"] += storage.nbytes()
+                state["other"] += size
             else:
-                per_block[state["block"]] += storage.nbytes()
+                per_block[state["block"]] += size
         return tensor
 
     images = torch.randn(batch, 3, config.img_size, config.img_size, dtype=next(model.parameters()).dtype)
@@ -133,6 +136,12 @@ def measure_activations(resolved: ResolvedConfig, dtype: str, batch: int = 2,
         handle.remove()
     return ActivationProfile([b / batch for b in per_block], [b / batch for b in block_inputs],
                              state["other"] / batch)
+
+
+def planning_dtype(resolved: ResolvedConfig) -> str:
+    """The dtype the planned GPUs will run: `auto` is decided for a GPU (this machine's, or an
+    Ampere-or-newer one when planning from a node without GPUs), not for the CPU that plans."""
+    return choose_precision(resolved.config.precision.dtype, detect_hardware("cuda")).dtype
 
 
 def model_state_bytes(params: int, stage: int, world: int, dtype: str) -> dict[str, float]:
@@ -175,7 +184,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
 
     config = resolved.config
     job = job or resolved.job()
-    dtype, stage = config.precision.dtype, config.zero.stage
+    dtype, stage = planning_dtype(resolved), config.zero.stage
     checkpointing = config.model.checkpoint_every > 0
     with torch.device("meta"):
         params = sum(p.numel() for p in build_for_job(resolved, job).parameters())
@@ -248,7 +257,7 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     if global_batch % gpus:
         raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
     per_gpu = global_batch // gpus
-    acts = activations or measure_activations(base, base.config.precision.dtype, job=job)
+    acts = activations or measure_activations(base, planning_dtype(base), job=job)
     usable = gpu_mem_gib * (1 - headroom)
     found: list[Option] = []
     for checkpointing in (False, True):

@@ -30,7 +30,7 @@ def build_deepspeed_config(resolved: ResolvedConfig) -> dict[str, Any]:
             base = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"DeepSpeed config {path}: {exc}") from exc
-    dtype = config.precision.dtype
+    dtype = derived.dtype
     owned: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": derived.micro_batch,
         "gradient_accumulation_steps": derived.accumulation,

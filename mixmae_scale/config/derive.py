@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixmae_scale.config.load import ConfigError
+from mixmae_scale.config.precision import Hardware, choose_precision, detect_hardware
 from mixmae_scale.config.schema import Config
 from mixmae_scale.models.sizes import ARCH_FIELDS, SIZES
 
@@ -31,6 +32,9 @@ class Derived:
     warmup_steps: int
     final_grid: int
     masked_cells: int
+    dtype: str  # precision.dtype made concrete for the hardware (see config/precision.py)
+    dtype_reason: str
+    dtype_warning: str | None  # the requested dtype is emulated or unsupported on this hardware
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,11 @@ def validate(config: Config) -> None:
     _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
 
 
-def derive(config: Config, world_size: int | None = None, train_samples: int | None = None) -> Derived:
+def derive(config: Config, world_size: int | None = None, train_samples: int | None = None,
+           hardware: Hardware | None = None) -> Derived:
     """`world_size` and `train_samples` default to the cluster section and data.train_samples; the
-    trainer passes the real process-group size and the manifest's count."""
+    trainer passes the real process-group size and the manifest's count. `hardware` (default: this
+    machine's) decides what `precision.dtype: auto` becomes."""
     world = world_size or config.cluster.num_nodes * config.cluster.gpus_per_node
     b = config.batch
     per_step = b.micro * world
@@ -157,6 +163,7 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
     m = config.model
     final_grid = m.img_size // (m.patch_size * 2 ** (len(m.depths) - 1))
     scale = global_batch / 256
+    precision = choose_precision(config.precision.dtype, hardware or detect_hardware())
     return Derived(
         world_size=world,
         micro_batch=b.micro,
@@ -169,19 +176,23 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
         warmup_steps=math.ceil(config.schedule.warmup_epochs * steps_per_epoch),
         final_grid=final_grid,
         masked_cells=int(final_grid * final_grid * m.mask_ratio),
+        dtype=precision.dtype,
+        dtype_reason=precision.reason,
+        dtype_warning=precision.warning,
     )
 
 
 def resolve(config: Config, sources: list[str] | tuple[str, ...] = (), world_size: int | None = None,
-            train_samples: int | None = None) -> ResolvedConfig:
+            train_samples: int | None = None, hardware: Hardware | None = None) -> ResolvedConfig:
     fill_model_preset(config)
     validate(config)
-    return ResolvedConfig(config, derive(config, world_size, train_samples), tuple(sources))
+    return ResolvedConfig(config, derive(config, world_size, train_samples, hardware), tuple(sources))
 
 
 def load_resolved(profile: str, cluster: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                  world_size: int | None = None, train_samples: int | None = None) -> ResolvedConfig:
+                  world_size: int | None = None, train_samples: int | None = None,
+                  hardware: Hardware | None = None) -> ResolvedConfig:
     from mixmae_scale.config.load import load_config
 
     config, sources = load_config(profile, cluster, overrides)
-    return resolve(config, sources, world_size, train_samples)
+    return resolve(config, sources, world_size, train_samples, hardware)

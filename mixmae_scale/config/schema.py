@@ -84,7 +84,9 @@ class ScheduleConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, fp32 otherwise
+    # (config/precision.py); the choice is `derived.dtype`, with its reason.
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
 @dataclass

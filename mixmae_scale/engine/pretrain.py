@@ -24,6 +24,7 @@ import yaml
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import resolve
 from mixmae_scale.config.deepspeed_config import engine_config
+from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import ShardLoader, choose_decode_device
 from mixmae_scale.data.manifest import load_split
@@ -59,7 +60,7 @@ class RunPaths:
         return self.root / "checkpoints"
 
 
-def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str) -> float:
+def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str, dtype: str) -> float:
     """Reconstruction loss on the first validation batches with fixed masks: comparable across steps
     and runs. Every rank scores the same batches (ZeRO-3 forwards are collective)."""
     spec = PipelineSpec(mode="eval", img_size=config.model.img_size, batch_size=config.batch.micro,
@@ -74,7 +75,7 @@ def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str) 
             if i >= config.logging.heldout_batches:
                 break
             mask = model.sample_mask(torch.Generator().manual_seed(seed_for(config.run.seed, 999, i)), device)
-            with autocast(device, config.precision.dtype):
+            with autocast(device, dtype):
                 images = batch.images.to(device, dtype=next(model.parameters()).dtype)
                 total += float(engine(images, mask=mask).loss.detach())
             count += 1
@@ -144,6 +145,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if tag is not None:
         ckpt.check_compatible(paths.checkpoints, tag, resolved.model_digest(), world, layout)
     if rank == 0:
+        log_choice(log, derived.dtype, derived.dtype_reason, derived.dtype_warning)
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config}, sort_keys=False)
         write_text(paths.root / "config.yaml", text)
@@ -172,7 +174,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         if rank == 0:
             log.info("resumed from %s at step %d", paths.checkpoints / tag, step)
     if heldout_start is None:
-        heldout_start = heldout_loss(engine, config, device, config.data.shards)
+        heldout_start = heldout_loss(engine, config, device, config.data.shards, derived.dtype)
         if rank == 0:
             log.info("held-out reconstruction loss at step 0: %.4f", heldout_start)
 
@@ -219,7 +221,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             images = batch.images.to(device, dtype=param_dtype, non_blocking=True)
             generator = torch.Generator().manual_seed(seed_for(config.run.seed, rank, step, micro))
             mask = engine.module.sample_mask(generator, device)
-            with autocast(device, config.precision.dtype):
+            with autocast(device, derived.dtype):
                 loss = engine(images, mask=mask).loss
             if poisoned[step] > 0:  # fault injection for tests: one more poisoned attempt at this step
                 poisoned[step] -= 1
@@ -279,7 +281,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                 log.warning("signal received: checkpoint %s written at step %d, exiting", last_saved, step)
             break
 
-    heldout_end = heldout_loss(engine, config, device, config.data.shards)
+    heldout_end = heldout_loss(engine, config, device, config.data.shards, derived.dtype)
     peak_mem = [0.0] * world
     dist.all_gather_object(peak_mem, peak_memory_mib())
     summary = {"steps": step, "planned_steps": last_step, "stopped_by_signal": stop.signal is not None,

@@ -23,6 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import resolve
 from mixmae_scale.config.deepspeed_config import engine_config
+from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import ShardLoader, choose_decode_device
 from mixmae_scale.data.manifest import DataError, load_split
@@ -73,6 +74,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if tag is not None:
         ckpt.check_compatible(checkpoints, tag, resolved.model_digest(), world, layout)
     if rank == 0:
+        log_choice(log, derived.dtype, derived.dtype_reason, derived.dtype_warning)
         checkpoints.mkdir(parents=True, exist_ok=True)
         write_text(root / "config.yaml", yaml.safe_dump(
             {**resolved.to_dict(), "deepspeed_config": ds_config}, sort_keys=False))
@@ -115,7 +117,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     def run_eval() -> dict:
         val_loader = ShardLoader(config.data.shards, config.data.val_split, val_spec, config.data.loader,
                                  config.data.num_threads)
-        return evaluate(engine, val_loader, device, config.precision.dtype, expected_samples=val_samples)
+        return evaluate(engine, val_loader, device, derived.dtype, expected_samples=val_samples)
 
     def save(directory: Path, at_step: int, keep: int) -> Path:
         client = {"step": at_step, "best": best, "model_digest": resolved.model_digest(), "world_size": world}
@@ -144,7 +146,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                 images, labels = mixup(images, labels)
             if erasing is not None:
                 images = erasing(images)
-            with autocast(device, config.precision.dtype):
+            with autocast(device, derived.dtype):
                 logits = engine(images.to(param_dtype))
             loss = criterion(logits.float(), labels)
             engine.backward(loss)

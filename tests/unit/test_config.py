@@ -106,7 +106,8 @@ def test_every_shipped_profile_resolves_and_builds_a_deepspeed_config(profile):
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds[
         "gradient_accumulation_steps"] * r.derived.world_size
     assert ds["zero_optimization"]["stage"] == r.config.zero.stage
-    assert ds["bf16"]["enabled"] == (r.config.precision.dtype == "bf16")
+    assert ds["bf16"]["enabled"] == (r.derived.dtype == "bf16")
+    assert ds["fp16"]["enabled"] == (r.derived.dtype == "fp16")
     json.dumps(r.to_dict())  # the run directory stores it as JSON/YAML
 
 
