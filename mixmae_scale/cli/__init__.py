@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mixmae_scale.cli import third_party_noise
     from mixmae_scale.config import ConfigError
 
+    third_party_noise.silence()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

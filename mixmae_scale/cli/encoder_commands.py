@@ -1,4 +1,4 @@
-"""`mixmae export|probe`: a run's weights as a file, and a linear probe of them."""
+"""`mixmae export|probe`: a run's weights as a file, and probes (linear, k-NN) of them."""
 
 from __future__ import annotations
 
@@ -18,18 +18,31 @@ def _probe(args: argparse.Namespace) -> int:
 
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.finetune.pretrained import load_encoder
-    from mixmae_scale.finetune.probe import linear_probe
+    from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe
 
     state, arch = load_encoder(args.init)
     num_classes = load_split(args.data, "train").num_classes
-    results = {}
-    for name, weights in (("pretrained", state), ("random_init", None)) if args.baseline else (("pretrained", state),):
-        results[name] = dataclasses.asdict(linear_probe(weights, arch, args.data, num_classes, args.loader,
-                                                        args.batch, args.threads, args.seed))
-        print(f"linear probe, {name:>11}: top-1 {results[name]['top1']:.1f}% on {results[name]['val_samples']} "
-              f"validation images ({num_classes} classes)")
+    if not args.baseline:
+        result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
+                                                 args.threads, args.seed))
+        print(f"probe of {args.init}: linear top-1 {result['top1']:.1f}%, k-NN top-1 {result['knn_top1']:.1f}% on "
+              f"{result['val_samples']} validation images ({num_classes} classes)")
+        if args.json:
+            print(json.dumps({"pretrained": result}, indent=2))
+        return 0
+    report = compare_with_random_init(state, arch, args.data, num_classes, args.baseline_seeds, args.loader,
+                                      args.batch, args.threads, args.seed)
+    print(f"probes on {report['pretrained']['val_samples']} validation images ({num_classes} classes), pooled "
+          f"features of every stage; random init: {args.baseline_seeds} encoders of the same shape")
+    for readout, name in (("linear", "linear probe"), ("knn", "k-NN (k=20)")):
+        r = report[readout]
+        spread = r["random_init"]
+        times = f" = {r['margin_in_spread']:.1f}x their spread" if r["margin_in_spread"] is not None else ""
+        print(f"  {name:<13} pretrained {r['pretrained']:5.1f}%   random init {spread['mean']:5.1f}% +- "
+              f"{spread['std']:.1f} (min {spread['min']:.1f}, max {spread['max']:.1f})   margin {r['margin']:+.1f} "
+              f"points{times}")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -44,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1)")
     probe.add_argument("--init", required=True, help="exported .safetensors, a run folder or an official .pth")
     probe.add_argument("--data", required=True, help="shard folder with train and val splits")
-    probe.add_argument("--baseline", action="store_true", help="also probe a randomly initialised encoder")
+    probe.add_argument("--baseline", action="store_true",
+                       help="compare with randomly initialised encoders of the same shape (mean and spread)")
+    probe.add_argument("--baseline-seeds", type=int, default=3, help="random initialisations to compare with")
     probe.add_argument("--loader", choices=["dali", "torch"], default="dali")
     probe.add_argument("--batch", type=int, default=64)
     probe.add_argument("--threads", type=int, default=2)

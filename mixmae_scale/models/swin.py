@@ -116,9 +116,10 @@ class SwinEncoder(nn.Module):
         b, h, w, c = tokens.shape
         return tokens + self.absolute_pos_embed.view(1, h, w, c).to(tokens.dtype)
 
-    def forward_tokens(self, x: torch.Tensor, source_masks: list[torch.Tensor | None] | None = None
-                       ) -> torch.Tensor:
-        """Run every stage; `source_masks[s]` is stage s's additive same-source mask or None."""
+    def forward_tokens(self, x: torch.Tensor, source_masks: list[torch.Tensor | None] | None = None,
+                       stage_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run every stage; `source_masks[s]` is stage s's additive same-source mask or None. A list
+        passed as `stage_outputs` receives each stage's tokens before its patch merging."""
         index = 0
         for s, stage in enumerate(self.layers):
             mask = source_masks[s] if source_masks is not None else None
@@ -129,12 +130,21 @@ class SwinEncoder(nn.Module):
                     x = block(x, mask)
                 index += 1
             if stage.downsample is not None:
+                if stage_outputs is not None:
+                    stage_outputs.append(x)
                 x = stage.downsample(x)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unmixed forward (fine-tuning, evaluation): (B, 3, H, W) -> (B, h, w, C_final)."""
         return self.forward_tokens(self.add_position(self.embed(images)))
+
+    def multiscale_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Every stage's tokens, average-pooled and concatenated (B, sum of stage widths): what a probe
+        reads, since a short pretraining puts what it learned in the early stages as much as the last."""
+        stages: list[torch.Tensor] = []
+        final = self.forward_tokens(self.add_position(self.embed(images)), stage_outputs=stages)
+        return torch.cat([t.mean(dim=(1, 2)) for t in (*stages, final)], dim=1)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -58,8 +58,12 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards(finetune
     assert two["top1"] == pytest.approx(one["top1"]) and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
 
 
-def test_demo_pretraining_beats_random_init_in_a_linear_probe(tmp_path):
-    """On the full demo data (2,600 images), 405 tiny pretraining steps: the probe must gain 3 points."""
+def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp_path):
+    """The quickstart's claim, on the full demo data (2,600 images) and its 405-step schedule, in the
+    precision `auto` picks here (bf16 with AVX-512, fp32 without). Measured on a CPU without native
+    bf16 (fp32), training seeds 0, 1, 2: linear 75.2, 74.8, 76.0% and k-NN 57.4, 58.6, 57.0% against
+    random inits at 63.0 +- 1.8 and 46.2 +- 1.8; bf16 with AVX-512, seed 0: 76.0 and 54.4%. One random
+    init used to beat a pretrained encoder on the old last-stage probe, so one baseline is no evidence."""
     from mixmae_scale.shards.convert import ConvertOptions, convert
     from mixmae_scale.shards.demo import build_demo_images
 
@@ -73,5 +77,9 @@ def test_demo_pretraining_beats_random_init_in_a_linear_probe(tmp_path):
                           "--data", str(tmp_path / "shards"), "--baseline", "--json"], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-3000:]
-    probe = json.loads(out.stdout[out.stdout.index("{"):])
-    assert probe["pretrained"]["top1"] >= probe["random_init"]["top1"] + 3.0, probe
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    knn, linear = report["knn"], report["linear"]
+    assert len(report["random_init"]) == 3
+    assert knn["pretrained"] > knn["random_init"]["max"] and linear["pretrained"] > linear["random_init"]["max"], report
+    assert linear["margin"] >= 6.0 and linear["margin"] >= 3 * linear["random_init"]["std"], linear
+    assert knn["margin"] >= 4.0 and knn["margin"] >= 3 * knn["random_init"]["std"], knn
