@@ -12,7 +12,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from mixmae_scale.data.manifest import SplitShards
-from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
+from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
 
 
 def _decode_device(spec: PipelineSpec) -> str:
@@ -47,14 +47,16 @@ def build_pipeline(shards: SplitShards, spec: PipelineSpec, checkpoint: bytes | 
             images = fn.decoders.image_random_crop(
                 jpg, device=device, output_type=types.RGB, random_area=list(spec.crop_scale),
                 random_aspect_ratio=list(spec.crop_ratio), num_attempts=10, **_gpu_decoder_args(spec))
-            # Antialiased linear resampling, which the recipe allows besides bicubic: DALI's antialiased
-            # cubic resize made the CPU pipeline 1.4x slower (benchmarks/loader.py, 511 vs 712 images/s).
-            images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+            interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
+            images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
             if spec.rand_augment is not None:
                 from nvidia.dali.auto_aug import rand_augment
 
+                # timm's magnitude m of 0..10 is DALI's bin m of 11 (DALI's default of 31 bins made m=9 about
+                # a third of the intended strength); monotonic magnitudes are timm's "inc" op set.
                 ops, magnitude = spec.rand_augment
-                images = rand_augment.rand_augment(images, n=ops, m=magnitude)
+                images = rand_augment.rand_augment(images, n=ops, m=magnitude, num_magnitude_bins=RAND_AUGMENT_LEVELS,
+                                                   monotonic_mag=True)
             mirror = fn.random.coin_flip(probability=spec.hflip)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
                                               mirror=mirror)

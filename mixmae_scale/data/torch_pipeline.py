@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from mixmae_scale.data.manifest import DataError, SplitShards
-from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
+from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
 
 
 class DaliStyleResizeCrop:
@@ -51,11 +51,20 @@ def build_transform(spec: PipelineSpec) -> transforms.Compose:
     if spec.mode == "eval":
         shorter = round(spec.img_size / EVAL_CROP_FRACTION)
         return transforms.Compose([DaliStyleResizeCrop(shorter, spec.img_size), *normalize])
+    interpolation = InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else InterpolationMode.BILINEAR
     steps = [transforms.RandomResizedCrop(spec.img_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
-                                          interpolation=InterpolationMode.BILINEAR, antialias=True)]
+                                          interpolation=interpolation, antialias=True)]
     if spec.rand_augment is not None:
+        # timm's own RandAugment, as the official fine-tuning (`create_transform(auto_augment=...)`).
+        from timm.data.auto_augment import rand_augment_transform
+
+        # magnitude_max just under timm's 10: at 10, the increasing Posterize keeps 0 bits, which Pillow >= 10
+        # refuses (ValueError), so about one fine-tuning batch in a few hundred crashed the loader.
         ops, magnitude = spec.rand_augment
-        steps.append(transforms.RandAugment(num_ops=ops, magnitude=magnitude))
+        steps.append(rand_augment_transform(
+            f"rand-m{magnitude}-n{ops}-mstd{spec.rand_augment_std}-inc1",
+            {"translate_const": int(spec.img_size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+             "interpolation": Image.BICUBIC, "magnitude_max": RAND_AUGMENT_LEVELS - 1 - 1e-3}))
     steps.append(transforms.RandomHorizontalFlip(spec.hflip))
     return transforms.Compose(steps + normalize)
 

@@ -1,20 +1,34 @@
-"""AdamW parameter groups: no weight decay where decay has no meaning.
+"""AdamW parameter groups: which parameters weight decay applies to.
 
-Norm scales and biases (1-D), the mask token and the relative-position bias tables are excluded, as
-in the official recipe; the sin-cos position embeddings are buffers and never optimised.
+The official MixMAE code (timm's old `add_weight_decay` in pretraining, `param_groups_lrd` with an
+empty `no_weight_decay()` in fine-tuning) exempts only 1-D parameters (norm scales, biases): the
+relative-position bias tables and the mask token ARE decayed. That is the default here.
+`optim.exempt_tables_from_decay` also exempts them, as timm's Swin and most MAE descendants do (a
+decayed bias table is pulled towards "no relative-position preference"); it is opt-in because the
+published numbers were obtained without it. The sin-cos position embeddings are buffers, never optimised.
 """
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
-from timm.optim import param_groups_weight_decay
 
 from mixmae_scale.config.schema import OptimConfig
 
-NO_WEIGHT_DECAY = ("*relative_position_bias_table", "*mask_token", "*absolute_pos_embed", "*decoder_pos_embed")
+EXEMPT_TABLES = ("*relative_position_bias_table", "*mask_token")
+
+
+def exempt_from_decay(name: str, param: torch.nn.Parameter, exempt_tables: bool) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or (
+        exempt_tables and any(fnmatch.fnmatch(name, pattern) for pattern in EXEMPT_TABLES))
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if exempt_from_decay(name, param, optim.exempt_tables_from_decay) else decay).append(param)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": optim.weight_decay}]
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)

@@ -76,8 +76,7 @@ def heldout_loss(engine, config: Config, device: torch.device, shards_dir: str, 
                 break
             mask = model.sample_mask(torch.Generator().manual_seed(seed_for(config.run.seed, 999, i)), device)
             with autocast(device, dtype):
-                images = batch.images.to(device, dtype=next(model.parameters()).dtype)
-                total += float(engine(images, mask=mask).loss.detach())
+                total += float(engine(batch.images.to(device), mask=mask).loss.detach())
             count += 1
     model.train(was_training)
     return total / max(count, 1)
@@ -160,7 +159,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                         shard_id=rank, num_shards=world, seed=seed_for(config.run.seed, rank) % 2**31,
                         num_threads=config.data.num_threads, shuffle_buffer=config.data.shuffle_buffer,
                         crop_scale=tuple(config.data.crop_scale), crop_ratio=tuple(config.data.crop_ratio),
-                        hflip=config.data.hflip, device_id=device_id)
+                        hflip=config.data.hflip, interpolation=config.data.interpolation, device_id=device_id)
     loader = ShardLoader(config.data.shards, config.data.train_split, spec, config.data.loader,
                          config.data.num_threads)
 
@@ -198,7 +197,6 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     stream = micro_batches()
     every_picture = config.logging.visualize_every_steps
     snapshots = ReconstructionSnapshots(config, paths.root, rank, device) if every_picture else None
-    param_dtype = next(engine.module.parameters()).dtype
     poisoned = Counter(config.faults.inject_nan_loss_at_steps)
     window = Throughput()
     loss_sum, loss_count, nonfinite_run, skipped_total = 0.0, 0, 0, 0
@@ -216,9 +214,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
             if waited > config.faults.data_stall_s:
                 log.warning("rank %d waited %.0f s for a batch (faults.data_stall_s=%.0f)", rank, waited,
                             config.faults.data_stall_s)
-            # In the engine's parameter dtype: DeepSpeed's bf16/fp16 engines hold half-precision weights,
-            # and on CUDA its forward does not run under the caller's autocast.
-            images = batch.images.to(device, dtype=param_dtype, non_blocking=True)
+            # fp32: the model casts its encoder input to its weights' dtype and makes the target from these.
+            images = batch.images.to(device, non_blocking=True)
             generator = torch.Generator().manual_seed(seed_for(config.run.seed, rank, step, micro))
             mask = engine.module.sample_mask(generator, device)
             with autocast(device, derived.dtype):

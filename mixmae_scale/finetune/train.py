@@ -83,7 +83,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     torch.manual_seed(seed_for(config.run.seed, rank))
     model = build_classifier(config, num_classes).to(device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
-                                      ft.layer_decay)
+                                      ft.layer_decay, config.optim.exempt_tables_from_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=derived.learning_rate, betas=tuple(config.optim.betas), eps=config.optim.eps,
                                   fused=device.type == "cuda" or None)  # as in pretraining's build_optimizer
@@ -95,7 +95,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                               shuffle_buffer=config.data.shuffle_buffer, crop_scale=(0.08, 1.0),
                               crop_ratio=tuple(config.data.crop_ratio), hflip=config.data.hflip,
                               rand_augment=(ft.rand_augment_ops, ft.rand_augment_magnitude)
-                              if ft.rand_augment_ops > 0 else None, **common)
+                              if ft.rand_augment_ops > 0 else None, rand_augment_std=ft.rand_augment_magnitude_std,
+                              interpolation=config.data.interpolation, **common)
     loader = ShardLoader(config.data.shards, config.data.train_split, train_spec, config.data.loader,
                          config.data.num_threads)
     val_spec = PipelineSpec(mode="eval", **common)
@@ -142,10 +143,10 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         for _ in range(derived.accumulation):
             batch = next(stream)
             images, labels = batch.images.to(device), batch.labels.to(device)
+            if erasing is not None:  # per image, before mixing, as timm's transform in the official code
+                images = erasing(images)
             if mixup is not None:
                 images, labels = mixup(images, labels)
-            if erasing is not None:
-                images = erasing(images)
             with autocast(device, derived.dtype):
                 logits = engine(images.to(param_dtype))
             loss = criterion(logits.float(), labels)

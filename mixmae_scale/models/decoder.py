@@ -7,8 +7,6 @@ B..2B-1) keeps the tokens where m = 1 and reconstructs image B-1-i.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
@@ -22,10 +20,10 @@ class DualStreamDecoder(nn.Module):
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("decoder_pos_embed", build_sincos2d_pos_embed([grid, grid], dim)[None])
+        # nn.LayerNorm's eps 1e-5, as the official code (timm's ViT default of 1e-6 moved predictions ~1e-5).
         self.decoder_blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for _ in range(depth))
-        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
+            Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth))
+        self.decoder_norm = nn.LayerNorm(dim)
         self.decoder_pred = nn.Linear(dim, patch_pixels)
         trunc_normal_(self.mask_token, std=0.02)
         for module in self.modules():

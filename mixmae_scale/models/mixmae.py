@@ -82,14 +82,20 @@ class MixMAE(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MixMAEOutput:
-        """A given `mask` makes the forward deterministic; otherwise one is drawn from `generator`."""
+        """A given `mask` makes the forward deterministic; otherwise one is drawn from `generator`.
+        Pass fp32 `images` even to a half-precision model: the reconstruction target is made from them."""
         if images.shape[0] % 2:
             raise ValueError(f"MixMAE pairs image i with B-1-i: the micro-batch must be even, got "
                              f"{images.shape[0]}")
         if mask is None:
             mask = self.sample_mask(generator, images.device)
         mask = mask.to(images.device)
-        features = self.forward_encoder(images, mask).flatten(1, 2)
+        # The encoder takes its weights' dtype (DeepSpeed's bf16/fp16 engines hold half-precision weights);
+        # the target is computed from the pixels as given, fp32 from the loader, as the official code
+        # computes its loss on fp32 pixels under fp16 autocast. Half-precision pixels would quantise the
+        # per-patch normalised target (bf16 keeps 8 bits of mantissa).
+        weights_dtype = self.encoder.patch_embed.proj.weight.dtype
+        features = self.forward_encoder(images.to(weights_dtype), mask).flatten(1, 2)
         pred = unmix_predictions(self.decoder(features, mask), mask)
         target = normalized_target(images.float(), self.cell, self.norm_pix_loss)
         loss = (pred.float() - target.float()).pow(2).mean()

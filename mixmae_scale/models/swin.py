@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, build_sincos2d_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, build_sincos2d_pos_embed
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -148,8 +148,10 @@ class SwinEncoder(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
+    """As the official code (JAX ViT's choice): xavier-uniform Linear weights, zero biases, LayerNorm 1/0.
+    The patch-embedding conv keeps PyTorch's default; bias tables get trunc-normal(0.02) where made."""
     if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
+        nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

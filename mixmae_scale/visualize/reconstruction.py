@@ -54,8 +54,8 @@ def reconstruct(model: MixMAE, images: torch.Tensor, mask: torch.Tensor) -> Reco
     """`images` are normalised (B, 3, S, S) with B even. Under ZeRO-3 every rank must call this (the
     submodules gather their weights collectively)."""
     batch = images.shape[0]
-    images = images.to(next(model.parameters()).dtype)
-    features = model.forward_encoder(images, mask).flatten(1, 2)
+    images = images.float()
+    features = model.forward_encoder(images.to(next(model.parameters()).dtype), mask).flatten(1, 2)
     streams = model.decoder(features, mask)  # (2B, L, P)
     partner = images.flip(0)
     stream1 = _denormalise(streams[:batch], images, model.cell, model.norm_pix_loss)

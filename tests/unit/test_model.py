@@ -184,3 +184,21 @@ def test_stage_masks_never_let_a_merge_combine_two_images(small_shape):
             assert (blocks.amax(dim=(1, 3)) == blocks.amin(dim=(1, 3))).all()
     masks = stage_source_masks(mask, small_shape.stage_resolutions, small_shape.stage_windows)
     assert [tuple(m.shape) for m in masks] == [(16, 1, 64, 64), (4, 1, 64, 64), (1, 1, 64, 64), (1, 1, 16, 16)]
+
+
+def test_a_half_precision_model_scores_against_the_fp32_pixel_target(small_mixmae):
+    """As the official code (loss on fp32 pixels under fp16 autocast): a bf16 model given fp32 images
+    makes its target from them, not from their bf16 rounding."""
+    import copy
+
+    from mixmae_scale.models.mixmae import normalized_target
+
+    model = copy.deepcopy(small_mixmae).to(torch.bfloat16)
+    images, mask = _images(4), _fixed_mask(small_mixmae)
+    with torch.no_grad():
+        out = model(images, mask=mask)
+    fp32_target = normalized_target(images, model.cell, True)
+    rounded_target = normalized_target(images.to(torch.bfloat16).float(), model.cell, True)
+    assert (fp32_target - rounded_target).abs().max() > 1e-3  # the difference the test can see
+    assert out.loss == (out.pred.float() - fp32_target).pow(2).mean()
+    assert out.loss != (out.pred.float() - rounded_target).pow(2).mean()

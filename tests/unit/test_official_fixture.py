@@ -1,0 +1,40 @@
+"""Regression against the official MixMIM code itself: its outputs for a small model, fixed images and
+a fixed mask (tests/fixtures/official-mixmim-small/README.md says how they were made). Our importer
+converts its checkpoint; our model must give its loss and both decoder streams, in fp32 on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixmae_scale.models.convert_official import build_from_architecture, convert_official_checkpoint, load_weights
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "official-mixmim-small"
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    out = tmp_path_factory.mktemp("official") / "small.safetensors"
+    summary = convert_official_checkpoint(FIXTURE / "official_small.pth", out)
+    assert summary["kind"] == "pretrain"
+    state, arch = load_weights(out)
+    reference = torch.load(FIXTURE / "ref_small.pt", weights_only=True)
+    return state, arch, reference
+
+
+@pytest.mark.parametrize("attention", ["fused", "reference"])
+def test_loss_and_both_decoder_streams_match_the_official_code(official, attention):
+    state, arch, reference = official
+    model = build_from_architecture(arch).eval()
+    model.load_state_dict(state, strict=True)
+    model.encoder.set_fused_attention(attention == "fused")
+    images, mask = reference["images"], reference["mask_7x7"].flatten()
+    with torch.no_grad():
+        loss = model(images, mask=mask).loss
+        streams = model.decoder(model.forward_encoder(images, mask).flatten(1, 2), mask)
+    expected = reference["loss"]
+    assert abs(float(loss) - float(expected)) <= 2e-7 * abs(float(expected)), (float(loss), float(expected))
+    assert streams.shape == reference["x_rec"].shape  # rows 0..B-1 stream 1, B..2B-1 stream 2
+    assert (streams - reference["x_rec"]).abs().max() <= 2e-6
