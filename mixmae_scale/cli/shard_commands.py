@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _shards_convert(args: argparse.Namespace) -> int:
@@ -13,8 +14,14 @@ def _shards_convert(args: argparse.Namespace) -> int:
         layout=args.shards_command, splits=tuple(s for s in args.split.split(",") if s), seed=args.seed,
         samples_per_shard=args.samples_per_shard,
         shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
-        quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers)
-    manifest = convert(args.src, args.out, options)
+        quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers,
+        max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize)
+    try:
+        manifest = convert(args.src, args.out, options)
+    except OSError as exc:  # the output side (disk full, unwritable folder): per-file problems never get here
+        print(f"mixmae: error: writing shards to {args.out} failed: {exc}. Finished shards are kept; free space "
+              "or fix the folder, then run the same command again to resume", file=sys.stderr)
+        return 1
     for line in summary_lines(manifest):
         print(line)
     print(f"manifest: {args.out}/dataset.json; rejected files: {args.out}/rejected.jsonl")
@@ -73,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--resize-shorter", type=int, help="re-encode every image with this shorter side")
         p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
         p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be used")
+        p.add_argument("--max-megapixels", type=float, default=40.0,
+                       help="images above this many pixels are downscaled to it (or rejected: --oversize reject); "
+                       "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
+        p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale")
         p.set_defaults(handler=_shards_convert)
     verify = shards_sub.add_parser("verify", help="check a shard folder against its manifest")
     verify.add_argument("folder")

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from mixmae_scale import __version__
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
 from mixmae_scale.shards.sources import SourceError, SourceImage, folder_images, imagenet_split, read_class_names
 from mixmae_scale.shards.writer import (
     PROGRESS_DIR,
@@ -42,6 +43,8 @@ class ConvertOptions:
     resize_shorter: int | None = None
     strict: bool = False
     workers: int = 1
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # None: no limit (decompression bombs are still rejected)
+    oversize: Oversize = "downscale"
 
 
 def parse_size(text: str) -> int:
@@ -78,7 +81,10 @@ def _check_same_options(out: Path, options: ConvertOptions) -> None:
     current = {k: v for k, v in asdict(options).items() if k != "workers"}
     current["splits"] = list(current["splits"])
     if path.exists():
-        previous = json.loads(path.read_text())
+        # A folder written before an option existed was written with that option's default.
+        defaults = {k: v for k, v in asdict(ConvertOptions(layout=options.layout)).items() if k != "workers"}
+        previous = {**defaults, **json.loads(path.read_text())}
+        previous["splits"] = list(previous["splits"])
         if previous != current:
             changed = sorted(k for k in current if previous.get(k) != current[k])
             raise SourceError(f"{out} holds shards made with other options ({', '.join(changed)}); "
@@ -124,7 +130,8 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> dict:
     _check_output(src, out)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_options(out, options)
-    write_options = WriteOptions(options.quality, options.resize_shorter, options.strict)
+    write_options = WriteOptions(options.quality, options.resize_shorter, options.strict, options.max_pixels,
+                                 options.oversize)
     manifest: dict = {"format": "mixmae-scale-shards", "tool_version": __version__,
                       "options": {k: v for k, v in asdict(options).items() if k != "workers"}, "splits": {}}
     classes: list[str] = []

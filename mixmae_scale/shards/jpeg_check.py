@@ -3,14 +3,27 @@
 GPU JPEG decoders want baseline RGB (3-component YCbCr) JPEG. Reading the marker segments up to the
 frame header answers that without decoding, so the common case (a good ImageNet JPEG) costs a
 header scan; only files that fail it are decoded with Pillow, then converted or rejected.
+
+Pixel policy: the header (or Pillow's lazy open, which reads no pixels) gives the size first. Above
+Pillow's decompression-bomb limit (2 x `Image.MAX_IMAGE_PIXELS`, about 179 MP) a file is rejected
+without being decoded: a 31 KB PNG can claim 256 MP. Above `max_pixels` (40 MP by default) it is
+downscaled to fit, JPEGs through Pillow's draft mode (the decoder itself scales by 1/2 to 1/8), or
+rejected, by choice: a 9000 x 9000 JPEG copied as is costs 81 MP of decoding every epoch.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
+
+BOMB_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open anything larger
+DEFAULT_MAX_PIXELS = 40_000_000
+Oversize = Literal["downscale", "reject"]
 
 BASELINE_SOF = {0xC0, 0xC1}  # baseline and extended sequential Huffman
 OTHER_SOF = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -73,25 +86,48 @@ class Prepared:
     reason: str = ""
 
 
-def _encode_rgb(image: Image.Image, quality: int, resize_shorter: int | None) -> tuple[bytes, int, int]:
+def _encode_rgb(image: Image.Image, quality: int, resize_shorter: int | None, max_pixels: int | None = None
+                ) -> tuple[bytes, int, int]:
     image = image.convert("RGB")
+    scale = 1.0
     if resize_shorter and min(image.size) > resize_shorter:
         scale = resize_shorter / min(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if max_pixels and image.width * image.height * scale * scale > max_pixels:
+        scale = math.sqrt(max_pixels / (image.width * image.height))
+    if scale < 1.0:
+        size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
     return out.getvalue(), image.width, image.height
 
 
-def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+def _open(data: bytes) -> Image.Image:
+    """Header only: size, mode and format, no pixels. Pillow's own size warnings are ours to decide."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _decode(data: bytes, fit_pixels: int | None = None) -> Image.Image:
+    image = _open(data)
+    if fit_pixels and image.format == "JPEG" and image.width * image.height > fit_pixels:
+        scale = math.sqrt(fit_pixels / (image.width * image.height))
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
     return image
 
 
-def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = None) -> Prepared:
-    """Bytes ready for a shard: the original JPEG when it is baseline RGB, else a converted copy."""
+def _megapixels(width: int, height: int) -> str:
+    return f"{width} x {height} = {width * height / 1e6:.1f} MP"
+
+
+def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, oversize: Oversize = "downscale") -> Prepared:
+    """Bytes ready for a shard: the original JPEG when it is baseline RGB and within the pixel limit, else
+    a converted copy, or a rejection with its reason."""
     if not data:
         return Prepared(None, 0, 0, "rejected", "zero-byte file")
     header = scan_jpeg(data)
@@ -108,18 +144,39 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         why = f"{header.components}-component JPEG without YCbCr transform"
     elif not _ends_with_eoi(data):
         why = "no end-of-image marker"
-    if why is None and resize_shorter is None:
-        return Prepared(data, header.width, header.height, "copied")
+    if header is not None:
+        width, height = header.width, header.height
+    else:
+        try:
+            opened = _open(data)
+        except Image.DecompressionBombError as exc:
+            return Prepared(None, 0, 0, "rejected", f"decompression bomb, not decoded: {exc}")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return Prepared(None, 0, 0, "rejected", f"not an image ({why}): {exc}")
+        width, height = opened.size
+    if width * height > BOMB_PIXELS:
+        return Prepared(None, width, height, "rejected", f"decompression bomb: {_megapixels(width, height)} is above "
+                        f"Pillow's limit of {BOMB_PIXELS / 1e6:.0f} MP; not decoded")
+    too_big = bool(max_pixels) and width * height > max_pixels
+    if too_big and oversize == "reject":
+        return Prepared(None, width, height, "rejected", f"{_megapixels(width, height)} is above the limit of "
+                        f"{max_pixels / 1e6:g} MP (oversize=reject)")
+    if why is None and resize_shorter is None and not too_big:
+        return Prepared(data, width, height, "copied")
     try:
-        image = _decode(data)
+        image = _decode(data, max_pixels if too_big else None)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "truncated or corrupt image" if header is not None else "not an image"
         return Prepared(None, 0, 0, "rejected", f"{reason} ({why}): {exc}")
+    if too_big:
+        encoded, new_width, new_height = _encode_rgb(image, quality, resize_shorter, max_pixels)
+        return Prepared(encoded, new_width, new_height,
+                        f"converted:downscaled ({_megapixels(width, height)} > {max_pixels / 1e6:g} MP)")
     if why is None:  # a good JPEG that only needs resizing
         encoded, width, height = _encode_rgb(image, quality, resize_shorter)
         return Prepared(encoded, width, height, "resized")
     if why == "no end-of-image marker":
         # Pillow decoded it in full, so only the trailer is unusual: keep the original bytes.
-        return Prepared(data, header.width, header.height, "copied")
+        return Prepared(data, width, height, "copied")
     encoded, width, height = _encode_rgb(image, quality, resize_shorter)
     return Prepared(encoded, width, height, f"converted:{why} ({image.format} {image.mode})")

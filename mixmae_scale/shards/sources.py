@@ -36,12 +36,22 @@ def _list_images(folder: Path, root: Path, label: int, wnid: str | None) -> list
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        for name in sorted(filenames):
+        # A folder named like an image is listed too, so that it is reported (as unreadable), not lost.
+        odd_folders = [d for d in dirnames if _is_image_name(d) and not d.startswith(".")]
+        for name in sorted(filenames + odd_folders):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            found.append(SourceImage(str(path), str(path.relative_to(root)), label, wnid, path.stat().st_size))
+            found.append(SourceImage(str(path), str(path.relative_to(root)), label, wnid, _size_on_disk(path)))
     return found
+
+
+def _size_on_disk(path: Path) -> int:
+    """0 for a file that vanished or a dangling link since it was listed: reading it rejects it later."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -157,7 +167,7 @@ def folder_images(src: Path) -> tuple[list[SourceImage], list[str]]:
     if not src.is_dir():
         raise SourceError(f"{src}: not a folder")
     classes = class_folders(src)
-    loose = [p for p in src.iterdir() if p.is_file() and _is_image_name(p.name)]
+    loose = [p for p in src.iterdir() if not p.is_dir() and _is_image_name(p.name)]
     if classes and not loose:
         return labeled_folder(src, src, classes), classes
     if classes and loose:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
-from mixmae_scale.shards.jpeg_check import prepare_image
+from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize, prepare_image
 from mixmae_scale.shards.sources import SourceImage
 
 PROGRESS_DIR = ".progress"
@@ -40,6 +40,8 @@ class WriteOptions:
     quality: int = 95
     resize_shorter: int | None = None
     strict: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    oversize: Oversize = "downscale"
 
 
 @dataclass
@@ -186,7 +188,11 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
     if plan.labeled and image.label < 0:
         _reject(record, image, "no label found for this file", options)
         return None
-    prepared = prepare_image(data, options.quality, options.resize_shorter)
+    try:
+        prepared = prepare_image(data, options.quality, options.resize_shorter, options.max_pixels, options.oversize)
+    except Exception as exc:  # noqa: BLE001 - whatever one file does, the other million still convert
+        _reject(record, image, f"could not be processed: {type(exc).__name__}: {exc}", options)
+        return None
     if prepared.data is None:
         _reject(record, image, prepared.reason, options)
         return None
@@ -201,6 +207,7 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
 
 
 def _reject(record: ShardRecord, image: SourceImage, reason: str, options: WriteOptions) -> None:
+    reason = " ".join(reason.split())  # one line, whatever the exception printed
     if options.strict:
         raise RejectedImage(f"{image.path}: {reason} (--strict stops at the first rejected file)")
     record.rejected.append({"source": image.rel, "path": image.path, "reason": reason})

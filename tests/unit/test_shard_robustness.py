@@ -1,0 +1,133 @@
+"""No single file stops a conversion: every odd file a scraped folder holds ends in a shard or in
+rejected.jsonl with a one-line reason, the counts reconcile, and the output verifies with decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mixmae_scale.shards import convert as convert_module
+from mixmae_scale.shards.convert import ConvertOptions, convert
+from mixmae_scale.shards.verify import verify
+
+
+def jpeg(path: Path, size: tuple[int, int] = (64, 48), colour=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format="JPEG", quality=90)
+    return path
+
+
+@pytest.fixture
+def scraped(tmp_path):
+    """Two classes of good images, plus one of each trouble a scraped folder brings."""
+    src = tmp_path / "src"
+    for cls in ("cats", "dogs"):
+        for i in range(3):
+            jpeg(src / cls / f"good_{i}.jpg")
+    # 16000 x 16000 pixels in a 31 KB file, named like a JPEG (Pillow's DecompressionBombError used to abort).
+    Image.new("1", (16000, 16000)).save(src / "cats" / "bomb.JPEG", format="PNG")
+    jpeg(src / "dogs" / "huge.jpg", size=(1600, 1250))  # 2 MP, above the 1 MP limit these tests set
+    (tmp_path / "notes.txt").write_text("not an image")
+    (src / "cats" / "link_to_text.jpg").symlink_to(tmp_path / "notes.txt")
+    (src / "cats" / "folder.jpg").mkdir()
+    jpeg(src / "dogs" / "chien_été_狗.jpg")
+    jpeg(src / "dogs" / "vanishes.jpg")
+    locked = jpeg(src / "cats" / "locked.jpg")
+    locked.chmod(0)
+    return src
+
+
+def run(src: Path, out: Path, monkeypatch, oversize: str = "downscale") -> dict:
+    """Converts with a 1 MP limit; `vanishes.jpg` is deleted after listing, before it is read."""
+    discover = convert_module._discover
+
+    def list_then_delete(*args):
+        found = discover(*args)
+        (src / "dogs" / "vanishes.jpg").unlink(missing_ok=True)
+        return found
+
+    monkeypatch.setattr(convert_module, "_discover", list_then_delete)
+    return convert(src, out, ConvertOptions(layout="folder", splits=("train",), samples_per_shard=4,
+                                            shard_bytes=None, max_pixels=1_000_000, oversize=oversize))
+
+
+def rejected(out: Path) -> dict[str, str]:
+    lines = (out / "rejected.jsonl").read_text().splitlines()
+    return {json.loads(line)["source"]: json.loads(line)["reason"] for line in lines}
+
+
+def test_a_folder_of_troubles_converts_to_completion_and_verifies(scraped, tmp_path, monkeypatch):
+    manifest = run(scraped, tmp_path / "out", monkeypatch)
+    split = manifest["splits"]["train"]
+    reasons = rejected(tmp_path / "out")
+    root = os.geteuid() == 0  # root reads a file without read permission
+    expected_rejects = {"cats/bomb.JPEG", "cats/link_to_text.jpg", "cats/folder.jpg", "dogs/vanishes.jpg"}
+    expected_rejects |= set() if root else {"cats/locked.jpg"}
+    assert set(reasons) == expected_rejects, reasons
+    assert split["found"] == 6 + 7 and split["found"] == split["samples"] + split["rejected"]
+    assert split["samples"] == 6 + 2 + (1 if root else 0)  # good ones, huge (downscaled), non-ASCII, locked
+    assert "decompression bomb" in reasons["cats/bomb.JPEG"] and "not decoded" in reasons["cats/bomb.JPEG"]
+    assert "not an image" in reasons["cats/link_to_text.jpg"]
+    assert "Is a directory" in reasons["cats/folder.jpg"]
+    assert "No such file" in reasons["dogs/vanishes.jpg"]
+    assert all("\n" not in reason for reason in reasons.values())
+    assert split["converted"] == {"converted:downscaled": 1}
+    report = verify(tmp_path / "out", decode=True)
+    assert report["ok"], report["errors"]
+
+
+def test_no_read_permission_is_a_rejection(scraped, tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not stop root from reading, so this case cannot occur")
+    run(scraped, tmp_path / "out", monkeypatch)
+    assert "Permission denied" in rejected(tmp_path / "out")["cats/locked.jpg"]
+
+
+def test_oversize_images_are_downscaled_to_the_limit_or_rejected_by_choice(scraped, tmp_path, monkeypatch):
+    run(scraped, tmp_path / "down", monkeypatch)
+    from mixmae_scale.data.manifest import load_split
+
+    shards = load_split(tmp_path / "down", "train").tars
+    import tarfile
+
+    sizes = {}
+    for tar in shards:
+        with tarfile.open(tar) as handle:
+            for member in handle.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(handle.extractfile(member).read())
+                    sizes[meta["source"]] = (meta["width"], meta["height"], meta["action"])
+    width, height, action = sizes["dogs/huge.jpg"]
+    assert width * height <= 1_000_000 and width * height > 0.98e6 and action.startswith("converted:downscaled")
+    assert abs(width / height - 1600 / 1250) < 0.01
+    (scraped / "dogs" / "vanishes.jpg").parent.mkdir(exist_ok=True)
+    jpeg(scraped / "dogs" / "vanishes.jpg")
+    run(scraped, tmp_path / "reject", monkeypatch, oversize="reject")
+    assert "above the limit of 1 MP" in rejected(tmp_path / "reject")["dogs/huge.jpg"]
+
+
+def test_an_unexpected_exception_in_one_file_is_a_rejection_not_a_crash(tmp_path, monkeypatch):
+    from mixmae_scale.shards import writer
+
+    src = tmp_path / "src"
+    for i in range(3):
+        jpeg(src / "a" / f"{i}.jpg")
+
+    def explode(data, *args):
+        if len(data) and explode.calls == 1:
+            explode.calls += 1
+            raise MemoryError("cannot allocate\\nthe decoder's buffer")
+        explode.calls += 1
+        return real(data, *args)
+
+    real, explode.calls = writer.prepare_image, 0
+    monkeypatch.setattr(writer, "prepare_image", explode)
+    manifest = convert(src, tmp_path / "out", ConvertOptions(layout="folder", splits=("train",), shard_bytes=None,
+                                                             samples_per_shard=10))
+    assert manifest["splits"]["train"]["samples"] == 2 and manifest["splits"]["train"]["rejected"] == 1
+    (reason,) = rejected(tmp_path / "out").values()
+    assert reason.startswith("could not be processed: MemoryError")
