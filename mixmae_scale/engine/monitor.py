@@ -51,7 +51,7 @@ class MetricsLog:
     """Rank 0 only: appends one CSV row per logged step and mirrors it to DeepSpeed's monitor."""
 
     FIELDS = ("step", "epoch", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "mfu",
-              "data_wait_frac", "peak_mem_mib", "elapsed_s")
+              "data_wait_frac", "peak_mem_mib", "elapsed_s", "loss_scale")
 
     def __init__(self, path: Path, engine_monitor=None) -> None:
         self.path = path

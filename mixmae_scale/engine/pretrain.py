@@ -116,6 +116,13 @@ class ReconstructionSnapshots:
                 self.writer.flush()
 
 
+def fp16_loss_scale(engine) -> float | None:
+    """DeepSpeed's dynamic loss scale: `loss_scale` on the ZeRO optimizers, `cur_scale` on the stage-0 one."""
+    optimizer = engine.optimizer
+    scale = getattr(optimizer, "loss_scale", None) or getattr(optimizer, "cur_scale", None)
+    return float(scale) if scale is not None else None
+
+
 class _StopFlag:
     """SIGTERM/SIGUSR1 (preemption) ask for a checkpoint and a clean exit at the next step boundary."""
 
@@ -258,7 +265,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                        "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "images_per_s": global_rate, "mfu": mfu, "data_wait_frac": wait_frac,
-                       "peak_mem_mib": peak_memory_mib(), "elapsed_s": time.perf_counter() - run_start}
+                       "peak_mem_mib": peak_memory_mib(), "elapsed_s": time.perf_counter() - run_start,
+                       "loss_scale": fp16_loss_scale(engine) if derived.dtype == "fp16" else None}
                 metrics.write(row)
                 grad_text = f"{row['grad_norm']:.3f}" if row["grad_norm"] is not None else "n/a"
                 log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  grad %s  %.0f img/s  MFU %s  data %.0f%%  "
@@ -287,6 +295,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                "images_per_s": sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else (rates[0] if rates else None),
                "train_flops_per_image": flops_per_image, "peak_mem_mib_per_rank": peak_mem,
                "wall_s": time.perf_counter() - run_start, "checkpoint": str(last_saved) if last_saved else None,
+               "dtype": derived.dtype, "dtype_reason": derived.dtype_reason,
+               "loss_scale": fp16_loss_scale(engine) if derived.dtype == "fp16" else None,
                "derived": asdict(derived)}
     if summary["images_per_s"] and peak:
         summary["mfu"] = summary["images_per_s"] * flops_per_image / (peak * world)
