@@ -40,8 +40,10 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
         run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
         if kind == "pretrain":
             from mixmae_scale.engine.pretrain import pretrain
+            from mixmae_scale.visualize.snapshots import ReconstructionSnapshots
 
-            summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
+                               snapshot_factory=ReconstructionSnapshots)
             message = (f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
                        f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
         else:

@@ -95,3 +95,27 @@ def format_eta(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Resume after a crash: keep the rows of steps up to `step` in a metrics CSV (column `step`) or a
+    JSON-lines log (key `step`), so that the steps replayed after the checkpoint are not logged twice.
+    Returns how many rows were dropped; the file is rewritten atomically."""
+    import json
+
+    from mixmae_scale.atomic_file import write_text
+
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    if path.suffix == ".csv":
+        header, rows = lines[:1], lines[1:]
+        kept = header + [line for line, row in zip(rows, csv.DictReader(lines), strict=True)
+                         if row.get("step") and int(row["step"]) <= step]
+        dropped = len(lines) - len(kept)
+    else:
+        kept = [line for line in lines if line.strip() and int(json.loads(line)["step"]) <= step]
+        dropped = len(lines) - len(kept)
+    if dropped:
+        write_text(path, "".join(kept))
+    return dropped

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mixmae_scale.config.schema import ModelConfig
+from mixmae_scale.models.mixmae import ModelSettings
 from mixmae_scale.models.swin import SwinShape
 
 
@@ -40,8 +40,8 @@ def decoder_macs(shape: SwinShape, dim: int, depth: int, mlp_ratio: float = 4.0)
     return embed + 2 * (blocks + pred)
 
 
-def model_report(model: ModelConfig, num_classes: int = 1000) -> dict[str, float | int | str]:
-    """Counts for a resolved `ModelConfig`, built on the meta device (no memory, any size)."""
+def model_report(model: ModelSettings, num_classes: int = 1000) -> dict[str, float | int | str]:
+    """Counts for resolved model settings (a `ModelConfig`), built on the meta device (no memory, any size)."""
     from mixmae_scale.models.mixmae import build_mixmae, swin_shape
 
     shape = swin_shape(model)

@@ -6,12 +6,13 @@ embedding -> Swin stages under per-stage same-source masks -> two-stream decoder
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from mixmae_scale.config.schema import ModelConfig
 from mixmae_scale.models.decoder import DualStreamDecoder
 from mixmae_scale.models.mixing import mix_tokens, sample_mask, stage_source_masks
 from mixmae_scale.models.swin import SwinEncoder, SwinShape
@@ -102,12 +103,34 @@ class MixMAE(nn.Module):
         return MixMAEOutput(loss=loss, pred=pred, mask=mask)
 
 
-def swin_shape(model: ModelConfig) -> SwinShape:
+class ModelSettings(Protocol):
+    """What `swin_shape` and `build_mixmae` read. The toolkit passes its resolved `config.schema.ModelConfig`;
+    the model library does not import the configuration package, so it can be used on its own."""
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depths: Sequence[int]
+    num_heads: Sequence[int]
+    window_size: Sequence[int]
+    mlp_ratio: float
+    decoder_dim: int
+    decoder_depth: int
+    decoder_heads: int
+    mask_ratio: float
+    range_mask_ratio: float
+    norm_pix_loss: bool
+    drop_path: float
+    attention: str
+    checkpoint_every: int
+
+
+def swin_shape(model: ModelSettings) -> SwinShape:
     return SwinShape(model.img_size, model.patch_size, model.embed_dim, tuple(model.depths),
                      tuple(model.num_heads), tuple(model.window_size), model.mlp_ratio)
 
 
-def build_mixmae(model: ModelConfig) -> MixMAE:
+def build_mixmae(model: ModelSettings) -> MixMAE:
     """`model` must be resolved (size preset filled in): see `mixmae_scale.config.resolve`."""
     return MixMAE(swin_shape(model), model.decoder_dim, model.decoder_depth, model.decoder_heads,
                   model.mask_ratio, model.range_mask_ratio, model.norm_pix_loss, model.drop_path,

@@ -83,3 +83,90 @@ def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp
     assert knn["pretrained"] > knn["random_init"]["max"] and linear["pretrained"] > linear["random_init"]["max"], report
     assert linear["margin"] >= 6.0 and linear["margin"] >= 3 * linear["random_init"]["std"], linear
     assert knn["margin"] >= 4.0 and knn["margin"] >= 3 * knn["random_init"]["std"], knn
+
+
+def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
+            "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
+            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
+            "logging.every_steps=1", "data.shuffle_buffer=64", "precision.dtype=fp32", "finetune.eval_every_epochs=100",
+            "checkpoint.every_steps=6", *overrides]
+
+
+def metric_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    with (run_dir / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicate metric rows: {steps}"
+    return {int(r["step"]): float(r["loss"]) for r in rows}
+
+
+def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(demo_shards, tmp_path):
+    """12 steps in one go against 6 + kill -9 (mid-run, after the step-6 checkpoint) + resume: same losses and
+    weights. Mixup, cutmix, random erasing and RandAugment all draw random numbers every step."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    done = subprocess.run(finetune_command(full, demo_shards, 29861, 12), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(finetune_command(killed, demo_shards, 29862, 12), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step00000006" / "COMPLETE"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, as a node failure would
+    proc.wait()
+    assert marker.exists() and not (killed / "summary.json").exists()
+    resumed = subprocess.run(finetune_command(killed, demo_shards, 29863, 12), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = metric_losses(full), metric_losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import load_weights
+
+    export_run(full, tmp_path / "full.safetensors")
+    export_run(killed, tmp_path / "killed.safetensors")
+    wa, wb = load_weights(tmp_path / "full.safetensors")[0], load_weights(tmp_path / "killed.safetensors")[0]
+    assert wa.keys() == wb.keys()
+    import torch
+
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=1e-6, atol=1e-7), key
+
+
+def test_finetune_sigterm_saves_a_checkpoint_and_exits_zero(demo_shards, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "preempted"
+    proc = subprocess.Popen(finetune_command(run_dir, demo_shards, 29864, 400, "checkpoint.every_steps=1000"),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.csv").exists():
+        time.sleep(0.2)
+    time.sleep(1)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "finetune" in " ".join(p.cmdline())
+             and "deepspeed.launcher" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    for p in ranks:
+        p.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by_signal"] and 0 < summary["steps"] < 400
+    assert (Path(summary["checkpoint"]) / "COMPLETE").exists()
+    assert Path(summary["checkpoint"]).name == f"step{summary['steps']:08d}"

@@ -218,3 +218,21 @@ def test_two_launchers_as_two_nodes_write_one_checkpoint_that_resumes(demo_shard
     assert "resumed from" in outputs[0]
     assert sorted(losses(run)) == list(range(1, 9))
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_stop_for_non_finite_losses_mid_accumulation_loses_no_micro_batch(demo_shards, tmp_path):
+    """Accumulation 2: the run that stops in its third step (index 2) saves the state from that step's start,
+    so its resume replays the micro-batches that step consumed and matches an uninterrupted run (fp32)."""
+    common = ("precision.dtype=fp32", "batch.accumulation=2", "checkpoint.every_steps=100")
+    full = tmp_path / "full"
+    launch(full, demo_shards, *common, max_steps=6)
+    stopped = tmp_path / "stopped"
+    # Step index 2: three micro-batches in a row are poisoned (limit 2), after two good steps.
+    result = launch(stopped, demo_shards, *common, "faults.inject_nan_loss_at_steps=[2,2,2]",
+                    "faults.nonfinite_skip_limit=2", max_steps=6, check=False)
+    assert result.returncode != 0 and "3 non-finite losses in a row at step 2" in result.stdout + result.stderr
+    launch(stopped, demo_shards, *common, max_steps=6)
+    a, b = losses(full), losses(stopped)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), step

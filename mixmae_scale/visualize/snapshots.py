@@ -1,0 +1,44 @@
+"""Reconstruction grids written during pretraining: fixed validation images and a fixed mask, as PNG
+files in the run folder and images in TensorBoard, so that runs and steps compare picture to picture.
+
+The pretraining job takes this as a callback (`ReconstructionSnapshots(config, root, rank, device)`,
+then `.write(model, step)`), so the engine package never imports the visualisation one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mixmae_scale.config.schema import Config
+from mixmae_scale.engine.distributed import seed_for
+from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruct, save_png
+
+
+class ReconstructionSnapshots:
+    """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes."""
+
+    def __init__(self, config: Config, root: Path, rank: int, device: torch.device) -> None:
+        self.images = first_images(config.data.shards, config.data.val_split, 8, config.model.img_size,
+                                   config.data.loader).to(device)
+        self.seed, self.rank, self.folder = config.run.seed, rank, root / "reconstructions"
+        self.writer = None
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if config.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(root / "tensorboard" / "reconstructions"))
+
+    def write(self, model, step: int) -> None:
+        was_training = model.training
+        model.eval()
+        mask = model.sample_mask(torch.Generator().manual_seed(seed_for(self.seed, 777)), self.images.device)
+        picture = grid(reconstruct(model, self.images, mask))
+        model.train(was_training)
+        if self.rank == 0:
+            save_png(picture, self.folder / f"step{step:08d}.png")
+            if self.writer is not None:
+                self.writer.add_image("reconstruction", picture, step, dataformats="HWC")
+                self.writer.flush()
