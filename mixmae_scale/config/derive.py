@@ -133,6 +133,30 @@ def validate(config: Config) -> None:
     _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
 
 
+def solve_batch(global_batch: int, micro_ceiling: int, world: int) -> tuple[int, int]:
+    """(micro, accumulation) reaching `global_batch` on `world` GPUs: the largest even micro-batch up to the
+    profile's ceiling (the planner's per-GPU limit) that divides each GPU's share, so the fewest
+    accumulation steps. A share that no even micro-batch divides is one error naming the nearest
+    global batches that work on this many GPUs, and the GPU counts that work for this global batch."""
+    share, remainder = divmod(global_batch, world)
+    micro = max((m for m in range(2, min(micro_ceiling, share) + 1, 2) if share % m == 0), default=0) \
+        if not remainder else 0
+    if micro:
+        return micro, share // micro
+    step = 2 * world  # each GPU needs an even number of images: MixMAE pairs image i with B-1-i
+    below, above = global_batch // step * step, (global_batch // step + 1) * step
+    near = [g for g in (below, above) if g > 0]
+    worlds = [w for w in range(1, global_batch // 2 + 1) if global_batch % (2 * w) == 0]
+    fewer = max((w for w in worlds if w < world), default=None)
+    more = min((w for w in worlds if w > world), default=None)
+    gpus = " or ".join(str(w) for w in (fewer, more) if w)
+    raise ConfigError(
+        f"batch.global_batch={global_batch} cannot be split over {world} GPUs: each GPU needs an even number of "
+        f"images (MixMAE pairs them). Nearest global batches for {world} GPUs: {' or '.join(map(str, near))} "
+        f"(--set batch.global_batch=N; the learning rate follows, base lr x N / 256); or use "
+        f"{gpus} GPUs")
+
+
 def derive(config: Config, world_size: int | None = None, train_samples: int | None = None,
            hardware: Hardware | None = None) -> Derived:
     """`world_size` and `train_samples` default to the cluster section and data.train_samples; the
@@ -140,21 +164,19 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
     machine's) decides what `precision.dtype: auto` becomes."""
     world = world_size or config.cluster.num_nodes * config.cluster.gpus_per_node
     b = config.batch
-    per_step = b.micro * world
-    if b.global_batch is not None:
-        if b.global_batch % per_step:
+    if b.global_batch is not None and b.accumulation is None:
+        micro, accumulation = solve_batch(b.global_batch, b.micro, world)
+    elif b.global_batch is not None:
+        micro, accumulation = b.micro, b.accumulation
+        if micro * accumulation * world != b.global_batch:
             raise ConfigError(
-                f"batch.global_batch={b.global_batch} is not a multiple of batch.micro x world size = "
-                f"{b.micro} x {world} = {per_step}")
-        accumulation = b.global_batch // per_step
-        if b.accumulation is not None and b.accumulation != accumulation:
-            raise ConfigError(
-                f"batch.accumulation={b.accumulation} contradicts global_batch {b.global_batch} = "
-                f"{b.micro} x {accumulation} x {world}; set only one of them")
+                f"batch.accumulation={accumulation} contradicts batch.global_batch={b.global_batch}: "
+                f"{micro} x {accumulation} x {world} GPUs = {micro * accumulation * world}; set only one of them")
     else:
-        accumulation = b.accumulation
+        micro, accumulation = b.micro, b.accumulation
         if accumulation < 1:
             raise ConfigError(f"batch.accumulation must be >= 1, got {accumulation}")
+    per_step = micro * world
     global_batch = per_step * accumulation
     samples = train_samples or config.data.train_samples
     steps_per_epoch = samples // global_batch
@@ -166,7 +188,7 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
     precision = choose_precision(config.precision.dtype, hardware or detect_hardware())
     return Derived(
         world_size=world,
-        micro_batch=b.micro,
+        micro_batch=micro,
         accumulation=accumulation,
         global_batch=global_batch,
         learning_rate=config.optim.base_learning_rate * scale,

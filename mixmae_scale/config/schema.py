@@ -63,7 +63,10 @@ class DataConfig:
 
 @dataclass
 class BatchConfig:
-    """Batch arithmetic: give `micro` and one of `global_batch` or `accumulation`."""
+    """Batch arithmetic. With `global_batch` (and no `accumulation`), `micro` is a per-GPU ceiling (the
+    planner's): each launch takes the largest even micro-batch up to it that divides the global batch
+    over its GPUs, and accumulates the rest, so one profile runs on 8 or 256 GPUs. With `accumulation`,
+    `micro` is used as given."""
 
     micro: int = 128
     global_batch: int | None = 2048

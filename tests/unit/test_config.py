@@ -78,11 +78,32 @@ def test_derived_batch_and_learning_rate():
     assert d2.global_batch == 128 * 3 * 5 and d2.learning_rate == pytest.approx(1.5e-4 * 1920 / 256)
 
 
-def test_global_batch_that_does_not_divide_is_refused():
-    with pytest.raises(ConfigError, match="not a multiple of batch.micro x world size"):
+def test_global_batch_that_cannot_be_split_is_one_error_with_the_nearest_ways_out():
+    with pytest.raises(ConfigError, match=r"cannot be split over 3 GPUs.*2046 or 2052.*or use 2 or 4 GPUs"):
         load_resolved("swin_b", world_size=3)
+    with pytest.raises(ConfigError, match=r"over 24 GPUs.*2016 or 2064.*use 16 or 32 GPUs"):
+        load_resolved("swin_h", world_size=24)
+    with pytest.raises(ConfigError, match=r"over 2048 GPUs.*GPUs: 4096 .*use 1024 GPUs"):
+        load_resolved("swin_h", world_size=2048)
     with pytest.raises(ConfigError, match="contradicts"):
         load_resolved("swin_b", overrides=["batch.accumulation=2"], world_size=16)
+
+
+@pytest.mark.parametrize("profile", ["swin_b", "swin_l", "swin_h", "finetune_b", "finetune_l"])
+@pytest.mark.parametrize("gpus", [8, 16, 32, 64, 128, 256])
+def test_every_size_profile_resolves_on_any_usual_cluster(profile, gpus):
+    r = load_resolved(profile, world_size=gpus)
+    d, ceiling = r.derived, r.config.batch.micro
+    assert d.micro_batch * d.accumulation * gpus == d.global_batch == r.config.batch.global_batch
+    assert d.micro_batch <= ceiling and d.micro_batch % 2 == 0
+    share = d.global_batch // gpus  # the largest micro-batch the ceiling allows: the fewest accumulation steps
+    assert d.micro_batch == max(m for m in range(2, min(ceiling, share) + 1, 2) if share % m == 0)
+
+
+def test_swin_h_at_64_gpus_needs_no_hand_edit():
+    d = load_resolved("swin_h", overrides=["cluster.num_nodes=8"]).derived
+    assert (d.world_size, d.micro_batch, d.accumulation, d.global_batch) == (64, 32, 1, 2048)
+    assert load_resolved("swin_h").derived.accumulation == 4  # its declared 8 GPUs: micro 64 x 4
 
 
 def test_size_preset_fills_only_unset_fields():
