@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -75,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="comma-separated splits (for 'folder', 'train' is the source folder itself)")
         p.add_argument("--shard-size", default="1GB", help="target shard size (by the source files' sizes)")
         p.add_argument("--samples-per-shard", type=int, help="fixed sample count per shard instead")
-        p.add_argument("--workers", type=int, default=1)
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing shards "
+                       "(default: every core)")
         p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
         p.add_argument("--resize-shorter", type=int, help="re-encode every image with this shorter side")
         p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +52,6 @@ def load_split(folder: str | Path, split: str, world_size: int = 1) -> SplitShar
         _check_member_names(idx)
         tars.append(str(tar))
         indexes.append(str(idx))
-    if len(shards) < world_size:
-        warnings.warn(f"split '{split}' has {len(shards)} shard(s) for {world_size} readers: ranks will read "
-                      "parts of the same files; more, smaller shards spread I/O better", stacklevel=2)
     return SplitShards(split, tuple(tars), tuple(indexes), int(info["samples"]),
                        tuple(int(s["samples"]) for s in shards), len(manifest.get("classes", [])))
 

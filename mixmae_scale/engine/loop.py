@@ -97,6 +97,9 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     derived = resolved.derived
     if rank == 0:
         log_choice(log, derived.dtype, derived.dtype_reason, derived.dtype_warning)
+        if len(train_split.tars) < world:  # said once, by rank 0, not by every rank and every loader
+            log.warning("split '%s' has %d shard(s) for %d ranks: ranks read parts of the same files; more, smaller "
+                        "shards spread the I/O better", config.data.train_split, len(train_split.tars), world)
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(root / "config.yaml", yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config},
                                                         sort_keys=False))

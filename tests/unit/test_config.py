@@ -179,3 +179,13 @@ def test_config_show_cli_prints_the_resolved_huge_profile(capsys):
     assert data["deepspeed_config"]["gradient_accumulation_steps"] == 4  # 2048 = 64 x 4 x 8 GPUs
     assert main(["config", "show", "--profile", "swin_b", "--set", "optim.lerning_rate=1"]) == 2
     assert "optim.base_learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pretrain, finetune", [("swin_b", "finetune_b"), ("swin_l", "finetune_l")])
+def test_each_size_has_its_own_run_folder_and_its_finetune_profile_finds_it(pretrain, finetune):
+    from pathlib import Path
+
+    folders = {p: Path(c.run.output_dir) / c.run.name for p in ("swin_b", "swin_l", "swin_h")
+               for c in [load_resolved(p).config]}
+    assert len(set(folders.values())) == 3
+    assert Path(load_resolved(finetune).config.finetune.init) == folders[pretrain]
