@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from mixmae_scale.cli.arguments import add_profile_args
 
@@ -11,7 +13,6 @@ from mixmae_scale.cli.arguments import add_profile_args
 def _distributed_job(args: argparse.Namespace, job) -> int:
     """Environment and shutdown shared by the jobs that run under a launcher (or alone)."""
     import logging
-    import os
     import socket
 
     from mixmae_scale.engine import distributed
@@ -24,10 +25,58 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    from mixmae_scale.engine.loop import NonFiniteLossError
+
     try:
-        return job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
-    finally:
+        code = job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
+    except NonFiniteLossError as exc:  # every rank stops here together, after a collective checkpoint
+        if rank == 0:
+            print(f"mixmae: error: {exc}", file=sys.stderr)
         distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+        return 3
+    except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
+        _report_failure(rank, exc)
+        # No orderly shutdown: its barrier would wait for ranks that are themselves waiting for this one. Exiting
+        # at once makes the launcher stop the others (they see a closed connection, reported in one line).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+    return code
+
+
+def _report_failure(rank: int, exc: Exception) -> None:
+    """The failing rank's traceback, once; a rank that fails only because a peer died says so in one line;
+    an out-of-memory error gets the ways out."""
+    import traceback
+
+    from mixmae_scale.config import ConfigError
+    from mixmae_scale.data.manifest import DataError
+    from mixmae_scale.engine.checkpoint import ResumeError
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, ConfigError | DataError | ResumeError | FileNotFoundError):  # the message says what to do
+        print(f"mixmae: error (rank {rank}): {text}", file=sys.stderr)
+        return
+    if _peer_failure(exc):
+        print(f"mixmae: rank {rank} stopped: another rank failed ({type(exc).__name__}: {text}); its traceback "
+              "is above", file=sys.stderr)
+        return
+    print(f"mixmae: rank {rank} failed:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    if "out of memory" in str(exc).lower():
+        print("mixmae: out of memory. Size the run with `mixmae plan PROFILE --gpus N --recommend`; lower "
+              "batch.micro (the global batch is kept by accumulation), turn on activation checkpointing "
+              "(model.checkpoint_every=1) or shard more (zero.stage=3)", file=sys.stderr)
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    text = str(exc)
+    return isinstance(exc, kinds) or any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                                             "NCCL communicator was aborted", "Broken pipe"))
 
 
 def _train_job(args: argparse.Namespace, kind: str) -> int:

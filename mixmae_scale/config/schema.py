@@ -152,6 +152,8 @@ class FaultConfig:
     data_stall_s: float = 300.0  # a batch that takes longer than this to arrive is reported
     # Testing only: each entry poisons one attempt at that step with a NaN loss; [5, 5] = two in a row.
     inject_nan_loss_at_steps: list[int] = field(default_factory=list)
+    # Testing only: [rank, step] raises an exception on that rank after that step (a failing rank).
+    inject_exception_at: list[int] = field(default_factory=list)
 
 
 @dataclass

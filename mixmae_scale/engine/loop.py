@@ -271,6 +271,8 @@ class TrainingLoop:
                 window.images += batch.images.shape[0]
                 micro += 1
             self.step += 1
+            if config.faults.inject_exception_at == [rank, self.step]:
+                raise RuntimeError(f"injected fault on rank {rank} after step {self.step} (faults.inject_exception_at)")
             if self.step % config.logging.every_steps == 0 or self.step == last_step:
                 self._log(metrics, window, loss_sum, loss_count, last_step, run_start)
                 window.reset()

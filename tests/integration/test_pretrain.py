@@ -236,3 +236,18 @@ def test_a_stop_for_non_finite_losses_mid_accumulation_loses_no_micro_batch(demo
     assert sorted(b) == list(range(1, 7))
     for step in range(1, 7):
         assert b[step] == pytest.approx(a[step], rel=1e-6), step
+
+
+def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(demo_shards, tmp_path):
+    """Rank 1 raises after step 3; rank 0 is then inside a collective. The job must end non-zero within
+    seconds (not at the 30-minute collective timeout), showing rank 1's traceback once."""
+    start = time.time()
+    result = launch(tmp_path / "failing", demo_shards, "faults.inject_exception_at=[1,3]", "precision.dtype=fp32",
+                    max_steps=400, check=False)
+    elapsed = time.time() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"
+    assert output.count("Traceback (most recent call last)") == 1, output[-4000:]
+    assert "mixmae: rank 1 failed:" in output and "injected fault on rank 1 after step 3" in output
+    assert "mixmae: rank 0 failed" not in output
