@@ -24,11 +24,24 @@ def exempt_from_decay(name: str, param: torch.nn.Parameter, exempt_tables: bool)
         exempt_tables and any(fnmatch.fnmatch(name, pattern) for pattern in EXEMPT_TABLES))
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, offload: bool = False
+                    ) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if exempt_from_decay(name, param, optim.exempt_tables_from_decay) else decay).append(param)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": optim.weight_decay}]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
+    return adamw(groups, optim, lr, next(model.parameters()).is_cuda, offload)
+
+
+def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offload: bool) -> torch.optim.Optimizer:
+    """AdamW over parameter groups that carry their own weight decay (and lr scales).
+
+    With ZeRO-Offload (`zero.offload_optimizer`) the step runs on the host, and DeepSpeed refuses a torch
+    optimizer there (ZeRORuntimeException): its own `DeepSpeedCPUAdam` in AdamW mode is the documented
+    route (a C++ op, compiled on first use). Otherwise torch's AdamW, fused on GPUs."""
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu or None)

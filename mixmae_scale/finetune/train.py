@@ -28,6 +28,7 @@ from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast, seed_for
 from mixmae_scale.engine.loop import Job, TrainingLoop, start_run
 from mixmae_scale.engine.monitor import drop_rows_after
+from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import evaluate
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import load_encoder
@@ -114,9 +115,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     model = build_classifier(config, num_classes).to(ctx.device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay, config.optim.exempt_tables_from_decay)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  lr=derived.learning_rate, betas=tuple(config.optim.betas), eps=config.optim.eps,
-                                  fused=ctx.device.type == "cuda" or None)  # as in pretraining's build_optimizer
+    optimizer = adamw([{k: v for k, v in g.items() if k != "names"} for g in groups], config.optim,
+                      derived.learning_rate, ctx.device.type == "cuda", config.zero.offload_optimizer)
     common = dict(img_size=config.model.img_size, batch_size=config.batch.micro, shard_id=ctx.rank,
                   num_shards=ctx.world, num_threads=config.data.num_threads,
                   device_id=choose_decode_device(config.data.decode_device, local_rank))

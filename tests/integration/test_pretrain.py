@@ -251,3 +251,18 @@ def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(dem
     assert output.count("Traceback (most recent call last)") == 1, output[-4000:]
     assert "mixmae: rank 1 failed:" in output and "injected fault on rank 1 after step 3" in output
     assert "mixmae: rank 0 failed" not in output
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_runs_steps_and_resumes(demo_shards, tmp_path, stage):
+    """ZeRO-Offload of the optimizer to host memory: DeepSpeed's CPU Adam (a torch AdamW is refused there)."""
+    run = tmp_path / f"offload{stage}"
+    common = (f"zero.stage={stage}", "zero.offload_optimizer=true", "precision.dtype=fp32",
+              "checkpoint.every_steps=100")
+    launch(run, demo_shards, *common, max_steps=3)
+    config = (run / "config.yaml").read_text()
+    assert "offload_optimizer" in config
+    result = launch(run, demo_shards, *common, max_steps=6)
+    assert "resumed from" in result.stdout + result.stderr
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 7)) and all(v == v for v in curve.values())
