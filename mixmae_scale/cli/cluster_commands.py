@@ -11,7 +11,6 @@ from mixmae_scale.cli.arguments import add_set_arg
 
 def _launch(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     from mixmae_scale.cluster.compose import batch_report, compose
     from mixmae_scale.config import load_resolved
@@ -33,7 +32,10 @@ def _launch(args: argparse.Namespace) -> int:
         from mixmae_scale.atomic_file import write_text
 
         write_text(plan.env_file, plan.env_text)
-    return subprocess.call(plan.command, env=os.environ.copy())
+    from mixmae_scale.cluster.signal_relay import relay
+
+    # SIGUSR1 or SIGTERM to this process (a scheduler's preemption warning) reaches every rank on this node.
+    return relay(plan.command, env=os.environ.copy())
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -135,15 +135,52 @@ class Job:
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM/SIGUSR1 ask for a checkpoint and a clean exit at the next step boundary, and so does the
+    death of the launcher that started this rank: DeepSpeed's `deepspeed` runner dies of SIGTERM or SIGUSR1
+    without telling the ranks (see cluster/signal_relay.py), which would otherwise train on, orphaned."""
+
+    LAUNCHERS = ("deepspeed", "torchrun", "signal_relay", "mixmae launch")
 
     def __init__(self) -> None:
         self.signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        self.launchers = _launcher_ancestors(self.LAUNCHERS)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+
+    def requested(self) -> bool:
+        if self.signal is None and any(not _alive(pid, born) for pid, born in self.launchers):
+            log.warning("the launcher that started this rank is gone: saving a checkpoint and exiting")
+            self.signal = signal.SIGHUP
+        return self.signal is not None
+
+
+def _launcher_ancestors(markers: tuple[str, ...], levels: int = 3) -> list[tuple[int, float]]:
+    import psutil
+
+    found, process = [], psutil.Process().parent()
+    for _ in range(levels):
+        if process is None:
+            break
+        try:
+            if any(m in " ".join(process.cmdline()) for m in markers):
+                found.append((process.pid, process.create_time()))
+            process = process.parent()
+        except psutil.Error:
+            break
+    return found
+
+
+def _alive(pid: int, born: float) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == born and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def rng_state() -> dict[str, Any]:
@@ -278,7 +315,7 @@ class TrainingLoop:
                 window.reset()
                 loss_sum, loss_count = 0.0, 0
             self.job.after_step(self, self.step, self.step == last_step)
-            stop_now = all_reduce_scalar(float(stop.signal is not None), dist.ReduceOp.MAX) > 0
+            stop_now = all_reduce_scalar(float(stop.requested()), dist.ReduceOp.MAX) > 0
             at_end = self.step == last_step and config.checkpoint.at_end
             if self.step % config.checkpoint.every_steps == 0 or at_end or stop_now:
                 self.last_saved = self.save(self.step)
