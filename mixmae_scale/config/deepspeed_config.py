@@ -43,6 +43,11 @@ def build_deepspeed_config(resolved: ResolvedConfig) -> dict[str, Any]:
     }
     if config.zero.offload_optimizer:
         owned["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if dtype == "bf16" and config.zero.stage > 0:
+        # DeepSpeed accumulates gradients in the model's dtype unless told: bf16 keeps 8 mantissa bits, so
+        # summing micro-batches (4 for the H profile) and ranks in it loses precision. fp32 accumulation and
+        # reduction, as with fp16's master gradients. (Stage 0 has no such mode in DeepSpeed 0.19.8.)
+        owned["data_types"] = {"grad_accum_dtype": "fp32"}
     return deep_merge(deep_merge(base, owned), _whole_numbers_as_int(config.deepspeed))
 
 

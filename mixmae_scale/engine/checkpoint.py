@@ -82,13 +82,15 @@ def find_resume(ckpt_dir: Path, resume: str) -> str | None:
 
 def optimizer_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
     """What fixes the layout of DeepSpeed's optimizer shards, read from the config DeepSpeed gets: the
-    ZeRO stage, the precision (which selects the optimizer wrapper) and, at stage 3, the sub-groups the
-    partition is cut into (DeepSpeed's default: 1e9 elements)."""
+    ZeRO stage, the precision and the gradient-accumulation dtype (which select the optimizer wrapper:
+    bf16 with fp32 accumulation at ZeRO-1 is DeepSpeed's BF16_Optimizer) and, at stage 3, the sub-groups
+    the partition is cut into (DeepSpeed's default: 1e9 elements)."""
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     dtype = next((name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled")), "fp32")
     return {"zero_stage": stage, "dtype": dtype,
-            "sub_group_size": int(zero.get("sub_group_size", 1_000_000_000)) if stage == 3 else None}
+            "sub_group_size": int(zero.get("sub_group_size", 1_000_000_000)) if stage == 3 else None,
+            "grad_accum_dtype": ds_config.get("data_types", {}).get("grad_accum_dtype")}
 
 
 def check_compatible(ckpt_dir: Path, tag: str, model_digest: str, world_size: int,

@@ -330,7 +330,8 @@ class TrainingLoop:
         peak = [0.0] * self.ctx.world
         dist.all_gather_object(peak, peak_memory_mib())
         steady = self.rates[1:] or self.rates
-        return {"steps": self.step, "planned_steps": last_step, "stopped_by_signal": self.stopped_by_signal,
+        return {"steps": self.step, "optimizer_steps": int(self.engine.global_steps), "planned_steps": last_step,
+                "stopped_by_signal": self.stopped_by_signal,
                 "images_seen": self.step * derived.global_batch, "skipped_nonfinite": self.skipped_nonfinite,
                 "images_per_s": sum(steady) / len(steady) if steady else None, "peak_mem_mib_per_rank": peak,
                 "wall_s": time.perf_counter() - run_start,

@@ -221,23 +221,41 @@ def test_two_launchers_as_two_nodes_write_one_checkpoint_that_resumes(demo_shard
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
-def test_a_stop_for_non_finite_losses_mid_accumulation_loses_no_micro_batch(demo_shards, tmp_path):
-    """Accumulation 2: the run that stops in its third step (index 2) saves the state from that step's start,
-    so its resume replays the micro-batches that step consumed and matches an uninterrupted run (fp32)."""
-    common = ("precision.dtype=fp32", "batch.accumulation=2", "checkpoint.every_steps=100")
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=needs_native_bf16)])
+def test_accumulation_of_four_steps_schedules_and_resumes_exactly(demo_shards, tmp_path, dtype):
+    """The H profile accumulates 4 micro-batches. Here: optimizer steps and the lr schedule follow the
+    optimizer step, not the micro-batch; the loss falls; gradients accumulate in fp32 under bf16; and a run
+    stopped by non-finite losses inside its third step (index 2) saves the state from that step's start, so
+    that its resume replays the micro-batches the step consumed and matches the uninterrupted run."""
+    common = (f"precision.dtype={dtype}", "batch.accumulation=4", "checkpoint.every_steps=100",
+              "optim.base_learning_rate=0.02", "schedule.warmup_epochs=1.5")
     full = tmp_path / "full"
-    launch(full, demo_shards, *common, max_steps=6)
+    launch(full, demo_shards, *common, max_steps=8)
+    summary = json.loads((full / "summary.json").read_text())
+    config = yaml.safe_load((full / "config.yaml").read_text())
+    derived = config["derived"]
+    assert derived["accumulation"] == 4 and derived["global_batch"] == 8 * 4 * 2
+    assert summary["optimizer_steps"] == summary["steps"] == 8
+    assert config["deepspeed_config"].get("data_types", {}).get("grad_accum_dtype") == (
+        "fp32" if dtype == "bf16" else None)
+    with (full / "metrics.csv").open() as handle:
+        lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(handle)}
+    warmup, peak = derived["warmup_steps"], derived["learning_rate"]
+    assert warmup >= 4
+    for step in range(1, warmup + 1):  # linear warm-up, one increment per optimizer step (logged after it)
+        assert lrs[step] == pytest.approx(peak * (step - 1) / warmup, rel=1e-6, abs=1e-12), (step, lrs)
+    curve = losses(full)
+    assert (curve[7] + curve[8]) / 2 < (curve[1] + curve[2]) / 2, curve
     stopped = tmp_path / "stopped"
-    # Step index 2: three micro-batches in a row are poisoned (limit 2), after two good steps.
     result = launch(stopped, demo_shards, *common, "faults.inject_nan_loss_at_steps=[2,2,2]",
-                    "faults.nonfinite_skip_limit=2", max_steps=6, check=False)
+                    "faults.nonfinite_skip_limit=2", max_steps=8, check=False)
     assert result.returncode != 0 and "3 non-finite losses in a row at step 2" in result.stdout + result.stderr
     assert (stopped / "checkpoints" / "step00000002" / "COMPLETE").exists()
-    launch(stopped, demo_shards, *common, max_steps=6)
-    a, b = losses(full), losses(stopped)
-    assert sorted(b) == list(range(1, 7))
-    for step in range(1, 7):
-        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+    launch(stopped, demo_shards, *common, max_steps=8)
+    resumed = losses(stopped)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(curve[step], rel=1e-6), step
 
 
 def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(demo_shards, tmp_path):
