@@ -108,8 +108,10 @@ def check_compatible(ckpt_dir: Path, tag: str, model_digest: str, world_size: in
                           "optimizer shards are per rank. Convert it with DeepSpeed's ds_to_universal.py and load "
                           "the universal checkpoint, or resume on the same number of GPUs")
     saved_layout = saved.get("optimizer_layout")
-    if layout is not None and saved_layout is not None and saved_layout != layout:
-        changed = ", ".join(f"{k} {saved_layout.get(k)} -> {v}" for k, v in layout.items() if saved_layout.get(k) != v)
+    # A key a checkpoint lacks was written before it was recorded, at its value then: None.
+    changed = ", ".join(f"{k} {saved_layout.get(k)} -> {v}" for k, v in (layout or {}).items()
+                        if saved_layout is not None and saved_layout.get(k) != v)
+    if changed:
         raise ResumeError(f"{ckpt_dir / tag} holds DeepSpeed optimizer shards of another layout ({changed}); "
                           "DeepSpeed cannot load them as they are. Resume with the same zero.stage, precision.dtype "
                           "and sub_group_size, or convert the checkpoint with DeepSpeed's ds_to_universal.py")
