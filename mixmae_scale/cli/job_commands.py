@@ -36,6 +36,7 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
         return 3
     except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
         _report_failure(rank, exc)
+        distributed.remove_shm_buffer(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
         # No orderly shutdown: its barrier would wait for ranks that are themselves waiting for this one. Exiting
         # at once makes the launcher stop the others (they see a closed connection, reported in one line).
         sys.stdout.flush()

@@ -39,6 +39,12 @@ def shutdown(master_addr: str, master_port: str) -> None:
     dist.barrier()
     rank = dist.get_rank()
     dist.destroy_process_group()
+    remove_shm_buffer(master_addr, master_port, rank)
+
+
+def remove_shm_buffer(master_addr: str, master_port: str, rank: int) -> None:
+    """This rank's DeepSpeed CPU all-reduce buffer (see `shutdown`); also called by a failing rank, which
+    exits without the orderly shutdown."""
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 

@@ -271,6 +271,8 @@ def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(dem
     assert output.count("Traceback (most recent call last)") == 1, output[-4000:]
     assert "mixmae: rank 1 failed:" in output and "injected fault on rank 1 after step 3" in output
     assert "mixmae: rank 0 failed" not in output
+    port = result.args[result.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_1")), "the failing rank left its buffer"
 
 
 def test_zero_offload_runs_steps_and_resumes(demo_shards, tmp_path):
