@@ -35,6 +35,7 @@ class Derived:
     dtype: str  # precision.dtype made concrete for the hardware (see config/precision.py)
     dtype_reason: str
     dtype_warning: str | None  # the requested dtype is emulated or unsupported on this hardware
+    compile: bool = False  # model.compile made concrete: "auto" compiles on GPUs only
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
     m = config.model
     final_grid = m.img_size // (m.patch_size * 2 ** (len(m.depths) - 1))
     scale = global_batch / 256
-    precision = choose_precision(config.precision.dtype, hardware or detect_hardware())
+    hardware = hardware or detect_hardware()
+    precision = choose_precision(config.precision.dtype, hardware)
     return Derived(
         world_size=world,
         micro_batch=micro,
@@ -201,6 +203,7 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
         dtype=precision.dtype,
         dtype_reason=precision.reason,
         dtype_warning=precision.warning,
+        compile=m.compile if isinstance(m.compile, bool) else hardware.device == "cuda",
     )
 
 

@@ -38,6 +38,10 @@ class ModelConfig:
     attention: Literal["fused", "reference"] = "fused"
     # 0: no activation checkpointing; k >= 1: checkpoint every k-th encoder block.
     checkpoint_every: int = 0
+    # Regional torch.compile of the encoder and decoder blocks (models/regional_compile.py). "auto": on GPUs;
+    # off on CPUs, where compiling Swin-B's blocks takes several minutes on two cores (benchmarks/model_step.py
+    # measures both), longer than a CPU demo or test run lasts. true compiles on CPUs too.
+    compile: bool | Literal["auto"] = "auto"
 
 
 @dataclass

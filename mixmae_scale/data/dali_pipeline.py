@@ -33,6 +33,7 @@ def build_pipeline(shards: SplitShards, spec: PipelineSpec, checkpoint: bytes | 
     size = spec.img_size
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]
+    out_dtype = types.FLOAT16 if spec.output_dtype == "float16" else types.FLOAT
 
     @pipeline_def(enable_conditionals=spec.rand_augment is not None, enable_checkpointing=True)
     def graph():
@@ -58,16 +59,16 @@ def build_pipeline(shards: SplitShards, spec: PipelineSpec, checkpoint: bytes | 
                 images = rand_augment.rand_augment(images, n=ops, m=magnitude, num_magnitude_bins=RAND_AUGMENT_LEVELS,
                                                    monotonic_mag=True)
             mirror = fn.random.coin_flip(probability=spec.hflip)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
+            images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=mean, std=std,
                                               mirror=mirror)
         else:
             images = fn.decoders.image(jpg, device=device, output_type=types.RGB, **_gpu_decoder_args(spec))
             images = fn.resize(images, resize_shorter=round(size / EVAL_CROP_FRACTION),
                                interp_type=types.INTERP_CUBIC, antialias=True)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
+            images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", crop=(size, size),
                                               crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)
         # Labels arrive as ASCII digits of varying length: pad to the batch's longest, parse later.
-        result = [images, fn.pad(cls, fill_value=0, axes=(0,), shape=(-1,))]
+        result = [images] + ([fn.pad(cls, fill_value=0, axes=(0,), shape=(-1,))] if spec.with_labels else [])
         if spec.with_meta:
             result.append(fn.pad(outputs[2], fill_value=0, axes=(0,), shape=(-1,)))
         return tuple(result)

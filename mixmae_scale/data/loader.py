@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S) float32, normalised
-    labels: torch.Tensor  # (B,) int64; -1 for unlabeled data
+    images: torch.Tensor  # (B, 3, S, S) normalised, float32 or float16 (PipelineSpec.output_dtype)
+    labels: torch.Tensor | None  # (B,) int64; -1 for unlabeled data; None where the spec asks for no labels
     meta: list[dict] | None = None
 
 
@@ -106,11 +106,12 @@ class ShardLoader:
             except RuntimeError as exc:
                 raise unreadable_sample_error(self.shards, exc) from exc
             if self.spec.device_id is not None:
-                tensor = _to_torch(outputs[0], self.spec.device_id)
+                tensor = _to_torch(outputs[0], self.spec.device_id, getattr(torch, self.spec.output_dtype))
             else:
                 tensor = torch.from_numpy(np.array(outputs[0].as_tensor()))
-            labels = parse_labels(np.array(outputs[1].as_tensor()))
-            meta = _parse_meta(np.array(outputs[2].as_tensor())) if self.spec.with_meta else None
+            rest = list(outputs[1:])
+            labels = parse_labels(np.array(rest.pop(0).as_tensor())) if self.spec.with_labels else None
+            meta = _parse_meta(np.array(rest.pop(0).as_tensor())) if self.spec.with_meta else None
             yield Batch(tensor, labels, meta)
 
     def _torch_stream(self) -> Iterator[Batch]:
@@ -120,7 +121,12 @@ class ShardLoader:
         for index, (images, labels, meta) in enumerate(stream):
             if index < self._torch_skip:  # resume: the same seeded stream, fast-forwarded
                 continue
-            yield Batch(images, labels, meta if self.spec.with_meta else None)
+            yield self._torch_batch(images, labels, meta)
+
+    def _torch_batch(self, images: torch.Tensor, labels: torch.Tensor, meta: list[dict]) -> Batch:
+        """The PyTorch loader's batch as the spec asks (DALI's pipeline does this in its graph)."""
+        return Batch(images.to(getattr(torch, self.spec.output_dtype)), labels if self.spec.with_labels else None,
+                     meta if self.spec.with_meta else None)
 
     def eval_batches(self) -> Iterator[tuple[Batch, int]]:
         """One pass over the split for evaluation: (batch, how many of its samples are real).
@@ -136,8 +142,8 @@ class ShardLoader:
         else:
             from mixmae_scale.data.torch_pipeline import torch_batches
 
-            stream = (Batch(i, lab, m if self.spec.with_meta else None)
-                      for i, lab, m in torch_batches(self.shards, self.spec, self.workers, repeat=False))
+            stream = (self._torch_batch(*batch)
+                      for batch in torch_batches(self.shards, self.spec, self.workers, repeat=False))
         last = None
         for index in range(total):
             batch = next(stream, None) or last
@@ -177,10 +183,10 @@ def _eval_counts(samples: int, world: int, backend: str) -> list[int]:
     return [len(range(r, samples, world)) for r in range(world)]
 
 
-def _to_torch(tensor_list, device_id: int) -> torch.Tensor:
+def _to_torch(tensor_list, device_id: int, dtype: torch.dtype) -> torch.Tensor:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{device_id}")
+    out = torch.empty(dense.shape(), dtype=dtype, device=f"cuda:{device_id}")
     feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
     return out

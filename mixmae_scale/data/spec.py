@@ -30,3 +30,8 @@ class PipelineSpec:
     interpolation: Literal["bicubic", "linear"] = "bicubic"  # after the random crop (eval is always bicubic)
     device_id: int | None = None  # a GPU index: decode on it; None: CPU only
     with_meta: bool = False  # also return each sample's json (tests, visualisation)
+    with_labels: bool = True  # pretraining reads no labels, so it neither outputs nor parses them
+    # float16 halves the batch the host hands the GPU and keeps normalised 8-bit pixels within 1e-3 (a pixel
+    # step is 0.017 after normalisation), so the per-patch normalised target loses nothing; bfloat16 would
+    # round them by up to half a step. Half-precision runs ask for it.
+    output_dtype: Literal["float32", "float16"] = "float32"

@@ -20,7 +20,6 @@ Every decision that must agree across ranks is all-reduced first, so no rank wai
 from __future__ import annotations
 
 import logging
-import math
 import random
 import signal
 import time
@@ -43,7 +42,7 @@ from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.manifest import SplitShards, load_split
 from mixmae_scale.engine import checkpoint as ckpt
 from mixmae_scale.engine import distributed
-from mixmae_scale.engine.distributed import all_reduce_scalar, seed_for
+from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
     Throughput,
@@ -52,6 +51,7 @@ from mixmae_scale.engine.monitor import (
     peak_memory_mib,
     reset_peak_memory,
 )
+from mixmae_scale.models.regional_compile import maybe_compile
 
 log = logging.getLogger("mixmae.loop")
 
@@ -111,8 +111,21 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     return RunContext(config, resolved, rank, world, local_rank, device, root, train_split, ds_config, layout, tag)
 
 
+def compile_model(model: torch.nn.Module, ctx: RunContext) -> int:
+    """Regional compilation as `model.compile` resolved (see models/regional_compile.py), said once; returns
+    the number of compiled blocks. Before DeepSpeed wraps the model, so its hooks stay outside the graphs."""
+    compiled = maybe_compile(model, ctx.resolved.derived.compile, ctx.device)
+    if ctx.rank == 0:
+        setting = ctx.config.model.compile
+        log.info("model.compile=%s: %s", setting, f"{compiled} blocks compiled on first use" if compiled
+                 else "eager blocks" + (" (auto compiles on GPUs only)" if setting == "auto" else ""))
+    return compiled
+
+
 class Job:
     """What a job adds to the shared loop. The defaults do nothing."""
+
+    compiled_blocks = 0  # set by the job's entry point: the first step's time then includes compiling
 
     def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         raise NotImplementedError
@@ -266,14 +279,16 @@ class TrainingLoop:
         stream = micro_batches()
         poisoned = Counter(config.faults.inject_nan_loss_at_steps)
         window, stop = Throughput(), _StopFlag()
-        loss_sum, loss_count, nonfinite_run = 0.0, 0, 0
+        # The running loss stays on the device; it is read once per logging interval.
+        loss_sum, loss_count, nonfinite_run = torch.zeros((), device=self.device), 0, 0
         run_start = time.perf_counter()
         reset_peak_memory()
         self.engine.train()
         while self.step < last_step:
             boundary = ({"loader": self.loader.state_dict(), "rng": rng_state()} if derived.accumulation > 1
                         else None)
-            micro = 0
+            micro, stop_now = 0, False
+            step_start = time.perf_counter()
             while micro < derived.accumulation:
                 wait_start = time.perf_counter()
                 batch = next(stream)
@@ -286,8 +301,9 @@ class TrainingLoop:
                 if poisoned[self.step] > 0:  # fault injection for tests: one more poisoned attempt at this step
                     poisoned[self.step] -= 1
                     loss = loss * float("nan")
-                value = float(loss.detach())  # one host sync serves the finite check and the running mean
-                if all_reduce_scalar(float(math.isfinite(value)), dist.ReduceOp.MIN) < 1:
+                last_micro = micro == derived.accumulation - 1
+                nonfinite, stop_votes = step_decision(loss, last_micro and stop.requested())
+                if nonfinite:
                     nonfinite_run += 1
                     self.skipped_nonfinite += 1
                     if rank == 0:
@@ -301,21 +317,25 @@ class TrainingLoop:
                             f"state is in {self.last_saved}. Lower the learning rate or check the data, then resume")
                     continue
                 nonfinite_run = 0
+                stop_now = stop_votes > 0
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += value
+                loss_sum += loss.detach().float()
                 loss_count += 1
                 window.images += batch.images.shape[0]
                 micro += 1
             self.step += 1
+            if self.step == 1 and rank == 0 and getattr(self.job, "compiled_blocks", 0):
+                log.info("first step took %.1f s, compiling %d block(s) included", time.perf_counter() - step_start,
+                         self.job.compiled_blocks)
             if config.faults.inject_exception_at == [rank, self.step]:
                 raise RuntimeError(f"injected fault on rank {rank} after step {self.step} (faults.inject_exception_at)")
             if self.step % config.logging.every_steps == 0 or self.step == last_step:
                 self._log(metrics, window, loss_sum, loss_count, last_step, run_start)
                 window.reset()
-                loss_sum, loss_count = 0.0, 0
+                loss_sum.zero_()
+                loss_count = 0
             self.job.after_step(self, self.step, self.step == last_step)
-            stop_now = all_reduce_scalar(float(stop.requested()), dist.ReduceOp.MAX) > 0
             at_end = self.step == last_step and config.checkpoint.at_end
             if self.step % config.checkpoint.every_steps == 0 or at_end or stop_now:
                 self.last_saved = self.save(self.step)
@@ -338,12 +358,15 @@ class TrainingLoop:
                 "checkpoint": str(self.last_saved) if self.last_saved else None,
                 "dtype": derived.dtype, "dtype_reason": derived.dtype_reason}
 
-    def _log(self, metrics: MetricsLog | None, window: Throughput, loss_sum: float, loss_count: int,
+    def _log(self, metrics: MetricsLog | None, window: Throughput, loss_sum: torch.Tensor, loss_count: int,
              last_step: int, run_start: float) -> None:
         derived, step = self.derived, self.step
         rate, wait_frac = window.window()
-        global_rate = all_reduce_scalar(rate)
-        mean_loss = all_reduce_scalar(loss_sum) / max(all_reduce_scalar(loss_count), 1)
+        totals = torch.stack([loss_sum.detach().double(), loss_sum.new_full((), loss_count, dtype=torch.float64),
+                              loss_sum.new_full((), rate, dtype=torch.float64)])
+        dist.all_reduce(totals)
+        total_loss, total_count, global_rate = totals.tolist()  # one read per logging interval
+        mean_loss = total_loss / max(total_count, 1)
         self.rates.append(global_rate)
         if metrics is None:
             return
@@ -363,6 +386,23 @@ class TrainingLoop:
         log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  grad %s  %.0f img/s  MFU %s  data %.0f%%  mem %.0f MiB"
                  "  ETA %s", step, last_step, row["epoch"], mean_loss, row["lr"], grad_text, global_rate,
                  f"{mfu:.1%}" if mfu else "n/a", 100 * wait_frac, row["peak_mem_mib"], format_eta(eta))
+
+
+def step_decision(loss: torch.Tensor, stop_requested: bool) -> tuple[int, int]:
+    """(ranks whose loss is non-finite, ranks asking to stop), agreed by every rank: the one host read of a
+    micro-step. Both flags are made on the loss's device and reduced in a single collective.
+
+    The read comes before the backward because a non-finite micro-batch must be kept out of the gradients:
+    none of DeepSpeed's engines (ZeRO 0-3, fp32/bf16/fp16) can take one out of an accumulated gradient
+    afterwards. With accumulation 1 (the at-scale profiles) that is one read per optimizer step, down from
+    three (the loss, the finite check, the stop flag); the running loss is read only when logged."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
+                         loss.new_full((), float(stop_requested), dtype=torch.float32)])
+    if dist.get_backend() == "gloo" and flags.device.type != "cpu":
+        flags = flags.cpu()
+    dist.all_reduce(flags)
+    nonfinite, stop_votes = flags.tolist()
+    return int(nonfinite), int(stop_votes)
 
 
 def fp16_loss_scale(engine) -> float | None:

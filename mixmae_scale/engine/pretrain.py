@@ -24,7 +24,7 @@ from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch, ShardLoader, choose_decode_device
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast, seed_for
-from mixmae_scale.engine.loop import Job, NonFiniteLossError, TrainingLoop, fp16_loss_scale, start_run
+from mixmae_scale.engine.loop import Job, NonFiniteLossError, TrainingLoop, compile_model, fp16_loss_scale, start_run
 from mixmae_scale.engine.monitor import device_peak_flops
 from mixmae_scale.engine.optimizer import build_optimizer
 from mixmae_scale.models.flops import model_report
@@ -41,7 +41,8 @@ def heldout_loss(engine, config: Config, device: torch.device, dtype: str) -> fl
     """Reconstruction loss on the first validation batches with fixed masks: comparable across steps
     and runs. Every rank scores the same batches (ZeRO-3 forwards are collective)."""
     spec = PipelineSpec(mode="eval", img_size=config.model.img_size, batch_size=config.batch.micro,
-                        num_threads=config.data.num_threads, seed=config.run.seed)
+                        num_threads=config.data.num_threads, seed=config.run.seed, with_labels=False,
+                        output_dtype=loader_dtype(dtype))
     loader = ShardLoader(config.data.shards, config.data.val_split, spec, config.data.loader, config.data.num_threads)
     model = engine.module
     was_training = model.training
@@ -59,6 +60,11 @@ def heldout_loss(engine, config: Config, device: torch.device, dtype: str) -> fl
     return total / max(count, 1)
 
 
+def loader_dtype(engine_dtype: str) -> str:
+    """What the loader hands a run of `engine_dtype`: float16 for half-precision engines (PipelineSpec)."""
+    return "float32" if engine_dtype == "fp32" else "float16"
+
+
 class PretrainJob(Job):
     def __init__(self, config: Config, snapshots=None) -> None:
         self.config = config
@@ -68,9 +74,11 @@ class PretrainJob(Job):
         self.peak_flops = device_peak_flops(config.logging.peak_tflops)
 
     def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
-        # fp32 images: the model casts its encoder input to its weights' dtype and makes the target from these.
+        # fp32 or fp16 images (see PipelineSpec.output_dtype): the model casts its encoder input to its weights'
+        # dtype and makes the target from these in fp32. The mask is drawn on the device: no copy, no sync.
         images = batch.images.to(loop.device, non_blocking=True)
-        generator = torch.Generator().manual_seed(seed_for(self.config.run.seed, loop.ctx.rank, step, micro))
+        generator = torch.Generator(loop.device).manual_seed(
+            seed_for(self.config.run.seed, loop.ctx.rank, step, micro))
         mask = loop.engine.module.sample_mask(generator, loop.device)
         with autocast(loop.device, loop.derived.dtype):
             return loop.engine(images, mask=mask).loss
@@ -104,12 +112,14 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                         num_threads=config.data.num_threads, shuffle_buffer=config.data.shuffle_buffer,
                         crop_scale=tuple(config.data.crop_scale), crop_ratio=tuple(config.data.crop_ratio),
                         hflip=config.data.hflip, interpolation=config.data.interpolation,
-                        device_id=choose_decode_device(config.data.decode_device, local_rank))
+                        device_id=choose_decode_device(config.data.decode_device, local_rank), with_labels=False,
+                        output_dtype=loader_dtype(derived.dtype))
     loader = ShardLoader(config.data.shards, config.data.train_split, spec, config.data.loader,
                          config.data.num_threads)
     snapshots = (snapshot_factory(config, ctx.root, ctx.rank, ctx.device)
                  if snapshot_factory and config.logging.visualize_every_steps else None)
     job = PretrainJob(config, snapshots)
+    job.compiled_blocks = compile_model(model, ctx)
     loop = TrainingLoop(ctx, model, optimizer, loader, job)
     summary = loop.run(max_steps)
     heldout_end = heldout_loss(loop.engine, config, ctx.device, derived.dtype)

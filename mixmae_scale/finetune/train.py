@@ -26,7 +26,7 @@ from mixmae_scale.data.loader import Batch, ShardLoader, choose_decode_device
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast, seed_for
-from mixmae_scale.engine.loop import Job, TrainingLoop, start_run
+from mixmae_scale.engine.loop import Job, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.monitor import drop_rows_after
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import evaluate
@@ -131,6 +131,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
     job = FinetuneJob(config, ctx.root, num_classes, PipelineSpec(mode="eval", **common), val_samples, ctx.device,
                       eval_every=max(1, round(ft.eval_every_epochs * derived.steps_per_epoch)))
+    job.compiled_blocks = compile_model(model, ctx)
     loop = TrainingLoop(ctx, model, optimizer, loader, job)
     summary = loop.run(max_steps)
     summary.update({"best": job.best, "last": job.last, "num_classes": num_classes, "init": ft.init})

@@ -15,14 +15,18 @@ from mixmae_scale.models.window_attention import same_source_mask
 
 def sample_mask(grid: int, ratio: float, range_ratio: float = 0.0, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """A (grid * grid,) float mask with floor(grid^2 * r) ones, r = ratio + U(0, range_ratio)."""
+    """A (grid * grid,) float mask with floor(grid^2 * r) ones, r = ratio + U(0, range_ratio).
+
+    The cells are drawn where `generator` lives: a training step passes a generator on its GPU, so the
+    mask is made there without a host-to-device copy or a synchronisation. The count of masked cells is
+    a host number, so the random part of the ratio comes from a CPU generator seeded alike."""
+    draw_device = generator.device if generator is not None else torch.device(device)
     if range_ratio > 0:
-        ratio = ratio + range_ratio * torch.rand((), generator=generator).item()
+        host = torch.Generator().manual_seed(generator.initial_seed()) if generator is not None else None
+        ratio = ratio + range_ratio * torch.rand((), generator=host).item()
     cells = grid * grid
-    n_masked = int(cells * ratio)
-    order = torch.randperm(cells, generator=generator)
-    mask = torch.zeros(cells)
-    mask[order[:n_masked]] = 1.0
+    order = torch.randperm(cells, generator=generator, device=draw_device)
+    mask = torch.zeros(cells, device=draw_device).index_fill_(0, order[:int(cells * ratio)], 1.0)
     return mask.to(device)
 
 
@@ -34,9 +38,11 @@ def upsample_mask(mask: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(mask.view(1, 1, grid, grid), size=(resolution, resolution), mode="nearest")[0, 0]
 
 
-def stage_source_masks(mask: torch.Tensor, resolutions: list[int], windows: list[int]) -> list[torch.Tensor]:
-    """One additive same-source attention mask per stage, (nW, 1, N, N)."""
-    return [same_source_mask(upsample_mask(mask, r), w) for r, w in zip(resolutions, windows, strict=True)]
+def stage_source_masks(mask: torch.Tensor, resolutions: list[int], windows: list[int],
+                       dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """One additive same-source attention mask per stage, (nW, 1, N, N) in the attention dtype: made once
+    per forward and shared by the stage's blocks (and, as an input, by their compiled code)."""
+    return [same_source_mask(upsample_mask(mask, r), w, dtype) for r, w in zip(resolutions, windows, strict=True)]
 
 
 def mix_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

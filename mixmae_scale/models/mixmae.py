@@ -56,6 +56,12 @@ def unmix_predictions(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return pred[:batch] * m + pred[batch:].flip(0) * (1 - m)
 
 
+def attention_dtype(tokens: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in: autocast's where it is on, the tokens' otherwise."""
+    device = tokens.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+
+
 class MixMAE(nn.Module):
     def __init__(self, shape: SwinShape, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, mask_ratio: float = 0.5, range_mask_ratio: float = 0.0,
@@ -78,7 +84,8 @@ class MixMAE(nn.Module):
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.add_position(mix_tokens(self.encoder.embed(images), mask))
-        source_masks = stage_source_masks(mask, self.shape.stage_resolutions, self.shape.stage_windows)
+        source_masks = stage_source_masks(mask, self.shape.stage_resolutions, self.shape.stage_windows,
+                                          attention_dtype(tokens))
         return self.encoder.forward_tokens(tokens, source_masks)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,

@@ -33,16 +33,17 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
-def same_source_mask(source: torch.Tensor, window: int) -> torch.Tensor:
-    """Additive mask (nW, 1, N, N): 0 where query and key come from the same image, -inf elsewhere.
+def same_source_mask(source: torch.Tensor, window: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask (nW, 1, N, N) in the attention dtype: 0 where query and key come from the same
+    image, -inf elsewhere. Made once per stage and forward, so no block builds or casts a mask.
 
     `source` is the (H, W) map of which image each token came from (the upsampled mixing mask).
     A token always sees itself, so no softmax row is fully masked.
     """
-    ids = window_partition(source[None, :, :, None].float(), window)[..., 0]  # (nW, N)
+    ids = window_partition(source[None, :, :, None], window)[..., 0]  # (nW, N)
     blocked = ids[:, :, None] != ids[:, None, :]
-    mask = torch.zeros(blocked.shape, dtype=torch.float32, device=source.device)
-    return mask.masked_fill_(blocked, float("-inf"))[:, None]
+    zero = torch.zeros((), dtype=dtype, device=source.device)
+    return torch.where(blocked, float("-inf"), zero)[:, None]
 
 
 class WindowAttention(nn.Module):
@@ -68,14 +69,13 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B * nW, nH, N, d)
-        mask = self.relative_position_bias()[None]  # (1, nH, N, N)
+        mask = self.relative_position_bias().to(q.dtype)[None]  # (1, nH, N, N)
         if source_mask is not None:
             # Fold the windows into the head axis so one (nW * nH, N, N) mask broadcasts over the batch.
             n_windows = source_mask.shape[0]
-            mask = (mask + source_mask).reshape(1, n_windows * self.num_heads, n, n)
+            mask = (mask + source_mask).to(q.dtype).reshape(1, n_windows * self.num_heads, n, n)
             shape = (bw // n_windows, n_windows * self.num_heads, n, -1)
             q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        mask = mask.to(q.dtype)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
