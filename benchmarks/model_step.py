@@ -71,9 +71,12 @@ def speed(size: str, batch: int, dtype: str, device: str, steps: int, variants: 
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     mask = ours.sample_mask(torch.Generator().manual_seed(0), device)
     steps_fn = {}
-    if "timm_swin_encoder" in variants:
+    if "timm_swin_encoder" in variants or "timm_swin_plus_decoder" in variants:
         timm_model = _timm_swin(cfg).to(device)
         steps_fn["timm_swin_encoder"] = lambda: timm_model.forward_features(images).float().mean().backward()
+        if "timm_swin_plus_decoder" in variants:
+            steps_fn["timm_swin_plus_decoder"] = lambda: _timm_plus_decoder_loss(timm_model, ours, images,
+                                                                                 mask).backward()
 
     def ours_encoder(fused: bool, every: int = 0):
         def run():
@@ -92,6 +95,14 @@ def speed(size: str, batch: int, dtype: str, device: str, steps: int, variants: 
     table = {"mixmae_encoder_fused": ours_encoder(True), "mixmae_encoder_reference": ours_encoder(False),
              "mixmae_step_fused": ours_full(True), "mixmae_step_reference": ours_full(False),
              "mixmae_step_fused_ckpt": ours_full(True, 1)}
+    if "mixmae_step_compiled" in variants:
+        from mixmae_scale.models.regional_compile import maybe_compile
+
+        torch.manual_seed(0)
+        compiled, _ = _build(size)
+        compiled = compiled.to(device)
+        if maybe_compile(compiled, True, torch.device(device)):
+            table["mixmae_step_compiled"] = lambda: compiled(images, mask=mask).loss.backward()
     for name in variants:
         if name in table:
             steps_fn[name] = table[name]
@@ -112,10 +123,26 @@ def speed(size: str, batch: int, dtype: str, device: str, steps: int, variants: 
                      "device": device, "step_s": median, "ms_per_image": 1000 * median / batch,
                      "images_per_s": batch / median, "repeats": len(values)})
     base = next((r["step_s"] for r in rows if r["variant"] == "timm_swin_encoder"), None)
+    base_step = next((r["step_s"] for r in rows if r["variant"] == "timm_swin_plus_decoder"), None)
+    eager = next((r["step_s"] for r in rows if r["variant"] == "mixmae_step_fused"), None)
     for row in rows:
         if base and "encoder" in row["variant"]:
             row["vs_timm"] = row["step_s"] / base
+        if base_step and row["variant"].startswith("mixmae_step"):
+            row["vs_timm"] = row["step_s"] / base_step  # < 1: faster than timm's Swin with our decoder
+        if eager and row["variant"] == "mixmae_step_compiled":
+            row["speedup_vs_eager"] = eager / row["step_s"]
     return rows
+
+
+def _timm_plus_decoder_loss(timm_model, ours, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same work with timm's (unmixed, shifted-window) Swin as the encoder and our decoder and loss."""
+    from mixmae_scale.models.mixmae import normalized_target, unmix_predictions
+
+    features = timm_model.forward_features(images).flatten(1, 2)
+    pred = unmix_predictions(ours.decoder(features, mask), mask)
+    target = normalized_target(images.float(), ours.cell, ours.norm_pix_loss)
+    return (pred.float() - target).pow(2).mean()
 
 
 def _read_status_kb(field: str) -> int:
@@ -170,6 +197,7 @@ def memory(size: str, batch: int, dtype: str, device: str, attention: str) -> li
 
 def print_table(rows: list[dict]) -> None:
     cols = ["kind", "size", "variant", "batch", "dtype", "device", "step_s", "ms_per_image", "vs_timm",
+            "speedup_vs_eager",
             "step_peak_mib", "reduction_vs_no_ckpt"]
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
@@ -193,6 +221,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed repeats per variant (after one warm-up)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="no compiled variant (it compiles for minutes "
+                        "on a 2-core CPU)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,7 +235,9 @@ def main() -> None:
     rows: list[dict] = []
     for size in args.sizes:
         variants = ["timm_swin_encoder", "mixmae_encoder_fused", "mixmae_encoder_reference",
-                    "mixmae_step_fused", "mixmae_step_reference"]
+                    "timm_swin_plus_decoder", "mixmae_step_fused", "mixmae_step_reference"]
+        if not args.skip_compile:
+            variants.append("mixmae_step_compiled")
         rows += speed(size, args.batch, args.dtype, args.device, args.steps, variants)
         if not args.skip_memory:
             rows += memory(size, args.batch, args.dtype, args.device, "fused")

@@ -17,15 +17,19 @@ def _scaling(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.spec)
         runs = expand(spec, load_split(spec.shards, "train").samples)
-        print(f"{'run':<28}{'N':>12}{'D (images)':>12}{'C (FLOPs)':>12}")
+        print(f"{'run':<30}{'N':>12}{'steps':>8}{'D (images)':>12}{'C (FLOPs)':>12}{'budget':>10}")
         for run in runs:
-            print(f"{run.run_id:<28}{run.params:>12,}{run.images_seen:>12,}{run.flops:>12.3g}")
-        print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total")
+            budget = f"{run.budget:.3g}" if run.budget else "-"
+            print(f"{run.run_id:<30}{run.params:>12,}{run.steps:>8}{run.images_seen:>12,}{run.flops:>12.3g}"
+                  f"{budget:>10}")
+        print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total; learning rate: "
+              f"{spec.learning_rate.describe(None)}")
         return 0
     if args.scaling_command == "run":
         from mixmae_scale.scaling.run import run_sweep
 
-        run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None)
+        run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None,
+                  parallel=args.parallel)
         return 0
     from mixmae_scale.scaling.report import fit_results, read_results, write_report
 
@@ -51,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("spec", help="sweep spec YAML")
         p.add_argument("--out", default="runs/scaling", help="sweep folder (results.jsonl, runs/, report/)")
         if action == "run":
-            p.add_argument("--emit-commands", help="write one `mixmae launch` line per run instead of running")
+            p.add_argument("--emit-commands", help="write one `mixmae launch` line per run (with its world size) "
+                           "instead of running")
+            p.add_argument("--parallel", type=int, default=1, help="runs at a time here, the cores shared out")
         if action in ("fit", "report"):
             p.add_argument("--bootstrap", type=int, default=200)
         if action == "report":

@@ -87,6 +87,10 @@ class OptimConfig:
     # Opt-in: no weight decay on relative-position bias tables and the mask token (timm Swin's habit);
     # the official MixMAE decays them (see engine/optimizer.py and docs/recipe.md).
     exempt_tables_from_decay: bool = False
+    # Opt-in muP-style width transfer for scaling studies (pretraining): the lr of every matrix whose fan-in grows
+    # with the width (Linear weights; not the patch embedding, norms, biases, bias tables, mask token) is
+    # scaled by width_lr_base / model.embed_dim, so one base lr tuned at that width serves every width.
+    width_lr_base: int | None = None
 
 
 @dataclass

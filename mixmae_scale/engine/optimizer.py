@@ -24,14 +24,26 @@ def exempt_from_decay(name: str, param: torch.nn.Parameter, exempt_tables: bool)
         exempt_tables and any(fnmatch.fnmatch(name, pattern) for pattern in EXEMPT_TABLES))
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, offload: bool = False
-                    ) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def width_scaled(name: str, param: torch.nn.Parameter) -> bool:
+    """A matrix whose fan-in grows with the model width: the Linear weights (muP's hidden and output matrices).
+    The patch embedding (fan-in: pixels), vectors and the relative-position tables do not."""
+    return param.ndim == 2 and not name.endswith("relative_position_bias_table")
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, offload: bool = False,
+                    width: int | None = None) -> torch.optim.Optimizer:
+    """`width` (the model's embed_dim) with `optim.width_lr_base` set: width-scaled matrices get their own
+    group at lr x width_lr_base / width (DeepSpeed's WarmupCosineLR scales each group's own lr)."""
+    scale = optim.width_lr_base / width if optim.width_lr_base and width else 1.0
+    groups: dict[tuple[bool, bool], list] = {(d, w): [] for d in (False, True) for w in (False, True)}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if exempt_from_decay(name, param, optim.exempt_tables_from_decay) else decay).append(param)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": optim.weight_decay}]
-    return adamw(groups, optim, lr, next(model.parameters()).is_cuda, offload)
+            decayed = not exempt_from_decay(name, param, optim.exempt_tables_from_decay)
+            groups[(decayed, scale != 1.0 and width_scaled(name, param))].append(param)
+    param_groups = [{"params": params, "weight_decay": optim.weight_decay if decayed else 0.0,
+                     "lr": lr * (scale if scaled else 1.0)}
+                    for (decayed, scaled), params in groups.items() if params]
+    return adamw(param_groups, optim, lr, next(model.parameters()).is_cuda, offload)
 
 
 def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offload: bool) -> torch.optim.Optimizer:

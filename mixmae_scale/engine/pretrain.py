@@ -106,7 +106,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     ctx = start_run(config, sources, run_dir, local_rank)
     derived = ctx.resolved.derived
     model = build_mixmae(config.model).to(ctx.device)
-    optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer)
+    optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer,
+                                width=config.model.embed_dim)
     spec = PipelineSpec(mode="pretrain", img_size=config.model.img_size, batch_size=config.batch.micro,
                         shard_id=ctx.rank, num_shards=ctx.world, seed=seed_for(config.run.seed, ctx.rank) % 2**31,
                         num_threads=config.data.num_threads, shuffle_buffer=config.data.shuffle_buffer,

@@ -16,6 +16,7 @@ from mixmae_scale.scaling.fit import (
     fit_nd,
     nd_law,
 )
+from mixmae_scale.scaling.isoflop import IDENTIFIED_FACTOR, fit_frontier_law, fit_iso_flop, identified
 
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
@@ -77,7 +78,35 @@ def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
                                      for b, a, i in zip(budgets, n_opt, d_opt, strict=True)]
     except FitError as exc:
         result["L_of_N_D"] = f"not fitted: {exc}"
+    if all(r.get("budget") for r in rows):
+        result["iso_flop"] = iso_flop_summary(rows, bootstrap)
     return result
+
+
+def iso_flop_summary(rows: list[dict], bootstrap: int) -> dict | str:
+    """Approach 2: per-budget parabola minima, N*(C) and D*(C), and L*(C) through the minima."""
+    try:
+        fit = fit_iso_flop(rows, bootstrap=max(bootstrap, 200))
+    except FitError as exc:
+        return f"not fitted: {exc}"
+    summary: dict = {
+        "minima": [{"budget": m.budget, "n_opt": m.n_opt, "n_opt_5_95": m.n_interval, "loss_opt": m.loss_opt,
+                    "loss_opt_5_95": m.loss_interval, "interior": m.interior, "sizes": m.sizes} for m in fit.minima],
+        "interior_budgets": sum(m.interior for m in fit.minima),
+        "N_opt": {"exponent": fit.n_exponent, "coefficient": fit.n_coefficient,
+                  "exponent_5_95": fit.intervals.get("n_exponent"),
+                  "identified": identified(fit.intervals.get("n_exponent"))},
+        "D_opt": {"exponent": fit.d_exponent, "coefficient": fit.d_coefficient,
+                  "exponent_5_95": fit.intervals.get("d_exponent"),
+                  "identified": identified(fit.intervals.get("d_exponent"))},
+        "identified_factor": IDENTIFIED_FACTOR}
+    try:
+        law = fit_frontier_law(fit, bootstrap=max(bootstrap, 200))
+        law["identified"] = {k: identified(law["intervals_5_95"].get(k)) for k in law["values"]}
+        summary["L_opt_of_C"] = law
+    except FitError as exc:
+        summary["L_opt_of_C"] = f"not fitted: {exc}"
+    return summary
 
 
 def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
@@ -114,19 +143,24 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     ax.legend(fontsize=7)
     figures["loss_vs_params.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.unique(np.round(np.log10(c), 1))
-    for b in bins:
-        sel = np.round(np.log10(c), 1) == b
-        if sel.sum() >= 2:
-            order = np.argsort(n[sel])
-            ax.plot(n[sel][order], loss[sel][order], "o-", label=f"C ~ 1e{b:.1f}")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="iso-FLOP curves")
-    if ax.lines:
-        ax.legend(fontsize=7)
+    iso = fit.get("iso_flop")
+    if isinstance(iso, dict):
+        figures["iso_flop.png"] = _iso_flop_figure(plt, rows, iso)
+        figures["n_opt_vs_compute.png"] = _n_opt_figure(plt, iso)
     else:
-        ax.text(0.5, 0.5, "no two runs share a compute level", ha="center", transform=ax.transAxes)
-    figures["iso_flop.png"] = fig
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bins = np.unique(np.round(np.log10(c), 1))
+        for b in bins:
+            sel = np.round(np.log10(c), 1) == b
+            if sel.sum() >= 2:
+                order = np.argsort(n[sel])
+                ax.plot(n[sel][order], loss[sel][order], "o-", label=f"C ~ 1e{b:.1f}")
+        ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="iso-FLOP curves")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no two runs share a compute level", ha="center", transform=ax.transAxes)
+        figures["iso_flop.png"] = fig
 
     fig, ax = plt.subplots(figsize=(5, 5))
     if isinstance(fit["L_of_N_D"], dict):
@@ -148,12 +182,10 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
              "| run | N | D (images) | C (FLOPs) | held-out loss |", "|---|---|---|---|---|"]
     lines += [f"| {r['run_id']} | {r['params']:,} | {r['images_seen']:,} | {r['flops']:.3g} | {r['heldout_loss']:.4f} |"
               for r in sorted(rows, key=lambda r: r["flops"])]
-    lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", "",
-              "| parameter | value | 5-95% bootstrap |", "|---|---|---|"]
-    for key, value in fit["L_of_C"]["values"].items():
-        low_high = fit["L_of_C"]["intervals_5_95"].get(key)
-        ci = f"{low_high[0]:.4g} - {low_high[1]:.4g}" if low_high else "-"
-        lines.append(f"| {key} | {value:.4g} | {ci} |")
+    if isinstance(iso, dict):
+        lines += _iso_flop_section(iso)
+    lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
+    lines += _parameter_table(fit["L_of_C"]["values"], fit["L_of_C"]["intervals_5_95"])
     extrapolation = fit["extrapolation"]
     if isinstance(extrapolation, dict):
         extrapolation = (f"max relative error {100 * extrapolation['max_relative_error']:.1f}%, mean "
@@ -161,11 +193,7 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     lines += ["", f"Extrapolation check (fit without the two largest-compute runs, predict them): {extrapolation}",
               "", "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
     if isinstance(fit["L_of_N_D"], dict):
-        lines += ["| parameter | value | 5-95% bootstrap |", "|---|---|---|"]
-        for key, value in fit["L_of_N_D"]["values"].items():
-            low_high = fit["L_of_N_D"]["intervals_5_95"].get(key)
-            ci = f"{low_high[0]:.4g} - {low_high[1]:.4g}" if low_high else "-"
-            lines.append(f"| {key} | {value:.4g} | {ci} |")
+        lines += _parameter_table(fit["L_of_N_D"]["values"], fit["L_of_N_D"]["intervals_5_95"])
         lines += ["", "Compute-optimal allocation from L(N, D):", "", "| C | N* | D* |", "|---|---|---|"]
         lines += [f"| {p['flops']:.3g} | {p['params']:.3g} | {p['images']:.3g} |" for p in fit["compute_optimal"]]
     else:
@@ -174,3 +202,83 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _parameter_table(values: dict, intervals: dict) -> list[str]:
+    """A parameter whose interval is wider than IDENTIFIED_FACTOR is marked, not presented as a finding."""
+    lines = ["| parameter | value | 5-95% bootstrap | identified |", "|---|---|---|---|"]
+    for key, value in values.items():
+        low_high = intervals.get(key)
+        ci = f"{low_high[0]:.4g} - {low_high[1]:.4g}" if low_high else "-"
+        verdict = "yes" if identified(low_high) else f"**no** (wider than {IDENTIFIED_FACTOR:g}x or not positive)"
+        lines.append(f"| {key} | {value:.4g} | {ci} | {verdict} |")
+    return lines
+
+
+def _iso_flop_section(iso: dict) -> list[str]:
+    lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
+             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained.",
+             "", "| budget C | N* | N* 5-95% | L* | interior |", "|---|---|---|---|---|"]
+    for m in iso["minima"]:
+        ci = f"{m['n_opt_5_95'][0]:.3g} - {m['n_opt_5_95'][1]:.3g}" if m["n_opt_5_95"] else "-"
+        lines.append(f"| {m['budget']:.3g} | {m['n_opt']:.3g} | {ci} | {m['loss_opt']:.4f} | "
+                     f"{'yes' if m['interior'] else '**no**'} |")
+    for name, label in (("N_opt", "N*(C) = k C^a"), ("D_opt", "D*(C) = k C^b (images)")):
+        law = iso[name]
+        ci = law["exponent_5_95"]
+        text = f"{law['exponent']:.3f} (5-95%: {ci[0]:.3f} - {ci[1]:.3f})" if ci else f"{law['exponent']:.3f}"
+        verdict = "" if law["identified"] else f" -- **not identified** (interval wider than {IDENTIFIED_FACTOR:g}x)"
+        lines.append(f"- {label}: exponent {text}, k = {law['coefficient']:.3g}{verdict}")
+    frontier_law = iso["L_opt_of_C"]
+    lines += ["", "L*(C) = E + A C^-alpha through the budgets' minima:", ""]
+    if isinstance(frontier_law, dict):
+        lines += _parameter_table(frontier_law["values"], frontier_law["intervals_5_95"])
+        ex = frontier_law["extrapolation"]
+        lines.append("")
+        lines.append(f"Extrapolation (fitted without the largest budget, its L* predicted): {ex}" if isinstance(ex, str)
+                     else f"Extrapolation to the largest budget {ex['budget']:.3g}: predicted {ex['predicted']:.4f}, "
+                          f"observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
+    else:
+        lines.append(frontier_law)
+    return lines
+
+
+def _cell_stats(rows: list[dict], budget: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sizes = sorted({r["params"] for r in rows if r.get("budget") == budget})
+    means, stds = [], []
+    for size in sizes:
+        values = [r["heldout_loss"] for r in rows if r.get("budget") == budget and r["params"] == size]
+        means.append(np.mean(values))
+        stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+    return np.array(sizes, float), np.array(means), np.array(stds)
+
+
+def _iso_flop_figure(plt, rows: list[dict], iso: dict):
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m, color in zip(iso["minima"], plt.cm.viridis(np.linspace(0, 0.9, len(iso["minima"]))), strict=True):
+        sizes, means, stds = _cell_stats(rows, m["budget"])
+        ax.errorbar(sizes, means, yerr=stds, fmt="o", color=color, capsize=3, label=f"C = {m['budget']:.2g}")
+        points = [(np.log(r["params"]), r["heldout_loss"]) for r in rows if r.get("budget") == m["budget"]]
+        x, y = np.array(points).T
+        grid = np.linspace(x.min(), x.max(), 50)
+        ax.plot(np.exp(grid), np.polyval(np.polyfit(x, y, 2), grid), "-", color=color, lw=1)
+        ax.plot(m["n_opt"], m["loss_opt"], "*", color=color, ms=12, mec="k")
+    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss (mean, std over seeds)",
+           title="iso-FLOP curves: parabola in log N, minimum starred")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _n_opt_figure(plt, iso: dict):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    budgets = np.array([m["budget"] for m in iso["minima"]])
+    n_opt = np.array([m["n_opt"] for m in iso["minima"]])
+    low = np.array([m["n_opt_5_95"][0] if m["n_opt_5_95"] else m["n_opt"] for m in iso["minima"]])
+    high = np.array([m["n_opt_5_95"][1] if m["n_opt_5_95"] else m["n_opt"] for m in iso["minima"]])
+    ax.errorbar(budgets, n_opt, yerr=[n_opt - low, high - n_opt], fmt="o", capsize=3, label="parabola minima (5-95%)")
+    law = iso["N_opt"]
+    grid = np.logspace(np.log10(budgets.min()), np.log10(budgets.max()), 20)
+    ax.plot(grid, law["coefficient"] * grid ** law["exponent"], "r-", label=f"N* ~ C^{law['exponent']:.2f}")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal N*", title="N*(C)")
+    ax.legend(fontsize=8)
+    return fig

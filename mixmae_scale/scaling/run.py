@@ -8,6 +8,7 @@ across runs), optionally a linear-probe top-1, and the wall time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,48 +70,145 @@ def _append(results: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log=print) -> list[dict]:
+def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log=print, parallel: int = 1
+              ) -> list[dict]:
+    """Run every planned run here (`parallel` at a time, the cores shared out), or write their launch lines."""
     shards = Path(spec.shards)
     train_samples = load_split(shards, "train").samples
-    runs = expand(spec, train_samples)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    done = _finished(results)
-    rows = []
-    lines = []
-    for index, run in enumerate(runs, start=1):
-        subset = subset_shards(shards, run.data_fraction, out / "data")
-        samples = load_split(subset, "train").samples
-        steps_per_epoch = max(1, samples // _global_batch(spec, run))
-        sets = [arg for item in run_overrides(run, subset, steps_per_epoch) for arg in ("--set", item)]
+    base_lr = None
+    if spec.learning_rate.sweep:
         if emit_commands is not None:
-            lines.append("mixmae launch " + shlex.join([spec.profile, *sets]))
-            continue
-        args = ["pretrain", "--profile", spec.profile, "--run-dir", str(out / "runs" / run.run_id),
-                "--max-steps", str(run.steps), *sets]
+            base_lr = _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
+        else:
+            base_lr = lr_sweep(spec, train_samples, out, log, parallel)
+    runs = expand(spec, train_samples, base_lr)
+    if emit_commands is not None:
+        lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n" + launch_line(spec, r, out)
+                 for r in runs]
+        with emit_commands.open("a" if spec.learning_rate.sweep else "w") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
+        return []
+    rule = spec.learning_rate.describe(base_lr)
+    return _run_all(runs, spec, out, out / "results.jsonl", log, parallel, {"lr_rule": rule})
+
+
+def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int) -> float:
+    """The base lr: each of `learning_rate.sweep` at the smallest size and budget (first seed), best held-out
+    loss wins; results in lr_sweep.jsonl (resumable), not in results.jsonl, so no fit sees them."""
+    runs = sweep_runs(spec, train_samples)
+    rows = _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, parallel, {"lr_rule": "lr sweep"})
+    done = {r["run_id"]: r for r in _rows(out / "lr_sweep.jsonl")}
+    scored = [(done[r.run_id]["heldout_loss"], lr) for r, lr in zip(runs, spec.learning_rate.sweep, strict=True)]
+    loss, best = min(scored)
+    if best in (min(spec.learning_rate.sweep), max(spec.learning_rate.sweep)) and len(scored) > 2:
+        log(f"warning: the best base lr {best:g} is at the edge of the sweep {list(spec.learning_rate.sweep)}: "
+            "widen it")
+    log("lr sweep: " + ", ".join(f"{lr:g} -> {l:.4f}" for l, lr in scored) + f"; base lr {best:g}")
+    del rows
+    return best
+
+
+def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
+    smallest = min(expand(dataclasses.replace(spec, seeds=spec.seeds[:1], data_fractions=[max(spec.data_fractions)],
+                                              budgets=spec.budgets[:1], steps=spec.steps[:1],
+                                              epochs=spec.epochs[:1]), train_samples),
+                   key=lambda r: r.params)
+    size = next(s for s in spec.sizes if s["name"] == smallest.size)
+    runs = []
+    for lr in spec.learning_rate.sweep:
+        one = dataclasses.replace(spec, sizes=[size], seeds=spec.seeds[:1], data_fractions=[smallest.data_fraction],
+                                  budgets=spec.budgets[:1], steps=spec.steps[:1], epochs=spec.epochs[:1])
+        run = expand(one, train_samples, lr)[0]
+        runs.append(dataclasses.replace(run, run_id=f"lr{lr:g}-{run.run_id}"))
+    return runs
+
+
+def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path, emit: Path, log) -> None:
+    lines = ["# 1. the lr sweep: run these, take the base lr with the lowest held-out loss (summary.json), then "
+             "run the lines below with --set optim.base_learning_rate=<it>"]
+    lines += [launch_line(spec, r, out) for r in sweep_runs(spec, train_samples)]
+    lines.append("# 2. the study (base lr: the sweep's best)")
+    emit.write_text("".join(line + "\n" for line in lines))
+    log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit}")
+    return None
+
+
+def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tuple[int, int]:
+    """(nodes, GPUs per node): the widest data parallelism the run's global batch allows (an even micro-batch
+    per GPU, whole nodes where the batch fills them), so that a run is as short as its batch permits."""
+    for nodes in range(max_nodes, 0, -1):
+        if global_batch % (2 * nodes * gpus_per_node) == 0:
+            return nodes, gpus_per_node
+    for gpus in range(gpus_per_node, 0, -1):
+        if global_batch % (2 * gpus) == 0:
+            return 1, gpus
+    return 1, 1
+
+
+def launch_line(spec: SweepSpec, run: PlannedRun, out: Path) -> str:
+    nodes, gpus = cluster_shape(run.global_batch, spec.cluster["gpus_per_node"], spec.cluster["max_nodes"])
+    schedule = run_overrides(run, Path(spec.shards), max(1, spec_samples(spec, run) // run.global_batch))
+    sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
+            f"run.output_dir={out / 'runs'}"]
+    return "mixmae launch " + shlex.join([spec.profile, *[a for item in sets for a in ("--set", item)]])
+
+
+def spec_samples(spec: SweepSpec, run: PlannedRun) -> int:
+    return max(1, int(load_split(Path(spec.shards), "train").samples * run.data_fraction))
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, parallel: int,
+             extra: dict) -> list[dict]:
+    """Runs not yet in `results`, `parallel` at a time; each finished run is appended (fsync'd) at once."""
+    done = _finished(results)
+    pending = []
+    for index, run in enumerate(runs, start=1):
         if run.run_id in done:
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
-            continue
-        log(f"[{index}/{len(runs)}] {run.run_id}: N={run.params / 1e6:.2f}M D={run.images_seen} C={run.flops:.3g}")
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", *args], capture_output=True, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
-        if result.returncode:
-            raise RuntimeError(f"run {run.run_id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-        run_dir = out / "runs" / run.run_id
-        summary = json.loads((run_dir / "summary.json").read_text())
-        last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
-        row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
-               "heldout_loss": summary["heldout_loss_end"], "wall_s": time.perf_counter() - start}
-        if spec.probe:
-            row["probe_top1"] = _probe(run_dir, subset)
-        _append(results, row)
-        rows.append(row)
-        log(f"    held-out loss {row['heldout_loss']:.4f}, train loss {row['train_loss']:.4f}, {row['wall_s']:.0f} s")
-    if emit_commands is not None:
-        emit_commands.write_text("".join(line + "\n" for line in lines))
-        log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
+        else:
+            pending.append((index, run))
+    threads = max(1, (os.cpu_count() or 2) // max(parallel, 1))
+    rows: list[dict] = []
+    with ThreadPoolExecutor(max(parallel, 1)) as pool:
+        futures = {pool.submit(_one_run, spec, run, out, threads): (index, run) for index, run in pending}
+        for future in as_completed(futures):
+            index, run = futures[future]
+            row = {**future.result(), **extra}
+            _append(results, row)
+            rows.append(row)
+            log(f"[{index}/{len(runs)}] {run.run_id}: N={run.params / 1e6:.3f}M C={run.flops:.3g} steps={run.steps} "
+                f"held-out loss {row['heldout_loss']:.4f} ({row['wall_s']:.0f} s)")
     return rows
+
+
+def _one_run(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> dict:
+    subset = subset_shards(Path(spec.shards), run.data_fraction, out / "data")
+    samples = load_split(subset, "train").samples
+    steps_per_epoch = max(1, samples // run.global_batch)
+    sets = [arg for item in run_overrides(run, subset, steps_per_epoch) for arg in ("--set", item)]
+    run_dir = out / "runs" / run.run_id
+    args = ["pretrain", "--profile", spec.profile, "--run-dir", str(run_dir), "--max-steps", str(run.steps), *sets,
+            "--set", f"data.num_threads={threads}"]
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False)
+    if result.returncode:
+        raise RuntimeError(f"run {run.run_id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
+    row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
+           "heldout_loss": summary["heldout_loss_end"], "wall_s": time.perf_counter() - start}
+    if spec.probe:
+        row["probe_top1"] = _probe(run_dir, subset)
+    return row
 
 
 def _global_batch(spec: SweepSpec, run: PlannedRun) -> int:

@@ -7,8 +7,16 @@
       - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8]}}
       - {name: w32, model: {embed_dim: 32}}
     data_fractions: [0.5, 1.0]         # share of the training shards each run may read
-    steps: [60, 120]                   # optimizer steps per run (or epochs: [...])
-    seeds: [0]
+    steps: [60, 120]                   # a grid: optimizer steps per run (or epochs: [...])
+    # or, instead of steps/epochs, an iso-FLOP design (Hoffmann et al. 2022, approach 2): every size
+    # trains on each budget, its steps chosen so that it spends that many training FLOPs
+    budgets: [2.0e13, 4.0e13, 8.0e13]
+    seeds: [0, 1]
+    learning_rate:                     # how the lr follows the width (written into every run's record)
+      rule: inverse_width              # muP-style: hidden matrices' lr x base_width / embed_dim
+      base_width: 16
+      sweep: [3.0e-3, 1.0e-2, 3.0e-2]  # base lrs tried first at the smallest size and budget; the best is kept
+    cluster: {gpus_per_node: 8, max_nodes: 16}   # for --emit-commands: the world size of each run
     set: ["batch.micro=16"]            # overrides for every run
 
 C = training FLOPs per image (3 x the analytic forward FLOPs, forward = 2 x multiply-accumulates)
@@ -28,7 +36,33 @@ import yaml
 from mixmae_scale.config import ConfigError, load_resolved
 from mixmae_scale.models.flops import model_report
 
-KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "seeds", "set", "probe"}
+KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "budgets", "seeds", "set",
+              "probe", "learning_rate", "cluster"}
+LR_RULES = ("fixed", "inverse_width")
+
+
+@dataclass(frozen=True)
+class LearningRateRule:
+    """`fixed`: every size at the profile's base lr. `inverse_width`: muP-style transfer, the lr of every
+    matrix whose fan-in grows with the width (optim.width_lr_base) scaled by base_width / embed_dim, the
+    rest at the base lr; with `sweep`, the base lr is the best of a short sweep at the smallest scale."""
+
+    rule: str = "fixed"
+    base_width: int | None = None
+    sweep: tuple[float, ...] = ()
+
+    def overrides(self, base_lr: float | None) -> list[str]:
+        sets = [f"optim.base_learning_rate={base_lr!r}"] if base_lr is not None else []
+        if self.rule == "inverse_width":
+            sets.append(f"optim.width_lr_base={self.base_width}")
+        return sets
+
+    def describe(self, base_lr: float | None) -> str:
+        text = "fixed: every size at one base lr" if self.rule == "fixed" else (
+            f"inverse_width: hidden matrices' lr x {self.base_width}/embed_dim (muP-style)")
+        if self.sweep:
+            text += f"; base lr chosen from the sweep {list(self.sweep)} at the smallest size and budget"
+        return text + (f"; base lr {base_lr:g} per 256 images" if base_lr is not None else "")
 
 
 @dataclass(frozen=True)
@@ -42,6 +76,8 @@ class PlannedRun:
     params: int
     images_seen: int
     flops: float
+    budget: float | None = None  # the iso-FLOP budget this run spends (flops differs by < one step)
+    global_batch: int = 0
 
 
 @dataclass
@@ -56,6 +92,9 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)
     probe: bool = False
+    budgets: list[float] = field(default_factory=list)
+    learning_rate: LearningRateRule = field(default_factory=LearningRateRule)
+    cluster: dict[str, int] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -72,8 +111,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key in ("name", "profile", "shards", "sizes", "data_fractions"):
         if key not in raw:
             raise ConfigError(f"{path}: missing '{key}'")
-    if ("steps" in raw) == ("epochs" in raw):
-        raise ConfigError(f"{path}: give exactly one of 'steps' or 'epochs'")
+    if sum(key in raw for key in ("steps", "epochs", "budgets")) != 1:
+        raise ConfigError(f"{path}: give exactly one of 'steps' or 'epochs' (a grid) or 'budgets' (iso-FLOP)")
     sizes = [s if isinstance(s, dict) else {"name": str(s), "model": {"size": str(s)}} for s in raw["sizes"]]
     for i, size in enumerate(sizes):
         if "name" not in size or not isinstance(size.get("model", {}), dict):
@@ -84,10 +123,35 @@ def load_spec(path: str | Path) -> SweepSpec:
     spec = SweepSpec(str(raw["name"]), str(raw["profile"]), str(raw["shards"]), sizes, fractions,
                      [int(s) for s in raw.get("steps", [])], [float(e) for e in raw.get("epochs", [])],
                      [int(s) for s in raw.get("seeds", [0])], [str(s) for s in raw.get("set", [])],
-                     bool(raw.get("probe", False)))
-    if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs):
-        raise ConfigError(f"{path}: steps and epochs must be positive")
+                     bool(raw.get("probe", False)), [float(b) for b in raw.get("budgets", [])],
+                     _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})))
+    if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
+        raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
     return spec
+
+
+def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
+    if not isinstance(raw, dict) or set(raw) - {"rule", "base_width", "sweep"}:
+        raise ConfigError(f"{path}: learning_rate is a mapping with keys rule, base_width, sweep; got {raw!r}")
+    rule = str(raw.get("rule", "fixed"))
+    if rule not in LR_RULES:
+        raise ConfigError(f"{path}: learning_rate.rule must be one of {list(LR_RULES)}, got {rule!r}")
+    base_width = raw.get("base_width")
+    if rule == "inverse_width" and (not isinstance(base_width, int) or base_width < 1):
+        raise ConfigError(f"{path}: learning_rate.rule inverse_width needs base_width, a positive integer (the "
+                          f"embed_dim whose lr the sweep sets), got {base_width!r}")
+    sweep = tuple(float(v) for v in raw.get("sweep", []))
+    if any(v <= 0 for v in sweep):
+        raise ConfigError(f"{path}: learning_rate.sweep values must be positive, got {list(sweep)}")
+    return LearningRateRule(rule, base_width, sweep)
+
+
+def _cluster(path: Path, raw: Any) -> dict[str, int]:
+    if not isinstance(raw, dict) or set(raw) - {"gpus_per_node", "max_nodes"} or any(
+            not isinstance(v, int) or v < 1 for v in raw.values()):
+        raise ConfigError(f"{path}: cluster is a mapping of gpus_per_node and max_nodes (positive integers), "
+                          f"got {raw!r}")
+    return {"gpus_per_node": 8, "max_nodes": 16, **raw}
 
 
 def size_overrides(size: dict[str, Any]) -> list[str]:
@@ -95,18 +159,26 @@ def size_overrides(size: dict[str, Any]) -> list[str]:
     return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]  # JSON values are valid YAML
 
 
-def expand(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
-    """Every combination of size x data fraction x budget x seed, with N, D and C."""
+def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) -> list[PlannedRun]:
+    """Every combination of size x data fraction x budget x seed, with N, D and C. In iso-FLOP mode each run's
+    steps are the budget over (training FLOPs per image x global batch), rounded to whole steps."""
     runs = []
-    budgets = spec.steps or spec.epochs
+    budgets = spec.steps or spec.epochs or spec.budgets
+    lr_sets = spec.learning_rate.overrides(base_lr)
     for size, fraction, budget, seed in itertools.product(spec.sizes, spec.data_fractions, budgets, spec.seeds):
-        overrides = (*spec.overrides, *size_overrides(size), f"run.seed={seed}", f"data.shards={spec.shards}")
+        overrides = (*spec.overrides, *size_overrides(size), *lr_sets, f"run.seed={seed}", f"data.shards={spec.shards}")
         resolved = load_resolved(spec.profile, overrides=overrides, world_size=1,
                                  train_samples=max(1, int(train_samples * fraction)))
-        steps = int(budget) if spec.steps else int(budget * resolved.derived.steps_per_epoch)
         report = model_report(resolved.config.model)
-        images = steps * resolved.derived.global_batch
-        run_id = f"{size['name']}-d{fraction:g}-s{steps}-seed{seed}"
+        per_image = float(report["train_flops_per_image"])
+        batch = resolved.derived.global_batch
+        if spec.budgets:
+            steps = max(1, round(budget / (per_image * batch)))
+            run_id = f"{size['name']}-C{budget:.3g}-seed{seed}"
+        else:
+            steps = int(budget) if spec.steps else int(budget * resolved.derived.steps_per_epoch)
+            run_id = f"{size['name']}-d{fraction:g}-s{steps}-seed{seed}"
+        images = steps * batch
         runs.append(PlannedRun(run_id, size["name"], fraction, steps, seed, overrides, int(report["pretrain_params"]),
-                               images, float(report["train_flops_per_image"]) * images))
+                               images, per_image * images, float(budget) if spec.budgets else None, batch))
     return runs

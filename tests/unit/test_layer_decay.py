@@ -79,3 +79,19 @@ def test_layer_ids_follow_the_blocks_across_stages():
     assert layer_id("encoder.layers.0.downsample.reduction.weight", DEPTHS) == 3
     assert layer_id("encoder.layers.3.blocks.1.attn.proj.bias", DEPTHS) == 24
     assert layer_id("head.weight", DEPTHS) == 24
+
+
+def test_width_rule_scales_only_the_matrices_whose_fan_in_grows(small_mixmae):
+    from mixmae_scale.config.schema import OptimConfig
+
+    lr_of = {}
+    for base in (None, 16):
+        optimizer = build_optimizer(small_mixmae, OptimConfig(width_lr_base=base), lr=1e-3, width=64)
+        lr_of[base] = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(small_mixmae.named_parameters())
+    for name in ("encoder.layers.0.blocks.0.attn.qkv.weight", "decoder.decoder_pred.weight",
+                 "encoder.layers.0.downsample.reduction.weight"):
+        assert lr_of[None][id(named[name])] == 1e-3 and lr_of[16][id(named[name])] == pytest.approx(1e-3 * 16 / 64)
+    for name in ("encoder.patch_embed.proj.weight", "encoder.layers.0.blocks.0.attn.relative_position_bias_table",
+                 "encoder.layers.0.blocks.0.attn.qkv.bias", "decoder.mask_token", "encoder.norm.weight"):
+        assert lr_of[16][id(named[name])] == 1e-3, name
