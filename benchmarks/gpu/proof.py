@@ -11,9 +11,12 @@ card and the software versions, and prints a table:
    pretrain`, with each profile's ZeRO stage, checkpointing and micro-batch on 1 GPU (accumulation 1):
    images/s, MFU, peak memory, and the planner's figure for the same configuration.
 3. B in fp16 with DeepSpeed's dynamic loss scaling, 30 steps: losses finite and falling, the scale.
+4. The fast step: `benchmarks/loop_overhead.py` (the real loop against the bare model step, B bf16, batch
+   64, compiled blocks) and `benchmarks/model_step.py` (compiled against eager, timm's Swin with our decoder).
 
     python benchmarks/gpu/proof.py --out benchmarks/results/gpu [--steps 30] [--images 4096]
     python benchmarks/gpu/proof.py --out /tmp/p --cpu-smoke   # the same code paths on a CPU, tiny
+    python benchmarks/gpu/proof.py --out /tmp/p --parts loop_overhead model_step   # some parts only
 """
 
 from __future__ import annotations
@@ -167,12 +170,24 @@ def planned_gib(profile: str, micro: int, gpu_mem_gib: float, extra: list[str]) 
             "planned_phase": result.peak_phase}
 
 
+def _script(name: str, arguments: list[str], result: Path) -> dict:
+    """A benchmark script of this folder's parent, its printed table kept, its JSON returned."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *arguments], capture_output=True, text=True,
+                          timeout=540, env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    print(proc.stdout[-3000:], flush=True)
+    return json.loads(result.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on a CPU: checks the script itself")
+    parser.add_argument("--parts", nargs="*", help="only the parts whose names start with these (default: all): "
+                        "dali_decoding pretrain_swin_b_bf16 ... loop_overhead model_step")
     args = parser.parse_args()
     import torch
 
@@ -186,6 +201,8 @@ def main() -> int:
     results["gpu_mem_gib"] = gpu_mem_gib
 
     def part(name: str, fn) -> None:
+        if args.parts and not any(name.startswith(p) for p in args.parts):
+            return
         start = time.perf_counter()
         try:
             results["parts"][name] = fn()
@@ -219,6 +236,17 @@ def main() -> int:
             return record
 
         part(f"pretrain_{profile}_{dtype}", run)
+    fast = (["--profile", "tiny", "--batch", "8", "--dtype", "fp32", "--steps", "4", "--every", "2", "--warmup", "1",
+             "--set", "model.img_size=96", "model.size=tiny"] if args.cpu_smoke else
+            ["--profile", "swin_b", "--batch", "64", "--dtype", "bf16", "--steps", "30", "--every", "5",
+             "--warmup", "5", "--set", "data.num_threads=8"])
+    overhead_json = out / "loop_overhead.json"
+    part("loop_overhead", lambda: _script("loop_overhead.py", [*fast, "--shards", str(shards), "--out",
+                                                                str(overhead_json)], overhead_json))
+    step = (["--sizes", "tiny", "--batch", "8", "--steps", "2"] if args.cpu_smoke
+            else ["--sizes", "base", "--batch", "64", "--dtype", "bf16", "--steps", "5"])
+    step_json = out / "model_step.json"
+    part("model_step", lambda: _script("model_step.py", [*step, "--skip-memory", "--out", str(step_json)], step_json))
     print_table(results)
     return 0
 
