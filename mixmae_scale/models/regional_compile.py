@@ -7,7 +7,10 @@ blocks' `forward` is compiled, so the hooks that gather and release parameters r
 activation checkpointing (which calls the block, recomputing through the compiled code).
 
 The same-source mask is an input of the compiled forward, never a constant, so a new mask each step
-does not recompile.
+does not recompile. Graphs are static (`dynamic=False`): the stages' shapes differ, and dynamo's automatic
+dynamic shapes would otherwise turn the second stage's graph into a slower symbolic one. One graph per
+stage shape and mode (training; evaluation under no_grad) means 8 for Swin's four stages, exactly dynamo's
+default recompile limit, past which it silently runs eagerly: the limit is raised to fit.
 """
 
 from __future__ import annotations
@@ -32,13 +35,23 @@ def compiler_unavailable(device: torch.device) -> str | None:
     return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) on PATH for the CPU backend"
 
 
+GRAPHS_PER_SHAPE = 4  # training, evaluation (no_grad), and room for a second batch size in each
+
+
 def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
     """Compile the `forward` of every module of `block_types` in `model`; returns how many."""
-    count = 0
+    import torch._dynamo.config as dynamo_config
+
+    count, shapes = 0, set()
     for module in model.modules():
         if isinstance(module, block_types):
-            module.forward = torch.compile(module.forward)
+            module.forward = torch.compile(module.forward, dynamic=False)
+            shapes.add((type(module), tuple(p.shape for p in module.parameters())))
             count += 1
+    needed = GRAPHS_PER_SHAPE * len(shapes)
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
+            setattr(dynamo_config, name, needed)
     return count
 
 
