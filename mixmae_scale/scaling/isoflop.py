@@ -54,14 +54,18 @@ def identified(interval: tuple[float, float] | None, factor: float = IDENTIFIED_
 
 
 def parabola_vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, bool]:
-    """(log N*, L*, interior) of the least-squares parabola; interior needs an upward parabola whose vertex
-    lies strictly between the smallest and largest size."""
+    """(log N*, L*, interior) of the least-squares parabola. Interior needs an upward parabola whose vertex lies
+    strictly between the smallest and largest size, and a measured minimum (lowest mean loss) at neither
+    edge: a parabola through losses that only fall can still bend its vertex just inside the range."""
     a, b, c = np.polyfit(log_n, loss, 2)
+    sizes = np.unique(log_n)
+    means = np.array([loss[log_n == s].mean() for s in sizes])
+    measured_inside = 0 < int(np.argmin(means)) < len(sizes) - 1
     if a <= 0:
-        best = int(np.argmin(loss))
-        return float(log_n[best]), float(loss[best]), False
+        best = int(np.argmin(means))
+        return float(sizes[best]), float(means[best]), False
     x = -b / (2 * a)
-    return float(x), float(np.polyval([a, b, c], x)), bool(log_n.min() < x < log_n.max())
+    return float(x), float(np.polyval([a, b, c], x)), bool(measured_inside and sizes[0] < x < sizes[-1])
 
 
 def _flops_per_image(rows: list[dict]):
@@ -113,8 +117,8 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     a_n, k_n = _power_law(budgets, n_opt)
     a_d, k_d = _power_law(budgets, budgets / f(n_opt))
     fit = IsoFlopFit(minima, a_n, k_n, a_d, k_d)
-    if bootstrap:
-        _bootstrap(fit, cells, f, bootstrap, seed)
+    if bootstrap and all(len(v) >= 2 for sizes in cells.values() for v in sizes.values()):
+        _bootstrap(fit, cells, f, bootstrap, seed)  # one seed per cell has no spread to resample: no intervals
     return fit
 
 

@@ -226,7 +226,8 @@ def _iso_flop_section(iso: dict) -> list[str]:
     for name, label in (("N_opt", "N*(C) = k C^a"), ("D_opt", "D*(C) = k C^b (images)")):
         law = iso[name]
         ci = law["exponent_5_95"]
-        text = f"{law['exponent']:.3f} (5-95%: {ci[0]:.3f} - {ci[1]:.3f})" if ci else f"{law['exponent']:.3f}"
+        text = (f"{law['exponent']:.3f} (5-95%: {ci[0]:.3f} - {ci[1]:.3f})" if ci else
+                f"{law['exponent']:.3f} (no interval: a point with one seed has no spread to resample)")
         verdict = "" if law["identified"] else f" -- **not identified** (interval wider than {IDENTIFIED_FACTOR:g}x)"
         lines.append(f"- {label}: exponent {text}, k = {law['coefficient']:.3g}{verdict}")
     frontier_law = iso["L_opt_of_C"]

@@ -175,6 +175,8 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         else:
             pending.append((index, run))
+    for fraction in {run.data_fraction for _, run in pending}:  # made once, before runs start side by side
+        subset_shards(Path(spec.shards), fraction, out / "data")
     threads = max(1, (os.cpu_count() or 2) // max(parallel, 1))
     rows: list[dict] = []
     with ThreadPoolExecutor(max(parallel, 1)) as pool:

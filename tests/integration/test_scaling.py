@@ -14,43 +14,73 @@ from mixmae_scale.scaling.spec import expand, load_spec
 
 pytestmark = pytest.mark.slow
 
-SPEC = """
-name: two-by-two
-profile: tiny
-shards: {shards}
+SIZES = """
 sizes:
   - {{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}
+  - {{name: w12, model: {{embed_dim: 12, num_heads: [1, 2, 4, 4], decoder_dim: 48, decoder_heads: 2}}}}
   - {{name: w16, model: {{embed_dim: 16, num_heads: [1, 2, 4, 8], decoder_dim: 64, decoder_heads: 2}}}}
 data_fractions: [1.0]
-steps: [6, 12]
 set: ["batch.micro=8", "logging.every_steps=3", "logging.heldout_batches=2", "zero.stage=0",
       "data.shuffle_buffer=64"]
 """
+ISO_FLOP = """
+name: iso-flop
+profile: tiny
+shards: {shards}
+budgets: [6.0e9, 1.2e10]
+learning_rate: {{rule: inverse_width, base_width: 8, sweep: [0.005, 0.02]}}
+cluster: {{gpus_per_node: 4, max_nodes: 2}}
+""" + SIZES
 
 
-def test_two_by_two_sweep_runs_resumes_fits_and_reports(demo_shards, tmp_path):
-    spec_path = tmp_path / "sweep.yaml"
-    spec_path.write_text(SPEC.format(shards=demo_shards))
+def test_grid_and_iso_flop_expansions(demo_shards, tmp_path):
+    spec_path = tmp_path / "grid.yaml"
+    spec_path.write_text(f"name: grid\nprofile: tiny\nshards: {demo_shards}\nsteps: [6, 12]\n" + SIZES.format())
+    grid = expand(load_spec(spec_path), 300)
+    assert [r.run_id for r in grid][:2] == ["w8-d1-s6-seed0", "w8-d1-s12-seed0"]
+    assert grid[1].flops == pytest.approx(2 * grid[0].flops) and grid[2].params > grid[0].params
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards))
     spec = load_spec(spec_path)
-    planned = expand(spec, 300)
-    assert [r.run_id for r in planned] == ["w8-d1-s6-seed0", "w8-d1-s12-seed0", "w16-d1-s6-seed0", "w16-d1-s12-seed0"]
-    assert planned[1].flops == pytest.approx(2 * planned[0].flops) and planned[2].params > planned[0].params
+    runs = expand(spec, 300, base_lr=0.01)
+    for run in runs:  # each run spends its budget to within half a step
+        per_step = run.flops / run.steps
+        assert abs(run.flops - run.budget) <= per_step / 2
+    w8, w16 = (next(r for r in runs if r.size == s and r.budget == 6e9) for s in ("w8", "w16"))
+    assert w8.steps > w16.steps and "optim.width_lr_base=8" in w16.overrides
+    assert "optim.base_learning_rate=0.01" in w16.overrides
+
+
+def test_iso_flop_sweep_with_lr_sweep_runs_resumes_fits_and_reports(demo_shards, tmp_path):
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards))
+    spec = load_spec(spec_path)
     out = tmp_path / "sweep"
     messages: list[str] = []
-    rows = run_sweep(spec, out, log=messages.append)
-    assert len(rows) == 4 and all(r["heldout_loss"] > 0 and r["wall_s"] > 0 for r in rows)
-    assert run_sweep(spec, out, log=messages.append) == [] and sum("skipped" in m for m in messages) == 4
+    rows = run_sweep(spec, out, log=messages.append, parallel=2)
+    assert len(rows) == 6 and all(r["heldout_loss"] > 0 and r["budget"] in (6e9, 1.2e10) for r in rows)
+    sweep = [json.loads(line) for line in (out / "lr_sweep.jsonl").read_text().splitlines()]
+    assert len(sweep) == 2 and {r["size"] for r in sweep} == {"w8"}
+    best = min(sweep, key=lambda r: r["heldout_loss"])["overrides"]
+    assert all(o in rows[0]["overrides"] for o in best if o.startswith("optim.base_learning_rate"))
+    assert all(r["lr_rule"].startswith("inverse_width") and "base lr" in r["lr_rule"] for r in rows)
+    assert run_sweep(spec, out, log=messages.append, parallel=2) == []
+    assert sum("skipped" in m for m in messages) == 8  # the lr sweep's 2 and the study's 6
     results = read_results(out / "results.jsonl")
     fit = fit_results(results, bootstrap=20)
-    assert fit["L_of_C"]["values"]["alpha"] > 0
-    assert "not fitted" in fit["L_of_N_D"]  # 4 runs cannot pin down 5 parameters: said, not faked
-    report = write_report(results, fit, out / "report")
-    assert "L(C) = E + A C^-alpha" in report.read_text()
+    iso = fit["iso_flop"]
+    # One seed per point: no bootstrap spread, so no interval and nothing reported as identified.
+    assert len(iso["minima"]) == 2 and iso["N_opt"]["exponent_5_95"] is None and not iso["N_opt"]["identified"]
+    assert "L*(C)" in iso["L_opt_of_C"]  # 2 budgets cannot fit a 3-parameter law: said, not faked
+    report = write_report(results, fit, out / "report").read_text()
+    assert "Iso-FLOP (approach 2)" in report and "| identified |" in report and "no interval" in report
     assert all((out / "report" / name).stat().st_size > 1000 for name in
-               ("loss_vs_compute.png", "loss_vs_params.png", "iso_flop.png", "predicted_vs_observed.png"))
+               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png", "predicted_vs_observed.png"))
     run_sweep(spec, out, emit_commands=out / "commands.txt")
-    commands = (out / "commands.txt").read_text().splitlines()
-    assert len(commands) == 4 and all(c.startswith("mixmae launch tiny") for c in commands)
+    lines = (out / "commands.txt").read_text().splitlines()
+    launches = [line for line in lines if line.startswith("mixmae launch tiny")]
+    assert len(launches) == 8 and lines[0].startswith("# 1. the lr sweep")
+    # global batch 8 on 4-GPU nodes: one node of 4 GPUs (micro 2), never more GPUs than the batch allows
+    assert all("cluster.num_nodes=1" in line and "cluster.gpus_per_node=4" in line for line in launches)
 
 
 def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):

@@ -78,7 +78,6 @@ def test_compiled_blocks_match_eager_and_never_recompile(checkpoint_every):
     if regional_compile.compiler_unavailable(torch.device("cpu")):
         pytest.skip(regional_compile.compiler_unavailable(torch.device("cpu")))
     from torch import _dynamo
-
     from torch._dynamo.utils import counters
 
     _dynamo.reset()
