@@ -228,7 +228,8 @@ def _iso_flop_section(iso: dict) -> list[str]:
         ci = law["exponent_5_95"]
         text = (f"{law['exponent']:.3f} (5-95%: {ci[0]:.3f} - {ci[1]:.3f})" if ci else
                 f"{law['exponent']:.3f} (no interval: a point with one seed has no spread to resample)")
-        verdict = "" if law["identified"] else f" -- **not identified** (no interval, or wider than {IDENTIFIED_FACTOR:g}x)"
+        verdict = "" if law["identified"] else (
+            f" -- **not identified** (no interval, or wider than {IDENTIFIED_FACTOR:g}x)")
         lines.append(f"- {label}: exponent {text}, k = {law['coefficient']:.3g}{verdict}")
     frontier_law = iso["L_opt_of_C"]
     lines += ["", "L*(C) = E + A C^-alpha through the budgets' minima:", ""]
