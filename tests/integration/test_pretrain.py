@@ -277,8 +277,9 @@ def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(dem
 
 def test_zero_offload_runs_steps_and_resumes(demo_shards, tmp_path):
     """ZeRO-Offload of the optimizer to host memory: DeepSpeed's CPU Adam (a torch AdamW is refused there).
-    ZeRO-2 runs steps; ZeRO-3 runs steps, checkpoints and resumes."""
-    for stage, steps in ((2, (3,)), (3, (3, 6))):
+    ZeRO-3 runs steps, checkpoints and resumes. (ZeRO-2 with offload takes the same `adamw` route, and is left
+    out to keep CI under 25 minutes.)"""
+    for stage, steps in ((3, (3, 6)),):
         run = tmp_path / f"offload{stage}"
         common = (f"zero.stage={stage}", "zero.offload_optimizer=true", "precision.dtype=fp32",
                   "checkpoint.every_steps=100")
