@@ -170,15 +170,21 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
     """Runs not yet in `results`, `parallel` at a time; each finished run is appended (fsync'd) at once."""
     done = _finished(results)
     pending = []
+    rows: list[dict] = []
     for index, run in enumerate(runs, start=1):
+        run_dir = out / "runs" / run.run_id
         if run.run_id in done:
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
+        elif _complete(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
+            row = {**_row(spec, run, run_dir, None), **extra}
+            _append(results, row)
+            rows.append(row)
+            log(f"[{index}/{len(runs)}] {run.run_id}: finished run read from {run_dir}")
         else:
             pending.append((index, run))
     for fraction in {run.data_fraction for _, run in pending}:  # made once, before runs start side by side
         subset_shards(Path(spec.shards), fraction, out / "data")
     threads = max(1, (os.cpu_count() or 2) // max(parallel, 1))
-    rows: list[dict] = []
     with ThreadPoolExecutor(max(parallel, 1)) as pool:
         futures = {pool.submit(_one_run, spec, run, out, threads): (index, run) for index, run in pending}
         for future in as_completed(futures):
@@ -204,12 +210,22 @@ def _one_run(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> dict:
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False)
     if result.returncode:
         raise RuntimeError(f"run {run.run_id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return _row(spec, run, run_dir, time.perf_counter() - start, subset)
+
+
+def _complete(run_dir: Path, run: PlannedRun) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("steps") == run.steps
+
+
+def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, subset: Path | None = None) -> dict:
+    """The results.jsonl line of a finished run folder; `wall_s` None: the run's own wall time."""
     summary = json.loads((run_dir / "summary.json").read_text())
     last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
     row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
-           "heldout_loss": summary["heldout_loss_end"], "wall_s": time.perf_counter() - start}
+           "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"]}
     if spec.probe:
-        row["probe_top1"] = _probe(run_dir, subset)
+        row["probe_top1"] = _probe(run_dir, subset or Path(spec.shards))
     return row
 
 

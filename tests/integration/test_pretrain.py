@@ -340,3 +340,24 @@ def test_sigterm_to_the_plain_deepspeed_launcher_still_saves(demo_shards, tmp_pa
     summary = json.loads((run / "summary.json").read_text())  # resuming such a checkpoint: the test above
     assert summary["stopped_by_signal"] and 0 < summary["steps"] < 400
     assert (Path(summary["checkpoint"]) / "COMPLETE").exists()
+
+
+SMALL_TWO_STAGE = ("model.img_size=32", "model.embed_dim=32", "model.depths=[1,1]", "model.num_heads=[1,2]",
+                   "model.window_size=[4,4]", "model.decoder_dim=32", "model.decoder_depth=1",
+                   "model.decoder_heads=2")  # the shape tests/unit/test_fast_step.py compiles: its graphs are cached
+
+
+def test_compiled_blocks_under_zero3_with_checkpointing_match_eager(demo_shards, tmp_path):
+    """Regional compilation inside DeepSpeed: ZeRO-3 gathers and releases each block's parameters in hooks that
+    stay eager around the compiled forward, and activation checkpointing recomputes through it."""
+    curves = {}
+    for setting in ("false", "true"):
+        run = tmp_path / f"compile-{setting}"
+        result = launch(run, demo_shards, *SMALL_TWO_STAGE, "zero.stage=3", "precision.dtype=fp32",
+                        "model.checkpoint_every=1", f"model.compile={setting}", "checkpoint.every_steps=100",
+                        max_steps=4)
+        curves[setting] = losses(run)
+    assert "3 blocks compiled on first use" in result.stdout + result.stderr  # 2 Swin blocks + 1 decoder block
+    assert sorted(curves["true"]) == [1, 2, 3, 4]
+    for step, eager in curves["false"].items():
+        assert curves["true"][step] == pytest.approx(eager, rel=1e-4), (step, curves)

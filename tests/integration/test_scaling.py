@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -65,6 +66,14 @@ def test_iso_flop_sweep_with_lr_sweep_runs_resumes_fits_and_reports(demo_shards,
     assert all(r["lr_rule"].startswith("inverse_width") and "base lr" in r["lr_rule"] for r in rows)
     assert run_sweep(spec, out, log=messages.append, parallel=2) == []
     assert sum("skipped" in m for m in messages) == 8  # the lr sweep's 2 and the study's 6
+    # Runs finished elsewhere (a cluster, from the emitted lines) are read from their folders, not rerun.
+    kept = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").unlink()
+    start = time.perf_counter()
+    assert len(run_sweep(spec, out, log=messages.append, parallel=2)) == 6 and time.perf_counter() - start < 30
+    assert sum("read from" in m for m in messages) == 6
+    assert sorted(json.loads(line)["heldout_loss"] for line in (out / "results.jsonl").read_text().splitlines()) == \
+        sorted(json.loads(line)["heldout_loss"] for line in kept.splitlines())
     results = read_results(out / "results.jsonl")
     fit = fit_results(results, bootstrap=20)
     iso = fit["iso_flop"]

@@ -1,0 +1,48 @@
+"""Sweep specs: the iso-FLOP and learning-rate keys are validated with the reason, and emitted runs get a world
+size their global batch allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixmae_scale.config import ConfigError
+from mixmae_scale.scaling.run import cluster_shape
+from mixmae_scale.scaling.spec import LearningRateRule, load_spec
+
+BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("budgets: [1.0e12]\nsteps: [5]\n", "exactly one of 'steps' or 'epochs'"),
+    ("budgets: [-1.0]\n", "must be positive"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: sqrt}\n", "learning_rate.rule must be one of"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: inverse_width}\n", "needs base_width"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "sweep values must be positive"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
+    ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster is a mapping"),
+])
+def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(BASE + extra)
+    with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+def test_lr_rule_overrides_and_record():
+    rule = LearningRateRule("inverse_width", 16, (0.01, 0.03))
+    assert rule.overrides(0.03) == ["optim.base_learning_rate=0.03", "optim.width_lr_base=16"]
+    assert "16/embed_dim" in rule.describe(0.03) and "base lr 0.03" in rule.describe(0.03)
+    assert LearningRateRule().overrides(None) == []
+
+
+@pytest.mark.parametrize("batch, gpus, nodes, expected", [
+    (2048, 8, 32, (32, 8)),   # 8 per GPU on 256 GPUs
+    (2048, 8, 16, (16, 8)),   # capped by max_nodes
+    (96, 8, 16, (6, 8)),      # 2 per GPU on 48 GPUs
+    (8, 4, 2, (1, 4)),        # fewer images than a node's GPUs x 2: one node of 4, micro 2
+    (6, 8, 4, (1, 3)),        # an odd share per GPU is never chosen
+    (2, 8, 4, (1, 1)),
+])
+def test_world_size_follows_the_global_batch(batch, gpus, nodes, expected):
+    found = cluster_shape(batch, gpus, nodes)
+    assert found == expected and batch % (2 * found[0] * found[1]) == 0
