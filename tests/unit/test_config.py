@@ -189,3 +189,14 @@ def test_each_size_has_its_own_run_folder_and_its_finetune_profile_finds_it(pret
                for c in [load_resolved(p).config]}
     assert len(set(folders.values())) == 3
     assert Path(load_resolved(finetune).config.finetune.init) == folders[pretrain]
+
+
+@pytest.mark.parametrize("dtype, stage, expected", [("bf16", 1, "fp32"), ("bf16", 3, "fp32"), ("bf16", 0, None),
+                                                    ("fp32", 2, None), ("fp16", 2, None)])
+def test_bf16_gradients_accumulate_in_fp32_under_zero(dtype, stage, expected):
+    from mixmae_scale.config.precision import Hardware
+
+    hardware = Hardware(device="cuda", name="test GPU", native_bf16=True, native_fp16=True)
+    resolved = load_resolved("swin_b", overrides=[f"precision.dtype={dtype}", f"zero.stage={stage}"], world_size=32,
+                             hardware=hardware)
+    assert build_deepspeed_config(resolved).get("data_types", {}).get("grad_accum_dtype") == expected

@@ -31,13 +31,13 @@ def _sweep(alpha=0.35, beta=0.25, noise=0.003, seeds=2, budgets=(1e12, 2e12, 4e1
 
 def test_recovers_the_compute_optimal_exponents_with_tight_intervals():
     rows, n_exp, d_exp = _sweep()
-    fit = fit_iso_flop(rows, bootstrap=200)
+    fit = fit_iso_flop(rows, bootstrap=100)
     assert all(m.interior for m in fit.minima)
     assert fit.n_exponent == pytest.approx(n_exp, abs=0.05)
     assert fit.d_exponent == pytest.approx(d_exp, abs=0.05)
     low, high = fit.intervals["n_exponent"]
     assert low < fit.n_exponent < high and identified(fit.intervals["n_exponent"])
-    law = fit_frontier_law(fit, bootstrap=60)
+    law = fit_frontier_law(fit, bootstrap=30)
     assert law["extrapolation"]["relative_error"] < 0.02
 
 
