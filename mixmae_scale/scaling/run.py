@@ -98,15 +98,14 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int)
     """The base lr: each of `learning_rate.sweep` at the smallest size and budget (first seed), best held-out
     loss wins; results in lr_sweep.jsonl (resumable), not in results.jsonl, so no fit sees them."""
     runs = sweep_runs(spec, train_samples)
-    rows = _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, parallel, {"lr_rule": "lr sweep"})
+    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, parallel, {"lr_rule": "lr sweep"})
     done = {r["run_id"]: r for r in _rows(out / "lr_sweep.jsonl")}
     scored = [(done[r.run_id]["heldout_loss"], lr) for r, lr in zip(runs, spec.learning_rate.sweep, strict=True)]
-    loss, best = min(scored)
+    _, best = min(scored)
     if best in (min(spec.learning_rate.sweep), max(spec.learning_rate.sweep)) and len(scored) > 2:
         log(f"warning: the best base lr {best:g} is at the edge of the sweep {list(spec.learning_rate.sweep)}: "
             "widen it")
-    log("lr sweep: " + ", ".join(f"{lr:g} -> {l:.4f}" for l, lr in scored) + f"; base lr {best:g}")
-    del rows
+    log("lr sweep: " + ", ".join(f"{lr:g} -> {loss:.4f}" for loss, lr in scored) + f"; base lr {best:g}")
     return best
 
 
