@@ -77,11 +77,7 @@ def bare_worker(spec: dict) -> dict:
     from mixmae_scale.models.mixmae import build_mixmae
     from mixmae_scale.models.regional_compile import maybe_compile
 
-    class Args:
-        pass
-
-    args = Args()
-    args.__dict__.update(spec)
+    args = argparse.Namespace(**spec)
     resolved = load_resolved(args.profile, overrides=_overrides(args), world_size=1)
     config, derived = resolved.config, resolved.derived
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

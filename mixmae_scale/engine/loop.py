@@ -325,7 +325,7 @@ class TrainingLoop:
                 window.images += batch.images.shape[0]
                 micro += 1
             self.step += 1
-            if self.step == 1 and rank == 0 and getattr(self.job, "compiled_blocks", 0):
+            if self.step == 1 and rank == 0 and self.job.compiled_blocks:
                 log.info("first step took %.1f s, compiling %d block(s) included", time.perf_counter() - step_start,
                          self.job.compiled_blocks)
             if config.faults.inject_exception_at == [rank, self.step]:
@@ -398,9 +398,7 @@ def step_decision(loss: torch.Tensor, stop_requested: bool) -> tuple[int, int]:
     three (the loss, the finite check, the stop flag); the running loss is read only when logged."""
     flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
                          loss.new_full((), float(stop_requested), dtype=torch.float32)])
-    if dist.get_backend() == "gloo" and flags.device.type != "cpu":
-        flags = flags.cpu()
-    dist.all_reduce(flags)
+    dist.all_reduce(flags)  # on the loss's device: NCCL's on GPUs, gloo's on CPUs (engine/distributed.py)
     nonfinite, stop_votes = flags.tolist()
     return int(nonfinite), int(stop_votes)
 

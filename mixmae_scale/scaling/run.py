@@ -78,14 +78,14 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     out.mkdir(parents=True, exist_ok=True)
     base_lr = None
     if spec.learning_rate.sweep:
-        if emit_commands is not None:
-            base_lr = _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
+        if emit_commands is not None:  # the base lr is the sweep's to find on the cluster: left unset
+            _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
         else:
             base_lr = lr_sweep(spec, train_samples, out, log, parallel)
     runs = expand(spec, train_samples, base_lr)
     if emit_commands is not None:
-        lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n" + launch_line(spec, r, out)
-                 for r in runs]
+        lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n"
+                 + launch_line(spec, r, out, train_samples) for r in runs]
         with emit_commands.open("a" if spec.learning_rate.sweep else "w") as handle:
             handle.write("".join(line + "\n" for line in lines))
         log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
@@ -127,11 +127,10 @@ def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
 def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path, emit: Path, log) -> None:
     lines = ["# 1. the lr sweep: run these, take the base lr with the lowest held-out loss (summary.json), then "
              "run the lines below with --set optim.base_learning_rate=<it>"]
-    lines += [launch_line(spec, r, out) for r in sweep_runs(spec, train_samples)]
+    lines += [launch_line(spec, r, out, train_samples) for r in sweep_runs(spec, train_samples)]
     lines.append("# 2. the study (base lr: the sweep's best)")
     emit.write_text("".join(line + "\n" for line in lines))
     log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit}")
-    return None
 
 
 def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tuple[int, int]:
@@ -146,16 +145,13 @@ def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tupl
     return 1, 1
 
 
-def launch_line(spec: SweepSpec, run: PlannedRun, out: Path) -> str:
+def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int) -> str:
     nodes, gpus = cluster_shape(run.global_batch, spec.cluster["gpus_per_node"], spec.cluster["max_nodes"])
-    schedule = run_overrides(run, Path(spec.shards), max(1, spec_samples(spec, run) // run.global_batch))
+    samples = max(1, int(train_samples * run.data_fraction))
+    schedule = run_overrides(run, Path(spec.shards), max(1, samples // run.global_batch))
     sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
             f"run.output_dir={out / 'runs'}"]
     return "mixmae launch " + shlex.join([spec.profile, *[a for item in sets for a in ("--set", item)]])
-
-
-def spec_samples(spec: SweepSpec, run: PlannedRun) -> int:
-    return max(1, int(load_split(Path(spec.shards), "train").samples * run.data_fraction))
 
 
 def _rows(path: Path) -> list[dict]:
@@ -226,12 +222,6 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
     if spec.probe:
         row["probe_top1"] = _probe(run_dir, subset or Path(spec.shards))
     return row
-
-
-def _global_batch(spec: SweepSpec, run: PlannedRun) -> int:
-    from mixmae_scale.config import load_resolved
-
-    return load_resolved(spec.profile, overrides=run.overrides, world_size=1, train_samples=10**9).derived.global_batch
 
 
 def _probe(run_dir: Path, shards: Path) -> float:
