@@ -49,6 +49,14 @@ def _check(name: str, *arrays: np.ndarray, minimum: int) -> None:
             raise FitError(f"{name}: every value must be finite and positive")
 
 
+def _finite(name: str, values: dict[str, float]) -> dict[str, float]:
+    """A parameter that overflowed means the data do not pin the law down (e.g. A with alpha running off)."""
+    bad = [k for k, v in values.items() if not np.isfinite(v)]
+    if bad:
+        raise FitError(f"{name}: the fit diverged ({', '.join(bad)} not finite): the data do not constrain the law")
+    return values
+
+
 def _robust_fit(residuals, starts: list[np.ndarray], f_scale: float = 0.02) -> tuple[np.ndarray, float]:
     best = None
     for start in starts:
@@ -80,7 +88,7 @@ def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int =
     p, rms = _robust_fit(residuals, starts)
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * scale ** p[2]), "alpha": float(p[2])}
-    fit = LawFit(("E", "A", "alpha"), values, rms)
+    fit = LawFit(("E", "A", "alpha"), _finite("L(C) fit", values), rms)
     if bootstrap:
         fit.intervals = _bootstrap(lambda idx: fit_compute(c[idx], loss[idx]), len(c), bootstrap, seed, fit.names)
     return fit
@@ -101,7 +109,7 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * n_scale ** p[2]), "alpha": float(p[2]),
                   "B": float(np.exp(p[3]) * d_scale ** p[4]), "beta": float(p[4])}
-    fit = LawFit(("E", "A", "alpha", "B", "beta"), values, rms)
+    fit = LawFit(("E", "A", "alpha", "B", "beta"), _finite("L(N, D) fit", values), rms)
     if bootstrap:
         fit.intervals = _bootstrap(lambda idx: fit_nd(n[idx], d[idx], loss[idx]), len(n), bootstrap, seed, fit.names)
     return fit

@@ -43,13 +43,24 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def frontier(c: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Indices of the compute-efficient runs: lower loss than every run with less compute."""
+    """Indices of the compute-efficient runs: lower loss than every run with less compute; of runs with equal
+    compute only the best."""
     keep, best = [], np.inf
-    for i in np.argsort(c):
+    for value in np.unique(c):
+        group = np.flatnonzero(c == value)
+        i = int(group[np.argmin(loss[group])])
         if loss[i] < best:
             keep.append(i)
             best = loss[i]
     return np.array(keep, dtype=int)
+
+
+def frontier_compute(rows: list[dict]) -> np.ndarray:
+    """The compute a run is compared at on the frontier: its planned budget in an iso-FLOP design (the sizes of
+    one budget spend it to within a step, and a size 0.4% under it is no cheaper run), its FLOPs otherwise."""
+    if all(r.get("budget") for r in rows):
+        return np.array([r["budget"] for r in rows], float)
+    return np.array([r["flops"] for r in rows], float)
 
 
 def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
@@ -57,14 +68,17 @@ def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
     n = np.array([r["params"] for r in rows], float)
     d = np.array([r["images_seen"] for r in rows], float)
     loss = np.array([r["heldout_loss"] for r in rows], float)
-    front = frontier(c, loss)
+    front = frontier(frontier_compute(rows), loss)
     use = front if len(front) >= 4 else np.arange(len(rows))
     result: dict = {"runs": len(rows), "frontier_runs": [rows[i]["run_id"] for i in front],
                     "compute_fit_on": "frontier" if len(front) >= 4 else "all runs (frontier has < 4 runs)"}
     law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap)
     result["L_of_C"] = {"values": law_c.values, "intervals_5_95": law_c.intervals, "log_rms": law_c.residual_rms}
     if len(use) >= 6:
-        result["extrapolation"] = extrapolation_error(c[use], loss[use], holdout=2)
+        try:
+            result["extrapolation"] = extrapolation_error(c[use], loss[use], holdout=2)
+        except FitError as exc:
+            result["extrapolation"] = f"not computed: {exc}"
     else:
         result["extrapolation"] = "needs at least 6 runs on the fitted set"
     try:
@@ -124,7 +138,7 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(c, loss, s=18, label="runs")
-    front = frontier(c, loss)
+    front = frontier(frontier_compute(rows), loss)
     ax.plot(c[front], loss[front], "k--", lw=1, label="compute frontier")
     grid = np.logspace(np.log10(c.min()), np.log10(c.max()), 100)
     v = fit["L_of_C"]["values"]

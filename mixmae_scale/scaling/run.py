@@ -111,14 +111,14 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int)
 
 def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
     smallest = min(expand(dataclasses.replace(spec, seeds=spec.seeds[:1], data_fractions=[max(spec.data_fractions)],
-                                              budgets=spec.budgets[:1], steps=spec.steps[:1],
+                                              budgets=sorted(spec.budgets)[:1], steps=spec.steps[:1],
                                               epochs=spec.epochs[:1]), train_samples),
                    key=lambda r: r.params)
     size = next(s for s in spec.sizes if s["name"] == smallest.size)
     runs = []
     for lr in spec.learning_rate.sweep:
         one = dataclasses.replace(spec, sizes=[size], seeds=spec.seeds[:1], data_fractions=[smallest.data_fraction],
-                                  budgets=spec.budgets[:1], steps=spec.steps[:1], epochs=spec.epochs[:1])
+                                  budgets=sorted(spec.budgets)[:1], steps=spec.steps[:1], epochs=spec.epochs[:1])
         run = expand(one, train_samples, lr)[0]
         runs.append(dataclasses.replace(run, run_id=f"lr{lr:g}-{run.run_id}"))
     return runs

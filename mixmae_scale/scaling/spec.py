@@ -11,6 +11,8 @@
     # or, instead of steps/epochs, an iso-FLOP design (Hoffmann et al. 2022, approach 2): every size
     # trains on each budget, its steps chosen so that it spends that many training FLOPs
     budgets: [2.0e13, 4.0e13, 8.0e13]
+    # a size may name the budgets it trains on (a window of sizes per budget, as Hoffmann et al. slide
+    # theirs): {name: w64, model: {...}, budgets: [4.0e13, 8.0e13]}; every budget keeps at least 3 sizes
     seeds: [0, 1]
     learning_rate:                     # how the lr follows the width (written into every run's record)
       rule: inverse_width              # muP-style: hidden matrices' lr x base_width / embed_dim
@@ -115,8 +117,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: give exactly one of 'steps' or 'epochs' (a grid) or 'budgets' (iso-FLOP)")
     sizes = [s if isinstance(s, dict) else {"name": str(s), "model": {"size": str(s)}} for s in raw["sizes"]]
     for i, size in enumerate(sizes):
-        if "name" not in size or not isinstance(size.get("model", {}), dict):
-            raise ConfigError(f"{path}: sizes[{i}] needs a 'name' and an optional 'model' mapping, got {size}")
+        if "name" not in size or not isinstance(size.get("model", {}), dict) or set(size) - {"name", "model",
+                                                                                              "budgets"}:
+            raise ConfigError(f"{path}: sizes[{i}] needs a 'name', an optional 'model' mapping and optional "
+                              f"'budgets', got {size}")
     fractions = [float(f) for f in raw["data_fractions"]]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"{path}: data_fractions must lie in (0, 1], got {raw['data_fractions']}")
@@ -127,7 +131,32 @@ def load_spec(path: str | Path) -> SweepSpec:
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})))
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
         raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
+    _check_size_budgets(path, spec)
     return spec
+
+
+def size_trains_on(size: dict[str, Any], budget: float) -> bool:
+    return "budgets" not in size or any(abs(float(b) - budget) <= 1e-9 * budget for b in size["budgets"])
+
+
+def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
+    """A size's own `budgets` must be budgets of the spec, and every budget needs 3 sizes for its parabola."""
+    for size in spec.sizes:
+        if "budgets" not in size:
+            continue
+        if not spec.budgets:
+            raise ConfigError(f"{path}: size {size['name']!r} lists budgets, but the spec has no 'budgets' "
+                              "(per-size budgets belong to an iso-FLOP design)")
+        own = size["budgets"]
+        if not isinstance(own, list) or not own or any(not size_trains_on({"budgets": spec.budgets}, float(b))
+                                                       for b in own):
+            raise ConfigError(f"{path}: size {size['name']!r} budgets must be a non-empty list drawn from the "
+                              f"spec's budgets {spec.budgets}, got {own!r}")
+    for budget in spec.budgets:
+        count = sum(size_trains_on(size, budget) for size in spec.sizes)
+        if count < 3:
+            raise ConfigError(f"{path}: budget {budget:.3g} has {count} size(s) training on it; its iso-FLOP "
+                              "parabola needs at least 3")
 
 
 def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
@@ -166,6 +195,8 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
     budgets = spec.steps or spec.epochs or spec.budgets
     lr_sets = spec.learning_rate.overrides(base_lr)
     for size, fraction, budget, seed in itertools.product(spec.sizes, spec.data_fractions, budgets, spec.seeds):
+        if spec.budgets and not size_trains_on(size, budget):
+            continue
         overrides = (*spec.overrides, *size_overrides(size), *lr_sets, f"run.seed={seed}", f"data.shards={spec.shards}")
         resolved = load_resolved(spec.profile, overrides=overrides, world_size=1,
                                  train_samples=max(1, int(train_samples * fraction)))

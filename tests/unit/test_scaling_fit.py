@@ -56,3 +56,26 @@ def test_data_that_cannot_fit_is_refused():
         fit_compute(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, np.nan, 0.8, 0.7]))
     with pytest.raises(FitError, match="different lengths"):
         fit_nd(np.ones(6), np.ones(5), np.ones(6))
+
+
+def test_a_law_the_data_cannot_pin_down_is_refused_not_printed_as_inf():
+    """A real iso-FLOP pilot: a steep drop between two budgets sends alpha off and A to overflow; the report said
+    'nan%' for the extrapolation before this was refused."""
+    c = np.array([9.96e10, 1.0e11, 1.0015e11, 2.9963e11, 3.0e11])
+    loss = np.array([0.683, 0.624, 0.523, 0.485, 0.476])
+    with pytest.raises(FitError, match="diverged"):
+        fit_compute(c, loss)
+
+
+def test_frontier_keeps_the_best_of_one_budget_only():
+    from mixmae_scale.scaling.report import frontier, frontier_compute
+
+    rows = [{"flops": 0.996e11, "budget": 1e11, "heldout_loss": 0.68}, {"flops": 1.0e11, "budget": 1e11,
+                                                                      "heldout_loss": 0.52},
+            {"flops": 3.0e11, "budget": 3e11, "heldout_loss": 0.46}, {"flops": 2.99e11, "budget": 3e11,
+                                                                      "heldout_loss": 0.49}]
+    loss = np.array([r["heldout_loss"] for r in rows])
+    assert list(frontier(frontier_compute(rows), loss)) == [1, 2]
+    # Without budgets (a grid), a cheaper run with a higher loss is on the frontier: it is cheaper.
+    grid = [{k: v for k, v in r.items() if k != "budget"} for r in rows]
+    assert list(frontier(frontier_compute(grid), loss)) == [0, 1, 3, 2]

@@ -20,6 +20,7 @@ BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "sweep values must be positive"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
     ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster is a mapping"),
+    ("budgets: [1.0e12]\n", "budget 1e\\+12 has 1 size"),
 ])
 def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, message):
     path = tmp_path / "spec.yaml"
@@ -46,3 +47,43 @@ def test_lr_rule_overrides_and_record():
 def test_world_size_follows_the_global_batch(batch, gpus, nodes, expected):
     found = cluster_shape(batch, gpus, nodes)
     assert found == expected and batch % (2 * found[0] * found[1]) == 0
+
+
+WINDOWED = """name: window
+profile: tiny
+shards: s
+data_fractions: [1]
+budgets: [1.0e11, 4.0e11]
+seeds: [0, 1]
+set: ["model.img_size=64", "model.window_size=[8, 8, 4, 2]"]
+sizes:
+  - {name: w4, model: {embed_dim: 4, num_heads: [1, 1, 1, 1], decoder_dim: 4, decoder_heads: 1}, budgets: [1.0e11]}
+  - {name: w8, model: {embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 8, decoder_heads: 1}}
+  - {name: w12, model: {embed_dim: 12, num_heads: [1, 2, 4, 4], decoder_dim: 12, decoder_heads: 1}}
+  - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8], decoder_dim: 16, decoder_heads: 1}, budgets: [4.0e11]}
+"""
+
+
+def test_a_size_trains_only_on_its_own_budgets(tmp_path):
+    """Hoffmann et al. slide the window of sizes with the budget: the smallest model's largest-budget run is the
+    slowest of a sweep and says nothing about the optimum there."""
+    from mixmae_scale.scaling.spec import expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(WINDOWED)
+    runs = expand(load_spec(path), train_samples=2560)
+    by_budget = {b: sorted({r.size for r in runs if r.budget == b}) for b in (1e11, 4e11)}
+    assert by_budget == {1e11: ["w12", "w4", "w8"], 4e11: ["w12", "w16", "w8"]}
+    assert len(runs) == 12  # 3 sizes x 2 budgets x 2 seeds
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("budgets: [1.0e11]}", "budgets: [2.0e11]}"), "drawn from the spec's budgets"),
+    (("budgets: [4.0e11]}", "budgets: [1.0e11]}"), "budget 4e\\+11 has 2 size"),
+    (("budgets: [1.0e11, 4.0e11]", "steps: [5]"), "per-size budgets belong to an iso-FLOP design"),
+])
+def test_bad_size_budgets_are_refused(tmp_path, edit, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(WINDOWED.replace(*edit))
+    with pytest.raises(ConfigError, match=message):
+        load_spec(path)
