@@ -75,7 +75,9 @@ def _robust_fit(residuals, starts: list[np.ndarray], f_scale: float = 0.02) -> t
     return best.x, float(np.sqrt(np.mean(residuals(best.x) ** 2)))
 
 
-def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0) -> LawFit:
+def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0,
+                start: dict[str, float] | None = None) -> LawFit:
+    """`start`: fitted values to begin from (a bootstrap refit starts at the full fit: one start, not eight)."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
     _check("L(C) fit", c, loss, minimum=4)
     scale = np.median(c)  # fit in C / median(C): exponents do not care, conditioning does
@@ -83,18 +85,23 @@ def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int =
     def residuals(p, cs=c / scale, ls=loss):
         return np.log(compute_law(cs, np.exp(p[0]), np.exp(p[1]), p[2])) - np.log(ls)
 
-    starts = [np.array([np.log(f * loss.min()), np.log(g), alpha])
-              for f, g, alpha in itertools.product((0.3, 0.8), (0.1, 1.0), (0.1, 0.5))]
+    if start:
+        starts = [np.array([np.log(start["E"]), np.log(start["A"]) - start["alpha"] * np.log(scale), start["alpha"]])]
+    else:
+        starts = [np.array([np.log(f * loss.min()), np.log(g), alpha])
+                  for f, g, alpha in itertools.product((0.3, 0.8), (0.1, 1.0), (0.1, 0.5))]
     p, rms = _robust_fit(residuals, starts)
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * scale ** p[2]), "alpha": float(p[2])}
     fit = LawFit(("E", "A", "alpha"), _finite("L(C) fit", values), rms)
     if bootstrap:
-        fit.intervals = _bootstrap(lambda idx: fit_compute(c[idx], loss[idx]), len(c), bootstrap, seed, fit.names)
+        fit.intervals = _bootstrap(lambda idx: fit_compute(c[idx], loss[idx], start=fit.values), len(c), bootstrap,
+                                   seed, fit.names)
     return fit
 
 
-def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0) -> LawFit:
+def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0,
+           start: dict[str, float] | None = None) -> LawFit:
     n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
     _check("L(N, D) fit", n, d, loss, minimum=6)
     n_scale, d_scale = np.median(n), np.median(d)
@@ -103,15 +110,20 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
         pred = nd_law(ns, ds, np.exp(p[0]), np.exp(p[1]), p[2], np.exp(p[3]), p[4])
         return np.log(pred) - np.log(ls)
 
-    starts = [np.array([np.log(f * loss.min()), np.log(g), alpha, np.log(g), beta])
-              for f, g, alpha, beta in itertools.product((0.3, 0.8), (0.1, 1.0), (0.2, 0.6), (0.2, 0.6))]
+    if start:
+        starts = [np.array([np.log(start["E"]), np.log(start["A"]) - start["alpha"] * np.log(n_scale), start["alpha"],
+                            np.log(start["B"]) - start["beta"] * np.log(d_scale), start["beta"]])]
+    else:
+        starts = [np.array([np.log(f * loss.min()), np.log(g), alpha, np.log(g), beta])
+                  for f, g, alpha, beta in itertools.product((0.3, 0.8), (0.1, 1.0), (0.2, 0.6), (0.2, 0.6))]
     p, rms = _robust_fit(residuals, starts)
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * n_scale ** p[2]), "alpha": float(p[2]),
                   "B": float(np.exp(p[3]) * d_scale ** p[4]), "beta": float(p[4])}
     fit = LawFit(("E", "A", "alpha", "B", "beta"), _finite("L(N, D) fit", values), rms)
     if bootstrap:
-        fit.intervals = _bootstrap(lambda idx: fit_nd(n[idx], d[idx], loss[idx]), len(n), bootstrap, seed, fit.names)
+        fit.intervals = _bootstrap(lambda idx: fit_nd(n[idx], d[idx], loss[idx], start=fit.values), len(n),
+                                   bootstrap, seed, fit.names)
     return fit
 
 
