@@ -200,3 +200,15 @@ def test_bf16_gradients_accumulate_in_fp32_under_zero(dtype, stage, expected):
     resolved = load_resolved("swin_b", overrides=[f"precision.dtype={dtype}", f"zero.stage={stage}"], world_size=32,
                              hardware=hardware)
     assert build_deepspeed_config(resolved).get("data_types", {}).get("grad_accum_dtype") == expected
+
+
+@pytest.mark.parametrize("world, stage, overrides, expected", [
+    (1, 1, [], False),                      # one rank: nothing to overlap, no per-parameter bucket hook
+    (32, 1, [], True),                      # ds_configs/zero1.json's overlap on a cluster
+    (1, 2, [], True),                       # ZeRO-2 reduces through the hook either way: left as the file says
+    (1, 1, ["deepspeed.zero_optimization.overlap_comm=true"], True),  # the user's override wins
+])
+def test_overlap_comm_is_off_only_for_a_single_zero1_rank(world, stage, overrides, expected):
+    resolved = load_resolved("swin_b", overrides=[f"zero.stage={stage}", "batch.global_batch=64", *overrides],
+                             world_size=world)
+    assert build_deepspeed_config(resolved)["zero_optimization"]["overlap_comm"] is expected
