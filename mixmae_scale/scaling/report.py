@@ -72,9 +72,14 @@ def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
     use = front if len(front) >= 4 else np.arange(len(rows))
     result: dict = {"runs": len(rows), "frontier_runs": [rows[i]["run_id"] for i in front],
                     "compute_fit_on": "frontier" if len(front) >= 4 else "all runs (frontier has < 4 runs)"}
-    law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap)
-    result["L_of_C"] = {"values": law_c.values, "intervals_5_95": law_c.intervals, "log_rms": law_c.residual_rms}
-    if len(use) >= 6:
+    try:
+        law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap)
+        result["L_of_C"] = {"values": law_c.values, "intervals_5_95": law_c.intervals, "log_rms": law_c.residual_rms}
+    except FitError as exc:  # e.g. a few budgets whose losses drop too steeply for E + A C^-alpha
+        result["L_of_C"] = f"not fitted: {exc}"
+    if not isinstance(result["L_of_C"], dict):
+        result["extrapolation"] = "not computed: no L(C) fit"
+    elif len(use) >= 6:
         try:
             result["extrapolation"] = extrapolation_error(c[use], loss[use], holdout=2)
         except FitError as exc:
@@ -141,9 +146,10 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     front = frontier(frontier_compute(rows), loss)
     ax.plot(c[front], loss[front], "k--", lw=1, label="compute frontier")
     grid = np.logspace(np.log10(c.min()), np.log10(c.max()), 100)
-    v = fit["L_of_C"]["values"]
-    ax.plot(grid, compute_law(grid, v["E"], v["A"], v["alpha"]), "r",
-            label=f"fit: {v['E']:.3f} + A C^-{v['alpha']:.3f}")
+    if isinstance(fit["L_of_C"], dict):
+        v = fit["L_of_C"]["values"]
+        ax.plot(grid, compute_law(grid, v["E"], v["A"], v["alpha"]), "r",
+                label=f"fit: {v['E']:.3f} + A C^-{v['alpha']:.3f}")
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="held-out reconstruction loss", title="loss vs compute")
     ax.legend(fontsize=8)
     figures["loss_vs_compute.png"] = fig
@@ -180,11 +186,17 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     if isinstance(fit["L_of_N_D"], dict):
         w = fit["L_of_N_D"]["values"]
         predicted, label = nd_law(n, d, w["E"], w["A"], w["alpha"], w["B"], w["beta"]), "L(N, D) fit"
-    else:
+    elif isinstance(fit["L_of_C"], dict):
+        v = fit["L_of_C"]["values"]
         predicted, label = compute_law(c, v["E"], v["A"], v["alpha"]), "L(C) fit"
-    ax.scatter(loss, predicted, s=18)
-    lims = [min(loss.min(), predicted.min()), max(loss.max(), predicted.max())]
-    ax.plot(lims, lims, "k--", lw=1)
+    else:
+        predicted, label = None, "no law fitted"
+    if predicted is not None:
+        ax.scatter(loss, predicted, s=18)
+        lims = [min(loss.min(), predicted.min()), max(loss.max(), predicted.max())]
+        ax.plot(lims, lims, "k--", lw=1)
+    else:
+        ax.text(0.5, 0.5, "neither L(N, D) nor L(C) could be fitted", ha="center", transform=ax.transAxes)
     ax.set(xlabel="observed", ylabel="predicted", title=f"predicted vs observed ({label})")
     figures["predicted_vs_observed.png"] = fig
 
@@ -199,7 +211,10 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     if isinstance(iso, dict):
         lines += _iso_flop_section(iso)
     lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
-    lines += _parameter_table(fit["L_of_C"]["values"], fit["L_of_C"]["intervals_5_95"])
+    if isinstance(fit["L_of_C"], dict):
+        lines += _parameter_table(fit["L_of_C"]["values"], fit["L_of_C"]["intervals_5_95"])
+    else:
+        lines.append(fit["L_of_C"])
     extrapolation = fit["extrapolation"]
     if isinstance(extrapolation, dict):
         extrapolation = (f"max relative error {100 * extrapolation['max_relative_error']:.1f}%, mean "

@@ -79,3 +79,19 @@ def test_frontier_keeps_the_best_of_one_budget_only():
     # Without budgets (a grid), a cheaper run with a higher loss is on the frontier: it is cheaper.
     grid = [{k: v for k, v in r.items() if k != "budget"} for r in rows]
     assert list(frontier(frontier_compute(grid), loss)) == [0, 1, 3, 2]
+
+
+def test_a_report_whose_compute_law_diverges_says_so_and_still_writes(tmp_path):
+    """CI met this on a real 6-run sweep: the L(C) fit diverged and the whole report failed with it."""
+    from mixmae_scale.scaling.report import fit_results, write_report
+
+    c = [9.96e10, 1.0e11, 1.0015e11, 2.9963e11, 3.0e11, 3.001e11]
+    loss = [0.683, 0.624, 0.523, 0.485, 0.476, 0.461]
+    pairs = enumerate(zip(c, loss, strict=True))
+    rows = [{"run_id": f"r{i}", "params": [3.6e4, 1.1e5, 2.2e5][i % 3], "images_seen": int(x / 1e7), "flops": x,
+             "heldout_loss": v, "budget": 1e11 if x < 2e11 else 3e11} for i, (x, v) in pairs]
+    fit = fit_results(rows, bootstrap=5)
+    assert fit["L_of_C"].startswith("not fitted: L(C) fit: the fit diverged"), fit["L_of_C"]
+    report = write_report(rows, fit, tmp_path).read_text()
+    assert "the fit diverged" in report and "not computed: no L(C) fit" in report
+    assert (tmp_path / "loss_vs_compute.png").stat().st_size > 1000
