@@ -63,6 +63,15 @@ def frontier_compute(rows: list[dict]) -> np.ndarray:
     return np.array([r["flops"] for r in rows], float)
 
 
+def _extrapolation(c: np.ndarray, loss: np.ndarray) -> dict | str:
+    if len(c) < 6:
+        return "needs at least 6 runs on the fitted set"
+    try:
+        return extrapolation_error(c, loss, holdout=2)
+    except FitError as exc:
+        return f"not computed: {exc}"
+
+
 def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
     c = np.array([r["flops"] for r in rows], float)
     n = np.array([r["params"] for r in rows], float)
@@ -74,18 +83,12 @@ def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
                     "compute_fit_on": "frontier" if len(front) >= 4 else "all runs (frontier has < 4 runs)"}
     try:
         law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap)
-        result["L_of_C"] = {"values": law_c.values, "intervals_5_95": law_c.intervals, "log_rms": law_c.residual_rms}
     except FitError as exc:  # e.g. a few budgets whose losses drop too steeply for E + A C^-alpha
         result["L_of_C"] = f"not fitted: {exc}"
-    if not isinstance(result["L_of_C"], dict):
         result["extrapolation"] = "not computed: no L(C) fit"
-    elif len(use) >= 6:
-        try:
-            result["extrapolation"] = extrapolation_error(c[use], loss[use], holdout=2)
-        except FitError as exc:
-            result["extrapolation"] = f"not computed: {exc}"
     else:
-        result["extrapolation"] = "needs at least 6 runs on the fitted set"
+        result["L_of_C"] = {"values": law_c.values, "intervals_5_95": law_c.intervals, "log_rms": law_c.residual_rms}
+        result["extrapolation"] = _extrapolation(c[use], loss[use])
     try:
         law_nd = fit_nd(n, d, loss, bootstrap=bootstrap)
         k = float(np.median(c / (n * d)))  # training FLOPs per parameter per image

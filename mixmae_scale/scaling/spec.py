@@ -135,8 +135,12 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
+def _same_budget(a: float, b: float) -> bool:
+    return abs(float(a) - float(b)) <= 1e-9 * float(b)
+
+
 def size_trains_on(size: dict[str, Any], budget: float) -> bool:
-    return "budgets" not in size or any(abs(float(b) - budget) <= 1e-9 * budget for b in size["budgets"])
+    return "budgets" not in size or any(_same_budget(b, budget) for b in size["budgets"])
 
 
 def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
@@ -148,7 +152,7 @@ def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
             raise ConfigError(f"{path}: size {size['name']!r} lists budgets, but the spec has no 'budgets' "
                               "(per-size budgets belong to an iso-FLOP design)")
         own = size["budgets"]
-        if not isinstance(own, list) or not own or any(not size_trains_on({"budgets": spec.budgets}, float(b))
+        if not isinstance(own, list) or not own or any(not any(_same_budget(b, c) for c in spec.budgets)
                                                        for b in own):
             raise ConfigError(f"{path}: size {size['name']!r} budgets must be a non-empty list drawn from the "
                               f"spec's budgets {spec.budgets}, got {own!r}")

@@ -183,7 +183,14 @@ def test_curves_and_reconstructions_of_real_runs(uninterrupted, demo_shards, tmp
     for run in uninterrupted.values():  # the grids written during training, at every 6th step
         assert sorted(p.name for p in (run / "reconstructions").glob("*.png")) == ["step00000006.png",
                                                                                "step00000012.png"]
-    plot_runs([str(uninterrupted[3]), str(uninterrupted[3])], tmp_path / "curves.png")
+    # A second, shorter run to compare against: the same run's folder with its first half of metrics.
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(uninterrupted[3], short, ignore=shutil.ignore_patterns("checkpoints", "reconstructions"))
+    rows = (short / "metrics.csv").read_text().splitlines()
+    (short / "metrics.csv").write_text("\n".join(rows[:1 + (len(rows) - 1) // 2]) + "\n")
+    plot_runs([str(uninterrupted[3]), str(short)], tmp_path / "curves.png")
     with Image.open(tmp_path / "curves.png") as image:
         assert image.size == (1600, 650) and len(image.convert("L").getcolors()) > 10  # 256 grey levels at most
     result = visualize(str(uninterrupted[3]), str(demo_shards), tmp_path / "rec.png", pairs=2)
