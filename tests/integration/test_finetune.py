@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from free_port import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, ranks: int = 2, port: int = 29850) -> subprocess.CompletedProcess:
+def run(*args: str, ranks: int = 2, port: int | None = None) -> subprocess.CompletedProcess:
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                str(port), "--module", "mixmae_scale.cli"]
+                str(port or free_port()), "--module", "mixmae_scale.cli"]
     result = subprocess.run(launcher + list(args), env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -49,7 +50,7 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards(finetune
     # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary.
     weights = str(finetuned / "classifier.safetensors")
     results = []
-    for ranks, port in ((2, 29861), (1, 29862)):
+    for ranks, port in ((2, free_port()), (1, free_port())):
         out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", "16", ranks=ranks, port=port)
         text = out.stdout
         results.append(json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1]))  # the printed report
@@ -73,7 +74,7 @@ def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp
                                                                      shard_bytes=None))
     shards = tmp_path / "shards"
     run("pretrain", "--profile", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={shards}",
-        port=29871)
+        port=free_port())
     out = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", "probe", "--init", str(tmp_path / "run"),
                           "--data", str(tmp_path / "shards"), "--baseline", "--json"], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -111,11 +112,11 @@ def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(demo_shards, 
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    done = subprocess.run(finetune_command(full, demo_shards, 29861, 12), env=env, capture_output=True, text=True,
+    done = subprocess.run(finetune_command(full, demo_shards, free_port(), 12), env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(finetune_command(killed, demo_shards, 29862, 12), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(finetune_command(killed, demo_shards, free_port(), 12), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / "step00000006" / "COMPLETE"
     deadline = time.time() + 300
@@ -124,8 +125,8 @@ def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(demo_shards, 
     os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, as a node failure would
     proc.wait()
     assert marker.exists() and not (killed / "summary.json").exists()
-    resumed = subprocess.run(finetune_command(killed, demo_shards, 29863, 12), env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(finetune_command(killed, demo_shards, free_port(), 12), env=env, capture_output=True,
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = metric_losses(full), metric_losses(killed)
@@ -152,7 +153,7 @@ def test_finetune_sigterm_saves_a_checkpoint_and_exits_zero(demo_shards, tmp_pat
     import psutil
 
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen(finetune_command(run_dir, demo_shards, 29864, 400, "checkpoint.every_steps=1000"),
+    proc = subprocess.Popen(finetune_command(run_dir, demo_shards, free_port(), 400, "checkpoint.every_steps=1000"),
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240

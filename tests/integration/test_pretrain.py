@@ -19,10 +19,11 @@ import psutil
 import pytest
 import torch
 import yaml
+from free_port import Ports
 
 pytestmark = pytest.mark.slow
 
-PORTS = iter(range(29700, 29800))
+PORTS = Ports()
 
 
 def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None = None, check: bool = True,
