@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixmae_scale.data.errors import DataError
 
-class DataError(ValueError):
-    """Shards that cannot be read as configured; the message names the file or key."""
+__all__ = ["DataError", "SplitShards", "load_split"]
 
 
 @dataclass(frozen=True)
