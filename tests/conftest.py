@@ -45,9 +45,12 @@ def demo_shards(tmp_path_factory):
 def s3_server():
     """A real S3-protocol server (moto's server mode) on the loopback, and the standard AWS environment that
     points boto3 (and every subprocess a test starts) at it. Yields the endpoint URL."""
+    import logging
+
     from free_port import free_port
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -15,8 +15,12 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
     import logging
     import socket
 
+    from mixmae_scale.cluster.slurm_ranks import ranks_from_slurm
     from mixmae_scale.engine import distributed
 
+    slurm = ranks_from_slurm(os.environ)
+    if slurm:  # one srun task per GPU (launch/slurm/pretrain_srun.sbatch): Slurm is the launcher
+        os.environ.update(slurm)
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -25,10 +29,21 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
-    from mixmae_scale.engine.loop import NonFiniteLossError
+    from mixmae_scale.engine.loop import NonFiniteLossError, RunAlreadyComplete
+
+    if int(os.environ.get("LOCAL_RANK", args.local_rank)) == 0:
+        removed = distributed.remove_stale_shm_buffers()
+        if removed:
+            logging.getLogger("mixmae").warning("removed %d DeepSpeed shared-memory buffer(s) a killed run left in "
+                                                "/dev/shm: %s", len(removed), ", ".join(removed))
 
     try:
         code = job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
+    except RunAlreadyComplete as exc:  # every rank knows it from the broadcast resume plan; nothing was written
+        if rank == 0:
+            print(f"mixmae: {exc}")
+        distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+        return 0
     except NonFiniteLossError as exc:  # every rank stops here together, after a collective checkpoint
         if rank == 0:
             print(f"mixmae: error: {exc}", file=sys.stderr)

@@ -160,19 +160,23 @@ def open_range(url: str | Path, start: int, end: int) -> BinaryIO:
             handle = open(url, "rb")  # noqa: SIM115 - handed to the caller, who closes it
         except FileNotFoundError:
             raise StorageError(f"{Path(url).resolve()}: no such file") from None
+        total = os.fstat(handle.fileno()).st_size
         handle.seek(start)
-        return _Limited(handle, end - start)
+        return _Limited(handle, end - start, total)
     bucket, key = split_url(str(url))
     response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key,
                                                                       Range=f"bytes={start}-{end - 1}"))
-    return _Limited(response["Body"], end - start)
+    content_range = response.get("ContentRange") or ""
+    total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and content_range[-1] != "*" else None
+    return _Limited(response["Body"], end - start, total)
 
 
 class _Limited:
-    """A read-only stream of exactly `length` bytes from `raw` (a file positioned at the start, or an HTTP body)."""
+    """A read-only stream of exactly `length` bytes from `raw` (a file positioned at the start, or an HTTP body);
+    `total` is the whole file's size where the store says it (a check that the file is the one indexed)."""
 
-    def __init__(self, raw, length: int) -> None:
-        self.raw, self.left = raw, length
+    def __init__(self, raw, length: int, total: int | None = None) -> None:
+        self.raw, self.left, self.total = raw, length, total
 
     def read(self, size: int = -1) -> bytes:
         if self.left <= 0:
