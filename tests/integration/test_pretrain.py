@@ -31,7 +31,8 @@ def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None =
     port = next(PORTS)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run_dir),
-           "--set", f"data.shards={shards}", "--set", "batch.micro=8", "--set", "batch.global_batch=16", "--set", "logging.every_steps=1",
+           "--set", f"data.shards={shards}", "--set", "batch.micro=8", "--set", "batch.global_batch=16",
+           "--set", "logging.every_steps=1",
            "--set", "logging.heldout_batches=2", "--set", "data.shuffle_buffer=64",
            "--set", "logging.visualize_every_steps=0"]  # grids: the uninterrupted runs below
     for item in overrides:
@@ -175,7 +176,8 @@ def test_two_launchers_as_two_nodes_write_one_checkpoint_that_resumes(demo_shard
             cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
                    "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
                    "--master_port", str(port), "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny",
-                   "--run-dir", str(run), "--set", f"data.shards={demo_shards}", "--set", "batch.micro=8", "--set", "batch.global_batch=16",
+                   "--run-dir", str(run), "--set", f"data.shards={demo_shards}", "--set", "batch.micro=8",
+                   "--set", "batch.global_batch=16",
                    "--set", "logging.every_steps=1", "--set", "logging.heldout_batches=1",
                    "--set", "checkpoint.every_steps=100", "--max-steps", str(max_steps)]
             procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
@@ -291,7 +293,8 @@ def test_usr1_to_mixmae_launch_reaches_every_rank(demo_shards, tmp_path):
     run = tmp_path / "usr1"
     port = next(PORTS)
     cmd = [str(Path(sys.executable).parent / "mixmae"), "launch", "tiny", "--set", f"data.shards={demo_shards}",
-           f"cluster.master_port={port}", "batch.micro=8", "batch.global_batch=16", "logging.every_steps=1", "logging.heldout_batches=2",
+           f"cluster.master_port={port}", "batch.micro=8", "batch.global_batch=16", "logging.every_steps=1",
+           "logging.heldout_batches=2",
            "data.shuffle_buffer=64", "precision.dtype=fp32", "checkpoint.every_steps=1000",
            f"run.output_dir={tmp_path}", "run.name=usr1"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,

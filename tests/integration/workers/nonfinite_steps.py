@@ -35,7 +35,7 @@ for case in sys.argv[1:]:
     results = {}
     params = list(engine.module.parameters())
 
-    def weights() -> list[torch.Tensor]:  # ZeRO-3 keeps partitions: gather them to compare whole tensors
+    def weights(params=params, stage=stage) -> list[torch.Tensor]:  # ZeRO-3 partitions: gather whole tensors
         if stage != 3:
             return [p.detach().float().clone() for p in params]
         with deepspeed.zero.GatheredParameters(params):
