@@ -18,7 +18,8 @@ def _shards_convert(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
         quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers,
-        max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize)
+        max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize,
+        max_rejected=args.max_rejected, staging=args.staging)
     try:
         manifest = convert(args.src, args.out, options)
     except OSError as exc:  # the output side (disk full, unwritable folder): per-file problems never get here
@@ -27,7 +28,8 @@ def _shards_convert(args: argparse.Namespace) -> int:
         return 1
     for line in summary_lines(manifest):
         print(line)
-    print(f"manifest: {args.out}/dataset.json; rejected files: {args.out}/rejected.jsonl")
+    out = args.out.rstrip("/")
+    print(f"manifest: {out}/dataset.json; rejected files: {out}/rejected.jsonl")
     return 0
 
 
@@ -85,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          ("folder", "class-per-subfolder images, or a flat folder of unlabeled images")):
         p = shards_sub.add_parser(layout, help=f"convert {text}")
         p.add_argument("--src", required=True)
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=True, help="folder, or s3://bucket/prefix (shards are staged locally and "
+                       "uploaded one by one)")
         p.add_argument("--split", default="train,val" if layout == "imagenet" else "train",
                        help="comma-separated splits (for 'folder', 'train' is the source folder itself)")
         p.add_argument("--shard-size", default="1GB", help="target shard size (by the source files' sizes)")
@@ -100,6 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="images above this many pixels are downscaled to it (or rejected: --oversize reject); "
                        "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
         p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale")
+        p.add_argument("--max-rejected", type=float, default=DEFAULT_MAX_REJECTED,
+                       help="exit non-zero when more than this fraction of a split's files is rejected (default: "
+                       "%(default)s); a rerun with a higher value redoes nothing")
+        p.add_argument("--staging", help="with --out s3://...: the local folder where each shard is written before "
+                       "it is uploaded and deleted (default: one under the system's temporary folder)")
         p.set_defaults(handler=_shards_convert)
     adopt = shards_sub.add_parser("adopt", help="index existing WebDataset .tar shards (a folder or s3:// prefix) "
                                   "for training, without rewriting them")
