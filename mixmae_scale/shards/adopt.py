@@ -261,15 +261,21 @@ def _sorted_warning(split: str, records: list[AdoptedShard], num_classes: int) -
             "folder|imagenet` shuffles globally)")
 
 
+def _written_here(name: str, src: str, out: str) -> bool:
+    """Whether a file listed under SRC is one of OUT's own (OUT inside SRC, or the same folder)."""
+    if out == src:
+        return name.startswith(".progress/") or name.endswith(".idx") or name in (MANIFEST, "classes.json",
+                                                                                     "rejected.jsonl")
+    return (out + "/").startswith(src + "/") and name.startswith(_relative(out, src) + "/")
+
+
 def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> dict:
     """Indexes SRC's tars into OUT and writes the manifest; returns it, with `warnings` (not stored)."""
     src, out = _location(src), _location(out)
     split = options.split
-    listing = storage.list_files(src)
-    inside = _relative(out, src) + "/" if out != src and (out + "/").startswith(src + "/") else None
-    listing = [f for f in listing if inside is None or not f.name.startswith(inside)]
-    tars = [f for f in listing if f.name.lower().endswith(".tar")]
-    others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if not f.name.lower().endswith(".tar"))
+    listing = [f for f in storage.list_files(src) if not _written_here(f.name, src, out)]
+    tars = [f for f in listing if f.name.lower().endswith(".tar") and not f.name.rsplit("/", 1)[-1].startswith(".")]
+    others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if f not in tars)
     if not tars:
         raise SourceError(f"{src}: no .tar files found (searched recursively"
                           + (f"; it holds {dict(others)}" if others else "; it is empty") + ")")

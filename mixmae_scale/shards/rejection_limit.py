@@ -11,6 +11,7 @@ manifest.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 DEFAULT_MAX_REJECTED = 0.01
@@ -21,8 +22,9 @@ class TooManyRejected(ValueError):
 
 
 def _kind(reason: str) -> str:
-    """The start of a reason, without the file-specific detail, to group the reasons in one line."""
+    """The start of a reason without its specifics (names, numbers), to group the reasons in one line."""
     head = reason.split(":", 1)[0].split(" (", 1)[0]
+    head = re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'...'", head))
     return head if len(head) <= 60 else head[:57] + "..."
 
 

@@ -2,8 +2,8 @@
 and a reason for every sample and member it cannot.
 
 One pass because the tar may be an object in a store that bills per request: the bytes come from one
-stream (one GET), tarfile reads its headers in stream mode, and the same pass hashes the file and, with
-`decode`, decodes the images. Samples follow webdataset and DALI: a member's key is its folder plus its
+stream (one GET), tarfile reads its headers from it as they come, and the same pass hashes the file and,
+with `decode`, decodes the images. Samples follow webdataset and DALI: a member's key is its folder plus its
 basename up to the first dot, the extension is the rest; consecutive members with one key form a sample;
 hidden names (a basename starting with a dot) belong to no sample. A sample that training could not use,
 or could not use unambiguously, is left out of the index with its reason:
@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mixmae_scale.shards.jpeg_check import BOMB_PIXELS
 
@@ -34,7 +34,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
 INDEX_VERSION = "v1.2"
 _BLOCK = 512
-_READ_SIZE = 1 << 18  # tarfile's stream buffer: fewer Python-level reads than its default 10 KB
+_CHUNK = 1 << 20  # bytes per read from the underlying stream
+_HISTORY = 1 << 16  # bytes kept behind the read position, for tarfile's short seeks back
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -104,37 +105,59 @@ class TarIndex:
             raise RuntimeError(f"tar index does not reconcile: {self.members} members, {members} accounted for")
 
 
-class _HashingReader:
-    """The stream tarfile reads, hashed as it goes, with the last bytes kept: after tarfile stops, the
-    block where it stopped tells a clean end-of-archive from a cut or a damaged header."""
+class _ForwardReader:
+    """One pass over a stream, looking to tarfile like a seekable file: its seeks go forward (reading and
+    hashing what they skip), or back by at most `_HISTORY` bytes. tarfile's own stream mode would do,
+    but it copies its whole buffer on every header it reads: 46 MB/s on a 215 MB tar of 15,000 members
+    here, against several hundred this way. Every byte of the stream is hashed exactly once."""
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
         self.sha256 = hashlib.sha256()
-        self.pos = 0
-        self.tail = bytearray()
-        self.tail_start = 0
+        self.buffer = bytearray()
+        self.buffer_start = 0  # stream position of buffer[0]
+        self.pos = 0  # the position tarfile sees; may run past the end of the stream, as a file's can
+        self.end_of_stream = False
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size if size is not None and size >= 0 else 1 << 20)
-        self.sha256.update(data)
+    @property
+    def bytes_read(self) -> int:
+        return self.buffer_start + len(self.buffer)
+
+    def _fill(self, upto: int) -> None:
+        while self.bytes_read < upto and not self.end_of_stream:
+            chunk = self.raw.read(_CHUNK)
+            if not chunk:
+                self.end_of_stream = True
+                break
+            self.sha256.update(chunk)
+            self.buffer += chunk
+            behind = min(self.pos - _HISTORY - self.buffer_start, len(self.buffer))
+            if behind > _CHUNK:  # drop what lies well behind the position: memory stays bounded
+                del self.buffer[:behind]
+                self.buffer_start += behind
+
+    def read(self, size: int) -> bytes:
+        self._fill(self.pos + size)
+        low = self.pos - self.buffer_start
+        data = bytes(self.buffer[low:low + size])
         self.pos += len(data)
-        self.tail += data
-        extra = len(self.tail) - 4 * _READ_SIZE
-        if extra > 0:
-            del self.tail[:extra]
-            self.tail_start += extra
         return data
 
-    def bytes_at(self, start: int, length: int) -> bytes:
-        while self.pos < start + length and self.read(start + length - self.pos):
-            pass
-        low = start - self.tail_start
-        return bytes(self.tail[max(low, 0):max(low + length, 0)]) if low >= 0 else b""
+    def seek(self, target: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            target += self.pos
+        elif whence != io.SEEK_SET or target < self.buffer_start:
+            raise io.UnsupportedOperation(f"cannot seek to byte {target} (whence {whence}) of a stream read once")
+        self.pos = target
+        self._fill(target)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
 
     def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+        """Reads (and hashes) the rest of the stream; the reader is done after this."""
+        self.seek(1 << 62)
 
 
 def _padded(size: int) -> int:
@@ -151,6 +174,8 @@ def _decode(data: bytes) -> tuple[str, str]:
                     return "", f"{image.width}x{image.height} pixels: a decompression bomb, not decoded"
                 image.load()
                 return f"{image.format} {image.mode}", ""
+    except UnidentifiedImageError:
+        return "", "image does not decode: not a format Pillow can identify"
     except Exception as exc:  # noqa: BLE001 - whatever one image does, it is a rejection with its reason
         return "", " ".join(f"image does not decode: {type(exc).__name__}: {exc}".split())
 
@@ -204,33 +229,33 @@ def index_tar(stream: BinaryIO, decode: bool = False) -> TarIndex:
     """Reads `stream` (a whole tar) to its end exactly once. Never raises for what is in the bytes;
     errors of the stream itself (I/O, network) propagate, for the caller to retry."""
     result = TarIndex()
-    reader = _HashingReader(stream)
+    reader = _ForwardReader(stream)
     samples: list[_Sample] = []
     cursor = _Cursor()
     try:
-        tar = tarfile.open(fileobj=reader, mode="r|", bufsize=_READ_SIZE)  # noqa: SIM115 - closed below
+        tar = tarfile.open(fileobj=reader, mode="r:")  # noqa: SIM115 - closed below
     except tarfile.ReadError as exc:
         result.problem = f"not a tar archive ({exc})"
     else:
         try:
             _read_members(tar, result, samples, cursor, decode)
         except (tarfile.ReadError, tarfile.StreamError, EOFError) as exc:
-            reader.drain()
-            result.problem = (f"the tar is cut: it cannot be read past byte {reader.pos} ({exc}); the last entry "
-                              f"read was {cursor.name!r}")
+            result.problem = (f"the tar is cut: it cannot be read past byte {reader.bytes_read} ({exc}); the last "
+                              f"entry read was {cursor.name!r}")
         else:
             # tarfile stops quietly at a zero block (the end marker), at the end of the data, and at a
             # header it cannot parse; only the first is a complete tar.
-            end_block = reader.bytes_at(cursor.end, _BLOCK)
+            reader.seek(cursor.end)
+            end_block = reader.read(_BLOCK)
             if len(end_block) < _BLOCK:
-                result.problem = (f"the tar is cut: it ends at byte {reader.pos}, after {cursor.name!r}, without "
-                                  "the end-of-archive marker")
+                result.problem = (f"the tar is cut: it ends at byte {reader.bytes_read}, after {cursor.name!r}, "
+                                  "without the end-of-archive marker")
             elif end_block.count(0) != _BLOCK:
                 result.problem = f"unreadable header at byte {cursor.end}: the rest of the tar cannot be read"
         finally:
             tar.close()
     reader.drain()
-    result.sha256, result.bytes_read = reader.sha256.hexdigest(), reader.pos
+    result.sha256, result.bytes_read = reader.sha256.hexdigest(), reader.bytes_read
     _finish(samples, result)
     return result
 
@@ -239,7 +264,7 @@ def _read_members(tar: tarfile.TarFile, result: TarIndex, samples: list[_Sample]
                   decode: bool) -> None:
     current: _Sample | None = None
     while (info := tar.next()) is not None:
-        tar.members.clear()  # stream mode keeps every TarInfo otherwise; a shard can hold 10^5 members
+        tar.members.clear()  # tarfile keeps every TarInfo otherwise; a shard can hold 10^5 members
         cursor.end = info.offset_data + (_padded(info.size) if info.isreg() else 0)
         cursor.name = info.name
         if info.isdir():

@@ -225,8 +225,8 @@ def test_adoption_from_s3_into_s3_reads_each_tar_with_one_request(wds_sets, s3_b
     assert train.tars[1] == f"{src}/train/shard-000001.tar" and train.indexes[1] == f"{out}/train/shard-000001.idx"
     assert (train.samples, val.samples) == (12, 10)
     (error,) = verify(out, decode=True)["errors"]  # the image only decoding finds (adopted without --decode)
-    assert error.startswith(f"{src}/val/00001.tar: sample 000010002 (line 2 of {out}/val/00001.idx): image does not "
-                            "decode: UnidentifiedImageError")
+    assert error == (f"{src}/val/00001.tar: sample 000010002 (line 2 of {out}/val/00001.idx): image does not "
+                     "decode: not a format Pillow can identify")
     assert verify(out)["ok"]
 
 
@@ -240,3 +240,24 @@ def test_a_set_sorted_by_class_is_warned_about(tmp_path):
     manifest = adopt(tmp_path / "sorted", tmp_path / "out", AdoptOptions())
     (warning,) = manifest["warnings"]
     assert warning.startswith("train: 3 of 3 shards hold one class") and "sorted by class" in warning
+
+
+def test_a_tar_cut_at_a_member_boundary_or_with_a_damaged_header_is_caught_where_tarfile_stops_quietly(tmp_path):
+    from mixmae_scale.shards.tar_index import index_tar
+
+    write_tar(tmp_path / "t.tar", [(f"{key}.{ext}", image_bytes("jpg") if ext == "jpg" else b"1")
+                                   for key in ("a", "b", "c") for ext in ("jpg", "cls")])
+    whole = (tmp_path / "t.tar").read_bytes()
+    complete = index_tar(io.BytesIO(whole))
+    assert (complete.samples, complete.problem, complete.labels) == (3, "", [1, 1, 1])
+    end_of_members = whole.index(b"\0" * 1024, whole.index(b"c.cls") + 1024)  # c.cls's data is 1 byte + padding
+    cut = index_tar(io.BytesIO(whole[:end_of_members]))  # every member whole, the end marker gone
+    assert cut.keys == ["a", "b"] and cut.rejected[0]["key"] == "c"
+    assert "without the end-of-archive marker" in cut.rejected[0]["reason"]
+    damaged = bytearray(whole)
+    header_b = whole.index(b"b.jpg")
+    damaged[header_b:header_b + 100] = b"x" * 100  # tarfile ends its listing here without an error
+    found = index_tar(io.BytesIO(bytes(damaged)))
+    assert found.samples == 0 and found.problem == f"unreadable header at byte {header_b}: the rest of the tar " \
+                                                   "cannot be read"
+    assert found.rejected[0]["key"] == "a" and found.bytes_read == len(whole)
