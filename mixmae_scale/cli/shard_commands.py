@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "%(default)s); a rerun with a higher value redoes nothing")
     adopt.set_defaults(handler=_shards_adopt)
     verify = shards_sub.add_parser("verify", help="check a shard set (folder, adopted or s3://) against its manifest")
-    verify.add_argument("folder")
+    verify.add_argument("folder", help="the shard set: a folder or an s3:// prefix holding dataset.json")
     verify.add_argument("--decode", action="store_true", help="decode every image too")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=_shards_verify)

@@ -63,7 +63,7 @@ class AdoptedShard:
     ignored: list[dict] = field(default_factory=list)
     problem: str = ""
     decoded: bool = False
-    labeled: int = 0  # indexed samples with a cls
+    labeled_samples: int = 0  # indexed samples with a cls
     max_label: int = -1
     top_class_share: float = 0.0  # the most frequent class's share of the labeled samples
 
@@ -120,7 +120,7 @@ def index_shard(job: _Job) -> AdoptedShard | str:
         name=job.name, source=job.url, size=job.size, sha256=found.sha256, samples=found.samples, found=found.found,
         members=found.members, indexed_members=found.indexed_members, folders=found.folders,
         rejected=found.rejected, ignored=found.ignored, problem=found.problem, decoded=job.decode,
-        labeled=len(labels), max_label=max(labels, default=-1),
+        labeled_samples=len(labels), max_label=max(labels, default=-1),
         top_class_share=top[0][1] / len(labels) if top else 0.0)
     if found.samples:
         record.index = index_name(job.split, job.name)
@@ -251,7 +251,7 @@ def _read_manifest(out: str) -> dict | None:
 def _sorted_warning(split: str, records: list[AdoptedShard], num_classes: int) -> str:
     """Training shuffles shard order and a bounded window of samples (DALI's way), so shards that each
     hold one class give batches of few classes."""
-    labeled = [r for r in records if r.labeled >= 2]
+    labeled = [r for r in records if r.labeled_samples >= 2]
     one_class = sum(r.top_class_share >= SORTED_SHARE for r in labeled)
     if num_classes < 2 or len(labeled) < 2 or one_class * 2 < len(labeled):
         return ""
@@ -315,7 +315,7 @@ def _write_set(src: str, out: str, options: AdoptOptions, manifest: dict | None,
     if found != samples + rejected or members != accounted:
         raise RuntimeError(f"{split}: counts do not reconcile: {found} samples found, {samples} indexed, {rejected} "
                            f"rejected; {members} members, {accounted} accounted for")
-    labeled_samples = sum(s.labeled for s in shards)
+    labeled_samples = sum(s.labeled_samples for s in shards)
     labeled = samples > 0 and labeled_samples == samples
     warnings = []
     if 0 < labeled_samples < samples:
