@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mixmae_scale.atomic_file import replacing
 from mixmae_scale.data.errors import DataError
 
 S3_PREFIX = "s3://"
-REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST" -> requests this process sent
+REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST", "DELETE" -> requests this process sent
 _CLIENTS: dict[int, object] = {}
 _CLIENTS_LOCK = threading.Lock()
 
@@ -229,6 +230,32 @@ def upload(local: str | Path, url: str | Path) -> None:
         return
     bucket, key = split_url(str(url))
     _s3_call(str(url), "PUT", lambda: _client().upload_file(str(local), bucket, key))
+
+
+def write_bytes(url: str | Path, data: bytes) -> None:
+    """Put a small file (an index, a record, a manifest): one PUT on S3; temp + rename locally, so that a
+    reader never sees half of it."""
+    if not is_remote(url):
+        target = Path(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(target) as tmp:
+            tmp.write_bytes(data)
+        return
+    bucket, key = split_url(str(url))
+    _s3_call(str(url), "PUT", lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
+
+
+def write_text(url: str | Path, text: str) -> None:
+    write_bytes(url, text.encode())
+
+
+def delete(url: str | Path) -> None:
+    """Remove a file or object; one that is already gone is not an error."""
+    if not is_remote(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    bucket, key = split_url(str(url))
+    _s3_call(str(url), "DELETE", lambda: _client().delete_object(Bucket=bucket, Key=key))
 
 
 def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
