@@ -166,6 +166,24 @@ def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any]
     return ResumePlan(**outcome[0][1]) if outcome[0][1] else None
 
 
+def match_optimizer_steps(engine) -> None:
+    """Adam's step counts in the form this run's optimizer keeps them. DeepSpeed's CPU Adam (offload) keeps `step`
+    as a number, torch's AdamW as a tensor; a universal checkpoint carries whichever wrote it, so turning offload on
+    or off across a resume would otherwise stop at the first step ("state_steps ... must contain ... tensors")."""
+    import torch
+
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    wants_tensor = isinstance(base, torch.optim.Optimizer) and type(base).__module__.startswith("torch.optim")
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step")
+        if step is None:
+            continue
+        if wants_tensor and not isinstance(step, torch.Tensor):
+            state["step"] = torch.tensor(float(step))
+        elif not wants_tensor and isinstance(step, torch.Tensor):
+            state["step"] = int(step.item())
+
+
 def rank_file_for(rank: int, plan: ResumePlan) -> int:
     """Which of the checkpoint's rank files this rank reads: its own on the same layout; otherwise one of the old
     ranks' (the loader position is the same in all; generators are carried over round-robin)."""

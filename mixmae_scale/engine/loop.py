@@ -193,6 +193,8 @@ class TrainingLoop:
         if client is None:
             raise ckpt.ResumeError(f"DeepSpeed could not load {ctx.checkpoints / plan.load_tag}; see its messages "
                                    "above")
+        if plan.universal:
+            elastic.match_optimizer_steps(self.engine)
         self.step = int(client["step"])
         self.job.load_state(client.get("job", client))
         self.skipped_samples = int(client.get("skipped_samples", 0)) + plan.skipped_samples
