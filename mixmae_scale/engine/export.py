@@ -21,7 +21,7 @@ from mixmae_scale.models.convert_official import infer_architecture, save_weight
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/train.py) lives in RUN/best/
 
 
-def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = False, option: str = "RUN"
+def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = False, option: str = "run folder"
                     ) -> tuple[Path, str]:
     """(checkpoint folder, tag) for what a user may name: a run folder (its latest complete checkpoint, or
     `best=True` / `tag="best"` for the best fine-tuning one), the run's `checkpoints/` or `best/` folder, or
