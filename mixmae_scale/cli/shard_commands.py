@@ -11,8 +11,12 @@ import sys
 def _shards_convert(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.convert import ConvertOptions, convert, parse_size, summary_lines
 
+    val_fraction = getattr(args, "val_fraction", 0.0)
+    splits = tuple(s for s in args.split.split(",") if s)
+    if val_fraction and args.split == "train":  # the default for folders: --val-fraction adds the val split
+        splits = ("train", "val")
     options = ConvertOptions(
-        layout=args.shards_command, splits=tuple(s for s in args.split.split(",") if s), seed=args.seed,
+        layout=args.shards_command, splits=splits, seed=args.seed, val_fraction=val_fraction,
         samples_per_shard=args.samples_per_shard,
         shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
         quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers,
@@ -54,7 +58,7 @@ def _shards_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images = out / "images"
     counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed)
-    print(f"demo images: {counts} under {images}")
+    print(f"demo images under {images}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
     options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
                              samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
     manifest = convert(images, out / "shards", options)
@@ -85,7 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-megapixels", type=float, default=40.0,
                        help="images above this many pixels are downscaled to it (or rejected: --oversize reject); "
                        "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
-        p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale")
+        p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale",
+                       help="what to do with images above --max-megapixels")
+        if layout == "folder":
+            p.add_argument("--val-fraction", type=float, default=0.0,
+                           help="hold out this share of each class as the 'val' split (drawn with --seed), e.g. 0.1; "
+                           "finetune, eval and probe need one")
         p.set_defaults(handler=_shards_convert)
     verify = shards_sub.add_parser("verify", help="check a shard folder against its manifest")
     verify.add_argument("folder")

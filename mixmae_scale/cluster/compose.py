@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixmae_scale.config import ResolvedConfig
-from mixmae_scale.config.schema import Config
 from mixmae_scale.config.load import ConfigError
+from mixmae_scale.config.schema import Config
 
 ENV_FILE = ".deepspeed_env"
 

@@ -25,11 +25,12 @@ def load_split(folder: str | Path, split: str, world_size: int = 1) -> SplitShar
     folder = Path(folder)
     manifest_path = folder / "dataset.json"
     if not folder.is_dir():
-        raise DataError(f"shard folder {folder} does not exist (data.shards); build shards with `mixmae shards`")
+        raise DataError(f"shard folder {folder} does not exist (data.shards; tried {folder.absolute()}); build "
+                        "shards with `mixmae shards`")
     if not manifest_path.exists():
         tars = list(folder.glob("*.tar"))
         hint = f" ({len(tars)} .tar files are there, but no manifest)" if tars else " (the folder is empty)"
-        raise DataError(f"{manifest_path} not found{hint}; shards must come from `mixmae shards`")
+        raise DataError(f"{manifest_path.absolute()} not found{hint}; shards must come from `mixmae shards`")
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:

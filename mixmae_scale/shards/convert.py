@@ -18,7 +18,14 @@ from tqdm import tqdm
 from mixmae_scale import __version__
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
-from mixmae_scale.shards.sources import SourceError, SourceImage, folder_images, imagenet_split, read_class_names
+from mixmae_scale.shards.sources import (
+    SourceError,
+    SourceImage,
+    folder_images,
+    hold_out,
+    imagenet_split,
+    read_class_names,
+)
 from mixmae_scale.shards.writer import (
     PROGRESS_DIR,
     ShardPlan,
@@ -45,6 +52,7 @@ class ConvertOptions:
     workers: int = 1
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # None: no limit (decompression bombs are still rejected)
     oversize: Oversize = "downscale"
+    val_fraction: float = 0.0  # folder layout: hold out this share of each class as the 'val' split
 
 
 def parse_size(text: str) -> int:
@@ -94,10 +102,23 @@ def _check_same_options(out: Path, options: ConvertOptions) -> None:
         write_text(path, json.dumps(current, sort_keys=True))
 
 
-def _discover(src: Path, split: str, layout: str) -> tuple[list[SourceImage], list[str]]:
-    if layout == "imagenet":
+def _discover(src: Path, split: str, options: ConvertOptions) -> tuple[list[SourceImage], list[str]]:
+    if options.layout == "imagenet":
         return imagenet_split(src, split)
+    if options.val_fraction:  # both splits from the one folder, the same draw for each
+        images, classes = folder_images(src)
+        train, val = hold_out(images, options.val_fraction, options.seed)
+        return (train if split == "train" else val), classes
     return folder_images(src if split == "train" else src / split)
+
+
+def check_options(options: ConvertOptions) -> None:
+    if options.val_fraction and (options.layout != "folder" or set(options.splits) != {"train", "val"}):
+        raise SourceError("--val-fraction holds out part of a folder as 'val': it goes with `mixmae shards folder` "
+                          "and the splits train,val (leave out --split)")
+    if not 0 <= options.val_fraction < 1:
+        raise SourceError(f"--val-fraction {options.val_fraction:g}: must lie in [0, 1), e.g. 0.1 for a tenth of "
+                          "each class")
 
 
 def _run_plans(plans: list[ShardPlan], out: Path, options: WriteOptions, workers: int, total_images: int,
@@ -125,8 +146,9 @@ def _run_plans(plans: list[ShardPlan], out: Path, options: WriteOptions, workers
 
 def convert(src: Path, out: Path, options: ConvertOptions) -> dict:
     src, out = Path(src), Path(out)
+    check_options(options)
     if not src.is_dir():
-        raise SourceError(f"source folder {src} does not exist")
+        raise SourceError(f"--src {src}: not found (tried {src.absolute()})")
     _check_output(src, out)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_options(out, options)
@@ -137,7 +159,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> dict:
     classes: list[str] = []
     rejected_lines: list[str] = []
     for split in options.splits:
-        images, split_classes = _discover(src, split, options.layout)
+        images, split_classes = _discover(src, split, options)
         if split_classes and classes and split_classes != classes:
             raise SourceError(f"{src / split}: its class folders differ from the first split's")
         classes = classes or split_classes
@@ -164,6 +186,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> dict:
         manifest["splits"][split] = {
             "found": len(images), "samples": written, "rejected": rejected, "copied": sum(r.copied for r in records),
             "converted": converted, "labeled": labeled,
+            **({"held_out_of_each_class": options.val_fraction} if options.val_fraction and split == "val" else {}),
             "shards": [{"name": f"{r.name}.tar", "index": f"{r.name}.idx", "samples": r.samples, "bytes": r.bytes,
                         "sha256": r.sha256} for r in records if r.samples],
         }
@@ -177,10 +200,18 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> dict:
 
 
 def summary_lines(manifest: dict) -> list[str]:
+    """One line per split a person can read: counts that reconcile, conversions by kind, shards."""
     lines = []
     for split, info in manifest["splits"].items():
-        conv = sum(info["converted"].values())
-        lines.append(f"{split}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
-                     f"{info['copied']} copied as is, {conv} converted {info['converted'] or ''}; "
-                     f"{len(info['shards'])} shard(s)")
+        kinds = ", ".join(f"{_kind_name(kind)}: {count}" for kind, count in sorted(info["converted"].items()))
+        held = (f" (held out: {info['held_out_of_each_class']:.0%} of each class)"
+                if "held_out_of_each_class" in info else "")
+        lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
+                     f"{info['copied']} copied as they are, {sum(info['converted'].values())} converted"
+                     + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)")
     return lines
+
+
+def _kind_name(kind: str) -> str:
+    """'converted:PNG' -> 'PNG', 'converted:grayscale JPEG' -> 'grayscale JPEG', 'resized' -> 'resized'."""
+    return kind.removeprefix("converted:")

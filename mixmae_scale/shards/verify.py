@@ -31,7 +31,8 @@ def verify(folder: Path, decode: bool = False) -> dict:
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path}: no manifest; is {folder} a shard folder made by `mixmae shards`?")
+        raise FileNotFoundError(f"{manifest_path.absolute()}: not found; is {folder} a shard folder made by "
+                                "`mixmae shards`?")
     manifest = json.loads(manifest_path.read_text())
     errors: list[str] = []
     report = {"folder": str(folder), "splits": {}, "errors": errors}

@@ -13,7 +13,7 @@ PANELS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "images/s"
 def read_metrics(run: str | Path) -> dict[str, list[float]]:
     path = Path(run) / "metrics.csv" if Path(run).is_dir() else Path(run)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics.csv (is {run} a run folder?)")
+        raise FileNotFoundError(f"{path.absolute()}: not found (is {run} a run folder?)")
     columns: dict[str, list[float]] = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
