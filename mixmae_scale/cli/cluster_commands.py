@@ -90,7 +90,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
-    launch.add_argument("profile")
+    launch.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     add_set_arg(launch)
     launch.add_argument("--job", choices=["pretrain", "finetune"],
@@ -99,14 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.set_defaults(handler=_launch)
 
     planner = sub.add_parser("plan", help="per-GPU memory of a profile by component; largest micro-batch")
-    planner.add_argument("profile")
+    planner.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
     planner.add_argument("--gpus", type=int, required=True, help="world size (ZeRO partitions over it)")
-    planner.add_argument("--gpu-mem-gb", type=float, default=80.0)
-    planner.add_argument("--cluster")
+    planner.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GB (1e9 bytes)")
+    planner.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(planner)
     planner.add_argument("--job", choices=["pretrain", "finetune"],
                          help="default: finetune if the profile sets finetune.init, else pretrain")
-    planner.add_argument("--json", action="store_true")
+    planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
     planner.add_argument("--recommend", action="store_true",
                          help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")
     planner.add_argument("--headroom", type=float, default=0.25, help="fraction of GPU memory kept free (--recommend)")

@@ -65,9 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--baseline", action="store_true",
                        help="compare with randomly initialised encoders of the same shape (mean and spread)")
     probe.add_argument("--baseline-seeds", type=int, default=3, help="random initialisations to compare with")
-    probe.add_argument("--loader", choices=["dali", "torch"], default="dali")
-    probe.add_argument("--batch", type=int, default=64)
-    probe.add_argument("--threads", type=int, default=2)
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--json", action="store_true")
+    probe.add_argument("--loader", choices=["dali", "torch"], default="dali",
+                       help="data loader (torch: the PyTorch fallback)")
+    probe.add_argument("--batch", type=int, default=64, help="images per batch when extracting features")
+    probe.add_argument("--threads", type=int, default=2, help="decoding threads")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
+    probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
     probe.set_defaults(handler=_probe)

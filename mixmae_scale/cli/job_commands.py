@@ -88,9 +88,14 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
             message = (f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
                        f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
         else:
+            from mixmae_scale.finetune.pretrained import load_encoder
+
+            # Before the fine-tuning stack (timm) is imported: a wrong finetune.init is said within seconds.
+            pretrained = load_encoder(config.finetune.init) if config.finetune.init else None
             from mixmae_scale.finetune.train import finetune
 
-            summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
+                               pretrained=pretrained)
             last = summary["last"] or {"top1": float("nan")}
             message = (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
                        f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
@@ -138,10 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
                             "an official fine-tuned .pth")
-    evaluation.add_argument("--data", required=True)
-    evaluation.add_argument("--split", default="val")
-    evaluation.add_argument("--img-size", type=int, help="default: the weights' own")
-    evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali")
-    evaluation.add_argument("--batch", type=int, default=64)
-    evaluation.add_argument("--threads", type=int, default=2)
+    evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels")
+    evaluation.add_argument("--split", default="val", help="split of the shard folder to evaluate")
+    evaluation.add_argument("--img-size", type=int, help="evaluation resolution (default: the weights' own)")
+    evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali",
+                            help="data loader (torch: the PyTorch fallback)")
+    evaluation.add_argument("--batch", type=int, default=64, help="images per rank and batch (a smaller split is "
+                            "evaluated in smaller batches)")
+    evaluation.add_argument("--threads", type=int, default=2, help="decoding threads per rank")
     evaluation.set_defaults(handler=_eval)

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "instead of running")
             p.add_argument("--parallel", type=int, default=1, help="runs at a time here, the cores shared out")
         if action in ("fit", "report"):
-            p.add_argument("--bootstrap", type=int, default=200)
+            p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 5-95%% intervals")
         if action == "report":
-            p.add_argument("--report-dir")
+            p.add_argument("--report-dir", help="where report.md and the figures go (default: OUT/report)")
         p.set_defaults(handler=_scaling)
