@@ -46,12 +46,12 @@ def global_batch(data: dict[str, list[float]]) -> float | None:
 
 
 def plot_runs(runs: list[str], out: str | Path) -> dict:
+    data = {run: read_metrics(run) for run in runs}  # a wrong folder is said before matplotlib is loaded
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {run: read_metrics(run) for run in runs}
     batches = {global_batch(d) for d in data.values()}
     shared_batch = batches.pop() if len(batches) == 1 else None
     x_key = "step" if shared_batch else "images_seen"

@@ -46,16 +46,33 @@ def test_finetune_trains_evaluates_every_sample_once_and_keeps_the_best(finetune
     assert all(e["loss"] == e["loss"] for e in evals)
 
 
-def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards(finetuned, demo_shards):
-    # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary.
+def test_export_best_writes_the_best_checkpoints_classifier(finetuned, tmp_path):
+    """README: `best/` keeps the best checkpoint; `mixmae export RUN --best` (or RUN/best) exports it."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import load_weights, read_metadata
+
+    summary = json.loads((finetuned / "run" / "summary.json").read_text())
+    best = export_run(finetuned / "run", tmp_path / "best.safetensors", best=True)
+    assert best["kind"] == "finetune" and Path(best["checkpoint"]).parent == finetuned / "run" / "best"
+    assert read_metadata(tmp_path / "best.safetensors")["step"] == str(summary["best"]["step"])
+    export_run(finetuned / "run" / "best", tmp_path / "folder.safetensors")
+    a, b = load_weights(tmp_path / "best.safetensors")[0], load_weights(tmp_path / "folder.safetensors")[0]
+    assert "head.weight" in a and a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_split_under_one_batch(
+        finetuned, demo_shards):
+    # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary. On two
+    # ranks at --batch 64 each rank's 40 images are less than one batch: evaluated whole, in a smaller batch.
     weights = str(finetuned / "classifier.safetensors")
     results = []
-    for ranks, port in ((2, free_port()), (1, free_port())):
-        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", "16", ranks=ranks, port=port)
+    for ranks, port, batch in ((2, free_port(), "64"), (1, free_port(), "16")):
+        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, ranks=ranks, port=port)
         text = out.stdout
         results.append(json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1]))  # the printed report
+        assert "Detected checkpoint" not in out.stdout + out.stderr and "built successfully" not in out.stdout
     two, one = results
-    assert two["samples"] == one["samples"] == 80
+    assert two["samples"] == one["samples"] == 80 and two["batch"] == 40
     assert two["top1"] == pytest.approx(one["top1"]) and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
 
 

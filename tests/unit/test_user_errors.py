@@ -104,3 +104,19 @@ def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkey
         report_failure(1, exc)
     err = capfd.readouterr().err
     assert err.startswith("mixmae: rank 1 failed:\nTraceback (most recent call last):") and "KeyError" in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["config", "show", "--profile", "nowhere.yaml"], "profile 'nowhere.yaml' not found (tried {cwd}/nowhere.yaml and"),
+    (["config", "show", "--profile", "tiny", "--cluster", "c.yaml"], "cluster file 'c.yaml' does not exist (tried "
+                                                                     "{cwd}/c.yaml)"),
+    (["runs", "plot", "run"], "{cwd}/run: not found (is run a run folder?)"),
+    (["shards", "verify", "shards"], "{cwd}/shards/dataset.json: not found; is shards a shard folder"),
+    (["shards", "folder", "--src", "images", "--out", "out"], "--src images: not found (tried {cwd}/images)"),
+    (["scaling", "report", "--out", "sweep"], "{cwd}/sweep/results.jsonl: not found, no results yet"),
+    (["export", "run", "--out", "x.safetensors"], "run folder run: not found (tried {cwd}/run)"),
+])
+def test_not_found_errors_show_the_absolute_path_tried(tmp_path, monkeypatch, capfd, args, expected):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(capfd, main(args))
+    assert expected.format(cwd=tmp_path) in line
