@@ -1,22 +1,36 @@
-"""Writes that an interrupted process cannot leave half-done: write a temporary sibling, then rename
-it over the target (a rename within one folder is atomic on POSIX file systems)."""
+"""Writes that an interrupted process cannot leave half-done: write a temporary sibling, flush it to the
+disk (fsync), then rename it over the target (a rename within one folder is atomic on POSIX file systems)
+and flush the folder, so that after a crash or power loss the file is either the old one or the new one."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to the disk (a folder: its entries, i.e. renames into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with suppress(OSError):  # some file systems refuse fsync on folders; their renames are then their business
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it replaces `path`, on failure it is removed.
+    """Yields a temporary path to write; on success it is flushed and replaces `path`, on failure it is removed.
     The temporary name keeps the suffix, so libraries that pick a format from it (PNG) still can."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{path.suffix}")
     try:
         yield tmp
+        fsync_path(tmp)
         tmp.replace(path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,6 +14,11 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
     """Environment and shutdown shared by the jobs that run under a launcher (or alone)."""
     import logging
 
+    from mixmae_scale.cluster.slurm_ranks import ranks_from_slurm
+
+    slurm = ranks_from_slurm(os.environ)
+    if slurm:  # one srun task per GPU (launch/slurm/pretrain_srun.sbatch): Slurm is the launcher
+        os.environ.update(slurm)
     alone = "RANK" not in os.environ  # started without a launcher: a world of one, set up here and undone after
     saved_env = {key: os.environ.get(key) for key in WORLD_OF_ONE}
     if alone:
@@ -44,13 +49,25 @@ def _free_port() -> int:
 
 
 def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
+    import logging
+
     from mixmae_scale.cli.failure_report import report_failure, write_stderr
     from mixmae_scale.engine import distributed
-    from mixmae_scale.engine.loop import NonFiniteLossError
+    from mixmae_scale.engine.loop import NonFiniteLossError, RunAlreadyComplete
 
+    if int(os.environ.get("LOCAL_RANK", args.local_rank)) == 0:
+        removed = distributed.remove_stale_shm_buffers()
+        if removed:
+            logging.getLogger("mixmae").warning("removed %d DeepSpeed shared-memory buffer(s) a killed run left in "
+                                                "/dev/shm: %s", len(removed), ", ".join(removed))
     rendezvous = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     try:
         code = job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
+    except RunAlreadyComplete as exc:  # every rank knows it from the broadcast resume plan; nothing was written
+        if rank == 0:
+            print(f"mixmae: {exc}")
+        distributed.shutdown(*rendezvous)
+        return 0
     except NonFiniteLossError as exc:  # every rank stops here together, after a collective checkpoint
         if rank == 0:
             write_stderr(f"mixmae: error: {exc}\n")

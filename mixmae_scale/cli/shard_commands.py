@@ -1,4 +1,4 @@
-"""`mixmae shards imagenet|folder|verify|demo`: image folders to WebDataset shards."""
+"""`mixmae shards imagenet|folder|adopt|verify|demo`: image folders to WebDataset shards; existing shards indexed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+
+from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 
 
 def _shards_convert(args: argparse.Namespace) -> int:
@@ -20,7 +22,8 @@ def _shards_convert(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
         quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers,
-        max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize)
+        max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize,
+        max_rejected=args.max_rejected, staging=args.staging)
     try:
         manifest = convert(args.src, args.out, options)
     except OSError as exc:  # the output side (disk full, unwritable folder): per-file problems never get here
@@ -29,7 +32,20 @@ def _shards_convert(args: argparse.Namespace) -> int:
         return 1
     for line in summary_lines(manifest):
         print(line)
-    print(f"manifest: {args.out}/dataset.json; rejected files: {args.out}/rejected.jsonl")
+    out = args.out.rstrip("/")
+    print(f"manifest: {out}/dataset.json; rejected files: {out}/rejected.jsonl")
+    return 0
+
+
+def _shards_adopt(args: argparse.Namespace) -> int:
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt, summary_lines
+
+    options = AdoptOptions(split=args.split, decode=args.decode, workers=args.workers, max_rejected=args.max_rejected)
+    manifest = adopt(args.src, args.out, options)
+    for line in summary_lines(manifest, args.split):
+        print(line)
+    print(f"manifest: {args.out.rstrip('/')}/dataset.json (tars read from {manifest['base']}); rejections: "
+          f"{args.out.rstrip('/')}/rejected.jsonl; train with data.shards={args.out}")
     return 0
 
 
@@ -75,7 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          ("folder", "class-per-subfolder images, or a flat folder of unlabeled images")):
         p = shards_sub.add_parser(layout, help=f"convert {text}")
         p.add_argument("--src", required=True, help="the source folder")
-        p.add_argument("--out", required=True, help="the shard folder to write (resumable)")
+        p.add_argument("--out", required=True, help="folder, or s3://bucket/prefix (shards are staged locally and "
+                       "uploaded one by one)")
         p.add_argument("--split", default="train,val" if layout == "imagenet" else "train",
                        help="comma-separated splits (for 'folder', 'train' is the source folder itself)")
         p.add_argument("--shard-size", default="1GB", help="target shard size (by the source files' sizes)")
@@ -91,13 +108,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
         p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale",
                        help="what to do with images above --max-megapixels")
+        p.add_argument("--max-rejected", type=float, default=DEFAULT_MAX_REJECTED,
+                       help="exit non-zero when more than this fraction of a split's files is rejected (default: "
+                       "%(default)s); a rerun with a higher value redoes nothing")
+        p.add_argument("--staging", help="with --out s3://...: the local folder where each shard is written before "
+                       "it is uploaded and deleted (default: one under the system's temporary folder)")
         if layout == "folder":
             p.add_argument("--val-fraction", type=float, default=0.0,
                            help="hold out this share of each class as the 'val' split (drawn with --seed), e.g. 0.1; "
                            "finetune, eval and probe need one")
         p.set_defaults(handler=_shards_convert)
-    verify = shards_sub.add_parser("verify", help="check a shard folder against its manifest")
-    verify.add_argument("folder", help="shard folder (with dataset.json)")
+    adopt = shards_sub.add_parser("adopt", help="index existing WebDataset .tar shards (a folder or s3:// prefix) "
+                                  "for training, without rewriting them")
+    adopt.add_argument("src", help="folder or s3://bucket/prefix holding the .tar shards (searched recursively)")
+    adopt.add_argument("--out", required=True, help="folder or s3:// prefix for the indexes and dataset.json")
+    adopt.add_argument("--split", default="train", help="the split these tars are; adopt val by a second call")
+    adopt.add_argument("--decode", action="store_true", help="decode every image; reject those that do not")
+    adopt.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes indexing tars")
+    adopt.add_argument("--max-rejected", type=float, default=DEFAULT_MAX_REJECTED,
+                       help="exit non-zero when more than this fraction of samples is rejected (default: "
+                       "%(default)s); a rerun with a higher value redoes nothing")
+    adopt.set_defaults(handler=_shards_adopt)
+    verify = shards_sub.add_parser("verify", help="check a shard set (folder, adopted or s3://) against its manifest")
+    verify.add_argument("folder", help="the shard set: a folder or an s3:// prefix holding dataset.json")
     verify.add_argument("--decode", action="store_true", help="decode every image too")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=_shards_verify)

@@ -9,9 +9,11 @@ launcher that dies of it ends the step (`srun --kill-on-bad-exit`) before any ra
 `relay(command)` runs the launcher command with SIGUSR1 ignored (the disposition is inherited by the
 runner and `launch.py`; the ranks install their own handler), and turns SIGUSR1 or SIGTERM sent to
 itself into SIGUSR1 for every rank it started on this node: each rank checkpoints at the next step
-boundary and exits 0, so the launcher and the relay exit 0. `mixmae launch` relays; the sbatch script
-runs `python -m mixmae_scale.cluster.signal_relay deepspeed ...` on every node. Ranks started by a plain
-`deepspeed` command watch their launcher instead (`engine/loop.py`): if it dies, they save and exit.
+boundary and exits 0, and the relay exits 0 once rank 0 has reported the checkpoint (MIXMAE_STOP_REPORT,
+engine/preemption.py), even where Slurm's SIGTERM also reached DeepSpeed's launchers, which then exit 1.
+`mixmae launch` relays; the sbatch script runs `python -m mixmae_scale.cluster.signal_relay deepspeed ...`
+on every node. Ranks started by a plain `deepspeed` command watch their launcher instead
+(engine/preemption.py): if it dies, they save and exit.
 """
 
 from __future__ import annotations
@@ -44,10 +46,23 @@ def _ignore_usr1() -> None:
 
 
 def relay(command: list[str], env: dict[str, str] | None = None) -> int:
-    child = subprocess.Popen(command, env=env, preexec_fn=_ignore_usr1)
+    """Run the launcher command; returns its exit status, or 0 after a stop the ranks saved for."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from mixmae_scale.engine.preemption import STOP_REPORT_ENV
+
+    report = Path(tempfile.gettempdir()) / f"mixmae-stop-{os.getpid()}.json"
+    report.unlink(missing_ok=True)
+    child = subprocess.Popen(command, env={**(env if env is not None else os.environ), STOP_REPORT_ENV: str(report)},
+                             preexec_fn=_ignore_usr1)
+    asked: list[psutil.Process] = []
 
     def forward(signum, frame) -> None:
         ranks = rank_processes(child.pid)
+        asked.extend(ranks)
         name = signal.Signals(signum).name
         print(f"[mixmae relay] {name}: asking {len(ranks)} rank(s) to checkpoint and exit", file=sys.stderr,
               flush=True)
@@ -57,11 +72,22 @@ def relay(command: list[str], env: dict[str, str] | None = None) -> int:
 
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, forward)
-    while True:
-        try:
-            return child.wait()
-        except InterruptedError:  # a signal arrived during wait (Python retries by itself since 3.5)
-            continue
+    code = child.wait()  # Python retries the wait itself when a signal interrupts it
+    if not asked:
+        return code
+    # Slurm's SIGTERM reaches the launchers too: DeepSpeed's runner dies of it at once and its launch.py exits 1
+    # after terminating the ranks. What counts is whether the ranks saved: wait for them (this process must outlive
+    # them, or srun ends the step), then read rank 0's report.
+    psutil.wait_procs(asked, timeout=600)
+    try:
+        saved = json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError):
+        return code or 1
+    finally:
+        report.unlink(missing_ok=True)
+    print(f"[mixmae relay] the ranks saved {saved['checkpoint']} at step {saved['step']} and stopped as asked",
+          file=sys.stderr, flush=True)
+    return 0
 
 
 def main() -> int:

@@ -156,6 +156,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, f"{key}.")
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
@@ -199,7 +201,16 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
+            if "[" in prefix:  # an entry of a list of records (data.sources[1]): suggest among its own fields
+                hint = difflib.get_close_matches(str(key), sorted(names), n=1)
+                raise ConfigError(f"unknown configuration key '{prefix}{key}'" + (
+                    f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(names))}"))
             raise _unknown_key_error(f"{prefix}{key}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"'{prefix}{missing[0]}' is required")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

@@ -45,8 +45,23 @@ class ModelConfig:
 
 
 @dataclass
+class ShardSource:
+    """One shard set of a training mixture (`data.sources`)."""
+
+    shards: str  # a folder or s3:// prefix holding a dataset.json (made by `mixmae shards` or `mixmae shards adopt`)
+    # open_clip's upsampling factor: each epoch visits every shard of this set `weight` times (0.5: half of its
+    # shards, another half each epoch); the run log prints each set's resulting share of the samples.
+    weight: float = 1.0
+    split: str | None = None  # default: data.train_split
+
+
+@dataclass
 class DataConfig:
+    # A folder or s3:// prefix with dataset.json: training reads its train_split (unless data.sources is set),
+    # held-out losses and fine-tuning evaluation its val_split.
     shards: str = "demo_data/shards"
+    # Several shard sets mixed by weight for training (data.shards still provides the validation split).
+    sources: list[ShardSource] = field(default_factory=list)
     loader: Literal["dali", "torch"] = "dali"
     train_split: str = "train"
     val_split: str = "val"
@@ -57,6 +72,7 @@ class DataConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     hflip: float = 0.5
     num_threads: int = 4
+    # Samples per shuffled window of a rank's run of the epoch (encoded bytes held in memory, as DALI's buffer).
     shuffle_buffer: int = 4096
     decode_device: Literal["auto", "cpu", "gpu"] = "auto"
     # Resampling after the random crop: bicubic as the official recipe. "linear" (antialiased) is opt-in:
@@ -154,12 +170,22 @@ class FinetuneConfig:
 
 @dataclass
 class FaultConfig:
-    """How a run reacts to trouble, and one switch that provokes it (for tests of that reaction)."""
+    """How a run reacts to trouble, and the switches that provoke it (for tests of that reaction)."""
 
-    nonfinite_skip_limit: int = 5  # consecutive non-finite losses skipped before the run stops
+    # Consecutive non-finite attempts (a loss, or the gradients of a step DeepSpeed then does not apply) skipped
+    # before the run stops with a checkpoint (engine/faults.py). fp16 loss-scale overflows do not count: they are
+    # the dynamic loss scaler's normal work.
+    nonfinite_skip_limit: int = 5
+    # What a resume after such a stop does: "rollback" to the newest regular checkpoint before the stop and skip
+    # every sample read since it (PaLM's and OPT's remedy for divergence); "skip" keeps the stop's weights (the
+    # last good ones: no non-finite update is ever applied) and skips only the failed attempts' samples;
+    # "replay" re-reads them from the step's start, which only helps if the cause was outside the data.
+    on_nonfinite_stop: Literal["rollback", "skip", "replay"] = "rollback"
     data_stall_s: float = 300.0  # a batch that takes longer than this to arrive is reported
-    # Testing only: each entry poisons one attempt at that step with a NaN loss; [5, 5] = two in a row.
-    inject_nan_loss_at_steps: list[int] = field(default_factory=list)
+    # Testing only: the run's n-th micro-batch (counted from 0 over the whole run, on every rank) gets a NaN loss,
+    # or a finite loss with NaN gradients. A rolled-back or skipping resume never reads these batches again.
+    inject_nan_loss_at_batches: list[int] = field(default_factory=list)
+    inject_nan_grad_at_batches: list[int] = field(default_factory=list)
     # Testing only: [rank, step] raises an exception on that rank after that step (a failing rank).
     inject_exception_at: list[int] = field(default_factory=list)
 

@@ -1,17 +1,24 @@
-"""DALI pipelines over the WebDataset shards: pretraining, fine-tuning and evaluation views.
+"""DALI pipelines that decode and augment the samples the shard reader hands them.
 
-One pipeline per rank reads its share of the shards (`shard_id=rank`, `num_shards=world_size`).
-JPEG decoding runs on the GPU ("mixed", hardware decoder where the card has one) when a GPU is
-present, on the CPU otherwise; the choice is made by the caller and logged once. Pipelines are built
-with checkpointing on, so the loader can save and restore their exact position and RNG state.
+The reader (data/shard_reader.py) decides which samples a rank sees and each one's crop window and flip;
+DALI does the heavy part: decoding only the crop window (`decoders.image_slice`, on the GPU with the
+"mixed" backend where there is one, hardware decoder included), resizing, RandAugment for fine-tuning,
+normalising. Windows are fractions of the image, so a decoder that applies EXIF orientation still crops
+inside the image. JPEG, PNG and WebP members all decode here (shards adopted from other tools).
+
+Only fine-tuning's RandAugment draws from DALI's own generators; those pipelines are built with
+checkpointing on so that a resume on the same ranks restores them exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from mixmae_scale.data.manifest import SplitShards
+from mixmae_scale.data.shard_reader import RawBatch
 from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
 
 
@@ -27,27 +34,44 @@ def _gpu_decoder_args(spec: PipelineSpec) -> dict:
     return {"device_memory_padding": 211_025_920, "host_memory_padding": 140_544_512, "hw_decoder_load": 0.65}
 
 
-def build_pipeline(shards: SplitShards, spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipeline:
-    """`checkpoint` (from `pipe.checkpoint()`) restores the reader position and every RNG exactly."""
-    train = spec.mode != "eval"
+def batch_arrays(batch: RawBatch, spec: PipelineSpec) -> tuple[list[np.ndarray], ...]:
+    """What the external source feeds DALI for one batch, in the order `build_pipeline` declares."""
+    samples = batch.samples
+    columns = [[np.frombuffer(s.image, dtype=np.uint8) for s in samples]]
+    if spec.mode != "eval":
+        columns.append([np.array(s.crop[:2], dtype=np.float32) for s in samples])
+        columns.append([np.array(s.crop[2:], dtype=np.float32) for s in samples])
+        columns.append([np.array(int(s.flip), dtype=np.int32) for s in samples])
+    if spec.with_labels:
+        columns.append([np.array(s.label, dtype=np.int64) for s in samples])
+    if spec.with_meta:
+        columns.append([np.frombuffer(s.meta or b"{}", dtype=np.uint8) for s in samples])
+    return tuple(columns)
+
+
+def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], checkpoint: bytes | None = None) -> Pipeline:
+    """`next_batch` is called by DALI (ahead of the training step, as it prefetches) for each batch's samples.
+    `checkpoint` (from `pipe.checkpoint()`) restores DALI's generators: fine-tuning's RandAugment."""
     size = spec.img_size
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]
     out_dtype = types.FLOAT16 if spec.output_dtype == "float16" else types.FLOAT
+    train = spec.mode != "eval"
+    outputs = 1 + (3 if train else 0) + int(spec.with_labels) + int(spec.with_meta)
 
-    @pipeline_def(enable_conditionals=spec.rand_augment is not None, enable_checkpointing=True)
+    def source():
+        return batch_arrays(next_batch(), spec)
+
+    @pipeline_def(enable_conditionals=spec.rand_augment is not None,
+                  enable_checkpointing=spec.rand_augment is not None)
     def graph():
-        ext = ["jpg", "cls"] + (["json"] if spec.with_meta else [])
-        outputs = fn.readers.webdataset(
-            paths=list(shards.tars), index_paths=list(shards.indexes), ext=ext,
-            missing_component_behavior="error", random_shuffle=train, initial_fill=spec.shuffle_buffer,
-            pad_last_batch=True, shard_id=spec.shard_id, num_shards=spec.num_shards, name="reader")
-        jpg, cls = outputs[0], outputs[1]
+        columns = list(fn.external_source(source=source, num_outputs=outputs, batch=True))
+        encoded = columns.pop(0)
         device = _decode_device(spec)
         if train:
-            images = fn.decoders.image_random_crop(
-                jpg, device=device, output_type=types.RGB, random_area=list(spec.crop_scale),
-                random_aspect_ratio=list(spec.crop_ratio), num_attempts=10, **_gpu_decoder_args(spec))
+            anchor, shape, flip = columns.pop(0), columns.pop(0), columns.pop(0)
+            images = fn.decoders.image_slice(encoded, anchor, shape, device=device, output_type=types.RGB,
+                                             **_gpu_decoder_args(spec))
             interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
             images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
             if spec.rand_augment is not None:
@@ -57,20 +81,15 @@ def build_pipeline(shards: SplitShards, spec: PipelineSpec, checkpoint: bytes | 
                 # a third of the intended strength); monotonic magnitudes are timm's "inc" op set.
                 ops, magnitude = spec.rand_augment
                 images = rand_augment(images, n=ops, m=magnitude, num_magnitude_bins=RAND_AUGMENT_LEVELS)
-            mirror = fn.random.coin_flip(probability=spec.hflip)
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=mean, std=std,
-                                              mirror=mirror)
+                                              mirror=flip)
         else:
-            images = fn.decoders.image(jpg, device=device, output_type=types.RGB, **_gpu_decoder_args(spec))
+            images = fn.decoders.image(encoded, device=device, output_type=types.RGB, **_gpu_decoder_args(spec))
             images = fn.resize(images, resize_shorter=round(size / EVAL_CROP_FRACTION),
                                interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", crop=(size, size),
                                               crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)
-        # Labels arrive as ASCII digits of varying length: pad to the batch's longest, parse later.
-        result = [images] + ([fn.pad(cls, fill_value=0, axes=(0,), shape=(-1,))] if spec.with_labels else [])
-        if spec.with_meta:
-            result.append(fn.pad(outputs[2], fill_value=0, axes=(0,), shape=(-1,)))
-        return tuple(result)
+        return tuple([images] + columns)
 
     pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
                  seed=spec.seed, prefetch_queue_depth=2, checkpoint=checkpoint)

@@ -1,26 +1,32 @@
-"""The training loader: DALI or PyTorch backend, equal batches on every rank, exact resume.
+"""The training loader: which samples (data/shard_sets.py), read ahead (data/shard_reader.py), decoded by
+DALI or the PyTorch fallback, in equal numbers on every rank, with a position that survives any resume.
 
-Every rank takes exactly `batches_per_epoch = samples // (world_size x batch)` batches per epoch
-from a stream that never ends, so uneven shards can never leave one rank waiting in a ZeRO
-collective. The state (epoch, batch within it, and DALI's own pipeline checkpoint) goes into the
-training checkpoint; a resumed run continues with exactly the samples and augmentations the
-uninterrupted run would have seen.
+Every rank takes exactly `batches_per_epoch` micro-batches of its run of the epoch, so uneven shards can
+never leave one rank waiting in a ZeRO collective. The loader's whole state is the epoch's layout and
+the micro-batches consumed in it (plus, for fine-tuning, DALI's generators): the same on every rank. A
+resume on the same ranks continues exactly; a resume on another number of ranks or another micro-batch
+lays the rest of the interrupted epoch out over the new ranks (`load_state_dict` says what it did).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mixmae_scale.data.manifest import DataError, SplitShards, load_split
+from mixmae_scale.data.crop_params import sample_augmentation
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.manifest import load_split
+from mixmae_scale.data.shard_reader import RankStream, RawBatch, RawSample, ordered_samples
+from mixmae_scale.data.shard_sets import Layout, ShardMixture, WeightedSet
 from mixmae_scale.data.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -39,148 +45,246 @@ def choose_decode_device(requested: str, local_rank: int) -> int | None:
     if requested == "gpu" and not available:
         raise DataError("data.decode_device is 'gpu' but no CUDA device is visible; use 'auto' or 'cpu'")
     device_id = local_rank if (available and requested != "cpu") else None
-    log.info("DALI decodes JPEGs on %s", f"GPU {device_id} (mixed)" if device_id is not None else "the CPU")
+    log.info("DALI decodes images on %s", f"GPU {device_id} (mixed)" if device_id is not None else "the CPU")
     return device_id
 
 
-def parse_labels(padded: np.ndarray) -> torch.Tensor:
-    """(B, L) zero-padded ASCII digits (webdataset's .cls) -> (B,) int64."""
-    return torch.tensor([int(bytes(row[row > 0]) or b"-1") for row in padded], dtype=torch.long)
+def as_mixture(shards: str | ShardMixture, split: str) -> ShardMixture:
+    """A shard set's location (a folder or s3:// prefix) or a mixture already made (data.sources)."""
+    if isinstance(shards, ShardMixture):
+        return shards
+    return ShardMixture([WeightedSet(load_split(shards, split), 1.0, str(shards))])
 
 
-def _parse_meta(padded: np.ndarray) -> list[dict]:
-    import json
-
-    return [json.loads(bytes(row[row > 0])) for row in padded]
+def mixture_digest(mixture: ShardMixture) -> str:
+    """Changes when positions would name other samples: other shards, counts or weights."""
+    digest = hashlib.sha256()
+    for entry in mixture.sets:
+        digest.update(repr((entry.weight, entry.shards.names, entry.shards.samples_per_shard)).encode())
+    return digest.hexdigest()[:16]
 
 
 class ShardLoader:
-    def __init__(self, shards_dir: str, split: str, spec: PipelineSpec, backend: str = "dali",
+    def __init__(self, shards: str | ShardMixture, split: str, spec: PipelineSpec, backend: str = "dali",
                  workers: int = 2) -> None:
         if backend not in ("dali", "torch"):
             raise DataError(f"data.loader must be 'dali' or 'torch', got {backend!r}")
-        self.shards: SplitShards = load_split(shards_dir, split, spec.num_shards)
-        self.spec = spec
-        self.backend = backend
-        self.workers = workers
-        self.batches_per_epoch = self.shards.samples // (spec.num_shards * spec.batch_size)
-        if self.batches_per_epoch < 1:
-            raise DataError(f"split '{split}' has {self.shards.samples} samples, fewer than one batch of "
+        self.mixture = as_mixture(shards, split)
+        self._digest = mixture_digest(self.mixture)
+        self.spec, self.backend, self.workers = spec, backend, workers
+        self.window = max(spec.shuffle_buffer, 1)
+        self.layout = Layout.whole_epoch(0, self.mixture.visits(spec.order_seed, 0).samples, spec.num_shards,
+                                         spec.batch_size)
+        if spec.mode != "eval" and self.layout.batches < 1:
+            raise DataError(f"split '{split}' has {self.layout.length} samples, fewer than one batch of "
                             f"{spec.batch_size} on each of {spec.num_shards} ranks")
-        self.epoch = 0
         self.batch_in_epoch = 0
-        self._stream: Iterator[Batch] | None = None
+        self.batches_consumed = 0
+        self.resume_note: str | None = None
+        self._dali_checkpoint: bytes | None = None
+        self._stream: RankStream | None = None
         self._pipe = None
-        self._resume_checkpoint: bytes | None = None
-        self._torch_skip = 0
+        self._decoder = None
+        self._fed: deque[RawBatch] = deque(maxlen=4)
 
-    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.layout.epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.layout.batches
+
+    # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"backend": self.backend, "epoch": self.epoch, "batch": self.batch_in_epoch,
-                                 "batches_consumed": self.epoch * self.batches_per_epoch + self.batch_in_epoch}
-        if self.backend == "dali" and self._pipe is not None:
+        state = self.position()
+        if self._pipe is not None and self.spec.rand_augment is not None:
             state["dali"] = base64.b64encode(self._pipe.checkpoint()).decode()
-        elif self.backend == "dali":
-            state["dali"] = base64.b64encode(self._resume_checkpoint).decode() if self._resume_checkpoint else None
+        elif self._dali_checkpoint:
+            state["dali"] = base64.b64encode(self._dali_checkpoint).decode()
         return state
 
+    def position(self) -> dict[str, Any]:
+        """The state without DALI's generators: cheap enough to take at every step."""
+        return {"backend": self.backend, "layout": self.layout.to_dict(), "batch": self.batch_in_epoch,
+                "window": self.window, "order_seed": self.spec.order_seed, "data": self._digest,
+                "batches_consumed": self.batches_consumed, "epoch": self.epoch}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["backend"] != self.backend:
-            raise DataError(f"the checkpoint's loader state is from the {state['backend']} loader, this run uses "
-                            f"{self.backend}: resume with the same data.loader")
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch"])
-        if self.backend == "dali":
-            self._resume_checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
+        """Continue where `state` (any rank's: they are the same) left off. Sets `resume_note` when the rest of an
+        epoch had to be laid out anew (another world size, micro-batch or window) or the data changed."""
+        self.close()
+        self.batches_consumed = int(state.get("batches_consumed", 0))
+        seed = self.spec.order_seed
+        if "layout" not in state:  # written by the DALI-reader loader before positions were global samples
+            self._start_epoch(int(state.get("epoch", 0)) + 1)
+            self.resume_note = (f"the checkpoint's loader position is from the earlier reader: the rest of epoch "
+                                f"{state.get('epoch', 0)} is skipped and epoch {self.epoch} starts from its beginning")
+            return
+        saved, batch = Layout.from_dict(state["layout"]), int(state["batch"])
+        if state.get("data") != self._digest or int(state.get("order_seed", -1)) != seed:
+            self._start_epoch(saved.epoch + 1)
+            self.resume_note = (f"the shard set or run.seed differs from the checkpoint's: epoch {saved.epoch} is "
+                                f"left where it was and epoch {saved.epoch + 1} starts from its beginning")
+            return
+        same = (saved.world, saved.micro, int(state.get("window", self.window))) == \
+            (self.spec.num_shards, self.spec.batch_size, self.window)
+        if same:
+            self.layout, self.batch_in_epoch = saved, batch
+            self._dali_checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
+            return
+        window = int(state.get("window", self.window))
+        rest = saved.remaining(batch, window)
+        repeated = saved.repeated_on_relayout(batch, window)
+        self.layout = Layout(saved.epoch, rest, self.spec.num_shards, self.spec.batch_size)
+        self.batch_in_epoch = 0
+        self._dali_checkpoint = None
+        self.resume_note = (f"epoch {saved.epoch} continues on {self.spec.num_shards} rank(s) x {self.spec.batch_size} "
+                            f"(was {saved.world} x {saved.micro}): {self.layout.length} of its samples are left, "
+                            f"{repeated} of them read a second time (the read part of each rank's shuffle window), "
+                            f"{self.layout.length - self.layout.batches * self.spec.num_shards * self.spec.batch_size}"
+                            " left out to keep batches whole")
+
+    # -- batches -------------------------------------------------------------------------------------------------
+    def _augment(self, sample: RawSample) -> None:
+        spec = self.spec
+        try:
+            sample.crop, sample.flip = sample_augmentation(spec.order_seed, sample.uid, sample.image, spec.crop_scale,
+                                                           spec.crop_ratio, spec.hflip)
+        except Exception as exc:  # noqa: BLE001 - any header Pillow cannot read: name the sample
+            raise DataError(f"{sample.key}: not a readable image ({type(exc).__name__}: {exc}). `mixmae shards verify "
+                            "--decode` lists every such file") from exc
+
+    def _next_raw(self) -> RawBatch:
+        batch = self._stream.next()
+        self._fed.append(batch)
+        return batch
+
+    def _training_batches(self) -> Iterator[Batch]:
+        self._stream = RankStream(self.mixture, self.spec.shard_id, self.layout, self.batch_in_epoch,
+                                  self.spec.order_seed, self.window, self._augment, self.spec.with_meta)
+        if self.backend == "torch":
+            from mixmae_scale.data.torch_pipeline import TorchDecoder
+
+            decoder = TorchDecoder(self.spec, self.workers)
+            while True:
+                yield self._torch_batch(*decoder(self._next_raw()))
         else:
-            self._torch_skip = int(state["batches_consumed"])
-        self._stream, self._pipe = None, None
+            from mixmae_scale.data.dali_pipeline import build_pipeline
 
-    # -- batches -------------------------------------------------------------------------------------
-    def _dali_stream(self, checkpoint: bytes | None = None) -> Iterator[Batch]:
-        from mixmae_scale.data.dali_pipeline import build_pipeline
+            self._pipe = build_pipeline(self.spec, self._next_raw, checkpoint=self._dali_checkpoint)
+            while True:
+                yield self._dali_batch(self._pipe)
 
-        self._pipe = build_pipeline(self.shards, self.spec, checkpoint=checkpoint)
-        while True:
-            try:
-                outputs = self._pipe.run()
-            except RuntimeError as exc:
-                raise unreadable_sample_error(self.shards, exc) from exc
-            if self.spec.device_id is not None:
-                tensor = _to_torch(outputs[0], self.spec.device_id, getattr(torch, self.spec.output_dtype))
-            else:
-                tensor = torch.from_numpy(np.array(outputs[0].as_tensor()))
-            rest = list(outputs[1:])
-            labels = parse_labels(np.array(rest.pop(0).as_tensor())) if self.spec.with_labels else None
-            meta = _parse_meta(np.array(rest.pop(0).as_tensor())) if self.spec.with_meta else None
-            yield Batch(tensor, labels, meta)
-
-    def _torch_stream(self) -> Iterator[Batch]:
-        from mixmae_scale.data.torch_pipeline import torch_batches
-
-        stream = torch_batches(self.shards, self.spec, self.workers)
-        for index, (images, labels, meta) in enumerate(stream):
-            if index < self._torch_skip:  # resume: the same seeded stream, fast-forwarded
-                continue
-            yield self._torch_batch(images, labels, meta)
+    def _dali_batch(self, pipe) -> Batch:
+        try:
+            outputs = pipe.run()
+        except RuntimeError as exc:
+            raise unreadable_sample_error(self._fed, exc) from exc
+        if self.spec.device_id is not None:
+            tensor = _to_torch(outputs[0], self.spec.device_id, getattr(torch, self.spec.output_dtype))
+        else:
+            tensor = torch.from_numpy(np.array(outputs[0].as_tensor()))
+        rest = list(outputs[1:])
+        labels = torch.from_numpy(np.array(rest.pop(0).as_tensor())).long().reshape(-1) if self.spec.with_labels \
+            else None
+        meta = [_json(np.array(t)) for t in rest.pop(0)] if self.spec.with_meta else None
+        return Batch(tensor, labels, meta)
 
     def _torch_batch(self, images: torch.Tensor, labels: torch.Tensor, meta: list[dict]) -> Batch:
         """The PyTorch loader's batch as the spec asks (DALI's pipeline does this in its graph)."""
         return Batch(images.to(getattr(torch, self.spec.output_dtype)), labels if self.spec.with_labels else None,
                      meta if self.spec.with_meta else None)
 
+    def __iter__(self) -> Iterator[Batch]:
+        """One epoch: the remaining batches of the current epoch's layout, then the next epoch begins."""
+        if self._stream is None:
+            self._batches = self._training_batches()
+        while self.batch_in_epoch < self.layout.batches:
+            batch = next(self._batches)
+            self.batch_in_epoch += 1
+            self.batches_consumed += 1
+            yield batch
+        self._start_epoch(self.layout.epoch + 1)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.layout = Layout.whole_epoch(epoch, self.mixture.visits(self.spec.order_seed, epoch).samples,
+                                         self.spec.num_shards, self.spec.batch_size)
+        self.batch_in_epoch = 0
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._pipe = None, None
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
     def eval_batches(self) -> Iterator[tuple[Batch, int]]:
         """One pass over the split for evaluation: (batch, how many of its samples are real).
 
-        Every rank yields the same number of batches; samples past a rank's own share (DALI's
-        last-batch padding, or batches that only keep the ranks in step) count as padding.
-        """
-        counts = _eval_counts(self.shards.samples, self.spec.num_shards, self.backend)
-        mine = counts[self.spec.shard_id]
-        total = math.ceil(max(counts) / self.spec.batch_size)
-        if self.backend == "dali":
-            stream = self._dali_stream()  # from the start of the split, whatever the training position
-        else:
-            from mixmae_scale.data.torch_pipeline import torch_batches
+        Each rank reads its contiguous share in shard order; every rank yields the same number of batches
+        (ZeRO-3 forwards are collective), the last ones padded by repeating a sample, which does not count."""
+        spec = self.spec
+        samples, world = self.layout.length, spec.num_shards
+        counts = [samples * (r + 1) // world - samples * r // world for r in range(world)]
+        mine, micro = counts[spec.shard_id], spec.batch_size
+        total = math.ceil(max(counts) / micro)
+        raw = self._padded_eval_batches(mine, total)
+        if self.backend == "torch":
+            from mixmae_scale.data.torch_pipeline import TorchDecoder
 
-            stream = (self._torch_batch(*batch)
-                      for batch in torch_batches(self.shards, self.spec, self.workers, repeat=False))
-        last = None
-        for index in range(total):
-            batch = next(stream, None) or last
-            last = batch
-            yield batch, max(0, min(self.spec.batch_size, batch.images.shape[0], mine - index * self.spec.batch_size))
+            decoder = TorchDecoder(spec, self.workers)
+            for batch in raw:
+                yield self._torch_batch(*decoder(batch)), batch.real
+            return
+        from mixmae_scale.data.dali_pipeline import build_pipeline
 
-    def __iter__(self) -> Iterator[Batch]:
-        """One epoch: the remaining batches of the current epoch, then the counter moves on."""
-        if self._stream is None:
-            self._stream = (self._dali_stream(self._resume_checkpoint) if self.backend == "dali"
-                            else self._torch_stream())
-        while self.batch_in_epoch < self.batches_per_epoch:
-            batch = next(self._stream)
-            self.batch_in_epoch += 1
-            yield batch
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        pending: deque[RawBatch] = deque()
+        feed = iter(raw)
+        last: list[RawBatch] = []
+
+        def next_raw() -> RawBatch:  # DALI prefetches past the end: it gets the last batch again, never used
+            batch = next(feed, None)
+            if batch is None:
+                return last[0]
+            last[:] = [batch]
+            pending.append(batch)
+            self._fed.append(batch)
+            return batch
+
+        pipe = build_pipeline(spec, next_raw)
+        for _ in range(total):
+            yield self._dali_batch(pipe), pending.popleft().real
+
+    def _padded_eval_batches(self, mine: int, total: int) -> Iterator[RawBatch]:
+        spec = self.spec
+        stream = ordered_samples(self.mixture, spec.shard_id, spec.num_shards, spec.with_meta)
+        filler = None
+        if mine == 0:  # more ranks than samples: this rank only keeps the others company
+            filler = next(ordered_samples(self.mixture, 0, 1, spec.with_meta))
+        for number in range(total):
+            batch = [s for _, s in zip(range(spec.batch_size), stream, strict=False)]
+            real = len(batch)
+            filler = filler or (batch[-1] if batch else None)
+            batch += [filler] * (spec.batch_size - real)
+            yield RawBatch(batch, 0, number, real)
 
 
-def unreadable_sample_error(shards: SplitShards, exc: Exception) -> DataError:
-    """DALI cannot skip a sample it fails to decode (its pipeline has no way to ask the reader for a
-    replacement), and its report does not name the sample, so the job stops with the shard folder and
-    the command that finds the file. The shard writer checks every JPEG, so this means shards damaged
-    after writing or written by another tool."""
-    folder = Path(shards.tars[0]).parent if shards.tars else "?"
-    detail = " ".join(str(exc).split())[:1500]
+def unreadable_sample_error(fed: deque[RawBatch], exc: Exception) -> DataError:
+    """DALI cannot skip a sample it fails to decode, and its report does not name the sample: this names the
+    samples of the batches it was given last (one of them is the culprit) and the command that finds it."""
+    keys = [s.key for batch in list(fed)[-2:] for s in batch.samples]
+    shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    detail = " ".join(str(exc).split())[:800]
     return DataError(
-        f"DALI stopped while reading split '{shards.split}' in {folder}: {detail}. If an image could not be "
-        f"decoded, `mixmae shards verify --decode {folder}` lists every such file; rebuild the shards, then run "
-        "the same command again to resume from the last checkpoint")
+        f"DALI could not decode a sample of the last batches ({shown}): {detail}. `mixmae shards verify --decode` "
+        "lists every such file; rebuild or re-adopt the shards, then run the same command again to resume from the "
+        "last checkpoint")
 
 
-def _eval_counts(samples: int, world: int, backend: str) -> list[int]:
-    """Samples each rank reads in evaluation: DALI's contiguous shard ranges, or every world-th sample."""
-    if backend == "dali":
-        return [samples * (r + 1) // world - samples * r // world for r in range(world)]
-    return [len(range(r, samples, world)) for r in range(world)]
+def _json(array: np.ndarray) -> dict:
+    import json
+
+    return json.loads(bytes(array)) if array.size else {}
 
 
 def _to_torch(tensor_list, device_id: int, dtype: torch.dtype) -> torch.Tensor:

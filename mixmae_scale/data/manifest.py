@@ -1,67 +1,122 @@
-"""Reading a shard folder's manifest and checking that the files it names are there."""
+"""Reading a shard set's manifest (`dataset.json`): which tars a split has, where they live, their counts.
+
+A shard set is a folder or an s3:// prefix holding `dataset.json` and one index per shard. The tars sit
+beside them (shards made by `mixmae shards`) or wherever the manifest's `base` points (shards adopted
+from another tool, left where they are, possibly read-only or remote). Reading a split touches only
+the manifest: no tar is stat'ed and no index parsed here, so a rank's start-up does not grow with the
+number of shards. Each rank checks the files it reads when it reads them (data/shard_reader.py).
+
+The manifest format, version 2 (version 1, written before `base` existed, reads the same way):
+    {"format": "mixmae-scale-shards", "version": 2,
+     "base": "s3://bucket/prefix/" | "/absolute/folder" (optional; default: the manifest's own folder),
+     "classes": [{"index": 0, "wnid": ..., "name": ...}, ...],            (empty: unlabeled)
+     "splits": {"train": {"samples": N, "labeled": true,
+                          "shards": [{"name": "<tar, relative to base>", "index": "<idx, relative to
+                                      the manifest's folder>", "samples": n, "bytes": b, "sha256": ...}]}}}
+(A name or index may also be an absolute path or URL: a subset's manifest points into the full set.)
+An index is DALI's wds2idx text: "v1.2 N", then one line per sample that training may read, listing
+"ext data_offset size member_name" for each of its members, in tar order.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from mixmae_scale.data import storage
+from mixmae_scale.data.errors import DataError
 
-class DataError(ValueError):
-    """Shards that cannot be read as configured; the message names the file or key."""
+__all__ = ["DataError", "MANIFEST", "SplitShards", "load_split", "read_manifest"]
+
+MANIFEST = "dataset.json"
+FORMAT = "mixmae-scale-shards"
 
 
 @dataclass(frozen=True)
 class SplitShards:
+    """One split of a shard set. Names are kept relative; URLs are made on demand (100,000 shards)."""
+
     split: str
-    tars: tuple[str, ...]
-    indexes: tuple[str, ...]
-    samples: int
+    location: str  # the folder or s3:// prefix holding dataset.json and the indexes
+    base: str  # the folder or s3:// prefix the tar names are relative to
+    names: tuple[str, ...]
+    index_names: tuple[str, ...]
     samples_per_shard: tuple[int, ...]
+    bytes_per_shard: tuple[int, ...]
+    samples: int
+    labeled: bool
     num_classes: int
 
+    def tar_url(self, shard: int) -> str:
+        return storage.join(self.base, self.names[shard])
 
-def load_split(folder: str | Path, split: str, world_size: int = 1) -> SplitShards:
-    folder = Path(folder)
-    manifest_path = folder / "dataset.json"
-    if not folder.is_dir():
-        raise DataError(f"shard folder {folder} does not exist (data.shards; tried {folder.absolute()}); build "
-                        "shards with `mixmae shards`")
-    if not manifest_path.exists():
-        tars = list(folder.glob("*.tar"))
-        hint = f" ({len(tars)} .tar files are there, but no manifest)" if tars else " (the folder is empty)"
-        raise DataError(f"{manifest_path.absolute()} not found{hint}; shards must come from `mixmae shards`")
+    def index_url(self, shard: int) -> str:
+        return storage.join(self.location, self.index_names[shard])
+
+    @cached_property
+    def tars(self) -> tuple[str, ...]:
+        return tuple(self.tar_url(i) for i in range(len(self.names)))
+
+    @cached_property
+    def indexes(self) -> tuple[str, ...]:
+        return tuple(self.index_url(i) for i in range(len(self.index_names)))
+
+
+def _display(location: str | Path) -> str:
+    return str(location) if storage.is_remote(location) else str(Path(location).resolve())
+
+
+def read_manifest(location: str | Path) -> dict:
+    """The parsed manifest of a shard set, with one-line errors that name the absolute path or URL."""
+    location = str(location)
+    path = storage.join(location, MANIFEST)
+    if not storage.is_remote(location):
+        folder = Path(location)
+        if not folder.is_dir():
+            raise DataError(f"shard folder {_display(folder)} does not exist (data.shards); build shards with "
+                            "`mixmae shards`, or adopt existing ones with `mixmae shards adopt`")
+        if not Path(path).exists():
+            tars = list(folder.glob("*.tar"))
+            hint = (f" ({len(tars)} .tar files are there, but no manifest: `mixmae shards adopt {location} --out DIR` "
+                    "indexes them without rewriting)") if tars else " (the folder is empty)"
+            raise DataError(f"{_display(path)} not found{hint}")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        text = storage.read_text(path)
+    except storage.StorageError as exc:
+        raise DataError(f"{exc} (the shard set's manifest; data.shards={location})") from exc
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{manifest_path}: not valid JSON: {exc}") from exc
-    if split not in manifest.get("splits", {}):
-        raise DataError(f"{manifest_path}: no split '{split}'; it has {sorted(manifest.get('splits', {}))}")
-    info = manifest["splits"][split]
-    shards = info["shards"]
+        raise DataError(f"{_display(path)}: not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format", FORMAT) != FORMAT:
+        raise DataError(f"{_display(path)}: not a mixmae-scale shard manifest (format "
+                        f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})")
+    return manifest
+
+
+def load_split(location: str | Path, split: str, world_size: int = 1) -> SplitShards:
+    """`world_size` is accepted for the callers that pass it; a split reads the same on any world size."""
+    location = str(location)
+    manifest = read_manifest(location)
+    path = _display(storage.join(location, MANIFEST))
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise DataError(f"{path}: no split '{split}'; it has {sorted(splits)}")
+    info = splits[split]
+    shards = info.get("shards") or []
     if not shards:
-        raise DataError(f"{manifest_path}: split '{split}' has no shards")
-    tars, indexes = [], []
-    for shard in shards:
-        tar, idx = folder / shard["name"], folder / shard["index"]
-        for path in (tar, idx):
-            if not path.exists():
-                raise DataError(f"{path} is named in {manifest_path} but missing")
-        if tar.stat().st_size != shard["bytes"]:
-            raise DataError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {shard['bytes']}: the files "
-                            "do not match the manifest (run `mixmae shards verify`)")
-        _check_member_names(idx)
-        tars.append(str(tar))
-        indexes.append(str(idx))
-    return SplitShards(split, tuple(tars), tuple(indexes), int(info["samples"]),
-                       tuple(int(s["samples"]) for s in shards), len(manifest.get("classes", [])))
-
-
-def _check_member_names(idx: Path) -> None:
-    """Shards are data: a member named with an absolute path or '..' marks a crafted archive."""
-    for number, line in enumerate(idx.read_text().splitlines()[1:], start=2):
-        fields = line.split()
-        for name in fields[3::4]:  # each component is "ext offset size name"
-            if name.startswith("/") or ".." in Path(name).parts:
-                raise DataError(f"{idx}:{number}: member name {name!r} is absolute or contains '..'; "
-                                "refusing a shard that could write outside its folder")
+        raise DataError(f"{path}: split '{split}' has no shards")
+    try:
+        names = tuple(s["name"] for s in shards)
+        indexes = tuple(s["index"] for s in shards)
+        counts = tuple(int(s["samples"]) for s in shards)
+        sizes = tuple(int(s.get("bytes", 0)) for s in shards)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: split '{split}' has a shard entry without name, index or samples ({exc})") from None
+    if sum(counts) != int(info.get("samples", sum(counts))):
+        raise DataError(f"{path}: split '{split}' says {info['samples']} samples, its shards hold {sum(counts)}")
+    base = manifest.get("base") or location
+    return SplitShards(split, location, str(base), names, indexes, counts, sizes, sum(counts),
+                       bool(info.get("labeled", bool(manifest.get("classes")))), len(manifest.get("classes", [])))

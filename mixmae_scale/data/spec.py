@@ -19,9 +19,12 @@ class PipelineSpec:
     batch_size: int
     shard_id: int = 0
     num_shards: int = 1
-    seed: int = 0
+    seed: int = 0  # DALI's generators (fine-tuning's RandAugment): per rank
+    # Sample order, crop windows and flips (data/shard_sets.py, crop_params.py): the run's seed, the same on every
+    # rank, so that what a sample gets does not depend on the number of ranks.
+    order_seed: int = 0
     num_threads: int = 4
-    shuffle_buffer: int = 4096
+    shuffle_buffer: int = 4096  # samples per shuffled window of a rank's run (data/shard_sets.py)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5

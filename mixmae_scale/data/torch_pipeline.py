@@ -1,27 +1,30 @@
-"""The pure-PyTorch fallback: webdataset + Pillow + torchvision, the same views as the DALI pipelines.
+"""The pure-PyTorch fallback: Pillow + torchvision decode what the shard reader hands out, as DALI would.
 
-For machines without DALI (or to rule DALI out when debugging). Shards are split across ranks
-(`split_by_node`-style, by rank given explicitly) and across DataLoader workers (`split_by_worker`);
-the stream repeats, and the loader takes a fixed number of batches per epoch.
+For machines without DALI (or to rule DALI out when debugging). The samples, their order, crop windows
+and flips come from the same reader as DALI's (data/shard_reader.py), so the two backends train on the
+same views up to the decoders' rounding, and give the same evaluation tensors. Decoding runs in a
+thread pool (Pillow releases the GIL while it decodes), except with RandAugment: timm's draws from
+Python's and NumPy's global generators, so those samples are decoded one at a time, each with its
+generators seeded from the sample's identity and restored afterwards (mixup draws from them too).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
-from collections.abc import Iterator
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from mixmae_scale.data.manifest import DataError, SplitShards
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.shard_reader import RawBatch, RawSample
+from mixmae_scale.data.shard_sets import stream_seed
 from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
 
 
@@ -46,89 +49,70 @@ class DaliStyleResizeCrop:
         return F.crop(image, top, left, self.crop, self.crop)
 
 
-def build_transform(spec: PipelineSpec) -> transforms.Compose:
-    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if spec.mode == "eval":
-        shorter = round(spec.img_size / EVAL_CROP_FRACTION)
-        return transforms.Compose([DaliStyleResizeCrop(shorter, spec.img_size), *normalize])
-    interpolation = InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else InterpolationMode.BILINEAR
-    steps = [transforms.RandomResizedCrop(spec.img_size, scale=spec.crop_scale, ratio=spec.crop_ratio,
-                                          interpolation=interpolation, antialias=True)]
-    if spec.rand_augment is not None:
-        # timm's own RandAugment, as the official fine-tuning (`create_transform(auto_augment=...)`).
-        from timm.data.auto_augment import rand_augment_transform
+class TorchDecoder:
+    """One batch of raw samples -> (images, labels, meta) tensors for a spec."""
 
-        # magnitude_max just under timm's 10: at 10, the increasing Posterize keeps 0 bits, which Pillow >= 10
-        # refuses (ValueError), so about one fine-tuning batch in a few hundred crashed the loader.
-        ops, magnitude = spec.rand_augment
-        steps.append(rand_augment_transform(
-            f"rand-m{magnitude}-n{ops}-mstd{spec.rand_augment_std}-inc1",
-            {"translate_const": int(spec.img_size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
-             "interpolation": Image.BICUBIC, "magnitude_max": RAND_AUGMENT_LEVELS - 1 - 1e-3}))
-    steps.append(transforms.RandomHorizontalFlip(spec.hflip))
-    return transforms.Compose(steps + normalize)
+    def __init__(self, spec: PipelineSpec, threads: int) -> None:
+        self.spec = spec
+        self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.eval_view = DaliStyleResizeCrop(round(spec.img_size / EVAL_CROP_FRACTION), spec.img_size)
+        bicubic = spec.interpolation == "bicubic"
+        self.interpolation = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
+        self.rand_augment = None
+        if spec.mode != "eval" and spec.rand_augment is not None:
+            # timm's own RandAugment, as the official fine-tuning (`create_transform(auto_augment=...)`).
+            from timm.data.auto_augment import rand_augment_transform
+
+            # magnitude_max just under timm's 10: at 10, the increasing Posterize keeps 0 bits, which Pillow >= 10
+            # refuses (ValueError), so about one fine-tuning batch in a few hundred crashed the loader.
+            ops, magnitude = spec.rand_augment
+            self.rand_augment = rand_augment_transform(
+                f"rand-m{magnitude}-n{ops}-mstd{spec.rand_augment_std}-inc1",
+                {"translate_const": int(spec.img_size * 0.45),
+                 "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+                 "interpolation": Image.BICUBIC, "magnitude_max": RAND_AUGMENT_LEVELS - 1 - 1e-3})
+        self.pool = ThreadPoolExecutor(max(threads, 1)) if self.rand_augment is None else None
+
+    def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        samples = batch.samples
+        images = list(self.pool.map(self.decode, samples)) if self.pool else [self.decode(s) for s in samples]
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        return torch.stack(images), labels, [_meta(s) for s in samples]
+
+    def decode(self, sample: RawSample) -> torch.Tensor:
+        try:
+            with Image.open(io.BytesIO(sample.image)) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for truncated or foreign bytes
+            raise DataError(f"{sample.key}: the image could not be decoded ({exc}). `mixmae shards verify --decode` "
+                            "lists every such file; rebuild or re-adopt the shards, then run the same command "
+                            "again to resume") from exc
+        if self.spec.mode == "eval":
+            return self.normalize(self.eval_view(image))
+        x0, y0, w, h = sample.crop
+        width, height = image.size
+        box = (round(x0 * width), round(y0 * height), round((x0 + w) * width), round((y0 + h) * height))
+        image = F.resize(image.crop(box), [self.spec.img_size, self.spec.img_size], self.interpolation, antialias=True)
+        if self.rand_augment is not None:
+            image = _with_sample_generators(self.spec.order_seed, sample, lambda: self.rand_augment(image))
+        if sample.flip:
+            image = F.hflip(image)
+        return self.normalize(image)
 
 
-def _decode(sample: dict, *, transform, with_meta: bool) -> tuple:
+def _with_sample_generators(order_seed: int, sample: RawSample, work):
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    seed = stream_seed("rand-augment", order_seed, *sample.uid)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     try:
-        with Image.open(io.BytesIO(sample["jpg"])) as image:
-            tensor = transform(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for truncated or foreign bytes
-        where = f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
-        raise DataError(f"{where} could not be decoded ({exc}). `mixmae shards verify --decode` lists every such "
-                        "file; rebuild the shards, then run the same command again to resume") from exc
-    label = int(sample["cls"])
-    meta = json.loads(sample["json"]) if with_meta else {}
-    return tensor, label, meta
+        return work()
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
-def _split_by_sample(shards: SplitShards, spec: PipelineSpec) -> bool:
-    """Evaluation (exact counts) and too few shards split by sample; training splits by shard."""
-    return spec.mode == "eval" or len(shards.tars) < spec.num_shards
+def _meta(sample: RawSample) -> dict:
+    import json
 
-
-def sample_stream(shards: SplitShards, spec: PipelineSpec, repeat: bool) -> wds.WebDataset:
-    """Raw samples for this rank; shards are data only (no pickle decoders are ever registered)."""
-    by_sample = _split_by_sample(shards, spec)
-    urls = list(shards.tars) if by_sample else list(shards.tars)[spec.shard_id::spec.num_shards]
-    # One worker per ordered stream in evaluation, so every world-th sample is this rank's, exactly.
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None,
-                             workersplitter=None if spec.mode == "eval" else wds.split_by_worker,
-                             handler=wds.reraise_exception, empty_check=False)
-    if by_sample:
-        dataset = dataset.slice(spec.shard_id, None, spec.num_shards)
-    if repeat:
-        dataset = dataset.repeat()
-    if spec.mode != "eval":
-        dataset = dataset.shuffle(spec.shuffle_buffer, rng=random.Random(hash((spec.seed, spec.shard_id))))
-    return dataset
-
-
-def torch_batches(shards: SplitShards, spec: PipelineSpec, workers: int, repeat: bool = True) -> Iterator[tuple]:
-    transform = build_transform(spec)
-    dataset = sample_stream(shards, spec, repeat).map(partial(_decode, transform=transform, with_meta=spec.with_meta))
-    dataset = dataset.batched(spec.batch_size, partial=not repeat, collation_fn=_collate)
-    # Workers are spawned, not forked: a fork after DALI or DeepSpeed started threads can deadlock.
-    workers = min(workers, 1) if spec.mode == "eval" else workers
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                           worker_init_fn=_SeedWorker(spec.seed, spec.shard_id),
-                           multiprocessing_context="spawn" if workers > 0 else None)
-    yield from loader
-
-
-class _SeedWorker:
-    """Seeds Python's and torch's RNGs per (seed, rank, worker): augmentations repeat exactly."""
-
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed, rank
-
-    def __call__(self, worker_id: int) -> None:
-        seed = hash((self.seed, self.rank, worker_id)) % 2**31
-        random.seed(seed)
-        torch.manual_seed(seed)
-
-
-def _collate(samples: list[tuple]) -> tuple:
-    images = torch.stack([s[0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
-    return images, labels, [s[2] for s in samples]
+    return json.loads(sample.meta) if sample.meta else {}

@@ -1,121 +1,184 @@
-"""Checkpoints: DeepSpeed's sharded save plus our per-rank state and a completion marker.
+"""Checkpoints a crash cannot corrupt: DeepSpeed's sharded save plus our per-rank state, written under a
+temporary name and renamed into place once every rank's files are on the disk.
 
-DeepSpeed writes weights, optimizer and scheduler states; each rank adds its own state (loader
-position, RNG) as `rank_{r}.json`; after a barrier, rank 0 writes `COMPLETE`. Only folders with the
-marker count: a run killed mid-save resumes from the previous complete checkpoint.
+A tag folder (`step00000400`) appears only complete: every rank writes into `step00000400.partial`, flushes
+what it wrote, and after a barrier rank 0 writes the `COMPLETE` marker (with each file's size), flushes
+it and renames the folder. A crash at any point leaves a `.partial` folder, which nothing reads and the
+next save removes. A complete tag is never written into again: a save that would reuse a name takes a
+new one. On resume the sizes in the marker are checked, so a file cut short afterwards (a full disk, a
+copy gone wrong) makes the run fall back to the previous checkpoint instead of failing in torch.load.
+
+Tags sort by name: `step00000400` < `step00000400-nonfinite` (a stop after non-finite steps, whose state
+is that of the step's start) < `step00000401`.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from mixmae_scale.atomic_file import write_text
+from mixmae_scale.atomic_file import fsync_path, write_text
 
 MARKER = "COMPLETE"
+PARTIAL = ".partial"
+UNIVERSAL = ".universal"  # DeepSpeed's universal form of a tag, made when a run resumes on another layout
+NONFINITE = "-nonfinite"
 
 
 class ResumeError(RuntimeError):
     """A checkpoint that this run must not resume from; the message says why and what to do."""
 
 
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+def tag_for(step: int, kind: str = "") -> str:
+    return f"step{step:08d}{kind}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag[4:12])
+
+
+def is_regular(tag: str) -> bool:
+    return len(tag) == 12 and tag.startswith("step")
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Training checkpoints whose every file was written (not `.partial`, not universal conversions)."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if (p / MARKER).exists())
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and PARTIAL not in p.name
+                  and UNIVERSAL not in p.name and (p / MARKER).exists())
 
 
-def rng_state() -> str:
-    buffer = io.BytesIO()
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, buffer)
-    return base64.b64encode(buffer.getvalue()).decode()
+def marker(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    return json.loads((ckpt_dir / tag / MARKER).read_text())
 
 
-def restore_rng_state(text: str) -> None:
-    state = torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def damage(folder: Path) -> str | None:
+    """Why a complete-looking folder cannot be trusted (a file missing or of another size than written), or None."""
+    try:
+        record = json.loads((folder / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"its {MARKER} marker cannot be read ({exc})"
+    for name, size in record.get("files", {}).items():
+        path = folder / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int) -> Path:
-    """Collective: every rank calls it at the same step."""
-    tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    rank = dist.get_rank()
-    write_text(ckpt_dir / tag / f"rank_{rank}.json", json.dumps(rank_state))
+def _written_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER}
+
+
+def seal(folder: Path, record: dict[str, Any]) -> None:
+    """Write the marker of a finished folder (flushed) listing its files; the caller renames it into place."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    write_text(folder / MARKER, json.dumps({**record, "files": _written_files(folder)}))
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Rename a sealed `.partial` folder to its final name, flushed in its parent."""
+    partial.replace(final)
+    fsync_path(final.parent)
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    step: int
+    kind: str = ""  # "" (regular) or NONFINITE
+    keep_last: int = 3
+    marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (engine/faults.py)
+
+
+def free_tag(ckpt_dir: Path, step: int, kind: str) -> str | None:
+    """The name to save under: None when a regular tag of this step is already complete (nothing to redo);
+    a stop tag never reuses a complete name."""
+    tag = tag_for(step, kind)
+    if not (ckpt_dir / tag / MARKER).exists():
+        return tag
+    if not kind:
+        return None
+    number = 2
+    while (ckpt_dir / f"{tag}-{number}" / MARKER).exists():
+        number += 1
+    return f"{tag}-{number}"
+
+
+def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, Any], rank_state: dict[str, Any]
+         ) -> Path:
+    """Collective: every rank calls it at the same step. Returns the complete tag's folder."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = [free_tag(ckpt_dir, request.step, request.kind) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)  # one name for all ranks, whatever each one's view of the folder
+    tag = names[0]
+    if tag is None:
+        return ckpt_dir / tag_for(request.step, request.kind)
+    partial = ckpt_dir / f"{tag}{PARTIAL}"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a crash's leftover of the same name
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    write_text(partial / f"rank_{rank}.json", json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
-        write_text(ckpt_dir / tag / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size()}))
-        for old in complete_tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        seal(partial, {"step": request.step, "world_size": world, "kind": request.kind or "regular",
+                       **(request.marker_extra or {})})
+        publish(partial, ckpt_dir / tag)
+        rotate(ckpt_dir, request.keep_last)
     dist.barrier()
     return ckpt_dir / tag
 
 
-def find_resume(ckpt_dir: Path, resume: str) -> str | None:
-    """The tag to resume from: 'auto' takes the newest complete one, 'none' none, else a tag or path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        tags = complete_tags(ckpt_dir)
-        return tags[-1] if tags else None
-    tag = Path(resume).name
-    if not (ckpt_dir / tag / MARKER).exists():
-        raise ResumeError(f"checkpoint.resume={resume!r}: {ckpt_dir / tag} is not a complete checkpoint "
-                          f"(complete ones: {complete_tags(ckpt_dir) or 'none'})")
-    return tag
+def rotate(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` regular checkpoints; a stop tag goes once a newer regular one exists; universal
+    conversions go with their tag; crash leftovers (`.partial`) go."""
+    tags = complete_tags(ckpt_dir)
+    regular = [t for t in tags if is_regular(t)]
+    doomed = set(regular[:-keep_last])
+    if regular:
+        doomed |= {t for t in tags if not is_regular(t) and step_of(t) < step_of(regular[-1])}
+    for path in ckpt_dir.iterdir():
+        base = path.name.split(UNIVERSAL)[0].split(PARTIAL)[0]
+        if base in doomed or (PARTIAL in path.name and base not in tags):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def optimizer_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
     """What fixes the layout of DeepSpeed's optimizer shards, read from the config DeepSpeed gets: the
     ZeRO stage, the precision and the gradient-accumulation dtype (which select the optimizer wrapper:
-    bf16 with fp32 accumulation at ZeRO-1 is DeepSpeed's BF16_Optimizer) and, at stage 3, the sub-groups
-    the partition is cut into (DeepSpeed's default: 1e9 elements)."""
+    bf16 with fp32 accumulation at ZeRO-1 is DeepSpeed's BF16_Optimizer), offload and, at stage 3, the
+    sub-groups the partition is cut into (DeepSpeed's default: 1e9 elements). A resume across any change of
+    these (or of the world size) goes through DeepSpeed's universal checkpoint (engine/elastic.py)."""
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     dtype = next((name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled")), "fp32")
     return {"zero_stage": stage, "dtype": dtype,
             "sub_group_size": int(zero.get("sub_group_size", 1_000_000_000)) if stage == 3 else None,
-            "grad_accum_dtype": ds_config.get("data_types", {}).get("grad_accum_dtype")}
-
-
-def check_compatible(ckpt_dir: Path, tag: str, model_digest: str, world_size: int,
-                     layout: dict[str, Any] | None = None) -> None:
-    marker = json.loads((ckpt_dir / tag / MARKER).read_text())
-    saved_world = int(marker["world_size"])
-    meta_path = ckpt_dir / tag / "rank_0.json"
-    saved = json.loads(meta_path.read_text())
-    if saved.get("model_digest") != model_digest:
-        raise ResumeError(f"{ckpt_dir / tag} holds a model of another shape (digest {saved.get('model_digest')}, "
-                          f"this run {model_digest}): model.* must match the run being resumed; start a new "
-                          "run directory or set checkpoint.resume=none")
-    if saved_world != world_size:
-        raise ResumeError(f"{ckpt_dir / tag} was written by {saved_world} ranks, this run has {world_size}: ZeRO "
-                          "optimizer shards are per rank. Convert it with DeepSpeed's ds_to_universal.py and load "
-                          "the universal checkpoint, or resume on the same number of GPUs")
-    saved_layout = saved.get("optimizer_layout")
-    # A key a checkpoint lacks was written before it was recorded, at its value then: None.
-    changed = ", ".join(f"{k} {saved_layout.get(k)} -> {v}" for k, v in (layout or {}).items()
-                        if saved_layout is not None and saved_layout.get(k) != v)
-    if changed:
-        raise ResumeError(f"{ckpt_dir / tag} holds DeepSpeed optimizer shards of another layout ({changed}); "
-                          "DeepSpeed cannot load them as they are. Resume with the same zero.stage, precision.dtype "
-                          "and sub_group_size, or convert the checkpoint with DeepSpeed's ds_to_universal.py")
+            "grad_accum_dtype": ds_config.get("data_types", {}).get("grad_accum_dtype"),
+            "offload": bool(zero.get("offload_optimizer"))}
 
 
 def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / f"rank_{rank}.json").read_text())
+
+
+def remove_stale_partials(ckpt_dir: Path) -> None:
+    if ckpt_dir.is_dir():
+        for path in ckpt_dir.iterdir():
+            if path.name.endswith(PARTIAL):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def universal_folder(ckpt_dir: Path, tag: str) -> Path:
+    return ckpt_dir / f"{tag}{UNIVERSAL}"

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -54,6 +55,49 @@ def remove_shm_buffer(master_addr: str, master_port: str, rank: int) -> None:
     exits without the orderly shutdown."""
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def remove_stale_shm_buffers(min_age_s: float = 60.0) -> list[str]:
+    """Buffers a killed run left in /dev/shm (RAM until reboot): only this user's (the uid is in the name), only
+    those no live process maps or holds open, and only those untouched for `min_age_s` (a rank starting beside
+    us may have created its own but not mapped it yet). Called by each node's first rank before the process
+    group starts; returns the names removed."""
+    shm = Path("/dev/shm")
+    mine = sorted(shm.glob(f"{SHM_PREFIX}{os.getuid()}_*")) if shm.is_dir() else []
+    if not mine:
+        return []
+    in_use = _shm_files_in_use()
+    removed = []
+    for path in mine:
+        try:
+            if str(path) in in_use or time.time() - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+            removed.append(path.name)
+        except OSError:  # gone already, or not ours to remove
+            continue
+    return removed
+
+
+def _shm_files_in_use() -> set[str]:
+    """/dev/shm files mapped (/proc/PID/maps) or open (/proc/PID/fd) by any process we may look at."""
+    used: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            used.update(line.split(None, 5)[5].strip() for line in (proc / "maps").read_text().splitlines()
+                        if "/dev/shm/" in line and len(line.split(None, 5)) == 6)
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    used.add(target)
+        except OSError:  # a process that ended, or one of another user's
+            continue
+    return {name.removesuffix(" (deleted)") for name in used}
 
 
 def seed_for(*parts: int) -> int:

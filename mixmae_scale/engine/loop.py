@@ -1,29 +1,28 @@
-"""The training loop every job shares: set-up, resume, steps, faults, signals, logging, checkpoints.
+"""The training loop every job shares: set-up, resume, steps, logging, checkpoints.
 
 Pretraining and fine-tuning differ in their model, optimizer groups, batch -> loss and what happens
-between steps (evaluation, reconstruction grids): a `Job` supplies those. This module owns the rest,
-so both jobs get the same guarantees:
+between steps (evaluation, reconstruction grids): a `Job` supplies those. This module owns the rest and
+calls the policies that live in their own modules at the few points where they act:
 
-- exact resume: weights, optimizer and scheduler (DeepSpeed's checkpoint), each rank's loader position
-  and RNGs (torch, CUDA, Python's `random`, NumPy's global generator: timm's mixup and random erasing
-  draw from the last two), and the job's own state;
-- SIGTERM or SIGUSR1 (preemption) saves a checkpoint at the next step boundary and the job exits 0;
-- a non-finite loss is skipped on every rank alike, up to `faults.nonfinite_skip_limit` in a row;
-  past that the state at the start of the step (an accumulation boundary: the micro-batches this step
-  already consumed are replayed on resume) is saved and the run stops;
-- `metrics.csv` (and the job's own logs) keep one row per step through crashes: on resume, rows past
-  the resumed step are dropped.
+- engine/elastic.py: the resume decision (rank 0's, broadcast), the configuration every rank must share,
+  and resuming on another world size or precision through DeepSpeed's universal checkpoint;
+- engine/faults.py: non-finite losses and gradients (skipped, counted, a stop with a checkpoint past
+  `faults.nonfinite_skip_limit`), and which checkpoint a resume can trust;
+- engine/preemption.py: SIGTERM/SIGUSR1 or a vanished launcher -> a checkpoint at the next step boundary and
+  exit 0;
+- engine/checkpoint.py: tags that appear only complete; engine/rng.py: every generator a step draws from.
 
-Every decision that must agree across ranks is all-reduced first, so no rank waits alone in a collective.
+Guarantees: a resume on the same layout reproduces the uninterrupted run exactly (weights, optimizer,
+schedule, each rank's data position and generators, the job's own state); `metrics.csv` and the job's
+logs keep one row per step through crashes. Every decision that must agree across ranks is all-reduced
+or broadcast first, so no rank waits alone in a collective.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch, ShardLoader
-from mixmae_scale.data.manifest import SplitShards, load_split
+from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import checkpoint as ckpt
-from mixmae_scale.engine import distributed
+from mixmae_scale.engine import distributed, elastic, faults
 from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
@@ -51,13 +50,20 @@ from mixmae_scale.engine.monitor import (
     peak_memory_mib,
     reset_peak_memory,
 )
+from mixmae_scale.engine.preemption import StopFlag, report_stop
+from mixmae_scale.engine.rng import restore_rng, rng_state
 from mixmae_scale.models.regional_compile import maybe_compile
 
 log = logging.getLogger("mixmae.loop")
+NonFiniteLossError = faults.NonFiniteStop  # the name callers used before gradients were checked too
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row; the last good state was checkpointed."""
+class RunAlreadyComplete(RuntimeError):
+    """The newest checkpoint is at the run's last step: nothing to train, nothing to rewrite."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"already complete at step {step} ({checkpoint}); nothing to do")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -71,35 +77,44 @@ class RunContext:
     local_rank: int
     device: torch.device
     root: Path
-    train_split: SplitShards
+    train_data: ShardMixture
     ds_config: dict[str, Any]
     layout: dict[str, Any]
-    resume_tag: str | None
+    resume: elastic.ResumePlan | None
+    stop: StopFlag
+    last_step: int
 
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
 
-def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int) -> RunContext:
-    """Process group, configuration resolved for the real world size and data, and the run folder.
+def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int,
+              max_steps: int | None = None) -> RunContext:
+    """Process group, configuration resolved for the real world size and data, the resume plan and the run folder.
 
-    An incompatible checkpoint is refused before anything in the run folder is touched."""
+    Nothing in the run folder is touched before the plan is made: an incompatible checkpoint is refused and a
+    finished run is reported (`RunAlreadyComplete`) with its files as they were."""
+    stop = StopFlag()  # first: a signal during start-up waits for the first step boundary
     rank, world, device = distributed.init(local_rank)
-    train_split = load_split(config.data.shards, config.data.train_split, world)
-    resolved = resolve(config, sources, world_size=world, train_samples=train_split.samples)
+    train_data = training_mixture(config.data.shards, config.data.train_split,
+                                  [(s.shards, s.weight, s.split) for s in config.data.sources])
+    resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
     ds_config = engine_config(resolved, root)
     layout = ckpt.optimizer_layout(ds_config)
-    tag = ckpt.find_resume(root / "checkpoints", config.checkpoint.resume)
-    if tag is not None:
-        ckpt.check_compatible(root / "checkpoints", tag, resolved.model_digest(), world, layout)
+    elastic.agree_on_configuration(resolved, ds_config, layout)
+    plan = elastic.plan_resume(root / "checkpoints", resolved, layout)
     derived = resolved.derived
+    last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
+    if plan is not None and ckpt.is_regular(plan.tag) and ckpt.step_of(plan.tag) >= last_step:
+        raise RunAlreadyComplete(ckpt.step_of(plan.tag), root / "checkpoints" / plan.tag)
+    if plan is not None and plan.universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if rank == 0:
         log_choice(log, derived.dtype, derived.dtype_reason, derived.dtype_warning)
-        if len(train_split.tars) < world:  # said once, by rank 0, not by every rank and every loader
-            log.warning("split '%s' has %d shard(s) for %d ranks: ranks read parts of the same files; more, smaller "
-                        "shards spread the I/O better", config.data.train_split, len(train_split.tars), world)
+        if len(train_data.sets) > 1:
+            log.info("training mixture: %s", ", ".join(f"{name} {share:.1%}" for name, share in train_data.shares()))
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(root / "config.yaml", yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config},
                                                         sort_keys=False))
@@ -108,7 +123,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    return RunContext(config, resolved, rank, world, local_rank, device, root, train_split, ds_config, layout, tag)
+    return RunContext(config, resolved, rank, world, local_rank, device, root, train_data, ds_config, layout, plan,
+                      stop, last_step)
 
 
 def compile_model(model: torch.nn.Module, ctx: RunContext) -> int:
@@ -147,79 +163,6 @@ class Job:
         """Rank 0, on resume: drop the job's own log lines written after `step`."""
 
 
-class _StopFlag:
-    """SIGTERM/SIGUSR1 ask for a checkpoint and a clean exit at the next step boundary, and so does the
-    death of the launcher that started this rank: DeepSpeed's `deepspeed` runner dies of SIGTERM or SIGUSR1
-    without telling the ranks (see cluster/signal_relay.py), which would otherwise train on, orphaned."""
-
-    LAUNCHERS = ("deepspeed", "torchrun", "signal_relay", "mixmae launch")
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-        self.launchers = _launcher_ancestors(self.LAUNCHERS)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def requested(self) -> bool:
-        if self.signal is None and any(not _alive(pid, born) for pid, born in self.launchers):
-            log.warning("the launcher that started this rank is gone: saving a checkpoint and exiting")
-            self.signal = signal.SIGHUP
-        return self.signal is not None
-
-
-def _launcher_ancestors(markers: tuple[str, ...], levels: int = 3) -> list[tuple[int, float]]:
-    import psutil
-
-    found, process = [], psutil.Process().parent()
-    for _ in range(levels):
-        if process is None:
-            break
-        try:
-            if any(m in " ".join(process.cmdline()) for m in markers):
-                found.append((process.pid, process.create_time()))
-            process = process.parent()
-        except psutil.Error:
-            break
-    return found
-
-
-def _alive(pid: int, born: float) -> bool:
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        return process.create_time() == born and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def rng_state() -> dict[str, Any]:
-    """Every generator a step draws from, on this rank."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
-    return {"torch": ckpt.rng_state(), "python": repr(random.getstate()), "numpy": numpy_state}
-
-
-def restore_rng(state: dict[str, Any] | str) -> None:
-    if isinstance(state, str):  # checkpoints written before Python and NumPy states were kept
-        ckpt.restore_rng_state(state)
-        return
-    ckpt.restore_rng_state(state["torch"])
-    random.setstate(_literal_tuple(state["python"]))
-    numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {**numpy_state["state"], "key": np.array(numpy_state["state"]["key"], dtype=np.uint32)}
-    np.random.set_state(numpy_state)
-
-
-def _literal_tuple(text: str) -> tuple:
-    import ast
-
-    return ast.literal_eval(text)
-
-
 class TrainingLoop:
     def __init__(self, ctx: RunContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: ShardLoader, job: Job) -> None:
@@ -231,43 +174,71 @@ class TrainingLoop:
                                                                  config=ctx.ds_config)
         self.step = 0
         self.last_saved: Path | None = None
-        self.skipped_nonfinite = 0
+        self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
+        self.skipped_samples = 0  # by resumes after non-finite stops (engine/faults.py), over the run's life
         self.rates: list[float] = []
         self.stopped_by_signal = False
-        if ctx.resume_tag is not None:
-            self._resume(ctx.resume_tag)
+        if ctx.resume is not None:
+            self._resume(ctx.resume)
 
     @property
     def device(self) -> torch.device:
         return self.ctx.device
 
-    def _resume(self, tag: str) -> None:
-        _, client = self.engine.load_checkpoint(str(self.ctx.checkpoints), tag=tag)
+    def _resume(self, plan: elastic.ResumePlan) -> None:
+        ctx = self.ctx
+        _, client = self.engine.load_checkpoint(str(ctx.checkpoints), tag=plan.load_tag)
+        if client is None:
+            raise ckpt.ResumeError(f"DeepSpeed could not load {ctx.checkpoints / plan.load_tag}; see its messages "
+                                   "above")
         self.step = int(client["step"])
         self.job.load_state(client.get("job", client))
-        state = ckpt.read_rank_state(self.ctx.checkpoints, tag, self.ctx.rank)
-        self.loader.load_state_dict(state["loader"])
+        self.skipped_samples = int(client.get("skipped_samples", 0)) + plan.skipped_samples
+        state = ckpt.read_rank_state(ctx.checkpoints, plan.tag, elastic.rank_file_for(ctx.rank, plan))
+        loader_state = dict(plan.loader_override or state["loader"])
+        if not plan.same_layout:
+            loader_state.pop("dali", None)  # DALI's generators are per rank: they restart from the run's seeds
+        self.loader.load_state_dict(loader_state)
         restore_rng(state["rng"])
-        if self.ctx.rank == 0:
-            drop_rows_after(self.ctx.root / "metrics.csv", self.step)
+        if ctx.rank == 0:
+            drop_rows_after(ctx.root / "metrics.csv", self.step)
             self.job.truncate_logs(self.step)
-            log.info("resumed from %s at step %d", self.ctx.checkpoints / tag, self.step)
+            for note in plan.notes + ([self.loader.resume_note] if self.loader.resume_note else []):
+                log.warning("%s", note)
+            log.info("resumed from %s at step %d", ctx.checkpoints / plan.tag, self.step)
 
-    def save(self, at_step: int, directory: Path | None = None, keep: int | None = None,
-             boundary: dict[str, Any] | None = None) -> Path:
-        """Collective. `boundary`: the loader and RNG states from the start of the step, when the step is
-        abandoned half-way (its consumed micro-batches are then replayed on resume)."""
+    def save(self, at_step: int, directory: Path | None = None, keep: int | None = None, kind: str = "",
+             rank_state: dict[str, Any] | None = None, marker_extra: dict[str, Any] | None = None) -> Path:
+        """Collective. `rank_state`: the loader position and generators to store instead of the current ones (a
+        non-finite stop stores those of its step's start)."""
         ctx = self.ctx
         client = {"step": at_step, "job": self.job.state(), "model_digest": ctx.resolved.model_digest(),
-                  "world_size": ctx.world}
-        rank_state = {**(boundary or {"loader": self.loader.state_dict(), "rng": rng_state()}),
-                      "model_digest": ctx.resolved.model_digest(), "optimizer_layout": ctx.layout}
-        return ckpt.save(self.engine, directory or ctx.checkpoints, at_step, client, rank_state,
-                         keep or self.config.checkpoint.keep_last)
+                  "world_size": ctx.world, "skipped_samples": self.skipped_samples,
+                  # ds_to_universal reads this to convert the checkpoint for another layout (engine/elastic.py)
+                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+        state = {**(rank_state or {"loader": self.loader.state_dict(), "rng": rng_state()}),
+                 "model_digest": ctx.resolved.model_digest(), "optimizer_layout": ctx.layout,
+                 "global_batch": self.derived.global_batch}
+        request = ckpt.SaveRequest(at_step, kind, keep or self.config.checkpoint.keep_last, marker_extra)
+        return ckpt.save(self.engine, directory or ctx.checkpoints, request, client, state)
 
-    def run(self, max_steps: int | None = None) -> dict[str, Any]:
+    def _stop_nonfinite(self, boundary: dict[str, Any]) -> None:
+        """Past the limit: a checkpoint under a new tag holding the step's start, and where the data now stands."""
+        self.last_saved = self.save(self.step, kind=ckpt.NONFINITE, rank_state=boundary,
+                                    marker_extra=faults.stop_record(self.loader.position(), self.step))
+        guard, policy = self.guard, self.config.faults.on_nonfinite_stop
+        raise faults.NonFiniteStop(
+            f"{guard.in_a_row} non-finite attempts in a row at step {self.step} (faults.nonfinite_skip_limit="
+            f"{guard.limit}; {guard.losses} losses and {guard.gradients} gradient steps skipped in this run); "
+            f"{self.last_saved} holds the state. Run the same command again to resume: "
+            f"faults.on_nonfinite_stop={policy} " + {
+                "rollback": "goes back to the checkpoint before it and skips the data read since",
+                "skip": "keeps these weights and skips the failed attempts' data",
+                "replay": "replays this step's data"}[policy])
+
+    def run(self) -> dict[str, Any]:
         config, derived, rank = self.config, self.derived, self.ctx.rank
-        last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
+        last_step = self.ctx.last_step
         metrics = MetricsLog(self.ctx.root / "metrics.csv", getattr(self.engine, "monitor", None)) if rank == 0 \
             else None
         self.job.on_start(self)
@@ -277,16 +248,15 @@ class TrainingLoop:
                 yield from self.loader
 
         stream = micro_batches()
-        poisoned = Counter(config.faults.inject_nan_loss_at_steps)
-        window, stop = Throughput(), _StopFlag()
+        window, stop, guard = Throughput(), self.ctx.stop, self.guard
+        fp16 = derived.dtype == "fp16"
         # The running loss stays on the device; it is read once per logging interval.
-        loss_sum, loss_count, nonfinite_run = torch.zeros((), device=self.device), 0, 0
+        loss_sum, loss_count = torch.zeros((), device=self.device), 0
         run_start = time.perf_counter()
         reset_peak_memory()
         self.engine.train()
         while self.step < last_step:
-            boundary = ({"loader": self.loader.state_dict(), "rng": rng_state()} if derived.accumulation > 1
-                        else None)
+            boundary = {"loader": self.loader.position(), "rng": rng_state()}
             micro, stop_now = 0, False
             step_start = time.perf_counter()
             while micro < derived.accumulation:
@@ -297,34 +267,39 @@ class TrainingLoop:
                 if waited > config.faults.data_stall_s:
                     log.warning("rank %d waited %.0f s for a batch (faults.data_stall_s=%.0f)", rank, waited,
                                 config.faults.data_stall_s)
-                loss = self.job.loss(self, batch, self.step, micro)
-                if poisoned[self.step] > 0:  # fault injection for tests: one more poisoned attempt at this step
-                    poisoned[self.step] -= 1
-                    loss = loss * float("nan")
+                loss = faults.inject(self.job.loss(self, batch, self.step, micro), self.loader.batches_consumed - 1,
+                                     config.faults)
                 last_micro = micro == derived.accumulation - 1
                 nonfinite, stop_votes = step_decision(loss, last_micro and stop.requested())
                 if nonfinite:
-                    nonfinite_run += 1
-                    self.skipped_nonfinite += 1
+                    del loss, batch  # the graph goes now, not when the next forward has doubled the activations
+                    guard.loss_skipped()
                     if rank == 0:
-                        log.warning("non-finite loss at step %d (%d in a row): batch skipped", self.step,
-                                    nonfinite_run)
-                    if nonfinite_run > config.faults.nonfinite_skip_limit:
-                        self.last_saved = self.save(self.step, boundary=boundary)
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} non-finite losses in a row at step {self.step} "
-                            f"(faults.nonfinite_skip_limit={config.faults.nonfinite_skip_limit}); the last good "
-                            f"state is in {self.last_saved}. Lower the learning rate or check the data, then resume")
+                        log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped", self.step,
+                                    guard.in_a_row)
+                    if guard.exhausted:
+                        self._stop_nonfinite(boundary)
                     continue
-                nonfinite_run = 0
                 stop_now = stop_votes > 0
                 self.engine.backward(loss)
                 self.engine.step()
                 loss_sum += loss.detach().float()
                 loss_count += 1
                 window.images += batch.images.shape[0]
+                del loss, batch
                 micro += 1
-            self.step += 1
+            if not self.engine.was_step_applied():  # DeepSpeed found the gradients non-finite and skipped the update
+                guard.step_not_applied(fp16)
+                if rank == 0 and not fp16:
+                    log.warning("non-finite gradients at step %d (%d in a row): update skipped, the step is redone "
+                                "with the next data", self.step, guard.in_a_row)
+                if guard.exhausted:
+                    self._stop_nonfinite(boundary)
+                if not stop_now:
+                    continue
+            else:
+                guard.succeeded()
+                self.step += 1
             if self.step == 1 and rank == 0 and self.job.compiled_blocks:
                 log.info("first step took %.1f s, compiling %d block(s) included", time.perf_counter() - step_start,
                          self.job.compiled_blocks)
@@ -341,8 +316,10 @@ class TrainingLoop:
                 self.last_saved = self.save(self.step)
             if stop_now:
                 self.stopped_by_signal = True
+                if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
+                    report_stop(self.last_saved, self.step)
                 if rank == 0:
-                    log.warning("signal received: checkpoint %s written at step %d, exiting", self.last_saved,
+                    log.warning("stop requested: checkpoint %s written at step %d, exiting", self.last_saved,
                                 self.step)
                 break
         if metrics is not None:
@@ -352,7 +329,8 @@ class TrainingLoop:
         steady = self.rates[1:] or self.rates
         return {"steps": self.step, "optimizer_steps": int(self.engine.global_steps), "planned_steps": last_step,
                 "stopped_by_signal": self.stopped_by_signal,
-                "images_seen": self.step * derived.global_batch, "skipped_nonfinite": self.skipped_nonfinite,
+                "images_seen": self.step * derived.global_batch, **guard.summary(),
+                "skipped_samples_after_nonfinite": self.skipped_samples,
                 "images_per_s": sum(steady) / len(steady) if steady else None, "peak_mem_mib_per_rank": peak,
                 "wall_s": time.perf_counter() - run_start,
                 "checkpoint": str(self.last_saved) if self.last_saved else None,

@@ -31,7 +31,7 @@ def width_scaled(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, offload: bool = False,
-                    width: int | None = None) -> torch.optim.Optimizer:
+                    width: int | None = None, zero_stage: int = 1) -> torch.optim.Optimizer:
     """`width` (the model's embed_dim) with `optim.width_lr_base` set: width-scaled matrices get their own
     group at lr x width_lr_base / width (DeepSpeed's WarmupCosineLR scales each group's own lr)."""
     scale = optim.width_lr_base / width if optim.width_lr_base and width else 1.0
@@ -43,10 +43,29 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float, offlo
     param_groups = [{"params": params, "weight_decay": optim.weight_decay if decayed else 0.0,
                      "lr": lr * (scale if scaled else 1.0)}
                     for (decayed, scaled), params in groups.items() if params]
-    return adamw(param_groups, optim, lr, next(model.parameters()).is_cuda, offload)
+    return adamw(param_groups, optim, lr, next(model.parameters()).is_cuda, offload, zero_stage)
 
 
-def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offload: bool) -> torch.optim.Optimizer:
+class FiniteStepAdamW(torch.optim.AdamW):
+    """torch's AdamW that does not apply a step whose gradients are not all finite, and says so the way DeepSpeed's
+    own optimizers do (`overflow`, which the engine reads to skip the scheduler step and report
+    `was_step_applied()`). Only ZeRO-0 in fp32 hands DeepSpeed the client optimizer bare; ZeRO 1-3 check the
+    gradient norm themselves. The gradients are all-reduced by then, so every rank decides alike."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        self.overflow = bool(norms) and not bool(torch.isfinite(torch.stack(norms).sum()))
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offload: bool,
+          zero_stage: int = 1) -> torch.optim.Optimizer:
     """AdamW over parameter groups that carry their own weight decay (and lr scales).
 
     With ZeRO-Offload (`zero.offload_optimizer`) the step runs on the host, and DeepSpeed refuses a torch
@@ -56,4 +75,5 @@ def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offlo
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu or None)
+    kind = FiniteStepAdamW if zero_stage == 0 else torch.optim.AdamW
+    return kind(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu or None)

@@ -103,26 +103,25 @@ class PretrainJob(Job):
 
 def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
              snapshot_factory: SnapshotFactory | None = None) -> dict[str, Any]:
-    ctx = start_run(config, sources, run_dir, local_rank)
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps)
     derived = ctx.resolved.derived
     model = build_mixmae(config.model).to(ctx.device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer,
-                                width=config.model.embed_dim)
+                                width=config.model.embed_dim, zero_stage=config.zero.stage)
     spec = PipelineSpec(mode="pretrain", img_size=config.model.img_size, batch_size=config.batch.micro,
                         shard_id=ctx.rank, num_shards=ctx.world, seed=seed_for(config.run.seed, ctx.rank) % 2**31,
                         num_threads=config.data.num_threads, shuffle_buffer=config.data.shuffle_buffer,
                         crop_scale=tuple(config.data.crop_scale), crop_ratio=tuple(config.data.crop_ratio),
                         hflip=config.data.hflip, interpolation=config.data.interpolation,
                         device_id=choose_decode_device(config.data.decode_device, local_rank), with_labels=False,
-                        output_dtype=loader_dtype(derived.dtype))
-    loader = ShardLoader(config.data.shards, config.data.train_split, spec, config.data.loader,
-                         config.data.num_threads)
+                        output_dtype=loader_dtype(derived.dtype), order_seed=config.run.seed)
+    loader = ShardLoader(ctx.train_data, config.data.train_split, spec, config.data.loader, config.data.num_threads)
     snapshots = (snapshot_factory(config, ctx.root, ctx.rank, ctx.device)
                  if snapshot_factory and config.logging.visualize_every_steps else None)
     job = PretrainJob(config, snapshots)
     job.compiled_blocks = compile_model(model, ctx)
     loop = TrainingLoop(ctx, model, optimizer, loader, job)
-    summary = loop.run(max_steps)
+    summary = loop.run()
     heldout_end = heldout_loss(loop.engine, config, ctx.device, derived.dtype)
     summary.update({"heldout_loss_start": job.heldout_start, "heldout_loss_end": heldout_end,
                     "train_flops_per_image": job.flops_per_image, "derived": asdict(derived)})

@@ -114,16 +114,20 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
     if pretrained is None and config.finetune.init:
         pretrained = load_encoder(config.finetune.init)
-    ctx = start_run(config, sources, run_dir, local_rank)
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps)
     derived, ft = ctx.resolved.derived, config.finetune
-    num_classes = ft.num_classes or ctx.train_split.num_classes
+    num_classes = ft.num_classes or ctx.train_data.num_classes
     if not num_classes:
         raise DataError(f"{config.data.shards}: no classes in the manifest; set finetune.num_classes")
+    if not ctx.train_data.labeled:
+        raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
+                        "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
     model = build_classifier(config, num_classes, pretrained).to(ctx.device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay, config.optim.exempt_tables_from_decay)
     optimizer = adamw([{k: v for k, v in g.items() if k != "names"} for g in groups], config.optim,
-                      derived.learning_rate, ctx.device.type == "cuda", config.zero.offload_optimizer)
+                      derived.learning_rate, ctx.device.type == "cuda", config.zero.offload_optimizer,
+                      config.zero.stage)
     common = dict(img_size=config.model.img_size, batch_size=config.batch.micro, shard_id=ctx.rank,
                   num_shards=ctx.world, num_threads=config.data.num_threads,
                   device_id=choose_decode_device(config.data.decode_device, local_rank))
@@ -132,8 +136,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                               crop_ratio=tuple(config.data.crop_ratio), hflip=config.data.hflip,
                               rand_augment=(ft.rand_augment_ops, ft.rand_augment_magnitude)
                               if ft.rand_augment_ops > 0 else None, rand_augment_std=ft.rand_augment_magnitude_std,
-                              interpolation=config.data.interpolation, **common)
-    loader = ShardLoader(config.data.shards, config.data.train_split, train_spec, config.data.loader,
+                              interpolation=config.data.interpolation, order_seed=config.run.seed, **common)
+    loader = ShardLoader(ctx.train_data, config.data.train_split, train_spec, config.data.loader,
                          config.data.num_threads)
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
     # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
@@ -143,7 +147,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                       eval_every=max(1, round(ft.eval_every_epochs * derived.steps_per_epoch)))
     job.compiled_blocks = compile_model(model, ctx)
     loop = TrainingLoop(ctx, model, optimizer, loader, job)
-    summary = loop.run(max_steps)
+    summary = loop.run()
     summary.update({"best": job.best, "last": job.last, "num_classes": num_classes, "init": ft.init})
     if ctx.rank == 0:
         write_text(ctx.root / "summary.json", json.dumps(summary, indent=2, default=str))

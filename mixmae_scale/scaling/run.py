@@ -25,26 +25,28 @@ from mixmae_scale.data.manifest import load_split
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
 
 
-def subset_shards(shards: Path, fraction: float, out: Path) -> Path:
-    """A folder whose manifest lists the first ceil(fraction x n) training shards (linked, not copied)
-    and every validation shard: data fractions are nested, so larger ones see a superset."""
+def subset_shards(shards: str | Path, fraction: float, out: Path) -> Path:
+    """A folder whose manifest lists the first ceil(fraction x n) training shards and every validation shard,
+    pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
+    and data fractions are nested, so larger ones see a superset."""
+    from mixmae_scale.data import storage
+    from mixmae_scale.data.manifest import read_manifest
+
     folder = out / f"fraction-{fraction:g}"
     if (folder / "dataset.json").exists():
         return folder
-    manifest = json.loads((shards / "dataset.json").read_text())
+    location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
+    manifest = read_manifest(location)
+    base = storage.join(location, manifest.get("base") or "")
+    for split in manifest["splits"].values():
+        split["shards"] = [{**s, "name": storage.join(base, s["name"]), "index": storage.join(location, s["index"])}
+                           for s in split["shards"]]
     train = manifest["splits"]["train"]
     keep = train["shards"][: max(1, math.ceil(fraction * len(train["shards"])))]
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            for name in (shard["name"], shard["index"]):
-                link = folder / name
-                if not link.exists():
-                    link.symlink_to((shards / name).resolve())
     manifest["splits"]["train"] = {**train, "shards": keep, "samples": sum(s["samples"] for s in keep)}
-    for name in ("classes.json",):
-        if (shards / name).exists() and not (folder / name).exists():
-            (folder / name).symlink_to((shards / name).resolve())
+    manifest["base"] = location
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "classes.json", json.dumps(manifest.get("classes", []), indent=1))
     write_text(folder / "dataset.json", json.dumps(manifest, indent=1))
     return folder
 
@@ -179,7 +181,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
         else:
             pending.append((index, run))
     for fraction in {run.data_fraction for _, run in pending}:  # made once, before runs start side by side
-        subset_shards(Path(spec.shards), fraction, out / "data")
+        subset_shards(spec.shards, fraction, out / "data")
     threads = max(1, (os.cpu_count() or 2) // max(parallel, 1))
     with ThreadPoolExecutor(max(parallel, 1)) as pool:
         futures = {pool.submit(_one_run, spec, run, out, threads): (index, run) for index, run in pending}
@@ -194,7 +196,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
 
 
 def _one_run(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> dict:
-    subset = subset_shards(Path(spec.shards), run.data_fraction, out / "data")
+    subset = subset_shards(spec.shards, run.data_fraction, out / "data")
     samples = load_split(subset, "train").samples
     steps_per_epoch = max(1, samples // run.global_batch)
     sets = [arg for item in run_overrides(run, subset, steps_per_epoch) for arg in ("--set", item)]

@@ -1,83 +1,129 @@
-"""Checking a shard folder against its manifest: checksums, counts, fields, safe names, decodability."""
+"""Checking a shard set against its manifest: a local folder, an adopted set (tars elsewhere) or an
+s3:// set, all read through data/storage.py.
+
+Each tar is streamed once (one GET on S3) and indexed again from its bytes; the stored index must name
+exactly those members at those offsets, with the counts the manifest gives. A sample the stored index
+lists but the tar does not hold as a usable sample is reported with the reason (cut, no image, does
+not decode with --decode, ...). Sets converted here are held to more: every sample of the tar is
+indexed, has jpg, cls and json, and (with --decode) is a baseline RGB JPEG. Adopted sets may hold
+samples that adoption rejected; those are simply not in their index.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import tarfile
 from pathlib import Path
 
-from PIL import Image
+from mixmae_scale.data import storage
+from mixmae_scale.data.manifest import DataError, load_split, read_manifest
+from mixmae_scale.shards.tar_index import INDEX_VERSION, TarIndex, index_tar, split_name
 
-from mixmae_scale.shards.convert import MANIFEST
-
-REQUIRED_FIELDS = ("jpg", "cls", "json")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+REQUIRED_FIELDS = ("jpg", "cls", "json")  # what `mixmae shards` writes per sample
 
 
-def unsafe_member_name(name: str) -> bool:
-    return name.startswith("/") or ".." in Path(name).parts
+def _stored_index(url: str, samples: int, errors: list[str]) -> list[str] | None:
+    try:
+        text = storage.read_text(url)
+    except storage.StorageError as exc:
+        errors.append(f"{exc} (the shard's DALI index)")
+        return None
+    head, *lines = text.splitlines()
+    parts = head.split()
+    if len(parts) != 2 or parts[0] != INDEX_VERSION or not parts[1].isdigit() or int(parts[1]) != len(lines):
+        errors.append(f"{url}: not a {INDEX_VERSION} index of {len(lines)} samples (first line {head!r})")
+        return None
+    if len(lines) != samples:
+        errors.append(f"{url}: {len(lines)} samples, the manifest says {samples}")
+    return lines
 
 
-def verify(folder: Path, decode: bool = False) -> dict:
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path.absolute()}: not found; is {folder} a shard folder made by "
-                                "`mixmae shards`?")
-    manifest = json.loads(manifest_path.read_text())
+def _scan(url: str, entry: dict, decode: bool, errors: list[str]) -> TarIndex | None:
+    size = entry.get("bytes") or 0
+    if not storage.is_remote(url):
+        path = Path(url)
+        if not path.is_file():
+            errors.append(f"{path.resolve()}: missing")
+            return None
+        if size and path.stat().st_size != size:
+            errors.append(f"{url}: {path.stat().st_size} bytes, the manifest says {size}")
+            return None
+        size = path.stat().st_size
+    try:
+        with storage.open_range(url, 0, size) as stream:
+            found = index_tar(stream, decode)
+    except storage.StorageError as exc:
+        errors.append(str(exc))
+        return None
+    if found.bytes_read != size:
+        errors.append(f"{url}: {found.bytes_read} bytes read, the manifest says {size}")
+    if entry.get("sha256") and found.sha256 != entry["sha256"]:
+        errors.append(f"{url}: sha256 differs from the manifest (the tar changed since it was indexed)")
+    return found
+
+
+def _key(line: str) -> str:
+    """The sample key of an index line, from its first member's name."""
+    fields = line.split(" ")
+    parts = split_name(fields[3]) if len(fields) >= 4 else None
+    return parts[0] if parts else line[:40]
+
+
+def _compare(tar: str, idx: str, stored: list[str], found: TarIndex, adopted: bool, labeled: bool, decode: bool,
+             errors: list[str]) -> None:
+    position = {line: i for i, line in enumerate(found.lines)}
+    reasons = {r["key"]: r["reason"] for r in found.rejected}
+    for number, line in enumerate(stored, start=2):
+        if line not in position:
+            key = _key(line)
+            why = reasons.get(key, "the tar does not hold these members at these offsets and sizes")
+            errors.append(f"{tar}: sample {key} (line {number} of {idx}): {why}")
+            continue
+        i = position[line]
+        if labeled and found.labels[i] is None:
+            errors.append(f"{tar}: sample {found.keys[i]} has no cls, but its split is labeled")
+        if adopted:
+            continue
+        exts = set(line.split(" ")[0::4])  # 'ext offset size name' per member
+        missing = [f for f in REQUIRED_FIELDS if f not in exts]
+        if missing:
+            errors.append(f"{tar}: sample {found.keys[i]} lacks {', '.join(missing)}")
+        if decode and found.images[i] != "JPEG RGB":
+            errors.append(f"{tar}: sample {found.keys[i]}: {found.images[i]}, expected JPEG RGB")
+    if not adopted:  # a set converted here indexes every sample its tars hold
+        stored_lines = set(stored)
+        extra = [found.keys[i] for i, line in enumerate(found.lines) if line not in stored_lines]
+        extra += [r["key"] for r in found.rejected if r["key"] not in {_key(line) for line in stored}]
+        if extra:
+            errors.append(f"{tar}: {len(extra)} sample(s) not in its index, first {extra[0]}")
+        if found.problem:
+            errors.append(f"{tar}: {found.problem}")
+        errors.extend(f"{tar}: {item['member']}: {item['reason']}" for item in found.ignored)
+
+
+def verify(location: str | Path, decode: bool = False) -> dict:
+    """Report: {"folder", "splits": {split: {"samples", "shards", "decoded"}}, "errors": [...], "ok"}."""
+    location = str(location)
+    manifest = read_manifest(location)
     errors: list[str] = []
-    report = {"folder": str(folder), "splits": {}, "errors": errors}
-    for split, info in manifest["splits"].items():
+    report = {"folder": location, "splits": {}, "errors": errors}
+    for split, info in manifest.get("splits", {}).items():
+        try:
+            shards = load_split(location, split)
+        except DataError as exc:
+            errors.append(str(exc))
+            continue
+        adopted = "adopted_from" in info
         seen = decoded = 0
-        for shard in info["shards"]:
-            path = folder / shard["name"]
-            if not path.exists():
-                errors.append(f"{path}: missing")
+        for i, entry in enumerate(info["shards"]):
+            tar, idx = shards.tar_url(i), shards.index_url(i)
+            stored = _stored_index(idx, int(entry["samples"]), errors)
+            found = _scan(tar, entry, decode, errors)
+            if stored is None or found is None:
                 continue
-            if _sha256(path) != shard["sha256"]:
-                errors.append(f"{path}: sha256 differs from the manifest")
-            idx = folder / shard["index"]
-            if not idx.exists():
-                errors.append(f"{idx}: DALI index missing")
-            elif int(idx.read_text().split("\n", 1)[0].split()[1]) != shard["samples"]:
-                errors.append(f"{idx}: sample count differs from the manifest")
-            samples: dict[str, set[str]] = {}
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if unsafe_member_name(member.name):
-                        errors.append(f"{path}: unsafe member name {member.name!r}")
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    samples.setdefault(key, set()).add(ext)
-                    if decode and ext == "jpg":
-                        data = tar.extractfile(member).read()
-                        try:
-                            with Image.open(io.BytesIO(data)) as image:
-                                image.load()
-                                if image.format != "JPEG" or image.mode != "RGB":
-                                    errors.append(f"{path}:{member.name}: {image.format} {image.mode}, expected "
-                                                  "JPEG RGB")
-                            decoded += 1
-                        except OSError as exc:
-                            errors.append(f"{path}:{member.name}: does not decode: {exc}")
-            for key, fields in samples.items():
-                missing = [f for f in REQUIRED_FIELDS if f not in fields]
-                if missing:
-                    errors.append(f"{path}: sample {key} lacks {', '.join(missing)}")
-            if len(samples) != shard["samples"]:
-                errors.append(f"{path}: {len(samples)} samples, manifest says {shard['samples']}")
-            seen += len(samples)
+            _compare(tar, idx, stored, found, adopted, shards.labeled, decode, errors)
+            seen += len(stored)
+            decoded += len(stored) if decode else 0
         if seen != info["samples"]:
-            errors.append(f"split {split}: {seen} samples in shards, manifest says {info['samples']}")
+            errors.append(f"split {split}: {seen} samples in readable shards, the manifest says {info['samples']}")
         report["splits"][split] = {"samples": seen, "shards": len(info["shards"]),
                                    "decoded": decoded if decode else None}
     report["ok"] = not errors

@@ -2,7 +2,11 @@
 
 A shard is written under a temporary name and renamed when complete, and its record (counts,
 checksum, rejected files) is written last: a shard without a record is redone on the next run, so an
-interrupted conversion resumes and ends byte-identical to an uninterrupted one.
+interrupted conversion resumes and ends byte-identical to an uninterrupted one. For an s3:// output the
+shard is written to a local staging folder, uploaded (tar, then index) and deleted there; the record is
+put last in the store, so a rerun skips exactly the shards that were uploaded. A record whose rejections
+include a transient failure (an I/O error that outlived its retries) is not final: the next run
+writes that shard again.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import hashlib
 import json
 import random
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mixmae_scale.atomic_file import write_text
+from mixmae_scale.data import storage
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize, prepare_image
 from mixmae_scale.shards.sources import SourceImage
+from mixmae_scale.shards.transient import is_transient, retrying
 
 PROGRESS_DIR = ".progress"
 INDEX_VERSION = "v1.2"
@@ -55,31 +61,36 @@ class ShardRecord:
     converted: dict[str, int] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
 
+    @property
+    def transient(self) -> int:
+        return sum(bool(item.get("transient")) for item in self.rejected)
+
 
 class RejectedImage(ValueError):
     """Raised in strict mode at the first file that cannot go into a shard."""
 
 
 def plan_shards(images: list[SourceImage], split: str, seed: int, samples_per_shard: int | None,
-                shard_bytes: int | None, labeled: bool) -> list[ShardPlan]:
+                shard_bytes: int | None, labeled: bool, first_index: int = 0, first_sample: int = 0) -> list[ShardPlan]:
     """Shuffle the whole split with `seed` (DALI's reader only shuffles inside a buffer), then cut it
-    into shards by count or by the files' sizes on disk."""
+    into shards by count or by the files' sizes on disk. Shards are numbered from `first_index` and
+    samples from `first_sample` (files that appeared during a conversion get shards after the planned ones)."""
     order = sorted(images, key=lambda im: im.rel)
     random.Random(seed).shuffle(order)
     plans: list[ShardPlan] = []
     current: list[SourceImage] = []
-    size, first = 0, 0
+    size, first = 0, first_sample
     for image in order:
         full = (samples_per_shard is not None and len(current) >= samples_per_shard) or (
             shard_bytes is not None and current and size + image.size > shard_bytes)
         if full:
-            plans.append(ShardPlan(split, len(plans), first, tuple(current), labeled))
+            plans.append(ShardPlan(split, first_index + len(plans), first, tuple(current), labeled))
             first += len(current)
             current, size = [], 0
         current.append(image)
         size += image.size
     if current:
-        plans.append(ShardPlan(split, len(plans), first, tuple(current), labeled))
+        plans.append(ShardPlan(split, first_index + len(plans), first, tuple(current), labeled))
     return plans
 
 
@@ -135,24 +146,38 @@ class TarShardWriter:
         return f"{INDEX_VERSION} {len(self._index)}\n" + "".join(line + "\n" for line in self._index)
 
 
-def record_path(out_dir: Path, name: str) -> Path:
-    return out_dir / PROGRESS_DIR / f"{name}.json"
+def record_name(name: str) -> str:
+    return f"{PROGRESS_DIR}/{name}.json"
 
 
-def read_record(out_dir: Path, name: str) -> ShardRecord | None:
-    path = record_path(out_dir, name)
-    if not path.exists():
-        return None
-    record = ShardRecord(**json.loads(path.read_text()))
-    if record.samples and not (out_dir / f"{name}.tar").exists():
-        return None  # the record outlived its shard (deleted by hand): write it again
-    return record
+def finished_records(out: str, names: list[str]) -> dict[str, ShardRecord]:
+    """The records of the named shards that are done: recorded, their tar present, no transient
+    rejection left to retry. One listing of the output, then one read per record (threads on S3)."""
+    progress = storage.join(out, PROGRESS_DIR)
+    if not storage.is_remote(out) and not Path(progress).is_dir():
+        return {}
+    recorded = {f.name[:-len(".json")] for f in storage.list_files(progress, ".json")} & set(names)
+    if not recorded:
+        return {}
+    tars = {f.name[:-len(".tar")] for f in storage.list_files(out, ".tar") if "/" not in f.name}
+    with ThreadPoolExecutor(16) as pool:
+        texts = pool.map(lambda name: storage.read_text(storage.join(out, record_name(name))), sorted(recorded))
+        records = [ShardRecord(**json.loads(text)) for text in texts]
+    # A record that outlived its shard (deleted by hand), or that holds a transient rejection: write it again.
+    return {r.name: r for r in records if (not r.samples or r.name in tars) and not r.transient}
 
 
-def write_shard(plan: ShardPlan, out_dir: Path, options: WriteOptions) -> ShardRecord:
+def read_source_file(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def write_shard(plan: ShardPlan, out: str | Path, options: WriteOptions, staging: Path | None = None) -> ShardRecord:
+    """Writes the shard into `out` (a folder), or into `staging` and then uploads it to `out` (s3://)."""
+    folder = Path(staging if staging is not None else out)
+    folder.mkdir(parents=True, exist_ok=True)
     record = ShardRecord(plan.name, plan.split)
-    tar_path = out_dir / f"{plan.name}.tar"
-    tmp_path = out_dir / f"{plan.name}.tar.tmp"
+    tar_path = folder / f"{plan.name}.tar"
+    tmp_path = folder / f"{plan.name}.tar.tmp"
     shard = TarShardWriter(tmp_path)
     try:
         for offset, image in enumerate(plan.images):
@@ -169,11 +194,14 @@ def write_shard(plan: ShardPlan, out_dir: Path, options: WriteOptions) -> ShardR
     if record.samples == 0:
         tmp_path.unlink()
     else:
-        write_text(out_dir / f"{plan.name}.idx", shard.index_text())
+        storage.write_text(folder / f"{plan.name}.idx", shard.index_text())
         tmp_path.replace(tar_path)
+        if staging is not None:
+            for suffix in (".tar", ".idx"):
+                storage.upload(folder / f"{plan.name}{suffix}", storage.join(str(out), f"{plan.name}{suffix}"))
+                (folder / f"{plan.name}{suffix}").unlink()
     record.bytes, record.sha256 = shard.bytes, shard.sha256.hexdigest()
-    (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
-    write_text(record_path(out_dir, plan.name), json.dumps(asdict(record), sort_keys=True))
+    storage.write_text(storage.join(str(out), record_name(plan.name)), json.dumps(asdict(record), sort_keys=True))
     return record
 
 
@@ -181,9 +209,9 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
                     options: WriteOptions) -> dict | None:
     """The sample dict for one source file, or None (recorded as rejected)."""
     try:
-        data = Path(image.path).read_bytes()
+        data = retrying(lambda: read_source_file(image.path))
     except OSError as exc:
-        _reject(record, image, f"unreadable: {exc}", options)
+        _reject(record, image, f"unreadable: {exc}", options, transient=is_transient(exc))
         return None
     if plan.labeled and image.label < 0:
         _reject(record, image, "no label found for this file", options)
@@ -191,7 +219,9 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
     try:
         prepared = prepare_image(data, options.quality, options.resize_shorter, options.max_pixels, options.oversize)
     except Exception as exc:  # noqa: BLE001 - whatever one file does, the other million still convert
-        _reject(record, image, f"could not be processed: {type(exc).__name__}: {exc}", options)
+        # A MemoryError is transient (another process held the memory): the next run tries the file again.
+        _reject(record, image, f"could not be processed: {type(exc).__name__}: {exc}", options,
+                transient=is_transient(exc))
         return None
     if prepared.data is None:
         _reject(record, image, prepared.reason, options)
@@ -206,8 +236,10 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
     return {"jpg": prepared.data, "cls": str(image.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def _reject(record: ShardRecord, image: SourceImage, reason: str, options: WriteOptions) -> None:
+def _reject(record: ShardRecord, image: SourceImage, reason: str, options: WriteOptions,
+            transient: bool = False) -> None:
     reason = " ".join(reason.split())  # one line, whatever the exception printed
     if options.strict:
         raise RejectedImage(f"{image.path}: {reason} (--strict stops at the first rejected file)")
-    record.rejected.append({"source": image.rel, "path": image.path, "reason": reason})
+    record.rejected.append({"source": image.rel, "path": image.path, "reason": reason,
+                            **({"transient": True} if transient else {})})

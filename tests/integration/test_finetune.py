@@ -29,9 +29,9 @@ def finetuned(demo_shards, tmp_path_factory):
     """A short fine-tune (random init, mixup + cutmix + RandAugment + erasing) and its export."""
     root = tmp_path_factory.mktemp("finetune")
     result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(root / "run"), "--set",
-                 f"data.shards={demo_shards}", "--set", "finetune.init=null", "--set", "batch.micro=8", "--set",
-                 "logging.every_steps=5", "--set", "data.shuffle_buffer=64", "--set", "finetune.eval_every_epochs=0.5",
-                 "--max-steps", "20")
+                 f"data.shards={demo_shards}", "--set", "finetune.init=null", "--set", "batch.micro=8",
+                 "batch.global_batch=16", "--set", "logging.every_steps=5", "--set", "data.shuffle_buffer=64", "--set",
+                 "finetune.eval_every_epochs=0.5", "--max-steps", "20")
     (root / "finetune.log").write_text(result.stdout + result.stderr)
     from mixmae_scale.engine.export import export_run
 
@@ -123,6 +123,7 @@ def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *ov
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
             "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
             "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
+            "batch.global_batch=16",
             "logging.every_steps=1", "data.shuffle_buffer=64", "precision.dtype=fp32", "finetune.eval_every_epochs=100",
             "checkpoint.every_steps=6", *overrides]
 

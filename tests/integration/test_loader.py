@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 
 import pytest
@@ -58,7 +59,7 @@ def test_resumed_loader_sees_exactly_the_samples_of_an_uninterrupted_one(demo_sh
 def test_labels_match_the_class_folders(demo_shards):
     loader = ShardLoader(str(demo_shards), "val", _spec(mode="eval"), "dali")
     classes = json.loads((demo_shards / "classes.json").read_text())
-    for batch in itertools.islice(iter(loader), 3):
+    for batch, _ in itertools.islice(loader.eval_batches(), 3):
         for label, meta in zip(batch.labels.tolist(), batch.meta, strict=True):
             assert classes[label]["wnid"] == meta["wnid"]
 
@@ -67,7 +68,7 @@ def test_dali_and_torch_give_the_same_evaluation_tensors(demo_shards):
     tensors = {}
     for backend in ("dali", "torch"):
         loader = ShardLoader(str(demo_shards), "val", _spec(mode="eval", img_size=96), backend, workers=1)
-        for batch in loader:
+        for batch, _ in loader.eval_batches():
             for image, meta in zip(batch.images, batch.meta, strict=True):
                 tensors.setdefault(meta["source"], {})[backend] = image
     both = [v for v in tensors.values() if len(v) == 2]
@@ -91,8 +92,11 @@ def test_clear_errors_for_missing_or_mismatched_shards(demo_shards, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(demo_shards, broken)
     (broken / "train-000001.tar").unlink()
-    with pytest.raises(DataError, match="train-000001.tar is named in .* but missing"):
-        ShardLoader(str(broken), "train", _spec())
+    with pytest.raises(DataError, match=f"{broken / 'train-000001.tar'}: no such file"):
+        list(ShardLoader(str(broken), "train", _spec(), "torch", workers=1))  # a rank opens the shards it reads
+    (broken / "train-000001.idx").unlink()
+    with pytest.raises(DataError, match=f"{broken / 'train-000001.idx'}: no such file.*index"):
+        list(ShardLoader(str(broken), "train", _spec(), "torch", workers=1))
     with pytest.raises(DataError, match="no split 'test'"):
         ShardLoader(str(demo_shards), "test", _spec())
     with pytest.raises(DataError, match="fewer than one batch"):
@@ -108,7 +112,7 @@ def test_shards_with_unsafe_member_names_are_refused(demo_shards, tmp_path):
     fields[3] = "../../etc/" + fields[3]
     idx.write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
     with pytest.raises(DataError, match="absolute or contains '..'"):
-        ShardLoader(str(crafted), "val", _spec(mode="eval"))
+        list(ShardLoader(str(crafted), "val", _spec(mode="eval"), "torch").eval_batches())
 
 
 def test_gpu_decoding_requested_without_a_gpu_is_refused():
@@ -152,6 +156,93 @@ def test_an_undecodable_image_inside_a_shard_stops_with_the_shard_named(demo_sha
         for _ in loader.eval_batches():
             pass
     message = str(error.value)
-    # DALI's decoder does not say which sample failed; the PyTorch loader names the tar and the member.
-    named = str(damaged) if backend == "dali" else f"{tar_path.name}: member {member.name.split('.')[0]}.jpg"
+    # DALI's decoder does not say which sample failed: the samples it was given last are named, the culprit
+    # among them; the PyTorch loader names the one sample.
+    named = f"{tar_path}:{member.name.split('.')[0]}"
     assert "shards verify --decode" in message and named in message, message
+
+
+def _epoch_keys(loaders: list[ShardLoader], batches: int | None = None) -> list[str]:
+    """Keys each loader yields for `batches` micro-batches (None: the rest of its current epoch)."""
+    keys = []
+    for loader in loaders:
+        count = loader.batches_per_epoch - loader.batch_in_epoch if batches is None else batches
+        keys += _keys(itertools.islice(iter(loader), count))
+    return keys
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3)])
+def test_a_resume_on_another_world_size_finishes_the_epoch_without_skipping(demo_shards, old, new):
+    """Position by global samples: 300 samples, windows of 24. Interrupted after 5 micro-batches of 8 per rank,
+    resumed on `new` ranks: the epoch's keys are each seen at most twice, those seen twice are exactly the read
+    part of each old rank's current window (the count the loader reports), and none is missing beyond the
+    remainder the new layout leaves out to keep batches whole."""
+    spec = dict(num_shards=old, shuffle_buffer=24)
+    before = [ShardLoader(str(demo_shards), "train", _spec(shard_id=r, **spec), "torch", workers=1)
+              for r in range(old)]
+    seen = _epoch_keys(before, 5)
+    state = json.loads(json.dumps(before[0].state_dict()))
+    after = []
+    for rank in range(new):
+        loader = ShardLoader(str(demo_shards), "train", _spec(shard_id=rank, num_shards=new, shuffle_buffer=24),
+                             "torch", workers=1)
+        loader.load_state_dict(state)
+        after.append(loader)
+    note = after[0].resume_note
+    assert note and f"on {new} rank(s)" in note
+    rest = _epoch_keys(after)
+    counts = {key: (seen + rest).count(key) for key in set(seen + rest)}
+    assert max(counts.values()) <= 2
+    repeated = sum(1 for c in counts.values() if c == 2)
+    assert f"{repeated} of them read a second time" in note, (repeated, note)
+    assert repeated == old * (5 * 8 % 24)
+    left_out = int(note.split(", ")[-1].split()[0])
+    assert 300 - len(counts) == left_out < new * 8
+    assert all(loader.epoch == 0 and loader.batch_in_epoch == loader.batches_per_epoch for loader in after)
+
+
+def test_a_mixture_visits_each_set_by_its_weight_and_resumes_exactly(demo_shards):
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    def mixture():  # the val split (80 samples) twice per epoch and half of the train split's 5 shards
+        return ShardMixture([WeightedSet(load_split(demo_shards, "val"), 2.0, "val"),
+                             WeightedSet(load_split(demo_shards, "train"), 0.5, "train")])
+
+    spec = _spec(shuffle_buffer=32)
+    loader = ShardLoader(mixture(), "train", spec, "torch", workers=1)
+    shares = dict(loader.mixture.shares())
+    assert shares["val"] == pytest.approx(160 / 310)
+    keys = _keys(list(loader))  # one epoch
+    assert sum(k.startswith("val/") for k in keys) == 160 - 0  # every val image twice
+    train = [k for k in keys if k.startswith("train/")]
+    assert len(set(train)) == len(train) and 64 <= len(train) <= 3 * 64  # 2 or 3 of the 5 train shards, once each
+    again = ShardLoader(mixture(), "train", spec, "torch", workers=1)
+    head = _keys(itertools.islice(iter(again), 7))
+    resumed = ShardLoader(mixture(), "train", spec, "torch", workers=1)
+    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
+    assert head + _keys(itertools.islice(iter(resumed), 5)) == keys[:12 * 8]
+
+
+def test_shards_in_object_storage_read_as_from_disk_in_few_requests(demo_shards, s3_bucket):
+    """A real S3-protocol server (moto) on the loopback: the same batches as from the local folder, with one
+    GET per run of samples within a shard (plus one per index and the manifest), not one per member."""
+    from mixmae_scale.data import storage
+
+    for path in (p for p in demo_shards.iterdir() if p.is_file()):
+        storage.upload(path, f"s3://{s3_bucket}/demo/{path.name}")
+    spec = _spec(shuffle_buffer=64)
+    local = list(ShardLoader(str(demo_shards), "train", spec, "torch", workers=1))
+    storage.REQUESTS.clear()
+    remote_loader = ShardLoader(f"s3://{s3_bucket}/demo", "train", spec, "torch", workers=1)
+    remote = list(remote_loader)
+    assert _keys(remote) == _keys(local)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(remote, local, strict=True))
+    samples = len(remote) * 8
+    gets = storage.REQUESTS["GET"]
+    # 1 manifest + 5 indexes + the runs: each window of 64 samples spans at most 2 of the 64-sample shards; the
+    # reader is up to 2 windows into the next epoch by the time this one is consumed.
+    assert gets <= 1 + 5 + 2 * (math.ceil(samples / 64) + 2), dict(storage.REQUESTS)
+    assert gets / samples < 0.1
+    with pytest.raises(DataError, match=f"s3://{s3_bucket}/missing/dataset.json: GET failed: no such object"):
+        ShardLoader(f"s3://{s3_bucket}/missing", "train", spec, "torch")

@@ -21,7 +21,7 @@ sizes:
   - {{name: w12, model: {{embed_dim: 12, num_heads: [1, 2, 4, 4], decoder_dim: 48, decoder_heads: 2}}}}
   - {{name: w16, model: {{embed_dim: 16, num_heads: [1, 2, 4, 8], decoder_dim: 64, decoder_heads: 2}}}}
 data_fractions: [1.0]
-set: ["batch.micro=8", "logging.every_steps=3", "logging.heldout_batches=2", "zero.stage=0",
+set: ["batch.micro=8", "batch.global_batch=8", "logging.every_steps=3", "logging.heldout_batches=2", "zero.stage=0",
       "data.shuffle_buffer=64"]
 """
 ISO_FLOP = """

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mixmae_scale.data.spec import RAND_AUGMENT_LEVELS, PipelineSpec
-from mixmae_scale.data.torch_pipeline import build_transform
+from mixmae_scale.data.torch_pipeline import TorchDecoder
 
 
 def test_dali_magnitude_bins_are_timms_magnitude_scale():
@@ -23,8 +23,8 @@ def test_pytorch_fallback_uses_timms_rand_augment_and_survives_its_strongest_dra
     from timm.data.auto_augment import RandAugment
 
     spec = PipelineSpec(mode="finetune", img_size=64, batch_size=2, rand_augment=(2, 9), rand_augment_std=0.5)
-    transform = build_transform(spec)
-    augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    augment = transform = TorchDecoder(spec, threads=1).rand_augment
+    assert isinstance(augment, RandAugment)
     assert augment.num_layers == 2 and {op.magnitude for op in augment.ops} == {9}
     assert {op.magnitude_std for op in augment.ops} == {0.5}
     assert "PosterizeIncreasing" in {op.name for op in augment.ops}  # the "inc1" op set
@@ -40,8 +40,7 @@ def test_pytorch_fallback_uses_timms_rand_augment_and_survives_its_strongest_dra
 @pytest.mark.parametrize("interpolation, expected", [("bicubic", "BICUBIC"), ("linear", "BILINEAR")])
 def test_crop_resampling_is_bicubic_unless_told(interpolation, expected):
     spec = PipelineSpec(mode="pretrain", img_size=64, batch_size=2, interpolation=interpolation)
-    crop = build_transform(spec).transforms[0]
-    assert crop.interpolation.name == expected
+    assert TorchDecoder(spec, threads=1).interpolation.name == expected
     assert PipelineSpec(mode="pretrain", img_size=64, batch_size=2).interpolation == "bicubic"
 
 

@@ -1,0 +1,93 @@
+"""One shard's index: where each sample's image, label and metadata bytes sit inside its tar.
+
+The index is DALI's wds2idx text ("v1.2 N", then per sample "ext data_offset size member_name" for each
+member), written by `mixmae shards` and `mixmae shards adopt` for exactly the samples training may read.
+With it a rank reads a run of samples as one byte range (one request on object storage) and slices
+the members out of the stream, instead of asking for each member separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from mixmae_scale.data import storage
+from mixmae_scale.data.errors import DataError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Per sample (arrays of one length): the image's data offset and size, the label member's (size 0: none)
+    and the metadata (`json`) member's; `keys` names each sample as the tar does."""
+
+    url: str
+    keys: tuple[str, ...]
+    image_offset: np.ndarray
+    image_size: np.ndarray
+    label_offset: np.ndarray
+    label_size: np.ndarray
+    meta_offset: np.ndarray
+    meta_size: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def span(self, first: int, stop: int) -> tuple[int, int]:
+        """The byte range [start, end) of the tar that holds every member samples first..stop-1 need."""
+        starts = [self.image_offset[first:stop]]
+        ends = [self.image_offset[first:stop] + self.image_size[first:stop]]
+        for offset, size in ((self.label_offset, self.label_size), (self.meta_offset, self.meta_size)):
+            present = size[first:stop] > 0
+            starts.append(offset[first:stop][present])
+            ends.append((offset + size)[first:stop][present])
+        return int(min(s.min() for s in starts if len(s))), int(max(e.max() for e in ends if len(e)))
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in PurePosixPath(name).parts
+
+
+def parse_index(text: str, where: str) -> ShardIndex:
+    """`where` names the index in errors (its path or URL)."""
+    lines = text.splitlines()
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or not header[0].startswith("v") or not header[1].isdigit():
+        raise DataError(f"{where}: not a wds2idx index (first line {lines[0] if lines else ''!r})")
+    count = int(header[1])
+    rows = lines[1:1 + count]
+    if len(rows) != count:
+        raise DataError(f"{where}: the header says {count} samples, the file lists {len(rows)}")
+    keys: list[str] = []
+    columns = np.zeros((6, count), dtype=np.int64)
+    for number, line in enumerate(rows):
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise DataError(f"{where}:{number + 2}: expected 'ext offset size name' per member, got {line!r}")
+        key = None
+        for ext, offset, size, name in zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4], strict=True):
+            if _unsafe(name):
+                raise DataError(f"{where}:{number + 2}: member name {name!r} is absolute or contains '..'; refusing a "
+                                "shard that could write outside its folder")
+            ext = ext.lower()
+            slot = 0 if ext in IMAGE_EXTENSIONS else 2 if ext == "cls" else 4 if ext == "json" else None
+            if slot is not None and columns[slot + 1, number] == 0:
+                columns[slot, number], columns[slot + 1, number] = int(offset), int(size)
+            if key is None:
+                key = name[: len(name) - len(ext) - 1] if name.lower().endswith("." + ext) else name
+        if columns[1, number] == 0:
+            raise DataError(f"{where}:{number + 2}: sample {key} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
+        keys.append(key or "")
+    return ShardIndex(where, tuple(keys), *columns)
+
+
+def read_index(url: str) -> ShardIndex:
+    try:
+        text = storage.read_text(url)
+    except storage.StorageError as exc:
+        raise DataError(f"{exc}: the shard's index (rebuild it with `mixmae shards adopt` or `mixmae shards`)") \
+            from exc
+    return parse_index(text, url)

@@ -1,0 +1,245 @@
+"""Reading a rank's samples out of tar shards, ahead of training, in two background threads.
+
+A rank's run of the epoch (data/shard_sets.py) is read window by window: each window's samples are a
+few contiguous runs of shards, each fetched as one byte range (one request on object storage) and
+sliced into members with the shard's index; the window is then shuffled with a seed that names it,
+and cut into micro-batches with each sample's crop and flip (data/crop_params.py). One thread fetches
+the next window while the other hands out the current one, so a slow store costs a window of latency,
+not a stall per sample. Only the shards a rank reads are ever opened, and only their indexes parsed.
+
+Errors in either thread reach the training thread at its next batch, with the shard and sample named.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixmae_scale.data import storage
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.shard_index import ShardIndex, read_index
+from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits, stream_seed
+
+INDEX_CACHE = 16
+
+
+@dataclass
+class RawSample:
+    key: str  # "<tar url>:<sample key>", for messages
+    image: bytes
+    label: int  # -1: unlabeled
+    meta: bytes | None
+    uid: tuple[int, int, int]  # (epoch, visit, index within the shard): what the sample's randomness is drawn from
+    crop: tuple[float, float, float, float] | None = None
+    flip: bool = False
+
+
+@dataclass
+class RawBatch:
+    samples: list[RawSample]
+    epoch: int
+    batch: int  # micro-batch number within its layout
+    real: int  # samples that count (evaluation pads the last batches of a rank)
+
+
+class _ForwardReader:
+    """Members out of one byte-range stream, in increasing offset order, without holding the range in memory."""
+
+    def __init__(self, stream, start: int) -> None:
+        self.stream, self.position = stream, start
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        if offset < self.position:
+            raise DataError(f"index lists a member at {offset} before the previous one ends ({self.position})")
+        while self.position < offset:
+            skipped = self.stream.read(min(offset - self.position, 1 << 20))
+            if not skipped:
+                raise EOFError
+            self.position += len(skipped)
+        parts, left = [], size
+        while left:
+            chunk = self.stream.read(left)
+            if not chunk:
+                raise EOFError
+            parts.append(chunk)
+            left -= len(chunk)
+        self.position += size
+        return b"".join(parts) if len(parts) > 1 else parts[0]
+
+
+class SampleSource:
+    """Samples by epoch position: which visit holds a position, that shard's index, its bytes."""
+
+    def __init__(self, mixture: ShardMixture, with_meta: bool = False) -> None:
+        self.mixture, self.with_meta = mixture, with_meta
+        self._indexes: OrderedDict[tuple[int, int], ShardIndex] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def index(self, source: int, shard: int) -> ShardIndex:
+        key = (source, shard)
+        with self._lock:
+            if key in self._indexes:
+                self._indexes.move_to_end(key)
+                return self._indexes[key]
+        split = self.mixture.sets[source].shards
+        index = read_index(split.index_url(shard))
+        if len(index) != split.samples_per_shard[shard]:
+            raise DataError(f"{split.index_url(shard)}: {len(index)} samples, the manifest says "
+                            f"{split.samples_per_shard[shard]}: the index and the manifest do not match")
+        with self._lock:
+            self._indexes[key] = index
+            while len(self._indexes) > INDEX_CACHE:
+                self._indexes.popitem(last=False)
+        return index
+
+    def read(self, visits: Visits, intervals: list[Interval] | tuple[Interval, ...]) -> Iterator[RawSample]:
+        """The samples at these epoch positions, in order: one byte-range read per run within a shard."""
+        for a, b in intervals:
+            position = a
+            while position < b:
+                visit, first = visits.locate(position)
+                stop = min(first + (b - position), int(visits.count[visit]))
+                yield from self._read_run(visits, visit, first, stop)
+                position += stop - first
+
+    def _read_run(self, visits: Visits, visit: int, first: int, stop: int) -> Iterator[RawSample]:
+        source, shard = int(visits.source[visit]), int(visits.shard[visit])
+        split = self.mixture.sets[source].shards
+        index = self.index(source, shard)
+        url = split.tar_url(shard)
+        start, end = index.span(first, stop)
+        expected = split.bytes_per_shard[shard]
+        epoch = visits.epoch
+        with storage.open_range(url, start, end) as stream:
+            if expected and stream.total is not None and stream.total != expected:
+                raise DataError(f"{url}: {stream.total} bytes, the manifest says {expected}: the shard changed after "
+                                "it was indexed (re-run `mixmae shards adopt` or rebuild the shards)")
+            reader = _ForwardReader(stream, start)
+            for i in range(first, stop):
+                members = [(int(index.image_offset[i]), int(index.image_size[i]), "image")]
+                if index.label_size[i]:
+                    members.append((int(index.label_offset[i]), int(index.label_size[i]), "label"))
+                if self.with_meta and index.meta_size[i]:
+                    members.append((int(index.meta_offset[i]), int(index.meta_size[i]), "meta"))
+                data = {}
+                try:
+                    for offset, size, what in sorted(members):
+                        data[what] = reader.read_at(offset, size)
+                except EOFError:
+                    raise DataError(f"{url}: ends before sample {index.keys[i]} (byte {end} expected): the shard is "
+                                    "shorter than its index says; it was cut short or replaced") from None
+                label = -1
+                if "label" in data:
+                    try:
+                        label = int(data["label"])
+                    except ValueError:
+                        raise DataError(f"{url}: sample {index.keys[i]}: label {data['label'][:20]!r} is not an "
+                                        "integer") from None
+                yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"),
+                                (epoch, visit, i))
+
+
+class RankStream:
+    """This rank's micro-batches from `layout` on, epoch after epoch, read ahead in background threads.
+
+    `augment(sample)` fills a sample's crop and flip and runs in the batching thread."""
+
+    def __init__(self, mixture: ShardMixture, rank: int, layout: Layout, start_batch: int, seed: int, window: int,
+                 augment: Callable[[RawSample], None] | None, with_meta: bool = False, depth: int = 4) -> None:
+        self.source = SampleSource(mixture, with_meta)
+        self.mixture, self.rank, self.seed, self.window = mixture, rank, seed, max(int(window), 1)
+        self.augment = augment
+        self._windows: queue.Queue = queue.Queue(maxsize=1)
+        self._batches: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._guard, args=(self._fetch, self._windows, layout, start_batch),
+                                          daemon=True, name=f"shards-fetch-{rank}"),
+                         threading.Thread(target=self._guard, args=(self._batch, self._batches), daemon=True,
+                                          name=f"shards-batch-{rank}")]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the two threads -----------------------------------------------------------------------------------------
+    def _guard(self, work: Callable, out: queue.Queue, *args) -> None:
+        try:
+            work(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._put(out, exc)
+
+    def _put(self, out: queue.Queue, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fetch(self, layout: Layout, start_batch: int) -> None:
+        """Windows of samples, in reading order, with where the first batch starts inside them."""
+        while not self._stop.is_set():
+            visits = self.mixture.visits(self.seed, layout.epoch)
+            run = layout.batches * layout.micro
+            first = start_batch * layout.micro
+            for window_start in range(first - first % self.window, run, self.window):
+                stop = min(window_start + self.window, run)
+                samples = list(self.source.read(visits, layout.rank_intervals(self.rank, window_start, stop)))
+                rng = np.random.default_rng(stream_seed("window", self.seed, layout.epoch, layout.intervals,
+                                                        layout.world, self.rank, window_start))
+                order = rng.permutation(len(samples))
+                samples = [samples[i] for i in order]
+                skip = max(first - window_start, 0)
+                if not self._put(self._windows, (layout, window_start, samples[skip:], skip)):
+                    return
+            layout = Layout.whole_epoch(layout.epoch + 1, self.mixture.visits(self.seed, layout.epoch + 1).samples,
+                                        layout.world, layout.micro)
+            start_batch = 0
+
+    def _batch(self) -> None:
+        pending: list[RawSample] = []
+        while not self._stop.is_set():
+            item = self._windows.get()
+            if isinstance(item, BaseException):
+                raise item
+            layout, window_start, samples, skip = item
+            micro = layout.micro
+            position = window_start + skip
+            for sample in samples:
+                if self.augment is not None:
+                    self.augment(sample)
+                pending.append(sample)
+                position += 1
+                if len(pending) == micro:
+                    if not self._put(self._batches, RawBatch(pending, layout.epoch, position // micro - 1, micro)):
+                        return
+                    pending = []
+
+    # -- the training thread -------------------------------------------------------------------------------------
+    def next(self) -> RawBatch:
+        """The next micro-batch; a reader thread's error is raised here."""
+        while True:
+            try:
+                item = self._batches.get(timeout=1.0)
+            except queue.Empty:
+                if not any(t.is_alive() for t in self._threads):
+                    raise DataError("the shard reader threads stopped without an error") from None
+                continue
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def ordered_samples(mixture: ShardMixture, rank: int, world: int, with_meta: bool = False) -> Iterator[RawSample]:
+    """Evaluation: this rank's contiguous share of the split in shard order (every sample once over the ranks)."""
+    visits = mixture.in_order()
+    samples = visits.samples
+    yield from SampleSource(mixture, with_meta).read(visits, [(samples * rank // world, samples * (rank + 1) // world)])

@@ -1,0 +1,220 @@
+"""What each rank reads: one shard set or a weighted mixture, in an order that does not depend on the
+number of ranks, cut into equal contiguous parts per rank.
+
+An epoch is a list of shard *visits*, shuffled with (seed, epoch): every shard of a set once per unit of
+its weight (open_clip's upsampling factors: weight 2 visits each shard twice, 0.5 visits half of them,
+a different half each epoch). Laid end to end, the visits number the epoch's samples 0..N-1: a global
+order that is the same on 8 GPUs or 256. A `Layout` gives rank r the r-th of `world` equal contiguous
+runs of that order (the few samples that do not fill a batch on every rank are left out, as a
+drop-last loader does), so a rank opens only its own shards, and its position is one number: the
+micro-batches it has consumed.
+
+When a run resumes on another world size in the middle of an epoch, the samples not yet read become
+the intervals of a new layout over the new ranks (`Layout.remaining`), so the epoch goes on instead of
+starting over. Ranks shuffle within windows of `window` samples of their run (bounded memory, as DALI's
+shuffle buffer); a window that was partly read when the run stopped is read again whole, so the resumed
+epoch repeats at most the consumed part of one window per old rank and skips nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.manifest import SplitShards
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 64-bit seed from any tuple: every random choice below is a pure function of what it is for."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class WeightedSet:
+    shards: SplitShards
+    weight: float = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0 or not math.isfinite(self.weight):
+            raise DataError(f"data.sources: weight {self.weight} of {self.name or self.shards.location} must be a "
+                            "positive number")
+
+
+@dataclass(frozen=True)
+class Visits:
+    """One epoch's shard visits in order: arrays of (set, shard, samples) and each visit's first position."""
+
+    epoch: int
+    source: np.ndarray
+    shard: np.ndarray
+    count: np.ndarray
+    start: np.ndarray  # start[k] = position of visit k's first sample; start[-1] = N
+
+    @property
+    def samples(self) -> int:
+        return int(self.start[-1])
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(visit, sample within the visit's shard) of a position in the epoch's order."""
+        visit = int(np.searchsorted(self.start, position, side="right")) - 1
+        return visit, position - int(self.start[visit])
+
+
+class ShardMixture:
+    """One or several shard sets (each a split of a manifest) and their weights."""
+
+    def __init__(self, sets: list[WeightedSet]) -> None:
+        if not sets:
+            raise DataError("data.sources: no shard set given")
+        self.sets = tuple(sets)
+        self._visits: dict[tuple[int, int], Visits] = {}
+
+    @property
+    def labeled(self) -> bool:
+        return all(s.shards.labeled for s in self.sets)
+
+    @property
+    def num_classes(self) -> int:
+        return max(s.shards.num_classes for s in self.sets)
+
+    @cached_property
+    def expected_samples(self) -> int:
+        """Samples per epoch (exact for whole weights; the mean over epochs for fractional ones)."""
+        return round(sum(s.weight * s.shards.samples for s in self.sets))
+
+    def shares(self) -> list[tuple[str, float]]:
+        """Each set's share of an epoch's samples, for the log."""
+        total = sum(s.weight * s.shards.samples for s in self.sets)
+        return [(s.name or s.shards.location, s.weight * s.shards.samples / total) for s in self.sets]
+
+    def visits(self, seed: int, epoch: int) -> Visits:
+        key = (seed, epoch)
+        if key not in self._visits:
+            self._visits = {key: self._plan(seed, epoch)}  # one epoch at a time: 100,000 shards stay cheap
+        return self._visits[key]
+
+    def _plan(self, seed: int, epoch: int) -> Visits:
+        sources, shards = [], []
+        for number, entry in enumerate(self.sets):
+            count = len(entry.shards.samples_per_shard)
+            whole, fraction = divmod(entry.weight, 1.0)
+            picked = [np.arange(count)] * int(whole)
+            if fraction > 1e-9:
+                rng = np.random.default_rng(stream_seed("fraction", seed, epoch, number))
+                picked.append(np.sort(rng.permutation(count)[: round(fraction * count)]))
+            chosen = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+            sources.append(np.full(len(chosen), number, dtype=np.int32))
+            shards.append(chosen.astype(np.int64))
+        source, shard = np.concatenate(sources), np.concatenate(shards)
+        order = np.random.default_rng(stream_seed("epoch", seed, epoch)).permutation(len(source))
+        source, shard = source[order], shard[order]
+        per_set = [np.asarray(s.shards.samples_per_shard, dtype=np.int64) for s in self.sets]
+        count = np.array([per_set[s][j] for s, j in zip(source, shard, strict=True)], dtype=np.int64) \
+            if len(self.sets) > 1 else per_set[0][shard]
+        return Visits(epoch, source, shard, count, np.concatenate([[0], np.cumsum(count)]))
+
+    def in_order(self) -> Visits:
+        """Every shard of a single set once, in manifest order: what evaluation reads."""
+        if len(self.sets) != 1:
+            raise DataError("evaluation reads one shard set, not a mixture")
+        count = np.asarray(self.sets[0].shards.samples_per_shard, dtype=np.int64)
+        return Visits(0, np.zeros(len(count), dtype=np.int32), np.arange(len(count)), count,
+                      np.concatenate([[0], np.cumsum(count)]))
+
+
+Interval = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Epoch `epoch`'s positions still to read (`intervals`, in order) split over `world` ranks in runs of
+    `batches` micro-batches of `micro` samples each."""
+
+    epoch: int
+    intervals: tuple[Interval, ...]
+    world: int
+    micro: int
+
+    @classmethod
+    def whole_epoch(cls, epoch: int, samples: int, world: int, micro: int) -> Layout:
+        return cls(epoch, ((0, samples),), world, micro)
+
+    @property
+    def length(self) -> int:
+        return sum(b - a for a, b in self.intervals)
+
+    @property
+    def batches(self) -> int:
+        """Micro-batches per rank: every rank gets the same number, the remainder (< world x micro) is left out."""
+        return self.length // (self.world * self.micro)
+
+    def rank_intervals(self, rank: int, first: int = 0, stop: int | None = None) -> list[Interval]:
+        """Epoch positions of rank's samples first..stop-1 (offsets into its run), in order."""
+        run = self.batches * self.micro
+        stop = run if stop is None else stop
+        return self._slice(rank * run + first, rank * run + stop)
+
+    def _slice(self, lo: int, hi: int) -> list[Interval]:
+        """Offsets lo..hi-1 of the concatenated intervals, as epoch positions."""
+        out, offset = [], 0
+        for a, b in self.intervals:
+            length = b - a
+            s, e = max(lo - offset, 0), min(hi - offset, length)
+            if s < e:
+                out.append((a + s, a + e))
+            offset += length
+            if offset >= hi:
+                break
+        return out
+
+    def remaining(self, consumed_batches: int, window: int) -> tuple[Interval, ...]:
+        """What a resume on another world size still has to read of this epoch: each rank's run from the start
+        of the window it was in, and the remainder this layout left out."""
+        run = self.batches * self.micro
+        out: list[Interval] = []
+        read = min(consumed_batches * self.micro, run)
+        restart = read - read % window if window > 0 else read
+        for rank in range(self.world):
+            out += self._slice(rank * run + restart, (rank + 1) * run)
+        out += self._slice(self.world * run, self.length)
+        return _merged(out)
+
+    def repeated_on_relayout(self, consumed_batches: int, window: int) -> int:
+        """Samples `remaining` hands out a second time: the consumed part of each rank's current window."""
+        read = min(consumed_batches * self.micro, self.batches * self.micro)
+        return self.world * (read % window if window > 0 else 0)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "intervals": [list(i) for i in self.intervals], "world": self.world,
+                "micro": self.micro}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Layout:
+        return cls(int(state["epoch"]), tuple((int(a), int(b)) for a, b in state["intervals"]), int(state["world"]),
+                   int(state["micro"]))
+
+
+def _merged(intervals: list[Interval]) -> tuple[Interval, ...]:
+    out: list[Interval] = []
+    for a, b in intervals:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        elif b > a:
+            out.append((a, b))
+    return tuple(out)
+
+
+def training_mixture(shards: str, split: str, sources: list[tuple[str, float, str | None]]) -> ShardMixture:
+    """`data.sources` as (location, weight, split or None) when given, else the one set at `shards`."""
+    from mixmae_scale.data.manifest import load_split
+
+    if not sources:
+        return ShardMixture([WeightedSet(load_split(shards, split), 1.0, str(shards))])
+    return ShardMixture([WeightedSet(load_split(location, own_split or split), weight, str(location))
+                         for location, weight, own_split in sources])

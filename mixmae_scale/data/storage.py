@@ -1,0 +1,263 @@
+"""Where shard files live: a local folder or an S3-protocol object store, behind one small interface.
+
+Object stores bill and throttle per request (S3 documents 5,500 GETs/s per prefix), so every read here
+is one request for a whole object or one byte range, streamed: a training rank reads a shard segment
+with one GET instead of one per member (DALI's own S3 reader made about 2.3 per sample). Endpoint and
+credentials come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE,
+...), which boto3 reads itself. Every failure becomes a `StorageError` that names the URL and what to set.
+
+`REQUESTS` counts the requests this process made, so benchmarks and tests can report requests per sample.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mixmae_scale.atomic_file import replacing
+from mixmae_scale.data.errors import DataError
+
+S3_PREFIX = "s3://"
+REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST", "DELETE" -> requests this process sent
+_CLIENTS: dict[int, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+class StorageError(DataError):
+    """A file or object that cannot be read or written; the message names it and the way out."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    name: str  # relative to the listed prefix, with '/' separators
+    size: int
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith(S3_PREFIX)
+
+
+def join(base: str | Path, name: str) -> str:
+    """`name` under `base` (a folder or an s3:// prefix); an absolute path or URL in `name` stands alone."""
+    if is_remote(name) or os.path.isabs(name):
+        return name
+    if is_remote(base):
+        return str(base).rstrip("/") + "/" + name
+    return str(Path(base) / name)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/key/part' -> ('bucket', 'key/part')."""
+    rest = url[len(S3_PREFIX):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{url}: not an s3://bucket/key URL")
+    return bucket, key
+
+
+def _client():
+    """One boto3 client per process (clients are thread-safe, but not to be shared across a fork)."""
+    pid = os.getpid()
+    with _CLIENTS_LOCK:
+        if pid not in _CLIENTS:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+            client.meta.events.register("before-send.s3", _count_request)
+            _CLIENTS[pid] = client
+        return _CLIENTS[pid]
+
+
+def _count_request(request, **_) -> None:
+    method = request.method
+    if method == "GET" and "list-type=" in request.url:
+        method = "LIST"
+    REQUESTS[method] += 1
+
+
+def _explain(exc: Exception, url: str, action: str) -> StorageError:
+    """One line for what boto3 raised: which URL, what went wrong, what to set."""
+    from botocore import exceptions as bx
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS's default"
+    if isinstance(exc, bx.NoCredentialsError):
+        why = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        why = f"cannot reach the endpoint {endpoint}: check AWS_ENDPOINT_URL and the network"
+    elif isinstance(exc, bx.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            why = f"the bucket does not exist at {endpoint} (AWS_ENDPOINT_URL)"
+        elif code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            why = "no such object"
+        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden") \
+                or status == 403:
+            why = (f"the store refused the credentials ({code or status}): check AWS_ACCESS_KEY_ID, "
+                   "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions")
+        else:
+            why = f"{code or status}: {exc}"
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    return StorageError(f"{url}: {action} failed: {why}")
+
+
+def _s3_call(url: str, action: str, call):
+    from botocore import exceptions as bx
+
+    try:
+        return call()
+    except (bx.BotoCoreError, bx.ClientError) as exc:
+        raise _explain(exc, url, action) from exc
+
+
+def exists(url: str | Path) -> bool:
+    if not is_remote(url):
+        return Path(url).exists()
+    from botocore import exceptions as bx
+
+    bucket, key = split_url(str(url))
+    try:
+        _client().head_object(Bucket=bucket, Key=key)
+        return True
+    except bx.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return False
+        raise _explain(exc, str(url), "HEAD") from exc
+    except bx.BotoCoreError as exc:
+        raise _explain(exc, str(url), "HEAD") from exc
+
+
+def read_bytes(url: str | Path) -> bytes:
+    if not is_remote(url):
+        try:
+            return Path(url).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{Path(url).resolve()}: no such file") from None
+        except OSError as exc:
+            raise StorageError(f"{Path(url).resolve()}: {exc.strerror or exc}") from exc
+    bucket, key = split_url(str(url))
+    body = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key)["Body"])
+    return _s3_call(str(url), "GET", body.read)
+
+
+def read_text(url: str | Path) -> str:
+    return read_bytes(url).decode()
+
+
+def open_range(url: str | Path, start: int, end: int) -> BinaryIO:
+    """Bytes [start, end) as a stream: one ranged GET on S3, a seek on a local file. The caller closes it."""
+    if end <= start:
+        raise ValueError(f"empty range {start}-{end} of {url}")
+    if not is_remote(url):
+        try:
+            handle = open(url, "rb")  # noqa: SIM115 - handed to the caller, who closes it
+        except FileNotFoundError:
+            raise StorageError(f"{Path(url).resolve()}: no such file") from None
+        total = os.fstat(handle.fileno()).st_size
+        handle.seek(start)
+        return _Limited(handle, end - start, total)
+    bucket, key = split_url(str(url))
+    response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key,
+                                                                      Range=f"bytes={start}-{end - 1}"))
+    content_range = response.get("ContentRange") or ""
+    total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and content_range[-1] != "*" else None
+    return _Limited(response["Body"], end - start, total)
+
+
+class _Limited:
+    """A read-only stream of exactly `length` bytes from `raw` (a file positioned at the start, or an HTTP body);
+    `total` is the whole file's size where the store says it (a check that the file is the one indexed)."""
+
+    def __init__(self, raw, length: int, total: int | None = None) -> None:
+        self.raw, self.left, self.total = raw, length, total
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.raw.read(size)
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> _Limited:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
+    """Every file under a folder or s3:// prefix (recursively) whose name ends with `suffix`, sorted by name."""
+    if not is_remote(prefix):
+        root = Path(prefix)
+        if not root.is_dir():
+            raise StorageError(f"{root.resolve()}: no such folder")
+        return sorted((StoredFile(p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob(f"*{suffix}")
+                       if p.is_file()), key=lambda f: f.name)
+    bucket, key = split_url(str(prefix))
+    key = key.rstrip("/") + "/" if key else ""
+    found: list[StoredFile] = []
+    for page in _s3_call(str(prefix), "LIST",
+                         lambda: list(_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key))):
+        for item in page.get("Contents", []):
+            name = item["Key"][len(key):]
+            if name.endswith(suffix) and name:
+                found.append(StoredFile(name, int(item["Size"])))
+    return sorted(found, key=lambda f: f.name)
+
+
+def upload(local: str | Path, url: str | Path) -> None:
+    """Put a finished local file at `url`: multipart for big files on S3; temp + rename locally."""
+    if not is_remote(url):
+        target = Path(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(local, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(target)
+        return
+    bucket, key = split_url(str(url))
+    _s3_call(str(url), "PUT", lambda: _client().upload_file(str(local), bucket, key))
+
+
+def write_bytes(url: str | Path, data: bytes) -> None:
+    """Put a small file (an index, a record, a manifest): one PUT on S3; temp + rename locally, so that a
+    reader never sees half of it."""
+    if not is_remote(url):
+        target = Path(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(target) as tmp:
+            tmp.write_bytes(data)
+        return
+    bucket, key = split_url(str(url))
+    _s3_call(str(url), "PUT", lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
+
+
+def write_text(url: str | Path, text: str) -> None:
+    write_bytes(url, text.encode())
+
+
+def delete(url: str | Path) -> None:
+    """Remove a file or object; one that is already gone is not an error."""
+    if not is_remote(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    bucket, key = split_url(str(url))
+    _s3_call(str(url), "DELETE", lambda: _client().delete_object(Bucket=bucket, Key=key))
+
+
+def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := stream.read(size):
+        yield chunk

@@ -1,0 +1,49 @@
+"""The ceiling on rejections: a conversion or adoption that rejects more than a fraction of what it found
+exits non-zero with the counts, instead of handing training a set with a hole in it.
+
+The default, 1%, is far above what a healthy source gives: ImageNet-1k converts with no rejection (its
+CMYK and PNG files are converted, not rejected), and img2dataset writes only the images it could fetch.
+A source above it has a systematic problem (a file system that went away, files without permission, a
+layout the command misreads) that should be seen before training starts. Accepting the rejections costs
+nothing: finished shards are kept, so the same command with a higher --max-rejected only rewrites the
+manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+DEFAULT_MAX_REJECTED = 0.01
+
+
+class TooManyRejected(ValueError):
+    """More was rejected than --max-rejected allows; the message gives the counts and the way out."""
+
+
+def _kind(reason: str) -> str:
+    """The start of a reason without its specifics (names, numbers), to group the reasons in one line."""
+    head = reason.split(":", 1)[0].split(" (", 1)[0]
+    head = re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'...'", head))
+    return head if len(head) <= 60 else head[:57] + "..."
+
+
+def reason_counts(reasons: list[str], top: int = 3) -> str:
+    counts = Counter(_kind(r) for r in reasons).most_common()
+    shown = ", ".join(f"{n} x '{kind}'" for kind, n in counts[:top])
+    return shown + (f" and {len(counts) - top} other reason(s)" if len(counts) > top else "")
+
+
+def check_rejections(what: str, found: int, reasons: list[str], max_rejected: float, rejections_file: str,
+                     unit: str = "files") -> None:
+    """Raises TooManyRejected when len(reasons) / found exceeds `max_rejected` (or nothing was found)."""
+    rejected = len(reasons)
+    if found and rejected / found <= max_rejected:
+        return
+    share = f"{100 * rejected / found:.1f}%" if found else "all"
+    suggest = min(1.0, round(rejected / found + 0.005, 2)) if found else 1.0
+    raise TooManyRejected(
+        f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
+        + (f": {reason_counts(reasons)}" if reasons else "") + f"; each with its reason in {rejections_file}. "
+        "Fix the source and run the same command again (finished shards are kept), or accept them with "
+        f"--max-rejected {suggest:g}")

@@ -1,0 +1,263 @@
+"""Adopting WebDataset shards written by other tools: webdataset's own ShardWriter, img2dataset's layout
+(with a truncated tar and bad samples), from and into the loopback S3 server, resumed after an
+interruption. Indexes are checked against DALI's own wds2idx."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mixmae_scale.cli import main
+from mixmae_scale.data import storage
+from mixmae_scale.data.manifest import load_split
+from mixmae_scale.shards import adopt as adopt_module
+from mixmae_scale.shards.adopt import AdoptOptions, adopt
+from mixmae_scale.shards.verify import verify
+
+FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "JPG": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def image_bytes(ext: str, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format=FORMATS[ext])
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar with exactly these members in this order (for layouts no writer library would make)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def wds2idx(tar: Path, tmp: Path) -> list[str]:
+    """DALI's own index of a tar, as lines (its tool indexes every sample it finds, good or bad)."""
+    from wds2idx import IndexCreator
+
+    out = tmp / f"{tar.stem}.dali.idx"
+    with IndexCreator(str(tar), str(out), verbose=False) as creator:
+        creator.create_index()
+    return out.read_text().splitlines()
+
+
+def index_lines(out: str | Path, name: str) -> list[str]:
+    return storage.read_text(storage.join(str(out), name)).splitlines()
+
+
+@pytest.fixture(scope="session")
+def wds_sets(tmp_path_factory):
+    """`shardwriter/`: 12 labeled samples in 3 tars written by webdataset's ShardWriter, every image
+    extension, keys with folder paths, classes mixed across shards. `img2dataset/`: img2dataset's layout
+    (9-digit keys, .jpg/.txt/.json, a .parquet and _stats.json beside each tar): 00000.tar good,
+    00001.tar with one bad sample of each kind, 00002.tar cut inside its last sample."""
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("wds")
+    (root / "shardwriter").mkdir()
+    exts = ["jpg", "jpeg", "png", "webp", "JPG"]
+    with wds.ShardWriter(str(root / "shardwriter" / "shard-%06d.tar"), maxcount=4, verbose=0) as sink:
+        for i in range(12):
+            ext = exts[i % len(exts)]
+            sink.write({"__key__": f"n0{i % 3}/img_{i:04d}", ext: image_bytes(ext, (20 * i, 0, 0)), "cls": i % 3})
+    i2d = root / "img2dataset"
+    i2d.mkdir()
+    for shard in range(3):
+        (i2d / f"{shard:05d}.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+        (i2d / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 4, "successes": 4}))
+    jpg, txt, meta = image_bytes("jpg"), b"a caption", b'{"url": "http://example.com/x.jpg"}'
+    with wds.TarWriter(str(i2d / "00000.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"{i:09d}", "jpg": jpg, "txt": txt, "json": meta})
+    write_tar(i2d / "00001.tar", [
+        ("000010000.txt", txt), ("000010000.json", meta),  # no image
+        ("000010001.jpg", jpg), ("000010001.png", image_bytes("png")),  # two images
+        ("000010002.jpg", b"\xff\xd8 these are not JPEG bytes"), ("000010002.txt", txt),  # only --decode sees it
+        ("000010003.jpg", jpg), ("000010003.txt", txt),  # good
+        ("._000010003.jpg", b"macOS resource fork"),  # hidden: belongs to no sample
+        ("000010004.jpg", jpg),  # its key comes back after another sample
+        ("000010005.jpg", jpg), ("000010005.txt", txt),  # good
+        ("000010004.txt", txt),
+        ("../000010006.jpg", jpg),  # unsafe
+    ])
+    with wds.TarWriter(str(i2d / "00002.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"{20000 + i:09d}", "jpg": image_bytes("jpg", (0, 9 * i, 0)), "txt": txt})
+    whole = (i2d / "00002.tar").read_bytes()
+    cut_at = whole.rindex(b"000020003.jpg") + 512 + 100  # inside the last sample's image data
+    (i2d / "00002.tar").write_bytes(whole[:cut_at])
+    return root
+
+
+def test_shardwriter_set_is_indexed_exactly_like_dalis_wds2idx(wds_sets, tmp_path):
+    out = tmp_path / "adopted"
+    manifest = adopt(wds_sets / "shardwriter", out, AdoptOptions(workers=2, decode=True))
+    split = manifest["splits"]["train"]
+    assert (split["found"], split["samples"], split["rejected"], split["labeled"]) == (12, 12, 0, True)
+    assert manifest["version"] == 2 and manifest["base"] == str((wds_sets / "shardwriter").resolve())
+    assert [c["index"] for c in json.loads((out / "classes.json").read_text())] == [0, 1, 2]
+    assert not manifest["warnings"]
+    for entry in split["shards"]:
+        tar = wds_sets / "shardwriter" / entry["name"]
+        assert entry["index"] == f"train/{tar.stem}.idx" and entry["bytes"] == tar.stat().st_size
+        assert index_lines(out, entry["index"]) == wds2idx(tar, tmp_path)
+        assert entry["samples"] == 4
+    shards = load_split(out, "train")
+    assert shards.samples == 12 and shards.labeled and shards.num_classes == 3
+    assert shards.tars[0] == str((wds_sets / "shardwriter" / "shard-000000.tar").resolve())
+    # Keys keep their folders; the image is whichever of jpg/jpeg/png/webp (any case) the sample has.
+    first = index_lines(out, "train/shard-000000.idx")[1].split(" ")
+    assert first[3] == "n00/img_0000.cls" and first[7] == "n00/img_0000.jpg"
+    report = verify(out, decode=True)
+    assert report["ok"], report["errors"]
+    assert report["splits"]["train"] == {"samples": 12, "shards": 3, "decoded": 12}
+
+
+def test_img2dataset_layout_every_bad_sample_has_its_reason_and_counts_reconcile(wds_sets, tmp_path):
+    out = tmp_path / "adopted"
+    manifest = adopt(wds_sets / "img2dataset", out, AdoptOptions(max_rejected=0.5))
+    split = manifest["splits"]["train"]
+    # 00000: 4 good. 00001: 8 samples, 3 usable without decoding. 00002: 3 complete before the cut, 1 cut.
+    assert (split["found"], split["samples"], split["rejected"]) == (16, 10, 6)
+    assert split["members"] == 12 + 14 + 7 and split["ignored_members"] == 1
+    assert not split["labeled"] and manifest["classes"] == [] and not (out / "classes.json").exists()
+    assert split["ignored_files"] == {".parquet": 3, ".json": 3}
+    lines = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    reasons = {(r["shard"], r.get("key") or r.get("member")): r.get("reason") or r["problem"] for r in lines}
+    assert "no image member" in reasons["00001.tar", "000010000"]
+    assert "2 images (jpg, png)" in reasons["00001.tar", "000010001"]
+    assert "appears 2 times apart" in reasons["00001.tar", "000010004"]
+    assert "unsafe member name '../000010006.jpg'" in reasons["00001.tar", "../000010006"]
+    assert "hidden file" in reasons["00001.tar", "._000010003.jpg"]
+    assert "the tar is cut" in reasons["00002.tar", "000020003"] and "00002.tar" in {r["shard"] for r in lines
+                                                                                        if "problem" in r}
+    assert sum(1 for r in lines if "key" in r) == split["rejected"]
+    # The indexed samples are exactly DALI's own index of those samples.
+    for entry in split["shards"]:
+        ours = index_lines(out, entry["index"])
+        keys = {line.split(" ")[3].split(".")[0] for line in ours[1:]}
+        dalis = [line for line in wds2idx(wds_sets / "img2dataset" / entry["name"], tmp_path)[1:]
+                 if line.split(" ")[3].split(".")[0] in keys]
+        assert ours[0] == f"v1.2 {entry['samples']}" and ours[1:] == dalis
+    assert [e["samples"] for e in split["shards"]] == [4, 3, 3]
+    report = verify(out)
+    assert report["ok"], report["errors"]
+    # With --decode the image that is not a JPEG is rejected too; a later verify --decode of the first
+    # adoption names it.
+    decoded = adopt(wds_sets / "img2dataset", tmp_path / "decoded", AdoptOptions(max_rejected=0.5, decode=True))
+    assert decoded["splits"]["train"]["samples"] == 9
+    errors = verify(out, decode=True)["errors"]
+    assert len(errors) == 1 and "000010002" in errors[0] and "does not decode" in errors[0]
+
+
+def test_too_many_rejections_exit_nonzero_and_accepting_them_redoes_nothing(wds_sets, tmp_path, capsys):
+    out = tmp_path / "adopted"
+    assert main(["shards", "adopt", str(wds_sets / "img2dataset"), "--out", str(out), "--workers", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "train: 6 of 16 samples (and unreadable tars) rejected (37.5%), above --max-rejected 0.01" in error
+    assert "--max-rejected 0.38" in error and not (out / "dataset.json").exists()
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 6 + 1 + 1  # samples, hidden file, cut tar
+    assert main(["shards", "adopt", str(wds_sets / "img2dataset"), "--out", str(out), "--max-rejected", "0.4"]) == 0
+    printed = capsys.readouterr().out
+    assert "(0 indexed now); samples found 16 = indexed 10 + rejected 6" in printed
+    assert (out / "dataset.json").exists()
+
+
+def test_an_interrupted_adoption_indexes_only_what_is_missing(wds_sets, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(wds_sets / "shardwriter", src)
+    out = tmp_path / "adopted"
+    real, calls, interruptions = adopt_module.index_shard, [], []
+
+    def interrupted(job):
+        calls.append(job.name)
+        if len(calls) == 2 and not interruptions:
+            interruptions.append(job.name)
+            raise KeyboardInterrupt  # the user's Ctrl-C while the second tar is read
+        return real(job)
+
+    monkeypatch.setattr(adopt_module, "index_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        adopt(src, out, AdoptOptions())
+    assert not (out / "dataset.json").exists()
+    calls.clear()
+    adopt(src, out, AdoptOptions())
+    assert calls == ["shard-000001.tar", "shard-000002.tar"]
+    # A tar that changed since it was indexed (here: grown by a zero block after its end) is indexed again.
+    with (src / "shard-000002.tar").open("ab") as handle:
+        handle.write(b"\0" * 512)
+    calls.clear()
+    manifest = adopt(src, out, AdoptOptions())
+    assert calls == ["shard-000002.tar"] and manifest["splits"]["train"]["samples"] == 12
+    fresh = adopt(src, tmp_path / "fresh", AdoptOptions())
+    assert manifest["splits"] == {**fresh["splits"], "train": {**fresh["splits"]["train"],
+                                                               "adopted_from": str(src.resolve())}}
+    for entry in manifest["splits"]["train"]["shards"]:
+        assert index_lines(out, entry["index"]) == index_lines(tmp_path / "fresh", entry["index"])
+
+
+def test_adoption_from_s3_into_s3_reads_each_tar_with_one_request(wds_sets, s3_bucket):
+    import boto3
+
+    client = boto3.client("s3")
+    for split, folder in (("train", "shardwriter"), ("val", "img2dataset")):
+        for path in sorted((wds_sets / folder).iterdir()):
+            client.upload_file(str(path), s3_bucket, f"data/{split}/{path.name}")
+    src, out = f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/sets/mine"
+    before = dict(storage.REQUESTS)
+    adopt(f"{src}/train", out, AdoptOptions())
+    gets = storage.REQUESTS["GET"] - before.get("GET", 0)
+    assert gets == 3, f"{gets} GETs to index 3 tars"
+    manifest = adopt(f"{src}/val/", out, AdoptOptions(split="val", max_rejected=0.5))
+    assert manifest["base"] == src  # moved up to the prefix both splits share
+    assert [s["name"] for s in manifest["splits"]["train"]["shards"]][0] == "train/shard-000000.tar"
+    assert [s["name"] for s in manifest["splits"]["val"]["shards"]][0] == "val/00000.tar"
+    assert manifest["splits"]["train"]["labeled"] and not manifest["splits"]["val"]["labeled"]
+    train, val = load_split(out, "train"), load_split(out, "val")
+    assert train.tars[1] == f"{src}/train/shard-000001.tar" and train.indexes[1] == f"{out}/train/shard-000001.idx"
+    assert (train.samples, val.samples) == (12, 10)
+    (error,) = verify(out, decode=True)["errors"]  # the image only decoding finds (adopted without --decode)
+    assert error == (f"{src}/val/00001.tar: sample 000010002 (line 2 of {out}/val/00001.idx): image does not "
+                     "decode: not a format Pillow can identify")
+    assert verify(out)["ok"]
+
+
+def test_a_set_sorted_by_class_is_warned_about(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "sorted").mkdir()
+    with wds.ShardWriter(str(tmp_path / "sorted" / "s-%03d.tar"), maxcount=3, verbose=0) as sink:
+        for i in range(9):
+            sink.write({"__key__": f"{i:04d}", "jpg": image_bytes("jpg"), "cls": i // 3})
+    manifest = adopt(tmp_path / "sorted", tmp_path / "out", AdoptOptions())
+    (warning,) = manifest["warnings"]
+    assert warning.startswith("train: 3 of 3 shards hold one class") and "sorted by class" in warning
+
+
+def test_a_tar_cut_at_a_member_boundary_or_with_a_damaged_header_is_caught_where_tarfile_stops_quietly(tmp_path):
+    from mixmae_scale.shards.tar_index import index_tar
+
+    write_tar(tmp_path / "t.tar", [(f"{key}.{ext}", image_bytes("jpg") if ext == "jpg" else b"1")
+                                   for key in ("a", "b", "c") for ext in ("jpg", "cls")])
+    whole = (tmp_path / "t.tar").read_bytes()
+    complete = index_tar(io.BytesIO(whole))
+    assert (complete.samples, complete.problem, complete.labels) == (3, "", [1, 1, 1])
+    end_of_members = whole.index(b"\0" * 1024, whole.index(b"c.cls") + 1024)  # c.cls's data is 1 byte + padding
+    cut = index_tar(io.BytesIO(whole[:end_of_members]))  # every member whole, the end marker gone
+    assert cut.keys == ["a", "b"] and cut.rejected[0]["key"] == "c"
+    assert "without the end-of-archive marker" in cut.rejected[0]["reason"]
+    damaged = bytearray(whole)
+    header_b = whole.index(b"b.jpg")
+    damaged[header_b:header_b + 100] = b"x" * 100  # tarfile ends its listing here without an error
+    found = index_tar(io.BytesIO(bytes(damaged)))
+    assert found.samples == 0 and found.problem == f"unreadable header at byte {header_b}: the rest of the tar " \
+                                                   "cannot be read"
+    assert found.rejected[0]["key"] == "a" and found.bytes_read == len(whole)

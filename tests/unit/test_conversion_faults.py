@@ -1,0 +1,181 @@
+"""Conversions that meet what real runs meet: a source folder that changed between a stop and a resume,
+transient I/O errors, more rejections than a run should accept, and an s3:// output resumed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mixmae_scale.cli import main
+from mixmae_scale.data import storage
+from mixmae_scale.data.manifest import load_split
+from mixmae_scale.shards import convert as convert_module
+from mixmae_scale.shards import transient, writer
+from mixmae_scale.shards.convert import ConvertOptions, convert
+from mixmae_scale.shards.sources import SourceError
+from mixmae_scale.shards.verify import verify
+
+
+def jpeg(path: Path, shade: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (shade % 256, 40, 90)).save(path, format="JPEG", quality=90)
+    return path
+
+
+def sources_in(out: Path) -> list[str]:
+    """The source file of every sample in the output's shards, repeats included."""
+    found = []
+    for tar_path in sorted(out.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            found += [json.loads(tar.extractfile(m).read())["source"] for m in tar if m.name.endswith(".json")]
+    return found
+
+
+def stop_after(monkeypatch, shards: int) -> None:
+    """The next conversion stops (as if killed) when it starts its shard number `shards` + 1."""
+    real, calls = convert_module.write_shard, []
+
+    def write_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > shards:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "write_shard", write_then_stop)
+
+
+def planned_shard(out: Path, rel: str) -> int:
+    import gzip
+
+    plan = json.loads(gzip.decompress((out / ".progress" / "plan-train.json.gz").read_bytes()))
+    return next(s["index"] for s in plan["shards"] if rel in [im[0] for im in s["images"]])
+
+
+OPTIONS = ConvertOptions(layout="folder", splits=("train",), samples_per_shard=5, shard_bytes=None, max_rejected=0.05)
+
+
+def test_a_resume_over_a_changed_source_writes_every_image_exactly_once(tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(40):
+        jpeg(src / f"img{i:03d}.jpg", i)
+    stop_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    written_before = set(sources_in(out))
+    assert len(written_before) == 15
+    vanished_written = sorted(written_before)[0]
+    vanished_pending = next(f"img{i:03d}.jpg" for i in range(40) if planned_shard(out, f"img{i:03d}.jpg") >= 3)
+    (src / vanished_written).unlink()
+    (src / vanished_pending).unlink()
+    jpeg(src / "new.jpg", 7)
+    manifest = convert(src, out, OPTIONS)
+    samples = sources_in(out)
+    assert len(samples) == len(set(samples)), "an image was written twice"
+    expected = {f"img{i:03d}.jpg" for i in range(40)} - {vanished_pending} | {"new.jpg"}
+    assert set(samples) == expected
+    split = manifest["splits"]["train"]
+    assert (split["found"], split["samples"], split["rejected"]) == (41, 40, 1)
+    assert split["source_changes"] == {"vanished": 2, "appeared": 1}
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["source"], "No such file" in r["reason"]) for r in rejected] == [(vanished_pending, True)]
+    message = capsys.readouterr().err
+    assert "the source changed since this conversion began: 2 planned file(s) vanished" in message
+    assert "1 new file(s) (first: new.jpg) go to 1 extra shard(s) after the planned ones (train-000008)" in message
+    assert verify(out)["ok"]
+
+
+def test_class_folders_that_changed_mid_conversion_are_refused(tmp_path, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for cls in ("cats", "dogs"):
+        for i in range(5):
+            jpeg(src / cls / f"{i}.jpg", i)
+    stop_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    jpeg(src / "ants" / "0.jpg")  # sorts first: every label would shift by one
+    with pytest.raises(SourceError, match=r"class folders changed since this conversion began \(added: \['ants'\]"):
+        convert(src, out, OPTIONS)
+
+
+def test_transient_read_errors_are_retried_and_a_rerun_retries_what_still_failed(tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(10):
+        jpeg(src / f"{i}.jpg", i)
+    monkeypatch.setattr(transient, "BACKOFF_S", (0.0, 0.0, 0.0))
+    real, failures = writer.read_source_file, {"1.jpg": 2, "2.jpg": 99, "3.jpg": 1}
+
+    def flaky(path):  # an NFS server failing over: EIO, ESTALE, a timeout, then the file reads
+        name = Path(path).name
+        if failures.get(name, 0) > 0:
+            failures[name] -= 1
+            raise [OSError(errno.EIO, "Input/output error", path), OSError(errno.ESTALE, "Stale file handle", path),
+                   TimeoutError(errno.ETIMEDOUT, "Connection timed out", path)][failures[name] % 3]
+        return real(path)
+
+    monkeypatch.setattr(writer, "read_source_file", flaky)
+    options = ConvertOptions(layout="folder", splits=("train",), samples_per_shard=5, shard_bytes=None,
+                             max_rejected=0.1)
+    manifest = convert(src, out, options)
+    split = manifest["splits"]["train"]
+    assert (split["samples"], split["rejected"], split["transient"]) == (9, 1, 1)  # 1.jpg and 3.jpg recovered
+    (line,) = (out / "rejected.jsonl").read_text().splitlines()
+    assert json.loads(line)["source"] == "2.jpg" and json.loads(line)["transient"] is True
+    # The file server is back: the next run writes again the one shard that holds a transient rejection.
+    failures.clear()
+    manifest = convert(src, out, options)
+    assert (manifest["splits"]["train"]["samples"], manifest["splits"]["train"]["rejected"]) == (10, 0)
+    assert "1 shard(s) to write, 1 done earlier" in capsys.readouterr().err
+    assert (out / "rejected.jsonl").read_text() == "" and sorted(sources_in(out)) == [f"{i}.jpg" for i in range(10)]
+
+
+def test_a_conversion_above_max_rejected_exits_nonzero_with_the_counts(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(3):
+        jpeg(src / f"{i}.jpg", i)
+    for i in range(2):
+        (src / f"empty{i}.jpg").write_bytes(b"")
+    command = ["shards", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert "train: 2 of 5 files rejected (40.0%), above --max-rejected 0.01: 2 x 'zero-byte file'" in error
+    assert "or accept them with --max-rejected 0.41" in error and not (out / "dataset.json").exists()
+    assert main([*command, "--max-rejected", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "0 shard(s) to write, 1 done earlier" in captured.err
+    assert "train: found 5 = written 3 + rejected 2" in captured.out
+
+
+def test_conversion_to_s3_uploads_shard_by_shard_and_a_rerun_skips_uploaded_ones(tmp_path, s3_bucket, monkeypatch):
+    src = tmp_path / "src"
+    for cls in ("n01", "n02"):
+        for i in range(4):
+            jpeg(src / "train" / cls / f"{cls}_{i}.JPEG", i)
+        jpeg(src / "val" / cls / f"{cls}_val.JPEG")
+    url, staging = f"s3://{s3_bucket}/imagenet-wds", tmp_path / "staging"
+    options = ConvertOptions(layout="imagenet", samples_per_shard=3, shard_bytes=None, staging=str(staging))
+    stop_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, url, options)
+    monkeypatch.undo()
+    uploaded = {f.name for f in storage.list_files(url)}
+    assert {"train-000000.tar", "train-000000.idx", ".progress/train-000000.json", "train-000001.tar"} <= uploaded
+    assert "train-000002.tar" not in uploaded and "dataset.json" not in uploaded
+    assert not list(staging.glob("*.tar")), "a finished shard stays in the staging folder"
+    real, written = convert_module.write_shard, []
+    monkeypatch.setattr(convert_module, "write_shard", lambda plan, *a: written.append(plan.name) or real(plan, *a))
+    manifest = convert(src, url, options)
+    assert written == ["train-000002", "val-000000"]
+    assert not staging.exists()
+    local = convert(src, tmp_path / "local", options)
+    assert manifest["splits"] == local["splits"]  # the same bytes, checksums and counts as a local conversion
+    assert load_split(url, "train").tars[0] == f"{url}/train-000000.tar"
+    report = verify(url, decode=True)
+    assert report["ok"], report["errors"]
+    assert report["splits"]["train"] == {"samples": 8, "shards": 3, "decoded": 8}
