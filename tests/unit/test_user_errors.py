@@ -111,7 +111,7 @@ def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkey
     (["config", "show", "--profile", "tiny", "--cluster", "c.yaml"], "cluster file 'c.yaml' does not exist (tried "
                                                                      "{cwd}/c.yaml)"),
     (["runs", "plot", "run"], "{cwd}/run: not found (is run a run folder?)"),
-    (["shards", "verify", "shards"], "{cwd}/shards/dataset.json: not found; is shards a shard folder"),
+    (["shards", "verify", "shards"], "shard folder {cwd}/shards does not exist"),
     (["shards", "folder", "--src", "images", "--out", "out"], "--src images: not found (tried {cwd}/images)"),
     (["scaling", "report", "--out", "sweep"], "{cwd}/sweep/results.jsonl: not found, no results yet"),
     (["export", "run", "--out", "x.safetensors"], "run folder run: not found (tried {cwd}/run)"),
