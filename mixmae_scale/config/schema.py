@@ -135,6 +135,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint tag folder
     at_end: bool = True  # also save when the run ends (benchmarks turn it off)
+    # After a resume on another world size or precision (through DeepSpeed's universal checkpoint), save the loaded
+    # state at once in the new layout (tag step...-relayout): the next restart on this layout loads it directly.
+    save_after_layout_change: bool = False
 
 
 @dataclass

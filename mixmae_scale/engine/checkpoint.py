@@ -9,7 +9,8 @@ new one. On resume the sizes in the marker are checked, so a file cut short afte
 copy gone wrong) makes the run fall back to the previous checkpoint instead of failing in torch.load.
 
 Tags sort by name: `step00000400` < `step00000400-nonfinite` (a stop after non-finite steps, whose state
-is that of the step's start) < `step00000401`.
+is that of the step's start) < `step00000400-relayout` (the same state saved again in a new layout after a
+resume on another world size) < `step00000401`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MARKER = "COMPLETE"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"  # DeepSpeed's universal form of a tag, made when a run resumes on another layout
 NONFINITE = "-nonfinite"
+RELAYOUT = "-relayout"  # saved right after a resume across a layout change (checkpoint.save_after_layout_change)
 
 
 class ResumeError(RuntimeError):
@@ -43,7 +45,8 @@ def step_of(tag: str) -> int:
 
 
 def is_regular(tag: str) -> bool:
-    return len(tag) == 12 and tag.startswith("step")
+    """A checkpoint of trained state at its step (not a non-finite stop's)."""
+    return NONFINITE not in tag
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:

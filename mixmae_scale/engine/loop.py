@@ -180,6 +180,8 @@ class TrainingLoop:
         self.stopped_by_signal = False
         if ctx.resume is not None:
             self._resume(ctx.resume)
+            if ctx.resume.universal and self.config.checkpoint.save_after_layout_change:
+                self.last_saved = self.save(self.step, kind=ckpt.RELAYOUT)
 
     @property
     def device(self) -> torch.device:

@@ -48,8 +48,9 @@ def test_a_non_finite_stop_resumes_past_the_bad_data_and_a_damaged_checkpoint_fa
     gradients (the update is not applied and the step is redone), micro-batches 9-11 NaN losses in a row: past
     faults.nonfinite_skip_limit=2 the run stops at step 7 with a checkpoint under a new tag. Run again with the same
     faults injected, it rolls back to step 6's regular checkpoint, skips the 4 micro-batches x 2 ranks x 8 samples
-    read since (the bad batches are never read again) and finishes. Then the newest checkpoint is cut short: the next resume falls back
-    to the previous one with a warning, and a half-written (`.partial`) folder left by a crash is never read."""
+    read since (the bad batches are never read again) and finishes. Then the newest checkpoint is cut short: the next
+    resume falls back to the previous one with a warning, and a half-written (`.partial`) folder left by a crash is
+    never read."""
     run = tmp_path / "faults"
     stale = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_0"  # a killed run's leftover
     stale.write_bytes(b"\0" * 4096)

@@ -27,9 +27,9 @@ PORTS = Ports()
 
 
 def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None = None, check: bool = True,
-           background: bool = False):
+           background: bool = False, ranks: int = 2, env: dict[str, str] | None = None):
     port = next(PORTS)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run_dir),
            "--set", f"data.shards={shards}", "--set", "batch.micro=8", "--set", "batch.global_batch=16",
            "--set", "logging.every_steps=1",
@@ -39,7 +39,7 @@ def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None =
         cmd += ["--set", item]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

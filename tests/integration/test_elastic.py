@@ -1,0 +1,108 @@
+"""A run continues on another number of ranks or another precision: 2 -> 1 -> 2 CPU ranks (gloo) through the real
+launcher at ZeRO-2 and at ZeRO-3 with the optimizer offloaded, and bf16 -> fp32, against an uninterrupted run at
+the same global batch of 16 (micro-batch 8 on 2 ranks, 8 x 2 accumulated on one)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import NATIVE_BF16, launch, losses
+
+pytestmark = pytest.mark.slow
+COMMON = ("precision.dtype=fp32", "checkpoint.every_steps=4", "optim.base_learning_rate=0.02")
+
+
+def launch_on(ranks: int, run: Path, shards: Path, *overrides: str, max_steps: int, env: dict | None = None):
+    return launch(run, shards, *overrides, max_steps=max_steps, ranks=ranks, env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards, tmp_path_factory):
+    """12 steps on 2 ranks, ZeRO-2, checkpoints at 4, 8 and 12."""
+    run = tmp_path_factory.mktemp("elastic") / "uninterrupted"
+    launch_on(2, run, demo_shards, *COMMON, "zero.stage=2", max_steps=12)
+    return run
+
+
+def mean_loss(run: Path, steps: range) -> float:
+    curve = losses(run)
+    return sum(curve[s] for s in steps) / len(steps)
+
+
+def universal_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 master weights and Adam moments in DeepSpeed's universal form (one file each)."""
+    return {str(path.relative_to(folder)): torch.load(path, weights_only=False)["param"]
+            for path in sorted((folder / "zero").glob("*/*.pt")) if path.stem in ("fp32", "exp_avg", "exp_avg_sq")}
+
+
+def assert_carried_over_exactly(checkpoints: Path, step: int) -> None:
+    """The state the resumed run holds (saved at once in its layout: `-relayout`) is the interrupted run's, bit for
+    bit: both put in DeepSpeed's universal form, which does not depend on the layout."""
+    from mixmae_scale.engine.elastic import convert_to_universal
+
+    before = universal_tensors(checkpoints / f"step{step:08d}.universal")
+    after = universal_tensors(convert_to_universal(checkpoints, f"step{step:08d}-relayout"))
+    assert len(before) >= 3 * 30 and before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+
+
+def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_path):
+    run = tmp_path / "zero2"
+    shutil.copytree(uninterrupted, run)
+    for later in ("step00000008", "step00000012"):
+        shutil.rmtree(run / "checkpoints" / later)  # as if the run had been stopped after step 4
+    one = launch_on(1, run, demo_shards, *COMMON, "zero.stage=2", "checkpoint.save_after_layout_change=true",
+                    max_steps=8)
+    text = one.stdout + one.stderr
+    assert "across a change of layout (world size 2 -> 1)" in text and "resumed from" in text, text[-3000:]
+    assert "epoch 0 continues on 1 rank(s) x 8 (was 2 x 8)" in text
+    config = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    assert (config["derived"]["micro_batch"], config["derived"]["accumulation"]) == (8, 2)
+    assert_carried_over_exactly(run / "checkpoints", 4)
+    assert mean_loss(run, range(5, 9)) == pytest.approx(mean_loss(uninterrupted, range(5, 9)), rel=0.03)
+    two = launch_on(2, run, demo_shards, *COMMON, "zero.stage=2", max_steps=12)
+    assert "across a change of layout (world size 1 -> 2)" in two.stdout + two.stderr
+    assert sorted(losses(run)) == list(range(1, 13))
+    assert mean_loss(run, range(9, 13)) == pytest.approx(mean_loss(uninterrupted, range(9, 13)), rel=0.03)
+    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
+    assert ours["steps"] == theirs["steps"] == 12
+    assert ours["heldout_loss_end"] == pytest.approx(theirs["heldout_loss_end"], rel=0.03)
+
+
+def test_zero3_with_offload_resumes_on_one_rank_then_on_two_without(uninterrupted, demo_shards, tmp_path):
+    """ZeRO-3 with the optimizer in host memory (DeepSpeed's CPU Adam) on 2 ranks, resumed on 1 with offload, then on
+    2 without: each resume is a change of layout, the last one of offload as well."""
+    run = tmp_path / "zero3"
+    offload = ("zero.stage=3", "zero.offload_optimizer=true")
+    launch_on(2, run, demo_shards, *COMMON, *offload, max_steps=4)
+    one = launch_on(1, run, demo_shards, *COMMON, *offload, max_steps=8)
+    assert "across a change of layout (world size 2 -> 1)" in one.stdout + one.stderr
+    two = launch_on(2, run, demo_shards, *COMMON, "zero.stage=3", max_steps=12)
+    text = two.stdout + two.stderr
+    assert "world size 1 -> 2, offload True -> False" in text, text[-3000:]
+    assert sorted(losses(run)) == list(range(1, 13))
+    for steps in (range(5, 9), range(9, 13)):
+        assert mean_loss(run, steps) == pytest.approx(mean_loss(uninterrupted, steps), rel=0.03), steps
+    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
+    assert ours["heldout_loss_end"] == pytest.approx(theirs["heldout_loss_end"], rel=0.03)
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="needs a CPU with native bf16 to write the bf16 checkpoint in time")
+def test_a_bf16_run_resumes_in_fp32_on_a_cpu_without_native_bf16(demo_shards, tmp_path):
+    """precision.dtype=auto chose bf16 here; the same run folder resumed where oneDNN is limited to AVX2 (what a CPU
+    without AVX-512 has) chooses fp32, and the fp32 master weights and moments carry over."""
+    run = tmp_path / "bf16"
+    launch_on(2, run, demo_shards, "precision.dtype=auto", "checkpoint.every_steps=2", max_steps=2)
+    assert json.loads((run / "summary.json").read_text())["dtype"] == "bf16"
+    resumed = launch_on(2, run, demo_shards, "precision.dtype=auto", "checkpoint.every_steps=2", max_steps=4,
+                        env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    text = resumed.stdout + resumed.stderr
+    assert "across a change of layout (dtype bf16 -> fp32" in text, text[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dtype"] == "fp32" and summary["steps"] == 4
+    assert all(v == v for v in losses(run).values())
