@@ -84,13 +84,16 @@ def test_probe_visualize_and_export_mistakes_are_one_line(weights, demo_shards, 
     assert f"{tmp_path / 'run' / 'best'}: no complete best checkpoint; only fine-tuning runs keep one" in line
 
 
-def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkeypatch):
+def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkeypatch, tmp_path):
     """Ranks of one job (same launcher, same rendezvous) share one report; a bug keeps its traceback."""
+    import tempfile
+
     from free_port import free_port
 
     from mixmae_scale.cli.failure_report import report_failure
     from mixmae_scale.config import ConfigError
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the markers go here, not into /tmp
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     report_failure(0, ConfigError("batch.micro=3: must be even"))
@@ -104,6 +107,7 @@ def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkey
         report_failure(1, exc)
     err = capfd.readouterr().err
     assert err.startswith("mixmae: rank 1 failed:\nTraceback (most recent call last):") and "KeyError" in err
+    assert len(list(tmp_path.glob("mixmae-failed-*"))) == 2  # one marker per job
 
 
 @pytest.mark.parametrize("args, expected", [
