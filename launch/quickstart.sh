@@ -44,4 +44,10 @@ echo "  $RUN/metrics.csv   loss, lr, grad norm, images/s, memory per logged step
 echo "  $RUN/summary.json  held-out reconstruction loss at step 0 and at the end, throughput, memory"
 echo "  $RUN/checkpoints/  DeepSpeed checkpoints (resume: run this command again after a stop)"
 echo "  $RUN/encoder.safetensors  the pretrained encoder, loadable without DeepSpeed"
-echo "next: fine-tune it with  .venv/bin/deepspeed ${RANKS[*]} --module mixmae_scale.cli finetune --profile finetune_tiny"
+# The next step as one line that can be pasted anywhere as printed: its folder, its environment (DS_ACCELERATOR on a
+# CPU), its port, and this demo's data and encoder.
+NEXT=$(printf '%q ' .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli \
+  finetune --profile finetune_tiny --set "data.shards=$DEMO/shards" "finetune.init=$RUN/encoder.safetensors")
+if [ -n "${DS_ACCELERATOR:-}" ]; then NEXT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $NEXT"; fi
+echo "next: fine-tune it with"
+echo "  cd $(printf %q "$PWD") && ${NEXT% }"

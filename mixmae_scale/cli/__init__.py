@@ -25,6 +25,18 @@ GROUPS = (config_command, model_commands, job_commands, cluster_commands, encode
           scaling_commands, shard_commands)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in `--help`, except where there is nothing to show (flags, unset options) or the
+    help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmae", description="MixMAE pretraining at cluster scale.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment wins.
@@ -32,7 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)
+    for each in all_parsers(parser):
+        each.formatter_class = HelpFormatter
     return parser
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser and every subcommand's parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += all_parsers(child)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,20 +12,24 @@ from mixmae_scale.cli.arguments import add_set_arg
 def _launch(args: argparse.Namespace) -> int:
     import os
 
-    from mixmae_scale.cluster.compose import batch_report, compose
-    from mixmae_scale.config import load_resolved
+    from mixmae_scale.cluster.compose import batch_report, compose, train_samples_for
+    from mixmae_scale.config import load_config, resolve
 
-    resolved = load_resolved(args.profile, args.cluster, args.overrides)
+    config, sources = load_config(args.profile, args.cluster, args.overrides)
+    samples, samples_from = train_samples_for(config)  # the run counts the manifest: so does this arithmetic
+    resolved = resolve(config, sources, train_samples=samples)
     job = args.job or resolved.job()
     print(f"job: {job}" + ("" if args.job else " (from the profile: finetune.init is "
                                                f"{'set' if job == 'finetune' else 'not set'}; --job overrides)"))
     plan = compose(resolved, args.profile, args.cluster, args.overrides, job=job, check_files=not args.dry_run)
-    for line in batch_report(resolved):
+    for line in batch_report(resolved, samples, samples_from):
         print(line)
     if plan.env_file:
         print(f"environment for every rank ({plan.env_file}):\n" + "".join(f"  {line}\n" for line in
                                                                           plan.env_text.splitlines()), end="")
     print("command:\n  " + plan.shell())
+    for note in plan.notes:
+        print(f"note: {note}")
     if args.dry_run:
         return 0
     if plan.env_file:
@@ -42,6 +46,9 @@ def _plan(args: argparse.Namespace) -> int:
     from mixmae_scale.cluster.plan import measure_activations, options, plan, planning_dtype
     from mixmae_scale.config import load_resolved
 
+    # The launch's own batch arithmetic first: a GPU count that `mixmae launch` refuses is refused here too,
+    # with the same message (the nearest global batches and GPU counts that work).
+    load_resolved(args.profile, args.cluster, args.overrides, world_size=args.gpus)
     overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
     resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
@@ -83,7 +90,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
-    launch.add_argument("profile")
+    launch.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     add_set_arg(launch)
     launch.add_argument("--job", choices=["pretrain", "finetune"],
@@ -92,14 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.set_defaults(handler=_launch)
 
     planner = sub.add_parser("plan", help="per-GPU memory of a profile by component; largest micro-batch")
-    planner.add_argument("profile")
+    planner.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
     planner.add_argument("--gpus", type=int, required=True, help="world size (ZeRO partitions over it)")
-    planner.add_argument("--gpu-mem-gb", type=float, default=80.0)
-    planner.add_argument("--cluster")
+    planner.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GB (1e9 bytes)")
+    planner.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(planner)
     planner.add_argument("--job", choices=["pretrain", "finetune"],
                          help="default: finetune if the profile sets finetune.init, else pretrain")
-    planner.add_argument("--json", action="store_true")
+    planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
     planner.add_argument("--recommend", action="store_true",
                          help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")
     planner.add_argument("--headroom", type=float, default=0.25, help="fraction of GPU memory kept free (--recommend)")

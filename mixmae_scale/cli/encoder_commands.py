@@ -9,7 +9,7 @@ import json
 def _export(args: argparse.Namespace) -> int:
     from mixmae_scale.engine.export import export_run
 
-    print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder), indent=2))
+    print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder, best=args.best), indent=2))
     return 0
 
 
@@ -17,10 +17,12 @@ def _probe(args: argparse.Namespace) -> int:
     import dataclasses
 
     from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.finetune.evaluate import require_folder
     from mixmae_scale.finetune.pretrained import load_encoder
     from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe
 
-    state, arch = load_encoder(args.init)
+    require_folder(args.data, "--data")
+    state, arch = load_encoder(args.init, "--init")
     num_classes = load_split(args.data, "train").num_classes
     if not args.baseline:
         result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
@@ -48,9 +50,12 @@ def _probe(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="a run's encoder (or encoder+decoder) as one safetensors file")
-    export.add_argument("run_dir")
-    export.add_argument("--out", required=True)
-    export.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    export.add_argument("run_dir", help="run folder (or its checkpoints/ or best/ folder, or one checkpoint's folder)")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--tag", help="checkpoint tag, e.g. step00000405 (default: the latest complete one)")
+    choice.add_argument("--best", action="store_true", help="the best fine-tuning checkpoint (RUN/best/): encoder "
+                        "+ head")
     export.add_argument("--with-decoder", action="store_true", help="keep the decoder (for visualisation)")
     export.set_defaults(handler=_export)
 
@@ -60,9 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--baseline", action="store_true",
                        help="compare with randomly initialised encoders of the same shape (mean and spread)")
     probe.add_argument("--baseline-seeds", type=int, default=3, help="random initialisations to compare with")
-    probe.add_argument("--loader", choices=["dali", "torch"], default="dali")
-    probe.add_argument("--batch", type=int, default=64)
-    probe.add_argument("--threads", type=int, default=2)
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--json", action="store_true")
+    probe.add_argument("--loader", choices=["dali", "torch"], default="dali",
+                       help="data loader (torch: the PyTorch fallback)")
+    probe.add_argument("--batch", type=int, default=64, help="images per batch when extracting features")
+    probe.add_argument("--threads", type=int, default=2, help="decoding threads")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
+    probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
     probe.set_defaults(handler=_probe)

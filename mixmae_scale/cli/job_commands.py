@@ -13,22 +13,46 @@ from mixmae_scale.cli.arguments import add_profile_args
 def _distributed_job(args: argparse.Namespace, job) -> int:
     """Environment and shutdown shared by the jobs that run under a launcher (or alone)."""
     import logging
-    import socket
 
     from mixmae_scale.cluster.slurm_ranks import ranks_from_slurm
-    from mixmae_scale.engine import distributed
 
     slurm = ranks_from_slurm(os.environ)
     if slurm:  # one srun task per GPU (launch/slurm/pretrain_srun.sbatch): Slurm is the launcher
         os.environ.update(slurm)
-    if "RANK" not in os.environ:  # started without a launcher: a world of one
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    alone = "RANK" not in os.environ  # started without a launcher: a world of one, set up here and undone after
+    saved_env = {key: os.environ.get(key) for key in WORLD_OF_ONE}
+    if alone:
+        os.environ.update(WORLD_OF_ONE, MASTER_PORT=str(_free_port()))
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run_rank(args, job, rank, alone)
+    finally:
+        if alone:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+WORLD_OF_ONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
+    import logging
+
+    from mixmae_scale.cli.failure_report import report_failure, write_stderr
+    from mixmae_scale.engine import distributed
     from mixmae_scale.engine.loop import NonFiniteLossError, RunAlreadyComplete
 
     if int(os.environ.get("LOCAL_RANK", args.local_rank)) == 0:
@@ -36,63 +60,32 @@ def _distributed_job(args: argparse.Namespace, job) -> int:
         if removed:
             logging.getLogger("mixmae").warning("removed %d DeepSpeed shared-memory buffer(s) a killed run left in "
                                                 "/dev/shm: %s", len(removed), ", ".join(removed))
-
+    rendezvous = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     try:
         code = job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
     except RunAlreadyComplete as exc:  # every rank knows it from the broadcast resume plan; nothing was written
         if rank == 0:
             print(f"mixmae: {exc}")
-        distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+        distributed.shutdown(*rendezvous)
         return 0
     except NonFiniteLossError as exc:  # every rank stops here together, after a collective checkpoint
         if rank == 0:
-            print(f"mixmae: error: {exc}", file=sys.stderr)
-        distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+            write_stderr(f"mixmae: error: {exc}\n")
+        distributed.shutdown(*rendezvous)
         return 3
     except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
-        _report_failure(rank, exc)
-        distributed.remove_shm_buffer(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+        report_failure(rank, exc, alone)
+        if alone:  # no peers to wait for: an orderly end, and the caller gets the exit code
+            distributed.shutdown(*rendezvous)
+            return 1
+        distributed.remove_shm_buffer(*rendezvous, rank)
         # No orderly shutdown: its barrier would wait for ranks that are themselves waiting for this one. Exiting
-        # at once makes the launcher stop the others (they see a closed connection, reported in one line).
+        # at once makes the launcher stop the others (they see a closed connection and stay silent).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    distributed.shutdown(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+    distributed.shutdown(*rendezvous)
     return code
-
-
-def _report_failure(rank: int, exc: Exception) -> None:
-    """The failing rank's traceback, once; a rank that fails only because a peer died says so in one line;
-    an out-of-memory error gets the ways out."""
-    import traceback
-
-    from mixmae_scale.config import ConfigError
-    from mixmae_scale.data.manifest import DataError
-    from mixmae_scale.engine.checkpoint import ResumeError
-
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, ConfigError | DataError | ResumeError | FileNotFoundError):  # the message says what to do
-        print(f"mixmae: error (rank {rank}): {text}", file=sys.stderr)
-        return
-    if _peer_failure(exc):
-        print(f"mixmae: rank {rank} stopped: another rank failed ({type(exc).__name__}: {text}); its traceback "
-              "is above", file=sys.stderr)
-        return
-    print(f"mixmae: rank {rank} failed:", file=sys.stderr)
-    traceback.print_exception(exc, file=sys.stderr)
-    if "out of memory" in str(exc).lower():
-        print("mixmae: out of memory. Size the run with `mixmae plan PROFILE --gpus N --recommend`; lower "
-              "batch.micro (the global batch is kept by accumulation), turn on activation checkpointing "
-              "(model.checkpoint_every=1) or shard more (zero.stage=3)", file=sys.stderr)
-
-
-def _peer_failure(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
-    text = str(exc)
-    return isinstance(exc, kinds) or any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
-                                                             "NCCL communicator was aborted", "Broken pipe"))
 
 
 def _train_job(args: argparse.Namespace, kind: str) -> int:
@@ -112,9 +105,14 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
             message = (f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
                        f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
         else:
+            from mixmae_scale.finetune.pretrained import load_encoder
+
+            # Before the fine-tuning stack (timm) is imported: a wrong finetune.init is said within seconds.
+            pretrained = load_encoder(config.finetune.init) if config.finetune.init else None
             from mixmae_scale.finetune.train import finetune
 
-            summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank)
+            summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
+                               pretrained=pretrained)
             last = summary["last"] or {"top1": float("nan")}
             message = (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
                        f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
@@ -137,11 +135,12 @@ def _finetune(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     def job(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
-        from mixmae_scale.finetune.evaluate import evaluate_weights
+        from mixmae_scale.finetune.evaluate import evaluate_classifier, load_classifier
 
+        model = load_classifier(args.init, args.data, args.split, args.img_size)  # mistakes found before the group
         _, world, device = distributed.init(local_rank)
-        result = evaluate_weights(args.init, args.data, args.split, rank, world, device, args.loader, args.batch,
-                                  args.threads, args.img_size)
+        result = evaluate_classifier(model, args.init, args.data, args.split, rank, world, device, args.loader,
+                                     args.batch, args.threads)
         if rank == 0:
             print(json.dumps(result, indent=2))
         return 0
@@ -161,10 +160,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
                             "an official fine-tuned .pth")
-    evaluation.add_argument("--data", required=True)
-    evaluation.add_argument("--split", default="val")
-    evaluation.add_argument("--img-size", type=int, help="default: the weights' own")
-    evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali")
-    evaluation.add_argument("--batch", type=int, default=64)
-    evaluation.add_argument("--threads", type=int, default=2)
+    evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels")
+    evaluation.add_argument("--split", default="val", help="split of the shard folder to evaluate")
+    evaluation.add_argument("--img-size", type=int, help="evaluation resolution (default: the weights' own)")
+    evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali",
+                            help="data loader (torch: the PyTorch fallback)")
+    evaluation.add_argument("--batch", type=int, default=64, help="images per rank and batch (a smaller split is "
+                            "evaluated in smaller batches)")
+    evaluation.add_argument("--threads", type=int, default=2, help="decoding threads per rank")
     evaluation.set_defaults(handler=_eval)

@@ -41,11 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="model sizes, parameter and FLOP counts, official checkpoints")
     model_sub = model.add_subparsers(dest="action", metavar="ACTION", required=True)
     info = model_sub.add_parser("info", help="parameter counts and analytic GFLOPs of a size")
-    info.add_argument("--size", default="base", choices=["tiny", "base", "large", "huge", "custom"])
-    info.add_argument("--img-size", type=int)
+    info.add_argument("--size", default="base", choices=["tiny", "base", "large", "huge", "custom"],
+                      help="model size (custom: set model.* with --set)")
+    info.add_argument("--img-size", type=int, help="input resolution (default: the size's own)")
     info.add_argument("--num-classes", type=int, default=1000, help="classifier head for the count")
     add_set_arg(info)
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(handler=_model_info)
     convert = model_sub.add_parser("convert-official",
                                    help="convert an official MixMIM checkpoint to safetensors")

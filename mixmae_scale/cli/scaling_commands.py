@@ -11,12 +11,9 @@ def _scaling(args: argparse.Namespace) -> int:
 
     from mixmae_scale.scaling.spec import expand, load_spec
 
-    out = Path(args.out)
     if args.scaling_command == "plan":
-        from mixmae_scale.data.manifest import load_split
-
         spec = load_spec(args.spec)
-        runs = expand(spec, load_split(spec.shards, "train").samples)
+        runs = expand(spec, spec.train_samples_for_plan(args.train_samples))
         print(f"{'run':<30}{'N':>12}{'steps':>8}{'D (images)':>12}{'C (FLOPs)':>12}{'budget':>10}")
         for run in runs:
             budget = f"{run.budget:.3g}" if run.budget else "-"
@@ -25,6 +22,7 @@ def _scaling(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total; learning rate: "
               f"{spec.learning_rate.describe(None)}")
         return 0
+    out = Path(args.out)
     if args.scaling_command == "run":
         from mixmae_scale.scaling.run import run_sweep
 
@@ -52,14 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                          ("report", "fit, then write figures and a Markdown report")):
         p = scaling_sub.add_parser(action, help=text)
         if action in ("plan", "run"):
-            p.add_argument("spec", help="sweep spec YAML")
-        p.add_argument("--out", default="runs/scaling", help="sweep folder (results.jsonl, runs/, report/)")
+            p.add_argument("spec", help="sweep spec YAML (its relative paths are relative to it)")
+        if action == "plan":
+            p.add_argument("--train-samples", type=int, help="the training split's size, to plan without the shards "
+                           "(default: their manifest's count, else the spec's train_samples)")
+        else:
+            p.add_argument("--out", default="runs/scaling", help="sweep folder (results.jsonl, runs/, report/)")
         if action == "run":
             p.add_argument("--emit-commands", help="write one `mixmae launch` line per run (with its world size) "
                            "instead of running")
             p.add_argument("--parallel", type=int, default=1, help="runs at a time here, the cores shared out")
         if action in ("fit", "report"):
-            p.add_argument("--bootstrap", type=int, default=200)
+            p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 5-95%% intervals")
         if action == "report":
-            p.add_argument("--report-dir")
+            p.add_argument("--report-dir", help="where report.md and the figures go (default: OUT/report)")
         p.set_defaults(handler=_scaling)

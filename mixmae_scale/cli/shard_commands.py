@@ -13,8 +13,12 @@ from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 def _shards_convert(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.convert import ConvertOptions, convert, parse_size, summary_lines
 
+    val_fraction = getattr(args, "val_fraction", 0.0)
+    splits = tuple(s for s in args.split.split(",") if s)
+    if val_fraction and args.split == "train":  # the default for folders: --val-fraction adds the val split
+        splits = ("train", "val")
     options = ConvertOptions(
-        layout=args.shards_command, splits=tuple(s for s in args.split.split(",") if s), seed=args.seed,
+        layout=args.shards_command, splits=splits, seed=args.seed, val_fraction=val_fraction,
         samples_per_shard=args.samples_per_shard,
         shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
         quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers,
@@ -70,7 +74,7 @@ def _shards_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images = out / "images"
     counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed)
-    print(f"demo images: {counts} under {images}")
+    print(f"demo images under {images}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
     options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
                              samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
     manifest = convert(images, out / "shards", options)
@@ -86,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for layout, text in (("imagenet", "an ILSVRC2012 tree (train/<wnid>/, val/ by folder or flat + labels)"),
                          ("folder", "class-per-subfolder images, or a flat folder of unlabeled images")):
         p = shards_sub.add_parser(layout, help=f"convert {text}")
-        p.add_argument("--src", required=True)
+        p.add_argument("--src", required=True, help="the source folder")
         p.add_argument("--out", required=True, help="folder, or s3://bucket/prefix (shards are staged locally and "
                        "uploaded one by one)")
         p.add_argument("--split", default="train,val" if layout == "imagenet" else "train",
@@ -102,12 +106,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-megapixels", type=float, default=40.0,
                        help="images above this many pixels are downscaled to it (or rejected: --oversize reject); "
                        "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
-        p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale")
+        p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale",
+                       help="what to do with images above --max-megapixels")
         p.add_argument("--max-rejected", type=float, default=DEFAULT_MAX_REJECTED,
                        help="exit non-zero when more than this fraction of a split's files is rejected (default: "
                        "%(default)s); a rerun with a higher value redoes nothing")
         p.add_argument("--staging", help="with --out s3://...: the local folder where each shard is written before "
                        "it is uploaded and deleted (default: one under the system's temporary folder)")
+        if layout == "folder":
+            p.add_argument("--val-fraction", type=float, default=0.0,
+                           help="hold out this share of each class as the 'val' split (drawn with --seed), e.g. 0.1; "
+                           "finetune, eval and probe need one")
         p.set_defaults(handler=_shards_convert)
     adopt = shards_sub.add_parser("adopt", help="index existing WebDataset .tar shards (a folder or s3:// prefix) "
                                   "for training, without rewriting them")
@@ -123,13 +132,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify = shards_sub.add_parser("verify", help="check a shard set (folder, adopted or s3://) against its manifest")
     verify.add_argument("folder", help="the shard set: a folder or an s3:// prefix holding dataset.json")
     verify.add_argument("--decode", action="store_true", help="decode every image too")
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=_shards_verify)
     demo = shards_sub.add_parser("demo", help="build the built-in demo dataset and its shards")
-    demo.add_argument("--out", default="demo_data")
-    demo.add_argument("--train-per-class", type=int, default=260)
-    demo.add_argument("--val-per-class", type=int, default=50)
-    demo.add_argument("--samples-per-shard", type=int, default=256)
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo_data", help="folder for images/ and shards/")
+    demo.add_argument("--train-per-class", type=int, default=260, help="training images per class (10 classes)")
+    demo.add_argument("--val-per-class", type=int, default=50, help="validation images per class")
+    demo.add_argument("--samples-per-shard", type=int, default=256, help="images per shard")
+    demo.add_argument("--workers", type=int, default=2, help="processes writing shards")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the drawings and the shuffle")
     demo.set_defaults(handler=_shards_demo)

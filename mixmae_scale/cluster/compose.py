@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixmae_scale.config import ResolvedConfig
 from mixmae_scale.config.load import ConfigError
+from mixmae_scale.config.schema import Config
 
 ENV_FILE = ".deepspeed_env"
 
@@ -23,29 +24,52 @@ class LaunchPlan:
     command: list[str]
     env_file: Path | None
     env_text: str
+    notes: list[str] = field(default_factory=list)  # what a dry run found that the real launch would refuse
 
     def shell(self) -> str:
         return shlex.join(self.command)
 
 
+def hostfile_nodes(path: Path) -> list[str]:
+    """Host names of an MPI-style hostfile (`worker-0 slots=8`), comments and blank lines skipped."""
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.lstrip()
+            .startswith("#")]
+
+
 def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, overrides: list[str],
             job: str = "pretrain", workdir: Path = Path("."), check_files: bool = True) -> LaunchPlan:
-    """`check_files=False` (dry runs) composes even where the hostfile is not written yet."""
+    """The command as it must run. One node needs no hostfile and no remote launcher: the command is the
+    plain local form, which runs as printed. Several nodes need the hostfile; `check_files=False` (a dry run)
+    reports a hostfile that is missing here in `notes` instead of refusing, since it is often written by the
+    scheduler at job start."""
     c = resolved.config.cluster
     if c.include and c.exclude:
         raise ConfigError("cluster.include and cluster.exclude are mutually exclusive (a deepspeed launcher rule)")
     launcher = [str(Path(sys.executable).parent / "deepspeed")]
-    if c.launcher != "local":
-        if check_files and not c.hostfile:
-            raise ConfigError(f"cluster.launcher={c.launcher!r} needs cluster.hostfile (see launch/hostfile.example)")
-        if check_files and not Path(c.hostfile).exists():
-            raise ConfigError(f"cluster.hostfile {c.hostfile} does not exist")
-        launcher += ["--hostfile", c.hostfile or "<cluster.hostfile>", "--launcher", c.launcher,
-                     "--num_nodes", str(c.num_nodes)]
-        if c.include:
-            launcher += ["--include", c.include]
-        if c.exclude:
-            launcher += ["--exclude", c.exclude]
+    notes: list[str] = []
+    if c.num_nodes > 1 and c.launcher != "local":
+        if not c.hostfile:
+            raise ConfigError(f"cluster.num_nodes={c.num_nodes} needs cluster.hostfile, one line per node like "
+                              f"'worker-0 slots={c.gpus_per_node}' (see launch/hostfile.example); or set "
+                              "cluster.num_nodes=1 to run on this node")
+        hostfile = Path(c.hostfile)
+        if not hostfile.exists():
+            problem = f"cluster.hostfile {c.hostfile} does not exist (tried {hostfile.absolute()})"
+            if check_files:
+                raise ConfigError(f"{problem}; write it (one line per node, see launch/hostfile.example) or fix "
+                                  "the path")
+            notes.append(f"{problem}: the launch will stop unless it exists by then")
+        elif len(hostfile_nodes(hostfile)) < c.num_nodes:
+            problem = (f"cluster.hostfile {hostfile.absolute()} lists {len(hostfile_nodes(hostfile))} node(s), "
+                       f"cluster.num_nodes is {c.num_nodes}")
+            if check_files:
+                raise ConfigError(f"{problem}; add the nodes or lower cluster.num_nodes")
+            notes.append(problem)
+        launcher += ["--hostfile", c.hostfile, "--launcher", c.launcher, "--num_nodes", str(c.num_nodes)]
+    if c.include:
+        launcher += ["--include", c.include]
+    if c.exclude:
+        launcher += ["--exclude", c.exclude]
     launcher += ["--num_gpus", str(c.gpus_per_node), "--master_port", str(c.master_port)]
     if c.master_addr:
         launcher += ["--master_addr", c.master_addr]
@@ -55,17 +79,35 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     for item in overrides:
         args += ["--set", item]
     env_text = "".join(f"{k}={v}\n" for k, v in sorted(c.env.items()))
-    return LaunchPlan(launcher + args, Path(workdir) / ENV_FILE if env_text else None, env_text)
+    return LaunchPlan(launcher + args, Path(workdir) / ENV_FILE if env_text else None, env_text, notes)
 
 
-def batch_report(resolved: ResolvedConfig) -> list[str]:
+def batch_report(resolved: ResolvedConfig, train_samples: int | None = None, samples_from: str | None = None
+                 ) -> list[str]:
+    """`train_samples`, `samples_from`: the training sample count the arithmetic used and where it came from
+    (the shards' manifest, which the run itself reads, or the profile's data.train_samples)."""
     d, c = resolved.derived, resolved.config.cluster
+    samples = train_samples if train_samples is not None else resolved.config.data.train_samples
     return [f"world size       {d.world_size} = {c.num_nodes} node(s) x {c.gpus_per_node} GPU(s)",
             f"micro batch      {d.micro_batch} per GPU",
             f"accumulation     {d.accumulation} step(s)",
             f"global batch     {d.global_batch} = {d.micro_batch} x {d.accumulation} x {d.world_size}",
             f"learning rate    {d.learning_rate:.3g} (base {resolved.config.optim.base_learning_rate:g} x "
             f"{d.global_batch}/256)",
-            f"steps per epoch  {d.steps_per_epoch} ({resolved.config.data.train_samples} samples)",
+            f"steps per epoch  {d.steps_per_epoch} ({samples} samples{', ' + samples_from if samples_from else ''})",
             f"total steps      {d.total_steps} ({resolved.config.schedule.epochs:g} epochs, "
             f"{d.warmup_steps} warm-up)"]
+
+
+def train_samples_for(config: Config) -> tuple[int | None, str]:
+    """The training sample count a run of `config` will use, and where it comes from: the run reads the
+    shards' manifest, so the launch arithmetic does too when the shards are here; otherwise the profile's
+    data.train_samples stands in, and the caller says so."""
+    from mixmae_scale.data.manifest import DataError, load_split
+
+    manifest = Path(config.data.shards, "dataset.json").absolute()
+    try:
+        return load_split(config.data.shards, config.data.train_split).samples, f"counted in {manifest}"
+    except DataError:
+        return None, (f"data.train_samples: {manifest} is not here, so the run's own count may differ and "
+                      "with it the steps")

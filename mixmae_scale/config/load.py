@@ -36,7 +36,7 @@ def profile_path(name_or_path: str) -> Path:
     known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
     hint = difflib.get_close_matches(name_or_path, known, n=1)
     raise ConfigError(
-        f"profile '{name_or_path}' not found (looked for the file and for {candidate}); "
+        f"profile '{name_or_path}' not found (tried {path.absolute()} and {candidate}); "
         f"known profiles: {', '.join(known)}" + (f"; did you mean '{hint[0]}'?" if hint else "")
     )
 
@@ -96,7 +96,7 @@ def merge_sources(profile: str, cluster: str | None = None, overrides: list[str]
     if cluster:
         cluster_path = Path(cluster)
         if not cluster_path.exists():
-            raise ConfigError(f"cluster file '{cluster}' does not exist")
+            raise ConfigError(f"cluster file '{cluster}' does not exist (tried {cluster_path.absolute()})")
         merged = deep_merge(merged, read_yaml(cluster_path))
         sources.append(str(cluster_path))
     for text in overrides:

@@ -75,13 +75,12 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
             interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
             images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
             if spec.rand_augment is not None:
-                from nvidia.dali.auto_aug import rand_augment
+                from mixmae_scale.data.rand_augment import rand_augment
 
                 # timm's magnitude m of 0..10 is DALI's bin m of 11 (DALI's default of 31 bins made m=9 about
                 # a third of the intended strength); monotonic magnitudes are timm's "inc" op set.
                 ops, magnitude = spec.rand_augment
-                images = rand_augment.rand_augment(images, n=ops, m=magnitude, num_magnitude_bins=RAND_AUGMENT_LEVELS,
-                                                   monotonic_mag=True)
+                images = rand_augment(images, n=ops, m=magnitude, num_magnitude_bins=RAND_AUGMENT_LEVELS)
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=mean, std=std,
                                               mirror=flip)
         else:

@@ -3,7 +3,9 @@ seeds derived from (seed, rank, step, ...), the autocast context for the configu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import time
 from contextlib import nullcontext
@@ -18,7 +20,12 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    # DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every rank of
+    # every CPU job (an extension it loads, not one it built just now); anything else it says still gets out.
+    print("".join(line for line in said.getvalue().splitlines(keepends=True) if "built successfully" not in line),
+          end="")
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -1,43 +1,102 @@
 """Export of a run's weights to one safetensors file, loadable without DeepSpeed.
 
 ZeRO shards are gathered with DeepSpeed's zero_to_fp32; the architecture is read off the weights
-and stored in the file's metadata, so the fine-tune model can be built from the file alone.
+and stored in the file's metadata, so the fine-tune model can be built from the file alone. The run
+and step go into the metadata too, so that a picture or an evaluation made from the file can say
+where its weights came from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
-from mixmae_scale.engine.checkpoint import complete_tags
+import torch
+
+from mixmae_scale.engine.checkpoint import MARKER, complete_tags
 from mixmae_scale.models.convert_official import infer_architecture, save_weights
 
+BEST = "best"  # a fine-tuning run's best checkpoint (finetune/train.py) lives in RUN/best/
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, with_decoder: bool = False
-               ) -> dict[str, Any]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    tags = complete_tags(ckpt_dir)
+def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = False, option: str = "run folder"
+                    ) -> tuple[Path, str]:
+    """(checkpoint folder, tag) for what a user may name: a run folder (its latest complete checkpoint, or
+    `best=True` / `tag="best"` for the best fine-tuning one), the run's `checkpoints/` or `best/` folder, or
+    one checkpoint's folder. `option` is how the user named it, for the error message."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {source}: not found (tried {path.absolute()})")
+    if (path / MARKER).exists():  # one checkpoint, e.g. RUN/best/step00000405
+        if tag not in (None, path.name) or best:
+            raise FileNotFoundError(f"{option} {source} is one checkpoint ({path.name}); name the run folder to "
+                                    "choose another")
+        return path.parent, path.name
+    if best or tag == BEST:
+        folder, tag = path / BEST, None
+        if not complete_tags(folder):
+            raise FileNotFoundError(f"{folder.absolute()}: no complete best checkpoint; only fine-tuning runs keep "
+                                    "one (`mixmae finetune`, written at each evaluation that improves top-1)")
+    elif (path / "checkpoints").is_dir():
+        folder = path / "checkpoints"
+    elif complete_tags(path):  # RUN/checkpoints or RUN/best named directly
+        folder = path
+    else:
+        raise FileNotFoundError(f"{option} {source}: not a run folder: {(path / 'checkpoints').absolute()} does not "
+                                "exist (a run folder is what `mixmae pretrain` or `mixmae finetune` writes)")
+    tags = complete_tags(folder)
     if not tags:
-        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to export")
+        raise FileNotFoundError(f"{folder.absolute()}: no complete checkpoint (a step folder with {MARKER}); the run "
+                                "has not saved one yet")
     tag = tag or tags[-1]
     if tag not in tags:
-        raise FileNotFoundError(f"{ckpt_dir / tag}: not a complete checkpoint (complete: {', '.join(tags)})")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        raise FileNotFoundError(f"{(folder / tag).absolute()}: not a complete checkpoint (complete: {', '.join(tags)}"
+                                f"{'; --best exports the best fine-tuning one' if (path / BEST).is_dir() else ''})")
+    return folder, tag
+
+
+def gather_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of one checkpoint, ZeRO shards gathered. DeepSpeed's gatherer prints its progress
+    ("Detected checkpoint of type zero stage ...") with print() and a progress bar: internals that mean
+    nothing to someone exporting or evaluating, so they are kept out of this command's output."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+
+
+def step_of(tag: str) -> int | None:
+    digits = tag.removeprefix("step")
+    return int(digits) if digits.isdigit() else None
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, with_decoder: bool = False,
+               best: bool = False) -> dict[str, Any]:
+    folder, tag = find_checkpoint(run_dir, tag, best)
+    run_root = folder.parent
+    state = gather_weights(folder, tag)
     # A fine-tuning run's head always comes along: the file is then a complete classifier.
     keep = ("encoder.", "head.") + (("decoder.",) if with_decoder else ())
     weights = {k: v for k, v in state.items() if k.startswith(keep)}
     arch = infer_architecture(weights)
     if with_decoder:
-        arch["decoder_heads"] = _decoder_heads(Path(run_dir))
+        arch["decoder_heads"] = _decoder_heads(run_root)
     kind = "finetune" if "head.weight" in weights else "pretrain" if with_decoder else "encoder"
-    save_weights(out, weights, arch, kind)
-    return {"run": str(run_dir), "checkpoint": str(ckpt_dir / tag), "out": str(out), "kind": kind,
+    step = step_of(tag)
+    save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
+                                                       **({"step": str(step)} if step is not None else {})})
+    return {"run": str(run_dir), "checkpoint": str(folder / tag), "out": str(out), "kind": kind,
             "tensors": len(weights), "params": sum(v.numel() for v in weights.values()), "arch": arch}
 
 
 def _decoder_heads(run_dir: Path) -> int:
     import yaml
 
-    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["decoder_heads"])
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path.absolute()}: not found; --with-decoder reads the decoder's head count from "
+                                "the run's config.yaml")
+    return int(yaml.safe_load(path.read_text())["model"]["decoder_heads"])

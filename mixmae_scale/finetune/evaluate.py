@@ -6,6 +6,8 @@ the padding that makes the batch counts equal is masked out of the sums before t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -43,31 +45,70 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
             "loss": totals["loss"] / n}
 
 
-def evaluate_weights(source: str, shards: str, split: str, rank: int, world: int, device: torch.device,
-                     backend: str = "dali", batch: int = 64, threads: int = 2, img_size: int | None = None) -> dict:
-    """Evaluate classifier weights (with a head) from any source on this rank's share of a split."""
+def load_classifier(source: str, shards: str, split: str, img_size: int | None = None, option: str = "--init"
+                    ) -> torch.nn.Module:
+    """A classifier (encoder + head) from any weights source, checked against the split it is to be evaluated
+    on before any process group starts: a pretraining encoder (no head) or a head with another class count
+    than the shards' is a user's mistake, said in one line."""
     from dataclasses import replace
 
-    from mixmae_scale.data.loader import choose_decode_device
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.data.spec import PipelineSpec
     from mixmae_scale.finetune.pretrained import load_encoder
     from mixmae_scale.finetune.probe import shape_from_arch
     from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
+    from mixmae_scale.models.convert_official import WeightsError
 
-    state, arch = load_encoder(source)
+    require_folder(shards, "--data")
+    state, arch = load_encoder(source, option)
     if "head.weight" not in state:
-        raise ValueError(f"{source}: no classification head (head.weight); evaluate a fine-tuned model")
+        raise WeightsError(f"{option} {source}: a pretrained encoder without a classification head; `mixmae eval` "
+                           f"measures fine-tuned classifiers. Probe an encoder with `mixmae probe --init {source} "
+                           f"--data {shards}`, or fine-tune it first (`mixmae finetune`) and evaluate that")
+    head_classes = state["head.weight"].shape[0]
+    shard_classes = load_split(shards, split).num_classes
+    if head_classes != shard_classes:
+        raise WeightsError(f"{option} {source}: its head has {head_classes} classes, the shards in "
+                           f"{Path(shards).absolute()} have {shard_classes or 'no'} (classes.json); evaluate on "
+                           "shards of the classes it was fine-tuned on")
     shape = shape_from_arch(arch)
     if img_size:
         shape = replace(shape, img_size=img_size)
-    model = SwinClassifier(shape, state["head.weight"].shape[0], drop_path=0.0)
+    model = SwinClassifier(shape, head_classes, drop_path=0.0)
     report = load_pretrained_encoder(model, state)
-    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
     if report.missing:
-        raise ValueError(f"{source}: missing encoder weights {report.missing[:8]}")
-    spec = PipelineSpec(mode="eval", img_size=shape.img_size, batch_size=batch, shard_id=rank, num_shards=world,
-                        num_threads=threads, device_id=choose_decode_device("auto", device.index or 0))
-    loader = ShardLoader(shards, split, spec, backend, threads)
+        raise WeightsError(f"{option} {source}: missing encoder weights {report.missing[:8]}")
+    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    return model
+
+
+def require_folder(path: str | Path, option: str) -> None:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{option} {path}: not found (tried {Path(path).absolute()})")
+
+
+def eval_batch_size(requested: int, samples: int, world: int) -> int:
+    """The batch each rank evaluates with: the requested one, smaller when the split is, so that a split of
+    fewer than `requested` images per rank is still evaluated in full (the last batch is partial)."""
+    from mixmae_scale.data.manifest import DataError
+
+    if samples < world:
+        raise DataError(f"the split has {samples} image(s) for {world} ranks; evaluate it on {max(samples, 1)} "
+                         "rank(s) or fewer")
+    return max(1, min(requested, samples // world))
+
+
+def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split: str, rank: int, world: int,
+                        device: torch.device, backend: str = "dali", batch: int = 64, threads: int = 2) -> dict:
+    """Evaluate a classifier (from `load_classifier`) on this rank's share of a split."""
+    from mixmae_scale.data.loader import choose_decode_device
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.data.spec import PipelineSpec
+
     expected = load_split(shards, split).samples
-    return {"weights": str(source), "split": split, **evaluate(model.to(device), loader, device, "fp32", expected)}
+    batch = eval_batch_size(batch, expected, world)
+    spec = PipelineSpec(mode="eval", img_size=model.encoder.shape.img_size, batch_size=batch, shard_id=rank,
+                        num_shards=world, num_threads=threads,
+                        device_id=choose_decode_device("auto", device.index or 0))
+    loader = ShardLoader(shards, split, spec, backend, threads)
+    return {"weights": str(source), "split": split, "batch": batch,
+            **evaluate(model.to(device), loader, device, "fp32", expected)}

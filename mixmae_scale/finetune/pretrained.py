@@ -1,5 +1,10 @@
 """Encoder weights from wherever they come from: an exported .safetensors, one of our run folders
-(ZeRO shards gathered on the fly), or an official MixMIM .pth (mapped like `convert-official`)."""
+(ZeRO shards gathered on the fly), or an official MixMIM .pth (mapped like `convert-official`).
+
+Every command that takes weights names them differently (`finetune.init=` in a profile, `--init` for
+eval and probe, a positional SOURCE for visualize), so each caller passes the name the user typed and
+every error about the weights says it, with the absolute path that was tried.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +12,46 @@ from pathlib import Path
 
 import torch
 
-from mixmae_scale.models.convert_official import infer_architecture, load_weights, map_official_keys, read_official
+from mixmae_scale.models.convert_official import (
+    WeightsError,
+    infer_architecture,
+    load_weights,
+    map_official_keys,
+    read_official,
+)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def load_encoder_weights(source: str | Path) -> dict[str, torch.Tensor]:
+def _named(option: str, source: str | Path) -> str:
+    """How the user gave it: `finetune.init=x` for a config key, `--init x` for an option."""
+    return f"{option}={source}" if "." in option and not option.startswith("-") else f"{option} {source}"
+
+
+def load_encoder_weights(source: str | Path, option: str = "finetune.init") -> dict[str, torch.Tensor]:
     """Weights under our key names (`encoder.*`, maybe `decoder.*`, `head.*`)."""
     path = Path(source)
+    named = _named(option, source)
+    if not path.exists():
+        raise FileNotFoundError(f"{named}: not found (tried {path.absolute()})")
     if path.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from mixmae_scale.engine.export import find_checkpoint, gather_weights
 
-        from mixmae_scale.engine.checkpoint import complete_tags
-
-        tags = complete_tags(path / "checkpoints")
-        if not tags:
-            raise FileNotFoundError(f"{path}: not a run folder with a complete checkpoint (checkpoints/*/COMPLETE)")
-        return get_fp32_state_dict_from_zero_checkpoint(str(path / "checkpoints"), tag=tags[-1])
-    if path.suffix == ".safetensors":
-        return load_weights(path)[0]
-    if path.suffix in (".pth", ".pt", ".bin"):
+        return gather_weights(*find_checkpoint(path, option=option))
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise WeightsError(f"{named}: expected a .safetensors file (`mixmae export`), a run folder or an official "
+                           f"MixMIM .pth; {path.absolute()} is none of these")
+    try:
+        if path.suffix == ".safetensors":
+            return load_weights(path)[0]
         return map_official_keys(read_official(path))
-    raise ValueError(f"finetune.init={source!r}: expected a .safetensors file, a run folder or an official .pth")
+    except WeightsError as exc:
+        raise WeightsError(f"{named}: {exc}") from exc
 
 
-def load_encoder(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and the architecture read off them (image size, widths, depths, heads, windows)."""
-    state = load_encoder_weights(source)
+    state = load_encoder_weights(source, option)
     if "encoder.patch_embed.proj.weight" not in state:
-        raise ValueError(f"{source}: holds no encoder weights (no encoder.patch_embed.proj.weight)")
+        raise WeightsError(f"{_named(option, source)}: holds no encoder weights (no encoder.patch_embed.proj.weight)")
     return state, infer_architecture(state)

@@ -29,24 +29,27 @@ from mixmae_scale.engine.distributed import autocast, seed_for
 from mixmae_scale.engine.loop import Job, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.monitor import drop_rows_after
 from mixmae_scale.engine.optimizer import adamw
-from mixmae_scale.finetune.evaluate import evaluate
+from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import load_encoder
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
+from mixmae_scale.models.convert_official import WeightsError
 from mixmae_scale.models.mixmae import swin_shape
 
 log = logging.getLogger("mixmae.finetune")
 
 
-def build_classifier(config: Config, num_classes: int) -> SwinClassifier:
+def build_classifier(config: Config, num_classes: int,
+                     pretrained: tuple[dict[str, torch.Tensor], dict] | None = None) -> SwinClassifier:
+    """`pretrained`: `load_encoder(config.finetune.init)`, when the caller has loaded it already."""
     model = SwinClassifier(swin_shape(config.model), num_classes, drop_path=config.model.drop_path,
                            fused_attention=config.model.attention == "fused",
                            checkpoint_every=config.model.checkpoint_every)
     if config.finetune.init:
-        state, _ = load_encoder(config.finetune.init)
+        state, _ = pretrained or load_encoder(config.finetune.init)
         report = load_pretrained_encoder(model, state)
         if report.missing:
-            raise ValueError(f"finetune.init={config.finetune.init}: the encoder lacks {report.missing[:8]}")
+            raise WeightsError(f"finetune.init={config.finetune.init}: the encoder lacks {report.missing[:8]}")
         log.info("loaded %s (resized: %s; decoder tensors ignored: %d)", config.finetune.init,
                  report.resized or "none", report.ignored_decoder)
     return model
@@ -106,7 +109,11 @@ class FinetuneJob(Job):
 
 
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
-             local_rank: int = 0) -> dict[str, Any]:
+             local_rank: int = 0, pretrained: tuple[dict[str, torch.Tensor], dict] | None = None) -> dict[str, Any]:
+    """`pretrained`: `load_encoder(config.finetune.init)` if the caller loaded it already."""
+    # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
+    if pretrained is None and config.finetune.init:
+        pretrained = load_encoder(config.finetune.init)
     ctx = start_run(config, sources, run_dir, local_rank, max_steps)
     derived, ft = ctx.resolved.derived, config.finetune
     num_classes = ft.num_classes or ctx.train_data.num_classes
@@ -115,7 +122,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if not ctx.train_data.labeled:
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
                         "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
-    model = build_classifier(config, num_classes).to(ctx.device)
+    model = build_classifier(config, num_classes, pretrained).to(ctx.device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay, config.optim.exempt_tables_from_decay)
     optimizer = adamw([{k: v for k, v in g.items() if k != "names"} for g in groups], config.optim,
@@ -133,7 +140,10 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     loader = ShardLoader(ctx.train_data, config.data.train_split, train_spec, config.data.loader,
                          config.data.num_threads)
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
-    job = FinetuneJob(config, ctx.root, num_classes, PipelineSpec(mode="eval", **common), val_samples, ctx.device,
+    # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
+    val_spec = PipelineSpec(mode="eval", **{**common, "batch_size": eval_batch_size(config.batch.micro, val_samples,
+                                                                                      ctx.world)})
+    job = FinetuneJob(config, ctx.root, num_classes, val_spec, val_samples, ctx.device,
                       eval_every=max(1, round(ft.eval_every_epochs * derived.steps_per_epoch)))
     job.compiled_blocks = compile_model(model, ctx)
     loop = TrainingLoop(ctx, model, optimizer, loader, job)

@@ -26,6 +26,11 @@ RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_t
 OFFICIAL_DECODER_HEADS = 16  # not recoverable from the weights; the official decoder uses 16 heads
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be used as given (not weights, damaged, the wrong kind); the message names
+    the file and what would work."""
+
+
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -33,10 +38,10 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # unpickling refused or a corrupt file: say which file and why
-        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({exc})") from exc
+        raise WeightsError(f"{Path(path).absolute()}: not a loadable weights-only checkpoint ({exc})") from exc
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors under 'model'")
+        raise WeightsError(f"{Path(path).absolute()}: expected a dict of tensors under 'model'")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -54,8 +59,8 @@ def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) of the official checkpoint have no place in our model: "
-                         + ", ".join(sorted(unknown)))
+        raise WeightsError(f"{len(unknown)} key(s) of the official checkpoint have no place in our model: "
+                           + ", ".join(sorted(unknown)))
     return mapped
 
 
@@ -117,20 +122,34 @@ class _EncoderOnly(torch.nn.Module):
         self.encoder = encoder
 
 
-def save_weights(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], kind: str) -> None:
-    """Atomic write: a reader never sees a half-written file."""
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], kind: str,
+                 provenance: dict[str, str] | None = None) -> None:
+    """Atomic write: a reader never sees a half-written file. `provenance` (run, step, checkpoint) goes into
+    the metadata, so that what is made from the file can say where its weights came from."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {"format": "mixmae-scale", "kind": kind, "arch": json.dumps(arch), **(provenance or {})}
     with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "mixmae-scale", "kind": kind, "arch": json.dumps(arch)})
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file; a file that is not one is a WeightsError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except SafetensorError as exc:
+        raise WeightsError(f"{Path(path).absolute()}: not a readable safetensors file ({exc}); export one with "
+                           "`mixmae export`") from exc
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = read_metadata(path)
     if metadata.get("format") != "mixmae-scale":
-        raise ValueError(f"{path}: not a mixmae-scale weights file (no 'format' metadata)")
+        raise WeightsError(f"{Path(path).absolute()}: not a mixmae-scale weights file (no 'format' metadata); "
+                           "export one with `mixmae export`, or convert an official checkpoint with "
+                           "`mixmae model convert-official`")
     return load_file(str(path)), json.loads(metadata["arch"])
 
 

@@ -24,7 +24,8 @@ REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
-        raise FitError(f"{path}: no results yet; run `mixmae scaling run` first")
+        raise FitError(f"{path.absolute()}: not found, no results yet; run `mixmae scaling run` first (or give "
+                       "the sweep's --out)")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():

@@ -76,7 +76,8 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
               ) -> list[dict]:
     """Run every planned run here (`parallel` at a time, the cores shared out), or write their launch lines."""
     shards = Path(spec.shards)
-    train_samples = load_split(shards, "train").samples
+    # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
+    train_samples = spec.train_samples_for_plan() if emit_commands is not None else load_split(shards, "train").samples
     out.mkdir(parents=True, exist_ok=True)
     base_lr = None
     if spec.learning_rate.sweep:

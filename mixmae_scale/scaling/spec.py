@@ -1,8 +1,9 @@
 """A sweep spec (YAML) and its expansion into runs with N (parameters), D (images seen) and C (FLOPs).
 
     name: demo-sweep
-    profile: tiny                      # every run starts from this profile
-    shards: demo_data/shards
+    profile: tiny                      # every run starts from this profile (a name, or a YAML path)
+    shards: ../demo_data/shards        # relative paths are relative to this file
+    train_samples: 2600                # optional: the training split's size, to plan where the shards are not
     sizes:                             # named sizes or model.* overrides
       - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8]}}
       - {name: w32, model: {embed_dim: 32}}
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from mixmae_scale.config import ConfigError, load_resolved
 from mixmae_scale.models.flops import model_report
 
 KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "budgets", "seeds", "set",
-              "probe", "learning_rate", "cluster"}
+              "probe", "learning_rate", "cluster", "train_samples"}
 LR_RULES = ("fixed", "inverse_width")
 
 
@@ -97,14 +99,40 @@ class SweepSpec:
     budgets: list[float] = field(default_factory=list)
     learning_rate: LearningRateRule = field(default_factory=LearningRateRule)
     cluster: dict[str, int] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
+    train_samples: int | None = None  # recorded in the spec: plans without the shards
+
+    def train_samples_for_plan(self, given: int | None = None) -> int:
+        """The training split's size for planning: `given` (--train-samples), else the shards' manifest, else
+        the count recorded in the spec; the shards are needed only when neither is there."""
+        from mixmae_scale.data.manifest import DataError, load_split
+
+        if given is not None:
+            return given
+        try:
+            return load_split(self.shards, "train").samples
+        except DataError as exc:
+            if self.train_samples is not None:
+                return self.train_samples
+            problem = (f"the sweep spec's shards folder {self.shards} does not exist" if not Path(self.shards).is_dir()
+                       else str(exc))
+            raise ConfigError(f"{problem}; to plan without the shards give --train-samples N or record "
+                              "'train_samples: N' in the sweep spec") from None
+
+
+def _beside(spec_path: Path, value: str) -> str:
+    """A path written in a spec means the same wherever the command is run: relative to the spec file."""
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else spec_path.absolute().parent / path)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep spec {path}: not found (tried {path.absolute()})")
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the sweep spec: {exc}") from exc
+        raise ConfigError(f"{path.absolute()}: cannot read the sweep spec: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep spec is a mapping with keys {sorted(KNOWN_KEYS)}")
     unknown = set(raw) - KNOWN_KEYS
@@ -124,11 +152,18 @@ def load_spec(path: str | Path) -> SweepSpec:
     fractions = [float(f) for f in raw["data_fractions"]]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"{path}: data_fractions must lie in (0, 1], got {raw['data_fractions']}")
-    spec = SweepSpec(str(raw["name"]), str(raw["profile"]), str(raw["shards"]), sizes, fractions,
+    profile = str(raw["profile"])
+    if Path(profile).suffix in (".yaml", ".yml"):
+        profile = _beside(path, profile)
+    train_samples = raw.get("train_samples")
+    if train_samples is not None and (not isinstance(train_samples, int) or train_samples < 1):
+        raise ConfigError(f"{path}: train_samples must be a positive integer, got {train_samples!r}")
+    spec = SweepSpec(str(raw["name"]), profile, _beside(path, str(raw["shards"])), sizes, fractions,
                      [int(s) for s in raw.get("steps", [])], [float(e) for e in raw.get("epochs", [])],
                      [int(s) for s in raw.get("seeds", [0])], [str(s) for s in raw.get("set", [])],
                      bool(raw.get("probe", False)), [float(b) for b in raw.get("budgets", [])],
-                     _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})))
+                     _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
+                     train_samples)
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
         raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
     _check_size_budgets(path, spec)

@@ -27,7 +27,14 @@ from mixmae_scale.data import storage
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED, check_rejections
 from mixmae_scale.shards.saved_plan import resume_plan
-from mixmae_scale.shards.sources import SourceError, SourceImage, folder_images, imagenet_split, read_class_names
+from mixmae_scale.shards.sources import (
+    SourceError,
+    SourceImage,
+    folder_images,
+    hold_out,
+    imagenet_split,
+    read_class_names,
+)
 from mixmae_scale.shards.writer import (
     PROGRESS_DIR,
     ShardPlan,
@@ -58,6 +65,7 @@ class ConvertOptions:
     oversize: Oversize = "downscale"
     max_rejected: float = DEFAULT_MAX_REJECTED
     staging: str | None = None  # local folder for shards on their way to an s3:// output
+    val_fraction: float = 0.0  # folder layout: hold out this share of each class as the 'val' split
 
 
 def parse_size(text: str) -> int:
@@ -113,15 +121,28 @@ def _check_same_options(out: str, options: ConvertOptions) -> None:
         storage.write_text(url, json.dumps(current, sort_keys=True))
 
 
-def _split_root(src: Path, split: str, layout: str) -> Path:
-    """The folder a split's relative file names start from."""
-    return src if layout == "imagenet" or split == "train" else src / split
+def _split_root(src: Path, split: str, options: ConvertOptions) -> Path:
+    """The folder a split's relative file names start from (--val-fraction: both splits come from `src`)."""
+    return src if options.layout == "imagenet" or split == "train" or options.val_fraction else src / split
 
 
-def _discover(src: Path, split: str, layout: str) -> tuple[list[SourceImage], list[str]]:
-    if layout == "imagenet":
+def _discover(src: Path, split: str, options: ConvertOptions) -> tuple[list[SourceImage], list[str]]:
+    if options.layout == "imagenet":
         return imagenet_split(src, split)
-    return folder_images(_split_root(src, split, layout))
+    if options.val_fraction:  # both splits from the one folder, the same draw for each
+        images, classes = folder_images(src)
+        train, val = hold_out(images, options.val_fraction, options.seed)
+        return (train if split == "train" else val), classes
+    return folder_images(_split_root(src, split, options))
+
+
+def check_options(options: ConvertOptions) -> None:
+    if options.val_fraction and (options.layout != "folder" or set(options.splits) != {"train", "val"}):
+        raise SourceError("--val-fraction holds out part of a folder as 'val': it goes with `mixmae shards folder` "
+                          "and the splits train,val (leave out --split)")
+    if not 0 <= options.val_fraction < 1:
+        raise SourceError(f"--val-fraction {options.val_fraction:g}: must lie in [0, 1), e.g. 0.1 for a tenth of "
+                          "each class")
 
 
 def _staging(out: str, options: ConvertOptions) -> Path | None:
@@ -161,8 +182,9 @@ def _run_plans(plans: list[ShardPlan], out: str, options: WriteOptions, workers:
 def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
     src = Path(src)
     out = str(out).rstrip("/") if storage.is_remote(out) else str(out)
+    check_options(options)
     if not src.is_dir():
-        raise SourceError(f"source folder {src} does not exist")
+        raise SourceError(f"--src {src}: not found (tried {src.absolute()})")
     _check_output(src, out)
     staging = _staging(out, options)
     if staging is None:
@@ -176,7 +198,7 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
     rejected_lines: list[str] = []
     limits: list[tuple[str, int, list[str]]] = []
     for split in options.splits:
-        images, split_classes = _discover(src, split, options.layout)
+        images, split_classes = _discover(src, split, options)
         if split_classes and classes and split_classes != classes:
             raise SourceError(f"{src / split}: its class folders differ from the first split's")
         classes = classes or split_classes
@@ -187,7 +209,7 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
             return plan_shards(todo, split, options.seed, options.samples_per_shard, options.shard_bytes, labeled,
                                first_index, first_sample)
 
-        plans, changes = resume_plan(out, split, _split_root(src, split, options.layout), images, split_classes,
+        plans, changes = resume_plan(out, split, _split_root(src, split, options), images, split_classes,
                                      make_plans, started=_has_shards(out, split))
         if message := changes.describe(split):
             tqdm.write(f"WARNING {message}", file=sys.stderr)
@@ -223,6 +245,7 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
             "found": found, "samples": written, "rejected": rejected, "copied": sum(r.copied for r in ordered),
             "converted": converted, "labeled": labeled, "transient": sum(r.transient for r in ordered),
             "source_changes": {"vanished": len(changes.vanished), "appeared": len(changes.appeared)},
+            **({"held_out_of_each_class": options.val_fraction} if options.val_fraction and split == "val" else {}),
             "shards": [{"name": f"{r.name}.tar", "index": f"{r.name}.idx", "samples": r.samples, "bytes": r.bytes,
                         "sha256": r.sha256} for r in ordered if r.samples],
         }
@@ -249,13 +272,21 @@ def _has_shards(out: str, split: str) -> bool:
 
 
 def summary_lines(manifest: dict) -> list[str]:
+    """One line per split a person can read: counts that reconcile, conversions by kind, shards."""
     lines = []
     for split, info in manifest["splits"].items():
-        conv = sum(info["converted"].values())
-        lines.append(f"{split}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
-                     f"{info['copied']} copied as is, {conv} converted {info['converted'] or ''}; "
-                     f"{len(info['shards'])} shard(s)")
+        kinds = ", ".join(f"{_kind_name(kind)}: {count}" for kind, count in sorted(info["converted"].items()))
+        held = (f" (held out: {info['held_out_of_each_class']:.0%} of each class)"
+                if "held_out_of_each_class" in info else "")
+        lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
+                     f"{info['copied']} copied as they are, {sum(info['converted'].values())} converted"
+                     + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)")
         if info.get("transient"):
             lines.append(f"{split}: {info['transient']} of the rejections were I/O errors that may pass (EIO, ESTALE, "
                          "timeouts; retried with backoff): run the same command again to retry them")
     return lines
+
+
+def _kind_name(kind: str) -> str:
+    """'converted:PNG' -> 'PNG', 'converted:grayscale JPEG' -> 'grayscale JPEG', 'resized' -> 'resized'."""
+    return kind.removeprefix("converted:")

@@ -154,6 +154,7 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             return Prepared(None, 0, 0, "rejected", f"not an image ({why}): {exc}")
         width, height = opened.size
+        why = opened.format or why  # a PNG (or WebP, ...) is converted, and counted as what it is
     if width * height > BOMB_PIXELS:
         return Prepared(None, width, height, "rejected", f"decompression bomb: {_megapixels(width, height)} is above "
                         f"Pillow's limit of {BOMB_PIXELS / 1e6:.0f} MP; not decoded")
@@ -179,4 +180,5 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         # Pillow decoded it in full, so only the trailer is unusual: keep the original bytes.
         return Prepared(data, width, height, "copied")
     encoded, width, height = _encode_rgb(image, quality, resize_shorter)
-    return Prepared(encoded, width, height, f"converted:{why} ({image.format} {image.mode})")
+    detail = image.mode if header is None else f"{image.format} {image.mode}"
+    return Prepared(encoded, width, height, f"converted:{why} ({detail})")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
+import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +178,22 @@ def folder_images(src: Path) -> tuple[list[SourceImage], list[str]]:
     if not images:
         raise SourceError(f"{src}: no images found")
     return images, []
+
+
+def hold_out(images: list[SourceImage], fraction: float, seed: int) -> tuple[list[SourceImage], list[SourceImage]]:
+    """(train, val): `fraction` of each class held out for validation, drawn with `seed`, so that a folder of
+    class subfolders becomes the two splits finetune, eval and probe need. Per class, not over the whole
+    folder: a small class keeps its share in both splits. Every class keeps at least one training image."""
+    by_class: dict[int, list[SourceImage]] = defaultdict(list)
+    for image in images:
+        by_class[image.label].append(image)
+    rng = random.Random(f"val-fraction-{seed}")
+    train: list[SourceImage] = []
+    val: list[SourceImage] = []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda image: image.rel)
+        rng.shuffle(group)
+        count = min(len(group) - 1, round(fraction * len(group)))
+        val += group[:count]
+        train += group[count:]
+    return train, val

@@ -1,55 +1,93 @@
-"""Training curves of one or several runs from their metrics.csv, against steps and images seen."""
+"""Training curves of one or several runs from their metrics.csv.
+
+One row of panels. The x axis is the optimizer step, with images seen on a second axis above, when the
+runs share a global batch (then the two are one scale, and a second row of panels would repeat the
+first); runs with different global batches are compared at equal images seen. A panel no run has data
+for (MFU on a CPU, where there is no device peak) is left out and named under the figure, and a run with
+a single logged point is drawn as a marker, so that every legend entry has something to point at.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from mixmae_scale.atomic_file import replacing
 
-PANELS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "images/s"), ("mfu", "MFU"))
+PANELS = (("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images/s"), ("mfu", "MFU"))
+WHY_EMPTY = {"mfu": "MFU (needs a device peak: logging.peak_tflops, or a known GPU)"}
 
 
 def read_metrics(run: str | Path) -> dict[str, list[float]]:
     path = Path(run) / "metrics.csv" if Path(run).is_dir() else Path(run)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics.csv (is {run} a run folder?)")
+        raise FileNotFoundError(f"{path.absolute()}: not found (is {run} a run folder?)")
     columns: dict[str, list[float]] = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
             for key, value in row.items():
                 columns.setdefault(key, []).append(float(value) if value not in ("", "None") else float("nan"))
     if not columns.get("step"):
-        raise ValueError(f"{path}: no logged steps yet")
+        raise ValueError(f"{path.absolute()}: no logged steps yet")
     return columns
 
 
+def _points(data: dict[str, list[float]], x_key: str, key: str) -> tuple[list[float], list[float]]:
+    pairs = [(x, y) for x, y in zip(data.get(x_key, []), data.get(key, []), strict=False)
+             if math.isfinite(x) and math.isfinite(y)]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def global_batch(data: dict[str, list[float]]) -> float | None:
+    """Images per step, read off the log (images_seen / step), or None when it is not logged."""
+    xs, ys = _points(data, "step", "images_seen")
+    return ys[-1] / xs[-1] if xs and xs[-1] else None
+
+
 def plot_runs(runs: list[str], out: str | Path) -> dict:
+    data = {run: read_metrics(run) for run in runs}  # a wrong folder is said before matplotlib is loaded
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(PANELS), figsize=(4 * len(PANELS), 6.5), squeeze=False)
-    for run in runs:
-        data = read_metrics(run)
-        label = Path(run).name
-        for col, (key, title) in enumerate(PANELS):
-            if key not in data:
-                continue
-            for row, x_key in enumerate(("step", "images_seen")):
-                axes[row][col].plot(data[x_key], data[key], label=label)
-                axes[row][col].set_title(title)
-                axes[row][col].set_xlabel("step" if row == 0 else "images seen")
-    for row in axes:
-        for ax in row:
-            if not ax.lines or all(all(v != v for v in line.get_ydata()) for line in ax.lines):
-                ax.text(0.5, 0.5, "not logged\n(MFU needs a device peak:\nlogging.peak_tflops)" if ax in
-                        (axes[0][-1], axes[1][-1]) else "not logged", ha="center", va="center",
-                        transform=ax.transAxes)
+    batches = {global_batch(d) for d in data.values()}
+    shared_batch = batches.pop() if len(batches) == 1 else None
+    x_key = "step" if shared_batch else "images_seen"
+    panels = [(key, title) for key, title in PANELS if any(_points(d, x_key, key)[0] for d in data.values())]
+    left_out = [WHY_EMPTY.get(key, title) for key, title in PANELS if (key, title) not in panels]
+    if not panels:
+        raise ValueError(f"{', '.join(runs)}: no logged values to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    single: list[str] = []
+    for run, metrics in data.items():
+        label = Path(run).name or str(run)
+        for ax, (key, _) in zip(axes[0], panels, strict=True):
+            xs, ys = _points(metrics, x_key, key)
+            if len(xs) == 1 and key == panels[0][0]:
+                single.append(label)
+            # few points: markers, so that a one-row run is visible and not only a legend entry
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 3 else None, markersize=5)
+    for ax, (_, title) in zip(axes[0], panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step" if x_key == "step" else "images seen")
+        ax.grid(alpha=0.3)
+        if shared_batch:
+            top = ax.secondary_xaxis("top", functions=(lambda s: s * shared_batch, lambda i: i / shared_batch))
+            top.set_xlabel(f"images seen ({shared_batch:g} per step)", fontsize=8)
+            top.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    notes = []
+    if left_out:
+        notes.append("not plotted, no run logged it: " + "; ".join(left_out))
+    if single:
+        notes.append(f"one logged point (a marker): {', '.join(single)}")
+    if notes:
+        fig.text(0.01, 0.01, "   ".join(notes), fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
     with replacing(out) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    return {"runs": list(runs), "out": str(out)}
+    return {"runs": list(runs), "out": str(out), "x": x_key, "panels": [title for _, title in panels],
+            "left_out": left_out}

@@ -1,26 +1,38 @@
 """Reconstruction pictures: what the encoder saw and what each decoder stream made of it.
 
-One row per image pair (i, B-1-i): the two originals, the mask, the mixed input, each stream's
-reconstruction (de-normalised per patch with the target's own mean and variance, as norm-pix
-training implies) and image i with its visible cells pasted back over the prediction.
+One row per image pair: image A (image i of the batch) and its partner B (image B-1-i) are mixed
+cell by cell; the encoder sees only the mixed input, and each decoder stream reconstructs one of the
+two images. A stream's loss counts only the cells hidden from it, the partner's. Columns, in plain
+words: the two originals, the mask (with a key), the mixed input, each reconstruction, and A with
+its own pixels kept and only its hidden cells predicted. The title says which run and step; a note
+under the grid says what to look for, since norm-pix training predicts each cell normalised and the
+cells' colours are put back from the original.
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mixmae_scale.atomic_file import replacing
 from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from mixmae_scale.models.mixing import upsample_mask
 from mixmae_scale.models.mixmae import MixMAE, patchify, unpatchify
 
-PANELS = ("image i", "image B-1-i", "mask", "mixed input", "stream 1 (i)", "stream 2 (B-1-i)", "i, visible pasted")
-GAP = 2
-HEADER = 14
+PANELS = ("original A", "original B", "mask", "mixed input", "A reconstructed", "B reconstructed",
+          "A: own pixels\n+ predicted")
+FROM_A = np.array([0.95, 0.62, 0.25])  # mask colours: cells of A in the mixed input, and cells of B
+FROM_B = np.array([0.25, 0.45, 0.75])
+READING_NOTE = ("The encoder sees only the mixed input; each stream reconstructs one image, and its loss counts "
+                "only the cells it did not see (the partner's). With norm-pix loss each cell is predicted "
+                "normalised and shown with the original cell's mean and contrast, so judge shapes, not colours: "
+                "at first the hidden cells are noise, then smooth blobs; edges and textures that continue across "
+                "cell borders mean the model has learned.")
 
 
 @dataclass
@@ -67,26 +79,50 @@ def reconstruct(model: MixMAE, images: torch.Tensor, mask: torch.Tensor) -> Reco
     return Reconstruction(originals, m, mixed, _to_unit(stream1), _to_unit(stream2), pasted)
 
 
-def grid(rec: Reconstruction, pairs: int | None = None) -> np.ndarray:
-    """An (H, W, 3) uint8 picture: a header row of panel names, then one row per pair."""
+def panels(rec: Reconstruction, row: int) -> list[np.ndarray]:
+    """The (S, S, 3) float pictures of one row, in the order of PANELS; the mask in its key's colours."""
+    batch = rec.originals.shape[0]
+    mask = rec.mask_image.cpu().numpy()[..., None]
+    coloured_mask = (1 - mask) * FROM_A + mask * FROM_B
+    pictures = [rec.originals[row], rec.originals[batch - 1 - row], None, rec.mixed[row], rec.stream1[row],
+                rec.stream2[row], rec.pasted[row]]
+    return [coloured_mask if p is None else p.permute(1, 2, 0).cpu().numpy() for p in pictures]
+
+
+def grid(rec: Reconstruction, pairs: int | None = None, title: str = "", note: str = READING_NOTE) -> np.ndarray:
+    """An (H, W, 3) uint8 picture: the title, named columns, one row per pair, the mask's key and a note."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     batch, _, size, _ = rec.originals.shape
     pairs = min(pairs or batch // 2, batch // 2)
-    width = len(PANELS) * size + (len(PANELS) + 1) * GAP
-    height = HEADER + pairs * size + (pairs + 1) * GAP
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    mask_rgb = rec.mask_image[None].repeat(3, 1, 1)
+    cell_in = max(size, 128) / 100  # small images are drawn larger, so that the column names fit
+    width = len(PANELS) * cell_in + 0.3
+    note_lines = textwrap.wrap(note, width=int(width * 20)) if note else []
+    foot_in = 0.35 + 0.16 * len(note_lines)
+    head_in = 0.75
+    fig = Figure(figsize=(width, head_in + pairs * cell_in + foot_in), dpi=100)
+    FigureCanvasAgg(fig)
+    height = head_in + pairs * cell_in + foot_in
     for row in range(pairs):
-        panels = [rec.originals[row], rec.originals[batch - 1 - row], mask_rgb, rec.mixed[row], rec.stream1[row],
-                  rec.stream2[row], rec.pasted[row]]
-        top = HEADER + GAP + row * (size + GAP)
-        for col, panel in enumerate(panels):
-            left = GAP + col * (size + GAP)
-            canvas[top:top + size, left:left + size] = (panel.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    for col, name in enumerate(PANELS):
-        draw.text((GAP + col * (size + GAP), 1), name[: max(4, size // 6)], fill=(0, 0, 0))
-    return np.asarray(image)
+        for col, picture in enumerate(panels(rec, row)):
+            ax = fig.add_axes((0.15 / width + col * cell_in / width, 1 - (head_in + (row + 1) * cell_in) / height,
+                               0.96 * cell_in / width, 0.96 * cell_in / height))
+            ax.imshow(np.clip(picture, 0, 1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(PANELS[col], fontsize=9)
+    fig.suptitle(title or "reconstructions", fontsize=11, y=1 - 0.12 / height, va="top")
+    fig.legend(handles=[Patch(color=FROM_A, label="mask: cell of A in the mixed input (hidden from B's stream)"),
+                        Patch(color=FROM_B, label="cell of B (hidden from A's stream)")],
+               loc="lower left", bbox_to_anchor=(0.1 / width, (0.05 + 0.16 * len(note_lines)) / height),
+               ncol=2, fontsize=8, frameon=False, handlelength=1.2)
+    if note_lines:
+        fig.text(0.15 / width, 0.05 / height, "\n".join(note_lines), fontsize=7.5, color="0.25", va="bottom")
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def save_png(picture: np.ndarray, path) -> None:
@@ -106,19 +142,40 @@ def first_images(shards: str, split: str, count: int, img_size: int, backend: st
     return batch.images[:count]
 
 
+def describe_source(source: str | Path) -> str:
+    """Where weights come from, for a title: the run and step of a run folder or of a file `mixmae export`
+    wrote, else the file's name."""
+    from mixmae_scale.engine.export import find_checkpoint, step_of
+    from mixmae_scale.models.convert_official import read_metadata
+
+    path = Path(source)
+    if path.is_dir():
+        folder, tag = find_checkpoint(path, option="source")
+        return f"run {folder.parent.name}, step {step_of(tag)}"
+    if path.suffix == ".safetensors":
+        metadata = read_metadata(path)
+        if "run" in metadata:
+            return f"run {metadata['run']}, step {metadata.get('step', '?')} ({path.name})"
+    return path.name
+
+
 def visualize(source: str, shards: str, out, pairs: int = 4, split: str = "val", seed: int = 0,
               backend: str = "dali") -> dict:
     """The grid for weights from a run folder, an exported encoder+decoder file or an official checkpoint."""
+    from mixmae_scale.finetune.evaluate import require_folder
     from mixmae_scale.finetune.pretrained import load_encoder
-    from mixmae_scale.models.convert_official import build_from_architecture
+    from mixmae_scale.models.convert_official import WeightsError, build_from_architecture
 
-    state, arch = load_encoder(source)
+    require_folder(shards, "--data")
+    state, arch = load_encoder(source, "source")
     if "decoder_dim" not in arch:
-        raise ValueError(f"{source}: no decoder weights; export with --with-decoder or use the run folder")
+        raise WeightsError(f"source {source}: no decoder weights; name the run folder, or export with "
+                           "`mixmae export RUN --with-decoder`")
     model = build_from_architecture(arch).eval()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=True)
     images = first_images(shards, split, 2 * pairs, arch["img_size"], backend)
     mask = model.sample_mask(torch.Generator().manual_seed(seed))
-    picture = grid(reconstruct(model, images, mask), pairs)
+    title = f"{describe_source(source)}: the first {2 * pairs} images of split '{split}', mask seed {seed}"
+    picture = grid(reconstruct(model, images, mask), pairs, title=title)
     save_png(picture, out)
-    return {"source": str(source), "out": str(out), "pairs": pairs, "size": list(picture.shape)}
+    return {"source": str(source), "title": title, "out": str(out), "pairs": pairs, "size": list(picture.shape)}

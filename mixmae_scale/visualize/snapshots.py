@@ -22,7 +22,7 @@ class ReconstructionSnapshots:
     def __init__(self, config: Config, root: Path, rank: int, device: torch.device) -> None:
         self.images = first_images(config.data.shards, config.data.val_split, 8, config.model.img_size,
                                    config.data.loader).to(device)
-        self.seed, self.rank, self.folder = config.run.seed, rank, root / "reconstructions"
+        self.seed, self.rank, self.folder, self.run = config.run.seed, rank, root / "reconstructions", root.name
         self.writer = None
         if rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -35,7 +35,8 @@ class ReconstructionSnapshots:
         was_training = model.training
         model.eval()
         mask = model.sample_mask(torch.Generator().manual_seed(seed_for(self.seed, 777)), self.images.device)
-        picture = grid(reconstruct(model, self.images, mask))
+        picture = grid(reconstruct(model, self.images, mask), title=f"run {self.run}, step {step}: fixed validation "
+                       "images and mask")
         model.train(was_training)
         if self.rank == 0:
             save_png(picture, self.folder / f"step{step:08d}.png")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from free_port import free_port
 
 pytestmark = pytest.mark.slow
@@ -27,10 +28,11 @@ def run(*args: str, ranks: int = 2, port: int | None = None) -> subprocess.Compl
 def finetuned(demo_shards, tmp_path_factory):
     """A short fine-tune (random init, mixup + cutmix + RandAugment + erasing) and its export."""
     root = tmp_path_factory.mktemp("finetune")
-    run("finetune", "--profile", "finetune_tiny", "--run-dir", str(root / "run"), "--set", f"data.shards={demo_shards}",
-        "--set", "finetune.init=null", "--set", "batch.micro=8", "batch.global_batch=16",
-        "--set", "logging.every_steps=5",
-        "--set", "data.shuffle_buffer=64", "--set", "finetune.eval_every_epochs=0.5", "--max-steps", "20")
+    result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(root / "run"), "--set",
+                 f"data.shards={demo_shards}", "--set", "finetune.init=null", "--set", "batch.micro=8",
+                 "batch.global_batch=16", "--set", "logging.every_steps=5", "--set", "data.shuffle_buffer=64", "--set",
+                 "finetune.eval_every_epochs=0.5", "--max-steps", "20")
+    (root / "finetune.log").write_text(result.stdout + result.stderr)
     from mixmae_scale.engine.export import export_run
 
     export_run(root / "run", root / "classifier.safetensors")
@@ -47,20 +49,45 @@ def test_finetune_trains_evaluates_every_sample_once_and_keeps_the_best(finetune
     assert all(e["loss"] == e["loss"] for e in evals)
 
 
-def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards(finetuned, demo_shards):
-    # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary.
+def test_finetuning_log_has_no_deprecation_warnings_or_deepspeed_build_lines(finetuned):
+    """DALI's RandAugment used deprecated `fn.experimental` operators: eight warnings, half of this log."""
+    log = (finetuned / "finetune.log").read_text()
+    assert yaml.safe_load((finetuned / "run" / "config.yaml").read_text())["finetune"]["rand_augment_ops"] > 0
+    assert "is now deprecated" not in log and "built successfully" not in log
+    assert "eval at step 20" in log  # the log is the run's
+
+
+def test_export_best_writes_the_best_checkpoints_classifier(finetuned, tmp_path):
+    """README: `best/` keeps the best checkpoint; `mixmae export RUN --best` (or RUN/best) exports it."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import load_weights, read_metadata
+
+    summary = json.loads((finetuned / "run" / "summary.json").read_text())
+    best = export_run(finetuned / "run", tmp_path / "best.safetensors", best=True)
+    assert best["kind"] == "finetune" and Path(best["checkpoint"]).parent == finetuned / "run" / "best"
+    assert read_metadata(tmp_path / "best.safetensors")["step"] == str(summary["best"]["step"])
+    export_run(finetuned / "run" / "best", tmp_path / "folder.safetensors")
+    a, b = load_weights(tmp_path / "best.safetensors")[0], load_weights(tmp_path / "folder.safetensors")[0]
+    assert "head.weight" in a and a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_split_under_one_batch(
+        finetuned, demo_shards):
+    # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary. On two
+    # ranks at --batch 64 each rank's 40 images are less than one batch: evaluated whole, in a smaller batch.
     weights = str(finetuned / "classifier.safetensors")
     results = []
-    for ranks, port in ((2, free_port()), (1, free_port())):
-        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", "16", ranks=ranks, port=port)
+    for ranks, port, batch in ((2, free_port(), "64"), (1, free_port(), "16")):
+        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, ranks=ranks, port=port)
         text = out.stdout
         results.append(json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1]))  # the printed report
+        assert "Detected checkpoint" not in out.stdout + out.stderr and "built successfully" not in out.stdout
     two, one = results
-    assert two["samples"] == one["samples"] == 80
+    assert two["samples"] == one["samples"] == 80 and two["batch"] == 40
     assert two["top1"] == pytest.approx(one["top1"]) and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
 
 
-def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp_path):
+def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp_path, capsys):
     """The quickstart's claim, on the full demo data (2,600 images) and its 405-step schedule, in the
     precision `auto` picks here (bf16 with AVX-512, fp32 without). Measured without native bf16 (fp32),
     training seeds 0, 1, 2: linear 83.2, 84.4, 85.0% and k-NN 63.2, 69.2, 71.4% against random inits at
@@ -76,6 +103,11 @@ def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp
     shards = tmp_path / "shards"
     run("pretrain", "--profile", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={shards}",
         port=free_port())
+    from mixmae_scale.cli import main
+
+    steps = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+    assert main(["launch", "tiny", "--dry-run", "--set", f"data.shards={shards}"]) == 0
+    assert f"total steps      {steps} (5 epochs" in capsys.readouterr().out  # 405: the dry run counts as the run
     out = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", "probe", "--init", str(tmp_path / "run"),
                           "--data", str(tmp_path / "shards"), "--baseline", "--json"], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -173,3 +205,24 @@ def test_finetune_sigterm_saves_a_checkpoint_and_exits_zero(demo_shards, tmp_pat
     assert summary["stopped_by_signal"] and 0 < summary["steps"] < 400
     assert (Path(summary["checkpoint"]) / "COMPLETE").exists()
     assert Path(summary["checkpoint"]).name == f"step{summary['steps']:08d}"
+
+
+def test_a_mistake_every_rank_makes_is_said_once_in_one_line(demo_shards, tmp_path):
+    """`finetune.init` naming a text file, through the launcher on 2 ranks: each rank used to print an 18-line
+    traceback, and the two ranks' error lines ran together on one line."""
+    import re
+
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir",
+               str(tmp_path / "run"), "--set", f"data.shards={demo_shards}", "finetune.init=notes.txt"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    output = result.stdout + result.stderr
+    ours = [line for line in output.splitlines() if "mixmae:" in line]
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert len(ours) == 1 and re.fullmatch(
+        r"mixmae: error( \(rank 1\))?: finetune\.init=notes\.txt: expected a \.safetensors file \(`mixmae export`\), "
+        rf"a run folder or an official MixMIM \.pth; {re.escape(str(tmp_path / 'notes.txt'))} is none of these",
+        ours[0]), output[-3000:]
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+from pathlib import Path
+
 import pytest
 
 from mixmae_scale.cluster.compose import batch_report, compose
 from mixmae_scale.config import ConfigError, load_resolved
+
+EXAMPLE_CLUSTER = str(Path(__file__).resolve().parents[2] / "launch" / "cluster.example.yaml")
 
 
 def _cluster(tmp_path, **extra) -> str:
@@ -43,19 +49,76 @@ def test_bad_cluster_settings_are_refused(tmp_path):
     cluster = _cluster(tmp_path, include="worker-0", exclude="worker-1")
     with pytest.raises(ConfigError, match="mutually exclusive"):
         compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])
-    missing = load_resolved("swin_b", overrides=["cluster.hostfile=/nowhere/hostfile"])
-    with pytest.raises(ConfigError, match="does not exist"):
+    missing = load_resolved("swin_b", overrides=["cluster.hostfile=nowhere/hostfile"])
+    with pytest.raises(ConfigError, match=f"does not exist \\(tried {Path.cwd() / 'nowhere/hostfile'}\\)"):
         compose(missing, "swin_b", None, [])
-    plan = compose(load_resolved("swin_b"), "swin_b", None, [], check_files=False)  # a dry run still composes
-    assert "<cluster.hostfile>" in plan.command
+    plan = compose(missing, "swin_b", None, [], check_files=False)  # a dry run composes, and says what is missing
+    assert plan.command[plan.command.index("--hostfile") + 1] == "nowhere/hostfile"
+    assert plan.notes and "nowhere/hostfile does not exist" in plan.notes[0]
+    with pytest.raises(ConfigError, match="cluster.num_nodes=2 needs cluster.hostfile"):  # no placeholder command
+        compose(load_resolved("swin_b"), "swin_b", None, [], check_files=False)
+    short = tmp_path / "one-line-hostfile"
+    short.write_text("# nodes\nworker-0 slots=8\n")
+    with pytest.raises(ConfigError, match="lists 1 node\\(s\\), cluster.num_nodes is 2"):
+        compose(load_resolved("swin_b", overrides=[f"cluster.hostfile={short}"]), "swin_b", None, [])
 
 
-def test_launch_dry_run_prints_command_and_arithmetic(capsys):
+def test_launch_dry_run_prints_command_and_arithmetic(capsys, tmp_path):
     from mixmae_scale.cli import main
 
-    assert main(["launch", "swin_h", "--dry-run", "--set", "cluster.num_nodes=2"]) == 0
+    cluster = _cluster(tmp_path)
+    assert main(["launch", "swin_h", "--dry-run", "--cluster", cluster]) == 0
     out = capsys.readouterr().out
     assert "global batch     2048 = 64 x 2 x 16" in out and "--module mixmae_scale.cli pretrain --profile swin_h" in out
+
+
+def test_one_node_dry_run_prints_the_local_command_that_runs_as_printed(capsys):
+    """The base profile's launcher is pdsh, for clusters; one node needs neither a hostfile nor pdsh."""
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "swin_h", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    command = shlex.split(out.split("command:\n", 1)[1].splitlines()[0])
+    assert "--hostfile" not in command and "--launcher" not in command and "note:" not in out
+    assert Path(command[0]).is_file() and os.access(command[0], os.X_OK)  # the venv's deepspeed, as printed
+    assert command[1:] == ["--num_gpus", "8", "--master_port", "29500", "--module", "mixmae_scale.cli", "pretrain",
+                           "--profile", "swin_h"]
+
+
+def test_dry_run_says_a_missing_hostfile_and_the_launch_refuses_it(capsys):
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "swin_h", "--dry-run", "--cluster", EXAMPLE_CLUSTER]) == 0
+    out = capsys.readouterr().out
+    assert "note: cluster.hostfile /job/hostfile does not exist (tried /job/hostfile)" in out
+    assert main(["launch", "swin_h", "--cluster", EXAMPLE_CLUSTER]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixmae: error: cluster.hostfile /job/hostfile does not exist")
+
+
+def test_dry_run_counts_steps_from_the_shards_as_the_run_does(capsys, demo_shards):
+    """The run counts the manifest's samples (300 here), not the profile's data.train_samples (2600): so does
+    the dry run (the demo test in tests/integration/test_finetune.py compares it with a real run's steps)."""
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "tiny", "--dry-run", "--set", f"data.shards={demo_shards}"]) == 0
+    out = capsys.readouterr().out
+    assert f"steps per epoch  9 (300 samples, counted in {demo_shards / 'dataset.json'})" in out
+    assert "total steps      45 (5 epochs, 9 warm-up)" in out
+    assert main(["launch", "tiny", "--dry-run", "--set", "data.shards=nowhere"]) == 0
+    out = capsys.readouterr().out
+    assert f"steps per epoch  81 (2600 samples, data.train_samples: {Path.cwd() / 'nowhere/dataset.json'} is not " \
+           "here" in out
+
+
+def test_plan_refuses_the_gpu_counts_launch_refuses(capsys):
+    from mixmae_scale.cli import main
+
+    assert main(["plan", "swin_h", "--gpus", "6"]) == 2
+    planned = capsys.readouterr().err
+    assert main(["launch", "swin_h", "--dry-run", "--set", "cluster.gpus_per_node=6"]) == 2
+    launched = capsys.readouterr().err
+    assert planned == launched and planned.count("\n") == 1 and "or use 4 or 8 GPUs" in planned
 
 
 def test_launch_runs_a_finetuning_profile_as_finetuning_unless_told(capsys):

@@ -87,3 +87,34 @@ def test_bad_size_budgets_are_refused(tmp_path, edit, message):
     path.write_text(WINDOWED.replace(*edit))
     with pytest.raises(ConfigError, match=message):
         load_spec(path)
+
+
+def test_spec_paths_are_relative_to_the_spec_file_wherever_the_command_runs(tmp_path, monkeypatch):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "profile.yaml").write_text("model: {size: tiny}\n")
+    path = folder / "spec.yaml"
+    text = BASE.replace("shards: s", "shards: ../data/shards").replace("profile: tiny", "profile: profile.yaml")
+    path.write_text(text + "steps: [5]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec("../study/spec.yaml")
+    assert spec.shards == str(tmp_path / "data" / "shards") and spec.profile == str(folder / "profile.yaml")
+    with pytest.raises(ConfigError, match=f"sweep spec nothere.yaml: not found \\(tried {elsewhere / 'nothere.yaml'}"):
+        load_spec("nothere.yaml")
+
+
+def test_scaling_plan_plans_without_the_shards_when_the_count_is_given_or_recorded(tmp_path, capsys):
+    from mixmae_scale.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(BASE + "steps: [5]\n")  # shards: s, which does not exist
+    assert main(["scaling", "plan", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"shards folder {tmp_path / 's'} does not exist" in error and "--train-samples N" in error
+    assert main(["scaling", "plan", str(path), "--train-samples", "320"]) == 0
+    assert "1 runs" in capsys.readouterr().out
+    path.write_text(BASE + "steps: [5]\ntrain_samples: 320\n")
+    assert main(["scaling", "plan", str(path)]) == 0
+    assert "tiny-d1-s5-seed0" in capsys.readouterr().out

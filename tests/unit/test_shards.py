@@ -239,3 +239,41 @@ def test_index_matches_dalis_own_wds2idx_and_shards_read_with_webdataset(tmp_pat
         assert (out / f"{tar_path.stem}.idx").read_text() == dali_idx.read_text()
     keys = [s["__key__"] for s in wds.WebDataset(str(out / "train-{000000..000002}.tar"), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 12
+
+
+def _class_folder_tree(root: Path, per_class: int = 10, classes=("cat", "dog", "eel")) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            _jpeg(root / name / f"{name}_{i}.jpg", colour=(60 * c, 20 * i, 90))
+    buf = io.BytesIO()
+    Image.new("RGBA", (32, 32), (1, 2, 3, 255)).save(buf, format="PNG")
+    (root / "cat" / "drawing.png").write_bytes(buf.getvalue())
+    return root
+
+
+def _split_sources(out: Path, split: str) -> dict[str, int]:
+    return {json.loads(s["json"])["source"]: int(s["cls"]) for s in _samples(out, split).values()}
+
+
+def test_folder_val_fraction_holds_out_each_class_with_the_seed_and_says_it_readably(tmp_path, capsys):
+    from mixmae_scale.cli import main
+
+    src = _class_folder_tree(tmp_path / "src")
+    args = ["shards", "folder", "--src", str(src), "--val-fraction", "0.2", "--workers", "1",
+            "--samples-per-shard", "8"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("train: found 25 = written 25 + rejected 0; 24 copied as they are, 1 converted (PNG: 1); "
+                        "4 shard(s)")  # cat has 11 images: 9 train, 2 val; dog and eel 8 + 2
+    assert lines[1] == ("val (held out: 20% of each class): found 6 = written 6 + rejected 0; 6 copied as they are, "
+                        "0 converted; 1 shard(s)")
+    train, val = _split_sources(tmp_path / "a", "train"), _split_sources(tmp_path / "a", "val")
+    assert not set(train) & set(val) and len(train) + len(val) == 31
+    assert sorted(val.values()) == [0, 0, 1, 1, 2, 2]  # stratified: two of each class
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert _split_sources(tmp_path / "b", "val") == val  # the same seed draws the same split
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "c")]) == 0
+    assert _split_sources(tmp_path / "c", "val") != val
+    capsys.readouterr()
+    assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "d"), "--val-fraction", "1.5"]) == 2
+    assert "--val-fraction 1.5: must lie in [0, 1)" in capsys.readouterr().err

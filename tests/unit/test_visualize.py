@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mixmae_scale.models.mixing import upsample_mask
-from mixmae_scale.visualize.reconstruction import GAP, HEADER, PANELS, grid, reconstruct
+from mixmae_scale.visualize.reconstruction import FROM_A, FROM_B, PANELS, grid, panels, reconstruct
 
 
-def test_grid_has_one_row_per_pair_and_seven_panels(small_mixmae):
+def test_grid_has_a_title_named_columns_and_one_row_per_pair(small_mixmae):
     images = torch.randn(6, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     mask = small_mixmae.sample_mask(torch.Generator().manual_seed(1))
-    picture = grid(reconstruct(small_mixmae, images, mask))
-    assert len(PANELS) == 7
-    assert picture.shape == (HEADER + 3 * 128 + 4 * GAP, 7 * 128 + 8 * GAP, 3)
-    assert picture.dtype.name == "uint8"
-    assert grid(reconstruct(small_mixmae, images, mask), pairs=1).shape[0] == HEADER + 128 + 2 * GAP
+    rec = reconstruct(small_mixmae, images, mask)
+    three, one = grid(rec, title="run x, step 7"), grid(rec, pairs=1, title="run x, step 7")
+    assert three.dtype.name == "uint8" and three.shape[2] == 3 and three.shape[1] == one.shape[1]
+    assert three.shape[0] - one.shape[0] == 2 * 128  # a 128-pixel row per pair
+    assert PANELS[:4] == ("original A", "original B", "mask", "mixed input")
+    assert PANELS[4:6] == ("A reconstructed", "B reconstructed") and len(PANELS) == 7
+
+
+def test_mask_panel_is_drawn_in_its_key_colours_where_the_mixed_input_shows_each_image(small_mixmae):
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    rec = reconstruct(small_mixmae, images, small_mixmae.sample_mask(torch.Generator().manual_seed(5)))
+    original_a, original_b, mask, mixed, *_ = panels(rec, 1)
+    from_b = rec.mask_image.numpy() == 1
+    assert from_b.any() and (~from_b).any()
+    assert np.allclose(mask[~from_b], FROM_A) and np.allclose(mask[from_b], FROM_B)
+    assert np.array_equal(mixed[~from_b], original_a[~from_b]) and np.array_equal(mixed[from_b], original_b[from_b])
 
 
 def test_pasting_reproduces_the_input_exactly_where_it_was_visible(small_mixmae):
@@ -29,3 +41,31 @@ def test_pasting_reproduces_the_input_exactly_where_it_was_visible(small_mixmae)
         assert torch.equal(rec.mixed[i][:, ~visible], rec.originals[3 - i][:, ~visible])
     # The hidden cells are predictions, not the input: an untrained decoder cannot match it there.
     assert not torch.allclose(rec.pasted[0][:, ~visible], rec.originals[0][:, ~visible], atol=0.05)
+
+
+def _metrics(run, rows: int, batch: int, every: int = 5):
+    from mixmae_scale.engine.monitor import MetricsLog
+
+    run.mkdir()
+    log = MetricsLog(run / "metrics.csv")
+    for step in range(every, every * rows + 1, every):  # a CPU run: no MFU, as MetricsLog writes it (empty)
+        log.write({"step": step, "images_seen": step * batch, "loss": 1 / step, "lr": 1e-3, "images_per_s": 30.0,
+                   "mfu": None})
+    log.close()
+    return str(run)
+
+
+def test_runs_plot_leaves_out_empty_panels_and_draws_one_row_against_step_and_images_seen(tmp_path):
+    from PIL import Image
+
+    from mixmae_scale.visualize.curves import plot_runs
+
+    long, single = _metrics(tmp_path / "long", 8, 32), _metrics(tmp_path / "single", 1, 32)
+    result = plot_runs([long, single], tmp_path / "curves.png")
+    assert result["panels"] == ["training loss", "learning rate", "images/s"] and result["x"] == "step"
+    assert result["left_out"] and result["left_out"][0].startswith("MFU")
+    with Image.open(tmp_path / "curves.png") as image:
+        width, height = image.size
+    assert width == 1200 and height < 400  # three panels in one row: steps below, images seen above
+    other = _metrics(tmp_path / "other-batch", 4, 64)  # another global batch: compared at equal images seen
+    assert plot_runs([long, other], tmp_path / "mixed.png")["x"] == "images_seen"

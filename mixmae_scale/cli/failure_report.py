@@ -1,0 +1,105 @@
+"""How a failed job says so: one line for a user's mistake, a traceback only for a bug, said once.
+
+Every rank reads the same profile and the same paths, so a mistake in them fails every rank at once, and
+each used to print the same traceback. Two things keep the report to one readable line:
+
+- the first rank on a node to fail claims a marker file (created with O_EXCL, so exactly one rank wins)
+  and is the only one there to report; the others, and the ranks that stop only because a peer died, stay
+  silent. The marker's name carries the launcher's process id and the rendezvous, so jobs do not share it;
+- the report goes to the terminal in one write(), so that lines of two processes never run together.
+
+A user's mistake is an exception whose message already says what to do (the USER_ERRORS below); any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+MARKER_PREFIX = "mixmae-failed"
+STALE_S = 3600
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message names the file, key or option and the way out."""
+    from mixmae_scale.config import ConfigError
+    from mixmae_scale.data.manifest import DataError
+    from mixmae_scale.engine.checkpoint import ResumeError
+    from mixmae_scale.models.convert_official import WeightsError
+    from mixmae_scale.shards.sources import SourceError
+
+    return ConfigError, DataError, ResumeError, WeightsError, SourceError, FileNotFoundError
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def write_stderr(text: str) -> None:
+    """One write() for the whole text: a pipe or terminal never interleaves it with another process's."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), text.encode(errors="replace"))
+
+
+def _marker() -> Path:
+    key = "-".join(str(part) for part in (os.getuid(), os.getppid(), os.environ.get("MASTER_ADDR", ""),
+                                          os.environ.get("MASTER_PORT", "")))
+    return Path(tempfile.gettempdir()) / f"{MARKER_PREFIX}-{key}"
+
+
+def claim_report() -> bool:
+    """True for the first failing rank of this job on this node: it reports, the others do not."""
+    folder = Path(tempfile.gettempdir())
+    now = time.time()
+    for old in folder.glob(f"{MARKER_PREFIX}-{os.getuid()}-*"):
+        try:
+            if now - old.stat().st_mtime > STALE_S:
+                old.unlink()
+        except OSError:
+            pass
+    try:
+        os.close(os.open(_marker(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temp folder: better twice than never
+        return True
+    return True
+
+
+def report_failure(rank: int, exc: BaseException, alone: bool = False) -> None:
+    """The report of a rank that is about to exit because of `exc` (see the module docstring). `alone`: a
+    world of one, started without a launcher, which has nobody to agree with."""
+    mistake = isinstance(exc, user_errors())
+    if mistake and rank and not alone:
+        time.sleep(0.5)  # every rank usually makes the same mistake at once: rank 0 is the one expected to say it
+    if not alone and not claim_report():
+        return
+    where = f" (rank {rank})" if rank else ""
+    if mistake:
+        write_stderr(f"mixmae: error{where}: {one_line(exc)}\n")
+        return
+    if is_peer_failure(exc):
+        write_stderr(f"mixmae: rank {rank} stopped: another rank failed ({type(exc).__name__}: "
+                     f"{one_line(exc)[:300]})\n")
+        return
+    text = f"mixmae: rank {rank} failed:\n" + "".join(traceback.format_exception(exc))
+    if "out of memory" in str(exc).lower():
+        text += ("mixmae: out of memory. Size the run with `mixmae plan PROFILE --gpus N --recommend`; lower "
+                 "batch.micro (the global batch is kept by accumulation), turn on activation checkpointing "
+                 "(model.checkpoint_every=1) or shard more (zero.stage=3)\n")
+    write_stderr(text)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """An error that only says another rank went away (its own report says why)."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    text = str(exc)
+    return isinstance(exc, kinds) or any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                                             "NCCL communicator was aborted", "Broken pipe"))
