@@ -13,6 +13,7 @@ the ratio compares like with like on a noisy machine. Prints a table, writes res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -93,10 +94,8 @@ def measure(folder: Path, backend: str) -> dict:
     def watch() -> None:
         nonlocal peak_fds
         while not done.is_set():
-            try:
+            with contextlib.suppress(OSError):  # the process has just ended
                 peak_fds = max(peak_fds, len(os.listdir(f"/proc/{proc.pid}/fd")))
-            except OSError:
-                pass
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)
