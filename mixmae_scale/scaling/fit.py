@@ -5,7 +5,8 @@ from several starting points, keeping the best converged one; uncertainty from a
 runs, judged by `intervals` (a resample whose refit fails counts against the interval, it is not dropped);
 the compute-optimal split of a budget between model size and data from the fitted L(N, D).
 Parameters are optimised in log space (log A, log E, ...) so that they stay positive; the Jacobians are
-analytic, which makes a 200-round bootstrap several times faster than finite differences.
+analytic: finite differences cost one residual evaluation per parameter at every step, and a report refits
+each law some hundreds of times.
 """
 
 from __future__ import annotations

@@ -161,8 +161,8 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     f = _flops_per_image(rows)
     budgets = np.array([m.budget for m in feeding])
     n_opt = np.array([m.n_opt for m in feeding])
-    n_law = PowerLaw(*_power_law(budgets, n_opt), list(budgets))
-    d_law = PowerLaw(*_power_law(budgets, budgets / f(n_opt)), list(budgets))
+    n_law = PowerLaw(*_power_law(budgets, n_opt), [float(b) for b in budgets])
+    d_law = PowerLaw(*_power_law(budgets, budgets / f(n_opt)), [float(b) for b in budgets])
     loss_law = _frontier_law(budgets, np.array([m.loss_opt for m in feeding]))
     one_seed = [m for m in feeding if m.seeds < 2]
     if one_seed or not bootstrap:
@@ -181,7 +181,7 @@ def _budget_interval(m: BudgetMinimum, draws: np.ndarray | None, rounds: int) ->
         m.missing = "no interior minimum"
     elif m.seeds < 2:
         m.missing = "one seed"
-    elif draws is None:
+    elif draws is None or not rounds:
         m.missing = "no bootstrap"
     else:
         kept = draws[~np.isnan(draws[:, 0])]

@@ -319,7 +319,8 @@ def _law_lines(law: dict | str) -> list[str]:
 def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
-             "only those feed N*(C), D*(C) and L*(C).", "",
+             f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
+             "every (budget, size)'s seeds with replacement.", "",
              "| budget C | sizes | fewest seeds per size | interior | N* | N* 5-95% | L* | lowest measured: N, loss |",
              "|---|---|---|---|---|---|---|---|"]
     for m in iso["minima"]:
