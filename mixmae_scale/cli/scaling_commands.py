@@ -29,11 +29,11 @@ def _scaling(args: argparse.Namespace) -> int:
         run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None,
                   parallel=args.parallel)
         return 0
-    from mixmae_scale.scaling.report import fit_results, read_results, write_report
+    from mixmae_scale.scaling.report import fit_results, read_results, write_fit, write_report
 
     rows = read_results(out / "results.jsonl")
-    fit = fit_results(rows, bootstrap=args.bootstrap)
-    (out / "fit.json").write_text(json.dumps(fit, indent=2))
+    fit = fit_results(rows, bootstrap=args.bootstrap, seed=args.seed)
+    write_fit(fit, out / "fit.json")
     if args.scaling_command == "report":
         print(f"report: {write_report(rows, fit, Path(args.report_dir or out / 'report'))}")
     else:
@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--parallel", type=int, default=1, help="runs at a time here, the cores shared out")
         if action in ("fit", "report"):
             p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 5-95%% intervals")
+            p.add_argument("--seed", type=int, default=0, help="seeds every bootstrap: the same results and seed "
+                           "give the same fit.json and report")
         if action == "report":
             p.add_argument("--report-dir", help="where report.md and the figures go (default: OUT/report)")
         p.set_defaults(handler=_scaling)

@@ -1,9 +1,12 @@
 """Scaling-law fits: L(C) = E + A C^-alpha and L(N, D) = E + A / N^alpha + B / D^beta.
 
 Fitted with scipy's least squares on log residuals (log L_pred - log L) with a robust (Cauchy) loss,
-from several starting points, keeping the best; uncertainty from a bootstrap over runs; the
-compute-optimal split of a budget between model size and data from the fitted L(N, D).
-Parameters are optimised in log space (log A, log E, ...) so that they stay positive.
+from several starting points, keeping the best converged one; uncertainty from a seeded bootstrap over
+runs, judged by `intervals` (a resample whose refit fails counts against the interval, it is not dropped);
+the compute-optimal split of a budget between model size and data from the fitted L(N, D).
+Parameters are optimised in log space (log A, log E, ...) so that they stay positive; the Jacobians are
+analytic: finite differences cost one residual evaluation per parameter at every step, and a report refits
+each law some hundreds of times.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares
+
+from mixmae_scale.scaling.intervals import Interval, bootstrap_interval, lost_rounds, verdict
 
 
 class FitError(ValueError):
@@ -24,10 +29,24 @@ class LawFit:
     names: tuple[str, ...]
     values: dict[str, float]
     residual_rms: float  # of log residuals on the fitted points
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap 5-95%
+    intervals: dict[str, Interval | None] = field(default_factory=dict)  # bootstrap 5-95%
+    rounds: int = 0  # bootstrap resamples with enough distinct runs to refit
+    refitted: int = 0  # of those, the ones whose refit converged
+    missing: str = ""  # why there are no intervals, when the bootstrap could not run (e.g. one seed per point)
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
+
+    def verdicts(self) -> dict[str, str]:
+        missing = self.missing or (lost_rounds(self.refitted, self.rounds, "the refit failed") if self.rounds
+                                   else "no bootstrap")
+        return {name: verdict(self.intervals.get(name), missing) for name in self.names}
+
+    @property
+    def identified(self) -> bool:
+        """A law is identified when every parameter is: its derived results (an optimal split, an
+        extrapolation, a fit line) use them all."""
+        return all(v == "identified" for v in self.verdicts().values())
 
 
 def compute_law(c: np.ndarray, e: float, a: float, alpha: float) -> np.ndarray:
@@ -57,21 +76,23 @@ def _finite(name: str, values: dict[str, float]) -> dict[str, float]:
     return values
 
 
-def _robust_fit(residuals, starts: list[np.ndarray], f_scale: float = 0.02) -> tuple[np.ndarray, float]:
+def _robust_fit(residuals, jacobian, starts: list[np.ndarray], f_scale: float = 0.02) -> tuple[np.ndarray, float]:
+    """The best converged start. A start that runs out of evaluations is running off (alpha up, A overflowing)
+    and has not found a fit: it loses, and with no converged start the data do not pin the law down."""
     best = None
     for start in starts:
         try:
             # Bootstrap resamples can push a start into overflow; such starts simply lose.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                result = least_squares(residuals, start, loss="cauchy", f_scale=f_scale, max_nfev=5000)
+                result = least_squares(residuals, start, jac=jacobian, loss="cauchy", f_scale=f_scale, max_nfev=1000)
         except (ValueError, FloatingPointError):
             continue
-        if not np.isfinite(result.cost):
+        if result.status <= 0 or not np.isfinite(result.cost):
             continue
         if best is None or result.cost < best.cost:
             best = result
     if best is None:
-        raise FitError("no starting point converged")
+        raise FitError("no starting point converged: the data do not constrain the law")
     return best.x, float(np.sqrt(np.mean(residuals(best.x) ** 2)))
 
 
@@ -85,21 +106,26 @@ def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int =
     _check("L(C) fit", c, loss, minimum=4)
     scale = np.median(c)  # fit in C / median(C): exponents do not care, conditioning does
 
-    def residuals(p, cs=c / scale, ls=loss):
-        return np.log(compute_law(cs, np.exp(p[0]), np.exp(p[1]), p[2])) - np.log(ls)
+    cs, log_cs = c / scale, np.log(c / scale)
+
+    def residuals(p):
+        return np.log(compute_law(cs, np.exp(p[0]), np.exp(p[1]), p[2])) - np.log(loss)
+
+    def jacobian(p):
+        e, term = np.exp(p[0]), np.exp(p[1]) * np.power(cs, -p[2])
+        return np.column_stack([np.full_like(cs, e), term, -term * log_cs]) / (e + term)[:, None]
 
     if start:
         starts = [np.array([np.log(start["E"]), np.log(start["A"]) - start["alpha"] * np.log(scale), start["alpha"]])]
     else:
         starts = [np.array([np.log(f * loss.min()), np.log(g), alpha])
                   for f, g, alpha in itertools.product((0.3, 0.8), (0.1, 1.0), (0.1, 0.5))]
-    p, rms = _robust_fit(residuals, starts)
+    p, rms = _robust_fit(residuals, jacobian, starts)
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * scale ** p[2]), "alpha": float(p[2])}
     fit = LawFit(("E", "A", "alpha"), _finite("L(C) fit", values), rms)
     if bootstrap:
-        fit.intervals = _bootstrap(lambda idx: fit_compute(c[idx], loss[idx], start=fit.values), len(c), bootstrap,
-                                   seed, fit.names)
+        _bootstrap(fit, lambda idx: fit_compute(c[idx], loss[idx], start=fit.values), len(c), bootstrap, seed)
     return fit
 
 
@@ -109,9 +135,16 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
     _check("L(N, D) fit", n, d, loss, minimum=6)
     n_scale, d_scale = np.median(n), np.median(d)
 
-    def residuals(p, ns=n / n_scale, ds=d / d_scale, ls=loss):
-        pred = nd_law(ns, ds, np.exp(p[0]), np.exp(p[1]), p[2], np.exp(p[3]), p[4])
-        return np.log(pred) - np.log(ls)
+    ns, ds = n / n_scale, d / d_scale
+    log_ns, log_ds = np.log(ns), np.log(ds)
+
+    def residuals(p):
+        return np.log(nd_law(ns, ds, np.exp(p[0]), np.exp(p[1]), p[2], np.exp(p[3]), p[4])) - np.log(loss)
+
+    def jacobian(p):
+        e, term_n, term_d = np.exp(p[0]), np.exp(p[1]) * np.power(ns, -p[2]), np.exp(p[3]) * np.power(ds, -p[4])
+        columns = [np.full_like(ns, e), term_n, -term_n * log_ns, term_d, -term_d * log_ds]
+        return np.column_stack(columns) / (e + term_n + term_d)[:, None]
 
     if start:
         starts = [np.array([np.log(start["E"]), np.log(start["A"]) - start["alpha"] * np.log(n_scale), start["alpha"],
@@ -119,31 +152,35 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
     else:
         starts = [np.array([np.log(f * loss.min()), np.log(g), alpha, np.log(g), beta])
                   for f, g, alpha, beta in itertools.product((0.3, 0.8), (0.1, 1.0), (0.2, 0.6), (0.2, 0.6))]
-    p, rms = _robust_fit(residuals, starts)
+    p, rms = _robust_fit(residuals, jacobian, starts)
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * n_scale ** p[2]), "alpha": float(p[2]),
                   "B": float(np.exp(p[3]) * d_scale ** p[4]), "beta": float(p[4])}
     fit = LawFit(("E", "A", "alpha", "B", "beta"), _finite("L(N, D) fit", values), rms)
     if bootstrap:
-        fit.intervals = _bootstrap(lambda idx: fit_nd(n[idx], d[idx], loss[idx], start=fit.values), len(n),
-                                   bootstrap, seed, fit.names)
+        _bootstrap(fit, lambda idx: fit_nd(n[idx], d[idx], loss[idx], start=fit.values), len(n), bootstrap, seed)
     return fit
 
 
-def _bootstrap(refit, count: int, rounds: int, seed: int, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+def _bootstrap(fit: LawFit, refit, count: int, rounds: int, seed: int) -> None:
+    """Resamples runs with replacement (seeded: the same data give the same intervals). A resample with fewer
+    distinct runs than the law has parameters + 1 cannot test it and is not counted; one whose refit fails
+    is counted and has no value (see `intervals`)."""
     rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in fit.names}
     for _ in range(rounds):
         idx = rng.integers(0, count, count)
-        if len(np.unique(idx)) < min(count, len(names) + 1):
+        if len(np.unique(idx)) < min(count, len(fit.names) + 1):
             continue
+        fit.rounds += 1
         try:
-            fit = refit(idx)
+            refitted = refit(idx)
         except FitError:
             continue
-        for name in names:
-            samples[name].append(fit[name])
-    return {name: (float(np.percentile(v, 5)), float(np.percentile(v, 95))) for name, v in samples.items() if v}
+        fit.refitted += 1
+        for name in fit.names:
+            samples[name].append(refitted[name])
+    fit.intervals = {name: bootstrap_interval(samples[name], fit.rounds) for name in fit.names}
 
 
 def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,56 +1,77 @@
 """Approach 2 of Hoffmann et al. (2022): a parabola in log N per compute budget, its vertex, and power laws.
 
 For each budget C the sizes trained on exactly C give held-out losses; a parabola in log N through them
-has its vertex at the budget's compute-optimal size N*(C) and loss L*(C). Across budgets,
-N*(C) = k_N C^a and D*(C) = k_D C^b are straight lines in log-log. D* is the images a model of size N*
-sees on C: C / f(N*), with f (training FLOPs per image) interpolated in log-log across the family, since a
-Swin's FLOPs per image are not exactly 6N.
+has its vertex at the budget's compute-optimal size N*(C) and loss L*(C) when that vertex is a minimum
+inside the sizes trained (interior). Only interior minima are measurements: a vertex outside the sizes
+extrapolates a parabola (losses that still fall at the largest size put it near e^(10^15)), so only they
+feed the laws across budgets: N*(C) = k_N C^a and D*(C) = k_D C^b, straight lines in log-log, and
+L*(C) = E + A C^-alpha. A law through fewer than 3 interior budgets is not fitted (L*(C), with 3
+parameters, needs 4). D* is the images a model of size N* sees on C: C / f(N*), with f (training FLOPs per
+image) interpolated in log-log across the family, since a Swin's FLOPs per image are not exactly 6N.
 
-Uncertainty is a bootstrap over runs: in every round each (budget, size) cell draws its seeds with
-replacement, every parabola and every law is refitted. A parameter whose 5-95% interval is wider than a
-stated factor is reported as not identified, not as a finding.
+Uncertainty is a seeded bootstrap over seeds: in every round each (budget, size) cell draws its seeds with
+replacement, and every parabola and every law is refitted. Only a budget whose every size ran at least
+twice has a spread to draw from; a law through a budget with a size run once has no interval ("one
+seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
+through it; `intervals` says what that and a wide interval mean.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from mixmae_scale.scaling.fit import FitError, compute_law, fit_compute
+from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, fit_compute
+from mixmae_scale.scaling.intervals import Interval, bootstrap_interval, lost_rounds, verdict
 
-IDENTIFIED_FACTOR = 3.0  # a 5-95% interval wider than this factor (hi / lo) is "not identified"
+MIN_INTERIOR_BUDGETS = 3  # a line through two points has no residual to say whether it is one
+LEFT_THE_SIZES = "the minimum left the sizes"
 
 
 @dataclass
 class BudgetMinimum:
     budget: float
-    n_opt: float
-    loss_opt: float
-    interior: bool  # the vertex lies strictly inside the sizes trained at this budget, and is a minimum
     sizes: int
-    n_interval: tuple[float, float] | None = None
-    loss_interval: tuple[float, float] | None = None
+    seeds: int  # the fewest runs of any size at this budget
+    interior: bool  # the vertex lies strictly inside the sizes trained, is a minimum, and the measured best is too
+    n_opt: float | None  # the vertex, only when interior
+    loss_opt: float | None
+    best_n: float  # the size with the lowest mean loss and that loss: what was measured, interior or not
+    best_loss: float
+    n_interval: Interval | None = None
+    loss_interval: Interval | None = None
+    missing: str = ""  # why there is no interval
+
+
+@dataclass
+class PowerLaw:
+    """y = coefficient C^exponent through the interior minima, judged by the exponent's interval."""
+
+    exponent: float | None  # None: too few interior budgets to fit
+    coefficient: float | None
+    budgets: list[float]
+    interval: Interval | None = None
+    missing: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.interval, self.missing)
+
+    @property
+    def identified(self) -> bool:
+        return self.verdict == "identified"
 
 
 @dataclass
 class IsoFlopFit:
     minima: list[BudgetMinimum]
-    n_exponent: float
-    n_coefficient: float
-    d_exponent: float
-    d_coefficient: float
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    bootstrap_rounds_used: int = 0
-
-
-def identified(interval: tuple[float, float] | None, factor: float = IDENTIFIED_FACTOR) -> bool:
-    """A positive interval no wider than `factor`; an interval that reaches zero or below is not identified."""
-    if interval is None:
-        return False
-    low, high = interval
-    return low > 0 and high / low <= factor
+    n_opt: PowerLaw
+    d_opt: PowerLaw
+    loss_opt: LawFit | str  # L*(C) = E + A C^-alpha, or why it was not fitted
+    extrapolation: dict | str  # L*(C) without the largest interior budget, predicting it; or why not
+    rounds: int
 
 
 def parabola_vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, bool]:
@@ -81,24 +102,41 @@ def _cells(rows: list[dict]) -> dict[float, dict[int, list[float]]]:
     by_budget: dict[float, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_budget[float(r["budget"])][int(r["params"])].append(float(r["heldout_loss"]))
-    return by_budget
+    return {budget: dict(sorted(sizes.items())) for budget, sizes in sorted(by_budget.items())}
 
 
-def _minima(cells: dict[float, dict[int, list[float]]]) -> list[BudgetMinimum]:
-    minima = []
-    for budget in sorted(cells):
-        sizes = cells[budget]
-        log_n = np.concatenate([np.full(len(v), np.log(n)) for n, v in sizes.items()])
-        loss = np.concatenate([np.asarray(v, float) for v in sizes.values()])
-        x, l_opt, interior = parabola_vertex(log_n, loss)
-        minima.append(BudgetMinimum(budget, float(np.exp(x)), l_opt, interior, len(sizes)))
-    return minima
+def _vertex(sizes: dict[int, list[float]]) -> tuple[float, float, bool]:
+    log_n = np.concatenate([np.full(len(v), np.log(n)) for n, v in sizes.items()])
+    return parabola_vertex(log_n, np.concatenate([np.asarray(v, float) for v in sizes.values()]))
+
+
+def _minimum(budget: float, sizes: dict[int, list[float]]) -> BudgetMinimum:
+    x, loss_opt, interior = _vertex(sizes)
+    means = {n: float(np.mean(v)) for n, v in sizes.items()}
+    best = min(means, key=means.__getitem__)
+    return BudgetMinimum(budget, len(sizes), min(len(v) for v in sizes.values()), interior,
+                         float(np.exp(x)) if interior else None, loss_opt if interior else None, float(best),
+                         means[best])
 
 
 def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(exponent, coefficient) of y = k x^a, least squares in log-log."""
     slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
     return float(slope), float(np.exp(intercept))
+
+
+def _draw_vertices(cells, budgets: list[float], rounds: int, seed: int) -> dict[float, np.ndarray]:
+    """Per budget, (rounds, 2) of (log N*, L*) from cells whose seeds are drawn with replacement; NaN where
+    the drawn minimum is not interior."""
+    rng = np.random.default_rng(seed)
+    draws = {budget: np.full((rounds, 2), np.nan) for budget in budgets}
+    for r in range(rounds):
+        for budget in budgets:
+            drawn = {n: list(rng.choice(v, size=len(v), replace=True)) for n, v in cells[budget].items()}
+            x, loss, interior = _vertex(drawn)
+            if interior:
+                draws[budget][r] = x, loss
+    return draws
 
 
 def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoFlopFit:
@@ -110,67 +148,101 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     if thin:
         raise FitError(f"budget(s) {', '.join(f'{b:.3g}' for b in thin)} have fewer than 3 sizes: a parabola "
                        "needs 3")
+    minima = [_minimum(budget, sizes) for budget, sizes in cells.items()]
+    draws = _draw_vertices(cells, [m.budget for m in minima if m.interior and m.seeds >= 2], bootstrap, seed)
+    for m in minima:
+        _budget_interval(m, draws.get(m.budget), bootstrap)
+    feeding = [m for m in minima if m.interior]
+    if len(feeding) < MIN_INTERIOR_BUDGETS:
+        why = (f"{len(feeding)} of {len(minima)} budgets have an interior minimum; a law needs "
+               f"{MIN_INTERIOR_BUDGETS}")
+        return IsoFlopFit(minima, PowerLaw(None, None, [], missing=why), PowerLaw(None, None, [], missing=why),
+                          f"not fitted: {why}", "not run: L*(C) was not fitted", bootstrap)
     f = _flops_per_image(rows)
-    minima = _minima(cells)
-    budgets = np.array([m.budget for m in minima])
-    n_opt = np.array([m.n_opt for m in minima])
-    a_n, k_n = _power_law(budgets, n_opt)
-    a_d, k_d = _power_law(budgets, budgets / f(n_opt))
-    fit = IsoFlopFit(minima, a_n, k_n, a_d, k_d)
-    if bootstrap and all(len(v) >= 2 for sizes in cells.values() for v in sizes.values()):
-        _bootstrap(fit, cells, f, bootstrap, seed)  # one seed per cell has no spread to resample: no intervals
-    return fit
-
-
-def _bootstrap(fit: IsoFlopFit, cells, f, rounds: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = defaultdict(list)
-    per_budget: dict[float, list[tuple[float, float]]] = defaultdict(list)
-    for _ in range(rounds):
-        drawn = {b: {n: list(rng.choice(v, size=len(v), replace=True)) for n, v in sizes.items()}
-                 for b, sizes in cells.items()}
-        minima = _minima(drawn)
-        for m in minima:
-            per_budget[m.budget].append((m.n_opt, m.loss_opt))
-        budgets = np.array([m.budget for m in minima])
-        n_opt = np.array([m.n_opt for m in minima])
-        samples["n_exponent"].append(_power_law(budgets, n_opt)[0])
-        samples["d_exponent"].append(_power_law(budgets, budgets / f(n_opt))[0])
-        fit.bootstrap_rounds_used += 1
-    fit.intervals = {k: (float(np.percentile(v, 5)), float(np.percentile(v, 95))) for k, v in samples.items()}
-    for m in fit.minima:
-        draws = np.array(per_budget[m.budget])
-        m.n_interval = (float(np.percentile(draws[:, 0], 5)), float(np.percentile(draws[:, 0], 95)))
-        m.loss_interval = (float(np.percentile(draws[:, 1], 5)), float(np.percentile(draws[:, 1], 95)))
-
-
-def fit_frontier_law(fit: IsoFlopFit, bootstrap: int = 1000, seed: int = 0) -> dict:
-    """L*(C) = E + A C^-alpha through the budgets' parabola minima, the intervals from refitting it to minima
-    drawn within their own bootstrap intervals (normal, matching each 5-95% width), and an extrapolation
-    check: fitted without the largest budget, its L* predicted."""
-    budgets = np.array([m.budget for m in fit.minima])
-    losses = np.array([m.loss_opt for m in fit.minima])
-    if len(budgets) < 4:
-        raise FitError(f"L*(C) = E + A C^-alpha has 3 parameters: it needs at least 4 budgets, got {len(budgets)}")
-    law = fit_compute(budgets, losses)
-    spreads = np.array([(m.loss_interval[1] - m.loss_interval[0]) / 3.29 if m.loss_interval else 0.0
-                        for m in fit.minima])  # 5-95% of a normal spans 3.29 standard deviations
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = defaultdict(list)
-    for _ in range(bootstrap):
-        try:
-            refit = fit_compute(budgets, np.maximum(losses + rng.normal(0, spreads), 1e-6))
-        except FitError:
-            continue
-        for name in law.names:
-            draws[name].append(refit[name])
-    intervals = {k: (float(np.percentile(v, 5)), float(np.percentile(v, 95))) for k, v in draws.items() if v}
-    held_in = fit_compute(budgets[:-1], losses[:-1]) if len(budgets) >= 5 else None
-    result = {"values": law.values, "intervals_5_95": intervals, "log_rms": law.residual_rms}
-    if held_in is not None:
-        predicted = float(compute_law(budgets[-1:], held_in["E"], held_in["A"], held_in["alpha"])[0])
-        result["extrapolation"] = {"budget": float(budgets[-1]), "predicted": predicted, "observed": float(losses[-1]),
-                                   "relative_error": abs(predicted - losses[-1]) / losses[-1]}
+    budgets = np.array([m.budget for m in feeding])
+    n_opt = np.array([m.n_opt for m in feeding])
+    n_law = PowerLaw(*_power_law(budgets, n_opt), [float(b) for b in budgets])
+    d_law = PowerLaw(*_power_law(budgets, budgets / f(n_opt)), [float(b) for b in budgets])
+    loss_law = _frontier_law(budgets, np.array([m.loss_opt for m in feeding]))
+    one_seed = [m for m in feeding if m.seeds < 2]
+    if one_seed or not bootstrap:
+        why = (f"one seed: {len(one_seed)} of {len(feeding)} interior budgets have a size run once" if one_seed
+               else "no bootstrap")
+        for law in (n_law, d_law, loss_law):
+            if not isinstance(law, str):
+                law.missing = why
     else:
-        result["extrapolation"] = "needs at least 5 budgets (4 to fit, the largest to predict)"
-    return result
+        _bootstrap_laws(budgets, np.array([draws[b] for b in budgets]), f, n_law, d_law, loss_law)
+    return IsoFlopFit(minima, n_law, d_law, loss_law, _extrapolation(budgets, feeding, loss_law), bootstrap)
+
+
+def _budget_interval(m: BudgetMinimum, draws: np.ndarray | None, rounds: int) -> None:
+    if not m.interior:
+        m.missing = "no interior minimum"
+    elif m.seeds < 2:
+        m.missing = "one seed"
+    elif draws is None or not rounds:
+        m.missing = "no bootstrap"
+    else:
+        kept = draws[~np.isnan(draws[:, 0])]
+        log_n = bootstrap_interval(kept[:, 0], rounds)
+        m.n_interval = (float(np.exp(log_n[0])), float(np.exp(log_n[1]))) if log_n else None
+        m.loss_interval = bootstrap_interval(kept[:, 1], rounds)
+        m.missing = lost_rounds(len(kept), rounds, LEFT_THE_SIZES)
+
+
+def _frontier_law(budgets: np.ndarray, losses: np.ndarray) -> LawFit | str:
+    if len(budgets) < 4:
+        return (f"not fitted: L*(C) = E + A C^-alpha has 3 parameters: it needs at least 4 interior budgets, "
+                f"got {len(budgets)}")
+    try:
+        return fit_compute(budgets, losses)
+    except FitError as exc:
+        return f"not fitted: {exc}"
+
+
+def _bootstrap_laws(budgets: np.ndarray, draws: np.ndarray, f, n_law: PowerLaw, d_law: PowerLaw,
+                    loss_law: LawFit | str) -> None:
+    """`draws`: (budgets, rounds, 2). A round counts for a law only when every budget it goes through kept an
+    interior minimum (and, for L*(C), the refit converged)."""
+    rounds = draws.shape[1]
+    kept = ~np.isnan(draws[:, :, 0]).any(axis=0)
+    n_draws, d_draws = [], []
+    loss_draws: dict[str, list[float]] = defaultdict(list)
+    for r in np.flatnonzero(kept):
+        n_opt = np.exp(draws[:, r, 0])
+        n_draws.append(_power_law(budgets, n_opt)[0])
+        d_draws.append(_power_law(budgets, budgets / f(n_opt))[0])
+        if isinstance(loss_law, LawFit):
+            try:
+                refit = fit_compute(budgets, draws[:, r, 1], start=loss_law.values)
+            except FitError:
+                continue
+            for name in loss_law.names:
+                loss_draws[name].append(refit[name])
+    for law, values in ((n_law, n_draws), (d_law, d_draws)):
+        law.interval = bootstrap_interval(values, rounds)
+        law.missing = lost_rounds(len(values), rounds, "a minimum left the sizes")
+    if isinstance(loss_law, LawFit):
+        loss_law.rounds = rounds
+        loss_law.refitted = len(loss_draws[loss_law.names[0]])
+        loss_law.intervals = {name: bootstrap_interval(loss_draws[name], rounds) for name in loss_law.names}
+        loss_law.missing = lost_rounds(loss_law.refitted, rounds, "a minimum left the sizes or the refit failed")
+
+
+def _extrapolation(budgets: np.ndarray, feeding: list[BudgetMinimum], law: LawFit | str) -> dict | str:
+    """L*(C) fitted without the largest interior budget, its L* predicted: run only for an identified L*(C)."""
+    if isinstance(law, str):
+        return "not run: L*(C) was not fitted"
+    if not law.identified:
+        return "not run: L*(C) is not identified"
+    if len(budgets) < 5:
+        return "not run: needs at least 5 interior budgets (4 to fit, the largest to predict)"
+    losses = np.array([m.loss_opt for m in feeding])
+    try:
+        held_in = fit_compute(budgets[:-1], losses[:-1])
+    except FitError as exc:
+        return f"not computed: L*(C) without the largest budget: {exc}"
+    predicted = float(compute_law(budgets[-1:], held_in["E"], held_in["A"], held_in["alpha"])[0])
+    return {"budget": float(budgets[-1]), "predicted": predicted, "observed": float(losses[-1]),
+            "relative_error": abs(predicted - float(losses[-1])) / float(losses[-1])}

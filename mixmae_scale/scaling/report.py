@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mixmae_scale.atomic_file import replacing, write_text
 from mixmae_scale.scaling.fit import (
     FitError,
+    LawFit,
     compute_law,
     compute_optimal,
     extrapolation_error,
@@ -16,7 +18,8 @@ from mixmae_scale.scaling.fit import (
     fit_nd,
     nd_law,
 )
-from mixmae_scale.scaling.isoflop import IDENTIFIED_FACTOR, fit_frontier_law, fit_iso_flop, identified
+from mixmae_scale.scaling.intervals import IDENTIFIED_FACTOR, format_interval
+from mixmae_scale.scaling.isoflop import PowerLaw, fit_iso_flop
 
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
@@ -64,85 +67,136 @@ def frontier_compute(rows: list[dict]) -> np.ndarray:
     return np.array([r["flops"] for r in rows], float)
 
 
-def _extrapolation(c: np.ndarray, loss: np.ndarray) -> dict | str:
-    if len(c) < 6:
-        return "needs at least 6 runs on the fitted set"
-    try:
-        return extrapolation_error(c, loss, holdout=2)
-    except FitError as exc:
-        return f"not computed: {exc}"
+def _law_json(law: LawFit) -> dict:
+    return {"values": law.values, "intervals_5_95": law.intervals, "verdicts": law.verdicts(),
+            "identified": law.identified, "log_rms": law.residual_rms, "bootstrap_resamples": law.rounds,
+            "refitted": law.refitted}
 
 
-def fit_results(rows: list[dict], bootstrap: int = 200) -> dict:
+def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray) -> dict:
+    """The check of L(C): refitted without the two largest-compute runs of the set it was fitted on, predicting
+    them. Run only when L(C) itself is identified: checking a law the data do not pin down says nothing."""
+    check: dict = {"law": "L(C) = E + A C^-alpha", "method": "refitted without the two largest-compute runs of "
+                   "its fitted set, predicting them"}
+    if law is None:
+        check["result"] = "not run: L(C) was not fitted"
+    elif not law.identified:
+        check["result"] = "not run: L(C) is not identified"
+    elif len(c) < 6:
+        check["result"] = "not run: needs at least 6 runs on the fitted set"
+    else:
+        try:
+            check["result"] = extrapolation_error(c, loss, holdout=2)
+        except FitError as exc:
+            check["result"] = f"not computed: the refit on the {len(c) - 2} smaller runs failed: {exc}"
+    return check
+
+
+def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
+    """Every fit the report shows, with what supports it. `seed` seeds every bootstrap: the same results and
+    arguments give the same fit.json and report.md."""
     c = np.array([r["flops"] for r in rows], float)
     n = np.array([r["params"] for r in rows], float)
     d = np.array([r["images_seen"] for r in rows], float)
     loss = np.array([r["heldout_loss"] for r in rows], float)
-    front = frontier(frontier_compute(rows), loss)
+    compared_at = frontier_compute(rows)
+    front = frontier(compared_at, loss)
     use = front if len(front) >= 4 else np.arange(len(rows))
-    result: dict = {"runs": len(rows), "frontier_runs": [rows[i]["run_id"] for i in front],
+    result: dict = {"runs": len(rows), "bootstrap": {"rounds": bootstrap, "seed": seed},
+                    "identified_factor": IDENTIFIED_FACTOR, "frontier_runs": [rows[i]["run_id"] for i in front],
                     "compute_fit_on": "frontier" if len(front) >= 4 else "all runs (frontier has < 4 runs)"}
-    try:
-        law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap)
-    except FitError as exc:  # e.g. a few budgets whose losses drop too steeply for E + A C^-alpha
-        result["L_of_C"] = f"not fitted: {exc}"
-        result["extrapolation"] = "not computed: no L(C) fit"
+    levels = len(np.unique(compared_at[use]))
+    law_c = None
+    if levels < 4:  # 3 parameters through 2 or 3 compute levels: any curve fits, the values mean nothing
+        result["L_of_C"] = (f"not fitted: E + A C^-alpha has 3 parameters and these runs are at {levels} compute "
+                            "levels (budgets); it needs 4")
     else:
-        result["L_of_C"] = {"values": law_c.values, "intervals_5_95": law_c.intervals, "log_rms": law_c.residual_rms}
-        result["extrapolation"] = _extrapolation(c[use], loss[use])
+        try:
+            law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap, seed=seed)
+        except FitError as exc:  # e.g. a few budgets whose losses drop too steeply for E + A C^-alpha
+            result["L_of_C"] = f"not fitted: {exc}"
+        else:
+            result["L_of_C"] = _law_json(law_c)
+    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use])
     try:
-        law_nd = fit_nd(n, d, loss, bootstrap=bootstrap)
-        k = float(np.median(c / (n * d)))  # training FLOPs per parameter per image
-        budgets = np.logspace(np.log10(c.min()), np.log10(c.max() * 100), 5)
-        n_opt, d_opt = compute_optimal(law_nd, budgets, k)
-        result["L_of_N_D"] = {"values": law_nd.values, "intervals_5_95": law_nd.intervals,
-                              "log_rms": law_nd.residual_rms}
-        result["compute_optimal"] = [{"flops": float(b), "params": float(a), "images": float(i)}
-                                     for b, a, i in zip(budgets, n_opt, d_opt, strict=True)]
+        law_nd = fit_nd(n, d, loss, bootstrap=bootstrap, seed=seed)
     except FitError as exc:
         result["L_of_N_D"] = f"not fitted: {exc}"
+        result["compute_optimal"] = "not computed: L(N, D) was not fitted"
+    else:
+        result["L_of_N_D"] = _law_json(law_nd)
+        result["compute_optimal"] = _compute_optimal(law_nd, c, n, d)
     if all(r.get("budget") for r in rows):
-        result["iso_flop"] = iso_flop_summary(rows, bootstrap)
+        result["iso_flop"] = iso_flop_summary(rows, bootstrap, seed)
     return result
 
 
-def iso_flop_summary(rows: list[dict], bootstrap: int) -> dict | str:
-    """Approach 2: per-budget parabola minima, N*(C) and D*(C), and L*(C) through the minima."""
+def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray) -> list[dict] | str:
+    if not law.identified:
+        unidentified = sum(v != "identified" for v in law.verdicts().values())
+        return f"not identified: {unidentified} of {len(law.names)} parameters of L(N, D) are not identified"
+    k = float(np.median(c / (n * d)))  # training FLOPs per parameter per image
+    budgets = np.logspace(np.log10(c.min()), np.log10(c.max() * 100), 5)
+    n_opt, d_opt = compute_optimal(law, budgets, k)
+    return [{"flops": float(b), "params": float(a), "images": float(i),
+             "within_trained": bool(n.min() <= a <= n.max() and d.min() <= i <= d.max())}
+            for b, a, i in zip(budgets, n_opt, d_opt, strict=True)]
+
+
+def _power_law_json(law: PowerLaw) -> dict:
+    return {"exponent": law.exponent, "coefficient": law.coefficient, "exponent_5_95": law.interval,
+            "identified": law.identified, "verdict": law.verdict, "budgets": law.budgets}
+
+
+def iso_flop_summary(rows: list[dict], bootstrap: int, seed: int = 0) -> dict | str:
+    """Approach 2: per-budget parabola minima, N*(C), D*(C) and L*(C) through the interior ones."""
     try:
-        fit = fit_iso_flop(rows, bootstrap=max(bootstrap, 200))
+        fit = fit_iso_flop(rows, bootstrap=max(bootstrap, 200), seed=seed)
     except FitError as exc:
         return f"not fitted: {exc}"
-    summary: dict = {
-        "minima": [{"budget": m.budget, "n_opt": m.n_opt, "n_opt_5_95": m.n_interval, "loss_opt": m.loss_opt,
-                    "loss_opt_5_95": m.loss_interval, "interior": m.interior, "sizes": m.sizes} for m in fit.minima],
-        "interior_budgets": sum(m.interior for m in fit.minima),
-        "N_opt": {"exponent": fit.n_exponent, "coefficient": fit.n_coefficient,
-                  "exponent_5_95": fit.intervals.get("n_exponent"),
-                  "identified": identified(fit.intervals.get("n_exponent"))},
-        "D_opt": {"exponent": fit.d_exponent, "coefficient": fit.d_coefficient,
-                  "exponent_5_95": fit.intervals.get("d_exponent"),
-                  "identified": identified(fit.intervals.get("d_exponent"))},
-        "identified_factor": IDENTIFIED_FACTOR}
-    try:
-        law = fit_frontier_law(fit, bootstrap=max(bootstrap, 200))
-        law["identified"] = {k: identified(law["intervals_5_95"].get(k)) for k in law["values"]}
-        summary["L_opt_of_C"] = law
-    except FitError as exc:
-        summary["L_opt_of_C"] = f"not fitted: {exc}"
-    return summary
+    minima = [{"budget": m.budget, "sizes": m.sizes, "seeds": m.seeds, "interior": m.interior, "n_opt": m.n_opt,
+               "n_opt_5_95": m.n_interval, "loss_opt": m.loss_opt, "loss_opt_5_95": m.loss_interval,
+               "no_interval": m.missing if m.n_interval is None else None,
+               "best_measured": {"params": m.best_n, "loss": m.best_loss}} for m in fit.minima]
+    loss_law = fit.loss_opt if isinstance(fit.loss_opt, str) else {**_law_json(fit.loss_opt),
+                                                                   "budgets": fit.n_opt.budgets}
+    return {"minima": minima, "interior_budgets": sum(m.interior for m in fit.minima),
+            "bootstrap_rounds": fit.rounds, "N_opt": _power_law_json(fit.n_opt), "D_opt": _power_law_json(fit.d_opt),
+            "L_opt_of_C": loss_law, "L_opt_extrapolation": fit.extrapolation}
+
+
+def write_fit(fit: dict, path: Path) -> None:
+    """fit.json, atomically; a NaN or inf anywhere in it is a bug, refused here rather than written as
+    invalid JSON."""
+    write_text(path, json.dumps(fit, indent=2, allow_nan=False) + "\n")
+
+
+def _identified_law(fit: dict, key: str) -> dict | None:
+    law = fit[key]
+    return law if isinstance(law, dict) and law["identified"] else None
 
 
 def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
+    """report.md and its figures. A law's fit line, optimal split or extrapolation appears only when the law is
+    identified; otherwise the report says so where it would have been."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _write_figures(rows, fit, out)
+    report = out / "report.md"
+    write_text(report, report_markdown(rows, fit, figures))
+    return report
+
+
+def _write_figures(rows: list[dict], fit: dict, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     c = np.array([r["flops"] for r in rows], float)
     n = np.array([r["params"] for r in rows], float)
     d = np.array([r["images_seen"] for r in rows], float)
     loss = np.array([r["heldout_loss"] for r in rows], float)
+    law_c, law_nd = _identified_law(fit, "L_of_C"), _identified_law(fit, "L_of_N_D")
     figures = {}
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -150,11 +204,12 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     front = frontier(frontier_compute(rows), loss)
     ax.plot(c[front], loss[front], "k--", lw=1, label="compute frontier")
     grid = np.logspace(np.log10(c.min()), np.log10(c.max()), 100)
-    if isinstance(fit["L_of_C"], dict):
-        v = fit["L_of_C"]["values"]
+    if law_c:
+        v = law_c["values"]
         ax.plot(grid, compute_law(grid, v["E"], v["A"], v["alpha"]), "r",
                 label=f"fit: {v['E']:.3f} + A C^-{v['alpha']:.3f}")
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="held-out reconstruction loss", title="loss vs compute")
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="held-out reconstruction loss")
+    _title(ax, "loss vs compute", None if law_c else "L(C) is not identified: no fit line")
     ax.legend(fontsize=8)
     figures["loss_vs_compute.png"] = fig
 
@@ -187,94 +242,114 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
         figures["iso_flop.png"] = fig
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    if isinstance(fit["L_of_N_D"], dict):
-        w = fit["L_of_N_D"]["values"]
+    if law_nd:
+        w = law_nd["values"]
         predicted, label = nd_law(n, d, w["E"], w["A"], w["alpha"], w["B"], w["beta"]), "L(N, D) fit"
-    elif isinstance(fit["L_of_C"], dict):
-        v = fit["L_of_C"]["values"]
+    elif law_c:
+        v = law_c["values"]
         predicted, label = compute_law(c, v["E"], v["A"], v["alpha"]), "L(C) fit"
     else:
-        predicted, label = None, "no law fitted"
+        predicted, label = None, "no identified law"
     if predicted is not None:
         ax.scatter(loss, predicted, s=18)
         lims = [min(loss.min(), predicted.min()), max(loss.max(), predicted.max())]
         ax.plot(lims, lims, "k--", lw=1)
-    else:
-        ax.text(0.5, 0.5, "neither L(N, D) nor L(C) could be fitted", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="observed", ylabel="predicted", title=f"predicted vs observed ({label})")
+    ax.set(xlabel="observed", ylabel="predicted")
+    _title(ax, f"predicted vs observed ({label})",
+           None if predicted is not None else "neither L(N, D) nor L(C) is identified: nothing to predict with")
     figures["predicted_vs_observed.png"] = fig
 
     for name, figure in figures.items():
         figure.tight_layout()
-        figure.savefig(out / name, dpi=100)
+        with replacing(out / name) as tmp:
+            figure.savefig(tmp, dpi=100)
         plt.close(figure)
-    lines = ["# Scaling report", "", f"{len(rows)} runs; held-out reconstruction loss with fixed masks and seed.", "",
-             "| run | N | D (images) | C (FLOPs) | held-out loss |", "|---|---|---|---|---|"]
+    return list(figures)
+
+
+def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
+    bootstrap = fit["bootstrap"]
+    lines = ["# Scaling report", "", f"{len(rows)} runs; held-out reconstruction loss with fixed masks and seed. "
+             f"Bootstrap: {bootstrap['rounds']} resamples, seed {bootstrap['seed']} (the same results give the same "
+             "report).", "", "| run | N | D (images) | C (FLOPs) | held-out loss |", "|---|---|---|---|---|"]
     lines += [f"| {r['run_id']} | {r['params']:,} | {r['images_seen']:,} | {r['flops']:.3g} | {r['heldout_loss']:.4f} |"
               for r in sorted(rows, key=lambda r: r["flops"])]
-    if isinstance(iso, dict):
-        lines += _iso_flop_section(iso)
+    if isinstance(fit.get("iso_flop"), dict):
+        lines += _iso_flop_section(fit["iso_flop"])
     lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
-    if isinstance(fit["L_of_C"], dict):
-        lines += _parameter_table(fit["L_of_C"]["values"], fit["L_of_C"]["intervals_5_95"])
+    lines += _law_lines(fit["L_of_C"])
+    check = fit["extrapolation"]
+    result = check["result"]
+    if isinstance(result, dict):
+        result = (f"max relative error {100 * result['max_relative_error']:.1f}%, mean "
+                  f"{100 * result['mean_relative_error']:.1f}%")
+    lines += ["", f"Extrapolation check of {check['law']} ({check['method']}): {result}", "",
+              "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
+    lines += _law_lines(fit["L_of_N_D"])
+    lines += ["", "Compute-optimal allocation from L(N, D):"]
+    if isinstance(fit["compute_optimal"], list):
+        lines += ["", "| C | N* | D* | N* and D* within the N and D trained |", "|---|---|---|---|"]
+        lines += [f"| {p['flops']:.3g} | {p['params']:.3g} | {p['images']:.3g} | "
+                  f"{'yes' if p['within_trained'] else '**no**: an extrapolation of the law'} |"
+                  for p in fit["compute_optimal"]]
     else:
-        lines.append(fit["L_of_C"])
-    extrapolation = fit["extrapolation"]
-    if isinstance(extrapolation, dict):
-        extrapolation = (f"max relative error {100 * extrapolation['max_relative_error']:.1f}%, mean "
-                         f"{100 * extrapolation['mean_relative_error']:.1f}%")
-    lines += ["", f"Extrapolation check (fit without the two largest-compute runs, predict them): {extrapolation}",
-              "", "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
-    if isinstance(fit["L_of_N_D"], dict):
-        lines += _parameter_table(fit["L_of_N_D"]["values"], fit["L_of_N_D"]["intervals_5_95"])
-        lines += ["", "Compute-optimal allocation from L(N, D):", "", "| C | N* | D* |", "|---|---|---|"]
-        lines += [f"| {p['flops']:.3g} | {p['params']:.3g} | {p['images']:.3g} |" for p in fit["compute_optimal"]]
-    else:
-        lines.append(fit["L_of_N_D"])
+        lines[-1] += f" {fit['compute_optimal']}."
     lines += [""] + [f"![{name}]({name})" for name in figures]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return "\n".join(lines) + "\n"
 
 
-def _parameter_table(values: dict, intervals: dict) -> list[str]:
-    """A parameter whose interval is wider than IDENTIFIED_FACTOR is marked, not presented as a finding."""
+def _title(ax, title: str, note: str | None) -> None:
+    """The title, and under it why a fit line is missing."""
+    ax.set_title(f"{title}\n{note}" if note else title, fontsize=8 if note else 11)
+
+
+def _law_lines(law: dict | str) -> list[str]:
+    """A law's parameter table and what its bootstrap rested on, or why it was not fitted."""
+    if isinstance(law, str):
+        return [law]
     lines = ["| parameter | value | 5-95% bootstrap | identified |", "|---|---|---|---|"]
-    for key, value in values.items():
-        low_high = intervals.get(key)
-        ci = f"{low_high[0]:.4g} - {low_high[1]:.4g}" if low_high else "-"
-        verdict = "yes" if identified(low_high) else f"**no** (wider than {IDENTIFIED_FACTOR:g}x or not positive)"
-        lines.append(f"| {key} | {value:.4g} | {ci} | {verdict} |")
+    for key, value in law["values"].items():
+        said = law["verdicts"][key]
+        verdict = "yes" if said == "identified" else f"**no**{said.removeprefix('not identified')}"
+        lines.append(f"| {key} | {value:.4g} | {format_interval(law['intervals_5_95'].get(key))} | {verdict} |")
+    if law["bootstrap_resamples"]:
+        lines += ["", f"{law['refitted']} of {law['bootstrap_resamples']} bootstrap resamples refitted."]
     return lines
 
 
 def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
-             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained.",
-             "", "| budget C | N* | N* 5-95% | L* | interior |", "|---|---|---|---|---|"]
+             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
+             f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
+             "every (budget, size)'s seeds with replacement.", "",
+             "| budget C | sizes | fewest seeds per size | interior | N* | N* 5-95% | L* | lowest measured: N, loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for m in iso["minima"]:
-        ci = f"{m['n_opt_5_95'][0]:.3g} - {m['n_opt_5_95'][1]:.3g}" if m["n_opt_5_95"] else "-"
-        lines.append(f"| {m['budget']:.3g} | {m['n_opt']:.3g} | {ci} | {m['loss_opt']:.4f} | "
-                     f"{'yes' if m['interior'] else '**no**'} |")
+        ci = format_interval(m["n_opt_5_95"], 3) if m["n_opt_5_95"] else f"- ({m['no_interval']})"
+        n_opt = f"{m['n_opt']:.3g}" if m["interior"] else "-"
+        loss_opt = f"{m['loss_opt']:.4f}" if m["interior"] else "-"
+        best = m["best_measured"]
+        lines.append(f"| {m['budget']:.3g} | {m['sizes']} | {m['seeds']} | {'yes' if m['interior'] else '**no**'} | "
+                     f"{n_opt} | {ci} | {loss_opt} | {best['params']:.3g}, {best['loss']:.4f} |")
+    lines.append("")
     for name, label in (("N_opt", "N*(C) = k C^a"), ("D_opt", "D*(C) = k C^b (images)")):
         law = iso[name]
+        if law["exponent"] is None:
+            lines.append(f"- {label}: **{law['verdict']}**")
+            continue
         ci = law["exponent_5_95"]
-        text = (f"{law['exponent']:.3f} (5-95%: {ci[0]:.3f} - {ci[1]:.3f})" if ci else
-                f"{law['exponent']:.3f} (no interval: a point with one seed has no spread to resample)")
-        verdict = "" if law["identified"] else (
-            f" -- **not identified** (no interval, or wider than {IDENTIFIED_FACTOR:g}x)")
-        lines.append(f"- {label}: exponent {text}, k = {law['coefficient']:.3g}{verdict}")
-    frontier_law = iso["L_opt_of_C"]
-    lines += ["", "L*(C) = E + A C^-alpha through the budgets' minima:", ""]
-    if isinstance(frontier_law, dict):
-        lines += _parameter_table(frontier_law["values"], frontier_law["intervals_5_95"])
-        ex = frontier_law["extrapolation"]
-        lines.append("")
-        lines.append(f"Extrapolation (fitted without the largest budget, its L* predicted): {ex}" if isinstance(ex, str)
-                     else f"Extrapolation to the largest budget {ex['budget']:.3g}: predicted {ex['predicted']:.4f}, "
-                          f"observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
-    else:
-        lines.append(frontier_law)
+        text = f"exponent {law['exponent']:.3f}" + (f" (5-95%: {format_interval(ci, 3)})" if ci else "")
+        verdict = "identified" if law["identified"] else f"**{law['verdict']}**"
+        lines.append(f"- {label}: {text}, k = {law['coefficient']:.3g}, through {len(law['budgets'])} budgets: "
+                     f"{verdict}")
+    lines += ["", "L*(C) = E + A C^-alpha through the interior minima:", ""]
+    lines += _law_lines(iso["L_opt_of_C"])
+    ex = iso["L_opt_extrapolation"]
+    lines.append("")
+    lines.append(f"Extrapolation check of L*(C) (fitted without the largest interior budget, its L* predicted): {ex}"
+                 if isinstance(ex, str) else
+                 f"Extrapolation check of L*(C) to the largest interior budget {ex['budget']:.3g}: predicted "
+                 f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
     return lines
 
 
@@ -296,24 +371,37 @@ def _iso_flop_figure(plt, rows: list[dict], iso: dict):
         points = [(np.log(r["params"]), r["heldout_loss"]) for r in rows if r.get("budget") == m["budget"]]
         x, y = np.array(points).T
         grid = np.linspace(x.min(), x.max(), 50)
-        ax.plot(np.exp(grid), np.polyval(np.polyfit(x, y, 2), grid), "-", color=color, lw=1)
-        ax.plot(m["n_opt"], m["loss_opt"], "*", color=color, ms=12, mec="k")
+        ax.plot(np.exp(grid), np.polyval(np.polyfit(x, y, 2), grid), "-" if m["interior"] else ":", color=color,
+                lw=1)
+        if m["interior"]:
+            ax.plot(m["n_opt"], m["loss_opt"], "*", color=color, ms=12, mec="k")
     ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss (mean, std over seeds)",
-           title="iso-FLOP curves: parabola in log N, minimum starred")
+           title="iso-FLOP curves: parabola in log N, interior minima starred")
     ax.legend(fontsize=7)
     return fig
 
 
 def _n_opt_figure(plt, iso: dict):
+    """Interior minima with their intervals, the sizes that did best where the minimum is not interior, and the
+    N*(C) line only when that law is identified."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    budgets = np.array([m["budget"] for m in iso["minima"]])
-    n_opt = np.array([m["n_opt"] for m in iso["minima"]])
-    low = np.array([m["n_opt_5_95"][0] if m["n_opt_5_95"] else m["n_opt"] for m in iso["minima"]])
-    high = np.array([m["n_opt_5_95"][1] if m["n_opt_5_95"] else m["n_opt"] for m in iso["minima"]])
-    ax.errorbar(budgets, n_opt, yerr=[n_opt - low, high - n_opt], fmt="o", capsize=3, label="parabola minima (5-95%)")
+    interior = [m for m in iso["minima"] if m["interior"]]
+    edge = [m for m in iso["minima"] if not m["interior"]]
+    if interior:
+        budgets = np.array([m["budget"] for m in interior])
+        n_opt = np.array([m["n_opt"] for m in interior])
+        low = np.array([m["n_opt_5_95"][0] if m["n_opt_5_95"] else m["n_opt"] for m in interior])
+        high = np.array([m["n_opt_5_95"][1] if m["n_opt_5_95"] else m["n_opt"] for m in interior])
+        ax.errorbar(budgets, n_opt, yerr=[n_opt - low, high - n_opt], fmt="o", capsize=3,
+                    label="interior parabola minima (5-95% where seeds allow)")
+    if edge:
+        ax.plot([m["budget"] for m in edge], [m["best_measured"]["params"] for m in edge], "x", color="0.4",
+                label="no interior minimum: best size trained")
     law = iso["N_opt"]
-    grid = np.logspace(np.log10(budgets.min()), np.log10(budgets.max()), 20)
-    ax.plot(grid, law["coefficient"] * grid ** law["exponent"], "r-", label=f"N* ~ C^{law['exponent']:.2f}")
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal N*", title="N*(C)")
+    if law["identified"]:
+        grid = np.logspace(np.log10(min(law["budgets"])), np.log10(max(law["budgets"])), 20)
+        ax.plot(grid, law["coefficient"] * grid ** law["exponent"], "r-", label=f"N* ~ C^{law['exponent']:.2f}")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal N*")
+    _title(ax, "N*(C)", None if law["identified"] else f"{law['verdict']}: no fit line")
     ax.legend(fontsize=8)
     return fig

@@ -90,9 +90,9 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_sp
 def test_demo_pretraining_beats_random_init_by_several_times_the_seed_spread(tmp_path, capsys):
     """The quickstart's claim, on the full demo data (2,600 images) and its 405-step schedule, in the
     precision `auto` picks here (bf16 with AVX-512, fp32 without). Measured without native bf16 (fp32),
-    training seeds 0, 1, 2: linear 83.2, 84.4, 85.0% and k-NN 63.2, 69.2, 71.4% against random inits at
-    78.3 +- 1.0 and 56.6 +- 1.4; bf16 with AVX-512, seed 0: 83.2 and 59.6%. The linear margin (4.9 to
-    6.7 points, 4.8-6.6x the spread) is the one held to 3x; k-NN must beat every random init. One random
+    training seeds 0, 1, 2: linear 83.0, 85.0, 83.4% and k-NN 65.8, 69.2, 68.8% against random inits at
+    78.3 +- 1.0 and 56.6 +- 1.4 (benchmarks/results/demo_probe_cpu_fp32.json). The linear margin (4.7 to
+    6.7 points, 4.6-6.6x the spread) is the one held to 3x; k-NN must beat every random init. One random
     init used to beat a pretrained encoder on the old last-stage probe: one baseline is no evidence."""
     from mixmae_scale.shards.convert import ConvertOptions, convert
     from mixmae_scale.shards.demo import build_demo_images
