@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", choices=["dali", "torch"], default="dali")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mixmae-startup-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS / "startup.json")
+    parser.add_argument("--label", default="", help="what ran, recorded in the JSON (e.g. another commit's loader)")
     args = parser.parse_args()
     sets = {}
     for count in args.shards:
@@ -141,10 +143,10 @@ def main() -> None:
               f"{row['peak_fds']:>9} {row['peak_rss_mib']:>13.0f}")
     result = {"benchmark": "startup", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "backend": args.backend, "world": 64, "rank": 0,
-              "samples_per_shard": PER_SHARD, "ulimit_nofile": 1024, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    write_text(RESULTS / "startup.json", json.dumps(result, indent=2))
-    print(f"wrote {RESULTS / 'startup.json'}")
+              "samples_per_shard": PER_SHARD, "ulimit_nofile": 1024, "label": args.label, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

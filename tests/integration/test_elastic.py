@@ -106,3 +106,31 @@ def test_a_bf16_run_resumes_in_fp32_on_a_cpu_without_native_bf16(demo_shards, tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dtype"] == "fp32" and summary["steps"] == 4
     assert all(v == v for v in losses(run).values())
+
+
+def test_ranks_that_resolve_another_configuration_end_the_job_in_one_message(demo_shards, tmp_path):
+    """A different file or setting on one node: two ranks on this host started the way `srun` starts them (its
+    variables set by hand, no Slurm here), rank 1 with another learning rate. Before anything is loaded or written
+    the job ends, and the message names the rank and the key on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from free_port import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", SLURM_STEP_ID="0", SLURM_NTASKS="2",
+               SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    run = tmp_path / "mixed"
+    base = [sys.executable, "-m", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run), "--set",
+            f"data.shards={demo_shards}", "precision.dtype=fp32", "--max-steps", "2"]
+    ranks = [subprocess.Popen(base + (["--set", "optim.base_learning_rate=0.02"] if r else []),
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert all(rank.returncode != 0 for rank in ranks), outputs
+    text = "".join(outputs)
+    assert "ranks 1 (" in text and "resolved another configuration than rank 0" in text, text[-3000:]
+    assert "config.optim.base_learning_rate: 0.01 on rank 0, 0.02 on rank 1" in text
+    assert not (run / "checkpoints").exists()

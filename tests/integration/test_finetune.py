@@ -71,6 +71,30 @@ def test_export_best_writes_the_best_checkpoints_classifier(finetuned, tmp_path)
     assert "head.weight" in a and a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
+def test_a_finetune_on_two_ranks_continues_on_one_with_its_evaluations_and_best(finetuned, demo_shards, tmp_path):
+    """Fine-tuning 2 -> 1 ranks at the same global batch (8 x 2 accumulated): the optimizer state goes through
+    DeepSpeed's universal checkpoint, and the job's own state carries over: eval.jsonl keeps its rows and grows,
+    and the best top-1 so far (with its checkpoint in best/) is kept unless a new evaluation beats it."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finetuned / "run", run_dir)
+    before = json.loads((run_dir / "summary.json").read_text())["best"]
+    result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir), "--set",
+                 f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=8", "batch.global_batch=16",
+                 "logging.every_steps=5", "data.shuffle_buffer=64", "finetune.eval_every_epochs=0.5",
+                 "--max-steps", "24", ranks=1)
+    text = result.stdout + result.stderr
+    assert "across a change of layout (world size 2 -> 1)" in text and "resumed from" in text, text[-3000:]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [9, 18, 20, 24] and all(e["samples"] == 80 for e in evals)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["best"]["top1"] == max(e["top1"] for e in evals)
+    assert summary["best"]["top1"] >= before["top1"]
+    if summary["best"]["step"] == before["step"]:
+        assert summary["best"] == before
+
+
 def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_split_under_one_batch(
         finetuned, demo_shards):
     # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary. On two
