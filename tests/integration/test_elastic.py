@@ -1,6 +1,7 @@
 """A run continues on another number of ranks or another precision: 2 -> 1 -> 2 CPU ranks (gloo) through the real
-launcher at ZeRO-2 and at ZeRO-3 with the optimizer offloaded, and bf16 -> fp32, against an uninterrupted run at
-the same global batch of 16 (micro-batch 8 on 2 ranks, 8 x 2 accumulated on one)."""
+launcher at ZeRO-2 (the second 2 as two launchers standing in for two nodes) and at ZeRO-3 with the optimizer
+offloaded, and bf16 -> fp32, against an uninterrupted run at the same global batch of 16 (micro-batch 8 on 2
+ranks, 8 x 2 accumulated on one)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import NATIVE_BF16, launch, losses
+from test_pretrain import NATIVE_BF16, launch, launch_two_nodes, losses
 
 pytestmark = pytest.mark.slow
 COMMON = ("precision.dtype=fp32", "checkpoint.every_steps=4", "optim.base_learning_rate=0.02")
@@ -65,8 +66,10 @@ def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_p
     assert (config["derived"]["micro_batch"], config["derived"]["accumulation"]) == (8, 2)
     assert_carried_over_exactly(run / "checkpoints", 4)
     assert mean_loss(run, range(5, 9)) == pytest.approx(mean_loss(uninterrupted, range(5, 9)), rel=0.03)
-    two = launch_on(2, run, demo_shards, *COMMON, "zero.stage=2", max_steps=12)
-    assert "across a change of layout (world size 1 -> 2)" in two.stdout + two.stderr
+    two = launch_two_nodes(run, demo_shards, *COMMON, "zero.stage=2", max_steps=12)
+    assert "across a change of layout (world size 1 -> 2)" in two[0]
+    marker = json.loads((run / "checkpoints" / "step00000012" / "COMPLETE").read_text())
+    assert marker["world_size"] == 2 and {"rank_0.json", "rank_1.json"} <= set(marker["files"])
     assert sorted(losses(run)) == list(range(1, 13))
     assert mean_loss(run, range(9, 13)) == pytest.approx(mean_loss(uninterrupted, range(9, 13)), rel=0.03)
     ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
