@@ -1,11 +1,12 @@
 """Reading a rank's samples out of tar shards, ahead of training, in two background threads.
 
-A rank's run of the epoch (data/shard_sets.py) is read window by window: each window's samples are a
-few contiguous runs of shards, each fetched as one byte range (one request on object storage) and
-sliced into members with the shard's index; the window is then shuffled with a seed that names it,
-and cut into micro-batches with each sample's crop and flip (data/crop_params.py). One thread fetches
-the next window while the other hands out the current one, so a slow store costs a window of latency,
-not a stall per sample. Only the shards a rank reads are ever opened, and only their indexes parsed.
+A rank's run of the epoch (data/shard_sets.py) is read window by window: a window's samples are a few
+contiguous runs of shards, sliced into members with each shard's index out of one byte-range request per
+shard (on object storage one GET, left open from one window to the next while the run stays inside the
+shard, so a shard costs one request however the windows cut it); the window is then shuffled with a seed
+that names it, and cut into micro-batches with each sample's crop and flip (data/crop_params.py). One thread
+fetches the next window while the other hands out the current one, so a slow store costs a window of
+latency, not a stall per sample. Only the shards a rank reads are ever opened, and only their indexes parsed.
 
 Errors in either thread reach the training thread at its next batch, with the shard and sample named.
 """
@@ -26,6 +27,7 @@ from mixmae_scale.data.shard_index import ShardIndex, read_index
 from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits, stream_seed
 
 INDEX_CACHE = 16
+OPEN_STREAMS = 4  # byte-range reads kept open between windows (one per shard the rank's run is inside)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class SampleSource:
     def __init__(self, mixture: ShardMixture, with_meta: bool = False) -> None:
         self.mixture, self.with_meta = mixture, with_meta
         self._indexes: OrderedDict[tuple[int, int], ShardIndex] = OrderedDict()
+        self._open: dict[tuple[int, int], tuple[_ForwardReader, int, int]] = {}
         self._lock = threading.Lock()
 
     def index(self, source: int, shard: int) -> ShardIndex:
@@ -107,41 +110,69 @@ class SampleSource:
                 yield from self._read_run(visits, visit, first, stop)
                 position += stop - first
 
+    def _stream(self, visits: Visits, visit: int, first: int, index: ShardIndex, url: str, expected: int
+                ) -> tuple[_ForwardReader, int]:
+        """A reader positioned for sample `first` of the visit: the one left open by the previous window when it
+        stopped right there (a rank's run crosses window boundaries inside a shard), else one new request from
+        this sample to the shard's end, which a later window of the same visit continues."""
+        key = (visits.epoch, visit)
+        held = self._open.pop(key, None)
+        if held is not None and held[1] == first:
+            return held[0], held[2]
+        if held is not None:
+            held[0].stream.close()
+        start, end = index.span(first, len(index))
+        stream = storage.open_range(url, start, end)
+        if expected and stream.total is not None and stream.total != expected:
+            stream.close()
+            raise DataError(f"{url}: {stream.total} bytes, the manifest says {expected}: the shard changed after it "
+                            "was indexed (re-run `mixmae shards adopt` or rebuild the shards)")
+        return _ForwardReader(stream, start), end
+
+    def _keep_open(self, visits: Visits, visit: int, reader: _ForwardReader, next_sample: int, end: int) -> None:
+        self._open[(visits.epoch, visit)] = (reader, next_sample, end)
+        while len(self._open) > OPEN_STREAMS:
+            stale = next(iter(self._open))
+            self._open.pop(stale)[0].stream.close()
+
+    def close(self) -> None:
+        for reader, _, _ in self._open.values():
+            reader.stream.close()
+        self._open.clear()
+
     def _read_run(self, visits: Visits, visit: int, first: int, stop: int) -> Iterator[RawSample]:
         source, shard = int(visits.source[visit]), int(visits.shard[visit])
         split = self.mixture.sets[source].shards
         index = self.index(source, shard)
         url = split.tar_url(shard)
-        start, end = index.span(first, stop)
-        expected = split.bytes_per_shard[shard]
+        reader, end = self._stream(visits, visit, first, index, url, split.bytes_per_shard[shard])
         epoch = visits.epoch
-        with storage.open_range(url, start, end) as stream:
-            if expected and stream.total is not None and stream.total != expected:
-                raise DataError(f"{url}: {stream.total} bytes, the manifest says {expected}: the shard changed after "
-                                "it was indexed (re-run `mixmae shards adopt` or rebuild the shards)")
-            reader = _ForwardReader(stream, start)
-            for i in range(first, stop):
-                members = [(int(index.image_offset[i]), int(index.image_size[i]), "image")]
-                if index.label_size[i]:
-                    members.append((int(index.label_offset[i]), int(index.label_size[i]), "label"))
-                if self.with_meta and index.meta_size[i]:
-                    members.append((int(index.meta_offset[i]), int(index.meta_size[i]), "meta"))
-                data = {}
+        for i in range(first, stop):
+            members = [(int(index.image_offset[i]), int(index.image_size[i]), "image")]
+            if index.label_size[i]:
+                members.append((int(index.label_offset[i]), int(index.label_size[i]), "label"))
+            if self.with_meta and index.meta_size[i]:
+                members.append((int(index.meta_offset[i]), int(index.meta_size[i]), "meta"))
+            data = {}
+            try:
+                for offset, size, what in sorted(members):
+                    data[what] = reader.read_at(offset, size)
+            except EOFError:
+                reader.stream.close()
+                raise DataError(f"{url}: ends before sample {index.keys[i]} (byte {end} expected): the shard is "
+                                "shorter than its index says; it was cut short or replaced") from None
+            label = -1
+            if "label" in data:
                 try:
-                    for offset, size, what in sorted(members):
-                        data[what] = reader.read_at(offset, size)
-                except EOFError:
-                    raise DataError(f"{url}: ends before sample {index.keys[i]} (byte {end} expected): the shard is "
-                                    "shorter than its index says; it was cut short or replaced") from None
-                label = -1
-                if "label" in data:
-                    try:
-                        label = int(data["label"])
-                    except ValueError:
-                        raise DataError(f"{url}: sample {index.keys[i]}: label {data['label'][:20]!r} is not an "
-                                        "integer") from None
-                yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"),
-                                (epoch, visit, i))
+                    label = int(data["label"])
+                except ValueError:
+                    raise DataError(f"{url}: sample {index.keys[i]}: label {data['label'][:20]!r} is not an "
+                                    "integer") from None
+            yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"), (epoch, visit, i))
+        if stop < len(index):
+            self._keep_open(visits, visit, reader, stop, end)
+        else:
+            reader.stream.close()
 
 
 class RankStream:
@@ -182,6 +213,12 @@ class RankStream:
 
     def _fetch(self, layout: Layout, start_batch: int) -> None:
         """Windows of samples, in reading order, with where the first batch starts inside them."""
+        try:
+            self._fetch_windows(layout, start_batch)
+        finally:
+            self.source.close()
+
+    def _fetch_windows(self, layout: Layout, start_batch: int) -> None:
         while not self._stop.is_set():
             visits = self.mixture.visits(self.seed, layout.epoch)
             run = layout.batches * layout.micro
@@ -235,11 +272,15 @@ class RankStream:
             return item
 
     def close(self) -> None:
-        self._stop.set()
+        self._stop.set()  # the fetch thread closes its open byte ranges as it stops
 
 
 def ordered_samples(mixture: ShardMixture, rank: int, world: int, with_meta: bool = False) -> Iterator[RawSample]:
     """Evaluation: this rank's contiguous share of the split in shard order (every sample once over the ranks)."""
     visits = mixture.in_order()
     samples = visits.samples
-    yield from SampleSource(mixture, with_meta).read(visits, [(samples * rank // world, samples * (rank + 1) // world)])
+    source = SampleSource(mixture, with_meta)
+    try:
+        yield from source.read(visits, [(samples * rank // world, samples * (rank + 1) // world)])
+    finally:
+        source.close()

@@ -21,11 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
-from mixmae_scale.data.manifest import load_split
+from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
 
 
-def subset_shards(shards: str | Path, fraction: float, out: Path) -> Path:
+def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | None = None) -> Path:
     """A folder whose manifest lists the first ceil(fraction x n) training shards and every validation shard,
     pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
     and data fractions are nested, so larger ones see a superset."""
@@ -41,7 +41,7 @@ def subset_shards(shards: str | Path, fraction: float, out: Path) -> Path:
     for split in manifest["splits"].values():
         split["shards"] = [{**s, "name": storage.join(base, s["name"]), "index": storage.join(location, s["index"])}
                            for s in split["shards"]]
-    train = manifest["splits"]["train"]
+    train = manifest["splits"][split or "train"]  # a mixture's source may train on another split: it becomes train
     keep = train["shards"][: max(1, math.ceil(fraction * len(train["shards"])))]
     manifest["splits"]["train"] = {**train, "shards": keep, "samples": sum(s["samples"] for s in keep)}
     manifest["base"] = location
@@ -51,10 +51,24 @@ def subset_shards(shards: str | Path, fraction: float, out: Path) -> Path:
     return folder
 
 
-def run_overrides(run: PlannedRun, shards: Path, steps_per_epoch: int) -> list[str]:
+def run_data(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int]:
+    """The overrides that point a run at its data fraction (of the one set, or of every set of a mixture) and the
+    samples per epoch they give (a mixture: each set's subset times its weight)."""
+    subset = subset_shards(spec.shards, fraction, out / "data")
+    if not spec.sources:
+        return [f"data.shards={subset}"], load_split(subset, "train").samples
+    mixture, samples = [], 0.0
+    for number, source in enumerate(spec.sources):
+        part = subset_shards(source["shards"], fraction, out / "data" / f"source{number}", source.get("split"))
+        mixture.append({"shards": str(part), "weight": source["weight"], "split": "train"})
+        samples += source["weight"] * load_split(part, "train").samples
+    return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples))
+
+
+def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int) -> list[str]:
     """The run's budget is its whole schedule: warm-up 10%, cosine to the last step."""
     epochs = run.steps / steps_per_epoch
-    return [*run.overrides, f"data.shards={shards}", f"schedule.epochs={epochs!r}",
+    return [*run.overrides, *data, f"schedule.epochs={epochs!r}",
             f"schedule.warmup_epochs={0.1 * epochs!r}", "checkpoint.every_steps=1000000",
             "logging.visualize_every_steps=0", "logging.tensorboard=false", f"run.name={run.run_id}"]
 
@@ -75,9 +89,8 @@ def _append(results: Path, row: dict) -> None:
 def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log=print, parallel: int = 1
               ) -> list[dict]:
     """Run every planned run here (`parallel` at a time, the cores shared out), or write their launch lines."""
-    shards = Path(spec.shards)
     # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
-    train_samples = spec.train_samples_for_plan() if emit_commands is not None else load_split(shards, "train").samples
+    train_samples = spec.train_samples_for_plan()
     out.mkdir(parents=True, exist_ok=True)
     base_lr = None
     if spec.learning_rate.sweep:
@@ -150,8 +163,11 @@ def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tupl
 
 def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int) -> str:
     nodes, gpus = cluster_shape(run.global_batch, spec.cluster["gpus_per_node"], spec.cluster["max_nodes"])
-    samples = max(1, int(train_samples * run.data_fraction))
-    schedule = run_overrides(run, Path(spec.shards), max(1, samples // run.global_batch))
+    try:
+        data, samples = run_data(spec, run.data_fraction, out)
+    except DataError:  # planned where the shards are not (the spec's train_samples): the set named as it is
+        data, samples = [f"data.shards={spec.shards}"], max(1, int(train_samples * run.data_fraction))
+    schedule = run_overrides(run, data, max(1, samples // run.global_batch))
     sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
             f"run.output_dir={out / 'runs'}"]
     return "mixmae launch " + shlex.join([spec.profile, *[a for item in sets for a in ("--set", item)]])
@@ -181,7 +197,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
         else:
             pending.append((index, run))
     for fraction in {run.data_fraction for _, run in pending}:  # made once, before runs start side by side
-        subset_shards(spec.shards, fraction, out / "data")
+        run_data(spec, fraction, out)
     threads = max(1, (os.cpu_count() or 2) // max(parallel, 1))
     with ThreadPoolExecutor(max(parallel, 1)) as pool:
         futures = {pool.submit(_one_run, spec, run, out, threads): (index, run) for index, run in pending}
@@ -196,10 +212,10 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
 
 
 def _one_run(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> dict:
+    data, samples = run_data(spec, run.data_fraction, out)
     subset = subset_shards(spec.shards, run.data_fraction, out / "data")
-    samples = load_split(subset, "train").samples
     steps_per_epoch = max(1, samples // run.global_batch)
-    sets = [arg for item in run_overrides(run, subset, steps_per_epoch) for arg in ("--set", item)]
+    sets = [arg for item in run_overrides(run, data, steps_per_epoch) for arg in ("--set", item)]
     run_dir = out / "runs" / run.run_id
     args = ["pretrain", "--profile", spec.profile, "--run-dir", str(run_dir), "--max-steps", str(run.steps), *sets,
             "--set", f"data.num_threads={threads}"]

@@ -2,12 +2,15 @@
 
     name: demo-sweep
     profile: tiny                      # every run starts from this profile (a name, or a YAML path)
-    shards: ../demo_data/shards        # relative paths are relative to this file
+    shards: ../demo_data/shards        # relative paths are relative to this file; an s3:// prefix works too
+    sources:                           # optional: train on a mixture (data.sources); shards above is then validation
+      - {shards: ../demo_data/shards, weight: 2}
+      - {shards: s3://bucket/adopted-index, weight: 1}
     train_samples: 2600                # optional: the training split's size, to plan where the shards are not
     sizes:                             # named sizes or model.* overrides
       - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8]}}
       - {name: w32, model: {embed_dim: 32}}
-    data_fractions: [0.5, 1.0]         # share of the training shards each run may read
+    data_fractions: [0.5, 1.0]         # share of the training shards each run may read (of every source's)
     steps: [60, 120]                   # a grid: optimizer steps per run (or epochs: [...])
     # or, instead of steps/epochs, an iso-FLOP design (Hoffmann et al. 2022, approach 2): every size
     # trains on each budget, its steps chosen so that it spends that many training FLOPs
@@ -41,7 +44,7 @@ from mixmae_scale.config import ConfigError, load_resolved
 from mixmae_scale.models.flops import model_report
 
 KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "budgets", "seeds", "set",
-              "probe", "learning_rate", "cluster", "train_samples"}
+              "probe", "learning_rate", "cluster", "train_samples", "sources"}
 LR_RULES = ("fixed", "inverse_width")
 
 
@@ -100,6 +103,7 @@ class SweepSpec:
     learning_rate: LearningRateRule = field(default_factory=LearningRateRule)
     cluster: dict[str, int] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
     train_samples: int | None = None  # recorded in the spec: plans without the shards
+    sources: list[dict[str, Any]] = field(default_factory=list)  # a training mixture: {shards, weight, split}
 
     def train_samples_for_plan(self, given: int | None = None) -> int:
         """The training split's size for planning: `given` (--train-samples), else the shards' manifest, else
@@ -109,6 +113,9 @@ class SweepSpec:
         if given is not None:
             return given
         try:
+            if self.sources:
+                return round(sum(s["weight"] * load_split(s["shards"], s.get("split") or "train").samples
+                                 for s in self.sources))
             return load_split(self.shards, "train").samples
         except DataError as exc:
             if self.train_samples is not None:
@@ -120,7 +127,10 @@ class SweepSpec:
 
 
 def _beside(spec_path: Path, value: str) -> str:
-    """A path written in a spec means the same wherever the command is run: relative to the spec file."""
+    """A path written in a spec means the same wherever the command is run: relative to the spec file. An
+    s3:// prefix stays as it is."""
+    if value.startswith("s3://"):
+        return value
     path = Path(value).expanduser()
     return os.path.normpath(path if path.is_absolute() else spec_path.absolute().parent / path)
 
@@ -163,7 +173,7 @@ def load_spec(path: str | Path) -> SweepSpec:
                      [int(s) for s in raw.get("seeds", [0])], [str(s) for s in raw.get("set", [])],
                      bool(raw.get("probe", False)), [float(b) for b in raw.get("budgets", [])],
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
-                     train_samples)
+                     train_samples, _sources(path, raw.get("sources", [])))
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
         raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
     _check_size_budgets(path, spec)
@@ -196,6 +206,23 @@ def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
         if count < 3:
             raise ConfigError(f"{path}: budget {budget:.3g} has {count} size(s) training on it; its iso-FLOP "
                               "parabola needs at least 3")
+
+
+def _sources(path: Path, raw: Any) -> list[dict[str, Any]]:
+    """A training mixture: each entry a shard set (folder or s3://, relative to the spec), its weight, its split."""
+    if not isinstance(raw, list) or any(not isinstance(s, dict) or "shards" not in s or set(s) - {"shards", "weight",
+                                                                                                  "split"}
+                                        for s in raw):
+        raise ConfigError(f"{path}: sources is a list of {{shards, weight, split}} mappings (shards required), got "
+                          f"{raw!r}")
+    out = []
+    for entry in raw:
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
+            raise ConfigError(f"{path}: sources weight must be a positive number, got {weight!r}")
+        out.append({"shards": _beside(path, str(entry["shards"])), "weight": float(weight),
+                    **({"split": str(entry["split"])} if entry.get("split") else {})})
+    return out
 
 
 def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
