@@ -242,6 +242,6 @@ def test_shards_in_object_storage_read_as_from_disk_in_few_requests(demo_shards,
     # 1 manifest + 5 indexes + one byte range per shard (a range stays open across the windows that cut a shard);
     # the reader is up to 3 windows (of 64) into the next epoch by the time this one is consumed: at most 4 more.
     assert gets <= 1 + 5 + 5 + 4, dict(storage.REQUESTS)
-    assert gets / samples < 0.05
+    assert gets / samples < 0.1  # DALI's own S3 reader: about 2.3 (one request per member)
     with pytest.raises(DataError, match=f"s3://{s3_bucket}/missing/dataset.json: GET failed: no such object"):
         ShardLoader(f"s3://{s3_bucket}/missing", "train", spec, "torch")
