@@ -240,6 +240,13 @@ class TrainingLoop:
                 "skip": "keeps these weights and skips the failed attempts' data",
                 "replay": "replays this step's data"}[policy])
 
+    def _stop_for_signal(self, saved: Path) -> None:
+        self.last_saved, self.stopped_by_signal = saved, True
+        if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
+            report_stop(saved, self.step)
+        if self.ctx.rank == 0:
+            log.warning("stop requested: checkpoint %s written at step %d, exiting", saved, self.step)
+
     def run(self) -> dict[str, Any]:
         config, derived, rank = self.config, self.derived, self.ctx.rank
         last_step = self.ctx.last_step
@@ -299,11 +306,12 @@ class TrainingLoop:
                                 "with the next data", self.step, guard.in_a_row)
                 if guard.exhausted:
                     self._stop_nonfinite(boundary)
-                if not stop_now:
-                    continue
-            else:
-                guard.succeeded()
-                self.step += 1
+                if stop_now:  # the step is not done: save the state as it is, without logging the step again
+                    self._stop_for_signal(self.save(self.step))
+                    break
+                continue
+            guard.succeeded()
+            self.step += 1
             if self.step == 1 and rank == 0 and self.job.compiled_blocks:
                 log.info("first step took %.1f s, compiling %d block(s) included", time.perf_counter() - step_start,
                          self.job.compiled_blocks)
@@ -319,12 +327,7 @@ class TrainingLoop:
             if self.step % config.checkpoint.every_steps == 0 or at_end or stop_now:
                 self.last_saved = self.save(self.step)
             if stop_now:
-                self.stopped_by_signal = True
-                if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
-                    report_stop(self.last_saved, self.step)
-                if rank == 0:
-                    log.warning("stop requested: checkpoint %s written at step %d, exiting", self.last_saved,
-                                self.step)
+                self._stop_for_signal(self.last_saved)
                 break
         if metrics is not None:
             metrics.close()

@@ -160,6 +160,19 @@ def test_export_loads_into_the_finetune_model_without_deepspeed(uninterrupted, t
     assert torch.equal(classifier.encoder.patch_embed.proj.weight, state["encoder.patch_embed.proj.weight"])
 
 
+def test_a_finished_run_started_again_says_so_and_touches_nothing(uninterrupted, demo_shards):
+    run = uninterrupted[3]
+    files = sorted(p for p in run.rglob("*") if p.is_file())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    result = launch(run, demo_shards, "zero.stage=3", "precision.dtype=fp32", "checkpoint.every_steps=100",
+                    "logging.visualize_every_steps=6", max_steps=12)
+    text = result.stdout + result.stderr
+    assert f"already complete at step 12 ({run / 'checkpoints' / 'step00000012'}); nothing to do" in text
+    assert "resumed from" not in text
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == files
+    assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
+
+
 def test_resuming_with_another_model_shape_is_refused(uninterrupted, demo_shards):
     result = launch(uninterrupted[3], demo_shards, "zero.stage=3", "precision.dtype=fp32", "model.embed_dim=48",
                     max_steps=14, check=False)
