@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from free_port import free_port
-from test_pretrain import launch, losses
+from test_pretrain import launch, losses, wait_for_steps
 
 pytestmark = pytest.mark.slow
 WORKERS = Path(__file__).parent / "workers"
@@ -100,15 +100,6 @@ def test_a_non_finite_stop_resumes_past_the_bad_data_and_a_damaged_checkpoint_fa
     assert json.loads((run / "summary.json").read_text())["steps"] == 10
 
 
-def _wait_for_steps(run: Path, proc, count: int = 2) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.csv").exists() and len((run / "metrics.csv").read_text().splitlines()) > count:
-            return
-        time.sleep(0.3)
-    raise AssertionError("the run did not log its first steps in time")
-
-
 def _common(run: Path, shards: Path) -> list[str]:
     return ["pretrain", "--profile", "tiny", "--run-dir", str(run), "--set", f"data.shards={shards}", "batch.micro=8",
             "batch.global_batch=16", "logging.every_steps=1", "logging.heldout_batches=1", "data.shuffle_buffer=64",
@@ -127,7 +118,7 @@ def test_slurm_time_limit_sigterm_to_every_process_saves_within_killwait_and_exi
                "--max-steps", "400"]
     proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _wait_for_steps(run, proc)
+    wait_for_steps(run, proc)
     group = [proc, *psutil.Process(proc.pid).children(recursive=True)]
     assert len(group) >= 4  # relay, runner, launch.py, 2 ranks
     signalled = time.time()
@@ -154,7 +145,7 @@ def test_ranks_started_by_srun_read_their_place_from_slurm_and_save_on_sigterm(d
     ranks = [subprocess.Popen([sys.executable, "-m", "mixmae_scale.cli", *_common(run, demo_shards), "--max-steps",
                                "400"], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    _wait_for_steps(run, ranks[0])
+    wait_for_steps(run, ranks[0])
     for rank in ranks:
         rank.send_signal(signal.SIGTERM)
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]

@@ -264,8 +264,8 @@ def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(dem
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_1")), "the failing rank left its buffer"
 
 
-def _wait_for_steps(run: Path, proc, count: int = 2) -> None:
-    deadline = time.time() + 240
+def wait_for_steps(run: Path, proc, count: int = 2) -> None:
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.csv").exists() and len((run / "metrics.csv").read_text().splitlines()) > count:
             return
@@ -294,7 +294,7 @@ def test_usr1_to_mixmae_launch_reaches_every_rank(demo_shards, tmp_path):
            f"run.output_dir={tmp_path}", "run.name=usr1"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait_for_steps(run, proc)
+    wait_for_steps(run, proc)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-3000:]
@@ -307,7 +307,7 @@ def test_sigterm_to_the_plain_deepspeed_launcher_still_saves(demo_shards, tmp_pa
     run = tmp_path / "term"
     proc = launch(run, demo_shards, "precision.dtype=fp32", "checkpoint.every_steps=1000", max_steps=400,
                   background=True)
-    _wait_for_steps(run, proc)
+    wait_for_steps(run, proc)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
     proc.send_signal(signal.SIGTERM)  # the launcher alone
     proc.communicate(timeout=60)
