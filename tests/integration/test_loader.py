@@ -245,3 +245,37 @@ def test_shards_in_object_storage_read_as_from_disk_in_few_requests(demo_shards,
     assert gets / samples < 0.1  # DALI's own S3 reader: about 2.3 (one request per member)
     with pytest.raises(DataError, match=f"s3://{s3_bucket}/missing/dataset.json: GET failed: no such object"):
         ShardLoader(f"s3://{s3_bucket}/missing", "train", spec, "torch")
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_shards_another_tool_wrote_train_where_they_are_after_adoption(tmp_path, backend):
+    """Tars written by webdataset's own ShardWriter (JPEG, PNG and WebP members, keys with folders, `cls` labels),
+    adopted without rewriting them: the loader reads them in place, decodes every format and keeps the labels."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    source = tmp_path / "theirs"
+    source.mkdir()
+    formats = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+    with wds.ShardWriter(str(source / "part-%04d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(40):
+            ext = list(formats)[i % 4]
+            buffer = io.BytesIO()
+            Image.new("RGB", (80 + i, 60), (6 * i, 100, 255 - 6 * i)).save(buffer, format=formats[ext])
+            sink.write({"__key__": f"class{i % 4}/item{i:03d}", ext: buffer.getvalue(), "cls": i % 4})
+    before = {p.name: p.stat().st_mtime_ns for p in source.iterdir()}
+    adopt(source, tmp_path / "index", AdoptOptions())
+    spec = _spec(with_meta=False, shuffle_buffer=16)
+    batches = list(ShardLoader(str(tmp_path / "index"), "train", spec, backend, workers=1))
+    assert len(batches) == 40 // 8 and all(b.images.shape == (8, 3, 64, 64) for b in batches)
+    labels = torch.cat([b.labels for b in batches])
+    assert sorted(labels.tolist()) == sorted(i % 4 for i in range(40))
+    assert all(torch.isfinite(b.images).all() for b in batches)
+    evaluated = list(ShardLoader(str(tmp_path / "index"), "train", _spec(mode="eval", with_meta=False), backend,
+                                 workers=1).eval_batches())
+    assert sum(real for _, real in evaluated) == 40
+    assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before  # read where they are, not rewritten
