@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -38,12 +39,19 @@ class Installed:
         self.env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", "OMP_NUM_THREADS": "1",
                     "DS_ACCELERATOR": "cpu"}
 
-    def run(self, *args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(a) for a in args], cwd=self.work, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
-        assert result.returncode == 0, f"{args}: exit {result.returncode}\n{result.stdout[-3000:]}\n" \
-                                       f"{result.stderr[-3000:]}"
-        return result
+    def run(self, *args: str | Path, timeout: int = 300) -> str:
+        """The command's stdout; it must succeed. Its own process group, so that a timeout ends the
+        launcher's ranks too."""
+        with subprocess.Popen([str(a) for a in args], cwd=self.work, env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+            try:
+                out, err = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                out, err = process.communicate()
+                raise AssertionError(f"{args}: no result in {timeout} s\n{out[-3000:]}\n{err[-3000:]}") from None
+        assert process.returncode == 0, f"{args}: exit {process.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +81,15 @@ def installed(tmp_path_factory) -> Installed:
 
 
 def test_the_wheel_is_what_the_fresh_environment_imports_and_it_says_its_version(installed):
-    where = installed.run(installed.python, "-c", "import mixmae_scale; print(mixmae_scale.__file__)").stdout
+    where = installed.run(installed.python, "-c", "import mixmae_scale; print(mixmae_scale.__file__)")
     assert Path(where.strip()).is_relative_to(installed.site)
     expected = f"mixmae-scale {mixmae_scale.__version__}"
-    assert installed.run(installed.venv / "bin" / "mixmae", "--version").stdout.strip() == expected
-    assert installed.run(installed.python, "-m", "mixmae_scale", "--version").stdout.strip() == expected
+    assert installed.run(installed.venv / "bin" / "mixmae", "--version").strip() == expected
+    assert installed.run(installed.python, "-m", "mixmae_scale", "--version").strip() == expected
 
 
 def test_a_profile_name_is_found_inside_the_installed_wheel(installed):
-    shown = yaml.safe_load(installed.run("mixmae", "config", "show", "--profile", "swin_h").stdout)
+    shown = yaml.safe_load(installed.run("mixmae", "config", "show", "--profile", "swin_h"))
     assert shown["run"]["name"] == "mixmae-h"
     shipped = installed.site / "mixmae_scale" / "_resources" / "profiles"
     assert shown["sources"] == [str(shipped / "base.yaml"), str(shipped / "swin_h.yaml")]
