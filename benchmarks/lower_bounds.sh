@@ -2,8 +2,9 @@
 # Tests the lower bounds of pyproject.toml: a fresh virtual environment on the oldest Python it admits, every
 # dependency at exactly its lower bound (base, the EXTRA's DALI build, the dev tools; this checkout installed
 # editable), then the unit tests and tests/integration/test_wheel.py (the wheel built, installed, and 2
-# pretraining steps on 2 CPU ranks through DeepSpeed's launcher) in it. Result: benchmarks/results/lower_bounds.json.
-# Not in CI: it downloads about 4 GB (torch with its CUDA 12 libraries) and runs 30-60 minutes on 2 cores.
+# pretraining steps on 2 CPU ranks through DeepSpeed's launcher) in it. Result, with date and versions:
+# benchmarks/results/lower_bounds.json. Not in CI: it downloads about 4 GB (torch with its CUDA 12 libraries)
+# and took 27 and 49 minutes on this project's busy 2-core machine.
 #   bash benchmarks/lower_bounds.sh                          # Python 3.10, DALI's CUDA 12 build (cuda12 extra)
 #   PYTHON=python3.11 EXTRA=cuda13 bash benchmarks/lower_bounds.sh   # writes lower_bounds_cuda13_py3.11.json
 # Needs python3 >= 3.11 on PATH to read pyproject.toml (tomllib) and about 12 GB free under TMPDIR; the
@@ -27,7 +28,7 @@ import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
 for text in project["dependencies"] + extras[sys.argv[1]] + extras["dev"]:
-    match = re.search(r"^([A-Za-z0-9_.\[\]-]+?)\s*(?:\[.*\])?\s*>=\s*([^,;\s]+)", text)
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", text)
     if not match:
         sys.exit(f"pyproject.toml: '{text}' has no lower bound to test")
     print(f"{match[1]}=={match[2]}")
