@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offline wheel kit for a GPU machine without a package index (Python 3.12, manylinux x86_64, torch
 # already installed there): DALI with its codec libraries, DeepSpeed, and the small pure-Python
-# dependencies, at the versions this project pins. The kit is split into pieces of at most 45 MiB
+# dependencies, at the versions of constraints.txt. The kit is split into pieces of at most 45 MiB
 # (split_kit.sh) in separate git-ignored folders .gpu_kit/part-NN/, so that each fits one transfer next to
 # the working tree (64 MiB in all); benchmarks/gpu/install_wheels.sh joins and installs them there.
 #   bash benchmarks/gpu/fetch_wheels.sh            # about 280 MB, 7 pieces
@@ -12,7 +12,7 @@ PY=${PYTHON:-.venv/bin/python}
 grep -qx "/$KIT/" .git/info/exclude 2>/dev/null || echo "/$KIT/" >> .git/info/exclude
 rm -rf "$KIT/wheels" "$KIT"/part-*
 mkdir -p "$KIT/wheels"
-pin() { grep -o "\"$1==[^\"]*\"" pyproject.toml | tr -d '"'; }
+pin() { grep -ix "$1==[^ ]*" constraints.txt; }  # the locked version (pyproject.toml has ranges)
 platform=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
           --platform manylinux2014_x86_64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixmae_scale import __version__
 from mixmae_scale.cli import (
     cluster_commands,
     config_command,
@@ -20,6 +21,11 @@ from mixmae_scale.cli import (
     scaling_commands,
     shard_commands,
 )
+
+# DALI is an extra (one build per CUDA major version, see pyproject.toml), so a plain install lacks it.
+NO_DALI = ("NVIDIA DALI, the default loader (data.loader=dali, --loader dali), is not installed: pip install "
+           "'mixmae-scale[cuda12]' on a CUDA 12 driver or 'mixmae-scale[cuda13]' on CUDA 13 (nvidia-smi shows the "
+           "driver's CUDA version), or use the PyTorch loader: --set data.loader=torch, or --loader torch")
 
 GROUPS = (config_command, model_commands, job_commands, cluster_commands, encoder_commands, inspection_commands,
           scaling_commands, shard_commands)
@@ -39,6 +45,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmae", description="MixMAE pretraining at cluster scale.")
+    parser.add_argument("--version", action="version", version=f"mixmae-scale {__version__}")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment wins.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -71,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
+    except ModuleNotFoundError as exc:
+        if exc.name != "nvidia" and not (exc.name or "").startswith("nvidia.dali"):
+            raise
+        print(f"mixmae: error: {NO_DALI}", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"mixmae: error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", required=True, help="profile name under launch/profiles/ or a YAML path")
+    parser.add_argument("--profile", required=True,
+                        help="a shipped profile's name (launch/profiles/ of the repository, inside the installed "
+                             "package) or a YAML path, merged onto the shipped base.yaml")
     parser.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(parser)
     parser.add_argument("--world-size", type=int, help="world size for the batch arithmetic "

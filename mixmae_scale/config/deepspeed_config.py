@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mixmae_scale._resources import shipped_folder
 from mixmae_scale.config.derive import ResolvedConfig
-from mixmae_scale.config.load import REPO_ROOT, ConfigError, deep_merge
+from mixmae_scale.config.load import ConfigError, deep_merge
 
-DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+DS_CONFIGS_DIR = shipped_folder("ds_configs")  # ds_configs/ of the repository, shipped in the wheel
 SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mixmae_scale._resources import shipped_folder
 from mixmae_scale.config.schema import FREE_FORM_FIELDS, FREE_FORM_SECTIONS, Config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROFILES_DIR = REPO_ROOT / "launch" / "profiles"
+PROFILES_DIR = shipped_folder("profiles")  # launch/profiles/ of the repository, shipped in the wheel
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,11 @@ class ConfigError(ValueError):
 
 
 def profile_path(name_or_path: str) -> Path:
-    """A profile is either a YAML path or a name under `launch/profiles/`."""
+    """A profile is either a YAML path or the name of a shipped profile (`launch/profiles/` in the repository)."""
+    if not (PROFILES_DIR / "base.yaml").exists():  # every profile merges onto it
+        raise ConfigError(f"the shipped profiles are missing from {PROFILES_DIR}: reinstall mixmae-scale (in a "
+                          "checkout, mixmae_scale/_resources/profiles is a symbolic link to launch/profiles, which "
+                          "needs git's core.symlinks)")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path

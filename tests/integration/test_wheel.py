@@ -1,0 +1,125 @@
+"""The package as a cluster user gets it: a wheel built from this checkout, installed into a fresh virtual
+environment and used from a folder outside the checkout, with PYTHONPATH unset.
+
+The fresh environment borrows its dependencies from the one running the tests through a .pth line naming
+that site-packages, so nothing is downloaded. Python processes no .pth file inside a folder that a .pth
+line adds, so the test environment's editable install of this checkout stays out: the only mixmae_scale
+the fresh environment can import is the wheel's, and the first test checks that it does.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+from free_port import free_port
+
+import mixmae_scale
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_INPUTS = ("pyproject.toml", "README.md", "mixmae_scale", "launch", "ds_configs")
+
+
+class Installed:
+    def __init__(self, venv: Path, work: Path) -> None:
+        self.venv, self.work = venv, work
+        self.python = venv / "bin" / "python"
+        self.site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+        self.env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+                    "DS_ACCELERATOR": "cpu"}
+
+    def run(self, *args: str | Path, timeout: int = 300) -> str:
+        """The command's stdout; it must succeed. Its own process group, so that a timeout ends the
+        launcher's ranks too."""
+        with subprocess.Popen([str(a) for a in args], cwd=self.work, env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+            try:
+                out, err = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                out, err = process.communicate()
+                raise AssertionError(f"{args}: no result in {timeout} s\n{out[-3000:]}\n{err[-3000:]}") from None
+        assert process.returncode == 0, f"{args}: exit {process.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+        return out
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Installed:
+    root = tmp_path_factory.mktemp("wheel")
+    assert not root.is_relative_to(REPO)
+    source = root / "source"  # a copy of what the build reads, so that building leaves nothing in the checkout
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():  # symlinks kept: mixmae_scale/_resources links to launch/ and ds_configs/
+            shutil.copytree(REPO / name, source / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(root / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (root / "dist").glob("mixmae_scale-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
+    installed = Installed(root / "venv", root / "work")
+    installed.site.mkdir(parents=True, exist_ok=True)
+    (installed.site / "borrowed_stack.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    installed.work.mkdir()
+    # pip itself is borrowed too; --ignore-installed: the borrowed editable install is not this venv's to replace.
+    installed.run(installed.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--ignore-installed",
+                  wheel)
+    return installed
+
+
+def test_the_wheel_is_what_the_fresh_environment_imports_and_it_says_its_version(installed):
+    where = installed.run(installed.python, "-c", "import mixmae_scale; print(mixmae_scale.__file__)")
+    assert Path(where.strip()).is_relative_to(installed.site)
+    expected = f"mixmae-scale {mixmae_scale.__version__}"
+    assert installed.run(installed.venv / "bin" / "mixmae", "--version").strip() == expected
+    assert installed.run(installed.python, "-m", "mixmae_scale", "--version").strip() == expected
+
+
+def test_a_profile_name_is_found_inside_the_installed_wheel(installed):
+    shown = yaml.safe_load(installed.run("mixmae", "config", "show", "--profile", "swin_h"))
+    assert shown["run"]["name"] == "mixmae-h"
+    shipped = installed.site / "mixmae_scale" / "_resources" / "profiles"
+    assert shown["sources"] == [str(shipped / "base.yaml"), str(shipped / "swin_h.yaml")]
+    assert shown["deepspeed_config"]["zero_optimization"]["stage"] == 1
+
+
+@pytest.fixture(scope="module")
+def pretrained(installed) -> Path:
+    """Demo shards and two pretraining steps on 2 CPU ranks through the deepspeed launcher of the fresh
+    environment, with a profile given as a path: the shipped tiny profile, copied out and edited as a user
+    would, merged onto the shipped base."""
+    installed.run("mixmae", "shards", "demo", "--out", "demo", "--train-per-class", "4", "--val-per-class", "2",
+                  "--samples-per-shard", "16", "--workers", "1")
+    profile = yaml.safe_load((installed.site / "mixmae_scale/_resources/profiles/tiny.yaml").read_text())
+    profile["data"].update(shards="demo/shards", shuffle_buffer=16)
+    profile["batch"]["micro"] = 4
+    profile["logging"].update(every_steps=1, heldout_batches=1, visualize_every_steps=0)
+    profile["precision"] = {"dtype": "fp32"}
+    (installed.work / "my_tiny.yaml").write_text(yaml.safe_dump(profile))
+    installed.run(installed.python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                  str(free_port()), "--module", "mixmae_scale.cli", "pretrain", "--profile", "my_tiny.yaml",
+                  "--run-dir", "run", "--max-steps", "2", timeout=600)
+    return installed.work / "run"
+
+
+def test_two_ranks_pretrain_from_the_wheel_with_a_profile_given_as_a_path(installed, pretrained):
+    with (pretrained / "metrics.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2]
+    resolved = yaml.safe_load((pretrained / "config.yaml").read_text())
+    assert resolved["sources"][:2] == [str(installed.site / "mixmae_scale/_resources/profiles/base.yaml"),
+                                       "my_tiny.yaml"]
+    assert resolved["derived"]["world_size"] == 2
+

@@ -1,0 +1,105 @@
+"""What an install gets: dependency ranges that admit the locked stack, one DALI build per CUDA extra, the
+profiles and DeepSpeed configs inside the package, one version. The wheel itself, installed and run outside
+the checkout, is tests/integration/test_wheel.py."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import mixmae_scale
+from mixmae_scale.cli import main
+from mixmae_scale.config.deepspeed_config import DS_CONFIGS_DIR
+from mixmae_scale.config.load import PROFILES_DIR, merge_sources
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself runs on 3.10
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+
+
+def locked() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and " " not in line, f"constraints.txt: '{line}' is not an exact NAME==VERSION pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_every_range_admits_the_locked_version_and_has_a_lower_bound():
+    pins = locked()
+    extras = PROJECT["optional-dependencies"]
+    for text in PROJECT["dependencies"] + extras["cuda13"] + extras["dev"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is a dependency but constraints.txt does not pin it"
+        assert requirement.specifier.contains(pins[name]), f"{text} does not admit the locked {pins[name]}"
+        assert any(spec.operator == ">=" for spec in requirement.specifier), f"{text}: no tested lower bound"
+        assert not any(spec.operator == "==" for spec in requirement.specifier), f"{text}: exact pins go in the lock"
+
+
+def test_each_cuda_extra_brings_its_own_dali_build_and_the_base_install_none():
+    def dali(requirements: list[str]) -> list[str]:
+        return [Requirement(r).name for r in requirements if Requirement(r).name.startswith("nvidia-dali")]
+
+    extras = PROJECT["optional-dependencies"]
+    assert dali(PROJECT["dependencies"]) == []
+    assert dali(extras["cuda12"]) == ["nvidia-dali-cuda120"]
+    assert dali(extras["cuda13"]) == ["nvidia-dali-cuda130"]
+    assert [name for name in locked() if name.startswith("nvidia-dali")] == ["nvidia-dali-cuda130"]
+
+
+def test_the_shipped_folders_are_inside_the_package_and_the_package_data_covers_them():
+    package = Path(mixmae_scale.__file__).parent
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["mixmae_scale._resources"]
+    for folder, checkout in ((PROFILES_DIR, REPO / "launch" / "profiles"), (DS_CONFIGS_DIR, REPO / "ds_configs")):
+        assert folder.parent == package / "_resources"
+        assert folder.resolve() == checkout.resolve()  # one copy in the repository: the link leads there
+        files = sorted(p.relative_to(folder.parent).as_posix() for p in folder.iterdir())
+        missing = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+        assert files and not missing, f"pyproject.toml's package-data leaves {missing} out of the wheel"
+
+
+def test_a_profile_given_as_a_path_merges_onto_the_shipped_base(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("run:\n  name: mine\nmodel:\n  size: tiny\n")
+    merged, sources = merge_sources(str(mine))
+    assert sources == [str(PROFILES_DIR / "base.yaml"), str(mine)]
+    assert merged["run"]["name"] == "mine" and merged["data"]["loader"] == "dali"  # the rest from base.yaml
+
+
+def test_the_version_is_written_once_and_the_cli_says_it(capsys):
+    assert PROJECT["dynamic"] == ["version"] and "version" not in PROJECT
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mixmae_scale.__version__"}
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mixmae-scale {mixmae_scale.__version__}"
+
+
+def test_without_dali_a_command_that_needs_it_names_the_extras_to_install(small_mixmae, tmp_path, monkeypatch,
+                                                                          capsys):
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.shards.convert import ConvertOptions, convert
+    from mixmae_scale.shards.demo import build_demo_images
+
+    build_demo_images(tmp_path / "images", train_per_class=1, val_per_class=1, seed=0)
+    convert(tmp_path / "images", tmp_path / "shards", ConvertOptions(layout="imagenet", shard_bytes=None))
+    state = small_mixmae.state_dict()
+    save_weights(tmp_path / "weights.safetensors", state, infer_architecture(state), "encoder+decoder")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as after a plain install, without an extra
+    monkeypatch.delitem(sys.modules, "mixmae_scale.data.dali_pipeline", raising=False)
+    argv = ["visualize", str(tmp_path / "weights.safetensors"), "--data", str(tmp_path / "shards"), "--images", "2",
+            "--out", str(tmp_path / "grid.png")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "mixmae-scale[cuda12]" in error and "mixmae-scale[cuda13]" in error and "data.loader=torch" in error
+    assert not (tmp_path / "grid.png").exists()
