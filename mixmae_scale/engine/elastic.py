@@ -135,9 +135,17 @@ def _decide(ckpt_dir: Path, resolved: ResolvedConfig, world: int, layout: dict[s
                                f"count batches of {saved_batch}; resume with --set batch.global_batch={saved_batch}")
     saved_world = int(ckpt.marker(ckpt_dir, tag)["world_size"])
     changes = _layout_changes(saved.get("optimizer_layout"), layout)
+    notes = list(choice.notes)
+    stages = {(saved.get("optimizer_layout") or {}).get("zero_stage"), layout["zero_stage"]}
+    if 0 in stages and changes:
+        raise ckpt.ResumeError(f"{(ckpt_dir / tag).resolve()} cannot be resumed across {', '.join(changes)}: "
+                               "DeepSpeed's universal checkpoint converts and loads ZeRO 1-3 optimizer shards, and "
+                               "ZeRO-0 keeps none; resume with the checkpoint's zero.stage and precision.dtype")
+    if saved_world != world and stages == {0}:  # ZeRO-0 saves the whole optimizer once: any world size loads it
+        return ResumePlan(tag, tag, False, saved_world, False, choice.loader_override, choice.skipped_samples,
+                          notes + [f"resuming {tag} (ZeRO-0) on {world} rank(s), written by {saved_world}"])
     if saved_world != world:
         changes.insert(0, f"world size {saved_world} -> {world}")
-    notes = list(choice.notes)
     if not changes:
         return ResumePlan(tag, tag, False, saved_world, True, choice.loader_override, choice.skipped_samples, notes)
     start = time.perf_counter()

@@ -82,7 +82,11 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
 
 
 def require_folder(path: str | Path, option: str) -> None:
-    if not Path(path).is_dir():
+    """A local shard folder that is not there is named with the absolute path tried; an s3:// set is checked when
+    its manifest is read (data/manifest.py), with the URL and what to set."""
+    from mixmae_scale.data import storage
+
+    if not storage.is_remote(path) and not Path(path).is_dir():
         raise FileNotFoundError(f"{option} {path}: not found (tried {Path(path).absolute()})")
 
 

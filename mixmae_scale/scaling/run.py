@@ -38,9 +38,9 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
     location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
     manifest = read_manifest(location)
     base = storage.join(location, manifest.get("base") or "")
-    for split in manifest["splits"].values():
-        split["shards"] = [{**s, "name": storage.join(base, s["name"]), "index": storage.join(location, s["index"])}
-                           for s in split["shards"]]
+    for entries in manifest["splits"].values():
+        entries["shards"] = [{**s, "name": storage.join(base, s["name"]), "index": storage.join(location, s["index"])}
+                             for s in entries["shards"]]
     train = manifest["splits"][split or "train"]  # a mixture's source may train on another split: it becomes train
     keep = train["shards"][: max(1, math.ceil(fraction * len(train["shards"])))]
     manifest["splits"]["train"] = {**train, "shards": keep, "samples": sum(s["samples"] for s in keep)}

@@ -245,6 +245,17 @@ def test_shards_in_object_storage_read_as_from_disk_in_few_requests(demo_shards,
     assert gets / samples < 0.1  # DALI's own S3 reader: about 2.3 (one request per member)
     with pytest.raises(DataError, match=f"s3://{s3_bucket}/missing/dataset.json: GET failed: no such object"):
         ShardLoader(f"s3://{s3_bucket}/missing", "train", spec, "torch")
+    # What `mixmae visualize` and `mixmae probe` read (their evaluation views) comes from the store the same way.
+    from mixmae_scale.finetune.evaluate import require_folder
+    from mixmae_scale.finetune.probe import load_images
+    from mixmae_scale.visualize.reconstruction import first_images
+
+    require_folder(f"s3://{s3_bucket}/demo", "--data")  # an s3:// set is not a local folder to look for
+    assert torch.equal(first_images(f"s3://{s3_bucket}/demo", "val", 4, 64),
+                       first_images(str(demo_shards), "val", 4, 64))
+    remote_x, remote_y = load_images(f"s3://{s3_bucket}/demo", "val", 64, 16, "dali", 1)
+    local_x, local_y = load_images(str(demo_shards), "val", 64, 16, "dali", 1)
+    assert torch.equal(remote_x, local_x) and torch.equal(remote_y, local_y) and len(remote_y) == 80
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])

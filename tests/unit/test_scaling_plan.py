@@ -118,3 +118,35 @@ def test_scaling_plan_plans_without_the_shards_when_the_count_is_given_or_record
     path.write_text(BASE + "steps: [5]\ntrain_samples: 320\n")
     assert main(["scaling", "plan", str(path)]) == 0
     assert "tiny-d1-s5-seed0" in capsys.readouterr().out
+
+
+def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_shards, tmp_path):
+    """`sources:` trains every run on a mixture (data.sources): paths beside the spec, s3:// kept; a data fraction
+    takes that share of each set's shards (pointing into them, nothing copied), and an epoch's samples count each
+    set by its weight."""
+    import json
+
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.scaling.run import run_data
+
+    (tmp_path / "sets").mkdir()
+    spec_path = tmp_path / "sets" / "spec.yaml"
+    spec_path.write_text(BASE.replace("shards: s", f"shards: {demo_shards}") + "steps: [2]\n"
+                         f"sources: [{{shards: {demo_shards}, weight: 2}}, {{shards: ../demo, split: val}}]\n")
+    with pytest.raises(ConfigError, match="sources weight must be a positive number"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(BASE + "steps: [2]\nsources: [{shards: a, weight: -1}]\n")
+        load_spec(bad)
+    spec = load_spec(spec_path)
+    assert spec.sources[1] == {"shards": str(tmp_path / "demo"), "weight": 1.0, "split": "val"}
+    spec.sources[1]["shards"] = str(demo_shards)  # the val split of the same demo set, as the second source
+    sets, samples = run_data(spec, 0.5, tmp_path / "out")
+    mixture = json.loads(sets[1].split("=", 1)[1])
+    assert sets[1].startswith("data.sources=") and [m["weight"] for m in mixture] == [2.0, 1.0]
+    train, val = (load_split(m["shards"], "train") for m in mixture)
+    assert len(train.names) == 3 and len(val.names) == 1  # ceil(0.5 x 5) train shards, ceil(0.5 x 2) val shards
+    assert samples == 2 * train.samples + val.samples
+    assert train.tar_url(0) == str(demo_shards / load_split(demo_shards, "train").names[0])
+    s3 = tmp_path / "s3.yaml"
+    s3.write_text(BASE + "steps: [2]\nsources: [{shards: s3://bucket/set}]\n")
+    assert load_spec(s3).sources[0]["shards"] == "s3://bucket/set"
