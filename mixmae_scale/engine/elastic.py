@@ -61,7 +61,10 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, str]:
 def agree_on_configuration(resolved: ResolvedConfig, ds_config: dict[str, Any], layout: dict[str, Any]) -> str:
     """Collective. Every rank's resolved configuration, DeepSpeed config and optimizer layout must be rank 0's;
     otherwise every rank raises one ConfigError naming the ranks, their hosts and the first keys that differ."""
-    mine = _flat({"config": {**resolved.to_dict(), "sources": None}, "deepspeed": ds_config, "layout": layout})
+    settings = resolved.to_dict()
+    # The device's name in the reasons may differ (two GPU models of one generation); what was chosen may not.
+    settings["derived"] = {k: v for k, v in settings["derived"].items() if k not in ("dtype_reason", "dtype_warning")}
+    mine = _flat({"config": {**settings, "sources": None}, "deepspeed": ds_config, "layout": layout})
     digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (digest, socket.gethostname()))
