@@ -87,24 +87,18 @@ def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_p
     assert ours["heldout_loss_end"] == pytest.approx(theirs["heldout_loss_end"], rel=0.03)
 
 
-def test_zero3_with_offload_resumes_on_one_rank_then_on_two_without(uninterrupted, demo_shards, tmp_path):
-    """ZeRO-3 with the optimizer in host memory (DeepSpeed's CPU Adam) on 2 ranks, resumed on 1 with offload, then on
-    2 without: each resume is a change of layout, the last one of offload as well."""
+def test_zero3_with_offload_resumes_on_one_rank_without_it(uninterrupted, demo_shards, tmp_path):
+    """ZeRO-3 with the optimizer in host memory (DeepSpeed's CPU Adam) on 2 ranks, resumed on 1 rank without offload:
+    one resume that changes the world size and where the optimizer lives (the 1 -> 2 direction: the ZeRO-2 test)."""
     run = tmp_path / "zero3"
-    offload = ("zero.stage=3", "zero.offload_optimizer=true")
-    launch_on(2, run, demo_shards, *COMMON, *offload, max_steps=4)
-    one = launch_on(1, run, demo_shards, *COMMON, *offload, max_steps=8)
-    assert "across a change of layout (world size 2 -> 1)" in one.stdout + one.stderr
-    two = launch_on(2, run, demo_shards, *COMMON, "zero.stage=3", max_steps=12)
-    text = two.stdout + two.stderr
-    assert "world size 1 -> 2, offload True -> False" in text, text[-3000:]
-    assert sorted(losses(run)) == list(range(1, 13))
-    for steps in (range(5, 9), range(9, 13)):
-        assert mean_loss(run, steps) == pytest.approx(mean_loss(uninterrupted, steps), rel=0.03), steps
-    ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
-    print(f"\nheld-out loss at step 12: uninterrupted (ZeRO-2) {theirs['heldout_loss_end']:.4f}, 2 -> 1 -> 2 ranks "
-          f"(ZeRO-3, offload then not) {ours['heldout_loss_end']:.4f}")
-    assert ours["heldout_loss_end"] == pytest.approx(theirs["heldout_loss_end"], rel=0.03)
+    launch_on(2, run, demo_shards, *COMMON, "zero.stage=3", "zero.offload_optimizer=true", max_steps=4)
+    one = launch_on(1, run, demo_shards, *COMMON, "zero.stage=3", max_steps=8)
+    text = one.stdout + one.stderr
+    assert "world size 2 -> 1, offload True -> False" in text, text[-3000:]
+    assert sorted(losses(run)) == list(range(1, 9))
+    assert mean_loss(run, range(5, 9)) == pytest.approx(mean_loss(uninterrupted, range(5, 9)), rel=0.03)
+    print(f"\nmean training loss, steps 5-8: uninterrupted (ZeRO-2) {mean_loss(uninterrupted, range(5, 9)):.4f}, "
+          f"2 -> 1 ranks (ZeRO-3, offload then not) {mean_loss(run, range(5, 9)):.4f}")
 
 
 def test_zero0_resumes_on_another_number_of_ranks_without_conversion(demo_shards, tmp_path):

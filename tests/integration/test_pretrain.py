@@ -233,7 +233,9 @@ def test_accumulation_of_four_steps_schedules_and_resumes_exactly(demo_shards, t
     for step in range(1, warmup + 1):  # linear warm-up, one increment per optimizer step (logged after it)
         assert lrs[step] == pytest.approx(peak * (step - 1) / warmup, rel=1e-6, abs=1e-12), (step, lrs)
     curve = losses(full)
-    assert (curve[7] + curve[8]) / 2 < (curve[1] + curve[2]) / 2, curve
+    # At 4x the profile's lr (to move within 8 steps) one step near the peak can spike (1.37 once in CI, with the
+    # next step at 0.97): the loss has fallen when the best of the last four steps is 5% under the first two.
+    assert min(curve[s] for s in range(5, 9)) < 0.95 * (curve[1] + curve[2]) / 2, curve
     stopped = tmp_path / "stopped"
     # Step 2 (0-based) reads micro-batches 8-11 of each rank: the first three come back non-finite.
     result = launch(stopped, demo_shards, *common, "faults.inject_nan_loss_at_batches=[8,9,10]",
