@@ -1,5 +1,5 @@
-"""The README's Layout block names exactly the package's modules: a module added or removed without the map
-changing fails here, not in a reader's search for a file that is not where the README says."""
+"""docs/layout.md's Layout block names exactly the package's modules: a module added or removed without the map
+changing fails here, not in a reader's search for a file that is not where the map says."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ PACKAGE = ROOT / "mixmae_scale"
 
 def package_modules() -> set[str]:
     """Every module of the library, as a path under mixmae_scale/; the CLI's own modules (one per command group,
-    the README says so in one line) and package files aside."""
+    the map says so in one line) and package files aside."""
     return {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
             if p.stem not in ("__init__", "__main__") and "cli" not in p.relative_to(PACKAGE).parts}
 
@@ -21,7 +21,7 @@ def layout_modules(readme: str) -> set[str]:
     """The .py names under mixmae_scale/ in the Layout block: a line at column 0 opens a top-level folder, one
     indented by two spaces opens a subpackage, deeper lines continue the last one."""
     block = re.search(r"## Layout\s*```(.*?)```", readme, re.S)
-    assert block, "README.md has no ## Layout code block"
+    assert block, "docs/layout.md has no ## Layout code block"
     listed, folder = set(), None
     for line in block.group(1).splitlines():
         if re.match(r"\S", line):
@@ -33,10 +33,10 @@ def layout_modules(readme: str) -> set[str]:
     return listed
 
 
-def test_the_readme_layout_lists_exactly_the_package_modules():
-    listed, actual = layout_modules((ROOT / "README.md").read_text()), package_modules()
-    assert not actual - listed, f"modules missing from README.md's Layout block: {sorted(actual - listed)}"
-    assert not listed - actual, f"README.md's Layout block lists modules that do not exist: {sorted(listed - actual)}"
+def test_the_layout_doc_lists_exactly_the_package_modules():
+    listed, actual = layout_modules((ROOT / "docs" / "layout.md").read_text()), package_modules()
+    assert not actual - listed, f"modules missing from docs/layout.md's Layout block: {sorted(actual - listed)}"
+    assert not listed - actual, f"docs/layout.md's Layout block lists modules that do not exist: {sorted(listed - actual)}"
 
 
 def test_the_layout_reader_sees_folders_and_continuation_lines():
