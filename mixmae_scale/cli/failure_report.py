@@ -1,7 +1,7 @@
 """How a failed job says so: one line for a user's mistake, a traceback only for a bug, said once.
 
 Every rank reads the same profile and the same paths, so a mistake in them fails every rank at once, and
-each used to print the same traceback. Two things keep the report to one readable line:
+each would print the same traceback. Two things keep the report to one readable line:
 
 - the first rank on a node to fail claims a marker file (created with O_EXCL, so exactly one rank wins)
   and is the only one there to report; the others, and the ranks that stop only because a peer died, stay

@@ -53,7 +53,8 @@ def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
 
     from mixmae_scale.cli.failure_report import report_failure, write_stderr
     from mixmae_scale.engine import distributed
-    from mixmae_scale.engine.loop import NonFiniteLossError, RunAlreadyComplete
+    from mixmae_scale.engine.faults import NonFiniteStop
+    from mixmae_scale.engine.loop import RunAlreadyComplete
 
     if int(os.environ.get("LOCAL_RANK", args.local_rank)) == 0:
         removed = distributed.remove_stale_shm_buffers()
@@ -68,7 +69,7 @@ def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
             print(f"mixmae: {exc}")
         distributed.shutdown(*rendezvous)
         return 0
-    except NonFiniteLossError as exc:  # every rank stops here together, after a collective checkpoint
+    except NonFiniteStop as exc:  # every rank stops here together, after a collective checkpoint
         if rank == 0:
             write_stderr(f"mixmae: error: {exc}\n")
         distributed.shutdown(*rendezvous)

@@ -39,7 +39,7 @@ def shutdown(master_addr: str, master_port: str) -> None:
 
     DeepSpeed's CPU all-reduce maps a 66 MiB shared-memory buffer per rank
     (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, csrc/cpu/comm/shm.cpp) and
-    never unlinks it, so every CPU run used to leave RAM behind until reboot. Each rank removes its own
+    never unlinks it, so every CPU run would leave RAM behind until reboot. Each rank removes its own
     once all ranks are done with them; a rank killed outright still leaves its buffer. `master_addr` and
     `master_port` are the rendezvous the launcher gave (MASTER_ADDR, MASTER_PORT): part of the name."""
     if not dist.is_initialized():

@@ -55,7 +55,6 @@ from mixmae_scale.engine.rng import restore_rng, rng_state
 from mixmae_scale.models.regional_compile import maybe_compile
 
 log = logging.getLogger("mixmae.loop")
-NonFiniteLossError = faults.NonFiniteStop  # the name callers used before gradients were checked too
 
 
 class RunAlreadyComplete(RuntimeError):
@@ -379,8 +378,8 @@ def step_decision(loss: torch.Tensor, stop_requested: bool) -> tuple[int, int]:
 
     The read comes before the backward because a non-finite micro-batch must be kept out of the gradients:
     none of DeepSpeed's engines (ZeRO 0-3, fp32/bf16/fp16) can take one out of an accumulated gradient
-    afterwards. With accumulation 1 (the at-scale profiles) that is one read per optimizer step, down from
-    three (the loss, the finite check, the stop flag); the running loss is read only when logged."""
+    afterwards. With accumulation 1 (the at-scale profiles) that is one read per optimizer step for the
+    loss's finiteness and the stop flag together; the running loss is read only when logged."""
     flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
                          loss.new_full((), float(stop_requested), dtype=torch.float32)])
     dist.all_reduce(flags)  # on the loss's device: NCCL's on GPUs, gloo's on CPUs (engine/distributed.py)

@@ -24,14 +24,14 @@ from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch, ShardLoader, choose_decode_device
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast, seed_for
-from mixmae_scale.engine.loop import Job, NonFiniteLossError, TrainingLoop, compile_model, fp16_loss_scale, start_run
+from mixmae_scale.engine.loop import Job, TrainingLoop, compile_model, fp16_loss_scale, start_run
 from mixmae_scale.engine.monitor import device_peak_flops
 from mixmae_scale.engine.optimizer import build_optimizer
 from mixmae_scale.models.flops import model_report
 from mixmae_scale.models.mixmae import build_mixmae
 
 log = logging.getLogger("mixmae.pretrain")
-__all__ = ["NonFiniteLossError", "pretrain"]
+__all__ = ["pretrain"]
 
 # (config, run folder, rank, device) -> an object with .write(model, step); see visualize/snapshots.py.
 SnapshotFactory = Callable[[Config, Path, int, torch.device], Any]

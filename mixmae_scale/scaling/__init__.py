@@ -1,2 +1,3 @@
-"""Scaling-law experiments: fit (L(C) and L(N, D) laws, bootstrap intervals, compute-optimal sizes).
-The sweep spec, runner and report are still to come (issue 9)."""
+"""Scaling-law experiments: a sweep spec (spec.py) run locally or emitted as launch commands (run.py), laws fitted
+with bootstrap intervals (fit.py, isoflop.py, intervals.py) and a report that says what the runs can and cannot
+identify (report.py)."""

@@ -1,9 +1,10 @@
 """A conversion's plan, saved before its first shard: which source file goes into which shard.
 
-A resumed conversion used to plan again from the folder as it was then. The split's global shuffle is
+A resumed conversion that planned again from the folder as it is then would go wrong: the split's global shuffle is
 a function of the whole file list, so one file that vanished and one that appeared moved every file to
-another shard: shards written before and after the change overlapped and left gaps (300 images: 39
-written twice, 39 lost, exit 0). With the plan saved, a resume writes exactly what was planned:
+another shard: shards written before and after the change overlapped and left gaps (in one
+measured case of 300 images: 39 written twice, 39 lost, exit 0). With the plan saved, a resume writes
+exactly what was planned:
 - a planned file that vanished is rejected when its shard is written ("No such file"), or stays in the
   shard that was written before it vanished;
 - files that appeared go to extra shards after the planned ones (shuffled among themselves), and the

@@ -36,7 +36,7 @@ def layout_modules(readme: str) -> set[str]:
 def test_the_layout_doc_lists_exactly_the_package_modules():
     listed, actual = layout_modules((ROOT / "docs" / "layout.md").read_text()), package_modules()
     assert not actual - listed, f"modules missing from docs/layout.md's Layout block: {sorted(actual - listed)}"
-    assert not listed - actual, f"docs/layout.md's Layout block lists modules that do not exist: {sorted(listed - actual)}"
+    assert not listed - actual, f"docs/layout.md lists modules that do not exist: {sorted(listed - actual)}"
 
 
 def test_the_layout_reader_sees_folders_and_continuation_lines():
