@@ -9,7 +9,8 @@ import json
 def _export(args: argparse.Namespace) -> int:
     from mixmae_scale.engine.export import export_run
 
-    print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder, best=args.best), indent=2))
+    print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder, best=args.best,
+                                fmt=args.format), indent=2))
     return 0
 
 
@@ -57,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     choice.add_argument("--best", action="store_true", help="the best fine-tuning checkpoint (RUN/best/): encoder "
                         "+ head")
     export.add_argument("--with-decoder", action="store_true", help="keep the decoder (for visualisation)")
+    export.add_argument("--format", choices=("safetensors", "official"), default="safetensors",
+                        help="official: a .pth with {'model': ...} in the official MixMIM key layout, as its "
+                             "fine-tuning script loads it")
     export.set_defaults(handler=_export)
 
     probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1)")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mixmae_scale.engine.checkpoint import MARKER, complete_tags
-from mixmae_scale.models.convert_official import infer_architecture, save_weights
+from mixmae_scale.models.convert_official import infer_architecture, save_official, save_weights
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/train.py) lives in RUN/best/
 
@@ -74,7 +74,9 @@ def step_of(tag: str) -> int | None:
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, with_decoder: bool = False,
-               best: bool = False) -> dict[str, Any]:
+               best: bool = False, fmt: str = "safetensors") -> dict[str, Any]:
+    """`fmt="official"` writes the official MixMIM layout (`{"model": ...}` in a .pth) for the official
+    fine-tuning script and the tools built on it; the default is our safetensors file with its metadata."""
     folder, tag = find_checkpoint(run_dir, tag, best)
     run_root = folder.parent
     state = gather_weights(folder, tag)
@@ -86,9 +88,12 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, wit
         arch["decoder_heads"] = _decoder_heads(run_root)
     kind = "finetune" if "head.weight" in weights else "pretrain" if with_decoder else "encoder"
     step = step_of(tag)
-    save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
-                                                       **({"step": str(step)} if step is not None else {})})
-    return {"run": str(run_dir), "checkpoint": str(folder / tag), "out": str(out), "kind": kind,
+    if fmt == "official":
+        save_official(out, weights)
+    else:
+        save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
+                                                           **({"step": str(step)} if step is not None else {})})
+    return {"run": str(run_dir), "checkpoint": str(folder / tag), "out": str(out), "format": fmt, "kind": kind,
             "tensors": len(weights), "params": sum(v.numel() for v in weights.values()), "arch": arch}
 
 

@@ -64,6 +64,36 @@ def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return mapped
 
 
+def to_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tree back to the official flat one, with the relative-position indices the official modules keep as
+    buffers: the layout the official fine-tuning script loads (`checkpoint['model']`, `strict=False`), so that
+    no encoder key is missing or left over there."""
+    from mixmae_scale.models.window_attention import relative_position_index
+
+    official: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(("encoder.", "decoder.")):
+            official[key.split(".", 1)[1]] = value.detach().contiguous().cpu()
+        elif key.startswith("head."):
+            official[key] = value.detach().contiguous().cpu()
+        else:
+            raise WeightsError(f"{key}: has no place in the official layout (expected encoder.*, decoder.* or head.*)")
+    for key, table in list(official.items()):
+        if key.endswith("attn.relative_position_bias_table") and key.startswith("layers."):
+            window = (int(round(table.shape[0] ** 0.5)) + 1) // 2
+            official[key.replace("relative_position_bias_table", "relative_position_index")] = (
+                relative_position_index(window))
+    return official
+
+
+def save_official(path: str | Path, state: dict[str, torch.Tensor]) -> int:
+    """`{"model": ...}` in the official layout, written atomically; returns the number of entries."""
+    official = to_official_keys(state)
+    with replacing(path) as tmp:
+        torch.save({"model": official}, tmp)
+    return len(official)
+
+
 def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model shape, read off the weight shapes of a mapped state dict."""
     proj = state["encoder.patch_embed.proj.weight"]

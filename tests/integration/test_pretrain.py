@@ -160,6 +160,27 @@ def test_export_loads_into_the_finetune_model_without_deepspeed(uninterrupted, t
     assert torch.equal(classifier.encoder.patch_embed.proj.weight, state["encoder.patch_embed.proj.weight"])
 
 
+def test_an_official_format_export_of_a_trained_run_has_the_official_keys_and_the_same_dense_features(
+        uninterrupted, tmp_path):
+    """`mixmae export RUN --format official`: the official fine-tuning model's encoder keys exactly (the rule is
+    checked against the official code's own state dict in tests/unit/test_backbone.py), and the dense backbone
+    loaded from it gives the maps of the one loaded from our own export, on a non-square input."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.backbone import load_backbone
+    from tests.unit.test_backbone import official_encoder_keys
+
+    export_run(uninterrupted[3], tmp_path / "official.pth", fmt="official")
+    export_run(uninterrupted[3], tmp_path / "ours.safetensors")
+    official = torch.load(tmp_path / "official.pth", weights_only=True)["model"]
+    from mixmae_scale.models.convert_official import load_weights
+
+    assert set(official) == official_encoder_keys(tuple(load_weights(tmp_path / "ours.safetensors")[1]["depths"]))
+    images = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        theirs, ours = (load_backbone(tmp_path / name).eval()(images) for name in ("official.pth", "ours.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+
+
 def test_a_finished_run_started_again_says_so_and_touches_nothing(uninterrupted, demo_shards):
     run = uninterrupted[3]
     files = sorted(p for p in run.rglob("*") if p.is_file())

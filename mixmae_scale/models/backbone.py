@@ -1,0 +1,182 @@
+"""The MixMAE encoder as a dense backbone: four feature maps at strides 4, 8, 16 and 32 for detection and
+segmentation heads (FPN, UperNet), on images of any height and width divisible by 32.
+
+No existing Swin backbone can hold a MixMAE encoder: mmdet's and torchvision's Swin shift their windows and
+use one window size, while MixMAE's blocks never shift and use windows 14/14/14/7. So the encoder's own blocks
+run here, with two things a dense input needs that pretraining never did:
+- a stage whose grid is not a multiple of its window is padded to one, and the padded tokens are masked out
+  as keys (the official Swin detection code attends to zero padding; masking keeps a token's features the
+  same whether or not its window was padded);
+- the fixed sin-cos position embedding is made for the input's grid, in the channel layout of the loaded
+  weights (the official code's, or timm's, which a model of ours made from scratch has).
+At the pretraining size nothing is padded and the maps are the stage outputs the official fine-tuning model
+computes (a test holds that against the official code's outputs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mixmae_scale.models.convert_official import (
+    WeightsError,
+    infer_architecture,
+    load_weights,
+    map_official_keys,
+    read_official,
+)
+from mixmae_scale.models.swin import SwinBlock, SwinEncoder, SwinShape
+from mixmae_scale.models.window_attention import window_partition, window_reverse
+
+EXPORTED_NAMES = ("encoder.safetensors", "encoder_decoder.safetensors")
+
+
+def official_sincos(h: int, w: int, dim: int) -> torch.Tensor:
+    """(h * w, dim) in the layout of MAE's `get_2d_sincos_pos_embed`, which the official MixMIM code uses: the
+    first half of the channels encodes the column, the second the row, each as [sin, cos]."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coord in (cols, rows):
+        angles = coord.reshape(-1, 1) * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def position_embedding_for(stored: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The embedding for an (h, w) token grid that continues `stored` (1, L, C): the same sin-cos formula when
+    `stored` is one of the two known layouts, else (an embedding resized for another resolution) a bicubic
+    resize of it."""
+    side, dim = int(round(stored.shape[1] ** 0.5)), stored.shape[-1]
+    for formula in (official_sincos, lambda a, b, d: build_sincos2d_pos_embed([a, b], d)):
+        if torch.allclose(formula(side, side, dim), stored[0].float(), atol=1e-5):
+            return formula(h, w, dim)[None].to(stored.dtype)
+    grid = stored.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(stored.dtype)
+
+
+def padding_key_mask(h: int, w: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """Additive (nW, 1, N, N) mask hiding the tokens padded onto an (h, w) grid, or None when it needs none.
+    Every window holds at least one real token (the padding is shorter than a window), so no row is empty."""
+    ph, pw = (-h) % window, (-w) % window
+    if not ph and not pw:
+        return None
+    real = torch.zeros(h + ph, w + pw, device=device, dtype=torch.bool)
+    real[:h, :w] = True
+    keys = window_partition(real[None, :, :, None].float(), window)[..., 0] > 0  # (nW, N)
+    mask = torch.zeros(keys.shape[0], 1, keys.shape[1], keys.shape[1], device=device)
+    return mask.masked_fill(~keys[:, None, None, :], float("-inf"))
+
+
+def run_block_padded(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """A Swin block on an (B, H, W, C) grid of any size: the normed tokens are padded to whole windows, padded
+    keys are masked, and the padding is cut off again before the residual."""
+    b, h, w, c = x.shape
+    window = block.window
+    ph, pw = (-h) % window, (-w) % window
+    normed = F.pad(block.norm1(x), (0, 0, 0, pw, 0, ph)) if ph or pw else block.norm1(x)
+    mask = padding_key_mask(h, w, window, x.device)
+    if mask is not None:
+        mask = mask.to(normed.dtype)
+    attended = block.attn(window_partition(normed, window), mask)
+    attended = window_reverse(attended, window, h + ph, w + pw)[:, :h, :w]
+    x = x + block.drop_path(attended)
+    return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
+class SwinBackbone(nn.Module):
+    """Feature maps `[B, C_i, H / s, W / s]` for s = 4, 8, 16, 32 (`out_channels` lists the C_i): each stage's
+    tokens after its last block, before patch merging, as the official code computes them. No final norm: a
+    dense head normalises what it reads (torchvision's FPN, mmdet's necks)."""
+
+    def __init__(self, shape: SwinShape, drop_path: float = 0.0, checkpoint_blocks: bool = False) -> None:
+        super().__init__()
+        self.shape = shape
+        self.checkpoint_blocks = checkpoint_blocks
+        self.encoder = SwinEncoder(shape, drop_path=drop_path)
+        self.encoder.patch_embed.strict_img_size = False  # any size divisible by the patch; checked below
+        # The maps are read before the final norm, so it would be a parameter without gradients (which DDP and
+        # DeepSpeed refuse by default): dense heads bring their own norms.
+        self.encoder.norm = nn.Identity()
+        self.out_channels = list(shape.stage_dims)
+        self.strides = [shape.patch_size * 2**s for s in range(len(shape.depths))]
+        self._position_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """For the layer-decay groups (`finetune.layer_decay.param_groups_layer_decay(backbone, backbone.depths,
+        ...)`): the parameter names are the encoder's, so the official layer ids apply unchanged."""
+        return self.shape.depths
+
+    def position(self, h: int, w: int) -> torch.Tensor:
+        key = (h, w)
+        if key not in self._position_cache:
+            self._position_cache[key] = position_embedding_for(self.encoder.absolute_pos_embed, h, w)
+        return self._position_cache[key]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._position_cache.clear()  # the embedding follows the weights' layout
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        multiple = self.strides[-1]
+        height, width = images.shape[-2:]
+        if height % multiple or width % multiple:
+            raise ValueError(f"SwinBackbone: input {height}x{width} is not divisible by {multiple} (the last stage's "
+                             f"stride); pad or resize the images to a multiple of {multiple}")
+        x = self.encoder.embed(images)
+        b, h, w, c = x.shape
+        x = x + self.position(h, w).to(device=x.device, dtype=x.dtype).view(1, h, w, c)
+        maps = []
+        for stage in self.encoder.layers:
+            for block in stage.blocks:
+                if self.checkpoint_blocks and torch.is_grad_enabled():
+                    x = checkpoint(run_block_padded, block, x, use_reentrant=False)
+                else:
+                    x = run_block_padded(block, x)
+            maps.append(x.permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return maps
+
+
+def _weights_from(source: Path) -> dict[str, torch.Tensor]:
+    if source.is_dir():
+        for name in EXPORTED_NAMES:
+            if (source / name).is_file():
+                return load_weights(source / name)[0]
+        raise WeightsError(f"{source.absolute()}: a run folder without an exported encoder; export one first with "
+                           f"`mixmae export {source}` (it gathers the ZeRO shards into {EXPORTED_NAMES[0]})")
+    if source.suffix == ".safetensors":
+        return load_weights(source)[0]
+    if source.suffix in (".pth", ".pt", ".bin"):
+        return map_official_keys(read_official(source))
+    raise WeightsError(f"{source.absolute()}: expected a .safetensors file (`mixmae export`), a run folder or an "
+                       "official MixMIM .pth")
+
+
+def load_backbone(source: str | Path, drop_path: float = 0.0, checkpoint_blocks: bool = False) -> SwinBackbone:
+    """A dense backbone with the encoder weights of an exported `.safetensors`, a run folder (its exported
+    encoder) or an official MixMIM `.pth` (pretraining or fine-tuning). Decoder, head and the final norm (the maps
+    come before it) are left out."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: not found (tried {path.absolute()})")
+    state = _weights_from(path)
+    encoder = {k: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
+    if "encoder.patch_embed.proj.weight" not in encoder:
+        raise WeightsError(f"{path.absolute()}: holds no encoder weights (no encoder.patch_embed.proj.weight)")
+    arch = infer_architecture(encoder)
+    shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
+                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])
+    backbone = SwinBackbone(shape, drop_path=drop_path, checkpoint_blocks=checkpoint_blocks)
+    backbone.load_state_dict(encoder, strict=True)
+    return backbone

@@ -1,0 +1,217 @@
+"""The dense backbone: the official fine-tuning model's per-stage outputs at its own size, exact window padding
+on other sizes, the position embedding for any grid, the official key layout both ways, and a torchvision
+detector that learns from it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from timm.layers import build_sincos2d_pos_embed
+
+from mixmae_scale.models.backbone import (
+    SwinBackbone,
+    load_backbone,
+    official_sincos,
+    position_embedding_for,
+    run_block_padded,
+)
+from mixmae_scale.models.convert_official import (
+    WeightsError,
+    convert_official_checkpoint,
+    load_weights,
+    read_official,
+    save_official,
+    save_weights,
+)
+from mixmae_scale.models.window_attention import relative_position_index
+from tests.unit.test_official_fixture import require_fixture
+
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-mixmim-ft-small"
+
+
+@pytest.fixture(scope="module")
+def official_ft():
+    require_fixture(FIXTURE / "official_ft_small.pth")
+    return read_official(FIXTURE / "official_ft_small.pth"), torch.load(FIXTURE / "ref_ft_small.pt", weights_only=True)
+
+
+def test_maps_at_the_pretraining_size_are_the_official_models_stage_outputs(official_ft):
+    _, reference = official_ft
+    backbone = load_backbone(FIXTURE / "official_ft_small.pth").eval()
+    with torch.no_grad():
+        maps = backbone(reference["images"])
+    assert backbone.out_channels == [32, 64, 128, 256]
+    assert [m.shape[-1] for m in maps] == [56, 28, 14, 7]  # strides 4, 8, 16, 32 of 224
+    for ours, theirs in zip(maps, reference["stage_tokens"], strict=True):
+        assert (ours.flatten(2).transpose(1, 2) - theirs).abs().max() < 1e-5
+
+
+def test_a_non_square_input_of_another_size_gives_maps_at_strides_4_to_32(small_shape):
+    backbone = SwinBackbone(small_shape).eval()
+    with torch.no_grad():
+        maps = backbone(torch.randn(2, 3, 96, 160))  # 128 px pretraining size; windows 8/8/8/4 need padding here
+    assert [tuple(m.shape) for m in maps] == [(2, c, 96 // s, 160 // s) for c, s in
+                                              zip(backbone.out_channels, (4, 8, 16, 32), strict=True)]
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_an_input_not_divisible_by_32_is_refused_with_the_size(small_shape):
+    with pytest.raises(ValueError, match=r"100x128 is not divisible by 32"):
+        SwinBackbone(small_shape)(torch.randn(1, 3, 100, 128))
+
+
+def reference_block(block, x: torch.Tensor) -> torch.Tensor:
+    """The block computed window by window over the real tokens only: what masking the padding must equal."""
+    b, h, w, c = x.shape
+    window, attn = block.window, block.attn
+    normed = block.norm1(x)
+    out = torch.zeros_like(x)
+    index = relative_position_index(window)
+    for top in range(0, h, window):
+        for left in range(0, w, window):
+            rows = range(top, min(top + window, h))
+            cols = range(left, min(left + window, w))
+            local = torch.tensor([(r - top) * window + (q - left) for r in rows for q in cols])
+            tokens = normed[:, top:top + len(rows), left:left + len(cols)].reshape(b, -1, c)
+            qkv = attn.qkv(tokens).view(b, len(local), 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            bias = attn.relative_position_bias_table[index[local][:, local]].permute(2, 0, 1)
+            weights = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1) + bias).softmax(-1)
+            mixed = (weights @ qkv[2]).transpose(1, 2).reshape(b, len(local), c)
+            out[:, top:top + len(rows), left:left + len(cols)] = attn.proj(mixed).view(b, len(rows), len(cols), c)
+    x = x + out
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (10, 13), (3, 5)])
+def test_padded_windows_equal_attention_over_the_real_tokens_alone(small_shape, grid):
+    torch.manual_seed(0)
+    block = SwinBackbone(small_shape).encoder.layers[0].blocks[0].eval()  # window 8
+    x = torch.randn(2, *grid, small_shape.embed_dim)
+    with torch.no_grad():
+        assert (run_block_padded(block, x) - reference_block(block, x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("formula", [official_sincos, lambda h, w, d: build_sincos2d_pos_embed([h, w], d)])
+def test_the_position_embedding_of_any_grid_continues_the_stored_one(formula):
+    stored = formula(6, 6, 16)[None]
+    grid = position_embedding_for(stored, 4, 9).view(4, 9, 16)
+    wide = formula(9, 9, 16).view(9, 9, 16)
+    assert torch.equal(grid, wide[:4, :9])  # token (i, j) gets the same vector on every grid
+    assert torch.equal(position_embedding_for(stored, 6, 6), stored)
+
+
+def test_an_embedding_of_neither_layout_is_resized():
+    stored = torch.randn(1, 36, 8)
+    resized = position_embedding_for(stored, 12, 6)
+    assert resized.shape == (1, 72, 8) and not torch.isnan(resized).any()
+
+
+def test_checkpointed_blocks_give_the_same_maps_and_gradients(small_shape):
+    torch.manual_seed(0)
+    plain = SwinBackbone(small_shape)
+    checkpointed = SwinBackbone(small_shape, checkpoint_blocks=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randn(1, 3, 64, 96)
+    losses = [sum(m.square().mean() for m in model(images)) for model in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    assert torch.allclose(losses[0], losses[1])
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
+        assert a.grad is not None, f"{name} gets no gradient"  # DDP and DeepSpeed refuse unused parameters
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_the_official_layer_decay_groups_apply_to_the_backbone(small_shape):
+    from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
+
+    backbone = SwinBackbone(small_shape)
+    groups = param_groups_layer_decay(backbone, backbone.depths, base_lr=1e-3, weight_decay=0.05, decay=0.7)
+    by_name = {name: group for group in groups for name in group["names"]}
+    assert set(by_name) == {n for n, p in backbone.named_parameters() if p.requires_grad}
+    n = sum(small_shape.depths)
+    assert math.isclose(by_name["encoder.patch_embed.proj.weight"]["lr_scale"], 0.7 ** (n + 1))
+    assert math.isclose(by_name["encoder.layers.0.blocks.0.attn.qkv.weight"]["lr_scale"], 0.7 ** n)
+
+
+def official_encoder_keys(depths: tuple[int, ...]) -> set[str]:
+    """The encoder keys of the official fine-tuning model (`models_mixmim_ft.MixMIM`) of these depths, head aside:
+    checked against the official code's own state dict below, used on runs we train in the integration tests."""
+    keys = {"absolute_pos_embed", "norm.weight", "norm.bias"}
+    keys |= {f"patch_embed.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")}
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+             "attn.relative_position_bias_table", "attn.relative_position_index", "norm2.weight", "norm2.bias",
+             "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    for s, depth in enumerate(depths):
+        keys |= {f"layers.{s}.blocks.{b}.{name}" for b in range(depth) for name in block}
+        if s < len(depths) - 1:
+            keys |= {f"layers.{s}.downsample.{name}" for name in ("norm.weight", "norm.bias", "reduction.weight")}
+    return keys
+
+
+def test_the_official_layout_has_the_official_models_keys_and_shapes_and_imports_back(official_ft, tmp_path):
+    official, _ = official_ft
+    assert official_encoder_keys((1, 1, 2, 1)) == {k for k in official if not k.startswith("head.")}
+    ours = tmp_path / "ours.safetensors"
+    convert_official_checkpoint(FIXTURE / "official_ft_small.pth", ours)
+    state, _ = load_weights(ours)
+    written = tmp_path / "official.pth"
+    save_official(written, state)
+    exported = torch.load(written, weights_only=True)["model"]
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in official.items()}
+    for key, value in official.items():
+        assert torch.equal(exported[key], value), key
+    back = tmp_path / "back.safetensors"
+    convert_official_checkpoint(written, back)
+    again, _ = load_weights(back)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_a_run_folder_gives_its_exported_encoder_and_says_how_to_export_one(small_shape, tmp_path):
+    backbone = SwinBackbone(small_shape)
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(WeightsError, match=r"mixmae export .*run"):
+        load_backbone(run)
+    arch = {"img_size": 128}  # load_backbone reads the shape off the weights, not the metadata
+    weights = {**backbone.state_dict(), "encoder.norm.weight": torch.ones(128), "encoder.norm.bias": torch.zeros(128)}
+    save_weights(run / "encoder.safetensors", weights, arch, "encoder")  # as an export has it, final norm too
+    loaded = load_backbone(run)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_a_faster_rcnn_on_the_backbone_learns_boxes():
+    """torchvision's Faster R-CNN with an FPN over the backbone, a few SGD steps on drawn rectangles whose boxes
+    are known: its total loss falls."""
+    from torchvision.models.detection import FasterRCNN
+
+    from mixmae_scale.models.detection import SwinFPN
+    from mixmae_scale.models.swin import SwinShape
+
+    torch.manual_seed(0)
+    shape = SwinShape(img_size=128, patch_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                      window_size=(8, 8, 8, 4))
+    model = FasterRCNN(SwinFPN(SwinBackbone(shape), out_channels=32), num_classes=3, min_size=128, max_size=160,
+                       rpn_batch_size_per_image=64, box_batch_size_per_image=32)
+    generator = torch.Generator().manual_seed(1)
+    images, targets = [], []
+    for i in range(4):
+        image = torch.rand(3, 128, 128, generator=generator) * 0.3
+        x0, y0 = (int(v) for v in torch.randint(8, 60, (2,), generator=generator))
+        x1, y1 = x0 + 40 + 10 * (i % 2), y0 + 30 + 12 * (i // 2)
+        image[i % 3, y0:y1, x0:x1] = 1.0
+        images.append(image)
+        targets.append({"boxes": torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32),
+                        "labels": torch.tensor([1 + i % 2])})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
