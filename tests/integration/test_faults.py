@@ -43,14 +43,13 @@ def test_every_zero_stage_and_precision_skips_an_update_with_non_finite_gradient
         assert row["clean_step"]["applied"] and row["clean_step"]["weights_changed"], row
 
 
-def test_a_non_finite_stop_resumes_past_the_bad_data_and_a_damaged_checkpoint_falls_back(demo_shards, tmp_path):
+def test_a_non_finite_stop_resumes_past_the_bad_data(demo_shards, tmp_path):
     """Accumulation 1 (the at-scale profiles'). Micro-batch 3 has a NaN loss (skipped), micro-batch 5 NaN
     gradients (the update is not applied and the step is redone), micro-batches 9-11 NaN losses in a row: past
     faults.nonfinite_skip_limit=2 the run stops at step 7 with a checkpoint under a new tag. Run again with the same
     faults injected, it rolls back to step 6's regular checkpoint, skips the 4 micro-batches x 2 ranks x 8 samples
-    read since (the bad batches are never read again) and finishes. Then the newest checkpoint is cut short: the next
-    resume falls back to the previous one with a warning, and a half-written (`.partial`) folder left by a crash is
-    never read."""
+    read since (the bad batches are never read again) and finishes. Which checkpoint a resume trusts (damage,
+    `.partial` leftovers, the three policies' arithmetic) is tested without ranks in tests/unit/test_resume_logic.py."""
     run = tmp_path / "faults"
     stale = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_0"  # a killed run's leftover
     stale.write_bytes(b"\0" * 4096)
@@ -84,20 +83,6 @@ def test_a_non_finite_stop_resumes_past_the_bad_data_and_a_damaged_checkpoint_fa
     assert summary["steps"] == 8 and summary["skipped_samples_after_nonfinite"] == 64
     assert summary["skipped_nonfinite"] == 0  # batches 9-11 were not read again
     assert not (checkpoints / "step00000007-nonfinite").exists()  # a newer regular checkpoint replaced it
-
-    newest = checkpoints / "step00000008"
-    optimizer_file = next(newest.glob("*optim_states.pt"))
-    with optimizer_file.open("r+b") as handle:
-        handle.truncate(optimizer_file.stat().st_size // 2)
-    crashed = checkpoints / "step00000009.partial"  # a save a crash interrupted: it must never be read
-    crashed.mkdir()
-    (crashed / "COMPLETE").write_text("{}")
-    third = launch(run, demo_shards, "precision.dtype=fp32", "checkpoint.every_steps=2", max_steps=10)
-    output = third.stdout + third.stderr
-    assert f"checkpoint {newest} is damaged ({optimizer_file.name} has" in output, output[-3000:]
-    assert "resumed from" in output and "at step 6" in output
-    assert not crashed.exists()
-    assert json.loads((run / "summary.json").read_text())["steps"] == 10
 
 
 def _common(run: Path, shards: Path) -> list[str]:

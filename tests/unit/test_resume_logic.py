@@ -1,0 +1,121 @@
+"""The pure logic of a resume, without DeepSpeed: which checkpoint a run trusts (damage, crash leftovers, a
+non-finite stop's rollback and the samples it skips), what rotation keeps, and where the data stands when an
+epoch continues on another number of ranks. The engine legs that load what these choose are in
+tests/integration/test_faults.py and test_elastic.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mixmae_scale.data.shard_sets import Layout
+from mixmae_scale.engine import checkpoint as ckpt
+from mixmae_scale.engine.faults import pick_checkpoint
+
+
+def make_tag(ckpt_dir: Path, tag: str, batches: int = 0, extra: dict | None = None, micro: int = 8,
+             world: int = 2) -> Path:
+    """A checkpoint folder as `checkpoint.save` leaves it: files, per-rank state, the sealed marker."""
+    folder = ckpt_dir / tag
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
+    loader = {"batches_consumed": batches, "layout": {"micro": micro, "world": world}}
+    (folder / "rank_0.json").write_text(json.dumps({"loader": loader}))
+    ckpt.seal(folder, {"step": ckpt.step_of(tag), "kind": "regular", **(extra or {})})
+    return folder
+
+
+def test_the_newest_complete_checkpoint_is_chosen_and_partial_folders_are_never_candidates(tmp_path):
+    make_tag(tmp_path, "step00000004")
+    make_tag(tmp_path, "step00000006")
+    crashed = tmp_path / "step00000008.partial"
+    crashed.mkdir()
+    (crashed / ckpt.MARKER).write_text("{}")  # sealed-looking, but a crash left it under the temporary name
+    choice = pick_checkpoint(tmp_path, "auto", "rollback")
+    assert choice.tag == "step00000006" and choice.skipped_samples == 0 and choice.notes == []
+    ckpt.remove_stale_partials(tmp_path)
+    assert not crashed.exists() and (tmp_path / "step00000006").exists()
+
+
+def test_a_checkpoint_cut_short_after_it_was_sealed_falls_back_to_the_one_before_with_a_note(tmp_path):
+    make_tag(tmp_path, "step00000006")
+    newest = make_tag(tmp_path, "step00000008")
+    optimizer = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optimizer.write_bytes(b"o" * 150)
+    choice = pick_checkpoint(tmp_path, "auto", "rollback")
+    assert choice.tag == "step00000006"
+    assert len(choice.notes) == 1 and "has 150 bytes, 300 were written" in choice.notes[0]
+    (newest / "mp_rank_00_model_states.pt").unlink()
+    assert "model_states.pt is missing" in ckpt.damage(newest)
+
+
+def test_every_checkpoint_damaged_is_an_error_that_says_how_to_start_over(tmp_path):
+    for tag in ("step00000002", "step00000004"):
+        (make_tag(tmp_path, tag) / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ckpt.ResumeError, match=r"every checkpoint .* is damaged.*checkpoint.resume=none"):
+        pick_checkpoint(tmp_path, "auto", "rollback")
+
+
+def test_a_named_checkpoint_must_be_complete_and_intact(tmp_path):
+    make_tag(tmp_path, "step00000002")
+    with pytest.raises(ckpt.ResumeError, match=r"step00000009.*not a complete checkpoint.*step00000002"):
+        pick_checkpoint(tmp_path, "step00000009", "rollback")
+    (tmp_path / "step00000002" / "rank_0.json").write_text("")
+    with pytest.raises(ckpt.ResumeError, match="is damaged"):
+        pick_checkpoint(tmp_path, str(tmp_path / "step00000002"), "rollback")
+    assert pick_checkpoint(tmp_path, "none", "rollback") is None
+
+
+@pytest.mark.parametrize("policy, tag, skipped", [("rollback", "step00000006", 4 * 8 * 2),
+                                                  ("skip", "step00000007-nonfinite", 3 * 8 * 2),
+                                                  ("replay", "step00000007-nonfinite", 0)])
+def test_a_non_finite_stop_resumes_by_its_policy_and_skips_the_samples_read_since(tmp_path, policy, tag, skipped):
+    """Step 6 saved after 6 batches; the stop at step 7 had read 10 (3 failed attempts after batch 7's start):
+    rollback goes to step 6 and skips the 4 batches x micro 8 x 2 ranks read since; skip keeps the stop's weights
+    (saved at its step's start, 7 batches) and skips the 3 failed attempts; replay reads them again."""
+    make_tag(tmp_path, "step00000004", batches=4)
+    make_tag(tmp_path, "step00000006", batches=6)
+    after = {"batches_consumed": 10, "layout": {"micro": 8, "world": 2}}
+    stop = {"nonfinite_stop": {"step": 7, "loader_after": after}}
+    make_tag(tmp_path, "step00000007-nonfinite", batches=7, extra=stop)
+    choice = pick_checkpoint(tmp_path, "auto", policy)
+    assert choice.tag == tag and choice.skipped_samples == skipped
+    assert choice.loader_override == (None if policy == "replay" else after)
+    assert policy in choice.notes[0]
+
+
+def test_rotation_keeps_the_newest_regular_tags_and_drops_older_stops_conversions_and_leftovers(tmp_path):
+    for tag in ("step00000002", "step00000004", "step00000005-nonfinite", "step00000006", "step00000008"):
+        make_tag(tmp_path, tag)
+    (tmp_path / "step00000002.universal").mkdir()
+    (tmp_path / "step00000008.universal").mkdir()
+    (tmp_path / "step00000009.partial").mkdir()
+    ckpt.rotate(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000006", "step00000008", "step00000008.universal"]
+
+
+def covered(intervals) -> list[int]:
+    return [i for a, b in intervals for i in range(a, b)]
+
+
+@pytest.mark.parametrize("samples, old_world, micro, consumed, window, new_world", [
+    (1000, 2, 8, 20, 64, 1), (1000, 1, 16, 10, 64, 2), (1000, 2, 8, 33, 64, 3), (997, 4, 4, 50, 0, 3),
+    (640, 2, 8, 40, 64, 5)])
+def test_an_epoch_continued_on_another_world_size_skips_nothing_and_repeats_only_the_open_windows(
+        samples, old_world, micro, consumed, window, new_world):
+    """Every position of the epoch is either read before the stop or handed out again, except the final partial
+    batch (as drop-last); what is read twice is exactly the consumed part of each old rank's open window."""
+    old = Layout.whole_epoch(0, samples, old_world, micro)
+    consumed = min(consumed, old.batches)
+    read_before = [i for r in range(old_world) for i in covered(old.rank_intervals(r, 0, consumed * micro))]
+    left = old.remaining(consumed, window)
+    again = set(read_before) & set(covered(left))
+    assert len(again) == old.repeated_on_relayout(consumed, window)
+    assert set(read_before) | set(covered(left)) == set(range(samples))
+    new = Layout(0, left, new_world, micro)
+    handed_out = [i for r in range(new_world) for i in covered(new.rank_intervals(r))]
+    assert len(handed_out) == len(set(handed_out))  # no position twice among the new ranks
+    assert len(covered(left)) - len(handed_out) < new_world * micro  # only a final partial batch is left out
