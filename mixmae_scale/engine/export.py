@@ -73,8 +73,18 @@ def step_of(tag: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, with_decoder: bool = False,
+DEFAULT_NAMES = {"encoder": "encoder.safetensors", "pretrain": "encoder_decoder.safetensors",
+                 "finetune": "classifier.safetensors"}  # by kind; a --best export: classifier-best.safetensors
+
+
+def default_out(run_root: Path, kind: str, best: bool) -> Path:
+    """Where an export goes when no --out is given: the run folder, named by what the file holds."""
+    return run_root / ("classifier-best.safetensors" if best else DEFAULT_NAMES[kind])
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None, with_decoder: bool = False,
                best: bool = False) -> dict[str, Any]:
+    """`out` None: `default_out` in the run folder."""
     folder, tag = find_checkpoint(run_dir, tag, best)
     run_root = folder.parent
     state = gather_weights(folder, tag)
@@ -85,11 +95,24 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, wit
     if with_decoder:
         arch["decoder_heads"] = _decoder_heads(run_root)
     kind = "finetune" if "head.weight" in weights else "pretrain" if with_decoder else "encoder"
+    best = best or folder.name == BEST
+    out = Path(out) if out is not None else default_out(run_root, kind, best)
     step = step_of(tag)
     save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
                                                        **({"step": str(step)} if step is not None else {})})
-    return {"run": str(run_dir), "checkpoint": str(folder / tag), "out": str(out), "kind": kind,
-            "tensors": len(weights), "params": sum(v.numel() for v in weights.values()), "arch": arch}
+    return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
+            "kind": kind, "tensors": len(weights), "params": sum(v.numel() for v in weights.values()), "arch": arch}
+
+
+KIND_WORDS = {"encoder": "encoder", "pretrain": "encoder and decoder", "finetune": "classifier (encoder and head)"}
+
+
+def export_line(result: dict[str, Any]) -> str:
+    """What `mixmae export` says: which step of which run went where."""
+    which = f"step {result['step']}" if result["step"] is not None else Path(result["checkpoint"]).name
+    source = f"{which}{' (best)' if result['best'] else ''} of run {result['run']}"
+    return (f"exported {source} to {result['out']}: {KIND_WORDS[result['kind']]}, {result['params'] / 1e6:.2f}M "
+            f"parameters in {result['tensors']} tensors (checkpoint {result['checkpoint']})")
 
 
 def _decoder_heads(run_dir: Path) -> int:
