@@ -5,6 +5,11 @@ What is pretraining's own: the model and its weight-decay groups, one mixing mas
 from (seed, rank, step, micro) so that a resumed run draws the same masks, the held-out reconstruction
 loss with fixed masks at the start and the end (comparable across runs), and, through a callback, the
 reconstruction grids.
+
+A held-out loss is scored on whole micro-batches only. Where none fits (a validation split smaller than one
+micro-batch, or `logging.heldout_batches=0`) it is null in summary.json with the reason in
+`heldout_not_measured` and in the log, never 0 (which a sweep would read as a perfect model); the run itself
+goes ahead, as its training is sound. A sweep refuses such a run when it reads it (scaling/run.py).
 """
 
 from __future__ import annotations
