@@ -127,7 +127,8 @@ def pretrain_message(summary: dict) -> str:
     """The last line of a pretraining run; a held-out loss that was not measured says why, never a number."""
     start, end, steps = summary["heldout_loss_start"], summary["heldout_loss_end"], summary["steps"]
     if end is None:
-        return f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); {steps} steps trained"
+        return (f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); {steps} "
+                f"step{'' if steps == 1 else 's'} trained")
     if start is None:
         return f"held-out reconstruction loss {end:.4f} after {steps} steps (not measured at the start)"
     return f"held-out reconstruction loss {start:.4f} -> {end:.4f} after {steps} steps"
