@@ -22,6 +22,8 @@ def _launch(args: argparse.Namespace) -> int:
     print(f"job: {job}" + ("" if args.job else " (from the profile: finetune.init is "
                                                f"{'set' if job == 'finetune' else 'not set'}; --job overrides)"))
     plan = compose(resolved, args.profile, args.cluster, args.overrides, job=job, check_files=not args.dry_run)
+    if args.overwrite:
+        plan.command.append("--overwrite")
     for line in batch_report(resolved, samples, samples_from):
         print(line)
     if plan.env_file:
@@ -96,6 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.add_argument("--job", choices=["pretrain", "finetune"],
                         help="default: finetune if the profile sets finetune.init, else pretrain")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
+    launch.add_argument("--overwrite", action="store_true", help="passed to the job: move an earlier run in the run "
+                        "folder to RUN.old-N and start this one there")
     launch.set_defaults(handler=_launch)
 
     planner = sub.add_parser("plan", help="per-GPU memory of a profile by component; largest micro-batch")

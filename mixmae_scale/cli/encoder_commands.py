@@ -7,10 +7,12 @@ import json
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.engine.export import export_line, export_run
 
-    print(json.dumps(export_run(args.run_dir, args.out, args.tag, args.with_decoder, best=args.best,
-                                fmt=args.format), indent=2))
+    result = export_run(args.run_dir, args.out, args.tag, args.with_decoder, best=args.best, fmt=args.format)
+    print(export_line(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -28,13 +30,24 @@ def _probe(args: argparse.Namespace) -> int:
     if not args.baseline:
         result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
                                                  args.threads, args.seed))
-        print(f"probe of {args.init}: linear top-1 {result['top1']:.1f}%, k-NN top-1 {result['knn_top1']:.1f}% on "
-              f"{result['val_samples']} validation images ({num_classes} classes)")
+        if result["not_meaningful"]:
+            print(f"probe of {args.init}: not meaningful ({result['not_meaningful']}); no top-1 reported"
+                  f"{' (--json shows the numbers)' if not args.json else ''}")
+        else:
+            print(f"probe of {args.init}: linear top-1 {result['top1']:.1f}%, k-NN top-1 {result['knn_top1']:.1f}% on "
+                  f"{result['val_samples']} validation images ({num_classes} classes)")
         if args.json:
             print(json.dumps({"pretrained": result}, indent=2))
         return 0
     report = compare_with_random_init(state, arch, args.data, num_classes, args.baseline_seeds, args.loader,
                                       args.batch, args.threads, args.seed)
+    if report["not_meaningful"]:
+        print(f"probes of {args.init} against {args.baseline_seeds} random encoders: not meaningful "
+              f"({report['not_meaningful']}); no top-1 or margin reported"
+              f"{' (--json shows the numbers)' if not args.json else ''}")
+        if args.json:
+            print(json.dumps(report, indent=2))
+        return 0
     print(f"probes on {report['pretrained']['val_samples']} validation images ({num_classes} classes), pooled "
           f"features of every stage; random init: {args.baseline_seeds} encoders of the same shape")
     for readout, name in (("linear", "linear probe"), ("knn", "k-NN (k=20)")):
@@ -52,7 +65,9 @@ def _probe(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="a run's encoder (or encoder+decoder) as one safetensors file")
     export.add_argument("run_dir", help="run folder (or its checkpoints/ or best/ folder, or one checkpoint's folder)")
-    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--out", help="the .safetensors file to write (default: in the run folder, "
+                        "encoder.safetensors; encoder_decoder.safetensors with --with-decoder; classifier.safetensors "
+                        "for a fine-tuning run, classifier-best.safetensors with --best)")
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--tag", help="checkpoint tag, e.g. step00000405 (default: the latest complete one)")
     choice.add_argument("--best", action="store_true", help="the best fine-tuning checkpoint (RUN/best/): encoder "
@@ -61,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--format", choices=("safetensors", "official"), default="safetensors",
                         help="official: a .pth with {'model': ...} in the official MixMIM key layout, as its "
                              "fine-tuning script loads it")
+    export.add_argument("--json", action="store_true", help="also print the full report as JSON")
     export.set_defaults(handler=_export)
 
     probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1)")

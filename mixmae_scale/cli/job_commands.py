@@ -102,9 +102,8 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
             from mixmae_scale.visualize.snapshots import ReconstructionSnapshots
 
             summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
-                               snapshot_factory=ReconstructionSnapshots)
-            message = (f"held-out reconstruction loss {summary['heldout_loss_start']:.4f} -> "
-                       f"{summary['heldout_loss_end']:.4f} after {summary['steps']} steps")
+                               snapshot_factory=ReconstructionSnapshots, overwrite=args.overwrite)
+            message = pretrain_message(summary)
         else:
             from mixmae_scale.finetune.pretrained import load_encoder
 
@@ -113,7 +112,7 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
             from mixmae_scale.finetune.train import finetune
 
             summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
-                               pretrained=pretrained)
+                               pretrained=pretrained, overwrite=args.overwrite)
             last = summary["last"] or {"top1": float("nan")}
             message = (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
                        f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
@@ -123,6 +122,17 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
         return 0
 
     return _distributed_job(args, job)
+
+
+def pretrain_message(summary: dict) -> str:
+    """The last line of a pretraining run; a held-out loss that was not measured says why, never a number."""
+    start, end, steps = summary["heldout_loss_start"], summary["heldout_loss_end"], summary["steps"]
+    if end is None:
+        return (f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); {steps} "
+                f"step{'' if steps == 1 else 's'} trained")
+    if start is None:
+        return f"held-out reconstruction loss {end:.4f} after {steps} steps (not measured at the start)"
+    return f"held-out reconstruction loss {start:.4f} -> {end:.4f} after {steps} steps"
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -157,6 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_profile_args(job)
         job.add_argument("--run-dir", help="default: run.output_dir/run.name")
         job.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
+        job.add_argument("--overwrite", action="store_true", help="start a new run even if the run folder holds one: "
+                         "the earlier run is moved, whole, to RUN.old-N (nothing is deleted)")
         job.set_defaults(handler=handler)
     evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "

@@ -52,11 +52,15 @@ class ResolvedConfig:
         """A profile that names the encoder to start from (`finetune.init`) is a fine-tuning profile."""
         return "finetune" if self.config.finetune.init else "pretrain"
 
+    def model_shape(self) -> dict[str, Any]:
+        """The model keys a checkpoint's tensors depend on (stored with each checkpoint, so that a refusal can
+        name the keys that differ)."""
+        model = dataclasses.asdict(self.config.model)
+        return {k: model[k] for k in ("img_size", "patch_size", "mlp_ratio", *ARCH_FIELDS)}
+
     def model_digest(self) -> str:
         """Changes exactly when a change would make checkpoints incompatible."""
-        model = dataclasses.asdict(self.config.model)
-        shape = {k: model[k] for k in ("img_size", "patch_size", "mlp_ratio", *ARCH_FIELDS)}
-        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.model_shape(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fill_model_preset(config: Config) -> None:

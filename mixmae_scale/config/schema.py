@@ -143,7 +143,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 20
-    heldout_batches: int = 4  # validation batches scored with fixed masks at the start and the end
+    heldout_batches: int = 4  # validation batches scored with fixed masks at start and end (none fit: null + reason)
     visualize_every_steps: int = 1000  # reconstruction grid of fixed validation images (0: never)
     tensorboard: bool = True
     csv: bool = True

@@ -138,23 +138,35 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
         seal(partial, {"step": request.step, "world_size": world, "kind": request.kind or "regular",
                        **(request.marker_extra or {})})
         publish(partial, ckpt_dir / tag)
-        rotate(ckpt_dir, request.keep_last)
+        rotate(ckpt_dir, request.keep_last, just_written=tag)
     dist.barrier()
     return ckpt_dir / tag
 
 
-def rotate(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` regular checkpoints; a stop tag goes once a newer regular one exists; universal
-    conversions go with their tag; crash leftovers (`.partial`) go."""
-    tags = complete_tags(ckpt_dir)
+def rotation_victims(tags: list[str], keep_last: int, just_written: str | None = None) -> set[str]:
+    """Which complete tags rotation removes: all but the newest `keep_last` regular ones, and stop tags once a
+    newer regular one exists; never `just_written` (the checkpoint the run has just saved, even where older runs'
+    higher-numbered tags would otherwise outrank it)."""
     regular = [t for t in tags if is_regular(t)]
-    doomed = set(regular[:-keep_last])
+    doomed = set(regular[:-keep_last])  # keep_last >= 1 (config/derive.py)
     if regular:
         doomed |= {t for t in tags if not is_regular(t) and step_of(t) < step_of(regular[-1])}
+    return doomed - {just_written}
+
+
+def rotate(ckpt_dir: Path, keep_last: int, just_written: str | None = None) -> None:
+    """Remove `rotation_victims`, the universal conversions that go with them and crash leftovers (`.partial`)."""
+    tags = complete_tags(ckpt_dir)
+    doomed = rotation_victims(tags, keep_last, just_written)
     for path in ckpt_dir.iterdir():
         base = path.name.split(UNIVERSAL)[0].split(PARTIAL)[0]
         if base in doomed or (PARTIAL in path.name and base not in tags):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def existing(checkpoint: Path | None) -> Path | None:
+    """`checkpoint` if it is on disk and complete, else None: what a summary may name."""
+    return checkpoint if checkpoint is not None and (checkpoint / MARKER).exists() else None
 
 
 def optimizer_layout(ds_config: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from mixmae_scale.config import ConfigError, ResolvedConfig
 from mixmae_scale.engine import checkpoint as ckpt
+from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.faults import pick_checkpoint
 
 
@@ -128,14 +129,14 @@ def _decide(ckpt_dir: Path, resolved: ResolvedConfig, world: int, layout: dict[s
     tag = choice.tag
     saved = ckpt.read_rank_state(ckpt_dir, tag, 0)
     if saved.get("model_digest") != resolved.model_digest():
-        raise ckpt.ResumeError(f"{(ckpt_dir / tag).resolve()} holds a model of another shape (digest "
-                               f"{saved.get('model_digest')}, this run {resolved.model_digest()}): model.* must match "
-                               "the run being resumed; start a new run directory or set checkpoint.resume=none")
+        raise ckpt.ResumeError(run_folder.another_model(ckpt_dir.parent, tag, saved, resolved.model_shape(),
+                                                        resolved.model_digest()))
     saved_batch = saved.get("global_batch")
     if saved_batch is not None and saved_batch != resolved.derived.global_batch:
         raise ckpt.ResumeError(f"{(ckpt_dir / tag).resolve()} was trained at a global batch of {saved_batch}, this run "
                                f"has {resolved.derived.global_batch}: the step counter and the learning-rate schedule "
-                               f"count batches of {saved_batch}; resume with --set batch.global_batch={saved_batch}")
+                               f"count batches of {saved_batch}; resume with --set batch.global_batch={saved_batch}, "
+                               f"or, for another run, {run_folder.way_out(ckpt_dir.parent)}")
     saved_world = int(ckpt.marker(ckpt_dir, tag)["world_size"])
     changes = _layout_changes(saved.get("optimizer_layout"), layout)
     notes = list(choice.notes)

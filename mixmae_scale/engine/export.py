@@ -73,10 +73,21 @@ def step_of(tag: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, with_decoder: bool = False,
+DEFAULT_NAMES = {"encoder": "encoder.safetensors", "pretrain": "encoder_decoder.safetensors",
+                 "finetune": "classifier.safetensors"}  # by kind; a --best export: classifier-best.safetensors
+
+
+def default_out(run_root: Path, kind: str, best: bool, fmt: str = "safetensors") -> Path:
+    """Where an export goes when no --out is given: the run folder, named by what the file holds."""
+    name = Path("classifier-best.safetensors" if best else DEFAULT_NAMES[kind])
+    return run_root / (name.with_name(name.stem + "-official.pth") if fmt == "official" else name)
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None, with_decoder: bool = False,
                best: bool = False, fmt: str = "safetensors") -> dict[str, Any]:
-    """`fmt="official"` writes the official MixMIM layout (`{"model": ...}` in a .pth) for the official
-    fine-tuning script and the tools built on it; the default is our safetensors file with its metadata."""
+    """`out` None: `default_out` in the run folder. `fmt="official"` writes the official MixMIM layout
+    (`{"model": ...}` in a .pth) for the official fine-tuning script and the tools built on it; the default is our
+    safetensors file with its metadata."""
     folder, tag = find_checkpoint(run_dir, tag, best)
     run_root = folder.parent
     state = gather_weights(folder, tag)
@@ -87,14 +98,29 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, wit
     if with_decoder:
         arch["decoder_heads"] = _decoder_heads(run_root)
     kind = "finetune" if "head.weight" in weights else "pretrain" if with_decoder else "encoder"
+    best = best or folder.name == BEST
+    out = Path(out) if out is not None else default_out(run_root, kind, best, fmt)
     step = step_of(tag)
     if fmt == "official":
         save_official(out, weights)
     else:
         save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
                                                            **({"step": str(step)} if step is not None else {})})
-    return {"run": str(run_dir), "checkpoint": str(folder / tag), "out": str(out), "format": fmt, "kind": kind,
-            "tensors": len(weights), "params": sum(v.numel() for v in weights.values()), "arch": arch}
+    return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
+            "format": fmt, "kind": kind, "tensors": len(weights), "params": sum(v.numel() for v in weights.values()),
+            "arch": arch}
+
+
+KIND_WORDS = {"encoder": "encoder", "pretrain": "encoder and decoder", "finetune": "classifier (encoder and head)"}
+
+
+def export_line(result: dict[str, Any]) -> str:
+    """What `mixmae export` says: which step of which run went where."""
+    which = f"step {result['step']}" if result["step"] is not None else Path(result["checkpoint"]).name
+    source = f"{which}{' (best)' if result['best'] else ''} of run {result['run']}"
+    layout = " in the official layout" if result.get("format") == "official" else ""
+    return (f"exported {source} to {result['out']}: {KIND_WORDS[result['kind']]}, {result['params'] / 1e6:.2f}M "
+            f"parameters in {result['tensors']} tensors{layout} (checkpoint {result['checkpoint']})")
 
 
 def _decoder_heads(run_dir: Path) -> int:

@@ -40,7 +40,7 @@ from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import checkpoint as ckpt
-from mixmae_scale.engine import distributed, elastic, faults
+from mixmae_scale.engine import distributed, elastic, faults, run_folder
 from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
@@ -89,11 +89,12 @@ class RunContext:
 
 
 def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int,
-              max_steps: int | None = None) -> RunContext:
-    """Process group, configuration resolved for the real world size and data, the resume plan and the run folder.
+              max_steps: int | None = None, overwrite: bool = False) -> RunContext:
+    """Process group, configuration resolved for the real world size and data, the run folder, the resume plan.
 
-    Nothing in the run folder is touched before the plan is made: an incompatible checkpoint is refused and a
-    finished run is reported (`RunAlreadyComplete`) with its files as they were."""
+    Nothing in the run folder is written before the plan is made: another run's folder is refused unless
+    `overwrite` moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished
+    run is reported (`RunAlreadyComplete`) with its files as they were."""
     stop = StopFlag()  # first: a signal during start-up waits for the first step boundary
     rank, world, device = distributed.init(local_rank)
     train_data = training_mixture(config.data.shards, config.data.train_split,
@@ -103,6 +104,9 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     ds_config = engine_config(resolved, root)
     layout = ckpt.optimizer_layout(ds_config)
     elastic.agree_on_configuration(resolved, ds_config, layout)
+    folder_note = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
+    if folder_note and rank == 0:
+        log.warning("%s", folder_note)
     plan = elastic.plan_resume(root / "checkpoints", resolved, layout)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
@@ -181,6 +185,9 @@ class TrainingLoop:
             self._resume(ctx.resume)
             if ctx.resume.universal and self.config.checkpoint.save_after_layout_change:
                 self.last_saved = self.save(self.step, kind=ckpt.RELAYOUT)
+        elif ctx.rank == 0:  # a start from step 0: rows a run left before its first checkpoint are not this run's
+            drop_rows_after(ctx.root / "metrics.csv", 0)
+            job.truncate_logs(0)
 
     @property
     def device(self) -> torch.device:
@@ -220,7 +227,8 @@ class TrainingLoop:
                   # ds_to_universal reads this to convert the checkpoint for another layout (engine/elastic.py)
                   "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
         state = {**(rank_state or {"loader": self.loader.state_dict(), "rng": rng_state()}),
-                 "model_digest": ctx.resolved.model_digest(), "optimizer_layout": ctx.layout,
+                 "model_digest": ctx.resolved.model_digest(), "model_shape": ctx.resolved.model_shape(),
+                 "optimizer_layout": ctx.layout,
                  "global_batch": self.derived.global_batch}
         request = ckpt.SaveRequest(at_step, kind, keep or self.config.checkpoint.keep_last, marker_extra)
         return ckpt.save(self.engine, directory or ctx.checkpoints, request, client, state)
@@ -339,7 +347,7 @@ class TrainingLoop:
                 "skipped_samples_after_nonfinite": self.skipped_samples,
                 "images_per_s": sum(steady) / len(steady) if steady else None, "peak_mem_mib_per_rank": peak,
                 "wall_s": time.perf_counter() - run_start,
-                "checkpoint": str(self.last_saved) if self.last_saved else None,
+                "checkpoint": str(saved) if (saved := ckpt.existing(self.last_saved)) else None,
                 "dtype": derived.dtype, "dtype_reason": derived.dtype_reason}
 
     def _log(self, metrics: MetricsLog | None, window: Throughput, loss_sum: torch.Tensor, loss_count: int,

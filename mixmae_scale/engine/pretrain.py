@@ -5,6 +5,11 @@ What is pretraining's own: the model and its weight-decay groups, one mixing mas
 from (seed, rank, step, micro) so that a resumed run draws the same masks, the held-out reconstruction
 loss with fixed masks at the start and the end (comparable across runs), and, through a callback, the
 reconstruction grids.
+
+A held-out loss is scored on whole micro-batches only. Where none fits (a validation split smaller than one
+micro-batch, or `logging.heldout_batches=0`) it is null in summary.json with the reason in
+`heldout_not_measured` and in the log, never 0 (which a sweep would read as a perfect model); the run itself
+goes ahead, as its training is sound. A sweep refuses such a run when it reads it (scaling/run.py).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +42,40 @@ __all__ = ["pretrain"]
 SnapshotFactory = Callable[[Config, Path, int, torch.device], Any]
 
 
-def heldout_loss(engine, config: Config, device: torch.device, dtype: str) -> float:
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out reconstruction loss, or None with the reason it was not measured: a mean over no images is
+    not a loss (it used to read 0.0000, a perfect model)."""
+
+    loss: float | None
+    images: int
+    reason: str | None = None
+
+    def text(self) -> str:
+        return f"{self.loss:.4f}" if self.loss is not None else f"not measured ({self.reason})"
+
+
+def heldout_shortfall(split: str, samples: int, micro: int, batches: int) -> str | None:
+    """Why no held-out batch can be scored, or None. The score uses whole micro-batches of the run's size (the
+    masks pair images within a batch, so a smaller batch would score another task)."""
+    if batches < 1:
+        return f"logging.heldout_batches={batches}"
+    if samples < micro:
+        return f"{split} has {samples} images, fewer than one micro-batch of {micro}"
+    return None
+
+
+def heldout_loss(engine, config: Config, device: torch.device, dtype: str) -> HeldOut:
     """Reconstruction loss on the first validation batches with fixed masks: comparable across steps
     and runs. Every rank scores the same batches (ZeRO-3 forwards are collective)."""
     spec = PipelineSpec(mode="eval", img_size=config.model.img_size, batch_size=config.batch.micro,
                         num_threads=config.data.num_threads, seed=config.run.seed, with_labels=False,
                         output_dtype=loader_dtype(dtype))
     loader = ShardLoader(config.data.shards, config.data.val_split, spec, config.data.loader, config.data.num_threads)
+    reason = heldout_shortfall(config.data.val_split, loader.layout.length, config.batch.micro,
+                               config.logging.heldout_batches)
+    if reason:
+        return HeldOut(None, 0, reason)
     model = engine.module
     was_training = model.training
     model.eval()
@@ -57,7 +89,7 @@ def heldout_loss(engine, config: Config, device: torch.device, dtype: str) -> fl
                 total += float(engine(batch.images.to(device), mask=mask).loss.detach())
             count += 1
     model.train(was_training)
-    return total / max(count, 1)
+    return HeldOut(total / count, count * config.batch.micro)
 
 
 def loader_dtype(engine_dtype: str) -> str:
@@ -69,7 +101,7 @@ class PretrainJob(Job):
     def __init__(self, config: Config, snapshots=None) -> None:
         self.config = config
         self.snapshots = snapshots
-        self.heldout_start: float | None = None
+        self.heldout_start: HeldOut | None = None
         self.flops_per_image = model_report(config.model)["train_flops_per_image"]
         self.peak_flops = device_peak_flops(config.logging.peak_tflops)
 
@@ -87,7 +119,7 @@ class PretrainJob(Job):
         if self.heldout_start is None:
             self.heldout_start = heldout_loss(loop.engine, self.config, loop.device, loop.derived.dtype)
             if loop.ctx.rank == 0:
-                log.info("held-out reconstruction loss at step 0: %.4f", self.heldout_start)
+                log.info("held-out reconstruction loss at step 0: %s", self.heldout_start.text())
 
     def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
         every = self.config.logging.visualize_every_steps
@@ -95,15 +127,19 @@ class PretrainJob(Job):
             self.snapshots.write(loop.engine.module, step)
 
     def state(self) -> dict[str, Any]:
-        return {"heldout_start": self.heldout_start}
+        return {"heldout_start": asdict(self.heldout_start) if self.heldout_start else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.heldout_start = state.get("heldout_start")
+        saved = state.get("heldout_start")
+        # A number: written before the reason was kept (always a measured loss then, or 0.0 over no images).
+        self.heldout_start = (HeldOut(**saved) if isinstance(saved, dict)
+                              else HeldOut(saved, self.config.logging.heldout_batches * self.config.batch.micro)
+                              if saved else HeldOut(None, 0, "not kept by the checkpoint this run resumed from"))
 
 
 def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
-             snapshot_factory: SnapshotFactory | None = None) -> dict[str, Any]:
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps)
+             snapshot_factory: SnapshotFactory | None = None, overwrite: bool = False) -> dict[str, Any]:
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite)
     derived = ctx.resolved.derived
     model = build_mixmae(config.model).to(ctx.device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer,
@@ -123,14 +159,19 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     loop = TrainingLoop(ctx, model, optimizer, loader, job)
     summary = loop.run()
     heldout_end = heldout_loss(loop.engine, config, ctx.device, derived.dtype)
-    summary.update({"heldout_loss_start": job.heldout_start, "heldout_loss_end": heldout_end,
+    start = job.heldout_start
+    summary.update({"heldout_loss_start": start.loss, "heldout_loss_end": heldout_end.loss,
+                    "heldout_images": heldout_end.images, "heldout_not_measured": heldout_end.reason,
                     "train_flops_per_image": job.flops_per_image, "derived": asdict(derived)})
     if summary["images_per_s"] and job.peak_flops:
         summary["mfu"] = summary["images_per_s"] * job.flops_per_image / (job.peak_flops * ctx.world)
     summary["loss_scale"] = fp16_loss_scale(loop.engine) if derived.dtype == "fp16" else None
     if ctx.rank == 0:
-        log.info("held-out reconstruction loss: %.4f at step 0 -> %.4f at step %d", job.heldout_start, heldout_end,
-                 summary["steps"])
+        if heldout_end.loss is None:
+            log.warning("held-out reconstruction loss: %s", heldout_end.text())
+        else:
+            log.info("held-out reconstruction loss: %s at step 0 -> %s at step %d", start.text(), heldout_end.text(),
+                     summary["steps"])
         write_text(ctx.root / "summary.json", json.dumps(
             summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
     return summary

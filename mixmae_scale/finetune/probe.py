@@ -27,6 +27,22 @@ from mixmae_scale.models.swin import SwinShape
 
 KNN_NEIGHBOURS = 20
 KNN_TEMPERATURE = 0.07
+# Below this many images in either split a probe's top-1 is not a result. On n validation images the 95% interval
+# of a top-1 near 50% is about +-98/sqrt(n) points: +-10 at 100 images, already the size of the margins a probe is
+# read for (the demo's pretrained-over-random margins ranged from +0.6 to +9.4 points over five seeds,
+# benchmarks/results/demo_probe_cpu_fp32.json). Fewer than 100 training images are fewer than 5 sets of k=20
+# neighbours for the k-NN vote, and far fewer than the features' dimensions, which any labelling fits linearly.
+MIN_PROBE_IMAGES = 100
+
+
+def not_meaningful_because(train_samples: int, val_samples: int) -> str | None:
+    """Why a probe on these split sizes is not a result, or None."""
+    small = [f"{name} has {count} images" for name, count in (("train", train_samples), ("val", val_samples))
+             if count < MIN_PROBE_IMAGES]
+    if not small:
+        return None
+    return (f"{' and '.join(small)}, fewer than {MIN_PROBE_IMAGES}: the 95% interval of a top-1 on "
+            f"{val_samples} validation images is about +-{98 / max(val_samples, 1) ** 0.5:.0f} points")
 
 
 @dataclass
@@ -36,6 +52,7 @@ class ProbeResult:
     train_top1: float
     train_samples: int
     val_samples: int
+    not_meaningful: str | None = None  # why the top-1s are not a result (too few images), or None
 
 
 @dataclass
@@ -109,7 +126,8 @@ def probe_features(features: Features, num_classes: int) -> ProbeResult:
     top1 = 100 * float((head(val_x).argmax(1) == features.val_y).float().mean())
     train_top1 = 100 * float((head(train_x).argmax(1) == features.train_y).float().mean())
     knn = knn_top1(train_x, features.train_y, val_x, features.val_y, num_classes)
-    return ProbeResult(top1, knn, train_top1, len(features.train_y), len(features.val_y))
+    train_n, val_n = len(features.train_y), len(features.val_y)
+    return ProbeResult(top1, knn, train_top1, train_n, val_n, not_meaningful_because(train_n, val_n))
 
 
 def build_encoder(state: dict[str, torch.Tensor] | None, arch: dict, num_classes: int, seed: int) -> SwinClassifier:
@@ -156,7 +174,8 @@ def compare_with_random_init(state: dict[str, torch.Tensor], arch: dict, shards:
     pretrained = probe_encoder(state, arch, train, val, num_classes, batch, seed)
     baselines = [probe_encoder(None, arch, train, val, num_classes, batch, seed + 1 + i)
                  for i in range(baseline_seeds)]
-    report: dict = {"pretrained": asdict(pretrained), "random_init": [asdict(b) for b in baselines]}
+    report: dict = {"pretrained": asdict(pretrained), "random_init": [asdict(b) for b in baselines],
+                    "not_meaningful": pretrained.not_meaningful}
     for readout, key in (("linear", "top1"), ("knn", "knn_top1")):
         spread = _spread([getattr(b, key) for b in baselines])
         margin = getattr(pretrained, key) - spread["mean"]

@@ -109,12 +109,13 @@ class FinetuneJob(Job):
 
 
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
-             local_rank: int = 0, pretrained: tuple[dict[str, torch.Tensor], dict] | None = None) -> dict[str, Any]:
+             local_rank: int = 0, pretrained: tuple[dict[str, torch.Tensor], dict] | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """`pretrained`: `load_encoder(config.finetune.init)` if the caller loaded it already."""
     # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
     if pretrained is None and config.finetune.init:
         pretrained = load_encoder(config.finetune.init)
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps)
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite)
     derived, ft = ctx.resolved.derived, config.finetune
     num_classes = ft.num_classes or ctx.train_data.num_classes
     if not num_classes:

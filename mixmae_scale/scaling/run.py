@@ -235,6 +235,10 @@ def _complete(run_dir: Path, run: PlannedRun) -> bool:
 def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, subset: Path | None = None) -> dict:
     """The results.jsonl line of a finished run folder; `wall_s` None: the run's own wall time."""
     summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("heldout_loss_end") is None:
+        raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss not measured "
+                           f"({summary.get('heldout_not_measured')}); a sweep compares held-out losses: give the "
+                           "shards a validation split of at least one micro-batch")
     last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
     row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
            "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"]}

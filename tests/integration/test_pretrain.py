@@ -27,7 +27,7 @@ PORTS = Ports()
 
 
 def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None = None, check: bool = True,
-           background: bool = False, ranks: int = 2, env: dict[str, str] | None = None):
+           background: bool = False, ranks: int = 2, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()):
     port = next(PORTS)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run_dir),
@@ -39,6 +39,7 @@ def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None =
         cmd += ["--set", item]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
+    cmd += flags
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -194,11 +195,48 @@ def test_a_finished_run_started_again_says_so_and_touches_nothing(uninterrupted,
     assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
 
 
-def test_resuming_with_another_model_shape_is_refused(uninterrupted, demo_shards):
-    result = launch(uninterrupted[3], demo_shards, "zero.stage=3", "precision.dtype=fp32", "model.embed_dim=48",
-                    max_steps=14, check=False)
-    assert result.returncode != 0
-    assert "holds a model of another shape" in result.stdout + result.stderr
+def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier_run_aside(uninterrupted, demo_shards,
+                                                                                           tmp_path, capsys):
+    """The path a user takes: a finished run's folder reused for another model shape. The start is refused in one
+    line naming the keys that differ and both ways out, and touches nothing; with --overwrite the earlier run moves,
+    whole, to RUN.old-1, and the new run trains, rotates (keeping the step it has just written), names an existing
+    checkpoint in its summary and is what `mixmae export` exports, saying so."""
+    import shutil
+
+    from mixmae_scale.cli import main
+    from mixmae_scale.engine.checkpoint import complete_tags
+    from mixmae_scale.models.convert_official import load_weights
+
+    run, moved = tmp_path / "reused", tmp_path / "reused.old-1"
+    shutil.copytree(uninterrupted[3], run)
+    copied = json.loads((run / "summary.json").read_text())  # as if the run had been made in this folder
+    (run / "summary.json").write_text(json.dumps({**copied, "checkpoint": str(run / "checkpoints" / "step00000012")}))
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = ("zero.stage=3", "precision.dtype=fp32", "model.embed_dim=16", "checkpoint.every_steps=2",
+             "checkpoint.keep_last=1")
+    refused = launch(run, demo_shards, *other, max_steps=4, check=False)
+    errors = [line for line in (refused.stdout + refused.stderr).splitlines() if "mixmae: error:" in line]
+    assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-3000:]
+    assert f"{run} holds a run of another model (model.embed_dim 32 -> 16), checkpoint step00000012" in errors[0]
+    assert f"new --run-dir (run.name with `mixmae launch`), or add --overwrite to move the earlier run to {moved}" \
+        in errors[0]
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    result = launch(run, demo_shards, *other, max_steps=4, flags=("--overwrite",))
+    assert f"the earlier run in {run} was moved to {moved}" in result.stdout + result.stderr
+    assert {p.relative_to(moved) for p in moved.rglob("*") if p.is_file()} == set(before)
+    old_summary = json.loads((moved / "summary.json").read_text())
+    assert old_summary["checkpoint"] == str(moved / "checkpoints" / "step00000012")
+    assert (moved / "checkpoints" / "step00000012" / "COMPLETE").exists()
+    assert complete_tags(run / "checkpoints") == ["step00000004"]  # keep_last=1: step 2 went
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["checkpoint"] == str(run / "checkpoints" / "step00000004") and summary["steps"] == 4
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["embed_dim"] == 16
+    assert main(["export", str(run)]) == 0
+    assert capsys.readouterr().out.startswith(f"exported step 4 of run {run} to {run / 'encoder.safetensors'}: "
+                                              "encoder, ")
+    assert load_weights(run / "encoder.safetensors")[1]["embed_dim"] == 16
 
 
 def test_curves_and_reconstructions_of_real_runs(uninterrupted, demo_shards, tmp_path):

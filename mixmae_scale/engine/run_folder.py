@@ -1,0 +1,167 @@
+"""A run folder holds one run: what may start in it, and how `--overwrite` moves an earlier run aside.
+
+A second run started in a folder used to mix with the first: its checkpoints were rotated away by the
+first run's higher-numbered ones, `config.yaml` and `summary.json` were overwritten and `metrics.csv` held
+both. So a start is refused when the folder holds another run (checkpoints of another model, or
+`checkpoint.resume=none` over checkpoints, or a finished run with no checkpoint to resume), with the two
+safe ways out: a new `--run-dir`, or `--overwrite`, which renames the whole folder to `<run>.old-<n>` (one
+atomic rename; nothing is deleted) and starts the new run in an empty one. Resuming the same run is
+unchanged.
+
+Rank 0 decides and acts; every rank gets the same outcome (`agree_on_run_folder`), so no rank starts alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import yaml
+
+from mixmae_scale.atomic_file import fsync_path, write_text
+from mixmae_scale.engine import checkpoint as ckpt
+
+ASIDE = ".old-"  # <run>.old-<n>: where --overwrite moves an earlier run
+SHOWN_KEYS = 4  # differing keys named in one refusal line; the rest are counted
+
+
+def aside_path(root: Path) -> Path:
+    """The first free `<run>.old-<n>` next to the run folder."""
+    number = 1
+    while root.with_name(f"{root.name}{ASIDE}{number}").exists():
+        number += 1
+    return root.with_name(f"{root.name}{ASIDE}{number}")
+
+
+def way_out(root: Path) -> str:
+    return (f"start it in a new --run-dir (run.name with `mixmae launch`), or add --overwrite to move the earlier run "
+            f"to {aside_path(root)} first")
+
+
+def holds_files(root: Path) -> bool:
+    return root.is_dir() and any(root.iterdir())
+
+
+def refusal(root: Path, resume: str, overwrite: bool) -> str | None:
+    """Why this start may not go ahead in `root` (before any checkpoint is read), or None."""
+    if overwrite:
+        if resume not in ("auto", "none"):
+            return (f"--overwrite starts a new run in {root}, checkpoint.resume={resume} resumes one of its "
+                    "checkpoints: drop one of the two")
+        return None
+    tags = ckpt.complete_tags(root / "checkpoints")
+    if resume == "none" and tags:
+        return (f"{root} holds checkpoints of an earlier run (newest {tags[-1]}); checkpoint.resume=none would start "
+                f"another run over them: {way_out(root)}")
+    if not tags and (root / "summary.json").exists():
+        return (f"{root} holds a finished run (summary.json) with no checkpoint to resume: starting again there would "
+                f"overwrite it; {way_out(root)}")
+    return None
+
+
+def move_aside(root: Path) -> Path:
+    """Rename the run folder to `<run>.old-<n>` (atomic, flushed) and point its summary at the moved checkpoint."""
+    target = aside_path(root)
+    root.rename(target)
+    fsync_path(target.parent)
+    summary = target / "summary.json"
+    if summary.exists():
+        record = json.loads(summary.read_text())
+        named = record.get("checkpoint")
+        if named and Path(named).is_relative_to(root):
+            record["checkpoint"] = str(target / Path(named).relative_to(root))
+            write_text(summary, json.dumps(record, indent=2))
+    return target
+
+
+def newer_than(tags: list[str], tag: str) -> list[str]:
+    """The complete tags after `tag` in the run's order (tags sort by step, then kind)."""
+    return [t for t in tags if t > tag] if tag in tags else []
+
+
+def set_aside_newer(root: Path, resume: str) -> str | None:
+    """A resume from an explicit earlier tag trains another continuation of the run: the checkpoints after it
+    would otherwise stay the newest (an automatic resume would pick them) and keep their step numbers from being
+    written. They move, whole, to `<run>/superseded-<n>/`."""
+    ckpt_dir = root / "checkpoints"
+    newer = newer_than(ckpt.complete_tags(ckpt_dir), Path(resume).name) if resume not in ("auto", "none") else []
+    if not newer:
+        return None
+    number = 1
+    while (root / f"superseded-{number}").exists():
+        number += 1
+    target = root / f"superseded-{number}"
+    target.mkdir()
+    for path in sorted(ckpt_dir.iterdir()):
+        if path.name.split(ckpt.UNIVERSAL)[0] in newer:
+            path.rename(target / path.name)
+    fsync_path(target)
+    fsync_path(ckpt_dir)
+    return (f"checkpoint.resume={resume}: the later checkpoints ({', '.join(newer)}) belong to the run's earlier "
+            f"continuation and were moved to {target}")
+
+
+def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
+    """Rank 0: refuse (ResumeError) or move an earlier run aside; returns what to tell the user, if anything."""
+    problem = refusal(root, resume, overwrite)
+    if problem:
+        raise ckpt.ResumeError(problem)
+    if not overwrite:
+        return set_aside_newer(root, resume)
+    if overwrite and holds_files(root):
+        try:
+            target = move_aside(root)
+        except OSError as exc:
+            raise ckpt.ResumeError(f"--overwrite could not move {root} aside ({exc}); move it yourself or start in a "
+                                   "new --run-dir") from None
+        return f"--overwrite: the earlier run in {root} was moved to {target}; this run starts in an empty {root}"
+    return None
+
+
+def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> str | None:
+    """Collective: rank 0 prepares the folder; every rank gets its note or raises its error."""
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", prepare(root, resume, overwrite))
+        except ckpt.ResumeError as exc:
+            outcome[0] = ("error", str(exc))
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0][0] == "error":
+        raise ckpt.ResumeError(outcome[0][1])
+    return outcome[0][1]
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`model.embed_dim 32 -> 16` for every model key whose value differs."""
+    return [f"model.{key} {_shown(saved.get(key))} -> {_shown(value)}" for key, value in current.items()
+            if _shown(saved.get(key)) != _shown(value)]
+
+
+def saved_model_shape(root: Path, rank_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's own record of its model keys; for checkpoints written before it was recorded, the run's
+    config.yaml (written at each start of the run)."""
+    if rank_state.get("model_shape"):
+        return rank_state["model_shape"]
+    try:
+        return yaml.safe_load((root / "config.yaml").read_text())["model"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def another_model(root: Path, tag: str, rank_state: dict[str, Any], shape: dict[str, Any], digest: str) -> str:
+    """The one-line refusal of a start whose model differs from the checkpoint's."""
+    saved = saved_model_shape(root, rank_state)
+    keys = model_differences(saved, shape) if saved else []
+    if keys:
+        what = "; ".join(keys[:SHOWN_KEYS]) + (f"; {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+    else:
+        what = f"model digest {rank_state.get('model_digest')} -> {digest}"
+    return (f"{root} holds a run of another model ({what}), checkpoint {tag}; it cannot be resumed with this "
+            f"configuration: {way_out(root)}")

@@ -1,0 +1,71 @@
+"""What a run, an export and a probe report when the data cannot support a number: a held-out loss over no
+images is null with its reason, a probe on too few images is not a result, an export names its run and step."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixmae_scale.cli.job_commands import pretrain_message
+from mixmae_scale.engine.export import default_out, export_line
+from mixmae_scale.engine.pretrain import HeldOut, heldout_loss, heldout_shortfall
+from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES, Features, not_meaningful_because, probe_features
+
+
+def test_a_split_under_one_micro_batch_or_no_heldout_batches_is_not_measured():
+    assert heldout_shortfall("val", 3, 16, 4) == "val has 3 images, fewer than one micro-batch of 16"
+    assert heldout_shortfall("val", 0, 16, 4) == "val has 0 images, fewer than one micro-batch of 16"
+    assert heldout_shortfall("val", 500, 16, 0) == "logging.heldout_batches=0"
+    assert heldout_shortfall("val", 16, 16, 1) is None
+
+
+def test_heldout_loss_on_real_shards_smaller_than_a_micro_batch_is_null_with_the_split_size(demo_shards):
+    """The demo fixture's val split holds 80 images; a micro-batch of 128 scores none of them. The reason is found
+    from the loader's own count before any forward (no engine is needed to get here)."""
+    from mixmae_scale.config import load_config
+
+    config, _ = load_config("tiny", None, [f"data.shards={demo_shards}", "batch.micro=128"])
+    result = heldout_loss(None, config, None, "fp32")
+    assert result == HeldOut(None, 0, "val has 80 images, fewer than one micro-batch of 128")
+    assert result.text() == "not measured (val has 80 images, fewer than one micro-batch of 128)"
+
+
+def test_the_pretrain_summary_line_never_prints_a_number_that_was_not_measured():
+    measured = {"heldout_loss_start": 0.9, "heldout_loss_end": 0.5, "steps": 12, "heldout_not_measured": None}
+    assert pretrain_message(measured) == "held-out reconstruction loss 0.9000 -> 0.5000 after 12 steps"
+    missing = {**measured, "heldout_loss_start": None, "heldout_loss_end": None,
+               "heldout_not_measured": "val has 3 images, fewer than one micro-batch of 16"}
+    assert pretrain_message(missing) == ("held-out reconstruction loss: not measured (val has 3 images, fewer than one "
+                                         "micro-batch of 16); 12 steps trained")
+
+
+def test_a_probe_on_fewer_than_the_threshold_of_images_says_it_is_not_a_result():
+    import torch
+
+    assert not_meaningful_because(MIN_PROBE_IMAGES, MIN_PROBE_IMAGES) is None
+    assert not_meaningful_because(300, 80) == ("val has 80 images, fewer than 100: the 95% interval of a top-1 on 80 "
+                                               "validation images is about +-11 points")
+    assert not_meaningful_because(40, 8).startswith("train has 40 images and val has 8 images, fewer than 100")
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(10)
+    x = torch.randn(40, 8, generator=generator)
+    result = probe_features(Features(x, labels, x, labels), num_classes=4)
+    assert result.not_meaningful.startswith("train has 40 images and val has 40 images")
+
+
+def test_export_defaults_to_the_run_folder_and_its_line_names_run_and_step(tmp_path):
+    assert default_out(tmp_path, "encoder", False) == tmp_path / "encoder.safetensors"
+    assert default_out(tmp_path, "pretrain", False) == tmp_path / "encoder_decoder.safetensors"
+    assert default_out(tmp_path, "finetune", True) == tmp_path / "classifier-best.safetensors"
+    result = {"run": "/r/run", "checkpoint": "/r/run/checkpoints/step00000012", "step": 12, "best": False,
+              "out": "/r/run/encoder.safetensors", "kind": "encoder", "tensors": 40, "params": 1_234_567}
+    assert export_line(result) == ("exported step 12 of run /r/run to /r/run/encoder.safetensors: encoder, 1.23M "
+                                   "parameters in 40 tensors (checkpoint /r/run/checkpoints/step00000012)")
+
+
+def test_export_out_is_optional_and_json_is_asked_for(capsys):
+    from mixmae_scale.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[--out OUT]" in text and "default: in the run folder, encoder.safetensors" in text and "--json" in text

@@ -1,0 +1,132 @@
+"""A run folder holds one run: what may start in it, what --overwrite moves, what rotation keeps and what a
+summary may name. Folder states are built by hand (a tag is a folder with its COMPLETE marker), so these are
+the rules alone; tests/integration/test_pretrain.py runs them through DeepSpeed once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixmae_scale.engine import checkpoint as ckpt
+from mixmae_scale.engine import run_folder
+from mixmae_scale.engine.checkpoint import ResumeError
+
+
+def tags(root: Path, *names: str) -> Path:
+    for name in names:
+        folder = root / "checkpoints" / name
+        folder.mkdir(parents=True)
+        (folder / "rank_0.json").write_text("{}")
+        (folder / ckpt.MARKER).write_text(json.dumps({"step": ckpt.step_of(name)}))
+    return root
+
+
+def test_resume_none_over_checkpoints_is_refused_with_both_ways_out(tmp_path):
+    run = tags(tmp_path / "run", "step00000004", "step00000010")
+    with pytest.raises(ResumeError) as refused:
+        run_folder.prepare(run, "none", overwrite=False)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{run} holds checkpoints of an earlier run (newest step00000010)" in message
+    assert f"start it in a new --run-dir (run.name with `mixmae launch`), or add --overwrite to move the earlier run " \
+           f"to {tmp_path / 'run.old-1'} first" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step00000004", "step00000010"]
+
+
+def test_a_finished_run_without_checkpoints_is_refused_and_an_empty_or_new_folder_is_not(tmp_path):
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    with pytest.raises(ResumeError, match="holds a finished run \\(summary.json\\) with no checkpoint to resume"):
+        run_folder.prepare(finished, "auto", overwrite=False)
+    (tmp_path / "empty").mkdir()
+    assert run_folder.prepare(tmp_path / "empty", "none", overwrite=False) is None
+    assert run_folder.prepare(tmp_path / "new", "auto", overwrite=False) is None
+    resumable = tags(tmp_path / "resumable", "step00000004")
+    assert run_folder.prepare(resumable, "auto", overwrite=False) is None  # the same run resumes as before
+
+
+def test_overwrite_moves_the_whole_run_aside_to_the_next_free_name_and_repoints_its_summary(tmp_path):
+    run = tags(tmp_path / "run", "step00000010")
+    (run / "metrics.csv").write_text("step,loss\n10,0.5\n")
+    (run / "summary.json").write_text(json.dumps({"steps": 10, "checkpoint": str(run / "checkpoints" /
+                                                                                 "step00000010")}))
+    (tmp_path / "run.old-1").mkdir()  # an earlier move: taken
+    note = run_folder.prepare(run, "none", overwrite=True)
+    moved = tmp_path / "run.old-2"
+    assert note == f"--overwrite: the earlier run in {run} was moved to {moved}; this run starts in an empty {run}"
+    assert not run.exists() and (moved / "metrics.csv").read_text() == "step,loss\n10,0.5\n"
+    summary = json.loads((moved / "summary.json").read_text())
+    assert summary["checkpoint"] == str(moved / "checkpoints" / "step00000010")
+    assert (Path(summary["checkpoint"]) / ckpt.MARKER).exists()
+    assert run_folder.prepare(tmp_path / "absent", "auto", overwrite=True) is None  # nothing to move
+
+
+def test_overwrite_with_an_explicit_tag_to_resume_is_refused(tmp_path):
+    run = tags(tmp_path / "run", "step00000004")
+    with pytest.raises(ResumeError, match="--overwrite starts a new run .* checkpoint.resume=step00000004 resumes"):
+        run_folder.prepare(run, "step00000004", overwrite=True)
+    assert (run / "checkpoints" / "step00000004").is_dir()
+
+
+def test_resuming_an_earlier_tag_moves_the_later_ones_aside_whole(tmp_path):
+    run = tags(tmp_path / "run", "step00000004", "step00000007", "step00000007-nonfinite", "step00000009")
+    (run / "checkpoints" / "step00000009.universal").mkdir()
+    note = run_folder.prepare(run, "step00000004", overwrite=False)
+    assert note == ("checkpoint.resume=step00000004: the later checkpoints (step00000007, step00000007-nonfinite, "
+                    f"step00000009) belong to the run's earlier continuation and were moved to {run / 'superseded-1'}")
+    assert ckpt.complete_tags(run / "checkpoints") == ["step00000004"]
+    assert sorted(p.name for p in (run / "superseded-1").iterdir()) == [
+        "step00000007", "step00000007-nonfinite", "step00000009", "step00000009.universal"]
+
+
+def test_model_differences_name_each_key_with_old_and_new_values():
+    saved = {"img_size": 96, "embed_dim": 32, "depths": [2, 2], "num_heads": [1, 2]}
+    current = {"img_size": 96, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4)}
+    assert run_folder.model_differences(saved, current) == ["model.embed_dim 32 -> 16",
+                                                            "model.num_heads [1, 2] -> [2, 4]"]
+
+
+def test_another_model_refusal_reads_the_checkpoints_record_then_config_yaml_then_falls_back_to_digests(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shape = {"embed_dim": 16, "depths": (2, 2)}
+    line = run_folder.another_model(run, "step00000010", {"model_shape": {"embed_dim": 32, "depths": [2, 2]}}, shape,
+                                    "bbbb")
+    assert line == (f"{run} holds a run of another model (model.embed_dim 32 -> 16), checkpoint step00000010; it "
+                    "cannot be resumed with this configuration: start it in a new --run-dir (run.name with `mixmae "
+                    f"launch`), or add --overwrite to move the earlier run to {tmp_path / 'run.old-1'} first")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"embed_dim": 48, "depths": [1, 1]}}))
+    assert "(model.embed_dim 48 -> 16; model.depths [1, 1] -> [2, 2])" in run_folder.another_model(
+        run, "step00000010", {"model_digest": "aaaa"}, shape, "bbbb")
+    (run / "config.yaml").unlink()
+    assert "(model digest aaaa -> bbbb)" in run_folder.another_model(run, "step00000010", {"model_digest": "aaaa"},
+                                                                     shape, "bbbb")
+
+
+def test_rotation_never_removes_the_tag_just_written_even_below_older_higher_steps():
+    old_run = ["step00000007", "step00000009", "step00000010"]
+    assert ckpt.rotation_victims(sorted(["step00000004", *old_run]), 3, just_written="step00000004") == set()
+    assert "step00000004" in ckpt.rotation_victims(sorted(["step00000004", *old_run]), 3)  # the rule it overrides
+    regular = ["step00000002", "step00000004", "step00000006", "step00000008"]
+    assert ckpt.rotation_victims(regular, 3, just_written="step00000008") == {"step00000002"}
+    with_stop = ["step00000004", "step00000004-nonfinite", "step00000006"]
+    assert ckpt.rotation_victims(with_stop, 3, just_written="step00000006") == {"step00000004-nonfinite"}
+
+
+def test_rotate_on_disk_keeps_the_new_tag_and_removes_crash_leftovers(tmp_path):
+    run = tags(tmp_path / "run", "step00000004", "step00000007", "step00000009", "step00000010")
+    (run / "checkpoints" / "step00000011.partial").mkdir()
+    ckpt.rotate(run / "checkpoints", 3, just_written="step00000004")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step00000004", "step00000007", "step00000009", "step00000010"]
+
+
+def test_a_summary_names_only_a_complete_checkpoint_on_disk(tmp_path):
+    run = tags(tmp_path / "run", "step00000004")
+    assert ckpt.existing(run / "checkpoints" / "step00000004") == run / "checkpoints" / "step00000004"
+    assert ckpt.existing(run / "checkpoints" / "step00000010") is None
+    assert ckpt.existing(None) is None
