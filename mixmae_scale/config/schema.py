@@ -35,7 +35,10 @@ class ModelConfig:
     mask_ratio: float = 0.5
     range_mask_ratio: float = 0.0
     norm_pix_loss: bool = True
-    attention: Literal["fused", "reference"] = "fused"
+    # "fused": one SDPA call under an additive same-source mask; "reference": the same, written out (the
+    # reference); "grouped": each window's tokens regrouped by source, cross-source pairs skipped
+    # (models/source_groups.py). Fine-tuning has no mixing: "grouped" runs the fused path there.
+    attention: Literal["fused", "reference", "grouped"] = "fused"
     # 0: no activation checkpointing; k >= 1: checkpoint every k-th encoder block.
     checkpoint_every: int = 0
     # Regional torch.compile of the encoder and decoder blocks (models/regional_compile.py). "auto": on GPUs;
