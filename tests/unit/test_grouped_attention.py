@@ -1,0 +1,124 @@
+"""`model.attention=grouped`: attention over each window's same-source groups equals the masked attention.
+
+The dense kernel has forward and backward on the CPU, so it is compared with the masked `fused` path on
+both; FlexAttention's CPU backward does not exist on this torch, so its forward alone is compared here
+(its backward is checked on a GPU by benchmarks/gpu/step_suite.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mixmae_scale.models.mixing import upsample_mask
+from mixmae_scale.models.mixmae import MixMAE
+from mixmae_scale.models.source_groups import dense_groups, flex_backward_exists
+from mixmae_scale.models.swin import SwinShape
+
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+# The published 224 px geometry (a 7x7 mask grid; windows 14, 14, 14, 7 over stages of 56, 28, 14, 7 tokens)
+# at a toy width: stage 1's 14-token windows straddle the mask's 8-token cells, so splits are uneven there.
+OFFICIAL_GRID = SwinShape(img_size=224, patch_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                          window_size=(14, 14, 14, 7))
+
+
+def _official_mask() -> torch.Tensor:
+    """24 of 49 cells, as ratio 0.5 draws, with the four cells under stage 1's first window all taken from
+    the partner, so that window holds one source only."""
+    mask = torch.zeros(49)
+    rest = [c for c in torch.randperm(49, generator=torch.Generator().manual_seed(3)).tolist()
+            if c not in (0, 1, 7, 8)]
+    mask[[0, 1, 7, 8, *rest[:20]]] = 1
+    return mask
+
+
+def _model(shape: SwinShape) -> MixMAE:
+    torch.manual_seed(0)
+    return MixMAE(shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).train()
+
+
+def _loss_features_grads(model: MixMAE, images: torch.Tensor, mask: torch.Tensor, attention: str):
+    model.attention = attention
+    model.zero_grad()
+    out = model(images, mask=mask)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        features = model.forward_encoder(images, mask)
+    return out.loss.detach(), features, grads
+
+
+def _assert_grouped_equals_masked(model: MixMAE, images: torch.Tensor, mask: torch.Tensor) -> None:
+    loss_m, feat_m, grads_m = _loss_features_grads(model, images, mask, "fused")
+    loss_g, feat_g, grads_g = _loss_features_grads(model, images, mask, "grouped")
+    assert grads_m.keys() == grads_g.keys() and "encoder.layers.0.blocks.0.attn.relative_position_bias_table" \
+        in grads_g
+    assert (loss_m - loss_g).abs().item() <= 1e-6 * loss_m.abs().item()
+    assert (feat_m - feat_g).abs().max().item() <= 1e-5 * feat_m.abs().max().item()
+    for name in grads_m:
+        scale = grads_m[name].abs().max().clamp_min(1e-12)
+        assert ((grads_m[name] - grads_g[name]).abs().max() / scale).item() <= 1e-4, name
+
+
+def test_grouped_equals_masked_attention_forward_and_gradients_at_the_small_shape(small_shape):
+    model = _model(small_shape)
+    mask = model.sample_mask(torch.Generator().manual_seed(1))
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    _assert_grouped_equals_masked(model, images, mask)
+
+
+def test_official_mask_has_single_source_windows_and_unequal_splits():
+    mask = _official_mask()
+    stage1 = dense_groups(upsample_mask(mask, 56), 14)
+    stage3 = dense_groups(upsample_mask(mask, 14), 14)
+    sizes1 = dict(stage1.buckets)
+    assert 196 in sizes1  # a window of one source: one group of all its tokens
+    assert len(sizes1) > 3  # windows straddling 8-token cells split unevenly, in many sizes
+    assert stage3.buckets == ((96, 1), (100, 1))  # 24 partner cells of 2x2 tokens, 25 own
+
+
+def test_grouped_equals_masked_attention_at_the_official_mask_granularity():
+    model = _model(OFFICIAL_GRID)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    _assert_grouped_equals_masked(model, images, _official_mask())
+
+
+def test_flex_kernel_forward_equals_masked_attention_on_the_cpu():
+    model = _model(OFFICIAL_GRID).eval()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    mask = _official_mask()
+    with torch.no_grad():
+        masked = model.forward_encoder(images, mask)
+        model.attention, model.group_kernel = "grouped", "flex"
+        flex = model.forward_encoder(images, mask)
+    assert (flex - masked).abs().max().item() <= 1e-5 * masked.abs().max().item()
+
+
+def test_flex_kernel_is_chosen_only_where_its_backward_exists():
+    assert not flex_backward_exists(torch.device("cpu"))
+    assert flex_backward_exists(torch.device("cuda"))
+
+
+def test_grouped_setting_leaves_the_unmixed_encoder_on_the_fused_path(small_shape):
+    grouped, fused = _model(small_shape), _model(small_shape)
+    grouped.attention = "grouped"
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(grouped.encoder(images), fused.encoder(images))
+
+
+@pytest.mark.parametrize("attention,kernel", [("fused", "auto"), ("grouped", "flex")])
+def test_pretraining_forward_and_loss_trace_without_graph_breaks(small_shape, attention, kernel):
+    import torch._dynamo
+
+    model = _model(small_shape)
+    model.attention, model.group_kernel = attention, kernel
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    mask = model.sample_mask(torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    # FlexAttention refuses inputs that require grad on the CPU (no backward there), even to trace them.
+    with torch.set_grad_enabled(kernel != "flex"):
+        report = torch._dynamo.explain(lambda x, m: model(x, mask=m).loss)(images, mask)
+    assert report.graph_count == 1 and report.graph_break_count == 0, report.break_reasons
