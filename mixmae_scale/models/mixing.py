@@ -47,11 +47,12 @@ def stage_source_masks(mask: torch.Tensor, resolutions: list[int], windows: list
 
 
 def stage_source_groups(mask: torch.Tensor, resolutions: list[int], windows: list[int], heads: list[int],
-                        kernel: str) -> list[DenseGroups | FlexGroups]:
+                        kernel: str, flex_tile: int = 64) -> list[DenseGroups | FlexGroups]:
     """Per stage, the windows' tokens grouped by source for attention that skips cross-source pairs;
     `kernel` "dense" or "flex" (see models/source_groups.py)."""
     if kernel == "flex":
-        return [flex_groups(upsample_mask(mask, r), w, h) for r, w, h in zip(resolutions, windows, heads, strict=True)]
+        return [flex_groups(upsample_mask(mask, r), w, h, flex_tile)
+                for r, w, h in zip(resolutions, windows, heads, strict=True)]
     return [dense_groups(upsample_mask(mask, r), w) for r, w in zip(resolutions, windows, strict=True)]
 
 

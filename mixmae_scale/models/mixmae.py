@@ -76,6 +76,7 @@ class MixMAE(nn.Module):
         # Which kernel computes the groups: "auto" is FlexAttention where its backward exists (CUDA), the
         # dense per-size kernel elsewhere; "flex" or "dense" force one (tests, benchmarks).
         self.group_kernel = "auto"
+        self.flex_tile = 64  # FlexAttention's block-mask tile (see models/source_groups.flex_groups)
         self.mask_ratio = mask_ratio
         self.range_mask_ratio = range_mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -97,7 +98,7 @@ class MixMAE(nn.Module):
             if kernel == "auto":
                 kernel = "flex" if flex_backward_exists(tokens.device) else "dense"
             layouts = stage_source_groups(mask, shape.stage_resolutions, shape.stage_windows,
-                                          list(shape.num_heads), kernel)
+                                          list(shape.num_heads), kernel, self.flex_tile)
         else:
             layouts = stage_source_masks(mask, shape.stage_resolutions, shape.stage_windows, attention_dtype(tokens))
         return self.encoder.forward_tokens(tokens, layouts)

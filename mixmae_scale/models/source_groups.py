@@ -81,7 +81,9 @@ def dense_groups(source: torch.Tensor, window: int) -> DenseGroups:
                        tokens=n)
 
 
-def flex_groups(source: torch.Tensor, window: int, num_heads: int) -> FlexGroups:
+def flex_groups(source: torch.Tensor, window: int, num_heads: int, tile: int = 64) -> FlexGroups:
+    """`tile`: the block mask's block size. At 128 (FlexAttention's default) a window of 196 tokens is 2x2
+    tiles and none of them is skipped (benchmarks/attention_flops.py); 64 skips about a quarter."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     ids = window_sources(source, window)
@@ -92,7 +94,8 @@ def flex_groups(source: torch.Tensor, window: int, num_heads: int) -> FlexGroups
         split = first[h // num_heads]
         return (q < split) == (kv < split)
 
-    block_mask = create_block_mask(same_source, None, n_windows * num_heads, n, n, device=source.device)
+    block_mask = create_block_mask(same_source, None, n_windows * num_heads, n, n, device=source.device,
+                                   BLOCK_SIZE=tile)
     return FlexGroups(order=order, restore=torch.argsort(order, dim=1), first=first, block_mask=block_mask,
                       num_heads=num_heads)
 
@@ -102,6 +105,7 @@ def flex_backward_exists(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@torch.compiler.disable  # group sizes are host numbers: compiled, each mask's sizes would be a new graph
 def dense_group_attention(project_qkv, x: torch.Tensor, groups: DenseGroups, bias_of_pairs,
                           num_heads: int) -> torch.Tensor:
     """x: (B * nW, N, C) windows -> attended windows before the output projection, (B * nW, N, C).
