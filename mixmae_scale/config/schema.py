@@ -44,7 +44,10 @@ class ModelConfig:
     # Regional torch.compile of the encoder and decoder blocks (models/regional_compile.py). "auto": on GPUs;
     # off on CPUs, where compiling Swin-B's blocks takes several minutes on two cores (benchmarks/model_step.py
     # measures both), longer than a CPU demo or test run lasts. true compiles on CPUs too.
-    compile: bool | Literal["auto"] = "auto"
+    # "whole": one graph of the whole forward and loss instead of per-block graphs (GPUs; not with ZeRO-3, whose
+    # parameter hooks must stay outside the graph). Pair it with model.attention=grouped, whose FlexAttention
+    # kernel keeps the graph free of breaks and of mask-dependent shapes.
+    compile: bool | Literal["auto", "whole"] = "auto"
 
 
 @dataclass

@@ -55,15 +55,27 @@ def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -
     return count
 
 
-def maybe_compile(model: nn.Module, enabled: bool, device: torch.device) -> int:
-    """Compile MixMAE's or the classifier's blocks where `enabled` and the compiler works here; otherwise one
-    warning and eager blocks. Returns the number of compiled blocks (0: eager)."""
+def compile_whole(model: nn.Module) -> int:
+    """`model.compile=whole`: the model's whole forward (for MixMAE: mixing, encoder, decoder, loss) as one
+    static graph, so the compiler also fuses what lies between the blocks and one graph launches per step
+    instead of one per block. Needs no graph break inside (tests/unit/test_grouped_attention.py checks the
+    pretraining forward) and parameters that stay in place (not ZeRO-3). Returns 1, the graphs' owner."""
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return 1
+
+
+def maybe_compile(model: nn.Module, enabled: bool, device: torch.device, whole: bool = False) -> int:
+    """Compile MixMAE's or the classifier's blocks (or, `whole`, its whole forward) where `enabled` and the
+    compiler works here; otherwise one warning and eager blocks. Returns the number of compiled blocks
+    (0: eager; 1 for the whole forward)."""
     if not enabled:
         return 0
     reason = compiler_unavailable(device)
     if reason is not None:
         log.warning("model.compile: %s; the blocks run eagerly (set model.compile=false to silence this)", reason)
         return 0
+    if whole:
+        return compile_whole(model)
     from timm.models.vision_transformer import Block
 
     from mixmae_scale.models.swin import SwinBlock

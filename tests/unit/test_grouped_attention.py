@@ -122,3 +122,28 @@ def test_pretraining_forward_and_loss_trace_without_graph_breaks(small_shape, at
     with torch.set_grad_enabled(kernel != "flex"):
         report = torch._dynamo.explain(lambda x, m: model(x, mask=m).loss)(images, mask)
     assert report.graph_count == 1 and report.graph_break_count == 0, report.break_reasons
+
+
+def test_grouped_attention_and_whole_step_compile_are_settings_that_cpu_defaults_leave_off():
+    from mixmae_scale.config import ConfigError, load_resolved
+    from mixmae_scale.models.mixmae import build_mixmae
+
+    default = load_resolved("tiny", world_size=1)
+    assert default.config.model.attention == "fused" and not default.derived.compile_whole
+    chosen = load_resolved("tiny", overrides=["model.attention=grouped", "model.compile=whole"], world_size=1)
+    assert chosen.derived.compile and chosen.derived.compile_whole
+    with torch.device("meta"):
+        assert build_mixmae(chosen.config.model).attention == "grouped"
+    with pytest.raises(ConfigError, match="model.compile=whole .* zero.stage=3"):
+        load_resolved("tiny", overrides=["model.compile=whole", "zero.stage=3"], world_size=1)
+
+
+def test_whole_compile_wraps_the_whole_forward_and_not_the_blocks(small_mixmae):
+    from mixmae_scale.models import regional_compile
+
+    if regional_compile.compiler_unavailable(torch.device("cpu")):
+        pytest.skip(regional_compile.compiler_unavailable(torch.device("cpu")))
+    blocks_before = [type(b.forward) for b in small_mixmae.encoder.layers[0].blocks]
+    assert regional_compile.maybe_compile(small_mixmae, True, torch.device("cpu"), whole=True) == 1
+    assert hasattr(small_mixmae.forward, "_torchdynamo_orig_callable")
+    assert [type(b.forward) for b in small_mixmae.encoder.layers[0].blocks] == blocks_before
