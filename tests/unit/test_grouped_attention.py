@@ -147,3 +147,23 @@ def test_whole_compile_wraps_the_whole_forward_and_not_the_blocks(small_mixmae):
     assert regional_compile.maybe_compile(small_mixmae, True, torch.device("cpu"), whole=True) == 1
     assert hasattr(small_mixmae.forward, "_torchdynamo_orig_callable")
     assert [type(b.forward) for b in small_mixmae.encoder.layers[0].blocks] == blocks_before
+
+
+def test_compiled_blocks_take_flex_groups_as_inputs_without_recompiling_per_mask(small_shape):
+    import torch._dynamo
+
+    from mixmae_scale.models.regional_compile import compile_blocks
+    from mixmae_scale.models.swin import SwinBlock
+
+    compiled, reference = _model(small_shape), _model(small_shape)
+    compiled.attention, compiled.group_kernel = "grouped", "flex"
+    torch._dynamo.reset()
+    compile_blocks(compiled, (SwinBlock,), backend="eager")  # dynamo's tracing and guards, no code generation
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for seed in range(3):
+            mask = compiled.sample_mask(torch.Generator().manual_seed(seed))
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+                grouped = compiled.forward_encoder(images, mask)
+            masked = reference.forward_encoder(images, mask)
+            assert (grouped - masked).abs().max().item() <= 1e-5 * masked.abs().max().item()
