@@ -58,6 +58,7 @@ class FlexGroups:
     first: torch.Tensor
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
     num_heads: int
+    tile: int
 
 
 def dense_groups(source: torch.Tensor, window: int) -> DenseGroups:
@@ -97,7 +98,16 @@ def flex_groups(source: torch.Tensor, window: int, num_heads: int, tile: int = 6
     block_mask = create_block_mask(same_source, None, n_windows * num_heads, n, n, device=source.device,
                                    BLOCK_SIZE=tile)
     return FlexGroups(order=order, restore=torch.argsort(order, dim=1), first=first, block_mask=block_mask,
-                      num_heads=num_heads)
+                      num_heads=num_heads, tile=tile)
+
+
+def flex_tile_options(tile: int, device: torch.device) -> dict | None:
+    """Kernel tiles no larger than the block mask's (a compiled kernel's tile must divide it; newer torch
+    shrinks its defaults itself, older ones raise)."""
+    if device.type != "cuda" or tile >= 128:
+        return None
+    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_M1": min(tile, 32), "BLOCK_N1": tile, "BLOCK_M2": tile,
+            "BLOCK_N2": min(tile, 32)}
 
 
 def flex_backward_exists(device: torch.device) -> bool:
@@ -148,7 +158,8 @@ def flex_group_attention(project_qkv, x: torch.Tensor, groups: FlexGroups, bias_
     def add_bias(score, b, h, q_index, kv_index):
         return score + bias[h, q_index, kv_index]
 
-    out = flex_attention(q, k, v, score_mod=add_bias, block_mask=groups.block_mask)
+    out = flex_attention(q, k, v, score_mod=add_bias, block_mask=groups.block_mask,
+                         kernel_options=flex_tile_options(groups.tile, q.device))
     out = out.view(-1, n_windows, heads, n, d).transpose(2, 3).reshape(-1, n_windows, n, c)
     back = groups.restore[None, :, :, None].expand_as(gather)
     return torch.gather(out, 2, back).reshape(bw, n, c)
