@@ -62,8 +62,10 @@ def _assert_grouped_equals_masked(model: MixMAE, images: torch.Tensor, mask: tor
         assert ((grads_m[name] - grads_g[name]).abs().max() / scale).item() <= 1e-4, name
 
 
-def test_grouped_equals_masked_attention_forward_and_gradients_at_the_small_shape(small_shape):
+@pytest.mark.parametrize("checkpoint_every", [0, 1])
+def test_grouped_equals_masked_attention_forward_and_gradients_at_the_small_shape(small_shape, checkpoint_every):
     model = _model(small_shape)
+    model.encoder.checkpoint_every = checkpoint_every  # the groups pass through activation checkpointing too
     mask = model.sample_mask(torch.Generator().manual_seed(1))
     images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     _assert_grouped_equals_masked(model, images, mask)
