@@ -45,7 +45,6 @@ class DenseGroups:
     restore: torch.Tensor
     local: torch.Tensor
     buckets: tuple[tuple[int, int], ...]
-    tokens: int  # N, tokens per window
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,9 @@ class FlexGroups:
 
 
 def dense_groups(source: torch.Tensor, window: int) -> DenseGroups:
+    """Groups of one size are stacked so that one SDPA call covers them all. At 224 px with the 7x7 mask,
+    the first stage's 32 groups come in about 20-27 sizes (8-token cells under 14-token windows), the second
+    stage's 8 in 4-8, the last two stages' in 2. A window of one source is one group of all its tokens."""
     ids = window_sources(source, window)
     n_windows, n = ids.shape
     order, first = grouped_order(ids)
@@ -78,8 +80,7 @@ def dense_groups(source: torch.Tensor, window: int) -> DenseGroups:
         positions.append((begin[:, None] + torch.arange(size, device=order.device)).flatten())
         buckets.append((size, len(starts[size])))
     listed = flat_order[torch.cat(positions)]
-    return DenseGroups(order=listed, restore=torch.argsort(listed), local=listed % n, buckets=tuple(buckets),
-                       tokens=n)
+    return DenseGroups(order=listed, restore=torch.argsort(listed), local=listed % n, buckets=tuple(buckets))
 
 
 def flex_groups(source: torch.Tensor, window: int, num_heads: int, tile: int = 64) -> FlexGroups:
