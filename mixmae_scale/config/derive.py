@@ -36,6 +36,7 @@ class Derived:
     dtype_reason: str
     dtype_warning: str | None  # the requested dtype is emulated or unsupported on this hardware
     compile: bool = False  # model.compile made concrete: "auto" compiles on GPUs only
+    compile_whole: bool = False  # model.compile=whole: the whole forward and loss in one graph
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ def validate(config: Config) -> None:
     _require(s.epochs > 0 and 0 <= s.warmup_epochs <= s.epochs,
              f"schedule: need 0 <= warmup_epochs <= epochs, got {s.warmup_epochs} and {s.epochs}")
     _require(config.zero.stage in (0, 1, 2, 3), f"zero.stage must be 0, 1, 2 or 3, got {config.zero.stage}")
+    _require(not (m.compile == "whole" and config.zero.stage == 3),
+             "model.compile=whole would trace through ZeRO-3's parameter gathering hooks: with zero.stage=3 use "
+             "model.compile=true (per-block graphs)")
     _require(not (config.zero.offload_optimizer and config.zero.stage == 0),
              "zero.offload_optimizer needs zero.stage >= 1")
     d = config.data
@@ -207,7 +211,8 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
         dtype=precision.dtype,
         dtype_reason=precision.reason,
         dtype_warning=precision.warning,
-        compile=m.compile if isinstance(m.compile, bool) else hardware.device == "cuda",
+        compile=m.compile if isinstance(m.compile, bool) else m.compile == "whole" or hardware.device == "cuda",
+        compile_whole=m.compile == "whole",
     )
 
 

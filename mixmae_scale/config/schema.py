@@ -35,13 +35,19 @@ class ModelConfig:
     mask_ratio: float = 0.5
     range_mask_ratio: float = 0.0
     norm_pix_loss: bool = True
-    attention: Literal["fused", "reference"] = "fused"
+    # "fused": one SDPA call under an additive same-source mask; "reference": the same, written out (the
+    # reference); "grouped": each window's tokens regrouped by source, cross-source pairs skipped
+    # (models/source_groups.py). Fine-tuning has no mixing: "grouped" runs the fused path there.
+    attention: Literal["fused", "reference", "grouped"] = "fused"
     # 0: no activation checkpointing; k >= 1: checkpoint every k-th encoder block.
     checkpoint_every: int = 0
     # Regional torch.compile of the encoder and decoder blocks (models/regional_compile.py). "auto": on GPUs;
     # off on CPUs, where compiling Swin-B's blocks takes several minutes on two cores (benchmarks/model_step.py
     # measures both), longer than a CPU demo or test run lasts. true compiles on CPUs too.
-    compile: bool | Literal["auto"] = "auto"
+    # "whole": one graph of the whole forward and loss instead of per-block graphs (GPUs; not with ZeRO-3, whose
+    # parameter hooks must stay outside the graph). Pair it with model.attention=grouped, whose FlexAttention
+    # kernel keeps the graph free of breaks and of mask-dependent shapes.
+    compile: bool | Literal["auto", "whole"] = "auto"
 
 
 @dataclass

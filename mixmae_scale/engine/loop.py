@@ -133,9 +133,13 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
 def compile_model(model: torch.nn.Module, ctx: RunContext) -> int:
     """Regional compilation as `model.compile` resolved (see models/regional_compile.py), said once; returns
     the number of compiled blocks. Before DeepSpeed wraps the model, so its hooks stay outside the graphs."""
-    compiled = maybe_compile(model, ctx.resolved.derived.compile, ctx.device)
+    derived = ctx.resolved.derived
+    compiled = maybe_compile(model, derived.compile, ctx.device, derived.compile_whole)
     if ctx.rank == 0:
         setting = ctx.config.model.compile
+        if compiled and derived.compile_whole:
+            log.info("model.compile=whole: the whole forward and loss compiled on first use")
+            return compiled
         log.info("model.compile=%s: %s", setting, f"{compiled} blocks compiled on first use" if compiled
                  else "eager blocks" + (" (auto compiles on GPUs only)" if setting == "auto" else ""))
     return compiled

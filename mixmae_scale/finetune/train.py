@@ -43,7 +43,7 @@ def build_classifier(config: Config, num_classes: int,
                      pretrained: tuple[dict[str, torch.Tensor], dict] | None = None) -> SwinClassifier:
     """`pretrained`: `load_encoder(config.finetune.init)`, when the caller has loaded it already."""
     model = SwinClassifier(swin_shape(config.model), num_classes, drop_path=config.model.drop_path,
-                           fused_attention=config.model.attention == "fused",
+                           fused_attention=config.model.attention != "reference",
                            checkpoint_every=config.model.checkpoint_every)
     if config.finetune.init:
         state, _ = pretrained or load_encoder(config.finetune.init)

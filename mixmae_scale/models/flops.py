@@ -28,6 +28,26 @@ def encoder_macs(shape: SwinShape) -> int:
     return macs
 
 
+def attention_macs(shape: SwinShape, mask: torch.Tensor | None = None) -> int:
+    """The encoder's q@k and attn@v MACs per image: over whole windows (`mask` None, as `encoder_macs`
+    counts them), or over each window's same-source groups only, for a final-grid mixing `mask`
+    (what `model.attention=grouped` computes: sum over groups of 2 x size^2 x width)."""
+    from mixmae_scale.models.mixing import upsample_mask
+    from mixmae_scale.models.source_groups import window_sources
+
+    macs = 0
+    for depth, res, dim, window in zip(shape.depths, shape.stage_resolutions, shape.stage_dims,
+                                       shape.stage_windows, strict=True):
+        n = window * window
+        if mask is None:
+            pairs = (res // window) ** 2 * n * n
+        else:
+            first = (window_sources(upsample_mask(mask, res), window) == 0).sum(dim=1)
+            pairs = int((first**2 + (n - first) ** 2).sum())
+        macs += depth * 2 * pairs * dim
+    return macs
+
+
 def decoder_macs(shape: SwinShape, dim: int, depth: int, mlp_ratio: float = 4.0) -> int:
     """Per image: the embedding on B tokens, then blocks and prediction on both streams (2B)."""
     grid = shape.stage_resolutions[-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixmae_scale.models.source_groups import DenseGroups, FlexGroups, dense_groups, flex_groups
 from mixmae_scale.models.window_attention import same_source_mask
 
 
@@ -43,6 +44,16 @@ def stage_source_masks(mask: torch.Tensor, resolutions: list[int], windows: list
     """One additive same-source attention mask per stage, (nW, 1, N, N) in the attention dtype: made once
     per forward and shared by the stage's blocks (and, as an input, by their compiled code)."""
     return [same_source_mask(upsample_mask(mask, r), w, dtype) for r, w in zip(resolutions, windows, strict=True)]
+
+
+def stage_source_groups(mask: torch.Tensor, resolutions: list[int], windows: list[int], heads: list[int],
+                        kernel: str, flex_tile: int = 64) -> list[DenseGroups | FlexGroups]:
+    """Per stage, the windows' tokens grouped by source for attention that skips cross-source pairs;
+    `kernel` "dense" or "flex" (see models/source_groups.py)."""
+    if kernel == "flex":
+        return [flex_groups(upsample_mask(mask, r), w, h, flex_tile)
+                for r, w, h in zip(resolutions, windows, heads, strict=True)]
+    return [dense_groups(upsample_mask(mask, r), w) for r, w in zip(resolutions, windows, strict=True)]
 
 
 def mix_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from mixmae_scale.models.decoder import DualStreamDecoder
-from mixmae_scale.models.mixing import mix_tokens, sample_mask, stage_source_masks
+from mixmae_scale.models.mixing import mix_tokens, sample_mask, stage_source_groups, stage_source_masks
+from mixmae_scale.models.source_groups import flex_backward_exists
 from mixmae_scale.models.swin import SwinEncoder, SwinShape
 
 
@@ -66,9 +67,16 @@ class MixMAE(nn.Module):
     def __init__(self, shape: SwinShape, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, mask_ratio: float = 0.5, range_mask_ratio: float = 0.0,
                  norm_pix_loss: bool = True, drop_path: float = 0.0, fused_attention: bool = True,
-                 checkpoint_every: int = 0) -> None:
+                 checkpoint_every: int = 0, attention: str | None = None) -> None:
         super().__init__()
         self.shape = shape
+        # "grouped": attention over each window's same-source groups only (models/source_groups.py);
+        # otherwise the additive same-source mask, through the fused or the reference kernel.
+        self.attention = attention or ("fused" if fused_attention else "reference")
+        # Which kernel computes the groups: "auto" is FlexAttention where its backward exists (CUDA), the
+        # dense per-size kernel elsewhere; "flex" or "dense" force one (tests, benchmarks).
+        self.group_kernel = "auto"
+        self.flex_tile = 64  # FlexAttention's block-mask tile (see models/source_groups.flex_groups)
         self.mask_ratio = mask_ratio
         self.range_mask_ratio = range_mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -84,9 +92,16 @@ class MixMAE(nn.Module):
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.add_position(mix_tokens(self.encoder.embed(images), mask))
-        source_masks = stage_source_masks(mask, self.shape.stage_resolutions, self.shape.stage_windows,
-                                          attention_dtype(tokens))
-        return self.encoder.forward_tokens(tokens, source_masks)
+        shape = self.shape
+        if self.attention == "grouped":
+            kernel = self.group_kernel
+            if kernel == "auto":
+                kernel = "flex" if flex_backward_exists(tokens.device) else "dense"
+            layouts = stage_source_groups(mask, shape.stage_resolutions, shape.stage_windows,
+                                          list(shape.num_heads), kernel, self.flex_tile)
+        else:
+            layouts = stage_source_masks(mask, shape.stage_resolutions, shape.stage_windows, attention_dtype(tokens))
+        return self.encoder.forward_tokens(tokens, layouts)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MixMAEOutput:
@@ -141,4 +156,5 @@ def build_mixmae(model: ModelSettings) -> MixMAE:
     """`model` must be resolved (size preset filled in): see `mixmae_scale.config.resolve`."""
     return MixMAE(swin_shape(model), model.decoder_dim, model.decoder_depth, model.decoder_heads,
                   model.mask_ratio, model.range_mask_ratio, model.norm_pix_loss, model.drop_path,
-                  fused_attention=model.attention == "fused", checkpoint_every=model.checkpoint_every)
+                  fused_attention=model.attention != "reference", checkpoint_every=model.checkpoint_every,
+                  attention=model.attention)

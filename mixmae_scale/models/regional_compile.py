@@ -38,14 +38,15 @@ def compiler_unavailable(device: torch.device) -> str | None:
 GRAPHS_PER_SHAPE = 4  # training, evaluation (no_grad), and room for a second batch size in each
 
 
-def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
-    """Compile the `forward` of every module of `block_types` in `model`; returns how many."""
+def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], **options) -> int:
+    """Compile the `forward` of every module of `block_types` in `model`; returns how many. `options` go to
+    `torch.compile` (a benchmark's dry run traces with backend="eager")."""
     import torch._dynamo.config as dynamo_config
 
     count, shapes = 0, set()
     for module in model.modules():
         if isinstance(module, block_types):
-            module.forward = torch.compile(module.forward, dynamic=False)
+            module.forward = torch.compile(module.forward, dynamic=False, **options)
             shapes.add((type(module), tuple(p.shape for p in module.parameters())))
             count += 1
     needed = GRAPHS_PER_SHAPE * len(shapes)
@@ -55,15 +56,28 @@ def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -
     return count
 
 
-def maybe_compile(model: nn.Module, enabled: bool, device: torch.device) -> int:
-    """Compile MixMAE's or the classifier's blocks where `enabled` and the compiler works here; otherwise one
-    warning and eager blocks. Returns the number of compiled blocks (0: eager)."""
+def compile_whole(model: nn.Module, **options) -> int:
+    """`model.compile=whole`: the model's whole forward (for MixMAE: mixing, encoder, decoder, loss) as one
+    static graph, so the compiler also fuses what lies between the blocks and one graph launches per step
+    instead of one per block. Needs no graph break inside (tests/unit/test_grouped_attention.py checks the
+    pretraining forward) and parameters that stay in place (not ZeRO-3). Returns 1, the graphs' owner.
+    `options` go to `torch.compile` (mode="reduce-overhead" adds CUDA graphs)."""
+    model.forward = torch.compile(model.forward, dynamic=False, **options)
+    return 1
+
+
+def maybe_compile(model: nn.Module, enabled: bool, device: torch.device, whole: bool = False) -> int:
+    """Compile MixMAE's or the classifier's blocks (or, `whole`, its whole forward) where `enabled` and the
+    compiler works here; otherwise one warning and eager blocks. Returns the number of compiled blocks
+    (0: eager; 1 for the whole forward)."""
     if not enabled:
         return 0
     reason = compiler_unavailable(device)
     if reason is not None:
         log.warning("model.compile: %s; the blocks run eagerly (set model.compile=false to silence this)", reason)
         return 0
+    if whole:
+        return compile_whole(model)
     from timm.models.vision_transformer import Block
 
     from mixmae_scale.models.swin import SwinBlock

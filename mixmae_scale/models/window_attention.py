@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from mixmae_scale.models.source_groups import DenseGroups, FlexGroups, dense_group_attention, flex_group_attention
+
+SourceLayout = torch.Tensor | DenseGroups | FlexGroups
+
 
 def relative_position_index(window: int) -> torch.Tensor:
     """Index into the (2w-1)^2 bias table for each (query, key) pair of a w x w window."""
@@ -64,8 +68,17 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)  # (nH, N, N)
 
-    def forward(self, x: torch.Tensor, source_mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B * nW, N, C) windows; source_mask: (nW, 1, N, N) additive, or None (no mixing)."""
+    def bias_of_pairs(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Relative-position bias (..., nH) between window positions `query` and `key` (broadcast)."""
+        return self.relative_position_bias_table[self.relative_position_index[query, key]]
+
+    def forward(self, x: torch.Tensor, source_mask: SourceLayout | None) -> torch.Tensor:
+        """x: (B * nW, N, C) windows; source_mask: the stage's same-source layout (an additive (nW, 1, N, N)
+        mask, or source groups for the attention that skips cross-source pairs), or None (no mixing)."""
+        if isinstance(source_mask, DenseGroups):
+            return self.proj(dense_group_attention(self.qkv, x, source_mask, self.bias_of_pairs, self.num_heads))
+        if isinstance(source_mask, FlexGroups):
+            return self.proj(flex_group_attention(self.qkv, x, source_mask, self.bias_of_pairs))
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B * nW, nH, N, d)

@@ -1,0 +1,434 @@
+"""The GPU step suite: where Swin-B's step time goes, and what each change to the step buys, for B, L and H.
+
+One process, one GPU, synthetic images already on the device (the bare step: forward, backward, AdamW step):
+1. check: `model.attention=grouped` through compiled FlexAttention (its backward exists on CUDA only) against
+   the masked path, fp32, forward and every gradient, at a small shape and at the official 7x7 mask grid;
+2. profile: B's baseline step under torch.profiler: GPU busy time, host gaps between kernels, kernel classes;
+3. variants, in priority order, each timed alone (median step after warm-up): the baseline (the profiles'
+   GPU settings: fused masked attention, per-block compile, fused AdamW), grouped attention, whole-step
+   compile, both, CUDA graphs (whole step, mode="reduce-overhead"), a doubled micro-batch, foreach AdamW
+   (what fusing the optimizer buys); B gets all, L and H the baseline and the combination;
+4. loop: the real loop over the bare step (benchmarks/loop_overhead.py) where DeepSpeed and DALI are installed.
+
+Per variant: images/s, MFU (the FLOP count named in the JSON: `models.flops` training FLOPs per image, 6 x
+forward multiply-adds with 2 FLOPs per multiply-add and the masked attention's full windows, for every
+variant, so grouped attention is credited the same work), peak memory, and the planner's activation figure
+against the measured growth of memory over the step. A deadline (--budget-s) skips what would not fit,
+recorded as skipped. Writes gpu_suite.json and profile.md to --out.
+
+    python3 benchmarks/gpu/step_suite.py --out benchmarks/results/gpu_step     # one H200: at most about 8 minutes
+    python benchmarks/gpu/step_suite.py --out /tmp/s --dry-run   # CPU: tiny shape, 2 steps, tracing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from mixmae_scale.atomic_file import write_text  # noqa: E402
+
+PROFILES = {"base": "swin_b", "large": "swin_l", "huge": "swin_h"}
+MICRO = {"base": 128, "large": 128, "huge": 64}  # the GPU proof run's micro-batches (benchmarks/README.md)
+KERNEL_CLASSES = (  # first match wins; names of cuBLAS/CUTLASS, PyTorch, Triton (inductor) and flex kernels
+    ("attention", r"flash|fmha|attention|flex|sdpa|efficient"),
+    ("matmul", r"gemm|cutlass|nvjet|sm90_xmma|matmul|addmm|^aten::mm|^aten::bmm|linear"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("norm", r"layer_norm|layernorm|native_layer_norm"),
+    ("copy", r"memcpy|memset|copy_|cat|gather|index|to_copy"),
+    ("fused elementwise (triton)", r"^triton_"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|softmax|gelu|add|mul"),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    attention: str = "fused"
+    compile: str = "blocks"  # none, blocks, whole, cudagraphs (whole, mode="reduce-overhead")
+    micro_scale: float = 1.0
+    fused_adamw: bool = True
+
+
+BASELINE = Variant("baseline")
+COMBINED = Variant("grouped+whole", attention="grouped", compile="whole")
+B_ONLY = (Variant("grouped", attention="grouped"), Variant("whole", compile="whole"),
+          Variant("cudagraphs", compile="cudagraphs"), Variant("micro_x2", micro_scale=2.0),
+          Variant("foreach_adamw", fused_adamw=False))
+
+
+def plan_runs() -> list[tuple[str, Variant]]:
+    """Priority order: what the next GPU session most needs comes first, before the deadline can bite."""
+    return [("base", BASELINE), ("base", B_ONLY[0]), ("base", COMBINED), ("large", BASELINE), ("large", COMBINED),
+            ("huge", BASELINE), ("huge", COMBINED), *[("base", v) for v in B_ONLY[1:]]]
+
+
+@dataclass
+class Suite:
+    dry_run: bool
+    device: torch.device
+    dtype: str
+    steps: int
+    warmup: int
+    deadline: float
+    results: dict = field(default_factory=dict)
+
+    def compile_options(self) -> dict:
+        return {"backend": "eager"} if self.dry_run else {}
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def resolved_for(suite: Suite, size: str, variant: Variant):
+    from mixmae_scale.config import load_resolved
+
+    micro = max(2, int(MICRO[size] * variant.micro_scale)) if not suite.dry_run else 2
+    overrides = [f"model.attention={variant.attention}", f"precision.dtype={suite.dtype}", "batch.global_batch=null",
+                 "batch.accumulation=1", f"batch.micro={micro}", "model.checkpoint_every=0"]
+    profile = "tiny" if suite.dry_run else PROFILES[size]
+    return load_resolved(profile, overrides=overrides, world_size=1), micro
+
+
+def build_step(suite: Suite, size: str, variant: Variant):
+    """The bare step of `variant`: (step function, model, micro-batch, resolved config)."""
+    from mixmae_scale.engine.distributed import autocast
+    from mixmae_scale.engine.optimizer import build_optimizer
+    from mixmae_scale.engine.pretrain import loader_dtype
+    from mixmae_scale.models.mixmae import build_mixmae
+    from mixmae_scale.models.regional_compile import compile_blocks, compile_whole
+    from mixmae_scale.models.swin import SwinBlock
+
+    resolved, micro = resolved_for(suite, size, variant)
+    config, derived = resolved.config, resolved.derived
+    torch.manual_seed(0)
+    model = build_mixmae(config.model).to(suite.device).train()
+    options = suite.compile_options()
+    if variant.compile == "blocks":
+        from timm.models.vision_transformer import Block
+
+        compile_blocks(model, (SwinBlock, Block), **options)
+    elif variant.compile in ("whole", "cudagraphs"):
+        mode = {"mode": "reduce-overhead"} if variant.compile == "cudagraphs" and not suite.dry_run else {}
+        compile_whole(model, **options, **mode)
+    optimizer = build_optimizer(model, config.optim, derived.learning_rate)
+    if not variant.fused_adamw:
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = False, True
+    size_px = config.model.img_size
+    pixels = getattr(torch, loader_dtype(derived.dtype))
+    images = torch.randn(micro, 3, size_px, size_px, device=suite.device).to(pixels)
+    generator = torch.Generator(suite.device).manual_seed(0)
+
+    def step() -> None:
+        if variant.compile == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        mask = model.sample_mask(generator, suite.device)  # a new mask each step, as the real loop draws
+        with autocast(suite.device, derived.dtype):
+            loss = model(images, mask=mask).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model, micro, resolved
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(suite: Suite, step, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        sync(suite.device)
+        start = time.perf_counter()
+        step()
+        sync(suite.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def planned_activation_mib(resolved, micro: int, cache: dict) -> float:
+    from mixmae_scale.cluster.plan import measure_activations
+
+    key = (resolved.config.model.size, resolved.config.model.attention)
+    if key not in cache:
+        cache[key] = measure_activations(resolved, resolved.derived.dtype).per_image(False)
+    return micro * cache[key] / 2**20
+
+
+def measure_variant(suite: Suite, size: str, variant: Variant, plan_cache: dict, profile: bool) -> dict:
+    from mixmae_scale.models.flops import model_report
+
+    step, model, micro, resolved = build_step(suite, size, variant)
+    start = time.perf_counter()
+    for _ in range(suite.warmup):
+        step()
+    sync(suite.device)
+    warmup_s = time.perf_counter() - start
+    before = torch.cuda.memory_allocated() if suite.device.type == "cuda" else 0
+    if suite.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(suite, step, suite.steps)
+    median = statistics.median(times)
+    row = {"size": size, "variant": variant.name, "settings": variant.__dict__, "micro": micro,
+           "images_per_s": micro / median, "step_s": median, "steps_timed": len(times),
+           "warmup_with_compile_s": warmup_s, "group_kernel": _group_kernel(model, suite.device)}
+    flops = model_report(resolved.config.model)["train_flops_per_image"]
+    peak = _peak_flops(suite)
+    row["train_flops_per_image"] = flops
+    row["mfu"] = (micro / median) * flops / peak if peak else None
+    row["planned_activation_mib"] = planned_activation_mib(resolved, micro, plan_cache)
+    if suite.device.type == "cuda":
+        peak_bytes = torch.cuda.max_memory_allocated()
+        row["peak_mib"] = peak_bytes / 2**20
+        row["step_growth_mib"] = (peak_bytes - before) / 2**20
+        row["planner_error"] = row["planned_activation_mib"] / row["step_growth_mib"] - 1
+    if profile:
+        suite.results["profile"] = profile_step(suite, step, 3 if not suite.dry_run else 1)
+    return row
+
+
+def _group_kernel(model, device: torch.device) -> str | None:
+    from mixmae_scale.models.source_groups import flex_backward_exists
+
+    if model.attention != "grouped":
+        return None
+    return model.group_kernel if model.group_kernel != "auto" else (
+        "flex" if flex_backward_exists(device) else "dense")
+
+
+def _peak_flops(suite: Suite) -> float | None:
+    from mixmae_scale.engine.monitor import device_peak_flops
+
+    return device_peak_flops(0.0)
+
+
+def classify(name: str) -> str:
+    lowered = name.lower()
+    for label, pattern in KERNEL_CLASSES:
+        if re.search(pattern, lowered):
+            return label
+    return "other"
+
+
+def busy_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float, int]:
+    """Union length of (start, end) intervals (us), total idle time between them, and the count of gaps > 50 us."""
+    busy = idle = 0.0
+    gaps = 0
+    end = None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            if end is not None:
+                idle += s - end
+                gaps += (s - end) > 50
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    return busy, idle, gaps
+
+
+def profile_step(suite: Suite, step, count: int) -> dict:
+    """torch.profiler over `count` steps: on a GPU its kernels; on a CPU (dry run) the top-level operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if suite.device.type == "cuda" else [])
+    sync(suite.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(count):
+            step()
+        sync(suite.device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = [e for e in prof.events() if _is_device_work(e, suite.device)]
+    busy, idle, gaps = busy_and_gaps([(e.time_range.start, e.time_range.end) for e in events])
+    classes: dict[str, float] = {}
+    for e in events:
+        label = classify(e.name)
+        classes[label] = classes.get(label, 0.0) + (e.time_range.end - e.time_range.start)
+    total = sum(classes.values()) or 1.0
+    return {"steps": count, "wall_ms_per_step": wall_us / count / 1e3, "busy_ms_per_step": busy / count / 1e3,
+            "busy_share": busy / wall_us, "host_gap_ms_per_step": (wall_us - busy) / count / 1e3,
+            "gaps_over_50us_per_step": gaps / count, "kernels_per_step": len(events) / count,
+            "classes": {k: {"ms_per_step": v / count / 1e3, "share": v / total}
+                        for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+            "events": "cuda kernels" if suite.device.type == "cuda" else "top-level cpu operators (dry run)"}
+
+
+def _is_device_work(event, device: torch.device) -> bool:
+    from torch.autograd import DeviceType
+
+    if device.type == "cuda":
+        return event.device_type == DeviceType.CUDA
+    return event.device_type == DeviceType.CPU and event.cpu_parent is None and event.name.startswith("aten::")
+
+
+def check_grouped(suite: Suite) -> dict:
+    """Compiled grouped attention (FlexAttention on CUDA) against the masked path, fp32, forward and gradients."""
+    from mixmae_scale.models.mixmae import MixMAE
+    from mixmae_scale.models.regional_compile import compile_blocks
+    from mixmae_scale.models.swin import SwinBlock, SwinShape
+
+    shapes = {"small": SwinShape(128, 4, 16, (1, 1, 2, 1), (1, 2, 2, 4), (8, 8, 8, 4)),
+              "official_grid": SwinShape(224, 4, 32, (1, 1, 1, 1), (1, 2, 4, 8), (14, 14, 14, 7))}
+    out = {}
+    for name, shape in shapes.items():
+        runs = {}
+        for attention in ("fused", "grouped"):
+            torch.manual_seed(0)
+            model = MixMAE(shape, decoder_dim=32, decoder_depth=1, decoder_heads=2, attention=attention)
+            model = model.to(suite.device)
+            if attention == "grouped":
+                compile_blocks(model, (SwinBlock,), **suite.compile_options())
+            images = torch.randn(4, 3, shape.img_size, shape.img_size, generator=torch.Generator().manual_seed(0))
+            mask = model.sample_mask(torch.Generator().manual_seed(1))
+            loss = model(images.to(suite.device), mask=mask.to(suite.device)).loss
+            loss.backward()
+            runs[attention] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                               _group_kernel(model, suite.device))
+        (loss_f, grads_f, _), (loss_g, grads_g, kernel) = runs["fused"], runs["grouped"]
+        out[name] = {"kernel": kernel, "loss_abs_diff": (loss_f - loss_g).abs().item(),
+                     "grad_max_abs_diff": max((grads_f[n] - grads_g[n]).abs().max().item() for n in grads_f),
+                     "grad_max_rel_diff": max(((grads_f[n] - grads_g[n]).abs().max()
+                                               / grads_f[n].abs().max().clamp_min(1e-12)).item() for n in grads_f)}
+    return out
+
+
+def run_loop_overhead(suite: Suite, out: Path) -> dict:
+    """The real loop (DeepSpeed, DALI) over the bare step, B: only where both are installed (the wheel kit)."""
+    import importlib
+    import subprocess
+
+    if suite.dry_run:
+        return {"skipped": "dry run"}
+    missing = []
+    for name in ("deepspeed", "nvidia.dali"):  # `nvidia` alone is there with CUDA's wheels: import the module
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - absent or broken, either way not usable here
+            missing.append(name)
+    if missing or suite.left() < 150:
+        return {"skipped": f"not installed here: {missing}" if missing else "the --budget-s deadline"}
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+    from proof import make_shards
+
+    shards = make_shards(Path(tempfile.mkdtemp()), 1024, 16)
+    cmd = [sys.executable, str(REPO / "benchmarks/loop_overhead.py"), "--batch", "64", "--dtype", suite.dtype,
+           "--compile", "true", "--shards", str(shards), "--out", str(out / "loop_overhead.json")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=int(suite.left()) + 60, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out at the --budget-s deadline"}
+    if proc.returncode:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads((out / "loop_overhead.json").read_text())
+
+
+def run_variants(suite: Suite, runs: list[tuple[str, Variant]]) -> list[dict]:
+    plan_cache: dict = {}
+    rows = []
+    for size, variant in runs:
+        if suite.left() < (20 if suite.dry_run else 90):  # a compile and 13 steps of H take about 90 s
+            rows.append({"size": size, "variant": variant.name, "skipped": "the --budget-s deadline"})
+            continue
+        profile = size == "base" and variant == BASELINE
+        try:
+            rows.append(measure_variant(suite, size, variant, plan_cache, profile))
+        except Exception as exc:  # noqa: BLE001 - one failing variant (an OOM, a compile error) is a finding
+            rows.append({"size": size, "variant": variant.name, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                         "trace": traceback.format_exc()[-3000:]})
+        finally:
+            torch._dynamo.reset()
+            if suite.device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps(rows[-1], default=str)[:400], flush=True)
+    return rows
+
+
+def profile_table(profile: dict) -> str:
+    lines = [f"B baseline step, {profile['events']}: wall {profile['wall_ms_per_step']:.1f} ms/step, busy "
+             f"{profile['busy_ms_per_step']:.1f} ms ({profile['busy_share']:.0%}), host gaps "
+             f"{profile['host_gap_ms_per_step']:.1f} ms ({profile['gaps_over_50us_per_step']:.0f} gaps > 50 us), "
+             f"{profile['kernels_per_step']:.0f} kernels/step", "", "| class | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v['ms_per_step']:.2f} | {v['share']:.1%} |" for k, v in profile["classes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def variants_table(rows: list[dict]) -> str:
+    lines = ["| size | variant | micro | images/s | MFU | peak GiB | planner error | note |", "|---" * 8 + "|"]
+    for r in rows:
+        if "images_per_s" not in r:
+            lines.append(f"| {r['size']} | {r['variant']} | | | | | | {r.get('skipped') or r.get('error', '')[:60]} |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        peak = f"{r['peak_mib'] / 1024:.2f}" if "peak_mib" in r else "-"
+        err = f"{r['planner_error']:+.0%}" if "planner_error" in r else "-"
+        lines.append(f"| {r['size']} | {r['variant']} | {r['micro']} | {r['images_per_s']:.1f} | {mfu} | {peak} | "
+                     f"{err} | {r['group_kernel'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(suite: Suite) -> dict:
+    found = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+             "gpu": torch.cuda.get_device_name() if suite.device.type == "cuda" else None,
+             "dtype": suite.dtype, "dry_run": suite.dry_run}
+    found["peak_tflops_assumed"] = (_peak_flops(suite) or 0) / 1e12 or None
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, 2 steps, tracing-only compile")
+    parser.add_argument("--budget-s", type=float, default=360.0,
+                        help="no variant starts with less than 90 s of this left (the last may overrun it)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["check", "loop"])
+    args = parser.parse_args()
+    began = time.monotonic()
+    cuda = torch.cuda.is_available() and not args.dry_run
+    suite = Suite(dry_run=args.dry_run, device=torch.device("cuda" if cuda else "cpu"),
+                  dtype="bf16" if cuda else "fp32", steps=2 if args.dry_run else args.steps,
+                  warmup=1 if args.dry_run else args.warmup, deadline=began + args.budget_s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suite.results["environment"] = environment(suite)
+    flops_note = ("train_flops_per_image = 6 x forward multiply-adds (models/flops.py: linear layers, patch "
+                  "embedding, q@k and attn@v over whole windows, decoder), 2 FLOPs per multiply-add")
+    suite.results["mfu_flop_count"] = flops_note
+    if "check" not in args.skip:
+        try:
+            suite.results["grouped_check"] = check_grouped(suite)
+        except Exception as exc:  # noqa: BLE001
+            suite.results["grouped_check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print("grouped check:", json.dumps(suite.results["grouped_check"]), flush=True)
+    runs = plan_runs() if not args.dry_run else [("base", BASELINE), ("base", COMBINED), ("base", B_ONLY[2])]
+    suite.results["variants"] = run_variants(suite, runs)
+    suite.results["loop"] = {"skipped": "--skip loop"} if "loop" in args.skip else run_loop_overhead(suite, args.out)
+    suite.results["wall_s"] = time.monotonic() - began
+    write_text(args.out / "gpu_suite.json", json.dumps(suite.results, indent=1, default=str) + "\n")
+    tables = variants_table(suite.results["variants"])
+    if "profile" in suite.results:
+        tables = profile_table(suite.results["profile"]) + "\n" + tables
+    write_text(args.out / "profile.md", tables)
+    print(tables + f"\nwall {suite.results['wall_s']:.0f} s; wrote {args.out / 'gpu_suite.json'}")
+
+
+if __name__ == "__main__":
+    main()
