@@ -48,11 +48,9 @@ def _plan(args: argparse.Namespace) -> int:
     from mixmae_scale.cluster.plan import measure_activations, options, plan, planning_dtype
     from mixmae_scale.config import load_resolved
 
-    # The launch's own batch arithmetic first: a GPU count that `mixmae launch` refuses is refused here too,
-    # with the same message (the nearest global batches and GPU counts that work).
-    load_resolved(args.profile, args.cluster, args.overrides, world_size=args.gpus)
-    overrides = [*args.overrides, "batch.global_batch=null", "batch.accumulation=1"]
-    resolved = load_resolved(args.profile, args.cluster, overrides, world_size=args.gpus)
+    # The run's own batch arithmetic (config/derive.py): the micro-batch and accumulation planned are those the
+    # run will use, and a GPU count that `mixmae launch` refuses is refused here with the same message.
+    resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
     # One real forward serves the plan and every option (Swin-H: about 15 s and 3 GB on a CPU).
     activations = measure_activations(resolved, planning_dtype(resolved), job=args.job or resolved.job())
@@ -74,7 +72,8 @@ def _plan(args: argparse.Namespace) -> int:
     print("  (activations + gathered weights, and the optimizer step's transient, do not coexist; the peak "
           "takes the larger)")
     print(f"  {'peak':<26}{result.total_gib:8.2f} GiB during the {result.peak_phase}, "
-          f"micro-batch {result.micro_batch}: "
+          f"micro-batch {result.micro_batch} (x {result.accumulation} accumulation x {args.gpus} GPU(s) = global "
+          f"batch {result.global_batch}, as the run derives it): "
           f"{'fits' if result.fits else 'does NOT fit'}; largest micro-batch that fits: {result.max_micro_batch}")
     if args.recommend:
         print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "

@@ -6,7 +6,11 @@ each would print the same traceback. Two things keep the report to one readable 
 - the first rank on a node to fail claims a marker file (created with O_EXCL, so exactly one rank wins)
   and is the only one there to report; the others, and the ranks that stop only because a peer died, stay
   silent. The marker's name carries the launcher's process id and the rendezvous, so jobs do not share it;
-- the report goes to the terminal in one write(), so that lines of two processes never run together.
+- the report goes to the terminal in one write(), so that lines of two processes never run together;
+- under a relay (`mixmae launch`, the sbatch script: cluster/signal_relay.py) the report is handed to the relay
+  (MIXMAE_FAILURE_REPORT), which prints it once DeepSpeed's launcher has exited. The launcher answers any
+  non-zero exit of a rank with "Killing subprocess ..." and "... exits with return code = 1" lines, whatever
+  the exit code, so only printing after it makes the refusal the last thing the user sees.
 
 A user's mistake is an exception whose message already says what to do (the USER_ERRORS below); any
 other exception is a bug and keeps its traceback.
@@ -22,6 +26,7 @@ import traceback
 from pathlib import Path
 
 MARKER_PREFIX = "mixmae-failed"
+REPORT_ENV = "MIXMAE_FAILURE_REPORT"
 STALE_S = 3600
 
 
@@ -44,6 +49,22 @@ def write_stderr(text: str) -> None:
     """One write() for the whole text: a pipe or terminal never interleaves it with another process's."""
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), text.encode(errors="replace"))
+
+
+def deliver(text: str, alone: bool = False) -> None:
+    """The report to the relay that started the launcher, if one did (see the module docstring), else to stderr."""
+    path = os.environ.get(REPORT_ENV)
+    if path and not alone:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+            try:
+                os.write(handle, text.encode(errors="replace"))
+            finally:
+                os.close(handle)
+            return
+        except OSError:
+            pass  # no relay to read it after all: said here
+    write_stderr(text)
 
 
 def _marker() -> Path:
@@ -81,18 +102,18 @@ def report_failure(rank: int, exc: BaseException, alone: bool = False) -> None:
         return
     where = f" (rank {rank})" if rank else ""
     if mistake:
-        write_stderr(f"mixmae: error{where}: {one_line(exc)}\n")
+        deliver(f"mixmae: error{where}: {one_line(exc)}\n", alone)
         return
     if is_peer_failure(exc):
-        write_stderr(f"mixmae: rank {rank} stopped: another rank failed ({type(exc).__name__}: "
-                     f"{one_line(exc)[:300]})\n")
+        deliver(f"mixmae: rank {rank} stopped: another rank failed ({type(exc).__name__}: "
+                f"{one_line(exc)[:300]})\n", alone)
         return
     text = f"mixmae: rank {rank} failed:\n" + "".join(traceback.format_exception(exc))
     if "out of memory" in str(exc).lower():
         text += ("mixmae: out of memory. Size the run with `mixmae plan PROFILE --gpus N --recommend`; lower "
                  "batch.micro (the global batch is kept by accumulation), turn on activation checkpointing "
                  "(model.checkpoint_every=1) or shard more (zero.stage=3)\n")
-    write_stderr(text)
+    deliver(text, alone)
 
 
 def is_peer_failure(exc: BaseException) -> bool:

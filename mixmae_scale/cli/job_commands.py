@@ -51,7 +51,7 @@ def _free_port() -> int:
 def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
     import logging
 
-    from mixmae_scale.cli.failure_report import report_failure, write_stderr
+    from mixmae_scale.cli.failure_report import deliver, report_failure
     from mixmae_scale.engine import distributed
     from mixmae_scale.engine.faults import NonFiniteStop
     from mixmae_scale.engine.loop import RunAlreadyComplete
@@ -71,7 +71,7 @@ def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
         return 0
     except NonFiniteStop as exc:  # every rank stops here together, after a collective checkpoint
         if rank == 0:
-            write_stderr(f"mixmae: error: {exc}\n")
+            deliver(f"mixmae: error: {exc}\n", alone)
         distributed.shutdown(*rendezvous)
         return 3
     except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once

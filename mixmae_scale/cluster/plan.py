@@ -61,9 +61,11 @@ class MemoryPlan:
     gpu_mem_gib: float
     zero_stage: int
     dtype: str
-    micro_batch: int
+    micro_batch: int  # what the run derives (config/derive.py), not the profile's ceiling batch.micro
     checkpointing: bool
     params: int
+    accumulation: int = 1
+    global_batch: int = 0
     components_gib: dict[str, float] = field(default_factory=dict)
     peak_phase: str = ""
     total_gib: float = 0.0
@@ -198,7 +200,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
         step = 0.0  # the step runs in host memory
     gathered = gathered_weight_bytes(params, stage, gpus, dtype, zero)
     per_image = activations.per_image(checkpointing)
-    micro = config.batch.micro
+    micro = resolved.derived.micro_batch
     fixed = sum(states.values()) + overhead_gib * GIB
     components = {k: v / GIB for k, v in states.items()}
     components["activations"] = micro * per_image / GIB
@@ -211,6 +213,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
     budget = gpu_mem_gib * GIB - fixed
     max_micro = 0 if step > budget else max(0, int((budget - gathered) // per_image)) // 2 * 2  # even: pairs
     return MemoryPlan(profile, job, gpus, gpu_mem_gib, stage, dtype, micro, checkpointing, params,
+                      resolved.derived.accumulation, resolved.derived.global_batch,
                       {k: round(v, 3) for k, v in components.items()}, phase, round(total, 3),
                       total <= gpu_mem_gib, max_micro)
 

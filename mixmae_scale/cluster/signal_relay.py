@@ -11,8 +11,11 @@ runner and `launch.py`; the ranks install their own handler), and turns SIGUSR1 
 itself into SIGUSR1 for every rank it started on this node: each rank checkpoints at the next step
 boundary and exits 0, and the relay exits 0 once rank 0 has reported the checkpoint (MIXMAE_STOP_REPORT,
 engine/preemption.py), even where Slurm's SIGTERM also reached DeepSpeed's launchers, which then exit 1.
-`mixmae launch` relays; the sbatch script runs `python -m mixmae_scale.cluster.signal_relay deepspeed ...`
-on every node. Ranks started by a plain `deepspeed` command watch their launcher instead
+A rank that fails hands its report (one line for a user's mistake) to the relay (MIXMAE_FAILURE_REPORT,
+cli/failure_report.py), which prints it after the launcher has exited, so that DeepSpeed's "Killing subprocess"
+lines come before the refusal, not after it. `mixmae launch` relays; the sbatch script runs
+`python -m mixmae_scale.cluster.signal_relay python -m deepspeed.launcher.runner ...` on every node.
+Ranks started by a plain `deepspeed` command watch their launcher instead
 (engine/preemption.py): if it dies, they save and exit.
 """
 
@@ -52,12 +55,15 @@ def relay(command: list[str], env: dict[str, str] | None = None) -> int:
     import tempfile
     from pathlib import Path
 
+    from mixmae_scale.cli.failure_report import REPORT_ENV
     from mixmae_scale.engine.preemption import STOP_REPORT_ENV
 
     report = Path(tempfile.gettempdir()) / f"mixmae-stop-{os.getpid()}.json"
-    report.unlink(missing_ok=True)
-    child = subprocess.Popen(command, env={**(env if env is not None else os.environ), STOP_REPORT_ENV: str(report)},
-                             preexec_fn=_ignore_usr1)
+    failure = Path(tempfile.gettempdir()) / f"mixmae-failure-{os.getpid()}.txt"
+    for stale in (report, failure):
+        stale.unlink(missing_ok=True)
+    child = subprocess.Popen(command, env={**(env if env is not None else os.environ), STOP_REPORT_ENV: str(report),
+                                           REPORT_ENV: str(failure)}, preexec_fn=_ignore_usr1)
     asked: list[psutil.Process] = []
 
     def forward(signum, frame) -> None:
@@ -74,7 +80,7 @@ def relay(command: list[str], env: dict[str, str] | None = None) -> int:
         signal.signal(signum, forward)
     code = child.wait()  # Python retries the wait itself when a signal interrupts it
     if not asked:
-        return code
+        return _say_failure(failure, code)
     # Slurm's SIGTERM reaches the launchers too: DeepSpeed's runner dies of it at once and its launch.py exits 1
     # after terminating the ranks. What counts is whether the ranks saved: wait for them (this process must outlive
     # them, or srun ends the step), then read rank 0's report.
@@ -82,12 +88,26 @@ def relay(command: list[str], env: dict[str, str] | None = None) -> int:
     try:
         saved = json.loads(report.read_text())
     except (OSError, json.JSONDecodeError):
-        return code or 1
+        return _say_failure(failure, code) or 1
     finally:
         report.unlink(missing_ok=True)
     print(f"[mixmae relay] the ranks saved {saved['checkpoint']} at step {saved['step']} and stopped as asked",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _say_failure(failure, code: int) -> int:
+    """Prints what a failed rank handed over, now that the launcher has said all it says; the exit code stays
+    the launcher's (non-zero: a rank failed)."""
+    try:
+        text = failure.read_text(errors="replace")
+    except OSError:
+        return code
+    failure.unlink(missing_ok=True)
+    sys.stdout.flush()
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    return code or 1
 
 
 def main() -> int:

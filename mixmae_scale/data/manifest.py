@@ -21,6 +21,7 @@ An index is DALI's wds2idx text: "v1.2 N", then one line per sample that trainin
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -68,6 +69,53 @@ def _display(location: str | Path) -> str:
     return str(location) if storage.is_remote(location) else str(Path(location).resolve())
 
 
+def _holds_images(folder: Path, depth: int = 1) -> bool:
+    """Whether `folder` (or a subfolder, `depth` levels down) holds a file named like an image; stops at the first."""
+    from mixmae_scale.shards.sources import IMAGE_SUFFIXES
+
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                return True
+            if depth and entry.is_dir() and _holds_images(Path(entry.path), depth - 1):
+                return True
+    return False
+
+
+def _not_a_shard_set(folder: Path, location: str) -> str:
+    """What a folder without a manifest holds instead, and the command that makes a shard set of it."""
+    from mixmae_scale.shards.sources import IMAGE_SUFFIXES
+
+    head = f"{_display(folder)} is not a shard set (it has no {MANIFEST})"
+    tars = list(folder.glob("*.tar"))
+    if tars:
+        return (f"{head}: {len(tars)} .tar files are there: `mixmae shards adopt {location} --out DIR` indexes "
+                "them without rewriting")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    location = location.rstrip("/") or location
+    out = location + "-shards"
+    then = f", then use {out} as the shard set (data.shards={out}, or --data {out})"
+    classes = [p for p in entries if p.is_dir() and _holds_images(p)]
+    if (folder / "train").is_dir() and _holds_images(folder / "train"):
+        return (f"{head}: it is an ImageNet-style image tree (train/ with a folder per class); convert it first: "
+                f"`mixmae shards imagenet --src {location} --out {out}`{then}")
+    images = sum(1 for p in entries if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if images and not classes:
+        return (f"{head}: it is a folder of {images} image(s); convert it first: `mixmae shards folder --src "
+                f"{location} --out {out}`{then}")
+    if classes:
+        shown = ", ".join(f"{p.name}/" for p in classes[:3]) + (", ..." if len(classes) > 3 else "")
+        return (f"{head}: it holds {len(classes)} folder(s) of images ({shown}); convert them first: `mixmae shards "
+                f"folder --src {location} --out {out}` (add --val-fraction 0.1 for the val split that fine-tuning "
+                f"and eval need){then}")
+    if not entries:
+        return f"{head}: the folder is empty; build shards with `mixmae shards folder` or `mixmae shards imagenet`"
+    return (f"{head}: it holds no shards, .tar files or images ({', '.join(p.name for p in entries[:5])}); build "
+            "shards with `mixmae shards folder` or `mixmae shards imagenet`")
+
+
 def read_manifest(location: str | Path) -> dict:
     """The parsed manifest of a shard set, with one-line errors that name the absolute path or URL."""
     location = str(location)
@@ -78,10 +126,7 @@ def read_manifest(location: str | Path) -> dict:
             raise DataError(f"shard folder {_display(folder)} does not exist (data.shards); build shards with "
                             "`mixmae shards`, or adopt existing ones with `mixmae shards adopt`")
         if not Path(path).exists():
-            tars = list(folder.glob("*.tar"))
-            hint = (f" ({len(tars)} .tar files are there, but no manifest: `mixmae shards adopt {location} --out DIR` "
-                    "indexes them without rewriting)") if tars else " (the folder is empty)"
-            raise DataError(f"{_display(path)} not found{hint}")
+            raise DataError(_not_a_shard_set(folder, location))
     try:
         text = storage.read_text(path)
     except storage.StorageError as exc:

@@ -144,7 +144,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     model = build_mixmae(config.model).to(ctx.device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer,
                                 width=config.model.embed_dim, zero_stage=config.zero.stage)
-    spec = PipelineSpec(mode="pretrain", img_size=config.model.img_size, batch_size=config.batch.micro,
+    spec = PipelineSpec(mode="pretrain", img_size=config.model.img_size, batch_size=derived.micro_batch,
                         shard_id=ctx.rank, num_shards=ctx.world, seed=seed_for(config.run.seed, ctx.rank) % 2**31,
                         num_threads=config.data.num_threads, shuffle_buffer=config.data.shuffle_buffer,
                         crop_scale=tuple(config.data.crop_scale), crop_ratio=tuple(config.data.crop_ratio),

@@ -129,7 +129,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     optimizer = adamw([{k: v for k, v in g.items() if k != "names"} for g in groups], config.optim,
                       derived.learning_rate, ctx.device.type == "cuda", config.zero.offload_optimizer,
                       config.zero.stage)
-    common = dict(img_size=config.model.img_size, batch_size=config.batch.micro, shard_id=ctx.rank,
+    common = dict(img_size=config.model.img_size, batch_size=derived.micro_batch, shard_id=ctx.rank,
                   num_shards=ctx.world, num_threads=config.data.num_threads,
                   device_id=choose_decode_device(config.data.decode_device, local_rank))
     train_spec = PipelineSpec(mode="finetune", seed=seed_for(config.run.seed, ctx.rank) % 2**31,
@@ -142,7 +142,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                          config.data.num_threads)
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
     # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
-    val_spec = PipelineSpec(mode="eval", **{**common, "batch_size": eval_batch_size(config.batch.micro, val_samples,
+    val_spec = PipelineSpec(mode="eval", **{**common, "batch_size": eval_batch_size(derived.micro_batch, val_samples,
                                                                                       ctx.world)})
     job = FinetuneJob(config, ctx.root, num_classes, val_spec, val_samples, ctx.device,
                       eval_every=max(1, round(ft.eval_every_epochs * derived.steps_per_epoch)))

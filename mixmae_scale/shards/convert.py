@@ -25,13 +25,14 @@ from tqdm import tqdm
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
-from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED, check_rejections
+from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED, check_every_split
 from mixmae_scale.shards.saved_plan import resume_plan
 from mixmae_scale.shards.sources import (
     SourceError,
     SourceImage,
     folder_images,
     hold_out,
+    ignored_note,
     imagenet_split,
     read_class_names,
 )
@@ -126,14 +127,45 @@ def _split_root(src: Path, split: str, options: ConvertOptions) -> Path:
     return src if options.layout == "imagenet" or split == "train" or options.val_fraction else src / split
 
 
-def _discover(src: Path, split: str, options: ConvertOptions) -> tuple[list[SourceImage], list[str]]:
+@dataclass(frozen=True)
+class Discovered:
+    """One split's source: its images, its class list, and the files skipped because their names are not images."""
+
+    images: list[SourceImage]
+    classes: list[str]
+    ignored: list[str]
+
+
+def _discover(src: Path, split: str, options: ConvertOptions) -> Discovered:
+    ignored: list[str] = []
     if options.layout == "imagenet":
-        return imagenet_split(src, split)
+        return Discovered(*imagenet_split(src, split, ignored), ignored)
     if options.val_fraction:  # both splits from the one folder, the same draw for each
-        images, classes = folder_images(src)
+        images, classes = folder_images(src, ignored)
         train, val = hold_out(images, options.val_fraction, options.seed)
-        return (train if split == "train" else val), classes
-    return folder_images(_split_root(src, split, options))
+        return Discovered(train if split == "train" else val, classes, ignored if split == "train" else [])
+    return Discovered(*folder_images(_split_root(src, split, options), ignored), ignored)
+
+
+def discover_splits(src: Path, options: ConvertOptions) -> dict[str, Discovered]:
+    """Every split's files before any shard is written, so that one run names the problems of all splits."""
+    found: dict[str, Discovered] = {}
+    problems: list[str] = []
+    for split in options.splits:
+        try:
+            found[split] = _discover(src, split, options)
+        except SourceError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    classes = next((d.classes for d in found.values() if d.classes), [])
+    problems += [f"{src / split}: its class folders differ from the first split's" for split, d in found.items()
+                 if d.classes and d.classes != classes]
+    if problems:
+        raise SourceError("; ".join(problems))
+    for split, discovered in found.items():
+        if discovered.ignored:
+            tqdm.write(f"{split}: {ignored_note(discovered.ignored)}")
+    return found
 
 
 def check_options(options: ConvertOptions) -> None:
@@ -194,14 +226,13 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
                                  options.oversize)
     manifest: dict = {"format": "mixmae-scale-shards", "version": 2, "tool_version": __version__,
                       "options": _written_options(options), "splits": {}}
-    classes: list[str] = []
     rejected_lines: list[str] = []
     limits: list[tuple[str, int, list[str]]] = []
+    discovered = discover_splits(src, options)
+    classes = next((d.classes for d in discovered.values() if d.classes), [])
     for split in options.splits:
-        images, split_classes = _discover(src, split, options)
-        if split_classes and classes and split_classes != classes:
-            raise SourceError(f"{src / split}: its class folders differ from the first split's")
-        classes = classes or split_classes
+        images, split_classes, ignored = (discovered[split].images, discovered[split].classes,
+                                          discovered[split].ignored)
         labeled = bool(split_classes)
 
         def make_plans(todo: list[SourceImage], first_index: int, first_sample: int,
@@ -243,6 +274,7 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
         limits.append((split, found, [item["reason"] for r in ordered for item in r.rejected]))
         manifest["splits"][split] = {
             "found": found, "samples": written, "rejected": rejected, "copied": sum(r.copied for r in ordered),
+            "ignored_not_images": len(ignored), "ignored_examples": ignored[:5],
             "converted": converted, "labeled": labeled, "transient": sum(r.transient for r in ordered),
             "source_changes": {"vanished": len(changes.vanished), "appeared": len(changes.appeared)},
             **({"held_out_of_each_class": options.val_fraction} if options.val_fraction and split == "val" else {}),
@@ -255,8 +287,7 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
     storage.write_text(storage.join(out, "classes.json"), json.dumps(manifest["classes"], indent=1))
     rejections = storage.join(out, "rejected.jsonl")
     storage.write_text(rejections, "".join(line + "\n" for line in rejected_lines))
-    for split, found, reasons in limits:
-        check_rejections(split, found, reasons, options.max_rejected, rejections)
+    check_every_split(limits, options.max_rejected, rejections)
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1))
     if staging is not None and staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
@@ -280,7 +311,9 @@ def summary_lines(manifest: dict) -> list[str]:
                 if "held_out_of_each_class" in info else "")
         lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
                      f"{info['copied']} copied as they are, {sum(info['converted'].values())} converted"
-                     + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)")
+                     + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)"
+                     + (f"; ignored {info['ignored_not_images']} not named like an image"
+                        if info.get("ignored_not_images") else ""))
         if info.get("transient"):
             lines.append(f"{split}: {info['transient']} of the rejections were I/O errors that may pass (EIO, ESTALE, "
                          "timeouts; retried with backoff): run the same command again to retry them")

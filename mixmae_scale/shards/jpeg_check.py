@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -120,6 +121,12 @@ def _decode(data: bytes, fit_pixels: int | None = None) -> Image.Image:
     return image
 
 
+def _pillow_reason(exc: BaseException) -> str:
+    """Pillow's message without the in-memory stream it names ('cannot identify image file <_io.BytesIO object
+    at 0x7f...>'), which tells the user nothing: the rejection already names the file."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+
+
 def _megapixels(width: int, height: int) -> str:
     return f"{width} x {height} = {width * height / 1e6:.1f} MP"
 
@@ -150,9 +157,9 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         try:
             opened = _open(data)
         except Image.DecompressionBombError as exc:
-            return Prepared(None, 0, 0, "rejected", f"decompression bomb, not decoded: {exc}")
+            return Prepared(None, 0, 0, "rejected", f"decompression bomb, not decoded: {_pillow_reason(exc)}")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            return Prepared(None, 0, 0, "rejected", f"not an image ({why}): {exc}")
+            return Prepared(None, 0, 0, "rejected", f"not an image ({why}): {_pillow_reason(exc)}")
         width, height = opened.size
         why = opened.format or why  # a PNG (or WebP, ...) is converted, and counted as what it is
     if width * height > BOMB_PIXELS:
@@ -168,7 +175,7 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         image = _decode(data, max_pixels if too_big else None)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "truncated or corrupt image" if header is not None else "not an image"
-        return Prepared(None, 0, 0, "rejected", f"{reason} ({why}): {exc}")
+        return Prepared(None, 0, 0, "rejected", f"{reason} ({why}): {_pillow_reason(exc)}")
     if too_big:
         encoded, new_width, new_height = _encode_rgb(image, quality, resize_shorter, max_pixels)
         return Prepared(encoded, new_width, new_height,

@@ -37,13 +37,23 @@ def reason_counts(reasons: list[str], top: int = 3) -> str:
 def check_rejections(what: str, found: int, reasons: list[str], max_rejected: float, rejections_file: str,
                      unit: str = "files") -> None:
     """Raises TooManyRejected when len(reasons) / found exceeds `max_rejected` (or nothing was found)."""
-    rejected = len(reasons)
-    if found and rejected / found <= max_rejected:
-        return
-    share = f"{100 * rejected / found:.1f}%" if found else "all"
-    suggest = min(1.0, round(rejected / found + 0.005, 2)) if found else 1.0
-    raise TooManyRejected(
-        f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
-        + (f": {reason_counts(reasons)}" if reasons else "") + f"; each with its reason in {rejections_file}. "
-        "Fix the source and run the same command again (finished shards are kept), or accept them with "
-        f"--max-rejected {suggest:g}")
+    check_every_split([(what, found, reasons)], max_rejected, rejections_file, unit)
+
+
+def check_every_split(counts: list[tuple[str, int, list[str]]], max_rejected: float, rejections_file: str,
+                      unit: str = "files") -> None:
+    """One TooManyRejected naming every (split, found, reasons) above `max_rejected`, so that one run tells
+    the user about all of them, with the one --max-rejected that accepts them all."""
+    over, suggest = [], 0.0
+    for what, found, reasons in counts:
+        rejected = len(reasons)
+        if found and rejected / found <= max_rejected:
+            continue
+        share = f"{100 * rejected / found:.1f}%" if found else "all"
+        suggest = max(suggest, min(1.0, round(rejected / found + 0.005, 2)) if found else 1.0)
+        over.append(f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
+                    + (f": {reason_counts(reasons)}" if reasons else ""))
+    if over:
+        raise TooManyRejected(
+            "; ".join(over) + f"; each with its reason in {rejections_file}. Fix the source and run the same command "
+            f"again (finished shards are kept), or accept them with --max-rejected {suggest:g}")

@@ -13,7 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+# torchvision ImageFolder's IMG_EXTENSIONS: a file named otherwise (notes.txt, a README, labels.csv) is not an
+# image of the dataset. It is ignored and counted, not rejected, so that it never counts against --max-rejected.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class SourceError(ValueError):
@@ -33,8 +35,16 @@ def _is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _list_images(folder: Path, root: Path, label: int, wnid: str | None) -> list[SourceImage]:
-    """Every file under `folder` (recursively); non-image names are kept so that they are reported."""
+def ignored_note(ignored: list[str], shown: int = 5) -> str:
+    """'ignored 1 file that is not an image by name: notes.txt' (the first `shown` names)."""
+    names = ", ".join(ignored[:shown]) + (f" and {len(ignored) - shown} more" if len(ignored) > shown else "")
+    one = len(ignored) == 1
+    return (f"ignored {len(ignored)} {'file that is not an image' if one else 'files that are not images'} by name "
+            f"(images end in {', '.join(IMAGE_SUFFIXES)}): {names}")
+
+
+def _list_images(folder: Path, root: Path, label: int, wnid: str | None, ignored: list[str]) -> list[SourceImage]:
+    """Every file under `folder` (recursively) named like an image; the others' relative paths go to `ignored`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
@@ -44,6 +54,9 @@ def _list_images(folder: Path, root: Path, label: int, wnid: str | None) -> list
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
+            if not _is_image_name(name):
+                ignored.append(str(path.relative_to(root)))
+                continue
             found.append(SourceImage(str(path), str(path.relative_to(root)), label, wnid, _size_on_disk(path)))
     return found
 
@@ -74,20 +87,30 @@ def read_class_names(src: Path) -> dict[str, str]:
     return {}
 
 
-def labeled_folder(split_dir: Path, root: Path, classes: list[str]) -> list[SourceImage]:
+def _loose_files(folder: Path, root: Path) -> list[str]:
+    """Files beside the class folders (a README, a labels file): not part of any class."""
+    return [str(p.relative_to(root)) for p in sorted(folder.iterdir())
+            if not p.is_dir() and not p.name.startswith(".") and not _is_image_name(p.name)]
+
+
+def labeled_folder(split_dir: Path, root: Path, classes: list[str], ignored: list[str] | None = None
+                   ) -> list[SourceImage]:
+    ignored = [] if ignored is None else ignored
+    ignored += _loose_files(split_dir, root)
     index = {wnid: i for i, wnid in enumerate(classes)}
     images: list[SourceImage] = []
     empty = []
     for wnid in class_folders(split_dir):
         if wnid not in index:
             raise SourceError(f"{split_dir / wnid}: class folder not among the training classes")
-        found = _list_images(split_dir / wnid, root, index[wnid], wnid)
+        found = _list_images(split_dir / wnid, root, index[wnid], wnid, ignored)
         if not found:
             empty.append(wnid)
         images.extend(found)
     if empty:
-        raise SourceError(f"{split_dir}: empty class folder(s): {', '.join(empty[:10])}"
-                          + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
+        raise SourceError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:10])}"
+                          + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+                          + (f" ({ignored_note(ignored)})" if ignored else ""))
     return images
 
 
@@ -134,8 +157,10 @@ def _devkit_wnids(src: Path, truth: Path) -> list[str]:
                       f"data/meta.mat (or ILSVRC2012_devkit_order.txt, one wnid per line) beside it")
 
 
-def imagenet_split(src: Path, split: str) -> tuple[list[SourceImage], list[str]]:
-    """Images and the class list (sorted wnids of train/) for one split of an ILSVRC2012 tree."""
+def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> tuple[list[SourceImage], list[str]]:
+    """Images and the class list (sorted wnids of train/) for one split of an ILSVRC2012 tree; the files not
+    named like images go to `ignored`."""
+    ignored = [] if ignored is None else ignored
     train_dir = src / "train"
     if not train_dir.is_dir():
         raise SourceError(f"{src}: not an ImageNet layout: expected {train_dir} with one folder per wnid "
@@ -148,14 +173,14 @@ def imagenet_split(src: Path, split: str) -> tuple[list[SourceImage], list[str]]
     if not split_dir.is_dir():
         raise SourceError(f"{src}: split '{split}' has no folder {split_dir}")
     if split == "train" or class_folders(split_dir):
-        return labeled_folder(split_dir, src, classes), classes
+        return labeled_folder(split_dir, src, classes, ignored), classes
     labels = _val_labels(src)
     if labels is None:
         raise SourceError(f"{split_dir} is flat, so its labels must come from LOC_val_solution.csv or "
                           "ILSVRC2012_validation_ground_truth.txt in the source folder; neither was found")
     index = {wnid: i for i, wnid in enumerate(classes)}
     images = []
-    for image in _list_images(split_dir, src, -1, None):
+    for image in _list_images(split_dir, src, -1, None, ignored):
         wnid = labels.get(Path(image.path).stem)
         if wnid is None or wnid not in index:
             images.append(image)  # unlabeled: rejected later with the reason
@@ -164,19 +189,21 @@ def imagenet_split(src: Path, split: str) -> tuple[list[SourceImage], list[str]]
     return images, classes
 
 
-def folder_images(src: Path) -> tuple[list[SourceImage], list[str]]:
-    """A class-per-subfolder tree (labels), or a flat folder of images (unlabeled, label -1)."""
+def folder_images(src: Path, ignored: list[str] | None = None) -> tuple[list[SourceImage], list[str]]:
+    """A class-per-subfolder tree (labels), or a flat folder of images (unlabeled, label -1); the files not
+    named like images go to `ignored`."""
+    ignored = [] if ignored is None else ignored
     if not src.is_dir():
         raise SourceError(f"{src}: not a folder")
     classes = class_folders(src)
     loose = [p for p in src.iterdir() if not p.is_dir() and _is_image_name(p.name)]
     if classes and not loose:
-        return labeled_folder(src, src, classes), classes
+        return labeled_folder(src, src, classes, ignored), classes
     if classes and loose:
         raise SourceError(f"{src}: has both class folders and loose images; use one layout")
-    images = _list_images(src, src, -1, None)
+    images = _list_images(src, src, -1, None, ignored)
     if not images:
-        raise SourceError(f"{src}: no images found")
+        raise SourceError(f"{src}: no images found" + (f" ({ignored_note(ignored)})" if ignored else ""))
     return images, []
 
 

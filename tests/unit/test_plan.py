@@ -6,6 +6,7 @@ import pytest
 
 from mixmae_scale.cluster.plan import (
     GIB,
+    ActivationProfile,
     gathered_weight_bytes,
     measure_activations,
     model_state_bytes,
@@ -135,3 +136,32 @@ def test_a_finetuning_profile_is_planned_as_the_classifier_it_trains():
     assert result.job == "finetune" and result.params == sum(p.numel() for p in classifier.parameters())
     pretrain = plan(finetune, "finetune_tiny", gpus=2, gpu_mem_gib=4.0, job="pretrain")
     assert pretrain.params > result.params  # MixMAE adds the decoder; the classifier only a head
+
+
+@pytest.mark.parametrize("profile, gpus", [("swin_h", 64), ("swin_h", 8), ("swin_h", 16), ("swin_b", 128),
+                                           ("swin_l", 32), ("tiny", 2), ("tiny", 4), ("finetune_b", 64)])
+def test_plan_cli_sizes_the_micro_batch_and_accumulation_the_run_derives(profile, gpus, capsys, monkeypatch):
+    """`mixmae plan` once planned the profile's ceiling batch.micro (Swin-H on 64 GPUs: 64) while the run derives
+    32 from the global batch; the planner must report the run's own derivation (config/derive.py)."""
+    import json
+
+    from mixmae_scale.cli import main
+    from mixmae_scale.cluster import plan as plan_module
+    from mixmae_scale.cluster.plan import ActivationProfile
+
+    # Synthetic activations (0.01 GiB per image) keep this fast; the batch arithmetic does not depend on them.
+    monkeypatch.setattr(plan_module, "measure_activations", lambda *a, **k: ActivationProfile([0.01 * GIB], [0.0], 0.0))
+    assert main(["plan", profile, "--gpus", str(gpus), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    run = load_resolved(profile, world_size=gpus).derived  # what start_run resolves on `gpus` ranks
+    assert (report["micro_batch"], report["accumulation"], report["global_batch"]) == (
+        run.micro_batch, run.accumulation, run.global_batch)
+
+
+def test_swin_h_on_64_gpus_is_planned_at_micro_batch_32_not_the_profile_ceiling_64():
+    resolved = load_resolved("swin_h", world_size=64)
+    acts = ActivationProfile([0.01 * GIB], [0.0], 0.0)
+    result = plan(resolved, "swin_h", gpus=64, gpu_mem_gib=80.0, activations=acts)
+    assert resolved.config.batch.micro == 64
+    assert (result.micro_batch, result.accumulation) == (32, 1)
+    assert result.components_gib["activations"] == pytest.approx(32 * acts.per_image(False) / GIB, abs=1e-3)

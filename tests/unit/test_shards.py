@@ -140,7 +140,7 @@ def test_clear_errors_for_wrong_layouts(tmp_path):
         convert(tmp_path / "photos", tmp_path / "out", ConvertOptions(layout="imagenet"))
     src = _imagenet_tree(tmp_path / "src", per_class=1)
     (src / "train" / "n09").mkdir()
-    with pytest.raises(SourceError, match="empty class folder"):
+    with pytest.raises(SourceError, match=r"class folder\(s\) without images: n09"):
         convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", splits=("train",)))
     (src / "train" / "n09").rmdir()
     with pytest.raises(SourceError, match="inside the source folder"):
@@ -277,3 +277,12 @@ def test_folder_val_fraction_holds_out_each_class_with_the_seed_and_says_it_read
     capsys.readouterr()
     assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "d"), "--val-fraction", "1.5"]) == 2
     assert "--val-fraction 1.5: must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_image_names_are_those_torchvision_image_folder_accepts():
+    """A file ImageFolder would skip (notes.txt) is ignored and counted, never a rejected image."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from mixmae_scale.shards.sources import IMAGE_SUFFIXES
+
+    assert set(IMAGE_SUFFIXES) == set(IMG_EXTENSIONS)

@@ -4,6 +4,7 @@ run); the ranks' side (said once, lines never run together) is tests/integration
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -124,3 +125,78 @@ def test_not_found_errors_show_the_absolute_path_tried(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     line = one_error_line(capfd, main(args))
     assert expected.format(cwd=tmp_path) in line
+
+
+def _jpegs(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 8), (i % 256, 40, 90)).save(folder / f"{i:03d}.jpg", quality=80)
+
+
+@pytest.mark.parametrize("layout, command", [
+    ("flat", "mixmae shards folder --src photos --out photos-shards"),
+    ("classes", "mixmae shards folder --src photos --out photos-shards"),
+    ("imagenet", "mixmae shards imagenet --src photos --out photos-shards"),
+])
+def test_a_folder_of_images_given_as_shards_names_the_command_that_converts_it(tmp_path, monkeypatch, capfd,
+                                                                               layout, command):
+    monkeypatch.chdir(tmp_path)
+    where = {"flat": "photos", "classes": "photos/cats", "imagenet": "photos/train/n01"}[layout]
+    _jpegs(tmp_path / where, 3)
+    line = one_error_line(capfd, main(["shards", "verify", "photos"]))
+    assert line.startswith(f"mixmae: error: {tmp_path / 'photos'} is not a shard set (it has no dataset.json)")
+    assert f"`{command}`" in line and "then use photos-shards as the shard set" in line
+    assert "empty" not in line
+
+
+def test_eval_on_a_folder_of_jpegs_points_to_shards_folder(weights, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    _jpegs(tmp_path / "photos", 4)
+    line = one_error_line(capfd, main(["eval", "--init", str(weights / "head3.safetensors"), "--data", "photos/"]))
+    assert "is a folder of 4 image(s); convert it first: `mixmae shards folder --src photos --out photos-shards`" \
+        in line and "--data photos-shards" in line
+
+
+def test_shards_folder_ignores_and_counts_a_file_not_named_like_an_image(tmp_path, monkeypatch, capfd):
+    """100 images and a notes.txt: at the default --max-rejected of 1%, one stray file used to fail the folder."""
+    monkeypatch.chdir(tmp_path)
+    _jpegs(tmp_path / "photos", 100)
+    (tmp_path / "photos" / "notes.txt").write_text("where these came from\n")
+    assert main(["shards", "folder", "--src", "photos", "--out", "out", "--workers", "1"]) == 0
+    out = capfd.readouterr().out
+    assert "train: ignored 1 file that is not an image by name" in out and out.rstrip().count("notes.txt") >= 1
+    assert "train: found 100 = written 100 + rejected 0" in out
+    assert (tmp_path / "out" / "rejected.jsonl").read_text() == ""
+
+
+def test_shards_imagenet_reports_every_split_over_the_limit_in_one_refusal(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "val"):
+        _jpegs(tmp_path / "src" / split / "n01", 5)
+        (tmp_path / "src" / split / "n01" / "broken.jpg").write_text("a text file named like an image")
+    line = last_error_line(capfd, main(["shards", "imagenet", "--src", "src", "--out", "out", "--workers", "1"]))
+    assert "train: 1 of 6 files rejected (16.7%)" in line and "val: 1 of 6 files rejected (16.7%)" in line
+    assert line.endswith("or accept them with --max-rejected 0.17")
+    reasons = [json.loads(r)["reason"] for r in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert reasons == ["not an image (not a JPEG stream): cannot identify image file"] * 2
+
+
+def test_shards_folder_names_the_problems_of_both_splits_before_writing_anything(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "readme.md").write_text("x")
+    line = last_error_line(capfd, main(["shards", "folder", "--src", "src", "--split", "train,val", "--out", "out"]))
+    assert line.startswith("mixmae: error: src: no images found (ignored 1 file that is not an image by name")
+    assert line.endswith("readme.md); src/val: not a folder")
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def last_error_line(capfd, code: int) -> str:
+    """The refusal after a conversion's progress bars: the last thing on stderr, one line, no traceback."""
+    err = capfd.readouterr().err
+    assert code != 0 and "Traceback" not in err, err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("mixmae: error: "), err
+    return last
