@@ -198,7 +198,7 @@ class RunRecord:
         record = {"format": FORMAT, "version": 1, "run": ctx.root.name, "job": job,
                   "created": earlier.get("created", launch["started"]), "status": "running", "code": code,
                   "packages": package_versions(), "platform": platform_info(devices), "data": data_read(ctx.config),
-                  "command": launch["command"], "world_size": ctx.world,
+                  "command": launch["command"], "world_size": ctx.world, "total_steps": derived.total_steps,
                   "precision": {"dtype": derived.dtype, "reason": derived.dtype_reason,
                                 "warning": derived.dtype_warning},
                   "layout": ctx.layout, "resumes": resumes, "launches": [*earlier.get("launches", []), launch]}
@@ -207,11 +207,14 @@ class RunRecord:
         return made
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """`summary`: the loop's. Outcome: completed (the planned steps), stopped (a signal) or ended early."""
+        """`summary`: the loop's. Outcome: completed (the schedule's last step), stopped by a signal, or ended at
+        --max-steps."""
         if summary.get("stopped_by_signal"):
-            outcome = "stopped"
+            outcome = "stopped by a signal"
+        elif summary["steps"] >= self.record["total_steps"]:
+            outcome = "completed"
         else:
-            outcome = "completed" if summary["steps"] >= summary["planned_steps"] else "ended early"
+            outcome = "ended at --max-steps" if summary["steps"] >= summary["planned_steps"] else "ended early"
         self.record["launches"][-1].update(ended=now(), outcome=outcome, end_step=summary["steps"])
         self.record["status"] = outcome
         self.record["end"] = {key: summary.get(key) for key in ("steps", "planned_steps", "images_seen", "wall_s",
@@ -236,3 +239,37 @@ def point_provenance(record: dict[str, Any] | None) -> dict[str, Any]:
         return {"commit": None, "data_digest": None}
     commits = sorted({launch["commit"] for launch in record.get("launches", [])}) or [describe_commit(record["code"])]
     return {"commit": ",".join(commits), "data_digest": data_digest(record.get("data", []))}
+
+
+def describe(record: dict[str, Any]) -> str:
+    """`mixmae runs show`: the record as lines a person reads."""
+    code, precision, hw = record["code"], record["precision"], record["platform"]
+    devices = ", ".join(f"{count} x {name}" for name, count in hw["devices"].items())
+    lines = [f"run {record['run']} ({record['job']}): {record['status']}, created {record['created']}",
+             f"code:       {describe_commit(code)} ({code['source']}, mixmae-scale {code['version']})",
+             "packages:   " + ", ".join(f"{name} {version}" for name, version in record["packages"].items()),
+             f"platform:   {hw['system']}, Python {hw['python']}, host {hw['host']}",
+             f"devices:    {devices}; CUDA {hw['torch_cuda'] or '-'}, driver {hw['driver'] or '-'}",
+             f"command:    {record['command']}",
+             f"world size: {record['world_size']}; precision {precision['dtype']}: {precision['reason']}"
+             + (f" (warning: {precision['warning']})" if precision.get("warning") else ""),
+             "data:"]
+    lines += [f"  {d['role']:<9} {d['location']} [{d['split']}]: {d['shards']} shards, {d['samples']} samples, "
+              f"split digest {d['split_digest']}, manifest sha256 {d['manifest_sha256'][:16]}" for d in record["data"]]
+    lines.append(f"launches ({len(record['launches'])}):")
+    lines += [f"  {launch['started']} -> {launch.get('ended', '(not ended)')}: steps {launch['start_step']} -> "
+              f"{launch.get('end_step', '?')}, {launch['outcome']}, world size {launch['world_size']}, code "
+              f"{launch['commit']}" for launch in record["launches"]]
+    lines.append(f"resumes ({len(record['resumes'])}):" if record["resumes"] else "resumes: none")
+    for resume in record["resumes"]:
+        old, new = resume["old_layout"], resume["new_layout"]
+        changed = [f"{key} {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key)]
+        lines.append(f"  {resume['time']}: step {resume['step']} from {resume['checkpoint']}, "
+                     + ("layout " + ", ".join(changed) if changed else f"same layout ({_layout_text(new)})")
+                     + (" (through DeepSpeed's universal checkpoint)" if resume["universal"] else ""))
+    return "\n".join(lines)
+
+
+def _layout_text(layout: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in layout.items())

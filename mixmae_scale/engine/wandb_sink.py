@@ -34,7 +34,7 @@ class WandbSink:
         kept = json.loads(id_path.read_text()) if id_path.exists() else None
         run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
                          tags=list(settings.tags) or None, name=name,
-                         id=kept["id"] if kept else wandb.util.generate_id(), resume="allow",
+                         id=kept["id"] if kept else None, resume="allow",
                          mode=os.environ.get("WANDB_MODE") or settings.mode,
                          dir=os.environ.get("WANDB_DIR") or str(root), config=config)
         if kept is None:
