@@ -249,7 +249,7 @@ def describe(record: dict[str, Any]) -> str:
              f"code:       {describe_commit(code)} ({code['source']}, mixmae-scale {code['version']})",
              "packages:   " + ", ".join(f"{name} {version}" for name, version in record["packages"].items()),
              f"platform:   {hw['system']}, Python {hw['python']}, host {hw['host']}",
-             f"devices:    {devices}; CUDA {hw['torch_cuda'] or '-'}, driver {hw['driver'] or '-'}",
+             f"devices:    {devices}; torch built for CUDA {hw['torch_cuda'] or '-'}, driver {hw['driver'] or '-'}",
              f"command:    {record['command']}",
              f"world size: {record['world_size']}; precision {precision['dtype']}: {precision['reason']}"
              + (f" (warning: {precision['warning']})" if precision.get("warning") else ""),

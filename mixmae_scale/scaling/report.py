@@ -271,12 +271,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
     bootstrap = fit["bootstrap"]
     lines = ["# Scaling report", "", f"{len(rows)} runs; held-out reconstruction loss with fixed masks and seed. "
              f"Bootstrap: {bootstrap['rounds']} resamples, seed {bootstrap['seed']} (the same results give the same "
-             "report).", "", "| run | N | D (images) | C (FLOPs) | held-out loss | code | data |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['run_id']} | {r['params']:,} | {r['images_seen']:,} | {r['flops']:.3g} | {r['heldout_loss']:.4f} |"
-              f" {r.get('commit') or '-'} | {r.get('data_digest') or '-'} |"
-              for r in sorted(rows, key=lambda r: r["flops"])]
-    lines += [f"\n**Warning:** {warning}" for warning in provenance_warnings(rows)]
+             "report).", ""]
+    lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])
     lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
@@ -299,6 +295,17 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
         lines[-1] += f" {fit['compute_optimal']}."
     lines += [""] + [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    """One line per run; the code commit and data digest of each (run.json) where results.jsonl has them."""
+    provenance = any("commit" in r for r in rows)
+    head = ["| run | N | D (images) | C (FLOPs) | held-out loss |" + (" code | data |" if provenance else ""),
+            "|---|---|---|---|---|" + ("---|---|" if provenance else "")]
+    body = [f"| {r['run_id']} | {r['params']:,} | {r['images_seen']:,} | {r['flops']:.3g} | {r['heldout_loss']:.4f} |"
+            + (f" {r.get('commit') or '-'} | {r.get('data_digest') or '-'} |" if provenance else "")
+            for r in sorted(rows, key=lambda r: r["flops"])]
+    return head + body + [f"\n**Warning:** {warning}" for warning in provenance_warnings(rows)]
 
 
 def _title(ax, title: str, note: str | None) -> None:
