@@ -1,9 +1,10 @@
-"""`mixmae visualize|runs plot`: reconstructions and training curves as images."""
+"""`mixmae visualize|runs plot|runs show`: reconstructions and training curves as images, a run's record."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -18,6 +19,20 @@ def _runs_plot(args: argparse.Namespace) -> int:
     from mixmae_scale.visualize.curves import plot_runs
 
     print(json.dumps(plot_runs(args.runs, args.out), indent=2))
+    return 0
+
+
+def _runs_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.engine.run_record import RECORD, describe, read_record
+
+    record = read_record(args.run)
+    if record is None:
+        print(f"mixmae: error: {(Path(args.run) / RECORD).resolve()} not found: the run folder was written before "
+              "run records, or is not a run folder", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2) if args.json else describe(record))
     return 0
 
 
@@ -39,3 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     plot.add_argument("runs", nargs="+", help="run folders (or their metrics.csv)")
     plot.add_argument("--out", default="curves.png", help="PNG to write")
     plot.set_defaults(handler=_runs_plot)
+    show = runs_sub.add_parser("show", help="where a run came from: code commit, versions, devices, data digests, "
+                               "command, precision, launches and resumes (its run.json)")
+    show.add_argument("run", help="run folder")
+    show.add_argument("--json", action="store_true", help="print run.json as it is")
+    show.set_defaults(handler=_runs_show)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _scaling(args: argparse.Namespace) -> int:
@@ -29,9 +30,11 @@ def _scaling(args: argparse.Namespace) -> int:
         run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None,
                   parallel=args.parallel)
         return 0
-    from mixmae_scale.scaling.report import fit_results, read_results, write_fit, write_report
+    from mixmae_scale.scaling.report import fit_results, provenance_warnings, read_results, write_fit, write_report
 
     rows = read_results(out / "results.jsonl")
+    for warning in provenance_warnings(rows):
+        print(f"mixmae: warning: {warning}", file=sys.stderr)
     fit = fit_results(rows, bootstrap=args.bootstrap, seed=args.seed)
     write_fit(fit, out / "fit.json")
     if args.scaling_command == "report":

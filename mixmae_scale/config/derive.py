@@ -140,6 +140,20 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
     _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+    _validate_wandb(config)
+
+
+def _validate_wandb(config: Config) -> None:
+    """Said at start, before any rank or GPU is touched, not at the first logged step."""
+    import importlib.util
+
+    settings = config.logging.wandb
+    if settings.mode == "off":
+        return
+    _require(bool(settings.project.strip()), "logging.wandb.project must not be empty")
+    _require(importlib.util.find_spec("wandb") is not None,
+             f"logging.wandb.mode={settings.mode} needs the wandb package: pip install \"mixmae-scale[wandb]\" "
+             "(or set logging.wandb.mode=off)")
 
 
 def solve_batch(global_batch: int, micro_ceiling: int, world: int) -> tuple[int, int]:

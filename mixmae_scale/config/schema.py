@@ -147,6 +147,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard and CSV (engine/wandb_sink.py): rank 0 logs the same scalars, the config,
+    the run record and the reconstruction grids; a resumed run continues the same W&B run. Needs the `wandb` extra."""
+
+    mode: Literal["off", "online", "offline"] = "off"  # offline: files under WANDB_DIR (default: the run folder)
+    project: str = "mixmae-scale"
+    entity: str | None = None  # team or user; None: the logged-in user's default
+    group: str | None = None  # `mixmae scaling run` sets the sweep's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = 20
     heldout_batches: int = 4  # validation batches scored with fixed masks at start and end (none fit: null + reason)
@@ -155,6 +167,7 @@ class LoggingConfig:
     csv: bool = True
     # Peak dense bf16 FLOP/s of one device for MFU; 0 looks it up from the device name.
     peak_tflops: float = 0.0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

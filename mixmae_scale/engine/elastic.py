@@ -48,6 +48,7 @@ class ResumePlan:
     loader_override: dict[str, Any] | None = None
     skipped_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    saved_layout: dict[str, Any] | None = None  # the checkpoint's optimizer layout (the run record's old layout)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -147,11 +148,13 @@ def _decide(ckpt_dir: Path, resolved: ResolvedConfig, world: int, layout: dict[s
                                "ZeRO-0 keeps none; resume with the checkpoint's zero.stage and precision.dtype")
     if saved_world != world and stages == {0}:  # ZeRO-0 saves the whole optimizer once: any world size loads it
         return ResumePlan(tag, tag, False, saved_world, False, choice.loader_override, choice.skipped_samples,
-                          notes + [f"resuming {tag} (ZeRO-0) on {world} rank(s), written by {saved_world}"])
+                          notes + [f"resuming {tag} (ZeRO-0) on {world} rank(s), written by {saved_world}"],
+                          saved.get("optimizer_layout"))
     if saved_world != world:
         changes.insert(0, f"world size {saved_world} -> {world}")
     if not changes:
-        return ResumePlan(tag, tag, False, saved_world, True, choice.loader_override, choice.skipped_samples, notes)
+        return ResumePlan(tag, tag, False, saved_world, True, choice.loader_override, choice.skipped_samples, notes,
+                          saved.get("optimizer_layout"))
     start = time.perf_counter()
     existing = (ckpt.universal_folder(ckpt_dir, tag) / ckpt.MARKER).exists()
     folder = convert_to_universal(ckpt_dir, tag)
@@ -159,7 +162,7 @@ def _decide(ckpt_dir: Path, resolved: ResolvedConfig, world: int, layout: dict[s
     notes.append(f"resuming {tag} across a change of layout ({', '.join(changes)}): DeepSpeed's universal checkpoint "
                  f"carries the fp32 master weights and both Adam moments over ({how}: {folder})")
     return ResumePlan(tag, folder.name, True, saved_world, False, choice.loader_override, choice.skipped_samples,
-                      notes)
+                      notes, saved.get("optimizer_layout"))
 
 
 def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any]) -> ResumePlan | None:

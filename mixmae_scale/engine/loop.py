@@ -40,7 +40,7 @@ from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import checkpoint as ckpt
-from mixmae_scale.engine import distributed, elastic, faults, run_folder
+from mixmae_scale.engine import distributed, elastic, faults, run_folder, run_record
 from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
@@ -192,6 +192,29 @@ class TrainingLoop:
         elif ctx.rank == 0:  # a start from step 0: rows a run left before its first checkpoint are not this run's
             drop_rows_after(ctx.root / "metrics.csv", 0)
             job.truncate_logs(0)
+        self.record, self.wandb = self._open_records()
+
+    def _open_records(self) -> tuple[run_record.RunRecord | None, Any]:
+        """run.json (engine/run_record.py) and, with logging.wandb, the W&B run (engine/wandb_sink.py): rank 0's."""
+        devices = run_record.gather_device_names(self.ctx.device)  # collective
+        if self.ctx.rank != 0:
+            return None, None
+        record = run_record.RunRecord.begin(self.ctx, self.ctx.resolved.job(), self.step, devices)
+        settings = self.config.logging.wandb
+        if settings.mode == "off":
+            return record, None
+        from mixmae_scale.engine.wandb_sink import WandbSink
+
+        sink = WandbSink.open(settings, self.ctx.root, self.ctx.root.name, self.ctx.resolved.to_dict())
+        sink.log_record(record.path)
+        return record, sink
+
+    def _close_records(self, summary: dict[str, Any]) -> None:
+        if self.record is not None:
+            self.record.finish(summary)
+        if self.wandb is not None:
+            self.wandb.log_record(self.record.path)
+            self.wandb.finish()
 
     @property
     def device(self) -> torch.device:
@@ -261,8 +284,8 @@ class TrainingLoop:
     def run(self) -> dict[str, Any]:
         config, derived, rank = self.config, self.derived, self.ctx.rank
         last_step = self.ctx.last_step
-        metrics = MetricsLog(self.ctx.root / "metrics.csv", getattr(self.engine, "monitor", None)) if rank == 0 \
-            else None
+        metrics = MetricsLog(self.ctx.root / "metrics.csv", getattr(self.engine, "monitor", None), self.wandb) \
+            if rank == 0 else None
         self.job.on_start(self)
 
         def micro_batches():
@@ -345,7 +368,7 @@ class TrainingLoop:
         peak = [0.0] * self.ctx.world
         dist.all_gather_object(peak, peak_memory_mib())
         steady = self.rates[1:] or self.rates
-        return {"steps": self.step, "optimizer_steps": int(self.engine.global_steps), "planned_steps": last_step,
+        summary = {"steps": self.step, "optimizer_steps": int(self.engine.global_steps), "planned_steps": last_step,
                 "stopped_by_signal": self.stopped_by_signal,
                 "images_seen": self.step * derived.global_batch, **guard.summary(),
                 "skipped_samples_after_nonfinite": self.skipped_samples,
@@ -353,6 +376,8 @@ class TrainingLoop:
                 "wall_s": time.perf_counter() - run_start,
                 "checkpoint": str(saved) if (saved := ckpt.existing(self.last_saved)) else None,
                 "dtype": derived.dtype, "dtype_reason": derived.dtype_reason}
+        self._close_records(summary)
+        return summary
 
     def _log(self, metrics: MetricsLog | None, window: Throughput, loss_sum: torch.Tensor, loss_count: int,
              last_step: int, run_start: float) -> None:

@@ -48,14 +48,15 @@ def reset_peak_memory() -> None:
 
 
 class MetricsLog:
-    """Rank 0 only: appends one CSV row per logged step and mirrors it to DeepSpeed's monitor."""
+    """Rank 0 only: appends one CSV row per logged step and mirrors it to DeepSpeed's monitor (and W&B)."""
 
     FIELDS = ("step", "epoch", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "mfu",
               "data_wait_frac", "peak_mem_mib", "elapsed_s", "loss_scale")
 
-    def __init__(self, path: Path, engine_monitor=None) -> None:
+    def __init__(self, path: Path, engine_monitor=None, sink=None) -> None:
         self.path = path
         self.monitor = engine_monitor
+        self.sink = sink  # engine/wandb_sink.py's WandbSink, or None
         new = not path.exists()
         self._file = path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.FIELDS)
@@ -69,6 +70,8 @@ class MetricsLog:
             events = [(f"Train/{k}", float(v), int(row["images_seen"])) for k, v in row.items()
                       if k not in ("step", "images_seen") and isinstance(v, int | float)]
             self.monitor.write_events(events)
+        if self.sink is not None:
+            self.sink.log_scalars(row)
 
     def close(self) -> None:
         self._file.close()

@@ -271,9 +271,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
     bootstrap = fit["bootstrap"]
     lines = ["# Scaling report", "", f"{len(rows)} runs; held-out reconstruction loss with fixed masks and seed. "
              f"Bootstrap: {bootstrap['rounds']} resamples, seed {bootstrap['seed']} (the same results give the same "
-             "report).", "", "| run | N | D (images) | C (FLOPs) | held-out loss |", "|---|---|---|---|---|"]
-    lines += [f"| {r['run_id']} | {r['params']:,} | {r['images_seen']:,} | {r['flops']:.3g} | {r['heldout_loss']:.4f} |"
-              for r in sorted(rows, key=lambda r: r["flops"])]
+             "report).", ""]
+    lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])
     lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
@@ -296,6 +295,17 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
         lines[-1] += f" {fit['compute_optimal']}."
     lines += [""] + [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    """One line per run; the code commit and data digest of each (run.json) where results.jsonl has them."""
+    provenance = any("commit" in r for r in rows)
+    head = ["| run | N | D (images) | C (FLOPs) | held-out loss |" + (" code | data |" if provenance else ""),
+            "|---|---|---|---|---|" + ("---|---|" if provenance else "")]
+    body = [f"| {r['run_id']} | {r['params']:,} | {r['images_seen']:,} | {r['flops']:.3g} | {r['heldout_loss']:.4f} |"
+            + (f" {r.get('commit') or '-'} | {r.get('data_digest') or '-'} |" if provenance else "")
+            for r in sorted(rows, key=lambda r: r["flops"])]
+    return head + body + [f"\n**Warning:** {warning}" for warning in provenance_warnings(rows)]
 
 
 def _title(ax, title: str, note: str | None) -> None:
@@ -405,3 +415,23 @@ def _n_opt_figure(plt, iso: dict):
     _title(ax, "N*(C)", None if law["identified"] else f"{law['verdict']}: no fit line")
     ax.legend(fontsize=8)
     return fig
+
+
+def provenance_warnings(rows: list[dict]) -> list[str]:
+    """Points of one fit must differ only in what the sweep varies: a second commit (or a tree with uncommitted
+    changes) or other held-out data (`data`: the digest of the split every point is scored on) makes their losses
+    incomparable. Rows from before run records carry neither and are named too."""
+    warnings = []
+    for key, what in (("commit", "code commits"), ("data_digest", "held-out data")):
+        groups: dict[str, list[str]] = {}
+        for row in rows:
+            groups.setdefault(row.get(key) or "unknown", []).append(row["run_id"])
+        if len(groups) > 1:
+            listed = "; ".join(f"{value}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
+                               for value, ids in sorted(groups.items()))
+            warnings.append(f"the points of this fit come from {len(groups)} different {what} ({listed})")
+    dirty = [row["run_id"] for row in rows if "+dirty" in str(row.get("commit"))]
+    if dirty:
+        warnings.append(f"{len(dirty)} point(s) ran from a tree with uncommitted changes ({', '.join(dirty[:3])}"
+                        f"{' ...' if len(dirty) > 3 else ''}): their code cannot be recovered from the commit")
+    return warnings

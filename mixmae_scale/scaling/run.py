@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.data.manifest import DataError, load_split
+from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
 
 
@@ -65,12 +66,14 @@ def run_data(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], in
     return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples))
 
 
-def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int) -> list[str]:
-    """The run's budget is its whole schedule: warm-up 10%, cosine to the last step."""
+def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep: str | None = None) -> list[str]:
+    """The run's budget is its whole schedule: warm-up 10%, cosine to the last step. With W&B on, the sweep's runs
+    form one group named after it."""
     epochs = run.steps / steps_per_epoch
     return [*run.overrides, *data, f"schedule.epochs={epochs!r}",
             f"schedule.warmup_epochs={0.1 * epochs!r}", "checkpoint.every_steps=1000000",
-            "logging.visualize_every_steps=0", "logging.tensorboard=false", f"run.name={run.run_id}"]
+            "logging.visualize_every_steps=0", "logging.tensorboard=false", f"run.name={run.run_id}",
+            *([f"logging.wandb.group={sweep}"] if sweep else [])]
 
 
 def _finished(results: Path) -> set[str]:
@@ -167,7 +170,7 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
         data, samples = run_data(spec, run.data_fraction, out)
     except DataError:  # planned where the shards are not (the spec's train_samples): the set named as it is
         data, samples = [f"data.shards={spec.shards}"], max(1, int(train_samples * run.data_fraction))
-    schedule = run_overrides(run, data, max(1, samples // run.global_batch))
+    schedule = run_overrides(run, data, max(1, samples // run.global_batch), spec.name)
     sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
             f"run.output_dir={out / 'runs'}"]
     return "mixmae launch " + shlex.join([spec.profile, *[a for item in sets for a in ("--set", item)]])
@@ -215,7 +218,7 @@ def _one_run(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> dict:
     data, samples = run_data(spec, run.data_fraction, out)
     subset = subset_shards(spec.shards, run.data_fraction, out / "data")
     steps_per_epoch = max(1, samples // run.global_batch)
-    sets = [arg for item in run_overrides(run, data, steps_per_epoch) for arg in ("--set", item)]
+    sets = [arg for item in run_overrides(run, data, steps_per_epoch, spec.name) for arg in ("--set", item)]
     run_dir = out / "runs" / run.run_id
     args = ["pretrain", "--profile", spec.profile, "--run-dir", str(run_dir), "--max-steps", str(run.steps), *sets,
             "--set", f"data.num_threads={threads}"]
@@ -241,7 +244,8 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
                            "shards a validation split of at least one micro-batch")
     last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
     row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
-           "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"]}
+           "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"],
+           **point_provenance(read_record(run_dir))}
     if spec.probe:
         row["probe_top1"] = _probe(run_dir, subset or Path(spec.shards))
     return row

@@ -1,5 +1,6 @@
 """Reconstruction grids written during pretraining: fixed validation images and a fixed mask, as PNG
-files in the run folder and images in TensorBoard, so that runs and steps compare picture to picture.
+files in the run folder and images in TensorBoard (and W&B, with logging.wandb), so that runs and steps
+compare picture to picture.
 
 The pretraining job takes this as a callback (`ReconstructionSnapshots(config, root, rank, device)`,
 then `.write(model, step)`), so the engine package never imports the visualisation one.
@@ -13,6 +14,7 @@ import torch
 
 from mixmae_scale.config.schema import Config
 from mixmae_scale.engine.distributed import seed_for
+from mixmae_scale.engine.wandb_sink import log_image
 from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruct, save_png
 
 
@@ -40,6 +42,7 @@ class ReconstructionSnapshots:
         model.train(was_training)
         if self.rank == 0:
             save_png(picture, self.folder / f"step{step:08d}.png")
+            log_image("reconstruction", picture, step, f"step {step}: fixed validation images and mask")
             if self.writer is not None:
                 self.writer.add_image("reconstruction", picture, step, dataformats="HWC")
                 self.writer.flush()

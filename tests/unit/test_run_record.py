@@ -1,0 +1,149 @@
+"""The run record says where a run came from: the commit and dirty flag of a real git checkout, the versions that
+are installed, the digests of the shard sets read, the resumes; and the scaling report warns when the points of
+one fit come from different code or data. W&B asked for without its package is a one-line error."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mixmae_scale.config import ConfigError, load_config, resolve
+from mixmae_scale.engine import run_record
+from mixmae_scale.engine.elastic import ResumePlan
+from mixmae_scale.scaling.report import provenance_warnings, report_markdown
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_code_version_names_the_checkouts_commit_and_only_tracked_changes_make_it_dirty(tmp_path):
+    repo = tmp_path / "checkout"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "module.py").write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "first")
+    head = _git(repo, "rev-parse", "HEAD")
+    (repo / "pkg" / "untracked_run_output.txt").write_text("a run folder in the checkout")
+    clean = run_record.code_version(repo / "pkg")
+    assert (clean["commit"], clean["dirty"]) == (head, False)
+    assert run_record.describe_commit(clean) == head[:12]
+    (repo / "pkg" / "module.py").write_text("x = 2\n")
+    dirty = run_record.code_version(repo / "pkg")
+    assert (dirty["commit"], dirty["dirty"]) == (head, True)
+    assert run_record.describe_commit(dirty) == head[:12] + "+dirty"
+
+
+def test_outside_a_checkout_the_installed_version_stands_for_the_code(tmp_path):
+    import mixmae_scale
+
+    code = run_record.code_version(tmp_path)
+    assert code == {"source": "installed", "version": mixmae_scale.__version__, "commit": None, "dirty": None}
+    assert run_record.describe_commit(code) == f"v{mixmae_scale.__version__}"
+
+
+def test_package_versions_are_the_installed_ones_and_absent_packages_are_left_out():
+    import deepspeed
+    import torch
+
+    versions = run_record.package_versions(("torch", "deepspeed", "no-such-distribution-xyz"))
+    assert sorted(versions) == ["deepspeed", "torch"]
+    assert versions["deepspeed"] == deepspeed.__version__ and torch.__version__.startswith(versions["torch"])
+
+
+def _manifest(folder: Path, val_sha: str = "v0") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shard = {"index": "x.idx", "samples": 10, "bytes": 100}
+    manifest = {"format": "mixmae-scale-shards", "version": 2, "classes": [],
+                "splits": {"train": {"samples": 20, "shards": [{**shard, "name": "train-0.tar", "sha256": "t0"},
+                                                               {**shard, "name": "train-1.tar", "sha256": "t1"}]},
+                           "val": {"samples": 10, "shards": [{**shard, "name": "val-0.tar", "sha256": val_sha}]}}}
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_split_digests_follow_the_shards_content_and_a_sweeps_subset_keeps_the_held_out_one(tmp_path):
+    from mixmae_scale.scaling.run import subset_shards
+
+    full = _manifest(tmp_path / "full")
+    half = subset_shards(full, 0.5, tmp_path / "sweep")  # names rewritten to absolute paths into the full set
+    regenerated = _manifest(tmp_path / "regenerated", val_sha="v1")  # a val shard with other bytes
+    val = {name: run_record.shard_set_digest(str(folder), "val", "held-out")
+           for name, folder in (("full", full), ("half", half), ("regenerated", regenerated))}
+    train = {name: run_record.shard_set_digest(str(folder), "train", "train")
+             for name, folder in (("full", full), ("half", half))}
+    assert val["full"]["split_digest"] == val["half"]["split_digest"] != val["regenerated"]["split_digest"]
+    assert train["full"]["split_digest"] != train["half"]["split_digest"]
+    assert (train["full"]["shards"], train["half"]["shards"], train["full"]["samples"]) == (2, 1, 20)
+    assert val["full"]["manifest_sha256"] != val["regenerated"]["manifest_sha256"]
+
+
+def _context(tmp_path: Path, world: int, resume: ResumePlan | None):
+    config, sources = load_config("tiny", overrides=[f"data.shards={_manifest(tmp_path / 'shards')}",
+                                                     "precision.dtype=fp32"])
+    resolved = resolve(config, sources, world_size=world, train_samples=2000)
+    layout = {"zero_stage": 2, "dtype": "fp32", "offload": False}
+    return SimpleNamespace(root=tmp_path / "run", resolved=resolved, config=config, world=world, layout=layout,
+                           resume=resume)
+
+
+def test_the_record_keeps_every_launch_and_each_resumes_step_and_layouts(tmp_path):
+    first = _context(tmp_path, 2, None)
+    first.root.mkdir()
+    record = run_record.RunRecord.begin(first, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])
+    assert json.loads((first.root / "run.json").read_text())["status"] == "running"  # written at the start
+    record.finish({"steps": 4, "planned_steps": 4, "stopped_by_signal": True})
+    plan = ResumePlan("step00000004", "step00000004-universal", True, 2, False,
+                      saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False})
+    second = run_record.RunRecord.begin(_context(tmp_path, 1, plan), "pretrain", 4, ["cpu"], argv=["mixmae"])
+    second.finish({"steps": 8, "planned_steps": 8, "stopped_by_signal": False})
+    saved = run_record.read_record(first.root)
+    assert [(x["start_step"], x["end_step"], x["outcome"], x["world_size"]) for x in saved["launches"]] == [
+        (0, 4, "stopped by a signal", 2), (4, 8, "ended at --max-steps", 1)]
+    (resume,) = saved["resumes"]
+    assert (resume["step"], resume["checkpoint"], resume["universal"]) == (4, "step00000004", True)
+    assert resume["old_layout"]["world_size"] == 2 and resume["new_layout"]["world_size"] == 1
+    assert [d["role"] for d in saved["data"]] == ["train", "held-out"]
+    assert saved["precision"]["dtype"] == "fp32" and saved["precision"]["reason"]
+    text = run_record.describe(saved)
+    assert "step 4 from step00000004, layout world_size 2 -> 1 (through DeepSpeed's universal checkpoint)" in text
+    assert "steps 0 -> 4, stopped by a signal, world size 2" in text
+
+
+def _row(run_id: str, commit: str | None, data: str | None) -> dict:
+    row = {"run_id": run_id, "params": 1000, "images_seen": 100, "flops": 1e9, "heldout_loss": 0.5}
+    return {**row, "commit": commit, "data_digest": data} if commit or data else row
+
+
+def test_the_report_warns_when_a_fits_points_come_from_different_commits_or_data():
+    same = [_row("a", "abc", "d1"), _row("b", "abc", "d1")]
+    assert provenance_warnings(same) == []
+    (code,) = provenance_warnings([_row("a", "abc", "d1"), _row("b", "def", "d1")])
+    assert "2 different code commits" in code and "abc: a" in code and "def: b" in code
+    (data,) = provenance_warnings([_row("a", "abc", "d1"), _row("b", "abc", "d2")])
+    assert "2 different held-out data" in data
+    (dirty,) = provenance_warnings([_row("a", "abc+dirty", "d1")])
+    assert "uncommitted changes (a)" in dirty
+    fit = {"bootstrap": {"rounds": 0, "seed": 0}, "compute_fit_on": "-", "L_of_C": "x", "L_of_N_D": "x",
+           "extrapolation": {"law": "-", "method": "-", "result": "-"}, "compute_optimal": "x"}
+    table = report_markdown([_row("a", "abc", "d1"), _row("b", "def", "d1")], fit, [])
+    assert "| a | 1,000 | 100 | 1e+09 | 0.5000 | abc | d1 |" in table and "**Warning:** the points" in table
+
+
+def test_wandb_without_its_package_is_a_one_line_error_naming_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    config, _ = load_config("tiny", overrides=["logging.wandb.mode=offline"])
+    with pytest.raises(ConfigError) as error:
+        resolve(config, world_size=1, train_samples=2000)
+    assert str(error.value) == ('logging.wandb.mode=offline needs the wandb package: pip install '
+                                '"mixmae-scale[wandb]" (or set logging.wandb.mode=off)')
+    off, _ = load_config("tiny")
+    resolve(off, world_size=1, train_samples=2000)  # the default asks for nothing
