@@ -257,15 +257,19 @@ def profile_step(suite: Suite, step, count: int) -> dict:
     events = [e for e in prof.events() if _is_device_work(e, suite.device)]
     busy, idle, gaps = busy_and_gaps([(e.time_range.start, e.time_range.end) for e in events])
     classes: dict[str, float] = {}
+    unclassified: dict[str, float] = {}
     for e in events:
-        label = classify(e.name)
-        classes[label] = classes.get(label, 0.0) + (e.time_range.end - e.time_range.start)
+        label, spent = classify(e.name), e.time_range.end - e.time_range.start
+        classes[label] = classes.get(label, 0.0) + spent
+        if label == "other":
+            unclassified[e.name[:120]] = unclassified.get(e.name[:120], 0.0) + spent
     total = sum(classes.values()) or 1.0
     return {"steps": count, "wall_ms_per_step": wall_us / count / 1e3, "busy_ms_per_step": busy / count / 1e3,
             "busy_share": busy / wall_us, "host_gap_ms_per_step": (wall_us - busy) / count / 1e3,
             "gaps_over_50us_per_step": gaps / count, "kernels_per_step": len(events) / count,
             "classes": {k: {"ms_per_step": v / count / 1e3, "share": v / total}
                         for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+            "other_top": {k: v / count / 1e3 for k, v in sorted(unclassified.items(), key=lambda kv: -kv[1])[:10]},
             "events": "cuda kernels" if suite.device.type == "cuda" else "top-level cpu operators (dry run)"}
 
 

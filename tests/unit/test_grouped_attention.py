@@ -6,8 +6,6 @@ both; FlexAttention's CPU backward does not exist on this torch, so its forward 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -16,7 +14,8 @@ from mixmae_scale.models.mixmae import MixMAE
 from mixmae_scale.models.source_groups import dense_groups, flex_backward_exists
 from mixmae_scale.models.swin import SwinShape
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+# FlexAttention outside torch.compile (the CPU forward checked here) warns that it is unfused.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 # The published 224 px geometry (a 7x7 mask grid; windows 14, 14, 14, 7 over stages of 56, 28, 14, 7 tokens)
 # at a toy width: stage 1's 14-token windows straddle the mask's 8-token cells, so splits are uneven there.
