@@ -102,7 +102,8 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_sp
     weights = str(finetuned / "classifier.safetensors")
     results = []
     for ranks, port, batch in ((2, free_port(), "64"), (1, free_port(), "16")):
-        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, ranks=ranks, port=port)
+        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, "--json", ranks=ranks,
+                  port=port)
         text = out.stdout
         results.append(json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1]))  # the printed report
         assert "Detected checkpoint" not in out.stdout + out.stderr and "built successfully" not in out.stdout
