@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     third_party_noise.silence()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
+    if not getattr(args, "handler", None):  # no command: usage, and the exit code of a usage error
         parser.print_help()
-        return 0
+        return 2
     try:
         return args.handler(args)
     except ModuleNotFoundError as exc:

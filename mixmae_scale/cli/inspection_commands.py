@@ -10,15 +10,25 @@ import sys
 def _visualize(args: argparse.Namespace) -> int:
     from mixmae_scale.visualize.reconstruction import visualize
 
-    print(json.dumps(visualize(args.source, args.data, args.out, args.images // 2, args.split, args.seed,
-                               args.loader), indent=2))
+    result = visualize(args.source, args.data, args.out, args.images // 2, args.split, args.seed, args.loader)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {result['out']}: {2 * result['pairs']} images of split '{args.split}' of {args.data}, each "
+              f"masked (seed {args.seed}) and reconstructed by {args.source}")
     return 0
 
 
 def _runs_plot(args: argparse.Namespace) -> int:
     from mixmae_scale.visualize.curves import plot_runs
 
-    print(json.dumps(plot_runs(args.runs, args.out), indent=2))
+    result = plot_runs(args.runs, args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        left_out = f"; left out (no run logged it): {'; '.join(result['left_out'])}" if result["left_out"] else ""
+        print(f"wrote {result['out']}: {len(result['runs'])} run(s) against "
+              f"{'step' if result['x'] == 'step' else 'images seen'}; panels: {', '.join(result['panels'])}{left_out}")
     return 0
 
 
@@ -46,13 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("--loader", choices=["dali", "torch"], default="dali",
                      help="data loader (torch: the PyTorch fallback)")
     vis.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    vis.add_argument("--json", action="store_true", help="print the details as JSON instead of one line")
     vis.set_defaults(handler=_visualize)
     runs = sub.add_parser("runs", help="look at run folders")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
-    plot = runs_sub.add_parser("plot", help="loss, lr, images/s and MFU of runs, against steps and images seen "
-                               "(panels no run logged are left out)")
+    plot = runs_sub.add_parser("plot", help="loss, lr, images/s, MFU and (fine-tuning) eval top-1 of runs, against "
+                               "steps and images seen (panels no run logged are left out)")
     plot.add_argument("runs", nargs="+", help="run folders (or their metrics.csv)")
     plot.add_argument("--out", default="curves.png", help="PNG to write")
+    plot.add_argument("--json", action="store_true", help="print the details as JSON instead of one line")
     plot.set_defaults(handler=_runs_plot)
     show = runs_sub.add_parser("show", help="where a run came from: code commit, versions, devices, data digests, "
                                "command, precision, launches and resumes (its run.json)")

@@ -152,8 +152,11 @@ def _eval(args: argparse.Namespace) -> int:
         _, world, device = distributed.init(local_rank)
         result = evaluate_classifier(model, args.init, args.data, args.split, rank, world, device, args.loader,
                                      args.batch, args.threads)
-        if rank == 0:
+        if rank == 0 and args.json:
             print(json.dumps(result, indent=2))
+        elif rank == 0:
+            print(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on the {result['samples']} images of "
+                  f"split '{args.split}' of {args.data} ({args.init})")
         return 0
 
     return _distributed_job(args, job)
@@ -181,4 +184,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--batch", type=int, default=64, help="images per rank and batch (a smaller split is "
                             "evaluated in smaller batches)")
     evaluation.add_argument("--threads", type=int, default=2, help="decoding threads per rank")
+    evaluation.add_argument("--json", action="store_true", help="print the result as JSON instead of one line")
     evaluation.set_defaults(handler=_eval)

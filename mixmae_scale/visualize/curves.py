@@ -1,4 +1,5 @@
-"""Training curves of one or several runs from their metrics.csv.
+"""Training curves of one or several runs from their metrics.csv, and a fine-tuning run's evaluations (top-1 on
+the validation split, from its eval.jsonl) in a panel of their own.
 
 One row of panels. The x axis is the optimizer step, with images seen on a second axis above, when the
 runs share a global batch (then the two are one scale, and a second row of panels would repeat the
@@ -10,13 +11,16 @@ a single logged point is drawn as a marker, so that every legend entry has somet
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 from mixmae_scale.atomic_file import replacing
 
-PANELS = (("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images/s"), ("mfu", "MFU"))
+PANELS = (("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images/s"), ("mfu", "MFU"),
+          ("eval_top1", "eval top-1 (%)"))
 WHY_EMPTY = {"mfu": "MFU (needs a device peak: logging.peak_tflops, or a known GPU)"}
+EVAL_KEYS = {"eval_top1": "top1"}  # panel key -> the eval.jsonl field it draws
 
 
 def read_metrics(run: str | Path) -> dict[str, list[float]]:
@@ -33,6 +37,33 @@ def read_metrics(run: str | Path) -> dict[str, list[float]]:
     return columns
 
 
+def read_evals(run: str | Path) -> dict[str, list[float]]:
+    """A fine-tuning run's evaluations (eval.jsonl beside metrics.csv): step and each EVAL_KEYS value; {} for a
+    run that evaluates nothing (pretraining)."""
+    path = (Path(run) if Path(run).is_dir() else Path(run).parent) / "eval.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    columns = {"step": [float(row["step"]) for row in rows]}
+    for key, field in EVAL_KEYS.items():
+        columns[key] = [float(row.get(field, math.nan)) for row in rows]
+    return columns
+
+
+def _series(metrics: dict[str, list[float]], evals: dict[str, list[float]], x_key: str,
+            key: str) -> tuple[list[float], list[float]]:
+    """One panel's points of one run: from metrics.csv, or, for an evaluation, from eval.jsonl at its steps
+    (converted to images seen with the run's global batch)."""
+    if key not in EVAL_KEYS:
+        return _points(metrics, x_key, key)
+    xs, ys = _points(evals, "step", key)
+    if x_key == "images_seen":
+        batch = global_batch(metrics)
+        xs = [x * batch for x in xs] if batch else []
+        ys = ys if batch else []
+    return xs, ys
+
+
 def _points(data: dict[str, list[float]], x_key: str, key: str) -> tuple[list[float], list[float]]:
     pairs = [(x, y) for x, y in zip(data.get(x_key, []), data.get(key, []), strict=False)
              if math.isfinite(x) and math.isfinite(y)]
@@ -47,6 +78,7 @@ def global_batch(data: dict[str, list[float]]) -> float | None:
 
 def plot_runs(runs: list[str], out: str | Path) -> dict:
     data = {run: read_metrics(run) for run in runs}  # a wrong folder is said before matplotlib is loaded
+    evals = {run: read_evals(run) for run in runs}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,8 +87,10 @@ def plot_runs(runs: list[str], out: str | Path) -> dict:
     batches = {global_batch(d) for d in data.values()}
     shared_batch = batches.pop() if len(batches) == 1 else None
     x_key = "step" if shared_batch else "images_seen"
-    panels = [(key, title) for key, title in PANELS if any(_points(d, x_key, key)[0] for d in data.values())]
-    left_out = [WHY_EMPTY.get(key, title) for key, title in PANELS if (key, title) not in panels]
+    panels = [(key, title) for key, title in PANELS if any(_series(data[r], evals[r], x_key, key)[0] for r in runs)]
+    # Only fine-tuning runs evaluate: a pretraining plot without an eval panel is not missing one.
+    left_out = [WHY_EMPTY.get(key, title) for key, title in PANELS
+                if (key, title) not in panels and key not in EVAL_KEYS]
     if not panels:
         raise ValueError(f"{', '.join(runs)}: no logged values to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
@@ -64,7 +98,7 @@ def plot_runs(runs: list[str], out: str | Path) -> dict:
     for run, metrics in data.items():
         label = Path(run).name or str(run)
         for ax, (key, _) in zip(axes[0], panels, strict=True):
-            xs, ys = _points(metrics, x_key, key)
+            xs, ys = _series(metrics, evals[run], x_key, key)
             if len(xs) == 1 and key == panels[0][0]:
                 single.append(label)
             # few points: markers, so that a one-row run is visible and not only a legend entry

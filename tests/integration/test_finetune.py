@@ -102,7 +102,8 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_sp
     weights = str(finetuned / "classifier.safetensors")
     results = []
     for ranks, port, batch in ((2, free_port(), "64"), (1, free_port(), "16")):
-        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, ranks=ranks, port=port)
+        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, "--json", ranks=ranks,
+                  port=port)
         text = out.stdout
         results.append(json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1]))  # the printed report
         assert "Detected checkpoint" not in out.stdout + out.stderr and "built successfully" not in out.stdout
@@ -229,20 +230,24 @@ def test_finetune_sigterm_saves_a_checkpoint_and_exits_zero(demo_shards, tmp_pat
     assert Path(summary["checkpoint"]).name == f"step{summary['steps']:08d}"
 
 
-def test_a_mistake_every_rank_makes_is_said_once_in_one_line(demo_shards, tmp_path):
+def test_a_mistake_every_rank_makes_is_said_once_in_one_line_after_the_launchers_output(demo_shards, tmp_path):
     """`finetune.init` naming a text file, through the launcher on 2 ranks: each rank used to print an 18-line
-    traceback, and the two ranks' error lines ran together on one line."""
+    traceback, and the two ranks' error lines ran together on one line. Started as `mixmae launch` and the sbatch
+    script start it (the signal relay around DeepSpeed's runner), the refusal comes after DeepSpeed's "Killing
+    subprocess" lines: it is the last line the user sees."""
     import re
 
     (tmp_path / "notes.txt").write_text("my notes\n")
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    command = [sys.executable, "-m", "mixmae_scale.cluster.signal_relay",
+               str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                "--module", "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir",
                str(tmp_path / "run"), "--set", f"data.shards={demo_shards}", "finetune.init=notes.txt"]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=300)
-    output = result.stdout + result.stderr
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream: the order as seen
+    output = result.stdout
     ours = [line for line in output.splitlines() if "mixmae:" in line]
     assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert output.rstrip("\n").split("\n")[-1] == ours[-1] and "Killing subprocess" in output, output[-3000:]
     assert len(ours) == 1 and re.fullmatch(
         r"mixmae: error( \(rank 1\))?: finetune\.init=notes\.txt: expected a \.safetensors file \(`mixmae export`\), "
         rf"a run folder or an official MixMIM \.pth; {re.escape(str(tmp_path / 'notes.txt'))} is none of these",

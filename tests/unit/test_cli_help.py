@@ -27,3 +27,9 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "seed of the global shuffle (default: 0)" in text and "(default: 0.0)" in text
     assert "--strict stop at the first file that cannot be used --max" in text  # a flag shows no "default: False"
+
+
+def test_bare_mixmae_prints_help_and_exits_as_a_usage_error(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mixmae") and "pretrain" in out and "shards" in out

@@ -200,3 +200,33 @@ def last_error_line(capfd, code: int) -> str:
     last = err.rstrip("\n").split("\n")[-1]
     assert last.startswith("mixmae: error: "), err
     return last
+
+
+def test_eval_and_visualize_print_one_line_and_json_on_request(capsys, monkeypatch):
+    """What a user reads after `mixmae eval` and `mixmae visualize`: one line, not a JSON dump (--json gives it).
+    The evaluation and the drawing are stood in for (their results are tests/integration's); the lines are not."""
+    import json
+
+    import torch
+
+    from mixmae_scale.engine import distributed
+    from mixmae_scale.finetune import evaluate
+    from mixmae_scale.visualize import reconstruction
+
+    result = {"weights": "ft.safetensors", "split": "val", "batch": 40, "samples": 80, "top1": 41.25, "top5": 87.5,
+              "loss": 1.9}
+    monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
+    monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
+    monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+    assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
+    assert capsys.readouterr().out == ("top-1 41.25%, top-5 87.50% on the 80 images of split 'val' of shards "
+                                       "(ft.safetensors)\n")
+    assert main(["eval", "--init", "ft.safetensors", "--data", "shards", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    drawn = {"source": "run", "title": "...", "out": "grid.png", "pairs": 2, "size": [1, 2, 3]}
+    monkeypatch.setattr(reconstruction, "visualize", lambda *args: drawn)
+    assert main(["visualize", "run", "--data", "shards", "--images", "4", "--out", "grid.png"]) == 0
+    assert capsys.readouterr().out == ("wrote grid.png: 4 images of split 'val' of shards, each masked (seed 0) and "
+                                       "reconstructed by run\n")
+    assert main(["visualize", "run", "--data", "shards", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == drawn

@@ -69,3 +69,31 @@ def test_runs_plot_leaves_out_empty_panels_and_draws_one_row_against_step_and_im
     assert width == 1200 and height < 400  # three panels in one row: steps below, images seen above
     other = _metrics(tmp_path / "other-batch", 4, 64)  # another global batch: compared at equal images seen
     assert plot_runs([long, other], tmp_path / "mixed.png")["x"] == "images_seen"
+
+
+def test_runs_plot_draws_a_fine_tuning_runs_evaluations_in_an_eval_top1_panel(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from mixmae_scale.cli import main
+    from mixmae_scale.visualize.curves import plot_runs, read_evals
+
+    finetune, pretrain = _metrics(tmp_path / "finetune", 8, 32), _metrics(tmp_path / "pretrain", 8, 32)
+    # eval.jsonl as FinetuneJob.after_step writes it: one object per evaluation.
+    (tmp_path / "finetune" / "eval.jsonl").write_text("".join(
+        json.dumps({"step": step, "epoch": step / 10, "samples": 80, "top1": top1, "top5": 90.0, "loss": 1.0}) + "\n"
+        for step, top1 in ((10, 12.5), (20, 31.25), (40, 47.5))))
+    assert read_evals(finetune) == {"step": [10.0, 20.0, 40.0], "eval_top1": [12.5, 31.25, 47.5]}
+    assert read_evals(pretrain) == {}
+    alone = plot_runs([pretrain], tmp_path / "pretrain.png")
+    assert "eval top-1 (%)" not in alone["panels"] and not any("eval" in why for why in alone["left_out"])
+    assert main(["runs", "plot", finetune, pretrain, "--out", str(tmp_path / "both.png")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == (f"wrote {tmp_path / 'both.png'}: 2 run(s) against step; panels: training loss, learning rate, "
+                    "images/s, eval top-1 (%); left out (no run logged it): MFU (needs a device peak: "
+                    "logging.peak_tflops, or a known GPU)")
+    with Image.open(tmp_path / "both.png") as image:
+        assert image.size[0] == 1600  # four panels of 4 inches at 100 dpi
+    other = _metrics(tmp_path / "other-batch", 4, 64)  # compared at images seen: evaluations at step x 32 images
+    assert "eval top-1 (%)" in plot_runs([finetune, other], tmp_path / "mixed.png")["panels"]
