@@ -147,3 +147,20 @@ def test_wandb_without_its_package_is_a_one_line_error_naming_the_extra(monkeypa
                                 '"mixmae-scale[wandb]" (or set logging.wandb.mode=off)')
     off, _ = load_config("tiny")
     resolve(off, world_size=1, train_samples=2000)  # the default asks for nothing
+
+
+def test_a_sweeps_runs_are_one_wandb_group_named_after_the_sweep(tmp_path):
+    import shlex
+
+    from mixmae_scale.scaling.run import launch_line
+    from mixmae_scale.scaling.spec import expand, load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: width-sweep\nprofile: tiny\nshards: nowhere\nsizes: [tiny]\ndata_fractions: [1]\n"
+                    "steps: [5]\n")
+    spec = load_spec(path)
+    (run,) = expand(spec, train_samples=2560)
+    words = shlex.split(launch_line(spec, run, tmp_path / "out", 2560))
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    config, _ = load_config("tiny", overrides=overrides)
+    assert config.logging.wandb.group == "width-sweep"
