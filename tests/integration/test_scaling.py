@@ -83,7 +83,10 @@ def test_iso_flop_sweep_with_lr_sweep_runs_resumes_fits_and_reports(demo_shards,
     report = write_report(results, fit, out / "report").read_text()
     assert "Iso-FLOP (approach 2)" in report and "**not identified (" in report
     assert all((out / "report" / name).stat().st_size > 1000 for name in
-               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png", "predicted_vs_observed.png"))
+               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png"))
+    # No law identified: nothing to predict with, so no predicted-vs-observed figure, and the report says why.
+    assert not (out / "report" / "predicted_vs_observed.png").exists()
+    assert "predicted_vs_observed.png not drawn: neither L(N, D) nor L(C) is identified" in report
     run_sweep(spec, out, emit_commands=out / "commands.txt")
     lines = (out / "commands.txt").read_text().splitlines()
     launches = [line for line in lines if line.startswith("mixmae launch tiny")]
