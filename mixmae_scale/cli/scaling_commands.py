@@ -28,7 +28,7 @@ def _scaling(args: argparse.Namespace) -> int:
         from mixmae_scale.scaling.run import run_sweep
 
         run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None,
-                  parallel=args.parallel)
+                  parallel=args.parallel, per_process=args.runs_per_process)
         return 0
     from mixmae_scale.scaling.report import fit_results, provenance_warnings, read_results, write_fit, write_report
 
@@ -62,7 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         if action == "run":
             p.add_argument("--emit-commands", help="write one `mixmae launch` line per run (with its world size) "
                            "instead of running")
-            p.add_argument("--parallel", type=int, default=1, help="runs at a time here, the cores shared out")
+            p.add_argument("--parallel", type=int, default=1, help="runs at a time sharing this machine's device: "
+                           "the CPU cores shared out, or one GPU, their planned peak memory checked against it")
+            p.add_argument("--runs-per-process", type=int, default=1, metavar="K",
+                           help="each process runs up to K runs in turn, started once (saves torch/DeepSpeed start-up "
+                           "per run; results are those of separate runs)")
         if action in ("fit", "report"):
             p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 5-95%% intervals")
             p.add_argument("--seed", type=int, default=0, help="seeds every bootstrap: the same results and seed "

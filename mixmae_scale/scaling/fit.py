@@ -1,8 +1,9 @@
 """Scaling-law fits: L(C) = E + A C^-alpha and L(N, D) = E + A / N^alpha + B / D^beta.
 
 Fitted with scipy's least squares on log residuals (log L_pred - log L) with a robust (Cauchy) loss,
-from several starting points, keeping the best converged one; uncertainty from a seeded bootstrap over
-runs, judged by `intervals` (a resample whose refit fails counts against the interval, it is not dropped);
+from several starting points, keeping the best converged one; uncertainty from a seeded bootstrap that
+draws each point's seeds with replacement (runs with the same inputs are seeds of one point), judged by
+`intervals.judge` (a resample whose refit fails counts against the interval, it is not dropped);
 the compute-optimal split of a budget between model size and data from the fitted L(N, D).
 Parameters are optimised in log space (log A, log E, ...) so that they stay positive; the Jacobians are
 analytic: finite differences cost one residual evaluation per parameter at every step, and a report refits
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares
 
-from mixmae_scale.scaling.intervals import Interval, bootstrap_interval, lost_rounds, verdict
+from mixmae_scale.scaling.intervals import Interval, Judgement, Support, judge, too_few_points
 
 
 class FitError(ValueError):
@@ -29,18 +30,25 @@ class LawFit:
     names: tuple[str, ...]
     values: dict[str, float]
     residual_rms: float  # of log residuals on the fitted points
-    intervals: dict[str, Interval | None] = field(default_factory=dict)  # bootstrap 5-95%
-    rounds: int = 0  # bootstrap resamples with enough distinct runs to refit
-    refitted: int = 0  # of those, the ones whose refit converged
-    missing: str = ""  # why there are no intervals, when the bootstrap could not run (e.g. one seed per point)
+    judged: Judgement = field(default_factory=Judgement)  # the bootstrap's intervals and verdicts (`judge`)
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
 
+    @property
+    def intervals(self) -> dict[str, Interval | None]:
+        return self.judged.intervals
+
+    @property
+    def rounds(self) -> int:
+        return self.judged.rounds
+
+    @property
+    def refitted(self) -> int:
+        return self.judged.refitted
+
     def verdicts(self) -> dict[str, str]:
-        missing = self.missing or (lost_rounds(self.refitted, self.rounds, "the refit failed") if self.rounds
-                                   else "no bootstrap")
-        return {name: verdict(self.intervals.get(name), missing) for name in self.names}
+        return {name: self.judged.verdicts.get(name, "not identified (no bootstrap)") for name in self.names}
 
     @property
     def identified(self) -> bool:
@@ -57,15 +65,22 @@ def nd_law(n: np.ndarray, d: np.ndarray, e: float, a: float, alpha: float, b: fl
     return e + a / np.power(n, alpha) + b / np.power(d, beta)
 
 
-def _check(name: str, *arrays: np.ndarray, minimum: int) -> None:
-    lengths = {len(a) for a in arrays}
+def _check(name: str, inputs: list[np.ndarray], loss: np.ndarray, parameters: int,
+           groups: np.ndarray | None) -> np.ndarray:
+    """The point each run belongs to (runs with equal inputs, or equal `groups`, are seeds of one point);
+    refuses inputs that cannot carry the law."""
+    lengths = {len(a) for a in (*inputs, loss)} | ({len(groups)} if groups is not None else set())
     if len(lengths) != 1:
         raise FitError(f"{name}: inputs of different lengths {sorted(lengths)}")
-    if lengths.pop() < minimum:
-        raise FitError(f"{name}: needs at least {minimum} runs, got {len(arrays[0])}")
-    for a in arrays:
+    for a in (*inputs, loss):
         if not np.all(np.isfinite(a)) or np.any(a <= 0):
             raise FitError(f"{name}: every value must be finite and positive")
+    if groups is None:
+        groups = np.unique(np.column_stack(inputs), axis=0, return_inverse=True)[1].ravel()
+    few = too_few_points(name, len(np.unique(groups)), parameters)
+    if few:
+        raise FitError(few)
+    return np.asarray(groups)
 
 
 def _finite(name: str, values: dict[str, float]) -> dict[str, float]:
@@ -97,13 +112,13 @@ def _robust_fit(residuals, jacobian, starts: list[np.ndarray], f_scale: float = 
 
 
 def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0,
-                start: dict[str, float] | None = None) -> LawFit:
+                start: dict[str, float] | None = None, groups: np.ndarray | None = None) -> LawFit:
     """`start`: fitted values to begin from. A bootstrap refit starts at the full fit (one start, not eight:
     a 12-run report took 206 s, now 13 s). The price: a resample whose best fit lies in another basin can be
     missed, so intervals can come out narrower than a multi-start bootstrap's (the window pilot's E: 0.42-0.47
-    against 0.18-0.47)."""
+    against 0.18-0.47). `groups`: the point each run measures (default: runs with equal C are seeds of one)."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
-    _check("L(C) fit", c, loss, minimum=4)
+    groups = _check("L(C) = E + A C^-alpha", [c], loss, 3, groups)
     scale = np.median(c)  # fit in C / median(C): exponents do not care, conditioning does
 
     cs, log_cs = c / scale, np.log(c / scale)
@@ -124,15 +139,16 @@ def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int =
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * scale ** p[2]), "alpha": float(p[2])}
     fit = LawFit(("E", "A", "alpha"), _finite("L(C) fit", values), rms)
-    if bootstrap:
-        _bootstrap(fit, lambda idx: fit_compute(c[idx], loss[idx], start=fit.values), len(c), bootstrap, seed)
+    _bootstrap(fit, lambda idx: fit_compute(c[idx], loss[idx], start=fit.values, groups=groups[idx]), groups,
+               bootstrap, seed)
     return fit
 
 
 def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0,
-           start: dict[str, float] | None = None) -> LawFit:
+           start: dict[str, float] | None = None, groups: np.ndarray | None = None) -> LawFit:
+    """`groups`: the point each run measures (default: runs with equal N and D are seeds of one)."""
     n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
-    _check("L(N, D) fit", n, d, loss, minimum=6)
+    groups = _check("L(N, D) = E + A/N^alpha + B/D^beta", [n, d], loss, 5, groups)
     n_scale, d_scale = np.median(n), np.median(d)
 
     ns, ds = n / n_scale, d / d_scale
@@ -157,30 +173,29 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * n_scale ** p[2]), "alpha": float(p[2]),
                   "B": float(np.exp(p[3]) * d_scale ** p[4]), "beta": float(p[4])}
     fit = LawFit(("E", "A", "alpha", "B", "beta"), _finite("L(N, D) fit", values), rms)
-    if bootstrap:
-        _bootstrap(fit, lambda idx: fit_nd(n[idx], d[idx], loss[idx], start=fit.values), len(n), bootstrap, seed)
+    _bootstrap(fit, lambda idx: fit_nd(n[idx], d[idx], loss[idx], start=fit.values, groups=groups[idx]), groups,
+               bootstrap, seed)
     return fit
 
 
-def _bootstrap(fit: LawFit, refit, count: int, rounds: int, seed: int) -> None:
-    """Resamples runs with replacement (seeded: the same data give the same intervals). A resample with fewer
-    distinct runs than the law has parameters + 1 cannot test it and is not counted; one whose refit fails
-    is counted and has no value (see `intervals`)."""
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {name: [] for name in fit.names}
-    for _ in range(rounds):
-        idx = rng.integers(0, count, count)
-        if len(np.unique(idx)) < min(count, len(fit.names) + 1):
-            continue
-        fit.rounds += 1
-        try:
-            refitted = refit(idx)
-        except FitError:
-            continue
-        fit.refitted += 1
-        for name in fit.names:
-            samples[name].append(refitted[name])
-    fit.intervals = {name: bootstrap_interval(samples[name], fit.rounds) for name in fit.names}
+def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int) -> None:
+    """Each round draws every point's seeds with replacement (seeded: the same data give the same intervals) and
+    refits; a round whose refit fails has no value and counts against the interval. A point run once has
+    nothing to draw: then no round is drawn and `judge` says "one seed"."""
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    once = sum(len(m) < 2 for m in members)
+    draws: dict[str, list[float]] = {name: [] for name in fit.names}
+    if rounds and not once:
+        rng = np.random.default_rng(seed)
+        for _ in range(rounds):
+            idx = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+            try:
+                refitted = refit(idx)
+            except FitError:
+                continue
+            for name in fit.names:
+                draws[name].append(refitted[name])
+    fit.judged = judge(fit.values, draws, Support(len(members), len(fit.names), once, rounds))
 
 
 def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,18 +1,25 @@
-"""What a bootstrap interval supports: a 5-95% range, and whether the parameter it belongs to is identified.
+"""What a fit's data and bootstrap support: a 5-95% range per parameter, and whether it is identified.
 
-Every fit in the scaling report (L(C), L(N, D), N*(C), D*(C), L*(C)) judges its parameters by these rules,
-so a report cannot call one law identified on weaker evidence than another:
-- no interval without a real spread: a point measured once has nothing to resample;
-- a bootstrap round that could not produce a value (the law diverged, a budget's minimum left the sizes
-  trained) is a value with no bound, not a round to forget: when more than 5% of the rounds gave none, at
-  least one end of the 5-95% interval is unbounded, and there is no interval;
+Every fit in the scaling report (L(C) and L(N, D) on a grid or iso-FLOP sweep, N*(C), D*(C), L*(C)) is judged
+by one function, `judge`, so that no law is called identified on weaker evidence than another:
+- too few points: a law with P parameters needs P + 1 distinct points (configurations, budgets); through P
+  points any curve passes, and the residual that would say whether it is the law is zero;
+- one seed: the bootstrap draws each point's seeds with replacement; a point measured once has nothing to
+  draw, and resampling runs instead only reshuffles the same few values (a 4-run grid gave 19 identical
+  refits and a zero-width "interval");
+- too few resamples: a round that could not produce a value (the law diverged, a budget's minimum left the
+  sizes trained) is a value with no bound, not a round to forget: when more than 5% of the rounds gave none,
+  or fewer than MIN_RESAMPLES gave one, there is no interval;
+- resamples that did not differ, or a point estimate outside its own interval, do not identify a parameter:
+  the interval then measures the resampling, not the law;
 - an interval that reaches zero, or is wider than IDENTIFIED_FACTOR, does not identify its parameter;
   one wider than UNBOUNDED_FACTOR is said to be unbounded instead of printed as a number like 5.9e+80.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,16 +27,106 @@ IDENTIFIED_FACTOR = 3.0  # a 5-95% interval wider than this factor (high / low) 
 UNBOUNDED = "1e3"  # ... and one wider than this is unbounded for every practical purpose
 UNBOUNDED_FACTOR = float(UNBOUNDED)
 MAX_LOST_SHARE = 0.05  # rounds without a value beyond this share leave the 5th or 95th percentile unbounded
+MIN_RESAMPLES = 20  # fewer refitted resamples put the 5th and 95th percentiles on the extreme draws
 
 Interval = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a fit rests on. `once`: points measured by a single run; `rounds`: bootstrap resamples asked for;
+    `lost`: why a round gives no value (said when too many do); `unit`: how `once` reads in a sentence."""
+
+    points: int
+    parameters: int
+    once: int = 0
+    rounds: int = 0
+    lost: str = "the refit failed"
+    unit: str = "points were run once"
+
+
+@dataclass
+class Judgement:
+    """`refitted`: rounds that gave every parameter a value; `distinct`: how many different values they gave
+    (of the first parameter; 1 means every resample refitted to the same law)."""
+
+    intervals: dict[str, Interval | None] = field(default_factory=dict)
+    verdicts: dict[str, str] = field(default_factory=dict)
+    rounds: int = 0
+    refitted: int = 0
+    distinct: int = 0
+    missing: str = ""  # why there is no interval, when there is none
+
+    @property
+    def identified(self) -> bool:
+        return bool(self.verdicts) and all(v == "identified" for v in self.verdicts.values())
+
+    def resamples(self) -> str:
+        """One line for the report: how many resamples refitted and whether they differ."""
+        if not self.rounds:
+            return f"no bootstrap resample was drawn ({self.missing or 'no bootstrap'})"
+        differ = ("; they differ" if self.distinct > 1 else "; every one gave the same values" if self.refitted
+                  else "")
+        return f"{self.refitted} of {self.rounds} bootstrap resamples refitted{differ}"
+
+
+def too_few_points(law: str, points: int, parameters: int, what: str = "distinct points") -> str | None:
+    """Why `law` cannot be fitted through `points` distinct points (`what` they are), or None when it can."""
+    if points >= parameters + 1:
+        return None
+    return f"{law} has {parameters} parameters and the runs give {points} {what}; it needs at least {parameters + 1}"
+
+
+def judge(estimates: Mapping[str, float], draws: Mapping[str, Sequence[float]], support: Support) -> Judgement:
+    """Every parameter's interval and verdict under the module's rules; `draws` holds a value per refitted round."""
+    refitted = min((len(draws.get(name, ())) for name in estimates), default=0)
+    first = next(iter(estimates), None)
+    distinct = len(np.unique(np.asarray(draws.get(first, ()), float))) if first else 0
+    missing = _missing(support, refitted)
+    drawn = 0 if support.once or too_few_points("", support.points, support.parameters) else support.rounds
+    judgement = Judgement(rounds=drawn, refitted=refitted, distinct=distinct, missing=missing or "")
+    for name, estimate in estimates.items():
+        interval = None if missing else _percentiles(draws[name])
+        judgement.intervals[name] = interval
+        judgement.verdicts[name] = f"not identified ({missing})" if missing else _verdict(estimate, interval)
+    return judgement
+
+
+def _missing(support: Support, refitted: int) -> str | None:
+    """Why the fit has no interval at all, or None when its bootstrap can give one."""
+    few = too_few_points("the law", support.points, support.parameters)
+    if few:
+        return f"{support.points} points for {support.parameters} parameters"
+    if support.once:
+        return f"one seed: {support.once} of {support.points} {support.unit}"
+    if not support.rounds:
+        return "no bootstrap"
+    if refitted < (1 - MAX_LOST_SHARE) * support.rounds:
+        return lost_rounds(refitted, support.rounds, support.lost)
+    if refitted < MIN_RESAMPLES:
+        return f"{refitted} resamples refitted; an interval needs {MIN_RESAMPLES}"
+    return None
+
+
+def _percentiles(values: Sequence[float]) -> Interval:
+    low, high = np.percentile(np.asarray(values, float), [5, 95])
+    return float(low), float(high)
+
+
+def _verdict(estimate: float, interval: Interval) -> str:
+    low, high = interval
+    if high == low:
+        return "not identified (the resamples did not differ)"
+    if not low <= estimate <= high:
+        return f"not identified (the estimate {estimate:.4g} lies outside its interval)"
+    return verdict(interval, "")
 
 
 def bootstrap_interval(draws: Sequence[float], rounds: int) -> Interval | None:
     """5-95% of `draws` out of `rounds` attempted; None when too many rounds gave no value (see the module)."""
     if rounds == 0 or len(draws) < (1 - MAX_LOST_SHARE) * rounds:
         return None
-    low, high = np.percentile(np.asarray(draws, float), [5, 95])
-    return float(low), float(high)
+    return _percentiles(draws)
 
 
 def lost_rounds(draws: int, rounds: int, why: str) -> str:
@@ -38,7 +135,8 @@ def lost_rounds(draws: int, rounds: int, why: str) -> str:
 
 
 def verdict(interval: Interval | None, missing: str) -> str:
-    """'identified', or 'not identified (why)'; `missing` says why there is no interval when there is none."""
+    """'identified', or 'not identified (why)' judged on the interval's width alone; `missing` says why there is
+    no interval when there is none."""
     if interval is None:
         return f"not identified ({missing})"
     low, high = interval

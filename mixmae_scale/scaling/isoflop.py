@@ -6,14 +6,15 @@ inside the sizes trained (interior). Only interior minima are measurements: a ve
 extrapolates a parabola (losses that still fall at the largest size put it near e^(10^15)), so only they
 feed the laws across budgets: N*(C) = k_N C^a and D*(C) = k_D C^b, straight lines in log-log, and
 L*(C) = E + A C^-alpha. A law through fewer than 3 interior budgets is not fitted (L*(C), with 3
-parameters, needs 4). D* is the images a model of size N* sees on C: C / f(N*), with f (training FLOPs per
-image) interpolated in log-log across the family, since a Swin's FLOPs per image are not exactly 6N.
+parameters, needs 4): `intervals.too_few_points`, the rule every fit follows. D* is the images a
+model of size N* sees on C: C / f(N*), with f (training FLOPs per image) interpolated
+in log-log across the family, since a Swin's FLOPs per image are not exactly 6N.
 
 Uncertainty is a seeded bootstrap over seeds: in every round each (budget, size) cell draws its seeds with
 replacement, and every parabola and every law is refitted. Only a budget whose every size ran at least
 twice has a spread to draw from; a law through a budget with a size run once has no interval ("one
 seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
-through it; `intervals` says what that and a wide interval mean.
+through it; `intervals.judge`, which judges every fit of the report, says what that and a wide interval mean.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, fit_compute
-from mixmae_scale.scaling.intervals import Interval, bootstrap_interval, lost_rounds, verdict
+from mixmae_scale.scaling.intervals import (
+    Interval,
+    Judgement,
+    Support,
+    bootstrap_interval,
+    judge,
+    lost_rounds,
+    too_few_points,
+)
 
-MIN_INTERIOR_BUDGETS = 3  # a line through two points has no residual to say whether it is one
 LEFT_THE_SIZES = "the minimum left the sizes"
+ONE_SEED_UNIT = "interior budgets have a size run once"
 
 
 @dataclass
@@ -52,12 +61,16 @@ class PowerLaw:
     exponent: float | None  # None: too few interior budgets to fit
     coefficient: float | None
     budgets: list[float]
-    interval: Interval | None = None
-    missing: str = ""
+    judged: Judgement | None = None
+    missing: str = ""  # why it was not fitted
+
+    @property
+    def interval(self) -> Interval | None:
+        return self.judged.intervals["exponent"] if self.judged else None
 
     @property
     def verdict(self) -> str:
-        return verdict(self.interval, self.missing)
+        return self.judged.verdicts["exponent"] if self.judged else f"not identified ({self.missing})"
 
     @property
     def identified(self) -> bool:
@@ -153,9 +166,9 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     for m in minima:
         _budget_interval(m, draws.get(m.budget), bootstrap)
     feeding = [m for m in minima if m.interior]
-    if len(feeding) < MIN_INTERIOR_BUDGETS:
-        why = (f"{len(feeding)} of {len(minima)} budgets have an interior minimum; a law needs "
-               f"{MIN_INTERIOR_BUDGETS}")
+    few = too_few_points("a power law in C", len(feeding), 2)
+    if few:
+        why = f"{len(feeding)} of {len(minima)} budgets have an interior minimum; a law needs 3"
         return IsoFlopFit(minima, PowerLaw(None, None, [], missing=why), PowerLaw(None, None, [], missing=why),
                           f"not fitted: {why}", "not run: L*(C) was not fitted", bootstrap)
     f = _flops_per_image(rows)
@@ -164,15 +177,11 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     n_law = PowerLaw(*_power_law(budgets, n_opt), [float(b) for b in budgets])
     d_law = PowerLaw(*_power_law(budgets, budgets / f(n_opt)), [float(b) for b in budgets])
     loss_law = _frontier_law(budgets, np.array([m.loss_opt for m in feeding]))
-    one_seed = [m for m in feeding if m.seeds < 2]
-    if one_seed or not bootstrap:
-        why = (f"one seed: {len(one_seed)} of {len(feeding)} interior budgets have a size run once" if one_seed
-               else "no bootstrap")
-        for law in (n_law, d_law, loss_law):
-            if not isinstance(law, str):
-                law.missing = why
-    else:
-        _bootstrap_laws(budgets, np.array([draws[b] for b in budgets]), f, n_law, d_law, loss_law)
+    once = sum(m.seeds < 2 for m in feeding)
+    support = Support(len(feeding), 2, once, bootstrap if not once else 0, "a minimum left the sizes", ONE_SEED_UNIT)
+    usable = not once and bootstrap
+    _bootstrap_laws(budgets, np.array([draws[b] for b in budgets]) if usable else None, f, n_law, d_law, loss_law,
+                    support)
     return IsoFlopFit(minima, n_law, d_law, loss_law, _extrapolation(budgets, feeding, loss_law), bootstrap)
 
 
@@ -192,7 +201,7 @@ def _budget_interval(m: BudgetMinimum, draws: np.ndarray | None, rounds: int) ->
 
 
 def _frontier_law(budgets: np.ndarray, losses: np.ndarray) -> LawFit | str:
-    if len(budgets) < 4:
+    if too_few_points("L*(C)", len(budgets), 3):
         return (f"not fitted: L*(C) = E + A C^-alpha has 3 parameters: it needs at least 4 interior budgets, "
                 f"got {len(budgets)}")
     try:
@@ -201,14 +210,15 @@ def _frontier_law(budgets: np.ndarray, losses: np.ndarray) -> LawFit | str:
         return f"not fitted: {exc}"
 
 
-def _bootstrap_laws(budgets: np.ndarray, draws: np.ndarray, f, n_law: PowerLaw, d_law: PowerLaw,
-                    loss_law: LawFit | str) -> None:
-    """`draws`: (budgets, rounds, 2). A round counts for a law only when every budget it goes through kept an
-    interior minimum (and, for L*(C), the refit converged)."""
-    rounds = draws.shape[1]
-    kept = ~np.isnan(draws[:, :, 0]).any(axis=0)
-    n_draws, d_draws = [], []
+def _bootstrap_laws(budgets: np.ndarray, draws: np.ndarray | None, f, n_law: PowerLaw, d_law: PowerLaw,
+                    loss_law: LawFit | str, support: Support) -> None:
+    """`draws`: (budgets, rounds, 2), or None when there are none to take (one seed, no bootstrap). A round counts
+    for a law only when every budget it goes through kept an interior minimum (and, for L*(C), the refit
+    converged). All three laws are judged by `judge`."""
+    n_draws: list[float] = []
+    d_draws: list[float] = []
     loss_draws: dict[str, list[float]] = defaultdict(list)
+    kept = ~np.isnan(draws[:, :, 0]).any(axis=0) if draws is not None else np.zeros(0, bool)
     for r in np.flatnonzero(kept):
         n_opt = np.exp(draws[:, r, 0])
         n_draws.append(_power_law(budgets, n_opt)[0])
@@ -221,13 +231,11 @@ def _bootstrap_laws(budgets: np.ndarray, draws: np.ndarray, f, n_law: PowerLaw, 
             for name in loss_law.names:
                 loss_draws[name].append(refit[name])
     for law, values in ((n_law, n_draws), (d_law, d_draws)):
-        law.interval = bootstrap_interval(values, rounds)
-        law.missing = lost_rounds(len(values), rounds, "a minimum left the sizes")
+        law.judged = judge({"exponent": law.exponent}, {"exponent": values}, support)
     if isinstance(loss_law, LawFit):
-        loss_law.rounds = rounds
-        loss_law.refitted = len(loss_draws[loss_law.names[0]])
-        loss_law.intervals = {name: bootstrap_interval(loss_draws[name], rounds) for name in loss_law.names}
-        loss_law.missing = lost_rounds(loss_law.refitted, rounds, "a minimum left the sizes or the refit failed")
+        loss_support = Support(support.points, 3, support.once, support.rounds,
+                               "a minimum left the sizes or the refit failed", support.unit)
+        loss_law.judged = judge(loss_law.values, loss_draws, loss_support)
 
 
 def _extrapolation(budgets: np.ndarray, feeding: list[BudgetMinimum], law: LawFit | str) -> dict | str:

@@ -18,7 +18,7 @@ from mixmae_scale.scaling.fit import (
     fit_nd,
     nd_law,
 )
-from mixmae_scale.scaling.intervals import IDENTIFIED_FACTOR, format_interval
+from mixmae_scale.scaling.intervals import IDENTIFIED_FACTOR, format_interval, too_few_points
 from mixmae_scale.scaling.isoflop import PowerLaw, fit_iso_flop
 
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
@@ -67,10 +67,17 @@ def frontier_compute(rows: list[dict]) -> np.ndarray:
     return np.array([r["flops"] for r in rows], float)
 
 
+def configurations(rows: list[dict]) -> np.ndarray:
+    """The point each run measures: runs with the same N, D and C are seeds of one configuration."""
+    keys = [(int(r["params"]), int(r["images_seen"]), float(r["flops"])) for r in rows]
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return np.array([index[key] for key in keys], int)
+
+
 def _law_json(law: LawFit) -> dict:
     return {"values": law.values, "intervals_5_95": law.intervals, "verdicts": law.verdicts(),
             "identified": law.identified, "log_rms": law.residual_rms, "bootstrap_resamples": law.rounds,
-            "refitted": law.refitted}
+            "refitted": law.refitted, "distinct_refits": law.judged.distinct, "resamples": law.judged.resamples()}
 
 
 def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray) -> dict:
@@ -92,6 +99,20 @@ def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray) -> dict:
     return check
 
 
+def _compute_fit_set(rows: list[dict], groups: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The runs L(C) is fitted on: every seed of the configurations on the compute frontier (judged on their mean
+    loss), or every run when the frontier has fewer than 4 configurations; and the frontier's runs."""
+    compared_at = frontier_compute(rows)
+    ids = np.unique(groups)
+    means = np.array([loss[groups == g].mean() for g in ids])
+    at = np.array([compared_at[groups == g][0] for g in ids])
+    front = ids[frontier(at, means)]
+    on_front = np.isin(groups, front)
+    if len(front) >= 4:
+        return np.flatnonzero(on_front), np.flatnonzero(on_front), True
+    return np.arange(len(rows)), np.flatnonzero(on_front), False
+
+
 def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     """Every fit the report shows, with what supports it. `seed` seeds every bootstrap: the same results and
     arguments give the same fit.json and report.md."""
@@ -99,27 +120,27 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     n = np.array([r["params"] for r in rows], float)
     d = np.array([r["images_seen"] for r in rows], float)
     loss = np.array([r["heldout_loss"] for r in rows], float)
-    compared_at = frontier_compute(rows)
-    front = frontier(compared_at, loss)
-    use = front if len(front) >= 4 else np.arange(len(rows))
-    result: dict = {"runs": len(rows), "bootstrap": {"rounds": bootstrap, "seed": seed},
-                    "identified_factor": IDENTIFIED_FACTOR, "frontier_runs": [rows[i]["run_id"] for i in front],
-                    "compute_fit_on": "frontier" if len(front) >= 4 else "all runs (frontier has < 4 runs)"}
-    levels = len(np.unique(compared_at[use]))
+    groups = configurations(rows)
+    use, front, on_front = _compute_fit_set(rows, groups, loss)
+    result: dict = {"runs": len(rows), "configurations": len(np.unique(groups)),
+                    "bootstrap": {"rounds": bootstrap, "seed": seed}, "identified_factor": IDENTIFIED_FACTOR,
+                    "frontier_runs": [rows[i]["run_id"] for i in front],
+                    "compute_fit_on": "frontier" if on_front else "all runs (frontier has < 4 configurations)"}
+    levels = len(np.unique(frontier_compute(rows)[use]))
+    few = too_few_points("E + A C^-alpha", levels, 3, "compute levels (budgets)")
     law_c = None
-    if levels < 4:  # 3 parameters through 2 or 3 compute levels: any curve fits, the values mean nothing
-        result["L_of_C"] = (f"not fitted: E + A C^-alpha has 3 parameters and these runs are at {levels} compute "
-                            "levels (budgets); it needs 4")
+    if few:  # 3 parameters through 2 or 3 compute levels: any curve fits, the values mean nothing
+        result["L_of_C"] = f"not fitted: {few}"
     else:
         try:
-            law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap, seed=seed)
+            law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap, seed=seed, groups=groups[use])
         except FitError as exc:  # e.g. a few budgets whose losses drop too steeply for E + A C^-alpha
             result["L_of_C"] = f"not fitted: {exc}"
         else:
             result["L_of_C"] = _law_json(law_c)
     result["extrapolation"] = _extrapolation(law_c, c[use], loss[use])
     try:
-        law_nd = fit_nd(n, d, loss, bootstrap=bootstrap, seed=seed)
+        law_nd = fit_nd(n, d, loss, bootstrap=bootstrap, seed=seed, groups=groups)
     except FitError as exc:
         result["L_of_N_D"] = f"not fitted: {exc}"
         result["compute_optimal"] = "not computed: L(N, D) was not fitted"
@@ -180,25 +201,50 @@ def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
     """report.md and its figures. A law's fit line, optimal split or extrapolation appears only when the law is
     identified; otherwise the report says so where it would have been."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = _write_figures(rows, fit, out)
+    figures, not_drawn = _write_figures(rows, fit, out)
     report = out / "report.md"
-    write_text(report, report_markdown(rows, fit, figures))
+    write_text(report, report_markdown(rows, fit, figures, not_drawn))
     return report
 
 
-def _write_figures(rows: list[dict], fit: dict, out: Path) -> list[str]:
+def _write_figures(rows: list[dict], fit: dict, out: Path) -> tuple[list[str], dict[str, str]]:
+    """The figures with data to show, written; those without are not, and an earlier report's copy is removed (it
+    would show other results): returns the names written and, per name not drawn, why."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = np.array([r["flops"] for r in rows], float)
-    n = np.array([r["params"] for r in rows], float)
-    d = np.array([r["images_seen"] for r in rows], float)
-    loss = np.array([r["heldout_loss"] for r in rows], float)
-    law_c, law_nd = _identified_law(fit, "L_of_C"), _identified_law(fit, "L_of_N_D")
-    figures = {}
+    figures = {"loss_vs_compute.png": _compute_figure(plt, rows, fit), "loss_vs_params.png": _params_figure(plt, rows)}
+    not_drawn: dict[str, str] = {}
+    iso = fit.get("iso_flop")
+    drawn = ({"iso_flop.png": _iso_flop_figure(plt, rows, iso), "n_opt_vs_compute.png": _n_opt_figure(plt, iso)}
+             if isinstance(iso, dict) else {"iso_flop.png": _grid_iso_figure(plt, rows),
+                                            "predicted_vs_observed.png": _predicted_figure(plt, rows, fit)})
+    if isinstance(iso, dict):
+        drawn["predicted_vs_observed.png"] = _predicted_figure(plt, rows, fit)
+    for name, figure in drawn.items():
+        if isinstance(figure, str):
+            not_drawn[name] = figure
+        else:
+            figures[name] = figure
+    for name, figure in figures.items():
+        figure.tight_layout()
+        with replacing(out / name) as tmp:
+            figure.savefig(tmp, dpi=100)
+        plt.close(figure)
+    for name in not_drawn:
+        (out / name).unlink(missing_ok=True)
+    return list(figures), not_drawn
 
+
+def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.array([r[k] for r in rows], float) for k in ("flops", "params", "images_seen", "heldout_loss"))
+
+
+def _compute_figure(plt, rows: list[dict], fit: dict):
+    c, _, _, loss = _arrays(rows)
+    law_c = _identified_law(fit, "L_of_C")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(c, loss, s=18, label="runs")
     front = frontier(frontier_compute(rows), loss)
@@ -211,8 +257,11 @@ def _write_figures(rows: list[dict], fit: dict, out: Path) -> list[str]:
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="held-out reconstruction loss")
     _title(ax, "loss vs compute", None if law_c else "L(C) is not identified: no fit line")
     ax.legend(fontsize=8)
-    figures["loss_vs_compute.png"] = fig
+    return fig
 
+
+def _params_figure(plt, rows: list[dict]):
+    _, n, d, loss = _arrays(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for images in sorted(set(d)):
         sel = d == images
@@ -220,28 +269,29 @@ def _write_figures(rows: list[dict], fit: dict, out: Path) -> list[str]:
         ax.plot(n[sel][order], loss[sel][order], "o-", label=f"D = {images:.3g} images")
     ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="loss vs model size per data size")
     ax.legend(fontsize=7)
-    figures["loss_vs_params.png"] = fig
+    return fig
 
-    iso = fit.get("iso_flop")
-    if isinstance(iso, dict):
-        figures["iso_flop.png"] = _iso_flop_figure(plt, rows, iso)
-        figures["n_opt_vs_compute.png"] = _n_opt_figure(plt, iso)
-    else:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bins = np.unique(np.round(np.log10(c), 1))
-        for b in bins:
-            sel = np.round(np.log10(c), 1) == b
-            if sel.sum() >= 2:
-                order = np.argsort(n[sel])
-                ax.plot(n[sel][order], loss[sel][order], "o-", label=f"C ~ 1e{b:.1f}")
-        ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="iso-FLOP curves")
-        if ax.lines:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no two runs share a compute level", ha="center", transform=ax.transAxes)
-        figures["iso_flop.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+def _grid_iso_figure(plt, rows: list[dict]):
+    """Runs of a grid that share a compute level (0.1 decade), loss against size; or why there is no curve."""
+    c, n, _, loss = _arrays(rows)
+    levels = np.round(np.log10(c), 1)
+    shared = [b for b in np.unique(levels) if len(np.unique(n[levels == b])) >= 2]
+    if not shared:
+        return "no two sizes share a compute level (within 0.1 decade): no iso-FLOP curve"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b in shared:
+        sel = levels == b
+        order = np.argsort(n[sel])
+        ax.plot(n[sel][order], loss[sel][order], "o-", label=f"C ~ 1e{b:.1f}")
+    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="iso-FLOP curves")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _predicted_figure(plt, rows: list[dict], fit: dict):
+    c, n, d, loss = _arrays(rows)
+    law_c, law_nd = _identified_law(fit, "L_of_C"), _identified_law(fit, "L_of_N_D")
     if law_nd:
         w = law_nd["values"]
         predicted, label = nd_law(n, d, w["E"], w["A"], w["alpha"], w["B"], w["beta"]), "L(N, D) fit"
@@ -249,29 +299,21 @@ def _write_figures(rows: list[dict], fit: dict, out: Path) -> list[str]:
         v = law_c["values"]
         predicted, label = compute_law(c, v["E"], v["A"], v["alpha"]), "L(C) fit"
     else:
-        predicted, label = None, "no identified law"
-    if predicted is not None:
-        ax.scatter(loss, predicted, s=18)
-        lims = [min(loss.min(), predicted.min()), max(loss.max(), predicted.max())]
-        ax.plot(lims, lims, "k--", lw=1)
-    ax.set(xlabel="observed", ylabel="predicted")
-    _title(ax, f"predicted vs observed ({label})",
-           None if predicted is not None else "neither L(N, D) nor L(C) is identified: nothing to predict with")
-    figures["predicted_vs_observed.png"] = fig
-
-    for name, figure in figures.items():
-        figure.tight_layout()
-        with replacing(out / name) as tmp:
-            figure.savefig(tmp, dpi=100)
-        plt.close(figure)
-    return list(figures)
+        return "neither L(N, D) nor L(C) is identified: nothing to predict with"
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(loss, predicted, s=18)
+    lims = [min(loss.min(), predicted.min()), max(loss.max(), predicted.max())]
+    ax.plot(lims, lims, "k--", lw=1)
+    ax.set(xlabel="observed", ylabel="predicted", title=f"predicted vs observed ({label})")
+    return fig
 
 
-def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
+def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: dict[str, str] | None = None) -> str:
     bootstrap = fit["bootstrap"]
     lines = ["# Scaling report", "", f"{len(rows)} runs; held-out reconstruction loss with fixed masks and seed. "
-             f"Bootstrap: {bootstrap['rounds']} resamples, seed {bootstrap['seed']} (the same results give the same "
-             "report).", ""]
+             f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, each drawing every point's seeds with "
+             f"replacement, seed {bootstrap['seed']} (the same results give the same report); each fit says how many "
+             "refitted.", ""]
     lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])
@@ -294,6 +336,7 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str]) -> str:
     else:
         lines[-1] += f" {fit['compute_optimal']}."
     lines += [""] + [f"![{name}]({name})" for name in figures]
+    lines += [f"- {name} not drawn: {why}." for name, why in (not_drawn or {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -322,8 +365,7 @@ def _law_lines(law: dict | str) -> list[str]:
         said = law["verdicts"][key]
         verdict = "yes" if said == "identified" else f"**no**{said.removeprefix('not identified')}"
         lines.append(f"| {key} | {value:.4g} | {format_interval(law['intervals_5_95'].get(key))} | {verdict} |")
-    if law["bootstrap_resamples"]:
-        lines += ["", f"{law['refitted']} of {law['bootstrap_resamples']} bootstrap resamples refitted."]
+    lines += ["", f"{law['resamples'][0].upper()}{law['resamples'][1:]}."]
     return lines
 
 

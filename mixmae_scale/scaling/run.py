@@ -3,7 +3,8 @@
 Each run pretrains with its own budget as the whole schedule (warm-up 10%, cosine to the end), on a
 subset of the training shards for its data fraction, and appends one line to `results.jsonl`: N, D,
 C, the final training loss, the held-out reconstruction loss with fixed masks and seed (comparable
-across runs), optionally a linear-probe top-1, and the wall time.
+across runs), optionally a linear-probe top-1, and the wall time. Runs go to workers (`in_process`):
+`parallel` of them share the device, each running `per_process` runs in turn without starting again.
 """
 
 from __future__ import annotations
@@ -15,15 +16,32 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.engine.run_record import point_provenance, read_record
+from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
+
+
+class SweepError(RuntimeError):
+    """Runs of the sweep failed; the others were recorded and a rerun retries only the failed ones."""
+
+
+@dataclass
+class Tally:
+    """What a `scaling run` did, for its last lines."""
+
+    ran: int = 0
+    reused: int = 0
+    failed: list[str] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
 
 
 def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | None = None) -> Path:
@@ -89,18 +107,21 @@ def _append(results: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log=print, parallel: int = 1
-              ) -> list[dict]:
-    """Run every planned run here (`parallel` at a time, the cores shared out), or write their launch lines."""
+def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log=print, parallel: int = 1,
+              per_process: int = 1) -> list[dict]:
+    """Run every planned run here (`parallel` workers share the device, each running up to `per_process` runs
+    without starting again), or write their launch lines. Ends with the counts, the time and the next command;
+    raises SweepError, after recording every run that finished, when a run failed."""
     # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
     train_samples = spec.train_samples_for_plan()
     out.mkdir(parents=True, exist_ok=True)
     base_lr = None
+    tally = Tally()
     if spec.learning_rate.sweep:
         if emit_commands is not None:  # the base lr is the sweep's to find on the cluster: left unset
             _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
         else:
-            base_lr = lr_sweep(spec, train_samples, out, log, parallel)
+            base_lr = lr_sweep(spec, train_samples, out, log, parallel, per_process, tally)
     runs = expand(spec, train_samples, base_lr)
     if emit_commands is not None:
         lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n"
@@ -109,15 +130,37 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
             handle.write("".join(line + "\n" for line in lines))
         log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
         return []
+    share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
+    log(f"{len(runs)} run(s): {share.describe()}")
     rule = spec.learning_rate.describe(base_lr)
-    return _run_all(runs, spec, out, out / "results.jsonl", log, parallel, {"lr_rule": rule})
+    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule}, tally)
+    _summary(tally, out, log)
+    return rows
 
 
-def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int) -> float:
+def _summary(tally: Tally, out: Path, log) -> None:
+    minutes, seconds = divmod(round(time.perf_counter() - tally.start), 60)
+    log(f"sweep: {tally.ran} ran, {tally.reused} reused (finished earlier), {len(tally.failed)} failed, in "
+        f"{minutes} min {seconds:02d} s; results in {out / 'results.jsonl'}")
+    if tally.failed:
+        raise SweepError(f"{len(tally.failed)} run(s) failed ({', '.join(tally.failed)}; their output is above); "
+                         f"the rest are recorded: run the same `mixmae scaling run` again to retry only those")
+    log(f"next: mixmae scaling report --out {out}   (fit.json, report.md and figures; `mixmae scaling fit --out "
+        f"{out}` for fit.json alone)")
+
+
+def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int, per_process: int = 1,
+             tally: Tally | None = None) -> float:
     """The base lr: each of `learning_rate.sweep` at the smallest size and budget (first seed), best held-out
     loss wins; results in lr_sweep.jsonl (resumable), not in results.jsonl, so no fit sees them."""
     runs = sweep_runs(spec, train_samples)
-    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, parallel, {"lr_rule": "lr sweep"})
+    tally = tally if tally is not None else Tally()
+    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, device_share(spec, runs, parallel, per_process,
+                                                                        os.cpu_count() or 2), {"lr_rule": "lr sweep"},
+             tally)
+    if tally.failed:
+        raise SweepError(f"the lr sweep's run(s) {', '.join(tally.failed)} failed (output above); run the same "
+                         "`mixmae scaling run` again to retry them")
     done = {r["run_id"]: r for r in _rows(out / "lr_sweep.jsonl")}
     scored = [(done[r.run_id]["heldout_loss"], lr) for r, lr in zip(runs, spec.learning_rate.sweep, strict=True)]
     _, best = min(scored)
@@ -182,52 +225,82 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, parallel: int,
-             extra: dict) -> list[dict]:
-    """Runs not yet in `results`, `parallel` at a time; each finished run is appended (fsync'd) at once."""
+def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, share: DeviceShare,
+             extra: dict, tally: Tally) -> list[dict]:
+    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once."""
     done = _finished(results)
     pending = []
     rows: list[dict] = []
     for index, run in enumerate(runs, start=1):
         run_dir = out / "runs" / run.run_id
         if run.run_id in done:
+            tally.reused += 1
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         elif _complete(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
             row = {**_row(spec, run, run_dir, None), **extra}
             _append(results, row)
             rows.append(row)
+            tally.reused += 1
             log(f"[{index}/{len(runs)}] {run.run_id}: finished run read from {run_dir}")
         else:
             pending.append((index, run))
     for fraction in {run.data_fraction for _, run in pending}:  # made once, before runs start side by side
         run_data(spec, fraction, out)
-    threads = max(1, (os.cpu_count() or 2) // max(parallel, 1))
-    with ThreadPoolExecutor(max(parallel, 1)) as pool:
-        futures = {pool.submit(_one_run, spec, run, out, threads): (index, run) for index, run in pending}
-        for future in as_completed(futures):
-            index, run = futures[future]
-            row = {**future.result(), **extra}
+    lock = threading.Lock()
+
+    def finished(index: int, run: PlannedRun, code: int, wall_s: float, output: str) -> None:
+        with lock:
+            if code:
+                tally.failed.append(run.run_id)
+                log(f"[{index}/{len(runs)}] {run.run_id}: failed (exit {code}):\n{output[-2000:]}")
+                return
+            row = {**_row(spec, run, out / "runs" / run.run_id, wall_s, subset_shards(spec.shards, run.data_fraction,
+                                                                                      out / "data")), **extra}
             _append(results, row)
             rows.append(row)
+            tally.ran += 1
             log(f"[{index}/{len(runs)}] {run.run_id}: N={run.params / 1e6:.3f}M C={run.flops:.3g} steps={run.steps} "
-                f"held-out loss {row['heldout_loss']:.4f} ({row['wall_s']:.0f} s)")
+                f"held-out loss {row['heldout_loss']:.4f} ({wall_s:.0f} s)")
+
+    batches = [pending[i:i + share.per_process] for i in range(0, len(pending), share.per_process)]
+    with ThreadPoolExecutor(share.parallel) as pool:
+        for future in [pool.submit(_worker, spec, batch, out, share.threads, finished) for batch in batches]:
+            future.result()
     return rows
 
 
-def _one_run(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> dict:
+def _pretrain_args(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> list[str]:
     data, samples = run_data(spec, run.data_fraction, out)
-    subset = subset_shards(spec.shards, run.data_fraction, out / "data")
     steps_per_epoch = max(1, samples // run.global_batch)
     sets = [arg for item in run_overrides(run, data, steps_per_epoch, spec.name) for arg in ("--set", item)]
-    run_dir = out / "runs" / run.run_id
-    args = ["pretrain", "--profile", spec.profile, "--run-dir", str(run_dir), "--max-steps", str(run.steps), *sets,
-            "--set", f"data.num_threads={threads}"]
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", *args], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False)
-    if result.returncode:
-        raise RuntimeError(f"run {run.run_id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return _row(spec, run, run_dir, time.perf_counter() - start, subset)
+    return ["pretrain", "--profile", spec.profile, "--run-dir", str(out / "runs" / run.run_id), "--max-steps",
+            str(run.steps), *sets, "--set", f"data.num_threads={threads}"]
+
+
+def _worker(spec: SweepSpec, batch: list[tuple[int, PlannedRun]], out: Path, threads: int, finished) -> None:
+    """One process runs `batch` in turn (`in_process`); each run is reported by `finished` as its marker line
+    arrives, with the output it printed (shown when it failed)."""
+    jobs = [{"run_id": run.run_id, "args": _pretrain_args(spec, run, out, threads)} for _, run in batch]
+    by_id = {run.run_id: (index, run) for index, run in batch}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out, delete=False) as handle:
+        json.dump(jobs, handle)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "mixmae_scale.scaling.in_process", handle.name],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        output: list[str] = []
+        for line in process.stdout:
+            if line.startswith(MARKER):
+                _, run_id, code, wall_s = line.split()
+                finished(*by_id.pop(run_id), int(code), float(wall_s), "".join(output))
+                output = []
+            else:
+                output.append(line)
+        process.wait()
+        for index, run in by_id.values():  # the worker itself died before these ran
+            finished(index, run, process.returncode or 1, 0.0, "".join(output))
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
 
 
 def _complete(run_dir: Path, run: PlannedRun) -> bool:

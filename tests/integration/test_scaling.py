@@ -66,6 +66,8 @@ def test_iso_flop_sweep_with_lr_sweep_runs_resumes_fits_and_reports(demo_shards,
     assert all(r["lr_rule"].startswith("inverse_width") and "base lr" in r["lr_rule"] for r in rows)
     assert run_sweep(spec, out, log=messages.append, parallel=2) == []
     assert sum("skipped" in m for m in messages) == 8  # the lr sweep's 2 and the study's 6
+    assert messages[-2].startswith("sweep: 0 ran, 8 reused (finished earlier), 0 failed, in 0 min ")
+    assert messages[-1].startswith(f"next: mixmae scaling report --out {out}")
     # Runs finished elsewhere (a cluster, from the emitted lines) are read from their folders, not rerun.
     kept = (out / "results.jsonl").read_text()
     (out / "results.jsonl").unlink()
@@ -83,7 +85,10 @@ def test_iso_flop_sweep_with_lr_sweep_runs_resumes_fits_and_reports(demo_shards,
     report = write_report(results, fit, out / "report").read_text()
     assert "Iso-FLOP (approach 2)" in report and "**not identified (" in report
     assert all((out / "report" / name).stat().st_size > 1000 for name in
-               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png", "predicted_vs_observed.png"))
+               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png"))
+    # No law identified: nothing to predict with, so no predicted-vs-observed figure, and the report says why.
+    assert not (out / "report" / "predicted_vs_observed.png").exists()
+    assert "predicted_vs_observed.png not drawn: neither L(N, D) nor L(C) is identified" in report
     run_sweep(spec, out, emit_commands=out / "commands.txt")
     lines = (out / "commands.txt").read_text().splitlines()
     launches = [line for line in lines if line.startswith("mixmae launch tiny")]
@@ -110,3 +115,42 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
     results.write_text("{not json\n")
     with pytest.raises(FitError, match="results.jsonl:1: not JSON"):
         read_results(results)
+
+
+TWO_RUNS = """
+name: two
+profile: tiny
+shards: {shards}
+steps: [3]
+seeds: [0, 1]
+sizes:
+  - {{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}
+data_fractions: [1.0]
+set: ["batch.micro=8", "batch.global_batch=8", "logging.every_steps=1", "logging.heldout_batches=1", "zero.stage=0",
+      "data.shuffle_buffer=64"]
+"""
+
+
+def test_two_runs_in_one_process_end_exactly_as_two_separate_processes(demo_shards, tmp_path):
+    """`--runs-per-process`: the second run starts after the first destroyed its process group in the same
+    process; its losses and weights must be bit for bit those of a run in a process of its own."""
+    import torch
+
+    spec_path = tmp_path / "two.yaml"
+    spec_path.write_text(TWO_RUNS.format(shards=demo_shards))
+    spec = load_spec(spec_path)
+    said: dict[str, list[str]] = {"together": [], "apart": []}
+    for name, per_process in (("together", 2), ("apart", 1)):
+        run_sweep(spec, tmp_path / name, log=said[name].append, per_process=per_process)
+    assert said["together"][0].endswith("up to 2 runs per process") and said["apart"][0].endswith("one process per run")
+    assert said["together"][-2].startswith("sweep: 2 ran, 0 reused (finished earlier), 0 failed, in ")
+    rows = {name: {r["run_id"]: r for r in read_results(tmp_path / name / "results.jsonl")} for name in said}
+    assert sorted(rows["together"]) == sorted(rows["apart"]) == ["w8-d1-s3-seed0", "w8-d1-s3-seed1"]
+    for run_id, row in rows["together"].items():
+        assert (row["train_loss"], row["heldout_loss"]) == (rows["apart"][run_id]["train_loss"],
+                                                             rows["apart"][run_id]["heldout_loss"])
+        weights = [torch.load(tmp_path / name / "runs" / run_id / "checkpoints" / "step00000003" /
+                              "mp_rank_00_model_states.pt", weights_only=False)["module"] for name in said]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert rows["together"]["w8-d1-s3-seed0"]["heldout_loss"] != rows["together"]["w8-d1-s3-seed1"]["heldout_loss"]

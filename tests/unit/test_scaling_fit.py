@@ -17,14 +17,16 @@ from mixmae_scale.scaling.fit import (
 
 
 def test_compute_law_exponent_is_recovered_within_5_percent():
+    """12 compute levels, 2 seeds each (runs with the same C are seeds of one point)."""
     rng = np.random.default_rng(0)
-    c = np.logspace(15, 19, 12)
+    c = np.repeat(np.logspace(15, 19, 12), 2)
     loss = compute_law(c, 0.8, 3.0e4, 0.3) * np.exp(rng.normal(0, 0.005, c.size))
     fit = fit_compute(c, loss, bootstrap=50)
     assert fit["alpha"] == pytest.approx(0.3, rel=0.05)
     assert fit["E"] == pytest.approx(0.8, rel=0.05)
     low, high = fit.intervals["alpha"]
-    assert low <= fit["alpha"] <= high and high - low < 0.2
+    assert low <= fit["alpha"] <= high and high - low < 0.2 and fit.identified
+    assert fit.refitted == fit.rounds == 50 and fit.judged.distinct == 50
     # An outlier run does not drag the robust fit.
     loss[3] *= 1.5
     assert fit_compute(c, loss)["alpha"] == pytest.approx(0.3, rel=0.05)
@@ -50,7 +52,7 @@ def test_extrapolation_check_predicts_held_out_largest_runs():
 
 
 def test_data_that_cannot_fit_is_refused():
-    with pytest.raises(FitError, match="at least 4 runs"):
+    with pytest.raises(FitError, match="give 2 distinct points; it needs at least 4"):
         fit_compute(np.array([1.0, 2.0]), np.array([1.0, 0.9]))
     with pytest.raises(FitError, match="finite and positive"):
         fit_compute(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, np.nan, 0.8, 0.7]))
@@ -92,8 +94,46 @@ def test_a_report_whose_compute_law_cannot_be_fitted_says_so_and_still_writes(tm
     rows = [{"run_id": f"r{i}", "params": [3.6e4, 1.1e5, 2.2e5][i % 3], "images_seen": int(x / 1e7), "flops": x,
              "heldout_loss": v, "budget": 1e11 if x < 2e11 else 3e11} for i, (x, v) in pairs]
     fit = fit_results(rows, bootstrap=5)
-    assert fit["L_of_C"].startswith("not fitted: E + A C^-alpha has 3 parameters and these runs are at 2 "), \
-        fit["L_of_C"]
+    assert fit["L_of_C"] == ("not fitted: E + A C^-alpha has 3 parameters and the runs give 2 compute levels "
+                             "(budgets); it needs at least 4"), fit["L_of_C"]
     report = write_report(rows, fit, tmp_path).read_text()
-    assert "at 2 compute levels (budgets); it needs 4" in report and "not run: L(C) was not fitted" in report
+    assert "2 compute levels (budgets); it needs at least 4" in report and "not run: L(C) was not fitted" in report
     assert (tmp_path / "loss_vs_compute.png").stat().st_size > 1000
+
+
+def test_every_rule_of_judge_says_why_a_parameter_is_not_identified():
+    """The one rule function every fit of the report goes through (L(C), L(N, D), N*(C), D*(C), L*(C))."""
+    from mixmae_scale.scaling.intervals import MIN_RESAMPLES, Support, judge
+
+    spread = {"a": list(np.linspace(0.9, 1.1, 100))}
+    assert judge({"a": 1.0}, spread, Support(4, 3, rounds=100)).verdicts == {"a": "identified"}
+    assert judge({"a": 1.0}, spread, Support(3, 3, rounds=100)).verdicts["a"] == \
+        "not identified (3 points for 3 parameters)"
+    one_seed = judge({"a": 1.0}, {"a": []}, Support(4, 3, once=4, rounds=100))
+    assert one_seed.verdicts["a"] == "not identified (one seed: 4 of 4 points were run once)"
+    assert one_seed.resamples() == "no bootstrap resample was drawn (one seed: 4 of 4 points were run once)"
+    lost = judge({"a": 1.0}, {"a": spread["a"][:90]}, Support(4, 3, rounds=100))
+    assert lost.verdicts["a"] == "not identified (the refit failed in 10 of 100 resamples)"
+    few = judge({"a": 1.0}, {"a": spread["a"][:MIN_RESAMPLES - 1]}, Support(4, 3, rounds=MIN_RESAMPLES - 1))
+    assert few.verdicts["a"] == f"not identified ({MIN_RESAMPLES - 1} resamples refitted; an interval needs 20)"
+    same = judge({"a": 1.0}, {"a": [1.0] * 100}, Support(4, 3, rounds=100))
+    assert same.verdicts["a"] == "not identified (the resamples did not differ)" and same.intervals["a"] == (1.0, 1.0)
+    assert same.resamples() == "100 of 100 bootstrap resamples refitted; every one gave the same values"
+    outside = judge({"a": 1.0e-4}, {"a": list(np.linspace(9.0e-5, 9.5e-5, 100))}, Support(4, 3, rounds=100))
+    assert outside.verdicts["a"] == "not identified (the estimate 0.0001 lies outside its interval)"
+    assert judge({"a": 1.0}, spread, Support(4, 3, rounds=100)).resamples() == \
+        "100 of 100 bootstrap resamples refitted; they differ"
+
+
+def test_the_one_seed_rule_reaches_both_direct_fits():
+    """Runs with equal inputs are seeds of one point; a point run once leaves L(C) and L(N, D) without interval."""
+    c = np.logspace(15, 19, 8)
+    fit = fit_compute(c, compute_law(c, 0.8, 3.0e4, 0.3), bootstrap=50)
+    assert fit.rounds == 0 and set(fit.verdicts().values()) == {"not identified (one seed: 8 of 8 points were run "
+                                                                 "once)"}
+    n, d = (g.ravel() for g in np.meshgrid(np.logspace(6, 9, 3), np.logspace(7, 10, 3)))
+    n, d = np.append(n, n[0]), np.append(d, d[0])  # the first configuration run twice, the others once
+    law = fit_nd(n, d, nd_law(n, d, 0.5, 40.0, 0.34, 400.0, 0.28), bootstrap=50)
+    assert set(law.verdicts().values()) == {"not identified (one seed: 8 of 9 points were run once)"}
+    with pytest.raises(FitError, match="5 parameters and the runs give 5 distinct points; it needs at least 6"):
+        fit_nd(np.repeat(n[:5], 2), np.repeat(d[:5], 2), np.ones(10))

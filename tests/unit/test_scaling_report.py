@@ -15,7 +15,7 @@ from test_isoflop import _sweep
 from mixmae_scale.cli import main
 from mixmae_scale.scaling.fit import nd_law
 from mixmae_scale.scaling.intervals import bootstrap_interval, format_interval, verdict
-from mixmae_scale.scaling.report import fit_results, report_markdown
+from mixmae_scale.scaling.report import fit_results, report_markdown, write_report
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "scaling-example"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
@@ -61,17 +61,19 @@ def test_a_single_seed_sweep_reports_values_but_no_identified_law_and_nothing_de
     assert not iso["N_opt"]["identified"] and iso["N_opt"]["exponent"] is not None
     assert iso["L_opt_extrapolation"] == "not run: L*(C) is not identified" and "Infinity" not in text
     report = report_markdown(rows, fit, [])
-    assert report.count("(one seed: 5 of 5 interior budgets have a size run once)") == 5  # N*, D*, L*'s 3
+    # N*, D*, L*'s 3 parameters, and L*'s line on its resamples: none drawn
+    assert report.count("(one seed: 5 of 5 interior budgets have a size run once)") == 6
+    assert "No bootstrap resample was drawn (one seed: 5 of 5 interior budgets have a size run once)." in report
     assert "Extrapolation check of L*(C) (fitted without the largest interior budget, its L* predicted): not run: " \
            "L*(C) is not identified" in report
 
 
 def test_an_identified_law_gives_its_optimal_split_and_flags_what_lies_outside_the_runs():
     rng = np.random.default_rng(1)
-    n, d = (g.ravel() for g in np.meshgrid(np.logspace(6, 9, 5), np.logspace(7, 10, 5)))
+    n, d = (np.repeat(g.ravel(), 2) for g in np.meshgrid(np.logspace(6, 9, 5), np.logspace(7, 10, 5)))  # 2 seeds
     loss = nd_law(n, d, 0.5, 40.0, 0.34, 400.0, 0.28) * np.exp(rng.normal(0, 0.003, n.size))
-    rows = [{"run_id": f"r{i}", "params": int(a), "images_seen": int(b), "flops": 6.0 * a * b, "heldout_loss": v}
-            for i, (a, b, v) in enumerate(zip(n, d, loss, strict=True))]
+    rows = [{"run_id": f"r{i}", "params": int(a), "images_seen": int(b), "flops": 6.0 * int(a) * int(b),
+             "heldout_loss": v} for i, (a, b, v) in enumerate(zip(n, d, loss, strict=True))]
     fit = fit_results(rows, bootstrap=30)
     assert fit["L_of_N_D"]["identified"] and len(fit["compute_optimal"]) == 5
     within = [1e6 <= p["params"] <= 1e9 and 1e7 <= p["images"] <= 1e10 for p in fit["compute_optimal"]]
@@ -94,3 +96,44 @@ def test_intervals_say_what_they_support():
     # Rounds without a value are values with no bound: past 5% of the rounds there is no 5-95% interval.
     assert bootstrap_interval(list(np.linspace(1, 2, 95)), 100) is not None
     assert bootstrap_interval(list(np.linspace(1, 2, 94)), 100) is None
+
+
+def _grid(seeds: int) -> list[dict]:
+    """The issue's grid: 2 sizes x 2 step counts (no budgets), `seeds` seeds each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size, n, per_image in (("w8", 277_176, 2.4e7), ("w16", 886_094, 6.9e7)):
+        for steps in (40, 80):
+            for seed in range(seeds):
+                loss = (0.9 - 0.08 * n / 886_094 - 0.0004 * steps) * (1 + 0.01 * rng.standard_normal())
+                rows.append({"run_id": f"{size}-d1-s{steps}-seed{seed}", "params": n, "images_seen": 32 * steps,
+                             "flops": per_image * 32 * steps, "heldout_loss": loss})
+    return rows
+
+
+def test_the_issues_four_run_grid_with_one_seed_identifies_nothing_and_draws_no_line(tmp_path):
+    """Before: L(C) 'identified: yes' with zero-width intervals, E outside its own, '19 of 19 resamples refitted'
+    under a header of 200, a fit line, and an empty iso_flop.png."""
+    rows = _grid(seeds=1)
+    fit = fit_results(rows, bootstrap=200)
+    law = fit["L_of_C"]
+    assert not law["identified"] and set(law["intervals_5_95"].values()) == {None}
+    assert set(law["verdicts"].values()) == {"not identified (one seed: 4 of 4 points were run once)"}
+    assert law["resamples"] == "no bootstrap resample was drawn (one seed: 4 of 4 points were run once)"
+    (tmp_path / "predicted_vs_observed.png").write_bytes(b"an earlier report's figure")
+    report = write_report(rows, fit, tmp_path).read_text()
+    assert "No bootstrap resample was drawn (one seed: 4 of 4 points were run once)." in report
+    assert "- iso_flop.png not drawn: no two sizes share a compute level" in report and "![iso_flop.png]" not in report
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["loss_vs_compute.png", "loss_vs_params.png"]
+
+
+def test_the_same_grid_with_two_seeds_says_how_many_resamples_refitted_and_that_they_differ():
+    fit = fit_results(_grid(seeds=2), bootstrap=40)
+    law = fit["L_of_C"]
+    assert law["bootstrap_resamples"] == 40 and law["resamples"].startswith(f"{law['refitted']} of 40 bootstrap ")
+    assert law["distinct_refits"] > 1 and law["resamples"].endswith("; they differ")
+    for name, value in law["values"].items():  # identified or not, never with the estimate outside its interval
+        interval = law["intervals_5_95"][name]
+        if law["verdicts"][name] == "identified":
+            assert interval[0] <= value <= interval[1]
+    assert f"{law['resamples'][0].upper()}{law['resamples'][1:]}." in report_markdown(_grid(2), fit, [])
