@@ -257,7 +257,8 @@ def describe(record: dict[str, Any]) -> str:
     lines += [f"  {d['role']:<9} {d['location']} [{d['split']}]: {d['shards']} shards, {d['samples']} samples, "
               f"split digest {d['split_digest']}, manifest sha256 {d['manifest_sha256'][:16]}" for d in record["data"]]
     lines.append(f"launches ({len(record['launches'])}):")
-    lines += [f"  {launch['started']} -> {launch.get('ended', '(not ended)')}: steps {launch['start_step']} -> "
+    unended = "(no end recorded: running, or ended by an error or a kill)"
+    lines += [f"  {launch['started']} -> {launch.get('ended', unended)}: steps {launch['start_step']} -> "
               f"{launch.get('end_step', '?')}, {launch['outcome']}, world size {launch['world_size']}, code "
               f"{launch['commit']}" for launch in record["launches"]]
     lines.append(f"resumes ({len(record['resumes'])}):" if record["resumes"] else "resumes: none")

@@ -164,3 +164,11 @@ def test_a_sweeps_runs_are_one_wandb_group_named_after_the_sweep(tmp_path):
     overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
     config, _ = load_config("tiny", overrides=overrides)
     assert config.logging.wandb.group == "width-sweep"
+
+
+def test_runs_show_on_a_folder_without_a_record_says_so_in_one_line(tmp_path, capsys):
+    from mixmae_scale.cli import main
+
+    assert main(["runs", "show", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"mixmae: error: {tmp_path.resolve() / 'run.json'} not found: the run "
+                                               "folder was written before run records, or is not a run folder")
