@@ -40,9 +40,8 @@ class HeldOut:
         return ShardMixture([WeightedSet(self.images, 1.0, self.images.location)])
 
     def describe(self) -> str:
+        """The run log's line about a held-out tail (a validation split needs none)."""
         where = self.images.location
-        if not self.train_tail:
-            return f"held-out images: split '{self.images.split}' of {where} ({self.images.samples:,} samples)"
         last = self.images.names[-1].rsplit("/", 1)[-1]
         return (f"held-out: no separate held-out split in {where}; holding out the last {self.train_tail:,} of "
                 f"{self.train_samples:,} '{self.images.split}' samples (the end of {last}, in manifest order: the same "
