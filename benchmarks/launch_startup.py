@@ -99,7 +99,7 @@ def launch(root: Path, shards: Path, extensions: Path, work: Path, port: int, is
         raise RuntimeError(f"launch in {root} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return {"rank0": phases(start, records[0]), "rank1": phases(start, records[1]),
-            "built_ops": sorted(p.name for p in extensions.glob("*/*") if p.is_dir())}
+            "built_ops": sorted(p.name for p in extensions.iterdir() if p.is_dir())}
 
 
 def import_times(root: Path) -> dict[str, float]:
@@ -129,9 +129,9 @@ def print_table(results: dict[str, dict[str, list[dict]]]) -> None:
     columns = [(name, kind) for name in results for kind in ("cold", "warm")]
     medians = {column: median_rows(results[column[0]][column[1]]) for column in columns}
     rows = list(dict.fromkeys(row for column in columns for row in medians[column]))
-    print(f"\n{'seconds (median, rank 0)':<48}" + "".join(f"{name + ' ' + kind:>16}" for name, kind in columns))
+    print(f"\n{'seconds (median, rank 0)':<48}" + "".join(f"{name + ' ' + kind:>22}" for name, kind in columns))
     for row in rows:
-        print(f"{row:<48}" + "".join(f"{medians[c].get(row, float('nan')):>16.2f}" for c in columns))
+        print(f"{row:<48}" + "".join(f"{medians[c].get(row, float('nan')):>22.2f}" for c in columns))
 
 
 def main() -> None:
