@@ -14,7 +14,7 @@ if [ -f "$stamp" ]; then
   echo "[install] .venv is up to date ($stamp)"
   exit 0
 fi
-echo "[install] installing mixmae-scale and its pinned dependencies into .venv (about 4 minutes the first time)"
+echo "[install] installing mixmae-scale and its pinned dependencies into .venv (about 2.5 minutes the first time on a 2-core CPU)"
 start=$(date +%s)
 # pip's warnings about this machine's file:// index locations are noise; pip's exit status still counts.
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,cuda13]" 2> >(grep -v "is ignored: it is neither" >&2)

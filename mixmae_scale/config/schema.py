@@ -71,6 +71,12 @@ class DataConfig:
     loader: Literal["dali", "torch"] = "dali"
     train_split: str = "train"
     val_split: str = "val"
+    # Where pretraining's held-out images (the held-out loss at the start and the end, the reconstruction grids)
+    # come from. "auto": data.val_split when data.shards has it, else the last logging.heldout_batches x batch.micro
+    # samples (at least 8) of data.train_split in manifest order, which training then leaves out on every rank: a
+    # function of the manifest and these keys, the same on every run and world size (data/heldout.py, docs/heldout.md).
+    # "split": data.val_split or an error; "train": that tail even when a validation split exists.
+    heldout: Literal["auto", "split", "train"] = "auto"
     # Used for step arithmetic before a manifest is read (ImageNet-1K train by default); the
     # trainer replaces it with the manifest's count.
     train_samples: int = 1_281_167

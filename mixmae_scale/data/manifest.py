@@ -49,6 +49,16 @@ class SplitShards:
     samples: int
     labeled: bool
     num_classes: int
+    # A part of a split (a train split's held-out tail, data/heldout.py): shard i holds lines first_line[i] ..
+    # first_line[i] + samples_per_shard[i] - 1 of its index, which has index_lines[i] lines in all. Empty: whole.
+    first_line: tuple[int, ...] = ()
+    index_lines: tuple[int, ...] = ()
+
+    def first_line_of(self, shard: int) -> int:
+        return self.first_line[shard] if self.first_line else 0
+
+    def index_lines_of(self, shard: int) -> int:
+        return self.index_lines[shard] if self.index_lines else self.samples_per_shard[shard]
 
     def tar_url(self, shard: int) -> str:
         return storage.join(self.base, self.names[shard])

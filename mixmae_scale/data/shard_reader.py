@@ -91,9 +91,9 @@ class SampleSource:
                 return self._indexes[key]
         split = self.mixture.sets[source].shards
         index = read_index(split.index_url(shard))
-        if len(index) != split.samples_per_shard[shard]:
+        if len(index) != split.index_lines_of(shard):
             raise DataError(f"{split.index_url(shard)}: {len(index)} samples, the manifest says "
-                            f"{split.samples_per_shard[shard]}: the index and the manifest do not match")
+                            f"{split.index_lines_of(shard)}: the index and the manifest do not match")
         with self._lock:
             self._indexes[key] = index
             while len(self._indexes) > INDEX_CACHE:
@@ -110,18 +110,18 @@ class SampleSource:
                 yield from self._read_run(visits, visit, first, stop)
                 position += stop - first
 
-    def _stream(self, visits: Visits, visit: int, first: int, index: ShardIndex, url: str, expected: int
+    def _stream(self, visits: Visits, visit: int, first: int, last: int, index: ShardIndex, url: str, expected: int
                 ) -> tuple[_ForwardReader, int]:
-        """A reader positioned for sample `first` of the visit: the one left open by the previous window when it
+        """A reader positioned for index line `first` of the visit: the one left open by the previous window when it
         stopped right there (a rank's run crosses window boundaries inside a shard), else one new request from
-        this sample to the shard's end, which a later window of the same visit continues."""
+        this sample to the visit's last line (`last`, exclusive), which a later window of the same visit continues."""
         key = (visits.epoch, visit)
         held = self._open.pop(key, None)
         if held is not None and held[1] == first:
             return held[0], held[2]
         if held is not None:
             held[0].stream.close()
-        start, end = index.span(first, len(index))
+        start, end = index.span(first, last)
         stream = storage.open_range(url, start, end)
         if expected and stream.total is not None and stream.total != expected:
             stream.close()
@@ -145,7 +145,9 @@ class SampleSource:
         split = self.mixture.sets[source].shards
         index = self.index(source, shard)
         url = split.tar_url(shard)
-        reader, end = self._stream(visits, visit, first, index, url, split.bytes_per_shard[shard])
+        offset = split.first_line_of(shard)  # positions in the visit -> lines of the shard's index
+        first, stop, last = first + offset, stop + offset, offset + split.samples_per_shard[shard]
+        reader, end = self._stream(visits, visit, first, last, index, url, split.bytes_per_shard[shard])
         epoch = visits.epoch
         for i in range(first, stop):
             members = [(int(index.image_offset[i]), int(index.image_size[i]), "image")]
@@ -169,7 +171,7 @@ class SampleSource:
                     raise DataError(f"{url}: sample {index.keys[i]}: label {data['label'][:20]!r} is not an "
                                     "integer") from None
             yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"), (epoch, visit, i))
-        if stop < len(index):
+        if stop < last:
             self._keep_open(visits, visit, reader, stop, end)
         else:
             reader.stream.close()

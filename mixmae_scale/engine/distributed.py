@@ -20,10 +20,12 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        skip_shm_allreduce_op()
     with contextlib.redirect_stdout(io.StringIO()) as said:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     # DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every rank of
-    # every CPU job (an extension it loads, not one it built just now); anything else it says still gets out.
+    # a CPU job that loads that extension; anything else it says still gets out.
     print("".join(line for line in said.getvalue().splitlines(keepends=True) if "built successfully" not in line),
           end="")
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
@@ -32,6 +34,25 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     else:
         torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
     return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_shm_allreduce_op() -> None:
+    """Keeps DeepSpeed's CPU backend from compiling its shared-memory all-reduce extension.
+
+    `init_distributed` on the CPU accelerator builds that C++ op with ninja on first use (about 40 s on two
+    cores, on every fresh machine or clone; later launches load it from TORCH_EXTENSIONS_DIR) and maps a
+    66 MiB /dev/shm buffer per rank with it. Only DeepSpeed's inference all-reduce (AutoTP layers) uses the
+    op: training reduces through the gloo process group either way. DeepSpeed builds it only when its op
+    table, `deepspeed.ops.__compatible_ops__` (probed once, kept in the module so edits to it persist), marks
+    it compatible, so the entry is set to False before the backend starts."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if isinstance(compatible, dict):
+        compatible[SHM_OP] = False
 
 
 def shutdown(master_addr: str, master_port: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,10 @@ class RunContext:
         return self.root / "checkpoints"
 
 
-def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int,
-              max_steps: int | None = None, overwrite: bool = False) -> RunContext:
+def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int, max_steps: int | None = None,
+              overwrite: bool = False, exclude: Callable[[ShardMixture], ShardMixture] | None = None) -> RunContext:
     """Process group, configuration resolved for the real world size and data, the run folder, the resume plan.
+    `exclude` takes samples out of the training data (pretraining's held-out tail, data/heldout.py).
 
     Nothing in the run folder is written before the plan is made: another run's folder is refused unless
     `overwrite` moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished
@@ -99,6 +101,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     rank, world, device = distributed.init(local_rank)
     train_data = training_mixture(config.data.shards, config.data.train_split,
                                   [(s.shards, s.weight, s.split) for s in config.data.sources])
+    if exclude is not None:
+        train_data = exclude(train_data)
     resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
     ds_config = engine_config(resolved, root)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from mixmae_scale.atomic_file import replacing
+from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD
 from mixmae_scale.models.mixing import upsample_mask
 from mixmae_scale.models.mixmae import MixMAE, patchify, unpatchify
@@ -130,8 +131,10 @@ def save_png(picture: np.ndarray, path) -> None:
         Image.fromarray(picture).save(tmp)
 
 
-def first_images(shards: str, split: str, count: int, img_size: int, backend: str = "dali") -> torch.Tensor:
-    """The first `count` images of a split, evaluation view (resize, centre crop), normalised."""
+def first_images(shards: str | ShardMixture, split: str, count: int, img_size: int, backend: str = "dali"
+                 ) -> torch.Tensor:
+    """The first `count` images of a split (or of a part of one, a mixture of one set), evaluation view (resize,
+    centre crop), normalised."""
     from mixmae_scale.data.loader import ShardLoader
     from mixmae_scale.data.spec import PipelineSpec
 

@@ -2,8 +2,9 @@
 files in the run folder and images in TensorBoard (and W&B, with logging.wandb), so that runs and steps
 compare picture to picture.
 
-The pretraining job takes this as a callback (`ReconstructionSnapshots(config, root, rank, device)`,
-then `.write(model, step)`), so the engine package never imports the visualisation one.
+The pretraining job takes this as a callback (`ReconstructionSnapshots(config, root, rank, device, images)`,
+then `.write(model, step)`), so the engine package never imports the visualisation one. `images`: the run's
+held-out images (the validation split, or the train split's held-out tail: data/heldout.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.wandb_sink import log_image
 from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruct, save_png
@@ -21,8 +23,10 @@ from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruc
 class ReconstructionSnapshots:
     """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 writes."""
 
-    def __init__(self, config: Config, root: Path, rank: int, device: torch.device) -> None:
-        self.images = first_images(config.data.shards, config.data.val_split, 8, config.model.img_size,
+    def __init__(self, config: Config, root: Path, rank: int, device: torch.device,
+                 images: ShardMixture | None = None) -> None:
+        source = images if images is not None else config.data.shards
+        self.images = first_images(source, config.data.val_split, 8, config.model.img_size,
                                    config.data.loader).to(device)
         self.seed, self.rank, self.folder, self.run = config.run.seed, rank, root / "reconstructions", root.name
         self.writer = None

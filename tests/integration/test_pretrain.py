@@ -108,11 +108,45 @@ def test_loss_falls_under_each_zero_stage(demo_shards, tmp_path, stage, dtype):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_shards, tmp_path_factory):
+def img2dataset_download(demo_shards, tmp_path_factory) -> Path:
+    """The demo's 300 train images as img2dataset leaves a download: 00000.tar ... of 64 samples in its (shuffled) URL
+    order, 9-digit keys with .jpg, .txt and .json members, a .parquet and a _stats.json beside each tar, and no
+    validation split."""
+    import random
+
+    import webdataset as wds
+
+    images = sorted((demo_shards.parent / "images" / "train").glob("*/*.JPEG"))
+    random.Random(0).shuffle(images)
+    out = tmp_path_factory.mktemp("img2dataset")
+    for shard in range(0, len(images), 64):
+        number = shard // 64
+        with wds.TarWriter(str(out / f"{number:05d}.tar")) as sink:
+            for i, path in enumerate(images[shard:shard + 64]):
+                sink.write({"__key__": f"{number:05d}{i:04d}", "jpg": path.read_bytes(), "txt": path.stem.encode(),
+                            "json": json.dumps({"url": f"http://example.com/{path.name}"}).encode()})
+        (out / f"{number:05d}.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+        (out / f"{number:05d}_stats.json").write_text(json.dumps({"count": 64, "successes": 64}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_only(img2dataset_download, tmp_path_factory) -> Path:
+    """That download adopted where it lies: a shard set with only a train split."""
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    out = tmp_path_factory.mktemp("train_only")
+    adopt(img2dataset_download, out, AdoptOptions())
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train_only, tmp_path_factory):
+    """12 steps on a set without a validation split: the held-out loss and the grids use the train split's tail."""
     runs = {}
     for stage in (3,):  # ZeRO-2's runs: the tiny profile's stage, in most other tests
         run = tmp_path_factory.mktemp(f"full{stage}")
-        launch(run, demo_shards, f"zero.stage={stage}", "precision.dtype=fp32", "checkpoint.every_steps=100",
+        launch(run, train_only, f"zero.stage={stage}", "precision.dtype=fp32", "checkpoint.every_steps=100",
                "logging.visualize_every_steps=6", max_steps=12)
         runs[stage] = run
     return runs
@@ -120,20 +154,30 @@ def uninterrupted(demo_shards, tmp_path_factory):
 
 # ZeRO-3 here; ZeRO-2's exact resume through the same loop is the fine-tuning kill-and-resume test's.
 @pytest.mark.parametrize("stage", [3])
-def test_a_run_from_object_storage_stopped_and_resumed_reproduces_the_local_run(demo_shards, tmp_path, uninterrupted,
-                                                                               stage, s3_bucket):
-    """The same shards in a real S3-protocol server (moto, on the loopback; both ranks read it with the standard AWS
-    variables): 6 steps, then a resume to 12, give the uninterrupted local run's losses and weights exactly."""
+def test_a_train_only_set_adopted_from_object_storage_trains_stops_and_resumes_like_the_local_run(
+        img2dataset_download, tmp_path, uninterrupted, stage, s3_bucket):
+    """An img2dataset download without a validation split, uploaded to a real S3-protocol server (moto, on the
+    loopback; both ranks read it with the standard AWS variables) and adopted there: its last 16 train samples
+    (2 held-out batches of 8) are held out, and 6 steps, then a resume to 12, give the uninterrupted run's losses
+    and weights (the same tars adopted on disk) exactly."""
+    from mixmae_scale.cli import main
     from mixmae_scale.data import storage
 
-    for path in (p for p in demo_shards.iterdir() if p.is_file()):
-        storage.upload(path, f"s3://{s3_bucket}/demo/{path.name}")
-    shards = f"s3://{s3_bucket}/demo"
+    for path in sorted(img2dataset_download.iterdir()):
+        storage.upload(path, f"s3://{s3_bucket}/download/{path.name}")
+    shards = f"s3://{s3_bucket}/adopted"
+    assert main(["shards", "adopt", f"s3://{s3_bucket}/download", "--out", shards]) == 0
     run = tmp_path / "halves"
     common = (f"zero.stage={stage}", "precision.dtype=fp32", "checkpoint.every_steps=100")
-    launch(run, shards, *common, max_steps=6)
+    first = launch(run, shards, *common, max_steps=6)
+    assert (f"held-out: no separate held-out split in {shards}; holding out the last 16 of 300 'train' samples (the "
+            "end of 00004.tar, in manifest order") in first.stdout + first.stderr
     assert json.loads((run / "checkpoints" / "step00000006" / "COMPLETE").read_text())["step"] == 6
     launch(run, shards, *common, max_steps=12)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["heldout_set"] == {"split": "train", "location": shards, "samples": 16, "train_tail": 16}
+    assert summary["derived"]["steps_per_epoch"] == (300 - 16) // 16
+    assert summary["heldout_loss_start"] > 0 and summary["heldout_loss_end"] > 0
     full, halves = losses(uninterrupted[stage]), losses(run)
     for step in range(1, 13):
         assert halves[step] == pytest.approx(full[step], rel=1e-6), step
@@ -182,11 +226,11 @@ def test_an_official_format_export_of_a_trained_run_has_the_official_keys_and_th
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
 
 
-def test_a_finished_run_started_again_says_so_and_touches_nothing(uninterrupted, demo_shards):
+def test_a_finished_run_started_again_says_so_and_touches_nothing(uninterrupted, train_only):
     run = uninterrupted[3]
     files = sorted(p for p in run.rglob("*") if p.is_file())
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
-    result = launch(run, demo_shards, "zero.stage=3", "precision.dtype=fp32", "checkpoint.every_steps=100",
+    result = launch(run, train_only, "zero.stage=3", "precision.dtype=fp32", "checkpoint.every_steps=100",
                     "logging.visualize_every_steps=6", max_steps=12)
     text = result.stdout + result.stderr
     assert f"already complete at step 12 ({run / 'checkpoints' / 'step00000012'}); nothing to do" in text
@@ -195,7 +239,7 @@ def test_a_finished_run_started_again_says_so_and_touches_nothing(uninterrupted,
     assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
 
 
-def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier_run_aside(uninterrupted, demo_shards,
+def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier_run_aside(uninterrupted, train_only,
                                                                                            tmp_path, capsys):
     """The path a user takes: a finished run's folder reused for another model shape. The start is refused in one
     line naming the keys that differ and both ways out, and touches nothing; with --overwrite the earlier run moves,
@@ -214,7 +258,7 @@ def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     other = ("zero.stage=3", "precision.dtype=fp32", "model.embed_dim=16", "checkpoint.every_steps=2",
              "checkpoint.keep_last=1")
-    refused = launch(run, demo_shards, *other, max_steps=4, check=False)
+    refused = launch(run, train_only, *other, max_steps=4, check=False)
     errors = [line for line in (refused.stdout + refused.stderr).splitlines() if "mixmae: error:" in line]
     assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-3000:]
     assert f"{run} holds a run of another model (model.embed_dim 32 -> 16), checkpoint step00000012" in errors[0]
@@ -222,7 +266,7 @@ def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier
         in errors[0]
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
-    result = launch(run, demo_shards, *other, max_steps=4, flags=("--overwrite",))
+    result = launch(run, train_only, *other, max_steps=4, flags=("--overwrite",))
     assert f"the earlier run in {run} was moved to {moved}" in result.stdout + result.stderr
     assert {p.relative_to(moved) for p in moved.rglob("*") if p.is_file()} == set(before)
     old_summary = json.loads((moved / "summary.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 
 from mixmae_scale.cli.job_commands import pretrain_message
 from mixmae_scale.engine.export import default_out, export_line
-from mixmae_scale.engine.pretrain import HeldOut, heldout_loss, heldout_shortfall
+from mixmae_scale.engine.pretrain import HeldOutLoss, heldout_loss, heldout_shortfall
 from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES, Features, not_meaningful_because, probe_features
 
 
@@ -22,10 +22,12 @@ def test_heldout_loss_on_real_shards_smaller_than_a_micro_batch_is_null_with_the
     """The demo fixture's val split holds 80 images; a micro-batch of 128 scores none of them. The reason is found
     from the loader's own count before any forward (no engine is needed to get here)."""
     from mixmae_scale.config import load_config
+    from mixmae_scale.data.heldout import choose_heldout
 
     config, _ = load_config("tiny", None, [f"data.shards={demo_shards}", "batch.micro=128"])
-    result = heldout_loss(None, config, None, "fp32")
-    assert result == HeldOut(None, 0, "val has 80 images, fewer than one micro-batch of 128")
+    images = choose_heldout(str(demo_shards), "train", "val", "auto", 8)
+    result = heldout_loss(None, config, images, None, "fp32")
+    assert result == HeldOutLoss(None, 0, "val has 80 images, fewer than one micro-batch of 128")
     assert result.text() == "not measured (val has 80 images, fewer than one micro-batch of 128)"
 
 

@@ -1,0 +1,130 @@
+"""Where pretraining's held-out images come from: the set's validation split, or a fixed tail of its train split.
+
+The held-out reconstruction loss (at the start and the end of a run) and the reconstruction grids score images
+training never reads. A shard set made by `mixmae shards` has a validation split for that; one adopted from
+another tool (img2dataset writes none) or converted from a folder without one has only `train`. Then the last
+`count` samples of the train split, in manifest order (the end of its last shard, or of its last few), are held
+out: training reads the rest, on every rank. The choice is a function of the manifest and the configuration
+only, so it is the same on every run and every world size, and resuming on another number of ranks keeps it.
+
+Why the tail, not a hash of the sample keys: the manifest knows each shard's sample count but not its keys, and
+reading every index at start-up would make a rank's start grow with the number of shards (data/manifest.py). A
+tail is cut with the counts alone. It is as representative as the order the tool wrote, which for img2dataset is
+its URL list's and for `mixmae shards` a shuffled one; `mixmae shards adopt` warns about sets sorted by class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mixmae_scale.data import storage
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_split, read_manifest
+from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+GRID_IMAGES = 8  # the reconstruction grids' fixed images (visualize/snapshots.py)
+MODES = ("auto", "split", "train")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The images the held-out loss and the grids read, and what training must leave out for them."""
+
+    images: SplitShards
+    train_tail: int  # samples cut from the end of the train split (0: the images are a split of their own)
+    train_samples: int  # the train split's samples before the cut
+
+    @property
+    def mixture(self) -> ShardMixture:
+        return ShardMixture([WeightedSet(self.images, 1.0, self.images.location)])
+
+    def describe(self) -> str:
+        """The run log's line about a held-out tail (a validation split needs none)."""
+        where = self.images.location
+        last = self.images.names[-1].rsplit("/", 1)[-1]
+        return (f"held-out: no separate held-out split in {where}; holding out the last {self.train_tail:,} of "
+                f"{self.train_samples:,} '{self.images.split}' samples (the end of {last}, in manifest order: the same "
+                "on every run and world size) for the held-out loss and the reconstruction grids; training reads "
+                f"the other {self.train_samples - self.train_tail:,} (data.heldout)")
+
+    def summary(self) -> dict:
+        return {"split": self.images.split, "location": self.images.location, "samples": self.images.samples,
+                "train_tail": self.train_tail}
+
+    def exclude_from(self, mixture: ShardMixture) -> ShardMixture:
+        """The training mixture without the held-out tail (sets other than the held-out one are left alone)."""
+        if not self.train_tail:
+            return mixture
+        sets = []
+        for entry in mixture.sets:
+            shards = entry.shards
+            if same_location(shards.location, self.images.location) and shards.split == self.images.split:
+                shards = split_tail(shards, self.train_tail)[0]
+            sets.append(WeightedSet(shards, entry.weight, entry.name))
+        return ShardMixture(sets)
+
+
+def heldout_count(heldout_batches: int, micro: int) -> int:
+    """What a hold-out must hold: the batches the held-out loss scores (logging.heldout_batches x batch.micro, the
+    configured micro-batch, not the one a launch derives: the count must not depend on the world size), and at least
+    the grids' images."""
+    return max(heldout_batches * micro, GRID_IMAGES)
+
+
+def same_location(a: str, b: str) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def split_tail(split: SplitShards, count: int) -> tuple[SplitShards, SplitShards]:
+    """(the first samples - count samples, the last count samples) of a split in manifest order, as two parts whose
+    shards name index lines (SplitShards.first_line): together they hold every sample once."""
+    if not 0 < count < split.samples:
+        raise ValueError(f"cannot hold out {count} of {split.samples} samples")
+    keep, hold = [], []  # per shard: (shard, first line, lines)
+    left = split.samples - count
+    for shard, lines in enumerate(split.samples_per_shard):
+        first = split.first_line_of(shard)
+        kept = min(lines, max(left, 0))
+        left -= kept
+        if kept:
+            keep.append((shard, first, kept))
+        if lines - kept:
+            hold.append((shard, first + kept, lines - kept))
+    return _part(split, keep), _part(split, hold)
+
+
+def _part(split: SplitShards, shards: list[tuple[int, int, int]]) -> SplitShards:
+    pick = [shard for shard, _, _ in shards]
+    return replace(split, names=tuple(split.names[i] for i in pick),
+                   index_names=tuple(split.index_names[i] for i in pick),
+                   samples_per_shard=tuple(lines for _, _, lines in shards),
+                   bytes_per_shard=tuple(split.bytes_per_shard[i] for i in pick),
+                   samples=sum(lines for _, _, lines in shards),
+                   first_line=tuple(first for _, first, _ in shards),
+                   index_lines=tuple(split.index_lines_of(i) for i in pick))
+
+
+def choose_heldout(location: str, train_split: str, val_split: str, mode: str, count: int) -> HeldOut:
+    """data.heldout: "auto" reads `val_split` when the set has one, else holds out the train split's tail; "split"
+    insists on `val_split`; "train" holds out the tail even when a validation split exists. Refuses a train split
+    too small to give `count` samples and still keep at least as many for training."""
+    if mode not in MODES:
+        raise DataError(f"data.heldout must be one of {', '.join(MODES)}, got {mode!r}")
+    path = storage.join(str(location), MANIFEST)
+    splits = read_manifest(location).get("splits", {})
+    if mode != "train" and val_split in splits:
+        return HeldOut(load_split(location, val_split), 0, 0)
+    if mode == "split":
+        raise DataError(f"{path}: no split '{val_split}' (data.val_split); it has {sorted(splits)}. data.heldout=auto "
+                        f"holds out the end of '{train_split}' instead, or adopt a validation split into the set "
+                        f"(`mixmae shards adopt SRC --out {location} --split {val_split}`)")
+    train = load_split(location, train_split)
+    if train.samples < 2 * count:
+        raise DataError(f"{path}: no split '{val_split}', and '{train_split}' has {train.samples} samples, too few to "
+                        f"hold out {count} (logging.heldout_batches x batch.micro) and train on the rest; adopt a "
+                        f"validation split into the set (`mixmae shards adopt SRC --out {location} --split "
+                        f"{val_split}`) or lower logging.heldout_batches or batch.micro")
+    return HeldOut(split_tail(train, count)[1], count, train.samples)

@@ -1,0 +1,155 @@
+"""Held-out images for a shard set with only a train split (data/heldout.py): which samples are held out, that the
+choice is the same on every world size and never read by training, and when it is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mixmae_scale.atomic_file import write_text
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.heldout import choose_heldout, heldout_count, split_tail
+from mixmae_scale.data.manifest import SplitShards, load_split
+from mixmae_scale.data.shard_reader import RankStream, ordered_samples
+from mixmae_scale.data.shard_sets import Layout, ShardMixture, WeightedSet, training_mixture
+from mixmae_scale.shards.writer import TarShardWriter
+
+SHARD_SIZES = (7, 5, 9, 3)  # uneven, as adopted shards are: 24 samples
+
+
+def write_set(folder: Path, sizes=SHARD_SIZES, with_val: bool = False) -> Path:
+    """Real tars of tiny JPEGs with their indexes and a manifest: keys "s<shard>-<n>"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(jpeg, "JPEG")
+    splits = {}
+    for split, counts in (("train", sizes), ("val", (4,))) if with_val else (("train", sizes),):
+        entries = []
+        for shard, count in enumerate(counts):
+            name = f"{split}-{shard:03d}"
+            writer = TarShardWriter(folder / f"{name}.tar")
+            for n in range(count):
+                writer.add(f"s{shard}-{n}", {"jpg": jpeg.getvalue()})
+            writer.close()
+            (folder / f"{name}.idx").write_text(writer.index_text())
+            entries.append({"name": f"{name}.tar", "index": f"{name}.idx", "samples": count,
+                            "bytes": (folder / f"{name}.tar").stat().st_size})
+        splits[split] = {"samples": sum(counts), "labeled": False, "shards": entries}
+    write_text(folder / "dataset.json", json.dumps({"format": "mixmae-scale-shards", "version": 2, "classes": [],
+                                                    "splits": splits}))
+    return folder
+
+
+def keys(samples) -> list[str]:
+    return [s.key.rsplit(":", 1)[1] for s in samples]
+
+
+def training_keys(mixture: ShardMixture, world: int, micro: int = 2) -> list[str]:
+    """Every key the ranks of `world` read in epoch 0."""
+    layout = Layout.whole_epoch(0, mixture.visits(0, 0).samples, world, micro)
+    out = []
+    for rank in range(world):
+        stream = RankStream(mixture, rank, layout, 0, 0, 4, None)
+        try:
+            for _ in range(layout.batches):
+                out += keys(stream.next().samples)
+        finally:
+            stream.close()
+    return out
+
+
+def test_the_tail_split_holds_the_last_samples_in_manifest_order_and_the_rest_trains(tmp_path):
+    folder = write_set(tmp_path / "set")
+    train = load_split(folder, "train")
+    kept, held = split_tail(train, 5)  # the last shard's 3 and the third shard's last 2
+    assert (kept.samples, held.samples) == (19, 5)
+    assert keys(ordered_samples(ShardMixture([WeightedSet(held)]), 0, 1)) == ["s2-7", "s2-8", "s3-0", "s3-1", "s3-2"]
+    assert keys(ordered_samples(ShardMixture([WeightedSet(kept)]), 0, 1)) == \
+        [f"s{shard}-{n}" for shard, count in enumerate((7, 5, 7)) for n in range(count)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_training_on_any_world_size_never_reads_a_held_out_sample(tmp_path, world):
+    folder = write_set(tmp_path / "set")
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 8)
+    held = set(keys(ordered_samples(heldout.mixture, 0, 1)))
+    trained = training_keys(heldout.exclude_from(training_mixture(str(folder), "train", [])), world)
+    assert len(held) == 8 and not held & set(trained)
+    assert len(trained) == len(set(trained)) == 16 // (world * 2) * world * 2  # drop-last, as any epoch
+
+
+def test_the_choice_is_the_same_however_often_and_wherever_it_is_made(tmp_path):
+    folder = write_set(tmp_path / "set")
+    first = choose_heldout(str(folder), "train", "val", "auto", 6)
+    again = choose_heldout(str(folder), "train", "val", "auto", 6)
+    assert first == again and first.train_tail == 6 and first.train_samples == 24
+    assert keys(ordered_samples(first.mixture, 0, 1)) == keys(ordered_samples(again.mixture, 0, 1))
+    # What each of 2 ranks scores (every rank reads the whole held-out part, from its start) is the same part.
+    assert keys(ordered_samples(first.mixture, 0, 1)) == [f"s2-{n}" for n in range(6, 9)] + ["s3-0", "s3-1", "s3-2"]
+
+
+def test_a_validation_split_is_used_as_it_is_and_training_keeps_every_sample(tmp_path):
+    folder = write_set(tmp_path / "set", with_val=True)
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 8)
+    assert heldout.train_tail == 0 and heldout.images.split == "val" and heldout.images.samples == 4
+    mixture = training_mixture(str(folder), "train", [])
+    assert heldout.exclude_from(mixture) is mixture
+    forced = choose_heldout(str(folder), "train", "val", "train", 8)
+    assert forced.train_tail == 8 and forced.images.split == "train"
+
+
+def test_a_mixture_loses_the_tail_only_from_the_held_out_set(tmp_path):
+    folder, other = write_set(tmp_path / "set"), write_set(tmp_path / "other", sizes=(6,))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 4)
+    mixture = training_mixture("unused", "train", [(str(other), 1.0, None), (str(folder) + "/", 2.0, None)])
+    cut = heldout.exclude_from(mixture)
+    assert [s.shards.samples for s in cut.sets] == [6, 20] and [s.weight for s in cut.sets] == [1.0, 2.0]
+
+
+def test_a_held_out_count_does_not_depend_on_the_world_size_and_covers_the_grids():
+    assert heldout_count(4, 16) == 64
+    assert heldout_count(1, 4) == 8  # the reconstruction grids' eight images
+
+
+def test_too_small_a_train_split_or_a_missing_required_split_is_refused_with_the_way_out(tmp_path):
+    folder = write_set(tmp_path / "set")
+    with pytest.raises(DataError, match=r"has 24 samples, too few to hold out 13 .*logging.heldout_batches"):
+        choose_heldout(str(folder), "train", "val", "auto", 13)
+    with pytest.raises(DataError, match=r"no split 'val' \(data.val_split\); it has \['train'\]. data.heldout=auto"):
+        choose_heldout(str(folder), "train", "val", "split", 8)
+    with pytest.raises(DataError, match="data.heldout must be one of auto, split, train"):
+        choose_heldout(str(folder), "train", "val", "tail", 8)
+
+
+def test_an_index_that_does_not_match_the_manifest_is_still_caught_in_a_part(tmp_path):
+    folder = write_set(tmp_path / "set")
+    lines = (folder / "train-003.idx").read_text().splitlines()
+    (folder / "train-003.idx").write_text("\n".join([lines[0].replace(" 3", " 2")] + lines[1:3]) + "\n")
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 5)
+    with pytest.raises(DataError, match="train-003.idx: 2 samples, the manifest says 3"):
+        list(ordered_samples(heldout.mixture, 0, 1))
+
+
+def test_cut_parts_cover_every_sample_once_for_random_counts():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = tuple(int(n) for n in rng.integers(1, 9, size=rng.integers(1, 6)))
+        total = sum(sizes)
+        if total < 2:
+            continue
+        count = int(rng.integers(1, total))
+        split = SplitShards("train", "/x", "/x", tuple(f"t{i}.tar" for i in range(len(sizes))),
+                            tuple(f"t{i}.idx" for i in range(len(sizes))), sizes, (0,) * len(sizes), total, False, 0)
+        kept, held = split_tail(split, count)
+        lines = [(kept.names[i], kept.first_line_of(i) + n) for i in range(len(kept.names))
+                 for n in range(kept.samples_per_shard[i])]
+        lines += [(held.names[i], held.first_line_of(i) + n) for i in range(len(held.names))
+                  for n in range(held.samples_per_shard[i])]
+        assert lines == [(f"t{i}.tar", n) for i, size in enumerate(sizes) for n in range(size)]
+        assert held.samples == count and all(held.index_lines_of(i) == sizes[int(held.names[i][1:-4])]
+                                             for i in range(len(held.names)))
