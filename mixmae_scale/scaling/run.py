@@ -129,6 +129,8 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
         with emit_commands.open("a" if spec.learning_rate.sweep else "w") as handle:
             handle.write("".join(line + "\n" for line in lines))
         log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
+        log(f"next: run them where the GPUs are; then the same `mixmae scaling run` without --emit-commands "
+            f"(--out {out}) reads their finished run folders into results.jsonl")
         return []
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
     log(f"{len(runs)} run(s): {share.describe()}")

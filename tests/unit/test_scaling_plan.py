@@ -150,3 +150,41 @@ def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_s
     s3 = tmp_path / "s3.yaml"
     s3.write_text(BASE + "steps: [2]\nsources: [{shards: s3://bucket/set}]\n")
     assert load_spec(s3).sources[0]["shards"] == "s3://bucket/set"
+
+
+def test_runs_sharing_one_gpu_are_checked_against_its_memory(monkeypatch):
+    """`scaling run --parallel P` on a GPU: P workers, each a CUDA context with the largest run's planned peak."""
+    import torch
+
+    from mixmae_scale.config import ConfigError
+    from mixmae_scale.scaling import in_process
+    from mixmae_scale.scaling.spec import PlannedRun
+
+    assert in_process.runs_that_fit(2.51, 139.8) == 41 and in_process.runs_that_fit(3.0, 8.0) == 2
+    run = PlannedRun("w8-C1e+12-seed0", "w8", 1.0, 10, 0, (), 108_224, 5120, 1e12, 1e12, 512)
+    cpu = in_process.device_share(None, [run], parallel=2, per_process=5, cpu_count=16)
+    assert cpu.describe() == "2 run(s) at a time share 16 CPU core(s), 8 thread(s) each; up to 5 runs per process"
+
+    class Card:
+        total_memory = 8 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Card())
+    monkeypatch.setattr(in_process, "planned_peak_gib", lambda spec, run, device_gib: 3.0)
+    gpu = in_process.device_share(None, [run], parallel=2, per_process=1, cpu_count=16)
+    assert gpu.describe() == ("2 run(s) at a time share cuda:0 (8.0 GiB); the largest run's planned peak is 3.00 GiB, "
+                              "2 x that fits; one process per run")
+    with pytest.raises(ConfigError, match=r"--parallel 3: 3 runs of up to 3.00 GiB each .* do not fit in 8.0 GiB "
+                                          r"with 25% kept free; use --parallel 2 or fewer"):
+        in_process.device_share(None, [run], parallel=3, per_process=1, cpu_count=16)
+
+
+def test_the_gpu_study_spec_has_two_decades_five_sizes_per_budget_two_seeds_and_the_width_lr_rule():
+    from pathlib import Path
+
+    from mixmae_scale.scaling.spec import load_spec, size_trains_on
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "docs" / "scaling-example" / "gpu-iso-flop" / "sweep.yaml")
+    assert max(spec.budgets) / min(spec.budgets) >= 100 and spec.seeds == [0, 1]
+    assert all(sum(size_trains_on(s, b) for s in spec.sizes) >= 5 for b in spec.budgets)
+    assert spec.learning_rate.rule == "inverse_width"
