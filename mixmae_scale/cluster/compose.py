@@ -109,5 +109,7 @@ def train_samples_for(config: Config) -> tuple[int | None, str]:
     try:
         return load_split(config.data.shards, config.data.train_split).samples, f"counted in {manifest}"
     except DataError:
+        if Path(config.data.shards).is_dir() and not manifest.exists():
+            raise  # a folder here that is not a shard set (images, say): every rank would refuse it, so refuse now
         return None, (f"data.train_samples: {manifest} is not here, so the run's own count may differ and "
                       "with it the steps")

@@ -230,3 +230,11 @@ def test_eval_and_visualize_print_one_line_and_json_on_request(capsys, monkeypat
                                        "reconstructed by run\n")
     assert main(["visualize", "run", "--data", "shards", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == drawn
+
+
+def test_launch_refuses_a_folder_of_images_as_shards_before_starting_any_rank(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    _jpegs(tmp_path / "photos" / "train" / "n01", 2)
+    line = one_error_line(capfd, main(["launch", "tiny", "--set", "data.shards=photos", "--dry-run"]))
+    assert "it is an ImageNet-style image tree (train/ with a folder per class); convert it first: `mixmae shards " \
+           "imagenet --src photos --out photos-shards`" in line
