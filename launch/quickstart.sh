@@ -33,11 +33,6 @@ $MIXMAE export "$RUN" --out "$RUN/encoder_decoder.safetensors" --with-decoder >/
 
 echo "== 4/4 probes on the demo classes: the pretrained encoder vs three randomly initialised ones"
 $MIXMAE probe --init "$RUN/encoder.safetensors" --data "$DEMO/shards" --baseline
-echo "   (the margin over the random encoders is what pretraining put into the features: five training"
-echo "    seeds gave +3.7 +- 1.5 points linear and +4.4 +- 3.2 k-NN, benchmarks/results/demo_probe_cpu_fp32.json;"
-echo "    seed 0, the default, was the weakest there at +1.3 and +0.6 (probes on another thread count move"
-echo "    a top-1 by a few tenths); the absolute top-1 is modest because the demo trains a 3M-parameter"
-echo "    model for 405 steps)"
 echo
 echo "outputs:"
 echo "  $DEMO/shards                 demo shards (dataset.json, classes.json, rejected.jsonl)"

@@ -48,18 +48,19 @@ def _probe(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report, indent=2))
         return 0
-    print(f"probes on {report['pretrained']['val_samples']} validation images ({num_classes} classes), pooled "
-          f"features of every stage; random init: {args.baseline_seeds} encoders of the same shape")
-    for readout, name in (("linear", "linear probe"), ("knn", "k-NN (k=20)")):
-        r = report[readout]
-        spread = r["random_init"]
-        times = f" = {r['margin_in_spread']:.1f}x their spread" if r["margin_in_spread"] is not None else ""
-        print(f"  {name:<13} pretrained {r['pretrained']:5.1f}%   random init {spread['mean']:5.1f}% +- "
-              f"{spread['std']:.1f} (min {spread['min']:.1f}, max {spread['max']:.1f})   margin {r['margin']:+.1f} "
-              f"points{times}")
+    for readout, name in (("linear", "linear probe"), ("knn", "k-NN probe")):
+        print(f"{name}: {probe_line(report[readout])}")
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
+
+
+def probe_line(readout: dict) -> str:
+    """One probe's result as one line: the pretrained top-1 against the random encoders' mean and spread."""
+    spread = readout["random_init"]
+    times = f", {readout['margin_in_spread']:.0f}x their spread" if readout["margin_in_spread"] is not None else ""
+    return (f"{readout['pretrained']:.1f}% pretrained vs {spread['mean']:.1f} +- {spread['std']:.1f}% random encoders "
+            f"({readout['margin']:+.1f} points{times})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

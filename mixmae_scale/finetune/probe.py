@@ -174,6 +174,11 @@ def compare_with_random_init(state: dict[str, torch.Tensor], arch: dict, shards:
     pretrained = probe_encoder(state, arch, train, val, num_classes, batch, seed)
     baselines = [probe_encoder(None, arch, train, val, num_classes, batch, seed + 1 + i)
                  for i in range(baseline_seeds)]
+    return margin_report(pretrained, baselines)
+
+
+def margin_report(pretrained: ProbeResult, baselines: list[ProbeResult]) -> dict:
+    """Per read-out: the pretrained top-1, the random encoders' spread, and the margin over their mean."""
     report: dict = {"pretrained": asdict(pretrained), "random_init": [asdict(b) for b in baselines],
                     "not_meaningful": pretrained.not_meaningful}
     for readout, key in (("linear", "top1"), ("knn", "knn_top1")):
