@@ -58,7 +58,7 @@ def _probe(args: argparse.Namespace) -> int:
 def probe_line(readout: dict) -> str:
     """One probe's result as one line: the pretrained top-1 against the random encoders' mean and spread."""
     spread = readout["random_init"]
-    times = f", {readout['margin_in_spread']:.0f}x their spread" if readout["margin_in_spread"] is not None else ""
+    times = f", {readout['margin_in_spread']:.1f}x their spread" if readout["margin_in_spread"] is not None else ""
     return (f"{readout['pretrained']:.1f}% pretrained vs {spread['mean']:.1f} +- {spread['std']:.1f}% random encoders "
             f"({readout['margin']:+.1f} points{times})")
 

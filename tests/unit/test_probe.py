@@ -38,4 +38,4 @@ def test_the_margin_report_and_its_line_compare_the_pretrained_top1_with_the_ran
     assert report["linear"]["margin"] == 30.0 and report["linear"]["margin_in_spread"] == 15.0
     assert report["knn"]["margin"] == 28.0 and report["knn"]["random_init"]["max"] == 36.0
     assert probe_line(report["linear"]) == ("70.0% pretrained vs 40.0 +- 2.0% random encoders (+30.0 points, "
-                                            "15x their spread)")
+                                            "15.0x their spread)")
