@@ -260,16 +260,21 @@ def _compute_figure(plt, rows: list[dict], fit: dict):
     return fig
 
 
-def _params_figure(plt, rows: list[dict]):
-    _, n, d, loss = _arrays(rows)
+def _loss_vs_size(plt, n: np.ndarray, loss: np.ndarray, groups: list[tuple[np.ndarray, str]], title: str):
+    """One line per group of runs, ordered by size: the shape both the data-size and iso-FLOP views share."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for images in sorted(set(d)):
-        sel = d == images
+    for sel, label in groups:
         order = np.argsort(n[sel])
-        ax.plot(n[sel][order], loss[sel][order], "o-", label=f"D = {images:.3g} images")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="loss vs model size per data size")
+        ax.plot(n[sel][order], loss[sel][order], "o-", label=label)
+    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title=title)
     ax.legend(fontsize=7)
     return fig
+
+
+def _params_figure(plt, rows: list[dict]):
+    _, n, d, loss = _arrays(rows)
+    groups = [(d == images, f"D = {images:.3g} images") for images in sorted(set(d))]
+    return _loss_vs_size(plt, n, loss, groups, "loss vs model size per data size")
 
 
 def _grid_iso_figure(plt, rows: list[dict]):
@@ -279,14 +284,7 @@ def _grid_iso_figure(plt, rows: list[dict]):
     shared = [b for b in np.unique(levels) if len(np.unique(n[levels == b])) >= 2]
     if not shared:
         return "no two sizes share a compute level (within 0.1 decade): no iso-FLOP curve"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for b in shared:
-        sel = levels == b
-        order = np.argsort(n[sel])
-        ax.plot(n[sel][order], loss[sel][order], "o-", label=f"C ~ 1e{b:.1f}")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="iso-FLOP curves")
-    ax.legend(fontsize=7)
-    return fig
+    return _loss_vs_size(plt, n, loss, [(levels == b, f"C ~ 1e{b:.1f}") for b in shared], "iso-FLOP curves")
 
 
 def _predicted_figure(plt, rows: list[dict], fit: dict):
