@@ -117,6 +117,11 @@ class Manifest:
 
 
 _MISSING = object()
+_REBUILD = "rebuild the set with `mixmae shards` (or adopt the tars again with `mixmae shards adopt`)"
+
+
+def _bad_key(path: str, key: str, problem: str) -> DataError:
+    return DataError(f"{path}: key '{key}' {problem}; {_REBUILD}")
 
 
 def _typed(data: dict, key: str, kind: type, path: str, default: Any = _MISSING, where: str = "") -> Any:
@@ -124,29 +129,26 @@ def _typed(data: dict, key: str, kind: type, path: str, default: Any = _MISSING,
     name = f"{where}.{key}" if where else key
     if key not in data or data[key] is None and default is not _MISSING:
         if default is _MISSING:
-            raise DataError(f"{path}: key '{name}' is missing; rebuild the set with `mixmae shards` (or adopt the "
-                            "tars again with `mixmae shards adopt`)")
+            raise _bad_key(path, name, "is missing")
         return default
     value = data[key]
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataError(f"{path}: key '{name}' is {type(value).__name__} {value!r:.60}, expected {kind.__name__}; "
-                        "rebuild the set with `mixmae shards` (or adopt the tars again with `mixmae shards adopt`)")
+        raise _bad_key(path, name, f"is {type(value).__name__} {value!r:.60}, expected {kind.__name__}")
     return value
 
 
 def _split(info: Any, where: str, path: str, labeled: bool) -> SplitEntry:
     """One split; `labeled` is the default for a manifest written before splits said so (it had classes)."""
     if not isinstance(info, dict):
-        raise DataError(f"{path}: key '{where}' is {type(info).__name__}, expected an object with 'shards'")
+        raise _bad_key(path, where, f"is {type(info).__name__}, expected an object with 'shards'")
     entries = _typed(info, "shards", list, path, [], where)
     shards = []
     for number, entry in enumerate(entries):
         at = f"{where}.shards[{number}]"
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: key '{at}' is {type(entry).__name__}, expected an object with name, index and "
-                            "samples")
+            raise _bad_key(path, at, f"is {type(entry).__name__}, expected an object with name, index and samples")
         shards.append(ShardEntry(
             _typed(entry, "name", str, path, where=at), _typed(entry, "index", str, path, where=at),
             _typed(entry, "samples", int, path, where=at), _typed(entry, "bytes", int, path, 0, at),
