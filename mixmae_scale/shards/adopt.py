@@ -243,7 +243,8 @@ class AdoptionSource:
         self.splits, self.max_rejected, self.workers = (options.split,), options.max_rejected, options.workers
         self.tars: list[storage.StoredFile] = []
         self.others: Counter[str] = Counter()
-        self.previous: Manifest | None = None
+        self.previous: Manifest | None = None  # the manifest OUT already holds (another split adopted before)
+        self.base, self.other_splits, self.prefix = src, {}, ""  # see _place
         self.classes: list[dict] = []
 
     def discover(self) -> tuple[list[str], list[str]]:

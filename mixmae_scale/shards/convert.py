@@ -146,8 +146,7 @@ def _discover(src: Path, split: str, options: ConvertOptions) -> Discovered:
 
 
 def discover_splits(src: Path, options: ConvertOptions) -> dict[str, Discovered]:
-    """Every split's files before any shard is written, so that one run names the problems of all splits.
-    Looked up through this module at call time, so a test can make a file vanish right after listing."""
+    """Every split's files before any shard is written, so that one run names the problems of all splits."""
     found: dict[str, Discovered] = {}
     problems: list[str] = []
     for split in options.splits:
