@@ -231,7 +231,7 @@ def test_adoption_from_s3_into_s3_reads_each_tar_with_one_request(wds_sets, s3_b
     assert verify(out)["ok"]
 
 
-def test_a_set_sorted_by_class_is_warned_about(tmp_path):
+def test_a_set_sorted_by_class_is_warned_about_by_the_library_and_printed_by_the_cli(tmp_path, capsys):
     import webdataset as wds
 
     (tmp_path / "sorted").mkdir()
@@ -240,6 +240,9 @@ def test_a_set_sorted_by_class_is_warned_about(tmp_path):
             sink.write({"__key__": f"{i:04d}", "jpg": image_bytes("jpg"), "cls": i // 3})
     (warning,) = adopt(tmp_path / "sorted", tmp_path / "out", AdoptOptions()).warnings
     assert warning.startswith("train: 3 of 3 shards hold one class") and "sorted by class" in warning
+    assert not capsys.readouterr().err.count("WARNING")  # the library returns it and prints nothing
+    assert main(["shards", "adopt", str(tmp_path / "sorted"), "--out", str(tmp_path / "cli"), "--workers", "1"]) == 0
+    assert f"WARNING {warning}\n" in capsys.readouterr().err
 
 
 def test_a_tar_cut_at_a_member_boundary_or_with_a_damaged_header_is_caught_where_tarfile_stops_quietly(tmp_path):
