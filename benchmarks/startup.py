@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.data.manifest import Manifest, ShardEntry, SplitEntry, write_manifest
 from mixmae_scale.shards.writer import TarShardWriter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,11 +72,10 @@ def build(folder: Path, shards: int) -> Path:
         name = f"train-{number:06d}"
         (folder / f"{name}.tar").write_bytes(data)
         (folder / f"{name}.idx").write_text(index)
-        entries.append({"name": f"{name}.tar", "index": f"{name}.idx", "samples": PER_SHARD, "bytes": len(data)})
+        entries.append(ShardEntry(f"{name}.tar", f"{name}.idx", PER_SHARD, len(data)))
     template.unlink()
-    manifest = {"format": "mixmae-scale-shards", "version": 2, "classes": [{"index": i} for i in range(4)],
-                "splits": {"train": {"samples": PER_SHARD * shards, "labeled": True, "shards": entries}}}
-    write_text(folder / "dataset.json", json.dumps(manifest))
+    write_manifest(folder, Manifest({"train": SplitEntry(PER_SHARD * shards, True, tuple(entries))},
+                                    [{"index": i} for i in range(4)]))
     return folder
 
 

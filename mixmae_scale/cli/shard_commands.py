@@ -6,8 +6,20 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
+
+if TYPE_CHECKING:
+    from mixmae_scale.shards.builder import BuildResult
+
+
+def _print_notes(result: BuildResult) -> None:
+    """What the library handed back for the person: notes on stdout, warnings on stderr."""
+    for note in result.notes:
+        print(note)
+    for warning in result.warnings:
+        print(f"WARNING {warning}", file=sys.stderr)
 
 
 def _shards_convert(args: argparse.Namespace) -> int:
@@ -25,12 +37,13 @@ def _shards_convert(args: argparse.Namespace) -> int:
         max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize,
         max_rejected=args.max_rejected, staging=args.staging)
     try:
-        manifest = convert(args.src, args.out, options)
+        result = convert(args.src, args.out, options)
     except OSError as exc:  # the output side (disk full, unwritable folder): per-file problems never get here
         print(f"mixmae: error: writing shards to {args.out} failed: {exc}. Finished shards are kept; free space "
               "or fix the folder, then run the same command again to resume", file=sys.stderr)
         return 1
-    for line in summary_lines(manifest):
+    _print_notes(result)
+    for line in summary_lines(result.manifest):
         print(line)
     out = args.out.rstrip("/")
     print(f"manifest: {out}/dataset.json; rejected files: {out}/rejected.jsonl")
@@ -41,10 +54,11 @@ def _shards_adopt(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.adopt import AdoptOptions, adopt, summary_lines
 
     options = AdoptOptions(split=args.split, decode=args.decode, workers=args.workers, max_rejected=args.max_rejected)
-    manifest = adopt(args.src, args.out, options)
-    for line in summary_lines(manifest, args.split):
+    result = adopt(args.src, args.out, options)
+    _print_notes(result)
+    for line in summary_lines(result, args.split):
         print(line)
-    print(f"manifest: {args.out.rstrip('/')}/dataset.json (tars read from {manifest['base']}); rejections: "
+    print(f"manifest: {args.out.rstrip('/')}/dataset.json (tars read from {result.manifest.base}); rejections: "
           f"{args.out.rstrip('/')}/rejected.jsonl; train with data.shards={args.out}")
     return 0
 
@@ -77,8 +91,9 @@ def _shards_demo(args: argparse.Namespace) -> int:
     print(f"demo images under {images}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
     options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
                              samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
-    manifest = convert(images, out / "shards", options)
-    for line in summary_lines(manifest):
+    result = convert(images, out / "shards", options)
+    _print_notes(result)
+    for line in summary_lines(result.manifest):
         print(line)
     print(f"demo shards: {out / 'shards'}")
     return 0

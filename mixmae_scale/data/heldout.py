@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
-from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_split, read_manifest
+from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_manifest, load_split
 from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
 
 GRID_IMAGES = 8  # the reconstruction grids' fixed images (visualize/snapshots.py)
@@ -114,7 +114,7 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
     if mode not in MODES:
         raise DataError(f"data.heldout must be one of {', '.join(MODES)}, got {mode!r}")
     path = storage.join(str(location), MANIFEST)
-    splits = read_manifest(location).get("splits", {})
+    splits = load_manifest(location).splits
     if mode != "train" and val_split in splits:
         return HeldOut(load_split(location, val_split), 0, 0)
     if mode == "split":

@@ -16,23 +16,147 @@ The manifest format, version 2 (version 1, written before `base` existed, reads 
 (A name or index may also be an absolute path or URL: a subset's manifest points into the full set.)
 An index is DALI's wds2idx text: "v1.2 N", then one line per sample that training may read, listing
 "ext data_offset size member_name" for each of its members, in tar order.
+
+This module is the one place `dataset.json` is parsed and written (`Manifest.from_dict`, `load_manifest`,
+`write_manifest`), so a key renamed or added changes here and nowhere else, and a damaged manifest fails
+with the file and the key at fault instead of a KeyError deep inside a loader.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
 
-__all__ = ["DataError", "MANIFEST", "SplitShards", "load_split", "read_manifest"]
+__all__ = ["DataError", "MANIFEST", "Manifest", "ShardEntry", "SplitEntry", "SplitShards", "load_manifest",
+           "load_split", "read_manifest", "write_manifest"]
 
 MANIFEST = "dataset.json"
 FORMAT = "mixmae-scale-shards"
+VERSION = 2
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One tar of a split: `name` relative to the set's base, `index` relative to the manifest's folder (either
+    may be an absolute path or URL)."""
+
+    name: str
+    index: str
+    samples: int
+    bytes: int = 0
+    sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "index": self.index, "samples": self.samples, "bytes": self.bytes,
+                "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """One split: what training reads (`shards`, `samples`, `labeled`) and the builder's account of how it was
+    made (`counts`: found, rejected, adopted_from, ... as each source reports them), kept as written so that a
+    summary can be printed from the manifest alone."""
+
+    samples: int
+    labeled: bool
+    shards: tuple[ShardEntry, ...]
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.counts, "samples": self.samples, "labeled": self.labeled,
+                "shards": [s.to_dict() for s in self.shards]}
+
+    @property
+    def adopted(self) -> bool:
+        """Indexed where another tool wrote it (`mixmae shards adopt`), not converted here."""
+        return "adopted_from" in self.counts
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard set's `dataset.json`. `base` (adopted sets) is where tar names resolve; None: beside the manifest.
+    `options` (converted sets) are the conversion's options, which a resume must match."""
+
+    splits: dict[str, SplitEntry]
+    classes: list[dict[str, Any]] = field(default_factory=list)
+    base: str | None = None
+    options: dict[str, Any] | None = None
+    tool_version: str | None = None
+    version: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"format": FORMAT, "version": self.version}
+        if self.tool_version is not None:
+            head["tool_version"] = self.tool_version
+        if self.base is not None:
+            head["base"] = self.base
+        if self.options is not None:
+            head["options"] = self.options
+        return {**head, "classes": self.classes, "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> Manifest:
+        """The typed manifest; a key missing or of the wrong type raises DataError naming `path` and the key."""
+        if not isinstance(data, dict) or data.get("format", FORMAT) != FORMAT:
+            raise DataError(f"{path}: not a mixmae-scale shard manifest (format "
+                            f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r})")
+        splits = _typed(data, "splits", dict, path, {})
+        classes = _typed(data, "classes", list, path, [])
+        return cls(splits={name: _split(info, f"splits.{name}", path, bool(classes)) for name, info in splits.items()},
+                   classes=classes, base=_typed(data, "base", str, path, None) or None,
+                   options=_typed(data, "options", dict, path, None),
+                   tool_version=_typed(data, "tool_version", str, path, None),
+                   version=_typed(data, "version", int, path, 1))
+
+
+_MISSING = object()
+_REBUILD = "rebuild the set with `mixmae shards` (or adopt the tars again with `mixmae shards adopt`)"
+
+
+def _bad_key(path: str, key: str, problem: str) -> DataError:
+    return DataError(f"{path}: key '{key}' {problem}; {_REBUILD}")
+
+
+def _typed(data: dict, key: str, kind: type, path: str, default: Any = _MISSING, where: str = "") -> Any:
+    """data[key] checked against `kind` (an int may stand for a whole float), or `default` when absent."""
+    name = f"{where}.{key}" if where else key
+    if key not in data or data[key] is None and default is not _MISSING:
+        if default is _MISSING:
+            raise _bad_key(path, name, "is missing")
+        return default
+    value = data[key]
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _bad_key(path, name, f"is {type(value).__name__} {value!r:.60}, expected {kind.__name__}")
+    return value
+
+
+def _split(info: Any, where: str, path: str, labeled: bool) -> SplitEntry:
+    """One split; `labeled` is the default for a manifest written before splits said so (it had classes)."""
+    if not isinstance(info, dict):
+        raise _bad_key(path, where, f"is {type(info).__name__}, expected an object with 'shards'")
+    entries = _typed(info, "shards", list, path, [], where)
+    shards = []
+    for number, entry in enumerate(entries):
+        at = f"{where}.shards[{number}]"
+        if not isinstance(entry, dict):
+            raise _bad_key(path, at, f"is {type(entry).__name__}, expected an object with name, index and samples")
+        shards.append(ShardEntry(
+            _typed(entry, "name", str, path, where=at), _typed(entry, "index", str, path, where=at),
+            _typed(entry, "samples", int, path, where=at), _typed(entry, "bytes", int, path, 0, at),
+            _typed(entry, "sha256", str, path, "", at)))
+    counted = sum(s.samples for s in shards)
+    counts = {k: v for k, v in info.items() if k not in ("samples", "labeled", "shards")}
+    return SplitEntry(_typed(info, "samples", int, path, counted, where),
+                      _typed(info, "labeled", bool, path, labeled, where), tuple(shards), counts)
 
 
 @dataclass(frozen=True)
@@ -126,9 +250,8 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
             "shards with `mixmae shards folder` or `mixmae shards imagenet`")
 
 
-def read_manifest(location: str | Path) -> dict:
-    """The parsed manifest of a shard set, with one-line errors that name the absolute path or URL."""
-    location = str(location)
+def _read_json(location: str) -> tuple[Any, str]:
+    """The parsed JSON of a set's manifest and its displayed path, with one-line errors naming the path or URL."""
     path = storage.join(location, MANIFEST)
     if not storage.is_remote(location):
         folder = Path(location)
@@ -142,36 +265,49 @@ def read_manifest(location: str | Path) -> dict:
     except storage.StorageError as exc:
         raise DataError(f"{exc} (the shard set's manifest; data.shards={location})") from exc
     try:
-        manifest = json.loads(text)
+        return json.loads(text), _display(path)
     except json.JSONDecodeError as exc:
         raise DataError(f"{_display(path)}: not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format", FORMAT) != FORMAT:
-        raise DataError(f"{_display(path)}: not a mixmae-scale shard manifest (format "
-                        f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})")
-    return manifest
+
+
+def load_manifest(location: str | Path) -> Manifest:
+    """The typed manifest of a shard set (a folder or an s3:// prefix)."""
+    data, path = _read_json(str(location))
+    return Manifest.from_dict(data, path)
+
+
+def read_manifest(location: str | Path) -> dict:
+    """The manifest as written, checked as `load_manifest` checks it: for a caller that digests its exact keys."""
+    data, path = _read_json(str(location))
+    Manifest.from_dict(data, path)
+    return data
+
+
+def manifest_exists(location: str | Path) -> bool:
+    """Whether a set (or a set begun by an earlier run) has a manifest, without reading it."""
+    return storage.exists(storage.join(str(location), MANIFEST))
+
+
+def write_manifest(location: str | Path, manifest: Manifest) -> str:
+    """Writes `dataset.json` atomically (temp file and rename locally, one PUT on S3); returns its path or URL."""
+    path = storage.join(str(location), MANIFEST)
+    storage.write_text(path, json.dumps(manifest.to_dict(), indent=1))
+    return path
 
 
 def load_split(location: str | Path, split: str, world_size: int = 1) -> SplitShards:
     """`world_size` is accepted for the callers that pass it; a split reads the same on any world size."""
     location = str(location)
-    manifest = read_manifest(location)
+    manifest = load_manifest(location)
     path = _display(storage.join(location, MANIFEST))
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise DataError(f"{path}: no split '{split}'; it has {sorted(splits)}")
-    info = splits[split]
-    shards = info.get("shards") or []
-    if not shards:
+    if split not in manifest.splits:
+        raise DataError(f"{path}: no split '{split}'; it has {sorted(manifest.splits)}")
+    info = manifest.splits[split]
+    if not info.shards:
         raise DataError(f"{path}: split '{split}' has no shards")
-    try:
-        names = tuple(s["name"] for s in shards)
-        indexes = tuple(s["index"] for s in shards)
-        counts = tuple(int(s["samples"]) for s in shards)
-        sizes = tuple(int(s.get("bytes", 0)) for s in shards)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: split '{split}' has a shard entry without name, index or samples ({exc})") from None
-    if sum(counts) != int(info.get("samples", sum(counts))):
-        raise DataError(f"{path}: split '{split}' says {info['samples']} samples, its shards hold {sum(counts)}")
-    base = manifest.get("base") or location
-    return SplitShards(split, location, str(base), names, indexes, counts, sizes, sum(counts),
-                       bool(info.get("labeled", bool(manifest.get("classes")))), len(manifest.get("classes", [])))
+    counts = tuple(s.samples for s in info.shards)
+    if sum(counts) != info.samples:
+        raise DataError(f"{path}: split '{split}' says {info.samples} samples, its shards hold {sum(counts)}")
+    return SplitShards(split, location, manifest.base or location, tuple(s.name for s in info.shards),
+                       tuple(s.index for s in info.shards), counts, tuple(s.bytes for s in info.shards), sum(counts),
+                       info.labeled, len(manifest.classes))

@@ -49,24 +49,24 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
     pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
     and data fractions are nested, so larger ones see a superset."""
     from mixmae_scale.data import storage
-    from mixmae_scale.data.manifest import read_manifest
+    from mixmae_scale.data.manifest import load_manifest, write_manifest
 
+    replace = dataclasses.replace
     folder = out / f"fraction-{fraction:g}"
     if (folder / "dataset.json").exists():
         return folder
     location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
-    manifest = read_manifest(location)
-    base = storage.join(location, manifest.get("base") or "")
-    for entries in manifest["splits"].values():
-        entries["shards"] = [{**s, "name": storage.join(base, s["name"]), "index": storage.join(location, s["index"])}
-                             for s in entries["shards"]]
-    train = manifest["splits"][split or "train"]  # a mixture's source may train on another split: it becomes train
-    keep = train["shards"][: max(1, math.ceil(fraction * len(train["shards"])))]
-    manifest["splits"]["train"] = {**train, "shards": keep, "samples": sum(s["samples"] for s in keep)}
-    manifest["base"] = location
+    manifest = load_manifest(location)
+    base = storage.join(location, manifest.base or "")
+    splits = {name: replace(entry, shards=tuple(replace(s, name=storage.join(base, s.name),
+                                                        index=storage.join(location, s.index)) for s in entry.shards))
+              for name, entry in manifest.splits.items()}
+    train = splits[split or "train"]  # a mixture's source may train on another split: it becomes train
+    keep = train.shards[: max(1, math.ceil(fraction * len(train.shards)))]
+    splits["train"] = replace(train, shards=keep, samples=sum(s.samples for s in keep))
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "classes.json", json.dumps(manifest.get("classes", []), indent=1))
-    write_text(folder / "dataset.json", json.dumps(manifest, indent=1))
+    write_text(folder / "classes.json", json.dumps(manifest.classes, indent=1))
+    write_manifest(folder, replace(manifest, splits=splits, base=location))
     return folder
 
 

@@ -11,24 +11,34 @@ by tar_index.py. OUT (a folder or an s3:// prefix) receives:
     .progress/adopt/<split>/<tar>.json    one record per indexed tar, written after its index
 A rerun indexes only tars without a record, or whose size changed since; train and val are adopted into
 one OUT by two calls (`--split`), and the manifest's base becomes the folder the two sources share.
+Adoption is a source of the shard-set builder (builder.py), which runs the pool, the progress records, the
+reconciliation, `rejected.jsonl`, --max-rejected and the manifest; what is adoption's own is here: listing the
+tars, indexing one, where the tar names resolve, and the warnings about labels and class-sorted sets.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-from tqdm import tqdm
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
-from mixmae_scale.data.manifest import FORMAT, MANIFEST
-from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED, check_rejections
+from mixmae_scale.data.manifest import MANIFEST, Manifest, ShardEntry, SplitEntry, load_manifest, manifest_exists
+from mixmae_scale.shards.builder import (
+    CLASSES,
+    REJECTED,
+    BuildResult,
+    SplitOutcome,
+    WorkList,
+    build,
+    read_records,
+    reconcile,
+    resume,
+    write_record,
+)
+from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 from mixmae_scale.shards.sources import SourceError
 from mixmae_scale.shards.tar_index import TarIndex, index_tar
 from mixmae_scale.shards.transient import retrying
@@ -125,22 +135,8 @@ def index_shard(job: _Job) -> AdoptedShard | str:
     if found.samples:
         record.index = index_name(job.split, job.name)
         storage.write_text(storage.join(job.out, record.index), found.index_text())
-    storage.write_text(storage.join(job.out, record_name(job.split, job.name)), json.dumps(asdict(record)))
+    write_record(storage.join(job.out, record_name(job.split, job.name)), record)
     return record
-
-
-def _read_records(out: str, split: str) -> dict[str, AdoptedShard]:
-    folder = storage.join(out, f"{PROGRESS_DIR}/{split}")
-    if not storage.is_remote(folder) and not Path(folder).is_dir():
-        return {}
-    files = storage.list_files(folder, ".json")
-    with ThreadPoolExecutor(16) as pool:  # one GET each on S3: overlap them
-        texts = list(pool.map(lambda f: storage.read_text(storage.join(folder, f.name)), files))
-    records = {}
-    for text in texts:
-        record = AdoptedShard(**json.loads(text))
-        records[record.name] = record
-    return records
 
 
 def _existing_indexes(out: str, split: str) -> set[str]:
@@ -148,45 +144,6 @@ def _existing_indexes(out: str, split: str) -> set[str]:
     if not storage.is_remote(folder) and not Path(folder).is_dir():
         return set()
     return {f"{split}/{f.name}" for f in storage.list_files(folder, ".idx")}
-
-
-def _run(jobs: list[_Job], workers: int, desc: str) -> tuple[list[AdoptedShard], list[str]]:
-    records: list[AdoptedShard] = []
-    failures: list[str] = []
-    samples = rejected = 0
-    with tqdm(total=sum(j.size for j in jobs), unit="B", unit_scale=True, desc=desc, dynamic_ncols=True) as bar:
-
-        def done(job: _Job, result: AdoptedShard | str) -> None:
-            nonlocal samples, rejected
-            if isinstance(result, str):
-                failures.append(result)
-            else:
-                records.append(result)
-                samples += result.samples
-                rejected += len(result.rejected)
-            bar.update(job.size)
-            bar.set_postfix(samples=samples, rejected=rejected, failed=len(failures))
-
-        if workers <= 1:
-            for job in jobs:
-                done(job, index_shard(job))
-            return records, failures
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            # A bounded number in flight: 100,000 submitted futures would hold 100,000 jobs at once.
-            pending: dict[Future, _Job] = {}
-            queue = iter(jobs)
-            for job in queue:
-                pending[pool.submit(index_shard, job)] = job
-                if len(pending) >= 4 * workers:
-                    break
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    done(pending.pop(future), future.result())
-                    job = next(queue, None)
-                    if job is not None:
-                        pending[pool.submit(index_shard, job)] = job
-    return records, failures
 
 
 def _common_base(a: str, b: str) -> str | None:
@@ -212,15 +169,15 @@ def _relative(full: str, base: str) -> str:
     return Path(full).relative_to(base).as_posix()
 
 
-def _place(manifest: dict | None, src: str, split: str) -> tuple[str, dict, str]:
+def _place(manifest: Manifest | None, src: str, split: str) -> tuple[str, dict[str, SplitEntry], str]:
     """Where this split's tars are named from: (the manifest's base, the other splits with their tar
     names made relative to that base, the prefix that turns a name relative to SRC into one relative to
     the base). A second split from another folder moves the base up to the folder both share."""
-    others = {k: v for k, v in (manifest or {}).get("splits", {}).items() if k != split}
+    others = {k: v for k, v in (manifest.splits if manifest else {}).items() if k != split}
     if not others:
         return src, {}, ""
-    old_base = manifest.get("base")
-    unadopted = [k for k, v in others.items() if "adopted_from" not in v]
+    old_base = manifest.base
+    unadopted = [k for k, v in others.items() if not v.adopted]
     if not old_base or unadopted:
         raise SourceError(f"the output already holds shards converted by `mixmae shards` ({', '.join(unadopted)}); "
                           "adopt into another folder")
@@ -232,20 +189,10 @@ def _place(manifest: dict | None, src: str, split: str) -> tuple[str, dict, str]
         return old_base, others, src + "/"  # full URLs, which storage.join keeps as they are
     renamed = {}
     for name, info in others.items():
-        shards = [{**s, "name": s["name"] if storage.is_remote(s["name"])
-                   else _relative(storage.join(old_base, s["name"]), base)} for s in info["shards"]]
-        renamed[name] = {**info, "shards": shards}
+        shards = tuple(s if storage.is_remote(s.name)
+                       else replace(s, name=_relative(storage.join(old_base, s.name), base)) for s in info.shards)
+        renamed[name] = replace(info, shards=shards)
     return base, renamed, (_relative(src, base) + "/" if src != base else "")
-
-
-def _read_manifest(out: str) -> dict | None:
-    path = storage.join(out, MANIFEST)
-    if not storage.exists(path):
-        return None
-    manifest = json.loads(storage.read_text(path))
-    if manifest.get("format", FORMAT) != FORMAT:
-        raise SourceError(f"{path}: not a mixmae-scale manifest; adopt into another folder")
-    return manifest
 
 
 def _sorted_warning(split: str, records: list[AdoptedShard], num_classes: int) -> str:
@@ -264,104 +211,131 @@ def _sorted_warning(split: str, records: list[AdoptedShard], num_classes: int) -
 def _written_here(name: str, src: str, out: str) -> bool:
     """Whether a file listed under SRC is one of OUT's own (OUT inside SRC, or the same folder)."""
     if out == src:
-        return name.startswith(".progress/") or name.endswith(".idx") or name in (MANIFEST, "classes.json",
-                                                                                     "rejected.jsonl")
+        return name.startswith(".progress/") or name.endswith(".idx") or name in (MANIFEST, CLASSES, REJECTED)
     return (out + "/").startswith(src + "/") and name.startswith(_relative(out, src) + "/")
 
 
-def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> dict:
-    """Indexes SRC's tars into OUT and writes the manifest; returns it, with `warnings` (not stored)."""
+@dataclass
+class _Tally:
+    """The bar's postfix: samples indexed, rejected and tars failed so far."""
+
+    samples: int = 0
+    rejected: int = 0
+    failed: int = 0
+
+    def __call__(self, result: AdoptedShard | str) -> dict:
+        if isinstance(result, str):
+            self.failed += 1
+        else:
+            self.samples += result.samples
+            self.rejected += len(result.rejected)
+        return {"samples": self.samples, "rejected": self.rejected, "failed": self.failed}
+
+
+class AdoptionSource:
+    """Tars another tool wrote as a source of the builder: a unit of work is one tar, its record an AdoptedShard."""
+
+    unit = "samples (and unreadable tars)"
+    classes_file = False  # an unlabeled adopted set has no classes.json
+
+    def __init__(self, src: str, out: str, options: AdoptOptions) -> None:
+        self.src, self.out, self.options = src, out, options
+        self.splits, self.max_rejected, self.workers = (options.split,), options.max_rejected, options.workers
+        self.tars: list[storage.StoredFile] = []
+        self.others: Counter[str] = Counter()
+        self.previous: Manifest | None = None  # the manifest OUT already holds (another split adopted before)
+        self.base, self.other_splits, self.prefix = src, {}, ""  # see _place
+        self.classes: list[dict] = []
+
+    def discover(self) -> tuple[list[str], list[str]]:
+        listing = [f for f in storage.list_files(self.src) if not _written_here(f.name, self.src, self.out)]
+        self.tars = [f for f in listing
+                     if f.name.lower().endswith(".tar") and not f.name.rsplit("/", 1)[-1].startswith(".")]
+        self.others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if f not in self.tars)
+        if not self.tars:
+            raise SourceError(f"{self.src}: no .tar files found (searched recursively"
+                              + (f"; it holds {dict(self.others)}" if self.others else "; it is empty") + ")")
+        self.previous = load_manifest(self.out) if manifest_exists(self.out) else None
+        self.base, self.other_splits, self.prefix = _place(self.previous, self.src, self.options.split)
+        return [], []
+
+    def pending(self, split: str) -> tuple[WorkList, list[str]]:
+        records = {r.name: r for r in read_records(storage.join(self.out, f"{PROGRESS_DIR}/{split}"),
+                                                   lambda data: AdoptedShard(**data))}
+        indexes = _existing_indexes(self.out, split)
+        decode = self.options.decode
+        jobs = [_Job(t.name, storage.join(self.src, t.name), t.size, self.out, split, decode) for t in self.tars]
+
+        def fresh(job: _Job, record: AdoptedShard) -> bool:
+            return (record.source == job.url and record.size == job.size and (record.decoded or not decode)
+                    and (not record.index or record.index in indexes))
+
+        todo, done = resume(jobs, records, key=lambda job: job.name, fresh=fresh)
+        desc = f"{split}: {len(todo)} tar(s) to index" + (f", {len(done)} done earlier" if done else "")
+        return WorkList(todo, done, index_shard, (), desc, "B", size=lambda job: job.size, postfix=_Tally()), []
+
+    def account(self, split: str, results: list[AdoptedShard | str]) -> SplitOutcome:
+        failures = [r for r in results if isinstance(r, str)]
+        if failures:
+            raise SourceError(f"{len(failures)} of {len(self.tars)} tar(s) could not be read: {failures[0]}"
+                              + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+                              + f". Run the same command again to retry them; the {len(self.tars) - len(failures)} "
+                              "indexed tar(s) are kept")
+        records = {r.name: r for r in results}
+        shards = [records[t.name] for t in self.tars]
+        entry, warnings = self._entry(split, shards)
+        bad_tars = [s for s in shards if s.problem and not s.found]
+        rows = [{"shard": s.name, "problem": s.problem} for s in shards if s.problem]
+        rows += [{"shard": s.name, **r} for s in shards for r in s.rejected]
+        rows += [{"shard": s.name, **r} for s in shards for r in s.ignored]
+        reasons = [r["reason"] for s in shards for r in s.rejected] + [s.problem for s in bad_tars]
+        empty = f"{self.src}: no sample of its {len(shards)} tar(s) can be read; see {storage.join(self.out, REJECTED)}"
+        return SplitOutcome(entry, rows, entry.counts["found"] + len(bad_tars), reasons, warnings, empty)
+
+    def _entry(self, split: str, shards: list[AdoptedShard]) -> tuple[SplitEntry, list[str]]:
+        found, samples = sum(s.found for s in shards), sum(s.samples for s in shards)
+        rejected, members = sum(len(s.rejected) for s in shards), sum(s.members for s in shards)
+        reconcile(split, ("samples found", found), ("indexed", samples), ("rejected", rejected))
+        reconcile(split, ("members", members), ("indexed", sum(s.indexed_members for s in shards)),
+                  ("in rejected samples", sum(len(r["members"]) for s in shards for r in s.rejected)),
+                  ("ignored", sum(len(s.ignored) for s in shards)))
+        labeled_samples = sum(s.labeled_samples for s in shards)
+        labeled = samples > 0 and labeled_samples == samples
+        warnings = []
+        if 0 < labeled_samples < samples:
+            warnings.append(f"{split}: {samples - labeled_samples} of {samples} indexed samples have no cls, so the "
+                            "split is unlabeled: pretraining reads it, fine-tuning and probes need labels")
+        old_classes = self.previous.classes if self.previous else []
+        max_label = max([s.max_label for s in shards] if labeled else [-1])
+        self.classes = old_classes + [{"index": i} for i in range(len(old_classes), max_label + 1)]
+        if labeled and (warning := _sorted_warning(split, shards, max_label + 1)):
+            warnings.append(warning)
+        counts = {"adopted_from": self.src, "found": found, "rejected": rejected, "members": members,
+                  "ignored_members": sum(len(s.ignored) for s in shards),
+                  "problem_tars": sum(bool(s.problem) for s in shards), "decoded": self.options.decode,
+                  "ignored_files": dict(self.others)}
+        entries = tuple(ShardEntry(self.prefix + s.name, s.index, s.samples, s.size, s.sha256)
+                        for s in shards if s.samples)
+        return SplitEntry(samples, labeled, entries, counts), warnings
+
+    def manifest(self, entries: dict[str, SplitEntry]) -> Manifest:
+        return Manifest({**self.other_splits, **entries}, self.classes, base=self.base, tool_version=__version__)
+
+
+def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResult:
+    """Indexes SRC's tars into OUT and writes the manifest; the result's warnings are for the person adopting."""
     src, out = _location(src), _location(out)
-    split = options.split
-    listing = [f for f in storage.list_files(src) if not _written_here(f.name, src, out)]
-    tars = [f for f in listing if f.name.lower().endswith(".tar") and not f.name.rsplit("/", 1)[-1].startswith(".")]
-    others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if f not in tars)
-    if not tars:
-        raise SourceError(f"{src}: no .tar files found (searched recursively"
-                          + (f"; it holds {dict(others)}" if others else "; it is empty") + ")")
-    manifest = _read_manifest(out)
-    base, other_splits, prefix = _place(manifest, src, split)
-    records = _read_records(out, split)
-    indexes = _existing_indexes(out, split)
-    jobs = []
-    for tar in tars:
-        url = storage.join(src, tar.name)
-        record = records.get(tar.name)
-        fresh = (record is not None and record.source == url and record.size == tar.size
-                 and (record.decoded or not options.decode) and (not record.index or record.index in indexes))
-        if not fresh:
-            jobs.append(_Job(tar.name, url, tar.size, out, split, options.decode))
-    done_before = len(tars) - len(jobs)
-    desc = f"{split}: {len(jobs)} tar(s) to index" + (f", {done_before} done earlier" if done_before else "")
-    new_records, failures = _run(jobs, options.workers, desc)
-    records.update({r.name: r for r in new_records})
-    if failures:
-        raise SourceError(f"{len(failures)} of {len(tars)} tar(s) could not be read: {failures[0]}"
-                          + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
-                          + f". Run the same command again to retry them; the {len(tars) - len(failures)} indexed "
-                          "tar(s) are kept")
-    shards = [records[t.name] for t in tars]
-    return _write_set(src, out, options, manifest, base, other_splits, prefix, shards, others, len(jobs))
+    return build(AdoptionSource(src, out, options), out)
 
 
-def _write_set(src: str, out: str, options: AdoptOptions, manifest: dict | None, base: str, other_splits: dict,
-               prefix: str, shards: list[AdoptedShard], others: Counter, indexed_now: int) -> dict:
-    split = options.split
-    found = sum(s.found for s in shards)
-    samples = sum(s.samples for s in shards)
-    rejected = sum(len(s.rejected) for s in shards)
-    members = sum(s.members for s in shards)
-    accounted = sum(s.indexed_members + sum(len(r["members"]) for r in s.rejected) + len(s.ignored) for s in shards)
-    if found != samples + rejected or members != accounted:
-        raise RuntimeError(f"{split}: counts do not reconcile: {found} samples found, {samples} indexed, {rejected} "
-                           f"rejected; {members} members, {accounted} accounted for")
-    labeled_samples = sum(s.labeled_samples for s in shards)
-    labeled = samples > 0 and labeled_samples == samples
-    warnings = []
-    if 0 < labeled_samples < samples:
-        warnings.append(f"{split}: {samples - labeled_samples} of {samples} indexed samples have no cls, so the split "
-                        "is unlabeled: pretraining reads it, fine-tuning and probes need labels")
-    old_classes = (manifest or {}).get("classes", [])
-    max_label = max([s.max_label for s in shards] if labeled else [-1])
-    classes = old_classes + [{"index": i} for i in range(len(old_classes), max_label + 1)]
-    if labeled and (warning := _sorted_warning(split, shards, max_label + 1)):
-        warnings.append(warning)
-    bad_tars = [s for s in shards if s.problem and not s.found]
-    lines = [json.dumps({"split": split, "shard": s.name, "problem": s.problem}) for s in shards if s.problem]
-    lines += [json.dumps({"split": split, "shard": s.name, **r}) for s in shards for r in s.rejected]
-    lines += [json.dumps({"split": split, "shard": s.name, **r}) for s in shards for r in s.ignored]
-    rejections = storage.join(out, "rejected.jsonl")
-    kept = []
-    if storage.exists(rejections):
-        kept = [line for line in storage.read_text(rejections).splitlines() if json.loads(line).get("split") != split]
-    storage.write_text(rejections, "".join(line + "\n" for line in kept + lines))
-    reasons = [r["reason"] for s in shards for r in s.rejected] + [s.problem for s in bad_tars]
-    check_rejections(split, found + len(bad_tars), reasons, options.max_rejected, rejections,
-                     unit="samples (and unreadable tars)")
-    info = {
-        "adopted_from": src, "found": found, "samples": samples, "rejected": rejected, "members": members,
-        "ignored_members": sum(len(s.ignored) for s in shards), "problem_tars": sum(bool(s.problem) for s in shards),
-        "labeled": labeled, "decoded": options.decode, "ignored_files": dict(others),
-        "shards": [{"name": prefix + s.name, "index": s.index, "samples": s.samples, "bytes": s.size,
-                    "sha256": s.sha256} for s in shards if s.samples],
-    }
-    if not info["shards"]:
-        raise SourceError(f"{src}: no sample of its {len(shards)} tar(s) can be read; see {rejections}")
-    manifest = {"format": FORMAT, "version": 2, "tool_version": __version__, "base": base, "classes": classes,
-                "splits": {**other_splits, split: info}}
-    if classes:
-        storage.write_text(storage.join(out, "classes.json"), json.dumps(classes, indent=1))
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1))
-    for warning in warnings:
-        print(f"WARNING {warning}", file=sys.stderr)
-    return {**manifest, "warnings": warnings, "indexed_now": indexed_now}
-
-
-def summary_lines(manifest: dict, split: str) -> list[str]:
-    info = manifest["splits"][split]
-    classes = f"labeled, {len(manifest['classes'])} classes" if info["labeled"] else "unlabeled"
+def summary_lines(result: BuildResult, split: str) -> list[str]:
+    """The split's line a person reads: shards, counts that reconcile, labels, what was left aside."""
+    manifest = result.manifest
+    entry = manifest.splits[split]
+    info = entry.counts
+    classes = f"labeled, {len(manifest.classes)} classes" if entry.labeled else "unlabeled"
     ignored = f"; ignored files beside the tars: {info['ignored_files']}" if info["ignored_files"] else ""
     problems = f"; {info['problem_tars']} tar(s) cut or unreadable (see rejected.jsonl)" if info["problem_tars"] else ""
-    return [f"{split}: {len(info['shards'])} shard(s) ({manifest['indexed_now']} indexed now); samples found "
-            f"{info['found']} = indexed {info['samples']} + rejected {info['rejected']}; members {info['members']} "
+    return [f"{split}: {len(entry.shards)} shard(s) ({result.done_now} indexed now); samples found "
+            f"{info['found']} = indexed {entry.samples} + rejected {info['rejected']}; members {info['members']} "
             f"(ignored {info['ignored_members']}); {classes}{problems}{ignored}"]

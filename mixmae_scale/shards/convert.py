@@ -1,11 +1,12 @@
-"""Image folders to WebDataset shards: plan, write in parallel with progress, reconcile, manifest.
+"""Image folders to WebDataset shards: conversion as a source of the shard-set builder (builder.py).
 
-Every source file ends in exactly one place: a shard, or `rejected.jsonl` with its reason; the
-summary checks found = written + rejected for each split and fails loudly if it does not hold. The
-plan (which file goes to which shard) is saved before the first shard, so a resumed conversion writes
-each file once even if the source folder changed in between (saved_plan.py). More rejections than
---max-rejected allows end the run with a non-zero exit and the counts (rejection_limit.py). The output
-is a folder, or an s3:// prefix that shards are uploaded to one by one from a local staging folder.
+What is conversion's own: the options and their check against a resumed output, discovering each split's
+images (ImageNet layouts, class folders, a held-out val fraction), the plan of which file goes to which shard
+(saved before the first shard, so a resumed conversion writes each file once even if the source folder
+changed in between: saved_plan.py), the disk check, and counting a shard's record. The builder runs the
+pool, reconciles found = written + rejected per split, writes `rejected.jsonl`, applies --max-rejected and
+writes the manifest. The output is a folder, or an s3:// prefix that shards are uploaded to one by one from
+a local staging folder.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
+from mixmae_scale.data.manifest import Manifest, ShardEntry, SplitEntry
+from mixmae_scale.shards.builder import BuildResult, SplitOutcome, WorkList, build, reconcile, resume
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
-from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED, check_every_split
-from mixmae_scale.shards.saved_plan import resume_plan
+from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
+from mixmae_scale.shards.saved_plan import SourceChanges, resume_plan
 from mixmae_scale.shards.sources import (
     SourceError,
     SourceImage,
@@ -46,7 +45,6 @@ from mixmae_scale.shards.writer import (
     write_shard,
 )
 
-MANIFEST = "dataset.json"
 # Options that do not change what is written: a resume may change them.
 RUN_ONLY_OPTIONS = ("workers", "max_rejected", "staging")
 
@@ -162,9 +160,6 @@ def discover_splits(src: Path, options: ConvertOptions) -> dict[str, Discovered]
                  if d.classes and d.classes != classes]
     if problems:
         raise SourceError("; ".join(problems))
-    for split, discovered in found.items():
-        if discovered.ignored:
-            tqdm.write(f"{split}: {ignored_note(discovered.ignored)}")
     return found
 
 
@@ -185,113 +180,128 @@ def _staging(out: str, options: ConvertOptions) -> Path | None:
     return Path(tempfile.gettempdir()) / f"mixmae-staging-{hashlib.sha1(out.encode()).hexdigest()[:12]}"
 
 
-def _run_plans(plans: list[ShardPlan], out: str, options: WriteOptions, workers: int, total_images: int,
-               desc: str, staging: Path | None) -> list[ShardRecord]:
-    start = time.perf_counter()
-    records: list[ShardRecord] = []
-    with tqdm(total=total_images, unit="img", desc=desc, dynamic_ncols=True) as bar:
-        written_bytes = 0
+@dataclass
+class _Throughput:
+    """The bar's postfix: the last shard written and the MB/s written since the split began."""
 
-        def done(record: ShardRecord) -> None:
-            nonlocal written_bytes
-            records.append(record)
-            written_bytes += record.bytes
-            bar.update(record.samples + len(record.rejected))
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(shard=record.name, MBps=f"{written_bytes / 1e6 / elapsed:.1f}")
+    start: float = field(default_factory=time.perf_counter)
+    written: int = 0
 
-        if workers <= 1:
-            for plan in plans:
-                done(write_shard(plan, out, options, staging))
-            return records
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(write_shard, plan, out, options, staging) for plan in plans]
-            for future in as_completed(futures):
-                done(future.result())
-    return records
+    def __call__(self, record: ShardRecord) -> dict:
+        self.written += record.bytes
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"shard": record.name, "MBps": f"{self.written / 1e6 / elapsed:.1f}"}
 
 
-def convert(src: Path, out: str | Path, options: ConvertOptions) -> dict:
+@dataclass
+class _Split:
+    """What conversion keeps of a split between its stages."""
+
+    plans: list[ShardPlan]
+    changes: SourceChanges
+
+
+class ConversionSource:
+    """Image folders as a source of the builder: a unit of work is one planned shard, its record a ShardRecord."""
+
+    unit = "files"
+    classes_file = True  # a converted set always has classes.json, [] when unlabeled
+
+    def __init__(self, src: Path, out: str, options: ConvertOptions) -> None:
+        self.src, self.out, self.options = src, out, options
+        self.splits, self.max_rejected, self.workers = options.splits, options.max_rejected, options.workers
+        self.staging = _staging(out, options)
+        self.write_options = WriteOptions(options.quality, options.resize_shorter, options.strict,
+                                          options.max_pixels, options.oversize)
+        self.discovered: dict[str, Discovered] = {}
+        self.state: dict[str, _Split] = {}
+
+    def discover(self) -> tuple[list[str], list[str]]:
+        self.discovered = discover_splits(self.src, self.options)
+        return [f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored], []
+
+    def _plan(self, split: str) -> _Split:
+        images, classes = self.discovered[split].images, self.discovered[split].classes
+        options = self.options
+
+        def make_plans(todo: list[SourceImage], first_index: int, first_sample: int) -> list[ShardPlan]:
+            return plan_shards(todo, split, options.seed, options.samples_per_shard, options.shard_bytes,
+                               bool(classes), first_index, first_sample)
+
+        plans, changes = resume_plan(self.out, split, _split_root(self.src, split, options), images, classes,
+                                     make_plans, started=_has_shards(self.out, split))
+        return _Split(plans, changes)
+
+    def pending(self, split: str) -> tuple[WorkList, list[str]]:
+        state = self.state[split] = self._plan(split)
+        records = finished_records(self.out, [p.name for p in state.plans])
+        todo, done = resume(state.plans, records, key=lambda plan: plan.name)
+        needed = [sum(im.size for im in p.images) for p in todo]
+        if self.staging is None:
+            _check_disk(Path(self.out), int(1.1 * sum(needed)))
+        elif todo:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            _check_disk(self.staging, int(1.1 * max(needed) * max(self.workers, 1)))
+        desc = f"{split}: {len(todo)} shard(s) to write" + (f", {len(done)} done earlier" if done else "")
+        work = WorkList(todo, done, write_shard, (self.out, self.write_options, self.staging), desc, "img",
+                        size=lambda plan: len(plan.images), postfix=_Throughput())
+        message = state.changes.describe(split)
+        return work, [message] if message else []
+
+    def account(self, split: str, results: list[ShardRecord]) -> SplitOutcome:
+        plans, changes = self.state[split].plans, self.state[split].changes
+        records = {r.name: r for r in results}
+        if any(p.name not in records for p in plans):
+            raise RuntimeError(f"{split}: some shards have no completion record after writing")
+        ordered = [records[p.name] for p in plans]
+        found = sum(len(p.images) for p in plans)
+        written, rejected = sum(r.samples for r in ordered), sum(len(r.rejected) for r in ordered)
+        reconcile(split, ("planned", found), ("written", written), ("rejected", rejected))
+        return SplitOutcome(self._entry(split, ordered, found, changes),
+                            [{"shard": r.name, **item} for r in ordered for item in r.rejected], found,
+                            [item["reason"] for r in ordered for item in r.rejected])
+
+    def _entry(self, split: str, ordered: list[ShardRecord], found: int, changes: SourceChanges) -> SplitEntry:
+        converted: dict[str, int] = {}
+        for record in ordered:
+            for kind, count in record.converted.items():
+                converted[kind] = converted.get(kind, 0) + count
+        ignored, labeled = self.discovered[split].ignored, bool(self.discovered[split].classes)
+        counts = {
+            "found": found, "rejected": sum(len(r.rejected) for r in ordered), "copied": sum(r.copied for r in ordered),
+            "ignored_not_images": len(ignored), "ignored_examples": ignored[:5], "converted": converted,
+            "transient": sum(r.transient for r in ordered),
+            "source_changes": {"vanished": len(changes.vanished), "appeared": len(changes.appeared)},
+            **({"held_out_of_each_class": self.options.val_fraction}
+               if self.options.val_fraction and split == "val" else {}),
+        }
+        shards = tuple(ShardEntry(f"{r.name}.tar", f"{r.name}.idx", r.samples, r.bytes, r.sha256)
+                       for r in ordered if r.samples)
+        return SplitEntry(sum(r.samples for r in ordered), labeled, shards, counts)
+
+    def manifest(self, entries: dict[str, SplitEntry]) -> Manifest:
+        classes = next((d.classes for d in self.discovered.values() if d.classes), [])
+        names = read_class_names(self.src)
+        listed = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})} for i, w in enumerate(classes)]
+        return Manifest(entries, listed, options=_written_options(self.options), tool_version=__version__)
+
+
+def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
+    """Converts SRC's splits into shards in OUT (resuming what an earlier run of the same command began)."""
     src = Path(src)
     out = str(out).rstrip("/") if storage.is_remote(out) else str(out)
     check_options(options)
     if not src.is_dir():
         raise SourceError(f"--src {src}: not found (tried {src.absolute()})")
     _check_output(src, out)
-    staging = _staging(out, options)
-    if staging is None:
+    source = ConversionSource(src, out, options)
+    if source.staging is None:
         Path(out).mkdir(parents=True, exist_ok=True)
     _check_same_options(out, options)
-    write_options = WriteOptions(options.quality, options.resize_shorter, options.strict, options.max_pixels,
-                                 options.oversize)
-    manifest: dict = {"format": "mixmae-scale-shards", "version": 2, "tool_version": __version__,
-                      "options": _written_options(options), "splits": {}}
-    rejected_lines: list[str] = []
-    limits: list[tuple[str, int, list[str]]] = []
-    discovered = discover_splits(src, options)
-    classes = next((d.classes for d in discovered.values() if d.classes), [])
-    for split in options.splits:
-        images, split_classes, ignored = (discovered[split].images, discovered[split].classes,
-                                          discovered[split].ignored)
-        labeled = bool(split_classes)
-
-        def make_plans(todo: list[SourceImage], first_index: int, first_sample: int,
-                       split: str = split, labeled: bool = labeled) -> list[ShardPlan]:
-            return plan_shards(todo, split, options.seed, options.samples_per_shard, options.shard_bytes, labeled,
-                               first_index, first_sample)
-
-        plans, changes = resume_plan(out, split, _split_root(src, split, options), images, split_classes,
-                                     make_plans, started=_has_shards(out, split))
-        if message := changes.describe(split):
-            tqdm.write(f"WARNING {message}", file=sys.stderr)
-        records = finished_records(out, [p.name for p in plans])
-        todo = [p for p in plans if p.name not in records]
-        needed = [sum(im.size for im in p.images) for p in todo]
-        if staging is None:
-            _check_disk(Path(out), int(1.1 * sum(needed)))
-        elif todo:
-            staging.mkdir(parents=True, exist_ok=True)
-            _check_disk(staging, int(1.1 * max(needed) * max(options.workers, 1)))
-        skipped = len(plans) - len(todo)
-        desc = f"{split}: {len(todo)} shard(s) to write" + (f", {skipped} done earlier" if skipped else "")
-        for record in _run_plans(todo, out, write_options, options.workers, sum(len(p.images) for p in todo), desc,
-                                 staging):
-            records[record.name] = record
-        if any(p.name not in records for p in plans):
-            raise RuntimeError(f"{split}: some shards have no completion record after writing")
-        ordered = [records[p.name] for p in plans]
-        found = sum(len(p.images) for p in plans)
-        written = sum(r.samples for r in ordered)
-        rejected = sum(len(r.rejected) for r in ordered)
-        if written + rejected != found:
-            raise RuntimeError(f"{split}: planned {found} files but wrote {written} and rejected {rejected}")
-        converted: dict[str, int] = {}
-        for r in ordered:
-            for kind, count in r.converted.items():
-                converted[kind] = converted.get(kind, 0) + count
-            rejected_lines += [json.dumps({"split": split, "shard": r.name, **item}, sort_keys=True)
-                               for item in r.rejected]
-        limits.append((split, found, [item["reason"] for r in ordered for item in r.rejected]))
-        manifest["splits"][split] = {
-            "found": found, "samples": written, "rejected": rejected, "copied": sum(r.copied for r in ordered),
-            "ignored_not_images": len(ignored), "ignored_examples": ignored[:5],
-            "converted": converted, "labeled": labeled, "transient": sum(r.transient for r in ordered),
-            "source_changes": {"vanished": len(changes.vanished), "appeared": len(changes.appeared)},
-            **({"held_out_of_each_class": options.val_fraction} if options.val_fraction and split == "val" else {}),
-            "shards": [{"name": f"{r.name}.tar", "index": f"{r.name}.idx", "samples": r.samples, "bytes": r.bytes,
-                        "sha256": r.sha256} for r in ordered if r.samples],
-        }
-    names = read_class_names(src)
-    manifest["classes"] = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})}
-                           for i, w in enumerate(classes)]
-    storage.write_text(storage.join(out, "classes.json"), json.dumps(manifest["classes"], indent=1))
-    rejections = storage.join(out, "rejected.jsonl")
-    storage.write_text(rejections, "".join(line + "\n" for line in rejected_lines))
-    check_every_split(limits, options.max_rejected, rejections)
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1))
-    if staging is not None and staging.is_dir() and not any(staging.iterdir()):
-        staging.rmdir()
-    return manifest
+    result = build(source, out)
+    if source.staging is not None and source.staging.is_dir() and not any(source.staging.iterdir()):
+        source.staging.rmdir()
+    return result
 
 
 def _has_shards(out: str, split: str) -> bool:
@@ -302,10 +312,11 @@ def _has_shards(out: str, split: str) -> bool:
     return any(f.name.startswith(f"{split}-") for f in storage.list_files(progress, ".json"))
 
 
-def summary_lines(manifest: dict) -> list[str]:
+def summary_lines(manifest: Manifest) -> list[str]:
     """One line per split a person can read: counts that reconcile, conversions by kind, shards."""
     lines = []
-    for split, info in manifest["splits"].items():
+    for split, entry in manifest.splits.items():
+        info = entry.to_dict()
         kinds = ", ".join(f"{_kind_name(kind)}: {count}" for kind, count in sorted(info["converted"].items()))
         held = (f" (held out: {info['held_out_of_each_class']:.0%} of each class)"
                 if "held_out_of_each_class" in info else "")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixmae_scale.data import storage
-from mixmae_scale.data.manifest import DataError, load_split, read_manifest
+from mixmae_scale.data.manifest import DataError, ShardEntry, load_manifest, load_split
 from mixmae_scale.shards.tar_index import INDEX_VERSION, TarIndex, index_tar, split_name
 
 REQUIRED_FIELDS = ("jpg", "cls", "json")  # what `mixmae shards` writes per sample
@@ -36,8 +36,8 @@ def _stored_index(url: str, samples: int, errors: list[str]) -> list[str] | None
     return lines
 
 
-def _scan(url: str, entry: dict, decode: bool, errors: list[str]) -> TarIndex | None:
-    size = entry.get("bytes") or 0
+def _scan(url: str, entry: ShardEntry, decode: bool, errors: list[str]) -> TarIndex | None:
+    size = entry.bytes
     if not storage.is_remote(url):
         path = Path(url)
         if not path.is_file():
@@ -55,7 +55,7 @@ def _scan(url: str, entry: dict, decode: bool, errors: list[str]) -> TarIndex | 
         return None
     if found.bytes_read != size:
         errors.append(f"{url}: {found.bytes_read} bytes read, the manifest says {size}")
-    if entry.get("sha256") and found.sha256 != entry["sha256"]:
+    if entry.sha256 and found.sha256 != entry.sha256:
         errors.append(f"{url}: sha256 differs from the manifest (the tar changed since it was indexed)")
     return found
 
@@ -102,29 +102,28 @@ def _compare(tar: str, idx: str, stored: list[str], found: TarIndex, adopted: bo
 def verify(location: str | Path, decode: bool = False) -> dict:
     """Report: {"folder", "splits": {split: {"samples", "shards", "decoded"}}, "errors": [...], "ok"}."""
     location = str(location)
-    manifest = read_manifest(location)
+    manifest = load_manifest(location)
     errors: list[str] = []
     report = {"folder": location, "splits": {}, "errors": errors}
-    for split, info in manifest.get("splits", {}).items():
+    for split, info in manifest.splits.items():
         try:
             shards = load_split(location, split)
         except DataError as exc:
             errors.append(str(exc))
             continue
-        adopted = "adopted_from" in info
         seen = decoded = 0
-        for i, entry in enumerate(info["shards"]):
+        for i, entry in enumerate(info.shards):
             tar, idx = shards.tar_url(i), shards.index_url(i)
-            stored = _stored_index(idx, int(entry["samples"]), errors)
+            stored = _stored_index(idx, entry.samples, errors)
             found = _scan(tar, entry, decode, errors)
             if stored is None or found is None:
                 continue
-            _compare(tar, idx, stored, found, adopted, shards.labeled, decode, errors)
+            _compare(tar, idx, stored, found, info.adopted, shards.labeled, decode, errors)
             seen += len(stored)
             decoded += len(stored) if decode else 0
-        if seen != info["samples"]:
-            errors.append(f"split {split}: {seen} samples in readable shards, the manifest says {info['samples']}")
-        report["splits"][split] = {"samples": seen, "shards": len(info["shards"]),
+        if seen != info.samples:
+            errors.append(f"split {split}: {seen} samples in readable shards, the manifest says {info.samples}")
+        report["splits"][split] = {"samples": seen, "shards": len(info.shards),
                                    "decoded": decoded if decode else None}
     report["ok"] = not errors
     return report

@@ -15,11 +15,11 @@ import hashlib
 import json
 import random
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixmae_scale.data import storage
+from mixmae_scale.shards.builder import read_records, write_record
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize, prepare_image
 from mixmae_scale.shards.sources import SourceImage
 from mixmae_scale.shards.transient import is_transient, retrying
@@ -153,16 +153,12 @@ def record_name(name: str) -> str:
 def finished_records(out: str, names: list[str]) -> dict[str, ShardRecord]:
     """The records of the named shards that are done: recorded, their tar present, no transient
     rejection left to retry. One listing of the output, then one read per record (threads on S3)."""
-    progress = storage.join(out, PROGRESS_DIR)
-    if not storage.is_remote(out) and not Path(progress).is_dir():
-        return {}
-    recorded = {f.name[:-len(".json")] for f in storage.list_files(progress, ".json")} & set(names)
-    if not recorded:
+    wanted = set(names)
+    records = read_records(storage.join(out, PROGRESS_DIR), lambda data: ShardRecord(**data),
+                           lambda name: name[:-len(".json")] in wanted)
+    if not records:
         return {}
     tars = {f.name[:-len(".tar")] for f in storage.list_files(out, ".tar") if "/" not in f.name}
-    with ThreadPoolExecutor(16) as pool:
-        texts = pool.map(lambda name: storage.read_text(storage.join(out, record_name(name))), sorted(recorded))
-        records = [ShardRecord(**json.loads(text)) for text in texts]
     # A record that outlived its shard (deleted by hand), or that holds a transient rejection: write it again.
     return {r.name: r for r in records if (not r.samples or r.name in tars) and not r.transient}
 
@@ -201,7 +197,7 @@ def write_shard(plan: ShardPlan, out: str | Path, options: WriteOptions, staging
                 storage.upload(folder / f"{plan.name}{suffix}", storage.join(str(out), f"{plan.name}{suffix}"))
                 (folder / f"{plan.name}{suffix}").unlink()
     record.bytes, record.sha256 = shard.bytes, shard.sha256.hexdigest()
-    storage.write_text(storage.join(str(out), record_name(plan.name)), json.dumps(asdict(record), sort_keys=True))
+    write_record(storage.join(str(out), record_name(plan.name)), record)
     return record
 
 

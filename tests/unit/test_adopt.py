@@ -99,12 +99,13 @@ def wds_sets(tmp_path_factory):
 
 def test_shardwriter_set_is_indexed_exactly_like_dalis_wds2idx(wds_sets, tmp_path):
     out = tmp_path / "adopted"
-    manifest = adopt(wds_sets / "shardwriter", out, AdoptOptions(workers=2, decode=True))
+    result = adopt(wds_sets / "shardwriter", out, AdoptOptions(workers=2, decode=True))
+    manifest = result.manifest.to_dict()
     split = manifest["splits"]["train"]
     assert (split["found"], split["samples"], split["rejected"], split["labeled"]) == (12, 12, 0, True)
     assert manifest["version"] == 2 and manifest["base"] == str((wds_sets / "shardwriter").resolve())
     assert [c["index"] for c in json.loads((out / "classes.json").read_text())] == [0, 1, 2]
-    assert not manifest["warnings"]
+    assert not result.warnings
     for entry in split["shards"]:
         tar = wds_sets / "shardwriter" / entry["name"]
         assert entry["index"] == f"train/{tar.stem}.idx" and entry["bytes"] == tar.stat().st_size
@@ -123,7 +124,7 @@ def test_shardwriter_set_is_indexed_exactly_like_dalis_wds2idx(wds_sets, tmp_pat
 
 def test_img2dataset_layout_every_bad_sample_has_its_reason_and_counts_reconcile(wds_sets, tmp_path):
     out = tmp_path / "adopted"
-    manifest = adopt(wds_sets / "img2dataset", out, AdoptOptions(max_rejected=0.5))
+    manifest = adopt(wds_sets / "img2dataset", out, AdoptOptions(max_rejected=0.5)).manifest.to_dict()
     split = manifest["splits"]["train"]
     # 00000: 4 good. 00001: 8 samples, 3 usable without decoding. 00002: 3 complete before the cut, 1 cut.
     assert (split["found"], split["samples"], split["rejected"]) == (16, 10, 6)
@@ -153,7 +154,7 @@ def test_img2dataset_layout_every_bad_sample_has_its_reason_and_counts_reconcile
     # With --decode the image that is not a JPEG is rejected too; a later verify --decode of the first
     # adoption names it.
     decoded = adopt(wds_sets / "img2dataset", tmp_path / "decoded", AdoptOptions(max_rejected=0.5, decode=True))
-    assert decoded["splits"]["train"]["samples"] == 9
+    assert decoded.manifest.splits["train"].samples == 9
     errors = verify(out, decode=True)["errors"]
     assert len(errors) == 1 and "000010002" in errors[0] and "does not decode" in errors[0]
 
@@ -195,9 +196,9 @@ def test_an_interrupted_adoption_indexes_only_what_is_missing(wds_sets, tmp_path
     with (src / "shard-000002.tar").open("ab") as handle:
         handle.write(b"\0" * 512)
     calls.clear()
-    manifest = adopt(src, out, AdoptOptions())
+    manifest = adopt(src, out, AdoptOptions()).manifest.to_dict()
     assert calls == ["shard-000002.tar"] and manifest["splits"]["train"]["samples"] == 12
-    fresh = adopt(src, tmp_path / "fresh", AdoptOptions())
+    fresh = adopt(src, tmp_path / "fresh", AdoptOptions()).manifest.to_dict()
     assert manifest["splits"] == {**fresh["splits"], "train": {**fresh["splits"]["train"],
                                                                "adopted_from": str(src.resolve())}}
     for entry in manifest["splits"]["train"]["shards"]:
@@ -216,7 +217,7 @@ def test_adoption_from_s3_into_s3_reads_each_tar_with_one_request(wds_sets, s3_b
     adopt(f"{src}/train", out, AdoptOptions())
     gets = storage.REQUESTS["GET"] - before.get("GET", 0)
     assert gets == 3, f"{gets} GETs to index 3 tars"
-    manifest = adopt(f"{src}/val/", out, AdoptOptions(split="val", max_rejected=0.5))
+    manifest = adopt(f"{src}/val/", out, AdoptOptions(split="val", max_rejected=0.5)).manifest.to_dict()
     assert manifest["base"] == src  # moved up to the prefix both splits share
     assert [s["name"] for s in manifest["splits"]["train"]["shards"]][0] == "train/shard-000000.tar"
     assert [s["name"] for s in manifest["splits"]["val"]["shards"]][0] == "val/00000.tar"
@@ -230,16 +231,18 @@ def test_adoption_from_s3_into_s3_reads_each_tar_with_one_request(wds_sets, s3_b
     assert verify(out)["ok"]
 
 
-def test_a_set_sorted_by_class_is_warned_about(tmp_path):
+def test_a_set_sorted_by_class_is_warned_about_by_the_library_and_printed_by_the_cli(tmp_path, capsys):
     import webdataset as wds
 
     (tmp_path / "sorted").mkdir()
     with wds.ShardWriter(str(tmp_path / "sorted" / "s-%03d.tar"), maxcount=3, verbose=0) as sink:
         for i in range(9):
             sink.write({"__key__": f"{i:04d}", "jpg": image_bytes("jpg"), "cls": i // 3})
-    manifest = adopt(tmp_path / "sorted", tmp_path / "out", AdoptOptions())
-    (warning,) = manifest["warnings"]
+    (warning,) = adopt(tmp_path / "sorted", tmp_path / "out", AdoptOptions()).warnings
     assert warning.startswith("train: 3 of 3 shards hold one class") and "sorted by class" in warning
+    assert not capsys.readouterr().err.count("WARNING")  # the library returns it and prints nothing
+    assert main(["shards", "adopt", str(tmp_path / "sorted"), "--out", str(tmp_path / "cli"), "--workers", "1"]) == 0
+    assert f"WARNING {warning}\n" in capsys.readouterr().err
 
 
 def test_a_tar_cut_at_a_member_boundary_or_with_a_damaged_header_is_caught_where_tarfile_stops_quietly(tmp_path):

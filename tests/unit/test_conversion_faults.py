@@ -74,7 +74,8 @@ def test_a_resume_over_a_changed_source_writes_every_image_exactly_once(tmp_path
     (src / vanished_written).unlink()
     (src / vanished_pending).unlink()
     jpeg(src / "new.jpg", 7)
-    manifest = convert(src, out, OPTIONS)
+    result = convert(src, out, OPTIONS)
+    manifest = result.manifest.to_dict()
     samples = sources_in(out)
     assert len(samples) == len(set(samples)), "an image was written twice"
     expected = {f"img{i:03d}.jpg" for i in range(40)} - {vanished_pending} | {"new.jpg"}
@@ -84,7 +85,7 @@ def test_a_resume_over_a_changed_source_writes_every_image_exactly_once(tmp_path
     assert split["source_changes"] == {"vanished": 2, "appeared": 1}
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert [(r["source"], "No such file" in r["reason"]) for r in rejected] == [(vanished_pending, True)]
-    message = capsys.readouterr().err
+    (message,) = result.warnings  # returned for the CLI to print, not printed by the library
     assert "the source changed since this conversion began: 2 planned file(s) vanished" in message
     assert "1 new file(s) (first: new.jpg) go to 1 extra shard(s) after the planned ones (train-000008)" in message
     assert verify(out)["ok"]
@@ -122,14 +123,14 @@ def test_transient_read_errors_are_retried_and_a_rerun_retries_what_still_failed
     monkeypatch.setattr(writer, "read_source_file", flaky)
     options = ConvertOptions(layout="folder", splits=("train",), samples_per_shard=5, shard_bytes=None,
                              max_rejected=0.1)
-    manifest = convert(src, out, options)
+    manifest = convert(src, out, options).manifest.to_dict()
     split = manifest["splits"]["train"]
     assert (split["samples"], split["rejected"], split["transient"]) == (9, 1, 1)  # 1.jpg and 3.jpg recovered
     (line,) = (out / "rejected.jsonl").read_text().splitlines()
     assert json.loads(line)["source"] == "2.jpg" and json.loads(line)["transient"] is True
     # The file server is back: the next run writes again the one shard that holds a transient rejection.
     failures.clear()
-    manifest = convert(src, out, options)
+    manifest = convert(src, out, options).manifest.to_dict()
     assert (manifest["splits"]["train"]["samples"], manifest["splits"]["train"]["rejected"]) == (10, 0)
     assert "1 shard(s) to write, 1 done earlier" in capsys.readouterr().err
     assert (out / "rejected.jsonl").read_text() == "" and sorted(sources_in(out)) == [f"{i}.jpg" for i in range(10)]
@@ -170,10 +171,10 @@ def test_conversion_to_s3_uploads_shard_by_shard_and_a_rerun_skips_uploaded_ones
     assert not list(staging.glob("*.tar")), "a finished shard stays in the staging folder"
     real, written = convert_module.write_shard, []
     monkeypatch.setattr(convert_module, "write_shard", lambda plan, *a: written.append(plan.name) or real(plan, *a))
-    manifest = convert(src, url, options)
+    manifest = convert(src, url, options).manifest.to_dict()
     assert written == ["train-000002", "val-000000"]
     assert not staging.exists()
-    local = convert(src, tmp_path / "local", options)
+    local = convert(src, tmp_path / "local", options).manifest.to_dict()
     assert manifest["splits"] == local["splits"]  # the same bytes, checksums and counts as a local conversion
     assert load_split(url, "train").tars[0] == f"{url}/train-000000.tar"
     report = verify(url, decode=True)

@@ -53,7 +53,7 @@ def run(src: Path, out: Path, monkeypatch, oversize: str = "downscale") -> dict:
     monkeypatch.setattr(convert_module, "_discover", list_then_delete)
     return convert(src, out, ConvertOptions(layout="folder", splits=("train",), samples_per_shard=4,
                                             shard_bytes=None, max_pixels=1_000_000, oversize=oversize,
-                                            max_rejected=1.0))
+                                            max_rejected=1.0)).manifest.to_dict()
 
 
 def rejected(out: Path) -> dict[str, str]:
@@ -128,7 +128,7 @@ def test_an_unexpected_exception_in_one_file_is_a_rejection_not_a_crash(tmp_path
     real, explode.calls = writer.prepare_image, 0
     monkeypatch.setattr(writer, "prepare_image", explode)
     manifest = convert(src, tmp_path / "out", ConvertOptions(layout="folder", splits=("train",), shard_bytes=None,
-                                                             samples_per_shard=10, max_rejected=1.0))
+                                                             samples_per_shard=10, max_rejected=1.0)).manifest.to_dict()
     assert manifest["splits"]["train"]["samples"] == 2 and manifest["splits"]["train"]["rejected"] == 1
     (reason,) = rejected(tmp_path / "out").values()
     assert reason.startswith("could not be processed: MemoryError")

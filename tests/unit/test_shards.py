@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_odd_inputs_are_converted_or_rejected_and_counted(tmp_path):
     _jpeg(src / "val" / "n01" / "v.JPEG")
     out = tmp_path / "out"
     manifest = convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None,
-                                                max_rejected=1.0))
+                                                max_rejected=1.0)).manifest.to_dict()
     train = manifest["splits"]["train"]
     assert train["found"] == 9 and train["samples"] == 6 and train["rejected"] == 3
     assert train["copied"] == 2  # good.JPEG and nested/deeper/nested.JPEG
@@ -106,7 +107,7 @@ def test_labels_follow_sorted_wnids_and_flat_validation_files(tmp_path):
     (src / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     (src / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 shark\n")
     out = tmp_path / "out"
-    manifest = convert(src, out, ConvertOptions(layout="imagenet"))
+    manifest = convert(src, out, ConvertOptions(layout="imagenet")).manifest.to_dict()
     assert [c["wnid"] for c in manifest["classes"]] == ["n01", "n02", "n03"]
     assert manifest["classes"][0]["name"] == "tench, Tinca tinca"
     labels = {json.loads(s["json"])["source"]: int(s["cls"]) for s in _samples(out, "val").values()}
@@ -152,18 +153,20 @@ def test_clear_errors_for_wrong_layouts(tmp_path):
 def test_flat_unlabeled_folder(tmp_path):
     for i in range(5):
         _jpeg(tmp_path / "flat" / f"img{i}.jpg")
-    manifest = convert(tmp_path / "flat", tmp_path / "out", ConvertOptions(layout="folder", splits=("train",)))
-    assert manifest["splits"]["train"]["samples"] == 5 and not manifest["splits"]["train"]["labeled"]
+    split = convert(tmp_path / "flat", tmp_path / "out", ConvertOptions(layout="folder", splits=("train",))
+                    ).manifest.splits["train"]
+    assert split.samples == 5 and not split.labeled
     assert all(s["cls"] == b"-1" for s in _samples(tmp_path / "out", "train").values())
 
 
 def test_same_input_gives_byte_identical_shards_and_seed_changes_order(tmp_path):
     src = _imagenet_tree(tmp_path / "src", per_class=5)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    manifest_a = convert(src, a, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None, workers=2))
-    manifest_b = convert(src, b, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None))
-    manifest_c = convert(src, c, ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None, seed=1))
-    sums = lambda m: [s["sha256"] for s in m["splits"]["train"]["shards"]]  # noqa: E731
+    options = ConvertOptions(layout="imagenet", samples_per_shard=4, shard_bytes=None)
+    sums = lambda result: [s.sha256 for s in result.manifest.splits["train"].shards]  # noqa: E731
+    manifest_a = convert(src, a, replace(options, workers=2))
+    manifest_b = convert(src, b, options)
+    manifest_c = convert(src, c, replace(options, seed=1))
     assert sums(manifest_a) == sums(manifest_b)
     assert sums(manifest_a) != sums(manifest_c)
     assert (a / "train-000000.idx").read_text() == (b / "train-000000.idx").read_text()
@@ -179,7 +182,7 @@ def test_resume_with_other_options_is_refused(tmp_path):
 def test_killed_conversion_resumes_to_the_same_bytes(tmp_path):
     src = _imagenet_tree(tmp_path / "src", per_class=40)
     reference = convert(src, tmp_path / "ref", ConvertOptions(layout="imagenet", samples_per_shard=5,
-                                                              shard_bytes=None, splits=("train",)))
+                                                              shard_bytes=None, splits=("train",))).manifest.to_dict()
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mixmae_scale.cli", "shards", "imagenet", "--src", str(src), "--out", str(out),
            "--split", "train", "--samples-per-shard", "5"]
