@@ -50,7 +50,7 @@ def universal_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def assert_carried_over_exactly(checkpoints: Path, step: int) -> None:
     """The state the resumed run holds (saved at once in its layout: `-relayout`) is the interrupted run's, bit for
     bit: both put in DeepSpeed's universal form, which does not depend on the layout."""
-    from mixmae_scale.engine.elastic import convert_to_universal
+    from mixmae_scale.engine.checkpointing.universal import convert_to_universal
 
     before = universal_tensors(checkpoints / f"step{step:08d}.universal")
     after = universal_tensors(convert_to_universal(checkpoints, f"step{step:08d}-relayout"))

@@ -1,7 +1,8 @@
 """The pure logic of a resume, without DeepSpeed: which checkpoint a run trusts (damage, crash leftovers, a
-non-finite stop's rollback and the samples it skips), what rotation keeps, and where the data stands when an
-epoch continues on another number of ranks. The engine legs that load what these choose are in
-tests/integration/test_faults.py and test_elastic.py."""
+non-finite stop's rollback and the samples it skips), which layout it loads in (the same, another world size or
+precision through the universal checkpoint, ZeRO-0 as it is), what it refuses, what rotation keeps, and where
+the data stands when an epoch continues on another number of ranks. The engine legs that load what these choose
+are in tests/integration/test_faults.py and test_elastic.py."""
 
 from __future__ import annotations
 
@@ -10,21 +11,30 @@ from pathlib import Path
 
 import pytest
 
+from mixmae_scale.data.loader import LoaderPosition
 from mixmae_scale.data.shard_sets import Layout
-from mixmae_scale.engine import checkpoint as ckpt
-from mixmae_scale.engine.faults import pick_checkpoint
+from mixmae_scale.engine.checkpointing import store as ckpt
+from mixmae_scale.engine.checkpointing.resume import choose_tag
+from mixmae_scale.engine.checkpointing.state import RunIdentity
+
+ZERO2 = {"zero_stage": 2, "dtype": "fp32", "sub_group_size": None, "grad_accum_dtype": None, "offload": False}
+IDENTITY = RunIdentity("digest-a", {"embed_dim": 32}, 32, ZERO2)
 
 
 def make_tag(ckpt_dir: Path, tag: str, batches: int = 0, extra: dict | None = None, micro: int = 8,
-             world: int = 2) -> Path:
-    """A checkpoint folder as `checkpoint.save` leaves it: files, per-rank state, the sealed marker."""
+             world: int = 2, identity: RunIdentity = IDENTITY) -> Path:
+    """A checkpoint folder as `store.save` leaves it: files, per-rank state (under the keys checkpoints are written
+    with), the sealed marker."""
     folder = ckpt_dir / tag
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
-    loader = {"batches_consumed": batches, "layout": {"micro": micro, "world": world}}
-    (folder / "rank_0.json").write_text(json.dumps({"loader": loader}))
-    ckpt.seal(folder, {"step": ckpt.step_of(tag), "kind": "regular", **(extra or {})})
+    layout = Layout.whole_epoch(0, 1000, world, micro).to_dict()
+    loader = {"batches_consumed": batches, "batch": batches, "layout": layout}
+    (folder / "rank_0.json").write_text(json.dumps({
+        "loader": loader, "rng": {}, "model_digest": identity.model_digest, "model_shape": identity.model_shape,
+        "optimizer_layout": identity.optimizer_layout, "global_batch": identity.global_batch}))
+    ckpt.seal(folder, {"step": ckpt.step_of(tag), "world_size": world, "kind": "regular", **(extra or {})})
     return folder
 
 
@@ -34,8 +44,8 @@ def test_the_newest_complete_checkpoint_is_chosen_and_partial_folders_are_never_
     crashed = tmp_path / "step00000008.partial"
     crashed.mkdir()
     (crashed / ckpt.MARKER).write_text("{}")  # sealed-looking, but a crash left it under the temporary name
-    choice = pick_checkpoint(tmp_path, "auto", "rollback")
-    assert choice.tag == "step00000006" and choice.skipped_samples == 0 and choice.notes == []
+    choice = choose_tag(tmp_path, "auto", "rollback")
+    assert choice.tag == "step00000006" and choice.skipped_samples == 0 and choice.notes == ()
     ckpt.remove_stale_partials(tmp_path)
     assert not crashed.exists() and (tmp_path / "step00000006").exists()
 
@@ -45,7 +55,7 @@ def test_a_checkpoint_cut_short_after_it_was_sealed_falls_back_to_the_one_before
     newest = make_tag(tmp_path, "step00000008")
     optimizer = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optimizer.write_bytes(b"o" * 150)
-    choice = pick_checkpoint(tmp_path, "auto", "rollback")
+    choice = choose_tag(tmp_path, "auto", "rollback")
     assert choice.tag == "step00000006"
     assert len(choice.notes) == 1 and "has 150 bytes, 300 were written" in choice.notes[0]
     (newest / "mp_rank_00_model_states.pt").unlink()
@@ -56,17 +66,17 @@ def test_every_checkpoint_damaged_is_an_error_that_says_how_to_start_over(tmp_pa
     for tag in ("step00000002", "step00000004"):
         (make_tag(tmp_path, tag) / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(ckpt.ResumeError, match=r"every checkpoint .* is damaged.*checkpoint.resume=none"):
-        pick_checkpoint(tmp_path, "auto", "rollback")
+        choose_tag(tmp_path, "auto", "rollback")
 
 
 def test_a_named_checkpoint_must_be_complete_and_intact(tmp_path):
     make_tag(tmp_path, "step00000002")
     with pytest.raises(ckpt.ResumeError, match=r"step00000009.*not a complete checkpoint.*step00000002"):
-        pick_checkpoint(tmp_path, "step00000009", "rollback")
+        choose_tag(tmp_path, "step00000009", "rollback")
     (tmp_path / "step00000002" / "rank_0.json").write_text("")
     with pytest.raises(ckpt.ResumeError, match="is damaged"):
-        pick_checkpoint(tmp_path, str(tmp_path / "step00000002"), "rollback")
-    assert pick_checkpoint(tmp_path, "none", "rollback") is None
+        choose_tag(tmp_path, str(tmp_path / "step00000002"), "rollback")
+    assert choose_tag(tmp_path, "none", "rollback") is None
 
 
 @pytest.mark.parametrize("policy, tag, skipped", [("rollback", "step00000006", 4 * 8 * 2),
@@ -78,12 +88,12 @@ def test_a_non_finite_stop_resumes_by_its_policy_and_skips_the_samples_read_sinc
     (saved at its step's start, 7 batches) and skips the 3 failed attempts; replay reads them again."""
     make_tag(tmp_path, "step00000004", batches=4)
     make_tag(tmp_path, "step00000006", batches=6)
-    after = {"batches_consumed": 10, "layout": {"micro": 8, "world": 2}}
+    after = {"batches_consumed": 10, "batch": 10, "layout": Layout.whole_epoch(0, 1000, 2, 8).to_dict()}
     stop = {"nonfinite_stop": {"step": 7, "loader_after": after}}
     make_tag(tmp_path, "step00000007-nonfinite", batches=7, extra=stop)
-    choice = pick_checkpoint(tmp_path, "auto", policy)
+    choice = choose_tag(tmp_path, "auto", policy)
     assert choice.tag == tag and choice.skipped_samples == skipped
-    assert choice.loader_override == (None if policy == "replay" else after)
+    assert choice.data_position == (None if policy == "replay" else LoaderPosition.from_dict(after))
     assert policy in choice.notes[0]
 
 
