@@ -87,7 +87,8 @@ class LoaderPosition:
         return cls(str(state.get("backend", "dali")), layout, int(state.get("batch", 0)),
                    None if window is None else int(window), int(state.get("order_seed", -1)), state.get("data"),
                    int(state.get("batches_consumed", 0)),
-                   base64.b64decode(state["dali"]) if state.get("dali") else None, int(state.get("epoch", 0)))
+                   base64.b64decode(state["dali"]) if state.get("dali") else None,
+                   0 if layout is not None else int(state.get("epoch", 0)))
 
 
 def choose_decode_device(requested: str, local_rank: int) -> int | None:
