@@ -198,6 +198,10 @@ def test_zero0_loads_on_another_world_size_as_it_is_but_refuses_a_precision_chan
     with pytest.raises(ckpt.ResumeError, match="cannot be resumed across dtype fp32 -> bf16.*ZeRO-0 keeps none"):
         decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**zero0, "dtype": "bf16"}), 2,
                       convert)
+    with pytest.raises(ckpt.ResumeError, match="across zero_stage 0 -> 1.*resume with the checkpoint's zero.stage"):
+        decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**zero0, "zero_stage": 1}), 2,
+                      convert)
+    assert convert.calls == []
 
 
 def test_another_model_or_global_batch_is_refused_with_the_way_out(tmp_path):
