@@ -88,8 +88,10 @@ def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any]
         try:
             outcome[0] = decide_resume(ckpt_dir, config.checkpoint.resume, config.faults.on_nonfinite_stop,
                                        RunIdentity.of(resolved, layout), dist.get_world_size(), convert)
-        except (store.ResumeError, ConfigError, OSError) as exc:
-            outcome[0] = exc if not isinstance(exc, OSError) else store.ResumeError(str(exc))
+        except (store.ResumeError, ConfigError) as exc:
+            outcome[0] = exc
+        except OSError as exc:  # a file the plan reads cannot be read: the same one-line end on every rank
+            outcome[0] = store.ResumeError(str(exc))
     dist.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], Exception):
         raise outcome[0]
