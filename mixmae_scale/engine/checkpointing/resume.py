@@ -39,8 +39,6 @@ from mixmae_scale.engine.checkpointing import store
 from mixmae_scale.engine.checkpointing.state import RankState, RunIdentity, RunState, StopRecord
 from mixmae_scale.engine.checkpointing.universal import convert_to_universal, layout_changes, match_optimizer_steps
 
-POLICIES = ("rollback", "skip", "replay")  # faults.on_nonfinite_stop
-
 
 @dataclass(frozen=True)
 class ResumePlan:
