@@ -1,7 +1,7 @@
 """What a resume on another number of GPUs costs: converting a checkpoint to DeepSpeed's universal form.
 
 For each size: trains one step on 2 CPU ranks (ZeRO-2, fp32, the real `mixmae pretrain` through the deepspeed
-launcher, demo shards at the model's image size), then times `engine/elastic.py`'s conversion of that
+launcher, demo shards at the model's image size), then times `engine/checkpointing/universal.py`'s conversion of that
 checkpoint (DeepSpeed's ds_to_universal in a subprocess, as a resume runs it) and the size of what it writes,
 and finally resumes the run on 1 rank for one more step and reads the conversion note from its log. This is
 the price of converting at resume time; writing the universal form beside every checkpoint would pay it at
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(IMG))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mixmae-universal-bench")
     args = parser.parse_args()
-    from mixmae_scale.engine.elastic import convert_to_universal
+    from mixmae_scale.engine.checkpointing.universal import convert_to_universal
     from mixmae_scale.shards.convert import ConvertOptions, convert
     from mixmae_scale.shards.demo import build_demo_images
 

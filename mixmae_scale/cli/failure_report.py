@@ -34,7 +34,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message names the file, key or option and the way out."""
     from mixmae_scale.config import ConfigError
     from mixmae_scale.data.manifest import DataError
-    from mixmae_scale.engine.checkpoint import ResumeError
+    from mixmae_scale.engine.checkpointing.store import ResumeError
     from mixmae_scale.models.convert_official import WeightsError
     from mixmae_scale.shards.sources import SourceError
 

@@ -5,7 +5,8 @@ Every rank takes exactly `batches_per_epoch` micro-batches of its run of the epo
 never leave one rank waiting in a ZeRO collective. The loader's whole state is the epoch's layout and
 the micro-batches consumed in it (plus, for fine-tuning, DALI's generators): the same on every rank. A
 resume on the same ranks continues exactly; a resume on another number of ranks or another micro-batch
-lays the rest of the interrupted epoch out over the new ranks (`load_state_dict` says what it did).
+lays the rest of the interrupted epoch out over the new ranks (`restore` says what it did). The position is
+a typed `LoaderPosition`; engine/checkpointing/state.py stores it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,57 @@ class Batch:
     images: torch.Tensor  # (B, 3, S, S) normalised, float32 or float16 (PipelineSpec.output_dtype)
     labels: torch.Tensor | None  # (B,) int64; -1 for unlabeled data; None where the spec asks for no labels
     meta: list[dict] | None = None
+
+
+@dataclass(frozen=True)
+class LoaderPosition:
+    """The loader's whole state, the same on every rank: the epoch's layout and the micro-batches consumed in it,
+    the shuffle window and what names the samples (seed, data digest), plus DALI's generators where a
+    fine-tuning pipeline draws augmentations. A checkpoint stores it as JSON under the keys of `to_dict`, which
+    older checkpoints share; `layout` is None only in a position written before positions were global samples."""
+
+    backend: str
+    layout: Layout | None
+    batch: int  # micro-batches consumed in the layout's epoch
+    window: int | None
+    order_seed: int
+    data: str | None  # mixture_digest of the shards read
+    batches_consumed: int  # over the run's life: what the fault switches and the non-finite skip count
+    generators: bytes | None = None  # DALI's checkpoint
+    legacy_epoch: int = 0  # the epoch of a position without a layout
+
+    @property
+    def epoch(self) -> int:
+        return self.layout.epoch if self.layout is not None else self.legacy_epoch
+
+    def without_generators(self) -> LoaderPosition:
+        """DALI's generators are per rank: a resume on another layout restarts them from the run's seeds."""
+        return replace(self, generators=None)
+
+    def samples_since(self, earlier: LoaderPosition) -> int:
+        """Samples every rank together read between `earlier` and this position, counted in this layout."""
+        micro, world = (self.layout.micro, self.layout.world) if self.layout is not None else (0, 0)
+        return max(self.batches_consumed - earlier.batches_consumed, 0) * micro * world
+
+    def to_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"backend": self.backend, "batch": self.batch, "window": self.window,
+                                 "order_seed": self.order_seed, "data": self.data,
+                                 "batches_consumed": self.batches_consumed, "epoch": self.epoch}
+        if self.layout is not None:
+            state["layout"] = self.layout.to_dict()
+        if self.generators:
+            state["dali"] = base64.b64encode(self.generators).decode()
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> LoaderPosition:
+        layout = Layout.from_dict(state["layout"]) if "layout" in state else None
+        window = state.get("window")
+        return cls(str(state.get("backend", "dali")), layout, int(state.get("batch", 0)),
+                   None if window is None else int(window), int(state.get("order_seed", -1)), state.get("data"),
+                   int(state.get("batches_consumed", 0)),
+                   base64.b64decode(state["dali"]) if state.get("dali") else None,
+                   0 if layout is not None else int(state.get("epoch", 0)))
 
 
 def choose_decode_device(requested: str, local_rank: int) -> int | None:
@@ -96,44 +148,44 @@ class ShardLoader:
         return self.layout.batches
 
     # -- state ---------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state = self.position()
-        if self._pipe is not None and self.spec.rand_augment is not None:
-            state["dali"] = base64.b64encode(self._pipe.checkpoint()).decode()
-        elif self._dali_checkpoint:
-            state["dali"] = base64.b64encode(self._dali_checkpoint).decode()
-        return state
+    def position(self, with_generators: bool = False) -> LoaderPosition:
+        """Where the data stands. Without DALI's generators it is cheap enough to take at every step (a non-finite
+        stop stores the position of its step's start); a checkpoint stores them too."""
+        generators = None
+        if with_generators and self._pipe is not None and self.spec.rand_augment is not None:
+            generators = self._pipe.checkpoint()
+        elif with_generators:
+            generators = self._dali_checkpoint or None
+        return LoaderPosition(self.backend, self.layout, self.batch_in_epoch, self.window, self.spec.order_seed,
+                              self._digest, self.batches_consumed, generators)
 
-    def position(self) -> dict[str, Any]:
-        """The state without DALI's generators: cheap enough to take at every step."""
-        return {"backend": self.backend, "layout": self.layout.to_dict(), "batch": self.batch_in_epoch,
-                "window": self.window, "order_seed": self.spec.order_seed, "data": self._digest,
-                "batches_consumed": self.batches_consumed, "epoch": self.epoch}
+    def state_dict(self) -> dict[str, Any]:
+        return self.position(with_generators=True).to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` (any rank's: they are the same) left off. Sets `resume_note` when the rest of an
+        self.restore(LoaderPosition.from_dict(state))
+
+    def restore(self, position: LoaderPosition) -> None:
+        """Continue where `position` (any rank's: they are the same) left off. Sets `resume_note` when the rest of an
         epoch had to be laid out anew (another world size, micro-batch or window) or the data changed."""
         self.close()
-        self.batches_consumed = int(state.get("batches_consumed", 0))
-        seed = self.spec.order_seed
-        if "layout" not in state:  # written by the DALI-reader loader before positions were global samples
-            self._start_epoch(int(state.get("epoch", 0)) + 1)
+        self.batches_consumed = position.batches_consumed
+        saved, batch, seed = position.layout, position.batch, self.spec.order_seed
+        if saved is None:  # written by the DALI-reader loader before positions were global samples
+            self._start_epoch(position.epoch + 1)
             self.resume_note = (f"the checkpoint's loader position is from the earlier reader: the rest of epoch "
-                                f"{state.get('epoch', 0)} is skipped and epoch {self.epoch} starts from its beginning")
+                                f"{position.epoch} is skipped and epoch {self.epoch} starts from its beginning")
             return
-        saved, batch = Layout.from_dict(state["layout"]), int(state["batch"])
-        if state.get("data") != self._digest or int(state.get("order_seed", -1)) != seed:
+        if position.data != self._digest or position.order_seed != seed:
             self._start_epoch(saved.epoch + 1)
             self.resume_note = (f"the shard set or run.seed differs from the checkpoint's: epoch {saved.epoch} is "
                                 f"left where it was and epoch {saved.epoch + 1} starts from its beginning")
             return
-        same = (saved.world, saved.micro, int(state.get("window", self.window))) == \
-            (self.spec.num_shards, self.spec.batch_size, self.window)
-        if same:
+        window = self.window if position.window is None else position.window
+        if (saved.world, saved.micro, window) == (self.spec.num_shards, self.spec.batch_size, self.window):
             self.layout, self.batch_in_epoch = saved, batch
-            self._dali_checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
+            self._dali_checkpoint = position.generators
             return
-        window = int(state.get("window", self.window))
         rest = saved.remaining(batch, window)
         repeated = saved.repeated_on_relayout(batch, window)
         self.layout = Layout(saved.epoch, rest, self.spec.num_shards, self.spec.batch_size)

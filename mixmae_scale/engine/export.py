@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mixmae_scale.engine.checkpoint import MARKER, complete_tags
+from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags
 from mixmae_scale.models.convert_official import infer_architecture, save_official, save_weights
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/train.py) lives in RUN/best/

@@ -4,13 +4,13 @@ Pretraining and fine-tuning differ in their model, optimizer groups, batch -> lo
 between steps (evaluation, reconstruction grids): a `Job` supplies those. This module owns the rest and
 calls the policies that live in their own modules at the few points where they act:
 
-- engine/elastic.py: the resume decision (rank 0's, broadcast), the configuration every rank must share,
-  and resuming on another world size or precision through DeepSpeed's universal checkpoint;
+- engine/checkpointing/: the resume plan (rank 0's, broadcast: which tag, which layout) and the checkpointer,
+  which decides when to save and what a checkpoint holds;
+- engine/config_agreement.py: the configuration every rank must share;
 - engine/faults.py: non-finite losses and gradients (skipped, counted, a stop with a checkpoint past
-  `faults.nonfinite_skip_limit`), and which checkpoint a resume can trust;
+  `faults.nonfinite_skip_limit`);
 - engine/preemption.py: SIGTERM/SIGUSR1 or a vanished launcher -> a checkpoint at the next step boundary and
-  exit 0;
-- engine/checkpoint.py: tags that appear only complete; engine/rng.py: every generator a step draws from.
+  exit 0; engine/rng.py: every generator a step draws from.
 
 Guarantees: a resume on the same layout reproduces the uninterrupted run exactly (weights, optimizer,
 schedule, each rank's data position and generators, the job's own state); `metrics.csv` and the job's
@@ -40,8 +40,13 @@ from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
-from mixmae_scale.engine import checkpoint as ckpt
-from mixmae_scale.engine import distributed, elastic, faults, run_folder, run_record
+from mixmae_scale.engine import distributed, faults, run_folder, run_record
+from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.engine.checkpointing.checkpointer import Checkpointer
+from mixmae_scale.engine.checkpointing.resume import ResumePlan, plan_resume
+from mixmae_scale.engine.checkpointing.state import RankPosition, RunIdentity
+from mixmae_scale.engine.checkpointing.universal import optimizer_layout
+from mixmae_scale.engine.config_agreement import agree_on_configuration
 from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
@@ -52,7 +57,6 @@ from mixmae_scale.engine.monitor import (
     reset_peak_memory,
 )
 from mixmae_scale.engine.preemption import StopFlag, report_stop
-from mixmae_scale.engine.rng import restore_rng, rng_state
 from mixmae_scale.models.regional_compile import maybe_compile
 
 log = logging.getLogger("mixmae.loop")
@@ -80,7 +84,7 @@ class RunContext:
     train_data: ShardMixture
     ds_config: dict[str, Any]
     layout: dict[str, Any]
-    resume: elastic.ResumePlan | None
+    resume: ResumePlan | None
     stop: StopFlag
     last_step: int
 
@@ -106,18 +110,18 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
     ds_config = engine_config(resolved, root)
-    layout = ckpt.optimizer_layout(ds_config)
-    elastic.agree_on_configuration(resolved, ds_config, layout)
+    layout = optimizer_layout(ds_config)
+    agree_on_configuration(resolved, ds_config, layout)
     folder_note = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
     if folder_note and rank == 0:
         log.warning("%s", folder_note)
-    plan = elastic.plan_resume(root / "checkpoints", resolved, layout)
+    plan = plan_resume(root / "checkpoints", resolved, layout)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
-    if plan is not None and ckpt.is_regular(plan.tag) and ckpt.step_of(plan.tag) >= last_step:
-        raise RunAlreadyComplete(ckpt.step_of(plan.tag), root / "checkpoints" / plan.tag)
-    if plan is not None and plan.universal:
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    if plan is not None and plan.finishes_by(last_step):
+        raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
+    if plan is not None:
+        ds_config = plan.deepspeed_config(ds_config)
     if rank == 0:
         log_choice(log, derived.dtype, derived.dtype_reason, derived.dtype_warning)
         if len(train_data.sets) > 1:
@@ -184,15 +188,13 @@ class TrainingLoop:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=ctx.ds_config)
         self.step = 0
-        self.last_saved: Path | None = None
+        self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
+                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, loader)
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
-        self.skipped_samples = 0  # by resumes after non-finite stops (engine/faults.py), over the run's life
         self.rates: list[float] = []
         self.stopped_by_signal = False
         if ctx.resume is not None:
             self._resume(ctx.resume)
-            if ctx.resume.universal and self.config.checkpoint.save_after_layout_change:
-                self.last_saved = self.save(self.step, kind=ckpt.RELAYOUT)
         elif ctx.rank == 0:  # a start from step 0: rows a run left before its first checkpoint are not this run's
             drop_rows_after(ctx.root / "metrics.csv", 0)
             job.truncate_logs(0)
@@ -224,50 +226,28 @@ class TrainingLoop:
     def device(self) -> torch.device:
         return self.ctx.device
 
-    def _resume(self, plan: elastic.ResumePlan) -> None:
-        ctx = self.ctx
-        _, client = self.engine.load_checkpoint(str(ctx.checkpoints), tag=plan.load_tag)
-        if client is None:
-            raise ckpt.ResumeError(f"DeepSpeed could not load {ctx.checkpoints / plan.load_tag}; see its messages "
-                                   "above")
-        if plan.universal:
-            elastic.match_optimizer_steps(self.engine)
-        self.step = int(client["step"])
-        self.job.load_state(client.get("job", client))
-        self.skipped_samples = int(client.get("skipped_samples", 0)) + plan.skipped_samples
-        state = ckpt.read_rank_state(ctx.checkpoints, plan.tag, elastic.rank_file_for(ctx.rank, plan))
-        loader_state = dict(plan.loader_override or state["loader"])
-        if not plan.same_layout:
-            loader_state.pop("dali", None)  # DALI's generators are per rank: they restart from the run's seeds
-        self.loader.load_state_dict(loader_state)
-        restore_rng(state["rng"])
-        if ctx.rank == 0:
-            drop_rows_after(ctx.root / "metrics.csv", self.step)
+    @property
+    def last_saved(self) -> Path | None:
+        return self.checkpointer.last_saved
+
+    @property
+    def skipped_samples(self) -> int:
+        return self.checkpointer.skipped_samples
+
+    def _resume(self, plan: ResumePlan) -> None:
+        """The checkpointer loads the plan's checkpoint; the logs written after its step go (rank 0)."""
+        self.step = self.checkpointer.resume(plan)
+        if self.ctx.rank == 0:
+            drop_rows_after(self.ctx.root / "metrics.csv", self.step)
             self.job.truncate_logs(self.step)
-            for note in plan.notes + ([self.loader.resume_note] if self.loader.resume_note else []):
-                log.warning("%s", note)
-            log.info("resumed from %s at step %d", ctx.checkpoints / plan.tag, self.step)
 
-    def save(self, at_step: int, directory: Path | None = None, keep: int | None = None, kind: str = "",
-             rank_state: dict[str, Any] | None = None, marker_extra: dict[str, Any] | None = None) -> Path:
-        """Collective. `rank_state`: the loader position and generators to store instead of the current ones (a
-        non-finite stop stores those of its step's start)."""
-        ctx = self.ctx
-        client = {"step": at_step, "job": self.job.state(), "model_digest": ctx.resolved.model_digest(),
-                  "world_size": ctx.world, "skipped_samples": self.skipped_samples,
-                  # ds_to_universal reads this to convert the checkpoint for another layout (engine/elastic.py)
-                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
-        state = {**(rank_state or {"loader": self.loader.state_dict(), "rng": rng_state()}),
-                 "model_digest": ctx.resolved.model_digest(), "model_shape": ctx.resolved.model_shape(),
-                 "optimizer_layout": ctx.layout,
-                 "global_batch": self.derived.global_batch}
-        request = ckpt.SaveRequest(at_step, kind, keep or self.config.checkpoint.keep_last, marker_extra)
-        return ckpt.save(self.engine, directory or ctx.checkpoints, request, client, state)
+    def save(self, at_step: int, directory: Path | None = None, keep: int | None = None) -> Path:
+        """Collective: a checkpoint outside the checkpointer's schedule (fine-tuning's best one, in best/)."""
+        return self.checkpointer.save(at_step, directory, keep)
 
-    def _stop_nonfinite(self, boundary: dict[str, Any]) -> None:
+    def _stop_nonfinite(self, boundary: RankPosition) -> None:
         """Past the limit: a checkpoint under a new tag holding the step's start, and where the data now stands."""
-        self.last_saved = self.save(self.step, kind=ckpt.NONFINITE, rank_state=boundary,
-                                    marker_extra=faults.stop_record(self.loader.position(), self.step))
+        self.checkpointer.save_nonfinite_stop(self.step, boundary)
         guard, policy = self.guard, self.config.faults.on_nonfinite_stop
         raise faults.NonFiniteStop(
             f"{guard.in_a_row} non-finite attempts in a row at step {self.step} (faults.nonfinite_skip_limit="
@@ -279,7 +259,7 @@ class TrainingLoop:
                 "replay": "replays this step's data"}[policy])
 
     def _stop_for_signal(self, saved: Path) -> None:
-        self.last_saved, self.stopped_by_signal = saved, True
+        self.stopped_by_signal = True
         if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
             report_stop(saved, self.step)
         if self.ctx.rank == 0:
@@ -305,7 +285,7 @@ class TrainingLoop:
         reset_peak_memory()
         self.engine.train()
         while self.step < last_step:
-            boundary = {"loader": self.loader.position(), "rng": rng_state()}
+            boundary = self.checkpointer.step_start()
             micro, stop_now = 0, False
             step_start = time.perf_counter()
             while micro < derived.accumulation:
@@ -345,7 +325,7 @@ class TrainingLoop:
                 if guard.exhausted:
                     self._stop_nonfinite(boundary)
                 if stop_now:  # the step is not done: save the state as it is, without logging the step again
-                    self._stop_for_signal(self.save(self.step))
+                    self._stop_for_signal(self.checkpointer.maybe_save(self.step, stop=True))
                     break
                 continue
             guard.succeeded()
@@ -361,9 +341,7 @@ class TrainingLoop:
                 loss_sum.zero_()
                 loss_count = 0
             self.job.after_step(self, self.step, self.step == last_step)
-            at_end = self.step == last_step and config.checkpoint.at_end
-            if self.step % config.checkpoint.every_steps == 0 or at_end or stop_now:
-                self.last_saved = self.save(self.step)
+            self.checkpointer.maybe_save(self.step, last=self.step == last_step, stop=stop_now)
             if stop_now:
                 self._stop_for_signal(self.last_saved)
                 break
@@ -378,7 +356,7 @@ class TrainingLoop:
                 "skipped_samples_after_nonfinite": self.skipped_samples,
                 "images_per_s": sum(steady) / len(steady) if steady else None, "peak_mem_mib_per_rank": peak,
                 "wall_s": time.perf_counter() - run_start,
-                "checkpoint": str(saved) if (saved := ckpt.existing(self.last_saved)) else None,
+                "checkpoint": str(saved) if (saved := store.existing(self.last_saved)) else None,
                 "dtype": derived.dtype, "dtype_reason": derived.dtype_reason}
         self._close_records(summary)
         return summary

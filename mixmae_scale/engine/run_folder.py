@@ -21,7 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from mixmae_scale.atomic_file import fsync_path, write_text
-from mixmae_scale.engine import checkpoint as ckpt
+from mixmae_scale.engine.checkpointing import store
 
 ASIDE = ".old-"  # <run>.old-<n>: where --overwrite moves an earlier run
 SHOWN_KEYS = 4  # differing keys named in one refusal line; the rest are counted
@@ -51,7 +51,7 @@ def refusal(root: Path, resume: str, overwrite: bool) -> str | None:
             return (f"--overwrite starts a new run in {root}, checkpoint.resume={resume} resumes one of its "
                     "checkpoints: drop one of the two")
         return None
-    tags = ckpt.complete_tags(root / "checkpoints")
+    tags = store.complete_tags(root / "checkpoints")
     if resume == "none" and tags:
         return (f"{root} holds checkpoints of an earlier run (newest {tags[-1]}); checkpoint.resume=none would start "
                 f"another run over them: {way_out(root)}")
@@ -86,7 +86,7 @@ def set_aside_newer(root: Path, resume: str) -> str | None:
     would otherwise stay the newest (an automatic resume would pick them) and keep their step numbers from being
     written. They move, whole, to `<run>/superseded-<n>/`."""
     ckpt_dir = root / "checkpoints"
-    newer = newer_than(ckpt.complete_tags(ckpt_dir), Path(resume).name) if resume not in ("auto", "none") else []
+    newer = newer_than(store.complete_tags(ckpt_dir), Path(resume).name) if resume not in ("auto", "none") else []
     if not newer:
         return None
     number = 1
@@ -95,7 +95,7 @@ def set_aside_newer(root: Path, resume: str) -> str | None:
     target = root / f"superseded-{number}"
     target.mkdir()
     for path in sorted(ckpt_dir.iterdir()):
-        if path.name.split(ckpt.UNIVERSAL)[0] in newer:
+        if path.name.split(store.UNIVERSAL)[0] in newer:
             path.rename(target / path.name)
     fsync_path(target)
     fsync_path(ckpt_dir)
@@ -107,14 +107,14 @@ def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
     """Rank 0: refuse (ResumeError) or move an earlier run aside; returns what to tell the user, if anything."""
     problem = refusal(root, resume, overwrite)
     if problem:
-        raise ckpt.ResumeError(problem)
+        raise store.ResumeError(problem)
     if not overwrite:
         return set_aside_newer(root, resume)
     if overwrite and holds_files(root):
         try:
             target = move_aside(root)
         except OSError as exc:
-            raise ckpt.ResumeError(f"--overwrite could not move {root} aside ({exc}); move it yourself or start in a "
+            raise store.ResumeError(f"--overwrite could not move {root} aside ({exc}); move it yourself or start in a "
                                    "new --run-dir") from None
         return f"--overwrite: the earlier run in {root} was moved to {target}; this run starts in an empty {root}"
     return None
@@ -126,11 +126,11 @@ def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> str | None:
     if dist.get_rank() == 0:
         try:
             outcome[0] = ("ok", prepare(root, resume, overwrite))
-        except ckpt.ResumeError as exc:
+        except store.ResumeError as exc:
             outcome[0] = ("error", str(exc))
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0][0] == "error":
-        raise ckpt.ResumeError(outcome[0][1])
+        raise store.ResumeError(outcome[0][1])
     return outcome[0][1]
 
 
@@ -144,24 +144,25 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
             if _shown(saved.get(key)) != _shown(value)]
 
 
-def saved_model_shape(root: Path, rank_state: dict[str, Any]) -> dict[str, Any] | None:
+def saved_model_shape(root: Path, recorded: dict[str, Any] | None) -> dict[str, Any] | None:
     """The checkpoint's own record of its model keys; for checkpoints written before it was recorded, the run's
     config.yaml (written at each start of the run)."""
-    if rank_state.get("model_shape"):
-        return rank_state["model_shape"]
+    if recorded:
+        return recorded
     try:
         return yaml.safe_load((root / "config.yaml").read_text())["model"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None
 
 
-def another_model(root: Path, tag: str, rank_state: dict[str, Any], shape: dict[str, Any], digest: str) -> str:
+def another_model(root: Path, tag: str, saved_shape: dict[str, Any] | None, saved_digest: str | None,
+                  shape: dict[str, Any], digest: str) -> str:
     """The one-line refusal of a start whose model differs from the checkpoint's."""
-    saved = saved_model_shape(root, rank_state)
+    saved = saved_model_shape(root, saved_shape)
     keys = model_differences(saved, shape) if saved else []
     if keys:
         what = "; ".join(keys[:SHOWN_KEYS]) + (f"; {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
     else:
-        what = f"model digest {rank_state.get('model_digest')} -> {digest}"
+        what = f"model digest {saved_digest} -> {digest}"
     return (f"{root} holds a run of another model ({what}), checkpoint {tag}; it cannot be resumed with this "
             f"configuration: {way_out(root)}")

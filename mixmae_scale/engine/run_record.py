@@ -170,7 +170,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def resume_entry(plan, step: int, world: int, layout: dict[str, Any]) -> dict[str, Any]:
-    """`plan`: engine/elastic.py's ResumePlan."""
+    """`plan`: engine/checkpointing/resume.py's ResumePlan."""
     return {"time": now(), "step": step, "checkpoint": plan.tag, "loaded": plan.load_tag, "universal": plan.universal,
             "old_layout": {"world_size": plan.saved_world, **(plan.saved_layout or {})},
             "new_layout": {"world_size": world, **layout}, "notes": list(plan.notes)}

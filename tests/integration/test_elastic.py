@@ -50,7 +50,7 @@ def universal_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def assert_carried_over_exactly(checkpoints: Path, step: int) -> None:
     """The state the resumed run holds (saved at once in its layout: `-relayout`) is the interrupted run's, bit for
     bit: both put in DeepSpeed's universal form, which does not depend on the layout."""
-    from mixmae_scale.engine.elastic import convert_to_universal
+    from mixmae_scale.engine.checkpointing.universal import convert_to_universal
 
     before = universal_tensors(checkpoints / f"step{step:08d}.universal")
     after = universal_tensors(convert_to_universal(checkpoints, f"step{step:08d}-relayout"))
@@ -103,11 +103,10 @@ def test_zero3_with_offload_resumes_on_one_rank_without_it(uninterrupted, demo_s
 
 def test_zero0_resumes_on_another_number_of_ranks_without_conversion(demo_shards, tmp_path):
     """ZeRO-0 keeps the whole optimizer state in one file: a resume on 1 rank of a 2-rank run loads it as it is (no
-    universal checkpoint, which only ZeRO 1-3 shards have); a change of stage or precision there is refused."""
+    universal checkpoint, which only ZeRO 1-3 shards have). That a change of stage or precision there is refused is
+    the plan's alone, tested without ranks in tests/unit/test_resume_logic.py."""
     run = tmp_path / "zero0"
     launch_on(2, run, demo_shards, *COMMON, "zero.stage=0", "checkpoint.every_steps=2", max_steps=2)
-    refused = launch(run, demo_shards, *COMMON, "zero.stage=1", max_steps=4, check=False)
-    assert refused.returncode != 0 and "ZeRO-0 keeps none" in refused.stdout + refused.stderr
     resumed = launch_on(1, run, demo_shards, *COMMON, "zero.stage=0", "checkpoint.every_steps=2", max_steps=4)
     assert "resuming step00000002 (ZeRO-0) on 1 rank(s), written by 2" in resumed.stdout + resumed.stderr
     assert sorted(losses(run)) == [1, 2, 3, 4] and json.loads((run / "summary.json").read_text())["steps"] == 4

@@ -248,7 +248,7 @@ def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier
     import shutil
 
     from mixmae_scale.cli import main
-    from mixmae_scale.engine.checkpoint import complete_tags
+    from mixmae_scale.engine.checkpointing.store import complete_tags
     from mixmae_scale.models.convert_official import load_weights
 
     run, moved = tmp_path / "reused", tmp_path / "reused.old-1"

@@ -1,7 +1,8 @@
 """The pure logic of a resume, without DeepSpeed: which checkpoint a run trusts (damage, crash leftovers, a
-non-finite stop's rollback and the samples it skips), what rotation keeps, and where the data stands when an
-epoch continues on another number of ranks. The engine legs that load what these choose are in
-tests/integration/test_faults.py and test_elastic.py."""
+non-finite stop's rollback and the samples it skips), which layout it loads in (the same, another world size or
+precision through the universal checkpoint, ZeRO-0 as it is), what it refuses, what rotation keeps, and where
+the data stands when an epoch continues on another number of ranks. The engine legs that load what these choose
+are in tests/integration/test_faults.py and test_elastic.py."""
 
 from __future__ import annotations
 
@@ -10,21 +11,30 @@ from pathlib import Path
 
 import pytest
 
+from mixmae_scale.data.loader import LoaderPosition
 from mixmae_scale.data.shard_sets import Layout
-from mixmae_scale.engine import checkpoint as ckpt
-from mixmae_scale.engine.faults import pick_checkpoint
+from mixmae_scale.engine.checkpointing import store as ckpt
+from mixmae_scale.engine.checkpointing.resume import choose_tag, decide_resume
+from mixmae_scale.engine.checkpointing.state import RunIdentity
+
+ZERO2 = {"zero_stage": 2, "dtype": "fp32", "sub_group_size": None, "grad_accum_dtype": None, "offload": False}
+IDENTITY = RunIdentity("digest-a", {"embed_dim": 32}, 32, ZERO2)
 
 
 def make_tag(ckpt_dir: Path, tag: str, batches: int = 0, extra: dict | None = None, micro: int = 8,
-             world: int = 2) -> Path:
-    """A checkpoint folder as `checkpoint.save` leaves it: files, per-rank state, the sealed marker."""
+             world: int = 2, identity: RunIdentity = IDENTITY) -> Path:
+    """A checkpoint folder as `store.save` leaves it: files, per-rank state (under the keys checkpoints are written
+    with), the sealed marker."""
     folder = ckpt_dir / tag
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
-    loader = {"batches_consumed": batches, "layout": {"micro": micro, "world": world}}
-    (folder / "rank_0.json").write_text(json.dumps({"loader": loader}))
-    ckpt.seal(folder, {"step": ckpt.step_of(tag), "kind": "regular", **(extra or {})})
+    layout = Layout.whole_epoch(0, 1000, world, micro).to_dict()
+    loader = {"batches_consumed": batches, "batch": batches, "layout": layout}
+    (folder / "rank_0.json").write_text(json.dumps({
+        "loader": loader, "rng": {}, "model_digest": identity.model_digest, "model_shape": identity.model_shape,
+        "optimizer_layout": identity.optimizer_layout, "global_batch": identity.global_batch}))
+    ckpt.seal(folder, {"step": ckpt.step_of(tag), "world_size": world, "kind": "regular", **(extra or {})})
     return folder
 
 
@@ -34,8 +44,8 @@ def test_the_newest_complete_checkpoint_is_chosen_and_partial_folders_are_never_
     crashed = tmp_path / "step00000008.partial"
     crashed.mkdir()
     (crashed / ckpt.MARKER).write_text("{}")  # sealed-looking, but a crash left it under the temporary name
-    choice = pick_checkpoint(tmp_path, "auto", "rollback")
-    assert choice.tag == "step00000006" and choice.skipped_samples == 0 and choice.notes == []
+    choice = choose_tag(tmp_path, "auto", "rollback")
+    assert choice.tag == "step00000006" and choice.skipped_samples == 0 and choice.notes == ()
     ckpt.remove_stale_partials(tmp_path)
     assert not crashed.exists() and (tmp_path / "step00000006").exists()
 
@@ -45,7 +55,7 @@ def test_a_checkpoint_cut_short_after_it_was_sealed_falls_back_to_the_one_before
     newest = make_tag(tmp_path, "step00000008")
     optimizer = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optimizer.write_bytes(b"o" * 150)
-    choice = pick_checkpoint(tmp_path, "auto", "rollback")
+    choice = choose_tag(tmp_path, "auto", "rollback")
     assert choice.tag == "step00000006"
     assert len(choice.notes) == 1 and "has 150 bytes, 300 were written" in choice.notes[0]
     (newest / "mp_rank_00_model_states.pt").unlink()
@@ -56,17 +66,17 @@ def test_every_checkpoint_damaged_is_an_error_that_says_how_to_start_over(tmp_pa
     for tag in ("step00000002", "step00000004"):
         (make_tag(tmp_path, tag) / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(ckpt.ResumeError, match=r"every checkpoint .* is damaged.*checkpoint.resume=none"):
-        pick_checkpoint(tmp_path, "auto", "rollback")
+        choose_tag(tmp_path, "auto", "rollback")
 
 
 def test_a_named_checkpoint_must_be_complete_and_intact(tmp_path):
     make_tag(tmp_path, "step00000002")
     with pytest.raises(ckpt.ResumeError, match=r"step00000009.*not a complete checkpoint.*step00000002"):
-        pick_checkpoint(tmp_path, "step00000009", "rollback")
+        choose_tag(tmp_path, "step00000009", "rollback")
     (tmp_path / "step00000002" / "rank_0.json").write_text("")
     with pytest.raises(ckpt.ResumeError, match="is damaged"):
-        pick_checkpoint(tmp_path, str(tmp_path / "step00000002"), "rollback")
-    assert pick_checkpoint(tmp_path, "none", "rollback") is None
+        choose_tag(tmp_path, str(tmp_path / "step00000002"), "rollback")
+    assert choose_tag(tmp_path, "none", "rollback") is None
 
 
 @pytest.mark.parametrize("policy, tag, skipped", [("rollback", "step00000006", 4 * 8 * 2),
@@ -78,12 +88,12 @@ def test_a_non_finite_stop_resumes_by_its_policy_and_skips_the_samples_read_sinc
     (saved at its step's start, 7 batches) and skips the 3 failed attempts; replay reads them again."""
     make_tag(tmp_path, "step00000004", batches=4)
     make_tag(tmp_path, "step00000006", batches=6)
-    after = {"batches_consumed": 10, "layout": {"micro": 8, "world": 2}}
+    after = {"batches_consumed": 10, "batch": 10, "layout": Layout.whole_epoch(0, 1000, 2, 8).to_dict()}
     stop = {"nonfinite_stop": {"step": 7, "loader_after": after}}
     make_tag(tmp_path, "step00000007-nonfinite", batches=7, extra=stop)
-    choice = pick_checkpoint(tmp_path, "auto", policy)
+    choice = choose_tag(tmp_path, "auto", policy)
     assert choice.tag == tag and choice.skipped_samples == skipped
-    assert choice.loader_override == (None if policy == "replay" else after)
+    assert choice.data_position == (None if policy == "replay" else LoaderPosition.from_dict(after))
     assert policy in choice.notes[0]
 
 
@@ -119,3 +129,104 @@ def test_an_epoch_continued_on_another_world_size_skips_nothing_and_repeats_only
     handed_out = [i for r in range(new_world) for i in covered(new.rank_intervals(r))]
     assert len(handed_out) == len(set(handed_out))  # no position twice among the new ranks
     assert len(covered(left)) - len(handed_out) < new_world * micro  # only a final partial batch is left out
+
+
+class Converter:
+    """Stands in for DeepSpeed's ds_to_universal (a subprocess over real shards, run in test_elastic.py): records
+    what it was asked to convert and leaves a sealed folder where the real one would."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, ckpt_dir: Path, tag: str) -> Path:
+        self.calls.append(tag)
+        folder = ckpt.universal_folder(ckpt_dir, tag)
+        folder.mkdir(exist_ok=True)
+        ckpt.seal(folder, {"universal_of": tag})
+        return folder
+
+
+def test_a_fresh_start_has_no_plan(tmp_path):
+    assert decide_resume(tmp_path / "checkpoints", "auto", "rollback", IDENTITY, 2) is None
+    make_tag(tmp_path, "step00000004")
+    assert decide_resume(tmp_path, "none", "rollback", IDENTITY, 2) is None
+
+
+def test_the_same_layout_loads_the_tag_itself_each_rank_its_own_file(tmp_path):
+    make_tag(tmp_path, "step00000004")
+    convert = Converter()
+    plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 2, convert)
+    assert (plan.tag, plan.load_tag, plan.universal, plan.same_layout, plan.saved_world) == (
+        "step00000004", "step00000004", False, True, 2)
+    assert convert.calls == [] and plan.notes == () and plan.data_position is None
+    ds_config = {"zero_optimization": {"stage": 2}}
+    assert plan.deepspeed_config(ds_config) == ds_config
+    assert [plan.rank_file_for(r) for r in (0, 1)] == [0, 1]
+    assert plan.step == 4 and plan.finishes_by(4) and not plan.finishes_by(5)
+
+
+def test_another_world_size_goes_through_the_universal_checkpoint_and_tells_deepspeed(tmp_path):
+    make_tag(tmp_path, "step00000004", world=2)
+    convert = Converter()
+    plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 3, convert)
+    assert convert.calls == ["step00000004"]
+    assert (plan.tag, plan.load_tag, plan.universal, plan.same_layout) == (
+        "step00000004", "step00000004.universal", True, False)
+    assert "world size 2 -> 3" in plan.notes[-1] and "converted in" in plan.notes[-1]
+    ds_config = {"zero_optimization": {"stage": 2}, "checkpoint": {"tag_validation": "Warn"}}
+    assert plan.deepspeed_config(ds_config)["checkpoint"] == {"tag_validation": "Warn", "load_universal": True}
+    assert [plan.rank_file_for(r) for r in range(3)] == [0, 1, 0]  # the old ranks' files, round-robin
+    again = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 3, convert)
+    assert "reused its earlier conversion" in again.notes[-1]
+
+
+def test_a_precision_change_on_the_same_ranks_goes_through_the_universal_checkpoint(tmp_path):
+    make_tag(tmp_path, "step00000004", identity=RunIdentity("digest-a", {}, 32, {**ZERO2, "dtype": "bf16"}))
+    convert = Converter()
+    plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 2, convert)
+    assert plan.universal and convert.calls == ["step00000004"] and "dtype bf16 -> fp32" in plan.notes[-1]
+    assert plan.saved_layout["dtype"] == "bf16"
+
+
+def test_zero0_loads_on_another_world_size_as_it_is_but_refuses_a_precision_change(tmp_path):
+    zero0 = {**ZERO2, "zero_stage": 0}
+    make_tag(tmp_path, "step00000004", world=2, identity=RunIdentity("digest-a", {}, 32, zero0))
+    convert = Converter()
+    plan = decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, zero0), 1, convert)
+    assert convert.calls == [] and not plan.universal and not plan.same_layout and plan.load_tag == "step00000004"
+    assert "(ZeRO-0) on 1 rank(s), written by 2" in plan.notes[-1]
+    with pytest.raises(ckpt.ResumeError, match="cannot be resumed across dtype fp32 -> bf16.*ZeRO-0 keeps none"):
+        decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**zero0, "dtype": "bf16"}), 2,
+                      convert)
+    with pytest.raises(ckpt.ResumeError, match="across zero_stage 0 -> 1.*resume with the checkpoint's zero.stage"):
+        decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**zero0, "zero_stage": 1}), 2,
+                      convert)
+    assert convert.calls == []
+
+
+def test_another_model_or_global_batch_is_refused_with_the_way_out(tmp_path):
+    make_tag(tmp_path / "checkpoints", "step00000004")
+    other_model = RunIdentity("digest-b", {"embed_dim": 48}, 32, ZERO2)
+    with pytest.raises(ckpt.ResumeError, match=r"another model \(model.embed_dim 32 -> 48\).*--overwrite"):
+        decide_resume(tmp_path / "checkpoints", "auto", "rollback", other_model, 2)
+    other_batch = RunIdentity("digest-a", {"embed_dim": 32}, 64, ZERO2)
+    with pytest.raises(ckpt.ResumeError, match="global batch of 32, this run has 64.*batch.global_batch=32"):
+        decide_resume(tmp_path / "checkpoints", "auto", "rollback", other_batch, 2)
+
+
+def test_a_damaged_newest_tag_falls_back_and_the_plan_keeps_the_note_beside_the_layout_change(tmp_path):
+    make_tag(tmp_path, "step00000004")
+    (make_tag(tmp_path, "step00000006") / "mp_rank_00_model_states.pt").write_bytes(b"")
+    plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 1, Converter())
+    assert plan.tag == "step00000004" and plan.universal
+    assert "step00000006 is damaged" in plan.notes[0] and "world size 2 -> 1" in plan.notes[1]
+
+
+def test_a_rollback_plan_carries_the_stops_data_position_into_the_layout_change(tmp_path):
+    make_tag(tmp_path, "step00000006", batches=6)
+    after = {"batches_consumed": 10, "batch": 10, "layout": Layout.whole_epoch(0, 1000, 2, 8).to_dict()}
+    make_tag(tmp_path, "step00000007-nonfinite", batches=7,
+             extra={"nonfinite_stop": {"step": 7, "loader_after": after}})
+    plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 1, Converter())
+    assert plan.tag == "step00000006" and plan.skipped_samples == 4 * 8 * 2 and plan.universal
+    assert plan.data_position == LoaderPosition.from_dict(after)

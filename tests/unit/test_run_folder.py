@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixmae_scale.engine import checkpoint as ckpt
 from mixmae_scale.engine import run_folder
-from mixmae_scale.engine.checkpoint import ResumeError
+from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.engine.checkpointing.store import ResumeError
 
 
 def tags(root: Path, *names: str) -> Path:
@@ -20,7 +20,7 @@ def tags(root: Path, *names: str) -> Path:
         folder = root / "checkpoints" / name
         folder.mkdir(parents=True)
         (folder / "rank_0.json").write_text("{}")
-        (folder / ckpt.MARKER).write_text(json.dumps({"step": ckpt.step_of(name)}))
+        (folder / store.MARKER).write_text(json.dumps({"step": store.step_of(name)}))
     return root
 
 
@@ -61,7 +61,7 @@ def test_overwrite_moves_the_whole_run_aside_to_the_next_free_name_and_repoints_
     assert not run.exists() and (moved / "metrics.csv").read_text() == "step,loss\n10,0.5\n"
     summary = json.loads((moved / "summary.json").read_text())
     assert summary["checkpoint"] == str(moved / "checkpoints" / "step00000010")
-    assert (Path(summary["checkpoint"]) / ckpt.MARKER).exists()
+    assert (Path(summary["checkpoint"]) / store.MARKER).exists()
     assert run_folder.prepare(tmp_path / "absent", "auto", overwrite=True) is None  # nothing to move
 
 
@@ -78,7 +78,7 @@ def test_resuming_an_earlier_tag_moves_the_later_ones_aside_whole(tmp_path):
     note = run_folder.prepare(run, "step00000004", overwrite=False)
     assert note == ("checkpoint.resume=step00000004: the later checkpoints (step00000007, step00000007-nonfinite, "
                     f"step00000009) belong to the run's earlier continuation and were moved to {run / 'superseded-1'}")
-    assert ckpt.complete_tags(run / "checkpoints") == ["step00000004"]
+    assert store.complete_tags(run / "checkpoints") == ["step00000004"]
     assert sorted(p.name for p in (run / "superseded-1").iterdir()) == [
         "step00000007", "step00000007-nonfinite", "step00000009", "step00000009.universal"]
 
@@ -94,39 +94,38 @@ def test_another_model_refusal_reads_the_checkpoints_record_then_config_yaml_the
     run = tmp_path / "run"
     run.mkdir()
     shape = {"embed_dim": 16, "depths": (2, 2)}
-    line = run_folder.another_model(run, "step00000010", {"model_shape": {"embed_dim": 32, "depths": [2, 2]}}, shape,
-                                    "bbbb")
+    line = run_folder.another_model(run, "step00000010", {"embed_dim": 32, "depths": [2, 2]}, None, shape, "bbbb")
     assert line == (f"{run} holds a run of another model (model.embed_dim 32 -> 16), checkpoint step00000010; it "
                     "cannot be resumed with this configuration: start it in a new --run-dir (run.name with `mixmae "
                     f"launch`), or add --overwrite to move the earlier run to {tmp_path / 'run.old-1'} first")
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"embed_dim": 48, "depths": [1, 1]}}))
     assert "(model.embed_dim 48 -> 16; model.depths [1, 1] -> [2, 2])" in run_folder.another_model(
-        run, "step00000010", {"model_digest": "aaaa"}, shape, "bbbb")
+        run, "step00000010", None, "aaaa", shape, "bbbb")
     (run / "config.yaml").unlink()
-    assert "(model digest aaaa -> bbbb)" in run_folder.another_model(run, "step00000010", {"model_digest": "aaaa"},
-                                                                     shape, "bbbb")
+    assert "(model digest aaaa -> bbbb)" in run_folder.another_model(run, "step00000010", None, "aaaa", shape,
+                                                                     "bbbb")
 
 
 def test_rotation_never_removes_the_tag_just_written_even_below_older_higher_steps():
     old_run = ["step00000007", "step00000009", "step00000010"]
-    assert ckpt.rotation_victims(sorted(["step00000004", *old_run]), 3, just_written="step00000004") == set()
-    assert "step00000004" in ckpt.rotation_victims(sorted(["step00000004", *old_run]), 3)  # the rule it overrides
+    assert store.rotation_victims(sorted(["step00000004", *old_run]), 3, just_written="step00000004") == set()
+    assert "step00000004" in store.rotation_victims(sorted(["step00000004", *old_run]), 3)  # the rule it overrides
     regular = ["step00000002", "step00000004", "step00000006", "step00000008"]
-    assert ckpt.rotation_victims(regular, 3, just_written="step00000008") == {"step00000002"}
+    assert store.rotation_victims(regular, 3, just_written="step00000008") == {"step00000002"}
     with_stop = ["step00000004", "step00000004-nonfinite", "step00000006"]
-    assert ckpt.rotation_victims(with_stop, 3, just_written="step00000006") == {"step00000004-nonfinite"}
+    assert store.rotation_victims(with_stop, 3, just_written="step00000006") == {"step00000004-nonfinite"}
 
 
 def test_rotate_on_disk_keeps_the_new_tag_and_removes_crash_leftovers(tmp_path):
     run = tags(tmp_path / "run", "step00000004", "step00000007", "step00000009", "step00000010")
     (run / "checkpoints" / "step00000011.partial").mkdir()
-    ckpt.rotate(run / "checkpoints", 3, just_written="step00000004")
+    store.rotate(run / "checkpoints", 3, just_written="step00000004")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step00000004", "step00000007", "step00000009", "step00000010"]
 
 
 def test_a_summary_names_only_a_complete_checkpoint_on_disk(tmp_path):
     run = tags(tmp_path / "run", "step00000004")
-    assert ckpt.existing(run / "checkpoints" / "step00000004") == run / "checkpoints" / "step00000004"
-    assert ckpt.existing(run / "checkpoints" / "step00000010") is None
-    assert ckpt.existing(None) is None
+    assert store.existing(run / "checkpoints" / "step00000004") == run / "checkpoints" / "step00000004"
+    assert store.existing(run / "checkpoints" / "step00000010") is None
+    assert store.existing(None) is None

@@ -14,7 +14,7 @@ import pytest
 
 from mixmae_scale.config import ConfigError, load_config, resolve
 from mixmae_scale.engine import run_record
-from mixmae_scale.engine.elastic import ResumePlan
+from mixmae_scale.engine.checkpointing.resume import ResumePlan
 from mixmae_scale.scaling.report import provenance_warnings, report_markdown
 
 
@@ -100,8 +100,8 @@ def test_the_record_keeps_every_launch_and_each_resumes_step_and_layouts(tmp_pat
     record = run_record.RunRecord.begin(first, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])
     assert json.loads((first.root / "run.json").read_text())["status"] == "running"  # written at the start
     record.finish({"steps": 4, "planned_steps": 4, "stopped_by_signal": True})
-    plan = ResumePlan("step00000004", "step00000004-universal", True, 2, False,
-                      saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False})
+    plan = ResumePlan("step00000004", saved_world=2, saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False},
+                      load_tag="step00000004-universal", universal=True, same_layout=False)
     second = run_record.RunRecord.begin(_context(tmp_path, 1, plan), "pretrain", 4, ["cpu"], argv=["mixmae"])
     second.finish({"steps": 8, "planned_steps": 8, "stopped_by_signal": False})
     saved = run_record.read_record(first.root)

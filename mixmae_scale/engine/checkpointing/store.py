@@ -1,4 +1,4 @@
-"""Checkpoints a crash cannot corrupt: DeepSpeed's sharded save plus our per-rank state, written under a
+"""The checkpoint store: tags a crash cannot corrupt: DeepSpeed's sharded save plus our per-rank state, written under a
 temporary name and renamed into place once every rank's files are on the disk.
 
 A tag folder (`step00000400`) appears only complete: every rank writes into `step00000400.partial`, flushes
@@ -10,7 +10,8 @@ copy gone wrong) makes the run fall back to the previous checkpoint instead of f
 
 Tags sort by name: `step00000400` < `step00000400-nonfinite` (a stop after non-finite steps, whose state
 is that of the step's start) < `step00000400-relayout` (the same state saved again in a new layout after a
-resume on another world size) < `step00000401`.
+resume on another world size) < `step00000401`. What the files hold is state.py's; this module knows
+only folders, names and sizes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class SaveRequest:
     step: int
     kind: str = ""  # "" (regular) or NONFINITE
     keep_last: int = 3
-    marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (engine/faults.py)
+    marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (state.py)
 
 
 def free_tag(ckpt_dir: Path, step: int, kind: str) -> str | None:
@@ -132,7 +133,7 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
         shutil.rmtree(partial, ignore_errors=True)  # a crash's leftover of the same name
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
-    write_text(partial / f"rank_{rank}.json", json.dumps(rank_state))
+    write_text(rank_file(partial, rank), json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
         seal(partial, {"step": request.step, "world_size": world, "kind": request.kind or "regular",
@@ -169,23 +170,9 @@ def existing(checkpoint: Path | None) -> Path | None:
     return checkpoint if checkpoint is not None and (checkpoint / MARKER).exists() else None
 
 
-def optimizer_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """What fixes the layout of DeepSpeed's optimizer shards, read from the config DeepSpeed gets: the
-    ZeRO stage, the precision and the gradient-accumulation dtype (which select the optimizer wrapper:
-    bf16 with fp32 accumulation at ZeRO-1 is DeepSpeed's BF16_Optimizer), offload and, at stage 3, the
-    sub-groups the partition is cut into (DeepSpeed's default: 1e9 elements). A resume across any change of
-    these (or of the world size) goes through DeepSpeed's universal checkpoint (engine/elastic.py)."""
-    zero = ds_config.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    dtype = next((name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled")), "fp32")
-    return {"zero_stage": stage, "dtype": dtype,
-            "sub_group_size": int(zero.get("sub_group_size", 1_000_000_000)) if stage == 3 else None,
-            "grad_accum_dtype": ds_config.get("data_types", {}).get("grad_accum_dtype"),
-            "offload": bool(zero.get("offload_optimizer"))}
-
-
-def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    return json.loads((ckpt_dir / tag / f"rank_{rank}.json").read_text())
+def rank_file(folder: Path, rank: int) -> Path:
+    """Each rank's own file beside DeepSpeed's: what state.py's RankState holds, as JSON."""
+    return folder / f"rank_{rank}.json"
 
 
 def remove_stale_partials(ckpt_dir: Path) -> None:

@@ -1,0 +1,162 @@
+"""What a checkpoint holds and when the checkpointer saves, without DeepSpeed: the typed run state against the keys
+checkpoints are written with, the loader position (its JSON form, the samples between two positions, an epoch
+continued on another number of ranks), the save schedule, and one save -> plan -> load round trip through the real
+store in a world of one (DeepSpeed's own files stand in for by a recording engine; test_pretrain.py and
+test_faults.py run the real engine on 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mixmae_scale.config.schema import CheckpointConfig
+from mixmae_scale.data.loader import LoaderPosition, ShardLoader
+from mixmae_scale.data.manifest import SplitShards
+from mixmae_scale.data.shard_sets import Layout, ShardMixture, WeightedSet
+from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.engine.checkpointing.checkpointer import Checkpointer
+from mixmae_scale.engine.checkpointing.resume import decide_resume
+from mixmae_scale.engine.checkpointing.state import RankPosition, RankState, RunIdentity, RunState, StopRecord
+
+LAYOUT = {"zero_stage": 2, "dtype": "fp32", "sub_group_size": None, "grad_accum_dtype": None, "offload": False}
+IDENTITY = RunIdentity("digest-a", {"embed_dim": 32}, 16, LAYOUT)
+
+
+def loader(world: int, micro: int = 8, rank: int = 0, window: int = 64) -> ShardLoader:
+    """A loader over 997 samples in two shards that are never read: positions are arithmetic on the manifest."""
+    split = SplitShards("train", "/nowhere", "/nowhere", ("a.tar", "b.tar"), ("a.idx", "b.idx"), (500, 497), (0, 0),
+                        997, False, 0)
+    spec = PipelineSpec("pretrain", 32, micro, shard_id=rank, num_shards=world, shuffle_buffer=window)
+    return ShardLoader(ShardMixture([WeightedSet(split, 1.0, "demo")]), "train", spec, backend="torch")
+
+
+def test_the_run_state_keeps_the_client_keys_and_reads_a_client_from_before_the_job_key():
+    state = RunState(12, {"best": {"top1": 0.5}}, "digest-a", 4, skipped_samples=64)
+    client = json.loads(json.dumps(state.to_client()))
+    assert set(client) == {"step", "job", "model_digest", "world_size", "skipped_samples", "universal_checkpoint_info"}
+    assert RunState.from_client(client) == state
+    older = RunState.from_client({"step": 3, "best": {"top1": 0.1}})  # the job's state at the top level
+    assert (older.step, older.job["best"], older.skipped_samples, older.model_digest) == (3, {"top1": 0.1}, 0, None)
+
+
+def test_a_rank_state_survives_its_json_file_with_the_dali_generators():
+    position = RankPosition(LoaderPosition("dali", Layout.whole_epoch(2, 997, 2, 8), 5, 64, 0, "d", 130, b"\x00gen"),
+                            {"python": "x"})
+    state = RankState(position, IDENTITY)
+    text = json.dumps(state.to_dict())
+    assert set(json.loads(text)) == {"loader", "rng", "model_digest", "model_shape", "optimizer_layout",
+                                     "global_batch"}
+    assert RankState.from_dict(json.loads(text)) == state
+    assert json.loads(text)["loader"]["epoch"] == 2 and "dali" in json.loads(text)["loader"]
+    older = RankState.from_dict({"loader": {"epoch": 3, "batches_consumed": 7}, "rng": {}})  # before global samples
+    assert older.position.loader.layout is None and older.position.loader.epoch == 3
+    assert older.identity == RunIdentity(None, None, None, None)
+
+
+def test_the_samples_between_two_positions_count_every_rank():
+    before = LoaderPosition("dali", Layout.whole_epoch(0, 997, 2, 8), 6, 64, 0, "d", 6)
+    after = LoaderPosition("dali", Layout.whole_epoch(0, 997, 2, 8), 10, 64, 0, "d", 10, b"gen")
+    assert after.samples_since(before) == 4 * 8 * 2 and before.samples_since(after) == 0
+    record = StopRecord(7, after)
+    assert "dali" not in record.marker_extra()["nonfinite_stop"]["loader_after"]  # generators stay with the tag
+
+
+@pytest.mark.parametrize("old_world, new_world, consumed", [(2, 3, 20), (2, 1, 33), (4, 2, 5)])
+def test_a_loader_restored_on_another_world_size_lays_out_what_is_left_of_the_epoch(old_world, new_world, consumed):
+    old = loader(old_world)
+    old.batch_in_epoch = old.batches_consumed = consumed
+    position = LoaderPosition.from_dict(json.loads(json.dumps(old.position().to_dict())))
+    new = loader(new_world)
+    new.restore(position)
+    left = old.layout.remaining(consumed, 64)
+    assert new.layout == Layout(0, left, new_world, 8) and new.batch_in_epoch == 0
+    assert new.batches_consumed == consumed
+    assert f"continues on {new_world} rank(s) x 8 (was {old_world} x 8)" in new.resume_note
+    same = loader(old_world, rank=1)
+    same.restore(position)
+    assert (same.layout, same.batch_in_epoch, same.resume_note) == (old.layout, consumed, None)
+
+
+def test_a_loader_restored_on_other_data_starts_the_next_epoch_and_says_so():
+    old = loader(2)
+    old.batch_in_epoch = 3
+    moved = LoaderPosition.from_dict({**old.position().to_dict(), "data": "another-digest"})
+    new = loader(2)
+    new.restore(moved)
+    assert new.epoch == 1 and new.batch_in_epoch == 0 and "shard set or run.seed differs" in new.resume_note
+
+
+@pytest.mark.parametrize("every, at_end, step, last, stop, due", [
+    (5, True, 10, False, False, True), (5, True, 7, False, False, False), (5, True, 7, True, False, True),
+    (5, False, 7, True, False, False), (5, False, 7, False, True, True), (1, True, 3, False, False, True)])
+def test_the_checkpointer_saves_on_its_interval_at_the_end_and_on_a_stop(every, at_end, step, last, stop, due):
+    settings = CheckpointConfig(every_steps=every, at_end=at_end)
+    checkpointer = Checkpointer(None, Path("/nowhere"), settings, IDENTITY, 1, 0, None, None)
+    assert checkpointer.due(step, last, stop) is due
+    if not due:
+        assert checkpointer.maybe_save(step, last, stop) is None and checkpointer.last_saved is None
+
+
+class RecordingEngine:
+    """DeepSpeed's save/load surface: writes the client state where DeepSpeed would write its files."""
+
+    optimizer = None
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_text(json.dumps(client_state))
+
+    def load_checkpoint(self, load_dir: str, tag: str):
+        return None, json.loads((Path(load_dir) / tag / "mp_rank_00_model_states.pt").read_text())
+
+
+class Job:
+    def __init__(self, best: float) -> None:
+        self.best = best
+
+    def state(self) -> dict:
+        return {"best": self.best}
+
+    def load_state(self, state: dict) -> None:
+        self.best = state["best"]
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_saved_run_resumes_its_step_job_data_and_generators_and_a_stop_resumes_past_its_data(tmp_path,
+                                                                                                 world_of_one):
+    ckpt_dir = tmp_path / "checkpoints"
+    data, job = loader(1), Job(0.25)
+    data.batch_in_epoch = data.batches_consumed = 6
+    saving = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(every_steps=3), IDENTITY, 1, 0, job, data)
+    random.seed(7)
+    assert saving.maybe_save(6) == ckpt_dir / "step00000006" == saving.last_saved
+    expected_draw = random.random()
+    start = saving.step_start()
+    data.batch_in_epoch = data.batches_consumed = 9  # three failed attempts
+    stop_tag = saving.save_nonfinite_stop(7, start)
+    assert stop_tag.name == "step00000007-nonfinite" and store.complete_tags(ckpt_dir) == [
+        "step00000006", "step00000007-nonfinite"]
+
+    plan = decide_resume(ckpt_dir, "auto", "rollback", IDENTITY, 1)
+    resumed_data, resumed_job = loader(1), Job(0.0)
+    resuming = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(), IDENTITY, 1, 0, resumed_job,
+                            resumed_data)
+    random.seed(99)
+    assert resuming.resume(plan) == 6
+    assert random.random() == expected_draw  # the generators as they were at the save
+    assert resumed_job.best == 0.25 and resuming.skipped_samples == 3 * 8
+    assert (resumed_data.batch_in_epoch, resumed_data.batches_consumed) == (9, 9)  # past the failed attempts
+    assert torch.equal(torch.tensor(resumed_data.layout.intervals), torch.tensor(data.layout.intervals))
