@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mixmae_scale.config.schema import FaultConfig
 from mixmae_scale.engine import checkpoint as ckpt
 
 log = logging.getLogger("mixmae.faults")
@@ -63,27 +60,6 @@ class NonFiniteGuard:
     def summary(self) -> dict[str, int]:
         return {"skipped_nonfinite": self.losses + self.gradients, "skipped_nonfinite_losses": self.losses,
                 "skipped_nonfinite_gradients": self.gradients, "fp16_loss_scale_skips": self.loss_scale_skips}
-
-
-class _NaNGradients(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradients are not (fault injection)."""
-
-    @staticmethod
-    def forward(ctx, value):  # noqa: D102
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad * float("nan")
-
-
-def inject(loss: torch.Tensor, batch_index: int, faults: FaultConfig) -> torch.Tensor:
-    """The testing switches: a NaN loss, or NaN gradients, on the run's `batch_index`-th micro-batch."""
-    if batch_index in faults.inject_nan_loss_at_batches:
-        return loss * float("nan")
-    if batch_index in faults.inject_nan_grad_at_batches:
-        return _NaNGradients.apply(loss)
-    return loss
 
 
 @dataclass
