@@ -12,8 +12,7 @@ from mixmae_scale.config.schema import FaultConfig
 
 if TYPE_CHECKING:
     from mixmae_scale.data.loader import Batch
-    from mixmae_scale.engine.job import Job
-    from mixmae_scale.engine.loop import TrainingLoop
+    from mixmae_scale.engine.job import Job, Loop
 
 
 class _NaNGradients(torch.autograd.Function):
@@ -59,14 +58,14 @@ class FaultyJob:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.job, name)
 
-    def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         # The loader has counted this micro-batch already: its index in the run is one less.
         return injected_loss(self.job.loss(loop, batch, step, micro), loop.loader.batches_consumed - 1, self.faults)
 
-    def on_start(self, loop: TrainingLoop) -> None:
+    def on_start(self, loop: Loop) -> None:
         self.job.on_start(loop)
 
-    def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
         error = injected_exception(self.faults, loop.ctx.rank, step)
         if error is not None:
             raise error

@@ -8,13 +8,36 @@ job subclasses `Job` to inherit them, or implements them itself.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
+    from mixmae_scale.config.derive import Derived
     from mixmae_scale.data.loader import Batch, ShardLoader
-    from mixmae_scale.engine.loop import TrainingLoop
+
+
+class RunPlace(Protocol):
+    """What a job reads of the run's context (engine/loop.py's RunContext)."""
+
+    rank: int
+
+
+class Loop(Protocol):
+    """What a job may use of the loop that runs it (engine/loop.py's TrainingLoop): the DeepSpeed engine, its
+    device and precision, this rank, the steps done, the loader, and a checkpoint of its own (a job's `best/`)."""
+
+    engine: Any
+    device: torch.device
+    derived: Derived
+    ctx: RunPlace
+    step: int
+    loader: ShardLoader
+
+    def save(self, at_step: int, directory: Path | None = None, keep: int | None = None) -> Path:
+        """Collective: a checkpoint of the run as it stands."""
+        ...
 
 
 class Job(Protocol):
@@ -25,14 +48,14 @@ class Job(Protocol):
     # Blocks compiled on first use: the first step's time then includes compiling, and the log says so.
     compiled_blocks: int
 
-    def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch, not yet backpropagated (the loop checks it is finite first)."""
         ...
 
-    def on_start(self, loop: TrainingLoop) -> None:
+    def on_start(self, loop: Loop) -> None:
         """After set-up and resume, before the first step (every rank)."""
 
-    def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
         """After each applied optimizer step, once it is logged (every rank): evaluation, pictures."""
 
     def state(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,7 +44,6 @@ from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import checkpoint as ckpt
 from mixmae_scale.engine import distributed, elastic, faults, run_folder, run_record
-from mixmae_scale.engine.job import Job
 from mixmae_scale.engine.monitor import (
     MetricsLog,
     device_peak_flops,
@@ -59,6 +58,9 @@ from mixmae_scale.engine.rng import restore_rng, rng_state
 from mixmae_scale.engine.step import LogWindow, StepOutcome, fp16_loss_scale, save_due, step_decision
 from mixmae_scale.models.regional_compile import maybe_compile
 from mixmae_scale.seeds import stream_seed
+
+if TYPE_CHECKING:
+    from mixmae_scale.engine.job import Job
 
 log = logging.getLogger("mixmae.loop")
 

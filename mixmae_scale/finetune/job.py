@@ -29,7 +29,7 @@ from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.fault_injection import with_injected_faults
-from mixmae_scale.engine.job import Job
+from mixmae_scale.engine.job import Job, Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.monitor import drop_rows_after
 from mixmae_scale.engine.optimizer import adamw
@@ -76,7 +76,7 @@ class FinetuneJob(Job):
         self.best: dict[str, Any] = {"top1": -1.0}
         self.last: dict[str, Any] | None = None
 
-    def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         images, labels = batch.images.to(loop.device), batch.labels.to(loop.device)
         if self.erasing is not None:  # per image, before mixing, as timm's transform in the official code
             images = self.erasing(images)
@@ -86,7 +86,7 @@ class FinetuneJob(Job):
             logits = loop.engine(images.to(next(loop.engine.module.parameters()).dtype))
         return self.criterion(logits.float(), labels)
 
-    def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
         if step % self.eval_every and not last:
             return
         config = self.config

@@ -27,7 +27,7 @@ from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.fault_injection import with_injected_faults
-from mixmae_scale.engine.job import Job
+from mixmae_scale.engine.job import Job, Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, fp16_loss_scale, start_run
 from mixmae_scale.engine.optimizer import build_optimizer
 from mixmae_scale.models.flops import model_report
@@ -49,7 +49,7 @@ class PretrainJob(Job):
         self.flops_per_image = model_report(config.model)["train_flops_per_image"]
         self.compiled_blocks = 0
 
-    def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         # fp32 or fp16 images (see PipelineSpec.output_dtype): the model casts its encoder input to its weights'
         # dtype and makes the target from these in fp32. The mask is drawn on the device: no copy, no sync.
         images = batch.images.to(loop.device, non_blocking=True)
@@ -59,14 +59,14 @@ class PretrainJob(Job):
         with autocast(loop.device, loop.derived.dtype):
             return loop.engine(images, mask=mask).loss
 
-    def on_start(self, loop: TrainingLoop) -> None:
+    def on_start(self, loop: Loop) -> None:
         if self.heldout_start is None:
             self.heldout_start = heldout_loss(loop.engine, self.config, self.heldout, loop.device,
                                               loop.derived.dtype)
             if loop.ctx.rank == 0:
                 log.info("held-out reconstruction loss at step 0: %s", self.heldout_start.text())
 
-    def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
         every = self.config.logging.visualize_every_steps
         if self.snapshots is not None and (step % every == 0 or last):
             self.snapshots.write(loop.engine.module, step)
