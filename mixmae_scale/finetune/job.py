@@ -60,6 +60,9 @@ def build_classifier(config: Config, num_classes: int,
 
 
 class FinetuneJob(Job):
+    """Classification with timm's augmentations, evaluated every `eval_every` steps; the best evaluation is
+    kept with the checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
+
     flops_per_image = None  # not counted for the classifier: no MFU
 
     def __init__(self, config: Config, root: Path, loader: ShardLoader, num_classes: int, val_spec: PipelineSpec,
