@@ -104,7 +104,7 @@ def launch(root: Path, shards: Path, extensions: Path, work: Path, port: int, is
 
 def import_times(root: Path) -> dict[str, float]:
     """`python -X importtime` of what a pretraining rank imports, cumulative seconds per top-level package."""
-    code = ("import mixmae_scale.cli, mixmae_scale.engine.pretrain, mixmae_scale.visualize.snapshots, deepspeed, "
+    code = ("import mixmae_scale.cli, mixmae_scale.pretrain.job, mixmae_scale.visualize.snapshots, deepspeed, "
             "nvidia.dali")
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu"}, check=True)

@@ -71,9 +71,9 @@ def bare_step(args) -> dict:
 
 def bare_worker(spec: dict) -> dict:
     from mixmae_scale.config import load_resolved
+    from mixmae_scale.data.loaders import loader_dtype
     from mixmae_scale.engine.distributed import autocast
     from mixmae_scale.engine.optimizer import build_optimizer
-    from mixmae_scale.engine.pretrain import loader_dtype
     from mixmae_scale.models.mixmae import build_mixmae
     from mixmae_scale.models.regional_compile import maybe_compile
 

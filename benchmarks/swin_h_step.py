@@ -41,7 +41,7 @@ COMMON = ("model.checkpoint_every=1", "batch.micro=2", "batch.global_batch=null"
 def process_baseline_gib() -> float:
     """RSS of a process that has imported what a rank imports: the CPU's stand-in for the planner's
     runtime overhead (CUDA context and allocator slack on GPUs)."""
-    code = ("import torch, deepspeed, nvidia.dali, mixmae_scale.engine.pretrain\n"
+    code = ("import torch, deepspeed, nvidia.dali, mixmae_scale.pretrain.job\n"
             "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, **MALLOC_ENV})

@@ -103,9 +103,9 @@ def resolved_for(suite: Suite, size: str, variant: Variant):
 
 def build_step(suite: Suite, size: str, variant: Variant):
     """The bare step of `variant`: (step function, model, micro-batch, resolved config)."""
+    from mixmae_scale.data.loaders import loader_dtype
     from mixmae_scale.engine.distributed import autocast
     from mixmae_scale.engine.optimizer import build_optimizer
-    from mixmae_scale.engine.pretrain import loader_dtype
     from mixmae_scale.models.mixmae import build_mixmae
     from mixmae_scale.models.regional_compile import compile_blocks, compile_whole
     from mixmae_scale.models.swin import SwinBlock

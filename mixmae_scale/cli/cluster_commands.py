@@ -18,10 +18,10 @@ def _launch(args: argparse.Namespace) -> int:
     config, sources = load_config(args.profile, args.cluster, args.overrides)
     samples, samples_from = train_samples_for(config)  # the run counts the manifest: so does this arithmetic
     resolved = resolve(config, sources, train_samples=samples)
-    job = args.job or resolved.job()
-    print(f"job: {job}" + ("" if args.job else " (from the profile: finetune.init is "
-                                               f"{'set' if job == 'finetune' else 'not set'}; --job overrides)"))
-    plan = compose(resolved, args.profile, args.cluster, args.overrides, job=job, check_files=not args.dry_run)
+    kind = args.job or resolved.run_kind()
+    print(f"job: {kind}" + ("" if args.job else " (from the profile: finetune.init is "
+                                                f"{'set' if kind == 'finetune' else 'not set'}; --job overrides)"))
+    plan = compose(resolved, args.profile, args.cluster, args.overrides, job=kind, check_files=not args.dry_run)
     if args.overwrite:
         plan.command.append("--overwrite")
     for line in batch_report(resolved, samples, samples_from):
@@ -53,7 +53,7 @@ def _plan(args: argparse.Namespace) -> int:
     resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
     # One real forward serves the plan and every option (Swin-H: about 15 s and 3 GB on a CPU).
-    activations = measure_activations(resolved, planning_dtype(resolved), job=args.job or resolved.job())
+    activations = measure_activations(resolved, planning_dtype(resolved), job=args.job or resolved.run_kind())
     result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, activations=activations, job=args.job)
     found, chosen = (options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
                              activations=activations, job=args.job) if args.recommend else ([], None))

@@ -1,104 +1,51 @@
-"""`mixmae pretrain|finetune|eval`: the jobs that run under a launcher, one process per rank."""
+"""`mixmae pretrain|finetune|eval`: the commands that run under a launcher, one process per rank. The process
+around the work (environment, /dev/shm, shutdown, exit codes) is engine/runtime.py's; here are the arguments
+and what the user reads."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 
 from mixmae_scale.cli.arguments import add_profile_args
 
 
-def _distributed_job(args: argparse.Namespace, job) -> int:
-    """Environment and shutdown shared by the jobs that run under a launcher (or alone)."""
-    import logging
-
+def _as_rank_process(args: argparse.Namespace, work) -> int:
+    """`work(rank, local_rank) -> exit code` as this process's rank (engine/runtime.py)."""
     from mixmae_scale.cluster.slurm_ranks import ranks_from_slurm
+    from mixmae_scale.engine.runtime import run_rank
 
-    slurm = ranks_from_slurm(os.environ)
-    if slurm:  # one srun task per GPU (launch/slurm/pretrain_srun.sbatch): Slurm is the launcher
-        os.environ.update(slurm)
-    alone = "RANK" not in os.environ  # started without a launcher: a world of one, set up here and undone after
-    saved_env = {key: os.environ.get(key) for key in WORLD_OF_ONE}
-    if alone:
-        os.environ.update(WORLD_OF_ONE, MASTER_PORT=str(_free_port()))
-    rank = int(os.environ["RANK"])
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
-    try:
-        return _run_rank(args, job, rank, alone)
-    finally:
-        if alone:
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    return run_rank(work, _report_failure, args.local_rank, launcher_ranks=ranks_from_slurm(os.environ))
 
 
-WORLD_OF_ONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _run_rank(args: argparse.Namespace, job, rank: int, alone: bool) -> int:
-    import logging
-
+def _report_failure(rank: int, exc: BaseException, alone: bool) -> None:
+    """What the user reads when a rank's work ends by an exception: a finished run and a non-finite stop are
+    said once by rank 0 (every rank knows them), anything else by the first failing rank (cli/failure_report.py)."""
     from mixmae_scale.cli.failure_report import deliver, report_failure
-    from mixmae_scale.engine import distributed
     from mixmae_scale.engine.faults import NonFiniteStop
     from mixmae_scale.engine.loop import RunAlreadyComplete
 
-    if int(os.environ.get("LOCAL_RANK", args.local_rank)) == 0:
-        removed = distributed.remove_stale_shm_buffers()
-        if removed:
-            logging.getLogger("mixmae").warning("removed %d DeepSpeed shared-memory buffer(s) a killed run left in "
-                                                "/dev/shm: %s", len(removed), ", ".join(removed))
-    rendezvous = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    try:
-        code = job(rank, int(os.environ.get("LOCAL_RANK", args.local_rank)))
-    except RunAlreadyComplete as exc:  # every rank knows it from the broadcast resume plan; nothing was written
+    if isinstance(exc, RunAlreadyComplete):
         if rank == 0:
             print(f"mixmae: {exc}")
-        distributed.shutdown(*rendezvous)
-        return 0
-    except NonFiniteStop as exc:  # every rank stops here together, after a collective checkpoint
+    elif isinstance(exc, NonFiniteStop):
         if rank == 0:
             deliver(f"mixmae: error: {exc}\n", alone)
-        distributed.shutdown(*rendezvous)
-        return 3
-    except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
+    else:
         report_failure(rank, exc, alone)
-        if alone:  # no peers to wait for: an orderly end, and the caller gets the exit code
-            distributed.shutdown(*rendezvous)
-            return 1
-        distributed.remove_shm_buffer(*rendezvous, rank)
-        # No orderly shutdown: its barrier would wait for ranks that are themselves waiting for this one. Exiting
-        # at once makes the launcher stop the others (they see a closed connection and stay silent).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    distributed.shutdown(*rendezvous)
-    return code
 
 
-def _train_job(args: argparse.Namespace, kind: str) -> int:
+def _train(args: argparse.Namespace, kind: str) -> int:
     from pathlib import Path
 
     from mixmae_scale.config import load_config
 
-    def job(rank: int, local_rank: int) -> int:
+    def train_rank(rank: int, local_rank: int) -> int:
         config, sources = load_config(args.profile, args.cluster, args.overrides)
         run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
         if kind == "pretrain":
-            from mixmae_scale.engine.pretrain import pretrain
+            from mixmae_scale.pretrain.job import pretrain
             from mixmae_scale.visualize.snapshots import ReconstructionSnapshots
 
             summary = pretrain(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
@@ -109,19 +56,24 @@ def _train_job(args: argparse.Namespace, kind: str) -> int:
 
             # Before the fine-tuning stack (timm) is imported: a wrong finetune.init is said within seconds.
             pretrained = load_encoder(config.finetune.init) if config.finetune.init else None
-            from mixmae_scale.finetune.train import finetune
+            from mixmae_scale.finetune.job import finetune
 
             summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
                                pretrained=pretrained, overwrite=args.overwrite)
-            last = summary["last"] or {"top1": float("nan")}
-            message = (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
-                       f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
+            message = finetune_message(summary)
         if rank == 0:
             print(f"run directory: {run_dir} (config.yaml, metrics.csv, checkpoints/, summary.json)")
             print(message)
         return 0
 
-    return _distributed_job(args, job)
+    return _as_rank_process(args, train_rank)
+
+
+def finetune_message(summary: dict) -> str:
+    """The last line of a fine-tuning run: the last evaluation's top-1 and the best one's."""
+    last = summary["last"] or {"top1": float("nan")}
+    return (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
+            f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
 
 
 def pretrain_message(summary: dict) -> str:
@@ -136,15 +88,15 @@ def pretrain_message(summary: dict) -> str:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    return _train_job(args, "pretrain")
+    return _train(args, "pretrain")
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    return _train_job(args, "finetune")
+    return _train(args, "finetune")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    def job(rank: int, local_rank: int) -> int:
+    def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
         from mixmae_scale.finetune.evaluate import evaluate_classifier, load_classifier
 
@@ -159,20 +111,20 @@ def _eval(args: argparse.Namespace) -> int:
                   f"split '{args.split}' of {args.data} ({args.init})")
         return 0
 
-    return _distributed_job(args, job)
+    return _as_rank_process(args, evaluate_rank)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     for name, text, handler in (
             ("pretrain", "MixMAE pretraining (start with the deepspeed launcher or torchrun)", _pretrain),
             ("finetune", "fine-tune a pretrained encoder (deepspeed launcher or torchrun)", _finetune)):
-        job = sub.add_parser(name, help=text)
-        add_profile_args(job)
-        job.add_argument("--run-dir", help="default: run.output_dir/run.name")
-        job.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
-        job.add_argument("--overwrite", action="store_true", help="start a new run even if the run folder holds one: "
-                         "the earlier run is moved, whole, to RUN.old-N (nothing is deleted)")
-        job.set_defaults(handler=handler)
+        command = sub.add_parser(name, help=text)
+        add_profile_args(command)
+        command.add_argument("--run-dir", help="default: run.output_dir/run.name")
+        command.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
+        command.add_argument("--overwrite", action="store_true", help="start a new run even if the run folder holds "
+                             "one: the earlier run is moved, whole, to RUN.old-N (nothing is deleted)")
+        command.set_defaults(handler=handler)
     evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
                             "an official fine-tuned .pth")

@@ -181,11 +181,11 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
          activations: ActivationProfile | None = None, overhead_gib: float = RUNTIME_OVERHEAD_GIB,
          fused_optimizer: bool = True, job: str | None = None) -> MemoryPlan:
     """`fused_optimizer`: True on GPUs (build_optimizer uses fused AdamW there), False for CPU runs.
-    `job`: pretrain or finetune; by default what the profile is (`ResolvedConfig.job`)."""
+    `job`: pretrain or finetune; by default what the profile is (`ResolvedConfig.run_kind`)."""
     from mixmae_scale.config.deepspeed_config import build_deepspeed_config
 
     config = resolved.config
-    job = job or resolved.job()
+    job = job or resolved.run_kind()
     dtype, stage = planning_dtype(resolved), config.zero.stage
     checkpointing = config.model.checkpoint_every > 0
     with torch.device("meta"):
@@ -256,7 +256,7 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     global_batch = batch.global_batch or batch.micro * (batch.accumulation or 1) * gpus
     base = load_resolved(profile, cluster, [*overrides, "batch.global_batch=null", "batch.accumulation=1"],
                          world_size=gpus)
-    job = job or base.job()
+    job = job or base.run_kind()
     if global_batch % gpus:
         raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
     per_gpu = global_batch // gpus

@@ -49,7 +49,7 @@ class ResolvedConfig:
         return {**dataclasses.asdict(self.config), "derived": dataclasses.asdict(self.derived),
                 "sources": list(self.sources)}
 
-    def job(self) -> str:
+    def run_kind(self) -> str:
         """A profile that names the encoder to start from (`finetune.init`) is a fine-tuning profile."""
         return "finetune" if self.config.finetune.init else "pretrain"
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from mixmae_scale.data.shard_sets import stream_seed
+from mixmae_scale.seeds import stream_seed
 
 
 def image_size(data: bytes | memoryview) -> tuple[int, int]:

@@ -24,7 +24,8 @@ import numpy as np
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.data.shard_index import ShardIndex, read_index
-from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits, stream_seed
+from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits
+from mixmae_scale.seeds import stream_seed
 
 INDEX_CACHE = 16
 OPEN_STREAMS = 4  # byte-range reads kept open between windows (one per shard the rank's run is inside)

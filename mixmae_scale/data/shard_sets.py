@@ -18,7 +18,6 @@ epoch repeats at most the consumed part of one window per old rank and skips not
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,11 +26,7 @@ import numpy as np
 
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.data.manifest import SplitShards
-
-
-def stream_seed(*parts: int | str) -> int:
-    """A 64-bit seed from any tuple: every random choice below is a pure function of what it is for."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+from mixmae_scale.seeds import stream_seed
 
 
 @dataclass(frozen=True)

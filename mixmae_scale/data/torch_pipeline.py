@@ -24,8 +24,8 @@ from torchvision.transforms import functional as F
 
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.data.shard_reader import RawBatch, RawSample
-from mixmae_scale.data.shard_sets import stream_seed
 from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
+from mixmae_scale.seeds import stream_seed
 
 
 class DaliStyleResizeCrop:

@@ -1,10 +1,9 @@
 """Small helpers every training loop needs across ranks: process-group start, scalar reductions,
-seeds derived from (seed, rank, step, ...), the autocast context for the configured precision."""
+the autocast context for the configured precision."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import time
@@ -119,10 +118,6 @@ def _shm_files_in_use() -> set[str]:
         except OSError:  # a process that ended, or one of another user's
             continue
     return {name.removesuffix(" (deleted)") for name in used}
-
-
-def seed_for(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % 2**63
 
 
 def autocast(device: torch.device, dtype: str):

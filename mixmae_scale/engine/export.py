@@ -18,7 +18,7 @@ import torch
 from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags
 from mixmae_scale.models.convert_official import infer_architecture, save_official, save_weights
 
-BEST = "best"  # a fine-tuning run's best checkpoint (finetune/train.py) lives in RUN/best/
+BEST = "best"  # a fine-tuning run's best checkpoint (finetune/job.py) lives in RUN/best/
 
 
 def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = False, option: str = "run folder"

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from mixmae_scale.config.schema import FaultConfig
-
 
 class NonFiniteStop(RuntimeError):
     """Too many non-finite attempts in a row; the run saved a checkpoint and stops."""
@@ -50,24 +46,3 @@ class NonFiniteGuard:
     def summary(self) -> dict[str, int]:
         return {"skipped_nonfinite": self.losses + self.gradients, "skipped_nonfinite_losses": self.losses,
                 "skipped_nonfinite_gradients": self.gradients, "fp16_loss_scale_skips": self.loss_scale_skips}
-
-
-class _NaNGradients(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradients are not (fault injection)."""
-
-    @staticmethod
-    def forward(ctx, value):  # noqa: D102
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad * float("nan")
-
-
-def inject(loss: torch.Tensor, batch_index: int, faults: FaultConfig) -> torch.Tensor:
-    """The testing switches: a NaN loss, or NaN gradients, on the run's `batch_index`-th micro-batch."""
-    if batch_index in faults.inject_nan_loss_at_batches:
-        return loss * float("nan")
-    if batch_index in faults.inject_nan_grad_at_batches:
-        return _NaNGradients.apply(loss)
-    return loss

@@ -1,8 +1,10 @@
 """The training loop every job shares: set-up, resume, steps, logging, checkpoints.
 
 Pretraining and fine-tuning differ in their model, optimizer groups, batch -> loss and what happens
-between steps (evaluation, reconstruction grids): a `Job` supplies those. This module owns the rest and
-calls the policies that live in their own modules at the few points where they act:
+between steps (evaluation, reconstruction grids): a job supplies those through the `Job` protocol
+(engine/job.py). This module owns the rest: `run()` drives steps until the last one or a stop, `train_step()`
+makes one attempt at an optimizer step and returns what it came to (engine/step.py's `StepOutcome`). It calls
+the policies that live in their own modules at the few points where they act:
 
 - engine/checkpointing/: the resume plan (rank 0's, broadcast: which tag, which layout) and the checkpointer,
   which decides when to save and what a checkpoint holds;
@@ -23,10 +25,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from mixmae_scale.config import ResolvedConfig, resolve
 from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
-from mixmae_scale.data.loader import Batch, ShardLoader
+from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import distributed, faults, run_folder, run_record
 from mixmae_scale.engine.checkpointing import store
@@ -47,17 +49,22 @@ from mixmae_scale.engine.checkpointing.resume import ResumePlan, plan_resume
 from mixmae_scale.engine.checkpointing.state import RankPosition, RunIdentity
 from mixmae_scale.engine.checkpointing.universal import optimizer_layout
 from mixmae_scale.engine.config_agreement import agree_on_configuration
-from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.monitor import (
     MetricsLog,
-    Throughput,
+    device_peak_flops,
     drop_rows_after,
     format_eta,
+    model_flops_utilization,
     peak_memory_mib,
     reset_peak_memory,
 )
 from mixmae_scale.engine.preemption import StopFlag, report_stop
+from mixmae_scale.engine.step import LogWindow, StepOutcome, fp16_loss_scale, step_decision
 from mixmae_scale.models.regional_compile import maybe_compile
+from mixmae_scale.seeds import stream_seed
+
+if TYPE_CHECKING:
+    from mixmae_scale.engine.job import Job
 
 log = logging.getLogger("mixmae.loop")
 
@@ -130,7 +137,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         write_text(root / "config.yaml", yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config},
                                                         sort_keys=False))
     dist.barrier()
-    seed = seed_for(config.run.seed, rank)
+    seed = stream_seed(config.run.seed, rank, bits=63)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -153,45 +160,22 @@ def compile_model(model: torch.nn.Module, ctx: RunContext) -> int:
     return compiled
 
 
-class Job:
-    """What a job adds to the shared loop. The defaults do nothing."""
-
-    compiled_blocks = 0  # set by the job's entry point: the first step's time then includes compiling
-
-    def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def on_start(self, loop: TrainingLoop) -> None:
-        """After set-up and resume, before the first step (every rank)."""
-
-    def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
-        """After each optimizer step (every rank): evaluation, pictures."""
-
-    def state(self) -> dict[str, Any]:
-        """Saved with the checkpoint's client state (the same on every rank)."""
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
-
-    def truncate_logs(self, step: int) -> None:
-        """Rank 0, on resume: drop the job's own log lines written after `step`."""
-
-
 class TrainingLoop:
-    def __init__(self, ctx: RunContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loader: ShardLoader, job: Job) -> None:
+    """One run of a job: set-up and resume here, then `run()`."""
+
+    def __init__(self, ctx: RunContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: Job) -> None:
         import deepspeed
 
-        self.ctx, self.loader, self.job = ctx, loader, job
+        self.ctx, self.loader, self.job = ctx, job.loader, job
         self.config, self.derived = ctx.config, ctx.resolved.derived
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=ctx.ds_config)
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
-                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, loader)
+                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader)
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
+        self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
         self.stopped_by_signal = False
         if ctx.resume is not None:
             self._resume(ctx.resume)
@@ -205,7 +189,7 @@ class TrainingLoop:
         devices = run_record.gather_device_names(self.ctx.device)  # collective
         if self.ctx.rank != 0:
             return None, None
-        record = run_record.RunRecord.begin(self.ctx, self.ctx.resolved.job(), self.step, devices)
+        record = run_record.RunRecord.begin(self.ctx, self.ctx.resolved.run_kind(), self.step, devices)
         settings = self.config.logging.wandb
         if settings.mode == "off":
             return record, None
@@ -266,106 +250,134 @@ class TrainingLoop:
             log.warning("stop requested: checkpoint %s written at step %d, exiting", saved, self.step)
 
     def run(self) -> dict[str, Any]:
-        config, derived, rank = self.config, self.derived, self.ctx.rank
-        last_step = self.ctx.last_step
+        """Steps until the last one or a stop; returns the run's summary (the same on every rank)."""
         metrics = MetricsLog(self.ctx.root / "metrics.csv", getattr(self.engine, "monitor", None), self.wandb) \
-            if rank == 0 else None
+            if self.ctx.rank == 0 else None
         self.job.on_start(self)
-
-        def micro_batches():
-            while True:
-                yield from self.loader
-
-        stream = micro_batches()
-        window, stop, guard = Throughput(), self.ctx.stop, self.guard
-        fp16 = derived.dtype == "fp16"
-        # The running loss stays on the device; it is read once per logging interval.
-        loss_sum, loss_count = torch.zeros((), device=self.device), 0
+        batches, window = self._micro_batches(), LogWindow.on(self.device)
         run_start = time.perf_counter()
         reset_peak_memory()
         self.engine.train()
-        while self.step < last_step:
-            boundary = self.checkpointer.step_start()
-            micro, stop_now = 0, False
-            step_start = time.perf_counter()
-            while micro < derived.accumulation:
-                wait_start = time.perf_counter()
-                batch = next(stream)
-                waited = time.perf_counter() - wait_start
-                window.data_wait += waited
-                if waited > config.faults.data_stall_s:
-                    log.warning("rank %d waited %.0f s for a batch (faults.data_stall_s=%.0f)", rank, waited,
-                                config.faults.data_stall_s)
-                loss = faults.inject(self.job.loss(self, batch, self.step, micro), self.loader.batches_consumed - 1,
-                                     config.faults)
-                last_micro = micro == derived.accumulation - 1
-                nonfinite, stop_votes = step_decision(loss, last_micro and stop.requested())
-                if nonfinite:
-                    del loss, batch  # the graph goes now, not when the next forward has doubled the activations
-                    guard.loss_skipped()
-                    if rank == 0:
-                        log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped", self.step,
-                                    guard.in_a_row)
-                    if guard.exhausted:
-                        self._stop_nonfinite(boundary)
-                    continue
-                stop_now = stop_votes > 0
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += loss.detach().float()
-                loss_count += 1
-                window.images += batch.images.shape[0]
-                del loss, batch
-                micro += 1
-            if not self.engine.was_step_applied():  # DeepSpeed found the gradients non-finite and skipped the update
-                guard.step_not_applied(fp16)
-                if rank == 0 and not fp16:
-                    log.warning("non-finite gradients at step %d (%d in a row): update skipped, the step is redone "
-                                "with the next data", self.step, guard.in_a_row)
-                if guard.exhausted:
-                    self._stop_nonfinite(boundary)
-                if stop_now:  # the step is not done: save the state as it is, without logging the step again
-                    self._stop_for_signal(self.checkpointer.maybe_save(self.step, stop=True))
-                    break
-                continue
-            guard.succeeded()
-            self.step += 1
-            if self.step == 1 and rank == 0 and self.job.compiled_blocks:
-                log.info("first step took %.1f s, compiling %d block(s) included", time.perf_counter() - step_start,
-                         self.job.compiled_blocks)
-            if config.faults.inject_exception_at == [rank, self.step]:
-                raise RuntimeError(f"injected fault on rank {rank} after step {self.step} (faults.inject_exception_at)")
-            if self.step % config.logging.every_steps == 0 or self.step == last_step:
-                self._log(metrics, window, loss_sum, loss_count, last_step, run_start)
-                window.reset()
-                loss_sum.zero_()
-                loss_count = 0
-            self.job.after_step(self, self.step, self.step == last_step)
-            self.checkpointer.maybe_save(self.step, last=self.step == last_step, stop=stop_now)
-            if stop_now:
+        while self.step < self.ctx.last_step:
+            outcome = self.train_step(batches, window)
+            if outcome.applied:
+                self._step_done(outcome, metrics, window, run_start)
+            self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
+                                         stop=outcome.stop is not None, step_done=outcome.applied)
+            if outcome.stop is not None:
                 self._stop_for_signal(self.last_saved)
                 break
         if metrics is not None:
             metrics.close()
+        return self._summary(run_start)
+
+    def _micro_batches(self) -> Iterator[Batch]:
+        """The loader's batches, epoch after epoch: the step count, not the data, ends a run."""
+        while True:
+            yield from self.loader
+
+    def train_step(self, batches: Iterator[Batch], window: LogWindow) -> StepOutcome:
+        """One attempt at an optimizer step over `derived.accumulation` finite micro-batches. A non-finite loss
+        is dropped before its backward and its micro-batch replaced by the next one; an update DeepSpeed does
+        not apply (non-finite gradients) leaves the step to be redone. Past `faults.nonfinite_skip_limit` such
+        attempts in a row it raises `faults.NonFiniteStop` after a checkpoint of the step's start."""
+        boundary = self.checkpointer.step_start()
+        start, micro, stop_votes, accumulation = time.perf_counter(), 0, 0, self.derived.accumulation
+        while micro < accumulation:
+            batch = self._next_batch(batches, window)
+            loss = self.job.loss(self, batch, self.step, micro)
+            nonfinite, stop_votes = step_decision(loss, micro == accumulation - 1 and self.ctx.stop.requested())
+            if nonfinite:
+                del loss, batch  # the graph goes now, not when the next forward has doubled the activations
+                self._nonfinite_loss(boundary)
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            window.add(loss, batch.images.shape[0])
+            del loss, batch
+            micro += 1
+        applied = self.engine.was_step_applied()
+        if applied:
+            self.guard.succeeded()
+        else:
+            self._nonfinite_gradients(boundary)
+        return StepOutcome.of(applied, stop_votes, time.perf_counter() - start)
+
+    def _next_batch(self, batches: Iterator[Batch], window: LogWindow) -> Batch:
+        """The next micro-batch, its wait counted; a wait past `faults.data_stall_s` is said (a stalled reader)."""
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - wait_start
+        window.throughput.data_wait += waited
+        limit = self.config.faults.data_stall_s
+        if waited > limit:
+            log.warning("rank %d waited %.0f s for a batch (faults.data_stall_s=%.0f)", self.ctx.rank, waited, limit)
+        return batch
+
+    def _nonfinite_loss(self, boundary: RankPosition) -> None:
+        self.guard.loss_skipped()
+        if self.ctx.rank == 0:
+            log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped", self.step,
+                        self.guard.in_a_row)
+        if self.guard.exhausted:
+            self._stop_nonfinite(boundary)
+
+    def _nonfinite_gradients(self, boundary: RankPosition) -> None:
+        """DeepSpeed found the gradients non-finite and skipped the update; with fp16 that is the loss scaler's
+        normal search, counted apart and not toward the limit."""
+        fp16 = self.derived.dtype == "fp16"
+        self.guard.step_not_applied(fp16)
+        if self.ctx.rank == 0 and not fp16:
+            log.warning("non-finite gradients at step %d (%d in a row): update skipped, the step is redone with the "
+                        "next data", self.step, self.guard.in_a_row)
+        if self.guard.exhausted:
+            self._stop_nonfinite(boundary)
+
+    def _step_done(self, outcome: StepOutcome, metrics: MetricsLog | None, window: LogWindow,
+                   run_start: float) -> None:
+        """An applied step counts: it is logged (every `logging.every_steps` and the last), then the job's turn."""
+        self.step += 1
+        last = self.step == self.ctx.last_step
+        if self.step == 1 and self.ctx.rank == 0 and self.job.compiled_blocks:
+            log.info("first step took %.1f s, compiling %d block(s) included", outcome.seconds,
+                     self.job.compiled_blocks)
+        if self.step % self.config.logging.every_steps == 0 or last:
+            self._log(metrics, window, run_start)
+            window.reset()
+        self.job.after_step(self, self.step, last)
+
+    def _summary(self, run_start: float) -> dict[str, Any]:
+        """Collective (peak memory of every rank); closes run.json and W&B on rank 0."""
+        derived = self.derived
         peak = [0.0] * self.ctx.world
         dist.all_gather_object(peak, peak_memory_mib())
         steady = self.rates[1:] or self.rates
-        summary = {"steps": self.step, "optimizer_steps": int(self.engine.global_steps), "planned_steps": last_step,
-                "stopped_by_signal": self.stopped_by_signal,
-                "images_seen": self.step * derived.global_batch, **guard.summary(),
-                "skipped_samples_after_nonfinite": self.skipped_samples,
-                "images_per_s": sum(steady) / len(steady) if steady else None, "peak_mem_mib_per_rank": peak,
-                "wall_s": time.perf_counter() - run_start,
-                "checkpoint": str(saved) if (saved := store.existing(self.last_saved)) else None,
-                "dtype": derived.dtype, "dtype_reason": derived.dtype_reason}
+        images_per_s = sum(steady) / len(steady) if steady else None
+        summary = {"steps": self.step, "optimizer_steps": int(self.engine.global_steps),
+                   "planned_steps": self.ctx.last_step, "stopped_by_signal": self.stopped_by_signal,
+                   "images_seen": self.step * derived.global_batch, **self.guard.summary(),
+                   "skipped_samples_after_nonfinite": self.skipped_samples,
+                   "images_per_s": images_per_s, "peak_mem_mib_per_rank": peak,
+                   "wall_s": time.perf_counter() - run_start,
+                   "checkpoint": str(saved) if (saved := store.existing(self.last_saved)) else None,
+                   "dtype": derived.dtype, "dtype_reason": derived.dtype_reason}
+        mfu = self._mfu(images_per_s)
+        if images_per_s and mfu is not None:
+            summary["mfu"] = mfu
         self._close_records(summary)
         return summary
 
-    def _log(self, metrics: MetricsLog | None, window: Throughput, loss_sum: torch.Tensor, loss_count: int,
-             last_step: int, run_start: float) -> None:
-        derived, step = self.derived, self.step
-        rate, wait_frac = window.window()
-        totals = torch.stack([loss_sum.detach().double(), loss_sum.new_full((), loss_count, dtype=torch.float64),
+    def _mfu(self, images_per_s: float | None) -> float | None:
+        """The model FLOPs utilisation of all ranks at `images_per_s`, where the job counts its FLOPs and the device
+        has a known peak."""
+        return model_flops_utilization(images_per_s, self.job.flops_per_image, self.peak_flops, self.ctx.world)
+
+    def _log(self, metrics: MetricsLog | None, window: LogWindow, run_start: float) -> None:
+        """Collective (the window's loss and rate are summed over ranks); rank 0 writes the row and the line."""
+        derived, step, last_step = self.derived, self.step, self.ctx.last_step
+        rate, wait_frac = window.throughput.window()
+        loss_sum = window.loss_sum
+        totals = torch.stack([loss_sum.detach().double(), loss_sum.new_full((), window.loss_count, dtype=torch.float64),
                               loss_sum.new_full((), rate, dtype=torch.float64)])
         dist.all_reduce(totals)
         total_loss, total_count, global_rate = totals.tolist()  # one read per logging interval
@@ -373,10 +385,7 @@ class TrainingLoop:
         self.rates.append(global_rate)
         if metrics is None:
             return
-        flops = getattr(self.job, "flops_per_image", None)
-        peak = getattr(self.job, "peak_flops", None)
-        mfu = global_rate * flops / (peak * self.ctx.world) if flops and peak else None
-        eta = (last_step - step) * derived.global_batch / max(global_rate, 1e-9)
+        mfu = self._mfu(global_rate)
         grad_norm = self.engine.get_global_grad_norm()
         row = {"step": step, "epoch": step / derived.steps_per_epoch, "images_seen": step * derived.global_batch,
                "loss": mean_loss, "lr": self.scheduler.get_last_lr()[-1],
@@ -385,29 +394,8 @@ class TrainingLoop:
                "elapsed_s": time.perf_counter() - run_start,
                "loss_scale": fp16_loss_scale(self.engine) if derived.dtype == "fp16" else None}
         metrics.write(row)
+        eta = (last_step - step) * derived.global_batch / max(global_rate, 1e-9)
         grad_text = f"{row['grad_norm']:.3f}" if row["grad_norm"] is not None else "n/a"
         log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  grad %s  %.0f img/s  MFU %s  data %.0f%%  mem %.0f MiB"
                  "  ETA %s", step, last_step, row["epoch"], mean_loss, row["lr"], grad_text, global_rate,
                  f"{mfu:.1%}" if mfu else "n/a", 100 * wait_frac, row["peak_mem_mib"], format_eta(eta))
-
-
-def step_decision(loss: torch.Tensor, stop_requested: bool) -> tuple[int, int]:
-    """(ranks whose loss is non-finite, ranks asking to stop), agreed by every rank: the one host read of a
-    micro-step. Both flags are made on the loss's device and reduced in a single collective.
-
-    The read comes before the backward because a non-finite micro-batch must be kept out of the gradients:
-    none of DeepSpeed's engines (ZeRO 0-3, fp32/bf16/fp16) can take one out of an accumulated gradient
-    afterwards. With accumulation 1 (the at-scale profiles) that is one read per optimizer step for the
-    loss's finiteness and the stop flag together; the running loss is read only when logged."""
-    flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
-                         loss.new_full((), float(stop_requested), dtype=torch.float32)])
-    dist.all_reduce(flags)  # on the loss's device: NCCL's on GPUs, gloo's on CPUs (engine/distributed.py)
-    nonfinite, stop_votes = flags.tolist()
-    return int(nonfinite), int(stop_votes)
-
-
-def fp16_loss_scale(engine) -> float | None:
-    """DeepSpeed's dynamic loss scale: `loss_scale` on the ZeRO optimizers, `cur_scale` on the stage-0 one."""
-    optimizer = engine.optimizer
-    scale = getattr(optimizer, "loss_scale", None) or getattr(optimizer, "cur_scale", None)
-    return float(scale) if scale is not None else None

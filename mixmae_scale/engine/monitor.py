@@ -27,6 +27,15 @@ def device_peak_flops(configured_tflops: float) -> float | None:
     return None
 
 
+def model_flops_utilization(images_per_s: float | None, flops_per_image: float | None, peak_flops: float | None,
+                            world: int) -> float | None:
+    """The share of the `world` devices' peak FLOP/s that the model's own FLOPs use at `images_per_s`; None where
+    the job does not count its FLOPs or the device has no known peak (set logging.peak_tflops)."""
+    if images_per_s is None or not flops_per_image or not peak_flops:
+        return None
+    return images_per_s * flops_per_image / (peak_flops * world)
+
+
 def peak_memory_mib() -> float:
     """Peak since the last `reset_peak_memory()`: allocated GPU memory, or the process's peak RSS."""
     if torch.cuda.is_available():

@@ -1,12 +1,11 @@
 """A run folder holds one run: what may start in it, and how `--overwrite` moves an earlier run aside.
 
-A second run started in a folder used to mix with the first: its checkpoints were rotated away by the
-first run's higher-numbered ones, `config.yaml` and `summary.json` were overwritten and `metrics.csv` held
-both. So a start is refused when the folder holds another run (checkpoints of another model, or
-`checkpoint.resume=none` over checkpoints, or a finished run with no checkpoint to resume), with the two
-safe ways out: a new `--run-dir`, or `--overwrite`, which renames the whole folder to `<run>.old-<n>` (one
-atomic rename; nothing is deleted) and starts the new run in an empty one. Resuming the same run is
-unchanged.
+Two runs in one folder would mix: the second's checkpoints would be rotated away by the first run's
+higher-numbered ones, `config.yaml` and `summary.json` overwritten and `metrics.csv` would hold both. So a
+start is refused when the folder holds another run (checkpoints of another model, or `checkpoint.resume=none`
+over checkpoints, or a finished run with no checkpoint to resume), with the two safe ways out: a new
+`--run-dir`, or `--overwrite`, which renames the whole folder to `<run>.old-<n>` (one atomic rename; nothing
+is deleted) and starts the new run in an empty one. The run the folder holds may always resume.
 
 Rank 0 decides and acts; every rank gets the same outcome (`agree_on_run_folder`), so no rank starts alone.
 """

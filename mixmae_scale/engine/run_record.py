@@ -183,8 +183,9 @@ class RunRecord:
         self.path, self.record = path, record
 
     @classmethod
-    def begin(cls, ctx, job: str, step: int, devices: list[str], argv: list[str] | None = None) -> RunRecord:
-        """`ctx`: engine/loop.py's RunContext. A record from an earlier launch keeps its resumes and launches."""
+    def begin(cls, ctx, run_kind: str, step: int, devices: list[str], argv: list[str] | None = None) -> RunRecord:
+        """`ctx`: engine/loop.py's RunContext; `run_kind`: "pretrain" or "finetune" (run.json's "job" key). A record
+        from an earlier launch keeps its resumes and launches."""
         try:
             earlier = read_record(ctx.root) or {}
         except ValueError:
@@ -195,7 +196,7 @@ class RunRecord:
         resumes = list(earlier.get("resumes", []))
         if ctx.resume is not None:
             resumes.append(resume_entry(ctx.resume, step, ctx.world, ctx.layout))
-        record = {"format": FORMAT, "version": 1, "run": ctx.root.name, "job": job,
+        record = {"format": FORMAT, "version": 1, "run": ctx.root.name, "job": run_kind,
                   "created": earlier.get("created", launch["started"]), "status": "running", "code": code,
                   "packages": package_versions(), "platform": platform_info(devices), "data": data_read(ctx.config),
                   "command": launch["command"], "world_size": ctx.world, "total_steps": derived.total_steps,

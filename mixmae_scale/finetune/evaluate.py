@@ -105,14 +105,13 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
                         device: torch.device, backend: str = "dali", batch: int = 64, threads: int = 2) -> dict:
     """Evaluate a classifier (from `load_classifier`) on this rank's share of a split."""
     from mixmae_scale.data.loader import choose_decode_device
+    from mixmae_scale.data.loaders import LoaderPlace, eval_spec
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.data.spec import PipelineSpec
 
     expected = load_split(shards, split).samples
     batch = eval_batch_size(batch, expected, world)
-    spec = PipelineSpec(mode="eval", img_size=model.encoder.shape.img_size, batch_size=batch, shard_id=rank,
-                        num_shards=world, num_threads=threads,
-                        device_id=choose_decode_device("auto", device.index or 0))
+    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0))
+    spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)
     return {"weights": str(source), "split": split, "batch": batch,
             **evaluate(model.to(device), loader, device, "fp32", expected)}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mixmae_scale.data.loader import ShardLoader
-from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.data.loaders import eval_spec
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
 from mixmae_scale.models.swin import SwinShape
 
@@ -71,7 +71,7 @@ def shape_from_arch(arch: dict) -> SwinShape:
 def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as eval-transformed tensors: decoded once, probed by every encoder compared."""
-    spec = PipelineSpec(mode="eval", img_size=img_size, batch_size=batch, num_threads=threads)
+    spec = eval_spec(img_size, batch, threads)
     images, labels = [], []
     for loaded, valid in ShardLoader(shards, split, spec, backend, threads).eval_batches():
         images.append(loaded.images[:valid].clone())

@@ -114,7 +114,7 @@ def _robust_fit(residuals, jacobian, starts: list[np.ndarray], f_scale: float = 
 def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int = 0,
                 start: dict[str, float] | None = None, groups: np.ndarray | None = None) -> LawFit:
     """`start`: fitted values to begin from. A bootstrap refit starts at the full fit (one start, not eight:
-    a 12-run report took 206 s, now 13 s). The price: a resample whose best fit lies in another basin can be
+    a 12-run report takes 13 s instead of 206 s). The price: a resample whose best fit lies in another basin can be
     missed, so intervals can come out narrower than a multi-start bootstrap's (the window pilot's E: 0.42-0.47
     against 0.18-0.47). `groups`: the point each run measures (default: runs with equal C are seeds of one)."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)

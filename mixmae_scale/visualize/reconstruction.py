@@ -136,9 +136,9 @@ def first_images(shards: str | ShardMixture, split: str, count: int, img_size: i
     """The first `count` images of a split (or of a part of one, a mixture of one set), evaluation view (resize,
     centre crop), normalised."""
     from mixmae_scale.data.loader import ShardLoader
-    from mixmae_scale.data.spec import PipelineSpec
+    from mixmae_scale.data.loaders import eval_spec
 
-    spec = PipelineSpec(mode="eval", img_size=img_size, batch_size=count, num_threads=1)
+    spec = eval_spec(img_size, count, 1)
     batch, valid = next(ShardLoader(shards, split, spec, backend, 1).eval_batches())
     if valid < count:
         raise ValueError(f"split '{split}' of {shards} has fewer than {count} images")

@@ -15,8 +15,8 @@ import torch
 
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.shard_sets import ShardMixture
-from mixmae_scale.engine.distributed import seed_for
 from mixmae_scale.engine.wandb_sink import log_image
+from mixmae_scale.seeds import stream_seed
 from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruct, save_png
 
 
@@ -40,7 +40,8 @@ class ReconstructionSnapshots:
     def write(self, model, step: int) -> None:
         was_training = model.training
         model.eval()
-        mask = model.sample_mask(torch.Generator().manual_seed(seed_for(self.seed, 777)), self.images.device)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, 777, bits=63))
+        mask = model.sample_mask(generator, self.images.device)
         picture = grid(reconstruct(model, self.images, mask), title=f"run {self.run}, step {step}: fixed validation "
                        "images and mask")
         model.train(was_training)

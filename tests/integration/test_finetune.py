@@ -231,8 +231,8 @@ def test_finetune_sigterm_saves_a_checkpoint_and_exits_zero(demo_shards, tmp_pat
 
 
 def test_a_mistake_every_rank_makes_is_said_once_in_one_line_after_the_launchers_output(demo_shards, tmp_path):
-    """`finetune.init` naming a text file, through the launcher on 2 ranks: each rank used to print an 18-line
-    traceback, and the two ranks' error lines ran together on one line. Started as `mixmae launch` and the sbatch
+    """`finetune.init` naming a text file, through the launcher on 2 ranks: one line, not an 18-line traceback per
+    rank, and not two ranks' error lines run together on one line. Started as `mixmae launch` and the sbatch
     script start it (the signal relay around DeepSpeed's runner), the refusal comes after DeepSpeed's "Killing
     subprocess" lines: it is the last line the user sees."""
     import re

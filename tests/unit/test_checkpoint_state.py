@@ -103,6 +103,17 @@ def test_the_checkpointer_saves_on_its_interval_at_the_end_and_on_a_stop(every, 
         assert checkpointer.maybe_save(step, last, stop) is None and checkpointer.last_saved is None
 
 
+
+def test_an_attempt_not_applied_is_saved_only_for_a_stop():
+    """A step whose update DeepSpeed skipped leaves the step count where it was: no checkpoint of a step not done,
+    except the state as it is when the run must stop."""
+    checkpointer = Checkpointer(None, Path("/nowhere"), CheckpointConfig(every_steps=4, at_end=True), IDENTITY, 1, 0,
+                                None, None)
+    assert not checkpointer.due(4, last=False, stop=False, step_done=False)
+    assert not checkpointer.due(10, last=True, stop=False, step_done=False)
+    assert checkpointer.due(3, last=False, stop=True, step_done=False)
+    assert [s for s in range(1, 11) if checkpointer.due(s, last=s == 10)] == [4, 8, 10]
+
 class RecordingEngine:
     """DeepSpeed's save/load surface: writes the client state where DeepSpeed would write its files."""
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mixmae_scale.engine.loop import step_decision
+from mixmae_scale.engine.step import step_decision
 from mixmae_scale.models import mixing, regional_compile
 from mixmae_scale.models.mixing import sample_mask, upsample_mask
 from mixmae_scale.models.mixmae import MixMAE

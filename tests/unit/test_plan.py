@@ -124,12 +124,12 @@ def test_plan_cli_recommends_a_configuration_that_reaches_the_global_batch(capsy
 
 
 def test_a_finetuning_profile_is_planned_as_the_classifier_it_trains():
-    from mixmae_scale.finetune.train import build_classifier
+    from mixmae_scale.finetune.job import build_classifier
 
     resolved = load_resolved("finetune_tiny", world_size=2, overrides=["finetune.init=null", "finetune.num_classes=10"])
-    assert resolved.job() == "pretrain"  # without an encoder to start from it is not a fine-tuning profile
+    assert resolved.run_kind() == "pretrain"  # without an encoder to start from it is not a fine-tuning profile
     finetune = load_resolved("finetune_tiny", world_size=2, overrides=["finetune.num_classes=10"])
-    assert finetune.job() == "finetune" and load_resolved("tiny").job() == "pretrain"
+    assert finetune.run_kind() == "finetune" and load_resolved("tiny").run_kind() == "pretrain"
     result = plan(finetune, "finetune_tiny", gpus=2, gpu_mem_gib=4.0)
     classifier = build_classifier(load_resolved("finetune_tiny", overrides=["finetune.init=null",
                                                                             "finetune.num_classes=10"]).config, 10)

@@ -7,8 +7,8 @@ import pytest
 
 from mixmae_scale.cli.job_commands import pretrain_message
 from mixmae_scale.engine.export import default_out, export_line
-from mixmae_scale.engine.pretrain import HeldOutLoss, heldout_loss, heldout_shortfall
 from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES, Features, not_meaningful_because, probe_features
+from mixmae_scale.pretrain.heldout_loss import HeldOutLoss, heldout_loss, heldout_shortfall
 
 
 def test_a_split_under_one_micro_batch_or_no_heldout_batches_is_not_measured():

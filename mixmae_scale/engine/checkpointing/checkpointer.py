@@ -39,14 +39,17 @@ class Checkpointer:
         self.skipped_samples = 0  # by resumes after non-finite stops, over the run's life
 
     # -- when ----------------------------------------------------------------------------------------------------
-    def due(self, step: int, last: bool = False, stop: bool = False) -> bool:
+    def due(self, step: int, last: bool = False, stop: bool = False, step_done: bool = True) -> bool:
         """Every `checkpoint.every_steps`, at the run's last step unless `checkpoint.at_end` is off, and when a
-        signal asked the run to stop (the state must outlive the process)."""
-        return step % self.settings.every_steps == 0 or (last and self.settings.at_end) or stop
+        signal asked the run to stop (the state must outlive the process). An attempt whose update was not applied
+        (`step_done` false) leaves `step` as it was: it is saved only for a stop, as the state it is in."""
+        if stop:
+            return True
+        return step_done and (step % self.settings.every_steps == 0 or (last and self.settings.at_end))
 
-    def maybe_save(self, step: int, last: bool = False, stop: bool = False) -> Path | None:
-        """Collective: every rank calls it after each step with the same arguments. The folder saved, or None."""
-        if not self.due(step, last, stop):
+    def maybe_save(self, step: int, last: bool = False, stop: bool = False, step_done: bool = True) -> Path | None:
+        """Collective: every rank calls it after each attempt with the same arguments. The folder saved, or None."""
+        if not self.due(step, last, stop, step_done):
             return None
         self.last_saved = self.save(step)
         return self.last_saved

@@ -17,7 +17,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from mixmae_scale.config.schema import FaultConfig, OptimConfig  # noqa: E402
-from mixmae_scale.engine.faults import inject  # noqa: E402
+from mixmae_scale.engine.fault_injection import injected_loss  # noqa: E402
 from mixmae_scale.engine.optimizer import adamw  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="gloo")
@@ -43,7 +43,7 @@ for case in sys.argv[1:]:
 
     for index in (0, 1):  # 0: NaN gradients, 1: a clean step
         before = weights()
-        loss = inject(engine(x).float().pow(2).mean(), index, faults)
+        loss = injected_loss(engine(x).float().pow(2).mean(), index, faults)
         engine.backward(loss)
         engine.step()
         after = weights()

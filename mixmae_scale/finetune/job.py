@@ -1,6 +1,7 @@
 """The fine-tuning job: pretrained encoder -> classifier -> layer-decayed AdamW; random erasing, mixup/cutmix
-and label smoothing -> loss, on the shared loop (`engine/loop.py`), which owns the DeepSpeed step, exact
-resume, faults, signals, logging and checkpoints, as for pretraining.
+and label smoothing -> loss, on the shared loop (`engine/loop.py`, through the `Job` protocol of
+engine/job.py), which owns the DeepSpeed step, exact resume, faults, signals, logging and checkpoints, as for
+pretraining.
 
 What is fine-tuning's own: the classifier and its layer-decay groups, the batch augmentations (timm's
 `RandomErasing` and `Mixup` draw from Python's and NumPy's global generators, which the loop seeds per
@@ -22,11 +23,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config.schema import Config
-from mixmae_scale.data.loader import Batch, ShardLoader, choose_decode_device
+from mixmae_scale.data.loader import Batch, ShardLoader
+from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
-from mixmae_scale.engine.distributed import autocast, seed_for
-from mixmae_scale.engine.loop import Job, TrainingLoop, compile_model, start_run
+from mixmae_scale.engine.distributed import autocast
+from mixmae_scale.engine.fault_injection import with_injected_faults
+from mixmae_scale.engine.job import Job, Loop
+from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.monitor import drop_rows_after
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate
@@ -56,11 +60,17 @@ def build_classifier(config: Config, num_classes: int,
 
 
 class FinetuneJob(Job):
-    def __init__(self, config: Config, root: Path, num_classes: int, val_spec: PipelineSpec, val_samples: int,
-                 device: torch.device, eval_every: int) -> None:
+    """Classification with timm's augmentations, evaluated every `eval_every` steps; the best evaluation is
+    kept with the checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
+
+    flops_per_image = None  # not counted for the classifier: no MFU
+
+    def __init__(self, config: Config, root: Path, loader: ShardLoader, num_classes: int, val_spec: PipelineSpec,
+                 val_samples: int, device: torch.device, eval_every: int) -> None:
         ft = config.finetune
-        self.config, self.root, self.val_spec, self.val_samples = config, root, val_spec, val_samples
-        self.eval_every = eval_every
+        self.config, self.root, self.loader = config, root, loader
+        self.val_spec, self.val_samples = val_spec, val_samples
+        self.eval_every, self.compiled_blocks = eval_every, 0
         self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
                            num_classes=num_classes) if (ft.mixup > 0 or ft.cutmix > 0) else None
         self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(ft.label_smoothing)
@@ -69,7 +79,7 @@ class FinetuneJob(Job):
         self.best: dict[str, Any] = {"top1": -1.0}
         self.last: dict[str, Any] | None = None
 
-    def loss(self, loop: TrainingLoop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         images, labels = batch.images.to(loop.device), batch.labels.to(loop.device)
         if self.erasing is not None:  # per image, before mixing, as timm's transform in the official code
             images = self.erasing(images)
@@ -79,12 +89,11 @@ class FinetuneJob(Job):
             logits = loop.engine(images.to(next(loop.engine.module.parameters()).dtype))
         return self.criterion(logits.float(), labels)
 
-    def after_step(self, loop: TrainingLoop, step: int, last: bool) -> None:
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
         if step % self.eval_every and not last:
             return
         config = self.config
-        val_loader = ShardLoader(config.data.shards, config.data.val_split, self.val_spec, config.data.loader,
-                                 config.data.num_threads)
+        val_loader = open_loader(config, config.data.shards, config.data.val_split, self.val_spec)
         derived = loop.derived
         result = {"step": step, "epoch": step / derived.steps_per_epoch,
                   **evaluate(loop.engine, val_loader, loop.device, derived.dtype, expected_samples=self.val_samples)}
@@ -111,7 +120,8 @@ class FinetuneJob(Job):
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
              local_rank: int = 0, pretrained: tuple[dict[str, torch.Tensor], dict] | None = None,
              overwrite: bool = False) -> dict[str, Any]:
-    """`pretrained`: `load_encoder(config.finetune.init)` if the caller loaded it already."""
+    """One fine-tuning run to its last step (or a stop); returns the summary it writes to summary.json.
+    `pretrained`: `load_encoder(config.finetune.init)` if the caller loaded it already."""
     # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
     if pretrained is None and config.finetune.init:
         pretrained = load_encoder(config.finetune.init)
@@ -129,27 +139,26 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     optimizer = adamw([{k: v for k, v in g.items() if k != "names"} for g in groups], config.optim,
                       derived.learning_rate, ctx.device.type == "cuda", config.zero.offload_optimizer,
                       config.zero.stage)
-    common = dict(img_size=config.model.img_size, batch_size=derived.micro_batch, shard_id=ctx.rank,
-                  num_shards=ctx.world, num_threads=config.data.num_threads,
-                  device_id=choose_decode_device(config.data.decode_device, local_rank))
-    train_spec = PipelineSpec(mode="finetune", seed=seed_for(config.run.seed, ctx.rank) % 2**31,
-                              shuffle_buffer=config.data.shuffle_buffer, crop_scale=(0.08, 1.0),
-                              crop_ratio=tuple(config.data.crop_ratio), hflip=config.data.hflip,
-                              rand_augment=(ft.rand_augment_ops, ft.rand_augment_magnitude)
-                              if ft.rand_augment_ops > 0 else None, rand_augment_std=ft.rand_augment_magnitude_std,
-                              interpolation=config.data.interpolation, order_seed=config.run.seed, **common)
-    loader = ShardLoader(ctx.train_data, config.data.train_split, train_spec, config.data.loader,
-                         config.data.num_threads)
-    val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
-    # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
-    val_spec = PipelineSpec(mode="eval", **{**common, "batch_size": eval_batch_size(derived.micro_batch, val_samples,
-                                                                                      ctx.world)})
-    job = FinetuneJob(config, ctx.root, num_classes, val_spec, val_samples, ctx.device,
-                      eval_every=max(1, round(ft.eval_every_epochs * derived.steps_per_epoch)))
-    job.compiled_blocks = compile_model(model, ctx)
-    loop = TrainingLoop(ctx, model, optimizer, loader, job)
+    job = build_job(config, ctx, model, num_classes)
+    loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
     summary.update({"best": job.best, "last": job.last, "num_classes": num_classes, "init": ft.init})
     if ctx.rank == 0:
         write_text(ctx.root / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_classes: int) -> FinetuneJob:
+    """The job on this rank's share of the training data, with the validation it runs every
+    `finetune.eval_every_epochs`."""
+    derived = ctx.resolved.derived
+    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.local_rank)
+    loader = open_loader(config, ctx.train_data, config.data.train_split,
+                         spec_for(config, "finetune", derived.micro_batch, place))
+    val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
+    # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
+    val_spec = spec_for(config, "val", eval_batch_size(derived.micro_batch, val_samples, ctx.world), place)
+    job = FinetuneJob(config, ctx.root, loader, num_classes, val_spec, val_samples, ctx.device,
+                      eval_every=max(1, round(config.finetune.eval_every_epochs * derived.steps_per_epoch)))
+    job.compiled_blocks = compile_model(model, ctx)
+    return job

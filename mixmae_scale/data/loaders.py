@@ -1,0 +1,76 @@
+"""The one place a configuration becomes loaders: which images, transforms, batch, rank share, seeds and
+output dtype each role of a run reads with (pretraining and fine-tuning training, fine-tuning's validation,
+pretraining's held-out loss), and the evaluation view that commands without a profile (`mixmae eval`,
+`mixmae probe`, pictures) share with them. Keeping these together keeps the roles from drifting apart: the
+held-out loss and the validation see exactly the evaluation transform that `mixmae eval` applies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mixmae_scale.config.schema import Config
+from mixmae_scale.data.loader import ShardLoader, choose_decode_device
+from mixmae_scale.data.shard_sets import ShardMixture
+from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.seeds import stream_seed
+
+Role = Literal["pretrain", "finetune", "val", "heldout"]
+FINETUNE_CROP_SCALE = (0.08, 1.0)  # the official fine-tuning recipe's random-resized-crop scale
+
+
+@dataclass(frozen=True)
+class LoaderPlace:
+    """Which share of the data this process reads and where it decodes (`device_id`: a GPU index or None)."""
+
+    rank: int = 0
+    world: int = 1
+    device_id: int | None = None
+
+    @classmethod
+    def of(cls, config: Config, rank: int, world: int, local_rank: int) -> LoaderPlace:
+        """Decides the decode device once per run (it is said in the log)."""
+        return cls(rank, world, choose_decode_device(config.data.decode_device, local_rank))
+
+
+def loader_dtype(engine_dtype: str) -> str:
+    """What the loader hands a run of `engine_dtype`: float16 for half-precision engines (PipelineSpec)."""
+    return "float32" if engine_dtype == "fp32" else "float16"
+
+
+def eval_spec(img_size: int, batch: int, threads: int, place: LoaderPlace = LoaderPlace(), labels: bool = True,
+              output_dtype: str = "float32", seed: int = 0) -> PipelineSpec:
+    """The evaluation view (resize, centre crop), this place's share of the split."""
+    return PipelineSpec(mode="eval", img_size=img_size, batch_size=batch, shard_id=place.rank,
+                        num_shards=place.world, num_threads=threads, device_id=place.device_id, seed=seed,
+                        with_labels=labels, output_dtype=output_dtype)
+
+
+def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = LoaderPlace(),
+             engine_dtype: str = "fp32") -> PipelineSpec:
+    """The pipeline of one role of a run. Training roles read this rank's share with the run's augmentations;
+    "heldout" reads the same images on every rank, decoded on the CPU, without labels (ZeRO-3 forwards are
+    collective, so every rank scores the same batches); "val" reads this rank's share of the validation split."""
+    data = config.data
+    if role == "heldout":
+        return eval_spec(config.model.img_size, batch, data.num_threads, labels=False,
+                         output_dtype=loader_dtype(engine_dtype), seed=config.run.seed)
+    if role == "val":
+        return eval_spec(config.model.img_size, batch, data.num_threads, place)
+    common = dict(mode=role, img_size=config.model.img_size, batch_size=batch, shard_id=place.rank,
+                  num_shards=place.world, seed=stream_seed(config.run.seed, place.rank) % 2**31,
+                  num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
+                  crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, interpolation=data.interpolation,
+                  device_id=place.device_id, order_seed=config.run.seed)
+    if role == "pretrain":
+        return PipelineSpec(**common, crop_scale=tuple(data.crop_scale), with_labels=False,
+                            output_dtype=loader_dtype(engine_dtype))
+    ft = config.finetune
+    return PipelineSpec(**common, crop_scale=FINETUNE_CROP_SCALE, rand_augment_std=ft.rand_augment_magnitude_std,
+                        rand_augment=(ft.rand_augment_ops, ft.rand_augment_magnitude)
+                        if ft.rand_augment_ops > 0 else None)
+
+
+def open_loader(config: Config, shards: str | ShardMixture, split: str, spec: PipelineSpec) -> ShardLoader:
+    """A loader on the configured backend (DALI or the PyTorch fallback)."""
+    return ShardLoader(shards, split, spec, config.data.loader, config.data.num_threads)

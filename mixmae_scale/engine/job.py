@@ -1,0 +1,70 @@
+"""What a job (pretraining, fine-tuning) must give the shared training loop, written down once.
+
+The loop (engine/loop.py) owns everything jobs share: the DeepSpeed step, resume, non-finite steps, signals,
+logging, MFU and checkpoints. A job owns its model's step loss, its training batches, its share of the saved
+state and what happens between steps (evaluations, pictures). The methods with a body are optional hooks: a
+job subclasses `Job` to inherit them, or implements them itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from mixmae_scale.config.derive import Derived
+    from mixmae_scale.data.loader import Batch, ShardLoader
+
+
+class RunPlace(Protocol):
+    """What a job reads of the run's context (engine/loop.py's RunContext)."""
+
+    rank: int
+
+
+class Loop(Protocol):
+    """What a job may use of the loop that runs it (engine/loop.py's TrainingLoop): the DeepSpeed engine, its
+    device and precision, this rank, the steps done, the loader, and a checkpoint of its own (a job's `best/`)."""
+
+    engine: Any
+    device: torch.device
+    derived: Derived
+    ctx: RunPlace
+    step: int
+    loader: ShardLoader
+
+    def save(self, at_step: int, directory: Path | None = None, keep: int | None = None) -> Path:
+        """Collective: a checkpoint of the run as it stands."""
+        ...
+
+
+class Job(Protocol):
+    # Micro-batches of this rank's share of the training data; its position is saved with each checkpoint.
+    loader: ShardLoader
+    # Training FLOPs of one image (forward and backward) for MFU; None where they are not counted.
+    flops_per_image: float | None
+    # Blocks compiled on first use: the first step's time then includes compiling, and the log says so.
+    compiled_blocks: int
+
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+        """The loss of one micro-batch, not yet backpropagated (the loop checks it is finite first)."""
+        ...
+
+    def on_start(self, loop: Loop) -> None:
+        """After set-up and resume, before the first step (every rank)."""
+
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
+        """After each applied optimizer step, once it is logged (every rank): evaluation, pictures."""
+
+    def state(self) -> dict[str, Any]:
+        """The job's part of the checkpoint's client state (the same on every rank)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """On resume: the state `state()` returned when the checkpoint was saved."""
+
+    def truncate_logs(self, step: int) -> None:
+        """Rank 0, on resume or a fresh start: drop the job's own log lines written after `step`, so that its
+        logs keep one line per step through crashes."""

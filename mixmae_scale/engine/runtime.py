@@ -1,0 +1,117 @@
+"""The life of one rank's process, from its environment to its exit code, for every command that runs under a
+launcher (or alone): `mixmae pretrain`, `finetune`, `eval`. The CLI parses arguments and words the messages;
+this module decides what the process does around the work.
+
+- Environment: ranks from Slurm when srun is the launcher (one task per GPU), or a world of one, set up for
+  the run and undone after it, when no launcher started the process.
+- /dev/shm: each node's first rank removes the DeepSpeed CPU all-reduce buffers a killed run left (RAM until
+  reboot); an orderly end removes this run's own (engine/distributed.py).
+- Exit codes: 0 for a finished run and for one that was already complete, 3 for a non-finite stop (every
+  rank stops together, after a collective checkpoint), 1 for any other failure.
+- A failure on one rank of several ends that rank at once with `os._exit(1)`: an orderly shutdown's barrier
+  would wait for ranks that are themselves waiting for it, whereas a closed connection makes the launcher stop
+  the others (they see the closed connection and stay silent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mixmae_scale.engine import distributed
+
+log = logging.getLogger("mixmae")
+
+WORLD_OF_ONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}
+EXIT_OK, EXIT_FAILED, EXIT_NONFINITE_STOP = 0, 1, 3
+
+# (rank, local rank) -> exit code: the command's work on this rank.
+RankWork = Callable[[int, int], int]
+# (rank, the exception, alone) -> None: how the command says that the work ended by an exception.
+FailureReport = Callable[[int, BaseException, bool], None]
+
+
+@dataclass(frozen=True)
+class RankProcess:
+    """Where this process stands: its rank, its node-local rank and whether it runs without a launcher."""
+
+    rank: int
+    local_rank: int
+    alone: bool
+
+    @property
+    def rendezvous(self) -> tuple[str, str]:
+        return os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+
+
+def run_rank(work: RankWork, report: FailureReport, default_local_rank: int = 0,
+             launcher_ranks: Mapping[str, str] | None = None) -> int:
+    """Runs `work` as this process's rank and returns the exit code (or ends the process at once, see the
+    module docstring). `default_local_rank`: the launcher's --local_rank argument, where LOCAL_RANK is unset.
+    `launcher_ranks`: RANK, WORLD_SIZE, ... as Slurm's srun gives them (cluster/slurm_ranks.py), or None."""
+    if launcher_ranks:  # one srun task per GPU (launch/slurm/pretrain_srun.sbatch): Slurm is the launcher
+        os.environ.update(launcher_ranks)
+    alone = "RANK" not in os.environ
+    saved_env = {key: os.environ.get(key) for key in WORLD_OF_ONE}
+    if alone:
+        os.environ.update(WORLD_OF_ONE, MASTER_PORT=str(_free_port()))
+    process = RankProcess(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", default_local_rank)), alone)
+    logging.basicConfig(level=logging.INFO if process.rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {process.rank}] %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(work, report, process)
+    finally:
+        if alone:
+            _restore(saved_env)
+
+
+def _run(work: RankWork, report: FailureReport, process: RankProcess) -> int:
+    if process.local_rank == 0:
+        removed = distributed.remove_stale_shm_buffers()
+        if removed:
+            log.warning("removed %d DeepSpeed shared-memory buffer(s) a killed run left in /dev/shm: %s",
+                        len(removed), ", ".join(removed))
+    rendezvous = process.rendezvous
+    try:
+        code = work(process.rank, process.local_rank)
+    except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
+        report(process.rank, exc, process.alone)
+        code = exit_code(exc)
+        if code == EXIT_FAILED and not process.alone:
+            distributed.remove_shm_buffer(*rendezvous, process.rank)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    distributed.shutdown(*rendezvous)
+    return code
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of a rank whose work raised `exc`. A finished run and a non-finite stop are known on every
+    rank (the broadcast resume plan, the all-reduced step decision), so those ranks end in order together."""
+    from mixmae_scale.engine.faults import NonFiniteStop
+    from mixmae_scale.engine.loop import RunAlreadyComplete
+
+    if isinstance(exc, RunAlreadyComplete):
+        return EXIT_OK
+    if isinstance(exc, NonFiniteStop):
+        return EXIT_NONFINITE_STOP
+    return EXIT_FAILED
+
+
+def _restore(saved_env: dict[str, str | None]) -> None:
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

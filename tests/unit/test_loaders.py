@@ -1,0 +1,47 @@
+"""data/loaders.py: each role of a run gets its pipeline from the one builder; the roles must keep apart what
+they differ in (augmentations, labels, rank share, dtype) and agree on the evaluation view."""
+
+from __future__ import annotations
+
+from mixmae_scale.config import load_config
+from mixmae_scale.data.loaders import FINETUNE_CROP_SCALE, LoaderPlace, eval_spec, loader_dtype, spec_for
+from mixmae_scale.seeds import stream_seed
+
+PLACE = LoaderPlace(rank=1, world=4, device_id=None)
+
+
+def _config(*overrides: str):
+    return load_config("tiny", overrides=["data.crop_scale=[0.3,1.0]", "run.seed=7", *overrides])[0]
+
+
+def test_pretraining_reads_its_rank_share_with_the_profile_crop_no_labels_and_half_precision_pixels():
+    spec = spec_for(_config(), "pretrain", 8, PLACE, engine_dtype="bf16")
+    assert (spec.mode, spec.batch_size, spec.shard_id, spec.num_shards) == ("pretrain", 8, 1, 4)
+    assert spec.crop_scale == (0.3, 1.0) and not spec.with_labels and spec.output_dtype == "float16"
+    assert spec.order_seed == 7 and spec.seed == stream_seed(7, 1) % 2**31  # order: the run's; DALI's: the rank's
+
+
+def test_finetuning_uses_the_official_crop_scale_labels_fp32_pixels_and_rand_augment_when_asked():
+    spec = spec_for(_config("finetune.rand_augment_ops=2", "finetune.rand_augment_magnitude=9"), "finetune", 8, PLACE,
+                    engine_dtype="bf16")
+    assert spec.crop_scale == FINETUNE_CROP_SCALE and spec.with_labels and spec.output_dtype == "float32"
+    assert spec.rand_augment == (2, 9)
+    assert spec_for(_config("finetune.rand_augment_ops=0"), "finetune", 8, PLACE).rand_augment is None
+
+
+def test_the_heldout_loss_reads_the_same_images_on_every_rank_and_validation_reads_its_rank_share():
+    config = _config()
+    heldout = spec_for(config, "heldout", 16, PLACE, engine_dtype="fp16")
+    assert (heldout.mode, heldout.shard_id, heldout.num_shards, heldout.with_labels) == ("eval", 0, 1, False)
+    assert heldout.output_dtype == "float16" and heldout.device_id is None
+    val = spec_for(config, "val", 5, PLACE)
+    assert (val.mode, val.shard_id, val.num_shards, val.with_labels, val.batch_size) == ("eval", 1, 4, True, 5)
+
+
+def test_validation_is_the_evaluation_view_mixmae_eval_uses():
+    config = _config()
+    assert spec_for(config, "val", 5, PLACE) == eval_spec(config.model.img_size, 5, config.data.num_threads, PLACE)
+
+
+def test_loader_dtype_is_float32_only_for_fp32_engines():
+    assert [loader_dtype(d) for d in ("fp32", "bf16", "fp16")] == ["float32", "float16", "float16"]
