@@ -1,7 +1,7 @@
 """The quickstart's evidence, re-measured: the demo pretraining with several training seeds, each probed
 (linear and k-NN on the demo classes) against the same five randomly initialised encoders.
 
-Runs, per seed, the quickstart's own commands on a CPU (the demo profile, 567 steps in one process through the
+Runs, per seed, the quickstart's own commands on a CPU (the demo profile, 810 steps in one process through the
 deepspeed launcher, precision auto, OMP_NUM_THREADS=2) and `mixmae probe --json` (with `--baseline
 --baseline-seeds 5` once: the random encoders do not depend on the training seed), then prints each seed's
 margins and writes results/demo_probe_cpu_<dtype>.json. A seed whose run folder in --work already finished is
@@ -121,7 +121,8 @@ def write_results(runs: list[dict], baseline: dict) -> None:
               f"worst seed {s['worst_min_margin']:+.1f} over the best random encoder, "
               f"{s['worst_margin_in_spread']:.1f}x their spread")
     result = {"what": "the quickstart's demo evidence (benchmarks/demo_probe.py): MixMAE pretraining of the demo "
-              "profile (tiny Swin, 567 steps) in one CPU process through the deepspeed launcher, then `mixmae probe "
+              f"profile (tiny Swin, {runs[0]['steps']} steps) in one CPU process through the deepspeed launcher, then "
+              "`mixmae probe "
               f"--json` against {BASELINE_SEEDS} random inits (probed once) on 2600 train / 1500 val demo images",
               "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),

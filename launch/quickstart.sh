@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main command: set up .venv, then run the whole demo on the built-in demo data:
-# demo shards -> MixMAE pretraining of the demo profile (the tiny Swin, 567 steps) through the deepspeed
+# demo shards -> MixMAE pretraining of the demo profile (the tiny Swin, 810 steps of 16 images) through the deepspeed
 # launcher -> export -> linear and k-NN probes of the pretrained encoder against five randomly initialised ones.
 # Idempotent: a second run reuses the venv and the demo shards, and resumes or re-reports the run.
 # On a machine with GPUs the launcher uses all of them; without, one CPU process on every core: on a 2-core CPU
@@ -25,8 +25,8 @@ else
   RANKS=(--num_gpus 1)     # one CPU process using every core: faster here than one rank per core
   export DS_ACCELERATOR=cpu  # said here once, instead of a warning from every DeepSpeed process
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-  echo "== 2/4 pretraining the demo profile: 567 steps in one CPU process with $OMP_NUM_THREADS threads" \
-    "(deepspeed launcher; about 3 minutes on 2 cores)"
+  echo "== 2/4 pretraining the demo profile: 810 steps in one CPU process with $OMP_NUM_THREADS threads" \
+    "(deepspeed launcher; under 3 minutes on 2 cores)"
 fi
 .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
   --profile demo --run-dir "$RUN" --set "data.shards=$DEMO/shards" "$@"
