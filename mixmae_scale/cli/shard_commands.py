@@ -152,7 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = shards_sub.add_parser("demo", help="build the built-in demo dataset and its shards")
     demo.add_argument("--out", default="demo_data", help="folder for images/ and shards/")
     demo.add_argument("--train-per-class", type=int, default=260, help="training images per class (10 classes)")
-    demo.add_argument("--val-per-class", type=int, default=50, help="validation images per class")
+    demo.add_argument("--val-per-class", type=int, default=150, help="validation images per class")
     demo.add_argument("--samples-per-shard", type=int, default=256, help="images per shard")
     demo.add_argument("--workers", type=int, default=2, help="processes writing shards")
     demo.add_argument("--seed", type=int, default=0, help="seed of the drawings and the shuffle")

@@ -3,8 +3,9 @@
 Two read-outs of the same features, computed once with no augmentation: a logistic-regression
 classifier trained to convergence on standardised features, and a weighted k-nearest-neighbour vote (cosine similarity,
 k=20, temperature 0.07, as DINO's k-NN evaluation). The features are every stage's tokens,
-average-pooled and concatenated: a short pretraining run changes the early stages as much as the last,
-and a probe of the last stage alone was dominated by colour, which a random encoder passes on as well.
+average-pooled and concatenated, each feature standardised on the training split: a short pretraining run
+changes the early stages as much as the last, and without standardising a few wide features (mean colour,
+which a random encoder passes on as well) dominate the distances.
 
 A single random-init baseline is not evidence: random encoders differ by a few points among
 themselves, and on the demo one draw happened to beat a pretrained encoder. `compare_with_random_init`
@@ -29,8 +30,8 @@ KNN_NEIGHBOURS = 20
 KNN_TEMPERATURE = 0.07
 # Below this many images in either split a probe's top-1 is not a result. On n validation images the 95% interval
 # of a top-1 near 50% is about +-98/sqrt(n) points: +-10 at 100 images, already the size of the margins a probe is
-# read for (the demo's pretrained-over-random margins ranged from +0.6 to +9.4 points over five seeds,
-# benchmarks/results/demo_probe_cpu_fp32.json). Fewer than 100 training images are fewer than 5 sets of k=20
+# read for (the demo's margins over random encoders, benchmarks/results/demo_probe_cpu_fp32.json, which is why
+# the demo has 1500 validation images). Fewer than 100 training images are fewer than 5 sets of k=20
 # neighbours for the k-NN vote, and far fewer than the features' dimensions, which any labelling fits linearly.
 MIN_PROBE_IMAGES = 100
 

@@ -1,9 +1,13 @@
-"""The built-in demo dataset: real JPEG files in ImageNet layout whose classes can be learned.
+"""The built-in demo dataset: real JPEG files in ImageNet layout whose classes are told apart by structure only.
 
-Ten classes of procedurally drawn pictures (a shape, a texture or a gradient per class, in a colour
-family per class) on varied backgrounds, at varied sizes and aspect ratios, written as JPEG under
-`train/<wnid>/` and `val/<wnid>/` with a `synset_words.txt`, so that the same converter that reads
-ImageNet reads it. Deterministic for a seed.
+Ten classes of procedurally drawn pictures (a shape, a texture or a gradient per class) written as JPEG under
+`train/<wnid>/` and `val/<wnid>/` with a `synset_words.txt`, so that the same converter that reads ImageNet
+reads it. Deterministic for a seed.
+
+The foreground and background colours, the image size, aspect ratio, position and scale are drawn the same way
+for every class: only the structure (outline, layout, texture) says which class a picture is. A colour family
+per class would let a randomly initialised encoder's pooled features (which pass mean colour on faithfully)
+read the class from colour alone, and the probes could not tell pretraining from none.
 """
 
 from __future__ import annotations
@@ -19,25 +23,30 @@ from mixmae_scale.atomic_file import replacing
 
 CLASSES = ["circle", "square", "triangle", "hstripes", "vstripes", "checker", "rings", "dots", "cross",
            "gradient"]
-HUES = [0.0, 0.1, 0.18, 0.3, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
 
 
 def wnid(index: int) -> str:
     return f"n9{index:07d}"
 
 
-def _colour(rng: random.Random, hue: float) -> tuple[int, int, int]:
-    h = (hue + rng.uniform(-0.04, 0.04)) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0))
     return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _colours(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Foreground and background, any hue each, far enough apart that the structure is visible."""
+    while True:
+        fg, bg = _colour(rng), _colour(rng)
+        if sum(abs(a - b) for a, b in zip(fg, bg, strict=True)) > 150:
+            return fg, bg
 
 
 def draw_image(cls: int, rng: random.Random) -> Image.Image:
     width, height = rng.randint(96, 256), rng.randint(96, 256)
-    background = tuple(rng.randint(0, 90) if rng.random() < 0.5 else rng.randint(160, 255) for _ in range(3))
+    fg, background = _colours(rng)
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
-    fg = _colour(rng, HUES[cls])
     cx, cy = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65)
     r = min(width, height) * rng.uniform(0.25, 0.45)
     name = CLASSES[cls]
@@ -82,7 +91,7 @@ def draw_image(cls: int, rng: random.Random) -> Image.Image:
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
     elif name == "gradient":
-        end = _colour(rng, HUES[cls])
+        end = fg
         for x in range(width):
             t = x / max(width - 1, 1)
             colour = tuple(int(background[k] * (1 - t) + end[k] * t) for k in range(3))
@@ -92,8 +101,11 @@ def draw_image(cls: int, rng: random.Random) -> Image.Image:
     return image
 
 
-def build_demo_images(root: Path, train_per_class: int = 260, val_per_class: int = 50, seed: int = 0) -> dict:
-    """Writes the demo tree under `root`; skips files that already exist (reruns are cheap)."""
+def build_demo_images(root: Path, train_per_class: int = 260, val_per_class: int = 150, seed: int = 0) -> dict:
+    """Writes the demo tree under `root`; skips files that already exist (reruns are cheap).
+
+    150 validation images per class: the random encoders' probe top-1s differ by the binomial noise of the
+    validation split as well as by their weights, and 1500 images keep that noise near 1 point."""
     root.mkdir(parents=True, exist_ok=True)
     words = "".join(f"{wnid(i)} demo {name}\n" for i, name in enumerate(CLASSES))
     (root / "synset_words.txt").write_text(words)
