@@ -25,8 +25,9 @@ import time
 import traceback
 from pathlib import Path
 
+from mixmae_scale.cluster.signal_relay import REPORT_ENV
+
 MARKER_PREFIX = "mixmae-failed"
-REPORT_ENV = "MIXMAE_FAILURE_REPORT"
 STALE_S = 3600
 
 

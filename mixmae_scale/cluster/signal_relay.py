@@ -29,6 +29,7 @@ import sys
 import psutil
 
 RANK_MARKERS = ("mixmae_scale.cli",)
+REPORT_ENV = "MIXMAE_FAILURE_REPORT"  # where a failing rank writes its one-line report (cli/failure_report.py)
 
 
 def rank_processes(root_pid: int) -> list[psutil.Process]:
@@ -55,7 +56,6 @@ def relay(command: list[str], env: dict[str, str] | None = None) -> int:
     import tempfile
     from pathlib import Path
 
-    from mixmae_scale.cli.failure_report import REPORT_ENV
     from mixmae_scale.engine.preemption import STOP_REPORT_ENV
 
     report = Path(tempfile.gettempdir()) / f"mixmae-stop-{os.getpid()}.json"

@@ -33,6 +33,7 @@ from typing import Any
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.image_names import is_image_name
 
 __all__ = ["DataError", "MANIFEST", "Manifest", "ShardEntry", "SplitEntry", "SplitShards", "load_manifest",
            "load_split", "read_manifest", "write_manifest"]
@@ -205,13 +206,11 @@ def _display(location: str | Path) -> str:
 
 def _holds_images(folder: Path, depth: int = 1) -> bool:
     """Whether `folder` (or a subfolder, `depth` levels down) holds a file named like an image; stops at the first."""
-    from mixmae_scale.shards.sources import IMAGE_SUFFIXES
-
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+            if entry.is_file() and is_image_name(entry.name):
                 return True
             if depth and entry.is_dir() and _holds_images(Path(entry.path), depth - 1):
                 return True
@@ -220,8 +219,6 @@ def _holds_images(folder: Path, depth: int = 1) -> bool:
 
 def _not_a_shard_set(folder: Path, location: str) -> str:
     """What a folder without a manifest holds instead, and the command that makes a shard set of it."""
-    from mixmae_scale.shards.sources import IMAGE_SUFFIXES
-
     head = f"{_display(folder)} is not a shard set (it has no {MANIFEST})"
     tars = list(folder.glob("*.tar"))
     if tars:
@@ -235,7 +232,7 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
     if (folder / "train").is_dir() and _holds_images(folder / "train"):
         return (f"{head}: it is an ImageNet-style image tree (train/ with a folder per class); convert it first: "
                 f"`mixmae shards imagenet --src {location} --out {out}`{then}")
-    images = sum(1 for p in entries if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    images = sum(1 for p in entries if p.is_file() and is_image_name(p.name))
     if images and not classes:
         return (f"{head}: it is a folder of {images} image(s); convert it first: `mixmae shards folder --src "
                 f"{location} --out {out}`{then}")

@@ -13,9 +13,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixmae_scale.data.image_names import IMAGE_SUFFIXES, is_image_name
+
 # torchvision ImageFolder's IMG_EXTENSIONS: a file named otherwise (notes.txt, a README, labels.csv) is not an
 # image of the dataset. It is ignored and counted, not rejected, so that it never counts against --max-rejected.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class SourceError(ValueError):
@@ -29,10 +30,6 @@ class SourceImage:
     label: int  # -1 for unlabeled
     wnid: str | None
     size: int  # bytes on disk; used to size shards before any file is read
-
-
-def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def ignored_note(ignored: list[str], shown: int = 5) -> str:
@@ -49,12 +46,12 @@ def _list_images(folder: Path, root: Path, label: int, wnid: str | None, ignored
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         # A folder named like an image is listed too, so that it is reported (as unreadable), not lost.
-        odd_folders = [d for d in dirnames if _is_image_name(d) and not d.startswith(".")]
+        odd_folders = [d for d in dirnames if is_image_name(d) and not d.startswith(".")]
         for name in sorted(filenames + odd_folders):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            if not _is_image_name(name):
+            if not is_image_name(name):
                 ignored.append(str(path.relative_to(root)))
                 continue
             found.append(SourceImage(str(path), str(path.relative_to(root)), label, wnid, _size_on_disk(path)))
@@ -90,7 +87,7 @@ def read_class_names(src: Path) -> dict[str, str]:
 def _loose_files(folder: Path, root: Path) -> list[str]:
     """Files beside the class folders (a README, a labels file): not part of any class."""
     return [str(p.relative_to(root)) for p in sorted(folder.iterdir())
-            if not p.is_dir() and not p.name.startswith(".") and not _is_image_name(p.name)]
+            if not p.is_dir() and not p.name.startswith(".") and not is_image_name(p.name)]
 
 
 def labeled_folder(split_dir: Path, root: Path, classes: list[str], ignored: list[str] | None = None
@@ -196,7 +193,7 @@ def folder_images(src: Path, ignored: list[str] | None = None) -> tuple[list[Sou
     if not src.is_dir():
         raise SourceError(f"{src}: not a folder")
     classes = class_folders(src)
-    loose = [p for p in src.iterdir() if not p.is_dir() and _is_image_name(p.name)]
+    loose = [p for p in src.iterdir() if not p.is_dir() and is_image_name(p.name)]
     if classes and not loose:
         return labeled_folder(src, src, classes, ignored), classes
     if classes and loose:
