@@ -15,11 +15,11 @@ from free_port import free_port
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, ranks: int = 2, port: int | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, ranks: int = 2, port: int | None = None, threads: int = 1) -> subprocess.CompletedProcess:
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
                 str(port or free_port()), "--module", "mixmae_scale.cli"]
-    result = subprocess.run(launcher + list(args), env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(launcher + list(args), env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -114,20 +114,20 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_sp
 
 def test_the_quickstart_path_pretrains_the_whole_schedule_the_dry_run_shows_and_probes_against_random_encoders(
         demo_shards, tmp_path, capsys):
-    """The quickstart's steps on the small demo set, with the tiny profile (the demo profile's model on a short
-    schedule): its whole schedule (5 epochs), the step count `mixmae launch --dry-run` printed for it, and
-    `mixmae probe --baseline` against three random encoders.
+    """The quickstart's steps on the small demo set: the demo profile in one CPU process with two threads through
+    the deepspeed launcher, its whole schedule (5 epochs), the step count `mixmae launch --dry-run` printed for
+    it, and `mixmae probe --baseline` against three random encoders.
 
-    Whether pretraining beats the random encoders is measured over training seeds on the full demo with the demo
-    profile by benchmarks/demo_probe.py (benchmarks/results/demo_probe_cpu_fp32.json), not here: 45 steps on 300
-    images are far too few to learn the demo's shapes."""
+    Whether pretraining beats the random encoders is measured over training seeds on the full demo by
+    benchmarks/demo_probe.py (benchmarks/results/demo_probe_cpu_fp32.json), not here: 90 steps on 300 images are
+    far too few to learn the demo's shapes."""
     from mixmae_scale.cli import main
 
-    run("pretrain", "--profile", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={demo_shards}",
-        port=free_port())
+    run("pretrain", "--profile", "demo", "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={demo_shards}",
+        ranks=1, threads=2, port=free_port())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 5 * (300 // 32) and summary["heldout_loss_end"] < summary["heldout_loss_start"]
-    assert main(["launch", "tiny", "--dry-run", "--set", f"data.shards={demo_shards}"]) == 0
+    assert summary["steps"] == 5 * (300 // 16) and summary["heldout_loss_end"] < summary["heldout_loss_start"]
+    assert main(["launch", "demo", "--dry-run", "--set", f"data.shards={demo_shards}"]) == 0
     assert f"total steps      {summary['steps']} (5 epochs" in capsys.readouterr().out
     out = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", "probe", "--init", str(tmp_path / "run"),
                           "--data", str(demo_shards), "--baseline", "--json"], capture_output=True, text=True,
