@@ -1,6 +1,7 @@
 """The pieces of one optimizer step the loop (engine/loop.py) decides with: the agreed read of a micro-step
-(finite? stop?), what an attempt at a step came to (`StepOutcome`), whether a checkpoint is due after it, and
-the running loss and throughput between two logged steps."""
+(finite? stop?), what an attempt at a step came to (`StepOutcome`), and the running loss and throughput between
+two logged steps. Whether a checkpoint follows an attempt is the checkpointer's decision
+(engine/checkpointing/checkpointer.py)."""
 
 from __future__ import annotations
 
