@@ -71,6 +71,9 @@ class FaultyJob:
             raise error
         self.job.after_step(loop, step, last)
 
+    def summary(self, loop: Loop) -> dict[str, Any]:
+        return self.job.summary(loop)
+
     def state(self) -> dict[str, Any]:
         return self.job.state()
 

@@ -58,6 +58,11 @@ class Job(Protocol):
     def after_step(self, loop: Loop, step: int, last: bool) -> None:
         """After each applied optimizer step, once it is logged (every rank): evaluation, pictures."""
 
+    def summary(self, loop: Loop) -> dict[str, Any]:
+        """Collective, after the last step (or a stop): the job's entries of the run's summary (pretraining's final
+        held-out loss). They are measured before the run's records close, so run.json and W&B hold them too."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         """The job's part of the checkpoint's client state (the same on every rank)."""
         return {}

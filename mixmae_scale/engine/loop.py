@@ -203,6 +203,7 @@ class TrainingLoop:
         if self.record is not None:
             self.record.finish(summary)
         if self.wandb is not None:
+            self.wandb.log_summary(summary)
             self.wandb.log_record(self.record.path)
             self.wandb.finish()
 
@@ -347,7 +348,7 @@ class TrainingLoop:
         self.job.after_step(self, self.step, last)
 
     def _summary(self, run_start: float) -> dict[str, Any]:
-        """Collective (peak memory of every rank); closes run.json and W&B on rank 0."""
+        """Collective (peak memory of every rank, the job's own summary); closes run.json and W&B on rank 0."""
         derived = self.derived
         peak = [0.0] * self.ctx.world
         dist.all_gather_object(peak, peak_memory_mib())
@@ -364,6 +365,7 @@ class TrainingLoop:
         mfu = self._mfu(images_per_s)
         if images_per_s and mfu is not None:
             summary["mfu"] = mfu
+        summary.update(self.job.summary(self))
         self._close_records(summary)
         return summary
 

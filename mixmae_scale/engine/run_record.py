@@ -220,6 +220,9 @@ class RunRecord:
         self.record["status"] = outcome
         self.record["end"] = {key: summary.get(key) for key in ("steps", "planned_steps", "images_seen", "wall_s",
                                                                  "images_per_s", "checkpoint")}
+        # The job's own end-of-run measurements (pretraining's held-out losses), where it has them.
+        self.record["end"].update({key: summary[key] for key in ("heldout_loss_start", "heldout_loss_end")
+                                   if key in summary})
         self.write()
 
     def write(self) -> None:

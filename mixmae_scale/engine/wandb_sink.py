@@ -48,6 +48,12 @@ class WandbSink:
                   if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)}
         self.run.log(values, step=int(row["step"]))
 
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """The run's end-of-run numbers (final held-out loss, throughput, MFU) in the W&B run's summary."""
+        for key, value in summary.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.run.summary[f"Summary/{key}"] = value
+
     def log_record(self, path: Path) -> None:
         """The run record as a file of the W&B run and, for the runs table, in its summary."""
         self.run.summary["run_record"] = json.loads(path.read_text())

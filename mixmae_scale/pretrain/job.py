@@ -84,6 +84,18 @@ class PretrainJob(Job):
                               else HeldOutLoss(saved, self.config.logging.heldout_batches * self.config.batch.micro)
                               if saved else HeldOutLoss(None, 0, "not kept by the checkpoint this run resumed from"))
 
+    def summary(self, loop: Loop) -> dict[str, Any]:
+        """The held-out loss at the end, said in the log with the one at the start."""
+        rank = loop.ctx.rank
+        end = heldout_loss(loop.engine, self.config, self.heldout, loop.device, loop.derived.dtype)
+        start = self.heldout_start
+        if rank == 0 and end.loss is None:
+            log.warning("held-out reconstruction loss: %s", end.text())
+        elif rank == 0:
+            log.info("held-out reconstruction loss: %s at step 0 -> %s at step %d", start.text(), end.text(), loop.step)
+        return {"heldout_loss_start": start.loss, "heldout_loss_end": end.loss, "heldout_images": end.images,
+                "heldout_not_measured": end.reason, "heldout_set": self.heldout.summary()}
+
 
 def build_job(config: Config, ctx: RunContext, heldout: HeldOut, model: torch.nn.Module,
               snapshot_factory: SnapshotFactory | None) -> PretrainJob:
@@ -114,24 +126,9 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     job = build_job(config, ctx, heldout, model, snapshot_factory)
     loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
-    summary.update(_heldout_summary(loop, job, heldout))
     summary.update({"train_flops_per_image": job.flops_per_image, "derived": asdict(derived),
                     "loss_scale": fp16_loss_scale(loop.engine) if derived.dtype == "fp16" else None})
     if ctx.rank == 0:
         write_text(ctx.root / "summary.json", json.dumps(
             summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
     return summary
-
-
-def _heldout_summary(loop: TrainingLoop, job: PretrainJob, heldout: HeldOut) -> dict[str, Any]:
-    """The held-out loss at the end (collective), said in the log with the one at the start."""
-    ctx = loop.ctx
-    end = heldout_loss(loop.engine, job.config, heldout, ctx.device, ctx.resolved.derived.dtype)
-    start = job.heldout_start
-    if ctx.rank == 0 and end.loss is None:
-        log.warning("held-out reconstruction loss: %s", end.text())
-    elif ctx.rank == 0:
-        log.info("held-out reconstruction loss: %s at step 0 -> %s at step %d", start.text(), end.text(), loop.step)
-    return {"heldout_loss_start": start.loss, "heldout_loss_end": end.loss, "heldout_images": end.images,
-            "heldout_not_measured": end.reason, "heldout_set": heldout.summary()}
-

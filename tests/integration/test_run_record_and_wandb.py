@@ -46,9 +46,10 @@ def wandb_records(path: Path):
             yield record
 
 
-def read_wandb_runs(folder: Path) -> tuple[set[str], dict[int, dict[str, str]], set[str]]:
-    """(the run ids, the history by step: key -> JSON value, the files saved) over every offline run folder."""
-    ids, history, files = set(), {}, set()
+def read_wandb_runs(folder: Path) -> tuple[set[str], dict[int, dict[str, str]], set[str], dict[str, str]]:
+    """(the run ids, the history by step: key -> JSON value, the files saved, the last launch's summary: key ->
+    JSON value) over every offline run folder."""
+    ids, history, files, summary = set(), {}, set(), {}
     logs = sorted(folder.rglob("*.wandb"))
     assert len(logs) == 2, logs  # one per launch
     for log in logs:
@@ -61,7 +62,10 @@ def read_wandb_runs(folder: Path) -> tuple[set[str], dict[int, dict[str, str]], 
                 history.setdefault(record.history.step.num, {}).update(items)
             elif kind == "files":
                 files.update(item.path for item in record.files.files)
-    return ids, history, files
+            elif kind == "summary":
+                summary.update({item.key or "/".join(item.nested_key): item.value_json
+                                for item in record.summary.update})
+    return ids, history, files, summary
 
 
 def test_a_run_stopped_and_resumed_is_one_wandb_run_with_all_steps_and_grids_and_its_record_says_where_it_came_from(
@@ -74,7 +78,7 @@ def test_a_run_stopped_and_resumed_is_one_wandb_run_with_all_steps_and_grids_and
     launch(run, demo_shards, *common, max_steps=2, env=env)
     launch(run, demo_shards, *common, max_steps=4, env=env)
 
-    ids, history, files = read_wandb_runs(wandb_dir)
+    ids, history, files, wandb_summary = read_wandb_runs(wandb_dir)
     assert ids == {json.loads((run / "wandb.json").read_text())["id"]}
     csv_losses = losses(run)
     assert sorted(csv_losses) == [1, 2, 3, 4]
@@ -88,6 +92,10 @@ def test_a_run_stopped_and_resumed_is_one_wandb_run_with_all_steps_and_grids_and
     assert "run.json" in files
 
     record = json.loads((run / "run.json").read_text())
+    # The final held-out loss is measured before the records close: run.json and W&B hold summary.json's.
+    final = json.loads((run / "summary.json").read_text())["heldout_loss_end"]
+    assert final is not None and record["end"]["heldout_loss_end"] == final
+    assert float(wandb_summary["Summary/heldout_loss_end"]) == pytest.approx(final, rel=1e-9)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a checkout; an installed package records its version instead
         assert record["code"]["commit"] == head.stdout.strip()
