@@ -16,6 +16,7 @@ memory planner (cluster/plan.py) estimates it for the largest run, fits in the d
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -115,4 +116,6 @@ def _forget_process_groups() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    gc.freeze()  # skip the interpreter's final collections: see mixmae_scale/cli/__main__.py
+    sys.exit(code)

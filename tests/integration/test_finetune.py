@@ -24,14 +24,22 @@ def run(*args: str, ranks: int = 2, port: int | None = None, threads: int = 1) -
     return result
 
 
+def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
+            "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
+            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
+            "batch.global_batch=16", "logging.every_steps=1", "data.shuffle_buffer=64",
+            "finetune.eval_every_epochs=0.5", "checkpoint.every_steps=6", *overrides]
+
+
 @pytest.fixture(scope="module")
 def finetuned(demo_shards, tmp_path_factory):
-    """A short fine-tune (random init, mixup + cutmix + RandAugment + erasing) and its export."""
+    """A short fine-tune (random init, mixup + cutmix + RandAugment + erasing, the profile's precision), checkpoints
+    every 6 steps, and its export: also the uninterrupted run of the kill-and-resume test."""
     root = tmp_path_factory.mktemp("finetune")
-    result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(root / "run"), "--set",
-                 f"data.shards={demo_shards}", "--set", "finetune.init=null", "--set", "batch.micro=8",
-                 "batch.global_batch=16", "--set", "logging.every_steps=5", "--set", "data.shuffle_buffer=64", "--set",
-                 "finetune.eval_every_epochs=0.5", "--max-steps", "20")
+    result = subprocess.run(finetune_command(root / "run", demo_shards, free_port(), 20),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (root / "finetune.log").write_text(result.stdout + result.stderr)
     from mixmae_scale.engine.export import export_run
 
@@ -143,15 +151,6 @@ def test_the_quickstart_path_pretrains_the_whole_schedule_the_dry_run_shows_and_
     assert report["pretrained"]["val_samples"] == 80 and report["pretrained"]["train_samples"] == 300
 
 
-def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
-            "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
-            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
-            "batch.global_batch=16",
-            "logging.every_steps=1", "data.shuffle_buffer=64", "precision.dtype=fp32", "finetune.eval_every_epochs=100",
-            "checkpoint.every_steps=6", *overrides]
-
-
 def metric_losses(run_dir: Path) -> dict[int, float]:
     import csv
 
@@ -162,19 +161,21 @@ def metric_losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["loss"]) for r in rows}
 
 
-def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(demo_shards, tmp_path):
-    """12 steps in one go against 6 + kill -9 (mid-run, after the step-6 checkpoint) + resume: same losses and
-    weights. Mixup, cutmix, random erasing and RandAugment all draw random numbers every step."""
+def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(finetuned, demo_shards, tmp_path):
+    """The module's 20 steps in one go against 6 + kill -9 (mid-run, after the step-6 checkpoint) + resume: the same
+    losses, evaluations and weights. Mixup, cutmix, random erasing and RandAugment all draw random numbers every
+    step."""
     import signal
     import time
 
+    import torch
+
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import load_weights
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = tmp_path / "full"
-    done = subprocess.run(finetune_command(full, demo_shards, free_port(), 12), env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(finetune_command(killed, demo_shards, free_port(), 12), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(finetune_command(killed, demo_shards, free_port(), 20), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / "step00000006" / "COMPLETE"
     deadline = time.time() + 300
@@ -183,23 +184,24 @@ def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(demo_shards, 
     os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, as a node failure would
     proc.wait()
     assert marker.exists() and not (killed / "summary.json").exists()
-    resumed = subprocess.run(finetune_command(killed, demo_shards, free_port(), 12), env=env, capture_output=True,
+    resumed = subprocess.run(finetune_command(killed, demo_shards, free_port(), 20), env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
-    a, b = metric_losses(full), metric_losses(killed)
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    for step in range(1, 13):
+    a, b = metric_losses(finetuned / "run"), metric_losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in range(1, 21):
         assert b[step] == pytest.approx(a[step], rel=1e-6), step
-    from mixmae_scale.engine.export import export_run
-    from mixmae_scale.models.convert_official import load_weights
-
-    export_run(full, tmp_path / "full.safetensors")
+    evals = [[json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+             for run in (finetuned / "run", killed)]
+    assert [e["step"] for e in evals[1]] == [e["step"] for e in evals[0]] == [9, 18, 20]
+    for full, again in zip(*evals, strict=True):
+        assert (again["top1"], again["samples"]) == (full["top1"], full["samples"])
+        assert again["loss"] == pytest.approx(full["loss"], rel=1e-6)
     export_run(killed, tmp_path / "killed.safetensors")
-    wa, wb = load_weights(tmp_path / "full.safetensors")[0], load_weights(tmp_path / "killed.safetensors")[0]
+    wa = load_weights(finetuned / "classifier.safetensors")[0]
+    wb = load_weights(tmp_path / "killed.safetensors")[0]
     assert wa.keys() == wb.keys()
-    import torch
-
     for key in wa:
         assert torch.allclose(wa[key], wb[key], rtol=1e-6, atol=1e-7), key
 
@@ -211,7 +213,8 @@ def test_finetune_sigterm_saves_a_checkpoint_and_exits_zero(demo_shards, tmp_pat
     import psutil
 
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen(finetune_command(run_dir, demo_shards, free_port(), 400, "checkpoint.every_steps=1000"),
+    proc = subprocess.Popen(finetune_command(run_dir, demo_shards, free_port(), 400, "checkpoint.every_steps=1000",
+                                             "precision.dtype=fp32", "finetune.eval_every_epochs=100"),
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240

@@ -1,121 +1,16 @@
-"""A 2x2 sweep end to end on the demo shards: plan, run (real pretraining runs), resume, fit, report."""
+"""A sweep's real runs: pretraining runs started by the sweep's worker processes, read back into results.jsonl.
+What the sweep does around its runs (the lr sweep's choice, skipping, reading folders, fit, report, emitted
+commands) is tests/unit/test_scaling_sweep.py's, with stub runs."""
 
 from __future__ import annotations
 
-import json
-import time
-
 import pytest
 
-from mixmae_scale.config import ConfigError
-from mixmae_scale.scaling.fit import FitError
-from mixmae_scale.scaling.report import fit_results, read_results, write_report
+from mixmae_scale.scaling.report import read_results
 from mixmae_scale.scaling.run import run_sweep
-from mixmae_scale.scaling.spec import expand, load_spec
+from mixmae_scale.scaling.spec import load_spec
 
 pytestmark = pytest.mark.slow
-
-SIZES = """
-sizes:
-  - {{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}
-  - {{name: w12, model: {{embed_dim: 12, num_heads: [1, 2, 4, 4], decoder_dim: 48, decoder_heads: 2}}}}
-  - {{name: w16, model: {{embed_dim: 16, num_heads: [1, 2, 4, 8], decoder_dim: 64, decoder_heads: 2}}}}
-data_fractions: [1.0]
-set: ["batch.micro=8", "batch.global_batch=8", "logging.every_steps=3", "logging.heldout_batches=2", "zero.stage=0",
-      "data.shuffle_buffer=64"]
-"""
-ISO_FLOP = """
-name: iso-flop
-profile: tiny
-shards: {shards}
-budgets: [6.0e9, 1.2e10]
-learning_rate: {{rule: inverse_width, base_width: 8, sweep: [0.005, 0.02]}}
-cluster: {{gpus_per_node: 4, max_nodes: 2}}
-""" + SIZES
-
-
-def test_grid_and_iso_flop_expansions(demo_shards, tmp_path):
-    spec_path = tmp_path / "grid.yaml"
-    spec_path.write_text(f"name: grid\nprofile: tiny\nshards: {demo_shards}\nsteps: [6, 12]\n" + SIZES.format())
-    grid = expand(load_spec(spec_path), 300)
-    assert [r.run_id for r in grid][:2] == ["w8-d1-s6-seed0", "w8-d1-s12-seed0"]
-    assert grid[1].flops == pytest.approx(2 * grid[0].flops) and grid[2].params > grid[0].params
-    spec_path.write_text(ISO_FLOP.format(shards=demo_shards))
-    spec = load_spec(spec_path)
-    runs = expand(spec, 300, base_lr=0.01)
-    for run in runs:  # each run spends its budget to within half a step
-        per_step = run.flops / run.steps
-        assert abs(run.flops - run.budget) <= per_step / 2
-    w8, w16 = (next(r for r in runs if r.size == s and r.budget == 6e9) for s in ("w8", "w16"))
-    assert w8.steps > w16.steps and "optim.width_lr_base=8" in w16.overrides
-    assert "optim.base_learning_rate=0.01" in w16.overrides
-
-
-def test_iso_flop_sweep_with_lr_sweep_runs_resumes_fits_and_reports(demo_shards, tmp_path):
-    spec_path = tmp_path / "sweep.yaml"
-    spec_path.write_text(ISO_FLOP.format(shards=demo_shards))
-    spec = load_spec(spec_path)
-    out = tmp_path / "sweep"
-    messages: list[str] = []
-    rows = run_sweep(spec, out, log=messages.append, parallel=2)
-    assert len(rows) == 6 and all(r["heldout_loss"] > 0 and r["budget"] in (6e9, 1.2e10) for r in rows)
-    sweep = [json.loads(line) for line in (out / "lr_sweep.jsonl").read_text().splitlines()]
-    assert len(sweep) == 2 and {r["size"] for r in sweep} == {"w8"}
-    best = min(sweep, key=lambda r: r["heldout_loss"])["overrides"]
-    assert all(o in rows[0]["overrides"] for o in best if o.startswith("optim.base_learning_rate"))
-    assert all(r["lr_rule"].startswith("inverse_width") and "base lr" in r["lr_rule"] for r in rows)
-    assert run_sweep(spec, out, log=messages.append, parallel=2) == []
-    assert sum("skipped" in m for m in messages) == 8  # the lr sweep's 2 and the study's 6
-    assert messages[-2].startswith("sweep: 0 ran, 8 reused (finished earlier), 0 failed, in 0 min ")
-    assert messages[-1].startswith(f"next: mixmae scaling report --out {out}")
-    # Runs finished elsewhere (a cluster, from the emitted lines) are read from their folders, not rerun.
-    kept = (out / "results.jsonl").read_text()
-    (out / "results.jsonl").unlink()
-    start = time.perf_counter()
-    assert len(run_sweep(spec, out, log=messages.append, parallel=2)) == 6 and time.perf_counter() - start < 30
-    assert sum("read from" in m for m in messages) == 6
-    assert sorted(json.loads(line)["heldout_loss"] for line in (out / "results.jsonl").read_text().splitlines()) == \
-        sorted(json.loads(line)["heldout_loss"] for line in kept.splitlines())
-    results = read_results(out / "results.jsonl")
-    fit = fit_results(results, bootstrap=20)
-    iso = fit["iso_flop"]
-    # Two budgets, one seed per point: no law through fewer than 3 interior budgets, no interval, nothing identified.
-    assert len(iso["minima"]) == 2 and iso["N_opt"]["exponent_5_95"] is None and not iso["N_opt"]["identified"]
-    assert iso["N_opt"]["verdict"].startswith("not identified (") and iso["L_opt_of_C"].startswith("not fitted: ")
-    report = write_report(results, fit, out / "report").read_text()
-    assert "Iso-FLOP (approach 2)" in report and "**not identified (" in report
-    assert all((out / "report" / name).stat().st_size > 1000 for name in
-               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png"))
-    # No law identified: nothing to predict with, so no predicted-vs-observed figure, and the report says why.
-    assert not (out / "report" / "predicted_vs_observed.png").exists()
-    assert "predicted_vs_observed.png not drawn: neither L(N, D) nor L(C) is identified" in report
-    run_sweep(spec, out, emit_commands=out / "commands.txt")
-    lines = (out / "commands.txt").read_text().splitlines()
-    launches = [line for line in lines if line.startswith("mixmae launch tiny")]
-    assert len(launches) == 8 and lines[0].startswith("# 1. the lr sweep")
-    # global batch 8 on 4-GPU nodes: one node of 4 GPUs (micro 2), never more GPUs than the batch allows
-    assert all("cluster.num_nodes=1" in line and "cluster.gpus_per_node=4" in line for line in launches)
-
-
-def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1.5]\nsteps: [1]\n")
-    with pytest.raises(ConfigError, match=r"data_fractions must lie in \(0, 1\]"):
-        load_spec(bad)
-    bad.write_text("name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\nsteps: [1]\nepochs: [1]\n")
-    with pytest.raises(ConfigError, match="exactly one of 'steps' or 'epochs'"):
-        load_spec(bad)
-    bad.write_text("name: x\nprofile: tiny\nsizes: [tiny]\ndata_fractions: [1]\nsteps: [1]\nstepz: 3\n")
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_spec(bad)
-    results = tmp_path / "results.jsonl"
-    results.write_text(json.dumps({"run_id": "a", "params": 1}) + "\n")
-    with pytest.raises(FitError, match="lacks images_seen, flops, heldout_loss"):
-        read_results(results)
-    results.write_text("{not json\n")
-    with pytest.raises(FitError, match="results.jsonl:1: not JSON"):
-        read_results(results)
-
 
 TWO_RUNS = """
 name: two
