@@ -118,3 +118,33 @@ def test_adopted_tars_whose_samples_carry_seg_png_keep_their_masks(banded_shards
     spec = PipelineSpec(mode="eval", img_size=32, batch_size=3, num_threads=1, with_masks=True)
     batches = [b for b, _ in ShardLoader(str(tmp_path / "adopted"), "val", spec, "torch", 1).eval_batches()]
     assert sum(len(b.masks) for b in batches) == 6 and all(b.masks.max() < len(PALETTE) for b in batches)
+
+
+def test_an_ade20k_tree_converts_to_shards_with_masks_and_a_missing_annotation_is_rejected(tmp_path, capsys):
+    from mixmae_scale.cli import main
+    from mixmae_scale.data.manifest import load_manifest
+
+    rng = np.random.default_rng(0)
+    for split, count in (("training", 4), ("validation", 2)):
+        for folder in ("images", "annotations"):
+            (tmp_path / "ade" / folder / split).mkdir(parents=True)
+        for i in range(count):
+            name = f"ADE_{split}_{i:08d}"
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+                tmp_path / "ade" / "images" / split / f"{name}.jpg", quality=95)
+            if (split, i) != ("training", 3):
+                labels = np.full((40, 56), i + 1, dtype=np.uint8)
+                labels[:, 24:32] = 0  # "other", in the middle: the centre crop keeps it
+                Image.fromarray(labels, mode="L").save(tmp_path / "ade" / "annotations" / split / f"{name}.png")
+    assert main(["shards", "ade20k", "--src", str(tmp_path / "ade"), "--out", str(tmp_path / "shards"),
+                 "--workers", "1", "--max-rejected", "0.5"]) == 0
+    assert "with segmentation masks (seg.png)" in capsys.readouterr().out
+    manifest = load_manifest(tmp_path / "shards")
+    assert manifest.splits["train"].masks and len(manifest.mask_classes) == 150
+    assert manifest.splits["train"].samples == 3 and manifest.splits["val"].samples == 2
+    rejected = (tmp_path / "shards" / "rejected.jsonl").read_text()
+    assert "no mask: expected" in rejected and "ADE_training_00000003.png" in rejected
+    spec = PipelineSpec(mode="eval", img_size=32, batch_size=2, num_threads=1, with_masks=True)
+    batches = [b for b, _ in ShardLoader(str(tmp_path / "shards"), "val", spec, "torch", 1).eval_batches()]
+    values = {tuple(sorted(set(m.unique().tolist()))) for m in batches[0].masks}
+    assert values == {(0, 255), (1, 255)}  # labels 1 and 2 shifted down; "other" ignored
