@@ -48,7 +48,8 @@ def main() -> None:
     train, val = load_splits(shards, arch["img_size"], 64, args.loader, args.threads)
     decode_s = time.perf_counter() - start
     classes = 11
-    randoms = [probe_backbone(build_backbone(None, arch, 1 + i), train, val, classes) for i in range(args.baseline_seeds)]
+    randoms = [probe_backbone(build_backbone(None, arch, 1 + i), train, val, classes)
+               for i in range(args.baseline_seeds)]
     runs = []
     for run, (state, _) in zip(args.runs, states, strict=True):
         result = probe_backbone(build_backbone(state, arch, 0), train, val, classes)
