@@ -103,12 +103,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     shards = sub.add_parser("shards", help="image folders to WebDataset tar shards; verify; demo data")
     shards_sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
     for layout, text in (("imagenet", "an ILSVRC2012 tree (train/<wnid>/, val/ by folder or flat + labels)"),
-                         ("folder", "class-per-subfolder images, or a flat folder of unlabeled images")):
+                         ("folder", "class-per-subfolder images, or a flat folder of unlabeled images"),
+                         ("ade20k", "ADE20K's layout: images/{training,validation}/*.jpg with their masks in "
+                          "annotations/ (0 = other, ignored; 150 classes), as train and val with seg.png masks")):
         p = shards_sub.add_parser(layout, help=f"convert {text}")
         p.add_argument("--src", required=True, help="the source folder")
         p.add_argument("--out", required=True, help="folder, or s3://bucket/prefix (shards are staged locally and "
                        "uploaded one by one)")
-        p.add_argument("--split", default="train,val" if layout == "imagenet" else "train",
+        p.add_argument("--split", default="train" if layout == "folder" else "train,val",
                        help="comma-separated splits (for 'folder', 'train' is the source folder itself)")
         p.add_argument("--shard-size", default="1GB", help="target shard size (by the source files' sizes)")
         p.add_argument("--samples-per-shard", type=int, help="fixed sample count per shard instead")

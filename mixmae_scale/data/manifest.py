@@ -10,7 +10,8 @@ The manifest format, version 2 (version 1, written before `base` existed, reads 
     {"format": "mixmae-scale-shards", "version": 2,
      "base": "s3://bucket/prefix/" | "/absolute/folder" (optional; default: the manifest's own folder),
      "classes": [{"index": 0, "wnid": ..., "name": ...}, ...],            (empty: unlabeled)
-     "splits": {"train": {"samples": N, "labeled": true,
+     "mask_classes": ["background", ...],   (optional: the segmentation masks' class names, index order)
+     "splits": {"train": {"samples": N, "labeled": true, "masks": true (optional: every sample has seg.png),
                           "shards": [{"name": "<tar, relative to base>", "index": "<idx, relative to
                                       the manifest's folder>", "samples": n, "bytes": b, "sha256": ...}]}}}
 (A name or index may also be an absolute path or URL: a subset's manifest points into the full set.)
@@ -69,10 +70,11 @@ class SplitEntry:
     labeled: bool
     shards: tuple[ShardEntry, ...]
     counts: dict[str, Any] = field(default_factory=dict)
+    masks: bool = False  # every sample has a segmentation mask (`seg.png`, shards/masks.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.counts, "samples": self.samples, "labeled": self.labeled,
-                "shards": [s.to_dict() for s in self.shards]}
+                **({"masks": True} if self.masks else {}), "shards": [s.to_dict() for s in self.shards]}
 
     @property
     def adopted(self) -> bool:
@@ -91,6 +93,7 @@ class Manifest:
     options: dict[str, Any] | None = None
     tool_version: str | None = None
     version: int = VERSION
+    mask_classes: list[str] = field(default_factory=list)  # the masks' class names; empty: unknown or no masks
 
     def to_dict(self) -> dict[str, Any]:
         head: dict[str, Any] = {"format": FORMAT, "version": self.version}
@@ -100,7 +103,9 @@ class Manifest:
             head["base"] = self.base
         if self.options is not None:
             head["options"] = self.options
-        return {**head, "classes": self.classes, "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+        masks = {"mask_classes": self.mask_classes} if self.mask_classes else {}
+        return {**head, "classes": self.classes, **masks,
+                "splits": {k: v.to_dict() for k, v in self.splits.items()}}
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> Manifest:
@@ -114,7 +119,8 @@ class Manifest:
                    classes=classes, base=_typed(data, "base", str, path, None) or None,
                    options=_typed(data, "options", dict, path, None),
                    tool_version=_typed(data, "tool_version", str, path, None),
-                   version=_typed(data, "version", int, path, 1))
+                   version=_typed(data, "version", int, path, 1),
+                   mask_classes=[str(n) for n in _typed(data, "mask_classes", list, path, [])])
 
 
 _MISSING = object()
@@ -155,9 +161,10 @@ def _split(info: Any, where: str, path: str, labeled: bool) -> SplitEntry:
             _typed(entry, "samples", int, path, where=at), _typed(entry, "bytes", int, path, 0, at),
             _typed(entry, "sha256", str, path, "", at)))
     counted = sum(s.samples for s in shards)
-    counts = {k: v for k, v in info.items() if k not in ("samples", "labeled", "shards")}
+    counts = {k: v for k, v in info.items() if k not in ("samples", "labeled", "shards", "masks")}
     return SplitEntry(_typed(info, "samples", int, path, counted, where),
-                      _typed(info, "labeled", bool, path, labeled, where), tuple(shards), counts)
+                      _typed(info, "labeled", bool, path, labeled, where), tuple(shards), counts,
+                      _typed(info, "masks", bool, path, False, where))
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,8 @@ class SplitShards:
     # first_line[i] + samples_per_shard[i] - 1 of its index, which has index_lines[i] lines in all. Empty: whole.
     first_line: tuple[int, ...] = ()
     index_lines: tuple[int, ...] = ()
+    masks: bool = False  # every sample has a segmentation mask
+    mask_classes: int = 0  # how many classes the masks label (0: the manifest does not say)
 
     def first_line_of(self, shard: int) -> int:
         return self.first_line[shard] if self.first_line else 0
@@ -307,4 +316,5 @@ def load_split(location: str | Path, split: str, world_size: int = 1) -> SplitSh
         raise DataError(f"{path}: split '{split}' says {info.samples} samples, its shards hold {sum(counts)}")
     return SplitShards(split, location, manifest.base or location, tuple(s.name for s in info.shards),
                        tuple(s.index for s in info.shards), counts, tuple(s.bytes for s in info.shards), sum(counts),
-                       info.labeled, len(manifest.classes))
+                       info.labeled, len(manifest.classes), masks=info.masks,
+                       mask_classes=len(manifest.mask_classes))

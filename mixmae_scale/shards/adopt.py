@@ -76,6 +76,7 @@ class AdoptedShard:
     labeled_samples: int = 0  # indexed samples with a cls
     max_label: int = -1
     top_class_share: float = 0.0  # the most frequent class's share of the labeled samples
+    masked_samples: int = 0  # indexed samples with a segmentation mask (seg.png)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def index_shard(job: _Job) -> AdoptedShard | str:
         members=found.members, indexed_members=found.indexed_members, folders=found.folders,
         rejected=found.rejected, ignored=found.ignored, problem=found.problem, decoded=job.decode,
         labeled_samples=len(labels), max_label=max(labels, default=-1),
-        top_class_share=top[0][1] / len(labels) if top else 0.0)
+        top_class_share=top[0][1] / len(labels) if top else 0.0, masked_samples=found.masked)
     if found.samples:
         record.index = index_name(job.split, job.name)
         storage.write_text(storage.join(job.out, record.index), found.index_text())
@@ -310,16 +311,22 @@ class AdoptionSource:
         self.classes = old_classes + [{"index": i} for i in range(len(old_classes), max_label + 1)]
         if labeled and (warning := _sorted_warning(split, shards, max_label + 1)):
             warnings.append(warning)
+        masked = sum(s.masked_samples for s in shards)
+        if 0 < masked < samples:
+            warnings.append(f"{split}: {samples - masked} of {samples} indexed samples have no seg.png, so the split "
+                            "has no masks: segmentation needs every sample's")
         counts = {"adopted_from": self.src, "found": found, "rejected": rejected, "members": members,
                   "ignored_members": sum(len(s.ignored) for s in shards),
                   "problem_tars": sum(bool(s.problem) for s in shards), "decoded": self.options.decode,
                   "ignored_files": dict(self.others)}
         entries = tuple(ShardEntry(self.prefix + s.name, s.index, s.samples, s.size, s.sha256)
                         for s in shards if s.samples)
-        return SplitEntry(samples, labeled, entries, counts), warnings
+        return SplitEntry(samples, labeled, entries, counts, masks=samples > 0 and masked == samples), warnings
 
     def manifest(self, entries: dict[str, SplitEntry]) -> Manifest:
-        return Manifest({**self.other_splits, **entries}, self.classes, base=self.base, tool_version=__version__)
+        mask_classes = self.previous.mask_classes if self.previous else []  # a tar does not say its mask classes
+        return Manifest({**self.other_splits, **entries}, self.classes, base=self.base, tool_version=__version__,
+                        mask_classes=mask_classes)
 
 
 def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResult:
@@ -336,6 +343,7 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
     classes = f"labeled, {len(manifest.classes)} classes" if entry.labeled else "unlabeled"
     ignored = f"; ignored files beside the tars: {info['ignored_files']}" if info["ignored_files"] else ""
     problems = f"; {info['problem_tars']} tar(s) cut or unreadable (see rejected.jsonl)" if info["problem_tars"] else ""
+    masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""
     return [f"{split}: {len(entry.shards)} shard(s) ({result.done_now} indexed now); samples found "
             f"{info['found']} = indexed {entry.samples} + rejected {info['rejected']}; members {info['members']} "
-            f"(ignored {info['ignored_members']}); {classes}{problems}{ignored}"]
+            f"(ignored {info['ignored_members']}); {classes}{masks}{problems}{ignored}"]

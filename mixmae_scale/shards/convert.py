@@ -16,7 +16,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mixmae_scale import __version__
@@ -24,11 +24,13 @@ from mixmae_scale.data import storage
 from mixmae_scale.data.manifest import Manifest, ShardEntry, SplitEntry
 from mixmae_scale.shards.builder import BuildResult, SplitOutcome, WorkList, build, reconcile, resume
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
+from mixmae_scale.shards.masks import MaskLayout, ade20k_layout, demo_layout
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 from mixmae_scale.shards.saved_plan import SourceChanges, resume_plan
 from mixmae_scale.shards.sources import (
     SourceError,
     SourceImage,
+    ade20k_split,
     folder_images,
     hold_out,
     ignored_note,
@@ -51,7 +53,7 @@ RUN_ONLY_OPTIONS = ("workers", "max_rejected", "staging")
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    layout: str  # imagenet | folder
+    layout: str  # imagenet | folder | ade20k
     splits: tuple[str, ...] = ("train", "val")
     seed: int = 0
     samples_per_shard: int | None = None
@@ -65,6 +67,7 @@ class ConvertOptions:
     max_rejected: float = DEFAULT_MAX_REJECTED
     staging: str | None = None  # local folder for shards on their way to an s3:// output
     val_fraction: float = 0.0  # folder layout: hold out this share of each class as the 'val' split
+    masks: bool = False  # found beside the images (shards/masks.py): each sample gets its `seg.png`
 
 
 def parse_size(text: str) -> int:
@@ -122,7 +125,8 @@ def _check_same_options(out: str, options: ConvertOptions) -> None:
 
 def _split_root(src: Path, split: str, options: ConvertOptions) -> Path:
     """The folder a split's relative file names start from (--val-fraction: both splits come from `src`)."""
-    return src if options.layout == "imagenet" or split == "train" or options.val_fraction else src / split
+    whole = options.layout in ("imagenet", "ade20k") or split == "train" or options.val_fraction
+    return src if whole else src / split
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,8 @@ def _discover(src: Path, split: str, options: ConvertOptions) -> Discovered:
     ignored: list[str] = []
     if options.layout == "imagenet":
         return Discovered(*imagenet_split(src, split, ignored), ignored)
+    if options.layout == "ade20k":
+        return Discovered(*ade20k_split(src, split, ignored), ignored)
     if options.val_fraction:  # both splits from the one folder, the same draw for each
         images, classes = folder_images(src, ignored)
         train, val = hold_out(images, options.val_fraction, options.seed)
@@ -207,12 +213,12 @@ class ConversionSource:
     unit = "files"
     classes_file = True  # a converted set always has classes.json, [] when unlabeled
 
-    def __init__(self, src: Path, out: str, options: ConvertOptions) -> None:
-        self.src, self.out, self.options = src, out, options
+    def __init__(self, src: Path, out: str, options: ConvertOptions, masks: MaskLayout | None = None) -> None:
+        self.src, self.out, self.options, self.masks = src, out, options, masks
         self.splits, self.max_rejected, self.workers = options.splits, options.max_rejected, options.workers
         self.staging = _staging(out, options)
         self.write_options = WriteOptions(options.quality, options.resize_shorter, options.strict,
-                                          options.max_pixels, options.oversize)
+                                          options.max_pixels, options.oversize, masks)
         self.discovered: dict[str, Discovered] = {}
         self.state: dict[str, _Split] = {}
 
@@ -277,13 +283,14 @@ class ConversionSource:
         }
         shards = tuple(ShardEntry(f"{r.name}.tar", f"{r.name}.idx", r.samples, r.bytes, r.sha256)
                        for r in ordered if r.samples)
-        return SplitEntry(sum(r.samples for r in ordered), labeled, shards, counts)
+        return SplitEntry(sum(r.samples for r in ordered), labeled, shards, counts, masks=self.masks is not None)
 
     def manifest(self, entries: dict[str, SplitEntry]) -> Manifest:
         classes = next((d.classes for d in self.discovered.values() if d.classes), [])
         names = read_class_names(self.src)
         listed = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})} for i, w in enumerate(classes)]
-        return Manifest(entries, listed, options=_written_options(self.options), tool_version=__version__)
+        return Manifest(entries, listed, options=_written_options(self.options), tool_version=__version__,
+                        mask_classes=list(self.masks.class_names) if self.masks else [])
 
 
 def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
@@ -294,7 +301,9 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
     if not src.is_dir():
         raise SourceError(f"--src {src}: not found (tried {src.absolute()})")
     _check_output(src, out)
-    source = ConversionSource(src, out, options)
+    masks = mask_layout(src, options.layout)
+    options = replace(options, masks=masks is not None)
+    source = ConversionSource(src, out, options, masks)
     if source.staging is None:
         Path(out).mkdir(parents=True, exist_ok=True)
     _check_same_options(out, options)
@@ -302,6 +311,13 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
     if source.staging is not None and source.staging.is_dir() and not any(source.staging.iterdir()):
         source.staging.rmdir()
     return result
+
+
+def mask_layout(src: Path, layout: str) -> MaskLayout | None:
+    """The masks beside the images: ADE20K's annotations/, the demo tree's masks/, or None."""
+    if layout == "ade20k":
+        return ade20k_layout(src)
+    return demo_layout(src) if layout == "imagenet" else None
 
 
 def _has_shards(out: str, split: str) -> bool:
@@ -323,6 +339,7 @@ def summary_lines(manifest: Manifest) -> list[str]:
         lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
                      f"{info['copied']} copied as they are, {sum(info['converted'].values())} converted"
                      + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)"
+                     + ("; with segmentation masks (seg.png)" if entry.masks else "")
                      + (f"; ignored {info['ignored_not_images']} not named like an image"
                         if info.get("ignored_not_images") else ""))
         if info.get("transient"):

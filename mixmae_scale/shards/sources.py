@@ -192,6 +192,9 @@ def folder_images(src: Path, ignored: list[str] | None = None) -> tuple[list[Sou
     ignored = [] if ignored is None else ignored
     if not src.is_dir():
         raise SourceError(f"{src}: not a folder")
+    if is_ade20k_tree(src):
+        raise SourceError(f"{src}: images/ and annotations/ are ADE20K's layout (images with their masks), not two "
+                          "classes: convert it with `mixmae shards ade20k`")
     classes = class_folders(src)
     loose = [p for p in src.iterdir() if not p.is_dir() and is_image_name(p.name)]
     if classes and not loose:
@@ -202,6 +205,29 @@ def folder_images(src: Path, ignored: list[str] | None = None) -> tuple[list[Sou
     if not images:
         raise SourceError(f"{src}: no images found" + (f" ({ignored_note(ignored)})" if ignored else ""))
     return images, []
+
+
+def ade20k_split(src: Path, split: str, ignored: list[str] | None = None) -> tuple[list[SourceImage], list[str]]:
+    """ADE20K's layout (`images/{training,validation}/*.jpg`, masks under `annotations/`): the split's images,
+    unlabeled (their labels are the masks, shards/masks.py), named relative to `src`."""
+    from mixmae_scale.shards.masks import ADE20K_SPLITS
+
+    ignored = [] if ignored is None else ignored
+    if split not in ADE20K_SPLITS:
+        raise SourceError(f"{src}: ADE20K's layout has the splits {', '.join(ADE20K_SPLITS)} "
+                          f"({', '.join(ADE20K_SPLITS.values())} on disk), not '{split}'")
+    folder, masks = src / "images" / ADE20K_SPLITS[split], src / "annotations" / ADE20K_SPLITS[split]
+    if not folder.is_dir() or not masks.is_dir():
+        raise SourceError(f"{src}: not ADE20K's layout: expected {folder} and {masks} (ADEChallengeData2016/ as "
+                          "downloaded)")
+    images = _list_images(folder, src, -1, None, ignored)
+    if not images:
+        raise SourceError(f"{folder}: no images found")
+    return images, []
+
+
+def is_ade20k_tree(src: Path) -> bool:
+    return (src / "images").is_dir() and (src / "annotations").is_dir()
 
 
 def hold_out(images: list[SourceImage], fraction: float, seed: int) -> tuple[list[SourceImage], list[SourceImage]]:

@@ -33,6 +33,7 @@ from mixmae_scale.shards.jpeg_check import BOMB_PIXELS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
+MASK_EXTENSION = "seg.png"  # a segmentation mask (shards/masks.py): not an image member, so one per sample is fine
 INDEX_VERSION = "v1.2"
 _BLOCK = 512
 _UNINDEXABLE = re.compile(r"[\s\ud800-\udfff]")
@@ -80,6 +81,7 @@ class TarIndex:
     keys: list[str] = field(default_factory=list)
     labels: list[int | None] = field(default_factory=list)  # each indexed sample's cls, None without one
     images: list[str] = field(default_factory=list)  # each indexed sample's "FORMAT MODE" ('' without decode)
+    masked: int = 0  # indexed samples with a segmentation mask member (seg.png)
     rejected: list[dict] = field(default_factory=list)  # {"key", "reason", "members"}
     ignored: list[dict] = field(default_factory=list)  # {"member", "reason"}: entries that are no sample's
     members: int = 0  # every entry but folders
@@ -288,5 +290,6 @@ def _finish(samples: list[_Sample], result: TarIndex) -> None:
         result.keys.append(sample.key)
         result.labels.append(sample.label)
         result.images.append(sample.image)
+        result.masked += any(m.ext.lower() == MASK_EXTENSION for m in sample.members)
         result.indexed_members += len(sample.members)
     result.check()

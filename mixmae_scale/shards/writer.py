@@ -12,15 +12,19 @@ writes that shard again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from mixmae_scale.data import storage
 from mixmae_scale.shards.builder import read_records, write_record
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize, prepare_image
+from mixmae_scale.shards.masks import MASK_MEMBER, MaskLayout, prepare_mask
 from mixmae_scale.shards.sources import SourceImage
 from mixmae_scale.shards.transient import is_transient, retrying
 
@@ -48,6 +52,7 @@ class WriteOptions:
     strict: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     oversize: Oversize = "downscale"
+    masks: MaskLayout | None = None  # each image's segmentation mask goes into its sample as `seg.png`
 
 
 @dataclass
@@ -229,7 +234,21 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
         record.converted[kind] = record.converted.get(kind, 0) + 1
     meta = {"source": image.rel, "wnid": image.wnid, "label": image.label, "width": prepared.width,
             "height": prepared.height, "action": prepared.action}
-    return {"jpg": prepared.data, "cls": str(image.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+    sample = {"jpg": prepared.data, "cls": str(image.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+    if options.masks is not None:
+        mask, reason = prepare_mask(options.masks.path(image.rel), options.masks, _source_size(data),
+                                    (prepared.width, prepared.height))
+        if mask is None:
+            _reject(record, image, reason, options)
+            return None
+        sample[MASK_MEMBER] = mask
+    return sample
+
+
+def _source_size(data: bytes) -> tuple[int, int]:
+    """The source image's (width, height), from its header: what its mask must measure."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.size
 
 
 def _reject(record: ShardRecord, image: SourceImage, reason: str, options: WriteOptions,
