@@ -64,6 +64,8 @@ def param_groups(model: SegmentationModel, base_lr: float, weight_decay: float, 
     """The encoder's layer-decayed groups, then the head's two (with and without weight decay) at `base_lr`."""
     groups = param_groups_layer_decay(model.backbone, model.backbone.depths, base_lr, weight_decay, layer_decay,
                                       exempt_tables)
+    for group in groups:  # named as in the whole model, as the head's are
+        group["names"] = [f"backbone.{name}" for name in group["names"]]
     head: dict[bool, dict] = {}
     head_id = sum(model.backbone.depths) + 1  # past the last block's id: the head is not decayed
     for name, param in model.decode_head.named_parameters():
