@@ -115,6 +115,11 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from mixmae_scale.segment.build import is_segmenter_file
+
+    if is_segmenter_file(args.init):
+        return _eval_segmenter(args)
+
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
         from mixmae_scale.finetune.evaluate import evaluate_classifier, load_classifier
@@ -128,6 +133,25 @@ def _eval(args: argparse.Namespace) -> int:
         elif rank == 0:
             print(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on the {result['samples']} images of "
                   f"split '{args.split}' of {args.data} ({args.init})")
+        return 0
+
+    return _as_rank_process(args, evaluate_rank)
+
+
+def _eval_segmenter(args: argparse.Namespace) -> int:
+    def evaluate_rank(rank: int, local_rank: int) -> int:
+        from mixmae_scale.engine import distributed
+        from mixmae_scale.finetune.evaluate import require_folder
+        from mixmae_scale.segment.build import load_segmenter
+        from mixmae_scale.segment.evaluate import evaluate_segmenter, segmentation_line
+
+        require_folder(args.data, "--data")
+        model, settings = load_segmenter(args.init)  # mistakes found before the group
+        _, world, device = distributed.init(local_rank)
+        result = evaluate_segmenter(model, settings, args.init, args.data, args.split, rank, world, device,
+                                    args.loader, args.batch, args.threads)
+        if rank == 0:
+            print(json.dumps(result, indent=2) if args.json else segmentation_line(result))
         return 0
 
     return _as_rank_process(args, evaluate_rank)
@@ -149,10 +173,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             command.add_argument("--init", help="the encoder to start from: a pretraining run folder, an exported "
                                  ".safetensors, an official MixMIM .pth, or 'random' (sets segment.init)")
         command.set_defaults(handler=handler)
-    evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
+    evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards, or the mIoU "
+                                "of a segmentation model on shards with masks")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
-                            "an official fine-tuned .pth")
-    evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels")
+                            "an official fine-tuned .pth; or a segmentation export (RUN/segmenter.safetensors)")
+    evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels (or "
+                            "masks, for a segmentation model)")
     evaluation.add_argument("--split", default="val", help="split of the shard folder to evaluate")
     evaluation.add_argument("--img-size", type=int, help="evaluation resolution (default: the weights' own)")
     evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali",

@@ -96,3 +96,31 @@ def describe(model: SegmentationModel, config: Config) -> str:
             f" UperNet head of {config.segment.head_channels} channels, {model.num_classes} classes; "
             f"{params:.2f}M parameters ({head:.2f}M in the head)")
 
+
+
+def is_segmenter_file(source: str | Path) -> bool:
+    """A `mixmae export` of a segmentation run (its metadata says so), not an encoder or a classifier."""
+    from mixmae_scale.models.convert_official import read_metadata
+
+    path = Path(source)
+    return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("kind") == "segment"
+
+
+def load_segmenter(source: str | Path, option: str = "--init") -> tuple[SegmentationModel, dict]:
+    """The segmentation model of a `mixmae export` of a segmentation run, and its settings (classes, ignore index,
+    crop size), for evaluation."""
+    from mixmae_scale.models.convert_official import load_weights
+
+    path = Path(source)
+    if not is_segmenter_file(path):
+        raise WeightsError(f"{option} {source}: not a segmentation model; export a `mixmae segment` run with "
+                           f"`mixmae export RUN` (it writes RUN/segmenter.safetensors) and evaluate that")
+    state, arch = load_weights(path)
+    settings = arch["segment"]
+    backbone = backbone_from_weights({k.removeprefix("backbone."): v for k, v in state.items()
+                                      if k.startswith("backbone.")})
+    head = UperHead(backbone.out_channels, settings["head_channels"], settings["num_classes"],
+                    settings["pool_scales"])
+    head.load_state_dict({k.removeprefix("decode_head."): v for k, v in state.items()
+                          if k.startswith("decode_head.")})
+    return SegmentationModel(backbone, head), settings

@@ -71,3 +71,29 @@ def evaluate_segmentation(model: Any, batches: Iterable, device: torch.device, d
     mean, per_class = miou(confusion)
     return {"samples": samples, "miou": mean, "pixel_accuracy": pixel_accuracy(confusion),
             "loss": float(sums[1] / sums[2].clamp(min=1)), "per_class_iou": per_class}
+
+
+def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shards: str, split: str, rank: int,
+                       world: int, device: torch.device, backend: str = "dali", batch: int = 16,
+                       threads: int = 2) -> dict[str, Any]:
+    """`mixmae eval` of a segmentation export (segment/build.py's `load_segmenter`): the evaluation view of the
+    split's images and masks at the crop size it was trained with, this rank's share."""
+    from mixmae_scale.data.loader import ShardLoader, choose_decode_device
+    from mixmae_scale.data.loaders import LoaderPlace, eval_spec
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.finetune.evaluate import eval_batch_size
+
+    expected = load_split(shards, split).samples
+    batch = eval_batch_size(batch, expected, world)
+    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0))
+    spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
+    loader = ShardLoader(shards, split, spec, backend, threads)
+    scores = evaluate_segmentation(model.to(device), loader.eval_batches(), device, "fp32", settings["num_classes"],
+                                   settings["ignore_index"], expected)
+    return {"weights": str(source), "data": str(shards), "split": split, "batch": batch, **scores}
+
+
+def segmentation_line(result: dict[str, Any]) -> str:
+    """What `mixmae eval` says of a segmentation model."""
+    return (f"mIoU {result['miou']:.1f}% on the {result['samples']} images of split '{result['split']}' of "
+            f"{result['data']} ({result['weights']})")
