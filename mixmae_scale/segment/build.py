@@ -103,7 +103,12 @@ def is_segmenter_file(source: str | Path) -> bool:
     from mixmae_scale.models.convert_official import read_metadata
 
     path = Path(source)
-    return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("kind") == "segment"
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    try:
+        return read_metadata(path).get("kind") == "segment"
+    except WeightsError:  # not readable: the classifier's loader says so, with the option's name
+        return False
 
 
 def load_segmenter(source: str | Path, option: str = "--init") -> tuple[SegmentationModel, dict]:

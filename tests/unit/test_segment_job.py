@@ -167,3 +167,25 @@ def test_training_flops_grow_with_the_crop_area():
 def test_the_run_ends_with_the_last_and_best_miou():
     summary = {"steps": 162, "last": {"miou": 41.234}, "best": {"miou": 43.5, "step": 100}}
     assert segment_message(summary) == "segmentation fine-tuned 162 steps: mIoU 41.23% (best 43.50% at step 100)"
+
+
+def test_a_segmentation_export_rebuilds_the_same_model_and_an_encoder_file_is_refused(tmp_path):
+    from mixmae_scale.segment.build import is_segmenter_file, load_segmenter
+
+    config = seg_config("segment.head_channels=32")
+    model = build_model(config).eval()
+    state = model.state_dict()
+    encoder = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.encoder.")}
+    settings = {"num_classes": 11, "ignore_index": IGNORE, "crop_size": 96, "head_channels": 32,
+                "pool_scales": [1, 2, 3]}
+    save_weights(tmp_path / "segmenter.safetensors", state, {**infer_architecture(encoder), "segment": settings},
+                 "segment")
+    loaded, read = load_segmenter(tmp_path / "segmenter.safetensors")
+    assert read == settings
+    images = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), model(images))
+    save_weights(tmp_path / "encoder.safetensors", encoder, infer_architecture(encoder), "encoder")
+    assert not is_segmenter_file(tmp_path / "encoder.safetensors")
+    with pytest.raises(WeightsError, match="not a segmentation model"):
+        load_segmenter(tmp_path / "encoder.safetensors")
