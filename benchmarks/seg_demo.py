@@ -73,8 +73,8 @@ def main() -> None:
             run = args.work / f"{name}-seed{seed}"
             record[name] = run_record(run, segment(run, init, args.demo, seed, env))
         runs.append(record)
-        print(f"seed {seed}: pretrained mIoU {record['pretrained']['miou']:.1f}%, random {record['random']['miou']:.1f}%"
-              f" (margin {record['pretrained']['miou'] - record['random']['miou']:+.1f} points)")
+        pre, rnd = record["pretrained"]["miou"], record["random"]["miou"]
+        print(f"seed {seed}: pretrained mIoU {pre:.1f}%, random {rnd:.1f}% (margin {pre - rnd:+.1f} points)")
     summary = margins(runs)
     print(f"margin over seeds {args.seeds}: {summary['min_margin']:+.1f} to {max(summary['margin_per_seed']):+.1f} "
           f"points; worst pretrained - best random {summary['worst_pretrained_minus_best_random']:+.1f}")
