@@ -19,6 +19,9 @@ def _export(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     import dataclasses
 
+    if args.dense:
+        return _dense_probe(args)
+
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.finetune.evaluate import require_folder
     from mixmae_scale.finetune.pretrained import load_encoder
@@ -55,6 +58,53 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_classes(args: argparse.Namespace) -> int:
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.data.manifest import load_split
+
+    split = load_split(args.data, "train")
+    if not split.masks:
+        raise DataError(f"--data {args.data}: its train split has no segmentation masks, which --dense reads; make "
+                        "shards with masks (`mixmae shards demo`, `mixmae shards ade20k`)")
+    if args.mask_classes:
+        return args.mask_classes
+    if not split.mask_classes:
+        raise DataError(f"--data {args.data}: the manifest does not say how many classes the masks label (adopted "
+                        "tars do not); pass --mask-classes N")
+    return split.mask_classes
+
+
+def _dense_probe(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mixmae_scale.finetune.dense_probe import compare_with_random_init, dense_probe
+    from mixmae_scale.finetune.evaluate import require_folder
+    from mixmae_scale.finetune.pretrained import load_encoder
+
+    require_folder(args.data, "--data")
+    state, arch = load_encoder(args.init, "--init")
+    classes = _mask_classes(args)
+    if not args.baseline:
+        result = dataclasses.asdict(dense_probe(state, arch, args.data, classes, args.loader, args.batch, args.threads,
+                                              args.seed))
+        report = {"pretrained": result, "not_meaningful": result["not_meaningful"]}
+        print(f"dense probe of {args.init}: mIoU {result['miou']:.1f}%, pixel accuracy {result['pixel_accuracy']:.1f}% "
+              f"on {result['val_samples']} validation images ({classes} mask classes, {result['seconds']:.0f} s)"
+              + (f"; not meaningful: {result['not_meaningful']}" if result["not_meaningful"] else ""))
+    else:
+        report = compare_with_random_init(state, arch, args.data, classes, args.baseline_seeds, args.loader,
+                                          args.batch, args.threads, args.seed)
+        seconds = report["pretrained"]["seconds"] + sum(b["seconds"] for b in report["random_init"])
+        print(f"dense probe of {args.init} against {args.baseline_seeds} random encoders ({classes} mask classes, "
+              f"{report['pretrained']['val_samples']} validation images, {seconds:.0f} s)"
+              + (f"; not meaningful: {report['not_meaningful']}" if report["not_meaningful"] else ""))
+        for measure, name in (("miou", "mIoU"), ("pixel_accuracy", "pixel accuracy")):
+            print(f"{name}: {probe_line(report[measure])}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 def probe_line(readout: dict) -> str:
     """One probe's result as one line: the pretrained top-1 against the random encoders' mean and spread."""
     spread = readout["random_init"]
@@ -80,7 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--json", action="store_true", help="also print the full report as JSON")
     export.set_defaults(handler=_export)
 
-    probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1)")
+    probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1); --dense: per-pixel "
+                           "read-out of its feature maps on shards with segmentation masks (mIoU)")
     probe.add_argument("--init", required=True, help="exported .safetensors, a run folder or an official .pth")
     probe.add_argument("--data", required=True, help="shard folder with train and val splits")
     probe.add_argument("--baseline", action="store_true",
@@ -92,4 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--threads", type=int, default=2, help="decoding threads")
     probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
     probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
+    probe.add_argument("--dense", action="store_true",
+                       help="per-pixel linear read-out of the frozen feature maps (strides 4-32) on the masks "
+                       "(seg.png), scored by mIoU on the validation split")
+    probe.add_argument("--mask-classes", type=int, default=0,
+                       help="with --dense: how many classes the masks label (default: the manifest's mask_classes)")
     probe.set_defaults(handler=_probe)

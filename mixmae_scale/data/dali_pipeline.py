@@ -6,6 +6,9 @@ DALI does the heavy part: decoding only the crop window (`decoders.image_slice`,
 normalising. Windows are fractions of the image, so a decoder that applies EXIF orientation still crops
 inside the image. JPEG, PNG and WebP members all decode here (shards adopted from other tools).
 
+Segmentation masks (`PipelineSpec.with_masks`) take the same crop window, resize and flip as their images, or
+the same evaluation view, with nearest-neighbour sampling.
+
 Only fine-tuning's RandAugment draws from DALI's own generators; those pipelines are built with
 checkpointing on so that a resume on the same ranks restores them exactly.
 """
@@ -42,11 +45,30 @@ def batch_arrays(batch: RawBatch, spec: PipelineSpec) -> tuple[list[np.ndarray],
         columns.append([np.array(s.crop[:2], dtype=np.float32) for s in samples])
         columns.append([np.array(s.crop[2:], dtype=np.float32) for s in samples])
         columns.append([np.array(int(s.flip), dtype=np.int32) for s in samples])
+    if spec.with_masks:
+        columns.append([np.frombuffer(s.mask, dtype=np.uint8) for s in samples])
     if spec.with_labels:
         columns.append([np.array(s.label, dtype=np.int64) for s in samples])
     if spec.with_meta:
         columns.append([np.frombuffer(s.meta or b"{}", dtype=np.uint8) for s in samples])
     return tuple(columns)
+
+
+def _training_masks(encoded, anchor, shape, flip, size: int):
+    """The masks through the images' crop window, resize and flip, nearest-neighbour (no invented labels). Masks
+    decode on the CPU (8-bit PNG, `GRAY` keeps the stored class indices): they are small, and the images' GPU
+    decoder would gain nothing on them."""
+    masks = fn.decoders.image_slice(encoded, anchor, shape, device="cpu", output_type=types.GRAY)
+    masks = fn.resize(masks, size=[size, size], interp_type=types.INTERP_NN, antialias=False)
+    return fn.flip(masks, horizontal=flip)
+
+
+def _eval_masks(encoded, size: int):
+    """The masks through the evaluation view: shorter side resized, centre crop, as the images."""
+    masks = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY)
+    masks = fn.resize(masks, resize_shorter=round(size / EVAL_CROP_FRACTION), interp_type=types.INTERP_NN,
+                      antialias=False)
+    return fn.crop(masks, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
 
 
 def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], checkpoint: bytes | None = None) -> Pipeline:
@@ -57,7 +79,7 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
     std = [255 * s for s in IMAGENET_STD]
     out_dtype = types.FLOAT16 if spec.output_dtype == "float16" else types.FLOAT
     train = spec.mode != "eval"
-    outputs = 1 + (3 if train else 0) + int(spec.with_labels) + int(spec.with_meta)
+    outputs = 1 + (3 if train else 0) + int(spec.with_masks) + int(spec.with_labels) + int(spec.with_meta)
 
     def source():
         return batch_arrays(next_batch(), spec)
@@ -68,8 +90,11 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
         columns = list(fn.external_source(source=source, num_outputs=outputs, batch=True))
         encoded = columns.pop(0)
         device = _decode_device(spec)
+        masks = None
         if train:
             anchor, shape, flip = columns.pop(0), columns.pop(0), columns.pop(0)
+            if spec.with_masks:
+                masks = _training_masks(columns.pop(0), anchor, shape, flip, size)
             images = fn.decoders.image_slice(encoded, anchor, shape, device=device, output_type=types.RGB,
                                              **_gpu_decoder_args(spec))
             interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
@@ -84,12 +109,14 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=mean, std=std,
                                               mirror=flip)
         else:
+            if spec.with_masks:
+                masks = _eval_masks(columns.pop(0), size)
             images = fn.decoders.image(encoded, device=device, output_type=types.RGB, **_gpu_decoder_args(spec))
             images = fn.resize(images, resize_shorter=round(size / EVAL_CROP_FRACTION),
                                interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", crop=(size, size),
                                               crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)
-        return tuple([images] + columns)
+        return tuple([images] + ([masks] if masks is not None else []) + columns)
 
     pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
                  seed=spec.seed, prefetch_queue_depth=2, checkpoint=checkpoint)

@@ -38,6 +38,9 @@ class Batch:
     images: torch.Tensor  # (B, 3, S, S) normalised, float32 or float16 (PipelineSpec.output_dtype)
     labels: torch.Tensor | None  # (B,) int64; -1 for unlabeled data; None where the spec asks for no labels
     meta: list[dict] | None = None
+    # (B, S, S) int64 class indices, MASK_IGNORE (255) where a pixel has no label; on the images' device. None
+    # unless the spec asks for masks (PipelineSpec.with_masks).
+    masks: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ class ShardLoader:
         if backend not in ("dali", "torch"):
             raise DataError(f"data.loader must be 'dali' or 'torch', got {backend!r}")
         self.mixture = as_mixture(shards, split)
+        if spec.with_masks:
+            require_masks(self.mixture, split)
         self._digest = mixture_digest(self.mixture)
         self.spec, self.backend, self.workers = spec, backend, workers
         self.window = max(spec.shuffle_buffer, 1)
@@ -214,7 +219,8 @@ class ShardLoader:
 
     def _training_batches(self) -> Iterator[Batch]:
         self._stream = RankStream(self.mixture, self.spec.shard_id, self.layout, self.batch_in_epoch,
-                                  self.spec.order_seed, self.window, self._augment, self.spec.with_meta)
+                                  self.spec.order_seed, self.window, self._augment, self.spec.with_meta,
+                                  with_masks=self.spec.with_masks)
         if self.backend == "torch":
             from mixmae_scale.data.torch_pipeline import TorchDecoder
 
@@ -238,15 +244,19 @@ class ShardLoader:
         else:
             tensor = torch.from_numpy(np.array(outputs[0].as_tensor()))
         rest = list(outputs[1:])
+        masks = None
+        if self.spec.with_masks:  # decoded on the CPU (H, W, 1): moved to the images' device
+            masks = torch.from_numpy(np.array(rest.pop(0).as_tensor())[..., 0].astype(np.int64)).to(tensor.device)
         labels = torch.from_numpy(np.array(rest.pop(0).as_tensor())).long().reshape(-1) if self.spec.with_labels \
             else None
         meta = [_json(np.array(t)) for t in rest.pop(0)] if self.spec.with_meta else None
-        return Batch(tensor, labels, meta)
+        return Batch(tensor, labels, meta, masks)
 
-    def _torch_batch(self, images: torch.Tensor, labels: torch.Tensor, meta: list[dict]) -> Batch:
+    def _torch_batch(self, images: torch.Tensor, labels: torch.Tensor, meta: list[dict],
+                     masks: torch.Tensor | None) -> Batch:
         """The PyTorch loader's batch as the spec asks (DALI's pipeline does this in its graph)."""
         return Batch(images.to(getattr(torch, self.spec.output_dtype)), labels if self.spec.with_labels else None,
-                     meta if self.spec.with_meta else None)
+                     meta if self.spec.with_meta else None, masks if self.spec.with_masks else None)
 
     def __iter__(self) -> Iterator[Batch]:
         """One epoch: the remaining batches of the current epoch's layout, then the next epoch begins."""
@@ -309,16 +319,25 @@ class ShardLoader:
 
     def _padded_eval_batches(self, mine: int, total: int) -> Iterator[RawBatch]:
         spec = self.spec
-        stream = ordered_samples(self.mixture, spec.shard_id, spec.num_shards, spec.with_meta)
+        stream = ordered_samples(self.mixture, spec.shard_id, spec.num_shards, spec.with_meta, spec.with_masks)
         filler = None
         if mine == 0:  # more ranks than samples: this rank only keeps the others company
-            filler = next(ordered_samples(self.mixture, 0, 1, spec.with_meta))
+            filler = next(ordered_samples(self.mixture, 0, 1, spec.with_meta, spec.with_masks))
         for number in range(total):
             batch = [s for _, s in zip(range(spec.batch_size), stream, strict=False)]
             real = len(batch)
             filler = filler or (batch[-1] if batch else None)
             batch += [filler] * (spec.batch_size - real)
             yield RawBatch(batch, 0, number, real)
+
+
+def require_masks(mixture: ShardMixture, split: str) -> None:
+    """A loader asked for masks reads only splits whose every sample has one (the manifest says so)."""
+    missing = [entry.name or entry.shards.location for entry in mixture.sets if not entry.shards.masks]
+    if missing:
+        raise DataError(f"{missing[0]}: split '{split}' has no segmentation masks (its manifest does not say "
+                        "'masks'); make shards with masks with `mixmae shards demo` or `mixmae shards ade20k`, or "
+                        "adopt tars whose samples carry seg.png")
 
 
 def unreadable_sample_error(fed: deque[RawBatch], exc: Exception) -> DataError:

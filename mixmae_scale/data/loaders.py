@@ -15,8 +15,12 @@ from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.seeds import stream_seed
 
-Role = Literal["pretrain", "finetune", "val", "heldout"]
+Role = Literal["pretrain", "finetune", "val", "heldout", "segment", "segment_val"]
 FINETUNE_CROP_SCALE = (0.08, 1.0)  # the official fine-tuning recipe's random-resized-crop scale
+# Segmentation's random resized crop: a crop keeps at least a quarter of the image, so that most crops still hold
+# the objects' context (mmseg's ADE20K recipe rescales by 0.5-2x and crops; below a quarter a crop of a demo
+# picture is often all background or all texture).
+SEGMENT_CROP_SCALE = (0.25, 1.0)
 
 
 @dataclass(frozen=True)
@@ -39,31 +43,39 @@ def loader_dtype(engine_dtype: str) -> str:
 
 
 def eval_spec(img_size: int, batch: int, threads: int, place: LoaderPlace = LoaderPlace(), labels: bool = True,
-              output_dtype: str = "float32", seed: int = 0) -> PipelineSpec:
-    """The evaluation view (resize, centre crop), this place's share of the split."""
+              output_dtype: str = "float32", seed: int = 0, masks: bool = False) -> PipelineSpec:
+    """The evaluation view (resize, centre crop), this place's share of the split; `masks`: with each image's
+    segmentation mask through the same view."""
     return PipelineSpec(mode="eval", img_size=img_size, batch_size=batch, shard_id=place.rank,
                         num_shards=place.world, num_threads=threads, device_id=place.device_id, seed=seed,
-                        with_labels=labels, output_dtype=output_dtype)
+                        with_labels=labels, output_dtype=output_dtype, with_masks=masks)
 
 
 def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = LoaderPlace(),
              engine_dtype: str = "fp32") -> PipelineSpec:
     """The pipeline of one role of a run. Training roles read this rank's share with the run's augmentations;
     "heldout" reads the same images on every rank, decoded on the CPU, without labels (ZeRO-3 forwards are
-    collective, so every rank scores the same batches); "val" reads this rank's share of the validation split."""
+    collective, so every rank scores the same batches); "val" reads this rank's share of the validation split.
+    Segmentation: "segment" trains on images and masks (`Batch.masks`) with a random resized crop and flip and no
+    RandAugment (its geometric ops would move an image away from its mask); "segment_val" is the evaluation view
+    with masks."""
     data = config.data
     if role == "heldout":
         return eval_spec(config.model.img_size, batch, data.num_threads, labels=False,
                          output_dtype=loader_dtype(engine_dtype), seed=config.run.seed)
-    if role == "val":
-        return eval_spec(config.model.img_size, batch, data.num_threads, place)
-    common = dict(mode=role, img_size=config.model.img_size, batch_size=batch, shard_id=place.rank,
+    if role in ("val", "segment_val"):
+        return eval_spec(config.model.img_size, batch, data.num_threads, place, masks=role == "segment_val")
+    mode = "finetune" if role == "segment" else role  # training with a crop and flip, as fine-tuning
+    common = dict(mode=mode, img_size=config.model.img_size, batch_size=batch, shard_id=place.rank,
                   num_shards=place.world, seed=stream_seed(config.run.seed, place.rank) % 2**31,
                   num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
                   crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, interpolation=data.interpolation,
                   device_id=place.device_id, order_seed=config.run.seed)
     if role == "pretrain":
         return PipelineSpec(**common, crop_scale=tuple(data.crop_scale), with_labels=False,
+                            output_dtype=loader_dtype(engine_dtype))
+    if role == "segment":
+        return PipelineSpec(**common, crop_scale=SEGMENT_CROP_SCALE, with_masks=True,
                             output_dtype=loader_dtype(engine_dtype))
     ft = config.finetune
     return PipelineSpec(**common, crop_scale=FINETUNE_CROP_SCALE, rand_augment_std=ft.rand_augment_magnitude_std,

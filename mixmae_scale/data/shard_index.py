@@ -17,12 +17,14 @@ from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MASK_EXTENSION = "seg.png"  # the segmentation mask (shards/masks.py)
 
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """Per sample (arrays of one length): the image's data offset and size, the label member's (size 0: none)
-    and the metadata (`json`) member's; `keys` names each sample as the tar does."""
+    """Per sample (arrays of one length): the image's data offset and size, the label member's (size 0: none),
+    the metadata (`json`) member's and the segmentation mask's (`seg.png`); `keys` names each sample as the tar
+    does."""
 
     url: str
     keys: tuple[str, ...]
@@ -32,6 +34,8 @@ class ShardIndex:
     label_size: np.ndarray
     meta_offset: np.ndarray
     meta_size: np.ndarray
+    mask_offset: np.ndarray
+    mask_size: np.ndarray
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -40,7 +44,8 @@ class ShardIndex:
         """The byte range [start, end) of the tar that holds every member samples first..stop-1 need."""
         starts = [self.image_offset[first:stop]]
         ends = [self.image_offset[first:stop] + self.image_size[first:stop]]
-        for offset, size in ((self.label_offset, self.label_size), (self.meta_offset, self.meta_size)):
+        for offset, size in ((self.label_offset, self.label_size), (self.meta_offset, self.meta_size),
+                             (self.mask_offset, self.mask_size)):
             present = size[first:stop] > 0
             starts.append(offset[first:stop][present])
             ends.append((offset + size)[first:stop][present])
@@ -62,7 +67,7 @@ def parse_index(text: str, where: str) -> ShardIndex:
     if len(rows) != count:
         raise DataError(f"{where}: the header says {count} samples, the file lists {len(rows)}")
     keys: list[str] = []
-    columns = np.zeros((6, count), dtype=np.int64)
+    columns = np.zeros((8, count), dtype=np.int64)
     for number, line in enumerate(rows):
         fields = line.split()
         if not fields or len(fields) % 4:
@@ -73,7 +78,7 @@ def parse_index(text: str, where: str) -> ShardIndex:
                 raise DataError(f"{where}:{number + 2}: member name {name!r} is absolute or contains '..'; refusing a "
                                 "shard that could write outside its folder")
             ext = ext.lower()
-            slot = 0 if ext in IMAGE_EXTENSIONS else 2 if ext == "cls" else 4 if ext == "json" else None
+            slot = {"cls": 2, "json": 4, MASK_EXTENSION: 6}.get(ext, 0 if ext in IMAGE_EXTENSIONS else None)
             if slot is not None and columns[slot + 1, number] == 0:
                 columns[slot, number], columns[slot + 1, number] = int(offset), int(size)
             if key is None:

@@ -40,6 +40,7 @@ class RawSample:
     uid: tuple[int, int, int]  # (epoch, visit, index within the shard): what the sample's randomness is drawn from
     crop: tuple[float, float, float, float] | None = None
     flip: bool = False
+    mask: bytes | None = None  # the segmentation mask's PNG (`seg.png`), when the loader asks for masks
 
 
 @dataclass
@@ -78,8 +79,8 @@ class _ForwardReader:
 class SampleSource:
     """Samples by epoch position: which visit holds a position, that shard's index, its bytes."""
 
-    def __init__(self, mixture: ShardMixture, with_meta: bool = False) -> None:
-        self.mixture, self.with_meta = mixture, with_meta
+    def __init__(self, mixture: ShardMixture, with_meta: bool = False, with_masks: bool = False) -> None:
+        self.mixture, self.with_meta, self.with_masks = mixture, with_meta, with_masks
         self._indexes: OrderedDict[tuple[int, int], ShardIndex] = OrderedDict()
         self._open: dict[tuple[int, int], tuple[_ForwardReader, int, int]] = {}
         self._lock = threading.Lock()
@@ -156,6 +157,12 @@ class SampleSource:
                 members.append((int(index.label_offset[i]), int(index.label_size[i]), "label"))
             if self.with_meta and index.meta_size[i]:
                 members.append((int(index.meta_offset[i]), int(index.meta_size[i]), "meta"))
+            if self.with_masks:
+                if not index.mask_size[i]:
+                    raise DataError(f"{url}: sample {index.keys[i]} has no segmentation mask (seg.png); segmentation "
+                                    "reads shard sets whose manifest says masks (`mixmae shards demo`, `mixmae shards "
+                                    "ade20k`)")
+                members.append((int(index.mask_offset[i]), int(index.mask_size[i]), "mask"))
             data = {}
             try:
                 for offset, size, what in sorted(members):
@@ -171,7 +178,8 @@ class SampleSource:
                 except ValueError:
                     raise DataError(f"{url}: sample {index.keys[i]}: label {data['label'][:20]!r} is not an "
                                     "integer") from None
-            yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"), (epoch, visit, i))
+            yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"), (epoch, visit, i),
+                            mask=data.get("mask"))
         if stop < last:
             self._keep_open(visits, visit, reader, stop, end)
         else:
@@ -184,8 +192,9 @@ class RankStream:
     `augment(sample)` fills a sample's crop and flip and runs in the batching thread."""
 
     def __init__(self, mixture: ShardMixture, rank: int, layout: Layout, start_batch: int, seed: int, window: int,
-                 augment: Callable[[RawSample], None] | None, with_meta: bool = False, depth: int = 4) -> None:
-        self.source = SampleSource(mixture, with_meta)
+                 augment: Callable[[RawSample], None] | None, with_meta: bool = False, depth: int = 4,
+                 with_masks: bool = False) -> None:
+        self.source = SampleSource(mixture, with_meta, with_masks)
         self.mixture, self.rank, self.seed, self.window = mixture, rank, seed, max(int(window), 1)
         self.augment = augment
         self._windows: queue.Queue = queue.Queue(maxsize=1)
@@ -278,11 +287,12 @@ class RankStream:
         self._stop.set()  # the fetch thread closes its open byte ranges as it stops
 
 
-def ordered_samples(mixture: ShardMixture, rank: int, world: int, with_meta: bool = False) -> Iterator[RawSample]:
+def ordered_samples(mixture: ShardMixture, rank: int, world: int, with_meta: bool = False,
+                    with_masks: bool = False) -> Iterator[RawSample]:
     """Evaluation: this rank's contiguous share of the split in shard order (every sample once over the ranks)."""
     visits = mixture.in_order()
     samples = visits.samples
-    source = SampleSource(mixture, with_meta)
+    source = SampleSource(mixture, with_meta, with_masks)
     try:
         yield from source.read(visits, [(samples * rank // world, samples * (rank + 1) // world)])
     finally:

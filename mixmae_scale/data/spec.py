@@ -10,6 +10,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875  # resize 256, centre crop 224
 RAND_AUGMENT_LEVELS = 11  # timm's magnitude scale 0..10, as DALI magnitude bins
+MASK_IGNORE = 255  # a mask pixel without a label (shards/masks.py); `Batch.masks` holds class indices or this
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,16 @@ class PipelineSpec:
     device_id: int | None = None  # a GPU index: decode on it; None: CPU only
     with_meta: bool = False  # also return each sample's json (tests, visualisation)
     with_labels: bool = True  # pretraining reads no labels, so it neither outputs nor parses them
+    # Segmentation: also decode each sample's mask (`seg.png`) with the image's crop window and flip (training) or
+    # resize and centre crop (eval), nearest-neighbour so that no label is invented: `Batch.masks`.
+    with_masks: bool = False
     # float16 halves the batch the host hands the GPU and keeps normalised 8-bit pixels within 1e-3 (a pixel
     # step is 0.017 after normalisation), so the per-patch normalised target loses nothing; bfloat16 would
     # round them by up to half a step. Half-precision runs ask for it.
     output_dtype: Literal["float32", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.with_masks and self.mode != "eval" and self.rand_augment is not None:
+            raise ValueError("PipelineSpec: with_masks and rand_augment together would move the image away from its "
+                             "mask (RandAugment's rotations, shears and translations); segmentation trains with the "
+                             "crop and flip alone")

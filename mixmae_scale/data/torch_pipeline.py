@@ -36,26 +36,28 @@ class DaliStyleResizeCrop:
     DALI and the two loaders give the same evaluation tensors.
     """
 
-    def __init__(self, shorter: int, crop: int) -> None:
-        self.shorter, self.crop = shorter, crop
+    def __init__(self, shorter: int, crop: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC) -> None:
+        self.shorter, self.crop, self.interpolation = shorter, crop, interpolation
 
     def __call__(self, image: Image.Image) -> Image.Image:
         w, h = image.size
         scale = self.shorter / min(w, h)
         size = (math.floor(h * scale + 0.5), math.floor(w * scale + 0.5))
-        image = F.resize(image, list(size), InterpolationMode.BICUBIC, antialias=True)
+        image = F.resize(image, list(size), self.interpolation, antialias=True)
         top = math.floor((size[0] - self.crop) / 2 + 0.5)
         left = math.floor((size[1] - self.crop) / 2 + 0.5)
         return F.crop(image, top, left, self.crop, self.crop)
 
 
 class TorchDecoder:
-    """One batch of raw samples -> (images, labels, meta) tensors for a spec."""
+    """One batch of raw samples -> (images, labels, meta, masks or None) tensors for a spec."""
 
     def __init__(self, spec: PipelineSpec, threads: int) -> None:
         self.spec = spec
         self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         self.eval_view = DaliStyleResizeCrop(round(spec.img_size / EVAL_CROP_FRACTION), spec.img_size)
+        self.mask_eval_view = DaliStyleResizeCrop(round(spec.img_size / EVAL_CROP_FRACTION), spec.img_size,
+                                                  InterpolationMode.NEAREST)
         bicubic = spec.interpolation == "bicubic"
         self.interpolation = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
         self.rand_augment = None
@@ -73,11 +75,27 @@ class TorchDecoder:
                  "interpolation": Image.BICUBIC, "magnitude_max": RAND_AUGMENT_LEVELS - 1 - 1e-3})
         self.pool = ThreadPoolExecutor(max(threads, 1)) if self.rand_augment is None else None
 
-    def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, list[dict], torch.Tensor | None]:
         samples = batch.samples
         images = list(self.pool.map(self.decode, samples)) if self.pool else [self.decode(s) for s in samples]
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-        return torch.stack(images), labels, [_meta(s) for s in samples]
+        mapping = self.pool.map if self.pool else map
+        masks = torch.stack(list(mapping(self.decode_mask, samples))) if self.spec.with_masks else None
+        return torch.stack(images), labels, [_meta(s) for s in samples], masks
+
+    def decode_mask(self, sample: RawSample) -> torch.Tensor:
+        """The mask through the image's crop window, resize and flip (or evaluation view), nearest-neighbour."""
+        try:
+            with Image.open(io.BytesIO(sample.mask)) as opened:
+                mask = opened.convert("L") if opened.mode not in ("L", "P") else opened.copy()
+        except (OSError, SyntaxError, ValueError, TypeError) as exc:
+            raise DataError(f"{sample.key}: the segmentation mask (seg.png) could not be decoded ({exc})") from exc
+        if self.spec.mode == "eval":
+            mask = self.mask_eval_view(mask)
+        else:
+            mask = _resize(mask.crop(_window(sample, mask.size)), self.spec.img_size, InterpolationMode.NEAREST)
+            mask = F.hflip(mask) if sample.flip else mask
+        return torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
 
     def decode(self, sample: RawSample) -> torch.Tensor:
         try:
@@ -89,15 +107,23 @@ class TorchDecoder:
                             "again to resume") from exc
         if self.spec.mode == "eval":
             return self.normalize(self.eval_view(image))
-        x0, y0, w, h = sample.crop
-        width, height = image.size
-        box = (round(x0 * width), round(y0 * height), round((x0 + w) * width), round((y0 + h) * height))
-        image = F.resize(image.crop(box), [self.spec.img_size, self.spec.img_size], self.interpolation, antialias=True)
+        image = _resize(image.crop(_window(sample, image.size)), self.spec.img_size, self.interpolation)
         if self.rand_augment is not None:
             image = _with_sample_generators(self.spec.order_seed, sample, lambda: self.rand_augment(image))
         if sample.flip:
             image = F.hflip(image)
         return self.normalize(image)
+
+
+def _window(sample: RawSample, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The sample's crop window in pixels of an image of `size`: the same box for the image and its mask."""
+    x0, y0, w, h = sample.crop
+    width, height = size
+    return round(x0 * width), round(y0 * height), round((x0 + w) * width), round((y0 + h) * height)
+
+
+def _resize(image: Image.Image, size: int, interpolation: InterpolationMode) -> Image.Image:
+    return F.resize(image, [size, size], interpolation, antialias=True)
 
 
 def _with_sample_generators(order_seed: int, sample: RawSample, work):

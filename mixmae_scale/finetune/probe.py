@@ -183,8 +183,14 @@ def margin_report(pretrained: ProbeResult, baselines: list[ProbeResult]) -> dict
     report: dict = {"pretrained": asdict(pretrained), "random_init": [asdict(b) for b in baselines],
                     "not_meaningful": pretrained.not_meaningful}
     for readout, key in (("linear", "top1"), ("knn", "knn_top1")):
-        spread = _spread([getattr(b, key) for b in baselines])
-        margin = getattr(pretrained, key) - spread["mean"]
-        report[readout] = {"pretrained": getattr(pretrained, key), "random_init": spread, "margin": margin,
-                           "margin_in_spread": margin / spread["std"] if spread["std"] > 0 else None}
+        report[readout] = readout_margin(getattr(pretrained, key), [getattr(b, key) for b in baselines])
     return report
+
+
+def readout_margin(pretrained: float, baselines: list[float]) -> dict:
+    """One read-out: the pretrained value, the random encoders' spread, the margin over their mean, and that
+    margin in units of their standard deviation (None with a single random encoder)."""
+    spread = _spread(baselines)
+    margin = pretrained - spread["mean"]
+    return {"pretrained": pretrained, "random_init": spread, "margin": margin,
+            "margin_in_spread": margin / spread["std"] if spread["std"] > 0 else None}

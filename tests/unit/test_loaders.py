@@ -45,3 +45,25 @@ def test_validation_is_the_evaluation_view_mixmae_eval_uses():
 
 def test_loader_dtype_is_float32_only_for_fp32_engines():
     assert [loader_dtype(d) for d in ("fp32", "bf16", "fp16")] == ["float32", "float16", "float16"]
+
+
+def test_segmentation_trains_on_masks_with_crop_and_flip_but_no_rand_augment_and_validates_on_the_eval_view():
+    from mixmae_scale.data.loaders import SEGMENT_CROP_SCALE
+
+    config = _config("finetune.rand_augment_ops=2")
+    train = spec_for(config, "segment", 8, PLACE)
+    assert (train.mode, train.with_masks, train.rand_augment, train.crop_scale) == ("finetune", True, None,
+                                                                                   SEGMENT_CROP_SCALE)
+    assert train.hflip == config.data.hflip and (train.shard_id, train.num_shards) == (1, 4)
+    val = spec_for(config, "segment_val", 5, PLACE)
+    assert val == eval_spec(config.model.img_size, 5, config.data.num_threads, PLACE, masks=True)
+    assert val.mode == "eval" and val.with_masks
+
+
+def test_a_spec_with_masks_and_rand_augment_is_refused():
+    import pytest
+
+    from mixmae_scale.data.spec import PipelineSpec
+
+    with pytest.raises(ValueError, match="move the image away from its mask"):
+        PipelineSpec(mode="finetune", img_size=32, batch_size=2, with_masks=True, rand_augment=(2, 9))
