@@ -1,4 +1,4 @@
-"""`mixmae pretrain|finetune|eval`: the commands that run under a launcher, one process per rank. The process
+"""`mixmae pretrain|finetune|segment|eval`: the commands that run under a launcher, one process per rank. The process
 around the work (environment, /dev/shm, shutdown, exit codes) is engine/runtime.py's; here are the arguments
 and what the user reads."""
 
@@ -41,10 +41,18 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
     from mixmae_scale.config import load_config
 
+    overrides = list(args.overrides) + ([f"segment.init={args.init}"] if getattr(args, "init", None) else [])
+
     def train_rank(rank: int, local_rank: int) -> int:
-        config, sources = load_config(args.profile, args.cluster, args.overrides)
+        config, sources = load_config(args.profile, args.cluster, overrides)
         run_dir = Path(args.run_dir or Path(config.run.output_dir) / config.run.name)
-        if kind == "pretrain":
+        if kind == "segment":
+            from mixmae_scale.segment.job import segment
+
+            summary = segment(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,
+                              overwrite=args.overwrite)
+            message = segment_message(summary)
+        elif kind == "pretrain":
             from mixmae_scale.pretrain.job import pretrain
             from mixmae_scale.visualize.snapshots import ReconstructionSnapshots
 
@@ -76,6 +84,13 @@ def finetune_message(summary: dict) -> str:
             f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
 
 
+def segment_message(summary: dict) -> str:
+    """The last line of a segmentation run: the last evaluation's mIoU and the best one's."""
+    last = summary["last"] or {"miou": float("nan")}
+    return (f"segmentation fine-tuned {summary['steps']} steps: mIoU {last['miou']:.2f}% "
+            f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')})")
+
+
 def pretrain_message(summary: dict) -> str:
     """The last line of a pretraining run; a held-out loss that was not measured says why, never a number."""
     start, end, steps = summary["heldout_loss_start"], summary["heldout_loss_end"], summary["steps"]
@@ -95,7 +110,16 @@ def _finetune(args: argparse.Namespace) -> int:
     return _train(args, "finetune")
 
 
+def _segment(args: argparse.Namespace) -> int:
+    return _train(args, "segment")
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from mixmae_scale.segment.build import is_segmenter_file
+
+    if is_segmenter_file(args.init):
+        return _eval_segmenter(args)
+
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
         from mixmae_scale.finetune.evaluate import evaluate_classifier, load_classifier
@@ -114,21 +138,47 @@ def _eval(args: argparse.Namespace) -> int:
     return _as_rank_process(args, evaluate_rank)
 
 
+def _eval_segmenter(args: argparse.Namespace) -> int:
+    def evaluate_rank(rank: int, local_rank: int) -> int:
+        from mixmae_scale.engine import distributed
+        from mixmae_scale.finetune.evaluate import require_folder
+        from mixmae_scale.segment.build import load_segmenter
+        from mixmae_scale.segment.evaluate import evaluate_segmenter, segmentation_line
+
+        require_folder(args.data, "--data")
+        model, settings = load_segmenter(args.init)  # mistakes found before the group
+        _, world, device = distributed.init(local_rank)
+        result = evaluate_segmenter(model, settings, args.init, args.data, args.split, rank, world, device,
+                                    args.loader, args.batch, args.threads)
+        if rank == 0:
+            print(json.dumps(result, indent=2) if args.json else segmentation_line(result))
+        return 0
+
+    return _as_rank_process(args, evaluate_rank)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     for name, text, handler in (
             ("pretrain", "MixMAE pretraining (start with the deepspeed launcher or torchrun)", _pretrain),
-            ("finetune", "fine-tune a pretrained encoder (deepspeed launcher or torchrun)", _finetune)):
+            ("finetune", "fine-tune a pretrained encoder (deepspeed launcher or torchrun)", _finetune),
+            ("segment", "semantic segmentation: an encoder under a UperNet head on image and mask shards (deepspeed "
+                        "launcher or torchrun)", _segment)):
         command = sub.add_parser(name, help=text)
         add_profile_args(command)
         command.add_argument("--run-dir", help="default: run.output_dir/run.name")
         command.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
         command.add_argument("--overwrite", action="store_true", help="start a new run even if the run folder holds "
                              "one: the earlier run is moved, whole, to RUN.old-N (nothing is deleted)")
+        if name == "segment":
+            command.add_argument("--init", help="the encoder to start from: a pretraining run folder, an exported "
+                                 ".safetensors, an official MixMIM .pth, or 'random' (sets segment.init)")
         command.set_defaults(handler=handler)
-    evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards")
+    evaluation = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on labeled shards, or the mIoU "
+                                "of a segmentation model on shards with masks")
     evaluation.add_argument("--init", required=True, help="fine-tuned .safetensors, a fine-tune run folder or "
-                            "an official fine-tuned .pth")
-    evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels")
+                            "an official fine-tuned .pth; or a segmentation export (RUN/segmenter.safetensors)")
+    evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels (or "
+                            "masks, for a segmentation model)")
     evaluation.add_argument("--split", default="val", help="split of the shard folder to evaluate")
     evaluation.add_argument("--img-size", type=int, help="evaluation resolution (default: the weights' own)")
     evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali",

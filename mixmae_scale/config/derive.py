@@ -141,6 +141,24 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
     _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
     _validate_wandb(config)
+    _validate_segment(config)
+
+
+def _validate_segment(config: Config) -> None:
+    """The segmentation keys, checked for every run (their defaults pass) so that a typo fails at start."""
+    seg = config.segment
+    _require(seg.num_classes >= 1, f"segment.num_classes must be >= 1, got {seg.num_classes}")
+    _require(not 0 <= seg.ignore_index < seg.num_classes,
+             f"segment.ignore_index={seg.ignore_index} is one of the {seg.num_classes} class labels; use a value "
+             "outside 0..num_classes-1 (255, the convention of ADE20K's and the demo's masks)")
+    _require(seg.crop_size >= 32 and seg.crop_size % 32 == 0,
+             f"segment.crop_size must be a positive multiple of 32 (the backbone's last stride), got {seg.crop_size}")
+    _require(seg.head_channels >= 32 and seg.head_channels % 32 == 0,
+             f"segment.head_channels must be a positive multiple of 32 (GroupNorm groups), got {seg.head_channels}")
+    _require(all(s >= 1 for s in seg.pool_scales), f"segment.pool_scales must be >= 1, got {seg.pool_scales}")
+    _require(0.0 <= seg.head_dropout < 1.0, f"segment.head_dropout must be in [0, 1), got {seg.head_dropout}")
+    _require(0.0 < seg.layer_decay <= 1.0, f"segment.layer_decay must be in (0, 1], got {seg.layer_decay}")
+    _require(seg.eval_every_steps >= 1, "segment.eval_every_steps must be >= 1")
 
 
 def _validate_wandb(config: Config) -> None:

@@ -197,6 +197,26 @@ class FinetuneConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Semantic-segmentation fine-tuning (`mixmae segment`): the dense backbone (models/backbone.py) under a UperNet
+    head (models/segmentation_head.py), trained on image and mask crops. The published ADE20K recipe by default
+    (launch/profiles/seg_ade20k.yaml)."""
+
+    # The encoder to start from: an exported .safetensors, a pretraining run folder or an official MixMIM .pth, or
+    # "random" for a randomly initialised encoder of model.* (the baseline). No default: a segmentation run from
+    # random weights is never an accident.
+    init: str | None = None
+    num_classes: int = 150  # ADE20K's; labels are 0..num_classes-1, ignore_index marks unlabeled pixels
+    ignore_index: int = 255
+    crop_size: int = 512  # training crops and evaluation size (height = width), a multiple of 32
+    head_channels: int = 512  # the UperNet head's width at every level (a multiple of 32: GroupNorm groups)
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])  # the pyramid pooling module's; [] drops it
+    head_dropout: float = 0.1
+    layer_decay: float = 0.9  # the encoder's layer-wise lr decay; the head learns at the full rate
+    eval_every_steps: int = 1000  # mIoU on data.val_split, and at the last step; the best keeps its checkpoint
+
+
+@dataclass
 class FaultConfig:
     """How a run reacts to trouble, and the switches that provoke it (for tests of that reaction)."""
 
@@ -254,6 +274,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Free-form keys merged last into the DeepSpeed config dict (e.g. zero_optimization.*):
     # DeepSpeed validates them itself when the engine starts.

@@ -58,15 +58,18 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
     collective, so every rank scores the same batches); "val" reads this rank's share of the validation split.
     Segmentation: "segment" trains on images and masks (`Batch.masks`) with a random resized crop and flip and no
     RandAugment (its geometric ops would move an image away from its mask); "segment_val" is the evaluation view
-    with masks."""
+    with masks. Both read at `segment.crop_size`, not at the encoder's pretraining size (`model.img_size`): a dense
+    backbone takes any multiple of 32 (ADE20K's 512 crops for an encoder pretrained at 224)."""
     data = config.data
     if role == "heldout":
         return eval_spec(config.model.img_size, batch, data.num_threads, labels=False,
                          output_dtype=loader_dtype(engine_dtype), seed=config.run.seed)
+    segmenting = role in ("segment", "segment_val")
+    size = config.segment.crop_size if segmenting else config.model.img_size
     if role in ("val", "segment_val"):
-        return eval_spec(config.model.img_size, batch, data.num_threads, place, masks=role == "segment_val")
+        return eval_spec(size, batch, data.num_threads, place, masks=segmenting)
     mode = "finetune" if role == "segment" else role  # training with a crop and flip, as fine-tuning
-    common = dict(mode=mode, img_size=config.model.img_size, batch_size=batch, shard_id=place.rank,
+    common = dict(mode=mode, img_size=size, batch_size=batch, shard_id=place.rank,
                   num_shards=place.world, seed=stream_seed(config.run.seed, place.rank) % 2**31,
                   num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
                   crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, interpolation=data.interpolation,

@@ -74,12 +74,15 @@ def step_of(tag: str) -> int | None:
 
 
 DEFAULT_NAMES = {"encoder": "encoder.safetensors", "pretrain": "encoder_decoder.safetensors",
-                 "finetune": "classifier.safetensors"}  # by kind; a --best export: classifier-best.safetensors
+                 "finetune": "classifier.safetensors", "segment": "segmenter.safetensors"}  # by kind
+SEGMENT_PREFIXES = ("backbone.", "decode_head.")  # a segmentation run's model (models/segmentation_head.py)
 
 
 def default_out(run_root: Path, kind: str, best: bool, fmt: str = "safetensors") -> Path:
-    """Where an export goes when no --out is given: the run folder, named by what the file holds."""
-    name = Path("classifier-best.safetensors" if best else DEFAULT_NAMES[kind])
+    """Where an export goes when no --out is given: the run folder, named by what the file holds (a --best export
+    of a classifier: classifier-best.safetensors, of a segmentation model: segmenter-best.safetensors)."""
+    best_name = "segmenter-best.safetensors" if kind == "segment" else "classifier-best.safetensors"
+    name = Path(best_name if best else DEFAULT_NAMES[kind])
     return run_root / (name.with_name(name.stem + "-official.pth") if fmt == "official" else name)
 
 
@@ -91,6 +94,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     folder, tag = find_checkpoint(run_dir, tag, best)
     run_root = folder.parent
     state = gather_weights(folder, tag)
+    if any(k.startswith("decode_head.") for k in state):
+        return _export_segmenter(state, run_root, folder, tag, out, best or folder.name == BEST, fmt)
     # A fine-tuning run's head always comes along: the file is then a complete classifier.
     keep = ("encoder.", "head.") + (("decoder.",) if with_decoder else ())
     weights = {k: v for k, v in state.items() if k.startswith(keep)}
@@ -111,7 +116,40 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
             "arch": arch}
 
 
-KIND_WORDS = {"encoder": "encoder", "pretrain": "encoder and decoder", "finetune": "classifier (encoder and head)"}
+def _export_segmenter(state: dict[str, torch.Tensor], run_root: Path, folder: Path, tag: str, out: str | Path | None,
+                      best: bool, fmt: str) -> dict[str, Any]:
+    """A segmentation run's model: the encoder's shape read off its weights, the head's settings and the crop
+    size from the run's config.yaml (pool scales are not in any tensor's shape), so `mixmae eval` rebuilds it."""
+    if fmt == "official":
+        raise ValueError(f"{run_root}: a segmentation run; the official layout holds encoders and classifiers only. "
+                         f"Export it as safetensors, or its encoder alone with `mixmae export {run_root}` after a "
+                         "pretraining run")
+    weights = {k: v for k, v in state.items() if k.startswith(SEGMENT_PREFIXES)}
+    arch = infer_architecture({k.removeprefix("backbone."): v for k, v in weights.items()
+                               if k.startswith("backbone.encoder.")})
+    arch["segment"] = _segment_settings(run_root)
+    out = Path(out) if out is not None else default_out(run_root, "segment", best)
+    step = step_of(tag)
+    save_weights(out, weights, arch, "segment", provenance={"run": run_root.name, "checkpoint": str(folder / tag),
+                                                             **({"step": str(step)} if step is not None else {})})
+    return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
+            "format": fmt, "kind": "segment", "tensors": len(weights),
+            "params": sum(v.numel() for v in weights.values()), "arch": arch}
+
+
+def _segment_settings(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path.absolute()}: not found; a segmentation export reads the head's settings "
+                                "from the run's config.yaml")
+    seg = yaml.safe_load(path.read_text())["segment"]
+    return {k: seg[k] for k in ("num_classes", "ignore_index", "crop_size", "head_channels", "pool_scales")}
+
+
+KIND_WORDS = {"encoder": "encoder", "pretrain": "encoder and decoder", "finetune": "classifier (encoder and head)",
+              "segment": "segmentation model (encoder and UperNet head)"}
 
 
 def export_line(result: dict[str, Any]) -> str:

@@ -171,9 +171,18 @@ def load_backbone(source: str | Path, drop_path: float = 0.0, checkpoint_blocks:
     if not path.exists():
         raise FileNotFoundError(f"{source}: not found (tried {path.absolute()})")
     state = _weights_from(path)
+    try:
+        return backbone_from_weights(state, drop_path, checkpoint_blocks)
+    except WeightsError as exc:
+        raise WeightsError(f"{path.absolute()}: {exc}") from exc
+
+
+def backbone_from_weights(state: dict[str, torch.Tensor], drop_path: float = 0.0,
+                          checkpoint_blocks: bool = False) -> SwinBackbone:
+    """A dense backbone in the shape of the `encoder.*` tensors of `state` (our key names), holding them."""
     encoder = {k: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
     if "encoder.patch_embed.proj.weight" not in encoder:
-        raise WeightsError(f"{path.absolute()}: holds no encoder weights (no encoder.patch_embed.proj.weight)")
+        raise WeightsError("holds no encoder weights (no encoder.patch_embed.proj.weight)")
     arch = infer_architecture(encoder)
     shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
                       tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])

@@ -50,13 +50,14 @@ def test_loader_dtype_is_float32_only_for_fp32_engines():
 def test_segmentation_trains_on_masks_with_crop_and_flip_but_no_rand_augment_and_validates_on_the_eval_view():
     from mixmae_scale.data.loaders import SEGMENT_CROP_SCALE
 
-    config = _config("finetune.rand_augment_ops=2")
+    config = _config("finetune.rand_augment_ops=2", "segment.crop_size=64")
     train = spec_for(config, "segment", 8, PLACE)
+    assert train.img_size == 64 != config.model.img_size  # segment.crop_size, not the pretraining size
     assert (train.mode, train.with_masks, train.rand_augment, train.crop_scale) == ("finetune", True, None,
                                                                                    SEGMENT_CROP_SCALE)
     assert train.hflip == config.data.hflip and (train.shard_id, train.num_shards) == (1, 4)
     val = spec_for(config, "segment_val", 5, PLACE)
-    assert val == eval_spec(config.model.img_size, 5, config.data.num_threads, PLACE, masks=True)
+    assert val == eval_spec(64, 5, config.data.num_threads, PLACE, masks=True)
     assert val.mode == "eval" and val.with_masks
 
 

@@ -1,0 +1,91 @@
+"""Segmentation fine-tuning on the demo's masks: from the demo's pretrained encoder against from a random init,
+over seeds (the seed draws the head's and the random encoder's weights and the crops' order).
+
+Runs `mixmae segment --profile seg_demo` through the deepspeed launcher in one CPU process per run (precision
+auto, OMP_NUM_THREADS=2), once with `--init ENCODER` and once with `--init random` per seed, reads each run's
+summary.json (the last evaluation's mIoU on the 1500 validation images, 11 classes: the background and the ten
+figures) and writes results/seg_demo_cpu_<dtype>.json. A run whose folder in --work already finished is read, not
+retrained, so the seeds can be run a few at a time.
+
+    python benchmarks/seg_demo.py --encoder runs/demo --demo demo_data --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BIN = Path(sys.executable).parent
+
+
+def segment(run: Path, init: str, demo: Path, seed: int, env: dict) -> float | None:
+    """Seconds the launch took, or None when the run had finished before (not retrained)."""
+    if (run / "summary.json").exists():
+        return None
+    start = time.perf_counter()
+    subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "1", "--module", "mixmae_scale.cli", "segment",
+                    "--profile", "seg_demo", "--init", init, "--run-dir", str(run), "--set",
+                    f"data.shards={demo / 'shards'}", f"run.seed={seed}"], check=True, env=env, capture_output=True)
+    return time.perf_counter() - start
+
+
+def run_record(run: Path, seconds: float | None) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    last = summary["last"]
+    return {"run": run.name, "dtype": summary["dtype"], "steps": summary["steps"], "miou": last["miou"],
+            "pixel_accuracy": last["pixel_accuracy"], "val_images": last["samples"],
+            "per_class_iou": last["per_class_iou"], "best_miou": summary["best"]["miou"],
+            "images_per_s": summary["images_per_s"], "launch_s": None if seconds is None else round(seconds)}
+
+
+def margins(runs: list[dict]) -> dict:
+    """Per seed pretrained - random (last mIoU), and the smallest margin against the random runs' spread."""
+    pre = [r["pretrained"]["miou"] for r in runs]
+    rnd = [r["random"]["miou"] for r in runs]
+    per_seed = [p - q for p, q in zip(pre, rnd, strict=True)]
+    spread = statistics.stdev(rnd) if len(rnd) > 1 else None
+    return {"pretrained_miou": pre, "random_miou": rnd, "margin_per_seed": per_seed, "min_margin": min(per_seed),
+            "margin_mean": statistics.mean(per_seed), "random_spread": spread,
+            "min_margin_in_random_spreads": min(per_seed) / spread if spread else None,
+            "worst_pretrained_minus_best_random": min(pre) - max(rnd)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", required=True, help="the pretrained demo encoder (a run folder or an export)")
+    parser.add_argument("--demo", type=Path, required=True, help="the demo folder (`mixmae shards demo --out`)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--work", type=Path, default=Path("runs/seg_demo_benchmark"))
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    runs = []
+    for seed in args.seeds:
+        record = {"seed": seed}
+        for name, init in (("pretrained", args.encoder), ("random", "random")):
+            run = args.work / f"{name}-seed{seed}"
+            record[name] = run_record(run, segment(run, init, args.demo, seed, env))
+        runs.append(record)
+        pre, rnd = record["pretrained"]["miou"], record["random"]["miou"]
+        print(f"seed {seed}: pretrained mIoU {pre:.1f}%, random {rnd:.1f}% (margin {pre - rnd:+.1f} points)")
+    summary = margins(runs)
+    print(f"margin over seeds {args.seeds}: {summary['min_margin']:+.1f} to {max(summary['margin_per_seed']):+.1f} "
+          f"points; worst pretrained - best random {summary['worst_pretrained_minus_best_random']:+.1f}")
+    dtype = runs[0]["pretrained"]["dtype"]
+    out = RESULTS / f"seg_demo_cpu_{dtype}.json"
+    out.write_text(json.dumps({"command": "python benchmarks/seg_demo.py " + " ".join(sys.argv[1:]),
+                               "profile": "seg_demo", "encoder": str(args.encoder), "machine": platform.processor()
+                               or platform.machine(), "cpus": os.cpu_count(), "runs": runs, "summary": summary},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Distributed mIoU: one confusion matrix per rank over its share of the split, summed over ranks and scored once.
+
+Per-batch or per-rank mIoUs do not average to the split's mIoU, so nothing is averaged: the counts are summed
+(finetune/segmentation_metrics.py) and the padding that gives every rank the same number of batches is left
+out before they are. The loss is the pixel-mean cross-entropy over labelled pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mixmae_scale.engine.distributed import autocast
+from mixmae_scale.finetune.segmentation_metrics import confusion_matrix, miou, pixel_accuracy
+
+
+def pixel_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-pixel cross-entropies, labelled pixels): a batch whose pixels are all unlabelled adds
+    nothing instead of a 0/0 that the loop would take for a diverged loss."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=ignore_index, reduction="sum")
+    return total, (masks != ignore_index).sum()
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels of a micro-batch (0 with a gradient when none is labelled)."""
+    total, labelled = pixel_loss(logits, masks, ignore_index)
+    return total / labelled.clamp(min=1)
+
+
+def _summed(tensor: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    reduced = tensor.to(on)
+    dist.all_reduce(reduced)
+    return reduced.cpu()
+
+
+def evaluate_segmentation(model: Any, batches: Iterable, device: torch.device, dtype: str, num_classes: int,
+                          ignore_index: int, expected_samples: int | None = None) -> dict[str, Any]:
+    """`model` maps images to `[B, K, H, W]` logits (a DeepSpeed engine or a plain module); `batches` yields
+    (batch with .images and .masks, real samples in it), as `ShardLoader.eval_batches()`. Collective when a
+    process group is up: every rank must pass the same number of batches."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    param_dtype = next(module.parameters()).dtype
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    sums = torch.zeros(3, dtype=torch.float64)  # samples, loss sum, labelled pixels
+    with torch.no_grad():
+        for batch, valid in batches:
+            with autocast(device, dtype):
+                logits = model(batch.images.to(device, dtype=param_dtype)).float()
+            if valid == 0:
+                continue
+            logits, masks = logits[:valid], batch.masks[:valid].to(device)
+            if logits.shape[-2:] != masks.shape[-2:]:
+                logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            confusion += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index).cpu()
+            loss, labelled = pixel_loss(logits, masks, ignore_index)
+            sums += torch.tensor([valid, float(loss), float(labelled)], dtype=torch.float64)
+    module.train(was_training)
+    confusion, sums = _summed(confusion), _summed(sums)
+    samples = int(sums[0])
+    if expected_samples is not None and samples != expected_samples:
+        raise RuntimeError(f"evaluation counted {samples} samples, the split has {expected_samples}")
+    mean, per_class = miou(confusion)
+    return {"samples": samples, "miou": mean, "pixel_accuracy": pixel_accuracy(confusion),
+            "loss": float(sums[1] / sums[2].clamp(min=1)), "per_class_iou": per_class}
+
+
+def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shards: str, split: str, rank: int,
+                       world: int, device: torch.device, backend: str = "dali", batch: int = 16,
+                       threads: int = 2) -> dict[str, Any]:
+    """`mixmae eval` of a segmentation export (segment/build.py's `load_segmenter`): the evaluation view of the
+    split's images and masks at the crop size it was trained with, this rank's share."""
+    from mixmae_scale.data.loader import ShardLoader, choose_decode_device
+    from mixmae_scale.data.loaders import LoaderPlace, eval_spec
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.finetune.evaluate import eval_batch_size
+
+    expected = load_split(shards, split).samples
+    batch = eval_batch_size(batch, expected, world)
+    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0))
+    spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
+    loader = ShardLoader(shards, split, spec, backend, threads)
+    scores = evaluate_segmentation(model.to(device), loader.eval_batches(), device, "fp32", settings["num_classes"],
+                                   settings["ignore_index"], expected)
+    return {"weights": str(source), "data": str(shards), "split": split, "batch": batch, **scores}
+
+
+def segmentation_line(result: dict[str, Any]) -> str:
+    """What `mixmae eval` says of a segmentation model."""
+    return (f"mIoU {result['miou']:.1f}% on the {result['samples']} images of split '{result['split']}' of "
+            f"{result['data']} ({result['weights']})")

@@ -1,0 +1,138 @@
+"""The segmentation job: dense backbone + UperNet head -> per-pixel cross-entropy (unlabelled pixels ignored), on
+the shared loop (`engine/loop.py`, through the `Job` protocol of engine/job.py), which owns the DeepSpeed step,
+exact resume, faults, signals, logging, MFU and checkpoints, as for pretraining and classification.
+
+What is segmentation's own: the model and its layer-decay groups (segment/build.py), the image-and-mask crops
+(the loaders' "segment" and "segment_val" roles), the exact distributed mIoU every `segment.eval_every_steps`
+(segment/evaluate.py), `eval.jsonl` (one line per evaluation) and `best/` (the checkpoint with the highest mIoU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixmae_scale.atomic_file import write_text
+from mixmae_scale.config.schema import Config
+from mixmae_scale.data.loader import Batch, ShardLoader
+from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
+from mixmae_scale.data.manifest import load_split
+from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.engine.distributed import autocast
+from mixmae_scale.engine.fault_injection import with_injected_faults
+from mixmae_scale.engine.job import Job, Loop
+from mixmae_scale.engine.loop import RunContext, TrainingLoop, start_run
+from mixmae_scale.engine.monitor import drop_rows_after
+from mixmae_scale.engine.optimizer import adamw
+from mixmae_scale.finetune.evaluate import eval_batch_size
+from mixmae_scale.models.segmentation_head import SegmentationModel
+from mixmae_scale.segment.build import (
+    build_segmenter,
+    check_init,
+    describe,
+    optimizer_groups_without_names,
+    param_groups,
+    training_flops_per_image,
+)
+from mixmae_scale.segment.evaluate import evaluate_segmentation, segmentation_loss
+
+log = logging.getLogger("mixmae.segment")
+
+
+class SegmentJob(Job):
+    """Segmentation evaluated every `eval_every` steps and at the last; the best evaluation is kept with the
+    checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
+
+    def __init__(self, config: Config, root: Path, loader: ShardLoader, val_spec: PipelineSpec, val_samples: int,
+                 eval_every: int, flops_per_image: float | None) -> None:
+        self.config, self.root, self.loader = config, root, loader
+        self.val_spec, self.val_samples, self.eval_every = val_spec, val_samples, eval_every
+        self.flops_per_image, self.compiled_blocks = flops_per_image, 0
+        self.best: dict[str, Any] = {"miou": -1.0}
+        self.last: dict[str, Any] | None = None
+
+    def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
+        images, masks = batch.images.to(loop.device), batch.masks.to(loop.device)
+        with autocast(loop.device, loop.derived.dtype):
+            logits = loop.engine(images.to(next(loop.engine.module.parameters()).dtype))
+        return segmentation_loss(logits, masks, self.config.segment.ignore_index)
+
+    def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
+        """Collective: the mIoU of the whole validation split (every rank its share)."""
+        config, derived = self.config, loop.derived
+        val_loader = open_loader(config, config.data.shards, config.data.val_split, self.val_spec)
+        scores = evaluate_segmentation(loop.engine, val_loader.eval_batches(), loop.device, derived.dtype,
+                                       config.segment.num_classes, config.segment.ignore_index, self.val_samples)
+        return {"step": step, "epoch": step / derived.steps_per_epoch, **scores}
+
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
+        if step % self.eval_every and not last:
+            return
+        result = self.evaluate(loop, step)
+        self.last = result
+        if loop.ctx.rank == 0:
+            with (self.root / "eval.jsonl").open("a") as handle:
+                handle.write(json.dumps(result) + "\n")
+            log.info("eval at step %d: mIoU %.2f  pixel accuracy %.2f  loss %.4f (%d images)", step, result["miou"],
+                     result["pixel_accuracy"], result["loss"], result["samples"])
+        if result["miou"] > self.best["miou"]:
+            self.best = {k: v for k, v in result.items() if k != "per_class_iou"}
+            loop.save(step, directory=self.root / "best", keep=1)
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best", self.best)
+
+    def truncate_logs(self, step: int) -> None:
+        drop_rows_after(self.root / "eval.jsonl", step)
+
+
+def build_model(config: Config) -> SegmentationModel:
+    """The same initial weights on every rank and for every world size: drawn from `run.seed` alone (the loop
+    seeds each rank's generators apart, for their augmentations), so a seed names one initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        return build_segmenter(config)
+
+
+def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
+            overwrite: bool = False) -> dict[str, Any]:
+    """One segmentation run to its last step (or a stop); returns the summary it writes to summary.json."""
+    check_init(config)  # the user's mistake, said before a process group or run folder is made
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite)
+    derived, seg = ctx.resolved.derived, config.segment
+    model = build_model(config).to(ctx.device)
+    if ctx.rank == 0:
+        log.info("%s", describe(model, config))
+    groups = param_groups(model, derived.learning_rate, config.optim.weight_decay, seg.layer_decay,
+                          config.optim.exempt_tables_from_decay)
+    optimizer = adamw(optimizer_groups_without_names(groups), config.optim, derived.learning_rate,
+                      ctx.device.type == "cuda", config.zero.offload_optimizer, config.zero.stage)
+    job = build_job(config, ctx, model)
+    loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
+    summary = loop.run()
+    summary.update({"best": job.best, "last": job.last, "num_classes": seg.num_classes, "init": seg.init})
+    if ctx.rank == 0:
+        write_text(ctx.root / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def build_job(config: Config, ctx: RunContext, model: SegmentationModel) -> SegmentJob:
+    """The job on this rank's share of the training crops, with the validation it runs every
+    `segment.eval_every_steps`."""
+    derived = ctx.resolved.derived
+    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.local_rank)
+    loader = open_loader(config, ctx.train_data, config.data.train_split,
+                         spec_for(config, "segment", derived.micro_batch, place))
+    val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
+    val_spec = spec_for(config, "segment_val", eval_batch_size(derived.micro_batch, val_samples, ctx.world), place)
+    # No regional compilation: the backbone runs its blocks' parts around padded windows (models/backbone.py),
+    # never a block's forward, which is what models/regional_compile.py compiles.
+    return SegmentJob(config, ctx.root, loader, val_spec, val_samples, config.segment.eval_every_steps,
+                      training_flops_per_image(model, config.segment.crop_size))

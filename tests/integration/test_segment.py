@@ -1,0 +1,48 @@
+"""Segmentation fine-tuning for real, on one CPU rank (nothing here needs ranks to meet: the shared loop's
+multi-rank behaviour is tested with pretraining and classification): the deepspeed launcher, the demo shards'
+masks through DALI, the mIoU evaluation and best checkpoint, the export and `mixmae eval` on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from free_port import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores_the_same(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+                "--module", "mixmae_scale.cli"]
+    result = subprocess.run(
+        launcher + ["segment", "--profile", "seg_demo", "--init", "random", "--run-dir", str(run_dir), "--set",
+                    f"data.shards={demo_shards}", "batch.micro=8", "batch.global_batch=8", "segment.crop_size=64",
+                    "segment.head_channels=32", "segment.eval_every_steps=4", "data.shuffle_buffer=64",
+                    "precision.dtype=fp32", "logging.every_steps=2", "--max-steps", "6"],
+        env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [4, 6]
+    assert all(e["samples"] == 80 and 0 <= e["miou"] <= 100 for e in evals)  # the 80 validation images, once each
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["miou"] == max(e["miou"] for e in evals)
+    assert any((run_dir / "best").glob("*/COMPLETE"))
+    assert f"mIoU {evals[-1]['miou']:.2f}%" in result.stdout
+
+    from mixmae_scale.engine.export import export_run
+
+    exported = export_run(run_dir)
+    assert exported["kind"] == "segment" and exported["out"] == str(run_dir / "segmenter.safetensors")
+    scored = subprocess.run([sys.executable, "-m", "mixmae_scale", "eval", "--init", exported["out"], "--data",
+                             str(demo_shards), "--json"], env={**os.environ, "OMP_NUM_THREADS": "2"},
+                            capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    report = json.loads(scored.stdout[scored.stdout.index("{"):])
+    assert report["samples"] == 80
+    assert report["miou"] == pytest.approx(evals[-1]["miou"], abs=1e-6)  # the run's last weights, the same view
