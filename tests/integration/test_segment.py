@@ -16,7 +16,8 @@ from free_port import free_port
 pytestmark = pytest.mark.slow
 
 
-def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores_the_same(demo_shards, tmp_path):
+def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores_the_same(demo_shards, tmp_path,
+                                                                                        capsys):
     run_dir = tmp_path / "run"
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
                 "--module", "mixmae_scale.cli"]
@@ -39,10 +40,11 @@ def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores
 
     exported = export_run(run_dir)
     assert exported["kind"] == "segment" and exported["out"] == str(run_dir / "segmenter.safetensors")
-    scored = subprocess.run([sys.executable, "-m", "mixmae_scale", "eval", "--init", exported["out"], "--data",
-                             str(demo_shards), "--json"], env={**os.environ, "OMP_NUM_THREADS": "2"},
-                            capture_output=True, text=True, timeout=120)
-    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
-    report = json.loads(scored.stdout[scored.stdout.index("{"):])
+    from mixmae_scale.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--init", exported["out"], "--data", str(demo_shards), "--json"]) == 0  # in this process
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{"):])
     assert report["samples"] == 80
     assert report["miou"] == pytest.approx(evals[-1]["miou"], abs=1e-6)  # the run's last weights, the same view
