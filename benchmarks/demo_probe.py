@@ -123,7 +123,9 @@ def write_results(runs: list[dict], baseline: dict) -> None:
     result = {"what": "the quickstart's demo evidence (benchmarks/demo_probe.py): MixMAE pretraining of the demo "
               f"profile (tiny Swin, {runs[0]['steps']} steps) in one CPU process through the deepspeed launcher, then "
               "`mixmae probe "
-              f"--json` against {BASELINE_SEEDS} random inits (probed once) on 2600 train / 1500 val demo images",
+              f"--json` against {BASELINE_SEEDS} random inits (probed once) on 2600 train / 1500 val demo images; "
+              "linear read-out on every stage's tokens pooled to a 2x2 grid, "
+              "k-NN on the first two stages' pooled tokens",
               "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
               "random_init": baseline, "over_seeds": summary, "runs": runs}

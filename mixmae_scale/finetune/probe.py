@@ -1,11 +1,14 @@
 """Probing a frozen encoder: what did pretraining put into its features?
 
-Two read-outs of the same features, computed once with no augmentation: a logistic-regression
-classifier trained to convergence on standardised features, and a weighted k-nearest-neighbour vote (cosine similarity,
-k=20, temperature 0.07, as DINO's k-NN evaluation). The features are every stage's tokens,
-average-pooled and concatenated, each feature standardised on the training split: a short pretraining run
-changes the early stages as much as the last, and without standardising a few wide features (mean colour,
-which a random encoder passes on as well) dominate the distances.
+Two read-outs, computed once with no augmentation, each feature standardised on the training split (without it a
+few wide features, such as mean colour, which a random encoder passes on as well, dominate):
+- a logistic-regression classifier trained to convergence on every stage's tokens average-pooled to a 2x2 grid:
+  a global average loses where things are, and the demo's classes differ by layout as much as by texture;
+- a weighted k-nearest-neighbour vote (cosine similarity, k=20, temperature 0.07, as DINO's k-NN evaluation) on the
+  first two stages' tokens, globally average-pooled: a short pretraining changes the early stages most, while
+  the later stages of a barely trained network add hundreds of near-random dimensions that swamp the
+  distances (on the demo, benchmarks/results/demo_probe_cpu_fp32.json, the random encoders' k-NN spread fell
+  from 1.4 to under 1 point and every seed's margin over the best of them rose from +4.8..+7.3 to over +7).
 
 A single random-init baseline is not evidence: random encoders differ by a few points among
 themselves, and on the demo one draw happened to beat a pretrained encoder. `compare_with_random_init`
@@ -27,6 +30,8 @@ from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encod
 from mixmae_scale.models.swin import SwinShape
 
 KNN_NEIGHBOURS = 20
+LINEAR_GRID = 2  # the linear read-out pools each stage's tokens to a LINEAR_GRID x LINEAR_GRID grid
+KNN_STAGES = 2  # the k-NN read-out averages the first KNN_STAGES stages' tokens
 KNN_TEMPERATURE = 0.07
 # Below this many images in either split a probe's top-1 is not a result. On n validation images the 95% interval
 # of a top-1 near 50% is about +-98/sqrt(n) points: +-10 at 100 images, already the size of the margins a probe is
@@ -58,10 +63,12 @@ class ProbeResult:
 
 @dataclass
 class Features:
-    train_x: torch.Tensor
+    train_x: torch.Tensor  # the linear read-out's features
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    knn_train_x: torch.Tensor | None = None  # the k-NN read-out's features; None: the linear read-out's
+    knn_val_x: torch.Tensor | None = None
 
 
 def shape_from_arch(arch: dict) -> SwinShape:
@@ -80,10 +87,18 @@ def load_images(shards: str, split: str, img_size: int, batch: int, backend: str
     return torch.cat(images), torch.cat(labels)
 
 
+def readout_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage token maps (B, h, w, C) -> (linear read-out features, k-NN read-out features)."""
+    grids = [F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), LINEAR_GRID).flatten(1) for t in maps]
+    return torch.cat(grids, dim=1), torch.cat([t.mean(dim=(1, 2)) for t in maps[:KNN_STAGES]], dim=1)
+
+
 @torch.no_grad()
-def encode(model: SwinClassifier, images: torch.Tensor, batch: int) -> torch.Tensor:
+def encode(model: SwinClassifier, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear read-out features, k-NN read-out features) of every image."""
     model.eval()
-    return torch.cat([model.encoder.multiscale_features(images[i:i + batch]) for i in range(0, len(images), batch)])
+    parts = [readout_features(model.encoder.stage_maps(images[i:i + batch])) for i in range(0, len(images), batch)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3,
@@ -118,14 +133,21 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
     return 100 * float((votes.argmax(1) == val_y).float().mean())
 
 
+def standardise(train_x: torch.Tensor, val_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits scaled by the training split's statistics: a BatchNorm without affine."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    return (train_x - mean) / std, (val_x - mean) / std
+
+
 @torch.no_grad()
 def probe_features(features: Features, num_classes: int) -> ProbeResult:
-    mean, std = features.train_x.mean(0), features.train_x.std(0) + 1e-6  # a BatchNorm without affine
-    train_x, val_x = (features.train_x - mean) / std, (features.val_x - mean) / std
+    train_x, val_x = standardise(features.train_x, features.val_x)
     with torch.enable_grad():
         head = fit_linear(train_x, features.train_y, num_classes)
     top1 = 100 * float((head(val_x).argmax(1) == features.val_y).float().mean())
     train_top1 = 100 * float((head(train_x).argmax(1) == features.train_y).float().mean())
+    if features.knn_train_x is not None and features.knn_val_x is not None:
+        train_x, val_x = standardise(features.knn_train_x, features.knn_val_x)
     knn = knn_top1(train_x, features.train_y, val_x, features.val_y, num_classes)
     train_n, val_n = len(features.train_y), len(features.val_y)
     return ProbeResult(top1, knn, train_top1, train_n, val_n, not_meaningful_because(train_n, val_n))
@@ -148,7 +170,8 @@ Split = tuple[torch.Tensor, torch.Tensor]  # images, labels
 def probe_encoder(state: dict[str, torch.Tensor] | None, arch: dict, train: Split, val: Split, num_classes: int,
                   batch: int = 64, init_seed: int = 0) -> ProbeResult:
     model = build_encoder(state, arch, num_classes, init_seed)
-    features = Features(encode(model, train[0], batch), train[1], encode(model, val[0], batch), val[1])
+    (train_linear, train_knn), (val_linear, val_knn) = encode(model, train[0], batch), encode(model, val[0], batch)
+    features = Features(train_linear, train[1], val_linear, val[1], train_knn, val_knn)
     return probe_features(features, num_classes)
 
 

@@ -139,12 +139,12 @@ class SwinEncoder(nn.Module):
         """Unmixed forward (fine-tuning, evaluation): (B, 3, H, W) -> (B, h, w, C_final)."""
         return self.forward_tokens(self.add_position(self.embed(images)))
 
-    def multiscale_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Every stage's tokens, average-pooled and concatenated (B, sum of stage widths): what a probe
-        reads, since a short pretraining puts what it learned in the early stages as much as the last."""
+    def stage_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's token map (B, h, w, C), the last one normalised: what a probe reads, since a short
+        pretraining puts what it learned in the early stages as much as the last."""
         stages: list[torch.Tensor] = []
         final = self.forward_tokens(self.add_position(self.embed(images)), stage_outputs=stages)
-        return torch.cat([t.mean(dim=(1, 2)) for t in (*stages, final)], dim=1)
+        return [*stages, final]
 
 
 def _init_weights(module: nn.Module) -> None:

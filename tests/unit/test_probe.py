@@ -39,3 +39,22 @@ def test_the_margin_report_and_its_line_compare_the_pretrained_top1_with_the_ran
     assert report["knn"]["margin"] == 28.0 and report["knn"]["random_init"]["max"] == 36.0
     assert probe_line(report["linear"]) == ("70.0% pretrained vs 40.0 +- 2.0% random encoders (+30.0 points, "
                                             "15.0x their spread)")
+
+
+def test_the_knn_vote_reads_its_own_features_and_the_linear_probe_the_grid():
+    separated, noise = clusters(separation=6.0, seed=3), clusters(separation=0.0, seed=4)
+    knn_reads_the_clusters = Features(noise.train_x, noise.train_y, noise.val_x, noise.val_y,
+                                      separated.train_x, separated.val_x)
+    result = probe_features(knn_reads_the_clusters, num_classes=4)
+    assert result.knn_top1 == 100.0 and result.top1 < 45
+
+
+def test_the_readouts_are_a_2x2_grid_of_every_stage_and_the_mean_of_the_first_two():
+    from mixmae_scale.finetune.probe import readout_features
+
+    maps = [torch.zeros(1, 4, 4, 2), torch.zeros(1, 2, 2, 3), torch.zeros(1, 1, 1, 5)]
+    maps[0][0, :2, :2, 0] = 4.0  # one quadrant of the first stage's first channel
+    linear, knn = readout_features(maps)
+    assert linear.shape == (1, 4 * (2 + 3 + 5)) and knn.shape == (1, 2 + 3)
+    assert linear[0, :4].tolist() == [4.0, 0.0, 0.0, 0.0]  # channel 0's grid: where the quadrant is
+    assert knn[0, 0] == 1.0  # its global mean: 4 over a quarter of the map
