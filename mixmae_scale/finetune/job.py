@@ -28,10 +28,10 @@ from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast
+from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
-from mixmae_scale.engine.job import Job, Loop
+from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
-from mixmae_scale.engine.monitor import drop_rows_after
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
@@ -59,11 +59,12 @@ def build_classifier(config: Config, num_classes: int,
     return model
 
 
-class FinetuneJob(Job):
+class FinetuneJob(EvaluatedJob):
     """Classification with timm's augmentations, evaluated every `eval_every` steps; the best evaluation is
     kept with the checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
 
     flops_per_image = None  # not counted for the classifier: no MFU
+    metric = "top1"
 
     def __init__(self, config: Config, root: Path, loader: ShardLoader, num_classes: int, val_spec: PipelineSpec,
                  val_samples: int, device: torch.device, eval_every: int) -> None:
@@ -76,8 +77,7 @@ class FinetuneJob(Job):
         self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(ft.label_smoothing)
         self.erasing = RandomErasing(ft.random_erasing, mode="pixel", device=device.type) \
             if ft.random_erasing > 0 else None
-        self.best: dict[str, Any] = {"top1": -1.0}
-        self.last: dict[str, Any] | None = None
+        self.start_evaluations()
 
     def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         images, labels = batch.images.to(loop.device), batch.labels.to(loop.device)
@@ -89,32 +89,15 @@ class FinetuneJob(Job):
             logits = loop.engine(images.to(next(loop.engine.module.parameters()).dtype))
         return self.criterion(logits.float(), labels)
 
-    def after_step(self, loop: Loop, step: int, last: bool) -> None:
-        if step % self.eval_every and not last:
-            return
-        config = self.config
+    def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
+        """Collective: top-1 and top-5 of the whole validation split (every rank its share)."""
+        config, derived = self.config, loop.derived
         val_loader = open_loader(config, config.data.shards, config.data.val_split, self.val_spec)
-        derived = loop.derived
-        result = {"step": step, "epoch": step / derived.steps_per_epoch,
-                  **evaluate(loop.engine, val_loader, loop.device, derived.dtype, expected_samples=self.val_samples)}
-        self.last = result
-        if loop.ctx.rank == 0:
-            with (self.root / "eval.jsonl").open("a") as handle:
-                handle.write(json.dumps(result) + "\n")
-            log.info("eval at step %d: top-1 %.2f  top-5 %.2f  loss %.4f (%d images)", step, result["top1"],
-                     result["top5"], result["loss"], result["samples"])
-        if result["top1"] > self.best["top1"]:
-            self.best = result
-            loop.save(step, directory=self.root / "best", keep=1)
+        return {"step": step, "epoch": step / derived.steps_per_epoch,
+                **evaluate(loop.engine, val_loader, loop.device, derived.dtype, expected_samples=self.val_samples)}
 
-    def state(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best", self.best)
-
-    def truncate_logs(self, step: int) -> None:
-        drop_rows_after(self.root / "eval.jsonl", step)
+    def describe(self, result: dict[str, Any]) -> str:
+        return f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}"
 
 
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,

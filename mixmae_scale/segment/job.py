@@ -23,10 +23,10 @@ from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine.distributed import autocast
+from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
-from mixmae_scale.engine.job import Job, Loop
+from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, start_run
-from mixmae_scale.engine.monitor import drop_rows_after
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import eval_batch_size
 from mixmae_scale.models.segmentation_head import SegmentationModel
@@ -43,17 +43,19 @@ from mixmae_scale.segment.evaluate import evaluate_segmentation, segmentation_lo
 log = logging.getLogger("mixmae.segment")
 
 
-class SegmentJob(Job):
+class SegmentJob(EvaluatedJob):
     """Segmentation evaluated every `eval_every` steps and at the last; the best evaluation is kept with the
     checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
+
+    metric = "miou"
+    left_out_of_best = ("per_class_iou",)
 
     def __init__(self, config: Config, root: Path, loader: ShardLoader, val_spec: PipelineSpec, val_samples: int,
                  eval_every: int, flops_per_image: float | None) -> None:
         self.config, self.root, self.loader = config, root, loader
         self.val_spec, self.val_samples, self.eval_every = val_spec, val_samples, eval_every
         self.flops_per_image, self.compiled_blocks = flops_per_image, 0
-        self.best: dict[str, Any] = {"miou": -1.0}
-        self.last: dict[str, Any] | None = None
+        self.start_evaluations()
 
     def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         images, masks = batch.images.to(loop.device), batch.masks.to(loop.device)
@@ -69,28 +71,9 @@ class SegmentJob(Job):
                                        config.segment.num_classes, config.segment.ignore_index, self.val_samples)
         return {"step": step, "epoch": step / derived.steps_per_epoch, **scores}
 
-    def after_step(self, loop: Loop, step: int, last: bool) -> None:
-        if step % self.eval_every and not last:
-            return
-        result = self.evaluate(loop, step)
-        self.last = result
-        if loop.ctx.rank == 0:
-            with (self.root / "eval.jsonl").open("a") as handle:
-                handle.write(json.dumps(result) + "\n")
-            log.info("eval at step %d: mIoU %.2f  pixel accuracy %.2f  loss %.4f (%d images)", step, result["miou"],
-                     result["pixel_accuracy"], result["loss"], result["samples"])
-        if result["miou"] > self.best["miou"]:
-            self.best = {k: v for k, v in result.items() if k != "per_class_iou"}
-            loop.save(step, directory=self.root / "best", keep=1)
-
-    def state(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best", self.best)
-
-    def truncate_logs(self, step: int) -> None:
-        drop_rows_after(self.root / "eval.jsonl", step)
+    def describe(self, result: dict[str, Any]) -> str:
+        return (f"mIoU {result['miou']:.2f}  pixel accuracy {result['pixel_accuracy']:.2f}  "
+                f"loss {result['loss']:.4f}")
 
 
 def build_model(config: Config) -> SegmentationModel:

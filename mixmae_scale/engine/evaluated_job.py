@@ -1,0 +1,57 @@
+"""What fine-tuning jobs share between steps: an evaluation every `eval_every` steps and at the last, one line per
+evaluation in `eval.jsonl`, and the best one kept as its own `best/` checkpoint. The best evaluation travels with
+the checkpoints, so a resumed run keeps comparing against it, and `eval.jsonl` keeps one line per evaluation
+through crashes. A job says how it evaluates, which number is better, and how a result reads in the log."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mixmae_scale.engine.job import Job, Loop
+from mixmae_scale.engine.monitor import drop_rows_after
+
+log = logging.getLogger("mixmae.eval")
+
+
+class EvaluatedJob(Job):
+    root: Path
+    eval_every: int
+    metric: str  # the result's key that decides the best evaluation (higher is better)
+    left_out_of_best: tuple[str, ...] = ()  # result keys too large to keep with every checkpoint
+
+    def start_evaluations(self) -> None:
+        self.best: dict[str, Any] = {self.metric: -1.0}
+        self.last: dict[str, Any] | None = None
+
+    def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
+        """Collective: the validation split's scores at `step` (with "step" and "epoch")."""
+        raise NotImplementedError
+
+    def describe(self, result: dict[str, Any]) -> str:
+        """The log line's scores."""
+        raise NotImplementedError
+
+    def after_step(self, loop: Loop, step: int, last: bool) -> None:
+        if step % self.eval_every and not last:
+            return
+        result = self.evaluate(loop, step)
+        self.last = result
+        if loop.ctx.rank == 0:
+            with (self.root / "eval.jsonl").open("a") as handle:
+                handle.write(json.dumps(result) + "\n")
+            log.info("eval at step %d: %s (%d images)", step, self.describe(result), result["samples"])
+        if result[self.metric] > self.best[self.metric]:
+            self.best = {k: v for k, v in result.items() if k not in self.left_out_of_best}
+            loop.save(step, directory=self.root / "best", keep=1)
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best", self.best)
+
+    def truncate_logs(self, step: int) -> None:
+        drop_rows_after(self.root / "eval.jsonl", step)
