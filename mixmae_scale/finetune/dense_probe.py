@@ -35,6 +35,9 @@ CELLS_PER_IMAGE = 48  # training cells sampled per image: 2600 demo images x 48 
 # the pretrained encoder 1.7 points of mIoU less and the random encoders 0.6-0.8 less
 # (benchmarks/results/demo_dense_probe_iterations.json), which took its margin below 3x their spread.
 FIT_ITERATIONS = 300
+# The per-cell read-out's L2, pinned: its figures (benchmarks/results/demo_dense_probe_cpu_fp32.json) were measured
+# with it, apart from the classification probe's default.
+FIT_L2 = 1e-3
 
 
 @dataclass
@@ -131,7 +134,7 @@ def fit_readout(backbone: SwinBackbone, train: MaskedSplit, num_classes: int, ba
     mean, std = x.mean(0), x.std(0) + 1e-6
     x = (x - mean) / std
     with torch.enable_grad():
-        head = fit_linear(x, y, num_classes, max_iter=FIT_ITERATIONS)
+        head = fit_linear(x, y, num_classes, weight_decay=FIT_L2, max_iter=FIT_ITERATIONS)
     with torch.no_grad():
         accuracy = 100 * float((head(x).argmax(1) == y).float().mean())
     return _Readout(head, mean, std, accuracy)

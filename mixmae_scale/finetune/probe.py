@@ -8,7 +8,8 @@ few wide features, such as mean colour, which a random encoder passes on as well
   first two stages' tokens, globally average-pooled: a short pretraining changes the early stages most, while
   the later stages of a barely trained network add hundreds of near-random dimensions that swamp the
   distances (on the demo, benchmarks/results/demo_probe_cpu_fp32.json, the random encoders' k-NN spread fell
-  from 1.4 to under 1 point and every seed's margin over the best of them rose from +4.8..+7.3 to over +7).
+  from 1.4 to under 1 point and the five seeds' margins over the best of them rose from +4.8..+7.3 to
+  +7.1..+10.7; a sixth seed, trained afterwards, +6.8).
 
 A single random-init baseline is not evidence: random encoders differ by a few points among
 themselves, and on the demo one draw happened to beat a pretrained encoder. `compare_with_random_init`
