@@ -165,3 +165,20 @@ def test_swin_h_on_64_gpus_is_planned_at_micro_batch_32_not_the_profile_ceiling_
     assert resolved.config.batch.micro == 64
     assert (result.micro_batch, result.accumulation) == (32, 1)
     assert result.components_gib["activations"] == pytest.approx(32 * acts.per_image(False) / GIB, abs=1e-3)
+
+
+@pytest.mark.parametrize("job, overrides", [("pretrain", ["model.drop_path=0.1", "model.depths=[3,1,4,2]"]),
+                                            ("pretrain", ["model.depths=[1,2,2,2]"]),
+                                            ("finetune", ["model.depths=[2,2,5,2]"])])
+def test_the_shortened_encoders_measurement_equals_the_whole_encoders(job, overrides, monkeypatch):
+    """The planner measures one block per stage (two in the first) and repeats them; the whole encoder's own
+    forward must save exactly the same bytes, block by block, with stochastic depth on (the first block has
+    none) and off."""
+    from mixmae_scale.cluster import plan as plan_module
+
+    resolved = load_resolved("tiny", overrides=overrides)
+    short = measure_activations(resolved, "bf16", job=job)
+    monkeypatch.setattr(plan_module, "measured_depths", list)  # measure every block
+    whole = measure_activations(resolved, "bf16", job=job)
+    assert len(short.per_block) == sum(resolved.config.model.depths)
+    assert (short.per_block, short.block_inputs, short.other) == (whole.per_block, whole.block_inputs, whole.other)

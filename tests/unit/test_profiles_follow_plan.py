@@ -8,7 +8,7 @@ from mixmae_scale.cluster.plan import options
 from mixmae_scale.config import load_resolved
 
 
-@pytest.mark.slow  # measures each model's activations with a real CPU forward (Swin-H: about 3 GB)
+@pytest.mark.slow  # measures each model's activations with a real CPU forward (one block per stage)
 @pytest.mark.parametrize("profile", ["swin_b", "swin_l", "swin_h"])
 def test_profile_uses_the_planners_choice(profile):
     declared = load_resolved(profile).config.cluster
