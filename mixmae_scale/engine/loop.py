@@ -60,6 +60,7 @@ from mixmae_scale.engine.monitor import (
 )
 from mixmae_scale.engine.preemption import StopFlag, report_stop
 from mixmae_scale.engine.step import LogWindow, StepOutcome, fp16_loss_scale, step_decision
+from mixmae_scale.models.regional_compile import block_types as compiled_block_types
 from mixmae_scale.models.regional_compile import maybe_compile
 from mixmae_scale.seeds import stream_seed
 
@@ -150,6 +151,13 @@ def compile_model(model: torch.nn.Module, ctx: RunContext) -> int:
     the number of compiled blocks. Before DeepSpeed wraps the model, so its hooks stay outside the graphs."""
     derived = ctx.resolved.derived
     compiled = maybe_compile(model, derived.compile, ctx.device, derived.compile_whole)
+    if compiled and not derived.compile_whole and ctx.config.zero.stage == 3:
+        # ZeRO-3 hooks every submodule to gather its parameters; inside a compiled block those hooks were
+        # traced too, recompiling per module type up to dynamo's limit (then eager). As ZeRO-3 leaves, the
+        # compiled blocks are gathered whole by one hook outside their graph.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list(compiled_block_types()), raise_if_not_found=False)
     if ctx.rank == 0:
         setting = ctx.config.model.compile
         if compiled and derived.compile_whole:

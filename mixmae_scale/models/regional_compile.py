@@ -3,8 +3,9 @@
 Why blocks and not the whole model: the blocks of a stage share one compiled graph (same code, same
 shapes; parameters are graph inputs), so Swin-B compiles five graphs instead of tracing 32 blocks, and
 everything around them stays eager: the mixing, the mask drawing, DeepSpeed's ZeRO-3 hooks (only the
-blocks' `forward` is compiled, so the hooks that gather and release parameters run as before) and
-activation checkpointing (which calls the block, recomputing through the compiled code).
+blocks' `forward` is compiled, so the hooks that gather and release parameters run as before; the engine makes
+the compiled blocks ZeRO-3 leaves, so that the hooks of the layers inside them are not traced into the graphs)
+and activation checkpointing (which calls the block, recomputing through the compiled code).
 
 The same-source mask is an input of the compiled forward, never a constant, so a new mask each step
 does not recompile. Graphs are static (`dynamic=False`): the stages' shapes differ, and dynamo's automatic
@@ -78,8 +79,13 @@ def maybe_compile(model: nn.Module, enabled: bool, device: torch.device, whole: 
         return 0
     if whole:
         return compile_whole(model)
+    return compile_blocks(model, block_types())
+
+
+def block_types() -> tuple[type[nn.Module], ...]:
+    """What regional compilation compiles: MixMAE's Swin blocks and its decoder's (timm's) blocks."""
     from timm.models.vision_transformer import Block
 
     from mixmae_scale.models.swin import SwinBlock
 
-    return compile_blocks(model, (SwinBlock, Block))
+    return SwinBlock, Block
