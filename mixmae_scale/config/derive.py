@@ -158,6 +158,7 @@ def _validate_segment(config: Config) -> None:
     _require(all(s >= 1 for s in seg.pool_scales), f"segment.pool_scales must be >= 1, got {seg.pool_scales}")
     _require(0.0 <= seg.head_dropout < 1.0, f"segment.head_dropout must be in [0, 1), got {seg.head_dropout}")
     _require(0.0 < seg.layer_decay <= 1.0, f"segment.layer_decay must be in (0, 1], got {seg.layer_decay}")
+    _require(seg.head_lr_scale > 0, f"segment.head_lr_scale must be positive, got {seg.head_lr_scale}")
     _require(seg.eval_every_steps >= 1, "segment.eval_every_steps must be >= 1")
 
 

@@ -212,7 +212,10 @@ class SegmentConfig:
     head_channels: int = 512  # the UperNet head's width at every level (a multiple of 32: GroupNorm groups)
     pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])  # the pyramid pooling module's; [] drops it
     head_dropout: float = 0.1
-    layer_decay: float = 0.9  # the encoder's layer-wise lr decay; the head learns at the full rate
+    layer_decay: float = 0.9  # the encoder's layer-wise lr decay; the head learns at the full rate x head_lr_scale
+    # The head's lr as a multiple of the full rate (mmseg's `lr_mult` on the decode head, 10 in SegFormer's recipe):
+    # 1 in the published UperNet recipe; a short run's new head needs more than the encoder it reads (seg_demo).
+    head_lr_scale: float = 1.0
     eval_every_steps: int = 1000  # mIoU on data.val_split, and at the last step; the best keeps its checkpoint
 
 

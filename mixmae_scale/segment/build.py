@@ -3,7 +3,8 @@
 The encoder comes from `segment.init` (an export, a run folder, an official .pth: its shape is read off the
 weights), or is drawn at random in the shape of `model.*` for `segment.init=random`, the
 baseline that shows what pretraining is worth. The encoder's blocks learn at layer-decayed rates, exactly the
-classifier's groups (finetune/layer_decay.py); the head, new and randomly initialised, at the full rate.
+classifier's groups (finetune/layer_decay.py); the head, new and randomly initialised, at the full rate times
+`segment.head_lr_scale` (1 in the published recipe).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def build_segmenter(config: Config) -> SegmentationModel:
 
 
 def param_groups(model: SegmentationModel, base_lr: float, weight_decay: float, layer_decay: float,
-                 exempt_tables: bool = False) -> list[dict]:
-    """The encoder's layer-decayed groups, then the head's two (with and without weight decay) at `base_lr`."""
+                 exempt_tables: bool = False, head_lr_scale: float = 1.0) -> list[dict]:
+    """The encoder's layer-decayed groups, then the head's two (with and without weight decay) at `base_lr` x
+    `head_lr_scale` (`segment.head_lr_scale`: a new head may learn faster than the encoder it reads)."""
     groups = param_groups_layer_decay(model.backbone, model.backbone.depths, base_lr, weight_decay, layer_decay,
                                       exempt_tables)
     for group in groups:  # named as in the whole model, as the head's are
@@ -71,7 +73,8 @@ def param_groups(model: SegmentationModel, base_lr: float, weight_decay: float, 
     for name, param in model.decode_head.named_parameters():
         no_wd = exempt_from_decay(name, param, exempt_tables)
         group = head.setdefault(no_wd, {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                        "lr_scale": 1.0, "lr": base_lr, "layer_id": head_id})
+                                        "lr_scale": head_lr_scale, "lr": base_lr * head_lr_scale,
+                                        "layer_id": head_id})
         group["params"].append(param)
         group["names"].append(f"decode_head.{name}")
     return groups + [head[key] for key in sorted(head)]

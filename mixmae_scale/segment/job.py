@@ -94,7 +94,7 @@ def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | 
     if ctx.rank == 0:
         log.info("%s", describe(model, config))
     groups = param_groups(model, derived.learning_rate, config.optim.weight_decay, seg.layer_decay,
-                          config.optim.exempt_tables_from_decay)
+                          config.optim.exempt_tables_from_decay, seg.head_lr_scale)
     optimizer = adamw(optimizer_groups_without_names(groups), config.optim, derived.learning_rate,
                       ctx.device.type == "cuda", config.zero.offload_optimizer, config.zero.stage)
     job = build_job(config, ctx, model)

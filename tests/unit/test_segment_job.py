@@ -110,6 +110,16 @@ def test_the_encoder_is_layer_decayed_and_the_head_learns_at_the_full_rate():
     assert "decode_head.classifier.bias" in no_decay and "decode_head.classifier.weight" not in no_decay
 
 
+def test_the_heads_rate_is_scaled_and_the_encoders_is_not():
+    model = build_segmenter(seg_config())
+    plain, scaled = param_groups(model, 1e-3, 0.05, 0.75), param_groups(model, 1e-3, 0.05, 0.75, head_lr_scale=30)
+    for before, after in zip(plain, scaled, strict=True):
+        factor = 30 if before["names"][0].startswith("decode_head.") else 1
+        assert after["lr"] == pytest.approx(before["lr"] * factor)
+        assert after["lr_scale"] == pytest.approx(before["lr_scale"] * factor)
+    assert seg_config().segment.head_lr_scale == 30  # the demo profile's (its comment says why)
+
+
 def test_a_seed_names_one_initialisation_whatever_the_global_generator():
     torch.manual_seed(123)
     first = build_model(seg_config("run.seed=1")).state_dict()
@@ -152,6 +162,7 @@ def test_missing_or_unset_init_is_said_before_any_launch(tmp_path):
     ("segment.crop_size=100", "segment.crop_size must be a positive multiple of 32"),
     ("segment.head_channels=48", "segment.head_channels must be a positive multiple of 32"),
     ("segment.layer_decay=0", "segment.layer_decay must be in"),
+    ("segment.head_lr_scale=0", "segment.head_lr_scale must be positive"),
 ])
 def test_bad_segment_keys_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
