@@ -17,9 +17,11 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from mixmae_scale.config.schema import FaultConfig, OptimConfig  # noqa: E402
+from mixmae_scale.engine.distributed import skip_shm_allreduce_op  # noqa: E402
 from mixmae_scale.engine.fault_injection import injected_loss  # noqa: E402
 from mixmae_scale.engine.optimizer import adamw  # noqa: E402
 
+skip_shm_allreduce_op()  # as a run's ranks do: otherwise DeepSpeed compiles its CPU shm op here (35 s, fresh machine)
 deepspeed.init_distributed(dist_backend="gloo")
 for case in sys.argv[1:]:
     stage, dtype = int(case.split(":")[0]), case.split(":")[1]
