@@ -33,7 +33,6 @@ fi
 
 echo "== 3/4 export: gathering the ZeRO shards into one safetensors file"
 $MIXMAE export "$RUN" --out "$RUN/encoder.safetensors"
-$MIXMAE export "$RUN" --out "$RUN/encoder_decoder.safetensors" --with-decoder >/dev/null
 
 echo "== 4/4 probes on the demo classes (1500 validation images): the pretrained encoder vs five randomly initialised ones"
 $MIXMAE probe --init "$RUN/encoder.safetensors" --data "$DEMO/shards" --baseline --baseline-seeds 5
