@@ -32,7 +32,8 @@ from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encod
 from mixmae_scale.models.swin import SwinShape
 
 KNN_NEIGHBOURS = 20
-LINEAR_GRID = 2  # the linear read-out pools each stage's tokens to a LINEAR_GRID x LINEAR_GRID grid
+LINEAR_GRID = 2  # the linear read-out pools each stage's tokens to a LINEAR_GRID x LINEAR_GRID grid ...
+LINEAR_LAST_GRID = 3  # ... but the last stage's to a 3 x 3 grid: at the demo's 96 px, its whole 3 x 3 map
 KNN_STAGES = 2  # the k-NN read-out averages the first KNN_STAGES stages' tokens
 KNN_TEMPERATURE = 0.07
 # Below this many images in either split a probe's top-1 is not a result. On n validation images the 95% interval
@@ -91,7 +92,8 @@ def load_images(shards: str, split: str, img_size: int, batch: int, backend: str
 
 def readout_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage token maps (B, h, w, C) -> (linear read-out features, k-NN read-out features)."""
-    grids = [F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), LINEAR_GRID).flatten(1) for t in maps]
+    sizes = [LINEAR_GRID] * (len(maps) - 1) + [LINEAR_LAST_GRID]
+    grids = [F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), size).flatten(1) for t, size in zip(maps, sizes, strict=True)]
     return torch.cat(grids, dim=1), torch.cat([t.mean(dim=(1, 2)) for t in maps[:KNN_STAGES]], dim=1)
 
 

@@ -49,14 +49,15 @@ def test_the_knn_vote_reads_its_own_features_and_the_linear_probe_the_grid():
     assert result.knn_top1 == 100.0 and result.top1 < 45
 
 
-def test_the_readouts_are_a_2x2_grid_of_every_stage_and_the_mean_of_the_first_two():
+def test_the_readouts_are_a_2x2_grid_of_every_stage_but_the_last_its_3x3_grid_and_the_mean_of_the_first_two():
     from mixmae_scale.finetune.probe import readout_features
 
-    maps = [torch.zeros(1, 4, 4, 2), torch.zeros(1, 2, 2, 3), torch.zeros(1, 1, 1, 5)]
+    maps = [torch.zeros(1, 4, 4, 2), torch.zeros(1, 2, 2, 3), torch.arange(45.0).view(1, 3, 3, 5)]
     maps[0][0, :2, :2, 0] = 4.0  # one quadrant of the first stage's first channel
     linear, knn = readout_features(maps)
-    assert linear.shape == (1, 4 * (2 + 3 + 5)) and knn.shape == (1, 2 + 3)
+    assert linear.shape == (1, 4 * (2 + 3) + 9 * 5) and knn.shape == (1, 2 + 3)
     assert linear[0, :4].tolist() == [4.0, 0.0, 0.0, 0.0]  # channel 0's grid: where the quadrant is
+    assert linear[0, 4 * (2 + 3):].tolist() == maps[2][0].permute(2, 0, 1).flatten().tolist()  # the last map whole
     assert knn[0, 0] == 1.0  # its global mean: 4 over a quarter of the map
 
 
