@@ -6,8 +6,8 @@ few wide features, such as mean colour, which a random encoder passes on as well
   the last stage's to a 3x3 grid: a global average loses where things are, and the demo's classes differ by
   layout as much as by texture. At the demo's 96 px the last stage's map is 3x3, so it is read whole: pooled to
   2x2, overlapping cells were averaged, and the random encoders reached 44.9 +- 1.8% against 41.6 +- 1.0% read
-  whole, while the pretrained encoders lost 0-3 points (benchmarks/results/demo_probe_cpu_fp32.json: the worst
-  seed's margin over the best random encoder went from +4.6 to +8.3 points);
+  whole, while the pretrained encoders lost 1-4 points (benchmarks/results/demo_probe_cpu_fp32.json: the worst
+  of seven seeds' margin over the best random encoder went from +4.6 to +8.3 points);
 - a weighted k-nearest-neighbour vote (cosine similarity, k=20, temperature 0.07, as DINO's k-NN evaluation) on the
   first two stages' tokens, globally average-pooled: a short pretraining changes the early stages most, while
   the later stages of a barely trained network add hundreds of near-random dimensions that swamp the
