@@ -124,7 +124,8 @@ def write_results(runs: list[dict], baseline: dict) -> None:
               f"profile (tiny Swin, {runs[0]['steps']} steps) in one CPU process through the deepspeed launcher, then "
               "`mixmae probe "
               f"--json` against {BASELINE_SEEDS} random inits (probed once) on 2600 train / 1500 val demo images; "
-              "linear read-out on every stage's tokens pooled to a 2x2 grid, "
+              "linear read-out on every stage's tokens pooled to a 2x2 grid but the last stage's to 3x3 (its whole "
+              "map at 96 px), "
               "k-NN on the first two stages' pooled tokens",
               "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),

@@ -87,7 +87,7 @@ def _shards_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     images = out / "images"
-    counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed)
+    counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed, args.workers)
     print(f"demo images under {images}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
     options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
                              samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
@@ -156,6 +156,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--train-per-class", type=int, default=260, help="training images per class (10 classes)")
     demo.add_argument("--val-per-class", type=int, default=150, help="validation images per class")
     demo.add_argument("--samples-per-shard", type=int, default=256, help="images per shard")
-    demo.add_argument("--workers", type=int, default=2, help="processes writing shards")
+    demo.add_argument("--workers", type=int, default=2, help="processes drawing the images and writing shards")
     demo.add_argument("--seed", type=int, default=0, help="seed of the drawings and the shuffle")
     demo.set_defaults(handler=_shards_demo)

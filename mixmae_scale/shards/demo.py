@@ -136,33 +136,42 @@ def mask_path(root: Path, image: Path) -> Path:
     return root / MASKS_DIR / image.relative_to(root).with_suffix(".png")
 
 
-def build_demo_images(root: Path, train_per_class: int = 260, val_per_class: int = 150, seed: int = 0) -> dict:
-    """Writes the demo tree under `root`; skips files that already exist (reruns are cheap).
+def build_demo_images(root: Path, train_per_class: int = 260, val_per_class: int = 150, seed: int = 0,
+                      workers: int = 1) -> dict:
+    """Writes the demo tree under `root`; skips files that already exist (reruns are cheap). Each (split, class)
+    draws from its own seeded stream, so `workers` processes draw the same files as one.
 
     150 validation images per class: the random encoders' probe top-1s differ by the binomial noise of the
     validation split as well as by their weights, and 1500 images keep that noise near 1 point."""
+    from mixmae_scale.shards.builder import bounded_pool
+
     root.mkdir(parents=True, exist_ok=True)
     words = "".join(f"{wnid(i)} demo {name}\n" for i, name in enumerate(CLASSES))
     (root / "synset_words.txt").write_text(words)
     (root / MASKS_DIR).mkdir(exist_ok=True)
     (root / MASKS_DIR / "classes.json").write_text(json.dumps(MASK_CLASSES))
-    counts = {}
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for cls in range(len(CLASSES)):
-            folder = root / split / wnid(cls)
-            folder.mkdir(parents=True, exist_ok=True)
-            rng = random.Random(f"{seed}-{split}-{cls}")
-            masks = root / MASKS_DIR / split / wnid(cls)
-            masks.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                image, mask = draw_sample(cls, rng)  # drawn even when the files exist, to keep the RNG stream
-                quality = rng.randint(80, 95)
-                path = folder / f"{wnid(cls)}_{i:05d}.JPEG"
-                if not path.exists():
-                    with replacing(path) as tmp:
-                        image.save(tmp, format="JPEG", quality=quality)
-                if not mask_path(root, path).exists():  # a tree made before masks existed gains them
-                    with replacing(mask_path(root, path)) as tmp:
-                        mask.save(tmp, format="PNG")
-        counts[split] = per_class * len(CLASSES)
-    return counts
+    units = [(split, per_class, cls) for split, per_class in (("train", train_per_class), ("val", val_per_class))
+             for cls in range(len(CLASSES))]
+    for _ in bounded_pool(_draw_class, units, workers, (root, seed)):
+        pass
+    return {"train": train_per_class * len(CLASSES), "val": val_per_class * len(CLASSES)}
+
+
+def _draw_class(unit: tuple[str, int, int], root: Path, seed: int) -> None:
+    """One class of one split: its JPEGs and masks (those missing)."""
+    split, per_class, cls = unit
+    folder = root / split / wnid(cls)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}-{split}-{cls}")
+    masks = root / MASKS_DIR / split / wnid(cls)
+    masks.mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+        image, mask = draw_sample(cls, rng)  # drawn even when the files exist, to keep the RNG stream
+        quality = rng.randint(80, 95)
+        path = folder / f"{wnid(cls)}_{i:05d}.JPEG"
+        if not path.exists():
+            with replacing(path) as tmp:
+                image.save(tmp, format="JPEG", quality=quality)
+        if not mask_path(root, path).exists():  # a tree made before masks existed gains them
+            with replacing(mask_path(root, path)) as tmp:
+                mask.save(tmp, format="PNG")

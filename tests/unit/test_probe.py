@@ -49,12 +49,33 @@ def test_the_knn_vote_reads_its_own_features_and_the_linear_probe_the_grid():
     assert result.knn_top1 == 100.0 and result.top1 < 45
 
 
-def test_the_readouts_are_a_2x2_grid_of_every_stage_and_the_mean_of_the_first_two():
+def test_the_readouts_are_a_2x2_grid_of_every_stage_but_the_last_its_3x3_grid_and_the_mean_of_the_first_two():
     from mixmae_scale.finetune.probe import readout_features
 
-    maps = [torch.zeros(1, 4, 4, 2), torch.zeros(1, 2, 2, 3), torch.zeros(1, 1, 1, 5)]
+    maps = [torch.zeros(1, 4, 4, 2), torch.zeros(1, 2, 2, 3), torch.arange(45.0).view(1, 3, 3, 5)]
     maps[0][0, :2, :2, 0] = 4.0  # one quadrant of the first stage's first channel
     linear, knn = readout_features(maps)
-    assert linear.shape == (1, 4 * (2 + 3 + 5)) and knn.shape == (1, 2 + 3)
+    assert linear.shape == (1, 4 * (2 + 3) + 9 * 5) and knn.shape == (1, 2 + 3)
     assert linear[0, :4].tolist() == [4.0, 0.0, 0.0, 0.0]  # channel 0's grid: where the quadrant is
+    assert linear[0, 4 * (2 + 3):].tolist() == maps[2][0].permute(2, 0, 1).flatten().tolist()  # the last map whole
     assert knn[0, 0] == 1.0  # its global mean: 4 over a quarter of the map
+
+
+def test_probing_several_encoders_at_once_gives_each_the_result_it_gets_alone():
+    """`probe_models` extracts features one encoder per thread: the results must not depend on that."""
+    from mixmae_scale.finetune.probe import build_encoder, probe_model, probe_models
+
+    arch = dict(img_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4])
+    generator = torch.Generator().manual_seed(0)
+    train = (torch.randn(24, 3, 32, 32, generator=generator), torch.arange(24) % 3)
+    val = (torch.randn(12, 3, 32, 32, generator=generator), torch.arange(12) % 3)
+    models = [build_encoder(None, arch, 3, seed) for seed in (1, 2, 3)]
+    alone = [probe_model(model, train, val, 3, batch=8) for model in models]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # at least two workers, whatever this machine has
+    try:
+        together = probe_models(models, train, val, 3, batch=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert together == alone and len({r.top1 for r in alone} | {r.knn_top1 for r in alone}) > 1
