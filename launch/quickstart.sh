@@ -28,7 +28,7 @@ else
   export DS_ACCELERATOR=cpu  # said here once, instead of a warning from every DeepSpeed process
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
   echo "== 2/4 pretraining the demo profile: 810 steps in one CPU process with $OMP_NUM_THREADS threads" \
-    "(deepspeed launcher; about 3.5 minutes on 2 cores)"
+    "(deepspeed launcher; about 2.5 minutes on 2 cores)"
 fi
 .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
   --profile demo --run-dir "$RUN" --set "data.shards=$DEMO/shards" "$@"
