@@ -26,14 +26,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
 
 
-def segment(run: Path, init: str, demo: Path, seed: int, env: dict) -> float | None:
+def segment(run: Path, init: str, demo: Path, seed: int, env: dict, overrides: list[str]) -> float | None:
     """Seconds the launch took, or None when the run had finished before (not retrained)."""
     if (run / "summary.json").exists():
         return None
     start = time.perf_counter()
     subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "1", "--module", "mixmae_scale.cli", "segment",
                     "--profile", "seg_demo", "--init", init, "--run-dir", str(run), "--set",
-                    f"data.shards={demo / 'shards'}", f"run.seed={seed}"], check=True, env=env, capture_output=True)
+                    f"data.shards={demo / 'shards'}", f"run.seed={seed}", *overrides], check=True, env=env,
+                   capture_output=True)
     return time.perf_counter() - start
 
 
@@ -64,14 +65,20 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, required=True, help="the demo folder (`mixmae shards demo --out`)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path("runs/seg_demo_benchmark"))
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides",
+                        help="profile overrides for both inits (key=value), as `mixmae segment --set`")
+    parser.add_argument("--random-set", nargs="*", default=[], dest="random_overrides",
+                        help="further overrides for the random init only (its own lr, say)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the results file (default: results/seg_demo_cpu_<dtype>.json)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     runs = []
     for seed in args.seeds:
         record = {"seed": seed}
-        for name, init in (("pretrained", args.encoder), ("random", "random")):
+        for name, init, extra in (("pretrained", args.encoder, []), ("random", "random", args.random_overrides)):
             run = args.work / f"{name}-seed{seed}"
-            record[name] = run_record(run, segment(run, init, args.demo, seed, env))
+            record[name] = run_record(run, segment(run, init, args.demo, seed, env, [*args.overrides, *extra]))
         runs.append(record)
         pre, rnd = record["pretrained"]["miou"], record["random"]["miou"]
         print(f"seed {seed}: pretrained mIoU {pre:.1f}%, random {rnd:.1f}% (margin {pre - rnd:+.1f} points)")
@@ -79,9 +86,10 @@ def main() -> None:
     print(f"margin over seeds {args.seeds}: {summary['min_margin']:+.1f} to {max(summary['margin_per_seed']):+.1f} "
           f"points; worst pretrained - best random {summary['worst_pretrained_minus_best_random']:+.1f}")
     dtype = runs[0]["pretrained"]["dtype"]
-    out = RESULTS / f"seg_demo_cpu_{dtype}.json"
+    out = args.out or RESULTS / f"seg_demo_cpu_{dtype}.json"
     out.write_text(json.dumps({"command": "python benchmarks/seg_demo.py " + " ".join(sys.argv[1:]),
-                               "profile": "seg_demo", "encoder": str(args.encoder), "machine": platform.processor()
+                               "profile": "seg_demo", "overrides": args.overrides,
+                               "random_overrides": args.random_overrides, "encoder": str(args.encoder), "machine": platform.processor()
                                or platform.machine(), "cpus": os.cpu_count(), "runs": runs, "summary": summary},
                               indent=2) + "\n")
     print(f"wrote {out}")

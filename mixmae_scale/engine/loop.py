@@ -58,6 +58,7 @@ from mixmae_scale.engine.monitor import (
     peak_memory_mib,
     reset_peak_memory,
 )
+from mixmae_scale.engine.optimizer import scheduled_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
 from mixmae_scale.engine.step import LogWindow, StepOutcome, fp16_loss_scale, step_decision
 from mixmae_scale.models.regional_compile import block_types as compiled_block_types
@@ -398,7 +399,7 @@ class TrainingLoop:
         mfu = self._mfu(global_rate)
         grad_norm = self.engine.get_global_grad_norm()
         row = {"step": step, "epoch": step / derived.steps_per_epoch, "images_seen": step * derived.global_batch,
-               "loss": mean_loss, "lr": self.scheduler.get_last_lr()[-1],
+               "loss": mean_loss, "lr": scheduled_learning_rate(derived.learning_rate, self.scheduler),
                "grad_norm": float(grad_norm) if grad_norm is not None else None, "images_per_s": global_rate,
                "mfu": mfu, "data_wait_frac": wait_frac, "peak_mem_mib": peak_memory_mib(),
                "elapsed_s": time.perf_counter() - run_start,

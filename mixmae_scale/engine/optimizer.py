@@ -77,3 +77,10 @@ def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offlo
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
     kind = FiniteStepAdamW if zero_stage == 0 else torch.optim.AdamW
     return kind(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu or None)
+
+
+def scheduled_learning_rate(peak: float, scheduler) -> float:
+    """The schedule's own lr (`peak` = derived.learning_rate, times the warm-up/cosine factor), which is what a
+    run's log reports: each parameter group's lr is a multiple of it (layer decay, a new head's
+    `segment.head_lr_scale`, the width-lr rule), so no single group's lr says where the schedule is."""
+    return peak * scheduler.get_lr_ratio()

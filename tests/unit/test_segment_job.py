@@ -120,6 +120,29 @@ def test_the_heads_rate_is_scaled_and_the_encoders_is_not():
     assert seg_config().segment.head_lr_scale == 30  # the demo profile's (its comment says why)
 
 
+def test_the_logged_lr_is_the_schedules_not_the_heads():
+    """metrics.csv's `lr` had been the last group's, which is the head's at 30x in the demo profile."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from mixmae_scale.engine.optimizer import scheduled_learning_rate
+
+    peak = 1e-3
+    groups = param_groups(build_segmenter(seg_config()), peak, 0.05, 0.75, head_lr_scale=30)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak)
+    scheduler = WarmupCosineLR(optimizer, total_num_steps=20, warmup_num_steps=5, warmup_min_ratio=0.0,
+                               warmup_type="linear", cos_min_ratio=1e-3)
+    seen = []
+    for _ in range(12):
+        scheduler.step()
+        logged = scheduled_learning_rate(peak, scheduler)
+        seen.append(logged)
+        for group, first in zip(optimizer.param_groups, groups, strict=True):
+            assert group["lr"] == pytest.approx(logged * first["lr"] / peak)
+        assert optimizer.param_groups[-1]["lr"] == pytest.approx(30 * logged)
+    assert seen[0] == 0 and seen[4] == pytest.approx(0.8 * peak)  # linear warm-up over 5 steps
+    assert 0.95 * peak < seen[5] <= peak and seen[-1] < seen[5]  # then the cosine
+
+
 def test_a_seed_names_one_initialisation_whatever_the_global_generator():
     torch.manual_seed(123)
     first = build_model(seg_config("run.seed=1")).state_dict()
