@@ -89,8 +89,9 @@ def main() -> None:
     out = args.out or RESULTS / f"seg_demo_cpu_{dtype}.json"
     out.write_text(json.dumps({"command": "python benchmarks/seg_demo.py " + " ".join(sys.argv[1:]),
                                "profile": "seg_demo", "overrides": args.overrides,
-                               "random_overrides": args.random_overrides, "encoder": str(args.encoder), "machine": platform.processor()
-                               or platform.machine(), "cpus": os.cpu_count(), "runs": runs, "summary": summary},
+                               "random_overrides": args.random_overrides, "encoder": str(args.encoder),
+                               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                               "runs": runs, "summary": summary},
                               indent=2) + "\n")
     print(f"wrote {out}")
 
