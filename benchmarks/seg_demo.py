@@ -1,5 +1,5 @@
-"""Segmentation fine-tuning on the demo's masks: from the demo's pretrained encoder against from a random init,
-over seeds (the seed draws the head's and the random encoder's weights and the crops' order).
+"""Segmentation fine-tuning on the demo's masks: from a pretrained demo encoder against from a random init, over
+seeds (the seed draws the head's and the random encoder's weights and the crops' order).
 
 Runs `mixmae segment --profile seg_demo` through the deepspeed launcher in one CPU process per run (precision
 auto, OMP_NUM_THREADS=2), once with `--init ENCODER` and once with `--init random` per seed, reads each run's
@@ -7,7 +7,12 @@ summary.json (the last evaluation's mIoU on the 1500 validation images, 11 class
 figures) and writes results/seg_demo_cpu_<dtype>.json. A run whose folder in --work already finished is read, not
 retrained, so the seeds can be run a few at a time.
 
-    python benchmarks/seg_demo.py --encoder runs/demo --demo demo_data --seeds 0 1
+The encoder: `--encoder` (a run folder or an export), or `--pretrain-epochs N`, which pretrains the demo profile
+for N epochs (162 steps each) into WORK/encoder-<N>ep and exports it (once: a later call reuses the export). The
+quickstart's encoder is the demo profile's 5 epochs; 20 epochs (about 8 minutes on 2 cores) is what the figures
+in docs/dense.md were measured with. The encoder's pretraining (steps, held-out loss) goes into the results.
+
+    python benchmarks/seg_demo.py --pretrain-epochs 20 --demo demo_data --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -38,6 +43,34 @@ def segment(run: Path, init: str, demo: Path, seed: int, env: dict, overrides: l
     return time.perf_counter() - start
 
 
+def pretrain_encoder(work: Path, demo: Path, epochs: int, env: dict) -> Path:
+    """The demo profile pretrained for `epochs` and exported (reused when its export exists; an interrupted
+    pretraining resumes from its last checkpoint, as any run folder does)."""
+    run = work / f"encoder-{epochs}ep"
+    export = run / "encoder.safetensors"
+    if export.exists():
+        return export
+    warmup = max(1, epochs // 10)  # the profile's 1 of 5 epochs, 2 of 20
+    subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "1", "--module", "mixmae_scale.cli", "pretrain",
+                    "--profile", "demo", "--run-dir", str(run), "--set", f"data.shards={demo / 'shards'}",
+                    f"schedule.epochs={epochs}", f"schedule.warmup_epochs={warmup}"], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([str(BIN / "mixmae"), "export", str(run), "--out", str(export)], check=True, env=env,
+                   capture_output=True)
+    return export
+
+
+def encoder_record(encoder: Path) -> dict:
+    """What the encoder's pretraining was, read from its run folder (the export's folder, or the folder named)."""
+    run = encoder if encoder.is_dir() else encoder.parent
+    record: dict = {"path": str(encoder)}
+    if (run / "summary.json").exists():
+        summary = json.loads((run / "summary.json").read_text())
+        record.update({key: summary.get(key) for key in ("steps", "images_seen", "dtype", "heldout_loss_start",
+                                                          "heldout_loss_end", "wall_s")})
+    return record
+
+
 def run_record(run: Path, seconds: float | None) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     last = summary["last"]
@@ -61,7 +94,9 @@ def margins(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", required=True, help="the pretrained demo encoder (a run folder or an export)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--encoder", type=Path, help="the pretrained demo encoder (a run folder or an export)")
+    which.add_argument("--pretrain-epochs", type=int, help="pretrain the demo profile for this many epochs first")
     parser.add_argument("--demo", type=Path, required=True, help="the demo folder (`mixmae shards demo --out`)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path("runs/seg_demo_benchmark"))
@@ -73,10 +108,11 @@ def main() -> None:
                         help="the results file (default: results/seg_demo_cpu_<dtype>.json)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    encoder = args.encoder or pretrain_encoder(args.work, args.demo, args.pretrain_epochs, env)
     runs = []
     for seed in args.seeds:
         record = {"seed": seed}
-        for name, init, extra in (("pretrained", args.encoder, []), ("random", "random", args.random_overrides)):
+        for name, init, extra in (("pretrained", str(encoder), []), ("random", "random", args.random_overrides)):
             run = args.work / f"{name}-seed{seed}"
             record[name] = run_record(run, segment(run, init, args.demo, seed, env, [*args.overrides, *extra]))
         runs.append(record)
@@ -89,7 +125,7 @@ def main() -> None:
     out = args.out or RESULTS / f"seg_demo_cpu_{dtype}.json"
     out.write_text(json.dumps({"command": "python benchmarks/seg_demo.py " + " ".join(sys.argv[1:]),
                                "profile": "seg_demo", "overrides": args.overrides,
-                               "random_overrides": args.random_overrides, "encoder": str(args.encoder),
+                               "random_overrides": args.random_overrides, "encoder": encoder_record(encoder),
                                "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "runs": runs, "summary": summary},
                               indent=2) + "\n")
