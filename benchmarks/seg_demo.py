@@ -12,7 +12,7 @@ for N epochs (162 steps each) into WORK/encoder-<N>ep and exports it (once: a la
 quickstart's encoder is the demo profile's 5 epochs; 20 epochs (about 8 minutes on 2 cores) is what the figures
 in docs/dense.md were measured with. The encoder's pretraining (steps, held-out loss) goes into the results.
 
-    python benchmarks/seg_demo.py --pretrain-epochs 20 --demo demo_data --seeds 0 1 2 3 4
+    python benchmarks/seg_demo.py --pretrain-epochs 20 --demo demo_data --seeds 0 1 2 3 4 5 6 7
 """
 
 from __future__ import annotations
