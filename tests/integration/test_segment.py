@@ -4,6 +4,7 @@ masks through DALI, the mIoU evaluation and best checkpoint, the export and `mix
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from free_port import free_port
 
 pytestmark = pytest.mark.slow
@@ -35,6 +37,14 @@ def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores
     assert summary["best"]["miou"] == max(e["miou"] for e in evals)
     assert any((run_dir / "best").glob("*/COMPLETE"))
     assert f"mIoU {evals[-1]['miou']:.2f}%" in result.stdout
+    # metrics.csv's lr is the schedule's (linear warm-up here), not the head's group at head_lr_scale (30x) times it
+    derived = yaml.safe_load((run_dir / "config.yaml").read_text())["derived"]
+    assert derived["warmup_steps"] > 6
+    with (run_dir / "metrics.csv").open() as handle:
+        lrs = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}
+    assert sorted(lrs) == [2, 4, 6]
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(derived["learning_rate"] * (step - 1) / derived["warmup_steps"], rel=1e-6), lrs
 
     from mixmae_scale.engine.export import export_run
 
