@@ -42,19 +42,25 @@ def mean_loss(run: Path, steps: range) -> float:
 
 
 def universal_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every parameter's fp32 master weights and Adam moments in DeepSpeed's universal form (one file each)."""
-    return {str(path.relative_to(folder)): torch.load(path, weights_only=False)["param"]
-            for path in sorted((folder / "zero").glob("*/*.pt")) if path.stem in ("fp32", "exp_avg", "exp_avg_sq")}
+    """Every parameter's fp32 master weights and Adam moments in DeepSpeed's universal form (one file each: a dict
+    with the tensor under "param", or from ZeRO-3 the flat tensor itself)."""
+    tensors = {}
+    for path in sorted((folder / "zero").glob("*/*.pt")):
+        if path.stem in ("fp32", "exp_avg", "exp_avg_sq"):
+            saved = torch.load(path, weights_only=False)
+            tensors[str(path.relative_to(folder))] = (saved["param"] if isinstance(saved, dict) else saved).flatten()
+    return tensors
 
 
-def assert_carried_over_exactly(checkpoints: Path, step: int) -> None:
+def assert_carried_over_exactly(checkpoints: Path, step: int, parameters: int = 30) -> None:
     """The state the resumed run holds (saved at once in its layout: `-relayout`) is the interrupted run's, bit for
-    bit: both put in DeepSpeed's universal form, which does not depend on the layout."""
+    bit: both put in DeepSpeed's universal form, which does not depend on the layout. `parameters`: the fewest
+    parameter tensors the model has, so that an empty or partial conversion cannot pass."""
     from mixmae_scale.engine.checkpointing.universal import convert_to_universal
 
     before = universal_tensors(checkpoints / f"step{step:08d}.universal")
     after = universal_tensors(convert_to_universal(checkpoints, f"step{step:08d}-relayout"))
-    assert len(before) >= 3 * 30 and before.keys() == after.keys()
+    assert len(before) >= 3 * parameters and before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
 
@@ -73,8 +79,10 @@ def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_p
     assert (config["derived"]["micro_batch"], config["derived"]["accumulation"]) == (8, 2)
     assert_carried_over_exactly(run / "checkpoints", 4)
     assert mean_loss(run, range(5, 9)) == pytest.approx(mean_loss(uninterrupted, range(5, 9)), rel=0.03)
-    two = launch_two_nodes(run, demo_shards, *COMMON, "zero.stage=2", max_steps=12)
+    two = launch_two_nodes(run, demo_shards, *COMMON, "zero.stage=2", "checkpoint.save_after_layout_change=true",
+                           max_steps=12)
     assert "across a change of layout (world size 1 -> 2)" in two[0]
+    assert_carried_over_exactly(run / "checkpoints", 8)
     marker = json.loads((run / "checkpoints" / "step00000012" / "COMPLETE").read_text())
     assert marker["world_size"] == 2 and {"rank_0.json", "rank_1.json"} <= set(marker["files"])
     assert sorted(losses(run)) == list(range(1, 13))
@@ -89,12 +97,15 @@ def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_p
 
 def test_zero3_with_offload_resumes_on_one_rank_without_it(uninterrupted, demo_shards, tmp_path):
     """ZeRO-3 with the optimizer in host memory (DeepSpeed's CPU Adam) on 2 ranks, resumed on 1 rank without offload:
-    one resume that changes the world size and where the optimizer lives (the 1 -> 2 direction: the ZeRO-2 test)."""
+    one resume that changes the world size and where the optimizer lives (the 1 -> 2 direction: the ZeRO-2 test).
+    The master weights and both moments the resumed rank holds are the offloaded ones, bit for bit."""
     run = tmp_path / "zero3"
     launch_on(2, run, demo_shards, *COMMON, "zero.stage=3", "zero.offload_optimizer=true", max_steps=4)
-    one = launch_on(1, run, demo_shards, *COMMON, "zero.stage=3", max_steps=8)
+    one = launch_on(1, run, demo_shards, *COMMON, "zero.stage=3", "checkpoint.save_after_layout_change=true",
+                    max_steps=8)
     text = one.stdout + one.stderr
     assert "world size 2 -> 1, offload True -> False" in text, text[-3000:]
+    assert_carried_over_exactly(run / "checkpoints", 4)
     assert sorted(losses(run)) == list(range(1, 9))
     assert mean_loss(run, range(5, 9)) == pytest.approx(mean_loss(uninterrupted, range(5, 9)), rel=0.03)
     print(f"\nmean training loss, steps 5-8: uninterrupted (ZeRO-2) {mean_loss(uninterrupted, range(5, 9)):.4f}, "
@@ -104,12 +115,29 @@ def test_zero3_with_offload_resumes_on_one_rank_without_it(uninterrupted, demo_s
 def test_zero0_resumes_on_another_number_of_ranks_without_conversion(demo_shards, tmp_path):
     """ZeRO-0 keeps the whole optimizer state in one file: a resume on 1 rank of a 2-rank run loads it as it is (no
     universal checkpoint, which only ZeRO 1-3 shards have). That a change of stage or precision there is refused is
-    the plan's alone, tested without ranks in tests/unit/test_resume_logic.py."""
+    the plan's alone, tested without ranks in tests/unit/test_resume_logic.py.
+
+    No relayout tag exists here to compare bit for bit, so the carried state is checked against Adam's own rule on
+    the next checkpoint (step 4): every parameter's step count went on from 2, its second moment is at least
+    beta2^2 times step 2's (v4 = beta2^2 v2 + new squared gradients), and no weight moved further than two Adam
+    updates can move it. A fresh optimizer or weights fail all three."""
     run = tmp_path / "zero0"
     launch_on(2, run, demo_shards, *COMMON, "zero.stage=0", "checkpoint.every_steps=2", max_steps=2)
     resumed = launch_on(1, run, demo_shards, *COMMON, "zero.stage=0", "checkpoint.every_steps=2", max_steps=4)
     assert "resuming step00000002 (ZeRO-0) on 1 rank(s), written by 2" in resumed.stdout + resumed.stderr
     assert sorted(losses(run)) == [1, 2, 3, 4] and json.loads((run / "summary.json").read_text())["steps"] == 4
+    two, four = (torch.load(run / "checkpoints" / f"step0000000{s}" / "mp_rank_00_model_states.pt",
+                            weights_only=False) for s in (2, 4))
+    beta2 = four["optimizer"]["param_groups"][0]["betas"][1]
+    assert two["optimizer"]["state"].keys() == four["optimizer"]["state"].keys() and len(four["optimizer"]["state"])
+    for index, later in four["optimizer"]["state"].items():
+        earlier = two["optimizer"]["state"][index]
+        assert (float(earlier["step"]), float(later["step"])) == (2.0, 4.0), index
+        assert bool((later["exp_avg_sq"] >= beta2**2 * earlier["exp_avg_sq"] * (1 - 1e-5)).all()), index
+    largest_lr = max(learning_rates(run)[s] for s in (3, 4))
+    for name, weight in four["module"].items():
+        if weight.is_floating_point():  # Adam moves a weight at most about lr per step (here 5x lr as the bound)
+            assert float((weight - two["module"][name]).abs().max()) <= 2 * 5 * largest_lr, name
 
 
 SMALL = ("model.img_size=32", "model.embed_dim=32", "model.depths=[1,1]", "model.num_heads=[1,2]",
@@ -119,14 +147,15 @@ SMALL = ("model.img_size=32", "model.embed_dim=32", "model.depths=[1,1]", "model
 def test_a_bf16_run_resumes_in_fp32_on_a_cpu_without_native_bf16(demo_shards, tmp_path):
     """A run trained in bf16 (a small model: where this CPU emulates bf16 it is ~100x slower) comes back where
     oneDNN is limited to AVX2, as on a CPU without AVX-512: precision.dtype=auto now chooses fp32, and the fp32
-    master weights and moments carry over through the universal checkpoint (the log says so)."""
+    master weights and moments carry over through the universal checkpoint, bit for bit."""
     run = tmp_path / "bf16"
     launch_on(2, run, demo_shards, *SMALL, "precision.dtype=bf16", "checkpoint.every_steps=2", max_steps=2)
     assert json.loads((run / "summary.json").read_text())["dtype"] == "bf16"
-    resumed = launch_on(2, run, demo_shards, *SMALL, "precision.dtype=auto", "checkpoint.every_steps=2", max_steps=4,
-                        env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    resumed = launch_on(2, run, demo_shards, *SMALL, "precision.dtype=auto", "checkpoint.every_steps=2",
+                        "checkpoint.save_after_layout_change=true", max_steps=4, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
     text = resumed.stdout + resumed.stderr
     assert "across a change of layout (dtype bf16 -> fp32" in text, text[-3000:]
+    assert_carried_over_exactly(run / "checkpoints", 2, parameters=15)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dtype"] == "fp32" and summary["steps"] == 4
     assert all(v == v for v in losses(run).values())
