@@ -21,6 +21,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
+from mixmae_scale.data.sample_ids import sample_id
 from mixmae_scale.data.shard_reader import RawBatch
 from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
 
@@ -51,6 +52,8 @@ def batch_arrays(batch: RawBatch, spec: PipelineSpec) -> tuple[list[np.ndarray],
         columns.append([np.array(s.label, dtype=np.int64) for s in samples])
     if spec.with_meta:
         columns.append([np.frombuffer(s.meta or b"{}", dtype=np.uint8) for s in samples])
+    if spec.mode == "eval":  # each sample's id comes out with its image: what evaluation counted (data/sample_ids.py)
+        columns.append([np.array(sample_id(s.key), dtype=np.int64) for s in samples])
     return tuple(columns)
 
 
@@ -79,7 +82,8 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
     std = [255 * s for s in IMAGENET_STD]
     out_dtype = types.FLOAT16 if spec.output_dtype == "float16" else types.FLOAT
     train = spec.mode != "eval"
-    outputs = 1 + (3 if train else 0) + int(spec.with_masks) + int(spec.with_labels) + int(spec.with_meta)
+    outputs = (1 + (3 if train else 1) + int(spec.with_masks) + int(spec.with_labels)  # eval: the samples' ids
+               + int(spec.with_meta))
 
     def source():
         return batch_arrays(next_batch(), spec)

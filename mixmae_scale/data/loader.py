@@ -26,6 +26,7 @@ import torch
 from mixmae_scale.data.crop_params import sample_augmentation
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.data.manifest import load_split
+from mixmae_scale.data.sample_ids import Coverage, sample_id, split_coverage
 from mixmae_scale.data.shard_reader import RankStream, RawBatch, RawSample, ordered_samples
 from mixmae_scale.data.shard_sets import Layout, ShardMixture, WeightedSet
 from mixmae_scale.data.spec import PipelineSpec
@@ -41,6 +42,8 @@ class Batch:
     # (B, S, S) int64 class indices, MASK_IGNORE (255) where a pixel has no label; on the images' device. None
     # unless the spec asks for masks (PipelineSpec.with_masks).
     masks: torch.Tensor | None = None
+    # (B,) int64 ids of the samples (data/sample_ids.py), as they came out of the decoder; evaluation batches only.
+    ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,8 @@ class ShardLoader:
         labels = torch.from_numpy(np.array(rest.pop(0).as_tensor())).long().reshape(-1) if self.spec.with_labels \
             else None
         meta = [_json(np.array(t)) for t in rest.pop(0)] if self.spec.with_meta else None
-        return Batch(tensor, labels, meta, masks)
+        ids = torch.from_numpy(np.array(rest.pop(0).as_tensor())).reshape(-1) if self.spec.mode == "eval" else None
+        return Batch(tensor, labels, meta, masks, ids)
 
     def _torch_batch(self, images: torch.Tensor, labels: torch.Tensor, meta: list[dict],
                      masks: torch.Tensor | None) -> Batch:
@@ -280,6 +284,10 @@ class ShardLoader:
         self._stream, self._pipe = None, None
 
     # -- evaluation ----------------------------------------------------------------------------------------------
+    def split_coverage(self) -> Coverage:
+        """What one evaluation pass over all ranks must count: the split's samples and the sum of their ids."""
+        return split_coverage(self.mixture)
+
     def eval_batches(self) -> Iterator[tuple[Batch, int]]:
         """One pass over the split for evaluation: (batch, how many of its samples are real).
 
@@ -296,7 +304,8 @@ class ShardLoader:
 
             decoder = TorchDecoder(spec, self.workers)
             for batch in raw:
-                yield self._torch_batch(*decoder(batch)), batch.real
+                ids = torch.tensor([sample_id(s.key) for s in batch.samples], dtype=torch.int64)
+                yield replace(self._torch_batch(*decoder(batch)), ids=ids), batch.real
             return
         from mixmae_scale.data.dali_pipeline import build_pipeline
 

@@ -127,9 +127,18 @@ def autocast(device: torch.device, dtype: str):
 
 
 def all_reduce_scalar(value: float, op=dist.ReduceOp.SUM) -> float:
+    return float(_all_reduce(value, torch.float64, op))
+
+
+def all_reduce_int(value: int, op=dist.ReduceOp.SUM) -> int:
+    """Exact for sums below 2^63, where float64 rounds past 2^53."""
+    return int(_all_reduce(value, torch.int64, op))
+
+
+def _all_reduce(value, dtype: torch.dtype, op):
     # NCCL reduces only GPU tensors; gloo only CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    tensor = torch.tensor([value], dtype=dtype, device=device)
     dist.all_reduce(tensor, op=op)
-    return float(tensor.item())
+    return tensor.item()
 

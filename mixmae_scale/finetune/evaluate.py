@@ -1,7 +1,9 @@
 """Distributed evaluation: top-1, top-5 and loss, every validation sample counted exactly once.
 
 Ranks read disjoint parts of the split and run the same number of batches (collectives need that);
-the padding that makes the batch counts equal is masked out of the sums before they are reduced.
+the padding that makes the batch counts equal is masked out of the sums before they are reduced. That each
+sample was counted once is checked, not assumed: the ids of the samples counted, as they came out of the
+decoder, must add up to the split's (data/sample_ids.py), or the evaluation is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from mixmae_scale.data.loader import ShardLoader
-from mixmae_scale.engine.distributed import all_reduce_scalar, autocast
+from mixmae_scale.data.sample_ids import Coverage, require_each_sample_once
+from mixmae_scale.engine.distributed import all_reduce_int, all_reduce_scalar, autocast
 
 
 def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expected_samples: int | None = None
@@ -23,6 +26,7 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
     module.eval()
     param_dtype = next(module.parameters()).dtype
     sums = {"samples": 0.0, "top1": 0.0, "top5": 0.0, "loss": 0.0}
+    id_sum = 0
     with torch.no_grad():
         for batch, valid in loader.eval_batches():
             images = batch.images.to(device, dtype=param_dtype)
@@ -33,6 +37,7 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
             logits, labels = logits[:valid], batch.labels[:valid].to(device)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             sums["samples"] += valid
+            id_sum += int(batch.ids[:valid].sum())
             sums["top1"] += float((top[:, 0] == labels).sum())
             sums["top5"] += float((top == labels[:, None]).any(dim=1).sum())
             sums["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
@@ -41,6 +46,8 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
     n = totals["samples"]
     if expected_samples is not None and int(n) != expected_samples:
         raise RuntimeError(f"evaluation counted {int(n)} samples, the split has {expected_samples}")
+    require_each_sample_once(Coverage(int(n), all_reduce_int(id_sum)), loader.split_coverage(),
+                             loader.mixture.sets[0].shards.location)
     return {"samples": int(n), "top1": 100 * totals["top1"] / n, "top5": 100 * totals["top5"] / n,
             "loss": totals["loss"] / n}
 

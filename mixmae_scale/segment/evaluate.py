@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mixmae_scale.data.sample_ids import Coverage, require_each_sample_once
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.finetune.segmentation_metrics import confusion_matrix, miou, pixel_accuracy
 
@@ -41,16 +42,19 @@ def _summed(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_segmentation(model: Any, batches: Iterable, device: torch.device, dtype: str, num_classes: int,
-                          ignore_index: int, expected_samples: int | None = None) -> dict[str, Any]:
+                          ignore_index: int, expected_samples: int | None = None, split: Coverage | None = None,
+                          where: str = "the split") -> dict[str, Any]:
     """`model` maps images to `[B, K, H, W]` logits (a DeepSpeed engine or a plain module); `batches` yields
     (batch with .images and .masks, real samples in it), as `ShardLoader.eval_batches()`. Collective when a
-    process group is up: every rank must pass the same number of batches."""
+    process group is up: every rank must pass the same number of batches. `split`: the split's coverage
+    (`ShardLoader.split_coverage()`), which the samples counted must match, each once (data/sample_ids.py)."""
     module = getattr(model, "module", model)
     was_training = module.training
     module.eval()
     param_dtype = next(module.parameters()).dtype
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     sums = torch.zeros(3, dtype=torch.float64)  # samples, loss sum, labelled pixels
+    ids = torch.zeros(1, dtype=torch.int64)  # exact, where float64 would round
     with torch.no_grad():
         for batch, valid in batches:
             with autocast(device, dtype):
@@ -63,11 +67,15 @@ def evaluate_segmentation(model: Any, batches: Iterable, device: torch.device, d
             confusion += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index).cpu()
             loss, labelled = pixel_loss(logits, masks, ignore_index)
             sums += torch.tensor([valid, float(loss), float(labelled)], dtype=torch.float64)
+            if split is not None:
+                ids += batch.ids[:valid].sum()
     module.train(was_training)
     confusion, sums = _summed(confusion), _summed(sums)
     samples = int(sums[0])
     if expected_samples is not None and samples != expected_samples:
         raise RuntimeError(f"evaluation counted {samples} samples, the split has {expected_samples}")
+    if split is not None:
+        require_each_sample_once(Coverage(samples, int(_summed(ids)[0])), split, where)
     mean, per_class = miou(confusion)
     return {"samples": samples, "miou": mean, "pixel_accuracy": pixel_accuracy(confusion),
             "loss": float(sums[1] / sums[2].clamp(min=1)), "per_class_iou": per_class}
@@ -89,7 +97,7 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
     spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
     loader = ShardLoader(shards, split, spec, backend, threads)
     scores = evaluate_segmentation(model.to(device), loader.eval_batches(), device, "fp32", settings["num_classes"],
-                                   settings["ignore_index"], expected)
+                                   settings["ignore_index"], expected, loader.split_coverage(), str(shards))
     return {"weights": str(source), "data": str(shards), "split": split, "batch": batch, **scores}
 
 

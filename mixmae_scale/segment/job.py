@@ -68,7 +68,8 @@ class SegmentJob(EvaluatedJob):
         config, derived = self.config, loop.derived
         val_loader = open_loader(config, config.data.shards, config.data.val_split, self.val_spec)
         scores = evaluate_segmentation(loop.engine, val_loader.eval_batches(), loop.device, derived.dtype,
-                                       config.segment.num_classes, config.segment.ignore_index, self.val_samples)
+                                       config.segment.num_classes, config.segment.ignore_index, self.val_samples,
+                                       val_loader.split_coverage(), str(config.data.shards))
         return {"step": step, "epoch": step / derived.steps_per_epoch, **scores}
 
     def describe(self, result: dict[str, Any]) -> str:

@@ -47,7 +47,11 @@ def finetuned(demo_shards, tmp_path_factory):
     return root
 
 
-def test_finetune_trains_evaluates_every_sample_once_and_keeps_the_best(finetuned):
+def test_finetune_evaluates_every_sample_once_on_schedule_and_keeps_the_best(finetuned):
+    """20 steps from a random init learn nothing yet (the next test measures learning); what this run checks is the
+    evaluation around the training: on schedule, over the whole split on 2 ranks, the best one kept. That every
+    sample counted once is the evaluation's own check (the ids out of the decoder against the split's): a row
+    exists only where it held."""
     evals = [json.loads(line) for line in (finetuned / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [9, 18, 20]  # every half epoch (18 steps/epoch) and at the end
     assert all(e["samples"] == 80 for e in evals)  # 80 validation images, none twice, none lost
@@ -55,6 +59,26 @@ def test_finetune_trains_evaluates_every_sample_once_and_keeps_the_best(finetune
     assert summary["best"]["top1"] == max(e["top1"] for e in evals)
     assert (finetuned / "run" / "best").is_dir() and any((finetuned / "run" / "best").glob("*/COMPLETE"))
     assert all(e["loss"] == e["loss"] for e in evals)
+
+
+def test_finetuning_from_a_random_init_learns_the_demo_classes(demo_shards, tmp_path):
+    """The fine-tuning loop (layer-decay groups, schedule, DeepSpeed step, head) learns: 216 steps on one rank from
+    a random init, the augmentations that slow a short run off, at an lr a random init tolerates (3x that lr
+    did not learn in 108 steps). Measured here: training loss 2.30 -> 2.0, validation top-5 80% (chance 50%; top-1
+    15%, too close to chance's 10% over 80 images to assert)."""
+    off = ("finetune.mixup=0", "finetune.cutmix=0", "finetune.rand_augment_ops=0", "finetune.random_erasing=0",
+           "finetune.label_smoothing=0", "finetune.layer_decay=1", "model.drop_path=0")
+    run("finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
+        f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=16", "batch.global_batch=16",
+        "logging.every_steps=6", "finetune.eval_every_epochs=12", "optim.base_learning_rate=0.008",
+        "precision.dtype=fp32", "schedule.epochs=12", "schedule.warmup_epochs=1", *off, ranks=1, threads=2)
+    curve = list(metric_losses(tmp_path / "run").values())
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    final = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
+    print(f"\ntraining loss {first:.3f} -> {last:.3f}; validation top-1 {final['top1']:.1f}%, "
+          f"top-5 {final['top5']:.1f}% at step {final['step']}")
+    assert final["step"] == 216 and final["samples"] == 80
+    assert last < first - 0.15 and final["top5"] >= 65
 
 
 def test_finetuning_log_has_no_deprecation_warnings_or_deepspeed_build_lines(finetuned):
@@ -144,10 +168,8 @@ def test_the_quickstart_path_pretrains_the_whole_schedule_the_dry_run_shows_and_
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert len(report["random_init"]) == 3 and len({r["top1"] for r in report["random_init"]} |
                                                    {r["knn_top1"] for r in report["random_init"]}) > 1
-    for readout, key in (("linear", "top1"), ("knn", "knn_top1")):
-        values = [r[key] for r in report["random_init"]]
+    for readout, key in (("linear", "top1"), ("knn", "knn_top1")):  # the margin's arithmetic: tests/unit/test_probe.py
         assert report[readout]["pretrained"] == report["pretrained"][key]
-        assert report[readout]["margin"] == pytest.approx(report["pretrained"][key] - sum(values) / 3)
     assert report["pretrained"]["val_samples"] == 80 and report["pretrained"]["train_samples"] == 300
 
 

@@ -290,3 +290,54 @@ def test_shards_another_tool_wrote_train_where_they_are_after_adoption(tmp_path,
                                  workers=1).eval_batches())
     assert sum(real for _, real in evaluated) == 40
     assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before  # read where they are, not rewritten
+
+
+def test_each_evaluation_sample_comes_out_of_the_decoder_with_its_own_id_on_every_rank(demo_shards):
+    """The ids evaluation checks its coverage with (data/sample_ids.py) are the samples' own, in the images'
+    order, through DALI and the PyTorch loader alike: over 3 ranks (shares of 27, 27 and 26 in batches of 8, the
+    last padded) the real samples' ids are 80 distinct ones adding up to the split's."""
+    from mixmae_scale.data.sample_ids import Coverage
+
+    seen = {}
+    for backend in ("dali", "torch"):
+        total, ids = Coverage(), []
+        for rank in range(3):
+            loader = ShardLoader(str(demo_shards), "val", _spec(mode="eval", shard_id=rank, num_shards=3), backend,
+                                 workers=1)
+            for batch, valid in loader.eval_batches():
+                ids += batch.ids[:valid].tolist()
+                total += Coverage(valid, int(batch.ids[:valid].sum()))
+        assert total == loader.split_coverage() and total.samples == 80 == len(set(ids))
+        seen[backend] = ids
+    assert seen["dali"] == seen["torch"]
+
+
+def test_an_evaluation_that_counts_one_sample_twice_and_another_not_at_all_is_refused(demo_shards, tmp_path):
+    """The right count of samples is not enough: one sample delivered in place of another (a duplicate plus an
+    omission, which a count passes) stops the evaluation with a message that says so."""
+    import torch.distributed as dist
+
+    from mixmae_scale.finetune.evaluate import evaluate
+
+    class OneSampleTwice:
+        def __init__(self, loader: ShardLoader) -> None:
+            self.loader, self.mixture = loader, loader.mixture
+
+        def split_coverage(self):
+            return self.loader.split_coverage()
+
+        def eval_batches(self):
+            for number, (batch, valid) in enumerate(self.loader.eval_batches()):
+                if number == 1:
+                    batch.ids[1] = batch.ids[0]
+                yield batch, valid
+
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 10))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        loader = ShardLoader(str(demo_shards), "val", _spec(mode="eval"), "torch", workers=1)
+        assert evaluate(model, loader, torch.device("cpu"), "fp32", 80)["samples"] == 80
+        with pytest.raises(RuntimeError, match="counted 80 samples .* a sample was counted twice and another not"):
+            evaluate(model, OneSampleTwice(loader), torch.device("cpu"), "fp32", 80)
+    finally:
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encod
 from mixmae_scale.models.convert_official import convert_official_checkpoint, load_weights
 from mixmae_scale.models.mixmae import MixMAE
 from mixmae_scale.models.swin import SwinShape
+from tests.unit.test_official_fixture import require_fixture
+
+# The official fine-tuning model's checkpoint and outputs (tests/unit/test_backbone.py reads the same folder).
+FT_FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-mixmim-ft-small"
 
 
 def _official_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,12 +85,50 @@ def test_official_pretraining_checkpoint_converts_and_loads_with_no_missing_keys
         assert torch.equal(rebuilt(images, mask=mask).loss, small_mixmae(images, mask=mask).loss)
 
 
-def test_official_finetuned_checkpoint_converts_to_a_classifier(small_shape, tmp_path):
-    classifier = SwinClassifier(small_shape, num_classes=7)
+def test_official_finetuned_checkpoint_converts_to_a_classifier_with_the_same_weights_and_logits(small_shape,
+                                                                                                 tmp_path):
+    """A fine-tuned checkpoint in the official layout must come back as the very classifier that wrote it: every
+    tensor in place and the same logits. Each weight is drawn at random first, so that a weight the conversion
+    dropped (left at its initial value) or put under another key shows in the outputs."""
+    torch.manual_seed(0)
+    classifier = SwinClassifier(small_shape, num_classes=7, drop_path=0.0).eval()
+    with torch.no_grad():
+        for value in classifier.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.2)
     src = tmp_path / "mixmim_ft.pth"
     torch.save({"model": _official_layout(classifier)}, src)
     summary = convert_official_checkpoint(src, tmp_path / "ft.safetensors")
     assert summary["kind"] == "finetune" and summary["arch"]["num_classes"] == 7
+    state, arch = load_weights(tmp_path / "ft.safetensors")
+    assert arch == summary["arch"]
+    torch.manual_seed(1)  # a different initialisation, which every converted tensor must overwrite
+    rebuilt = SwinClassifier(small_shape, num_classes=arch["num_classes"], drop_path=0.0).eval()
+    rebuilt.load_state_dict(state, strict=True)
+    for key, value in classifier.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    images = torch.randn(2, 3, small_shape.img_size, small_shape.img_size)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), classifier(images))
+
+
+def test_the_official_finetuned_checkpoint_converts_to_a_classifier_giving_the_official_codes_logits(tmp_path):
+    """The real thing: the official code's own fine-tuning checkpoint (a small model, in the shared fixtures
+    folder with the logits the official code computed from it). Converted and loaded strictly, our classifier
+    must give those logits and pooled features, so that an imported fine-tuned model evaluates as published."""
+    require_fixture(FT_FIXTURE / "official_ft_small.pth")
+    summary = convert_official_checkpoint(FT_FIXTURE / "official_ft_small.pth", tmp_path / "ft.safetensors")
+    reference = torch.load(FT_FIXTURE / "ref_ft_small.pt", weights_only=True)
+    state, arch = load_weights(tmp_path / "ft.safetensors")
+    assert summary["kind"] == "finetune" and arch["num_classes"] == reference["logits"].shape[1]
+    shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
+                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])
+    classifier = SwinClassifier(shape, arch["num_classes"], drop_path=0.0).eval()
+    classifier.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        pooled = classifier.pooled_features(reference["images"])
+        logits = classifier.head(pooled)
+    assert (pooled - reference["pooled"]).abs().max() < 1e-5
+    assert (logits - reference["logits"]).abs().max() < 1e-5
 
 
 def test_unmappable_official_keys_are_listed(small_mixmae, tmp_path):

@@ -175,15 +175,38 @@ def test_bf16_autocast_forward_and_backward_stay_finite(small_mixmae):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_stage_masks_never_let_a_merge_combine_two_images(small_shape):
+def test_each_stage_merge_keeps_the_two_images_apart(small_mixmae):
+    """MixMAE's isolation of the two images rests on every 2x2 patch merge reading tokens of one image only:
+    the mask lives on the final grid and is upsampled per stage. So run each stage's real merging layer on
+    tokens mixed as forward_encoder mixes them, then change only the partner image: the merged tokens the next
+    stage's mask gives to image 0 must not move. The control (those it gives to the partner do move) keeps the
+    check from passing on a merge that ignores its input."""
+    model = small_mixmae
+    mask = _fixed_mask(model, 2)
+    generator = torch.Generator().manual_seed(3)
+    merges = [(stage.downsample, res, dim) for stage, res, dim
+              in zip(model.encoder.layers, model.shape.stage_resolutions, model.shape.stage_dims, strict=True)
+              if stage.downsample is not None]
+    assert len(merges) == len(model.shape.depths) - 1
+    for merge, res, dim in merges:
+        tokens = torch.randn(2, res, res, dim, generator=generator)  # image 0 and its partner, image 1
+        changed = tokens.clone()
+        changed[1] = torch.randn(res, res, dim, generator=generator)
+        with torch.no_grad():
+            before, after = merge(mix_tokens(tokens, mask)), merge(mix_tokens(changed, mask))
+        partner = upsample_mask(mask, before.shape[1]).bool()  # the stage-(k+1) mask: where mixed[0] is image 1
+        moved = (before[0] - after[0]).abs().amax(-1)
+        assert moved[~partner].max() <= 1e-6, f"stage at {res}: a merged token of image 0 read the partner"
+        assert moved[partner].min() > 1e-3, f"stage at {res}: a merged token of the partner did not change"
+
+
+def test_each_stage_has_one_same_source_mask_per_window(small_shape):
+    """The per-stage masks forward_encoder passes to the blocks: (windows, 1, tokens, tokens) at every stage."""
     mask = sample_mask(4, 0.5, generator=torch.Generator().manual_seed(2))
-    for res in small_shape.stage_resolutions:
-        up = upsample_mask(mask, res)
-        blocks = up.view(res // 2, 2, res // 2, 2) if res >= 2 else up
-        if res >= 8:  # 2x2 neighbourhoods of every stage before the last come from one image
-            assert (blocks.amax(dim=(1, 3)) == blocks.amin(dim=(1, 3))).all()
     masks = stage_source_masks(mask, small_shape.stage_resolutions, small_shape.stage_windows)
-    assert [tuple(m.shape) for m in masks] == [(16, 1, 64, 64), (4, 1, 64, 64), (1, 1, 64, 64), (1, 1, 16, 16)]
+    expected = [((r // w) ** 2, 1, w * w, w * w) for r, w in zip(small_shape.stage_resolutions,
+                                                                  small_shape.stage_windows, strict=True)]
+    assert [tuple(m.shape) for m in masks] == expected
 
 
 def test_a_half_precision_model_scores_against_the_fp32_pixel_target(small_mixmae):

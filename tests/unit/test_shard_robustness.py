@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -81,11 +84,71 @@ def test_a_folder_of_troubles_converts_to_completion_and_verifies(scraped, tmp_p
     assert report["ok"], report["errors"]
 
 
-def test_no_read_permission_is_a_rejection(scraped, tmp_path, monkeypatch):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: permission bits do not stop root from reading, so this case cannot occur")
-    run(scraped, tmp_path / "out", monkeypatch)
-    assert "Permission denied" in rejected(tmp_path / "out")["cats/locked.jpg"]
+NOBODY = 65534  # the conventional uid and gid of `nobody`
+
+
+def as_unprivileged(work):
+    """`work()`'s JSON-able result, computed as `nobody` when this process is root (CI runs tests as root, and
+    root reads a file whatever its permission bits say): in a forked child that drops its groups, gid and uid,
+    its result sent back through a pipe. A failure in the child is raised here with the child's traceback."""
+    if os.geteuid() != 0:
+        return work()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            try:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                payload, status = {"result": work()}, 0
+            except BaseException:  # noqa: BLE001 - any failure goes back to the test
+                payload = {"error": traceback.format_exc()}
+            with os.fdopen(write_end, "w") as pipe:
+                json.dump(payload, pipe)
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    _, wait_status = os.waitpid(pid, 0)
+    payload = json.loads(text) if text else {"error": f"the child sent nothing (wait status {wait_status})"}
+    if "error" in payload:
+        raise AssertionError(f"the unprivileged conversion failed:\n{payload['error']}")
+    return payload["result"]
+
+
+def test_a_file_without_read_permission_is_rejected_by_name_and_the_others_are_written():
+    """A scraped folder often holds a file its owner kept to themselves; the conversion must reject that one file
+    with a reason that names it and write the rest. The file is really unreadable: mode 000, and the conversion
+    runs as an unprivileged user (as root, the CI case, in a forked child that has dropped to `nobody`; see
+    as_unprivileged), so the kernel refuses the open inside the converter's own read, not a stand-in for it.
+    The folder is outside pytest's tmp_path, whose parent only root may enter."""
+    base = Path(tempfile.mkdtemp(prefix="mixmae-permission-"))
+    try:
+        base.chmod(0o777)  # `nobody` writes the output here
+        src, out = base / "src", base / "out"
+        good = [jpeg(src / cls / f"good_{i}.jpg") for cls in ("cats", "dogs") for i in range(2)]
+        locked = jpeg(src / "cats" / "locked.jpg")
+        for folder in (src, src / "cats", src / "dogs"):
+            folder.chmod(0o755)
+        for path in good:
+            path.chmod(0o644)
+        locked.chmod(0)
+        options = ConvertOptions(layout="folder", splits=("train",), samples_per_shard=2, shard_bytes=None,
+                                 max_rejected=1.0)
+        split = as_unprivileged(lambda: convert(src, out, options).manifest.to_dict())["splits"]["train"]
+        lines = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+        assert [line["source"] for line in lines] == ["cats/locked.jpg"], lines
+        assert "Permission denied" in lines[0]["reason"] and str(locked) in lines[0]["reason"], lines[0]
+        assert split["found"] == len(good) + 1 and split["rejected"] == 1
+        assert split["samples"] == len(good) == split["found"] - split["rejected"]
+        report = verify(out, decode=True)
+        assert report["ok"], report["errors"]
+    finally:
+        shutil.rmtree(base)
 
 
 def test_oversize_images_are_downscaled_to_the_limit_or_rejected_by_choice(scraped, tmp_path, monkeypatch):
