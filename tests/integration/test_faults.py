@@ -43,6 +43,30 @@ def test_every_zero_stage_and_precision_skips_an_update_with_non_finite_gradient
         assert row["clean_step"]["applied"] and row["clean_step"]["weights_changed"], row
 
 
+def test_one_inf_gradient_element_on_one_rank_skips_the_update_on_both_ranks():
+    """The common real case, not every gradient NaN everywhere: one element of one gradient is +inf on rank 1
+    alone (two worker processes on this host, gloo). At every ZeRO stage in fp32 neither rank applies the step
+    nor changes a weight, and after the clean step the two ranks hold the same weights."""
+    cases = [f"{stage}:fp32:inf-on-rank-1" for stage in (0, 1, 2, 3)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, str(WORKERS / "nonfinite_steps.py"), *cases],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    rows = {r: [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            for r, (out, _) in enumerate(outputs)}
+    for zero, one in zip(rows[0], rows[1], strict=True):
+        assert zero["stage"] == one["stage"] and (zero["rank"], one["rank"]) == (0, 1)
+        for row in (zero, one):
+            assert row["nan_grad_step"] == {"loss_finite": True, "applied": False, "weights_changed": False,
+                                            "weights_finite": True}, row
+            assert row["clean_step"]["applied"] and row["clean_step"]["weights_changed"], row
+        assert zero["weights_sum"] == one["weights_sum"], (zero, one)
+    assert [r["stage"] for r in rows[0]] == [0, 1, 2, 3]
+
+
 def test_a_non_finite_stop_resumes_past_the_bad_data(demo_shards, tmp_path):
     """Accumulation 1 (the at-scale profiles'). Micro-batch 3 has a NaN loss (skipped), micro-batch 5 NaN
     gradients (the update is not applied and the step is redone), micro-batches 9-11 NaN losses in a row: past

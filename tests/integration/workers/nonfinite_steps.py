@@ -1,5 +1,7 @@
-"""Run by test_faults.py in a fresh process (a world of one, gloo): for each ZeRO stage and precision given, one
-step with NaN gradients (a finite loss) and one clean step through the real DeepSpeed engine; prints JSON lines."""
+"""Run by test_faults.py in fresh processes (gloo): for each case `stage:dtype[:fault]`, one step with non-finite
+gradients (a finite loss) and one clean step through the real DeepSpeed engine; prints JSON lines. Faults: `nan`
+(every gradient NaN, the default) or `inf-on-rank-1` (one element of one gradient +inf on rank 1 alone: the
+other rank's gradients are finite until they are reduced). A world of one unless RANK and WORLD_SIZE are set."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import os
 import socket
 import sys
 
-with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(probe.getsockname()[1]))
+if "RANK" not in os.environ:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(probe.getsockname()[1]))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -23,8 +26,10 @@ from mixmae_scale.engine.optimizer import adamw  # noqa: E402
 
 skip_shm_allreduce_op()  # as a run's ranks do: otherwise DeepSpeed compiles its CPU shm op here (35 s, fresh machine)
 deepspeed.init_distributed(dist_backend="gloo")
+rank = int(os.environ["RANK"])
 for case in sys.argv[1:]:
-    stage, dtype = int(case.split(":")[0]), case.split(":")[1]
+    stage, dtype, fault = (case.split(":") + ["nan"])[:3]
+    stage = int(stage)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
     optimizer = adamw([{"params": list(model.parameters()), "weight_decay": 0.0}], OptimConfig(), 1e-2, False,
@@ -33,7 +38,7 @@ for case in sys.argv[1:]:
               "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x = torch.randn(4, 16).to(next(engine.module.parameters()).dtype)
-    faults = FaultConfig(inject_nan_grad_at_batches=[0])
+    faults = FaultConfig(inject_nan_grad_at_batches=[0] if fault == "nan" else [])
     results = {}
     params = list(engine.module.parameters())
 
@@ -43,14 +48,23 @@ for case in sys.argv[1:]:
         with deepspeed.zero.GatheredParameters(params):
             return [p.detach().float().clone() for p in params]
 
-    for index in (0, 1):  # 0: NaN gradients, 1: a clean step
+    def one_inf(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[5] = float("inf")
+        return grad
+
+    for index in (0, 1):  # 0: non-finite gradients, 1: a clean step
         before = weights()
         loss = injected_loss(engine(x).float().pow(2).mean(), index, faults)
+        hook = params[2].register_hook(one_inf) if fault == "inf-on-rank-1" and rank == 1 and index == 0 else None
         engine.backward(loss)
+        if hook is not None:
+            hook.remove()
         engine.step()
         after = weights()
         results[index] = {"loss_finite": bool(torch.isfinite(loss)), "applied": engine.was_step_applied(),
                           "weights_changed": any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)),
                           "weights_finite": all(bool(torch.isfinite(a).all()) for a in after)}
-    print(json.dumps({"stage": stage, "dtype": dtype, "nan_grad_step": results[0], "clean_step": results[1]}),
-          flush=True)
+    digest = float(sum(w.double().sum() for w in weights()))  # the same on every rank after the clean step
+    print(json.dumps({"stage": stage, "dtype": dtype, "fault": fault, "rank": rank, "nan_grad_step": results[0],
+                      "clean_step": results[1], "weights_sum": digest}), flush=True)
