@@ -357,3 +357,26 @@ def test_an_evaluation_that_counts_one_sample_twice_and_another_not_at_all_is_re
             evaluate(model, OneSampleTwice(loader), torch.device("cpu"), "fp32", 80)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("change", ["rewritten", "cut_short"])
+def test_a_shard_that_changes_under_a_reading_loader_stops_it_naming_the_shard(demo_shards, tmp_path, backend,
+                                                                               change):
+    """Shards on a shared file system can be rewritten (a conversion rerun into the same folder) or cut short (a
+    copy still in progress) while a run reads them. The loader was built against the manifest; the read that
+    meets the changed shard stops with the shard's path and what to do, not a decoder error or a wrong sample."""
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    loader = ShardLoader(str(shards), "train", _spec(shuffle_buffer=8), backend, workers=1)
+    batches = iter(loader)
+    next(batches)
+    for tar in sorted(shards.glob("train-*.tar")):
+        data = tar.read_bytes()
+        tar.write_bytes(data + b"\0" * 1024 if change == "rewritten" else data[: len(data) // 2])
+    with pytest.raises(DataError) as raised:
+        for _ in batches:
+            pass
+    message = str(raised.value)
+    assert "train-0000" in message and ".tar" in message, message
+    assert "the shard changed after it was indexed" in message or "cut short or replaced" in message, message
