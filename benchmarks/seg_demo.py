@@ -80,13 +80,15 @@ def run_record(run: Path, seconds: float | None) -> dict:
             "images_per_s": summary["images_per_s"], "launch_s": None if seconds is None else round(seconds)}
 
 
-def margins(runs: list[dict]) -> dict:
-    """Per seed pretrained - random (last mIoU), and the smallest margin against the random runs' spread."""
-    pre = [r["pretrained"]["miou"] for r in runs]
-    rnd = [r["random"]["miou"] for r in runs]
+def margins(runs: list[dict], metric: str = "miou") -> dict:
+    """Per seed pretrained - random (the last evaluation's `metric`), and the smallest margin against the random
+    runs' spread. benchmarks/finetune_demo.py uses it for top-1."""
+    pre = [r["pretrained"][metric] for r in runs]
+    rnd = [r["random"][metric] for r in runs]
     per_seed = [p - q for p, q in zip(pre, rnd, strict=True)]
     spread = statistics.stdev(rnd) if len(rnd) > 1 else None
-    return {"pretrained_miou": pre, "random_miou": rnd, "margin_per_seed": per_seed, "min_margin": min(per_seed),
+    return {f"pretrained_{metric}": pre, f"random_{metric}": rnd, "margin_per_seed": per_seed,
+            "min_margin": min(per_seed),
             "margin_mean": statistics.mean(per_seed), "random_spread": spread,
             "min_margin_in_random_spreads": min(per_seed) / spread if spread else None,
             "worst_pretrained_minus_best_random": min(pre) - max(rnd)}

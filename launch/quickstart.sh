@@ -51,5 +51,7 @@ echo "  $RUN/encoder.safetensors  the pretrained encoder, loadable without DeepS
 NEXT=$(printf '%q ' .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli \
   finetune --profile finetune_tiny --set "data.shards=$DEMO/shards" "finetune.init=$RUN/encoder.safetensors")
 if [ -n "${DS_ACCELERATOR:-}" ]; then NEXT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $NEXT"; fi
-echo "next: fine-tune it with"
+echo "next: fine-tune it with (10 epochs, a few minutes)"
 echo "  cd $(printf %q "$PWD") && ${NEXT% }"
+echo "  and the same with finetune.init=null for a random init: on the demo the random init fine-tunes better"
+echo "  (docs/training.md, 'Fine-tuning on the demo'); the probes above are what shows pretraining here."

@@ -24,12 +24,18 @@ def run(*args: str, ranks: int = 2, port: int | None = None, threads: int = 1) -
     return result
 
 
+# The official recipe's augmentations (finetune_b's), which the demo profile turns off: the runs here exercise them.
+OFFICIAL_AUGMENTATION = ("optim.base_learning_rate=2e-3", "schedule.epochs=3", "schedule.warmup_epochs=0.5",
+                         "finetune.mixup=0.8", "finetune.cutmix=1.0", "finetune.rand_augment_ops=2",
+                         "finetune.random_erasing=0.25")
+
+
 def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str) -> list[str]:
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
             "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
             "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
             "batch.global_batch=16", "logging.every_steps=1", "data.shuffle_buffer=64",
-            "finetune.eval_every_epochs=0.5", "checkpoint.every_steps=6", *overrides]
+            "finetune.eval_every_epochs=0.5", "checkpoint.every_steps=6", *OFFICIAL_AUGMENTATION, *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def test_a_finetune_on_two_ranks_continues_on_one_with_its_evaluations_and_best(
     result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir), "--set",
                  f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=8", "batch.global_batch=16",
                  "logging.every_steps=5", "data.shuffle_buffer=64", "finetune.eval_every_epochs=0.5",
-                 "--max-steps", "24", ranks=1)
+                 *OFFICIAL_AUGMENTATION, "--max-steps", "24", ranks=1)
     text = result.stdout + result.stderr
     assert "across a change of layout (world size 2 -> 1)" in text and "resumed from" in text, text[-3000:]
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
