@@ -15,7 +15,6 @@ pretraining of the demo profile, N epochs, reused once exported).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seg_demo import encoder_record, margins, pretrain_encoder  # noqa: E402  (the same encoder and margins)
+from seg_demo import demo_arguments, encoder_record, margins, pretrain_encoder  # noqa: E402  (the same encoder and margins)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -52,15 +51,7 @@ def run_record(run: Path, seconds: float | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--encoder", type=Path, help="the pretrained demo encoder (a run folder or an export)")
-    which.add_argument("--pretrain-epochs", type=int, help="pretrain the demo profile for this many epochs first")
-    parser.add_argument("--demo", type=Path, required=True, help="the demo folder (`mixmae shards demo --out`)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--work", type=Path, default=Path("runs/finetune_demo_benchmark"))
-    parser.add_argument("--set", nargs="*", default=[], dest="overrides",
-                        help="profile overrides for both inits (key=value), as `mixmae finetune --set`")
+    parser = demo_arguments(__doc__.split("\n\n")[0], "finetune", "runs/finetune_demo_benchmark")
     parser.add_argument("--out", type=Path, default=None,
                         help="the results file (default: results/finetune_demo_cpu_<dtype>.json)")
     args = parser.parse_args()

@@ -94,16 +94,23 @@ def margins(runs: list[dict], metric: str = "miou") -> dict:
             "worst_pretrained_minus_best_random": min(pre) - max(rnd)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def demo_arguments(description: str, command: str, work: str) -> argparse.ArgumentParser:
+    """The options both demo fine-tuning benchmarks take (this one and finetune_demo.py): `command` is the mixmae
+    command they run, `work` the default folder of their runs."""
+    parser = argparse.ArgumentParser(description=description)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--encoder", type=Path, help="the pretrained demo encoder (a run folder or an export)")
     which.add_argument("--pretrain-epochs", type=int, help="pretrain the demo profile for this many epochs first")
     parser.add_argument("--demo", type=Path, required=True, help="the demo folder (`mixmae shards demo --out`)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--work", type=Path, default=Path("runs/seg_demo_benchmark"))
+    parser.add_argument("--work", type=Path, default=Path(work))
     parser.add_argument("--set", nargs="*", default=[], dest="overrides",
-                        help="profile overrides for both inits (key=value), as `mixmae segment --set`")
+                        help=f"profile overrides for both inits (key=value), as `mixmae {command} --set`")
+    return parser
+
+
+def main() -> None:
+    parser = demo_arguments(__doc__.split("\n\n")[0], "segment", "runs/seg_demo_benchmark")
     parser.add_argument("--random-set", nargs="*", default=[], dest="random_overrides",
                         help="further overrides for the random init only (its own lr, say)")
     parser.add_argument("--out", type=Path, default=None,
