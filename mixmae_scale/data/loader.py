@@ -146,6 +146,7 @@ class ShardLoader:
         self._pipe = None
         self._decoder = None
         self._fed: deque[RawBatch] = deque(maxlen=4)
+        self._coverage: Coverage | None = None
 
     @property
     def epoch(self) -> int:
@@ -285,8 +286,13 @@ class ShardLoader:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def split_coverage(self) -> Coverage:
-        """What one evaluation pass over all ranks must count: the split's samples and the sum of their ids."""
-        return split_coverage(self.mixture)
+        """What one evaluation pass over all ranks must count: the split's samples and the sum of their ids.
+
+        Computed once per loader (it hashes every key of the split's indexes); the mixture is fixed when the loader
+        is made, and a shard that changes afterwards stops the reader by name."""
+        if self._coverage is None:
+            self._coverage = split_coverage(self.mixture)
+        return self._coverage
 
     def eval_batches(self) -> Iterator[tuple[Batch, int]]:
         """One pass over the split for evaluation: (batch, how many of its samples are real).

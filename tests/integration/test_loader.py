@@ -328,12 +328,18 @@ def test_each_evaluation_sample_comes_out_of_the_decoder_with_its_own_id_on_ever
     assert seen["dali"] == seen["torch"]
 
 
-def test_an_evaluation_that_counts_one_sample_twice_and_another_not_at_all_is_refused(demo_shards, tmp_path):
+def test_an_evaluation_that_counts_one_sample_twice_and_another_not_at_all_is_refused(demo_shards, tmp_path,
+                                                                                      monkeypatch):
     """The right count of samples is not enough: one sample delivered in place of another (a duplicate plus an
-    omission, which a count passes) stops the evaluation with a message that says so."""
+    omission, which a count passes) stops the evaluation with a message that says so. The split's own sum is
+    hashed from its indexes once per loader, not at every evaluation."""
     import torch.distributed as dist
 
+    import mixmae_scale.data.loader as loader_module
     from mixmae_scale.finetune.evaluate import evaluate
+
+    hashed, real = [], loader_module.split_coverage
+    monkeypatch.setattr(loader_module, "split_coverage", lambda mixture: hashed.append(mixture) or real(mixture))
 
     class OneSampleTwice:
         def __init__(self, loader: ShardLoader) -> None:
@@ -355,6 +361,7 @@ def test_an_evaluation_that_counts_one_sample_twice_and_another_not_at_all_is_re
         assert evaluate(model, loader, torch.device("cpu"), "fp32", 80)["samples"] == 80
         with pytest.raises(RuntimeError, match="counted 80 samples .* a sample was counted twice and another not"):
             evaluate(model, OneSampleTwice(loader), torch.device("cpu"), "fp32", 80)
+        assert len(hashed) == 1
     finally:
         dist.destroy_process_group()
 
