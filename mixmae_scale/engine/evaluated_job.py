@@ -8,10 +8,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixmae_scale.engine.job import Job, Loop
 from mixmae_scale.engine.monitor import drop_rows_after
+
+if TYPE_CHECKING:
+    from mixmae_scale.config.schema import Config
+    from mixmae_scale.data.loader import ShardLoader
+    from mixmae_scale.data.spec import PipelineSpec
 
 log = logging.getLogger("mixmae.eval")
 
@@ -21,10 +26,28 @@ class EvaluatedJob(Job):
     eval_every: int
     metric: str  # the result's key that decides the best evaluation (higher is better)
     left_out_of_best: tuple[str, ...] = ()  # result keys too large to keep with every checkpoint
+    config: Config
+    val_spec: PipelineSpec
 
     def start_evaluations(self) -> None:
         self.best: dict[str, Any] = {self.metric: -1.0}
         self.last: dict[str, Any] | None = None
+        self._val_loader: ShardLoader | None = None
+
+    def val_loader(self) -> ShardLoader:
+        """The validation split's loader, made at the first evaluation and kept for the run: the split's indexes
+        are read, and its samples' ids summed, once per run rather than at every evaluation."""
+        if self._val_loader is None:
+            from mixmae_scale.data.loaders import open_loader
+
+            data = self.config.data
+            self._val_loader = open_loader(self.config, data.shards, data.val_split, self.val_spec)
+        return self._val_loader
+
+    def close(self) -> None:
+        super().close()
+        if self._val_loader is not None:
+            self._val_loader.close()
 
     def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
         """Collective: the validation split's scores at `step` (with "step" and "epoch")."""

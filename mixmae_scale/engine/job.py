@@ -70,6 +70,11 @@ class Job(Protocol):
     def load_state(self, state: dict[str, Any]) -> None:
         """On resume: the state `state()` returned when the checkpoint was saved."""
 
+    def close(self) -> None:
+        """After the run, or its failure: the loaders' reading threads end (a sweep's worker goes on to its next
+        run in the same process)."""
+        self.loader.close()
+
     def truncate_logs(self, step: int) -> None:
         """Rank 0, on resume or a fresh start: drop the job's own log lines written after `step`, so that its
         logs keep one line per step through crashes."""

@@ -263,23 +263,26 @@ class TrainingLoop:
         """Steps until the last one or a stop; returns the run's summary (the same on every rank)."""
         metrics = MetricsLog(self.ctx.root / "metrics.csv", getattr(self.engine, "monitor", None), self.wandb) \
             if self.ctx.rank == 0 else None
-        self.job.on_start(self)
-        batches, window = self._micro_batches(), LogWindow.on(self.device)
-        run_start = time.perf_counter()
-        reset_peak_memory()
-        self.engine.train()
-        while self.step < self.ctx.last_step:
-            outcome = self.train_step(batches, window)
-            if outcome.applied:
-                self._step_done(outcome, metrics, window, run_start)
-            self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
-                                         stop=outcome.stop is not None, step_done=outcome.applied)
-            if outcome.stop is not None:
-                self._stop_for_signal(self.last_saved)
-                break
-        if metrics is not None:
-            metrics.close()
-        return self._summary(run_start)
+        try:
+            self.job.on_start(self)
+            batches, window = self._micro_batches(), LogWindow.on(self.device)
+            run_start = time.perf_counter()
+            reset_peak_memory()
+            self.engine.train()
+            while self.step < self.ctx.last_step:
+                outcome = self.train_step(batches, window)
+                if outcome.applied:
+                    self._step_done(outcome, metrics, window, run_start)
+                self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
+                                             stop=outcome.stop is not None, step_done=outcome.applied)
+                if outcome.stop is not None:
+                    self._stop_for_signal(self.last_saved)
+                    break
+            if metrics is not None:
+                metrics.close()
+            return self._summary(run_start)
+        finally:
+            self.job.close()
 
     def _micro_batches(self) -> Iterator[Batch]:
         """The loader's batches, epoch after epoch: the step count, not the data, ends a run."""

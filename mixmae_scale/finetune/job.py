@@ -91,10 +91,10 @@ class FinetuneJob(EvaluatedJob):
 
     def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
         """Collective: top-1 and top-5 of the whole validation split (every rank its share)."""
-        config, derived = self.config, loop.derived
-        val_loader = open_loader(config, config.data.shards, config.data.val_split, self.val_spec)
+        derived = loop.derived
         return {"step": step, "epoch": step / derived.steps_per_epoch,
-                **evaluate(loop.engine, val_loader, loop.device, derived.dtype, expected_samples=self.val_samples)}
+                **evaluate(loop.engine, self.val_loader(), loop.device, derived.dtype,
+                           expected_samples=self.val_samples)}
 
     def describe(self, result: dict[str, Any]) -> str:
         return f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}"

@@ -5,13 +5,16 @@ costs more than that, so a sweep of many small runs spends most of its time star
 once runs its share of the sweep through the same entry point as `mixmae pretrain`, one run after the
 other: each run starts its own process group, seeds every generator from its own seed (engine/loop.py)
 and builds its own model, optimizer and pipelines, so its result is the one a separate process gets
-(tests/integration/test_scaling.py compares them). After each run the worker prints one line
-`MARKER run_id exit_code wall_s` for the sweep to record the run at once.
+(tests/integration/test_scaling.py compares them). Between runs the worker drops what a run leaves in the
+process (compiled graphs and their cache entries, freed CUDA blocks). The sweep hands a worker one run at a time
+on its standard input, longest first from one queue shared by all workers, so a long run does not wait behind
+a fixed batch of others; after each run the worker prints one line `MARKER run_id exit_code wall_s` for the sweep
+to record the run and hand over the next.
 
 On a GPU, `parallel` workers share the one device; `device_share` checks that their peak memory, as the
 memory planner (cluster/plan.py) estimates it for the largest run, fits in the device's.
 
-    python -m mixmae_scale.scaling.in_process JOBS.json   # [{"run_id": ..., "args": [pretrain args]}, ...]
+    python -m mixmae_scale.scaling.in_process < JOBS   # one {"run_id": ..., "args": [pretrain args]} per line
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 MARKER = "mixmae-sweep-run-done"
 HEADROOM = 0.25  # of the device memory kept free: the planner under-estimated a real peak by up to 18%
@@ -85,12 +87,15 @@ def planned_peak_gib(spec, run, device_gib: float) -> float:
     return plan(resolved, spec.profile, gpus=1, gpu_mem_gib=device_gib, job="pretrain").total_gib
 
 
-def main(jobs_file: str) -> int:
-    """Runs every job of `jobs_file` in turn; a failed run is reported by its marker line, and the rest go on."""
+def main(jobs=sys.stdin) -> int:
+    """Runs each job line of `jobs` as it comes, until it ends; a failed run is reported by its marker line, and
+    the worker goes on to the next."""
     from mixmae_scale.cli import main as cli_main
 
-    jobs = json.loads(Path(jobs_file).read_text())
-    for job in jobs:
+    for line in jobs:
+        if not line.strip():
+            continue
+        job = json.loads(line)
         start = time.perf_counter()
         _forget_process_groups()
         try:
@@ -98,9 +103,23 @@ def main(jobs_file: str) -> int:
         except Exception as exc:  # noqa: BLE001 - one run's failure is its own; the worker goes on to the next
             print(f"mixmae: error: run {job['run_id']}: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
+        _forget_compiled_code()
         sys.stderr.flush()
-        print(f"{MARKER} {job['run_id']} {code} {time.perf_counter() - start:.3f}", flush=True)
+        print(f"\n{MARKER} {job['run_id']} {code} {time.perf_counter() - start:.3f}", flush=True)
     return 0
+
+
+def _forget_compiled_code() -> None:
+    """A run's compiled graphs would stay cached under the code objects every run shares (a Swin block's forward):
+    each new width adds entries until dynamo's recompile limit makes later runs fall back to eager without a word.
+    The next run compiles for itself, as in a process of its own."""
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _forget_process_groups() -> None:
@@ -116,6 +135,6 @@ def _forget_process_groups() -> None:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1])
+    code = main()
     gc.freeze()  # skip the interpreter's final collections: see mixmae_scale/cli/__main__.py
     sys.exit(code)

@@ -4,11 +4,13 @@ Each run pretrains with its own budget as the whole schedule (warm-up 10%, cosin
 subset of the training shards for its data fraction, and appends one line to `results.jsonl`: N, D,
 C, the final training loss, the held-out reconstruction loss with fixed masks and seed (comparable
 across runs), optionally a linear-probe top-1, and the wall time. Runs go to workers (`in_process`):
-`parallel` of them share the device, each running `per_process` runs in turn without starting again.
+`parallel` of them share the device, each taking the next run from one queue (`start_order`) and running up to
+`per_process` runs before a fresh process takes its place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,7 +18,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -252,23 +253,68 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
 
     def finished(index: int, run: PlannedRun, code: int, wall_s: float, output: str) -> None:
         with lock:
+            if not code:
+                try:
+                    row = {**_row(spec, run, out / "runs" / run.run_id, wall_s,
+                                  subset_shards(spec.shards, run.data_fraction, out / "data")), **extra}
+                except Exception as exc:  # noqa: BLE001 - one unreadable run is recorded as failed; the rest go on
+                    code, output = 1, f"{output}\nmixmae: error: reading run {run.run_id}: {exc}\n"
             if code:
                 tally.failed.append(run.run_id)
                 log(f"[{index}/{len(runs)}] {run.run_id}: failed (exit {code}):\n{output[-2000:]}")
                 return
-            row = {**_row(spec, run, out / "runs" / run.run_id, wall_s, subset_shards(spec.shards, run.data_fraction,
-                                                                                      out / "data")), **extra}
             _append(results, row)
             rows.append(row)
             tally.ran += 1
             log(f"[{index}/{len(runs)}] {run.run_id}: N={run.params / 1e6:.3f}M C={run.flops:.3g} steps={run.steps} "
                 f"held-out loss {row['heldout_loss']:.4f} ({wall_s:.0f} s)")
 
-    batches = [pending[i:i + share.per_process] for i in range(0, len(pending), share.per_process)]
+    queue = RunQueue(sorted(pending, key=lambda item: start_order(item[1])))
+
+    def job_args(run: PlannedRun) -> list[str]:
+        return _pretrain_args(spec, run, out, share.threads)
+
     with ThreadPoolExecutor(share.parallel) as pool:
-        for future in [pool.submit(_worker, spec, batch, out, share.threads, finished) for batch in batches]:
+        for future in [pool.submit(_worker, queue, share, job_args, finished) for _ in range(share.parallel)]:
             future.result()
     return rows
+
+
+# What a run costs on one GPU, for the order runs start in: a fixed cost per optimizer step (the H100 loop's host
+# work over the bare step, benchmarks/results/gpu_fast_step/loop_overhead.json) plus its FLOPs at the rate that
+# loop reached on Swin-B.
+STEP_OVERHEAD_S = 0.047
+FLOP_RATE = 4.6e13
+
+
+def estimated_seconds(run: PlannedRun) -> float:
+    return run.steps * STEP_OVERHEAD_S + run.flops / FLOP_RATE
+
+
+def start_order(run: PlannedRun) -> tuple[float, float]:
+    """Iso-FLOP budgets from the smallest, each budget's runs longest first; a grid's runs longest first.
+
+    Longest first keeps a long run started last from holding up the end. Budgets in turn make a sweep cut short
+    (a time limit, a device lent for minutes) leave whole iso-FLOP curves, each a result, rather than parts of every
+    curve; that costs the gap a budget's long runs leave at its end. For the GPU study, simulated from its cost
+    estimate (benchmarks/sweep_schedule.py): 442 s instead of 316 s, but at 1.5x the estimate 4 whole curves by
+    450 s instead of none."""
+    return (run.budget or 0.0, -estimated_seconds(run))
+
+
+class RunQueue:
+    """The runs still to start, shared by the workers: each takes the next when it is free."""
+
+    def __init__(self, items: list[tuple[int, PlannedRun]]) -> None:
+        self._items, self._lock = list(items), threading.Lock()
+
+    def take(self) -> tuple[int, PlannedRun] | None:
+        with self._lock:
+            return self._items.pop(0) if self._items else None
+
+    def __bool__(self) -> bool:
+        with self._lock:
+            return bool(self._items)
 
 
 def _pretrain_args(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> list[str]:
@@ -279,30 +325,53 @@ def _pretrain_args(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) ->
             str(run.steps), *sets, "--set", f"data.num_threads={threads}"]
 
 
-def _worker(spec: SweepSpec, batch: list[tuple[int, PlannedRun]], out: Path, threads: int, finished) -> None:
-    """One process runs `batch` in turn (`in_process`); each run is reported by `finished` as its marker line
-    arrives, with the output it printed (shown when it failed)."""
-    jobs = [{"run_id": run.run_id, "args": _pretrain_args(spec, run, out, threads)} for _, run in batch]
-    by_id = {run.run_id: (index, run) for index, run in batch}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out, delete=False) as handle:
-        json.dump(jobs, handle)
+WORKER = [sys.executable, "-m", "mixmae_scale.scaling.in_process"]
+
+
+def _worker(queue: RunQueue, share: DeviceShare, job_args, finished, command: list[str] = WORKER) -> None:
+    """One slot of the device: a process (`in_process`) takes runs from `queue` one at a time, up to
+    `share.per_process`, then a fresh one takes over, until the queue is empty. Each run is reported by `finished`
+    as its marker arrives, with the output it printed (shown when it failed); a run whose process died is reported
+    failed, and the next run gets a new process."""
+    while queue:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, env={**os.environ, "OMP_NUM_THREADS": str(share.threads)})
+        try:
+            for _ in range(share.per_process):
+                item = queue.take()
+                if item is None:
+                    break
+                index, run = item
+                code, wall_s, output = _run_in(process, run, job_args(run))
+                finished(index, run, code, wall_s, output)
+                if process.poll() is not None:
+                    break
+        finally:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+            process.stdout.read()  # drained: a process that prints on its way out must not block on a full pipe
+            process.wait()
+
+
+def _run_in(process: subprocess.Popen, run: PlannedRun, args: list[str]) -> tuple[int, float, str]:
+    """Hands `run` to the worker process and reads its output up to the run's marker: (exit code, wall s, output).
+    The marker is looked for anywhere in a line: output written without a newline must not hide it."""
+    output: list[str] = []
     try:
-        process = subprocess.Popen([sys.executable, "-m", "mixmae_scale.scaling.in_process", handle.name],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        output: list[str] = []
-        for line in process.stdout:
-            if line.startswith(MARKER):
-                _, run_id, code, wall_s = line.split()
-                finished(*by_id.pop(run_id), int(code), float(wall_s), "".join(output))
-                output = []
-            else:
-                output.append(line)
-        process.wait()
-        for index, run in by_id.values():  # the worker itself died before these ran
-            finished(index, run, process.returncode or 1, 0.0, "".join(output))
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+        process.stdin.write(json.dumps({"run_id": run.run_id, "args": args}) + "\n")
+        process.stdin.flush()
+    except OSError:  # the process has died (its output says why)
+        return process.wait() or 1, 0.0, process.stdout.read()
+    for line in process.stdout:
+        at = line.find(MARKER)
+        if at < 0:
+            output.append(line)
+            continue
+        output.append(line[:at])
+        _, run_id, code, wall_s = line[at:].split()
+        if run_id == run.run_id:
+            return int(code), float(wall_s), "".join(output)
+    return process.wait() or 1, 0.0, "".join(output)  # died during the run
 
 
 def _complete(run_dir: Path, run: PlannedRun) -> bool:

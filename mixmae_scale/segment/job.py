@@ -66,7 +66,7 @@ class SegmentJob(EvaluatedJob):
     def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
         """Collective: the mIoU of the whole validation split (every rank its share)."""
         config, derived = self.config, loop.derived
-        val_loader = open_loader(config, config.data.shards, config.data.val_split, self.val_spec)
+        val_loader = self.val_loader()
         scores = evaluate_segmentation(loop.engine, val_loader.eval_batches(), loop.device, derived.dtype,
                                        config.segment.num_classes, config.segment.ignore_index, self.val_samples,
                                        val_loader.split_coverage(), str(config.data.shards))

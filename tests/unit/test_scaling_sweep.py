@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
+import sys
+import textwrap
 import time
 
 import pytest
@@ -14,9 +17,10 @@ import pytest
 from mixmae_scale.config import ConfigError
 from mixmae_scale.scaling import run as sweep_run
 from mixmae_scale.scaling.fit import FitError
+from mixmae_scale.scaling.in_process import MARKER, DeviceShare
 from mixmae_scale.scaling.report import fit_results, read_results, write_report
-from mixmae_scale.scaling.run import run_sweep
-from mixmae_scale.scaling.spec import expand, load_spec
+from mixmae_scale.scaling.run import RunQueue, SweepError, estimated_seconds, run_sweep
+from mixmae_scale.scaling.spec import PlannedRun, expand, load_spec
 
 SIZES = """
 sizes:
@@ -68,11 +72,12 @@ def stub_runs(monkeypatch):
     """Replaces the worker process: each run writes its folder at once, after the sweep built its command line."""
     started: list[str] = []
 
-    def worker(spec, batch, out, threads, finished):
-        for index, run in batch:
-            args = sweep_run._pretrain_args(spec, run, out, threads)
+    def worker(queue, share, job_args, finished):
+        while (item := queue.take()) is not None:
+            index, run = item
+            args = job_args(run)
             assert args[args.index("--max-steps") + 1] == str(run.steps)
-            run_dir = out / "runs" / run.run_id
+            run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
             run_dir.mkdir(parents=True)
             loss = stub_loss(run)
             (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{run.steps},1.0,0,{loss + 0.1}\n")
@@ -152,3 +157,67 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
     results.write_text("{not json\n")
     with pytest.raises(FitError, match="results.jsonl:1: not JSON"):
         read_results(results)
+
+
+def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_back_fails_alone(
+        demo_shards, tmp_path, stub_runs, monkeypatch):
+    """One queue: the smallest budget's runs first (a sweep cut short leaves whole iso-FLOP curves), each budget's
+    longest first (a long run started last would hold up the end); a finished run whose folder cannot be read is
+    recorded as failed, and the others are recorded."""
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    planned = {run.run_id: run for run in expand(spec, spec.train_samples_for_plan(), base_lr=0.02)}
+    read_back = sweep_run._row
+
+    def row(spec, run, run_dir, wall_s, subset=None):
+        if run.run_id == "w12-C1.2e+10-seed0":
+            raise OSError(f"{run_dir / 'summary.json'}: stale file handle")
+        return read_back(spec, run, run_dir, wall_s, subset)
+
+    monkeypatch.setattr(sweep_run, "_row", row)
+    messages: list[str] = []
+    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C1.2e\+10-seed0;"):
+        run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
+    study = stub_runs[1:]  # after the lr sweep's one run
+    order = [(planned[run_id].budget, -estimated_seconds(planned[run_id])) for run_id in study]
+    assert sorted(study) == sorted(planned) and order == sorted(order)
+    assert [budget for budget, _ in order] == [6e9] * 3 + [1.2e10] * 3 and order[0][1] < order[2][1]
+    assert any("w12-C1.2e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
+    recorded = [json.loads(line)["run_id"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted(recorded) == sorted(set(planned) - {"w12-C1.2e+10-seed0"})
+
+
+WORKER_STUB = textwrap.dedent(f"""
+    import json, os, sys
+    for line in sys.stdin:
+        run_id = json.loads(line)["run_id"]
+        if run_id == "dies":
+            print("out of memory", flush=True)
+            os._exit(3)
+        sys.stdout.write(f"pid {{os.getpid()}} ran {{run_id}} (no newline before the marker)")
+        print("{MARKER}", run_id, 1 if run_id == "fails" else 0, "0.5", flush=True)
+""")
+
+
+def _planned(run_id: str) -> PlannedRun:
+    return PlannedRun(run_id, "w8", 1.0, 10, 0, (), 1000, 80, 1e9)
+
+
+def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_run(tmp_path):
+    """Runs handed one at a time to a worker process (a stand-in for `in_process` that speaks its protocol): a new
+    process after K runs; a process that dies fails the run it was on, and the next run gets a new process; a
+    marker written after text without a newline is still found."""
+    stub = tmp_path / "worker.py"
+    stub.write_text(WORKER_STUB)
+    names = ["a", "b", "c", "fails", "dies", "d"]
+    queue = RunQueue([(number, _planned(name)) for number, name in enumerate(names, start=1)])
+    finished: list[tuple] = []
+    sweep_run._worker(queue, DeviceShare("2 CPU cores", 1, 2, 1), lambda run: ["pretrain"],
+                      lambda *reported: finished.append(reported), command=[sys.executable, str(stub)])
+    assert [(index, run.run_id, code) for index, run, code, _, _ in finished] == \
+        [(1, "a", 0), (2, "b", 0), (3, "c", 0), (4, "fails", 1), (5, "dies", 3), (6, "d", 0)]
+    pids = [output.split()[1] if output.startswith("pid ") else None for *_, output in finished]
+    assert pids[0] == pids[1] != pids[2] == pids[3] and pids[5] not in pids[:4]
+    assert finished[0][3] == 0.5 and finished[0][4].endswith("ran a (no newline before the marker)")
+    assert finished[4][4] == "out of memory\n" and not queue
