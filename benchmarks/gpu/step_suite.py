@@ -1,20 +1,23 @@
 """The GPU step suite: where Swin-B's step time goes, and what each change to the step buys, for B, L and H.
 
 One process, one GPU, synthetic images already on the device (the bare step: forward, backward, AdamW step):
-1. check: `model.attention=grouped` through compiled FlexAttention (its backward exists on CUDA only) against
-   the masked path, fp32, forward and every gradient, at a small shape and at the official 7x7 mask grid;
-2. profile: B's baseline step under torch.profiler: GPU busy time, host gaps between kernels, kernel classes;
-3. variants, in priority order, each timed alone (median step after warm-up): the baseline (the profiles'
+1. variants, in priority order, each timed alone (median step after warm-up): the baseline (the profiles'
    GPU settings: fused masked attention, per-block compile, fused AdamW), grouped attention, whole-step
    compile, both, CUDA graphs (whole step, mode="reduce-overhead"), a doubled micro-batch, foreach AdamW
-   (what fusing the optimizer buys); B gets all, L and H the baseline and the combination;
+   (what fusing the optimizer buys); B gets all, L and H the baseline and the combination. B's baseline runs
+   first; the check (2) runs after it;
+2. check: `model.attention=grouped` through compiled FlexAttention (its backward exists on CUDA only) against
+   the masked path, fp32, forward and every gradient, at a small shape and at the official 7x7 mask grid;
+3. profile: B's baseline and grouped steps under torch.profiler: GPU busy time, host gaps between kernels,
+   kernel classes;
 4. loop: the real loop over the bare step (benchmarks/loop_overhead.py) where DeepSpeed and DALI are installed.
 
 Per variant: images/s, MFU (the FLOP count named in the JSON: `models.flops` training FLOPs per image, 6 x
 forward multiply-adds with 2 FLOPs per multiply-add and the masked attention's full windows, for every
 variant, so grouped attention is credited the same work), peak memory, and the planner's activation figure
-against the measured growth of memory over the step. A deadline (--budget-s) skips what would not fit,
-recorded as skipped. Writes gpu_suite.json and profile.md to --out.
+against the measured growth of memory over the step, and dynamo's counters (graph breaks, recompiles, skipped
+CUDA graphs: each slows a step without an error). A deadline (--budget-s) skips what would not fit, recorded as
+skipped. gpu_suite.json and profile.md in --out are rewritten after every row, so a run cut short keeps its rows.
 
     python3 benchmarks/gpu/step_suite.py --out benchmarks/results/gpu_step     # one H200: at most about 8 minutes
     python benchmarks/gpu/step_suite.py --out /tmp/s --dry-run   # CPU: tiny shape, 2 steps, tracing only
@@ -69,9 +72,16 @@ B_ONLY = (Variant("grouped", attention="grouped"), Variant("whole", compile="who
 
 
 def plan_runs() -> list[tuple[str, Variant]]:
-    """Priority order: what the next GPU session most needs comes first, before the deadline can bite."""
-    return [("base", BASELINE), ("base", B_ONLY[0]), ("base", COMBINED), ("large", BASELINE), ("large", COMBINED),
-            ("huge", BASELINE), ("huge", COMBINED), *[("base", v) for v in B_ONLY[1:]]]
+    """Priority order: what the next GPU session most needs comes first, before the deadline can bite: B's
+    baseline, each of the two main changes alone and together, then L and H, then the rest of B's."""
+    return [("base", BASELINE), ("base", B_ONLY[0]), ("base", B_ONLY[1]), ("base", COMBINED), ("large", BASELINE),
+            ("large", COMBINED), ("huge", BASELINE), ("huge", COMBINED), *[("base", v) for v in B_ONLY[2:]]]
+
+
+# Seconds a variant needs before the deadline to be started: a cold compile plus warm-up and timed steps. Per-block
+# compiles reuse one block's graph per stage shape; a whole-step compile traces every block of the step, forward and
+# backward (and CUDA graphs record it as well).
+NEEDS_S = {"none": 45.0, "blocks": 90.0, "whole": 200.0, "cudagraphs": 240.0}
 
 
 @dataclass
@@ -190,15 +200,43 @@ def measure_variant(suite: Suite, size: str, variant: Variant, plan_cache: dict,
     peak = _peak_flops(suite)
     row["train_flops_per_image"] = flops
     row["mfu"] = (micro / median) * flops / peak if peak else None
-    row["planned_activation_mib"] = planned_activation_mib(resolved, micro, plan_cache)
-    if suite.device.type == "cuda":
-        peak_bytes = torch.cuda.max_memory_allocated()
-        row["peak_mib"] = peak_bytes / 2**20
-        row["step_growth_mib"] = (peak_bytes - before) / 2**20
-        row["planner_error"] = row["planned_activation_mib"] / row["step_growth_mib"] - 1
+    row["compile_counters"] = compile_counters()
+    try:  # a timing is kept even when a memory figure cannot be had
+        row.update(memory_figures(suite, resolved, micro, variant, before, plan_cache))
+    except Exception as exc:  # noqa: BLE001
+        row["memory_error"] = f"{type(exc).__name__}: {exc}"[:500]
     if profile:
-        suite.results["profile"] = profile_step(suite, step, 3 if not suite.dry_run else 1)
+        suite.results.setdefault("profiles", {})[f"{size}/{variant.name}"] = profile_step(
+            suite, step, 3 if not suite.dry_run else 1)
     return row
+
+
+def memory_figures(suite: Suite, resolved, micro: int, variant: Variant, before: int, plan_cache: dict) -> dict:
+    """Peak memory, its growth over the step, and the planner's activation figure against that growth. The
+    planner measures the dense masked kernel on the CPU, so a grouped row compares another kernel's memory; CUDA
+    graphs allocate from their own pool, which the step's growth does not show, so no planner error there."""
+    figures = {"planned_activation_mib": planned_activation_mib(resolved, micro, plan_cache), "planner_error": None}
+    if suite.device.type != "cuda":
+        return figures
+    peak_bytes = torch.cuda.max_memory_allocated()
+    figures.update(peak_mib=peak_bytes / 2**20, step_growth_mib=(peak_bytes - before) / 2**20)
+    if variant.compile != "cudagraphs" and figures["step_growth_mib"] >= 64:
+        figures["planner_error"] = figures["planned_activation_mib"] / figures["step_growth_mib"] - 1
+    return figures
+
+
+def compile_counters() -> dict:
+    """What dynamo and inductor did for the variant just run (cleared after each): graph breaks, recompiles and
+    skipped CUDA graphs each make a step slower without an error."""
+    from torch._dynamo.utils import counters
+
+    wanted = {"graph_break": None, "recompiles": None, "stats": ("unique_graphs", "calls_captured"),
+              "inductor": ("cudagraph_skips",)}
+    found = {}
+    for group, keys in wanted.items():
+        values = dict(counters.get(group, {}))
+        found[group] = sum(values.values()) if keys is None else {k: values.get(k, 0) for k in keys}
+    return found
 
 
 def _group_kernel(model, device: torch.device) -> str | None:
@@ -276,8 +314,8 @@ def profile_step(suite: Suite, step, count: int) -> dict:
 def _is_device_work(event, device: torch.device) -> bool:
     from torch.autograd import DeviceType
 
-    if device.type == "cuda":
-        return event.device_type == DeviceType.CUDA
+    if device.type == "cuda":  # GPU-side user annotations (record_function ranges) are spans, not kernels
+        return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
     return event.device_type == DeviceType.CPU and event.cpu_parent is None and event.name.startswith("aten::")
 
 
@@ -344,29 +382,54 @@ def run_loop_overhead(suite: Suite, out: Path) -> dict:
     return json.loads((out / "loop_overhead.json").read_text())
 
 
-def run_variants(suite: Suite, runs: list[tuple[str, Variant]]) -> list[dict]:
+def run_variants(suite: Suite, runs: list[tuple[str, Variant]], save) -> list[dict]:
+    """Each variant in turn; `save()` after each, so that a run cut short still leaves every row it finished."""
     plan_cache: dict = {}
-    rows = []
+    rows = suite.results.setdefault("variants", [])
+    lost = None
     for size, variant in runs:
-        if suite.left() < (20 if suite.dry_run else 90):  # a compile and 13 steps of H take about 90 s
-            rows.append({"size": size, "variant": variant.name, "skipped": "the --budget-s deadline"})
+        needs = 20 if suite.dry_run else NEEDS_S[variant.compile]
+        if lost or suite.left() < needs:
+            rows.append({"size": size, "variant": variant.name,
+                         "skipped": lost or f"the --budget-s deadline ({suite.left():.0f} s left, {needs:.0f} needed)"})
             continue
-        profile = size == "base" and variant == BASELINE
+        profile = size == "base" and variant in (BASELINE, B_ONLY[0])
+        started = time.monotonic()
         try:
             rows.append(measure_variant(suite, size, variant, plan_cache, profile))
         except Exception as exc:  # noqa: BLE001 - one failing variant (an OOM, a compile error) is a finding
             rows.append({"size": size, "variant": variant.name, "error": f"{type(exc).__name__}: {exc}"[:2000],
                          "trace": traceback.format_exc()[-3000:]})
-        finally:
-            torch._dynamo.reset()
-            if suite.device.type == "cuda":
-                torch.cuda.empty_cache()
-        print(json.dumps(rows[-1], default=str)[:400], flush=True)
+        rows[-1]["wall_s"] = time.monotonic() - started
+        lost = release(suite)
+        if lost:
+            rows[-1]["cleanup_error"] = lost
+        save()
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}, default=str), flush=True)
+        if "trace" in rows[-1]:
+            print(rows[-1]["trace"], flush=True)
     return rows
 
 
-def profile_table(profile: dict) -> str:
-    lines = [f"B baseline step, {profile['events']}: wall {profile['wall_ms_per_step']:.1f} ms/step, busy "
+def release(suite: Suite) -> str | None:
+    """Frees what a variant left (compiled graphs, its model, cached blocks). After a sticky CUDA error (an
+    illegal access) this raises too, and every later variant would fail the same way: returns why, to skip them."""
+    import gc
+
+    try:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        gc.collect()  # a compiled forward keeps its module in a reference cycle
+        if suite.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001
+        return f"the CUDA context is unusable after {type(exc).__name__}: {exc}"[:500]
+    return None
+
+
+def profile_table(name: str, profile: dict) -> str:
+    lines = [f"{name} step, {profile['events']}: wall {profile['wall_ms_per_step']:.1f} ms/step, busy "
              f"{profile['busy_ms_per_step']:.1f} ms ({profile['busy_share']:.0%}), host gaps "
              f"{profile['host_gap_ms_per_step']:.1f} ms ({profile['gaps_over_50us_per_step']:.0f} gaps > 50 us), "
              f"{profile['kernels_per_step']:.0f} kernels/step", "", "| class | ms/step | share |", "|---|---|---|"]
@@ -382,7 +445,7 @@ def variants_table(rows: list[dict]) -> str:
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_mib'] / 1024:.2f}" if "peak_mib" in r else "-"
-        err = f"{r['planner_error']:+.0%}" if "planner_error" in r else "-"
+        err = f"{r['planner_error']:+.0%}" if r.get("planner_error") is not None else "-"
         lines.append(f"| {r['size']} | {r['variant']} | {r['micro']} | {r['images_per_s']:.1f} | {mfu} | {peak} | "
                      f"{err} | {r['group_kernel'] or ''} |")
     return "\n".join(lines) + "\n"
@@ -400,8 +463,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, 2 steps, tracing-only compile")
-    parser.add_argument("--budget-s", type=float, default=360.0,
-                        help="no variant starts with less than 90 s of this left (the last may overrun it)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="no variant starts without the time its compile needs left (NEEDS_S); the grouped "
+                             "check is skipped with under 240 s left")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["check", "loop"])
@@ -416,21 +480,39 @@ def main() -> None:
     flops_note = ("train_flops_per_image = 6 x forward multiply-adds (models/flops.py: linear layers, patch "
                   "embedding, q@k and attn@v over whole windows, decoder), 2 FLOPs per multiply-add")
     suite.results["mfu_flop_count"] = flops_note
+
+    def save() -> str:
+        suite.results["wall_s"] = time.monotonic() - began
+        write_text(args.out / "gpu_suite.json", json.dumps(suite.results, indent=1, default=str) + "\n")
+        try:  # the JSON above is the record; a table that cannot be drawn must not end the suite
+            tables = variants_table(suite.results.get("variants", []))
+            for name, found in suite.results.get("profiles", {}).items():
+                tables = profile_table(name, found) + "\n" + tables
+        except Exception:  # noqa: BLE001
+            tables = "tables not drawn:\n" + traceback.format_exc()
+        write_text(args.out / "profile.md", tables)
+        return tables
+
+    save()
+    runs = plan_runs() if not args.dry_run else [("base", BASELINE), ("base", B_ONLY[0]), ("base", COMBINED),
+                                                 ("base", B_ONLY[2])]
+    run_variants(suite, runs[:1], save)  # B's baseline first: the figure every other row is compared with
     if "check" not in args.skip:
-        try:
-            suite.results["grouped_check"] = check_grouped(suite)
-        except Exception as exc:  # noqa: BLE001
-            suite.results["grouped_check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        started = time.monotonic()
+        if suite.left() < (0 if args.dry_run else 240):
+            suite.results["grouped_check"] = {"skipped": "the --budget-s deadline"}
+        else:
+            try:
+                suite.results["grouped_check"] = check_grouped(suite)
+            except Exception as exc:  # noqa: BLE001
+                suite.results["grouped_check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            release(suite)
+        suite.results["grouped_check_s"] = time.monotonic() - started
+        save()
         print("grouped check:", json.dumps(suite.results["grouped_check"]), flush=True)
-    runs = plan_runs() if not args.dry_run else [("base", BASELINE), ("base", COMBINED), ("base", B_ONLY[2])]
-    suite.results["variants"] = run_variants(suite, runs)
+    run_variants(suite, runs[1:], save)
     suite.results["loop"] = {"skipped": "--skip loop"} if "loop" in args.skip else run_loop_overhead(suite, args.out)
-    suite.results["wall_s"] = time.monotonic() - began
-    write_text(args.out / "gpu_suite.json", json.dumps(suite.results, indent=1, default=str) + "\n")
-    tables = variants_table(suite.results["variants"])
-    if "profile" in suite.results:
-        tables = profile_table(suite.results["profile"]) + "\n" + tables
-    write_text(args.out / "profile.md", tables)
+    tables = save()
     print(tables + f"\nwall {suite.results['wall_s']:.0f} s; wrote {args.out / 'gpu_suite.json'}")
 
 
