@@ -5,6 +5,7 @@ Builds photo-sized JPEG shards (benchmarks/shards.py's generator), then pulls pr
 alternating loaders between rounds; prints images/s and the ratio to the fallback, writes JSON.
 
     python benchmarks/loader.py --images 1024 --batch 64 --threads 2
+    python benchmarks/loader.py --shards demo_data/shards --img-size 64 --batch 512   # a sweep's small images
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -48,15 +50,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="read this shard set's train split instead of generated photo-sized JPEGs")
+    parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=RESULTS / "loader.json")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="mixmae-loader-bench-") as tmp:
-        src, shards = Path(tmp) / "src", Path(tmp) / "shards"
-        make_tree(src, args.images)
-        convert(src, shards, ConvertOptions(layout="imagenet", splits=("train",), samples_per_shard=128))
-        spec = PipelineSpec(mode="pretrain", img_size=224, batch_size=args.batch, num_threads=args.threads,
-                            shuffle_buffer=256)
+        src, shards = Path(tmp) / "src", args.shards or Path(tmp) / "shards"
+        if args.shards is None:
+            make_tree(src, args.images)
+            convert(src, shards, ConvertOptions(layout="imagenet", splits=("train",), samples_per_shard=128))
+        spec = PipelineSpec(mode="pretrain", img_size=args.img_size, batch_size=args.batch, num_threads=args.threads,
+                            shuffle_buffer=max(256, args.batch))
         variants = {"dali-cpu": ("dali", spec), "torch-fallback": ("torch", spec)}
         if gpu:
             from dataclasses import replace
@@ -69,12 +75,15 @@ def main() -> None:
     fallback = statistics.median(rates["torch-fallback"])
     rows = [{"loader": name, "images_per_s": statistics.median(values),
              "vs_fallback": statistics.median(values) / fallback, "runs": values} for name, values in rates.items()]
-    print(f"{args.images} photo-sized JPEGs, batch {args.batch}, 224 px, {args.threads} threads/workers")
+    source = str(args.shards) if args.shards else f"{args.images} photo-sized JPEGs"
+    print(f"{source}, batch {args.batch}, {args.img_size} px, {args.threads} threads/workers")
     print(f"{'loader':<16}{'images/s':>10}{'vs fallback':>13}")
     for r in rows:
         print(f"{r['loader']:<16}{r['images_per_s']:>10.0f}{r['vs_fallback']:>13.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps({"batch": args.batch, "threads": args.threads, "gpu": gpu, "rows": rows}, indent=2))
+    write_text(args.out, json.dumps({"shards": source, "img_size": args.img_size, "batch": args.batch,
+                                     "threads": args.threads, "gpu": gpu, "cpus": os.cpu_count(), "rows": rows},
+                                    indent=2))
     print(f"wrote {args.out}")
 
 

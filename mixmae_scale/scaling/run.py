@@ -382,6 +382,9 @@ def _complete(run_dir: Path, run: PlannedRun) -> bool:
 def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, subset: Path | None = None) -> dict:
     """The results.jsonl line of a finished run folder; `wall_s` None: the run's own wall time."""
     summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("steps") != run.steps:  # stopped by a signal (a time limit): its checkpoint resumes it
+        raise RuntimeError(f"run {run.run_id} ({run_dir}): stopped at step {summary.get('steps')} of {run.steps}, "
+                           "not a point of the study; the same `mixmae scaling run` resumes it")
     if summary.get("heldout_loss_end") is None:
         raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss not measured "
                            f"({summary.get('heldout_not_measured')}); a sweep compares held-out losses: give the "

@@ -221,3 +221,14 @@ def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_
     assert pids[0] == pids[1] != pids[2] == pids[3] and pids[5] not in pids[:4]
     assert finished[0][3] == 0.5 and finished[0][4].endswith("ran a (no newline before the marker)")
     assert finished[4][4] == "out of memory\n" and not queue
+
+
+def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
+    """A worker stopped by a signal (a time limit on the sweep) saves and writes its summary at the step it reached;
+    that run is not a point of the study, and the error says the same command resumes it."""
+    run_dir = tmp_path / "w8"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 3, "heldout_loss_end": 0.9, "wall_s": 1.0}))
+    (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n3,1.0,0,1.0\n")
+    with pytest.raises(RuntimeError, match=r"run w8 \(.*\): stopped at step 3 of 10, .* resumes it"):
+        sweep_run._row(None, _planned("w8"), run_dir, 1.0)
