@@ -8,6 +8,9 @@ from dataclasses import asdict
 
 from mixmae_scale.cli.arguments import add_set_arg
 
+JOB_REASON = {"segment": "it sets segment.*", "finetune": "finetune.init is set",
+              "pretrain": "it sets neither finetune.init nor segment.*"}
+
 
 def _launch(args: argparse.Namespace) -> int:
     import os
@@ -19,8 +22,7 @@ def _launch(args: argparse.Namespace) -> int:
     samples, samples_from = train_samples_for(config)  # the run counts the manifest: so does this arithmetic
     resolved = resolve(config, sources, train_samples=samples)
     kind = args.job or resolved.run_kind()
-    print(f"job: {kind}" + ("" if args.job else " (from the profile: finetune.init is "
-                                                f"{'set' if kind == 'finetune' else 'not set'}; --job overrides)"))
+    print(f"job: {kind}" + ("" if args.job else f" (from the profile: {JOB_REASON[kind]}; --job overrides)"))
     plan = compose(resolved, args.profile, args.cluster, args.overrides, job=kind, check_files=not args.dry_run)
     if args.overwrite:
         plan.command.append("--overwrite")
@@ -94,8 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     add_set_arg(launch)
-    launch.add_argument("--job", choices=["pretrain", "finetune"],
-                        help="default: finetune if the profile sets finetune.init, else pretrain")
+    launch.add_argument("--job", choices=["pretrain", "finetune", "segment"],
+                        help="default: segment if the profile sets segment.init, finetune if finetune.init, else "
+                             "pretrain")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
     launch.add_argument("--overwrite", action="store_true", help="passed to the job: move an earlier run in the run "
                         "folder to RUN.old-N and start this one there")
@@ -108,7 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(planner)
     planner.add_argument("--job", choices=["pretrain", "finetune"],
-                         help="default: finetune if the profile sets finetune.init, else pretrain")
+                         help="default: finetune if the profile sets finetune.init, else pretrain (segmentation is "
+                              "not planned)")
     planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
     planner.add_argument("--recommend", action="store_true",
                          help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")

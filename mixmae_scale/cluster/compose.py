@@ -45,6 +45,11 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     c = resolved.config.cluster
     if c.include and c.exclude:
         raise ConfigError("cluster.include and cluster.exclude are mutually exclusive (a deepspeed launcher rule)")
+    if c.num_nodes > 1 and c.launcher == "local":
+        raise ConfigError(f"cluster.num_nodes={c.num_nodes} with cluster.launcher=local: the local launcher starts "
+                          f"ranks on this node only, so the run would train on {c.gpus_per_node} GPU(s), not "
+                          f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich, slurm) "
+                          "and cluster.hostfile, or start one launcher per node (launch/slurm/pretrain.sbatch)")
     launcher = [str(Path(sys.executable).parent / "deepspeed")]
     notes: list[str] = []
     if c.num_nodes > 1 and c.launcher != "local":

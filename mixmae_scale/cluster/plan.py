@@ -81,6 +81,12 @@ def build_for_job(resolved: ResolvedConfig, job: str, depths: list[int] | None =
     """The model the job trains: MixMAE (encoder + decoder) or the classifier (encoder + head).
     `depths`: other encoder stage depths than the configuration's (the measurement's shortened copy)."""
     config = resolved.config
+    if job not in ("pretrain", "finetune"):
+        from mixmae_scale.config import ConfigError
+
+        raise ConfigError(f"mixmae plan sizes pretraining and classification fine-tuning, not {job} (the profile "
+                          "sets segment.*): its dense backbone, UperNet head and crops are not measured; "
+                          "--job pretrain or finetune plans the encoder alone")
     model = config.model if depths is None else replace(config.model, depths=list(depths))
     if job == "finetune":
         return SwinClassifier(swin_shape(model), config.finetune.num_classes or 1000,

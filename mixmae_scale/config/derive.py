@@ -15,7 +15,7 @@ from typing import Any
 
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.config.precision import Hardware, choose_precision, detect_hardware
-from mixmae_scale.config.schema import Config
+from mixmae_scale.config.schema import Config, SegmentConfig
 from mixmae_scale.models.sizes import ARCH_FIELDS, SIZES
 
 
@@ -50,7 +50,10 @@ class ResolvedConfig:
                 "sources": list(self.sources)}
 
     def run_kind(self) -> str:
-        """A profile that names the encoder to start from (`finetune.init`) is a fine-tuning profile."""
+        """A profile that sets `segment.*` (seg_demo leaves its init to `--init`) is a segmentation profile; one that
+        names the encoder to start from (`finetune.init`) is a classification fine-tuning profile."""
+        if self.config.segment != SegmentConfig():
+            return "segment"
         return "finetune" if self.config.finetune.init else "pretrain"
 
     def model_shape(self) -> dict[str, Any]:

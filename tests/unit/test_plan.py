@@ -182,3 +182,19 @@ def test_the_shortened_encoders_measurement_equals_the_whole_encoders(job, overr
     whole = measure_activations(resolved, "bf16", job=job)
     assert len(short.per_block) == sum(resolved.config.model.depths)
     assert (short.per_block, short.block_inputs, short.other) == (whole.per_block, whole.block_inputs, whole.other)
+
+
+def test_a_segmentation_profile_launches_the_segmentation_job_and_is_not_planned_as_another(capsys):
+    """seg_demo leaves its encoder to --init and seg_ade20k names one: both are segmentation profiles, which
+    `mixmae launch` starts as `segment` (it used to start them as pretraining) and `mixmae plan` refuses to size as
+    something else."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.config import ConfigError
+
+    assert load_resolved("seg_demo").run_kind() == load_resolved("seg_ade20k").run_kind() == "segment"
+    assert main(["launch", "seg_demo", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "job: segment (from the profile: it sets segment.*" in said
+    assert "--module mixmae_scale.cli segment --profile seg_demo" in said
+    with pytest.raises(ConfigError, match="sizes pretraining and classification fine-tuning, not segment"):
+        plan(load_resolved("seg_demo"), "seg_demo", gpus=1, gpu_mem_gib=4.0)
