@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from mixmae_scale.cli.arguments import add_set_arg
+from mixmae_scale.cli.arguments import add_set_arg, at_least, between
 
 JOB_REASON = {"segment": "it sets segment.*", "finetune": "finetune.init is set",
               "pretrain": "it sets neither finetune.init nor segment.*"}
@@ -106,8 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     planner = sub.add_parser("plan", help="per-GPU memory of a profile by component; largest micro-batch")
     planner.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
-    planner.add_argument("--gpus", type=int, required=True, help="world size (ZeRO partitions over it)")
-    planner.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GB (1e9 bytes)")
+    planner.add_argument("--gpus", type=at_least(1), required=True, help="world size (ZeRO partitions over it)")
+    planner.add_argument("--gpu-mem-gb", type=between(0.1, 1e5), default=80.0,
+                         help="memory of one GPU in GB (1e9 bytes)")
     planner.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(planner)
     planner.add_argument("--job", choices=["pretrain", "finetune"],
@@ -116,5 +117,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
     planner.add_argument("--recommend", action="store_true",
                          help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")
-    planner.add_argument("--headroom", type=float, default=0.25, help="fraction of GPU memory kept free (--recommend)")
+    planner.add_argument("--headroom", type=between(0, 0.95), default=0.25,
+                         help="fraction of GPU memory kept free (--recommend)")
     planner.set_defaults(handler=_plan)

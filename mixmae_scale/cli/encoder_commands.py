@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mixmae_scale.cli.arguments import at_least
+
 
 def _export(args: argparse.Namespace) -> int:
     from mixmae_scale.engine.export import export_line, export_run
@@ -136,11 +138,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--data", required=True, help="shard folder with train and val splits")
     probe.add_argument("--baseline", action="store_true",
                        help="compare with randomly initialised encoders of the same shape (mean and spread)")
-    probe.add_argument("--baseline-seeds", type=int, default=3, help="random initialisations to compare with")
+    probe.add_argument("--baseline-seeds", type=at_least(1), default=3, help="random initialisations to compare with")
     probe.add_argument("--loader", choices=["dali", "torch"], default="dali",
                        help="data loader (torch: the PyTorch fallback)")
-    probe.add_argument("--batch", type=int, default=64, help="images per batch when extracting features")
-    probe.add_argument("--threads", type=int, default=2, help="decoding threads")
+    probe.add_argument("--batch", type=at_least(1), default=64, help="images per batch when extracting features")
+    probe.add_argument("--threads", type=at_least(1), default=2, help="decoding threads")
     probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
     probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
     probe.add_argument("--dense", action="store_true",

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from mixmae_scale.cli.arguments import at_least
+
 
 def _visualize(args: argparse.Namespace) -> int:
     from mixmae_scale.visualize.reconstruction import visualize
@@ -50,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     vis = sub.add_parser("visualize", help="PNG grid of mixed inputs and both streams' reconstructions")
     vis.add_argument("source", help="run folder, encoder+decoder .safetensors or official pretraining .pth")
     vis.add_argument("--data", required=True, help="shard folder")
-    vis.add_argument("--images", type=int, default=8, help="images (pairs x 2)")
+    vis.add_argument("--images", type=at_least(2), default=8, help="images (pairs x 2)")
     vis.add_argument("--split", default="val", help="split whose first images are shown")
     vis.add_argument("--seed", type=int, default=0, help="seed of the mask")
     vis.add_argument("--loader", choices=["dali", "torch"], default="dali",

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from mixmae_scale.cli.arguments import add_profile_args
+from mixmae_scale.cli.arguments import add_profile_args, at_least
 
 
 def _as_rank_process(args: argparse.Namespace, work) -> int:
@@ -166,7 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         command = sub.add_parser(name, help=text)
         add_profile_args(command)
         command.add_argument("--run-dir", help="default: run.output_dir/run.name")
-        command.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (demo, smoke tests)")
+        command.add_argument("--max-steps", type=at_least(1),
+                             help="stop after this many optimizer steps (demo, smoke tests)")
         command.add_argument("--overwrite", action="store_true", help="start a new run even if the run folder holds "
                              "one: the earlier run is moved, whole, to RUN.old-N (nothing is deleted)")
         if name == "segment":
@@ -183,8 +184,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--img-size", type=int, help="evaluation resolution (default: the weights' own)")
     evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali",
                             help="data loader (torch: the PyTorch fallback)")
-    evaluation.add_argument("--batch", type=int, default=64, help="images per rank and batch (a smaller split is "
-                            "evaluated in smaller batches)")
-    evaluation.add_argument("--threads", type=int, default=2, help="decoding threads per rank")
+    evaluation.add_argument("--batch", type=at_least(1), default=64,
+                            help="images per rank and batch (a smaller split is evaluated in smaller batches)")
+    evaluation.add_argument("--threads", type=at_least(1), default=2, help="decoding threads per rank")
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON instead of one line")
     evaluation.set_defaults(handler=_eval)

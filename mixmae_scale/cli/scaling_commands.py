@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from mixmae_scale.cli.arguments import at_least
+
 
 def _scaling(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -62,9 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         if action == "run":
             p.add_argument("--emit-commands", help="write one `mixmae launch` line per run (with its world size) "
                            "instead of running")
-            p.add_argument("--parallel", type=int, default=1, help="runs at a time sharing this machine's device: "
-                           "the CPU cores shared out, or one GPU, their planned peak memory checked against it")
-            p.add_argument("--runs-per-process", type=int, default=1, metavar="K",
+            p.add_argument("--parallel", type=at_least(1), default=1,
+                           help="runs at a time sharing this machine's device: the CPU cores shared out, or one GPU, "
+                                "their planned peak memory checked against it")
+            p.add_argument("--runs-per-process", type=at_least(1), default=1, metavar="K",
                            help="each process runs up to K runs in turn, started once (saves torch/DeepSpeed start-up "
                            "per run; results are those of separate runs)")
         if action in ("fit", "report"):

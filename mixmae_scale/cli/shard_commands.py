@@ -8,6 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from mixmae_scale.cli.arguments import at_least, between
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 
 if TYPE_CHECKING:
@@ -113,19 +114,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--split", default="train" if layout == "folder" else "train,val",
                        help="comma-separated splits (for 'folder', 'train' is the source folder itself)")
         p.add_argument("--shard-size", default="1GB", help="target shard size (by the source files' sizes)")
-        p.add_argument("--samples-per-shard", type=int, help="fixed sample count per shard instead")
-        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing shards "
+        p.add_argument("--samples-per-shard", type=at_least(1), help="fixed sample count per shard instead")
+        p.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1, help="processes writing shards "
                        "(default: every core)")
         p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
-        p.add_argument("--resize-shorter", type=int, help="re-encode every image with this shorter side")
-        p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+        p.add_argument("--resize-shorter", type=at_least(1), help="re-encode every image with this shorter side")
+        p.add_argument("--quality", type=between(1, 100, int), default=95, help="JPEG quality of re-encoded images")
         p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be used")
-        p.add_argument("--max-megapixels", type=float, default=40.0,
+        p.add_argument("--max-megapixels", type=between(1e-6, 1e6), default=40.0,
                        help="images above this many pixels are downscaled to it (or rejected: --oversize reject); "
                        "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
         p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale",
                        help="what to do with images above --max-megapixels")
-        p.add_argument("--max-rejected", type=float, default=DEFAULT_MAX_REJECTED,
+        p.add_argument("--max-rejected", type=between(0, 1), default=DEFAULT_MAX_REJECTED,
                        help="exit non-zero when more than this fraction of a split's files is rejected (default: "
                        "%(default)s); a rerun with a higher value redoes nothing")
         p.add_argument("--staging", help="with --out s3://...: the local folder where each shard is written before "
@@ -141,8 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     adopt.add_argument("--out", required=True, help="folder or s3:// prefix for the indexes and dataset.json")
     adopt.add_argument("--split", default="train", help="the split these tars are; adopt val by a second call")
     adopt.add_argument("--decode", action="store_true", help="decode every image; reject those that do not")
-    adopt.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes indexing tars")
-    adopt.add_argument("--max-rejected", type=float, default=DEFAULT_MAX_REJECTED,
+    adopt.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1, help="processes indexing tars")
+    adopt.add_argument("--max-rejected", type=between(0, 1), default=DEFAULT_MAX_REJECTED,
                        help="exit non-zero when more than this fraction of samples is rejected (default: "
                        "%(default)s); a rerun with a higher value redoes nothing")
     adopt.set_defaults(handler=_shards_adopt)
@@ -153,9 +154,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.set_defaults(handler=_shards_verify)
     demo = shards_sub.add_parser("demo", help="build the built-in demo dataset and its shards")
     demo.add_argument("--out", default="demo_data", help="folder for images/ and shards/")
-    demo.add_argument("--train-per-class", type=int, default=260, help="training images per class (10 classes)")
-    demo.add_argument("--val-per-class", type=int, default=150, help="validation images per class")
-    demo.add_argument("--samples-per-shard", type=int, default=256, help="images per shard")
-    demo.add_argument("--workers", type=int, default=2, help="processes drawing the images and writing shards")
+    demo.add_argument("--train-per-class", type=at_least(1), default=260, help="training images per class (10 classes)")
+    demo.add_argument("--val-per-class", type=at_least(1), default=150, help="validation images per class")
+    demo.add_argument("--samples-per-shard", type=at_least(1), default=256, help="images per shard")
+    demo.add_argument("--workers", type=at_least(1), default=2, help="processes drawing the images and writing shards")
     demo.add_argument("--seed", type=int, default=0, help="seed of the drawings and the shuffle")
     demo.set_defaults(handler=_shards_demo)

@@ -1,0 +1,28 @@
+"""Counts and fractions on the command line are checked where they are parsed: a zero or negative count used to
+divide by zero after minutes of work (`plan --gpus 0`, `probe --batch 0`), or to write one-pixel images and exit 0
+(`shards folder --resize-shorter -5`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixmae_scale.cli import main
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["shards", "folder", "--src", "x", "--out", "y", "--resize-shorter", "-5"], "--resize-shorter: -5 is less than 1"),
+    (["shards", "folder", "--src", "x", "--out", "y", "--samples-per-shard", "0"], "--samples-per-shard: 0 is less"),
+    (["shards", "imagenet", "--src", "x", "--out", "y", "--quality", "200"], "--quality: 200 is not between 1 and 100"),
+    (["shards", "adopt", "x", "--out", "y", "--max-rejected", "-1"], "--max-rejected: -1 is not between 0 and 1"),
+    (["plan", "tiny", "--gpus", "0"], "--gpus: 0 is less than 1"),
+    (["plan", "tiny", "--gpus", "2", "--headroom", "1.5"], "--headroom: 1.5 is not between 0 and 0.95"),
+    (["config", "show", "--profile", "tiny", "--world-size", "0"], "--world-size: 0 is less than 1"),
+    (["probe", "--init", "x", "--data", "y", "--batch", "0"], "--batch: 0 is less than 1"),
+    (["probe", "--init", "x", "--data", "y", "--baseline-seeds", "0"], "--baseline-seeds: 0 is less than 1"),
+    (["visualize", "x", "--data", "y", "--images", "1"], "--images: 1 is less than 2"),
+    (["scaling", "run", "spec.yaml", "--out", "o", "--parallel", "zero"], "--parallel: 'zero' is not an integer"),
+])
+def test_an_out_of_range_count_is_refused_by_name_before_any_work(argv, said, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and said in capsys.readouterr().err
