@@ -114,6 +114,8 @@ class Manifest:
             raise DataError(f"{path}: not a mixmae-scale shard manifest (format "
                             f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r})")
         splits = _typed(data, "splits", dict, path, {})
+        if not splits:
+            raise DataError(f"{path}: lists no splits (no 'splits' with a train or val entry): {_REBUILD}")
         classes = _typed(data, "classes", list, path, [])
         return cls(splits={name: _split(info, f"splits.{name}", path, bool(classes)) for name, info in splits.items()},
                    classes=classes, base=_typed(data, "base", str, path, None) or None,

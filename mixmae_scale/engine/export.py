@@ -93,6 +93,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     safetensors file with its metadata."""
     folder, tag = find_checkpoint(run_dir, tag, best)
     run_root = folder.parent
+    if out is not None:
+        require_writable_file(Path(out))
     state = gather_weights(folder, tag)
     if any(k.startswith("decode_head.") for k in state):
         return _export_segmenter(state, run_root, folder, tag, out, best or folder.name == BEST, fmt)
@@ -114,6 +116,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
             "format": fmt, "kind": kind, "tensors": len(weights), "params": sum(v.numel() for v in weights.values()),
             "arch": arch}
+
+
+def require_writable_file(out: Path) -> None:
+    """--out is checked before the weights are gathered (minutes for a large ZeRO-3 run), not when they are written."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; name the file to write (e.g. {out / 'encoder.safetensors'})")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: its folder {out.parent.absolute()} does not exist; create it first")
 
 
 def _export_segmenter(state: dict[str, torch.Tensor], run_root: Path, folder: Path, tag: str, out: str | Path | None,

@@ -76,10 +76,14 @@ def test_a_bad_key_names_the_file_and_the_key(tmp_path, change, key):
     assert "\n" not in message and "mixmae shards" in message  # one line, with the way forward
 
 
-def test_a_manifest_of_another_format_or_not_json_is_refused_with_its_path(tmp_path):
+def test_a_manifest_of_another_format_without_splits_or_not_json_is_refused_with_its_path(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"format": "something-else", "splits": {}}))
     with pytest.raises(DataError, match="not a mixmae-scale shard manifest .format 'something-else'"):
         load_manifest(tmp_path)
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(DataError, match=f"{tmp_path / 'dataset.json'}: not valid JSON"):
         read_manifest(tmp_path)
+    for empty in ({}, {"format": "mixmae-scale-shards", "splits": {}}):  # `shards verify` said OK to these
+        (tmp_path / "dataset.json").write_text(json.dumps(empty))
+        with pytest.raises(DataError, match=f"{tmp_path / 'dataset.json'}: lists no splits"):
+            load_manifest(tmp_path)

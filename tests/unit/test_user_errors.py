@@ -238,3 +238,19 @@ def test_launch_refuses_a_folder_of_images_as_shards_before_starting_any_rank(tm
     line = one_error_line(capfd, main(["launch", "tiny", "--set", "data.shards=photos", "--dry-run"]))
     assert "it is an ImageNet-style image tree (train/ with a folder per class); convert it first: `mixmae shards " \
            "imagenet --src photos --out photos-shards`" in line
+
+
+def test_an_export_out_that_cannot_be_written_is_refused_before_the_weights_are_gathered(tmp_path, monkeypatch):
+    """Gathering a large ZeRO-3 run's weights takes minutes: a folder or a missing parent as --out is said first."""
+    from mixmae_scale.engine import export
+
+    monkeypatch.setattr(export, "find_checkpoint", lambda run, tag, best: (tmp_path / "run" / "checkpoints", "step9"))
+
+    def gather(folder, tag):
+        raise AssertionError("the weights were gathered before --out was checked")
+
+    monkeypatch.setattr(export, "gather_weights", gather)
+    with pytest.raises(ValueError, match=f"--out {tmp_path}: is a folder; name the file to write"):
+        export.export_run(tmp_path / "run", out=tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"its folder {tmp_path / 'nowhere'} does not exist"):
+        export.export_run(tmp_path / "run", out=tmp_path / "nowhere" / "encoder.safetensors")
