@@ -143,14 +143,24 @@ def data_digest(entries: list[dict[str, Any]], role: str = "held-out") -> str | 
     return hashlib.sha256("|".join(digests).encode()).hexdigest()[:16] if digests else None
 
 
+# What every record has from its first launch on (`RunRecord.begin`), and `describe` reads.
+RECORD_KEYS = ("run", "job", "created", "status", "code", "packages", "platform", "data", "command", "world_size",
+               "precision", "resumes", "launches")
+
+
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / RECORD
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path.resolve()}: not valid JSON ({exc}); it is rewritten at the next launch") from exc
+    missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise ValueError(f"{path.resolve()}: not a run record (no {', '.join(missing)}); it is rewritten at the "
+                         "next launch")
+    return record
 
 
 def gather_device_names(device) -> list[str]:

@@ -26,6 +26,9 @@ def _stored_index(url: str, samples: int, errors: list[str]) -> list[str] | None
     except storage.StorageError as exc:
         errors.append(f"{exc} (the shard's DALI index)")
         return None
+    if not text.strip():
+        errors.append(f"{url}: empty (the shard's DALI index); rebuild it with `mixmae shards adopt` or `wds2idx`")
+        return None
     head, *lines = text.splitlines()
     parts = head.split()
     if len(parts) != 2 or parts[0] != INDEX_VERSION or not parts[1].isdigit() or int(parts[1]) != len(lines):

@@ -166,9 +166,14 @@ def test_a_sweeps_runs_are_one_wandb_group_named_after_the_sweep(tmp_path):
     assert config.logging.wandb.group == "width-sweep"
 
 
-def test_runs_show_on_a_folder_without_a_record_says_so_in_one_line(tmp_path, capsys):
+def test_runs_show_on_a_folder_without_a_record_or_with_a_broken_one_says_so_in_one_line(tmp_path, capsys):
     from mixmae_scale.cli import main
 
     assert main(["runs", "show", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"mixmae: error: {tmp_path.resolve() / 'run.json'} not found: the run "
                                                "folder was written before run records, or is not a run folder")
+    for text, missing in (("{}", "no run, job, created"), ("[1]", "no run, job"), ('{"run": "x"}', "no job, created")):
+        (tmp_path / "run.json").write_text(text)  # used to end in a KeyError or TypeError traceback
+        assert main(["runs", "show", str(tmp_path)]) == 2
+        said = capsys.readouterr().err.strip()
+        assert said.startswith(f"mixmae: error: {tmp_path.resolve() / 'run.json'}: not a run record ({missing}")

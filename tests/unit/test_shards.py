@@ -219,6 +219,9 @@ def test_verify_finds_corruption(tmp_path):
     shard.write_bytes(bytes(data))
     report = verify(out)
     assert not report["ok"] and any("sha256" in e for e in report["errors"])
+    (out / "train-000000.idx").write_text("")  # an emptied index is one finding, not the end of the check
+    report = verify(out)
+    assert not report["ok"] and any(e.startswith(f"{out / 'train-000000.idx'}: empty") for e in report["errors"])
 
 
 def test_prepare_image_keeps_good_jpeg_bytes(tmp_path):
