@@ -31,6 +31,7 @@ x images seen; N counts the encoder and decoder parameters that are trained.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -153,13 +154,18 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{path}: missing '{key}'")
     if sum(key in raw for key in ("steps", "epochs", "budgets")) != 1:
         raise ConfigError(f"{path}: give exactly one of 'steps' or 'epochs' (a grid) or 'budgets' (iso-FLOP)")
-    sizes = [s if isinstance(s, dict) else {"name": str(s), "model": {"size": str(s)}} for s in raw["sizes"]]
+    sizes = [s if isinstance(s, dict) else {"name": str(s), "model": {"size": str(s)}}
+             for s in _listed(path, raw, "sizes", object)]
     for i, size in enumerate(sizes):
         if "name" not in size or not isinstance(size.get("model", {}), dict) or set(size) - {"name", "model",
                                                                                               "budgets"}:
             raise ConfigError(f"{path}: sizes[{i}] needs a 'name', an optional 'model' mapping and optional "
                               f"'budgets', got {size}")
-    fractions = [float(f) for f in raw["data_fractions"]]
+    names = [str(size.get("name")) for size in sizes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: size names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}):"
+                          " each names its runs and their folders")
+    fractions = _listed(path, raw, "data_fractions", float)
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"{path}: data_fractions must lie in (0, 1], got {raw['data_fractions']}")
     profile = str(raw["profile"])
@@ -169,15 +175,40 @@ def load_spec(path: str | Path) -> SweepSpec:
     if train_samples is not None and (not isinstance(train_samples, int) or train_samples < 1):
         raise ConfigError(f"{path}: train_samples must be a positive integer, got {train_samples!r}")
     spec = SweepSpec(str(raw["name"]), profile, _beside(path, str(raw["shards"])), sizes, fractions,
-                     [int(s) for s in raw.get("steps", [])], [float(e) for e in raw.get("epochs", [])],
-                     [int(s) for s in raw.get("seeds", [0])], [str(s) for s in raw.get("set", [])],
-                     bool(raw.get("probe", False)), [float(b) for b in raw.get("budgets", [])],
+                     _listed(path, raw, "steps", int, []), _listed(path, raw, "epochs", float, []),
+                     _listed(path, raw, "seeds", int, [0]), _listed(path, raw, "set", str, []),
+                     bool(raw.get("probe", False)), _listed(path, raw, "budgets", float, []),
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
                      train_samples, _sources(path, raw.get("sources", [])))
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
         raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
     _check_size_budgets(path, spec)
     return spec
+
+
+def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list | None = None) -> list:
+    """`key`'s non-empty list, each entry of `kind` (an int must be written as one: 40.7 steps is not 40)."""
+    if key not in raw:
+        return list(default or [])
+    value = raw[key]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: '{key}' must be a non-empty list, e.g. {key}: [{_example(kind)}], got {value!r}")
+    accepted = {object: object, str: str, int: int, float: int | float}[kind]
+    out = []
+    for entry in value:
+        if kind is float and isinstance(entry, str):  # YAML reads 1.0e12 (no sign after the e) as a string
+            with contextlib.suppress(ValueError):
+                entry = float(entry)
+        if not isinstance(entry, accepted) or (kind is not object and isinstance(entry, bool)):
+            raise ConfigError(f"{path}: '{key}' holds {entry!r}, not {_example(kind, named=True)}")
+        out.append(float(entry) if kind is float else entry)
+    return out
+
+
+def _example(kind: type, named: bool = False) -> str:
+    words = {int: ("1000", "an integer"), float: ("0.5", "a number"), str: ('"zero.stage=1"', "a string"),
+             object: ("{name: w8, model: {embed_dim: 8}}", "a size")}
+    return words[kind][named]
 
 
 def _same_budget(a: float, b: float) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import sys
 import textwrap
 import time
@@ -150,6 +151,18 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
     bad.write_text("name: x\nprofile: tiny\nsizes: [tiny]\ndata_fractions: [1]\nsteps: [1]\nstepz: 3\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_spec(bad)
+    head = "name: x\nprofile: tiny\nshards: s\n"
+    for body, said in (  # shapes that were a TypeError traceback, read letter by letter, cut short or silently empty
+            ("sizes: 5\ndata_fractions: [1]\nsteps: [40]\n", "'sizes' must be a non-empty list, e.g. sizes: ["),
+            ("sizes: tiny\ndata_fractions: [1]\nsteps: [40]\n", "'sizes' must be a non-empty list"),
+            ("sizes: [tiny]\ndata_fractions: [1]\nsteps: [40.7]\n", "'steps' holds 40.7, not an integer"),
+            ("sizes: [tiny]\ndata_fractions: [abc]\nsteps: [40]\n", "'data_fractions' holds 'abc', not a number"),
+            ("sizes: [tiny]\ndata_fractions: [1]\nsteps: []\n", "'steps' must be a non-empty list"),
+            ("sizes: [tiny]\ndata_fractions: [1]\nsteps: [40]\nset: batch.micro=32\n", "'set' must be a non-empty"),
+            ("sizes: [tiny, tiny]\ndata_fractions: [1]\nsteps: [40]\n", "size names repeat (tiny)")):
+        bad.write_text(head + body)
+        with pytest.raises(ConfigError, match=re.escape(f"{bad}: {said}")):
+            load_spec(bad)
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps({"run_id": "a", "params": 1}) + "\n")
     with pytest.raises(FitError, match="lacks images_seen, flops, heldout_loss"):
