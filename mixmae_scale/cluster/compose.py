@@ -58,6 +58,8 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                               f"'worker-0 slots={c.gpus_per_node}' (see launch/hostfile.example); or set "
                               "cluster.num_nodes=1 to run on this node")
         hostfile = Path(c.hostfile)
+        if hostfile.is_dir():
+            raise ConfigError(f"cluster.hostfile {c.hostfile} is a folder; name the hostfile (launch/hostfile.example)")
         if not hostfile.exists():
             problem = f"cluster.hostfile {c.hostfile} does not exist (tried {hostfile.absolute()})"
             if check_files:

@@ -37,12 +37,29 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # unpickling refused or a corrupt file: say which file and why
-        raise WeightsError(f"{Path(path).absolute()}: not a loadable weights-only checkpoint ({exc})") from exc
+    except IsADirectoryError:
+        raise WeightsError(f"{Path(path).absolute()}: a folder, not a checkpoint file") from None
+    except Exception as exc:  # unpickling refused or a corrupt file: say which file and why, in one line
+        raise WeightsError(f"{Path(path).absolute()}: not a loadable weights-only checkpoint "
+                           f"({_load_failure(exc)})") from exc
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{Path(path).absolute()}: expected a dict of tensors under 'model'")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch's refusal in a few words: its text runs to many lines and suggests weights_only=False, which would run
+    whatever code the file holds; the unpickler's own complaint (the line after "WeightsUnpickler error:") is kept."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for number, line in enumerate(lines):
+        if line.endswith("Unpickler error:") and number + 1 < len(lines):
+            return lines[number + 1][:200]
+        if "Unpickler error:" in line:
+            return line.split("Unpickler error:", 1)[1].strip()[:200]
+    if isinstance(exc, KeyError | EOFError) or len(lines) != 1:  # the unpickler tripping over bytes it cannot parse
+        return f"{type(exc).__name__} {lines[0][:60] if lines else ''}: not a PyTorch checkpoint, or damaged".strip()
+    return lines[0][:200]
 
 
 def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -61,6 +61,10 @@ def test_bad_cluster_settings_are_refused(tmp_path):
     short.write_text("# nodes\nworker-0 slots=8\n")
     with pytest.raises(ConfigError, match="lists 1 node\\(s\\), cluster.num_nodes is 2"):
         compose(load_resolved("swin_b", overrides=[f"cluster.hostfile={short}"]), "swin_b", None, [])
+    with pytest.raises(ConfigError, match="cluster file .* is a folder; name the YAML file"):  # IsADirectoryError
+        load_resolved("swin_b", str(tmp_path))
+    with pytest.raises(ConfigError, match=f"cluster.hostfile {tmp_path} is a folder; name the hostfile"):
+        compose(load_resolved("swin_b", overrides=[f"cluster.hostfile={tmp_path}"]), "swin_b", None, [])
     # The local launcher (tiny's) starts ranks on this node only: asking it for 2 nodes would train on one, quietly.
     two_local = load_resolved("tiny", overrides=["cluster.num_nodes=2", "cluster.gpus_per_node=4"])
     with pytest.raises(ConfigError, match="num_nodes=2 with cluster.launcher=local: .* on 4 GPU\\(s\\), not 8"):

@@ -254,3 +254,20 @@ def test_an_export_out_that_cannot_be_written_is_refused_before_the_weights_are_
         export.export_run(tmp_path / "run", out=tmp_path)
     with pytest.raises(FileNotFoundError, match=f"its folder {tmp_path / 'nowhere'} does not exist"):
         export.export_run(tmp_path / "run", out=tmp_path / "nowhere" / "encoder.safetensors")
+
+
+def test_a_garbage_pth_is_named_in_one_line_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    """torch's refusal runs to several lines and suggests weights_only=False (which runs the file's code): the
+    error keeps the file and the unpickler's complaint."""
+    from mixmae_scale.models.convert_official import WeightsError, read_official
+
+    for name, data in (("random.pth", bytes(range(7, 250)) * 4), ("text.pth", b"hello\n")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightsError) as error:
+            read_official(tmp_path / name)
+        said = str(error.value)
+        assert said.startswith(f"{tmp_path / name}: not a loadable weights-only checkpoint (") and "\n" not in said
+        assert "weights_only" not in said.split("(", 1)[1]
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(WeightsError, match="folder.pth: a folder, not a checkpoint file"):
+        read_official(tmp_path / "folder.pth")
