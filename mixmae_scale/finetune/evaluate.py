@@ -79,7 +79,14 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
                            "shards of the classes it was fine-tuned on")
     shape = shape_from_arch(arch)
     if img_size:
-        shape = replace(shape, img_size=img_size)
+        own, shape = shape.img_size, replace(shape, img_size=img_size)
+        reduction = shape.patch_size * 2 ** (len(shape.depths) - 1)
+        if img_size % reduction or any(res % min(window, res) for res, window in
+                                       zip(shape.stage_resolutions, shape.window_size, strict=True)):
+            from mixmae_scale.config import ConfigError
+
+            raise ConfigError(f"--img-size {img_size}: the encoder needs a multiple of {reduction} whose stage grids "
+                             f"its windows {list(shape.window_size)} tile; its own size is {own}")
     model = SwinClassifier(shape, head_classes, drop_path=0.0)
     report = load_pretrained_encoder(model, state)
     if report.missing:

@@ -271,3 +271,17 @@ def test_a_garbage_pth_is_named_in_one_line_without_torchs_advice_to_load_it_uns
     (tmp_path / "folder.pth").mkdir()
     with pytest.raises(WeightsError, match="folder.pth: a folder, not a checkpoint file"):
         read_official(tmp_path / "folder.pth")
+
+
+def test_eval_at_a_size_the_encoder_cannot_take_is_one_line_naming_its_own(demo_shards, capfd, tmp_path):
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.models.classifier import SwinClassifier
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.models.mixmae import swin_shape
+
+    state = SwinClassifier(swin_shape(load_resolved("tiny").config.model), 10).state_dict()
+    save_weights(tmp_path / "head10.safetensors", state, infer_architecture(state), "finetune")
+    line = one_error_line(capfd, main(["eval", "--init", str(tmp_path / "head10.safetensors"), "--data",
+                                       str(demo_shards), "--img-size", "100"]))  # a shape error traceback before
+    assert line.startswith("mixmae: error: --img-size 100: the encoder needs a multiple of 32")
+    assert "its own size is" in line
