@@ -97,11 +97,15 @@ class LoaderPosition:
                    0 if layout is not None else int(state.get("epoch", 0)))
 
 
-def choose_decode_device(requested: str, local_rank: int) -> int | None:
-    """GPU index for DALI's mixed decoding, or None for the CPU; says which once."""
+def choose_decode_device(requested: str, local_rank: int, backend: str = "dali") -> int | None:
+    """GPU index for DALI's mixed decoding, or None for the CPU; says which once (the PyTorch loader decodes on the
+    CPU in any case)."""
     available = torch.cuda.is_available()
     if requested == "gpu" and not available:
         raise DataError("data.decode_device is 'gpu' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if backend == "torch":
+        log.info("the PyTorch loader decodes images on the CPU (data.loader=torch)")
+        return None
     device_id = local_rank if (available and requested != "cpu") else None
     log.info("DALI decodes images on %s", f"GPU {device_id} (mixed)" if device_id is not None else "the CPU")
     return device_id

@@ -34,7 +34,7 @@ class LoaderPlace:
     @classmethod
     def of(cls, config: Config, rank: int, world: int, local_rank: int) -> LoaderPlace:
         """Decides the decode device once per run (it is said in the log)."""
-        return cls(rank, world, choose_decode_device(config.data.decode_device, local_rank))
+        return cls(rank, world, choose_decode_device(config.data.decode_device, local_rank, config.data.loader))
 
 
 def loader_dtype(engine_dtype: str) -> str:

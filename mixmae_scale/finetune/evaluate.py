@@ -124,7 +124,7 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
 
     expected = load_split(shards, split).samples
     batch = eval_batch_size(batch, expected, world)
-    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0))
+    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)
     return {"weights": str(source), "split": split, "batch": batch,

@@ -93,7 +93,7 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
 
     expected = load_split(shards, split).samples
     batch = eval_batch_size(batch, expected, world)
-    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0))
+    place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
     loader = ShardLoader(shards, split, spec, backend, threads)
     scores = evaluate_segmentation(model.to(device), loader.eval_batches(), device, "fp32", settings["num_classes"],

@@ -123,6 +123,15 @@ def test_gpu_decoding_requested_without_a_gpu_is_refused():
     assert choose_decode_device("auto", 0) is None
 
 
+def test_the_decode_device_line_names_the_loader_that_decodes(caplog):
+    """With data.loader=torch the log said "DALI decodes images on the CPU"."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mixmae_scale.data.loader"):
+        assert choose_decode_device("auto", 0, "torch") is None
+    assert caplog.messages == ["the PyTorch loader decodes images on the CPU (data.loader=torch)"]
+
+
 def test_the_pytorch_fallback_runs_where_dali_cannot_be_imported(demo_shards):
     import subprocess
     import sys
