@@ -19,6 +19,7 @@ tars, indexing one, where the tar names resolve, and the warnings about labels a
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -196,6 +197,29 @@ def _place(manifest: Manifest | None, src: str, split: str) -> tuple[str, dict[s
     return base, renamed, (_relative(src, base) + "/" if src != base else "")
 
 
+SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval"), "test": ("test",)}
+
+
+def _named_split(name: str) -> str | None:
+    """The split a tar's path names as a word (`val-000.tar`, `imagenet-train-0001.tar`, `validation/0.tar`)."""
+    for split, words in SPLIT_WORDS.items():
+        if re.search(rf"(^|[-_./])({'|'.join(words)})([-_./\d]|$)", name.lower()):
+            return split
+    return None
+
+
+def _refuse_other_splits(src: str, split: str, names: list[str]) -> None:
+    """Tars named for another split would be mixed into this one (validation images into training) without a word:
+    each split is adopted from its own folder or prefix."""
+    named = Counter(other for other in map(_named_split, names) if other is not None and other != split)
+    if named:
+        other, count = named.most_common(1)[0]
+        example = next(n for n in names if _named_split(n) == other)
+        raise SourceError(f"{src}: {count} of its {len(names)} tars are named for '{other}' (e.g. {example}), and "
+                          f"this adopts them as --split {split}: adopt each split from its own folder or prefix, "
+                          f"with --split {other} for those")
+
+
 def _sorted_warning(split: str, records: list[AdoptedShard], num_classes: int) -> str:
     """Training shuffles shard order and a bounded window of samples (DALI's way), so shards that each
     hold one class give batches of few classes."""
@@ -256,6 +280,7 @@ class AdoptionSource:
         if not self.tars:
             raise SourceError(f"{self.src}: no .tar files found (searched recursively"
                               + (f"; it holds {dict(self.others)}" if self.others else "; it is empty") + ")")
+        _refuse_other_splits(self.src, self.options.split, [t.name for t in self.tars])
         self.previous = load_manifest(self.out) if manifest_exists(self.out) else None
         self.base, self.other_splits, self.prefix = _place(self.previous, self.src, self.options.split)
         return [], []

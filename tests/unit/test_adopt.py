@@ -18,6 +18,7 @@ from mixmae_scale.data import storage
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.shards import adopt as adopt_module
 from mixmae_scale.shards.adopt import AdoptOptions, adopt
+from mixmae_scale.shards.sources import SourceError
 from mixmae_scale.shards.verify import verify
 
 FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "JPG": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -264,3 +265,21 @@ def test_a_tar_cut_at_a_member_boundary_or_with_a_damaged_header_is_caught_where
     assert found.samples == 0 and found.problem == f"unreadable header at byte {header_b}: the rest of the tar " \
                                                    "cannot be read"
     assert found.rejected[0]["key"] == "a" and found.bytes_read == len(whole)
+
+
+def test_tars_named_for_another_split_are_not_adopted_into_this_one(tmp_path):
+    """Adopting a download's folder as train took its val-*.tar along (validation images trained on) without a
+    word; adopting a folder of val tars without --split made them training data."""
+    src = tmp_path / "download"
+    src.mkdir()
+    for name in ("imagenet-train-000000.tar", "imagenet-train-000001.tar", "imagenet-val-000000.tar"):
+        (src / name).write_bytes(b"")
+    with pytest.raises(SourceError, match=r"1 of its 3 tars are named for 'val' \(e.g. imagenet-val-000000.tar\), "
+                                          r"and this adopts them as --split train"):
+        adopt(src, tmp_path / "out", AdoptOptions())
+    only_val = tmp_path / "held-out"
+    only_val.mkdir()
+    (only_val / "validation-0000.tar").write_bytes(b"")
+    with pytest.raises(SourceError, match="named for 'val' .* with --split val for those"):
+        adopt(only_val, tmp_path / "out", AdoptOptions())
+    assert not (tmp_path / "out" / "dataset.json").exists()
