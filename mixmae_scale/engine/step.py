@@ -42,7 +42,8 @@ def step_decision(loss: torch.Tensor, stop_requested: bool) -> tuple[int, int]:
     loss's finiteness and the stop flag together; the running loss is read only when logged."""
     flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
                          loss.new_full((), float(stop_requested), dtype=torch.float32)])
-    dist.all_reduce(flags)  # on the loss's device: NCCL's on GPUs, gloo's on CPUs (engine/distributed.py)
+    if dist.get_world_size() > 1:  # alone (a sweep's runs, the demo) there is nobody to agree with
+        dist.all_reduce(flags)  # on the loss's device: NCCL's on GPUs, gloo's on CPUs (engine/distributed.py)
     nonfinite, stop_votes = flags.tolist()
     return int(nonfinite), int(stop_votes)
 

@@ -46,7 +46,9 @@ def test_every_zero_stage_and_precision_skips_an_update_with_non_finite_gradient
 def test_one_inf_gradient_element_on_one_rank_skips_the_update_on_both_ranks():
     """The common real case, not every gradient NaN everywhere: one element of one gradient is +inf on rank 1
     alone (two worker processes on this host, gloo). At every ZeRO stage in fp32 neither rank applies the step
-    nor changes a weight, and after the clean step the two ranks hold the same weights."""
+    nor changes a weight, and after the clean step the two ranks hold the same weights. The loop's own agreed read
+    of a micro-step (`step_decision`) also runs there: a NaN loss on rank 1 alone and a stop asked on rank 0 alone
+    reach both ranks."""
     cases = [f"{stage}:fp32:inf-on-rank-1" for stage in (0, 1, 2, 3)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
@@ -65,6 +67,10 @@ def test_one_inf_gradient_element_on_one_rank_skips_the_update_on_both_ranks():
             assert row["clean_step"]["applied"] and row["clean_step"]["weights_changed"], row
         assert zero["weights_sum"] == one["weights_sum"], (zero, one)
     assert [r["stage"] for r in rows[0]] == [0, 1, 2, 3]
+    decisions = [json.loads(line.removeprefix("decision ")) for out, _ in outputs for line in out.splitlines()
+                 if line.startswith("decision ")]  # a NaN loss on rank 1 alone and a stop on rank 0 alone
+    assert decisions == [{"rank": 0, "nonfinite_ranks": 1, "stop_votes": 1},
+                         {"rank": 1, "nonfinite_ranks": 1, "stop_votes": 1}]
 
 
 def test_a_non_finite_stop_resumes_past_the_bad_data(demo_shards, tmp_path):

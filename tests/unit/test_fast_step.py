@@ -62,8 +62,15 @@ def test_mask_from_a_cpu_generator_is_unchanged():
         assert torch.equal(sample_mask(7, 0.5, generator=torch.Generator().manual_seed(seed)), expected)
 
 
-def test_step_decision_reads_both_flags_in_one_reduction(tmp_path):
+def test_step_decision_reads_both_flags_and_alone_issues_no_collective(tmp_path, monkeypatch):
+    """Several ranks agree in one reduction (test_faults.py's two worker processes: a NaN loss on one rank and a
+    stop on the other reach both); a process alone (a sweep's run, the demo) skips the collective."""
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("an all_reduce at world size 1")
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
     try:
         assert step_decision(torch.tensor(1.5), stop_requested=False) == (0, 0)
         assert step_decision(torch.tensor(float("nan")), stop_requested=False) == (1, 0)

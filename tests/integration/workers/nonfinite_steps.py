@@ -1,7 +1,8 @@
 """Run by test_faults.py in fresh processes (gloo): for each case `stage:dtype[:fault]`, one step with non-finite
 gradients (a finite loss) and one clean step through the real DeepSpeed engine; prints JSON lines. Faults: `nan`
 (every gradient NaN, the default) or `inf-on-rank-1` (one element of one gradient +inf on rank 1 alone: the
-other rank's gradients are finite until they are reduced). A world of one unless RANK and WORLD_SIZE are set."""
+other rank's gradients are finite until they are reduced). A world of one unless RANK and WORLD_SIZE are set; with
+two, a last line `decision {...}` is each rank's `step_decision` over a NaN loss on rank 1 and a stop on rank 0."""
 
 from __future__ import annotations
 
@@ -68,6 +69,13 @@ for case in sys.argv[1:]:
     digest = float(sum(w.double().sum() for w in weights()))  # the same on every rank after the clean step
     print(json.dumps({"stage": stage, "dtype": dtype, "fault": fault, "rank": rank, "nan_grad_step": results[0],
                       "clean_step": results[1], "weights_sum": digest}), flush=True)
+
+if int(os.environ["WORLD_SIZE"]) > 1:  # the loop's agreed read of a micro-step: a NaN loss on rank 1, a stop on 0
+    from mixmae_scale.engine.step import step_decision
+
+    decided = step_decision(torch.tensor(float("nan") if rank == 1 else 1.0), stop_requested=rank == 0)
+    print("decision " + json.dumps({"rank": rank, "nonfinite_ranks": decided[0], "stop_votes": decided[1]}),
+          flush=True)
 
 # Both ranks leave together, and without the interpreter's teardown: with two ranks, one of them aborted after its
 # last row about one time in ten ("terminate called without an active exception": a C++ thread still joinable at
