@@ -211,7 +211,11 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 hint = difflib.get_close_matches(str(key), sorted(names), n=1)
                 raise ConfigError(f"unknown configuration key '{prefix}{key}'" + (
                     f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(names))}"))
-            raise _unknown_key_error(f"{prefix}{key}")
+            inner, value = "", data[key]  # `--set clusterr.num_nodes=2` arrives as {"clusterr": {"num_nodes": 2}}
+            while isinstance(value, dict) and len(value) == 1:
+                (name, value), = value.items()
+                inner += f".{name}"
+            raise _unknown_key_error(f"{prefix}{key}{inner}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in data]

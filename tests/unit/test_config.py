@@ -38,6 +38,7 @@ def test_override_values_are_typed():
     ("optim.lerning_rate=1", "did you mean 'optim.base_learning_rate'"),
     ("model.windw_size=[7,7,7,7]", "did you mean 'model.window_size'"),
     ("zero.stag=2", "did you mean 'zero.stage'"),
+    ("clusterr.num_nodes=2", "key 'clusterr.num_nodes'; did you mean 'cluster.num_nodes'"),  # was cluster.env
 ])
 def test_unknown_key_names_the_closest_valid_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
