@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mixmae_scale.cli.arguments import add_set_arg
+from mixmae_scale.cli.arguments import add_set_arg, at_least
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     info = model_sub.add_parser("info", help="parameter counts and analytic GFLOPs of a size")
     info.add_argument("--size", default="base", choices=["tiny", "base", "large", "huge", "custom"],
                       help="model size (custom: set model.* with --set)")
-    info.add_argument("--img-size", type=int, help="input resolution (default: the size's own)")
+    info.add_argument("--img-size", type=at_least(1), help="input resolution (default: the size's own)")
     info.add_argument("--num-classes", type=int, default=1000, help="classifier head for the count")
     add_set_arg(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")

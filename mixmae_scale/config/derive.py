@@ -140,6 +140,7 @@ def validate(config: Config) -> None:
              f"data.crop_ratio must be [min, max], got {d.crop_ratio}")
     c = config.cluster
     _require(c.num_nodes >= 1 and c.gpus_per_node >= 1, "cluster.num_nodes and gpus_per_node must be >= 1")
+    _require(1 <= c.master_port <= 65535, f"cluster.master_port={c.master_port} is not a TCP port (1-65535)")
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
     _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")

@@ -21,8 +21,14 @@ from mixmae_scale.cli import main
     (["probe", "--init", "x", "--data", "y", "--baseline-seeds", "0"], "--baseline-seeds: 0 is less than 1"),
     (["visualize", "x", "--data", "y", "--images", "1"], "--images: 1 is less than 2"),
     (["scaling", "run", "spec.yaml", "--out", "o", "--parallel", "zero"], "--parallel: 'zero' is not an integer"),
+    (["model", "info", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was silently the size's own
 ])
 def test_an_out_of_range_count_is_refused_by_name_before_any_work(argv, said, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_master_port_that_is_not_a_port_is_refused(capsys):
+    assert main(["config", "show", "--profile", "tiny", "--set", "cluster.master_port=99999"]) == 2
+    assert "cluster.master_port=99999 is not a TCP port (1-65535)" in capsys.readouterr().err
