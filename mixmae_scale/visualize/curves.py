@@ -29,9 +29,13 @@ def read_metrics(run: str | Path) -> dict[str, list[float]]:
         raise FileNotFoundError(f"{path.absolute()}: not found (is {run} a run folder?)")
     columns: dict[str, list[float]] = {}
     with path.open() as handle:
-        for row in csv.DictReader(handle):
+        for line, row in enumerate(csv.DictReader(handle), start=2):
             for key, value in row.items():
-                columns.setdefault(key, []).append(float(value) if value not in ("", "None") else float("nan"))
+                try:
+                    columns.setdefault(key, []).append(float(value) if value not in ("", "None") else float("nan"))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path.absolute()}:{line}: column {key!r} holds {value!r}, "
+                                     "not a number") from None
     if not columns.get("step"):
         raise ValueError(f"{path.absolute()}: no logged steps yet")
     return columns
@@ -43,8 +47,11 @@ def read_evals(run: str | Path) -> dict[str, list[float]]:
     path = (Path(run) if Path(run).is_dir() else Path(run).parent) / "eval.jsonl"
     if not path.exists():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    columns = {"step": [float(row["step"]) for row in rows]}
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        columns = {"step": [float(row["step"]) for row in rows]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path.absolute()}: not one evaluation per line with its step ({exc})") from None
     for key, field in EVAL_KEYS.items():
         columns[key] = [float(row.get(field, math.nan)) for row in rows]
     return columns

@@ -97,3 +97,16 @@ def test_runs_plot_draws_a_fine_tuning_runs_evaluations_in_an_eval_top1_panel(tm
         assert image.size[0] == 1600  # four panels of 4 inches at 100 dpi
     other = _metrics(tmp_path / "other-batch", 4, 64)  # compared at images seen: evaluations at step x 32 images
     assert "eval top-1 (%)" in plot_runs([finetune, other], tmp_path / "mixed.png")["panels"]
+
+
+def test_runs_plot_names_the_file_and_line_of_a_value_that_is_not_a_number(tmp_path, capsys):
+    from mixmae_scale.cli import main
+
+    (tmp_path / "metrics.csv").write_text("step,epoch,loss\n1,0.1,1.5\n2,0.2,abc\n")
+    assert main(["runs", "plot", str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 2
+    assert capsys.readouterr().err.strip() == (f"mixmae: error: {tmp_path / 'metrics.csv'}:3: column 'loss' holds "
+                                               "'abc', not a number")
+    (tmp_path / "metrics.csv").write_text("step,epoch,loss\n1,0.1,1.5\n")
+    (tmp_path / "eval.jsonl").write_text('{"top1": 3}\n')
+    assert main(["runs", "plot", str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 2
+    assert "eval.jsonl: not one evaluation per line with its step" in capsys.readouterr().err
