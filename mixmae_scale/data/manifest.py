@@ -263,6 +263,9 @@ def _read_json(location: str) -> tuple[Any, str]:
     path = storage.join(location, MANIFEST)
     if not storage.is_remote(location):
         folder = Path(location)
+        if folder.is_file():
+            raise DataError(f"{_display(folder)} is a file, not a shard folder (data.shards): name the folder that "
+                            "holds dataset.json")
         if not folder.is_dir():
             raise DataError(f"shard folder {_display(folder)} does not exist (data.shards); build shards with "
                             "`mixmae shards`, or adopt existing ones with `mixmae shards adopt`")

@@ -202,7 +202,7 @@ def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
     if not is_remote(prefix):
         root = Path(prefix)
         if not root.is_dir():
-            raise StorageError(f"{root.resolve()}: no such folder")
+            raise StorageError(f"{root.resolve()}: " + ("a file, not a folder" if root.exists() else "no such folder"))
         return sorted((StoredFile(p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob(f"*{suffix}")
                        if p.is_file()), key=lambda f: f.name)
     bucket, key = split_url(str(prefix))

@@ -299,7 +299,8 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
     out = str(out).rstrip("/") if storage.is_remote(out) else str(out)
     check_options(options)
     if not src.is_dir():
-        raise SourceError(f"--src {src}: not found (tried {src.absolute()})")
+        raise SourceError(f"--src {src}: " + ("a file; name the folder that holds the images" if src.exists()
+                                              else f"not found (tried {src.absolute()})"))
     _check_output(src, out)
     masks = mask_layout(src, options.layout)
     options = replace(options, masks=masks is not None)

@@ -127,6 +127,18 @@ def test_not_found_errors_show_the_absolute_path_tried(tmp_path, monkeypatch, ca
     assert expected.format(cwd=tmp_path) in line
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["shards", "folder", "--src", "a.txt", "--out", "out"], "--src a.txt: a file; name the folder that holds"),
+    (["shards", "verify", "a.txt"], "{cwd}/a.txt is a file, not a shard folder (data.shards)"),
+    (["shards", "adopt", "a.txt", "--out", "out"], "{cwd}/a.txt: a file, not a folder"),
+])
+def test_a_file_where_a_folder_goes_is_called_a_file_not_missing(tmp_path, monkeypatch, capfd, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("notes\n")
+    line = one_error_line(capfd, main(args))
+    assert expected.format(cwd=tmp_path) in line
+
+
 def _jpegs(folder: Path, count: int) -> None:
     from PIL import Image
 
