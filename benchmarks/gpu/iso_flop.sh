@@ -13,10 +13,10 @@ RESULTS=${OUT:-runs/gpu-iso-flop-out}
 RUNS=${RUNS:-runs/gpu-iso-flop}
 mkdir -p "$RESULTS" "$RUNS"
 started=$SECONDS
-if ! python3 -c "import deepspeed, nvidia.dali" 2>/dev/null; then
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+if ! python3 -c "import deepspeed, nvidia.dali" 2>/dev/null; then   # a warm machine has the kit in /tmp/site
   bash benchmarks/gpu/install_wheels.sh || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 SPEC=${SPEC:-docs/scaling-example/gpu-iso-flop/sweep.yaml}   # another spec: a CPU trial of this script
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
   | tee "$RESULTS/gpu.txt"
@@ -24,6 +24,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
   > "$RESULTS/demo.log" 2>&1 || { tail -20 "$RESULTS/demo.log"; exit 1; }
 deadline=$(( ${TOTAL_S:-570} - ${REPORT_S:-45} - (SECONDS - started) ))
 echo "set-up took $((SECONDS - started)) s; the sweep gets $deadline s"
+if [ "$deadline" -lt 60 ]; then   # `timeout 0` would mean no limit at all
+  echo "not enough of TOTAL_S left for the sweep ($deadline s): run again with a larger TOTAL_S" >&2
+  exit 1
+fi
 (while sleep 10; do cp "$RUNS/results.jsonl" "$RESULTS/" 2>/dev/null; done) &
 copier=$!
 # timeout signals the sweep's whole process group, its workers too: a run cut short stops (its checkpoint kept)

@@ -386,8 +386,8 @@ def run_variants(suite: Suite, runs: list[tuple[str, Variant]], save) -> list[di
     """Each variant in turn; `save()` after each, so that a run cut short still leaves every row it finished."""
     plan_cache: dict = {}
     rows = suite.results.setdefault("variants", [])
-    lost = None
     for size, variant in runs:
+        lost = suite.results.get("cuda_lost")
         needs = 20 if suite.dry_run else NEEDS_S[variant.compile]
         if lost or suite.left() < needs:
             rows.append({"size": size, "variant": variant.name,
@@ -403,7 +403,7 @@ def run_variants(suite: Suite, runs: list[tuple[str, Variant]], save) -> list[di
         rows[-1]["wall_s"] = time.monotonic() - started
         lost = release(suite)
         if lost:
-            rows[-1]["cleanup_error"] = lost
+            rows[-1]["cleanup_error"] = suite.results["cuda_lost"] = lost
         save()
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}, default=str), flush=True)
         if "trace" in rows[-1]:
@@ -499,14 +499,16 @@ def main() -> None:
     run_variants(suite, runs[:1], save)  # B's baseline first: the figure every other row is compared with
     if "check" not in args.skip:
         started = time.monotonic()
-        if suite.left() < (0 if args.dry_run else 240):
-            suite.results["grouped_check"] = {"skipped": "the --budget-s deadline"}
+        if suite.results.get("cuda_lost") or suite.left() < (0 if args.dry_run else 240):
+            suite.results["grouped_check"] = {"skipped": suite.results.get("cuda_lost") or "the --budget-s deadline"}
         else:
             try:
                 suite.results["grouped_check"] = check_grouped(suite)
             except Exception as exc:  # noqa: BLE001
                 suite.results["grouped_check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            release(suite)
+            lost = release(suite)
+            if lost:
+                suite.results["cuda_lost"] = lost
         suite.results["grouped_check_s"] = time.monotonic() - started
         save()
         print("grouped check:", json.dumps(suite.results["grouped_check"]), flush=True)

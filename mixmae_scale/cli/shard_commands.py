@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--resize-shorter", type=at_least(1), help="re-encode every image with this shorter side")
         p.add_argument("--quality", type=between(1, 100, int), default=95, help="JPEG quality of re-encoded images")
         p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be used")
-        p.add_argument("--max-megapixels", type=between(1e-6, 1e6), default=40.0,
+        p.add_argument("--max-megapixels", type=between(0, 1e6), default=40.0,
                        help="images above this many pixels are downscaled to it (or rejected: --oversize reject); "
                        "0 = no limit. Decompression bombs (> 179 MP) are always rejected")
         p.add_argument("--oversize", choices=["downscale", "reject"], default="downscale",

@@ -101,7 +101,7 @@ def merge_sources(profile: str, cluster: str | None = None, overrides: list[str]
         cluster_path = Path(cluster)
         if not cluster_path.exists():
             raise ConfigError(f"cluster file '{cluster}' does not exist (tried {cluster_path.absolute()})")
-        if not cluster_path.is_file():
+        if cluster_path.is_dir():
             raise ConfigError(f"cluster file '{cluster}' is a folder; name the YAML file (launch/cluster.example.yaml)")
         merged = deep_merge(merged, read_yaml(cluster_path))
         sources.append(str(cluster_path))

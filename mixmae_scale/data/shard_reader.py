@@ -252,7 +252,10 @@ class RankStream:
     def _batch(self) -> None:
         pending: list[RawSample] = []
         while not self._stop.is_set():
-            item = self._windows.get()
+            try:  # a timeout, so that a close while the fetch thread is between windows ends this thread too
+                item = self._windows.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if isinstance(item, BaseException):
                 raise item
             layout, window_start, samples, skip = item

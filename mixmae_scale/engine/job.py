@@ -41,6 +41,8 @@ class Loop(Protocol):
 
 
 class Job(Protocol):
+    # What the run is ("pretrain", "finetune", "segment"): run.json's "job", the command that ran, not the profile.
+    kind: str
     # Micro-batches of this rank's share of the training data; its position is saved with each checkpoint.
     loader: ShardLoader
     # Training FLOPs of one image (forward and backward) for MFU; None where they are not counted.

@@ -198,7 +198,7 @@ class TrainingLoop:
         devices = run_record.gather_device_names(self.ctx.device)  # collective
         if self.ctx.rank != 0:
             return None, None
-        record = run_record.RunRecord.begin(self.ctx, self.ctx.resolved.run_kind(), self.step, devices)
+        record = run_record.RunRecord.begin(self.ctx, self.job.kind, self.step, devices)
         settings = self.config.logging.wandb
         if settings.mode == "off":
             return record, None

@@ -194,8 +194,8 @@ class RunRecord:
 
     @classmethod
     def begin(cls, ctx, run_kind: str, step: int, devices: list[str], argv: list[str] | None = None) -> RunRecord:
-        """`ctx`: engine/loop.py's RunContext; `run_kind`: "pretrain" or "finetune" (run.json's "job" key). A record
-        from an earlier launch keeps its resumes and launches."""
+        """`ctx`: engine/loop.py's RunContext; `run_kind`: the job's kind, "pretrain", "finetune" or "segment"
+        (run.json's "job" key). A record from an earlier launch keeps its resumes and launches."""
         try:
             earlier = read_record(ctx.root) or {}
         except ValueError:

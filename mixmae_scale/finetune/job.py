@@ -63,6 +63,7 @@ class FinetuneJob(EvaluatedJob):
     """Classification with timm's augmentations, evaluated every `eval_every` steps; the best evaluation is
     kept with the checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
 
+    kind = "finetune"
     flops_per_image = None  # not counted for the classifier: no MFU
     metric = "top1"
 

@@ -46,6 +46,8 @@ class PretrainJob(Job):
     """MixMAE's loss on this rank's batches; the held-out loss at the start is kept with the checkpoints, so a
     resumed run reports the start of the whole run, not of its last launch."""
 
+    kind = "pretrain"
+
     def __init__(self, config: Config, loader: ShardLoader, heldout: HeldOut, snapshots=None) -> None:
         self.config, self.loader, self.heldout, self.snapshots = config, loader, heldout, snapshots
         self.heldout_start: HeldOutLoss | None = None

@@ -103,7 +103,10 @@ def main(jobs=sys.stdin) -> int:
         except Exception as exc:  # noqa: BLE001 - one run's failure is its own; the worker goes on to the next
             print(f"mixmae: error: run {job['run_id']}: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
-        _forget_compiled_code()
+        try:
+            _forget_compiled_code()
+        except Exception as exc:  # noqa: BLE001 - the run's own result stands; the next run starts as it can
+            print(f"mixmae: warning: after run {job['run_id']}: clearing compiled code failed: {exc}", file=sys.stderr)
         sys.stderr.flush()
         print(f"\n{MARKER} {job['run_id']} {code} {time.perf_counter() - start:.3f}", flush=True)
     return 0

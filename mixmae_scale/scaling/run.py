@@ -376,15 +376,26 @@ def _run_in(process: subprocess.Popen, run: PlannedRun, args: list[str]) -> tupl
 
 def _complete(run_dir: Path, run: PlannedRun) -> bool:
     summary = run_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("steps") == run.steps
+    return summary.exists() and ran_to_its_end(json.loads(summary.read_text()), run)
+
+
+def ran_to_its_end(summary: dict, run: PlannedRun) -> bool:
+    """The run reached the last step of its own schedule, not a stop (a time limit's signal). Its own schedule can
+    end a few steps before the plan's: a set without a validation split gives its train split's tail to the
+    held-out loss, which shortens the run's epochs (`_row` records the steps it took)."""
+    if summary.get("stopped_by_signal"):
+        return False
+    steps = summary.get("steps")
+    return steps is not None and steps >= summary.get("planned_steps", run.steps)
 
 
 def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, subset: Path | None = None) -> dict:
     """The results.jsonl line of a finished run folder; `wall_s` None: the run's own wall time."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    if summary.get("steps") != run.steps:  # stopped by a signal (a time limit): its checkpoint resumes it
-        raise RuntimeError(f"run {run.run_id} ({run_dir}): stopped at step {summary.get('steps')} of {run.steps}, "
-                           "not a point of the study; the same `mixmae scaling run` resumes it")
+    if not ran_to_its_end(summary, run):  # its checkpoint resumes it
+        raise RuntimeError(f"run {run.run_id} ({run_dir}): stopped at step {summary.get('steps')} of "
+                           f"{summary.get('planned_steps', run.steps)}, not a point of the study; the same "
+                           "`mixmae scaling run` resumes it")
     if summary.get("heldout_loss_end") is None:
         raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss not measured "
                            f"({summary.get('heldout_not_measured')}); a sweep compares held-out losses: give the "
@@ -393,6 +404,10 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
     row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
            "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"],
            **point_provenance(read_record(run_dir))}
+    if summary["steps"] != run.steps:  # what it trained, not what was planned: C and D follow its steps
+        scale = summary["steps"] / run.steps
+        row.update(steps=summary["steps"], images_seen=round(run.images_seen * scale), flops=run.flops * scale,
+                   planned_steps=run.steps)
     if spec.probe:
         row["probe_top1"] = _probe(run_dir, subset or Path(spec.shards))
     return row

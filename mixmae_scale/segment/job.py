@@ -47,6 +47,7 @@ class SegmentJob(EvaluatedJob):
     """Segmentation evaluated every `eval_every` steps and at the last; the best evaluation is kept with the
     checkpoints (its own `best/` checkpoint) so that a resumed run keeps comparing against it."""
 
+    kind = "segment"
     metric = "miou"
     left_out_of_best = ("per_class_iou",)
 

@@ -208,16 +208,20 @@ def _named_split(name: str) -> str | None:
     return None
 
 
-def _refuse_other_splits(src: str, split: str, names: list[str]) -> None:
-    """Tars named for another split would be mixed into this one (validation images into training) without a word:
-    each split is adopted from its own folder or prefix."""
-    named = Counter(other for other in map(_named_split, names) if other is not None and other != split)
-    if named:
-        other, count = named.most_common(1)[0]
-        example = next(n for n in names if _named_split(n) == other)
-        raise SourceError(f"{src}: {count} of its {len(names)} tars are named for '{other}' (e.g. {example}), and "
-                          f"this adopts them as --split {split}: adopt each split from its own folder or prefix, "
-                          f"with --split {other} for those")
+def other_split_tars(split: str, names: list[str]) -> dict[str, list[str]]:
+    """The tars whose names carry another split as a word, by that split: a download's folder often holds both
+    (`imagenet1k-train-*.tar` beside `imagenet1k-validation-*.tar`), and adopting one split must not take the
+    other's images into it. A split name of the set's own choosing (not train/val/test or their spellings) claims
+    nothing, so nothing is left out."""
+    own = _named_split(split)
+    if own is None:
+        return {}
+    others: dict[str, list[str]] = {}
+    for name in names:
+        named = _named_split(name)
+        if named is not None and named != own:
+            others.setdefault(named, []).append(name)
+    return others
 
 
 def _sorted_warning(split: str, records: list[AdoptedShard], num_classes: int) -> str:
@@ -267,6 +271,7 @@ class AdoptionSource:
         self.src, self.out, self.options = src, out, options
         self.splits, self.max_rejected, self.workers = (options.split,), options.max_rejected, options.workers
         self.tars: list[storage.StoredFile] = []
+        self.left_out: dict[str, list[str]] = {}  # tars named for another split, by that split
         self.others: Counter[str] = Counter()
         self.previous: Manifest | None = None  # the manifest OUT already holds (another split adopted before)
         self.base, self.other_splits, self.prefix = src, {}, ""  # see _place
@@ -280,7 +285,13 @@ class AdoptionSource:
         if not self.tars:
             raise SourceError(f"{self.src}: no .tar files found (searched recursively"
                               + (f"; it holds {dict(self.others)}" if self.others else "; it is empty") + ")")
-        _refuse_other_splits(self.src, self.options.split, [t.name for t in self.tars])
+        self.left_out = other_split_tars(self.options.split, [t.name for t in self.tars])
+        left_out = {name for names in self.left_out.values() for name in names}
+        if left_out and len(left_out) == len(self.tars):
+            other, names = max(self.left_out.items(), key=lambda item: len(item[1]))
+            raise SourceError(f"{self.src}: its {len(self.tars)} tars are named for '{other}' (e.g. {names[0]}), "
+                              f"not for --split {self.options.split}: add --split {other}")
+        self.tars = [t for t in self.tars if t.name not in left_out]
         self.previous = load_manifest(self.out) if manifest_exists(self.out) else None
         self.base, self.other_splits, self.prefix = _place(self.previous, self.src, self.options.split)
         return [], []
@@ -336,6 +347,9 @@ class AdoptionSource:
         self.classes = old_classes + [{"index": i} for i in range(len(old_classes), max_label + 1)]
         if labeled and (warning := _sorted_warning(split, shards, max_label + 1)):
             warnings.append(warning)
+        for other, names in self.left_out.items():
+            warnings.append(f"{split}: {len(names)} tar(s) named for '{other}' (e.g. {names[0]}) left out; adopt "
+                            f"them with --split {other}")
         masked = sum(s.masked_samples for s in shards)
         if 0 < masked < samples:
             warnings.append(f"{split}: {samples - masked} of {samples} indexed samples have no seg.png, so the split "
@@ -343,7 +357,8 @@ class AdoptionSource:
         counts = {"adopted_from": self.src, "found": found, "rejected": rejected, "members": members,
                   "ignored_members": sum(len(s.ignored) for s in shards),
                   "problem_tars": sum(bool(s.problem) for s in shards), "decoded": self.options.decode,
-                  "ignored_files": dict(self.others)}
+                  "ignored_files": dict(self.others),
+                  "left_out_tars": {other: len(names) for other, names in self.left_out.items()}}
         entries = tuple(ShardEntry(self.prefix + s.name, s.index, s.samples, s.size, s.sha256)
                         for s in shards if s.samples)
         return SplitEntry(samples, labeled, entries, counts, masks=samples > 0 and masked == samples), warnings

@@ -37,6 +37,7 @@ def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores
     assert summary["best"]["miou"] == max(e["miou"] for e in evals)
     assert any((run_dir / "best").glob("*/COMPLETE"))
     assert f"mIoU {evals[-1]['miou']:.2f}%" in result.stdout
+    assert json.loads((run_dir / "run.json").read_text())["job"] == "segment"  # it said pretrain
     # metrics.csv's lr is the schedule's (linear warm-up here), not the head's group at head_lr_scale (30x) times it
     derived = yaml.safe_load((run_dir / "config.yaml").read_text())["derived"]
     assert derived["warmup_steps"] > 6

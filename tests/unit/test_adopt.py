@@ -267,19 +267,28 @@ def test_a_tar_cut_at_a_member_boundary_or_with_a_damaged_header_is_caught_where
     assert found.rejected[0]["key"] == "a" and found.bytes_read == len(whole)
 
 
-def test_tars_named_for_another_split_are_not_adopted_into_this_one(tmp_path):
-    """Adopting a download's folder as train took its val-*.tar along (validation images trained on) without a
-    word; adopting a folder of val tars without --split made them training data."""
+def test_tars_named_for_another_split_are_not_adopted_into_this_one(wds_sets, tmp_path):
+    """Adopting a download's folder as train took its validation tars along (validation images trained on) without
+    a word; adopting a folder of validation tars without --split made them training data. Now each split takes the
+    tars named for it (and unnamed ones), says what it left out, and a folder with nothing for the split is refused;
+    a split name of the set's own choosing claims nothing."""
+    tar = next((wds_sets / "shardwriter").glob("*.tar"))
     src = tmp_path / "download"
     src.mkdir()
-    for name in ("imagenet-train-000000.tar", "imagenet-train-000001.tar", "imagenet-val-000000.tar"):
-        (src / name).write_bytes(b"")
-    with pytest.raises(SourceError, match=r"1 of its 3 tars are named for 'val' \(e.g. imagenet-val-000000.tar\), "
-                                          r"and this adopts them as --split train"):
-        adopt(src, tmp_path / "out", AdoptOptions())
+    for name in ("imagenet1k-train-0000.tar", "imagenet1k-validation-0000.tar", "imagenet1k-validation-0001.tar"):
+        shutil.copy(tar, src / name)
+    train = adopt(src, tmp_path / "out", AdoptOptions())
+    assert [e.name for e in train.manifest.splits["train"].shards] == ["imagenet1k-train-0000.tar"]
+    assert any("2 tar(s) named for 'val' (e.g. imagenet1k-validation-0000.tar) left out; adopt them with --split val"
+               in w for w in train.warnings)
+    val = adopt(src, tmp_path / "out", AdoptOptions(split="validation"))  # a spelling of val: the same split
+    assert [e.name for e in val.manifest.splits["validation"].shards] == ["imagenet1k-validation-0000.tar",
+                                                                          "imagenet1k-validation-0001.tar"]
+    assert len(adopt(src, tmp_path / "own", AdoptOptions(split="holdout")).manifest.splits["holdout"].shards) == 3
     only_val = tmp_path / "held-out"
     only_val.mkdir()
-    (only_val / "validation-0000.tar").write_bytes(b"")
-    with pytest.raises(SourceError, match="named for 'val' .* with --split val for those"):
-        adopt(only_val, tmp_path / "out", AdoptOptions())
-    assert not (tmp_path / "out" / "dataset.json").exists()
+    (only_val / "val-0000.tar").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"its 1 tars are named for 'val' \(e.g. val-0000.tar\), not for --split "
+                                          r"train: add --split val"):
+        adopt(only_val, tmp_path / "refused", AdoptOptions())
+    assert not (tmp_path / "refused" / "dataset.json").exists()

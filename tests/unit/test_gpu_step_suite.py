@@ -75,6 +75,8 @@ def test_a_failed_variant_is_a_row_and_a_lost_cuda_context_skips_the_rest(suite_
     assert rows[0]["images_per_s"] == 1.0 and "illegal memory access" in rows[1]["error"] and "trace" in rows[1]
     assert rows[1]["cleanup_error"].startswith("the CUDA context is unusable")
     assert rows[2]["skipped"].startswith("the CUDA context is unusable")
+    later = m.run_variants(suite, [("huge", m.BASELINE)], lambda: None)  # a later call (after the check) too
+    assert later[-1]["skipped"].startswith("the CUDA context is unusable")
     suite.results.clear()
     late = m.run_variants(suite, [("base", m.B_ONLY[1])], lambda: None)  # whole-step compile: 200 s needed
     assert late[0]["skipped"].startswith("the --budget-s deadline") and "200 needed" in late[0]["skipped"]

@@ -238,10 +238,20 @@ def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_
 
 def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     """A worker stopped by a signal (a time limit on the sweep) saves and writes its summary at the step it reached;
-    that run is not a point of the study, and the error says the same command resumes it."""
+    that run is not a point of the study, and the error says the same command resumes it. A run whose own schedule
+    ended before the plan's (a held-out tail taken from a train split shortens its epochs) is a point, recorded
+    with the steps, images and FLOPs it trained."""
     run_dir = tmp_path / "w8"
     run_dir.mkdir()
-    (run_dir / "summary.json").write_text(json.dumps({"steps": 3, "heldout_loss_end": 0.9, "wall_s": 1.0}))
     (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n3,1.0,0,1.0\n")
+    summary = {"steps": 3, "planned_steps": 10, "stopped_by_signal": True, "heldout_loss_end": 0.9, "wall_s": 1.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    spec = type("Spec", (), {"probe": False})()
     with pytest.raises(RuntimeError, match=r"run w8 \(.*\): stopped at step 3 of 10, .* resumes it"):
-        sweep_run._row(None, _planned("w8"), run_dir, 1.0)
+        sweep_run._row(spec, _planned("w8"), run_dir, 1.0)
+    assert not sweep_run._complete(run_dir, _planned("w8"))
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 8, "planned_steps": 8,
+                                                      "stopped_by_signal": False}))
+    row = sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
+    assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
+    assert sweep_run._complete(run_dir, _planned("w8"))
