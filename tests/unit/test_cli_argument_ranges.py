@@ -32,3 +32,12 @@ def test_an_out_of_range_count_is_refused_by_name_before_any_work(argv, said, ca
 def test_a_master_port_that_is_not_a_port_is_refused(capsys):
     assert main(["config", "show", "--profile", "tiny", "--set", "cluster.master_port=99999"]) == 2
     assert "cluster.master_port=99999 is not a TCP port (1-65535)" in capsys.readouterr().err
+
+
+def test_max_megapixels_zero_still_means_no_limit(tmp_path, capsys):
+    """0 is the documented 'no limit' (shard_commands.py): the range check takes it, and the command goes on to
+    its own checks (here: the missing --src)."""
+    assert main(["shards", "folder", "--src", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                 "--max-megapixels", "0"]) == 2
+    said = capsys.readouterr().err
+    assert "--max-megapixels" not in said and f"--src {tmp_path / 'none'}: not found" in said
