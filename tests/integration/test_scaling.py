@@ -8,7 +8,7 @@ import pytest
 
 from mixmae_scale.scaling.report import read_results
 from mixmae_scale.scaling.run import run_sweep
-from mixmae_scale.scaling.spec import load_spec
+from mixmae_scale.scaling.spec import expand, load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +49,27 @@ def test_two_runs_in_one_process_end_exactly_as_two_separate_processes(demo_shar
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert rows["together"]["w8-d1-s3-seed0"]["heldout_loss"] != rows["together"]["w8-d1-s3-seed1"]["heldout_loss"]
+
+
+def test_a_sweep_over_a_set_without_a_validation_split_records_the_steps_its_runs_took(demo_shards, tmp_path):
+    """Without a val split the held-out loss takes the train split's last micro-batch, which shortens each run's
+    epochs: planned 40 steps of 8 from 300 images (37 per epoch), the run's own schedule ends at 39 (36 per epoch).
+    The run is a point of the study (not a stopped run), recorded with the steps, images and FLOPs it trained, not
+    the planned 40."""
+    import json
+    import shutil
+
+    shards = tmp_path / "train-only"
+    shutil.copytree(demo_shards, shards)
+    manifest = json.loads((shards / "dataset.json").read_text())
+    del manifest["splits"]["val"]
+    (shards / "dataset.json").write_text(json.dumps(manifest))
+    spec_path = tmp_path / "one.yaml"
+    spec_path.write_text(TWO_RUNS.format(shards=shards).replace("steps: [3]", "steps: [40]")
+                         .replace("seeds: [0, 1]", "seeds: [0]"))
+    spec = load_spec(spec_path)
+    (planned,) = expand(spec, spec.train_samples_for_plan())
+    (row,) = run_sweep(spec, tmp_path / "sweep", log=lambda line: None)
+    assert (planned.steps, planned.images_seen) == (40, 40 * 8)
+    assert (row["steps"], row["planned_steps"], row["images_seen"]) == (39, 40, 39 * 8)
+    assert row["heldout_loss"] > 0 and row["flops"] == pytest.approx(planned.flops * 39 / 40)
