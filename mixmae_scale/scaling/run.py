@@ -312,10 +312,6 @@ class RunQueue:
         with self._lock:
             return self._items.pop(0) if self._items else None
 
-    def __bool__(self) -> bool:
-        with self._lock:
-            return bool(self._items)
-
 
 def _pretrain_args(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> list[str]:
     data, samples = run_data(spec, run.data_fraction, out)
@@ -333,18 +329,17 @@ def _worker(queue: RunQueue, share: DeviceShare, job_args, finished, command: li
     `share.per_process`, then a fresh one takes over, until the queue is empty. Each run is reported by `finished`
     as its marker arrives, with the output it printed (shown when it failed); a run whose process died is reported
     failed, and the next run gets a new process."""
-    while queue:
+    item = queue.take()  # taken before a process starts: no process is started for an empty queue
+    while item is not None:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, env={**os.environ, "OMP_NUM_THREADS": str(share.threads)})
         try:
             for _ in range(share.per_process):
-                item = queue.take()
-                if item is None:
-                    break
                 index, run = item
                 code, wall_s, output = _run_in(process, run, job_args(run))
                 finished(index, run, code, wall_s, output)
-                if process.poll() is not None:
+                item = queue.take()
+                if item is None or process.poll() is not None:
                     break
         finally:
             with contextlib.suppress(OSError):

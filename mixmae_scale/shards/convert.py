@@ -305,13 +305,27 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
     masks = mask_layout(src, options.layout)
     options = replace(options, masks=masks is not None)
     source = ConversionSource(src, out, options, masks)
+    fresh = source.staging is None and not Path(out).exists()
     if source.staging is None:
         Path(out).mkdir(parents=True, exist_ok=True)
     _check_same_options(out, options)
-    result = build(source, out)
+    try:
+        result = build(source, out)
+    except SourceError:
+        if fresh:  # refused before a shard was written: no empty output folder is left behind
+            _remove_if_empty(Path(out))
+        raise
     if source.staging is not None and source.staging.is_dir() and not any(source.staging.iterdir()):
         source.staging.rmdir()
     return result
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """`folder`, if it holds nothing but the options this command recorded on starting (no shard, no plan, no
+    progress record: nothing a rerun would resume from)."""
+    options = folder / PROGRESS_DIR / "options.json"
+    if folder.is_dir() and all(path == options for path in folder.rglob("*") if path.is_file()):
+        shutil.rmtree(folder)
 
 
 def mask_layout(src: Path, layout: str) -> MaskLayout | None:

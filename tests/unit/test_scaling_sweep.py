@@ -233,7 +233,7 @@ def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_
     pids = [output.split()[1] if output.startswith("pid ") else None for *_, output in finished]
     assert pids[0] == pids[1] != pids[2] == pids[3] and pids[5] not in pids[:4]
     assert finished[0][3] == 0.5 and finished[0][4].endswith("ran a (no newline before the marker)")
-    assert finished[4][4] == "out of memory\n" and not queue
+    assert finished[4][4] == "out of memory\n" and queue.take() is None
 
 
 def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):

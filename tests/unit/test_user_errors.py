@@ -297,3 +297,14 @@ def test_eval_at_a_size_the_encoder_cannot_take_is_one_line_naming_its_own(demo_
                                        str(demo_shards), "--img-size", "100"]))  # a shape error traceback before
     assert line.startswith("mixmae: error: --img-size 100: the encoder needs a multiple of 32")
     assert "its own size is" in line
+
+
+def test_a_refused_conversion_leaves_no_empty_output_folder_and_keeps_an_existing_one(tmp_path, capfd):
+    (tmp_path / "src" / "cats").mkdir(parents=True)
+    (tmp_path / "src" / "cats" / "notes.txt").write_text("no images here\n")
+    line = one_error_line(capfd, main(["shards", "folder", "--src", str(tmp_path / "src"), "--out",
+                                       str(tmp_path / "out")]))
+    assert "class folder(s) without images: cats" in line and not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    one_error_line(capfd, main(["shards", "folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "kept")]))
+    assert (tmp_path / "kept").is_dir()  # the user's own folder is not removed
