@@ -297,8 +297,8 @@ def start_order(run: PlannedRun) -> tuple[float, float]:
     Longest first keeps a long run started last from holding up the end. Budgets in turn make a sweep cut short
     (a time limit, a device lent for minutes) leave whole iso-FLOP curves, each a result, rather than parts of every
     curve; that costs the gap a budget's long runs leave at its end. For the GPU study, simulated from its cost
-    estimate (benchmarks/sweep_schedule.py): 442 s instead of 316 s, but at 1.5x the estimate 4 whole curves by
-    450 s instead of none."""
+    estimate (benchmarks/results/sweep_schedule_gpu_iso_flop.json): 442 s instead of 316 s, but at 1.5x the
+    estimate 4 whole curves by 390 s instead of none."""
     return (run.budget or 0.0, -estimated_seconds(run))
 
 
