@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ from mixmae_scale.engine import distributed
 
 log = logging.getLogger("mixmae")
 
-WORLD_OF_ONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}
+# MASTER_PORT 0: the process's own store binds a port the kernel picks, as it binds it. A port probed free and
+# handed on could be taken in between by another process of one (a sweep starts eight at once).
+WORLD_OF_ONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
 EXIT_OK, EXIT_FAILED, EXIT_NONFINITE_STOP = 0, 1, 3
 
 # (rank, local rank) -> exit code: the command's work on this rank.
@@ -58,7 +59,7 @@ def run_rank(work: RankWork, report: FailureReport, default_local_rank: int = 0,
     alone = "RANK" not in os.environ
     saved_env = {key: os.environ.get(key) for key in WORLD_OF_ONE}
     if alone:
-        os.environ.update(WORLD_OF_ONE, MASTER_PORT=str(_free_port()))
+        os.environ.update(WORLD_OF_ONE)
     process = RankProcess(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", default_local_rank)), alone)
     logging.basicConfig(level=logging.INFO if process.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {process.rank}] %(message)s", datefmt="%H:%M:%S")
@@ -109,9 +110,3 @@ def _restore(saved_env: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -1,0 +1,37 @@
+"""A process started without a launcher (a sweep's worker, `mixmae eval` on a laptop) is a world of one. Its
+process group's store binds the port itself: a port probed free and handed on can be taken in between by another
+such process, and a sweep starts several at once."""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from mixmae_scale.engine import runtime
+
+
+def test_a_process_alone_starts_its_group_on_a_port_its_store_binds_and_leaves_the_environment_as_it_was(
+        monkeypatch):
+    for key in runtime.WORLD_OF_ONE:
+        monkeypatch.delenv(key, raising=False)
+    seen = {}
+
+    def work(rank: int, local_rank: int) -> int:
+        seen["env_port"] = os.environ["MASTER_PORT"]
+        dist.init_process_group("gloo")  # env://, as DeepSpeed's init_distributed starts it
+        store = dist.distributed_c10d._get_default_store()
+        while hasattr(store, "underlying_store"):  # PrefixStores around the TCPStore
+            store = store.underlying_store
+        seen["bound_port"] = store.port
+        seen["world"] = dist.get_world_size()
+        return 0
+
+    def report(rank, exc, alone):
+        raise AssertionError(f"the work failed: {exc!r}")
+
+    assert runtime.run_rank(work, report) == 0
+    assert seen["env_port"] == "0" and seen["world"] == 1
+    assert seen["bound_port"] > 0  # the kernel's choice, made as the store bound it
+    assert not dist.is_initialized()
+    assert not any(key in os.environ for key in runtime.WORLD_OF_ONE)
