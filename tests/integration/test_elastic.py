@@ -68,7 +68,7 @@ def assert_carried_over_exactly(checkpoints: Path, step: int, parameters: int = 
         assert torch.equal(tensor, after[name]), name
 
 
-def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_path):
+def test_zero2_resumes_on_one_rank_then_on_two_at_zero1(uninterrupted, demo_shards, tmp_path):
     run = tmp_path / "zero2"
     shutil.copytree(uninterrupted, run)
     for later in ("step00000008", "step00000012"):
@@ -82,9 +82,9 @@ def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_p
     assert (config["derived"]["micro_batch"], config["derived"]["accumulation"]) == (8, 2)
     assert_carried_over_exactly(run / "checkpoints", 4)
     assert mean_loss(run, range(5, 9)) == pytest.approx(mean_loss(uninterrupted, range(5, 9)), rel=0.03)
-    two = launch_two_nodes(run, demo_shards, *COMMON, "zero.stage=2", "checkpoint.save_after_layout_change=true",
+    two = launch_two_nodes(run, demo_shards, *COMMON, "zero.stage=1", "checkpoint.save_after_layout_change=true",
                            max_steps=12)
-    assert "across a change of layout (world size 1 -> 2)" in two[0]
+    assert "across a change of layout (world size 1 -> 2, zero_stage 2 -> 1)" in two[0]
     assert_carried_over_exactly(run / "checkpoints", 8)
     marker = json.loads((run / "checkpoints" / "step00000012" / "COMPLETE").read_text())
     assert marker["world_size"] == 2 and {"rank_0.json", "rank_1.json"} <= set(marker["files"])
@@ -93,7 +93,7 @@ def test_zero2_resumes_on_one_rank_then_on_two(uninterrupted, demo_shards, tmp_p
     assert learning_rates(run) == pytest.approx(learning_rates(uninterrupted), rel=1e-9)  # the schedule goes on
     ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
     assert ours["steps"] == theirs["steps"] == 12
-    print(f"\nheld-out loss at step 12: uninterrupted {theirs['heldout_loss_end']:.4f}, 2 -> 1 -> 2 ranks (ZeRO-2) "
+    print(f"\nheld-out loss at step 12: uninterrupted {theirs['heldout_loss_end']:.4f}, 2 -> 1 -> 2 ranks (ZeRO-2, then ZeRO-1) "
           f"{ours['heldout_loss_end']:.4f}")
     assert ours["heldout_loss_end"] == pytest.approx(theirs["heldout_loss_end"], rel=0.03)
 

@@ -204,6 +204,24 @@ def test_zero0_loads_on_another_world_size_as_it_is_but_refuses_a_precision_chan
     assert convert.calls == []
 
 
+def test_a_change_between_zero_3_and_zero_1_or_2_is_refused_before_converting_and_1_to_2_is_not(tmp_path):
+    """DeepSpeed loads ZeRO-3's universal optimizer state only into ZeRO-3 (tried: 2 -> 3 stops with a KeyError,
+    3 -> 2 with an assertion, after the conversion); the refusal comes first and names both stages."""
+    convert = Converter()
+    make_tag(tmp_path, "step00000004", identity=RunIdentity("digest-a", {}, 32, ZERO2))
+    zero3 = RunIdentity("digest-a", {}, 32, {**ZERO2, "zero_stage": 3, "sub_group_size": 1_000_000_000})
+    with pytest.raises(ckpt.ResumeError, match="written at ZeRO stage 2 and this run has zero.stage=3"):
+        decide_resume(tmp_path, "auto", "rollback", zero3, 2, convert)
+    assert convert.calls == []
+    plan = decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**ZERO2, "zero_stage": 1}),
+                         2, convert)
+    assert plan.universal and "zero_stage 2 -> 1" in plan.notes[-1]
+    other = tmp_path / "zero3"
+    make_tag(other, "step00000004", identity=zero3)
+    with pytest.raises(ckpt.ResumeError, match="written at ZeRO stage 3 and this run has zero.stage=2"):
+        decide_resume(other, "auto", "rollback", IDENTITY, 2, convert)
+
+
 def test_another_model_or_global_batch_is_refused_with_the_way_out(tmp_path):
     make_tag(tmp_path / "checkpoints", "step00000004")
     other_model = RunIdentity("digest-b", {"embed_dim": 48}, 32, ZERO2)

@@ -16,7 +16,8 @@ view of a shared file system could otherwise show two ranks two tags). `decide_r
    own file: bit-exact. Another world size, precision or ZeRO layout converts the tag to DeepSpeed's universal
    checkpoint (universal.py) and loads that; the global batch is kept (micro-batch and accumulation are
    re-derived, config/derive.py) and the data goes on by global samples (data/loader.py). ZeRO-0 keeps the
-   whole optimizer in one file, so any world size loads it as it is.
+   whole optimizer in one file, so any world size loads it as it is. ZeRO-3 and ZeRO 1-2 keep their optimizer
+   state in universal forms the other cannot load, so a change across that line is refused before converting.
 
 The plan is one object: the DeepSpeed config it needs (`deepspeed_config`) and the rank file each rank reads
 come from it. `load` applies it on every rank and returns the client state and the rank state to go on from.
@@ -198,6 +199,13 @@ def _choose_layout(ckpt_dir: Path, plan: ResumePlan, saved: dict[str, Any] | Non
         raise store.ResumeError(f"{(ckpt_dir / tag).resolve()} cannot be resumed across {', '.join(changes)}: "
                                 "DeepSpeed's universal checkpoint converts and loads ZeRO 1-3 optimizer shards, and "
                                 "ZeRO-0 keeps none; resume with the checkpoint's zero.stage and precision.dtype")
+    if len({stage == 3 for stage in stages}) == 2:
+        raise store.ResumeError(
+            f"{(ckpt_dir / tag).resolve()} was written at ZeRO stage {(saved or {}).get('zero_stage')} and this run "
+            f"has zero.stage={current['zero_stage']}: DeepSpeed's universal checkpoint (0.19 tried here) loads "
+            "ZeRO-3's optimizer state only into ZeRO-3 and that of ZeRO 1-2 only into ZeRO 1-2 (it stops with a "
+            "KeyError or an assertion otherwise); resume with the checkpoint's zero.stage (the world size, "
+            "precision and offload may still change), or between stages 1 and 2")
     if saved_world != world and stages == {0}:
         return replace(plan, same_layout=False, notes=(
             *plan.notes, f"resuming {tag} (ZeRO-0) on {world} rank(s), written by {saved_world}"))
