@@ -124,9 +124,9 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     folder_note = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
     if folder_note and rank == 0:
         log.warning("%s", folder_note)
-    plan = plan_resume(root / "checkpoints", resolved, layout)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
+    plan = plan_resume(root / "checkpoints", resolved, layout, last_step)
     if plan is not None and plan.finishes_by(last_step):
         raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
     if plan is not None:

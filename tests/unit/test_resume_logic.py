@@ -204,6 +204,18 @@ def test_zero0_loads_on_another_world_size_as_it_is_but_refuses_a_precision_chan
     assert convert.calls == []
 
 
+def test_a_finished_run_started_on_another_layout_converts_nothing(tmp_path):
+    """Started again on another GPU count once it is done: the loop reports it complete, and no universal copy
+    of its last checkpoint (605 files for the tiny model, 24 s for Swin-B) is written on the way."""
+    make_tag(tmp_path, "step00000004", world=2)
+    convert = Converter()
+    plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 3, convert, last_step=4)
+    assert plan.finishes_by(4) and convert.calls == []
+    assert not list(tmp_path.glob("*.universal"))
+    decide_resume(tmp_path, "auto", "rollback", IDENTITY, 3, convert, last_step=8)  # not finished: converted
+    assert convert.calls == ["step00000004"]
+
+
 def test_a_change_between_zero_3_and_zero_1_or_2_is_refused_before_converting_and_1_to_2_is_not(tmp_path):
     """DeepSpeed loads ZeRO-3's universal optimizer state only into ZeRO-3 (tried: 2 -> 3 stops with a KeyError,
     3 -> 2 with an assertion, after the conversion); the refusal comes first and names both stages."""

@@ -78,15 +78,17 @@ class ResumePlan:
 Converter = Callable[[Path, str], Path]
 
 
-def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any],
+def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any], last_step: int | None = None,
                 convert: Converter = convert_to_universal) -> ResumePlan | None:
-    """Collective: rank 0 decides (and converts where needed), every rank gets the same plan or the same error."""
+    """Collective: rank 0 decides (and converts where needed), every rank gets the same plan or the same error.
+    `last_step`: the run's last step; a checkpoint there is a finished run, reported without a conversion."""
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         config = resolved.config
         try:
             outcome[0] = decide_resume(ckpt_dir, config.checkpoint.resume, config.faults.on_nonfinite_stop,
-                                       RunIdentity.of(resolved, layout), dist.get_world_size(), convert)
+                                       RunIdentity.of(resolved, layout), dist.get_world_size(), convert,
+                                       last_step)
         except (store.ResumeError, ConfigError) as exc:
             outcome[0] = exc
         except OSError as exc:  # a file the plan reads cannot be read: the same one-line end on every rank
@@ -98,13 +100,16 @@ def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any]
 
 
 def decide_resume(ckpt_dir: Path, resume: str, policy: str, identity: RunIdentity, world: int,
-                  convert: Converter = convert_to_universal) -> ResumePlan | None:
-    """Rank 0's whole decision; None for a fresh start."""
+                  convert: Converter = convert_to_universal, last_step: int | None = None) -> ResumePlan | None:
+    """Rank 0's whole decision; None for a fresh start. A finished run (a regular tag at `last_step`) is
+    returned before its layout is looked at: started again on other GPUs it converts nothing, it is done."""
     plan = choose_tag(ckpt_dir, resume, policy)
     if plan is None:
         return None
     saved = RankState.read(ckpt_dir, plan.tag, 0).identity
     _refuse_another_run(ckpt_dir, plan.tag, saved, identity)
+    if last_step is not None and plan.finishes_by(last_step):
+        return plan
     return _choose_layout(ckpt_dir, plan, saved.optimizer_layout, identity.optimizer_layout, world, convert)
 
 
