@@ -22,11 +22,6 @@ from mixmae_scale.cli import (
     shard_commands,
 )
 
-# DALI is an extra (one build per CUDA major version, see pyproject.toml), so a plain install lacks it.
-NO_DALI = ("NVIDIA DALI, the default loader (data.loader=dali, --loader dali), is not installed: pip install "
-           "'mixmae-scale[cuda12]' on a CUDA 12 driver or 'mixmae-scale[cuda13]' on CUDA 13 (nvidia-smi shows the "
-           "driver's CUDA version), or use the PyTorch loader: --set data.loader=torch, or --loader torch")
-
 GROUPS = (config_command, model_commands, job_commands, cluster_commands, encoder_commands, inspection_commands,
           scaling_commands, shard_commands)
 
@@ -68,6 +63,7 @@ def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 
 def main(argv: list[str] | None = None) -> int:
     from mixmae_scale.cli import third_party_noise
+    from mixmae_scale.cli.failure_report import NO_DALI, missing_dali
     from mixmae_scale.config import ConfigError
 
     third_party_noise.silence()
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ModuleNotFoundError as exc:
-        if exc.name != "nvidia" and not (exc.name or "").startswith("nvidia.dali"):
+        if not missing_dali(exc):
             raise
         print(f"mixmae: error: {NO_DALI}", file=sys.stderr)
         return 2

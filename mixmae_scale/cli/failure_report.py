@@ -28,6 +28,17 @@ from pathlib import Path
 from mixmae_scale.cluster.signal_relay import REPORT_ENV
 
 MARKER_PREFIX = "mixmae-failed"
+
+# DALI is an extra (one build per CUDA major version, see pyproject.toml), so a plain install lacks it.
+NO_DALI = ("NVIDIA DALI, the default loader (data.loader=dali, --loader dali), is not installed: pip install "
+           "'mixmae-scale[cuda12]' on a CUDA 12 driver or 'mixmae-scale[cuda13]' on CUDA 13 (nvidia-smi shows the "
+           "driver's CUDA version), or use the PyTorch loader: --set data.loader=torch, or --loader torch")
+
+
+def missing_dali(exc: BaseException) -> bool:
+    """DALI's import failed: the extra is not installed (its wheels are `nvidia.dali`, under `nvidia`)."""
+    name = getattr(exc, "name", None) or ""
+    return isinstance(exc, ModuleNotFoundError) and (name == "nvidia" or name.startswith("nvidia.dali"))
 STALE_S = 3600
 
 
@@ -96,14 +107,14 @@ def claim_report() -> bool:
 def report_failure(rank: int, exc: BaseException, alone: bool = False) -> None:
     """The report of a rank that is about to exit because of `exc` (see the module docstring). `alone`: a
     world of one, started without a launcher, which has nobody to agree with."""
-    mistake = isinstance(exc, user_errors())
+    mistake = isinstance(exc, user_errors()) or missing_dali(exc)
     if mistake and rank and not alone:
         time.sleep(0.5)  # every rank usually makes the same mistake at once: rank 0 is the one expected to say it
     if not alone and not claim_report():
         return
     where = f" (rank {rank})" if rank else ""
     if mistake:
-        deliver(f"mixmae: error{where}: {one_line(exc)}\n", alone)
+        deliver(f"mixmae: error{where}: {NO_DALI if missing_dali(exc) else one_line(exc)}\n", alone)
         return
     if is_peer_failure(exc):
         deliver(f"mixmae: rank {rank} stopped: another rank failed ({type(exc).__name__}: "

@@ -93,8 +93,8 @@ def test_zero2_resumes_on_one_rank_then_on_two_at_zero1(uninterrupted, demo_shar
     assert learning_rates(run) == pytest.approx(learning_rates(uninterrupted), rel=1e-9)  # the schedule goes on
     ours, theirs = (json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted))
     assert ours["steps"] == theirs["steps"] == 12
-    print(f"\nheld-out loss at step 12: uninterrupted {theirs['heldout_loss_end']:.4f}, 2 -> 1 -> 2 ranks (ZeRO-2, then ZeRO-1) "
-          f"{ours['heldout_loss_end']:.4f}")
+    print(f"\nheld-out loss at step 12: uninterrupted {theirs['heldout_loss_end']:.4f}, "
+          f"2 -> 1 -> 2 ranks (ZeRO-2, then ZeRO-1) {ours['heldout_loss_end']:.4f}")
     assert ours["heldout_loss_end"] == pytest.approx(theirs["heldout_loss_end"], rel=0.03)
 
 

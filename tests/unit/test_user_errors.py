@@ -308,3 +308,22 @@ def test_a_refused_conversion_leaves_no_empty_output_folder_and_keeps_an_existin
     (tmp_path / "kept").mkdir()
     one_error_line(capfd, main(["shards", "folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "kept")]))
     assert (tmp_path / "kept").is_dir()  # the user's own folder is not removed
+
+
+def test_a_rank_command_without_dali_says_which_extra_to_install_in_one_line(demo_shards, tmp_path):
+    """A plain `pip install mixmae-scale` has no DALI (an extra per CUDA version): `mixmae pretrain` printed a
+    traceback ending in ModuleNotFoundError where the other commands name the extra and the PyTorch loader."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['nvidia.dali'] = None\n"  # any DALI import now raises ModuleNotFoundError
+            "from mixmae_scale.cli import main\n"
+            f"sys.exit(main(['pretrain', '--profile', 'tiny', '--run-dir', {str(tmp_path / 'run')!r}, '--set', "
+            f"'data.shards={demo_shards}', '--max-steps', '1']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mixmae: ")]
+    assert len(errors) == 1 and "DALI" in errors[0] and "mixmae-scale[cuda12]" in errors[0] \
+        and "data.loader=torch" in errors[0], result.stderr[-2000:]
