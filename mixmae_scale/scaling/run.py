@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.config import ConfigError
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
@@ -89,7 +90,8 @@ def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep:
     """The run's budget is its whole schedule: warm-up 10%, cosine to the last step. With W&B on, the sweep's runs
     form one group named after it."""
     epochs = run.steps / steps_per_epoch
-    return [*run.overrides, *data, f"schedule.epochs={epochs!r}",
+    replaced = {item.split("=", 1)[0] for item in data}
+    return [*(o for o in run.overrides if o.split("=", 1)[0] not in replaced), *data, f"schedule.epochs={epochs!r}",
             f"schedule.warmup_epochs={0.1 * epochs!r}", "checkpoint.every_steps=1000000",
             "logging.visualize_every_steps=0", "logging.tensorboard=false", f"run.name={run.run_id}",
             *([f"logging.wandb.group={sweep}"] if sweep else [])]
@@ -212,6 +214,11 @@ def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tupl
 
 def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int) -> str:
     nodes, gpus = cluster_shape(run.global_batch, spec.cluster["gpus_per_node"], spec.cluster["max_nodes"])
+    if nodes > 1 and not spec.cluster.get("file"):
+        raise ConfigError(f"{run.run_id} spreads its global batch of {run.global_batch} over {nodes} nodes, and "
+                          "`mixmae launch` needs a cluster file (hostfile or Slurm, as for its --cluster) for more "
+                          "than one: give it in the sweep spec as cluster: {file: cluster.yaml}, or keep every run "
+                          "on one node with cluster: {max_nodes: 1}")
     try:
         data, samples = run_data(spec, run.data_fraction, out)
     except DataError:  # planned where the shards are not (the spec's train_samples): the set named as it is
@@ -219,7 +226,8 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
     schedule = run_overrides(run, data, max(1, samples // run.global_batch), spec.name)
     sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
             f"run.output_dir={out / 'runs'}"]
-    return "mixmae launch " + shlex.join([spec.profile, *[a for item in sets for a in ("--set", item)]])
+    cluster = ["--cluster", spec.cluster["file"]] if spec.cluster.get("file") else []
+    return "mixmae launch " + shlex.join([spec.profile, *cluster, *[a for item in sets for a in ("--set", item)]])
 
 
 def _rows(path: Path) -> list[dict]:

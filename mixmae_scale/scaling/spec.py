@@ -22,7 +22,8 @@
       rule: inverse_width              # muP-style: hidden matrices' lr x base_width / embed_dim
       base_width: 16
       sweep: [3.0e-3, 1.0e-2, 3.0e-2]  # base lrs tried first at the smallest size and budget; the best is kept
-    cluster: {gpus_per_node: 8, max_nodes: 16}   # for --emit-commands: the world size of each run
+    cluster: {gpus_per_node: 8, max_nodes: 16}   # for --emit-commands: the world size of each run; runs on
+                                       # several nodes need `file: cluster.yaml` (passed as `mixmae launch --cluster`)
     set: ["batch.micro=16"]            # overrides for every run
 
 C = training FLOPs per image (3 x the analytic forward FLOPs, forward = 2 x multiply-accumulates)
@@ -102,7 +103,7 @@ class SweepSpec:
     probe: bool = False
     budgets: list[float] = field(default_factory=list)
     learning_rate: LearningRateRule = field(default_factory=LearningRateRule)
-    cluster: dict[str, int] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
+    cluster: dict[str, Any] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
     train_samples: int | None = None  # recorded in the spec: plans without the shards
     sources: list[dict[str, Any]] = field(default_factory=list)  # a training mixture: {shards, weight, split}
 
@@ -272,12 +273,16 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
     return LearningRateRule(rule, base_width, sweep)
 
 
-def _cluster(path: Path, raw: Any) -> dict[str, int]:
-    if not isinstance(raw, dict) or set(raw) - {"gpus_per_node", "max_nodes"} or any(
-            not isinstance(v, int) or v < 1 for v in raw.values()):
-        raise ConfigError(f"{path}: cluster is a mapping of gpus_per_node and max_nodes (positive integers), "
-                          f"got {raw!r}")
-    return {"gpus_per_node": 8, "max_nodes": 16, **raw}
+def _cluster(path: Path, raw: Any) -> dict[str, Any]:
+    counts = {k: v for k, v in raw.items() if k != "file"} if isinstance(raw, dict) else None
+    if counts is None or set(counts) - {"gpus_per_node", "max_nodes"} or any(
+            not isinstance(v, int) or v < 1 for v in counts.values()) or not isinstance(raw.get("file", ""), str):
+        raise ConfigError(f"{path}: cluster is a mapping of gpus_per_node and max_nodes (positive integers) and "
+                          f"optionally file (a cluster file, as for `mixmae launch --cluster`), got {raw!r}")
+    cluster: dict[str, Any] = {"gpus_per_node": 8, "max_nodes": 16, **counts}
+    if raw.get("file"):
+        cluster["file"] = _beside(path, raw["file"])
+    return cluster
 
 
 def size_overrides(size: dict[str, Any]) -> list[str]:

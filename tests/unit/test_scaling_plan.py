@@ -20,6 +20,7 @@ BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "sweep values must be positive"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
     ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster is a mapping"),
+    ("budgets: [1.0e12]\ncluster: {file: 3}\n", "optionally file"),
     ("budgets: [1.0e12]\n", "budget 1e\\+12 has 1 size"),
 ])
 def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, message):
@@ -188,3 +189,21 @@ def test_the_gpu_study_spec_has_two_decades_five_sizes_per_budget_two_seeds_and_
     assert max(spec.budgets) / min(spec.budgets) >= 100 and spec.seeds == [0, 1]
     assert all(sum(size_trains_on(s, b) for s in spec.sizes) >= 5 for b in spec.budgets)
     assert spec.learning_rate.rule == "inverse_width"
+
+
+def test_emitted_lines_for_runs_on_several_nodes_carry_the_specs_cluster_file_and_are_refused_without_one(
+        tmp_path):
+    """`mixmae launch` refuses more than one node without a cluster file, so lines without it were all refused
+    (the docs' own example: global batch 32 spread over 2 nodes of 8 GPUs). Each line names the data once."""
+    from mixmae_scale.scaling.run import run_sweep
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(BASE + "steps: [5]\ntrain_samples: 320\nset: ['batch.global_batch=32']\n")
+    with pytest.raises(ConfigError, match="over 2 nodes.*cluster: {file: cluster.yaml}.*max_nodes: 1"):
+        run_sweep(load_spec(path), tmp_path / "out", emit_commands=tmp_path / "lines.sh", log=lambda *_: None)
+    assert not (tmp_path / "lines.sh").exists()
+    path.write_text(path.read_text() + "cluster: {file: clusters/gpu.yaml}\n")
+    run_sweep(load_spec(path), tmp_path / "out", emit_commands=tmp_path / "lines.sh", log=lambda *_: None)
+    line = next(x for x in (tmp_path / "lines.sh").read_text().splitlines() if x.startswith("mixmae launch"))
+    assert line.startswith(f"mixmae launch tiny --cluster {tmp_path / 'clusters' / 'gpu.yaml'} --set ")
+    assert "cluster.num_nodes=2" in line and line.count("data.shards=") == 1
