@@ -50,8 +50,16 @@ echo "  $RUN/encoder.safetensors  the pretrained encoder, loadable without DeepS
 # CPU), its port, and this demo's data and encoder.
 NEXT=$(printf '%q ' .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli \
   finetune --profile finetune_tiny --set "data.shards=$DEMO/shards" "finetune.init=$RUN/encoder.safetensors")
-if [ -n "${DS_ACCELERATOR:-}" ]; then NEXT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $NEXT"; fi
+# The random-init baseline gets its own run folder: in the first one's, the finished run would only say so.
+RANDOM_INIT=$(printf '%q ' .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module \
+  mixmae_scale.cli finetune --profile finetune_tiny --run-dir runs/tiny-finetune-random --set "data.shards=$DEMO/shards" \
+  "finetune.init=null")
+if [ -n "${DS_ACCELERATOR:-}" ]; then
+  NEXT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $NEXT"
+  RANDOM_INIT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $RANDOM_INIT"
+fi
 echo "next: fine-tune it with (10 epochs, a few minutes)"
 echo "  cd $(printf %q "$PWD") && ${NEXT% }"
-echo "  and the same with finetune.init=null for a random init: on the demo the random init fine-tunes better"
-echo "  (docs/training.md, 'Fine-tuning on the demo'); the probes above are what shows pretraining here."
+echo "and from a random init, in a run folder of its own (on the demo the random init fine-tunes better:"
+echo "docs/training.md, 'Fine-tuning on the demo'; the probes above are what shows pretraining here):"
+echo "  ${RANDOM_INIT% }"
