@@ -23,7 +23,7 @@ from nvidia.dali.pipeline import Pipeline
 
 from mixmae_scale.data.sample_ids import sample_id
 from mixmae_scale.data.shard_reader import RawBatch
-from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
+from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec, eval_resize
 
 
 def _decode_device(spec: PipelineSpec) -> str:
@@ -69,7 +69,7 @@ def _training_masks(encoded, anchor, shape, flip, size: int):
 def _eval_masks(encoded, size: int):
     """The masks through the evaluation view: shorter side resized, centre crop, as the images."""
     masks = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY)
-    masks = fn.resize(masks, resize_shorter=round(size / EVAL_CROP_FRACTION), interp_type=types.INTERP_NN,
+    masks = fn.resize(masks, resize_shorter=eval_resize(size), interp_type=types.INTERP_NN,
                       antialias=False)
     return fn.crop(masks, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
 
@@ -116,7 +116,7 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
             if spec.with_masks:
                 masks = _eval_masks(columns.pop(0), size)
             images = fn.decoders.image(encoded, device=device, output_type=types.RGB, **_gpu_decoder_args(spec))
-            images = fn.resize(images, resize_shorter=round(size / EVAL_CROP_FRACTION),
+            images = fn.resize(images, resize_shorter=eval_resize(size),
                                interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", crop=(size, size),
                                               crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)

@@ -13,6 +13,13 @@ RAND_AUGMENT_LEVELS = 11  # timm's magnitude scale 0..10, as DALI magnitude bins
 MASK_IGNORE = 255  # a mask pixel without a label (shards/masks.py); `Batch.masks` holds class indices or this
 
 
+def eval_resize(img_size: int) -> int:
+    """The shorter side evaluation resizes to before its centre crop of `img_size`: 256 for 224 (crop fraction
+    0.875), and the crop size itself above 224, as the official fine-tuning code does (util/datasets.py: a
+    384-px model is evaluated on a 384 resize, not a 439 one)."""
+    return img_size if img_size > 224 else round(img_size / EVAL_CROP_FRACTION)
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     mode: Literal["pretrain", "finetune", "eval"]

@@ -24,7 +24,7 @@ from torchvision.transforms import functional as F
 
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.data.shard_reader import RawBatch, RawSample
-from mixmae_scale.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec
+from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec, eval_resize
 from mixmae_scale.seeds import stream_seed
 
 
@@ -55,8 +55,8 @@ class TorchDecoder:
     def __init__(self, spec: PipelineSpec, threads: int) -> None:
         self.spec = spec
         self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.eval_view = DaliStyleResizeCrop(round(spec.img_size / EVAL_CROP_FRACTION), spec.img_size)
-        self.mask_eval_view = DaliStyleResizeCrop(round(spec.img_size / EVAL_CROP_FRACTION), spec.img_size,
+        self.eval_view = DaliStyleResizeCrop(eval_resize(spec.img_size), spec.img_size)
+        self.mask_eval_view = DaliStyleResizeCrop(eval_resize(spec.img_size), spec.img_size,
                                                   InterpolationMode.NEAREST)
         bicubic = spec.interpolation == "bicubic"
         self.interpolation = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR

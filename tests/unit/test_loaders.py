@@ -68,3 +68,13 @@ def test_a_spec_with_masks_and_rand_augment_is_refused():
 
     with pytest.raises(ValueError, match="move the image away from its mask"):
         PipelineSpec(mode="finetune", img_size=32, batch_size=2, with_masks=True, rand_augment=(2, 9))
+
+
+def test_evaluation_resizes_as_the_official_code_at_224_and_crops_the_whole_resize_above_it():
+    """util/datasets.py of the official code: crop_pct 224/256 up to 224 px, 1.0 above (a 384-px fine-tuned
+    model is evaluated on a 384 resize; 0.875 everywhere resized it to 439 and cut its borders off)."""
+    from mixmae_scale.data.spec import eval_resize
+
+    official = {size: int(size / (224 / 256 if size <= 224 else 1.0)) for size in (224, 384, 448)}
+    assert {size: eval_resize(size) for size in official} == official == {224: 256, 384: 384, 448: 448}
+    assert eval_resize(96) == 110  # the demo: 96 / 0.875 rounded
