@@ -23,7 +23,7 @@ from nvidia.dali.pipeline import Pipeline
 
 from mixmae_scale.data.sample_ids import sample_id
 from mixmae_scale.data.shard_reader import RawBatch
-from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec, eval_resize
+from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec, eval_resize
 
 
 def _decode_device(spec: PipelineSpec) -> str:
@@ -106,10 +106,9 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
             if spec.rand_augment is not None:
                 from mixmae_scale.data.rand_augment import rand_augment
 
-                # timm's magnitude m of 0..10 is DALI's bin m of 11 (DALI's default of 31 bins made m=9 about
-                # a third of the intended strength); monotonic magnitudes are timm's "inc" op set.
+                # timm's own RandAugment (op set, magnitude noise, per-op probability), not DALI's suite
                 ops, magnitude = spec.rand_augment
-                images = rand_augment(images, n=ops, m=magnitude, num_magnitude_bins=RAND_AUGMENT_LEVELS)
+                images = rand_augment(images, n=ops, m=magnitude, mstd=spec.rand_augment_std, shape=(size, size))
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mean=mean, std=std,
                                               mirror=flip)
         else:

@@ -9,7 +9,7 @@ from typing import Literal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875  # resize 256, centre crop 224
-RAND_AUGMENT_LEVELS = 11  # timm's magnitude scale 0..10, as DALI magnitude bins
+RAND_AUGMENT_LEVELS = 11  # timm's magnitude scale 0..10 (levels 0-10)
 MASK_IGNORE = 255  # a mask pixel without a label (shards/masks.py); `Batch.masks` holds class indices or this
 
 
@@ -37,7 +37,7 @@ class PipelineSpec:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     rand_augment: tuple[int, int] | None = None  # (ops, magnitude on timm's 0-10 scale), fine-tuning only
-    rand_augment_std: float = 0.5  # magnitude noise (timm's mstd; the PyTorch loader only)
+    rand_augment_std: float = 0.5  # magnitude noise (timm's mstd)
     interpolation: Literal["bicubic", "linear"] = "bicubic"  # after the random crop (eval is always bicubic)
     device_id: int | None = None  # a GPU index: decode on it; None: CPU only
     with_meta: bool = False  # also return each sample's json (tests, visualisation)

@@ -1,5 +1,6 @@
-"""Fine-tuning augmentation at the official strength: timm's rand-m9-mstd0.5-inc1 in the PyTorch loader,
-the same magnitude scale in DALI's, bicubic resampling by default."""
+"""Fine-tuning augmentation at the official strength: timm's rand-m9-mstd0.5-inc1 in the PyTorch loader, and
+rebuilt on DALI's operators (op set, parameters, per-op probability, magnitude noise), bicubic resampling by
+default."""
 
 from __future__ import annotations
 
@@ -56,28 +57,104 @@ def _outputs(augment, batches: list[np.ndarray]) -> list[np.ndarray]:
     return [np.stack([np.array(t) for t in pipe.run()[0]]) for _ in batches]
 
 
-def test_rand_augment_suite_on_current_operators_augments_as_dalis_without_deprecation_warnings():
-    """DALI's suite builds sharpness and equalize on deprecated `fn.experimental` aliases (eight warnings per
-    fine-tuning log); ours is DALI's suite with those two on `fn.filter` and `fn.equalize`, and must augment
-    exactly as DALI's does (random sign included)."""
+def _timm_args(name: str, level: float, negate: bool, monkeypatch) -> tuple:
+    """timm's own parameter for an op at a level, its random sign fixed."""
+    from timm.data import auto_augment
+
+    monkeypatch.setattr(auto_augment.random, "random", lambda: 1.0 if negate else 0.0)
+    level_to_arg = auto_augment.LEVEL_TO_ARG[name]
+    return () if level_to_arg is None else level_to_arg(level, {"translate_pct": 0.45})
+
+
+def test_the_dali_suite_is_timms_increasing_op_set_with_timms_parameters_at_every_level(monkeypatch):
+    """The official recipe's "inc1" set, in timm's order, each level mapped to the parameter timm gives it (sign
+    included). DALI's own suite has no Invert or SolarizeAdd and keeps 4 posterize bits at m9 where timm keeps 1."""
+    from nvidia.dali.auto_aug.augmentations import sharpness_kernel
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS
+
+    from mixmae_scale.data.rand_augment import TIMM_LEVELS, suite
+
+    assert list(TIMM_LEVELS) == list(_RAND_INCREASING_TRANSFORMS) and len(suite()) == 15
+    for name, (_, mapping, signed) in TIMM_LEVELS.items():
+        for level in (0.0, 3.0, 8.6, 9.0, 9.999):
+            for negate in ((False, True) if signed else (False,)):
+                theirs = _timm_args(name, level, negate, monkeypatch)
+                if mapping is None:
+                    assert theirs == (), name
+                    continue
+                ours = np.asarray(mapping(-level if negate else level))
+                if name == "SharpnessIncreasing":
+                    assert np.allclose(ours, sharpness_kernel(theirs[0] - 1.0)), (name, level)
+                elif name == "PosterizeIncreasing":  # a mask keeping the top `bits` bits
+                    assert bin(int(ours)).count("1") == theirs[0] and int(ours) >> (8 - theirs[0]) << (8 - theirs[0]) \
+                        == int(ours), (name, level)
+                else:
+                    assert np.allclose(ours[np.nonzero(ours)] if ours.ndim else ours, theirs[0], atol=1e-6), \
+                        (name, level, ours, theirs)
+
+
+def _through_dali(augment, batch: np.ndarray, conditionals: bool = False) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=len(batch), num_threads=1, device_id=None, seed=7, enable_conditionals=conditionals)
+    def graph():
+        return augment(fn.external_source(source=lambda: list(batch), layout="HWC", batch=True))
+
+    pipe = graph()
+    pipe.build()
+    return np.stack([np.array(t) for t in pipe.run()[0]])
+
+
+@pytest.mark.parametrize("name", ["Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd"])
+def test_the_pixel_ops_equal_timms_pixel_for_pixel(name):
+    from timm.data.auto_augment import AugmentOp
+
+    from mixmae_scale.data.rand_augment import BINS, TIMM_LEVELS, suite
+
+    op = {o.name: o for o in suite()}[TIMM_LEVELS[name][0]]
+    batch = np.random.default_rng(1).integers(0, 256, (4, 20, 20, 3), dtype=np.uint8)
+    ours = _through_dali(lambda x: op(x, magnitude_bin=90, num_magnitude_bins=BINS), batch)
+    theirs = AugmentOp(name, prob=1.0, magnitude=9, hparams={"magnitude_std": 0})
+    expected = np.stack([np.array(theirs(Image.fromarray(image))) for image in batch])
+    assert np.array_equal(ours, expected) and not np.array_equal(ours, batch), name
+
+
+def test_each_layer_applies_no_op_half_the_time_at_magnitudes_drawn_from_n_m_mstd():
+    """timm applies each chosen op with probability 0.5, at a magnitude drawn per application from N(9, 0.5)
+    clipped to 0..10; DALI's suite applied every op at exactly 9."""
+    from nvidia.dali import pipeline_def
+
+    from mixmae_scale.data.rand_augment import BINS, draws
+
+    @pipeline_def(batch_size=1024, num_threads=1, device_id=None, seed=11)
+    def graph(mstd):
+        return draws(2, 9.0, mstd)
+
+    for mstd in (0.5, 0.0):
+        pipe = graph(mstd)
+        pipe.build()
+        ops, bins = (np.concatenate([np.array(t) for t in out]) for out in pipe.run())
+        assert ops.shape == bins.shape == (2048,)
+        if mstd:
+            assert abs((ops == 15).mean() - 0.5) < 0.04 and set(ops.tolist()) == set(range(16))
+            assert abs(bins.mean() - 90) < 0.6 and abs(bins.std() - 5) < 0.5, (bins.mean(), bins.std())
+            assert bins.min() >= 0 and bins.max() <= BINS - 1
+        else:
+            assert set(bins.tolist()) == {90}
+
+
+def test_rand_augment_leaves_an_image_as_it_was_only_when_no_op_was_drawn_and_warns_of_nothing():
+    """One layer over a low-contrast picture (every op of the set changes it): about half come out unchanged,
+    and the pipeline builds without DALI's deprecation warnings (its suite's experimental aliases)."""
     import warnings
 
-    from nvidia.dali.auto_aug import rand_augment as dali
+    from mixmae_scale.data.rand_augment import rand_augment
 
-    from mixmae_scale.data.rand_augment import CURRENT_OPERATORS, suite
-
-    ours, theirs = {op.name: op for op in suite()}, {op.name: op for op in dali.get_rand_augment_suite()}
-    assert list(ours) == list(theirs) and set(CURRENT_OPERATORS) == {"sharpness", "equalize"}
-    assert all(repr(ours[name]) == repr(theirs[name]) or name in CURRENT_OPERATORS for name in ours)
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 256, (16, 24, 24, 3), dtype=np.uint8) for _ in range(2)]
-    for name in CURRENT_OPERATORS:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mine = _outputs(lambda x, n=name: ours[n](x, magnitude_bin=9, num_magnitude_bins=RAND_AUGMENT_LEVELS),
-                            batches)
-        assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
-        reference = _outputs(lambda x, n=name: theirs[n](x, magnitude_bin=9, num_magnitude_bins=RAND_AUGMENT_LEVELS),
-                             batches)
-        for a, b, source in zip(mine, reference, batches, strict=True):
-            assert np.array_equal(a, b) and not np.array_equal(a, source), name
+    rng = np.random.default_rng(2)
+    batch = np.repeat(rng.integers(60, 190, (1, 32, 32, 3), dtype=np.uint8), 512, axis=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _through_dali(lambda x: rand_augment(x, n=1, m=9, mstd=0.5, shape=(32, 32)), batch, True)
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    unchanged = np.mean([np.array_equal(a, b) for a, b in zip(out, batch, strict=True)])
+    assert abs(unchanged - 0.5) < 0.07, unchanged
