@@ -28,7 +28,8 @@ def replacing(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}.tmp{path.suffix}")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600: others of a team could not read an export
+        with suppress(OSError):  # a file system without modes (some CIFS/FUSE mounts) keeps its own
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600: others of a team could not read an export
         fsync_path(tmp)
         tmp.replace(path)
         fsync_path(path.parent)

@@ -132,8 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--json", action="store_true", help="also print the full report as JSON")
     export.set_defaults(handler=_export)
 
-    probe = sub.add_parser("probe", help="linear probe of an encoder on labeled shards (top-1); --dense: per-pixel "
-                           "read-out of its feature maps on shards with segmentation masks (mIoU)")
+    probe = sub.add_parser("probe", help="linear and k-NN probes of an encoder on labeled shards (top-1); --dense: "
+                           "per-pixel read-out of its feature maps on shards with segmentation masks (mIoU)")
     probe.add_argument("--init", required=True, help="exported .safetensors, a run folder or an official .pth")
     probe.add_argument("--data", required=True, help="shard folder with train and val splits")
     probe.add_argument("--baseline", action="store_true",

@@ -5,7 +5,8 @@ Each line below was printed by every rank of every CPU run (the quickstart print
 none asks the user to do anything: DeepSpeed falling back to its CPU accelerator (the run log says
 which device it uses), its warm-up scheduler reading its own learning rate before step 0, PyTorch's
 C++-extension loader noting that a CPU machine has no CUDA runtime, and DeepSpeed's ZeRO calling a
-torch.distributed function that PyTorch has deprecated. Anything else still gets through.
+torch.distributed function that PyTorch has deprecated, and botocore saying where it found the AWS
+credentials. Anything else still gets through.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SILENCED = {
     "DeepSpeed": re.compile(r"Setting accelerator to CPU|Attempting to get learning rate from scheduler before it "
                             r"has started"),
     "torch.utils.cpp_extension": re.compile(r"No CUDA runtime is found"),
+    "botocore.credentials": re.compile(r"Found credentials in "),  # every rank reading s3://, at INFO
 }
 
 

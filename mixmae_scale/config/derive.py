@@ -227,7 +227,9 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
     samples = train_samples or config.data.train_samples
     steps_per_epoch = samples // global_batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"the global batch {global_batch} is larger than the {samples} training samples")
+        raise ConfigError(f"the global batch {global_batch} is larger than the {samples} training samples: set "
+                          f"batch.global_batch to at most {samples} (a multiple of batch.micro x GPUs), or train on "
+                          "more data")
     m = config.model
     final_grid = m.img_size // (m.patch_size * 2 ** (len(m.depths) - 1))
     scale = global_batch / 256

@@ -187,11 +187,11 @@ class FinetuneConfig:
     cutmix: float = 1.0
     label_smoothing: float = 0.1
     # timm's rand-m9-mstd0.5-inc1 (the official --aa): 2 ops, magnitude 9 on timm's 0-10 scale with
-    # per-op noise of std 0.5, the increasing-severity op set. 0 ops disables it. DALI maps magnitude m
-    # to bin m of 11 (0-10, monotonic magnitudes); its rand_augment has no magnitude noise.
+    # per-op noise of std 0.5, the increasing-severity op set, each op applied with probability 0.5. 0 ops
+    # disables it. The PyTorch loader runs timm's own transform, DALI its rebuild (data/rand_augment.py).
     rand_augment_ops: int = 2
     rand_augment_magnitude: int = 9
-    rand_augment_magnitude_std: float = 0.5  # the PyTorch loader (timm) only
+    rand_augment_magnitude_std: float = 0.5
     random_erasing: float = 0.25
     eval_every_epochs: float = 1.0
 

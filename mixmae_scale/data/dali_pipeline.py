@@ -15,6 +15,7 @@ checkpointing on so that a resume on the same ranks restores them exactly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -121,7 +122,21 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
                                               crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)
         return tuple([images] + ([masks] if masks is not None else []) + columns)
 
-    pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
-                 seed=spec.seed, prefetch_queue_depth=2, checkpoint=checkpoint)
-    pipe.build()
-    return pipe
+    def built(state: bytes | None) -> Pipeline:
+        pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
+                     seed=spec.seed, prefetch_queue_depth=2, checkpoint=state)
+        pipe.build()
+        return pipe
+
+    try:
+        return built(checkpoint)
+    except RuntimeError as exc:
+        # DALI matches saved generators to operators by name: a checkpoint of another graph (a run saved before
+        # fine-tuning's RandAugment became timm's) cannot be restored. The samples and their order are the
+        # loader's, not DALI's, so only the augmentation's random draws start afresh.
+        if checkpoint is None or "checkpoint" not in str(exc).lower():
+            raise
+        logging.getLogger("mixmae").warning(
+            "the checkpoint's DALI generator state was written for another pipeline (%s): the augmentation's "
+            "random draws start afresh; the samples and their order go on as saved", " ".join(str(exc).split())[:200])
+        return built(None)

@@ -111,12 +111,12 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         pretrained = load_encoder(config.finetune.init)
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite)
     derived, ft = ctx.resolved.derived, config.finetune
+    if not ctx.train_data.labeled:  # first: a class count would not help shards without labels
+        raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
+                        "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
     num_classes = ft.num_classes or ctx.train_data.num_classes
     if not num_classes:
         raise DataError(f"{config.data.shards}: no classes in the manifest; set finetune.num_classes")
-    if not ctx.train_data.labeled:
-        raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
-                        "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
     model = build_classifier(config, num_classes, pretrained).to(ctx.device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay, config.optim.exempt_tables_from_decay)

@@ -168,7 +168,8 @@ def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> t
         raise SourceError(f"{train_dir}: no class folders")
     split_dir = src / split
     if not split_dir.is_dir():
-        raise SourceError(f"{src}: split '{split}' has no folder {split_dir}")
+        raise SourceError(f"{src}: split '{split}' has no folder {split_dir}"
+                          + ("; --split train converts the training images alone" if split != "train" else ""))
     if split == "train" or class_folders(split_dir):
         return labeled_folder(split_dir, src, classes, ignored), classes
     labels = _val_labels(src)

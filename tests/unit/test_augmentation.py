@@ -127,11 +127,11 @@ def test_each_layer_applies_no_op_half_the_time_at_magnitudes_drawn_from_n_m_mst
     from mixmae_scale.data.rand_augment import BINS, draws
 
     @pipeline_def(batch_size=1024, num_threads=1, device_id=None, seed=11)
-    def graph(mstd):
-        return draws(2, 9.0, mstd)
+    def graph(m, mstd):
+        return draws(2, m, mstd)
 
-    for mstd in (0.5, 0.0):
-        pipe = graph(mstd)
+    for m, mstd in ((9.0, 0.5), (8.96, 0.0)):  # 89.6 is bin 90: rounded, where a truncating cast gives 89
+        pipe = graph(m, mstd)
         pipe.build()
         ops, bins = (np.concatenate([np.array(t) for t in out]) for out in pipe.run())
         assert ops.shape == bins.shape == (2048,)
@@ -158,3 +158,20 @@ def test_rand_augment_leaves_an_image_as_it_was_only_when_no_op_was_drawn_and_wa
     assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
     unchanged = np.mean([np.array_equal(a, b) for a, b in zip(out, batch, strict=True)])
     assert abs(unchanged - 0.5) < 0.07, unchanged
+
+
+def test_a_saved_generator_state_of_another_pipeline_restarts_the_draws_with_a_warning(caplog):
+    """A fine-tuning run saved before its RandAugment changed (another DALI graph, whose generators DALI matches
+    by operator name) resumes: DALI refused the state and the run crashed; now only the draws start afresh."""
+    import logging
+
+    from mixmae_scale.data.dali_pipeline import build_pipeline
+
+    spec = PipelineSpec(mode="finetune", img_size=32, batch_size=2, rand_augment=(2, 9), rand_augment_std=0.0)
+    saved = build_pipeline(spec, lambda: None).checkpoint()  # no magnitude noise: no normal generator
+    noisy = PipelineSpec(mode="finetune", img_size=32, batch_size=2, rand_augment=(2, 9), rand_augment_std=0.5)
+    build_pipeline(spec, lambda: None, checkpoint=saved)  # its own graph's state: restored without a word
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="mixmae"):
+        build_pipeline(noisy, lambda: None, checkpoint=saved)
+    assert any("written for another pipeline" in r.getMessage() for r in caplog.records)

@@ -213,3 +213,8 @@ def test_overlap_comm_is_off_only_for_a_single_zero1_rank(world, stage, override
     resolved = load_resolved("swin_b", overrides=[f"zero.stage={stage}", "batch.global_batch=64", *overrides],
                              world_size=world)
     assert build_deepspeed_config(resolved)["zero_optimization"]["overlap_comm"] is expected
+
+
+def test_a_global_batch_larger_than_the_training_set_says_how_large_it_may_be():
+    with pytest.raises(ConfigError, match=r"larger than the 27 training samples: set batch.global_batch to at most 27"):
+        load_resolved("tiny", overrides=["data.train_samples=27", "batch.global_batch=32"], world_size=2)

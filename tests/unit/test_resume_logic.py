@@ -228,6 +228,9 @@ def test_a_change_between_zero_3_and_zero_1_or_2_is_refused_before_converting_an
     plan = decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**ZERO2, "zero_stage": 1}),
                          2, convert)
     assert plan.universal and "zero_stage 2 -> 1" in plan.notes[-1]
+    legacy = tmp_path / "legacy"  # written before the layout was recorded: converted, as before
+    make_tag(legacy, "step00000004", identity=RunIdentity("digest-a", {}, 32, None))
+    assert decide_resume(legacy, "auto", "rollback", zero3, 2, convert).universal
     other = tmp_path / "zero3"
     make_tag(other, "step00000004", identity=zero3)
     with pytest.raises(ckpt.ResumeError, match="written at ZeRO stage 3 and this run has zero.stage=2"):

@@ -327,3 +327,23 @@ def test_a_rank_command_without_dali_says_which_extra_to_install_in_one_line(dem
     errors = [line for line in result.stderr.splitlines() if line.startswith("mixmae: ")]
     assert len(errors) == 1 and "DALI" in errors[0] and "mixmae-scale[cuda12]" in errors[0] \
         and "data.loader=torch" in errors[0], result.stderr[-2000:]
+
+
+def test_shards_imagenet_without_a_val_folder_points_to_converting_train_alone(tmp_path, capfd):
+    _jpegs(tmp_path / "imgs" / "train" / "n01", 3)
+    line = one_error_line(capfd, main(["shards", "imagenet", "--src", str(tmp_path / "imgs"), "--out",
+                                       str(tmp_path / "out")]))
+    assert f"split 'val' has no folder {tmp_path / 'imgs' / 'val'}; --split train converts the training images" \
+        in line
+
+
+def test_botocore_saying_where_it_found_credentials_is_not_a_log_line_of_every_rank(caplog):
+    import logging
+
+    from mixmae_scale.cli import third_party_noise
+
+    third_party_noise.silence()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
+        logging.getLogger("botocore.credentials").info("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

@@ -204,7 +204,7 @@ def _choose_layout(ckpt_dir: Path, plan: ResumePlan, saved: dict[str, Any] | Non
         raise store.ResumeError(f"{(ckpt_dir / tag).resolve()} cannot be resumed across {', '.join(changes)}: "
                                 "DeepSpeed's universal checkpoint converts and loads ZeRO 1-3 optimizer shards, and "
                                 "ZeRO-0 keeps none; resume with the checkpoint's zero.stage and precision.dtype")
-    if len({stage == 3 for stage in stages}) == 2:
+    if None not in stages and len({stage == 3 for stage in stages}) == 2:  # None: a layout not yet recorded
         raise store.ResumeError(
             f"{(ckpt_dir / tag).resolve()} was written at ZeRO stage {(saved or {}).get('zero_stage')} and this run "
             f"has zero.stage={current['zero_stage']}: DeepSpeed's universal checkpoint (0.19 tried here) loads "
