@@ -30,7 +30,7 @@ def _kind(reason: str) -> str:
 
 def reason_counts(reasons: list[str], top: int = 3) -> str:
     counts = Counter(_kind(r) for r in reasons).most_common()
-    shown = ", ".join(f"{n} x '{kind}'" for kind, n in counts[:top])
+    shown = ", ".join(f"{n} x {kind!r}" for kind, n in counts[:top])  # repr: no quotes inside quotes
     return shown + (f" and {len(counts) - top} other reason(s)" if len(counts) > top else "")
 
 

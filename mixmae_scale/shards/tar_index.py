@@ -189,8 +189,8 @@ def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
     if not images:
         return f"no image member (jpg, jpeg, png or webp); it has {', '.join(exts)}"
     if len(images) > 1:
-        return (f"{len(images)} images ({', '.join(m.ext for m in images)}): one per sample, so that which one "
-                "trains never depends on member order")
+        return (f"more than one image ({len(images)} images: {', '.join(m.ext for m in images)}): one per sample, "
+                "so that which one trains never depends on member order")
     if images[0].size == 0:
         return f"image member {images[0].name!r} is empty (0 bytes)"
     return sample.problem

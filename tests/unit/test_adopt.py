@@ -135,7 +135,7 @@ def test_img2dataset_layout_every_bad_sample_has_its_reason_and_counts_reconcile
     lines = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     reasons = {(r["shard"], r.get("key") or r.get("member")): r.get("reason") or r["problem"] for r in lines}
     assert "no image member" in reasons["00001.tar", "000010000"]
-    assert "2 images (jpg, png)" in reasons["00001.tar", "000010001"]
+    assert "more than one image (2 images: jpg, png)" in reasons["00001.tar", "000010001"]
     assert "appears 2 times apart" in reasons["00001.tar", "000010004"]
     assert "unsafe member name '../000010006.jpg'" in reasons["00001.tar", "../000010006"]
     assert "hidden file" in reasons["00001.tar", "._000010003.jpg"]

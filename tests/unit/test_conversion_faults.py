@@ -180,3 +180,12 @@ def test_conversion_to_s3_uploads_shard_by_shard_and_a_rerun_skips_uploaded_ones
     report = verify(url, decode=True)
     assert report["ok"], report["errors"]
     assert report["splits"]["train"] == {"samples": 8, "shards": 3, "decoded": 8}
+
+
+def test_grouped_rejection_reasons_read_without_quotes_in_quotes_or_placeholder_counts():
+    from mixmae_scale.shards.rejection_limit import reason_counts
+
+    shown = reason_counts(["unsafe member name 'a/../b.jpg' (absolute or with '..')",
+                           "more than one image (2 images: jpg, png): one per sample, so that which one trains ...",
+                           "zero-byte file"])
+    assert shown == "1 x \"unsafe member name '...'\", 1 x 'more than one image', 1 x 'zero-byte file'"
