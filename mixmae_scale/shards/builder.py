@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.manifest import Manifest, SplitEntry, write_manifest
-from mixmae_scale.shards.rejection_limit import check_every_split
+from mixmae_scale.shards.rejection_limit import TooManyRejected, check_every_split
 from mixmae_scale.shards.sources import SourceError
 
 J = TypeVar("J")
@@ -108,8 +108,13 @@ def build(source: ShardSource, out: str) -> BuildResult:
         outcomes[split] = source.account(split, work.done + results)
         warnings += outcomes[split].warnings
     rejections = write_rejections(out, {split: o.rejected for split, o in outcomes.items()})
-    check_every_split([(split, o.found, o.reasons) for split, o in outcomes.items()], source.max_rejected,
-                      rejections, source.unit)
+    try:
+        check_every_split([(split, o.found, o.reasons) for split, o in outcomes.items()], source.max_rejected,
+                          rejections, source.unit)
+    except TooManyRejected as exc:  # what a successful build would have warned of is said with the refusal
+        if not warnings:
+            raise
+        raise TooManyRejected(f"{exc}. Also: {'; '.join(warnings)}") from None
     for outcome in outcomes.values():
         if outcome.empty_error and not outcome.entry.shards:
             raise SourceError(outcome.empty_error)

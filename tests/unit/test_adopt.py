@@ -18,6 +18,7 @@ from mixmae_scale.data import storage
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.shards import adopt as adopt_module
 from mixmae_scale.shards.adopt import AdoptOptions, adopt
+from mixmae_scale.shards.rejection_limit import TooManyRejected
 from mixmae_scale.shards.sources import SourceError
 from mixmae_scale.shards.verify import verify
 
@@ -281,6 +282,10 @@ def test_tars_named_for_another_split_are_not_adopted_into_this_one(wds_sets, tm
     assert [e.name for e in train.manifest.splits["train"].shards] == ["imagenet1k-train-0000.tar"]
     assert any("2 tar(s) named for 'val' (e.g. imagenet1k-validation-0000.tar) left out; adopt them with --split val"
                in w for w in train.warnings)
+    (src / "imagenet1k-train-0001.tar").write_bytes(b"not a tar")  # refused: the left-out tars are still said
+    with pytest.raises(TooManyRejected, match=r"above --max-rejected.*Also: train: 2 tar\(s\) named for 'val'"):
+        adopt(src, tmp_path / "refused-train", AdoptOptions())
+    (src / "imagenet1k-train-0001.tar").unlink()
     val = adopt(src, tmp_path / "out", AdoptOptions(split="validation"))  # a spelling of val: the same split
     assert [e.name for e in val.manifest.splits["validation"].shards] == ["imagenet1k-validation-0000.tar",
                                                                           "imagenet1k-validation-0001.tar"]
