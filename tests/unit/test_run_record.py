@@ -157,7 +157,7 @@ def test_a_sweeps_runs_are_one_wandb_group_named_after_the_sweep(tmp_path):
 
     path = tmp_path / "spec.yaml"
     path.write_text("name: width-sweep\nprofile: tiny\nshards: nowhere\nsizes: [tiny]\ndata_fractions: [1]\n"
-                    "steps: [5]\n")
+                    "steps: [5]\ncluster: {max_nodes: 1}\n")
     spec = load_spec(path)
     (run,) = expand(spec, train_samples=2560)
     words = shlex.split(launch_line(spec, run, tmp_path / "out", 2560))

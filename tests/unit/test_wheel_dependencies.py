@@ -29,7 +29,7 @@ OPTIONAL = {
     "wandb": {"wandb": "wandb"},
     "nvidia.dali": {"cuda12": "nvidia-dali-cuda120", "cuda13": "nvidia-dali-cuda130"},
 }
-GUARDS = {"wandb": "config/derive.py", "nvidia.dali": "cli/__init__.py"}
+GUARDS = {"wandb": "config/derive.py", "nvidia.dali": "cli/failure_report.py"}
 # The modules that need an optional package as soon as they are imported; every other module imports them, and
 # the optional packages, only inside the function that needs them, so the base install imports everything else.
 NEEDS_AN_EXTRA_TO_IMPORT = {"data/dali_pipeline.py", "data/rand_augment.py"}
