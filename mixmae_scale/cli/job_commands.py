@@ -80,14 +80,17 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 def finetune_message(summary: dict) -> str:
     """The last line of a fine-tuning run: the last evaluation's top-1 and the best one's."""
     last = summary["last"] or {"top1": float("nan")}
-    return (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}% "
+    # A bf16 run's top-1 is not `mixmae eval`'s fp32 one (docs/training.md): say which it is.
+    precision = f" in {last['precision']}" if "precision" in last else ""
+    return (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}%{precision} "
             f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
 
 
 def segment_message(summary: dict) -> str:
     """The last line of a segmentation run: the last evaluation's mIoU and the best one's."""
     last = summary["last"] or {"miou": float("nan")}
-    return (f"segmentation fine-tuned {summary['steps']} steps: mIoU {last['miou']:.2f}% "
+    precision = f" in {last['precision']}" if "precision" in last else ""
+    return (f"segmentation fine-tuned {summary['steps']} steps: mIoU {last['miou']:.2f}%{precision} "
             f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')})")
 
 
@@ -122,16 +125,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
-        from mixmae_scale.finetune.evaluate import evaluate_classifier, load_classifier
+        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier
 
         model = load_classifier(args.init, args.data, args.split, args.img_size)  # mistakes found before the group
         _, world, device = distributed.init(local_rank)
         result = evaluate_classifier(model, args.init, args.data, args.split, rank, world, device, args.loader,
-                                     args.batch, args.threads)
+                                     args.batch, args.threads, evaluation_precision(args.precision, device))
         if rank == 0 and args.json:
             print(json.dumps(result, indent=2))
         elif rank == 0:
-            print(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on the {result['samples']} images of "
+            print(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% ({result['precision']}) on the "
+                  f"{result['samples']} images of "
                   f"split '{args.split}' of {args.data} ({args.init})")
         return 0
 
@@ -141,7 +145,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_segmenter(args: argparse.Namespace) -> int:
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
-        from mixmae_scale.finetune.evaluate import require_folder
+        from mixmae_scale.finetune.evaluate import evaluation_precision, require_folder
         from mixmae_scale.segment.build import load_segmenter
         from mixmae_scale.segment.evaluate import evaluate_segmenter, segmentation_line
 
@@ -149,7 +153,7 @@ def _eval_segmenter(args: argparse.Namespace) -> int:
         model, settings = load_segmenter(args.init)  # mistakes found before the group
         _, world, device = distributed.init(local_rank)
         result = evaluate_segmenter(model, settings, args.init, args.data, args.split, rank, world, device,
-                                    args.loader, args.batch, args.threads)
+                                    args.loader, args.batch, args.threads, evaluation_precision(args.precision, device))
         if rank == 0:
             print(json.dumps(result, indent=2) if args.json else segmentation_line(result))
         return 0
@@ -187,5 +191,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--batch", type=at_least(1), default=64,
                             help="images per rank and batch (a smaller split is evaluated in smaller batches)")
     evaluation.add_argument("--threads", type=at_least(1), default=2, help="decoding threads per rank")
+    evaluation.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
+                            help="what to compute in (default fp32, the same on any machine; a run's own evaluations "
+                            "use its precision.dtype: auto makes the run's choice here, bf16 where native)")
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON instead of one line")
     evaluation.set_defaults(handler=_eval)

@@ -9,6 +9,7 @@ decoder, must add up to the split's (data/sample_ids.py), or the evaluation is r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ from mixmae_scale.engine.distributed import all_reduce_int, all_reduce_scalar, a
 
 
 def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expected_samples: int | None = None
-             ) -> dict[str, float]:
-    """`model` maps images to logits (a DeepSpeed engine or a plain module)."""
+             ) -> dict[str, Any]:
+    """`model` maps images to logits (a DeepSpeed engine or a plain module). `dtype` is recorded with the scores:
+    a bf16 evaluation and an fp32 one of the same weights differ by a few images (rounding moves near-ties)."""
     module = getattr(model, "module", model)
     was_training = module.training
     module.eval()
@@ -49,7 +51,7 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
     require_each_sample_once(Coverage(int(n), all_reduce_int(id_sum)), loader.split_coverage(),
                              loader.mixture.sets[0].shards.location)
     return {"samples": int(n), "top1": 100 * totals["top1"] / n, "top5": 100 * totals["top5"] / n,
-            "loss": totals["loss"] / n}
+            "loss": totals["loss"] / n, "precision": dtype}
 
 
 def load_classifier(source: str, shards: str, split: str, img_size: int | None = None, option: str = "--init"
@@ -115,9 +117,32 @@ def eval_batch_size(requested: int, samples: int, world: int) -> int:
     return max(1, min(requested, samples // world))
 
 
+def evaluation_precision(requested: str, device: torch.device) -> str:
+    """What `mixmae eval --precision` computes in on this device. fp32 is the default because the number should
+    not depend on the machine that measures it; a run's own evaluations (eval.jsonl) use the run's precision, and
+    `--precision auto` makes the run's choice here (bf16 where it is native), which reproduces them to a few
+    images. An emulated dtype is kept as asked, with the run's warning."""
+    import logging
+
+    from mixmae_scale.config.precision import choose_precision, detect_hardware
+
+    choice = choose_precision(requested, detect_hardware("cuda" if device.type == "cuda" else "cpu"))
+    if choice.warning:
+        logging.getLogger("mixmae.eval").warning("%s", choice.warning.replace("precision.dtype", "--precision"))
+    return choice.dtype
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype for an evaluation in `precision`: a bf16 or fp16 run's DeepSpeed engine holds its
+    module's weights in that dtype and evaluates them so; `mixmae eval` does the same to give the run's number."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split: str, rank: int, world: int,
-                        device: torch.device, backend: str = "dali", batch: int = 64, threads: int = 2) -> dict:
-    """Evaluate a classifier (from `load_classifier`) on this rank's share of a split."""
+                        device: torch.device, backend: str = "dali", batch: int = 64, threads: int = 2,
+                        precision: str = "fp32") -> dict:
+    """Evaluate a classifier (from `load_classifier`) on this rank's share of a split, computing in `precision`
+    (fp32, bf16 or fp16: `evaluation_precision`'s answer)."""
     from mixmae_scale.data.loader import choose_decode_device
     from mixmae_scale.data.loaders import LoaderPlace, eval_spec
     from mixmae_scale.data.manifest import load_split
@@ -128,4 +153,4 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
     spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)
     return {"weights": str(source), "split": split, "batch": batch,
-            **evaluate(model.to(device), loader, device, "fp32", expected)}
+            **evaluate(model.to(device, dtype=weights_dtype(precision)), loader, device, precision, expected)}

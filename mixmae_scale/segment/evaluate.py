@@ -78,30 +78,32 @@ def evaluate_segmentation(model: Any, batches: Iterable, device: torch.device, d
         require_each_sample_once(Coverage(samples, int(_summed(ids)[0])), split, where)
     mean, per_class = miou(confusion)
     return {"samples": samples, "miou": mean, "pixel_accuracy": pixel_accuracy(confusion),
-            "loss": float(sums[1] / sums[2].clamp(min=1)), "per_class_iou": per_class}
+            "loss": float(sums[1] / sums[2].clamp(min=1)), "per_class_iou": per_class, "precision": dtype}
 
 
 def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shards: str, split: str, rank: int,
                        world: int, device: torch.device, backend: str = "dali", batch: int = 16,
-                       threads: int = 2) -> dict[str, Any]:
+                       threads: int = 2, precision: str = "fp32") -> dict[str, Any]:
     """`mixmae eval` of a segmentation export (segment/build.py's `load_segmenter`): the evaluation view of the
-    split's images and masks at the crop size it was trained with, this rank's share."""
+    split's images and masks at the crop size it was trained with, this rank's share, computed in `precision`."""
     from mixmae_scale.data.loader import ShardLoader, choose_decode_device
     from mixmae_scale.data.loaders import LoaderPlace, eval_spec
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.finetune.evaluate import eval_batch_size
+    from mixmae_scale.finetune.evaluate import eval_batch_size, weights_dtype
 
     expected = load_split(shards, split).samples
     batch = eval_batch_size(batch, expected, world)
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
     loader = ShardLoader(shards, split, spec, backend, threads)
-    scores = evaluate_segmentation(model.to(device), loader.eval_batches(), device, "fp32", settings["num_classes"],
+    model = model.to(device, dtype=weights_dtype(precision))
+    scores = evaluate_segmentation(model, loader.eval_batches(), device, precision, settings["num_classes"],
                                    settings["ignore_index"], expected, loader.split_coverage(), str(shards))
     return {"weights": str(source), "data": str(shards), "split": split, "batch": batch, **scores}
 
 
 def segmentation_line(result: dict[str, Any]) -> str:
     """What `mixmae eval` says of a segmentation model."""
-    return (f"mIoU {result['miou']:.1f}% on the {result['samples']} images of split '{result['split']}' of "
+    return (f"mIoU {result['miou']:.1f}% ({result['precision']}) on the {result['samples']} images of split "
+            f"'{result['split']}' of "
             f"{result['data']} ({result['weights']})")

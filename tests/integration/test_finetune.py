@@ -148,6 +148,28 @@ def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_sp
     two, one = results
     assert two["samples"] == one["samples"] == 80 and two["batch"] == 40
     assert two["top1"] == pytest.approx(one["top1"]) and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert one["precision"] == "fp32"  # the default, whatever the run computed in
+
+
+def test_eval_in_the_runs_precision_gives_the_runs_own_last_evaluation(finetuned, demo_shards, capsys):
+    """`mixmae eval --precision auto` makes the run's precision choice on this machine and holds the weights in it,
+    as the run's DeepSpeed engine did: the exported last step then scores what the run's last evaluation wrote
+    (where the run trained in bf16, fp32 weights under bf16 autocast scored 2 images of 1500 apart on the demo,
+    and fp32 itself 10: docs/training.md)."""
+    from mixmae_scale.cli import main
+
+    last = json.loads((finetuned / "run" / "eval.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 20 and last["precision"] in ("bf16", "fp32")
+    capsys.readouterr()
+    weights = str(finetuned / "classifier.safetensors")  # the last step's (the fixture's export)
+    assert main(["eval", "--init", weights, "--data", str(demo_shards), "--precision", "auto", "--batch", "8",
+                 "--json"]) == 0  # in this process, one rank, the run's per-rank batch
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{"):])
+    assert report["precision"] == last["precision"] and report["samples"] == 80
+    assert report["top1"] == last["top1"] and report["top5"] == last["top5"]
+    # Exact but for the order of summation; fp32 weights under bf16 autocast were 6.6e-7 apart here at step 20.
+    assert report["loss"] == pytest.approx(last["loss"], rel=1e-7)
 
 
 def test_the_quickstart_path_pretrains_the_whole_schedule_the_dry_run_shows_and_probes_against_random_encoders(

@@ -57,5 +57,5 @@ def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores
     assert main(["eval", "--init", exported["out"], "--data", str(demo_shards), "--json"]) == 0  # in this process
     printed = capsys.readouterr().out
     report = json.loads(printed[printed.index("{"):])
-    assert report["samples"] == 80
+    assert report["samples"] == 80 and report["precision"] == evals[-1]["precision"] == "fp32"
     assert report["miou"] == pytest.approx(evals[-1]["miou"], abs=1e-6)  # the run's last weights, the same view

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixmae_scale.cli.job_commands import pretrain_message
+from mixmae_scale.cli.job_commands import finetune_message, pretrain_message
 from mixmae_scale.engine.export import default_out, export_line
 from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES, Features, not_meaningful_because, probe_features
 from mixmae_scale.pretrain.heldout_loss import HeldOutLoss, heldout_loss, heldout_shortfall
@@ -71,3 +71,12 @@ def test_export_out_is_optional_and_json_is_asked_for(capsys):
         main(["export", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "[--out OUT]" in text and "default: in the run folder, encoder.safetensors" in text and "--json" in text
+
+
+def test_a_finetune_ends_with_its_top1_and_the_precision_it_was_measured_in():
+    """A bf16 run's top-1 is not `mixmae eval`'s fp32 one (10 images of 1500 apart on the demo): the line says
+    which it is; a summary from before evaluations recorded their precision says nothing of it."""
+    summary = {"steps": 810, "last": {"top1": 62.933, "precision": "bf16"}, "best": {"top1": 62.933, "step": 810}}
+    assert finetune_message(summary) == "fine-tuned 810 steps: top-1 62.93% in bf16 (best 62.93% at step 810)"
+    del summary["last"]["precision"]
+    assert finetune_message(summary) == "fine-tuned 810 steps: top-1 62.93% (best 62.93% at step 810)"

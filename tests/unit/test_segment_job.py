@@ -201,6 +201,9 @@ def test_training_flops_grow_with_the_crop_area():
 def test_the_run_ends_with_the_last_and_best_miou():
     summary = {"steps": 162, "last": {"miou": 41.234}, "best": {"miou": 43.5, "step": 100}}
     assert segment_message(summary) == "segmentation fine-tuned 162 steps: mIoU 41.23% (best 43.50% at step 100)"
+    summary["last"]["precision"] = "bf16"  # a run's evaluations say what they computed in (eval.jsonl, this line)
+    assert segment_message(summary) == ("segmentation fine-tuned 162 steps: mIoU 41.23% in bf16 (best 43.50% at "
+                                        "step 100)")
 
 
 def test_a_segmentation_export_rebuilds_the_same_model_and_an_encoder_file_is_refused(tmp_path):
