@@ -53,6 +53,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, ResumeError, WeightsError, SourceError, FileNotFoundError
 
 
+def is_user_mistake(exc: BaseException) -> bool:
+    """Said in one line, and exit code 2: running the same command again fails the same way."""
+    return isinstance(exc, user_errors()) or missing_dali(exc)
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -107,7 +112,7 @@ def claim_report() -> bool:
 def report_failure(rank: int, exc: BaseException, alone: bool = False) -> None:
     """The report of a rank that is about to exit because of `exc` (see the module docstring). `alone`: a
     world of one, started without a launcher, which has nobody to agree with."""
-    mistake = isinstance(exc, user_errors()) or missing_dali(exc)
+    mistake = is_user_mistake(exc)
     if mistake and rank and not alone:
         time.sleep(0.5)  # every rank usually makes the same mistake at once: rank 0 is the one expected to say it
     if not alone and not claim_report():

@@ -28,7 +28,8 @@ log = logging.getLogger("mixmae")
 # MASTER_PORT 0: the process's own store binds a port the kernel picks, as it binds it. A port probed free and
 # handed on could be taken in between by another process of one (a sweep starts eight at once).
 WORLD_OF_ONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
-EXIT_OK, EXIT_FAILED, EXIT_NONFINITE_STOP = 0, 1, 3
+# 2 as the other commands and argparse: the user's input was refused, and running it again as it is fails again.
+EXIT_OK, EXIT_FAILED, EXIT_MISTAKE, EXIT_NONFINITE_STOP = 0, 1, 2, 3
 
 # (rank, local rank) -> exit code: the command's work on this rank.
 RankWork = Callable[[int, int], int]
@@ -50,10 +51,13 @@ class RankProcess:
 
 
 def run_rank(work: RankWork, report: FailureReport, default_local_rank: int = 0,
-             launcher_ranks: Mapping[str, str] | None = None) -> int:
+             launcher_ranks: Mapping[str, str] | None = None,
+             is_mistake: Callable[[BaseException], bool] = lambda exc: False) -> int:
     """Runs `work` as this process's rank and returns the exit code (or ends the process at once, see the
     module docstring). `default_local_rank`: the launcher's --local_rank argument, where LOCAL_RANK is unset.
-    `launcher_ranks`: RANK, WORLD_SIZE, ... as Slurm's srun gives them (cluster/slurm_ranks.py), or None."""
+    `launcher_ranks`: RANK, WORLD_SIZE, ... as Slurm's srun gives them (cluster/slurm_ranks.py), or None.
+    `is_mistake`: whether an exception is the user's mistake (exit 2, which a resubmitting script should not
+    retry) rather than a failure (exit 1)."""
     if launcher_ranks:  # one srun task per GPU (launch/slurm/pretrain_srun.sbatch): Slurm is the launcher
         os.environ.update(launcher_ranks)
     alone = "RANK" not in os.environ
@@ -64,13 +68,14 @@ def run_rank(work: RankWork, report: FailureReport, default_local_rank: int = 0,
     logging.basicConfig(level=logging.INFO if process.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {process.rank}] %(message)s", datefmt="%H:%M:%S")
     try:
-        return _run(work, report, process)
+        return _run(work, report, process, is_mistake)
     finally:
         if alone:
             _restore(saved_env)
 
 
-def _run(work: RankWork, report: FailureReport, process: RankProcess) -> int:
+def _run(work: RankWork, report: FailureReport, process: RankProcess,
+         is_mistake: Callable[[BaseException], bool]) -> int:
     if process.local_rank == 0:
         removed = distributed.remove_stale_shm_buffers()
         if removed:
@@ -81,8 +86,8 @@ def _run(work: RankWork, report: FailureReport, process: RankProcess) -> int:
         code = work(process.rank, process.local_rank)
     except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
         report(process.rank, exc, process.alone)
-        code = exit_code(exc)
-        if code == EXIT_FAILED and not process.alone:
+        code = exit_code(exc, is_mistake(exc))
+        if code in (EXIT_FAILED, EXIT_MISTAKE) and not process.alone:
             distributed.remove_shm_buffer(*rendezvous, process.rank)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -91,9 +96,10 @@ def _run(work: RankWork, report: FailureReport, process: RankProcess) -> int:
     return code
 
 
-def exit_code(exc: BaseException) -> int:
-    """The exit code of a rank whose work raised `exc`. A finished run and a non-finite stop are known on every
-    rank (the broadcast resume plan, the all-reduced step decision), so those ranks end in order together."""
+def exit_code(exc: BaseException, mistake: bool = False) -> int:
+    """The exit code of a rank whose work raised `exc` (`mistake`: the user's). A finished run and a non-finite
+    stop are known on every rank (the broadcast resume plan, the all-reduced step decision), so those ranks end in
+    order together; a failed rank ends at once."""
     from mixmae_scale.engine.faults import NonFiniteStop
     from mixmae_scale.engine.loop import RunAlreadyComplete
 
@@ -101,7 +107,7 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_OK
     if isinstance(exc, NonFiniteStop):
         return EXIT_NONFINITE_STOP
-    return EXIT_FAILED
+    return EXIT_MISTAKE if mistake else EXIT_FAILED
 
 
 def _restore(saved_env: dict[str, str | None]) -> None:

@@ -226,13 +226,13 @@ def test_eval_and_visualize_print_one_line_and_json_on_request(capsys, monkeypat
     from mixmae_scale.visualize import reconstruction
 
     result = {"weights": "ft.safetensors", "split": "val", "batch": 40, "samples": 80, "top1": 41.25, "top5": 87.5,
-              "loss": 1.9}
+              "loss": 1.9, "precision": "fp32"}
     monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
     monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
     monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
-    assert capsys.readouterr().out == ("top-1 41.25%, top-5 87.50% on the 80 images of split 'val' of shards "
-                                       "(ft.safetensors)\n")
+    assert capsys.readouterr().out == ("top-1 41.25%, top-5 87.50% (fp32) on the 80 images of split 'val' of "
+                                       "shards (ft.safetensors)\n")
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == result
     drawn = {"source": "run", "title": "...", "out": "grid.png", "pairs": 2, "size": [1, 2, 3]}
@@ -322,7 +322,7 @@ def test_a_rank_command_without_dali_says_which_extra_to_install_in_one_line(dem
             f"'data.shards={demo_shards}', '--max-steps', '1']))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]  # a refusal, as the other commands'
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("mixmae: ")]
     assert len(errors) == 1 and "DALI" in errors[0] and "mixmae-scale[cuda12]" in errors[0] \

@@ -35,3 +35,33 @@ def test_a_process_alone_starts_its_group_on_a_port_its_store_binds_and_leaves_t
     assert seen["bound_port"] > 0  # the kernel's choice, made as the store bound it
     assert not dist.is_initialized()
     assert not any(key in os.environ for key in runtime.WORLD_OF_ONE)
+
+
+def test_a_rank_exits_2_on_a_refused_input_and_1_on_a_failure(monkeypatch):
+    """Scripts that resubmit tell the two apart: a mistake in the input fails again as it is, a failure may not."""
+    from mixmae_scale.cli.failure_report import is_user_mistake
+    from mixmae_scale.config import ConfigError
+    from mixmae_scale.data.manifest import DataError
+
+    for key in runtime.WORLD_OF_ONE:
+        monkeypatch.delenv(key, raising=False)
+    reported = []
+
+    def failing(exc: BaseException):
+        def work(rank: int, local_rank: int) -> int:
+            raise exc
+        return work
+
+    def report(rank, exc, alone):
+        reported.append((type(exc).__name__, alone))
+
+    def code(exc: BaseException) -> int:
+        return runtime.run_rank(failing(exc), report, is_mistake=is_user_mistake)
+
+    assert code(ConfigError("batch.micro=0: must be at least 1")) == 2
+    assert code(DataError("data.shards=/nowhere: no dataset.json")) == 2
+    assert code(ModuleNotFoundError("No module named 'nvidia.dali'", name="nvidia.dali")) == 2
+    assert code(RuntimeError("CUDA error: an illegal memory access")) == 1
+    assert code(ModuleNotFoundError("No module named 'yaml'", name="yaml")) == 1  # a broken install is no input
+    assert reported == [("ConfigError", True), ("DataError", True), ("ModuleNotFoundError", True),
+                        ("RuntimeError", True), ("ModuleNotFoundError", True)]
