@@ -1,10 +1,11 @@
 """How much a fine-tuning run's own evaluations depend on the precision they compute in.
 
-A bf16 run evaluates with its DeepSpeed engine, whose weights are bf16; `mixmae eval` evaluates in fp32 unless
+A bf16 run evaluates with its DeepSpeed engine, whose parameters are bf16; `mixmae eval` evaluates in fp32 unless
 told otherwise. This exports a run's best (or last) checkpoint and evaluates it on the run's validation split in
 three ways, next to what the run's eval.jsonl says for that step: fp32; fp32 weights under bf16 autocast (what
-`mixmae eval` did with bf16 before it held the weights in bf16); bf16 weights under bf16 autocast
-(`mixmae eval --precision bf16`, the run's own way). One process, this machine's CPU; prints a table, writes JSON.
+`mixmae eval` would do if it left the weights in fp32); bf16 parameters, buffers kept in fp32 as DeepSpeed's
+engine keeps them, under bf16 autocast (`mixmae eval --precision bf16`, the run's own way). One process, this
+machine's CPU; prints a table, writes JSON.
 
     python benchmarks/eval_precision.py --run runs/tiny-finetune --data demo_data/shards
 """
@@ -17,7 +18,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 from mixmae_scale.atomic_file import write_text
@@ -41,7 +41,7 @@ def main() -> None:
     from mixmae_scale.engine import distributed
     from mixmae_scale.engine.export import export_run
     from mixmae_scale.engine.runtime import WORLD_OF_ONE
-    from mixmae_scale.finetune.evaluate import evaluate, load_classifier
+    from mixmae_scale.finetune.evaluate import evaluate, in_precision, load_classifier
 
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     batch = args.batch or config["derived"]["micro_batch"]
@@ -57,10 +57,12 @@ def main() -> None:
         spec = eval_spec(model.encoder.shape.img_size, batch, 2, LoaderPlace(0, world, None))
         loader = ShardLoader(args.data, "val", spec, "dali", 2)
         rows = [{"how": "the run's own evaluation (eval.jsonl)", **run_row}]
-        for how, weights, compute in (("fp32 (mixmae eval's default)", torch.float32, "fp32"),
-                                      ("fp32 weights, bf16 autocast", torch.float32, "bf16"),
-                                      ("bf16 weights, bf16 autocast (--precision bf16)", torch.bfloat16, "bf16")):
-            rows.append({"how": how, **evaluate(model.to(device, dtype=weights), loader, device, compute, expected)})
+        # In this order: the last casts the parameters in place.
+        for how, weights, compute in (("fp32 (mixmae eval's default)", "fp32", "fp32"),
+                                      ("fp32 weights, bf16 autocast", "fp32", "bf16"),
+                                      ("bf16 weights, bf16 autocast (--precision bf16)", "bf16", "bf16")):
+            model = in_precision(model, device, weights)
+            rows.append({"how": how, **evaluate(model, loader, device, compute, expected)})
         loader.close()
     print(f"run {args.run}, step {step} ({'last' if args.last else 'best'}), {expected} validation images, "
           f"batch {batch}, {detect_hardware('cpu').name} (native bf16: {detect_hardware('cpu').native_bf16})")

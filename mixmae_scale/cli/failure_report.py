@@ -54,8 +54,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def is_user_mistake(exc: BaseException) -> bool:
-    """Said in one line, and exit code 2: running the same command again fails the same way."""
+    """Said in one line: the message names the file, key or option and the way out."""
     return isinstance(exc, user_errors()) or missing_dali(exc)
+
+
+def is_refused_input(exc: BaseException) -> bool:
+    """Exit code 2: the project refused the input, and the same command fails the same way again. A file not
+    found is said in one line but exits 1, as a failure: mid-run, a shared file system's hiccup raises it too, and
+    a resubmitting script should retry that."""
+    return is_user_mistake(exc) and not isinstance(exc, FileNotFoundError)
 
 
 def one_line(exc: BaseException) -> str:

@@ -13,12 +13,12 @@ from mixmae_scale.cli.arguments import add_profile_args, at_least
 
 def _as_rank_process(args: argparse.Namespace, work) -> int:
     """`work(rank, local_rank) -> exit code` as this process's rank (engine/runtime.py)."""
-    from mixmae_scale.cli.failure_report import is_user_mistake
+    from mixmae_scale.cli.failure_report import is_refused_input
     from mixmae_scale.cluster.slurm_ranks import ranks_from_slurm
     from mixmae_scale.engine.runtime import run_rank
 
     return run_rank(work, _report_failure, args.local_rank, launcher_ranks=ranks_from_slurm(os.environ),
-                    is_mistake=is_user_mistake)
+                    is_mistake=is_refused_input)
 
 
 def _report_failure(rank: int, exc: BaseException, alone: bool) -> None:

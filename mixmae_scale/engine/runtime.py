@@ -7,8 +7,9 @@ this module decides what the process does around the work.
 - /dev/shm: each node's first rank removes the DeepSpeed CPU all-reduce buffers a killed run left (RAM until
   reboot); an orderly end removes this run's own (engine/distributed.py).
 - Exit codes: 0 for a finished run and for one that was already complete, 3 for a non-finite stop (every
-  rank stops together, after a collective checkpoint), 1 for any other failure.
-- A failure on one rank of several ends that rank at once with `os._exit(1)`: an orderly shutdown's barrier
+  rank stops together, after a collective checkpoint), 2 for an input the command refused (the caller says
+  which exceptions those are), 1 for any other failure.
+- A failure on one rank of several ends that rank at once with `os._exit(code)`: an orderly shutdown's barrier
   would wait for ranks that are themselves waiting for it, whereas a closed connection makes the launcher stop
   the others (they see the closed connection and stay silent).
 """

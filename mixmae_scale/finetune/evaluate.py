@@ -120,22 +120,32 @@ def eval_batch_size(requested: int, samples: int, world: int) -> int:
 def evaluation_precision(requested: str, device: torch.device) -> str:
     """What `mixmae eval --precision` computes in on this device. fp32 is the default because the number should
     not depend on the machine that measures it; a run's own evaluations (eval.jsonl) use the run's precision, and
-    `--precision auto` makes the run's choice here (bf16 where it is native), which reproduces them to a few
-    images. An emulated dtype is kept as asked, with the run's warning."""
+    `--precision auto` makes the choice a run with `precision.dtype: auto` makes here (bf16 where it is native).
+    An emulated dtype is kept as asked, with a warning."""
     import logging
 
     from mixmae_scale.config.precision import choose_precision, detect_hardware
 
-    choice = choose_precision(requested, detect_hardware("cuda" if device.type == "cuda" else "cpu"))
-    if choice.warning:
-        logging.getLogger("mixmae.eval").warning("%s", choice.warning.replace("precision.dtype", "--precision"))
-    return choice.dtype
+    hardware = detect_hardware("cuda" if device.type == "cuda" else "cpu")
+    dtype = choose_precision(requested, hardware).dtype
+    native = {"bf16": hardware.native_bf16, "fp16": hardware.native_fp16}.get(dtype, True)
+    if not native:
+        logging.getLogger("mixmae.eval").warning(
+            "--precision %s on %s, which emulates it: the evaluation runs many times slower than in fp32 (CPUs "
+            "without AVX-512)", dtype, hardware.name)
+    return dtype
 
 
-def weights_dtype(precision: str) -> torch.dtype:
-    """The weights' dtype for an evaluation in `precision`: a bf16 or fp16 run's DeepSpeed engine holds its
-    module's weights in that dtype and evaluates them so; `mixmae eval` does the same to give the run's number."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+def in_precision(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """`model` on `device` as a run in `precision` evaluates it: DeepSpeed's bf16 and fp16 engines cast the
+    parameters and keep the buffers in fp32 (the sin-cos position embedding among them), and `mixmae eval`
+    does the same to give the run's number."""
+    model = model.to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None:
+        for parameter in model.parameters():
+            parameter.data = parameter.data.to(dtype)
+    return model
 
 
 def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split: str, rank: int, world: int,
@@ -153,4 +163,4 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
     spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)
     return {"weights": str(source), "split": split, "batch": batch,
-            **evaluate(model.to(device, dtype=weights_dtype(precision)), loader, device, precision, expected)}
+            **evaluate(in_precision(model, device, precision), loader, device, precision, expected)}

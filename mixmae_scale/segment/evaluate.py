@@ -89,14 +89,14 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
     from mixmae_scale.data.loader import ShardLoader, choose_decode_device
     from mixmae_scale.data.loaders import LoaderPlace, eval_spec
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.finetune.evaluate import eval_batch_size, weights_dtype
+    from mixmae_scale.finetune.evaluate import eval_batch_size, in_precision
 
     expected = load_split(shards, split).samples
     batch = eval_batch_size(batch, expected, world)
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
     loader = ShardLoader(shards, split, spec, backend, threads)
-    model = model.to(device, dtype=weights_dtype(precision))
+    model = in_precision(model, device, precision)
     scores = evaluate_segmentation(model, loader.eval_batches(), device, precision, settings["num_classes"],
                                    settings["ignore_index"], expected, loader.split_coverage(), str(shards))
     return {"weights": str(source), "data": str(shards), "split": split, "batch": batch, **scores}

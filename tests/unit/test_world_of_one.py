@@ -39,7 +39,7 @@ def test_a_process_alone_starts_its_group_on_a_port_its_store_binds_and_leaves_t
 
 def test_a_rank_exits_2_on_a_refused_input_and_1_on_a_failure(monkeypatch):
     """Scripts that resubmit tell the two apart: a mistake in the input fails again as it is, a failure may not."""
-    from mixmae_scale.cli.failure_report import is_user_mistake
+    from mixmae_scale.cli.failure_report import is_refused_input
     from mixmae_scale.config import ConfigError
     from mixmae_scale.data.manifest import DataError
 
@@ -56,12 +56,13 @@ def test_a_rank_exits_2_on_a_refused_input_and_1_on_a_failure(monkeypatch):
         reported.append((type(exc).__name__, alone))
 
     def code(exc: BaseException) -> int:
-        return runtime.run_rank(failing(exc), report, is_mistake=is_user_mistake)
+        return runtime.run_rank(failing(exc), report, is_mistake=is_refused_input)
 
     assert code(ConfigError("batch.micro=0: must be at least 1")) == 2
     assert code(DataError("data.shards=/nowhere: no dataset.json")) == 2
     assert code(ModuleNotFoundError("No module named 'nvidia.dali'", name="nvidia.dali")) == 2
     assert code(RuntimeError("CUDA error: an illegal memory access")) == 1
+    assert code(FileNotFoundError("/shared/shards/train-0042.tar")) == 1  # a shared file system's hiccup, too
     assert code(ModuleNotFoundError("No module named 'yaml'", name="yaml")) == 1  # a broken install is no input
     assert reported == [("ConfigError", True), ("DataError", True), ("ModuleNotFoundError", True),
-                        ("RuntimeError", True), ("ModuleNotFoundError", True)]
+                        ("RuntimeError", True), ("FileNotFoundError", True), ("ModuleNotFoundError", True)]
