@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ def read_results(path: str | Path) -> list[dict]:
     if not path.exists():
         raise FitError(f"{path.absolute()}: not found, no results yet; run `mixmae scaling run` first (or give "
                        "the sweep's --out)")
-    rows = []
+    rows: list[dict] = []
+    seen: dict[str, dict] = {"run_id": {}, "seed": {}}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -38,10 +40,38 @@ def read_results(path: str | Path) -> list[dict]:
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise FitError(f"{path}:{number}: run {row.get('run_id', '?')} lacks {', '.join(missing)}")
+        _check_point(path, number, row)
+        for key in ("run_id", "seed"):
+            what = row["run_id"] if key == "run_id" else _seed_key(row)
+            if what is not None and what in seen[key]:
+                earlier, earlier_run = seen[key][what]
+                same = "" if key == "run_id" else f" (run {earlier_run}: the same N, D, C and seed)"
+                raise FitError(f"{path}:{number}: run {row['run_id']} repeats line {earlier}{same}; each run once, "
+                               "or its seeds would count twice (a results file appended to twice, or two sweeps' "
+                               "files joined?): keep one line per run")
+            seen[key][what] = (number, row["run_id"])
         rows.append(row)
     if not rows:
         raise FitError(f"{path}: empty")
     return rows
+
+
+def _seed_key(row: dict) -> tuple | None:
+    """Two runs of one configuration with one seed are the same measurement (a row written twice)."""
+    if row.get("seed") is None:
+        return None
+    return int(row["params"]), int(row["images_seen"]), float(row["flops"]), row["seed"]
+
+
+def _check_point(path: Path, number: int, row: dict) -> None:
+    """A point is finite numbers above zero: a NaN loss would turn a budget's minimum into an edge, a null one
+    raised a TypeError, a negative one was fitted."""
+    for key in REQUIRED[1:]:
+        value = row[key]
+        number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number_ok or not math.isfinite(value) or value <= 0:
+            raise FitError(f"{path}:{number}: run {row['run_id']}: {key}={value!r}; a point needs a finite number "
+                           "above zero (a diverged or unfinished run is not a point: remove its line)")
 
 
 def frontier(c: np.ndarray, loss: np.ndarray) -> np.ndarray:

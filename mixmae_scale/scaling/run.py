@@ -399,6 +399,10 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
         raise RuntimeError(f"run {run.run_id} ({run_dir}): stopped at step {summary.get('steps')} of "
                            f"{summary.get('planned_steps', run.steps)}, not a point of the study; the same "
                            "`mixmae scaling run` resumes it")
+    end = summary.get("heldout_loss_end")
+    if end is not None and not (isinstance(end, (int, float)) and math.isfinite(end)):
+        raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss {end!r} at its end: it diverged, not a "
+                           "point of the study")
     if summary.get("heldout_loss_end") is None:
         raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss not measured "
                            f"({summary.get('heldout_not_measured')}); a sweep compares held-out losses: give the "

@@ -172,6 +172,27 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
         read_results(results)
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"heldout_loss": float("nan")}, "run b: heldout_loss=nan; a point needs a finite number above zero"),
+    ({"heldout_loss": None}, "run b: heldout_loss=None"),  # a TypeError traceback
+    ({"heldout_loss": -0.5}, "run b: heldout_loss=-0.5"),  # fitted
+    ({"params": "99148"}, "run b: params='99148'"),
+    ({"run_id": "a"}, "run a repeats line 1; each run once"),  # the window pilot's rows twice: laws "identified"
+    ({"run_id": "a-again", "params": 10}, "run a-again repeats line 1 (run a: the same N, D, C and seed)")])
+def test_a_results_file_with_a_point_that_is_no_measurement_or_a_run_twice_is_refused_by_line(tmp_path, change, said):
+    """Each was fitted (or crashed) before: a NaN loss turned a budget's minimum into an edge, and rows written
+    twice counted as seeds, so a one-seed sweep had intervals and identified laws."""
+    first = {"run_id": "a", "params": 10, "images_seen": 100, "flops": 1e9, "heldout_loss": 0.5, "seed": 0}
+    second = {**first, "run_id": "b", "params": 20, **change}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(first) + "\n\n" + json.dumps(second) + "\n")
+    with pytest.raises(FitError, match=re.escape(f"{results}:3: {said}")):
+        read_results(results)
+    second = {**first, "run_id": "b", "seed": 1}  # another seed of the same configuration is a measurement
+    results.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+    assert [r["run_id"] for r in read_results(results)] == ["a", "b"]
+
+
 def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_back_fails_alone(
         demo_shards, tmp_path, stub_runs, monkeypatch):
     """One queue: the smallest budget's runs first (a sweep cut short leaves whole iso-FLOP curves), each budget's
@@ -255,3 +276,15 @@ def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     row = sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
     assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
     assert sweep_run._complete(run_dir, _planned("w8"))
+
+
+def test_a_run_whose_heldout_loss_diverged_is_not_recorded_as_a_point(tmp_path):
+    """summary.json keeps a NaN held-out loss as NaN; the sweep wrote it into results.jsonl as a point."""
+    from mixmae_scale.scaling.run import _row
+    from mixmae_scale.scaling.spec import PlannedRun
+
+    run = PlannedRun("w4-seed0", "w4", 1.0, 4, 0, (), 10, 64, 1e9)
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 4, "planned_steps": 4, "heldout_loss_end":
+                                                       float("nan"), "wall_s": 1.0}))
+    with pytest.raises(RuntimeError, match="held-out loss nan at its end: it diverged, not a point"):
+        _row(None, run, tmp_path, 1.0)
