@@ -29,6 +29,7 @@ def read_results(path: str | Path) -> list[dict]:
         raise FitError(f"{path.absolute()}: not found, no results yet; run `mixmae scaling run` first (or give "
                        "the sweep's --out)")
     rows: list[dict] = []
+    lines: list[int] = []
     seen: dict[str, dict] = {"run_id": {}, "seed": {}}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -51,9 +52,28 @@ def read_results(path: str | Path) -> list[dict]:
                                "files joined?): keep one line per run")
             seen[key][what] = (number, row["run_id"])
         rows.append(row)
+        lines.append(number)
     if not rows:
         raise FitError(f"{path}: empty")
+    _check_one_design(path, rows, lines)
     return rows
+
+
+def _check_one_design(path: Path, rows: list[dict], lines: list[int]) -> None:
+    """Rows of one sweep: two sweeps' rows fitted together pooled two model families in a budget, and one row
+    without a budget among iso-FLOP rows dropped the whole iso-FLOP analysis without a word."""
+    firsts: dict[str, int] = {}
+    for row, number in zip(rows, lines, strict=True):
+        if row.get("sweep") is not None:
+            firsts.setdefault(row["sweep"], number)
+    if len(firsts) > 1:
+        named = ", ".join(f"'{name}' from line {number}" for name, number in firsts.items())
+        raise FitError(f"{path}: rows of {len(firsts)} sweeps ({named}); fit each sweep's results on its own")
+    budgets = [row.get("budget") is not None for row in rows]
+    if any(budgets) and not all(budgets):
+        number = lines[budgets.index(False)]
+        raise FitError(f"{path}:{number}: run {rows[budgets.index(False)]['run_id']} has no iso-FLOP budget and "
+                       "other rows have one: rows of another sweep design? Fit each sweep's results on its own")
 
 
 def _seed_key(row: dict) -> tuple | None:

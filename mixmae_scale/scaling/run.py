@@ -138,7 +138,8 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
     log(f"{len(runs)} run(s): {share.describe()}")
     rule = spec.learning_rate.describe(base_lr)
-    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule}, tally)
+    # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file.
+    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, "sweep": spec.name}, tally)
     _summary(tally, out, log)
     return rows
 

@@ -120,6 +120,7 @@ def test_iso_flop_sweep_with_lr_sweep_picks_the_lr_skips_finished_runs_reads_fol
     assert sorted(json.loads(line)["heldout_loss"] for line in (out / "results.jsonl").read_text().splitlines()) == \
         sorted(json.loads(line)["heldout_loss"] for line in kept.splitlines())
     results = read_results(out / "results.jsonl")
+    assert {r["sweep"] for r in results} == {spec.name}  # each row names its sweep (rows of two are refused)
     fit = fit_results(results, bootstrap=20)
     iso = fit["iso_flop"]
     # Two budgets, one seed per point: no law through fewer than 3 interior budgets, no interval, nothing identified.
@@ -276,6 +277,23 @@ def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     row = sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
     assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
     assert sweep_run._complete(run_dir, _planned("w8"))
+
+
+def test_rows_of_two_sweeps_joined_in_one_file_are_refused(tmp_path):
+    """The window pilot's and the iso-FLOP pilot's rows in one file were fitted together, the two families pooled in
+    a budget; a row without a budget among iso-FLOP rows dropped the iso-FLOP analysis without a word."""
+    first = {"run_id": "a", "params": 10, "images_seen": 100, "flops": 1e9, "heldout_loss": 0.5, "seed": 0,
+             "budget": 1e9, "sweep": "window-pilot"}
+    results = tmp_path / "results.jsonl"
+    for second, said in (({"sweep": "iso-flop-pilot"}, "rows of 2 sweeps ('window-pilot' from line 1, "
+                                                       "'iso-flop-pilot' from line 2)"),
+                         ({"budget": None, "sweep": None}, "results.jsonl:2: run b has no iso-FLOP budget")):
+        results.write_text(json.dumps(first) + "\n" + json.dumps({**first, "run_id": "b", "seed": 1, **second}) + "\n")
+        with pytest.raises(FitError, match=re.escape(said)):
+            read_results(results)
+    older = {k: v for k, v in first.items() if k != "sweep"}  # results written before rows named their sweep
+    results.write_text(json.dumps(older) + "\n" + json.dumps({**first, "run_id": "b", "seed": 1}) + "\n")
+    assert len(read_results(results)) == 2
 
 
 def test_a_run_whose_heldout_loss_diverged_is_not_recorded_as_a_point(tmp_path):
