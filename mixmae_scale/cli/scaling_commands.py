@@ -71,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="each process runs up to K runs in turn, started once (saves torch/DeepSpeed start-up "
                            "per run; results are those of separate runs)")
         if action in ("fit", "report"):
-            p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 5-95%% intervals")
+            p.add_argument("--bootstrap", type=at_least(0), default=200,
+                           help="bootstrap resamples for the 5-95%% intervals (0: none; the iso-FLOP fits draw at "
+                           "least 200)")
             p.add_argument("--seed", type=int, default=0, help="seeds every bootstrap: the same results and seed "
                            "give the same fit.json and report")
         if action == "report":
