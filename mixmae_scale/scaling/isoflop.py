@@ -85,6 +85,7 @@ class IsoFlopFit:
     loss_opt: LawFit | str  # L*(C) = E + A C^-alpha, or why it was not fitted
     extrapolation: dict | str  # L*(C) without the largest interior budget, predicting it; or why not
     rounds: int
+    left_out: str | None = None  # budgets with fewer than 3 sizes (a sweep cut short), said in the report
 
 
 def parabola_vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, bool]:
@@ -155,12 +156,15 @@ def _draw_vertices(cells, budgets: list[float], rounds: int, seed: int) -> dict[
 def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoFlopFit:
     """Rows need 'budget' (the planned C), 'params', 'flops', 'images_seen', 'heldout_loss'."""
     cells = _cells(rows)
-    if len(cells) < 2:
-        raise FitError(f"an iso-FLOP fit needs at least 2 budgets, got {len(cells)}")
+    # A sweep cut short (a time limit: budgets run from the smallest) leaves its last budget with a size or two:
+    # that budget is left out and said, rather than the whole analysis refused.
     thin = [b for b, sizes in cells.items() if len(sizes) < 3]
-    if thin:
-        raise FitError(f"budget(s) {', '.join(f'{b:.3g}' for b in thin)} have fewer than 3 sizes: a parabola "
-                       "needs 3")
+    left_out = (f"budget(s) {', '.join(f'{b:.3g}' for b in thin)} left out: fewer than 3 sizes, and a parabola "
+                "needs 3" if thin else None)
+    cells = {b: sizes for b, sizes in cells.items() if b not in thin}
+    if len(cells) < 2:
+        raise FitError(f"an iso-FLOP fit needs at least 2 budgets of 3 or more sizes, got {len(cells)}"
+                       + (f" ({left_out})" if left_out else ""))
     minima = [_minimum(budget, sizes) for budget, sizes in cells.items()]
     draws = _draw_vertices(cells, [m.budget for m in minima if m.interior and m.seeds >= 2], bootstrap, seed)
     for m in minima:
@@ -170,7 +174,7 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     if few:
         why = f"{len(feeding)} of {len(minima)} budgets have an interior minimum; a law needs 3"
         return IsoFlopFit(minima, PowerLaw(None, None, [], missing=why), PowerLaw(None, None, [], missing=why),
-                          f"not fitted: {why}", "not run: L*(C) was not fitted", bootstrap)
+                          f"not fitted: {why}", "not run: L*(C) was not fitted", bootstrap, left_out)
     f = _flops_per_image(rows)
     budgets = np.array([m.budget for m in feeding])
     n_opt = np.array([m.n_opt for m in feeding])
@@ -182,7 +186,7 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     usable = not once and bootstrap
     _bootstrap_laws(budgets, np.array([draws[b] for b in budgets]) if usable else None, f, n_law, d_law, loss_law,
                     support)
-    return IsoFlopFit(minima, n_law, d_law, loss_law, _extrapolation(budgets, feeding, loss_law), bootstrap)
+    return IsoFlopFit(minima, n_law, d_law, loss_law, _extrapolation(budgets, feeding, loss_law), bootstrap, left_out)
 
 
 def _budget_interval(m: BudgetMinimum, draws: np.ndarray | None, rounds: int) -> None:

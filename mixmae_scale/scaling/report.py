@@ -231,7 +231,8 @@ def iso_flop_summary(rows: list[dict], bootstrap: int, seed: int = 0) -> dict | 
                                                                    "budgets": fit.n_opt.budgets}
     return {"minima": minima, "interior_budgets": sum(m.interior for m in fit.minima),
             "bootstrap_rounds": fit.rounds, "N_opt": _power_law_json(fit.n_opt), "D_opt": _power_law_json(fit.d_opt),
-            "L_opt_of_C": loss_law, "L_opt_extrapolation": fit.extrapolation}
+            "L_opt_of_C": loss_law, "L_opt_extrapolation": fit.extrapolation,
+            **({"left_out": fit.left_out} if fit.left_out else {})}
 
 
 def write_fit(fit: dict, path: Path) -> None:
@@ -312,7 +313,8 @@ def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
-             "every (budget, size)'s seeds with replacement.", "",
+             "every (budget, size)'s seeds with replacement."
+             + (f" **{iso['left_out'][0].upper()}{iso['left_out'][1:]}.**" if iso.get("left_out") else ""), "",
              "| budget C | sizes | fewest seeds per size | interior | N* | N* 5-95% | L* | lowest measured: N, loss |",
              "|---|---|---|---|---|---|---|---|"]
     for m in iso["minima"]:
