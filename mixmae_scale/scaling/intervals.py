@@ -87,8 +87,9 @@ def judge(estimates: Mapping[str, float], draws: Mapping[str, Sequence[float]], 
     judgement = Judgement(rounds=drawn, refitted=refitted, distinct=distinct, missing=missing or "")
     for name, estimate in estimates.items():
         interval = None if missing else _percentiles(draws[name])
-        judgement.intervals[name] = interval
         judgement.verdicts[name] = f"not identified ({missing})" if missing else _verdict(estimate, interval)
+        # A zero-width range measures the resampling, not the law: not printed as an interval ("a - a").
+        judgement.intervals[name] = None if interval and interval[0] == interval[1] else interval
     return judgement
 
 
@@ -123,10 +124,12 @@ def _verdict(estimate: float, interval: Interval) -> str:
 
 
 def bootstrap_interval(draws: Sequence[float], rounds: int) -> Interval | None:
-    """5-95% of `draws` out of `rounds` attempted; None when too many rounds gave no value (see the module)."""
+    """5-95% of `draws` out of `rounds` attempted; None when too many rounds gave no value (see the module), or
+    when the draws did not differ (seeds with equal losses: a zero-width range is no interval)."""
     if rounds == 0 or len(draws) < (1 - MAX_LOST_SHARE) * rounds:
         return None
-    return _percentiles(draws)
+    low, high = _percentiles(draws)
+    return None if low == high else (low, high)
 
 
 def lost_rounds(draws: int, rounds: int, why: str) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 
 from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, fit_compute
 from mixmae_scale.scaling.intervals import (
+    MAX_LOST_SHARE,
     Interval,
     Judgement,
     Support,
@@ -201,7 +202,9 @@ def _budget_interval(m: BudgetMinimum, draws: np.ndarray | None, rounds: int) ->
         log_n = bootstrap_interval(kept[:, 0], rounds)
         m.n_interval = (float(np.exp(log_n[0])), float(np.exp(log_n[1]))) if log_n else None
         m.loss_interval = bootstrap_interval(kept[:, 1], rounds)
-        m.missing = lost_rounds(len(kept), rounds, LEFT_THE_SIZES)
+        enough = len(kept) >= (1 - MAX_LOST_SHARE) * rounds
+        m.missing = ("the resamples did not differ" if enough and log_n is None
+                     else lost_rounds(len(kept), rounds, LEFT_THE_SIZES))
 
 
 def _frontier_law(budgets: np.ndarray, losses: np.ndarray) -> LawFit | str:

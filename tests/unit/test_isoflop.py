@@ -157,3 +157,12 @@ def test_a_sweep_cut_short_fits_its_whole_budgets_and_says_which_it_left_out():
 
     report = report_markdown(cut, fit_results(cut, bootstrap=50), [])
     assert "Budget(s) 1e+16 left out: fewer than 3 sizes, and a parabola needs 3." in report
+
+
+def test_seeds_with_equal_losses_give_a_budget_no_interval_and_say_why():
+    """Two seeds that measured the same loss (or one row written twice) resample to one value: the report printed
+    "2.5e+05 - 2.5e+05" as N*'s interval."""
+    rows, _, _ = _sweep(noise=0.0, budgets=(1e12, 1e13, 1e14))
+    fit = fit_iso_flop(rows, bootstrap=50)
+    assert all(m.interior and m.seeds == 2 for m in fit.minima)
+    assert all(m.n_interval is None and m.missing == "the resamples did not differ" for m in fit.minima)

@@ -117,7 +117,8 @@ def test_every_rule_of_judge_says_why_a_parameter_is_not_identified():
     few = judge({"a": 1.0}, {"a": spread["a"][:MIN_RESAMPLES - 1]}, Support(4, 3, rounds=MIN_RESAMPLES - 1))
     assert few.verdicts["a"] == f"not identified ({MIN_RESAMPLES - 1} resamples refitted; an interval needs 20)"
     same = judge({"a": 1.0}, {"a": [1.0] * 100}, Support(4, 3, rounds=100))
-    assert same.verdicts["a"] == "not identified (the resamples did not differ)" and same.intervals["a"] == (1.0, 1.0)
+    # ... and no "1 - 1" range printed as an interval
+    assert same.verdicts["a"] == "not identified (the resamples did not differ)" and same.intervals["a"] is None
     assert same.resamples() == "100 of 100 bootstrap resamples refitted; every one gave the same values"
     outside = judge({"a": 1.0e-4}, {"a": list(np.linspace(9.0e-5, 9.5e-5, 100))}, Support(4, 3, rounds=100))
     assert outside.verdicts["a"] == "not identified (the estimate 0.0001 lies outside its interval)"

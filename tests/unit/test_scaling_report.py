@@ -96,6 +96,7 @@ def test_intervals_say_what_they_support():
     # Rounds without a value are values with no bound: past 5% of the rounds there is no 5-95% interval.
     assert bootstrap_interval(list(np.linspace(1, 2, 95)), 100) is not None
     assert bootstrap_interval(list(np.linspace(1, 2, 94)), 100) is None
+    assert bootstrap_interval([1.5] * 100, 100) is None  # draws that did not differ: "1.5 - 1.5" is no interval
 
 
 def _grid(seeds: int) -> list[dict]:
