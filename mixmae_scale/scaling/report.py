@@ -304,7 +304,10 @@ def _law_lines(law: dict | str) -> list[str]:
     for key, value in law["values"].items():
         said = law["verdicts"][key]
         verdict = "yes" if said == "identified" else f"**no**{said.removeprefix('not identified')}"
-        lines.append(f"| {key} | {value:.4g} | {format_interval(law['intervals_5_95'].get(key))} | {verdict} |")
+        interval = law["intervals_5_95"].get(key)
+        # A value without a spread (one seed, too few points) is no result: fit.json keeps it, with its verdict.
+        shown = f"{value:.4g}" if interval else "-"
+        lines.append(f"| {key} | {shown} | {format_interval(interval)} | {verdict} |")
     lines += ["", f"{law['resamples'][0].upper()}{law['resamples'][1:]}."]
     return lines
 
@@ -331,7 +334,10 @@ def _iso_flop_section(iso: dict) -> list[str]:
             lines.append(f"- {label}: **{law['verdict']}**")
             continue
         ci = law["exponent_5_95"]
-        text = f"exponent {law['exponent']:.3f}" + (f" (5-95%: {format_interval(ci, 3)})" if ci else "")
+        if not ci:  # no spread to read it with: the values stay in fit.json
+            lines.append(f"- {label}: through {len(law['budgets'])} budgets, no interval: **{law['verdict']}**")
+            continue
+        text = f"exponent {law['exponent']:.3f} (5-95%: {format_interval(ci, 3)})"
         verdict = "identified" if law["identified"] else f"**{law['verdict']}**"
         lines.append(f"- {label}: {text}, k = {law['coefficient']:.3g}, through {len(law['budgets'])} budgets: "
                      f"{verdict}")
