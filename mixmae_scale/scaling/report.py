@@ -46,7 +46,8 @@ def read_results(path: str | Path) -> list[dict]:
             what = row["run_id"] if key == "run_id" else _seed_key(row)
             if what is not None and what in seen[key]:
                 earlier, earlier_run = seen[key][what]
-                same = "" if key == "run_id" else f" (run {earlier_run}: the same N, D, C and seed)"
+                same = ("" if key == "run_id"
+                        else f" (run {earlier_run}: the same size, settings, data, N, D, C and seed)")
                 raise FitError(f"{path}:{number}: run {row['run_id']} repeats line {earlier}{same}; each run once, "
                                "or its seeds would count twice (a results file appended to twice, or two sweeps' "
                                "files joined?): keep one line per run")
@@ -77,10 +78,12 @@ def _check_one_design(path: Path, rows: list[dict], lines: list[int]) -> None:
 
 
 def _seed_key(row: dict) -> tuple | None:
-    """Two runs of one configuration with one seed are the same measurement (a row written twice)."""
+    """Two runs of one configuration with one seed are the same measurement (a row written twice). A grid's data
+    fractions, or sizes whose settings change neither N nor C, are other runs with the same N, D and C."""
     if row.get("seed") is None:
         return None
-    return int(row["params"]), int(row["images_seen"]), float(row["flops"]), row["seed"]
+    return (int(row["params"]), int(row["images_seen"]), float(row["flops"]), row["seed"], row.get("data_fraction"),
+            row.get("size"), tuple(row.get("overrides") or ()))
 
 
 def _check_point(path: Path, number: int, row: dict) -> None:

@@ -43,7 +43,13 @@ class Tally:
     ran: int = 0
     reused: int = 0
     failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
+
+
+class Diverged(RuntimeError):
+    """A run that ended with a non-finite held-out loss: an outcome (its lr is too high for its size), not a point,
+    and not a failure to retry: running it again gives the same."""
 
 
 def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | None = None) -> Path:
@@ -139,6 +145,10 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     log(f"{len(runs)} run(s): {share.describe()}")
     rule = spec.learning_rate.describe(base_lr)
     # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file.
+    others = sorted({str(r.get("sweep")) for r in _rows(out / "results.jsonl")} - {"None", spec.name})
+    if others:
+        raise SweepError(f"{out / 'results.jsonl'} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the "
+                         "spec's name): give this spec its own --out, or its earlier name to continue that sweep")
     rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, "sweep": spec.name}, tally)
     _summary(tally, out, log)
     return rows
@@ -146,7 +156,8 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
 
 def _summary(tally: Tally, out: Path, log) -> None:
     minutes, seconds = divmod(round(time.perf_counter() - tally.start), 60)
-    log(f"sweep: {tally.ran} ran, {tally.reused} reused (finished earlier), {len(tally.failed)} failed, in "
+    diverged = f", {len(tally.diverged)} diverged ({', '.join(tally.diverged)}: not points)" if tally.diverged else ""
+    log(f"sweep: {tally.ran} ran, {tally.reused} reused (finished earlier), {len(tally.failed)} failed{diverged}, in "
         f"{minutes} min {seconds:02d} s; results in {out / 'results.jsonl'}")
     if tally.failed:
         raise SweepError(f"{len(tally.failed)} run(s) failed ({', '.join(tally.failed)}; their output is above); "
@@ -168,7 +179,11 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int,
         raise SweepError(f"the lr sweep's run(s) {', '.join(tally.failed)} failed (output above); run the same "
                          "`mixmae scaling run` again to retry them")
     done = {r["run_id"]: r for r in _rows(out / "lr_sweep.jsonl")}
-    scored = [(done[r.run_id]["heldout_loss"], lr) for r, lr in zip(runs, spec.learning_rate.sweep, strict=True)]
+    # A diverged lr (no row) scores worst; NaN in a comparison would have let it win.
+    scored = [(done[r.run_id]["heldout_loss"] if r.run_id in done else math.inf, lr)
+              for r, lr in zip(runs, spec.learning_rate.sweep, strict=True)]
+    if all(loss == math.inf for loss, _ in scored):
+        raise SweepError(f"every lr of the lr sweep {list(spec.learning_rate.sweep)} diverged: try smaller ones")
     _, best = min(scored)
     if best in (min(spec.learning_rate.sweep), max(spec.learning_rate.sweep)) and len(scored) > 2:
         log(f"warning: the best base lr {best:g} is at the edge of the sweep {list(spec.learning_rate.sweep)}: "
@@ -249,7 +264,16 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             tally.reused += 1
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         elif _complete(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
-            row = {**_row(spec, run, run_dir, None), **extra}
+            try:
+                row = {**_row(spec, run, run_dir, None), **extra}
+            except Diverged as exc:
+                tally.diverged.append(run.run_id)
+                log(f"[{index}/{len(runs)}] {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - one unreadable run is recorded as failed; the rest go on
+                tally.failed.append(run.run_id)
+                log(f"[{index}/{len(runs)}] {run.run_id}: finished run in {run_dir} cannot be read: {exc}")
+                continue
             _append(results, row)
             rows.append(row)
             tally.reused += 1
@@ -266,6 +290,10 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                 try:
                     row = {**_row(spec, run, out / "runs" / run.run_id, wall_s,
                                   subset_shards(spec.shards, run.data_fraction, out / "data")), **extra}
+                except Diverged as exc:
+                    tally.diverged.append(run.run_id)
+                    log(f"[{index}/{len(runs)}] {exc}")
+                    return
                 except Exception as exc:  # noqa: BLE001 - one unreadable run is recorded as failed; the rest go on
                     code, output = 1, f"{output}\nmixmae: error: reading run {run.run_id}: {exc}\n"
             if code:
@@ -402,8 +430,8 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
                            "`mixmae scaling run` resumes it")
     end = summary.get("heldout_loss_end")
     if end is not None and not (isinstance(end, (int, float)) and math.isfinite(end)):
-        raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss {end!r} at its end: it diverged, not a "
-                           "point of the study")
+        raise Diverged(f"run {run.run_id}: held-out loss {end!r} at its end: it diverged, not a point of the study "
+                       f"(to run it again, remove {run_dir})")
     if summary.get("heldout_loss_end") is None:
         raise RuntimeError(f"run {run.run_id} ({run_dir}): held-out loss not measured "
                            f"({summary.get('heldout_not_measured')}); a sweep compares held-out losses: give the "

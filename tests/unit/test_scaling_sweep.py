@@ -179,7 +179,8 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
     ({"heldout_loss": -0.5}, "run b: heldout_loss=-0.5"),  # fitted
     ({"params": "99148"}, "run b: params='99148'"),
     ({"run_id": "a"}, "run a repeats line 1; each run once"),  # the window pilot's rows twice: laws "identified"
-    ({"run_id": "a-again", "params": 10}, "run a-again repeats line 1 (run a: the same N, D, C and seed)")])
+    ({"run_id": "a-again", "params": 10},
+     "run a-again repeats line 1 (run a: the same size, settings, data, N, D, C and seed)")])
 def test_a_results_file_with_a_point_that_is_no_measurement_or_a_run_twice_is_refused_by_line(tmp_path, change, said):
     """Each was fitted (or crashed) before: a NaN loss turned a budget's minimum into an edge, and rows written
     twice counted as seeds, so a one-seed sweep had intervals and identified laws."""
@@ -189,9 +190,11 @@ def test_a_results_file_with_a_point_that_is_no_measurement_or_a_run_twice_is_re
     results.write_text(json.dumps(first) + "\n\n" + json.dumps(second) + "\n")
     with pytest.raises(FitError, match=re.escape(f"{results}:3: {said}")):
         read_results(results)
-    second = {**first, "run_id": "b", "seed": 1}  # another seed of the same configuration is a measurement
-    results.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
-    assert [r["run_id"] for r in read_results(results)] == ["a", "b"]
+    for other in ({"seed": 1}, {"data_fraction": 0.5}, {"size": "w8-drop0.2"}):  # a measurement of its own each:
+        # another seed, a grid's other data fraction, a size whose settings change neither N nor C
+        results.write_text(json.dumps({**first, "data_fraction": 1.0, "size": "w8"}) + "\n"
+                           + json.dumps({**first, "data_fraction": 1.0, "size": "w8", "run_id": "b", **other}) + "\n")
+        assert [r["run_id"] for r in read_results(results)] == ["a", "b"]
 
 
 def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_back_fails_alone(
@@ -221,6 +224,46 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
     assert any("w12-C1.2e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
     recorded = [json.loads(line)["run_id"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted(recorded) == sorted(set(planned) - {"w12-C1.2e+10-seed0"})
+
+
+def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_scores_worst(
+        demo_shards, tmp_path, stub_runs, monkeypatch):
+    """A NaN held-out loss: the study's run is no point and no failure to retry (the same run diverges again), and
+    the lr sweep's diverged lr loses (NaN in the comparison could win). On the next pass the diverged run's folder
+    is complete and read back: said again, where it raised and ended the sweep."""
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards))
+    spec = load_spec(spec_path)
+    honest = stub_loss
+
+    def loss(run):
+        return float("nan") if run.run_id.startswith("lr0.02-") or run.run_id == "w12-C1.2e+10-seed0" else honest(run)
+
+    monkeypatch.setitem(globals(), "stub_loss", loss)
+    messages: list[str] = []
+    rows = run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
+    planned = {run.run_id for run in expand(spec, spec.train_samples_for_plan(), base_lr=0.005)}
+    assert {r["run_id"] for r in rows} == planned - {"w12-C1.2e+10-seed0"}
+    assert any(m.startswith("lr sweep: 0.005 -> ") and m.endswith("0.02 -> inf; base lr 0.005") for m in messages)
+    assert "0 failed, 2 diverged (lr0.02-w8-C6e+09-seed0, w12-C1.2e+10-seed0: not points)" in messages[-2]
+    messages.clear()
+    assert run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1) == []
+    assert any("w12-C1.2e+10-seed0: held-out loss nan at its end: it diverged" in m and "remove" in m
+               for m in messages)
+    assert "0 failed, 2 diverged" in messages[-2] and any(m.endswith("; base lr 0.005") for m in messages)
+
+
+def test_a_spec_does_not_add_its_runs_to_another_sweeps_results(demo_shards, tmp_path, stub_runs):
+    """Run ids do not name the spec: a renamed or another spec's runs went into the same results.jsonl, which the
+    report then refused as two sweeps, with no way out."""
+    import dataclasses
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
+    with pytest.raises(SweepError, match=re.escape(f"holds runs of sweep {spec.name}, not of 'renamed'")):
+        run_sweep(dataclasses.replace(spec, name="renamed"), tmp_path / "out", log=lambda m: None, parallel=1)
 
 
 WORKER_STUB = textwrap.dedent(f"""
