@@ -14,6 +14,8 @@ from mixmae_scale.config.load import ConfigError, deep_merge
 DS_CONFIGS_DIR = shipped_folder("ds_configs")  # ds_configs/ of the repository, shipped in the wheel
 SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
+MIN_LOSS_SCALE = 1  # fp16: skips at this scale count toward faults.nonfinite_skip_limit (engine/step.py)
+
 
 def ds_config_file(stage: int, offload_optimizer: bool) -> Path | None:
     if stage == 0:
@@ -39,7 +41,7 @@ def build_deepspeed_config(resolved: ResolvedConfig) -> dict[str, Any]:
         "gradient_clipping": config.optim.grad_clip,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": MIN_LOSS_SCALE},
         "zero_optimization": {"stage": config.zero.stage},
     }
     if config.zero.offload_optimizer:

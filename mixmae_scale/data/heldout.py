@@ -123,8 +123,12 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
                         f"(`mixmae shards adopt SRC --out {location} --split {val_split}`)")
     train = load_split(location, train_split)
     if train.samples < 2 * count:
-        raise DataError(f"{path}: no split '{val_split}', and '{train_split}' has {train.samples} samples, too few to "
-                        f"hold out {count} (logging.heldout_batches x batch.micro) and train on the rest; adopt a "
-                        f"validation split into the set (`mixmae shards adopt SRC --out {location} --split "
-                        f"{val_split}`) or lower logging.heldout_batches or batch.micro")
+        why = (f"data.heldout=train holds out the end of '{train_split}' (the set's '{val_split}' is not read)"
+               if val_split in splits else f"no split '{val_split}'")
+        way = (f"data.heldout=auto reads '{val_split}' instead" if val_split in splits else
+               f"adopt a validation split into the set (`mixmae shards adopt SRC --out {location} --split "
+               f"{val_split}`)")
+        raise DataError(f"{path}: {why}, and '{train_split}' has {train.samples} samples, too few to hold out "
+                        f"{count} (logging.heldout_batches x batch.micro) and train on the rest; {way}, or lower "
+                        "logging.heldout_batches or batch.micro")
     return HeldOut(split_tail(train, count)[1], count, train.samples)

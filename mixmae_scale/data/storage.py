@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mixmae_scale.atomic_file import replacing
+from mixmae_scale.atomic_file import fsync_path, replacing
 from mixmae_scale.data.errors import DataError
 
 S3_PREFIX = "s3://"
@@ -224,9 +224,9 @@ def upload(local: str | Path, url: str | Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(local, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(tmp)
         tmp.replace(target)
+        fsync_path(target.parent)
         return
     bucket, key = split_url(str(url))
     _s3_call(str(url), "PUT", lambda: _client().upload_file(str(local), bucket, key))

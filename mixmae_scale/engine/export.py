@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags
-from mixmae_scale.models.convert_official import infer_architecture, save_official, save_weights
+from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags, damage
+from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_official, save_weights
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/job.py) lives in RUN/best/
 
@@ -33,6 +34,7 @@ def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = Fal
         if tag not in (None, path.name) or best:
             raise FileNotFoundError(f"{option} {source} is one checkpoint ({path.name}); name the run folder to "
                                     "choose another")
+        _refuse_damaged(path)
         return path.parent, path.name
     if best or tag == BEST:
         folder, tag = path / BEST, None
@@ -50,11 +52,32 @@ def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = Fal
     if not tags:
         raise FileNotFoundError(f"{folder.absolute()}: no complete checkpoint (a step folder with {MARKER}); the run "
                                 "has not saved one yet")
-    tag = tag or tags[-1]
+    if tag is None:
+        return folder, _newest_intact(folder, tags)
     if tag not in tags:
         raise FileNotFoundError(f"{(folder / tag).absolute()}: not a complete checkpoint (complete: {', '.join(tags)}"
                                 f"{'; --best exports the best fine-tuning one' if (path / BEST).is_dir() else ''})")
+    _refuse_damaged(folder / tag)
     return folder, tag
+
+
+def _newest_intact(folder: Path, tags: list[str]) -> str:
+    """The newest tag whose files are as written, as a resume would take; each damaged one passed over is said."""
+    for tag in reversed(tags):
+        problem = damage(folder / tag)
+        if problem is None:
+            return tag
+        logging.getLogger("mixmae").warning("mixmae: %s is damaged (%s): taking the checkpoint before it",
+                                            (folder / tag).absolute(), problem)
+    raise WeightsError(f"{folder.absolute()}: every checkpoint is damaged (a file missing or cut short since it was "
+                     "written); nothing to read weights from")
+
+
+def _refuse_damaged(checkpoint: Path) -> None:
+    problem = damage(checkpoint)
+    if problem:
+        raise WeightsError(f"{checkpoint.absolute()} is damaged: {problem} (a file missing or cut short since it was "
+                         "written); name an earlier checkpoint")
 
 
 def gather_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:

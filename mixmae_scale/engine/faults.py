@@ -29,8 +29,9 @@ class NonFiniteGuard:
         self.losses += 1
         self.in_a_row += 1
 
-    def step_not_applied(self, fp16: bool) -> None:
-        if fp16:
+    def step_not_applied(self, fp16: bool, at_minimum_scale: bool = False) -> None:
+        """fp16 skips are the loss scaler's search and do not count, until the scale is at its minimum."""
+        if fp16 and not at_minimum_scale:
             self.loss_scale_skips += 1
             return
         self.gradients += 1

@@ -60,7 +60,14 @@ from mixmae_scale.engine.monitor import (
 )
 from mixmae_scale.engine.optimizer import scheduled_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
-from mixmae_scale.engine.step import LogWindow, StepOutcome, fp16_loss_scale, step_decision
+from mixmae_scale.engine.step import (
+    LogWindow,
+    StepOutcome,
+    at_the_minimum_loss_scale,
+    fp16_loss_scale,
+    keep_skipping_at_the_minimum_loss_scale,
+    step_decision,
+)
 from mixmae_scale.models.regional_compile import block_types as compiled_block_types
 from mixmae_scale.models.regional_compile import maybe_compile
 from mixmae_scale.seeds import stream_seed
@@ -269,6 +276,7 @@ class TrainingLoop:
             run_start = time.perf_counter()
             reset_peak_memory()
             self.engine.train()
+            keep_skipping_at_the_minimum_loss_scale(self.engine)  # after any resume: it loads the scaler
             while self.step < self.ctx.last_step:
                 outcome = self.train_step(batches, window)
                 if outcome.applied:
@@ -337,12 +345,14 @@ class TrainingLoop:
 
     def _nonfinite_gradients(self, boundary: RankPosition) -> None:
         """DeepSpeed found the gradients non-finite and skipped the update; with fp16 that is the loss scaler's
-        normal search, counted apart and not toward the limit."""
+        normal search, counted apart and not toward the limit until the scale is at its minimum."""
         fp16 = self.derived.dtype == "fp16"
-        self.guard.step_not_applied(fp16)
-        if self.ctx.rank == 0 and not fp16:
-            log.warning("non-finite gradients at step %d (%d in a row): update skipped, the step is redone with the "
-                        "next data", self.step, self.guard.in_a_row)
+        floor = fp16 and at_the_minimum_loss_scale(self.engine)
+        self.guard.step_not_applied(fp16, floor)
+        if self.ctx.rank == 0 and (floor or not fp16):
+            log.warning("non-finite gradients at step %d (%d in a row%s): update skipped, the step is redone with the "
+                        "next data", self.step, self.guard.in_a_row,
+                        ", fp16 loss scale at its minimum" if floor else "")
         if self.guard.exhausted:
             self._stop_nonfinite(boundary)
 

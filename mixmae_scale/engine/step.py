@@ -72,6 +72,26 @@ class LogWindow:
         self.loss_count = 0
 
 
+def keep_skipping_at_the_minimum_loss_scale(engine) -> None:
+    """fp16: DeepSpeed's ZeRO optimizers raise a bare Exception on an overflow at the minimum loss scale, which
+    ends the run with a traceback and no checkpoint; ZeRO-0's optimizer skips on at that scale forever. Both
+    skip instead, and skips at the minimum count toward faults.nonfinite_skip_limit (`at_the_minimum_loss_scale`),
+    so that persistent overflow ends as any non-finite run does: with a stop checkpoint a rerun rolls back from.
+    Set after a resume too: a ZeRO checkpoint brings its own pickled scaler."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if getattr(scaler, "raise_error_at_min_scale", False):
+        scaler.raise_error_at_min_scale = False
+
+
+def at_the_minimum_loss_scale(engine) -> bool:
+    """fp16 skips below it are the loss scaler's search (hundreds of them are normal over a run); at it, the
+    gradients overflow whatever the scale: the data or the weights are bad."""
+    from mixmae_scale.config.deepspeed_config import MIN_LOSS_SCALE
+
+    scale = fp16_loss_scale(engine)
+    return scale is not None and scale <= MIN_LOSS_SCALE
+
+
 def fp16_loss_scale(engine) -> float | None:
     """DeepSpeed's dynamic loss scale: `loss_scale` on the ZeRO optimizers, `cur_scale` on the stage-0 one."""
     optimizer = engine.optimizer

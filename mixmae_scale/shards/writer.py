@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import tarfile
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mixmae_scale.atomic_file import fsync_path
 from mixmae_scale.data import storage
 from mixmae_scale.shards.builder import read_records, write_record
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize, prepare_image
@@ -141,9 +143,17 @@ class TarShardWriter:
         self._index.append(" ".join(entries))
 
     def close(self) -> None:
+        """Finish the archive and flush it to the disk: its progress record, written next, says it is done, so after
+        a power loss the tar must not be shorter than the record (a resume skips recorded shards)."""
         if self._file.closed:
             return
         self._write(b"\0" * 1024)  # end-of-archive: two zero blocks
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        """Close without finishing: the caller removes the file."""
         self._file.close()
 
     def index_text(self) -> str:
@@ -189,7 +199,7 @@ def write_shard(plan: ShardPlan, out: str | Path, options: WriteOptions, staging
         shard.close()
     except BaseException:
         # Leave nothing half-written behind: the shard is redone from scratch on the next run.
-        shard.close()
+        shard.discard()
         tmp_path.unlink(missing_ok=True)
         raise
     if record.samples == 0:
@@ -197,6 +207,7 @@ def write_shard(plan: ShardPlan, out: str | Path, options: WriteOptions, staging
     else:
         storage.write_text(folder / f"{plan.name}.idx", shard.index_text())
         tmp_path.replace(tar_path)
+        fsync_path(folder)  # the rename itself, before the record that trusts it
         if staging is not None:
             for suffix in (".tar", ".idx"):
                 storage.upload(folder / f"{plan.name}{suffix}", storage.join(str(out), f"{plan.name}{suffix}"))

@@ -263,3 +263,63 @@ def test_a_rollback_plan_carries_the_stops_data_position_into_the_layout_change(
     plan = decide_resume(tmp_path, "auto", "rollback", IDENTITY, 1, Converter())
     assert plan.tag == "step00000006" and plan.skipped_samples == 4 * 8 * 2 and plan.universal
     assert plan.data_position == LoaderPosition.from_dict(after)
+
+
+def test_a_rollback_that_saves_again_retires_the_stop_so_the_next_resume_keeps_its_own_data(tmp_path):
+    """A stop at step 7 rolls back to step 6; the run trains step 7 again (reading past the stop's batches, to 11)
+    and saves step00000007. The stop tag sorts after it: kept, the next resume took the stop again, rolled back to
+    step00000007 and moved the data back to batch 10, reading step 7's batch twice."""
+    make_tag(tmp_path, "step00000006", batches=6)
+    after = {"batches_consumed": 10, "batch": 10, "layout": Layout.whole_epoch(0, 1000, 2, 8).to_dict()}
+    stop = {"nonfinite_stop": {"step": 7, "loader_after": after}}
+    make_tag(tmp_path, "step00000007-nonfinite", batches=7, extra=stop)
+    assert choose_tag(tmp_path, "auto", "rollback").tag == "step00000006"
+    make_tag(tmp_path, "step00000007", batches=11)
+    ckpt.rotate(tmp_path, keep_last=3, just_written="step00000007")
+    assert ckpt.complete_tags(tmp_path) == ["step00000006", "step00000007"]
+    again = choose_tag(tmp_path, "auto", "rollback")
+    assert (again.tag, again.data_position, again.skipped_samples, again.notes) == ("step00000007", None, 0, ())
+
+
+def test_a_damaged_tag_is_saved_again_its_files_and_conversion_moved_aside_and_never_named(tmp_path):
+    """A run fell back past a damaged step00000008 and trained to step 8 again: that save used to be skipped ('already
+    complete'), leaving the damaged tag as the newest, named by the summary and taken by export. Now the step is
+    saved, and the damaged folder (with its universal conversion) moved aside, kept for a look."""
+    make_tag(tmp_path, "step00000006")
+    damaged = make_tag(tmp_path, "step00000008")
+    (damaged / "mp_rank_00_model_states.pt").write_bytes(b"m" * 5)
+    (tmp_path / "step00000008.universal").mkdir()
+    assert ckpt.existing(damaged) is None  # a summary does not name it
+    assert ckpt.free_tag(tmp_path, 8, "") == "step00000008"
+    make_tag(tmp_path, "step00000006-relayout")
+    assert ckpt.free_tag(tmp_path, 6, ckpt.RELAYOUT) == "step00000006-relayout-2"
+    ckpt.publish(make_tag(tmp_path, "step00000008.partial"), damaged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "damaged-step00000008", "damaged-step00000008.universal", "step00000006", "step00000006-relayout",
+        "step00000008"]
+    assert ckpt.damage(damaged) is None and ckpt.existing(damaged) == damaged
+    assert ckpt.free_tag(tmp_path, 8, "") is None  # intact now: a second save at step 8 is nothing to redo
+    (damaged / "mp_rank_00_model_states.pt").write_bytes(b"")
+    ckpt.publish(make_tag(tmp_path, "step00000008.partial"), damaged)
+    assert (tmp_path / "damaged-step00000008-2").is_dir() and ckpt.complete_tags(tmp_path)[-1] == "step00000008"
+
+
+def test_export_takes_the_newest_intact_checkpoint_and_refuses_a_damaged_one_named(tmp_path, caplog):
+    import logging
+
+    from mixmae_scale.engine.export import find_checkpoint
+    from mixmae_scale.models.convert_official import WeightsError
+
+    run = tmp_path / "run"
+    make_tag(run / "checkpoints", "step00000006")
+    damaged = make_tag(run / "checkpoints", "step00000008")
+    (damaged / "rank_0.json").write_text("")
+    with caplog.at_level(logging.WARNING, logger="mixmae"):
+        assert find_checkpoint(run) == (run / "checkpoints", "step00000006")
+    assert any(f"{damaged} is damaged (rank_0.json has 0 bytes" in r.getMessage() for r in caplog.records)
+    for named in ((run, "step00000008"), (damaged, None)):
+        with pytest.raises(WeightsError, match=r"step00000008 is damaged: rank_0.json has 0 bytes"):
+            find_checkpoint(*named)
+    (run / "checkpoints" / "step00000006" / "rank_0.json").unlink()
+    with pytest.raises(WeightsError, match="every checkpoint is damaged"):
+        find_checkpoint(run)

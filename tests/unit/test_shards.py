@@ -292,3 +292,31 @@ def test_image_names_are_those_torchvision_image_folder_accepts():
     from mixmae_scale.shards.sources import IMAGE_SUFFIXES
 
     assert set(IMAGE_SUFFIXES) == set(IMG_EXTENSIONS)
+
+
+def test_a_shard_is_on_the_disk_before_its_progress_record_says_it_is_done(tmp_path, monkeypatch):
+    """A resume skips the shards its records call done, so a power loss between a tar's rename and its flush
+    would leave a short tar that no rerun rewrites: the tar is fsync'd before its rename, the folder after it
+    (the rename itself), and only then is the record written. Events are read off os.fsync and os.replace."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace_(src, dst, *args, **kwargs):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace_)
+    for i in range(3):
+        _jpeg(tmp_path / "flat" / f"img{i}.jpg")
+    out = (tmp_path / "out").resolve()
+    convert(tmp_path / "flat", out, ConvertOptions(layout="folder", splits=("train",)))
+    tar = str(out / "train-000000.tar")
+    record = next(str(p) for p in out.rglob("train-000000.json"))
+    renamed, recorded = events.index(("replace", tar)), events.index(("replace", record))
+    assert ("fsync", f"{tar}.tmp") in events[:renamed], events
+    assert ("fsync", str(out)) in events[renamed:recorded], events

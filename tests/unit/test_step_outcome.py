@@ -2,9 +2,68 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mixmae_scale.engine.step import SIGNAL, StepOutcome
 
 
 def test_one_rank_asking_to_stop_stops_every_rank():
     assert StepOutcome.of(True, stop_votes=1).stop == SIGNAL
     assert StepOutcome.of(True, stop_votes=0).stop is None
+
+
+class _ZeroOptimizer:
+    """What the loop reads of DeepSpeed's ZeRO optimizers: the scaler, and the scale as `loss_scale`."""
+
+    def __init__(self, scaler) -> None:
+        self.loss_scaler = scaler
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.cur_scale
+
+
+def test_fp16_overflow_at_the_minimum_scale_counts_toward_the_limit_instead_of_deepspeeds_bare_exception(tmp_path):
+    """DeepSpeed's own dynamic loss scaler with the profiles' fp16 settings (initial scale 2^16, hysteresis 2,
+    minimum 1): overflowing on every step, it raised a bare Exception at the 18th skip, which ended the run with a
+    traceback and no checkpoint. Now it skips on, the skips above the minimum stay the scaler's search (not
+    counted), and those at the minimum count, so the limit stops the run with a checkpoint as for bf16 or fp32."""
+    from types import SimpleNamespace
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from mixmae_scale.config.deepspeed_config import MIN_LOSS_SCALE
+    from mixmae_scale.engine.faults import NonFiniteGuard
+    from mixmae_scale.engine.step import at_the_minimum_loss_scale, keep_skipping_at_the_minimum_loss_scale
+
+    def scaler() -> DynamicLossScaler:
+        return DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=MIN_LOSS_SCALE, delayed_shift=2,
+                                 consecutive_hysteresis=False)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    deepspeed.init_distributed("gloo")  # the scaler logs through deepspeed.comm's rank
+    try:
+        untouched = scaler()
+        with pytest.raises(Exception, match="cannot decrease scale anymore"):  # noqa: B017 - DeepSpeed's bare one
+            for _ in range(100):
+                untouched.update_scale(True)
+        assert untouched.cur_iter == 17  # 17 skips, the 18th raised
+        engine = SimpleNamespace(optimizer=_ZeroOptimizer(scaler()))
+        keep_skipping_at_the_minimum_loss_scale(engine)
+        guard = NonFiniteGuard(limit=5)
+        for _ in range(3):  # a short search (the start of a run): skipped, not counted, and a good step resets
+            engine.optimizer.loss_scaler.update_scale(True)
+            guard.step_not_applied(True, at_the_minimum_loss_scale(engine))
+        guard.succeeded()
+        assert (guard.loss_scale_skips, guard.gradients, guard.exhausted) == (3, 0, False)
+        skips = 0
+        while not guard.exhausted and skips < 100:
+            engine.optimizer.loss_scaler.update_scale(True)
+            guard.step_not_applied(True, at_the_minimum_loss_scale(engine))
+            skips += 1
+        assert guard.exhausted and guard.gradients == guard.in_a_row == 6 and engine.optimizer.loss_scale == 1
+        assert guard.loss_scale_skips == 3 + skips - 6
+    finally:
+        dist.destroy_process_group()

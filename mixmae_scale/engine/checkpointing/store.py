@@ -31,6 +31,7 @@ PARTIAL = ".partial"
 UNIVERSAL = ".universal"  # DeepSpeed's universal form of a tag, made when a run resumes on another layout
 NONFINITE = "-nonfinite"
 RELAYOUT = "-relayout"  # saved right after a resume across a layout change (checkpoint.save_after_layout_change)
+DAMAGED = "damaged-"  # a damaged tag moved aside when its step is saved again (not a tag: does not start with "step")
 
 
 class ResumeError(RuntimeError):
@@ -91,7 +92,15 @@ def seal(folder: Path, record: dict[str, Any]) -> None:
 
 
 def publish(partial: Path, final: Path) -> None:
-    """Rename a sealed `.partial` folder to its final name, flushed in its parent."""
+    """Rename a sealed `.partial` folder to its final name, flushed in its parent. A damaged tag of that name (the
+    step retrained after a resume fell back past it) is moved aside first, kept for a look, never read again."""
+    if final.exists():
+        number, suffix = 2, ""
+        while final.with_name(f"{DAMAGED}{final.name}{suffix}").exists():
+            number, suffix = number + 1, f"-{number}"
+        for old in (final, final.with_name(f"{final.name}{UNIVERSAL}")):  # its conversion went with its files
+            if old.exists():
+                old.replace(old.with_name(f"{DAMAGED}{old.name}{suffix}"))
     partial.replace(final)
     fsync_path(final.parent)
 
@@ -105,10 +114,10 @@ class SaveRequest:
 
 
 def free_tag(ckpt_dir: Path, step: int, kind: str) -> str | None:
-    """The name to save under: None when a regular tag of this step is already complete (nothing to redo);
-    a stop tag never reuses a complete name."""
+    """The name to save under: None when an intact regular tag of this step exists (nothing to redo; a damaged one
+    is saved again, `publish` moves it aside); a stop tag never reuses a complete name."""
     tag = tag_for(step, kind)
-    if not (ckpt_dir / tag / MARKER).exists():
+    if not (ckpt_dir / tag / MARKER).exists() or (not kind and damage(ckpt_dir / tag)):
         return tag
     if not kind:
         return None
@@ -147,11 +156,18 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
 def rotation_victims(tags: list[str], keep_last: int, just_written: str | None = None) -> set[str]:
     """Which complete tags rotation removes: all but the newest `keep_last` regular ones, and stop tags once a
     newer regular one exists; never `just_written` (the checkpoint the run has just saved, even where older runs'
-    higher-numbered tags would otherwise outrank it)."""
+    higher-numbered tags would otherwise outrank it).
+
+    A regular tag just written also retires every stop tag, whatever its step: a stop is the last thing its
+    process saves, so a later regular save comes from a run that resumed past it. Kept, a stop at step 7 would
+    outrank the regular tags a rollback to step 6 goes on to save (at 7, or at 6 by a signal), and the next
+    resume would take the stop again and move the data back to where it stopped."""
     regular = [t for t in tags if is_regular(t)]
     doomed = set(regular[:-keep_last])  # keep_last >= 1 (config/derive.py)
     if regular:
         doomed |= {t for t in tags if not is_regular(t) and step_of(t) < step_of(regular[-1])}
+    if just_written is not None and is_regular(just_written):
+        doomed |= {t for t in tags if not is_regular(t)}
     return doomed - {just_written}
 
 
@@ -166,8 +182,10 @@ def rotate(ckpt_dir: Path, keep_last: int, just_written: str | None = None) -> N
 
 
 def existing(checkpoint: Path | None) -> Path | None:
-    """`checkpoint` if it is on disk and complete, else None: what a summary may name."""
-    return checkpoint if checkpoint is not None and (checkpoint / MARKER).exists() else None
+    """`checkpoint` if it is on disk, complete and intact, else None: what a summary may name."""
+    if checkpoint is None or not (checkpoint / MARKER).exists() or damage(checkpoint):
+        return None
+    return checkpoint
 
 
 def rank_file(folder: Path, rank: int) -> Path:
