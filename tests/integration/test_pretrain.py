@@ -184,13 +184,12 @@ def test_a_train_only_set_adopted_from_object_storage_trains_stops_and_resumes_l
     assert summary["derived"]["steps_per_epoch"] == (300 - 16) // 16
     assert summary["heldout_loss_start"] > 0 and summary["heldout_loss_end"] > 0
     full, halves = losses(uninterrupted[stage]), losses(run)
-    for step in range(1, 13):
-        assert halves[step] == pytest.approx(full[step], rel=1e-6), step
+    assert halves == full  # the same layout resumes bit-exact: every logged loss, every weight
     a = exported(uninterrupted[stage], tmp_path / "full.safetensors")
     b = exported(run, tmp_path / "halves.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_export_loads_into_the_finetune_model_without_deepspeed(uninterrupted, tmp_path):
@@ -365,10 +364,8 @@ def test_zero1_accumulating_four_micro_batches_learns_schedules_and_resumes_exac
     assert result.returncode != 0 and "3 non-finite attempts in a row at step 2" in result.stdout + result.stderr
     assert (stopped / "checkpoints" / "step00000002-nonfinite" / "COMPLETE").exists()
     launch(stopped, demo_shards, *common, "faults.on_nonfinite_stop=replay", max_steps=8)
-    resumed = losses(stopped)
-    assert sorted(resumed) == list(range(1, 9))
-    for step in range(1, 9):
-        assert resumed[step] == pytest.approx(curve[step], rel=1e-6), step
+    assert losses(stopped) == curve  # bit-exact, step 2's micro-batches read again
+    assert not (stopped / "checkpoints" / "step00000002-nonfinite").exists()  # the last save retired the stop
 
 
 def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(demo_shards, tmp_path):
