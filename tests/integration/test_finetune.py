@@ -134,18 +134,22 @@ def test_a_finetune_on_two_ranks_continues_on_one_with_its_evaluations_and_best(
 
 
 def test_eval_counts_each_sample_once_over_two_ranks_with_uneven_shards_and_a_split_under_one_batch(
-        finetuned, demo_shards):
+        finetuned, demo_shards, capsys):
     # The val split is 80 images in shards of 64 and 16: the ranks' shares straddle the shard boundary. On two
     # ranks at --batch 64 each rank's 40 images are less than one batch: evaluated whole, in a smaller batch.
+    # The one-rank reference runs in this process (a process alone needs no launcher).
+    from mixmae_scale.cli import main
+
     weights = str(finetuned / "classifier.safetensors")
-    results = []
-    for ranks, port, batch in ((2, free_port(), "64"), (1, free_port(), "16")):
-        out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", batch, "--json", ranks=ranks,
-                  port=port)
-        text = out.stdout
-        results.append(json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1]))  # the printed report
-        assert "Detected checkpoint" not in out.stdout + out.stderr and "built successfully" not in out.stdout
-    two, one = results
+    out = run("eval", "--init", weights, "--data", str(demo_shards), "--batch", "64", "--json", ranks=2,
+              port=free_port())
+    text = out.stdout
+    two = json.loads(text[text.rindex("\n{\n") + 1:text.rindex("}") + 1])  # the printed report
+    assert "Detected checkpoint" not in out.stdout + out.stderr and "built successfully" not in out.stdout
+    capsys.readouterr()
+    assert main(["eval", "--init", weights, "--data", str(demo_shards), "--batch", "16", "--json"]) == 0
+    printed = capsys.readouterr().out
+    one = json.loads(printed[printed.index("{"):])
     assert two["samples"] == one["samples"] == 80 and two["batch"] == 40
     assert two["top1"] == pytest.approx(one["top1"]) and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
     assert one["precision"] == "fp32"  # the default, whatever the run computed in
