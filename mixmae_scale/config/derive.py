@@ -134,7 +134,7 @@ def validate(config: Config) -> None:
              "zero.offload_optimizer needs zero.stage >= 1")
     d = config.data
     _require(d.train_samples >= 1, "data.train_samples must be positive")
-    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+    _require(d.crop_scale is None or len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
              f"data.crop_scale must be [min, max] within (0, 1], got {d.crop_scale}")
     _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
              f"data.crop_ratio must be [min, max], got {d.crop_ratio}")

@@ -80,7 +80,9 @@ class DataConfig:
     # Used for step arithmetic before a manifest is read (ImageNet-1K train by default); the
     # trainer replaces it with the manifest's count.
     train_samples: int = 1_281_167
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    # The random-resized-crop scale; None: the job's recipe (data/loaders.py: pretraining 0.2-1, fine-tuning
+    # 0.08-1, segmentation 0.25-1). A value given applies to whichever job runs.
+    crop_scale: list[float] | None = None
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     hflip: float = 0.5
     num_threads: int = 4

@@ -16,7 +16,8 @@ from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.seeds import stream_seed
 
 Role = Literal["pretrain", "finetune", "val", "heldout", "segment", "segment_val"]
-FINETUNE_CROP_SCALE = (0.08, 1.0)  # the official fine-tuning recipe's random-resized-crop scale
+PRETRAIN_CROP_SCALE = (0.2, 1.0)  # the official pretraining recipe's random-resized-crop scale
+FINETUNE_CROP_SCALE = (0.08, 1.0)  # the official fine-tuning recipe's
 # Segmentation's random resized crop: a crop keeps at least a quarter of the image, so that most crops still hold
 # the objects' context (mmseg's ADE20K recipe rescales by 0.5-2x and crops; below a quarter a crop of a demo
 # picture is often all background or all texture).
@@ -74,14 +75,16 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
                   num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
                   crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, interpolation=data.interpolation,
                   device_id=place.device_id, order_seed=config.run.seed)
+    given = tuple(data.crop_scale) if data.crop_scale is not None else None  # None: the job's recipe
     if role == "pretrain":
-        return PipelineSpec(**common, crop_scale=tuple(data.crop_scale), with_labels=False,
+        return PipelineSpec(**common, crop_scale=given or PRETRAIN_CROP_SCALE, with_labels=False,
                             output_dtype=loader_dtype(engine_dtype))
     if role == "segment":
-        return PipelineSpec(**common, crop_scale=SEGMENT_CROP_SCALE, with_masks=True,
+        return PipelineSpec(**common, crop_scale=given or SEGMENT_CROP_SCALE, with_masks=True,
                             output_dtype=loader_dtype(engine_dtype))
     ft = config.finetune
-    return PipelineSpec(**common, crop_scale=FINETUNE_CROP_SCALE, rand_augment_std=ft.rand_augment_magnitude_std,
+    return PipelineSpec(**common, crop_scale=given or FINETUNE_CROP_SCALE,
+                        rand_augment_std=ft.rand_augment_magnitude_std,
                         rand_augment=(ft.rand_augment_ops, ft.rand_augment_magnitude)
                         if ft.rand_augment_ops > 0 else None)
 

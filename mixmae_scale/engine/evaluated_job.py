@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mixmae_scale.engine.checkpointing import store
 from mixmae_scale.engine.job import Job, Loop
 from mixmae_scale.engine.monitor import drop_rows_after
 
@@ -77,4 +78,21 @@ class EvaluatedJob(Job):
         self.best = state.get("best", self.best)
 
     def truncate_logs(self, step: int) -> None:
+        """Rank 0, at a resume from `step`: the evaluations after it belong to a continuation this run leaves (a
+        rollback, a named earlier tag, a damaged newest checkpoint); so do best/ checkpoints after it, which are
+        moved to `superseded-best-<n>/`. Kept, one at a step the run reaches again stayed in place of the new
+        one (a step is not saved twice), and one after a new best outranked it for `export --best`."""
         drop_rows_after(self.root / "eval.jsonl", step)
+        best = self.root / "best"
+        later = [tag for tag in store.complete_tags(best) if store.step_of(tag) > step]
+        if not later:
+            return
+        number = 1
+        while (self.root / f"superseded-best-{number}").exists():
+            number += 1
+        target = self.root / f"superseded-best-{number}"
+        target.mkdir()
+        for tag in later:
+            (best / tag).rename(target / tag)
+        log.warning("best/ held %s of the continuation this run leaves at step %d: moved to %s", ", ".join(later),
+                    step, target)

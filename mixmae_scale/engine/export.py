@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags, damage
+from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags, damage, is_regular
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_official, save_weights
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/job.py) lives in RUN/best/
@@ -62,13 +62,24 @@ def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = Fal
 
 
 def _newest_intact(folder: Path, tags: list[str]) -> str:
-    """The newest tag whose files are as written, as a resume would take; each damaged one passed over is said."""
+    """The newest regular tag whose files are as written; each damaged one passed over is said. A non-finite stop's
+    tag (a run stopped mid-way by diverging steps, whose weights its default resume rolls back from) is taken only
+    where no regular one is left, and said either way."""
+    say = logging.getLogger("mixmae").warning
+    intact = []
     for tag in reversed(tags):
         problem = damage(folder / tag)
         if problem is None:
-            return tag
-        logging.getLogger("mixmae").warning("mixmae: %s is damaged (%s): taking the checkpoint before it",
-                                            (folder / tag).absolute(), problem)
+            intact.append(tag)
+        else:
+            say("mixmae: %s is damaged (%s): taking the checkpoint before it", (folder / tag).absolute(), problem)
+    regular = [tag for tag in intact if is_regular(tag)]
+    if intact and intact[0] not in regular:
+        say("mixmae: %s holds a non-finite stop (%s): %s; name it with --tag to read the stop's own", folder.absolute(),
+            intact[0], f"taking {regular[0]}, the newest regular checkpoint" if regular else "no regular checkpoint is "
+            "left, so taking it")
+    if intact:
+        return (regular or intact)[0]
     raise WeightsError(f"{folder.absolute()}: every checkpoint is damaged (a file missing or cut short since it was "
                      "written); nothing to read weights from")
 

@@ -13,6 +13,7 @@ Rank 0 decides and acts; every rank gets the same outcome (`agree_on_run_folder`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mixmae_scale.atomic_file import fsync_path, write_text
 from mixmae_scale.engine.checkpointing import store
 
 ASIDE = ".old-"  # <run>.old-<n>: where --overwrite moves an earlier run
+BRANCH = "branched-from.json"  # in checkpoints/: the tag a named resume last went on from (`continuation`)
 SHOWN_KEYS = 4  # differing keys named in one refusal line; the rest are counted
 
 
@@ -76,16 +78,39 @@ def move_aside(root: Path) -> Path:
 
 
 def newer_than(tags: list[str], tag: str) -> list[str]:
-    """The complete tags after `tag` in the run's order (tags sort by step, then kind)."""
-    return [t for t in tags if t > tag] if tag in tags else []
+    """The complete tags after `tag` in the run's order (`complete_tags` sorts them: by step, then kind)."""
+    return tags[tags.index(tag) + 1:] if tag in tags else []
+
+
+def continuation(root: Path, resume: str) -> tuple[str, str | None]:
+    """The resume setting this start acts on, and a note. `checkpoint.resume=<tag>` branches the run once: the same
+    command again (a preempted job resubmitted as it was) goes on with the branch, from its newest checkpoint, rather
+    than moving the branch's own checkpoints aside and starting from the tag once more."""
+    if resume in ("auto", "none"):
+        return resume, None
+    ckpt_dir, tag = root / "checkpoints", Path(resume).name
+    try:
+        branched = json.loads((ckpt_dir / BRANCH).read_text()).get("from")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        branched = None
+    newer = newer_than(store.complete_tags(ckpt_dir), tag)
+    if branched != tag or not newer:
+        return resume, None
+    return "auto", (f"checkpoint.resume={resume}: this run already went on from {tag} ({', '.join(newer)} since), so "
+                    f"it resumes from {newer[-1]}; to start from {tag} once more, move those out of {ckpt_dir}")
 
 
 def set_aside_newer(root: Path, resume: str) -> str | None:
     """A resume from an explicit earlier tag trains another continuation of the run: the checkpoints after it
     would otherwise stay the newest (an automatic resume would pick them) and keep their step numbers from being
-    written. They move, whole, to `<run>/superseded-<n>/`."""
-    ckpt_dir = root / "checkpoints"
-    newer = newer_than(store.complete_tags(ckpt_dir), Path(resume).name) if resume not in ("auto", "none") else []
+    written. They move, whole, to `<run>/superseded-<n>/`; `checkpoints/branched-from.json` records the tag, so
+    that the same command run again continues this branch (`continuation`). Called once the plan is made: a start
+    refused for the tag itself (damaged, another model) moves nothing."""
+    if resume in ("auto", "none"):
+        return None
+    ckpt_dir, tag = root / "checkpoints", Path(resume).name
+    write_text(ckpt_dir / BRANCH, json.dumps({"from": tag}))
+    newer = newer_than(store.complete_tags(ckpt_dir), tag)
     if not newer:
         return None
     number = 1
@@ -107,8 +132,6 @@ def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
     problem = refusal(root, resume, overwrite)
     if problem:
         raise store.ResumeError(problem)
-    if not overwrite:
-        return set_aside_newer(root, resume)
     if overwrite and holds_files(root):
         try:
             target = move_aside(root)
@@ -119,12 +142,27 @@ def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
     return None
 
 
-def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> str | None:
-    """Collective: rank 0 prepares the folder; every rank gets its note or raises its error."""
+def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, list[str]]:
+    """Collective: rank 0 prepares the folder and reads which continuation this start is; every rank gets the resume
+    setting to plan with and the notes, or raises the same error."""
+    def decide() -> tuple[str, list[str]]:
+        moved = prepare(root, resume, overwrite)
+        acting, note = continuation(root, resume)
+        return acting, [n for n in (moved, note) if n]
+
+    return _agreed(decide)
+
+
+def agree_on_branch(root: Path, resume: str) -> str | None:
+    """Collective, after the plan: rank 0 sets aside what a named resume supersedes (`set_aside_newer`)."""
+    return _agreed(lambda: set_aside_newer(root, resume))
+
+
+def _agreed(decide: Callable[[], Any]) -> Any:
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            outcome[0] = ("ok", prepare(root, resume, overwrite))
+            outcome[0] = ("ok", decide())
         except store.ResumeError as exc:
             outcome[0] = ("error", str(exc))
     dist.broadcast_object_list(outcome, src=0)

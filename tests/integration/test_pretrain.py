@@ -474,3 +474,41 @@ def test_compiled_blocks_under_zero3_with_checkpointing_match_eager(demo_shards,
     assert sorted(curves["true"]) == [1, 2, 3, 4]
     for step, eager in curves["false"].items():
         assert curves["true"][step] == pytest.approx(eager, rel=1e-4), (step, curves)
+
+
+def test_a_named_resume_refused_moves_nothing_and_the_same_command_again_continues_its_branch(demo_shards,
+                                                                                              tmp_path):
+    """`checkpoint.resume=<tag>` in a job script: a start refused for the tag itself (damaged here) used to have moved
+    the later checkpoints aside already; a preempted branch resubmitted as it was used to move its own new
+    checkpoints aside and start from the tag again, every time. One process alone (no launcher: the folder's rules
+    are rank 0's, the same on any world size)."""
+    def alone(*overrides: str, max_steps: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run),
+               "--set", f"data.shards={demo_shards}", "batch.micro=8", "batch.global_batch=8", "model.embed_dim=8",
+               "model.num_heads=[1,1,2,4]", "logging.heldout_batches=1", "data.shuffle_buffer=64",
+               "logging.visualize_every_steps=0", "precision.dtype=fp32", "zero.stage=0", "checkpoint.every_steps=2",
+               *overrides, "--max-steps", str(max_steps)]
+        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=300)
+
+    run = tmp_path / "run"
+    assert alone(max_steps=4).returncode == 0
+    checkpoints = run / "checkpoints"
+    rank_file = checkpoints / "step00000002" / "rank_0.json"
+    kept = rank_file.read_bytes()
+    rank_file.write_bytes(kept[:-1])
+    refused = alone("checkpoint.resume=step00000002", max_steps=6)
+    assert refused.returncode == 2 and "step00000002 is damaged: rank_0.json has" in refused.stderr
+    assert (checkpoints / "step00000004" / "COMPLETE").exists() and not (run / "superseded-1").exists()
+    rank_file.write_bytes(kept)
+    branched = alone("checkpoint.resume=step00000002", max_steps=3)
+    assert branched.returncode == 0, branched.stderr[-3000:]
+    assert "were moved to " + str(run / "superseded-1") in branched.stderr
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step00000002", "step00000003"]
+    again = alone("checkpoint.resume=step00000002", max_steps=4)  # the job script resubmitted as it was
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "this run already went on from step00000002 (step00000003 since), so it resumes from step00000003" \
+        in again.stderr
+    assert f"resumed from {checkpoints / 'step00000003'} at step 3" in again.stderr
+    assert not (run / "superseded-2").exists()
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step00000002", "step00000003", "step00000004"]

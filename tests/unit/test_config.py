@@ -144,6 +144,38 @@ def test_published_recipe_is_what_the_size_profiles_say():
         assert (c.zero.stage, c.model.checkpoint_every) == (stage, ckpt)
 
 
+def test_the_pretraining_and_fine_tuning_recipes_reach_the_engine_as_published(tmp_path):
+    """docs/recipe.md's rows that no other test held: the B profiles' values as the engine receives them (the
+    scheduler dict DeepSpeed builds WarmupCosineLR from: linear warm-up, where DeepSpeed's default is log; the
+    cosine to min lr) and the drop-path rates the encoder builds (linear from 0 over the 24 blocks)."""
+    from mixmae_scale.config.deepspeed_config import engine_config
+    from mixmae_scale.models.swin import SwinEncoder, SwinShape
+
+    pre = load_resolved("swin_b")
+    assert (pre.config.optim.eps, pre.config.optim.grad_clip, pre.config.schedule.min_learning_rate) == (1e-8, 0, 0)
+    assert pre.config.data.interpolation == "bicubic"
+    params = engine_config(pre, tmp_path)["scheduler"]["params"]
+    assert (params["warmup_type"], params["warmup_min_ratio"], params["cos_min_ratio"]) == ("linear", 0.0, 0.0)
+    assert params["warmup_num_steps"] == pre.derived.warmup_steps and params["total_num_steps"] == \
+        pre.derived.total_steps
+    ft = load_resolved("finetune_b")
+    c, f = ft.config, ft.config.finetune
+    assert ft.derived.global_batch == 1024 and (c.schedule.epochs, c.schedule.warmup_epochs) == (100, 5)
+    assert c.optim.base_learning_rate == pytest.approx(5e-4) and ft.derived.learning_rate == pytest.approx(2e-3)
+    assert (c.optim.betas, c.optim.weight_decay, c.optim.grad_clip) == ([0.9, 0.999], 0.05, 0.0)
+    assert (c.model.drop_path, f.layer_decay, f.mixup, f.cutmix, f.label_smoothing, f.random_erasing) == (
+        0.1, 0.7, 0.8, 1.0, 0.1, 0.25)
+    assert (f.rand_augment_ops, f.rand_augment_magnitude, f.rand_augment_magnitude_std) == (2, 9, 0.5)
+    params = engine_config(ft, tmp_path)["scheduler"]["params"]
+    assert params["warmup_type"] == "linear" and params["cos_min_ratio"] == pytest.approx(1e-6 / 2e-3)
+    large = load_resolved("finetune_l").config
+    assert (large.model.drop_path, large.finetune.layer_decay, large.schedule.epochs) == (0.2, 0.8, 50)
+    narrow_b = SwinShape(224, 4, 8, (2, 2, 18, 2), (1, 1, 2, 4), (14, 14, 14, 7))  # B's 24 blocks, few channels
+    encoder = SwinEncoder(narrow_b, drop_path=0.1)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for layer in encoder.layers for b in layer.blocks]
+    assert len(rates) == 24 and rates == pytest.approx([0.1 * i / 23 for i in range(24)])
+
+
 @pytest.mark.parametrize("path", sorted(DS_CONFIGS_DIR.glob("*.json")), ids=lambda p: p.name)
 def test_every_deepspeed_file_is_valid_for_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig

@@ -11,13 +11,13 @@ PLACE = LoaderPlace(rank=1, world=4, device_id=None)
 
 
 def _config(*overrides: str):
-    return load_config("tiny", overrides=["data.crop_scale=[0.3,1.0]", "run.seed=7", *overrides])[0]
+    return load_config("tiny", overrides=["run.seed=7", *overrides])[0]
 
 
 def test_pretraining_reads_its_rank_share_with_the_profile_crop_no_labels_and_half_precision_pixels():
     spec = spec_for(_config(), "pretrain", 8, PLACE, engine_dtype="bf16")
     assert (spec.mode, spec.batch_size, spec.shard_id, spec.num_shards) == ("pretrain", 8, 1, 4)
-    assert spec.crop_scale == (0.3, 1.0) and not spec.with_labels and spec.output_dtype == "float16"
+    assert spec.crop_scale == (0.2, 1.0) and not spec.with_labels and spec.output_dtype == "float16"
     assert spec.order_seed == 7 and spec.seed == stream_seed(7, 1) % 2**31  # order: the run's; DALI's: the rank's
 
 
@@ -27,6 +27,19 @@ def test_finetuning_uses_the_official_crop_scale_labels_fp32_pixels_and_rand_aug
     assert spec.crop_scale == FINETUNE_CROP_SCALE and spec.with_labels and spec.output_dtype == "float32"
     assert spec.rand_augment == (2, 9)
     assert spec_for(_config("finetune.rand_augment_ops=0"), "finetune", 8, PLACE).rand_augment is None
+
+
+def test_a_crop_scale_given_applies_to_whichever_job_runs_and_none_is_each_jobs_recipe():
+    """base.yaml's crop_scale was pretraining's 0.2-1, shown by `config show` for a fine-tuning run that cropped
+    0.08-1 whatever it said; it is now null (each job's recipe), and a value given is used."""
+    from mixmae_scale.data.loaders import SEGMENT_CROP_SCALE
+
+    assert _config().data.crop_scale is None
+    for role in ("pretrain", "finetune", "segment"):
+        assert spec_for(_config("data.crop_scale=[0.3,1.0]"), role, 8, PLACE).crop_scale == (0.3, 1.0), role
+    recipes = [spec_for(load_config(profile)[0], role, 8, PLACE).crop_scale
+               for profile, role in (("swin_b", "pretrain"), ("finetune_b", "finetune"), ("seg_ade20k", "segment"))]
+    assert recipes == [(0.2, 1.0), FINETUNE_CROP_SCALE, SEGMENT_CROP_SCALE] == [(0.2, 1.0), (0.08, 1.0), (0.25, 1.0)]
 
 
 def test_the_heldout_loss_reads_the_same_images_on_every_rank_and_validation_reads_its_rank_share():

@@ -323,3 +323,72 @@ def test_export_takes_the_newest_intact_checkpoint_and_refuses_a_damaged_one_nam
     (run / "checkpoints" / "step00000006" / "rank_0.json").unlink()
     with pytest.raises(WeightsError, match="every checkpoint is damaged"):
         find_checkpoint(run)
+
+
+def test_a_stop_outranks_a_relayout_tag_of_its_step_and_repeated_stops_count_past_nine(tmp_path):
+    """A resume on a new layout saves step00000400-relayout; its very first step then fails past the limit. By name
+    the stop sorted before the relayout tag, so every launch took the relayout tag, replayed the same data and
+    failed again, adding another stop tag."""
+    assert sorted(["step00000400-nonfinite-10", "step00000400-nonfinite", "step00000401", "step00000400-relayout",
+                   "step00000400-nonfinite-2", "step00000400"], key=ckpt.tag_order) == [
+        "step00000400", "step00000400-relayout", "step00000400-nonfinite", "step00000400-nonfinite-2",
+        "step00000400-nonfinite-10", "step00000401"]
+    make_tag(tmp_path, "step00000004", batches=4)
+    make_tag(tmp_path, "step00000004-relayout", batches=4)
+    after = {"batches_consumed": 7, "batch": 7, "layout": Layout.whole_epoch(0, 1000, 2, 8).to_dict()}
+    make_tag(tmp_path, "step00000004-nonfinite", batches=4,
+             extra={"nonfinite_stop": {"step": 4, "loader_after": after}})
+    choice = choose_tag(tmp_path, "auto", "skip")
+    assert choice.tag == "step00000004-nonfinite" and choice.skipped_samples == 3 * 8 * 2
+    rollback = choose_tag(tmp_path, "auto", "rollback")
+    assert rollback.tag == "step00000004-relayout" and rollback.data_position == LoaderPosition.from_dict(after)
+
+
+def test_a_damaged_tag_does_not_count_toward_keep_last():
+    """keep_last=2 with step 400 damaged: rotation deleted step 300 and kept the damaged one, leaving one usable
+    checkpoint. A damaged tag older than those kept goes."""
+    tags = ["step00000250", "step00000300", "step00000350", "step00000400"]
+    assert ckpt.rotation_victims(tags, 2, "step00000350", damaged=frozenset({"step00000400"})) == {"step00000250"}
+    assert ckpt.rotation_victims(tags, 2, "step00000400", damaged=frozenset({"step00000300"})) == {
+        "step00000250", "step00000300"}
+
+
+def test_a_resume_named_by_a_path_into_another_folder_is_refused(tmp_path):
+    make_tag(tmp_path / "mine", "step00000004")
+    make_tag(tmp_path / "other", "step00000004")
+    assert choose_tag(tmp_path / "mine", str(tmp_path / "mine" / "step00000004"), "rollback").tag == "step00000004"
+    with pytest.raises(ckpt.ResumeError, match="is a checkpoint of another folder than this run's"):
+        choose_tag(tmp_path / "mine", str(tmp_path / "other" / "step00000004"), "rollback")
+
+
+def test_export_prefers_the_newest_regular_checkpoint_to_a_stop_and_says_so(tmp_path, caplog):
+    import logging
+
+    from mixmae_scale.engine.export import find_checkpoint
+
+    run = tmp_path / "run"
+    make_tag(run / "checkpoints", "step00000400")
+    make_tag(run / "checkpoints", "step00000437-nonfinite")
+    with caplog.at_level(logging.WARNING, logger="mixmae"):
+        assert find_checkpoint(run) == (run / "checkpoints", "step00000400")
+    assert any("holds a non-finite stop (step00000437-nonfinite): taking step00000400" in r.getMessage()
+               for r in caplog.records)
+    assert find_checkpoint(run, "step00000437-nonfinite")[1] == "step00000437-nonfinite"  # named: its own
+
+
+def test_a_resume_sets_aside_the_best_checkpoints_of_the_continuation_it_leaves(tmp_path):
+    """Fine-tuning rolled back to step 300 after best/ had saved step 500: kept, a new best at step 500 was not
+    saved (the name existed) and one at 450 lost to 500 in `export --best`."""
+    from mixmae_scale.engine.evaluated_job import EvaluatedJob
+
+    job = EvaluatedJob.__new__(EvaluatedJob)
+    job.root = tmp_path
+    make_tag(tmp_path / "best", "step00000200")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (200, 400, 500)))
+    job.truncate_logs(300)
+    assert not (tmp_path / "superseded-best-1").exists()  # nothing after step 300 in best/
+    make_tag(tmp_path / "best", "step00000500")
+    job.truncate_logs(300)
+    assert ckpt.complete_tags(tmp_path / "best") == ["step00000200"]
+    assert ckpt.complete_tags(tmp_path / "superseded-best-1") == ["step00000500"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [200]

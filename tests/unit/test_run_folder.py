@@ -72,15 +72,28 @@ def test_overwrite_with_an_explicit_tag_to_resume_is_refused(tmp_path):
     assert (run / "checkpoints" / "step00000004").is_dir()
 
 
-def test_resuming_an_earlier_tag_moves_the_later_ones_aside_whole(tmp_path):
+def test_resuming_an_earlier_tag_moves_the_later_ones_aside_whole_and_the_same_command_again_goes_on(tmp_path):
+    """A preempted job resubmitted as it was (still `checkpoint.resume=step00000004`) used to move its own new
+    checkpoints aside and start from step 4 each time; now it goes on from the branch's newest."""
     run = tags(tmp_path / "run", "step00000004", "step00000007", "step00000007-nonfinite", "step00000009")
     (run / "checkpoints" / "step00000009.universal").mkdir()
-    note = run_folder.prepare(run, "step00000004", overwrite=False)
+    assert run_folder.prepare(run, "step00000004", overwrite=False) is None  # nothing moves before the plan
+    assert run_folder.continuation(run, "step00000004") == ("step00000004", None)
+    note = run_folder.set_aside_newer(run, "step00000004")
     assert note == ("checkpoint.resume=step00000004: the later checkpoints (step00000007, step00000007-nonfinite, "
                     f"step00000009) belong to the run's earlier continuation and were moved to {run / 'superseded-1'}")
     assert store.complete_tags(run / "checkpoints") == ["step00000004"]
     assert sorted(p.name for p in (run / "superseded-1").iterdir()) == [
         "step00000007", "step00000007-nonfinite", "step00000009", "step00000009.universal"]
+    assert run_folder.continuation(run, "step00000004") == ("step00000004", None)  # preempted before a save
+    tags(run, "step00000006", "step00000008")  # the branch's own, then preempted: the same command again
+    acting, said = run_folder.continuation(run, "step00000004")
+    assert acting == "auto" and said == (
+        f"checkpoint.resume=step00000004: this run already went on from step00000004 (step00000006, step00000008 "
+        f"since), so it resumes from step00000008; to start from step00000004 once more, move those out of "
+        f"{run / 'checkpoints'}")
+    assert run_folder.set_aside_newer(run, acting) is None and not (run / "superseded-2").exists()
+    assert run_folder.continuation(run, "step00000006") == ("step00000006", None)  # another tag: a new branch
 
 
 def test_model_differences_name_each_key_with_old_and_new_values():

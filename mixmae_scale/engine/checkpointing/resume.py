@@ -79,14 +79,15 @@ Converter = Callable[[Path, str], Path]
 
 
 def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any], last_step: int | None = None,
-                convert: Converter = convert_to_universal) -> ResumePlan | None:
+                convert: Converter = convert_to_universal, resume: str | None = None) -> ResumePlan | None:
     """Collective: rank 0 decides (and converts where needed), every rank gets the same plan or the same error.
-    `last_step`: the run's last step; a checkpoint there is a finished run, reported without a conversion."""
+    `last_step`: the run's last step; a checkpoint there is a finished run, reported without a conversion.
+    `resume`: the setting to act on, where the run folder changed it (run_folder.continuation)."""
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         config = resolved.config
         try:
-            outcome[0] = decide_resume(ckpt_dir, config.checkpoint.resume, config.faults.on_nonfinite_stop,
+            outcome[0] = decide_resume(ckpt_dir, resume or config.checkpoint.resume, config.faults.on_nonfinite_stop,
                                        RunIdentity.of(resolved, layout), dist.get_world_size(), convert,
                                        last_step)
         except (store.ResumeError, ConfigError) as exc:
@@ -136,6 +137,10 @@ def choose_tag(ckpt_dir: Path, resume: str, policy: str) -> ResumePlan | None:
 
 def _named_tag(ckpt_dir: Path, resume: str, tags: list[str]) -> str:
     tag = Path(resume).name
+    if Path(resume).parent != Path(".") and Path(resume).parent.resolve() != ckpt_dir.resolve():
+        raise store.ResumeError(f"checkpoint.resume={resume!r} is a checkpoint of another folder than this run's "
+                                f"{ckpt_dir.resolve()}: it takes a tag of this run (or its path); a run continues "
+                                "only from its own checkpoints")
     if tag not in tags:
         raise store.ResumeError(f"checkpoint.resume={resume!r}: {(ckpt_dir / tag).resolve()} is not a complete "
                                 f"checkpoint (complete ones: {', '.join(tags) or 'none'})")

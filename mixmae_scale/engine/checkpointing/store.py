@@ -8,9 +8,9 @@ next save removes. A complete tag is never written into again: a save that would
 new one. On resume the sizes in the marker are checked, so a file cut short afterwards (a full disk, a
 copy gone wrong) makes the run fall back to the previous checkpoint instead of failing in torch.load.
 
-Tags sort by name: `step00000400` < `step00000400-nonfinite` (a stop after non-finite steps, whose state
-is that of the step's start) < `step00000400-relayout` (the same state saved again in a new layout after a
-resume on another world size) < `step00000401`. What the files hold is state.py's; this module knows
+Tags are ordered (`tag_order`): `step00000400` < `step00000400-relayout` (the same state saved again in a new
+layout after a resume on another world size) < `step00000400-nonfinite` (a stop after non-finite steps, whose
+state is that of the step's start) < `step00000401`. What the files hold is state.py's; this module knows
 only folders, names and sizes.
 """
 
@@ -51,12 +51,26 @@ def is_regular(tag: str) -> bool:
     return NONFINITE not in tag
 
 
+KIND_ORDER = {"": 0, RELAYOUT: 1, NONFINITE: 2}
+
+
+def tag_order(tag: str) -> tuple[int, int, int]:
+    """Oldest first: by step, then regular < relayout < non-finite stop, then the number a repeated name takes
+    (`-nonfinite-10` after `-nonfinite-2`, which names do not sort). A stop and a relayout tag of one step are
+    ordered so because a relayout save retires every stop (`rotation_victims`): a stop still beside it came after."""
+    rest = tag[12:]
+    kind = next((k for k in (NONFINITE, RELAYOUT) if rest.startswith(k)), "")
+    number = rest[len(kind) + 1:]
+    return step_of(tag), KIND_ORDER[kind], int(number) if number.isdigit() else 1
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Training checkpoints whose every file was written (not `.partial`, not universal conversions)."""
+    """Training checkpoints whose every file was written (not `.partial`, not universal conversions), oldest
+    first (`tag_order`)."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and PARTIAL not in p.name
-                  and UNIVERSAL not in p.name and (p / MARKER).exists())
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and PARTIAL not in p.name
+                   and UNIVERSAL not in p.name and (p / MARKER).exists()), key=tag_order)
 
 
 def marker(ckpt_dir: Path, tag: str) -> dict[str, Any]:
@@ -96,7 +110,7 @@ def publish(partial: Path, final: Path) -> None:
     step retrained after a resume fell back past it) is moved aside first, kept for a look, never read again."""
     if final.exists():
         number, suffix = 2, ""
-        while final.with_name(f"{DAMAGED}{final.name}{suffix}").exists():
+        while any(final.with_name(f"{DAMAGED}{final.name}{extra}{suffix}").exists() for extra in ("", UNIVERSAL)):
             number, suffix = number + 1, f"-{number}"
         for old in (final, final.with_name(f"{final.name}{UNIVERSAL}")):  # its conversion went with its files
             if old.exists():
@@ -153,17 +167,23 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
     return ckpt_dir / tag
 
 
-def rotation_victims(tags: list[str], keep_last: int, just_written: str | None = None) -> set[str]:
-    """Which complete tags rotation removes: all but the newest `keep_last` regular ones, and stop tags once a
-    newer regular one exists; never `just_written` (the checkpoint the run has just saved, even where older runs'
-    higher-numbered tags would otherwise outrank it).
+def rotation_victims(tags: list[str], keep_last: int, just_written: str | None = None,
+                     damaged: frozenset[str] = frozenset()) -> set[str]:
+    """Which complete tags rotation removes: all but the newest `keep_last` intact regular ones (a `damaged` tag
+    does not count: kept among them it would leave fewer usable checkpoints than asked for; it goes once older than
+    those kept), and stop tags once a newer regular one exists; never `just_written` (the checkpoint the run has
+    just saved, even where older runs' higher-numbered tags would otherwise outrank it).
 
     A regular tag just written also retires every stop tag, whatever its step: a stop is the last thing its
     process saves, so a later regular save comes from a run that resumed past it. Kept, a stop at step 7 would
     outrank the regular tags a rollback to step 6 goes on to save (at 7, or at 6 by a signal), and the next
     resume would take the stop again and move the data back to where it stopped."""
+    intact = [t for t in tags if is_regular(t) and t not in damaged]
+    doomed = set(intact[:-keep_last])  # keep_last >= 1 (config/derive.py)
+    if intact:
+        oldest_kept = tag_order(intact[-keep_last:][0])
+        doomed |= {t for t in damaged if tag_order(t) < oldest_kept}
     regular = [t for t in tags if is_regular(t)]
-    doomed = set(regular[:-keep_last])  # keep_last >= 1 (config/derive.py)
     if regular:
         doomed |= {t for t in tags if not is_regular(t) and step_of(t) < step_of(regular[-1])}
     if just_written is not None and is_regular(just_written):
@@ -174,7 +194,8 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
 def rotate(ckpt_dir: Path, keep_last: int, just_written: str | None = None) -> None:
     """Remove `rotation_victims`, the universal conversions that go with them and crash leftovers (`.partial`)."""
     tags = complete_tags(ckpt_dir)
-    doomed = rotation_victims(tags, keep_last, just_written)
+    damaged = frozenset(t for t in tags if damage(ckpt_dir / t))
+    doomed = rotation_victims(tags, keep_last, just_written, damaged)
     for path in ckpt_dir.iterdir():
         base = path.name.split(UNIVERSAL)[0].split(PARTIAL)[0]
         if base in doomed or (PARTIAL in path.name and base not in tags):
