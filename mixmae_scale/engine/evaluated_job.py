@@ -71,6 +71,24 @@ class EvaluatedJob(Job):
             self.best = {k: v for k, v in result.items() if k not in self.left_out_of_best}
             loop.save(step, directory=self.root / "best", keep=1)
 
+    def on_start(self, loop: Loop) -> None:
+        """Every rank, after set-up and resume: a best result whose checkpoint is not in best/ any more (best/ keeps
+        one, and a resume moved the continuation it left aside: `truncate_logs`) is forgotten, so that the next
+        evaluation saves one again rather than only one that beats a number with no weights behind it."""
+        if self.best[self.metric] < 0:
+            return
+        kept = [bool(store.complete_tags(self.root / "best"))] if loop.ctx.rank == 0 else [None]
+        if loop.ctx.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(kept, src=0)  # rank 0 moved the folders: its view decides
+        if not kept[0]:
+            if loop.ctx.rank == 0:
+                log.warning("best/ keeps no checkpoint of this continuation (best %s at step %s was the one it "
+                            "left): the next evaluation starts best/ again", self.best[self.metric],
+                            self.best.get("step"))
+            self.best = {self.metric: -1.0}
+
     def state(self) -> dict[str, Any]:
         return {"best": self.best}
 

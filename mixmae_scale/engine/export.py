@@ -71,7 +71,7 @@ def _newest_intact(folder: Path, tags: list[str]) -> str:
         problem = damage(folder / tag)
         if problem is None:
             intact.append(tag)
-        else:
+        elif not intact:  # newer than every usable one: said; an older damaged one does not matter here
             say("mixmae: %s is damaged (%s): taking the checkpoint before it", (folder / tag).absolute(), problem)
     regular = [tag for tag in intact if is_regular(tag)]
     if intact and intact[0] not in regular:

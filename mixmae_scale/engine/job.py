@@ -22,6 +22,7 @@ class RunPlace(Protocol):
     """What a job reads of the run's context (engine/loop.py's RunContext)."""
 
     rank: int
+    world: int
 
 
 class Loop(Protocol):

@@ -129,15 +129,16 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
     resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
+    for note in notes if rank == 0 else []:
+        log.warning("%s", note)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
     plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume)
     if plan is not None and plan.finishes_by(last_step):
         raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
-    notes.append(run_folder.agree_on_branch(root, resume))
-    for note in notes:
-        if note and rank == 0:
-            log.warning("%s", note)
+    branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
+    if branch_note and rank == 0:
+        log.warning("%s", branch_note)
     if plan is not None:
         ds_config = plan.deepspeed_config(ds_config)
     if rank == 0:

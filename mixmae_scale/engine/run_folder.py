@@ -86,14 +86,16 @@ def continuation(root: Path, resume: str) -> tuple[str, str | None]:
     """The resume setting this start acts on, and a note. `checkpoint.resume=<tag>` branches the run once: the same
     command again (a preempted job resubmitted as it was) goes on with the branch, from its newest checkpoint, rather
     than moving the branch's own checkpoints aside and starting from the tag once more."""
-    if resume in ("auto", "none"):
-        return resume, None
     ckpt_dir, tag = root / "checkpoints", Path(resume).name
+    elsewhere = Path(resume).parent not in (Path("."), ckpt_dir) and Path(resume).parent.resolve() != ckpt_dir.resolve()
+    if resume in ("auto", "none") or elsewhere or not store.is_tag_name(tag):  # the plan refuses the last two
+        return resume, None
     try:
         branched = json.loads((ckpt_dir / BRANCH).read_text()).get("from")
     except (OSError, json.JSONDecodeError, AttributeError):
         branched = None
-    newer = newer_than(store.complete_tags(ckpt_dir), tag)
+    # The branch point itself may be gone (rotation keeps only the newest checkpoints of the branch).
+    newer = [t for t in store.complete_tags(ckpt_dir) if store.tag_order(t) > store.tag_order(tag)]
     if branched != tag or not newer:
         return resume, None
     return "auto", (f"checkpoint.resume={resume}: this run already went on from {tag} ({', '.join(newer)} since), so "
@@ -109,9 +111,9 @@ def set_aside_newer(root: Path, resume: str) -> str | None:
     if resume in ("auto", "none"):
         return None
     ckpt_dir, tag = root / "checkpoints", Path(resume).name
-    write_text(ckpt_dir / BRANCH, json.dumps({"from": tag}))
     newer = newer_than(store.complete_tags(ckpt_dir), tag)
     if not newer:
+        write_text(ckpt_dir / BRANCH, json.dumps({"from": tag}))
         return None
     number = 1
     while (root / f"superseded-{number}").exists():
@@ -123,6 +125,7 @@ def set_aside_newer(root: Path, resume: str) -> str | None:
             path.rename(target / path.name)
     fsync_path(target)
     fsync_path(ckpt_dir)
+    write_text(ckpt_dir / BRANCH, json.dumps({"from": tag}))  # after the move: a crash between left no record
     return (f"checkpoint.resume={resume}: the later checkpoints ({', '.join(newer)}) belong to the run's earlier "
             f"continuation and were moved to {target}")
 
@@ -165,6 +168,8 @@ def _agreed(decide: Callable[[], Any]) -> Any:
             outcome[0] = ("ok", decide())
         except store.ResumeError as exc:
             outcome[0] = ("error", str(exc))
+        except OSError as exc:  # the other ranks wait in the broadcast: the same one-line end on every rank
+            outcome[0] = ("error", f"the run folder could not be prepared: {exc}")
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0][0] == "error":
         raise store.ResumeError(outcome[0][1])

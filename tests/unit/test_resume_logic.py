@@ -392,3 +392,38 @@ def test_a_resume_sets_aside_the_best_checkpoints_of_the_continuation_it_leaves(
     assert ckpt.complete_tags(tmp_path / "best") == ["step00000200"]
     assert ckpt.complete_tags(tmp_path / "superseded-best-1") == ["step00000500"]
     assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [200]
+    # best/ keeps one checkpoint: the step-200 one went when step 500 was saved. A resume from step 300 then
+    # leaves best/ empty while the restored best (step 200's top-1) had its weights there: it is forgotten on
+    # every rank, so that the next evaluation fills best/ again instead of only one that beats step 200.
+    from types import SimpleNamespace
+
+    job.metric, job.best = "top1", {"top1": 40.0, "step": 200}
+    loop = SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1))
+    job.on_start(loop)
+    assert job.best == {"top1": 40.0, "step": 200}  # its checkpoint is still there
+    (tmp_path / "best" / "step00000200").rename(tmp_path / "superseded-best-1" / "step00000200")
+    job.on_start(loop)
+    assert job.best == {"top1": -1.0}
+
+
+def test_the_branch_goes_on_after_rotation_removed_its_branch_point_and_odd_step_folders_are_not_tags(tmp_path):
+    """A branch from step 2 saved 4, 6 and 8 and keep_last=3 rotated step 2 away: the same command again refused
+    ("not a complete checkpoint") instead of going on. A folder a user named step-old sorted as a tag and crashed
+    the ordering."""
+    from mixmae_scale.engine import run_folder
+
+    run = tmp_path / "run"
+    for tag in ("step00000002", "step00000004", "step00000006", "step00000008"):
+        make_tag(run / "checkpoints", tag)
+    assert run_folder.set_aside_newer(run, "step00000002") is not None  # 4-8 of the earlier continuation go
+    for tag in ("step00000004", "step00000006", "step00000008"):
+        make_tag(run / "checkpoints", tag)
+    ckpt.rotate(run / "checkpoints", keep_last=3, just_written="step00000008")
+    assert ckpt.complete_tags(run / "checkpoints") == ["step00000004", "step00000006", "step00000008"]
+    assert run_folder.continuation(run, "step00000002")[0] == "auto"
+    (run / "checkpoints" / "step-old").mkdir()
+    (run / "checkpoints" / "step-old" / ckpt.MARKER).write_text("{}")
+    assert ckpt.complete_tags(run / "checkpoints")[0] == "step00000004"
+    assert run_folder.continuation(run, "step-old") == ("step-old", None)  # not a tag: the plan refuses it
+    assert run_folder.continuation(run, str(tmp_path / "other" / "step00000002")) == (
+        str(tmp_path / "other" / "step00000002"), None)  # another folder's: refused by the plan, not turned auto

@@ -46,6 +46,11 @@ def step_of(tag: str) -> int:
     return int(tag[4:12])
 
 
+def is_tag_name(name: str) -> bool:
+    """`step` and eight digits first: what `tag_for` writes (a folder a user named "step-old" is not a tag)."""
+    return name.startswith("step") and len(name) >= 12 and name[4:12].isdigit()
+
+
 def is_regular(tag: str) -> bool:
     """A checkpoint of trained state at its step (not a non-finite stop's)."""
     return NONFINITE not in tag
@@ -69,7 +74,7 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     first (`tag_order`)."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted((p.name for p in ckpt_dir.iterdir() if p.name.startswith("step") and PARTIAL not in p.name
+    return sorted((p.name for p in ckpt_dir.iterdir() if is_tag_name(p.name) and PARTIAL not in p.name
                    and UNIVERSAL not in p.name and (p / MARKER).exists()), key=tag_order)
 
 
@@ -176,7 +181,7 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
 
     A regular tag just written also retires every stop tag, whatever its step: a stop is the last thing its
     process saves, so a later regular save comes from a run that resumed past it. Kept, a stop at step 7 would
-    outrank the regular tags a rollback to step 6 goes on to save (at 7, or at 6 by a signal), and the next
+    outrank the regular tags a rollback to step 5 goes on to save (at 7, or at 6 by a signal), and the next
     resume would take the stop again and move the data back to where it stopped."""
     intact = [t for t in tags if is_regular(t) and t not in damaged]
     doomed = set(intact[:-keep_last])  # keep_last >= 1 (config/derive.py)
