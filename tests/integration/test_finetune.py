@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deepspeed_launcher import launcher
 from free_port import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def run(*args: str, ranks: int = 2, port: int | None = None, threads: int = 1) -> subprocess.CompletedProcess:
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                str(port or free_port()), "--module", "mixmae_scale.cli"]
-    result = subprocess.run(launcher + list(args), env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    """`mixmae_scale.cli ARGS` on `ranks` ranks through DeepSpeed's per-node launcher (tests/deepspeed_launcher.py)."""
+    command = [*launcher(ranks, port or free_port()), "--module", "mixmae_scale.cli"]
+    result = subprocess.run(command + list(args), env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from deepspeed_launcher import launcher
 from free_port import Ports
 
 pytestmark = pytest.mark.slow
@@ -27,9 +28,12 @@ PORTS = Ports()
 
 
 def launch(run_dir: Path, shards: Path, *overrides: str, max_steps: int | None = None, check: bool = True,
-           background: bool = False, ranks: int = 2, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()):
+           background: bool = False, ranks: int = 2, env: dict[str, str] | None = None, flags: tuple[str, ...] = (),
+           runner: bool = False):
+    """Pretraining on `ranks` CPU ranks through DeepSpeed's launcher (`runner`: through the `deepspeed` command,
+    for tests of the runner itself; tests/deepspeed_launcher.py)."""
     port = next(PORTS)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+    cmd = [*launcher(ranks, port, runner),
            "--module", "mixmae_scale.cli", "pretrain", "--profile", "tiny", "--run-dir", str(run_dir),
            "--set", f"data.shards={shards}", "--set", "batch.micro=8", "--set", "batch.global_batch=16",
            "--set", "logging.every_steps=1",
@@ -373,7 +377,7 @@ def test_a_failure_on_one_rank_ends_the_whole_job_quickly_with_one_traceback(dem
     seconds (not at the 30-minute collective timeout), showing rank 1's traceback once."""
     start = time.time()
     result = launch(tmp_path / "failing", demo_shards, "faults.inject_exception_at=[1,3]", "precision.dtype=fp32",
-                    max_steps=400, check=False)
+                    max_steps=400, check=False, runner=True)
     elapsed = time.time() - start
     output = result.stdout + result.stderr
     assert result.returncode == 1  # a failure, not a refused input (2): worth a resubmission if the machine was why
@@ -439,7 +443,7 @@ def test_usr1_to_mixmae_launch_reaches_every_rank(demo_shards, tmp_path):
 def test_sigterm_to_the_plain_deepspeed_launcher_still_saves(demo_shards, tmp_path):
     """DeepSpeed's runner dies of SIGTERM without telling the ranks; they notice their launcher is gone."""
     run = tmp_path / "term"
-    proc = launch(run, demo_shards, "precision.dtype=fp32", "checkpoint.every_steps=1000", max_steps=400,
+    proc = launch(run, demo_shards, "precision.dtype=fp32", "checkpoint.every_steps=1000", max_steps=400, runner=True,
                   background=True)
     wait_for_steps(run, proc)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]

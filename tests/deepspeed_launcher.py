@@ -1,0 +1,26 @@
+"""How tests start ranks through DeepSpeed's launcher.
+
+On one host, DeepSpeed's runner (the `deepspeed` command) resolves the GPUs, then starts its per-node launcher,
+`python -u -m deepspeed.launcher.launch --world_info=<b64> --master_addr=... --master_port=...`, which starts and
+watches the ranks (environment, --local_rank, killing the others when one fails). Tests whose subject is not the
+runner start that per-node launcher directly, with the arguments the runner gives it: the runner's own start-up
+(importing torch and DeepSpeed before launch.py does it again) took 3.5-4 s of each of some 30 launches on a
+2-core CI machine. Tests of the runner itself (signals to it, a failing rank, two launchers as two hosts, the
+wheel, the quickstart, the Slurm relay) start `deepspeed`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from pathlib import Path
+
+
+def launcher(ranks: int, port: int, runner: bool = False) -> list[str]:
+    """The command up to the script: `deepspeed --num_gpus N` (runner) or the launch.py line it would run."""
+    if runner:
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+            "--master_addr=127.0.0.1", f"--master_port={port}"]
