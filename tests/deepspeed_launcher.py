@@ -4,8 +4,9 @@ On one host, DeepSpeed's runner (the `deepspeed` command) resolves the GPUs, the
 `python -u -m deepspeed.launcher.launch --world_info=<b64> --master_addr=... --master_port=...`, which starts and
 watches the ranks (environment, --local_rank, killing the others when one fails). Tests whose subject is not the
 runner start that per-node launcher directly, with the arguments the runner gives it: the runner's own start-up
-(importing torch and DeepSpeed before launch.py does it again) took 3.5-4 s of each of some 30 launches on a
-2-core CI machine. Tests of the runner itself (signals to it, a failing rank, two launchers as two hosts, the
+(importing torch and DeepSpeed before launch.py does it again) took 3.5-4 s per launch on a 2-core machine (a
+2-rank launch of /bin/true: 7.3-7.8 s through `deepspeed`, 3.5-4.2 s through launch.py). Tests of the runner
+itself (signals to it, a failing rank, two launchers as two hosts, the
 wheel, the quickstart, the Slurm relay) start `deepspeed`.
 """
 

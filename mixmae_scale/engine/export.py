@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags, damage, is_regular
+from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags, damage, intact_newest_first, is_regular
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_official, save_weights
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/job.py) lives in RUN/best/
@@ -66,13 +66,9 @@ def _newest_intact(folder: Path, tags: list[str]) -> str:
     tag (a run stopped mid-way by diverging steps, whose weights its default resume rolls back from) is taken only
     where no regular one is left, and said either way."""
     say = logging.getLogger("mixmae").warning
-    intact = []
-    for tag in reversed(tags):
-        problem = damage(folder / tag)
-        if problem is None:
-            intact.append(tag)
-        elif not intact:  # newer than every usable one: said; an older damaged one does not matter here
-            say("mixmae: %s is damaged (%s): taking the checkpoint before it", (folder / tag).absolute(), problem)
+    intact, notes = intact_newest_first(folder, tags)
+    for note in notes:
+        say("mixmae: %s", note)
     regular = [tag for tag in intact if is_regular(tag)]
     if intact and intact[0] not in regular:
         say("mixmae: %s holds a non-finite stop (%s): %s; name it with --tag to read the stop's own", folder.absolute(),

@@ -87,9 +87,8 @@ def continuation(root: Path, resume: str) -> tuple[str, str | None]:
     command again (a preempted job resubmitted as it was) goes on with the branch, from its newest checkpoint, rather
     than moving the branch's own checkpoints aside and starting from the tag once more."""
     ckpt_dir, tag = root / "checkpoints", Path(resume).name
-    elsewhere = Path(resume).parent not in (Path("."), ckpt_dir) and Path(resume).parent.resolve() != ckpt_dir.resolve()
-    if resume in ("auto", "none") or elsewhere or not store.is_tag_name(tag):  # the plan refuses the last two
-        return resume, None
+    if resume in ("auto", "none") or store.names_another_folder(ckpt_dir, resume) or not store.is_tag_name(tag):
+        return resume, None  # the plan refuses the last two
     try:
         branched = json.loads((ckpt_dir / BRANCH).read_text()).get("from")
     except (OSError, json.JSONDecodeError, AttributeError):

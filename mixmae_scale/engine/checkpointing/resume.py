@@ -137,7 +137,7 @@ def choose_tag(ckpt_dir: Path, resume: str, policy: str) -> ResumePlan | None:
 
 def _named_tag(ckpt_dir: Path, resume: str, tags: list[str]) -> str:
     tag = Path(resume).name
-    if Path(resume).parent != Path(".") and Path(resume).parent.resolve() != ckpt_dir.resolve():
+    if store.names_another_folder(ckpt_dir, resume):
         raise store.ResumeError(f"checkpoint.resume={resume!r} is a checkpoint of another folder than this run's "
                                 f"{ckpt_dir.resolve()}: it takes a tag of this run (or its path); a run continues "
                                 "only from its own checkpoints")
@@ -151,15 +151,7 @@ def _named_tag(ckpt_dir: Path, resume: str, tags: list[str]) -> str:
 
 
 def _intact_newest_first(ckpt_dir: Path, tags: list[str]) -> tuple[list[str], list[str]]:
-    """The complete tags whose files are as written, newest first, and a note for each damaged one passed over."""
-    notes, intact = [], []
-    for tag in reversed(tags):
-        problem = store.damage(ckpt_dir / tag)
-        if problem:
-            notes.append(f"checkpoint {(ckpt_dir / tag).resolve()} is damaged ({problem}): falling back to an earlier "
-                         "one")
-        else:
-            intact.append(tag)
+    intact, notes = store.intact_newest_first(ckpt_dir, tags)
     if notes and not intact:
         raise store.ResumeError(f"every checkpoint in {ckpt_dir.resolve()} is damaged: {'; '.join(notes)}; move "
                                 "them aside (or set checkpoint.resume=none) to start over")

@@ -97,6 +97,26 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def names_another_folder(ckpt_dir: Path, resume: str) -> bool:
+    """`checkpoint.resume` given as a path whose folder is not this run's checkpoints/."""
+    folder = Path(resume).parent
+    return folder != Path(".") and folder.resolve() != ckpt_dir.resolve()
+
+
+def intact_newest_first(ckpt_dir: Path, tags: list[str]) -> tuple[list[str], list[str]]:
+    """The complete tags whose files are as written, newest first, and a note for each damaged one passed over:
+    what a resume and an export may read."""
+    notes, intact = [], []
+    for tag in reversed(tags):
+        problem = damage(ckpt_dir / tag)
+        if problem:
+            notes.append(f"checkpoint {(ckpt_dir / tag).resolve()} is damaged ({problem}): falling back to an earlier "
+                         "one")
+        else:
+            intact.append(tag)
+    return intact, notes
+
+
 def _written_files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != MARKER}
