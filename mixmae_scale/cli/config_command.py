@@ -15,8 +15,12 @@ def _config_show(args: argparse.Namespace) -> int:
 
     from mixmae_scale.config import load_resolved
     from mixmae_scale.config.deepspeed_config import build_deepspeed_config
+    from mixmae_scale.data.loaders import job_crop_scale
 
     resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.world_size)
+    job = args.job or resolved.run_kind()
+    resolved.config.data.crop_scale = job_crop_scale(resolved.config, job)  # as the run's config.yaml records it
+    print(f"job: {job} ({'--job' if args.job else 'what the profile sets up; --job to choose'})", file=sys.stderr)
     data = resolved.to_dict()
     data["deepspeed_config"] = build_deepspeed_config(resolved)
     derived = resolved.derived
@@ -36,4 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = config_sub.add_parser("show", help="print the merged, validated configuration and derived values")
     add_profile_args(show)
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.add_argument("--job", choices=("pretrain", "finetune", "segment"), default=None,
+                      help="the job whose recipe fills what the profile leaves to it (data.crop_scale); by default "
+                           "the profile's: segment.* set -> segment, finetune.init set -> finetune, else pretrain")
     show.set_defaults(handler=_config_show)

@@ -81,7 +81,8 @@ class DataConfig:
     # trainer replaces it with the manifest's count.
     train_samples: int = 1_281_167
     # The random-resized-crop scale; None: the job's recipe (data/loaders.py: pretraining 0.2-1, fine-tuning
-    # 0.08-1, segmentation 0.25-1). A value given applies to whichever job runs.
+    # 0.08-1, segmentation 0.25-1). A value given applies to whichever job runs. A run's config.yaml records the
+    # scale used (engine/loop.start_run fills it).
     crop_scale: list[float] | None = None
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     hflip: float = 0.5

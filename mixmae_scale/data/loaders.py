@@ -22,6 +22,13 @@ FINETUNE_CROP_SCALE = (0.08, 1.0)  # the official fine-tuning recipe's
 # the objects' context (mmseg's ADE20K recipe rescales by 0.5-2x and crops; below a quarter a crop of a demo
 # picture is often all background or all texture).
 SEGMENT_CROP_SCALE = (0.25, 1.0)
+JOB_CROP_SCALE = {"pretrain": PRETRAIN_CROP_SCALE, "finetune": FINETUNE_CROP_SCALE, "segment": SEGMENT_CROP_SCALE}
+
+
+def job_crop_scale(config: Config, job: str) -> list[float]:
+    """`data.crop_scale` as `job` applies it: the value given, or the job's recipe where it is null. A run writes this
+    into its config.yaml (and `config show` prints it) so that the file says the scale the run cropped with."""
+    return list(config.data.crop_scale if config.data.crop_scale is not None else JOB_CROP_SCALE[job])
 
 
 @dataclass(frozen=True)
@@ -75,15 +82,13 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
                   num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
                   crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, interpolation=data.interpolation,
                   device_id=place.device_id, order_seed=config.run.seed)
-    given = tuple(data.crop_scale) if data.crop_scale is not None else None  # None: the job's recipe
+    crop_scale = tuple(job_crop_scale(config, role))
     if role == "pretrain":
-        return PipelineSpec(**common, crop_scale=given or PRETRAIN_CROP_SCALE, with_labels=False,
-                            output_dtype=loader_dtype(engine_dtype))
+        return PipelineSpec(**common, crop_scale=crop_scale, with_labels=False, output_dtype=loader_dtype(engine_dtype))
     if role == "segment":
-        return PipelineSpec(**common, crop_scale=given or SEGMENT_CROP_SCALE, with_masks=True,
-                            output_dtype=loader_dtype(engine_dtype))
+        return PipelineSpec(**common, crop_scale=crop_scale, with_masks=True, output_dtype=loader_dtype(engine_dtype))
     ft = config.finetune
-    return PipelineSpec(**common, crop_scale=given or FINETUNE_CROP_SCALE,
+    return PipelineSpec(**common, crop_scale=crop_scale,
                         rand_augment_std=ft.rand_augment_magnitude_std,
                         rand_augment=(ft.rand_augment_ops, ft.rand_augment_magnitude)
                         if ft.rand_augment_ops > 0 else None)

@@ -41,6 +41,7 @@ from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.loader import Batch
+from mixmae_scale.data.loaders import job_crop_scale
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import distributed, faults, run_folder, run_record
 from mixmae_scale.engine.checkpointing import store
@@ -110,14 +111,17 @@ class RunContext:
 
 
 def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int, max_steps: int | None = None,
-              overwrite: bool = False, exclude: Callable[[ShardMixture], ShardMixture] | None = None) -> RunContext:
+              overwrite: bool = False, exclude: Callable[[ShardMixture], ShardMixture] | None = None,
+              job: str = "pretrain") -> RunContext:
     """Process group, configuration resolved for the real world size and data, the run folder, the resume plan.
-    `exclude` takes samples out of the training data (pretraining's held-out tail, data/heldout.py).
+    `exclude` takes samples out of the training data (pretraining's held-out tail, data/heldout.py); `job` fills
+    what the configuration leaves to the job's recipe (`data.crop_scale`), so that config.yaml says what ran.
 
     Nothing in the run folder is written before the plan is made: another run's folder is refused unless
     `overwrite` moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished
     run is reported (`RunAlreadyComplete`) with its files as they were."""
     stop = StopFlag()  # first: a signal during start-up waits for the first step boundary
+    config.data.crop_scale = job_crop_scale(config, job)
     rank, world, device = distributed.init(local_rank)
     train_data = training_mixture(config.data.shards, config.data.train_split,
                                   [(s.shards, s.weight, s.split) for s in config.data.sources])

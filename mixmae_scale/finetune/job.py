@@ -109,7 +109,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
     if pretrained is None and config.finetune.init:
         pretrained = load_encoder(config.finetune.init)
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite)
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune")
     derived, ft = ctx.resolved.derived, config.finetune
     if not ctx.train_data.labeled:  # first: a class count would not help shards without labels
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "

@@ -118,7 +118,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     data = config.data
     heldout = choose_heldout(data.shards, data.train_split, data.val_split, data.heldout,
                              heldout_count(config.logging.heldout_batches, config.batch.micro))
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=heldout.exclude_from)
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=heldout.exclude_from,
+                    job="pretrain")
     if ctx.rank == 0 and heldout.train_tail:  # a validation split is the usual case: nothing to say
         log.info("%s", heldout.describe())
     derived = ctx.resolved.derived

@@ -90,7 +90,7 @@ def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | 
             overwrite: bool = False) -> dict[str, Any]:
     """One segmentation run to its last step (or a stop); returns the summary it writes to summary.json."""
     check_init(config)  # the user's mistake, said before a process group or run folder is made
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite)
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="segment")
     derived, seg = ctx.resolved.derived, config.segment
     model = build_model(config).to(ctx.device)
     if ctx.rank == 0:

@@ -91,7 +91,9 @@ def test_finetuning_from_a_random_init_learns_the_demo_classes(demo_shards, tmp_
 def test_finetuning_log_has_no_deprecation_warnings_or_deepspeed_build_lines(finetuned):
     """DALI's RandAugment used deprecated `fn.experimental` operators: eight warnings, half of this log."""
     log = (finetuned / "finetune.log").read_text()
-    assert yaml.safe_load((finetuned / "run" / "config.yaml").read_text())["finetune"]["rand_augment_ops"] > 0
+    written = yaml.safe_load((finetuned / "run" / "config.yaml").read_text())
+    assert written["finetune"]["rand_augment_ops"] > 0
+    assert written["data"]["crop_scale"] == [0.08, 1.0]  # the scale it cropped with (the profile leaves it null)
     assert "is now deprecated" not in log and "built successfully" not in log
     assert "eval at step 20" in log  # the log is the run's
 

@@ -297,7 +297,8 @@ def test_another_run_in_a_used_folder_is_refused_and_overwrite_moves_the_earlier
     summary = json.loads((run / "summary.json").read_text())
     assert summary["checkpoint"] == str(run / "checkpoints" / "step00000004") and summary["steps"] == 4
     assert sorted(losses(run)) == [1, 2, 3, 4]
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["embed_dim"] == 16
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["model"]["embed_dim"] == 16 and written["data"]["crop_scale"] == [0.2, 1.0]  # recipe, not null
     assert main(["export", str(run)]) == 0
     assert capsys.readouterr().out.startswith(f"exported step 4 of run {run} to {run / 'encoder.safetensors'}: "
                                               "encoder, ")

@@ -39,7 +39,9 @@ def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores
     assert f"mIoU {evals[-1]['miou']:.2f}%" in result.stdout
     assert json.loads((run_dir / "run.json").read_text())["job"] == "segment"  # it said pretrain
     # metrics.csv's lr is the schedule's (linear warm-up here), not the head's group at head_lr_scale (30x) times it
-    derived = yaml.safe_load((run_dir / "config.yaml").read_text())["derived"]
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["data"]["crop_scale"] == [0.25, 1.0]  # segmentation's recipe, written where the profile has null
+    derived = written["derived"]
     assert derived["warmup_steps"] > 6
     with (run_dir / "metrics.csv").open() as handle:
         lrs = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}

@@ -3,6 +3,8 @@ they differ in (augmentations, labels, rank share, dtype) and agree on the evalu
 
 from __future__ import annotations
 
+import json
+
 from mixmae_scale.config import load_config
 from mixmae_scale.data.loaders import FINETUNE_CROP_SCALE, LoaderPlace, eval_spec, loader_dtype, spec_for
 from mixmae_scale.seeds import stream_seed
@@ -40,6 +42,25 @@ def test_a_crop_scale_given_applies_to_whichever_job_runs_and_none_is_each_jobs_
     recipes = [spec_for(load_config(profile)[0], role, 8, PLACE).crop_scale
                for profile, role in (("swin_b", "pretrain"), ("finetune_b", "finetune"), ("seg_ade20k", "segment"))]
     assert recipes == [(0.2, 1.0), FINETUNE_CROP_SCALE, SEGMENT_CROP_SCALE] == [(0.2, 1.0), (0.08, 1.0), (0.25, 1.0)]
+
+
+def test_config_show_prints_the_crop_scale_the_job_would_use_not_null(capsys):
+    """`config show` printed `crop_scale: null` (the job's recipe, but which?); it now prints the job's value: the
+    profile's own job by default, or the one `--job` names, and a value given whatever the job."""
+    from mixmae_scale.cli import main
+
+    def shown(*args: str) -> tuple[list[float], str]:
+        assert main(["config", "show", "--json", *args]) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out)["data"]["crop_scale"], err
+
+    scale, err = shown("--profile", "finetune_b")
+    assert scale == [0.08, 1.0] and "job: finetune (what the profile sets up" in err
+    assert shown("--profile", "swin_b")[0] == [0.2, 1.0]
+    assert shown("--profile", "seg_ade20k")[0] == [0.25, 1.0]
+    scale, err = shown("--profile", "swin_b", "--job", "segment")
+    assert scale == [0.25, 1.0] and "job: segment (--job)" in err
+    assert shown("--profile", "finetune_b", "--set", "data.crop_scale=[0.3,1.0]")[0] == [0.3, 1.0]
 
 
 def test_the_heldout_loss_reads_the_same_images_on_every_rank_and_validation_reads_its_rank_share():
