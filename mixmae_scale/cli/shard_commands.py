@@ -55,7 +55,14 @@ def _shards_adopt(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.adopt import AdoptOptions, adopt, summary_lines
 
     options = AdoptOptions(split=args.split, decode=args.decode, workers=args.workers, max_rejected=args.max_rejected)
-    result = adopt(args.src, args.out, options)
+    try:
+        result = adopt(args.src, args.out, options)
+    except FileNotFoundError:
+        raise  # a source path that is not there: said in one line by the CLI
+    except OSError as exc:  # the output side (disk full, unwritable folder); a tar that cannot be read is retried
+        print(f"mixmae: error: writing the indexes to {args.out} failed: {exc}. Indexed tars are kept; free space "
+              "or fix the folder, then run the same command again to resume", file=sys.stderr)
+        return 1
     _print_notes(result)
     for line in summary_lines(result, args.split):
         print(line)

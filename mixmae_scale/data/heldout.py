@@ -117,17 +117,20 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
     splits = load_manifest(location).splits
     if mode != "train" and val_split in splits:
         return HeldOut(load_split(location, val_split), 0, 0)
+    adopted = train_split in splits and splits[train_split].adopted
+    # A converted set cannot take an adopted split (`shards adopt` refuses it): its way is a conversion again.
+    add_one = (f"adopt a validation split into the set (`mixmae shards adopt SRC --out {location} --split "
+               f"{val_split}`)" if adopted else
+               "convert the images again with a validation split into a new folder (`mixmae shards folder --src "
+               "SRC --out NEW --val-fraction 0.05`)")
     if mode == "split":
         raise DataError(f"{path}: no split '{val_split}' (data.val_split); it has {sorted(splits)}. data.heldout=auto "
-                        f"holds out the end of '{train_split}' instead, or adopt a validation split into the set "
-                        f"(`mixmae shards adopt SRC --out {location} --split {val_split}`)")
+                        f"holds out the end of '{train_split}' instead, or {add_one}")
     train = load_split(location, train_split)
     if train.samples < 2 * count:
         why = (f"data.heldout=train holds out the end of '{train_split}' (the set's '{val_split}' is not read)"
                if val_split in splits else f"no split '{val_split}'")
-        way = (f"data.heldout=auto reads '{val_split}' instead" if val_split in splits else
-               f"adopt a validation split into the set (`mixmae shards adopt SRC --out {location} --split "
-               f"{val_split}`)")
+        way = f"data.heldout=auto reads '{val_split}' instead" if val_split in splits else add_one
         raise DataError(f"{path}: {why}, and '{train_split}' has {train.samples} samples, too few to hold out "
                         f"{count} (logging.heldout_batches x batch.micro) and train on the rest; {way}, or lower "
                         "logging.heldout_batches or batch.micro")

@@ -198,13 +198,25 @@ class _Limited:
 
 
 def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
-    """Every file under a folder or s3:// prefix (recursively) whose name ends with `suffix`, sorted by name."""
+    """Every file under a folder or s3:// prefix (recursively) whose name ends with `suffix`, sorted by name.
+    Linked folders are followed (Path.rglob skipped them: a set spread over linked disks lost their tars unsaid),
+    each real folder once."""
     if not is_remote(prefix):
         root = Path(prefix)
         if not root.is_dir():
             raise StorageError(f"{root.resolve()}: " + ("a file, not a folder" if root.exists() else "no such folder"))
-        return sorted((StoredFile(p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob(f"*{suffix}")
-                       if p.is_file()), key=lambda f: f.name)
+        found, seen = [], set()
+        for folder, subfolders, files in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a link back up the tree, or two links to one folder
+                subfolders.clear()
+                continue
+            seen.add(real)
+            for name in files:
+                path = Path(folder, name)
+                if name.endswith(suffix) and path.is_file():
+                    found.append(StoredFile(path.relative_to(root).as_posix(), path.stat().st_size))
+        return sorted(found, key=lambda f: f.name)
     bucket, key = split_url(str(prefix))
     key = key.rstrip("/") + "/" if key else ""
     found: list[StoredFile] = []

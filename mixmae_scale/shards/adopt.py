@@ -175,7 +175,11 @@ def _place(manifest: Manifest | None, src: str, split: str) -> tuple[str, dict[s
     """Where this split's tars are named from: (the manifest's base, the other splits with their tar
     names made relative to that base, the prefix that turns a name relative to SRC into one relative to
     the base). A second split from another folder moves the base up to the folder both share."""
-    others = {k: v for k, v in (manifest.splits if manifest else {}).items() if k != split}
+    splits = manifest.splits if manifest else {}
+    if split in splits and not splits[split].adopted:  # adopting over it replaced it and kept its class names
+        raise SourceError(f"the output already holds split '{split}' converted by `mixmae shards`: adopting would "
+                          "replace it; adopt into another folder")
+    others = {k: v for k, v in splits.items() if k != split}
     if not others:
         return src, {}, ""
     old_base = manifest.base
@@ -325,9 +329,12 @@ class AdoptionSource:
         rows = [{"shard": s.name, "problem": s.problem} for s in shards if s.problem]
         rows += [{"shard": s.name, **r} for s in shards for r in s.rejected]
         rows += [{"shard": s.name, **r} for s in shards for r in s.ignored]
-        reasons = [r["reason"] for s in shards for r in s.rejected] + [s.problem for s in bad_tars]
+        # A rejected sample weighs what it loses: 500 video frames that share a dotted key are 500 samples lost,
+        # not one, in the ceiling's share (tar_index records them as "images").
+        extra = [r["reason"] for s in shards for r in s.rejected for _ in range(r.get("images", 1) - 1)]
+        reasons = [r["reason"] for s in shards for r in s.rejected] + extra + [s.problem for s in bad_tars]
         empty = f"{self.src}: no sample of its {len(shards)} tar(s) can be read; see {storage.join(self.out, REJECTED)}"
-        return SplitOutcome(entry, rows, entry.counts["found"] + len(bad_tars), reasons, warnings, empty)
+        return SplitOutcome(entry, rows, entry.counts["found"] + len(extra) + len(bad_tars), reasons, warnings, empty)
 
     def _entry(self, split: str, shards: list[AdoptedShard]) -> tuple[SplitEntry, list[str]]:
         found, samples = sum(s.found for s in shards), sum(s.samples for s in shards)
@@ -342,7 +349,7 @@ class AdoptionSource:
         if 0 < labeled_samples < samples:
             warnings.append(f"{split}: {samples - labeled_samples} of {samples} indexed samples have no cls, so the "
                             "split is unlabeled: pretraining reads it, fine-tuning and probes need labels")
-        old_classes = self.previous.classes if self.previous else []
+        old_classes = self.previous.classes if self.other_splits else []  # the set's other splits keep theirs
         max_label = max([s.max_label for s in shards] if labeled else [-1])
         self.classes = old_classes + [{"index": i} for i in range(len(old_classes), max_label + 1)]
         if labeled and (warning := _sorted_warning(split, shards, max_label + 1)):

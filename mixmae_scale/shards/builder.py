@@ -115,9 +115,9 @@ def build(source: ShardSource, out: str) -> BuildResult:
         if not warnings:
             raise
         raise TooManyRejected(f"{exc}. Also: {'; '.join(warnings)}") from None
-    for outcome in outcomes.values():
-        if outcome.empty_error and not outcome.entry.shards:
-            raise SourceError(outcome.empty_error)
+    for split, outcome in outcomes.items():
+        if not outcome.entry.shards and (outcome.empty_error or not outcome.found):
+            raise SourceError(outcome.empty_error or f"{split}: nothing to write: no {source.unit} found")
     manifest = source.manifest({split: o.entry for split, o in outcomes.items()})
     publish(out, manifest, source.classes_file)
     return BuildResult(manifest, out, notes, warnings, done_now)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
-from mixmae_scale.data.manifest import Manifest, ShardEntry, SplitEntry
+from mixmae_scale.data.manifest import Manifest, ShardEntry, SplitEntry, load_manifest, manifest_exists
 from mixmae_scale.shards.builder import BuildResult, SplitOutcome, WorkList, build, reconcile, resume
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
 from mixmae_scale.shards.masks import MaskLayout, ade20k_layout, demo_layout
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
-from mixmae_scale.shards.saved_plan import SourceChanges, resume_plan
+from mixmae_scale.shards.saved_plan import SourceChanges, planned_files, resume_plan
 from mixmae_scale.shards.sources import (
     SourceError,
     SourceImage,
@@ -123,6 +123,47 @@ def _check_same_options(out: str, options: ConvertOptions) -> None:
         storage.write_text(url, json.dumps(current, sort_keys=True))
 
 
+def _check_no_adopted_splits(out: str) -> None:
+    """A conversion writes a manifest of its own splits: one that held adopted splits lost them, unsaid."""
+    if not manifest_exists(out):
+        return
+    adopted = [name for name, entry in load_manifest(out).splits.items() if entry.adopted]
+    if adopted:
+        raise SourceError(f"{out} holds split(s) adopted with `mixmae shards adopt` ({', '.join(adopted)}): a "
+                          "conversion writes a manifest of its own splits and would drop them; convert into "
+                          "another folder")
+
+
+SAMPLED_FOR_A_MOVE = 32  # planned files checked when --src names another folder than the one a conversion began
+
+
+def _check_same_source(src: Path, out: str, options: ConvertOptions) -> str:
+    """A conversion resumed from another --src mixed two datasets in one set (the plan took the new folder's
+    files as files that appeared). Another path holding the planned files at their sizes is the same source
+    moved (a mount point that differs between nodes): resumed, and said (returned as a warning). Otherwise
+    refused."""
+    url = storage.join(out, f"{PROGRESS_DIR}/source.json")
+    here = str(src.resolve())
+    before = json.loads(storage.read_text(url))["src"] if storage.exists(url) else None
+    if before == here:
+        return ""
+    planned = [(split, rel, size) for split in options.splits
+               for rel, size in list(planned_files(out, split).items())[:SAMPLED_FOR_A_MOVE]]
+    if before is not None and planned:
+        def same(split: str, rel: str, size: int) -> bool:
+            path = _split_root(src, split, options) / rel
+            return path.is_file() and path.stat().st_size == size
+
+        missing = [rel for split, rel, size in planned if not same(split, rel, size)]
+        if missing:
+            raise SourceError(f"{out} holds a conversion of {before}, not of --src {src} ({len(missing)} of "
+                              f"{len(planned)} planned files checked are not there at their sizes, e.g. "
+                              f"{missing[0]}): convert into another folder, or resume with --src {before}")
+    storage.write_text(url, json.dumps({"src": here}))
+    return (f"{out}: this conversion began from {before}; --src {src} holds its planned files (checked "
+            f"{len(planned)}), taken as the same folder moved") if before is not None and planned else ""
+
+
 def _split_root(src: Path, split: str, options: ConvertOptions) -> Path:
     """The folder a split's relative file names start from (--val-fraction: both splits come from `src`)."""
     whole = options.layout in ("imagenet", "ade20k") or split == "train" or options.val_fraction
@@ -138,7 +179,7 @@ class Discovered:
     ignored: list[str]
 
 
-def _discover(src: Path, split: str, options: ConvertOptions) -> Discovered:
+def _discover(src: Path, split: str, options: ConvertOptions, kept: dict[str, str]) -> Discovered:
     ignored: list[str] = []
     if options.layout == "imagenet":
         return Discovered(*imagenet_split(src, split, ignored), ignored)
@@ -146,18 +187,21 @@ def _discover(src: Path, split: str, options: ConvertOptions) -> Discovered:
         return Discovered(*ade20k_split(src, split, ignored), ignored)
     if options.val_fraction:  # both splits from the one folder, the same draw for each
         images, classes = folder_images(src, ignored)
-        train, val = hold_out(images, options.val_fraction, options.seed)
+        train, val = hold_out(images, options.val_fraction, options.seed, kept)
         return Discovered(train if split == "train" else val, classes, ignored if split == "train" else [])
     return Discovered(*folder_images(_split_root(src, split, options), ignored), ignored)
 
 
-def discover_splits(src: Path, options: ConvertOptions) -> dict[str, Discovered]:
-    """Every split's files before any shard is written, so that one run names the problems of all splits."""
+def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) -> dict[str, Discovered]:
+    """Every split's files before any shard is written, so that one run names the problems of all splits.
+    `out`: a conversion resumed there keeps each file in the split its saved plan put it in (--val-fraction)."""
+    kept = {rel: split for split in options.splits for rel in planned_files(out, split)} \
+        if out is not None and options.val_fraction else {}
     found: dict[str, Discovered] = {}
     problems: list[str] = []
     for split in options.splits:
         try:
-            found[split] = _discover(src, split, options)
+            found[split] = _discover(src, split, options, kept)
         except SourceError as exc:
             if str(exc) not in problems:
                 problems.append(str(exc))
@@ -223,7 +267,9 @@ class ConversionSource:
         self.state: dict[str, _Split] = {}
 
     def discover(self) -> tuple[list[str], list[str]]:
-        self.discovered = discover_splits(self.src, self.options)
+        self.discovered = discover_splits(self.src, self.options, self.out)
+        for split in self.splits:  # every split's plan saved before any shard: a resume finds the partition whole
+            self.state[split] = self._plan(split)
         return [f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored], []
 
     def _plan(self, split: str) -> _Split:
@@ -239,7 +285,7 @@ class ConversionSource:
         return _Split(plans, changes)
 
     def pending(self, split: str) -> tuple[WorkList, list[str]]:
-        state = self.state[split] = self._plan(split)
+        state = self.state[split]
         records = finished_records(self.out, [p.name for p in state.plans])
         todo, done = resume(state.plans, records, key=lambda plan: plan.name)
         needed = [sum(im.size for im in p.images) for p in todo]
@@ -308,23 +354,27 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
     fresh = source.staging is None and not Path(out).exists()
     if source.staging is None:
         Path(out).mkdir(parents=True, exist_ok=True)
+    _check_no_adopted_splits(out)
     _check_same_options(out, options)
     try:
+        moved = _check_same_source(src, out, options)
         result = build(source, out)
     except SourceError:
         if fresh:  # refused before a shard was written: no empty output folder is left behind
             _remove_if_empty(Path(out))
         raise
+    if moved:
+        result.warnings.insert(0, moved)
     if source.staging is not None and source.staging.is_dir() and not any(source.staging.iterdir()):
         source.staging.rmdir()
     return result
 
 
 def _remove_if_empty(folder: Path) -> None:
-    """`folder`, if it holds nothing but the options this command recorded on starting (no shard, no plan, no
-    progress record: nothing a rerun would resume from)."""
-    options = folder / PROGRESS_DIR / "options.json"
-    if folder.is_dir() and all(path == options for path in folder.rglob("*") if path.is_file()):
+    """`folder`, if it holds nothing but the options and source this command recorded on starting (no shard, no
+    plan, no progress record: nothing a rerun would resume from)."""
+    recorded = {folder / PROGRESS_DIR / "options.json", folder / PROGRESS_DIR / "source.json"}
+    if folder.is_dir() and all(path in recorded for path in folder.rglob("*") if path.is_file()):
         shutil.rmtree(folder)
 
 

@@ -43,14 +43,15 @@ def check_rejections(what: str, found: int, reasons: list[str], max_rejected: fl
 def check_every_split(counts: list[tuple[str, int, list[str]]], max_rejected: float, rejections_file: str,
                       unit: str = "files") -> None:
     """One TooManyRejected naming every (split, found, reasons) above `max_rejected`, so that one run tells
-    the user about all of them, with the one --max-rejected that accepts them all."""
+    the user about all of them, with the one --max-rejected that accepts them all. A split that found nothing
+    is not a share of rejections (no --max-rejected would pass it): the build says it is empty."""
     over, suggest = [], 0.0
     for what, found, reasons in counts:
         rejected = len(reasons)
-        if found and rejected / found <= max_rejected:
+        if not found or rejected / found <= max_rejected:
             continue
-        share = f"{100 * rejected / found:.1f}%" if found else "all"
-        suggest = max(suggest, min(1.0, round(rejected / found + 0.005, 2)) if found else 1.0)
+        share = f"{100 * rejected / found:.1f}%"
+        suggest = max(suggest, min(1.0, round(rejected / found + 0.005, 2)))
         over.append(f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
                     + (f": {reason_counts(reasons)}" if reasons else ""))
     if over:

@@ -71,6 +71,15 @@ def _load(url: str, split: str, root: Path) -> tuple[list[ShardPlan], list[str]]
     return plans, data["classes"]
 
 
+def planned_files(out: str, split: str) -> dict[str, int]:
+    """The files the split's saved plan names (relative name -> size); empty when no plan was saved."""
+    url = plan_url(out, split)
+    if not storage.exists(url):
+        return {}
+    data = json.loads(gzip.decompress(storage.read_bytes(url)))
+    return {rel: size for shard in data["shards"] for rel, _, _, size in shard["images"]}
+
+
 def resume_plan(out: str, split: str, root: Path, images: list[SourceImage], classes: list[str],
                 make_plans: Callable[[list[SourceImage], int, int], list[ShardPlan]],
                 started: bool) -> tuple[list[ShardPlan], SourceChanges]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,20 +232,32 @@ def is_ade20k_tree(src: Path) -> bool:
     return (src / "images").is_dir() and (src / "annotations").is_dir()
 
 
-def hold_out(images: list[SourceImage], fraction: float, seed: int) -> tuple[list[SourceImage], list[SourceImage]]:
+def hold_out(images: list[SourceImage], fraction: float, seed: int, kept: Mapping[str, str] | None = None
+             ) -> tuple[list[SourceImage], list[SourceImage]]:
     """(train, val): `fraction` of each class held out for validation, drawn with `seed`, so that a folder of
     class subfolders becomes the two splits finetune, eval and probe need. Per class, not over the whole
-    folder: a small class keeps its share in both splits. Every class keeps at least one training image."""
+    folder: a small class keeps its share in both splits. Every class keeps at least one training image.
+
+    `kept` (file -> split) is the partition a conversion began with: those files stay in their split, and only
+    files it does not name are drawn. Drawing again over a folder that changed moved files across (every class
+    shares one generator): files already written to val went to train as well."""
+    kept = kept or {}
     by_class: dict[int, list[SourceImage]] = defaultdict(list)
-    for image in images:
-        by_class[image.label].append(image)
-    rng = random.Random(f"val-fraction-{seed}")
     train: list[SourceImage] = []
     val: list[SourceImage] = []
+    for image in images:
+        split = kept.get(image.rel)
+        (train if split == "train" else val if split == "val" else by_class[image.label]).append(image)
+    rng = random.Random(f"val-fraction-{seed}")
     for label in sorted(by_class):
         group = sorted(by_class[label], key=lambda image: image.rel)
         rng.shuffle(group)
         count = min(len(group) - 1, round(fraction * len(group)))
         val += group[:count]
         train += group[count:]
+    if images and not val and not kept:
+        largest = max(Counter(image.label for image in images).values())
+        raise SourceError(f"--val-fraction {fraction:g} holds out no image: round({fraction:g} x images of a class) "
+                          f"is 0 for every class (the largest has {largest}), and each class keeps one for training; "
+                          "raise the fraction")
     return train, val

@@ -186,6 +186,11 @@ def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
         return f"member {repeated!r} appears twice"
     exts = [m.ext for m in sample.members]
     images = [m for m in sample.members if m.ext.lower() in IMAGE_EXTENSIONS]
+    dotted = image_like_members(sample)
+    if len(dotted) > 1 and not images:
+        return (f"{len(dotted)} images share the key {sample.key!r} ({dotted[0].name}, ...): a key is the name up to "
+                "its first dot (webdataset's rule), so names with a dot before the extension make one sample of "
+                "many; rename them without it (e.g. clip7_f0001.jpg)")
     if not images:
         return f"no image member (jpg, jpeg, png or webp); it has {', '.join(exts)}"
     if len(images) > 1:
@@ -194,6 +199,14 @@ def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
     if images[0].size == 0:
         return f"image member {images[0].name!r} is empty (0 bytes)"
     return sample.problem
+
+
+def image_like_members(sample: _Sample) -> list[Member]:
+    """Members whose names end like an image (`f0001.jpg` as well as `jpg`), segmentation masks aside. A rejected
+    sample made only of such names (video frames `clip7.f0001.jpg` ... under one dotted key) is counted by the
+    rejection ceiling as the images it held, not as one sample."""
+    return [m for m in sample.members
+            if m.ext.lower() != MASK_EXTENSION and m.ext.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
 
 
 @dataclass
@@ -284,7 +297,10 @@ def _finish(samples: list[_Sample], result: TarIndex) -> None:
         else:
             problem = _sample_problem(sample, runs)
         if problem:
-            result.rejected.append({"key": sample.key, "reason": problem, "members": [m.name for m in sample.members]})
+            dotted = image_like_members(sample)
+            lost = len(dotted) if not any(m.ext.lower() in IMAGE_EXTENSIONS for m in sample.members) else 1
+            result.rejected.append({"key": sample.key, "reason": problem, "members": [m.name for m in sample.members],
+                                    **({"images": lost} if lost > 1 else {})})
             continue
         result.lines.append(" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in sample.members))
         result.keys.append(sample.key)

@@ -297,3 +297,76 @@ def test_tars_named_for_another_split_are_not_adopted_into_this_one(wds_sets, tm
                                           r"train: add --split val"):
         adopt(only_val, tmp_path / "refused", AdoptOptions())
     assert not (tmp_path / "refused" / "dataset.json").exists()
+
+
+def _labeled_tar(path: Path, count: int, label: int = 0) -> None:
+    write_tar(path, [m for i in range(count)
+                     for m in ((f"s{i}.jpg", image_bytes("jpg")), (f"s{i}.cls", b"%d" % label))])
+
+
+def test_tars_under_a_linked_folder_are_adopted(tmp_path):
+    """Path.rglob does not follow linked folders: a set spread over linked disks lost their tars, said nowhere
+    (every folder linked: "no .tar files found ... it is empty"). A link back up the tree is listed once."""
+    _labeled_tar(tmp_path / "src" / "local-000.tar", 3)
+    _labeled_tar(tmp_path / "elsewhere" / "part1" / "remote-000.tar", 4)
+    (tmp_path / "src" / "part1").symlink_to(tmp_path / "elsewhere" / "part1", target_is_directory=True)
+    (tmp_path / "src" / "loop").symlink_to(tmp_path / "src", target_is_directory=True)
+    result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1))
+    assert result.manifest.splits["train"].samples == 7
+    assert sorted(s.name for s in result.manifest.splits["train"].shards) == ["local-000.tar", "part1/remote-000.tar"]
+
+
+def test_adopting_over_a_converted_split_or_converting_over_an_adopted_one_is_refused(tmp_path, capsys):
+    """`adopt --split train` into a converted train-only set replaced it (and gave the adopted labels the old set's
+    class names); a conversion into a folder holding an adopted split wrote a manifest without it. Both silent."""
+    from tests.unit.test_shards import _class_folder_tree
+
+    src = _class_folder_tree(tmp_path / "images", per_class=3)
+    converted = tmp_path / "converted"
+    assert main(["shards", "folder", "--src", str(src), "--out", str(converted), "--workers", "1"]) == 0
+    _labeled_tar(tmp_path / "tars" / "train-000.tar", 3)
+    before = (converted / "dataset.json").read_text()
+    with pytest.raises(SourceError, match="already holds split 'train' converted by `mixmae shards`"):
+        adopt(tmp_path / "tars", converted, AdoptOptions(split="train", workers=1))
+    assert (converted / "dataset.json").read_text() == before
+    adopted = tmp_path / "adopted"
+    _labeled_tar(tmp_path / "valtars" / "val-000.tar", 2)
+    adopt(tmp_path / "valtars", adopted, AdoptOptions(split="val", workers=1))
+    capsys.readouterr()
+    assert main(["shards", "folder", "--src", str(src), "--out", str(adopted), "--workers", "1"]) == 2
+    assert "holds split(s) adopted with `mixmae shards adopt` (val)" in capsys.readouterr().err
+    assert list(json.loads((adopted / "dataset.json").read_text())["splits"]) == ["val"]
+
+
+def test_tars_that_hold_no_sample_are_said_to_be_empty_not_over_the_rejection_ceiling(tmp_path):
+    """found 0 was "0 of 0 rejected (all), above --max-rejected; accept them with --max-rejected 1", which
+    failed the same way again."""
+    write_tar(tmp_path / "src" / "train-000.tar", [])
+    with pytest.raises(SourceError, match=r"no sample of its 1 tar\(s\) can be read"):
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1, max_rejected=1))
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, capsys):
+    _labeled_tar(tmp_path / "src" / "train-000.tar", 2)
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["shards", "adopt", str(tmp_path / "src"), "--out", str(tmp_path / "a-file" / "out"),
+                 "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"mixmae: error: writing the indexes to {tmp_path / 'a-file' / 'out'} failed: " in err
+    assert "Traceback" not in err and err.endswith("then run the same command again to resume\n")
+
+
+def test_frames_whose_names_share_a_dotted_key_count_as_the_images_they_are_and_say_why(tmp_path):
+    """clip7.f0001.jpg ... share the key 'clip7' (webdataset's rule: the name up to its first dot): one sample with
+    no plain image extension, rejected as one of 201 samples (0.5%, under the 1% ceiling), so 30 of 230 images were
+    lost with exit 0. Each image it held now counts, and the reason says what happened."""
+    members = [m for i in range(200) for m in ((f"s{i:03d}.jpg", image_bytes("jpg")), (f"s{i:03d}.cls", b"1"))]
+    members += [(f"clip7.f{i:04d}.jpg", image_bytes("jpg")) for i in range(30)]
+    write_tar(tmp_path / "src" / "train-000.tar", members)
+    with pytest.raises(TooManyRejected, match=r"train: 30 of 230 samples \(and unreadable tars\) rejected .*30 x "
+                                              r"\"N images share the key"):
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1))
+    row = json.loads((tmp_path / "out" / "rejected.jsonl").read_text().splitlines()[0])
+    assert row["images"] == 30 and "a key is the name up to its first dot" in row["reason"]
+    result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1, max_rejected=0.2))
+    assert result.manifest.splits["train"].samples == 200

@@ -118,9 +118,17 @@ def test_a_held_out_count_does_not_depend_on_the_world_size_and_covers_the_grids
 
 def test_too_small_a_train_split_or_a_missing_required_split_is_refused_with_the_way_out(tmp_path):
     folder = write_set(tmp_path / "set")
-    with pytest.raises(DataError, match=r"no split 'val', and 'train' has 24 samples, too few to hold out 13 .*adopt "
-                                         r"a validation split.*logging.heldout_batches"):
+    # A converted set cannot take an adopted split (`shards adopt` refuses it): the way out was a refused command.
+    with pytest.raises(DataError, match=r"no split 'val', and 'train' has 24 samples, too few to hold out 13 .*convert "
+                                         r"the images again .*--val-fraction.*logging.heldout_batches"):
         choose_heldout(str(folder), "train", "val", "auto", 13)
+    adopted = write_set(tmp_path / "adopted")
+    manifest = json.loads((adopted / "dataset.json").read_text())
+    manifest["splits"]["train"]["adopted_from"] = str(adopted)
+    (adopted / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"too few to hold out 13 .*adopt a validation split .*--out .*adopted "
+                                         r"--split val"):
+        choose_heldout(str(adopted), "train", "val", "auto", 13)
     with_val = write_set(tmp_path / "with-val", with_val=True)  # forced to the tail: the val split is not missing
     with pytest.raises(DataError, match=r"data.heldout=train holds out the end of 'train' \(the set's 'val' is not "
                                          r"read\), and 'train' has 24 samples, too few .*heldout=auto reads 'val'"):

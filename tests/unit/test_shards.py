@@ -285,6 +285,73 @@ def test_folder_val_fraction_holds_out_each_class_with_the_seed_and_says_it_read
     assert "--val-fraction 1.5: must lie in [0, 1)" in capsys.readouterr().err
 
 
+def test_a_val_fraction_conversion_resumed_on_a_changed_folder_writes_no_file_to_both_splits(tmp_path, capsys):
+    """The partition was drawn again over the folder as it was on each run, with one generator for every class:
+    one image added moved files across, and a rerun wrote 11 of 41 files to both splits (exit 0). The partition a
+    conversion began with now holds; only the new files are drawn. Both splits' plans are saved before any shard
+    (val's was saved after train's shards, so an interruption during train drew val again)."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.shards.convert import ConversionSource
+    from mixmae_scale.shards.saved_plan import plan_url
+
+    src = _class_folder_tree(tmp_path / "src", per_class=20, classes=("cat", "dog"))
+    out = tmp_path / "out"
+    options = ConvertOptions(layout="folder", splits=("train", "val"), val_fraction=0.2, workers=1,
+                             samples_per_shard=8)
+    ConversionSource(src, str(out), options).discover()
+    assert all(Path(plan_url(str(out), split)).exists() for split in ("train", "val"))
+    args = ["shards", "folder", "--src", str(src), "--out", str(out), "--val-fraction", "0.2", "--workers", "1",
+            "--samples-per-shard", "8"]
+    assert main(args) == 0
+    before = {split: set(_split_sources(out, split)) for split in ("train", "val")}
+    _jpeg(src / "cat" / "cat_00_new.jpg", colour=(1, 2, 3))  # sorts first: every later file's draw moved
+    for i in range(5):
+        _jpeg(src / "dog" / f"dog_new_{i}.jpg", colour=(3, 2, i))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "the source changed since this conversion began" in capsys.readouterr().err
+    train, val = set(_split_sources(out, "train")), set(_split_sources(out, "val"))
+    assert not train & val and len(train) + len(val) == 41 + 6
+    assert before["train"] <= train and before["val"] <= val  # nothing written before moved
+    assert len(val - before["val"]) == 1  # round(0.2 x 5) of dog's new files; cat's one new file trains
+
+
+def test_a_val_fraction_that_holds_out_nothing_is_refused_saying_why(tmp_path, capsys):
+    """round(0.1 x 5) is 0 (half to even): the val split was empty, and the rejection ceiling said "0 of 0 files
+    rejected (all)" and suggested a --max-rejected that could not help."""
+    from mixmae_scale.cli import main
+
+    src = _class_folder_tree(tmp_path / "src", per_class=4, classes=("cat", "dog"))
+    assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--val-fraction 0.1 holds out no image" in err and "the largest has 5" in err and "max-rejected" not in err
+
+
+def test_another_src_into_a_converted_folder_is_refused_and_the_same_folder_moved_resumes(tmp_path, capsys):
+    """Neither the options nor the plan recorded --src: converting B into A's output folder merged the two sets
+    (B's images taken as files that appeared), with one WARNING. The same images at another path (a mount point
+    that differs between nodes) resume, said."""
+    from mixmae_scale.cli import main
+
+    a = _class_folder_tree(tmp_path / "a", per_class=3)
+    b = _class_folder_tree(tmp_path / "b", per_class=3, classes=("cat", "dog", "eel"))
+    for image in b.rglob("*.jpg"):
+        _jpeg(image, colour=(9, 9, 9), size=(70, 50))  # other images under the same names
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--workers", "1"]
+    assert main(["shards", "folder", "--src", str(a), *args]) == 0
+    before = (out / "dataset.json").read_text()
+    capsys.readouterr()
+    assert main(["shards", "folder", "--src", str(b), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"holds a conversion of {a.resolve()}, not of --src {b}" in err and f"resume with --src {a.resolve()}" in err
+    assert (out / "dataset.json").read_text() == before
+    moved = a.rename(tmp_path / "a-moved")
+    assert main(["shards", "folder", "--src", str(moved), *args]) == 0
+    assert "taken as the same folder moved" in capsys.readouterr().err
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["samples"] == 10
+
+
 def test_image_names_are_those_torchvision_image_folder_accepts():
     """A file ImageFolder would skip (notes.txt) is ignored and counted, never a rejected image."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
