@@ -44,12 +44,14 @@ def is_remote(location: str | Path) -> bool:
 
 
 def join(base: str | Path, name: str) -> str:
-    """`name` under `base` (a folder or an s3:// prefix); an absolute path or URL in `name` stands alone."""
-    if is_remote(name) or os.path.isabs(name):
+    """`name` under `base` (a folder or an s3:// prefix); a URL in `name` stands alone, and so does an absolute
+    path under a folder. Under a prefix a leading slash is part of the key: listing `data//x.tar` under `data`
+    gives `/x.tar`, which resolved to the local file /x.tar."""
+    if is_remote(name):
         return name
     if is_remote(base):
         return str(base).rstrip("/") + "/" + name
-    return str(Path(base) / name)
+    return name if os.path.isabs(name) else str(Path(base) / name)
 
 
 def split_url(url: str) -> tuple[str, str]:

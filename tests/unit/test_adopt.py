@@ -370,3 +370,12 @@ def test_frames_whose_names_share_a_dotted_key_count_as_the_images_they_are_and_
     assert row["images"] == 30 and "a key is the name up to its first dot" in row["reason"]
     result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1, max_rejected=0.2))
     assert result.manifest.splits["train"].samples == 200
+
+
+def test_a_key_with_a_double_slash_under_a_prefix_stays_in_the_bucket():
+    """Listing `data//x.tar` under `s3://bucket/data` gives `/x.tar`, which join turned into the local /x.tar."""
+    listed = "/x.tar"
+    assert storage.join("s3://bucket/data", listed) == "s3://bucket/data//x.tar"
+    assert storage.join("s3://bucket/data/", "y/z.tar") == "s3://bucket/data/y/z.tar"
+    assert storage.join("/local/set", "/elsewhere/a.tar") == "/elsewhere/a.tar"  # an adopted set's absolute names
+    assert storage.join("/local/set", "s3://b/k.tar") == "s3://b/k.tar"
