@@ -43,7 +43,8 @@ def _launch(args: argparse.Namespace) -> int:
     from mixmae_scale.cluster.signal_relay import relay
 
     # SIGUSR1 or SIGTERM to this process (a scheduler's preemption warning) reaches every rank on this node.
-    return relay(plan.command, env=os.environ.copy())
+    one_node = resolved.config.cluster.num_nodes == 1 or resolved.config.cluster.launcher == "local"
+    return relay(plan.command, env=os.environ.copy(), shield_sigterm=one_node)
 
 
 def _plan(args: argparse.Namespace) -> int:
