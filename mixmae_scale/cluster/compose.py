@@ -1,12 +1,15 @@
 """The exact `deepspeed` launcher command for a profile, like gpt-neox's deepy.py.
 
 The command is composed from the cluster section (hostfile, include/exclude, nodes, GPUs per node,
-master address and port, launcher backend); environment variables for every rank go into the
-`.deepspeed_env` file that the launcher forwards to all nodes.
+master address and port, launcher backend). Environment variables for every rank (`cluster.env`): on one node
+they go into the launched process's environment, which the ranks inherit (DeepSpeed reads `.deepspeed_env` only
+where it starts other hosts); on several nodes into `.deepspeed_env`, with the MIXMAE_* variables of the launching
+shell, since DeepSpeed forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* and that file to remote ranks.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ class LaunchPlan:
     command: list[str]
     env_file: Path | None
     env_text: str
+    env: dict[str, str] = field(default_factory=dict)  # for every rank: the launched process's environment
     notes: list[str] = field(default_factory=list)  # what a dry run found that the real launch would refuse
 
     def shell(self) -> str:
@@ -153,8 +157,16 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
         args += ["--cluster", cluster_file]
     for item in overrides:
         args += ["--set", item]
-    env_text = "".join(f"{k}={v}\n" for k, v in sorted(c.env.items()))
-    return LaunchPlan(launcher + args, Path(workdir) / ENV_FILE if env_text else None, env_text, notes)
+    from mixmae_scale.cluster.shell_env import env_problems
+
+    env_problems(c.env, "the cluster section")
+    env = {str(k): str(v) for k, v in sorted(c.env.items())}
+    remote = c.num_nodes > 1 and c.launcher != "local"
+    if remote:
+        env = {**{k: v for k, v in sorted(os.environ.items()) if k.startswith("MIXMAE_")}, **env}
+    env_text = "".join(f"{k}={v}\n" for k, v in env.items())
+    env_file = Path(workdir) / ENV_FILE if remote and env_text else None
+    return LaunchPlan(launcher + args, env_file, env_text, env, notes)
 
 
 def batch_report(resolved: ResolvedConfig, train_samples: int | None = None, samples_from: str | None = None

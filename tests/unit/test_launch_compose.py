@@ -199,3 +199,24 @@ def test_launch_runs_a_finetuning_profile_as_finetuning_unless_told(capsys):
     assert "--module mixmae_scale.cli finetune --profile finetune_tiny" in out
     assert main(["launch", "finetune_tiny", "--dry-run", "--job", "pretrain"]) == 0
     assert "--module mixmae_scale.cli pretrain --profile finetune_tiny" in capsys.readouterr().out
+
+
+def test_cluster_env_reaches_the_ranks_on_one_node_and_several(tmp_path, monkeypatch, capsys):
+    """DeepSpeed reads .deepspeed_env only where it starts other hosts, and forwards only NCCL*, PYTHON*, UCX*,
+    MV2*, MLFLOW* besides: one node gets cluster.env in the launched environment (no stray file), several get the
+    file with the launching shell's MIXMAE_* too, and a warning that stops are not relayed to their ranks."""
+    from mixmae_scale.cli import main
+
+    monkeypatch.setenv("MIXMAE_GPUS_PER_NODE", "8")
+    one = load_resolved("tiny", overrides=["cluster.env={NCCL_SOCKET_IFNAME: ib0}"])
+    plan = compose(one, "tiny", None, [], workdir=tmp_path)
+    assert plan.env_file is None and plan.env == {"NCCL_SOCKET_IFNAME": "ib0"}
+    cluster = _cluster(tmp_path, launcher="pdsh")
+    plan = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path)
+    assert plan.env_file == tmp_path / ".deepspeed_env"
+    assert plan.env_text == "MIXMAE_GPUS_PER_NODE=8\nNCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5\n"
+    assert main(["launch", "swin_b", "--dry-run", "--cluster", cluster]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mixmae: warning: cluster.num_nodes=2: SIGUSR1/SIGTERM to this command does not reach the ranks "
+                   "(pdsh starts them on every node); use launch/slurm/*.sbatch or signal the ranks on every node"]
+    assert main(["launch", "tiny", "--dry-run"]) == 0 and "warning" not in capsys.readouterr().err
