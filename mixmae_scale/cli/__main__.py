@@ -3,7 +3,11 @@
 import gc
 import sys
 
-from mixmae_scale.cli import main
+from mixmae_scale.cluster.signal_relay import restore_sigterm
+
+restore_sigterm()  # before the slow imports: under the relay a rank is started with SIGTERM ignored
+
+from mixmae_scale.cli import main  # noqa: E402
 
 code = main()
 # The interpreter's final collections walk every torch, DALI and DeepSpeed object still alive: about 2 s per

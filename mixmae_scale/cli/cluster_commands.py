@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
 from mixmae_scale.cli.arguments import add_set_arg, at_least, between
@@ -28,12 +29,19 @@ def _launch(args: argparse.Namespace) -> int:
         plan.command.append("--overwrite")
     for line in batch_report(resolved, samples, samples_from):
         print(line)
-    if plan.env_file:
-        print(f"environment for every rank ({plan.env_file}):\n" + "".join(f"  {line}\n" for line in
-                                                                          plan.env_text.splitlines()), end="")
+    if plan.env_text:
+        where = plan.env_file or "set in the launcher's environment"
+        print(f"environment for every rank ({where}):\n" + "".join(f"  {line}\n" for line in
+                                                                   plan.env_text.splitlines()), end="")
     print("command:\n  " + plan.shell())
     for note in plan.notes:
         print(f"note: {note}")
+    c = resolved.config.cluster
+    one_node = c.num_nodes == 1 or c.launcher == "local"
+    if not one_node:
+        print(f"mixmae: warning: cluster.num_nodes={c.num_nodes}: SIGUSR1/SIGTERM to this command does not reach the "
+              f"ranks ({c.launcher} starts them on every node); use launch/slurm/*.sbatch or signal the ranks on "
+              "every node", file=sys.stderr)
     if args.dry_run:
         return 0
     if plan.env_file:
@@ -43,7 +51,7 @@ def _launch(args: argparse.Namespace) -> int:
     from mixmae_scale.cluster.signal_relay import relay
 
     # SIGUSR1 or SIGTERM to this process (a scheduler's preemption warning) reaches every rank on this node.
-    return relay(plan.command, env=os.environ.copy())
+    return relay(plan.command, env={**os.environ, **plan.env}, shield_sigterm=one_node)
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -1,12 +1,15 @@
 """The exact `deepspeed` launcher command for a profile, like gpt-neox's deepy.py.
 
 The command is composed from the cluster section (hostfile, include/exclude, nodes, GPUs per node,
-master address and port, launcher backend); environment variables for every rank go into the
-`.deepspeed_env` file that the launcher forwards to all nodes.
+master address and port, launcher backend). Environment variables for every rank (`cluster.env`): on one node
+they go into the launched process's environment, which the ranks inherit (DeepSpeed reads `.deepspeed_env` only
+where it starts other hosts); on several nodes into `.deepspeed_env`, with the MIXMAE_* variables of the launching
+shell, since DeepSpeed forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* and that file to remote ranks.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +20,9 @@ from mixmae_scale.config.load import ConfigError
 from mixmae_scale.config.schema import Config
 
 ENV_FILE = ".deepspeed_env"
+# DeepSpeed 0.19.8's MPI backends refuse --num_nodes/--num_gpus and --include/--exclude (validate_args) and start
+# `mpirun -n <all slots of the hostfile>`: the hostfile alone says where ranks go.
+MPI_LAUNCHERS = ("openmpi", "mvapich")
 
 
 @dataclass
@@ -24,16 +30,55 @@ class LaunchPlan:
     command: list[str]
     env_file: Path | None
     env_text: str
+    env: dict[str, str] = field(default_factory=dict)  # for every rank: the launched process's environment
     notes: list[str] = field(default_factory=list)  # what a dry run found that the real launch would refuse
 
     def shell(self) -> str:
         return shlex.join(self.command)
 
 
-def hostfile_nodes(path: Path) -> list[str]:
-    """Host names of an MPI-style hostfile (`worker-0 slots=8`), comments and blank lines skipped."""
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.lstrip()
-            .startswith("#")]
+def hostfile_slots(path: Path) -> dict[str, int]:
+    """Hosts and their `slots=` as DeepSpeed's runner reads them (it refuses a line without slots)."""
+    slots: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        found = [w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")]
+        if not found or not found[0].isdigit():
+            raise ConfigError(f"cluster.hostfile {path}: line '{line.strip()}' has no slots=N (DeepSpeed needs one)")
+        slots[words[0]] = int(found[0])
+    return slots
+
+
+def local_gpus(gpus_per_node: int) -> int:
+    """This node's devices as DeepSpeed's runner counts them on a one-node launch; gpus_per_node where none is
+    seen (a dry run on a login node)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() or gpus_per_node
+    except ImportError:
+        return gpus_per_node
+
+
+def selected_gpus(pool: dict[str, int], include: str | None, exclude: str | None, num_nodes: int,
+                  gpus_per_node: int) -> None:
+    """Refuses an include/exclude whose selection is not num_nodes hosts of gpus_per_node GPUs: the run's batch
+    arithmetic (world size, learning rate) uses those two numbers, DeepSpeed starts what the selection says. The
+    selection is DeepSpeed's own (parse_inclusion_exclusion), so its errors are its errors."""
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    key, value = ("cluster.include", include) if include else ("cluster.exclude", exclude)
+    try:
+        chosen = parse_inclusion_exclusion(pool, include or "", exclude or "")
+    except ValueError as exc:
+        raise ConfigError(f"{key}={value}: {exc}") from None
+    counts = {host: len(slots) for host, slots in chosen.items()}
+    if len(counts) != num_nodes or any(n != gpus_per_node for n in counts.values()):
+        said = ", ".join(f"{host}: {n}" for host, n in counts.items()) or "nothing"
+        raise ConfigError(f"{key}={value} selects {said} GPU(s); cluster.num_nodes={num_nodes} x "
+                          f"cluster.gpus_per_node={gpus_per_node} must describe it (the batch arithmetic uses them)")
 
 
 def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, overrides: list[str],
@@ -57,6 +102,10 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
             raise ConfigError(f"cluster.num_nodes={c.num_nodes} needs cluster.hostfile, one line per node like "
                               f"'worker-0 slots={c.gpus_per_node}' (see launch/hostfile.example); or set "
                               "cluster.num_nodes=1 to run on this node")
+        if (c.include or c.exclude) and c.launcher in MPI_LAUNCHERS:
+            raise ConfigError(f"cluster.{'include' if c.include else 'exclude'} with cluster.launcher={c.launcher}: "
+                              "DeepSpeed's MPI launchers cannot select hosts or GPUs; list the hosts to use in "
+                              "cluster.hostfile instead")
         hostfile = Path(c.hostfile)
         if hostfile.is_dir():
             raise ConfigError(f"cluster.hostfile {c.hostfile} is a folder; name the hostfile (launch/hostfile.example)")
@@ -66,18 +115,41 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                 raise ConfigError(f"{problem}; write it (one line per node, see launch/hostfile.example) or fix "
                                   "the path")
             notes.append(f"{problem}: the launch will stop unless it exists by then")
-        elif len(hostfile_nodes(hostfile)) < c.num_nodes:
-            problem = (f"cluster.hostfile {hostfile.absolute()} lists {len(hostfile_nodes(hostfile))} node(s), "
-                       f"cluster.num_nodes is {c.num_nodes}")
-            if check_files:
-                raise ConfigError(f"{problem}; add the nodes or lower cluster.num_nodes")
-            notes.append(problem)
-        launcher += ["--hostfile", c.hostfile, "--launcher", c.launcher, "--num_nodes", str(c.num_nodes)]
+        else:
+            pool = hostfile_slots(hostfile)
+            mpi = c.launcher in MPI_LAUNCHERS
+            if c.include or c.exclude:
+                selected_gpus(pool, c.include, c.exclude, c.num_nodes, c.gpus_per_node)
+            else:
+                problem = None
+                if len(pool) < c.num_nodes or mpi and len(pool) != c.num_nodes:
+                    problem = (f"cluster.hostfile {hostfile.absolute()} lists {len(pool)} node(s), "
+                               f"cluster.num_nodes is {c.num_nodes}")
+                    fix = "add the nodes or lower cluster.num_nodes" + (
+                        f" (cluster.launcher={c.launcher} starts a rank on every slot listed)" if mpi else "")
+                else:
+                    wrong = [(host, n) for host, n in list(pool.items())[:c.num_nodes] if n != c.gpus_per_node]
+                    if wrong:
+                        problem = (f"cluster.hostfile {hostfile.absolute()}: host {wrong[0][0]} has "
+                                   f"slots={wrong[0][1]}, cluster.gpus_per_node is {c.gpus_per_node}")
+                        fix = "make them agree (DeepSpeed would start gpus_per_node ranks there, or every slot)"
+                if problem:
+                    if check_files:
+                        raise ConfigError(f"{problem}; {fix}")
+                    notes.append(problem)
+        launcher += ["--hostfile", c.hostfile, "--launcher", c.launcher]
+        if not (c.include or c.exclude) and c.launcher not in MPI_LAUNCHERS:
+            launcher += ["--num_nodes", str(c.num_nodes)]
+    elif c.include or c.exclude:
+        selected_gpus({"localhost": local_gpus(c.gpus_per_node)}, c.include, c.exclude, 1, c.gpus_per_node)
     if c.include:
         launcher += ["--include", c.include]
     if c.exclude:
         launcher += ["--exclude", c.exclude]
-    launcher += ["--num_gpus", str(c.gpus_per_node), "--master_port", str(c.master_port)]
+    # DeepSpeed refuses --num_gpus with --include/--exclude, and its MPI launchers refuse it at all.
+    if not (c.include or c.exclude) and not (c.num_nodes > 1 and c.launcher in MPI_LAUNCHERS):
+        launcher += ["--num_gpus", str(c.gpus_per_node)]
+    launcher += ["--master_port", str(c.master_port)]
     if c.master_addr:
         launcher += ["--master_addr", c.master_addr]
     args = ["--module", "mixmae_scale.cli", job, "--profile", profile]
@@ -85,8 +157,16 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
         args += ["--cluster", cluster_file]
     for item in overrides:
         args += ["--set", item]
-    env_text = "".join(f"{k}={v}\n" for k, v in sorted(c.env.items()))
-    return LaunchPlan(launcher + args, Path(workdir) / ENV_FILE if env_text else None, env_text, notes)
+    from mixmae_scale.cluster.shell_env import env_problems
+
+    env_problems(c.env, "the cluster section")
+    env = {str(k): str(v) for k, v in sorted(c.env.items())}
+    remote = c.num_nodes > 1 and c.launcher != "local"
+    if remote:
+        env = {**{k: v for k, v in sorted(os.environ.items()) if k.startswith("MIXMAE_")}, **env}
+    env_text = "".join(f"{k}={v}\n" for k, v in env.items())
+    env_file = Path(workdir) / ENV_FILE if remote and env_text else None
+    return LaunchPlan(launcher + args, env_file, env_text, env, notes)
 
 
 def batch_report(resolved: ResolvedConfig, train_samples: int | None = None, samples_from: str | None = None

@@ -124,8 +124,8 @@ def _common(run: Path, shards: Path) -> list[str]:
 def test_slurm_time_limit_sigterm_to_every_process_saves_within_killwait_and_exits_zero(demo_shards, tmp_path):
     """What Slurm does at the time limit: SIGTERM to every process of the job step at once (here the step's process
     group: the relay the sbatch script runs, DeepSpeed's runner, its launch.py and both ranks), SIGKILL 30 s later
-    (KillWait). The runner dies of it and launch.py exits 1; the ranks save at the next step boundary, and the relay
-    exits 0 because they did."""
+    (KillWait). The runner outlives it (the relay started it with SIGTERM ignored) and launch.py exits 1; the ranks
+    save at the next step boundary, and the relay exits 0 because they did."""
     run = tmp_path / "time-limit"
     bin_dir = Path(sys.executable).parent
     command = [sys.executable, "-m", "mixmae_scale.cluster.signal_relay", str(bin_dir / "deepspeed"), "--num_gpus",

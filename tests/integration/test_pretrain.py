@@ -422,8 +422,9 @@ def _assert_saved_on_signal_where_a_resume_starts(run: Path, *overrides: str) ->
 
 
 def test_usr1_to_mixmae_launch_reaches_every_rank(demo_shards, tmp_path):
-    """What `sbatch --signal=USR1@300` and `scancel --signal=USR1` deliver to the job step: the signal goes to
-    the launcher process only (here `mixmae launch`, as in launch/slurm/pretrain.sbatch's relay), not the ranks."""
+    """The relay's half of `sbatch --signal=USR1@300` and `scancel --signal=USR1`: Slurm signals every process of
+    the job step, the ranks included (`B:` would signal the batch shell only); here USR1 goes to `mixmae launch` alone
+    (the relay, as in launch/slurm/pretrain.sbatch), which must pass it on, since DeepSpeed's launchers do not."""
     run = tmp_path / "usr1"
     port = next(PORTS)
     config = [f"data.shards={demo_shards}", "batch.micro=8", "batch.global_batch=16", "logging.every_steps=1",

@@ -14,10 +14,11 @@ from mixmae_scale.config import ConfigError, load_resolved
 EXAMPLE_CLUSTER = str(Path(__file__).resolve().parents[2] / "launch" / "cluster.example.yaml")
 
 
-def _cluster(tmp_path, **extra) -> str:
+def _cluster(tmp_path, launcher: str = "openmpi", gpus: int = 8, slots: int = 8, **extra) -> str:
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("worker-0 slots=8\nworker-1 slots=8\n")
-    lines = ["cluster:", f"  hostfile: {hostfile}", "  num_nodes: 2", "  gpus_per_node: 8", "  launcher: openmpi",
+    hostfile.write_text(f"worker-0 slots={slots}\nworker-1 slots={slots}\n")
+    lines = ["cluster:", f"  hostfile: {hostfile}", "  num_nodes: 2", f"  gpus_per_node: {gpus}",
+             f"  launcher: {launcher}",
              "  master_addr: worker-0", "  master_port: 29555", "  env:", "    NCCL_DEBUG: WARN",
              "    NCCL_IB_HCA: mlx5"] + [f"  {k}: {v}" for k, v in extra.items()]
     path = tmp_path / "cluster.yaml"
@@ -25,24 +26,84 @@ def _cluster(tmp_path, **extra) -> str:
     return str(path)
 
 
-def test_command_carries_cluster_settings_and_overrides(tmp_path):
-    cluster = _cluster(tmp_path, include="worker-0@worker-1:0,1")
+def deepspeed_would_start(command: list[str], monkeypatch) -> list[str]:
+    """DeepSpeed's runner `main` on the composed arguments: its own validation (include/exclude against
+    --num_nodes/--num_gpus, its backends' rules) runs, its ssh check and the start of the backend are replaced."""
+    import deepspeed.launcher.runner as runner
+
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, cmd, env=None):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Started)
+    monkeypatch.setattr(runner.subprocess, "check_call", lambda *a, **k: 0)
+    for backend in (runner.PDSHRunner, runner.OpenMPIRunner):
+        monkeypatch.setattr(backend, "backend_exists", lambda self: True)
+    runner.main(command[1:])
+    return started[0]
+
+
+def test_command_carries_cluster_settings_and_overrides(tmp_path, monkeypatch):
+    cluster = _cluster(tmp_path)
     overrides = ["batch.micro=64"]
     resolved = load_resolved("swin_b", cluster, overrides)
     plan = compose(resolved, "swin_b", cluster, overrides, workdir=tmp_path)
     cmd = plan.command
     assert cmd[0].endswith("deepspeed")
-    for flag, value in (("--hostfile", str(tmp_path / "hostfile")), ("--launcher", "openmpi"), ("--num_nodes", "2"),
-                        ("--num_gpus", "8"), ("--master_addr", "worker-0"), ("--master_port", "29555"),
-                        ("--include", "worker-0@worker-1:0,1")):
+    for flag, value in (("--hostfile", str(tmp_path / "hostfile")), ("--launcher", "openmpi"),
+                        ("--master_addr", "worker-0"), ("--master_port", "29555")):
         assert cmd[cmd.index(flag) + 1] == value
     assert cmd[cmd.index("--module") + 1:] == ["mixmae_scale.cli", "pretrain", "--profile", "swin_b", "--cluster",
                                                cluster, "--set", "batch.micro=64"]
+    # DeepSpeed's MPI backends refuse --num_nodes/--num_gpus and start a rank on every slot of the hostfile.
+    mpirun = deepspeed_would_start(cmd, monkeypatch)
+    assert mpirun[mpirun.index("-n") + 1] == "16"
     assert plan.env_file == tmp_path / ".deepspeed_env"
     assert plan.env_text == "NCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5\n"
     report = "\n".join(batch_report(resolved))
     assert "world size       16 = 2 node(s) x 8 GPU(s)" in report
     assert "global batch     2048 = 64 x 2 x 16" in report
+
+
+def test_include_leaves_the_counts_to_the_selection_and_the_arithmetic_must_match_it(tmp_path, monkeypatch):
+    """DeepSpeed refuses --num_gpus/--num_nodes with --include/--exclude ("Cannot specify num_nodes/gpus with
+    include/exclude"); the selection must be what cluster.num_nodes x gpus_per_node says, which sizes the batch."""
+    cluster = _cluster(tmp_path, launcher="pdsh", gpus=4, include="worker-0:0,1,2,3@worker-1:4,5,6,7")
+    plan = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path)
+    assert "--num_gpus" not in plan.command and "--num_nodes" not in plan.command
+    assert plan.command[plan.command.index("--include") + 1] == "worker-0:0,1,2,3@worker-1:4,5,6,7"
+    assert "mixmae_scale.cli" in deepspeed_would_start(plan.command, monkeypatch)
+    uneven = _cluster(tmp_path, launcher="pdsh", include="worker-0@worker-1:0,1")
+    with pytest.raises(ConfigError, match=r"^cluster.include=worker-0@worker-1:0,1 selects worker-0: 8, worker-1: 2 "
+                                          r"GPU\(s\); cluster.num_nodes=2 x cluster.gpus_per_node=8 must describe"):
+        compose(load_resolved("swin_b", uneven), "swin_b", uneven, [])
+    nowhere = _cluster(tmp_path, launcher="pdsh", exclude="worker-9")
+    with pytest.raises(ConfigError, match="cluster.exclude=worker-9: Hostname 'worker-9' not found in hostfile"):
+        compose(load_resolved("swin_b", nowhere), "swin_b", nowhere, [])
+    mpi = _cluster(tmp_path, include="worker-0")
+    with pytest.raises(ConfigError, match="cluster.include with cluster.launcher=openmpi: DeepSpeed's MPI"):
+        compose(load_resolved("swin_b", mpi), "swin_b", mpi, [])
+
+
+def test_hostfile_slots_must_agree_with_gpus_per_node(tmp_path, monkeypatch):
+    """DeepSpeed's runner gives each host range(--num_gpus) whatever its slots= says: slots=4 with
+    gpus_per_node=8 would start 8 ranks on a 4-GPU node."""
+    cluster = _cluster(tmp_path, launcher="pdsh", slots=4)
+    with pytest.raises(ConfigError, match=r"host worker-0 has slots=4, cluster.gpus_per_node is 8; make them agree"):
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])
+    plan = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], check_files=False)
+    assert "host worker-0 has slots=4" in plan.notes[0]
+    agreed = _cluster(tmp_path, launcher="pdsh", gpus=4, slots=4)
+    plan = compose(load_resolved("swin_b", agreed), "swin_b", agreed, [])
+    assert plan.command[plan.command.index("--num_gpus") + 1] == "4"
+    assert "mixmae_scale.cli" in deepspeed_would_start(plan.command, monkeypatch)
 
 
 def test_bad_cluster_settings_are_refused(tmp_path):
@@ -138,3 +199,24 @@ def test_launch_runs_a_finetuning_profile_as_finetuning_unless_told(capsys):
     assert "--module mixmae_scale.cli finetune --profile finetune_tiny" in out
     assert main(["launch", "finetune_tiny", "--dry-run", "--job", "pretrain"]) == 0
     assert "--module mixmae_scale.cli pretrain --profile finetune_tiny" in capsys.readouterr().out
+
+
+def test_cluster_env_reaches_the_ranks_on_one_node_and_several(tmp_path, monkeypatch, capsys):
+    """DeepSpeed reads .deepspeed_env only where it starts other hosts, and forwards only NCCL*, PYTHON*, UCX*,
+    MV2*, MLFLOW* besides: one node gets cluster.env in the launched environment (no stray file), several get the
+    file with the launching shell's MIXMAE_* too, and a warning that stops are not relayed to their ranks."""
+    from mixmae_scale.cli import main
+
+    monkeypatch.setenv("MIXMAE_GPUS_PER_NODE", "8")
+    one = load_resolved("tiny", overrides=["cluster.env={NCCL_SOCKET_IFNAME: ib0}"])
+    plan = compose(one, "tiny", None, [], workdir=tmp_path)
+    assert plan.env_file is None and plan.env == {"NCCL_SOCKET_IFNAME": "ib0"}
+    cluster = _cluster(tmp_path, launcher="pdsh")
+    plan = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path)
+    assert plan.env_file == tmp_path / ".deepspeed_env"
+    assert plan.env_text == "MIXMAE_GPUS_PER_NODE=8\nNCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5\n"
+    assert main(["launch", "swin_b", "--dry-run", "--cluster", cluster]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mixmae: warning: cluster.num_nodes=2: SIGUSR1/SIGTERM to this command does not reach the ranks "
+                   "(pdsh starts them on every node); use launch/slurm/*.sbatch or signal the ranks on every node"]
+    assert main(["launch", "tiny", "--dry-run"]) == 0 and "warning" not in capsys.readouterr().err

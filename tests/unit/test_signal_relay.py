@@ -3,7 +3,8 @@ processes, no DeepSpeed, so each case takes about a second. The end-to-end signa
 test_faults.py, test_finetune.py) run the real launcher; these pin the relay's own rules:
 
 - SIGTERM or SIGUSR1 to the relay becomes SIGUSR1 to every rank below it, and not to the launcher, which ignores
-  SIGUSR1 (inherited) and would otherwise die of it;
+  SIGUSR1 and SIGTERM (inherited) and would otherwise die of either, even when Slurm signals every process of the
+  step and the launcher stand-ins are gone before the second signal;
 - the relay exits 0 only when rank 0 reported a saved checkpoint, even where the launcher itself exits 1;
 - a rank's failure report is printed after the launcher has said everything, and the exit code stays non-zero."""
 
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
-# A rank: the relay recognises ranks by `mixmae_scale.cli` on their command line (this one's last argument).
+# A rank: the relay recognises ranks by `mixmae_scale.cli` on their command line (this one's last argument). The
+# failing-rank case needs restore_sigterm: rank 0 ignoring the launcher's SIGTERM would hang it.
 RANK = textwrap.dedent("""
     import json, os, signal, sys, time
     from pathlib import Path
+    from mixmae_scale.cluster.signal_relay import restore_sigterm
+    restore_sigterm()  # as cli/__main__.py: the launcher below passed on the runner's ignored SIGTERM
     rank, out, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     def stop(signum, frame):
         (out / f"rank{rank}.signal").write_text(signal.Signals(signum).name)
@@ -108,3 +112,103 @@ def test_a_failing_ranks_report_comes_after_the_launchers_last_line_and_the_exit
     assert relay.returncode == 1, err
     assert "launcher: ranks exited" in out and not (tmp_path / "rank0.signal").exists()
     assert err.rstrip().endswith("mixmae: data.shards=/nowhere: not found"), err
+
+
+# Slurm's SIGTERM (time limit, scancel, preemption) goes to every process of the step, not just the relay. Stand-ins
+# shaped like DeepSpeed 0.19.8: the runner installs no handler (it dies of SIGTERM unless it inherited SIG_IGN) and
+# waits for launch.py; launch.py terminates its ranks on SIGTERM and exits 1; a rank takes a while to save.
+STEP_RUNNER = textwrap.dedent("""
+    import subprocess, sys
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    launch = subprocess.Popen([sys.executable, str(out / "step_launch.py"), str(out)])
+    (out / "runner.pid").write_text(str(__import__("os").getpid()))
+    sys.exit(launch.wait())
+""")
+STEP_LAUNCH = textwrap.dedent("""
+    import signal, subprocess, sys, time
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    ranks = [subprocess.Popen([sys.executable, str(out / "step_rank.py"), str(r), str(out), "mixmae_scale.cli"])
+             for r in (0, 1)]
+    terminated = []
+    def terminate(signum, frame):
+        terminated.append(signum)
+        for rank in ranks:
+            rank.terminate()
+    signal.signal(signal.SIGTERM, terminate)
+    while any(rank.poll() is None for rank in ranks):
+        time.sleep(0.05)
+    sys.exit(1 if terminated else 0)
+""")
+STEP_RANK = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from pathlib import Path
+    rank, out = int(sys.argv[1]), Path(sys.argv[2])
+    asked = []
+    def stop(signum, frame):
+        asked.append(signal.Signals(signum).name)
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, stop)
+    (out / f"rank{rank}.ready").write_text(str(os.getpid()))
+    while not asked:
+        time.sleep(0.02)
+    time.sleep(1.5)  # the save
+    (out / f"rank{rank}.saved").write_text(",".join(asked))
+    if rank == 0:
+        Path(os.environ["MIXMAE_STOP_REPORT"]).write_text(json.dumps({"checkpoint": "step00000007", "step": 7}))
+""")
+
+
+def start_step(tmp_path: Path) -> subprocess.Popen:
+    for name, text in (("step_runner.py", STEP_RUNNER), ("step_launch.py", STEP_LAUNCH), ("step_rank.py", STEP_RANK)):
+        (tmp_path / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("MIXMAE_STOP_REPORT", "MIXMAE_FAILURE_REPORT")}
+    relay = subprocess.Popen([sys.executable, "-m", "mixmae_scale.cluster.signal_relay", sys.executable,
+                              str(tmp_path / "step_runner.py"), str(tmp_path)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_ranks(tmp_path, relay)
+    return relay
+
+
+def test_slurms_sigterm_to_every_process_of_the_step_still_ends_in_a_saved_stop(tmp_path):
+    """Simulated: Slurm would signal the step's processes through its cgroup; here the test sends SIGTERM to the
+    runner first (as it happens when the runner is scheduled first), gives it a second to die, then to the relay,
+    launch.py and the ranks. A runner that died took launch.py and the ranks out of the relay's tree: it asked 0
+    ranks and exited -15 while they were still saving (srun would then kill the step)."""
+    import psutil
+
+    relay = start_step(tmp_path)
+    runner = psutil.Process(int((tmp_path / "runner.pid").read_text()))
+    others = [p for p in psutil.Process(relay.pid).children(recursive=True) if p.pid != runner.pid]
+    runner.send_signal(signal.SIGTERM)
+    psutil.wait_procs([runner], timeout=1)
+    relay.send_signal(signal.SIGTERM)
+    for process in others:
+        process.send_signal(signal.SIGTERM)
+    _, err = relay.communicate(timeout=30)
+    assert relay.returncode == 0, err
+    assert "SIGTERM: asking 2 rank(s) to checkpoint and exit" in err
+    assert all((tmp_path / f"rank{r}.saved").exists() for r in (0, 1))  # the relay outlived the saves
+    assert "the ranks saved step00000007 at step 7 and stopped as asked" in err
+
+
+def test_a_second_signal_after_the_launcher_exited_is_still_forwarded(tmp_path):
+    """USR1 (the warning), then SIGTERM (the time limit) while the ranks save and the launcher stand-ins have
+    already gone: the relay's handler used to look for the reaped runner's children and raise."""
+    import psutil
+
+    relay = start_step(tmp_path)
+    runner = psutil.Process(int((tmp_path / "runner.pid").read_text()))
+    launch = [p for p in runner.children() if "step_launch.py" in " ".join(p.cmdline())]
+    relay.send_signal(signal.SIGUSR1)
+    time.sleep(0.3)
+    for process in launch + [runner]:  # a launcher that gives up: the ranks, re-parented, are still saving
+        process.kill()
+    psutil.wait_procs([runner], timeout=5)
+    time.sleep(0.2)
+    relay.send_signal(signal.SIGTERM)
+    _, err = relay.communicate(timeout=30)
+    assert relay.returncode == 0 and "Traceback" not in err, err
+    assert "SIGTERM: asking 2 rank(s)" in err
+    assert "the ranks saved step00000007 at step 7 and stopped as asked" in err

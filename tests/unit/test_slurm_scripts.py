@@ -2,26 +2,34 @@
 stand-in `srun`, `scontrol` and `python` scripts on PATH record the command lines that reach them, and each
 sbatch file runs under bash with the environment variables Slurm would set. What is checked is what a real
 submission depends on: the log file Slurm opens before the script runs, the interpreter taken from the
-environment, arguments that keep their quoting, and the GPU count in every form Slurm sets it."""
+environment, arguments that keep their quoting, the GPU count in every form Slurm sets it, the hostfile DeepSpeed's
+runner places ranks by, the rendezvous port, cluster.env and srun's CPU count. The stand-in `python` runs the real
+interpreter for the one helper the scripts call before srun (cluster/shell_env.py) and records the rest."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SLURM = Path(__file__).resolve().parents[2] / "launch" / "slurm"
+ROOT = Path(__file__).resolve().parents[2]
+SLURM = ROOT / "launch" / "slurm"
 SCRIPTS = ("pretrain.sbatch", "pretrain_srun.sbatch")
 
 RECORDER = """#!/usr/bin/env bash
+[[ $2 == mixmae_scale.cluster.shell_env ]] && exec "$REAL_PYTHON" "$@"
 printf '%s\\0' "$@" > "$RECORDS/{name}.args"
+env > "$RECORDS/{name}.env"
 """
 # srun records its own arguments, then runs the command after its options on "node 1" of the allocation.
 SRUN = """#!/usr/bin/env bash
 printf '%s\\0' "$@" > "$RECORDS/srun.args"
-while [[ $1 == -* ]]; do shift; done
+while [[ $1 == -* ]]; do [[ $1 == -c ]] && shift; shift; done
 SLURM_NODEID=1 exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
@@ -38,7 +46,9 @@ def slurm(tmp_path):
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("python", RECORDER.format(name="python"))):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    (submit / "my cluster.yaml").write_text("cluster:\n  env:\n    NCCL_SOCKET_IFNAME: ib0\n")
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RECORDS": str(records),
+           "REAL_PYTHON": sys.executable, "PYTHONPATH": str(ROOT),
            "SLURM_SUBMIT_DIR": str(submit), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-[a-b]",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "PROFILE": "swin_b", "CLUSTER": "my cluster.yaml"}
     return env, records, submit
@@ -122,3 +132,79 @@ def test_both_scripts_read_gpus_the_same_way():
         return text[text.index("gpus_on_node() {"):text.index("\n}\n", text.index("gpus_on_node() {"))]
 
     assert function("pretrain.sbatch") == function("pretrain_srun.sbatch")
+
+
+def recorded_env(records: Path, name: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (records / f"{name}.env").read_text().splitlines() if "=" in line)
+
+
+def test_deepspeeds_runner_gets_the_allocations_hostfile_and_places_this_node(slurm, monkeypatch):
+    """Without --hostfile the runner looks for /job/hostfile, finds one host and refuses --num_nodes 2 ("Num nodes
+    is >1 but no extra nodes available via hostfile"). DeepSpeed's own `main` runs on the arguments the script
+    gave it, with its Popen replaced: the per-node launch.py command it would start is checked, no rank starts."""
+    import deepspeed.launcher.runner as runner
+
+    env, records, submit_dir = slurm
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8"})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    hostfile = submit_dir / "logs" / "hostfile-4242"
+    assert args[args.index("--hostfile") + 1] == str(hostfile)
+    assert hostfile.read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, cmd, env=None):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Started)
+    runner.main(args[args.index("deepspeed.launcher.runner") + 1:])
+    launch = started[0]
+    world = next(a for a in launch if a.startswith("--world_info="))
+    assert json.loads(base64.urlsafe_b64decode(world.split("=", 1)[1])) == {"gpu-a": list(range(8)),
+                                                                           "gpu-b": list(range(8))}
+    assert "--node_rank=1" in launch and "--master_addr=gpu-a" in launch
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("variables, cluster_port, port", [
+    ({}, None, "24242"),  # 20000 + job id 4242 % 20000: another job on the node gets another port
+    ({}, 29555, "29555"),  # cluster.master_port
+    ({"MASTER_PORT": "31000"}, 29555, "31000"),  # the user's own
+])
+def test_the_rendezvous_port_comes_from_the_job_unless_set(script, slurm, variables, cluster_port, port):
+    env, records, submit_dir = slurm
+    if cluster_port:
+        (submit_dir / "my cluster.yaml").write_text(f"cluster:\n  master_port: {cluster_port}\n")
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", **variables})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    if script == "pretrain.sbatch":
+        assert args[args.index("--master_port") + 1] == port
+    else:
+        assert recorded_env(records, "python")["MASTER_PORT"] == port
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cluster_env_reaches_the_step_and_srun_asks_for_the_jobs_cpus(script, slurm):
+    """srun stopped inheriting --cpus-per-task in Slurm 22.05; .deepspeed_env is not read on these paths."""
+    env, records, submit_dir = slurm
+    (submit_dir / "my cluster.yaml").write_text("cluster:\n  env:\n    NCCL_SOCKET_IFNAME: ib0\n"
+                                                "    NCCL_NET: \"a b'c\"\n")
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "64"})
+    assert result.returncode == 0, result.stderr
+    step_env = recorded_env(records, "python")
+    assert step_env["NCCL_SOCKET_IFNAME"] == "ib0" and step_env["NCCL_NET"] == "a b'c"
+    srun = recorded(records, "srun")
+    assert srun[srun.index("-c") + 1] == "64"
+    assert re.search(r"^#SBATCH --open-mode=append\b", (SLURM / script).read_text(), re.M)
+    (submit_dir / "my cluster.yaml").write_text("cluster:\n  env:\n    NCCL-X: 1\n")
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"})
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "mixmae: error: my cluster.yaml: cluster.env key 'NCCL-X' is not an environment variable name (letters, "
+        "digits, _; not starting with a digit)")
