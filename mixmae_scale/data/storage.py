@@ -37,6 +37,7 @@ class StorageError(DataError):
 class StoredFile:
     name: str  # relative to the listed prefix, with '/' separators
     size: int
+    version: str = ""  # changes when the file is rewritten: its mtime (ns) in a folder, its ETag on S3
 
 
 def is_remote(location: str | Path) -> bool:
@@ -217,7 +218,8 @@ def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
             for name in files:
                 path = Path(folder, name)
                 if name.endswith(suffix) and path.is_file():
-                    found.append(StoredFile(path.relative_to(root).as_posix(), path.stat().st_size))
+                    stat = path.stat()
+                    found.append(StoredFile(path.relative_to(root).as_posix(), stat.st_size, str(stat.st_mtime_ns)))
         return sorted(found, key=lambda f: f.name)
     bucket, key = split_url(str(prefix))
     key = key.rstrip("/") + "/" if key else ""
@@ -227,7 +229,7 @@ def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
         for item in page.get("Contents", []):
             name = item["Key"][len(key):]
             if name.endswith(suffix) and name:
-                found.append(StoredFile(name, int(item["Size"])))
+                found.append(StoredFile(name, int(item["Size"]), str(item.get("ETag", ""))))
     return sorted(found, key=lambda f: f.name)
 
 

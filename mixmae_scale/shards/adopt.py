@@ -78,6 +78,7 @@ class AdoptedShard:
     max_label: int = -1
     top_class_share: float = 0.0  # the most frequent class's share of the labeled samples
     masked_samples: int = 0  # indexed samples with a segmentation mask (seg.png)
+    version: str = ""  # storage.StoredFile.version when indexed; "" in records written before it was kept
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class _Job:
     out: str
     split: str
     decode: bool
+    version: str = ""
 
 
 class _ChangedWhileRead(OSError):
@@ -131,7 +133,7 @@ def index_shard(job: _Job) -> AdoptedShard | str:
     record = AdoptedShard(
         name=job.name, source=job.url, size=job.size, sha256=found.sha256, samples=found.samples, found=found.found,
         members=found.members, indexed_members=found.indexed_members, folders=found.folders,
-        rejected=found.rejected, ignored=found.ignored, problem=found.problem, decoded=job.decode,
+        rejected=found.rejected, ignored=found.ignored, problem=found.problem, decoded=job.decode, version=job.version,
         labeled_samples=len(labels), max_label=max(labels, default=-1),
         top_class_share=top[0][1] / len(labels) if top else 0.0, masked_samples=found.masked)
     if found.samples:
@@ -305,11 +307,15 @@ class AdoptionSource:
                                                    lambda data: AdoptedShard(**data))}
         indexes = _existing_indexes(self.out, split)
         decode = self.options.decode
-        jobs = [_Job(t.name, storage.join(self.src, t.name), t.size, self.out, split, decode) for t in self.tars]
+        jobs = [_Job(t.name, storage.join(self.src, t.name), t.size, self.out, split, decode, t.version)
+                for t in self.tars]
 
         def fresh(job: _Job, record: AdoptedShard) -> bool:
-            return (record.source == job.url and record.size == job.size and (record.decoded or not decode)
-                    and (not record.index or record.index in indexes))
+            # A tar rewritten in place at the same size (reshuffled) kept its old index: samples read at the old
+            # offsets. Its mtime or ETag tells; a record from before versions were kept is taken as it is.
+            rewritten = bool(record.version and job.version and record.version != job.version)
+            return (record.source == job.url and record.size == job.size and not rewritten
+                    and (record.decoded or not decode) and (not record.index or record.index in indexes))
 
         todo, done = resume(jobs, records, key=lambda job: job.name, fresh=fresh)
         desc = f"{split}: {len(todo)} tar(s) to index" + (f", {len(done)} done earlier" if done else "")

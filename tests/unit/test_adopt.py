@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -205,6 +206,22 @@ def test_an_interrupted_adoption_indexes_only_what_is_missing(wds_sets, tmp_path
                                                                "adopted_from": str(src.resolve())}}
     for entry in manifest["splits"]["train"]["shards"]:
         assert index_lines(out, entry["index"]) == index_lines(tmp_path / "fresh", entry["index"])
+    # Rewritten in place at the same size (its samples in another order): the old index would read the old
+    # offsets, and a rerun said "0 indexed now". Its mtime changed, so it is indexed again.
+    tar_path = src / "shard-000001.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    keys = list(dict.fromkeys(name.split(".", 1)[0] for name, _ in members))
+    size, mtime = tar_path.stat().st_size, tar_path.stat().st_mtime
+    write_tar(tar_path, [m for key in reversed(keys) for m in members if m[0].split(".", 1)[0] == key])
+    os.utime(tar_path, (mtime + 5, mtime + 5))
+    assert tar_path.stat().st_size == size
+    calls.clear()
+    adopt(src, out, AdoptOptions())
+    assert calls == ["shard-000001.tar"]
+    again = adopt(src, tmp_path / "fresh-again", AdoptOptions()).manifest.to_dict()["splits"]["train"]["shards"]
+    assert [index_lines(out, e["index"]) for e in again] == [index_lines(tmp_path / "fresh-again", e["index"])
+                                                             for e in again]
 
 
 def test_adoption_from_s3_into_s3_reads_each_tar_with_one_request(wds_sets, s3_bucket):
