@@ -15,6 +15,8 @@ computes (a test holds that against the official code's outputs).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +36,8 @@ from mixmae_scale.models.swin import SwinBlock, SwinEncoder, SwinShape
 from mixmae_scale.models.window_attention import window_partition, window_reverse
 
 EXPORTED_NAMES = ("encoder.safetensors", "encoder_decoder.safetensors")
+# Input sizes whose position embedding is kept (per device and dtype): detection feeds hundreds of sizes.
+POSITION_CACHE_SIZES = 8
 
 
 def official_sincos(h: int, w: int, dim: int) -> torch.Tensor:
@@ -50,20 +54,47 @@ def official_sincos(h: int, w: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def position_embedding_for(stored: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The embedding for an (h, w) token grid that continues `stored` (1, L, C): the same sin-cos formula when
-    `stored` is one of the two known layouts, else (an embedding resized for another resolution) a bicubic
-    resize of it."""
+Layout = Callable[[int, int, int], torch.Tensor]  # (h, w, dim) -> (h * w, dim), built on the CPU
+
+
+def timm_sincos(h: int, w: int, dim: int) -> torch.Tensor:
+    """timm's layout, which a model of ours made from scratch has (models/swin.py)."""
+    return build_sincos2d_pos_embed([h, w], dim)
+
+
+def embedding_layout(stored: torch.Tensor) -> Layout | None:
+    """Which sin-cos formula `stored` (1, L, C) holds, or None (an embedding resized for another resolution).
+    Compared on a CPU copy, so that it reads the same wherever the buffer lives (a GPU, or `meta`: then nothing
+    can be read and the answer is None)."""
+    if stored.device.type == "meta":
+        return None
     side, dim = int(round(stored.shape[1] ** 0.5)), stored.shape[-1]
+    values = stored[0].detach().float().cpu()
     # An embedding stored in bf16 or fp16 (a module cast whole) is the formula to within its rounding, 2^-8 of
     # values in [-1, 1]; a resized embedding differs from it by far more.
     tolerance = 1e-5 if stored.dtype == torch.float32 else 1e-2
-    for formula in (official_sincos, lambda a, b, d: build_sincos2d_pos_embed([a, b], d)):
-        if torch.allclose(formula(side, side, dim), stored[0].float(), atol=tolerance):
-            return formula(h, w, dim)[None].to(stored.dtype)
+    for formula in (official_sincos, timm_sincos):
+        if torch.allclose(formula(side, side, dim), values, atol=tolerance):
+            return formula
+    return None
+
+
+def continued_embedding(stored: torch.Tensor, layout: Layout | None, h: int, w: int) -> torch.Tensor:
+    """The (1, h * w, C) embedding for an (h, w) grid that continues `stored` (1, L, C), on its device in its dtype:
+    the formula of its `layout`, else a bicubic resize of it."""
+    side, dim = int(round(stored.shape[1] ** 0.5)), stored.shape[-1]
+    if layout is not None:
+        return layout(h, w, dim)[None].to(device=stored.device, dtype=stored.dtype)
     grid = stored.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(stored.dtype)
+
+
+def position_embedding_for(stored: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The embedding for an (h, w) token grid that continues `stored` (1, L, C): the same sin-cos formula when
+    `stored` is one of the two known layouts, else (an embedding resized for another resolution) a bicubic
+    resize of it. On `stored`'s device, in its dtype."""
+    return continued_embedding(stored, embedding_layout(stored), h, w)
 
 
 def padding_key_mask(h: int, w: int, window: int, device: torch.device) -> torch.Tensor | None:
@@ -111,7 +142,11 @@ class SwinBackbone(nn.Module):
         self.encoder.norm = nn.Identity()
         self.out_channels = list(shape.stage_dims)
         self.strides = [shape.patch_size * 2**s for s in range(len(shape.depths))]
-        self._position_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._position_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # Which formula the stored embedding holds, read off its values once per load (not per forward, and
+        # before the buffer may move to a device): models/backbone.py's `embedding_layout`.
+        self._layout = embedding_layout(self.encoder.absolute_pos_embed)
+        self.register_load_state_dict_post_hook(SwinBackbone._weights_loaded)
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -119,15 +154,27 @@ class SwinBackbone(nn.Module):
         ...)`): the parameter names are the encoder's, so the official layer ids apply unchanged."""
         return self.shape.depths
 
-    def position(self, h: int, w: int) -> torch.Tensor:
-        key = (h, w)
-        if key not in self._position_cache:
-            self._position_cache[key] = position_embedding_for(self.encoder.absolute_pos_embed, h, w)
-        return self._position_cache[key]
+    def position(self, h: int, w: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+        """The (1, h * w, C) embedding of an (h, w) grid on `device` in `dtype` (default: the buffer's). The last
+        POSITION_CACHE_SIZES sizes are kept where they are used, so a forward copies nothing between devices."""
+        stored = self.encoder.absolute_pos_embed
+        key = (h, w, torch.device(device) if device is not None else stored.device, dtype or stored.dtype)
+        if key in self._position_cache:
+            self._position_cache.move_to_end(key)
+            return self._position_cache[key]
+        embedding = continued_embedding(stored, self._layout, h, w).to(device=key[2], dtype=key[3])
+        self._position_cache[key] = embedding
+        if len(self._position_cache) > POSITION_CACHE_SIZES:
+            self._position_cache.popitem(last=False)
+        return embedding
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._position_cache.clear()  # the embedding follows the weights' layout
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    @staticmethod
+    def _weights_loaded(module: SwinBackbone, incompatible) -> None:
+        """After any load, also through a parent module's (a segmentation model's, a checkpoint's): the embedding
+        follows the weights' layout."""
+        module._position_cache.clear()
+        module._layout = embedding_layout(module.encoder.absolute_pos_embed)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         multiple = self.strides[-1]
@@ -137,7 +184,7 @@ class SwinBackbone(nn.Module):
                              f"stride); pad or resize the images to a multiple of {multiple}")
         x = self.encoder.embed(images)
         b, h, w, c = x.shape
-        x = x + self.position(h, w).to(device=x.device, dtype=x.dtype).view(1, h, w, c)
+        x = x + self.position(h, w, x.device, x.dtype).view(1, h, w, c)
         maps = []
         for stage in self.encoder.layers:
             for block in stage.blocks:

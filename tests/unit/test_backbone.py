@@ -118,6 +118,46 @@ def test_an_embedding_of_neither_layout_is_resized():
     assert resized.shape == (1, 72, 8) and not torch.isnan(resized).any()
 
 
+def test_the_maps_and_the_position_embedding_are_made_on_the_buffers_device(small_shape):
+    """The layout check built the formula on the CPU and compared it with the buffer wherever it lived: the first
+    forward on a GPU failed ("Expected all tensors to be on the same device"). `meta` stands in for the GPU here:
+    the same mix of devices failed the same way on it."""
+    backbone = SwinBackbone(small_shape).eval().to("meta")
+    with torch.no_grad():
+        maps = backbone(torch.empty(1, 3, 96, 160, device="meta"))
+    assert all(m.device.type == "meta" for m in maps)
+    assert backbone.encoder.absolute_pos_embed.device.type == "meta"  # the stored buffer was not moved
+    assert all(e.device.type == "meta" for e in backbone._position_cache.values())
+
+
+def test_the_position_cache_keeps_the_last_sizes_used_and_no_more(small_shape):
+    from mixmae_scale.models.backbone import POSITION_CACHE_SIZES
+
+    backbone = SwinBackbone(small_shape)
+    sizes = [(8, 8 + i) for i in range(POSITION_CACHE_SIZES + 3)]
+    first = backbone.position(*sizes[0])
+    for size in sizes:
+        backbone.position(*size)
+    backbone.position(*sizes[4])  # used again: kept over older ones
+    backbone.position(9, 9)
+    kept = [key[:2] for key in backbone._position_cache]
+    assert len(kept) == POSITION_CACHE_SIZES and kept[-2:] == [sizes[4], (9, 9)] and sizes[0] not in kept
+    assert torch.equal(backbone.position(*sizes[0]), first)  # made again, the same
+
+
+def test_weights_loaded_through_a_parent_module_replace_the_cached_embedding(small_shape):
+    """A segmentation model's or a checkpoint's load reaches the backbone as a submodule, not through its own
+    load_state_dict: the cached formula outlived a resized embedding loaded that way."""
+    backbone = SwinBackbone(small_shape)
+    backbone.position(8, 12)  # cached: the formula of the fresh model's layout
+    parent = torch.nn.ModuleDict({"backbone": backbone})
+    state = parent.state_dict()
+    state["backbone.encoder.absolute_pos_embed"] = torch.randn_like(state["backbone.encoder.absolute_pos_embed"])
+    parent.load_state_dict(state)
+    assert torch.equal(backbone.position(8, 12),
+                       position_embedding_for(state["backbone.encoder.absolute_pos_embed"], 8, 12))
+
+
 def test_checkpointed_blocks_give_the_same_maps_and_gradients(small_shape):
     torch.manual_seed(0)
     plain = SwinBackbone(small_shape)
