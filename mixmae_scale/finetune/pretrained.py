@@ -52,6 +52,7 @@ def load_encoder_weights(source: str | Path, option: str = "finetune.init") -> d
 def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and the architecture read off them (image size, widths, depths, heads, windows)."""
     state = load_encoder_weights(source, option)
-    if "encoder.patch_embed.proj.weight" not in state:
-        raise WeightsError(f"{_named(option, source)}: holds no encoder weights (no encoder.patch_embed.proj.weight)")
-    return state, infer_architecture(state)
+    try:
+        return state, infer_architecture(state)
+    except WeightsError as exc:
+        raise WeightsError(f"{_named(option, source)}: {Path(source).absolute()} {exc}") from exc
