@@ -22,6 +22,8 @@ from mixmae_scale.cli import main
     (["visualize", "x", "--data", "y", "--images", "1"], "--images: 1 is less than 2"),
     (["scaling", "run", "spec.yaml", "--out", "o", "--parallel", "zero"], "--parallel: 'zero' is not an integer"),
     (["model", "info", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was silently the size's own
+    (["eval", "--init", "x", "--data", "y", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was the weights'
+    (["eval", "--init", "x", "--data", "y", "--img-size", "-64"], "--img-size: -64 is less than 1"),  # a torch error
     (["scaling", "report", "--bootstrap", "-3"], "--bootstrap: -3 is less than 0"),  # was taken
 ])
 def test_an_out_of_range_count_is_refused_by_name_before_any_work(argv, said, capsys):
