@@ -118,9 +118,9 @@ def probe_line(readout: dict) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="a run's encoder (or encoder+decoder) as one safetensors file")
     export.add_argument("run_dir", help="run folder (or its checkpoints/ or best/ folder, or one checkpoint's folder)")
-    export.add_argument("--out", help="the .safetensors file to write (default: in the run folder, "
-                        "encoder.safetensors; encoder_decoder.safetensors with --with-decoder; classifier.safetensors "
-                        "for a fine-tuning run, classifier-best.safetensors with --best)")
+    export.add_argument("--out", help="the .safetensors file to write, a .pth with --format official (default: in "
+                        "the run folder, encoder.safetensors; encoder_decoder.safetensors with --with-decoder; "
+                        "classifier.safetensors for a fine-tuning run, classifier-best.safetensors with --best)")
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--tag", help="checkpoint tag, e.g. step00000405 (default: the latest complete one)")
     choice.add_argument("--best", action="store_true", help="the best fine-tuning checkpoint (RUN/best/): encoder "

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mixmae_scale.models.convert_official import (
+    OFFICIAL_SUFFIXES,
     WeightsError,
     infer_architecture,
     load_weights,
@@ -20,7 +21,7 @@ from mixmae_scale.models.convert_official import (
     read_official,
 )
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *OFFICIAL_SUFFIXES)
 
 
 def _named(option: str, source: str | Path) -> str:

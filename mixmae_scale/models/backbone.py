@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mixmae_scale.models.convert_official import (
+    OFFICIAL_SUFFIXES,
     WeightsError,
     infer_architecture,
     load_weights,
@@ -207,7 +208,7 @@ def _weights_from(source: Path) -> dict[str, torch.Tensor]:
                            f"`mixmae export {source}` (it gathers the ZeRO shards into {EXPORTED_NAMES[0]})")
     if source.suffix == ".safetensors":
         return load_weights(source)[0]
-    if source.suffix in (".pth", ".pt", ".bin"):
+    if source.suffix in OFFICIAL_SUFFIXES:
         return map_official_keys(read_official(source))
     raise WeightsError(f"{source.absolute()}: expected a .safetensors file (`mixmae export`), a run folder or an "
                        "official MixMIM .pth")

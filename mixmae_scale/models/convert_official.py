@@ -23,6 +23,7 @@ ENCODER_PREFIXES = ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")
 DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                     "decoder_pred.")
 RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")  # what the loaders read as a PyTorch pickle (official layout)
 OFFICIAL_DECODER_HEADS = 16  # not recoverable from the weights; the official decoder uses 16 heads
 
 

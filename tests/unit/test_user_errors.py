@@ -268,6 +268,24 @@ def test_an_export_out_that_cannot_be_written_is_refused_before_the_weights_are_
         export.export_run(tmp_path / "run", out=tmp_path / "nowhere" / "encoder.safetensors")
 
 
+@pytest.mark.parametrize("fmt, out, said", [
+    ("safetensors", "x.pth", "--format safetensors writes our safetensors file, which is read back by its suffix; name "
+                             "it *.safetensors"),
+    ("official", "x.safetensors", "--format official writes a PyTorch pickle in the official layout, which is read "
+                                  "back by its suffix; name it *.pth or *.pt or *.bin"),
+])
+def test_an_export_out_whose_suffix_is_not_its_formats_is_refused_before_the_weights_are_gathered(
+        tmp_path, monkeypatch, capfd, fmt, out, said):
+    """`--out x.pth` wrote safetensors bytes (and `--format official --out x.safetensors` a pickle), which every
+    loader, going by the suffix, later refused as damaged or not weights."""
+    from mixmae_scale.engine import export
+
+    monkeypatch.setattr(export, "find_checkpoint", lambda run, tag, best: (tmp_path / "run" / "checkpoints", "step9"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: pytest.fail("gathered before --out was checked"))
+    line = one_error_line(capfd, main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(tmp_path / out)]))
+    assert line == f"mixmae: error: --out {tmp_path / out}: {said}"
+
+
 def test_a_garbage_pth_is_named_in_one_line_without_torchs_advice_to_load_it_unsafely(tmp_path):
     """torch's refusal runs to several lines and suggests weights_only=False (which runs the file's code): the
     error keeps the file and the unpickler's complaint."""
