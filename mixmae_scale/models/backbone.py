@@ -15,6 +15,7 @@ computes (a test holds that against the official code's outputs).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +32,17 @@ from mixmae_scale.models.convert_official import (
     infer_architecture,
     load_weights,
     map_official_keys,
+    read_metadata,
     read_official,
 )
 from mixmae_scale.models.swin import SwinBlock, SwinEncoder, SwinShape
 from mixmae_scale.models.window_attention import window_partition, window_reverse
 
-EXPORTED_NAMES = ("encoder.safetensors", "encoder_decoder.safetensors")
+# What `mixmae export RUN` writes in a run folder, by the run's kind (engine/export.py's DEFAULT_NAMES): a pretraining
+# run's encoder (with its decoder: --with-decoder), a fine-tuning run's classifier, a segmentation run's segmenter.
+# Each holds the encoder, under `backbone.` in a segmenter.
+EXPORTED_NAMES = ("encoder.safetensors", "encoder_decoder.safetensors", "classifier.safetensors",
+                  "segmenter.safetensors")
 # Input sizes whose position embedding is kept (per device and dtype): detection feeds hundreds of sizes.
 POSITION_CACHE_SIZES = 8
 
@@ -201,23 +207,57 @@ class SwinBackbone(nn.Module):
 
 def _weights_from(source: Path) -> dict[str, torch.Tensor]:
     if source.is_dir():
-        for name in EXPORTED_NAMES:
-            if (source / name).is_file():
-                return load_weights(source / name)[0]
-        raise WeightsError(f"{source.absolute()}: a run folder without an exported encoder; export one first with "
-                           f"`mixmae export {source}` (it gathers the ZeRO shards into {EXPORTED_NAMES[0]})")
+        return _exported_weights(source)
     if source.suffix == ".safetensors":
-        return load_weights(source)[0]
+        return _encoder_keys(load_weights(source)[0])
     if source.suffix in OFFICIAL_SUFFIXES:
         return map_official_keys(read_official(source))
     raise WeightsError(f"{source.absolute()}: expected a .safetensors file (`mixmae export`), a run folder or an "
                        "official MixMIM .pth")
 
 
+def _encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A segmenter's encoder is under `backbone.encoder.`: the same names as everywhere else, one level down."""
+    if any(k.startswith("backbone.encoder.") for k in state):
+        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.encoder.")}
+    return state
+
+
+def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The encoder of a run folder's export; an export older than the run's newest checkpoint is used, and said."""
+    found = [run / name for name in EXPORTED_NAMES if (run / name).is_file()]
+    if not found:
+        raise WeightsError(f"{run.absolute()}: a run folder without an export ({', '.join(EXPORTED_NAMES)}); write one "
+                           f"with `mixmae export {run}` (encoder.safetensors for a pretraining run, "
+                           "classifier.safetensors for a fine-tuning run, segmenter.safetensors for a segmentation "
+                           "run), or pass an exported file or official .pth")
+    exported = found[0]
+    step, newest = read_metadata(exported).get("step"), _newest_checkpoint_step(run)
+    if step is not None and step.isdigit() and newest is not None and newest > int(step):
+        logging.getLogger("mixmae.backbone").warning(
+            "mixmae: %s holds step %s of the run; its newest complete checkpoint is step %d: `mixmae export %s` "
+            "again to use it", exported.absolute(), step, newest, run)
+    return _encoder_keys(load_weights(exported)[0])
+
+
+def _newest_checkpoint_step(run: Path) -> int | None:
+    """The step of the run's newest complete regular checkpoint (RUN/checkpoints/stepNNNNNNNN with its COMPLETE
+    marker, not a non-finite stop's), or None. The names are engine/checkpointing/store.py's, read here by name
+    because the model library imports no training code (tests/unit/test_layering.py); a test writes them through
+    the store's own functions, so a change there fails it."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [int(p.name[4:12]) for p in folder.iterdir()
+             if p.name.startswith("step") and p.name[4:12].isdigit() and "-nonfinite" not in p.name
+             and ".partial" not in p.name and ".universal" not in p.name and (p / "COMPLETE").is_file()]
+    return max(steps, default=None)
+
+
 def load_backbone(source: str | Path, drop_path: float = 0.0, checkpoint_blocks: bool = False) -> SwinBackbone:
-    """A dense backbone with the encoder weights of an exported `.safetensors`, a run folder (its exported
-    encoder) or an official MixMIM `.pth` (pretraining or fine-tuning). Decoder, head and the final norm (the maps
-    come before it) are left out."""
+    """A dense backbone with the encoder weights of an exported `.safetensors` (an encoder, a classifier or a
+    segmenter), a run folder (its export: EXPORTED_NAMES) or an official MixMIM `.pth` (pretraining or
+    fine-tuning). Decoder, heads and the final norm (the maps come before it) are left out."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{source}: not found (tried {path.absolute()})")

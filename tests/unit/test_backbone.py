@@ -231,6 +231,33 @@ def test_a_run_folder_gives_its_exported_encoder_and_says_how_to_export_one(smal
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
 
 
+def test_a_fine_tuning_runs_export_gives_its_encoder_and_a_stale_export_is_said(small_shape, tmp_path, caplog):
+    """`mixmae export RUN` writes classifier.safetensors for a fine-tuning run, which the run folder's lookup did not
+    read: its advice to export looped. An export older than the run's newest checkpoint is used, with a warning."""
+    from mixmae_scale.engine.checkpointing.store import MARKER, tag_for
+
+    backbone = SwinBackbone(small_shape)
+    run = tmp_path / "finetune"
+    run.mkdir()
+    with pytest.raises(WeightsError, match="classifier.safetensors for a fine-tuning run"):
+        load_backbone(run)
+    weights = {**backbone.state_dict(), "encoder.norm.weight": torch.ones(128), "encoder.norm.bias": torch.zeros(128),
+               "head.weight": torch.zeros(3, 128), "head.bias": torch.zeros(3)}
+    save_weights(run / "classifier.safetensors", weights, {}, "finetune", provenance={"step": "40"})
+    for tag in (tag_for(40), tag_for(80, "-nonfinite")):  # a non-finite stop's is not what export takes
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        (run / "checkpoints" / tag / MARKER).write_text("{}")
+    with caplog.at_level("WARNING"):
+        loaded = load_backbone(run)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    assert not caplog.records
+    (run / "checkpoints" / tag_for(60)).mkdir()
+    (run / "checkpoints" / tag_for(60) / MARKER).write_text("{}")
+    with caplog.at_level("WARNING"):
+        load_backbone(run)
+    assert "holds step 40 of the run; its newest complete checkpoint is step 60: `mixmae export" in caplog.text
+
+
 def test_a_faster_rcnn_on_the_backbone_learns_boxes():
     """torchvision's Faster R-CNN with an FPN over the backbone, a few SGD steps on drawn rectangles whose boxes
     are known: its total loss falls."""
