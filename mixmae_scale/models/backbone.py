@@ -135,8 +135,10 @@ def run_block_padded(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
 
 class SwinBackbone(nn.Module):
     """Feature maps `[B, C_i, H / s, W / s]` for s = 4, 8, 16, 32 (`out_channels` lists the C_i): each stage's
-    tokens after its last block, before patch merging, as the official code computes them. No final norm: a
-    dense head normalises what it reads (torchvision's FPN, mmdet's necks)."""
+    tokens after its last block, before patch merging, as the official code computes them: no final norm and no
+    per-stage norm. torchvision's FPN normalises nothing it reads (`norm_layer=None`): `SwinFPN`
+    (models/detection.py) adds a LayerNorm per map, as mmdet's and the official Swin detection backbones do
+    (`norm{i}`); the UperNet head (models/segmentation_head.py) normalises after each lateral convolution."""
 
     def __init__(self, shape: SwinShape, drop_path: float = 0.0, checkpoint_blocks: bool = False) -> None:
         super().__init__()
@@ -145,7 +147,7 @@ class SwinBackbone(nn.Module):
         self.encoder = SwinEncoder(shape, drop_path=drop_path)
         self.encoder.patch_embed.strict_img_size = False  # any size divisible by the patch; checked below
         # The maps are read before the final norm, so it would be a parameter without gradients (which DDP and
-        # DeepSpeed refuse by default): dense heads bring their own norms.
+        # DeepSpeed refuse by default); what reads the maps normalises them (see the class docstring).
         self.encoder.norm = nn.Identity()
         self.out_channels = list(shape.stage_dims)
         self.strides = [shape.patch_size * 2**s for s in range(len(shape.depths))]

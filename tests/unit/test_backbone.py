@@ -258,6 +258,26 @@ def test_a_fine_tuning_runs_export_gives_its_encoder_and_a_stale_export_is_said(
     assert "holds step 40 of the run; its newest complete checkpoint is step 60: `mixmae export" in caplog.text
 
 
+def test_the_fpn_reads_each_map_through_its_own_layernorm_and_the_backbone_keeps_the_raw_maps(small_shape):
+    """torchvision's FPN normalises nothing (norm_layer=None) and read the raw stage outputs, where mmdet's Swin and
+    the official Swin detection code put a LayerNorm on each output stage (`norm{i}`). The backbone's own maps stay
+    raw: the official fixture test above compares them with the official model's stage outputs."""
+    from mixmae_scale.models.detection import SwinFPN
+
+    torch.manual_seed(0)
+    backbone = SwinBackbone(small_shape).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        raw = backbone(images)
+        normed = SwinFPN(backbone, out_channels=32).stage_maps(images)
+        unnormed = SwinFPN(backbone, out_channels=32, stage_norms=False).stage_maps(images)
+    for m, n, u in zip(raw, normed, unnormed, strict=True):
+        assert torch.equal(u, m)  # opt-out: the raw maps, as before
+        channels = n.permute(0, 2, 3, 1)  # a fresh LayerNorm: zero mean, unit variance over each position's channels
+        assert channels.mean(-1).abs().max() < 1e-5 and (channels.var(-1, unbiased=False) - 1).abs().max() < 1e-2
+    assert [tuple(n.weight.shape) for n in SwinFPN(backbone).norms] == [(c,) for c in backbone.out_channels]
+
+
 def test_a_faster_rcnn_on_the_backbone_learns_boxes():
     """torchvision's Faster R-CNN with an FPN over the backbone, a few SGD steps on drawn rectangles whose boxes
     are known: its total loss falls."""
