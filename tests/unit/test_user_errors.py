@@ -85,6 +85,23 @@ def test_probe_visualize_and_export_mistakes_are_one_line(weights, demo_shards, 
     assert f"{tmp_path / 'run' / 'best'}: no complete best checkpoint; only fine-tuning runs keep one" in line
 
 
+def test_a_probe_whose_splits_would_not_fit_in_memory_is_refused_before_decoding(weights, demo_shards, capfd,
+                                                                                 monkeypatch):
+    import psutil
+
+    from mixmae_scale.finetune import probe
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 10**6})())
+    monkeypatch.setattr(probe, "load_images", lambda *args: pytest.fail("decoded before the memory was checked"))
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(demo_shards)]))
+    assert f"--data {demo_shards}: the probe holds every image in memory as fp32" in line
+    assert "0 GB available; its 80 validation images alone leave no room: probe a smaller set" in line
+    line = one_error_line(capfd, main(["probe", "--init", "x", "--data", "y", "--dense", "--max-samples", "9"]))
+    assert line == ("mixmae: error: --max-samples: caps the classification probe's training images; the dense probe "
+                    "(--dense) reads every image of both splits")
+
+
 def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkeypatch, tmp_path):
     """Ranks of one job (same launcher, same rendezvous) share one report; a bug keeps its traceback."""
     import tempfile
