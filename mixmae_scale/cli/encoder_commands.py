@@ -22,19 +22,27 @@ def _probe(args: argparse.Namespace) -> int:
     import dataclasses
 
     if args.dense:
+        if args.max_samples:
+            from mixmae_scale.config import ConfigError
+
+            raise ConfigError("--max-samples: caps the classification probe's training images; the dense probe "
+                              "(--dense) reads every image of both splits")
         return _dense_probe(args)
 
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.finetune.evaluate import require_folder
     from mixmae_scale.finetune.pretrained import load_encoder
-    from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe
+    from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe, require_memory
 
     require_folder(args.data, "--data")
     state, arch = load_encoder(args.init, "--init")
-    num_classes = load_split(args.data, "train").num_classes
+    train = load_split(args.data, "train")
+    num_classes = train.num_classes
+    require_memory(args.data, min(train.samples, args.max_samples or train.samples),
+                   load_split(args.data, "val").samples, arch["img_size"])
     if not args.baseline:
         result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
-                                                 args.threads, args.seed))
+                                                 args.threads, args.seed, args.max_samples))
         if result["not_meaningful"]:
             print(f"probe of {args.init}: not meaningful ({result['not_meaningful']}); no top-1 reported"
                   f"{' (--json shows the numbers)' if not args.json else ''}")
@@ -45,7 +53,7 @@ def _probe(args: argparse.Namespace) -> int:
             print(json.dumps({"pretrained": result}, indent=2))
         return 0
     report = compare_with_random_init(state, arch, args.data, num_classes, args.baseline_seeds, args.loader,
-                                      args.batch, args.threads, args.seed)
+                                      args.batch, args.threads, args.seed, args.max_samples)
     if report["not_meaningful"]:
         print(f"probes of {args.init} against {args.baseline_seeds} random encoders: not meaningful "
               f"({report['not_meaningful']}); no top-1 or margin reported"
@@ -118,9 +126,9 @@ def probe_line(readout: dict) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="a run's encoder (or encoder+decoder) as one safetensors file")
     export.add_argument("run_dir", help="run folder (or its checkpoints/ or best/ folder, or one checkpoint's folder)")
-    export.add_argument("--out", help="the .safetensors file to write (default: in the run folder, "
-                        "encoder.safetensors; encoder_decoder.safetensors with --with-decoder; classifier.safetensors "
-                        "for a fine-tuning run, classifier-best.safetensors with --best)")
+    export.add_argument("--out", help="the .safetensors file to write, a .pth with --format official (default: in "
+                        "the run folder, encoder.safetensors; encoder_decoder.safetensors with --with-decoder; "
+                        "classifier.safetensors for a fine-tuning run, classifier-best.safetensors with --best)")
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--tag", help="checkpoint tag, e.g. step00000405 (default: the latest complete one)")
     choice.add_argument("--best", action="store_true", help="the best fine-tuning checkpoint (RUN/best/): encoder "
@@ -144,6 +152,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--batch", type=at_least(1), default=64, help="images per batch when extracting features")
     probe.add_argument("--threads", type=at_least(1), default=2, help="decoding threads")
     probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
+    probe.add_argument("--max-samples", type=at_least(1), help="read at most this many training images, the first in "
+                       "shard order (`mixmae shards` writes a split shuffled): the probe holds every image it reads "
+                       "in memory (default: the whole split)")
     probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
     probe.add_argument("--dense", action="store_true",
                        help="per-pixel linear read-out of the frozen feature maps (strides 4-32) on the masks "

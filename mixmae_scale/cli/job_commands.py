@@ -149,10 +149,11 @@ def _eval_segmenter(args: argparse.Namespace) -> int:
         from mixmae_scale.engine import distributed
         from mixmae_scale.finetune.evaluate import evaluation_precision, require_folder
         from mixmae_scale.segment.build import load_segmenter
-        from mixmae_scale.segment.evaluate import evaluate_segmenter, segmentation_line
+        from mixmae_scale.segment.evaluate import evaluate_segmenter, evaluation_size, segmentation_line
 
         require_folder(args.data, "--data")
         model, settings = load_segmenter(args.init)  # mistakes found before the group
+        settings = {**settings, "crop_size": evaluation_size(settings, args.img_size, model.backbone.strides[-1])}
         _, world, device = distributed.init(local_rank)
         result = evaluate_segmenter(model, settings, args.init, args.data, args.split, rank, world, device,
                                     args.loader, args.batch, args.threads, evaluation_precision(args.precision, device))
@@ -187,7 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--data", required=True, help="shard folder (from `mixmae shards`) with labels (or "
                             "masks, for a segmentation model)")
     evaluation.add_argument("--split", default="val", help="split of the shard folder to evaluate")
-    evaluation.add_argument("--img-size", type=int, help="evaluation resolution (default: the weights' own)")
+    evaluation.add_argument("--img-size", type=at_least(1), help="evaluation resolution (default: the weights' own; "
+                            "a segmentation model's: the crop size it was trained at)")
     evaluation.add_argument("--loader", choices=["dali", "torch"], default="dali",
                             help="data loader (torch: the PyTorch fallback)")
     evaluation.add_argument("--batch", type=at_least(1), default=64,

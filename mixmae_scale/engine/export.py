@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from mixmae_scale.engine.checkpointing.store import MARKER, complete_tags, damage, intact_newest_first, is_regular
-from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_official, save_weights
+from mixmae_scale.models.convert_official import (
+    OFFICIAL_SUFFIXES,
+    WeightsError,
+    infer_architecture,
+    save_official,
+    save_weights,
+)
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/job.py) lives in RUN/best/
 
@@ -125,6 +131,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     run_root = folder.parent
     if out is not None:
         require_writable_file(Path(out))
+        require_format_suffix(Path(out), fmt)
     state = gather_weights(folder, tag)
     if any(k.startswith("decode_head.") for k in state):
         return _export_segmenter(state, run_root, folder, tag, out, best or folder.name == BEST, fmt)
@@ -154,6 +161,18 @@ def require_writable_file(out: Path) -> None:
         raise ValueError(f"--out {out}: is a folder; name the file to write (e.g. {out / 'encoder.safetensors'})")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: its folder {out.parent.absolute()} does not exist; create it first")
+
+
+FORMAT_SUFFIXES = {"safetensors": (".safetensors",), "official": OFFICIAL_SUFFIXES}
+
+
+def require_format_suffix(out: Path, fmt: str) -> None:
+    """Every loader (finetune.init, --init, load_backbone) tells the two formats apart by the suffix: safetensors
+    bytes in a .pth, or a pickle in a .safetensors, were later refused as damaged or not weights."""
+    if out.suffix not in FORMAT_SUFFIXES[fmt]:
+        what = "our safetensors file" if fmt == "safetensors" else "a PyTorch pickle in the official layout"
+        raise WeightsError(f"--out {out}: --format {fmt} writes {what}, which is read back by its suffix; name it "
+                           f"{' or '.join('*' + suffix for suffix in FORMAT_SUFFIXES[fmt])}")
 
 
 def _export_segmenter(state: dict[str, torch.Tensor], run_root: Path, folder: Path, tag: str, out: str | Path | None,

@@ -50,13 +50,40 @@ def build_classifier(config: Config, num_classes: int,
                            fused_attention=config.model.attention != "reference",
                            checkpoint_every=config.model.checkpoint_every)
     if config.finetune.init:
-        state, _ = pretrained or load_encoder(config.finetune.init)
+        state, arch = pretrained or load_encoder(config.finetune.init)
         report = load_pretrained_encoder(model, state)
         if report.missing:
             raise WeightsError(f"finetune.init={config.finetune.init}: the encoder lacks {report.missing[:8]}")
+        if report.unexpected:  # decoder and head tensors are not among them (models/classifier.py sets them aside)
+            raise WeightsError(unplaced_weights(config, report.unexpected, arch))
         log.info("loaded %s (resized: %s; decoder tensors ignored: %d)", config.finetune.init,
                  report.resized or "none", report.ignored_decoder)
     return model
+
+
+def unplaced_weights(config: Config, unexpected: list[str], arch: dict) -> str:
+    """Why encoder weights that the classifier of `model.*` has no place for are refused: left out, a deeper
+    encoder's extra blocks were dropped without a word and the run fine-tuned a truncated encoder."""
+    unexpected = sorted(unexpected)
+    shown = ", ".join(unexpected[:4]) + (", ..." if len(unexpected) > 4 else "")
+    return (f"finetune.init={config.finetune.init}: {len(unexpected)} encoder tensor(s) have no place in the "
+            f"classifier of model.depths={list(config.model.depths)} ({shown}); the weights' encoder has depths "
+            f"{arch.get('depths')}: set model.* to its shape")
+
+
+def head_classes(configured: int | None, data_classes: int, shards: str) -> int:
+    """The classifier's class count: `finetune.num_classes`, or the training data's where it is unset. Fewer classes
+    than the data's labels are refused at the start: a label past the head reached mixup's one-hot or the loss
+    mid-run (a device-side assert on a GPU)."""
+    if configured and data_classes and configured < data_classes:
+        from mixmae_scale.config.load import ConfigError
+
+        raise ConfigError(f"finetune.num_classes={configured}: the manifest of {shards} has {data_classes} classes "
+                          f"(labels 0-{data_classes - 1}); set finetune.num_classes to at least {data_classes}, or "
+                          "leave it unset to take the manifest's")
+    if not (configured or data_classes):
+        raise DataError(f"{shards}: no classes in the manifest; set finetune.num_classes")
+    return configured or data_classes
 
 
 class FinetuneJob(EvaluatedJob):
@@ -114,9 +141,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if not ctx.train_data.labeled:  # first: a class count would not help shards without labels
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
                         "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
-    num_classes = ft.num_classes or ctx.train_data.num_classes
-    if not num_classes:
-        raise DataError(f"{config.data.shards}: no classes in the manifest; set finetune.num_classes")
+    num_classes = head_classes(ft.num_classes, ctx.train_data.num_classes, config.data.shards)
     model = build_classifier(config, num_classes, pretrained).to(ctx.device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay, config.optim.exempt_tables_from_decay)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mixmae_scale.models.convert_official import (
+    OFFICIAL_SUFFIXES,
     WeightsError,
     infer_architecture,
     load_weights,
@@ -20,7 +21,7 @@ from mixmae_scale.models.convert_official import (
     read_official,
 )
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *OFFICIAL_SUFFIXES)
 
 
 def _named(option: str, source: str | Path) -> str:
@@ -52,6 +53,7 @@ def load_encoder_weights(source: str | Path, option: str = "finetune.init") -> d
 def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and the architecture read off them (image size, widths, depths, heads, windows)."""
     state = load_encoder_weights(source, option)
-    if "encoder.patch_embed.proj.weight" not in state:
-        raise WeightsError(f"{_named(option, source)}: holds no encoder weights (no encoder.patch_embed.proj.weight)")
-    return state, infer_architecture(state)
+    try:
+        return state, infer_architecture(state)
+    except WeightsError as exc:
+        raise WeightsError(f"{_named(option, source)}: {Path(source).absolute()} {exc}") from exc

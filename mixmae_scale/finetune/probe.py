@@ -83,15 +83,48 @@ def shape_from_arch(arch: dict) -> SwinShape:
                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch.get("mlp_ratio", 4.0))
 
 
-def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as eval-transformed tensors: decoded once, probed by every encoder compared."""
+def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int,
+                max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as eval-transformed tensors (or its first `max_samples` in shard order): decoded once, probed
+    by every encoder compared."""
     spec = eval_spec(img_size, batch, threads)
-    images, labels = [], []
+    images, labels, held = [], [], 0
     for loaded, valid in ShardLoader(shards, split, spec, backend, threads).eval_batches():
-        images.append(loaded.images[:valid].clone())
-        labels.append(loaded.labels[:valid].clone())
+        keep = valid if max_samples is None else min(valid, max_samples - held)
+        images.append(loaded.images[:keep].clone())
+        labels.append(loaded.labels[:keep].clone())
+        held += keep
+        if max_samples is not None and held >= max_samples:
+            break
     return torch.cat(images), torch.cat(labels)
+
+
+def probe_bytes(train: int, val: int, img_size: int) -> int:
+    """The least the probe holds at once: every image of both splits as fp32 (3 x size x size x 4 bytes each: 602 KB
+    at 224 px, so ImageNet's 1.28M training images are 770 GB) and the k-NN vote's val x train similarity matrix
+    (4 bytes an entry). It is made for small sets, such as the demo's."""
+    return (train + val) * 3 * img_size**2 * 4 + val * train * 4
+
+
+def require_memory(shards: str, train: int, val: int, img_size: int, available: int | None = None) -> None:
+    """Refuses, before any image is decoded, splits whose `probe_bytes` exceed the memory available (psutil's
+    estimate unless `available` is given); says how many training images would fit (`--max-samples`)."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    need = probe_bytes(train, val, img_size)
+    if need <= available:
+        return
+    from mixmae_scale.data.errors import DataError
+
+    image = 3 * img_size**2 * 4
+    fits = (available - val * image) // (image + 4 * val)
+    way_out = (f"--max-samples {fits} reads at most that many training images, which fit" if fits >= MIN_PROBE_IMAGES
+               else f"its {val} validation images alone leave no room: probe a smaller set")
+    raise DataError(f"--data {shards}: the probe holds every image in memory as fp32 and a val x train k-NN matrix: "
+                    f"({train} train + {val} val) x 3 x {img_size} x {img_size} x 4 B + {val} x {train} x 4 B = "
+                    f"{need / 1e9:.0f} GB, more than the {available / 1e9:.0f} GB available; {way_out}")
 
 
 def readout_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +245,12 @@ def probe_models(models: list[SwinClassifier], train: Split, val: Split, num_cla
 
 
 def linear_probe(state: dict[str, torch.Tensor] | None, arch: dict, shards: str, num_classes: int,
-                 backend: str = "dali", batch: int = 64, threads: int = 2, seed: int = 0) -> ProbeResult:
-    """`state` None probes a randomly initialised encoder of the same shape."""
-    train, val = (load_images(shards, split, arch["img_size"], batch, backend, threads) for split in ("train", "val"))
+                 backend: str = "dali", batch: int = 64, threads: int = 2, seed: int = 0,
+                 max_samples: int | None = None) -> ProbeResult:
+    """`state` None probes a randomly initialised encoder of the same shape. `max_samples` caps the training images
+    read (the first ones in shard order)."""
+    train = load_images(shards, "train", arch["img_size"], batch, backend, threads, max_samples)
+    val = load_images(shards, "val", arch["img_size"], batch, backend, threads)
     return probe_encoder(state, arch, train, val, num_classes, batch, seed)
 
 
@@ -225,12 +261,13 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def compare_with_random_init(state: dict[str, torch.Tensor], arch: dict, shards: str, num_classes: int,
                              baseline_seeds: int = 3, backend: str = "dali", batch: int = 64, threads: int = 2,
-                             seed: int = 0) -> dict:
+                             seed: int = 0, max_samples: int | None = None) -> dict:
     """The pretrained encoder against `baseline_seeds` random initialisations, on both read-outs.
 
     `margin` is pretrained minus the baselines' mean; `margin_in_spread` divides it by the baselines'
     standard deviation (how many times the seed-to-seed noise the gain is)."""
-    train, val = (load_images(shards, split, arch["img_size"], batch, backend, threads) for split in ("train", "val"))
+    train = load_images(shards, "train", arch["img_size"], batch, backend, threads, max_samples)
+    val = load_images(shards, "val", arch["img_size"], batch, backend, threads)
     models = [build_encoder(state, arch, num_classes, seed),
               *(build_encoder(None, arch, num_classes, seed + 1 + i) for i in range(baseline_seeds))]
     pretrained, *baselines = probe_models(models, train, val, num_classes, batch)

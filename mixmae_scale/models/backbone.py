@@ -15,6 +15,9 @@ computes (a test holds that against the official code's outputs).
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,16 +27,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mixmae_scale.models.convert_official import (
+    OFFICIAL_SUFFIXES,
     WeightsError,
     infer_architecture,
     load_weights,
     map_official_keys,
+    read_metadata,
     read_official,
 )
 from mixmae_scale.models.swin import SwinBlock, SwinEncoder, SwinShape
 from mixmae_scale.models.window_attention import window_partition, window_reverse
 
-EXPORTED_NAMES = ("encoder.safetensors", "encoder_decoder.safetensors")
+# What `mixmae export RUN` writes in a run folder, by the run's kind (engine/export.py's DEFAULT_NAMES): a pretraining
+# run's encoder (with its decoder: --with-decoder), a fine-tuning run's classifier, a segmentation run's segmenter.
+# Each holds the encoder, under `backbone.` in a segmenter.
+EXPORTED_NAMES = ("encoder.safetensors", "encoder_decoder.safetensors", "classifier.safetensors",
+                  "segmenter.safetensors")
+# Input sizes whose position embedding is kept (per device and dtype): detection feeds hundreds of sizes.
+POSITION_CACHE_SIZES = 8
 
 
 def official_sincos(h: int, w: int, dim: int) -> torch.Tensor:
@@ -50,20 +61,47 @@ def official_sincos(h: int, w: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def position_embedding_for(stored: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The embedding for an (h, w) token grid that continues `stored` (1, L, C): the same sin-cos formula when
-    `stored` is one of the two known layouts, else (an embedding resized for another resolution) a bicubic
-    resize of it."""
+Layout = Callable[[int, int, int], torch.Tensor]  # (h, w, dim) -> (h * w, dim), built on the CPU
+
+
+def timm_sincos(h: int, w: int, dim: int) -> torch.Tensor:
+    """timm's layout, which a model of ours made from scratch has (models/swin.py)."""
+    return build_sincos2d_pos_embed([h, w], dim)
+
+
+def embedding_layout(stored: torch.Tensor) -> Layout | None:
+    """Which sin-cos formula `stored` (1, L, C) holds, or None (an embedding resized for another resolution).
+    Compared on a CPU copy, so that it reads the same wherever the buffer lives (a GPU, or `meta`: then nothing
+    can be read and the answer is None)."""
+    if stored.device.type == "meta":
+        return None
     side, dim = int(round(stored.shape[1] ** 0.5)), stored.shape[-1]
+    values = stored[0].detach().float().cpu()
     # An embedding stored in bf16 or fp16 (a module cast whole) is the formula to within its rounding, 2^-8 of
     # values in [-1, 1]; a resized embedding differs from it by far more.
     tolerance = 1e-5 if stored.dtype == torch.float32 else 1e-2
-    for formula in (official_sincos, lambda a, b, d: build_sincos2d_pos_embed([a, b], d)):
-        if torch.allclose(formula(side, side, dim), stored[0].float(), atol=tolerance):
-            return formula(h, w, dim)[None].to(stored.dtype)
+    for formula in (official_sincos, timm_sincos):
+        if torch.allclose(formula(side, side, dim), values, atol=tolerance):
+            return formula
+    return None
+
+
+def continued_embedding(stored: torch.Tensor, layout: Layout | None, h: int, w: int) -> torch.Tensor:
+    """The (1, h * w, C) embedding for an (h, w) grid that continues `stored` (1, L, C), on its device in its dtype:
+    the formula of its `layout`, else a bicubic resize of it."""
+    side, dim = int(round(stored.shape[1] ** 0.5)), stored.shape[-1]
+    if layout is not None:
+        return layout(h, w, dim)[None].to(device=stored.device, dtype=stored.dtype)
     grid = stored.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(stored.dtype)
+
+
+def position_embedding_for(stored: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The embedding for an (h, w) token grid that continues `stored` (1, L, C): the same sin-cos formula when
+    `stored` is one of the two known layouts, else (an embedding resized for another resolution) a bicubic
+    resize of it. On `stored`'s device, in its dtype."""
+    return continued_embedding(stored, embedding_layout(stored), h, w)
 
 
 def padding_key_mask(h: int, w: int, window: int, device: torch.device) -> torch.Tensor | None:
@@ -97,8 +135,10 @@ def run_block_padded(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
 
 class SwinBackbone(nn.Module):
     """Feature maps `[B, C_i, H / s, W / s]` for s = 4, 8, 16, 32 (`out_channels` lists the C_i): each stage's
-    tokens after its last block, before patch merging, as the official code computes them. No final norm: a
-    dense head normalises what it reads (torchvision's FPN, mmdet's necks)."""
+    tokens after its last block, before patch merging, as the official code computes them: no final norm and no
+    per-stage norm. torchvision's FPN normalises nothing it reads (`norm_layer=None`): `SwinFPN`
+    (models/detection.py) adds a LayerNorm per map, as mmdet's and the official Swin detection backbones do
+    (`norm{i}`); the UperNet head (models/segmentation_head.py) normalises after each lateral convolution."""
 
     def __init__(self, shape: SwinShape, drop_path: float = 0.0, checkpoint_blocks: bool = False) -> None:
         super().__init__()
@@ -107,11 +147,15 @@ class SwinBackbone(nn.Module):
         self.encoder = SwinEncoder(shape, drop_path=drop_path)
         self.encoder.patch_embed.strict_img_size = False  # any size divisible by the patch; checked below
         # The maps are read before the final norm, so it would be a parameter without gradients (which DDP and
-        # DeepSpeed refuse by default): dense heads bring their own norms.
+        # DeepSpeed refuse by default); what reads the maps normalises them (see the class docstring).
         self.encoder.norm = nn.Identity()
         self.out_channels = list(shape.stage_dims)
         self.strides = [shape.patch_size * 2**s for s in range(len(shape.depths))]
-        self._position_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._position_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # Which formula the stored embedding holds, read off its values once per load (not per forward, and
+        # before the buffer may move to a device): models/backbone.py's `embedding_layout`.
+        self._layout = embedding_layout(self.encoder.absolute_pos_embed)
+        self.register_load_state_dict_post_hook(SwinBackbone._weights_loaded)
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -119,15 +163,27 @@ class SwinBackbone(nn.Module):
         ...)`): the parameter names are the encoder's, so the official layer ids apply unchanged."""
         return self.shape.depths
 
-    def position(self, h: int, w: int) -> torch.Tensor:
-        key = (h, w)
-        if key not in self._position_cache:
-            self._position_cache[key] = position_embedding_for(self.encoder.absolute_pos_embed, h, w)
-        return self._position_cache[key]
+    def position(self, h: int, w: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+        """The (1, h * w, C) embedding of an (h, w) grid on `device` in `dtype` (default: the buffer's). The last
+        POSITION_CACHE_SIZES sizes are kept where they are used, so a forward copies nothing between devices."""
+        stored = self.encoder.absolute_pos_embed
+        key = (h, w, torch.device(device) if device is not None else stored.device, dtype or stored.dtype)
+        if key in self._position_cache:
+            self._position_cache.move_to_end(key)
+            return self._position_cache[key]
+        embedding = continued_embedding(stored, self._layout, h, w).to(device=key[2], dtype=key[3])
+        self._position_cache[key] = embedding
+        if len(self._position_cache) > POSITION_CACHE_SIZES:
+            self._position_cache.popitem(last=False)
+        return embedding
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._position_cache.clear()  # the embedding follows the weights' layout
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    @staticmethod
+    def _weights_loaded(module: SwinBackbone, incompatible) -> None:
+        """After any load, also through a parent module's (a segmentation model's, a checkpoint's): the embedding
+        follows the weights' layout."""
+        module._position_cache.clear()
+        module._layout = embedding_layout(module.encoder.absolute_pos_embed)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         multiple = self.strides[-1]
@@ -137,7 +193,7 @@ class SwinBackbone(nn.Module):
                              f"stride); pad or resize the images to a multiple of {multiple}")
         x = self.encoder.embed(images)
         b, h, w, c = x.shape
-        x = x + self.position(h, w).to(device=x.device, dtype=x.dtype).view(1, h, w, c)
+        x = x + self.position(h, w, x.device, x.dtype).view(1, h, w, c)
         maps = []
         for stage in self.encoder.layers:
             for block in stage.blocks:
@@ -153,23 +209,57 @@ class SwinBackbone(nn.Module):
 
 def _weights_from(source: Path) -> dict[str, torch.Tensor]:
     if source.is_dir():
-        for name in EXPORTED_NAMES:
-            if (source / name).is_file():
-                return load_weights(source / name)[0]
-        raise WeightsError(f"{source.absolute()}: a run folder without an exported encoder; export one first with "
-                           f"`mixmae export {source}` (it gathers the ZeRO shards into {EXPORTED_NAMES[0]})")
+        return _exported_weights(source)
     if source.suffix == ".safetensors":
-        return load_weights(source)[0]
-    if source.suffix in (".pth", ".pt", ".bin"):
+        return _encoder_keys(load_weights(source)[0])
+    if source.suffix in OFFICIAL_SUFFIXES:
         return map_official_keys(read_official(source))
     raise WeightsError(f"{source.absolute()}: expected a .safetensors file (`mixmae export`), a run folder or an "
                        "official MixMIM .pth")
 
 
+def _encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A segmenter's encoder is under `backbone.encoder.`: the same names as everywhere else, one level down."""
+    if any(k.startswith("backbone.encoder.") for k in state):
+        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.encoder.")}
+    return state
+
+
+def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The encoder of a run folder's export; an export older than the run's newest checkpoint is used, and said."""
+    found = [run / name for name in EXPORTED_NAMES if (run / name).is_file()]
+    if not found:
+        raise WeightsError(f"{run.absolute()}: a run folder without an export ({', '.join(EXPORTED_NAMES)}); write one "
+                           f"with `mixmae export {run}` (encoder.safetensors for a pretraining run, "
+                           "classifier.safetensors for a fine-tuning run, segmenter.safetensors for a segmentation "
+                           "run), or pass an exported file or official .pth")
+    exported = found[0]
+    step, newest = read_metadata(exported).get("step"), _newest_checkpoint_step(run)
+    if step is not None and step.isdigit() and newest is not None and newest > int(step):
+        logging.getLogger("mixmae.backbone").warning(
+            "mixmae: %s holds step %s of the run; its newest complete checkpoint is step %d: `mixmae export %s` "
+            "again to use it", exported.absolute(), step, newest, run)
+    return _encoder_keys(load_weights(exported)[0])
+
+
+def _newest_checkpoint_step(run: Path) -> int | None:
+    """The step of the run's newest complete regular checkpoint (RUN/checkpoints/stepNNNNNNNN with its COMPLETE
+    marker, not a non-finite stop's), or None. The names are engine/checkpointing/store.py's, read here by name
+    because the model library imports no training code (tests/unit/test_layering.py); a test writes them through
+    the store's own functions, so a change there fails it."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [int(p.name[4:12]) for p in folder.iterdir()
+             if p.name.startswith("step") and p.name[4:12].isdigit() and "-nonfinite" not in p.name
+             and ".partial" not in p.name and ".universal" not in p.name and (p / "COMPLETE").is_file()]
+    return max(steps, default=None)
+
+
 def load_backbone(source: str | Path, drop_path: float = 0.0, checkpoint_blocks: bool = False) -> SwinBackbone:
-    """A dense backbone with the encoder weights of an exported `.safetensors`, a run folder (its exported
-    encoder) or an official MixMIM `.pth` (pretraining or fine-tuning). Decoder, head and the final norm (the maps
-    come before it) are left out."""
+    """A dense backbone with the encoder weights of an exported `.safetensors` (an encoder, a classifier or a
+    segmenter), a run folder (its export: EXPORTED_NAMES) or an official MixMIM `.pth` (pretraining or
+    fine-tuning). Decoder, heads and the final norm (the maps come before it) are left out."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{source}: not found (tried {path.absolute()})")
@@ -184,8 +274,6 @@ def backbone_from_weights(state: dict[str, torch.Tensor], drop_path: float = 0.0
                           checkpoint_blocks: bool = False) -> SwinBackbone:
     """A dense backbone in the shape of the `encoder.*` tensors of `state` (our key names), holding them."""
     encoder = {k: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
-    if "encoder.patch_embed.proj.weight" not in encoder:
-        raise WeightsError("holds no encoder weights (no encoder.patch_embed.proj.weight)")
     arch = infer_architecture(encoder)
     shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
                       tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])

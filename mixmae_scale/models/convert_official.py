@@ -23,6 +23,7 @@ ENCODER_PREFIXES = ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")
 DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                     "decoder_pred.")
 RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")  # what the loaders read as a PyTorch pickle (official layout)
 OFFICIAL_DECODER_HEADS = 16  # not recoverable from the weights; the official decoder uses 16 heads
 
 
@@ -112,7 +113,14 @@ def save_official(path: str | Path, state: dict[str, torch.Tensor]) -> int:
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The model shape, read off the weight shapes of a mapped state dict."""
+    """The model shape, read off the weight shapes of a mapped state dict. Weights that do not describe a MixMAE
+    encoder are a WeightsError (the caller names the file)."""
+    if "encoder.patch_embed.proj.weight" not in state:
+        raise WeightsError("holds no encoder weights (no encoder.patch_embed.proj.weight)")
+    if "encoder.absolute_pos_embed" not in state:
+        raise WeightsError("has no absolute_pos_embed: not a MixMAE/MixMIM encoder but a Swin without an absolute "
+                           "position embedding (such as timm's or the official Swin release's), which a MixMAE model "
+                           "cannot hold")
     proj = state["encoder.patch_embed.proj.weight"]
     embed_dim, patch = proj.shape[0], proj.shape[-1]
     blocks: dict[int, set[int]] = {}
@@ -201,8 +209,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, Any]:
-    state = map_official_keys(read_official(src))
-    arch = infer_architecture(state)
+    state = read_official(src)
+    try:
+        state = map_official_keys(state)
+        arch = infer_architecture(state)
+    except WeightsError as exc:
+        raise WeightsError(f"{Path(src).absolute()}: {exc}") from exc
     model = build_from_architecture(arch)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -81,11 +81,26 @@ def evaluate_segmentation(model: Any, batches: Iterable, device: torch.device, d
             "loss": float(sums[1] / sums[2].clamp(min=1)), "per_class_iou": per_class, "precision": dtype}
 
 
+def evaluation_size(settings: dict, img_size: int | None, multiple: int) -> int:
+    """The side `mixmae eval --img-size` evaluates a segmentation model at: the size given, which its backbone takes
+    when it is a multiple of the last stride (`multiple`), else the crop size it was trained at (`segment.crop_size`
+    of its run, in the export's settings)."""
+    if img_size is None:
+        return settings["crop_size"]
+    if img_size % multiple:
+        from mixmae_scale.config import ConfigError
+
+        raise ConfigError(f"--img-size {img_size}: a segmentation model takes a multiple of {multiple} (its backbone's "
+                          f"last stride); it was trained on {settings['crop_size']} px crops")
+    return img_size
+
+
 def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shards: str, split: str, rank: int,
                        world: int, device: torch.device, backend: str = "dali", batch: int = 16,
                        threads: int = 2, precision: str = "fp32") -> dict[str, Any]:
     """`mixmae eval` of a segmentation export (segment/build.py's `load_segmenter`): the evaluation view of the
-    split's images and masks at the crop size it was trained with, this rank's share, computed in `precision`."""
+    split's images and masks at `settings["crop_size"]` (the crop size it was trained with, or `evaluation_size`'s),
+    this rank's share, computed in `precision`."""
     from mixmae_scale.data.loader import ShardLoader, choose_decode_device
     from mixmae_scale.data.loaders import LoaderPlace, eval_spec
     from mixmae_scale.data.manifest import load_split
@@ -99,7 +114,8 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
     model = in_precision(model, device, precision)
     scores = evaluate_segmentation(model, loader.eval_batches(), device, precision, settings["num_classes"],
                                    settings["ignore_index"], expected, loader.split_coverage(), str(shards))
-    return {"weights": str(source), "data": str(shards), "split": split, "batch": batch, **scores}
+    return {"weights": str(source), "data": str(shards), "split": split, "batch": batch,
+            "img_size": settings["crop_size"], **scores}
 
 
 def segmentation_line(result: dict[str, Any]) -> str:

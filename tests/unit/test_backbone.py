@@ -118,6 +118,46 @@ def test_an_embedding_of_neither_layout_is_resized():
     assert resized.shape == (1, 72, 8) and not torch.isnan(resized).any()
 
 
+def test_the_maps_and_the_position_embedding_are_made_on_the_buffers_device(small_shape):
+    """The layout check built the formula on the CPU and compared it with the buffer wherever it lived: the first
+    forward on a GPU failed ("Expected all tensors to be on the same device"). `meta` stands in for the GPU here:
+    the same mix of devices failed the same way on it."""
+    backbone = SwinBackbone(small_shape).eval().to("meta")
+    with torch.no_grad():
+        maps = backbone(torch.empty(1, 3, 96, 160, device="meta"))
+    assert all(m.device.type == "meta" for m in maps)
+    assert backbone.encoder.absolute_pos_embed.device.type == "meta"  # the stored buffer was not moved
+    assert all(e.device.type == "meta" for e in backbone._position_cache.values())
+
+
+def test_the_position_cache_keeps_the_last_sizes_used_and_no_more(small_shape):
+    from mixmae_scale.models.backbone import POSITION_CACHE_SIZES
+
+    backbone = SwinBackbone(small_shape)
+    sizes = [(8, 8 + i) for i in range(POSITION_CACHE_SIZES + 3)]
+    first = backbone.position(*sizes[0])
+    for size in sizes:
+        backbone.position(*size)
+    backbone.position(*sizes[4])  # used again: kept over older ones
+    backbone.position(9, 9)
+    kept = [key[:2] for key in backbone._position_cache]
+    assert len(kept) == POSITION_CACHE_SIZES and kept[-2:] == [sizes[4], (9, 9)] and sizes[0] not in kept
+    assert torch.equal(backbone.position(*sizes[0]), first)  # made again, the same
+
+
+def test_weights_loaded_through_a_parent_module_replace_the_cached_embedding(small_shape):
+    """A segmentation model's or a checkpoint's load reaches the backbone as a submodule, not through its own
+    load_state_dict: the cached formula outlived a resized embedding loaded that way."""
+    backbone = SwinBackbone(small_shape)
+    backbone.position(8, 12)  # cached: the formula of the fresh model's layout
+    parent = torch.nn.ModuleDict({"backbone": backbone})
+    state = parent.state_dict()
+    state["backbone.encoder.absolute_pos_embed"] = torch.randn_like(state["backbone.encoder.absolute_pos_embed"])
+    parent.load_state_dict(state)
+    assert torch.equal(backbone.position(8, 12),
+                       position_embedding_for(state["backbone.encoder.absolute_pos_embed"], 8, 12))
+
+
 def test_checkpointed_blocks_give_the_same_maps_and_gradients(small_shape):
     torch.manual_seed(0)
     plain = SwinBackbone(small_shape)
@@ -189,6 +229,53 @@ def test_a_run_folder_gives_its_exported_encoder_and_says_how_to_export_one(smal
     save_weights(run / "encoder.safetensors", weights, arch, "encoder")  # as an export has it, final norm too
     loaded = load_backbone(run)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_a_fine_tuning_runs_export_gives_its_encoder_and_a_stale_export_is_said(small_shape, tmp_path, caplog):
+    """`mixmae export RUN` writes classifier.safetensors for a fine-tuning run, which the run folder's lookup did not
+    read: its advice to export looped. An export older than the run's newest checkpoint is used, with a warning."""
+    from mixmae_scale.engine.checkpointing.store import MARKER, tag_for
+
+    backbone = SwinBackbone(small_shape)
+    run = tmp_path / "finetune"
+    run.mkdir()
+    with pytest.raises(WeightsError, match="classifier.safetensors for a fine-tuning run"):
+        load_backbone(run)
+    weights = {**backbone.state_dict(), "encoder.norm.weight": torch.ones(128), "encoder.norm.bias": torch.zeros(128),
+               "head.weight": torch.zeros(3, 128), "head.bias": torch.zeros(3)}
+    save_weights(run / "classifier.safetensors", weights, {}, "finetune", provenance={"step": "40"})
+    for tag in (tag_for(40), tag_for(80, "-nonfinite")):  # a non-finite stop's is not what export takes
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        (run / "checkpoints" / tag / MARKER).write_text("{}")
+    with caplog.at_level("WARNING"):
+        loaded = load_backbone(run)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    assert not caplog.records
+    (run / "checkpoints" / tag_for(60)).mkdir()
+    (run / "checkpoints" / tag_for(60) / MARKER).write_text("{}")
+    with caplog.at_level("WARNING"):
+        load_backbone(run)
+    assert "holds step 40 of the run; its newest complete checkpoint is step 60: `mixmae export" in caplog.text
+
+
+def test_the_fpn_reads_each_map_through_its_own_layernorm_and_the_backbone_keeps_the_raw_maps(small_shape):
+    """torchvision's FPN normalises nothing (norm_layer=None) and read the raw stage outputs, where mmdet's Swin and
+    the official Swin detection code put a LayerNorm on each output stage (`norm{i}`). The backbone's own maps stay
+    raw: the official fixture test above compares them with the official model's stage outputs."""
+    from mixmae_scale.models.detection import SwinFPN
+
+    torch.manual_seed(0)
+    backbone = SwinBackbone(small_shape).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        raw = backbone(images)
+        normed = SwinFPN(backbone, out_channels=32).stage_maps(images)
+        unnormed = SwinFPN(backbone, out_channels=32, stage_norms=False).stage_maps(images)
+    for m, n, u in zip(raw, normed, unnormed, strict=True):
+        assert torch.equal(u, m)  # opt-out: the raw maps, as before
+        channels = n.permute(0, 2, 3, 1)  # a fresh LayerNorm: zero mean, unit variance over each position's channels
+        assert channels.mean(-1).abs().max() < 1e-5 and (channels.var(-1, unbiased=False) - 1).abs().max() < 1e-2
+    assert [tuple(n.weight.shape) for n in SwinFPN(backbone).norms] == [(c,) for c in backbone.out_channels]
 
 
 def test_a_faster_rcnn_on_the_backbone_learns_boxes():

@@ -142,6 +142,29 @@ def test_unmappable_official_keys_are_listed(small_mixmae, tmp_path):
     assert not (tmp_path / "odd.safetensors").exists()
 
 
+def test_a_swin_without_an_absolute_position_embedding_is_refused_in_one_line_naming_the_file(small_mixmae,
+                                                                                            tmp_path, capsys):
+    """A timm or official Swin checkpoint maps key for key but for the missing `absolute_pos_embed`: it was a
+    KeyError traceback (exit 1) from convert-official, probe, finetune.init, segment.init and load_backbone."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.models.backbone import load_backbone
+    from mixmae_scale.models.convert_official import WeightsError
+
+    state = {k: v for k, v in _official_layout(small_mixmae).items()
+             if not k.startswith(("absolute_pos_embed", "mask_token", "decoder"))}
+    src = tmp_path / "swin.pth"
+    torch.save({"model": {**state, "head.weight": torch.zeros(3, 128), "head.bias": torch.zeros(3)}}, src)
+    said = "has no absolute_pos_embed: not a MixMAE/MixMIM encoder but a Swin without an absolute position embedding"
+    assert main(["model", "convert-official", str(src), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixmae: error: {src}: {said}") and err.count("\n") == 1
+    with pytest.raises(WeightsError, match=f"^finetune.init={src}: {src} {said}"):
+        load_encoder(src)
+    with pytest.raises(WeightsError, match=f"^{src}: {said}"):
+        load_backbone(src)
+
+
 class _Payload:
     """Stands for an object a hostile checkpoint would unpickle to run code."""
 

@@ -19,9 +19,12 @@ from mixmae_scale.cli import main
     (["config", "show", "--profile", "tiny", "--world-size", "0"], "--world-size: 0 is less than 1"),
     (["probe", "--init", "x", "--data", "y", "--batch", "0"], "--batch: 0 is less than 1"),
     (["probe", "--init", "x", "--data", "y", "--baseline-seeds", "0"], "--baseline-seeds: 0 is less than 1"),
+    (["probe", "--init", "x", "--data", "y", "--max-samples", "0"], "--max-samples: 0 is less than 1"),
     (["visualize", "x", "--data", "y", "--images", "1"], "--images: 1 is less than 2"),
     (["scaling", "run", "spec.yaml", "--out", "o", "--parallel", "zero"], "--parallel: 'zero' is not an integer"),
     (["model", "info", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was silently the size's own
+    (["eval", "--init", "x", "--data", "y", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was the weights'
+    (["eval", "--init", "x", "--data", "y", "--img-size", "-64"], "--img-size: -64 is less than 1"),  # a torch error
     (["scaling", "report", "--bootstrap", "-3"], "--bootstrap: -3 is less than 0"),  # was taken
 ])
 def test_an_out_of_range_count_is_refused_by_name_before_any_work(argv, said, capsys):

@@ -79,3 +79,34 @@ def test_probing_several_encoders_at_once_gives_each_the_result_it_gets_alone():
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
     assert together == alone and len({r.top1 for r in alone} | {r.knn_top1 for r in alone}) > 1
+
+
+def test_a_split_whose_images_would_not_fit_in_memory_is_refused_with_the_arithmetic_and_a_cap_that_fits():
+    """The probe holds every image as fp32 and a val x train similarity matrix: ImageNet's manifest counts are over a
+    terabyte, which it began decoding anyway (the documented `probe --data /data/imagenet-wds`)."""
+    import pytest
+
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.finetune.probe import probe_bytes, require_memory
+
+    train, val, available = 1_281_167, 50_000, 256 * 10**9
+    with pytest.raises(DataError) as refused:
+        require_memory("/data/imagenet-wds", train, val, 224, available)
+    said = str(refused.value)
+    assert said.startswith("--data /data/imagenet-wds: the probe holds every image in memory as fp32 and a val x train "
+                           "k-NN matrix: (1281167 train + 50000 val) x 3 x 224 x 224 x 4 B + 50000 x 1281167 x 4 B = "
+                           "1058 GB, more than the 256 GB available; --max-samples ")
+    cap = int(said.split("--max-samples ")[1].split()[0])
+    assert probe_bytes(cap, val, 224) <= available < probe_bytes(cap + 1, val, 224)
+    require_memory("/data/imagenet-wds", cap, val, 224, available)  # what it suggests goes through
+    with pytest.raises(DataError, match="its 50000 validation images alone leave no room: probe a smaller set"):
+        require_memory("/data/imagenet-wds", train, val, 224, 20 * 10**9)
+
+
+def test_max_samples_reads_the_first_training_images_in_shard_order(demo_shards):
+    from mixmae_scale.finetune.probe import load_images
+
+    few, few_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=20)
+    more, more_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=37)
+    assert few.shape == (20, 3, 32, 32) and len(more) == 37
+    assert torch.equal(few, more[:20]) and torch.equal(few_labels, more_labels[:20])

@@ -226,3 +226,27 @@ def test_a_segmentation_export_rebuilds_the_same_model_and_an_encoder_file_is_re
     assert not is_segmenter_file(tmp_path / "encoder.safetensors")
     with pytest.raises(WeightsError, match="not a segmentation model"):
         load_segmenter(tmp_path / "encoder.safetensors")
+
+
+def test_eval_of_a_segmentation_model_takes_img_size_or_refuses_it_in_one_line(tmp_path, monkeypatch, capfd):
+    """`mixmae eval --img-size` was ignored for a segmentation model: it evaluated at its crop size whatever was
+    asked. A multiple of 32 is now the size evaluated (and reported); another size is refused naming the crop size."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.engine import distributed
+    from mixmae_scale.segment import build, evaluate
+
+    settings = {"num_classes": 11, "ignore_index": IGNORE, "crop_size": 96, "head_channels": 32, "pool_scales": [1]}
+    evaluated = []
+    monkeypatch.setattr(build, "is_segmenter_file", lambda source: True)
+    monkeypatch.setattr(build, "load_segmenter", lambda source: (build_segmenter(seg_config()), settings))
+    monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+    monkeypatch.setattr(evaluate, "evaluate_segmenter", lambda model, used, *args: evaluated.append(used) or {
+        "miou": 1.0, "precision": "fp32", "samples": 1, "split": "val", "data": "d", "weights": "w"})
+    for size, expected in ((None, 96), ("160", 160)):
+        assert main(["eval", "--init", "seg.safetensors", "--data", str(tmp_path),
+                     *(["--img-size", size] if size else [])]) == 0
+        assert evaluated.pop()["crop_size"] == expected
+    assert main(["eval", "--init", "seg.safetensors", "--data", str(tmp_path), "--img-size", "100"]) == 2
+    assert capfd.readouterr().err.endswith("mixmae: error: --img-size 100: a segmentation model takes a multiple of "
+                                            "32 (its backbone's last stride); it was trained on 96 px crops\n")
+    assert evaluated == []

@@ -85,6 +85,23 @@ def test_probe_visualize_and_export_mistakes_are_one_line(weights, demo_shards, 
     assert f"{tmp_path / 'run' / 'best'}: no complete best checkpoint; only fine-tuning runs keep one" in line
 
 
+def test_a_probe_whose_splits_would_not_fit_in_memory_is_refused_before_decoding(weights, demo_shards, capfd,
+                                                                                 monkeypatch):
+    import psutil
+
+    from mixmae_scale.finetune import probe
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 10**6})())
+    monkeypatch.setattr(probe, "load_images", lambda *args: pytest.fail("decoded before the memory was checked"))
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(demo_shards)]))
+    assert f"--data {demo_shards}: the probe holds every image in memory as fp32" in line
+    assert "0 GB available; its 80 validation images alone leave no room: probe a smaller set" in line
+    line = one_error_line(capfd, main(["probe", "--init", "x", "--data", "y", "--dense", "--max-samples", "9"]))
+    assert line == ("mixmae: error: --max-samples: caps the classification probe's training images; the dense probe "
+                    "(--dense) reads every image of both splits")
+
+
 def test_the_first_failing_rank_reports_and_the_others_stay_silent(capfd, monkeypatch, tmp_path):
     """Ranks of one job (same launcher, same rendezvous) share one report; a bug keeps its traceback."""
     import tempfile
@@ -266,6 +283,24 @@ def test_an_export_out_that_cannot_be_written_is_refused_before_the_weights_are_
         export.export_run(tmp_path / "run", out=tmp_path)
     with pytest.raises(FileNotFoundError, match=f"its folder {tmp_path / 'nowhere'} does not exist"):
         export.export_run(tmp_path / "run", out=tmp_path / "nowhere" / "encoder.safetensors")
+
+
+@pytest.mark.parametrize("fmt, out, said", [
+    ("safetensors", "x.pth", "--format safetensors writes our safetensors file, which is read back by its suffix; name "
+                             "it *.safetensors"),
+    ("official", "x.safetensors", "--format official writes a PyTorch pickle in the official layout, which is read "
+                                  "back by its suffix; name it *.pth or *.pt or *.bin"),
+])
+def test_an_export_out_whose_suffix_is_not_its_formats_is_refused_before_the_weights_are_gathered(
+        tmp_path, monkeypatch, capfd, fmt, out, said):
+    """`--out x.pth` wrote safetensors bytes (and `--format official --out x.safetensors` a pickle), which every
+    loader, going by the suffix, later refused as damaged or not weights."""
+    from mixmae_scale.engine import export
+
+    monkeypatch.setattr(export, "find_checkpoint", lambda run, tag, best: (tmp_path / "run" / "checkpoints", "step9"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: pytest.fail("gathered before --out was checked"))
+    line = one_error_line(capfd, main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(tmp_path / out)]))
+    assert line == f"mixmae: error: --out {tmp_path / out}: {said}"
 
 
 def test_a_garbage_pth_is_named_in_one_line_without_torchs_advice_to_load_it_unsafely(tmp_path):

@@ -1,0 +1,58 @@
+"""What fine-tuning refuses at its start, without a launch: encoder weights the classifier has no place for, and a
+head with fewer classes than the training data's labels."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mixmae_scale.config import load_resolved
+from mixmae_scale.config.load import ConfigError
+from mixmae_scale.data.errors import DataError
+from mixmae_scale.finetune.job import build_classifier, head_classes
+from mixmae_scale.models.convert_official import WeightsError, infer_architecture
+from mixmae_scale.models.mixmae import MixMAE, swin_shape
+
+
+def tiny_config(*overrides: str):
+    return load_resolved("finetune_tiny", overrides=["finetune.init=deeper.safetensors", *overrides]).config
+
+
+def pretraining_weights(depths: tuple[int, ...], config) -> tuple[dict[str, torch.Tensor], dict]:
+    """A full pretraining model's weights (decoder and mask token too) of the profile's width at `depths`."""
+    torch.manual_seed(0)
+    shape = replace(swin_shape(config.model), depths=depths)
+    state = MixMAE(shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).state_dict()
+    return state, infer_architecture(state)
+
+
+def test_a_deeper_encoder_of_the_same_width_is_refused_naming_its_extra_tensors():
+    """Its extra blocks were `unexpected` keys, which nothing read: the run fine-tuned a truncated encoder."""
+    config = tiny_config()
+    depths = tuple(config.model.depths)
+    deeper = (*depths[:-1], depths[-1] + 1)
+    with pytest.raises(WeightsError) as refused:
+        build_classifier(config, 10, pretraining_weights(deeper, config))
+    said = str(refused.value)
+    last = len(depths) - 1
+    assert said.startswith(f"finetune.init=deeper.safetensors: 13 encoder tensor(s) have no place in the classifier "
+                           f"of model.depths={list(depths)} (layers.{last}.blocks.{depths[-1]}.")
+    assert f"the weights' encoder has depths {list(deeper)}: set model.* to its shape" in said and "\n" not in said
+
+
+def test_a_pretraining_checkpoint_of_the_same_shape_loads_its_decoder_set_aside():
+    config = tiny_config()
+    state, arch = pretraining_weights(tuple(config.model.depths), config)
+    model = build_classifier(config, 10, (state, arch))
+    assert torch.equal(model.encoder.patch_embed.proj.weight, state["encoder.patch_embed.proj.weight"])
+
+
+def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():
+    with pytest.raises(ConfigError, match=r"^finetune.num_classes=5: the manifest of /data/x has 10 classes \(labels "
+                                          r"0-9\); set finetune.num_classes to at least 10"):
+        head_classes(5, 10, "/data/x")
+    assert head_classes(None, 10, "/data/x") == 10 and head_classes(12, 10, "/data/x") == 12  # more is allowed
+    with pytest.raises(DataError, match="no classes in the manifest; set finetune.num_classes"):
+        head_classes(None, 0, "/data/x")
