@@ -304,7 +304,9 @@ def test_a_faster_rcnn_on_the_backbone_learns_boxes():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     losses = []
-    for _ in range(12):
+    # 16 steps: with the FPN's per-stage norms 12 steps ended at 0.66 (AVX-512) and 0.68 (AVX2) of the first
+    # losses, too near the bound; 16 end at 0.49 and 0.53 (measured here on both).
+    for _ in range(16):
         loss = sum(model(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
