@@ -97,7 +97,7 @@ class LoaderPosition:
                    0 if layout is not None else int(state.get("epoch", 0)))
 
 
-def choose_decode_device(requested: str, local_rank: int, backend: str = "dali") -> int | None:
+def choose_decode_device(requested: str, gpu: int, backend: str = "dali") -> int | None:
     """GPU index for DALI's mixed decoding, or None for the CPU; says which once (the PyTorch loader decodes on the
     CPU in any case)."""
     available = torch.cuda.is_available()
@@ -106,7 +106,7 @@ def choose_decode_device(requested: str, local_rank: int, backend: str = "dali")
     if backend == "torch":
         log.info("the PyTorch loader decodes images on the CPU (data.loader=torch)")
         return None
-    device_id = local_rank if (available and requested != "cpu") else None
+    device_id = gpu if (available and requested != "cpu") else None
     log.info("DALI decodes images on %s", f"GPU {device_id} (mixed)" if device_id is not None else "the CPU")
     return device_id
 

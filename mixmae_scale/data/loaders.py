@@ -40,9 +40,10 @@ class LoaderPlace:
     device_id: int | None = None
 
     @classmethod
-    def of(cls, config: Config, rank: int, world: int, local_rank: int) -> LoaderPlace:
-        """Decides the decode device once per run (it is said in the log)."""
-        return cls(rank, world, choose_decode_device(config.data.decode_device, local_rank, config.data.loader))
+    def of(cls, config: Config, rank: int, world: int, gpu: int) -> LoaderPlace:
+        """Decides the decode device once per run (it is said in the log). `gpu`: the index of the rank's own device,
+        which is not its local rank where each task sees its GPU alone (engine/distributed.py `device_index`)."""
+        return cls(rank, world, choose_decode_device(config.data.decode_device, gpu, config.data.loader))
 
 
 def loader_dtype(engine_dtype: str) -> str:

@@ -19,6 +19,13 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    index = device_index(local_rank, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")) if cuda \
+        else None
+    if index is not None and index != local_rank:
+        # DeepSpeed takes LOCAL_RANK for the device index (the process group's device_id, the engine's set_device,
+        # ZeRO-3's partitioning device): a task bound to its own GPU has only index 0. The node-local rank this
+        # process was started as stays `local_rank` (engine/runtime.py read it before).
+        os.environ["LOCAL_RANK"] = str(index)
     if not cuda:
         skip_shm_allreduce_op()
     with contextlib.redirect_stdout(io.StringIO()) as said:
@@ -27,12 +34,30 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     # a CPU job that loads that extension; anything else it says still gets out.
     print("".join(line for line in said.getvalue().splitlines(keepends=True) if "built successfully" not in line),
           end="")
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    device = torch.device("cuda", index) if index is not None else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     else:
         torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def device_index(local_rank: int, visible: int, cuda_visible_devices: str | None) -> int:
+    """The GPU a rank uses among the `visible` ones. A launcher that shows each rank every GPU of its node (DeepSpeed's,
+    torchrun, srun without binding) leaves the choice to the local rank; srun with `--gpus-per-task=1` or
+    `--gpu-bind=single:1`/`map_gpu` (site defaults on many clusters) shows each task its own GPU alone, as index 0,
+    where `cuda:<local rank>` would fail with "invalid device ordinal" on every rank but the first. Anything else
+    (8 ranks on a node, 4 GPUs each) is refused in one line (ConfigError: the CLI's exit 2)."""
+    from mixmae_scale.config.load import ConfigError
+
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    shown = cuda_visible_devices if cuda_visible_devices is not None else "unset"
+    raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPU(s) "
+                      f"(CUDA_VISIBLE_DEVICES={shown}); "
+                      "start one rank per GPU, each seeing every GPU of its node or its own GPU alone")
 
 
 SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME

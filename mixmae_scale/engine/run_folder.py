@@ -7,7 +7,8 @@ over checkpoints, or a finished run with no checkpoint to resume), with the two 
 `--run-dir`, or `--overwrite`, which renames the whole folder to `<run>.old-<n>` (one atomic rename; nothing
 is deleted) and starts the new run in an empty one. The run the folder holds may always resume.
 
-Rank 0 decides and acts; every rank gets the same outcome (`agree_on_run_folder`), so no rank starts alone.
+Rank 0 decides and acts; every rank gets the same outcome (`agree_on_run_folder`), so no rank starts alone. Before
+any of it, rank 0 takes the folder's lock (`agree_on_lock`, engine/run_lock.py): a second live run is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from mixmae_scale.atomic_file import fsync_path, write_text
+from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.checkpointing import store
 
 ASIDE = ".old-"  # <run>.old-<n>: where --overwrite moves an earlier run
@@ -42,7 +44,8 @@ def way_out(root: Path) -> str:
 
 
 def holds_files(root: Path) -> bool:
-    return root.is_dir() and any(root.iterdir())
+    """Anything but the lock file this start has just taken (a new folder holds that alone)."""
+    return root.is_dir() and any(path.name != run_lock.LOCK for path in root.iterdir())
 
 
 def refusal(root: Path, resume: str, overwrite: bool) -> str | None:
@@ -140,8 +143,15 @@ def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
         except OSError as exc:
             raise store.ResumeError(f"--overwrite could not move {root} aside ({exc}); move it yourself or start in a "
                                    "new --run-dir") from None
+        run_lock.moved(root, target)  # the lock went with the old run: this one holds the new folder
         return f"--overwrite: the earlier run in {root} was moved to {target}; this run starts in an empty {root}"
     return None
+
+
+def agree_on_lock(root: Path) -> None:
+    """Collective, before anything in the folder is read, moved or written: rank 0 takes the folder's lock (kept
+    until the work ends, engine/runtime.py); a folder another run holds is refused on every rank."""
+    _agreed(lambda: run_lock.take(root) and None)
 
 
 def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, list[str]]:

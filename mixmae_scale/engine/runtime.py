@@ -6,6 +6,8 @@ this module decides what the process does around the work.
   the run and undone after it, when no launcher started the process.
 - /dev/shm: each node's first rank removes the DeepSpeed CPU all-reduce buffers a killed run left (RAM until
   reboot); an orderly end removes this run's own (engine/distributed.py).
+- The run folder's lock (engine/run_lock.py), taken by the run's start: released when the work ends, however
+  it ends, so that the next run of an in-process sweep, in that folder or another, is not refused.
 - Exit codes: 0 for a finished run and for one that was already complete, 3 for a non-finite stop (every
   rank stops together, after a collective checkpoint), 2 for an input the command refused (the caller says
   which exceptions those are), 1 for any other failure.
@@ -22,7 +24,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mixmae_scale.engine import distributed
+from mixmae_scale.engine import distributed, run_lock
 
 log = logging.getLogger("mixmae")
 
@@ -84,7 +86,10 @@ def _run(work: RankWork, report: FailureReport, process: RankProcess,
                         len(removed), ", ".join(removed))
     rendezvous = process.rendezvous
     try:
-        code = work(process.rank, process.local_rank)
+        try:
+            code = work(process.rank, process.local_rank)
+        finally:
+            run_lock.release_all()
     except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
         report(process.rank, exc, process.alone)
         code = exit_code(exc, is_mistake(exc))

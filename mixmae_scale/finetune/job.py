@@ -161,7 +161,7 @@ def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_class
     """The job on this rank's share of the training data, with the validation it runs every
     `finetune.eval_every_epochs`."""
     derived = ctx.resolved.derived
-    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.local_rank)
+    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.device.index or 0)
     loader = open_loader(config, ctx.train_data, config.data.train_split,
                          spec_for(config, "finetune", derived.micro_batch, place))
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples

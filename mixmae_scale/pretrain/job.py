@@ -102,7 +102,7 @@ class PretrainJob(Job):
 def build_job(config: Config, ctx: RunContext, heldout: HeldOut, model: torch.nn.Module,
               snapshot_factory: SnapshotFactory | None) -> PretrainJob:
     """The job on this rank's share of the training data (after the held-out images are taken out of it)."""
-    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.local_rank)
+    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.device.index or 0)
     spec = spec_for(config, "pretrain", ctx.resolved.derived.micro_batch, place, ctx.resolved.derived.dtype)
     loader = open_loader(config, ctx.train_data, config.data.train_split, spec)
     snapshots = (snapshot_factory(config, ctx.root, ctx.rank, ctx.device, heldout.mixture)

@@ -112,7 +112,7 @@ def build_job(config: Config, ctx: RunContext, model: SegmentationModel) -> Segm
     """The job on this rank's share of the training crops, with the validation it runs every
     `segment.eval_every_steps`."""
     derived = ctx.resolved.derived
-    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.local_rank)
+    place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.device.index or 0)
     loader = open_loader(config, ctx.train_data, config.data.train_split,
                          spec_for(config, "segment", derived.micro_batch, place))
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples

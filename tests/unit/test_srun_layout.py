@@ -1,0 +1,90 @@
+"""One srun task per GPU (launch/slurm/pretrain_srun.sbatch): which GPU a task uses, and that a node runs as many
+tasks as it has GPUs. No GPU and no Slurm here: the visible-device count is passed in (or torch.cuda's answers are
+stubbed, with DeepSpeed's init_distributed replaced by a recorder), and Slurm's variables are set by hand as srun
+sets them for `--ntasks-per-node`, `--gpus-per-node` and a two-node allocation."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from mixmae_scale.cluster import slurm_ranks
+from mixmae_scale.config import ConfigError
+from mixmae_scale.engine import distributed
+
+TASK = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NODEID": "1"}
+
+
+@pytest.mark.parametrize(("local_rank", "visible", "index"), [(0, 8, 0), (7, 8, 7), (0, 1, 0), (3, 1, 0), (1, 2, 1)])
+def test_a_rank_uses_its_local_rank_among_all_the_node_gpus_or_its_own_gpu_alone(local_rank, visible, index):
+    assert distributed.device_index(local_rank, visible, "3" if visible == 1 else None) == index
+
+
+def test_a_rank_with_no_gpu_of_its_own_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as refused:
+        distributed.device_index(5, 4, "0,1,2,3")
+    assert str(refused.value).startswith("local rank 5 has no GPU of its own: this process sees 4 GPU(s) "
+                                         "(CUDA_VISIBLE_DEVICES=0,1,2,3); ")
+    with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES=unset"):
+        distributed.device_index(2, 2, None)
+
+
+def test_a_task_bound_to_one_gpu_starts_on_it_and_deepspeed_is_told_index_0(monkeypatch):
+    """DeepSpeed reads LOCAL_RANK as the device index (process group device_id, engine set_device, ZeRO-3)."""
+    seen = {}
+
+    def init_distributed(dist_backend):
+        seen["backend"], seen["LOCAL_RANK"] = dist_backend, distributed.os.environ["LOCAL_RANK"]
+
+    monkeypatch.setitem(__import__("sys").modules, "deepspeed", types.SimpleNamespace(
+        init_distributed=init_distributed))
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: seen.setdefault("set", device))
+    monkeypatch.setattr(distributed, "dist", types.SimpleNamespace(get_rank=lambda: 3, get_world_size=lambda: 8))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    rank, world, device = distributed.init(3)
+    assert (rank, world, str(device), str(seen["set"])) == (3, 8, "cuda:0", "cuda:0")
+    assert seen == {"backend": "nccl", "LOCAL_RANK": "0", "set": device}
+
+
+def test_per_node_counts_read_slurms_compressed_form():
+    assert slurm_ranks.expand_counts("8(x2),4") == [8, 8, 4]
+    assert slurm_ranks.tasks_per_node({"SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}) == (
+        8, "SLURM_TASKS_PER_NODE=8(x2)")
+    assert slurm_ranks.tasks_per_node({"SLURM_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "1"})[0] == 1
+    assert slurm_ranks.gpus_on_node({"SLURM_GPUS_PER_NODE": "a100:4,v100:2"})[0] == 6
+    assert slurm_ranks.gpus_on_node({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "8"})[0] == 4
+    assert slurm_ranks.gpus_on_node({"CUDA_VISIBLE_DEVICES": "0"}) is None  # a bound task's own GPU only
+
+
+def test_a_node_with_fewer_tasks_than_gpus_is_refused_and_a_matching_one_starts():
+    one_per_node = {**TASK, "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_PER_NODE": "8"}
+    with pytest.raises(ConfigError) as refused:
+        slurm_ranks.ranks_from_slurm(one_per_node)
+    assert str(refused.value) == (
+        "SLURM_NTASKS_PER_NODE=1 starts 1 task(s) on this node, which has 8 GPU(s) (SLURM_GPUS_PER_NODE=8): the srun "
+        "layout runs one task per GPU; submit with --ntasks-per-node=8, or set MIXMAE_GPUS_PER_NODE=1 to use 1 "
+        "GPU(s) per node on purpose")
+    eight = (r"^SLURM_TASKS_PER_NODE=8\(x2\) starts 8 task\(s\) on this node, which has 4 GPU\(s\) "
+             r"\(SLURM_GPUS_ON_NODE=4\)")
+    with pytest.raises(ConfigError, match=eight):
+        slurm_ranks.ranks_from_slurm({**TASK, "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_ON_NODE": "4"})
+    assert slurm_ranks.ranks_from_slurm({**TASK, "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_PER_NODE": "8"})[
+        "LOCAL_RANK"] == "1"
+    assert slurm_ranks.ranks_from_slurm({**TASK, "SLURM_TASKS_PER_NODE": "8(x2)"}) is not None  # no GPU count: CPU
+    assert slurm_ranks.ranks_from_slurm({**one_per_node, "RANK": "0"}) is None  # a launcher's ranks: not this layout
+
+
+def test_the_cli_exits_2_on_the_mismatch_before_any_work(monkeypatch, capsys):
+    from mixmae_scale.cli import main
+
+    for key, value in {**TASK, "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("RANK", "MIXMAE_GPUS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["pretrain", "--profile", "tiny"]) == 2
+    assert capsys.readouterr().err.startswith("mixmae: error: SLURM_NTASKS_PER_NODE=1 starts 1 task(s)")
