@@ -25,3 +25,28 @@ def launcher(ranks: int, port: int, runner: bool = False) -> list[str]:
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
             "--master_addr=127.0.0.1", f"--master_port={port}"]
+
+
+def deepspeed_would_start(runner_args: list[str], monkeypatch) -> list[str]:
+    """The command DeepSpeed's runner `main` would start for `runner_args` (what follows `deepspeed`): its own
+    validation runs (include/exclude against --num_nodes/--num_gpus, its backends' rules, the hostfile), its ssh
+    check and the start of the backend are replaced, so no rank starts."""
+    import deepspeed.launcher.runner as runner
+
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, cmd, env=None):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Started)
+    monkeypatch.setattr(runner.subprocess, "check_call", lambda *a, **k: 0)
+    for backend in (runner.PDSHRunner, runner.OpenMPIRunner):
+        monkeypatch.setattr(backend, "backend_exists", lambda self: True)
+    runner.main(runner_args)
+    return started[0]

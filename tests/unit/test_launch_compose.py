@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from deepspeed_launcher import deepspeed_would_start
 
 from mixmae_scale.cluster.compose import batch_report, compose
 from mixmae_scale.config import ConfigError, load_resolved
@@ -26,30 +27,6 @@ def _cluster(tmp_path, launcher: str = "openmpi", gpus: int = 8, slots: int = 8,
     return str(path)
 
 
-def deepspeed_would_start(command: list[str], monkeypatch) -> list[str]:
-    """DeepSpeed's runner `main` on the composed arguments: its own validation (include/exclude against
-    --num_nodes/--num_gpus, its backends' rules) runs, its ssh check and the start of the backend are replaced."""
-    import deepspeed.launcher.runner as runner
-
-    started = []
-
-    class Started:
-        returncode = 0
-
-        def __init__(self, cmd, env=None):
-            started.append(cmd)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(runner.subprocess, "Popen", Started)
-    monkeypatch.setattr(runner.subprocess, "check_call", lambda *a, **k: 0)
-    for backend in (runner.PDSHRunner, runner.OpenMPIRunner):
-        monkeypatch.setattr(backend, "backend_exists", lambda self: True)
-    runner.main(command[1:])
-    return started[0]
-
-
 def test_command_carries_cluster_settings_and_overrides(tmp_path, monkeypatch):
     cluster = _cluster(tmp_path)
     overrides = ["batch.micro=64"]
@@ -63,7 +40,7 @@ def test_command_carries_cluster_settings_and_overrides(tmp_path, monkeypatch):
     assert cmd[cmd.index("--module") + 1:] == ["mixmae_scale.cli", "pretrain", "--profile", "swin_b", "--cluster",
                                                cluster, "--set", "batch.micro=64"]
     # DeepSpeed's MPI backends refuse --num_nodes/--num_gpus and start a rank on every slot of the hostfile.
-    mpirun = deepspeed_would_start(cmd, monkeypatch)
+    mpirun = deepspeed_would_start(cmd[1:], monkeypatch)
     assert mpirun[mpirun.index("-n") + 1] == "16"
     assert plan.env_file == tmp_path / ".deepspeed_env"
     assert plan.env_text == "NCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5\n"
@@ -79,7 +56,7 @@ def test_include_leaves_the_counts_to_the_selection_and_the_arithmetic_must_matc
     plan = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path)
     assert "--num_gpus" not in plan.command and "--num_nodes" not in plan.command
     assert plan.command[plan.command.index("--include") + 1] == "worker-0:0,1,2,3@worker-1:4,5,6,7"
-    assert "mixmae_scale.cli" in deepspeed_would_start(plan.command, monkeypatch)
+    assert "mixmae_scale.cli" in deepspeed_would_start(plan.command[1:], monkeypatch)
     uneven = _cluster(tmp_path, launcher="pdsh", include="worker-0@worker-1:0,1")
     with pytest.raises(ConfigError, match=r"^cluster.include=worker-0@worker-1:0,1 selects worker-0: 8, worker-1: 2 "
                                           r"GPU\(s\); cluster.num_nodes=2 x cluster.gpus_per_node=8 must describe"):
@@ -103,7 +80,7 @@ def test_hostfile_slots_must_agree_with_gpus_per_node(tmp_path, monkeypatch):
     agreed = _cluster(tmp_path, launcher="pdsh", gpus=4, slots=4)
     plan = compose(load_resolved("swin_b", agreed), "swin_b", agreed, [])
     assert plan.command[plan.command.index("--num_gpus") + 1] == "4"
-    assert "mixmae_scale.cli" in deepspeed_would_start(plan.command, monkeypatch)
+    assert "mixmae_scale.cli" in deepspeed_would_start(plan.command[1:], monkeypatch)
 
 
 def test_bad_cluster_settings_are_refused(tmp_path):

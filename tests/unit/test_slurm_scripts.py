@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from deepspeed_launcher import deepspeed_would_start
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
@@ -142,8 +143,6 @@ def test_deepspeeds_runner_gets_the_allocations_hostfile_and_places_this_node(sl
     """Without --hostfile the runner looks for /job/hostfile, finds one host and refuses --num_nodes 2 ("Num nodes
     is >1 but no extra nodes available via hostfile"). DeepSpeed's own `main` runs on the arguments the script
     gave it, with its Popen replaced: the per-node launch.py command it would start is checked, no rank starts."""
-    import deepspeed.launcher.runner as runner
-
     env, records, submit_dir = slurm
     result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8"})
     assert result.returncode == 0, result.stderr
@@ -151,20 +150,7 @@ def test_deepspeeds_runner_gets_the_allocations_hostfile_and_places_this_node(sl
     hostfile = submit_dir / "logs" / "hostfile-4242"
     assert args[args.index("--hostfile") + 1] == str(hostfile)
     assert hostfile.read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
-    started = []
-
-    class Started:
-        returncode = 0
-
-        def __init__(self, cmd, env=None):
-            started.append(cmd)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(runner.subprocess, "Popen", Started)
-    runner.main(args[args.index("deepspeed.launcher.runner") + 1:])
-    launch = started[0]
+    launch = deepspeed_would_start(args[args.index("deepspeed.launcher.runner") + 1:], monkeypatch)
     world = next(a for a in launch if a.startswith("--world_info="))
     assert json.loads(base64.urlsafe_b64decode(world.split("=", 1)[1])) == {"gpu-a": list(range(8)),
                                                                            "gpu-b": list(range(8))}
