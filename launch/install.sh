@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the project, its dependencies at the exact versions of constraints.txt (the tested
 # CUDA 13 stack; pyproject.toml only gives ranges), DALI's CUDA 13 build and the dev tools.
-# Idempotent: a stamp keyed on pyproject.toml and constraints.txt skips the install when nothing changed.
+# Idempotent: a stamp keyed on pyproject.toml, constraints.txt and the venv's Python skips the install when
+# nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The pinned stack (numpy, scipy, torch wheels of constraints.txt) needs Python 3.11+: on 3.10 pip's resolver
+# failed without naming Python, and the 3.10 .venv it left was reused by every later run.
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
 if [ ! -x .venv/bin/python ]; then
+  new_enough "$PYTHON" || { echo "[install] $PYTHON is $("$PYTHON" --version 2>&1): the pinned stack" \
+    "(constraints.txt) needs Python 3.11 or newer; run again with PYTHON=python3.11 (or a newer one)" >&2; exit 1; }
   echo "[install] creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-stamp=".venv/.mixmae-installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+new_enough .venv/bin/python || { echo "[install] .venv has $(.venv/bin/python --version 2>&1); the pinned stack" \
+  "needs Python 3.11 or newer: remove it (rm -rf .venv) and run again with PYTHON=python3.11 (or a newer one)" >&2
+  exit 1; }
+stamp=".venv/.mixmae-installed-$( (cat pyproject.toml constraints.txt; .venv/bin/python --version) | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   echo "[install] .venv is up to date ($stamp)"
   exit 0

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mixmae: error: {NO_DALI}", file=sys.stderr)
         return 2
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        if isinstance(exc, RuntimeError) and not type(exc).__module__.startswith("mixmae_scale."):
+            raise  # torch's, DALI's (running out of memory among them) and internal checks: a failure, traced
         print(f"mixmae: error: {exc}", file=sys.stderr)
-        return 2
+        # As the rank commands (cli/failure_report.py): a refused input exits 2; a file not found, or an output
+        # that cannot be written, is a failure (1) that the same command may pass later.
+        return 1 if isinstance(exc, OSError) else 2

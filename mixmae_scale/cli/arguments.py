@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 
 
-def add_profile_args(parser: argparse.ArgumentParser) -> None:
+def add_profile_args(parser: argparse.ArgumentParser, world_size: bool = True) -> None:
+    """`world_size`: offer --world-size for the batch arithmetic (`config show`); a rank command takes its world
+    size from the launcher, and offered it anyway, it was accepted and never read."""
     parser.add_argument("--profile", required=True,
                         help="a shipped profile's name (launch/profiles/ of the repository, inside the installed "
                              "package) or a YAML path, merged onto the shipped base.yaml")
     parser.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(parser)
-    parser.add_argument("--world-size", type=at_least(1), help="world size for the batch arithmetic "
-                        "(default: cluster.num_nodes x cluster.gpus_per_node)")
+    if world_size:
+        parser.add_argument("--world-size", type=at_least(1), help="world size for the batch arithmetic "
+                            "(default: cluster.num_nodes x cluster.gpus_per_node)")
 
 
 def add_set_arg(parser: argparse.ArgumentParser) -> None:

@@ -105,8 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     add_set_arg(launch)
     launch.add_argument("--job", choices=["pretrain", "finetune", "segment"],
-                        help="default: segment if the profile sets segment.init, finetune if finetune.init, else "
-                             "pretrain")
+                        help="default: segment if the profile sets any segment.* key, finetune if finetune.init, "
+                             "else pretrain")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
     launch.add_argument("--overwrite", action="store_true", help="passed to the job: move an earlier run in the run "
                         "folder to RUN.old-N and start this one there")
@@ -120,8 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--cluster", help="cluster YAML merged after the profile")
     add_set_arg(planner)
     planner.add_argument("--job", choices=["pretrain", "finetune"],
-                         help="default: finetune if the profile sets finetune.init, else pretrain (segmentation is "
-                              "not planned)")
+                         help="default: finetune if the profile sets finetune.init, pretrain if it sets neither "
+                              "that nor segment.* (a segmentation profile is refused: not planned)")
     planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
     planner.add_argument("--recommend", action="store_true",
                          help="also rank ZeRO stage x checkpointing with the micro-batch and accumulation each allows")

@@ -128,11 +128,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("run_dir", help="run folder (or its checkpoints/ or best/ folder, or one checkpoint's folder)")
     export.add_argument("--out", help="the .safetensors file to write, a .pth with --format official (default: in "
                         "the run folder, encoder.safetensors; encoder_decoder.safetensors with --with-decoder; "
-                        "classifier.safetensors for a fine-tuning run, classifier-best.safetensors with --best)")
+                        "classifier.safetensors for a fine-tuning run, segmenter.safetensors for a segmentation "
+                        "run; <name>-best.safetensors with --best; <name>-official.pth with --format official)")
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--tag", help="checkpoint tag, e.g. step00000405 (default: the latest complete one)")
-    choice.add_argument("--best", action="store_true", help="the best fine-tuning checkpoint (RUN/best/): encoder "
-                        "+ head")
+    choice.add_argument("--best", action="store_true", help="the best checkpoint of a fine-tuning or segmentation "
+                        "run (RUN/best/): encoder + head")
     export.add_argument("--with-decoder", action="store_true", help="keep the decoder (for visualisation)")
     export.add_argument("--format", choices=("safetensors", "official"), default="safetensors",
                         help="official: a .pth with {'model': ...} in the official MixMIM key layout, as its "
@@ -159,6 +160,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--dense", action="store_true",
                        help="per-pixel linear read-out of the frozen feature maps (strides 4-32) on the masks "
                        "(seg.png), scored by mIoU on the validation split")
-    probe.add_argument("--mask-classes", type=int, default=0,
+    probe.add_argument("--mask-classes", type=at_least(0), default=0,
                        help="with --dense: how many classes the masks label (default: the manifest's mask_classes)")
     probe.set_defaults(handler=_probe)

@@ -39,6 +39,9 @@ def _runs_show(args: argparse.Namespace) -> int:
 
     from mixmae_scale.engine.run_record import RECORD, describe, read_record
 
+    if not Path(args.run).is_dir():
+        print(f"mixmae: error: {Path(args.run).resolve()}: no such run folder", file=sys.stderr)
+        return 2
     record = read_record(args.run)
     if record is None:
         print(f"mixmae: error: {(Path(args.run) / RECORD).resolve()} not found: the run folder was written before "

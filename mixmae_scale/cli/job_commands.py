@@ -171,7 +171,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             ("segment", "semantic segmentation: an encoder under a UperNet head on image and mask shards (deepspeed "
                         "launcher or torchrun)", _segment)):
         command = sub.add_parser(name, help=text)
-        add_profile_args(command)
+        add_profile_args(command, world_size=False)  # the launcher's world size is the run's
         command.add_argument("--run-dir", help="default: run.output_dir/run.name")
         command.add_argument("--max-steps", type=at_least(1),
                              help="stop after this many optimizer steps (demo, smoke tests)")

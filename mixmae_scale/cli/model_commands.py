@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--size", default="base", choices=["tiny", "base", "large", "huge", "custom"],
                       help="model size (custom: set model.* with --set)")
     info.add_argument("--img-size", type=at_least(1), help="input resolution (default: the size's own)")
-    info.add_argument("--num-classes", type=int, default=1000, help="classifier head for the count")
+    info.add_argument("--num-classes", type=at_least(1), default=1000, help="classifier head for the count")
     add_set_arg(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(handler=_model_info)

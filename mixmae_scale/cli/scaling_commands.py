@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         if action in ("plan", "run"):
             p.add_argument("spec", help="sweep spec YAML (its relative paths are relative to it)")
         if action == "plan":
-            p.add_argument("--train-samples", type=int, help="the training split's size, to plan without the shards "
-                           "(default: their manifest's count, else the spec's train_samples)")
+            p.add_argument("--train-samples", type=at_least(1), help="the training split's size, to plan without "
+                           "the shards (default: their manifest's count, else the spec's train_samples)")
         else:
             p.add_argument("--out", default="runs/scaling", help="sweep folder (results.jsonl, runs/, report/)")
         if action == "run":

@@ -28,6 +28,10 @@ def _shards_convert(args: argparse.Namespace) -> int:
 
     val_fraction = getattr(args, "val_fraction", 0.0)
     splits = tuple(s for s in args.split.split(",") if s)
+    if not splits:  # wrote a manifest of no split, with exit 0
+        print(f"mixmae: error: --split {args.split!r}: name at least one split, e.g. --split train,val",
+              file=sys.stderr)
+        return 2
     if val_fraction and args.split == "train":  # the default for folders: --val-fraction adds the val split
         splits = ("train", "val")
     options = ConvertOptions(

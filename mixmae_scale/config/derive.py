@@ -244,7 +244,9 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
         min_learning_rate=config.schedule.min_learning_rate,
         steps_per_epoch=steps_per_epoch,
         total_steps=math.ceil(config.schedule.epochs * steps_per_epoch),
-        warmup_steps=math.ceil(config.schedule.warmup_epochs * steps_per_epoch),
+        # At least one: DeepSpeed's WarmupCosineLR refuses 0 ("warmup_num_steps must be a positive integer") in
+        # deepspeed.initialize, after the run folder was taken; schedule.warmup_epochs=0 is one step of warm-up.
+        warmup_steps=max(1, math.ceil(config.schedule.warmup_epochs * steps_per_epoch)),
         final_grid=final_grid,
         masked_cells=int(final_grid * final_grid * m.mask_ratio),
         dtype=precision.dtype,

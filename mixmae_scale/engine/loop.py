@@ -59,7 +59,7 @@ from mixmae_scale.engine.monitor import (
     peak_memory_mib,
     reset_peak_memory,
 )
-from mixmae_scale.engine.optimizer import scheduled_learning_rate
+from mixmae_scale.engine.optimizer import last_step_learning_rate, start_schedule
 from mixmae_scale.engine.preemption import StopFlag, report_stop
 from mixmae_scale.engine.step import (
     LogWindow,
@@ -195,6 +195,7 @@ class TrainingLoop:
         self.config, self.derived = ctx.config, ctx.resolved.derived
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=ctx.ds_config)
+        start_schedule(self.scheduler)
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader)
@@ -214,7 +215,8 @@ class TrainingLoop:
         devices = run_record.gather_device_names(self.ctx.device)  # collective
         if self.ctx.rank != 0:
             return None, None
-        record = run_record.RunRecord.begin(self.ctx, self.job.kind, self.step, devices)
+        record = run_record.RunRecord.begin(self.ctx, self.job.kind, self.step, devices,
+                                            heldout=getattr(self.job, "heldout", None))  # pretraining's choice
         settings = self.config.logging.wandb
         if settings.mode == "off":
             return record, None
@@ -421,7 +423,7 @@ class TrainingLoop:
         mfu = self._mfu(global_rate)
         grad_norm = self.engine.get_global_grad_norm()
         row = {"step": step, "epoch": step / derived.steps_per_epoch, "images_seen": step * derived.global_batch,
-               "loss": mean_loss, "lr": scheduled_learning_rate(derived.learning_rate, self.scheduler),
+               "loss": mean_loss, "lr": last_step_learning_rate(derived.learning_rate, self.scheduler),
                "grad_norm": float(grad_norm) if grad_norm is not None else None, "images_per_s": global_rate,
                "mfu": mfu, "data_wait_frac": wait_frac, "peak_mem_mib": peak_memory_mib(),
                "elapsed_s": time.perf_counter() - run_start,

@@ -66,11 +66,14 @@ class MetricsLog:
         self.path = path
         self.monitor = engine_monitor
         self.sink = sink  # engine/wandb_sink.py's WandbSink, or None
-        new = not path.exists()
+        # Empty, not only missing: a process killed before its first row left the header unflushed (0 bytes), and the
+        # next launch wrote rows under no header (the first row became the header; a later resume then dropped all).
+        new = not path.exists() or path.stat().st_size == 0
         self._file = path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.FIELDS)
         if new:
             self._writer.writeheader()
+            self._file.flush()
 
     def write(self, row: dict) -> None:
         self._writer.writerow({k: row.get(k) for k in self.FIELDS})

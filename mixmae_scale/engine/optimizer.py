@@ -79,6 +79,26 @@ def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offlo
     return kind(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu or None)
 
 
+def start_schedule(scheduler) -> None:
+    """Moves DeepSpeed's WarmupCosineLR to its first iteration before the first step. It sets the lr of iteration -1
+    (0) at construction and steps after each optimizer step, so steps 1 and 2 both ran at lr 0 and step k at the
+    ratio of k - 2; the official schedule (util/lr_sched.py, per iteration) gives step k the ratio of k - 1, as
+    the warm-up now does. DeepSpeed's cosine counts one iteration further than the official one (its first decay
+    step is 1/(T-W) in, so the peak lr itself is never run): the decay is one step ahead, out of T - W. A resume
+    loads the iteration the checkpoint saved over this one."""
+    scheduler.step()
+
+
+def last_step_learning_rate(peak: float, scheduler) -> float:
+    """The schedule's lr of the step just taken (what metrics.csv logs against that step): the scheduler has
+    already moved on to the next one."""
+    import copy
+
+    previous = copy.copy(scheduler)
+    previous.last_batch_iteration -= 1
+    return scheduled_learning_rate(peak, previous)
+
+
 def scheduled_learning_rate(peak: float, scheduler) -> float:
     """The schedule's own lr (`peak` = derived.learning_rate, times the warm-up/cosine factor), which is what a
     run's log reports: each parameter group's lr is a multiple of it (layer decay, a new head's

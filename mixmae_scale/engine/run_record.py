@@ -128,12 +128,29 @@ def shard_set_digest(location: str, split: str, role: str) -> dict[str, Any]:
             "samples": sum(int(s.get("samples", 0)) for s in shards)}
 
 
-def data_read(config) -> list[dict[str, Any]]:
-    """Every shard set a run reads: its training set(s) and the held-out split of data.shards."""
+def heldout_digest(heldout) -> dict[str, Any]:
+    """The images a pretraining run scores its held-out loss on (data/heldout.HeldOut): a validation split, or the
+    tail of the train split. Recorded from what was chosen, not from data.val_split: a set without that split (and
+    data.heldout=train) recorded an empty "val", one digest for every such run, so a sweep whose data fractions
+    hold out different tails could not see it."""
+    images = heldout.images
+    parts = images.first_line or (0,) * len(images.names)
+    identity = [[Path(name).name, size, samples, first] for name, size, samples, first
+                in zip(images.names, images.bytes_per_shard, images.samples_per_shard, parts, strict=True)]
+    return {"role": "held-out", "location": str(images.location), "split": images.split,
+            "train_tail": heldout.train_tail,
+            "split_digest": hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16],
+            "shards": len(images.names), "samples": images.samples}
+
+
+def data_read(config, heldout=None) -> list[dict[str, Any]]:
+    """Every shard set a run reads: its training set(s) and its held-out images (`heldout`: pretraining's
+    data/heldout.HeldOut; otherwise the data.val_split of data.shards, which fine-tuning evaluates on)."""
     data = config.data
     train = [(s.shards, s.split or data.train_split) for s in data.sources] or [(data.shards, data.train_split)]
     entries = [shard_set_digest(location, split, "train") for location, split in train]
-    return entries + [shard_set_digest(data.shards, data.val_split, "held-out")]
+    return entries + [heldout_digest(heldout) if heldout is not None
+                      else shard_set_digest(data.shards, data.val_split, "held-out")]
 
 
 def data_digest(entries: list[dict[str, Any]], role: str = "held-out") -> str | None:
@@ -193,9 +210,11 @@ class RunRecord:
         self.path, self.record = path, record
 
     @classmethod
-    def begin(cls, ctx, run_kind: str, step: int, devices: list[str], argv: list[str] | None = None) -> RunRecord:
+    def begin(cls, ctx, run_kind: str, step: int, devices: list[str], argv: list[str] | None = None,
+              heldout=None) -> RunRecord:
         """`ctx`: engine/loop.py's RunContext; `run_kind`: the job's kind, "pretrain", "finetune" or "segment"
-        (run.json's "job" key). A record from an earlier launch keeps its resumes and launches."""
+        (run.json's "job" key); `heldout`: the held-out images pretraining chose (data/heldout.HeldOut). A record
+        from an earlier launch keeps its resumes and launches."""
         try:
             earlier = read_record(ctx.root) or {}
         except ValueError:
@@ -208,7 +227,8 @@ class RunRecord:
             resumes.append(resume_entry(ctx.resume, step, ctx.world, ctx.layout))
         record = {"format": FORMAT, "version": 1, "run": ctx.root.name, "job": run_kind,
                   "created": earlier.get("created", launch["started"]), "status": "running", "code": code,
-                  "packages": package_versions(), "platform": platform_info(devices), "data": data_read(ctx.config),
+                  "packages": package_versions(), "platform": platform_info(devices),
+                  "data": data_read(ctx.config, heldout),
                   "command": launch["command"], "world_size": ctx.world, "total_steps": derived.total_steps,
                   "precision": {"dtype": derived.dtype, "reason": derived.dtype_reason,
                                 "warning": derived.dtype_warning},

@@ -1,10 +1,12 @@
 """Weights & Biases as one more sink beside metrics.csv and TensorBoard (`logging.wandb`), rank 0 only.
 
 Researchers follow runs there, so a run logs the same scalars under the same names as TensorBoard
-(`Train/loss`, ... against the optimizer step), its resolved configuration, its run record (run.json, as a
-file and in the summary) and the reconstruction grids. The W&B run id is kept in the run folder
-(`wandb.json`), so a resumed run continues the same W&B run instead of starting a second one. In offline
-mode (`logging.wandb.mode=offline` or WANDB_MODE=offline) the run is written under WANDB_DIR (default: the
+(`Train/loss`, ...; here against the optimizer step, in TensorBoard against images seen), its resolved
+configuration, its run record (run.json, as a file and in the summary) and the reconstruction grids. The W&B run
+id is kept in the run folder (`wandb.json`), so a resumed run continues the same W&B run instead of starting a
+second one. W&B ignores a step below the last it has: steps a resume from an earlier checkpoint trains again keep
+their first values there (W&B's rewind, which would replace them, is a private preview); metrics.csv has the new.
+In offline mode (`logging.wandb.mode=offline` or WANDB_MODE=offline) the run is written under WANDB_DIR (default: the
 run folder) for `wandb sync` later. The package is an optional extra: config/derive.py refuses W&B without it.
 """
 

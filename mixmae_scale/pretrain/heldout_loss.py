@@ -49,22 +49,27 @@ def heldout_loss(engine, config: Config, heldout: HeldOut, device: torch.device,
     same batches (ZeRO-3 forwards are collective)."""
     spec = spec_for(config, "heldout", config.batch.micro, engine_dtype=dtype)
     loader = open_loader(config, heldout.mixture, config.data.val_split, spec)
-    reason = heldout_shortfall(heldout.images.split, loader.layout.length, config.batch.micro,
-                               config.logging.heldout_batches)
-    if reason:
-        return HeldOutLoss(None, 0, reason)
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if i >= config.logging.heldout_batches:
-                break
-            generator = torch.Generator().manual_seed(stream_seed(config.run.seed, 999, i, bits=63))
-            mask = model.sample_mask(generator, device)
-            with autocast(device, dtype):
-                total += float(engine(batch.images.to(device), mask=mask).loss.detach())
-            count += 1
-    model.train(was_training)
-    return HeldOutLoss(total / count, count * config.batch.micro)
+    # Closed however it ends: its reader threads hold the loader, so garbage collection never frees an abandoned one
+    # (two readers and pipelines left running per run, more in an in-process sweep).
+    try:
+        reason = heldout_shortfall(heldout.images.split, loader.layout.length, config.batch.micro,
+                                   config.logging.heldout_batches)
+        if reason:
+            return HeldOutLoss(None, 0, reason)
+        model = engine.module
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= config.logging.heldout_batches:
+                    break
+                generator = torch.Generator().manual_seed(stream_seed(config.run.seed, 999, i, bits=63))
+                mask = model.sample_mask(generator, device)
+                with autocast(device, dtype):
+                    total += float(engine(batch.images.to(device), mask=mask).loss.detach())
+                count += 1
+        model.train(was_training)
+        return HeldOutLoss(total / count, count * config.batch.micro)
+    finally:
+        loader.close()

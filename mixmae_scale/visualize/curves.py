@@ -83,6 +83,20 @@ def global_batch(data: dict[str, list[float]]) -> float | None:
     return ys[-1] / xs[-1] if xs and xs[-1] else None
 
 
+def curve_labels(runs: list[str]) -> list[str]:
+    """Each run's legend entry: its folder (a metrics.csv given stands for its folder), with as many parent folders
+    as it takes to tell the runs apart. Labelled by the last name alone, two metrics.csv files, or `run-1` of two
+    sweeps, were one label for two curves."""
+    paths = [Path(run).resolve() for run in runs]
+    folders = [p.parent if p.suffix in (".csv", ".jsonl") else p for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(folder.parts[-depth:]) for folder in folders]
+        if len(set(labels)) == len(labels) or all(depth >= len(folder.parts) for folder in folders):
+            return labels
+        depth += 1
+
+
 def plot_runs(runs: list[str], out: str | Path) -> dict:
     data = {run: read_metrics(run) for run in runs}  # a wrong folder is said before matplotlib is loaded
     evals = {run: read_evals(run) for run in runs}
@@ -102,8 +116,7 @@ def plot_runs(runs: list[str], out: str | Path) -> dict:
         raise ValueError(f"{', '.join(runs)}: no logged values to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     single: list[str] = []
-    for run, metrics in data.items():
-        label = Path(run).name or str(run)
+    for (run, metrics), label in zip(data.items(), curve_labels(list(data)), strict=True):
         for ax, (key, _) in zip(axes[0], panels, strict=True):
             xs, ys = _series(metrics, evals[run], x_key, key)
             if len(xs) == 1 and key == panels[0][0]:

@@ -26,11 +26,22 @@ from mixmae_scale.cli import main
     (["eval", "--init", "x", "--data", "y", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was the weights'
     (["eval", "--init", "x", "--data", "y", "--img-size", "-64"], "--img-size: -64 is less than 1"),  # a torch error
     (["scaling", "report", "--bootstrap", "-3"], "--bootstrap: -3 is less than 0"),  # was taken
+    (["model", "info", "--num-classes", "-1"], "--num-classes: -1 is less than 1"),  # counted fewer parameters
+    (["scaling", "plan", "spec.yaml", "--train-samples", "-5"], "--train-samples: -5 is less than 1"),
+    (["probe", "--init", "x", "--data", "y", "--mask-classes", "-2"], "--mask-classes: -2 is less than 0"),
+    (["pretrain", "--profile", "tiny", "--world-size", "3"], "unrecognized arguments: --world-size 3"),  # unread
 ])
 def test_an_out_of_range_count_is_refused_by_name_before_any_work(argv, said, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_an_empty_split_list_is_refused_before_a_manifest_of_no_split_is_written(tmp_path, capsys):
+    for split in ("", ","):
+        assert main(["shards", "imagenet", "--src", str(tmp_path), "--out", str(tmp_path / "o"), "--split", split]) == 2
+        assert f"--split {split!r}: name at least one split" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_master_port_that_is_not_a_port_is_refused(capsys):

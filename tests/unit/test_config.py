@@ -250,3 +250,18 @@ def test_overlap_comm_is_off_only_for_a_single_zero1_rank(world, stage, override
 def test_a_global_batch_larger_than_the_training_set_says_how_large_it_may_be():
     with pytest.raises(ConfigError, match=r"larger than the 27 training samples: set batch.global_batch to at most 27"):
         load_resolved("tiny", overrides=["data.train_samples=27", "batch.global_batch=32"], world_size=2)
+
+
+def test_no_warm_up_is_one_step_that_deepspeeds_scheduler_accepts(tmp_path):
+    """schedule.warmup_epochs=0 passed validation, then DeepSpeed's WarmupCosineLR refused warmup_num_steps=0 in
+    deepspeed.initialize, after the run folder was taken."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from mixmae_scale.config.deepspeed_config import engine_config
+
+    resolved = load_resolved("tiny", overrides=["schedule.warmup_epochs=0"], world_size=1)
+    params = engine_config(resolved, tmp_path)["scheduler"]["params"]
+    assert resolved.derived.warmup_steps == params["warmup_num_steps"] == 1
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    WarmupCosineLR(optimizer, **params)

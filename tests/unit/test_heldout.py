@@ -166,3 +166,42 @@ def test_cut_parts_cover_every_sample_once_for_random_counts():
         assert lines == [(f"t{i}.tar", n) for i, size in enumerate(sizes) for n in range(size)]
         assert held.samples == count and all(held.index_lines_of(i) == sizes[int(held.names[i][1:-4])]
                                              for i in range(len(held.names)))
+
+
+def test_the_heldout_loss_closes_its_loader_when_it_stops_early_or_scores_nothing(monkeypatch):
+    """It broke out of the loader after `heldout_batches` and never closed it: the reader threads hold the loader,
+    so two readers and pipelines per run stayed alive (more in an in-process sweep)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mixmae_scale.pretrain import heldout_loss as module
+
+    closed = []
+
+    class Loader:
+        def __init__(self, length: int) -> None:
+            self.layout = SimpleNamespace(length=length)
+
+        def __iter__(self):
+            while True:  # a stream that would go on: only the caller's break ends it
+                yield SimpleNamespace(images=torch.zeros(2, 3, 8, 8))
+
+        def close(self) -> None:
+            closed.append(True)
+
+    class Model(torch.nn.Module):
+        def sample_mask(self, generator, device):
+            return None
+
+    model = Model()
+    engine = lambda images, mask: SimpleNamespace(loss=torch.tensor(0.5))  # noqa: E731
+    engine.module = model
+    config = SimpleNamespace(batch=SimpleNamespace(micro=2), logging=SimpleNamespace(heldout_batches=3),
+                             data=SimpleNamespace(val_split="val"), run=SimpleNamespace(seed=0))
+    heldout = SimpleNamespace(mixture=None, images=SimpleNamespace(split="val"))
+    monkeypatch.setattr(module, "spec_for", lambda *a, **k: None)
+    for length, expected in ((10, 0.5), (1, None)):  # scored 3 batches and broke off; too few images to score
+        monkeypatch.setattr(module, "open_loader", lambda *a, length=length: Loader(length))
+        result = module.heldout_loss(engine, config, heldout, torch.device("cpu"), "fp32")
+        assert result.loss == expected and closed.pop() and not closed

@@ -169,6 +169,8 @@ def test_a_sweeps_runs_are_one_wandb_group_named_after_the_sweep(tmp_path):
 def test_runs_show_on_a_folder_without_a_record_or_with_a_broken_one_says_so_in_one_line(tmp_path, capsys):
     from mixmae_scale.cli import main
 
+    assert main(["runs", "show", str(tmp_path / "nowhere")]) == 2  # said the folder was older than run records
+    assert capsys.readouterr().err.strip() == f"mixmae: error: {tmp_path.resolve() / 'nowhere'}: no such run folder"
     assert main(["runs", "show", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"mixmae: error: {tmp_path.resolve() / 'run.json'} not found: the run "
                                                "folder was written before run records, or is not a run folder")
@@ -177,3 +179,22 @@ def test_runs_show_on_a_folder_without_a_record_or_with_a_broken_one_says_so_in_
         assert main(["runs", "show", str(tmp_path)]) == 2
         said = capsys.readouterr().err.strip()
         assert said.startswith(f"mixmae: error: {tmp_path.resolve() / 'run.json'}: not a run record ({missing}")
+
+
+def test_the_record_digests_the_held_out_images_the_run_chose_not_an_absent_val_split(tmp_path):
+    """A set without a validation split holds out its train tail: run.json recorded "val" with 0 shards, one digest
+    for every such run, so a sweep's data fractions (each its own tail) looked scored on the same images."""
+    from mixmae_scale.data.heldout import choose_heldout
+    from tests.unit.test_heldout import write_set
+
+    tails = [choose_heldout(str(write_set(tmp_path / name, sizes)), "train", "val", "auto", 6)
+             for name, sizes in (("a", (7, 5, 9, 3)), ("b", (6, 6, 6, 6)))]
+    a, b = (run_record.heldout_digest(tail) for tail in tails)
+    assert (a["split"], a["train_tail"], a["samples"], a["shards"]) == ("train", 6, 6, 2)  # 3 of the last, 3 before
+    assert a["split_digest"] != b["split_digest"]
+    assert run_record.heldout_digest(tails[0]) == a  # the same choice, the same digest
+    val = run_record.heldout_digest(choose_heldout(str(write_set(tmp_path / "v", with_val=True)), "train", "val",
+                                                   "auto", 2))
+    assert (val["split"], val["train_tail"], val["samples"]) == ("val", 0, 4)
+    config = load_config("tiny", overrides=[f"data.shards={tmp_path / 'a'}"])[0]
+    assert run_record.data_read(config, tails[0])[-1] == a

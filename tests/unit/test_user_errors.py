@@ -382,3 +382,30 @@ def test_botocore_saying_where_it_found_credentials_is_not_a_log_line_of_every_r
         logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
         logging.getLogger("botocore.credentials").info("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_commands_outside_a_launch_exit_as_the_ranks_do_and_keep_a_torch_errors_traceback(monkeypatch, capsys,
+                                                                                          tmp_path):
+    """`main` said every ValueError or RuntimeError in one line with exit 2 ("refused, do not retry"): running out
+    of memory in `mixmae probe` lost its traceback and read as the user's mistake, and a file not found exited 2
+    here but 1 from the rank commands; an output path through a file was a traceback."""
+    import torch
+
+    from mixmae_scale.cli import shard_commands
+
+    def fails_with(exc):
+        def handler(args):
+            raise exc
+        return handler
+
+    cases = [(torch.OutOfMemoryError("CUDA out of memory"), None), (RuntimeError("internal: counts differ"), None),
+             (FileNotFoundError("--data x: not found"), 1), (NotADirectoryError("out/x: not a folder"), 1),
+             (ValueError("--out y: is a folder"), 2)]
+    for exc, code in cases:
+        monkeypatch.setattr(shard_commands, "_shards_verify", fails_with(exc))
+        if code is None:
+            with pytest.raises(type(exc)):
+                main(["shards", "verify", str(tmp_path)])
+        else:
+            assert main(["shards", "verify", str(tmp_path)]) == code, exc
+            assert capsys.readouterr().err == f"mixmae: error: {exc}\n"

@@ -110,3 +110,14 @@ def test_runs_plot_names_the_file_and_line_of_a_value_that_is_not_a_number(tmp_p
     (tmp_path / "eval.jsonl").write_text('{"top1": 3}\n')
     assert main(["runs", "plot", str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 2
     assert "eval.jsonl: not one evaluation per line with its step" in capsys.readouterr().err
+
+
+def test_runs_plot_labels_tell_runs_of_the_same_name_apart():
+    """Labelled by the last path name, two metrics.csv files or `run-1` of two sweeps drew two curves under one
+    legend entry."""
+    from mixmae_scale.visualize.curves import curve_labels
+
+    assert curve_labels(["/s/sweep-a/run-1", "/s/sweep-b/run-1", "/s/other"]) == ["sweep-a/run-1", "sweep-b/run-1",
+                                                                               "s/other"]
+    assert curve_labels(["/w/r1/metrics.csv", "/w/r2/metrics.csv"]) == ["r1", "r2"]
+    assert curve_labels(["/w/runs/tiny"]) == ["tiny"]

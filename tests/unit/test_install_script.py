@@ -1,0 +1,60 @@
+"""launch/install.sh, the README's set-up, on a Python the pinned stack cannot install into (a stand-in `python`
+that says it is 3.10: no second interpreter is installed here)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fake_python(path: Path, version: str) -> Path:
+    major, minor = version.split(".")[:2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "--version" ]; then echo "Python {version}"; exit 0; fi
+if [ "$1" = "-c" ]; then [ {int(major) * 100 + int(minor)} -ge 311 ]; exit $?; fi  # install.sh's version check
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
+exit 3
+""")
+    path.chmod(0o755)
+    return path
+
+
+def _checkout(tmp_path: Path) -> Path:
+    root = tmp_path / "checkout"
+    (root / "launch").mkdir(parents=True)
+    for name in ("launch/install.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, root / name)
+    return root
+
+
+def _install(root: Path, python: Path | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin"} | ({"PYTHON": str(python)} if python else {})
+    return subprocess.run(["bash", "launch/install.sh"], cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_a_python_older_than_the_pinned_stack_is_refused_naming_it_before_a_venv_is_made(tmp_path):
+    root = _checkout(tmp_path)
+    result = _install(root, _fake_python(tmp_path / "bin" / "python3.10", "3.10.12"))
+    assert result.returncode == 1 and not (root / ".venv").exists()
+    assert "is Python 3.10.12: the pinned stack (constraints.txt) needs Python 3.11 or newer; run again with " \
+           "PYTHON=python3.11" in result.stderr
+
+
+def test_a_new_enough_python_passes_the_check_and_makes_the_venv(tmp_path):
+    root = _checkout(tmp_path)
+    result = _install(root, _fake_python(tmp_path / "bin" / "python3.11", "3.11.9"))
+    assert "[install] creating .venv with Python 3.11.9" in result.stdout and "3.11 or newer" not in result.stderr
+    assert (root / ".venv" / "bin" / "python").exists()  # the stand-in's pip then fails: nothing more is asked
+
+
+def test_a_venv_left_on_an_older_python_is_named_with_the_way_out(tmp_path):
+    root = _checkout(tmp_path)
+    _fake_python(root / ".venv" / "bin" / "python", "3.10.12")
+    result = _install(root)
+    assert result.returncode == 1
+    assert ".venv has Python 3.10.12; the pinned stack needs Python 3.11 or newer: remove it (rm -rf .venv)" \
+        in result.stderr
