@@ -59,7 +59,7 @@ from mixmae_scale.engine.monitor import (
     peak_memory_mib,
     reset_peak_memory,
 )
-from mixmae_scale.engine.optimizer import last_step_learning_rate, start_schedule
+from mixmae_scale.engine.optimizer import last_step_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
 from mixmae_scale.engine.step import (
     LogWindow,
@@ -195,7 +195,6 @@ class TrainingLoop:
         self.config, self.derived = ctx.config, ctx.resolved.derived
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=ctx.ds_config)
-        start_schedule(self.scheduler)
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader)

@@ -79,21 +79,18 @@ def adamw(groups: list[dict], optim: OptimConfig, lr: float, on_gpu: bool, offlo
     return kind(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu or None)
 
 
-def start_schedule(scheduler) -> None:
-    """Moves DeepSpeed's WarmupCosineLR to its first iteration before the first step. It sets the lr of iteration -1
-    (0) at construction and steps after each optimizer step, so steps 1 and 2 both ran at lr 0 and step k at the
-    ratio of k - 2; the official schedule (util/lr_sched.py, per iteration) gives step k the ratio of k - 1, as
-    the warm-up now does. DeepSpeed's cosine counts one iteration further than the official one (its first decay
-    step is 1/(T-W) in, so the peak lr itself is never run): the decay is one step ahead, out of T - W. A resume
-    loads the iteration the checkpoint saved over this one."""
-    scheduler.step()
-
-
 def last_step_learning_rate(peak: float, scheduler) -> float:
-    """The schedule's lr of the step just taken (what metrics.csv logs against that step): the scheduler has
-    already moved on to the next one."""
+    """The schedule's lr of the step just taken, which metrics.csv logs against that step: DeepSpeed's engine has
+    already stepped the scheduler on to the next one (the log gave step k+1's lr as step k's).
+
+    DeepSpeed's WarmupCosineLR sets the lr of iteration -1 (0) when built and steps after each optimizer step, so
+    step k runs at iteration k - 2: steps 1 and 2 at lr 0 and the warm-up one step behind the official schedule
+    (util/lr_sched.py: step k at k - 1), while its cosine, which counts one iteration further, matches the official
+    one step for step (docs/recipe.md)."""
     import copy
 
+    if scheduler.last_batch_iteration <= 0:  # step 1 ran at the lr set when the scheduler was built: 0
+        return 0.0
     previous = copy.copy(scheduler)
     previous.last_batch_iteration -= 1
     return scheduled_learning_rate(peak, previous)

@@ -47,7 +47,8 @@ def test_a_short_segmentation_run_evaluates_keeps_its_best_and_its_export_scores
         lrs = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}
     assert sorted(lrs) == [2, 4, 6]
     for step, lr in lrs.items():
-        assert lr == pytest.approx(derived["learning_rate"] * (step - 1) / derived["warmup_steps"], rel=1e-6), lrs
+        # the lr the step ran at: DeepSpeed's WarmupCosineLR runs step k at iteration k - 2 (docs/recipe.md)
+        assert lr == pytest.approx(derived["learning_rate"] * (step - 2) / derived["warmup_steps"], rel=1e-6), lrs
 
     from mixmae_scale.engine.export import export_run
 

@@ -191,6 +191,7 @@ def test_the_record_digests_the_held_out_images_the_run_chose_not_an_absent_val_
              for name, sizes in (("a", (7, 5, 9, 3)), ("b", (6, 6, 6, 6)))]
     a, b = (run_record.heldout_digest(tail) for tail in tails)
     assert (a["split"], a["train_tail"], a["samples"], a["shards"]) == ("train", 6, 6, 2)  # 3 of the last, 3 before
+    assert len(a["manifest_sha256"]) == 64  # as every entry: `runs show` prints it
     assert a["split_digest"] != b["split_digest"]
     assert run_record.heldout_digest(tails[0]) == a  # the same choice, the same digest
     val = run_record.heldout_digest(choose_heldout(str(write_set(tmp_path / "v", with_val=True)), "train", "val",
