@@ -132,18 +132,15 @@ def heldout_digest(heldout) -> dict[str, Any]:
     """The images a pretraining run scores its held-out loss on (data/heldout.HeldOut): a validation split, or the
     tail of the train split. Recorded from what was chosen, not from data.val_split: a set without that split (and
     data.heldout=train) recorded an empty "val", one digest for every such run, so a sweep whose data fractions
-    hold out different tails could not see it."""
-    from mixmae_scale.data.manifest import read_manifest
-
+    hold out different tails could not see it. A whole split keeps `shard_set_digest`'s digest (rows recorded
+    before stay comparable); a tail's digest covers its shards and the lines it starts at."""
     images = heldout.images
-    manifest = read_manifest(images.location)
-    parts = images.first_line or (0,) * len(images.names)
+    entry = {**shard_set_digest(images.location, images.split, "held-out"), "train_tail": heldout.train_tail}
+    if not heldout.train_tail:
+        return entry
     identity = [[Path(name).name, size, samples, first] for name, size, samples, first
-                in zip(images.names, images.bytes_per_shard, images.samples_per_shard, parts, strict=True)]
-    return {"role": "held-out", "location": str(images.location), "split": images.split,
-            "train_tail": heldout.train_tail,
-            "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
-            "split_digest": hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16],
+                in zip(images.names, images.bytes_per_shard, images.samples_per_shard, images.first_line, strict=True)]
+    return {**entry, "split_digest": hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16],
             "shards": len(images.names), "samples": images.samples}
 
 

@@ -197,5 +197,7 @@ def test_the_record_digests_the_held_out_images_the_run_chose_not_an_absent_val_
     val = run_record.heldout_digest(choose_heldout(str(write_set(tmp_path / "v", with_val=True)), "train", "val",
                                                    "auto", 2))
     assert (val["split"], val["train_tail"], val["samples"]) == ("val", 0, 4)
+    whole = run_record.shard_set_digest(str(tmp_path / "v"), "val", "held-out")  # what runs recorded before
+    assert val["split_digest"] == whole["split_digest"] and val["manifest_sha256"] == whole["manifest_sha256"]
     config = load_config("tiny", overrides=[f"data.shards={tmp_path / 'a'}"])[0]
     assert run_record.data_read(config, tails[0])[-1] == a
