@@ -26,7 +26,9 @@ fi
 echo "[install] installing mixmae-scale and its pinned dependencies into .venv (about 2.5 minutes the first time on a 2-core CPU)"
 start=$(date +%s)
 # pip's warnings about this machine's file:// index locations are noise; pip's exit status still counts.
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,cuda13]" 2> >(grep -v "is ignored: it is neither" >&2)
+# `-c` does not reach the isolated environment where pip builds this package (pyproject.toml's build-system:
+# setuptools, wheel), which would take the newest; PIP_CONSTRAINT does, so the build backend is pinned too.
+PIP_CONSTRAINT="$PWD/constraints.txt" .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,cuda13]" 2> >(grep -v "is ignored: it is neither" >&2)
 .venv/bin/python -c "import mixmae_scale, torch, timm, deepspeed, webdataset, nvidia.dali" \
   || { echo "[install] the installed environment does not import; see the pip output above" >&2; exit 1; }
 rm -f .venv/.mixmae-installed-*

@@ -1,4 +1,4 @@
-"""`mixmae launch|plan`: the deepspeed launcher command, and per-GPU memory."""
+"""`mixmae launch|plan|templates`: the deepspeed launcher command, per-GPU memory, the launch templates."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def _launch(args: argparse.Namespace) -> int:
     one_node = c.num_nodes == 1 or c.launcher == "local"
     if not one_node:
         print(f"mixmae: warning: cluster.num_nodes={c.num_nodes}: SIGUSR1/SIGTERM to this command does not reach the "
-              f"ranks ({c.launcher} starts them on every node); use launch/slurm/*.sbatch or signal the ranks on "
+              f"ranks ({c.launcher} starts them on every node); use launch/slurm/*.sbatch (`mixmae templates DIR` "
+              f"writes them out) or signal the ranks on "
               "every node", file=sys.stderr)
     if args.dry_run:
         return 0
@@ -99,6 +100,24 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _templates(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mixmae_scale.cluster.templates import write_templates
+
+    out = Path(args.out)
+    done = write_templates(out, force=args.force)
+    for name in done.written:
+        print(f"wrote {out / name}")
+    for name in done.unchanged:
+        print(f"unchanged {out / name}")
+    for name in done.kept:
+        print(f"kept {out / name}: it differs from the shipped template (your edits?); --force replaces it")
+    print(f"next: edit {out / 'cluster.example.yaml'} for your nodes, then "
+          f"PROFILE=swin_b CLUSTER={out / 'cluster.example.yaml'} sbatch {out / 'slurm' / 'pretrain.sbatch'}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     launch = sub.add_parser("launch", help="compose and run the deepspeed launcher command for a profile")
     launch.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
@@ -128,3 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--headroom", type=between(0, 0.95), default=0.25,
                          help="fraction of GPU memory kept free (--recommend)")
     planner.set_defaults(handler=_plan)
+
+    templates = sub.add_parser("templates", help="write the Slurm scripts and the cluster-file and hostfile examples "
+                               "(launch/ of the repository) into a folder, to edit for a cluster")
+    templates.add_argument("out", help="folder to write slurm/*.sbatch, cluster.example.yaml, hostfile.example into")
+    templates.add_argument("--force", action="store_true", help="replace files there that differ from the templates")
+    templates.set_defaults(handler=_templates)

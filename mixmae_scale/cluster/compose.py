@@ -94,26 +94,28 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
         raise ConfigError(f"cluster.num_nodes={c.num_nodes} with cluster.launcher=local: the local launcher starts "
                           f"ranks on this node only, so the run would train on {c.gpus_per_node} GPU(s), not "
                           f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich, slurm) "
-                          "and cluster.hostfile, or start one launcher per node (launch/slurm/pretrain.sbatch)")
+                          "and cluster.hostfile, or start one launcher per node (launch/slurm/pretrain.sbatch; "
+                          "`mixmae templates DIR` writes it out)")
     launcher = [str(Path(sys.executable).parent / "deepspeed")]
     notes: list[str] = []
     if c.num_nodes > 1 and c.launcher != "local":
         if not c.hostfile:
             raise ConfigError(f"cluster.num_nodes={c.num_nodes} needs cluster.hostfile, one line per node like "
-                              f"'worker-0 slots={c.gpus_per_node}' (see launch/hostfile.example); or set "
-                              "cluster.num_nodes=1 to run on this node")
+                              f"'worker-0 slots={c.gpus_per_node}' (see launch/hostfile.example; `mixmae templates "
+                              "DIR` writes it out); or set cluster.num_nodes=1 to run on this node")
         if (c.include or c.exclude) and c.launcher in MPI_LAUNCHERS:
             raise ConfigError(f"cluster.{'include' if c.include else 'exclude'} with cluster.launcher={c.launcher}: "
                               "DeepSpeed's MPI launchers cannot select hosts or GPUs; list the hosts to use in "
                               "cluster.hostfile instead")
         hostfile = Path(c.hostfile)
         if hostfile.is_dir():
-            raise ConfigError(f"cluster.hostfile {c.hostfile} is a folder; name the hostfile (launch/hostfile.example)")
+            raise ConfigError(f"cluster.hostfile {c.hostfile} is a folder; name the hostfile (launch/hostfile.example; "
+                              "`mixmae templates DIR` writes it out)")
         if not hostfile.exists():
             problem = f"cluster.hostfile {c.hostfile} does not exist (tried {hostfile.absolute()})"
             if check_files:
-                raise ConfigError(f"{problem}; write it (one line per node, see launch/hostfile.example) or fix "
-                                  "the path")
+                raise ConfigError(f"{problem}; write it (one line per node, see launch/hostfile.example, which "
+                                  "`mixmae templates DIR` writes out) or fix the path")
             notes.append(f"{problem}: the launch will stop unless it exists by then")
         else:
             pool = hostfile_slots(hostfile)

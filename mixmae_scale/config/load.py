@@ -102,7 +102,8 @@ def merge_sources(profile: str, cluster: str | None = None, overrides: list[str]
         if not cluster_path.exists():
             raise ConfigError(f"cluster file '{cluster}' does not exist (tried {cluster_path.absolute()})")
         if cluster_path.is_dir():
-            raise ConfigError(f"cluster file '{cluster}' is a folder; name the YAML file (launch/cluster.example.yaml)")
+            raise ConfigError(f"cluster file '{cluster}' is a folder; name the YAML file (as "
+                              "launch/cluster.example.yaml, which `mixmae templates DIR` writes out)")
         merged = deep_merge(merged, read_yaml(cluster_path))
         sources.append(str(cluster_path))
     for text in overrides:

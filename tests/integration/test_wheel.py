@@ -96,6 +96,15 @@ def test_a_profile_name_is_found_inside_the_installed_wheel(installed):
     assert shown["deepspeed_config"]["zero_optimization"]["stage"] == 1
 
 
+def test_the_slurm_scripts_and_examples_the_messages_name_are_written_out_from_the_wheel(installed):
+    """A pip install has no launch/ folder; the wheel carries its templates and `mixmae templates` writes them."""
+    from mixmae_scale.cluster.templates import TEMPLATES
+
+    installed.run("mixmae", "templates", "kit")
+    for name in TEMPLATES:
+        assert (installed.work / "kit" / name).read_bytes() == (REPO / "launch" / name).read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def pretrained(installed) -> Path:
     """Demo shards and two pretraining steps on 2 CPU ranks through the deepspeed launcher of the fresh

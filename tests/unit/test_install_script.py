@@ -17,6 +17,7 @@ def _fake_python(path: Path, version: str) -> Path:
 if [ "$1" = "--version" ]; then echo "Python {version}"; exit 0; fi
 if [ "$1" = "-c" ]; then [ {int(major) * 100 + int(minor)} -ge 311 ]; exit $?; fi  # install.sh's version check
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "PIP_CONSTRAINT=${{PIP_CONSTRAINT:-}} $*" > "${{0%/*}}/pip-call"; fi
 exit 3
 """)
     path.chmod(0o755)
@@ -49,6 +50,23 @@ def test_a_new_enough_python_passes_the_check_and_makes_the_venv(tmp_path):
     result = _install(root, _fake_python(tmp_path / "bin" / "python3.11", "3.11.9"))
     assert "[install] creating .venv with Python 3.11.9" in result.stdout and "3.11 or newer" not in result.stderr
     assert (root / ".venv" / "bin" / "python").exists()  # the stand-in's pip then fails: nothing more is asked
+
+
+def test_the_build_backend_is_pinned_too_through_pip_constraint(tmp_path):
+    """pip's `-c` does not reach the isolated environment where it builds the package; PIP_CONSTRAINT does
+    (checked by hand with the venv's pip 23.2.1, `pip wheel --no-deps -v .`: the build environment got the pinned
+    packaging 26.3 with it and the newest, 26.4, without). The stand-in pip records how install.sh called it."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    root = _checkout(tmp_path)
+    _install(root, _fake_python(tmp_path / "bin" / "python3.11", "3.11.9"))
+    call = (root / ".venv" / "bin" / "pip-call").read_text()
+    assert call.startswith(f"PIP_CONSTRAINT={root / 'constraints.txt'} -m pip install"), call
+    pinned = {line.partition("==")[0].lower() for line in (root / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    backend = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert {Requirement(r).name.lower() for r in backend} <= pinned
 
 
 def test_a_venv_left_on_an_older_python_is_named_with_the_way_out(tmp_path):

@@ -195,5 +195,6 @@ def test_cluster_env_reaches_the_ranks_on_one_node_and_several(tmp_path, monkeyp
     assert main(["launch", "swin_b", "--dry-run", "--cluster", cluster]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mixmae: warning: cluster.num_nodes=2: SIGUSR1/SIGTERM to this command does not reach the ranks "
-                   "(pdsh starts them on every node); use launch/slurm/*.sbatch or signal the ranks on every node"]
+                   "(pdsh starts them on every node); use launch/slurm/*.sbatch (`mixmae templates DIR` writes them "
+                   "out) or signal the ranks on every node"]
     assert main(["launch", "tiny", "--dry-run"]) == 0 and "warning" not in capsys.readouterr().err

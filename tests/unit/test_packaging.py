@@ -68,6 +68,34 @@ def test_the_shipped_folders_are_inside_the_package_and_the_package_data_covers_
         assert files and not missing, f"pyproject.toml's package-data leaves {missing} out of the wheel"
 
 
+def test_the_launch_templates_ship_and_templates_writes_them_without_replacing_an_edited_copy(tmp_path, capsys):
+    """Messages and docs name launch/slurm/*.sbatch and the examples; a pip install has no launch/ folder, so
+    `mixmae templates DIR` writes the shipped copies (the wheel's own: tests/integration/test_wheel.py)."""
+    from mixmae_scale.cluster.templates import TEMPLATES
+
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["mixmae_scale._resources"]
+    shipped = sorted(p.relative_to(REPO / "launch").as_posix() for p in (REPO / "launch" / "slurm").iterdir())
+    shipped += ["cluster.example.yaml", "hostfile.example"]
+    assert sorted(TEMPLATES) == sorted(shipped)  # a new Slurm script is written out too
+    assert all(any(fnmatch.fnmatch(f"launch/{name}", pattern) for pattern in patterns) for name in TEMPLATES)
+
+    out = tmp_path / "kit"
+    assert main(["templates", str(out)]) == 0
+    for name in TEMPLATES:
+        assert (out / name).read_bytes() == (REPO / "launch" / name).read_bytes(), name
+    (out / "cluster.example.yaml").write_text("cluster:\n  num_nodes: 16\n")  # the user's edit
+    assert main(["templates", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"kept {out / 'cluster.example.yaml'}: it differs" in said
+    assert f"unchanged {out / 'hostfile.example'}" in said
+    assert (out / "cluster.example.yaml").read_text() == "cluster:\n  num_nodes: 16\n"
+    assert main(["templates", str(out), "--force"]) == 0
+    assert (out / "cluster.example.yaml").read_bytes() == (REPO / "launch" / "cluster.example.yaml").read_bytes()
+    (tmp_path / "file").write_text("")
+    assert main(["templates", str(tmp_path / "file")]) != 0
+    assert "is a file; name a folder" in capsys.readouterr().err
+
+
 def test_a_profile_given_as_a_path_merges_onto_the_shipped_base(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("run:\n  name: mine\nmodel:\n  size: tiny\n")
