@@ -40,7 +40,7 @@ def _shards_convert(args: argparse.Namespace) -> int:
         shard_bytes=None if args.samples_per_shard else parse_size(args.shard_size),
         quality=args.quality, resize_shorter=args.resize_shorter, strict=args.strict, workers=args.workers,
         max_pixels=round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None, oversize=args.oversize,
-        max_rejected=args.max_rejected, staging=args.staging)
+        max_rejected=args.max_rejected, staging=args.staging, unlabeled=getattr(args, "unlabeled", False))
     try:
         result = convert(args.src, args.out, options)
     except OSError as exc:  # the output side (disk full, unwritable folder): per-file problems never get here
@@ -58,7 +58,8 @@ def _shards_convert(args: argparse.Namespace) -> int:
 def _shards_adopt(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.adopt import AdoptOptions, adopt, summary_lines
 
-    options = AdoptOptions(split=args.split, decode=args.decode, workers=args.workers, max_rejected=args.max_rejected)
+    options = AdoptOptions(split=args.split, decode=args.decode, workers=args.workers, max_rejected=args.max_rejected,
+                           unlabeled=args.unlabeled)
     try:
         result = adopt(args.src, args.out, options)
     except FileNotFoundError:
@@ -146,6 +147,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--val-fraction", type=float, default=0.0,
                            help="hold out this share of each class as the 'val' split (drawn with --seed), e.g. 0.1; "
                            "finetune, eval and probe need one")
+            p.add_argument("--unlabeled", action="store_true", help="every image under SRC, unlabeled: subfolders are "
+                           "not classes (img2dataset's `files` output, a photo archive); pretraining needs no labels")
         p.set_defaults(handler=_shards_convert)
     adopt = shards_sub.add_parser("adopt", help="index existing WebDataset .tar shards (a folder or s3:// prefix) "
                                   "for training, without rewriting them")
@@ -157,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     adopt.add_argument("--max-rejected", type=between(0, 1), default=DEFAULT_MAX_REJECTED,
                        help="exit non-zero when more than this fraction of samples is rejected (default: "
                        "%(default)s); a rerun with a higher value redoes nothing")
+    adopt.add_argument("--unlabeled", action="store_true", help="ignore the tars' .cls (pretraining needs no labels; "
+                       "for cls values that are ids, not class indexes 0..N-1)")
     adopt.set_defaults(handler=_shards_adopt)
     verify = shards_sub.add_parser("verify", help="check a shard set (folder, adopted or s3://) against its manifest")
     verify.add_argument("folder", help="the shard set: a folder or an s3:// prefix holding dataset.json")

@@ -48,12 +48,18 @@ PROGRESS_DIR = ".progress/adopt"
 SORTED_SHARE = 0.9  # a shard whose most frequent class holds this share of it holds "one class"
 
 
+# A cls past this is an id or a hash, not a class index: classes.json would list that many classes and a classifier
+# head as many outputs (ImageNet-21k has 21,841 classes, JFT-3B about 30,000).
+MAX_CLASSES = 1_000_000
+
+
 @dataclass(frozen=True)
 class AdoptOptions:
     split: str = "train"
     decode: bool = False
     workers: int = 1
     max_rejected: float = DEFAULT_MAX_REJECTED
+    unlabeled: bool = False  # ignore the tars' cls: pretraining needs no labels
 
 
 @dataclass
@@ -349,9 +355,15 @@ class AdoptionSource:
         reconcile(split, ("members", members), ("indexed", sum(s.indexed_members for s in shards)),
                   ("in rejected samples", sum(len(r["members"]) for s in shards for r in s.rejected)),
                   ("ignored", sum(len(s.ignored) for s in shards)))
-        labeled_samples = sum(s.labeled_samples for s in shards)
+        labeled_samples = 0 if self.options.unlabeled else sum(s.labeled_samples for s in shards)
         labeled = samples > 0 and labeled_samples == samples
         warnings = []
+        if labeled and (largest := max(shards, key=lambda s: s.max_label)).max_label >= MAX_CLASSES:
+            raise SourceError(f"{split}: cls reaches {largest.max_label} in {largest.name}: classes.json would list "
+                              f"{largest.max_label + 1:,} classes and a classifier head as many outputs. cls must be a "
+                              "class index 0..N-1, not an id or a hash: write the tars with indexes, or adopt them "
+                              "with --unlabeled (pretraining needs no labels). The tars' indexes are kept: a rerun "
+                              "reads none again")
         if 0 < labeled_samples < samples:
             warnings.append(f"{split}: {samples - labeled_samples} of {samples} indexed samples have no cls, so the "
                             "split is unlabeled: pretraining reads it, fine-tuning and probes need labels")

@@ -68,6 +68,7 @@ class ConvertOptions:
     staging: str | None = None  # local folder for shards on their way to an s3:// output
     val_fraction: float = 0.0  # folder layout: hold out this share of each class as the 'val' split
     masks: bool = False  # found beside the images (shards/masks.py): each sample gets its `seg.png`
+    unlabeled: bool = False  # folder layout: every image unlabeled, subfolders not read as classes
 
 
 def parse_size(text: str) -> int:
@@ -186,10 +187,10 @@ def _discover(src: Path, split: str, options: ConvertOptions, kept: dict[str, st
     if options.layout == "ade20k":
         return Discovered(*ade20k_split(src, split, ignored), ignored)
     if options.val_fraction:  # both splits from the one folder, the same draw for each
-        images, classes = folder_images(src, ignored)
+        images, classes = folder_images(src, ignored, options.unlabeled)
         train, val = hold_out(images, options.val_fraction, options.seed, kept)
         return Discovered(train if split == "train" else val, classes, ignored if split == "train" else [])
-    return Discovered(*folder_images(_split_root(src, split, options), ignored), ignored)
+    return Discovered(*folder_images(_split_root(src, split, options), ignored, options.unlabeled), ignored)
 
 
 def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) -> dict[str, Discovered]:

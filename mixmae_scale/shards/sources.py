@@ -188,16 +188,28 @@ def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> t
     return images, classes
 
 
-def folder_images(src: Path, ignored: list[str] | None = None) -> tuple[list[SourceImage], list[str]]:
+def img2dataset_files_folders(src: Path, classes: list[str]) -> list[str]:
+    """The subfolders that img2dataset's `files` output wrote (`00000/` beside `00000_stats.json`): download
+    shards, whose numbers would pass for class labels."""
+    return [name for name in classes if name.isdigit() and (src / f"{name}_stats.json").is_file()]
+
+
+def folder_images(src: Path, ignored: list[str] | None = None, unlabeled: bool = False
+                  ) -> tuple[list[SourceImage], list[str]]:
     """A class-per-subfolder tree (labels), or a flat folder of images (unlabeled, label -1); the files not
-    named like images go to `ignored`."""
+    named like images go to `ignored`. `unlabeled`: every image under `src`, its folders not read as classes."""
     ignored = [] if ignored is None else ignored
     if not src.is_dir():
         raise SourceError(f"{src}: not a folder")
     if is_ade20k_tree(src):
         raise SourceError(f"{src}: images/ and annotations/ are ADE20K's layout (images with their masks), not two "
                           "classes: convert it with `mixmae shards ade20k`")
-    classes = class_folders(src)
+    classes = [] if unlabeled else class_folders(src)
+    if shards := img2dataset_files_folders(src, classes):
+        raise SourceError(f"{src}: {shards[0]}/ beside {shards[0]}_stats.json is img2dataset's `files` output: its "
+                          f"{len(shards)} numbered folder(s) are download shards, not classes. Convert it with "
+                          "--unlabeled (pretraining needs no labels), or download with output_format=webdataset "
+                          "and `mixmae shards adopt` the tars")
     loose = [p for p in src.iterdir() if not p.is_dir() and is_image_name(p.name)]
     if classes and not loose:
         return labeled_folder(src, src, classes, ignored), classes

@@ -396,3 +396,22 @@ def test_a_key_with_a_double_slash_under_a_prefix_stays_in_the_bucket():
     assert storage.join("s3://bucket/data/", "y/z.tar") == "s3://bucket/data/y/z.tar"
     assert storage.join("/local/set", "/elsewhere/a.tar") == "/elsewhere/a.tar"  # an adopted set's absolute names
     assert storage.join("/local/set", "s3://b/k.tar") == "s3://b/k.tar"
+
+
+def test_cls_values_that_are_ids_not_class_indexes_are_refused_and_unlabeled_adopts_them_reading_nothing_again(
+        tmp_path, monkeypatch, capsys):
+    """A cls of 14,000,000 (an id, not an index) made a classes.json of 14,000,001 entries. Refused naming the tar
+    and the value, with the indexes kept; --unlabeled adopts the set for pretraining without reading a tar again."""
+    write_tar(tmp_path / "src" / "a.tar", [(f"s{i}.{ext}", data) for i in range(3)
+                                          for ext, data in (("jpg", image_bytes("jpg")), ("cls", b"7"))])
+    write_tar(tmp_path / "src" / "b.tar", [("t0.jpg", image_bytes("jpg")), ("t0.cls", b"14000000")])
+    out = tmp_path / "out"
+    argv = ["shards", "adopt", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "train: cls reaches 14000000 in b.tar: classes.json would list 14,000,001 classes" in error
+    assert "--unlabeled" in error and not (out / "dataset.json").exists()
+    monkeypatch.setattr(adopt_module, "index_shard", lambda job: pytest.fail(f"{job.name} read again"))
+    assert main([*argv, "--unlabeled"]) == 0
+    split = load_split(out, "train")
+    assert split.samples == 4 and not split.labeled

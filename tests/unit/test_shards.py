@@ -159,6 +159,31 @@ def test_flat_unlabeled_folder(tmp_path):
     assert all(s["cls"] == b"-1" for s in _samples(tmp_path / "out", "train").values())
 
 
+def test_img2dataset_files_output_is_not_read_as_classes_and_unlabeled_converts_every_image(tmp_path, capsys):
+    """img2dataset's `files` output (00000/000000000.jpg with .json and .txt, 00000_stats.json, 00000.parquet)
+    was converted as classes "00000", "00001": labels that were download shard numbers."""
+    from mixmae_scale.cli import main
+
+    src = tmp_path / "download"
+    for shard in range(2):
+        (src / f"{shard:05d}_stats.json").parent.mkdir(parents=True, exist_ok=True)
+        (src / f"{shard:05d}_stats.json").write_text("{}")
+        (src / f"{shard:05d}.parquet").write_bytes(b"PAR1")
+        for i in range(3):
+            key = f"{shard:05d}{i:04d}"
+            _jpeg(src / f"{shard:05d}" / f"{key}.jpg", colour=(60 * shard, 20 * i, 5))
+            (src / f"{shard:05d}" / f"{key}.json").write_text('{"status": "success"}')
+            (src / f"{shard:05d}" / f"{key}.txt").write_text("a caption")
+    argv = ["shards", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "00000/ beside 00000_stats.json is img2dataset's `files` output" in error and "--unlabeled" in error
+    assert main([*argv, "--unlabeled"]) == 0
+    split = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
+    assert split["samples"] == 6 and not split["labeled"]
+    assert all(s["cls"] == b"-1" for s in _samples(tmp_path / "out", "train").values())
+
+
 def test_same_input_gives_byte_identical_shards_and_seed_changes_order(tmp_path):
     src = _imagenet_tree(tmp_path / "src", per_class=5)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
