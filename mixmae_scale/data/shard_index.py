@@ -17,6 +17,7 @@ from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TAR_HEADER = 512  # the header block right before a member's data: a reader checks it (tar_header_holds)
 MASK_EXTENSION = "seg.png"  # the segmentation mask (shards/masks.py)
 
 
@@ -41,8 +42,9 @@ class ShardIndex:
         return len(self.keys)
 
     def span(self, first: int, stop: int) -> tuple[int, int]:
-        """The byte range [start, end) of the tar that holds every member samples first..stop-1 need."""
-        starts = [self.image_offset[first:stop]]
+        """The byte range [start, end) of the tar that holds every member samples first..stop-1 need, with the
+        header block of each image."""
+        starts = [self.image_offset[first:stop] - TAR_HEADER]
         ends = [self.image_offset[first:stop] + self.image_size[first:stop]]
         for offset, size in ((self.label_offset, self.label_size), (self.meta_offset, self.meta_size),
                              (self.mask_offset, self.mask_size)):
@@ -50,6 +52,23 @@ class ShardIndex:
             starts.append(offset[first:stop][present])
             ends.append((offset + size)[first:stop][present])
         return int(min(s.min() for s in starts if len(s))), int(max(e.max() for e in ends if len(e)))
+
+
+def tar_header_holds(header: bytes, size: int) -> bool:
+    """Whether `header` is a tar header block (its checksum holds) for a member of `size` bytes. Read right before
+    an image's data, it tells a shard rewritten since it was indexed (at the same size: a rerun of a writer, a
+    reshuffle) from the one indexed, where a read by offsets alone would hand out other bytes as this image."""
+    if len(header) != TAR_HEADER:
+        return False
+    try:
+        stored = int(header[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        if header[124] & 0x80:  # GNU base-256 for sizes past 8 GiB
+            declared = int.from_bytes(header[125:136], "big")
+        else:
+            declared = int(header[124:136].replace(b"\0", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return declared == size and stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
 def _unsafe(name: str) -> bool:

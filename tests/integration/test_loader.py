@@ -376,12 +376,14 @@ def test_an_evaluation_that_counts_one_sample_twice_and_another_not_at_all_is_re
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-@pytest.mark.parametrize("change", ["rewritten", "cut_short"])
+@pytest.mark.parametrize("change", ["rewritten", "cut_short", "reordered_at_the_same_size"])
 def test_a_shard_that_changes_under_a_reading_loader_stops_it_naming_the_shard(demo_shards, tmp_path, backend,
                                                                                change):
     """Shards on a shared file system can be rewritten (a conversion rerun into the same folder) or cut short (a
     copy still in progress) while a run reads them. The loader was built against the manifest; the read that
-    meets the changed shard stops with the shard's path and what to do, not a decoder error or a wrong sample."""
+    meets the changed shard stops with the shard's path and what to do, not a decoder error or a wrong sample.
+    The same samples written again in another order keep each tar's size, which the manifest check cannot see:
+    the tar header before each image's bytes can."""
     shards = tmp_path / "shards"
     shutil.copytree(demo_shards, shards)
     loader = ShardLoader(str(shards), "train", _spec(shuffle_buffer=8), backend, workers=1)
@@ -389,10 +391,34 @@ def test_a_shard_that_changes_under_a_reading_loader_stops_it_naming_the_shard(d
     next(batches)
     for tar in sorted(shards.glob("train-*.tar")):
         data = tar.read_bytes()
-        tar.write_bytes(data + b"\0" * 1024 if change == "rewritten" else data[: len(data) // 2])
+        if change == "reordered_at_the_same_size":
+            tar.write_bytes(_reordered(data))
+            assert tar.stat().st_size == len(data)
+        else:
+            tar.write_bytes(data + b"\0" * 1024 if change == "rewritten" else data[: len(data) // 2])
     with pytest.raises(DataError) as raised:
         for _ in batches:
             pass
     message = str(raised.value)
     assert "train-0000" in message and ".tar" in message, message
     assert "the shard changed after it was indexed" in message or "cut short or replaced" in message, message
+
+
+def _reordered(data: bytes) -> bytes:
+    """The tar's samples (members grouped by key, in order) written again last first, as a writer's rerun with
+    another shuffle would: the same members, so the same size (as the original, without record padding)."""
+    import io
+    import tarfile
+
+    samples: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            samples.setdefault(member.name.split(".")[0], []).append((member, tar.extractfile(member).read()))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for members in reversed(list(samples.values())):
+            for member, payload in members:
+                tar.addfile(member, io.BytesIO(payload))
+    written = out.getvalue()  # padded to tarfile's 10 KiB records: the zeros past the original's end go
+    assert len(written) >= len(data) and not written[len(data):].strip(b"\0")
+    return written[:len(data)]
