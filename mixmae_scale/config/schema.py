@@ -94,6 +94,10 @@ class DataConfig:
     # DALI's CPU pipeline ran 1.4x faster with it (benchmarks/loader.py), which matters only where the
     # CPU decodes (no GPU); the published numbers were obtained with bicubic.
     interpolation: Literal["bicubic", "linear"] = "bicubic"
+    # Rotate images by their EXIF orientation tag before cropping. Off, as the official code (PIL's open ignores the
+    # tag) and as `mixmae shards --resize-shorter` stores re-encoded images (without the tag); on is opt-in for
+    # photo collections (phones write the tag instead of rotating the pixels).
+    exif_orientation: bool = False
 
 
 @dataclass

@@ -3,8 +3,9 @@
 The reader (data/shard_reader.py) decides which samples a rank sees and each one's crop window and flip;
 DALI does the heavy part: decoding only the crop window (`decoders.image_slice`, on the GPU with the
 "mixed" backend where there is one, hardware decoder included), resizing, RandAugment for fine-tuning,
-normalising. Windows are fractions of the image, so a decoder that applies EXIF orientation still crops
-inside the image. JPEG, PNG and WebP members all decode here (shards adopted from other tools).
+normalising. Windows are fractions of the image, so a decoder that applies EXIF orientation (opt-in,
+`data.exif_orientation`; the official code's PIL loader ignores the tag) still crops inside the image. JPEG,
+PNG and WebP members all decode here (shards adopted from other tools).
 
 Segmentation masks (`PipelineSpec.with_masks`) take the same crop window, resize and flip as their images, or
 the same evaluation view, with nearest-neighbour sampling.
@@ -58,18 +59,19 @@ def batch_arrays(batch: RawBatch, spec: PipelineSpec) -> tuple[list[np.ndarray],
     return tuple(columns)
 
 
-def _training_masks(encoded, anchor, shape, flip, size: int):
+def _training_masks(encoded, anchor, shape, flip, size: int, oriented: bool):
     """The masks through the images' crop window, resize and flip, nearest-neighbour (no invented labels). Masks
     decode on the CPU (8-bit PNG, `GRAY` keeps the stored class indices): they are small, and the images' GPU
     decoder would gain nothing on them."""
-    masks = fn.decoders.image_slice(encoded, anchor, shape, device="cpu", output_type=types.GRAY)
+    masks = fn.decoders.image_slice(encoded, anchor, shape, device="cpu", output_type=types.GRAY,
+                                    adjust_orientation=oriented)
     masks = fn.resize(masks, size=[size, size], interp_type=types.INTERP_NN, antialias=False)
     return fn.flip(masks, horizontal=flip)
 
 
-def _eval_masks(encoded, size: int):
+def _eval_masks(encoded, size: int, oriented: bool):
     """The masks through the evaluation view: shorter side resized, centre crop, as the images."""
-    masks = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY)
+    masks = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY, adjust_orientation=oriented)
     masks = fn.resize(masks, resize_shorter=eval_resize(size), interp_type=types.INTERP_NN,
                       antialias=False)
     return fn.crop(masks, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
@@ -99,9 +101,9 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
         if train:
             anchor, shape, flip = columns.pop(0), columns.pop(0), columns.pop(0)
             if spec.with_masks:
-                masks = _training_masks(columns.pop(0), anchor, shape, flip, size)
+                masks = _training_masks(columns.pop(0), anchor, shape, flip, size, spec.exif_orientation)
             images = fn.decoders.image_slice(encoded, anchor, shape, device=device, output_type=types.RGB,
-                                             **_gpu_decoder_args(spec))
+                                             adjust_orientation=spec.exif_orientation, **_gpu_decoder_args(spec))
             interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
             images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
             if spec.rand_augment is not None:
@@ -114,8 +116,9 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
                                               mirror=flip)
         else:
             if spec.with_masks:
-                masks = _eval_masks(columns.pop(0), size)
-            images = fn.decoders.image(encoded, device=device, output_type=types.RGB, **_gpu_decoder_args(spec))
+                masks = _eval_masks(columns.pop(0), size, spec.exif_orientation)
+            images = fn.decoders.image(encoded, device=device, output_type=types.RGB,
+                                       adjust_orientation=spec.exif_orientation, **_gpu_decoder_args(spec))
             images = fn.resize(images, resize_shorter=eval_resize(size),
                                interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", crop=(size, size),

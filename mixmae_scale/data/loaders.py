@@ -52,12 +52,14 @@ def loader_dtype(engine_dtype: str) -> str:
 
 
 def eval_spec(img_size: int, batch: int, threads: int, place: LoaderPlace = LoaderPlace(), labels: bool = True,
-              output_dtype: str = "float32", seed: int = 0, masks: bool = False) -> PipelineSpec:
+              output_dtype: str = "float32", seed: int = 0, masks: bool = False,
+              exif_orientation: bool = False) -> PipelineSpec:
     """The evaluation view (resize, centre crop), this place's share of the split; `masks`: with each image's
     segmentation mask through the same view."""
     return PipelineSpec(mode="eval", img_size=img_size, batch_size=batch, shard_id=place.rank,
                         num_shards=place.world, num_threads=threads, device_id=place.device_id, seed=seed,
-                        with_labels=labels, output_dtype=output_dtype, with_masks=masks)
+                        with_labels=labels, output_dtype=output_dtype, with_masks=masks,
+                        exif_orientation=exif_orientation)
 
 
 def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = LoaderPlace(),
@@ -72,17 +74,18 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
     data = config.data
     if role == "heldout":
         return eval_spec(config.model.img_size, batch, data.num_threads, labels=False,
-                         output_dtype=loader_dtype(engine_dtype), seed=config.run.seed)
+                         output_dtype=loader_dtype(engine_dtype), seed=config.run.seed,
+                         exif_orientation=data.exif_orientation)
     segmenting = role in ("segment", "segment_val")
     size = config.segment.crop_size if segmenting else config.model.img_size
     if role in ("val", "segment_val"):
-        return eval_spec(size, batch, data.num_threads, place, masks=segmenting)
+        return eval_spec(size, batch, data.num_threads, place, masks=segmenting, exif_orientation=data.exif_orientation)
     mode = "finetune" if role == "segment" else role  # training with a crop and flip, as fine-tuning
     common = dict(mode=mode, img_size=size, batch_size=batch, shard_id=place.rank,
                   num_shards=place.world, seed=stream_seed(config.run.seed, place.rank) % 2**31,
                   num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
                   crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, interpolation=data.interpolation,
-                  device_id=place.device_id, order_seed=config.run.seed)
+                  device_id=place.device_id, order_seed=config.run.seed, exif_orientation=data.exif_orientation)
     crop_scale = tuple(job_crop_scale(config, role))
     if role == "pretrain":
         return PipelineSpec(**common, crop_scale=crop_scale, with_labels=False, output_dtype=loader_dtype(engine_dtype))

@@ -39,6 +39,7 @@ class PipelineSpec:
     rand_augment: tuple[int, int] | None = None  # (ops, magnitude on timm's 0-10 scale), fine-tuning only
     rand_augment_std: float = 0.5  # magnitude noise (timm's mstd)
     interpolation: Literal["bicubic", "linear"] = "bicubic"  # after the random crop (eval is always bicubic)
+    exif_orientation: bool = False  # rotate by the EXIF tag first (data.exif_orientation; off as the official code)
     device_id: int | None = None  # a GPU index: decode on it; None: CPU only
     with_meta: bool = False  # also return each sample's json (tests, visualisation)
     with_labels: bool = True  # pretraining reads no labels, so it neither outputs nor parses them

@@ -100,7 +100,8 @@ class TorchDecoder:
     def decode(self, sample: RawSample) -> torch.Tensor:
         try:
             with Image.open(io.BytesIO(sample.image)) as opened:
-                image = ImageOps.exif_transpose(opened).convert("RGB")
+                oriented = ImageOps.exif_transpose(opened) if self.spec.exif_orientation else opened
+                image = oriented.convert("RGB")
         except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for truncated or foreign bytes
             raise DataError(f"{sample.key}: the image could not be decoded ({exc}). `mixmae shards verify --decode` "
                             "lists every such file; rebuild or re-adopt the shards, then run the same command "

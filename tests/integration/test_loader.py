@@ -422,3 +422,38 @@ def _reordered(data: bytes) -> bytes:
     written = out.getvalue()  # padded to tarfile's 10 KiB records: the zeros past the original's end go
     assert len(written) >= len(data) and not written[len(data):].strip(b"\0")
     return written[:len(data)]
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_the_exif_orientation_tag_is_ignored_as_the_official_code_does_unless_asked(tmp_path, backend):
+    """The official loader (PIL's open) ignores the EXIF orientation tag, while DALI's decoders apply it by default
+    and the fallback called exif_transpose: an image a phone stored on its side trained upright here, unlike the
+    official code and unlike the same image re-encoded by `--resize-shorter` (which drops the tag). Stored pixels:
+    red left, blue right; tag 6 (rotate 90 degrees clockwise) would put red on top."""
+    import io
+
+    from PIL import Image
+
+    from mixmae_scale.shards.convert import ConvertOptions, convert
+
+    image = Image.new("RGB", (96, 48), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 48, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "src").mkdir()
+    for i in range(2):
+        (tmp_path / "src" / f"side{i}.jpg").write_bytes(buf.getvalue())
+    convert(tmp_path / "src", tmp_path / "shards", ConvertOptions(layout="folder", splits=("train",), shard_bytes=None))
+
+    def red_on_the(exif_orientation: bool) -> str:
+        spec = _spec(mode="eval", batch_size=2, with_labels=False, exif_orientation=exif_orientation)
+        batch = next(iter(ShardLoader(str(tmp_path / "shards"), "train", spec, backend, workers=1)))
+        red = batch.images[0, 0] - batch.images[0, 2]  # normalised red minus blue, 64 x 64
+        halves = {"left": red[:, :32].mean(), "right": red[:, 32:].mean(), "top": red[:32].mean(),
+                  "bottom": red[32:].mean()}
+        return max(halves, key=halves.get)
+
+    assert red_on_the(exif_orientation=False) == "left"
+    assert red_on_the(exif_orientation=True) == "top"
