@@ -171,3 +171,30 @@ def test_a_saved_run_resumes_its_step_job_data_and_generators_and_a_stop_resumes
     assert resumed_job.best == 0.25 and resuming.skipped_samples == 3 * 8
     assert (resumed_data.batch_in_epoch, resumed_data.batches_consumed) == (9, 9)  # past the failed attempts
     assert torch.equal(torch.tensor(resumed_data.layout.intervals), torch.tensor(data.layout.intervals))
+
+
+def test_a_save_whose_files_do_not_reach_the_disk_fails_unsealed_and_rotates_nothing(tmp_path, world_of_one,
+                                                                                     monkeypatch):
+    """An EIO or quota error at fsync (where NFS and Lustre report them) was swallowed: the tag was sealed COMPLETE
+    over data that never reached the disk, and rotation removed the older good checkpoints for it."""
+    import errno
+    import os
+    import stat
+
+    ckpt_dir = tmp_path / "checkpoints"
+    saving = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(every_steps=3, keep_last=1), IDENTITY, 1, 0,
+                          Job(0.25), loader(1))
+    saving.maybe_save(3)
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as caught:
+        saving.maybe_save(6)
+    assert caught.value.errno == errno.EDQUOT
+    assert store.complete_tags(ckpt_dir) == ["step00000003"] and store.damage(ckpt_dir / "step00000003") is None
+    assert not (ckpt_dir / "step00000006.partial" / store.MARKER).exists()
