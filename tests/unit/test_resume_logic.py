@@ -281,6 +281,29 @@ def test_a_rollback_that_saves_again_retires_the_stop_so_the_next_resume_keeps_i
     assert (again.tag, again.data_position, again.skipped_samples, again.notes) == ("step00000007", None, 0, ())
 
 
+def test_a_second_stop_after_a_rollback_retires_the_first_so_the_next_resume_skips_the_second_ones_data(tmp_path):
+    """Tags 300 and 400, a stop at step 457 having read 470 batches; the next launch rolls back to 400, moves the data
+    to 470 and stops again at step 420, having read 495. The new stop sorts before the old one (by step): kept, every
+    later launch took the stop at 457, went back to batch 470, read the batches that caused the second stop again and
+    stopped there again (exit 3 for ever, under the default rollback)."""
+    def stop(step: int, batches: int) -> dict:
+        after = {"batches_consumed": batches, "batch": batches, "layout": Layout.whole_epoch(0, 99999, 2, 8).to_dict()}
+        return {"nonfinite_stop": {"step": step, "loader_after": after}}
+
+    make_tag(tmp_path, "step00000300", batches=300)
+    make_tag(tmp_path, "step00000400", batches=400)
+    make_tag(tmp_path, "step00000457-nonfinite", batches=457, extra=stop(457, 470))
+    ckpt.rotate(tmp_path, keep_last=3, just_written="step00000457-nonfinite")
+    first = choose_tag(tmp_path, "auto", "rollback")
+    assert (first.tag, first.data_position.batches_consumed) == ("step00000400", 470)
+    make_tag(tmp_path, "step00000420-nonfinite", batches=420, extra=stop(420, 495))
+    ckpt.rotate(tmp_path, keep_last=3, just_written="step00000420-nonfinite")
+    assert ckpt.complete_tags(tmp_path) == ["step00000300", "step00000400", "step00000420-nonfinite"]
+    second = choose_tag(tmp_path, "auto", "rollback")
+    assert (second.tag, second.data_position.batches_consumed) == ("step00000400", 495)
+    assert second.skipped_samples == 95 * 8 * 2 and "step00000420-nonfinite" in second.notes[0]
+
+
 def test_a_damaged_tag_is_saved_again_its_files_and_conversion_moved_aside_and_never_named(tmp_path):
     """A run fell back past a damaged step00000008 and trained to step 8 again: that save used to be skipped ('already
     complete'), leaving the damaged tag as the newest, named by the summary and taken by export. Now the step is

@@ -199,10 +199,13 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
     those kept), and stop tags once a newer regular one exists; never `just_written` (the checkpoint the run has
     just saved, even where older runs' higher-numbered tags would otherwise outrank it).
 
-    A regular tag just written also retires every stop tag, whatever its step: a stop is the last thing its
-    process saves, so a later regular save comes from a run that resumed past it. Kept, a stop at step 7 would
-    outrank the regular tags a rollback to step 5 goes on to save (at 7, or at 6 by a signal), and the next
-    resume would take the stop again and move the data back to where it stopped."""
+    Any tag just written, a stop's too, also retires every other stop tag, whatever its step: a stop is the last
+    thing its process saves, so a later save comes from a run that resumed past it. Tags order by step, and a
+    rollback moves the step back: kept, a stop at step 7 would outrank the regular tags a rollback to step 5 goes
+    on to save (at 7, or at 6 by a signal), and the next resume would take the stop again and move the data back to
+    where it stopped; a second stop after the rollback, at step 6, would sort before the first, and every later
+    launch would roll back past the first stop's data only, read the batches that caused the second one again and
+    stop there again. (A crash between a stop's rename and this rotation leaves both; the next stop retires them.)"""
     intact = [t for t in tags if is_regular(t) and t not in damaged]
     doomed = set(intact[:-keep_last])  # keep_last >= 1 (config/derive.py)
     if intact:
@@ -211,7 +214,7 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
     regular = [t for t in tags if is_regular(t)]
     if regular:
         doomed |= {t for t in tags if not is_regular(t) and step_of(t) < step_of(regular[-1])}
-    if just_written is not None and is_regular(just_written):
+    if just_written is not None:
         doomed |= {t for t in tags if not is_regular(t)}
     return doomed - {just_written}
 
