@@ -118,9 +118,10 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     what the configuration leaves to the job's recipe (`data.crop_scale`), so that config.yaml says what ran.
 
     Nothing in the run folder is written before the plan is made but its lock (engine/run_lock.py: a folder a live
-    run holds is refused; released when the work ends, engine/runtime.py): another run's folder is refused unless
-    `overwrite` moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished
-    run is reported (`RunAlreadyComplete`) with its files as they were."""
+    run holds is refused; released when the work ends, engine/runtime.py) and a file every rank reads and rank 0
+    removes at once (a folder some ranks do not see is refused): another run's folder is refused unless `overwrite`
+    moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished run is
+    reported (`RunAlreadyComplete`) with its files as they were."""
     stop = StopFlag()  # first: a signal during start-up waits for the first step boundary
     config.data.crop_scale = job_crop_scale(config, job)
     rank, world, device = distributed.init(local_rank)
@@ -134,6 +135,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
     run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
+    run_folder.agree_on_shared_folder(root)
     resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
     for note in notes if rank == 0 else []:
         log.warning("%s", note)

@@ -198,3 +198,85 @@ def test_a_save_whose_files_do_not_reach_the_disk_fails_unsealed_and_rotates_not
     assert caught.value.errno == errno.EDQUOT
     assert store.complete_tags(ckpt_dir) == ["step00000003"] and store.damage(ckpt_dir / "step00000003") is None
     assert not (ckpt_dir / "step00000006.partial" / store.MARKER).exists()
+
+
+class ShardWriter:
+    """DeepSpeed's checkpoint engine: every shard of a save goes through its `save`."""
+
+    def save(self, state_dict: dict, path: str) -> None:
+        Path(path).write_text(json.dumps(state_dict))
+
+
+class ShardingEngine(RecordingEngine):
+    """Writes as DeepSpeed does: the model states through the checkpoint engine by keyword, this rank's optimizer
+    shard by position, and a recovery script past it (rank 0's, shutil.copyfile)."""
+
+    def __init__(self) -> None:
+        self.checkpoint_engine = ShardWriter()
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        import os
+
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        self.checkpoint_engine.save(state_dict=client_state, path=os.path.join(save_dir, tag,
+                                                                              "mp_rank_00_model_states.pt"))
+        self.checkpoint_engine.save({"m": [1.0] * 10}, os.path.join(save_dir, tag,
+                                                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        Path(save_dir, tag, "zero_to_fp32.py").write_text("# recovery script")
+
+
+def test_each_rank_flushes_the_shards_it_wrote_and_reports_their_sizes(tmp_path, monkeypatch):
+    """Rank 0 flushed every file it saw, other ranks' shards too: on NFS or Lustre another client's fsync does not
+    flush the writer's cache. Each rank now flushes what DeepSpeed wrote for it, and tells rank 0 the sizes."""
+    engine, flushed = ShardingEngine(), []
+    real = store.fsync_path
+    monkeypatch.setattr(store, "fsync_path", lambda path: (flushed.append(Path(path).name), real(path)))
+    partial = tmp_path / "step00000004.partial"
+    with store.recording_writes(engine) as written:
+        engine.save_checkpoint(str(tmp_path), partial.name, {"step": 4}, False)
+    assert "save" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again
+    report = store.flush_own(partial, written)
+    assert report == {"mp_rank_00_model_states.pt": len(json.dumps({"step": 4})),
+                      "zero_pp_rank_0_mp_rank_00_optim_states.pt": len(json.dumps({"m": [1.0] * 10}))}
+    assert flushed == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    flushed.clear()
+    store.seal(partial, {"step": 4}, report)
+    assert flushed[0] == "zero_to_fp32.py" and "mp_rank_00_model_states.pt" not in flushed  # rank 0: the rest only
+    assert set(store.marker(tmp_path, partial.name)["files"]) == {*report, "zero_to_fp32.py"}
+
+
+def test_a_run_folder_other_nodes_do_not_share_is_refused_before_sealing_or_rotating(tmp_path, world_of_one,
+                                                                                    monkeypatch):
+    """On node-local scratch rank 0 sealed a tag without the other nodes' shards (COMPLETE listed what it saw),
+    rotated the older tags away, and the first resume failed on the other nodes. A rank 1 on another node that wrote
+    rank_1.json where rank 0 does not see it is named, and nothing is sealed or rotated."""
+    ckpt_dir = tmp_path / "checkpoints"
+    saving = Checkpointer(ShardingEngine(), ckpt_dir, CheckpointConfig(every_steps=3, keep_last=1), IDENTITY, 1, 0,
+                          Job(0.25), loader(1))
+    saving.maybe_save(3)
+    assert set(store.marker(ckpt_dir, "step00000003")["files"]) == {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_to_fp32.py", "rank_0.json"}
+    gather = dist.all_gather_object
+
+    def across_two_nodes(reports: list, mine) -> None:  # rank 1's report, from a node with its own scratch
+        gather(reports, mine)
+        reports.append(("node-b", {"rank_1.json": 2345, "zero_pp_rank_1_mp_rank_00_optim_states.pt": 99}))
+
+    monkeypatch.setattr(dist, "all_gather_object", across_two_nodes)
+    with pytest.raises(store.UnsharedRunFolder, match=r"the run folder is not shared by all nodes: rank 0 on \S+ does "
+                       r"not see in .*step00000006.partial what rank\(s\) 1 on node-b \(rank_1.json missing\) wrote.*"
+                       "--run-dir"):
+        saving.maybe_save(6)
+    assert store.complete_tags(ckpt_dir) == ["step00000003"]
+    assert not (ckpt_dir / "step00000006.partial" / store.MARKER).exists()
+
+
+def test_the_refusal_names_each_node_its_ranks_and_a_file_that_differs(tmp_path):
+    (tmp_path / "rank_0.json").write_text("x" * 10)
+    (tmp_path / "rank_1.json").write_text("x" * 7)
+    reports = [("node-a", {"rank_0.json": 10}), ("node-a", {"rank_1.json": 10}), ("node-b", {"rank_2.json": 5}),
+               ("node-b", {"rank_3.json": 5}), ("node-b", {"rank_4.json": 5}), ("node-c", {"rank_6.json": 1})]
+    problem = store.unshared(tmp_path, reports)
+    assert ("rank(s) 1 on node-a (rank_1.json has 7 bytes, 10 were written); rank(s) 2-4 on node-b (rank_2.json "
+            "missing); rank(s) 5 on node-c (rank_6.json missing)") in problem
+    assert store.unshared(tmp_path, reports[:1]) is None and store.ranges([9, 2, 3, 4, 11, 12]) == "2-4, 9, 11-12"
