@@ -23,14 +23,12 @@ or broadcast first, so no rank waits alone in a collective.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -61,6 +59,7 @@ from mixmae_scale.engine.monitor import (
 )
 from mixmae_scale.engine.optimizer import last_step_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
+from mixmae_scale.engine.rng import seed_generators
 from mixmae_scale.engine.step import (
     LogWindow,
     StepOutcome,
@@ -157,10 +156,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         write_text(root / "config.yaml", yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config},
                                                         sort_keys=False))
     dist.barrier()
-    seed = stream_seed(config.run.seed, rank, bits=63)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    seed_generators(stream_seed(config.run.seed, rank, bits=63))
     return RunContext(config, resolved, rank, world, local_rank, device, root, train_data, ds_config, layout, plan,
                       stop, last_step)
 
@@ -199,7 +195,8 @@ class TrainingLoop:
                                                                  config=ctx.ds_config)
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
-                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader)
+                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
+                                         self.config.run.seed)
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)

@@ -97,7 +97,7 @@ def test_a_loader_restored_on_other_data_starts_the_next_epoch_and_says_so():
     (5, False, 7, True, False, False), (5, False, 7, False, True, True), (1, True, 3, False, False, True)])
 def test_the_checkpointer_saves_on_its_interval_at_the_end_and_on_a_stop(every, at_end, step, last, stop, due):
     settings = CheckpointConfig(every_steps=every, at_end=at_end)
-    checkpointer = Checkpointer(None, Path("/nowhere"), settings, IDENTITY, 1, 0, None, None)
+    checkpointer = Checkpointer(None, Path("/nowhere"), settings, IDENTITY, 1, 0, None, None, 0)
     assert checkpointer.due(step, last, stop) is due
     if not due:
         assert checkpointer.maybe_save(step, last, stop) is None and checkpointer.last_saved is None
@@ -108,7 +108,7 @@ def test_an_attempt_not_applied_is_saved_only_for_a_stop():
     """A step whose update DeepSpeed skipped leaves the step count where it was: no checkpoint of a step not done,
     except the state as it is when the run must stop."""
     checkpointer = Checkpointer(None, Path("/nowhere"), CheckpointConfig(every_steps=4, at_end=True), IDENTITY, 1, 0,
-                                None, None)
+                                None, None, 0)
     assert not checkpointer.due(4, last=False, stop=False, step_done=False)
     assert not checkpointer.due(10, last=True, stop=False, step_done=False)
     assert checkpointer.due(3, last=False, stop=True, step_done=False)
@@ -151,7 +151,7 @@ def test_a_saved_run_resumes_its_step_job_data_and_generators_and_a_stop_resumes
     ckpt_dir = tmp_path / "checkpoints"
     data, job = loader(1), Job(0.25)
     data.batch_in_epoch = data.batches_consumed = 6
-    saving = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(every_steps=3), IDENTITY, 1, 0, job, data)
+    saving = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(every_steps=3), IDENTITY, 1, 0, job, data, 0)
     random.seed(7)
     assert saving.maybe_save(6) == ckpt_dir / "step00000006" == saving.last_saved
     expected_draw = random.random()
@@ -164,7 +164,7 @@ def test_a_saved_run_resumes_its_step_job_data_and_generators_and_a_stop_resumes
     plan = decide_resume(ckpt_dir, "auto", "rollback", IDENTITY, 1)
     resumed_data, resumed_job = loader(1), Job(0.0)
     resuming = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(), IDENTITY, 1, 0, resumed_job,
-                            resumed_data)
+                            resumed_data, 0)
     random.seed(99)
     assert resuming.resume(plan) == 6
     assert random.random() == expected_draw  # the generators as they were at the save
@@ -183,7 +183,7 @@ def test_a_save_whose_files_do_not_reach_the_disk_fails_unsealed_and_rotates_not
 
     ckpt_dir = tmp_path / "checkpoints"
     saving = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(every_steps=3, keep_last=1), IDENTITY, 1, 0,
-                          Job(0.25), loader(1))
+                          Job(0.25), loader(1), 0)
     saving.maybe_save(3)
     real = os.fsync
 
@@ -252,7 +252,7 @@ def test_a_run_folder_other_nodes_do_not_share_is_refused_before_sealing_or_rota
     rank_1.json where rank 0 does not see it is named, and nothing is sealed or rotated."""
     ckpt_dir = tmp_path / "checkpoints"
     saving = Checkpointer(ShardingEngine(), ckpt_dir, CheckpointConfig(every_steps=3, keep_last=1), IDENTITY, 1, 0,
-                          Job(0.25), loader(1))
+                          Job(0.25), loader(1), 0)
     saving.maybe_save(3)
     assert set(store.marker(ckpt_dir, "step00000003")["files"]) == {
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_to_fp32.py", "rank_0.json"}
@@ -280,3 +280,36 @@ def test_the_refusal_names_each_node_its_ranks_and_a_file_that_differs(tmp_path)
     assert ("rank(s) 1 on node-a (rank_1.json has 7 bytes, 10 were written); rank(s) 2-4 on node-b (rank_2.json "
             "missing); rank(s) 5 on node-c (rank_6.json missing)") in problem
     assert store.unshared(tmp_path, reports[:1]) is None and store.ranges([9, 2, 3, 4, 11, 12]) == "2-4, 9, 11-12"
+
+
+def test_a_resume_on_more_ranks_seeds_each_ranks_generators_apart_and_the_same_world_restores_them(tmp_path,
+                                                                                                    world_of_one):
+    """Ranks r and r + the old world size restored the same saved generators (rank_file_for is round-robin), so
+    mixup, cutmix, random erasing and drop path drew the same numbers on both for the rest of the run. On another
+    world size each rank seeds them from (run.seed, rank, step); on the same, its own saved state goes on exactly."""
+    import numpy as np
+
+    from mixmae_scale.engine.checkpointing.resume import ResumePlan
+    from mixmae_scale.seeds import stream_seed
+
+    ckpt_dir = tmp_path / "checkpoints"
+    saving = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(every_steps=3), IDENTITY, 1, 0, Job(0.5),
+                          loader(1), 7)
+    random.seed(11)
+    saving.maybe_save(3)
+    saved_draw = (random.random(), float(np.random.random()), float(torch.rand(())))
+
+    def draws_after_resume(plan: ResumePlan, world: int, rank: int) -> tuple[float, float, float]:
+        resuming = Checkpointer(RecordingEngine(), ckpt_dir, CheckpointConfig(), IDENTITY, world, rank, Job(0.0),
+                                loader(world, rank=rank), 7)
+        random.seed(99)
+        assert resuming.resume(plan) == 3
+        return random.random(), float(np.random.random()), float(torch.rand(()))
+
+    relaid = ResumePlan("step00000003", saved_world=1, load_tag="step00000003", same_layout=False)
+    first, second = draws_after_resume(relaid, 2, 0), draws_after_resume(relaid, 2, 1)
+    assert len({first, second, saved_draw}) == 3
+    random.seed(stream_seed(7, 1, 3, bits=63))
+    assert second[0] == random.random()  # a pure function of the run's seed, the rank and the step
+    same = ResumePlan("step00000003", saved_world=1, load_tag="step00000003")
+    assert draws_after_resume(same, 1, 0) == saved_draw

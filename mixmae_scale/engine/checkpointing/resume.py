@@ -71,8 +71,14 @@ class ResumePlan:
 
     def rank_file_for(self, rank: int) -> int:
         """Which of the checkpoint's rank files this rank reads: its own on the same layout; otherwise one of the old
-        ranks' (the loader position is the same in all; generators are carried over round-robin)."""
+        ranks' (the loader position is the same in all; the generators go on only on the same world size,
+        `keeps_generators`)."""
         return rank if self.same_layout else rank % self.saved_world
+
+    def keeps_generators(self, world: int) -> bool:
+        """Each rank restores its own saved generators: the same world size (0: a plan whose layout was not looked
+        at, a finished run's)."""
+        return self.saved_world in (0, world)
 
 
 Converter = Callable[[Path, str], Path]
