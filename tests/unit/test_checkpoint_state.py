@@ -51,7 +51,7 @@ def test_a_rank_state_survives_its_json_file_with_the_dali_generators():
     state = RankState(position, IDENTITY)
     text = json.dumps(state.to_dict())
     assert set(json.loads(text)) == {"loader", "rng", "model_digest", "model_shape", "optimizer_layout",
-                                     "global_batch"}
+                                     "global_batch", "init"}
     assert RankState.from_dict(json.loads(text)) == state
     assert json.loads(text)["loader"]["epoch"] == 2 and "dali" in json.loads(text)["loader"]
     older = RankState.from_dict({"loader": {"epoch": 3, "batches_consumed": 7}, "rng": {}})  # before global samples
