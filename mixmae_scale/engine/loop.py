@@ -290,8 +290,9 @@ class TrainingLoop:
                 outcome = self.train_step(batches, window)
                 if outcome.applied:
                     self._step_done(outcome, metrics, window, run_start)
-                self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
-                                             stop=outcome.stop is not None, step_done=outcome.applied)
+                if self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
+                                                stop=outcome.stop is not None, step_done=outcome.applied):
+                    self.job.after_checkpoint(self, self.step)
                 if outcome.stop is not None:
                     self._stop_for_signal(self.last_saved)
                     break

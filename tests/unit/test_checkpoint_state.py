@@ -313,3 +313,79 @@ def test_a_resume_on_more_ranks_seeds_each_ranks_generators_apart_and_the_same_w
     assert second[0] == random.random()  # a pure function of the run's seed, the rank and the step
     same = ResumePlan("step00000003", saved_world=1, load_tag="step00000003")
     assert draws_after_resume(same, 1, 0) == saved_draw
+
+
+def test_a_crash_between_a_new_best_and_the_next_checkpoint_resumes_with_the_previous_best_and_its_weights(
+        tmp_path, world_of_one):
+    """Best at step 300, a regular checkpoint at 400, a new best at 420: saving it deleted best/step00000300 (best/
+    kept one). A crash before the next regular checkpoint, a resume from 400 set step 420 aside and left best/ empty:
+    the job forgot step 300's best (eval.jsonl still showed its score) and `export --best` had nothing to agree
+    with. best/ now keeps the best each resume restores until a regular checkpoint is at or after a newer one."""
+    from types import SimpleNamespace
+
+    from mixmae_scale.engine import evaluated_job
+
+    class Scored(evaluated_job.EvaluatedJob):
+        metric = "top1"
+        scores = {300: 40.0, 420: 45.0, 450: 46.0, 470: 47.0, 480: 30.0}
+
+        def __init__(self, root: Path) -> None:
+            self.root, self.eval_every = root, 1
+            self.start_evaluations()
+
+        def evaluate(self, loop, step: int) -> dict:
+            return {"step": step, "top1": self.scores[step], "samples": 1}
+
+        def describe(self, result: dict) -> str:
+            return f"top-1 {result['top1']}"
+
+    def launch(job: Scored) -> tuple[Checkpointer, SimpleNamespace]:
+        checkpointer = Checkpointer(RecordingEngine(), tmp_path / "checkpoints", CheckpointConfig(every_steps=100),
+                                    IDENTITY, 1, 0, job, loader(1), 0)
+        return checkpointer, SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1), save=checkpointer.save)
+
+    def best() -> list[int]:
+        return [store.step_of(tag) for tag in store.complete_tags(tmp_path / "best")]
+
+    job = Scored(tmp_path)
+    checkpointer, loop = launch(job)
+    job.after_step(loop, 300, False)
+    checkpointer.maybe_save(400)
+    job.after_checkpoint(loop, 400)
+    job.after_step(loop, 420, False)
+    assert best() == [300, 420]  # step 300's stays: a resume from step 400 restores it
+    # the crash; the next launch resumes from step 400
+    resumed = Scored(tmp_path)
+    checkpointer, loop = launch(resumed)
+    assert checkpointer.resume(decide_resume(tmp_path / "checkpoints", "auto", "rollback", IDENTITY, 1)) == 400
+    resumed.truncate_logs(400)
+    resumed.on_start(loop)
+    assert resumed.best == {"step": 300, "top1": 40.0, "samples": 1} and best() == [300]
+    for step in (450, 470):
+        resumed.after_step(loop, step, False)
+    assert best() == [300, 470]  # 450 is restored by no resume: the next regular checkpoint comes after 470
+    checkpointer.maybe_save(500)
+    resumed.after_checkpoint(loop, 500)
+    assert best() == [470]
+    victims = evaluated_job.best_victims
+    assert victims(["step00000300", "step00000420"], None) == {"step00000300"}  # no regular one: none restores
+    assert victims(["step00000300", "step00000350"], 400, frozenset({"step00000350"})) == {"step00000350"}
+
+
+def test_a_recorded_best_whose_own_step_is_not_in_best_is_forgotten(tmp_path):
+    """A resume from a checkpoint older than the newest (named, or past a damaged one) may find best/ holding another
+    step's best than the one it restores: taking that for it, `export --best` would disagree with the score."""
+    from types import SimpleNamespace
+
+    from mixmae_scale.engine.evaluated_job import EvaluatedJob
+
+    job = EvaluatedJob.__new__(EvaluatedJob)
+    job.root, job.metric = tmp_path, "top1"
+    (tmp_path / "best" / "step00000250").mkdir(parents=True)
+    store.seal(tmp_path / "best" / "step00000250", {"step": 250})
+    job.best = {"top1": 40.0, "step": 300}
+    job.on_start(SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1)))
+    assert job.best == {"top1": -1.0}
+    job.best = {"top1": 40.0, "step": 250}
+    job.on_start(SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1)))
+    assert job.best == {"top1": 40.0, "step": 250}

@@ -70,11 +70,12 @@ class Checkpointer:
     # -- what ----------------------------------------------------------------------------------------------------
     def save(self, step: int, directory: Path | None = None, keep: int | None = None, kind: str = "",
              position: RankPosition | None = None, stop: StopRecord | None = None) -> Path:
-        """Collective. `directory`: another home than the run's checkpoints (fine-tuning's best/); `position`: the
-        rank's position to store instead of the current one."""
+        """Collective. `directory`: another home than the run's checkpoints (fine-tuning's best/); `keep`: the tags
+        rotation keeps there (0: all), `checkpoint.keep_last` if None; `position`: the rank's position to store
+        instead of the current one."""
         run = RunState(step, self.job.state(), self.identity.model_digest, self.world, self.skipped_samples)
         rank = RankState(position or RankPosition.capture(self.loader), self.identity)
-        request = store.SaveRequest(step, kind, keep or self.settings.keep_last,
+        request = store.SaveRequest(step, kind, self.settings.keep_last if keep is None else keep,
                                     stop.marker_extra() if stop else None)
         return store.save(self.engine, directory or self.ckpt_dir, request, run.to_client(), rank.to_dict())
 

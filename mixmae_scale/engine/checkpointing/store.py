@@ -243,7 +243,7 @@ def publish(partial: Path, final: Path) -> None:
 class SaveRequest:
     step: int
     kind: str = ""  # "" (regular) or NONFINITE
-    keep_last: int = 3
+    keep_last: int = 3  # 0: rotation removes no regular tag
     marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (state.py)
 
 
@@ -300,8 +300,9 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
                      damaged: frozenset[str] = frozenset()) -> set[str]:
     """Which complete tags rotation removes: all but the newest `keep_last` intact regular ones (a `damaged` tag
     does not count: kept among them it would leave fewer usable checkpoints than asked for; it goes once older than
-    those kept), and stop tags once a newer regular one exists; never `just_written` (the checkpoint the run has
-    just saved, even where older runs' higher-numbered tags would otherwise outrank it).
+    those kept; `keep_last` 0 keeps them all: fine-tuning's best/, which its job prunes), and stop tags once a newer
+    regular one exists; never `just_written` (the checkpoint the run has just saved, even where older runs'
+    higher-numbered tags would otherwise outrank it).
 
     Any tag just written, a stop's too, also retires every other stop tag, whatever its step: a stop is the last
     thing its process saves, so a later save comes from a run that resumed past it. Tags order by step, and a
@@ -311,7 +312,7 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
     launch would roll back past the first stop's data only, read the batches that caused the second one again and
     stop there again. (A crash between a stop's rename and this rotation leaves both; the next stop retires them.)"""
     intact = [t for t in tags if is_regular(t) and t not in damaged]
-    doomed = set(intact[:-keep_last])  # keep_last >= 1 (config/derive.py)
+    doomed = set(intact[:-keep_last]) if keep_last else set()
     if intact:
         oldest_kept = tag_order(intact[-keep_last:][0])
         doomed |= {t for t in damaged if tag_order(t) < oldest_kept}
