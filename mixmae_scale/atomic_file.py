@@ -4,18 +4,29 @@ and flush the folder, so that after a crash or power loss the file is either the
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+# What file systems answer when they do not fsync folders at all (some FUSE and network mounts, older CIFS): their
+# renames are then their own business. Anything else (EIO, ENOSPC, EDQUOT: NFS and Lustre report a full disk or
+# quota only here) means data that did not reach the disk.
+FOLDER_FSYNC_REFUSED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.ENOSYS})
+
 
 def fsync_path(path: str | Path) -> None:
-    """Flush a file's or a folder's contents to the disk (a folder: its entries, i.e. renames into it)."""
+    """Flush a file's or a folder's contents to the disk (a folder: its entries, i.e. renames into it). A file's
+    failure is raised: a checkpoint sealed after a swallowed EIO or quota error would be trusted, and older good
+    ones rotated away for it. A folder's is ignored only where the file system refuses folder fsync as such."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        with suppress(OSError):  # some file systems refuse fsync on folders; their renames are then their business
-            os.fsync(fd)
+        os.fsync(fd)
+    except OSError as exc:
+        if not (exc.errno in FOLDER_FSYNC_REFUSED and stat.S_ISDIR(os.fstat(fd).st_mode)):
+            raise
     finally:
         os.close(fd)
 

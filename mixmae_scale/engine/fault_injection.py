@@ -71,6 +71,9 @@ class FaultyJob:
             raise error
         self.job.after_step(loop, step, last)
 
+    def after_checkpoint(self, loop: Loop, step: int) -> None:
+        self.job.after_checkpoint(loop, step)
+
     def summary(self, loop: Loop) -> dict[str, Any]:
         return self.job.summary(loop)
 

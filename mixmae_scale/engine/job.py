@@ -37,7 +37,7 @@ class Loop(Protocol):
     loader: ShardLoader
 
     def save(self, at_step: int, directory: Path | None = None, keep: int | None = None) -> Path:
-        """Collective: a checkpoint of the run as it stands."""
+        """Collective: a checkpoint of the run as it stands; rotation in `directory` keeps `keep` tags (0: all)."""
         ...
 
 
@@ -60,6 +60,10 @@ class Job(Protocol):
 
     def after_step(self, loop: Loop, step: int, last: bool) -> None:
         """After each applied optimizer step, once it is logged (every rank): evaluation, pictures."""
+
+    def after_checkpoint(self, loop: Loop, step: int) -> None:
+        """After each checkpoint the loop saves in the run's checkpoints/ (every rank): what a resume may now start
+        from has moved on, so a job's own checkpoints older than it may go (fine-tuning's best/)."""
 
     def summary(self, loop: Loop) -> dict[str, Any]:
         """Collective, after the last step (or a stop): the job's entries of the run's summary (pretraining's final

@@ -23,14 +23,12 @@ or broadcast first, so no rank waits alone in a collective.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -61,6 +59,7 @@ from mixmae_scale.engine.monitor import (
 )
 from mixmae_scale.engine.optimizer import last_step_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
+from mixmae_scale.engine.rng import seed_generators
 from mixmae_scale.engine.step import (
     LogWindow,
     StepOutcome,
@@ -118,9 +117,10 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     what the configuration leaves to the job's recipe (`data.crop_scale`), so that config.yaml says what ran.
 
     Nothing in the run folder is written before the plan is made but its lock (engine/run_lock.py: a folder a live
-    run holds is refused; released when the work ends, engine/runtime.py): another run's folder is refused unless
-    `overwrite` moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished
-    run is reported (`RunAlreadyComplete`) with its files as they were."""
+    run holds is refused; released when the work ends, engine/runtime.py) and a file every rank reads and rank 0
+    removes at once (a folder some ranks do not see is refused): another run's folder is refused unless `overwrite`
+    moves that run aside (engine/run_folder.py), an incompatible checkpoint is refused and a finished run is
+    reported (`RunAlreadyComplete`) with its files as they were."""
     stop = StopFlag()  # first: a signal during start-up waits for the first step boundary
     config.data.crop_scale = job_crop_scale(config, job)
     rank, world, device = distributed.init(local_rank)
@@ -134,6 +134,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
     run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
+    run_folder.agree_on_shared_folder(root)
     resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
     for note in notes if rank == 0 else []:
         log.warning("%s", note)
@@ -155,10 +156,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         write_text(root / "config.yaml", yaml.safe_dump({**resolved.to_dict(), "deepspeed_config": ds_config},
                                                         sort_keys=False))
     dist.barrier()
-    seed = stream_seed(config.run.seed, rank, bits=63)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    seed_generators(stream_seed(config.run.seed, rank, bits=63))
     return RunContext(config, resolved, rank, world, local_rank, device, root, train_data, ds_config, layout, plan,
                       stop, last_step)
 
@@ -197,7 +195,8 @@ class TrainingLoop:
                                                                  config=ctx.ds_config)
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
-                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader)
+                                         RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
+                                         self.config.run.seed)
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
@@ -291,8 +290,9 @@ class TrainingLoop:
                 outcome = self.train_step(batches, window)
                 if outcome.applied:
                     self._step_done(outcome, metrics, window, run_start)
-                self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
-                                             stop=outcome.stop is not None, step_done=outcome.applied)
+                if self.checkpointer.maybe_save(self.step, last=self.step == self.ctx.last_step,
+                                                stop=outcome.stop is not None, step_done=outcome.applied):
+                    self.job.after_checkpoint(self, self.step)
                 if outcome.stop is not None:
                     self._stop_for_signal(self.last_saved)
                     break

@@ -1,6 +1,7 @@
 """Every random generator a training step draws from, captured and restored per rank: torch's (CPU and
 CUDA), Python's `random` and NumPy's global generator (timm's mixup and random erasing draw from the last
-two). Stored as JSON-friendly values in each rank's checkpoint file."""
+two). Stored as JSON-friendly values in each rank's checkpoint file; seeded from one seed per rank at the start
+and on a resume across world sizes (`seed_generators`)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,10 @@ def restore_rng(state: dict[str, Any] | str) -> None:
     numpy_state = dict(state["numpy"])
     numpy_state["state"] = {**numpy_state["state"], "key": np.array(numpy_state["state"]["key"], dtype=np.uint32)}
     np.random.set_state(numpy_state)
+
+
+def seed_generators(seed: int) -> None:
+    """Every generator of `rng_state` from one 63-bit seed (seeds.stream_seed), CUDA's on every device included."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

@@ -8,12 +8,15 @@ over checkpoints, or a finished run with no checkpoint to resume), with the two 
 is deleted) and starts the new run in an empty one. The run the folder holds may always resume.
 
 Rank 0 decides and acts; every rank gets the same outcome (`agree_on_run_folder`), so no rank starts alone. Before
-any of it, rank 0 takes the folder's lock (`agree_on_lock`, engine/run_lock.py): a second live run is refused.
+any of it, rank 0 takes the folder's lock (`agree_on_lock`, engine/run_lock.py): a second live run is refused; and
+every rank must see the folder rank 0 sees (`agree_on_shared_folder`).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from mixmae_scale.engine.checkpointing import store
 ASIDE = ".old-"  # <run>.old-<n>: where --overwrite moves an earlier run
 BRANCH = "branched-from.json"  # in checkpoints/: the tag a named resume last went on from (`continuation`)
 SHOWN_KEYS = 4  # differing keys named in one refusal line; the rest are counted
+PROBE = ".shared-probe-"  # <run>/.shared-probe-<token>: written by rank 0 at start, read by every rank, removed
 
 
 def aside_path(root: Path) -> Path:
@@ -152,6 +156,45 @@ def agree_on_lock(root: Path) -> None:
     """Collective, before anything in the folder is read, moved or written: rank 0 takes the folder's lock (kept
     until the work ends, engine/runtime.py); a folder another run holds is refused on every rank."""
     _agreed(lambda: run_lock.take(root) and None)
+
+
+def agree_on_shared_folder(root: Path) -> None:
+    """Collective, after the lock: every rank reads a file rank 0 has just written in the run folder, so that a folder
+    on node-local scratch is refused at the start rather than at the first checkpoint, after hours of training (each
+    save checks the same: store.unshared). The file has a new name each time: no node's cache holds an answer for it
+    (NFS keeps a lookup's "no such file" for a while)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1:
+        return
+    probe = [f"{PROBE}{uuid.uuid4().hex}" if rank == 0 else None]
+    if rank == 0:
+        for old in root.glob(f"{PROBE}*"):  # a crashed start's
+            old.unlink(missing_ok=True)
+        write_text(root / probe[0], probe[0])
+    dist.broadcast_object_list(probe, src=0)
+    try:
+        seen = (root / probe[0]).read_text() == probe[0]
+    except OSError:
+        seen = False
+    views: list[Any] = [None] * world
+    dist.all_gather_object(views, (socket.gethostname(), seen))
+    if rank == 0:
+        (root / probe[0]).unlink(missing_ok=True)
+    problem = unseen_probe(root, views)
+    if problem:
+        raise store.UnsharedRunFolder(problem)
+
+
+def unseen_probe(root: Path, views: list[tuple[str, bool]]) -> str | None:
+    """The refusal for the ranks (`views`: each one's host and whether it read rank 0's file) that did not see it."""
+    unseen: dict[str, list[int]] = {}
+    for rank, (host, seen) in enumerate(views):
+        if not seen:
+            unseen.setdefault(host, []).append(rank)
+    if not unseen:
+        return None
+    who = "; ".join(f"rank(s) {store.ranges(ranks)} on {host}" for host, ranks in unseen.items())
+    return store.UNSHARED.format(what=f"{who} do not see the file rank 0 on {views[0][0]} wrote in {root.absolute()}")
 
 
 def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, list[str]]:

@@ -15,7 +15,7 @@ from mixmae_scale.data.loader import LoaderPosition
 from mixmae_scale.data.shard_sets import Layout
 from mixmae_scale.engine.checkpointing import store as ckpt
 from mixmae_scale.engine.checkpointing.resume import choose_tag, decide_resume
-from mixmae_scale.engine.checkpointing.state import RunIdentity
+from mixmae_scale.engine.checkpointing.state import RunIdentity, init_sources
 
 ZERO2 = {"zero_stage": 2, "dtype": "fp32", "sub_group_size": None, "grad_accum_dtype": None, "offload": False}
 IDENTITY = RunIdentity("digest-a", {"embed_dim": 32}, 32, ZERO2)
@@ -31,9 +31,10 @@ def make_tag(ckpt_dir: Path, tag: str, batches: int = 0, extra: dict | None = No
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
     layout = Layout.whole_epoch(0, 1000, world, micro).to_dict()
     loader = {"batches_consumed": batches, "batch": batches, "layout": layout}
+    recorded = {"init": identity.init} if identity.init is not None else {}  # older checkpoints lack the key
     (folder / "rank_0.json").write_text(json.dumps({
         "loader": loader, "rng": {}, "model_digest": identity.model_digest, "model_shape": identity.model_shape,
-        "optimizer_layout": identity.optimizer_layout, "global_batch": identity.global_batch}))
+        "optimizer_layout": identity.optimizer_layout, "global_batch": identity.global_batch, **recorded}))
     ckpt.seal(folder, {"step": ckpt.step_of(tag), "world_size": world, "kind": "regular", **(extra or {})})
     return folder
 
@@ -247,6 +248,47 @@ def test_another_model_or_global_batch_is_refused_with_the_way_out(tmp_path):
         decide_resume(tmp_path / "checkpoints", "auto", "rollback", other_batch, 2)
 
 
+def started_from(finetune: Path | str | None = None, segment: Path | str | None = None) -> RunIdentity:
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(finetune=SimpleNamespace(init=finetune and str(finetune)),
+                             segment=SimpleNamespace(init=segment and str(segment)))
+    return RunIdentity("digest-a", {"embed_dim": 32}, 32, ZERO2, init_sources(config))
+
+
+def test_a_finetuning_from_other_weights_is_refused_and_the_same_file_moved_or_an_older_checkpoint_resumes(tmp_path):
+    """A fine-tuning profile run again in its folder with another --set finetune.init resumed the old weights (or said
+    'already complete' with the old summary): the model and batch were all a resume compared."""
+    import shutil
+
+    weights, other = tmp_path / "encoder.safetensors", tmp_path / "other.safetensors"
+    weights.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: the digest samples it
+    other.write_bytes(bytes(reversed(range(256))) * 8192)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    make_tag(ckpt_dir, "step00000004", identity=started_from(weights))
+    assert decide_resume(ckpt_dir, "auto", "rollback", started_from(weights), 2).tag == "step00000004"
+    for last_step in (None, 4):  # a finished run is refused too, not reported complete
+        with pytest.raises(ckpt.ResumeError, match=rf"trained from other weights \(finetune.init {weights} -> {other}\)"
+                                                   ".*resume with the weights it started from.*--overwrite"):
+            decide_resume(ckpt_dir, "auto", "rollback", started_from(other), 2, last_step=last_step)
+    moved = tmp_path / "moved" / "encoder.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(weights, moved)
+    assert decide_resume(ckpt_dir, "auto", "rollback", started_from(moved), 2).tag == "step00000004"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")  # trained further and exported over the same file
+    with pytest.raises(ckpt.ResumeError, match=rf"finetune.init={weights} holds other weights than when the run "
+                                               "started"):
+        decide_resume(ckpt_dir, "auto", "rollback", started_from(weights), 2)
+    folder = tmp_path / "pretrain-run"  # a run folder: its path alone (it may save newer checkpoints meanwhile)
+    folder.mkdir()
+    make_tag(tmp_path / "seg" / "checkpoints", "step00000004", identity=started_from(segment=folder))
+    assert decide_resume(tmp_path / "seg" / "checkpoints", "auto", "rollback", started_from(segment=folder), 2)
+    with pytest.raises(ckpt.ResumeError, match="segment.init .*pretrain-run -> random"):
+        decide_resume(tmp_path / "seg" / "checkpoints", "auto", "rollback", started_from(segment="random"), 2)
+    make_tag(tmp_path / "old" / "checkpoints", "step00000004")  # written before the weights were recorded
+    assert decide_resume(tmp_path / "old" / "checkpoints", "auto", "rollback", started_from(other), 2)
+
+
 def test_a_damaged_newest_tag_falls_back_and_the_plan_keeps_the_note_beside_the_layout_change(tmp_path):
     make_tag(tmp_path, "step00000004")
     (make_tag(tmp_path, "step00000006") / "mp_rank_00_model_states.pt").write_bytes(b"")
@@ -279,6 +321,29 @@ def test_a_rollback_that_saves_again_retires_the_stop_so_the_next_resume_keeps_i
     assert ckpt.complete_tags(tmp_path) == ["step00000006", "step00000007"]
     again = choose_tag(tmp_path, "auto", "rollback")
     assert (again.tag, again.data_position, again.skipped_samples, again.notes) == ("step00000007", None, 0, ())
+
+
+def test_a_second_stop_after_a_rollback_retires_the_first_so_the_next_resume_skips_the_second_ones_data(tmp_path):
+    """Tags 300 and 400, a stop at step 457 having read 470 batches; the next launch rolls back to 400, moves the data
+    to 470 and stops again at step 420, having read 495. The new stop sorts before the old one (by step): kept, every
+    later launch took the stop at 457, went back to batch 470, read the batches that caused the second stop again and
+    stopped there again (exit 3 for ever, under the default rollback)."""
+    def stop(step: int, batches: int) -> dict:
+        after = {"batches_consumed": batches, "batch": batches, "layout": Layout.whole_epoch(0, 99999, 2, 8).to_dict()}
+        return {"nonfinite_stop": {"step": step, "loader_after": after}}
+
+    make_tag(tmp_path, "step00000300", batches=300)
+    make_tag(tmp_path, "step00000400", batches=400)
+    make_tag(tmp_path, "step00000457-nonfinite", batches=457, extra=stop(457, 470))
+    ckpt.rotate(tmp_path, keep_last=3, just_written="step00000457-nonfinite")
+    first = choose_tag(tmp_path, "auto", "rollback")
+    assert (first.tag, first.data_position.batches_consumed) == ("step00000400", 470)
+    make_tag(tmp_path, "step00000420-nonfinite", batches=420, extra=stop(420, 495))
+    ckpt.rotate(tmp_path, keep_last=3, just_written="step00000420-nonfinite")
+    assert ckpt.complete_tags(tmp_path) == ["step00000300", "step00000400", "step00000420-nonfinite"]
+    second = choose_tag(tmp_path, "auto", "rollback")
+    assert (second.tag, second.data_position.batches_consumed) == ("step00000400", 495)
+    assert second.skipped_samples == 95 * 8 * 2 and "step00000420-nonfinite" in second.notes[0]
 
 
 def test_a_damaged_tag_is_saved_again_its_files_and_conversion_moved_aside_and_never_named(tmp_path):

@@ -142,3 +142,13 @@ def test_a_summary_names_only_a_complete_checkpoint_on_disk(tmp_path):
     assert store.existing(run / "checkpoints" / "step00000004") == run / "checkpoints" / "step00000004"
     assert store.existing(run / "checkpoints" / "step00000010") is None
     assert store.existing(None) is None
+
+
+def test_ranks_that_do_not_see_rank_0s_probe_are_refused_at_the_start_by_node(tmp_path):
+    """A run folder on node-local scratch was found only at the first checkpoint, after hours of training."""
+    views = [("node-a", True), ("node-a", True), ("node-b", False), ("node-b", False)]
+    problem = run_folder.unseen_probe(tmp_path, views)
+    assert problem == store.UNSHARED.format(what=f"rank(s) 2-3 on node-b do not see the file rank 0 on node-a wrote in "
+                                           f"{tmp_path.absolute()}")
+    assert "not shared by all nodes" in problem and "--run-dir" in problem
+    assert run_folder.unseen_probe(tmp_path, views[:2]) is None

@@ -146,16 +146,18 @@ def test_start_run_takes_the_lock_before_the_run_folder_is_prepared(tmp_path, mo
     monkeypatch.setattr(loop, "engine_config", lambda *a: {})
     monkeypatch.setattr(loop, "optimizer_layout", lambda *a: None)
     monkeypatch.setattr(loop, "agree_on_configuration", lambda *a: None)
-    monkeypatch.setattr(run_folder, "dist", types.SimpleNamespace(get_rank=lambda: 0,
+    monkeypatch.setattr(run_folder, "dist", types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 1,
                                                                   broadcast_object_list=lambda o, src: None))
-    real = run_folder.agree_on_lock
+    real, shared = run_folder.agree_on_lock, run_folder.agree_on_shared_folder
     monkeypatch.setattr(run_folder, "agree_on_lock", lambda root: (order.append(("agree_on_lock",)), real(root)))
+    monkeypatch.setattr(run_folder, "agree_on_shared_folder",
+                        lambda root: (order.append(("agree_on_shared_folder",)), shared(root)))
     monkeypatch.setattr(run_folder, "agree_on_run_folder", prepare)
     config = types.SimpleNamespace(data=types.SimpleNamespace(shards="s", train_split="train", sources=[]),
                                    checkpoint=types.SimpleNamespace(resume="auto"))
     with pytest.raises(Stop):
         loop.start_run(config, [], tmp_path / "run", 0)
-    assert order == [("agree_on_lock",), ("agree_on_run_folder", True)]
+    assert order == [("agree_on_lock",), ("agree_on_shared_folder",), ("agree_on_run_folder", True)]
 
 
 def test_a_file_system_without_flock_warns_and_runs_unlocked(tmp_path, monkeypatch, caplog):

@@ -17,7 +17,8 @@ from mixmae_scale.config.schema import CheckpointConfig
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.engine.checkpointing import resume, store
 from mixmae_scale.engine.checkpointing.state import RankPosition, RankState, RunIdentity, RunState, StopRecord
-from mixmae_scale.engine.rng import restore_rng
+from mixmae_scale.engine.rng import restore_rng, seed_generators
+from mixmae_scale.seeds import stream_seed
 
 log = logging.getLogger("mixmae.checkpoint")
 
@@ -32,9 +33,10 @@ class JobState(Protocol):
 
 class Checkpointer:
     def __init__(self, engine, ckpt_dir: Path, settings: CheckpointConfig, identity: RunIdentity, world: int,
-                 rank: int, job: JobState, loader: ShardLoader) -> None:
+                 rank: int, job: JobState, loader: ShardLoader, seed: int) -> None:
+        """`seed`: run.seed, from which a resume on another world size seeds each rank's generators."""
         self.engine, self.ckpt_dir, self.settings, self.identity = engine, ckpt_dir, settings, identity
-        self.world, self.rank, self.job, self.loader = world, rank, job, loader
+        self.world, self.rank, self.job, self.loader, self.seed = world, rank, job, loader, seed
         self.last_saved: Path | None = None  # what the run's summary names (if it is still complete at the end)
         self.skipped_samples = 0  # by resumes after non-finite stops, over the run's life
 
@@ -68,23 +70,34 @@ class Checkpointer:
     # -- what ----------------------------------------------------------------------------------------------------
     def save(self, step: int, directory: Path | None = None, keep: int | None = None, kind: str = "",
              position: RankPosition | None = None, stop: StopRecord | None = None) -> Path:
-        """Collective. `directory`: another home than the run's checkpoints (fine-tuning's best/); `position`: the
-        rank's position to store instead of the current one."""
+        """Collective. `directory`: another home than the run's checkpoints (fine-tuning's best/); `keep`: the tags
+        rotation keeps there (0: all), `checkpoint.keep_last` if None; `position`: the rank's position to store
+        instead of the current one."""
         run = RunState(step, self.job.state(), self.identity.model_digest, self.world, self.skipped_samples)
         rank = RankState(position or RankPosition.capture(self.loader), self.identity)
-        request = store.SaveRequest(step, kind, keep or self.settings.keep_last,
+        request = store.SaveRequest(step, kind, self.settings.keep_last if keep is None else keep,
                                     stop.marker_extra() if stop else None)
         return store.save(self.engine, directory or self.ckpt_dir, request, run.to_client(), rank.to_dict())
 
     def resume(self, plan: resume.ResumePlan) -> int:
         """Every rank: the plan's checkpoint loaded into the engine, the job, the loader and the generators; saved
-        again at once in this layout where `checkpoint.save_after_layout_change` asks. Returns the step."""
+        again at once in this layout where `checkpoint.save_after_layout_change` asks. Returns the step.
+
+        The generators are restored exactly on the same world size. On another, the old ranks' states cannot be
+        shared out: copied round-robin, ranks r and r + old world drew the same mixup, cutmix, erasing and drop
+        path numbers for the rest of the run. Each rank seeds them from (run.seed, rank, step) instead."""
         run, state = resume.load(self.engine, plan, self.ckpt_dir, self.rank)
         self.job.load_state(run.job)
         self.skipped_samples = run.skipped_samples
         self.loader.restore(state.position.loader)
-        restore_rng(state.position.rng)
+        if plan.keeps_generators(self.world):
+            restore_rng(state.position.rng)
+        else:
+            seed_generators(stream_seed(self.seed, self.rank, run.step, bits=63))
         if self.rank == 0:
+            if not plan.keeps_generators(self.world):
+                log.info("each rank's random generators seeded from run.seed, its rank and step %d (the %d saved "
+                         "ones do not share out over %d ranks)", run.step, plan.saved_world, self.world)
             for note in (*plan.notes, *([self.loader.resume_note] if self.loader.resume_note else [])):
                 log.warning("%s", note)
             log.info("resumed from %s at step %d", self.ckpt_dir / plan.tag, run.step)

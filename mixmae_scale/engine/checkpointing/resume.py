@@ -10,8 +10,8 @@ view of a shared file system could otherwise show two ranks two tags). `decide_r
    recovered from divergence (good weights again, the batches that led to the failure never read again);
    "skip" keeps the stop's weights and skips only the failed attempts; "replay" reads them again. The samples
    skipped are logged and reported in summary.json.
-2. The run it belongs to (`_refuse_another_run`): another model or another global batch is refused, with the
-   way out.
+2. The run it belongs to (`_refuse_another_run`): another model, another global batch or a fine-tuning from other
+   weights (`finetune.init`, `segment.init`) is refused, with the way out.
 3. The layout (`_choose_layout`). The same world size and optimizer layout loads the tag itself, each rank its
    own file: bit-exact. Another world size, precision or ZeRO layout converts the tag to DeepSpeed's universal
    checkpoint (universal.py) and loads that; the global batch is kept (micro-batch and accumulation are
@@ -37,7 +37,7 @@ from mixmae_scale.config import ConfigError, ResolvedConfig
 from mixmae_scale.data.loader import LoaderPosition
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.checkpointing import store
-from mixmae_scale.engine.checkpointing.state import RankState, RunIdentity, RunState, StopRecord
+from mixmae_scale.engine.checkpointing.state import RankState, RunIdentity, RunState, StopRecord, init_changes
 from mixmae_scale.engine.checkpointing.universal import convert_to_universal, layout_changes, match_optimizer_steps
 
 
@@ -71,8 +71,14 @@ class ResumePlan:
 
     def rank_file_for(self, rank: int) -> int:
         """Which of the checkpoint's rank files this rank reads: its own on the same layout; otherwise one of the old
-        ranks' (the loader position is the same in all; generators are carried over round-robin)."""
+        ranks' (the loader position is the same in all; the generators go on only on the same world size,
+        `keeps_generators`)."""
         return rank if self.same_layout else rank % self.saved_world
+
+    def keeps_generators(self, world: int) -> bool:
+        """Each rank restores its own saved generators: the same world size (0: a plan whose layout was not looked
+        at, a finished run's)."""
+        return self.saved_world in (0, world)
 
 
 Converter = Callable[[Path, str], Path]
@@ -187,6 +193,12 @@ def _refuse_another_run(ckpt_dir: Path, tag: str, saved: RunIdentity, identity: 
                                 f"has {identity.global_batch}: the step counter and the learning-rate schedule "
                                 f"count batches of {batch}; resume with --set batch.global_batch={batch}, "
                                 f"or, for another run, {run_folder.way_out(ckpt_dir.parent)}")
+    changes = init_changes(saved.init, identity.init)
+    if changes:
+        raise store.ResumeError(f"{(ckpt_dir / tag).resolve()} was trained from other weights ({'; '.join(changes)}):"
+                                " resumed, the run would go on from those and ignore the ones named now; resume with "
+                                "the weights it started from, or, for another run, "
+                                f"{run_folder.way_out(ckpt_dir.parent)}")
 
 
 # -- 3. the layout -------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Three records, because they live in three places and are read at three moments:
 - `RunState`, DeepSpeed's client state (the same on every rank): the step, the job's own state, the samples
   skipped by earlier resumes. Read when DeepSpeed loads the tag.
 - `RankState`, each rank's `rank_N.json`: its data position and generators, and the `RunIdentity` a resume
-  must match (model, global batch, optimizer layout). Rank 0's is read before anything is loaded, to plan.
+  must match (model, global batch, optimizer layout, the weights a fine-tuning started from). Rank 0's is read
+  before anything is loaded, to plan.
 - `StopRecord`, in a non-finite stop's marker: where the data stood after the failed attempts, so that the
   resume can skip past them without loading the stop's files first.
 
@@ -15,6 +16,7 @@ its value at the time (the job's state at the top level, no identity fields).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +33,74 @@ UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
 @dataclass(frozen=True)
 class RunIdentity:
     """What a checkpoint must share with the run resuming it: the model (its digest changes exactly when the
-    tensors would not load), the global batch (the step counter and schedule count batches of it) and the
-    optimizer layout (a change goes through the universal checkpoint). None: not recorded by an older run."""
+    tensors would not load), the global batch (the step counter and schedule count batches of it), the
+    optimizer layout (a change goes through the universal checkpoint) and the weights the run started from
+    (`init_sources`: a fine-tuning from other weights is another run, though its tensors would load). None: not
+    recorded by an older run."""
 
     model_digest: str | None
     model_shape: dict[str, Any] | None
     global_batch: int | None
     optimizer_layout: dict[str, Any] | None
+    init: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, resolved, layout: dict[str, Any]) -> RunIdentity:
         """`resolved`: config.ResolvedConfig; `layout`: universal.optimizer_layout of the DeepSpeed config."""
-        return cls(resolved.model_digest(), resolved.model_shape(), resolved.derived.global_batch, layout)
+        return cls(resolved.model_digest(), resolved.model_shape(), resolved.derived.global_batch, layout,
+                   init_sources(resolved.config))
+
+
+def init_sources(config) -> dict[str, dict[str, Any]]:
+    """The weights a job starts from (`finetune.init`, `segment.init`), by key: the path, resolved, and for a file a
+    digest of its content, so that the same file moved is the same start and other weights at the same path are
+    not. A run folder is recorded by its path alone: the run it names may save newer checkpoints meanwhile, and a
+    fine-tuning resumed after that is still the same run."""
+    sources = {}
+    for key, value in (("finetune.init", config.finetune.init), ("segment.init", config.segment.init)):
+        if value:
+            path = Path(value)
+            if not path.exists():  # segment.init=random
+                sources[key] = {"path": str(value)}
+            elif path.is_dir():
+                sources[key] = {"path": str(path.resolve())}
+            else:
+                sources[key] = {"path": str(path.resolve()), "digest": sampled_digest(path)}
+    return sources
+
+
+def sampled_digest(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """sha256 of a file's size and of `samples` chunks spread over it (the whole of a file up to that size): read at
+    every start on every rank, so it reads 1 MiB of a checkpoint of gigabytes. Weights trained further differ in
+    every chunk of their tensors."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        if size <= samples * chunk:
+            digest.update(handle.read())
+        else:
+            for index in range(samples):
+                handle.seek(index * (size - chunk) // (samples - 1))
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+def init_changes(saved: dict[str, dict[str, Any]] | None, current: dict[str, dict[str, Any]] | None) -> list[str]:
+    """Each start key whose weights differ, said for a refusal; none where either side was not recorded (a
+    checkpoint written before the key was)."""
+    if saved is None or current is None:
+        return []
+    changes = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key) or {}, current.get(key) or {}
+        if old == new or (old.get("digest") and old.get("digest") == new.get("digest")):
+            continue  # the same file, perhaps moved
+        if old.get("path") and old.get("path") == new.get("path"):
+            changes.append(f"{key}={new['path']} holds other weights than when the run started (digest "
+                           f"{old.get('digest')} -> {new.get('digest')})")
+        else:
+            changes.append(f"{key} {old.get('path', 'unset')} -> {new.get('path', 'unset')}")
+    return changes
 
 
 @dataclass
@@ -89,12 +147,13 @@ class RankState:
         identity = self.identity
         return {"loader": self.position.loader.to_dict(), "rng": self.position.rng,
                 "model_digest": identity.model_digest, "model_shape": identity.model_shape,
-                "optimizer_layout": identity.optimizer_layout, "global_batch": identity.global_batch}
+                "optimizer_layout": identity.optimizer_layout, "global_batch": identity.global_batch,
+                "init": identity.init}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> RankState:
         identity = RunIdentity(state.get("model_digest"), state.get("model_shape"), state.get("global_batch"),
-                               state.get("optimizer_layout"))
+                               state.get("optimizer_layout"), state.get("init"))
         return cls(RankPosition(LoaderPosition.from_dict(state["loader"]), state.get("rng", {})), identity)
 
     @classmethod

@@ -2,11 +2,13 @@
 temporary name and renamed into place once every rank's files are on the disk.
 
 A tag folder (`step00000400`) appears only complete: every rank writes into `step00000400.partial`, flushes
-what it wrote, and after a barrier rank 0 writes the `COMPLETE` marker (with each file's size), flushes
-it and renames the folder. A crash at any point leaves a `.partial` folder, which nothing reads and the
-next save removes. A complete tag is never written into again: a save that would reuse a name takes a
-new one. On resume the sizes in the marker are checked, so a file cut short afterwards (a full disk, a
-copy gone wrong) makes the run fall back to the previous checkpoint instead of failing in torch.load.
+what it wrote and tells rank 0 each file's size; rank 0 checks that it sees them all as written (a run folder on
+node-local scratch would otherwise seal a tag without other nodes' shards and rotate the good ones away), writes
+the `COMPLETE` marker listing every file with its size, flushes it and renames the folder. A crash at any point
+leaves a `.partial` folder, which nothing reads and the next save removes. A complete tag is never written into
+again: a save that would reuse a name takes a new one. On resume the sizes in the marker are checked, so a file
+cut short afterwards (a full disk, a copy gone wrong) makes the run fall back to the previous checkpoint instead of
+failing in torch.load.
 
 Tags are ordered (`tag_order`): `step00000400` < `step00000400-relayout` (the same state saved again in a new
 layout after a resume on another world size) < `step00000400-nonfinite` (a stop after non-finite steps, whose
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,14 @@ DAMAGED = "damaged-"  # a damaged tag moved aside when its step is saved again (
 
 class ResumeError(RuntimeError):
     """A checkpoint that this run must not resume from; the message says why and what to do."""
+
+
+class UnsharedRunFolder(ResumeError):
+    """Ranks see different run folders (node-local scratch): a refused input (exit 2), the same start fails again."""
+
+
+UNSHARED = ("the run folder is not shared by all nodes: {what}. Every node must see one run folder at the same path "
+            "(a shared file system, not node-local scratch): give --run-dir on one")
 
 
 def tag_for(step: int, kind: str = "") -> str:
@@ -122,12 +135,94 @@ def _written_files(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != MARKER}
 
 
-def seal(folder: Path, record: dict[str, Any]) -> None:
-    """Write the marker of a finished folder (flushed) listing its files; the caller renames it into place."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fsync_path(path)
-    write_text(folder / MARKER, json.dumps({**record, "files": _written_files(folder)}))
+def seal(folder: Path, record: dict[str, Any], flushed: dict[str, int] | None = None) -> None:
+    """Write the marker of a finished folder (flushed) listing its files; the caller renames it into place.
+    `flushed`: the files the ranks wrote, flushed by their writers and reported (`save`), listed even where this
+    process's listing of a shared folder lags; what else it sees (DeepSpeed's recovery scripts, the files of a
+    conversion) it flushes itself."""
+    flushed = flushed or {}
+    seen = _written_files(folder)
+    for name in seen.keys() - flushed.keys():
+        fsync_path(folder / name)
+    write_text(folder / MARKER, json.dumps({**record, "files": dict(sorted({**seen, **flushed}.items()))}))
+
+
+@contextmanager
+def recording_writes(engine) -> Iterator[list[str]]:
+    """The paths DeepSpeed writes through its checkpoint engine during the `with` (every model and optimizer shard
+    of a save goes through `checkpoint_engine.save`), so that the rank that wrote them flushes them: on NFS or Lustre
+    another client's fsync does not flush this one's cache. An engine without one (a test's) records nothing."""
+    written: list[str] = []
+    writer = getattr(engine, "checkpoint_engine", None)
+    save_file = getattr(writer, "save", None)
+    if save_file is None:
+        yield written
+        return
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = save_file(*args, **kwargs)
+        path = kwargs.get("path", args[1] if len(args) > 1 else None)
+        if path is not None:
+            written.append(str(path))
+        return result
+
+    own = "save" in vars(writer)
+    writer.save = recording
+    try:
+        yield written
+    finally:
+        if own:
+            writer.save = save_file
+        else:
+            del writer.save
+
+
+def flush_own(folder: Path, paths: Iterable[str | Path]) -> dict[str, int]:
+    """Flush the files this rank wrote into `folder`; each one's name in the folder and size, for rank 0's check."""
+    files = {}
+    for path in map(Path, paths):
+        if not path.is_relative_to(folder):
+            continue  # nothing of the tag's (DeepSpeed writes a tag's files into its folder)
+        fsync_path(path)
+        files[str(path.relative_to(folder))] = path.stat().st_size
+    return files
+
+
+def unshared(folder: Path, reports: list[tuple[str, dict[str, int]]]) -> str | None:
+    """Rank 0: why its view of `folder` differs from what the ranks wrote (`reports`: each rank's host and files), or
+    None. Each file is looked up by name: a name not looked up before is not in a cache, where a listing of a folder
+    that other clients write into may lag on NFS."""
+    by_host: dict[str, tuple[list[int], str]] = {}
+    for rank, (host, files) in enumerate(reports):
+        problem = _first_difference(folder, files)
+        if problem is not None:
+            by_host.setdefault(host, ([], problem))[0].append(rank)
+    if not by_host:
+        return None
+    parts = "; ".join(f"rank(s) {ranges(ranks)} on {host} ({first})" for host, (ranks, first) in by_host.items())
+    return UNSHARED.format(what=f"rank 0 on {reports[0][0]} does not see in {folder} what {parts} wrote")
+
+
+def _first_difference(folder: Path, files: dict[str, int]) -> str | None:
+    for name, size in sorted(files.items()):
+        try:
+            seen = (folder / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} missing"
+        if seen != size:
+            return f"{name} has {seen} bytes, {size} were written"
+    return None
+
+
+def ranges(ranks: list[int]) -> str:
+    """[2, 3, 4, 9] -> "2-4, 9"."""
+    runs: list[list[int]] = []
+    for rank in sorted(ranks):
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def publish(partial: Path, final: Path) -> None:
@@ -148,7 +243,7 @@ def publish(partial: Path, final: Path) -> None:
 class SaveRequest:
     step: int
     kind: str = ""  # "" (regular) or NONFINITE
-    keep_last: int = 3
+    keep_last: int = 3  # 0: rotation removes no regular tag
     marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (state.py)
 
 
@@ -180,15 +275,24 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # a crash's leftover of the same name
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
-    write_text(rank_file(partial, rank), json.dumps(rank_state))
-    dist.barrier()
+    with recording_writes(engine) as written:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    own = rank_file(partial, rank)
+    write_text(own, json.dumps(rank_state))
+    reports: list[Any] = [None] * world
+    dist.all_gather_object(reports, (socket.gethostname(), flush_own(partial, [*written, own])))
+    refusal = [None]
     if rank == 0:
-        seal(partial, {"step": request.step, "world_size": world, "kind": request.kind or "regular",
-                       **(request.marker_extra or {})})
-        publish(partial, ckpt_dir / tag)
-        rotate(ckpt_dir, request.keep_last, just_written=tag)
-    dist.barrier()
+        refusal[0] = unshared(partial, reports)
+        if refusal[0] is None:  # else nothing is sealed or rotated: the older tags stay
+            flushed = {name: size for _, files in reports for name, size in files.items()}
+            seal(partial, {"step": request.step, "world_size": world, "kind": request.kind or "regular",
+                           **(request.marker_extra or {})}, flushed)
+            publish(partial, ckpt_dir / tag)
+            rotate(ckpt_dir, request.keep_last, just_written=tag)
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise UnsharedRunFolder(refusal[0])
     return ckpt_dir / tag
 
 
@@ -196,22 +300,26 @@ def rotation_victims(tags: list[str], keep_last: int, just_written: str | None =
                      damaged: frozenset[str] = frozenset()) -> set[str]:
     """Which complete tags rotation removes: all but the newest `keep_last` intact regular ones (a `damaged` tag
     does not count: kept among them it would leave fewer usable checkpoints than asked for; it goes once older than
-    those kept), and stop tags once a newer regular one exists; never `just_written` (the checkpoint the run has
-    just saved, even where older runs' higher-numbered tags would otherwise outrank it).
+    those kept; `keep_last` 0 keeps them all: fine-tuning's best/, which its job prunes), and stop tags once a newer
+    regular one exists; never `just_written` (the checkpoint the run has just saved, even where older runs'
+    higher-numbered tags would otherwise outrank it).
 
-    A regular tag just written also retires every stop tag, whatever its step: a stop is the last thing its
-    process saves, so a later regular save comes from a run that resumed past it. Kept, a stop at step 7 would
-    outrank the regular tags a rollback to step 5 goes on to save (at 7, or at 6 by a signal), and the next
-    resume would take the stop again and move the data back to where it stopped."""
+    Any tag just written, a stop's too, also retires every other stop tag, whatever its step: a stop is the last
+    thing its process saves, so a later save comes from a run that resumed past it. Tags order by step, and a
+    rollback moves the step back: kept, a stop at step 7 would outrank the regular tags a rollback to step 5 goes
+    on to save (at 7, or at 6 by a signal), and the next resume would take the stop again and move the data back to
+    where it stopped; a second stop after the rollback, at step 6, would sort before the first, and every later
+    launch would roll back past the first stop's data only, read the batches that caused the second one again and
+    stop there again. (A crash between a stop's rename and this rotation leaves both; the next stop retires them.)"""
     intact = [t for t in tags if is_regular(t) and t not in damaged]
-    doomed = set(intact[:-keep_last])  # keep_last >= 1 (config/derive.py)
+    doomed = set(intact[:-keep_last]) if keep_last else set()
     if intact:
         oldest_kept = tag_order(intact[-keep_last:][0])
         doomed |= {t for t in damaged if tag_order(t) < oldest_kept}
     regular = [t for t in tags if is_regular(t)]
     if regular:
         doomed |= {t for t in tags if not is_regular(t) and step_of(t) < step_of(regular[-1])}
-    if just_written is not None and is_regular(just_written):
+    if just_written is not None:
         doomed |= {t for t in tags if not is_regular(t)}
     return doomed - {just_written}
 
