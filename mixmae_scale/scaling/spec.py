@@ -173,12 +173,15 @@ def load_spec(path: str | Path) -> SweepSpec:
     if Path(profile).suffix in (".yaml", ".yml"):
         profile = _beside(path, profile)
     train_samples = raw.get("train_samples")
-    if train_samples is not None and (not isinstance(train_samples, int) or train_samples < 1):
+    if train_samples is not None and (not _integer(train_samples) or train_samples < 1):
         raise ConfigError(f"{path}: train_samples must be a positive integer, got {train_samples!r}")
+    probe = raw.get("probe", False)
+    if not isinstance(probe, bool):  # bool('no') is True: a quoted 'no' probed every run
+        raise ConfigError(f"{path}: 'probe' must be true or false, got {probe!r}")
     spec = SweepSpec(str(raw["name"]), profile, _beside(path, str(raw["shards"])), sizes, fractions,
                      _listed(path, raw, "steps", int, []), _listed(path, raw, "epochs", float, []),
                      _listed(path, raw, "seeds", int, [0]), _listed(path, raw, "set", str, []),
-                     bool(raw.get("probe", False)), _listed(path, raw, "budgets", float, []),
+                     probe, _listed(path, raw, "budgets", float, []),
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
                      train_samples, _sources(path, raw.get("sources", [])))
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
@@ -187,13 +190,22 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list | None = None) -> list:
-    """`key`'s non-empty list, each entry of `kind` (an int must be written as one: 40.7 steps is not 40)."""
+def _integer(value: Any) -> bool:
+    """An int written as one: YAML's true is an int to Python, and was taken as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list | None = None,
+            name: str | None = None) -> list:
+    """`key`'s non-empty list, each entry of `kind` (an int must be written as one: 40.7 steps is not 40); `name`:
+    the key as the spec writes it (learning_rate.sweep)."""
+    name = name or key
     if key not in raw:
         return list(default or [])
     value = raw[key]
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{path}: '{key}' must be a non-empty list, e.g. {key}: [{_example(kind)}], got {value!r}")
+        raise ConfigError(f"{path}: '{name}' must be a non-empty list, e.g. {name}: [{_example(kind)}], got "
+                          f"{value!r}")
     accepted = {object: object, str: str, int: int, float: int | float}[kind]
     out = []
     for entry in value:
@@ -201,7 +213,7 @@ def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list
             with contextlib.suppress(ValueError):
                 entry = float(entry)
         if not isinstance(entry, accepted) or (kind is not object and isinstance(entry, bool)):
-            raise ConfigError(f"{path}: '{key}' holds {entry!r}, not {_example(kind, named=True)}")
+            raise ConfigError(f"{path}: '{name}' holds {entry!r}, not {_example(kind, named=True)}")
         out.append(float(entry) if kind is float else entry)
     return out
 
@@ -222,17 +234,17 @@ def size_trains_on(size: dict[str, Any], budget: float) -> bool:
 
 def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
     """A size's own `budgets` must be budgets of the spec, and every budget needs 3 sizes for its parabola."""
-    for size in spec.sizes:
+    for number, size in enumerate(spec.sizes):
         if "budgets" not in size:
             continue
         if not spec.budgets:
             raise ConfigError(f"{path}: size {size['name']!r} lists budgets, but the spec has no 'budgets' "
                               "(per-size budgets belong to an iso-FLOP design)")
-        own = size["budgets"]
-        if not isinstance(own, list) or not own or any(not any(_same_budget(b, c) for c in spec.budgets)
-                                                       for b in own):
+        own = _listed(path, size, "budgets", float, name=f"sizes[{number}].budgets")
+        if any(not any(_same_budget(b, c) for c in spec.budgets) for b in own):
             raise ConfigError(f"{path}: size {size['name']!r} budgets must be a non-empty list drawn from the "
-                              f"spec's budgets {spec.budgets}, got {own!r}")
+                              f"spec's budgets {spec.budgets}, got {size['budgets']!r}")
+        size["budgets"] = own
     for budget in spec.budgets:
         count = sum(size_trains_on(size, budget) for size in spec.sizes)
         if count < 3:
@@ -264,10 +276,10 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
     if rule not in LR_RULES:
         raise ConfigError(f"{path}: learning_rate.rule must be one of {list(LR_RULES)}, got {rule!r}")
     base_width = raw.get("base_width")
-    if rule == "inverse_width" and (not isinstance(base_width, int) or base_width < 1):
+    if rule == "inverse_width" and (not _integer(base_width) or base_width < 1):
         raise ConfigError(f"{path}: learning_rate.rule inverse_width needs base_width, a positive integer (the "
                           f"embed_dim whose lr the sweep sets), got {base_width!r}")
-    sweep = tuple(float(v) for v in raw.get("sweep", []))
+    sweep = tuple(_listed(path, raw, "sweep", float, [], name="learning_rate.sweep"))
     if any(v <= 0 for v in sweep):
         raise ConfigError(f"{path}: learning_rate.sweep values must be positive, got {list(sweep)}")
     return LearningRateRule(rule, base_width, sweep)
@@ -275,10 +287,12 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
 
 def _cluster(path: Path, raw: Any) -> dict[str, Any]:
     counts = {k: v for k, v in raw.items() if k != "file"} if isinstance(raw, dict) else None
-    if counts is None or set(counts) - {"gpus_per_node", "max_nodes"} or any(
-            not isinstance(v, int) or v < 1 for v in counts.values()) or not isinstance(raw.get("file", ""), str):
+    if counts is None or set(counts) - {"gpus_per_node", "max_nodes"} or not isinstance(raw.get("file", ""), str):
         raise ConfigError(f"{path}: cluster is a mapping of gpus_per_node and max_nodes (positive integers) and "
                           f"optionally file (a cluster file, as for `mixmae launch --cluster`), got {raw!r}")
+    for key, value in counts.items():
+        if not _integer(value) or value < 1:
+            raise ConfigError(f"{path}: cluster.{key} must be a positive integer, got {value!r}")
     cluster: dict[str, Any] = {"gpus_per_node": 8, "max_nodes": 16, **counts}
     if raw.get("file"):
         cluster["file"] = _beside(path, raw["file"])

@@ -19,7 +19,7 @@ BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
     ("budgets: [1.0e12]\nlearning_rate: {rule: inverse_width}\n", "needs base_width"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "sweep values must be positive"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
-    ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster is a mapping"),
+    ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster.gpus_per_node must be a positive integer, got 0"),
     ("budgets: [1.0e12]\ncluster: {file: 3}\n", "optionally file"),
     ("budgets: [1.0e12]\n", "budget 1e\\+12 has 1 size"),
 ])
@@ -27,6 +27,38 @@ def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, m
     path = tmp_path / "spec.yaml"
     path.write_text(BASE + extra)
     with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    # Each was a bare TypeError or ValueError traceback naming neither file nor key, or taken as another value.
+    ("budgets: [1.0e12]\nlearning_rate: {sweep: 0.01}\n", "'learning_rate.sweep' must be a non-empty list"),
+    ("budgets: [1.0e12]\nlearning_rate: {sweep: [1.0e-3, abc]}\n", "'learning_rate.sweep' holds 'abc', not a number"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.01, true]}\n",
+     "'learning_rate.sweep' holds True, not a number"),
+    ("budgets: [2.0e11]\nsizes: [{name: a, budgets: [2.0e11, x]}, b, c]\n",
+     "'sizes[0].budgets' holds 'x', not a number"),
+    ("budgets: [2.0e11]\nsizes: [a, b, {name: c, budgets: 2.0e11}]\n", "'sizes[2].budgets' must be a non-empty list"),
+    ("steps: [5]\nprobe: 'no'\n", "'probe' must be true or false, got 'no'"),  # bool('no') is True: it probed
+    ("steps: [5]\nprobe: 1\n", "'probe' must be true or false, got 1"),
+    ("steps: [5]\nlearning_rate: {rule: inverse_width, base_width: true}\n", "needs base_width, a positive integer "
+                                                                               "(the embed_dim whose lr the sweep "
+                                                                               "sets), got True"),
+    ("steps: [5]\ncluster: {gpus_per_node: true}\n", "cluster.gpus_per_node must be a positive integer, got True"),
+    ("steps: [5]\ncluster: {max_nodes: 2.5}\n", "cluster.max_nodes must be a positive integer, got 2.5"),
+    ("steps: [5]\ntrain_samples: true\n", "train_samples must be a positive integer, got True"),
+])
+def test_mistyped_spec_values_are_refused_naming_the_file_and_key(tmp_path, extra, message):
+    """A true where a count goes was taken as 1, a quoted 'no' as true; a scalar where a list goes, or a word in
+    one, was a traceback. Each is now one ConfigError naming the spec file and the key."""
+    import re
+
+    path = tmp_path / "spec.yaml"
+    text = BASE + extra
+    if "sizes: " in extra:
+        text = text.replace("sizes: [tiny]\n", "")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
         load_spec(path)
 
 
