@@ -198,12 +198,17 @@ def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
                                               epochs=spec.epochs[:1]), train_samples),
                    key=lambda r: r.params)
     size = next(s for s in spec.sizes if s["name"] == smallest.size)
-    runs = []
+    runs: list[PlannedRun] = []
     for lr in spec.learning_rate.sweep:
         one = dataclasses.replace(spec, sizes=[size], seeds=spec.seeds[:1], data_fractions=[smallest.data_fraction],
                                   budgets=sorted(spec.budgets)[:1], steps=spec.steps[:1], epochs=spec.epochs[:1])
         run = expand(one, train_samples, lr)[0]
-        runs.append(dataclasses.replace(run, run_id=f"lr{lr:g}-{run.run_id}"))
+        run = dataclasses.replace(run, run_id=f"lr{lr:g}-{run.run_id}")
+        if any(r.run_id == run.run_id for r in runs):  # the id shows 6 significant digits
+            raise ConfigError(f"{spec.file or 'the sweep spec'}: learning_rate.sweep values "
+                              f"{list(spec.learning_rate.sweep)} give the run id {run.run_id} twice: make them "
+                              "differ in their first 6 significant digits")
+        runs.append(run)
     return runs
 
 

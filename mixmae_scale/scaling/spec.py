@@ -11,6 +11,7 @@
       - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8]}}
       - {name: w32, model: {embed_dim: 32}}
     data_fractions: [0.5, 1.0]         # share of the training shards each run may read (of every source's)
+                                       # (a grid's; an iso-FLOP design takes one)
     steps: [60, 120]                   # a grid: optimizer steps per run (or epochs: [...])
     # or, instead of steps/epochs, an iso-FLOP design (Hoffmann et al. 2022, approach 2): every size
     # trains on each budget, its steps chosen so that it spends that many training FLOPs
@@ -106,6 +107,7 @@ class SweepSpec:
     cluster: dict[str, Any] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
     train_samples: int | None = None  # recorded in the spec: plans without the shards
     sources: list[dict[str, Any]] = field(default_factory=list)  # a training mixture: {shards, weight, split}
+    file: str | None = None  # the spec's path, for the refusals that come after loading (`expand`)
 
     def train_samples_for_plan(self, given: int | None = None) -> int:
         """The training split's size for planning: `given` (--train-samples), else the shards' manifest, else
@@ -166,9 +168,13 @@ def load_spec(path: str | Path) -> SweepSpec:
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: size names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}):"
                           " each names its runs and their folders")
-    fractions = _listed(path, raw, "data_fractions", float)
+    fractions = _listed(path, raw, "data_fractions", float, unique=True)
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"{path}: data_fractions must lie in (0, 1], got {raw['data_fractions']}")
+    if "budgets" in raw and len(fractions) > 1:
+        raise ConfigError(f"{path}: data_fractions {fractions}: an iso-FLOP design (budgets) takes one data fraction; "
+                          "its fit pools a budget's runs of one size as seeds, so runs on two fractions would count as "
+                          "two seeds of one point. Run one spec per fraction, each with its own --out")
     profile = str(raw["profile"])
     if Path(profile).suffix in (".yaml", ".yml"):
         profile = _beside(path, profile)
@@ -179,11 +185,12 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(probe, bool):  # bool('no') is True: a quoted 'no' probed every run
         raise ConfigError(f"{path}: 'probe' must be true or false, got {probe!r}")
     spec = SweepSpec(str(raw["name"]), profile, _beside(path, str(raw["shards"])), sizes, fractions,
-                     _listed(path, raw, "steps", int, []), _listed(path, raw, "epochs", float, []),
-                     _listed(path, raw, "seeds", int, [0]), _listed(path, raw, "set", str, []),
-                     probe, _listed(path, raw, "budgets", float, []),
+                     _listed(path, raw, "steps", int, [], unique=True),
+                     _listed(path, raw, "epochs", float, [], unique=True),
+                     _listed(path, raw, "seeds", int, [0], unique=True), _listed(path, raw, "set", str, []),
+                     probe, _listed(path, raw, "budgets", float, [], unique=True),
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
-                     train_samples, _sources(path, raw.get("sources", [])))
+                     train_samples, _sources(path, raw.get("sources", [])), str(path))
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
         raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
     _check_size_budgets(path, spec)
@@ -196,9 +203,10 @@ def _integer(value: Any) -> bool:
 
 
 def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list | None = None,
-            name: str | None = None) -> list:
+            name: str | None = None, unique: bool = False) -> list:
     """`key`'s non-empty list, each entry of `kind` (an int must be written as one: 40.7 steps is not 40); `name`:
-    the key as the spec writes it (learning_rate.sweep)."""
+    the key as the spec writes it (learning_rate.sweep). `unique`: an entry written twice would plan the same runs
+    twice under one run id, and the second would be skipped as done or run into the first's folder."""
     name = name or key
     if key not in raw:
         return list(default or [])
@@ -215,6 +223,9 @@ def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list
         if not isinstance(entry, accepted) or (kind is not object and isinstance(entry, bool)):
             raise ConfigError(f"{path}: '{name}' holds {entry!r}, not {_example(kind, named=True)}")
         out.append(float(entry) if kind is float else entry)
+    repeated = sorted({repr(v) for v in out if out.count(v) > 1})
+    if unique and repeated:
+        raise ConfigError(f"{path}: '{name}' repeats {', '.join(repeated)}: each entry plans runs of their own")
     return out
 
 
@@ -240,7 +251,7 @@ def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
         if not spec.budgets:
             raise ConfigError(f"{path}: size {size['name']!r} lists budgets, but the spec has no 'budgets' "
                               "(per-size budgets belong to an iso-FLOP design)")
-        own = _listed(path, size, "budgets", float, name=f"sizes[{number}].budgets")
+        own = _listed(path, size, "budgets", float, name=f"sizes[{number}].budgets", unique=True)
         if any(not any(_same_budget(b, c) for c in spec.budgets) for b in own):
             raise ConfigError(f"{path}: size {size['name']!r} budgets must be a non-empty list drawn from the "
                               f"spec's budgets {spec.budgets}, got {size['budgets']!r}")
@@ -279,7 +290,7 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
     if rule == "inverse_width" and (not _integer(base_width) or base_width < 1):
         raise ConfigError(f"{path}: learning_rate.rule inverse_width needs base_width, a positive integer (the "
                           f"embed_dim whose lr the sweep sets), got {base_width!r}")
-    sweep = tuple(_listed(path, raw, "sweep", float, [], name="learning_rate.sweep"))
+    sweep = tuple(_listed(path, raw, "sweep", float, [], name="learning_rate.sweep", unique=True))
     if any(v <= 0 for v in sweep):
         raise ConfigError(f"{path}: learning_rate.sweep values must be positive, got {list(sweep)}")
     return LearningRateRule(rule, base_width, sweep)
@@ -310,6 +321,7 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
     runs = []
     budgets = spec.steps or spec.epochs or spec.budgets
     lr_sets = spec.learning_rate.overrides(base_lr)
+    made: dict[str, tuple[float, float]] = {}  # run id -> the (data fraction, budget or steps) it came from
     for size, fraction, budget, seed in itertools.product(spec.sizes, spec.data_fractions, budgets, spec.seeds):
         if spec.budgets and not size_trains_on(size, budget):
             continue
@@ -325,7 +337,21 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
         else:
             steps = int(budget) if spec.steps else int(budget * resolved.derived.steps_per_epoch)
             run_id = f"{size['name']}-d{fraction:g}-s{steps}-seed{seed}"
+        if run_id in made:
+            _refuse_same_id(spec, run_id, made[run_id], (fraction, budget))
+        made[run_id] = (fraction, budget)
         images = steps * batch
         runs.append(PlannedRun(run_id, size["name"], fraction, steps, seed, overrides, int(report["pretrain_params"]),
                                images, per_image * images, float(budget) if spec.budgets else None, batch))
     return runs
+
+
+def _refuse_same_id(spec: SweepSpec, run_id: str, first: tuple[float, float], second: tuple[float, float]) -> None:
+    """Two planned runs under one id: the second would be skipped as done, or run into the first's folder. An id
+    shows a budget to 3 significant digits, a fraction to 6, and a grid's steps, which two epochs can share."""
+    key = "data_fractions" if first[0] != second[0] else next(k for k in ("steps", "epochs", "budgets") if
+                                                               getattr(spec, k))
+    values = [first[0], second[0]] if key == "data_fractions" else [first[1], second[1]]
+    raise ConfigError(f"{spec.file or 'the sweep spec'}: {key} {values[0]!r} and {values[1]!r} give the same run id "
+                      f"{run_id}, which names a run's row and folder: make them differ "
+                      f"{'in their first 3 significant digits' if key == 'budgets' else 'by more'}")

@@ -239,3 +239,75 @@ def test_emitted_lines_for_runs_on_several_nodes_carry_the_specs_cluster_file_an
     line = next(x for x in (tmp_path / "lines.sh").read_text().splitlines() if x.startswith("mixmae launch"))
     assert line.startswith(f"mixmae launch tiny --cluster {tmp_path / 'clusters' / 'gpu.yaml'} --set ")
     assert "cluster.num_nodes=2" in line and line.count("data.shards=") == 1
+
+
+THREE = """name: three
+profile: tiny
+shards: s
+train_samples: 2560
+data_fractions: [1]
+set: ["model.img_size=64", "model.window_size=[8, 8, 4, 2]"]
+sizes:
+  - {name: w4, model: {embed_dim: 4, num_heads: [1, 1, 1, 1], decoder_dim: 4, decoder_heads: 1}}
+  - {name: w8, model: {embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 8, decoder_heads: 1}}
+  - {name: w12, model: {embed_dim: 12, num_heads: [1, 2, 4, 4], decoder_dim: 12, decoder_heads: 1}}
+"""
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("budgets: [1.0e11, 1.0e11]\n", "'budgets' repeats 100000000000.0"),
+    ("budgets: [1.0e11]\nseeds: [0, 1, 0]\n", "'seeds' repeats 0"),
+    ("steps: [5, 5]\n", "'steps' repeats 5"),
+    ("epochs: [0.5, 0.5]\n", "'epochs' repeats 0.5"),
+    ("steps: [5]\ndata_fractions: [0.5, 0.5]\n", "'data_fractions' repeats 0.5"),
+    ("budgets: [1.0e11]\nlearning_rate: {sweep: [0.01, 0.01]}\n", "'learning_rate.sweep' repeats 0.01"),
+    # an iso-FLOP id names no fraction, and its fit would pool the two fractions' runs as seeds of one point
+    ("budgets: [1.0e11]\ndata_fractions: [0.5, 1.0]\n", "data_fractions [0.5, 1.0]: an iso-FLOP design (budgets) "
+                                                       "takes one data fraction"),
+])
+def test_entries_that_plan_one_run_twice_are_refused_when_the_spec_is_read(tmp_path, extra, message):
+    """Each gave two planned runs one run id: the second was skipped as done earlier (the study silently one run
+    short) or, running side by side, both wrote into one folder."""
+    import re
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE.replace("data_fractions: [1]\n", "") + ("" if "data_fractions" in extra else
+                                                                  "data_fractions: [1]\n") + extra)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_spec(path)
+    path.write_text(WINDOWED.replace("budgets: [1.0e11]}", "budgets: [1.0e11, 1.0e11]}"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: 'sizes[0].budgets' repeats 100000000000.0")):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("budgets: [1.0e11, 1.0004e11]\n", "budgets 100000000000.0 and 100040000000.0 give the same run id "
+                                        "w4-C1e+11-seed0"),
+    ("epochs: [1.0, 1.01]\n", "epochs 1.0 and 1.01 give the same run id w4-d1-s80-seed0"),
+    ("steps: [5]\ndata_fractions: [0.5, 0.5000001]\n", "data_fractions 0.5 and 0.5000001 give the same run id "
+                                                      "w4-d0.5-s5-seed0"),
+])
+def test_distinct_entries_that_print_as_one_run_id_are_refused_when_planned(tmp_path, extra, message):
+    """An id shows a budget to 3 significant digits and a fraction to 6; two epochs can come to the same steps."""
+    import re
+
+    from mixmae_scale.scaling.spec import expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE.replace("data_fractions: [1]\n", "") + ("" if "data_fractions" in extra else
+                                                                  "data_fractions: [1]\n") + extra)
+    spec = load_spec(path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        expand(spec, 2560)
+
+
+def test_lr_sweep_values_that_print_as_one_run_id_are_refused(tmp_path):
+    import re
+
+    from mixmae_scale.scaling.run import sweep_runs
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + "budgets: [1.0e11]\nlearning_rate: {sweep: [0.001, 0.0010000001]}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: learning_rate.sweep values [0.001, 0.0010000001] give "
+                                                    "the run id lr0.001-w4-C1e+11-seed0 twice")):
+        sweep_runs(load_spec(path), 2560)
