@@ -29,7 +29,7 @@ from mixmae_scale.config import ConfigError
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
-from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
+from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
 
 
 class SweepError(RuntimeError):
@@ -123,6 +123,8 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     raises SweepError, after recording every run that finished, when a run failed."""
     # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
     train_samples = spec.train_samples_for_plan()
+    runs = expand(spec, train_samples)
+    check_budgets(spec, runs, log)
     out.mkdir(parents=True, exist_ok=True)
     base_lr = None
     tally = Tally()
@@ -131,7 +133,7 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
             _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
         else:
             base_lr = lr_sweep(spec, train_samples, out, log, parallel, per_process, tally)
-    runs = expand(spec, train_samples, base_lr)
+            runs = expand(spec, train_samples, base_lr)
     if emit_commands is not None:
         lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n"
                  + launch_line(spec, r, out, train_samples) for r in runs]

@@ -49,6 +49,8 @@ from mixmae_scale.models.flops import model_report
 KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "budgets", "seeds", "set",
               "probe", "learning_rate", "cluster", "train_samples", "sources"}
 LR_RULES = ("fixed", "inverse_width")
+BUDGET_TOLERANCE = 0.05  # an iso-FLOP run's whole steps may spend its budget this far off, no further
+FEW_STEPS = 10  # fewer steps than this: a warm-up and cosine of a step or two (warned of)
 
 
 @dataclass(frozen=True)
@@ -355,3 +357,34 @@ def _refuse_same_id(spec: SweepSpec, run_id: str, first: tuple[float, float], se
     raise ConfigError(f"{spec.file or 'the sweep spec'}: {key} {values[0]!r} and {values[1]!r} give the same run id "
                       f"{run_id}, which names a run's row and folder: make them differ "
                       f"{'in their first 3 significant digits' if key == 'budgets' else 'by more'}")
+
+
+def budget_problems(runs: list[PlannedRun]) -> tuple[list[str], list[str]]:
+    """(iso-FLOP runs whose whole steps spend more than BUDGET_TOLERANCE off their budget, runs of fewer than
+    FEW_STEPS steps). A large size at a small budget takes a step or two, and rounding them spent 70% or 130% of
+    the budget without a word: its point then sits in that budget's parabola at another compute."""
+    off, few = [], []
+    for run in runs:
+        if run.budget is None:
+            continue
+        ratio = run.flops / run.budget
+        said = (f"{run.run_id} (size {run.size} at budget {run.budget:.3g}): {run.steps} step(s) of "
+                f"{run.flops / run.steps:.3g} FLOPs spend {ratio:.2f}x the budget")
+        if abs(ratio - 1) > BUDGET_TOLERANCE:
+            off.append(said)
+        elif run.steps < FEW_STEPS:
+            few.append(f"{said}, in fewer than {FEW_STEPS} steps")
+    return off, few
+
+
+def check_budgets(spec: SweepSpec, runs: list[PlannedRun], log) -> None:
+    """`scaling run` refuses runs off their budget before any run starts (the lr sweep's included) and says
+    which take very few steps."""
+    off, few = budget_problems(runs)
+    for line in few:
+        log(f"warning: {line}")
+    if off:
+        raise ConfigError(f"{spec.file or 'the sweep spec'}: {len(off)} iso-FLOP run(s) would spend more than "
+                          f"{BUDGET_TOLERANCE:.0%} off their budget in whole steps: {'; '.join(off)}. Leave those "
+                          "budgets out of the size's own list (sizes[i].budgets), or give the runs a smaller global "
+                          "batch so that they take more steps; `mixmae scaling plan` lists every run")

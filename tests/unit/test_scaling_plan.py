@@ -311,3 +311,46 @@ def test_lr_sweep_values_that_print_as_one_run_id_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"{path}: learning_rate.sweep values [0.001, 0.0010000001] give "
                                                     "the run id lr0.001-w4-C1e+11-seed0 twice")):
         sweep_runs(load_spec(path), 2560)
+
+
+def test_iso_flop_runs_whose_whole_steps_miss_their_budget_are_said_by_plan_and_refused_by_run(tmp_path, capsys):
+    """At a budget of 3 of w8's steps, w12 (a step costs about 1.95 of w8's) took 2 steps, 1.30x its budget, and w8
+    3 steps: both were planned and run without a word, w12's point in the budget's parabola at another compute."""
+    import re
+
+    from mixmae_scale.cli import main
+    from mixmae_scale.scaling.run import run_sweep
+    from mixmae_scale.scaling.spec import budget_problems, expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + "budgets: [1.0e11]\n")
+    step = {r.size: r.flops / r.steps for r in expand(load_spec(path), 2560)}
+    budget = 3 * step["w8"]
+    path.write_text(THREE + f"budgets: [{budget!r}]\n")
+    runs = {r.size: r for r in expand(load_spec(path), 2560)}
+    ratio = 2 * step["w12"] / budget
+    assert runs["w12"].steps == 2 and abs(ratio - 1) > 0.05 and runs["w8"].steps == 3
+    off, few = budget_problems(list(runs.values()))
+    w12 = (f"{runs['w12'].run_id} (size w12 at budget {budget:.3g}): 2 step(s) of {step['w12']:.3g} FLOPs spend "
+           f"{ratio:.2f}x the budget")
+    assert w12 in off and not any(line.startswith("w8-") for line in off)
+    assert f"{runs['w8'].run_id} (size w8 at budget {budget:.3g}): 3 step(s) of {step['w8']:.3g} FLOPs spend 1.00x " \
+           "the budget, in fewer than 10 steps" in few
+    assert main(["scaling", "plan", str(path)]) == 0  # the table, and what is wrong with it
+    err = capsys.readouterr().err
+    assert f"warning: {w12}: more than 5% off; `mixmae scaling run` refuses it" in err
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {len(off)} iso-FLOP run(s) would spend more than 5% off "
+                                                    "their budget in whole steps: ") + ".*" + re.escape(w12)):
+        run_sweep(load_spec(path), tmp_path / "out", log=lambda *_: None)
+    assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+
+
+def test_the_shipped_example_specs_plan_every_run_within_its_budget():
+    from pathlib import Path
+
+    from mixmae_scale.scaling.spec import budget_problems, expand
+
+    examples = Path(__file__).resolve().parents[2] / "docs" / "scaling-example"
+    for path in sorted(examples.rglob("sweep.yaml")):
+        spec = load_spec(path)
+        assert budget_problems(expand(spec, spec.train_samples_for_plan())) == ([], []), path

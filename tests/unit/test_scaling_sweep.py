@@ -36,7 +36,7 @@ ISO_FLOP = """
 name: iso-flop
 profile: tiny
 shards: {shards}
-budgets: [6.0e9, 1.2e10]
+budgets: [2.0e10, 4.0e10]
 learning_rate: {{rule: inverse_width, base_width: 8, sweep: [0.005, 0.02]}}
 cluster: {{gpus_per_node: 4, max_nodes: 2}}
 """ + SIZES
@@ -54,7 +54,7 @@ def test_grid_and_iso_flop_expansions(demo_shards, tmp_path):
     for run in runs:  # each run spends its budget to within half a step
         per_step = run.flops / run.steps
         assert abs(run.flops - run.budget) <= per_step / 2
-    w8, w16 = (next(r for r in runs if r.size == s and r.budget == 6e9) for s in ("w8", "w16"))
+    w8, w16 = (next(r for r in runs if r.size == s and r.budget == 2e10) for s in ("w8", "w16"))
     assert w8.steps > w16.steps and "optim.width_lr_base=8" in w16.overrides
     assert "optim.base_learning_rate=0.01" in w16.overrides
 
@@ -99,7 +99,7 @@ def test_iso_flop_sweep_with_lr_sweep_picks_the_lr_skips_finished_runs_reads_fol
     out = tmp_path / "sweep"
     messages: list[str] = []
     rows = run_sweep(spec, out, log=messages.append, parallel=2)
-    assert len(rows) == 6 and all(r["heldout_loss"] > 0 and r["budget"] in (6e9, 1.2e10) for r in rows)
+    assert len(rows) == 6 and all(r["heldout_loss"] > 0 and r["budget"] in (2e10, 4e10) for r in rows)
     sweep = [json.loads(line) for line in (out / "lr_sweep.jsonl").read_text().splitlines()]
     assert len(sweep) == 2 and {r["size"] for r in sweep} == {"w8"}
     best = min(sweep, key=lambda r: r["heldout_loss"])["overrides"]
@@ -209,21 +209,21 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
     read_back = sweep_run._row
 
     def row(spec, run, run_dir, wall_s, subset=None):
-        if run.run_id == "w12-C1.2e+10-seed0":
+        if run.run_id == "w12-C4e+10-seed0":
             raise OSError(f"{run_dir / 'summary.json'}: stale file handle")
         return read_back(spec, run, run_dir, wall_s, subset)
 
     monkeypatch.setattr(sweep_run, "_row", row)
     messages: list[str] = []
-    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C1.2e\+10-seed0;"):
+    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C4e\+10-seed0;"):
         run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     study = stub_runs[1:]  # after the lr sweep's one run
     order = [(planned[run_id].budget, -estimated_seconds(planned[run_id])) for run_id in study]
     assert sorted(study) == sorted(planned) and order == sorted(order)
-    assert [budget for budget, _ in order] == [6e9] * 3 + [1.2e10] * 3 and order[0][1] < order[2][1]
-    assert any("w12-C1.2e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
+    assert [budget for budget, _ in order] == [2e10] * 3 + [4e10] * 3 and order[0][1] < order[2][1]
+    assert any("w12-C4e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
     recorded = [json.loads(line)["run_id"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert sorted(recorded) == sorted(set(planned) - {"w12-C1.2e+10-seed0"})
+    assert sorted(recorded) == sorted(set(planned) - {"w12-C4e+10-seed0"})
 
 
 def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_scores_worst(
@@ -237,18 +237,18 @@ def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_sco
     honest = stub_loss
 
     def loss(run):
-        return float("nan") if run.run_id.startswith("lr0.02-") or run.run_id == "w12-C1.2e+10-seed0" else honest(run)
+        return float("nan") if run.run_id.startswith("lr0.02-") or run.run_id == "w12-C4e+10-seed0" else honest(run)
 
     monkeypatch.setitem(globals(), "stub_loss", loss)
     messages: list[str] = []
     rows = run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     planned = {run.run_id for run in expand(spec, spec.train_samples_for_plan(), base_lr=0.005)}
-    assert {r["run_id"] for r in rows} == planned - {"w12-C1.2e+10-seed0"}
+    assert {r["run_id"] for r in rows} == planned - {"w12-C4e+10-seed0"}
     assert any(m.startswith("lr sweep: 0.005 -> ") and m.endswith("0.02 -> inf; base lr 0.005") for m in messages)
-    assert "0 failed, 2 diverged (lr0.02-w8-C6e+09-seed0, w12-C1.2e+10-seed0: not points)" in messages[-2]
+    assert "0 failed, 2 diverged (lr0.02-w8-C2e+10-seed0, w12-C4e+10-seed0: not points)" in messages[-2]
     messages.clear()
     assert run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1) == []
-    assert any("w12-C1.2e+10-seed0: held-out loss nan at its end: it diverged" in m and "remove" in m
+    assert any("w12-C4e+10-seed0: held-out loss nan at its end: it diverged" in m and "remove" in m
                for m in messages)
     assert "0 failed, 2 diverged" in messages[-2] and any(m.endswith("; base lr 0.005") for m in messages)
 
