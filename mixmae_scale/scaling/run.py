@@ -27,6 +27,7 @@ from pathlib import Path
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
 from mixmae_scale.data.manifest import DataError, load_split
+from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
@@ -34,6 +35,14 @@ from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expa
 
 class SweepError(RuntimeError):
     """Runs of the sweep failed; the others were recorded and a rerun retries only the failed ones."""
+
+
+SWEEP_LOCK = ".sweep.lock"
+
+
+def _sweep_in_use(out: Path, holder: str) -> str:
+    return (f"{out} is in use by another `mixmae scaling run` ({holder}); two on one --out would start the same "
+            "pending runs into the same folders: wait for that one to end (or stop it), or give this one another --out")
 
 
 @dataclass
@@ -104,9 +113,7 @@ def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep:
 
 
 def _finished(results: Path) -> set[str]:
-    if not results.exists():
-        return set()
-    return {json.loads(line)["run_id"] for line in results.read_text().splitlines() if line.strip()}
+    return {row["run_id"] for row in _rows(results)}
 
 
 def _append(results: Path, row: dict) -> None:
@@ -125,7 +132,19 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     train_samples = spec.train_samples_for_plan()
     runs = expand(spec, train_samples)
     check_budgets(spec, runs, log)
-    out.mkdir(parents=True, exist_ok=True)
+    # Two sweeps on one --out would both start its pending runs, into the same folders: one holds it at a time.
+    lock = run_lock.take(out, SWEEP_LOCK, _sweep_in_use)
+    try:
+        return _sweep(spec, out, runs, train_samples, emit_commands, log, parallel, per_process)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: int, emit_commands: Path | None, log,
+           parallel: int, per_process: int) -> list[dict]:
+    for results in (out / "results.jsonl", out / "lr_sweep.jsonl"):
+        _mend_last_line(results, log)
     base_lr = None
     tally = Tally()
     if spec.learning_rate.sweep:
@@ -254,9 +273,47 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
 
 
 def _rows(path: Path) -> list[dict]:
+    """The rows of results.jsonl (or lr_sweep.jsonl), each line one finished run's; a line that is not one is
+    refused naming path:line (a bare JSON error named no file)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            row, problem = None, f"not JSON ({exc})"
+        else:
+            problem = "not a run's row (a JSON object with a run_id)"
+        if not isinstance(row, dict) or "run_id" not in row:
+            raise SweepError(f"{path}:{number}: {problem}; each line is one finished run's row: mend or remove that "
+                             "line (a removed run's finished folder is read again, or the run is run again)")
+        rows.append(row)
+    return rows
+
+
+def _mend_last_line(path: Path, log) -> None:
+    """A sweep killed while appending leaves a last line without its newline; the next append would glue a row onto
+    it and every later `scaling run` would fail on that line. Whole, it gets its newline; cut short, it goes (said):
+    its run's folder is read again, or the run is run again. Rewritten whole (atomic), never in place."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[cut:]), dict)
+    except ValueError:
+        whole = False
+    if whole:
+        write_text(path, data.decode() + "\n")
+        return
+    write_text(path, data[:cut].decode())
+    log(f"{path}: its last line was cut short ({len(data) - cut} bytes without a newline: a write interrupted); "
+        "removed: that run is read again from its folder, or run again")
 
 
 def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, share: DeviceShare,

@@ -349,3 +349,59 @@ def test_a_run_whose_heldout_loss_diverged_is_not_recorded_as_a_point(tmp_path):
                                                        float("nan"), "wall_s": 1.0}))
     with pytest.raises(RuntimeError, match="held-out loss nan at its end: it diverged, not a point"):
         _row(None, run, tmp_path, 1.0)
+
+
+def test_a_results_file_cut_short_is_mended_and_a_line_that_is_no_row_is_refused_by_path_and_line(
+        demo_shards, tmp_path, stub_runs):
+    """A sweep killed while appending left a last line without its newline; the next append glued its row onto it,
+    and from then on every `scaling run` failed with a bare JSON error naming no file."""
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines()
+    cut = lines[-1][: len(lines[-1]) // 2]
+    results.write_text("\n".join(lines[:-1]) + "\n" + cut)  # the last row cut short
+    messages: list[str] = []
+    run_sweep(spec, out, log=messages.append, parallel=1)
+    assert f"{results}: its last line was cut short ({len(cut)} bytes without a newline: a write interrupted); " \
+           "removed: that run is read again from its folder, or run again" in messages
+    assert sum("finished run read from" in m for m in messages) == 1 and len(stub_runs) == 7  # nothing ran again
+    assert sorted(results.read_text().splitlines()) == sorted(lines)
+    assert len(read_results(results)) == 6
+    results.write_text("\n".join(lines))  # a whole last row without its newline: kept
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert results.read_text() == "\n".join(lines) + "\n"
+    results.write_text("\n".join([lines[0], lines[1][:40] + lines[2], *lines[3:]]) + "\n")  # a glued line
+    with pytest.raises(SweepError, match=re.escape(f"{results}:2: not JSON (") + ".*" +
+                       re.escape("; each line is one finished run's row: mend or remove that line")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+    results.write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(SweepError, match=re.escape(f"{results}:2: not a run's row (a JSON object with a run_id)")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+
+
+def test_two_sweeps_on_one_out_folder_are_refused_while_one_holds_it(demo_shards, tmp_path, stub_runs):
+    """Both would have started the same pending runs into the same folders. The lock is the run folders' own
+    (engine/run_lock.py) under another name: the kernel drops it with the holder, and the holder is named."""
+    import os
+
+    from mixmae_scale.engine import run_lock
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    held = run_lock.take(out, ".sweep.lock")  # another `scaling run` holding the folder
+    try:
+        with pytest.raises(run_lock.RunFolderInUse, match=re.escape(f"{out} is in use by another `mixmae scaling "
+                                                                    f"run` (host ") + f".*pid {os.getpid()}.*" +
+                           re.escape("or give this one another --out")):
+            run_sweep(spec, out, log=lambda m: None, parallel=1)
+        assert stub_runs == []
+    finally:
+        held.release()
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7 and not (out / ".sweep.lock").exists()  # released when the sweep ends
