@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -66,13 +67,16 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
     pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
     and data fractions are nested, so larger ones see a superset."""
     from mixmae_scale.data import storage
-    from mixmae_scale.data.manifest import load_manifest, write_manifest
+    from mixmae_scale.data.manifest import load_manifest, read_manifest, write_manifest
 
     replace = dataclasses.replace
-    folder = out / f"fraction-{fraction:g}"
+    location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
+    # Keyed on the set (where, which split, its manifest as written): a `fraction-x/` made for other shards or
+    # sources, or for this folder before it was converted again, pointed every later run at the old set.
+    source = json.dumps([location, split or "train", read_manifest(location)], sort_keys=True)
+    folder = out / f"fraction-{fraction:g}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     if (folder / "dataset.json").exists():
         return folder
-    location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
     manifest = load_manifest(location)
     base = storage.join(location, manifest.base or "")
     splits = {name: replace(entry, shards=tuple(replace(s, name=storage.join(base, s.name),
@@ -112,8 +116,37 @@ def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep:
             *([f"logging.wandb.group={sweep}"] if sweep else [])]
 
 
-def _finished(results: Path) -> set[str]:
-    return {row["run_id"] for row in _rows(results)}
+def _recorded(results: Path) -> dict[str, tuple[int, dict]]:
+    """Each recorded run's (line, row), by run id."""
+    return {row["run_id"]: (number, row) for number, row in _numbered_rows(results)}
+
+
+def plan_record(spec: SweepSpec) -> dict:
+    """What a row records of the spec beyond its run's plan: the profile and the mixture are in no override."""
+    return {"sweep": spec.name, "profile": spec.profile, "sources": spec.sources}
+
+
+def _differences(row: dict, run: PlannedRun, record: dict) -> list[str]:
+    """How a recorded row's run differs from the planned run of its id. A run id names size, budget (or steps) and
+    seed only: a changed size's model, `set:` (batch, precision), profile, mixture or lr rule keeps it, and the old
+    row passed for the new plan's point. Keys a row written before does not have are not compared."""
+    planned = {"size": run.size, "seed": run.seed, "data_fraction": run.data_fraction, "budget": run.budget,
+               "params": run.params, "global_batch": run.global_batch, "steps": run.steps,
+               "overrides": list(run.overrides), "profile": record["profile"], "sources": record["sources"]}
+    said = []
+    for key, value in planned.items():
+        if key not in row:
+            continue
+        kept = row.get("planned_steps", row["steps"]) if key == "steps" else row[key]  # steps: the planned ones
+        if kept == value:
+            continue
+        if key == "overrides":
+            only_kept, only_planned = [o for o in kept if o not in value], [o for o in value if o not in kept]
+            said.append(f"overrides: {', '.join(only_kept) or '-'} recorded, {', '.join(only_planned) or '-'} planned"
+                        if only_kept or only_planned else "overrides: the same ones in another order")
+        else:
+            said.append(f"{key}: {kept!r} recorded, {value!r} planned")
+    return said
 
 
 def _append(results: Path, row: dict) -> None:
@@ -145,6 +178,12 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
            parallel: int, per_process: int) -> list[dict]:
     for results in (out / "results.jsonl", out / "lr_sweep.jsonl"):
         _mend_last_line(results, log)
+        # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file. Checked
+        # before the lr sweep, which would otherwise run another spec's lrs into this folder first.
+        others = sorted({str(r.get("sweep")) for r in _rows(results)} - {"None", spec.name})
+        if others:
+            raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
+                             "name): give this spec its own --out, or its earlier name to continue that sweep")
     base_lr = None
     tally = Tally()
     if spec.learning_rate.sweep:
@@ -165,12 +204,7 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
     log(f"{len(runs)} run(s): {share.describe()}")
     rule = spec.learning_rate.describe(base_lr)
-    # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file.
-    others = sorted({str(r.get("sweep")) for r in _rows(out / "results.jsonl")} - {"None", spec.name})
-    if others:
-        raise SweepError(f"{out / 'results.jsonl'} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the "
-                         "spec's name): give this spec its own --out, or its earlier name to continue that sweep")
-    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, "sweep": spec.name}, tally)
+    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, **plan_record(spec)}, tally)
     _summary(tally, out, log)
     return rows
 
@@ -193,9 +227,8 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int,
     loss wins; results in lr_sweep.jsonl (resumable), not in results.jsonl, so no fit sees them."""
     runs = sweep_runs(spec, train_samples)
     tally = tally if tally is not None else Tally()
-    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, device_share(spec, runs, parallel, per_process,
-                                                                        os.cpu_count() or 2), {"lr_rule": "lr sweep"},
-             tally)
+    share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
+    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, share, {"lr_rule": "lr sweep", **plan_record(spec)}, tally)
     if tally.failed:
         raise SweepError(f"the lr sweep's run(s) {', '.join(tally.failed)} failed (output above); run the same "
                          "`mixmae scaling run` again to retry them")
@@ -273,8 +306,12 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
 
 
 def _rows(path: Path) -> list[dict]:
-    """The rows of results.jsonl (or lr_sweep.jsonl), each line one finished run's; a line that is not one is
-    refused naming path:line (a bare JSON error named no file)."""
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
+    """The rows of results.jsonl (or lr_sweep.jsonl) with their line numbers, each line one finished run's; a line
+    that is not one is refused naming path:line (a bare JSON error named no file)."""
     if not path.exists():
         return []
     rows = []
@@ -290,7 +327,7 @@ def _rows(path: Path) -> list[dict]:
         if not isinstance(row, dict) or "run_id" not in row:
             raise SweepError(f"{path}:{number}: {problem}; each line is one finished run's row: mend or remove that "
                              "line (a removed run's finished folder is read again, or the run is run again)")
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
@@ -318,8 +355,16 @@ def _mend_last_line(path: Path, log) -> None:
 
 def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, share: DeviceShare,
              extra: dict, tally: Tally) -> list[dict]:
-    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once."""
-    done = _finished(results)
+    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once. A
+    recorded row of another plan under a run's id is refused before any run starts."""
+    done = _recorded(results)
+    stale = [f"{results}:{done[run.run_id][0]}: run {run.run_id} ({'; '.join(said)})" for run in runs
+             if run.run_id in done and (said := _differences(done[run.run_id][1], run, extra))]
+    if stale:
+        raise SweepError(f"{len(stale)} recorded run(s) were run under another plan than the spec's now, under the "
+                         f"same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their rows are no "
+                         f"points of this plan: give the changed spec a new --out, or remove those rows from "
+                         f"{results.name} and their folders from {out / 'runs'} to run them again")
     pending = []
     rows: list[dict] = []
     for index, run in enumerate(runs, start=1):

@@ -405,3 +405,92 @@ def test_two_sweeps_on_one_out_folder_are_refused_while_one_holds_it(demo_shards
         held.release()
     run_sweep(spec, out, log=lambda m: None, parallel=1)
     assert len(stub_runs) == 7 and not (out / ".sweep.lock").exists()  # released when the sweep ends
+
+
+@pytest.mark.parametrize("change, where, said", [
+    (("batch.micro=8", "batch.micro=4"), "lr_sweep.jsonl:1: run lr0.02-w8-C2e+10-seed0",
+     "overrides: batch.micro=8 recorded, batch.micro=4 planned"),
+    (("rule: inverse_width, base_width: 8, ", "rule: fixed, "), "lr_sweep.jsonl:1: run lr0.02-w8-C2e+10-seed0",
+     "overrides: optim.width_lr_base=8 recorded, - planned"),
+    (("profile: tiny", "profile: tiny.yaml"), "lr_sweep.jsonl:1: run lr0.02-w8-C2e+10-seed0",
+     "profile: 'tiny' recorded, "),
+    # a size's model changed (not the lr sweep's smallest): the study's rows of it are refused
+    (("decoder_dim: 48", "decoder_dim: 40"), "results.jsonl:", "run w12-C2e+10-seed0 (params: "),
+    (("decoder_dim: 48", "decoder_dim: 40"), "results.jsonl:",
+     "overrides: model.decoder_dim=48 recorded, model.decoder_dim=40 planned"),
+])
+def test_a_recorded_run_of_another_plan_under_the_same_id_is_refused_naming_row_and_key(
+        demo_shards, tmp_path, stub_runs, change, where, said):
+    """Run ids name size, budget and seed: a changed `set:`, size, lr rule or profile kept them, and every old row was
+    skipped as done earlier, a point of another study fitted with the new one's."""
+    import shutil
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    shutil.copy(pathlib.Path(__file__).resolve().parents[2] / "launch" / "profiles" / "tiny.yaml", tmp_path)
+    out = tmp_path / "out"
+    run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    spec_path.write_text(spec_path.read_text().replace(*change))
+    results = where.split(":")[0]
+    with pytest.raises(SweepError, match=re.escape(f"{out / where}") + ".*" + re.escape(said) + ".*" + re.escape(
+            f"give the changed spec a new --out, or remove those rows from {results} and their folders from "
+            f"{out / 'runs'} to run them again")):
+        run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7  # nothing ran
+
+
+def test_rows_written_before_rows_named_their_profile_are_still_resumed(demo_shards, tmp_path, stub_runs):
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    for name in ("results.jsonl", "lr_sweep.jsonl"):
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        assert all(row["profile"] == "tiny" and row["sources"] == [] for row in rows)
+        (out / name).write_text("".join(json.dumps({k: v for k, v in row.items() if k not in ("profile", "sources")})
+                                        + "\n" for row in rows))
+    messages: list[str] = []
+    run_sweep(spec, out, log=messages.append, parallel=1)
+    assert len(stub_runs) == 7 and messages[-2].startswith("sweep: 0 ran, 7 reused")
+
+
+def test_a_data_subset_is_made_again_for_other_shards(demo_shards, tmp_path):
+    """`fraction-1/` made for one set was reused for the spec's new shards (or sources): every run read the old set."""
+    import dataclasses
+    import shutil
+
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.scaling.run import run_data
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_shards, other)
+    manifest = json.loads((other / "dataset.json").read_text())
+    train = manifest["splits"]["train"]
+    train["shards"] = train["shards"][:4]  # another set: its first 4 shards
+    train["samples"] = sum(shard["samples"] for shard in train["shards"])
+    (other / "dataset.json").write_text(json.dumps(manifest))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    first, _ = run_data(spec, 1.0, tmp_path / "out")
+    second, _ = run_data(dataclasses.replace(spec, shards=str(other)), 1.0, tmp_path / "out")
+    assert first != second
+    for sets, shards in ((first, demo_shards), (second, other)):
+        train = load_split(sets[0].split("=", 1)[1], "train")
+        assert train.tar_url(0).startswith(str(shards)) and train.samples == load_split(shards, "train").samples
+
+
+def test_a_renamed_spec_is_refused_before_its_lr_sweep_runs_into_the_other_sweeps_folder(
+        demo_shards, tmp_path, stub_runs):
+    import dataclasses
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
+    renamed = dataclasses.replace(spec, name="renamed", learning_rate=dataclasses.replace(spec.learning_rate,
+                                                                                         sweep=(0.01,)))
+    with pytest.raises(SweepError, match=re.escape("holds runs of sweep iso-flop, not of 'renamed'")):
+        run_sweep(renamed, tmp_path / "out", log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7 and not any(name.startswith("lr0.01") for name in stub_runs)
