@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
+from mixmae_scale.data.heldout import same_location
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.run_record import point_provenance, read_record
@@ -184,6 +185,8 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
         if others:
             raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
                              "name): give this spec its own --out, or its earlier name to continue that sweep")
+    # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
+    _refuse_other_plans(runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")})
     base_lr = None
     tally = Tally()
     if spec.learning_rate.sweep:
@@ -365,6 +368,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                          f"same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their rows are no "
                          f"points of this plan: give the changed spec a new --out, or remove those rows from "
                          f"{results.name} and their folders from {out / 'runs'} to run them again")
+    _refuse_other_plans(runs, out, set(done))
     pending = []
     rows: list[dict] = []
     for index, run in enumerate(runs, start=1):
@@ -521,18 +525,71 @@ def _complete(run_dir: Path, run: PlannedRun) -> bool:
 
 
 def ran_to_its_end(summary: dict, run: PlannedRun) -> bool:
-    """The run reached the last step of its own schedule, not a stop (a time limit's signal). Its own schedule can
-    end a few steps before the plan's: a set without a validation split gives its train split's tail to the
-    held-out loss, which shortens the run's epochs (`_row` records the steps it took)."""
+    """The run reached the last step of its own schedule, not a stop (a time limit's signal). That its schedule is
+    the plan's is `schedule_mismatch`'s to say: its own can end a few steps before the plan's (a held-out tail), and
+    `_row` records the steps it took."""
     if summary.get("stopped_by_signal"):
         return False
     steps = summary.get("steps")
     return steps is not None and steps >= summary.get("planned_steps", run.steps)
 
 
+def _refuse_other_plans(runs: list[PlannedRun], out: Path, recorded: set[str]) -> None:
+    """Before any run starts: the folders of runs not yet recorded must hold this plan's runs (or none)."""
+    others = [f"{out / 'runs' / run.run_id}: {said}" for run in runs if run.run_id not in recorded
+              and (said := _other_plan(out / "runs" / run.run_id, run))]
+    if others:
+        raise SweepError(f"{len(others)} run folder(s) hold runs of another plan: {' | '.join(others[:5])}"
+                         f"{' | ...' if len(others) > 5 else ''}. Remove them to run this plan's runs there, or give "
+                         "the spec a new --out")
+
+
+def _other_plan(run_dir: Path, run: PlannedRun) -> str | None:
+    """Why a run folder with a summary holds a run of another plan (None: it is this plan's run, finished or to
+    resume). Its summary's own end was the finish line: a folder of 5 steps planned 5, from an earlier spec of 50,
+    was read as finished and binned at the full budget."""
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return None
+    try:
+        record = read_record(run_dir)
+    except ValueError:  # unreadable (rewritten at its next launch): no held-out tail to allow for
+        record = None
+    return schedule_mismatch(json.loads(summary.read_text()), run, record)
+
+
+def schedule_mismatch(summary: dict, run: PlannedRun, record: dict | None) -> str | None:
+    """Whether the folder's own schedule ends where the plan's does: at the plan's steps; or one step later, where
+    the epochs the sweep sets (steps / steps per epoch) round up a step and nothing caps them (`mixmae launch` lines
+    carry no --max-steps); or a few steps before, by as much as a held-out tail of the train split (a set without a
+    validation split, run.json's held-out entry) shortens the run's epochs: at most ceil(S x (tail + batch) /
+    (samples - batch)) of S steps, samples being the train split's before the cut. Anything else is another plan's."""
+    own = summary.get("planned_steps", summary.get("steps"))
+    if own is None or run.steps <= own <= run.steps + 1:
+        return None
+    allowed = 0
+    data = (record or {}).get("data") or []
+    heldout = next((d for d in data if d.get("role") == "held-out" and d.get("train_tail")), None)
+    train = [d for d in data if d.get("role") == "train" and heldout is not None and d.get("split") ==
+             heldout.get("split") and same_location(str(d.get("location")), str(heldout.get("location")))]
+    if heldout is not None and len(train) == 1:  # a mixture's sets are other folders: no tail cut from them
+        batch, samples = run.global_batch or run.images_seen // run.steps, int(train[0].get("samples") or 0)
+        allowed = (math.ceil(run.steps * (heldout["train_tail"] + batch) / (samples - batch)) if samples > batch
+                   else run.steps)
+    if run.steps - allowed <= own < run.steps:
+        return None
+    tail = f"; a held-out tail allows {allowed} step(s) fewer" if allowed else ""
+    return (f"its own schedule ends at step {own}, the plan's at {run.steps}{tail}: a run of another plan (an earlier "
+            "spec or --max-steps), not a point of this one")
+
+
 def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, subset: Path | None = None) -> dict:
     """The results.jsonl line of a finished run folder; `wall_s` None: the run's own wall time."""
     summary = json.loads((run_dir / "summary.json").read_text())
+    record = read_record(run_dir)
+    mismatch = schedule_mismatch(summary, run, record)
+    if mismatch:
+        raise RuntimeError(f"run {run.run_id} ({run_dir}): {mismatch}")
     if not ran_to_its_end(summary, run):  # its checkpoint resumes it
         raise RuntimeError(f"run {run.run_id} ({run_dir}): stopped at step {summary.get('steps')} of "
                            f"{summary.get('planned_steps', run.steps)}, not a point of the study; the same "
@@ -548,7 +605,7 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
     last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
     row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
            "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"],
-           **point_provenance(read_record(run_dir))}
+           **point_provenance(record)}
     if summary["steps"] != run.steps:  # what it trained, not what was planned: C and D follow its steps
         scale = summary["steps"] / run.steps
         row.update(steps=summary["steps"], images_seen=round(run.images_seen * scale), flops=run.flops * scale,

@@ -301,11 +301,23 @@ def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_
     assert finished[4][4] == "out of memory\n" and queue.take() is None
 
 
+def _record(run_dir: pathlib.Path, samples: int, tail: int) -> None:
+    """A run.json with what `schedule_mismatch` reads: the train split's samples and the held-out tail cut from it."""
+    where = str(run_dir.parent / "shards")
+    data = [{"role": "train", "location": where, "split": "train", "samples": samples, "split_digest": "a"},
+            {"role": "held-out", "location": where, "split": "train", "samples": tail, "train_tail": tail,
+             "split_digest": "b"}]
+    (run_dir / "run.json").write_text(json.dumps({
+        "run": run_dir.name, "job": "pretrain", "created": "now", "status": "completed", "code": {}, "packages": {},
+        "platform": {}, "data": data, "command": "", "world_size": 1, "precision": {}, "resumes": [],
+        "launches": [{"commit": "abc"}]}))
+
+
 def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     """A worker stopped by a signal (a time limit on the sweep) saves and writes its summary at the step it reached;
     that run is not a point of the study, and the error says the same command resumes it. A run whose own schedule
-    ended before the plan's (a held-out tail taken from a train split shortens its epochs) is a point, recorded
-    with the steps, images and FLOPs it trained."""
+    ended before the plan's by what a held-out tail taken from its train split explains is a point, recorded with
+    the steps, images and FLOPs it trained; the same shortfall without a tail is a run of another plan."""
     run_dir = tmp_path / "w8"
     run_dir.mkdir()
     (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n3,1.0,0,1.0\n")
@@ -314,12 +326,44 @@ def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     spec = type("Spec", (), {"probe": False})()
     with pytest.raises(RuntimeError, match=r"run w8 \(.*\): stopped at step 3 of 10, .* resumes it"):
         sweep_run._row(spec, _planned("w8"), run_dir, 1.0)
-    assert not sweep_run._complete(run_dir, _planned("w8"))
+    assert not sweep_run._complete(run_dir, _planned("w8")) and sweep_run._other_plan(run_dir, _planned("w8")) is None
     (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 8, "planned_steps": 8,
                                                       "stopped_by_signal": False}))
+    said = "its own schedule ends at step 8, the plan's at 10: a run of another plan"
+    with pytest.raises(RuntimeError, match=re.escape(f"run w8 ({run_dir}): {said}")):
+        sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # no held-out tail: nothing shortens its epochs
+    assert sweep_run._other_plan(run_dir, _planned("w8")).startswith(said)
+    # 100 train samples, 24 held out, batch 8: 12 steps per epoch planned, 9 run; 10 steps planned end at 8.
+    _record(run_dir, samples=100, tail=24)
     row = sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
     assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
-    assert sweep_run._complete(run_dir, _planned("w8"))
+    assert sweep_run._complete(run_dir, _planned("w8")) and sweep_run._other_plan(run_dir, _planned("w8")) is None
+    _record(run_dir, samples=1000, tail=24)  # a tail that shortens 10 steps by 1 at most
+    assert "a held-out tail allows 1 step(s) fewer" in sweep_run._other_plan(run_dir, _planned("w8"))
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 11, "planned_steps": 11,
+                                                      "stopped_by_signal": False}))
+    assert sweep_run._other_plan(run_dir, _planned("w8")) is None  # epochs that round up a step (no --max-steps)
+
+
+def test_a_run_folder_of_another_plan_is_refused_not_read_as_finished(demo_shards, tmp_path, stub_runs):
+    """A folder of 5 steps planned 5 (an earlier spec's run, or one given --max-steps 5) for a plan of many more was
+    read as finished, its summary's own end taken for the plan's, and binned at the full budget."""
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run = next(r for r in expand(spec, spec.train_samples_for_plan(), base_lr=0.02) if r.run_id == "w8-C4e+10-seed0")
+    assert run.steps == 80
+    run_dir = out / "runs" / run.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n5,1.0,0,1.0\n")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 5, "planned_steps": 5, "heldout_loss_end": 0.9,
+                                                      "wall_s": 1.0}))
+    with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: its own "
+                                                   "schedule ends at step 5, the plan's at 80: a run of another plan")
+                       + ".*" + re.escape("Remove them to run this plan's runs there, or give the spec a new --out")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert stub_runs == [] and not (out / "results.jsonl").exists()  # refused before the lr sweep
 
 
 def test_rows_of_two_sweeps_joined_in_one_file_are_refused(tmp_path):
