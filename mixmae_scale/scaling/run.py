@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -66,7 +67,8 @@ class Diverged(RuntimeError):
 def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | None = None) -> Path:
     """A folder whose manifest lists the first ceil(fraction x n) training shards and every validation shard,
     pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
-    and data fractions are nested, so larger ones see a superset."""
+    and data fractions are nested, so larger ones see a superset. Whole shards are rarely the fraction asked for:
+    `run_data` refuses one too far off and rows record what was read."""
     from mixmae_scale.data import storage
     from mixmae_scale.data.manifest import load_manifest, read_manifest, write_manifest
 
@@ -84,7 +86,8 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
                                                         index=storage.join(location, s.index)) for s in entry.shards))
               for name, entry in manifest.splits.items()}
     train = splits[split or "train"]  # a mixture's source may train on another split: it becomes train
-    keep = train.shards[: max(1, math.ceil(fraction * len(train.shards)))]
+    # 0.6 x 5 is 3.0000000000000004 in floating point: its ceil, 4 shards, was 0.8 of the set
+    keep = train.shards[: max(1, math.ceil(fraction * len(train.shards) - 1e-9))]
     splits["train"] = replace(train, shards=keep, samples=sum(s.samples for s in keep))
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "classes.json", json.dumps(manifest.classes, indent=1))
@@ -92,18 +95,53 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
     return folder
 
 
+FRACTION_TOLERANCE = 0.1  # whole shards may read this much more (or less) of a set than its data fraction
+
+
 def run_data(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int]:
     """The overrides that point a run at its data fraction (of the one set, or of every set of a mixture) and the
     samples per epoch they give (a mixture: each set's subset times its weight)."""
+    sets, samples, _ = _fraction_sets(spec, fraction, out)
+    return sets, samples
+
+
+def data_read(spec: SweepSpec, fraction: float, out: Path) -> dict:
+    """What a row records of the data its run read: the share of the training samples its whole shards hold (of the
+    weighted mixture) and their count per epoch. The fraction asked for is `data_fraction`: with 4 shards, 0.1 read
+    0.25 of the set and was recorded as 0.1."""
+    _, samples, share = _fraction_sets(spec, fraction, out)
+    return {"data_fraction_read": round(share, 6), "train_samples_read": samples}
+
+
+def _fraction_sets(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int, float]:
+    """(overrides, samples per epoch, share of the training samples read). With a mixture, `shards` gives only the
+    held-out images: its subset is not checked against the fraction."""
     subset = subset_shards(spec.shards, fraction, out / "data")
     if not spec.sources:
-        return [f"data.shards={subset}"], load_split(subset, "train").samples
-    mixture, samples = [], 0.0
+        kept, full = _whole_shards(spec, spec.shards, None, subset, fraction)
+        return [f"data.shards={subset}"], kept, kept / full
+    mixture, samples, total = [], 0.0, 0.0
     for number, source in enumerate(spec.sources):
         part = subset_shards(source["shards"], fraction, out / "data" / f"source{number}", source.get("split"))
+        kept, full = _whole_shards(spec, source["shards"], source.get("split"), part, fraction)
         mixture.append({"shards": str(part), "weight": source["weight"], "split": "train"})
-        samples += source["weight"] * load_split(part, "train").samples
-    return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples))
+        samples, total = samples + source["weight"] * kept, total + source["weight"] * full
+    return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples)), samples / total
+
+
+def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, fraction: float) -> tuple[int, int]:
+    """(samples of the subset, samples of the set); refused when the subset is more than FRACTION_TOLERANCE off."""
+    full, kept = load_split(shards, split or "train"), load_split(part, "train")
+    share = kept.samples / full.samples
+    if abs(share / fraction - 1) <= FRACTION_TOLERANCE:
+        return kept.samples, full.samples
+    shares = list(itertools.accumulate(full.samples_per_shard))
+    near = sorted(range(len(shares)), key=lambda k: abs(shares[k] / full.samples - fraction))[:3]
+    options = ", ".join(f"{shares[k] / full.samples:.3g} ({k + 1} shard(s))" for k in sorted(near))
+    raise ConfigError(f"{spec.file or 'the sweep spec'}: data_fractions {fraction:g} of {shards} ('{split or 'train'}':"
+                      f" {len(shares)} shards, {full.samples} samples) is {len(kept.names)} whole shard(s), "
+                      f"{kept.samples} samples: {share:.3g} of the set, {share / fraction:.2f}x the fraction (more "
+                      f"than {FRACTION_TOLERANCE:.0%} off). Whole shards give {options}: give one of those")
 
 
 def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep: str | None = None) -> list[str]:
@@ -185,6 +223,9 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
         if others:
             raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
                              "name): give this spec its own --out, or its earlier name to continue that sweep")
+    for fraction in spec.data_fractions:  # a fraction whole shards miss is refused before anything runs
+        with contextlib.suppress(DataError):  # planned where the shards are not: --emit-commands names the set
+            run_data(spec, fraction, out)
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
     _refuse_other_plans(runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")})
     base_lr = None
@@ -378,7 +419,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         elif _complete(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
             try:
-                row = {**_row(spec, run, run_dir, None), **extra}
+                row = {**_row(spec, run, run_dir, None), **_data_read_if_here(spec, run, out), **extra}
             except Diverged as exc:
                 tally.diverged.append(run.run_id)
                 log(f"[{index}/{len(runs)}] {exc}")
@@ -402,7 +443,8 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             if not code:
                 try:
                     row = {**_row(spec, run, out / "runs" / run.run_id, wall_s,
-                                  subset_shards(spec.shards, run.data_fraction, out / "data")), **extra}
+                                  subset_shards(spec.shards, run.data_fraction, out / "data")),
+                           **data_read(spec, run.data_fraction, out), **extra}
                 except Diverged as exc:
                     tally.diverged.append(run.run_id)
                     log(f"[{index}/{len(runs)}] {exc}")
@@ -532,6 +574,14 @@ def ran_to_its_end(summary: dict, run: PlannedRun) -> bool:
         return False
     steps = summary.get("steps")
     return steps is not None and steps >= summary.get("planned_steps", run.steps)
+
+
+def _data_read_if_here(spec: SweepSpec, run: PlannedRun, out: Path) -> dict:
+    """`data_read`, where the shards can be read (a run read from its folder may have run where they are not)."""
+    try:
+        return data_read(spec, run.data_fraction, out)
+    except DataError:
+        return {}
 
 
 def _refuse_other_plans(runs: list[PlannedRun], out: Path, recorded: set[str]) -> None:

@@ -156,11 +156,12 @@ def test_scaling_plan_plans_without_the_shards_when_the_count_is_given_or_record
 def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_shards, tmp_path):
     """`sources:` trains every run on a mixture (data.sources): paths beside the spec, s3:// kept; a data fraction
     takes that share of each set's shards (pointing into them, nothing copied), and an epoch's samples count each
-    set by its weight."""
+    set by its weight. A fraction whole shards of one of the sets miss by more than 10% is refused."""
     import json
+    import re
 
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.scaling.run import run_data
+    from mixmae_scale.scaling.run import data_read, run_data
 
     (tmp_path / "sets").mkdir()
     spec_path = tmp_path / "sets" / "spec.yaml"
@@ -173,13 +174,21 @@ def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_s
     spec = load_spec(spec_path)
     assert spec.sources[1] == {"shards": str(tmp_path / "demo"), "weight": 1.0, "split": "val"}
     spec.sources[1]["shards"] = str(demo_shards)  # the val split of the same demo set, as the second source
-    sets, samples = run_data(spec, 0.5, tmp_path / "out")
+    sets, samples = run_data(spec, 1.0, tmp_path / "out")
     mixture = json.loads(sets[1].split("=", 1)[1])
     assert sets[1].startswith("data.sources=") and [m["weight"] for m in mixture] == [2.0, 1.0]
-    train, val = (load_split(m["shards"], "train") for m in mixture)
-    assert len(train.names) == 3 and len(val.names) == 1  # ceil(0.5 x 5) train shards, ceil(0.5 x 2) val shards
-    assert samples == 2 * train.samples + val.samples
+    train, val = (load_split(m["shards"], "train") for m in mixture)  # the val source's split trains as "train"
+    assert len(train.names) == 5 and len(val.names) == 2 and samples == 2 * 300 + 80
+    # 0.6 of each set: 3 of the train split's 5 shards (192 of 300 samples), but both of val's 2 (64 + 16): refused
+    with pytest.raises(ConfigError, match=re.escape(f"data_fractions 0.6 of {demo_shards} ('val': 2 shards, 80 "
+                                                    "samples) is 2 whole shard(s), 80 samples: 1 of the set")):
+        run_data(spec, 0.6, tmp_path / "out")
+    spec.sources[1] = {"shards": str(demo_shards), "weight": 1.0}  # its train split: 3 of 5 shards, as the first
+    sets, samples = run_data(spec, 0.6, tmp_path / "out")
+    train, again = (load_split(m["shards"], "train") for m in json.loads(sets[1].split("=", 1)[1]))
+    assert len(train.names) == len(again.names) == 3 and samples == 2 * train.samples + again.samples == 3 * 192
     assert train.tar_url(0) == str(demo_shards / load_split(demo_shards, "train").names[0])
+    assert data_read(spec, 0.6, tmp_path / "out") == {"data_fraction_read": 0.64, "train_samples_read": 576}
     s3 = tmp_path / "s3.yaml"
     s3.write_text(BASE + "steps: [2]\nsources: [{shards: s3://bucket/set}]\n")
     assert load_spec(s3).sources[0]["shards"] == "s3://bucket/set"

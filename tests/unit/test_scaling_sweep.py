@@ -538,3 +538,28 @@ def test_a_renamed_spec_is_refused_before_its_lr_sweep_runs_into_the_other_sweep
     with pytest.raises(SweepError, match=re.escape("holds runs of sweep iso-flop, not of 'renamed'")):
         run_sweep(renamed, tmp_path / "out", log=lambda m: None, parallel=1)
     assert len(stub_runs) == 7 and not any(name.startswith("lr0.01") for name in stub_runs)
+
+
+def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refused(demo_shards, tmp_path, stub_runs):
+    """The demo's train split: 5 shards, 4 of 64 samples and one of 44. 0.1 is one shard, 64 samples, 0.213 of the
+    set: 2.13x the fraction, recorded as 0.1. 0.6 is 3 shards (0.64, recorded as read); its ceil in floating point
+    (0.6 x 5 = 3.0000000000000004) took 4, 0.853."""
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.scaling.run import run_data
+
+    spec_path = tmp_path / "sweep.yaml"
+    text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+    spec_path.write_text(text.replace("data_fractions: [1.0]", "data_fractions: [0.1]"))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{spec_path}: data_fractions 0.1 of {demo_shards} ('train': 5 shards, 300 samples) is 1 whole shard(s), "
+            "64 samples: 0.213 of the set, 2.13x the fraction (more than 10% off). Whole shards give 0.213 (1 "
+            "shard(s)), 0.427 (2 shard(s)), 0.64 (3 shard(s)): give one of those")):
+        run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda m: None, parallel=1)
+    assert stub_runs == []
+    spec_path.write_text(text.replace("data_fractions: [1.0]", "data_fractions: [0.6]"))
+    spec = load_spec(spec_path)
+    sets, samples = run_data(spec, 0.6, tmp_path / "out")
+    assert len(load_split(sets[0].split("=", 1)[1], "train").names) == 3 and samples == 192
+    rows = run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
+    assert len(rows) == 6 and all((r["data_fraction"], r["data_fraction_read"], r["train_samples_read"]) ==
+                                  (0.6, 0.64, 192) for r in rows)
