@@ -12,7 +12,7 @@ from mixmae_scale.cli.arguments import at_least
 def _scaling(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mixmae_scale.scaling.spec import expand, load_spec
+    from mixmae_scale.scaling.spec import BUDGET_TOLERANCE, budget_problems, expand, load_spec
 
     if args.scaling_command == "plan":
         spec = load_spec(args.spec)
@@ -24,6 +24,12 @@ def _scaling(args: argparse.Namespace) -> int:
                   f"{budget:>10}")
         print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total; learning rate: "
               f"{spec.learning_rate.describe(None)}")
+        off, few = budget_problems(runs)  # said here, refused by `scaling run`: the table shows what to change
+        for line in off:
+            print(f"mixmae: warning: {line}: more than {BUDGET_TOLERANCE:.0%} off; `mixmae scaling run` refuses it",
+                  file=sys.stderr)
+        for line in few:
+            print(f"mixmae: warning: {line}", file=sys.stderr)
         return 0
     out = Path(args.out)
     if args.scaling_command == "run":

@@ -16,6 +16,9 @@ flock is local to a host on file systems that do not pass it on: NFS mounted wit
 makes it a no-op across hosts, and Lustre honours it across hosts only when mounted with `-o flock`. So two
 jobs on one host are always stopped, two on different hosts only where the file system supports flock. A file
 system that refuses flock outright (ENOLCK, EOPNOTSUPP) gets a warning and no lock, rather than no training.
+
+A sweep's folder is held the same way under another name (`take(out, SWEEP_LOCK, ...)`, scaling/run.py): two
+`mixmae scaling run` on one --out would both start its pending runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +55,16 @@ class RunLock:
     root: Path
     fd: int
     created: bool  # the folder did not exist before the take: removed again at release if the run left it empty
+    name: str = LOCK
 
     @property
     def path(self) -> Path:
-        return self.root / LOCK
+        return self.root / self.name
 
     def release(self) -> None:
         """Remove the file, then unlock: LOCK_UN rather than close alone, since forked children (data workers)
         share the open file and would keep the lock until they exit."""
-        _held.pop(_key(self.root), None)
+        _held.pop(_key(self.root, self.name), None)
         with suppress(OSError):
             self.path.unlink(missing_ok=True)
         with suppress(OSError):
@@ -71,11 +76,11 @@ class RunLock:
                 self.root.rmdir()
 
 
-_held: dict[str, RunLock] = {}  # this process's locks, by folder: released when the work ends (release_all)
+_held: dict[str, RunLock] = {}  # this process's locks, by file: released when the work ends (release_all)
 
 
-def _key(root: Path) -> str:
-    return os.path.abspath(root)
+def _key(root: Path, name: str = LOCK) -> str:
+    return os.path.abspath(root if name == LOCK else Path(root) / name)  # a run folder's lock: by its folder
 
 
 def holder_record() -> dict[str, str | int | None]:
@@ -100,16 +105,16 @@ def in_use(root: Path, holder: str) -> str:
             "other's checkpoints: wait for that run to end (or stop it), or start this one in a new --run-dir")
 
 
-def take(root: Path) -> RunLock | None:
-    """Lock `root/.lock` (creating the folder if needed) and record this process in it; RunFolderInUse if another
-    process holds it. None (with a warning) where the file system refuses flock. This process's own lock on the
-    same folder is refused too: a run holds its folder alone."""
+def take(root: Path, name: str = LOCK, refusal: Callable[[Path, str], str] = in_use) -> RunLock | None:
+    """Lock `root/name` (creating the folder if needed) and record this process in it; RunFolderInUse, worded by
+    `refusal(root, holder)`, if another process holds it. None (with a warning) where the file system refuses flock.
+    This process's own lock on the same folder is refused too: a run holds its folder alone."""
     root = Path(root)
     for _ in range(TAKE_TRIES):
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for a run's files
+            fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for a run's files
         except FileNotFoundError:  # the folder went between mkdir and open (a releasing run removed it empty)
             continue
         try:
@@ -118,16 +123,16 @@ def take(root: Path) -> RunLock | None:
             text = _read(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunFolderInUse(in_use(root, describe_holder(text))) from None
+                raise RunFolderInUse(refusal(root, describe_holder(text))) from None
             if exc.errno in UNSUPPORTED:
                 log.warning("%s cannot be locked on this file system (%s): a second run started in it would not be "
-                            "stopped", root / LOCK, os.strerror(exc.errno))
+                            "stopped", root / name, os.strerror(exc.errno))
                 return None
             raise
-        if not _still_at_path(fd, root / LOCK):  # removed (a release) or replaced between our open and our lock
+        if not _still_at_path(fd, root / name):  # removed (a release) or replaced between our open and our lock
             os.close(fd)
             continue
-        lock = RunLock(root, fd, created)
+        lock = RunLock(root, fd, created, name)
         try:
             data = json.dumps(holder_record()).encode() + b"\n"
             os.ftruncate(fd, 0)
@@ -135,9 +140,9 @@ def take(root: Path) -> RunLock | None:
         except OSError:
             lock.release()
             raise
-        _held[_key(root)] = lock
+        _held[_key(root, name)] = lock
         return lock
-    raise OSError(f"{root / LOCK} kept changing while it was being locked")
+    raise OSError(f"{root / name} kept changing while it was being locked")
 
 
 def moved(root: Path, target: Path) -> None:

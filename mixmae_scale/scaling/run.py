@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -26,14 +28,24 @@ from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
+from mixmae_scale.data.heldout import same_location
 from mixmae_scale.data.manifest import DataError, load_split
+from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
-from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, expand
+from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
 
 
 class SweepError(RuntimeError):
     """Runs of the sweep failed; the others were recorded and a rerun retries only the failed ones."""
+
+
+SWEEP_LOCK = ".sweep.lock"
+
+
+def _sweep_in_use(out: Path, holder: str) -> str:
+    return (f"{out} is in use by another `mixmae scaling run` ({holder}); two on one --out would start the same "
+            "pending runs into the same folders: wait for that one to end (or stop it), or give this one another --out")
 
 
 @dataclass
@@ -55,22 +67,27 @@ class Diverged(RuntimeError):
 def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | None = None) -> Path:
     """A folder whose manifest lists the first ceil(fraction x n) training shards and every validation shard,
     pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
-    and data fractions are nested, so larger ones see a superset."""
+    and data fractions are nested, so larger ones see a superset. Whole shards are rarely the fraction asked for:
+    `run_data` refuses one too far off and rows record what was read."""
     from mixmae_scale.data import storage
-    from mixmae_scale.data.manifest import load_manifest, write_manifest
+    from mixmae_scale.data.manifest import load_manifest, read_manifest, write_manifest
 
     replace = dataclasses.replace
-    folder = out / f"fraction-{fraction:g}"
+    location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
+    # Keyed on the set (where, which split, its manifest as written): a `fraction-x/` made for other shards or
+    # sources, or for this folder before it was converted again, pointed every later run at the old set.
+    source = json.dumps([location, split or "train", read_manifest(location)], sort_keys=True)
+    folder = out / f"fraction-{fraction:g}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     if (folder / "dataset.json").exists():
         return folder
-    location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
     manifest = load_manifest(location)
     base = storage.join(location, manifest.base or "")
     splits = {name: replace(entry, shards=tuple(replace(s, name=storage.join(base, s.name),
                                                         index=storage.join(location, s.index)) for s in entry.shards))
               for name, entry in manifest.splits.items()}
     train = splits[split or "train"]  # a mixture's source may train on another split: it becomes train
-    keep = train.shards[: max(1, math.ceil(fraction * len(train.shards)))]
+    # 0.6 x 5 is 3.0000000000000004 in floating point: its ceil, 4 shards, was 0.8 of the set
+    keep = train.shards[: max(1, math.ceil(fraction * len(train.shards) - 1e-9))]
     splits["train"] = replace(train, shards=keep, samples=sum(s.samples for s in keep))
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "classes.json", json.dumps(manifest.classes, indent=1))
@@ -78,18 +95,53 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
     return folder
 
 
+FRACTION_TOLERANCE = 0.1  # whole shards may read this much more (or less) of a set than its data fraction
+
+
 def run_data(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int]:
     """The overrides that point a run at its data fraction (of the one set, or of every set of a mixture) and the
     samples per epoch they give (a mixture: each set's subset times its weight)."""
+    sets, samples, _ = _fraction_sets(spec, fraction, out)
+    return sets, samples
+
+
+def data_read(spec: SweepSpec, fraction: float, out: Path) -> dict:
+    """What a row records of the data its run read: the share of the training samples its whole shards hold (of the
+    weighted mixture) and their count per epoch. The fraction asked for is `data_fraction`: with 4 shards, 0.1 read
+    0.25 of the set and was recorded as 0.1."""
+    _, samples, share = _fraction_sets(spec, fraction, out)
+    return {"data_fraction_read": round(share, 6), "train_samples_read": samples}
+
+
+def _fraction_sets(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int, float]:
+    """(overrides, samples per epoch, share of the training samples read). With a mixture, `shards` gives only the
+    held-out images: its subset is not checked against the fraction."""
     subset = subset_shards(spec.shards, fraction, out / "data")
     if not spec.sources:
-        return [f"data.shards={subset}"], load_split(subset, "train").samples
-    mixture, samples = [], 0.0
+        kept, full = _whole_shards(spec, spec.shards, None, subset, fraction)
+        return [f"data.shards={subset}"], kept, kept / full
+    mixture, samples, total = [], 0.0, 0.0
     for number, source in enumerate(spec.sources):
         part = subset_shards(source["shards"], fraction, out / "data" / f"source{number}", source.get("split"))
+        kept, full = _whole_shards(spec, source["shards"], source.get("split"), part, fraction)
         mixture.append({"shards": str(part), "weight": source["weight"], "split": "train"})
-        samples += source["weight"] * load_split(part, "train").samples
-    return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples))
+        samples, total = samples + source["weight"] * kept, total + source["weight"] * full
+    return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples)), samples / total
+
+
+def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, fraction: float) -> tuple[int, int]:
+    """(samples of the subset, samples of the set); refused when the subset is more than FRACTION_TOLERANCE off."""
+    full, kept = load_split(shards, split or "train"), load_split(part, "train")
+    share = kept.samples / full.samples
+    if abs(share / fraction - 1) <= FRACTION_TOLERANCE:
+        return kept.samples, full.samples
+    shares = list(itertools.accumulate(full.samples_per_shard))
+    near = sorted(range(len(shares)), key=lambda k: abs(shares[k] / full.samples - fraction))[:3]
+    options = ", ".join(f"{shares[k] / full.samples:.3g} ({k + 1} shard(s))" for k in sorted(near))
+    raise ConfigError(f"{spec.file or 'the sweep spec'}: data_fractions {fraction:g} of {shards} ('{split or 'train'}':"
+                      f" {len(shares)} shards, {full.samples} samples) is {len(kept.names)} whole shard(s), "
+                      f"{kept.samples} samples: {share:.3g} of the set, {share / fraction:.2f}x the fraction (more "
+                      f"than {FRACTION_TOLERANCE:.0%} off). Whole shards give {options}: give one of those")
 
 
 def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep: str | None = None) -> list[str]:
@@ -103,10 +155,37 @@ def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep:
             *([f"logging.wandb.group={sweep}"] if sweep else [])]
 
 
-def _finished(results: Path) -> set[str]:
-    if not results.exists():
-        return set()
-    return {json.loads(line)["run_id"] for line in results.read_text().splitlines() if line.strip()}
+def _recorded(results: Path) -> dict[str, tuple[int, dict]]:
+    """Each recorded run's (line, row), by run id."""
+    return {row["run_id"]: (number, row) for number, row in _numbered_rows(results)}
+
+
+def plan_record(spec: SweepSpec) -> dict:
+    """What a row records of the spec beyond its run's plan: the profile and the mixture are in no override."""
+    return {"sweep": spec.name, "profile": spec.profile, "sources": spec.sources}
+
+
+def _differences(row: dict, run: PlannedRun, record: dict) -> list[str]:
+    """How a recorded row's run differs from the planned run of its id. A run id names size, budget (or steps) and
+    seed only: a changed size's model, `set:` (batch, precision), profile, mixture or lr rule keeps it, and the old
+    row passed for the new plan's point. Keys a row written before does not have are not compared."""
+    planned = {"size": run.size, "seed": run.seed, "data_fraction": run.data_fraction, "budget": run.budget,
+               "params": run.params, "global_batch": run.global_batch, "steps": run.steps,
+               "overrides": list(run.overrides), "profile": record["profile"], "sources": record["sources"]}
+    said = []
+    for key, value in planned.items():
+        if key not in row:
+            continue
+        kept = row.get("planned_steps", row["steps"]) if key == "steps" else row[key]  # steps: the planned ones
+        if kept == value:
+            continue
+        if key == "overrides":
+            only_kept, only_planned = [o for o in kept if o not in value], [o for o in value if o not in kept]
+            said.append(f"overrides: {', '.join(only_kept) or '-'} recorded, {', '.join(only_planned) or '-'} planned"
+                        if only_kept or only_planned else "overrides: the same ones in another order")
+        else:
+            said.append(f"{key}: {kept!r} recorded, {value!r} planned")
+    return said
 
 
 def _append(results: Path, row: dict) -> None:
@@ -123,7 +202,32 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     raises SweepError, after recording every run that finished, when a run failed."""
     # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
     train_samples = spec.train_samples_for_plan()
-    out.mkdir(parents=True, exist_ok=True)
+    runs = expand(spec, train_samples)
+    check_budgets(spec, runs, log)
+    # Two sweeps on one --out would both start its pending runs, into the same folders: one holds it at a time.
+    lock = run_lock.take(out, SWEEP_LOCK, _sweep_in_use)
+    try:
+        return _sweep(spec, out, runs, train_samples, emit_commands, log, parallel, per_process)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: int, emit_commands: Path | None, log,
+           parallel: int, per_process: int) -> list[dict]:
+    for results in (out / "results.jsonl", out / "lr_sweep.jsonl"):
+        _mend_last_line(results, log)
+        # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file. Checked
+        # before the lr sweep, which would otherwise run another spec's lrs into this folder first.
+        others = sorted({str(r.get("sweep")) for r in _rows(results)} - {"None", spec.name})
+        if others:
+            raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
+                             "name): give this spec its own --out, or its earlier name to continue that sweep")
+    for fraction in spec.data_fractions:  # a fraction whole shards miss is refused before anything runs
+        with contextlib.suppress(DataError):  # planned where the shards are not: --emit-commands names the set
+            run_data(spec, fraction, out)
+    # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
+    _refuse_other_plans(runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")})
     base_lr = None
     tally = Tally()
     if spec.learning_rate.sweep:
@@ -131,7 +235,7 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
             _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
         else:
             base_lr = lr_sweep(spec, train_samples, out, log, parallel, per_process, tally)
-    runs = expand(spec, train_samples, base_lr)
+            runs = expand(spec, train_samples, base_lr)
     if emit_commands is not None:
         lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n"
                  + launch_line(spec, r, out, train_samples) for r in runs]
@@ -144,12 +248,7 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
     log(f"{len(runs)} run(s): {share.describe()}")
     rule = spec.learning_rate.describe(base_lr)
-    # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file.
-    others = sorted({str(r.get("sweep")) for r in _rows(out / "results.jsonl")} - {"None", spec.name})
-    if others:
-        raise SweepError(f"{out / 'results.jsonl'} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the "
-                         "spec's name): give this spec its own --out, or its earlier name to continue that sweep")
-    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, "sweep": spec.name}, tally)
+    rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, **plan_record(spec)}, tally)
     _summary(tally, out, log)
     return rows
 
@@ -172,9 +271,8 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int,
     loss wins; results in lr_sweep.jsonl (resumable), not in results.jsonl, so no fit sees them."""
     runs = sweep_runs(spec, train_samples)
     tally = tally if tally is not None else Tally()
-    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, device_share(spec, runs, parallel, per_process,
-                                                                        os.cpu_count() or 2), {"lr_rule": "lr sweep"},
-             tally)
+    share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
+    _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, share, {"lr_rule": "lr sweep", **plan_record(spec)}, tally)
     if tally.failed:
         raise SweepError(f"the lr sweep's run(s) {', '.join(tally.failed)} failed (output above); run the same "
                          "`mixmae scaling run` again to retry them")
@@ -198,12 +296,17 @@ def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
                                               epochs=spec.epochs[:1]), train_samples),
                    key=lambda r: r.params)
     size = next(s for s in spec.sizes if s["name"] == smallest.size)
-    runs = []
+    runs: list[PlannedRun] = []
     for lr in spec.learning_rate.sweep:
         one = dataclasses.replace(spec, sizes=[size], seeds=spec.seeds[:1], data_fractions=[smallest.data_fraction],
                                   budgets=sorted(spec.budgets)[:1], steps=spec.steps[:1], epochs=spec.epochs[:1])
         run = expand(one, train_samples, lr)[0]
-        runs.append(dataclasses.replace(run, run_id=f"lr{lr:g}-{run.run_id}"))
+        run = dataclasses.replace(run, run_id=f"lr{lr:g}-{run.run_id}")
+        if any(r.run_id == run.run_id for r in runs):  # the id shows 6 significant digits
+            raise ConfigError(f"{spec.file or 'the sweep spec'}: learning_rate.sweep values "
+                              f"{list(spec.learning_rate.sweep)} give the run id {run.run_id} twice: make them "
+                              "differ in their first 6 significant digits")
+        runs.append(run)
     return runs
 
 
@@ -247,15 +350,66 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
 
 
 def _rows(path: Path) -> list[dict]:
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
+    """The rows of results.jsonl (or lr_sweep.jsonl) with their line numbers, each line one finished run's; a line
+    that is not one is refused naming path:line (a bare JSON error named no file)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            row, problem = None, f"not JSON ({exc})"
+        else:
+            problem = "not a run's row (a JSON object with a run_id)"
+        if not isinstance(row, dict) or "run_id" not in row:
+            raise SweepError(f"{path}:{number}: {problem}; each line is one finished run's row: mend or remove that "
+                             "line (a removed run's finished folder is read again, or the run is run again)")
+        rows.append((number, row))
+    return rows
+
+
+def _mend_last_line(path: Path, log) -> None:
+    """A sweep killed while appending leaves a last line without its newline; the next append would glue a row onto
+    it and every later `scaling run` would fail on that line. Whole, it gets its newline; cut short, it goes (said):
+    its run's folder is read again, or the run is run again. Rewritten whole (atomic), never in place."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[cut:]), dict)
+    except ValueError:
+        whole = False
+    if whole:
+        write_text(path, data.decode() + "\n")
+        return
+    write_text(path, data[:cut].decode())
+    log(f"{path}: its last line was cut short ({len(data) - cut} bytes without a newline: a write interrupted); "
+        "removed: that run is read again from its folder, or run again")
 
 
 def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, share: DeviceShare,
              extra: dict, tally: Tally) -> list[dict]:
-    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once."""
-    done = _finished(results)
+    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once. A
+    recorded row of another plan under a run's id is refused before any run starts."""
+    done = _recorded(results)
+    stale = [f"{results}:{done[run.run_id][0]}: run {run.run_id} ({'; '.join(said)})" for run in runs
+             if run.run_id in done and (said := _differences(done[run.run_id][1], run, extra))]
+    if stale:
+        raise SweepError(f"{len(stale)} recorded run(s) were run under another plan than the spec's now, under the "
+                         f"same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their rows are no "
+                         f"points of this plan: give the changed spec a new --out, or remove those rows from "
+                         f"{results.name} and their folders from {out / 'runs'} to run them again")
+    _refuse_other_plans(runs, out, set(done))
     pending = []
     rows: list[dict] = []
     for index, run in enumerate(runs, start=1):
@@ -265,7 +419,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         elif _complete(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
             try:
-                row = {**_row(spec, run, run_dir, None), **extra}
+                row = {**_row(spec, run, run_dir, None), **_data_read_if_here(spec, run, out), **extra}
             except Diverged as exc:
                 tally.diverged.append(run.run_id)
                 log(f"[{index}/{len(runs)}] {exc}")
@@ -289,7 +443,8 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             if not code:
                 try:
                     row = {**_row(spec, run, out / "runs" / run.run_id, wall_s,
-                                  subset_shards(spec.shards, run.data_fraction, out / "data")), **extra}
+                                  subset_shards(spec.shards, run.data_fraction, out / "data")),
+                           **data_read(spec, run.data_fraction, out), **extra}
                 except Diverged as exc:
                     tally.diverged.append(run.run_id)
                     log(f"[{index}/{len(runs)}] {exc}")
@@ -412,18 +567,79 @@ def _complete(run_dir: Path, run: PlannedRun) -> bool:
 
 
 def ran_to_its_end(summary: dict, run: PlannedRun) -> bool:
-    """The run reached the last step of its own schedule, not a stop (a time limit's signal). Its own schedule can
-    end a few steps before the plan's: a set without a validation split gives its train split's tail to the
-    held-out loss, which shortens the run's epochs (`_row` records the steps it took)."""
+    """The run reached the last step of its own schedule, not a stop (a time limit's signal). That its schedule is
+    the plan's is `schedule_mismatch`'s to say: its own can end a few steps before the plan's (a held-out tail), and
+    `_row` records the steps it took."""
     if summary.get("stopped_by_signal"):
         return False
     steps = summary.get("steps")
     return steps is not None and steps >= summary.get("planned_steps", run.steps)
 
 
+def _data_read_if_here(spec: SweepSpec, run: PlannedRun, out: Path) -> dict:
+    """`data_read`, where the shards can be read (a run read from its folder may have run where they are not)."""
+    try:
+        return data_read(spec, run.data_fraction, out)
+    except DataError:
+        return {}
+
+
+def _refuse_other_plans(runs: list[PlannedRun], out: Path, recorded: set[str]) -> None:
+    """Before any run starts: the folders of runs not yet recorded must hold this plan's runs (or none)."""
+    others = [f"{out / 'runs' / run.run_id}: {said}" for run in runs if run.run_id not in recorded
+              and (said := _other_plan(out / "runs" / run.run_id, run))]
+    if others:
+        raise SweepError(f"{len(others)} run folder(s) hold runs of another plan: {' | '.join(others[:5])}"
+                         f"{' | ...' if len(others) > 5 else ''}. Remove them to run this plan's runs there, or give "
+                         "the spec a new --out")
+
+
+def _other_plan(run_dir: Path, run: PlannedRun) -> str | None:
+    """Why a run folder with a summary holds a run of another plan (None: it is this plan's run, finished or to
+    resume). Its summary's own end was the finish line: a folder of 5 steps planned 5, from an earlier spec of 50,
+    was read as finished and binned at the full budget."""
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return None
+    try:
+        record = read_record(run_dir)
+    except ValueError:  # unreadable (rewritten at its next launch): no held-out tail to allow for
+        record = None
+    return schedule_mismatch(json.loads(summary.read_text()), run, record)
+
+
+def schedule_mismatch(summary: dict, run: PlannedRun, record: dict | None) -> str | None:
+    """Whether the folder's own schedule ends where the plan's does: at the plan's steps; or one step later, where
+    the epochs the sweep sets (steps / steps per epoch) round up a step and nothing caps them (`mixmae launch` lines
+    carry no --max-steps); or a few steps before, by as much as a held-out tail of the train split (a set without a
+    validation split, run.json's held-out entry) shortens the run's epochs: at most ceil(S x (tail + batch) /
+    (samples - batch)) of S steps, samples being the train split's before the cut. Anything else is another plan's."""
+    own = summary.get("planned_steps", summary.get("steps"))
+    if own is None or run.steps <= own <= run.steps + 1:
+        return None
+    allowed = 0
+    data = (record or {}).get("data") or []
+    heldout = next((d for d in data if d.get("role") == "held-out" and d.get("train_tail")), None)
+    train = [d for d in data if d.get("role") == "train" and heldout is not None and d.get("split") ==
+             heldout.get("split") and same_location(str(d.get("location")), str(heldout.get("location")))]
+    if heldout is not None and len(train) == 1:  # a mixture's sets are other folders: no tail cut from them
+        batch, samples = run.global_batch or run.images_seen // run.steps, int(train[0].get("samples") or 0)
+        allowed = (math.ceil(run.steps * (heldout["train_tail"] + batch) / (samples - batch)) if samples > batch
+                   else run.steps)
+    if run.steps - allowed <= own < run.steps:
+        return None
+    tail = f"; a held-out tail allows {allowed} step(s) fewer" if allowed else ""
+    return (f"its own schedule ends at step {own}, the plan's at {run.steps}{tail}: a run of another plan (an earlier "
+            "spec or --max-steps), not a point of this one")
+
+
 def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, subset: Path | None = None) -> dict:
     """The results.jsonl line of a finished run folder; `wall_s` None: the run's own wall time."""
     summary = json.loads((run_dir / "summary.json").read_text())
+    record = read_record(run_dir)
+    mismatch = schedule_mismatch(summary, run, record)
+    if mismatch:
+        raise RuntimeError(f"run {run.run_id} ({run_dir}): {mismatch}")
     if not ran_to_its_end(summary, run):  # its checkpoint resumes it
         raise RuntimeError(f"run {run.run_id} ({run_dir}): stopped at step {summary.get('steps')} of "
                            f"{summary.get('planned_steps', run.steps)}, not a point of the study; the same "
@@ -439,7 +655,7 @@ def _row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | None, 
     last_row = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
     row = {**asdict(run), "overrides": list(run.overrides), "train_loss": float(last_row[3]),
            "heldout_loss": summary["heldout_loss_end"], "wall_s": wall_s if wall_s is not None else summary["wall_s"],
-           **point_provenance(read_record(run_dir))}
+           **point_provenance(record)}
     if summary["steps"] != run.steps:  # what it trained, not what was planned: C and D follow its steps
         scale = summary["steps"] / run.steps
         row.update(steps=summary["steps"], images_seen=round(run.images_seen * scale), flops=run.flops * scale,

@@ -11,6 +11,7 @@
       - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8]}}
       - {name: w32, model: {embed_dim: 32}}
     data_fractions: [0.5, 1.0]         # share of the training shards each run may read (of every source's)
+                                       # (a grid's; an iso-FLOP design takes one)
     steps: [60, 120]                   # a grid: optimizer steps per run (or epochs: [...])
     # or, instead of steps/epochs, an iso-FLOP design (Hoffmann et al. 2022, approach 2): every size
     # trains on each budget, its steps chosen so that it spends that many training FLOPs
@@ -48,6 +49,8 @@ from mixmae_scale.models.flops import model_report
 KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "budgets", "seeds", "set",
               "probe", "learning_rate", "cluster", "train_samples", "sources"}
 LR_RULES = ("fixed", "inverse_width")
+BUDGET_TOLERANCE = 0.05  # an iso-FLOP run's whole steps may spend its budget this far off, no further
+FEW_STEPS = 10  # fewer steps than this: a warm-up and cosine of a step or two (warned of)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class SweepSpec:
     cluster: dict[str, Any] = field(default_factory=lambda: {"gpus_per_node": 8, "max_nodes": 16})
     train_samples: int | None = None  # recorded in the spec: plans without the shards
     sources: list[dict[str, Any]] = field(default_factory=list)  # a training mixture: {shards, weight, split}
+    file: str | None = None  # the spec's path, for the refusals that come after loading (`expand`)
 
     def train_samples_for_plan(self, given: int | None = None) -> int:
         """The training split's size for planning: `given` (--train-samples), else the shards' manifest, else
@@ -166,34 +170,52 @@ def load_spec(path: str | Path) -> SweepSpec:
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: size names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}):"
                           " each names its runs and their folders")
-    fractions = _listed(path, raw, "data_fractions", float)
+    fractions = _listed(path, raw, "data_fractions", float, unique=True)
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError(f"{path}: data_fractions must lie in (0, 1], got {raw['data_fractions']}")
+    if "budgets" in raw and len(fractions) > 1:
+        raise ConfigError(f"{path}: data_fractions {fractions}: an iso-FLOP design (budgets) takes one data fraction; "
+                          "its fit pools a budget's runs of one size as seeds, so runs on two fractions would count as "
+                          "two seeds of one point. Run one spec per fraction, each with its own --out")
     profile = str(raw["profile"])
     if Path(profile).suffix in (".yaml", ".yml"):
         profile = _beside(path, profile)
     train_samples = raw.get("train_samples")
-    if train_samples is not None and (not isinstance(train_samples, int) or train_samples < 1):
+    if train_samples is not None and (not _integer(train_samples) or train_samples < 1):
         raise ConfigError(f"{path}: train_samples must be a positive integer, got {train_samples!r}")
+    probe = raw.get("probe", False)
+    if not isinstance(probe, bool):  # bool('no') is True: a quoted 'no' probed every run
+        raise ConfigError(f"{path}: 'probe' must be true or false, got {probe!r}")
     spec = SweepSpec(str(raw["name"]), profile, _beside(path, str(raw["shards"])), sizes, fractions,
-                     _listed(path, raw, "steps", int, []), _listed(path, raw, "epochs", float, []),
-                     _listed(path, raw, "seeds", int, [0]), _listed(path, raw, "set", str, []),
-                     bool(raw.get("probe", False)), _listed(path, raw, "budgets", float, []),
+                     _listed(path, raw, "steps", int, [], unique=True),
+                     _listed(path, raw, "epochs", float, [], unique=True),
+                     _listed(path, raw, "seeds", int, [0], unique=True), _listed(path, raw, "set", str, []),
+                     probe, _listed(path, raw, "budgets", float, [], unique=True),
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
-                     train_samples, _sources(path, raw.get("sources", [])))
+                     train_samples, _sources(path, raw.get("sources", [])), str(path))
     if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
         raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
     _check_size_budgets(path, spec)
     return spec
 
 
-def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list | None = None) -> list:
-    """`key`'s non-empty list, each entry of `kind` (an int must be written as one: 40.7 steps is not 40)."""
+def _integer(value: Any) -> bool:
+    """An int written as one: YAML's true is an int to Python, and was taken as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list | None = None,
+            name: str | None = None, unique: bool = False) -> list:
+    """`key`'s non-empty list, each entry of `kind` (an int must be written as one: 40.7 steps is not 40); `name`:
+    the key as the spec writes it (learning_rate.sweep). `unique`: an entry written twice would plan the same runs
+    twice under one run id, and the second would be skipped as done or run into the first's folder."""
+    name = name or key
     if key not in raw:
         return list(default or [])
     value = raw[key]
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{path}: '{key}' must be a non-empty list, e.g. {key}: [{_example(kind)}], got {value!r}")
+        raise ConfigError(f"{path}: '{name}' must be a non-empty list, e.g. {name}: [{_example(kind)}], got "
+                          f"{value!r}")
     accepted = {object: object, str: str, int: int, float: int | float}[kind]
     out = []
     for entry in value:
@@ -201,8 +223,11 @@ def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list
             with contextlib.suppress(ValueError):
                 entry = float(entry)
         if not isinstance(entry, accepted) or (kind is not object and isinstance(entry, bool)):
-            raise ConfigError(f"{path}: '{key}' holds {entry!r}, not {_example(kind, named=True)}")
+            raise ConfigError(f"{path}: '{name}' holds {entry!r}, not {_example(kind, named=True)}")
         out.append(float(entry) if kind is float else entry)
+    repeated = sorted({repr(v) for v in out if out.count(v) > 1})
+    if unique and repeated:
+        raise ConfigError(f"{path}: '{name}' repeats {', '.join(repeated)}: each entry plans runs of their own")
     return out
 
 
@@ -222,17 +247,17 @@ def size_trains_on(size: dict[str, Any], budget: float) -> bool:
 
 def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
     """A size's own `budgets` must be budgets of the spec, and every budget needs 3 sizes for its parabola."""
-    for size in spec.sizes:
+    for number, size in enumerate(spec.sizes):
         if "budgets" not in size:
             continue
         if not spec.budgets:
             raise ConfigError(f"{path}: size {size['name']!r} lists budgets, but the spec has no 'budgets' "
                               "(per-size budgets belong to an iso-FLOP design)")
-        own = size["budgets"]
-        if not isinstance(own, list) or not own or any(not any(_same_budget(b, c) for c in spec.budgets)
-                                                       for b in own):
+        own = _listed(path, size, "budgets", float, name=f"sizes[{number}].budgets", unique=True)
+        if any(not any(_same_budget(b, c) for c in spec.budgets) for b in own):
             raise ConfigError(f"{path}: size {size['name']!r} budgets must be a non-empty list drawn from the "
-                              f"spec's budgets {spec.budgets}, got {own!r}")
+                              f"spec's budgets {spec.budgets}, got {size['budgets']!r}")
+        size["budgets"] = own
     for budget in spec.budgets:
         count = sum(size_trains_on(size, budget) for size in spec.sizes)
         if count < 3:
@@ -264,10 +289,10 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
     if rule not in LR_RULES:
         raise ConfigError(f"{path}: learning_rate.rule must be one of {list(LR_RULES)}, got {rule!r}")
     base_width = raw.get("base_width")
-    if rule == "inverse_width" and (not isinstance(base_width, int) or base_width < 1):
+    if rule == "inverse_width" and (not _integer(base_width) or base_width < 1):
         raise ConfigError(f"{path}: learning_rate.rule inverse_width needs base_width, a positive integer (the "
                           f"embed_dim whose lr the sweep sets), got {base_width!r}")
-    sweep = tuple(float(v) for v in raw.get("sweep", []))
+    sweep = tuple(_listed(path, raw, "sweep", float, [], name="learning_rate.sweep", unique=True))
     if any(v <= 0 for v in sweep):
         raise ConfigError(f"{path}: learning_rate.sweep values must be positive, got {list(sweep)}")
     return LearningRateRule(rule, base_width, sweep)
@@ -275,10 +300,12 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
 
 def _cluster(path: Path, raw: Any) -> dict[str, Any]:
     counts = {k: v for k, v in raw.items() if k != "file"} if isinstance(raw, dict) else None
-    if counts is None or set(counts) - {"gpus_per_node", "max_nodes"} or any(
-            not isinstance(v, int) or v < 1 for v in counts.values()) or not isinstance(raw.get("file", ""), str):
+    if counts is None or set(counts) - {"gpus_per_node", "max_nodes"} or not isinstance(raw.get("file", ""), str):
         raise ConfigError(f"{path}: cluster is a mapping of gpus_per_node and max_nodes (positive integers) and "
                           f"optionally file (a cluster file, as for `mixmae launch --cluster`), got {raw!r}")
+    for key, value in counts.items():
+        if not _integer(value) or value < 1:
+            raise ConfigError(f"{path}: cluster.{key} must be a positive integer, got {value!r}")
     cluster: dict[str, Any] = {"gpus_per_node": 8, "max_nodes": 16, **counts}
     if raw.get("file"):
         cluster["file"] = _beside(path, raw["file"])
@@ -296,6 +323,7 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
     runs = []
     budgets = spec.steps or spec.epochs or spec.budgets
     lr_sets = spec.learning_rate.overrides(base_lr)
+    made: dict[str, tuple[float, float]] = {}  # run id -> the (data fraction, budget or steps) it came from
     for size, fraction, budget, seed in itertools.product(spec.sizes, spec.data_fractions, budgets, spec.seeds):
         if spec.budgets and not size_trains_on(size, budget):
             continue
@@ -311,7 +339,52 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
         else:
             steps = int(budget) if spec.steps else int(budget * resolved.derived.steps_per_epoch)
             run_id = f"{size['name']}-d{fraction:g}-s{steps}-seed{seed}"
+        if run_id in made:
+            _refuse_same_id(spec, run_id, made[run_id], (fraction, budget))
+        made[run_id] = (fraction, budget)
         images = steps * batch
         runs.append(PlannedRun(run_id, size["name"], fraction, steps, seed, overrides, int(report["pretrain_params"]),
                                images, per_image * images, float(budget) if spec.budgets else None, batch))
     return runs
+
+
+def _refuse_same_id(spec: SweepSpec, run_id: str, first: tuple[float, float], second: tuple[float, float]) -> None:
+    """Two planned runs under one id: the second would be skipped as done, or run into the first's folder. An id
+    shows a budget to 3 significant digits, a fraction to 6, and a grid's steps, which two epochs can share."""
+    key = "data_fractions" if first[0] != second[0] else next(k for k in ("steps", "epochs", "budgets") if
+                                                               getattr(spec, k))
+    values = [first[0], second[0]] if key == "data_fractions" else [first[1], second[1]]
+    raise ConfigError(f"{spec.file or 'the sweep spec'}: {key} {values[0]!r} and {values[1]!r} give the same run id "
+                      f"{run_id}, which names a run's row and folder: make them differ "
+                      f"{'in their first 3 significant digits' if key == 'budgets' else 'by more'}")
+
+
+def budget_problems(runs: list[PlannedRun]) -> tuple[list[str], list[str]]:
+    """(iso-FLOP runs whose whole steps spend more than BUDGET_TOLERANCE off their budget, runs of fewer than
+    FEW_STEPS steps). A large size at a small budget takes a step or two, and rounding them spent 70% or 130% of
+    the budget without a word: its point then sits in that budget's parabola at another compute."""
+    off, few = [], []
+    for run in runs:
+        if run.budget is None:
+            continue
+        ratio = run.flops / run.budget
+        said = (f"{run.run_id} (size {run.size} at budget {run.budget:.3g}): {run.steps} step(s) of "
+                f"{run.flops / run.steps:.3g} FLOPs spend {ratio:.2f}x the budget")
+        if abs(ratio - 1) > BUDGET_TOLERANCE:
+            off.append(said)
+        elif run.steps < FEW_STEPS:
+            few.append(f"{said}, in fewer than {FEW_STEPS} steps")
+    return off, few
+
+
+def check_budgets(spec: SweepSpec, runs: list[PlannedRun], log) -> None:
+    """`scaling run` refuses runs off their budget before any run starts (the lr sweep's included) and says
+    which take very few steps."""
+    off, few = budget_problems(runs)
+    for line in few:
+        log(f"warning: {line}")
+    if off:
+        raise ConfigError(f"{spec.file or 'the sweep spec'}: {len(off)} iso-FLOP run(s) would spend more than "
+                          f"{BUDGET_TOLERANCE:.0%} off their budget in whole steps: {'; '.join(off)}. Leave those "
+                          "budgets out of the size's own list (sizes[i].budgets), or give the runs a smaller global "
+                          "batch so that they take more steps; `mixmae scaling plan` lists every run")

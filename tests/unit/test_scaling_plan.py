@@ -19,7 +19,7 @@ BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
     ("budgets: [1.0e12]\nlearning_rate: {rule: inverse_width}\n", "needs base_width"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "sweep values must be positive"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
-    ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster is a mapping"),
+    ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster.gpus_per_node must be a positive integer, got 0"),
     ("budgets: [1.0e12]\ncluster: {file: 3}\n", "optionally file"),
     ("budgets: [1.0e12]\n", "budget 1e\\+12 has 1 size"),
 ])
@@ -27,6 +27,38 @@ def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, m
     path = tmp_path / "spec.yaml"
     path.write_text(BASE + extra)
     with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    # Each was a bare TypeError or ValueError traceback naming neither file nor key, or taken as another value.
+    ("budgets: [1.0e12]\nlearning_rate: {sweep: 0.01}\n", "'learning_rate.sweep' must be a non-empty list"),
+    ("budgets: [1.0e12]\nlearning_rate: {sweep: [1.0e-3, abc]}\n", "'learning_rate.sweep' holds 'abc', not a number"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.01, true]}\n",
+     "'learning_rate.sweep' holds True, not a number"),
+    ("budgets: [2.0e11]\nsizes: [{name: a, budgets: [2.0e11, x]}, b, c]\n",
+     "'sizes[0].budgets' holds 'x', not a number"),
+    ("budgets: [2.0e11]\nsizes: [a, b, {name: c, budgets: 2.0e11}]\n", "'sizes[2].budgets' must be a non-empty list"),
+    ("steps: [5]\nprobe: 'no'\n", "'probe' must be true or false, got 'no'"),  # bool('no') is True: it probed
+    ("steps: [5]\nprobe: 1\n", "'probe' must be true or false, got 1"),
+    ("steps: [5]\nlearning_rate: {rule: inverse_width, base_width: true}\n", "needs base_width, a positive integer "
+                                                                               "(the embed_dim whose lr the sweep "
+                                                                               "sets), got True"),
+    ("steps: [5]\ncluster: {gpus_per_node: true}\n", "cluster.gpus_per_node must be a positive integer, got True"),
+    ("steps: [5]\ncluster: {max_nodes: 2.5}\n", "cluster.max_nodes must be a positive integer, got 2.5"),
+    ("steps: [5]\ntrain_samples: true\n", "train_samples must be a positive integer, got True"),
+])
+def test_mistyped_spec_values_are_refused_naming_the_file_and_key(tmp_path, extra, message):
+    """A true where a count goes was taken as 1, a quoted 'no' as true; a scalar where a list goes, or a word in
+    one, was a traceback. Each is now one ConfigError naming the spec file and the key."""
+    import re
+
+    path = tmp_path / "spec.yaml"
+    text = BASE + extra
+    if "sizes: " in extra:
+        text = text.replace("sizes: [tiny]\n", "")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
         load_spec(path)
 
 
@@ -124,11 +156,12 @@ def test_scaling_plan_plans_without_the_shards_when_the_count_is_given_or_record
 def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_shards, tmp_path):
     """`sources:` trains every run on a mixture (data.sources): paths beside the spec, s3:// kept; a data fraction
     takes that share of each set's shards (pointing into them, nothing copied), and an epoch's samples count each
-    set by its weight."""
+    set by its weight. A fraction whole shards of one of the sets miss by more than 10% is refused."""
     import json
+    import re
 
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.scaling.run import run_data
+    from mixmae_scale.scaling.run import data_read, run_data
 
     (tmp_path / "sets").mkdir()
     spec_path = tmp_path / "sets" / "spec.yaml"
@@ -141,13 +174,21 @@ def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_s
     spec = load_spec(spec_path)
     assert spec.sources[1] == {"shards": str(tmp_path / "demo"), "weight": 1.0, "split": "val"}
     spec.sources[1]["shards"] = str(demo_shards)  # the val split of the same demo set, as the second source
-    sets, samples = run_data(spec, 0.5, tmp_path / "out")
+    sets, samples = run_data(spec, 1.0, tmp_path / "out")
     mixture = json.loads(sets[1].split("=", 1)[1])
     assert sets[1].startswith("data.sources=") and [m["weight"] for m in mixture] == [2.0, 1.0]
-    train, val = (load_split(m["shards"], "train") for m in mixture)
-    assert len(train.names) == 3 and len(val.names) == 1  # ceil(0.5 x 5) train shards, ceil(0.5 x 2) val shards
-    assert samples == 2 * train.samples + val.samples
+    train, val = (load_split(m["shards"], "train") for m in mixture)  # the val source's split trains as "train"
+    assert len(train.names) == 5 and len(val.names) == 2 and samples == 2 * 300 + 80
+    # 0.6 of each set: 3 of the train split's 5 shards (192 of 300 samples), but both of val's 2 (64 + 16): refused
+    with pytest.raises(ConfigError, match=re.escape(f"data_fractions 0.6 of {demo_shards} ('val': 2 shards, 80 "
+                                                    "samples) is 2 whole shard(s), 80 samples: 1 of the set")):
+        run_data(spec, 0.6, tmp_path / "out")
+    spec.sources[1] = {"shards": str(demo_shards), "weight": 1.0}  # its train split: 3 of 5 shards, as the first
+    sets, samples = run_data(spec, 0.6, tmp_path / "out")
+    train, again = (load_split(m["shards"], "train") for m in json.loads(sets[1].split("=", 1)[1]))
+    assert len(train.names) == len(again.names) == 3 and samples == 2 * train.samples + again.samples == 3 * 192
     assert train.tar_url(0) == str(demo_shards / load_split(demo_shards, "train").names[0])
+    assert data_read(spec, 0.6, tmp_path / "out") == {"data_fraction_read": 0.64, "train_samples_read": 576}
     s3 = tmp_path / "s3.yaml"
     s3.write_text(BASE + "steps: [2]\nsources: [{shards: s3://bucket/set}]\n")
     assert load_spec(s3).sources[0]["shards"] == "s3://bucket/set"
@@ -207,3 +248,118 @@ def test_emitted_lines_for_runs_on_several_nodes_carry_the_specs_cluster_file_an
     line = next(x for x in (tmp_path / "lines.sh").read_text().splitlines() if x.startswith("mixmae launch"))
     assert line.startswith(f"mixmae launch tiny --cluster {tmp_path / 'clusters' / 'gpu.yaml'} --set ")
     assert "cluster.num_nodes=2" in line and line.count("data.shards=") == 1
+
+
+THREE = """name: three
+profile: tiny
+shards: s
+train_samples: 2560
+data_fractions: [1]
+set: ["model.img_size=64", "model.window_size=[8, 8, 4, 2]"]
+sizes:
+  - {name: w4, model: {embed_dim: 4, num_heads: [1, 1, 1, 1], decoder_dim: 4, decoder_heads: 1}}
+  - {name: w8, model: {embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 8, decoder_heads: 1}}
+  - {name: w12, model: {embed_dim: 12, num_heads: [1, 2, 4, 4], decoder_dim: 12, decoder_heads: 1}}
+"""
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("budgets: [1.0e11, 1.0e11]\n", "'budgets' repeats 100000000000.0"),
+    ("budgets: [1.0e11]\nseeds: [0, 1, 0]\n", "'seeds' repeats 0"),
+    ("steps: [5, 5]\n", "'steps' repeats 5"),
+    ("epochs: [0.5, 0.5]\n", "'epochs' repeats 0.5"),
+    ("steps: [5]\ndata_fractions: [0.5, 0.5]\n", "'data_fractions' repeats 0.5"),
+    ("budgets: [1.0e11]\nlearning_rate: {sweep: [0.01, 0.01]}\n", "'learning_rate.sweep' repeats 0.01"),
+    # an iso-FLOP id names no fraction, and its fit would pool the two fractions' runs as seeds of one point
+    ("budgets: [1.0e11]\ndata_fractions: [0.5, 1.0]\n", "data_fractions [0.5, 1.0]: an iso-FLOP design (budgets) "
+                                                       "takes one data fraction"),
+])
+def test_entries_that_plan_one_run_twice_are_refused_when_the_spec_is_read(tmp_path, extra, message):
+    """Each gave two planned runs one run id: the second was skipped as done earlier (the study silently one run
+    short) or, running side by side, both wrote into one folder."""
+    import re
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE.replace("data_fractions: [1]\n", "") + ("" if "data_fractions" in extra else
+                                                                  "data_fractions: [1]\n") + extra)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_spec(path)
+    path.write_text(WINDOWED.replace("budgets: [1.0e11]}", "budgets: [1.0e11, 1.0e11]}"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: 'sizes[0].budgets' repeats 100000000000.0")):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("budgets: [1.0e11, 1.0004e11]\n", "budgets 100000000000.0 and 100040000000.0 give the same run id "
+                                        "w4-C1e+11-seed0"),
+    ("epochs: [1.0, 1.01]\n", "epochs 1.0 and 1.01 give the same run id w4-d1-s80-seed0"),
+    ("steps: [5]\ndata_fractions: [0.5, 0.5000001]\n", "data_fractions 0.5 and 0.5000001 give the same run id "
+                                                      "w4-d0.5-s5-seed0"),
+])
+def test_distinct_entries_that_print_as_one_run_id_are_refused_when_planned(tmp_path, extra, message):
+    """An id shows a budget to 3 significant digits and a fraction to 6; two epochs can come to the same steps."""
+    import re
+
+    from mixmae_scale.scaling.spec import expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE.replace("data_fractions: [1]\n", "") + ("" if "data_fractions" in extra else
+                                                                  "data_fractions: [1]\n") + extra)
+    spec = load_spec(path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        expand(spec, 2560)
+
+
+def test_lr_sweep_values_that_print_as_one_run_id_are_refused(tmp_path):
+    import re
+
+    from mixmae_scale.scaling.run import sweep_runs
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + "budgets: [1.0e11]\nlearning_rate: {sweep: [0.001, 0.0010000001]}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: learning_rate.sweep values [0.001, 0.0010000001] give "
+                                                    "the run id lr0.001-w4-C1e+11-seed0 twice")):
+        sweep_runs(load_spec(path), 2560)
+
+
+def test_iso_flop_runs_whose_whole_steps_miss_their_budget_are_said_by_plan_and_refused_by_run(tmp_path, capsys):
+    """At a budget of 3 of w8's steps, w12 (a step costs about 1.95 of w8's) took 2 steps, 1.30x its budget, and w8
+    3 steps: both were planned and run without a word, w12's point in the budget's parabola at another compute."""
+    import re
+
+    from mixmae_scale.cli import main
+    from mixmae_scale.scaling.run import run_sweep
+    from mixmae_scale.scaling.spec import budget_problems, expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + "budgets: [1.0e11]\n")
+    step = {r.size: r.flops / r.steps for r in expand(load_spec(path), 2560)}
+    budget = 3 * step["w8"]
+    path.write_text(THREE + f"budgets: [{budget!r}]\n")
+    runs = {r.size: r for r in expand(load_spec(path), 2560)}
+    ratio = 2 * step["w12"] / budget
+    assert runs["w12"].steps == 2 and abs(ratio - 1) > 0.05 and runs["w8"].steps == 3
+    off, few = budget_problems(list(runs.values()))
+    w12 = (f"{runs['w12'].run_id} (size w12 at budget {budget:.3g}): 2 step(s) of {step['w12']:.3g} FLOPs spend "
+           f"{ratio:.2f}x the budget")
+    assert w12 in off and not any(line.startswith("w8-") for line in off)
+    assert f"{runs['w8'].run_id} (size w8 at budget {budget:.3g}): 3 step(s) of {step['w8']:.3g} FLOPs spend 1.00x " \
+           "the budget, in fewer than 10 steps" in few
+    assert main(["scaling", "plan", str(path)]) == 0  # the table, and what is wrong with it
+    err = capsys.readouterr().err
+    assert f"warning: {w12}: more than 5% off; `mixmae scaling run` refuses it" in err
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {len(off)} iso-FLOP run(s) would spend more than 5% off "
+                                                    "their budget in whole steps: ") + ".*" + re.escape(w12)):
+        run_sweep(load_spec(path), tmp_path / "out", log=lambda *_: None)
+    assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+
+
+def test_the_shipped_example_specs_plan_every_run_within_its_budget():
+    from pathlib import Path
+
+    from mixmae_scale.scaling.spec import budget_problems, expand
+
+    examples = Path(__file__).resolve().parents[2] / "docs" / "scaling-example"
+    for path in sorted(examples.rglob("sweep.yaml")):
+        spec = load_spec(path)
+        assert budget_problems(expand(spec, spec.train_samples_for_plan())) == ([], []), path

@@ -36,7 +36,7 @@ ISO_FLOP = """
 name: iso-flop
 profile: tiny
 shards: {shards}
-budgets: [6.0e9, 1.2e10]
+budgets: [2.0e10, 4.0e10]
 learning_rate: {{rule: inverse_width, base_width: 8, sweep: [0.005, 0.02]}}
 cluster: {{gpus_per_node: 4, max_nodes: 2}}
 """ + SIZES
@@ -54,7 +54,7 @@ def test_grid_and_iso_flop_expansions(demo_shards, tmp_path):
     for run in runs:  # each run spends its budget to within half a step
         per_step = run.flops / run.steps
         assert abs(run.flops - run.budget) <= per_step / 2
-    w8, w16 = (next(r for r in runs if r.size == s and r.budget == 6e9) for s in ("w8", "w16"))
+    w8, w16 = (next(r for r in runs if r.size == s and r.budget == 2e10) for s in ("w8", "w16"))
     assert w8.steps > w16.steps and "optim.width_lr_base=8" in w16.overrides
     assert "optim.base_learning_rate=0.01" in w16.overrides
 
@@ -99,7 +99,7 @@ def test_iso_flop_sweep_with_lr_sweep_picks_the_lr_skips_finished_runs_reads_fol
     out = tmp_path / "sweep"
     messages: list[str] = []
     rows = run_sweep(spec, out, log=messages.append, parallel=2)
-    assert len(rows) == 6 and all(r["heldout_loss"] > 0 and r["budget"] in (6e9, 1.2e10) for r in rows)
+    assert len(rows) == 6 and all(r["heldout_loss"] > 0 and r["budget"] in (2e10, 4e10) for r in rows)
     sweep = [json.loads(line) for line in (out / "lr_sweep.jsonl").read_text().splitlines()]
     assert len(sweep) == 2 and {r["size"] for r in sweep} == {"w8"}
     best = min(sweep, key=lambda r: r["heldout_loss"])["overrides"]
@@ -209,21 +209,21 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
     read_back = sweep_run._row
 
     def row(spec, run, run_dir, wall_s, subset=None):
-        if run.run_id == "w12-C1.2e+10-seed0":
+        if run.run_id == "w12-C4e+10-seed0":
             raise OSError(f"{run_dir / 'summary.json'}: stale file handle")
         return read_back(spec, run, run_dir, wall_s, subset)
 
     monkeypatch.setattr(sweep_run, "_row", row)
     messages: list[str] = []
-    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C1.2e\+10-seed0;"):
+    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C4e\+10-seed0;"):
         run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     study = stub_runs[1:]  # after the lr sweep's one run
     order = [(planned[run_id].budget, -estimated_seconds(planned[run_id])) for run_id in study]
     assert sorted(study) == sorted(planned) and order == sorted(order)
-    assert [budget for budget, _ in order] == [6e9] * 3 + [1.2e10] * 3 and order[0][1] < order[2][1]
-    assert any("w12-C1.2e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
+    assert [budget for budget, _ in order] == [2e10] * 3 + [4e10] * 3 and order[0][1] < order[2][1]
+    assert any("w12-C4e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
     recorded = [json.loads(line)["run_id"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert sorted(recorded) == sorted(set(planned) - {"w12-C1.2e+10-seed0"})
+    assert sorted(recorded) == sorted(set(planned) - {"w12-C4e+10-seed0"})
 
 
 def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_scores_worst(
@@ -237,18 +237,18 @@ def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_sco
     honest = stub_loss
 
     def loss(run):
-        return float("nan") if run.run_id.startswith("lr0.02-") or run.run_id == "w12-C1.2e+10-seed0" else honest(run)
+        return float("nan") if run.run_id.startswith("lr0.02-") or run.run_id == "w12-C4e+10-seed0" else honest(run)
 
     monkeypatch.setitem(globals(), "stub_loss", loss)
     messages: list[str] = []
     rows = run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     planned = {run.run_id for run in expand(spec, spec.train_samples_for_plan(), base_lr=0.005)}
-    assert {r["run_id"] for r in rows} == planned - {"w12-C1.2e+10-seed0"}
+    assert {r["run_id"] for r in rows} == planned - {"w12-C4e+10-seed0"}
     assert any(m.startswith("lr sweep: 0.005 -> ") and m.endswith("0.02 -> inf; base lr 0.005") for m in messages)
-    assert "0 failed, 2 diverged (lr0.02-w8-C6e+09-seed0, w12-C1.2e+10-seed0: not points)" in messages[-2]
+    assert "0 failed, 2 diverged (lr0.02-w8-C2e+10-seed0, w12-C4e+10-seed0: not points)" in messages[-2]
     messages.clear()
     assert run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1) == []
-    assert any("w12-C1.2e+10-seed0: held-out loss nan at its end: it diverged" in m and "remove" in m
+    assert any("w12-C4e+10-seed0: held-out loss nan at its end: it diverged" in m and "remove" in m
                for m in messages)
     assert "0 failed, 2 diverged" in messages[-2] and any(m.endswith("; base lr 0.005") for m in messages)
 
@@ -301,11 +301,23 @@ def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_
     assert finished[4][4] == "out of memory\n" and queue.take() is None
 
 
+def _record(run_dir: pathlib.Path, samples: int, tail: int) -> None:
+    """A run.json with what `schedule_mismatch` reads: the train split's samples and the held-out tail cut from it."""
+    where = str(run_dir.parent / "shards")
+    data = [{"role": "train", "location": where, "split": "train", "samples": samples, "split_digest": "a"},
+            {"role": "held-out", "location": where, "split": "train", "samples": tail, "train_tail": tail,
+             "split_digest": "b"}]
+    (run_dir / "run.json").write_text(json.dumps({
+        "run": run_dir.name, "job": "pretrain", "created": "now", "status": "completed", "code": {}, "packages": {},
+        "platform": {}, "data": data, "command": "", "world_size": 1, "precision": {}, "resumes": [],
+        "launches": [{"commit": "abc"}]}))
+
+
 def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     """A worker stopped by a signal (a time limit on the sweep) saves and writes its summary at the step it reached;
     that run is not a point of the study, and the error says the same command resumes it. A run whose own schedule
-    ended before the plan's (a held-out tail taken from a train split shortens its epochs) is a point, recorded
-    with the steps, images and FLOPs it trained."""
+    ended before the plan's by what a held-out tail taken from its train split explains is a point, recorded with
+    the steps, images and FLOPs it trained; the same shortfall without a tail is a run of another plan."""
     run_dir = tmp_path / "w8"
     run_dir.mkdir()
     (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n3,1.0,0,1.0\n")
@@ -314,12 +326,44 @@ def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     spec = type("Spec", (), {"probe": False})()
     with pytest.raises(RuntimeError, match=r"run w8 \(.*\): stopped at step 3 of 10, .* resumes it"):
         sweep_run._row(spec, _planned("w8"), run_dir, 1.0)
-    assert not sweep_run._complete(run_dir, _planned("w8"))
+    assert not sweep_run._complete(run_dir, _planned("w8")) and sweep_run._other_plan(run_dir, _planned("w8")) is None
     (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 8, "planned_steps": 8,
                                                       "stopped_by_signal": False}))
+    said = "its own schedule ends at step 8, the plan's at 10: a run of another plan"
+    with pytest.raises(RuntimeError, match=re.escape(f"run w8 ({run_dir}): {said}")):
+        sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # no held-out tail: nothing shortens its epochs
+    assert sweep_run._other_plan(run_dir, _planned("w8")).startswith(said)
+    # 100 train samples, 24 held out, batch 8: 12 steps per epoch planned, 9 run; 10 steps planned end at 8.
+    _record(run_dir, samples=100, tail=24)
     row = sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
     assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
-    assert sweep_run._complete(run_dir, _planned("w8"))
+    assert sweep_run._complete(run_dir, _planned("w8")) and sweep_run._other_plan(run_dir, _planned("w8")) is None
+    _record(run_dir, samples=1000, tail=24)  # a tail that shortens 10 steps by 1 at most
+    assert "a held-out tail allows 1 step(s) fewer" in sweep_run._other_plan(run_dir, _planned("w8"))
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 11, "planned_steps": 11,
+                                                      "stopped_by_signal": False}))
+    assert sweep_run._other_plan(run_dir, _planned("w8")) is None  # epochs that round up a step (no --max-steps)
+
+
+def test_a_run_folder_of_another_plan_is_refused_not_read_as_finished(demo_shards, tmp_path, stub_runs):
+    """A folder of 5 steps planned 5 (an earlier spec's run, or one given --max-steps 5) for a plan of many more was
+    read as finished, its summary's own end taken for the plan's, and binned at the full budget."""
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run = next(r for r in expand(spec, spec.train_samples_for_plan(), base_lr=0.02) if r.run_id == "w8-C4e+10-seed0")
+    assert run.steps == 80
+    run_dir = out / "runs" / run.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n5,1.0,0,1.0\n")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 5, "planned_steps": 5, "heldout_loss_end": 0.9,
+                                                      "wall_s": 1.0}))
+    with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: its own "
+                                                   "schedule ends at step 5, the plan's at 80: a run of another plan")
+                       + ".*" + re.escape("Remove them to run this plan's runs there, or give the spec a new --out")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert stub_runs == [] and not (out / "results.jsonl").exists()  # refused before the lr sweep
 
 
 def test_rows_of_two_sweeps_joined_in_one_file_are_refused(tmp_path):
@@ -349,3 +393,173 @@ def test_a_run_whose_heldout_loss_diverged_is_not_recorded_as_a_point(tmp_path):
                                                        float("nan"), "wall_s": 1.0}))
     with pytest.raises(RuntimeError, match="held-out loss nan at its end: it diverged, not a point"):
         _row(None, run, tmp_path, 1.0)
+
+
+def test_a_results_file_cut_short_is_mended_and_a_line_that_is_no_row_is_refused_by_path_and_line(
+        demo_shards, tmp_path, stub_runs):
+    """A sweep killed while appending left a last line without its newline; the next append glued its row onto it,
+    and from then on every `scaling run` failed with a bare JSON error naming no file."""
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines()
+    cut = lines[-1][: len(lines[-1]) // 2]
+    results.write_text("\n".join(lines[:-1]) + "\n" + cut)  # the last row cut short
+    messages: list[str] = []
+    run_sweep(spec, out, log=messages.append, parallel=1)
+    assert f"{results}: its last line was cut short ({len(cut)} bytes without a newline: a write interrupted); " \
+           "removed: that run is read again from its folder, or run again" in messages
+    assert sum("finished run read from" in m for m in messages) == 1 and len(stub_runs) == 7  # nothing ran again
+    assert sorted(results.read_text().splitlines()) == sorted(lines)
+    assert len(read_results(results)) == 6
+    results.write_text("\n".join(lines))  # a whole last row without its newline: kept
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert results.read_text() == "\n".join(lines) + "\n"
+    results.write_text("\n".join([lines[0], lines[1][:40] + lines[2], *lines[3:]]) + "\n")  # a glued line
+    with pytest.raises(SweepError, match=re.escape(f"{results}:2: not JSON (") + ".*" +
+                       re.escape("; each line is one finished run's row: mend or remove that line")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+    results.write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(SweepError, match=re.escape(f"{results}:2: not a run's row (a JSON object with a run_id)")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+
+
+def test_two_sweeps_on_one_out_folder_are_refused_while_one_holds_it(demo_shards, tmp_path, stub_runs):
+    """Both would have started the same pending runs into the same folders. The lock is the run folders' own
+    (engine/run_lock.py) under another name: the kernel drops it with the holder, and the holder is named."""
+    import os
+
+    from mixmae_scale.engine import run_lock
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    held = run_lock.take(out, ".sweep.lock")  # another `scaling run` holding the folder
+    try:
+        with pytest.raises(run_lock.RunFolderInUse, match=re.escape(f"{out} is in use by another `mixmae scaling "
+                                                                    f"run` (host ") + f".*pid {os.getpid()}.*" +
+                           re.escape("or give this one another --out")):
+            run_sweep(spec, out, log=lambda m: None, parallel=1)
+        assert stub_runs == []
+    finally:
+        held.release()
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7 and not (out / ".sweep.lock").exists()  # released when the sweep ends
+
+
+@pytest.mark.parametrize("change, where, said", [
+    (("batch.micro=8", "batch.micro=4"), "lr_sweep.jsonl:1: run lr0.02-w8-C2e+10-seed0",
+     "overrides: batch.micro=8 recorded, batch.micro=4 planned"),
+    (("rule: inverse_width, base_width: 8, ", "rule: fixed, "), "lr_sweep.jsonl:1: run lr0.02-w8-C2e+10-seed0",
+     "overrides: optim.width_lr_base=8 recorded, - planned"),
+    (("profile: tiny", "profile: tiny.yaml"), "lr_sweep.jsonl:1: run lr0.02-w8-C2e+10-seed0",
+     "profile: 'tiny' recorded, "),
+    # a size's model changed (not the lr sweep's smallest): the study's rows of it are refused
+    (("decoder_dim: 48", "decoder_dim: 40"), "results.jsonl:", "run w12-C2e+10-seed0 (params: "),
+    (("decoder_dim: 48", "decoder_dim: 40"), "results.jsonl:",
+     "overrides: model.decoder_dim=48 recorded, model.decoder_dim=40 planned"),
+])
+def test_a_recorded_run_of_another_plan_under_the_same_id_is_refused_naming_row_and_key(
+        demo_shards, tmp_path, stub_runs, change, where, said):
+    """Run ids name size, budget and seed: a changed `set:`, size, lr rule or profile kept them, and every old row was
+    skipped as done earlier, a point of another study fitted with the new one's."""
+    import shutil
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    shutil.copy(pathlib.Path(__file__).resolve().parents[2] / "launch" / "profiles" / "tiny.yaml", tmp_path)
+    out = tmp_path / "out"
+    run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    spec_path.write_text(spec_path.read_text().replace(*change))
+    results = where.split(":")[0]
+    with pytest.raises(SweepError, match=re.escape(f"{out / where}") + ".*" + re.escape(said) + ".*" + re.escape(
+            f"give the changed spec a new --out, or remove those rows from {results} and their folders from "
+            f"{out / 'runs'} to run them again")):
+        run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7  # nothing ran
+
+
+def test_rows_written_before_rows_named_their_profile_are_still_resumed(demo_shards, tmp_path, stub_runs):
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    for name in ("results.jsonl", "lr_sweep.jsonl"):
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        assert all(row["profile"] == "tiny" and row["sources"] == [] for row in rows)
+        (out / name).write_text("".join(json.dumps({k: v for k, v in row.items() if k not in ("profile", "sources")})
+                                        + "\n" for row in rows))
+    messages: list[str] = []
+    run_sweep(spec, out, log=messages.append, parallel=1)
+    assert len(stub_runs) == 7 and messages[-2].startswith("sweep: 0 ran, 7 reused")
+
+
+def test_a_data_subset_is_made_again_for_other_shards(demo_shards, tmp_path):
+    """`fraction-1/` made for one set was reused for the spec's new shards (or sources): every run read the old set."""
+    import dataclasses
+    import shutil
+
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.scaling.run import run_data
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_shards, other)
+    manifest = json.loads((other / "dataset.json").read_text())
+    train = manifest["splits"]["train"]
+    train["shards"] = train["shards"][:4]  # another set: its first 4 shards
+    train["samples"] = sum(shard["samples"] for shard in train["shards"])
+    (other / "dataset.json").write_text(json.dumps(manifest))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    first, _ = run_data(spec, 1.0, tmp_path / "out")
+    second, _ = run_data(dataclasses.replace(spec, shards=str(other)), 1.0, tmp_path / "out")
+    assert first != second
+    for sets, shards in ((first, demo_shards), (second, other)):
+        train = load_split(sets[0].split("=", 1)[1], "train")
+        assert train.tar_url(0).startswith(str(shards)) and train.samples == load_split(shards, "train").samples
+
+
+def test_a_renamed_spec_is_refused_before_its_lr_sweep_runs_into_the_other_sweeps_folder(
+        demo_shards, tmp_path, stub_runs):
+    import dataclasses
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
+    renamed = dataclasses.replace(spec, name="renamed", learning_rate=dataclasses.replace(spec.learning_rate,
+                                                                                         sweep=(0.01,)))
+    with pytest.raises(SweepError, match=re.escape("holds runs of sweep iso-flop, not of 'renamed'")):
+        run_sweep(renamed, tmp_path / "out", log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7 and not any(name.startswith("lr0.01") for name in stub_runs)
+
+
+def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refused(demo_shards, tmp_path, stub_runs):
+    """The demo's train split: 5 shards, 4 of 64 samples and one of 44. 0.1 is one shard, 64 samples, 0.213 of the
+    set: 2.13x the fraction, recorded as 0.1. 0.6 is 3 shards (0.64, recorded as read); its ceil in floating point
+    (0.6 x 5 = 3.0000000000000004) took 4, 0.853."""
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.scaling.run import run_data
+
+    spec_path = tmp_path / "sweep.yaml"
+    text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+    spec_path.write_text(text.replace("data_fractions: [1.0]", "data_fractions: [0.1]"))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{spec_path}: data_fractions 0.1 of {demo_shards} ('train': 5 shards, 300 samples) is 1 whole shard(s), "
+            "64 samples: 0.213 of the set, 2.13x the fraction (more than 10% off). Whole shards give 0.213 (1 "
+            "shard(s)), 0.427 (2 shard(s)), 0.64 (3 shard(s)): give one of those")):
+        run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda m: None, parallel=1)
+    assert stub_runs == []
+    spec_path.write_text(text.replace("data_fractions: [1.0]", "data_fractions: [0.6]"))
+    spec = load_spec(spec_path)
+    sets, samples = run_data(spec, 0.6, tmp_path / "out")
+    assert len(load_split(sets[0].split("=", 1)[1], "train").names) == 3 and samples == 192
+    rows = run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
+    assert len(rows) == 6 and all((r["data_fraction"], r["data_fraction_read"], r["train_samples_read"]) ==
+                                  (0.6, 0.64, 192) for r in rows)
