@@ -2,7 +2,8 @@
 
 Fitted with scipy's least squares on log residuals (log L_pred - log L) with a robust (Cauchy) loss,
 from several starting points, keeping the best converged one; uncertainty from a seeded bootstrap that
-draws each point's seeds with replacement (runs with the same inputs are seeds of one point), judged by
+draws each point's seeds with replacement (runs of one configuration, `configurations`, are seeds of one point),
+judged by
 `intervals.judge` (a resample whose refit fails counts against the interval, it is not dropped);
 the compute-optimal split of a budget between model size and data from the fitted L(N, D).
 Parameters are optimised in log space (log A, log E, ...) so that they stay positive; the Jacobians are
@@ -23,6 +24,36 @@ from mixmae_scale.scaling.intervals import Interval, Judgement, Support, judge, 
 
 class FitError(ValueError):
     """Data that cannot support the requested fit; the message says what is missing."""
+
+
+# What a sweep sets for a run, besides its seed (`PlannedRun`'s fields; `overrides` also, less `run.seed=`).
+DESIGN = ("budget", "size", "data_fraction", "steps", "global_batch")
+
+
+def configuration(row: dict) -> tuple:
+    """The point a run measures: everything the sweep set for it except its seed. N, D and C alone do not tell
+    points apart: a grid's data fractions at one step count share them, and grouped by them a one-seed sweep's
+    runs became "seeds of one point" with bootstrap intervals and identified laws."""
+    overrides = tuple(str(o) for o in row.get("overrides") or () if not str(o).startswith("run.seed="))
+    return (int(row["params"]), int(row["images_seen"]), float(row["flops"]),
+            *(row.get(key) for key in DESIGN), overrides)
+
+
+def configurations(rows: list[dict]) -> np.ndarray:
+    """The point each run measures (an index per row); the runs of one point are its seeds. Rows without a
+    `seed` (synthetic ones) are taken as seeds of their configuration. Two runs of one configuration with one seed
+    are one measurement twice, not two seeds: refused, naming both."""
+    keys = [configuration(r) for r in rows]
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    seen: dict[tuple, dict] = {}
+    for row, key in zip(rows, keys, strict=True):
+        if row.get("seed") is None:
+            continue
+        first = seen.setdefault((key, row["seed"]), row)
+        if first is not row:
+            raise FitError(f"runs {first.get('run_id', '?')} and {row.get('run_id', '?')} are one configuration with "
+                           f"one seed ({row['seed']}): one measurement twice would count as two seeds; keep one")
+    return np.array([index[key] for key in keys], int)
 
 
 @dataclass

@@ -10,10 +10,10 @@ parameters, needs 4): `intervals.too_few_points`, the rule every fit follows. D*
 model of size N* sees on C: C / f(N*), with f (training FLOPs per image) interpolated
 in log-log across the family, since a Swin's FLOPs per image are not exactly 6N.
 
-Uncertainty is a seeded bootstrap over seeds: in every round each (budget, size) cell draws its seeds with
-replacement, and every parabola and every law is refitted. Only a budget whose every size ran at least
-twice has a spread to draw from; a law through a budget with a size run once has no interval ("one
-seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
+Uncertainty is a seeded bootstrap over seeds: in every round each configuration (`fit.configurations`: a run's settings
+less its seed) draws its seeds with replacement, and every parabola and every law is refitted. Only a budget whose every
+configuration ran at least twice has a spread to draw from; a law through a budget with a configuration run once has no
+interval ("one seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
 through it; `intervals.judge`, which judges every fit of the report, says what that and a wide interval mean.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, fit_compute
+from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, configurations, fit_compute
 from mixmae_scale.scaling.intervals import (
     MAX_LOST_SHARE,
     Interval,
@@ -44,7 +44,7 @@ ONE_SEED_UNIT = "interior budgets have a size run once"
 class BudgetMinimum:
     budget: float
     sizes: int
-    seeds: int  # the fewest runs of any size at this budget
+    seeds: int  # the fewest seeds of any configuration at this budget
     interior: bool  # the vertex lies strictly inside the sizes trained, is a minimum, and the measured best is too
     n_opt: float | None  # the vertex, only when interior
     loss_opt: float | None
@@ -113,23 +113,32 @@ def _flops_per_image(rows: list[dict]):
     return lambda n: np.exp(intercept + slope * np.log(n))
 
 
-def _cells(rows: list[dict]) -> dict[float, dict[int, list[float]]]:
-    by_budget: dict[float, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by_budget[float(r["budget"])][int(r["params"])].append(float(r["heldout_loss"]))
-    return {budget: dict(sorted(sizes.items())) for budget, sizes in sorted(by_budget.items())}
+def _cells(rows: list[dict]) -> dict[float, dict[int, list[list[float]]]]:
+    """Per budget and size, each configuration's losses (its seeds). A size can hold several configurations
+    (data fractions at one budget): they are separate points whose seeds are drawn apart, not seeds of one."""
+    groups = configurations(rows)  # refuses one configuration's seed twice
+    by_budget: dict[float, dict[int, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
+    for r, g in zip(rows, groups, strict=True):
+        by_budget[float(r["budget"])][int(r["params"])].setdefault(int(g), []).append(float(r["heldout_loss"]))
+    return {budget: {n: list(configs.values()) for n, configs in sorted(sizes.items())}
+            for budget, sizes in sorted(by_budget.items())}
 
 
-def _vertex(sizes: dict[int, list[float]]) -> tuple[float, float, bool]:
-    log_n = np.concatenate([np.full(len(v), np.log(n)) for n, v in sizes.items()])
-    return parabola_vertex(log_n, np.concatenate([np.asarray(v, float) for v in sizes.values()]))
+def _losses(configs: list[list[float]]) -> list[float]:
+    return [loss for seeds in configs for loss in seeds]
 
 
-def _minimum(budget: float, sizes: dict[int, list[float]]) -> BudgetMinimum:
+def _vertex(sizes: dict[int, list[list[float]]]) -> tuple[float, float, bool]:
+    losses = {n: _losses(configs) for n, configs in sizes.items()}
+    log_n = np.concatenate([np.full(len(v), np.log(n)) for n, v in losses.items()])
+    return parabola_vertex(log_n, np.concatenate([np.asarray(v, float) for v in losses.values()]))
+
+
+def _minimum(budget: float, sizes: dict[int, list[list[float]]]) -> BudgetMinimum:
     x, loss_opt, interior = _vertex(sizes)
-    means = {n: float(np.mean(v)) for n, v in sizes.items()}
+    means = {n: float(np.mean(_losses(configs))) for n, configs in sizes.items()}
     best = min(means, key=means.__getitem__)
-    return BudgetMinimum(budget, len(sizes), min(len(v) for v in sizes.values()), interior,
+    return BudgetMinimum(budget, len(sizes), min(len(v) for configs in sizes.values() for v in configs), interior,
                          float(np.exp(x)) if interior else None, loss_opt if interior else None, float(best),
                          means[best])
 
@@ -141,13 +150,14 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _draw_vertices(cells, budgets: list[float], rounds: int, seed: int) -> dict[float, np.ndarray]:
-    """Per budget, (rounds, 2) of (log N*, L*) from cells whose seeds are drawn with replacement; NaN where
-    the drawn minimum is not interior."""
+    """Per budget, (rounds, 2) of (log N*, L*) from configurations whose seeds are drawn with replacement; NaN
+    where the drawn minimum is not interior."""
     rng = np.random.default_rng(seed)
     draws = {budget: np.full((rounds, 2), np.nan) for budget in budgets}
     for r in range(rounds):
         for budget in budgets:
-            drawn = {n: list(rng.choice(v, size=len(v), replace=True)) for n, v in cells[budget].items()}
+            drawn = {n: [list(rng.choice(v, size=len(v), replace=True)) for v in configs]
+                     for n, configs in cells[budget].items()}
             x, loss, interior = _vertex(drawn)
             if interior:
                 draws[budget][r] = x, loss

@@ -13,6 +13,8 @@ from mixmae_scale.scaling.fit import (
     FitError,
     LawFit,
     compute_optimal,
+    configuration,
+    configurations,
     extrapolation_error,
     fit_compute,
     fit_nd,
@@ -79,11 +81,11 @@ def _check_one_design(path: Path, rows: list[dict], lines: list[int]) -> None:
 
 def _seed_key(row: dict) -> tuple | None:
     """Two runs of one configuration with one seed are the same measurement (a row written twice). A grid's data
-    fractions, or sizes whose settings change neither N nor C, are other runs with the same N, D and C."""
+    fractions, or sizes whose settings change neither N nor C, are other runs with the same N, D and C. The same
+    key as the fits' points (`configuration`), so that what is read as two seeds is fitted as two seeds."""
     if row.get("seed") is None:
         return None
-    return (int(row["params"]), int(row["images_seen"]), float(row["flops"]), row["seed"], row.get("data_fraction"),
-            row.get("size"), tuple(row.get("overrides") or ()))
+    return configuration(row), row["seed"]
 
 
 def _check_point(path: Path, number: int, row: dict) -> None:
@@ -116,13 +118,6 @@ def frontier_compute(rows: list[dict]) -> np.ndarray:
     if all(r.get("budget") for r in rows):
         return np.array([r["budget"] for r in rows], float)
     return np.array([r["flops"] for r in rows], float)
-
-
-def configurations(rows: list[dict]) -> np.ndarray:
-    """The point each run measures: runs with the same N, D and C are seeds of one configuration."""
-    keys = [(int(r["params"]), int(r["images_seen"]), float(r["flops"])) for r in rows]
-    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    return np.array([index[key] for key in keys], int)
 
 
 def _law_json(law: LawFit) -> dict:
@@ -319,9 +314,10 @@ def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
-             "every (budget, size)'s seeds with replacement."
+             "every configuration's seeds with replacement (a configuration: a run's settings less its seed)."
              + (f" **{iso['left_out'][0].upper()}{iso['left_out'][1:]}.**" if iso.get("left_out") else ""), "",
-             "| budget C | sizes | fewest seeds per size | interior | N* | N* 5-95% | L* | lowest measured: N, loss |",
+             "| budget C | sizes | fewest seeds per configuration | interior | N* | N* 5-95% | L* | "
+             "lowest measured: N, loss |",
              "|---|---|---|---|---|---|---|---|"]
     for m in iso["minima"]:
         ci = format_interval(m["n_opt_5_95"], 3) if m["n_opt_5_95"] else f"- ({m['no_interval']})"

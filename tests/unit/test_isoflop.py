@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -166,3 +167,19 @@ def test_seeds_with_equal_losses_give_a_budget_no_interval_and_say_why():
     fit = fit_iso_flop(rows, bootstrap=50)
     assert all(m.interior and m.seeds == 2 for m in fit.minima)
     assert all(m.n_interval is None and m.missing == "the resamples did not differ" for m in fit.minima)
+
+
+def test_two_data_fractions_at_one_budget_and_size_are_two_points_not_two_seeds():
+    """Before: cells were (budget, size), so a one-seed sweep at two data fractions had "2 seeds" per size, and
+    N*(C) was identified from runs that were never repeated."""
+    rows, _, _ = _sweep(seeds=1)
+    rng = np.random.default_rng(5)
+    both = [{**r, "seed": 0, "data_fraction": fraction, "run_id": f"{r['run_id']}-d{fraction:g}",
+             "heldout_loss": r["heldout_loss"] * (1 + 0.003 * rng.standard_normal())}
+            for r in rows for fraction in (0.5, 1.0)]
+    fit = fit_iso_flop(both, bootstrap=50)
+    assert all(m.seeds == 1 and m.missing == "one seed" for m in fit.minima)
+    assert fit.n_opt.verdict == "not identified (one seed: 5 of 5 interior budgets have a size run once)"
+    with pytest.raises(FitError, match=re.escape(f"runs {both[0]['run_id']} and again are one "
+                                                        "configuration with one seed (0)")):
+        fit_iso_flop([*both, {**both[0], "run_id": "again"}], bootstrap=50)

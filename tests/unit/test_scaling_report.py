@@ -13,7 +13,7 @@ import pytest
 from test_isoflop import _sweep
 
 from mixmae_scale.cli import main
-from mixmae_scale.scaling.fit import nd_law
+from mixmae_scale.scaling.fit import FitError, nd_law
 from mixmae_scale.scaling.intervals import bootstrap_interval, format_interval, verdict
 from mixmae_scale.scaling.report import fit_results, report_markdown, write_report
 
@@ -144,3 +144,43 @@ def test_the_same_grid_with_two_seeds_says_how_many_resamples_refitted_and_that_
         if law["verdicts"][name] == "identified":
             assert interval[0] <= value <= interval[1]
     assert f"{law['resamples'][0].upper()}{law['resamples'][1:]}." in report_markdown(_grid(2), fit, [])
+
+
+def _fractions(seeds: tuple[int, ...]) -> list[dict]:
+    """The audit's sweep: 5 sizes x 3 step counts x data fractions 0.5 and 1.0 x `seeds`. The two fractions'
+    runs at one step count share N, D and C: they are two points, not two seeds of one."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in np.logspace(5, 7, 5).astype(int):
+        for steps in (100, 200, 400):
+            for fraction in (0.5, 1.0):
+                for seed in seeds:
+                    d = 32 * steps
+                    loss = nd_law(n, d, 0.4, 40.0, 0.35, 300.0, 0.25) * (1 + 0.01 * rng.standard_normal())
+                    rows.append({"run_id": f"n{n}-d{fraction:g}-s{steps}-seed{seed}", "params": int(n),
+                                 "images_seen": d, "flops": 6.0 * n * d, "heldout_loss": loss, "seed": seed,
+                                 "data_fraction": fraction, "steps": steps,
+                                 "overrides": [f"model.width={n}", f"run.seed={seed}"]})
+    return rows
+
+
+def test_runs_at_two_data_fractions_are_two_points_not_two_seeds():
+    """Before: grouped by N, D and C alone, this one-seed sweep had 15 "points" of 2 "seeds" each and gave
+    'E: identified (0.524-0.555)'."""
+    fit = fit_results(_fractions(seeds=(0,)), bootstrap=20)
+    assert fit["configurations"] == 30
+    for law in ("L_of_C", "L_of_N_D"):
+        assert not fit[law]["identified"] and set(fit[law]["intervals_5_95"].values()) == {None}, fit[law]
+        assert all(v.startswith("not identified (one seed: ") for v in fit[law]["verdicts"].values())
+    assert set(fit["L_of_N_D"]["verdicts"].values()) == {"not identified (one seed: 30 of 30 points were run once)"}
+    # Two seeds of each: 30 points, each drawn from its own two runs (`run.seed=` is the seed, not a setting).
+    fit = fit_results(_fractions(seeds=(0, 1)), bootstrap=20)
+    assert fit["configurations"] == 30 and fit["L_of_N_D"]["bootstrap_resamples"] == 20
+
+
+def test_one_configuration_with_one_seed_twice_is_refused_naming_both_runs():
+    rows = _fractions(seeds=(0,))
+    twice = [*rows, {**rows[3], "run_id": "again"}]
+    with pytest.raises(FitError, match=f"runs {rows[3]['run_id']} and again are one configuration with one seed "
+                                       r"\(0\)"):
+        fit_results(twice, bootstrap=20)
