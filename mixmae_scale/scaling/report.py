@@ -19,8 +19,8 @@ from mixmae_scale.scaling.fit import (
     fit_compute,
     fit_nd,
 )
-from mixmae_scale.scaling.intervals import IDENTIFIED_FACTOR, format_interval, too_few_points
-from mixmae_scale.scaling.isoflop import PowerLaw, fit_iso_flop
+from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval, too_few_points
+from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop
 
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
@@ -170,6 +170,7 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     use, front, on_front = _compute_fit_set(rows, groups, loss)
     result: dict = {"runs": len(rows), "configurations": len(np.unique(groups)),
                     "bootstrap": {"rounds": bootstrap, "seed": seed}, "identified_factor": IDENTIFIED_FACTOR,
+                    "exponent_width": EXPONENT_WIDTH,
                     "frontier_runs": [rows[i]["run_id"] for i in front],
                     "compute_fit_on": "frontier" if on_front else "all runs (frontier has < 4 configurations)"}
     levels = len(np.unique(frontier_compute(rows)[use]))
@@ -211,8 +212,14 @@ def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray) -
 
 
 def _power_law_json(law: PowerLaw) -> dict:
+    """`exponent_5_95` spans the seed bootstrap's interval (`seed_bootstrap_5_95`) and the residuals'
+    (`line_check`); the verdict is judged on it."""
+    check = law.check and {"degrees_of_freedom": law.check.dof, "residual_rms_ln": law.check.residual_rms,
+                           "seed_rms_ln": law.check.seed_rms, "residual_5_95": law.check.interval,
+                           "exceeds_seeds": law.check.exceeds}
     return {"exponent": law.exponent, "coefficient": law.coefficient, "exponent_5_95": law.interval,
-            "identified": law.identified, "verdict": law.verdict, "budgets": law.budgets}
+            "seed_bootstrap_5_95": law.seed_interval, "line_check": check, "identified": law.identified,
+            "verdict": law.verdict, "budgets": law.budgets}
 
 
 def iso_flop_summary(rows: list[dict], bootstrap: int, seed: int = 0) -> dict | str:
@@ -336,10 +343,16 @@ def _iso_flop_section(iso: dict) -> list[str]:
         if not ci:  # no spread to read it with: the values stay in fit.json
             lines.append(f"- {label}: through {len(law['budgets'])} budgets, no interval: **{law['verdict']}**")
             continue
-        text = f"exponent {law['exponent']:.3f} (5-95%: {format_interval(ci, 3)})"
+        text = f"exponent {law['exponent']:.3f} (5-95%: {format_interval(ci, 3)}; {_spread(ci)})"
         verdict = "identified" if law["identified"] else f"**{law['verdict']}**"
+        check = law["line_check"]
+        seeds = format_interval(law["seed_bootstrap_5_95"], 3)
         lines.append(f"- {label}: {text}, k = {law['coefficient']:.3g}, through {len(law['budgets'])} budgets: "
-                     f"{verdict}")
+                     f"{verdict}. The interval spans the seeds' bootstrap ({seeds}) and the slope's t interval from "
+                     "the minima's scatter about the line "
+                     f"({format_interval(check['residual_5_95'], 3)}, "
+                     f"{degrees_of_freedom(check['degrees_of_freedom'])}): {check['residual_rms_ln']:.2g} rms in ln "
+                     f"about it, {check['seed_rms_ln']:.2g} from the seeds")
     lines += ["", "L*(C) = E + A C^-alpha through the interior minima:", ""]
     lines += _law_lines(iso["L_opt_of_C"])
     ex = iso["L_opt_extrapolation"]
@@ -349,6 +362,14 @@ def _iso_flop_section(iso: dict) -> list[str]:
                  f"Extrapolation check of L*(C) to the largest interior budget {ex['budget']:.3g}: predicted "
                  f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
     return lines
+
+
+def _spread(interval: tuple[float, float]) -> str:
+    """An exponent interval's width, and its ends' ratio where they share a sign (a target such as "narrower
+    than 2x" reads off it)."""
+    low, high = interval
+    ratio = f", {max(abs(low), abs(high)) / min(abs(low), abs(high)):.2f}x end to end" if low * high > 0 else ""
+    return f"width {high - low:.3g}{ratio}"
 
 
 def provenance_warnings(rows: list[dict]) -> list[str]:

@@ -105,6 +105,24 @@ def test_intervals_say_what_they_support():
     assert bootstrap_interval([1.5] * 100, 100) is None  # draws that did not differ: "1.5 - 1.5" is no interval
 
 
+def test_an_exponent_is_judged_by_its_sign_and_width_not_by_a_ratio_alone():
+    """Before: (0.26, 0.74) was identified (2.85x < 3x) though C^0.26 and C^0.74 differ 9x over two decades, and
+    the narrow (-0.62, -0.58) 'reaches zero'."""
+    assert verdict((0.26, 0.74), "", exponent=True) == "not identified (wider than 0.3 in the exponent)"
+    assert verdict((0.26, 0.74), "") == "identified"  # a scale (E, A, B, k) keeps the ratio rule
+    assert verdict((-0.62, -0.58), "", exponent=True) == "identified"
+    assert verdict((-0.05, 0.05), "", exponent=True) == "not identified (reaches zero)"
+    assert verdict((0.05, 0.2), "", exponent=True) == "not identified (wider than 3x)"  # the ratio rule still holds
+    assert verdict((0.4, 0.65), "", exponent=True) == "identified"
+    assert format_interval((-0.506, 1.49), 3) == "-0.506 to 1.49"
+    # `judge` applies it to every law's exponents by name.
+    from mixmae_scale.scaling.intervals import Support, judge
+
+    wide = list(np.linspace(0.25, 0.75, 101))
+    judged = judge({"alpha": 0.5, "A": 0.5}, {"alpha": wide, "A": wide}, Support(5, 2, rounds=101))
+    assert judged.verdicts == {"alpha": "not identified (wider than 0.3 in the exponent)", "A": "identified"}
+
+
 def _grid(seeds: int) -> list[dict]:
     """The issue's grid: 2 sizes x 2 step counts (no budgets), `seeds` seeds each."""
     rng = np.random.default_rng(0)
