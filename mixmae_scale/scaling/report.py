@@ -126,22 +126,29 @@ def _law_json(law: LawFit) -> dict:
             "refitted": law.refitted, "distinct_refits": law.judged.distinct, "resamples": law.judged.resamples()}
 
 
-def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray) -> dict:
-    """The check of L(C): refitted without the two largest-compute runs of the set it was fitted on, predicting
-    them. Run only when L(C) itself is identified: checking a law the data do not pin down says nothing."""
-    check: dict = {"law": "L(C) = E + A C^-alpha", "method": "refitted without the two largest-compute runs of "
-                   "its fitted set, predicting them"}
+HOLDOUT = 2  # compute levels the L(C) check holds out
+
+
+def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray, groups: np.ndarray,
+                   levels: np.ndarray) -> dict:
+    """The check of L(C): refitted without the two largest compute levels of the set it was fitted on (every seed
+    of them, the same points as the law), predicting their points' mean losses. Run only when L(C) itself is
+    identified: checking a law the data do not pin down says nothing."""
+    check: dict = {"law": "L(C) = E + A C^-alpha", "method": f"refitted without the {HOLDOUT} largest compute levels "
+                   "of its fitted set (every seed of them), predicting their points' mean losses"}
+    count = len(np.unique(levels))
     if law is None:
         check["result"] = "not run: L(C) was not fitted"
     elif not law.identified:
         check["result"] = "not run: L(C) is not identified"
-    elif len(c) < 6:
-        check["result"] = "not run: needs at least 6 runs on the fitted set"
+    elif count < HOLDOUT + 4:
+        check["result"] = (f"not run: needs at least {HOLDOUT + 4} compute levels on the fitted set (4 to fit, "
+                           f"{HOLDOUT} to predict), got {count}")
     else:
         try:
-            check["result"] = extrapolation_error(c, loss, holdout=2)
+            check["result"] = extrapolation_error(c, loss, HOLDOUT, groups, levels)
         except FitError as exc:
-            check["result"] = f"not computed: the refit on the {len(c) - 2} smaller runs failed: {exc}"
+            check["result"] = f"not computed: the refit on the {count - HOLDOUT} smaller compute levels failed: {exc}"
     return check
 
 
@@ -185,7 +192,7 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             result["L_of_C"] = f"not fitted: {exc}"
         else:
             result["L_of_C"] = _law_json(law_c)
-    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use])
+    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use])
     try:
         law_nd = fit_nd(n, d, loss, bootstrap=bootstrap, seed=seed, groups=groups)
     except FitError as exc:
@@ -272,8 +279,10 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     check = fit["extrapolation"]
     result = check["result"]
     if isinstance(result, dict):
-        result = (f"max relative error {100 * result['max_relative_error']:.1f}%, mean "
-                  f"{100 * result['mean_relative_error']:.1f}%")
+        held = ", ".join(f"{level:.3g}" for level in result["held_out_levels"])
+        result = (f"fitted on {result['fitted_levels']} compute levels, predicting {result['held_out_points']} "
+                  f"point(s) ({result['held_out_runs']} runs) at C = {held}: max relative error "
+                  f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%")
     lines += ["", f"Extrapolation check of {check['law']} ({check['method']}): {result}", "",
               "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
     lines += _law_lines(fit["L_of_N_D"])

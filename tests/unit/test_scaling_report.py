@@ -13,7 +13,7 @@ import pytest
 from test_isoflop import _sweep
 
 from mixmae_scale.cli import main
-from mixmae_scale.scaling.fit import FitError, nd_law
+from mixmae_scale.scaling.fit import FitError, compute_law, nd_law
 from mixmae_scale.scaling.intervals import bootstrap_interval, format_interval, verdict
 from mixmae_scale.scaling.report import fit_results, report_markdown, write_report
 
@@ -202,3 +202,26 @@ def test_one_configuration_with_one_seed_twice_is_refused_naming_both_runs():
     with pytest.raises(FitError, match=f"runs {rows[3]['run_id']} and again are one configuration with one seed "
                                        r"\(0\)"):
         fit_results(twice, bootstrap=20)
+
+
+def test_the_compute_law_check_predicts_the_two_largest_compute_levels_not_two_runs():
+    """6 compute levels x 3 seeds: the check's refit sees none of the top two levels' runs (before, the two
+    largest-compute runs were two seeds of the top level, its third seed fitted)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, c in enumerate(np.logspace(11, 13, 6)):
+        for seed in range(3):
+            loss = float(compute_law(c, 0.4, 3.0e4, 0.3)) * (1 + 0.002 * rng.standard_normal())
+            n = int(1e4 * 2**i)
+            rows.append({"run_id": f"c{i}-seed{seed}", "params": n, "images_seen": int(c / (6 * n)), "flops": c,
+                         "heldout_loss": loss, "seed": seed})
+    fit = fit_results(rows, bootstrap=30)
+    assert fit["L_of_C"]["identified"], fit["L_of_C"]["verdicts"]
+    check = fit["extrapolation"]
+    assert check["method"] == ("refitted without the 2 largest compute levels of its fitted set (every seed of them), "
+                               "predicting their points' mean losses")
+    result = check["result"]
+    assert result["held_out_levels"] == pytest.approx([1e11 * 100**0.8, 1e13])
+    assert (result["held_out_points"], result["held_out_runs"], result["fitted_levels"]) == (2, 6, 4)
+    assert "fitted on 4 compute levels, predicting 2 point(s) (6 runs) at C = 3.98e+12, 1e+13: max relative error" \
+        in report_markdown(rows, fit, [])
