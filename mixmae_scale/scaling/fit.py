@@ -229,13 +229,16 @@ def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int) -
     fit.judged = judge(fit.values, draws, Support(len(members), len(fit.names), once, rounds))
 
 
-def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float) -> tuple[np.ndarray, np.ndarray]:
-    """N*(C) and D*(C) minimising L(N, D) under C = k N D (k: training FLOPs per parameter per image)."""
+def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float,
+                    size_exponent: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """N*(C) and D*(C) minimising L(N, D) under C = k N^s D: f(N) = k N^s training FLOPs per image, s =
+    `size_exponent` (1: k FLOPs per parameter per image). Setting dL/dN = 0 with D = C / (k N^s) gives
+    N*^(alpha + s beta) = alpha A (C / k)^beta / (s beta B)."""
     a, alpha, b, beta = fit["A"], fit["alpha"], fit["B"], fit["beta"]
-    budget = np.asarray(compute, float) / flops_per_param_image  # = N * D
-    g = (alpha * a / (beta * b)) ** (1 / (alpha + beta))
-    n_opt = g * budget ** (beta / (alpha + beta))
-    return n_opt, budget / n_opt
+    s = size_exponent
+    scaled = np.asarray(compute, float) / flops_per_param_image  # = N^s D
+    n_opt = (alpha * a / (s * beta * b)) ** (1 / (alpha + s * beta)) * scaled ** (beta / (alpha + s * beta))
+    return n_opt, scaled / n_opt**s
 
 
 def extrapolation_error(c: np.ndarray, loss: np.ndarray, holdout: int = 2, groups: np.ndarray | None = None,

@@ -122,12 +122,19 @@ def parabola_vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, 
     return float(x), float(np.polyval([a, b, c], x)), bool(measured_inside and sizes[0] < x < sizes[-1])
 
 
-def _flops_per_image(rows: list[dict]):
-    """log f(N) interpolated linearly in log N across the family (f: training FLOPs per image)."""
+def flops_per_image_law(rows: list[dict]) -> tuple[float, float]:
+    """(ln k, s) of f(N) = k N^s, the training FLOPs per image fitted in log-log across the family: a Swin's FLOPs
+    per image are not exactly proportional to N. The iso-FLOP D* and the report's compute-optimal table both
+    account C = f(N) D with it. One size: s = 1."""
     pairs = sorted({(r["params"], r["flops"] / r["images_seen"]) for r in rows})
     log_n = np.log([p for p, _ in pairs])
     log_f = np.log([f for _, f in pairs])
     slope, intercept = np.polyfit(log_n, log_f, 1) if len(pairs) > 1 else (1.0, log_f[0] - log_n[0])
+    return float(intercept), float(slope)
+
+
+def _flops_per_image(rows: list[dict]):
+    intercept, slope = flops_per_image_law(rows)
     return lambda n: np.exp(intercept + slope * np.log(n))
 
 

@@ -20,7 +20,7 @@ from mixmae_scale.scaling.fit import (
     fit_nd,
 )
 from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval, too_few_points
-from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop
+from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop, flops_per_image_law
 
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
@@ -193,6 +193,9 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
         else:
             result["L_of_C"] = _law_json(law_c)
     result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use])
+    flops = flops_per_image_law(rows)
+    result["flops_per_image"] = {"law": "f(N) = k N^s training FLOPs per image, fitted in log-log across the sizes",
+                                 "k": math.exp(flops[0]), "s": flops[1]}
     try:
         law_nd = fit_nd(n, d, loss, bootstrap=bootstrap, seed=seed, groups=groups)
     except FitError as exc:
@@ -200,21 +203,25 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
         result["compute_optimal"] = "not computed: L(N, D) was not fitted"
     else:
         result["L_of_N_D"] = _law_json(law_nd)
-        result["compute_optimal"] = _compute_optimal(law_nd, c, n, d)
+        result["compute_optimal"] = _compute_optimal(law_nd, c, n, d, flops)
     if all(r.get("budget") for r in rows):
         result["iso_flop"] = iso_flop_summary(rows, bootstrap, seed)
     return result
 
 
-def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray) -> list[dict] | str:
+def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray,
+                     flops: tuple[float, float]) -> list[dict] | str:
+    """The split of budgets from the smallest C trained to 100x the largest, under C = f(N) D with `flops` = (ln k,
+    s) of f(N) = k N^s: the accounting the iso-FLOP D* uses (one median C / (N D) for every size took the FLOPs
+    per image as proportional to N, which a Swin's are not). A row is within the runs only when its C is, as well
+    as its N* and D*: each within its own range, a budget 10x past the largest was said to be "within"."""
     if not law.identified:
         unidentified = sum(v != "identified" for v in law.verdicts().values())
         return f"not identified: {unidentified} of {len(law.names)} parameters of L(N, D) are not identified"
-    k = float(np.median(c / (n * d)))  # training FLOPs per parameter per image
     budgets = np.logspace(np.log10(c.min()), np.log10(c.max() * 100), 5)
-    n_opt, d_opt = compute_optimal(law, budgets, k)
+    n_opt, d_opt = compute_optimal(law, budgets, float(np.exp(flops[0])), flops[1])
     return [{"flops": float(b), "params": float(a), "images": float(i),
-             "within_trained": bool(n.min() <= a <= n.max() and d.min() <= i <= d.max())}
+             "within_trained": bool(c.min() <= b <= c.max() and n.min() <= a <= n.max() and d.min() <= i <= d.max())}
             for b, a, i in zip(budgets, n_opt, d_opt, strict=True)]
 
 
@@ -288,7 +295,12 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     lines += _law_lines(fit["L_of_N_D"])
     lines += ["", "Compute-optimal allocation from L(N, D):"]
     if isinstance(fit["compute_optimal"], list):
-        lines += ["", "| C | N* | D* | N* and D* within the N and D trained |", "|---|---|---|---|"]
+        accounting = fit.get("flops_per_image")
+        if accounting:
+            lines[-1] += (f" C = f(N) D, f(N) = {accounting['k']:.3g} N^{accounting['s']:.3g} the training FLOPs per "
+                          "image fitted across the sizes, as the iso-FLOP D* (a Swin's FLOPs per image are not "
+                          "proportional to N).")
+        lines += ["", "| C | N* | D* | C, N* and D* within the C, N and D trained |", "|---|---|---|---|"]
         lines += [f"| {p['flops']:.3g} | {p['params']:.3g} | {p['images']:.3g} | "
                   f"{'yes' if p['within_trained'] else '**no**: an extrapolation of the law'} |"
                   for p in fit["compute_optimal"]]

@@ -82,10 +82,12 @@ def test_an_identified_law_gives_its_optimal_split_and_flags_what_lies_outside_t
              "heldout_loss": v} for i, (a, b, v) in enumerate(zip(n, d, loss, strict=True))]
     fit = fit_results(rows, bootstrap=30)
     assert fit["L_of_N_D"]["identified"] and len(fit["compute_optimal"]) == 5
-    within = [1e6 <= p["params"] <= 1e9 and 1e7 <= p["images"] <= 1e10 for p in fit["compute_optimal"]]
+    within = [6e13 <= p["flops"] <= 6e19 and 1e6 <= p["params"] <= 1e9 and 1e7 <= p["images"] <= 1e10
+              for p in fit["compute_optimal"]]
     assert [p["within_trained"] for p in fit["compute_optimal"]] == within and not all(within)
     report = report_markdown(rows, fit, [])
-    assert "| N* and D* within the N and D trained |" in report and "**no**: an extrapolation of the law" in report
+    assert "| C, N* and D* within the C, N and D trained |" in report
+    assert "**no**: an extrapolation of the law" in report
     # The same runs with a law the bootstrap cannot pin down: the split is withheld, and said to be.
     fit["L_of_N_D"]["identified"] = False
     fit["compute_optimal"] = "not identified: 1 of 5 parameters of L(N, D) are not identified"
@@ -225,3 +227,39 @@ def test_the_compute_law_check_predicts_the_two_largest_compute_levels_not_two_r
     assert (result["held_out_points"], result["held_out_runs"], result["fitted_levels"]) == (2, 6, 4)
     assert "fitted on 4 compute levels, predicting 2 point(s) (6 runs) at C = 3.98e+12, 1e+13: max relative error" \
         in report_markdown(rows, fit, [])
+
+
+def test_a_budget_past_the_largest_trained_is_an_extrapolation_whatever_its_n_and_d():
+    """An iso-FLOP design trains its largest N on few images and its largest D on small models: a budget 2.5x and
+    15.8x past the largest C had N* and D* each within their trained range, and the table said "within"."""
+    rows, _, _ = _sweep()
+    fit = fit_results(rows, bootstrap=30)
+    c, n, d = (np.array([r[k] for r in rows], float) for k in ("flops", "params", "images_seen"))
+    table = fit["compute_optimal"]
+    assert fit["L_of_N_D"]["identified"] and isinstance(table, list)
+    past = [p for p in table if p["flops"] > c.max()]
+    assert past and not any(p["within_trained"] for p in past)
+    assert any(n.min() <= p["params"] <= n.max() and d.min() <= p["images"] <= d.max() for p in past)
+    # The same FLOP accounting as the iso-FLOP D*: C = f(N) D with f(N) = k N^s fitted across the sizes.
+    k, s = fit["flops_per_image"]["k"], fit["flops_per_image"]["s"]
+    assert s == pytest.approx(1.0, abs=1e-3)  # the synthetic family's f(N) = 6 N
+    for p in table:
+        assert k * p["params"] ** s * p["images"] == pytest.approx(p["flops"], rel=1e-9)
+    assert f"C = f(N) D, f(N) = {k:.3g} N^{s:.3g} the training FLOPs per image fitted across the sizes" in \
+        report_markdown(rows, fit, [])
+
+
+def test_the_split_uses_each_sizes_own_flops_per_image_not_one_median_ratio():
+    """f(N) = k N^0.6: the median C / (N D) put a budget 2x past the largest at N* and D* both inside the grid."""
+    rng = np.random.default_rng(1)
+    n, d = (np.repeat(g.ravel(), 2) for g in np.meshgrid(np.logspace(6, 9, 5), np.logspace(7, 10, 5)))
+    loss = nd_law(n, d, 0.5, 200.0, 0.3, 400.0, 0.3) * np.exp(rng.normal(0, 0.003, n.size))
+    flops = 6.0 * 1e6**0.4 * n**0.6 * d
+    rows = [{"run_id": f"r{i}", "params": int(a), "images_seen": int(b), "flops": float(x), "heldout_loss": v,
+             "seed": i % 2} for i, (a, b, x, v) in enumerate(zip(n, d, flops, loss, strict=True))]
+    fit = fit_results(rows, bootstrap=30)
+    assert fit["flops_per_image"]["s"] == pytest.approx(0.6, abs=1e-6)
+    for p in fit["compute_optimal"]:
+        assert fit["flops_per_image"]["k"] * p["params"] ** 0.6 * p["images"] == pytest.approx(p["flops"], rel=1e-6)
+        if p["flops"] > flops.max():
+            assert not p["within_trained"]
