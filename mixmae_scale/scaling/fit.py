@@ -2,7 +2,8 @@
 
 Fitted with scipy's least squares on log residuals (log L_pred - log L) with a robust (Cauchy) loss,
 from several starting points, keeping the best converged one; uncertainty from a seeded bootstrap that
-draws each point's seeds with replacement (runs with the same inputs are seeds of one point), judged by
+draws each point's seeds with replacement (runs of one configuration, `configurations`, are seeds of one point),
+judged by
 `intervals.judge` (a resample whose refit fails counts against the interval, it is not dropped);
 the compute-optimal split of a budget between model size and data from the fitted L(N, D).
 Parameters are optimised in log space (log A, log E, ...) so that they stay positive; the Jacobians are
@@ -23,6 +24,36 @@ from mixmae_scale.scaling.intervals import Interval, Judgement, Support, judge, 
 
 class FitError(ValueError):
     """Data that cannot support the requested fit; the message says what is missing."""
+
+
+# What a sweep sets for a run, besides its seed (`PlannedRun`'s fields; `overrides` also, less `run.seed=`).
+DESIGN = ("budget", "size", "data_fraction", "steps", "global_batch")
+
+
+def configuration(row: dict) -> tuple:
+    """The point a run measures: everything the sweep set for it except its seed. N, D and C alone do not tell
+    points apart: a grid's data fractions at one step count share them, and grouped by them a one-seed sweep's
+    runs became "seeds of one point" with bootstrap intervals and identified laws."""
+    overrides = tuple(str(o) for o in row.get("overrides") or () if not str(o).startswith("run.seed="))
+    return (int(row["params"]), int(row["images_seen"]), float(row["flops"]),
+            *(row.get(key) for key in DESIGN), overrides)
+
+
+def configurations(rows: list[dict]) -> np.ndarray:
+    """The point each run measures (an index per row); the runs of one point are its seeds. Rows without a
+    `seed` (synthetic ones) are taken as seeds of their configuration. Two runs of one configuration with one seed
+    are one measurement twice, not two seeds: refused, naming both."""
+    keys = [configuration(r) for r in rows]
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    seen: dict[tuple, dict] = {}
+    for row, key in zip(rows, keys, strict=True):
+        if row.get("seed") is None:
+            continue
+        first = seen.setdefault((key, row["seed"]), row)
+        if first is not row:
+            raise FitError(f"runs {first.get('run_id', '?')} and {row.get('run_id', '?')} are one configuration with "
+                           f"one seed ({row['seed']}): one measurement twice would count as two seeds; keep one")
+    return np.array([index[key] for key in keys], int)
 
 
 @dataclass
@@ -198,21 +229,38 @@ def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int) -
     fit.judged = judge(fit.values, draws, Support(len(members), len(fit.names), once, rounds))
 
 
-def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float) -> tuple[np.ndarray, np.ndarray]:
-    """N*(C) and D*(C) minimising L(N, D) under C = k N D (k: training FLOPs per parameter per image)."""
+def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float,
+                    size_exponent: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """N*(C) and D*(C) minimising L(N, D) under C = k N^s D: f(N) = k N^s training FLOPs per image, s =
+    `size_exponent` (1: k FLOPs per parameter per image). Setting dL/dN = 0 with D = C / (k N^s) gives
+    N*^(alpha + s beta) = alpha A (C / k)^beta / (s beta B)."""
     a, alpha, b, beta = fit["A"], fit["alpha"], fit["B"], fit["beta"]
-    budget = np.asarray(compute, float) / flops_per_param_image  # = N * D
-    g = (alpha * a / (beta * b)) ** (1 / (alpha + beta))
-    n_opt = g * budget ** (beta / (alpha + beta))
-    return n_opt, budget / n_opt
+    s = size_exponent
+    scaled = np.asarray(compute, float) / flops_per_param_image  # = N^s D
+    n_opt = (alpha * a / (s * beta * b)) ** (1 / (alpha + s * beta)) * scaled ** (beta / (alpha + s * beta))
+    return n_opt, scaled / n_opt**s
 
 
-def extrapolation_error(c: np.ndarray, loss: np.ndarray, holdout: int = 2) -> dict[str, float]:
-    """Fit L(C) without the `holdout` largest-compute runs, predict them: relative errors."""
+def extrapolation_error(c: np.ndarray, loss: np.ndarray, holdout: int = 2, groups: np.ndarray | None = None,
+                        levels: np.ndarray | None = None) -> dict:
+    """Fit L(C) without the `holdout` largest compute levels, every seed of them, and predict each of their points'
+    mean loss: relative errors. Holding out the largest runs instead held out two seeds of one level and refitted
+    with its third (6 levels x 3 seeds: C = 3.2e11 on both sides), which checks no extrapolation. `groups`: the
+    point each run measures, as the law was fitted (default: equal C); `levels`: the compute level each run is
+    compared at (default: its C; an iso-FLOP design's budget, which its sizes spend to within a step)."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
-    order = np.argsort(c)
-    train, test = order[:-holdout], order[-holdout:]
-    fit = fit_compute(c[train], loss[train])
-    predicted = compute_law(c[test], fit["E"], fit["A"], fit["alpha"])
-    errors = np.abs(predicted - loss[test]) / loss[test]
-    return {"max_relative_error": float(errors.max()), "mean_relative_error": float(errors.mean())}
+    levels = c if levels is None else np.asarray(levels, float)
+    groups = np.unique(c, return_inverse=True)[1].ravel() if groups is None else np.asarray(groups)
+    distinct = np.unique(levels)
+    if len(distinct) < holdout + 4:
+        raise FitError(f"the check needs {holdout + 4} compute levels (4 to fit E + A C^-alpha's 3 parameters, "
+                       f"{holdout} to predict), got {len(distinct)}")
+    held = levels >= distinct[-holdout]
+    fit = fit_compute(c[~held], loss[~held], groups=groups[~held])
+    points = np.unique(groups[held])
+    at = np.array([c[held & (groups == g)].mean() for g in points])
+    observed = np.array([loss[held & (groups == g)].mean() for g in points])
+    errors = np.abs(compute_law(at, fit["E"], fit["A"], fit["alpha"]) - observed) / observed
+    return {"max_relative_error": float(errors.max()), "mean_relative_error": float(errors.mean()),
+            "held_out_levels": [float(v) for v in distinct[-holdout:]], "held_out_points": len(points),
+            "held_out_runs": int(held.sum()), "fitted_levels": len(distinct) - holdout}

@@ -13,7 +13,11 @@ by one function, `judge`, so that no law is called identified on weaker evidence
 - resamples that did not differ, or a point estimate outside its own interval, do not identify a parameter:
   the interval then measures the resampling, not the law;
 - an interval that reaches zero, or is wider than IDENTIFIED_FACTOR, does not identify its parameter;
-  one wider than UNBOUNDED_FACTOR is said to be unbounded instead of printed as a number like 5.9e+80.
+  one wider than UNBOUNDED_FACTOR is said to be unbounded instead of printed as a number like 5.9e+80;
+- an exponent (EXPONENTS) is judged by its sign and its width as well: a ratio alone called (0.26, 0.74)
+  identified (2.85x), though C^0.26 and C^0.74 differ 9x over two decades of C, and called the narrow
+  (-0.62, -0.58) "reaches zero". An exponent is identified when its interval keeps one sign, is at most
+  EXPONENT_WIDTH wide, and, as every parameter, at most IDENTIFIED_FACTOR from end to end (in absolute value).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 IDENTIFIED_FACTOR = 3.0  # a 5-95% interval wider than this factor (high / low) does not identify its parameter
+# An exponent a scales a law by C^a: an interval this wide leaves the law's factor uncertain by 10^0.3 = 2x over
+# each decade of C (from the exponent alone, N*(C) a decade past the budgets spans at most 2x).
+EXPONENT_WIDTH = 0.3
+EXPONENTS = frozenset({"alpha", "beta", "exponent"})  # the parameters judged as exponents, in every law
 UNBOUNDED = "1e3"  # ... and one wider than this is unbounded for every practical purpose
 UNBOUNDED_FACTOR = float(UNBOUNDED)
 MAX_LOST_SHARE = 0.05  # rounds without a value beyond this share leave the 5th or 95th percentile unbounded
@@ -87,7 +95,8 @@ def judge(estimates: Mapping[str, float], draws: Mapping[str, Sequence[float]], 
     judgement = Judgement(rounds=drawn, refitted=refitted, distinct=distinct, missing=missing or "")
     for name, estimate in estimates.items():
         interval = None if missing else _percentiles(draws[name])
-        judgement.verdicts[name] = f"not identified ({missing})" if missing else _verdict(estimate, interval)
+        judgement.verdicts[name] = (f"not identified ({missing})" if missing
+                                    else _verdict(estimate, interval, name in EXPONENTS))
         # A zero-width range measures the resampling, not the law: not printed as an interval ("a - a").
         judgement.intervals[name] = None if interval and interval[0] == interval[1] else interval
     return judgement
@@ -114,13 +123,13 @@ def _percentiles(values: Sequence[float]) -> Interval:
     return float(low), float(high)
 
 
-def _verdict(estimate: float, interval: Interval) -> str:
+def _verdict(estimate: float, interval: Interval, exponent: bool = False) -> str:
     low, high = interval
     if high == low:
         return "not identified (the resamples did not differ)"
     if not low <= estimate <= high:
         return f"not identified (the estimate {estimate:.4g} lies outside its interval)"
-    return verdict(interval, "")
+    return verdict(interval, "", exponent)
 
 
 def bootstrap_interval(draws: Sequence[float], rounds: int) -> Interval | None:
@@ -137,12 +146,18 @@ def lost_rounds(draws: int, rounds: int, why: str) -> str:
     return f"{why} in {rounds - draws} of {rounds} resamples"
 
 
-def verdict(interval: Interval | None, missing: str) -> str:
+def verdict(interval: Interval | None, missing: str, exponent: bool = False) -> str:
     """'identified', or 'not identified (why)' judged on the interval's width alone; `missing` says why there is
-    no interval when there is none."""
+    no interval when there is none. `exponent`: judged as an exponent (see the module), whose sign is data too."""
     if interval is None:
         return f"not identified ({missing})"
     low, high = interval
+    if exponent:
+        if low <= 0 <= high:
+            return "not identified (reaches zero)"
+        if high - low > EXPONENT_WIDTH:
+            return f"not identified (wider than {EXPONENT_WIDTH:g} in the exponent)"
+        low, high = sorted((abs(low), abs(high)))
     if low <= 0:
         return "not identified (reaches zero)"
     if high / low > UNBOUNDED_FACTOR:
@@ -152,8 +167,8 @@ def verdict(interval: Interval | None, missing: str) -> str:
     return "identified"
 
 
-def identified(interval: Interval | None) -> bool:
-    return verdict(interval, "") == "identified"
+def identified(interval: Interval | None, exponent: bool = False) -> bool:
+    return verdict(interval, "", exponent) == "identified"
 
 
 def format_interval(interval: Interval | None, digits: int = 4) -> str:
@@ -163,4 +178,4 @@ def format_interval(interval: Interval | None, digits: int = 4) -> str:
     low, high = interval
     if low > 0 and high / low > UNBOUNDED_FACTOR:
         return f"unbounded (> {UNBOUNDED}x)"
-    return f"{low:.{digits}g} - {high:.{digits}g}"
+    return f"{low:.{digits}g}{' - ' if low >= 0 else ' to '}{high:.{digits}g}"  # "-0.5 - 1.5" reads as a sum

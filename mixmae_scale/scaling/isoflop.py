@@ -10,10 +10,10 @@ parameters, needs 4): `intervals.too_few_points`, the rule every fit follows. D*
 model of size N* sees on C: C / f(N*), with f (training FLOPs per image) interpolated
 in log-log across the family, since a Swin's FLOPs per image are not exactly 6N.
 
-Uncertainty is a seeded bootstrap over seeds: in every round each (budget, size) cell draws its seeds with
-replacement, and every parabola and every law is refitted. Only a budget whose every size ran at least
-twice has a spread to draw from; a law through a budget with a size run once has no interval ("one
-seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
+Uncertainty is a seeded bootstrap over seeds: in every round each configuration (`fit.configurations`: a run's settings
+less its seed) draws its seeds with replacement, and every parabola and every law is refitted. Only a budget whose every
+configuration ran at least twice has a spread to draw from; a law through a budget with a configuration run once has no
+interval ("one seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
 through it; `intervals.judge`, which judges every fit of the report, says what that and a wide interval mean.
 """
 
@@ -23,8 +23,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
-from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, fit_compute
+from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, configurations, fit_compute
 from mixmae_scale.scaling.intervals import (
     MAX_LOST_SHARE,
     Interval,
@@ -34,6 +35,7 @@ from mixmae_scale.scaling.intervals import (
     judge,
     lost_rounds,
     too_few_points,
+    verdict,
 )
 
 LEFT_THE_SIZES = "the minimum left the sizes"
@@ -44,7 +46,7 @@ ONE_SEED_UNIT = "interior budgets have a size run once"
 class BudgetMinimum:
     budget: float
     sizes: int
-    seeds: int  # the fewest runs of any size at this budget
+    seeds: int  # the fewest seeds of any configuration at this budget
     interior: bool  # the vertex lies strictly inside the sizes trained, is a minimum, and the measured best is too
     n_opt: float | None  # the vertex, only when interior
     loss_opt: float | None
@@ -56,14 +58,30 @@ class BudgetMinimum:
 
 
 @dataclass
+class LineCheck:
+    """How far the budgets' minima lie from their power law, against what their seeds explain. The seed bootstrap
+    redraws each minimum about its own value and never sees the minima's scatter about the line: three minima, the
+    middle one 1.9x off a power law, gave the same exponent interval (0.487-0.499) as three on it."""
+
+    dof: int  # budgets - 2: what the residuals can tell; with 3 budgets, one
+    residual_rms: float  # of ln y about the line, on `dof` degrees of freedom
+    seed_rms: float | None  # of ln y across the seed bootstrap's rounds, pooled over budgets; None without one
+    interval: Interval  # 5-95%: the slope +- t(0.95, dof) x its standard error from the residuals
+    exceeds: bool  # residual_rms beyond what seed_rms explains: above the 95th percentile of chi2(dof) / dof
+
+
+@dataclass
 class PowerLaw:
-    """y = coefficient C^exponent through the interior minima, judged by the exponent's interval."""
+    """y = coefficient C^exponent through the interior minima, judged by the exponent's interval: the span of the
+    seed bootstrap's interval and the residuals' one (`LineCheck`), so that neither source of error is left out."""
 
     exponent: float | None  # None: too few interior budgets to fit
     coefficient: float | None
     budgets: list[float]
     judged: Judgement | None = None
     missing: str = ""  # why it was not fitted
+    seed_interval: Interval | None = None  # the seed bootstrap's 5-95% alone
+    check: LineCheck | None = None
 
     @property
     def interval(self) -> Interval | None:
@@ -104,32 +122,48 @@ def parabola_vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, 
     return float(x), float(np.polyval([a, b, c], x)), bool(measured_inside and sizes[0] < x < sizes[-1])
 
 
-def _flops_per_image(rows: list[dict]):
-    """log f(N) interpolated linearly in log N across the family (f: training FLOPs per image)."""
+def flops_per_image_law(rows: list[dict]) -> tuple[float, float]:
+    """(ln k, s) of f(N) = k N^s, the training FLOPs per image fitted in log-log across the family: a Swin's FLOPs
+    per image are not exactly proportional to N. The iso-FLOP D* and the report's compute-optimal table both
+    account C = f(N) D with it. One size: s = 1."""
     pairs = sorted({(r["params"], r["flops"] / r["images_seen"]) for r in rows})
     log_n = np.log([p for p, _ in pairs])
     log_f = np.log([f for _, f in pairs])
     slope, intercept = np.polyfit(log_n, log_f, 1) if len(pairs) > 1 else (1.0, log_f[0] - log_n[0])
+    return float(intercept), float(slope)
+
+
+def _flops_per_image(rows: list[dict]):
+    intercept, slope = flops_per_image_law(rows)
     return lambda n: np.exp(intercept + slope * np.log(n))
 
 
-def _cells(rows: list[dict]) -> dict[float, dict[int, list[float]]]:
-    by_budget: dict[float, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by_budget[float(r["budget"])][int(r["params"])].append(float(r["heldout_loss"]))
-    return {budget: dict(sorted(sizes.items())) for budget, sizes in sorted(by_budget.items())}
+def _cells(rows: list[dict]) -> dict[float, dict[int, list[list[float]]]]:
+    """Per budget and size, each configuration's losses (its seeds). A size can hold several configurations
+    (data fractions at one budget): they are separate points whose seeds are drawn apart, not seeds of one."""
+    groups = configurations(rows)  # refuses one configuration's seed twice
+    by_budget: dict[float, dict[int, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
+    for r, g in zip(rows, groups, strict=True):
+        by_budget[float(r["budget"])][int(r["params"])].setdefault(int(g), []).append(float(r["heldout_loss"]))
+    return {budget: {n: list(configs.values()) for n, configs in sorted(sizes.items())}
+            for budget, sizes in sorted(by_budget.items())}
 
 
-def _vertex(sizes: dict[int, list[float]]) -> tuple[float, float, bool]:
-    log_n = np.concatenate([np.full(len(v), np.log(n)) for n, v in sizes.items()])
-    return parabola_vertex(log_n, np.concatenate([np.asarray(v, float) for v in sizes.values()]))
+def _losses(configs: list[list[float]]) -> list[float]:
+    return [loss for seeds in configs for loss in seeds]
 
 
-def _minimum(budget: float, sizes: dict[int, list[float]]) -> BudgetMinimum:
+def _vertex(sizes: dict[int, list[list[float]]]) -> tuple[float, float, bool]:
+    losses = {n: _losses(configs) for n, configs in sizes.items()}
+    log_n = np.concatenate([np.full(len(v), np.log(n)) for n, v in losses.items()])
+    return parabola_vertex(log_n, np.concatenate([np.asarray(v, float) for v in losses.values()]))
+
+
+def _minimum(budget: float, sizes: dict[int, list[list[float]]]) -> BudgetMinimum:
     x, loss_opt, interior = _vertex(sizes)
-    means = {n: float(np.mean(v)) for n, v in sizes.items()}
+    means = {n: float(np.mean(_losses(configs))) for n, configs in sizes.items()}
     best = min(means, key=means.__getitem__)
-    return BudgetMinimum(budget, len(sizes), min(len(v) for v in sizes.values()), interior,
+    return BudgetMinimum(budget, len(sizes), min(len(v) for configs in sizes.values() for v in configs), interior,
                          float(np.exp(x)) if interior else None, loss_opt if interior else None, float(best),
                          means[best])
 
@@ -141,13 +175,14 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _draw_vertices(cells, budgets: list[float], rounds: int, seed: int) -> dict[float, np.ndarray]:
-    """Per budget, (rounds, 2) of (log N*, L*) from cells whose seeds are drawn with replacement; NaN where
-    the drawn minimum is not interior."""
+    """Per budget, (rounds, 2) of (log N*, L*) from configurations whose seeds are drawn with replacement; NaN
+    where the drawn minimum is not interior."""
     rng = np.random.default_rng(seed)
     draws = {budget: np.full((rounds, 2), np.nan) for budget in budgets}
     for r in range(rounds):
         for budget in budgets:
-            drawn = {n: list(rng.choice(v, size=len(v), replace=True)) for n, v in cells[budget].items()}
+            drawn = {n: [list(rng.choice(v, size=len(v), replace=True)) for v in configs]
+                     for n, configs in cells[budget].items()}
             x, loss, interior = _vertex(drawn)
             if interior:
                 draws[budget][r] = x, loss
@@ -185,8 +220,8 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     once = sum(m.seeds < 2 for m in feeding)
     support = Support(len(feeding), 2, once, bootstrap if not once else 0, "a minimum left the sizes", ONE_SEED_UNIT)
     usable = not once and bootstrap
-    _bootstrap_laws(budgets, np.array([draws[b] for b in budgets]) if usable else None, f, n_law, d_law, loss_law,
-                    support)
+    _bootstrap_laws(budgets, feeding, np.array([draws[b] for b in budgets]) if usable else None, f, n_law, d_law,
+                    loss_law, support)
     return IsoFlopFit(minima, n_law, d_law, loss_law, _extrapolation(budgets, feeding, loss_law), bootstrap, left_out)
 
 
@@ -217,19 +252,20 @@ def _frontier_law(budgets: np.ndarray, losses: np.ndarray) -> LawFit | str:
         return f"not fitted: {exc}"
 
 
-def _bootstrap_laws(budgets: np.ndarray, draws: np.ndarray | None, f, n_law: PowerLaw, d_law: PowerLaw,
-                    loss_law: LawFit | str, support: Support) -> None:
-    """`draws`: (budgets, rounds, 2), or None when there are none to take (one seed, no bootstrap). A round counts
-    for a law only when every budget it goes through kept an interior minimum (and, for L*(C), the refit
-    converged). All three laws are judged by `judge`."""
+def _bootstrap_laws(budgets: np.ndarray, feeding: list[BudgetMinimum], draws: np.ndarray | None, f,
+                    n_law: PowerLaw, d_law: PowerLaw, loss_law: LawFit | str, support: Support) -> None:
+    """`feeding`: the budgets' interior minima; `draws`: (budgets, rounds, 2), or None when there are none to take
+    (one seed, no bootstrap). A round counts for a law only when every budget it goes through kept an interior
+    minimum (and, for L*(C), the refit converged). All three laws are judged by `judge`; N*(C) and D*(C) also by
+    their minima's scatter about the line (`_judge_line`)."""
     n_draws: list[float] = []
     d_draws: list[float] = []
     loss_draws: dict[str, list[float]] = defaultdict(list)
     kept = ~np.isnan(draws[:, :, 0]).any(axis=0) if draws is not None else np.zeros(0, bool)
     for r in np.flatnonzero(kept):
-        n_opt = np.exp(draws[:, r, 0])
-        n_draws.append(_power_law(budgets, n_opt)[0])
-        d_draws.append(_power_law(budgets, budgets / f(n_opt))[0])
+        drawn = np.exp(draws[:, r, 0])
+        n_draws.append(_power_law(budgets, drawn)[0])
+        d_draws.append(_power_law(budgets, budgets / f(drawn))[0])
         if isinstance(loss_law, LawFit):
             try:
                 refit = fit_compute(budgets, draws[:, r, 1], start=loss_law.values)
@@ -237,12 +273,58 @@ def _bootstrap_laws(budgets: np.ndarray, draws: np.ndarray | None, f, n_law: Pow
                 continue
             for name in loss_law.names:
                 loss_draws[name].append(refit[name])
-    for law, values in ((n_law, n_draws), (d_law, d_draws)):
-        law.judged = judge({"exponent": law.exponent}, {"exponent": values}, support)
+    log_c = np.log(budgets)
+    n_opt = np.array([m.n_opt for m in feeding])
+    seeds = np.array([m.seeds for m in feeding], float)
+    log_n = draws[:, kept, 0] if draws is not None else None  # (budgets, kept rounds)
+    log_d = log_c[:, None] - np.log(f(np.exp(log_n))) if log_n is not None else None
+    for law, values, y, y_draws, label in ((n_law, n_draws, np.log(n_opt), log_n, "ln N*"),
+                                           (d_law, d_draws, log_c - np.log(f(n_opt)), log_d, "ln D*")):
+        _judge_line(law, values, support, _line_check(log_c, y, y_draws, seeds), label)
     if isinstance(loss_law, LawFit):
         loss_support = Support(support.points, 3, support.once, support.rounds,
                                "a minimum left the sizes or the refit failed", support.unit)
         loss_law.judged = judge(loss_law.values, loss_draws, loss_support)
+
+
+def degrees_of_freedom(dof: int) -> str:
+    return f"{dof} degree{'' if dof == 1 else 's'} of freedom"
+
+
+def _line_check(x: np.ndarray, y: np.ndarray, y_draws: np.ndarray | None, seeds: np.ndarray) -> LineCheck:
+    """y against x = ln C: the residuals' scatter and the slope's t interval from it, and the seeds' scatter.
+    `seeds`: per budget the fewest seeds of a configuration. Drawing n seeds with replacement spreads their mean
+    by (n - 1) / n of its variance (half with 2 seeds), which would call a power law off its own line one time in
+    four with 5 budgets: the seeds' variance is scaled back by n / (n - 1)."""
+    slope, intercept = np.polyfit(x, y, 1)
+    dof = len(x) - 2
+    residual = float(np.sqrt(np.sum((y - (slope * x + intercept)) ** 2) / dof))
+    half = float(stats.t.ppf(0.95, dof)) * residual / float(np.sqrt(np.sum((x - x.mean()) ** 2)))
+    seed = None
+    if y_draws is not None and y_draws.shape[1] > 1 and np.all(seeds > 1):
+        seed = float(np.sqrt(np.mean(np.var(y_draws, axis=1, ddof=1) * seeds / (seeds - 1))))
+    exceeds = seed is not None and residual**2 > seed**2 * float(stats.chi2.ppf(0.95, dof)) / dof
+    return LineCheck(dof, residual, seed, (float(slope - half), float(slope + half)), bool(exceeds))
+
+
+def _judge_line(law: PowerLaw, draws: list[float], support: Support, check: LineCheck, label: str) -> None:
+    """The exponent's interval spans the seeds' and the residuals' (with 3 budgets the residuals' has one degree of
+    freedom and is wide: t(0.95, 1) = 6.3); minima that scatter about the line beyond what their seeds explain
+    are not a power law, whatever the width. Without a seed interval `judge` has said why, and that stands."""
+    law.judged = judge({"exponent": law.exponent}, {"exponent": draws}, support)
+    law.check = check
+    seeds = law.seed_interval = law.judged.intervals["exponent"]
+    if seeds is None:
+        return
+    span = (min(seeds[0], check.interval[0]), max(seeds[1], check.interval[1]))
+    law.judged.intervals["exponent"] = span
+    said = law.judged.verdicts["exponent"]
+    if check.exceeds:
+        law.judged.verdicts["exponent"] = (
+            f"not identified (the minima lie off the power law: {check.residual_rms:.2g} rms in {label} about it "
+            f"against {check.seed_rms:.2g} from their seeds, {degrees_of_freedom(check.dof)})")
+    elif "outside its interval" not in said:
+        law.judged.verdicts["exponent"] = verdict(span, "", exponent=True)
 
 
 def _extrapolation(budgets: np.ndarray, feeding: list[BudgetMinimum], law: LawFit | str) -> dict | str:

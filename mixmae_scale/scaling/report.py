@@ -13,12 +13,14 @@ from mixmae_scale.scaling.fit import (
     FitError,
     LawFit,
     compute_optimal,
+    configuration,
+    configurations,
     extrapolation_error,
     fit_compute,
     fit_nd,
 )
-from mixmae_scale.scaling.intervals import IDENTIFIED_FACTOR, format_interval, too_few_points
-from mixmae_scale.scaling.isoflop import PowerLaw, fit_iso_flop
+from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval, too_few_points
+from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop, flops_per_image_law
 
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
@@ -79,11 +81,11 @@ def _check_one_design(path: Path, rows: list[dict], lines: list[int]) -> None:
 
 def _seed_key(row: dict) -> tuple | None:
     """Two runs of one configuration with one seed are the same measurement (a row written twice). A grid's data
-    fractions, or sizes whose settings change neither N nor C, are other runs with the same N, D and C."""
+    fractions, or sizes whose settings change neither N nor C, are other runs with the same N, D and C. The same
+    key as the fits' points (`configuration`), so that what is read as two seeds is fitted as two seeds."""
     if row.get("seed") is None:
         return None
-    return (int(row["params"]), int(row["images_seen"]), float(row["flops"]), row["seed"], row.get("data_fraction"),
-            row.get("size"), tuple(row.get("overrides") or ()))
+    return configuration(row), row["seed"]
 
 
 def _check_point(path: Path, number: int, row: dict) -> None:
@@ -118,35 +120,35 @@ def frontier_compute(rows: list[dict]) -> np.ndarray:
     return np.array([r["flops"] for r in rows], float)
 
 
-def configurations(rows: list[dict]) -> np.ndarray:
-    """The point each run measures: runs with the same N, D and C are seeds of one configuration."""
-    keys = [(int(r["params"]), int(r["images_seen"]), float(r["flops"])) for r in rows]
-    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    return np.array([index[key] for key in keys], int)
-
-
 def _law_json(law: LawFit) -> dict:
     return {"values": law.values, "intervals_5_95": law.intervals, "verdicts": law.verdicts(),
             "identified": law.identified, "log_rms": law.residual_rms, "bootstrap_resamples": law.rounds,
             "refitted": law.refitted, "distinct_refits": law.judged.distinct, "resamples": law.judged.resamples()}
 
 
-def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray) -> dict:
-    """The check of L(C): refitted without the two largest-compute runs of the set it was fitted on, predicting
-    them. Run only when L(C) itself is identified: checking a law the data do not pin down says nothing."""
-    check: dict = {"law": "L(C) = E + A C^-alpha", "method": "refitted without the two largest-compute runs of "
-                   "its fitted set, predicting them"}
+HOLDOUT = 2  # compute levels the L(C) check holds out
+
+
+def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray, groups: np.ndarray,
+                   levels: np.ndarray) -> dict:
+    """The check of L(C): refitted without the two largest compute levels of the set it was fitted on (every seed
+    of them, the same points as the law), predicting their points' mean losses. Run only when L(C) itself is
+    identified: checking a law the data do not pin down says nothing."""
+    check: dict = {"law": "L(C) = E + A C^-alpha", "method": f"refitted without the {HOLDOUT} largest compute levels "
+                   "of its fitted set (every seed of them), predicting their points' mean losses"}
+    count = len(np.unique(levels))
     if law is None:
         check["result"] = "not run: L(C) was not fitted"
     elif not law.identified:
         check["result"] = "not run: L(C) is not identified"
-    elif len(c) < 6:
-        check["result"] = "not run: needs at least 6 runs on the fitted set"
+    elif count < HOLDOUT + 4:
+        check["result"] = (f"not run: needs at least {HOLDOUT + 4} compute levels on the fitted set (4 to fit, "
+                           f"{HOLDOUT} to predict), got {count}")
     else:
         try:
-            check["result"] = extrapolation_error(c, loss, holdout=2)
+            check["result"] = extrapolation_error(c, loss, HOLDOUT, groups, levels)
         except FitError as exc:
-            check["result"] = f"not computed: the refit on the {len(c) - 2} smaller runs failed: {exc}"
+            check["result"] = f"not computed: the refit on the {count - HOLDOUT} smaller compute levels failed: {exc}"
     return check
 
 
@@ -175,6 +177,7 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     use, front, on_front = _compute_fit_set(rows, groups, loss)
     result: dict = {"runs": len(rows), "configurations": len(np.unique(groups)),
                     "bootstrap": {"rounds": bootstrap, "seed": seed}, "identified_factor": IDENTIFIED_FACTOR,
+                    "exponent_width": EXPONENT_WIDTH,
                     "frontier_runs": [rows[i]["run_id"] for i in front],
                     "compute_fit_on": "frontier" if on_front else "all runs (frontier has < 4 configurations)"}
     levels = len(np.unique(frontier_compute(rows)[use]))
@@ -189,7 +192,10 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             result["L_of_C"] = f"not fitted: {exc}"
         else:
             result["L_of_C"] = _law_json(law_c)
-    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use])
+    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use])
+    flops = flops_per_image_law(rows)
+    result["flops_per_image"] = {"law": "f(N) = k N^s training FLOPs per image, fitted in log-log across the sizes",
+                                 "k": math.exp(flops[0]), "s": flops[1]}
     try:
         law_nd = fit_nd(n, d, loss, bootstrap=bootstrap, seed=seed, groups=groups)
     except FitError as exc:
@@ -197,27 +203,37 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
         result["compute_optimal"] = "not computed: L(N, D) was not fitted"
     else:
         result["L_of_N_D"] = _law_json(law_nd)
-        result["compute_optimal"] = _compute_optimal(law_nd, c, n, d)
+        result["compute_optimal"] = _compute_optimal(law_nd, c, n, d, flops)
     if all(r.get("budget") for r in rows):
         result["iso_flop"] = iso_flop_summary(rows, bootstrap, seed)
     return result
 
 
-def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray) -> list[dict] | str:
+def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray,
+                     flops: tuple[float, float]) -> list[dict] | str:
+    """The split of budgets from the smallest C trained to 100x the largest, under C = f(N) D with `flops` = (ln k,
+    s) of f(N) = k N^s: the accounting the iso-FLOP D* uses (one median C / (N D) for every size took the FLOPs
+    per image as proportional to N, which a Swin's are not). A row is within the runs only when its C is, as well
+    as its N* and D*: each within its own range, a budget 10x past the largest was said to be "within"."""
     if not law.identified:
         unidentified = sum(v != "identified" for v in law.verdicts().values())
         return f"not identified: {unidentified} of {len(law.names)} parameters of L(N, D) are not identified"
-    k = float(np.median(c / (n * d)))  # training FLOPs per parameter per image
     budgets = np.logspace(np.log10(c.min()), np.log10(c.max() * 100), 5)
-    n_opt, d_opt = compute_optimal(law, budgets, k)
+    n_opt, d_opt = compute_optimal(law, budgets, float(np.exp(flops[0])), flops[1])
     return [{"flops": float(b), "params": float(a), "images": float(i),
-             "within_trained": bool(n.min() <= a <= n.max() and d.min() <= i <= d.max())}
+             "within_trained": bool(c.min() <= b <= c.max() and n.min() <= a <= n.max() and d.min() <= i <= d.max())}
             for b, a, i in zip(budgets, n_opt, d_opt, strict=True)]
 
 
 def _power_law_json(law: PowerLaw) -> dict:
+    """`exponent_5_95` spans the seed bootstrap's interval (`seed_bootstrap_5_95`) and the residuals'
+    (`line_check`); the verdict is judged on it."""
+    check = law.check and {"degrees_of_freedom": law.check.dof, "residual_rms_ln": law.check.residual_rms,
+                           "seed_rms_ln": law.check.seed_rms, "residual_5_95": law.check.interval,
+                           "exceeds_seeds": law.check.exceeds}
     return {"exponent": law.exponent, "coefficient": law.coefficient, "exponent_5_95": law.interval,
-            "identified": law.identified, "verdict": law.verdict, "budgets": law.budgets}
+            "seed_bootstrap_5_95": law.seed_interval, "line_check": check, "identified": law.identified,
+            "verdict": law.verdict, "budgets": law.budgets}
 
 
 def iso_flop_summary(rows: list[dict], bootstrap: int, seed: int = 0) -> dict | str:
@@ -270,14 +286,21 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     check = fit["extrapolation"]
     result = check["result"]
     if isinstance(result, dict):
-        result = (f"max relative error {100 * result['max_relative_error']:.1f}%, mean "
-                  f"{100 * result['mean_relative_error']:.1f}%")
+        held = ", ".join(f"{level:.3g}" for level in result["held_out_levels"])
+        result = (f"fitted on {result['fitted_levels']} compute levels, predicting {result['held_out_points']} "
+                  f"point(s) ({result['held_out_runs']} runs) at C = {held}: max relative error "
+                  f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%")
     lines += ["", f"Extrapolation check of {check['law']} ({check['method']}): {result}", "",
               "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
     lines += _law_lines(fit["L_of_N_D"])
     lines += ["", "Compute-optimal allocation from L(N, D):"]
     if isinstance(fit["compute_optimal"], list):
-        lines += ["", "| C | N* | D* | N* and D* within the N and D trained |", "|---|---|---|---|"]
+        accounting = fit.get("flops_per_image")
+        if accounting:
+            lines[-1] += (f" C = f(N) D, f(N) = {accounting['k']:.3g} N^{accounting['s']:.3g} the training FLOPs per "
+                          "image fitted across the sizes, as the iso-FLOP D* (a Swin's FLOPs per image are not "
+                          "proportional to N).")
+        lines += ["", "| C | N* | D* | C, N* and D* within the C, N and D trained |", "|---|---|---|---|"]
         lines += [f"| {p['flops']:.3g} | {p['params']:.3g} | {p['images']:.3g} | "
                   f"{'yes' if p['within_trained'] else '**no**: an extrapolation of the law'} |"
                   for p in fit["compute_optimal"]]
@@ -319,9 +342,10 @@ def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
-             "every (budget, size)'s seeds with replacement."
+             "every configuration's seeds with replacement (a configuration: a run's settings less its seed)."
              + (f" **{iso['left_out'][0].upper()}{iso['left_out'][1:]}.**" if iso.get("left_out") else ""), "",
-             "| budget C | sizes | fewest seeds per size | interior | N* | N* 5-95% | L* | lowest measured: N, loss |",
+             "| budget C | sizes | fewest seeds per configuration | interior | N* | N* 5-95% | L* | "
+             "lowest measured: N, loss |",
              "|---|---|---|---|---|---|---|---|"]
     for m in iso["minima"]:
         ci = format_interval(m["n_opt_5_95"], 3) if m["n_opt_5_95"] else f"- ({m['no_interval']})"
@@ -340,10 +364,16 @@ def _iso_flop_section(iso: dict) -> list[str]:
         if not ci:  # no spread to read it with: the values stay in fit.json
             lines.append(f"- {label}: through {len(law['budgets'])} budgets, no interval: **{law['verdict']}**")
             continue
-        text = f"exponent {law['exponent']:.3f} (5-95%: {format_interval(ci, 3)})"
+        text = f"exponent {law['exponent']:.3f} (5-95%: {format_interval(ci, 3)}; {_spread(ci)})"
         verdict = "identified" if law["identified"] else f"**{law['verdict']}**"
+        check = law["line_check"]
+        seeds = format_interval(law["seed_bootstrap_5_95"], 3)
         lines.append(f"- {label}: {text}, k = {law['coefficient']:.3g}, through {len(law['budgets'])} budgets: "
-                     f"{verdict}")
+                     f"{verdict}. The interval spans the seeds' bootstrap ({seeds}) and the slope's t interval from "
+                     "the minima's scatter about the line "
+                     f"({format_interval(check['residual_5_95'], 3)}, "
+                     f"{degrees_of_freedom(check['degrees_of_freedom'])}): {check['residual_rms_ln']:.2g} rms in ln "
+                     f"about it, {check['seed_rms_ln']:.2g} from the seeds")
     lines += ["", "L*(C) = E + A C^-alpha through the interior minima:", ""]
     lines += _law_lines(iso["L_opt_of_C"])
     ex = iso["L_opt_extrapolation"]
@@ -353,6 +383,14 @@ def _iso_flop_section(iso: dict) -> list[str]:
                  f"Extrapolation check of L*(C) to the largest interior budget {ex['budget']:.3g}: predicted "
                  f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
     return lines
+
+
+def _spread(interval: tuple[float, float]) -> str:
+    """An exponent interval's width, and its ends' ratio where they share a sign (a target such as "narrower
+    than 2x" reads off it)."""
+    low, high = interval
+    ratio = f", {max(abs(low), abs(high)) / min(abs(low), abs(high)):.2f}x end to end" if low * high > 0 else ""
+    return f"width {high - low:.3g}{ratio}"
 
 
 def provenance_warnings(rows: list[dict]) -> list[str]:

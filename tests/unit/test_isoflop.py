@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -115,7 +116,7 @@ def test_the_bootstrap_is_seeded():
     rows, _, _ = _sweep(noise=0.01, budgets=BUDGETS[:3])  # 3 budgets: no L*(C) refits, which cost the time
     first, again, other = (fit_iso_flop(rows, bootstrap=50, seed=s) for s in (0, 0, 1))
     assert first.n_opt.interval == again.n_opt.interval and first.minima[0].n_interval == again.minima[0].n_interval
-    assert first.n_opt.interval != other.n_opt.interval
+    assert first.n_opt.seed_interval != other.n_opt.seed_interval  # the span: the residuals' t interval here
 
 
 def test_a_budget_whose_sizes_all_lie_on_one_side_is_not_interior():
@@ -166,3 +167,57 @@ def test_seeds_with_equal_losses_give_a_budget_no_interval_and_say_why():
     fit = fit_iso_flop(rows, bootstrap=50)
     assert all(m.interior and m.seeds == 2 for m in fit.minima)
     assert all(m.n_interval is None and m.missing == "the resamples did not differ" for m in fit.minima)
+
+
+def test_two_data_fractions_at_one_budget_and_size_are_two_points_not_two_seeds():
+    """Before: cells were (budget, size), so a one-seed sweep at two data fractions had "2 seeds" per size, and
+    N*(C) was identified from runs that were never repeated."""
+    rows, _, _ = _sweep(seeds=1)
+    rng = np.random.default_rng(5)
+    both = [{**r, "seed": 0, "data_fraction": fraction, "run_id": f"{r['run_id']}-d{fraction:g}",
+             "heldout_loss": r["heldout_loss"] * (1 + 0.003 * rng.standard_normal())}
+            for r in rows for fraction in (0.5, 1.0)]
+    fit = fit_iso_flop(both, bootstrap=50)
+    assert all(m.seeds == 1 and m.missing == "one seed" for m in fit.minima)
+    assert fit.n_opt.verdict == "not identified (one seed: 5 of 5 interior budgets have a size run once)"
+    with pytest.raises(FitError, match=re.escape(f"runs {both[0]['run_id']} and again are one "
+                                                        "configuration with one seed (0)")):
+        fit_iso_flop([*both, {**both[0], "run_id": "again"}], bootstrap=50)
+
+
+def _bent(offsets, budgets=(1e12, 1e13, 1e14), seeds=2, noise=0.003, seed=0):
+    """Each budget's loss a parabola in log N about N* = 1e5 (C / 1e12)^0.5 x its offset: offsets of 1 put the
+    minima on a power law, others put them off it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, offset in zip(budgets, offsets, strict=True):
+        n_star = 1e5 * (c / 1e12) ** 0.5 * offset
+        for factor in AROUND:
+            for s in range(seeds):
+                loss = (0.4 + 2.0 * c**-0.05 + 0.02 * np.log(factor) ** 2) * (1 + noise * rng.standard_normal())
+                rows.append({"budget": c, "params": int(n_star * factor), "flops": c, "heldout_loss": loss, "seed": s,
+                             "images_seen": int(c / (K * n_star * factor)), "run_id": f"{c:g}-{factor:g}-{s}"})
+    return rows
+
+
+def test_minima_off_a_power_law_do_not_identify_its_exponent_however_tight_their_seeds():
+    """Before: only seeds were drawn, so the middle budget's N* 1.9x off the law gave the same interval as on it,
+    'exponent 0.492 (0.487, 0.499) identified'. The interval now spans the residuals' t interval too (3 budgets:
+    1 degree of freedom), and a scatter beyond the seeds' is no power law."""
+    on = fit_iso_flop(_bent((1, 1, 1)), bootstrap=100)
+    off = fit_iso_flop(_bent((1, 1.9, 1)), bootstrap=100)
+    assert on.n_opt.identified and on.n_opt.check.dof == 1 and not on.n_opt.check.exceeds
+    low, high = on.n_opt.interval
+    assert low <= on.n_opt.seed_interval[0] and on.n_opt.seed_interval[1] <= high and (low, high) != \
+        on.n_opt.seed_interval
+    assert off.n_opt.seed_interval == pytest.approx(on.n_opt.seed_interval)  # the seeds alone cannot see it
+    assert off.n_opt.check.exceeds and not off.n_opt.identified and not off.d_opt.identified
+    assert off.n_opt.verdict.startswith("not identified (the minima lie off the power law: 0.52 rms in ln N* about "
+                                        "it against 0.012 from their seeds, 1 degree of freedom)"), off.n_opt.verdict
+    low, high = off.n_opt.interval
+    assert low < 0 < high  # the residuals' t interval, 1 degree of freedom: 6.3 standard errors each way
+    from mixmae_scale.scaling.report import _iso_flop_section, iso_flop_summary
+
+    report = "\n".join(_iso_flop_section(iso_flop_summary(_bent((1, 1.9, 1)), 100)))
+    assert "through 3 budgets: **not identified (the minima lie off the power law" in report
+    assert "(-0.506 to 1.49, 1 degree of freedom): 0.52 rms in ln about it, 0.012 from the seeds" in report

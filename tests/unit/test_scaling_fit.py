@@ -138,3 +138,18 @@ def test_the_one_seed_rule_reaches_both_direct_fits():
     assert set(law.verdicts().values()) == {"not identified (one seed: 8 of 9 points were run once)"}
     with pytest.raises(FitError, match="5 parameters and the runs give 5 distinct points; it needs at least 6"):
         fit_nd(np.repeat(n[:5], 2), np.repeat(d[:5], 2), np.ones(10))
+
+
+def test_the_extrapolation_check_holds_out_whole_compute_levels_with_every_seed():
+    """Before: the two largest-compute runs were held out; with 6 levels x 3 seeds both were seeds of the top level,
+    whose third seed stayed in the refit: no extrapolation was checked."""
+    rng = np.random.default_rng(2)
+    levels = np.logspace(11, 13, 6)
+    c = np.repeat(levels, 3)
+    loss = compute_law(c, 0.4, 3.0e4, 0.3) * np.exp(rng.normal(0, 0.002, c.size))
+    result = extrapolation_error(c, loss, holdout=2, groups=np.repeat(np.arange(6), 3))
+    assert result["held_out_levels"] == pytest.approx(list(levels[-2:]))
+    assert (result["held_out_points"], result["held_out_runs"], result["fitted_levels"]) == (2, 6, 4)
+    assert result["max_relative_error"] < 0.01
+    with pytest.raises(FitError, match="the check needs 6 compute levels .* got 5"):
+        extrapolation_error(c[:15], loss[:15], holdout=2)

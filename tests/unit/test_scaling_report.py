@@ -13,7 +13,7 @@ import pytest
 from test_isoflop import _sweep
 
 from mixmae_scale.cli import main
-from mixmae_scale.scaling.fit import nd_law
+from mixmae_scale.scaling.fit import FitError, compute_law, nd_law
 from mixmae_scale.scaling.intervals import bootstrap_interval, format_interval, verdict
 from mixmae_scale.scaling.report import fit_results, report_markdown, write_report
 
@@ -82,10 +82,12 @@ def test_an_identified_law_gives_its_optimal_split_and_flags_what_lies_outside_t
              "heldout_loss": v} for i, (a, b, v) in enumerate(zip(n, d, loss, strict=True))]
     fit = fit_results(rows, bootstrap=30)
     assert fit["L_of_N_D"]["identified"] and len(fit["compute_optimal"]) == 5
-    within = [1e6 <= p["params"] <= 1e9 and 1e7 <= p["images"] <= 1e10 for p in fit["compute_optimal"]]
+    within = [6e13 <= p["flops"] <= 6e19 and 1e6 <= p["params"] <= 1e9 and 1e7 <= p["images"] <= 1e10
+              for p in fit["compute_optimal"]]
     assert [p["within_trained"] for p in fit["compute_optimal"]] == within and not all(within)
     report = report_markdown(rows, fit, [])
-    assert "| N* and D* within the N and D trained |" in report and "**no**: an extrapolation of the law" in report
+    assert "| C, N* and D* within the C, N and D trained |" in report
+    assert "**no**: an extrapolation of the law" in report
     # The same runs with a law the bootstrap cannot pin down: the split is withheld, and said to be.
     fit["L_of_N_D"]["identified"] = False
     fit["compute_optimal"] = "not identified: 1 of 5 parameters of L(N, D) are not identified"
@@ -103,6 +105,24 @@ def test_intervals_say_what_they_support():
     assert bootstrap_interval(list(np.linspace(1, 2, 95)), 100) is not None
     assert bootstrap_interval(list(np.linspace(1, 2, 94)), 100) is None
     assert bootstrap_interval([1.5] * 100, 100) is None  # draws that did not differ: "1.5 - 1.5" is no interval
+
+
+def test_an_exponent_is_judged_by_its_sign_and_width_not_by_a_ratio_alone():
+    """Before: (0.26, 0.74) was identified (2.85x < 3x) though C^0.26 and C^0.74 differ 9x over two decades, and
+    the narrow (-0.62, -0.58) 'reaches zero'."""
+    assert verdict((0.26, 0.74), "", exponent=True) == "not identified (wider than 0.3 in the exponent)"
+    assert verdict((0.26, 0.74), "") == "identified"  # a scale (E, A, B, k) keeps the ratio rule
+    assert verdict((-0.62, -0.58), "", exponent=True) == "identified"
+    assert verdict((-0.05, 0.05), "", exponent=True) == "not identified (reaches zero)"
+    assert verdict((0.05, 0.2), "", exponent=True) == "not identified (wider than 3x)"  # the ratio rule still holds
+    assert verdict((0.4, 0.65), "", exponent=True) == "identified"
+    assert format_interval((-0.506, 1.49), 3) == "-0.506 to 1.49"
+    # `judge` applies it to every law's exponents by name.
+    from mixmae_scale.scaling.intervals import Support, judge
+
+    wide = list(np.linspace(0.25, 0.75, 101))
+    judged = judge({"alpha": 0.5, "A": 0.5}, {"alpha": wide, "A": wide}, Support(5, 2, rounds=101))
+    assert judged.verdicts == {"alpha": "not identified (wider than 0.3 in the exponent)", "A": "identified"}
 
 
 def _grid(seeds: int) -> list[dict]:
@@ -144,3 +164,102 @@ def test_the_same_grid_with_two_seeds_says_how_many_resamples_refitted_and_that_
         if law["verdicts"][name] == "identified":
             assert interval[0] <= value <= interval[1]
     assert f"{law['resamples'][0].upper()}{law['resamples'][1:]}." in report_markdown(_grid(2), fit, [])
+
+
+def _fractions(seeds: tuple[int, ...]) -> list[dict]:
+    """The audit's sweep: 5 sizes x 3 step counts x data fractions 0.5 and 1.0 x `seeds`. The two fractions'
+    runs at one step count share N, D and C: they are two points, not two seeds of one."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in np.logspace(5, 7, 5).astype(int):
+        for steps in (100, 200, 400):
+            for fraction in (0.5, 1.0):
+                for seed in seeds:
+                    d = 32 * steps
+                    loss = nd_law(n, d, 0.4, 40.0, 0.35, 300.0, 0.25) * (1 + 0.01 * rng.standard_normal())
+                    rows.append({"run_id": f"n{n}-d{fraction:g}-s{steps}-seed{seed}", "params": int(n),
+                                 "images_seen": d, "flops": 6.0 * n * d, "heldout_loss": loss, "seed": seed,
+                                 "data_fraction": fraction, "steps": steps,
+                                 "overrides": [f"model.width={n}", f"run.seed={seed}"]})
+    return rows
+
+
+def test_runs_at_two_data_fractions_are_two_points_not_two_seeds():
+    """Before: grouped by N, D and C alone, this one-seed sweep had 15 "points" of 2 "seeds" each and gave
+    'E: identified (0.524-0.555)'."""
+    fit = fit_results(_fractions(seeds=(0,)), bootstrap=20)
+    assert fit["configurations"] == 30
+    for law in ("L_of_C", "L_of_N_D"):
+        assert not fit[law]["identified"] and set(fit[law]["intervals_5_95"].values()) == {None}, fit[law]
+        assert all(v.startswith("not identified (one seed: ") for v in fit[law]["verdicts"].values())
+    assert set(fit["L_of_N_D"]["verdicts"].values()) == {"not identified (one seed: 30 of 30 points were run once)"}
+    # Two seeds of each: 30 points, each drawn from its own two runs (`run.seed=` is the seed, not a setting).
+    fit = fit_results(_fractions(seeds=(0, 1)), bootstrap=20)
+    assert fit["configurations"] == 30 and fit["L_of_N_D"]["bootstrap_resamples"] == 20
+
+
+def test_one_configuration_with_one_seed_twice_is_refused_naming_both_runs():
+    rows = _fractions(seeds=(0,))
+    twice = [*rows, {**rows[3], "run_id": "again"}]
+    with pytest.raises(FitError, match=f"runs {rows[3]['run_id']} and again are one configuration with one seed "
+                                       r"\(0\)"):
+        fit_results(twice, bootstrap=20)
+
+
+def test_the_compute_law_check_predicts_the_two_largest_compute_levels_not_two_runs():
+    """6 compute levels x 3 seeds: the check's refit sees none of the top two levels' runs (before, the two
+    largest-compute runs were two seeds of the top level, its third seed fitted)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, c in enumerate(np.logspace(11, 13, 6)):
+        for seed in range(3):
+            loss = float(compute_law(c, 0.4, 3.0e4, 0.3)) * (1 + 0.002 * rng.standard_normal())
+            n = int(1e4 * 2**i)
+            rows.append({"run_id": f"c{i}-seed{seed}", "params": n, "images_seen": int(c / (6 * n)), "flops": c,
+                         "heldout_loss": loss, "seed": seed})
+    fit = fit_results(rows, bootstrap=30)
+    assert fit["L_of_C"]["identified"], fit["L_of_C"]["verdicts"]
+    check = fit["extrapolation"]
+    assert check["method"] == ("refitted without the 2 largest compute levels of its fitted set (every seed of them), "
+                               "predicting their points' mean losses")
+    result = check["result"]
+    assert result["held_out_levels"] == pytest.approx([1e11 * 100**0.8, 1e13])
+    assert (result["held_out_points"], result["held_out_runs"], result["fitted_levels"]) == (2, 6, 4)
+    assert "fitted on 4 compute levels, predicting 2 point(s) (6 runs) at C = 3.98e+12, 1e+13: max relative error" \
+        in report_markdown(rows, fit, [])
+
+
+def test_a_budget_past_the_largest_trained_is_an_extrapolation_whatever_its_n_and_d():
+    """An iso-FLOP design trains its largest N on few images and its largest D on small models: a budget 2.5x and
+    15.8x past the largest C had N* and D* each within their trained range, and the table said "within"."""
+    rows, _, _ = _sweep()
+    fit = fit_results(rows, bootstrap=30)
+    c, n, d = (np.array([r[k] for r in rows], float) for k in ("flops", "params", "images_seen"))
+    table = fit["compute_optimal"]
+    assert fit["L_of_N_D"]["identified"] and isinstance(table, list)
+    past = [p for p in table if p["flops"] > c.max()]
+    assert past and not any(p["within_trained"] for p in past)
+    assert any(n.min() <= p["params"] <= n.max() and d.min() <= p["images"] <= d.max() for p in past)
+    # The same FLOP accounting as the iso-FLOP D*: C = f(N) D with f(N) = k N^s fitted across the sizes.
+    k, s = fit["flops_per_image"]["k"], fit["flops_per_image"]["s"]
+    assert s == pytest.approx(1.0, abs=1e-3)  # the synthetic family's f(N) = 6 N
+    for p in table:
+        assert k * p["params"] ** s * p["images"] == pytest.approx(p["flops"], rel=1e-9)
+    assert f"C = f(N) D, f(N) = {k:.3g} N^{s:.3g} the training FLOPs per image fitted across the sizes" in \
+        report_markdown(rows, fit, [])
+
+
+def test_the_split_uses_each_sizes_own_flops_per_image_not_one_median_ratio():
+    """f(N) = k N^0.6: the median C / (N D) put a budget 2x past the largest at N* and D* both inside the grid."""
+    rng = np.random.default_rng(1)
+    n, d = (np.repeat(g.ravel(), 2) for g in np.meshgrid(np.logspace(6, 9, 5), np.logspace(7, 10, 5)))
+    loss = nd_law(n, d, 0.5, 200.0, 0.3, 400.0, 0.3) * np.exp(rng.normal(0, 0.003, n.size))
+    flops = 6.0 * 1e6**0.4 * n**0.6 * d
+    rows = [{"run_id": f"r{i}", "params": int(a), "images_seen": int(b), "flops": float(x), "heldout_loss": v,
+             "seed": i % 2} for i, (a, b, x, v) in enumerate(zip(n, d, flops, loss, strict=True))]
+    fit = fit_results(rows, bootstrap=30)
+    assert fit["flops_per_image"]["s"] == pytest.approx(0.6, abs=1e-6)
+    for p in fit["compute_optimal"]:
+        assert fit["flops_per_image"]["k"] * p["params"] ** 0.6 * p["images"] == pytest.approx(p["flops"], rel=1e-6)
+        if p["flops"] > flops.max():
+            assert not p["within_trained"]
