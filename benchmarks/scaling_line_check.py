@@ -19,22 +19,7 @@ import numpy as np
 
 from mixmae_scale.scaling import isoflop
 from mixmae_scale.scaling.isoflop import fit_iso_flop
-
-FACTORS = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
-
-
-def sweep(offsets, budgets, seed: int, seeds: int = 2, noise: float = 0.003) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for c, offset in zip(budgets, offsets, strict=True):
-        n_star = 1e5 * (c / 1e12) ** 0.5 * offset
-        for factor in FACTORS:
-            for s in range(seeds):
-                loss = (0.4 + 2.0 * c**-0.05 + 0.02 * np.log(factor) ** 2) * (1 + noise * rng.standard_normal())
-                rows.append({"budget": c, "params": int(n_star * factor), "flops": c, "heldout_loss": loss,
-                             "images_seen": int(c / (6 * n_star * factor)), "seed": s,
-                             "run_id": f"{c:g}-{factor:g}-{s}"})
-    return rows
+from mixmae_scale.scaling.synthetic import bent_power_law_sweep
 
 
 def main() -> None:
@@ -52,7 +37,7 @@ def main() -> None:
         start = time.time()
         fires = above = identified = 0
         for i in range(args.sweeps):
-            fit = fit_iso_flop(sweep(offsets, budgets, seed=1000 + i), bootstrap=args.bootstrap, seed=i)
+            fit = fit_iso_flop(bent_power_law_sweep(offsets, budgets, seed=1000 + i), bootstrap=args.bootstrap, seed=i)
             check = fit.n_opt.check
             fires += check.exceeds
             above += check.residual_rms > check.seed_rms

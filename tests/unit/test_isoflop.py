@@ -12,6 +12,7 @@ import pytest
 from mixmae_scale.scaling.fit import FitError
 from mixmae_scale.scaling.intervals import identified
 from mixmae_scale.scaling.isoflop import fit_iso_flop, parabola_vertex
+from mixmae_scale.scaling.synthetic import bent_power_law_sweep
 
 K = 6.0  # training FLOPs per parameter per image in the synthetic family
 BUDGETS = (1e12, 2e12, 4e12, 8e12, 16e12)
@@ -186,18 +187,7 @@ def test_two_data_fractions_at_one_budget_and_size_are_two_points_not_two_seeds(
 
 
 def _bent(offsets, budgets=(1e12, 1e13, 1e14), seeds=2, noise=0.003, seed=0):
-    """Each budget's loss a parabola in log N about N* = 1e5 (C / 1e12)^0.5 x its offset: offsets of 1 put the
-    minima on a power law, others put them off it."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for c, offset in zip(budgets, offsets, strict=True):
-        n_star = 1e5 * (c / 1e12) ** 0.5 * offset
-        for factor in AROUND:
-            for s in range(seeds):
-                loss = (0.4 + 2.0 * c**-0.05 + 0.02 * np.log(factor) ** 2) * (1 + noise * rng.standard_normal())
-                rows.append({"budget": c, "params": int(n_star * factor), "flops": c, "heldout_loss": loss, "seed": s,
-                             "images_seen": int(c / (K * n_star * factor)), "run_id": f"{c:g}-{factor:g}-{s}"})
-    return rows
+    return bent_power_law_sweep(offsets, budgets, seeds, noise, seed)
 
 
 def test_minima_off_a_power_law_do_not_identify_its_exponent_however_tight_their_seeds():
