@@ -152,7 +152,8 @@ class SampleSource:
         reader, end = self._stream(visits, visit, first, last, index, url, split.bytes_per_shard[shard])
         epoch = visits.epoch
         for i in range(first, stop):
-            members = [(int(index.image_offset[i]) - TAR_HEADER, int(index.image_size[i]) + TAR_HEADER, "image")]
+            image_at = int(index.image_offset[i])
+            members = [(image_at - TAR_HEADER, TAR_HEADER, "header"), (image_at, int(index.image_size[i]), "image")]
             if index.label_size[i]:
                 members.append((int(index.label_offset[i]), int(index.label_size[i]), "label"))
             if self.with_meta and index.meta_size[i]:
@@ -171,8 +172,7 @@ class SampleSource:
                 reader.stream.close()
                 raise DataError(f"{url}: ends before sample {index.keys[i]} (byte {end} expected): the shard is "
                                 "shorter than its index says; it was cut short or replaced") from None
-            header, data["image"] = data["image"][:TAR_HEADER], data["image"][TAR_HEADER:]
-            if not tar_header_holds(header, len(data["image"])):
+            if not tar_header_holds(data.pop("header"), len(data["image"])):
                 reader.stream.close()
                 raise DataError(f"{url}: no tar header for sample {index.keys[i]}'s {len(data['image'])}-byte image "
                                 f"at byte {int(index.image_offset[i]) - TAR_HEADER}: the shard changed after it was "
