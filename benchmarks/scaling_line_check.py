@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixmae_scale.atomic_file import write_text
 from mixmae_scale.scaling import isoflop
 from mixmae_scale.scaling.isoflop import fit_iso_flop
 from mixmae_scale.scaling.synthetic import bent_power_law_sweep
@@ -47,7 +48,7 @@ def main() -> None:
                         "n_opt_identified": identified, "seconds": round(time.time() - start, 1)})
         print(f"{name}: line check fires {fires}/{args.sweeps}, residual rms > seeds' {above}/{args.sweeps}, "
               f"N*(C) identified {identified}/{args.sweeps}")
-    Path(args.out).write_text(json.dumps({"bootstrap": args.bootstrap, "seeds": 2, "noise": 0.003,
+    write_text(args.out, json.dumps({"bootstrap": args.bootstrap, "seeds": 2, "noise": 0.003,
                                           "results": results}, indent=2) + "\n")
 
 
