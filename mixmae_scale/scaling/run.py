@@ -144,6 +144,35 @@ def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, f
                       f"than {FRACTION_TOLERANCE:.0%} off). Whole shards give {options}: give one of those")
 
 
+def whole_sets(spec: SweepSpec, fraction: float, train_samples: int, unread: DataError) -> tuple[list[str], int]:
+    """`run_data` where the sets' manifests cannot be read (lines emitted for a cluster's shards): the data overrides
+    and samples per epoch a run here would get. At fraction 1 its subsets hold every training shard of each set, so
+    the sets themselves stand for them (a mixture with its weights and splits) and `train_samples` (the split's
+    count, a mixture's weighted one) for their samples. A smaller fraction's whole shards and their samples are in
+    the manifests alone: the lines named the whole set with 'fraction x train_samples' for an epoch, and a 0.6 run
+    trained on all of it, so that is refused, naming what is missing."""
+    if fraction != 1.0:
+        manifests = ", ".join(dict.fromkeys(_manifest_path(s) for s in [spec.shards, *(s["shards"] for s in
+                                                                                      spec.sources)]))
+        raise ConfigError(f"{spec.file or 'the sweep spec'}: data_fractions {fraction:g}: a run reads the first whole "
+                          f"shards of each training set for it, and which those are and how many samples they hold "
+                          f"(its epochs) is in the manifest ({manifests}), which cannot be read here ({unread}). Write "
+                          "the commands where the manifests can be read (the images are not read), or plan "
+                          "data_fractions: [1.0] here and the other fractions where they can be read")
+    data = [f"data.shards={spec.shards}"]
+    if spec.sources:  # as `_fraction_sets` gives them: each set's own split, read as its training split
+        data.append("data.sources=" + json.dumps([{"shards": s["shards"], "weight": s["weight"],
+                                                   "split": s.get("split") or "train"} for s in spec.sources]))
+    return data, train_samples
+
+
+def _manifest_path(location: str) -> str:
+    from mixmae_scale.data import storage
+    from mixmae_scale.data.manifest import MANIFEST
+
+    return storage.join(location, MANIFEST)
+
+
 def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep: str | None = None) -> list[str]:
     """The run's budget is its whole schedule: warm-up 10%, cosine to the last step. With W&B on, the sweep's runs
     form one group named after it."""
@@ -201,7 +230,7 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     without starting again), or write their launch lines. Ends with the counts, the time and the next command;
     raises SweepError, after recording every run that finished, when a run failed."""
     # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
-    train_samples = spec.train_samples_for_plan()
+    train_samples = spec.train_samples_for_plan(option=None)
     runs = expand(spec, train_samples)
     check_budgets(spec, runs, log)
     # Two sweeps on one --out would both start its pending runs, into the same folders: one holds it at a time.
@@ -224,23 +253,28 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
             raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
                              "name): give this spec its own --out, or its earlier name to continue that sweep")
     for fraction in spec.data_fractions:  # a fraction whole shards miss is refused before anything runs
-        with contextlib.suppress(DataError):  # planned where the shards are not: --emit-commands names the set
+        try:
             run_data(spec, fraction, out)
+        except DataError as exc:  # planned where the shards are not: lines name the whole sets, refused below 1
+            if emit_commands is not None:
+                whole_sets(spec, fraction, train_samples, exc)
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
     _refuse_other_plans(runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")})
     base_lr = None
     tally = Tally()
+    first: list[str] = []
     if spec.learning_rate.sweep:
         if emit_commands is not None:  # the base lr is the sweep's to find on the cluster: left unset
-            _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
+            first = _emit_lr_sweep(spec, train_samples, out)
         else:
             base_lr = lr_sweep(spec, train_samples, out, log, parallel, per_process, tally)
             runs = expand(spec, train_samples, base_lr)
     if emit_commands is not None:
         lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n"
                  + launch_line(spec, r, out, train_samples) for r in runs]
-        with emit_commands.open("a" if spec.learning_rate.sweep else "w") as handle:
-            handle.write("".join(line + "\n" for line in lines))
+        write_text(emit_commands, "".join(line + "\n" for line in [*first, *lines]))  # whole, or not at all
+        if first:
+            log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit_commands}")
         log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
         log(f"next: run them where the GPUs are; then the same `mixmae scaling run` without --emit-commands "
             f"(--out {out}) reads their finished run folders into results.jsonl")
@@ -310,13 +344,13 @@ def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
     return runs
 
 
-def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path, emit: Path, log) -> None:
+def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path) -> list[str]:
+    """The lr sweep's lines and the note that heads them, written first in the commands file."""
     lines = ["# 1. the lr sweep: run these, take the base lr with the lowest held-out loss (summary.json), then "
              "run the lines below with --set optim.base_learning_rate=<it>"]
     lines += [launch_line(spec, r, out, train_samples) for r in sweep_runs(spec, train_samples)]
     lines.append("# 2. the study (base lr: the sweep's best)")
-    emit.write_text("".join(line + "\n" for line in lines))
-    log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit}")
+    return lines
 
 
 def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tuple[int, int]:
@@ -340,8 +374,8 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
                           "on one node with cluster: {max_nodes: 1}")
     try:
         data, samples = run_data(spec, run.data_fraction, out)
-    except DataError:  # planned where the shards are not (the spec's train_samples): the set named as it is
-        data, samples = [f"data.shards={spec.shards}"], max(1, int(train_samples * run.data_fraction))
+    except DataError as exc:  # planned where the manifests are not (the spec's train_samples)
+        data, samples = whole_sets(spec, run.data_fraction, train_samples, exc)
     schedule = run_overrides(run, data, max(1, samples // run.global_batch), spec.name)
     sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
             f"run.output_dir={out / 'runs'}"]

@@ -9,6 +9,7 @@ import json
 import math
 import pathlib
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -563,3 +564,79 @@ def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refuse
     rows = run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
     assert len(rows) == 6 and all((r["data_fraction"], r["data_fraction_read"], r["train_samples_read"]) ==
                                   (0.6, 0.64, 192) for r in rows)
+
+
+GRID_MIXTURE = """
+name: grid-mixture
+profile: tiny
+shards: {shards}
+train_samples: 900
+steps: [12]
+sizes:
+  - {{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}
+data_fractions: [{fractions}]
+set: ["batch.micro=8", "batch.global_batch=8", "zero.stage=0"]
+sources:
+  - {{shards: {shards}, weight: 2}}
+  - {{shards: {shards}, weight: 1, split: train}}
+"""
+
+
+def _emitted_sets(commands: pathlib.Path) -> dict[str, dict[str, str]]:
+    """Each emitted run's --set values by key, by run id."""
+    lines = [shlex.split(line) for line in commands.read_text().splitlines() if line.startswith("mixmae launch")]
+    sets = [dict(arg.split("=", 1) for before, arg in zip(line, line[1:], strict=False) if before == "--set")
+            for line in lines]
+    return {named["run.name"]: named for named in sets}
+
+
+def test_lines_emitted_where_the_shards_cannot_be_read_train_on_the_mixture_with_the_schedule_of_a_run_here(
+        demo_shards, tmp_path):
+    """Emitted where the shards' manifests could not be read, the lines named the one set (`shards:`) and no
+    `data.sources`: every run trained on the held-out set instead of the mixture, its epochs counted from
+    `train_samples` where a run here counts its subsets' samples. At data fraction 1 a run's subsets hold every
+    training shard of each set: the lines name the sets themselves, with the weights and splits and the schedule a
+    run here is given (`train_samples: 900` is the mixture's weighted count, 2 x 300 + 300)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(GRID_MIXTURE.format(shards=shards, fractions="1.0"))
+    spec = load_spec(spec_path)
+    run_sweep(spec, tmp_path / "out", emit_commands=tmp_path / "here.sh", log=lambda m: None)
+    shards.rename(tmp_path / "away")
+    run_sweep(spec, tmp_path / "out", emit_commands=tmp_path / "elsewhere.sh", log=lambda m: None)
+    (here,) = _emitted_sets(tmp_path / "here.sh").values()
+    (elsewhere,) = _emitted_sets(tmp_path / "elsewhere.sh").values()
+    assert elsewhere["data.shards"] == str(shards)
+    assert json.loads(elsewhere["data.sources"]) == [{"shards": str(shards), "weight": 2.0, "split": "train"},
+                                                     {"shards": str(shards), "weight": 1.0, "split": "train"}]
+    assert [(s["weight"], s["split"]) for s in json.loads(here["data.sources"])] == [(2.0, "train"), (1.0, "train")]
+    assert {k: v for k, v in elsewhere.items() if not k.startswith("data.")} == \
+        {k: v for k, v in here.items() if not k.startswith("data.")}  # schedule.epochs among them: 12 / (900 // 8)
+
+
+def test_a_data_fraction_emitted_where_the_shards_cannot_be_read_is_refused_naming_what_is_missing(
+        demo_shards, tmp_path):
+    """A fraction below 1 reads the first whole shards of each set; which they are and how many samples they hold is
+    in the set's manifest. The lines pointed every fraction at the whole set (a 0.6 run trained on all of it) with
+    epochs from 0.6 x train_samples, and the whole-shard check (more than 10% off) never ran: refused now, before a
+    line is written, naming the fraction, the manifest and the ways out."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(GRID_MIXTURE.format(shards=shards, fractions="0.6, 1.0"))
+    spec = load_spec(spec_path)
+    shards.rename(tmp_path / "away")
+    commands = tmp_path / "commands.sh"
+    with pytest.raises(ConfigError, match=re.escape(f"{spec_path}: data_fractions 0.6: ") + ".*" + re.escape(
+            f"{shards / 'dataset.json'}") + ".*cannot be read here.*" + re.escape("data_fractions: [1.0]")):
+        run_sweep(spec, tmp_path / "out", emit_commands=commands, log=lambda m: None)
+    assert not commands.exists()
+    spec_path.write_text(GRID_MIXTURE.format(shards=shards, fractions="0.6, 1.0").replace("train_samples: 900\n", ""))
+    with pytest.raises(ConfigError, match=re.escape("record 'train_samples: N' in the sweep spec")) as said:
+        run_sweep(load_spec(spec_path), tmp_path / "out", emit_commands=commands, log=lambda m: None)
+    assert "--train-samples" not in str(said.value)  # `scaling plan`'s option: `scaling run` has none
