@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -25,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import yaml
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
@@ -144,7 +147,8 @@ def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, f
                       f"than {FRACTION_TOLERANCE:.0%} off). Whole shards give {options}: give one of those")
 
 
-def whole_sets(spec: SweepSpec, fraction: float, train_samples: int, unread: DataError) -> tuple[list[str], int]:
+def whole_sets(spec: SweepSpec, fraction: float, train_samples: int,
+               unread: DataError | None = None) -> tuple[list[str], int]:
     """`run_data` where the sets' manifests cannot be read (lines emitted for a cluster's shards): the data overrides
     and samples per epoch a run here would get. At fraction 1 its subsets hold every training shard of each set, so
     the sets themselves stand for them (a mixture with its weights and splits) and `train_samples` (the split's
@@ -259,7 +263,8 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
             if emit_commands is not None:
                 whole_sets(spec, fraction, train_samples, exc)
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
-    _refuse_other_plans(runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")})
+    _refuse_other_plans(spec, runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")},
+                        lr_pending=bool(spec.learning_rate.sweep))
     base_lr = None
     tally = Tally()
     first: list[str] = []
@@ -443,7 +448,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                          f"same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their rows are no "
                          f"points of this plan: give the changed spec a new --out, or remove those rows from "
                          f"{results.name} and their folders from {out / 'runs'} to run them again")
-    _refuse_other_plans(runs, out, set(done))
+    _refuse_other_plans(spec, runs, out, set(done))
     pending = []
     rows: list[dict] = []
     for index, run in enumerate(runs, start=1):
@@ -618,10 +623,14 @@ def _data_read_if_here(spec: SweepSpec, run: PlannedRun, out: Path) -> dict:
         return {}
 
 
-def _refuse_other_plans(runs: list[PlannedRun], out: Path, recorded: set[str]) -> None:
-    """Before any run starts: the folders of runs not yet recorded must hold this plan's runs (or none)."""
+def _refuse_other_plans(spec: SweepSpec, runs: list[PlannedRun], out: Path, recorded: set[str],
+                        lr_pending: bool = False) -> None:
+    """Before any run starts: the folders of runs not yet recorded must hold this plan's runs (or none), finished
+    (`_other_plan`: its schedule's end) or not (`_other_config`: what it was started with). `lr_pending`: the lr
+    sweep has yet to choose the base lr, which is judged once it has, before the study's runs start."""
     others = [f"{out / 'runs' / run.run_id}: {said}" for run in runs if run.run_id not in recorded
-              and (said := _other_plan(out / "runs" / run.run_id, run))]
+              and (said := _other_plan(out / "runs" / run.run_id, run)
+                   or _other_config(spec, run, out / "runs" / run.run_id, out, lr_pending))]
     if others:
         raise SweepError(f"{len(others)} run folder(s) hold runs of another plan: {' | '.join(others[:5])}"
                          f"{' | ...' if len(others) > 5 else ''}. Remove them to run this plan's runs there, or give "
@@ -640,6 +649,118 @@ def _other_plan(run_dir: Path, run: PlannedRun) -> str | None:
     except ValueError:  # unreadable (rewritten at its next launch): no held-out tail to allow for
         record = None
     return schedule_mismatch(json.loads(summary.read_text()), run, record)
+
+
+# What a folder's config.yaml is judged on against the plan: what its run trains on and how its point is measured.
+# Not what a launch sets for itself (threads, the world size and micro-batch, the output folder and run name, where
+# it decodes); the data's paths are judged by the sets they name (`_data_sets`).
+POINT_SECTIONS = ("model.", "optim.", "schedule.", "data.")
+POINT_KEYS = ("batch.global_batch", "run.seed", "precision.dtype", "logging.heldout_batches")
+NOT_POINT_KEYS = ("data.shards", "data.sources", "data.num_threads", "data.decode_device", "data.train_samples")
+SHOWN_KEYS = 4  # differing keys named per folder; the rest are counted
+SUBSET_NAME = re.compile(r"fraction-[^/]+-[0-9a-f]{12}")  # `subset_shards`' folders
+
+
+def _other_config(spec: SweepSpec, run: PlannedRun, run_dir: Path, out: Path, lr_pending: bool = False) -> str | None:
+    """Why the folder's config.yaml is not what this plan gives its run (None: it is, or there is none). Every start
+    of a run writes it, a killed run's too, and the next start resumes from the folder's checkpoint: a killed run of
+    an earlier spec under the same id went on under this plan's lr from the other plan's weights, or (another model
+    or batch) failed inside `pretrain` after the runs before it had run, with a remedy (--overwrite) the sweep does
+    not take; a finished one of the same steps was read as this plan's point. Keys a config.yaml written by an
+    earlier version lacks are not compared."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    state = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run (no summary.json)"
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        recorded, problem = None, f"{exc}"
+    else:
+        problem = "not a mapping of settings"
+    if not isinstance(recorded, dict):
+        return f"{state} whose config.yaml cannot be read ({problem}): whose plan it is cannot be told"
+    forms = _planned_data(spec, run, out)
+    skip = {*NOT_POINT_KEYS, *(["optim.base_learning_rate"] if lr_pending else []),
+            *([] if forms else ["schedule.epochs", "schedule.warmup_epochs"])}  # epochs: steps / the data's batches
+    planned, kept = _flat(_planned_config(spec, run, forms[0] if forms else None)), _flat(recorded)
+    said = [f"{key} {kept[key]} in the folder, {value} planned" for key, value in planned.items()
+            if (key.startswith(POINT_SECTIONS) or key in POINT_KEYS) and key not in skip and key in kept
+            and kept[key] != value]
+    data = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}
+    if forms and "shards" in data:
+        said += _data_differences(_data_sets(str(data["shards"]), data.get("sources") or []),
+                                  [_sets_of(sets) for sets, _ in forms])
+    if not said:
+        return None
+    more = f"; {len(said) - SHOWN_KEYS} more" if len(said) > SHOWN_KEYS else ""
+    return (f"{state} whose config.yaml is not this plan's ({'; '.join(said[:SHOWN_KEYS])}{more}): a run of another "
+            "plan (an earlier spec), resumed it would go on from that plan's weights")
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, str]:
+    """Dotted keys to their values as JSON, a list a value of its own."""
+    if isinstance(tree, dict):
+        return {key: value for name, child in tree.items() for key, value in _flat(child, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): json.dumps(tree, sort_keys=True)}
+
+
+def _planned_data(spec: SweepSpec, run: PlannedRun, out: Path) -> list[tuple[list[str], int]]:
+    """The data settings (and samples per epoch) this plan gives the run: its subsets here, first, and at data
+    fraction 1 the sets themselves, as lines emitted without their manifests name them (`whole_sets`). Empty where
+    neither can be known here (a smaller fraction of sets whose manifests cannot be read): the data and the epochs
+    it gives are then not compared."""
+    forms = []
+    with contextlib.suppress(DataError):
+        forms.append(run_data(spec, run.data_fraction, out))
+    if run.data_fraction == 1.0:
+        forms.append(whole_sets(spec, 1.0, spec.train_samples_for_plan(option=None)))
+    return forms
+
+
+def _planned_config(spec: SweepSpec, run: PlannedRun, form: tuple[list[str], int] | None) -> dict:
+    """The settings a start of the run resolves and writes into its config.yaml, as the file holds them."""
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.data.loaders import job_crop_scale
+
+    data, samples = form or ([], run.global_batch)
+    resolved = load_resolved(spec.profile, overrides=run_overrides(run, data, max(1, samples // run.global_batch),
+                                                                   spec.name), world_size=1)
+    resolved.config.data.crop_scale = job_crop_scale(resolved.config, "pretrain")  # as the run fills it in
+    return yaml.safe_load(yaml.safe_dump(resolved.to_dict()))
+
+
+def _data_sets(shards: str, sources: list) -> tuple[str, tuple]:
+    """The sets data settings name: a sweep's subset by its folder's name under OUT/data (it names its set, that
+    set's manifest and the fraction, and moves with OUT), a set by its location; a mixture's weights and splits."""
+    return _where(shards), tuple((_where(str(s.get("shards"))), float(s.get("weight", 1.0)), s.get("split") or "train")
+                                 for s in sources if isinstance(s, dict))
+
+
+def _sets_of(data: list[str]) -> tuple[str, tuple]:
+    settings = dict(item.split("=", 1) for item in data)
+    return _data_sets(settings["data.shards"], json.loads(settings.get("data.sources", "[]")))
+
+
+def _where(location: str) -> str:
+    from mixmae_scale.data import storage
+
+    if storage.is_remote(location):
+        return location
+    path = Path(os.path.normpath(location))
+    return f"{path.parent.name}/{path.name}" if SUBSET_NAME.fullmatch(path.name) else str(path)
+
+
+def _data_differences(kept: tuple[str, tuple], planned: list[tuple[str, tuple]]) -> list[str]:
+    """How the folder's data differs from every form of the plan's (none: it is one of them)."""
+    if kept in planned:
+        return []
+    said = []
+    if kept[0] not in [p[0] for p in planned]:
+        said.append(f"data.shards {kept[0]} in the folder, {planned[0][0]} planned")
+    if kept[1] not in [p[1] for p in planned]:
+        said.append(f"data.sources {list(kept[1])} in the folder, {list(planned[0][1])} planned")
+    return said or [f"data {kept} in the folder, {planned[0]} planned"]
 
 
 def schedule_mismatch(summary: dict, run: PlannedRun, record: dict | None) -> str | None:

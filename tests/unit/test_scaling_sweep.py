@@ -80,7 +80,7 @@ def stub_runs(monkeypatch):
             args = job_args(run)
             assert args[args.index("--max-steps") + 1] == str(run.steps)
             run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
-            run_dir.mkdir(parents=True)
+            run_dir.mkdir(parents=True, exist_ok=True)  # a killed run of the plan resumes in its folder
             loss = stub_loss(run)
             (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{run.steps},1.0,0,{loss + 0.1}\n")
             (run_dir / "summary.json").write_text(json.dumps({"steps": run.steps, "heldout_loss_end": loss,
@@ -564,6 +564,92 @@ def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refuse
     rows = run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
     assert len(rows) == 6 and all((r["data_fraction"], r["data_fraction_read"], r["train_samples_read"]) ==
                                   (0.6, 0.64, 192) for r in rows)
+
+
+def _started_folder(args: list[str], capsys, finished_at: int | None = None) -> pathlib.Path:
+    """The folder a run leaves when it is killed after its first checkpoint: config.yaml as its start wrote it (what
+    `mixmae config show` prints for the profile and the --set list it was given), a checkpoint and its first metrics
+    rows, no summary.json; `finished_at`: a run that ended there (its summary at that step). `args`: its `mixmae
+    pretrain` arguments, or a `mixmae launch` line's."""
+    from mixmae_scale.cli import main
+
+    sets = [arg for before, arg in zip(args, args[1:], strict=False) if before == "--set"]
+    profile = args[args.index("--profile") + 1] if "--profile" in args else args[2]
+    if "--run-dir" in args:
+        run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+    else:
+        named = dict(item.split("=", 1) for item in sets)
+        run_dir = pathlib.Path(named["run.output_dir"]) / named["run.name"]
+    capsys.readouterr()
+    assert main(["config", "show", "--profile", profile, "--job", "pretrain", "--world-size", "1", "--set",
+                 *sets]) == 0
+    (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(capsys.readouterr().out)
+    (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n3,0.1,24,1.0\n")
+    if finished_at is not None:
+        (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{finished_at},1.0,0,1.0\n")
+        (run_dir / "summary.json").write_text(json.dumps({"steps": finished_at, "planned_steps": finished_at,
+                                                          "heldout_loss_end": 0.9, "wall_s": 1.0}))
+    return run_dir
+
+
+@pytest.mark.parametrize("change, old_lr, finished, said, ran", [
+    (("base_width: 8", "base_width: 12"), 0.02, False, "optim.width_lr_base 8 in the folder, 12 planned", []),
+    (("decoder_dim: 48", "decoder_dim: 40"), 0.02, False, "model.decoder_dim 48 in the folder, 40 planned", []),
+    (('"batch.global_batch=8"', '"batch.global_batch=16"'), 0.02, False,
+     "batch.global_batch 8 in the folder, 16 planned", []),
+    # the base lr is the lr sweep's to choose: the folder is judged on it once the lr sweep has run, before the study
+    ((), 0.005, False, "optim.base_learning_rate 0.005 in the folder, 0.02 planned", ["lr0.02-w8-C2e+10-seed0"]),
+    # a finished run of the same steps under another lr rule was read back as a point of this plan
+    (("base_width: 8", "base_width: 12"), 0.02, True, "optim.width_lr_base 8 in the folder, 12 planned", []),
+])
+def test_a_started_run_of_another_plan_in_its_folder_is_refused_naming_folder_and_keys(
+        demo_shards, tmp_path, stub_runs, capsys, change, old_lr, finished, said, ran):
+    """A killed run (checkpoints, no summary yet) of an earlier spec under the same run id was resumed by the new plan:
+    another lr rule or base lr went on from its weights without a word and the mixed run became a point; another
+    model or batch failed inside the run (`pretrain`'s remedy, --overwrite, which the sweep does not take) after the
+    runs before it had run, and "run the same `mixmae scaling run` again" failed the same way."""
+    spec_path = tmp_path / "sweep.yaml"
+    text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+    spec_path.write_text(text)
+    old = load_spec(spec_path)
+    run = next(r for r in expand(old, old.train_samples_for_plan(), base_lr=old_lr) if r.run_id == "w12-C4e+10-seed0")
+    out = tmp_path / "out"
+    run_dir = _started_folder(sweep_run._pretrain_args(old, run, out, 1), capsys,
+                              run.steps if finished else None)
+    spec_path.write_text(text.replace(*change) if change else text)
+    with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: ") + ".*"
+                       + re.escape(said) + ".*" + re.escape("Remove them to run this plan's runs there, or give the "
+                                                            "spec a new --out")):
+        run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    assert stub_runs == ran and not (out / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("where", ["here", "emitted without the manifest"])
+def test_a_started_run_of_this_plan_resumes_in_its_folder(demo_shards, tmp_path, stub_runs, capsys, where):
+    """What the check above must not refuse: this plan's own killed run, started here (its base lr the lr sweep's,
+    its data the subset folder, its threads this machine's) or from a line emitted where the shards' manifest could
+    not be read (the set itself, a cluster's world size and output folder)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+                         + "train_samples: 300\n")
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run = next(r for r in expand(spec, 300, base_lr=0.02) if r.run_id == "w12-C4e+10-seed0")
+    if where == "here":
+        args = sweep_run._pretrain_args(spec, run, out, 1)
+    else:
+        shards.rename(tmp_path / "away")
+        args = shlex.split(sweep_run.launch_line(spec, run, out, 300))
+        (tmp_path / "away").rename(shards)
+        assert f"data.shards={shards}" in args
+    run_dir = _started_folder(args, capsys)
+    rows = run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert run.run_id in stub_runs and len(rows) == 6 and (run_dir / "summary.json").exists()
 
 
 GRID_MIXTURE = """
