@@ -37,6 +37,7 @@ from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
+from mixmae_scale.scaling.sweep_plan import named, not_planned, write_plan
 
 
 class SweepError(RuntimeError):
@@ -265,6 +266,11 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
     _refuse_other_plans(spec, runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")},
                         lr_pending=bool(spec.learning_rate.sweep))
+    write_plan(out, spec, runs)  # the runs `scaling fit` and `report` take: the spec's now
+    dropped = not_planned(_rows(out / "results.jsonl"), runs)
+    if dropped:
+        log(f"{len(dropped)} recorded run(s) are not in the spec's plan now ({named(dropped)}): `mixmae scaling fit` "
+            f"and `report` leave them out (their rows stay in {out / 'results.jsonl'})")
     base_lr = None
     tally = Tally()
     first: list[str] = []

@@ -726,3 +726,42 @@ def test_a_data_fraction_emitted_where_the_shards_cannot_be_read_is_refused_nami
     with pytest.raises(ConfigError, match=re.escape("record 'train_samples: N' in the sweep spec")) as said:
         run_sweep(load_spec(spec_path), tmp_path / "out", emit_commands=commands, log=lambda m: None)
     assert "--train-samples" not in str(said.value)  # `scaling plan`'s option: `scaling run` has none
+
+
+def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named(demo_shards, tmp_path, stub_runs,
+                                                                                  capsys):
+    """A budget dropped from the spec left its rows in results.jsonl, and `scaling report` (which reads the folder,
+    not the spec) fitted them with the spec's points: three budgets' minima for a spec of two. The rows stay in the
+    file (runs that happened); `scaling run` records its plan (plan.json), and the fit and the report take its runs
+    only, saying how many were left out and which; the plan's own rows fit exactly as they do alone."""
+    from mixmae_scale.cli import main
+
+    spec_path = tmp_path / "sweep.yaml"
+    text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+    spec_path.write_text(text.replace("budgets: [2.0e10, 4.0e10]", "budgets: [2.0e10, 4.0e10, 8.0e10]"))
+    out = tmp_path / "out"
+    run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    spec_path.write_text(text)  # 8e10 dropped
+    messages: list[str] = []
+    run_sweep(load_spec(spec_path), out, log=messages.append, parallel=1)
+    dropped = ["w12-C8e+10-seed0", "w16-C8e+10-seed0", "w8-C8e+10-seed0"]
+    assert any(m.startswith("3 recorded run(s) are not in the spec's plan now (" + ", ".join(dropped) + ")")
+               for m in messages)
+    rows = read_results(out / "results.jsonl")
+    assert len(rows) == 9 and len(stub_runs) == 10  # nothing ran again; the rows stay in the file
+    capsys.readouterr()
+    assert main(["scaling", "report", "--out", str(out), "--bootstrap", "20"]) == 0
+    said = capsys.readouterr().err
+    assert f"3 row(s) of {out / 'results.jsonl'} are runs the spec no longer plans" in said
+    assert ", ".join(dropped) in said
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["runs"] == 6 and fit["not_in_plan"]["runs"] == dropped
+    assert [m["budget"] for m in fit["iso_flop"]["minima"]] == [2e10, 4e10]
+    alone = json.loads(json.dumps(fit_results([r for r in rows if r["run_id"] not in dropped], bootstrap=20)))
+    assert {k: v for k, v in fit.items() if k != "not_in_plan"} == alone
+    report = (out / "report" / "report.md").read_text()
+    assert "3 row(s) of results.jsonl are left out: runs the spec no longer plans (" + ", ".join(dropped) in report
+    assert not any(f"| {run_id} |" in report for run_id in dropped)
+    spec_path.write_text(text + "# edited after the plan was recorded\n")  # the report takes the plan recorded
+    assert main(["scaling", "fit", "--out", str(out), "--bootstrap", "0"]) == 0
+    assert f"{spec_path} has changed since `mixmae scaling run` recorded its plan" in capsys.readouterr().err
