@@ -39,11 +39,15 @@ def _scaling(args: argparse.Namespace) -> int:
                   parallel=args.parallel, per_process=args.runs_per_process)
         return 0
     from mixmae_scale.scaling.report import fit_results, provenance_warnings, read_results, write_fit, write_report
+    from mixmae_scale.scaling.sweep_plan import PLAN, rows_of_plan
 
-    rows = read_results(out / "results.jsonl")
-    for warning in provenance_warnings(rows):
+    selection = rows_of_plan(read_results(out / "results.jsonl"), out)  # the spec's runs, as `scaling run` planned
+    rows = selection.rows
+    for warning in [*selection.warnings, *provenance_warnings(rows)]:
         print(f"mixmae: warning: {warning}", file=sys.stderr)
     fit = fit_results(rows, bootstrap=args.bootstrap, seed=args.seed)
+    if selection.left_out:
+        fit["not_in_plan"] = {"plan": str(out / PLAN), "runs": selection.left_out}
     write_fit(fit, out / "fit.json")
     if args.scaling_command == "report":
         print(f"report: {write_report(rows, fit, Path(args.report_dir or out / 'report'))}")

@@ -278,6 +278,11 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
              f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, each drawing every point's seeds with "
              f"replacement, seed {bootstrap['seed']} (the same results give the same report); each fit says how many "
              "refitted.", ""]
+    left_out = (fit.get("not_in_plan") or {}).get("runs")
+    if left_out:  # rows of runs the spec dropped: in results.jsonl, not in this fit
+        lines += [f"**{len(left_out)} row(s) of results.jsonl are left out: runs the spec no longer plans "
+                  f"({', '.join(left_out)}; the plan: {Path(fit['not_in_plan']['plan']).name}, recorded by "
+                  "`mixmae scaling run`).** The fits and figures below are of the spec's runs only.", ""]
     lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])

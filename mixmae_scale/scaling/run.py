@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
 from mixmae_scale.data.heldout import same_location
@@ -34,6 +37,7 @@ from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.run_record import point_provenance, read_record
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare, device_share
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
+from mixmae_scale.scaling.sweep_plan import named, not_planned, write_plan
 
 
 class SweepError(RuntimeError):
@@ -144,6 +148,36 @@ def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, f
                       f"than {FRACTION_TOLERANCE:.0%} off). Whole shards give {options}: give one of those")
 
 
+def whole_sets(spec: SweepSpec, fraction: float, train_samples: int,
+               unread: DataError | None = None) -> tuple[list[str], int]:
+    """`run_data` where the sets' manifests cannot be read (lines emitted for a cluster's shards): the data overrides
+    and samples per epoch a run here would get. At fraction 1 its subsets hold every training shard of each set, so
+    the sets themselves stand for them (a mixture with its weights and splits) and `train_samples` (the split's
+    count, a mixture's weighted one) for their samples. A smaller fraction's whole shards and their samples are in
+    the manifests alone: the lines named the whole set with 'fraction x train_samples' for an epoch, and a 0.6 run
+    trained on all of it, so that is refused, naming what is missing."""
+    if fraction != 1.0:
+        manifests = ", ".join(dict.fromkeys(_manifest_path(s) for s in [spec.shards, *(s["shards"] for s in
+                                                                                      spec.sources)]))
+        raise ConfigError(f"{spec.file or 'the sweep spec'}: data_fractions {fraction:g}: a run reads the first whole "
+                          f"shards of each training set for it, and which those are and how many samples they hold "
+                          f"(its epochs) is in the manifest ({manifests}), which cannot be read here ({unread}). Write "
+                          "the commands where the manifests can be read (the images are not read), or plan "
+                          "data_fractions: [1.0] here and the other fractions where they can be read")
+    data = [f"data.shards={spec.shards}"]
+    if spec.sources:  # as `_fraction_sets` gives them: each set's own split, read as its training split
+        data.append("data.sources=" + json.dumps([{"shards": s["shards"], "weight": s["weight"],
+                                                   "split": s.get("split") or "train"} for s in spec.sources]))
+    return data, train_samples
+
+
+def _manifest_path(location: str) -> str:
+    from mixmae_scale.data import storage
+    from mixmae_scale.data.manifest import MANIFEST
+
+    return storage.join(location, MANIFEST)
+
+
 def run_overrides(run: PlannedRun, data: list[str], steps_per_epoch: int, sweep: str | None = None) -> list[str]:
     """The run's budget is its whole schedule: warm-up 10%, cosine to the last step. With W&B on, the sweep's runs
     form one group named after it."""
@@ -201,7 +235,7 @@ def run_sweep(spec: SweepSpec, out: Path, emit_commands: Path | None = None, log
     without starting again), or write their launch lines. Ends with the counts, the time and the next command;
     raises SweepError, after recording every run that finished, when a run failed."""
     # Commands for a cluster can be written where the shards are not (the spec's train_samples); runs here read them.
-    train_samples = spec.train_samples_for_plan()
+    train_samples = spec.train_samples_for_plan(option=None)
     runs = expand(spec, train_samples)
     check_budgets(spec, runs, log)
     # Two sweeps on one --out would both start its pending runs, into the same folders: one holds it at a time.
@@ -224,23 +258,34 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
             raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
                              "name): give this spec its own --out, or its earlier name to continue that sweep")
     for fraction in spec.data_fractions:  # a fraction whole shards miss is refused before anything runs
-        with contextlib.suppress(DataError):  # planned where the shards are not: --emit-commands names the set
+        try:
             run_data(spec, fraction, out)
+        except DataError as exc:  # planned where the shards are not: lines name the whole sets, refused below 1
+            if emit_commands is not None:
+                whole_sets(spec, fraction, train_samples, exc)
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
-    _refuse_other_plans(runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")})
+    _refuse_other_plans(spec, runs, out, {row["run_id"] for row in _rows(out / "results.jsonl")},
+                        lr_pending=bool(spec.learning_rate.sweep))
+    write_plan(out, spec, runs)  # the runs `scaling fit` and `report` take: the spec's now
+    dropped = not_planned(_rows(out / "results.jsonl"), runs)
+    if dropped:
+        log(f"{len(dropped)} recorded run(s) are not in the spec's plan now ({named(dropped)}): `mixmae scaling fit` "
+            f"and `report` leave them out (their rows stay in {out / 'results.jsonl'})")
     base_lr = None
     tally = Tally()
+    first: list[str] = []
     if spec.learning_rate.sweep:
         if emit_commands is not None:  # the base lr is the sweep's to find on the cluster: left unset
-            _emit_lr_sweep(spec, train_samples, out, emit_commands, log)
+            first = _emit_lr_sweep(spec, train_samples, out)
         else:
             base_lr = lr_sweep(spec, train_samples, out, log, parallel, per_process, tally)
             runs = expand(spec, train_samples, base_lr)
     if emit_commands is not None:
         lines = [f"# {r.run_id}: N={r.params:,} C={r.flops:.3g} steps={r.steps}\n"
                  + launch_line(spec, r, out, train_samples) for r in runs]
-        with emit_commands.open("a" if spec.learning_rate.sweep else "w") as handle:
-            handle.write("".join(line + "\n" for line in lines))
+        write_text(emit_commands, "".join(line + "\n" for line in [*first, *lines]))  # whole, or not at all
+        if first:
+            log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit_commands}")
         log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
         log(f"next: run them where the GPUs are; then the same `mixmae scaling run` without --emit-commands "
             f"(--out {out}) reads their finished run folders into results.jsonl")
@@ -310,13 +355,13 @@ def sweep_runs(spec: SweepSpec, train_samples: int) -> list[PlannedRun]:
     return runs
 
 
-def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path, emit: Path, log) -> None:
+def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path) -> list[str]:
+    """The lr sweep's lines and the note that heads them, written first in the commands file."""
     lines = ["# 1. the lr sweep: run these, take the base lr with the lowest held-out loss (summary.json), then "
              "run the lines below with --set optim.base_learning_rate=<it>"]
     lines += [launch_line(spec, r, out, train_samples) for r in sweep_runs(spec, train_samples)]
     lines.append("# 2. the study (base lr: the sweep's best)")
-    emit.write_text("".join(line + "\n" for line in lines))
-    log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit}")
+    return lines
 
 
 def cluster_shape(global_batch: int, gpus_per_node: int, max_nodes: int) -> tuple[int, int]:
@@ -340,8 +385,8 @@ def launch_line(spec: SweepSpec, run: PlannedRun, out: Path, train_samples: int)
                           "on one node with cluster: {max_nodes: 1}")
     try:
         data, samples = run_data(spec, run.data_fraction, out)
-    except DataError:  # planned where the shards are not (the spec's train_samples): the set named as it is
-        data, samples = [f"data.shards={spec.shards}"], max(1, int(train_samples * run.data_fraction))
+    except DataError as exc:  # planned where the manifests are not (the spec's train_samples)
+        data, samples = whole_sets(spec, run.data_fraction, train_samples, exc)
     schedule = run_overrides(run, data, max(1, samples // run.global_batch), spec.name)
     sets = [*schedule, f"cluster.num_nodes={nodes}", f"cluster.gpus_per_node={gpus}",
             f"run.output_dir={out / 'runs'}"]
@@ -409,7 +454,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                          f"same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their rows are no "
                          f"points of this plan: give the changed spec a new --out, or remove those rows from "
                          f"{results.name} and their folders from {out / 'runs'} to run them again")
-    _refuse_other_plans(runs, out, set(done))
+    _refuse_other_plans(spec, runs, out, set(done))
     pending = []
     rows: list[dict] = []
     for index, run in enumerate(runs, start=1):
@@ -584,10 +629,14 @@ def _data_read_if_here(spec: SweepSpec, run: PlannedRun, out: Path) -> dict:
         return {}
 
 
-def _refuse_other_plans(runs: list[PlannedRun], out: Path, recorded: set[str]) -> None:
-    """Before any run starts: the folders of runs not yet recorded must hold this plan's runs (or none)."""
+def _refuse_other_plans(spec: SweepSpec, runs: list[PlannedRun], out: Path, recorded: set[str],
+                        lr_pending: bool = False) -> None:
+    """Before any run starts: the folders of runs not yet recorded must hold this plan's runs (or none), finished
+    (`_other_plan`: its schedule's end) or not (`_other_config`: what it was started with). `lr_pending`: the lr
+    sweep has yet to choose the base lr, which is judged once it has, before the study's runs start."""
     others = [f"{out / 'runs' / run.run_id}: {said}" for run in runs if run.run_id not in recorded
-              and (said := _other_plan(out / "runs" / run.run_id, run))]
+              and (said := _other_plan(out / "runs" / run.run_id, run)
+                   or _other_config(spec, run, out / "runs" / run.run_id, out, lr_pending))]
     if others:
         raise SweepError(f"{len(others)} run folder(s) hold runs of another plan: {' | '.join(others[:5])}"
                          f"{' | ...' if len(others) > 5 else ''}. Remove them to run this plan's runs there, or give "
@@ -606,6 +655,118 @@ def _other_plan(run_dir: Path, run: PlannedRun) -> str | None:
     except ValueError:  # unreadable (rewritten at its next launch): no held-out tail to allow for
         record = None
     return schedule_mismatch(json.loads(summary.read_text()), run, record)
+
+
+# What a folder's config.yaml is judged on against the plan: what its run trains on and how its point is measured.
+# Not what a launch sets for itself (threads, the world size and micro-batch, the output folder and run name, where
+# it decodes); the data's paths are judged by the sets they name (`_data_sets`).
+POINT_SECTIONS = ("model.", "optim.", "schedule.", "data.")
+POINT_KEYS = ("batch.global_batch", "run.seed", "precision.dtype", "logging.heldout_batches")
+NOT_POINT_KEYS = ("data.shards", "data.sources", "data.num_threads", "data.decode_device", "data.train_samples")
+SHOWN_KEYS = 4  # differing keys named per folder; the rest are counted
+SUBSET_NAME = re.compile(r"fraction-[^/]+-[0-9a-f]{12}")  # `subset_shards`' folders
+
+
+def _other_config(spec: SweepSpec, run: PlannedRun, run_dir: Path, out: Path, lr_pending: bool = False) -> str | None:
+    """Why the folder's config.yaml is not what this plan gives its run (None: it is, or there is none). Every start
+    of a run writes it, a killed run's too, and the next start resumes from the folder's checkpoint: a killed run of
+    an earlier spec under the same id went on under this plan's lr from the other plan's weights, or (another model
+    or batch) failed inside `pretrain` after the runs before it had run, with a remedy (--overwrite) the sweep does
+    not take; a finished one of the same steps was read as this plan's point. Keys a config.yaml written by an
+    earlier version lacks are not compared."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    state = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run (no summary.json)"
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        recorded, problem = None, f"{exc}"
+    else:
+        problem = "not a mapping of settings"
+    if not isinstance(recorded, dict):
+        return f"{state} whose config.yaml cannot be read ({problem}): whose plan it is cannot be told"
+    forms = _planned_data(spec, run, out)
+    skip = {*NOT_POINT_KEYS, *(["optim.base_learning_rate"] if lr_pending else []),
+            *([] if forms else ["schedule.epochs", "schedule.warmup_epochs"])}  # epochs: steps / the data's batches
+    planned, kept = _flat(_planned_config(spec, run, forms[0] if forms else None)), _flat(recorded)
+    said = [f"{key} {kept[key]} in the folder, {value} planned" for key, value in planned.items()
+            if (key.startswith(POINT_SECTIONS) or key in POINT_KEYS) and key not in skip and key in kept
+            and kept[key] != value]
+    data = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}
+    if forms and "shards" in data:
+        said += _data_differences(_data_sets(str(data["shards"]), data.get("sources") or []),
+                                  [_sets_of(sets) for sets, _ in forms])
+    if not said:
+        return None
+    more = f"; {len(said) - SHOWN_KEYS} more" if len(said) > SHOWN_KEYS else ""
+    return (f"{state} whose config.yaml is not this plan's ({'; '.join(said[:SHOWN_KEYS])}{more}): a run of another "
+            "plan (an earlier spec), resumed it would go on from that plan's weights")
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, str]:
+    """Dotted keys to their values as JSON, a list a value of its own."""
+    if isinstance(tree, dict):
+        return {key: value for name, child in tree.items() for key, value in _flat(child, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): json.dumps(tree, sort_keys=True)}
+
+
+def _planned_data(spec: SweepSpec, run: PlannedRun, out: Path) -> list[tuple[list[str], int]]:
+    """The data settings (and samples per epoch) this plan gives the run: its subsets here, first, and at data
+    fraction 1 the sets themselves, as lines emitted without their manifests name them (`whole_sets`). Empty where
+    neither can be known here (a smaller fraction of sets whose manifests cannot be read): the data and the epochs
+    it gives are then not compared."""
+    forms = []
+    with contextlib.suppress(DataError):
+        forms.append(run_data(spec, run.data_fraction, out))
+    if run.data_fraction == 1.0:
+        forms.append(whole_sets(spec, 1.0, spec.train_samples_for_plan(option=None)))
+    return forms
+
+
+def _planned_config(spec: SweepSpec, run: PlannedRun, form: tuple[list[str], int] | None) -> dict:
+    """The settings a start of the run resolves and writes into its config.yaml, as the file holds them."""
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.data.loaders import job_crop_scale
+
+    data, samples = form or ([], run.global_batch)
+    resolved = load_resolved(spec.profile, overrides=run_overrides(run, data, max(1, samples // run.global_batch),
+                                                                   spec.name), world_size=1)
+    resolved.config.data.crop_scale = job_crop_scale(resolved.config, "pretrain")  # as the run fills it in
+    return yaml.safe_load(yaml.safe_dump(resolved.to_dict()))
+
+
+def _data_sets(shards: str, sources: list) -> tuple[str, tuple]:
+    """The sets data settings name: a sweep's subset by its folder's name under OUT/data (it names its set, that
+    set's manifest and the fraction, and moves with OUT), a set by its location; a mixture's weights and splits."""
+    return _where(shards), tuple((_where(str(s.get("shards"))), float(s.get("weight", 1.0)), s.get("split") or "train")
+                                 for s in sources if isinstance(s, dict))
+
+
+def _sets_of(data: list[str]) -> tuple[str, tuple]:
+    settings = dict(item.split("=", 1) for item in data)
+    return _data_sets(settings["data.shards"], json.loads(settings.get("data.sources", "[]")))
+
+
+def _where(location: str) -> str:
+    from mixmae_scale.data import storage
+
+    if storage.is_remote(location):
+        return location
+    path = Path(os.path.normpath(location))
+    return f"{path.parent.name}/{path.name}" if SUBSET_NAME.fullmatch(path.name) else str(path)
+
+
+def _data_differences(kept: tuple[str, tuple], planned: list[tuple[str, tuple]]) -> list[str]:
+    """How the folder's data differs from every form of the plan's (none: it is one of them)."""
+    if kept in planned:
+        return []
+    said = []
+    if kept[0] not in [p[0] for p in planned]:
+        said.append(f"data.shards {kept[0]} in the folder, {planned[0][0]} planned")
+    if kept[1] not in [p[1] for p in planned]:
+        said.append(f"data.sources {list(kept[1])} in the folder, {list(planned[0][1])} planned")
+    return said or [f"data {kept} in the folder, {planned[0]} planned"]
 
 
 def schedule_mismatch(summary: dict, run: PlannedRun, record: dict | None) -> str | None:

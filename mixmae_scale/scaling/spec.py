@@ -6,7 +6,7 @@
     sources:                           # optional: train on a mixture (data.sources); shards above is then validation
       - {shards: ../demo_data/shards, weight: 2}
       - {shards: s3://bucket/adopted-index, weight: 1}
-    train_samples: 2600                # optional: the training split's size, to plan where the shards are not
+    train_samples: 2600                # optional: the train split's size (a mixture's weighted), to plan without it
     sizes:                             # named sizes or model.* overrides
       - {name: w16, model: {embed_dim: 16, num_heads: [1, 2, 4, 8]}}
       - {name: w32, model: {embed_dim: 32}}
@@ -111,9 +111,12 @@ class SweepSpec:
     sources: list[dict[str, Any]] = field(default_factory=list)  # a training mixture: {shards, weight, split}
     file: str | None = None  # the spec's path, for the refusals that come after loading (`expand`)
 
-    def train_samples_for_plan(self, given: int | None = None) -> int:
+    def train_samples_for_plan(self, given: int | None = None, option: str | None = "--train-samples") -> int:
         """The training split's size for planning: `given` (--train-samples), else the shards' manifest, else
-        the count recorded in the spec; the shards are needed only when neither is there."""
+        the count recorded in the spec; the shards are needed only when neither is there. `option`: the command's
+        flag for it, named in the refusal; `scaling run` has none (its count must be the same when its lines are
+        written and when their folders are read back: the spec's), and told of `scaling plan`'s, its user had no
+        way to give it."""
         from mixmae_scale.data.manifest import DataError, load_split
 
         if given is not None:
@@ -128,8 +131,11 @@ class SweepSpec:
                 return self.train_samples
             problem = (f"the sweep spec's shards folder {self.shards} does not exist" if not Path(self.shards).is_dir()
                        else str(exc))
-            raise ConfigError(f"{problem}; to plan without the shards give --train-samples N or record "
-                              "'train_samples: N' in the sweep spec") from None
+            how = f"give {option} N or record" if option else "record"
+            weighted = " (with sources: each set's count times its weight, summed)" if self.sources else ""
+            where = f" {self.file}" if self.file else ""
+            raise ConfigError(f"{problem}; to plan without the shards {how} 'train_samples: N' in the sweep "
+                              f"spec{where}, the training split's sample count{weighted}") from None
 
 
 def _beside(spec_path: Path, value: str) -> str:

@@ -9,6 +9,7 @@ import json
 import math
 import pathlib
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -79,7 +80,7 @@ def stub_runs(monkeypatch):
             args = job_args(run)
             assert args[args.index("--max-steps") + 1] == str(run.steps)
             run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
-            run_dir.mkdir(parents=True)
+            run_dir.mkdir(parents=True, exist_ok=True)  # a killed run of the plan resumes in its folder
             loss = stub_loss(run)
             (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{run.steps},1.0,0,{loss + 0.1}\n")
             (run_dir / "summary.json").write_text(json.dumps({"steps": run.steps, "heldout_loss_end": loss,
@@ -563,3 +564,204 @@ def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refuse
     rows = run_sweep(spec, tmp_path / "out", log=lambda m: None, parallel=1)
     assert len(rows) == 6 and all((r["data_fraction"], r["data_fraction_read"], r["train_samples_read"]) ==
                                   (0.6, 0.64, 192) for r in rows)
+
+
+def _started_folder(args: list[str], capsys, finished_at: int | None = None) -> pathlib.Path:
+    """The folder a run leaves when it is killed after its first checkpoint: config.yaml as its start wrote it (what
+    `mixmae config show` prints for the profile and the --set list it was given), a checkpoint and its first metrics
+    rows, no summary.json; `finished_at`: a run that ended there (its summary at that step). `args`: its `mixmae
+    pretrain` arguments, or a `mixmae launch` line's."""
+    from mixmae_scale.cli import main
+
+    sets = [arg for before, arg in zip(args, args[1:], strict=False) if before == "--set"]
+    profile = args[args.index("--profile") + 1] if "--profile" in args else args[2]
+    if "--run-dir" in args:
+        run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+    else:
+        named = dict(item.split("=", 1) for item in sets)
+        run_dir = pathlib.Path(named["run.output_dir"]) / named["run.name"]
+    capsys.readouterr()
+    assert main(["config", "show", "--profile", profile, "--job", "pretrain", "--world-size", "1", "--set",
+                 *sets]) == 0
+    (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(capsys.readouterr().out)
+    (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n3,0.1,24,1.0\n")
+    if finished_at is not None:
+        (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{finished_at},1.0,0,1.0\n")
+        (run_dir / "summary.json").write_text(json.dumps({"steps": finished_at, "planned_steps": finished_at,
+                                                          "heldout_loss_end": 0.9, "wall_s": 1.0}))
+    return run_dir
+
+
+@pytest.mark.parametrize("change, old_lr, finished, said, ran", [
+    (("base_width: 8", "base_width: 12"), 0.02, False, "optim.width_lr_base 8 in the folder, 12 planned", []),
+    (("decoder_dim: 48", "decoder_dim: 40"), 0.02, False, "model.decoder_dim 48 in the folder, 40 planned", []),
+    (('"batch.global_batch=8"', '"batch.global_batch=16"'), 0.02, False,
+     "batch.global_batch 8 in the folder, 16 planned", []),
+    # the base lr is the lr sweep's to choose: the folder is judged on it once the lr sweep has run, before the study
+    ((), 0.005, False, "optim.base_learning_rate 0.005 in the folder, 0.02 planned", ["lr0.02-w8-C2e+10-seed0"]),
+    # a finished run of the same steps under another lr rule was read back as a point of this plan
+    (("base_width: 8", "base_width: 12"), 0.02, True, "optim.width_lr_base 8 in the folder, 12 planned", []),
+])
+def test_a_started_run_of_another_plan_in_its_folder_is_refused_naming_folder_and_keys(
+        demo_shards, tmp_path, stub_runs, capsys, change, old_lr, finished, said, ran):
+    """A killed run (checkpoints, no summary yet) of an earlier spec under the same run id was resumed by the new plan:
+    another lr rule or base lr went on from its weights without a word and the mixed run became a point; another
+    model or batch failed inside the run (`pretrain`'s remedy, --overwrite, which the sweep does not take) after the
+    runs before it had run, and "run the same `mixmae scaling run` again" failed the same way."""
+    spec_path = tmp_path / "sweep.yaml"
+    text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+    spec_path.write_text(text)
+    old = load_spec(spec_path)
+    run = next(r for r in expand(old, old.train_samples_for_plan(), base_lr=old_lr) if r.run_id == "w12-C4e+10-seed0")
+    out = tmp_path / "out"
+    run_dir = _started_folder(sweep_run._pretrain_args(old, run, out, 1), capsys,
+                              run.steps if finished else None)
+    spec_path.write_text(text.replace(*change) if change else text)
+    with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: ") + ".*"
+                       + re.escape(said) + ".*" + re.escape("Remove them to run this plan's runs there, or give the "
+                                                            "spec a new --out")):
+        run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    assert stub_runs == ran and not (out / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("where", ["here", "emitted without the manifest"])
+def test_a_started_run_of_this_plan_resumes_in_its_folder(demo_shards, tmp_path, stub_runs, capsys, where):
+    """What the check above must not refuse: this plan's own killed run, started here (its base lr the lr sweep's,
+    its data the subset folder, its threads this machine's) or from a line emitted where the shards' manifest could
+    not be read (the set itself, a cluster's world size and output folder)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+                         + "train_samples: 300\n")
+    spec = load_spec(spec_path)
+    out = tmp_path / "out"
+    run = next(r for r in expand(spec, 300, base_lr=0.02) if r.run_id == "w12-C4e+10-seed0")
+    if where == "here":
+        args = sweep_run._pretrain_args(spec, run, out, 1)
+    else:
+        shards.rename(tmp_path / "away")
+        args = shlex.split(sweep_run.launch_line(spec, run, out, 300))
+        (tmp_path / "away").rename(shards)
+        assert f"data.shards={shards}" in args
+    run_dir = _started_folder(args, capsys)
+    rows = run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert run.run_id in stub_runs and len(rows) == 6 and (run_dir / "summary.json").exists()
+
+
+GRID_MIXTURE = """
+name: grid-mixture
+profile: tiny
+shards: {shards}
+train_samples: 900
+steps: [12]
+sizes:
+  - {{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}
+data_fractions: [{fractions}]
+set: ["batch.micro=8", "batch.global_batch=8", "zero.stage=0"]
+sources:
+  - {{shards: {shards}, weight: 2}}
+  - {{shards: {shards}, weight: 1, split: train}}
+"""
+
+
+def _emitted_sets(commands: pathlib.Path) -> dict[str, dict[str, str]]:
+    """Each emitted run's --set values by key, by run id."""
+    lines = [shlex.split(line) for line in commands.read_text().splitlines() if line.startswith("mixmae launch")]
+    sets = [dict(arg.split("=", 1) for before, arg in zip(line, line[1:], strict=False) if before == "--set")
+            for line in lines]
+    return {named["run.name"]: named for named in sets}
+
+
+def test_lines_emitted_where_the_shards_cannot_be_read_train_on_the_mixture_with_the_schedule_of_a_run_here(
+        demo_shards, tmp_path):
+    """Emitted where the shards' manifests could not be read, the lines named the one set (`shards:`) and no
+    `data.sources`: every run trained on the held-out set instead of the mixture, its epochs counted from
+    `train_samples` where a run here counts its subsets' samples. At data fraction 1 a run's subsets hold every
+    training shard of each set: the lines name the sets themselves, with the weights and splits and the schedule a
+    run here is given (`train_samples: 900` is the mixture's weighted count, 2 x 300 + 300)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(GRID_MIXTURE.format(shards=shards, fractions="1.0"))
+    spec = load_spec(spec_path)
+    run_sweep(spec, tmp_path / "out", emit_commands=tmp_path / "here.sh", log=lambda m: None)
+    shards.rename(tmp_path / "away")
+    run_sweep(spec, tmp_path / "out", emit_commands=tmp_path / "elsewhere.sh", log=lambda m: None)
+    (here,) = _emitted_sets(tmp_path / "here.sh").values()
+    (elsewhere,) = _emitted_sets(tmp_path / "elsewhere.sh").values()
+    assert elsewhere["data.shards"] == str(shards)
+    assert json.loads(elsewhere["data.sources"]) == [{"shards": str(shards), "weight": 2.0, "split": "train"},
+                                                     {"shards": str(shards), "weight": 1.0, "split": "train"}]
+    assert [(s["weight"], s["split"]) for s in json.loads(here["data.sources"])] == [(2.0, "train"), (1.0, "train")]
+    assert {k: v for k, v in elsewhere.items() if not k.startswith("data.")} == \
+        {k: v for k, v in here.items() if not k.startswith("data.")}  # schedule.epochs among them: 12 / (900 // 8)
+
+
+def test_a_data_fraction_emitted_where_the_shards_cannot_be_read_is_refused_naming_what_is_missing(
+        demo_shards, tmp_path):
+    """A fraction below 1 reads the first whole shards of each set; which they are and how many samples they hold is
+    in the set's manifest. The lines pointed every fraction at the whole set (a 0.6 run trained on all of it) with
+    epochs from 0.6 x train_samples, and the whole-shard check (more than 10% off) never ran: refused now, before a
+    line is written, naming the fraction, the manifest and the ways out."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(GRID_MIXTURE.format(shards=shards, fractions="0.6, 1.0"))
+    spec = load_spec(spec_path)
+    shards.rename(tmp_path / "away")
+    commands = tmp_path / "commands.sh"
+    with pytest.raises(ConfigError, match=re.escape(f"{spec_path}: data_fractions 0.6: ") + ".*" + re.escape(
+            f"{shards / 'dataset.json'}") + ".*cannot be read here.*" + re.escape("data_fractions: [1.0]")):
+        run_sweep(spec, tmp_path / "out", emit_commands=commands, log=lambda m: None)
+    assert not commands.exists()
+    spec_path.write_text(GRID_MIXTURE.format(shards=shards, fractions="0.6, 1.0").replace("train_samples: 900\n", ""))
+    with pytest.raises(ConfigError, match=re.escape("record 'train_samples: N' in the sweep spec")) as said:
+        run_sweep(load_spec(spec_path), tmp_path / "out", emit_commands=commands, log=lambda m: None)
+    assert "--train-samples" not in str(said.value)  # `scaling plan`'s option: `scaling run` has none
+
+
+def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named(demo_shards, tmp_path, stub_runs,
+                                                                                  capsys):
+    """A budget dropped from the spec left its rows in results.jsonl, and `scaling report` (which reads the folder,
+    not the spec) fitted them with the spec's points: three budgets' minima for a spec of two. The rows stay in the
+    file (runs that happened); `scaling run` records its plan (plan.json), and the fit and the report take its runs
+    only, saying how many were left out and which; the plan's own rows fit exactly as they do alone."""
+    from mixmae_scale.cli import main
+
+    spec_path = tmp_path / "sweep.yaml"
+    text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+    spec_path.write_text(text.replace("budgets: [2.0e10, 4.0e10]", "budgets: [2.0e10, 4.0e10, 8.0e10]"))
+    out = tmp_path / "out"
+    run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    spec_path.write_text(text)  # 8e10 dropped
+    messages: list[str] = []
+    run_sweep(load_spec(spec_path), out, log=messages.append, parallel=1)
+    dropped = ["w12-C8e+10-seed0", "w16-C8e+10-seed0", "w8-C8e+10-seed0"]
+    assert any(m.startswith("3 recorded run(s) are not in the spec's plan now (" + ", ".join(dropped) + ")")
+               for m in messages)
+    rows = read_results(out / "results.jsonl")
+    assert len(rows) == 9 and len(stub_runs) == 10  # nothing ran again; the rows stay in the file
+    capsys.readouterr()
+    assert main(["scaling", "report", "--out", str(out), "--bootstrap", "20"]) == 0
+    said = capsys.readouterr().err
+    assert f"3 row(s) of {out / 'results.jsonl'} are runs the spec no longer plans" in said
+    assert ", ".join(dropped) in said
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["runs"] == 6 and fit["not_in_plan"]["runs"] == dropped
+    assert [m["budget"] for m in fit["iso_flop"]["minima"]] == [2e10, 4e10]
+    alone = json.loads(json.dumps(fit_results([r for r in rows if r["run_id"] not in dropped], bootstrap=20)))
+    assert {k: v for k, v in fit.items() if k != "not_in_plan"} == alone
+    report = (out / "report" / "report.md").read_text()
+    assert "3 row(s) of results.jsonl are left out: runs the spec no longer plans (" + ", ".join(dropped) in report
+    assert not any(f"| {run_id} |" in report for run_id in dropped)
+    spec_path.write_text(text + "# edited after the plan was recorded\n")  # the report takes the plan recorded
+    assert main(["scaling", "fit", "--out", str(out), "--bootstrap", "0"]) == 0
+    assert f"{spec_path} has changed since `mixmae scaling run` recorded its plan" in capsys.readouterr().err

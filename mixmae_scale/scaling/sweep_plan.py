@@ -1,0 +1,105 @@
+"""`OUT/plan.json`: the runs the spec plans, recorded by every `scaling run`, so that `scaling fit` and `scaling
+report`, which read the sweep folder and not the spec, fit the spec's points only.
+
+A run id names size, budget (or steps) and seed. A size or budget dropped from the spec leaves its rows in
+results.jsonl, where they stay (runs that happened), and the fit took them with the spec's: a budget's parabola
+through a size the study no longer has, the minima of a budget it dropped. Rows of runs outside the plan are left
+out of the fit and the report, counted and named in the command's output, in fit.json and in report.md; the plan's
+own rows are fitted exactly as they are alone. A folder from before plans were recorded is fitted whole, and the
+command says that it cannot tell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixmae_scale.atomic_file import write_text
+from mixmae_scale.scaling.fit import FitError
+from mixmae_scale.scaling.spec import PlannedRun, SweepSpec
+
+PLAN = "plan.json"
+FORMAT = "mixmae-scale-sweep-plan"
+SHOWN_IDS = 10  # run ids named in a line; the rest are counted
+
+
+def _spec_digest(path: str | None) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except OSError:
+        return None
+
+
+def write_plan(out: Path, spec: SweepSpec, runs: list[PlannedRun]) -> None:
+    """Written whole (atomic) before any run starts, so that a sweep cut short still names its plan. The spec's
+    digest lets the fit say when the spec has changed since."""
+    out.mkdir(parents=True, exist_ok=True)
+    where = str(Path(spec.file).absolute()) if spec.file else None  # `scaling report` may run from elsewhere
+    plan = {"format": FORMAT, "sweep": spec.name, "spec": where, "spec_sha256": _spec_digest(where),
+            "runs": [run.run_id for run in runs]}
+    write_text(out / PLAN, json.dumps(plan, indent=1) + "\n")
+
+
+def read_plan(out: Path) -> dict | None:
+    """The recorded plan, or None where `scaling run` has not written one; one that is not a plan is refused naming
+    the file (fitting every row instead would undo what it is there for)."""
+    path = out / PLAN
+    if not path.exists():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{path}: cannot be read as the sweep's plan ({exc}); `mixmae scaling run` with the spec "
+                       "writes it again") from exc
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT or not isinstance(plan.get("runs"), list):
+        raise FitError(f"{path}: not a sweep plan (format {FORMAT}, with its runs); `mixmae scaling run` with the "
+                       "spec writes it again")
+    return plan
+
+
+def named(ids: list[str]) -> str:
+    return ", ".join(ids[:SHOWN_IDS]) + (f", ... ({len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else "")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows to fit, the run ids left out (sorted) and what the command says of them."""
+
+    rows: list[dict]
+    left_out: list[str]
+    warnings: list[str]
+
+
+def rows_of_plan(rows: list[dict], out: Path) -> Selection:
+    """The rows of runs the recorded plan holds. Left out rows are named; none left: refused (nothing to fit)."""
+    results = out / "results.jsonl"
+    plan = read_plan(out)
+    if plan is None:
+        return Selection(rows, [], [f"{out} has no {PLAN} (written by `mixmae scaling run` since it records its "
+                                    f"plan): every row of {results} is fitted, including any of runs the spec no "
+                                    "longer plans; run `mixmae scaling run` with the spec once to record its plan"])
+    planned = set(plan["runs"])
+    kept = [row for row in rows if row["run_id"] in planned]
+    left_out = sorted(row["run_id"] for row in rows if row["run_id"] not in planned)
+    spec = plan.get("spec")
+    warnings = []
+    digest = _spec_digest(spec)
+    if digest is not None and plan.get("spec_sha256") not in (None, digest):
+        warnings.append(f"{spec} has changed since `mixmae scaling run` recorded its plan ({out / PLAN}): the fit "
+                        "takes the runs it planned then; run `mixmae scaling run` with the spec again to plan the "
+                        "changed one")
+    if left_out:
+        warnings.append(f"{len(left_out)} row(s) of {results} are runs the spec no longer plans ({out / PLAN}, "
+                        f"from {spec}), left out of the fit and the report: {named(left_out)}")
+    if not kept:
+        raise FitError(f"{results}: none of its {len(rows)} row(s) is a run of the plan {out / PLAN} records (from "
+                       f"{spec}): nothing to fit; run `mixmae scaling run` with the spec")
+    return Selection(kept, left_out, warnings)
+
+
+def not_planned(results: list[dict], runs: list[PlannedRun]) -> list[str]:
+    """Recorded run ids the plan does not hold, sorted: `scaling run` names them."""
+    planned = {run.run_id for run in runs}
+    return sorted(row["run_id"] for row in results if row["run_id"] not in planned)
