@@ -154,13 +154,27 @@ def test_fused_and_reference_attention_agree(small_mixmae):
     assert ((features_ref - features_fused).abs().max() / features_ref.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_activation_checkpointing_gives_the_same_gradients(small_mixmae, every):
+@pytest.mark.parametrize("every,checkpointed", [(1, 5), (2, 3)])
+def test_activation_checkpointing_gives_the_same_gradients(small_mixmae, every, checkpointed, monkeypatch):
+    """Equal gradients only mean something if the blocks did run under `checkpoint`: its calls are counted
+    (every block of the small shape's five at `every=1`, blocks 0, 2 and 4 at `every=2`, none plain)."""
+    import mixmae_scale.models.swin as swin
+
+    calls = [0]
+    real = swin.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(swin, "checkpoint", counting)
     model = small_mixmae.train()
     images, mask = _images(4), _fixed_mask(small_mixmae)
     loss_plain, grads_plain = _loss_and_grads(model, images, mask)
+    assert calls[0] == 0
     model.encoder.checkpoint_every = every
     loss_ckpt, grads_ckpt = _loss_and_grads(model, images, mask)
+    assert calls[0] == checkpointed
     assert torch.equal(loss_plain, loss_ckpt)
     _assert_close_grads(grads_plain, grads_ckpt, 1e-6)
 
