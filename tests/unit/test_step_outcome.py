@@ -7,8 +7,12 @@ import pytest
 from mixmae_scale.engine.step import SIGNAL, StepOutcome
 
 
-def test_one_rank_asking_to_stop_stops_every_rank():
+def test_any_stop_vote_makes_the_step_outcome_a_signal_stop():
+    """The mapping from the all-reduced count of ranks asking to stop to the outcome: one vote or more is a stop
+    by signal, none is no stop. That the vote of one rank reaches every rank (`step_decision`'s all-reduce) is
+    checked with two real ranks in tests/integration/test_faults.py."""
     assert StepOutcome.of(True, stop_votes=1).stop == SIGNAL
+    assert StepOutcome.of(False, stop_votes=2).stop == SIGNAL
     assert StepOutcome.of(True, stop_votes=0).stop is None
 
 
