@@ -108,7 +108,8 @@ def validate(config: Config) -> None:
     _require(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads must divide model.decoder_dim")
     _require(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
     _require(m.range_mask_ratio >= 0.0 and m.mask_ratio + m.range_mask_ratio < 1.0,
-             "model.range_mask_ratio must be >= 0 and mask_ratio + range_mask_ratio < 1")
+             f"model.range_mask_ratio must be >= 0 and model.mask_ratio + model.range_mask_ratio < 1, got "
+             f"range_mask_ratio={m.range_mask_ratio} with mask_ratio={m.mask_ratio}")
     _require(0.0 <= m.drop_path < 1.0, f"model.drop_path must be in [0, 1), got {m.drop_path}")
     _require(m.checkpoint_every >= 0, "model.checkpoint_every must be >= 0 (0 disables checkpointing)")
 
@@ -137,7 +138,7 @@ def validate(config: Config) -> None:
     _require(d.crop_scale is None or len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
              f"data.crop_scale must be [min, max] within (0, 1], got {d.crop_scale}")
     _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
-             f"data.crop_ratio must be [min, max], got {d.crop_ratio}")
+             f"data.crop_ratio must be [min, max] with 0 < min <= max, got {d.crop_ratio}")
     c = config.cluster
     _require(c.num_nodes >= 1 and c.gpus_per_node >= 1, "cluster.num_nodes and gpus_per_node must be >= 1")
     _require(1 <= c.master_port <= 65535, f"cluster.master_port={c.master_port} is not a TCP port (1-65535)")

@@ -176,8 +176,7 @@ class LoggingConfig:
     every_steps: int = 20
     heldout_batches: int = 4  # validation batches scored with fixed masks at start and end (none fit: null + reason)
     visualize_every_steps: int = 1000  # reconstruction grid of fixed validation images (0: never)
-    tensorboard: bool = True
-    csv: bool = True
+    tensorboard: bool = True  # metrics.csv is always written: resume, `mixmae plot` and scaling sweeps read it
     # Peak dense bf16 FLOP/s of one device for MFU; 0 looks it up from the device name.
     peak_tflops: float = 0.0
     wandb: WandbConfig = field(default_factory=WandbConfig)

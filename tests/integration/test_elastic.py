@@ -123,7 +123,12 @@ def test_zero0_resumes_on_another_number_of_ranks_without_conversion(demo_shards
     No relayout tag exists here to compare bit for bit, so the carried state is checked against Adam's own rule on
     the next checkpoint (step 4): every parameter's step count went on from 2, its second moment is at least
     beta2^2 times step 2's (v4 = beta2^2 v2 + new squared gradients), and no weight moved further than two Adam
-    updates can move it. A fresh optimizer or weights fail all three."""
+    updates can move it. A fresh optimizer fails the first (its step counts would be 2 again) and, elementwise over
+    every parameter, almost surely the second; weights from another initialisation fail the third. Weights
+    re-initialised from the same seed, with the optimizer state loaded, would pass all three (the step-4 weights
+    are then two updates from the initial ones, those of step 2 two more: within the bound of ten). That the
+    weights themselves were carried over is not shown here; it rests on DeepSpeed's `load_checkpoint` loading the
+    module with the optimizer state (engine/checkpointing/resume.py)."""
     run = tmp_path / "zero0"
     launch_on(2, run, demo_shards, *COMMON, "zero.stage=0", "checkpoint.every_steps=2", max_steps=2)
     resumed = launch_on(1, run, demo_shards, *COMMON, "zero.stage=0", "checkpoint.every_steps=2", max_steps=4)

@@ -158,13 +158,28 @@ def test_weights_loaded_through_a_parent_module_replace_the_cached_embedding(sma
                        position_embedding_for(state["backbone.encoder.absolute_pos_embed"], 8, 12))
 
 
-def test_checkpointed_blocks_give_the_same_maps_and_gradients(small_shape):
+def test_checkpointed_blocks_give_the_same_maps_and_gradients(small_shape, monkeypatch):
+    """Equal maps and gradients only mean something if the blocks did run under `checkpoint`: its calls are
+    counted, one per block of the small shape's five in the checkpointed backbone, none in the plain one."""
+    import mixmae_scale.models.backbone as backbone_module
+
+    calls = [0]
+    real = backbone_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backbone_module, "checkpoint", counting)
     torch.manual_seed(0)
     plain = SwinBackbone(small_shape)
     checkpointed = SwinBackbone(small_shape, checkpoint_blocks=True)
     checkpointed.load_state_dict(plain.state_dict())
     images = torch.randn(1, 3, 64, 96)
-    losses = [sum(m.square().mean() for m in model(images)) for model in (plain, checkpointed)]
+    losses = []
+    for model, expected_calls in ((plain, 0), (checkpointed, sum(small_shape.depths))):
+        losses.append(sum(m.square().mean() for m in model(images)))
+        assert calls[0] == expected_calls
     for loss in losses:
         loss.backward()
     assert torch.allclose(losses[0], losses[1])

@@ -56,3 +56,30 @@ def test_max_megapixels_zero_still_means_no_limit(tmp_path, capsys):
                  "--max-megapixels", "0"]) == 2
     said = capsys.readouterr().err
     assert "--max-megapixels" not in said and f"--src {tmp_path / 'none'}: not found" in said
+
+
+@pytest.mark.parametrize("megapixels,kept", [("0", (1300, 900)), ("1", None)])
+def test_max_megapixels_zero_keeps_an_image_above_one_megapixel_at_its_own_size(tmp_path, capsys, megapixels, kept):
+    """`--max-megapixels 0` must reach the conversion as 'no limit': a 1300 x 900 (1.17 MP) image is written at
+    its own size. The control, a limit of 1 MP, shows that this image is one a limit would shrink."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (1300, 900), (200, 30, 30)).save(src / "wide.jpg", format="JPEG")
+    out = tmp_path / "out"
+    assert main(["shards", "folder", "--src", str(src), "--out", str(out), "--workers", "1",
+                 "--max-megapixels", megapixels]) == 0
+    capsys.readouterr()
+    sizes = []
+    for tar_path in sorted(out.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            sizes += [Image.open(io.BytesIO(tar.extractfile(m).read())).size for m in tar if m.name.endswith(".jpg")]
+    assert len(sizes) == 1
+    if kept:
+        assert sizes[0] == kept
+    else:
+        assert sizes[0][0] * sizes[0][1] <= 1_000_000 and sizes[0][0] > sizes[0][1]

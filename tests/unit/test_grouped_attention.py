@@ -49,9 +49,28 @@ def _loss_features_grads(model: MixMAE, images: torch.Tensor, mask: torch.Tensor
     return out.loss.detach(), features, grads
 
 
-def _assert_grouped_equals_masked(model: MixMAE, images: torch.Tensor, mask: torch.Tensor) -> None:
+def _count_grouped_layouts(monkeypatch) -> list[int]:
+    """Counts the calls of the grouped branch's layout builder (`stage_source_groups`, as the model module
+    names it): a comparison of `grouped` with `fused` proves nothing if both legs ran the masked path."""
+    import mixmae_scale.models.mixmae as mixmae_module
+
+    calls = [0]
+    real = mixmae_module.stage_source_groups
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixmae_module, "stage_source_groups", counting)
+    return calls
+
+
+def _assert_grouped_equals_masked(model: MixMAE, images: torch.Tensor, mask: torch.Tensor, monkeypatch) -> None:
+    grouped_calls = _count_grouped_layouts(monkeypatch)
     loss_m, feat_m, grads_m = _loss_features_grads(model, images, mask, "fused")
+    assert grouped_calls[0] == 0  # the masked leg did not build groups
     loss_g, feat_g, grads_g = _loss_features_grads(model, images, mask, "grouped")
+    assert grouped_calls[0] == 2  # the grouped leg did, once for the loss and once for the features
     assert grads_m.keys() == grads_g.keys() and "encoder.layers.0.blocks.0.attn.relative_position_bias_table" \
         in grads_g
     assert (loss_m - loss_g).abs().item() <= 1e-6 * loss_m.abs().item()
@@ -62,12 +81,13 @@ def _assert_grouped_equals_masked(model: MixMAE, images: torch.Tensor, mask: tor
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, 1])
-def test_grouped_equals_masked_attention_forward_and_gradients_at_the_small_shape(small_shape, checkpoint_every):
+def test_grouped_equals_masked_attention_forward_and_gradients_at_the_small_shape(small_shape, checkpoint_every,
+                                                                                  monkeypatch):
     model = _model(small_shape)
     model.encoder.checkpoint_every = checkpoint_every  # the groups pass through activation checkpointing too
     mask = model.sample_mask(torch.Generator().manual_seed(1))
     images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    _assert_grouped_equals_masked(model, images, mask)
+    _assert_grouped_equals_masked(model, images, mask, monkeypatch)
 
 
 def test_official_mask_has_single_source_windows_and_unequal_splits():
@@ -80,20 +100,22 @@ def test_official_mask_has_single_source_windows_and_unequal_splits():
     assert stage3.buckets == ((96, 1), (100, 1))  # 24 partner cells of 2x2 tokens, 25 own
 
 
-def test_grouped_equals_masked_attention_at_the_official_mask_granularity():
+def test_grouped_equals_masked_attention_at_the_official_mask_granularity(monkeypatch):
     model = _model(OFFICIAL_GRID)
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    _assert_grouped_equals_masked(model, images, _official_mask())
+    _assert_grouped_equals_masked(model, images, _official_mask(), monkeypatch)
 
 
-def test_flex_kernel_forward_equals_masked_attention_on_the_cpu():
+def test_flex_kernel_forward_equals_masked_attention_on_the_cpu(monkeypatch):
     model = _model(OFFICIAL_GRID).eval()
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     mask = _official_mask()
+    grouped_calls = _count_grouped_layouts(monkeypatch)
     with torch.no_grad():
         masked = model.forward_encoder(images, mask)
         model.attention, model.group_kernel = "grouped", "flex"
         flex = model.forward_encoder(images, mask)
+    assert grouped_calls[0] == 1  # the second forward, and only it, built groups
     assert (flex - masked).abs().max().item() <= 1e-5 * masked.abs().max().item()
 
 
@@ -150,7 +172,7 @@ def test_whole_compile_wraps_the_whole_forward_and_not_the_blocks(small_mixmae):
     assert [type(b.forward) for b in small_mixmae.encoder.layers[0].blocks] == blocks_before
 
 
-def test_compiled_blocks_take_flex_groups_as_inputs_without_recompiling_per_mask(small_shape):
+def test_compiled_blocks_take_flex_groups_as_inputs_without_recompiling_per_mask(small_shape, monkeypatch):
     import torch._dynamo
 
     from mixmae_scale.models.regional_compile import compile_blocks
@@ -161,6 +183,7 @@ def test_compiled_blocks_take_flex_groups_as_inputs_without_recompiling_per_mask
     torch._dynamo.reset()
     compile_blocks(compiled, (SwinBlock,), backend="eager")  # dynamo's tracing and guards, no code generation
     images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    grouped_calls = _count_grouped_layouts(monkeypatch)
     with torch.no_grad():
         for seed in range(3):
             mask = compiled.sample_mask(torch.Generator().manual_seed(seed))
@@ -168,3 +191,4 @@ def test_compiled_blocks_take_flex_groups_as_inputs_without_recompiling_per_mask
                 grouped = compiled.forward_encoder(images, mask)
             masked = reference.forward_encoder(images, mask)
             assert (grouped - masked).abs().max().item() <= 1e-5 * masked.abs().max().item()
+    assert grouped_calls[0] == 3  # every compiled forward took groups, the reference none

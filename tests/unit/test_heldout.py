@@ -84,13 +84,27 @@ def test_training_on_any_world_size_never_reads_a_held_out_sample(tmp_path, worl
 
 
 def test_the_choice_is_the_same_however_often_and_wherever_it_is_made(tmp_path):
+    """choose_heldout reads nothing of the rank (each rank makes the choice itself), so it is enough that it is the
+    same on every call; what a rank then reads of it is the held-out loader's share, which must be the whole part
+    from its start on every rank of every world size (ZeRO-3 forwards are collective: every rank scores the same
+    batches). The control: a validation loader at the same places reads shares that differ."""
+    from mixmae_scale.config import load_config
+    from mixmae_scale.data.loaders import LoaderPlace, spec_for
+
     folder = write_set(tmp_path / "set")
     first = choose_heldout(str(folder), "train", "val", "auto", 6)
     again = choose_heldout(str(folder), "train", "val", "auto", 6)
     assert first == again and first.train_tail == 6 and first.train_samples == 24
     assert keys(ordered_samples(first.mixture, 0, 1)) == keys(ordered_samples(again.mixture, 0, 1))
-    # What each of 2 ranks scores (every rank reads the whole held-out part, from its start) is the same part.
-    assert keys(ordered_samples(first.mixture, 0, 1)) == [f"s2-{n}" for n in range(6, 9)] + ["s3-0", "s3-1", "s3-2"]
+    config, _ = load_config("tiny", None, [f"data.shards={folder}"])
+    held_out = [f"s2-{n}" for n in range(6, 9)] + ["s3-0", "s3-1", "s3-2"]
+    places = [LoaderPlace(rank, world) for world in (1, 2, 3) for rank in range(world)]
+    for place in places:
+        spec = spec_for(config, "heldout", 2, place)
+        assert keys(ordered_samples(first.mixture, spec.shard_id, spec.num_shards)) == held_out, place
+    val_shares = {tuple(keys(ordered_samples(first.mixture, spec.shard_id, spec.num_shards)))
+                  for spec in (spec_for(config, "val", 2, place) for place in places)}
+    assert len(val_shares) == 6  # the whole part at world 1, and five distinct shares at worlds 2 and 3
 
 
 def test_a_validation_split_is_used_as_it_is_and_training_keeps_every_sample(tmp_path):

@@ -138,29 +138,76 @@ def _assert_close_grads(a: dict, b: dict, rel: float) -> None:
         assert (a[name] - b[name]).abs().max() / scale <= rel, name
 
 
-def test_fused_and_reference_attention_agree(small_mixmae):
+class _CountingFunctional:
+    """Stands in for `torch.nn.functional` inside models/window_attention.py: counts the window attention's
+    fused kernel calls (the decoder's attention, which calls the same function, is not counted)."""
+
+    def __init__(self, real):
+        self._real, self.calls = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def scaled_dot_product_attention(self, *args, **kwargs):
+        self.calls += 1
+        return self._real.scaled_dot_product_attention(*args, **kwargs)
+
+
+def count_fused_window_attention(monkeypatch) -> _CountingFunctional:
+    """The counter of WindowAttention's fused-kernel calls: one per encoder block and forward on the fused
+    path, none on the reference path."""
+    import mixmae_scale.models.window_attention as window_attention
+
+    counter = _CountingFunctional(window_attention.F)
+    monkeypatch.setattr(window_attention, "F", counter)
+    return counter
+
+
+def test_fused_and_reference_attention_agree(small_mixmae, monkeypatch):
+    """The two paths agreeing proves nothing unless each ran: the fused kernel's calls are counted, one per
+    block (five at the small shape) and forward on the fused path, none on the reference one."""
+    fused_calls = count_fused_window_attention(monkeypatch)
+    blocks = sum(small_mixmae.shape.depths)
     model = small_mixmae.train()
     images, mask = _images(4), _fixed_mask(small_mixmae)
     model.encoder.set_fused_attention(True)
     loss_fused, grads_fused = _loss_and_grads(model, images, mask)
+    assert fused_calls.calls == blocks
     model.encoder.set_fused_attention(False)
     loss_ref, grads_ref = _loss_and_grads(model, images, mask)
+    assert fused_calls.calls == blocks
     assert loss_fused.item() == pytest.approx(loss_ref.item(), rel=1e-5)
     _assert_close_grads(grads_fused, grads_ref, 1e-4)
     with torch.no_grad():
         features_ref = model.forward_encoder(images, mask)
+        assert fused_calls.calls == blocks
         model.encoder.set_fused_attention(True)
         features_fused = model.forward_encoder(images, mask)
+        assert fused_calls.calls == 2 * blocks
     assert ((features_ref - features_fused).abs().max() / features_ref.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_activation_checkpointing_gives_the_same_gradients(small_mixmae, every):
+@pytest.mark.parametrize("every,checkpointed", [(1, 5), (2, 3)])
+def test_activation_checkpointing_gives_the_same_gradients(small_mixmae, every, checkpointed, monkeypatch):
+    """Equal gradients only mean something if the blocks did run under `checkpoint`: its calls are counted
+    (every block of the small shape's five at `every=1`, blocks 0, 2 and 4 at `every=2`, none plain)."""
+    import mixmae_scale.models.swin as swin
+
+    calls = [0]
+    real = swin.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(swin, "checkpoint", counting)
     model = small_mixmae.train()
     images, mask = _images(4), _fixed_mask(small_mixmae)
     loss_plain, grads_plain = _loss_and_grads(model, images, mask)
+    assert calls[0] == 0
     model.encoder.checkpoint_every = every
     loss_ckpt, grads_ckpt = _loss_and_grads(model, images, mask)
+    assert calls[0] == checkpointed
     assert torch.equal(loss_plain, loss_ckpt)
     _assert_close_grads(grads_plain, grads_ckpt, 1e-6)
 

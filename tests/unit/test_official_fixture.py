@@ -40,15 +40,20 @@ def official(tmp_path_factory):
 
 
 @pytest.mark.parametrize("attention", ["fused", "reference"])
-def test_loss_and_both_decoder_streams_match_the_official_code(official, attention):
+def test_loss_and_both_decoder_streams_match_the_official_code(official, attention, monkeypatch):
+    from tests.unit.test_model import count_fused_window_attention
+
     state, arch, reference = official
     model = build_from_architecture(arch).eval()
     model.load_state_dict(state, strict=True)
     model.encoder.set_fused_attention(attention == "fused")
     images, mask = reference["images"], reference["mask_7x7"].flatten()
+    fused_calls = count_fused_window_attention(monkeypatch)
     with torch.no_grad():
         loss = model(images, mask=mask).loss
         streams = model.decoder(model.forward_encoder(images, mask).flatten(1, 2), mask)
+    # Two encoder forwards: every block on the fused kernel, or none of them on the reference path.
+    assert fused_calls.calls == (2 * sum(model.shape.depths) if attention == "fused" else 0)
     expected = reference["loss"]
     assert abs(float(loss) - float(expected)) <= 2e-7 * abs(float(expected)), (float(loss), float(expected))
     assert streams.shape == reference["x_rec"].shape  # rows 0..B-1 stream 1, B..2B-1 stream 2

@@ -29,12 +29,53 @@ def test_zero3_at_two_ranks_is_eight_bytes_per_parameter_against_ten_for_zero1()
     assert sum(model_state_bytes(10, 0, 1, "fp32").values()) == 160  # fp32: weights, grads, two moments
 
 
-def test_activations_are_measured_and_checkpointing_shrinks_them():
+def _saved_bytes_per_image(resolved, checkpoint_every: int) -> float:
+    """What a real fp32 pretraining forward of the profile's model saves for backward, per image: the bytes
+    at micro-batch 4 less those at 2, halved, so that what is saved once per batch (the additive same-source
+    masks a checkpointed block keeps as an input) drops out. Non-reentrant checkpointing saves each block's
+    inputs through the ambient saved-tensor hooks and hides what the block saves inside, which is what
+    checkpointing keeps alive between forward and backward."""
+    import torch
+
+    from mixmae_scale.cluster.plan import build_for_job
+
+    totals = []
+    for batch in (2, 4):
+        torch.manual_seed(0)
+        model = build_for_job(resolved, "pretrain")
+        model.encoder.checkpoint_every = checkpoint_every
+        model.encoder.set_fused_attention(False)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(tensor, params=params, seen=seen):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        size = resolved.config.model.img_size
+        images = torch.randn(batch, 3, size, size)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(images, mask=model.sample_mask(torch.Generator().manual_seed(0)))
+        totals.append(sum(seen.values()))
+    return (totals[1] - totals[0]) / 2
+
+
+def test_activations_are_measured_and_a_checkpointed_forward_keeps_what_the_planner_counts():
+    """The planner's checkpointed figure is computed from the plain measurement (block inputs, what is saved
+    outside the blocks, and two blocks' activations while one is recomputed); a real checkpointed forward
+    must keep what that figure counts as kept, and far less than a plain one. The recomputation transient is
+    not visible to saved-tensor hooks and stays arithmetic."""
     resolved = load_resolved("tiny")
     fp32 = measure_activations(resolved, "fp32")
     bf16 = measure_activations(resolved, "bf16")
     assert len(fp32.per_block) == 8 and all(b > 0 for b in fp32.per_block)
     assert fp32.per_image(True) < 0.75 * fp32.per_image(False)
+    plain, checkpointed = _saved_bytes_per_image(resolved, 0), _saved_bytes_per_image(resolved, 1)
+    assert checkpointed < 0.25 * plain
+    recomputing = 2 * max(fp32.per_block)
+    assert checkpointed == pytest.approx(fp32.per_image(True) - recomputing, rel=0.02)
     assert bf16.per_image(False) == pytest.approx(fp32.per_image(False) / 2, rel=0.15)
     # Stage 1 runs at 24x24 tokens of width 32; its block input is exactly that tensor.
     assert fp32.block_inputs[0] == 24 * 24 * 32 * 4

@@ -47,6 +47,24 @@ def test_this_machine_gets_bf16_exactly_when_onednn_computes_it_natively():
     assert resolved.config.precision.dtype == "auto"  # the request is kept next to the choice
 
 
+def test_auto_is_fp32_where_onednn_is_held_to_avx2():
+    """The decision on a CPU without AVX-512, made for real rather than on a described `Hardware`: oneDNN held to
+    AVX2 (ONEDNN_MAX_CPU_ISA, as tests/integration/test_elastic.py runs a resume) reports no native bf16, and
+    `auto` must then resolve to fp32 (bf16 would be emulated, ~100x slower). On a machine with AVX-512 this is
+    the opposite of what the test above finds in-process; the GPUs are hidden so that the CPU decides."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom mixmae_scale.config import load_resolved\n"
+            "print(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))\n"
+            "print(load_resolved('tiny').derived.dtype)\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "fp32"], result.stdout
+
+
 def test_planning_assumes_gpus_not_the_cpu_that_plans():
     from mixmae_scale.cluster.plan import planning_dtype
 

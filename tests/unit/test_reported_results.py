@@ -73,6 +73,33 @@ def test_export_out_is_optional_and_json_is_asked_for(capsys):
     assert "[--out OUT]" in text and "default: in the run folder, encoder.safetensors" in text and "--json" in text
 
 
+def test_export_prints_its_line_and_adds_the_json_report_only_with_json(monkeypatch, capsys):
+    """The help promises --json 'also prints the full report': without it the person gets the one line, with it
+    the line and then the report as JSON. The export itself is replaced (its work is tested elsewhere); it is
+    also shown to get no --out when none is given, so that it picks the run folder's default."""
+    import json
+
+    import mixmae_scale.engine.export as export_module
+    from mixmae_scale.cli import main
+
+    result = {"run": "/r/run", "checkpoint": "/r/run/checkpoints/step00000012", "step": 12, "best": False,
+              "out": "/r/run/encoder.safetensors", "kind": "encoder", "tensors": 40, "params": 1_234_567}
+    calls = []
+
+    def fake_export(run_dir, out, tag, with_decoder, best, fmt):
+        calls.append((run_dir, out))
+        return result
+
+    monkeypatch.setattr(export_module, "export_run", fake_export)
+    assert main(["export", "/r/run"]) == 0
+    plain = capsys.readouterr().out
+    assert plain == export_line(result) + "\n"
+    assert main(["export", "/r/run", "--json"]) == 0
+    line, _, report = capsys.readouterr().out.partition("\n")
+    assert line == export_line(result) and json.loads(report) == result
+    assert calls == [("/r/run", None), ("/r/run", None)]
+
+
 def test_a_finetune_ends_with_its_top1_and_the_precision_it_was_measured_in():
     """A bf16 run's top-1 is not `mixmae eval`'s fp32 one (10 images of 1500 apart on the demo): the line says
     which it is; a summary from before evaluations recorded their precision says nothing of it."""

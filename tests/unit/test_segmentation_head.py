@@ -46,8 +46,15 @@ def test_every_parameter_of_head_and_backbone_gets_a_finite_nonzero_gradient(poo
 
 
 def test_parameter_names_split_into_the_encoders_and_the_heads():
-    prefixes = {name.split(".")[0] + "." + name.split(".")[1] for name, _ in model().named_parameters()}
-    assert prefixes == {"backbone.encoder"} | {p for p in prefixes if p.startswith("decode_head.")}
+    """Layer decay and export tell the two apart by prefix: every parameter is under `backbone.encoder.` or
+    `decode_head.`, neither part is empty, and each prefix holds exactly its module's parameters."""
+    segmenter = model()
+    names = [name for name, _ in segmenter.named_parameters()]
+    encoder = [n for n in names if n.startswith("backbone.encoder.")]
+    head = [n for n in names if n.startswith("decode_head.")]
+    assert encoder and head and len(encoder) + len(head) == len(names)
+    assert len(encoder) == len(list(segmenter.backbone.parameters()))
+    assert len(head) == len(list(segmenter.decode_head.parameters()))
 
 
 def test_head_channels_that_groupnorm_cannot_split_are_refused():

@@ -412,3 +412,61 @@ def test_a_shard_is_on_the_disk_before_its_progress_record_says_it_is_done(tmp_p
     renamed, recorded = events.index(("replace", tar)), events.index(("replace", record))
     assert ("fsync", f"{tar}.tmp") in events[:renamed], events
     assert ("fsync", str(out)) in events[renamed:recorded], events
+
+
+
+def _shard_contents(out: Path, named: dict[bytes, str], split: str = "train") -> list[list[tuple[str, int]]]:
+    """Each shard's stored images, shard by shard, as (source name, stored bytes); `named` maps a source's bytes
+    to its name (copied images are stored as read), so a failure lists names rather than bytes."""
+    shards = []
+    for tar_path in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            stored = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+        shards.append([(named.get(data, "not a source"), len(data)) for data in stored])
+    return shards
+
+
+def test_shard_size_cuts_shards_by_the_images_bytes_and_keeps_every_image_once(tmp_path, capsys):
+    """`--shard-size` (ConvertOptions.shard_bytes) cuts a split where the next image's bytes would take the
+    shard past the limit. Seven copied images of near-equal size under a limit of 2.5 images: two per shard,
+    four shards, and the stored bytes of every shard within the limit (copied images are stored as read)."""
+    from mixmae_scale.cli import main
+
+    named = {_jpeg(tmp_path / "src" / f"img{i}.jpg", colour=(30 * i, 200 - 20 * i, 90)): f"img{i}" for i in range(7)}
+    sizes = [len(data) for data in named]
+    assert len(named) == 7  # seven distinct files
+    limit = int(2.5 * sum(sizes) / len(sizes))
+    assert 2 * max(sizes) <= limit < 3 * min(sizes)  # the images are as alike in size as this test needs
+    out = tmp_path / "out"
+    assert main(["shards", "folder", "--src", str(tmp_path / "src"), "--out", str(out), "--workers", "1",
+                 "--shard-size", str(limit)]) == 0
+    capsys.readouterr()
+    shards = _shard_contents(out, named)
+    assert sorted(len(s) for s in shards) == [1, 2, 2, 2], shards
+    assert all(sum(size for _, size in shard) <= limit for shard in shards), (limit, shards)
+    assert sorted(name for shard in shards for name, _ in shard) == sorted(named.values())
+
+
+def test_an_image_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
+    """The cut happens before an image that would overflow a non-empty shard, so an image larger than the
+    limit is never refused or split: it starts a shard and the next image starts another. Every other shard
+    stays within the limit, and is cut only where the next image would not have fitted."""
+    import random as random_module
+
+    named = {_jpeg(tmp_path / "src" / f"img{i}.jpg", colour=(30 * i, 200 - 20 * i, 90)): f"img{i}" for i in range(7)}
+    limit = int(2.5 * max(len(data) for data in named))
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (96, 96), random_module.Random(0).randbytes(96 * 96 * 3)).save(buf, format="JPEG")
+    (tmp_path / "src" / "large.jpg").write_bytes(buf.getvalue())
+    named[buf.getvalue()] = "large"
+    assert len(buf.getvalue()) > limit
+    out = tmp_path / "out"
+    convert(tmp_path / "src", out, ConvertOptions(layout="folder", splits=("train",), shard_bytes=limit))
+    shards = _shard_contents(out, named)
+    assert [("large", len(buf.getvalue()))] in shards, shards
+    for shard in shards:
+        assert [name for name, _ in shard] == ["large"] or sum(size for _, size in shard) <= limit, (limit, shards)
+    for shard, following in zip(shards, shards[1:], strict=False):
+        # no cut before an image that fitted
+        assert sum(size for _, size in shard) + following[0][1] > limit, (limit, shards)
+    assert sorted(name for shard in shards for name, _ in shard) == sorted(named.values())

@@ -1,4 +1,4 @@
-"""engine/step.py: what an attempt at an optimizer step came to."""
+"""engine/step.py: what an attempt at an optimizer step came to; and the loop's wait for each micro-batch."""
 
 from __future__ import annotations
 
@@ -7,9 +7,43 @@ import pytest
 from mixmae_scale.engine.step import SIGNAL, StepOutcome
 
 
-def test_one_rank_asking_to_stop_stops_every_rank():
+def test_any_stop_vote_makes_the_step_outcome_a_signal_stop():
+    """The mapping from the all-reduced count of ranks asking to stop to the outcome: one vote or more is a stop
+    by signal, none is no stop. That the vote of one rank reaches every rank (`step_decision`'s all-reduce) is
+    checked with two real ranks in tests/integration/test_faults.py."""
     assert StepOutcome.of(True, stop_votes=1).stop == SIGNAL
+    assert StepOutcome.of(False, stop_votes=2).stop == SIGNAL
     assert StepOutcome.of(True, stop_votes=0).stop is None
+
+
+@pytest.mark.parametrize("waited, warned", [(400.0, True), (300.0, False)])
+def test_a_batch_that_takes_longer_than_data_stall_s_is_reported_with_the_rank_and_the_limit(
+        monkeypatch, caplog, waited, warned):
+    """A stalled reader shows in the log, not only as a throughput drop: a wait above `faults.data_stall_s` (300 s
+    by default) is a warning naming the rank, the wait and the limit; a wait at the limit is not. Either way the wait
+    is counted in the window's data-wait share. The loop's method runs on a stand-in for its state and a fake clock
+    (no ranks, no sleeping)."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from mixmae_scale.config import load_config
+    from mixmae_scale.engine import loop
+    from mixmae_scale.engine.step import LogWindow
+
+    clock = iter([10.0, 10.0 + waited])
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    config, _ = load_config("tiny")
+    assert config.faults.data_stall_s == 300.0
+    state = SimpleNamespace(config=config, ctx=SimpleNamespace(rank=3))
+    window = LogWindow(torch.zeros(()))
+    window.throughput.data_wait = 1.0
+    with caplog.at_level(logging.WARNING, logger="mixmae.loop"):
+        assert loop.TrainingLoop._next_batch(state, iter(["the batch"]), window) == "the batch"
+    assert window.throughput.data_wait == 1.0 + waited
+    said = [r.getMessage() for r in caplog.records if r.name == "mixmae.loop"]
+    assert said == (["rank 3 waited 400 s for a batch (faults.data_stall_s=300)"] if warned else [])
 
 
 class _ZeroOptimizer:

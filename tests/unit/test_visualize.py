@@ -9,7 +9,12 @@ from mixmae_scale.models.mixing import upsample_mask
 from mixmae_scale.visualize.reconstruction import FROM_A, FROM_B, PANELS, grid, panels, reconstruct
 
 
-def test_grid_has_a_title_named_columns_and_one_row_per_pair(small_mixmae):
+def test_grid_has_a_title_named_columns_and_one_row_per_pair(small_mixmae, monkeypatch):
+    """The title and the column names are checked on the pixels: another title changes only the top band of the
+    picture, and blank column names change only the band between it and the first row of images, over each of
+    the seven columns (128-pixel cells from x = 15 at this image size)."""
+    from mixmae_scale.visualize import reconstruction
+
     images = torch.randn(6, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     mask = small_mixmae.sample_mask(torch.Generator().manual_seed(1))
     rec = reconstruct(small_mixmae, images, mask)
@@ -18,6 +23,14 @@ def test_grid_has_a_title_named_columns_and_one_row_per_pair(small_mixmae):
     assert three.shape[0] - one.shape[0] == 2 * 128  # a 128-pixel row per pair
     assert PANELS[:4] == ("original A", "original B", "mask", "mixed input")
     assert PANELS[4:6] == ("A reconstructed", "B reconstructed") and len(PANELS) == 7
+    title_rows = np.nonzero((grid(rec, pairs=1, title="") != one).any(axis=(1, 2)))[0]
+    assert len(title_rows) and title_rows.max() < 40  # the head is 75 pixels: title on top, column names below
+    monkeypatch.setattr(reconstruction, "PANELS", ("",) * len(PANELS))
+    changed = grid(rec, pairs=1, title="run x, step 7") != one
+    name_rows = np.nonzero(changed.any(axis=(1, 2)))[0]
+    assert len(name_rows) and name_rows.min() >= 40 and name_rows.max() < 80  # the images start at row 80
+    named = changed.any(axis=(0, 2))
+    assert all(named[15 + 128 * col:15 + 128 * (col + 1)].any() for col in range(len(PANELS))), "a column unnamed"
 
 
 def test_mask_panel_is_drawn_in_its_key_colours_where_the_mixed_input_shows_each_image(small_mixmae):
