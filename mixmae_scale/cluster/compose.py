@@ -23,6 +23,13 @@ ENV_FILE = ".deepspeed_env"
 # DeepSpeed 0.19.8's MPI backends refuse --num_nodes/--num_gpus and --include/--exclude (validate_args) and start
 # `mpirun -n <all slots of the hostfile>`: the hostfile alone says where ranks go.
 MPI_LAUNCHERS = ("openmpi", "mvapich")
+# DeepSpeed 0.19.8's SlurmRunner.get_cmd drops `--module` (it starts `srun ... python -u mixmae_scale.cli ...`,
+# which fails with "can't open file") and passes no --master_port: Slurm runs go through launch/slurm/*.sbatch.
+SLURM_REFUSAL = ("cluster.launcher=slurm: DeepSpeed's slurm launcher cannot start this run (it drops --module "
+                 "and runs `python -u mixmae_scale.cli`, a file that does not exist, and ignores "
+                 "cluster.master_port); submit launch/slurm/pretrain_srun.sbatch (one srun task per GPU) or "
+                 "launch/slurm/pretrain.sbatch (one deepspeed launcher per node) with sbatch instead "
+                 "(`mixmae templates DIR` writes them out), or set cluster.launcher to pdsh, openmpi or mvapich")
 
 
 @dataclass
@@ -90,12 +97,14 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     c = resolved.config.cluster
     if c.include and c.exclude:
         raise ConfigError("cluster.include and cluster.exclude are mutually exclusive (a deepspeed launcher rule)")
+    if c.num_nodes > 1 and c.launcher == "slurm":
+        raise ConfigError(SLURM_REFUSAL)
     if c.num_nodes > 1 and c.launcher == "local":
         raise ConfigError(f"cluster.num_nodes={c.num_nodes} with cluster.launcher=local: the local launcher starts "
                           f"ranks on this node only, so the run would train on {c.gpus_per_node} GPU(s), not "
-                          f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich, slurm) "
-                          "and cluster.hostfile, or start one launcher per node (launch/slurm/pretrain.sbatch; "
-                          "`mixmae templates DIR` writes it out)")
+                          f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich) "
+                          "and cluster.hostfile, or under Slurm submit launch/slurm/pretrain_srun.sbatch or "
+                          "launch/slurm/pretrain.sbatch (`mixmae templates DIR` writes them out)")
     launcher = [str(Path(sys.executable).parent / "deepspeed")]
     notes: list[str] = []
     if c.num_nodes > 1 and c.launcher != "local":

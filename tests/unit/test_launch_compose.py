@@ -198,3 +198,19 @@ def test_cluster_env_reaches_the_ranks_on_one_node_and_several(tmp_path, monkeyp
                    "(pdsh starts them on every node); use launch/slurm/*.sbatch (`mixmae templates DIR` writes them "
                    "out) or signal the ranks on every node"]
     assert main(["launch", "tiny", "--dry-run"]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_launcher_slurm_is_refused_with_the_sbatch_scripts_as_the_remedy(tmp_path):
+    """DeepSpeed 0.19.8's SlurmRunner.get_cmd drops `--module` and runs `python -u mixmae_scale.cli ...` ("can't
+    open file") and passes no --master_port: `mixmae launch` must not compose it, and must point at the sbatch
+    scripts. The refusal for launcher=local on several nodes must not recommend slurm either."""
+    cluster = _cluster(tmp_path, launcher="slurm")
+    with pytest.raises(ConfigError) as refused:
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path)
+    message = str(refused.value)
+    assert message.startswith("cluster.launcher=slurm: ")
+    assert "launch/slurm/pretrain_srun.sbatch" in message and "launch/slurm/pretrain.sbatch" in message
+    local = _cluster(tmp_path, launcher="local")
+    with pytest.raises(ConfigError) as refused:
+        compose(load_resolved("swin_b", local), "swin_b", local, [], workdir=tmp_path)
+    assert "slurm)" not in str(refused.value) and "(pdsh, openmpi, mvapich)" in str(refused.value)
