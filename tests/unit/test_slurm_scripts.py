@@ -194,3 +194,30 @@ def test_cluster_env_reaches_the_step_and_srun_asks_for_the_jobs_cpus(script, sl
     assert result.returncode == 2 and result.stderr.strip() == (
         "mixmae: error: my cluster.yaml: cluster.env key 'NCCL-X' is not an environment variable name (letters, "
         "digits, _; not starting with a digit)")
+
+
+def test_each_nodes_launcher_keeps_to_the_gpus_slurm_gave_it(slurm, monkeypatch):
+    """With a hostfile DeepSpeed's runner does not read CUDA_VISIBLE_DEVICES, and its per-node launch.py sets it to
+    0..N-1 for the ranks: on a node shared without Slurm's device cgroups (ConstrainDevices=no), where Slurm sets
+    the job's GPUs as the node's own indices (CUDA_VISIBLE_DEVICES=4,5), the ranks would land on GPUs 0,1 of
+    another job. Slurm is simulated (stand-in srun runs the step as node 1 with that variable); DeepSpeed's own
+    `main` runs on the arguments the node's launcher got, with its Popen replaced (last: that replaces
+    subprocess.Popen in this process)."""
+    env, records, _ = slurm
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")  # the usual case (cgroups: the job's GPUs are 0..N-1): unchanged
+    assert "--include" not in args and args[args.index("--num_gpus") + 1] == "2"
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "4", "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mixmae: error: node 1: CUDA_VISIBLE_DEVICES=4,5 lists 2 GPU(s), the job uses 4 per node (from"
+        " SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE or MIXMAE_GPUS_PER_NODE): request as many GPUs as it uses, or"
+        " set MIXMAE_GPUS_PER_NODE=2")
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    launch = deepspeed_would_start(args[args.index("deepspeed.launcher.runner") + 1:], monkeypatch)
+    world = next(a for a in launch if a.startswith("--world_info="))
+    assert json.loads(base64.urlsafe_b64decode(world.split("=", 1)[1])) == {"gpu-a": [0, 1], "gpu-b": [4, 5]}
+    assert "--node_rank=1" in launch  # launch.py gives the ranks of this node CUDA_VISIBLE_DEVICES=4,5
