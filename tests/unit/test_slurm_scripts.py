@@ -4,7 +4,8 @@ sbatch file runs under bash with the environment variables Slurm would set. What
 submission depends on: the log file Slurm opens before the script runs, the interpreter taken from the
 environment, arguments that keep their quoting, the GPU count in every form Slurm sets it, the hostfile DeepSpeed's
 runner places ranks by, the rendezvous port, cluster.env and srun's CPU count. The stand-in `python` runs the real
-interpreter for the one helper the scripts call before srun (cluster/shell_env.py) and records the rest."""
+interpreter for the helpers the scripts call around srun (cluster/shell_env.py, cluster/requeue.py) and records the
+rest; `scontrol` records any call but `show hostnames`."""
 
 from __future__ import annotations
 
@@ -23,18 +24,20 @@ SLURM = ROOT / "launch" / "slurm"
 SCRIPTS = ("pretrain.sbatch", "pretrain_srun.sbatch")
 
 RECORDER = """#!/usr/bin/env bash
-[[ $2 == mixmae_scale.cluster.shell_env ]] && exec "$REAL_PYTHON" "$@"
+[[ $2 == mixmae_scale.cluster.shell_env || $2 == mixmae_scale.cluster.requeue ]] && exec "$REAL_PYTHON" "$@"
 printf '%s\\0' "$@" > "$RECORDS/{name}.args"
 env > "$RECORDS/{name}.env"
 """
 # srun records its own arguments, then runs the command after its options on "node 1" of the allocation.
 SRUN = """#!/usr/bin/env bash
 printf '%s\\0' "$@" > "$RECORDS/srun.args"
+[[ -n ${SRUN_RC:-} ]] && exit "$SRUN_RC"  # the step failed
 while [[ $1 == -* ]]; do [[ $1 == -c ]] && shift; shift; done
 SLURM_NODEID=1 exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
-[[ "$1 $2" == "show hostnames" ]] && printf 'gpu-a\\ngpu-b\\n'
+[[ "$1 $2" == "show hostnames" ]] && { printf 'gpu-a\\ngpu-b\\n'; exit 0; }
+printf '%s\\0' "$@" > "$RECORDS/scontrol.args"
 """
 
 
@@ -221,3 +224,45 @@ def test_each_nodes_launcher_keeps_to_the_gpus_slurm_gave_it(slurm, monkeypatch)
     world = next(a for a in launch if a.startswith("--world_info="))
     assert json.loads(base64.urlsafe_b64decode(world.split("=", 1)[1])) == {"gpu-a": [0, 1], "gpu-b": [4, 5]}
     assert "--node_rank=1" in launch  # launch.py gives the ranks of this node CUDA_VISIBLE_DEVICES=4,5
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_stopped_by_the_time_limit_warning_requeues_its_job(script, slurm):
+    """After `--signal=USR1@300` the ranks save and exit 0: the job would end COMPLETED with its schedule
+    unfinished. The script requeues it when the run folder's summary.json says a signal stopped it before its
+    planned steps, up to MIXMAE_MAX_REQUEUES times (SLURM_RESTART_COUNT), not when a NO_REQUEUE file is in the
+    run folder, and never after a failed step. Slurm is simulated: the stand-in srun runs the (recording) ranks
+    and a stand-in scontrol records the requeue; the run folder is prepared by hand as a rank leaves it."""
+    env, records, submit_dir = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8"}
+    assert re.search(r"^#SBATCH --requeue\b", (SLURM / script).read_text(), re.M)
+    run = submit_dir / "run"
+    run.mkdir()
+
+    def outcome(summary: dict | None, **variables: str) -> tuple[subprocess.CompletedProcess, list[str] | None]:
+        (records / "scontrol.args").unlink(missing_ok=True)
+        (run / "summary.json").unlink(missing_ok=True)
+        if summary is not None:
+            (run / "summary.json").write_text(json.dumps(summary))
+        result = submit(script, {**env, **variables}, "--run-dir", "run", "--set", "run.name=x")
+        requeued = recorded(records, "scontrol") if (records / "scontrol.args").exists() else None
+        return result, requeued
+
+    stopped = {"steps": 40, "planned_steps": 100, "stopped_by_signal": True}
+    result, requeued = outcome(stopped)
+    assert result.returncode == 0, result.stderr
+    assert requeued == ["requeue", "4242"]
+    assert "mixmae: requeueing: stopped by a signal at step 40 of 100 (requeue 1 of 20)" in result.stdout
+    result, requeued = outcome(stopped, SLURM_RESTART_COUNT="3", MIXMAE_MAX_REQUEUES="3")
+    assert result.returncode == 0 and requeued is None
+    assert "requeued 3 time(s) already (MIXMAE_MAX_REQUEUES=3); submit it again to go on" in result.stdout
+    result, requeued = outcome(stopped, SRUN_RC="1")
+    assert result.returncode == 1 and requeued is None
+    for summary in ({"steps": 100, "planned_steps": 100, "stopped_by_signal": False},
+                    {"steps": 100, "planned_steps": 100, "stopped_by_signal": True}, None):
+        result, requeued = outcome(summary)
+        assert result.returncode == 0 and requeued is None, (summary, result.stdout)
+    (run / "NO_REQUEUE").touch()
+    result, requeued = outcome(stopped)
+    assert result.returncode == 0 and requeued is None
+    assert "NO_REQUEUE exists: requeueing stopped by hand" in result.stdout
