@@ -20,15 +20,23 @@ from mixmae_scale.config.load import ConfigError
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[003-010,012],cpu1' -> 'gpu003' (scontrol's own order)."""
-    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
-    if not head or not head.group(1) and not head.group(3):
+    """The first host of a Slurm node list, as `scontrol show hostnames` would list it first: the first
+    comma-separated item at bracket depth 0, each bracket group replaced by its first value
+    ('gpu[003-010,012],cpu1' -> 'gpu003', 'rack[1-2]-node[01-08]' -> 'rack1-node01', 'gpu[01-02]-ib' ->
+    'gpu01-ib'). Reading only up to the first bracket group gave 'rack1' and 'gpu01': hosts no rank can reach."""
+    text, depth, end = nodelist.strip(), 0, None
+    for index, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
+            end = index
+            break
+    item = text[:end]
+    host = re.sub(r"\[([^\[\]]*)\]", lambda group: re.split(r"[,-]", group.group(1))[0].strip(), item)
+    if depth < 0 or not host or re.search(r"[\[\],]", host):
         raise ValueError(f"cannot read a host from the Slurm node list {nodelist!r}")
-    prefix, ranges = head.group(1), head.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return host
 
 
 def ranks_from_slurm(env: Mapping[str, str]) -> dict[str, str] | None:
