@@ -39,6 +39,14 @@ def first_host(nodelist: str) -> str:
     return host
 
 
+def default_port(job_id: str) -> int:
+    """The rendezvous port of a job that names none: 10000 + job id % 20000, so that two jobs sharing a node differ,
+    and below Linux's ephemeral range (32768-60999), where an outgoing connection on the node may hold it (20000 +
+    job id % 20000 landed there for 36% of ids). launch/slurm/*.sbatch compute the same in bash (a test keeps the
+    three equal)."""
+    return 10000 + int(job_id or 0) % 20000
+
+
 def ranks_from_slurm(env: Mapping[str, str]) -> dict[str, str] | None:
     """torch.distributed's variables for a task `srun` started, or None where this is not such a task (no
     SLURM_STEP_ID: the batch script itself, an salloc shell) or a launcher already set them (RANK)."""
@@ -48,7 +56,7 @@ def ranks_from_slurm(env: Mapping[str, str]) -> dict[str, str] | None:
         return None
     check_tasks_match_gpus(env)
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    port = env.get("MASTER_PORT") or str(default_port(env.get("SLURM_JOB_ID", "0")))
     return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
             "MASTER_PORT": port}

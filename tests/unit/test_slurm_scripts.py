@@ -162,7 +162,7 @@ def test_deepspeeds_runner_gets_the_allocations_hostfile_and_places_this_node(sl
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("variables, cluster_port, port", [
-    ({}, None, "24242"),  # 20000 + job id 4242 % 20000: another job on the node gets another port
+    ({}, None, "14242"),  # 10000 + job id 4242 % 20000: another job on the node gets another port
     ({}, 29555, "29555"),  # cluster.master_port
     ({"MASTER_PORT": "31000"}, 29555, "31000"),  # the user's own
 ])
@@ -266,3 +266,26 @@ def test_a_run_stopped_by_the_time_limit_warning_requeues_its_job(script, slurm)
     result, requeued = outcome(stopped)
     assert result.returncode == 0 and requeued is None
     assert "NO_REQUEUE exists: requeueing stopped by hand" in result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("job_id", ["4242", "22768", "39999", "1234567"])
+def test_the_default_port_stays_below_linuxs_ephemeral_range(script, job_id, slurm):
+    """20000 + job id % 20000 fell in Linux's ephemeral range (32768-60999, net.ipv4.ip_local_port_range) for 36% of
+    job ids, where any outgoing connection on the node (NCCL's, the data loaders') may already hold the port and the
+    rendezvous fails with EADDRINUSE. The default is 10000 + job id % 20000 (10000-29999), the same in both
+    scripts and in the ranks' own derivation (cluster/slurm_ranks.py, where the script exports no MASTER_PORT)."""
+    from mixmae_scale.cluster.slurm_ranks import default_port, ranks_from_slurm
+
+    env, records, submit_dir = slurm
+    (submit_dir / "my cluster.yaml").write_text("cluster:\n  env:\n    NCCL_DEBUG: WARN\n")
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_JOB_ID": job_id})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    port = args[args.index("--master_port") + 1] if script == "pretrain.sbatch" else \
+        recorded_env(records, "python")["MASTER_PORT"]
+    expected = str(10000 + int(job_id) % 20000)
+    assert port == expected == str(default_port(job_id))
+    ranks = ranks_from_slurm({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job_id})
+    assert ranks["MASTER_PORT"] == expected
+    assert all(10000 <= default_port(str(job)) < 32768 for job in range(0, 100000, 7))
