@@ -289,3 +289,13 @@ def test_the_default_port_stays_below_linuxs_ephemeral_range(script, job_id, slu
     ranks = ranks_from_slurm({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job_id})
     assert ranks["MASTER_PORT"] == expected
     assert all(10000 <= default_port(str(job)) < 32768 for job in range(0, 100000, 7))
+
+
+def test_the_docs_say_which_script_gives_deepspeeds_runner_a_hostfile():
+    """Only pretrain.sbatch starts DeepSpeed's runner and writes a hostfile; pretrain_srun.sbatch has neither (srun
+    starts the ranks). docs/training.md said both scripts give the runner the allocation's hostfile."""
+    assert "HOSTFILE" in (SLURM / "pretrain.sbatch").read_text()
+    assert not re.search(r"HOSTFILE|--hostfile", (SLURM / "pretrain_srun.sbatch").read_text())
+    text = " ".join((ROOT / "docs" / "training.md").read_text().split())
+    both = [sentence for sentence in re.split(r"(?<=\.) ", text) if sentence.startswith("Both scripts")]
+    assert both and not any("hostfile" in sentence for sentence in both), both
