@@ -30,7 +30,7 @@ else
   echo "== 2/4 pretraining the demo profile: 810 steps in one CPU process with $OMP_NUM_THREADS threads" \
     "(deepspeed launcher; about 2.5 minutes on 2 cores)"
 fi
-.venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
+.venv/bin/deepspeed ${RANKS[@]+"${RANKS[@]}"} --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
   --profile demo --run-dir "$RUN" --set "data.shards=$DEMO/shards" "$@"
 
 echo "== 3/4 export: gathering the ZeRO shards into one safetensors file"
@@ -48,10 +48,10 @@ echo "  $RUN/checkpoints/  DeepSpeed checkpoints (resume: run this command again
 echo "  $RUN/encoder.safetensors  the pretrained encoder, loadable without DeepSpeed"
 # The next step as one line that can be pasted anywhere as printed: its folder, its environment (DS_ACCELERATOR on a
 # CPU), its port, and this demo's data and encoder.
-NEXT=$(printf '%q ' .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli \
+NEXT=$(printf '%q ' .venv/bin/deepspeed ${RANKS[@]+"${RANKS[@]}"} --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli \
   finetune --profile finetune_tiny --set "data.shards=$DEMO/shards" "finetune.init=$RUN/encoder.safetensors")
 # The random-init baseline gets its own run folder: in the first one's, the finished run would only say so.
-RANDOM_INIT=$(printf '%q ' .venv/bin/deepspeed "${RANKS[@]}" --master_port "${MASTER_PORT:-29555}" --module \
+RANDOM_INIT=$(printf '%q ' .venv/bin/deepspeed ${RANKS[@]+"${RANKS[@]}"} --master_port "${MASTER_PORT:-29555}" --module \
   mixmae_scale.cli finetune --profile finetune_tiny --run-dir runs/tiny-finetune-random --set "data.shards=$DEMO/shards" \
   "finetune.init=null")
 if [ -n "${DS_ACCELERATOR:-}" ]; then

@@ -23,6 +23,13 @@ ENV_FILE = ".deepspeed_env"
 # DeepSpeed 0.19.8's MPI backends refuse --num_nodes/--num_gpus and --include/--exclude (validate_args) and start
 # `mpirun -n <all slots of the hostfile>`: the hostfile alone says where ranks go.
 MPI_LAUNCHERS = ("openmpi", "mvapich")
+# DeepSpeed 0.19.8's SlurmRunner.get_cmd drops `--module` (it starts `srun ... python -u mixmae_scale.cli ...`,
+# which fails with "can't open file") and passes no --master_port: Slurm runs go through launch/slurm/*.sbatch.
+SLURM_REFUSAL = ("cluster.launcher=slurm: DeepSpeed's slurm launcher cannot start this run (it drops --module "
+                 "and runs `python -u mixmae_scale.cli`, a file that does not exist, and ignores "
+                 "cluster.master_port); submit launch/slurm/pretrain_srun.sbatch (one srun task per GPU) or "
+                 "launch/slurm/pretrain.sbatch (one deepspeed launcher per node) with sbatch instead "
+                 "(`mixmae templates DIR` writes them out), or set cluster.launcher to pdsh, openmpi or mvapich")
 
 
 @dataclass
@@ -81,6 +88,27 @@ def selected_gpus(pool: dict[str, int], include: str | None, exclude: str | None
                           f"cluster.gpus_per_node={gpus_per_node} must describe it (the batch arithmetic uses them)")
 
 
+def visible_devices(gpus_per_node: int) -> str | None:
+    """The GPUs CUDA_VISIBLE_DEVICES gives this shell, as DeepSpeed's --include wants them ('2,3'), or None where it
+    is unset. DeepSpeed's runner follows the variable on one node only when given no --num_gpus ("Detected
+    VISIBLE_DEVICES=2,3 but ignoring it" otherwise) and then starts the ranks on GPUs 0..N-1, which may be another
+    user's or job's: a one-node launch names the visible GPUs itself, and their count must be gpus_per_node, which
+    the batch arithmetic uses."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not value:
+        return None
+    ids = [item.strip() for item in value.split(",")]
+    if not all(item.isdigit() for item in ids):
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={value}: DeepSpeed's launcher selects GPUs by index only; list "
+                          "indices (CUDA_VISIBLE_DEVICES=0,1), or unset it and set cluster.include=localhost:0,1")
+    if len(ids) != gpus_per_node:
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={value} makes {len(ids)} GPU(s) visible, cluster.gpus_per_node is "
+                          f"{gpus_per_node}: make them agree (--set cluster.gpus_per_node={len(ids)}, which the batch "
+                          "arithmetic uses, or list that many GPUs), or unset CUDA_VISIBLE_DEVICES to use GPUs "
+                          f"0-{gpus_per_node - 1}")
+    return ",".join(ids)
+
+
 def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, overrides: list[str],
             job: str = "pretrain", workdir: Path = Path("."), check_files: bool = True) -> LaunchPlan:
     """The command as it must run. One node needs no hostfile and no remote launcher: the command is the
@@ -90,12 +118,14 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     c = resolved.config.cluster
     if c.include and c.exclude:
         raise ConfigError("cluster.include and cluster.exclude are mutually exclusive (a deepspeed launcher rule)")
+    if c.num_nodes > 1 and c.launcher == "slurm":
+        raise ConfigError(SLURM_REFUSAL)
     if c.num_nodes > 1 and c.launcher == "local":
         raise ConfigError(f"cluster.num_nodes={c.num_nodes} with cluster.launcher=local: the local launcher starts "
                           f"ranks on this node only, so the run would train on {c.gpus_per_node} GPU(s), not "
-                          f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich, slurm) "
-                          "and cluster.hostfile, or start one launcher per node (launch/slurm/pretrain.sbatch; "
-                          "`mixmae templates DIR` writes it out)")
+                          f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich) "
+                          "and cluster.hostfile, or under Slurm submit launch/slurm/pretrain_srun.sbatch or "
+                          "launch/slurm/pretrain.sbatch (`mixmae templates DIR` writes them out)")
     launcher = [str(Path(sys.executable).parent / "deepspeed")]
     notes: list[str] = []
     if c.num_nodes > 1 and c.launcher != "local":
@@ -144,12 +174,15 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
             launcher += ["--num_nodes", str(c.num_nodes)]
     elif c.include or c.exclude:
         selected_gpus({"localhost": local_gpus(c.gpus_per_node)}, c.include, c.exclude, 1, c.gpus_per_node)
+    visible = None if c.num_nodes > 1 or c.include or c.exclude else visible_devices(c.gpus_per_node)
+    if visible:
+        launcher += ["--include", f"localhost:{visible}"]
     if c.include:
         launcher += ["--include", c.include]
     if c.exclude:
         launcher += ["--exclude", c.exclude]
     # DeepSpeed refuses --num_gpus with --include/--exclude, and its MPI launchers refuse it at all.
-    if not (c.include or c.exclude) and not (c.num_nodes > 1 and c.launcher in MPI_LAUNCHERS):
+    if not (c.include or c.exclude or visible) and not (c.num_nodes > 1 and c.launcher in MPI_LAUNCHERS):
         launcher += ["--num_gpus", str(c.gpus_per_node)]
     launcher += ["--master_port", str(c.master_port)]
     if c.master_addr:

@@ -20,15 +20,31 @@ from mixmae_scale.config.load import ConfigError
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[003-010,012],cpu1' -> 'gpu003' (scontrol's own order)."""
-    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
-    if not head or not head.group(1) and not head.group(3):
+    """The first host of a Slurm node list, as `scontrol show hostnames` would list it first: the first
+    comma-separated item at bracket depth 0, each bracket group replaced by its first value
+    ('gpu[003-010,012],cpu1' -> 'gpu003', 'rack[1-2]-node[01-08]' -> 'rack1-node01', 'gpu[01-02]-ib' ->
+    'gpu01-ib'). Reading only up to the first bracket group gave 'rack1' and 'gpu01': hosts no rank can reach."""
+    text, depth, end = nodelist.strip(), 0, None
+    for index, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
+            end = index
+            break
+    item = text[:end]
+    host = re.sub(r"\[([^\[\]]*)\]", lambda group: re.split(r"[,-]", group.group(1))[0].strip(), item)
+    if depth < 0 or not host or re.search(r"[\[\],]", host):
         raise ValueError(f"cannot read a host from the Slurm node list {nodelist!r}")
-    prefix, ranges = head.group(1), head.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return host
+
+
+def default_port(job_id: str) -> int:
+    """The rendezvous port of a job that names none: 10000 + job id % 20000, so that two jobs sharing a node differ,
+    and below Linux's ephemeral range (32768-60999), where an outgoing connection on the node may hold it (20000 +
+    job id % 20000 landed there for 36% of ids). launch/slurm/*.sbatch compute the same in bash (a test keeps the
+    three equal)."""
+    return 10000 + int(job_id or 0) % 20000
 
 
 def ranks_from_slurm(env: Mapping[str, str]) -> dict[str, str] | None:
@@ -40,7 +56,7 @@ def ranks_from_slurm(env: Mapping[str, str]) -> dict[str, str] | None:
         return None
     check_tasks_match_gpus(env)
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    port = env.get("MASTER_PORT") or str(default_port(env.get("SLURM_JOB_ID", "0")))
     return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
             "MASTER_PORT": port}

@@ -256,6 +256,8 @@ class ClusterConfig:
     hostfile: str | None = None
     include: str | None = None  # deepspeed --include, e.g. "worker-0:0,1@worker-1"
     exclude: str | None = None
+    # "slurm" is read (a cluster file shared with the sbatch scripts may say it) but `mixmae launch` refuses it on
+    # several nodes: DeepSpeed's slurm backend drops --module and the port (cluster/compose.py, SLURM_REFUSAL).
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "local"] = "pdsh"
     master_addr: str | None = None
     master_port: int = 29500

@@ -9,7 +9,8 @@ Three ways a stop request reaches a rank, all ending in the same flag that the l
 - the death of the launcher that started the rank: DeepSpeed's `deepspeed` runner dies of SIGTERM or
   SIGUSR1 without telling the ranks, which would otherwise train on, orphaned.
 Handlers are installed before anything slow (process group, data, model), so a signal that arrives during
-start-up is kept for the first step boundary instead of killing the rank.
+start-up is kept for the first step boundary instead of killing the rank; before them, from the rank entry's
+first line (cli/__main__.py, before the torch/DeepSpeed/DALI imports), `record_early_stops` keeps it for StopFlag.
 
 After a stop it saved, each node's first rank writes the checkpoint's path to the file its relay named in
 MIXMAE_STOP_REPORT:
@@ -33,11 +34,46 @@ STOP_REPORT_ENV = "MIXMAE_STOP_REPORT"
 LAUNCHERS = ("deepspeed", "torchrun", "signal_relay", "mixmae launch")
 
 
+RANK_COMMANDS = ("pretrain", "finetune", "segment", "eval")
+_early_signal: int | None = None
+
+
+def record_early_stops(argv: list[str]) -> None:
+    """The rank entry's (cli/__main__.py) first act, before the seconds of torch/DeepSpeed/DALI imports that come
+    before the loop's StopFlag: SIGUSR1 and SIGTERM are recorded instead of killing the rank (USR1's default
+    action) or being lost, and StopFlag adopts what was recorded. Only for the rank commands (`argv`: the
+    arguments after the program), so that `python -m mixmae_scale.cli plan` still dies of SIGTERM; a SIGTERM
+    ignored by the caller stays ignored (cluster/signal_relay.py's restore_sigterm decides that first). Never on
+    import: the package has no side effects."""
+    command, words = None, iter(argv)
+    for word in words:
+        if word in ("--local_rank", "--local-rank"):  # its value follows (the launcher writes --local_rank=N)
+            next(words, None)
+        elif not word.startswith("-"):
+            command = word
+            break
+    if command not in RANK_COMMANDS:
+        return
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, _record_early)
+
+
+def _record_early(signum, frame) -> None:
+    global _early_signal
+    _early_signal = signum
+
+
 class StopFlag:
     def __init__(self) -> None:
+        global _early_signal
         self.signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        # A stop that arrived while the process started (record_early_stops), now that this flag's handlers hold:
+        # taken once, so that a later run of the same process (an in-process sweep) does not stop by it again.
+        if _early_signal is not None and self.signal is None:
+            self.signal, _early_signal = _early_signal, None
         self.launchers = _launcher_ancestors(LAUNCHERS)
 
     def _handle(self, signum, frame) -> None:

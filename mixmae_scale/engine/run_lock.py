@@ -101,6 +101,17 @@ def describe_holder(text: str) -> str:
 
 
 def in_use(root: Path, holder: str) -> str:
+    """The refusal. Where the holder's Slurm job is this process's own, the holder is this job before a requeue
+    (Slurm keeps the job id): after a node crash the file system (NFS above all) can keep the dead node's lock
+    until its lease or lock recovery ends, and "another run" would send the user looking for one that is not
+    there."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and f", job {job}, " in f", {holder}":
+        return (f"{root} is held by an earlier incarnation of this same job {job} ({holder}), most likely from before "
+                "a requeue after its node failed, whose lock the file system still keeps: check that no process of "
+                f"it is left (`squeue -j {job} -s`, that host's pid), then remove {root / LOCK} and requeue the job "
+                f"(`scontrol requeue {job}`), or wait until the file system drops the lock (NFSv4: its lease time, "
+                "about 90 s) and requeue")
     return (f"{root} is in use by another run ({holder}); two runs in one folder would save over and remove each "
             "other's checkpoints: wait for that run to end (or stop it), or start this one in a new --run-dir")
 

@@ -3,6 +3,7 @@ that says it is 3.10: no second interpreter is installed here)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,3 +77,20 @@ def test_a_venv_left_on_an_older_python_is_named_with_the_way_out(tmp_path):
     assert result.returncode == 1
     assert ".venv has Python 3.10.12; the pinned stack needs Python 3.11 or newer: remove it (rm -rf .venv)" \
         in result.stderr
+
+
+def test_the_install_docs_pin_torch_whatever_form_pip_lists_it_in():
+    """`pip freeze` writes a torch installed from a wheel file or a cluster's own build as `torch @ file:///...`,
+    which `grep "^torch=="` misses, so the constraint was empty and pip could replace the cluster's torch.
+    `pip list --format=freeze` always writes `name==version`."""
+    text = (REPO / "docs" / "install.md").read_text()
+    assert "pip freeze |" not in text and 'pip list --format=freeze | grep -iE "^(torch|torchvision|numpy)=="' in text
+
+
+def test_quickstart_expands_a_possibly_empty_array_safely():
+    """`"${RANKS[@]}"` of an empty array is an unbound-variable error under `set -u` in bash before 4.4 (still the
+    system bash of some clusters and of macOS); `${RANKS[@]+"${RANKS[@]}"}` is not. Only read here: this machine's
+    bash is 5.2, where both work."""
+    text = (REPO / "launch" / "quickstart.sh").read_text()
+    bare = re.findall(r'(?<![+])"\$\{(\w+)\[@\]\}"', text)
+    assert not bare, bare

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shlex
 from pathlib import Path
@@ -13,6 +15,13 @@ from mixmae_scale.cluster.compose import batch_report, compose
 from mixmae_scale.config import ConfigError, load_resolved
 
 EXAMPLE_CLUSTER = str(Path(__file__).resolve().parents[2] / "launch" / "cluster.example.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_visible_devices(monkeypatch):
+    """A one-node launch follows CUDA_VISIBLE_DEVICES: the commands here are those of a shell that sets none (a GPU
+    machine's test shell may set it); the tests of that rule set it themselves."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 def _cluster(tmp_path, launcher: str = "openmpi", gpus: int = 8, slots: int = 8, **extra) -> str:
@@ -198,3 +207,45 @@ def test_cluster_env_reaches_the_ranks_on_one_node_and_several(tmp_path, monkeyp
                    "(pdsh starts them on every node); use launch/slurm/*.sbatch (`mixmae templates DIR` writes them "
                    "out) or signal the ranks on every node"]
     assert main(["launch", "tiny", "--dry-run"]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_launcher_slurm_is_refused_with_the_sbatch_scripts_as_the_remedy(tmp_path):
+    """DeepSpeed 0.19.8's SlurmRunner.get_cmd drops `--module` and runs `python -u mixmae_scale.cli ...` ("can't
+    open file") and passes no --master_port: `mixmae launch` must not compose it, and must point at the sbatch
+    scripts. The refusal for launcher=local on several nodes must not recommend slurm either."""
+    cluster = _cluster(tmp_path, launcher="slurm")
+    with pytest.raises(ConfigError) as refused:
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path)
+    message = str(refused.value)
+    assert message.startswith("cluster.launcher=slurm: ")
+    assert "launch/slurm/pretrain_srun.sbatch" in message and "launch/slurm/pretrain.sbatch" in message
+    local = _cluster(tmp_path, launcher="local")
+    with pytest.raises(ConfigError) as refused:
+        compose(load_resolved("swin_b", local), "swin_b", local, [], workdir=tmp_path)
+    assert "slurm)" not in str(refused.value) and "(pdsh, openmpi, mvapich)" in str(refused.value)
+
+
+def test_one_node_launch_keeps_to_cuda_visible_devices(monkeypatch):
+    """DeepSpeed's runner follows CUDA_VISIBLE_DEVICES on one node only without --num_gpus ("Detected
+    VISIBLE_DEVICES=2,3 but ignoring it"): with --num_gpus 2 it starts ranks on GPUs 0,1, the devices of someone
+    else. The composed command says `--include localhost:2,3` instead; DeepSpeed's own `main` runs on it (a
+    4-GPU node stood in by its device count) and must start the ranks on GPUs 2 and 3."""
+    from deepspeed.launcher.runner import get_accelerator
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    overrides = ["cluster.gpus_per_node=2"]
+    plan = compose(load_resolved("swin_h", None, overrides), "swin_h", None, overrides)
+    assert "--num_gpus" not in plan.command
+    assert plan.command[plan.command.index("--include") + 1] == "localhost:2,3"
+    monkeypatch.setattr(get_accelerator(), "device_count", lambda: 4)
+    launch = deepspeed_would_start(plan.command[1:], monkeypatch)
+    world = next(a for a in launch if a.startswith("--world_info="))
+    assert json.loads(base64.urlsafe_b64decode(world.split("=", 1)[1])) == {"localhost": [2, 3]}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # the runner deleted it from this process's environment
+    with pytest.raises(ConfigError) as refused:
+        compose(load_resolved("swin_h"), "swin_h", None, [])
+    assert str(refused.value).startswith("CUDA_VISIBLE_DEVICES=2,3 makes 2 GPU(s) visible, cluster.gpus_per_node "
+                                         "is 8: ")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f3a,GPU-77b1")
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=GPU-5f3a,GPU-77b1: .*cluster.include"):
+        compose(load_resolved("swin_h", None, overrides), "swin_h", None, overrides)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mixmae_scale.cluster.plan import options
 from mixmae_scale.config import load_resolved
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow  # measures each model's activations with a real CPU forward (one block per stage)
@@ -31,6 +35,11 @@ def test_profile_uses_the_planners_choice(profile):
         forty, twenty_four = (options(profile, gpus, gb * 1e9 / 2**30, activations=acts)[1] for gb in (40, 24))
         assert (forty.zero_stage, forty.micro_batch) == (1, 32), forty
         assert twenty_four.zero_stage == 3 and twenty_four.micro_batch == 32, twenty_four
+        # The profile's comment says what the planner picks there (it said "ZeRO-3 and checkpointing" while the
+        # planner, `mixmae plan swin_h --gpus 8 --gpu-mem-gb 24 --recommend`, picks checkpointing off).
+        said = "24 GB: ZeRO-3, micro 32, checkpointing {}".format("on" if twenty_four.checkpointing else "off")
+        header = (ROOT / "launch" / "profiles" / "swin_h.yaml").read_text().split("\nrun:")[0]
+        assert said in " ".join(line.lstrip("# ") for line in header.splitlines()), said
 
 
 def test_a_smaller_gpu_moves_swin_h_to_more_sharding_and_smaller_micro_batches():

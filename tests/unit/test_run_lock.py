@@ -52,6 +52,31 @@ def test_a_second_taker_is_refused_naming_the_holder_until_the_holder_exits(tmp_
     lock.release()
 
 
+def test_a_lock_held_by_this_same_jobs_earlier_incarnation_says_so_and_how_to_clear_it(tmp_path, monkeypatch):
+    """A requeue after a node crash: on NFS the dead node's lock can outlive it, and the requeued job (same
+    SLURM_JOB_ID) was told "in use by another run", which sends the user looking for a run that does not exist.
+    A live holder with the same job id stands in for the stale one (no second host, no NFS here)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_JOB_ID": "4242"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        with pytest.raises(run_lock.RunFolderInUse) as refused:
+            run_lock.take(run)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith(f"{run} is held by an earlier incarnation of this same job 4242 (host "
+                                  f"{socket.gethostname()}, pid {holder.pid}, job 4242, since ")
+        assert f"remove {run / run_lock.LOCK}" in message and "requeue" in message
+        monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: the usual refusal
+        with pytest.raises(run_lock.RunFolderInUse, match="is in use by another run"):
+            run_lock.take(run)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_takes_one_after_another_in_one_process_work_and_the_same_process_cannot_take_twice(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     run, kept = tmp_path / "new", tmp_path / "kept"

@@ -4,7 +4,8 @@ sbatch file runs under bash with the environment variables Slurm would set. What
 submission depends on: the log file Slurm opens before the script runs, the interpreter taken from the
 environment, arguments that keep their quoting, the GPU count in every form Slurm sets it, the hostfile DeepSpeed's
 runner places ranks by, the rendezvous port, cluster.env and srun's CPU count. The stand-in `python` runs the real
-interpreter for the one helper the scripts call before srun (cluster/shell_env.py) and records the rest."""
+interpreter for the helpers the scripts call around srun (cluster/shell_env.py, cluster/requeue.py) and records the
+rest; `scontrol` records any call but `show hostnames`."""
 
 from __future__ import annotations
 
@@ -23,18 +24,20 @@ SLURM = ROOT / "launch" / "slurm"
 SCRIPTS = ("pretrain.sbatch", "pretrain_srun.sbatch")
 
 RECORDER = """#!/usr/bin/env bash
-[[ $2 == mixmae_scale.cluster.shell_env ]] && exec "$REAL_PYTHON" "$@"
+[[ $2 == mixmae_scale.cluster.shell_env || $2 == mixmae_scale.cluster.requeue ]] && exec "$REAL_PYTHON" "$@"
 printf '%s\\0' "$@" > "$RECORDS/{name}.args"
 env > "$RECORDS/{name}.env"
 """
 # srun records its own arguments, then runs the command after its options on "node 1" of the allocation.
 SRUN = """#!/usr/bin/env bash
 printf '%s\\0' "$@" > "$RECORDS/srun.args"
+[[ -n ${SRUN_RC:-} ]] && exit "$SRUN_RC"  # the step failed
 while [[ $1 == -* ]]; do [[ $1 == -c ]] && shift; shift; done
 SLURM_NODEID=1 exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
-[[ "$1 $2" == "show hostnames" ]] && printf 'gpu-a\\ngpu-b\\n'
+[[ "$1 $2" == "show hostnames" ]] && { printf 'gpu-a\\ngpu-b\\n'; exit 0; }
+printf '%s\\0' "$@" > "$RECORDS/scontrol.args"
 """
 
 
@@ -159,7 +162,7 @@ def test_deepspeeds_runner_gets_the_allocations_hostfile_and_places_this_node(sl
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("variables, cluster_port, port", [
-    ({}, None, "24242"),  # 20000 + job id 4242 % 20000: another job on the node gets another port
+    ({}, None, "14242"),  # 10000 + job id 4242 % 20000: another job on the node gets another port
     ({}, 29555, "29555"),  # cluster.master_port
     ({"MASTER_PORT": "31000"}, 29555, "31000"),  # the user's own
 ])
@@ -194,3 +197,105 @@ def test_cluster_env_reaches_the_step_and_srun_asks_for_the_jobs_cpus(script, sl
     assert result.returncode == 2 and result.stderr.strip() == (
         "mixmae: error: my cluster.yaml: cluster.env key 'NCCL-X' is not an environment variable name (letters, "
         "digits, _; not starting with a digit)")
+
+
+def test_each_nodes_launcher_keeps_to_the_gpus_slurm_gave_it(slurm, monkeypatch):
+    """With a hostfile DeepSpeed's runner does not read CUDA_VISIBLE_DEVICES, and its per-node launch.py sets it to
+    0..N-1 for the ranks: on a node shared without Slurm's device cgroups (ConstrainDevices=no), where Slurm sets
+    the job's GPUs as the node's own indices (CUDA_VISIBLE_DEVICES=4,5), the ranks would land on GPUs 0,1 of
+    another job. Slurm is simulated (stand-in srun runs the step as node 1 with that variable); DeepSpeed's own
+    `main` runs on the arguments the node's launcher got, with its Popen replaced (last: that replaces
+    subprocess.Popen in this process)."""
+    env, records, _ = slurm
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")  # the usual case (cgroups: the job's GPUs are 0..N-1): unchanged
+    assert "--include" not in args and args[args.index("--num_gpus") + 1] == "2"
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "4", "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mixmae: error: node 1: CUDA_VISIBLE_DEVICES=4,5 lists 2 GPU(s), the job uses 4 per node (from"
+        " SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE or MIXMAE_GPUS_PER_NODE): request as many GPUs as it uses, or"
+        " set MIXMAE_GPUS_PER_NODE=2")
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    launch = deepspeed_would_start(args[args.index("deepspeed.launcher.runner") + 1:], monkeypatch)
+    world = next(a for a in launch if a.startswith("--world_info="))
+    assert json.loads(base64.urlsafe_b64decode(world.split("=", 1)[1])) == {"gpu-a": [0, 1], "gpu-b": [4, 5]}
+    assert "--node_rank=1" in launch  # launch.py gives the ranks of this node CUDA_VISIBLE_DEVICES=4,5
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_stopped_by_the_time_limit_warning_requeues_its_job(script, slurm):
+    """After `--signal=USR1@300` the ranks save and exit 0: the job would end COMPLETED with its schedule
+    unfinished. The script requeues it when the run folder's summary.json says a signal stopped it before its
+    planned steps, up to MIXMAE_MAX_REQUEUES times (SLURM_RESTART_COUNT), not when a NO_REQUEUE file is in the
+    run folder, and never after a failed step. Slurm is simulated: the stand-in srun runs the (recording) ranks
+    and a stand-in scontrol records the requeue; the run folder is prepared by hand as a rank leaves it."""
+    env, records, submit_dir = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8"}
+    assert re.search(r"^#SBATCH --requeue\b", (SLURM / script).read_text(), re.M)
+    run = submit_dir / "run"
+    run.mkdir()
+
+    def outcome(summary: dict | None, **variables: str) -> tuple[subprocess.CompletedProcess, list[str] | None]:
+        (records / "scontrol.args").unlink(missing_ok=True)
+        (run / "summary.json").unlink(missing_ok=True)
+        if summary is not None:
+            (run / "summary.json").write_text(json.dumps(summary))
+        result = submit(script, {**env, **variables}, "--run-dir", "run", "--set", "run.name=x")
+        requeued = recorded(records, "scontrol") if (records / "scontrol.args").exists() else None
+        return result, requeued
+
+    stopped = {"steps": 40, "planned_steps": 100, "stopped_by_signal": True}
+    result, requeued = outcome(stopped)
+    assert result.returncode == 0, result.stderr
+    assert requeued == ["requeue", "4242"]
+    assert "mixmae: requeueing: stopped by a signal at step 40 of 100 (requeue 1 of 20)" in result.stdout
+    result, requeued = outcome(stopped, SLURM_RESTART_COUNT="3", MIXMAE_MAX_REQUEUES="3")
+    assert result.returncode == 0 and requeued is None
+    assert "requeued 3 time(s) already (MIXMAE_MAX_REQUEUES=3); submit it again to go on" in result.stdout
+    result, requeued = outcome(stopped, SRUN_RC="1")
+    assert result.returncode == 1 and requeued is None
+    for summary in ({"steps": 100, "planned_steps": 100, "stopped_by_signal": False},
+                    {"steps": 100, "planned_steps": 100, "stopped_by_signal": True}, None):
+        result, requeued = outcome(summary)
+        assert result.returncode == 0 and requeued is None, (summary, result.stdout)
+    (run / "NO_REQUEUE").touch()
+    result, requeued = outcome(stopped)
+    assert result.returncode == 0 and requeued is None
+    assert "NO_REQUEUE exists: requeueing stopped by hand" in result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("job_id", ["4242", "22768", "39999", "1234567"])
+def test_the_default_port_stays_below_linuxs_ephemeral_range(script, job_id, slurm):
+    """20000 + job id % 20000 fell in Linux's ephemeral range (32768-60999, net.ipv4.ip_local_port_range) for 36% of
+    job ids, where any outgoing connection on the node (NCCL's, the data loaders') may already hold the port and the
+    rendezvous fails with EADDRINUSE. The default is 10000 + job id % 20000 (10000-29999), the same in both
+    scripts and in the ranks' own derivation (cluster/slurm_ranks.py, where the script exports no MASTER_PORT)."""
+    from mixmae_scale.cluster.slurm_ranks import default_port, ranks_from_slurm
+
+    env, records, submit_dir = slurm
+    (submit_dir / "my cluster.yaml").write_text("cluster:\n  env:\n    NCCL_DEBUG: WARN\n")
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_JOB_ID": job_id})
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    port = args[args.index("--master_port") + 1] if script == "pretrain.sbatch" else \
+        recorded_env(records, "python")["MASTER_PORT"]
+    expected = str(10000 + int(job_id) % 20000)
+    assert port == expected == str(default_port(job_id))
+    ranks = ranks_from_slurm({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job_id})
+    assert ranks["MASTER_PORT"] == expected
+    assert all(10000 <= default_port(str(job)) < 32768 for job in range(0, 100000, 7))
+
+
+def test_the_docs_say_which_script_gives_deepspeeds_runner_a_hostfile():
+    """Only pretrain.sbatch starts DeepSpeed's runner and writes a hostfile; pretrain_srun.sbatch has neither (srun
+    starts the ranks). docs/training.md said both scripts give the runner the allocation's hostfile."""
+    assert "HOSTFILE" in (SLURM / "pretrain.sbatch").read_text()
+    assert not re.search(r"HOSTFILE|--hostfile", (SLURM / "pretrain_srun.sbatch").read_text())
+    text = " ".join((ROOT / "docs" / "training.md").read_text().split())
+    both = [sentence for sentence in re.split(r"(?<=\.) ", text) if sentence.startswith("Both scripts")]
+    assert both and not any("hostfile" in sentence for sentence in both), both

@@ -88,3 +88,20 @@ def test_the_cli_exits_2_on_the_mismatch_before_any_work(monkeypatch, capsys):
         monkeypatch.delenv(key, raising=False)
     assert main(["pretrain", "--profile", "tiny"]) == 2
     assert capsys.readouterr().err.startswith("mixmae: error: SLURM_NTASKS_PER_NODE=1 starts 1 task(s)")
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("rack[1-2]-node[01-08]", "rack1-node01"),  # several bracket groups in one name
+    ("gpu[01-02]-ib", "gpu01-ib"),  # a suffix after the brackets
+    ("node[01-03,07]", "node01"),
+    ("gpu[003-010,012],cpu1", "gpu003"),
+    ("n1,n2", "n1"),
+    ("localhost", "localhost"),
+])
+def test_the_rendezvous_host_is_the_first_host_of_the_slurm_node_list(nodelist, host):
+    """MASTER_ADDR, where the batch script exports none, is the step's first host as `scontrol show hostnames`
+    lists it: a misread name ('rack1', 'gpu01') is a host no rank can reach, and every rank waits at the
+    rendezvous until its timeout."""
+    from mixmae_scale.cluster.slurm_ranks import first_host
+
+    assert first_host(nodelist) == host

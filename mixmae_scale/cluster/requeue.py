@@ -1,0 +1,71 @@
+"""Whether a Slurm job should requeue itself after its step: `python -m mixmae_scale.cluster.requeue <the pretrain
+arguments>`, run by launch/slurm/*.sbatch after srun returned 0.
+
+With `--signal=USR1@300` the ranks save and exit 0 five minutes before the time limit, so the job would end
+COMPLETED with its schedule unfinished and nobody to start it again. The run folder says what happened:
+`summary.json` has `stopped_by_signal: true` and `steps` below `planned_steps` after a stop on a signal, and
+neither after the last step. Exit 0 (and one line saying why) means "requeue", 1 "do not": the run finished,
+ended at --max-steps, left no summary, or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
+Slurm's SLURM_RESTART_COUNT caps it, and a file `NO_REQUEUE` in the run folder ends it for a job already in the
+queue. A plain `scancel` ends the batch script before it gets here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+STOP_FILE = "NO_REQUEUE"
+DEFAULT_MAX_REQUEUES = 20
+
+
+def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
+    """(requeue?, why) from the run folder's summary.json and the job's restart count."""
+    summary_path = run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except FileNotFoundError:
+        return False, f"no {summary_path}: the run did not end in order, nothing to resume by requeueing"
+    except (OSError, ValueError) as exc:
+        return False, f"{summary_path} cannot be read ({exc}); not requeueing"
+    steps, planned = summary.get("steps"), summary.get("planned_steps")
+    if not summary.get("stopped_by_signal") or not isinstance(steps, int) or not isinstance(planned, int):
+        return False, f"{summary_path}: the run was not stopped by a signal (steps {steps} of {planned})"
+    if steps >= planned:
+        return False, f"{summary_path}: the run reached its planned step {planned}"
+    if (run_dir / STOP_FILE).exists():
+        return False, f"{run_dir / STOP_FILE} exists: requeueing stopped by hand (remove it to requeue again)"
+    limit_text = env.get("MIXMAE_MAX_REQUEUES", str(DEFAULT_MAX_REQUEUES))
+    restarts_text = env.get("SLURM_RESTART_COUNT", "0") or "0"
+    if not limit_text.isdigit() or not restarts_text.isdigit():
+        return False, (f"MIXMAE_MAX_REQUEUES={limit_text!r} / SLURM_RESTART_COUNT={restarts_text!r} is not a "
+                       "count; not requeueing")
+    if int(restarts_text) >= int(limit_text):
+        return False, (f"stopped by a signal at step {steps} of {planned}, but the job was requeued "
+                       f"{restarts_text} time(s) already (MIXMAE_MAX_REQUEUES={limit_text}); submit it again to go on")
+    return True, f"stopped by a signal at step {steps} of {planned} (requeue {int(restarts_text) + 1} of {limit_text})"
+
+
+def run_dir_for(argv: list[str]) -> Path:
+    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name)."""
+    from mixmae_scale.cli import build_parser
+    from mixmae_scale.config import load_config
+
+    args = build_parser().parse_args(["pretrain", *argv])
+    if args.run_dir:
+        return Path(args.run_dir)
+    config, _ = load_config(args.profile, args.cluster, list(args.overrides))
+    return Path(config.run.output_dir) / config.run.name
+
+
+def main(argv: list[str]) -> int:
+    requeue, why = decide(run_dir_for(argv), os.environ)
+    print(f"mixmae: {'requeueing' if requeue else 'not requeueing'}: {why}")
+    return 0 if requeue else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

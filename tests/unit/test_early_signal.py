@@ -1,0 +1,80 @@
+"""A stop signal that reaches a rank during its start-up, before the training loop's StopFlag exists (the first
+seconds: torch, DeepSpeed and DALI imports), is kept for the first step boundary instead of killing the rank
+(SIGUSR1's default action, exit 138 under a shell) or being lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The real entry (`python -m mixmae_scale.cli`, as the deepspeed launcher and srun start a rank) with the rank's
+# work replaced by its first moments: the signal arrives after the entry started and before the loop's StopFlag
+# is made, which must then report the stop (the loop's first step boundary asks it).
+CHILD = textwrap.dedent("""
+    import os, runpy, signal, sys, time
+    from mixmae_scale.cli import job_commands
+
+    def first_moments(args, work):
+        os.kill(os.getpid(), {signum})  # as Slurm's --signal=USR1@300 or scancel would, during the imports
+        time.sleep(0.2)
+        from mixmae_scale.engine.preemption import StopFlag
+
+        flag = StopFlag()
+        print("stop requested:", flag.requested(), "signal:", flag.signal, flush=True)
+        return 0
+
+    job_commands._as_rank_process = first_moments
+    sys.argv = ["mixmae", {command!r}, "--profile", "tiny"]
+    runpy.run_module("mixmae_scale.cli", run_name="__main__")
+""")
+
+
+def child(signum: int, command: str = "pretrain") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CHILD.format(signum=int(signum), command=command)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_during_start_up_is_kept_for_the_first_step_boundary(signum):
+    result = child(signum)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.strip() == f"stop requested: True signal: {int(signum)}"
+
+
+def test_importing_the_package_or_the_cli_changes_no_signal_handler():
+    """Only the rank entry records early signals: `import mixmae_scale` and the `mixmae` command module do not."""
+    code = ("import signal, mixmae_scale, mixmae_scale.cli, mixmae_scale.engine.preemption; "
+            "print(signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, signal.getsignal(signal.SIGTERM) is "
+            "signal.SIG_DFL)")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True True", result.stderr
+
+
+def test_only_the_rank_commands_record_early_signals():
+    """`python -m mixmae_scale.cli plan` (or --help) must still die of SIGTERM; a caller's ignored SIGTERM stays
+    ignored. The handlers of this process are restored afterwards."""
+    from mixmae_scale.engine import preemption
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        preemption.record_early_stops(["plan", "swin_b"])
+        preemption.record_early_stops(["--help"])
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        preemption.record_early_stops(["--local_rank", "0", "pretrain", "--profile", "tiny"])
+        assert signal.getsignal(signal.SIGUSR1) is preemption._record_early
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
