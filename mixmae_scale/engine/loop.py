@@ -42,7 +42,7 @@ from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.loaders import job_crop_scale
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import distributed, faults, run_folder, run_record
-from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.engine.checkpointing import recipe, store
 from mixmae_scale.engine.checkpointing.checkpointer import Checkpointer
 from mixmae_scale.engine.checkpointing.resume import ResumePlan, plan_resume
 from mixmae_scale.engine.checkpointing.state import RankPosition, RunIdentity
@@ -196,7 +196,7 @@ class TrainingLoop:
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
-                                         self.config.run.seed)
+                                         self.config.run.seed, recipe.as_record(ctx.resolved))
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)

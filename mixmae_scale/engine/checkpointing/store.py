@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import yaml
 
 from mixmae_scale.atomic_file import fsync_path, write_text
 
 MARKER = "COMPLETE"
+RECIPE = "config.yaml"  # the configuration the tag was trained with (recipe.py reads it)
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"  # DeepSpeed's universal form of a tag, made when a run resumes on another layout
 NONFINITE = "-nonfinite"
@@ -245,6 +247,7 @@ class SaveRequest:
     kind: str = ""  # "" (regular) or NONFINITE
     keep_last: int = 3  # 0: rotation removes no regular tag
     marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (state.py)
+    recipe: dict[str, Any] | None = None  # the resolved configuration, recorded in the tag (recipe.py) by rank 0
 
 
 def free_tag(ckpt_dir: Path, step: int, kind: str) -> str | None:
@@ -277,10 +280,13 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
     dist.barrier()
     with recording_writes(engine) as written:
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
-    own = rank_file(partial, rank)
-    write_text(own, json.dumps(rank_state))
+    own = [rank_file(partial, rank)]
+    write_text(own[0], json.dumps(rank_state))
+    if rank == 0 and request.recipe is not None:  # sealed with the tag: what a resume compares its recipe with
+        own.append(partial / RECIPE)
+        write_text(own[-1], yaml.safe_dump(request.recipe, sort_keys=False))
     reports: list[Any] = [None] * world
-    dist.all_gather_object(reports, (socket.gethostname(), flush_own(partial, [*written, own])))
+    dist.all_gather_object(reports, (socket.gethostname(), flush_own(partial, [*written, *own])))
     refusal = [None]
     if rank == 0:
         refusal[0] = unshared(partial, reports)
