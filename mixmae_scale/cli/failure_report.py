@@ -61,8 +61,10 @@ def is_user_mistake(exc: BaseException) -> bool:
 def is_refused_input(exc: BaseException) -> bool:
     """Exit code 2: the project refused the input, and the same command fails the same way again. A file not
     found is said in one line but exits 1, as a failure: mid-run, a shared file system's hiccup raises it too, and
-    a resubmitting script should retry that."""
-    return is_user_mistake(exc) and not isinstance(exc, FileNotFoundError)
+    a resubmitting script should retry that; nor a resume's conversion killed by a signal (the checkpoint is fine)."""
+    from mixmae_scale.engine.checkpointing.universal import ConversionInterrupted
+
+    return is_user_mistake(exc) and not isinstance(exc, FileNotFoundError | ConversionInterrupted)
 
 
 def one_line(exc: BaseException) -> str:
