@@ -133,10 +133,10 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     ds_config = engine_config(resolved, root)
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
-    run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
+    cleaned = run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
     run_folder.agree_on_shared_folder(root)
     resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
-    for note in notes if rank == 0 else []:
+    for note in [*cleaned, *notes] if rank == 0 else []:
         log.warning("%s", note)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
