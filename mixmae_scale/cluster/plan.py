@@ -6,7 +6,8 @@ each divided by the world size where the ZeRO stage partitions it. Activations a
 guessed: one forward of the real model at micro-batch 2 records the bytes every operation saves for
 backward (parameters excluded), per encoder block and elsewhere; the encoder is shortened to one block per stage
 (two in the first), since a stage's blocks save alike (`measured_depths`). With activation checkpointing a
-block keeps only its input, plus one block's activations while it is recomputed. The measurement
+checkpointed block keeps only its input, plus its activations while it is recomputed; `model.checkpoint_every=k`
+checkpoints every k-th block (`checkpointed_blocks`), the others keep all they save. The measurement
 uses the explicit attention path, which keeps the attention probabilities; memory-efficient SDPA
 kernels on GPUs keep less, so the activation figure is an upper bound there.
 
@@ -44,14 +45,23 @@ class ActivationProfile:
     block_inputs: list[float]
     other: float
 
-    def per_image(self, checkpointing: bool) -> float:
+    def per_image(self, checkpoint_every: int | bool) -> float:
         """Peak activation bytes per image in a training step: what is saved, plus, during backward,
-        the gradients of the block being differentiated (and, with checkpointing, its recomputed
-        activations)."""
-        largest = max(self.per_block)
-        if not checkpointing:
-            return sum(self.per_block) + self.other + largest
-        return sum(self.block_inputs) + self.other + 2 * largest
+        the gradients of the block being differentiated (and, for a checkpointed block, its recomputed
+        activations). `checkpoint_every` (model.checkpoint_every; True counts as 1): the blocks
+        `checkpointed_blocks` says keep only their input, the others all they save."""
+        checkpointed = checkpointed_blocks(len(self.per_block), int(checkpoint_every))
+        rows = list(zip(self.per_block, self.block_inputs, checkpointed, strict=True))
+        saved = sum(inp if ckpt else block for block, inp, ckpt in rows)
+        in_backward = max((2 if ckpt else 1) * block for block, _, ckpt in rows)
+        return saved + self.other + in_backward
+
+
+def checkpointed_blocks(blocks: int, checkpoint_every: int) -> list[bool]:
+    """Which encoder blocks run under activation checkpointing, exactly as models/swin.py's
+    `SwinEncoder.forward_tokens` picks them: the block index counts over all stages, and block i is
+    checkpointed when i % checkpoint_every == 0 (0: none). With k = 2 half the blocks keep all they save."""
+    return [bool(checkpoint_every) and i % checkpoint_every == 0 for i in range(blocks)]
 
 
 @dataclass
@@ -72,6 +82,7 @@ class MemoryPlan:
     total_gib: float = 0.0
     fits: bool = False
     max_micro_batch: int = 0
+    checkpoint_every: int = 0  # model.checkpoint_every: which blocks `checkpointing` covers (checkpointed_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,7 +240,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
         states["fp32_master_weights"] = states["adam_moments"] = 0.0
         step = 0.0  # the step runs in host memory
     gathered = gathered_weight_bytes(params, stage, gpus, dtype, zero)
-    per_image = activations.per_image(checkpointing)
+    per_image = activations.per_image(config.model.checkpoint_every)
     micro = resolved.derived.micro_batch
     fixed = sum(states.values()) + overhead_gib * GIB
     components = {k: v / GIB for k, v in states.items()}
@@ -245,7 +256,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
     return MemoryPlan(profile, job, gpus, gpu_mem_gib, stage, dtype, micro, checkpointing, params,
                       resolved.derived.accumulation, resolved.derived.global_batch,
                       {k: round(v, 3) for k, v in components.items()}, phase, round(total, 3),
-                      total <= gpu_mem_gib, max_micro)
+                      total <= gpu_mem_gib, max_micro, config.model.checkpoint_every)
 
 
 # Below this many images per GPU a Swin step stops saturating an 80 GB-class GPU, so a cheaper
