@@ -270,3 +270,29 @@ def test_swin_h_activations_with_every_second_block_checkpointed_lie_between_eve
     assert every_block == pytest.approx(round(micro * formula / GIB, 3))
     assert none == pytest.approx(round(micro * (sum(acts.per_block) + acts.other + max(acts.per_block)) / GIB, 3))
     assert reported == {1: 1, 2: 2, 24: 24, 0: 0}  # `mixmae plan --json` says which k it planned
+
+
+@pytest.mark.parametrize("stage, gradients", [(1, (2 + 4) * 1_000_000), (2, 4 * 1_000_000 / 4),
+                                              (3, 4 * 1_000_000 / 4)])
+def test_bf16_gradients_accumulated_in_fp32_are_counted_as_deepspeed_allocates_them(stage, gradients):
+    """config/deepspeed_config.py sets grad_accum_dtype fp32 for bf16 at ZeRO >= 1: at ZeRO-1 DeepSpeed's
+    BF16_Optimizer keeps an unpartitioned fp32 gradient buffer beside the bf16 gradients; ZeRO-2/3 keep the rank's
+    gradient partition in fp32. The planner counted 2 bytes/param (ZeRO-1) and 2/world (ZeRO-2/3)."""
+    states = model_state_bytes(1_000_000, stage, world=4, dtype="bf16", fp32_grad_accum=True)
+    assert states["gradients"] == pytest.approx(gradients)
+
+
+def test_the_plan_of_a_bf16_zero1_run_counts_its_fp32_gradient_buffer():
+    acts = ActivationProfile([0.01 * GIB], [0.0], 0.0)
+
+    def gradients_gib(*overrides: str) -> float:
+        resolved = load_resolved("swin_b", overrides=["precision.dtype=bf16", *overrides], world_size=8)
+        result = plan(resolved, "swin_b", gpus=8, gpu_mem_gib=80.0, activations=acts)
+        return result.components_gib["gradients"], result.params
+
+    zero1, params = gradients_gib("zero.stage=1")
+    assert zero1 == pytest.approx(round(6 * params / GIB, 3))
+    assert gradients_gib("zero.stage=2")[0] == pytest.approx(round(4 * params / 8 / GIB, 3))
+    # told to accumulate in bf16 (the profile's own deepspeed: block), DeepSpeed keeps bf16 gradients only
+    bf16_accum = gradients_gib("zero.stage=1", "deepspeed.data_types.grad_accum_dtype=bf16")[0]
+    assert bf16_accum == pytest.approx(round(2 * params / GIB, 3))
