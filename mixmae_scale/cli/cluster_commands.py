@@ -76,7 +76,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.profile} ({result.job}): {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, "
-          f"{result.dtype}, checkpointing {'on' if result.checkpointing else 'off'}, {args.gpus} GPU(s) of "
+          f"{result.dtype}, checkpointing {checkpointing_text(result.checkpoint_every)}, {args.gpus} GPU(s) of "
           f"{args.gpu_mem_gb:g} GB")
     for name, gib in result.components_gib.items():
         print(f"  {name:<26}{gib:8.2f} GiB")
@@ -153,3 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     templates.add_argument("out", help="folder to write slurm/*.sbatch, cluster.example.yaml, hostfile.example into")
     templates.add_argument("--force", action="store_true", help="replace files there that differ from the templates")
     templates.set_defaults(handler=_templates)
+
+
+def checkpointing_text(every: int) -> str:
+    """model.checkpoint_every in words: off, every block, one block in k (swin.py checkpoints blocks 0, k, 2k...)."""
+    return "off" if every <= 0 else "every block" if every == 1 else f"one block in {every}"

@@ -46,11 +46,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message names the file, key or option and the way out."""
     from mixmae_scale.config import ConfigError
     from mixmae_scale.data.manifest import DataError
-    from mixmae_scale.engine.checkpointing.store import ResumeError
+    from mixmae_scale.engine.checkpointing.store import NoSpaceForCheckpoint, ResumeError
     from mixmae_scale.models.convert_official import WeightsError
     from mixmae_scale.shards.sources import SourceError
 
-    return ConfigError, DataError, ResumeError, WeightsError, SourceError, FileNotFoundError
+    return ConfigError, DataError, ResumeError, WeightsError, SourceError, FileNotFoundError, NoSpaceForCheckpoint
 
 
 def is_user_mistake(exc: BaseException) -> bool:
@@ -61,8 +61,13 @@ def is_user_mistake(exc: BaseException) -> bool:
 def is_refused_input(exc: BaseException) -> bool:
     """Exit code 2: the project refused the input, and the same command fails the same way again. A file not
     found is said in one line but exits 1, as a failure: mid-run, a shared file system's hiccup raises it too, and
-    a resubmitting script should retry that."""
-    return is_user_mistake(exc) and not isinstance(exc, FileNotFoundError)
+    a resubmitting script should retry that; nor a resume's conversion killed by a signal (the checkpoint is fine),
+    nor a save that found the disk full (the same command succeeds once there is room)."""
+    from mixmae_scale.engine.checkpointing.store import NoSpaceForCheckpoint
+    from mixmae_scale.engine.checkpointing.universal import ConversionInterrupted
+
+    return is_user_mistake(exc) and not isinstance(exc, FileNotFoundError | ConversionInterrupted |
+                                                    NoSpaceForCheckpoint)
 
 
 def one_line(exc: BaseException) -> str:

@@ -2,11 +2,13 @@
 
 Model states follow the ZeRO paper's accounting for mixed precision with Adam (2 bytes of weights,
 2 of gradients, 12 of fp32 master weights and moments per parameter; fp32 training: 4 + 4 + 8),
-each divided by the world size where the ZeRO stage partitions it. Activations are measured, not
-guessed: one forward of the real model at micro-batch 2 records the bytes every operation saves for
+each divided by the world size where the ZeRO stage partitions it, except the gradients of bf16, which
+DeepSpeed accumulates in fp32 here (`model_state_bytes`: 6 bytes/param unpartitioned at ZeRO-1). Activations are
+measured, not guessed: one forward of the real model at micro-batch 2 records the bytes every operation saves for
 backward (parameters excluded), per encoder block and elsewhere; the encoder is shortened to one block per stage
 (two in the first), since a stage's blocks save alike (`measured_depths`). With activation checkpointing a
-block keeps only its input, plus one block's activations while it is recomputed. The measurement
+checkpointed block keeps only its input, plus its activations while it is recomputed; `model.checkpoint_every=k`
+checkpoints every k-th block (`checkpointed_blocks`), the others keep all they save. The measurement
 uses the explicit attention path, which keeps the attention probabilities; memory-efficient SDPA
 kernels on GPUs keep less, so the activation figure is an upper bound there.
 
@@ -44,14 +46,23 @@ class ActivationProfile:
     block_inputs: list[float]
     other: float
 
-    def per_image(self, checkpointing: bool) -> float:
+    def per_image(self, checkpoint_every: int | bool) -> float:
         """Peak activation bytes per image in a training step: what is saved, plus, during backward,
-        the gradients of the block being differentiated (and, with checkpointing, its recomputed
-        activations)."""
-        largest = max(self.per_block)
-        if not checkpointing:
-            return sum(self.per_block) + self.other + largest
-        return sum(self.block_inputs) + self.other + 2 * largest
+        the gradients of the block being differentiated (and, for a checkpointed block, its recomputed
+        activations). `checkpoint_every` (model.checkpoint_every; True counts as 1): the blocks
+        `checkpointed_blocks` says keep only their input, the others all they save."""
+        checkpointed = checkpointed_blocks(len(self.per_block), int(checkpoint_every))
+        rows = list(zip(self.per_block, self.block_inputs, checkpointed, strict=True))
+        saved = sum(inp if ckpt else block for block, inp, ckpt in rows)
+        in_backward = max((2 if ckpt else 1) * block for block, _, ckpt in rows)
+        return saved + self.other + in_backward
+
+
+def checkpointed_blocks(blocks: int, checkpoint_every: int) -> list[bool]:
+    """Which encoder blocks run under activation checkpointing, exactly as models/swin.py's
+    `SwinEncoder.forward_tokens` picks them: the block index counts over all stages, and block i is
+    checkpointed when i % checkpoint_every == 0 (0: none). With k = 2 half the blocks keep all they save."""
+    return [bool(checkpoint_every) and i % checkpoint_every == 0 for i in range(blocks)]
 
 
 @dataclass
@@ -72,6 +83,7 @@ class MemoryPlan:
     total_gib: float = 0.0
     fits: bool = False
     max_micro_batch: int = 0
+    checkpoint_every: int = 0  # model.checkpoint_every: which blocks `checkpointing` covers (checkpointed_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,14 +188,31 @@ def planning_dtype(resolved: ResolvedConfig) -> str:
     return choose_precision(resolved.config.precision.dtype, detect_hardware("cuda")).dtype
 
 
-def model_state_bytes(params: int, stage: int, world: int, dtype: str) -> dict[str, float]:
+def model_state_bytes(params: int, stage: int, world: int, dtype: str, fp32_grad_accum: bool = False
+                      ) -> dict[str, float]:
+    """Per-GPU bytes of the model states. `fp32_grad_accum`: DeepSpeed accumulates the gradients in fp32 (the
+    `data_types.grad_accum_dtype: fp32` config/deepspeed_config.py sets for bf16 at ZeRO >= 1, without offload).
+    What DeepSpeed 0.19 then allocates beside the ZeRO paper's 2 bytes of 16-bit gradients:
+    - ZeRO-1: engine.py `_do_optimizer_sanity_check` picks `BF16_Optimizer` (bf16 + fp32 accumulation at stage 1),
+      whose `_setup_for_real_optimizer` (runtime/bf16_optimizer.py) allocates `fp32_groups_gradients_flat`,
+      `torch.zeros_like(bf16_groups_flat, dtype=grad_acc_dtype)`: fp32 gradients of every parameter, not
+      partitioned (4 bytes/param); the bf16 `.grad`s stay too (`update_hp_grads` folds them in and zeroes, not frees,
+      them without `immediate_grad_update`, off by default): 2 + 4 bytes/param in all.
+    - ZeRO-2: runtime/zero/stage_1_and_2.py `_build_compact_grad_partition_buffer` keeps the rank's gradient
+      partition in `gradient_accumulation_dtype` (fp32): 4 bytes/param / world (the bf16 gradients pass through the
+      reduce buckets only).
+    - ZeRO-3: runtime/zero/stage3.py `grad_partitions_flat_buffer` (`torch.zeros(partition numel,
+      dtype=gradient_accumulation_dtype)`): 4 bytes/param / world."""
     half = dtype in ("bf16", "fp16")
     weights = (2 if half else 4) * params
     grads = (2 if half else 4) * params
     master = 4 * params if half else 0
     moments = 8 * params
     shard = lambda x, partitioned: x / world if partitioned else x  # noqa: E731
-    return {"weights": shard(weights, stage >= 3), "gradients": shard(grads, stage >= 2),
+    gradients = shard(grads, stage >= 2)
+    if fp32_grad_accum and half and stage >= 1:
+        gradients = (2 + 4) * params if stage == 1 else 4 * params / world
+    return {"weights": shard(weights, stage >= 3), "gradients": gradients,
             "fp32_master_weights": shard(master, stage >= 1), "adam_moments": shard(moments, stage >= 1)}
 
 
@@ -222,14 +251,20 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
         params = sum(p.numel() for p in build_for_job(resolved, job).parameters())
     activations = activations or measure_activations(resolved, dtype, job=job)
     zero = build_deepspeed_config(resolved).get("zero_optimization", {})
-    states = model_state_bytes(params, stage, gpus, dtype)
+    # What the planned GPUs' run gets (config/deepspeed_config.py: bf16 at ZeRO >= 1 accumulates in fp32, unless the
+    # profile's `deepspeed:` says otherwise); this machine's own dtype may differ (a CPU plans for bf16 GPUs). With
+    # offload, ZeRO-1 keeps DeepSpeed's ZeRO optimizer (not BF16_Optimizer): counted as before there.
+    default_accum = "fp32" if dtype == "bf16" and stage > 0 else None
+    accum = (config.deepspeed.get("data_types") or {}).get("grad_accum_dtype", default_accum)
+    fp32_accum = accum == "fp32" and dtype == "bf16" and not config.zero.offload_optimizer
+    states = model_state_bytes(params, stage, gpus, dtype, fp32_accum)
     step = optimizer_step_bytes(params, stage, gpus, dtype, float(zero.get("sub_group_size",
                                 DEEPSPEED_DEFAULTS["sub_group_size"])), fused_optimizer)
     if config.zero.offload_optimizer:
         states["fp32_master_weights"] = states["adam_moments"] = 0.0
         step = 0.0  # the step runs in host memory
     gathered = gathered_weight_bytes(params, stage, gpus, dtype, zero)
-    per_image = activations.per_image(checkpointing)
+    per_image = activations.per_image(config.model.checkpoint_every)
     micro = resolved.derived.micro_batch
     fixed = sum(states.values()) + overhead_gib * GIB
     components = {k: v / GIB for k, v in states.items()}
@@ -245,7 +280,7 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
     return MemoryPlan(profile, job, gpus, gpu_mem_gib, stage, dtype, micro, checkpointing, params,
                       resolved.derived.accumulation, resolved.derived.global_batch,
                       {k: round(v, 3) for k, v in components.items()}, phase, round(total, 3),
-                      total <= gpu_mem_gib, max_micro)
+                      total <= gpu_mem_gib, max_micro, config.model.checkpoint_every)
 
 
 # Below this many images per GPU a Swin step stops saturating an 80 GB-class GPU, so a cheaper

@@ -157,6 +157,10 @@ class CheckpointConfig:
     # After a resume on another world size or precision (through DeepSpeed's universal checkpoint), save the loaded
     # state at once in the new layout (tag step...-relayout): the next restart on this layout loads it directly.
     save_after_layout_change: bool = False
+    # A resume compares the configuration with the one the checkpoint recorded (engine/checkpointing/recipe.py):
+    # changed keys are noted; one that changes what the loss means at the same step (model.mask_ratio, the data's
+    # augmentation, ...) is refused unless this is true. The schedule and learning rate may change without it.
+    allow_recipe_change: bool = False
 
 
 @dataclass

@@ -42,7 +42,7 @@ from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.loaders import job_crop_scale
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
 from mixmae_scale.engine import distributed, faults, run_folder, run_record
-from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.engine.checkpointing import recipe, store
 from mixmae_scale.engine.checkpointing.checkpointer import Checkpointer
 from mixmae_scale.engine.checkpointing.resume import ResumePlan, plan_resume
 from mixmae_scale.engine.checkpointing.state import RankPosition, RunIdentity
@@ -133,10 +133,10 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     ds_config = engine_config(resolved, root)
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
-    run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
+    cleaned = run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
     run_folder.agree_on_shared_folder(root)
     resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
-    for note in notes if rank == 0 else []:
+    for note in [*cleaned, *notes] if rank == 0 else []:
         log.warning("%s", note)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
@@ -196,7 +196,7 @@ class TrainingLoop:
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
-                                         self.config.run.seed)
+                                         self.config.run.seed, recipe.as_record(ctx.resolved))
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)

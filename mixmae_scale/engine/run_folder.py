@@ -152,10 +152,20 @@ def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
     return None
 
 
-def agree_on_lock(root: Path) -> None:
+def agree_on_lock(root: Path) -> list[str]:
     """Collective, before anything in the folder is read, moved or written: rank 0 takes the folder's lock (kept
-    until the work ends, engine/runtime.py); a folder another run holds is refused on every rank."""
-    _agreed(lambda: run_lock.take(root) and None)
+    until the work ends, engine/runtime.py); a folder another run holds is refused on every rank. Holding it, rank 0
+    removes the `.partial` folders crashed or failed saves left (store.remove_stale_partials): a save that filled
+    the disk would otherwise leave this start no room for its first file. Never without the lock: a live run's save
+    in progress is a `.partial` folder too (a file system without flock keeps them, the next save removes them).
+    Returns the notes to log."""
+    def decide() -> list[str]:
+        lock = run_lock.take(root)
+        removed = store.remove_stale_partials(root / "checkpoints") if lock is not None else []
+        return [f"removed what failed or interrupted saves left in {root / 'checkpoints'}: {', '.join(removed)}"
+                ] if removed else []
+
+    return _agreed(decide)
 
 
 def agree_on_shared_folder(root: Path) -> None:

@@ -148,9 +148,12 @@ def take(root: Path, name: str = LOCK, refusal: Callable[[Path, str], str] = in_
             data = json.dumps(holder_record()).encode() + b"\n"
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
-        except OSError:
-            lock.release()
-            raise
+        except OSError as exc:
+            # A full disk: the lock holds without its record (a second start reads "holder not recorded yet"), so
+            # that the start can clear what a save that filled the disk left (run_folder.agree_on_lock).
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                lock.release()
+                raise
         _held[_key(root, name)] = lock
         return lock
     raise OSError(f"{root / name} kept changing while it was being locked")

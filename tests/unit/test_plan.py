@@ -239,3 +239,101 @@ def test_a_segmentation_profile_launches_the_segmentation_job_and_is_not_planned
     assert "--module mixmae_scale.cli segment --profile seg_demo" in said
     with pytest.raises(ConfigError, match="sizes pretraining and classification fine-tuning, not segment"):
         plan(load_resolved("seg_demo"), "seg_demo", gpus=1, gpu_mem_gib=4.0)
+
+
+def swin_h_profile() -> ActivationProfile:
+    """Swin-H's 24 blocks (depths 2, 2, 18, 2): per-stage figures of the shape a measurement gives (a stage's
+    blocks alike, each later stage a quarter of the tokens at twice the width), inputs a tenth of the block."""
+    per_stage = [8.0, 4.0, 2.0, 1.0]
+    per_block = [per_stage[s] * 1e7 for s, depth in enumerate((2, 2, 18, 2)) for _ in range(depth)]
+    return ActivationProfile(per_block, [b / 10 for b in per_block], 5e6)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 24])
+def test_checkpointing_every_kth_block_counts_those_blocks_as_checkpointed_and_the_rest_whole(every):
+    """models/swin.py checkpoints the blocks whose index over all stages is a multiple of k (0, k, 2k, ...); the
+    planner counted any k >= 1 as every block."""
+    import torch
+
+    from mixmae_scale.cluster.plan import checkpointed_blocks
+    from mixmae_scale.models.swin import SwinEncoder
+
+    acts = swin_h_profile()
+    chosen = checkpointed_blocks(24, every)
+    assert chosen == [i % every == 0 for i in range(24)]
+    saved = sum(acts.block_inputs[i] if chosen[i] else acts.per_block[i] for i in range(24))
+    largest = max((2 if chosen[i] else 1) * acts.per_block[i] for i in range(24))
+    assert acts.per_image(every) == pytest.approx(saved + acts.other + largest)
+    # The model's own choice: count the blocks that run under torch.utils.checkpoint in a real forward.
+    from mixmae_scale.models import swin as swin_module
+
+    encoder = SwinEncoder(swin_module.SwinShape(img_size=32, patch_size=4, embed_dim=8, depths=(2, 2, 18, 2),
+                                                num_heads=(1, 1, 1, 1), window_size=(2, 2, 2, 1)),
+                          checkpoint_every=every)
+    ran: list[bool] = []
+    real = swin_module.checkpoint
+    for index, block in enumerate(b for stage in encoder.layers for b in stage.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=index: ran.append(i))
+    calls: list[int] = []
+
+    def counting(function, *args, **kwargs):
+        calls.append(len(ran))
+        return real(function, *args, **kwargs)
+
+    swin_module.checkpoint = counting
+    try:
+        with torch.enable_grad():
+            encoder(torch.randn(1, 3, 32, 32))
+    finally:
+        swin_module.checkpoint = real
+    assert sum(chosen) == len(calls)
+
+
+def test_swin_h_activations_with_every_second_block_checkpointed_lie_between_every_block_and_none():
+    """`mixmae plan swin_h --gpus 8 --gpu-mem-gb 80 --set zero.stage=3 model.checkpoint_every=K` gave the same
+    activations for K = 1, 2 and 24."""
+    acts = swin_h_profile()
+    reported: dict[int, int | None] = {}
+
+    def activations(every: int) -> float:
+        resolved = load_resolved("swin_h", overrides=["zero.stage=3", f"model.checkpoint_every={every}"],
+                                 world_size=8)
+        result = plan(resolved, "swin_h", gpus=8, gpu_mem_gib=80.0, activations=acts)
+        assert result.checkpointing == (every > 0)
+        reported[every] = result.to_dict().get("checkpoint_every")
+        return result.components_gib["activations"]
+
+    every_block, half, one_in_24, none = activations(1), activations(2), activations(24), activations(0)
+    assert every_block < half < none and half < one_in_24  # one block in 24: nearly all blocks keep all they save
+    micro = load_resolved("swin_h", overrides=["zero.stage=3"], world_size=8).derived.micro_batch
+    # every block: unchanged, what the planner always counted (and benchmarks/plan_check.py calibrated)
+    formula = sum(acts.block_inputs) + acts.other + 2 * max(acts.per_block)
+    assert every_block == pytest.approx(round(micro * formula / GIB, 3))
+    assert none == pytest.approx(round(micro * (sum(acts.per_block) + acts.other + max(acts.per_block)) / GIB, 3))
+    assert reported == {1: 1, 2: 2, 24: 24, 0: 0}  # `mixmae plan --json` says which k it planned
+
+
+@pytest.mark.parametrize("stage, gradients", [(1, (2 + 4) * 1_000_000), (2, 4 * 1_000_000 / 4),
+                                              (3, 4 * 1_000_000 / 4)])
+def test_bf16_gradients_accumulated_in_fp32_are_counted_as_deepspeed_allocates_them(stage, gradients):
+    """config/deepspeed_config.py sets grad_accum_dtype fp32 for bf16 at ZeRO >= 1: at ZeRO-1 DeepSpeed's
+    BF16_Optimizer keeps an unpartitioned fp32 gradient buffer beside the bf16 gradients; ZeRO-2/3 keep the rank's
+    gradient partition in fp32. The planner counted 2 bytes/param (ZeRO-1) and 2/world (ZeRO-2/3)."""
+    states = model_state_bytes(1_000_000, stage, world=4, dtype="bf16", fp32_grad_accum=True)
+    assert states["gradients"] == pytest.approx(gradients)
+
+
+def test_the_plan_of_a_bf16_zero1_run_counts_its_fp32_gradient_buffer():
+    acts = ActivationProfile([0.01 * GIB], [0.0], 0.0)
+
+    def gradients_gib(*overrides: str) -> float:
+        resolved = load_resolved("swin_b", overrides=["precision.dtype=bf16", *overrides], world_size=8)
+        result = plan(resolved, "swin_b", gpus=8, gpu_mem_gib=80.0, activations=acts)
+        return result.components_gib["gradients"], result.params
+
+    zero1, params = gradients_gib("zero.stage=1")
+    assert zero1 == pytest.approx(round(6 * params / GIB, 3))
+    assert gradients_gib("zero.stage=2")[0] == pytest.approx(round(4 * params / 8 / GIB, 3))
+    # told to accumulate in bf16 (the profile's own deepspeed: block), DeepSpeed keeps bf16 gradients only
+    bf16_accum = gradients_gib("zero.stage=1", "deepspeed.data_types.grad_accum_dtype=bf16")[0]
+    assert bf16_accum == pytest.approx(round(2 * params / GIB, 3))

@@ -42,7 +42,7 @@ def test_profile_uses_the_planners_choice(profile):
         assert said in " ".join(line.lstrip("# ") for line in header.splitlines()), said
 
 
-def test_a_smaller_gpu_moves_swin_h_to_more_sharding_and_smaller_micro_batches():
+def test_a_smaller_gpu_moves_swin_h_to_more_sharding_checkpointing_or_smaller_micro_batches():
     from mixmae_scale.cluster.plan import ActivationProfile
 
     # Synthetic per-image activations (bytes) keep this fast: 0.4 GiB per image without checkpointing.
@@ -50,5 +50,8 @@ def test_a_smaller_gpu_moves_swin_h_to_more_sharding_and_smaller_micro_batches()
     _, big = options("swin_h", 8, 74.5, activations=acts)
     _, small = options("swin_h", 8, 22.0, activations=acts)
     assert (big.zero_stage, big.checkpointing) == (1, False)
-    assert small.micro_batch < big.micro_batch and (small.zero_stage, small.checkpointing) != (1, False)
+    assert (small.zero_stage, small.checkpointing) != (1, False)
+    # With bf16's fp32 gradients counted (6 bytes/param at ZeRO-1, 4/world at ZeRO-2/3, plan.model_state_bytes) no
+    # stage reaches a saturating micro-batch without checkpointing on 22 GB: checkpointing keeps micro-batch 64.
+    assert small.micro_batch < big.micro_batch or (small.checkpointing and not big.checkpointing)
     assert small.micro_batch * small.accumulation * 8 == 2048 == big.micro_batch * big.accumulation * 8

@@ -33,9 +33,12 @@ class JobState(Protocol):
 
 class Checkpointer:
     def __init__(self, engine, ckpt_dir: Path, settings: CheckpointConfig, identity: RunIdentity, world: int,
-                 rank: int, job: JobState, loader: ShardLoader, seed: int) -> None:
-        """`seed`: run.seed, from which a resume on another world size seeds each rank's generators."""
+                 rank: int, job: JobState, loader: ShardLoader, seed: int, recipe: dict[str, Any] | None = None
+                 ) -> None:
+        """`seed`: run.seed, from which a resume on another world size seeds each rank's generators; `recipe`: the
+        resolved configuration every tag records (recipe.py: a resume with another one is noted or refused)."""
         self.engine, self.ckpt_dir, self.settings, self.identity = engine, ckpt_dir, settings, identity
+        self.recipe = recipe
         self.world, self.rank, self.job, self.loader, self.seed = world, rank, job, loader, seed
         self.last_saved: Path | None = None  # what the run's summary names (if it is still complete at the end)
         self.skipped_samples = 0  # by resumes after non-finite stops, over the run's life
@@ -76,7 +79,7 @@ class Checkpointer:
         run = RunState(step, self.job.state(), self.identity.model_digest, self.world, self.skipped_samples)
         rank = RankState(position or RankPosition.capture(self.loader), self.identity)
         request = store.SaveRequest(step, kind, self.settings.keep_last if keep is None else keep,
-                                    stop.marker_extra() if stop else None)
+                                    stop.marker_extra() if stop else None, self.recipe)
         return store.save(self.engine, directory or self.ckpt_dir, request, run.to_client(), rank.to_dict())
 
     def resume(self, plan: resume.ResumePlan) -> int:

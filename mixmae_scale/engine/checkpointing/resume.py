@@ -11,7 +11,9 @@ view of a shared file system could otherwise show two ranks two tags). `decide_r
    "skip" keeps the stop's weights and skips only the failed attempts; "replay" reads them again. The samples
    skipped are logged and reported in summary.json.
 2. The run it belongs to (`_refuse_another_run`): another model, another global batch or a fine-tuning from other
-   weights (`finetune.init`, `segment.init`) is refused, with the way out.
+   weights (`finetune.init`, `segment.init`) is refused, with the way out. Then the recipe (`_check_recipe`,
+   recipe.py): every key changed since the tag was saved is named in a note, and one that changes what the loss
+   means at the same step (the mask ratio, for one) is refused unless `checkpoint.allow_recipe_change` opts in.
 3. The layout (`_choose_layout`). The same world size and optimizer layout loads the tag itself, each rank its
    own file: bit-exact. Another world size, precision or ZeRO layout converts the tag to DeepSpeed's universal
    checkpoint (universal.py) and loads that; the global batch is kept (micro-batch and accumulation are
@@ -36,7 +38,7 @@ import torch.distributed as dist
 from mixmae_scale.config import ConfigError, ResolvedConfig
 from mixmae_scale.data.loader import LoaderPosition
 from mixmae_scale.engine import run_folder
-from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.engine.checkpointing import recipe, store
 from mixmae_scale.engine.checkpointing.state import RankState, RunIdentity, RunState, StopRecord, init_changes
 from mixmae_scale.engine.checkpointing.universal import convert_to_universal, layout_changes, match_optimizer_steps
 
@@ -54,6 +56,7 @@ class ResumePlan:
     load_tag: str = ""  # what DeepSpeed loads: the tag, or its universal conversion
     universal: bool = False
     same_layout: bool = True  # same world size and optimizer layout: each rank reads its own file back, bit-exact
+    config_changes: tuple[str, ...] = ()  # `key old -> new` for each key changed since the tag was saved (recipe.py)
 
     @property
     def step(self) -> int:
@@ -95,7 +98,7 @@ def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any]
         try:
             outcome[0] = decide_resume(ckpt_dir, resume or config.checkpoint.resume, config.faults.on_nonfinite_stop,
                                        RunIdentity.of(resolved, layout), dist.get_world_size(), convert,
-                                       last_step)
+                                       last_step, recipe.as_record(resolved), config.checkpoint.allow_recipe_change)
         except (store.ResumeError, ConfigError) as exc:
             outcome[0] = exc
         except OSError as exc:  # a file the plan reads cannot be read: the same one-line end on every rank
@@ -107,14 +110,20 @@ def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any]
 
 
 def decide_resume(ckpt_dir: Path, resume: str, policy: str, identity: RunIdentity, world: int,
-                  convert: Converter = convert_to_universal, last_step: int | None = None) -> ResumePlan | None:
+                  convert: Converter = convert_to_universal, last_step: int | None = None,
+                  current_recipe: dict[str, Any] | None = None, allow_recipe_change: bool = False
+                  ) -> ResumePlan | None:
     """Rank 0's whole decision; None for a fresh start. A finished run (a regular tag at `last_step`) is
-    returned before its layout is looked at: started again on other GPUs it converts nothing, it is done."""
+    returned before its layout is looked at: started again on other GPUs it converts nothing, it is done.
+    `current_recipe`: the resolved configuration now (recipe.as_record), compared with the tag's; None compares
+    nothing."""
     plan = choose_tag(ckpt_dir, resume, policy)
     if plan is None:
         return None
     saved = RankState.read(ckpt_dir, plan.tag, 0).identity
     _refuse_another_run(ckpt_dir, plan.tag, saved, identity)
+    if current_recipe is not None:
+        plan = _check_recipe(ckpt_dir, plan, current_recipe, allow_recipe_change)
     if last_step is not None and plan.finishes_by(last_step):
         return plan
     return _choose_layout(ckpt_dir, plan, saved.optimizer_layout, identity.optimizer_layout, world, convert)
@@ -199,6 +208,18 @@ def _refuse_another_run(ckpt_dir: Path, tag: str, saved: RunIdentity, identity: 
                                 " resumed, the run would go on from those and ignore the ones named now; resume with "
                                 "the weights it started from, or, for another run, "
                                 f"{run_folder.way_out(ckpt_dir.parent)}")
+
+
+def _check_recipe(ckpt_dir: Path, plan: ResumePlan, current: dict[str, Any], allow: bool) -> ResumePlan:
+    """The tag's recorded recipe against this run's: refused (recipe.py says which keys), or the plan with the
+    changes noted, so that the log and run.json say what the steps after the resume ran with."""
+    verdict = recipe.compare(recipe.saved_recipe(ckpt_dir, plan.tag), current, allow,
+                             str((ckpt_dir / plan.tag).resolve()), run_folder.way_out(ckpt_dir.parent))
+    if verdict.refusal:
+        raise store.ResumeError(verdict.refusal)
+    if verdict.note is None:
+        return plan
+    return replace(plan, notes=(*plan.notes, verdict.note), config_changes=tuple(map(str, verdict.changes)))
 
 
 # -- 3. the layout -------------------------------------------------------------------------------------------------

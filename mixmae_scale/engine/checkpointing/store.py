@@ -5,10 +5,11 @@ A tag folder (`step00000400`) appears only complete: every rank writes into `ste
 what it wrote and tells rank 0 each file's size; rank 0 checks that it sees them all as written (a run folder on
 node-local scratch would otherwise seal a tag without other nodes' shards and rotate the good ones away), writes
 the `COMPLETE` marker listing every file with its size, flushes it and renames the folder. A crash at any point
-leaves a `.partial` folder, which nothing reads and the next save removes. A complete tag is never written into
-again: a save that would reuse a name takes a new one. On resume the sizes in the marker are checked, so a file
-cut short afterwards (a full disk, a copy gone wrong) makes the run fall back to the previous checkpoint instead of
-failing in torch.load.
+leaves a `.partial` folder, which nothing reads and the next start removes once it holds the run's lock
+(`remove_stale_partials`; the next save too). A save that fails for want of space says so (`NoSpaceForCheckpoint`).
+A complete tag is never written into again: a save that would reuse a name takes a new one. On resume the sizes in
+the marker are checked, so a file cut short afterwards (a full disk, a copy gone wrong) makes the run fall back to
+the previous checkpoint instead of failing in torch.load.
 
 Tags are ordered (`tag_order`): `step00000400` < `step00000400-relayout` (the same state saved again in a new
 layout after a resume on another world size) < `step00000400-nonfinite` (a stop after non-finite steps, whose
@@ -18,6 +19,7 @@ only folders, names and sizes.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import socket
@@ -28,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import yaml
 
 from mixmae_scale.atomic_file import fsync_path, write_text
 
 MARKER = "COMPLETE"
+RECIPE = "config.yaml"  # the configuration the tag was trained with (recipe.py reads it)
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"  # DeepSpeed's universal form of a tag, made when a run resumes on another layout
 NONFINITE = "-nonfinite"
@@ -45,6 +49,11 @@ class ResumeError(RuntimeError):
 
 class UnsharedRunFolder(ResumeError):
     """Ranks see different run folders (node-local scratch): a refused input (exit 2), the same start fails again."""
+
+
+class NoSpaceForCheckpoint(OSError):
+    """A save failed and the run folder's file system is full (or the error says so): said in one line, exit 1 (the
+    same command succeeds once there is room; cli/failure_report.py)."""
 
 
 UNSHARED = ("the run folder is not shared by all nodes: {what}. Every node must see one run folder at the same path "
@@ -245,6 +254,7 @@ class SaveRequest:
     kind: str = ""  # "" (regular) or NONFINITE
     keep_last: int = 3  # 0: rotation removes no regular tag
     marker_extra: dict[str, Any] | None = None  # what a resume must know before loading anything (state.py)
+    recipe: dict[str, Any] | None = None  # the resolved configuration, recorded in the tag (recipe.py) by rank 0
 
 
 def free_tag(ckpt_dir: Path, step: int, kind: str) -> str | None:
@@ -275,12 +285,23 @@ def save(engine, ckpt_dir: Path, request: SaveRequest, client_state: dict[str, A
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # a crash's leftover of the same name
     dist.barrier()
-    with recording_writes(engine) as written:
-        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
-    own = rank_file(partial, rank)
-    write_text(own, json.dumps(rank_state))
+    try:
+        with recording_writes(engine) as written:
+            engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        own = [rank_file(partial, rank)]
+        write_text(own[0], json.dumps(rank_state))
+        if rank == 0 and request.recipe is not None:  # sealed with the tag: what a resume compares its recipe with
+            own.append(partial / RECIPE)
+            write_text(own[-1], yaml.safe_dump(request.recipe, sort_keys=False))
+        files = flush_own(partial, [*written, *own])
+    except (OSError, RuntimeError) as exc:
+        problem = out_of_space(ckpt_dir, partial, exc, request.keep_last)
+        if problem is None:
+            raise
+        code = next((c for c in errno_chain(exc) if c in SPACE_ERRORS), errno.ENOSPC)  # EDQUOT stays a quota's
+        raise NoSpaceForCheckpoint(code, problem) from exc
     reports: list[Any] = [None] * world
-    dist.all_gather_object(reports, (socket.gethostname(), flush_own(partial, [*written, own])))
+    dist.all_gather_object(reports, (socket.gethostname(), files))
     refusal = [None]
     if rank == 0:
         refusal[0] = unshared(partial, reports)
@@ -347,11 +368,61 @@ def rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank_{rank}.json"
 
 
-def remove_stale_partials(ckpt_dir: Path) -> None:
+def remove_stale_partials(ckpt_dir: Path) -> list[str]:
+    """Remove the `.partial` folders a crashed or failed save (or conversion) left; the names removed. Only for a
+    process that holds the run folder's lock (engine/run_folder.agree_on_lock): a live run's save in progress is a
+    `.partial` folder too. Called at each start before anything is written, so that a save that filled the disk does
+    not leave the next start without room to write its first file."""
+    removed = []
     if ckpt_dir.is_dir():
-        for path in ckpt_dir.iterdir():
+        for path in sorted(ckpt_dir.iterdir()):
             if path.name.endswith(PARTIAL):
                 shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed
+
+
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def errno_chain(exc: BaseException | None) -> list[int]:
+    """The errno of `exc` and of every exception it was raised from or during."""
+    found, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            found.append(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def out_of_space(ckpt_dir: Path, partial: Path, exc: BaseException, keep_last: int) -> str | None:
+    """Why a save failed, where the file system is out of room: ENOSPC or EDQUOT in the error's chain, or less free
+    space than the last complete checkpoint takes (torch's writer reports a full disk as "[enforce fail at
+    inline_container.cc] unexpected pos", with no errno). None: not a matter of space, the error stands as it is."""
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    tags = complete_tags(ckpt_dir)
+    last = (tags[-1], folder_bytes(ckpt_dir / tags[-1])) if tags else None
+    space_errno = any(code in SPACE_ERRORS for code in errno_chain(exc))
+    if not space_errno and (free is None or last is None or free >= last[1]):
+        return None
+    what = " ".join(str(exc).split()) or type(exc).__name__
+    size = (f"the last complete checkpoint ({last[0]}) takes {last[1]} bytes" if last
+            else "no complete checkpoint yet to size the next one by")
+    room = f"{free} bytes free" if free is not None else "its free space could not be read"
+    keep = (f"; checkpoint.keep_last={keep_last} needs room for {keep_last + 1} checkpoints (the oldest is removed "
+            "only once the new one is complete)" if keep_last else "")
+    return (f"saving {partial} failed for want of space ({what}): the file system of {ckpt_dir} has {room}, {size}"
+            f"{keep}. Free space there (or lower checkpoint.keep_last, or move the run folder to a larger file "
+            f"system), then run the same command again: it removes {partial.name} and resumes from the last "
+            "complete checkpoint")
 
 
 def universal_folder(ckpt_dir: Path, tag: str) -> Path:

@@ -11,6 +11,7 @@ rarely happens (benchmarks/universal_conversion.py measures it).
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,27 +43,72 @@ def layout_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> lis
     return [f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v]
 
 
+CONVERTER = "deepspeed.checkpoint.ds_to_universal"
+# Run as the converter's first lines: SIGTERM and SIGUSR1 ignored (an ignored signal stays ignored across fork and
+# exec, so ds_to_universal's worker processes ignore them too), then the converter as `python -m` would run it.
+SHIELD = ("import runpy, signal, sys\n"
+          "for name in ('SIGTERM', 'SIGUSR1'):\n"
+          "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+          "module = sys.argv.pop(1)\n"
+          "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
+
+
+class ConversionInterrupted(store.ResumeError):
+    """The converter was killed by a signal: nothing is wrong with the input, the same command may succeed (exit 1,
+    not the refused input's 2: cli/failure_report.is_refused_input)."""
+
+
+def converter_command(ckpt_dir: Path, tag: str, output: Path, workers: int) -> list[str]:
+    """The conversion as one would run it by hand (`python -m deepspeed.checkpoint.ds_to_universal ...`)."""
+    return [sys.executable, "-m", CONVERTER, "--input_folder", str(ckpt_dir / tag), "--output_folder", str(output),
+            "--inject_missing_state", "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+
+
+def run_shielded(command: list[str]) -> subprocess.CompletedProcess:
+    """`command` (a `python -m module ...` line) run where the rank's stop signals do not reach it: in a session of its
+    own (a signal to the rank's process group, a terminal's Ctrl-C, does not reach it) and with SIGTERM and SIGUSR1
+    ignored (Slurm's `--signal` and `scancel` signal every process of a job step by its id). A preemption during a
+    resume's conversion used to kill the converter: the ranks exited 2 ("failed: ." and no reason), which a
+    resubmitting script reads as input refused for good. Now the conversion finishes, and the rank's own stop flag,
+    set by the same signal, saves and stops at the first step boundary as a stop always does."""
+    assert command[1] == "-m", command
+    return subprocess.run([command[0], "-c", SHIELD, *command[2:]], capture_output=True, text=True,
+                          start_new_session=True)
+
+
+def failure_reason(result: subprocess.CompletedProcess) -> str:
+    """Why the converter failed: the last lines it wrote, and the signal that killed it (a negative returncode)."""
+    tail = " ".join((result.stderr or result.stdout or "").strip().splitlines()[-3:])
+    if result.returncode < 0:
+        try:
+            name = signal.Signals(-result.returncode).name
+        except ValueError:
+            name = f"signal {-result.returncode}"
+        killed = f"the converter was killed by {name} (signal {-result.returncode})"
+        return f"{killed}; its last output: {tail}" if tail else killed
+    return tail or f"the converter exited {result.returncode} without output"
+
+
 def convert_to_universal(ckpt_dir: Path, tag: str, workers: int = 2) -> Path:
-    """DeepSpeed's ds_to_universal in a subprocess (its output in the run's log), written under a temporary name and
-    sealed like a checkpoint; an earlier complete conversion is reused."""
+    """DeepSpeed's ds_to_universal in a subprocess shielded from the rank's stop signals (`run_shielded`), written
+    under a temporary name and sealed like a checkpoint; an earlier complete conversion is reused."""
     final = store.universal_folder(ckpt_dir, tag)
     if (final / store.MARKER).exists() and store.damage(final) is None:
         return final
     partial = final.with_name(final.name + store.PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(partial), "--inject_missing_state", "--num_extract_workers", str(workers),
-               "--num_merge_workers", str(workers)]
+    command = converter_command(ckpt_dir, tag, partial, workers)
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = run_shielded(command)
     (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; tags are chosen here
     if result.returncode:
         shutil.rmtree(partial, ignore_errors=True)
-        tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise store.ResumeError(f"converting {ckpt_dir / tag} to DeepSpeed's universal form failed: {tail}. Resume "
-                                "on the same number of GPUs and precision, or run the conversion by hand: "
-                                f"{' '.join(command)}")
+        message = (f"converting {ckpt_dir / tag} to DeepSpeed's universal form failed: {failure_reason(result)}. ")
+        if result.returncode < 0:
+            raise ConversionInterrupted(message + "The checkpoint is as it was: run the same command again")
+        raise store.ResumeError(message + "Resume on the same number of GPUs and precision, or run the conversion "
+                                f"by hand: {' '.join(command)}")
     store.seal(partial, {"universal_of": tag, "seconds": round(time.perf_counter() - start, 2)})
     store.publish(partial, final)
     return final

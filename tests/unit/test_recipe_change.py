@@ -1,0 +1,118 @@
+"""A resume with another recipe: every tag records the configuration it was trained with, and a resume compares
+the one given now with it (engine/checkpointing/recipe.py): every changed key is named `old -> new` in a note that
+the log and run.json keep; a key that changes what the loss means at the same step is refused unless
+`checkpoint.allow_recipe_change` opts in; the schedule and learning rate may change (extending a run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from mixmae_scale.config.derive import load_resolved
+from mixmae_scale.engine.checkpointing import recipe, store
+from mixmae_scale.engine.checkpointing.resume import decide_resume
+from mixmae_scale.engine.checkpointing.state import RunIdentity
+from mixmae_scale.engine.run_record import resume_entry
+
+LAYOUT = {"zero_stage": 1, "dtype": "fp32", "sub_group_size": None, "grad_accum_dtype": None, "offload": False}
+
+
+def resolved(*overrides: str, profile: str = "tiny"):
+    return load_resolved(profile, overrides=["batch.global_batch=16", *overrides], world_size=1, train_samples=300)
+
+
+class WritingEngine:
+    """DeepSpeed's save stood in for: one model file in the tag."""
+
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest):
+        (store.Path(ckpt_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (store.Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 64)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def saved_run(tmp_path, first):
+    """A run folder with one tag saved by the real store with `first`'s recipe, as the trainer saves it."""
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    identity = RunIdentity.of(first, LAYOUT)
+    rank_state = {"loader": {"epoch": 0, "batches_consumed": 4}, "rng": {}, "model_digest": identity.model_digest,
+                  "model_shape": identity.model_shape, "optimizer_layout": LAYOUT,
+                  "global_batch": identity.global_batch, "init": identity.init}
+    request = store.SaveRequest(4, recipe=recipe.as_record(first))
+    store.save(WritingEngine(), ckpt_dir, request, {"step": 4}, rank_state)
+    return ckpt_dir
+
+
+def plan_for(ckpt_dir, now):
+    return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now),
+                         allow_recipe_change=now.config.checkpoint.allow_recipe_change)
+
+
+def test_each_tag_records_its_recipe_and_an_unchanged_resume_says_nothing(tmp_path, world_of_one):
+    first = resolved()
+    ckpt_dir = saved_run(tmp_path, first)
+    recorded = yaml.safe_load((ckpt_dir / "step00000004" / store.RECIPE).read_text())
+    assert recorded["model"]["mask_ratio"] == first.config.model.mask_ratio
+    assert store.RECIPE in store.marker(ckpt_dir, "step00000004")["files"]  # sealed with the tag, size checked
+    plan = plan_for(ckpt_dir, resolved())
+    assert plan.tag == "step00000004" and plan.notes == () and plan.config_changes == ()
+
+
+def test_a_longer_schedule_and_another_learning_rate_resume_with_a_note_naming_each_change(tmp_path, world_of_one):
+    ckpt_dir = saved_run(tmp_path, resolved())
+    plan = plan_for(ckpt_dir, resolved("schedule.epochs=50", "optim.base_learning_rate=0.1"))
+    assert "optim.base_learning_rate 0.01 -> 0.1" in plan.config_changes
+    assert "schedule.epochs 5.0 -> 50.0" in plan.config_changes
+    assert len(plan.notes) == 1 and "with a changed configuration" in plan.notes[0]
+    assert "optim.base_learning_rate 0.01 -> 0.1" in plan.notes[0]
+    entry = resume_entry(plan, 4, 1, LAYOUT)  # what run.json keeps of the resume
+    assert entry["config_changes"] == list(plan.config_changes) and entry["notes"] == list(plan.notes)
+
+
+def test_a_changed_mask_ratio_is_refused_naming_the_key_and_the_opt_in_and_resumes_with_it(tmp_path, world_of_one):
+    ckpt_dir = saved_run(tmp_path, resolved())
+    with pytest.raises(store.ResumeError) as refused:
+        plan_for(ckpt_dir, resolved("model.mask_ratio=0.75", "schedule.epochs=50"))
+    message = str(refused.value)
+    assert "model.mask_ratio 0.5 -> 0.75" in message and "checkpoint.allow_recipe_change=true" in message
+    assert str((ckpt_dir / "step00000004").resolve()) in message and "--overwrite" in message
+    plan = plan_for(ckpt_dir, resolved("model.mask_ratio=0.75", "checkpoint.allow_recipe_change=true"))
+    assert plan.config_changes == ("model.mask_ratio 0.5 -> 0.75",)
+    assert "checkpoint.allow_recipe_change=true lets model.mask_ratio change" in plan.notes[0]
+
+
+def test_another_profile_is_named_and_its_loss_changes_refused(tmp_path, world_of_one):
+    ckpt_dir = saved_run(tmp_path, resolved())
+    now = resolved("model.norm_pix_loss=false", "data.hflip=0.0", "logging.every_steps=7")
+    with pytest.raises(store.ResumeError, match="model.norm_pix_loss true -> false; data.hflip|data.hflip 0.5 -> 0.0"):
+        plan_for(ckpt_dir, now)
+
+
+@pytest.mark.parametrize("key, refused", [
+    ("model.mask_ratio", True), ("model.norm_pix_loss", True), ("model.drop_path", True), ("data.hflip", True),
+    ("data.crop_scale", True), ("finetune.mixup", True), ("model.checkpoint_every", False),
+    ("model.compile", False), ("model.attention", False), ("optim.base_learning_rate", False),
+    ("schedule.epochs", False), ("schedule.warmup_epochs", False), ("checkpoint.keep_last", False),
+    ("batch.micro", False)])
+def test_which_keys_change_what_the_loss_means(key, refused):
+    assert recipe.changes_the_loss(key) is refused
+
+
+def test_per_start_keys_and_derived_values_are_not_compared_and_older_tags_fall_back_to_the_run_config(tmp_path):
+    saved = {"checkpoint": {"resume": "auto", "keep_last": 3}, "cluster": {"master_port": 1},
+             "derived": {"micro_batch": 8}, "model": {"mask_ratio": 0.5}}
+    now = {"checkpoint": {"resume": "step00000004", "keep_last": 3, "allow_recipe_change": True},
+           "cluster": {"master_port": 2}, "derived": {"micro_batch": 4}, "model": {"mask_ratio": 0.5}}
+    assert recipe.differences(saved, now) == []
+    verdict = recipe.compare(None, now, False, "x", "y")  # nothing recorded: nothing to compare
+    assert verdict.note is None and verdict.refusal is None
+    (tmp_path / "checkpoints" / "step00000004").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert recipe.saved_recipe(tmp_path / "checkpoints", "step00000004") == saved
