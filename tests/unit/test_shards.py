@@ -159,6 +159,27 @@ def test_flat_unlabeled_folder(tmp_path):
     assert all(s["cls"] == b"-1" for s in _samples(tmp_path / "out", "train").values())
 
 
+def test_linked_subfolders_are_followed_once_unlabeled_and_inside_class_folders(tmp_path):
+    from mixmae_scale.shards.sources import folder_images
+
+    for disk, name in (("disk1", "a"), ("disk2", "b")):
+        _jpeg(tmp_path / disk / name / "deep.jpg")
+    _jpeg(tmp_path / "flat" / "own" / "top.jpg")
+    (tmp_path / "flat" / "part1").symlink_to(tmp_path / "disk1", target_is_directory=True)
+    (tmp_path / "flat" / "part2").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "flat" / "own" / "loop").symlink_to(tmp_path / "flat", target_is_directory=True)  # no loop, no twice
+    images, _ = folder_images(tmp_path / "flat", unlabeled=True)
+    assert sorted(image.rel for image in images) == ["own/top.jpg", "part1/a/deep.jpg", "part2/b/deep.jpg"]
+
+    _jpeg(tmp_path / "classes" / "cat" / "c.jpg")
+    _jpeg(tmp_path / "classes" / "dog" / "d.jpg")
+    (tmp_path / "classes" / "cat" / "more").symlink_to(tmp_path / "disk1", target_is_directory=True)
+    images, classes = folder_images(tmp_path / "classes")
+    assert classes == ["cat", "dog"]
+    assert sorted((image.rel, image.label) for image in images) == [
+        ("cat/c.jpg", 0), ("cat/more/a/deep.jpg", 0), ("dog/d.jpg", 1)]
+
+
 def test_img2dataset_files_output_is_not_read_as_classes_and_unlabeled_converts_every_image(tmp_path, capsys):
     """img2dataset's `files` output (00000/000000000.jpg with .json and .txt, 00000_stats.json, 00000.parquet)
     was converted as classes "00000", "00001": labels that were download shard numbers."""
