@@ -22,6 +22,8 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from mixmae_scale.data.pixels import PixelError, to_rgb8
+
 BOMB_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open anything larger
 DEFAULT_MAX_PIXELS = 40_000_000
 Oversize = Literal["downscale", "reject"]
@@ -89,7 +91,7 @@ class Prepared:
 
 def _encode_rgb(image: Image.Image, quality: int, resize_shorter: int | None, max_pixels: int | None = None
                 ) -> tuple[bytes, int, int]:
-    image = image.convert("RGB")
+    image = to_rgb8(image)  # 16-bit and float images scaled as DALI scales them; convert("RGB") saturated them
     scale = 1.0
     if resize_shorter and min(image.size) > resize_shorter:
         scale = resize_shorter / min(image.size)
@@ -176,6 +178,11 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "truncated or corrupt image" if header is not None else "not an image"
         return Prepared(None, 0, 0, "rejected", f"{reason} ({why}): {_pillow_reason(exc)}")
+    mode = image.mode
+    try:
+        image = to_rgb8(image)
+    except PixelError as exc:
+        return Prepared(None, width, height, "rejected", str(exc))
     if too_big:
         encoded, new_width, new_height = _encode_rgb(image, quality, resize_shorter, max_pixels)
         return Prepared(encoded, new_width, new_height,
@@ -187,5 +194,5 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         # Pillow decoded it in full, so only the trailer is unusual: keep the original bytes.
         return Prepared(data, width, height, "copied")
     encoded, width, height = _encode_rgb(image, quality, resize_shorter)
-    detail = image.mode if header is None else f"{image.format} {image.mode}"
+    detail = mode if header is None else f"{image.format} {mode}"
     return Prepared(encoded, width, height, f"converted:{why} ({detail})")

@@ -317,6 +317,35 @@ def test_shards_another_tool_wrote_train_where_they_are_after_adoption(tmp_path,
     assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before  # read where they are, not rewritten
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_sixteen_bit_png_reads_with_the_pixels_dali_gives_not_saturated(tmp_path, backend):
+    """Adopted shards keep a 16-bit PNG as it is; Pillow's convert("RGB") clipped it nearly white in the torch
+    loader (mean 255) where DALI scales 0..65535 to 0..255 (mean 128)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    source = tmp_path / "theirs"
+    source.mkdir()
+    with wds.TarWriter(str(source / "part-0000.tar")) as sink:
+        for i in range(8):
+            buffer = io.BytesIO()
+            Image.fromarray(gradient).save(buffer, format="PNG")
+            sink.write({"__key__": f"item{i:03d}", "png": buffer.getvalue()})
+    adopt(source, tmp_path / "index", AdoptOptions())
+    spec = _spec(mode="eval", with_labels=False, with_meta=False)
+    batch, _ = next(iter(ShardLoader(str(tmp_path / "index"), "train", spec, backend, workers=1).eval_batches()))
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    pixels = (batch.images * std + mean) * 255
+    assert abs(pixels.mean().item() - 127.5) < 3  # DALI: 127.5 (round(v / 257)); torch before: 255
+
+
 def test_each_evaluation_sample_comes_out_of_the_decoder_with_its_own_id_on_every_rank(demo_shards):
     """The ids evaluation checks its coverage with (data/sample_ids.py) are the samples' own, in the images'
     order, through DALI and the PyTorch loader alike: over 3 ranks (shares of 27, 27 and 26 in batches of 8, the

@@ -277,6 +277,46 @@ def test_prepare_image_keeps_good_jpeg_bytes(tmp_path):
     assert (resized.width, resized.height) == (133, 100) and resized.action == "resized"
 
 
+def _dali_decode(data: bytes):
+    """The image as DALI's CPU decoder gives it (RGB uint8), the reference for every pixel conversion."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+    pipe = graph()
+    pipe.build()
+    return np.array(pipe.run()[0][0]).astype(float)
+
+
+def test_sixteen_bit_and_float_images_are_scaled_as_dali_decodes_them_not_saturated(tmp_path):
+    import numpy as np
+
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    prepared = prepare_image(buf.getvalue())
+    assert prepared.action == "converted:PNG (I;16)"
+    written = np.asarray(Image.open(io.BytesIO(prepared.data)).convert("RGB"), dtype=float)
+    assert abs(written.mean() - _dali_decode(buf.getvalue()).mean()) < 1.0  # convert("RGB") gave 254.4 vs 127.5
+
+    unit = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(unit, mode="F").save(buf, format="TIFF")
+    prepared = prepare_image(buf.getvalue())
+    written = np.asarray(Image.open(io.BytesIO(prepared.data)).convert("RGB"), dtype=float)
+    assert abs(written.mean() - _dali_decode(buf.getvalue()).mean()) < 1.0  # convert("RGB") gave 0
+
+    buf = io.BytesIO()
+    Image.fromarray(unit * 255, mode="F").save(buf, format="TIFF")  # DALI would clip it to white
+    prepared = prepare_image(buf.getvalue())
+    assert prepared.action == "rejected" and "mode F" in prepared.reason and "0..1" in prepared.reason
+
+
 def test_index_matches_dalis_own_wds2idx_and_shards_read_with_webdataset(tmp_path):
     import webdataset as wds
     from wds2idx import IndexCreator
