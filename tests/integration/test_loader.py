@@ -236,8 +236,9 @@ def test_a_mixture_visits_each_set_by_its_weight_and_resumes_exactly(demo_shards
     assert len(val) == 80 and set(val.values()) == {2}  # every val image exactly twice
     visited = {name: members & set(train) for name, members in sources_by_shard("train").items()}
     visited = {name: seen for name, seen in visited.items() if seen}
-    # half of the 5 train shards (round(2.5) = 2), each whole and once: a shard read in part or twice fails here
-    assert len(visited) == 2 and len(train) == len(set(train)) == sum(len(seen) for seen in visited.values())
+    # half of the 5 train shards (2, and a third in half the epochs), each whole and once: a shard read in part or
+    # twice fails here
+    assert len(visited) in (2, 3) and len(train) == len(set(train)) == sum(len(seen) for seen in visited.values())
     assert all(seen == sources_by_shard("train")[name] for name, seen in visited.items())
     print(f"\nval share measured: {sum(val.values()) / len(keys):.3f} ({len(keys)} samples; train shards "
           f"{sorted(visited)})")
