@@ -11,7 +11,8 @@ or could not use unambiguously, is left out of the index with its reason:
 - a key that appears again later in the tar (two runs of members for one key: which is the sample?);
 - no image member (jpg, jpeg, png or webp, in any case), or more than one: we reject rather than keep
   the first, so that the sample trained on never depends on member order;
-- an empty image, a `cls` that is not an integer, an image that does not decode (with `decode`);
+- an empty image, a `cls` that is not an integer, an image that does not decode or is in a format DALI's
+  decoder does not read, such as a GIF renamed .jpg (with `decode`);
 - the tar ends inside the sample or right after it without the end-of-archive marker: the samples before
   the cut are complete and are kept, the one at the cut may have lost members.
 """
@@ -35,6 +36,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
 MASK_EXTENSION = "seg.png"  # a segmentation mask (shards/masks.py): not an image member, so one per sample is fine
 INDEX_VERSION = "v1.2"
+# The formats DALI's decoders.image reads (its documentation: JPEG, JPEG 2000, TIFF, PNG, BMP, PNM (PPM, PGM, PBM),
+# WebP), as Pillow names them; MPO is a camera JPEG with extra frames, read as its first JPEG. Pillow decodes many
+# more (GIF, TGA, ICO, ...): a sample that only Pillow reads would pass --decode and stop training under DALI.
+DALI_FORMATS = ("JPEG", "MPO", "JPEG2000", "TIFF", "PNG", "BMP", "PPM", "WEBP")
 _BLOCK = 512
 _UNINDEXABLE = re.compile(r"[\s\ud800-\udfff]")
 _CHUNK = 1 << 20  # bytes per read when draining the stream
@@ -156,6 +161,9 @@ def _decode(data: bytes) -> tuple[str, str]:
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > BOMB_PIXELS:
                     return "", f"{image.width}x{image.height} pixels: a decompression bomb, not decoded"
+                if image.format not in DALI_FORMATS:
+                    return "", (f"image is {image.format or 'of an unknown format'}, which DALI's decoder does not "
+                                f"read (it reads {', '.join(DALI_FORMATS)}): convert it, e.g. to JPEG, and re-adopt")
                 image.load()
                 return f"{image.format} {image.mode}", ""
     except UnidentifiedImageError:

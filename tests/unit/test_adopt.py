@@ -415,3 +415,25 @@ def test_cls_values_that_are_ids_not_class_indexes_are_refused_and_unlabeled_ado
     assert main([*argv, "--unlabeled"]) == 0
     split = load_split(out, "train")
     assert split.samples == 4 and not split.labeled
+
+
+def test_decode_rejects_images_dali_cannot_decode_naming_their_format(tmp_path):
+    """GIF, TGA and ICO decode with Pillow but not with DALI's decoder: --decode passed them and training stopped."""
+    def encoded(format: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format=format)
+        return buf.getvalue()
+
+    members = [("good.jpg", encoded("JPEG")), ("bitmap.jpg", encoded("BMP")), ("anim.jpg", encoded("GIF")),
+               ("targa.png", encoded("TGA")), ("icon.jpg", encoded("ICO"))]
+    write_tar(tmp_path / "src" / "part-0.tar", members)
+    result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(decode=True, max_rejected=1.0))
+    assert result.manifest.splits["train"].samples == 2  # JPEG and BMP, which DALI reads
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text()
+                                                                .splitlines()) if "key" in r}
+    assert set(reasons) == {"anim", "targa", "icon"}
+    for key, format in (("anim", "GIF"), ("targa", "TGA"), ("icon", "ICO")):
+        assert f"image is {format}, which DALI's decoder does not read" in reasons[key]
+    adopt(tmp_path / "src", tmp_path / "plain", AdoptOptions(max_rejected=1.0))  # without decoding: all indexed
+    errors = verify(tmp_path / "plain", decode=True)["errors"]
+    assert len(errors) == 3 and all("which DALI's decoder does not read" in e for e in errors), errors
