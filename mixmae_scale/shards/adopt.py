@@ -325,7 +325,26 @@ class AdoptionSource:
 
         todo, done = resume(jobs, records, key=lambda job: job.name, fresh=fresh)
         desc = f"{split}: {len(todo)} tar(s) to index" + (f", {len(done)} done earlier" if done else "")
-        return WorkList(todo, done, index_shard, (), desc, "B", size=lambda job: job.size, postfix=_Tally()), []
+        return (WorkList(todo, done, index_shard, (), desc, "B", size=lambda job: job.size, postfix=_Tally()),
+                self._vanished(split))
+
+    def _vanished(self, split: str) -> list[str]:
+        """A warning when tars the manifest OUT holds for this split are no longer listed: the builder keeps the
+        records of the tars asked for only, so the manifest shrank by their samples, said nowhere, with rc 0.
+        Like a conversion whose source files vanished, the adoption goes on with what is there and says what
+        left; said once, by the rerun that drops them from the manifest."""
+        before = self.previous.splits.get(split) if self.previous else None
+        if before is None:
+            return []
+        listed = {self.prefix + t.name for t in self.tars}
+        gone = [e for e in before.shards if e.name not in listed]
+        if not gone:
+            return []
+        names = ", ".join(e.name for e in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        return [f"{split}: {len(gone)} tar(s) of the manifest are no longer in {self.src} ({names}): their "
+                f"{sum(e.samples for e in gone)} indexed sample(s) leave it ({before.samples} before). If they moved "
+                "or a mount is missing, put them back and run the same command again (the other tars are not read "
+                "again); if they were deleted on purpose, the set is now smaller"]
 
     def account(self, split: str, results: list[AdoptedShard | str]) -> SplitOutcome:
         failures = [r for r in results if isinstance(r, str)]

@@ -437,3 +437,20 @@ def test_decode_rejects_images_dali_cannot_decode_naming_their_format(tmp_path):
     adopt(tmp_path / "src", tmp_path / "plain", AdoptOptions(max_rejected=1.0))  # without decoding: all indexed
     errors = verify(tmp_path / "plain", decode=True)["errors"]
     assert len(errors) == 3 and all("which DALI's decoder does not read" in e for e in errors), errors
+
+
+def test_a_rerun_after_tars_vanished_warns_naming_them_and_the_samples_lost(wds_sets, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(wds_sets / "shardwriter", src)
+    out = tmp_path / "adopted"
+    first = adopt(src, out, AdoptOptions())
+    before = first.manifest.splits["train"].samples
+    lost = next(e.samples for e in first.manifest.splits["train"].shards if e.name == "shard-000001.tar")
+    (src / "shard-000001.tar").unlink()  # a disk not mounted, a prefix moved
+    assert main(["shards", "adopt", str(src), "--out", str(out)]) == 0
+    warning = capsys.readouterr().err
+    assert "WARNING train: 1 tar(s) of the manifest are no longer in" in warning and "shard-000001.tar" in warning
+    assert f"their {lost} indexed sample(s) leave it ({before} before)" in warning
+    assert load_split(out, "train").samples == before - lost
+    again = adopt(src, out, AdoptOptions())  # said once: the manifest no longer holds them
+    assert not [w for w in again.warnings if "no longer in" in w]
