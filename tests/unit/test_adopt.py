@@ -454,3 +454,21 @@ def test_a_rerun_after_tars_vanished_warns_naming_them_and_the_samples_lost(wds_
     assert load_split(out, "train").samples == before - lost
     again = adopt(src, out, AdoptOptions())  # said once: the manifest no longer holds them
     assert not [w for w in again.warnings if "no longer in" in w]
+
+
+def test_compressed_tars_are_warned_about_by_name_saying_to_decompress(wds_sets, tmp_path, capsys):
+    import gzip
+
+    src = tmp_path / "src"
+    shutil.copytree(wds_sets / "shardwriter", src)
+    (src / "extra-000009.tar.gz").write_bytes(gzip.compress((src / "shard-000001.tar").read_bytes()))
+    (src / "extra-000010.tgz").write_bytes(gzip.compress((src / "shard-000002.tar").read_bytes()))
+    assert main(["shards", "adopt", str(src), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING 2 compressed tar(s) ignored (extra-000009.tar.gz, extra-000010.tgz)" in err
+    assert "decompress them" in err
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(src / "extra-000009.tar.gz", only)
+    with pytest.raises(SourceError, match=r"no \.tar files found.*1 compressed tar\(s\) ignored.*gunzip"):
+        adopt(only, tmp_path / "out2", AdoptOptions())
