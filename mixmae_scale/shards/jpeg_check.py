@@ -178,7 +178,7 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "truncated or corrupt image" if header is not None else "not an image"
         return Prepared(None, 0, 0, "rejected", f"{reason} ({why}): {_pillow_reason(exc)}")
-    mode = image.mode
+    mode, source_format = image.mode, image.format  # to_rgb8 returns an image without a format
     try:
         image = to_rgb8(image)
     except PixelError as exc:
@@ -194,5 +194,5 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         # Pillow decoded it in full, so only the trailer is unusual: keep the original bytes.
         return Prepared(data, width, height, "copied")
     encoded, width, height = _encode_rgb(image, quality, resize_shorter)
-    detail = mode if header is None else f"{image.format} {mode}"
+    detail = mode if header is None else f"{source_format} {mode}"
     return Prepared(encoded, width, height, f"converted:{why} ({detail})")

@@ -317,6 +317,12 @@ def test_sixteen_bit_and_float_images_are_scaled_as_dali_decodes_them_not_satura
     assert prepared.action == "rejected" and "mode F" in prepared.reason and "0..1" in prepared.reason
 
 
+def test_a_converted_jpeg_is_counted_with_its_format_and_mode():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="JPEG", progressive=True)
+    assert prepare_image(buf.getvalue()).action == "converted:progressive or non-baseline JPEG (JPEG RGB)"
+
+
 def test_index_matches_dalis_own_wds2idx_and_shards_read_with_webdataset(tmp_path):
     import webdataset as wds
     from wds2idx import IndexCreator
