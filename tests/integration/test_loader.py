@@ -458,8 +458,8 @@ def _reordered(data: bytes) -> bytes:
 def test_the_exif_orientation_tag_is_ignored_as_the_official_code_does_unless_asked(tmp_path, backend):
     """The official loader (PIL's open) ignores the EXIF orientation tag, while DALI's decoders apply it by default
     and the fallback called exif_transpose: an image a phone stored on its side trained upright here, unlike the
-    official code and unlike the same image re-encoded by `--resize-shorter` (which drops the tag). Stored pixels:
-    red left, blue right; tag 6 (rotate 90 degrees clockwise) would put red on top."""
+    official code (conversion keeps the tag on copied and re-encoded images alike). Stored pixels: red left, blue
+    right; tag 6 (rotate 90 degrees clockwise) would put red on top."""
     import io
 
     from PIL import Image

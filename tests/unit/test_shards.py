@@ -323,6 +323,30 @@ def test_a_converted_jpeg_is_counted_with_its_format_and_mode():
     assert prepare_image(buf.getvalue()).action == "converted:progressive or non-baseline JPEG (JPEG RGB)"
 
 
+def test_every_re_encoded_image_keeps_its_exif_orientation_tag_as_a_copied_one_does():
+    """Baseline JPEGs are copied with their orientation tag; progressive, CMYK, gray and PNG sources, resized and
+    downscaled ones were re-encoded without it, so data.exif_orientation rotated some images of a set and not
+    others."""
+    def tagged(format: str, mode: str = "RGB", **save) -> bytes:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        Image.new(mode, (96, 48), 128 if mode in ("L", "CMYK") else (0, 0, 255)).save(buf, format=format,
+                                                                                      exif=exif.tobytes(), **save)
+        return buf.getvalue()
+
+    cases = {"baseline": (tagged("JPEG"), {}), "progressive": (tagged("JPEG", progressive=True), {}),
+             "cmyk": (tagged("JPEG", "CMYK"), {}), "gray": (tagged("JPEG", "L"), {}), "png": (tagged("PNG"), {}),
+             "resized": (tagged("JPEG"), {"resize_shorter": 24}), "downscaled": (tagged("JPEG"), {"max_pixels": 1000})}
+    for name, (data, options) in cases.items():
+        prepared = prepare_image(data, **options)
+        assert prepared.data is not None, (name, prepared.reason)
+        assert Image.open(io.BytesIO(prepared.data)).getexif().get(0x0112) == 6, (name, prepared.action)
+    untagged = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(untagged, format="PNG")
+    assert 0x0112 not in Image.open(io.BytesIO(prepare_image(untagged.getvalue()).data)).getexif()
+
+
 def test_index_matches_dalis_own_wds2idx_and_shards_read_with_webdataset(tmp_path):
     import webdataset as wds
     from wds2idx import IndexCreator
