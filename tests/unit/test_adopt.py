@@ -129,8 +129,9 @@ def test_img2dataset_layout_every_bad_sample_has_its_reason_and_counts_reconcile
     out = tmp_path / "adopted"
     manifest = adopt(wds_sets / "img2dataset", out, AdoptOptions(max_rejected=0.5)).manifest.to_dict()
     split = manifest["splits"]["train"]
-    # 00000: 4 good. 00001: 8 samples, 3 usable without decoding. 00002: 3 complete before the cut, 1 cut.
-    assert (split["found"], split["samples"], split["rejected"]) == (16, 10, 6)
+    # 00000: 4 good. 00001: 7 samples (000010004, apart, is one), 3 usable without decoding. 00002: 3 complete
+    # before the cut, 1 cut.
+    assert (split["found"], split["samples"], split["rejected"]) == (15, 10, 5)
     assert split["members"] == 12 + 14 + 7 and split["ignored_members"] == 1
     assert not split["labeled"] and manifest["classes"] == [] and not (out / "classes.json").exists()
     assert split["ignored_files"] == {".parquet": 3, ".json": 3}
@@ -166,12 +167,13 @@ def test_too_many_rejections_exit_nonzero_and_accepting_them_redoes_nothing(wds_
     out = tmp_path / "adopted"
     assert main(["shards", "adopt", str(wds_sets / "img2dataset"), "--out", str(out), "--workers", "1"]) == 2
     error = capsys.readouterr().err
-    assert "train: 6 of 16 samples (and unreadable tars) rejected (37.5%), above --max-rejected 0.01" in error
-    assert "--max-rejected 0.38" in error and not (out / "dataset.json").exists()
-    assert len((out / "rejected.jsonl").read_text().splitlines()) == 6 + 1 + 1  # samples, hidden file, cut tar
+    assert "train: 5 of 15 samples (and unreadable tars) rejected (33.3%), above --max-rejected 0.01" in error
+    assert "--max-rejected 0.34" in error and "1 of them are keys whose members are apart" in error
+    assert not (out / "dataset.json").exists()
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 5 + 1 + 1  # samples, hidden file, cut tar
     assert main(["shards", "adopt", str(wds_sets / "img2dataset"), "--out", str(out), "--max-rejected", "0.4"]) == 0
     printed = capsys.readouterr().out
-    assert "(0 indexed now); samples found 16 = indexed 10 + rejected 6" in printed
+    assert "(0 indexed now); samples found 15 = indexed 10 + rejected 5" in printed
     assert (out / "dataset.json").exists()
 
 
@@ -472,3 +474,17 @@ def test_compressed_tars_are_warned_about_by_name_saying_to_decompress(wds_sets,
     shutil.copy(src / "extra-000009.tar.gz", only)
     with pytest.raises(SourceError, match=r"no \.tar files found.*1 compressed tar\(s\) ignored.*gunzip"):
         adopt(only, tmp_path / "out2", AdoptOptions())
+
+
+def test_a_tar_in_directory_order_counts_its_keys_once_and_says_to_retar_sorted(tmp_path):
+    """`tar cf x.tar .` writes members in directory order: a key's jpg and cls apart. Each run was counted as a
+    sample ("40 of 40 samples rejected" for 20 images) and the way out offered was --max-rejected 1."""
+    members = [(f"{i:03d}.jpg", image_bytes("jpg")) for i in range(20)] + [(f"{i:03d}.cls", b"1") for i in range(20)]
+    write_tar(tmp_path / "src" / "part-0.tar", members)
+    with pytest.raises(TooManyRejected) as refused:
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions())
+    message = str(refused.value)
+    assert "20 of 20 samples (and unreadable tars) rejected" in message
+    assert "20 of them are keys whose members are apart in the tar" in message and "tar --sort=name" in message
+    lines = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(sorted(r["members"]) == [f"{r['key']}.cls", f"{r['key']}.jpg"] for r in lines)
