@@ -139,6 +139,16 @@ def test_too_small_a_train_split_or_a_missing_required_split_is_refused_with_the
         choose_heldout(str(folder), "train", "val", "tail", 8)
 
 
+def test_a_refusal_at_the_grids_floor_names_the_floor_not_the_settings(tmp_path):
+    folder = write_set(tmp_path / "set", sizes=(5, 4))  # 9 samples: too few to hold out 8 and train on as many
+    count = heldout_count(1, 2)  # 2 by the settings, 8 by the grids' floor
+    with pytest.raises(DataError) as refused:
+        choose_heldout(str(folder), "train", "val", "auto", count)
+    message = str(refused.value)
+    assert "too few to hold out 8 (the 8 images the reconstruction grids need at the least" in message
+    assert "(logging.heldout_batches x batch.micro)" not in message and "lower logging.heldout_batches" not in message
+
+
 def test_an_index_that_does_not_match_the_manifest_is_still_caught_in_a_part(tmp_path):
     folder = write_set(tmp_path / "set")
     lines = (folder / "train-003.idx").read_text().splitlines()
