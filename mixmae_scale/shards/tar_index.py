@@ -11,8 +11,8 @@ or could not use unambiguously, is left out of the index with its reason:
 - a key that appears again later in the tar (two runs of members for one key: which is the sample?);
 - no image member (jpg, jpeg, png or webp, in any case), or more than one: we reject rather than keep
   the first, so that the sample trained on never depends on member order;
-- an empty image, a `cls` that is not an integer, an image that does not decode or is in a format DALI's
-  decoder does not read, such as a GIF renamed .jpg (with `decode`);
+- an empty image, a `cls` that is not a class index (data/labels.py), an image that does not decode or is in
+  a format DALI's decoder does not read, such as a GIF renamed .jpg (with `decode`);
 - the tar ends inside the sample or right after it without the end-of-archive marker: the samples before
   the cut are complete and are kept, the one at the cut may have lost members.
 """
@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from mixmae_scale.data.labels import UNLABELED, parse_cls
 from mixmae_scale.shards.jpeg_check import BOMB_PIXELS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -175,12 +176,13 @@ def _decode(data: bytes) -> tuple[str, str]:
         return "", " ".join(f"image does not decode: {type(exc).__name__}: {exc}".split())
 
 
-def _label(data: bytes) -> tuple[int | None, str]:
+def _label(data: bytes, key: str) -> tuple[int | None, str]:
+    """(class index or None for -1, '') or (None, the reason naming the key; the rejection row names the tar)."""
     try:
-        value = int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return None, f"cls is not an integer: {data[:32]!r}"
-    return (value if value >= 0 else None), ""  # -1 is `mixmae shards`' own mark for an unlabeled image
+        value = parse_cls(data)
+    except ValueError as exc:
+        return None, f"sample {key!r}: {exc}"
+    return (None if value == UNLABELED else value), ""  # -1 is `mixmae shards`' own mark for an unlabeled image
 
 
 def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
@@ -293,7 +295,7 @@ def _read_members(tar: tarfile.TarFile, result: TarIndex, samples: list[_Sample]
         if lower == LABEL_EXTENSION or (decode and lower in IMAGE_EXTENSIONS):
             data = tar.extractfile(info).read()
             if lower == LABEL_EXTENSION:
-                label, problem = _label(data)
+                label, problem = _label(data, current.key)
                 current.label = label if current.label is None else current.label
             else:
                 current.image, problem = _decode(data)

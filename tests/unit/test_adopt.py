@@ -488,3 +488,28 @@ def test_a_tar_in_directory_order_counts_its_keys_once_and_says_to_retar_sorted(
     assert "20 of them are keys whose members are apart in the tar" in message and "tar --sort=name" in message
     lines = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(sorted(r["members"]) == [f"{r['key']}.cls", f"{r['key']}.jpg"] for r in lines)
+
+
+def test_cls_must_be_plain_decimal_digits_or_minus_one_and_a_refusal_names_the_tar_and_key(tmp_path):
+    """int() read "-3" (counted unlabeled at adoption, class -3 in training) and "1_000" (class 1000)."""
+    values = {"good": b"3\n", "unlabeled": b"-1", "negative": b"-3", "underscore": b"1_000", "plus": b"+7",
+              "arabic": "\u0663".encode(), "padded": b" 12 "}
+    write_tar(tmp_path / "src" / "part-0.tar",
+              [m for key, value in values.items() for m in ((f"{key}.jpg", image_bytes("jpg")), (f"{key}.cls", value))])
+    adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(max_rejected=1.0))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    rejected = {r["key"]: r for r in rows}
+    assert set(rejected) == {"negative", "underscore", "plus", "arabic"}
+    for key, row in rejected.items():
+        assert row["shard"] == "part-0.tar" and f"sample '{key}': cls" in row["reason"], row
+        assert "is not a class index: plain decimal digits" in row["reason"]
+    assert load_split(tmp_path / "out", "train").samples == 3
+
+
+def test_the_reader_refuses_a_cls_that_is_not_a_plain_index():
+    from mixmae_scale.data.labels import parse_cls
+
+    assert [parse_cls(b"0"), parse_cls(b"42\n"), parse_cls(b"-1")] == [0, 42, -1]
+    for bad in (b"-3", b"1_000", b"+7", b"3.0", b"", b"n01440764"):
+        with pytest.raises(ValueError, match="is not a class index"):
+            parse_cls(bad)
