@@ -131,7 +131,15 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
         why = (f"data.heldout=train holds out the end of '{train_split}' (the set's '{val_split}' is not read)"
                if val_split in splits else f"no split '{val_split}'")
         way = f"data.heldout=auto reads '{val_split}' instead" if val_split in splits else add_one
+        # heldout_count's floor: at the grids' 8 the count is not the settings' product, and lowering them does
+        # not lower it (the message named the settings for the floor's 8).
+        if count <= GRID_IMAGES:
+            what = (f"the {GRID_IMAGES} images the reconstruction grids need at the least (a hold-out is never "
+                    "smaller, whatever logging.heldout_batches x batch.micro)")
+            lower = ""
+        else:
+            what = "logging.heldout_batches x batch.micro"
+            lower = ", or lower logging.heldout_batches or batch.micro"
         raise DataError(f"{path}: {why}, and '{train_split}' has {train.samples} samples, too few to hold out "
-                        f"{count} (logging.heldout_batches x batch.micro) and train on the rest; {way}, or lower "
-                        "logging.heldout_batches or batch.micro")
+                        f"{count} ({what}) and train on the rest; {way}{lower}")
     return HeldOut(split_tail(train, count)[1], count, train.samples)

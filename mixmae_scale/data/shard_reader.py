@@ -23,6 +23,7 @@ import numpy as np
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.labels import parse_cls
 from mixmae_scale.data.shard_index import TAR_HEADER, ShardIndex, read_index, tar_header_holds
 from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits
 from mixmae_scale.seeds import stream_seed
@@ -180,10 +181,10 @@ class SampleSource:
             label = -1
             if "label" in data:
                 try:
-                    label = int(data["label"])
-                except ValueError:
-                    raise DataError(f"{url}: sample {index.keys[i]}: label {data['label'][:20]!r} is not an "
-                                    "integer") from None
+                    label = parse_cls(data["label"])
+                except ValueError as exc:
+                    raise DataError(f"{url}: sample {index.keys[i]}: {exc}; `mixmae shards adopt` rejects such "
+                                    "samples: adopt the tars again") from None
             yield RawSample(f"{url}:{index.keys[i]}", data["image"], label, data.get("meta"), (epoch, visit, i),
                             mask=data.get("mask"))
         if stop < last:

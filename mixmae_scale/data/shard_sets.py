@@ -3,7 +3,10 @@ number of ranks, cut into equal contiguous parts per rank.
 
 An epoch is a list of shard *visits*, shuffled with (seed, epoch): every shard of a set once per unit of
 its weight (open_clip's upsampling factors: weight 2 visits each shard twice, 0.5 visits half of them,
-a different half each epoch). Laid end to end, the visits number the epoch's samples 0..N-1: a global
+a different half each epoch). Shards are read whole, so a fraction f of a set's n shards is floor(f x n) shards
+plus one more with probability f x n - floor(f x n), drawn per (seed, epoch, set): over epochs each set is read
+by its weight exactly, where rounding f x n never read one shard at 0.5 or four at 0.1, and read three at 0.5
+as two (round half to even). Laid end to end, the visits number the epoch's samples 0..N-1: a global
 order that is the same on 8 GPUs or 256. A `Layout` gives rank r the r-th of `world` equal contiguous
 runs of that order (the few samples that do not fill a batch on every rank are left out, as a
 drop-last loader does), so a rank opens only its own shards, and its position is one number: the
@@ -18,6 +21,7 @@ epoch repeats at most the consumed part of one window per old rank and skips not
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,6 +31,8 @@ import numpy as np
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.data.manifest import SplitShards
 from mixmae_scale.seeds import stream_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,21 @@ class ShardMixture:
             raise DataError("data.sources: no shard set given")
         self.sets = tuple(sets)
         self._visits: dict[tuple[int, int], Visits] = {}
+        for entry in self.sets:
+            count = len(entry.shards.samples_per_shard)
+            fraction = entry.weight % 1.0
+            if 1e-9 < fraction * count < 1 - 1e-9:
+                name = entry.name or entry.shards.location
+                if entry.weight < 1:
+                    remedy = f"a weight of at least {1 / count:g} reads some of it every epoch"
+                else:
+                    remedy = f"a whole weight ({math.floor(entry.weight)} or {math.ceil(entry.weight)}) reads it evenly"
+                log.warning("data.sources: %s has %d shard(s) at weight %g: its fractional part is %.2f of a shard per "
+                            "epoch, and shards are read whole, so %s in %.0f%% of epochs, drawn per epoch (its share "
+                            "holds on average over epochs, not in each); %s", name, count, entry.weight,
+                            fraction * count,
+                            "it is read (one shard)" if entry.weight < 1 else "one more shard is read",
+                            100 * fraction * count, remedy)
 
     @property
     def labeled(self) -> bool:
@@ -80,11 +101,13 @@ class ShardMixture:
 
     @cached_property
     def expected_samples(self) -> int:
-        """Samples per epoch (exact for whole weights; the mean over epochs for fractional ones)."""
+        """Samples per epoch (exact for whole weights; the mean over epochs for fractional ones: each shard is
+        equally likely to be drawn, and floor(f x n) + Bernoulli(remainder) shards are, so f x samples)."""
         return round(sum(s.weight * s.shards.samples for s in self.sets))
 
     def shares(self) -> list[tuple[str, float]]:
-        """Each set's share of an epoch's samples, for the log."""
+        """Each set's expected share of an epoch's samples, for the log (the mean over epochs, as
+        expected_samples)."""
         total = sum(s.weight * s.shards.samples for s in self.sets)
         return [(s.name or s.shards.location, s.weight * s.shards.samples / total) for s in self.sets]
 
@@ -102,7 +125,8 @@ class ShardMixture:
             picked = [np.arange(count)] * int(whole)
             if fraction > 1e-9:
                 rng = np.random.default_rng(stream_seed("fraction", seed, epoch, number))
-                picked.append(np.sort(rng.permutation(count)[: round(fraction * count)]))
+                order = rng.permutation(count)
+                picked.append(np.sort(order[: fractional_shards(fraction * count, rng)]))
             chosen = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
             sources.append(np.full(len(chosen), number, dtype=np.int32))
             shards.append(chosen.astype(np.int64))
@@ -121,6 +145,15 @@ class ShardMixture:
         count = np.asarray(self.sets[0].shards.samples_per_shard, dtype=np.int64)
         return Visits(0, np.zeros(len(count), dtype=np.int32), np.arange(len(count)), count,
                       np.concatenate([[0], np.cumsum(count)]))
+
+
+def fractional_shards(expected: float, rng: np.random.Generator) -> int:
+    """floor(expected) shards, plus one with probability equal to the remainder: `expected` on average, whole
+    shards each epoch. The draw is always made, so the generator's use does not depend on the weight."""
+    whole = math.floor(expected + 1e-9)  # 0.1 x 10 is 1.0000000000000002 or 0.9999999999999999
+    draw = rng.random()
+    remainder = expected - whole
+    return whole + int(remainder > 1e-9 and draw < remainder)
 
 
 Interval = tuple[int, int]

@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.pixels import to_rgb8
 from mixmae_scale.data.shard_reader import RawBatch, RawSample
 from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_LEVELS, PipelineSpec, eval_resize
 from mixmae_scale.seeds import stream_seed
@@ -101,7 +102,7 @@ class TorchDecoder:
         try:
             with Image.open(io.BytesIO(sample.image)) as opened:
                 oriented = ImageOps.exif_transpose(opened) if self.spec.exif_orientation else opened
-                image = oriented.convert("RGB")
+                image = to_rgb8(oriented, strict=False)  # 16-bit and float scaled as DALI does, not clipped
         except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises for truncated or foreign bytes
             raise DataError(f"{sample.key}: the image could not be decoded ({exc}). `mixmae shards verify --decode` "
                             "lists every such file; rebuild or re-adopt the shards, then run the same command "

@@ -51,6 +51,7 @@ SORTED_SHARE = 0.9  # a shard whose most frequent class holds this share of it h
 # A cls past this is an id or a hash, not a class index: classes.json would list that many classes and a classifier
 # head as many outputs (ImageNet-21k has 21,841 classes, JFT-3B about 30,000).
 MAX_CLASSES = 1_000_000
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.zstd")
 
 
 @dataclass(frozen=True)
@@ -294,9 +295,11 @@ class AdoptionSource:
         self.tars = [f for f in listing
                      if f.name.lower().endswith(".tar") and not f.name.rsplit("/", 1)[-1].startswith(".")]
         self.others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if f not in self.tars)
+        compressed = [f.name for f in listing if f.name.lower().endswith(COMPRESSED_TARS)]
         if not self.tars:
             raise SourceError(f"{self.src}: no .tar files found (searched recursively"
-                              + (f"; it holds {dict(self.others)}" if self.others else "; it is empty") + ")")
+                              + (f"; it holds {dict(self.others)}" if self.others else "; it is empty") + ")"
+                              + (f". {_compressed_note(compressed)}" if compressed else ""))
         self.left_out = other_split_tars(self.options.split, [t.name for t in self.tars])
         left_out = {name for names in self.left_out.values() for name in names}
         if left_out and len(left_out) == len(self.tars):
@@ -306,7 +309,7 @@ class AdoptionSource:
         self.tars = [t for t in self.tars if t.name not in left_out]
         self.previous = load_manifest(self.out) if manifest_exists(self.out) else None
         self.base, self.other_splits, self.prefix = _place(self.previous, self.src, self.options.split)
-        return [], []
+        return [], [_compressed_note(compressed)] if compressed else []
 
     def pending(self, split: str) -> tuple[WorkList, list[str]]:
         records = {r.name: r for r in read_records(storage.join(self.out, f"{PROGRESS_DIR}/{split}"),
@@ -325,7 +328,26 @@ class AdoptionSource:
 
         todo, done = resume(jobs, records, key=lambda job: job.name, fresh=fresh)
         desc = f"{split}: {len(todo)} tar(s) to index" + (f", {len(done)} done earlier" if done else "")
-        return WorkList(todo, done, index_shard, (), desc, "B", size=lambda job: job.size, postfix=_Tally()), []
+        return (WorkList(todo, done, index_shard, (), desc, "B", size=lambda job: job.size, postfix=_Tally()),
+                self._vanished(split))
+
+    def _vanished(self, split: str) -> list[str]:
+        """A warning when tars the manifest OUT holds for this split are no longer listed: the builder keeps the
+        records of the tars asked for only, so the manifest shrank by their samples, said nowhere, with rc 0.
+        Like a conversion whose source files vanished, the adoption goes on with what is there and says what
+        left; said once, by the rerun that drops them from the manifest."""
+        before = self.previous.splits.get(split) if self.previous else None
+        if before is None:
+            return []
+        listed = {self.prefix + t.name for t in self.tars}
+        gone = [e for e in before.shards if e.name not in listed]
+        if not gone:
+            return []
+        names = ", ".join(e.name for e in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        return [f"{split}: {len(gone)} tar(s) of the manifest are no longer in {self.src} ({names}): their "
+                f"{sum(e.samples for e in gone)} indexed sample(s) leave it ({before.samples} before). If they moved "
+                "or a mount is missing, put them back and run the same command again (the other tars are not read "
+                "again); if they were deleted on purpose, the set is now smaller"]
 
     def account(self, split: str, results: list[AdoptedShard | str]) -> SplitOutcome:
         failures = [r for r in results if isinstance(r, str)]
@@ -392,6 +414,15 @@ class AdoptionSource:
         mask_classes = self.previous.mask_classes if self.previous else []  # a tar does not say its mask classes
         return Manifest({**self.other_splits, **entries}, self.classes, base=self.base, tool_version=__version__,
                         mask_classes=mask_classes)
+
+
+def _compressed_note(names: list[str]) -> str:
+    """Compressed tars are not shards: training reads byte ranges of each tar at the offsets its index gives, and
+    a gzip (bz2, xz, zstd) stream has no such offsets. A summary's "ignored files: {'.gz': 1}" hid them."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{len(names)} compressed tar(s) ignored ({shown}): training reads byte ranges of plain tars, which a "
+            "compressed stream has not; decompress them in place (`gunzip x.tar.gz` or `gunzip x.tgz` leaves x.tar; "
+            "`unxz`, `bunzip2`, `unzstd` likewise) and run the same command again")
 
 
 def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResult:

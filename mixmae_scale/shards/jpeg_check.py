@@ -22,6 +22,8 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from mixmae_scale.data.pixels import PixelError, to_rgb8
+
 BOMB_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open anything larger
 DEFAULT_MAX_PIXELS = 40_000_000
 Oversize = Literal["downscale", "reject"]
@@ -87,9 +89,25 @@ class Prepared:
     reason: str = ""
 
 
-def _encode_rgb(image: Image.Image, quality: int, resize_shorter: int | None, max_pixels: int | None = None
-                ) -> tuple[bytes, int, int]:
-    image = image.convert("RGB")
+ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def orientation_of(image: Image.Image) -> int | None:
+    """The image's EXIF orientation tag (JPEG APP1, PNG eXIf, TIFF, WebP), or None."""
+    try:
+        value = image.getexif().get(ORIENTATION)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block only means no tag to carry
+        return None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _encode_rgb(image: Image.Image, quality: int, resize_shorter: int | None, max_pixels: int | None = None,
+                orientation: int | None = None) -> tuple[bytes, int, int]:
+    """JPEG bytes of `image`, resized as asked. `orientation` (the source's EXIF tag) is written into the new file,
+    alone: a baseline JPEG is copied with its tag, so a re-encoded one (progressive, CMYK, gray, PNG, resized)
+    dropping it trained some images of one set rotated by data.exif_orientation and others not. The pixels are
+    resized as stored, so the tag still describes them."""
+    image = to_rgb8(image)  # 16-bit and float images scaled as DALI scales them; convert("RGB") saturated them
     scale = 1.0
     if resize_shorter and min(image.size) > resize_shorter:
         scale = resize_shorter / min(image.size)
@@ -99,7 +117,12 @@ def _encode_rgb(image: Image.Image, quality: int, resize_shorter: int | None, ma
         size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
+    tags = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[ORIENTATION] = orientation
+        tags["exif"] = exif.tobytes()
+    image.save(out, format="JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0", **tags)
     return out.getvalue(), image.width, image.height
 
 
@@ -176,16 +199,22 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "truncated or corrupt image" if header is not None else "not an image"
         return Prepared(None, 0, 0, "rejected", f"{reason} ({why}): {_pillow_reason(exc)}")
+    mode, source_format = image.mode, image.format  # to_rgb8 returns an image without a format
+    orientation = orientation_of(image)
+    try:
+        image = to_rgb8(image)
+    except PixelError as exc:
+        return Prepared(None, width, height, "rejected", str(exc))
     if too_big:
-        encoded, new_width, new_height = _encode_rgb(image, quality, resize_shorter, max_pixels)
+        encoded, new_width, new_height = _encode_rgb(image, quality, resize_shorter, max_pixels, orientation)
         return Prepared(encoded, new_width, new_height,
                         f"converted:downscaled ({_megapixels(width, height)} > {max_pixels / 1e6:g} MP)")
     if why is None:  # a good JPEG that only needs resizing
-        encoded, width, height = _encode_rgb(image, quality, resize_shorter)
+        encoded, width, height = _encode_rgb(image, quality, resize_shorter, orientation=orientation)
         return Prepared(encoded, width, height, "resized")
     if why == "no end-of-image marker":
         # Pillow decoded it in full, so only the trailer is unusual: keep the original bytes.
         return Prepared(data, width, height, "copied")
-    encoded, width, height = _encode_rgb(image, quality, resize_shorter)
-    detail = image.mode if header is None else f"{image.format} {image.mode}"
+    encoded, width, height = _encode_rgb(image, quality, resize_shorter, orientation=orientation)
+    detail = mode if header is None else f"{source_format} {mode}"
     return Prepared(encoded, width, height, f"converted:{why} ({detail})")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from mixmae_scale.shards.tar_index import KEY_APART, KEY_APART_REMEDY
+
 DEFAULT_MAX_REJECTED = 0.01
 
 
@@ -45,16 +47,21 @@ def check_every_split(counts: list[tuple[str, int, list[str]]], max_rejected: fl
     """One TooManyRejected naming every (split, found, reasons) above `max_rejected`, so that one run tells
     the user about all of them, with the one --max-rejected that accepts them all. A split that found nothing
     is not a share of rejections (no --max-rejected would pass it): the build says it is empty."""
-    over, suggest = [], 0.0
+    over, suggest, apart = [], 0.0, 0
     for what, found, reasons in counts:
         rejected = len(reasons)
         if not found or rejected / found <= max_rejected:
             continue
+        apart += sum(KEY_APART in reason for reason in reasons)
         share = f"{100 * rejected / found:.1f}%"
         suggest = max(suggest, min(1.0, round(rejected / found + 0.005, 2)))
         over.append(f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
                     + (f": {reason_counts(reasons)}" if reasons else ""))
     if over:
+        # Keys whose members are apart are not bad images: the tar's member order is, and accepting them loses
+        # every such sample, so the way out is to re-tar, not to raise the ceiling.
+        retar = (f". {apart} of them are keys whose members are apart in the tar: {KEY_APART_REMEDY}, and run the "
+                 "same command again" if apart else "")
         raise TooManyRejected(
-            "; ".join(over) + f"; each with its reason in {rejections_file}. Fix the source and run the same command "
-            f"again (finished shards are kept), or accept them with --max-rejected {suggest:g}")
+            "; ".join(over) + f"; each with its reason in {rejections_file}{retar}. Fix the source and run the same "
+            f"command again (finished shards are kept), or accept them with --max-rejected {suggest:g}")

@@ -42,9 +42,19 @@ def ignored_note(ignored: list[str], shown: int = 5) -> str:
 
 
 def _list_images(folder: Path, root: Path, label: int, wnid: str | None, ignored: list[str]) -> list[SourceImage]:
-    """Every file under `folder` (recursively) named like an image; the others' relative paths go to `ignored`."""
+    """Every file under `folder` (recursively) named like an image; the others' relative paths go to `ignored`.
+
+    Linked folders are followed, at any depth (os.walk skips them by default: a split spread over linked disks
+    lost every image below its first level unsaid), each real folder once, so that a link back up the tree or two
+    links to one folder neither loop nor count an image twice; as storage.list_files does for adoption."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
         # A folder named like an image is listed too, so that it is reported (as unreadable), not lost.
         odd_folders = [d for d in dirnames if is_image_name(d) and not d.startswith(".")]

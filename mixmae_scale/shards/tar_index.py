@@ -11,7 +11,8 @@ or could not use unambiguously, is left out of the index with its reason:
 - a key that appears again later in the tar (two runs of members for one key: which is the sample?);
 - no image member (jpg, jpeg, png or webp, in any case), or more than one: we reject rather than keep
   the first, so that the sample trained on never depends on member order;
-- an empty image, a `cls` that is not an integer, an image that does not decode (with `decode`);
+- an empty image, a `cls` that is not a class index (data/labels.py), an image that does not decode or is in
+  a format DALI's decoder does not read, such as a GIF renamed .jpg (with `decode`);
 - the tar ends inside the sample or right after it without the end-of-archive marker: the samples before
   the cut are complete and are kept, the one at the cut may have lost members.
 """
@@ -29,12 +30,20 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from mixmae_scale.data.labels import UNLABELED, parse_cls
 from mixmae_scale.shards.jpeg_check import BOMB_PIXELS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
 MASK_EXTENSION = "seg.png"  # a segmentation mask (shards/masks.py): not an image member, so one per sample is fine
 INDEX_VERSION = "v1.2"
+KEY_APART = "times apart in this tar"  # in the reason of a key whose members are not consecutive
+KEY_APART_REMEDY = ("a tar written in directory order, `tar cf x.tar .`, splits them: re-tar sorted by name, "
+                    "`tar --sort=name -cf x.tar -C folder .`")
+# The formats DALI's decoders.image reads (its documentation: JPEG, JPEG 2000, TIFF, PNG, BMP, PNM (PPM, PGM, PBM),
+# WebP), as Pillow names them; MPO is a camera JPEG with extra frames, read as its first JPEG. Pillow decodes many
+# more (GIF, TGA, ICO, ...): a sample that only Pillow reads would pass --decode and stop training under DALI.
+DALI_FORMATS = ("JPEG", "MPO", "JPEG2000", "TIFF", "PNG", "BMP", "PPM", "WEBP")
 _BLOCK = 512
 _UNINDEXABLE = re.compile(r"[\s\ud800-\udfff]")
 _CHUNK = 1 << 20  # bytes per read when draining the stream
@@ -156,6 +165,9 @@ def _decode(data: bytes) -> tuple[str, str]:
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > BOMB_PIXELS:
                     return "", f"{image.width}x{image.height} pixels: a decompression bomb, not decoded"
+                if image.format not in DALI_FORMATS:
+                    return "", (f"image is {image.format or 'of an unknown format'}, which DALI's decoder does not "
+                                f"read (it reads {', '.join(DALI_FORMATS)}): convert it, e.g. to JPEG, and re-adopt")
                 image.load()
                 return f"{image.format} {image.mode}", ""
     except UnidentifiedImageError:
@@ -164,12 +176,13 @@ def _decode(data: bytes) -> tuple[str, str]:
         return "", " ".join(f"image does not decode: {type(exc).__name__}: {exc}".split())
 
 
-def _label(data: bytes) -> tuple[int | None, str]:
+def _label(data: bytes, key: str) -> tuple[int | None, str]:
+    """(class index or None for -1, '') or (None, the reason naming the key; the rejection row names the tar)."""
     try:
-        value = int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return None, f"cls is not an integer: {data[:32]!r}"
-    return (value if value >= 0 else None), ""  # -1 is `mixmae shards`' own mark for an unlabeled image
+        value = parse_cls(data)
+    except ValueError as exc:
+        return None, f"sample {key!r}: {exc}"
+    return (None if value == UNLABELED else value), ""  # -1 is `mixmae shards`' own mark for an unlabeled image
 
 
 def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
@@ -180,7 +193,7 @@ def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
             return f"member name {member.name!r} has whitespace or non-UTF-8 bytes, which a DALI index cannot hold"
     if key_runs[sample.key] > 1:
         return (f"key {sample.key!r} appears {key_runs[sample.key]} times apart in this tar (a sample's members "
-                "must be consecutive)")
+                f"must be consecutive; {KEY_APART_REMEDY})")
     if len(sample.members) > 1 and len({m.name for m in sample.members}) < len(sample.members):
         repeated = next(m.name for i, m in enumerate(sample.members) if m.name in {n.name for n in sample.members[:i]})
         return f"member {repeated!r} appears twice"
@@ -282,7 +295,7 @@ def _read_members(tar: tarfile.TarFile, result: TarIndex, samples: list[_Sample]
         if lower == LABEL_EXTENSION or (decode and lower in IMAGE_EXTENSIONS):
             data = tar.extractfile(info).read()
             if lower == LABEL_EXTENSION:
-                label, problem = _label(data)
+                label, problem = _label(data, current.key)
                 current.label = label if current.label is None else current.label
             else:
                 current.image, problem = _decode(data)
@@ -290,8 +303,15 @@ def _read_members(tar: tarfile.TarFile, result: TarIndex, samples: list[_Sample]
 
 
 def _finish(samples: list[_Sample], result: TarIndex) -> None:
+    """Index lines for the good samples, one rejection per bad key. A key whose members are apart (a tar made in
+    directory order, `tar cf x.tar .`) is one rejected sample holding every member of every run: counted per run,
+    20 images were '40 of 40 samples rejected'."""
     runs = Counter(s.key for s in samples)
+    apart: dict[str, dict] = {}  # key -> its one rejection, for keys in several runs
     for position, sample in enumerate(samples):
+        if sample.key in apart:
+            apart[sample.key]["members"] += [m.name for m in sample.members]
+            continue
         if result.problem and position == len(samples) - 1:
             problem = f"{result.problem}; the sample at the cut may have lost members"
         else:
@@ -301,6 +321,8 @@ def _finish(samples: list[_Sample], result: TarIndex) -> None:
             lost = len(dotted) if not any(m.ext.lower() in IMAGE_EXTENSIONS for m in sample.members) else 1
             result.rejected.append({"key": sample.key, "reason": problem, "members": [m.name for m in sample.members],
                                     **({"images": lost} if lost > 1 else {})})
+            if runs[sample.key] > 1:
+                apart[sample.key] = result.rejected[-1]
             continue
         result.lines.append(" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in sample.members))
         result.keys.append(sample.key)

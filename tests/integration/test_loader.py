@@ -236,8 +236,9 @@ def test_a_mixture_visits_each_set_by_its_weight_and_resumes_exactly(demo_shards
     assert len(val) == 80 and set(val.values()) == {2}  # every val image exactly twice
     visited = {name: members & set(train) for name, members in sources_by_shard("train").items()}
     visited = {name: seen for name, seen in visited.items() if seen}
-    # half of the 5 train shards (round(2.5) = 2), each whole and once: a shard read in part or twice fails here
-    assert len(visited) == 2 and len(train) == len(set(train)) == sum(len(seen) for seen in visited.values())
+    # half of the 5 train shards (2, and a third in half the epochs), each whole and once: a shard read in part or
+    # twice fails here
+    assert len(visited) in (2, 3) and len(train) == len(set(train)) == sum(len(seen) for seen in visited.values())
     assert all(seen == sources_by_shard("train")[name] for name, seen in visited.items())
     print(f"\nval share measured: {sum(val.values()) / len(keys):.3f} ({len(keys)} samples; train shards "
           f"{sorted(visited)})")
@@ -315,6 +316,35 @@ def test_shards_another_tool_wrote_train_where_they_are_after_adoption(tmp_path,
                                  workers=1).eval_batches())
     assert sum(real for _, real in evaluated) == 40
     assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before  # read where they are, not rewritten
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_sixteen_bit_png_reads_with_the_pixels_dali_gives_not_saturated(tmp_path, backend):
+    """Adopted shards keep a 16-bit PNG as it is; Pillow's convert("RGB") clipped it nearly white in the torch
+    loader (mean 255) where DALI scales 0..65535 to 0..255 (mean 128)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    source = tmp_path / "theirs"
+    source.mkdir()
+    with wds.TarWriter(str(source / "part-0000.tar")) as sink:
+        for i in range(8):
+            buffer = io.BytesIO()
+            Image.fromarray(gradient).save(buffer, format="PNG")
+            sink.write({"__key__": f"item{i:03d}", "png": buffer.getvalue()})
+    adopt(source, tmp_path / "index", AdoptOptions())
+    spec = _spec(mode="eval", with_labels=False, with_meta=False)
+    batch, _ = next(iter(ShardLoader(str(tmp_path / "index"), "train", spec, backend, workers=1).eval_batches()))
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    pixels = (batch.images * std + mean) * 255
+    assert abs(pixels.mean().item() - 127.5) < 3  # DALI: 127.5 (round(v / 257)); torch before: 255
 
 
 def test_each_evaluation_sample_comes_out_of_the_decoder_with_its_own_id_on_every_rank(demo_shards):
@@ -428,8 +458,8 @@ def _reordered(data: bytes) -> bytes:
 def test_the_exif_orientation_tag_is_ignored_as_the_official_code_does_unless_asked(tmp_path, backend):
     """The official loader (PIL's open) ignores the EXIF orientation tag, while DALI's decoders apply it by default
     and the fallback called exif_transpose: an image a phone stored on its side trained upright here, unlike the
-    official code and unlike the same image re-encoded by `--resize-shorter` (which drops the tag). Stored pixels:
-    red left, blue right; tag 6 (rotate 90 degrees clockwise) would put red on top."""
+    official code (conversion keeps the tag on copied and re-encoded images alike). Stored pixels: red left, blue
+    right; tag 6 (rotate 90 degrees clockwise) would put red on top."""
     import io
 
     from PIL import Image

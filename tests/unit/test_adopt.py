@@ -129,8 +129,9 @@ def test_img2dataset_layout_every_bad_sample_has_its_reason_and_counts_reconcile
     out = tmp_path / "adopted"
     manifest = adopt(wds_sets / "img2dataset", out, AdoptOptions(max_rejected=0.5)).manifest.to_dict()
     split = manifest["splits"]["train"]
-    # 00000: 4 good. 00001: 8 samples, 3 usable without decoding. 00002: 3 complete before the cut, 1 cut.
-    assert (split["found"], split["samples"], split["rejected"]) == (16, 10, 6)
+    # 00000: 4 good. 00001: 7 samples (000010004, apart, is one), 3 usable without decoding. 00002: 3 complete
+    # before the cut, 1 cut.
+    assert (split["found"], split["samples"], split["rejected"]) == (15, 10, 5)
     assert split["members"] == 12 + 14 + 7 and split["ignored_members"] == 1
     assert not split["labeled"] and manifest["classes"] == [] and not (out / "classes.json").exists()
     assert split["ignored_files"] == {".parquet": 3, ".json": 3}
@@ -166,12 +167,13 @@ def test_too_many_rejections_exit_nonzero_and_accepting_them_redoes_nothing(wds_
     out = tmp_path / "adopted"
     assert main(["shards", "adopt", str(wds_sets / "img2dataset"), "--out", str(out), "--workers", "1"]) == 2
     error = capsys.readouterr().err
-    assert "train: 6 of 16 samples (and unreadable tars) rejected (37.5%), above --max-rejected 0.01" in error
-    assert "--max-rejected 0.38" in error and not (out / "dataset.json").exists()
-    assert len((out / "rejected.jsonl").read_text().splitlines()) == 6 + 1 + 1  # samples, hidden file, cut tar
+    assert "train: 5 of 15 samples (and unreadable tars) rejected (33.3%), above --max-rejected 0.01" in error
+    assert "--max-rejected 0.34" in error and "1 of them are keys whose members are apart" in error
+    assert not (out / "dataset.json").exists()
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 5 + 1 + 1  # samples, hidden file, cut tar
     assert main(["shards", "adopt", str(wds_sets / "img2dataset"), "--out", str(out), "--max-rejected", "0.4"]) == 0
     printed = capsys.readouterr().out
-    assert "(0 indexed now); samples found 16 = indexed 10 + rejected 6" in printed
+    assert "(0 indexed now); samples found 15 = indexed 10 + rejected 5" in printed
     assert (out / "dataset.json").exists()
 
 
@@ -415,3 +417,99 @@ def test_cls_values_that_are_ids_not_class_indexes_are_refused_and_unlabeled_ado
     assert main([*argv, "--unlabeled"]) == 0
     split = load_split(out, "train")
     assert split.samples == 4 and not split.labeled
+
+
+def test_decode_rejects_images_dali_cannot_decode_naming_their_format(tmp_path):
+    """GIF, TGA and ICO decode with Pillow but not with DALI's decoder: --decode passed them and training stopped."""
+    def encoded(format: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format=format)
+        return buf.getvalue()
+
+    members = [("good.jpg", encoded("JPEG")), ("bitmap.jpg", encoded("BMP")), ("anim.jpg", encoded("GIF")),
+               ("targa.png", encoded("TGA")), ("icon.jpg", encoded("ICO"))]
+    write_tar(tmp_path / "src" / "part-0.tar", members)
+    result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(decode=True, max_rejected=1.0))
+    assert result.manifest.splits["train"].samples == 2  # JPEG and BMP, which DALI reads
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text()
+                                                                .splitlines()) if "key" in r}
+    assert set(reasons) == {"anim", "targa", "icon"}
+    for key, format in (("anim", "GIF"), ("targa", "TGA"), ("icon", "ICO")):
+        assert f"image is {format}, which DALI's decoder does not read" in reasons[key]
+    adopt(tmp_path / "src", tmp_path / "plain", AdoptOptions(max_rejected=1.0))  # without decoding: all indexed
+    errors = verify(tmp_path / "plain", decode=True)["errors"]
+    assert len(errors) == 3 and all("which DALI's decoder does not read" in e for e in errors), errors
+
+
+def test_a_rerun_after_tars_vanished_warns_naming_them_and_the_samples_lost(wds_sets, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(wds_sets / "shardwriter", src)
+    out = tmp_path / "adopted"
+    first = adopt(src, out, AdoptOptions())
+    before = first.manifest.splits["train"].samples
+    lost = next(e.samples for e in first.manifest.splits["train"].shards if e.name == "shard-000001.tar")
+    (src / "shard-000001.tar").unlink()  # a disk not mounted, a prefix moved
+    assert main(["shards", "adopt", str(src), "--out", str(out)]) == 0
+    warning = capsys.readouterr().err
+    assert "WARNING train: 1 tar(s) of the manifest are no longer in" in warning and "shard-000001.tar" in warning
+    assert f"their {lost} indexed sample(s) leave it ({before} before)" in warning
+    assert load_split(out, "train").samples == before - lost
+    again = adopt(src, out, AdoptOptions())  # said once: the manifest no longer holds them
+    assert not [w for w in again.warnings if "no longer in" in w]
+
+
+def test_compressed_tars_are_warned_about_by_name_saying_to_decompress(wds_sets, tmp_path, capsys):
+    import gzip
+
+    src = tmp_path / "src"
+    shutil.copytree(wds_sets / "shardwriter", src)
+    (src / "extra-000009.tar.gz").write_bytes(gzip.compress((src / "shard-000001.tar").read_bytes()))
+    (src / "extra-000010.tgz").write_bytes(gzip.compress((src / "shard-000002.tar").read_bytes()))
+    assert main(["shards", "adopt", str(src), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING 2 compressed tar(s) ignored (extra-000009.tar.gz, extra-000010.tgz)" in err
+    assert "decompress them" in err
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(src / "extra-000009.tar.gz", only)
+    with pytest.raises(SourceError, match=r"no \.tar files found.*1 compressed tar\(s\) ignored.*gunzip"):
+        adopt(only, tmp_path / "out2", AdoptOptions())
+
+
+def test_a_tar_in_directory_order_counts_its_keys_once_and_says_to_retar_sorted(tmp_path):
+    """`tar cf x.tar .` writes members in directory order: a key's jpg and cls apart. Each run was counted as a
+    sample ("40 of 40 samples rejected" for 20 images) and the way out offered was --max-rejected 1."""
+    members = [(f"{i:03d}.jpg", image_bytes("jpg")) for i in range(20)] + [(f"{i:03d}.cls", b"1") for i in range(20)]
+    write_tar(tmp_path / "src" / "part-0.tar", members)
+    with pytest.raises(TooManyRejected) as refused:
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions())
+    message = str(refused.value)
+    assert "20 of 20 samples (and unreadable tars) rejected" in message
+    assert "20 of them are keys whose members are apart in the tar" in message and "tar --sort=name" in message
+    lines = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(sorted(r["members"]) == [f"{r['key']}.cls", f"{r['key']}.jpg"] for r in lines)
+
+
+def test_cls_must_be_plain_decimal_digits_or_minus_one_and_a_refusal_names_the_tar_and_key(tmp_path):
+    """int() read "-3" (counted unlabeled at adoption, class -3 in training) and "1_000" (class 1000)."""
+    values = {"good": b"3\n", "unlabeled": b"-1", "negative": b"-3", "underscore": b"1_000", "plus": b"+7",
+              "arabic": "\u0663".encode(), "padded": b" 12 "}
+    write_tar(tmp_path / "src" / "part-0.tar",
+              [m for key, value in values.items() for m in ((f"{key}.jpg", image_bytes("jpg")), (f"{key}.cls", value))])
+    adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(max_rejected=1.0))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    rejected = {r["key"]: r for r in rows}
+    assert set(rejected) == {"negative", "underscore", "plus", "arabic"}
+    for key, row in rejected.items():
+        assert row["shard"] == "part-0.tar" and f"sample '{key}': cls" in row["reason"], row
+        assert "is not a class index: plain decimal digits" in row["reason"]
+    assert load_split(tmp_path / "out", "train").samples == 3
+
+
+def test_the_reader_refuses_a_cls_that_is_not_a_plain_index():
+    from mixmae_scale.data.labels import parse_cls
+
+    assert [parse_cls(b"0"), parse_cls(b"42\n"), parse_cls(b"-1")] == [0, 42, -1]
+    for bad in (b"-3", b"1_000", b"+7", b"3.0", b"", b"n01440764"):
+        with pytest.raises(ValueError, match="is not a class index"):
+            parse_cls(bad)

@@ -153,6 +153,16 @@ def test_too_small_a_train_split_or_a_missing_required_split_is_refused_with_the
         choose_heldout(str(folder), "train", "val", "tail", 8)
 
 
+def test_a_refusal_at_the_grids_floor_names_the_floor_not_the_settings(tmp_path):
+    folder = write_set(tmp_path / "set", sizes=(5, 4))  # 9 samples: too few to hold out 8 and train on as many
+    count = heldout_count(1, 2)  # 2 by the settings, 8 by the grids' floor
+    with pytest.raises(DataError) as refused:
+        choose_heldout(str(folder), "train", "val", "auto", count)
+    message = str(refused.value)
+    assert "too few to hold out 8 (the 8 images the reconstruction grids need at the least" in message
+    assert "(logging.heldout_batches x batch.micro)" not in message and "lower logging.heldout_batches" not in message
+
+
 def test_an_index_that_does_not_match_the_manifest_is_still_caught_in_a_part(tmp_path):
     folder = write_set(tmp_path / "set")
     lines = (folder / "train-003.idx").read_text().splitlines()
@@ -219,3 +229,35 @@ def test_the_heldout_loss_closes_its_loader_when_it_stops_early_or_scores_nothin
         monkeypatch.setattr(module, "open_loader", lambda *a, length=length: Loader(length))
         result = module.heldout_loss(engine, config, heldout, torch.device("cpu"), "fp32")
         assert result.loss == expected and closed.pop() and not closed
+
+
+def _set_of(shards: int, weight: float, name: str) -> WeightedSet:
+    """A set of `shards` shards of 10 samples, as its manifest describes it (nothing is read)."""
+    split = SplitShards("train", name, name, tuple(f"{n}.tar" for n in range(shards)),
+                        tuple(f"{n}.idx" for n in range(shards)), (10,) * shards, (1000,) * shards, 10 * shards,
+                        False, 0)
+    return WeightedSet(split, weight, name)
+
+
+def test_fractional_weights_read_each_set_by_its_weight_over_epochs_and_each_epoch_the_same_twice(caplog):
+    """round(f x shards) never read a set of one shard at 0.5 or four at 0.1 (rounded to 0), and read three at 0.5
+    as two: the mean over epochs of the shards read per set is weight x shards, and the share the log reports."""
+    cases = [(1, 0.5), (4, 0.1), (3, 0.5), (5, 0.5), (2, 1.25)]
+    with caplog.at_level("WARNING"):
+        mixture = ShardMixture([_set_of(count, weight, f"set{n}") for n, (count, weight) in enumerate(cases)])
+    warned = caplog.text
+    epochs = 2000
+    read = np.zeros(len(cases))
+    for epoch in range(epochs):
+        visits = mixture.visits(7, epoch)
+        read += np.bincount(visits.source, minlength=len(cases))
+        assert visits.shard.size == ShardMixture(mixture.sets).visits(7, epoch).shard.size  # same epoch, same draw
+        assert (mixture._plan(7, epoch).shard == visits.shard).all()
+    expected = np.array([count * weight for count, weight in cases])
+    assert np.allclose(read / epochs, expected, rtol=0.08), (read / epochs, expected)
+    shares = dict(mixture.shares())
+    total = read.sum()
+    for n, share in enumerate(shares.values()):
+        assert abs(read[n] / total - share) < 0.01
+    assert "set0 has 1 shard(s) at weight 0.5" in warned and "set1 has 4 shard(s) at weight 0.1" in warned
+    assert "set3" not in warned  # 2.5 shards: some of it is read every epoch

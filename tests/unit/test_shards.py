@@ -159,6 +159,27 @@ def test_flat_unlabeled_folder(tmp_path):
     assert all(s["cls"] == b"-1" for s in _samples(tmp_path / "out", "train").values())
 
 
+def test_linked_subfolders_are_followed_once_unlabeled_and_inside_class_folders(tmp_path):
+    from mixmae_scale.shards.sources import folder_images
+
+    for disk, name in (("disk1", "a"), ("disk2", "b")):
+        _jpeg(tmp_path / disk / name / "deep.jpg")
+    _jpeg(tmp_path / "flat" / "own" / "top.jpg")
+    (tmp_path / "flat" / "part1").symlink_to(tmp_path / "disk1", target_is_directory=True)
+    (tmp_path / "flat" / "part2").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "flat" / "own" / "loop").symlink_to(tmp_path / "flat", target_is_directory=True)  # no loop, no twice
+    images, _ = folder_images(tmp_path / "flat", unlabeled=True)
+    assert sorted(image.rel for image in images) == ["own/top.jpg", "part1/a/deep.jpg", "part2/b/deep.jpg"]
+
+    _jpeg(tmp_path / "classes" / "cat" / "c.jpg")
+    _jpeg(tmp_path / "classes" / "dog" / "d.jpg")
+    (tmp_path / "classes" / "cat" / "more").symlink_to(tmp_path / "disk1", target_is_directory=True)
+    images, classes = folder_images(tmp_path / "classes")
+    assert classes == ["cat", "dog"]
+    assert sorted((image.rel, image.label) for image in images) == [
+        ("cat/c.jpg", 0), ("cat/more/a/deep.jpg", 0), ("dog/d.jpg", 1)]
+
+
 def test_img2dataset_files_output_is_not_read_as_classes_and_unlabeled_converts_every_image(tmp_path, capsys):
     """img2dataset's `files` output (00000/000000000.jpg with .json and .txt, 00000_stats.json, 00000.parquet)
     was converted as classes "00000", "00001": labels that were download shard numbers."""
@@ -254,6 +275,76 @@ def test_prepare_image_keeps_good_jpeg_bytes(tmp_path):
     assert prepare_image(data).data == data
     resized = prepare_image(_jpeg(tmp_path / "big.jpg", size=(400, 300)), resize_shorter=100)
     assert (resized.width, resized.height) == (133, 100) and resized.action == "resized"
+
+
+def _dali_decode(data: bytes):
+    """The image as DALI's CPU decoder gives it (RGB uint8), the reference for every pixel conversion."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+    pipe = graph()
+    pipe.build()
+    return np.array(pipe.run()[0][0]).astype(float)
+
+
+def test_sixteen_bit_and_float_images_are_scaled_as_dali_decodes_them_not_saturated(tmp_path):
+    import numpy as np
+
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    prepared = prepare_image(buf.getvalue())
+    assert prepared.action == "converted:PNG (I;16)"
+    written = np.asarray(Image.open(io.BytesIO(prepared.data)).convert("RGB"), dtype=float)
+    assert abs(written.mean() - _dali_decode(buf.getvalue()).mean()) < 1.0  # convert("RGB") gave 254.4 vs 127.5
+
+    unit = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(unit, mode="F").save(buf, format="TIFF")
+    prepared = prepare_image(buf.getvalue())
+    written = np.asarray(Image.open(io.BytesIO(prepared.data)).convert("RGB"), dtype=float)
+    assert abs(written.mean() - _dali_decode(buf.getvalue()).mean()) < 1.0  # convert("RGB") gave 0
+
+    buf = io.BytesIO()
+    Image.fromarray(unit * 255, mode="F").save(buf, format="TIFF")  # DALI would clip it to white
+    prepared = prepare_image(buf.getvalue())
+    assert prepared.action == "rejected" and "mode F" in prepared.reason and "0..1" in prepared.reason
+
+
+def test_a_converted_jpeg_is_counted_with_its_format_and_mode():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="JPEG", progressive=True)
+    assert prepare_image(buf.getvalue()).action == "converted:progressive or non-baseline JPEG (JPEG RGB)"
+
+
+def test_every_re_encoded_image_keeps_its_exif_orientation_tag_as_a_copied_one_does():
+    """Baseline JPEGs are copied with their orientation tag; progressive, CMYK, gray and PNG sources, resized and
+    downscaled ones were re-encoded without it, so data.exif_orientation rotated some images of a set and not
+    others."""
+    def tagged(format: str, mode: str = "RGB", **save) -> bytes:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        Image.new(mode, (96, 48), 128 if mode in ("L", "CMYK") else (0, 0, 255)).save(buf, format=format,
+                                                                                      exif=exif.tobytes(), **save)
+        return buf.getvalue()
+
+    cases = {"baseline": (tagged("JPEG"), {}), "progressive": (tagged("JPEG", progressive=True), {}),
+             "cmyk": (tagged("JPEG", "CMYK"), {}), "gray": (tagged("JPEG", "L"), {}), "png": (tagged("PNG"), {}),
+             "resized": (tagged("JPEG"), {"resize_shorter": 24}), "downscaled": (tagged("JPEG"), {"max_pixels": 1000})}
+    for name, (data, options) in cases.items():
+        prepared = prepare_image(data, **options)
+        assert prepared.data is not None, (name, prepared.reason)
+        assert Image.open(io.BytesIO(prepared.data)).getexif().get(0x0112) == 6, (name, prepared.action)
+    untagged = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(untagged, format="PNG")
+    assert 0x0112 not in Image.open(io.BytesIO(prepare_image(untagged.getvalue()).data)).getexif()
 
 
 def test_index_matches_dalis_own_wds2idx_and_shards_read_with_webdataset(tmp_path):
