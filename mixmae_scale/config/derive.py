@@ -145,6 +145,11 @@ def validate(config: Config) -> None:
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
     _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+    f = config.faults
+    _require(f.data_stall_s > 0, f"faults.data_stall_s must be a positive number of seconds, got {f.data_stall_s}")
+    _require(f.nonfinite_skip_limit >= 1,
+             f"faults.nonfinite_skip_limit must be >= 1 (consecutive non-finite attempts), "
+             f"got {f.nonfinite_skip_limit}")
     _validate_wandb(config)
     _validate_segment(config)
 
