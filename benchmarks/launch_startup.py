@@ -1,9 +1,9 @@
-"""From the `deepspeed` command to the first training step, phase by phase: the quickstart's pretraining launch.
+"""From the `deepspeed` command to the first training step, phase by phase: a 2-rank tiny pretraining launch.
 
-Runs the quickstart's command (`deepspeed --num_gpus 2 --module ... pretrain --profile tiny`, two CPU ranks,
-DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1, ONEDNN_MAX_CPU_ISA=AVX2: a CPU without AVX-512, so `auto` picks fp32)
-with `--max-steps 1`, each rank started through `launch_phases.py`, which stamps the first call of every
-start-up step. Each checkout is launched twice per round:
+Runs `deepspeed --num_gpus 2 --module ... pretrain --profile tiny` (two CPU ranks, not the quickstart's launch,
+which runs the demo profile in one process; DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1, ONEDNN_MAX_CPU_ISA=AVX2: a CPU
+without AVX-512, so `auto` picks fp32) with `--max-steps 1`, each rank started through `launch_phases.py`, which
+stamps the first call of every start-up step. Each checkout is launched twice per round:
 
 - cold: an empty TORCH_EXTENSIONS_DIR, as on a fresh machine or clone (DeepSpeed's JIT-compiled ops are built
   then, if the code asks for any);

@@ -95,8 +95,9 @@ class DataConfig:
     # CPU decodes (no GPU); the published numbers were obtained with bicubic.
     interpolation: Literal["bicubic", "linear"] = "bicubic"
     # Rotate images by their EXIF orientation tag before cropping. Off, as the official code (PIL's open ignores the
-    # tag) and as `mixmae shards --resize-shorter` stores re-encoded images (without the tag); on is opt-in for
-    # photo collections (phones write the tag instead of rotating the pixels).
+    # tag); on is opt-in for photo collections (phones write the tag instead of rotating the pixels). Conversion keeps
+    # the tag on every image, copied or re-encoded (`--resize-shorter`, downscaling, PNG...: shards/jpeg_check.py
+    # writes the source's tag into the new JPEG), so the setting applies to a whole set alike.
     exif_orientation: bool = False
 
 

@@ -517,11 +517,14 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
     return rows
 
 
-# What a run costs on one GPU, for the order runs start in: a fixed cost per optimizer step (the H100 loop's host
-# work over the bare step, benchmarks/results/gpu_fast_step/loop_overhead.json) plus its FLOPs at the rate that
-# loop reached on Swin-B.
+# What a run costs on one GPU, for the order runs start in: a fixed cost per optimizer step plus its FLOPs at the rate
+# the real loop reached on Swin-B, both from the H100 run in benchmarks/results/gpu_fast_step/loop_overhead.json
+# (Swin-B, batch 64, bf16). The overhead is the real loop's time per step over the bare step's:
+# 64/499.8 - 64/794.3 images/s = 0.047 s. The rate is the real loop's 499.8 images/s x 1.14e11 training FLOPs per
+# Swin-B image at 224 px (6 x 19.0 GMACs of the pretraining forward, encoder and decoder: models/flops.py's
+# train_flops_per_image, `mixmae model info --size base`, benchmarks/results/attention_flops.json) = 5.7e13 FLOP/s.
 STEP_OVERHEAD_S = 0.047
-FLOP_RATE = 4.6e13
+FLOP_RATE = 5.7e13
 
 
 def estimated_seconds(run: PlannedRun) -> float:
@@ -534,7 +537,7 @@ def start_order(run: PlannedRun) -> tuple[float, float]:
     Longest first keeps a long run started last from holding up the end. Budgets in turn make a sweep cut short
     (a time limit, a device lent for minutes) leave whole iso-FLOP curves, each a result, rather than parts of every
     curve; that costs the gap a budget's long runs leave at its end. For the GPU study, simulated from its cost
-    estimate (benchmarks/results/sweep_schedule_gpu_iso_flop.json): 442 s instead of 316 s, but at 1.5x the
+    estimate (benchmarks/results/sweep_schedule_gpu_iso_flop.json): 441 s instead of 316 s, but at 1.5x the
     estimate 4 whole curves by 390 s instead of none."""
     return (run.budget or 0.0, -estimated_seconds(run))
 

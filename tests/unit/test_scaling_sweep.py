@@ -227,6 +227,25 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
     assert sorted(recorded) == sorted(set(planned) - {"w12-C4e+10-seed0"})
 
 
+def test_the_cost_estimates_constants_are_the_h100_loop_measurement_and_the_swin_b_flop_count():
+    """scaling/run.py's STEP_OVERHEAD_S and FLOP_RATE, which order a sweep's runs and which the GPU study's device
+    time estimate (docs/scaling-example/gpu-iso-flop/) is built from: the H100 real loop's time per step over the
+    bare step's, and its images/s times Swin-B's training FLOPs per image as models/flops.py counts them."""
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.models.flops import model_report
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    loop = json.loads((root / "benchmarks/results/gpu_fast_step/loop_overhead.json").read_text())
+    real = next(r for r in loop["rows"] if r["variant"] == "real_loop")
+    bare = next(r for r in loop["rows"] if r["variant"] == "bare_step")
+    batch = loop["settings"]["batch"]
+    overhead = batch / real["images_per_s"] - batch / bare["images_per_s"]
+    assert overhead == pytest.approx(sweep_run.STEP_OVERHEAD_S, abs=5e-4)
+    per_image = model_report(load_resolved("swin_b").config.model)["train_flops_per_image"]
+    assert per_image == pytest.approx(1.14e11, rel=0.005)
+    assert real["images_per_s"] * per_image == pytest.approx(sweep_run.FLOP_RATE, rel=0.01)
+
+
 def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_scores_worst(
         demo_shards, tmp_path, stub_runs, monkeypatch):
     """A NaN held-out loss: the study's run is no point and no failure to retry (the same run diverges again), and
