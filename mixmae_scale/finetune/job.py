@@ -33,7 +33,7 @@ from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.optimizer import adamw
-from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate
+from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate, top5_text
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import load_encoder
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
@@ -125,7 +125,7 @@ class FinetuneJob(EvaluatedJob):
                            expected_samples=self.val_samples)}
 
     def describe(self, result: dict[str, Any]) -> str:
-        return f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}"
+        return f"top-1 {result['top1']:.2f}  top-5 {top5_text(result)}  loss {result['loss']:.4f}"
 
 
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
