@@ -4,6 +4,10 @@
 Every command that takes weights names them differently (`finetune.init=` in a profile, `--init` for
 eval and probe, a positional SOURCE for visualize), so each caller passes the name the user typed and
 every error about the weights says it, with the absolute path that was tried.
+
+A segmentation model (a `mixmae segment` run or its export) holds an encoder too, under `backbone.`, beside its
+UperNet head: named where an encoder or a classifier goes, it is called what it is, with the command that
+measures it and what to name instead, rather than "holds no encoder weights".
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ def load_encoder_weights(source: str | Path, option: str = "finetune.init") -> d
     named = _named(option, source)
     if not path.exists():
         raise FileNotFoundError(f"{named}: not found (tried {path.absolute()})")
+    state = _read_weights(path, named, option)
+    _refuse_segmentation_model(state, path, named)
+    return state
+
+
+def _read_weights(path: Path, named: str, option: str) -> dict[str, torch.Tensor]:
     if path.is_dir():
         from mixmae_scale.engine.export import find_checkpoint, gather_weights
 
@@ -48,6 +58,40 @@ def load_encoder_weights(source: str | Path, option: str = "finetune.init") -> d
         return map_official_keys(read_official(path))
     except WeightsError as exc:
         raise WeightsError(f"{named}: {exc}") from exc
+
+
+def _refuse_segmentation_model(state: dict[str, torch.Tensor], path: Path, named: str) -> None:
+    """A segmentation model's weights (its UperNet head's `decode_head.*`) named as an encoder or a classifier."""
+    if not any(key.startswith("decode_head.") for key in state):
+        return
+    what = (f"{path.absolute()} is a segmentation model (a `mixmae segment` run's export: an encoder under a "
+            "UperNet head), not an encoder or a classifier: `mixmae eval --init "
+            f"{path} --data SHARDS_WITH_MASKS` measures its mIoU")
+    started = "its run's segment.init"
+    if path.is_dir():
+        what = (f"{path.absolute()} is a segmentation run (`mixmae segment`: an encoder under a UperNet head), not "
+                f"an encoder or a classifier: `mixmae export {path}` writes its segmenter.safetensors, which "
+                "`mixmae eval --init` measures (mIoU on shards with masks)")
+        init = _segment_init(path)
+        started = f"its segment.init, {init}" if init else "its segment.init"
+    raise WeightsError(f"{named}: {what}; to fine-tune, probe or classify, name the encoder it started from "
+                       f"({started}): a pretraining run folder or its export")
+
+
+def _segment_init(path: Path) -> str | None:
+    """The `segment.init` in the config.yaml of the segmentation run holding `path` (the run folder, its
+    checkpoints/ or best/ folder, or one checkpoint), if it can be read."""
+    import yaml
+
+    for folder in (path, *list(path.parents)[:2]):
+        config = folder / "config.yaml"
+        if config.is_file():
+            try:
+                init = (yaml.safe_load(config.read_text()) or {}).get("segment", {}).get("init")
+            except (yaml.YAMLError, AttributeError, OSError):
+                return None
+            return str(init) if init else None
+    return None
 
 
 def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dict[str, torch.Tensor], dict]:
