@@ -146,7 +146,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     out = Path(out) if out is not None else default_out(run_root, kind, best, fmt)
     step = step_of(tag)
     if fmt == "official":
-        save_official(out, weights)
+        save_official(out, weights, arch)  # records the decoder's head count, which no tensor says
     else:
         save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
                                                            **({"step": str(step)} if step is not None else {})})

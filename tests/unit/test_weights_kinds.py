@@ -5,6 +5,7 @@ it) survives an export, the official layout and a conversion back."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_weights
 
@@ -69,3 +70,70 @@ def test_eval_of_a_segmentation_run_folder_is_one_line_saying_what_it_is(segment
     err = capfd.readouterr().err
     assert "Traceback" not in err and "a segmentation run" in err and "no encoder weights" not in err
 
+
+
+def pretraining_run(tmp_path, monkeypatch, model, decoder_heads: int):
+    """A pretraining run folder whose checkpoint gathers to `model`'s weights and whose config.yaml says its decoder's
+    head count, as `mixmae export` reads them."""
+    import yaml
+
+    from mixmae_scale.engine import export
+
+    run = tmp_path / "pretrain-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"decoder_heads": decoder_heads}}))
+    monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(model.state_dict()))
+    return run
+
+
+def same_loss(model, rebuilt) -> bool:
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    mask = model.sample_mask(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.equal(rebuilt.eval()(images, mask=mask).loss, model(images, mask=mask).loss)
+
+
+def test_the_decoder_head_count_survives_the_official_layout_and_a_conversion_back(small_mixmae, tmp_path,
+                                                                                   monkeypatch):
+    """The official decoder has 16 heads and no tensor says how many: a 2-head decoder exported in the official layout
+    came back with 16, and reconstructed other pictures than the run's (same tensors, other attention)."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import build_from_architecture, convert_official_checkpoint
+
+    assert small_mixmae.decoder.decoder_blocks[0].attn.num_heads == 2
+    run = pretraining_run(tmp_path, monkeypatch, small_mixmae, decoder_heads=2)
+    official = tmp_path / "official.pth"
+    export_run(run, official, with_decoder=True, fmt="official")
+    assert set(torch.load(official, weights_only=True)["model"]) >= {"decoder_embed.weight", "mask_token"}
+    summary = convert_official_checkpoint(official, tmp_path / "back.safetensors")
+    assert summary["arch"]["decoder_heads"] == 2
+    rebuilt = build_from_architecture(summary["arch"])
+    rebuilt.load_state_dict(small_mixmae.state_dict())
+    assert same_loss(small_mixmae, rebuilt)
+
+
+def test_every_loader_of_an_encoder_and_decoder_reads_its_decoder_head_count(small_mixmae, tmp_path, monkeypatch):
+    """`load_encoder` (pictures: `mixmae visualize`) read the weights' shapes alone and built 16 decoder heads for an
+    export, an official-layout file or a run folder whose decoder has 2."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.models.convert_official import build_from_architecture
+
+    run = pretraining_run(tmp_path, monkeypatch, small_mixmae, decoder_heads=2)
+    export_run(run, tmp_path / "ours.safetensors", with_decoder=True)
+    export_run(run, tmp_path / "official.pth", with_decoder=True, fmt="official")
+    for source in (tmp_path / "ours.safetensors", tmp_path / "official.pth", run):
+        state, arch = load_encoder(source, "source")
+        assert arch["decoder_heads"] == 2, source
+        rebuilt = build_from_architecture(arch)
+        rebuilt.load_state_dict(state)
+        assert same_loss(small_mixmae, rebuilt), source
+
+
+def test_an_official_checkpoint_without_our_record_has_the_official_16_decoder_heads(small_mixmae, tmp_path):
+    from mixmae_scale.models.convert_official import convert_official_checkpoint, to_official_keys
+
+    torch.save({"model": to_official_keys(small_mixmae.state_dict()), "epoch": 599}, tmp_path / "released.pth")
+    assert convert_official_checkpoint(tmp_path / "released.pth", tmp_path / "x.safetensors")["arch"][
+        "decoder_heads"] == 16
