@@ -47,6 +47,10 @@ class PipelineSpec:
     # Segmentation: also decode each sample's mask (`seg.png`) with the image's crop window and flip (training) or
     # resize and centre crop (eval), nearest-neighbour so that no label is invented: `Batch.masks`.
     with_masks: bool = False
+    # The classes the model predicts (segment.num_classes): a split whose manifest names more mask classes is
+    # refused when the loader is made, and a decoded mask label past them (other than MASK_IGNORE) names its sample
+    # (data/loader.py), where it reached the loss's IndexError mid-run. 0: not checked.
+    mask_classes: int = 0
     # float16 halves the batch the host hands the GPU and keeps normalised 8-bit pixels within 1e-3 (a pixel
     # step is 0.017 after normalisation), so the per-patch normalised target loses nothing; bfloat16 would
     # round them by up to half a step. Half-precision runs ask for it.

@@ -93,8 +93,10 @@ def test_segmentation_trains_on_masks_with_crop_and_flip_but_no_rand_augment_and
                                                                                    SEGMENT_CROP_SCALE)
     assert train.hflip == config.data.hflip and (train.shard_id, train.num_shards) == (1, 4)
     val = spec_for(config, "segment_val", 5, PLACE)
-    assert val == eval_spec(64, 5, config.data.num_threads, PLACE, masks=True)
+    assert val == eval_spec(64, 5, config.data.num_threads, PLACE, masks=True,
+                            mask_classes=config.segment.num_classes)
     assert val.mode == "eval" and val.with_masks
+    assert train.mask_classes == val.mask_classes == config.segment.num_classes  # labels past them are refused
 
 
 def test_a_spec_with_masks_and_rand_augment_is_refused():
