@@ -70,14 +70,16 @@ def top5_text(result: dict[str, Any], unit: str = "") -> str:
 def load_classifier(source: str, shards: str, split: str, img_size: int | None = None, option: str = "--init"
                     ) -> torch.nn.Module:
     """A classifier (encoder + head) from any weights source, checked against the split it is to be evaluated
-    on before any process group starts: a pretraining encoder (no head) or a head with fewer classes than the
-    shards' is a user's mistake, said in one line. A head with more classes is evaluated: the split may hold a
-    subset of its classes (labels past the split's are never the answer, but the head may still predict them)."""
+    on before any process group starts: a pretraining encoder (no head), a head with fewer classes than the
+    shards', or shards of other classes than it was fine-tuned on (its record of them: finetune/trained_classes.py)
+    is a user's mistake, said in one line. A head with more classes is evaluated: the split may hold a subset of
+    its classes (labels past the split's are never the answer, but the head may still predict them)."""
     from dataclasses import replace
 
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.finetune.pretrained import load_encoder
     from mixmae_scale.finetune.probe import shape_from_arch
+    from mixmae_scale.finetune.trained_classes import require_trained_classes
     from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
     from mixmae_scale.models.convert_official import WeightsError
 
@@ -96,6 +98,7 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
         raise WeightsError(f"{option} {source}: its head has {head_classes} classes, fewer than the {shard_classes} "
                            f"of the shards in {Path(shards).absolute()} (classes.json); evaluate on shards of the "
                            "classes it was fine-tuned on")
+    require_trained_classes(source, shards, option)  # the same classes, in the same order (finetune/trained_classes)
     shape = shape_from_arch(arch)
     if img_size:
         own, shape = shape.img_size, replace(shape, img_size=img_size)
