@@ -153,9 +153,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--batch", type=at_least(1), default=64, help="images per batch when extracting features")
     probe.add_argument("--threads", type=at_least(1), default=2, help="decoding threads")
     probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
-    probe.add_argument("--max-samples", type=at_least(1), help="read at most this many training images, the first in "
+    # 2: finetune/probe.py's MIN_FIT_IMAGES (not imported here: it would load torch to parse the command line)
+    probe.add_argument("--max-samples", type=at_least(2), help="read at most this many training images, the first in "
                        "shard order (`mixmae shards` writes a split shuffled): the probe holds every image it reads "
-                       "in memory (default: the whole split)")
+                       "in memory (default: the whole split; at least 2: one image has no spread to standardise its "
+                       "features by)")
     probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
     probe.add_argument("--dense", action="store_true",
                        help="per-pixel linear read-out of the frozen feature maps (strides 4-32) on the masks "

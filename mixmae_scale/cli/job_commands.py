@@ -127,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
-        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier
+        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier, top5_text
 
         model = load_classifier(args.init, args.data, args.split, args.img_size)  # mistakes found before the group
         _, world, device = distributed.init(local_rank)
@@ -136,7 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
         if rank == 0 and args.json:
             print(json.dumps(result, indent=2))
         elif rank == 0:
-            print(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% ({result['precision']}) on the "
+            print(f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the "
                   f"{result['samples']} images of "
                   f"split '{args.split}' of {args.data} ({args.init})")
         return 0

@@ -7,6 +7,11 @@ the micro-batches consumed in it (plus, for fine-tuning, DALI's generators): the
 resume on the same ranks continues exactly; a resume on another number of ranks or another micro-batch
 lays the rest of the interrupted epoch out over the new ranks (`restore` says what it did). The position is
 a typed `LoaderPosition`; engine/checkpointing/state.py stores it.
+
+Segmentation masks are checked against the model's classes (`PipelineSpec.mask_classes`): a split whose manifest
+names more mask classes is refused when the loader is made, and where the manifest does not say (tars adopted from
+another tool), a decoded label past them names its sample, before the loss's IndexError (a device-side assert on
+a GPU) could. Both backends hand batches back in the order they were fed, so each batch's samples are known.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.sample_ids import Coverage, sample_id, split_coverage
 from mixmae_scale.data.shard_reader import RankStream, RawBatch, RawSample, ordered_samples
 from mixmae_scale.data.shard_sets import Layout, ShardMixture, WeightedSet
-from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.data.spec import MASK_IGNORE, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +138,7 @@ class ShardLoader:
             raise DataError(f"data.loader must be 'dali' or 'torch', got {backend!r}")
         self.mixture = as_mixture(shards, split)
         if spec.with_masks:
-            require_masks(self.mixture, split)
+            require_masks(self.mixture, split, spec.mask_classes)
         self._digest = mixture_digest(self.mixture)
         self.spec, self.backend, self.workers = spec, backend, workers
         self.window = max(spec.shuffle_buffer, 1)
@@ -234,36 +239,50 @@ class ShardLoader:
 
             decoder = TorchDecoder(self.spec, self.workers)
             while True:
-                yield self._torch_batch(*decoder(self._next_raw()))
+                raw = self._next_raw()
+                yield self._torch_batch(*decoder(raw), raw)
         else:
             from mixmae_scale.data.dali_pipeline import build_pipeline
 
-            self._pipe = build_pipeline(self.spec, self._next_raw, checkpoint=self._dali_checkpoint)
-            while True:
-                yield self._dali_batch(self._pipe)
+            in_flight: deque[RawBatch] = deque()
 
-    def _dali_batch(self, pipe) -> Batch:
+            def feed() -> RawBatch:
+                in_flight.append(self._next_raw())
+                return in_flight[-1]
+
+            self._pipe = build_pipeline(self.spec, feed, checkpoint=self._dali_checkpoint)
+            while True:
+                yield self._dali_batch(self._pipe, in_flight)[0]
+
+    def _dali_batch(self, pipe, in_flight: deque[RawBatch]) -> tuple[Batch, RawBatch]:
+        """The next batch out of DALI and the raw batch it was decoded from; `in_flight`: the raw batches fed to it
+        and not yet handed back (DALI hands them back in the order it was fed them)."""
         try:
             outputs = pipe.run()
         except RuntimeError as exc:
             raise unreadable_sample_error(self._fed, exc) from exc
+        raw = in_flight.popleft()
         if self.spec.device_id is not None:
             tensor = _to_torch(outputs[0], self.spec.device_id, getattr(torch, self.spec.output_dtype))
         else:
             tensor = torch.from_numpy(np.array(outputs[0].as_tensor()))
         rest = list(outputs[1:])
         masks = None
-        if self.spec.with_masks:  # decoded on the CPU (H, W, 1): moved to the images' device
-            masks = torch.from_numpy(np.array(rest.pop(0).as_tensor())[..., 0].astype(np.int64)).to(tensor.device)
+        if self.spec.with_masks:  # decoded on the CPU (H, W, 1): checked there, then moved to the images' device
+            decoded = np.array(rest.pop(0).as_tensor())[..., 0]
+            require_mask_labels(decoded, raw, self.spec.mask_classes)
+            masks = torch.from_numpy(decoded.astype(np.int64)).to(tensor.device)
         labels = torch.from_numpy(np.array(rest.pop(0).as_tensor())).long().reshape(-1) if self.spec.with_labels \
             else None
         meta = [_json(np.array(t)) for t in rest.pop(0)] if self.spec.with_meta else None
         ids = torch.from_numpy(np.array(rest.pop(0).as_tensor())).reshape(-1) if self.spec.mode == "eval" else None
-        return Batch(tensor, labels, meta, masks, ids)
+        return Batch(tensor, labels, meta, masks, ids), raw
 
     def _torch_batch(self, images: torch.Tensor, labels: torch.Tensor, meta: list[dict],
-                     masks: torch.Tensor | None) -> Batch:
-        """The PyTorch loader's batch as the spec asks (DALI's pipeline does this in its graph)."""
+                     masks: torch.Tensor | None, raw: RawBatch) -> Batch:
+        """The PyTorch loader's batch of `raw` as the spec asks (DALI's pipeline does this in its graph)."""
+        if masks is not None and self.spec.with_masks:
+            require_mask_labels(masks.numpy(), raw, self.spec.mask_classes)
         return Batch(images.to(getattr(torch, self.spec.output_dtype)), labels if self.spec.with_labels else None,
                      meta if self.spec.with_meta else None, masks if self.spec.with_masks else None)
 
@@ -315,7 +334,7 @@ class ShardLoader:
             decoder = TorchDecoder(spec, self.workers)
             for batch in raw:
                 ids = torch.tensor([sample_id(s.key) for s in batch.samples], dtype=torch.int64)
-                yield replace(self._torch_batch(*decoder(batch)), ids=ids), batch.real
+                yield replace(self._torch_batch(*decoder(batch), batch), ids=ids), batch.real
             return
         from mixmae_scale.data.dali_pipeline import build_pipeline
 
@@ -334,7 +353,8 @@ class ShardLoader:
 
         pipe = build_pipeline(spec, next_raw)
         for _ in range(total):
-            yield self._dali_batch(pipe), pending.popleft().real
+            batch, fed = self._dali_batch(pipe, pending)
+            yield batch, fed.real
 
     def _padded_eval_batches(self, mine: int, total: int) -> Iterator[RawBatch]:
         spec = self.spec
@@ -350,13 +370,36 @@ class ShardLoader:
             yield RawBatch(batch, 0, number, real)
 
 
-def require_masks(mixture: ShardMixture, split: str) -> None:
-    """A loader asked for masks reads only splits whose every sample has one (the manifest says so)."""
+def require_masks(mixture: ShardMixture, split: str, classes: int = 0) -> None:
+    """A loader asked for masks reads only splits whose every sample has one (the manifest says so), and, for a
+    model of `classes` classes (0: not checked), whose manifest names no more mask classes than that."""
     missing = [entry.name or entry.shards.location for entry in mixture.sets if not entry.shards.masks]
     if missing:
         raise DataError(f"{missing[0]}: split '{split}' has no segmentation masks (its manifest does not say "
                         "'masks'); make shards with masks with `mixmae shards demo` or `mixmae shards ade20k`, or "
                         "adopt tars whose samples carry seg.png")
+    for entry in mixture.sets:
+        labelled = entry.shards.mask_classes
+        if classes and labelled > classes:
+            raise DataError(f"{entry.name or entry.shards.location}: the masks of split '{split}' label {labelled} "
+                            f"classes (its manifest's mask_classes), more than the model's {classes} "
+                            f"(segment.num_classes); set segment.num_classes to {labelled}, or use a model of "
+                            f"{labelled} classes")
+
+
+def require_mask_labels(masks: np.ndarray, raw: RawBatch, classes: int) -> None:
+    """Every label of a batch's decoded masks (B, H, W) is a class of the model's `classes` (0: not checked) or
+    MASK_IGNORE; the first sample holding another is named, with its largest such label."""
+    if not classes or classes >= MASK_IGNORE:  # 8-bit masks: no label can be past the classes
+        return
+    bad = (masks >= classes) & (masks != MASK_IGNORE)
+    if not bad.any():
+        return
+    sample = int(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))[0])
+    value = int(masks[sample][bad[sample]].max())
+    raise DataError(f"{raw.samples[sample].key}: its segmentation mask holds label {value}, past the model's {classes} "
+                    f"classes (0-{classes - 1}, {MASK_IGNORE} = unlabelled); a model of at least {value + 1} classes "
+                    f"(segment.num_classes) reads these masks, or label such pixels {MASK_IGNORE} (ignored)")
 
 
 def unreadable_sample_error(fed: deque[RawBatch], exc: Exception) -> DataError:

@@ -53,13 +53,13 @@ def loader_dtype(engine_dtype: str) -> str:
 
 def eval_spec(img_size: int, batch: int, threads: int, place: LoaderPlace = LoaderPlace(), labels: bool = True,
               output_dtype: str = "float32", seed: int = 0, masks: bool = False,
-              exif_orientation: bool = False) -> PipelineSpec:
+              exif_orientation: bool = False, mask_classes: int = 0) -> PipelineSpec:
     """The evaluation view (resize, centre crop), this place's share of the split; `masks`: with each image's
-    segmentation mask through the same view."""
+    segmentation mask through the same view, its labels checked against the model's `mask_classes` (0: not)."""
     return PipelineSpec(mode="eval", img_size=img_size, batch_size=batch, shard_id=place.rank,
                         num_shards=place.world, num_threads=threads, device_id=place.device_id, seed=seed,
                         with_labels=labels, output_dtype=output_dtype, with_masks=masks,
-                        exif_orientation=exif_orientation)
+                        exif_orientation=exif_orientation, mask_classes=mask_classes)
 
 
 def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = LoaderPlace(),
@@ -78,8 +78,10 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
                          exif_orientation=data.exif_orientation)
     segmenting = role in ("segment", "segment_val")
     size = config.segment.crop_size if segmenting else config.model.img_size
+    classes = config.segment.num_classes if segmenting else 0  # the mask labels the model has outputs for
     if role in ("val", "segment_val"):
-        return eval_spec(size, batch, data.num_threads, place, masks=segmenting, exif_orientation=data.exif_orientation)
+        return eval_spec(size, batch, data.num_threads, place, masks=segmenting, exif_orientation=data.exif_orientation,
+                         mask_classes=classes)
     mode = "finetune" if role == "segment" else role  # training with a crop and flip, as fine-tuning
     common = dict(mode=mode, img_size=size, batch_size=batch, shard_id=place.rank,
                   num_shards=place.world, seed=stream_seed(config.run.seed, place.rank) % 2**31,
@@ -90,7 +92,8 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
     if role == "pretrain":
         return PipelineSpec(**common, crop_scale=crop_scale, with_labels=False, output_dtype=loader_dtype(engine_dtype))
     if role == "segment":
-        return PipelineSpec(**common, crop_scale=crop_scale, with_masks=True, output_dtype=loader_dtype(engine_dtype))
+        return PipelineSpec(**common, crop_scale=crop_scale, with_masks=True, output_dtype=loader_dtype(engine_dtype),
+                            mask_classes=classes)
     ft = config.finetune
     return PipelineSpec(**common, crop_scale=crop_scale,
                         rand_augment_std=ft.rand_augment_magnitude_std,

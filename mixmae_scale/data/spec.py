@@ -16,8 +16,9 @@ MASK_IGNORE = 255  # a mask pixel without a label (shards/masks.py); `Batch.mask
 def eval_resize(img_size: int) -> int:
     """The shorter side evaluation resizes to before its centre crop of `img_size`: 256 for 224 (crop fraction
     0.875), and the crop size itself above 224, as the official fine-tuning code does (util/datasets.py: a
-    384-px model is evaluated on a 384 resize, not a 439 one)."""
-    return img_size if img_size > 224 else round(img_size / EVAL_CROP_FRACTION)
+    384-px model is evaluated on a 384 resize, not a 439 one). Below 224 the official `int(size / crop_pct)`
+    truncates, and so does this: 160 px resizes to 182 (182.86), the demo's 96 to 109; rounding gave 183 and 110."""
+    return img_size if img_size > 224 else int(img_size / EVAL_CROP_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class PipelineSpec:
     # Segmentation: also decode each sample's mask (`seg.png`) with the image's crop window and flip (training) or
     # resize and centre crop (eval), nearest-neighbour so that no label is invented: `Batch.masks`.
     with_masks: bool = False
+    # The classes the model predicts (segment.num_classes): a split whose manifest names more mask classes is
+    # refused when the loader is made, and a decoded mask label past them (other than MASK_IGNORE) names its sample
+    # (data/loader.py), where it reached the loss's IndexError mid-run. 0: not checked.
+    mask_classes: int = 0
     # float16 halves the batch the host hands the GPU and keeps normalised 8-bit pixels within 1e-3 (a pixel
     # step is 0.017 after normalisation), so the per-patch normalised target loses nothing; bfloat16 would
     # round them by up to half a step. Half-precision runs ask for it.

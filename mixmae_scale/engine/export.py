@@ -146,10 +146,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     out = Path(out) if out is not None else default_out(run_root, kind, best, fmt)
     step = step_of(tag)
     if fmt == "official":
-        save_official(out, weights)
+        save_official(out, weights, arch)  # records the decoder's head count, which no tensor says
     else:
+        from mixmae_scale.finetune.trained_classes import export_metadata  # a classifier's classes, which eval checks
+
         save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
-                                                           **({"step": str(step)} if step is not None else {})})
+                                                           **({"step": str(step)} if step is not None else {}),
+                                                           **(export_metadata(run_root) if kind == "finetune" else {})})
     return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
             "format": fmt, "kind": kind, "tensors": len(weights), "params": sum(v.numel() for v in weights.values()),
             "arch": arch}

@@ -4,6 +4,9 @@ Ranks read disjoint parts of the split and run the same number of batches (colle
 the padding that makes the batch counts equal is masked out of the sums before they are reduced. That each
 sample was counted once is checked, not assumed: the ids of the samples counted, as they came out of the
 decoder, must add up to the split's (data/sample_ids.py), or the evaluation is refused.
+
+Top-5 is a score only for a head of more than 5 classes: with 5 or fewer every label is among the top 5, a sure
+100% that said nothing, so it is None there (shown as n/a).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.data.sample_ids import Coverage, require_each_sample_once
 from mixmae_scale.engine.distributed import all_reduce_int, all_reduce_scalar, autocast
 
+TOP_K = 5  # the second accuracy reported; a score only for a head of more classes than this
+
 
 def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expected_samples: int | None = None
              ) -> dict[str, Any]:
@@ -28,16 +33,17 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
     module.eval()
     param_dtype = next(module.parameters()).dtype
     sums = {"samples": 0.0, "top1": 0.0, "top5": 0.0, "loss": 0.0}
-    id_sum = 0
+    id_sum, classes = 0, 0
     with torch.no_grad():
         for batch, valid in loader.eval_batches():
             images = batch.images.to(device, dtype=param_dtype)
             with autocast(device, dtype):
                 logits = model(images).float()
+            classes = logits.shape[1]  # every rank runs every batch, padding included: all ranks know it
             if valid == 0:
                 continue
             logits, labels = logits[:valid], batch.labels[:valid].to(device)
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top = logits.topk(min(TOP_K, classes), dim=1).indices
             sums["samples"] += valid
             id_sum += int(batch.ids[:valid].sum())
             sums["top1"] += float((top[:, 0] == labels).sum())
@@ -50,20 +56,30 @@ def evaluate(model, loader: ShardLoader, device: torch.device, dtype: str, expec
         raise RuntimeError(f"evaluation counted {int(n)} samples, the split has {expected_samples}")
     require_each_sample_once(Coverage(int(n), all_reduce_int(id_sum)), loader.split_coverage(),
                              loader.mixture.sets[0].shards.location)
-    return {"samples": int(n), "top1": 100 * totals["top1"] / n, "top5": 100 * totals["top5"] / n,
-            "loss": totals["loss"] / n, "precision": dtype}
+    return {"samples": int(n), "top1": 100 * totals["top1"] / n,
+            "top5": 100 * totals["top5"] / n if classes > TOP_K else None, "loss": totals["loss"] / n,
+            "precision": dtype}
+
+
+def top5_text(result: dict[str, Any], unit: str = "") -> str:
+    """An evaluation's top-5 as a person reads it: the score with `unit`, or n/a where the head has 5 classes or fewer
+    (`evaluate` gives None: every label is then in the top 5)."""
+    return "n/a" if result.get("top5") is None else f"{result['top5']:.2f}{unit}"
 
 
 def load_classifier(source: str, shards: str, split: str, img_size: int | None = None, option: str = "--init"
                     ) -> torch.nn.Module:
     """A classifier (encoder + head) from any weights source, checked against the split it is to be evaluated
-    on before any process group starts: a pretraining encoder (no head) or a head with another class count
-    than the shards' is a user's mistake, said in one line."""
+    on before any process group starts: a pretraining encoder (no head), a head with fewer classes than the
+    shards', or shards of other classes than it was fine-tuned on (its record of them: finetune/trained_classes.py)
+    is a user's mistake, said in one line. A head with more classes is evaluated: the split may hold a subset of
+    its classes (labels past the split's are never the answer, but the head may still predict them)."""
     from dataclasses import replace
 
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.finetune.pretrained import load_encoder
     from mixmae_scale.finetune.probe import shape_from_arch
+    from mixmae_scale.finetune.trained_classes import require_trained_classes
     from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
     from mixmae_scale.models.convert_official import WeightsError
 
@@ -75,10 +91,14 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
                            f"--data {shards}`, or fine-tune it first (`mixmae finetune`) and evaluate that")
     head_classes = state["head.weight"].shape[0]
     shard_classes = load_split(shards, split).num_classes
-    if head_classes != shard_classes:
-        raise WeightsError(f"{option} {source}: its head has {head_classes} classes, the shards in "
-                           f"{Path(shards).absolute()} have {shard_classes or 'no'} (classes.json); evaluate on "
-                           "shards of the classes it was fine-tuned on")
+    if not shard_classes:
+        raise WeightsError(f"{option} {source}: the shards in {Path(shards).absolute()} have no classes "
+                           "(classes.json); evaluate on labeled shards of the classes it was fine-tuned on")
+    if head_classes < shard_classes:
+        raise WeightsError(f"{option} {source}: its head has {head_classes} classes, fewer than the {shard_classes} "
+                           f"of the shards in {Path(shards).absolute()} (classes.json); evaluate on shards of the "
+                           "classes it was fine-tuned on")
+    require_trained_classes(source, shards, option)  # the same classes, in the same order (finetune/trained_classes)
     shape = shape_from_arch(arch)
     if img_size:
         own, shape = shape.img_size, replace(shape, img_size=img_size)

@@ -33,9 +33,10 @@ from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.optimizer import adamw
-from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate
+from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate, top5_text
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import load_encoder
+from mixmae_scale.finetune.trained_classes import write_run_record
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
 from mixmae_scale.models.convert_official import WeightsError
 from mixmae_scale.models.mixmae import swin_shape
@@ -125,7 +126,7 @@ class FinetuneJob(EvaluatedJob):
                            expected_samples=self.val_samples)}
 
     def describe(self, result: dict[str, Any]) -> str:
-        return f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}"
+        return f"top-1 {result['top1']:.2f}  top-5 {top5_text(result)}  loss {result['loss']:.4f}"
 
 
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
@@ -142,6 +143,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
                         "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
     num_classes = head_classes(ft.num_classes, ctx.train_data.num_classes, config.data.shards)
+    if ctx.rank == 0:  # which classes its labels are, in order: exports carry the list and `mixmae eval` checks it
+        write_run_record(ctx.root, [entry.shards.location for entry in ctx.train_data.sets])
     model = build_classifier(config, num_classes, pretrained).to(ctx.device)
     groups = param_groups_layer_decay(model, config.model.depths, derived.learning_rate, config.optim.weight_decay,
                                       ft.layer_decay, config.optim.exempt_tables_from_decay)

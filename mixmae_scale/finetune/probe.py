@@ -46,6 +46,10 @@ KNN_TEMPERATURE = 0.07
 # the demo has 1500 validation images). Fewer than 100 training images are fewer than 5 sets of k=20
 # neighbours for the k-NN vote, and far fewer than the features' dimensions, which any labelling fits linearly.
 MIN_PROBE_IMAGES = 100
+# Below this many training images the probe cannot run at all: each feature is standardised by the training
+# images' spread, which one image does not have (a NaN that stopped L-BFGS with an overflow). `mixmae probe
+# --max-samples` takes no less (cli/encoder_commands.py).
+MIN_FIT_IMAGES = 2
 
 
 def not_meaningful_because(train_samples: int, val_samples: int) -> str | None:
@@ -183,6 +187,13 @@ def standardise(train_x: torch.Tensor, val_x: torch.Tensor) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def probe_features(features: Features, num_classes: int) -> ProbeResult:
+    train_n = len(features.train_y)
+    if train_n < MIN_FIT_IMAGES:
+        from mixmae_scale.data.errors import DataError
+
+        raise DataError(f"the probe has {train_n} training image{'s' * (train_n != 1)}, fewer than the "
+                        f"{MIN_FIT_IMAGES} it needs to standardise its features by their spread; read more "
+                        f"(--max-samples {MIN_FIT_IMAGES} or more, or a train split of at least {MIN_FIT_IMAGES})")
     train_x, val_x = standardise(features.train_x, features.val_x)
     with torch.enable_grad():
         head = fit_linear(train_x, features.train_y, num_classes)
@@ -191,7 +202,7 @@ def probe_features(features: Features, num_classes: int) -> ProbeResult:
     if features.knn_train_x is not None and features.knn_val_x is not None:
         train_x, val_x = standardise(features.knn_train_x, features.knn_val_x)
     knn = knn_top1(train_x, features.train_y, val_x, features.val_y, num_classes)
-    train_n, val_n = len(features.train_y), len(features.val_y)
+    val_n = len(features.val_y)
     return ProbeResult(top1, knn, train_top1, train_n, val_n, not_meaningful_because(train_n, val_n))
 
 

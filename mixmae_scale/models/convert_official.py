@@ -4,6 +4,11 @@ The official tree is flat (`patch_embed`, `layers`, `decoder_blocks`, `head` sid
 groups it under `encoder.` and `decoder.`. Buffers that we recompute (relative-position indices)
 are dropped; any other key we cannot place is an error that lists it. Files are read with
 `weights_only=True`: a checkpoint downloaded from the internet must not be able to run code.
+
+The decoder's head count is in no tensor's shape (its attention has no per-head parameter). A released official
+checkpoint has the official 16; a file this package writes in the official layout records its own count beside
+`model` (`OURS`: {"decoder_heads": n}, a key the official script never reads), so that a 2-head decoder comes back
+with 2 heads, not 16, from `convert-official` and every loader.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decode
 RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")  # what the loaders read as a PyTorch pickle (official layout)
 OFFICIAL_DECODER_HEADS = 16  # not recoverable from the weights; the official decoder uses 16 heads
+OURS = "mixmae_scale"  # our record in an official-layout file: what no tensor says (the decoder's head count)
 
 
 class WeightsError(ValueError):
@@ -33,6 +39,11 @@ class WeightsError(ValueError):
 
 
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
+    return read_official_checkpoint(path)[0]
+
+
+def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights under 'model' and our record (`OURS`; {} in a released official checkpoint)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -46,7 +57,8 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{Path(path).absolute()}: expected a dict of tensors under 'model'")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    record = checkpoint.get(OURS) if "model" in checkpoint else None
+    return {k.removeprefix("module."): v for k, v in state.items()}, record if isinstance(record, dict) else {}
 
 
 def _load_failure(exc: Exception) -> str:
@@ -104,17 +116,23 @@ def to_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return official
 
 
-def save_official(path: str | Path, state: dict[str, torch.Tensor]) -> int:
-    """`{"model": ...}` in the official layout, written atomically; returns the number of entries."""
+def save_official(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any] | None = None) -> int:
+    """`{"model": ...}` in the official layout, written atomically; returns the number of entries. `arch`: the
+    architecture (`infer_architecture`'s, with the run's decoder head count), whose decoder head count is recorded
+    beside the weights (`OURS`) when there is a decoder."""
     official = to_official_keys(state)
+    checkpoint: dict[str, Any] = {"model": official}
+    if arch and "decoder_heads" in arch and any(key.startswith("decoder.") for key in state):
+        checkpoint[OURS] = {"decoder_heads": int(arch["decoder_heads"])}
     with replacing(path) as tmp:
-        torch.save({"model": official}, tmp)
+        torch.save(checkpoint, tmp)
     return len(official)
 
 
-def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def infer_architecture(state: dict[str, torch.Tensor], decoder_heads: int | None = None) -> dict[str, Any]:
     """The model shape, read off the weight shapes of a mapped state dict. Weights that do not describe a MixMAE
-    encoder are a WeightsError (the caller names the file)."""
+    encoder are a WeightsError (the caller names the file). `decoder_heads`: the count the file or run records (no
+    shape says it); None: the official 16."""
     if "encoder.patch_embed.proj.weight" not in state:
         raise WeightsError("holds no encoder weights (no encoder.patch_embed.proj.weight)")
     if "encoder.absolute_pos_embed" not in state:
@@ -147,7 +165,11 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "decoder.decoder_embed.weight" in state:
         arch["decoder_dim"] = state["decoder.decoder_embed.weight"].shape[0]
         arch["decoder_depth"] = len({k.split(".")[2] for k in state if k.startswith("decoder.decoder_blocks.")})
-        arch["decoder_heads"] = OFFICIAL_DECODER_HEADS
+        arch["decoder_heads"] = int(decoder_heads or OFFICIAL_DECODER_HEADS)
+        if arch["decoder_dim"] % arch["decoder_heads"]:
+            raise WeightsError(f"a decoder of width {arch['decoder_dim']} cannot have {arch['decoder_heads']} heads"
+                               + ("" if decoder_heads else " (the official count, which the file does not say "
+                                  "otherwise)"))
     if "head.weight" in state:
         arch["num_classes"] = state["head.weight"].shape[0]
     return arch
@@ -209,10 +231,10 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, Any]:
-    state = read_official(src)
+    state, record = read_official_checkpoint(src)
     try:
         state = map_official_keys(state)
-        arch = infer_architecture(state)
+        arch = infer_architecture(state, record.get("decoder_heads"))
     except WeightsError as exc:
         raise WeightsError(f"{Path(src).absolute()}: {exc}") from exc
     model = build_from_architecture(arch)

@@ -109,7 +109,8 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
     expected = load_split(shards, split).samples
     batch = eval_batch_size(batch, expected, world)
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
-    spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True)
+    spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True,
+                     mask_classes=settings["num_classes"])
     loader = ShardLoader(shards, split, spec, backend, threads)
     model = in_precision(model, device, precision)
     scores = evaluate_segmentation(model, loader.eval_batches(), device, precision, settings["num_classes"],

@@ -68,6 +68,17 @@ def test_finetune_evaluates_every_sample_once_on_schedule_and_keeps_the_best(fin
     assert all(e["loss"] == e["loss"] for e in evals)
 
 
+def test_the_run_records_the_classes_it_learns_and_its_export_carries_them(finetuned, demo_shards):
+    """RUN/trained_classes.json, written when the run starts, and the export's metadata: what `mixmae eval` checks
+    the shards' classes against (finetune/trained_classes.py)."""
+    from mixmae_scale.data.manifest import load_manifest
+    from mixmae_scale.finetune.trained_classes import class_identities, recorded_classes
+
+    names = class_identities(load_manifest(demo_shards).classes)
+    assert len(names) == 10 and None not in names
+    assert recorded_classes(finetuned / "run") == names == recorded_classes(finetuned / "classifier.safetensors")
+
+
 def test_finetuning_from_a_random_init_learns_the_demo_classes(demo_shards, tmp_path):
     """The fine-tuning loop (layer-decay groups, schedule, DeepSpeed step, head) learns: 216 steps on 2 ranks from
     a random init, the augmentations that slow a short run off, at an lr a random init tolerates. Measured here

@@ -19,7 +19,9 @@ from mixmae_scale.cli import main
     (["config", "show", "--profile", "tiny", "--world-size", "0"], "--world-size: 0 is less than 1"),
     (["probe", "--init", "x", "--data", "y", "--batch", "0"], "--batch: 0 is less than 1"),
     (["probe", "--init", "x", "--data", "y", "--baseline-seeds", "0"], "--baseline-seeds: 0 is less than 1"),
-    (["probe", "--init", "x", "--data", "y", "--max-samples", "0"], "--max-samples: 0 is less than 1"),
+    (["probe", "--init", "x", "--data", "y", "--max-samples", "0"], "--max-samples: 0 is less than 2"),
+    # one image has no spread to standardise the probe's features by (finetune/probe.py MIN_FIT_IMAGES)
+    (["probe", "--init", "x", "--data", "y", "--max-samples", "1"], "--max-samples: 1 is less than 2"),
     (["visualize", "x", "--data", "y", "--images", "1"], "--images: 1 is less than 2"),
     (["scaling", "run", "spec.yaml", "--out", "o", "--parallel", "zero"], "--parallel: 'zero' is not an integer"),
     (["model", "info", "--img-size", "0"], "--img-size: 0 is less than 1"),  # was silently the size's own

@@ -193,6 +193,21 @@ def test_the_pretraining_and_fine_tuning_recipes_reach_the_engine_as_published(t
     assert len(rates) == 24 and rates == pytest.approx([0.1 * i / 23 for i in range(24)])
 
 
+def test_the_recipe_docs_fine_tuning_rows_say_what_the_code_does():
+    """docs/recipe.md's fine-tuning warm-up row gives the warm-up steps the B profile derives and the lag of
+    DeepSpeed's WarmupCosineLR behind the official per-iteration warm-up (the same scheduler as pretraining, whose
+    row said it: tests/unit/test_segment_job.py holds the lag); its layer-decay row says which of the reference
+    notes' two head rates the code follows (the official decay ** 1: tests/unit/test_layer_decay.py holds it)."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
+    rows = {row.split("|")[1].strip(): row for row in recipe.read_text().splitlines() if row.startswith("| ")}
+    warm_up, b = rows["epochs, warm-up"], load_resolved("finetune_b").derived
+    assert b.warmup_steps == 5 * b.steps_per_epoch == 6255
+    assert f"{b.warmup_steps:,} warm-up steps" in warm_up and "(k-1)/W" in warm_up and "(k-2)/W" in warm_up
+    assert "we follow the official code (§8)" in rows["layer decay"]
+
+
 @pytest.mark.parametrize("path", sorted(DS_CONFIGS_DIR.glob("*.json")), ids=lambda p: p.name)
 def test_every_deepspeed_file_is_valid_for_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig

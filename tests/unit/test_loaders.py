@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mixmae_scale.config import load_config
 from mixmae_scale.data.loaders import FINETUNE_CROP_SCALE, LoaderPlace, eval_spec, loader_dtype, spec_for
 from mixmae_scale.seeds import stream_seed
@@ -91,13 +93,13 @@ def test_segmentation_trains_on_masks_with_crop_and_flip_but_no_rand_augment_and
                                                                                    SEGMENT_CROP_SCALE)
     assert train.hflip == config.data.hflip and (train.shard_id, train.num_shards) == (1, 4)
     val = spec_for(config, "segment_val", 5, PLACE)
-    assert val == eval_spec(64, 5, config.data.num_threads, PLACE, masks=True)
+    assert val == eval_spec(64, 5, config.data.num_threads, PLACE, masks=True,
+                            mask_classes=config.segment.num_classes)
     assert val.mode == "eval" and val.with_masks
+    assert train.mask_classes == val.mask_classes == config.segment.num_classes  # labels past them are refused
 
 
 def test_a_spec_with_masks_and_rand_augment_is_refused():
-    import pytest
-
     from mixmae_scale.data.spec import PipelineSpec
 
     with pytest.raises(ValueError, match="move the image away from its mask"):
@@ -111,4 +113,13 @@ def test_evaluation_resizes_as_the_official_code_at_224_and_crops_the_whole_resi
 
     official = {size: int(size / (224 / 256 if size <= 224 else 1.0)) for size in (224, 384, 448)}
     assert {size: eval_resize(size) for size in official} == official == {224: 256, 384: 384, 448: 448}
-    assert eval_resize(96) == 110  # the demo: 96 / 0.875 rounded
+
+
+@pytest.mark.parametrize("size, resize", [(96, 109), (112, 128), (160, 182), (192, 219), (64, 73), (200, 228)])
+def test_evaluation_below_224_truncates_the_resize_as_the_official_code(size, resize):
+    """The official `int(size / crop_pct)` truncates: 160 px resizes to 182 (182.86 truncated), the demo's 96 to 109;
+    rounding gave 183 and 110, another centre crop than the official evaluation's."""
+    from mixmae_scale.data.spec import eval_resize
+
+    assert int(size / (224 / 256)) == resize
+    assert eval_resize(size) == resize

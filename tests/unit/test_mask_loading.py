@@ -148,3 +148,58 @@ def test_an_ade20k_tree_converts_to_shards_with_masks_and_a_missing_annotation_i
     batches = [b for b, _ in ShardLoader(str(tmp_path / "shards"), "val", spec, "torch", 1).eval_batches()]
     values = {tuple(sorted(set(m.unique().tolist()))) for m in batches[0].masks}
     assert values == {(0, 255), (1, 255)}  # labels 1 and 2 shifted down; "other" ignored
+
+
+def seg_spec(role: str, classes: int, batch: int = 6):
+    """The loader spec of a segmentation run (`segment` training crops, `segment_val` the evaluation view) whose
+    model predicts `classes` classes (segment.num_classes)."""
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.data.loaders import spec_for
+
+    config = load_resolved("seg_demo", overrides=["segment.init=random", f"segment.num_classes={classes}",
+                                                  "segment.crop_size=64"], world_size=1, train_samples=2600).config
+    return spec_for(config, role, batch)
+
+
+@pytest.mark.parametrize("role, split", [("segment", "train"), ("segment_val", "val")])
+def test_a_model_of_fewer_classes_than_the_manifests_masks_is_refused_before_a_sample_is_read(banded_shards, role,
+                                                                                             split):
+    """segment.num_classes=3 on masks of 6 classes reached the loss's IndexError (a device-side assert on a GPU)
+    mid-run, at the first label past the head."""
+    from mixmae_scale.data.errors import DataError
+
+    with pytest.raises(DataError, match=f"split '{split}' label 6 classes .*more than the model's 3 "):
+        ShardLoader(str(banded_shards), split, seg_spec(role, 3), "torch", 1)
+    ShardLoader(str(banded_shards), split, seg_spec(role, 6), "torch", 1).close()  # as many: read
+
+
+@pytest.fixture(scope="module")
+def unlisted_mask_classes(banded_shards, tmp_path_factory) -> Path:
+    """The banded set with a manifest that does not say how many classes its masks label (tars adopted from
+    another tool): the largest label is found only when the masks are decoded."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("unlisted") / "shards"
+    shutil.copytree(banded_shards, copy)
+    manifest = json.loads((copy / "dataset.json").read_text())
+    del manifest["mask_classes"]
+    (copy / "dataset.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("role, split", [("segment", "train"), ("segment_val", "val")])
+def test_a_mask_label_past_the_models_classes_names_its_sample_and_value_when_the_manifest_does_not_say(
+        unlisted_mask_classes, backend, role, split):
+    from mixmae_scale.data.errors import DataError
+
+    loader = ShardLoader(str(unlisted_mask_classes), split, seg_spec(role, 3), backend, 1)
+    try:
+        with pytest.raises(DataError, match=rf"{split}_\d{{8}}: its segmentation mask holds label [345], past the "
+                                            r"model's 3 classes \(0-2, 255 = unlabelled\)"):
+            list(loader) if role == "segment" else list(loader.eval_batches())
+    finally:
+        loader.close()
+    every = ShardLoader(str(unlisted_mask_classes), split, seg_spec(role, 6), backend, 1)  # 6 classes: all fit
+    list(every) if role == "segment" else list(every.eval_batches())
+    every.close()

@@ -110,3 +110,23 @@ def test_max_samples_reads_the_first_training_images_in_shard_order(demo_shards)
     more, more_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=37)
     assert few.shape == (20, 3, 32, 32) and len(more) == 37
     assert torch.equal(few, more[:20]) and torch.equal(few_labels, more_labels[:20])
+
+
+def test_a_probe_of_one_training_image_is_refused_naming_the_count_and_the_minimum():
+    """One image has no spread to standardise the features by: the probe's L-BFGS met NaNs and stopped on "value
+    cannot be converted to type float without overflow" (`probe --max-samples 1`)."""
+    import pytest
+
+    from mixmae_scale.data.errors import DataError
+
+    one = Features(torch.randn(1, 8), torch.tensor([0]), torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(DataError, match="1 training image, fewer than the 2 "):
+        probe_features(one, num_classes=2)
+    two = Features(torch.randn(2, 8), torch.tensor([0, 1]), torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))
+    assert probe_features(two, num_classes=2).not_meaningful  # runs, and says it is not a result
+    from mixmae_scale.cli import main
+    from mixmae_scale.finetune.probe import MIN_FIT_IMAGES
+
+    with pytest.raises(SystemExit):  # the command line takes the probe's own minimum
+        main(["probe", "--init", "x", "--data", "y", "--max-samples", str(MIN_FIT_IMAGES - 1)])
+    assert MIN_FIT_IMAGES == 2

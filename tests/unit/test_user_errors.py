@@ -57,10 +57,10 @@ def test_eval_of_wrong_weights_is_one_line_naming_the_option(weights, demo_shard
     assert "RANK" not in os.environ  # the world of one is undone
 
 
-def test_eval_refuses_a_head_of_another_class_count(weights, demo_shards, capfd):
+def test_eval_refuses_a_head_of_fewer_classes_than_the_shards(weights, demo_shards, capfd):
     line = one_error_line(capfd, main(["eval", "--init", str(weights / "head3.safetensors"), "--data",
                                        str(demo_shards)]))
-    assert f"its head has 3 classes, the shards in {demo_shards} have 10 (classes.json)" in line
+    assert f"its head has 3 classes, fewer than the 10 of the shards in {demo_shards} (classes.json)" in line
 
 
 def test_finetune_init_that_is_not_weights_is_one_line_before_the_run_folder_is_made(weights, demo_shards, capfd,
@@ -252,6 +252,9 @@ def test_eval_and_visualize_print_one_line_and_json_on_request(capsys, monkeypat
                                        "shards (ft.safetensors)\n")
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == result
+    result["top5"] = None  # a head of 5 classes or fewer: every label is in its top 5
+    assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
+    assert capsys.readouterr().out.startswith("top-1 41.25%, top-5 n/a (fp32) on the 80 images")
     drawn = {"source": "run", "title": "...", "out": "grid.png", "pairs": 2, "size": [1, 2, 3]}
     monkeypatch.setattr(reconstruction, "visualize", lambda *args: drawn)
     assert main(["visualize", "run", "--data", "shards", "--images", "4", "--out", "grid.png"]) == 0

@@ -1,0 +1,186 @@
+"""What `mixmae eval` accepts of a classifier's head against the split it scores: a head with more classes than
+the split's labels (a split of a subset of its classes) is evaluated, one with fewer is refused; and a top-k of a
+head with k classes or fewer (every label is among them, a sure 100%) is reported as n/a, not as a score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mixmae_scale.data.sample_ids import Coverage
+from mixmae_scale.finetune.evaluate import evaluate, load_classifier, top5_text
+
+
+def save_classifier(path, classes: int) -> None:
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.models.classifier import SwinClassifier
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.models.mixmae import swin_shape
+
+    torch.manual_seed(0)
+    state = SwinClassifier(swin_shape(load_resolved("tiny").config.model), classes).state_dict()
+    save_weights(path, state, infer_architecture(state), "finetune")
+
+
+def test_a_head_with_more_classes_than_the_split_is_evaluated_and_one_with_fewer_is_refused(demo_shards, tmp_path):
+    from mixmae_scale.models.convert_official import WeightsError
+
+    save_classifier(tmp_path / "head12.safetensors", 12)
+    model = load_classifier(str(tmp_path / "head12.safetensors"), str(demo_shards), "val")
+    assert model.head.out_features == 12  # the demo's 10 classes are labels 0-9 of its 12
+    save_classifier(tmp_path / "head9.safetensors", 9)
+    with pytest.raises(WeightsError, match="its head has 9 classes, fewer than the 10 of the shards"):
+        load_classifier(str(tmp_path / "head9.safetensors"), str(demo_shards), "val")
+
+
+@dataclass
+class LabelBatch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits that rank class 0 first, then 1, 2, ...: top-1 is right for label 0 alone."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.order = torch.nn.Parameter(-torch.arange(classes, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.order.expand(len(images), -1)
+
+
+class OneBatch:
+    """What `evaluate` reads of a loader: one batch of the given labels, its coverage, where it is."""
+
+    def __init__(self, labels: list[int]) -> None:
+        ids = torch.arange(1, len(labels) + 1)
+        self.batch = LabelBatch(torch.zeros(len(labels), 3, 4, 4), torch.tensor(labels), ids)
+        self.coverage = Coverage(len(labels), int(ids.sum()))
+        self.mixture = type("M", (), {"sets": [type("S", (), {"shards": type("L", (), {"location": "x"})})]})
+
+    def eval_batches(self):
+        yield self.batch, len(self.batch.labels)
+
+    def split_coverage(self) -> Coverage:
+        return self.coverage
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("classes, top5", [(3, None), (5, None), (6, 75.0)])
+def test_top5_is_a_score_only_for_a_head_of_more_than_5_classes(classes, top5, world_of_one):
+    labels = [0, 1, 2, 5 if classes == 6 else 2]  # the last one outside the top 5 of a 6-class head
+    result = evaluate(FixedLogits(classes), OneBatch(labels), torch.device("cpu"), "fp32")
+    assert result["top1"] == 25.0 and result["top5"] == top5
+    assert top5_text(result) == ("n/a" if top5 is None else "75.00")
+
+
+
+def demo_class_names(demo_shards) -> list[str]:
+    from mixmae_scale.data.manifest import load_manifest
+
+    return [c["wnid"] for c in load_manifest(demo_shards).classes]
+
+
+def save_trained_on(path, names: list[str] | None, classes: int = 10) -> None:
+    """A fine-tuned classifier whose export says which classes (by identity, in label order) it was trained on."""
+    import json
+
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.models.classifier import SwinClassifier
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.models.mixmae import swin_shape
+
+    torch.manual_seed(0)
+    state = SwinClassifier(swin_shape(load_resolved("tiny").config.model), classes).state_dict()
+    record = {} if names is None else {"classes": json.dumps(names)}
+    save_weights(path, state, infer_architecture(state), "finetune", provenance=record)
+
+
+def test_a_classifier_trained_on_the_same_classes_in_another_order_is_refused_naming_both(demo_shards, tmp_path):
+    """The same count of other classes, or of the same classes in another order, was scored as if its labels were
+    the head's: a top-1 near chance, reported as the classifier's."""
+    from mixmae_scale.models.convert_official import WeightsError
+
+    names = demo_class_names(demo_shards)
+    swapped = [names[1], names[0], *names[2:]]
+    save_trained_on(tmp_path / "swapped.safetensors", swapped)
+    with pytest.raises(WeightsError) as refused:
+        load_classifier(str(tmp_path / "swapped.safetensors"), str(demo_shards), "val")
+    said = str(refused.value)
+    assert f"class 0 is {names[1]!r} in its training data and {names[0]!r} in the shards" in said
+    from mixmae_scale.finetune.trained_classes import classes_digest
+
+    assert classes_digest(swapped) in said and classes_digest(names) in said  # both sets named
+    other = [f"n8{i:07d}" for i in range(10)]  # the demo's are n9...
+    save_trained_on(tmp_path / "other.safetensors", other)
+    with pytest.raises(WeightsError, match=f"class 0 is 'n80000000' in its training data and {names[0]!r}"):
+        load_classifier(str(tmp_path / "other.safetensors"), str(demo_shards), "val")
+
+
+def test_a_classifier_trained_on_the_splits_classes_or_more_is_evaluated(demo_shards, tmp_path, caplog):
+    names = demo_class_names(demo_shards)
+    save_trained_on(tmp_path / "same.safetensors", names)
+    save_trained_on(tmp_path / "more.safetensors", [*names, "n99999999", "n99999998"], classes=12)
+    with caplog.at_level("WARNING"):
+        for name in ("same", "more"):  # the split's classes are the first of its 10 or 12, in its order
+            load_classifier(str(tmp_path / f"{name}.safetensors"), str(demo_shards), "val")
+    assert not caplog.records
+
+
+def test_weights_without_a_record_of_their_classes_are_evaluated_with_a_warning(demo_shards, tmp_path, caplog):
+    """Exports written before the record, and official checkpoints, cannot be checked: said, not refused."""
+    save_trained_on(tmp_path / "old.safetensors", None)
+    with caplog.at_level("WARNING"):
+        load_classifier(str(tmp_path / "old.safetensors"), str(demo_shards), "val")
+    assert any("does not record which classes it was fine-tuned on" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_folder(demo_shards, tmp_path,
+                                                                                   monkeypatch):
+    """RUN/trained_classes.json (written when the run starts) -> the export's metadata; eval of the run folder reads
+    the record itself."""
+    import json
+
+    from mixmae_scale.engine import export
+    from mixmae_scale.finetune.trained_classes import RECORD, recorded_classes, write_run_record
+    from mixmae_scale.models.convert_official import WeightsError, load_weights, read_metadata
+
+    names = demo_class_names(demo_shards)
+    run = tmp_path / "ft-run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_run_record(run, [str(demo_shards)])
+    save_trained_on(tmp_path / "weights.safetensors", None)
+    state = load_weights(tmp_path / "weights.safetensors")[0]
+    monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    result = export.export_run(run, tmp_path / "classifier.safetensors")
+    assert result["kind"] == "finetune"
+    assert json.loads(read_metadata(tmp_path / "classifier.safetensors")["classes"]) == names
+    assert recorded_classes(tmp_path / "classifier.safetensors") == names == recorded_classes(run)
+    load_classifier(str(tmp_path / "classifier.safetensors"), str(demo_shards), "val")
+    record = json.loads((run / RECORD).read_text())
+    (run / RECORD).write_text(json.dumps({**record, "classes": names[::-1]}))
+    with pytest.raises(WeightsError, match=f"class 0 is {names[-1]!r} in its training data"):
+        load_classifier(str(run), str(demo_shards), "val")
+
+
+def test_classes_named_by_index_alone_are_not_compared(tmp_path):
+    from mixmae_scale.finetune.trained_classes import _first_difference, class_identities
+
+    adopted = class_identities([{"index": 0}, {"index": 1}])
+    assert adopted == [None, None]
+    assert _first_difference(["n01", "n02"], adopted) is None  # nothing to compare: accepted (with a warning)
+    assert _first_difference(["n01"], ["n01", "n02"]) == 1  # a class past those it was trained on
+    assert _first_difference(["n01", "n02", "n03"], ["n01", "n02"]) is None  # the first of its classes

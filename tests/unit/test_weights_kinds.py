@@ -1,0 +1,139 @@
+"""Which weights a file or run folder holds, read off it where its tensors do not say: a segmentation model named
+where an encoder or classifier goes is called what it is, and the decoder's head count (no tensor's shape gives
+it) survives an export, the official layout and a conversion back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_weights
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A segmentation export as `mixmae export` writes it for a `mixmae segment` run, and its state."""
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.segment.job import build_model
+
+    config = load_resolved("seg_demo", overrides=["segment.init=random", "segment.head_channels=32"], world_size=1,
+                           train_samples=2600).config
+    state = build_model(config).state_dict()
+    encoder = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.encoder.")}
+    settings = {"num_classes": 11, "ignore_index": 255, "crop_size": 96, "head_channels": 32, "pool_scales": [1, 2, 3]}
+    path = tmp_path_factory.mktemp("seg") / "segmenter.safetensors"
+    save_weights(path, state, {**infer_architecture(encoder), "segment": settings}, "segment")
+    return path, state
+
+
+@pytest.mark.parametrize("option", ["finetune.init", "--init"])
+def test_a_segmentation_export_named_as_an_encoder_is_called_a_segmentation_model(segmenter, option):
+    """It was "holds no encoder weights (no encoder.patch_embed.proj.weight)": it holds an encoder, under backbone."""
+    from mixmae_scale.finetune.pretrained import load_encoder
+
+    path, _ = segmenter
+    with pytest.raises(WeightsError) as refused:
+        load_encoder(path, option)
+    said = str(refused.value)
+    assert "is a segmentation model" in said and "mixmae eval --init" in said and "no encoder weights" not in said
+
+
+def test_a_segmentation_run_folder_named_as_an_encoder_is_called_a_segmentation_run(segmenter, tmp_path, monkeypatch):
+    """A run folder's weights come gathered from its checkpoint, with no metadata: told apart by their keys."""
+    import yaml
+
+    from mixmae_scale.engine import export
+    from mixmae_scale.finetune.pretrained import load_encoder
+
+    _, state = segmenter
+    run = tmp_path / "seg-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"segment": {"init": "runs/demo"}}))
+    monkeypatch.setattr(export, "find_checkpoint", lambda path, option=None: (run / "checkpoints", "step00000010"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    with pytest.raises(WeightsError) as refused:
+        load_encoder(run, "--init")
+    said = str(refused.value)
+    assert "a segmentation run" in said and f"mixmae export {run}" in said and "runs/demo" in said
+
+
+def test_eval_of_a_segmentation_run_folder_is_one_line_saying_what_it_is(segmenter, tmp_path, monkeypatch, capfd,
+                                                                        demo_shards):
+    from mixmae_scale.cli import main
+    from mixmae_scale.engine import export
+
+    _, state = segmenter
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(export, "find_checkpoint", lambda path, option=None: (tmp_path / "run" / "checkpoints", "s"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    assert main(["eval", "--init", str(tmp_path / "run"), "--data", str(demo_shards)]) != 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "a segmentation run" in err and "no encoder weights" not in err
+
+
+
+def pretraining_run(tmp_path, monkeypatch, model, decoder_heads: int):
+    """A pretraining run folder whose checkpoint gathers to `model`'s weights and whose config.yaml says its decoder's
+    head count, as `mixmae export` reads them."""
+    import yaml
+
+    from mixmae_scale.engine import export
+
+    run = tmp_path / "pretrain-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"decoder_heads": decoder_heads}}))
+    monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(model.state_dict()))
+    return run
+
+
+def same_loss(model, rebuilt) -> bool:
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    mask = model.sample_mask(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.equal(rebuilt.eval()(images, mask=mask).loss, model(images, mask=mask).loss)
+
+
+def test_the_decoder_head_count_survives_the_official_layout_and_a_conversion_back(small_mixmae, tmp_path,
+                                                                                   monkeypatch):
+    """The official decoder has 16 heads and no tensor says how many: a 2-head decoder exported in the official layout
+    came back with 16, and reconstructed other pictures than the run's (same tensors, other attention)."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.models.convert_official import build_from_architecture, convert_official_checkpoint
+
+    assert small_mixmae.decoder.decoder_blocks[0].attn.num_heads == 2
+    run = pretraining_run(tmp_path, monkeypatch, small_mixmae, decoder_heads=2)
+    official = tmp_path / "official.pth"
+    export_run(run, official, with_decoder=True, fmt="official")
+    assert set(torch.load(official, weights_only=True)["model"]) >= {"decoder_embed.weight", "mask_token"}
+    summary = convert_official_checkpoint(official, tmp_path / "back.safetensors")
+    assert summary["arch"]["decoder_heads"] == 2
+    rebuilt = build_from_architecture(summary["arch"])
+    rebuilt.load_state_dict(small_mixmae.state_dict())
+    assert same_loss(small_mixmae, rebuilt)
+
+
+def test_every_loader_of_an_encoder_and_decoder_reads_its_decoder_head_count(small_mixmae, tmp_path, monkeypatch):
+    """`load_encoder` (pictures: `mixmae visualize`) read the weights' shapes alone and built 16 decoder heads for an
+    export, an official-layout file or a run folder whose decoder has 2."""
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.models.convert_official import build_from_architecture
+
+    run = pretraining_run(tmp_path, monkeypatch, small_mixmae, decoder_heads=2)
+    export_run(run, tmp_path / "ours.safetensors", with_decoder=True)
+    export_run(run, tmp_path / "official.pth", with_decoder=True, fmt="official")
+    for source in (tmp_path / "ours.safetensors", tmp_path / "official.pth", run):
+        state, arch = load_encoder(source, "source")
+        assert arch["decoder_heads"] == 2, source
+        rebuilt = build_from_architecture(arch)
+        rebuilt.load_state_dict(state)
+        assert same_loss(small_mixmae, rebuilt), source
+
+
+def test_an_official_checkpoint_without_our_record_has_the_official_16_decoder_heads(small_mixmae, tmp_path):
+    from mixmae_scale.models.convert_official import convert_official_checkpoint, to_official_keys
+
+    torch.save({"model": to_official_keys(small_mixmae.state_dict()), "epoch": 599}, tmp_path / "released.pth")
+    assert convert_official_checkpoint(tmp_path / "released.pth", tmp_path / "x.safetensors")["arch"][
+        "decoder_heads"] == 16
