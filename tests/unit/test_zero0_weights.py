@@ -1,0 +1,80 @@
+"""A ZeRO-0 run's checkpoint, as DeepSpeed and our store write it (a real engine in a world of one, one step): its
+weights are what `mixmae export`, `mixmae probe --init RUN` and `finetune.init=RUN` read. DeepSpeed's zero_to_fp32,
+which every one of them went through, stopped with a TypeError on a checkpoint without ZeRO shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixmae_scale.engine.checkpointing import store
+from mixmae_scale.models.classifier import SwinClassifier
+
+
+@pytest.fixture
+def world_of_one(tmp_path, monkeypatch):
+    """A gloo process group of one rank in this process, as DeepSpeed's engine wants one. DeepSpeed keeps the groups
+    it derives in module globals, which would outlive the group (scaling/in_process.py forgets them alike)."""
+    import importlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from mixmae_scale.engine.distributed import skip_shm_allreduce_op
+
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    importlib.reload(deepspeed.utils.groups)
+    skip_shm_allreduce_op()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    deepspeed.init_distributed("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        importlib.reload(deepspeed.utils.groups)
+
+
+def trained_checkpoint(model: torch.nn.Module, run: Path, stage: int, dtype: str, images: torch.Tensor
+                       ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One optimizer step of `model` under DeepSpeed at ZeRO `stage`, saved as a run's checkpoint (store.save, as
+    the loop saves); returns the checkpoint and the engine's module state after the step."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        config={"train_micro_batch_size_per_gpu": len(images), "train_batch_size": len(images),
+                "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"}})
+    loss = engine(images.to(next(engine.module.parameters()).dtype)).float().square().mean()
+    engine.backward(loss)
+    engine.step()
+    checkpoint = store.save(engine, run / "checkpoints", store.SaveRequest(step=1), client_state={}, rank_state={})
+    return checkpoint, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_zero0_runs_weights_are_exported_and_read_as_an_init(world_of_one, small_shape, tmp_path, dtype):
+    from mixmae_scale.engine.export import export_run
+    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.models.convert_official import load_weights
+
+    torch.manual_seed(0)
+    model = SwinClassifier(small_shape, num_classes=5, drop_path=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint, after = trained_checkpoint(model, tmp_path / "run", 0, dtype, torch.randn(2, 3, 128, 128))
+    assert sorted(p.name for p in checkpoint.iterdir() if p.suffix == ".pt") == ["mp_rank_00_model_states.pt"]
+    assert not torch.equal(after["head.weight"].float(), before["head.weight"])  # the step moved the weights
+
+    result = export_run(tmp_path / "run", tmp_path / "classifier.safetensors")
+    assert (result["kind"], result["step"]) == ("finetune", 1)
+    exported, arch = load_weights(tmp_path / "classifier.safetensors")
+    assert arch["depths"] == list(small_shape.depths) and arch["num_classes"] == 5
+    assert exported.keys() == after.keys()
+    for key, value in after.items():  # at bf16: the module's bf16 weights (the ones the run computed with), in fp32
+        expected = value.float() if value.is_floating_point() else value
+        assert exported[key].dtype == expected.dtype and torch.equal(exported[key], expected), key
+
+    state, _ = load_encoder(tmp_path / "run")  # finetune.init=RUN, probe --init RUN
+    assert all(torch.equal(state[key], exported[key]) for key in exported)
