@@ -35,7 +35,7 @@ from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, st
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
-from mixmae_scale.finetune.pretrained import load_encoder
+from mixmae_scale.finetune.pretrained import finetune_start
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
 from mixmae_scale.models.convert_official import WeightsError
 from mixmae_scale.models.mixmae import swin_shape
@@ -45,12 +45,13 @@ log = logging.getLogger("mixmae.finetune")
 
 def build_classifier(config: Config, num_classes: int,
                      pretrained: tuple[dict[str, torch.Tensor], dict] | None = None) -> SwinClassifier:
-    """`pretrained`: `load_encoder(config.finetune.init)`, when the caller has loaded it already."""
+    """`pretrained`: the encoder's weights and architecture (`finetune_start(config.finetune.init)`); None leaves
+    the classifier's own random initialisation (`finetune.init=random`)."""
     model = SwinClassifier(swin_shape(config.model), num_classes, drop_path=config.model.drop_path,
                            fused_attention=config.model.attention != "reference",
                            checkpoint_every=config.model.checkpoint_every)
-    if config.finetune.init:
-        state, arch = pretrained or load_encoder(config.finetune.init)
+    if pretrained is not None:
+        state, arch = pretrained
         report = load_pretrained_encoder(model, state)
         if report.missing:
             raise WeightsError(f"finetune.init={config.finetune.init}: the encoder lacks {report.missing[:8]}")
@@ -132,10 +133,11 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
              local_rank: int = 0, pretrained: tuple[dict[str, torch.Tensor], dict] | None = None,
              overwrite: bool = False) -> dict[str, Any]:
     """One fine-tuning run to its last step (or a stop); returns the summary it writes to summary.json.
-    `pretrained`: `load_encoder(config.finetune.init)` if the caller loaded it already."""
-    # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
-    if pretrained is None and config.finetune.init:
-        pretrained = load_encoder(config.finetune.init)
+    `pretrained`: `finetune_start(config.finetune.init)` if the caller loaded it already."""
+    # Weights that cannot be read, or none named, are the user's mistake, said before a process group or run folder
+    # is made.
+    if pretrained is None:
+        pretrained = finetune_start(config.finetune.init)
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune")
     derived, ft = ctx.resolved.derived, config.finetune
     if not ctx.train_data.labeled:  # first: a class count would not help shards without labels

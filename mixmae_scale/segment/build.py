@@ -13,7 +13,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from mixmae_scale.config.schema import Config
+from mixmae_scale.config.schema import RANDOM_INIT, Config
 from mixmae_scale.engine.optimizer import exempt_from_decay
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import load_encoder
@@ -24,8 +24,6 @@ from mixmae_scale.models.mixmae import swin_shape
 from mixmae_scale.models.segmentation_head import SegmentationModel, UperHead
 
 log = logging.getLogger("mixmae.segment")
-
-RANDOM_INIT = "random"
 
 
 def check_init(config: Config) -> None:

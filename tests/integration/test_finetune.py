@@ -34,7 +34,7 @@ OFFICIAL_AUGMENTATION = ("optim.base_learning_rate=2e-3", "schedule.epochs=3", "
 def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str) -> list[str]:
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
             "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
-            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
+            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=random", "batch.micro=8",
             "batch.global_batch=16", "logging.every_steps=1", "data.shuffle_buffer=64",
             "finetune.eval_every_epochs=0.5", "checkpoint.every_steps=6", *OFFICIAL_AUGMENTATION, *overrides]
 
@@ -78,7 +78,7 @@ def test_finetuning_from_a_random_init_learns_the_demo_classes(demo_shards, tmp_
     off = ("finetune.mixup=0", "finetune.cutmix=0", "finetune.rand_augment_ops=0", "finetune.random_erasing=0",
            "finetune.label_smoothing=0", "finetune.layer_decay=1", "model.drop_path=0")
     run("finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
-        f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=8", "batch.global_batch=16",
+        f"data.shards={demo_shards}", "finetune.init=random", "batch.micro=8", "batch.global_batch=16",
         "logging.every_steps=6", "finetune.eval_every_epochs=12", "optim.base_learning_rate=0.004",
         "precision.dtype=fp32", "schedule.epochs=12", "schedule.warmup_epochs=1", *off)
     curve = list(metric_losses(tmp_path / "run").values())
@@ -124,7 +124,7 @@ def test_a_finetune_on_two_ranks_continues_on_one_with_its_evaluations_and_best(
     shutil.copytree(finetuned / "run", run_dir)
     before = json.loads((run_dir / "summary.json").read_text())["best"]
     result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir), "--set",
-                 f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=8", "batch.global_batch=16",
+                 f"data.shards={demo_shards}", "finetune.init=random", "batch.micro=8", "batch.global_batch=16",
                  "logging.every_steps=5", "data.shuffle_buffer=64", "finetune.eval_every_epochs=0.5",
                  *OFFICIAL_AUGMENTATION, "--max-steps", "24", ranks=1)
     text = result.stdout + result.stderr

@@ -1,5 +1,5 @@
-"""What fine-tuning refuses at its start, without a launch: encoder weights the classifier has no place for, and a
-head with fewer classes than the training data's labels."""
+"""What fine-tuning refuses at its start, without a launch: no encoder named, encoder weights the classifier has no
+place for, and a head with fewer classes than the training data's labels."""
 
 from __future__ import annotations
 
@@ -56,3 +56,27 @@ def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():
     assert head_classes(None, 10, "/data/x") == 10 and head_classes(12, 10, "/data/x") == 12  # more is allowed
     with pytest.raises(DataError, match="no classes in the manifest; set finetune.num_classes"):
         head_classes(None, 0, "/data/x")
+
+
+class RunStarted(Exception):
+    """Stands for everything after the start's checks: the process group, the run folder, the training."""
+
+
+def test_no_finetune_init_is_refused_naming_the_key_and_random_must_be_said(monkeypatch, tmp_path):
+    """`finetune.init` unset started a classifier from random weights without a word (`segment.init` unset is
+    refused): its top-1 then read as the pretrained encoder's. `finetune.init=random` says it."""
+    from mixmae_scale.finetune import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = load_resolved("finetune_tiny", overrides=["finetune.init=null"]).config
+    with pytest.raises(WeightsError, match=r"^finetune.init is not set: name the encoder to start from \(--set "
+                                           r"finetune.init=RUN_FOLDER, .*--set finetune.init=random for a randomly "
+                                           r"initialised encoder \(the baseline\)$"):
+        job.finetune(config, [], tmp_path / "run")
+    config.finetune.init = "random"
+    with pytest.raises(RunStarted):  # no weights to read: the run starts, from the classifier's own initialisation
+        job.finetune(config, [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
