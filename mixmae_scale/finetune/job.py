@@ -27,6 +27,7 @@ from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -135,10 +136,13 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     """One fine-tuning run to its last step (or a stop); returns the summary it writes to summary.json.
     `pretrained`: `finetune_start(config.finetune.init)` if the caller loaded it already."""
     # Weights that cannot be read, or none named, are the user's mistake, said before a process group or run folder
-    # is made.
+    # is made; a run that resumes from its own checkpoint reads nothing of them.
     if pretrained is None:
-        pretrained = finetune_start(config.finetune.init)
+        pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
+                                                                             overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune")
+    if ctx.resume is None and pretrained is None:  # a fresh start after all (the folder changed since it was read)
+        pretrained = finetune_start(config.finetune.init)
     derived, ft = ctx.resolved.derived, config.finetune
     if not ctx.train_data.labeled:  # first: a class count would not help shards without labels
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "

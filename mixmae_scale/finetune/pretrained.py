@@ -60,12 +60,14 @@ def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dic
         raise WeightsError(f"{_named(option, source)}: {Path(source).absolute()} {exc}") from exc
 
 
-def finetune_start(init: str | None) -> tuple[dict[str, torch.Tensor], dict] | None:
+def finetune_start(init: str | None, resuming: bool = False) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The encoder a fine-tuning starts from (`finetune.init`): its weights and architecture, or None for
-    `finetune.init=random`. Unset is refused, as `segment.init` is (segment/build.py): a run that silently started
-    from random weights trained a classifier nobody asked for, its top-1 read as the pretrained encoder's."""
+    `finetune.init=random` and for a run that resumes from its own checkpoint (`resuming`: run_folder.resumes), which
+    holds every weight: the file is neither read nor required (a killed run whose init file was cleaned up since
+    could not resume). Unset is refused, as `segment.init` is (segment/build.py): a run that silently started from
+    random weights trained a classifier nobody asked for, its top-1 read as the pretrained encoder's."""
     if not init:
         raise WeightsError("finetune.init is not set: name the encoder to start from (--set finetune.init=RUN_FOLDER, "
                            "an exported .safetensors or an official MixMIM .pth), or --set finetune.init=random for a "
                            "randomly initialised encoder (the baseline)")
-    return None if init == RANDOM_INIT else load_encoder(init)
+    return None if init == RANDOM_INIT or resuming else load_encoder(init)

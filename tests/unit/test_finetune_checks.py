@@ -4,6 +4,7 @@ place for, and a head with fewer classes than the training data's labels."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,30 @@ def test_no_finetune_init_is_refused_naming_the_key_and_random_must_be_said(monk
     with pytest.raises(RunStarted):  # no weights to read: the run starts, from the classifier's own initialisation
         job.finetune(config, [], tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def with_a_checkpoint(run: Path) -> Path:
+    """A run folder holding a complete checkpoint (its marker is what a start looks at before the process group)."""
+    from mixmae_scale.engine.checkpointing import store
+
+    (run / "checkpoints" / "step00000006").mkdir(parents=True)
+    store.seal(run / "checkpoints" / "step00000006", {"step": 6, "world_size": 2, "kind": "regular"})
+    return run
+
+
+def test_a_run_that_resumes_does_not_read_or_need_its_init_file(monkeypatch, tmp_path):
+    """A killed fine-tuning whose init file was cleaned up since could not resume: the file was read before the run
+    looked at its own checkpoint, which holds every weight. A fresh start still refuses the missing file."""
+    from mixmae_scale.finetune import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = load_resolved("finetune_tiny", overrides=[f"finetune.init={tmp_path / 'gone.safetensors'}"]).config
+    with pytest.raises(RunStarted):
+        job.finetune(config, [], with_a_checkpoint(tmp_path / "killed"))
+    with pytest.raises(FileNotFoundError, match=r"^finetune.init=.*gone.safetensors: not found"):
+        job.finetune(config, [], tmp_path / "new")
+    with pytest.raises(FileNotFoundError, match="gone.safetensors: not found"):  # --overwrite starts afresh
+        job.finetune(config, [], tmp_path / "killed", overwrite=True)
