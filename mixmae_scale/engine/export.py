@@ -130,6 +130,28 @@ def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
             for key, value in state.items()}
 
 
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3's: parameter placeholders and shapes
+
+
+def tensor_shapes(checkpoint: Path) -> dict[str, torch.Size]:
+    """The shape of each tensor of a checkpoint's model, nothing gathered: what a model to load the checkpoint into is
+    built in the shape of where nothing else says it (a segmentation run's encoder, whose shape came from weights
+    that need not be there when it resumes). ZeRO 0-2 keep the module's state dict in mp_rank_00_model_states.pt;
+    ZeRO-3 keeps empty placeholders in its own file and each parameter's shape beside them (`param_shapes`)."""
+    path = checkpoint / MODEL_STATES
+    if not path.is_file():
+        path = checkpoint / ZERO3_MODEL_STATES
+    if not path.is_file():
+        raise WeightsError(f"{checkpoint.absolute()}: neither {MODEL_STATES} nor {ZERO3_MODEL_STATES}; not a "
+                           "DeepSpeed checkpoint")
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    shapes = {key: value.shape for key, value in saved["module"].items()}
+    for group in saved.get("param_shapes") or []:
+        shapes.update(group)
+    shapes.update(saved.get("frozen_param_shapes") or {})
+    return shapes
+
+
 def step_of(tag: str) -> int | None:
     digits = tag.removeprefix("step")
     return int(digits) if digits.isdigit() else None

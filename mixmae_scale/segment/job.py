@@ -22,6 +22,7 @@ from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -78,21 +79,26 @@ class SegmentJob(EvaluatedJob):
                 f"loss {result['loss']:.4f}")
 
 
-def build_model(config: Config) -> SegmentationModel:
+def build_model(config: Config, resumed: Path | None = None) -> SegmentationModel:
     """The same initial weights on every rank and for every world size: drawn from `run.seed` alone (the loop
-    seeds each rank's generators apart, for their augmentations), so a seed names one initialisation."""
+    seeds each rank's generators apart, for their augmentations), so a seed names one initialisation. `resumed`: the
+    run's own checkpoint, about to be loaded into it (its shape is read from there, not from `segment.init`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
-        return build_segmenter(config)
+        return build_segmenter(config, resumed)
 
 
 def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
             overwrite: bool = False) -> dict[str, Any]:
     """One segmentation run to its last step (or a stop); returns the summary it writes to summary.json."""
-    check_init(config)  # the user's mistake, said before a process group or run folder is made
+    # The user's mistake, said before a process group or run folder is made; a run that resumes from its own
+    # checkpoint needs nothing of segment.init.
+    check_init(config, run_folder.resumes(run_dir, config.checkpoint.resume, overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="segment")
+    if ctx.resume is None:  # a fresh start after all (the folder changed since it was read)
+        check_init(config)
     derived, seg = ctx.resolved.derived, config.segment
-    model = build_model(config).to(ctx.device)
+    model = build_model(config, ctx.checkpoints / ctx.resume.tag if ctx.resume else None).to(ctx.device)
     if ctx.rank == 0:
         log.info("%s", describe(model, config))
     groups = param_groups(model, derived.learning_rate, config.optim.weight_decay, seg.layer_decay,

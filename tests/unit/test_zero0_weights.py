@@ -13,43 +13,21 @@ from mixmae_scale.engine.checkpointing import store
 from mixmae_scale.models.classifier import SwinClassifier
 
 
-@pytest.fixture
-def world_of_one(tmp_path, monkeypatch):
-    """A gloo process group of one rank in this process, as DeepSpeed's engine wants one. DeepSpeed keeps the groups
-    it derives in module globals, which would outlive the group (scaling/in_process.py forgets them alike)."""
-    import importlib
-
-    import deepspeed
-    import torch.distributed as dist
-
-    from mixmae_scale.engine.distributed import skip_shm_allreduce_op
-
-    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    importlib.reload(deepspeed.utils.groups)
-    skip_shm_allreduce_op()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    deepspeed.init_distributed("gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        importlib.reload(deepspeed.utils.groups)
-
-
-def trained_checkpoint(model: torch.nn.Module, run: Path, stage: int, dtype: str, images: torch.Tensor
+def trained_checkpoint(model: torch.nn.Module, run: Path, stage: int, dtype: str, images: torch.Tensor | None
                        ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """One optimizer step of `model` under DeepSpeed at ZeRO `stage`, saved as a run's checkpoint (store.save, as
-    the loop saves); returns the checkpoint and the engine's module state after the step."""
+    """One optimizer step of `model` on `images` (None: no step) under DeepSpeed at ZeRO `stage`, saved as a run's
+    checkpoint (store.save, as the loop saves); returns the checkpoint and the engine's module state. Needs the
+    `world_of_one` fixture (tests/conftest.py)."""
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-        config={"train_micro_batch_size_per_gpu": len(images), "train_batch_size": len(images),
+        config={"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2,
                 "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"}})
-    loss = engine(images.to(next(engine.module.parameters()).dtype)).float().square().mean()
-    engine.backward(loss)
-    engine.step()
+    if images is not None:
+        loss = engine(images.to(next(engine.module.parameters()).dtype)).float().square().mean()
+        engine.backward(loss)
+        engine.step()
     checkpoint = store.save(engine, run / "checkpoints", store.SaveRequest(step=1), client_state={}, rank_state={})
     return checkpoint, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
