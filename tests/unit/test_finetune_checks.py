@@ -13,6 +13,7 @@ from mixmae_scale.config import load_resolved
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.finetune.job import build_classifier, head_classes
+from mixmae_scale.finetune.pretrained import Pretrained
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture
 from mixmae_scale.models.mixmae import MixMAE, swin_shape
 
@@ -21,12 +22,12 @@ def tiny_config(*overrides: str):
     return load_resolved("finetune_tiny", overrides=["finetune.init=deeper.safetensors", *overrides]).config
 
 
-def pretraining_weights(depths: tuple[int, ...], config) -> tuple[dict[str, torch.Tensor], dict]:
+def pretraining_weights(depths: tuple[int, ...], config) -> Pretrained:
     """A full pretraining model's weights (decoder and mask token too) of the profile's width at `depths`."""
     torch.manual_seed(0)
     shape = replace(swin_shape(config.model), depths=depths)
     state = MixMAE(shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).state_dict()
-    return state, infer_architecture(state)
+    return Pretrained(state, infer_architecture(state), config.finetune.init)
 
 
 def test_a_deeper_encoder_of_the_same_width_is_refused_naming_its_extra_tensors():
@@ -45,9 +46,9 @@ def test_a_deeper_encoder_of_the_same_width_is_refused_naming_its_extra_tensors(
 
 def test_a_pretraining_checkpoint_of_the_same_shape_loads_its_decoder_set_aside():
     config = tiny_config()
-    state, arch = pretraining_weights(tuple(config.model.depths), config)
-    model = build_classifier(config, 10, (state, arch))
-    assert torch.equal(model.encoder.patch_embed.proj.weight, state["encoder.patch_embed.proj.weight"])
+    pretrained = pretraining_weights(tuple(config.model.depths), config)
+    model = build_classifier(config, 10, pretrained)
+    assert torch.equal(model.encoder.patch_embed.proj.weight, pretrained.state["encoder.patch_embed.proj.weight"])
 
 
 def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():

@@ -14,6 +14,7 @@ from mixmae_scale.cli.job_commands import segment_message
 from mixmae_scale.config import load_resolved
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_weights
+from mixmae_scale.models.mixmae import swin_shape
 from mixmae_scale.models.swin import SwinEncoder
 from mixmae_scale.segment.build import build_segmenter, check_init, param_groups, training_flops_per_image
 from mixmae_scale.segment.evaluate import evaluate_segmentation, segmentation_loss
@@ -157,8 +158,6 @@ def test_a_seed_names_one_initialisation_whatever_the_global_generator():
 
 def test_the_encoder_is_the_exported_one_and_its_shape_comes_from_the_weights(tmp_path):
     config = seg_config()
-    from mixmae_scale.models.mixmae import swin_shape
-
     encoder = SwinEncoder(swin_shape(config.model))
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     save_weights(tmp_path / "encoder.safetensors", state, infer_architecture(state), "encoder")
@@ -315,3 +314,18 @@ def test_a_resumed_model_takes_its_encoders_shape_from_its_checkpoint_not_the_go
     resumed = build_model(config, checkpoint)
     assert {k: v.shape for k, v in resumed.state_dict().items()} == expected
     assert resumed.backbone.shape == shape
+
+
+def test_run_json_says_where_the_encoder_came_from_and_a_resume_leaves_the_first_launchs_record(tmp_path):
+    from mixmae_scale.segment.build import segment_start, started_from
+
+    config = seg_config()
+    assert segment_start(config, resumed=False) is None
+    assert started_from(config, None) == {"key": "segment.init", "path": "random"}
+    encoder = SwinEncoder(swin_shape(config.model))
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    save_weights(tmp_path / "encoder.safetensors", state, infer_architecture(state), "encoder")
+    config.segment.init = str(tmp_path / "encoder.safetensors")
+    assert started_from(config, segment_start(config, resumed=False)) == {
+        "key": "segment.init", "path": str(tmp_path / "encoder.safetensors")}
+    assert segment_start(config, resumed=True) is None and started_from(config, None) is None

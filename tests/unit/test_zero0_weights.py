@@ -56,3 +56,31 @@ def test_a_zero0_runs_weights_are_exported_and_read_as_an_init(world_of_one, sma
 
     state, _ = load_encoder(tmp_path / "run")  # finetune.init=RUN, probe --init RUN
     assert all(torch.equal(state[key], exported[key]) for key in exported)
+
+
+def test_a_finetuning_from_a_run_folder_says_which_checkpoint_it_took(world_of_one, tmp_path, caplog):
+    """`finetune.init=RUN` takes the run's newest intact checkpoint, which a pretraining still running moves on
+    from: the log and run.json named the folder alone, so which step a fine-tuning started from was lost."""
+    import logging
+
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.finetune.job import build_classifier, started_from
+    from mixmae_scale.finetune.pretrained import finetune_start
+    from mixmae_scale.models.mixmae import swin_shape
+
+    run = tmp_path / "pretrain-run"
+    config = load_resolved("finetune_tiny", overrides=[f"finetune.init={run}"]).config
+    torch.manual_seed(0)
+    checkpoint, _ = trained_checkpoint(SwinClassifier(swin_shape(config.model), 10), run, 0, "fp32", None)
+    pretrained = finetune_start(config.finetune.init)
+    assert pretrained.checkpoint == checkpoint and pretrained.step == 1
+    with caplog.at_level(logging.INFO, logger="mixmae.finetune"):
+        build_classifier(config, 10, pretrained)
+    assert f"loaded {run} (checkpoint step00000001, step 1: {checkpoint})" in caplog.text
+    assert started_from(config, pretrained) == {"key": "finetune.init", "path": str(run.resolve()),
+                                                "checkpoint": str(checkpoint.resolve()), "tag": "step00000001",
+                                                "step": 1}
+    config.finetune.init = "random"
+    assert started_from(config, finetune_start("random")) == {"key": "finetune.init", "path": "random"}
+    config.finetune.init = str(run)
+    assert started_from(config, finetune_start(str(run), resuming=True)) is None  # a resume: the record keeps its own
