@@ -3,7 +3,7 @@
 
 This is what the quickstart's last line suggests running next: `mixmae finetune --profile finetune_tiny` through
 the deepspeed launcher on 2 CPU ranks (OMP_NUM_THREADS=1 each), once with `finetune.init=ENCODER` and once with
-`finetune.init=null` per seed. It reads each run's summary.json (the last evaluation's top-1 on the 1500
+`finetune.init=random` per seed. It reads each run's summary.json (the last evaluation's top-1 on the 1500
 validation images, 10 classes; the best evaluation too, which is chosen on those same images) and writes
 results/finetune_demo_cpu_<dtype>.json. A run whose folder in --work already finished is read, not retrained.
 
@@ -61,7 +61,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         record = {"seed": seed}
-        for name, init in (("pretrained", str(encoder)), ("random", "null")):
+        for name, init in (("pretrained", str(encoder)), ("random", "random")):
             run = args.work / f"{name}-seed{seed}"
             record[name] = run_record(run, finetune(run, init, args.demo, seed, env, args.overrides))
         runs.append(record)

@@ -53,7 +53,7 @@ NEXT=$(printf '%q ' .venv/bin/deepspeed ${RANKS[@]+"${RANKS[@]}"} --master_port 
 # The random-init baseline gets its own run folder: in the first one's, the finished run would only say so.
 RANDOM_INIT=$(printf '%q ' .venv/bin/deepspeed ${RANKS[@]+"${RANKS[@]}"} --master_port "${MASTER_PORT:-29555}" --module \
   mixmae_scale.cli finetune --profile finetune_tiny --run-dir runs/tiny-finetune-random --set "data.shards=$DEMO/shards" \
-  "finetune.init=null")
+  "finetune.init=random")
 if [ -n "${DS_ACCELERATOR:-}" ]; then
   NEXT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $NEXT"
   RANDOM_INIT="DS_ACCELERATOR=$DS_ACCELERATOR OMP_NUM_THREADS=$OMP_NUM_THREADS $RANDOM_INIT"

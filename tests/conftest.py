@@ -28,6 +28,31 @@ def small_mixmae(small_shape):
     return MixMAE(small_shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
 
 
+@pytest.fixture
+def world_of_one(tmp_path, monkeypatch):
+    """A gloo process group of one rank in this process, as DeepSpeed's engine wants one (a real engine's
+    checkpoints in a unit test). DeepSpeed keeps the groups it derives in module globals, which would outlive the
+    group (scaling/in_process.py forgets them alike)."""
+    import importlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from mixmae_scale.engine.distributed import skip_shm_allreduce_op
+
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    importlib.reload(deepspeed.utils.groups)
+    skip_shm_allreduce_op()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    deepspeed.init_distributed("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        importlib.reload(deepspeed.utils.groups)
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """The real demo dataset, small: 10 classes x 30 train / 8 val images, 64 samples per shard."""

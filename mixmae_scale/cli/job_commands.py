@@ -62,10 +62,13 @@ def _train(args: argparse.Namespace, kind: str) -> int:
                                snapshot_factory=ReconstructionSnapshots, overwrite=args.overwrite)
             message = pretrain_message(summary)
         else:
-            from mixmae_scale.finetune.pretrained import load_encoder
+            from mixmae_scale.engine.run_folder import resumes
+            from mixmae_scale.finetune.pretrained import finetune_start
 
-            # Before the fine-tuning stack (timm) is imported: a wrong finetune.init is said within seconds.
-            pretrained = load_encoder(config.finetune.init) if config.finetune.init else None
+            # Before the fine-tuning stack (timm) is imported: a wrong or missing finetune.init is said within seconds
+            # (not read at all by a run that resumes from its own checkpoint).
+            pretrained = finetune_start(config.finetune.init, resumes(run_dir, config.checkpoint.resume,
+                                                                      args.overwrite))
             from mixmae_scale.finetune.job import finetune
 
             summary = finetune(config, sources, run_dir, max_steps=args.max_steps, local_rank=local_rank,

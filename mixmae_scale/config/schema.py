@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SizeName = Literal["tiny", "base", "large", "huge", "custom"]
+# `finetune.init` / `segment.init`: a randomly initialised encoder of model.*, the baseline; said, never assumed.
+RANDOM_INIT = "random"
 
 
 @dataclass
@@ -191,7 +193,10 @@ class LoggingConfig:
 class FinetuneConfig:
     """Fine-tuning and evaluation (the published B recipe by default; see launch/profiles/finetune_*.yaml)."""
 
-    init: str | None = None  # exported .safetensors, a pretraining run folder, or an official .pth
+    # The encoder to start from: an exported .safetensors, a pretraining run folder or an official MixMIM .pth, or
+    # "random" for a randomly initialised encoder of model.* (the baseline). No default: unset is refused at the
+    # start (finetune/pretrained.py), as a fine-tuning from random weights is never an accident.
+    init: str | None = None
     num_classes: int | None = None  # None: from the shards' classes.json
     layer_decay: float = 0.7
     mixup: float = 0.8

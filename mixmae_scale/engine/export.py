@@ -1,6 +1,7 @@
 """Export of a run's weights to one safetensors file, loadable without DeepSpeed.
 
-ZeRO shards are gathered with DeepSpeed's zero_to_fp32; the architecture is read off the weights
+ZeRO shards are gathered with DeepSpeed's zero_to_fp32, and a ZeRO-0 checkpoint (no shards: the whole module is in
+one file) is read directly; the architecture is read off the weights
 and stored in the file's metadata, so the fine-tune model can be built from the file alone. The run
 and step go into the metadata too, so that a picture or an evaluation made from the file can say
 where its weights came from.
@@ -93,15 +94,62 @@ def _refuse_damaged(checkpoint: Path) -> None:
                          "written); name an earlier checkpoint")
 
 
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file of a checkpoint at ZeRO 0-2
+ZERO_SHARDS = "*_optim_states.pt"  # ZeRO 1-3 optimizer shards (bf16_zero_pp_rank_* at bf16), what zero_to_fp32 reads
+
+
 def gather_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 weights of one checkpoint, ZeRO shards gathered. DeepSpeed's gatherer prints its progress
     ("Detected checkpoint of type zero stage ...") with print() and a progress bar: internals that mean
-    nothing to someone exporting or evaluating, so they are kept out of this command's output."""
+    nothing to someone exporting or evaluating, so they are kept out of this command's output.
+
+    A ZeRO-0 checkpoint has no shards for it to gather (it stopped with a TypeError on the `param_shapes` only ZeRO
+    records): its module's whole state dict is in one file, read as it is."""
+    if not any((folder / tag).glob(ZERO_SHARDS)):
+        return module_weights(folder / tag)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+
+
+def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The module's state dict of a checkpoint without ZeRO shards (ZeRO-0), floating-point tensors in fp32 as
+    zero_to_fp32 gives them. At fp32 these are the weights the optimizer updates; a bf16 or fp16 run's module holds
+    them rounded to its precision (the fp32 master copy sits in the optimizer's flat groups, which name no tensor):
+    the weights the run computed with. Read as DeepSpeed reads its own files (not weights-only: they hold its
+    config and loss scaler)."""
+    path = checkpoint / MODEL_STATES
+    if not path.is_file():
+        raise WeightsError(f"{checkpoint.absolute()}: neither ZeRO shards ({ZERO_SHARDS}) nor {MODEL_STATES}; not a "
+                           "DeepSpeed checkpoint")
+    # Mapped, so that the optimizer state beside the module is not read; copied, so that nothing stays mapped.
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["module"]
+    return {key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
+            for key, value in state.items()}
+
+
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3's: parameter placeholders and shapes
+
+
+def tensor_shapes(checkpoint: Path) -> dict[str, torch.Size]:
+    """The shape of each tensor of a checkpoint's model, nothing gathered: what a model to load the checkpoint into is
+    built in the shape of where nothing else says it (a segmentation run's encoder, whose shape came from weights
+    that need not be there when it resumes). ZeRO 0-2 keep the module's state dict in mp_rank_00_model_states.pt;
+    ZeRO-3 keeps empty placeholders in its own file and each parameter's shape beside them (`param_shapes`)."""
+    path = checkpoint / MODEL_STATES
+    if not path.is_file():
+        path = checkpoint / ZERO3_MODEL_STATES
+    if not path.is_file():
+        raise WeightsError(f"{checkpoint.absolute()}: neither {MODEL_STATES} nor {ZERO3_MODEL_STATES}; not a "
+                           "DeepSpeed checkpoint")
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    shapes = {key: value.shape for key, value in saved["module"].items()}
+    for group in saved.get("param_shapes") or []:
+        shapes.update(group)
+    shapes.update(saved.get("frozen_param_shapes") or {})
+    return shapes
 
 
 def step_of(tag: str) -> int | None:

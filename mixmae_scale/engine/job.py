@@ -50,6 +50,10 @@ class Job(Protocol):
     flops_per_image: float | None
     # Blocks compiled on first use: the first step's time then includes compiling, and the log says so.
     compiled_blocks: int
+    # Where the weights the model started from came from (fine-tuning's `finetune.init`, segmentation's
+    # `segment.init`: the path, and for a run folder the checkpoint and step gathered): run.json's "init". None for
+    # pretraining, and for a resume, which reads no such weights (the record keeps its first launch's).
+    started_from: dict[str, Any] | None = None
 
     def loss(self, loop: Loop, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch, not yet backpropagated (the loop checks it is finite first)."""

@@ -214,7 +214,8 @@ class TrainingLoop:
         if self.ctx.rank != 0:
             return None, None
         record = run_record.RunRecord.begin(self.ctx, self.job.kind, self.step, devices,
-                                            heldout=getattr(self.job, "heldout", None))  # pretraining's choice
+                                            heldout=getattr(self.job, "heldout", None),  # pretraining's choice
+                                            init=self.job.started_from)
         settings = self.config.logging.wandb
         if settings.mode == "off":
             return record, None

@@ -69,6 +69,16 @@ def refusal(root: Path, resume: str, overwrite: bool) -> str | None:
     return None
 
 
+def resumes(root: Path, resume: str, overwrite: bool) -> bool:
+    """Whether a start in `root` goes on from a checkpoint of its own, told before any process group from what the
+    plan (checkpointing/resume.py) decides from: `--overwrite` moves the folder's run aside and
+    `checkpoint.resume=none` starts over (or is refused over checkpoints, `refusal`); otherwise a folder with a
+    complete checkpoint resumes one, or is refused (every one damaged, a tag it does not hold). A resuming job needs
+    nothing of the weights it started from (`finetune.init`, `segment.init`): its checkpoint holds every weight, so a
+    killed fine-tuning whose init file has gone since resumes all the same."""
+    return not overwrite and resume != "none" and bool(store.complete_tags(root / "checkpoints"))
+
+
 def move_aside(root: Path) -> Path:
     """Rename the run folder to `<run>.old-<n>` (atomic, flushed) and point its summary at the moved checkpoint."""
     target = aside_path(root)

@@ -7,8 +7,8 @@ whole life across stops, crashes and changes of world size. Writes are atomic (a
 
 Held here: the code (the git commit and whether the tree differed from it, or the installed version when the
 package is not in a checkout), library versions, devices, driver and CUDA, the digest of every shard set
-read, the command line, the world size and the precision chosen with its reason, and each resume's step,
-old and new layout and time.
+read, the command line, the world size and the precision chosen with its reason, the weights a fine-tuning started
+from (for a run folder: which checkpoint and step), and each resume's step, old and new layout and time.
 """
 
 from __future__ import annotations
@@ -213,10 +213,11 @@ class RunRecord:
 
     @classmethod
     def begin(cls, ctx, run_kind: str, step: int, devices: list[str], argv: list[str] | None = None,
-              heldout=None) -> RunRecord:
+              heldout=None, init: dict[str, Any] | None = None) -> RunRecord:
         """`ctx`: engine/loop.py's RunContext; `run_kind`: the job's kind, "pretrain", "finetune" or "segment"
-        (run.json's "job" key); `heldout`: the held-out images pretraining chose (data/heldout.HeldOut). A record
-        from an earlier launch keeps its resumes and launches."""
+        (run.json's "job" key); `heldout`: the held-out images pretraining chose (data/heldout.HeldOut); `init`: where
+        the weights a fine-tuning started from came from (the job's `started_from`: for a run folder, which checkpoint
+        and step). A record from an earlier launch keeps its resumes, launches and init (a resume reads no init)."""
         try:
             earlier = read_record(ctx.root) or {}
         except ValueError:
@@ -225,12 +226,13 @@ class RunRecord:
         launch = {"started": now(), "command": command_line(argv), "world_size": ctx.world,
                   "commit": describe_commit(code), "start_step": step, "outcome": "running"}
         resumes = list(earlier.get("resumes", []))
+        init = init or earlier.get("init")  # a resume reads no init: the first launch's record of it stays
         if ctx.resume is not None:
             resumes.append(resume_entry(ctx.resume, step, ctx.world, ctx.layout))
         record = {"format": FORMAT, "version": 1, "run": ctx.root.name, "job": run_kind,
                   "created": earlier.get("created", launch["started"]), "status": "running", "code": code,
                   "packages": package_versions(), "platform": platform_info(devices),
-                  "data": data_read(ctx.config, heldout),
+                  "data": data_read(ctx.config, heldout), **({"init": init} if init else {}),
                   "command": launch["command"], "world_size": ctx.world, "total_steps": derived.total_steps,
                   "precision": {"dtype": derived.dtype, "reason": derived.dtype_reason,
                                 "warning": derived.dtype_warning},
@@ -292,6 +294,8 @@ def describe(record: dict[str, Any]) -> str:
              "data:"]
     lines += [f"  {d['role']:<9} {d['location']} [{d['split']}]: {d['shards']} shards, {d['samples']} samples, "
               f"split digest {d['split_digest']}, manifest sha256 {d['manifest_sha256'][:16]}" for d in record["data"]]
+    if record.get("init"):
+        lines.append(f"init:       {init_text(record['init'])}")
     lines.append(f"launches ({len(record['launches'])}):")
     unended = "(no end recorded: running, or ended by an error or a kill)"
     lines += [f"  {launch['started']} -> {launch.get('ended', unended)}: steps {launch['start_step']} -> "
@@ -306,6 +310,12 @@ def describe(record: dict[str, Any]) -> str:
                      + ("layout " + ", ".join(changed) if changed else f"same layout ({_layout_text(new)})")
                      + (" (through DeepSpeed's universal checkpoint)" if resume["universal"] else ""))
     return "\n".join(lines)
+
+
+def init_text(init: dict[str, Any]) -> str:
+    """`finetune.init=/runs/mixmae-b: checkpoint step00000405 (step 405)`: the weights a run started from."""
+    checkpoint = f": checkpoint {init['tag']} (step {init.get('step')})" if init.get("tag") else ""
+    return f"{init['key']}={init['path']}{checkpoint}"
 
 
 def _layout_text(layout: dict[str, Any]) -> str:

@@ -22,11 +22,12 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mixmae_scale.atomic_file import write_text
-from mixmae_scale.config.schema import Config
+from mixmae_scale.config.schema import RANDOM_INIT, Config
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -35,7 +36,7 @@ from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, st
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate, top5_text
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
-from mixmae_scale.finetune.pretrained import load_encoder
+from mixmae_scale.finetune.pretrained import Pretrained, finetune_start
 from mixmae_scale.finetune.trained_classes import write_run_record
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
 from mixmae_scale.models.convert_official import WeightsError
@@ -44,22 +45,29 @@ from mixmae_scale.models.mixmae import swin_shape
 log = logging.getLogger("mixmae.finetune")
 
 
-def build_classifier(config: Config, num_classes: int,
-                     pretrained: tuple[dict[str, torch.Tensor], dict] | None = None) -> SwinClassifier:
-    """`pretrained`: `load_encoder(config.finetune.init)`, when the caller has loaded it already."""
+def build_classifier(config: Config, num_classes: int, pretrained: Pretrained | None = None) -> SwinClassifier:
+    """`pretrained`: the encoder's weights (`finetune_start(config.finetune.init)`); None leaves the classifier's own
+    random initialisation (`finetune.init=random`, or a resume, whose checkpoint then loads every weight)."""
     model = SwinClassifier(swin_shape(config.model), num_classes, drop_path=config.model.drop_path,
                            fused_attention=config.model.attention != "reference",
                            checkpoint_every=config.model.checkpoint_every)
-    if config.finetune.init:
-        state, arch = pretrained or load_encoder(config.finetune.init)
-        report = load_pretrained_encoder(model, state)
+    if pretrained is not None:
+        report = load_pretrained_encoder(model, pretrained.state)
         if report.missing:
             raise WeightsError(f"finetune.init={config.finetune.init}: the encoder lacks {report.missing[:8]}")
         if report.unexpected:  # decoder and head tensors are not among them (models/classifier.py sets them aside)
-            raise WeightsError(unplaced_weights(config, report.unexpected, arch))
-        log.info("loaded %s (resized: %s; decoder tensors ignored: %d)", config.finetune.init,
+            raise WeightsError(unplaced_weights(config, report.unexpected, pretrained.arch))
+        log.info("loaded %s (resized: %s; decoder tensors ignored: %d)", pretrained.described(),
                  report.resized or "none", report.ignored_decoder)
     return model
+
+
+def started_from(config: Config, pretrained: Pretrained | None) -> dict[str, Any] | None:
+    """run.json's "init" (engine/run_record.py): where the encoder's weights came from, with the checkpoint and step
+    of a run folder; None for a resume, which loaded none (the record keeps what the run's first launch wrote)."""
+    if pretrained is not None:
+        return pretrained.record("finetune.init")
+    return {"key": "finetune.init", "path": RANDOM_INIT} if config.finetune.init == RANDOM_INIT else None
 
 
 def unplaced_weights(config: Config, unexpected: list[str], arch: dict) -> str:
@@ -96,9 +104,9 @@ class FinetuneJob(EvaluatedJob):
     metric = "top1"
 
     def __init__(self, config: Config, root: Path, loader: ShardLoader, num_classes: int, val_spec: PipelineSpec,
-                 val_samples: int, device: torch.device, eval_every: int) -> None:
+                 val_samples: int, device: torch.device, eval_every: int, init: dict[str, Any] | None = None) -> None:
         ft = config.finetune
-        self.config, self.root, self.loader = config, root, loader
+        self.config, self.root, self.loader, self.started_from = config, root, loader, init
         self.val_spec, self.val_samples = val_spec, val_samples
         self.eval_every, self.compiled_blocks = eval_every, 0
         self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
@@ -130,14 +138,17 @@ class FinetuneJob(EvaluatedJob):
 
 
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
-             local_rank: int = 0, pretrained: tuple[dict[str, torch.Tensor], dict] | None = None,
-             overwrite: bool = False) -> dict[str, Any]:
+             local_rank: int = 0, pretrained: Pretrained | None = None, overwrite: bool = False) -> dict[str, Any]:
     """One fine-tuning run to its last step (or a stop); returns the summary it writes to summary.json.
-    `pretrained`: `load_encoder(config.finetune.init)` if the caller loaded it already."""
-    # Weights that cannot be read are the user's mistake, said before a process group or run folder is made.
-    if pretrained is None and config.finetune.init:
-        pretrained = load_encoder(config.finetune.init)
+    `pretrained`: `finetune_start(config.finetune.init)` if the caller loaded it already."""
+    # Weights that cannot be read, or none named, are the user's mistake, said before a process group or run folder
+    # is made; a run that resumes from its own checkpoint reads nothing of them.
+    if pretrained is None:
+        pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
+                                                                             overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune")
+    if ctx.resume is None and pretrained is None:  # a fresh start after all (the folder changed since it was read)
+        pretrained = finetune_start(config.finetune.init)
     derived, ft = ctx.resolved.derived, config.finetune
     if not ctx.train_data.labeled:  # first: a class count would not help shards without labels
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
@@ -151,7 +162,7 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     optimizer = adamw([{k: v for k, v in g.items() if k != "names"} for g in groups], config.optim,
                       derived.learning_rate, ctx.device.type == "cuda", config.zero.offload_optimizer,
                       config.zero.stage)
-    job = build_job(config, ctx, model, num_classes)
+    job = build_job(config, ctx, model, num_classes, started_from(config, pretrained))
     loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
     summary.update({"best": job.best, "last": job.last, "num_classes": num_classes, "init": ft.init})
@@ -160,9 +171,10 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     return summary
 
 
-def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_classes: int) -> FinetuneJob:
+def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_classes: int,
+              init: dict[str, Any] | None = None) -> FinetuneJob:
     """The job on this rank's share of the training data, with the validation it runs every
-    `finetune.eval_every_epochs`."""
+    `finetune.eval_every_epochs`. `init`: where its encoder came from (`started_from`)."""
     derived = ctx.resolved.derived
     place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.device.index or 0)
     loader = open_loader(config, ctx.train_data, config.data.train_split,
@@ -171,6 +183,6 @@ def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_class
     # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
     val_spec = spec_for(config, "val", eval_batch_size(derived.micro_batch, val_samples, ctx.world), place)
     job = FinetuneJob(config, ctx.root, loader, num_classes, val_spec, val_samples, ctx.device,
-                      eval_every=max(1, round(config.finetune.eval_every_epochs * derived.steps_per_epoch)))
+                      eval_every=max(1, round(config.finetune.eval_every_epochs * derived.steps_per_epoch)), init=init)
     job.compiled_blocks = compile_model(model, ctx)
     return job

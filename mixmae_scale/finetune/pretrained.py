@@ -15,10 +15,13 @@ measures it and what to name instead, rather than "holds no encoder weights".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from mixmae_scale.config.schema import RANDOM_INIT
 from mixmae_scale.models.convert_official import (
     OFFICIAL_SUFFIXES,
     WeightsError,
@@ -36,40 +39,71 @@ def _named(option: str, source: str | Path) -> str:
     return f"{option}={source}" if "." in option and not option.startswith("-") else f"{option} {source}"
 
 
-def load_encoder_weights(source: str | Path, option: str = "finetune.init") -> dict[str, torch.Tensor]:
-    """Weights under our key names (`encoder.*`, maybe `decoder.*`, `head.*`)."""
-    return _load(source, option)[0]
+@dataclass(frozen=True)
+class Pretrained:
+    """Encoder weights as loaded: the tensors, the architecture read off them, and where they were read. `source`:
+    as the user named it; `checkpoint`: for a run folder, the checkpoint its weights were gathered from (its newest
+    intact one when it was read, which a still-running pretraining moves on from), so that a run started from a run
+    folder can say which step it took (run.json's "init", the log)."""
+
+    state: dict[str, torch.Tensor]
+    arch: dict[str, Any]
+    source: str
+    checkpoint: Path | None = None
+
+    @property
+    def step(self) -> int | None:
+        from mixmae_scale.engine.export import step_of
+
+        return step_of(self.checkpoint.name) if self.checkpoint is not None else None
+
+    def record(self, key: str) -> dict[str, Any]:
+        """run.json's "init": the key, the path resolved, and for a run folder the checkpoint, its tag and step."""
+        entry: dict[str, Any] = {"key": key, "path": str(Path(self.source).resolve())}
+        if self.checkpoint is not None:
+            entry.update(checkpoint=str(self.checkpoint.resolve()), tag=self.checkpoint.name, step=self.step)
+        return entry
+
+    def described(self) -> str:
+        """`runs/mixmae-b (checkpoint step00000405, step 405: runs/mixmae-b/checkpoints/step00000405)` for the log."""
+        if self.checkpoint is None:
+            return self.source
+        step = f", step {self.step}" if self.step is not None else ""
+        return f"{self.source} (checkpoint {self.checkpoint.name}{step}: {self.checkpoint})"
 
 
-def _load(source: str | Path, option: str) -> tuple[dict[str, torch.Tensor], int | None]:
-    """The weights and the decoder head count their source records (None: it says none)."""
+def load_pretrained(source: str | Path, option: str = "finetune.init") -> Pretrained:
+    """Weights under our key names (`encoder.*`, maybe `decoder.*`, `head.*`), the architecture read off them (image
+    size, widths, depths, heads, windows), and where they came from."""
     path = Path(source)
     named = _named(option, source)
     if not path.exists():
         raise FileNotFoundError(f"{named}: not found (tried {path.absolute()})")
-    state, decoder_heads = _read_weights(path, named, option)
-    _refuse_segmentation_model(state, path, named)
-    return state, decoder_heads
-
-
-def _read_weights(path: Path, named: str, option: str) -> tuple[dict[str, torch.Tensor], int | None]:
+    checkpoint = None
     if path.is_dir():
         from mixmae_scale.engine.export import find_checkpoint, gather_weights
 
         folder, tag = find_checkpoint(path, option=option)
         heads = ((_run_config(folder.parent) or {}).get("model") or {}).get("decoder_heads")
-        return gather_weights(folder, tag), heads
-    if path.suffix not in WEIGHT_SUFFIXES:
+        state, checkpoint = gather_weights(folder, tag), folder / tag
+    elif path.suffix not in WEIGHT_SUFFIXES:
         raise WeightsError(f"{named}: expected a .safetensors file (`mixmae export`), a run folder or an official "
                            f"MixMIM .pth; {path.absolute()} is none of these")
+    else:
+        try:
+            if path.suffix == ".safetensors":
+                state, arch = load_weights(path)
+                heads = arch.get("decoder_heads")
+            else:
+                official, record = read_official_checkpoint(path)
+                state, heads = map_official_keys(official), record.get("decoder_heads")
+        except WeightsError as exc:
+            raise WeightsError(f"{named}: {exc}") from exc
+    _refuse_segmentation_model(state, path, named)
     try:
-        if path.suffix == ".safetensors":
-            state, arch = load_weights(path)
-            return state, arch.get("decoder_heads")
-        state, record = read_official_checkpoint(path)
-        return map_official_keys(state), record.get("decoder_heads")
+        return Pretrained(state, infer_architecture(state, heads), str(source), checkpoint)
     except WeightsError as exc:
-        raise WeightsError(f"{named}: {exc}") from exc
+        raise WeightsError(f"{named}: {path.absolute()} {exc}") from exc
 
 
 def _run_config(folder: Path) -> dict | None:
@@ -114,8 +148,18 @@ def _segment_init(path: Path) -> str | None:
 
 def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and the architecture read off them (image size, widths, depths, heads, windows)."""
-    state, decoder_heads = _load(source, option)
-    try:
-        return state, infer_architecture(state, decoder_heads)
-    except WeightsError as exc:
-        raise WeightsError(f"{_named(option, source)}: {Path(source).absolute()} {exc}") from exc
+    pretrained = load_pretrained(source, option)
+    return pretrained.state, pretrained.arch
+
+
+def finetune_start(init: str | None, resuming: bool = False) -> Pretrained | None:
+    """The encoder a fine-tuning starts from (`finetune.init`), or None for `finetune.init=random` and for a run that
+    resumes from its own checkpoint (`resuming`: run_folder.resumes), which holds every weight: the file is neither
+    read nor required (a killed run whose init file was cleaned up since could not resume). Unset is refused, as
+    `segment.init` is (segment/build.py): a run that silently started from random weights trained a classifier
+    nobody asked for, its top-1 read as the pretrained encoder's."""
+    if not init:
+        raise WeightsError("finetune.init is not set: name the encoder to start from (--set finetune.init=RUN_FOLDER, "
+                           "an exported .safetensors or an official MixMIM .pth), or --set finetune.init=random for a "
+                           "randomly initialised encoder (the baseline)")
+    return None if init == RANDOM_INIT or resuming else load_pretrained(init)

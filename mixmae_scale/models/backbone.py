@@ -270,13 +270,21 @@ def load_backbone(source: str | Path, drop_path: float = 0.0, checkpoint_blocks:
         raise WeightsError(f"{path.absolute()}: {exc}") from exc
 
 
+def backbone_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `encoder.*` tensors of `state` (our key names) a dense backbone holds: all but the final norm."""
+    return {k: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
+
+
+def backbone_shape(state: dict[str, torch.Tensor]) -> SwinShape:
+    """The encoder shape of a backbone for `state`, read off the tensors' shapes alone (meta tensors will do)."""
+    arch = infer_architecture(backbone_encoder(state))
+    return SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
+                     tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])
+
+
 def backbone_from_weights(state: dict[str, torch.Tensor], drop_path: float = 0.0,
                           checkpoint_blocks: bool = False) -> SwinBackbone:
     """A dense backbone in the shape of the `encoder.*` tensors of `state` (our key names), holding them."""
-    encoder = {k: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
-    arch = infer_architecture(encoder)
-    shape = SwinShape(arch["img_size"], arch["patch_size"], arch["embed_dim"], tuple(arch["depths"]),
-                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch["mlp_ratio"])
-    backbone = SwinBackbone(shape, drop_path=drop_path, checkpoint_blocks=checkpoint_blocks)
-    backbone.load_state_dict(encoder, strict=True)
+    backbone = SwinBackbone(backbone_shape(state), drop_path=drop_path, checkpoint_blocks=checkpoint_blocks)
+    backbone.load_state_dict(backbone_encoder(state), strict=True)
     return backbone

@@ -230,7 +230,25 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return load_file(str(path)), json.loads(metadata["arch"])
 
 
+def require_safetensors_out(out: Path) -> None:
+    """`mixmae model convert-official`'s output, checked before the source is read. Every loader (finetune.init,
+    --init, load_backbone) tells our safetensors file from an official pickle by the suffix: safetensors bytes written
+    to `x.pth` were later refused as a damaged pickle. A folder, or a folder that does not exist, is said as
+    `mixmae export --out` says it."""
+    if out.suffix != ".safetensors":
+        read_as = f" (a {out.suffix} as an official pickle)" if out.suffix in OFFICIAL_SUFFIXES else ""
+        raise WeightsError(f"{out}: convert-official writes our safetensors file, which every loader reads back by "
+                           f"its suffix{read_as}; name it *.safetensors, e.g. {out.with_suffix('.safetensors')}")
+    if out.is_dir():
+        raise WeightsError(f"{out}: is a folder; name the file to write (e.g. {out / 'encoder.safetensors'})")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out}: its folder {out.parent.absolute()} does not exist; create it first")
+
+
 def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, Any]:
+    """An official MixMIM checkpoint (pretraining or fine-tuned) as our safetensors file at `out` (*.safetensors),
+    its architecture read off the weights into the metadata."""
+    require_safetensors_out(Path(out))
     state, record = read_official_checkpoint(src)
     try:
         state = map_official_keys(state)

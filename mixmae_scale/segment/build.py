@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from mixmae_scale.config.schema import Config
+import torch
+
+from mixmae_scale.config.schema import RANDOM_INIT, Config
 from mixmae_scale.engine.optimizer import exempt_from_decay
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
-from mixmae_scale.finetune.pretrained import load_encoder
-from mixmae_scale.models.backbone import SwinBackbone, backbone_from_weights
+from mixmae_scale.finetune.pretrained import Pretrained, load_pretrained
+from mixmae_scale.models.backbone import SwinBackbone, backbone_from_weights, backbone_shape
 from mixmae_scale.models.convert_official import WeightsError
 from mixmae_scale.models.flops import encoder_macs
 from mixmae_scale.models.mixmae import swin_shape
@@ -25,37 +28,54 @@ from mixmae_scale.models.segmentation_head import SegmentationModel, UperHead
 
 log = logging.getLogger("mixmae.segment")
 
-RANDOM_INIT = "random"
 
-
-def check_init(config: Config) -> None:
-    """`segment.init` names weights that exist, or "random"; said before any process group starts."""
+def check_init(config: Config, resuming: bool = False) -> None:
+    """`segment.init` names weights that exist, or "random"; said before any process group starts. A run that
+    resumes from its own checkpoint (`resuming`: run_folder.resumes) needs nothing of them: the checkpoint holds
+    every weight, and the encoder's shape is read off it (`build_backbone`)."""
     init = config.segment.init
     if not init:
         raise WeightsError("segment.init is not set: name the encoder to start from (--init RUN_FOLDER, an exported "
                            ".safetensors or an official MixMIM .pth), or --init random for a randomly initialised "
                            "encoder (the baseline)")
-    if init != RANDOM_INIT and not Path(init).exists():
+    if init != RANDOM_INIT and not resuming and not Path(init).exists():
         raise FileNotFoundError(f"segment.init={init}: not found (tried {Path(init).absolute()}); name a run folder, "
                                 "an exported .safetensors, an official .pth, or 'random'")
 
 
-def build_backbone(config: Config) -> SwinBackbone:
+def build_backbone(config: Config, resumed: Path | None = None, pretrained: Pretrained | None = None
+                   ) -> SwinBackbone:
+    """The encoder of `segment.init`, in its shape. `resumed`: the run's own checkpoint it is about to load, which
+    gives the shape (the backbone's tensors in it) without reading `segment.init`, which may be gone since.
+    `pretrained`: segment.init's weights, where the caller has loaded them (`load_pretrained`)."""
     checkpoint_blocks = config.model.checkpoint_every > 0
     if config.segment.init == RANDOM_INIT:
         return SwinBackbone(swin_shape(config.model), drop_path=config.model.drop_path,
                             checkpoint_blocks=checkpoint_blocks)
-    # load_encoder gathers a run folder's ZeRO shards when it has no export yet, and names the option in its errors.
-    state, _ = load_encoder(config.segment.init, option="segment.init")
+    if resumed is not None:
+        from mixmae_scale.engine.export import tensor_shapes
+
+        saved = {key.removeprefix("backbone."): torch.empty(shape, device="meta")
+                 for key, shape in tensor_shapes(resumed).items() if key.startswith("backbone.")}
+        try:
+            shape = backbone_shape(saved)
+        except WeightsError as exc:
+            raise WeightsError(f"{resumed}: not a segmentation run's checkpoint: its backbone {exc}") from exc
+        return SwinBackbone(shape, drop_path=config.model.drop_path, checkpoint_blocks=checkpoint_blocks)
+    # load_pretrained gathers a run folder's ZeRO shards when it has no export yet, and names the option in its errors.
+    pretrained = pretrained or load_pretrained(config.segment.init, option="segment.init")
     try:
-        return backbone_from_weights(state, drop_path=config.model.drop_path, checkpoint_blocks=checkpoint_blocks)
+        return backbone_from_weights(pretrained.state, drop_path=config.model.drop_path,
+                                     checkpoint_blocks=checkpoint_blocks)
     except WeightsError as exc:
         raise WeightsError(f"segment.init={config.segment.init}: {exc}") from exc
 
 
-def build_segmenter(config: Config) -> SegmentationModel:
+def build_segmenter(config: Config, resumed: Path | None = None, pretrained: Pretrained | None = None
+                    ) -> SegmentationModel:
+    """`resumed`: the run's checkpoint it will load; `pretrained`: segment.init's weights (`build_backbone`)."""
     seg = config.segment
-    backbone = build_backbone(config)
+    backbone = build_backbone(config, resumed, pretrained)
     head = UperHead(backbone.out_channels, seg.head_channels, seg.num_classes, seg.pool_scales, seg.head_dropout)
     return SegmentationModel(backbone, head)
 
@@ -89,6 +109,21 @@ def training_flops_per_image(model: SegmentationModel, crop_size: int) -> float:
 def optimizer_groups_without_names(groups: list[dict]) -> list[dict]:
     """What torch's optimizers accept: the groups without the names kept for tests and logs."""
     return [{k: v for k, v in g.items() if k != "names"} for g in groups]
+
+
+def segment_start(config: Config, resumed: bool) -> Pretrained | None:
+    """segment.init's weights, or None for `segment.init=random` and for a resume (its checkpoint holds them)."""
+    if resumed or config.segment.init == RANDOM_INIT:
+        return None
+    return load_pretrained(config.segment.init, option="segment.init")
+
+
+def started_from(config: Config, pretrained: Pretrained | None) -> dict[str, Any] | None:
+    """run.json's "init" (engine/run_record.py): where the encoder came from, with the checkpoint and step of a run
+    folder; None for a resume, which read none (the record keeps what the run's first launch wrote)."""
+    if pretrained is not None:
+        return pretrained.record("segment.init")
+    return {"key": "segment.init", "path": RANDOM_INIT} if config.segment.init == RANDOM_INIT else None
 
 
 def describe(model: SegmentationModel, config: Config) -> str:

@@ -22,6 +22,7 @@ from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.spec import PipelineSpec
+from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -29,6 +30,7 @@ from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, start_run
 from mixmae_scale.engine.optimizer import adamw
 from mixmae_scale.finetune.evaluate import eval_batch_size
+from mixmae_scale.finetune.pretrained import Pretrained
 from mixmae_scale.models.segmentation_head import SegmentationModel
 from mixmae_scale.segment.build import (
     build_segmenter,
@@ -36,6 +38,8 @@ from mixmae_scale.segment.build import (
     describe,
     optimizer_groups_without_names,
     param_groups,
+    segment_start,
+    started_from,
     training_flops_per_image,
 )
 from mixmae_scale.segment.evaluate import evaluate_segmentation, segmentation_loss
@@ -52,8 +56,8 @@ class SegmentJob(EvaluatedJob):
     left_out_of_best = ("per_class_iou",)
 
     def __init__(self, config: Config, root: Path, loader: ShardLoader, val_spec: PipelineSpec, val_samples: int,
-                 eval_every: int, flops_per_image: float | None) -> None:
-        self.config, self.root, self.loader = config, root, loader
+                 eval_every: int, flops_per_image: float | None, init: dict[str, Any] | None = None) -> None:
+        self.config, self.root, self.loader, self.started_from = config, root, loader, init
         self.val_spec, self.val_samples, self.eval_every = val_spec, val_samples, eval_every
         self.flops_per_image, self.compiled_blocks = flops_per_image, 0
         self.start_evaluations()
@@ -78,28 +82,38 @@ class SegmentJob(EvaluatedJob):
                 f"loss {result['loss']:.4f}")
 
 
-def build_model(config: Config) -> SegmentationModel:
+def build_model(config: Config, resumed: Path | None = None, pretrained: Pretrained | None = None
+                ) -> SegmentationModel:
     """The same initial weights on every rank and for every world size: drawn from `run.seed` alone (the loop
-    seeds each rank's generators apart, for their augmentations), so a seed names one initialisation."""
+    seeds each rank's generators apart, for their augmentations), so a seed names one initialisation. `resumed`: the
+    run's own checkpoint, about to be loaded into it (its shape is read from there, not from `segment.init`);
+    `pretrained`: segment.init's weights, where the caller loaded them."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
-        return build_segmenter(config)
+        return build_segmenter(config, resumed, pretrained)
 
 
 def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
             overwrite: bool = False) -> dict[str, Any]:
     """One segmentation run to its last step (or a stop); returns the summary it writes to summary.json."""
-    check_init(config)  # the user's mistake, said before a process group or run folder is made
+    # The user's mistake, said before a process group or run folder is made; a run that resumes from its own
+    # checkpoint needs nothing of segment.init.
+    check_init(config, run_folder.resumes(run_dir, config.checkpoint.resume, overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="segment")
+    if ctx.resume is None:  # a fresh start after all (the folder changed since it was read)
+        check_init(config)
     derived, seg = ctx.resolved.derived, config.segment
-    model = build_model(config).to(ctx.device)
+    pretrained = segment_start(config, resumed=ctx.resume is not None)
+    model = build_model(config, ctx.checkpoints / ctx.resume.tag if ctx.resume else None, pretrained).to(ctx.device)
     if ctx.rank == 0:
+        if pretrained is not None:
+            log.info("loaded %s", pretrained.described())
         log.info("%s", describe(model, config))
     groups = param_groups(model, derived.learning_rate, config.optim.weight_decay, seg.layer_decay,
                           config.optim.exempt_tables_from_decay, seg.head_lr_scale)
     optimizer = adamw(optimizer_groups_without_names(groups), config.optim, derived.learning_rate,
                       ctx.device.type == "cuda", config.zero.offload_optimizer, config.zero.stage)
-    job = build_job(config, ctx, model)
+    job = build_job(config, ctx, model, started_from(config, pretrained))
     loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
     summary.update({"best": job.best, "last": job.last, "num_classes": seg.num_classes, "init": seg.init})
@@ -108,9 +122,10 @@ def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | 
     return summary
 
 
-def build_job(config: Config, ctx: RunContext, model: SegmentationModel) -> SegmentJob:
+def build_job(config: Config, ctx: RunContext, model: SegmentationModel, init: dict[str, Any] | None = None
+              ) -> SegmentJob:
     """The job on this rank's share of the training crops, with the validation it runs every
-    `segment.eval_every_steps`."""
+    `segment.eval_every_steps`. `init`: where its encoder came from (segment/build.py's `started_from`)."""
     derived = ctx.resolved.derived
     place = LoaderPlace.of(config, ctx.rank, ctx.world, ctx.device.index or 0)
     loader = open_loader(config, ctx.train_data, config.data.train_split,
@@ -120,4 +135,4 @@ def build_job(config: Config, ctx: RunContext, model: SegmentationModel) -> Segm
     # No regional compilation: the backbone runs its blocks' parts around padded windows (models/backbone.py),
     # never a block's forward, which is what models/regional_compile.py compiles.
     return SegmentJob(config, ctx.root, loader, val_spec, val_samples, config.segment.eval_every_steps,
-                      training_flops_per_image(model, config.segment.crop_size))
+                      training_flops_per_image(model, config.segment.crop_size), init)

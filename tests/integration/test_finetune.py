@@ -31,20 +31,41 @@ OFFICIAL_AUGMENTATION = ("optim.base_learning_rate=2e-3", "schedule.epochs=3", "
                          "finetune.random_erasing=0.25")
 
 
-def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str) -> list[str]:
+def finetune_command(run_dir: Path, shards: Path, port: int, max_steps: int, *overrides: str,
+                     init: str | Path = "random") -> list[str]:
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
             "mixmae_scale.cli", "finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir),
-            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", "finetune.init=null", "batch.micro=8",
+            "--max-steps", str(max_steps), "--set", f"data.shards={shards}", f"finetune.init={init}", "batch.micro=8",
             "batch.global_batch=16", "logging.every_steps=1", "data.shuffle_buffer=64",
             "finetune.eval_every_epochs=0.5", "checkpoint.every_steps=6", *OFFICIAL_AUGMENTATION, *overrides]
 
 
+def random_encoder(path: Path) -> Path:
+    """An encoder of finetune_tiny's shape with seeded random weights, written as `mixmae export` writes one: a
+    finetune.init file that the same seed writes again byte for byte."""
+    import torch
+
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.models.mixmae import swin_shape
+    from mixmae_scale.models.swin import SwinEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = SwinEncoder(swin_shape(load_resolved("finetune_tiny").config.model))
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    save_weights(path, state, infer_architecture(state), "encoder")
+    return path
+
+
 @pytest.fixture(scope="module")
 def finetuned(demo_shards, tmp_path_factory):
-    """A short fine-tune (random init, mixup + cutmix + RandAugment + erasing, the profile's precision), checkpoints
-    every 6 steps, and its export: also the uninterrupted run of the kill-and-resume test."""
+    """A short fine-tune (from an encoder file of random weights, mixup + cutmix + RandAugment + erasing, the
+    profile's precision), checkpoints every 6 steps, and its export: also the uninterrupted run of the
+    kill-and-resume test."""
     root = tmp_path_factory.mktemp("finetune")
-    result = subprocess.run(finetune_command(root / "run", demo_shards, free_port(), 20),
+    result = subprocess.run(finetune_command(root / "run", demo_shards, free_port(), 20,
+                                             init=random_encoder(root / "encoder.safetensors")),
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (root / "finetune.log").write_text(result.stdout + result.stderr)
@@ -89,7 +110,7 @@ def test_finetuning_from_a_random_init_learns_the_demo_classes(demo_shards, tmp_
     off = ("finetune.mixup=0", "finetune.cutmix=0", "finetune.rand_augment_ops=0", "finetune.random_erasing=0",
            "finetune.label_smoothing=0", "finetune.layer_decay=1", "model.drop_path=0")
     run("finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
-        f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=8", "batch.global_batch=16",
+        f"data.shards={demo_shards}", "finetune.init=random", "batch.micro=8", "batch.global_batch=16",
         "logging.every_steps=6", "finetune.eval_every_epochs=12", "optim.base_learning_rate=0.004",
         "precision.dtype=fp32", "schedule.epochs=12", "schedule.warmup_epochs=1", *off)
     curve = list(metric_losses(tmp_path / "run").values())
@@ -135,8 +156,9 @@ def test_a_finetune_on_two_ranks_continues_on_one_with_its_evaluations_and_best(
     shutil.copytree(finetuned / "run", run_dir)
     before = json.loads((run_dir / "summary.json").read_text())["best"]
     result = run("finetune", "--profile", "finetune_tiny", "--run-dir", str(run_dir), "--set",
-                 f"data.shards={demo_shards}", "finetune.init=null", "batch.micro=8", "batch.global_batch=16",
-                 "logging.every_steps=5", "data.shuffle_buffer=64", "finetune.eval_every_epochs=0.5",
+                 f"data.shards={demo_shards}", f"finetune.init={finetuned / 'encoder.safetensors'}", "batch.micro=8",
+                 "batch.global_batch=16", "logging.every_steps=5", "data.shuffle_buffer=64",
+                 "finetune.eval_every_epochs=0.5",
                  *OFFICIAL_AUGMENTATION, "--max-steps", "24", ranks=1)
     text = result.stdout + result.stderr
     assert "across a change of layout (world size 2 -> 1)" in text and "resumed from" in text, text[-3000:]
@@ -234,7 +256,8 @@ def metric_losses(run_dir: Path) -> dict[int, float]:
 def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(finetuned, demo_shards, tmp_path):
     """The module's 20 steps in one go against 6 + kill -9 (mid-run, after the step-6 checkpoint) + resume: the same
     losses, evaluations and weights. Mixup, cutmix, random erasing and RandAugment all draw random numbers every
-    step."""
+    step. The init file is gone by the resume (cleaned up, as a scratch file may be): the checkpoint holds every
+    weight, so the same command goes on without it."""
     import signal
     import time
 
@@ -244,9 +267,9 @@ def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(finetuned, de
     from mixmae_scale.models.convert_official import load_weights
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(finetune_command(killed, demo_shards, free_port(), 20), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    killed, init = tmp_path / "killed", random_encoder(tmp_path / "encoder.safetensors")  # the fixture's bytes
+    proc = subprocess.Popen(finetune_command(killed, demo_shards, free_port(), 20, init=init), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / "step00000006" / "COMPLETE"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not marker.exists():
@@ -254,8 +277,9 @@ def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(finetuned, de
     os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, as a node failure would
     proc.wait()
     assert marker.exists() and not (killed / "summary.json").exists()
-    resumed = subprocess.run(finetune_command(killed, demo_shards, free_port(), 20), env=env, capture_output=True,
-                             text=True, timeout=600)
+    init.unlink()
+    resumed = subprocess.run(finetune_command(killed, demo_shards, free_port(), 20, init=init), env=env,
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = metric_losses(finetuned / "run"), metric_losses(killed)

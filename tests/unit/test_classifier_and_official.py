@@ -165,6 +165,28 @@ def test_a_swin_without_an_absolute_position_embedding_is_refused_in_one_line_na
         load_backbone(src)
 
 
+@pytest.mark.parametrize("out, said", [
+    ("x.pth", "{out}: convert-official writes our safetensors file, which every loader reads back by its suffix "
+              "(a .pth as an official pickle); name it *.safetensors, e.g. {root}/x.safetensors"),
+    ("folder.safetensors", "{out}: is a folder; name the file to write (e.g. {out}/encoder.safetensors)"),
+    ("nowhere/x.safetensors", "{out}: its folder {root}/nowhere does not exist; create it first"),
+])
+def test_convert_official_refuses_an_output_it_cannot_write_as_named_before_reading_the_source(
+        small_mixmae, tmp_path, capfd, out, said):
+    """Asked for `x.pth`, it wrote safetensors bytes there, which finetune.init, --init and load_backbone then read
+    as a PyTorch pickle (by the suffix) and refused as damaged."""
+    from mixmae_scale.cli import main
+
+    src = tmp_path / "official.pth"
+    torch.save({"model": _official_layout(small_mixmae)}, src)
+    (tmp_path / "folder.safetensors").mkdir()
+    code = main(["model", "convert-official", str(src), str(tmp_path / out)])
+    err = capfd.readouterr().err
+    assert err == f"mixmae: error: {said.format(out=tmp_path / out, root=tmp_path)}\n"
+    assert code == (1 if out.startswith("nowhere") else 2)  # a file not found exits 1 (cli/failure_report.py)
+    assert not (tmp_path / "x.pth").exists() and not any((tmp_path / "folder.safetensors").iterdir())
+
+
 class _Payload:
     """Stands for an object a hostile checkpoint would unpickle to run code."""
 

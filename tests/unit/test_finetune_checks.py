@@ -1,9 +1,10 @@
-"""What fine-tuning refuses at its start, without a launch: encoder weights the classifier has no place for, and a
-head with fewer classes than the training data's labels."""
+"""What fine-tuning refuses at its start, without a launch: no encoder named, encoder weights the classifier has no
+place for, and a head with fewer classes than the training data's labels."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from mixmae_scale.config import load_resolved
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.data.errors import DataError
 from mixmae_scale.finetune.job import build_classifier, head_classes
+from mixmae_scale.finetune.pretrained import Pretrained
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture
 from mixmae_scale.models.mixmae import MixMAE, swin_shape
 
@@ -20,12 +22,12 @@ def tiny_config(*overrides: str):
     return load_resolved("finetune_tiny", overrides=["finetune.init=deeper.safetensors", *overrides]).config
 
 
-def pretraining_weights(depths: tuple[int, ...], config) -> tuple[dict[str, torch.Tensor], dict]:
+def pretraining_weights(depths: tuple[int, ...], config) -> Pretrained:
     """A full pretraining model's weights (decoder and mask token too) of the profile's width at `depths`."""
     torch.manual_seed(0)
     shape = replace(swin_shape(config.model), depths=depths)
     state = MixMAE(shape, decoder_dim=32, decoder_depth=1, decoder_heads=2).state_dict()
-    return state, infer_architecture(state)
+    return Pretrained(state, infer_architecture(state), config.finetune.init)
 
 
 def test_a_deeper_encoder_of_the_same_width_is_refused_naming_its_extra_tensors():
@@ -44,9 +46,9 @@ def test_a_deeper_encoder_of_the_same_width_is_refused_naming_its_extra_tensors(
 
 def test_a_pretraining_checkpoint_of_the_same_shape_loads_its_decoder_set_aside():
     config = tiny_config()
-    state, arch = pretraining_weights(tuple(config.model.depths), config)
-    model = build_classifier(config, 10, (state, arch))
-    assert torch.equal(model.encoder.patch_embed.proj.weight, state["encoder.patch_embed.proj.weight"])
+    pretrained = pretraining_weights(tuple(config.model.depths), config)
+    model = build_classifier(config, 10, pretrained)
+    assert torch.equal(model.encoder.patch_embed.proj.weight, pretrained.state["encoder.patch_embed.proj.weight"])
 
 
 def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():
@@ -56,3 +58,54 @@ def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():
     assert head_classes(None, 10, "/data/x") == 10 and head_classes(12, 10, "/data/x") == 12  # more is allowed
     with pytest.raises(DataError, match="no classes in the manifest; set finetune.num_classes"):
         head_classes(None, 0, "/data/x")
+
+
+class RunStarted(Exception):
+    """Stands for everything after the start's checks: the process group, the run folder, the training."""
+
+
+def test_no_finetune_init_is_refused_naming_the_key_and_random_must_be_said(monkeypatch, tmp_path):
+    """`finetune.init` unset started a classifier from random weights without a word (`segment.init` unset is
+    refused): its top-1 then read as the pretrained encoder's. `finetune.init=random` says it."""
+    from mixmae_scale.finetune import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = load_resolved("finetune_tiny", overrides=["finetune.init=null"]).config
+    with pytest.raises(WeightsError, match=r"^finetune.init is not set: name the encoder to start from \(--set "
+                                           r"finetune.init=RUN_FOLDER, .*--set finetune.init=random for a randomly "
+                                           r"initialised encoder \(the baseline\)$"):
+        job.finetune(config, [], tmp_path / "run")
+    config.finetune.init = "random"
+    with pytest.raises(RunStarted):  # no weights to read: the run starts, from the classifier's own initialisation
+        job.finetune(config, [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def with_a_checkpoint(run: Path) -> Path:
+    """A run folder holding a complete checkpoint (its marker is what a start looks at before the process group)."""
+    from mixmae_scale.engine.checkpointing import store
+
+    (run / "checkpoints" / "step00000006").mkdir(parents=True)
+    store.seal(run / "checkpoints" / "step00000006", {"step": 6, "world_size": 2, "kind": "regular"})
+    return run
+
+
+def test_a_run_that_resumes_does_not_read_or_need_its_init_file(monkeypatch, tmp_path):
+    """A killed fine-tuning whose init file was cleaned up since could not resume: the file was read before the run
+    looked at its own checkpoint, which holds every weight. A fresh start still refuses the missing file."""
+    from mixmae_scale.finetune import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = load_resolved("finetune_tiny", overrides=[f"finetune.init={tmp_path / 'gone.safetensors'}"]).config
+    with pytest.raises(RunStarted):
+        job.finetune(config, [], with_a_checkpoint(tmp_path / "killed"))
+    with pytest.raises(FileNotFoundError, match=r"^finetune.init=.*gone.safetensors: not found"):
+        job.finetune(config, [], tmp_path / "new")
+    with pytest.raises(FileNotFoundError, match="gone.safetensors: not found"):  # --overwrite starts afresh
+        job.finetune(config, [], tmp_path / "killed", overwrite=True)

@@ -289,6 +289,27 @@ def test_a_finetuning_from_other_weights_is_refused_and_the_same_file_moved_or_a
     assert decide_resume(tmp_path / "old" / "checkpoints", "auto", "rollback", started_from(other), 2)
 
 
+def test_a_run_whose_init_file_is_gone_resumes_and_one_naming_another_missing_file_is_refused(tmp_path, monkeypatch):
+    """A killed fine-tuning whose init file was cleaned up since resumed into a refusal ("holds other weights than
+    when the run started (digest ... -> None)"), though the checkpoint holds every weight it needs. The same path,
+    as typed (relative here) or resolved, is the same start; another path is still another run."""
+    monkeypatch.chdir(tmp_path)
+    weights = Path("encoder.safetensors")
+    weights.write_bytes(bytes(range(256)) * 64)
+    for start, ckpt_dir in ((weights, tmp_path / "run" / "checkpoints"),
+                            (tmp_path / weights, tmp_path / "run2" / "checkpoints")):
+        make_tag(ckpt_dir, "step00000004", identity=started_from(start))
+    weights.unlink()
+    for again, ckpt_dir in ((weights, tmp_path / "run" / "checkpoints"),
+                            (tmp_path / weights, tmp_path / "run2" / "checkpoints")):
+        assert decide_resume(ckpt_dir, "auto", "rollback", started_from(again), 2).tag == "step00000004"
+    with pytest.raises(ckpt.ResumeError, match=rf"finetune.init {tmp_path / weights} -> {tmp_path / 'other.pth'}"):
+        decide_resume(tmp_path / "run" / "checkpoints", "auto", "rollback", started_from("other.pth"), 2)
+    make_tag(tmp_path / "run" / "checkpoints", "step00000006", identity=started_from(weights))  # saved after that
+    weights.write_bytes(bytes(range(256)) * 64)  # and the file back
+    assert decide_resume(tmp_path / "run" / "checkpoints", "auto", "rollback", started_from(weights), 2).step == 6
+
+
 def test_a_damaged_newest_tag_falls_back_and_the_plan_keeps_the_note_beside_the_layout_change(tmp_path):
     make_tag(tmp_path, "step00000004")
     (make_tag(tmp_path, "step00000006") / "mp_rank_00_model_states.pt").write_bytes(b"")

@@ -117,6 +117,22 @@ def test_the_record_keeps_every_launch_and_each_resumes_step_and_layouts(tmp_pat
     assert "steps 0 -> 4, stopped by a signal, world size 2" in text
 
 
+def test_the_record_keeps_which_checkpoint_of_a_run_folder_a_finetuning_started_from_across_resumes(tmp_path):
+    """A resume reads no init weights (its checkpoint holds them): the first launch's record of them stays."""
+    init = {"key": "finetune.init", "path": "/runs/mixmae-b", "checkpoint": "/runs/mixmae-b/checkpoints/step00000405",
+            "tag": "step00000405", "step": 405}
+    first = _context(tmp_path, 2, None)
+    first.root.mkdir()
+    run_record.RunRecord.begin(first, "finetune", 0, ["cpu"] * 2, argv=["mixmae"], init=init).finish(
+        {"steps": 4, "planned_steps": 4, "stopped_by_signal": True})
+    plan = ResumePlan("step00000004", saved_world=2, saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False},
+                      load_tag="step00000004")
+    run_record.RunRecord.begin(_context(tmp_path, 2, plan), "finetune", 4, ["cpu"] * 2, argv=["mixmae"])
+    saved = run_record.read_record(first.root)
+    assert saved["init"] == init and len(saved["launches"]) == 2
+    assert "init:       finetune.init=/runs/mixmae-b: checkpoint step00000405 (step 405)" in run_record.describe(saved)
+
+
 def _row(run_id: str, commit: str | None, data: str | None) -> dict:
     row = {"run_id": run_id, "params": 1000, "images_seen": 100, "flops": 1e9, "heldout_loss": 0.5}
     return {**row, "commit": commit, "data_digest": data} if commit or data else row

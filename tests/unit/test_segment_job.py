@@ -14,6 +14,7 @@ from mixmae_scale.cli.job_commands import segment_message
 from mixmae_scale.config import load_resolved
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.models.convert_official import WeightsError, infer_architecture, save_weights
+from mixmae_scale.models.mixmae import swin_shape
 from mixmae_scale.models.swin import SwinEncoder
 from mixmae_scale.segment.build import build_segmenter, check_init, param_groups, training_flops_per_image
 from mixmae_scale.segment.evaluate import evaluate_segmentation, segmentation_loss
@@ -157,8 +158,6 @@ def test_a_seed_names_one_initialisation_whatever_the_global_generator():
 
 def test_the_encoder_is_the_exported_one_and_its_shape_comes_from_the_weights(tmp_path):
     config = seg_config()
-    from mixmae_scale.models.mixmae import swin_shape
-
     encoder = SwinEncoder(swin_shape(config.model))
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     save_weights(tmp_path / "encoder.safetensors", state, infer_architecture(state), "encoder")
@@ -269,3 +268,64 @@ def test_the_logged_lr_is_the_one_the_step_ran_at():
         scheduler.step()  # DeepSpeed's engine, after the step
         assert last_step_learning_rate(peak, scheduler) == pytest.approx(used[-1], abs=1e-12), len(used)
     assert used[:5] == pytest.approx([0, 0, peak / 4, peak / 2, 3 * peak / 4], abs=1e-12)
+
+
+class RunStarted(Exception):
+    """Stands for everything after the start's checks: the process group, the run folder, the training."""
+
+
+def test_a_run_that_resumes_does_not_need_its_init_file(tmp_path, monkeypatch):
+    """segment.init was required to exist before the run looked at its own checkpoint, which holds every weight."""
+    from mixmae_scale.engine.checkpointing import store
+    from mixmae_scale.segment import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = seg_config(f"segment.init={tmp_path / 'gone.safetensors'}")
+    killed = tmp_path / "killed"
+    (killed / "checkpoints" / "step00000006").mkdir(parents=True)
+    store.seal(killed / "checkpoints" / "step00000006", {"step": 6, "world_size": 1, "kind": "regular"})
+    with pytest.raises(RunStarted):
+        job.segment(config, [], killed)
+    with pytest.raises(FileNotFoundError, match="segment.init=.*gone.safetensors: not found"):
+        job.segment(config, [], tmp_path / "new")
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_resumed_model_takes_its_encoders_shape_from_its_checkpoint_not_the_gone_init(world_of_one, tmp_path,
+                                                                                         stage):
+    """The encoder's shape comes from segment.init's weights (not model.*): resumed without them, it is read off
+    the checkpoint's own tensors (ZeRO-3 keeps placeholders and the shapes beside them)."""
+    from mixmae_scale.models.swin import SwinShape
+    from tests.unit.test_zero0_weights import trained_checkpoint
+
+    shape = SwinShape(img_size=96, patch_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
+                      window_size=(12, 12, 6, 3))  # not seg_demo's model.* (embed 32, depths 2, 2, 2, 2)
+    state = {f"encoder.{k}": v for k, v in SwinEncoder(shape).state_dict().items()}
+    init = tmp_path / "encoder.safetensors"
+    save_weights(init, state, infer_architecture(state), "encoder")
+    config = seg_config(f"segment.init={init}")
+    model = build_model(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}  # before ZeRO-3 partitions the parameters
+    checkpoint, _ = trained_checkpoint(model, tmp_path / "run", stage, "fp32", None)
+    init.unlink()
+    resumed = build_model(config, checkpoint)
+    assert {k: v.shape for k, v in resumed.state_dict().items()} == expected
+    assert resumed.backbone.shape == shape
+
+
+def test_run_json_says_where_the_encoder_came_from_and_a_resume_leaves_the_first_launchs_record(tmp_path):
+    from mixmae_scale.segment.build import segment_start, started_from
+
+    config = seg_config()
+    assert segment_start(config, resumed=False) is None
+    assert started_from(config, None) == {"key": "segment.init", "path": "random"}
+    encoder = SwinEncoder(swin_shape(config.model))
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    save_weights(tmp_path / "encoder.safetensors", state, infer_architecture(state), "encoder")
+    config.segment.init = str(tmp_path / "encoder.safetensors")
+    assert started_from(config, segment_start(config, resumed=False)) == {
+        "key": "segment.init", "path": str(tmp_path / "encoder.safetensors")}
+    assert segment_start(config, resumed=True) is None and started_from(config, None) is None

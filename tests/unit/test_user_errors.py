@@ -72,6 +72,45 @@ def test_finetune_init_that_is_not_weights_is_one_line_before_the_run_folder_is_
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_without_finetune_init_is_one_line_naming_the_key_before_the_run_folder_is_made(
+        demo_shards, capfd, tmp_path, monkeypatch):
+    from mixmae_scale.finetune import job
+
+    def finetune(*args, **kwargs):
+        raise AssertionError("fine-tuning started from random weights")
+
+    monkeypatch.setattr(job, "finetune", finetune)
+    code = main(["finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
+                 f"data.shards={demo_shards}", "finetune.init=null"])
+    line = one_error_line(capfd, code)
+    assert code == 2 and line == ("mixmae: error: finetune.init is not set: name the encoder to start from (--set "
+                                  "finetune.init=RUN_FOLDER, an exported .safetensors or an official MixMIM .pth), or "
+                                  "--set finetune.init=random for a randomly initialised encoder (the baseline)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_resuming_its_own_checkpoint_goes_on_without_its_init_file(demo_shards, capfd, tmp_path,
+                                                                            monkeypatch):
+    """The init file was read (and refused as not found) before the run looked at its own checkpoint."""
+    from mixmae_scale.engine.checkpointing import store
+    from mixmae_scale.finetune import job
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000006").mkdir(parents=True)
+    store.seal(run / "checkpoints" / "step00000006", {"step": 6, "world_size": 1, "kind": "regular"})
+    called = {}
+
+    def finetune(*args, **kwargs):  # stands for the run: what this test checks is what it was given
+        called.update(kwargs)
+        return {"steps": 20, "last": None, "best": {"top1": 0.0}}
+
+    monkeypatch.setattr(job, "finetune", finetune)
+    code = main(["finetune", "--profile", "finetune_tiny", "--run-dir", str(run), "--set",
+                 f"data.shards={demo_shards}", f"finetune.init={tmp_path / 'cleaned-up.safetensors'}"])
+    assert code == 0, capfd.readouterr().err
+    assert "pretrained" in called and called["pretrained"] is None
+
+
 def test_probe_visualize_and_export_mistakes_are_one_line(weights, demo_shards, capfd, tmp_path):
     line = one_error_line(capfd, main(["probe", "--init", str(weights / "notes.txt"), "--data", str(demo_shards)]))
     assert line.startswith(f"mixmae: error: --init {weights / 'notes.txt'}: expected a .safetensors file")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixmae_scale.config.schema import RANDOM_INIT
 from mixmae_scale.data.loader import LoaderPosition, ShardLoader
 from mixmae_scale.engine.checkpointing import store
 from mixmae_scale.engine.rng import rng_state
@@ -60,8 +61,10 @@ def init_sources(config) -> dict[str, dict[str, Any]]:
     for key, value in (("finetune.init", config.finetune.init), ("segment.init", config.segment.init)):
         if value:
             path = Path(value)
-            if not path.exists():  # segment.init=random
+            if value == RANDOM_INIT:
                 sources[key] = {"path": str(value)}
+            elif not path.exists():  # gone since the run started: a resume reads nothing of it (`init_changes`)
+                sources[key] = {"path": str(path.resolve()), "missing": True}
             elif path.is_dir():
                 sources[key] = {"path": str(path.resolve())}
             else:
@@ -87,7 +90,9 @@ def sampled_digest(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
 
 def init_changes(saved: dict[str, dict[str, Any]] | None, current: dict[str, dict[str, Any]] | None) -> list[str]:
     """Each start key whose weights differ, said for a refusal; none where either side was not recorded (a
-    checkpoint written before the key was)."""
+    checkpoint written before the key was). A file gone from the path it was named by (now, or when the checkpoint
+    was saved) is the same start: a resume reads its weights from the checkpoint, not from the file, and a killed
+    fine-tuning whose init file was cleaned up since was refused, naming a "digest None"."""
     if saved is None or current is None:
         return []
     changes = []
@@ -95,6 +100,8 @@ def init_changes(saved: dict[str, dict[str, Any]] | None, current: dict[str, dic
         old, new = saved.get(key) or {}, current.get(key) or {}
         if old == new or (old.get("digest") and old.get("digest") == new.get("digest")):
             continue  # the same file, perhaps moved
+        if (old.get("missing") or new.get("missing")) and old.get("path") == new.get("path"):
+            continue  # the same path, its file gone: nothing named now would be ignored
         if old.get("path") and old.get("path") == new.get("path"):
             changes.append(f"{key}={new['path']} holds other weights than when the run started (digest "
                            f"{old.get('digest')} -> {new.get('digest')})")
