@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
 
 from mixmae_scale.cli.arguments import add_profile_args, at_least
+
+if TYPE_CHECKING:
+    from mixmae_scale.config.schema import Config
 
 
 def _as_rank_process(args: argparse.Namespace, work) -> int:
@@ -65,6 +69,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
             from mixmae_scale.engine.run_folder import resumes
             from mixmae_scale.finetune.pretrained import finetune_start
 
+            refuse_a_pretraining_profile(args.profile, config)
             # Before the fine-tuning stack (timm) is imported: a wrong or missing finetune.init is said within seconds
             # (not read at all by a run that resumes from its own checkpoint).
             pretrained = finetune_start(config.finetune.init, resumes(run_dir, config.checkpoint.resume,
@@ -80,6 +85,24 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         return 0
 
     return _as_rank_process(args, train_rank)
+
+
+def refuse_a_pretraining_profile(profile: str, config: Config) -> None:
+    """`mixmae finetune --profile swin_h --set finetune.init=...` ran, silently, with the pretraining profile's
+    recipe (600 epochs, betas 0.95, no drop path): a fine-tuning profile is one whose own file names
+    the encoder (`finetune.init`, `random` included), as finetune_b, finetune_l and finetune_tiny do; --set cannot
+    make a pretraining profile one."""
+    from mixmae_scale.config import ConfigError, load_config
+
+    if load_config(profile)[0].finetune.init:
+        return
+    c = config
+    raise ConfigError(f"--profile {profile} is not a fine-tuning profile (its file sets no finetune.init): "
+                      f"fine-tuning with it would run its pretraining recipe (schedule.epochs={c.schedule.epochs:g}, "
+                      f"optim.betas={list(c.optim.betas)}, model.drop_path={c.model.drop_path}, "
+                      f"finetune.layer_decay={c.finetune.layer_decay}); use --profile finetune_b or finetune_l "
+                      "(for H: --profile finetune_l --set model.size=huge finetune.init=RUN_FOLDER, L's recipe), "
+                      "or a YAML of your own that sets finetune.init")
 
 
 def finetune_message(summary: dict) -> str:
