@@ -29,6 +29,24 @@ def test_zero3_at_two_ranks_is_eight_bytes_per_parameter_against_ten_for_zero1()
     assert sum(model_state_bytes(10, 0, 1, "fp32").values()) == 160  # fp32: weights, grads, two moments
 
 
+def _saved_for_backward(model, images, **inputs) -> int:
+    """The bytes a real forward of `model` saves for backward, parameters left out (saved-tensor hooks)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images, **inputs)
+    return sum(seen.values())
+
+
 def _saved_bytes_per_image(resolved, checkpoint_every: int) -> float:
     """What a real fp32 pretraining forward of the profile's model saves for backward, per image: the bytes
     at micro-batch 4 less those at 2, halved, so that what is saved once per batch (the additive same-source
@@ -45,20 +63,9 @@ def _saved_bytes_per_image(resolved, checkpoint_every: int) -> float:
         model = build_for_job(resolved, "pretrain")
         model.encoder.checkpoint_every = checkpoint_every
         model.encoder.set_fused_attention(False)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(tensor, params=params, seen=seen):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
         size = resolved.config.model.img_size
         images = torch.randn(batch, 3, size, size)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(images, mask=model.sample_mask(torch.Generator().manual_seed(0)))
-        totals.append(sum(seen.values()))
+        totals.append(_saved_for_backward(model, images, mask=model.sample_mask(torch.Generator().manual_seed(0))))
     return (totals[1] - totals[0]) / 2
 
 
@@ -94,20 +101,9 @@ def test_half_precision_activations_counted_from_fp32_match_a_real_bf16_forward(
         torch.manual_seed(0)
         model = build_for_job(resolved, job).to(torch.bfloat16)
         model.encoder.set_fused_attention(False)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(tensor, params=params, seen=seen):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
         images = torch.randn(2, 3, 96, 96, dtype=torch.bfloat16)
         inputs = {"mask": model.sample_mask(torch.Generator().manual_seed(0))} if job == "pretrain" else {}
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(images, **inputs)
-        real = sum(seen.values()) / 2
+        real = _saved_for_backward(model, images, **inputs) / 2
         assert sum(counted.per_block) + counted.other == pytest.approx(real, rel=0.03), job
 
 
