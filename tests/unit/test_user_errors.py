@@ -455,11 +455,14 @@ def test_commands_outside_a_launch_exit_as_the_ranks_do_and_keep_a_torch_errors_
 
 def test_finetune_with_a_pretraining_profile_is_refused_naming_its_recipe(demo_shards, capfd, tmp_path, monkeypatch):
     """`--profile swin_b --set finetune.init=...` fine-tuned with pretraining's recipe (600 epochs, betas 0.95, no
-    drop path), unsaid. A fine-tuning profile (one whose own file names finetune.init) is the control."""
+    drop path), unsaid. A fine-tuning profile (one whose own file names finetune.init) is the control: it trains."""
     from mixmae_scale.finetune import job
 
-    def finetune(*args, **kwargs):
-        raise AssertionError("fine-tuning started with a pretraining recipe")
+    started = []
+
+    def finetune(*args, **kwargs):  # stands for the run: what this test checks is whether it started
+        started.append(args[0].schedule.epochs)
+        return {"steps": 1, "last": None, "best": {"top1": 0.0}}
 
     monkeypatch.setattr(job, "finetune", finetune)
     code = main(["finetune", "--profile", "swin_b", "--run-dir", str(tmp_path / "run"), "--set",
@@ -468,4 +471,7 @@ def test_finetune_with_a_pretraining_profile_is_refused_naming_its_recipe(demo_s
     assert code == 2 and "--profile swin_b is not a fine-tuning profile (its file sets no finetune.init)" in line
     assert "schedule.epochs=600, optim.betas=[0.9, 0.95], model.drop_path=0.0" in line
     assert "--profile finetune_l --set model.size=huge" in line
-    assert not (tmp_path / "run").exists()
+    assert not started and not (tmp_path / "run").exists()
+    code = main(["finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
+                 f"data.shards={demo_shards}", "finetune.init=random"])
+    assert code == 0 and started == [10], capfd.readouterr().err
