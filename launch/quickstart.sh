@@ -3,8 +3,8 @@
 # demo shards -> MixMAE pretraining of the demo profile (the tiny Swin, 810 steps of 16 images) through the deepspeed
 # launcher -> export -> linear and k-NN probes of the pretrained encoder against five randomly initialised ones.
 # Idempotent: a second run reuses the venv and the demo shards, and resumes or re-reports the run.
-# On a machine with GPUs the launcher uses all of them; without, one CPU process on every core: on a 2-core CPU
-# one process with 2 threads took 0.29 s a step, two single-threaded ranks (gloo) 0.5-0.64 s.
+# On a machine with GPUs the launcher uses all of them; without, one CPU process on every core, which on a 2-core
+# CPU stepped faster than two single-threaded ranks (gloo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
@@ -28,7 +28,7 @@ else
   export DS_ACCELERATOR=cpu  # said here once, instead of a warning from every DeepSpeed process
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
   echo "== 2/4 pretraining the demo profile: 810 steps in one CPU process with $OMP_NUM_THREADS threads" \
-    "(deepspeed launcher; about 2.5 minutes on 2 cores)"
+    "(deepspeed launcher; a few minutes on 2 cores)"
 fi
 .venv/bin/deepspeed ${RANKS[@]+"${RANKS[@]}"} --master_port "${MASTER_PORT:-29555}" --module mixmae_scale.cli pretrain \
   --profile demo --run-dir "$RUN" --set "data.shards=$DEMO/shards" "$@"
