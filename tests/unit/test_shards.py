@@ -561,3 +561,31 @@ def test_an_image_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
         # no cut before an image that fitted
         assert sum(size for _, size in shard) + following[0][1] > limit, (limit, shards)
     assert sorted(name for shard in shards for name, _ in shard) == sorted(named.values())
+
+
+def test_kaggle_layout_finds_its_labels_and_names_at_the_challenge_root(tmp_path):
+    # Kaggle's imagenet-object-localization-challenge: the CSVs at the top, the images three folders down.
+    root = tmp_path / "imagenet-object-localization-challenge"
+    src = _imagenet_tree(root / "ILSVRC" / "Data" / "CLS-LOC", per_class=1, classes=("n01", "n02"))
+    for wnid in ("n01", "n02"):
+        for path in (src / "val" / wnid).iterdir():
+            path.unlink()
+        (src / "val" / wnid).rmdir()
+    _jpeg(src / "val" / "ILSVRC2012_val_00000001.JPEG")
+    _jpeg(src / "val" / "ILSVRC2012_val_00000002.JPEG")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01 1 2 3 4 \n"
+                                               "ILSVRC2012_val_00000001,n02 1 2 3 4 n02 5 6 7 8 \n")
+    (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish, Carassius auratus\n")
+    out = tmp_path / "out"
+    manifest = convert(src, out, ConvertOptions(layout="imagenet")).manifest.to_dict()
+    assert [c.get("name") for c in manifest["classes"]] == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    labels = {json.loads(s["json"])["source"]: int(s["cls"]) for s in _samples(out, "val").values()}
+    assert labels == {"val/ILSVRC2012_val_00000001.JPEG": 1, "val/ILSVRC2012_val_00000002.JPEG": 0}
+
+
+def test_flat_val_without_labels_names_the_folders_searched(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=1, classes=("n01",))
+    (src / "val" / "n01" / "n01_val_0.JPEG").rename(src / "val" / "ILSVRC2012_val_00000001.JPEG")
+    (src / "val" / "n01").rmdir()
+    with pytest.raises(SourceError, match=r"looked in .*src.*; put LOC_val_solution.csv"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet"))
