@@ -179,6 +179,17 @@ def _devkit_wnids(src: Path, truth: Path) -> list[str]:
                       f"data/meta.mat (or ILSVRC2012_devkit_order.txt, one wnid per line) beside it")
 
 
+def _class_tars(train_dir: Path) -> list[str]:
+    """The per-class tars of ILSVRC2012_img_train.tar (n01440764.tar, ...) left in train/ unextracted; the
+    download's own ILSVRC2012_img_*.tar, left beside them, is not one."""
+    return sorted(p.name for p in train_dir.iterdir()
+                  if p.name.endswith(".tar") and not p.name.startswith(("ILSVRC", ".")) and not p.is_dir())
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> tuple[list[SourceImage], list[str]]:
     """Images and the class list (sorted wnids of train/) for one split of an ILSVRC2012 tree; the files not
     named like images go to `ignored`."""
@@ -189,8 +200,20 @@ def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> t
                           "(n01440764/, ...), and val/ either the same way or flat with "
                           "LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt")
     classes = class_folders(train_dir)
+    unextracted = _class_tars(train_dir)
+    extract = ("extract each into its own folder and delete it (in train/: for f in n*.tar; do d=${f%.tar}; mkdir -p "
+               "$d && tar xf $f -C $d && rm $f; done), then run the same command again")
     if not classes:
-        raise SourceError(f"{train_dir}: no class folders")
+        raise SourceError(f"{train_dir}: no class folders" + (
+            f"; {len(unextracted)} class tar(s) not extracted ({_first(unextracted)}): {extract}" if unextracted
+            else ""))
+    if unextracted:
+        first = unextracted[0]
+        raise SourceError(f"{train_dir / first}: a class tar not extracted"
+                          + (f" (and {len(unextracted) - 1} more)" if len(unextracted) > 1 else "")
+                          + ": its images would be left out and the class indexes after it shifted; extract it "
+                          f"(cd {train_dir} && mkdir {first[:-4]} && tar xf {first} -C {first[:-4]} && rm {first}); "
+                          f"for all: {extract}")
     split_dir = src / split
     if not split_dir.is_dir():
         raise SourceError(f"{src}: split '{split}' has no folder {split_dir}"

@@ -589,3 +589,19 @@ def test_flat_val_without_labels_names_the_folders_searched(tmp_path):
     (src / "val" / "n01").rmdir()
     with pytest.raises(SourceError, match=r"looked in .*src.*; put LOC_val_solution.csv"):
         convert(src, tmp_path / "out", ConvertOptions(layout="imagenet"))
+
+
+def test_class_tars_left_unextracted_in_train_are_refused_not_dropped(tmp_path):
+    # ILSVRC2012_img_train.tar holds one tar per class; a loop extracting them that stopped left some as tars,
+    # which were skipped as files not named like images: fewer classes, every later class index shifted.
+    src = _imagenet_tree(tmp_path / "src", per_class=1, classes=("n01", "n03"))
+    with tarfile.open(src / "train" / "n02.tar", "w") as tar:
+        tar.add(src / "train" / "n01" / "n01_0.JPEG", arcname="n02_0.JPEG")
+    with pytest.raises(SourceError, match=r"n02.tar: a class tar not extracted.*mkdir n02 && tar xf n02.tar -C n02"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", splits=("train",)))
+    for wnid in ("n01", "n03"):
+        for path in (src / "train" / wnid).iterdir():
+            path.unlink()
+        (src / "train" / wnid).rmdir()
+    with pytest.raises(SourceError, match=r"1 class tar\(s\) not extracted \(n02.tar\)"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", splits=("train",)))
