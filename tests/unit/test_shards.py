@@ -605,3 +605,32 @@ def test_class_tars_left_unextracted_in_train_are_refused_not_dropped(tmp_path):
         (src / "train" / wnid).rmdir()
     with pytest.raises(SourceError, match=r"1 class tar\(s\) not extracted \(n02.tar\)"):
         convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", splits=("train",)))
+
+
+def test_a_split_converted_later_joins_the_set(tmp_path):
+    """`--split train` first (the error for a flat val without labels suggests it), `--split val` once the labels
+    are there: the second run was refused ('other options (splits)'), leaving only a full reconversion."""
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    out = tmp_path / "out"
+    first = convert(src, out, ConvertOptions(layout="imagenet", splits=("train",), samples_per_shard=2,
+                                             shard_bytes=None)).manifest
+    train_tars = {p.name: p.read_bytes() for p in out.glob("train-*.tar")}
+    second = convert(src, out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2,
+                                              shard_bytes=None)).manifest.to_dict()
+    assert list(second["splits"]) == ["train", "val"] and second["options"]["splits"] == ["train", "val"]
+    assert second["splits"]["train"] == first.to_dict()["splits"]["train"]
+    assert second["splits"]["val"]["samples"] == 6 and second["classes"] == first.to_dict()["classes"]
+    assert {p.name: p.read_bytes() for p in out.glob("train-*.tar")} == train_tars
+    assert verify(out, decode=True)["ok"]
+    # Both at once, after: nothing is rewritten; other options are still refused.
+    again = convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
+    assert again.done_now == 0 and again.manifest.to_dict()["splits"] == second["splits"]
+    with pytest.raises(SourceError, match=r"other options \(quality\)"):
+        convert(src, out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2, shard_bytes=None,
+                                         quality=80))
+    # A split added after the class folders changed would mean other classes by the same labels: refused.
+    _jpeg(src / "train" / "n00" / "n00_0.JPEG")
+    _jpeg(src / "val" / "n00" / "n00_val_0.JPEG")
+    with pytest.raises(SourceError, match=r"holds train, converted with other classes"):
+        convert(tmp_path / "src", out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2,
+                                                      shard_bytes=None))
