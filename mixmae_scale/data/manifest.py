@@ -228,9 +228,34 @@ def _holds_images(folder: Path, depth: int = 1) -> bool:
     return False
 
 
+def _unfinished_build(folder: Path, location: str) -> str:
+    """What a folder that `mixmae shards` began and did not finish is, and how to finish it; "" for any other.
+    Its progress records (shards/writer.py's and shards/adopt.py's PROGRESS_DIR, `.progress/`) say so: a
+    conversion stopped above --max-rejected, killed, or out of disk keeps its shards and writes the manifest last."""
+    progress = folder / ".progress"
+    rejected = _display(folder / "rejected.jsonl")
+    why = (f"if it stopped above --max-rejected, {rejected} names each rejected file"
+           if (folder / "rejected.jsonl").is_file() else "finished shards are kept")
+    if (progress / "options.json").is_file():
+        try:
+            layout = json.loads((progress / "options.json").read_text()).get("layout", "imagenet|folder")
+            src = json.loads((progress / "source.json").read_text()).get("src", "SRC")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            layout, src = "imagenet|folder", "SRC"
+        return (f"it holds an unfinished conversion of {src}: run the `mixmae shards {layout}` command again "
+                f"(`mixmae shards {layout} --src {src} --out {location}` with the same options) to finish it; {why}")
+    if (progress / "adopt").is_dir():
+        return (f"it holds an unfinished adoption (`mixmae shards adopt ... --out {location}`): run that command "
+                f"again to finish it; {why}")
+    return ""
+
+
 def _not_a_shard_set(folder: Path, location: str) -> str:
     """What a folder without a manifest holds instead, and the command that makes a shard set of it."""
     head = f"{_display(folder)} is not a shard set (it has no {MANIFEST})"
+    unfinished = _unfinished_build(folder, location)
+    if unfinished:
+        return f"{head}: {unfinished}"
     tars = list(folder.glob("*.tar"))
     if tars:
         return (f"{head}: {len(tars)} .tar files are there: `mixmae shards adopt {location} --out DIR` indexes "

@@ -108,7 +108,8 @@ def _written_options(options: ConvertOptions) -> dict:
 
 
 def _check_same_options(out: str, options: ConvertOptions) -> None:
-    """Resuming with other options would mix two datasets in one folder: refuse."""
+    """Resuming with other options would mix two datasets in one folder: refuse. `splits` may differ: a split
+    converted later (`--split train`, then `--split val`) joins the set; the record keeps every split's name."""
     url = storage.join(out, f"{PROGRESS_DIR}/options.json")
     current = _written_options(options)
     if storage.exists(url):
@@ -116,10 +117,13 @@ def _check_same_options(out: str, options: ConvertOptions) -> None:
         previous = {**_written_options(ConvertOptions(layout=options.layout)), **json.loads(storage.read_text(url))}
         previous = {k: v for k, v in previous.items() if k not in RUN_ONLY_OPTIONS}
         previous["splits"] = list(previous["splits"])
-        if previous != current:
-            changed = sorted(k for k in current if previous.get(k) != current[k])
+        changed = sorted(k for k in current if k != "splits" and previous.get(k) != current[k])
+        if changed:
             raise SourceError(f"{out} holds shards made with other options ({', '.join(changed)}); "
                               "use the same options to resume, or a new output folder")
+        every = previous["splits"] + [s for s in current["splits"] if s not in previous["splits"]]
+        if every != previous["splits"]:
+            storage.write_text(url, json.dumps({**previous, "splits": every}, sort_keys=True))
     else:
         storage.write_text(url, json.dumps(current, sort_keys=True))
 
@@ -266,12 +270,35 @@ class ConversionSource:
                                           options.max_pixels, options.oversize, masks)
         self.discovered: dict[str, Discovered] = {}
         self.state: dict[str, _Split] = {}
+        self.other_splits: dict[str, SplitEntry] = {}  # see _keep_other_splits
+        self.split_order: list[str] = []  # the splits of the manifest OUT held, in its order
 
     def discover(self) -> tuple[list[str], list[str]]:
         self.discovered = discover_splits(self.src, self.options, self.out)
+        self._keep_other_splits()
         for split in self.splits:  # every split's plan saved before any shard: a resume finds the partition whole
             self.state[split] = self._plan(split)
         return [f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored], []
+
+    def _keep_other_splits(self) -> None:
+        """The splits OUT holds that this run does not convert (converted earlier by another --split) stay in the
+        manifest; refused where their classes are not this run's, so that a label means one class in every split."""
+        if not manifest_exists(self.out):
+            return
+        previous = load_manifest(self.out)
+        self.split_order = list(previous.splits)
+        others = {name: entry for name, entry in previous.splits.items() if name not in self.splits}
+        if not others:
+            return
+        before = [c.get("wnid") for c in previous.classes]
+        now = next((d.classes for d in self.discovered.values() if d.classes), [])
+        if before != now:
+            differ = next((i for i, (a, b) in enumerate(zip(before, now, strict=False)) if a != b),
+                          min(len(before), len(now)))
+            raise SourceError(f"{self.out} holds {', '.join(others)}, converted with other classes than {self.src} "
+                              f"has now ({len(before)} then, {len(now)} now; class {differ} differs): a label would "
+                              "mean another class in each split; convert every split into a new folder")
+        self.other_splits = others
 
     def _plan(self, split: str) -> _Split:
         images, classes = self.discovered[split].images, self.discovered[split].classes
@@ -336,7 +363,10 @@ class ConversionSource:
         classes = next((d.classes for d in self.discovered.values() if d.classes), [])
         names = read_class_names(self.src)
         listed = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})} for i, w in enumerate(classes)]
-        return Manifest(entries, listed, options=_written_options(self.options), tool_version=__version__,
+        every = tuple(dict.fromkeys(s for s in (*self.split_order, *entries) if s in self.other_splits or s in entries))
+        splits = {**self.other_splits, **entries}
+        return Manifest({name: splits[name] for name in every}, listed,
+                        options=_written_options(replace(self.options, splits=every)), tool_version=__version__,
                         mask_classes=list(self.masks.class_names) if self.masks else [])
 
 

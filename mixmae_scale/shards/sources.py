@@ -84,7 +84,7 @@ def class_folders(split_dir: Path) -> list[str]:
 def read_class_names(src: Path) -> dict[str, str]:
     """wnid -> human-readable name from LOC_synset_mapping.txt or synset_words.txt, when present."""
     for name in ("LOC_synset_mapping.txt", "synset_words.txt"):
-        for candidate in (src / name, src.parent / name):
+        for candidate in (folder / name for folder in label_folders(src)):
             if candidate.exists():
                 names = {}
                 for line in candidate.read_text().splitlines():
@@ -122,17 +122,31 @@ def labeled_folder(split_dir: Path, root: Path, classes: list[str], ignored: lis
     return images
 
 
+KAGGLE_IMAGES = ("ILSVRC", "Data", "CLS-LOC")  # Kaggle's tree: its CSVs three folders above train/ and val/
+
+
+def label_folders(src: Path) -> list[Path]:
+    """Where an ImageNet tree's label files are looked for: SRC, the folder above it, and for Kaggle's download
+    (imagenet-object-localization-challenge/ILSVRC/Data/CLS-LOC as SRC) the download's top folder, where Kaggle
+    puts LOC_val_solution.csv and LOC_synset_mapping.txt."""
+    folders = [src, src.parent]
+    absolute = src.absolute()
+    if absolute.parts[-3:] == KAGGLE_IMAGES:
+        folders.append(absolute.parents[2])
+    return folders
+
+
 def _val_labels(src: Path) -> dict[str, str] | None:
     """Flat validation labels: file stem -> wnid, from Kaggle's CSV or the devkit ground truth."""
-    for candidate in (src / "LOC_val_solution.csv", src.parent / "LOC_val_solution.csv"):
+    for candidate in (folder / "LOC_val_solution.csv" for folder in label_folders(src)):
         if candidate.exists():
             with candidate.open() as handle:
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
                     raise SourceError(f"{candidate}: expected the columns ImageId,PredictionString")
                 return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
-    for candidate in (src / "ILSVRC2012_validation_ground_truth.txt",
-                      src / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"):
+    for candidate in (place / "ILSVRC2012_validation_ground_truth.txt" for folder in label_folders(src)
+                      for place in (folder, folder / "ILSVRC2012_devkit_t12" / "data")):
         if candidate.exists():
             order = _devkit_wnids(src, candidate)
             labels = {}
@@ -165,6 +179,17 @@ def _devkit_wnids(src: Path, truth: Path) -> list[str]:
                       f"data/meta.mat (or ILSVRC2012_devkit_order.txt, one wnid per line) beside it")
 
 
+def _class_tars(train_dir: Path) -> list[str]:
+    """The per-class tars of ILSVRC2012_img_train.tar (n01440764.tar, ...) left in train/ unextracted; the
+    download's own ILSVRC2012_img_*.tar, left beside them, is not one."""
+    return sorted(p.name for p in train_dir.iterdir()
+                  if p.name.endswith(".tar") and not p.name.startswith(("ILSVRC", ".")) and not p.is_dir())
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> tuple[list[SourceImage], list[str]]:
     """Images and the class list (sorted wnids of train/) for one split of an ILSVRC2012 tree; the files not
     named like images go to `ignored`."""
@@ -175,8 +200,20 @@ def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> t
                           "(n01440764/, ...), and val/ either the same way or flat with "
                           "LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt")
     classes = class_folders(train_dir)
+    unextracted = _class_tars(train_dir)
+    extract = ("extract each into its own folder and delete it (in train/: for f in n*.tar; do d=${f%.tar}; mkdir -p "
+               "$d && tar xf $f -C $d && rm $f; done), then run the same command again")
     if not classes:
-        raise SourceError(f"{train_dir}: no class folders")
+        raise SourceError(f"{train_dir}: no class folders" + (
+            f"; {len(unextracted)} class tar(s) not extracted ({_first(unextracted)}): {extract}" if unextracted
+            else ""))
+    if unextracted:
+        first = unextracted[0]
+        raise SourceError(f"{train_dir / first}: a class tar not extracted"
+                          + (f" (and {len(unextracted) - 1} more)" if len(unextracted) > 1 else "")
+                          + ": its images would be left out and the class indexes after it shifted; extract it "
+                          f"(cd {train_dir} && mkdir {first[:-4]} && tar xf {first} -C {first[:-4]} && rm {first}); "
+                          f"for all: {extract}")
     split_dir = src / split
     if not split_dir.is_dir():
         raise SourceError(f"{src}: split '{split}' has no folder {split_dir}"
@@ -185,8 +222,12 @@ def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> t
         return labeled_folder(split_dir, src, classes, ignored), classes
     labels = _val_labels(src)
     if labels is None:
-        raise SourceError(f"{split_dir} is flat, so its labels must come from LOC_val_solution.csv or "
-                          "ILSVRC2012_validation_ground_truth.txt in the source folder; neither was found")
+        looked = ", ".join(str(folder) for folder in label_folders(src))
+        raise SourceError(f"{split_dir} is flat, so its labels must come from LOC_val_solution.csv (Kaggle's) or "
+                          f"ILSVRC2012_validation_ground_truth.txt (the devkit's, with its meta.mat); neither was "
+                          f"found (looked in {looked}, and their ILSVRC2012_devkit_t12/data/); put "
+                          f"LOC_val_solution.csv in {src} (a link will do) or sort val/ into wnid folders "
+                          "(valprep.sh), and run the same command again (--split train converts train/ alone)")
     index = {wnid: i for i, wnid in enumerate(classes)}
     images = []
     for image in _list_images(split_dir, src, -1, None, ignored):

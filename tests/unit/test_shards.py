@@ -561,3 +561,76 @@ def test_an_image_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
         # no cut before an image that fitted
         assert sum(size for _, size in shard) + following[0][1] > limit, (limit, shards)
     assert sorted(name for shard in shards for name, _ in shard) == sorted(named.values())
+
+
+def test_kaggle_layout_finds_its_labels_and_names_at_the_challenge_root(tmp_path):
+    # Kaggle's imagenet-object-localization-challenge: the CSVs at the top, the images three folders down.
+    root = tmp_path / "imagenet-object-localization-challenge"
+    src = _imagenet_tree(root / "ILSVRC" / "Data" / "CLS-LOC", per_class=1, classes=("n01", "n02"))
+    for wnid in ("n01", "n02"):
+        for path in (src / "val" / wnid).iterdir():
+            path.unlink()
+        (src / "val" / wnid).rmdir()
+    _jpeg(src / "val" / "ILSVRC2012_val_00000001.JPEG")
+    _jpeg(src / "val" / "ILSVRC2012_val_00000002.JPEG")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01 1 2 3 4 \n"
+                                               "ILSVRC2012_val_00000001,n02 1 2 3 4 n02 5 6 7 8 \n")
+    (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish, Carassius auratus\n")
+    out = tmp_path / "out"
+    manifest = convert(src, out, ConvertOptions(layout="imagenet")).manifest.to_dict()
+    assert [c.get("name") for c in manifest["classes"]] == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    labels = {json.loads(s["json"])["source"]: int(s["cls"]) for s in _samples(out, "val").values()}
+    assert labels == {"val/ILSVRC2012_val_00000001.JPEG": 1, "val/ILSVRC2012_val_00000002.JPEG": 0}
+
+
+def test_flat_val_without_labels_names_the_folders_searched(tmp_path):
+    src = _imagenet_tree(tmp_path / "src", per_class=1, classes=("n01",))
+    (src / "val" / "n01" / "n01_val_0.JPEG").rename(src / "val" / "ILSVRC2012_val_00000001.JPEG")
+    (src / "val" / "n01").rmdir()
+    with pytest.raises(SourceError, match=r"looked in .*src.*; put LOC_val_solution.csv"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet"))
+
+
+def test_class_tars_left_unextracted_in_train_are_refused_not_dropped(tmp_path):
+    # ILSVRC2012_img_train.tar holds one tar per class; a loop extracting them that stopped left some as tars,
+    # which were skipped as files not named like images: fewer classes, every later class index shifted.
+    src = _imagenet_tree(tmp_path / "src", per_class=1, classes=("n01", "n03"))
+    with tarfile.open(src / "train" / "n02.tar", "w") as tar:
+        tar.add(src / "train" / "n01" / "n01_0.JPEG", arcname="n02_0.JPEG")
+    with pytest.raises(SourceError, match=r"n02.tar: a class tar not extracted.*mkdir n02 && tar xf n02.tar -C n02"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", splits=("train",)))
+    for wnid in ("n01", "n03"):
+        for path in (src / "train" / wnid).iterdir():
+            path.unlink()
+        (src / "train" / wnid).rmdir()
+    with pytest.raises(SourceError, match=r"1 class tar\(s\) not extracted \(n02.tar\)"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", splits=("train",)))
+
+
+def test_a_split_converted_later_joins_the_set(tmp_path):
+    """`--split train` first (the error for a flat val without labels suggests it), `--split val` once the labels
+    are there: the second run was refused ('other options (splits)'), leaving only a full reconversion."""
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    out = tmp_path / "out"
+    first = convert(src, out, ConvertOptions(layout="imagenet", splits=("train",), samples_per_shard=2,
+                                             shard_bytes=None)).manifest
+    train_tars = {p.name: p.read_bytes() for p in out.glob("train-*.tar")}
+    second = convert(src, out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2,
+                                              shard_bytes=None)).manifest.to_dict()
+    assert list(second["splits"]) == ["train", "val"] and second["options"]["splits"] == ["train", "val"]
+    assert second["splits"]["train"] == first.to_dict()["splits"]["train"]
+    assert second["splits"]["val"]["samples"] == 6 and second["classes"] == first.to_dict()["classes"]
+    assert {p.name: p.read_bytes() for p in out.glob("train-*.tar")} == train_tars
+    assert verify(out, decode=True)["ok"]
+    # Both at once, after: nothing is rewritten; other options are still refused.
+    again = convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
+    assert again.done_now == 0 and again.manifest.to_dict()["splits"] == second["splits"]
+    with pytest.raises(SourceError, match=r"other options \(quality\)"):
+        convert(src, out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2, shard_bytes=None,
+                                         quality=80))
+    # A split added after the class folders changed would mean other classes by the same labels: refused.
+    _jpeg(src / "train" / "n00" / "n00_0.JPEG")
+    _jpeg(src / "val" / "n00" / "n00_val_0.JPEG")
+    with pytest.raises(SourceError, match=r"holds train, converted with other classes"):
+        convert(tmp_path / "src", out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2,
+                                                      shard_bytes=None))

@@ -475,3 +475,34 @@ def test_finetune_with_a_pretraining_profile_is_refused_naming_its_recipe(demo_s
     code = main(["finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
                  f"data.shards={demo_shards}", "finetune.init=random"])
     assert code == 0 and started == [10], capfd.readouterr().err
+
+
+def test_an_unfinished_conversion_is_called_one_not_tars_to_adopt(tmp_path, monkeypatch, capfd):
+    """A conversion stopped above --max-rejected keeps its shards but writes no dataset.json: training on it was
+    told to `mixmae shards adopt` them (which refuses a converted folder) instead of rerunning the conversion."""
+    monkeypatch.chdir(tmp_path)
+    _jpegs(tmp_path / "photos", 20)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["shards", "folder", "--src", "photos", "--out", "out", "--workers", "1"]) != 0
+    capfd.readouterr()
+    line = one_error_line(capfd, main(["shards", "verify", "out"]))
+    assert "is not a shard set (it has no dataset.json)" in line and "adopt" not in line
+    assert "an unfinished conversion of" in line and str(tmp_path / "photos") in line
+    assert "run the `mixmae shards folder` command again" in line and "out/rejected.jsonl" in line
+
+
+def test_an_unfinished_adoption_is_called_one(tmp_path, monkeypatch, capfd):
+    import tarfile
+
+    monkeypatch.chdir(tmp_path)
+    _jpegs(tmp_path / "x", 1)
+    (tmp_path / "x" / "000.cls").write_text("0")
+    (tmp_path / "x" / "001.cls").write_text("1")  # a sample without an image: rejected, 50% > --max-rejected
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "s-000.tar", "w") as tar:
+        for name in ("000.cls", "000.jpg", "001.cls"):
+            tar.add(tmp_path / "x" / name, arcname=name)
+    assert main(["shards", "adopt", "tars", "--out", "index", "--workers", "1"]) != 0
+    capfd.readouterr()
+    line = one_error_line(capfd, main(["shards", "verify", "index"]))
+    assert "it holds an unfinished adoption (`mixmae shards adopt ... --out index`): run that command again" in line
