@@ -39,7 +39,7 @@ def _probe(args: argparse.Namespace) -> int:
     train = load_split(args.data, "train")
     num_classes = train.num_classes
     require_memory(args.data, min(train.samples, args.max_samples or train.samples),
-                   load_split(args.data, "val").samples, arch["img_size"])
+                   load_split(args.data, "val").samples, arch, 1 + args.baseline_seeds * args.baseline, args.batch)
     if not args.baseline:
         result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
                                                  args.threads, args.seed, args.max_samples))
@@ -155,9 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--seed", type=int, default=0, help="seed of the random encoders and the probes")
     # 2: finetune/probe.py's MIN_FIT_IMAGES (not imported here: it would load torch to parse the command line)
     probe.add_argument("--max-samples", type=at_least(2), help="read at most this many training images, the first in "
-                       "shard order (`mixmae shards` writes a split shuffled): the probe holds every image it reads "
-                       "in memory (default: the whole split; at least 2: one image has no spread to standardise its "
-                       "features by)")
+                       "shard order (`mixmae shards` writes a split shuffled): the probe holds every image's "
+                       "features in memory, for each encoder compared (default: the whole split; at least 2: one "
+                       "image has no spread to standardise its features by)")
     probe.add_argument("--json", action="store_true", help="also print the full report as JSON")
     probe.add_argument("--dense", action="store_true",
                        help="per-pixel linear read-out of the frozen feature maps (strides 4-32) on the masks "

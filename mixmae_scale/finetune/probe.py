@@ -24,6 +24,7 @@ units of their spread.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -40,6 +41,7 @@ LINEAR_GRID = 2  # the linear read-out pools each stage's tokens to a LINEAR_GRI
 LINEAR_LAST_GRID = 3  # ... but the last stage's to a 3 x 3 grid: at the demo's 96 px, its whole 3 x 3 map
 KNN_STAGES = 2  # the k-NN read-out averages the first KNN_STAGES stages' tokens
 KNN_TEMPERATURE = 0.07
+KNN_CHUNK = 1024  # validation images per block of the k-NN vote's similarity matrix
 # Below this many images in either split a probe's top-1 is not a result. On n validation images the 95% interval
 # of a top-1 near 50% is about +-98/sqrt(n) points: +-10 at 100 images, already the size of the margins a probe is
 # read for (the demo's margins over random encoders, benchmarks/results/demo_probe_cpu_fp32.json, which is why
@@ -87,48 +89,78 @@ def shape_from_arch(arch: dict) -> SwinShape:
                      tuple(arch["num_heads"]), tuple(arch["window_size"]), arch.get("mlp_ratio", 4.0))
 
 
-def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int,
-                max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as eval-transformed tensors (or its first `max_samples` in shard order): decoded once, probed
-    by every encoder compared."""
+Split = tuple[torch.Tensor, torch.Tensor]  # images, labels
+
+
+def read_batches(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int,
+                 max_samples: int | None = None) -> Iterator[Split]:
+    """A split's eval-transformed images, one batch at a time (or its first `max_samples` in shard order)."""
     spec = eval_spec(img_size, batch, threads)
-    images, labels, held = [], [], 0
+    held = 0
     for loaded, valid in ShardLoader(shards, split, spec, backend, threads).eval_batches():
         keep = valid if max_samples is None else min(valid, max_samples - held)
-        images.append(loaded.images[:keep].clone())
-        labels.append(loaded.labels[:keep].clone())
+        yield loaded.images[:keep].clone(), loaded.labels[:keep].clone()
         held += keep
         if max_samples is not None and held >= max_samples:
             break
+
+
+def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int,
+                max_samples: int | None = None) -> Split:
+    """A whole split as eval-transformed tensors (or its first `max_samples` in shard order). The probe itself streams
+    (`read_batches`); this is for comparing loaders on small sets."""
+    images, labels = zip(*read_batches(shards, split, img_size, batch, backend, threads, max_samples), strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
-def probe_bytes(train: int, val: int, img_size: int) -> int:
-    """The least the probe holds at once: every image of both splits as fp32 (3 x size x size x 4 bytes each: 602 KB
-    at 224 px, so ImageNet's 1.28M training images are 770 GB) and the k-NN vote's val x train similarity matrix
-    (4 bytes an entry). It is made for small sets, such as the demo's."""
-    return (train + val) * 3 * img_size**2 * 4 + val * train * 4
+def in_batches(split: Split, batch: int) -> Iterator[Split]:
+    """A split held in memory, `batch` images at a time, as `read_batches` yields one read from shards."""
+    images, labels = split
+    for i in range(0, len(images), batch):
+        yield images[i:i + batch], labels[i:i + batch]
 
 
-def require_memory(shards: str, train: int, val: int, img_size: int, available: int | None = None) -> None:
+def feature_dims(arch: dict) -> int:
+    """Floats the read-outs keep per image and encoder: every stage's 2x2 grid but the last's 3x3, and the first
+    two stages' means (`readout_features`): 13,184 for Swin-B, whatever the image size."""
+    dims = [arch["embed_dim"] * 2**s for s in range(len(arch["depths"]))]
+    return LINEAR_GRID**2 * sum(dims[:-1]) + LINEAR_LAST_GRID**2 * dims[-1] + sum(dims[:KNN_STAGES])
+
+
+def probe_bytes(train: int, val: int, arch: dict, models: int = 1, batch: int = 64) -> int:
+    """The most the probe holds at once, in fp32: the features of both splits for every encoder compared, plus one
+    encoder's features again (a split's batches being joined, then standardised for the fit: `feature_dims` x 4
+    bytes each, 53 KB for Swin-B), one batch of images (3 x size x size x 4 bytes each: 602 KB at 224 px) and one
+    block of the k-NN vote's similarity matrix (KNN_CHUNK validation images x train x 4 bytes). Images are encoded
+    as they are read and dropped, so their count no longer matters, only the features'. Not counted: the encoder's
+    activations on one batch and the linear fit's logits and L-BFGS history (a few GB at most at ImageNet scale)."""
+    return ((train + val) * (models + 1) * feature_dims(arch) * 4 + batch * 3 * arch["img_size"]**2 * 4
+            + min(KNN_CHUNK, val) * train * 4)
+
+
+def require_memory(shards: str, train: int, val: int, arch: dict, models: int = 1, batch: int = 64,
+                   available: int | None = None) -> None:
     """Refuses, before any image is decoded, splits whose `probe_bytes` exceed the memory available (psutil's
     estimate unless `available` is given); says how many training images would fit (`--max-samples`)."""
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
-    need = probe_bytes(train, val, img_size)
+    need = probe_bytes(train, val, arch, models, batch)
     if need <= available:
         return
     from mixmae_scale.data.errors import DataError
 
-    image = 3 * img_size**2 * 4
-    fits = (available - val * image) // (image + 4 * val)
+    size, dims, chunk = arch["img_size"], feature_dims(arch), min(KNN_CHUNK, val)
+    per_train = (models + 1) * dims * 4 + chunk * 4
+    fits = max(0, available - val * (models + 1) * dims * 4 - batch * 3 * size**2 * 4) // per_train
     way_out = (f"--max-samples {fits} reads at most that many training images, which fit" if fits >= MIN_PROBE_IMAGES
                else f"its {val} validation images alone leave no room: probe a smaller set")
-    raise DataError(f"--data {shards}: the probe holds every image in memory as fp32 and a val x train k-NN matrix: "
-                    f"({train} train + {val} val) x 3 x {img_size} x {img_size} x 4 B + {val} x {train} x 4 B = "
-                    f"{need / 1e9:.0f} GB, more than the {available / 1e9:.0f} GB available; {way_out}")
+    raise DataError(f"--data {shards}: the probe holds the features of every image for each of its {models} "
+                    f"encoder{'s' * (models != 1)} and one more copy, one batch of images and a block of the k-NN "
+                    f"matrix, in fp32: ({train} train + {val} val) x {models + 1} x {dims} x 4 B + {batch} x 3 x "
+                    f"{size} x {size} x 4 B + {chunk} x {train} x 4 B = {need / 1e9:.0f} GB, more than the "
+                    f"{available / 1e9:.0f} GB available; {way_out}")
 
 
 def readout_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,14 +168,6 @@ def readout_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     sizes = [LINEAR_GRID] * (len(maps) - 1) + [LINEAR_LAST_GRID]
     grids = [F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), size).flatten(1) for t, size in zip(maps, sizes, strict=True)]
     return torch.cat(grids, dim=1), torch.cat([t.mean(dim=(1, 2)) for t in maps[:KNN_STAGES]], dim=1)
-
-
-@torch.no_grad()
-def encode(model: SwinClassifier, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear read-out features, k-NN read-out features) of every image."""
-    model.eval()
-    parts = [readout_features(model.encoder.stage_maps(images[i:i + batch])) for i in range(0, len(images), batch)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, weight_decay: float = 3e-4,
@@ -172,11 +196,16 @@ def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, w
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
              num_classes: int) -> float:
-    similarity = F.normalize(val_x, dim=1) @ F.normalize(train_x, dim=1).T
-    nearest = similarity.topk(min(KNN_NEIGHBOURS, len(train_x)), dim=1)
-    votes = torch.zeros(len(val_x), num_classes).scatter_add_(1, train_y[nearest.indices],
-                                                              (nearest.values / KNN_TEMPERATURE).exp())
-    return 100 * float((votes.argmax(1) == val_y).float().mean())
+    """The weighted k-NN vote, KNN_CHUNK validation images at a time: the val x train similarity matrix is never
+    whole, only a block of it and each block's top k."""
+    train_x, correct = F.normalize(train_x, dim=1), 0
+    for i in range(0, len(val_x), KNN_CHUNK):
+        similarity = F.normalize(val_x[i:i + KNN_CHUNK], dim=1) @ train_x.T
+        nearest = similarity.topk(min(KNN_NEIGHBOURS, len(train_x)), dim=1)
+        votes = torch.zeros(len(similarity), num_classes).scatter_add_(1, train_y[nearest.indices],
+                                                                       (nearest.values / KNN_TEMPERATURE).exp())
+        correct += int((votes.argmax(1) == val_y[i:i + KNN_CHUNK]).sum())
+    return 100 * float(torch.tensor(float(correct)) / len(val_x))  # in fp32, as the linear top-1's mean
 
 
 def standardise(train_x: torch.Tensor, val_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,42 +246,69 @@ def build_encoder(state: dict[str, torch.Tensor] | None, arch: dict, num_classes
     return model
 
 
-Split = tuple[torch.Tensor, torch.Tensor]  # images, labels
+@torch.no_grad()
+def model_features(models: list[SwinClassifier], train: Iterable[Split], val: Iterable[Split]) -> list[Features]:
+    """Every model's features of both splits, each batch encoded by every model as it is read, then dropped: the
+    images are read once and only their features kept.
 
-
-def probe_encoder(state: dict[str, torch.Tensor] | None, arch: dict, train: Split, val: Split, num_classes: int,
-                  batch: int = 64, init_seed: int = 0) -> ProbeResult:
-    return probe_model(build_encoder(state, arch, num_classes, init_seed), train, val, num_classes, batch)
-
-
-def probe_model(model: SwinClassifier, train: Split, val: Split, num_classes: int, batch: int = 64) -> ProbeResult:
-    return probe_features(model_features(model, train, val, batch), num_classes)
-
-
-def model_features(model: SwinClassifier, train: Split, val: Split, batch: int = 64) -> Features:
-    (train_linear, train_knn), (val_linear, val_knn) = encode(model, train[0], batch), encode(model, val[0], batch)
-    return Features(train_linear, train[1], val_linear, val[1], train_knn, val_knn)
-
-
-def probe_models(models: list[SwinClassifier], train: Split, val: Split, num_classes: int, batch: int = 64
-                 ) -> list[ProbeResult]:
-    """Every model's probe. The features are extracted one model per thread (each op single-threaded) rather
-    than one model at a time on every thread: the tiny encoder's ops are too small to keep several threads busy
-    (on 2 cores, 2 encoders at once ran 1.4x the images per second of one encoder on 2 threads), and each
-    model's features come out the same bit for bit. The models are built before, in this thread, because
-    building one draws its weights from the global RNG. The read-outs are then fitted one at a time on every
-    thread: a fit on one thread sums in another order, and the linear probe's top-1 moved by up to 0.5 points."""
+    The models encode a batch one per thread (each op single-threaded) rather than one at a time on every thread:
+    the tiny encoder's ops are too small to keep several threads busy (on 2 cores, 2 encoders at once ran 1.4x the
+    images per second of one encoder on 2 threads), and each model's features come out the same bit for bit. The
+    batches are read between, on every thread. The models are built before, in this thread, because building one
+    draws its weights from the global RNG."""
+    for model in models:
+        model.eval()
     threads = torch.get_num_threads()
     workers = min(len(models), threads)
-    if workers <= 1:
-        return [probe_model(model, train, val, num_classes, batch) for model in models]
-    torch.set_num_threads(max(1, threads // workers))
+
+    @torch.no_grad()  # in each worker thread: grad mode is per thread (with it on, other kernels and a graph kept)
+    def readouts(model: SwinClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return readout_features(model.encoder.stage_maps(images))
+
+    def encode_split(batches: Iterable[Split], pool: ThreadPoolExecutor | None) -> tuple[list, list, torch.Tensor]:
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in models]
+        labels = []
+        for images, batch_labels in batches:
+            if pool is None:
+                encoded = [readouts(model, images) for model in models]
+            else:
+                torch.set_num_threads(max(1, threads // workers))
+                try:
+                    encoded = list(pool.map(readouts, models, [images] * len(models)))
+                finally:
+                    torch.set_num_threads(threads)
+            for kept, features in zip(parts, encoded, strict=True):
+                kept.append(features)
+            labels.append(batch_labels)
+            del images, encoded  # this batch's images go before the next is read
+        linear, knn = [], []
+        for kept in parts:  # joined one model at a time, each model's parts freed as it goes
+            linear.append(torch.cat([p[0] for p in kept]))
+            knn.append(torch.cat([p[1] for p in kept]))
+            kept.clear()
+        return linear, knn, torch.cat(labels)
+
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            features = list(pool.map(lambda model: model_features(model, train, val, batch), models))
+        train_linear, train_knn, train_y = encode_split(train, pool)
+        val_linear, val_knn, val_y = encode_split(val, pool)
     finally:
-        torch.set_num_threads(threads)
-    return [probe_features(f, num_classes) for f in features]
+        if pool is not None:
+            pool.shutdown()
+    return [Features(train_linear[m], train_y, val_linear[m], val_y, train_knn[m], val_knn[m])
+            for m in range(len(models))]
+
+
+def probe_models(models: list[SwinClassifier], train: Iterable[Split], val: Iterable[Split], num_classes: int
+                 ) -> list[ProbeResult]:
+    """Every model's probe, from one read of `train` and `val` (batches of images and labels: `read_batches`, or
+    `in_batches` for splits in memory). The read-outs are fitted one at a time on every thread: a fit on one thread
+    sums in another order, and the linear probe's top-1 moved by up to 0.5 points."""
+    return [probe_features(f, num_classes) for f in model_features(models, train, val)]
+
+
+def probe_model(model: SwinClassifier, train: Iterable[Split], val: Iterable[Split], num_classes: int) -> ProbeResult:
+    return probe_models([model], train, val, num_classes)[0]
 
 
 def linear_probe(state: dict[str, torch.Tensor] | None, arch: dict, shards: str, num_classes: int,
@@ -260,9 +316,9 @@ def linear_probe(state: dict[str, torch.Tensor] | None, arch: dict, shards: str,
                  max_samples: int | None = None) -> ProbeResult:
     """`state` None probes a randomly initialised encoder of the same shape. `max_samples` caps the training images
     read (the first ones in shard order)."""
-    train = load_images(shards, "train", arch["img_size"], batch, backend, threads, max_samples)
-    val = load_images(shards, "val", arch["img_size"], batch, backend, threads)
-    return probe_encoder(state, arch, train, val, num_classes, batch, seed)
+    model = build_encoder(state, arch, num_classes, seed)
+    return probe_model(model, read_batches(shards, "train", arch["img_size"], batch, backend, threads, max_samples),
+                       read_batches(shards, "val", arch["img_size"], batch, backend, threads), num_classes)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -277,11 +333,11 @@ def compare_with_random_init(state: dict[str, torch.Tensor], arch: dict, shards:
 
     `margin` is pretrained minus the baselines' mean; `margin_in_spread` divides it by the baselines'
     standard deviation (how many times the seed-to-seed noise the gain is)."""
-    train = load_images(shards, "train", arch["img_size"], batch, backend, threads, max_samples)
-    val = load_images(shards, "val", arch["img_size"], batch, backend, threads)
     models = [build_encoder(state, arch, num_classes, seed),
               *(build_encoder(None, arch, num_classes, seed + 1 + i) for i in range(baseline_seeds))]
-    pretrained, *baselines = probe_models(models, train, val, num_classes, batch)
+    pretrained, *baselines = probe_models(
+        models, read_batches(shards, "train", arch["img_size"], batch, backend, threads, max_samples),
+        read_batches(shards, "val", arch["img_size"], batch, backend, threads), num_classes)
     return margin_report(pretrained, baselines)
 
 

@@ -62,45 +62,170 @@ def test_the_readouts_are_a_2x2_grid_of_every_stage_but_the_last_its_3x3_grid_an
 
 
 def test_probing_several_encoders_at_once_gives_each_the_result_it_gets_alone():
-    """`probe_models` extracts features one encoder per thread: the results must not depend on that."""
-    from mixmae_scale.finetune.probe import build_encoder, probe_model, probe_models
+    """`probe_models` encodes each batch one encoder per thread: the results must not depend on that."""
+    from mixmae_scale.finetune.probe import build_encoder, in_batches, probe_model, probe_models
 
     arch = dict(img_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4])
     generator = torch.Generator().manual_seed(0)
     train = (torch.randn(24, 3, 32, 32, generator=generator), torch.arange(24) % 3)
     val = (torch.randn(12, 3, 32, 32, generator=generator), torch.arange(12) % 3)
     models = [build_encoder(None, arch, 3, seed) for seed in (1, 2, 3)]
-    alone = [probe_model(model, train, val, 3, batch=8) for model in models]
+    alone = [probe_model(model, in_batches(train, 8), in_batches(val, 8), 3) for model in models]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # at least two workers, whatever this machine has
     try:
-        together = probe_models(models, train, val, 3, batch=8)
+        together = probe_models(models, in_batches(train, 8), in_batches(val, 8), 3)
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
     assert together == alone and len({r.top1 for r in alone} | {r.knn_top1 for r in alone}) > 1
 
 
-def test_a_split_whose_images_would_not_fit_in_memory_is_refused_with_the_arithmetic_and_a_cap_that_fits():
-    """The probe holds every image as fp32 and a val x train similarity matrix: ImageNet's manifest counts are over a
-    terabyte, which it began decoding anyway (the documented `probe --data /data/imagenet-wds`)."""
+SWIN_B = dict(img_size=224, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
+              window_size=[7, 7, 7, 7])
+
+
+def test_a_split_whose_features_would_not_fit_in_memory_is_refused_with_the_arithmetic_and_a_cap_that_fits():
+    """The probe keeps every image's features for each encoder compared (13,184 floats for Swin-B, against 150,528
+    for a 224 px image): all of ImageNet with --baseline's four encoders is 351 GB, which it began decoding anyway
+    (the documented `probe --data /data/imagenet-wds`)."""
     import pytest
 
     from mixmae_scale.data.errors import DataError
-    from mixmae_scale.finetune.probe import probe_bytes, require_memory
+    from mixmae_scale.finetune.probe import feature_dims, probe_bytes, require_memory
 
+    assert feature_dims(SWIN_B) == 4 * (128 + 256 + 512) + 9 * 1024 + 128 + 256 == 13184
     train, val, available = 1_281_167, 50_000, 256 * 10**9
     with pytest.raises(DataError) as refused:
-        require_memory("/data/imagenet-wds", train, val, 224, available)
+        require_memory("/data/imagenet-wds", train, val, SWIN_B, 4, 64, available)
     said = str(refused.value)
-    assert said.startswith("--data /data/imagenet-wds: the probe holds every image in memory as fp32 and a val x train "
-                           "k-NN matrix: (1281167 train + 50000 val) x 3 x 224 x 224 x 4 B + 50000 x 1281167 x 4 B = "
-                           "1058 GB, more than the 256 GB available; --max-samples ")
+    assert said.startswith("--data /data/imagenet-wds: the probe holds the features of every image for each of its 4 "
+                           "encoders and one more copy, one batch of images and a block of the k-NN matrix, in fp32: "
+                           "(1281167 train + 50000 val) x 5 x 13184 x 4 B + 64 x 3 x 224 x 224 x 4 B + 1024 x 1281167 "
+                           "x 4 B = 356 GB, more than the 256 GB available; --max-samples ")
     cap = int(said.split("--max-samples ")[1].split()[0])
-    assert probe_bytes(cap, val, 224) <= available < probe_bytes(cap + 1, val, 224)
-    require_memory("/data/imagenet-wds", cap, val, 224, available)  # what it suggests goes through
+    assert probe_bytes(cap, val, SWIN_B, 4, 64) <= available < probe_bytes(cap + 1, val, SWIN_B, 4, 64)
+    require_memory("/data/imagenet-wds", cap, val, SWIN_B, 4, 64, available)  # what it suggests goes through
+    # the documented example: 300,000 training images and the 50,000 validation ones, four encoders
+    assert 90e9 < probe_bytes(300_000, val, SWIN_B, 4, 64) < 95e9
     with pytest.raises(DataError, match="its 50000 validation images alone leave no room: probe a smaller set"):
-        require_memory("/data/imagenet-wds", train, val, 224, 20 * 10**9)
+        require_memory("/data/imagenet-wds", train, val, SWIN_B, 4, 64, 10 * 10**9)
+
+
+def test_feature_dims_counts_what_the_readouts_keep():
+    from mixmae_scale.finetune.probe import build_encoder, feature_dims, readout_features
+
+    arch = dict(img_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 4], window_size=[4, 4, 2])
+    with torch.no_grad():
+        linear, knn = readout_features(build_encoder(None, arch, 3, 0).encoder.stage_maps(torch.zeros(2, 3, 32, 32)))
+    assert linear.shape[1] + knn.shape[1] == feature_dims(arch)
+
+
+DEMO_ARCH = dict(img_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 4],
+                 window_size=[4, 4, 2])
+
+
+def test_streaming_gives_the_features_and_results_of_encoding_every_image_held_in_memory(demo_shards):
+    """The probe encodes each batch as it is read. The way it was before, kept here as the reference: both splits
+    decoded whole, then each model encoding the held images `batch` at a time, the models on threads (the old
+    `encode` and `probe_models`). The batches are the same images (the loader's, `max_samples` cutting the last),
+    and each model runs on a worker thread in both, so every feature must be the same bit for bit, and so the
+    results, the random encoders' included. (Without no_grad inside the worker threads, where the caller's does not
+    reach, the features differed by about 1e-6 and each batch kept its autograd graph.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixmae_scale.finetune.probe import build_encoder, load_images, model_features, read_batches, readout_features
+
+    shards, batch = str(demo_shards), 16
+    models = [build_encoder(None, DEMO_ARCH, 10, seed) for seed in (0, 1, 2)]
+
+    @torch.no_grad()
+    def encode_held(model, images):  # the old `encode`
+        model.eval()
+        parts = [readout_features(model.encoder.stage_maps(images[i:i + batch])) for i in range(0, len(images), batch)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def held_features(model):  # the old `model_features`
+        (train_linear, train_knn), (val_linear, val_knn) = encode_held(model, train[0]), encode_held(model, val[0])
+        return Features(train_linear, train[1], val_linear, val[1], train_knn, val_knn)
+
+    train = load_images(shards, "train", 32, batch, "torch", 1, max_samples=250)  # 250: the last batch is cut
+    val = load_images(shards, "val", 32, batch, "torch", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers, as `probe --baseline` on 2 cores
+    try:
+        torch.set_num_threads(1)  # the old `probe_models`: threads // workers
+        with ThreadPoolExecutor(2) as pool:
+            held = list(pool.map(held_features, models))
+        torch.set_num_threads(2)
+        streamed = model_features(models, read_batches(shards, "train", 32, batch, "torch", 1, max_samples=250),
+                                  read_batches(shards, "val", 32, batch, "torch", 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(streamed) == 3 and streamed[0].train_x.shape[0] == 250 and streamed[0].val_x.shape[0] == 80
+    for old, new in zip(held, streamed, strict=True):
+        for name in ("train_x", "train_y", "val_x", "val_y", "knn_train_x", "knn_val_x"):
+            assert torch.equal(getattr(old, name), getattr(new, name)), name
+            assert not getattr(new, name).requires_grad
+    assert [probe_features(f, 10) for f in held] == [probe_features(f, 10) for f in streamed]
+
+
+def test_no_more_than_one_batch_of_images_is_alive_while_the_probe_encodes(demo_shards, monkeypatch):
+    """Counted, not timed: every batch the reader yields is tracked, and whenever an encoder runs at most one of
+    them may still exist (before, both splits' images were all held until the last encoder had run)."""
+    import gc
+    import weakref
+
+    from mixmae_scale.finetune import probe
+
+    yielded: list[weakref.ref] = []
+    most_alive = []
+
+    def tracked(*args, **kwargs):
+        for images, labels in probe.read_batches(*args, **kwargs):
+            yielded.append(weakref.ref(images))
+            yield images, labels
+
+    models = [probe.build_encoder(None, DEMO_ARCH, 10, seed) for seed in (0, 1)]
+    for model in models:
+        encoder = model.encoder
+        stage_maps = encoder.stage_maps
+
+        def counted(images, stage_maps=stage_maps):
+            gc.collect()
+            most_alive.append(sum(ref() is not None for ref in yielded))
+            return stage_maps(images)
+
+        monkeypatch.setattr(encoder, "stage_maps", counted)
+    shards = str(demo_shards)
+    features = probe.model_features(models, tracked(shards, "train", 32, 16, "torch", 1),
+                                    tracked(shards, "val", 32, 16, "torch", 1))
+    assert len(yielded) == 300 // 16 + 1 + 80 // 16 and len(most_alive) == 2 * len(yielded)
+    assert max(most_alive) == 1 and features[0].train_x.shape[0] == 300
+
+
+def test_the_knn_vote_in_blocks_of_validation_images_is_the_vote_on_the_whole_matrix(monkeypatch):
+    """The old vote, on the whole val x train matrix, kept as the reference; blocks of 7 of 50 validation images
+    (a last block of 1) must give the same top-1: each row's similarities are the same dot products."""
+    import torch.nn.functional as F
+
+    from mixmae_scale.finetune import probe
+
+    def whole(train_x, train_y, val_x, val_y, num_classes):
+        similarity = F.normalize(val_x, dim=1) @ F.normalize(train_x, dim=1).T
+        nearest = similarity.topk(min(probe.KNN_NEIGHBOURS, len(train_x)), dim=1)
+        votes = torch.zeros(len(val_x), num_classes).scatter_add_(1, train_y[nearest.indices],
+                                                                  (nearest.values / probe.KNN_TEMPERATURE).exp())
+        return 100 * float((votes.argmax(1) == val_y).float().mean())
+
+    generator = torch.Generator().manual_seed(5)
+    centres = torch.randn(5, 12, generator=generator)
+    train_y, val_y = torch.arange(200) % 5, torch.arange(50) % 5
+    train_x = centres[train_y] + 1.5 * torch.randn(200, 12, generator=generator)
+    val_x = centres[val_y] + 1.5 * torch.randn(50, 12, generator=generator)
+    expected = whole(train_x, train_y, val_x, val_y, 5)
+    monkeypatch.setattr(probe, "KNN_CHUNK", 7)
+    assert probe.knn_top1(train_x, train_y, val_x, val_y, 5) == expected and 30 < expected < 100
 
 
 def test_max_samples_reads_the_first_training_images_in_shard_order(demo_shards):

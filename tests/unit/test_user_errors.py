@@ -131,10 +131,10 @@ def test_a_probe_whose_splits_would_not_fit_in_memory_is_refused_before_decoding
     from mixmae_scale.finetune import probe
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 10**6})())
-    monkeypatch.setattr(probe, "load_images", lambda *args: pytest.fail("decoded before the memory was checked"))
+    monkeypatch.setattr(probe, "read_batches", lambda *args: pytest.fail("decoded before the memory was checked"))
     line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
                                        str(demo_shards)]))
-    assert f"--data {demo_shards}: the probe holds every image in memory as fp32" in line
+    assert f"--data {demo_shards}: the probe holds the features of every image for each of its 1 encoder " in line
     assert "0 GB available; its 80 validation images alone leave no room: probe a smaller set" in line
     line = one_error_line(capfd, main(["probe", "--init", "x", "--data", "y", "--dense", "--max-samples", "9"]))
     assert line == ("mixmae: error: --max-samples: caps the classification probe's training images; the dense probe "
