@@ -139,6 +139,10 @@ class ShardLoader:
         self.mixture = as_mixture(shards, split)
         if spec.with_masks:
             require_masks(self.mixture, split, spec.mask_classes)
+        # Each batch's decoded masks are checked only where a set's manifest does not bound its labels: where every
+        # set's does, require_masks has checked them all, and the training loop need not pass over every mask.
+        unbounded = spec.with_masks and any(not entry.shards.mask_classes for entry in self.mixture.sets)
+        self._mask_label_limit = spec.mask_classes if unbounded else 0
         self._digest = mixture_digest(self.mixture)
         self.spec, self.backend, self.workers = spec, backend, workers
         self.window = max(spec.shuffle_buffer, 1)
@@ -270,7 +274,7 @@ class ShardLoader:
         masks = None
         if self.spec.with_masks:  # decoded on the CPU (H, W, 1): checked there, then moved to the images' device
             decoded = np.array(rest.pop(0).as_tensor())[..., 0]
-            require_mask_labels(decoded, raw, self.spec.mask_classes)
+            require_mask_labels(decoded, raw, self._mask_label_limit)
             masks = torch.from_numpy(decoded.astype(np.int64)).to(tensor.device)
         labels = torch.from_numpy(np.array(rest.pop(0).as_tensor())).long().reshape(-1) if self.spec.with_labels \
             else None
@@ -282,7 +286,7 @@ class ShardLoader:
                      masks: torch.Tensor | None, raw: RawBatch) -> Batch:
         """The PyTorch loader's batch of `raw` as the spec asks (DALI's pipeline does this in its graph)."""
         if masks is not None and self.spec.with_masks:
-            require_mask_labels(masks.numpy(), raw, self.spec.mask_classes)
+            require_mask_labels(masks.numpy(), raw, self._mask_label_limit)
         return Batch(images.to(getattr(torch, self.spec.output_dtype)), labels if self.spec.with_labels else None,
                      meta if self.spec.with_meta else None, masks if self.spec.with_masks else None)
 

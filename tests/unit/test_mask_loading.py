@@ -173,6 +173,23 @@ def test_a_model_of_fewer_classes_than_the_manifests_masks_is_refused_before_a_s
     ShardLoader(str(banded_shards), split, seg_spec(role, 6), "torch", 1).close()  # as many: read
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_masks_whose_manifest_bounds_their_labels_are_not_checked_again_batch_by_batch(banded_shards, backend,
+                                                                                      monkeypatch):
+    """A manifest that says how many classes its masks label was checked when the loader was made: its batches
+    skip the per-batch pass over every mask pixel (the control: a manifest that does not say, below)."""
+    from mixmae_scale.data import loader as loader_module
+
+    limits = []
+    checked = loader_module.require_mask_labels
+    monkeypatch.setattr(loader_module, "require_mask_labels",
+                        lambda masks, raw, classes: limits.append(classes) or checked(masks, raw, classes))
+    loader = ShardLoader(str(banded_shards), "val", seg_spec("segment_val", 6), backend, 1)
+    list(loader.eval_batches())
+    loader.close()
+    assert limits and set(limits) == {0}
+
+
 @pytest.fixture(scope="module")
 def unlisted_mask_classes(banded_shards, tmp_path_factory) -> Path:
     """The banded set with a manifest that does not say how many classes its masks label (tars adopted from
@@ -201,5 +218,6 @@ def test_a_mask_label_past_the_models_classes_names_its_sample_and_value_when_th
     finally:
         loader.close()
     every = ShardLoader(str(unlisted_mask_classes), split, seg_spec(role, 6), backend, 1)  # 6 classes: all fit
+    assert every._mask_label_limit == 6  # checked batch by batch: the manifest does not bound the labels
     list(every) if role == "segment" else list(every.eval_batches())
     every.close()
