@@ -634,3 +634,46 @@ def test_a_split_converted_later_joins_the_set(tmp_path):
     with pytest.raises(SourceError, match=r"holds train, converted with other classes"):
         convert(tmp_path / "src", out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2,
                                                       shard_bytes=None))
+
+
+def test_a_split_converted_later_joins_a_set_on_s3(tmp_path, s3_bucket):
+    """The join above into an s3:// prefix (a real S3-protocol server on the loopback): the second run finds the
+    first one's manifest, options record, plans and rejected.jsonl in the store, not in a folder, and the set
+    verifies as one. A train rejection is there so that rejected.jsonl's kept lines are read back from S3 too."""
+    from mixmae_scale.data import storage
+
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    (src / "train" / "n02" / "empty.JPEG").write_bytes(b"")
+    url = f"s3://{s3_bucket}/imagenet-wds"
+    options = ConvertOptions(layout="imagenet", splits=("train",), samples_per_shard=2, shard_bytes=None,
+                             staging=str(tmp_path / "staging"), max_rejected=0.5)
+    first = convert(src, url, options).manifest.to_dict()
+    assert list(first["splits"]) == ["train"] and first["splits"]["train"]["samples"] == 6
+    assert first["splits"]["train"]["rejected"] == 1
+    train_tars = {f.name: storage.read_bytes(f"{url}/{f.name}") for f in storage.list_files(url, ".tar")}
+    assert sorted(train_tars) == [s["name"] for s in first["splits"]["train"]["shards"]]
+
+    second = convert(src, url, replace(options, splits=("val",))).manifest.to_dict()
+    stored = json.loads(storage.read_text(f"{url}/dataset.json"))
+    assert stored["splits"] == second["splits"] and list(second["splits"]) == ["train", "val"]
+    assert second["options"]["splits"] == ["train", "val"]
+    assert second["splits"]["train"] == first["splits"]["train"]
+    assert second["splits"]["val"]["samples"] == 6 and second["splits"]["val"]["rejected"] == 0
+    assert [c["wnid"] for c in second["classes"]] == ["n01", "n02", "n03"] == [c["wnid"] for c in first["classes"]]
+    assert json.loads(storage.read_text(f"{url}/classes.json")) == second["classes"]
+    assert {f.name: storage.read_bytes(f"{url}/{f.name}") for f in storage.list_files(url, ".tar")
+            if f.name.startswith("train-")} == train_tars
+    rejected = [json.loads(line) for line in storage.read_text(f"{url}/rejected.jsonl").splitlines()]
+    assert [(r["split"], r["source"]) for r in rejected] == [("train", "train/n02/empty.JPEG")]
+    report = verify(url, decode=True)
+    assert report["ok"], report["errors"]
+    assert report["splits"] == {"train": {"samples": 6, "shards": len(train_tars), "decoded": 6},
+                                "val": {"samples": 6, "shards": 3, "decoded": 6}}
+
+    # Class folders changed since train was converted: val would label other classes by the same indexes.
+    _jpeg(src / "train" / "n00" / "n00_0.JPEG")
+    _jpeg(src / "val" / "n00" / "n00_val_0.JPEG")
+    with pytest.raises(SourceError, match=rf"s3://{s3_bucket}/imagenet-wds holds train, converted with other "
+                                          r"classes than .* \(3 then, 4 now; class 0 differs\)"):
+        convert(src, url, replace(options, splits=("val",)))
+    assert json.loads(storage.read_text(f"{url}/dataset.json")) == stored
