@@ -69,17 +69,8 @@ class OneBatch:
         return self.coverage
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("classes, top5", [(3, None), (5, None), (6, 75.0)])
-def test_top5_is_a_score_only_for_a_head_of_more_than_5_classes(classes, top5, world_of_one):
+def test_top5_is_a_score_only_for_a_head_of_more_than_5_classes(classes, top5, gloo_of_one):
     labels = [0, 1, 2, 5 if classes == 6 else 2]  # the last one outside the top 5 of a 6-class head
     result = evaluate(FixedLogits(classes), OneBatch(labels), torch.device("cpu"), "fp32")
     assert result["top1"] == 25.0 and result["top5"] == top5
