@@ -105,21 +105,6 @@ def read_batches(shards: str, split: str, img_size: int, batch: int, backend: st
             break
 
 
-def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int,
-                max_samples: int | None = None) -> Split:
-    """A whole split as eval-transformed tensors (or its first `max_samples` in shard order). The probe itself streams
-    (`read_batches`); this is for comparing loaders on small sets."""
-    images, labels = zip(*read_batches(shards, split, img_size, batch, backend, threads, max_samples), strict=True)
-    return torch.cat(images), torch.cat(labels)
-
-
-def in_batches(split: Split, batch: int) -> Iterator[Split]:
-    """A split held in memory, `batch` images at a time, as `read_batches` yields one read from shards."""
-    images, labels = split
-    for i in range(0, len(images), batch):
-        yield images[i:i + batch], labels[i:i + batch]
-
-
 def feature_dims(arch: dict) -> int:
     """Floats the read-outs keep per image and encoder: every stage's 2x2 grid but the last's 3x3, and the first
     two stages' means (`readout_features`): 13,184 for Swin-B, whatever the image size."""
@@ -301,8 +286,8 @@ def model_features(models: list[SwinClassifier], train: Iterable[Split], val: It
 
 def probe_models(models: list[SwinClassifier], train: Iterable[Split], val: Iterable[Split], num_classes: int
                  ) -> list[ProbeResult]:
-    """Every model's probe, from one read of `train` and `val` (batches of images and labels: `read_batches`, or
-    `in_batches` for splits in memory). The read-outs are fitted one at a time on every thread: a fit on one thread
+    """Every model's probe, from one read of `train` and `val` (batches of images and labels, as `read_batches`
+    yields them). The read-outs are fitted one at a time on every thread: a fit on one thread
     sums in another order, and the linear probe's top-1 moved by up to 0.5 points."""
     return [probe_features(f, num_classes) for f in model_features(models, train, val)]
 

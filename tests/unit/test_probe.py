@@ -63,7 +63,9 @@ def test_the_readouts_are_a_2x2_grid_of_every_stage_but_the_last_its_3x3_grid_an
 
 def test_probing_several_encoders_at_once_gives_each_the_result_it_gets_alone():
     """`probe_models` encodes each batch one encoder per thread: the results must not depend on that."""
-    from mixmae_scale.finetune.probe import build_encoder, in_batches, probe_model, probe_models
+    from held_splits import in_batches
+
+    from mixmae_scale.finetune.probe import build_encoder, probe_model, probe_models
 
     arch = dict(img_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4])
     generator = torch.Generator().manual_seed(0)
@@ -134,7 +136,9 @@ def test_streaming_gives_the_features_and_results_of_encoding_every_image_held_i
     reach, the features differed by about 1e-6 and each batch kept its autograd graph.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mixmae_scale.finetune.probe import build_encoder, load_images, model_features, read_batches, readout_features
+    from held_splits import load_images
+
+    from mixmae_scale.finetune.probe import build_encoder, model_features, read_batches, readout_features
 
     shards, batch = str(demo_shards), 16
     models = [build_encoder(None, DEMO_ARCH, 10, seed) for seed in (0, 1, 2)]
@@ -229,7 +233,7 @@ def test_the_knn_vote_in_blocks_of_validation_images_is_the_vote_on_the_whole_ma
 
 
 def test_max_samples_reads_the_first_training_images_in_shard_order(demo_shards):
-    from mixmae_scale.finetune.probe import load_images
+    from held_splits import load_images
 
     few, few_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=20)
     more, more_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=37)
