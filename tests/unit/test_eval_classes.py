@@ -175,3 +175,40 @@ def test_classes_named_by_index_alone_are_not_compared(tmp_path):
     assert _first_difference(["n01", "n02"], adopted) is None  # nothing to compare: accepted (with a warning)
     assert _first_difference(["n01"], ["n01", "n02"]) == 1  # a class past those it was trained on
     assert _first_difference(["n01", "n02", "n03"], ["n01", "n02"]) is None  # the first of its classes
+
+
+def test_an_official_layout_export_carries_the_runs_classes_which_eval_checks(demo_shards, tmp_path, monkeypatch,
+                                                                               caplog):
+    """A .pth classifier export (`--format official`) had no record of its classes, so eval of it could only warn:
+    the record now sits beside 'model' in our own key (`mixmae_scale`), which the official script, reading
+    checkpoint['model'] alone, never sees; eval reads it and refuses other classes, and convert-official keeps it."""
+    import json
+
+    from mixmae_scale.engine import export
+    from mixmae_scale.finetune.trained_classes import RECORD, classes_digest, recorded_classes, write_run_record
+    from mixmae_scale.models.convert_official import OURS, WeightsError, convert_official_checkpoint, load_weights
+
+    names = demo_class_names(demo_shards)
+    run = tmp_path / "ft-run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_run_record(run, [str(demo_shards)])
+    save_trained_on(tmp_path / "weights.safetensors", None)
+    state = load_weights(tmp_path / "weights.safetensors")[0]
+    monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
+    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    assert export.export_run(run, tmp_path / "classifier.pth", fmt="official")["kind"] == "finetune"
+    saved = torch.load(tmp_path / "classifier.pth", weights_only=True)
+    assert set(saved) == {"model", OURS} and "head.weight" in saved["model"]  # what the official script reads
+    assert saved[OURS] == {"classes": names, "classes_digest": classes_digest(names)}
+    assert recorded_classes(tmp_path / "classifier.pth") == names
+    with caplog.at_level("WARNING"):
+        load_classifier(str(tmp_path / "classifier.pth"), str(demo_shards), "val")
+    assert not caplog.records  # checked, so nothing to warn about
+    convert_official_checkpoint(tmp_path / "classifier.pth", tmp_path / "converted.safetensors")
+    assert recorded_classes(tmp_path / "converted.safetensors") == names
+    record = json.loads((run / RECORD).read_text())
+    (run / RECORD).write_text(json.dumps({**record, "classes": names[::-1]}))
+    export.export_run(run, tmp_path / "reversed.pth", fmt="official")
+    with pytest.raises(WeightsError, match=f"reversed.pth: fine-tuned on other classes .* class 0 is {names[-1]!r} in "
+                                           "its training data"):
+        load_classifier(str(tmp_path / "reversed.pth"), str(demo_shards), "val")
