@@ -138,17 +138,13 @@ def test_weights_without_a_record_of_their_classes_are_evaluated_with_a_warning(
     assert any("does not record which classes it was fine-tuned on" in r.getMessage() for r in caplog.records)
 
 
-def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_folder(demo_shards, tmp_path,
-                                                                                   monkeypatch):
-    """RUN/trained_classes.json (written when the run starts) -> the export's metadata; eval of the run folder reads
-    the record itself."""
-    import json
-
+def finetuning_run(tmp_path, demo_shards, monkeypatch):
+    """A fine-tuning run folder whose record names the demo's classes (as the run writes it when it starts), with a
+    classifier's weights standing in for its checkpoint's in `export_run`."""
     from mixmae_scale.engine import export
-    from mixmae_scale.finetune.trained_classes import RECORD, recorded_classes, write_run_record
-    from mixmae_scale.models.convert_official import WeightsError, load_weights, read_metadata
+    from mixmae_scale.finetune.trained_classes import write_run_record
+    from mixmae_scale.models.convert_official import load_weights
 
-    names = demo_class_names(demo_shards)
     run = tmp_path / "ft-run"
     (run / "checkpoints").mkdir(parents=True)
     write_run_record(run, [str(demo_shards)])
@@ -156,6 +152,21 @@ def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_fold
     state = load_weights(tmp_path / "weights.safetensors")[0]
     monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
     monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    return run
+
+
+def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_folder(demo_shards, tmp_path,
+                                                                                   monkeypatch):
+    """RUN/trained_classes.json (written when the run starts) -> the export's metadata; eval of the run folder reads
+    the record itself."""
+    import json
+
+    from mixmae_scale.engine import export
+    from mixmae_scale.finetune.trained_classes import RECORD, recorded_classes
+    from mixmae_scale.models.convert_official import WeightsError, read_metadata
+
+    names = demo_class_names(demo_shards)
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
     result = export.export_run(run, tmp_path / "classifier.safetensors")
     assert result["kind"] == "finetune"
     assert json.loads(read_metadata(tmp_path / "classifier.safetensors")["classes"]) == names
@@ -185,17 +196,11 @@ def test_an_official_layout_export_carries_the_runs_classes_which_eval_checks(de
     import json
 
     from mixmae_scale.engine import export
-    from mixmae_scale.finetune.trained_classes import RECORD, classes_digest, recorded_classes, write_run_record
-    from mixmae_scale.models.convert_official import OURS, WeightsError, convert_official_checkpoint, load_weights
+    from mixmae_scale.finetune.trained_classes import RECORD, classes_digest, recorded_classes
+    from mixmae_scale.models.convert_official import OURS, WeightsError, convert_official_checkpoint
 
     names = demo_class_names(demo_shards)
-    run = tmp_path / "ft-run"
-    (run / "checkpoints").mkdir(parents=True)
-    write_run_record(run, [str(demo_shards)])
-    save_trained_on(tmp_path / "weights.safetensors", None)
-    state = load_weights(tmp_path / "weights.safetensors")[0]
-    monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
-    monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
     assert export.export_run(run, tmp_path / "classifier.pth", fmt="official")["kind"] == "finetune"
     saved = torch.load(tmp_path / "classifier.pth", weights_only=True)
     assert set(saved) == {"model", OURS} and "head.weight" in saved["model"]  # what the official script reads
