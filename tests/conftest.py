@@ -29,6 +29,21 @@ def small_mixmae(small_shape):
 
 
 @pytest.fixture
+def gloo_of_one(tmp_path):
+    """A gloo process group of one rank in this process, without DeepSpeed: what the checkpoint store's barriers and
+    an evaluation's all-reduce meet in. Every run folder the test's code locked is released after it: a lock is held
+    by this process until released (engine/run_lock.py), so it would outlive the test and its group."""
+    import torch.distributed as dist
+
+    from mixmae_scale.engine import run_lock
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    run_lock.release_all()
+
+
+@pytest.fixture
 def world_of_one(tmp_path, monkeypatch):
     """A gloo process group of one rank in this process, as DeepSpeed's engine wants one (a real engine's
     checkpoints in a unit test). DeepSpeed keeps the groups it derives in module globals, which would outlive the

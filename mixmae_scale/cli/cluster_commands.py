@@ -9,20 +9,26 @@ from dataclasses import asdict
 
 from mixmae_scale.cli.arguments import add_set_arg, at_least, between
 
-JOB_REASON = {"segment": "it sets segment.*", "finetune": "finetune.init is set",
-              "pretrain": "it sets neither finetune.init nor segment.*"}
+JOB_REASON = {"segment": "it sets segment.*", "finetune": "its file sets finetune.init",
+              "pretrain": "its file sets neither finetune.init nor segment.*"}
 
 
 def _launch(args: argparse.Namespace) -> int:
     import os
 
     from mixmae_scale.cluster.compose import batch_report, compose, train_samples_for
-    from mixmae_scale.config import load_config, resolve
+    from mixmae_scale.config import load_config, resolve, run_kind
 
     config, sources = load_config(args.profile, args.cluster, args.overrides)
+    kind = args.job or run_kind(args.profile)
+    if kind == "finetune":  # what every rank of `mixmae finetune` would refuse, refused before anything starts
+        from mixmae_scale.cli.job_commands import refuse_a_pretraining_profile
+        from mixmae_scale.finetune.pretrained import require_finetune_init
+
+        refuse_a_pretraining_profile(args.profile, config)
+        require_finetune_init(config.finetune.init)
     samples, samples_from = train_samples_for(config)  # the run counts the manifest: so does this arithmetic
     resolved = resolve(config, sources, train_samples=samples)
-    kind = args.job or resolved.run_kind()
     print(f"job: {kind}" + ("" if args.job else f" (from the profile: {JOB_REASON[kind]}; --job overrides)"))
     plan = compose(resolved, args.profile, args.cluster, args.overrides, job=kind, check_files=not args.dry_run)
     if args.overwrite:
@@ -57,14 +63,14 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from mixmae_scale.cluster.plan import measure_activations, options, plan, planning_dtype
-    from mixmae_scale.config import load_resolved
+    from mixmae_scale.config import load_resolved, run_kind
 
     # The run's own batch arithmetic (config/derive.py): the micro-batch and accumulation planned are those the
     # run will use, and a GPU count that `mixmae launch` refuses is refused here with the same message.
     resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.gpus)
     gpu_mem_gib = args.gpu_mem_gb * 1e9 / 2**30
     # One real forward serves the plan and every option (Swin-H: about 15 s and 3 GB on a CPU).
-    activations = measure_activations(resolved, planning_dtype(resolved), job=args.job or resolved.run_kind())
+    activations = measure_activations(resolved, planning_dtype(resolved), job=args.job or run_kind(args.profile))
     result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, activations=activations, job=args.job)
     found, chosen = (options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
                              activations=activations, job=args.job) if args.recommend else ([], None))
@@ -124,8 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     add_set_arg(launch)
     launch.add_argument("--job", choices=["pretrain", "finetune", "segment"],
-                        help="default: segment if the profile sets any segment.* key, finetune if finetune.init, "
-                             "else pretrain")
+                        help="default: segment if the profile's file sets any segment.* key, finetune if it sets "
+                             "finetune.init, else pretrain (--set changes neither)")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the batch arithmetic only")
     launch.add_argument("--overwrite", action="store_true", help="passed to the job: move an earlier run in the run "
                         "folder to RUN.old-N and start this one there")

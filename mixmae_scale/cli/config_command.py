@@ -13,12 +13,12 @@ def _config_show(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from mixmae_scale.config import load_resolved
+    from mixmae_scale.config import load_resolved, run_kind
     from mixmae_scale.config.deepspeed_config import build_deepspeed_config
     from mixmae_scale.data.loaders import job_crop_scale
 
     resolved = load_resolved(args.profile, args.cluster, args.overrides, world_size=args.world_size)
-    job = args.job or resolved.run_kind()
+    job = args.job or run_kind(args.profile)
     resolved.config.data.crop_scale = job_crop_scale(resolved.config, job)  # as the run's config.yaml records it
     print(f"job: {job} ({'--job' if args.job else 'what the profile sets up; --job to choose'})", file=sys.stderr)
     data = resolved.to_dict()

@@ -39,7 +39,8 @@ def _probe(args: argparse.Namespace) -> int:
     train = load_split(args.data, "train")
     num_classes = train.num_classes
     require_memory(args.data, min(train.samples, args.max_samples or train.samples),
-                   load_split(args.data, "val").samples, arch, 1 + args.baseline_seeds * args.baseline, args.batch)
+                   load_split(args.data, "val").samples, arch, num_classes, 1 + args.baseline_seeds * args.baseline,
+                   args.batch)
     if not args.baseline:
         result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
                                                  args.threads, args.seed, args.max_samples))

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from mixmae_scale.config import ResolvedConfig
+from mixmae_scale.config import ResolvedConfig, run_kind
 from mixmae_scale.config.precision import choose_precision, detect_hardware
 from mixmae_scale.models.classifier import SwinClassifier
 from mixmae_scale.models.mixmae import build_mixmae, swin_shape
@@ -240,11 +240,11 @@ def plan(resolved: ResolvedConfig, profile: str, gpus: int, gpu_mem_gib: float,
          activations: ActivationProfile | None = None, overhead_gib: float = RUNTIME_OVERHEAD_GIB,
          fused_optimizer: bool = True, job: str | None = None) -> MemoryPlan:
     """`fused_optimizer`: True on GPUs (build_optimizer uses fused AdamW there), False for CPU runs.
-    `job`: pretrain or finetune; by default what the profile is (`ResolvedConfig.run_kind`)."""
+    `job`: pretrain or finetune; by default what the profile is (config/derive.py's `run_kind`)."""
     from mixmae_scale.config.deepspeed_config import build_deepspeed_config
 
     config = resolved.config
-    job = job or resolved.run_kind()
+    job = job or run_kind(profile)
     dtype, stage = planning_dtype(resolved), config.zero.stage
     checkpointing = config.model.checkpoint_every > 0
     with torch.device("meta"):
@@ -315,13 +315,13 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     a third to the step's compute), then the lower ZeRO stage (stage 3 adds 50% communication). The
     choice is the first that reaches a saturating micro-batch. `activations`: a measurement already
     made for this profile, job and precision (it does not depend on stage or checkpointing)."""
-    from mixmae_scale.config import load_config, load_resolved
+    from mixmae_scale.config import load_config, load_resolved, run_kind
 
     batch = load_config(profile, cluster, list(overrides))[0].batch
     global_batch = batch.global_batch or batch.micro * (batch.accumulation or 1) * gpus
     base = load_resolved(profile, cluster, [*overrides, "batch.global_batch=null", "batch.accumulation=1"],
                          world_size=gpus)
-    job = job or base.run_kind()
+    job = job or run_kind(profile)
     if global_batch % gpus:
         raise ValueError(f"the global batch {global_batch} of {profile!r} does not divide over {gpus} GPUs")
     per_gpu = global_batch // gpus

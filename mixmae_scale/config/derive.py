@@ -49,13 +49,6 @@ class ResolvedConfig:
         return {**dataclasses.asdict(self.config), "derived": dataclasses.asdict(self.derived),
                 "sources": list(self.sources)}
 
-    def run_kind(self) -> str:
-        """A profile that sets `segment.*` (seg_demo leaves its init to `--init`) is a segmentation profile; one that
-        names the encoder to start from (`finetune.init`) is a classification fine-tuning profile."""
-        if self.config.segment != SegmentConfig():
-            return "segment"
-        return "finetune" if self.config.finetune.init else "pretrain"
-
     def model_shape(self) -> dict[str, Any]:
         """The model keys a checkpoint's tensors depend on (stored with each checkpoint, so that a refusal can
         name the keys that differ)."""
@@ -268,6 +261,21 @@ def resolve(config: Config, sources: list[str] | tuple[str, ...] = (), world_siz
     fill_model_preset(config)
     validate(config)
     return ResolvedConfig(config, derive(config, world_size, train_samples, hardware), tuple(sources))
+
+
+def run_kind(profile: str) -> str:
+    """The job a profile sets up, read from its own file (over base.yaml), not from a cluster file or --set: a
+    profile that sets `segment.*` (seg_demo leaves its init to `--init`) is a segmentation profile; one that names
+    the encoder to start from (`finetune.init`, `random` included) is a classification fine-tuning profile. Read off
+    the resolved config, `launch finetune_tiny --set finetune.init=null` composed a pretraining launch of the
+    fine-tuning recipe, where the user asked for a fine-tuning that lacks its init (which `mixmae finetune` refuses);
+    and --set cannot make a pretraining profile a fine-tuning one (cli/job_commands.py refuses that)."""
+    from mixmae_scale.config.load import load_config
+
+    config = load_config(profile)[0]
+    if config.segment != SegmentConfig():
+        return "segment"
+    return "finetune" if config.finetune.init else "pretrain"
 
 
 def load_resolved(profile: str, cluster: str | None = None, overrides: list[str] | tuple[str, ...] = (),

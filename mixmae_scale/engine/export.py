@@ -193,11 +193,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     best = best or folder.name == BEST
     out = Path(out) if out is not None else default_out(run_root, kind, best, fmt)
     step = step_of(tag)
-    if fmt == "official":
-        save_official(out, weights, arch)  # records the decoder's head count, which no tensor says
-    else:
-        from mixmae_scale.finetune.trained_classes import export_metadata  # a classifier's classes, which eval checks
+    # A classifier's classes, which eval checks (finetune/trained_classes.py), go with it in either format.
+    from mixmae_scale.finetune.trained_classes import export_metadata, official_record
 
+    if fmt == "official":  # records the decoder's head count too, which no tensor says
+        save_official(out, weights, arch, official_record(run_root) if kind == "finetune" else None)
+    else:
         save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
                                                            **({"step": str(step)} if step is not None else {}),
                                                            **(export_metadata(run_root) if kind == "finetune" else {})})

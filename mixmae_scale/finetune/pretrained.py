@@ -152,14 +152,19 @@ def load_encoder(source: str | Path, option: str = "finetune.init") -> tuple[dic
     return pretrained.state, pretrained.arch
 
 
+def require_finetune_init(init: str | None) -> None:
+    """`finetune.init` unset is refused by `mixmae finetune` and by a launch of it (cli/cluster_commands.py)."""
+    if not init:
+        raise WeightsError("finetune.init is not set: name the encoder to start from (--set finetune.init=RUN_FOLDER, "
+                           "an exported .safetensors or an official MixMIM .pth), or --set finetune.init=random for a "
+                           "randomly initialised encoder (the baseline)")
+
+
 def finetune_start(init: str | None, resuming: bool = False) -> Pretrained | None:
     """The encoder a fine-tuning starts from (`finetune.init`), or None for `finetune.init=random` and for a run that
     resumes from its own checkpoint (`resuming`: run_folder.resumes), which holds every weight: the file is neither
     read nor required (a killed run whose init file was cleaned up since could not resume). Unset is refused, as
     `segment.init` is (segment/build.py): a run that silently started from random weights trained a classifier
     nobody asked for, its top-1 read as the pretrained encoder's."""
-    if not init:
-        raise WeightsError("finetune.init is not set: name the encoder to start from (--set finetune.init=RUN_FOLDER, "
-                           "an exported .safetensors or an official MixMIM .pth), or --set finetune.init=random for a "
-                           "randomly initialised encoder (the baseline)")
+    require_finetune_init(init)
     return None if init == RANDOM_INIT or resuming else load_pretrained(init)

@@ -105,62 +105,128 @@ def read_batches(shards: str, split: str, img_size: int, batch: int, backend: st
             break
 
 
-def load_images(shards: str, split: str, img_size: int, batch: int, backend: str, threads: int,
-                max_samples: int | None = None) -> Split:
-    """A whole split as eval-transformed tensors (or its first `max_samples` in shard order). The probe itself streams
-    (`read_batches`); this is for comparing loaders on small sets."""
-    images, labels = zip(*read_batches(shards, split, img_size, batch, backend, threads, max_samples), strict=True)
-    return torch.cat(images), torch.cat(labels)
+def stage_dims(arch: dict) -> list[int]:
+    return [arch["embed_dim"] * 2**s for s in range(len(arch["depths"]))]
 
 
-def in_batches(split: Split, batch: int) -> Iterator[Split]:
-    """A split held in memory, `batch` images at a time, as `read_batches` yields one read from shards."""
-    images, labels = split
-    for i in range(0, len(images), batch):
-        yield images[i:i + batch], labels[i:i + batch]
+def linear_dims(arch: dict) -> int:
+    """The linear read-out's inputs per image: every stage's 2x2 grid but the last's 3x3 (12,800 for Swin-B)."""
+    dims = stage_dims(arch)
+    return LINEAR_GRID**2 * sum(dims[:-1]) + LINEAR_LAST_GRID**2 * dims[-1]
+
+
+def knn_dims(arch: dict) -> int:
+    """The k-NN read-out's inputs per image: the first KNN_STAGES stages' means (384 for Swin-B)."""
+    return sum(stage_dims(arch)[:KNN_STAGES])
 
 
 def feature_dims(arch: dict) -> int:
-    """Floats the read-outs keep per image and encoder: every stage's 2x2 grid but the last's 3x3, and the first
-    two stages' means (`readout_features`): 13,184 for Swin-B, whatever the image size."""
-    dims = [arch["embed_dim"] * 2**s for s in range(len(arch["depths"]))]
-    return LINEAR_GRID**2 * sum(dims[:-1]) + LINEAR_LAST_GRID**2 * dims[-1] + sum(dims[:KNN_STAGES])
+    """Floats the read-outs keep per image and encoder (`readout_features`): 13,184 for Swin-B, whatever the image
+    size."""
+    return linear_dims(arch) + knn_dims(arch)
 
 
-def probe_bytes(train: int, val: int, arch: dict, models: int = 1, batch: int = 64) -> int:
-    """The most the probe holds at once, in fp32: the features of both splits for every encoder compared, plus one
-    encoder's features again (a split's batches being joined, then standardised for the fit: `feature_dims` x 4
-    bytes each, 53 KB for Swin-B), one batch of images (3 x size x size x 4 bytes each: 602 KB at 224 px) and one
-    block of the k-NN vote's similarity matrix (KNN_CHUNK validation images x train x 4 bytes). Images are encoded
-    as they are read and dropped, so their count no longer matters, only the features'. Not counted: the encoder's
-    activations on one batch and the linear fit's logits and L-BFGS history (a few GB at most at ImageNet scale)."""
-    return ((train + val) * (models + 1) * feature_dims(arch) * 4 + batch * 3 * arch["img_size"]**2 * 4
-            + min(KNN_CHUNK, val) * train * 4)
+# What fit_linear's L-BFGS (torch.optim.LBFGS's step, torch 2.14) holds, in vectors of the linear read-out's
+# parameter count: its history, LBFGS_HISTORY pairs (a step and the gradient's change), and LBFGS_MORE_VECTORS
+# more, counted from its code: the parameters and their gradient, the flat gradient and the previous one, the search
+# direction in its two forms (d, q), the parameters' copy the line search starts from (x_init), the strong-Wolfe
+# search's gradients (g, g_prev, g_new, the two of its bracket, the one being gathered), and a new pair before the
+# oldest is dropped. tests/unit/test_probe.py holds it against a fit's measured peak.
+LBFGS_HISTORY = 20
+LBFGS_MORE_VECTORS = 15
+# The most one encoder holds encoding a batch (no grad), in maps of its first stage's tokens: at the first stage's
+# MLP, its hidden layer twice (fc1's output and GELU's, mlp_ratio maps each) and 5 maps of the stage's width (the
+# block's input, the stage's input the callers still hold, the attention's residual sum, its normalised copy the
+# MLP reads, and one more the linear layers make). Later stages hold half as much (a quarter of the tokens at twice
+# the width), earlier there are fewer maps. Measured by the test, not derived from torch's code.
+ENCODER_MAPS_BESIDES_MLP = 5
 
 
-def require_memory(shards: str, train: int, val: int, arch: dict, models: int = 1, batch: int = 64,
-                   available: int | None = None) -> None:
+def encoder_activation_bytes(arch: dict, batch: int) -> int:
+    """What one encoder holds at once, in fp32, encoding `batch` images without gradients (`model_features`):
+    (5 + 2 x mlp_ratio) maps of the first stage's (size / patch)^2 tokens of embed_dim floats."""
+    tokens = (arch["img_size"] // arch["patch_size"]) ** 2
+    maps = ENCODER_MAPS_BESIDES_MLP + 2 * arch.get("mlp_ratio", 4.0)
+    return int(batch * tokens * arch["embed_dim"] * maps * 4)
+
+
+def linear_fit_bytes(train: int, inputs: int, classes: int) -> int:
+    """What `fit_linear` holds at once beside its features, in fp32: L-BFGS's vectors of the (inputs + 1) x classes
+    parameters, and the training images' logits three times (the logits, their log-softmax, which the backward
+    keeps, and its gradient)."""
+    params = (inputs + 1) * classes
+    return (2 * LBFGS_HISTORY + LBFGS_MORE_VECTORS) * params * 4 + 3 * train * classes * 4
+
+
+def encoders_at_once(models: int) -> int:
+    """How many encoders `model_features` runs side by side: one per thread."""
+    return min(models, torch.get_num_threads())
+
+
+def probe_memory(train: int, val: int, arch: dict, classes: int, models: int = 1, batch: int = 64,
+                 at_once: int = 1) -> dict[str, int]:
+    """What the probe holds, in fp32 bytes: `features`, held throughout, and the transient of each phase after it.
+
+    `features`: both splits' for every encoder compared, plus one encoder's again (a split's batches being joined,
+    then standardised for the fit: `feature_dims` x 4 bytes each, 53 KB for Swin-B). Images are encoded as they are
+    read and dropped, so their count does not matter, only the features'.
+    `encoding`: one batch of images (3 x size x size x 4 bytes each: 602 KB at 224 px) and the activations of the
+    `at_once` encoders that encode it side by side (`encoders_at_once`).
+    `linear fit`: `linear_fit_bytes`, the L-BFGS state and the logits.
+    `k-NN vote`: one block of its similarity matrix (KNN_CHUNK validation images x train x 4 bytes) and the training
+    features normalised for it.
+    Not counted: the weights of the encoders, labels and each batch's read-outs (a few floats an image), the k-NN
+    vote's per-block top-k and votes, PyTorch's and the loader's own memory."""
+    size = arch["img_size"]
+    return {"features": (train + val) * (models + 1) * feature_dims(arch) * 4,
+            "encoding": batch * 3 * size * size * 4 + at_once * encoder_activation_bytes(arch, batch),
+            "linear fit": linear_fit_bytes(train, linear_dims(arch), classes),
+            "k-NN vote": min(KNN_CHUNK, val) * train * 4 + train * knn_dims(arch) * 4}
+
+
+def probe_bytes(train: int, val: int, arch: dict, classes: int, models: int = 1, batch: int = 64,
+                at_once: int = 1) -> int:
+    """The most the probe holds at once: its features and the largest of its phases' transients (the phases follow
+    one another: encoding, then each encoder's linear fit, then its k-NN vote)."""
+    memory = probe_memory(train, val, arch, classes, models, batch, at_once)
+    return memory.pop("features") + max(memory.values())
+
+
+def require_memory(shards: str, train: int, val: int, arch: dict, classes: int, models: int = 1, batch: int = 64,
+                   available: int | None = None, at_once: int | None = None) -> None:
     """Refuses, before any image is decoded, splits whose `probe_bytes` exceed the memory available (psutil's
-    estimate unless `available` is given); says how many training images would fit (`--max-samples`)."""
+    estimate unless `available` is given); says how many training images would fit (`--max-samples`). `at_once`:
+    `encoders_at_once(models)` unless given."""
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
-    need = probe_bytes(train, val, arch, models, batch)
+    at_once = encoders_at_once(models) if at_once is None else at_once
+    need = probe_bytes(train, val, arch, classes, models, batch, at_once)
     if need <= available:
         return
     from mixmae_scale.data.errors import DataError
 
-    size, dims, chunk = arch["img_size"], feature_dims(arch), min(KNN_CHUNK, val)
-    per_train = (models + 1) * dims * 4 + chunk * 4
-    fits = max(0, available - val * (models + 1) * dims * 4 - batch * 3 * size**2 * 4) // per_train
+    def fit(count: int) -> bool:
+        return probe_bytes(count, val, arch, classes, models, batch, at_once) <= available
+
+    low, high = 0, train  # the most training images that fit: probe_bytes grows with their count
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fit(middle) else (low, middle - 1)
+    fits = low if fit(low) else 0
     way_out = (f"--max-samples {fits} reads at most that many training images, which fit" if fits >= MIN_PROBE_IMAGES
                else f"its {val} validation images alone leave no room: probe a smaller set")
+    memory = probe_memory(train, val, arch, classes, models, batch, at_once)
+    features = memory.pop("features")
+    gb = {phase: f"{value / 1e9:.1f} GB" for phase, value in memory.items()}
     raise DataError(f"--data {shards}: the probe holds the features of every image for each of its {models} "
-                    f"encoder{'s' * (models != 1)} and one more copy, one batch of images and a block of the k-NN "
-                    f"matrix, in fp32: ({train} train + {val} val) x {models + 1} x {dims} x 4 B + {batch} x 3 x "
-                    f"{size} x {size} x 4 B + {chunk} x {train} x 4 B = {need / 1e9:.0f} GB, more than the "
-                    f"{available / 1e9:.0f} GB available; {way_out}")
+                    f"encoder{'s' * (models != 1)} and one more copy, in fp32: ({train} train + {val} val) x "
+                    f"{models + 1} x {feature_dims(arch)} x 4 B = {features / 1e9:.1f} GB, and at most "
+                    f"{max(memory.values()) / 1e9:.1f} GB more at once (encoding: {gb['encoding']} for a batch of "
+                    f"images and {at_once} encoder{'s' * (at_once != 1)}' activations; the linear fit: "
+                    f"{gb['linear fit']} for its L-BFGS state and logits; the k-NN vote: {gb['k-NN vote']}) = "
+                    f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB available; {way_out}")
 
 
 def readout_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +247,7 @@ def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, w
     head = torch.nn.Linear(train_x.shape[1], num_classes)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=LBFGS_HISTORY,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
 
     def objective() -> torch.Tensor:
@@ -259,7 +325,7 @@ def model_features(models: list[SwinClassifier], train: Iterable[Split], val: It
     for model in models:
         model.eval()
     threads = torch.get_num_threads()
-    workers = min(len(models), threads)
+    workers = encoders_at_once(len(models))
 
     @torch.no_grad()  # in each worker thread: grad mode is per thread (with it on, other kernels and a graph kept)
     def readouts(model: SwinClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,8 +367,8 @@ def model_features(models: list[SwinClassifier], train: Iterable[Split], val: It
 
 def probe_models(models: list[SwinClassifier], train: Iterable[Split], val: Iterable[Split], num_classes: int
                  ) -> list[ProbeResult]:
-    """Every model's probe, from one read of `train` and `val` (batches of images and labels: `read_batches`, or
-    `in_batches` for splits in memory). The read-outs are fitted one at a time on every thread: a fit on one thread
+    """Every model's probe, from one read of `train` and `val` (batches of images and labels, as `read_batches`
+    yields them). The read-outs are fitted one at a time on every thread: a fit on one thread
     sums in another order, and the linear probe's top-1 moved by up to 0.5 points."""
     return [probe_features(f, num_classes) for f in model_features(models, train, val)]
 

@@ -5,13 +5,15 @@ gives a number near chance that reads as the classifier's, so `mixmae eval` refu
 A class's identity is what the shard manifest names it by (data/manifest.py's `classes`): its `wnid` (the folder a
 converted set read it from), else its `name`, else nothing (an adopted set's classes are bare indices, which name no
 class). A fine-tuning run writes its training data's list to RUN/trained_classes.json when it starts; `mixmae export`
-copies it into the classifier's safetensors metadata (`classes`, a JSON list, and `classes_digest`); eval reads it
-from the export or from the run folder.
+copies it into the classifier's safetensors metadata (`classes`, a JSON list, and `classes_digest`), or, in the
+official layout (`--format official`), into our record beside 'model' (models/convert_official.py's `OURS`: the list
+itself and its digest), which the official script does not read; eval reads it from the export or from the run
+folder.
 
 What eval accepts: shards whose classes are the first k of the recorded ones, in the same order (a split may hold a
 subset of a head's classes: its labels 0..k-1). Where either side names no class there is nothing to compare (said,
-not refused); weights without a record (exported before it existed, official checkpoints, official-layout exports)
-are evaluated with a warning.
+not refused); weights without a record (exported before it existed, released official checkpoints) are evaluated
+with a warning.
 """
 
 from __future__ import annotations
@@ -86,23 +88,36 @@ def export_metadata(run_root: Path) -> dict[str, str]:
     return {METADATA_KEY: json.dumps(identities), DIGEST_KEY: classes_digest(identities)}
 
 
+def official_record(run_root: Path) -> dict[str, Any]:
+    """What an official-layout export of the run's classifier records beside 'model': the list and its digest ({}
+    without a record)."""
+    identities = read_run_record(run_root)
+    if identities is None:
+        return {}
+    return {METADATA_KEY: identities, DIGEST_KEY: classes_digest(identities)}
+
+
 def recorded_classes(source: str | Path) -> Identities | None:
-    """The classes the weights at `source` were fine-tuned on: an export's metadata, or the record of the run folder
-    named (the run, its checkpoints/ or best/ folder, or one checkpoint); None where nothing records them."""
+    """The classes the weights at `source` were fine-tuned on: an export's metadata or official-layout record, or
+    the record of the run folder named (the run, its checkpoints/ or best/ folder, or one checkpoint); None where
+    nothing records them."""
+    from mixmae_scale.models.convert_official import OFFICIAL_SUFFIXES, read_metadata, read_official_checkpoint
+
     path = Path(source)
     if path.is_dir():
         for folder in (path, *list(path.parents)[:2]):
             if (folder / RECORD).is_file():
                 return read_run_record(folder)
         return None
-    if path.suffix != ".safetensors":
-        return None
-    from mixmae_scale.models.convert_official import read_metadata
-
-    text = read_metadata(path).get(METADATA_KEY)
-    try:
-        classes = json.loads(text) if text else None
-    except json.JSONDecodeError:
+    if path.suffix in OFFICIAL_SUFFIXES:
+        classes = read_official_checkpoint(path, mapped=True)[1].get(METADATA_KEY)
+    elif path.suffix == ".safetensors":
+        text = read_metadata(path).get(METADATA_KEY)
+        try:
+            classes = json.loads(text) if text else None
+        except json.JSONDecodeError:
+            return None
+    else:
         return None
     return classes if isinstance(classes, list) else None
 
@@ -126,9 +141,9 @@ def require_trained_classes(source: str | Path, shards: str | Path, option: str 
 
     recorded = recorded_classes(source)
     if recorded is None:
-        log.warning("%s %s does not record which classes it was fine-tuned on (weights exported before the record, "
-                    "an official checkpoint or an official-layout export): the shards' classes are taken to be its "
-                    "classes, in its order, unchecked", option, source)
+        log.warning("%s %s does not record which classes it was fine-tuned on (weights exported before the record "
+                    "or a released official checkpoint): the shards' classes are taken to be its classes, in its "
+                    "order, unchecked", option, source)
         return
     data = class_identities(load_manifest(shards).classes)
     if all(name is None for name in data) or all(name is None for name in recorded):

@@ -7,8 +7,10 @@ are dropped; any other key we cannot place is an error that lists it. Files are 
 
 The decoder's head count is in no tensor's shape (its attention has no per-head parameter). A released official
 checkpoint has the official 16; a file this package writes in the official layout records its own count beside
-`model` (`OURS`: {"decoder_heads": n}, a key the official script never reads), so that a 2-head decoder comes back
-with 2 heads, not 16, from `convert-official` and every loader.
+`model` (`OURS`: {"decoder_heads": n}, a key the official script never reads: it takes `checkpoint['model']`), so
+that a 2-head decoder comes back with 2 heads, not 16, from `convert-official` and every loader. A classifier's
+record holds the classes it was fine-tuned on as well (`classes`, `classes_digest`: finetune/trained_classes.py),
+which `mixmae eval` checks the shards against and `convert-official` carries into the safetensors metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +45,15 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     return read_official_checkpoint(path)[0]
 
 
-def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights under 'model' and our record (`OURS`; {} in a released official checkpoint)."""
+def read_official_checkpoint(path: str | Path, mapped: bool = False
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights under 'model' and our record (`OURS`; {} in a released official checkpoint). `mapped`: the
+    tensors are mapped from the file, not read, where its format allows it (torch's zip format, not the legacy one),
+    for a caller that wants the record alone."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True,
+                                    mmap=mapped and zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise
     except IsADirectoryError:
@@ -116,14 +123,19 @@ def to_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return official
 
 
-def save_official(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any] | None = None) -> int:
+def save_official(path: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any] | None = None,
+                  record: dict[str, Any] | None = None) -> int:
     """`{"model": ...}` in the official layout, written atomically; returns the number of entries. `arch`: the
     architecture (`infer_architecture`'s, with the run's decoder head count), whose decoder head count is recorded
-    beside the weights (`OURS`) when there is a decoder."""
+    beside the weights (`OURS`) when there is a decoder. `record`: more of what no tensor says, recorded there too
+    (a classifier's classes: finetune/trained_classes.py's `official_record`)."""
     official = to_official_keys(state)
     checkpoint: dict[str, Any] = {"model": official}
+    ours = dict(record or {})
     if arch and "decoder_heads" in arch and any(key.startswith("decoder.") for key in state):
-        checkpoint[OURS] = {"decoder_heads": int(arch["decoder_heads"])}
+        ours["decoder_heads"] = int(arch["decoder_heads"])
+    if ours:
+        checkpoint[OURS] = ours
     with replacing(path) as tmp:
         torch.save(checkpoint, tmp)
     return len(official)
@@ -261,5 +273,9 @@ def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, A
         raise ValueError(f"{src}: converted weights do not fit the inferred model {arch}: missing "
                          f"{result.missing_keys}, unexpected {result.unexpected_keys}")
     kind = "finetune" if "num_classes" in arch else "pretrain" if "decoder_dim" in arch else "encoder"
-    save_weights(out, state, arch, kind)
+    # The rest of our record (a classifier's classes) goes into the metadata, where our loaders look for it; the
+    # head count is in `arch`, and what save_weights writes itself is not taken from a file.
+    carried = {key: value if isinstance(value, str) else json.dumps(value) for key, value in record.items()
+               if key not in ("decoder_heads", "format", "kind", "arch")}
+    save_weights(out, state, arch, kind, provenance=carried)
     return {"source": str(src), "out": str(out), "kind": kind, "tensors": len(state), "arch": arch}

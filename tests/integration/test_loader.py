@@ -272,8 +272,9 @@ def test_shards_in_object_storage_read_as_from_disk_in_few_requests(demo_shards,
     with pytest.raises(DataError, match=f"s3://{s3_bucket}/missing/dataset.json: GET failed: no such object"):
         ShardLoader(f"s3://{s3_bucket}/missing", "train", spec, "torch")
     # What `mixmae visualize` and `mixmae probe` read (their evaluation views) comes from the store the same way.
+    from held_splits import load_images
+
     from mixmae_scale.finetune.evaluate import require_folder
-    from mixmae_scale.finetune.probe import load_images
     from mixmae_scale.visualize.reconstruction import first_images
 
     require_folder(f"s3://{s3_bucket}/demo", "--data")  # an s3:// set is not a local folder to look for

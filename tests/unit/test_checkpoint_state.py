@@ -139,15 +139,8 @@ class Job:
         self.best = state["best"]
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_saved_run_resumes_its_step_job_data_and_generators_and_a_stop_resumes_past_its_data(tmp_path,
-                                                                                                 world_of_one):
+                                                                                                 gloo_of_one):
     ckpt_dir = tmp_path / "checkpoints"
     data, job = loader(1), Job(0.25)
     data.batch_in_epoch = data.batches_consumed = 6
@@ -173,7 +166,7 @@ def test_a_saved_run_resumes_its_step_job_data_and_generators_and_a_stop_resumes
     assert torch.equal(torch.tensor(resumed_data.layout.intervals), torch.tensor(data.layout.intervals))
 
 
-def test_a_save_whose_files_do_not_reach_the_disk_fails_unsealed_and_rotates_nothing(tmp_path, world_of_one,
+def test_a_save_whose_files_do_not_reach_the_disk_fails_unsealed_and_rotates_nothing(tmp_path, gloo_of_one,
                                                                                      monkeypatch):
     """An EIO or quota error at fsync (where NFS and Lustre report them) was swallowed: the tag was sealed COMPLETE
     over data that never reached the disk, and rotation removed the older good checkpoints for it."""
@@ -245,7 +238,7 @@ def test_each_rank_flushes_the_shards_it_wrote_and_reports_their_sizes(tmp_path,
     assert set(store.marker(tmp_path, partial.name)["files"]) == {*report, "zero_to_fp32.py"}
 
 
-def test_a_run_folder_other_nodes_do_not_share_is_refused_before_sealing_or_rotating(tmp_path, world_of_one,
+def test_a_run_folder_other_nodes_do_not_share_is_refused_before_sealing_or_rotating(tmp_path, gloo_of_one,
                                                                                     monkeypatch):
     """On node-local scratch rank 0 sealed a tag without the other nodes' shards (COMPLETE listed what it saw),
     rotated the older tags away, and the first resume failed on the other nodes. A rank 1 on another node that wrote
@@ -283,7 +276,7 @@ def test_the_refusal_names_each_node_its_ranks_and_a_file_that_differs(tmp_path)
 
 
 def test_a_resume_on_more_ranks_seeds_each_ranks_generators_apart_and_the_same_world_restores_them(tmp_path,
-                                                                                                    world_of_one):
+                                                                                                    gloo_of_one):
     """Ranks r and r + the old world size restored the same saved generators (rank_file_for is round-robin), so
     mixup, cutmix, random erasing and drop path drew the same numbers on both for the rest of the run. On another
     world size each rank seeds them from (run.seed, rank, step); on the same, its own saved state goes on exactly."""
@@ -316,7 +309,7 @@ def test_a_resume_on_more_ranks_seeds_each_ranks_generators_apart_and_the_same_w
 
 
 def test_a_crash_between_a_new_best_and_the_next_checkpoint_resumes_with_the_previous_best_and_its_weights(
-        tmp_path, world_of_one):
+        tmp_path, gloo_of_one):
     """Best at step 300, a regular checkpoint at 400, a new best at 420: saving it deleted best/step00000300 (best/
     kept one). A crash before the next regular checkpoint, a resume from 400 set step 420 aside and left best/ empty:
     the job forgot step 300's best (eval.jsonl still showed its score) and `export --best` had nothing to agree

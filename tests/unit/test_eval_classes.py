@@ -69,17 +69,8 @@ class OneBatch:
         return self.coverage
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("classes, top5", [(3, None), (5, None), (6, 75.0)])
-def test_top5_is_a_score_only_for_a_head_of_more_than_5_classes(classes, top5, world_of_one):
+def test_top5_is_a_score_only_for_a_head_of_more_than_5_classes(classes, top5, gloo_of_one):
     labels = [0, 1, 2, 5 if classes == 6 else 2]  # the last one outside the top 5 of a 6-class head
     result = evaluate(FixedLogits(classes), OneBatch(labels), torch.device("cpu"), "fp32")
     assert result["top1"] == 25.0 and result["top5"] == top5
@@ -147,17 +138,13 @@ def test_weights_without_a_record_of_their_classes_are_evaluated_with_a_warning(
     assert any("does not record which classes it was fine-tuned on" in r.getMessage() for r in caplog.records)
 
 
-def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_folder(demo_shards, tmp_path,
-                                                                                   monkeypatch):
-    """RUN/trained_classes.json (written when the run starts) -> the export's metadata; eval of the run folder reads
-    the record itself."""
-    import json
-
+def finetuning_run(tmp_path, demo_shards, monkeypatch):
+    """A fine-tuning run folder whose record names the demo's classes (as the run writes it when it starts), with a
+    classifier's weights standing in for its checkpoint's in `export_run`."""
     from mixmae_scale.engine import export
-    from mixmae_scale.finetune.trained_classes import RECORD, recorded_classes, write_run_record
-    from mixmae_scale.models.convert_official import WeightsError, load_weights, read_metadata
+    from mixmae_scale.finetune.trained_classes import write_run_record
+    from mixmae_scale.models.convert_official import load_weights
 
-    names = demo_class_names(demo_shards)
     run = tmp_path / "ft-run"
     (run / "checkpoints").mkdir(parents=True)
     write_run_record(run, [str(demo_shards)])
@@ -165,6 +152,21 @@ def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_fold
     state = load_weights(tmp_path / "weights.safetensors")[0]
     monkeypatch.setattr(export, "find_checkpoint", lambda *a, **k: (run / "checkpoints", "step00000010"))
     monkeypatch.setattr(export, "gather_weights", lambda folder, tag: dict(state))
+    return run
+
+
+def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_folder(demo_shards, tmp_path,
+                                                                                   monkeypatch):
+    """RUN/trained_classes.json (written when the run starts) -> the export's metadata; eval of the run folder reads
+    the record itself."""
+    import json
+
+    from mixmae_scale.engine import export
+    from mixmae_scale.finetune.trained_classes import RECORD, recorded_classes
+    from mixmae_scale.models.convert_official import WeightsError, read_metadata
+
+    names = demo_class_names(demo_shards)
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
     result = export.export_run(run, tmp_path / "classifier.safetensors")
     assert result["kind"] == "finetune"
     assert json.loads(read_metadata(tmp_path / "classifier.safetensors")["classes"]) == names
@@ -184,3 +186,34 @@ def test_classes_named_by_index_alone_are_not_compared(tmp_path):
     assert _first_difference(["n01", "n02"], adopted) is None  # nothing to compare: accepted (with a warning)
     assert _first_difference(["n01"], ["n01", "n02"]) == 1  # a class past those it was trained on
     assert _first_difference(["n01", "n02", "n03"], ["n01", "n02"]) is None  # the first of its classes
+
+
+def test_an_official_layout_export_carries_the_runs_classes_which_eval_checks(demo_shards, tmp_path, monkeypatch,
+                                                                               caplog):
+    """A .pth classifier export (`--format official`) had no record of its classes, so eval of it could only warn:
+    the record now sits beside 'model' in our own key (`mixmae_scale`), which the official script, reading
+    checkpoint['model'] alone, never sees; eval reads it and refuses other classes, and convert-official keeps it."""
+    import json
+
+    from mixmae_scale.engine import export
+    from mixmae_scale.finetune.trained_classes import RECORD, classes_digest, recorded_classes
+    from mixmae_scale.models.convert_official import OURS, WeightsError, convert_official_checkpoint
+
+    names = demo_class_names(demo_shards)
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
+    assert export.export_run(run, tmp_path / "classifier.pth", fmt="official")["kind"] == "finetune"
+    saved = torch.load(tmp_path / "classifier.pth", weights_only=True)
+    assert set(saved) == {"model", OURS} and "head.weight" in saved["model"]  # what the official script reads
+    assert saved[OURS] == {"classes": names, "classes_digest": classes_digest(names)}
+    assert recorded_classes(tmp_path / "classifier.pth") == names
+    with caplog.at_level("WARNING"):
+        load_classifier(str(tmp_path / "classifier.pth"), str(demo_shards), "val")
+    assert not caplog.records  # checked, so nothing to warn about
+    convert_official_checkpoint(tmp_path / "classifier.pth", tmp_path / "converted.safetensors")
+    assert recorded_classes(tmp_path / "converted.safetensors") == names
+    record = json.loads((run / RECORD).read_text())
+    (run / RECORD).write_text(json.dumps({**record, "classes": names[::-1]}))
+    export.export_run(run, tmp_path / "reversed.pth", fmt="official")
+    with pytest.raises(WeightsError, match=f"reversed.pth: fine-tuned on other classes .* class 0 is {names[-1]!r} in "
+                                           "its training data"):
+        load_classifier(str(tmp_path / "reversed.pth"), str(demo_shards), "val")

@@ -187,6 +187,30 @@ def test_launch_runs_a_finetuning_profile_as_finetuning_unless_told(capsys):
     assert "--module mixmae_scale.cli pretrain --profile finetune_tiny" in capsys.readouterr().out
 
 
+def test_a_finetuning_launch_stays_one_when_its_init_is_unset_and_is_refused_as_finetune_refuses_it(capsys):
+    """`launch finetune_tiny --set finetune.init=null` composed a pretraining launch: the kind was read off the
+    resolved config, which --set had changed. It is what the profile's own file sets up; the unset init is then
+    refused in the words of `mixmae finetune`, and `random` (the baseline) launches fine-tuning."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.finetune.pretrained import finetune_start
+    from mixmae_scale.models.convert_official import WeightsError
+
+    with pytest.raises(WeightsError) as refused:
+        finetune_start(None)
+    assert main(["launch", "finetune_tiny", "--dry-run", "--set", "finetune.init=null"]) == 2
+    said = capsys.readouterr()
+    assert said.err == f"mixmae: error: {refused.value}\n" and "finetune.init is not set" in said.err
+    assert "--module" not in said.out
+    assert main(["launch", "finetune_tiny", "--dry-run", "--set", "finetune.init=random"]) == 0
+    out = capsys.readouterr().out
+    assert "job: finetune (from the profile" in out
+    assert "--module mixmae_scale.cli finetune --profile finetune_tiny --set finetune.init=random" in out
+    assert main(["launch", "tiny", "--dry-run", "--set", "finetune.init=runs/tiny-demo"]) == 0  # still pretraining
+    assert "--module mixmae_scale.cli pretrain --profile tiny" in capsys.readouterr().out
+    assert main(["launch", "tiny", "--dry-run", "--job", "finetune", "--set", "finetune.init=runs/tiny-demo"]) == 2
+    assert "--profile tiny is not a fine-tuning profile" in capsys.readouterr().err  # as `mixmae finetune` says
+
+
 def test_cluster_env_reaches_the_ranks_on_one_node_and_several(tmp_path, monkeypatch, capsys):
     """DeepSpeed reads .deepspeed_env only where it starts other hosts, and forwards only NCCL*, PYTHON*, UCX*,
     MV2*, MLFLOW* besides: one node gets cluster.env in the launched environment (no stray file), several get the

@@ -161,12 +161,11 @@ def test_plan_cli_recommends_a_configuration_that_reaches_the_global_batch(capsy
 
 
 def test_a_finetuning_profile_is_planned_as_the_classifier_it_trains():
+    from mixmae_scale.config import run_kind
     from mixmae_scale.finetune.job import build_classifier
 
-    resolved = load_resolved("finetune_tiny", world_size=2, overrides=["finetune.init=null", "finetune.num_classes=10"])
-    assert resolved.run_kind() == "pretrain"  # without an encoder to start from it is not a fine-tuning profile
+    assert run_kind("finetune_tiny") == "finetune" and run_kind("tiny") == "pretrain"  # what each profile's file sets
     finetune = load_resolved("finetune_tiny", world_size=2, overrides=["finetune.num_classes=10"])
-    assert finetune.run_kind() == "finetune" and load_resolved("tiny").run_kind() == "pretrain"
     result = plan(finetune, "finetune_tiny", gpus=2, gpu_mem_gib=4.0)
     classifier = build_classifier(load_resolved("finetune_tiny", overrides=["finetune.init=null",
                                                                             "finetune.num_classes=10"]).config, 10)
@@ -226,9 +225,9 @@ def test_a_segmentation_profile_launches_the_segmentation_job_and_is_not_planned
     `mixmae launch` starts as `segment` (it used to start them as pretraining) and `mixmae plan` refuses to size as
     something else."""
     from mixmae_scale.cli import main
-    from mixmae_scale.config import ConfigError
+    from mixmae_scale.config import ConfigError, run_kind
 
-    assert load_resolved("seg_demo").run_kind() == load_resolved("seg_ade20k").run_kind() == "segment"
+    assert run_kind("seg_demo") == run_kind("seg_ade20k") == "segment"
     assert main(["launch", "seg_demo", "--dry-run"]) == 0
     said = capsys.readouterr().out
     assert "job: segment (from the profile: it sets segment.*" in said

@@ -63,7 +63,9 @@ def test_the_readouts_are_a_2x2_grid_of_every_stage_but_the_last_its_3x3_grid_an
 
 def test_probing_several_encoders_at_once_gives_each_the_result_it_gets_alone():
     """`probe_models` encodes each batch one encoder per thread: the results must not depend on that."""
-    from mixmae_scale.finetune.probe import build_encoder, in_batches, probe_model, probe_models
+    from held_splits import in_batches
+
+    from mixmae_scale.finetune.probe import build_encoder, probe_model, probe_models
 
     arch = dict(img_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4])
     generator = torch.Generator().manual_seed(0)
@@ -85,9 +87,108 @@ SWIN_B = dict(img_size=224, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], n
               window_size=[7, 7, 7, 7])
 
 
+def test_the_probes_memory_is_its_features_and_the_largest_of_its_phases_transients_by_hand_for_swin_b():
+    """ImageNet (1,281,167 train, 50,000 val, 1000 classes), Swin-B at 224 px, --baseline's four encoders, batches of
+    64, two encoders at once (2 threads). Each term worked out here from the shapes, not from the module's helpers.
+    The encoders' activations and the L-BFGS state were not counted before."""
+    from mixmae_scale.finetune.probe import probe_bytes, probe_memory
+
+    features = (1_281_167 + 50_000) * (4 + 1) * 13_184 * 4  # every encoder's features and one more copy
+    images = 64 * 3 * 224 * 224 * 4
+    activations = 64 * (224 // 4) ** 2 * 128 * (5 + 2 * 4) * 4  # the first stage's 56 x 56 tokens of 128, 13 maps
+    linear_params = (4 * (128 + 256 + 512) + 9 * 1024 + 1) * 1000  # the linear read-out's 12,800 inputs + bias
+    lbfgs = (2 * 20 + 15) * linear_params * 4  # 20 pairs of history, 15 more vectors
+    logits = 3 * 1_281_167 * 1000 * 4
+    knn = 1024 * 1_281_167 * 4 + 1_281_167 * (128 + 256) * 4  # a block of similarities, the normalised train set
+    memory = probe_memory(1_281_167, 50_000, SWIN_B, 1000, models=4, batch=64, at_once=2)
+    assert memory == {"features": features, "encoding": images + 2 * activations, "linear fit": lbfgs + logits,
+                      "k-NN vote": knn}
+    assert (features, images + 2 * activations, lbfgs + logits, knn) == (
+        351_002_114_560, 2_710_306_816, 18_190_224_000, 7_215_532_544)
+    assert probe_bytes(1_281_167, 50_000, SWIN_B, 1000, models=4, batch=64, at_once=2) == features + lbfgs + logits
+    # The demo's size (96 px tiny encoder, 2600 + 1500 images, 10 classes): the encoding's transient is the largest.
+    tiny = dict(img_size=96, patch_size=4, embed_dim=32, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8],
+                window_size=[6, 6, 6, 3])
+    small = probe_memory(2600, 1500, tiny, 10, models=4, batch=64, at_once=2)
+    assert small["encoding"] == 64 * 3 * 96 * 96 * 4 + 2 * 64 * 24 * 24 * 32 * 13 * 4 == 129_761_280
+    assert probe_bytes(2600, 1500, tiny, 10, models=4, batch=64, at_once=2) == small["features"] + 129_761_280
+
+
+def test_the_encoders_and_the_fits_transients_are_what_they_hold_at_their_peak():
+    """The activation and L-BFGS terms against what a real encoding and a real fit hold at their peak: the bytes in
+    use (glibc's mallinfo2) after every op, above what was in use before."""
+    import ctypes
+
+    import pytest
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mixmae_scale.finetune.probe import (
+        build_encoder,
+        encoder_activation_bytes,
+        fit_linear,
+        linear_fit_bytes,
+        readout_features,
+    )
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc 2.33 or later (mallinfo2)")
+    mallinfo2.restype = Mallinfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd  # small blocks in the arenas, and the mapped large ones
+
+    class Peak(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.start = self.peak = in_use()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use())
+            return out
+
+    arch = dict(img_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4], window_size=[4, 4, 4])
+    model = build_encoder(None, arch, 10, 0).eval()
+    images = torch.randn(16, 3, 64, 64)
+    generator = torch.Generator().manual_seed(0)
+
+    def fit_peak(train: int, inputs: int, classes: int) -> int:
+        labels = torch.randint(0, classes, (train,), generator=generator)
+        centres = torch.randn(classes, inputs, generator=generator)
+        features = torch.randn(train, inputs, generator=generator) + centres[labels]
+        with Peak() as fit:
+            fit_linear(features, labels, classes, max_iter=30)
+        return fit.peak - fit.start
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            readout_features(model.encoder.stage_maps(images))  # once before: what is made once is not counted
+            with Peak() as encoding:
+                readout_features(model.encoder.stage_maps(images))
+        fit_peak(10, 20, 5)
+        # L-BFGS's vectors the most (100,050 parameters, 50 x 50 logits; fewer images than inputs: no convergence
+        # before its 20 pairs are kept), then the logits (1050 parameters, 40,000 x 50 logits)
+        fits = [(fit_peak(*shape), linear_fit_bytes(*shape)) for shape in ((50, 2000, 50), (40_000, 20, 50))]
+    finally:
+        torch.set_num_threads(threads)
+    measured = encoding.peak - encoding.start
+    assert 0.98 * measured <= encoder_activation_bytes(arch, 16) <= 1.02 * measured
+    for measured, counted in fits:  # about 0.4 MB of the interpreter's and autograd's own besides
+        assert 0.95 * measured <= counted <= 1.05 * measured, (measured, counted)
+
+
 def test_a_split_whose_features_would_not_fit_in_memory_is_refused_with_the_arithmetic_and_a_cap_that_fits():
     """The probe keeps every image's features for each encoder compared (13,184 floats for Swin-B, against 150,528
-    for a 224 px image): all of ImageNet with --baseline's four encoders is 351 GB, which it began decoding anyway
+    for a 224 px image): all of ImageNet with --baseline's four encoders is 369 GB, which it began decoding anyway
     (the documented `probe --data /data/imagenet-wds`)."""
     import pytest
 
@@ -96,20 +197,22 @@ def test_a_split_whose_features_would_not_fit_in_memory_is_refused_with_the_arit
 
     assert feature_dims(SWIN_B) == 4 * (128 + 256 + 512) + 9 * 1024 + 128 + 256 == 13184
     train, val, available = 1_281_167, 50_000, 256 * 10**9
+    setting = dict(classes=1000, models=4, batch=64, at_once=2)
     with pytest.raises(DataError) as refused:
-        require_memory("/data/imagenet-wds", train, val, SWIN_B, 4, 64, available)
+        require_memory("/data/imagenet-wds", train, val, SWIN_B, available=available, **setting)
     said = str(refused.value)
     assert said.startswith("--data /data/imagenet-wds: the probe holds the features of every image for each of its 4 "
-                           "encoders and one more copy, one batch of images and a block of the k-NN matrix, in fp32: "
-                           "(1281167 train + 50000 val) x 5 x 13184 x 4 B + 64 x 3 x 224 x 224 x 4 B + 1024 x 1281167 "
-                           "x 4 B = 356 GB, more than the 256 GB available; --max-samples ")
+                           "encoders and one more copy, in fp32: (1281167 train + 50000 val) x 5 x 13184 x 4 B = "
+                           "351.0 GB, and at most 18.2 GB more at once (encoding: 2.7 GB for a batch of images and 2 "
+                           "encoders' activations; the linear fit: 18.2 GB for its L-BFGS state and logits; the k-NN "
+                           "vote: 7.2 GB) = 369.2 GB, more than the 256.0 GB available; --max-samples ")
     cap = int(said.split("--max-samples ")[1].split()[0])
-    assert probe_bytes(cap, val, SWIN_B, 4, 64) <= available < probe_bytes(cap + 1, val, SWIN_B, 4, 64)
-    require_memory("/data/imagenet-wds", cap, val, SWIN_B, 4, 64, available)  # what it suggests goes through
+    assert probe_bytes(cap, val, SWIN_B, **setting) <= available < probe_bytes(cap + 1, val, SWIN_B, **setting)
+    require_memory("/data/imagenet-wds", cap, val, SWIN_B, available=available, **setting)  # what it suggests fits
     # the documented example: 300,000 training images and the 50,000 validation ones, four encoders
-    assert 90e9 < probe_bytes(300_000, val, SWIN_B, 4, 64) < 95e9
+    assert round(probe_bytes(300_000, val, SWIN_B, **setting) / 1e9, 1) == 98.7
     with pytest.raises(DataError, match="its 50000 validation images alone leave no room: probe a smaller set"):
-        require_memory("/data/imagenet-wds", train, val, SWIN_B, 4, 64, 10 * 10**9)
+        require_memory("/data/imagenet-wds", train, val, SWIN_B, available=10 * 10**9, **setting)
 
 
 def test_feature_dims_counts_what_the_readouts_keep():
@@ -134,7 +237,9 @@ def test_streaming_gives_the_features_and_results_of_encoding_every_image_held_i
     reach, the features differed by about 1e-6 and each batch kept its autograd graph.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mixmae_scale.finetune.probe import build_encoder, load_images, model_features, read_batches, readout_features
+    from held_splits import load_images
+
+    from mixmae_scale.finetune.probe import build_encoder, model_features, read_batches, readout_features
 
     shards, batch = str(demo_shards), 16
     models = [build_encoder(None, DEMO_ARCH, 10, seed) for seed in (0, 1, 2)]
@@ -229,7 +334,7 @@ def test_the_knn_vote_in_blocks_of_validation_images_is_the_vote_on_the_whole_ma
 
 
 def test_max_samples_reads_the_first_training_images_in_shard_order(demo_shards):
-    from mixmae_scale.finetune.probe import load_images
+    from held_splits import load_images
 
     few, few_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=20)
     more, more_labels = load_images(str(demo_shards), "train", 32, 16, "torch", 1, max_samples=37)

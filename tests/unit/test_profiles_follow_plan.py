@@ -18,12 +18,13 @@ def test_profile_uses_the_planners_choice(profile):
     """...and, for Swin-H, what docs/training.md says of smaller GPUs: micro-batch 32 still fits 40 GB (at ZeRO-1),
     while 24 GB moves it to ZeRO-3."""
     from mixmae_scale.cluster.plan import measure_activations, planning_dtype
+    from mixmae_scale.config import run_kind
 
     declared = load_resolved(profile).config.cluster
     gpus = declared.num_nodes * declared.gpus_per_node
     resolved = load_resolved(profile, world_size=gpus)
     base = load_resolved(profile, None, ["batch.global_batch=null", "batch.accumulation=1"], world_size=gpus)
-    acts = measure_activations(base, planning_dtype(base), job=base.run_kind())  # as options() measures, once
+    acts = measure_activations(base, planning_dtype(base), job=run_kind(profile))  # as options() measures, once
     found, chosen = options(profile, gpus, 80e9 / 2**30, activations=acts)
     assert chosen is not None and chosen.micro_batch > 0
     assert len(found) == 6 and all(o.micro_batch == 0 or o.peak_gib < 80e9 / 2**30 for o in found)

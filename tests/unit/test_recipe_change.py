@@ -6,7 +6,6 @@ the log and run.json keep; a key that changes what the loss means at the same st
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 import yaml
 
 from mixmae_scale.config.derive import load_resolved
@@ -30,13 +29,6 @@ class WritingEngine:
         (store.Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 64)
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def saved_run(tmp_path, first):
     """A run folder with one tag saved by the real store with `first`'s recipe, as the trainer saves it."""
     ckpt_dir = tmp_path / "run" / "checkpoints"
@@ -55,7 +47,7 @@ def plan_for(ckpt_dir, now):
                          allow_recipe_change=now.config.checkpoint.allow_recipe_change)
 
 
-def test_each_tag_records_its_recipe_and_an_unchanged_resume_says_nothing(tmp_path, world_of_one):
+def test_each_tag_records_its_recipe_and_an_unchanged_resume_says_nothing(tmp_path, gloo_of_one):
     first = resolved()
     ckpt_dir = saved_run(tmp_path, first)
     recorded = yaml.safe_load((ckpt_dir / "step00000004" / store.RECIPE).read_text())
@@ -65,7 +57,7 @@ def test_each_tag_records_its_recipe_and_an_unchanged_resume_says_nothing(tmp_pa
     assert plan.tag == "step00000004" and plan.notes == () and plan.config_changes == ()
 
 
-def test_a_longer_schedule_and_another_learning_rate_resume_with_a_note_naming_each_change(tmp_path, world_of_one):
+def test_a_longer_schedule_and_another_learning_rate_resume_with_a_note_naming_each_change(tmp_path, gloo_of_one):
     ckpt_dir = saved_run(tmp_path, resolved())
     plan = plan_for(ckpt_dir, resolved("schedule.epochs=50", "optim.base_learning_rate=0.1"))
     assert "optim.base_learning_rate 0.01 -> 0.1" in plan.config_changes
@@ -76,7 +68,7 @@ def test_a_longer_schedule_and_another_learning_rate_resume_with_a_note_naming_e
     assert entry["config_changes"] == list(plan.config_changes) and entry["notes"] == list(plan.notes)
 
 
-def test_a_changed_mask_ratio_is_refused_naming_the_key_and_the_opt_in_and_resumes_with_it(tmp_path, world_of_one):
+def test_a_changed_mask_ratio_is_refused_naming_the_key_and_the_opt_in_and_resumes_with_it(tmp_path, gloo_of_one):
     ckpt_dir = saved_run(tmp_path, resolved())
     with pytest.raises(store.ResumeError) as refused:
         plan_for(ckpt_dir, resolved("model.mask_ratio=0.75", "schedule.epochs=50"))
@@ -88,7 +80,7 @@ def test_a_changed_mask_ratio_is_refused_naming_the_key_and_the_opt_in_and_resum
     assert "checkpoint.allow_recipe_change=true lets model.mask_ratio change" in plan.notes[0]
 
 
-def test_another_profile_is_named_and_its_loss_changes_refused(tmp_path, world_of_one):
+def test_another_profile_is_named_and_its_loss_changes_refused(tmp_path, gloo_of_one):
     ckpt_dir = saved_run(tmp_path, resolved())
     now = resolved("model.norm_pix_loss=false", "data.hflip=0.0", "logging.every_steps=7")
     with pytest.raises(store.ResumeError, match="model.norm_pix_loss true -> false; data.hflip|data.hflip 0.5 -> 0.0"):

@@ -13,7 +13,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from mixmae_scale.engine import run_folder, run_lock
 from mixmae_scale.engine.checkpointing import store
@@ -36,14 +35,6 @@ class Engine:
             raise self.failure
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    run_lock.release_all()
-
-
 def save(ckpt_dir: Path, step: int, engine: Engine):
     return store.save(engine, ckpt_dir, store.SaveRequest(step, keep_last=2), {"step": step}, {"rank": 0})
 
@@ -52,7 +43,7 @@ def free_bytes(monkeypatch, free: int) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - free, free))
 
 
-def test_torch_s_unexpected_pos_on_a_full_disk_is_said_as_a_full_disk(tmp_path, world_of_one, monkeypatch):
+def test_torch_s_unexpected_pos_on_a_full_disk_is_said_as_a_full_disk(tmp_path, gloo_of_one, monkeypatch):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     save(ckpt_dir, 2, Engine())
     last = sum(p.stat().st_size for p in (ckpt_dir / "step00000002").rglob("*") if p.is_file())
@@ -70,7 +61,7 @@ def test_torch_s_unexpected_pos_on_a_full_disk_is_said_as_a_full_disk(tmp_path, 
     assert is_user_mistake(failed.value) and not is_refused_input(failed.value)  # one line, exit 1
 
 
-def test_an_enospc_anywhere_in_the_chain_is_a_full_disk_even_with_room_now(tmp_path, world_of_one, monkeypatch):
+def test_an_enospc_anywhere_in_the_chain_is_a_full_disk_even_with_room_now(tmp_path, gloo_of_one, monkeypatch):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     free_bytes(monkeypatch, 10**8)
     try:
@@ -82,7 +73,7 @@ def test_an_enospc_anywhere_in_the_chain_is_a_full_disk_even_with_room_now(tmp_p
         save(ckpt_dir, 2, Engine(wrapped))
 
 
-def test_another_failure_with_room_to_spare_stays_as_it_was(tmp_path, world_of_one, monkeypatch):
+def test_another_failure_with_room_to_spare_stays_as_it_was(tmp_path, gloo_of_one, monkeypatch):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     save(ckpt_dir, 2, Engine())
     free_bytes(monkeypatch, 10**8)
@@ -90,7 +81,7 @@ def test_another_failure_with_room_to_spare_stays_as_it_was(tmp_path, world_of_o
         save(ckpt_dir, 4, Engine(RuntimeError("CUDA error: an illegal memory access")))
 
 
-def test_the_next_start_removes_the_partial_a_failed_save_left_once_it_holds_the_lock(tmp_path, world_of_one,
+def test_the_next_start_removes_the_partial_a_failed_save_left_once_it_holds_the_lock(tmp_path, gloo_of_one,
                                                                                          monkeypatch):
     root = tmp_path / "run"
     save(root / "checkpoints", 2, Engine())
