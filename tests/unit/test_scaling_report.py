@@ -263,3 +263,25 @@ def test_the_split_uses_each_sizes_own_flops_per_image_not_one_median_ratio():
         assert fit["flops_per_image"]["k"] * p["params"] ** 0.6 * p["images"] == pytest.approx(p["flops"], rel=1e-6)
         if p["flops"] > flops.max():
             assert not p["within_trained"]
+
+
+def test_fit_json_report_and_each_figures_png_text_name_the_results_file_they_come_from(tmp_path):
+    """A figure copied into slides, or fit.json sent on, said nothing of the results it was drawn from. Each now names
+    the file (relative to where it is written) and the file's sha256, which a moved or copied results.jsonl keeps."""
+    import hashlib
+
+    from PIL import Image
+
+    shutil.copy(EXAMPLES / "iso-flop-pilot" / "results.jsonl", tmp_path)
+    digest = hashlib.sha256((tmp_path / "results.jsonl").read_bytes()).hexdigest()
+    assert main(["scaling", "report", "--out", str(tmp_path), "--bootstrap", "20"]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    rows = len((tmp_path / "results.jsonl").read_text().splitlines())
+    assert fit["results"] == {"file": "results.jsonl", "sha256": digest, "rows": rows}
+    source = f"../results.jsonl (sha256 {digest[:12]}, {rows} rows)"
+    assert f"{rows} runs of `{source}`" in (tmp_path / "report" / "report.md").read_text()
+    figures = sorted((tmp_path / "report").glob("*.png"))
+    assert len(figures) >= 3
+    for figure in figures:
+        with Image.open(figure) as image:
+            assert image.text.get("Source") == source, figure.name
