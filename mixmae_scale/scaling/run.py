@@ -19,11 +19,12 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Tally:
     reused: int = 0
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # in flight when a signal stopped the sweep
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -485,6 +487,10 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
 
     def finished(index: int, run: PlannedRun, code: int, wall_s: float, output: str) -> None:
         with lock:
+            if stop.signal is not None and (code or not _complete(out / "runs" / run.run_id, run)):
+                tally.stopped.append(run.run_id)
+                log(f"[{index}/{len(runs)}] {run.run_id}: stopped by {stop.name} before its end")
+                return
             if not code:
                 try:
                     row = {**_row(spec, run, out / "runs" / run.run_id, wall_s,
@@ -507,14 +513,32 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                 f"held-out loss {row['heldout_loss']:.4f} ({wall_s:.0f} s)")
 
     queue = RunQueue(sorted(pending, key=lambda item: start_order(item[1])))
+    stop = SweepStop(queue)
 
     def job_args(run: PlannedRun) -> list[str]:
         return _pretrain_args(spec, run, out, share.threads)
 
-    with ThreadPoolExecutor(share.parallel) as pool:
-        for future in [pool.submit(_worker, queue, share, job_args, finished) for _ in range(share.parallel)]:
+    with stop.installed(), ThreadPoolExecutor(share.parallel) as pool:
+        futures = [pool.submit(_worker, queue, share, job_args, finished, stop=stop) for _ in range(share.parallel)]
+        # Waited for in short spells: a signal the kernel gives a worker's thread runs its handler here, in the main
+        # thread, at the next bytecode, and a wait without a timeout gave it none until every run had ended.
+        while wait(futures, timeout=0.2).not_done:
+            pass
+        for future in futures:
             future.result()
+    if stop.signal is not None:
+        _stopped(stop, tally, queue.left(), results, out)
     return rows
+
+
+def _stopped(stop: SweepStop, tally: Tally, not_started: int, results: Path, out: Path) -> None:
+    minutes, seconds = divmod(round(time.perf_counter() - tally.start), 60)
+    stopped = f" ({', '.join(tally.stopped)})" if tally.stopped else ""
+    failed = f", {len(tally.failed)} failed ({', '.join(tally.failed)})" if tally.failed else ""
+    raise SweepError(f"sweep stopped by {stop.name}: {tally.ran} ran, {tally.reused} reused (finished earlier), "
+                     f"{len(tally.stopped)} stopped before their end{stopped}{failed}, {not_started} not started, in "
+                     f"{minutes} min {seconds:02d} s; finished runs are in {results}. The same `mixmae scaling run "
+                     f"... --out {out}` resumes: a stopped run from the checkpoint it saved, the rest from the start")
 
 
 # What a run costs on one GPU, for the order runs start in: a fixed cost per optimizer step plus its FLOPs at the rate
@@ -543,14 +567,77 @@ def start_order(run: PlannedRun) -> tuple[float, float]:
 
 
 class RunQueue:
-    """The runs still to start, shared by the workers: each takes the next when it is free."""
+    """The runs still to start, shared by the workers: each takes the next when it is free, until it is stopped."""
 
     def __init__(self, items: list[tuple[int, PlannedRun]]) -> None:
-        self._items, self._lock = list(items), threading.Lock()
+        self._items, self._lock, self.stopped = list(items), threading.Lock(), False
 
     def take(self) -> tuple[int, PlannedRun] | None:
         with self._lock:
-            return self._items.pop(0) if self._items else None
+            return self._items.pop(0) if self._items and not self.stopped else None
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+
+    def left(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class SweepStop:
+    """Ctrl-C, or a SIGTERM to the sweep's own process (`kill PID`), while runs are under way: no run starts after it,
+    and each worker process is sent SIGTERM, on which its run saves at the next step boundary and ends
+    (engine/preemption.py); the sweep then says what ran, stopped and did not start. Before, the main thread's
+    KeyboardInterrupt left the workers' threads to start every remaining run (a Ctrl-C ran the sweep to its end, then
+    printed a traceback), and a SIGTERM killed the sweep alone, its workers training on, orphaned."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, queue: RunQueue) -> None:
+        self.queue, self.signal = queue, None
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.RLock()  # a second signal runs the handler again inside the first
+
+    def __call__(self, signum: int, frame: object = None) -> None:
+        self.signal = signum
+        self.queue.stop()
+        with self._lock:
+            for process in list(self._processes):
+                _terminate(process)
+
+    def started(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.add(process)
+            if self.signal is not None:  # started as the signal came
+                _terminate(process)
+
+    def ended(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Its handlers for SIGINT and SIGTERM while the runs are under way (Python runs handlers in the main thread
+        only: elsewhere, as in a thread of a caller's own, nothing is installed)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        before = {sig: signal.signal(sig, self) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):  # already gone
+        process.send_signal(signal.SIGTERM)
 
 
 def _pretrain_args(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) -> list[str]:
@@ -564,15 +651,18 @@ def _pretrain_args(spec: SweepSpec, run: PlannedRun, out: Path, threads: int) ->
 WORKER = [sys.executable, "-m", "mixmae_scale.scaling.in_process"]
 
 
-def _worker(queue: RunQueue, share: DeviceShare, job_args, finished, command: list[str] = WORKER) -> None:
+def _worker(queue: RunQueue, share: DeviceShare, job_args, finished, command: list[str] = WORKER,
+            stop: SweepStop | None = None) -> None:
     """One slot of the device: a process (`in_process`) takes runs from `queue` one at a time, up to
-    `share.per_process`, then a fresh one takes over, until the queue is empty. Each run is reported by `finished`
-    as its marker arrives, with the output it printed (shown when it failed); a run whose process died is reported
-    failed, and the next run gets a new process."""
+    `share.per_process`, then a fresh one takes over, until the queue is empty (or stopped). Each run is reported by
+    `finished` as its marker arrives, with the output it printed (shown when it failed); a run whose process died is
+    reported failed, and the next run gets a new process. `stop` is told of each process, to signal it."""
     item = queue.take()  # taken before a process starts: no process is started for an empty queue
     while item is not None:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, env={**os.environ, "OMP_NUM_THREADS": str(share.threads)})
+        if stop is not None:
+            stop.started(process)
         try:
             for _ in range(share.per_process):
                 index, run = item
@@ -586,6 +676,8 @@ def _worker(queue: RunQueue, share: DeviceShare, job_args, finished, command: li
                 process.stdin.close()
             process.stdout.read()  # drained: a process that prints on its way out must not block on a full pipe
             process.wait()
+            if stop is not None:
+                stop.ended(process)
 
 
 def _run_in(process: subprocess.Popen, run: PlannedRun, args: list[str]) -> tuple[int, float, str]:

@@ -74,7 +74,7 @@ def stub_runs(monkeypatch):
     """Replaces the worker process: each run writes its folder at once, after the sweep built its command line."""
     started: list[str] = []
 
-    def worker(queue, share, job_args, finished):
+    def worker(queue, share, job_args, finished, stop=None):
         while (item := queue.take()) is not None:
             index, run = item
             args = job_args(run)
@@ -785,3 +785,89 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     spec_path.write_text(text + "# edited after the plan was recorded\n")  # the report takes the plan recorded
     assert main(["scaling", "fit", "--out", str(out), "--bootstrap", "0"]) == 0
     assert f"{spec_path} has changed since `mixmae scaling run` recorded its plan" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_during_a_sweep_starts_no_further_run_and_says_what_ran_stopped_and_did_not_start(
+        demo_shards, tmp_path, monkeypatch):
+    """Ctrl-C in the second run: the main thread's KeyboardInterrupt left the workers' threads to start every run
+    still queued (the sweep ran to its end, then printed a traceback). Now the run in flight is stopped (its folder
+    says so: a stop's summary, resumed by the next `scaling run`), no run starts after it, and the sweep ends with
+    the counts. The signal is the real SIGINT, caught by the sweep's own handler in this (the main) thread."""
+    import signal
+
+    started: list[str] = []
+
+    def worker(queue, share, job_args, finished, stop=None):
+        while (item := queue.take()) is not None:
+            index, run = item
+            args = job_args(run)
+            run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            started.append(run.run_id)
+            steps, stopped = run.steps, len(started) == 2
+            if stopped:
+                signal.raise_signal(signal.SIGINT)
+                deadline = time.monotonic() + 5
+                while not getattr(queue, "stopped", False) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                steps = run.steps // 2  # saved at a step boundary, as pretrain does on the worker's SIGTERM
+            (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{steps},1.0,0,0.9\n")
+            (run_dir / "summary.json").write_text(json.dumps({"steps": steps, "planned_steps": run.steps,
+                                                              "stopped_by_signal": stopped,
+                                                              "heldout_loss_end": 0.8, "wall_s": 1.0}))
+            finished(index, run, 0, 1.0, "")
+
+    monkeypatch.setattr(sweep_run, "_worker", worker)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace(", sweep: [0.005, 0.02]", ""))
+    spec = load_spec(spec_path)
+    planned = len(expand(spec, spec.train_samples_for_plan()))
+    out = tmp_path / "sweep"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SweepError) as said:
+        run_sweep(spec, out, log=lambda line: None)
+    assert len(started) == 2 and [r["run_id"] for r in read_results(out / "results.jsonl")] == started[:1]
+    assert str(said.value).startswith(f"sweep stopped by SIGINT: 1 ran, 0 reused (finished earlier), 1 stopped before "
+                                      f"their end ({started[1]}), {planned - 2} not started, in ")
+    assert signal.getsignal(signal.SIGINT) is before  # the sweep's handler was there while its runs were
+
+
+STOPPED_WORKER = textwrap.dedent(f"""
+    import json, pathlib, signal, sys, time
+    asked = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+    for line in sys.stdin:
+        run_id = json.loads(line)["run_id"]
+        pathlib.Path(sys.argv[1]).write_text(run_id)
+        while not asked:
+            time.sleep(0.01)
+        print("saved at the next step boundary on SIGTERM", flush=True)
+        print("{MARKER}", run_id, 0, "0.5", flush=True)
+""")
+
+
+def test_a_stopped_sweep_sends_sigterm_to_each_worker_and_hands_out_no_further_run(tmp_path):
+    """A SIGTERM to the sweep's own process (`kill PID`) reached none of its workers: they trained on, orphaned.
+    The stop (the sweep's handler, called as the signal calls it) now signals each worker process, whose run saves
+    and reports, and the queue hands out nothing more."""
+    import signal
+    import threading
+
+    stub, began = tmp_path / "worker.py", tmp_path / "began"
+    stub.write_text(STOPPED_WORKER)
+    queue = RunQueue([(1, _planned("a")), (2, _planned("b"))])
+    stop = sweep_run.SweepStop(queue)
+    finished: list[tuple] = []
+    thread = threading.Thread(target=sweep_run._worker, args=(
+        queue, DeviceShare("2 CPU cores", 1, 2, 1), lambda run: ["pretrain"], lambda *said: finished.append(said),
+        [sys.executable, str(stub), str(began)]), kwargs={"stop": stop})
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not began.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop(signal.SIGTERM)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert [(index, run.run_id, code) for index, run, code, _, _ in finished] == [(1, "a", 0)]
+    assert "saved at the next step boundary on SIGTERM" in finished[0][4]
+    assert queue.left() == 1 and queue.take() is None and stop.name == "SIGTERM"
