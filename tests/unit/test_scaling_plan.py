@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mixmae_scale.config import ConfigError
-from mixmae_scale.scaling.run import cluster_shape
+from mixmae_scale.scaling.commands import cluster_shape
 from mixmae_scale.scaling.spec import LearningRateRule, load_spec
 
 BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
@@ -161,7 +161,7 @@ def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_s
     import re
 
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.scaling.run import data_read, run_data
+    from mixmae_scale.scaling.subsets import data_read, run_data
 
     (tmp_path / "sets").mkdir()
     spec_path = tmp_path / "sets" / "spec.yaml"
