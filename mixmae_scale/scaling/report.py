@@ -24,6 +24,7 @@ from mixmae_scale.scaling.fit import (
 from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval, too_few_points
 from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop, flops_per_image_law
 
+ISO_FLOP_HEADING = "## Iso-FLOP (approach 2): a parabola in log N per budget"
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
 
@@ -305,6 +306,9 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])
+    elif isinstance(fit.get("iso_flop"), str):  # an iso-FLOP study's own question, unanswered: said, not left out
+        lines += ["", ISO_FLOP_HEADING, "", fit["iso_flop"], "",
+                  "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)."]
     lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
     lines += _law_lines(fit["L_of_C"])
     check = fit["extrapolation"]
@@ -363,7 +367,7 @@ def _law_lines(law: dict | str) -> list[str]:
 
 
 def _iso_flop_section(iso: dict) -> list[str]:
-    lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
+    lines = ["", ISO_FLOP_HEADING, "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
              "every configuration's seeds with replacement (a configuration: a run's settings less its seed)."

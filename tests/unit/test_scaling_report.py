@@ -285,3 +285,15 @@ def test_fit_json_report_and_each_figures_png_text_name_the_results_file_they_co
     for figure in figures:
         with Image.open(figure) as image:
             assert image.text.get("Source") == source, figure.name
+
+
+def test_an_iso_flop_study_whose_iso_flop_fit_cannot_run_says_so_where_that_section_would_be():
+    """One budget (a sweep cut short, or a spec of one): fit.json said "not fitted: ... needs at least 2 budgets", and
+    report.md left out the study's iso-FLOP section, N*(C) and D*(C) without a word, as if it had been a grid."""
+    rows, _, _ = _sweep(budgets=(1e13,))
+    fit = fit_results(rows, bootstrap=0)
+    assert fit["iso_flop"].startswith("not fitted: an iso-FLOP fit needs at least 2 budgets")
+    report = report_markdown(rows, fit, [])
+    section = report.split("## Iso-FLOP (approach 2): a parabola in log N per budget\n", 1)[1].split("\n## ")[0]
+    assert f"\n{fit['iso_flop']}\n" in section
+    assert "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)" in section
