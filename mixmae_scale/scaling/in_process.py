@@ -92,7 +92,6 @@ def main(jobs=sys.stdin) -> int:
     the worker goes on to the next."""
     import signal
 
-    from mixmae_scale.cli import main as cli_main
     from mixmae_scale.engine.preemption import record_early_stops
 
     # The terminal's Ctrl-C reaches every process of the group: the sweep turns it into a SIGTERM to each worker, on
@@ -100,6 +99,8 @@ def main(jobs=sys.stdin) -> int:
     # while a run starts (the imports, before its loop's StopFlag) is kept for that flag, as `mixmae pretrain` keeps it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     record_early_stops(["pretrain"])
+    from mixmae_scale.cli import main as cli_main  # torch, DeepSpeed: seconds, under the handlers above
+
     for line in jobs:
         if not line.strip():
             continue
