@@ -1,5 +1,5 @@
 """How a sweep's start order fares on one device when the runs cost more than estimated: a simulation, not a
-measurement. Each run costs `estimated_seconds` (scaling/run.py: a fixed cost per step plus FLOPs at a rate, both
+measurement. Each run costs `estimated_seconds` (scaling/workers.py: a fixed cost per step plus FLOPs at a rate, both
 from the H100 measurements) times a factor; `--parallel` slots take runs from one queue in the given order. For each
 order and factor: when the last run ends, how many runs end before the deadline, and which iso-FLOP budgets have
 every run ended by then (a whole curve).
@@ -15,8 +15,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from mixmae_scale.scaling.run import estimated_seconds, start_order
 from mixmae_scale.scaling.spec import expand, load_spec
+from mixmae_scale.scaling.workers import estimated_seconds, start_order
 
 ORDERS = {
     "start_order (budgets from the smallest, longest first in each)": start_order,
@@ -56,7 +56,7 @@ def main() -> None:
         budgets = ", ".join(f"{b:.0e}" for b in row["whole_budgets"]) or "none"
         print(f"{row['order']:<62} {row['factor']:>6.1f} {row['last_run_ends_s']:>11.0f} {row['runs_ended']:>5}  "
               f"{budgets}")
-    result = {"what": "simulated, not measured: run costs from scaling/run.py's estimated_seconds x factor",
+    result = {"what": "simulated, not measured: run costs from scaling/workers.py's estimated_seconds x factor",
               "command": f"python benchmarks/sweep_schedule.py {args.spec} --parallel {args.parallel} --deadline "
                          f"{args.deadline:g}", "runs": len(runs), "slots": args.parallel,
               "deadline_s": args.deadline, "total_estimated_s": round(sum(map(estimated_seconds, runs)), 1),

@@ -38,19 +38,28 @@ def _scaling(args: argparse.Namespace) -> int:
         run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None,
                   parallel=args.parallel, per_process=args.runs_per_process)
         return 0
-    from mixmae_scale.scaling.report import fit_results, provenance_warnings, read_results, write_fit, write_report
+    from mixmae_scale.scaling.report import (
+        fit_results,
+        provenance_warnings,
+        read_results,
+        results_file,
+        write_fit,
+        write_report,
+    )
     from mixmae_scale.scaling.sweep_plan import PLAN, rows_of_plan
 
-    selection = rows_of_plan(read_results(out / "results.jsonl"), out)  # the spec's runs, as `scaling run` planned
+    results = out / "results.jsonl"
+    selection = rows_of_plan(read_results(results), out)  # the spec's runs, as `scaling run` planned
     rows = selection.rows
     for warning in [*selection.warnings, *provenance_warnings(rows)]:
         print(f"mixmae: warning: {warning}", file=sys.stderr)
     fit = fit_results(rows, bootstrap=args.bootstrap, seed=args.seed)
     if selection.left_out:
         fit["not_in_plan"] = {"plan": str(out / PLAN), "runs": selection.left_out}
+    fit["results"] = results_file(results, out)  # fit.json's source, named as from its own folder
     write_fit(fit, out / "fit.json")
     if args.scaling_command == "report":
-        print(f"report: {write_report(rows, fit, Path(args.report_dir or out / 'report'))}")
+        print(f"report: {write_report(rows, fit, Path(args.report_dir or out / 'report'), results)}")
     else:
         print(json.dumps(fit, indent=2))
     return 0

@@ -20,9 +20,11 @@ def _identified_law(fit: dict, key: str) -> dict | None:
     return law if isinstance(law, dict) and law["identified"] else None
 
 
-def write_figures(rows: list[dict], fit: dict, out: Path) -> tuple[list[str], dict[str, str]]:
+def write_figures(rows: list[dict], fit: dict, out: Path,
+                  source: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The figures with data to show, written; those without are not, and an earlier report's copy is removed (it
-    would show other results): returns the names written and, per name not drawn, why."""
+    would show other results): returns the names written and, per name not drawn, why. `source` (the results file,
+    `report.source_line`) is printed under each figure and kept in its PNG text (`Source`), which a copy keeps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,8 +45,11 @@ def write_figures(rows: list[dict], fit: dict, out: Path) -> tuple[list[str], di
             figures[name] = figure
     for name, figure in figures.items():
         figure.tight_layout()
+        if source:  # below the axes; bbox_inches="tight" widens the canvas to hold it
+            figure.text(0.01, -0.01, f"data: {source}", fontsize=6, color="0.35", ha="left", va="top")
         with replacing(out / name) as tmp:
-            figure.savefig(tmp, dpi=100)
+            figure.savefig(tmp, dpi=100, format="png", **({"bbox_inches": "tight", "metadata": {"Source": source}}
+                                                          if source else {}))
         plt.close(figure)
     for name in not_drawn:
         (out / name).unlink(missing_ok=True)

@@ -90,7 +90,16 @@ def planned_peak_gib(spec, run, device_gib: float) -> float:
 def main(jobs=sys.stdin) -> int:
     """Runs each job line of `jobs` as it comes, until it ends; a failed run is reported by its marker line, and
     the worker goes on to the next."""
-    from mixmae_scale.cli import main as cli_main
+    import signal
+
+    from mixmae_scale.engine.preemption import record_early_stops
+
+    # The terminal's Ctrl-C reaches every process of the group: the sweep turns it into a SIGTERM to each worker, on
+    # which its run saves at the next step boundary; the SIGINT itself killed the run mid-step. A SIGTERM that comes
+    # while a run starts (the imports, before its loop's StopFlag) is kept for that flag, as `mixmae pretrain` keeps it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    record_early_stops(["pretrain"])
+    from mixmae_scale.cli import main as cli_main  # torch, DeepSpeed: seconds, under the handlers above
 
     for line in jobs:
         if not line.strip():

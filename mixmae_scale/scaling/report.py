@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from mixmae_scale.scaling.fit import (
 from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval, too_few_points
 from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop, flops_per_image_law
 
+ISO_FLOP_HEADING = "## Iso-FLOP (approach 2): a parabola in log N per budget"
 REQUIRED = ("run_id", "params", "images_seen", "flops", "heldout_loss")
 
 
@@ -254,27 +257,44 @@ def iso_flop_summary(rows: list[dict], bootstrap: int, seed: int = 0) -> dict | 
             **({"left_out": fit.left_out} if fit.left_out else {})}
 
 
+def results_file(results: Path, where: Path) -> dict:
+    """What fit.json, report.md and each figure say of the results they come from: the file relative to `where` (the
+    folder the naming file is written to, so that the name still leads there when the study moves), its sha256 (the
+    same wherever it is copied) and its rows. A figure pasted into slides or a fit.json sent on named nothing."""
+    data = results.read_bytes()
+    return {"file": os.path.relpath(results.absolute(), where.absolute()), "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": sum(1 for line in data.decode().splitlines() if line.strip())}
+
+
+def source_line(results: dict) -> str:
+    return f"{results['file']} (sha256 {results['sha256'][:12]}, {results['rows']} rows)"
+
+
 def write_fit(fit: dict, path: Path) -> None:
     """fit.json, atomically; a NaN or inf anywhere in it is a bug, refused here rather than written as
     invalid JSON."""
     write_text(path, json.dumps(fit, indent=2, allow_nan=False) + "\n")
 
 
-def write_report(rows: list[dict], fit: dict, out: Path) -> Path:
+def write_report(rows: list[dict], fit: dict, out: Path, results: Path | None = None) -> Path:
     """report.md and its figures. A law's fit line, optimal split or extrapolation appears only when the law is
-    identified; otherwise the report says so where it would have been."""
+    identified; otherwise the report says so where it would have been. `results`: the file the rows were read from,
+    named in report.md and on every figure (`results_file`)."""
     out.mkdir(parents=True, exist_ok=True)
     from mixmae_scale.scaling.figures import write_figures
 
-    figures, not_drawn = write_figures(rows, fit, out)
+    source = source_line(results_file(results, out)) if results is not None else None
+    figures, not_drawn = write_figures(rows, fit, out, source)
     report = out / "report.md"
-    write_text(report, report_markdown(rows, fit, figures, not_drawn))
+    write_text(report, report_markdown(rows, fit, figures, not_drawn, source))
     return report
 
 
-def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: dict[str, str] | None = None) -> str:
+def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: dict[str, str] | None = None,
+                    source: str | None = None) -> str:
     bootstrap = fit["bootstrap"]
-    lines = ["# Scaling report", "", f"{len(rows)} runs; held-out reconstruction loss with fixed masks and seed. "
+    of = f" of `{source}`" if source else ""
+    lines = ["# Scaling report", "", f"{len(rows)} runs{of}; held-out reconstruction loss with fixed masks and seed. "
              f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, each drawing every point's seeds with "
              f"replacement, seed {bootstrap['seed']} (the same results give the same report); each fit says how many "
              "refitted.", ""]
@@ -286,6 +306,9 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])
+    elif isinstance(fit.get("iso_flop"), str):  # an iso-FLOP study's own question, unanswered: said, not left out
+        lines += ["", ISO_FLOP_HEADING, "", fit["iso_flop"], "",
+                  "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)."]
     lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
     lines += _law_lines(fit["L_of_C"])
     check = fit["extrapolation"]
@@ -344,7 +367,7 @@ def _law_lines(law: dict | str) -> list[str]:
 
 
 def _iso_flop_section(iso: dict) -> list[str]:
-    lines = ["", "## Iso-FLOP (approach 2): a parabola in log N per budget", "",
+    lines = ["", ISO_FLOP_HEADING, "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
              "every configuration's seeds with replacement (a configuration: a run's settings less its seed)."

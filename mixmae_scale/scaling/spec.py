@@ -36,8 +36,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +200,8 @@ def load_spec(path: str | Path) -> SweepSpec:
                      probe, _listed(path, raw, "budgets", float, [], unique=True),
                      _lr_rule(path, raw.get("learning_rate", {})), _cluster(path, raw.get("cluster", {})),
                      train_samples, _sources(path, raw.get("sources", [])), str(path))
-    if any(s < 1 for s in spec.steps) or any(e <= 0 for e in spec.epochs) or any(b <= 0 for b in spec.budgets):
-        raise ConfigError(f"{path}: steps, epochs and budgets must be positive")
+    for key in ("steps", "epochs", "budgets"):
+        _finite_above_zero(path, key, getattr(spec, key))
     _check_size_budgets(path, spec)
     return spec
 
@@ -235,6 +236,14 @@ def _listed(path: Path, raw: dict[str, Any], key: str, kind: type, default: list
     if unique and repeated:
         raise ConfigError(f"{path}: '{name}' repeats {', '.join(repeated)}: each entry plans runs of their own")
     return out
+
+
+def _finite_above_zero(path: Path, key: str, values: list | tuple) -> None:
+    """YAML's .nan passed `value <= 0` and reached `expand` as a ValueError about integers, .inf as an OverflowError;
+    a NaN lr was planned."""
+    for value in values:
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{path}: '{key}' holds {value!r}: each must be a finite number above zero")
 
 
 def _example(kind: type, named: bool = False) -> str:
@@ -299,8 +308,7 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
         raise ConfigError(f"{path}: learning_rate.rule inverse_width needs base_width, a positive integer (the "
                           f"embed_dim whose lr the sweep sets), got {base_width!r}")
     sweep = tuple(_listed(path, raw, "sweep", float, [], name="learning_rate.sweep", unique=True))
-    if any(v <= 0 for v in sweep):
-        raise ConfigError(f"{path}: learning_rate.sweep values must be positive, got {list(sweep)}")
+    _finite_above_zero(path, "learning_rate.sweep", sweep)
     return LearningRateRule(rule, base_width, sweep)
 
 
@@ -330,12 +338,18 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
     budgets = spec.steps or spec.epochs or spec.budgets
     lr_sets = spec.learning_rate.overrides(base_lr)
     made: dict[str, tuple[float, float]] = {}  # run id -> the (data fraction, budget or steps) it came from
+    models: dict[str, str] = {}  # size name -> its resolved model, as JSON
     for size, fraction, budget, seed in itertools.product(spec.sizes, spec.data_fractions, budgets, spec.seeds):
         if spec.budgets and not size_trains_on(size, budget):
             continue
         overrides = (*spec.overrides, *size_overrides(size), *lr_sets, f"run.seed={seed}", f"data.shards={spec.shards}")
-        resolved = load_resolved(spec.profile, overrides=overrides, world_size=1,
-                                 train_samples=max(1, int(train_samples * fraction)))
+        try:
+            resolved = load_resolved(spec.profile, overrides=overrides, world_size=1,
+                                     train_samples=max(1, int(train_samples * fraction)))
+        except ConfigError as exc:  # it named the config key, not the spec or which of its sizes
+            number = spec.sizes.index(size)
+            raise ConfigError(f"{spec.file or 'the sweep spec'}: sizes[{number}] ({size['name']}): {exc}") from None
+        _refuse_same_model(spec, size["name"], resolved.config.model, models)
         report = model_report(resolved.config.model)
         per_image = float(report["train_flops_per_image"])
         batch = resolved.derived.global_batch
@@ -352,6 +366,17 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
         runs.append(PlannedRun(run_id, size["name"], fraction, steps, seed, overrides, int(report["pretrain_params"]),
                                images, per_image * images, float(budget) if spec.budgets else None, batch))
     return runs
+
+
+def _refuse_same_model(spec: SweepSpec, name: str, model: object, models: dict[str, str]) -> None:
+    """Two names for one model: `load_spec` counted them as two of a budget's sizes, the runs ran, and the iso-FLOP fit
+    (sizes told by N) found one size fewer, leaving a budget of 3 names out after its compute was spent."""
+    models.setdefault(name, json.dumps(asdict(model), sort_keys=True, default=str))
+    twin = next((other for other, kept in models.items() if other != name and kept == models[name]), None)
+    if twin is not None:
+        raise ConfigError(f"{spec.file or 'the sweep spec'}: sizes {twin} and {name} give the same model "
+                          "(every model.* setting equal once resolved): one size trained twice under two names is no "
+                          "size of its own; remove one, or change its model")
 
 
 def _refuse_same_id(spec: SweepSpec, run_id: str, first: tuple[float, float], second: tuple[float, float]) -> None:

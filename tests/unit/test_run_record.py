@@ -70,7 +70,7 @@ def _manifest(folder: Path, val_sha: str = "v0") -> Path:
 
 
 def test_split_digests_follow_the_shards_content_and_a_sweeps_subset_keeps_the_held_out_one(tmp_path):
-    from mixmae_scale.scaling.run import subset_shards
+    from mixmae_scale.scaling.subsets import subset_shards
 
     full = _manifest(tmp_path / "full")
     half = subset_shards(full, 0.5, tmp_path / "sweep")  # names rewritten to absolute paths into the full set
@@ -168,7 +168,7 @@ def test_wandb_without_its_package_is_a_one_line_error_naming_the_extra(monkeypa
 def test_a_sweeps_runs_are_one_wandb_group_named_after_the_sweep(tmp_path):
     import shlex
 
-    from mixmae_scale.scaling.run import launch_line
+    from mixmae_scale.scaling.commands import launch_line
     from mixmae_scale.scaling.spec import expand, load_spec
 
     path = tmp_path / "spec.yaml"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mixmae_scale.config import ConfigError
-from mixmae_scale.scaling.run import cluster_shape
+from mixmae_scale.scaling.commands import cluster_shape
 from mixmae_scale.scaling.spec import LearningRateRule, load_spec
 
 BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
@@ -14,10 +14,10 @@ BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
 
 @pytest.mark.parametrize("extra, message", [
     ("budgets: [1.0e12]\nsteps: [5]\n", "exactly one of 'steps' or 'epochs'"),
-    ("budgets: [-1.0]\n", "must be positive"),
+    ("budgets: [-1.0]\n", "'budgets' holds -1.0: each must be a finite number above zero"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: sqrt}\n", "learning_rate.rule must be one of"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: inverse_width}\n", "needs base_width"),
-    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "sweep values must be positive"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "'learning_rate.sweep' holds -1.0"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
     ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster.gpus_per_node must be a positive integer, got 0"),
     ("budgets: [1.0e12]\ncluster: {file: 3}\n", "optionally file"),
@@ -161,7 +161,7 @@ def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_s
     import re
 
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.scaling.run import data_read, run_data
+    from mixmae_scale.scaling.subsets import data_read, run_data
 
     (tmp_path / "sets").mkdir()
     spec_path = tmp_path / "sets" / "spec.yaml"
@@ -363,3 +363,53 @@ def test_the_shipped_example_specs_plan_every_run_within_its_budget():
     for path in sorted(examples.rglob("sweep.yaml")):
         spec = load_spec(path)
         assert budget_problems(expand(spec, spec.train_samples_for_plan())) == ([], []), path
+
+
+@pytest.mark.parametrize("extra, message", [
+    # NaN passed `b <= 0` and came out of `expand` as "cannot convert float NaN to integer"; inf as an OverflowError
+    # traceback; a NaN lr was planned; a value below zero was refused as "steps, epochs and budgets must be positive",
+    # naming neither the key nor the value
+    ("budgets: [.nan, 1.0e11]\n", "'budgets' holds nan: each must be a finite number above zero"),
+    ("budgets: [1.0e11, .inf]\n", "'budgets' holds inf: each must be a finite number above zero"),
+    ("epochs: [.inf]\n", "'epochs' holds inf: each must be a finite number above zero"),
+    ("budgets: [1.0e11]\nlearning_rate: {sweep: [0.01, .nan]}\n",
+     "'learning_rate.sweep' holds nan: each must be a finite number above zero"),
+    ("budgets: [-1.0e11, 1.0e11]\n", "'budgets' holds -100000000000.0: each must be a finite number above zero"),
+    ("steps: [5, 0]\n", "'steps' holds 0: each must be a finite number above zero"),
+])
+def test_values_no_run_can_take_are_refused_naming_the_key_and_the_value(tmp_path, extra, message):
+    import re
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + extra)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_spec(path)
+
+
+def test_two_sizes_of_one_model_are_refused_when_planned_naming_both(tmp_path):
+    """w8 and w8b were one model under two names: `load_spec` counted 3 sizes per budget, the runs ran, and the
+    iso-FLOP fit, which tells sizes by N, found 2 per budget and left every budget out after the compute was spent."""
+    import re
+
+    from mixmae_scale.scaling.spec import expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + "  - {name: w8b, model: {decoder_heads: 1, decoder_dim: 8, num_heads: [1, 1, 2, 4], "
+                            "embed_dim: 8}}\nbudgets: [1.0e11]\n")
+    spec = load_spec(path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: sizes w8 and w8b give the same model")):
+        expand(spec, 2560)
+
+
+def test_a_size_whose_model_the_config_refuses_is_named_with_the_spec(tmp_path):
+    """An unknown named size (`sizes: [giant]`) was refused as "'model.size' must be one of ...", naming neither the
+    spec file nor which of its sizes."""
+    import re
+
+    from mixmae_scale.scaling.spec import expand
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(THREE + "  - giant\nbudgets: [1.0e11]\n")
+    spec = load_spec(path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: sizes[3] (giant): ") + ".*'model.size' must be one of"):
+        expand(spec, 2560)

@@ -263,3 +263,37 @@ def test_the_split_uses_each_sizes_own_flops_per_image_not_one_median_ratio():
         assert fit["flops_per_image"]["k"] * p["params"] ** 0.6 * p["images"] == pytest.approx(p["flops"], rel=1e-6)
         if p["flops"] > flops.max():
             assert not p["within_trained"]
+
+
+def test_fit_json_report_and_each_figures_png_text_name_the_results_file_they_come_from(tmp_path):
+    """A figure copied into slides, or fit.json sent on, said nothing of the results it was drawn from. Each now names
+    the file (relative to where it is written) and the file's sha256, which a moved or copied results.jsonl keeps."""
+    import hashlib
+
+    from PIL import Image
+
+    shutil.copy(EXAMPLES / "iso-flop-pilot" / "results.jsonl", tmp_path)
+    digest = hashlib.sha256((tmp_path / "results.jsonl").read_bytes()).hexdigest()
+    assert main(["scaling", "report", "--out", str(tmp_path), "--bootstrap", "20"]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    rows = len((tmp_path / "results.jsonl").read_text().splitlines())
+    assert fit["results"] == {"file": "results.jsonl", "sha256": digest, "rows": rows}
+    source = f"../results.jsonl (sha256 {digest[:12]}, {rows} rows)"
+    assert f"{rows} runs of `{source}`" in (tmp_path / "report" / "report.md").read_text()
+    figures = sorted((tmp_path / "report").glob("*.png"))
+    assert len(figures) >= 3
+    for figure in figures:
+        with Image.open(figure) as image:
+            assert image.text.get("Source") == source, figure.name
+
+
+def test_an_iso_flop_study_whose_iso_flop_fit_cannot_run_says_so_where_that_section_would_be():
+    """One budget (a sweep cut short, or a spec of one): fit.json said "not fitted: ... needs at least 2 budgets", and
+    report.md left out the study's iso-FLOP section, N*(C) and D*(C) without a word, as if it had been a grid."""
+    rows, _, _ = _sweep(budgets=(1e13,))
+    fit = fit_results(rows, bootstrap=0)
+    assert fit["iso_flop"].startswith("not fitted: an iso-FLOP fit needs at least 2 budgets")
+    report = report_markdown(rows, fit, [])
+    section = report.split("## Iso-FLOP (approach 2): a parabola in log N per budget\n", 1)[1].split("\n## ")[0]
+    assert f"\n{fit['iso_flop']}\n" in section
+    assert "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)" in section

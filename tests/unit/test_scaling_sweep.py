@@ -17,12 +17,14 @@ import time
 import pytest
 
 from mixmae_scale.config import ConfigError
+from mixmae_scale.scaling import commands, recorded, workers
 from mixmae_scale.scaling import run as sweep_run
 from mixmae_scale.scaling.fit import FitError
 from mixmae_scale.scaling.in_process import MARKER, DeviceShare
 from mixmae_scale.scaling.report import fit_results, read_results, write_report
-from mixmae_scale.scaling.run import RunQueue, SweepError, estimated_seconds, run_sweep
+from mixmae_scale.scaling.run import SweepError, run_sweep
 from mixmae_scale.scaling.spec import PlannedRun, expand, load_spec
+from mixmae_scale.scaling.workers import RunQueue, estimated_seconds
 
 SIZES = """
 sizes:
@@ -74,7 +76,7 @@ def stub_runs(monkeypatch):
     """Replaces the worker process: each run writes its folder at once, after the sweep built its command line."""
     started: list[str] = []
 
-    def worker(queue, share, job_args, finished):
+    def worker(queue, share, job_args, finished, stop=None):
         while (item := queue.take()) is not None:
             index, run = item
             args = job_args(run)
@@ -88,7 +90,7 @@ def stub_runs(monkeypatch):
             started.append(run.run_id)
             finished(index, run, 0, 1.0, "")
 
-    monkeypatch.setattr(sweep_run, "_worker", worker)
+    monkeypatch.setattr(sweep_run, "worker", worker)
     return started
 
 
@@ -207,14 +209,14 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
     spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
     spec = load_spec(spec_path)
     planned = {run.run_id: run for run in expand(spec, spec.train_samples_for_plan(), base_lr=0.02)}
-    read_back = sweep_run._row
+    read_back = sweep_run.folder_row
 
     def row(spec, run, run_dir, wall_s, subset=None):
         if run.run_id == "w12-C4e+10-seed0":
             raise OSError(f"{run_dir / 'summary.json'}: stale file handle")
         return read_back(spec, run, run_dir, wall_s, subset)
 
-    monkeypatch.setattr(sweep_run, "_row", row)
+    monkeypatch.setattr(sweep_run, "folder_row", row)
     messages: list[str] = []
     with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C4e\+10-seed0;"):
         run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
@@ -228,7 +230,7 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
 
 
 def test_the_cost_estimates_constants_are_the_h100_loop_measurement_and_the_swin_b_flop_count():
-    """scaling/run.py's STEP_OVERHEAD_S and FLOP_RATE, which order a sweep's runs and which the GPU study's device
+    """scaling/workers.py's STEP_OVERHEAD_S and FLOP_RATE, which order a sweep's runs and which the GPU study's device
     time estimate (docs/scaling-example/gpu-iso-flop/) is built from: the H100 real loop's time per step over the
     bare step's, and its images/s times Swin-B's training FLOPs per image as models/flops.py counts them."""
     from mixmae_scale.config import load_resolved
@@ -240,10 +242,10 @@ def test_the_cost_estimates_constants_are_the_h100_loop_measurement_and_the_swin
     bare = next(r for r in loop["rows"] if r["variant"] == "bare_step")
     batch = loop["settings"]["batch"]
     overhead = batch / real["images_per_s"] - batch / bare["images_per_s"]
-    assert overhead == pytest.approx(sweep_run.STEP_OVERHEAD_S, abs=5e-4)
+    assert overhead == pytest.approx(workers.STEP_OVERHEAD_S, abs=5e-4)
     per_image = model_report(load_resolved("swin_b").config.model)["train_flops_per_image"]
     assert per_image == pytest.approx(1.14e11, rel=0.005)
-    assert real["images_per_s"] * per_image == pytest.approx(sweep_run.FLOP_RATE, rel=0.01)
+    assert real["images_per_s"] * per_image == pytest.approx(workers.FLOP_RATE, rel=0.01)
 
 
 def test_a_diverged_run_is_said_and_left_out_on_every_pass_and_a_diverged_lr_scores_worst(
@@ -311,7 +313,7 @@ def test_a_worker_process_takes_at_most_k_runs_and_one_that_dies_takes_only_its_
     names = ["a", "b", "c", "fails", "dies", "d"]
     queue = RunQueue([(number, _planned(name)) for number, name in enumerate(names, start=1)])
     finished: list[tuple] = []
-    sweep_run._worker(queue, DeviceShare("2 CPU cores", 1, 2, 1), lambda run: ["pretrain"],
+    workers.worker(queue, DeviceShare("2 CPU cores", 1, 2, 1), lambda run: ["pretrain"],
                       lambda *reported: finished.append(reported), command=[sys.executable, str(stub)])
     assert [(index, run.run_id, code) for index, run, code, _, _ in finished] == \
         [(1, "a", 0), (2, "b", 0), (3, "c", 0), (4, "fails", 1), (5, "dies", 3), (6, "d", 0)]
@@ -345,24 +347,24 @@ def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     (run_dir / "summary.json").write_text(json.dumps(summary))
     spec = type("Spec", (), {"probe": False})()
     with pytest.raises(RuntimeError, match=r"run w8 \(.*\): stopped at step 3 of 10, .* resumes it"):
-        sweep_run._row(spec, _planned("w8"), run_dir, 1.0)
-    assert not sweep_run._complete(run_dir, _planned("w8")) and sweep_run._other_plan(run_dir, _planned("w8")) is None
+        recorded.folder_row(spec, _planned("w8"), run_dir, 1.0)
+    assert not recorded.finished_here(run_dir, _planned("w8")) and recorded.other_plan(run_dir, _planned("w8")) is None
     (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 8, "planned_steps": 8,
                                                       "stopped_by_signal": False}))
     said = "its own schedule ends at step 8, the plan's at 10: a run of another plan"
     with pytest.raises(RuntimeError, match=re.escape(f"run w8 ({run_dir}): {said}")):
-        sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # no held-out tail: nothing shortens its epochs
-    assert sweep_run._other_plan(run_dir, _planned("w8")).startswith(said)
+        recorded.folder_row(spec, _planned("w8"), run_dir, 1.0)  # no held-out tail: nothing shortens its epochs
+    assert recorded.other_plan(run_dir, _planned("w8")).startswith(said)
     # 100 train samples, 24 held out, batch 8: 12 steps per epoch planned, 9 run; 10 steps planned end at 8.
     _record(run_dir, samples=100, tail=24)
-    row = sweep_run._row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
+    row = recorded.folder_row(spec, _planned("w8"), run_dir, 1.0)  # planned: 10 steps, 80 images, 1e9 FLOPs
     assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
-    assert sweep_run._complete(run_dir, _planned("w8")) and sweep_run._other_plan(run_dir, _planned("w8")) is None
+    assert recorded.finished_here(run_dir, _planned("w8")) and recorded.other_plan(run_dir, _planned("w8")) is None
     _record(run_dir, samples=1000, tail=24)  # a tail that shortens 10 steps by 1 at most
-    assert "a held-out tail allows 1 step(s) fewer" in sweep_run._other_plan(run_dir, _planned("w8"))
+    assert "a held-out tail allows 1 step(s) fewer" in recorded.other_plan(run_dir, _planned("w8"))
     (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 11, "planned_steps": 11,
                                                       "stopped_by_signal": False}))
-    assert sweep_run._other_plan(run_dir, _planned("w8")) is None  # epochs that round up a step (no --max-steps)
+    assert recorded.other_plan(run_dir, _planned("w8")) is None  # epochs that round up a step (no --max-steps)
 
 
 def test_a_run_folder_of_another_plan_is_refused_not_read_as_finished(demo_shards, tmp_path, stub_runs):
@@ -405,14 +407,14 @@ def test_rows_of_two_sweeps_joined_in_one_file_are_refused(tmp_path):
 
 def test_a_run_whose_heldout_loss_diverged_is_not_recorded_as_a_point(tmp_path):
     """summary.json keeps a NaN held-out loss as NaN; the sweep wrote it into results.jsonl as a point."""
-    from mixmae_scale.scaling.run import _row
+    from mixmae_scale.scaling.recorded import folder_row
     from mixmae_scale.scaling.spec import PlannedRun
 
     run = PlannedRun("w4-seed0", "w4", 1.0, 4, 0, (), 10, 64, 1e9)
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 4, "planned_steps": 4, "heldout_loss_end":
                                                        float("nan"), "wall_s": 1.0}))
     with pytest.raises(RuntimeError, match="held-out loss nan at its end: it diverged, not a point"):
-        _row(None, run, tmp_path, 1.0)
+        folder_row(None, run, tmp_path, 1.0)
 
 
 def test_a_results_file_cut_short_is_mended_and_a_line_that_is_no_row_is_refused_by_path_and_line(
@@ -525,7 +527,7 @@ def test_a_data_subset_is_made_again_for_other_shards(demo_shards, tmp_path):
     import shutil
 
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.scaling.run import run_data
+    from mixmae_scale.scaling.subsets import run_data
 
     other = tmp_path / "other"
     shutil.copytree(demo_shards, other)
@@ -565,7 +567,7 @@ def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refuse
     set: 2.13x the fraction, recorded as 0.1. 0.6 is 3 shards (0.64, recorded as read); its ceil in floating point
     (0.6 x 5 = 3.0000000000000004) took 4, 0.853."""
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.scaling.run import run_data
+    from mixmae_scale.scaling.subsets import run_data
 
     spec_path = tmp_path / "sweep.yaml"
     text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
@@ -634,7 +636,7 @@ def test_a_started_run_of_another_plan_in_its_folder_is_refused_naming_folder_an
     old = load_spec(spec_path)
     run = next(r for r in expand(old, old.train_samples_for_plan(), base_lr=old_lr) if r.run_id == "w12-C4e+10-seed0")
     out = tmp_path / "out"
-    run_dir = _started_folder(sweep_run._pretrain_args(old, run, out, 1), capsys,
+    run_dir = _started_folder(commands.pretrain_args(old, run, out, 1), capsys,
                               run.steps if finished else None)
     spec_path.write_text(text.replace(*change) if change else text)
     with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: ") + ".*"
@@ -660,10 +662,10 @@ def test_a_started_run_of_this_plan_resumes_in_its_folder(demo_shards, tmp_path,
     out = tmp_path / "out"
     run = next(r for r in expand(spec, 300, base_lr=0.02) if r.run_id == "w12-C4e+10-seed0")
     if where == "here":
-        args = sweep_run._pretrain_args(spec, run, out, 1)
+        args = commands.pretrain_args(spec, run, out, 1)
     else:
         shards.rename(tmp_path / "away")
-        args = shlex.split(sweep_run.launch_line(spec, run, out, 300))
+        args = shlex.split(commands.launch_line(spec, run, out, 300))
         (tmp_path / "away").rename(shards)
         assert f"data.shards={shards}" in args
     run_dir = _started_folder(args, capsys)
@@ -777,10 +779,97 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     assert fit["runs"] == 6 and fit["not_in_plan"]["runs"] == dropped
     assert [m["budget"] for m in fit["iso_flop"]["minima"]] == [2e10, 4e10]
     alone = json.loads(json.dumps(fit_results([r for r in rows if r["run_id"] not in dropped], bootstrap=20)))
-    assert {k: v for k, v in fit.items() if k != "not_in_plan"} == alone
+    assert {k: v for k, v in fit.items() if k not in ("not_in_plan", "results")} == alone
+    assert fit["results"]["rows"] == 9  # the file's rows, the dropped runs' among them
     report = (out / "report" / "report.md").read_text()
     assert "3 row(s) of results.jsonl are left out: runs the spec no longer plans (" + ", ".join(dropped) in report
     assert not any(f"| {run_id} |" in report for run_id in dropped)
     spec_path.write_text(text + "# edited after the plan was recorded\n")  # the report takes the plan recorded
     assert main(["scaling", "fit", "--out", str(out), "--bootstrap", "0"]) == 0
     assert f"{spec_path} has changed since `mixmae scaling run` recorded its plan" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_during_a_sweep_starts_no_further_run_and_says_what_ran_stopped_and_did_not_start(
+        demo_shards, tmp_path, monkeypatch):
+    """Ctrl-C in the second run: the main thread's KeyboardInterrupt left the workers' threads to start every run
+    still queued (the sweep ran to its end, then printed a traceback). Now the run in flight is stopped (its folder
+    says so: a stop's summary, resumed by the next `scaling run`), no run starts after it, and the sweep ends with
+    the counts. The signal is the real SIGINT, caught by the sweep's own handler in this (the main) thread."""
+    import signal
+
+    started: list[str] = []
+
+    def worker(queue, share, job_args, finished, stop=None):
+        while (item := queue.take()) is not None:
+            index, run = item
+            args = job_args(run)
+            run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            started.append(run.run_id)
+            steps, stopped = run.steps, len(started) == 2
+            if stopped:
+                signal.raise_signal(signal.SIGINT)
+                deadline = time.monotonic() + 5
+                while not getattr(queue, "stopped", False) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                steps = run.steps // 2  # saved at a step boundary, as pretrain does on the worker's SIGTERM
+            (run_dir / "metrics.csv").write_text(f"step,epoch,images_seen,loss\n{steps},1.0,0,0.9\n")
+            (run_dir / "summary.json").write_text(json.dumps({"steps": steps, "planned_steps": run.steps,
+                                                              "stopped_by_signal": stopped,
+                                                              "heldout_loss_end": 0.8, "wall_s": 1.0}))
+            finished(index, run, 0, 1.0, "")
+
+    monkeypatch.setattr(sweep_run, "worker", worker)
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace(", sweep: [0.005, 0.02]", ""))
+    spec = load_spec(spec_path)
+    planned = len(expand(spec, spec.train_samples_for_plan()))
+    out = tmp_path / "sweep"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SweepError) as said:
+        run_sweep(spec, out, log=lambda line: None)
+    assert len(started) == 2 and [r["run_id"] for r in read_results(out / "results.jsonl")] == started[:1]
+    assert str(said.value).startswith(f"sweep stopped by SIGINT: 1 ran, 0 reused (finished earlier), 1 stopped before "
+                                      f"their end ({started[1]}), {planned - 2} not started, in ")
+    assert signal.getsignal(signal.SIGINT) is before  # the sweep's handler was there while its runs were
+
+
+STOPPED_WORKER = textwrap.dedent(f"""
+    import json, pathlib, signal, sys, time
+    asked = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+    for line in sys.stdin:
+        run_id = json.loads(line)["run_id"]
+        pathlib.Path(sys.argv[1]).write_text(run_id)
+        while not asked:
+            time.sleep(0.01)
+        print("saved at the next step boundary on SIGTERM", flush=True)
+        print("{MARKER}", run_id, 0, "0.5", flush=True)
+""")
+
+
+def test_a_stopped_sweep_sends_sigterm_to_each_worker_and_hands_out_no_further_run(tmp_path):
+    """A SIGTERM to the sweep's own process (`kill PID`) reached none of its workers: they trained on, orphaned.
+    The stop (the sweep's handler, called as the signal calls it) now signals each worker process, whose run saves
+    and reports, and the queue hands out nothing more."""
+    import signal
+    import threading
+
+    stub, began = tmp_path / "worker.py", tmp_path / "began"
+    stub.write_text(STOPPED_WORKER)
+    queue = RunQueue([(1, _planned("a")), (2, _planned("b"))])
+    stop = workers.SweepStop(queue)
+    finished: list[tuple] = []
+    thread = threading.Thread(target=workers.worker, args=(
+        queue, DeviceShare("2 CPU cores", 1, 2, 1), lambda run: ["pretrain"], lambda *said: finished.append(said),
+        [sys.executable, str(stub), str(began)]), kwargs={"stop": stop})
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not began.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop(signal.SIGTERM)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert [(index, run.run_id, code) for index, run, code, _, _ in finished] == [(1, "a", 0)]
+    assert "saved at the next step boundary on SIGTERM" in finished[0][4]
+    assert queue.left() == 1 and queue.take() is None and stop.name == "SIGTERM"
