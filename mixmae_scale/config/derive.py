@@ -85,6 +85,15 @@ def validate(config: Config) -> None:
         _require(len(getattr(m, name)) == stages,
                  f"model.{name} has {len(getattr(m, name))} entries but model.depths has {stages}")
     _require(all(d >= 1 for d in m.depths), f"model.depths must be >= 1, got {m.depths}")
+    # checked before the arithmetic below, where a zero or negative width failed as a ZeroDivisionError or a
+    # torch error while building the model, naming no key
+    _require(m.embed_dim >= 1, f"model.embed_dim must be >= 1, got {m.embed_dim}")
+    for name in ("num_heads", "window_size"):
+        _require(all(v >= 1 for v in getattr(m, name)), f"model.{name} must be >= 1 each, got {getattr(m, name)}")
+    _require(m.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {m.mlp_ratio:g}")
+    for name in ("decoder_dim", "decoder_heads"):
+        _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _require(m.decoder_depth >= 0, f"model.decoder_depth must be >= 0, got {m.decoder_depth}")
     _require(m.patch_size >= 1 and m.img_size >= 1, "model.img_size and model.patch_size must be positive")
     reduction = m.patch_size * 2 ** (stages - 1)
     _require(m.img_size % reduction == 0,

@@ -73,6 +73,15 @@ def test_logging_csv_is_no_longer_a_key_and_is_refused_as_unknown():
     ("faults.nonfinite_skip_limit=0", r"faults.nonfinite_skip_limit must be >= 1 .*, got 0"),
     ("model.window_size=[10,14,14,7]", r"model.window_size\[0\]=10 does not tile"),
     ("model.img_size=200", "must be divisible by"),
+    ("model.embed_dim=-12", r"model.embed_dim must be >= 1, got -12"),
+    ("model.embed_dim=0", r"model.embed_dim must be >= 1, got 0"),
+    ("model.num_heads=[4,8,0,32]", r"model.num_heads must be >= 1 each, got \[4, 8, 0, 32\]"),
+    ("model.window_size=[14,14,0,7]", r"model.window_size must be >= 1 each, got \[14, 14, 0, 7\]"),
+    ("model.mlp_ratio=0", r"model.mlp_ratio must be positive, got 0"),
+    ("model.decoder_dim=0", r"model.decoder_dim must be >= 1, got 0"),
+    ("model.decoder_heads=0", r"model.decoder_heads must be >= 1, got 0"),
+    ("model.decoder_depth=-1", r"model.decoder_depth must be >= 0, got -1"),
+    ("model.drop_path=1.0", r"model.drop_path must be in \[0, 1\), got 1.0"),
     ("override_without_equals", "not of the form"),
 ])
 def test_bad_values_fail_with_the_key_named(override, fragment):
