@@ -297,3 +297,41 @@ def test_an_iso_flop_study_whose_iso_flop_fit_cannot_run_says_so_where_that_sect
     section = report.split("## Iso-FLOP (approach 2): a parabola in log N per budget\n", 1)[1].split("\n## ")[0]
     assert f"\n{fit['iso_flop']}\n" in section
     assert "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)" in section
+
+
+def _step_limited(seeds: int = 2) -> list[dict]:
+    """The audit's 12-run study, synthetic: widths 4, 8, 12 (0.10M-0.54M) at budgets 8e9 and 1.6e10, two seeds. The
+    runs are step-limited: the loss falls with the images seen and rises with N (a larger model sees fewer)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for budget in (8e9, 1.6e10):
+        for name, n, per_image in (("w4", 100_000, 1.6e5), ("w8", 280_000, 4.0e5), ("w12", 540_000, 7.2e5)):
+            d = int(budget / per_image)
+            for seed in range(seeds):
+                loss = (0.3 + 2.0 / d**0.3 + 0.004 * (n / 1e5) ** 0.5) * (1 + 0.003 * rng.standard_normal())
+                rows.append({"run_id": f"{name}-C{budget:g}-seed{seed}", "budget": budget, "size": name,
+                             "seed": seed, "params": n, "images_seen": d, "flops": budget, "heldout_loss": loss})
+    return rows
+
+
+def test_a_law_fitted_with_a_non_positive_exponent_identifies_no_parameter_and_says_why():
+    """Before: on 6 points (3 widths x 2 budgets, 2 seeds) L(N, D) came out with alpha < 0 (the loss rising with N)
+    and the report marked E, B and beta identified: a loss that grows with N is not the law the fit claims."""
+    rows = _step_limited()
+    fit = fit_results(rows, bootstrap=200)
+    law = fit["L_of_N_D"]
+    assert law["values"]["alpha"] < 0 < law["values"]["beta"]
+    said = f"alpha = {law['values']['alpha']:.3g} <= 0"
+    assert law["not_a_scaling_law"].startswith(said)
+    assert all(v.startswith(f"not identified ({said}") for v in law["verdicts"].values()), law["verdicts"]
+    assert not law["identified"] and isinstance(fit["compute_optimal"], str)
+    report = report_markdown(rows, fit, [])
+    section = report.split("## L(N, D) = E + A/N^alpha + B/D^beta\n", 1)[1]
+    assert "| yes |" not in section and f"**Not a scaling law: {law['not_a_scaling_law']}.**" in section
+
+
+def test_a_law_with_positive_exponents_is_not_marked_as_no_scaling_law():
+    rows, _, _ = _sweep()
+    fit = fit_results(rows, bootstrap=20)
+    assert fit["L_of_N_D"]["not_a_scaling_law"] is None
+    assert "Not a scaling law" not in report_markdown(rows, fit, [])
