@@ -335,3 +335,43 @@ def test_a_law_with_positive_exponents_is_not_marked_as_no_scaling_law():
     fit = fit_results(rows, bootstrap=20)
     assert fit["L_of_N_D"]["not_a_scaling_law"] is None
     assert "Not a scaling law" not in report_markdown(rows, fit, [])
+
+
+def test_without_an_interior_minimum_no_n_opt_figure_is_drawn_and_the_report_says_why(tmp_path):
+    """Before: n_opt_vs_compute.png was drawn with the best sizes trained alone, under the title "N*(C)" and the
+    axis "compute-optimal N*": a plot of the smallest size at every budget that reads as N*(C)."""
+    from test_isoflop import BELOW, BUDGETS
+
+    rows, _, _ = _sweep(factors={c: BELOW for c in BUDGETS}, seed=3)
+    fit = fit_results(rows, bootstrap=0)
+    assert fit["iso_flop"]["interior_budgets"] == 0
+    (tmp_path / "n_opt_vs_compute.png").write_bytes(b"an earlier report's figure")
+    report = write_report(rows, fit, tmp_path).read_text()
+    assert "![n_opt_vs_compute.png]" not in report and not (tmp_path / "n_opt_vs_compute.png").exists()
+    assert (f"- n_opt_vs_compute.png not drawn: 0 of {len(BUDGETS)} budgets have an interior minimum, so no N* "
+            "exists to plot (the best size trained at each budget is in the iso-FLOP table)." in report)
+
+
+def test_the_n_opt_figure_labels_best_sizes_trained_apart_from_n_star():
+    """With some budgets interior, the others' best sizes trained are drawn too: the axis and title say which points
+    are N* (before: "compute-optimal N*" for every point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from test_isoflop import AROUND, BELOW, BUDGETS
+
+    from mixmae_scale.scaling.figures import _n_opt_figure
+
+    rows, _, _ = _sweep(factors={**{c: AROUND for c in BUDGETS[:3]}, **{c: BELOW for c in BUDGETS[3:]}}, seed=3)
+    iso = fit_results(rows, bootstrap=0)["iso_flop"]
+    assert 0 < iso["interior_budgets"] < len(BUDGETS)
+    figure = _n_opt_figure(plt, iso)
+    ax = figure.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_ylabel() == "parameters N"
+    assert "N*(C): interior minima only" in ax.get_title()
+    assert {"N*: interior parabola minima (5-95% where seeds allow)",
+            "not N*: best size trained (no interior minimum)"} <= set(labels)
+    assert all(label.startswith(("N*", "not N*")) for label in labels), labels
+    plt.close(figure)

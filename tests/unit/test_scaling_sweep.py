@@ -131,8 +131,11 @@ def test_iso_flop_sweep_with_lr_sweep_picks_the_lr_skips_finished_runs_reads_fol
     assert iso["N_opt"]["verdict"].startswith("not identified (") and iso["L_opt_of_C"].startswith("not fitted: ")
     report = write_report(results, fit, out / "report").read_text()
     assert "Iso-FLOP (approach 2)" in report and "**not identified (" in report
-    assert all((out / "report" / name).stat().st_size > 1000 for name in
-               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png"))
+    assert all((out / "report" / name).stat().st_size > 1000 for name in ("loss_vs_compute.png", "iso_flop.png"))
+    # An N*(C) figure only where some budget has an N* (an interior minimum); otherwise the report says why not.
+    interior = iso["interior_budgets"]
+    assert (out / "report" / "n_opt_vs_compute.png").exists() == bool(interior)
+    assert ("n_opt_vs_compute.png not drawn: 0 of 2 budgets have an interior minimum" in report) == (not interior)
     # No law identified: nothing to predict with, so no predicted-vs-observed figure, and the report says why.
     assert not (out / "report" / "predicted_vs_observed.png").exists()
     assert "predicted_vs_observed.png not drawn: neither L(N, D) nor L(C) is identified" in report
