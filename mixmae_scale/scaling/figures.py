@@ -159,25 +159,29 @@ def _iso_flop_figure(plt, rows: list[dict], iso: dict):
 
 def _n_opt_figure(plt, iso: dict):
     """Interior minima with their intervals, the sizes that did best where the minimum is not interior, and the
-    N*(C) line only when that law is identified."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    N*(C) line only when that law is identified. Without an interior minimum there is no N* at all: a figure of the
+    best sizes trained alone, titled N*(C), read as one (the smallest size at every budget of a step-limited pilot),
+    so it is not drawn; the iso-FLOP table has those sizes."""
     interior = [m for m in iso["minima"] if m["interior"]]
     edge = [m for m in iso["minima"] if not m["interior"]]
-    if interior:
-        budgets = np.array([m["budget"] for m in interior])
-        n_opt = np.array([m["n_opt"] for m in interior])
-        low = np.array([m["n_opt_5_95"][0] if m["n_opt_5_95"] else m["n_opt"] for m in interior])
-        high = np.array([m["n_opt_5_95"][1] if m["n_opt_5_95"] else m["n_opt"] for m in interior])
-        ax.errorbar(budgets, n_opt, yerr=[n_opt - low, high - n_opt], fmt="o", capsize=3,
-                    label="interior parabola minima (5-95% where seeds allow)")
+    if not interior:
+        return (f"0 of {len(iso['minima'])} budgets have an interior minimum, so no N* exists to plot (the best size "
+                "trained at each budget is in the iso-FLOP table)")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    budgets = np.array([m["budget"] for m in interior])
+    n_opt = np.array([m["n_opt"] for m in interior])
+    low = np.array([m["n_opt_5_95"][0] if m["n_opt_5_95"] else m["n_opt"] for m in interior])
+    high = np.array([m["n_opt_5_95"][1] if m["n_opt_5_95"] else m["n_opt"] for m in interior])
+    ax.errorbar(budgets, n_opt, yerr=[n_opt - low, high - n_opt], fmt="o", capsize=3,
+                label="N*: interior parabola minima (5-95% where seeds allow)")
     if edge:
         ax.plot([m["budget"] for m in edge], [m["best_measured"]["params"] for m in edge], "x", color="0.4",
-                label="no interior minimum: best size trained")
+                label="not N*: best size trained (no interior minimum)")
     law = iso["N_opt"]
     if law["identified"]:
         grid = np.logspace(np.log10(min(law["budgets"])), np.log10(max(law["budgets"])), 20)
         ax.plot(grid, law["coefficient"] * grid ** law["exponent"], "r-", label=f"N* ~ C^{law['exponent']:.2f}")
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal N*")
-    _title(ax, "N*(C)", None if law["identified"] else f"{law['verdict']}: no fit line")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="parameters N")
+    _title(ax, "N*(C): interior minima only", None if law["identified"] else f"{law['verdict']}: no fit line")
     ax.legend(fontsize=8)
     return fig

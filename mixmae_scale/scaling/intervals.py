@@ -17,7 +17,12 @@ by one function, `judge`, so that no law is called identified on weaker evidence
 - an exponent (EXPONENTS) is judged by its sign and its width as well: a ratio alone called (0.26, 0.74)
   identified (2.85x), though C^0.26 and C^0.74 differ 9x over two decades of C, and called the narrow
   (-0.62, -0.58) "reaches zero". An exponent is identified when its interval keeps one sign, is at most
-  EXPONENT_WIDTH wide, and, as every parameter, at most IDENTIFIED_FACTOR from end to end (in absolute value).
+  EXPONENT_WIDTH wide, and, as every parameter, at most IDENTIFIED_FACTOR from end to end (in absolute value);
+- a loss law whose decay exponent (DECAY_EXPONENTS: alpha, beta) is estimated at or below zero identifies no
+  parameter at all: its loss does not fall with N, D or C, so it is no scaling law, and the other terms' narrow
+  intervals describe a curve that absorbs the wrong sign (a 12-run study fitted alpha < 0 and had E, B and beta
+  "identified"). The fit is not bounded to positive exponents: a bound would hide the sign at 0, where A trades
+  with E; the estimate is kept in fit.json, the verdicts give the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ IDENTIFIED_FACTOR = 3.0  # a 5-95% interval wider than this factor (high / low) 
 # each decade of C (from the exponent alone, N*(C) a decade past the budgets spans at most 2x).
 EXPONENT_WIDTH = 0.3
 EXPONENTS = frozenset({"alpha", "beta", "exponent"})  # the parameters judged as exponents, in every law
+# The exponents by which a loss law's terms fall (L(C), L(N, D), L*(C)); N*(C) = k C^a's `exponent` may have either
+# sign: it is a measurement, not the law's claim.
+DECAY_EXPONENTS = frozenset({"alpha", "beta"})
 UNBOUNDED = "1e3"  # ... and one wider than this is unbounded for every practical purpose
 UNBOUNDED_FACTOR = float(UNBOUNDED)
 MAX_LOST_SHARE = 0.05  # rounds without a value beyond this share leave the 5th or 95th percentile unbounded
@@ -64,6 +72,7 @@ class Judgement:
     refitted: int = 0
     distinct: int = 0
     missing: str = ""  # why there is no interval, when there is none
+    not_a_law: str = ""  # a decay exponent at or below zero: why the law is no scaling law (empty when none is)
 
     @property
     def identified(self) -> bool:
@@ -92,14 +101,28 @@ def judge(estimates: Mapping[str, float], draws: Mapping[str, Sequence[float]], 
     distinct = len(np.unique(np.asarray(draws.get(first, ()), float))) if first else 0
     missing = _missing(support, refitted)
     drawn = 0 if support.once or too_few_points("", support.points, support.parameters) else support.rounds
-    judgement = Judgement(rounds=drawn, refitted=refitted, distinct=distinct, missing=missing or "")
+    not_a_law = non_positive_exponents(estimates)
+    judgement = Judgement(rounds=drawn, refitted=refitted, distinct=distinct, missing=missing or "",
+                          not_a_law=not_a_law)
     for name, estimate in estimates.items():
         interval = None if missing else _percentiles(draws[name])
         judgement.verdicts[name] = (f"not identified ({missing})" if missing
+                                    else f"not identified ({not_a_law})" if not_a_law
                                     else _verdict(estimate, interval, name in EXPONENTS))
         # A zero-width range measures the resampling, not the law: not printed as an interval ("a - a").
         judgement.intervals[name] = None if interval and interval[0] == interval[1] else interval
     return judgement
+
+
+def non_positive_exponents(estimates: Mapping[str, float]) -> str:
+    """Why a loss law is no scaling law (its decay exponents at or below zero), or "" when it may be one."""
+    bad = [f"{name} = {estimates[name]:.3g}" for name in estimates
+           if name in DECAY_EXPONENTS and not estimates[name] > 0]
+    if not bad:
+        return ""
+    return (f"{' and '.join(bad)} <= 0: the loss this term describes does not fall as its variable grows"
+            if len(bad) == 1 else
+            f"{' and '.join(bad)} <= 0: the losses these terms describe do not fall as their variables grow")
 
 
 def _missing(support: Support, refitted: int) -> str | None:

@@ -126,7 +126,8 @@ def frontier_compute(rows: list[dict]) -> np.ndarray:
 def _law_json(law: LawFit) -> dict:
     return {"values": law.values, "intervals_5_95": law.intervals, "verdicts": law.verdicts(),
             "identified": law.identified, "log_rms": law.residual_rms, "bootstrap_resamples": law.rounds,
-            "refitted": law.refitted, "distinct_refits": law.judged.distinct, "resamples": law.judged.resamples()}
+            "refitted": law.refitted, "distinct_refits": law.judged.distinct, "resamples": law.judged.resamples(),
+            "not_a_scaling_law": law.judged.not_a_law or None}
 
 
 HOLDOUT = 2  # compute levels the L(C) check holds out
@@ -363,6 +364,9 @@ def _law_lines(law: dict | str) -> list[str]:
         shown = f"{value:.4g}" if interval else "-"
         lines.append(f"| {key} | {shown} | {format_interval(interval)} | {verdict} |")
     lines += ["", f"{law['resamples'][0].upper()}{law['resamples'][1:]}."]
+    if law.get("not_a_scaling_law"):  # the sign of an exponent is the fit's own, with or without an interval
+        lines += ["", f"**Not a scaling law: {law['not_a_scaling_law']}.** No parameter of it is identified, and "
+                  "nothing is derived from it: the fit does not show the loss falling as the law says."]
     return lines
 
 

@@ -52,6 +52,7 @@ from mixmae_scale.scaling.workers import (
     RunQueue,
     SweepStop,
     estimated_seconds,
+    exit_reason,
     start_order,
     worker,
 )
@@ -77,9 +78,19 @@ class Tally:
     ran: int = 0
     reused: int = 0
     failed: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)  # a failed run's cause, as its line said it ("killed by SIGKILL")
     diverged: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)  # in flight when a signal stopped the sweep
     start: float = field(default_factory=time.perf_counter)
+
+    def fail(self, run_id: str, why: str) -> None:
+        self.failed.append(run_id)
+        self.why[run_id] = why
+
+    def failures(self) -> str:
+        """The failed runs with their causes, for the sweep's last lines: a bare count or list of ids sent the reader
+        up the log to learn that a worker was killed."""
+        return ", ".join(f"{run_id}: {self.why[run_id]}" if run_id in self.why else run_id for run_id in self.failed)
 
 
 def plan_record(spec: SweepSpec) -> dict:
@@ -159,10 +170,11 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
 def _summary(tally: Tally, out: Path, log) -> None:
     minutes, seconds = divmod(round(time.perf_counter() - tally.start), 60)
     diverged = f", {len(tally.diverged)} diverged ({', '.join(tally.diverged)}: not points)" if tally.diverged else ""
-    log(f"sweep: {tally.ran} ran, {tally.reused} reused (finished earlier), {len(tally.failed)} failed{diverged}, in "
-        f"{minutes} min {seconds:02d} s; results in {out / 'results.jsonl'}")
+    failed = f" ({tally.failures()})" if tally.failed else ""
+    log(f"sweep: {tally.ran} ran, {tally.reused} reused (finished earlier), {len(tally.failed)} failed{failed}"
+        f"{diverged}, in {minutes} min {seconds:02d} s; results in {out / 'results.jsonl'}")
     if tally.failed:
-        raise SweepError(f"{len(tally.failed)} run(s) failed ({', '.join(tally.failed)}; their output is above); "
+        raise SweepError(f"{len(tally.failed)} run(s) failed ({tally.failures()}; their output is above); "
                          f"the rest are recorded: run the same `mixmae scaling run` again to retry only those")
     log(f"next: mixmae scaling report --out {out}   (fit.json, report.md and figures; `mixmae scaling fit --out "
         f"{out}` for fit.json alone)")
@@ -177,7 +189,7 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int,
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
     _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, share, {"lr_rule": "lr sweep", **plan_record(spec)}, tally)
     if tally.failed:
-        raise SweepError(f"the lr sweep's run(s) {', '.join(tally.failed)} failed (output above); run the same "
+        raise SweepError(f"the lr sweep's run(s) failed ({tally.failures()}; output above); run the same "
                          "`mixmae scaling run` again to retry them")
     done = {r["run_id"]: r for r in rows_of(out / "lr_sweep.jsonl")}
     # A diverged lr (no row) scores worst; NaN in a comparison would have let it win.
@@ -250,7 +262,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                 log(f"[{index}/{len(runs)}] {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - one unreadable run is recorded as failed; the rest go on
-                tally.failed.append(run.run_id)
+                tally.fail(run.run_id, "its finished folder cannot be read")
                 log(f"[{index}/{len(runs)}] {run.run_id}: finished run in {run_dir} cannot be read: {exc}")
                 continue
             append_row(results, row)
@@ -269,6 +281,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                 tally.stopped.append(run.run_id)
                 log(f"[{index}/{len(runs)}] {run.run_id}: stopped by {stop.name} before its end")
                 return
+            why = ""
             if not code:
                 try:
                     row = {**folder_row(spec, run, out / "runs" / run.run_id, wall_s,
@@ -279,10 +292,13 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                     log(f"[{index}/{len(runs)}] {exc}")
                     return
                 except Exception as exc:  # noqa: BLE001 - one unreadable run is recorded as failed; the rest go on
-                    code, output = 1, f"{output}\nmixmae: error: reading run {run.run_id}: {exc}\n"
-            if code:
-                tally.failed.append(run.run_id)
-                log(f"[{index}/{len(runs)}] {run.run_id}: failed (exit {code}):\n{output[-2000:]}")
+                    # Its process ended well: "exit 1" would have named a status no process had.
+                    why = "its run folder cannot be read"
+                    output = f"{output}\nmixmae: error: reading run {run.run_id}: {exc}\n"
+            if code or why:
+                why = why or exit_reason(code)
+                tally.fail(run.run_id, why)
+                log(f"[{index}/{len(runs)}] {run.run_id}: failed ({why}):\n{output[-2000:]}")
                 return
             append_row(results, row)
             rows.append(row)
@@ -312,7 +328,7 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
 def _stopped(stop: SweepStop, tally: Tally, not_started: int, results: Path, out: Path) -> None:
     minutes, seconds = divmod(round(time.perf_counter() - tally.start), 60)
     stopped = f" ({', '.join(tally.stopped)})" if tally.stopped else ""
-    failed = f", {len(tally.failed)} failed ({', '.join(tally.failed)})" if tally.failed else ""
+    failed = f", {len(tally.failed)} failed ({tally.failures()})" if tally.failed else ""
     raise SweepError(f"sweep stopped by {stop.name}: {tally.ran} ran, {tally.reused} reused (finished earlier), "
                      f"{len(tally.stopped)} stopped before their end{stopped}{failed}, {not_started} not started, in "
                      f"{minutes} min {seconds:02d} s; finished runs are in {results}. The same `mixmae scaling run "

@@ -148,6 +148,18 @@ def worker(queue: RunQueue, share: DeviceShare, job_args, finished, command: lis
                 stop.ended(process)
 
 
+def exit_reason(code: int) -> str:
+    """How a run's worker ended, for the sweep's lines: a process killed by a signal has a negative code (Popen's
+    -9), which "exit -9" made read as the run's own status. The signal is named, not its cause: SIGKILL comes from
+    the kernel's OOM killer, `kill -9` or a scheduler past its grace time alike, and the code cannot tell which."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a number this platform names no signal for
+        return f"killed by signal {-code}"
+
+
 def run_in(process: subprocess.Popen, run: PlannedRun, args: list[str]) -> tuple[int, float, str]:
     """Hands `run` to the worker process and reads its output up to the run's marker: (exit code, wall s, output).
     The marker is looked for anywhere in a line: output written without a newline must not hide it."""

@@ -153,3 +153,23 @@ def test_the_extrapolation_check_holds_out_whole_compute_levels_with_every_seed(
     assert result["max_relative_error"] < 0.01
     with pytest.raises(FitError, match="the check needs 6 compute levels .* got 5"):
         extrapolation_error(c[:15], loss[:15], holdout=2)
+
+
+def test_judge_identifies_nothing_of_a_law_whose_decay_exponent_is_not_positive():
+    """alpha and beta are the exponents by which a loss law falls; at or below zero the law's loss does not fall with
+    N, D or C, and its other parameters (narrow intervals or not) describe no scaling law. The iso-FLOP lines'
+    `exponent` (N*(C) = k C^a) may have either sign."""
+    from mixmae_scale.scaling.intervals import Support, judge
+
+    narrow = list(np.linspace(-0.21, -0.19, 100))
+    scale = list(np.linspace(0.9, 1.1, 100))
+    judged = judge({"E": 1.0, "alpha": -0.2}, {"E": scale, "alpha": narrow}, Support(6, 2, rounds=100))
+    assert judged.not_a_law == "alpha = -0.2 <= 0: the loss this term describes does not fall as its variable grows"
+    assert set(judged.verdicts.values()) == {f"not identified ({judged.not_a_law})"}
+    at_zero = judge({"E": 1.0, "beta": 0.0}, {"E": scale, "beta": narrow}, Support(6, 2, rounds=100))
+    assert at_zero.not_a_law.startswith("beta = 0 <= 0") and not at_zero.identified
+    line = judge({"exponent": -0.2}, {"exponent": narrow}, Support(6, 2, rounds=100))
+    assert line.not_a_law == "" and line.verdicts == {"exponent": "identified"}
+    # Without an interval the first reason stays (one seed), and the sign is still recorded.
+    once = judge({"alpha": -0.2}, {"alpha": []}, Support(6, 1, once=6, rounds=100))
+    assert once.verdicts["alpha"].startswith("not identified (one seed") and once.not_a_law.startswith("alpha = -0.2")

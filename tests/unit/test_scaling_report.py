@@ -297,3 +297,81 @@ def test_an_iso_flop_study_whose_iso_flop_fit_cannot_run_says_so_where_that_sect
     section = report.split("## Iso-FLOP (approach 2): a parabola in log N per budget\n", 1)[1].split("\n## ")[0]
     assert f"\n{fit['iso_flop']}\n" in section
     assert "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)" in section
+
+
+def _step_limited(seeds: int = 2) -> list[dict]:
+    """The audit's 12-run study, synthetic: widths 4, 8, 12 (0.10M-0.54M) at budgets 8e9 and 1.6e10, two seeds. The
+    runs are step-limited: the loss falls with the images seen and rises with N (a larger model sees fewer)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for budget in (8e9, 1.6e10):
+        for name, n, per_image in (("w4", 100_000, 1.6e5), ("w8", 280_000, 4.0e5), ("w12", 540_000, 7.2e5)):
+            d = int(budget / per_image)
+            for seed in range(seeds):
+                loss = (0.3 + 2.0 / d**0.3 + 0.004 * (n / 1e5) ** 0.5) * (1 + 0.003 * rng.standard_normal())
+                rows.append({"run_id": f"{name}-C{budget:g}-seed{seed}", "budget": budget, "size": name,
+                             "seed": seed, "params": n, "images_seen": d, "flops": budget, "heldout_loss": loss})
+    return rows
+
+
+def test_a_law_fitted_with_a_non_positive_exponent_identifies_no_parameter_and_says_why():
+    """Before: on 6 points (3 widths x 2 budgets, 2 seeds) L(N, D) came out with alpha < 0 (the loss rising with N)
+    and the report marked E, B and beta identified: a loss that grows with N is not the law the fit claims."""
+    rows = _step_limited()
+    fit = fit_results(rows, bootstrap=200)
+    law = fit["L_of_N_D"]
+    assert law["values"]["alpha"] < 0 < law["values"]["beta"]
+    said = f"alpha = {law['values']['alpha']:.3g} <= 0"
+    assert law["not_a_scaling_law"].startswith(said)
+    assert all(v.startswith(f"not identified ({said}") for v in law["verdicts"].values()), law["verdicts"]
+    assert not law["identified"] and isinstance(fit["compute_optimal"], str)
+    report = report_markdown(rows, fit, [])
+    section = report.split("## L(N, D) = E + A/N^alpha + B/D^beta\n", 1)[1]
+    assert "| yes |" not in section and f"**Not a scaling law: {law['not_a_scaling_law']}.**" in section
+
+
+def test_a_law_with_positive_exponents_is_not_marked_as_no_scaling_law():
+    rows, _, _ = _sweep()
+    fit = fit_results(rows, bootstrap=20)
+    assert fit["L_of_N_D"]["not_a_scaling_law"] is None
+    assert "Not a scaling law" not in report_markdown(rows, fit, [])
+
+
+def test_without_an_interior_minimum_no_n_opt_figure_is_drawn_and_the_report_says_why(tmp_path):
+    """Before: n_opt_vs_compute.png was drawn with the best sizes trained alone, under the title "N*(C)" and the
+    axis "compute-optimal N*": a plot of the smallest size at every budget that reads as N*(C)."""
+    from test_isoflop import BELOW, BUDGETS
+
+    rows, _, _ = _sweep(factors={c: BELOW for c in BUDGETS}, seed=3)
+    fit = fit_results(rows, bootstrap=0)
+    assert fit["iso_flop"]["interior_budgets"] == 0
+    (tmp_path / "n_opt_vs_compute.png").write_bytes(b"an earlier report's figure")
+    report = write_report(rows, fit, tmp_path).read_text()
+    assert "![n_opt_vs_compute.png]" not in report and not (tmp_path / "n_opt_vs_compute.png").exists()
+    assert (f"- n_opt_vs_compute.png not drawn: 0 of {len(BUDGETS)} budgets have an interior minimum, so no N* "
+            "exists to plot (the best size trained at each budget is in the iso-FLOP table)." in report)
+
+
+def test_the_n_opt_figure_labels_best_sizes_trained_apart_from_n_star():
+    """With some budgets interior, the others' best sizes trained are drawn too: the axis and title say which points
+    are N* (before: "compute-optimal N*" for every point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from test_isoflop import AROUND, BELOW, BUDGETS
+
+    from mixmae_scale.scaling.figures import _n_opt_figure
+
+    rows, _, _ = _sweep(factors={**{c: AROUND for c in BUDGETS[:3]}, **{c: BELOW for c in BUDGETS[3:]}}, seed=3)
+    iso = fit_results(rows, bootstrap=0)["iso_flop"]
+    assert 0 < iso["interior_budgets"] < len(BUDGETS)
+    figure = _n_opt_figure(plt, iso)
+    ax = figure.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_ylabel() == "parameters N"
+    assert "N*(C): interior minima only" in ax.get_title()
+    assert {"N*: interior parabola minima (5-95% where seeds allow)",
+            "not N*: best size trained (no interior minimum)"} <= set(labels)
+    assert all(label.startswith(("N*", "not N*")) for label in labels), labels
+    plt.close(figure)

@@ -131,8 +131,11 @@ def test_iso_flop_sweep_with_lr_sweep_picks_the_lr_skips_finished_runs_reads_fol
     assert iso["N_opt"]["verdict"].startswith("not identified (") and iso["L_opt_of_C"].startswith("not fitted: ")
     report = write_report(results, fit, out / "report").read_text()
     assert "Iso-FLOP (approach 2)" in report and "**not identified (" in report
-    assert all((out / "report" / name).stat().st_size > 1000 for name in
-               ("loss_vs_compute.png", "iso_flop.png", "n_opt_vs_compute.png"))
+    assert all((out / "report" / name).stat().st_size > 1000 for name in ("loss_vs_compute.png", "iso_flop.png"))
+    # An N*(C) figure only where some budget has an N* (an interior minimum); otherwise the report says why not.
+    interior = iso["interior_budgets"]
+    assert (out / "report" / "n_opt_vs_compute.png").exists() == bool(interior)
+    assert ("n_opt_vs_compute.png not drawn: 0 of 2 budgets have an interior minimum" in report) == (not interior)
     # No law identified: nothing to predict with, so no predicted-vs-observed figure, and the report says why.
     assert not (out / "report" / "predicted_vs_observed.png").exists()
     assert "predicted_vs_observed.png not drawn: neither L(N, D) nor L(C) is identified" in report
@@ -218,15 +221,47 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
 
     monkeypatch.setattr(sweep_run, "folder_row", row)
     messages: list[str] = []
-    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C4e\+10-seed0;"):
+    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C4e\+10-seed0: its run folder cannot be read;"):
         run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     study = stub_runs[1:]  # after the lr sweep's one run
     order = [(planned[run_id].budget, -estimated_seconds(planned[run_id])) for run_id in study]
     assert sorted(study) == sorted(planned) and order == sorted(order)
     assert [budget for budget, _ in order] == [2e10] * 3 + [4e10] * 3 and order[0][1] < order[2][1]
-    assert any("w12-C4e+10-seed0: failed (exit 1)" in m and "stale file handle" in m for m in messages)
+    assert any("w12-C4e+10-seed0: failed (its run folder cannot be read)" in m and "stale file handle" in m
+               for m in messages)
     recorded = [json.loads(line)["run_id"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted(recorded) == sorted(set(planned) - {"w12-C4e+10-seed0"})
+
+
+def test_a_run_whose_worker_was_killed_by_a_signal_is_reported_by_the_signals_name(
+        demo_shards, tmp_path, stub_runs, monkeypatch):
+    """A worker process killed by a signal ends with a negative code (Popen's -9 for SIGKILL): the sweep said
+    "failed (exit -9)", which reads as the run's own exit status. The run's line, the sweep's last line and its error
+    name the signal; SIGKILL gets no cause (the OOM killer, `kill -9`, a scheduler past its grace time: the exit
+    status cannot tell them apart)."""
+    import signal
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    spec = load_spec(spec_path)
+    stubbed = sweep_run.worker
+
+    def worker(queue, share, job_args, finished, stop=None):
+        def killed(index, run, code, wall_s, output):
+            if run.run_id == "w12-C4e+10-seed0":
+                code, output = -signal.SIGKILL, "step 3\n"
+            finished(index, run, code, wall_s, output)
+        stubbed(queue, share, job_args, killed, stop)
+
+    monkeypatch.setattr(sweep_run, "worker", worker)
+    messages: list[str] = []
+    with pytest.raises(SweepError, match=re.escape("1 run(s) failed (w12-C4e+10-seed0: killed by SIGKILL;")):
+        run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
+    assert any(m.startswith("[") and "w12-C4e+10-seed0: failed (killed by SIGKILL):\nstep 3" in m for m in messages)
+    assert "1 failed (w12-C4e+10-seed0: killed by SIGKILL)," in messages[-1]
+    assert not any("exit -9" in m for m in messages)
+    assert sweep_run.exit_reason(1) == "exit 1" and sweep_run.exit_reason(-signal.SIGTERM) == "killed by SIGTERM"
+    assert sweep_run.exit_reason(-200) == "killed by signal 200"
 
 
 def test_the_cost_estimates_constants_are_the_h100_loop_measurement_and_the_swin_b_flop_count():
