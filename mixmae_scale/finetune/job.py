@@ -83,10 +83,20 @@ def unplaced_weights(config: Config, unexpected: list[str], arch: dict) -> str:
 def head_classes(configured: int | None, data_classes: int, shards: str) -> int:
     """The classifier's class count: `finetune.num_classes`, or the training data's where it is unset. Fewer classes
     than the data's labels are refused at the start: a label past the head reached mixup's one-hot or the loss
-    mid-run (a device-side assert on a GPU)."""
-    if configured and data_classes and configured < data_classes:
-        from mixmae_scale.config.load import ConfigError
+    mid-run (a device-side assert on a GPU). One class is refused too: a softmax over one class is 1 whatever the
+    encoder, so the run trained at loss 0 and grad 0 and reported top-1 100% (a wider head fits the one label as
+    well)."""
+    from mixmae_scale.config.load import ConfigError
 
+    if data_classes == 1:
+        raise DataError(f"{shards}: the manifest has 1 class (labels 0-0); a classifier of one class has nothing to "
+                        "learn (its loss is 0 and its top-1 100% whatever the encoder): fine-tune on a set of two "
+                        "classes or more (a folder of one class can still be pretrained on)")
+    if configured == 1:
+        raise ConfigError("finetune.num_classes=1: a classifier of one class has nothing to learn (its loss is 0 and "
+                          "its top-1 100% whatever the encoder); set at least 2, or leave it unset to take the "
+                          "manifest's")
+    if configured and data_classes and configured < data_classes:
         raise ConfigError(f"finetune.num_classes={configured}: the manifest of {shards} has {data_classes} classes "
                           f"(labels 0-{data_classes - 1}); set finetune.num_classes to at least {data_classes}, or "
                           "leave it unset to take the manifest's")

@@ -60,6 +60,19 @@ def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():
         head_classes(None, 0, "/data/x")
 
 
+def test_a_classifier_of_one_class_is_refused_naming_the_count():
+    """A folder of one class fine-tuned to loss 0.0000, grad 0.000 and `top-1 100.00%` on every evaluation: a
+    softmax over one class is 1 whatever the encoder, so the run learnt nothing and its result read as perfect."""
+    with pytest.raises(DataError, match=r"^/data/x: the manifest has 1 class \(labels 0-0\); a classifier of one "
+                                        r"class has nothing to learn"):
+        head_classes(None, 1, "/data/x")
+    with pytest.raises(DataError, match="has 1 class"):  # a wider head does not help: every label is still 0
+        head_classes(5, 1, "/data/x")
+    with pytest.raises(ConfigError, match=r"^finetune.num_classes=1: a classifier of one class"):
+        head_classes(1, 0, "/data/x")
+    assert head_classes(None, 2, "/data/x") == 2 and head_classes(2, 0, "/data/x") == 2
+
+
 class RunStarted(Exception):
     """Stands for everything after the start's checks: the process group, the run folder, the training."""
 
