@@ -137,6 +137,11 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
             what = (f"the {GRID_IMAGES} images the reconstruction grids need at the least (a hold-out is never "
                     "smaller, whatever logging.heldout_batches x batch.micro)")
             lower = ""
+        elif train.samples < 2 * GRID_IMAGES:  # below the floor's own need: no setting lowers the count enough
+            what = "logging.heldout_batches x batch.micro"
+            lower = (f" (no lower setting helps: a hold-out is never below the {GRID_IMAGES} images the "
+                     f"reconstruction grids need, and {train.samples} samples cannot hold out {GRID_IMAGES} and "
+                     "train on as many)")
         else:
             what = "logging.heldout_batches x batch.micro"
             lower = ", or lower logging.heldout_batches or batch.micro"
