@@ -191,7 +191,9 @@ def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_class
                          spec_for(config, "finetune", derived.micro_batch, place))
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
     # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
-    val_spec = spec_for(config, "val", eval_batch_size(derived.micro_batch, val_samples, ctx.world), place)
+    val_batch = eval_batch_size(derived.micro_batch, val_samples, ctx.world, config.data.shards,
+                                config.data.val_split, "the fine-tuning")
+    val_spec = spec_for(config, "val", val_batch, place)
     job = FinetuneJob(config, ctx.root, loader, num_classes, val_spec, val_samples, ctx.device,
                       eval_every=max(1, round(config.finetune.eval_every_epochs * derived.steps_per_epoch)), init=init)
     job.compiled_blocks = compile_model(model, ctx)
