@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
-from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_manifest, load_split
+from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_manifest, load_split, way_to_add_split
 from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
 
 GRID_IMAGES = 8  # the reconstruction grids' fixed images (visualize/snapshots.py)
@@ -117,12 +117,7 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
     splits = load_manifest(location).splits
     if mode != "train" and val_split in splits:
         return HeldOut(load_split(location, val_split), 0, 0)
-    adopted = train_split in splits and splits[train_split].adopted
-    # A converted set cannot take an adopted split (`shards adopt` refuses it): its way is a conversion again.
-    add_one = (f"adopt a validation split into the set (`mixmae shards adopt SRC --out {location} --split "
-               f"{val_split}`)" if adopted else
-               "convert the images again with a validation split into a new folder (`mixmae shards folder --src "
-               "SRC --out NEW --val-fraction 0.05`)")
+    add_one = way_to_add_split(str(location), splits, val_split)
     if mode == "split":
         raise DataError(f"{path}: no split '{val_split}' (data.val_split); it has {sorted(splits)}. data.heldout=auto "
                         f"holds out the end of '{train_split}' instead, or {add_one}")

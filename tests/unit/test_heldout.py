@@ -277,3 +277,22 @@ def test_a_train_split_below_twice_the_grids_floor_is_not_told_to_lower_the_sett
     assert "lower logging.heldout_batches or batch.micro" in str(  # 16 or more: lowering them does help
         pytest.raises(DataError, choose_heldout, str(write_set(tmp_path / "more", sizes=(9, 8))), "train", "val",
                       "auto", 64).value)
+
+
+def test_a_missing_validation_split_names_the_way_to_add_one_wherever_it_is_asked_for(tmp_path):
+    """Fine-tuning, `mixmae probe` and `mixmae eval` over a folder converted without --val-fraction said `no split
+    'val'; it has ['train']` and no more; the held-out refusal named the way to add one."""
+    from mixmae_scale.data.manifest import load_split
+
+    folder = write_set(tmp_path / "set")
+    with pytest.raises(DataError, match=r"no split 'val'; it has \['train'\]; convert the images again with a "
+                                         r"validation split into a new folder \(`mixmae shards folder --src SRC "
+                                         r"--out NEW --val-fraction 0.05`\)"):
+        load_split(str(folder), "val")
+    adopted = write_set(tmp_path / "adopted")
+    manifest = json.loads((adopted / "dataset.json").read_text())
+    manifest["splits"]["train"]["adopted_from"] = str(adopted)
+    (adopted / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"no split 'val'; it has \['train'\]; adopt a validation split into the set "
+                                         r"\(`mixmae shards adopt SRC --out .*adopted --split val`\)"):
+        load_split(str(adopted), "val")
