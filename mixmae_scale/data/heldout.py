@@ -20,7 +20,14 @@ from pathlib import Path
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
-from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_manifest, load_split, way_to_add_split
+from mixmae_scale.data.manifest import (
+    CONVERT_WITH_VAL,
+    MANIFEST,
+    SplitShards,
+    load_manifest,
+    load_split,
+    way_to_add_split,
+)
 from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
 
 GRID_IMAGES = 8  # the reconstruction grids' fixed images (visualize/snapshots.py)
@@ -117,7 +124,8 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
     splits = load_manifest(location).splits
     if mode != "train" and val_split in splits:
         return HeldOut(load_split(location, val_split), 0, 0)
-    add_one = way_to_add_split(str(location), splits, val_split)
+    add_one = (way_to_add_split(str(location), splits, val_split)
+               or f"{CONVERT_WITH_VAL}, then set data.val_split=val")
     if mode == "split":
         raise DataError(f"{path}: no split '{val_split}' (data.val_split); it has {sorted(splits)}. data.heldout=auto "
                         f"holds out the end of '{train_split}' instead, or {add_one}")

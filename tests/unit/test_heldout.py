@@ -289,6 +289,8 @@ def test_a_missing_validation_split_names_the_way_to_add_one_wherever_it_is_aske
                                          r"validation split into a new folder \(`mixmae shards folder --src SRC "
                                          r"--out NEW --val-fraction 0.05`\)"):
         load_split(str(folder), "val")
+    with pytest.raises(DataError, match=r"no split 'valid'; it has \['train'\]$"):  # a conversion makes 'val' only
+        load_split(str(folder), "valid")
     adopted = write_set(tmp_path / "adopted")
     manifest = json.loads((adopted / "dataset.json").read_text())
     manifest["splits"]["train"]["adopted_from"] = str(adopted)
