@@ -347,7 +347,6 @@ def way_to_add_split(location: str, splits: dict, split: str) -> str:
     return CONVERT_WITH_VAL
 
 
-
 def load_split(location: str | Path, split: str, world_size: int = 1) -> SplitShards:
     """`world_size` is accepted for the callers that pass it; a split reads the same on any world size."""
     location = str(location)
