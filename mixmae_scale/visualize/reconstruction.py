@@ -186,7 +186,15 @@ def visualize(source: str, shards: str, out, pairs: int = 4, split: str = "val",
                            "`mixmae export RUN --with-decoder`")
     model = build_from_architecture(arch).eval()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=True)
-    images = first_images(shards, split, 2 * pairs, arch["img_size"], backend)
+    images = first_images(shards, split, 2 * pairs, arch["img_size"], backend, at_least=0)
+    if len(images) < 2 * pairs:  # a small folder's --val-fraction split: the way out is an option of this command
+        from mixmae_scale.data.errors import DataError
+
+        fit, other = len(images) // 2 * 2, "val" if split == "train" else "train"
+        way = (f"ask for {fit} with --images {fit}, or show another split (--split {other})" if fit else
+               f"show another split (--split {other}): a grid pairs images, 2 at the least")
+        raise DataError(f"split '{split}' of {where(shards)} has {len(images)} image{'s' * (len(images) != 1)}, "
+                        f"fewer than the {2 * pairs} asked for: {way}")
     mask = model.sample_mask(torch.Generator().manual_seed(seed))
     title = f"{describe_source(source)}: the first {2 * pairs} images of split '{split}', mask seed {seed}"
     picture = grid(reconstruct(model, images, mask), pairs, title=title)

@@ -177,3 +177,20 @@ def test_grids_of_a_validation_split_smaller_than_the_grid_draw_its_pairs_or_non
     else:
         assert [p.name for p in written] == ["step00000005.png"] and len(snapshots.images) == 2
         assert "reconstruction grids on 2 images: split 'val' of " in caplog.text and "has 3" in caplog.text
+
+
+def test_visualize_on_a_split_smaller_than_the_images_asked_for_names_the_option(tmp_path, small_mixmae):
+    """`mixmae visualize` on a folder whose --val-fraction held out 2 images said `has 2 images, fewer than the 8
+    asked for`, not which option asks."""
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.visualize.reconstruction import visualize
+
+    weights = tmp_path / "mixmae.safetensors"
+    state = small_mixmae.state_dict()
+    save_weights(weights, state, infer_architecture(state), "pretrain")
+    shards = _shards_with_val(tmp_path, 2)
+    with pytest.raises(DataError, match=r"split 'val' of .* has 2 images, fewer than the 8 asked for: ask for 2 with "
+                                        r"--images 2, or show another split \(--split train\)"):
+        visualize(str(weights), str(shards), tmp_path / "rec.png", pairs=4)
+    assert visualize(str(weights), str(shards), tmp_path / "rec.png", pairs=1)["pairs"] == 1
