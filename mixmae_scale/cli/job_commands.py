@@ -110,8 +110,22 @@ def finetune_message(summary: dict) -> str:
     last = summary["last"] or {"top1": float("nan")}
     # A bf16 run's top-1 is not `mixmae eval`'s fp32 one (docs/training.md): say which it is.
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}%{precision} "
+    return (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}%{precision}{over_images(last)} "
             f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
+
+
+def over_images(evaluation: dict) -> str:
+    """How many validation images a top-1 is over, and, below the probe's floor of a result (finetune/probe.py), how
+    wide it is: a folder's one held-out image gave `top-1 100.00%`, which read as a result."""
+    from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES
+
+    n = evaluation.get("samples")
+    if not n:
+        return ""
+    said = f" on {n} validation image{'s' * (n != 1)}"
+    if n < MIN_PROBE_IMAGES:
+        said += f", too few to read: its 95% interval is about +-{98 / n ** 0.5:.0f} points"
+    return said
 
 
 def segment_message(summary: dict) -> str:

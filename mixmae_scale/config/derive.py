@@ -211,6 +211,23 @@ def solve_batch(global_batch: int, micro_ceiling: int, world: int) -> tuple[int,
         f"{gpus} GPUs")
 
 
+def too_few_samples(global_batch: int, samples: int, world: int, accumulation_set: bool) -> str:
+    """The refusal of a global batch above the training set, naming the largest global batch this many GPUs take
+    (each GPU an even number of images: solve_batch); the sample count itself was named, which a small folder's
+    count (odd, or not a multiple of 2 x GPUs) often is not."""
+    step = 2 * world
+    largest = samples // step * step
+    said = f"the global batch {global_batch} is larger than the {samples} training samples"
+    if not largest:
+        fewer = " or on fewer GPUs (one takes a global batch of 2)" if world > 1 and samples >= 2 else ""
+        return (f"{said}, and no global batch fits on {world} GPU(s): the smallest is {step} (each GPU takes an even "
+                f"number of images, MixMAE pairs them); train on more data{fewer}")
+    unset = " with batch.accumulation unset" if accumulation_set else ""
+    return (f"{said}: the largest global batch on {world} GPU(s) is {largest} (a multiple of {step}: each GPU takes an "
+            f"even number of images, MixMAE pairs them): --set batch.global_batch={largest}{unset}, or train on more "
+            "data")
+
+
 def derive(config: Config, world_size: int | None = None, train_samples: int | None = None,
            hardware: Hardware | None = None) -> Derived:
     """`world_size` and `train_samples` default to the cluster section and data.train_samples; the
@@ -235,9 +252,7 @@ def derive(config: Config, world_size: int | None = None, train_samples: int | N
     samples = train_samples or config.data.train_samples
     steps_per_epoch = samples // global_batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"the global batch {global_batch} is larger than the {samples} training samples: set "
-                          f"batch.global_batch to at most {samples} (a multiple of batch.micro x GPUs), or train on "
-                          "more data")
+        raise ConfigError(too_few_samples(global_batch, samples, world, b.accumulation is not None))
     m = config.model
     final_grid = m.img_size // (m.patch_size * 2 ** (len(m.depths) - 1))
     scale = global_batch / 256

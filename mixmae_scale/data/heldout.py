@@ -20,7 +20,14 @@ from pathlib import Path
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.errors import DataError
-from mixmae_scale.data.manifest import MANIFEST, SplitShards, load_manifest, load_split
+from mixmae_scale.data.manifest import (
+    CONVERT_WITH_VAL,
+    MANIFEST,
+    SplitShards,
+    load_manifest,
+    load_split,
+    way_to_add_split,
+)
 from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
 
 GRID_IMAGES = 8  # the reconstruction grids' fixed images (visualize/snapshots.py)
@@ -117,12 +124,8 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
     splits = load_manifest(location).splits
     if mode != "train" and val_split in splits:
         return HeldOut(load_split(location, val_split), 0, 0)
-    adopted = train_split in splits and splits[train_split].adopted
-    # A converted set cannot take an adopted split (`shards adopt` refuses it): its way is a conversion again.
-    add_one = (f"adopt a validation split into the set (`mixmae shards adopt SRC --out {location} --split "
-               f"{val_split}`)" if adopted else
-               "convert the images again with a validation split into a new folder (`mixmae shards folder --src "
-               "SRC --out NEW --val-fraction 0.05`)")
+    add_one = (way_to_add_split(str(location), splits, val_split)
+               or f"{CONVERT_WITH_VAL}, then set data.val_split=val")
     if mode == "split":
         raise DataError(f"{path}: no split '{val_split}' (data.val_split); it has {sorted(splits)}. data.heldout=auto "
                         f"holds out the end of '{train_split}' instead, or {add_one}")
@@ -137,6 +140,11 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
             what = (f"the {GRID_IMAGES} images the reconstruction grids need at the least (a hold-out is never "
                     "smaller, whatever logging.heldout_batches x batch.micro)")
             lower = ""
+        elif train.samples < 2 * GRID_IMAGES:  # below the floor's own need: no setting lowers the count enough
+            what = "logging.heldout_batches x batch.micro"
+            lower = (f" (no lower setting helps: a hold-out is never below the {GRID_IMAGES} images the "
+                     f"reconstruction grids need, and {train.samples} samples cannot hold out {GRID_IMAGES} and "
+                     "train on as many)")
         else:
             what = "logging.heldout_batches x batch.micro"
             lower = ", or lower logging.heldout_batches or batch.micro"

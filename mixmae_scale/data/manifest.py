@@ -331,13 +331,30 @@ def write_manifest(location: str | Path, manifest: Manifest) -> str:
     return path
 
 
+CONVERT_WITH_VAL = ("convert the images again with a validation split into a new folder (`mixmae shards folder --src "
+                    "SRC --out NEW --val-fraction 0.05`)")
+
+
+def way_to_add_split(location: str, splits: dict, split: str) -> str:
+    """How a set gets a validation split it lacks, for every refusal that needs one: an adopted set takes one more
+    adoption; a converted one a new conversion (it takes no adopted split, and `--val-fraction` draws only when a
+    conversion starts). Empty where a conversion cannot make `split` (it names its held-out split 'val'): a name
+    the set does not have is then a typo, which the list of its splits answers."""
+    if any(info.adopted for info in splits.values()):
+        return f"adopt a validation split into the set (`mixmae shards adopt SRC --out {location} --split {split}`)"
+    if split != "val":
+        return ""
+    return CONVERT_WITH_VAL
+
+
 def load_split(location: str | Path, split: str, world_size: int = 1) -> SplitShards:
     """`world_size` is accepted for the callers that pass it; a split reads the same on any world size."""
     location = str(location)
     manifest = load_manifest(location)
     path = _display(storage.join(location, MANIFEST))
     if split not in manifest.splits:
-        raise DataError(f"{path}: no split '{split}'; it has {sorted(manifest.splits)}")
+        way = way_to_add_split(location, manifest.splits, split)
+        raise DataError(f"{path}: no split '{split}'; it has {sorted(manifest.splits)}{'; ' * bool(way)}{way}")
     info = manifest.splits[split]
     if not info.shards:
         raise DataError(f"{path}: split '{split}' has no shards")

@@ -126,14 +126,23 @@ def require_folder(path: str | Path, option: str) -> None:
         raise FileNotFoundError(f"{option} {path}: not found (tried {Path(path).absolute()})")
 
 
-def eval_batch_size(requested: int, samples: int, world: int) -> int:
+def eval_batch_size(requested: int, samples: int, world: int, shards: str, split: str, run: str | None = None
+                    ) -> int:
     """The batch each rank evaluates with: the requested one, smaller when the split is, so that a split of
-    fewer than `requested` images per rank is still evaluated in full (the last batch is partial)."""
+    fewer than `requested` images per rank is still evaluated in full (the last batch is partial). `run`: the
+    training run that evaluates ("the fine-tuning"), which cannot evaluate on fewer ranks than it trains on, so
+    the way out names the run; None for `mixmae eval`."""
     from mixmae_scale.data.manifest import DataError
 
+    what = f"split '{split}' of {shards}"
+    if not samples:
+        raise DataError(f"{what} has no images: there is nothing to evaluate")
     if samples < world:
-        raise DataError(f"the split has {samples} image(s) for {world} ranks; evaluate it on {max(samples, 1)} "
-                         "rank(s) or fewer")
+        gpus = f"{samples} GPU{'s' * (samples != 1)}"
+        way = (f"run {run} on {gpus}{' or fewer' if samples > 1 else ''}, or give '{split}' more images" if run
+               else f"evaluate it on {gpus}{' or fewer' if samples > 1 else ''}")
+        raise DataError(f"{what} has {samples} image{'s' * (samples != 1)} for {world} ranks (each evaluates a share "
+                        f"of at least one); {way}")
     return max(1, min(requested, samples // world))
 
 
@@ -178,7 +187,7 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
     from mixmae_scale.data.manifest import load_split
 
     expected = load_split(shards, split).samples
-    batch = eval_batch_size(batch, expected, world)
+    batch = eval_batch_size(batch, expected, world, shards, split)
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)

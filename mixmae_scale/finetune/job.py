@@ -83,10 +83,20 @@ def unplaced_weights(config: Config, unexpected: list[str], arch: dict) -> str:
 def head_classes(configured: int | None, data_classes: int, shards: str) -> int:
     """The classifier's class count: `finetune.num_classes`, or the training data's where it is unset. Fewer classes
     than the data's labels are refused at the start: a label past the head reached mixup's one-hot or the loss
-    mid-run (a device-side assert on a GPU)."""
-    if configured and data_classes and configured < data_classes:
-        from mixmae_scale.config.load import ConfigError
+    mid-run (a device-side assert on a GPU). One class is refused too: a softmax over one class is 1 whatever the
+    encoder, so the run trained at loss 0 and grad 0 and reported top-1 100% (a wider head fits the one label as
+    well)."""
+    from mixmae_scale.config.load import ConfigError
 
+    if data_classes == 1:
+        raise DataError(f"{shards}: the manifest has 1 class (labels 0-0); a classifier of one class has nothing to "
+                        "learn (its loss is 0 and its top-1 100% whatever the encoder): fine-tune on a set of two "
+                        "classes or more (a folder of one class can still be pretrained on)")
+    if configured == 1:
+        raise ConfigError("finetune.num_classes=1: a classifier of one class has nothing to learn (its loss is 0 and "
+                          "its top-1 100% whatever the encoder); set at least 2, or leave it unset to take the "
+                          "manifest's")
+    if configured and data_classes and configured < data_classes:
         raise ConfigError(f"finetune.num_classes={configured}: the manifest of {shards} has {data_classes} classes "
                           f"(labels 0-{data_classes - 1}); set finetune.num_classes to at least {data_classes}, or "
                           "leave it unset to take the manifest's")
@@ -181,7 +191,9 @@ def build_job(config: Config, ctx: RunContext, model: torch.nn.Module, num_class
                          spec_for(config, "finetune", derived.micro_batch, place))
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
     # A validation split smaller than one micro-batch per rank is evaluated in smaller batches, not refused.
-    val_spec = spec_for(config, "val", eval_batch_size(derived.micro_batch, val_samples, ctx.world), place)
+    val_batch = eval_batch_size(derived.micro_batch, val_samples, ctx.world, config.data.shards,
+                                config.data.val_split, "the fine-tuning")
+    val_spec = spec_for(config, "val", val_batch, place)
     job = FinetuneJob(config, ctx.root, loader, num_classes, val_spec, val_samples, ctx.device,
                       eval_every=max(1, round(config.finetune.eval_every_epochs * derived.steps_per_epoch)), init=init)
     job.compiled_blocks = compile_model(model, ctx)

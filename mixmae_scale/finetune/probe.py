@@ -289,6 +289,17 @@ def probe_features(features: Features, num_classes: int) -> ProbeResult:
         raise DataError(f"the probe has {train_n} training image{'s' * (train_n != 1)}, fewer than the "
                         f"{MIN_FIT_IMAGES} it needs to standardise its features by their spread; read more "
                         f"(--max-samples {MIN_FIT_IMAGES} or more, or a train split of at least {MIN_FIT_IMAGES})")
+    classes = features.train_y.unique()
+    if len(classes) < 2:
+        # A read-out that saw one label answers it for every image: top-1 100% on a set of that class, whatever
+        # the encoder. Counted on the images read, not the manifest's classes: --max-samples over a set sorted by
+        # class reads one class of several.
+        from mixmae_scale.data.errors import DataError
+
+        raise DataError(f"every one of the probe's {train_n} training images is of class {int(classes[0])}; a "
+                        "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe "
+                        "on a set of two classes or more"
+                        + (", or raise --max-samples past the first class's images" if num_classes > 1 else ""))
     train_x, val_x = standardise(features.train_x, features.val_x)
     with torch.enable_grad():
         head = fit_linear(train_x, features.train_y, num_classes)

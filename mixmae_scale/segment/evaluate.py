@@ -107,7 +107,7 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
     from mixmae_scale.finetune.evaluate import eval_batch_size, in_precision
 
     expected = load_split(shards, split).samples
-    batch = eval_batch_size(batch, expected, world)
+    batch = eval_batch_size(batch, expected, world, shards, split)
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(settings["crop_size"], batch, threads, place, labels=False, masks=True,
                      mask_classes=settings["num_classes"])

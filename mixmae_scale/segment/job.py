@@ -131,7 +131,9 @@ def build_job(config: Config, ctx: RunContext, model: SegmentationModel, init: d
     loader = open_loader(config, ctx.train_data, config.data.train_split,
                          spec_for(config, "segment", derived.micro_batch, place))
     val_samples = load_split(config.data.shards, config.data.val_split, ctx.world).samples
-    val_spec = spec_for(config, "segment_val", eval_batch_size(derived.micro_batch, val_samples, ctx.world), place)
+    val_batch = eval_batch_size(derived.micro_batch, val_samples, ctx.world, config.data.shards,
+                                config.data.val_split, "the segmentation fine-tuning")
+    val_spec = spec_for(config, "segment_val", val_batch, place)
     # No regional compilation: the backbone runs its blocks' parts around padded windows (models/backbone.py),
     # never a block's forward, which is what models/regional_compile.py compiles.
     return SegmentJob(config, ctx.root, loader, val_spec, val_samples, config.segment.eval_every_steps,

@@ -218,6 +218,29 @@ def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) 
     return found
 
 
+def classes_left_out_of_val(discovered: dict[str, Discovered], fraction: float) -> str | None:
+    """The classes --val-fraction held out no image of (round(fraction x n) is 0 for a small class, and each class
+    keeps one for training), or None: the summary says `held out: 10% of each class`, and a top-1 on such a val
+    split covers only some classes, which nothing else said."""
+    if not fraction or "val" not in discovered or not discovered["val"].classes:
+        return None
+    classes = discovered["val"].classes
+    held = {image.label for image in discovered["val"].images}
+    sizes: dict[int, int] = {}
+    for image in discovered["train"].images if "train" in discovered else []:
+        sizes[image.label] = sizes.get(image.label, 0) + 1
+    missing = [label for label in range(len(classes)) if label not in held]
+    if not missing:
+        return None
+    names = ", ".join(classes[label] for label in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    counts = sorted({sizes.get(label, 0) for label in missing})
+    return (f"val: {len(missing)} of {len(classes)} class{'es' * (len(classes) != 1)} "
+            f"{'have' if len(missing) != 1 else 'has'} no image in it ({names}): --val-fraction {fraction:g} holds out "
+            f"round({fraction:g} x a class's images), 0 for these ({'/'.join(map(str, counts))} "
+            f"image{'s' * (counts != [1])}); a top-1 on 'val' does not cover them: raise --val-fraction (each class "
+            "keeps one image for training)")
+
+
 def check_options(options: ConvertOptions) -> None:
     if options.val_fraction and (options.layout != "folder" or set(options.splits) != {"train", "val"}):
         raise SourceError("--val-fraction holds out part of a folder as 'val': it goes with `mixmae shards folder` "
@@ -396,6 +419,9 @@ def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
         raise
     if moved:
         result.warnings.insert(0, moved)
+    left_out = classes_left_out_of_val(source.discovered, options.val_fraction)
+    if left_out:
+        result.warnings.append(left_out)
     if source.staging is not None and source.staging.is_dir() and not any(source.staging.iterdir()):
         source.staging.rmdir()
     return result

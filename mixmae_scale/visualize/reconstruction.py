@@ -131,18 +131,28 @@ def save_png(picture: np.ndarray, path) -> None:
         Image.fromarray(picture).save(tmp)
 
 
-def first_images(shards: str | ShardMixture, split: str, count: int, img_size: int, backend: str = "dali"
-                 ) -> torch.Tensor:
+def first_images(shards: str | ShardMixture, split: str, count: int, img_size: int, backend: str = "dali",
+                 at_least: int | None = None) -> torch.Tensor:
     """The first `count` images of a split (or of a part of one, a mixture of one set), evaluation view (resize,
-    centre crop), normalised."""
+    centre crop), normalised; fewer, down to `at_least` (default: `count`), where the split holds fewer."""
+    from mixmae_scale.data.errors import DataError
     from mixmae_scale.data.loader import ShardLoader
     from mixmae_scale.data.loaders import eval_spec
 
     spec = eval_spec(img_size, count, 1)
     batch, valid = next(ShardLoader(shards, split, spec, backend, 1).eval_batches())
-    if valid < count:
-        raise ValueError(f"split '{split}' of {shards} has fewer than {count} images")
-    return batch.images[:count]
+    need = count if at_least is None else at_least
+    if valid < need:
+        raise DataError(f"split '{split}' of {where(shards)} has {valid} image{'s' * (valid != 1)}, fewer than the "
+                        f"{need} asked for")
+    return batch.images[:min(valid, count)]
+
+
+def where(shards: str | ShardMixture) -> str:
+    """A shard set's location for a message (a mixture's repr is an object address)."""
+    if isinstance(shards, ShardMixture):
+        return ", ".join(str(entry.shards.location) for entry in shards.sets)
+    return str(shards)
 
 
 def describe_source(source: str | Path) -> str:
@@ -176,7 +186,15 @@ def visualize(source: str, shards: str, out, pairs: int = 4, split: str = "val",
                            "`mixmae export RUN --with-decoder`")
     model = build_from_architecture(arch).eval()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=True)
-    images = first_images(shards, split, 2 * pairs, arch["img_size"], backend)
+    images = first_images(shards, split, 2 * pairs, arch["img_size"], backend, at_least=0)
+    if len(images) < 2 * pairs:  # a small folder's --val-fraction split: the way out is an option of this command
+        from mixmae_scale.data.errors import DataError
+
+        fit, other = len(images) // 2 * 2, "val" if split == "train" else "train"
+        way = (f"ask for {fit} with --images {fit}, or show another split (--split {other})" if fit else
+               f"show another split (--split {other}): a grid pairs images, 2 at the least")
+        raise DataError(f"split '{split}' of {where(shards)} has {len(images)} image{'s' * (len(images) != 1)}, "
+                        f"fewer than the {2 * pairs} asked for: {way}")
     mask = model.sample_mask(torch.Generator().manual_seed(seed))
     title = f"{describe_source(source)}: the first {2 * pairs} images of split '{split}', mask seed {seed}"
     picture = grid(reconstruct(model, images, mask), pairs, title=title)

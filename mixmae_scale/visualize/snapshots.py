@@ -9,15 +9,19 @@ held-out images (the validation split, or the train split's held-out tail: data/
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.heldout import GRID_IMAGES
 from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.engine.wandb_sink import log_image
 from mixmae_scale.seeds import stream_seed
-from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruct, save_png
+from mixmae_scale.visualize.reconstruction import first_images, grid, reconstruct, save_png, where
+
+log = logging.getLogger("mixmae.visualize")
 
 
 class ReconstructionSnapshots:
@@ -26,8 +30,18 @@ class ReconstructionSnapshots:
     def __init__(self, config: Config, root: Path, rank: int, device: torch.device,
                  images: ShardMixture | None = None) -> None:
         source = images if images is not None else config.data.shards
-        self.images = first_images(source, config.data.val_split, 8, config.model.img_size,
-                                   config.data.loader).to(device)
+        split = config.data.val_split if images is None else images.sets[0].shards.split
+        # A held-out split smaller than the grid (a small folder's --val-fraction) takes its whole pairs: the
+        # held-out loss over it says `not measured` and the run trains, so the grids must not stop it either.
+        found = first_images(source, config.data.val_split, GRID_IMAGES, config.model.img_size, config.data.loader,
+                             at_least=0)
+        self.images = found[:len(found) // 2 * 2].to(device)
+        if rank == 0 and len(self.images) < 2:
+            log.warning("no reconstruction grids: split '%s' of %s has %d image%s; a grid pairs images, 2 at the "
+                        "least", split, where(source), len(found), "s" * (len(found) != 1))
+        elif rank == 0 and len(found) < GRID_IMAGES:
+            log.info("reconstruction grids on %d images: split '%s' of %s has %d, fewer than the grid's %d",
+                     len(self.images), split, where(source), len(found), GRID_IMAGES)
         self.seed, self.rank, self.folder, self.run = config.run.seed, rank, root / "reconstructions", root.name
         self.writer = None
         if rank == 0:
@@ -38,6 +52,8 @@ class ReconstructionSnapshots:
                 self.writer = SummaryWriter(str(root / "tensorboard" / "reconstructions"))
 
     def write(self, model, step: int) -> None:
+        if len(self.images) < 2:
+            return
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(stream_seed(self.seed, 777, bits=63))

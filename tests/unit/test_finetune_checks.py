@@ -60,6 +60,19 @@ def test_fewer_head_classes_than_the_datas_are_refused_naming_both_counts():
         head_classes(None, 0, "/data/x")
 
 
+def test_a_classifier_of_one_class_is_refused_naming_the_count():
+    """A folder of one class fine-tuned to loss 0.0000, grad 0.000 and `top-1 100.00%` on every evaluation: a
+    softmax over one class is 1 whatever the encoder, so the run learnt nothing and its result read as perfect."""
+    with pytest.raises(DataError, match=r"^/data/x: the manifest has 1 class \(labels 0-0\); a classifier of one "
+                                        r"class has nothing to learn"):
+        head_classes(None, 1, "/data/x")
+    with pytest.raises(DataError, match="has 1 class"):  # a wider head does not help: every label is still 0
+        head_classes(5, 1, "/data/x")
+    with pytest.raises(ConfigError, match=r"^finetune.num_classes=1: a classifier of one class"):
+        head_classes(1, 0, "/data/x")
+    assert head_classes(None, 2, "/data/x") == 2 and head_classes(2, 0, "/data/x") == 2
+
+
 class RunStarted(Exception):
     """Stands for everything after the start's checks: the process group, the run folder, the training."""
 
@@ -109,3 +122,21 @@ def test_a_run_that_resumes_does_not_read_or_need_its_init_file(monkeypatch, tmp
         job.finetune(config, [], tmp_path / "new")
     with pytest.raises(FileNotFoundError, match="gone.safetensors: not found"):  # --overwrite starts afresh
         job.finetune(config, [], tmp_path / "killed", overwrite=True)
+
+
+def test_a_validation_split_smaller_than_the_ranks_is_refused_naming_it_and_the_way_out_of_the_run():
+    """Fine-tuning a folder whose --val-fraction held out 1 image on 2 ranks said `the split has 1 image(s) for 2
+    ranks; evaluate it on 1 rank(s) or fewer`: which split of which set, and a fine-tuning run cannot evaluate on
+    fewer ranks than it trains on."""
+    from mixmae_scale.finetune.evaluate import eval_batch_size
+
+    with pytest.raises(DataError, match=r"^split 'val' of /data/x has 1 image for 2 ranks \(each evaluates a share "
+                                        r"of at least one\); run the fine-tuning on 1 GPU, or give 'val' more "
+                                        r"images"):
+        eval_batch_size(16, 1, 2, "/data/x", "val", "the fine-tuning")
+    with pytest.raises(DataError, match=r"^split 'val' of /data/x has 3 images for 4 ranks .*; evaluate it on 3 "
+                                        r"GPUs or fewer"):
+        eval_batch_size(16, 3, 4, "/data/x", "val")
+    with pytest.raises(DataError, match=r"^split 'val' of /data/x has no images: there is nothing to evaluate"):
+        eval_batch_size(16, 0, 1, "/data/x", "val")
+    assert eval_batch_size(16, 3, 2, "/data/x", "val") == 1 and eval_batch_size(16, 100, 2, "/data/x", "val") == 16

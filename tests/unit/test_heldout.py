@@ -261,3 +261,40 @@ def test_fractional_weights_read_each_set_by_its_weight_over_epochs_and_each_epo
         assert abs(read[n] / total - share) < 0.01
     assert "set0 has 1 shard(s) at weight 0.5" in warned and "set1 has 4 shard(s) at weight 0.1" in warned
     assert "set3" not in warned  # 2.5 shards: some of it is read every epoch
+
+
+def test_a_train_split_below_twice_the_grids_floor_is_not_told_to_lower_the_settings(tmp_path):
+    """A folder of 12 images without a validation split was told to lower logging.heldout_batches or batch.micro,
+    and no value does: a hold-out is never below the grids' 8, which needs 16 images."""
+    folder = write_set(tmp_path / "set", sizes=(7, 5))
+    with pytest.raises(DataError) as refused:
+        choose_heldout(str(folder), "train", "val", "auto", heldout_count(4, 16))
+    message = str(refused.value)
+    assert "'train' has 12 samples, too few to hold out 64 (logging.heldout_batches x batch.micro)" in message
+    assert "lower logging.heldout_batches" not in message and "--val-fraction" in message
+    assert "no lower setting helps: a hold-out is never below the 8 images the reconstruction grids need, and 12 " \
+           "samples cannot hold out 8 and train on as many" in message
+    assert "lower logging.heldout_batches or batch.micro" in str(  # 16 or more: lowering them does help
+        pytest.raises(DataError, choose_heldout, str(write_set(tmp_path / "more", sizes=(9, 8))), "train", "val",
+                      "auto", 64).value)
+
+
+def test_a_missing_validation_split_names_the_way_to_add_one_wherever_it_is_asked_for(tmp_path):
+    """Fine-tuning, `mixmae probe` and `mixmae eval` over a folder converted without --val-fraction said `no split
+    'val'; it has ['train']` and no more; the held-out refusal named the way to add one."""
+    from mixmae_scale.data.manifest import load_split
+
+    folder = write_set(tmp_path / "set")
+    with pytest.raises(DataError, match=r"no split 'val'; it has \['train'\]; convert the images again with a "
+                                         r"validation split into a new folder \(`mixmae shards folder --src SRC "
+                                         r"--out NEW --val-fraction 0.05`\)"):
+        load_split(str(folder), "val")
+    with pytest.raises(DataError, match=r"no split 'valid'; it has \['train'\]$"):  # a conversion makes 'val' only
+        load_split(str(folder), "valid")
+    adopted = write_set(tmp_path / "adopted")
+    manifest = json.loads((adopted / "dataset.json").read_text())
+    manifest["splits"]["train"]["adopted_from"] = str(adopted)
+    (adopted / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"no split 'val'; it has \['train'\]; adopt a validation split into the set "
+                                         r"\(`mixmae shards adopt SRC --out .*adopted --split val`\)"):
+        load_split(str(adopted), "val")

@@ -288,3 +288,21 @@ def test_a_probe_of_one_training_image_is_refused_naming_the_count_and_the_minim
     with pytest.raises(SystemExit):  # the command line takes the probe's own minimum
         main(["probe", "--init", "x", "--data", "y", "--max-samples", str(MIN_FIT_IMAGES - 1)])
     assert MIN_FIT_IMAGES == 2
+
+
+def test_a_probe_whose_training_images_are_all_of_one_class_is_refused_naming_the_class():
+    """A folder of one class probed at top-1 100%, linear and k-NN: a read-out that has only ever seen one label
+    answers it for every image. With 100 images of each split it was printed as a result."""
+    import pytest
+
+    from mixmae_scale.data.errors import DataError
+
+    one_class = clusters(separation=1.0, seed=0, per_class=120, classes=1)
+    with pytest.raises(DataError, match=r"every one of the probe's 120 training images is of class 0; a read-out "
+                                        r"of one class"):
+        probe_features(one_class, num_classes=1)
+    # Two classes in the manifest but one among the training images read (a set sorted by class, --max-samples)
+    sorted_two = clusters(separation=1.0, seed=0, per_class=120, classes=2)
+    first = Features(sorted_two.train_x[:120], sorted_two.train_y[:120], sorted_two.val_x, sorted_two.val_y)
+    with pytest.raises(DataError, match="of class 0"):
+        probe_features(first, num_classes=2)

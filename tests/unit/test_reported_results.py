@@ -107,3 +107,15 @@ def test_a_finetune_ends_with_its_top1_and_the_precision_it_was_measured_in():
     assert finetune_message(summary) == "fine-tuned 810 steps: top-1 62.93% in bf16 (best 62.93% at step 810)"
     del summary["last"]["precision"]
     assert finetune_message(summary) == "fine-tuned 810 steps: top-1 62.93% (best 62.93% at step 810)"
+
+
+def test_a_finetune_top1_says_how_many_validation_images_it_is_over_and_how_wide_it_is_when_few():
+    """A folder whose --val-fraction held out 1 image ended `fine-tuned 2 steps: top-1 100.00% in bf16 (best 100.00%
+    at step 1)`, read as a result; the probe calls a top-1 on fewer than 100 images not meaningful."""
+    summary = {"steps": 2, "last": {"top1": 100.0, "precision": "bf16", "samples": 1},
+               "best": {"top1": 100.0, "step": 1, "samples": 1}}
+    assert finetune_message(summary) == ("fine-tuned 2 steps: top-1 100.00% in bf16 on 1 validation image, too few "
+                                         "to read: its 95% interval is about +-98 points (best 100.00% at step 1)")
+    summary["last"]["samples"] = 1500
+    assert finetune_message(summary) == ("fine-tuned 2 steps: top-1 100.00% in bf16 on 1500 validation images "
+                                         "(best 100.00% at step 1)")

@@ -677,3 +677,22 @@ def test_a_split_converted_later_joins_a_set_on_s3(tmp_path, s3_bucket):
                                           r"classes than .* \(3 then, 4 now; class 0 differs\)"):
         convert(src, url, replace(options, splits=("val",)))
     assert json.loads(storage.read_text(f"{url}/dataset.json")) == stored
+
+
+def test_a_val_fraction_that_leaves_classes_out_of_val_warns_naming_them(tmp_path, capsys):
+    """A folder of 7 images (cats 4, dogs 3) at --val-fraction 0.15 held out 1 cat and no dog, and said `val (held
+    out: 15% of each class)`: the fine-tuning's and eval's top-1 then covered one class of two without a word."""
+    from mixmae_scale.cli import main
+
+    src = _class_folder_tree(tmp_path / "src", per_class=3)  # cat 4 (with its drawing.png), dog 3, eel 3
+    assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--val-fraction", "0.15",
+                 "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert ("WARNING val: 2 of 3 classes have no image in it (dog, eel): --val-fraction 0.15 holds out "
+            "round(0.15 x a class's images), 0 for these (3 images); a top-1 on 'val' does not cover them: raise "
+            "--val-fraction (each class keeps one image for training)") in err
+    assert sorted(_split_sources(tmp_path / "out", "val").values()) == [0]
+    capsys.readouterr()
+    assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "every"), "--val-fraction", "0.3",
+                 "--workers", "1"]) == 0
+    assert "no image in it" not in capsys.readouterr().err  # every class held out: nothing to say

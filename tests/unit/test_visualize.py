@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mixmae_scale.models.mixing import upsample_mask
@@ -134,3 +135,62 @@ def test_runs_plot_labels_tell_runs_of_the_same_name_apart():
                                                                                "s/other"]
     assert curve_labels(["/w/r1/metrics.csv", "/w/r2/metrics.csv"]) == ["r1", "r2"]
     assert curve_labels(["/w/runs/tiny"]) == ["tiny"]
+
+
+def _shards_with_val(root, val: int):
+    """A folder set of `val` classes of 4 images each, a quarter of each class held out: `val` validation images."""
+    from PIL import Image
+
+    from mixmae_scale.shards.convert import ConvertOptions, convert
+
+    rng = np.random.default_rng(0)
+    for c in range(val):
+        folder = root / "src" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    convert(root / "src", root / "shards", ConvertOptions(layout="folder", val_fraction=0.25))
+    return root / "shards"
+
+
+@pytest.mark.parametrize("val", [1, 3])
+def test_grids_of_a_validation_split_smaller_than_the_grid_draw_its_pairs_or_none_said(tmp_path, val, caplog):
+    """A folder of 7 images converted with --val-fraction has 1 validation image: pretraining stopped at its start
+    with a traceback (`ValueError: split 'val' of <ShardMixture object at 0x...> has fewer than 8 images`) while the
+    held-out loss on the same split said `not measured` and trained. The grids take the split's whole pairs."""
+    import logging
+
+    from mixmae_scale.config import load_resolved
+    from mixmae_scale.models.mixmae import build_mixmae
+    from mixmae_scale.visualize.snapshots import ReconstructionSnapshots
+
+    shards = _shards_with_val(tmp_path, val)
+    config = load_resolved("tiny", overrides=[f"data.shards={shards}"]).config
+    with caplog.at_level(logging.INFO, logger="mixmae.visualize"):
+        snapshots = ReconstructionSnapshots(config, tmp_path / "run", 0, torch.device("cpu"))
+    torch.manual_seed(0)
+    snapshots.write(build_mixmae(config.model).eval(), 5)
+    written = list((tmp_path / "run" / "reconstructions").glob("*.png"))
+    if val == 1:
+        assert written == [] and "no reconstruction grids: split 'val' of " in caplog.text
+        assert "has 1 image; a grid pairs images, 2 at the least" in caplog.text
+    else:
+        assert [p.name for p in written] == ["step00000005.png"] and len(snapshots.images) == 2
+        assert "reconstruction grids on 2 images: split 'val' of " in caplog.text and "has 3" in caplog.text
+
+
+def test_visualize_on_a_split_smaller_than_the_images_asked_for_names_the_option(tmp_path, small_mixmae):
+    """`mixmae visualize` on a folder whose --val-fraction held out 2 images said `has 2 images, fewer than the 8
+    asked for`, not which option asks."""
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.visualize.reconstruction import visualize
+
+    weights = tmp_path / "mixmae.safetensors"
+    state = small_mixmae.state_dict()
+    save_weights(weights, state, infer_architecture(state), "pretrain")
+    shards = _shards_with_val(tmp_path, 2)
+    with pytest.raises(DataError, match=r"split 'val' of .* has 2 images, fewer than the 8 asked for: ask for 2 with "
+                                        r"--images 2, or show another split \(--split train\)"):
+        visualize(str(weights), str(shards), tmp_path / "rec.png", pairs=4)
+    assert visualize(str(weights), str(shards), tmp_path / "rec.png", pairs=1)["pairs"] == 1
