@@ -1,10 +1,10 @@
 """Scaling-law fits: L(C) = E + A C^-alpha and L(N, D) = E + A / N^alpha + B / D^beta.
 
 Fitted with scipy's least squares on log residuals (log L_pred - log L) with a robust (Cauchy) loss,
-from several starting points, keeping the best converged one; uncertainty from a seeded bootstrap that
-draws each point's seeds with replacement (runs of one configuration, `configurations`, are seeds of one point),
-judged by
-`intervals.judge` (a resample whose refit fails counts against the interval, it is not dropped);
+from several starting points, keeping the best converged one; uncertainty from a seeded parametric bootstrap
+(`_bootstrap`: every run redrawn about the fitted law with the log-residual scatter of all runs about it, on
+runs - parameters degrees of freedom; runs of one configuration, `configurations`, are seeds of one point), judged
+by `intervals.judge` (a resample whose refit fails counts against the interval, it is not dropped);
 the compute-optimal split of a budget between model size and data from the fitted L(N, D).
 Parameters are optimised in log space (log A, log E, ...) so that they stay positive; the Jacobians are
 analytic: finite differences cost one residual evaluation per parameter at every step, and a report refits
@@ -146,8 +146,9 @@ def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int =
                 start: dict[str, float] | None = None, groups: np.ndarray | None = None) -> LawFit:
     """`start`: fitted values to begin from. A bootstrap refit starts at the full fit (one start, not eight:
     a 12-run report takes 13 s instead of 206 s). The price: a resample whose best fit lies in another basin can be
-    missed, so intervals can come out narrower than a multi-start bootstrap's (the window pilot's E: 0.42-0.47
-    against 0.18-0.47). `groups`: the point each run measures (default: runs with equal C are seeds of one)."""
+    missed, so intervals can come out narrower than a multi-start bootstrap's (measured with the seed-drawing
+    bootstrap since replaced, on an earlier window pilot: E 0.42-0.47 against 0.18-0.47).
+    `groups`: the point each run measures (default: runs with equal C are seeds of one)."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
     groups = _check("L(C) = E + A C^-alpha", [c], loss, 3, groups)
     scale = np.median(c)  # fit in C / median(C): exponents do not care, conditioning does
@@ -170,8 +171,8 @@ def fit_compute(c: np.ndarray, loss: np.ndarray, bootstrap: int = 0, seed: int =
     with np.errstate(over="ignore"):
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * scale ** p[2]), "alpha": float(p[2])}
     fit = LawFit(("E", "A", "alpha"), _finite("L(C) fit", values), rms)
-    _bootstrap(fit, lambda idx: fit_compute(c[idx], loss[idx], start=fit.values, groups=groups[idx]), groups,
-               bootstrap, seed)
+    _bootstrap(fit, lambda drawn: fit_compute(c, drawn, start=fit.values, groups=groups), groups, bootstrap, seed,
+               loss, residuals(p))
     return fit
 
 
@@ -204,24 +205,40 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
         values = {"E": float(np.exp(p[0])), "A": float(np.exp(p[1]) * n_scale ** p[2]), "alpha": float(p[2]),
                   "B": float(np.exp(p[3]) * d_scale ** p[4]), "beta": float(p[4])}
     fit = LawFit(("E", "A", "alpha", "B", "beta"), _finite("L(N, D) fit", values), rms)
-    _bootstrap(fit, lambda idx: fit_nd(n[idx], d[idx], loss[idx], start=fit.values, groups=groups[idx]), groups,
-               bootstrap, seed)
+    _bootstrap(fit, lambda drawn: fit_nd(n, d, drawn, start=fit.values, groups=groups), groups, bootstrap, seed,
+               loss, residuals(p))
     return fit
 
 
-def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int) -> None:
-    """Each round draws every point's seeds with replacement (seeded: the same data give the same intervals) and
-    refits; a round whose refit fails has no value and counts against the interval. A point run once has
-    nothing to draw: then no round is drawn and `judge` says "one seed"."""
+def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int, loss: np.ndarray,
+               residuals: np.ndarray) -> None:
+    """A parametric bootstrap (seeded: the same data give the same intervals). `loss`: every run's loss, `residuals`:
+    its log residual (log L_pred - log L) at the fit. Each round redraws every run as the fitted law times
+    exp(sigma z), z standard normal, and refits; a round whose refit fails has no value and counts against the
+    interval.
+
+    sigma is the scatter of all runs about the law, s^2 = sum(residual^2) / (runs - parameters): on an exact law it
+    is the seeds' noise, estimated on every point's seeds at once (the seeds of one point alone give 1 degree of
+    freedom with 2 seeds), and where the points lie off the law their scatter about it widens the interval instead
+    of being left out. sigma^2 is drawn each round as s^2 dof / chi2(dof) (its spread given s), so that an interval
+    resting on few degrees of freedom widens as a t interval does over a normal one. The previous bootstrap drew
+    each point's seeds with replacement: with 2 seeds a point's mean took one of 3 values with half the variance of
+    the mean, and on exact-law sweeps its "identified" 5-95% intervals missed the truth 30-38% of the time
+    (docs/scaling.md). A point run once still gives no interval (`judge`'s "one seed" rule: its noise is not
+    measured apart from the law's misfit)."""
     members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     once = sum(len(m) < 2 for m in members)
     draws: dict[str, list[float]] = {name: [] for name in fit.names}
     if rounds and not once:
         rng = np.random.default_rng(seed)
+        residuals = np.asarray(residuals, float)
+        predicted = np.asarray(loss, float) * np.exp(residuals)
+        dof = len(residuals) - len(fit.names)  # > 0: P + 1 points with 2 seeds each at least
+        scale2 = float(np.sum(residuals**2)) / dof
         for _ in range(rounds):
-            idx = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+            sigma = np.sqrt(scale2 * dof / rng.chisquare(dof))
             try:
-                refitted = refit(idx)
+                refitted = refit(predicted * np.exp(sigma * rng.standard_normal(len(predicted))))
             except FitError:
                 continue
             for name in fit.names:

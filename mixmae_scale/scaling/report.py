@@ -296,9 +296,10 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     bootstrap = fit["bootstrap"]
     of = f" of `{source}`" if source else ""
     lines = ["# Scaling report", "", f"{len(rows)} runs{of}; held-out reconstruction loss with fixed masks and seed. "
-             f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, each drawing every point's seeds with "
-             f"replacement, seed {bootstrap['seed']} (the same results give the same report); each fit says how many "
-             "refitted.", ""]
+             f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, seed {bootstrap['seed']} (the same "
+             "results give the same report); each fit says how many refitted. L(C) and L(N, D): parametric, every "
+             "run redrawn about the fitted law with the scatter of all runs about it (runs - parameters degrees of "
+             "freedom); the iso-FLOP fits: every point's seeds drawn with replacement.", ""]
     left_out = (fit.get("not_in_plan") or {}).get("runs")
     if left_out:  # rows of runs the spec dropped: in results.jsonl, not in this fit
         lines += [f"**{len(left_out)} row(s) of results.jsonl are left out: runs the spec no longer plans "
