@@ -130,16 +130,22 @@ def test_a_held_out_count_does_not_depend_on_the_world_size_and_covers_the_grids
     assert heldout_count(1, 4) == 8  # the reconstruction grids' eight images
 
 
+def write_adopted_set(folder):
+    """A set whose train split says it was adopted (`mixmae shards adopt`), which changes the way out offered."""
+    adopted = write_set(folder)
+    manifest = json.loads((adopted / "dataset.json").read_text())
+    manifest["splits"]["train"]["adopted_from"] = str(adopted)
+    (adopted / "dataset.json").write_text(json.dumps(manifest))
+    return adopted
+
+
 def test_too_small_a_train_split_or_a_missing_required_split_is_refused_with_the_way_out(tmp_path):
     folder = write_set(tmp_path / "set")
     # A converted set cannot take an adopted split (`shards adopt` refuses it): the way out was a refused command.
     with pytest.raises(DataError, match=r"no split 'val', and 'train' has 24 samples, too few to hold out 13 .*convert "
                                          r"the images again .*--val-fraction.*logging.heldout_batches"):
         choose_heldout(str(folder), "train", "val", "auto", 13)
-    adopted = write_set(tmp_path / "adopted")
-    manifest = json.loads((adopted / "dataset.json").read_text())
-    manifest["splits"]["train"]["adopted_from"] = str(adopted)
-    (adopted / "dataset.json").write_text(json.dumps(manifest))
+    adopted = write_adopted_set(tmp_path / "adopted")
     with pytest.raises(DataError, match=r"too few to hold out 13 .*adopt a validation split .*--out .*adopted "
                                          r"--split val"):
         choose_heldout(str(adopted), "train", "val", "auto", 13)
@@ -291,10 +297,7 @@ def test_a_missing_validation_split_names_the_way_to_add_one_wherever_it_is_aske
         load_split(str(folder), "val")
     with pytest.raises(DataError, match=r"no split 'valid'; it has \['train'\]$"):  # a conversion makes 'val' only
         load_split(str(folder), "valid")
-    adopted = write_set(tmp_path / "adopted")
-    manifest = json.loads((adopted / "dataset.json").read_text())
-    manifest["splits"]["train"]["adopted_from"] = str(adopted)
-    (adopted / "dataset.json").write_text(json.dumps(manifest))
+    adopted = write_adopted_set(tmp_path / "adopted")
     with pytest.raises(DataError, match=r"no split 'val'; it has \['train'\]; adopt a validation split into the set "
                                          r"\(`mixmae shards adopt SRC --out .*adopted --split val`\)"):
         load_split(str(adopted), "val")
