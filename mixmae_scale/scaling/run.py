@@ -25,7 +25,7 @@ from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
 from mixmae_scale.data.manifest import DataError
 from mixmae_scale.engine import run_lock
-from mixmae_scale.scaling.commands import cluster_shape, launch_line, pretrain_args, run_overrides
+from mixmae_scale.scaling.commands import launch_line, pretrain_args
 from mixmae_scale.scaling.in_process import DeviceShare, device_share
 from mixmae_scale.scaling.recorded import (
     Diverged,
@@ -35,33 +35,21 @@ from mixmae_scale.scaling.recorded import (
     finished_here,
     folder_row,
     mend_last_line,
-    ran_to_its_end,
     recorded_rows,
     refuse_other_plans,
     row_differences,
     rows_of,
-    schedule_mismatch,
 )
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
-from mixmae_scale.scaling.subsets import FRACTION_TOLERANCE, data_read, run_data, subset_shards, whole_sets
+from mixmae_scale.scaling.subsets import data_read, run_data, subset_shards, whole_sets
 from mixmae_scale.scaling.sweep_plan import named, not_planned, write_plan
 from mixmae_scale.scaling.workers import (
-    FLOP_RATE,
-    STEP_OVERHEAD_S,
-    WORKER,
     RunQueue,
     SweepStop,
-    estimated_seconds,
     exit_reason,
     start_order,
     worker,
 )
-
-# The public names of run.py before it was split, still importable from here.
-__all__ = ["FLOP_RATE", "FRACTION_TOLERANCE", "STEP_OVERHEAD_S", "SWEEP_LOCK", "WORKER", "Diverged", "RunQueue",
-           "SweepError", "SweepStop", "Tally", "cluster_shape", "data_read", "estimated_seconds", "launch_line",
-           "lr_sweep", "plan_record", "ran_to_its_end", "run_data", "run_overrides", "run_sweep", "schedule_mismatch",
-           "start_order", "subset_shards", "sweep_runs", "whole_sets"]
 
 SWEEP_LOCK = ".sweep.lock"
 
