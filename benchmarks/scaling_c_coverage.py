@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from mixmae_scale.atomic_file import write_text
-from mixmae_scale.scaling.fit import compute_law, fit_compute
+from mixmae_scale.scaling.fit import BOOTSTRAP_METHOD, compute_law, fit_compute
 
-METHOD = ("parametric bootstrap: every run redrawn about the fitted law with the log-residual scatter of all runs "
-          "(runs - parameters dof, sigma^2 drawn as s^2 dof / chi2(dof) each round), refitted from the fit (one start)")
 TRUTH = {"E": 0.5, "A": 3.0e4, "alpha": 0.3}
 
 
@@ -48,7 +46,7 @@ def main() -> None:
                         "identified": identified, "identified_with_truth_outside_5_95": identified_missed,
                         "seconds": round(time.time() - start, 1)})
         print(f"{levels} levels: truth outside 5-95% {missed} of {args.sweeps}; identified {identified}", flush=True)
-    write_text(args.out, json.dumps({"method": METHOD, "truth": TRUTH, "seeds": 2, "noise": 0.003,
+    write_text(args.out, json.dumps({"method": BOOTSTRAP_METHOD, "truth": TRUTH, "seeds": 2, "noise": 0.003,
                                      "bootstrap": args.bootstrap, "results": results}, indent=2) + "\n")
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.scaling.fit import BOOTSTRAP_METHOD
 from mixmae_scale.scaling.report import fit_results
 
-METHOD = ("parametric bootstrap: every run redrawn about the fitted law with the log-residual scatter of all runs "
-          "(runs - parameters dof, sigma^2 drawn as s^2 dof / chi2(dof) each round), refitted from the fit (one start)")
 TRUTH = {"E": 0.4, "A": 40.0, "alpha": 0.35, "B": 300.0, "beta": 0.25}
 K = 6.0  # training FLOPs per parameter per image
 DESIGNS = {  # sizes (as factors of each budget's optimum) x budgets
@@ -78,7 +77,7 @@ def main() -> None:
                         "seconds": round(time.time() - start, 1)})
         print(f"{name}: {identified} parameters identified, {missed} with the truth outside; {whole} laws "
               f"identified, {whole_missed} of them missing the truth somewhere", flush=True)
-    write_text(args.out, json.dumps({"method": METHOD, "truth": TRUTH, "seeds": 2, "noise": 0.003,
+    write_text(args.out, json.dumps({"method": BOOTSTRAP_METHOD, "truth": TRUTH, "seeds": 2, "noise": 0.003,
                                      "bootstrap": args.bootstrap, "results": results}, indent=2) + "\n")
 
 

@@ -210,6 +210,12 @@ def fit_nd(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 0, s
     return fit
 
 
+# How L(C) and L(N, D) intervals are drawn (`_bootstrap`), in words, for the results files that measure them.
+BOOTSTRAP_METHOD = ("parametric bootstrap: every run redrawn about the fitted law with the log-residual scatter of all "
+                    "runs (runs - parameters dof, sigma^2 drawn as s^2 dof / chi2(dof) each round), refitted from the "
+                    "fit (one start)")
+
+
 def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int, loss: np.ndarray,
                residuals: np.ndarray) -> None:
     """A parametric bootstrap (seeded: the same data give the same intervals). `loss`: every run's loss, `residuals`:
