@@ -39,6 +39,11 @@ from mixmae_scale.scaling.intervals import (
 )
 
 LEFT_THE_SIZES = "the minimum left the sizes"
+# How the per-budget N* ranges and the N*(C), D*(C) and L*(C) intervals are drawn, in words, for the results files
+# that measure them (benchmarks/scaling_isoflop_coverage.py).
+BOOTSTRAP_METHOD = ("seed bootstrap: every configuration's seeds drawn with replacement, every parabola and law "
+                    "refitted; N*(C) and D*(C) exponents spanned with the slope's t interval from the minima's "
+                    "scatter about the line")
 ONE_SEED_UNIT = "interior budgets have a size run once"
 
 
