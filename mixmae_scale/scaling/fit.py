@@ -14,6 +14,7 @@ each law some hundreds of times.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -236,20 +237,30 @@ def _bootstrap(fit: LawFit, refit, groups: np.ndarray, rounds: int, seed: int, l
     once = sum(len(m) < 2 for m in members)
     draws: dict[str, list[float]] = {name: [] for name in fit.names}
     if rounds and not once:
-        rng = np.random.default_rng(seed)
         residuals = np.asarray(residuals, float)
         predicted = np.asarray(loss, float) * np.exp(residuals)
-        dof = len(residuals) - len(fit.names)  # > 0: P + 1 points with 2 seeds each at least
-        scale2 = float(np.sum(residuals**2)) / dof
-        for _ in range(rounds):
-            sigma = np.sqrt(scale2 * dof / rng.chisquare(dof))
+        for drawn in parametric_resamples(predicted, residuals, len(fit.names), rounds, seed):
             try:
-                refitted = refit(predicted * np.exp(sigma * rng.standard_normal(len(predicted))))
+                refitted = refit(drawn)
             except FitError:
                 continue
             for name in fit.names:
                 draws[name].append(refitted[name])
     fit.judged = judge(fit.values, draws, Support(len(members), len(fit.names), once, rounds))
+
+
+def parametric_resamples(predicted: np.ndarray, residuals: np.ndarray, parameters: int, rounds: int,
+                         seed: int) -> Iterator[np.ndarray]:
+    """`rounds` redraws of every run as `predicted` x exp(sigma z), z standard normal, seeded: the draws of
+    `_bootstrap`, shared with the iso-FLOP parabolas (`isoflop`) so that every interval of the report rests on one
+    noise model. sigma^2 is s^2 dof / chi2(dof) each round, s^2 = sum(residuals^2) / dof, dof = runs - `parameters`
+    (> 0: the caller's rules give every point 2 seeds)."""
+    rng = np.random.default_rng(seed)
+    dof = len(residuals) - parameters
+    scale2 = float(np.sum(np.asarray(residuals, float) ** 2)) / dof
+    for _ in range(rounds):
+        sigma = np.sqrt(scale2 * dof / rng.chisquare(dof))
+        yield predicted * np.exp(sigma * rng.standard_normal(len(predicted)))
 
 
 def compute_optimal(fit: LawFit, compute: np.ndarray, flops_per_param_image: float,

@@ -4,10 +4,10 @@ Every fit in the scaling report (L(C) and L(N, D) on a grid or iso-FLOP sweep, N
 by one function, `judge`, so that no law is called identified on weaker evidence than another:
 - too few points: a law with P parameters needs P + 1 distinct points (configurations, budgets); through P
   points any curve passes, and the residual that would say whether it is the law is zero;
-- one seed: a point measured once says nothing of the seeds' noise apart from the law's misfit. The iso-FLOP
-  bootstrap draws each point's seeds with replacement and has nothing to draw from one run (resampling runs
-  instead only reshuffled the same few values: a 4-run grid gave 19 identical refits and a zero-width
-  "interval"); L(C) and L(N, D)'s parametric bootstrap (`fit._bootstrap`) keeps the rule;
+- one seed: a point measured once says nothing of the seeds' noise apart from the law's misfit. The seed-drawing
+  bootstrap this project used first had nothing to draw from one run (resampling runs instead only reshuffled the
+  same few values: a 4-run grid gave 19 identical refits and a zero-width "interval"); the parametric bootstrap
+  of every fit now (`fit.parametric_resamples`) keeps the rule;
 - too few resamples: a round that could not produce a value (the law diverged, a budget's minimum left the
   sizes trained) is a value with no bound, not a round to forget: when more than 5% of the rounds gave none,
   or fewer than MIN_RESAMPLES gave one, there is no interval;
