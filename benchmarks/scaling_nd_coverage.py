@@ -5,9 +5,14 @@ optimum, D = C / (6 N); the report's fit (`report.fit_results`) judges it. The q
 L(N, D)'s 5 parameters (one degree of freedom, the `too_few_points` rule's minimum) the reason an interval misses,
 so that a higher minimum would fix it? A 5-95% interval that holds the truth should miss it about 10% of the time.
 `method` in the results names the interval method measured (the results of the seed-drawing bootstrap it replaced,
-148/393 and 127/411 misses, are quoted in docs/scaling.md).
+148/393 and 127/411 misses, are quoted in docs/scaling.md), `interval_points` the fewest points L(N, D) is given an
+interval from (`fit.ND_INTERVAL_POINTS`), `before` the figures under the rule or method before (`--before`).
+`--interval-points 6 --known-sigma 0.003` asks whether the chi2 draw of sigma is why P + 1 points miss: the same
+sweeps with the true noise instead (`results/scaling_nd_coverage_known_sigma.json`).
 
-    python benchmarks/scaling_nd_coverage.py --sweeps 100
+    python benchmarks/scaling_nd_coverage.py --sweeps 100 [--before OLD.json]
+    python benchmarks/scaling_nd_coverage.py --sweeps 100 --interval-points 6 --known-sigma 0.003 --designs 0 \
+        --out benchmarks/results/scaling_nd_coverage_known_sigma.json
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from mixmae_scale.atomic_file import write_text
-from mixmae_scale.scaling.fit import BOOTSTRAP_METHOD
+from mixmae_scale.scaling import fit
+from mixmae_scale.scaling.fit import BOOTSTRAP_METHOD, ND_INTERVAL_POINTS
 from mixmae_scale.scaling.report import fit_results
 
 TRUTH = {"E": 0.4, "A": 40.0, "alpha": 0.35, "B": 300.0, "beta": 0.25}
@@ -49,14 +55,36 @@ def sweep(factors: tuple[float, ...], budgets: tuple[float, ...], seed: int, noi
     return rows
 
 
+def _known_sigma(sigma: float):
+    """`fit.parametric_resamples` at a fixed sigma: the same draws less the chi2 draw of sigma."""
+    def resamples(predicted, residuals, parameters, rounds, seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(rounds):
+            yield predicted * np.exp(sigma * rng.standard_normal(len(predicted)))
+    return resamples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweeps", type=int, default=100)
     parser.add_argument("--bootstrap", type=int, default=100)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling_nd_coverage.json"))
+    parser.add_argument("--before", help="a results file of this benchmark under an earlier rule or method: kept in "
+                        "the new file under `before`, for the comparison")
+    parser.add_argument("--interval-points", type=int, default=ND_INTERVAL_POINTS,
+                        help="the fewest points given an interval (the rule's own by default; 6 measures P + 1)")
+    parser.add_argument("--known-sigma", type=float,
+                        help="draw every resample at this sigma (the true noise) instead of the chi2 draw about the "
+                             "residuals' s: whether the draw of sigma is what makes an interval miss")
+    parser.add_argument("--designs", type=int, nargs="*", help="indices into DESIGNS (default: all)")
     args = parser.parse_args()
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    fit.ND_INTERVAL_POINTS = args.interval_points
+    if args.known_sigma is not None:
+        fit.parametric_resamples = _known_sigma(args.known_sigma)
     results = []
-    for name, (factors, budgets) in DESIGNS.items():
+    chosen = list(DESIGNS.items())
+    for name, (factors, budgets) in [chosen[i] for i in args.designs] if args.designs else chosen:
         start = time.time()
         fitted = identified = missed = whole = whole_missed = 0
         for i in range(args.sweeps):
@@ -77,8 +105,12 @@ def main() -> None:
                         "seconds": round(time.time() - start, 1)})
         print(f"{name}: {identified} parameters identified, {missed} with the truth outside; {whole} laws "
               f"identified, {whole_missed} of them missing the truth somewhere", flush=True)
-    write_text(args.out, json.dumps({"method": BOOTSTRAP_METHOD, "truth": TRUTH, "seeds": 2, "noise": 0.003,
-                                     "bootstrap": args.bootstrap, "results": results}, indent=2) + "\n")
+    write_text(args.out, json.dumps({
+        "method": BOOTSTRAP_METHOD + (f"; sigma fixed at {args.known_sigma} instead" if args.known_sigma else ""),
+        "interval_points": args.interval_points, "truth": TRUTH, "seeds": 2, "noise": 0.003,
+        "bootstrap": args.bootstrap, "results": results,
+        **({"before": {key: before.get(key) for key in ("method", "interval_points", "results")}} if before else {})},
+        indent=2) + "\n")
 
 
 if __name__ == "__main__":

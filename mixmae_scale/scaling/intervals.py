@@ -4,10 +4,12 @@ Every fit in the scaling report (L(C) and L(N, D) on a grid or iso-FLOP sweep, N
 by one function, `judge`, so that no law is called identified on weaker evidence than another:
 - too few points: a law with P parameters needs P + 1 distinct points (configurations, budgets); through P
   points any curve passes, and the residual that would say whether it is the law is zero;
-- one seed: a point measured once says nothing of the seeds' noise apart from the law's misfit. The iso-FLOP
-  bootstrap draws each point's seeds with replacement and has nothing to draw from one run (resampling runs
-  instead only reshuffled the same few values: a 4-run grid gave 19 identical refits and a zero-width
-  "interval"); L(C) and L(N, D)'s parametric bootstrap (`fit._bootstrap`) keeps the rule;
+- too few points for an interval: a law whose intervals, measured on exact-law sweeps, miss the truth well beyond
+  their nominal rate at P + 1 points asks for more (`Support.needs`): L(N, D) (`fit.ND_INTERVAL_POINTS`);
+- one seed: a point measured once says nothing of the seeds' noise apart from the law's misfit. The seed-drawing
+  bootstrap this project used first had nothing to draw from one run (resampling runs instead only reshuffled the
+  same few values: a 4-run grid gave 19 identical refits and a zero-width "interval"); the parametric bootstrap
+  of every fit now (`fit.parametric_resamples`) keeps the rule;
 - too few resamples: a round that could not produce a value (the law diverged, a budget's minimum left the
   sizes trained) is a value with no bound, not a round to forget: when more than 5% of the rounds gave none,
   or fewer than MIN_RESAMPLES gave one, there is no interval;
@@ -60,6 +62,7 @@ class Support:
     rounds: int = 0
     lost: str = "the refit failed"
     unit: str = "points were run once"
+    needs: int = 0  # the fewest points an interval needs, where a law's measured coverage asks for more than P + 1
 
 
 @dataclass
@@ -101,7 +104,8 @@ def judge(estimates: Mapping[str, float], draws: Mapping[str, Sequence[float]], 
     first = next(iter(estimates), None)
     distinct = len(np.unique(np.asarray(draws.get(first, ()), float))) if first else 0
     missing = _missing(support, refitted)
-    drawn = 0 if support.once or too_few_points("", support.points, support.parameters) else support.rounds
+    short = too_few_points("", support.points, support.parameters) or support.points < support.needs
+    drawn = 0 if support.once or short else support.rounds
     not_a_law = non_positive_exponents(estimates)
     judgement = Judgement(rounds=drawn, refitted=refitted, distinct=distinct, missing=missing or "",
                           not_a_law=not_a_law)
@@ -131,6 +135,10 @@ def _missing(support: Support, refitted: int) -> str | None:
     few = too_few_points("the law", support.points, support.parameters)
     if few:
         return f"{support.points} points for {support.parameters} parameters"
+    if support.points < support.needs:
+        dof = support.points - support.parameters
+        return (f"{support.points} points for {support.parameters} parameters: {dof} degree{'' if dof == 1 else 's'} "
+                f"of freedom about the law is too few for its interval; it needs {support.needs} points")
     if support.once:
         return f"one seed: {support.once} of {support.points} {support.unit}"
     if not support.rounds:

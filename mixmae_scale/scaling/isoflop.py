@@ -10,11 +10,15 @@ parameters, needs 4): `intervals.too_few_points`, the rule every fit follows. D*
 model of size N* sees on C: C / f(N*), with f (training FLOPs per image) interpolated
 in log-log across the family, since a Swin's FLOPs per image are not exactly 6N.
 
-Uncertainty is a seeded bootstrap over seeds: in every round each configuration (`fit.configurations`: a run's settings
-less its seed) draws its seeds with replacement, and every parabola and every law is refitted. Only a budget whose every
-configuration ran at least twice has a spread to draw from; a law through a budget with a configuration run once has no
-interval ("one seed"). A round in which a budget's minimum leaves the sizes has no value for that budget or for the laws
-through it; `intervals.judge`, which judges every fit of the report, says what that and a wide interval mean.
+Uncertainty is a seeded parametric bootstrap, the one L(C) and L(N, D) use (`fit.parametric_resamples`): in every
+round each run is redrawn about its budget's fitted parabola with the pooled scatter of all runs about their parabolas,
+and every parabola and every law is refitted. Only a budget whose every configuration (`fit.configurations`: a run's
+settings less its seed) ran at least twice has an interval; a law through a budget with a configuration run once has
+none ("one seed"): its noise is not measured apart from the parabola's misfit. A round in which a budget's minimum
+leaves the sizes has no value for that budget or for the laws through it; `intervals.judge`, which judges every fit of
+the report, says what that and a wide interval mean. The intervals hold the noise, not the parabola's own bias: a
+parabola in log N through a law that is not one puts its vertex off the true N* (2-5% on the exact-law sweeps of
+benchmarks/scaling_isoflop_coverage.py), and no resampling of the runs moves it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from mixmae_scale.scaling.fit import FitError, LawFit, compute_law, configurations, fit_compute
+from mixmae_scale.scaling.fit import (
+    FitError,
+    LawFit,
+    compute_law,
+    configurations,
+    fit_compute,
+    parametric_resamples,
+)
 from mixmae_scale.scaling.intervals import (
     MAX_LOST_SHARE,
     Interval,
@@ -39,6 +50,12 @@ from mixmae_scale.scaling.intervals import (
 )
 
 LEFT_THE_SIZES = "the minimum left the sizes"
+# How the per-budget N* ranges and the N*(C), D*(C) and L*(C) intervals are drawn, in words, for the results files
+# that measure them (benchmarks/scaling_isoflop_coverage.py).
+BOOTSTRAP_METHOD = ("parametric bootstrap: every run redrawn about its budget's fitted parabola with the log-residual "
+                    "scatter of all runs about their parabolas (runs - 3 x budgets dof, sigma^2 drawn as "
+                    "s^2 dof / chi2(dof) each round), every parabola and law refitted; N*(C) and D*(C) exponents "
+                    "spanned with the slope's t interval from the minima's scatter about the line")
 ONE_SEED_UNIT = "interior budgets have a size run once"
 
 
@@ -59,28 +76,28 @@ class BudgetMinimum:
 
 @dataclass
 class LineCheck:
-    """How far the budgets' minima lie from their power law, against what their seeds explain. The seed bootstrap
+    """How far the budgets' minima lie from their power law, against what the runs' noise explains. The bootstrap
     redraws each minimum about its own value and never sees the minima's scatter about the line: three minima, the
     middle one 1.9x off a power law, gave the same exponent interval (0.487-0.499) as three on it."""
 
     dof: int  # budgets - 2: what the residuals can tell; with 3 budgets, one
     residual_rms: float  # of ln y about the line, on `dof` degrees of freedom
-    seed_rms: float | None  # of ln y across the seed bootstrap's rounds, pooled over budgets; None without one
+    noise_rms: float | None  # of ln y across the bootstrap's rounds, pooled over budgets; None without one
     interval: Interval  # 5-95%: the slope +- t(0.95, dof) x its standard error from the residuals
-    exceeds: bool  # residual_rms beyond what seed_rms explains: above the 95th percentile of chi2(dof) / dof
+    exceeds: bool  # residual_rms beyond what noise_rms explains: above the 95th percentile of chi2(dof) / dof
 
 
 @dataclass
 class PowerLaw:
     """y = coefficient C^exponent through the interior minima, judged by the exponent's interval: the span of the
-    seed bootstrap's interval and the residuals' one (`LineCheck`), so that neither source of error is left out."""
+    bootstrap's interval and the residuals' one (`LineCheck`), so that neither source of error is left out."""
 
     exponent: float | None  # None: too few interior budgets to fit
     coefficient: float | None
     budgets: list[float]
     judged: Judgement | None = None
     missing: str = ""  # why it was not fitted
-    seed_interval: Interval | None = None  # the seed bootstrap's 5-95% alone
+    noise_interval: Interval | None = None  # the bootstrap's 5-95% alone
     check: LineCheck | None = None
 
     @property
@@ -140,7 +157,8 @@ def _flops_per_image(rows: list[dict]):
 
 def _cells(rows: list[dict]) -> dict[float, dict[int, list[list[float]]]]:
     """Per budget and size, each configuration's losses (its seeds). A size can hold several configurations
-    (data fractions at one budget): they are separate points whose seeds are drawn apart, not seeds of one."""
+    (data fractions at one budget): they are separate points, not seeds of one, and a budget's fewest seeds are
+    counted per configuration."""
     groups = configurations(rows)  # refuses one configuration's seed twice
     by_budget: dict[float, dict[int, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
     for r, g in zip(rows, groups, strict=True):
@@ -175,17 +193,36 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _draw_vertices(cells, budgets: list[float], rounds: int, seed: int) -> dict[float, np.ndarray]:
-    """Per budget, (rounds, 2) of (log N*, L*) from configurations whose seeds are drawn with replacement; NaN
-    where the drawn minimum is not interior."""
-    rng = np.random.default_rng(seed)
+    """Per budget, (rounds, 2) of (log N*, L*) from a parametric bootstrap (`fit.parametric_resamples`, the draws of
+    L(C)'s and L(N, D)'s intervals): every run of `budgets` redrawn as its budget's fitted parabola times exp(sigma z),
+    sigma^2 the log residuals' sum of squares about the parabolas over runs - 3 x budgets (seeds and the parabolas'
+    misfit pooled over the budgets), and every parabola refitted; NaN where the drawn minimum is not interior.
+    Drawing each configuration's seeds instead gave, with 2 seeds, a point's mean one of three values with half the
+    variance of a mean: the budgets' N* 5-95% ranges missed the vertex of the noiseless parabola 92 times of 300
+    (benchmarks/results/scaling_isoflop_coverage.json)."""
     draws = {budget: np.full((rounds, 2), np.nan) for budget in budgets}
-    for r in range(rounds):
+    if not budgets or not rounds:
+        return draws
+    log_n, loss, which = [], [], []
+    for budget in budgets:
+        for n, configs in cells[budget].items():
+            runs = _losses(configs)
+            log_n += [np.log(n)] * len(runs)
+            loss += runs
+            which += [budget] * len(runs)
+    log_n, loss, which = np.array(log_n), np.array(loss), np.array(which)
+    predicted = np.empty_like(loss)
+    for budget in budgets:
+        at = which == budget
+        predicted[at] = np.polyval(np.polyfit(log_n[at], loss[at], 2), log_n[at])
+    # A parabola through the losses of a budget predicts positive losses where it was fitted.
+    residuals = np.log(predicted) - np.log(loss)
+    for r, drawn in enumerate(parametric_resamples(predicted, residuals, 3 * len(budgets), rounds, seed)):
         for budget in budgets:
-            drawn = {n: [list(rng.choice(v, size=len(v), replace=True)) for v in configs]
-                     for n, configs in cells[budget].items()}
-            x, loss, interior = _vertex(drawn)
+            at = which == budget
+            x, vertex_loss, interior = parabola_vertex(log_n[at], drawn[at])
             if interior:
-                draws[budget][r] = x, loss
+                draws[budget][r] = x, vertex_loss
     return draws
 
 
@@ -275,12 +312,11 @@ def _bootstrap_laws(budgets: np.ndarray, feeding: list[BudgetMinimum], draws: np
                 loss_draws[name].append(refit[name])
     log_c = np.log(budgets)
     n_opt = np.array([m.n_opt for m in feeding])
-    seeds = np.array([m.seeds for m in feeding], float)
     log_n = draws[:, kept, 0] if draws is not None else None  # (budgets, kept rounds)
     log_d = log_c[:, None] - np.log(f(np.exp(log_n))) if log_n is not None else None
     for law, values, y, y_draws, label in ((n_law, n_draws, np.log(n_opt), log_n, "ln N*"),
                                            (d_law, d_draws, log_c - np.log(f(n_opt)), log_d, "ln D*")):
-        _judge_line(law, values, support, _line_check(log_c, y, y_draws, seeds), label)
+        _judge_line(law, values, support, _line_check(log_c, y, y_draws), label)
     if isinstance(loss_law, LawFit):
         loss_support = Support(support.points, 3, support.once, support.rounds,
                                "a minimum left the sizes or the refit failed", support.unit)
@@ -291,38 +327,39 @@ def degrees_of_freedom(dof: int) -> str:
     return f"{dof} degree{'' if dof == 1 else 's'} of freedom"
 
 
-def _line_check(x: np.ndarray, y: np.ndarray, y_draws: np.ndarray | None, seeds: np.ndarray) -> LineCheck:
-    """y against x = ln C: the residuals' scatter and the slope's t interval from it, and the seeds' scatter.
-    `seeds`: per budget the fewest seeds of a configuration. Drawing n seeds with replacement spreads their mean
-    by (n - 1) / n of its variance (half with 2 seeds), which would call a power law off its own line one time in
-    four with 5 budgets: the seeds' variance is scaled back by n / (n - 1)."""
+def _line_check(x: np.ndarray, y: np.ndarray, y_draws: np.ndarray | None) -> LineCheck:
+    """y against x = ln C: the residuals' scatter and the slope's t interval from it, and the bootstrap's scatter of
+    y (`y_draws`: budgets x rounds), the noise each minimum carries. The bootstrap is parametric, at the runs' full
+    variance: the seed bootstrap before it spread a mean of n seeds by (n - 1) / n of its variance and had to be
+    scaled back by n / (n - 1)."""
     slope, intercept = np.polyfit(x, y, 1)
     dof = len(x) - 2
     residual = float(np.sqrt(np.sum((y - (slope * x + intercept)) ** 2) / dof))
     half = float(stats.t.ppf(0.95, dof)) * residual / float(np.sqrt(np.sum((x - x.mean()) ** 2)))
-    seed = None
-    if y_draws is not None and y_draws.shape[1] > 1 and np.all(seeds > 1):
-        seed = float(np.sqrt(np.mean(np.var(y_draws, axis=1, ddof=1) * seeds / (seeds - 1))))
-    exceeds = seed is not None and residual**2 > seed**2 * float(stats.chi2.ppf(0.95, dof)) / dof
-    return LineCheck(dof, residual, seed, (float(slope - half), float(slope + half)), bool(exceeds))
+    noise = None
+    if y_draws is not None and y_draws.shape[1] > 1:
+        noise = float(np.sqrt(np.mean(np.var(y_draws, axis=1, ddof=1))))
+    exceeds = noise is not None and residual**2 > noise**2 * float(stats.chi2.ppf(0.95, dof)) / dof
+    return LineCheck(dof, residual, noise, (float(slope - half), float(slope + half)), bool(exceeds))
 
 
 def _judge_line(law: PowerLaw, draws: list[float], support: Support, check: LineCheck, label: str) -> None:
-    """The exponent's interval spans the seeds' and the residuals' (with 3 budgets the residuals' has one degree of
-    freedom and is wide: t(0.95, 1) = 6.3); minima that scatter about the line beyond what their seeds explain
-    are not a power law, whatever the width. Without a seed interval `judge` has said why, and that stands."""
+    """The exponent's interval spans the bootstrap's and the residuals' (with 3 budgets the residuals' has one degree
+    of freedom and is wide: t(0.95, 1) = 6.3); minima that scatter about the line beyond what the runs' noise
+    explains are not a power law, whatever the width. Without a bootstrap interval `judge` has said why, and that
+    stands."""
     law.judged = judge({"exponent": law.exponent}, {"exponent": draws}, support)
     law.check = check
-    seeds = law.seed_interval = law.judged.intervals["exponent"]
-    if seeds is None:
+    noise = law.noise_interval = law.judged.intervals["exponent"]
+    if noise is None:
         return
-    span = (min(seeds[0], check.interval[0]), max(seeds[1], check.interval[1]))
+    span = (min(noise[0], check.interval[0]), max(noise[1], check.interval[1]))
     law.judged.intervals["exponent"] = span
     said = law.judged.verdicts["exponent"]
     if check.exceeds:
         law.judged.verdicts["exponent"] = (
             f"not identified (the minima lie off the power law: {check.residual_rms:.2g} rms in {label} about it "
-            f"against {check.seed_rms:.2g} from their seeds, {degrees_of_freedom(check.dof)})")
+            f"against {check.noise_rms:.2g} from the runs' noise, {degrees_of_freedom(check.dof)})")
     elif "outside its interval" not in said:
         law.judged.verdicts["exponent"] = verdict(span, "", exponent=True)
 

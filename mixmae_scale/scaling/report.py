@@ -230,13 +230,13 @@ def _compute_optimal(law: LawFit, c: np.ndarray, n: np.ndarray, d: np.ndarray,
 
 
 def _power_law_json(law: PowerLaw) -> dict:
-    """`exponent_5_95` spans the seed bootstrap's interval (`seed_bootstrap_5_95`) and the residuals'
-    (`line_check`); the verdict is judged on it."""
+    """`exponent_5_95` spans the bootstrap's interval (`bootstrap_5_95`) and the residuals' (`line_check`); the
+    verdict is judged on it."""
     check = law.check and {"degrees_of_freedom": law.check.dof, "residual_rms_ln": law.check.residual_rms,
-                           "seed_rms_ln": law.check.seed_rms, "residual_5_95": law.check.interval,
+                           "noise_rms_ln": law.check.noise_rms, "residual_5_95": law.check.interval,
                            "exceeds_seeds": law.check.exceeds}
     return {"exponent": law.exponent, "coefficient": law.coefficient, "exponent_5_95": law.interval,
-            "seed_bootstrap_5_95": law.seed_interval, "line_check": check, "identified": law.identified,
+            "bootstrap_5_95": law.noise_interval, "line_check": check, "identified": law.identified,
             "verdict": law.verdict, "budgets": law.budgets}
 
 
@@ -299,7 +299,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
              f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, seed {bootstrap['seed']} (the same "
              "results give the same report); each fit says how many refitted. L(C) and L(N, D): parametric, every "
              "run redrawn about the fitted law with the scatter of all runs about it (runs - parameters degrees of "
-             "freedom); the iso-FLOP fits: every point's seeds drawn with replacement.", ""]
+             "freedom); the iso-FLOP fits: parametric too, every run redrawn about its budget's fitted parabola with "
+             "the scatter of all runs about their parabolas.", ""]
     left_out = (fit.get("not_in_plan") or {}).get("runs")
     if left_out:  # rows of runs the spec dropped: in results.jsonl, not in this fit
         lines += [f"**{len(left_out)} row(s) of results.jsonl are left out: runs the spec no longer plans "
@@ -374,8 +375,10 @@ def _law_lines(law: dict | str) -> list[str]:
 def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", ISO_FLOP_HEADING, "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
-             f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each drawing "
-             "every configuration's seeds with replacement (a configuration: a run's settings less its seed)."
+             f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each redrawing "
+             "every run about its budget's fitted parabola (runs - 3 x budgets degrees of freedom) and refitting. "
+             "The N* and L* ranges hold the runs' noise, not the parabola's own bias: a parabola through a loss curve "
+             "that is not one has its vertex off the true N* (docs/scaling.md)."
              + (f" **{iso['left_out'][0].upper()}{iso['left_out'][1:]}.**" if iso.get("left_out") else ""), "",
              "| budget C | sizes | fewest seeds per configuration | interior | N* | N* 5-95% | L* | "
              "lowest measured: N, loss |",
@@ -400,13 +403,13 @@ def _iso_flop_section(iso: dict) -> list[str]:
         text = f"exponent {law['exponent']:.3f} (5-95%: {format_interval(ci, 3)}; {_spread(ci)})"
         verdict = "identified" if law["identified"] else f"**{law['verdict']}**"
         check = law["line_check"]
-        seeds = format_interval(law["seed_bootstrap_5_95"], 3)
+        noise = format_interval(law["bootstrap_5_95"], 3)
         lines.append(f"- {label}: {text}, k = {law['coefficient']:.3g}, through {len(law['budgets'])} budgets: "
-                     f"{verdict}. The interval spans the seeds' bootstrap ({seeds}) and the slope's t interval from "
+                     f"{verdict}. The interval spans the bootstrap's ({noise}) and the slope's t interval from "
                      "the minima's scatter about the line "
                      f"({format_interval(check['residual_5_95'], 3)}, "
                      f"{degrees_of_freedom(check['degrees_of_freedom'])}): {check['residual_rms_ln']:.2g} rms in ln "
-                     f"about it, {check['seed_rms_ln']:.2g} from the seeds")
+                     f"about it, {check['noise_rms_ln']:.2g} from the runs' noise")
     lines += ["", "L*(C) = E + A C^-alpha through the interior minima:", ""]
     lines += _law_lines(iso["L_opt_of_C"])
     ex = iso["L_opt_extrapolation"]

@@ -198,3 +198,31 @@ def test_nd_intervals_cover_an_exact_law_at_near_their_nominal_rate():
             interval = fit.intervals[name]
             misses[name] += interval is None or not interval[0] <= value <= interval[1]
     assert max(misses.values()) <= 6, misses
+
+
+def test_nd_law_through_p_plus_one_points_is_fitted_but_given_no_interval():
+    """3 sizes x 2 budgets x 2 seeds of an exact L(N, D): 6 points for 5 parameters. Its intervals missed the truth in
+    57 of 333 identified parameters on such sweeps (17%, against 37-50 of ~400 from 8-12 points), and 48 of 342 with
+    the noise's sigma known (docs/scaling.md): the value is kept, the interval is not drawn. A 7th point draws one."""
+    truth = (0.4, 40.0, 0.35, 300.0, 0.25)
+    rng = np.random.default_rng(0)
+    n, d = [], []
+    for c in (8e9, 1.6e10):
+        n_star = (0.35 * 40.0 / (0.25 * 300.0)) ** (1 / 0.6) * (c / 6) ** (0.25 / 0.6)
+        for f in (0.5, 1, 2):
+            n += [n_star * f] * 2
+            d += [c / (6 * n_star * f)] * 2
+    for points in (6, 7):
+        if points == 7:
+            n, d = n + [n[0] * 4] * 2, d + [d[0] / 4] * 2
+        nn, dd = np.array(n), np.array(d)
+        loss = nd_law(nn, dd, *truth) * (1 + 0.003 * rng.standard_normal(len(nn)))
+        fit = fit_nd(nn, dd, loss, bootstrap=30, groups=np.arange(len(nn)) // 2)
+        assert fit["alpha"] > 0
+        if points == 6:
+            assert fit.rounds == 0 and all(v is None for v in fit.intervals.values())
+            assert set(fit.verdicts().values()) == {
+                "not identified (6 points for 5 parameters: 1 degree of freedom about the law is too few for its "
+                "interval; it needs 7 points)"}
+        else:
+            assert fit.rounds == 30 and fit.refitted > 0
