@@ -33,6 +33,53 @@ class SourceImage:
     size: int  # bytes on disk; used to size shards before any file is read
 
 
+@dataclass(frozen=True)
+class Duplicate:
+    """A file left out because the image it is (its link's target) is already in the set as another file."""
+
+    rel: str  # the file left out, relative to the source root
+    same_as: str  # the file kept for that image (relative to its split's root)
+    split: str  # the split the kept file is in
+    link: bool  # `rel` is itself a link (else: reached through a linked folder)
+
+    def reason(self) -> str:
+        where = f" (split '{self.split}')" if self.split else ""
+        how = "a link to" if self.link else "reached through a linked folder: the same file as"
+        return f"{how} {self.same_as}{where}, an image already in the set (skipped, not written twice)"
+
+
+def drop_duplicates(splits: Mapping[str, list[SourceImage]]) -> tuple[dict[str, list[SourceImage]],
+                                                                      dict[str, list[Duplicate]]]:
+    """Every split's images with each real file kept once, and the files left out, per split.
+
+    A link to another image of the set was written as a second sample of that image (with its link's class, which
+    may be another), so the count said one image more than there is and one image weighed twice. Links are
+    followed: a link to a file outside the set is an image like any other. Of the files that are one real file,
+    the first one named without a link of its own is kept (else the first), in split order then listing order, so
+    that the file the user put there is the one recorded."""
+    holders: dict[str, tuple[str, SourceImage]] = {}
+    for prefer_links in (False, True):
+        for split, images in splits.items():
+            for image in images:
+                if os.path.islink(image.path) != prefer_links:
+                    continue
+                real = os.path.realpath(image.path)
+                if os.path.isfile(real):  # a dangling link or a folder named like an image is rejected later
+                    holders.setdefault(real, (split, image))
+    kept: dict[str, list[SourceImage]] = {}
+    left_out: dict[str, list[Duplicate]] = {}
+    for split, images in splits.items():
+        kept[split], left_out[split] = [], []
+        for image in images:
+            holder = holders.get(os.path.realpath(image.path))
+            if holder is None or holder[1] is image:
+                kept[split].append(image)
+            else:
+                left_out[split].append(Duplicate(image.rel, holder[1].rel, holder[0] if holder[0] != split else "",
+                                                 os.path.islink(image.path)))
+    return kept, left_out
+
+
 def ignored_note(ignored: list[str], shown: int = 5) -> str:
     """'ignored 1 file that is not an image by name: notes.txt' (the first `shown` names)."""
     names = ", ".join(ignored[:shown]) + (f" and {len(ignored) - shown} more" if len(ignored) > shown else "")
