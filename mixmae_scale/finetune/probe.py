@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.data.loaders import eval_spec
+from mixmae_scale.data.manifest import SplitShards
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
 from mixmae_scale.models.swin import SwinShape
 
@@ -310,6 +311,20 @@ def probe_features(features: Features, num_classes: int) -> ProbeResult:
     knn = knn_top1(train_x, features.train_y, val_x, features.val_y, num_classes)
     val_n = len(features.val_y)
     return ProbeResult(top1, knn, train_top1, train_n, val_n, not_meaningful_because(train_n, val_n))
+
+
+def refuse_one_class(shards: str, split: SplitShards, classes: list[str | None]) -> None:
+    """A set whose manifest lists one class, refused before any image is encoded (`probe_features` refuses it too,
+    but only after every image of both splits was read and encoded, minutes on a CPU for nothing). A manifest that
+    names no classes (adopted tars) says nothing here: the images' labels are checked once read."""
+    if split.num_classes != 1:
+        return
+    from mixmae_scale.data.errors import DataError
+
+    name = f" ({classes[0]})" if classes and classes[0] else ""
+    raise DataError(f"--data {shards}: split '{split.split}' has 1 class{name} in the set's manifest; a read-out of "
+                    "one class answers it for every image (top-1 100% whatever the encoder): probe on a set of two "
+                    "classes or more")
 
 
 def build_encoder(state: dict[str, torch.Tensor] | None, arch: dict, num_classes: int, seed: int) -> SwinClassifier:

@@ -536,3 +536,25 @@ def test_an_unfinished_adoption_is_called_one(tmp_path, monkeypatch, capfd):
     capfd.readouterr()
     line = one_error_line(capfd, main(["shards", "verify", "index"]))
     assert "it holds an unfinished adoption (`mixmae shards adopt ... --out index`): run that command again" in line
+
+
+def test_probe_refuses_a_one_class_set_from_its_manifest_before_reading_an_image(weights, tmp_path, monkeypatch,
+                                                                                 capfd):
+    """`mixmae probe` of a folder of one class encoded every image of both splits (minutes on a CPU) before it
+    refused the set: the manifest says it has one class, so it is refused first, naming the split and the set."""
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import probe
+
+    shards = tiny_set(tmp_path, {"cats": 8}, val_fraction=0.25)
+    capfd.readouterr()  # the conversion's progress bars
+
+    def read_batches(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(probe, "read_batches", read_batches)
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(shards)]))
+    assert line == (f"mixmae: error: --data {shards}: split 'train' has 1 class (cats) in the set's manifest; a "
+                    "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe on a "
+                    "set of two classes or more")
