@@ -46,7 +46,9 @@ def heldout_shortfall(split: str, samples: int, micro: int, batches: int) -> str
 
 def heldout_loss(engine, config: Config, heldout: HeldOut, device: torch.device, dtype: str) -> HeldOutLoss:
     """Reconstruction loss on the first batches of the held-out images with fixed masks. Every rank scores the
-    same batches (ZeRO-3 forwards are collective)."""
+    same batches (ZeRO-3 forwards are collective). A set too small to hold anything out has no loss to measure."""
+    if heldout.images is None:
+        return HeldOutLoss(None, 0, heldout.none_because)
     spec = spec_for(config, "heldout", config.batch.micro, engine_dtype=dtype)
     loader = open_loader(config, heldout.mixture, config.data.val_split, spec)
     # Closed however it ends: its reader threads hold the loader, so garbage collection never frees an abandoned one
