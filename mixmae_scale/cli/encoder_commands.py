@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mixmae_scale.cli.arguments import at_least
+from mixmae_scale.data.errors import plural
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def _probe(args: argparse.Namespace) -> int:
                   f"{' (--json shows the numbers)' if not args.json else ''}")
         else:
             print(f"probe of {args.init}: linear top-1 {result['top1']:.1f}%, k-NN top-1 {result['knn_top1']:.1f}% on "
-                  f"{result['val_samples']} validation images ({num_classes} classes)")
+                  f"{plural(result['val_samples'], 'validation image')} ({plural(num_classes, 'class', 'classes')})")
         if args.json:
             print(json.dumps({"pretrained": result}, indent=2))
         return 0

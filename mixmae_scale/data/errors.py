@@ -12,4 +12,4 @@ class DataError(ValueError):
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 image', '2 images', '0 images'; `nouns` where adding an s is wrong ('class', 'classes')."""
-    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.data.loaders import eval_spec
 from mixmae_scale.data.manifest import SplitShards
@@ -57,12 +58,12 @@ MIN_FIT_IMAGES = 2
 
 def not_meaningful_because(train_samples: int, val_samples: int) -> str | None:
     """Why a probe on these split sizes is not a result, or None."""
-    small = [f"{name} has {count} images" for name, count in (("train", train_samples), ("val", val_samples))
+    small = [f"{name} has {plural(count, 'image')}" for name, count in (("train", train_samples), ("val", val_samples))
              if count < MIN_PROBE_IMAGES]
     if not small:
         return None
     return (f"{' and '.join(small)}, fewer than {MIN_PROBE_IMAGES}: the 95% interval of a top-1 on "
-            f"{val_samples} validation images is about +-{98 / max(val_samples, 1) ** 0.5:.0f} points")
+            f"{plural(val_samples, 'validation image')} is about +-{98 / max(val_samples, 1) ** 0.5:.0f} points")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.heldout import HeldOut
 from mixmae_scale.data.loaders import open_loader, spec_for
 from mixmae_scale.engine.distributed import autocast
@@ -40,7 +41,7 @@ def heldout_shortfall(split: str, samples: int, micro: int, batches: int) -> str
     if batches < 1:
         return f"logging.heldout_batches={batches}"
     if samples < micro:
-        return f"{split} has {samples} images, fewer than one micro-batch of {micro}"
+        return f"{split} has {plural(samples, 'image')}, fewer than one micro-batch of {micro}"
     return None
 
 

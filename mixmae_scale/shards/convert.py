@@ -486,7 +486,7 @@ def summary_lines(manifest: Manifest) -> list[str]:
         lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}"
                      f"{skipped}; "
                      f"{info['copied']} copied as they are, {sum(info['converted'].values())} converted"
-                     + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)"
+                     + (f" ({kinds})" if kinds else "") + f"; {plural(len(info['shards']), 'shard')}"
                      + ("; with segmentation masks (seg.png)" if entry.masks else "")
                      + (f"; ignored {info['ignored_not_images']} not named like an image"
                         if info.get("ignored_not_images") else ""))
