@@ -170,14 +170,13 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
             what = "logging.heldout_batches x batch.micro"
             lower = (f" (no lower setting helps: a hold-out is never below the {GRID_IMAGES} images the "
                      f"reconstruction grids need, and {plural(train.samples, 'sample')} cannot hold out "
-                     f"{GRID_IMAGES} and "
-                     "train on as many)")
-        if train.samples < 2 * GRID_IMAGES and val_split not in splits:  # mode "train": auto trains on them all
-            lower += (f"; or data.heldout=auto, which holds out nothing from a set this small and trains on all "
-                      f"{train.samples} without a held-out loss")
+                     f"{GRID_IMAGES} and train on as many)")
         else:
             what = "logging.heldout_batches x batch.micro"
             lower = ", or lower logging.heldout_batches or batch.micro"
+        if train.samples < 2 * GRID_IMAGES and val_split not in splits:  # mode "train": auto trains on them all
+            lower += (f"; or data.heldout=auto, which holds out nothing from a set this small and trains on all "
+                      f"{train.samples} without a held-out loss")
         raise DataError(f"{path}: {why}, and '{train_split}' has {plural(train.samples, 'sample')}, too few to hold "
                         f"out {count} ({what}) and train on the rest; {way}{lower}")
     return HeldOut(split_tail(train, count)[1], count, train.samples)

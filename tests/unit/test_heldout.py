@@ -314,6 +314,10 @@ def test_a_train_split_below_twice_the_grids_floor_is_not_told_to_lower_the_sett
     assert "lower logging.heldout_batches" not in message and "--val-fraction" in message
     assert "no lower setting helps: a hold-out is never below the 8 images the reconstruction grids need, and 12 " \
            "samples cannot hold out 8 and train on as many" in message
+    with_val = write_set(tmp_path / "with-val", sizes=(7, 5), with_val=True)  # a tail asked for over a val split
+    message = str(pytest.raises(DataError, choose_heldout, str(with_val), "train", "val", "train", 64).value)
+    assert "no lower setting helps" in message and "lower logging.heldout_batches or batch.micro" not in message
+    assert "heldout=auto reads 'val' instead" in message and "holds out nothing" not in message
     assert "lower logging.heldout_batches or batch.micro" in str(  # 16 or more: lowering them does help
         pytest.raises(DataError, choose_heldout, str(write_set(tmp_path / "more", sizes=(9, 8))), "train", "val",
                       "auto", 64).value)
