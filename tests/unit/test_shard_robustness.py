@@ -266,3 +266,26 @@ def test_with_val_fraction_a_link_is_left_out_before_the_draw(tmp_path):
     splits = result.manifest.to_dict()["splits"]
     assert (splits["train"]["found"], splits["train"]["samples"], splits["train"]["skipped_duplicates"]) == (7, 6, 1)
     assert (splits["val"]["found"], splits["val"]["samples"], "skipped_duplicates" in splits["val"]) == (2, 2, False)
+
+
+def test_a_linked_folder_onto_another_class_keeps_that_class_s_own_files(tmp_path):
+    """cats/more -> dogs/: the dog images reached through the link came first in the listing (cats sorts before
+    dogs) and are one real file each with dogs/'s: dogs/ keeps them, under its own class, and the linked copies are
+    skipped, said as reached through a linked folder. A source root that is itself under a link is no link here."""
+    real = tmp_path / "real"
+    for i in range(2):
+        jpeg(real / "cats" / f"cat_{i}.jpg")
+        jpeg(real / "dogs" / f"dog_{i}.jpg", colour=(10, 10, 200))
+    (real / "cats" / "more").symlink_to(real / "dogs")
+    (tmp_path / "src").symlink_to(real)  # --src reached through a link
+    result = convert(tmp_path / "src", tmp_path / "out", ConvertOptions(layout="folder", splits=("train",),
+                                                                        shard_bytes=None))
+    split = result.manifest.to_dict()["splits"]["train"]
+    assert (split["found"], split["samples"], split["skipped_duplicates"]) == (6, 4, 2)
+    assert split["skipped_examples"][0] == {
+        "source": "cats/more/dog_0.jpg",
+        "reason": "reached through a linked folder: the same file as dogs/dog_0.jpg, an image already in the set "
+                  "(skipped, not written twice)"}
+    written = {json.loads(m)["source"]: json.loads(m)["label"] for tar in (tmp_path / "out").glob("train-*.tar")
+               for m in _json_members(tar)}
+    assert written == {"cats/cat_0.jpg": 0, "cats/cat_1.jpg": 0, "dogs/dog_0.jpg": 1, "dogs/dog_1.jpg": 1}
