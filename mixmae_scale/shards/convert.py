@@ -379,9 +379,12 @@ class ConversionSource:
         written, rejected = sum(r.samples for r in ordered), sum(len(r.rejected) for r in ordered)
         reconcile(split, ("found", found), ("written", written), ("rejected", rejected),
                   ("skipped as already in the set", skipped))
+        # A split whose every file is another's image (a val/ of links into train/) would be an empty split.
+        empty = (f"{split}: nothing to write: every one of its {plural(found, 'file')} is an image already in the "
+                 f"set ({self.discovered[split].duplicates[0].reason()}, ...)" if skipped and skipped == found else "")
         return SplitOutcome(self._entry(split, ordered, found, changes),
                             [{"shard": r.name, **item} for r in ordered for item in r.rejected], found,
-                            [item["reason"] for r in ordered for item in r.rejected])
+                            [item["reason"] for r in ordered for item in r.rejected], empty_error=empty)
 
     def _entry(self, split: str, ordered: list[ShardRecord], found: int, changes: SourceChanges) -> SplitEntry:
         converted: dict[str, int] = {}

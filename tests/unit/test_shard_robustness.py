@@ -15,6 +15,7 @@ from PIL import Image
 
 from mixmae_scale.shards import convert as convert_module
 from mixmae_scale.shards.convert import ConvertOptions, convert
+from mixmae_scale.shards.sources import SourceError
 from mixmae_scale.shards.verify import verify
 
 
@@ -245,6 +246,12 @@ def test_a_val_link_to_a_train_image_is_skipped_naming_the_split_it_is_in(tmp_pa
     assert (val["found"], val["samples"], val["skipped_duplicates"]) == (3, 2, 1)
     assert val["skipped_examples"][0]["reason"] == ("a link to train/n01/train_0.jpg (split 'train'), an image "
                                                     "already in the set (skipped, not written twice)")
+    for i in range(2):  # a val/ of nothing but links into train/ is no split, not an empty one
+        (src / "val" / "n01" / f"val_{i}.jpg").unlink()
+        (src / "val" / "n01" / f"val_{i}.jpg").symlink_to(src / "train" / "n01" / f"train_{i}.jpg")
+    with pytest.raises(SourceError, match=r"^val: nothing to write: every one of its 3 files is an image already in "
+                                          r"the set \(a link to train/n01/train_0.jpg \(split 'train'\)"):
+        convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", shard_bytes=None))
 
 
 def _json_members(tar: Path) -> list[bytes]:
