@@ -27,6 +27,10 @@ def _launch(args: argparse.Namespace) -> int:
 
         refuse_a_pretraining_profile(args.profile, config)
         require_finetune_init(config.finetune.init)
+    elif kind == "segment":  # as for fine-tuning: every rank of `mixmae segment` would refuse it after the launch
+        from mixmae_scale.segment.build import require_segment_init
+
+        require_segment_init(config.segment.init, "--set segment.init=")
     samples, samples_from = train_samples_for(config)  # the run counts the manifest: so does this arithmetic
     resolved = resolve(config, sources, train_samples=samples)
     print(f"job: {kind}" + ("" if args.job else f" (from the profile: {JOB_REASON[kind]}; --job overrides)"))

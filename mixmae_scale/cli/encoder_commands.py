@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mixmae_scale.cli.arguments import at_least
+from mixmae_scale.data.errors import plural
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -29,14 +30,16 @@ def _probe(args: argparse.Namespace) -> int:
                               "(--dense) reads every image of both splits")
         return _dense_probe(args)
 
-    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.data.manifest import load_manifest, load_split
     from mixmae_scale.finetune.evaluate import require_folder
     from mixmae_scale.finetune.pretrained import load_encoder
-    from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe, require_memory
+    from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe, refuse_one_class, require_memory
+    from mixmae_scale.finetune.trained_classes import class_identities
 
     require_folder(args.data, "--data")
     state, arch = load_encoder(args.init, "--init")
     train = load_split(args.data, "train")
+    refuse_one_class(args.data, train, class_identities(load_manifest(args.data).classes))  # before any image is read
     num_classes = train.num_classes
     require_memory(args.data, min(train.samples, args.max_samples or train.samples),
                    load_split(args.data, "val").samples, arch, num_classes, 1 + args.baseline_seeds * args.baseline,
@@ -49,7 +52,7 @@ def _probe(args: argparse.Namespace) -> int:
                   f"{' (--json shows the numbers)' if not args.json else ''}")
         else:
             print(f"probe of {args.init}: linear top-1 {result['top1']:.1f}%, k-NN top-1 {result['knn_top1']:.1f}% on "
-                  f"{result['val_samples']} validation images ({num_classes} classes)")
+                  f"{plural(result['val_samples'], 'validation image')} ({plural(num_classes, 'class', 'classes')})")
         if args.json:
             print(json.dumps({"pretrained": result}, indent=2))
         return 0

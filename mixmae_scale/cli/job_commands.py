@@ -10,6 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 from mixmae_scale.cli.arguments import add_profile_args, at_least
+from mixmae_scale.data.errors import plural
 
 if TYPE_CHECKING:
     from mixmae_scale.config.schema import Config
@@ -110,7 +111,7 @@ def finetune_message(summary: dict) -> str:
     last = summary["last"] or {"top1": float("nan")}
     # A bf16 run's top-1 is not `mixmae eval`'s fp32 one (docs/training.md): say which it is.
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"fine-tuned {summary['steps']} steps: top-1 {last['top1']:.2f}%{precision}{over_images(last)} "
+    return (f"fine-tuned {plural(summary['steps'], 'step')}: top-1 {last['top1']:.2f}%{precision}{over_images(last)} "
             f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
 
 
@@ -132,7 +133,7 @@ def segment_message(summary: dict) -> str:
     """The last line of a segmentation run: the last evaluation's mIoU and the best one's."""
     last = summary["last"] or {"miou": float("nan")}
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"segmentation fine-tuned {summary['steps']} steps: mIoU {last['miou']:.2f}%{precision} "
+    return (f"segmentation fine-tuned {plural(summary['steps'], 'step')}: mIoU {last['miou']:.2f}%{precision} "
             f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')})")
 
 
@@ -140,11 +141,11 @@ def pretrain_message(summary: dict) -> str:
     """The last line of a pretraining run; a held-out loss that was not measured says why, never a number."""
     start, end, steps = summary["heldout_loss_start"], summary["heldout_loss_end"], summary["steps"]
     if end is None:
-        return (f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); {steps} "
-                f"step{'' if steps == 1 else 's'} trained")
+        return (f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); "
+                f"{plural(steps, 'step')} trained")
     if start is None:
-        return f"held-out reconstruction loss {end:.4f} after {steps} steps (not measured at the start)"
-    return f"held-out reconstruction loss {start:.4f} -> {end:.4f} after {steps} steps"
+        return f"held-out reconstruction loss {end:.4f} after {plural(steps, 'step')} (not measured at the start)"
+    return f"held-out reconstruction loss {start:.4f} -> {end:.4f} after {plural(steps, 'step')}"
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -177,7 +178,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2))
         elif rank == 0:
             print(f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the "
-                  f"{result['samples']} images of "
+                  f"{plural(result['samples'], 'image')} of "
                   f"split '{args.split}' of {args.data} ({args.init})")
         return 0
 

@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mixmae_scale.cli.arguments import at_least, between
+from mixmae_scale.data.errors import plural
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
     else:
         for split, info in report["splits"].items():
             decoded = f", {info['decoded']} decoded" if info["decoded"] is not None else ""
-            print(f"{split}: {info['samples']} samples in {info['shards']} shard(s){decoded}")
+            print(f"{split}: {plural(info['samples'], 'sample')} in {plural(info['shards'], 'shard')}{decoded}")
         for error in report["errors"]:
             print(f"ERROR {error}")
         print("OK" if report["ok"] else f"{len(report['errors'])} problem(s)")

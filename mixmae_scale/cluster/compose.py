@@ -18,6 +18,7 @@ from pathlib import Path
 from mixmae_scale.config import ResolvedConfig
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.errors import plural
 
 ENV_FILE = ".deepspeed_env"
 # DeepSpeed 0.19.8's MPI backends refuse --num_nodes/--num_gpus and --include/--exclude (validate_args) and start
@@ -216,7 +217,8 @@ def batch_report(resolved: ResolvedConfig, train_samples: int | None = None, sam
             f"global batch     {d.global_batch} = {d.micro_batch} x {d.accumulation} x {d.world_size}",
             f"learning rate    {d.learning_rate:.3g} (base {resolved.config.optim.base_learning_rate:g} x "
             f"{d.global_batch}/256)",
-            f"steps per epoch  {d.steps_per_epoch} ({samples} samples{', ' + samples_from if samples_from else ''})",
+            f"steps per epoch  {d.steps_per_epoch} ({plural(samples, 'sample')}"
+            f"{', ' + samples_from if samples_from else ''})",
             f"total steps      {d.total_steps} ({resolved.config.schedule.epochs:g} epochs, "
             f"{d.warmup_steps} warm-up)"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mixmae_scale.data import storage
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.manifest import (
     CONVERT_WITH_VAL,
     MANIFEST,
@@ -36,18 +36,26 @@ MODES = ("auto", "split", "train")
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The images the held-out loss and the grids read, and what training must leave out for them."""
+    """The images the held-out loss and the grids read, and what training must leave out for them; or none
+    (`images` None, `none_because` says why): a set too small to spare any, which trains on every image."""
 
-    images: SplitShards
+    images: SplitShards | None
     train_tail: int  # samples cut from the end of the train split (0: the images are a split of their own)
     train_samples: int  # the train split's samples before the cut
+    none_because: str = ""  # why nothing is held out (images None): the held-out loss's "not measured" reason
+    way_to_one: str = ""  # how a set without one gets a hold-out (images None)
 
     @property
     def mixture(self) -> ShardMixture:
+        if self.images is None:
+            raise ValueError(f"no held-out images: {self.none_because}")
         return ShardMixture([WeightedSet(self.images, 1.0, self.images.location)])
 
     def describe(self) -> str:
-        """The run log's line about a held-out tail (a validation split needs none)."""
+        """The run log's line about a held-out tail, or about holding out nothing (a validation split needs none)."""
+        if self.images is None:
+            return (f"held-out: {self.none_because}; training reads all {plural(self.train_samples, 'sample')}, "
+                    f"and no held-out loss or reconstruction grid is made; to measure one, {self.way_to_one}")
         where = self.images.location
         last = self.images.names[-1].rsplit("/", 1)[-1]
         return (f"held-out: no separate held-out split in {where}; holding out the last {self.train_tail:,} of "
@@ -56,6 +64,8 @@ class HeldOut:
                 f"the other {self.train_samples - self.train_tail:,} (data.heldout)")
 
     def summary(self) -> dict:
+        if self.images is None:
+            return {"split": None, "location": None, "samples": 0, "train_tail": 0, "none": self.none_because}
         return {"split": self.images.split, "location": self.images.location, "samples": self.images.samples,
                 "train_tail": self.train_tail}
 
@@ -117,7 +127,13 @@ def _part(split: SplitShards, shards: list[tuple[int, int, int]]) -> SplitShards
 def choose_heldout(location: str, train_split: str, val_split: str, mode: str, count: int) -> HeldOut:
     """data.heldout: "auto" reads `val_split` when the set has one, else holds out the train split's tail; "split"
     insists on `val_split`; "train" holds out the tail even when a validation split exists. Refuses a train split
-    too small to give `count` samples and still keep at least as many for training."""
+    too small to give `count` samples and still keep at least as many for training, where a lower setting or a
+    validation split is the way out.
+
+    "auto" on a set without `val_split` whose train split is below twice the grids' floor (16 images) holds out
+    nothing: no setting makes a hold-out that small, and refusing told a user with a folder of 12 images to do
+    what could not help. The run trains on every image; its held-out loss is not measured (said with the reason,
+    never a number over no images) and it draws no reconstruction grids."""
     if mode not in MODES:
         raise DataError(f"data.heldout must be one of {', '.join(MODES)}, got {mode!r}")
     path = storage.join(str(location), MANIFEST)
@@ -130,6 +146,16 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
         raise DataError(f"{path}: no split '{val_split}' (data.val_split); it has {sorted(splits)}. data.heldout=auto "
                         f"holds out the end of '{train_split}' instead, or {add_one}")
     train = load_split(location, train_split)
+    if mode == "auto" and train.samples < 2 * GRID_IMAGES:
+        adopted = any(info.adopted for info in splits.values())
+        way = (way_to_add_split(str(location), splits, val_split) if adopted else
+               "convert the images again with one (`mixmae shards folder --src SRC --out NEW --val-fraction F`, F "
+               "large enough to hold out that many)")
+        return HeldOut(None, 0, train.samples, (
+            f"nothing held out: {path} has no split '{val_split}', and '{train_split}' has "
+            f"{plural(train.samples, 'sample')}, fewer than the {2 * GRID_IMAGES} a hold-out of its tail needs (the "
+            f"{GRID_IMAGES} images the reconstruction grids need at the least, and as many to train on)"),
+            f"give the set a '{val_split}' split of at least batch.micro images: {way}")
     if train.samples < 2 * count:
         why = (f"data.heldout=train holds out the end of '{train_split}' (the set's '{val_split}' is not read)"
                if val_split in splits else f"no split '{val_split}'")
@@ -143,11 +169,14 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
         elif train.samples < 2 * GRID_IMAGES:  # below the floor's own need: no setting lowers the count enough
             what = "logging.heldout_batches x batch.micro"
             lower = (f" (no lower setting helps: a hold-out is never below the {GRID_IMAGES} images the "
-                     f"reconstruction grids need, and {train.samples} samples cannot hold out {GRID_IMAGES} and "
-                     "train on as many)")
+                     f"reconstruction grids need, and {plural(train.samples, 'sample')} cannot hold out "
+                     f"{GRID_IMAGES} and train on as many)")
         else:
             what = "logging.heldout_batches x batch.micro"
             lower = ", or lower logging.heldout_batches or batch.micro"
-        raise DataError(f"{path}: {why}, and '{train_split}' has {train.samples} samples, too few to hold out "
-                        f"{count} ({what}) and train on the rest; {way}{lower}")
+        if train.samples < 2 * GRID_IMAGES and val_split not in splits:  # mode "train": auto trains on them all
+            lower += (f"; or data.heldout=auto, which holds out nothing from a set this small and trains on all "
+                      f"{train.samples} without a held-out loss")
+        raise DataError(f"{path}: {why}, and '{train_split}' has {plural(train.samples, 'sample')}, too few to hold "
+                        f"out {count} ({what}) and train on the rest; {way}{lower}")
     return HeldOut(split_tail(train, count)[1], count, train.samples)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mixmae_scale.data.crop_params import sample_augmentation
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.sample_ids import Coverage, sample_id, split_coverage
 from mixmae_scale.data.shard_reader import RankStream, RawBatch, RawSample, ordered_samples
@@ -149,8 +149,8 @@ class ShardLoader:
         self.layout = Layout.whole_epoch(0, self.mixture.visits(spec.order_seed, 0).samples, spec.num_shards,
                                          spec.batch_size)
         if spec.mode != "eval" and self.layout.batches < 1:
-            raise DataError(f"split '{split}' has {self.layout.length} samples, fewer than one batch of "
-                            f"{spec.batch_size} on each of {spec.num_shards} ranks")
+            raise DataError(f"split '{split}' has {plural(self.layout.length, 'sample')}, fewer than one batch of "
+                            f"{spec.batch_size} on each of {plural(spec.num_shards, 'rank')}")
         self.batch_in_epoch = 0
         self.batches_consumed = 0
         self.resume_note: str | None = None

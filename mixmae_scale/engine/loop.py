@@ -111,10 +111,13 @@ class RunContext:
 
 def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int, max_steps: int | None = None,
               overwrite: bool = False, exclude: Callable[[ShardMixture], ShardMixture] | None = None,
-              job: str = "pretrain") -> RunContext:
+              job: str = "pretrain", check: Callable[[ShardMixture, int], None] | None = None) -> RunContext:
     """Process group, configuration resolved for the real world size and data, the run folder, the resume plan.
     `exclude` takes samples out of the training data (pretraining's held-out tail, data/heldout.py); `job` fills
     what the configuration leaves to the job's recipe (`data.crop_scale`), so that config.yaml says what ran.
+    `check(training data, world size)`: the job's refusals of its data (a one-class set for a classifier, a
+    validation split smaller than the ranks), made from the manifests before the run folder is touched, so that a
+    refused run leaves no folder, lock, checkpoints/ or config.yaml behind.
 
     Nothing in the run folder is written before the plan is made but its lock (engine/run_lock.py: a folder a live
     run holds is refused; released when the work ends, engine/runtime.py) and a file every rank reads and rank 0
@@ -128,6 +131,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
                                   [(s.shards, s.weight, s.split) for s in config.data.sources])
     if exclude is not None:
         train_data = exclude(train_data)
+    if check is not None:
+        check(train_data, world)
     resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
     ds_config = engine_config(resolved, root)

@@ -150,6 +150,8 @@ def data_read(config, heldout=None) -> list[dict[str, Any]]:
     data = config.data
     train = [(s.shards, s.split or data.train_split) for s in data.sources] or [(data.shards, data.train_split)]
     entries = [shard_set_digest(location, split, "train") for location, split in train]
+    if heldout is not None and heldout.images is None:  # a set too small to hold anything out: none read
+        return entries
     return entries + [heldout_digest(heldout) if heldout is not None
                       else shard_set_digest(data.shards, data.val_split, "held-out")]
 

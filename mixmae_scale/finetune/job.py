@@ -26,6 +26,7 @@ from mixmae_scale.config.schema import RANDOM_INIT, Config
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import DataError, load_split
+from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
@@ -147,6 +148,20 @@ class FinetuneJob(EvaluatedJob):
         return f"top-1 {result['top1']:.2f}  top-5 {top5_text(result)}  loss {result['loss']:.4f}"
 
 
+def check_finetune_data(config: Config, train_data: ShardMixture, world: int) -> int:
+    """What fine-tuning refuses of its data, read off the manifests (start_run calls it before the run folder is
+    touched: a refusal made after it left an empty checkpoints/ and a config.yaml of a run that never ran): training
+    shards without labels, a classifier of one class, a validation split with fewer images than ranks. Returns the
+    head's class count."""
+    if not train_data.labeled:  # first: a class count would not help shards without labels
+        raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
+                        "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
+    num_classes = head_classes(config.finetune.num_classes, train_data.num_classes, config.data.shards)
+    val_samples = load_split(config.data.shards, config.data.val_split).samples
+    eval_batch_size(1, val_samples, world, config.data.shards, config.data.val_split, "the fine-tuning")
+    return num_classes
+
+
 def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None,
              local_rank: int = 0, pretrained: Pretrained | None = None, overwrite: bool = False) -> dict[str, Any]:
     """One fine-tuning run to its last step (or a stop); returns the summary it writes to summary.json.
@@ -156,13 +171,11 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if pretrained is None:
         pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
                                                                              overwrite))
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune")
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune",
+                    check=lambda train_data, world: check_finetune_data(config, train_data, world))
     if ctx.resume is None and pretrained is None:  # a fresh start after all (the folder changed since it was read)
         pretrained = finetune_start(config.finetune.init)
     derived, ft = ctx.resolved.derived, config.finetune
-    if not ctx.train_data.labeled:  # first: a class count would not help shards without labels
-        raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
-                        "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
     num_classes = head_classes(ft.num_classes, ctx.train_data.num_classes, config.data.shards)
     if ctx.rank == 0:  # which classes its labels are, in order: exports carry the list and `mixmae eval` checks it
         write_run_record(ctx.root, [entry.shards.location for entry in ctx.train_data.sets])

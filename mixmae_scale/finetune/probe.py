@@ -31,8 +31,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.data.loaders import eval_spec
+from mixmae_scale.data.manifest import SplitShards
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
 from mixmae_scale.models.swin import SwinShape
 
@@ -56,12 +58,12 @@ MIN_FIT_IMAGES = 2
 
 def not_meaningful_because(train_samples: int, val_samples: int) -> str | None:
     """Why a probe on these split sizes is not a result, or None."""
-    small = [f"{name} has {count} images" for name, count in (("train", train_samples), ("val", val_samples))
+    small = [f"{name} has {plural(count, 'image')}" for name, count in (("train", train_samples), ("val", val_samples))
              if count < MIN_PROBE_IMAGES]
     if not small:
         return None
     return (f"{' and '.join(small)}, fewer than {MIN_PROBE_IMAGES}: the 95% interval of a top-1 on "
-            f"{val_samples} validation images is about +-{98 / max(val_samples, 1) ** 0.5:.0f} points")
+            f"{plural(val_samples, 'validation image')} is about +-{98 / max(val_samples, 1) ** 0.5:.0f} points")
 
 
 @dataclass
@@ -310,6 +312,20 @@ def probe_features(features: Features, num_classes: int) -> ProbeResult:
     knn = knn_top1(train_x, features.train_y, val_x, features.val_y, num_classes)
     val_n = len(features.val_y)
     return ProbeResult(top1, knn, train_top1, train_n, val_n, not_meaningful_because(train_n, val_n))
+
+
+def refuse_one_class(shards: str, split: SplitShards, classes: list[str | None]) -> None:
+    """A set whose manifest lists one class, refused before any image is encoded (`probe_features` refuses it too,
+    but only after every image of both splits was read and encoded, minutes on a CPU for nothing). A manifest that
+    names no classes (adopted tars) says nothing here: the images' labels are checked once read."""
+    if split.num_classes != 1:
+        return
+    from mixmae_scale.data.errors import DataError
+
+    name = f" ({classes[0]})" if classes and classes[0] else ""
+    raise DataError(f"--data {shards}: split '{split.split}' has 1 class{name} in the set's manifest; a read-out of "
+                    "one class answers it for every image (top-1 100% whatever the encoder): probe on a set of two "
+                    "classes or more")
 
 
 def build_encoder(state: dict[str, torch.Tensor] | None, arch: dict, num_classes: int, seed: int) -> SwinClassifier:

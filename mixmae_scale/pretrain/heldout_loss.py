@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.heldout import HeldOut
 from mixmae_scale.data.loaders import open_loader, spec_for
 from mixmae_scale.engine.distributed import autocast
@@ -40,13 +41,15 @@ def heldout_shortfall(split: str, samples: int, micro: int, batches: int) -> str
     if batches < 1:
         return f"logging.heldout_batches={batches}"
     if samples < micro:
-        return f"{split} has {samples} images, fewer than one micro-batch of {micro}"
+        return f"{split} has {plural(samples, 'image')}, fewer than one micro-batch of {micro}"
     return None
 
 
 def heldout_loss(engine, config: Config, heldout: HeldOut, device: torch.device, dtype: str) -> HeldOutLoss:
     """Reconstruction loss on the first batches of the held-out images with fixed masks. Every rank scores the
-    same batches (ZeRO-3 forwards are collective)."""
+    same batches (ZeRO-3 forwards are collective). A set too small to hold anything out has no loss to measure."""
+    if heldout.images is None:
+        return HeldOutLoss(None, 0, heldout.none_because)
     spec = spec_for(config, "heldout", config.batch.micro, engine_dtype=dtype)
     loader = open_loader(config, heldout.mixture, config.data.val_split, spec)
     # Closed however it ends: its reader threads hold the loader, so garbage collection never frees an abandoned one

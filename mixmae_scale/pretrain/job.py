@@ -106,7 +106,8 @@ def build_job(config: Config, ctx: RunContext, heldout: HeldOut, model: torch.nn
     spec = spec_for(config, "pretrain", ctx.resolved.derived.micro_batch, place, ctx.resolved.derived.dtype)
     loader = open_loader(config, ctx.train_data, config.data.train_split, spec)
     snapshots = (snapshot_factory(config, ctx.root, ctx.rank, ctx.device, heldout.mixture)
-                 if snapshot_factory and config.logging.visualize_every_steps else None)
+                 if snapshot_factory and config.logging.visualize_every_steps and heldout.images is not None
+                 else None)
     job = PretrainJob(config, loader, heldout, snapshots)
     job.compiled_blocks = compile_model(model, ctx)
     return job
@@ -122,6 +123,8 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                     job="pretrain")
     if ctx.rank == 0 and heldout.train_tail:  # a validation split is the usual case: nothing to say
         log.info("%s", heldout.describe())
+    if ctx.rank == 0 and heldout.images is None:
+        log.warning("%s", heldout.describe())
     derived = ctx.resolved.derived
     model = build_mixmae(config.model).to(ctx.device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer,

@@ -29,15 +29,22 @@ from mixmae_scale.models.segmentation_head import SegmentationModel, UperHead
 log = logging.getLogger("mixmae.segment")
 
 
+def require_segment_init(init: str | None, option: str = "--init ") -> None:
+    """`segment.init` unset is refused by `mixmae segment` and by a launch of it (cli/cluster_commands.py), before
+    any rank starts: ranks that each refused it after the launch said it once per rank, late. `option` is how the
+    command at hand sets it (`--init ` for `mixmae segment`, `--set segment.init=` for `mixmae launch`)."""
+    if not init:
+        raise WeightsError(f"segment.init is not set: name the encoder to start from ({option}RUN_FOLDER, an "
+                           f"exported .safetensors or an official MixMIM .pth), or {option}random for a randomly "
+                           "initialised encoder (the baseline)")
+
+
 def check_init(config: Config, resuming: bool = False) -> None:
     """`segment.init` names weights that exist, or "random"; said before any process group starts. A run that
     resumes from its own checkpoint (`resuming`: run_folder.resumes) needs nothing of them: the checkpoint holds
     every weight, and the encoder's shape is read off it (`build_backbone`)."""
     init = config.segment.init
-    if not init:
-        raise WeightsError("segment.init is not set: name the encoder to start from (--init RUN_FOLDER, an exported "
-                           ".safetensors or an official MixMIM .pth), or --init random for a randomly initialised "
-                           "encoder (the baseline)")
+    require_segment_init(init)
     if init != RANDOM_INIT and not resuming and not Path(init).exists():
         raise FileNotFoundError(f"segment.init={init}: not found (tried {Path(init).absolute()}); name a run folder, "
                                 "an exported .safetensors, an official .pth, or 'random'")

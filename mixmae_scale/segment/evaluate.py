@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.sample_ids import Coverage, require_each_sample_once
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.finetune.segmentation_metrics import confusion_matrix, miou, pixel_accuracy
@@ -121,6 +122,6 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
 
 def segmentation_line(result: dict[str, Any]) -> str:
     """What `mixmae eval` says of a segmentation model."""
-    return (f"mIoU {result['miou']:.1f}% ({result['precision']}) on the {result['samples']} images of split "
+    return (f"mIoU {result['miou']:.1f}% ({result['precision']}) on the {plural(result['samples'], 'image')} of split "
             f"'{result['split']}' of "
             f"{result['data']} ({result['weights']})")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.manifest import MANIFEST, Manifest, ShardEntry, SplitEntry, load_manifest, manifest_exists
 from mixmae_scale.shards.builder import (
     CLASSES,
@@ -436,7 +437,7 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
     manifest = result.manifest
     entry = manifest.splits[split]
     info = entry.counts
-    classes = f"labeled, {len(manifest.classes)} classes" if entry.labeled else "unlabeled"
+    classes = f"labeled, {plural(len(manifest.classes), 'class', 'classes')}" if entry.labeled else "unlabeled"
     ignored = f"; ignored files beside the tars: {info['ignored_files']}" if info["ignored_files"] else ""
     problems = f"; {info['problem_tars']} tar(s) cut or unreadable (see rejected.jsonl)" if info["problem_tars"] else ""
     masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""

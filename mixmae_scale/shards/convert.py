@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.manifest import Manifest, ShardEntry, SplitEntry, load_manifest, manifest_exists
 from mixmae_scale.shards.builder import BuildResult, SplitOutcome, WorkList, build, reconcile, resume
 from mixmae_scale.shards.jpeg_check import DEFAULT_MAX_PIXELS, Oversize
@@ -28,9 +29,11 @@ from mixmae_scale.shards.masks import MaskLayout, ade20k_layout, demo_layout
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 from mixmae_scale.shards.saved_plan import SourceChanges, planned_files, resume_plan
 from mixmae_scale.shards.sources import (
+    Duplicate,
     SourceError,
     SourceImage,
     ade20k_split,
+    drop_duplicates,
     folder_images,
     hold_out,
     ignored_note,
@@ -177,11 +180,19 @@ def _split_root(src: Path, split: str, options: ConvertOptions) -> Path:
 
 @dataclass(frozen=True)
 class Discovered:
-    """One split's source: its images, its class list, and the files skipped because their names are not images."""
+    """One split's source: its images, its class list, the files skipped because their names are not images, and
+    those skipped because the image they are is already in the set as another file (sources.drop_duplicates)."""
 
     images: list[SourceImage]
     classes: list[str]
     ignored: list[str]
+    duplicates: list[Duplicate] = field(default_factory=list)
+
+    def duplicates_note(self, split: str, shown: int = 3) -> str:
+        """'train: skipped 1 file ...': the duplicates the summary counts as skipped, the first few by name."""
+        first = "; ".join(f"{d.rel}: {d.reason()}" for d in self.duplicates[:shown])
+        more = f"; and {len(self.duplicates) - shown} more" if len(self.duplicates) > shown else ""
+        return f"{split}: skipped {plural(len(self.duplicates), 'file')} already in the set: {first}{more}"
 
 
 def _discover(src: Path, split: str, options: ConvertOptions, kept: dict[str, str]) -> Discovered:
@@ -192,8 +203,11 @@ def _discover(src: Path, split: str, options: ConvertOptions, kept: dict[str, st
         return Discovered(*ade20k_split(src, split, ignored), ignored)
     if options.val_fraction:  # both splits from the one folder, the same draw for each
         images, classes = folder_images(src, ignored, options.unlabeled)
-        train, val = hold_out(images, options.val_fraction, options.seed, kept)
-        return Discovered(train if split == "train" else val, classes, ignored if split == "train" else [])
+        # Before the draw: a link must not take a val place and then be left out, or put one image in both splits.
+        unique, duplicates = drop_duplicates({"train": images})
+        train, val = hold_out(unique["train"], options.val_fraction, options.seed, kept)
+        return Discovered(train if split == "train" else val, classes, ignored if split == "train" else [],
+                          duplicates["train"] if split == "train" else [])
     return Discovered(*folder_images(_split_root(src, split, options), ignored, options.unlabeled), ignored)
 
 
@@ -215,7 +229,9 @@ def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) 
                  if d.classes and d.classes != classes]
     if problems:
         raise SourceError("; ".join(problems))
-    return found
+    unique, duplicates = drop_duplicates({split: d.images for split, d in found.items()})
+    return {split: replace(d, images=unique[split], duplicates=d.duplicates + duplicates[split])
+            for split, d in found.items()}
 
 
 def classes_left_out_of_val(discovered: dict[str, Discovered], fraction: float) -> str | None:
@@ -301,7 +317,8 @@ class ConversionSource:
         self._keep_other_splits()
         for split in self.splits:  # every split's plan saved before any shard: a resume finds the partition whole
             self.state[split] = self._plan(split)
-        return [f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored], []
+        return ([f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored]
+                + [d.duplicates_note(split) for split, d in self.discovered.items() if d.duplicates]), []
 
     def _keep_other_splits(self) -> None:
         """The splits OUT holds that this run does not convert (converted earlier by another --split) stay in the
@@ -357,12 +374,17 @@ class ConversionSource:
         if any(p.name not in records for p in plans):
             raise RuntimeError(f"{split}: some shards have no completion record after writing")
         ordered = [records[p.name] for p in plans]
-        found = sum(len(p.images) for p in plans)
+        skipped = len(self.discovered[split].duplicates)
+        found = sum(len(p.images) for p in plans) + skipped
         written, rejected = sum(r.samples for r in ordered), sum(len(r.rejected) for r in ordered)
-        reconcile(split, ("planned", found), ("written", written), ("rejected", rejected))
+        reconcile(split, ("found", found), ("written", written), ("rejected", rejected),
+                  ("skipped as already in the set", skipped))
+        # A split whose every file is another's image (a val/ of links into train/) would be an empty split.
+        empty = (f"{split}: nothing to write: every one of its {plural(found, 'file')} is an image already in the "
+                 f"set ({self.discovered[split].duplicates[0].reason()}, ...)" if skipped and skipped == found else "")
         return SplitOutcome(self._entry(split, ordered, found, changes),
                             [{"shard": r.name, **item} for r in ordered for item in r.rejected], found,
-                            [item["reason"] for r in ordered for item in r.rejected])
+                            [item["reason"] for r in ordered for item in r.rejected], empty_error=empty)
 
     def _entry(self, split: str, ordered: list[ShardRecord], found: int, changes: SourceChanges) -> SplitEntry:
         converted: dict[str, int] = {}
@@ -370,9 +392,13 @@ class ConversionSource:
             for kind, count in record.converted.items():
                 converted[kind] = converted.get(kind, 0) + count
         ignored, labeled = self.discovered[split].ignored, bool(self.discovered[split].classes)
+        duplicates = self.discovered[split].duplicates
         counts = {
             "found": found, "rejected": sum(len(r.rejected) for r in ordered), "copied": sum(r.copied for r in ordered),
             "ignored_not_images": len(ignored), "ignored_examples": ignored[:5], "converted": converted,
+            **({"skipped_duplicates": len(duplicates),
+                "skipped_examples": [{"source": d.rel, "reason": d.reason()} for d in duplicates[:5]]}
+               if duplicates else {}),
             "transient": sum(r.transient for r in ordered),
             "source_changes": {"vanished": len(changes.vanished), "appeared": len(changes.appeared)},
             **({"held_out_of_each_class": self.options.val_fraction}
@@ -458,9 +484,12 @@ def summary_lines(manifest: Manifest) -> list[str]:
         kinds = ", ".join(f"{_kind_name(kind)}: {count}" for kind, count in sorted(info["converted"].items()))
         held = (f" (held out: {info['held_out_of_each_class']:.0%} of each class)"
                 if "held_out_of_each_class" in info else "")
-        lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}; "
+        skipped = (f" + skipped {info['skipped_duplicates']} (already in the set)"
+                   if info.get("skipped_duplicates") else "")
+        lines.append(f"{split}{held}: found {info['found']} = written {info['samples']} + rejected {info['rejected']}"
+                     f"{skipped}; "
                      f"{info['copied']} copied as they are, {sum(info['converted'].values())} converted"
-                     + (f" ({kinds})" if kinds else "") + f"; {len(info['shards'])} shard(s)"
+                     + (f" ({kinds})" if kinds else "") + f"; {plural(len(info['shards']), 'shard')}"
                      + ("; with segmentation masks (seg.png)" if entry.masks else "")
                      + (f"; ignored {info['ignored_not_images']} not named like an image"
                         if info.get("ignored_not_images") else ""))

@@ -150,14 +150,61 @@ def _pillow_reason(exc: BaseException) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
 
 
+# What a file's first bytes say it is. The reason a file is rejected names what it is (a text file named .png, a
+# PDF named .jpg), not only what it is not: "not a JPEG stream" sent a user looking for a broken JPEG.
+IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+                    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+OTHER_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive (or a document made of one)"),
+                    (b"\x1f\x8b", "gzip-compressed data"), (b"7z\xbc\xaf", "a 7-Zip archive"))
+SIGNATURE_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+
+
+def _signature(data: bytes) -> str | None:
+    """The image format whose signature `data` starts with, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"avif"):
+        return "HEIC/AVIF"
+    return next((name for magic, name in IMAGE_SIGNATURES if data.startswith(magic)), None)
+
+
+def what_the_bytes_are(data: bytes) -> str:
+    """What a file Pillow could not open is, by its first bytes: an image format whose data is damaged (or one
+    Pillow does not read), a known other kind of file, text, or unknown bytes."""
+    image = _signature(data)
+    if image == "HEIC/AVIF":
+        return "a HEIC/AVIF image, which Pillow does not read without a plugin: convert it to JPEG or PNG first"
+    if image is not None:
+        return f"a {image} signature, but the data after it is not a readable {image}"
+    other = next((name for magic, name in OTHER_SIGNATURES if data.startswith(magic)), None)
+    if other is not None:
+        return other
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None if len(head) < 512 else head[:-3].decode("utf-8", "ignore")  # a character cut at the end
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"text (no {SIGNATURE_NAMES} signature)"
+    return f"no {SIGNATURE_NAMES} signature (it starts {data[:8].hex(' ')})"
+
+
+def _claimed(name: str) -> str:
+    """', named .png': the format a file's name claims, said beside what its bytes are."""
+    suffix = name.rsplit("/", 1)[-1].rpartition(".")[2] if "." in name.rsplit("/", 1)[-1] else ""
+    return f", named .{suffix}" if suffix else ""
+
+
 def _megapixels(width: int, height: int) -> str:
     return f"{width} x {height} = {width * height / 1e6:.1f} MP"
 
 
 def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = None,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, oversize: Oversize = "downscale") -> Prepared:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, oversize: Oversize = "downscale",
+                  name: str = "") -> Prepared:
     """Bytes ready for a shard: the original JPEG when it is baseline RGB and within the pixel limit, else
-    a converted copy, or a rejection with its reason."""
+    a converted copy, or a rejection with its reason. `name`: the file's name, whose suffix a rejection of a file
+    that is no image names beside what its bytes are."""
     if not data:
         return Prepared(None, 0, 0, "rejected", "zero-byte file")
     header = scan_jpeg(data)
@@ -182,7 +229,8 @@ def prepare_image(data: bytes, quality: int = 95, resize_shorter: int | None = N
         except Image.DecompressionBombError as exc:
             return Prepared(None, 0, 0, "rejected", f"decompression bomb, not decoded: {_pillow_reason(exc)}")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            return Prepared(None, 0, 0, "rejected", f"not an image ({why}): {_pillow_reason(exc)}")
+            return Prepared(None, 0, 0, "rejected",
+                            f"not an image: {what_the_bytes_are(data)}{_claimed(name)}: {_pillow_reason(exc)}")
         width, height = opened.size
         why = opened.format or why  # a PNG (or WebP, ...) is converted, and counted as what it is
     if width * height > BOMB_PIXELS:

@@ -33,6 +33,68 @@ class SourceImage:
     size: int  # bytes on disk; used to size shards before any file is read
 
 
+@dataclass(frozen=True)
+class Duplicate:
+    """A file left out because the image it is (its link's target) is already in the set as another file."""
+
+    rel: str  # the file left out, relative to the source root
+    same_as: str  # the file kept for that image (relative to its split's root)
+    split: str  # the split the kept file is in
+    link: bool  # `rel` is itself a link (else: reached through a linked folder)
+
+    def reason(self) -> str:
+        where = f" (split '{self.split}')" if self.split else ""
+        how = "a link to" if self.link else "reached through a linked folder: the same file as"
+        return f"{how} {self.same_as}{where}, an image already in the set (skipped, not written twice)"
+
+
+def drop_duplicates(splits: Mapping[str, list[SourceImage]]) -> tuple[dict[str, list[SourceImage]],
+                                                                      dict[str, list[Duplicate]]]:
+    """Every split's images with each real file kept once, and the files left out, per split.
+
+    A link to another image of the set was written as a second sample of that image (with its link's class, which
+    may be another), so the count said one image more than there is and one image weighed twice. Links are
+    followed: a link to a file outside the set is an image like any other. Of the files that are one real file,
+    the first one named without a link is kept (else the first reached through a linked folder, else the first
+    link), in split order then listing order, so that the file the user put there is the one recorded."""
+    folders: dict[str, tuple[str, bool]] = {}  # a folder's real path and whether a link led there, found once
+
+    def real_path(image: SourceImage) -> tuple[str, int]:
+        """(the real file, 0 named directly / 1 in a folder reached through a link / 2 itself a link)."""
+        if os.path.islink(image.path):
+            return os.path.realpath(image.path), 2
+        folder, name = os.path.split(image.path)
+        if folder not in folders:
+            root = image.path[:len(image.path) - len(image.rel)]  # the source root: a link above it is no link here
+            real_folder = os.path.realpath(folder)
+            folders[folder] = real_folder, real_folder != os.path.join(os.path.realpath(root),
+                                                                       os.path.dirname(image.rel)).rstrip(os.sep)
+        real_folder, linked = folders[folder]
+        return os.path.join(real_folder, name), int(linked)
+
+    real = {id(image): real_path(image) for images in splits.values() for image in images}
+    holders: dict[str, tuple[str, SourceImage]] = {}
+    for rank in (0, 1, 2):
+        for split, images in splits.items():
+            for image in images:
+                path, how = real[id(image)]
+                if how == rank and (how < 2 or os.path.isfile(path)):  # a dangling link is rejected later
+                    holders.setdefault(path, (split, image))
+    kept: dict[str, list[SourceImage]] = {}
+    left_out: dict[str, list[Duplicate]] = {}
+    for split, images in splits.items():
+        kept[split], left_out[split] = [], []
+        for image in images:
+            path, how = real[id(image)]
+            holder = holders.get(path)
+            if holder is None or holder[1] is image:
+                kept[split].append(image)
+            else:
+                left_out[split].append(Duplicate(image.rel, holder[1].rel, holder[0] if holder[0] != split else "",
+                                                 how == 2))
+    return kept, left_out
+
+
 def ignored_note(ignored: list[str], shown: int = 5) -> str:
     """'ignored 1 file that is not an image by name: notes.txt' (the first `shown` names)."""
     names = ", ".join(ignored[:shown]) + (f" and {len(ignored) - shown} more" if len(ignored) > shown else "")

@@ -229,7 +229,8 @@ def _prepare_sample(plan: ShardPlan, offset: int, image: SourceImage, record: Sh
         _reject(record, image, "no label found for this file", options)
         return None
     try:
-        prepared = prepare_image(data, options.quality, options.resize_shorter, options.max_pixels, options.oversize)
+        prepared = prepare_image(data, options.quality, options.resize_shorter, options.max_pixels, options.oversize,
+                                 image.rel)
     except Exception as exc:  # noqa: BLE001 - whatever one file does, the other million still convert
         # A MemoryError is transient (another process held the memory): the next run tries the file again.
         _reject(record, image, f"could not be processed: {type(exc).__name__}: {exc}", options,

@@ -140,3 +140,41 @@ def test_a_validation_split_smaller_than_the_ranks_is_refused_naming_it_and_the_
     with pytest.raises(DataError, match=r"^split 'val' of /data/x has no images: there is nothing to evaluate"):
         eval_batch_size(16, 0, 1, "/data/x", "val")
     assert eval_batch_size(16, 3, 2, "/data/x", "val") == 1 and eval_batch_size(16, 100, 2, "/data/x", "val") == 16
+
+
+def fine_tuning_on(shards: Path, monkeypatch, world: int, global_batch: int):
+    """The config of finetune_tiny from random weights on `shards`, whose start sees `world` ranks (the process
+    group, where there is one, is the test's)."""
+    from mixmae_scale.engine import loop
+
+    monkeypatch.setattr(loop.distributed, "init", lambda local_rank: (0, world, torch.device("cpu")))
+    from mixmae_scale.config import load_config
+
+    return load_config("finetune_tiny", None, ["finetune.init=random", f"data.shards={shards}",
+                                               f"batch.global_batch={global_batch}"])[0]
+
+
+def test_a_one_class_set_is_refused_before_the_run_folder_is_made(tmp_path, monkeypatch, gloo_of_one):
+    """The refusal of a one-class set came after the run folder was made: it left an empty checkpoints/ and a
+    config.yaml of a run that never ran. It is made off the manifest first: the refused run leaves nothing."""
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import job
+
+    config = fine_tuning_on(tiny_set(tmp_path, {"cats": 4}, val_fraction=0.25), monkeypatch, world=1, global_batch=2)
+    with pytest.raises(DataError, match=r"shards: the manifest has 1 class \(labels 0-0\); a classifier of one class"):
+        job.finetune(config, [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_split_smaller_than_the_ranks_is_refused_before_the_run_folder_is_made(tmp_path, monkeypatch):
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import job
+
+    shards = tiny_set(tmp_path, {"cats": 5, "dogs": 5}, val_fraction=0.2)  # 1 val image of each class
+    config = fine_tuning_on(shards, monkeypatch, world=3, global_batch=6)
+    with pytest.raises(DataError, match=rf"^split 'val' of {shards} has 2 images for 3 ranks .*; run the "
+                                        "fine-tuning on 2 GPUs or fewer"):
+        job.finetune(config, [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()

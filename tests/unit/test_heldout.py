@@ -130,9 +130,9 @@ def test_a_held_out_count_does_not_depend_on_the_world_size_and_covers_the_grids
     assert heldout_count(1, 4) == 8  # the reconstruction grids' eight images
 
 
-def write_adopted_set(folder):
+def write_adopted_set(folder, sizes=SHARD_SIZES):
     """A set whose train split says it was adopted (`mixmae shards adopt`), which changes the way out offered."""
-    adopted = write_set(folder)
+    adopted = write_set(folder, sizes)
     manifest = json.loads((adopted / "dataset.json").read_text())
     manifest["splits"]["train"]["adopted_from"] = str(adopted)
     (adopted / "dataset.json").write_text(json.dumps(manifest))
@@ -160,13 +160,47 @@ def test_too_small_a_train_split_or_a_missing_required_split_is_refused_with_the
 
 
 def test_a_refusal_at_the_grids_floor_names_the_floor_not_the_settings(tmp_path):
+    """Asked for a tail (data.heldout=train: data.heldout=auto trains a set this small without one)."""
     folder = write_set(tmp_path / "set", sizes=(5, 4))  # 9 samples: too few to hold out 8 and train on as many
     count = heldout_count(1, 2)  # 2 by the settings, 8 by the grids' floor
     with pytest.raises(DataError) as refused:
-        choose_heldout(str(folder), "train", "val", "auto", count)
+        choose_heldout(str(folder), "train", "val", "train", count)
     message = str(refused.value)
     assert "too few to hold out 8 (the 8 images the reconstruction grids need at the least" in message
     assert "(logging.heldout_batches x batch.micro)" not in message and "lower logging.heldout_batches" not in message
+    assert message.endswith("; or data.heldout=auto, which holds out nothing from a set this small and trains on all "
+                            "9 without a held-out loss")
+
+
+def test_a_set_below_16_images_without_a_validation_split_trains_on_all_of_them_without_a_held_out_loss(tmp_path):
+    """A folder of 12 images without a validation split could not be pretrained at all: the refusal named
+    --val-fraction, and at 0.05 that holds out no image below 16. data.heldout=auto now holds out nothing, says so,
+    and the held-out loss is not measured (with that reason), never a number over no images."""
+    from mixmae_scale.pretrain.heldout_loss import heldout_loss
+
+    folder = write_set(tmp_path / "set", sizes=(7, 5))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", heldout_count(4, 16))
+    assert heldout.images is None and heldout.train_tail == 0 and heldout.train_samples == 12
+    assert heldout.none_because == (
+        f"nothing held out: {folder}/dataset.json has no split 'val', and 'train' has 12 samples, fewer than the 16 "
+        "a hold-out of its tail needs (the 8 images the reconstruction grids need at the least, and as many to train "
+        "on)")
+    assert heldout.describe() == (
+        f"held-out: {heldout.none_because}; training reads all 12 samples, and no held-out loss or reconstruction "
+        "grid is made; to measure one, give the set a 'val' split of at least batch.micro images: convert the images "
+        "again with one (`mixmae shards folder --src SRC --out NEW --val-fraction F`, F large enough to hold out that "
+        "many)")
+    train = training_mixture(str(folder), "train", [])
+    assert heldout.exclude_from(train) is train and len(training_keys(train, world=2)) == 12  # every image trains
+    measured = heldout_loss(None, None, heldout, None, "fp32")  # nothing to read: no engine, loader or config used
+    assert (measured.loss, measured.images, measured.reason) == (None, 0, heldout.none_because)
+    assert heldout.summary() == {"split": None, "location": None, "samples": 0, "train_tail": 0,
+                                 "none": heldout.none_because}
+    with pytest.raises(DataError, match="no split 'val' \\(data.val_split\\)"):  # data.heldout=split still insists
+        choose_heldout(str(folder), "train", "val", "split", 8)
+    adopted = write_adopted_set(tmp_path / "adopted", sizes=(4, 3))  # the way to a val split is the adoption's
+    assert choose_heldout(str(adopted), "train", "val", "auto", 8).describe().endswith(
+        f"adopt a validation split into the set (`mixmae shards adopt SRC --out {adopted} --split val`)")
 
 
 def test_an_index_that_does_not_match_the_manifest_is_still_caught_in_a_part(tmp_path):
@@ -273,13 +307,17 @@ def test_a_train_split_below_twice_the_grids_floor_is_not_told_to_lower_the_sett
     """A folder of 12 images without a validation split was told to lower logging.heldout_batches or batch.micro,
     and no value does: a hold-out is never below the grids' 8, which needs 16 images."""
     folder = write_set(tmp_path / "set", sizes=(7, 5))
-    with pytest.raises(DataError) as refused:
-        choose_heldout(str(folder), "train", "val", "auto", heldout_count(4, 16))
+    with pytest.raises(DataError) as refused:  # asked for a tail: data.heldout=auto trains it without one
+        choose_heldout(str(folder), "train", "val", "train", heldout_count(4, 16))
     message = str(refused.value)
     assert "'train' has 12 samples, too few to hold out 64 (logging.heldout_batches x batch.micro)" in message
     assert "lower logging.heldout_batches" not in message and "--val-fraction" in message
     assert "no lower setting helps: a hold-out is never below the 8 images the reconstruction grids need, and 12 " \
            "samples cannot hold out 8 and train on as many" in message
+    with_val = write_set(tmp_path / "with-val", sizes=(7, 5), with_val=True)  # a tail asked for over a val split
+    message = str(pytest.raises(DataError, choose_heldout, str(with_val), "train", "val", "train", 64).value)
+    assert "no lower setting helps" in message and "lower logging.heldout_batches or batch.micro" not in message
+    assert "heldout=auto reads 'val' instead" in message and "holds out nothing" not in message
     assert "lower logging.heldout_batches or batch.micro" in str(  # 16 or more: lowering them does help
         pytest.raises(DataError, choose_heldout, str(write_set(tmp_path / "more", sizes=(9, 8))), "train", "val",
                       "auto", 64).value)

@@ -273,3 +273,19 @@ def test_one_node_launch_keeps_to_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f3a,GPU-77b1")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=GPU-5f3a,GPU-77b1: .*cluster.include"):
         compose(load_resolved("swin_h", None, overrides), "swin_h", None, overrides)
+
+
+def test_a_segmentation_launch_without_its_init_is_refused_by_launch_naming_the_key(capsys):
+    """`launch seg_demo` without `segment.init` composed and started the ranks, each of which then refused it: the
+    launch itself refuses it (as it does a fine-tuning launch without `finetune.init`), in words that say how to set
+    it on this command line (launch has no --init)."""
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "seg_demo", "--dry-run"]) == 2
+    said = capsys.readouterr()
+    assert said.err == ("mixmae: error: segment.init is not set: name the encoder to start from (--set "
+                        "segment.init=RUN_FOLDER, an exported .safetensors or an official MixMIM .pth), or --set "
+                        "segment.init=random for a randomly initialised encoder (the baseline)\n")
+    assert "--module" not in said.out
+    assert main(["launch", "seg_demo", "--dry-run", "--set", "segment.init=random"]) == 0
+    assert "--module mixmae_scale.cli segment --profile seg_demo --set segment.init=random" in capsys.readouterr().out

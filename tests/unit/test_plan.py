@@ -228,7 +228,7 @@ def test_a_segmentation_profile_launches_the_segmentation_job_and_is_not_planned
     from mixmae_scale.config import ConfigError, run_kind
 
     assert run_kind("seg_demo") == run_kind("seg_ade20k") == "segment"
-    assert main(["launch", "seg_demo", "--dry-run"]) == 0
+    assert main(["launch", "seg_demo", "--dry-run", "--set", "segment.init=random"]) == 0  # without: refused
     said = capsys.readouterr().out
     assert "job: segment (from the profile: it sets segment.*" in said
     assert "--module mixmae_scale.cli segment --profile seg_demo" in said

@@ -14,6 +14,7 @@ from mixmae_scale.pretrain.heldout_loss import HeldOutLoss, heldout_loss, heldou
 def test_a_split_under_one_micro_batch_or_no_heldout_batches_is_not_measured():
     assert heldout_shortfall("val", 3, 16, 4) == "val has 3 images, fewer than one micro-batch of 16"
     assert heldout_shortfall("val", 0, 16, 4) == "val has 0 images, fewer than one micro-batch of 16"
+    assert heldout_shortfall("val", 1, 16, 4) == "val has 1 image, fewer than one micro-batch of 16"  # not "1 images"
     assert heldout_shortfall("val", 500, 16, 0) == "logging.heldout_batches=0"
     assert heldout_shortfall("val", 16, 16, 1) is None
 
@@ -38,6 +39,22 @@ def test_the_pretrain_summary_line_never_prints_a_number_that_was_not_measured()
                "heldout_not_measured": "val has 3 images, fewer than one micro-batch of 16"}
     assert pretrain_message(missing) == ("held-out reconstruction loss: not measured (val has 3 images, fewer than one "
                                          "micro-batch of 16); 12 steps trained")
+    assert pretrain_message({**measured, "steps": 1}) == "held-out reconstruction loss 0.9000 -> 0.5000 after 1 step"
+    assert pretrain_message({**measured, "heldout_loss_start": None, "steps": 1}).endswith(
+        "after 1 step (not measured at the start)")
+
+
+def test_the_last_lines_a_tiny_set_sees_count_one_thing_in_the_singular():
+    """A folder of a few images ran 1 step, held out 1 image, probed on 1 validation image: the lines said "1 steps",
+    "1 images", "1 shard(s)"."""
+    from mixmae_scale.cli.job_commands import segment_message
+
+    summary = {"steps": 1, "last": {"top1": 50.0, "samples": 1}, "best": {"top1": 50.0, "step": 1}}
+    assert finetune_message(summary).startswith("fine-tuned 1 step: top-1 50.00% on 1 validation image, too few")
+    assert segment_message({"steps": 1, "last": {"miou": 5.0}, "best": {"miou": 5.0, "step": 1}}).startswith(
+        "segmentation fine-tuned 1 step: mIoU 5.00%")
+    assert not_meaningful_because(1, 1) == ("train has 1 image and val has 1 image, fewer than 100: the 95% interval "
+                                            "of a top-1 on 1 validation image is about +-98 points")
 
 
 def test_a_probe_on_fewer_than_the_threshold_of_images_says_it_is_not_a_result():

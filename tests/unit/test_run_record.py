@@ -217,3 +217,19 @@ def test_the_record_digests_the_held_out_images_the_run_chose_not_an_absent_val_
     assert val["split_digest"] == whole["split_digest"] and val["manifest_sha256"] == whole["manifest_sha256"]
     config = load_config("tiny", overrides=[f"data.shards={tmp_path / 'a'}"])[0]
     assert run_record.data_read(config, tails[0])[-1] == a
+
+
+def test_a_run_that_holds_nothing_out_records_no_held_out_set(tmp_path):
+    """A set below 16 images without a validation split trains with nothing held out (data/heldout.py): its record
+    lists its training set alone, not an absent 'val' of 0 shards that every such run would share a digest of."""
+    from types import SimpleNamespace
+
+    from mixmae_scale.data.heldout import choose_heldout
+    from tests.unit.test_heldout import write_set
+
+    folder = str(write_set(tmp_path / "tiny", (7, 5)))
+    nothing = choose_heldout(folder, "train", "val", "auto", 8)
+    assert nothing.images is None
+    config = SimpleNamespace(data=SimpleNamespace(shards=folder, train_split="train", val_split="val", sources=[]))
+    assert [d["role"] for d in run_record.data_read(config, nothing)] == ["train"]
+    assert run_record.data_digest(run_record.data_read(config, nothing)) is None

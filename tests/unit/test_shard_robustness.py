@@ -15,6 +15,7 @@ from PIL import Image
 
 from mixmae_scale.shards import convert as convert_module
 from mixmae_scale.shards.convert import ConvertOptions, convert
+from mixmae_scale.shards.sources import SourceError
 from mixmae_scale.shards.verify import verify
 
 
@@ -195,3 +196,103 @@ def test_an_unexpected_exception_in_one_file_is_a_rejection_not_a_crash(tmp_path
     assert manifest["splits"]["train"]["samples"] == 2 and manifest["splits"]["train"]["rejected"] == 1
     (reason,) = rejected(tmp_path / "out").values()
     assert reason.startswith("could not be processed: MemoryError")
+
+
+def test_a_link_to_an_image_of_the_set_is_skipped_as_a_duplicate_and_a_link_outside_is_an_image(tmp_path):
+    """A link in a class folder to another image of the set was written as a second sample of that image (under
+    the link's class): the count said one image more than there is. It is skipped, counted and named with its
+    reason; the image itself is kept under its own name even where the link sorts first; a link to a file outside
+    the set is an image like any other; found = written + rejected + skipped."""
+    from mixmae_scale.shards.convert import summary_lines
+
+    src = tmp_path / "src"
+    for i in range(3):
+        jpeg(src / "cats" / f"cat_{i}.jpg")
+        jpeg(src / "dogs" / f"dog_{i}.jpg", colour=(10, 10, 200))
+    (src / "dogs" / "a_cat_again.jpg").symlink_to(src / "cats" / "cat_0.jpg")  # another class's image
+    (src / "dogs" / "a_dog_again.jpg").symlink_to(src / "dogs" / "dog_2.jpg")  # sorts before its target
+    (src / "dogs" / "outside.jpg").symlink_to(jpeg(tmp_path / "elsewhere" / "dog.jpg"))
+    result = convert(src, tmp_path / "out", ConvertOptions(layout="folder", splits=("train",), shard_bytes=None))
+    split = result.manifest.to_dict()["splits"]["train"]
+    assert (split["found"], split["samples"], split["rejected"], split["skipped_duplicates"]) == (9, 7, 0, 2)
+    assert split["skipped_examples"] == [
+        {"source": "dogs/a_cat_again.jpg", "reason": "a link to cats/cat_0.jpg, an image already in the set "
+                                                     "(skipped, not written twice)"},
+        {"source": "dogs/a_dog_again.jpg", "reason": "a link to dogs/dog_2.jpg, an image already in the set "
+                                                     "(skipped, not written twice)"}]
+    assert summary_lines(result.manifest)[0].startswith("train: found 9 = written 7 + rejected 0 + skipped 2 (already "
+                                                        "in the set); ")
+    assert result.notes == ["train: skipped 2 files already in the set: dogs/a_cat_again.jpg: a link to "
+                            "cats/cat_0.jpg, an image already in the set (skipped, not written twice); "
+                            "dogs/a_dog_again.jpg: a link to dogs/dog_2.jpg, an image already in the set (skipped, "
+                            "not written twice)"]
+    sources = sorted(json.loads(member)["source"] for tar in sorted((tmp_path / "out").glob("train-*.tar"))
+                     for member in _json_members(tar))
+    assert sources == ["cats/cat_0.jpg", "cats/cat_1.jpg", "cats/cat_2.jpg", "dogs/dog_0.jpg", "dogs/dog_1.jpg",
+                       "dogs/dog_2.jpg", "dogs/outside.jpg"]
+    assert verify(tmp_path / "out", decode=True)["ok"]
+
+
+def test_a_val_link_to_a_train_image_is_skipped_naming_the_split_it_is_in(tmp_path):
+    """ImageNet's layout: a val file linked to a train image was the same image in both splits (a top-1 on it
+    scored a training image)."""
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for i in range(2):
+            jpeg(src / split / "n01" / f"{split}_{i}.jpg")
+    (src / "val" / "n01" / "copy.jpg").symlink_to(src / "train" / "n01" / "train_0.jpg")
+    result = convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", shard_bytes=None))
+    val = result.manifest.to_dict()["splits"]["val"]
+    assert (val["found"], val["samples"], val["skipped_duplicates"]) == (3, 2, 1)
+    assert val["skipped_examples"][0]["reason"] == ("a link to train/n01/train_0.jpg (split 'train'), an image "
+                                                    "already in the set (skipped, not written twice)")
+    for i in range(2):  # a val/ of nothing but links into train/ is no split, not an empty one
+        (src / "val" / "n01" / f"val_{i}.jpg").unlink()
+        (src / "val" / "n01" / f"val_{i}.jpg").symlink_to(src / "train" / "n01" / f"train_{i}.jpg")
+    with pytest.raises(SourceError, match=r"^val: nothing to write: every one of its 3 files is an image already in "
+                                          r"the set \(a link to train/n01/train_0.jpg \(split 'train'\)"):
+        convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", shard_bytes=None))
+
+
+def _json_members(tar: Path) -> list[bytes]:
+    import tarfile
+
+    with tarfile.open(tar) as opened:
+        return [opened.extractfile(m).read() for m in opened.getmembers() if m.name.endswith(".json")]
+
+
+def test_with_val_fraction_a_link_is_left_out_before_the_draw(tmp_path):
+    """--val-fraction draws from the whole folder: the link is left out first (counted in train, where the folder's
+    other skipped files are counted), so it neither takes a val place nor puts one image in both splits."""
+    src = tmp_path / "src"
+    for cls in ("cats", "dogs"):
+        for i in range(4):
+            jpeg(src / cls / f"{cls}_{i}.jpg")
+    (src / "dogs" / "again.jpg").symlink_to(src / "cats" / "cats_0.jpg")
+    result = convert(src, tmp_path / "out", ConvertOptions(layout="folder", shard_bytes=None, val_fraction=0.25))
+    splits = result.manifest.to_dict()["splits"]
+    assert (splits["train"]["found"], splits["train"]["samples"], splits["train"]["skipped_duplicates"]) == (7, 6, 1)
+    assert (splits["val"]["found"], splits["val"]["samples"], "skipped_duplicates" in splits["val"]) == (2, 2, False)
+
+
+def test_a_linked_folder_onto_another_class_keeps_that_class_s_own_files(tmp_path):
+    """cats/more -> dogs/: the dog images reached through the link came first in the listing (cats sorts before
+    dogs) and are one real file each with dogs/'s: dogs/ keeps them, under its own class, and the linked copies are
+    skipped, said as reached through a linked folder. A source root that is itself under a link is no link here."""
+    real = tmp_path / "real"
+    for i in range(2):
+        jpeg(real / "cats" / f"cat_{i}.jpg")
+        jpeg(real / "dogs" / f"dog_{i}.jpg", colour=(10, 10, 200))
+    (real / "cats" / "more").symlink_to(real / "dogs")
+    (tmp_path / "src").symlink_to(real)  # --src reached through a link
+    result = convert(tmp_path / "src", tmp_path / "out", ConvertOptions(layout="folder", splits=("train",),
+                                                                        shard_bytes=None))
+    split = result.manifest.to_dict()["splits"]["train"]
+    assert (split["found"], split["samples"], split["skipped_duplicates"]) == (6, 4, 2)
+    assert split["skipped_examples"][0] == {
+        "source": "cats/more/dog_0.jpg",
+        "reason": "reached through a linked folder: the same file as dogs/dog_0.jpg, an image already in the set "
+                  "(skipped, not written twice)"}
+    written = {json.loads(m)["source"]: json.loads(m)["label"] for tar in (tmp_path / "out").glob("train-*.tar")
+               for m in _json_members(tar)}
+    assert written == {"cats/cat_0.jpg": 0, "cats/cat_1.jpg": 0, "dogs/dog_0.jpg": 1, "dogs/dog_1.jpg": 1}

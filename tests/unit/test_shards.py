@@ -386,9 +386,9 @@ def test_folder_val_fraction_holds_out_each_class_with_the_seed_and_says_it_read
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("train: found 25 = written 25 + rejected 0; 24 copied as they are, 1 converted (PNG: 1); "
-                        "4 shard(s)")  # cat has 11 images: 9 train, 2 val; dog and eel 8 + 2
+                        "4 shards")  # cat has 11 images: 9 train, 2 val; dog and eel 8 + 2
     assert lines[1] == ("val (held out: 20% of each class): found 6 = written 6 + rejected 0; 6 copied as they are, "
-                        "0 converted; 1 shard(s)")
+                        "0 converted; 1 shard")
     train, val = _split_sources(tmp_path / "a", "train"), _split_sources(tmp_path / "a", "val")
     assert not set(train) & set(val) and len(train) + len(val) == 31
     assert sorted(val.values()) == [0, 0, 1, 1, 2, 2]  # stratified: two of each class

@@ -248,7 +248,37 @@ def test_shards_imagenet_reports_every_split_over_the_limit_in_one_refusal(tmp_p
     assert "train: 1 of 6 files rejected (16.7%)" in line and "val: 1 of 6 files rejected (16.7%)" in line
     assert line.endswith("or accept them with --max-rejected 0.17")
     reasons = [json.loads(r)["reason"] for r in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
-    assert reasons == ["not an image (not a JPEG stream): cannot identify image file"] * 2
+    assert reasons == ["not an image: text (no JPEG, PNG, GIF, WebP, BMP or TIFF signature), named .jpg: cannot "
+                       "identify image file"] * 2
+
+
+def test_a_text_file_named_png_is_rejected_as_text_naming_the_suffix_it_claims(tmp_path, monkeypatch, capfd):
+    """A text file named .png was rejected as "not an image (not a JPEG stream)": what it is not, in the words of a
+    JPEG check, which sent the user looking for a broken JPEG. The reason says what the bytes are and what the
+    name claims; the console's counts include it."""
+    monkeypatch.chdir(tmp_path)
+    _jpegs(tmp_path / "photos", 4)
+    (tmp_path / "photos" / "scan.png").write_text("this was saved from a browser\n")
+    assert main(["shards", "folder", "--src", "photos", "--out", "out", "--workers", "1", "--max-rejected", "0.5"]) == 0
+    assert "train: found 5 = written 4 + rejected 1" in capfd.readouterr().out
+    rows = [json.loads(r) for r in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in rows] == [
+        ("scan.png", "not an image: text (no JPEG, PNG, GIF, WebP, BMP or TIFF signature), named .png: cannot "
+                     "identify image file")]
+
+
+@pytest.mark.parametrize("data, said", [
+    (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "not an image: a PDF document, named .jpg: "),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 8, "not an image: a PNG signature, but the data after it is not a readable "
+                                          "PNG, named .jpg: "),
+    (b"\x00\x01\x02\x03\xfe\xff\x00\x10", "not an image: no JPEG, PNG, GIF, WebP, BMP or TIFF signature (it "
+                                          "starts 00 01 02 03 fe ff 00 10), named .jpg: "),
+])
+def test_a_file_that_is_no_image_is_rejected_saying_what_its_bytes_are(data, said):
+    from mixmae_scale.shards.jpeg_check import prepare_image
+
+    prepared = prepare_image(data, name="a/b.jpg")
+    assert prepared.data is None and prepared.reason.startswith(said), prepared.reason
 
 
 def test_shards_folder_names_the_problems_of_both_splits_before_writing_anything(tmp_path, monkeypatch, capfd):
@@ -506,3 +536,25 @@ def test_an_unfinished_adoption_is_called_one(tmp_path, monkeypatch, capfd):
     capfd.readouterr()
     line = one_error_line(capfd, main(["shards", "verify", "index"]))
     assert "it holds an unfinished adoption (`mixmae shards adopt ... --out index`): run that command again" in line
+
+
+def test_probe_refuses_a_one_class_set_from_its_manifest_before_reading_an_image(weights, tmp_path, monkeypatch,
+                                                                                 capfd):
+    """`mixmae probe` of a folder of one class encoded every image of both splits (minutes on a CPU) before it
+    refused the set: the manifest says it has one class, so it is refused first, naming the split and the set."""
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import probe
+
+    shards = tiny_set(tmp_path, {"cats": 8}, val_fraction=0.25)
+    capfd.readouterr()  # the conversion's progress bars
+
+    def read_batches(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(probe, "read_batches", read_batches)
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(shards)]))
+    assert line == (f"mixmae: error: --data {shards}: split 'train' has 1 class (cats) in the set's manifest; a "
+                    "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe on a "
+                    "set of two classes or more")
