@@ -225,13 +225,18 @@ def train_samples_for(config: Config) -> tuple[int | None, str]:
     """The training sample count a run of `config` will use, and where it comes from: the run reads the
     shards' manifest, so the launch arithmetic does too when the shards are here; otherwise the profile's
     data.train_samples stands in, and the caller says so."""
-    from mixmae_scale.data.manifest import DataError, load_split
+    from mixmae_scale.data import storage
+    from mixmae_scale.data.manifest import MANIFEST, DataError, load_split
 
-    manifest = Path(config.data.shards, "dataset.json").absolute()
+    shards = config.data.shards
+    manifest = storage.join(shards, MANIFEST) if storage.is_remote(shards) else Path(shards, MANIFEST).absolute()
     try:
-        return load_split(config.data.shards, config.data.train_split).samples, f"counted in {manifest}"
-    except DataError:
-        if Path(config.data.shards).is_dir() and not manifest.exists():
+        return load_split(shards, config.data.train_split).samples, f"counted in {manifest}"
+    except DataError as exc:
+        if storage.is_remote(shards):  # unreachable from here (or no credentials) is not "not here": say which
+            return None, (f"data.train_samples: {manifest} could not be read here ({exc}), so the run's own count "
+                          "may differ and with it the steps")
+        if Path(shards).is_dir() and not manifest.exists():
             raise  # a folder here that is not a shard set (images, say): every rank would refuse it, so refuse now
         return None, (f"data.train_samples: {manifest} is not here, so the run's own count may differ and "
                       "with it the steps")

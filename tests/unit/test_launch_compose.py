@@ -273,3 +273,22 @@ def test_one_node_launch_keeps_to_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f3a,GPU-77b1")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=GPU-5f3a,GPU-77b1: .*cluster.include"):
         compose(load_resolved("swin_h", None, overrides), "swin_h", None, overrides)
+
+
+def test_dry_run_counts_steps_from_an_s3_set_and_says_why_when_it_cannot_read_it(capsys, demo_shards, s3_bucket):
+    """data.shards=s3://... is counted from the bucket as the run counts it; one that cannot be read says the URL
+    and why (the store's error), not a local path made of the URL (`/cwd/s3:/bucket/...`) that "is not here"."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.data import storage
+
+    for path in sorted(demo_shards.rglob("*")):
+        if path.is_file():
+            storage.upload(path, f"s3://{s3_bucket}/demo/{path.relative_to(demo_shards).as_posix()}")
+    assert main(["launch", "tiny", "--dry-run", "--set", f"data.shards=s3://{s3_bucket}/demo"]) == 0
+    out = capsys.readouterr().out
+    assert f"steps per epoch  9 (300 samples, counted in s3://{s3_bucket}/demo/dataset.json)" in out
+    assert main(["launch", "tiny", "--dry-run", "--set", "data.shards=s3://no-such-bucket-here/demo"]) == 0
+    out = capsys.readouterr().out
+    assert ("steps per epoch  81 (2600 samples, data.train_samples: s3://no-such-bucket-here/demo/dataset.json could "
+            "not be read here (s3://no-such-bucket-here/demo/dataset.json: GET failed: the bucket no-such-bucket-here "
+            "does not exist at http://127.0.0.1:") in out, out
