@@ -535,3 +535,18 @@ def test_verify_of_an_s3_set_names_a_tar_replaced_or_deleted_in_the_bucket_after
         f"{src}/1.tar: {size // 2} bytes, the manifest says {size}: the tar changed since it was indexed",
         f"{src}/2.tar: GET failed: no such object",
         "split train: 4 samples in readable shards, the manifest says 12"]
+
+
+def test_tars_with_odd_key_names_in_a_bucket_adopt_and_verify(tmp_path, s3_bucket):
+    """Keys as other tools and people name them: a space, '+', '#', '?', '%', non-ASCII letters, a double slash."""
+    import boto3
+
+    _labeled_tar(tmp_path / "x.tar", 2)
+    names = ["a b.tar", "c+d.tar", "h#1.tar", "q?x=1.tar", "p%20q.tar", "é ü.tar", "sub//dbl.tar"]
+    for name in names:
+        boto3.client("s3").upload_file(str(tmp_path / "x.tar"), s3_bucket, f"src/{name}")
+    src, out = f"s3://{s3_bucket}/src", f"s3://{s3_bucket}/set"
+    manifest = adopt(src, out, AdoptOptions()).manifest
+    assert sorted(s.name for s in manifest.splits["train"].shards) == sorted(names)
+    assert manifest.splits["train"].samples == 2 * len(names)
+    assert verify(out)["ok"]
