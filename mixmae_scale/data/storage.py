@@ -145,7 +145,7 @@ def _endpoint_of(exc: Exception | None = None) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else (url or "AWS's default endpoint")
 
 
-def _explain(exc: Exception, url: str, action: str) -> StorageError:
+def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> StorageError:
     """One line for what boto3 raised: which URL, which endpoint it went to, what went wrong, what to set."""
     from botocore import exceptions as bx
 
@@ -165,7 +165,11 @@ def _explain(exc: Exception, url: str, action: str) -> StorageError:
     elif isinstance(exc, bx.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "NoSuchBucket":
+        if code == "InvalidRange" or status == 416:
+            asked = range_asked.split("=", 1)[-1] if range_asked else "the range"
+            why = (f"bytes {asked} are past the object's end ({code or status}): it is shorter than when it was "
+                   "indexed or listed")
+        elif code == "NoSuchBucket":
             why = f"the bucket {split_url(url)[0]} does not exist at {endpoint} (AWS_ENDPOINT_URL)"
         elif code in ("NoSuchKey", "404", "NotFound") or status == 404:
             why = "no such object"
@@ -180,13 +184,13 @@ def _explain(exc: Exception, url: str, action: str) -> StorageError:
     return StorageError(f"{url}: {action} failed: {why}")
 
 
-def _s3_call(url: str, action: str, call):
+def _s3_call(url: str, action: str, call, range_asked: str = ""):
     from botocore import exceptions as bx
 
     try:
         return call()
     except (bx.BotoCoreError, bx.ClientError) as exc:
-        raise _explain(exc, url, action) from exc
+        raise _explain(exc, url, action, range_asked) from exc
 
 
 def exists(url: str | Path) -> bool:
@@ -236,8 +240,8 @@ def open_range(url: str | Path, start: int, end: int) -> BinaryIO:
         handle.seek(start)
         return _Limited(handle, end - start, total)
     bucket, key = split_url(str(url))
-    response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key,
-                                                                      Range=f"bytes={start}-{end - 1}"))
+    asked = f"bytes={start}-{end - 1}"
+    response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key, Range=asked), asked)
     content_range = response.get("ContentRange") or ""
     total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and content_range[-1] != "*" else None
     return _Limited(response["Body"], end - start, total)

@@ -104,3 +104,13 @@ def test_listing_pages_past_a_thousand_keys(s3_bucket):
     client.put_object(Bucket=s3_bucket, Key="p/readme.txt", Body=b"x")
     found = storage.list_files(f"s3://{s3_bucket}/p", ".tar")
     assert [f.name for f in found] == [f"{i:05d}.tar" for i in range(1001)]
+
+
+def test_a_range_past_the_end_of_an_object_says_it_is_shorter_than_asked(s3_bucket):
+    """A shard cut short in the bucket after it was indexed: a rank's range past its new end is refused by the store
+    (416); the error says which range and that the object ends before it, not only the store's code."""
+    storage.write_bytes(f"s3://{s3_bucket}/set/0.tar", b"abc")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.open_range(f"s3://{s3_bucket}/set/0.tar", 10, 20)
+    assert str(raised.value) == (f"s3://{s3_bucket}/set/0.tar: GET failed: bytes 10-19 are past the object's end "
+                                 "(InvalidRange): it is shorter than when it was indexed or listed")
