@@ -130,6 +130,18 @@ def _attempts() -> int:
     return int((retries or {}).get("total_max_attempts") or (retries or {}).get("max_attempts") or ATTEMPTS)
 
 
+def _credentials_source() -> str:
+    """Which credentials were sent and where botocore found them (the variables, a profile's file, a role): keys
+    left in the shell win over the profile meant. The key id names them; the secret is never shown."""
+    import botocore.session
+
+    found = botocore.session.get_session().get_credentials()  # the chain the client resolved, from the same settings
+    if found is None:
+        return "no credentials"
+    profile = f", profile {os.environ['AWS_PROFILE']}" if os.environ.get("AWS_PROFILE") else ""
+    return f"access key id {found.access_key} from {found.method}{profile}"
+
+
 def _endpoint_set() -> bool:
     return bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"))
 
@@ -175,8 +187,9 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> St
             why = "no such object"
         elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden") \
                 or status == 403:
-            why = (f"the store refused the credentials ({code or status}): check AWS_ACCESS_KEY_ID, "
-                   "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions")
+            why = (f"the store at {endpoint} refused the credentials ({code or status}; {_credentials_source()}): "
+                   "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint and the bucket's "
+                   "permissions")
         else:
             why = f"{code or status}: {exc}"
     else:

@@ -5,6 +5,7 @@ S3-protocol server (moto) on the loopback, a dead port and a port that accepts c
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
@@ -114,3 +115,45 @@ def test_a_range_past_the_end_of_an_object_says_it_is_shorter_than_asked(s3_buck
         storage.open_range(f"s3://{s3_bucket}/set/0.tar", 10, 20)
     assert str(raised.value) == (f"s3://{s3_bucket}/set/0.tar: GET failed: bytes 10-19 are past the object's end "
                                  "(InvalidRange): it is shorter than when it was indexed or listed")
+
+
+@pytest.fixture
+def checking_server(tmp_path):
+    """moto's server checking keys (its INITIAL_NO_AUTH_ACTION_COUNT=0: every request authenticated), in a process
+    of its own since the switch is process-wide; it knows no keys, so any is refused as a real store refuses one."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from free_port import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)  # noqa: S310 - the loopback
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_refused_keys_name_the_endpoint_the_key_id_and_where_it_was_found(checking_server, monkeypatch,
+                                                                           fresh_clients):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", checking_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLEFTINTHESHELL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-shown")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with pytest.raises(storage.StorageError) as raised:
+        storage.list_files("s3://some-bucket/prefix")
+    message = str(raised.value)
+    assert message == ("s3://some-bucket/prefix: LIST failed: the store at " + checking_server + " refused the "
+                       "credentials (InvalidAccessKeyId; access key id AKIDLEFTINTHESHELL from env): check "
+                       "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint and the bucket's "
+                       "permissions")
