@@ -4,7 +4,8 @@ The command is composed from the cluster section (hostfile, include/exclude, nod
 master address and port, launcher backend). Environment variables for every rank (`cluster.env`): on one node
 they go into the launched process's environment, which the ranks inherit (DeepSpeed reads `.deepspeed_env` only
 where it starts other hosts); on several nodes into `.deepspeed_env`, with the MIXMAE_* variables of the launching
-shell, since DeepSpeed forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* and that file to remote ranks.
+shell, since DeepSpeed forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* and that file to remote ranks; a run
+that reads s3:// gets the shell's AWS settings there too, though not its keys (below).
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ from pathlib import Path
 from mixmae_scale.config import ResolvedConfig
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data import storage
 from mixmae_scale.data.errors import plural
 
 ENV_FILE = ".deepspeed_env"
+# Where the store is and how to talk to it: what every rank of a run reading s3:// needs as the launching shell has
+# it. The keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) are not among them: .deepspeed_env is a
+# file in the run's folder and the dry run prints it; other hosts read them from their AWS credentials file.
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # DeepSpeed 0.19.8's MPI backends refuse --num_nodes/--num_gpus and --include/--exclude (validate_args) and start
 # `mpirun -n <all slots of the hostfile>`: the hostfile alone says where ranks go.
 MPI_LAUNCHERS = ("openmpi", "mvapich")
@@ -199,7 +207,17 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     env = {str(k): str(v) for k, v in sorted(c.env.items())}
     remote = c.num_nodes > 1 and c.launcher != "local"
     if remote:
-        env = {**{k: v for k, v in sorted(os.environ.items()) if k.startswith("MIXMAE_")}, **env}
+        carried = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MIXMAE_")}
+        data = resolved.config.data
+        if any(storage.is_remote(where) for where in (data.shards, *(source.shards for source in data.sources))):
+            carried.update({k: os.environ[k] for k in AWS_SETTINGS if os.environ.get(k)})
+            keys = [k for k in AWS_KEYS if os.environ.get(k) and k not in c.env]
+            if keys:
+                notes.append(f"{', '.join(keys)} of this shell are not written to {ENV_FILE} (a file, printed above): "
+                             "ranks on the other hosts read their keys from the AWS credentials file "
+                             "(~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE) or AWS_PROFILE there, or put them "
+                             "in cluster.env")
+        env = {**dict(sorted(carried.items())), **env}
     env_text = "".join(f"{k}={v}\n" for k, v in env.items())
     env_file = Path(workdir) / ENV_FILE if remote and env_text else None
     return LaunchPlan(launcher + args, env_file, env_text, env, notes)
@@ -227,13 +245,17 @@ def train_samples_for(config: Config) -> tuple[int | None, str]:
     """The training sample count a run of `config` will use, and where it comes from: the run reads the
     shards' manifest, so the launch arithmetic does too when the shards are here; otherwise the profile's
     data.train_samples stands in, and the caller says so."""
-    from mixmae_scale.data.manifest import DataError, load_split
+    from mixmae_scale.data.manifest import MANIFEST, DataError, load_split
 
-    manifest = Path(config.data.shards, "dataset.json").absolute()
+    shards = config.data.shards
+    manifest = storage.join(shards, MANIFEST) if storage.is_remote(shards) else Path(shards, MANIFEST).absolute()
     try:
-        return load_split(config.data.shards, config.data.train_split).samples, f"counted in {manifest}"
-    except DataError:
-        if Path(config.data.shards).is_dir() and not manifest.exists():
+        return load_split(shards, config.data.train_split).samples, f"counted in {manifest}"
+    except DataError as exc:
+        if storage.is_remote(shards):  # unreachable from here (or no credentials) is not "not here": say which
+            return None, (f"data.train_samples: {manifest} could not be read here ({exc}), so the run's own count "
+                          "may differ and with it the steps")
+        if Path(shards).is_dir() and not manifest.exists():
             raise  # a folder here that is not a shard set (images, say): every rank would refuse it, so refuse now
         return None, (f"data.train_samples: {manifest} is not here, so the run's own count may differ and "
                       "with it the steps")

@@ -4,13 +4,16 @@ Object stores bill and throttle per request (S3 documents 5,500 GETs/s per prefi
 is one request for a whole object or one byte range, streamed: a training rank reads a shard segment
 with one GET instead of one per member (DALI's own S3 reader made about 2.3 per sample). Endpoint and
 credentials come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE,
-...), which boto3 reads itself. Every failure becomes a `StorageError` that names the URL and what to set.
+AWS_DEFAULT_REGION, the AWS config file's `s3 = addressing_style`, ...), which boto3 reads itself; nothing else
+here reads an object store (DALI decodes bytes this module fetched), so those settings are the only ones.
+Every failure becomes a `StorageError` that names the URL, the endpoint the request went to and what to set.
 
 `REQUESTS` counts the requests this process made, so benchmarks and tests can report requests per sample.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -19,14 +22,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 from mixmae_scale.atomic_file import fsync_path, replacing
 from mixmae_scale.data.errors import DataError
 
 S3_PREFIX = "s3://"
 REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST", "DELETE" -> requests this process sent
+# botocore waits 60 s for a connection by default: with 8 attempts an unreachable host was 8 silent minutes. A
+# connection to a working store takes milliseconds; a first byte may take long on a busy one, so reads keep 60 s.
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+ATTEMPTS = 8  # unless AWS_MAX_ATTEMPTS (or max_attempts in the AWS config file) says otherwise
 _CLIENTS: dict[int, object] = {}
 _CLIENTS_LOCK = threading.Lock()
+_RETRY_SAID: set[str] = set()  # endpoints whose first connection retry was logged, so a stall says so once
+log = logging.getLogger(__name__)
 
 
 class StorageError(DataError):
@@ -65,15 +76,26 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def _client():
-    """One boto3 client per process (clients are thread-safe, but not to be shared across a fork)."""
+    """One boto3 client per process (clients are thread-safe, but not to be shared across a fork), from a session
+    of its own, so it reads the AWS variables and config file as they are when it is made. The user's own retry
+    settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE, or the config file's) are botocore's to apply; ours fill the gaps."""
     pid = os.getpid()
     with _CLIENTS_LOCK:
         if pid not in _CLIENTS:
             import boto3
+            import botocore.session
             from botocore.config import Config
 
-            client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+            core = botocore.session.get_session()
+            session = boto3.session.Session(botocore_session=core)
+            own = core.get_config_variable("max_attempts") is not None
+            retries = {} if own else {"total_max_attempts": ATTEMPTS}
+            if core.get_config_variable("retry_mode", methods=("env", "config")) is None:
+                retries["mode"] = "adaptive"
+            client = session.client("s3", config=Config(retries=retries or None, connect_timeout=CONNECT_TIMEOUT_S,
+                                                        read_timeout=READ_TIMEOUT_S))
             client.meta.events.register("before-send.s3", _count_request)
+            client.meta.events.register("needs-retry.s3", _say_retry)
             _CLIENTS[pid] = client
         return _CLIENTS[pid]
 
@@ -85,26 +107,89 @@ def _count_request(request, **_) -> None:
     REQUESTS[method] += 1
 
 
-def _explain(exc: Exception, url: str, action: str) -> StorageError:
-    """One line for what boto3 raised: which URL, what went wrong, what to set."""
+def _say_retry(caught_exception=None, attempts: int = 0, **_) -> None:
+    """A store that does not answer is retried for minutes (attempts x the timeouts) before the error: say at the
+    first retry, once per endpoint, what is being waited for. Throttling (503 SlowDown) is not a connection
+    problem and passes unsaid. Returns None: botocore's own handler decides whether to retry."""
     from botocore import exceptions as bx
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS's default"
+    if not isinstance(caught_exception, bx.ConnectionError | bx.HTTPClientError) or attempts >= _attempts():
+        return  # not a connection problem, or the last attempt: the error says the rest
+    endpoint = _endpoint_of(caught_exception)
+    if endpoint in _RETRY_SAID:
+        return
+    _RETRY_SAID.add(endpoint)
+    log.warning("object store %s: %s (attempt %d of %d, connect timeout %d s, read timeout %d s); retrying",
+                endpoint, caught_exception, attempts, _attempts(), CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+
+
+def _attempts() -> int:
+    """The attempts the client makes per request, as botocore resolved them (ours or the user's)."""
+    retries = getattr(_CLIENTS.get(os.getpid()), "meta", None)
+    retries = retries.config.retries if retries is not None else None
+    return int((retries or {}).get("total_max_attempts") or (retries or {}).get("max_attempts") or ATTEMPTS)
+
+
+def _credentials_source() -> str:
+    """Which credentials were sent and where botocore found them (the variables, a profile's file, a role): keys
+    left in the shell win over the profile meant. The key id names them; the secret is never shown."""
+    import botocore.session
+
+    found = botocore.session.get_session().get_credentials()  # the chain the client resolved, from the same settings
+    if found is None:
+        return "no credentials"
+    profile = f", profile {os.environ['AWS_PROFILE']}" if os.environ.get("AWS_PROFILE") else ""
+    return f"access key id {found.access_key} from {found.method}{profile}"
+
+
+def _endpoint_set() -> bool:
+    return bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"))
+
+
+def _endpoint_of(exc: Exception | None = None) -> str:
+    """scheme://host[:port] the request went to: the exception's URL where it has one (with virtual-host
+    addressing the bucket is part of the host name), else the client's endpoint (AWS's own when none is set)."""
+    url = getattr(exc, "kwargs", {}).get("endpoint_url") if exc is not None else None
+    if not url:
+        client = _CLIENTS.get(os.getpid())
+        url = client.meta.endpoint_url if client is not None else os.environ.get("AWS_ENDPOINT_URL", "")
+    parts = urlsplit(url or "")
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else (url or "AWS's default endpoint")
+
+
+def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> StorageError:
+    """One line for what boto3 raised: which URL, which endpoint it went to, what went wrong, what to set."""
+    from botocore import exceptions as bx
+
+    endpoint = _endpoint_of(exc)
     if isinstance(exc, bx.NoCredentialsError):
         why = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-    elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        why = f"cannot reach the endpoint {endpoint}: check AWS_ENDPOINT_URL and the network"
+    elif isinstance(exc, bx.ConnectionError | bx.HTTPClientError):
+        bucket, host = split_url(url)[0], urlsplit(endpoint).hostname or ""
+        on_aws = host.endswith(".amazonaws.com")
+        unset = "" if not on_aws or _endpoint_set() else " (AWS itself: AWS_ENDPOINT_URL is not set)"
+        virtual = (f"; the bucket is in the host name (virtual-host addressing): for a store that wants "
+                   f"http://HOST/{bucket}/KEY set addressing_style = path in the s3 section of the AWS config file "
+                   "(docs/data.md)" if host.startswith(bucket + ".") and not on_aws else "")
+        why = (f"cannot reach {endpoint}{unset} after {_attempts()} attempt(s) (AWS_MAX_ATTEMPTS; connect timeout "
+               f"{CONNECT_TIMEOUT_S} s, read timeout {READ_TIMEOUT_S} s): {' '.join(str(exc).split())}. Check "
+               f"AWS_ENDPOINT_URL and the network{virtual}")
     elif isinstance(exc, bx.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "NoSuchBucket":
-            why = f"the bucket does not exist at {endpoint} (AWS_ENDPOINT_URL)"
+        if code == "InvalidRange" or status == 416:
+            asked = range_asked.split("=", 1)[-1] if range_asked else "the range"
+            why = (f"bytes {asked} are past the object's end ({code or status}): it is shorter than when it was "
+                   "indexed or listed")
+        elif code == "NoSuchBucket":
+            why = f"the bucket {split_url(url)[0]} does not exist at {endpoint} (AWS_ENDPOINT_URL)"
         elif code in ("NoSuchKey", "404", "NotFound") or status == 404:
             why = "no such object"
         elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden") \
                 or status == 403:
-            why = (f"the store refused the credentials ({code or status}): check AWS_ACCESS_KEY_ID, "
-                   "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions")
+            why = (f"the store at {endpoint} refused the credentials ({code or status}; {_credentials_source()}): "
+                   "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint and the bucket's "
+                   "permissions")
         else:
             why = f"{code or status}: {exc}"
     else:
@@ -112,13 +197,13 @@ def _explain(exc: Exception, url: str, action: str) -> StorageError:
     return StorageError(f"{url}: {action} failed: {why}")
 
 
-def _s3_call(url: str, action: str, call):
+def _s3_call(url: str, action: str, call, range_asked: str = ""):
     from botocore import exceptions as bx
 
     try:
         return call()
     except (bx.BotoCoreError, bx.ClientError) as exc:
-        raise _explain(exc, url, action) from exc
+        raise _explain(exc, url, action, range_asked) from exc
 
 
 def exists(url: str | Path) -> bool:
@@ -168,8 +253,8 @@ def open_range(url: str | Path, start: int, end: int) -> BinaryIO:
         handle.seek(start)
         return _Limited(handle, end - start, total)
     bucket, key = split_url(str(url))
-    response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key,
-                                                                      Range=f"bytes={start}-{end - 1}"))
+    asked = f"bytes={start}-{end - 1}"
+    response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key, Range=asked), asked)
     content_range = response.get("ContentRange") or ""
     total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and content_range[-1] != "*" else None
     return _Limited(response["Body"], end - start, total)

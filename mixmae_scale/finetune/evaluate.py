@@ -76,6 +76,7 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
     its classes (labels past the split's are never the answer, but the head may still predict them)."""
     from dataclasses import replace
 
+    from mixmae_scale.data import storage
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.finetune.pretrained import load_encoder
     from mixmae_scale.finetune.probe import shape_from_arch
@@ -91,12 +92,13 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
                            f"--data {shards}`, or fine-tune it first (`mixmae finetune`) and evaluate that")
     head_classes = state["head.weight"].shape[0]
     shard_classes = load_split(shards, split).num_classes
+    where = shards if storage.is_remote(shards) else Path(shards).absolute()  # Path() would make s3://b into s3:/b
     if not shard_classes:
-        raise WeightsError(f"{option} {source}: the shards in {Path(shards).absolute()} have no classes "
+        raise WeightsError(f"{option} {source}: the shards in {where} have no classes "
                            "(classes.json); evaluate on labeled shards of the classes it was fine-tuned on")
     if head_classes < shard_classes:
         raise WeightsError(f"{option} {source}: its head has {head_classes} classes, fewer than the {shard_classes} "
-                           f"of the shards in {Path(shards).absolute()} (classes.json); evaluate on shards of the "
+                           f"of the shards in {where} (classes.json); evaluate on shards of the "
                            "classes it was fine-tuned on")
     require_trained_classes(source, shards, option)  # the same classes, in the same order (finetune/trained_classes)
     shape = shape_from_arch(arch)

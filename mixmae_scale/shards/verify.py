@@ -18,6 +18,7 @@ from mixmae_scale.data.manifest import DataError, ShardEntry, load_manifest, loa
 from mixmae_scale.shards.tar_index import INDEX_VERSION, TarIndex, index_tar, split_name
 
 REQUIRED_FIELDS = ("jpg", "cls", "json")  # what `mixmae shards` writes per sample
+CHANGED = "the manifest says {size}: the tar changed since it was indexed"
 
 
 def _stored_index(url: str, samples: int, errors: list[str]) -> list[str] | None:
@@ -47,11 +48,16 @@ def _scan(url: str, entry: ShardEntry, decode: bool, errors: list[str]) -> TarIn
             errors.append(f"{path.resolve()}: missing")
             return None
         if size and path.stat().st_size != size:
-            errors.append(f"{url}: {path.stat().st_size} bytes, the manifest says {size}")
+            errors.append(f"{url}: {path.stat().st_size} bytes, {CHANGED.format(size=size)}")
             return None
         size = path.stat().st_size
     try:
         with storage.open_range(url, 0, size) as stream:
+            # An object rewritten at another size is one line, as a file is: its samples past the old offsets
+            # would each be a line of their own. The store says the object's size with the first range it sends.
+            if size and stream.total is not None and stream.total != size:
+                errors.append(f"{url}: {stream.total} bytes, {CHANGED.format(size=size)}")
+                return None
             found = index_tar(stream, decode)
     except storage.StorageError as exc:
         errors.append(str(exc))

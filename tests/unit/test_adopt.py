@@ -513,3 +513,40 @@ def test_the_reader_refuses_a_cls_that_is_not_a_plain_index():
     for bad in (b"-3", b"1_000", b"+7", b"3.0", b"", b"n01440764"):
         with pytest.raises(ValueError, match="is not a class index"):
             parse_cls(bad)
+
+
+def test_verify_of_an_s3_set_names_a_tar_replaced_or_deleted_in_the_bucket_after_adoption_in_one_line_each(
+        tmp_path, s3_bucket):
+    """A tar rewritten at another size is one line with both sizes, as on disk (not one line per sample that the
+    shorter object no longer holds at its offsets); a deleted one is named by its URL."""
+    import boto3
+
+    client = boto3.client("s3")
+    for n in range(3):
+        _labeled_tar(tmp_path / f"{n}.tar", 4)
+        client.upload_file(str(tmp_path / f"{n}.tar"), s3_bucket, f"src/{n}.tar")
+    src, out = f"s3://{s3_bucket}/src", f"s3://{s3_bucket}/set"
+    adopt(src, out, AdoptOptions())
+    assert verify(out)["ok"]
+    size = (tmp_path / "1.tar").stat().st_size
+    client.put_object(Bucket=s3_bucket, Key="src/1.tar", Body=(tmp_path / "1.tar").read_bytes()[:size // 2])
+    client.delete_object(Bucket=s3_bucket, Key="src/2.tar")
+    assert verify(out)["errors"] == [
+        f"{src}/1.tar: {size // 2} bytes, the manifest says {size}: the tar changed since it was indexed",
+        f"{src}/2.tar: GET failed: no such object",
+        "split train: 4 samples in readable shards, the manifest says 12"]
+
+
+def test_tars_with_odd_key_names_in_a_bucket_adopt_and_verify(tmp_path, s3_bucket):
+    """Keys as other tools and people name them: a space, '+', '#', '?', '%', non-ASCII letters, a double slash."""
+    import boto3
+
+    _labeled_tar(tmp_path / "x.tar", 2)
+    names = ["a b.tar", "c+d.tar", "h#1.tar", "q?x=1.tar", "p%20q.tar", "é ü.tar", "sub//dbl.tar"]
+    for name in names:
+        boto3.client("s3").upload_file(str(tmp_path / "x.tar"), s3_bucket, f"src/{name}")
+    src, out = f"s3://{s3_bucket}/src", f"s3://{s3_bucket}/set"
+    manifest = adopt(src, out, AdoptOptions()).manifest
+    assert sorted(s.name for s in manifest.splits["train"].shards) == sorted(names)
+    assert manifest.splits["train"].samples == 2 * len(names)
+    assert verify(out)["ok"]

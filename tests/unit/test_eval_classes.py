@@ -35,6 +35,20 @@ def test_a_head_with_more_classes_than_the_split_is_evaluated_and_one_with_fewer
         load_classifier(str(tmp_path / "head9.safetensors"), str(demo_shards), "val")
 
 
+def test_a_refused_head_names_an_s3_set_by_its_url(demo_shards, tmp_path, s3_bucket):
+    """`Path(url).absolute()` made `s3://b/set` into `/cwd/s3:/b/set`, a folder that is nowhere."""
+    from mixmae_scale.data import storage
+    from mixmae_scale.models.convert_official import WeightsError
+
+    for path in sorted(demo_shards.rglob("*")):
+        if path.is_file():
+            storage.upload(path, f"s3://{s3_bucket}/set/{path.relative_to(demo_shards).as_posix()}")
+    save_classifier(tmp_path / "head9.safetensors", 9)
+    with pytest.raises(WeightsError) as raised:
+        load_classifier(str(tmp_path / "head9.safetensors"), f"s3://{s3_bucket}/set", "val")
+    assert f"fewer than the 10 of the shards in s3://{s3_bucket}/set (classes.json)" in str(raised.value)
+
+
 @dataclass
 class LabelBatch:
     images: torch.Tensor

@@ -289,3 +289,46 @@ def test_a_segmentation_launch_without_its_init_is_refused_by_launch_naming_the_
     assert "--module" not in said.out
     assert main(["launch", "seg_demo", "--dry-run", "--set", "segment.init=random"]) == 0
     assert "--module mixmae_scale.cli segment --profile seg_demo --set segment.init=random" in capsys.readouterr().out
+
+
+def test_dry_run_counts_steps_from_an_s3_set_and_says_why_when_it_cannot_read_it(capsys, demo_shards, s3_bucket):
+    """data.shards=s3://... is counted from the bucket as the run counts it; one that cannot be read says the URL
+    and why (the store's error), not a local path made of the URL (`/cwd/s3:/bucket/...`) that "is not here"."""
+    from mixmae_scale.cli import main
+    from mixmae_scale.data import storage
+
+    for path in sorted(demo_shards.rglob("*")):
+        if path.is_file():
+            storage.upload(path, f"s3://{s3_bucket}/demo/{path.relative_to(demo_shards).as_posix()}")
+    assert main(["launch", "tiny", "--dry-run", "--set", f"data.shards=s3://{s3_bucket}/demo"]) == 0
+    out = capsys.readouterr().out
+    assert f"steps per epoch  9 (300 samples, counted in s3://{s3_bucket}/demo/dataset.json)" in out
+    assert main(["launch", "tiny", "--dry-run", "--set", "data.shards=s3://no-such-bucket-here/demo"]) == 0
+    out = capsys.readouterr().out
+    assert ("steps per epoch  81 (2600 samples, data.train_samples: s3://no-such-bucket-here/demo/dataset.json could "
+            "not be read here (s3://no-such-bucket-here/demo/dataset.json: GET failed: the bucket no-such-bucket-here "
+            "does not exist at http://127.0.0.1:") in out, out
+
+
+def test_several_nodes_reading_s3_get_the_shells_aws_settings_but_not_its_keys(tmp_path, monkeypatch):
+    """DeepSpeed forwards no AWS_* variable to other hosts: ranks there went to AWS's own endpoint (or found no
+    credentials) where the launching shell pointed at a MinIO. The settings travel in .deepspeed_env; the keys
+    do not (a file in the run folder, printed by the dry run): a note says so and where the ranks read them."""
+    from mixmae_scale.cluster.compose import AWS_KEYS, AWS_SETTINGS
+
+    for key in AWS_SETTINGS + AWS_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (("AWS_ENDPOINT_URL", "http://minio.internal:9000"), ("AWS_DEFAULT_REGION", "eu-west-1"),
+                       ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"), ("AWS_SECRET_ACCESS_KEY", "secret")):
+        monkeypatch.setenv(key, value)
+    cluster = _cluster(tmp_path, launcher="pdsh")
+    remote = load_resolved("swin_b", cluster, ["data.shards=s3://bucket/set"])
+    plan = compose(remote, "swin_b", cluster, [], workdir=tmp_path, check_files=False)
+    assert plan.env_text == ("AWS_DEFAULT_REGION=eu-west-1\nAWS_ENDPOINT_URL=http://minio.internal:9000\n"
+                             "NCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5\n")
+    assert [n for n in plan.notes if "AWS" in n] == [
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY of this shell are not written to .deepspeed_env (a file, printed "
+        "above): ranks on the other hosts read their keys from the AWS credentials file (~/.aws/credentials, "
+        "AWS_SHARED_CREDENTIALS_FILE) or AWS_PROFILE there, or put them in cluster.env"]
+    local = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path, check_files=False)
+    assert "AWS" not in local.env_text and not [n for n in local.notes if "AWS" in n]  # a run that reads no store

@@ -1,0 +1,159 @@
+"""What a user meets when the object store is not where, or not what, the AWS settings say: against a real
+S3-protocol server (moto) on the loopback, a dead port and a port that accepts connections and never answers
+(a firewall that drops, a proxy that hangs: the case that used to wait minutes in silence)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import pytest
+
+from mixmae_scale.data import storage
+
+
+@pytest.fixture
+def fresh_clients(monkeypatch):
+    """storage keeps one boto3 client per process; a test that changes the AWS settings needs a new one."""
+    monkeypatch.setattr(storage, "_CLIENTS", {})
+    yield
+    storage._CLIENTS.clear()
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP connections (the kernel's backlog does) and never sends a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_a_store_that_never_answers_fails_within_the_timeouts_attempts_warning_once_and_naming_the_url(
+        s3_server, silent_port, monkeypatch, fresh_clients, caplog):
+    """AWS_MAX_ATTEMPTS is botocore's own knob and is obeyed (a fixed 8 attempts of a 60 s read each was a
+    silent 8 minutes); the first retry of a connection says so at once, and the error names the URL tried."""
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent_port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(storage.StorageError) as raised:
+        storage.list_files("s3://some-bucket/some/prefix")
+    assert time.monotonic() - start < 10
+    message = str(raised.value)
+    assert message.startswith("s3://some-bucket/some/prefix: LIST failed: ")
+    assert f"http://127.0.0.1:{silent_port}" in message and "2 attempt(s)" in message and "AWS_MAX_ATTEMPTS" in message
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 1 and f"http://127.0.0.1:{silent_port}" in retries[0], retries
+
+
+def test_a_dead_port_names_the_endpoint_the_client_used(s3_server, monkeypatch, fresh_clients):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.read_bytes("s3://some-bucket/a/key.tar")
+    message = str(raised.value)
+    assert message.startswith("s3://some-bucket/a/key.tar: GET failed: cannot reach ")
+    assert f"http://127.0.0.1:{port}" in message
+
+
+def test_virtual_host_addressing_from_the_aws_config_file_is_used_and_named_when_it_fails(
+        s3_server, s3_bucket, tmp_path, monkeypatch, fresh_clients):
+    """A MinIO or Ceph user sets `addressing_style` in the AWS config file (botocore has no variable for it); it
+    reaches this client, and when the bucket's own host name does not resolve the error names that host, not
+    AWS_ENDPOINT_URL's, with the setting to change."""
+    port = s3_server.rsplit(":", 1)[1]
+    config = tmp_path / "aws_config"
+    config.write_text("[default]\ns3 =\n  addressing_style = path\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://localhost:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.write_bytes(f"s3://{s3_bucket}/x/a.bin", b"abc")
+    assert storage.read_bytes(f"s3://{s3_bucket}/x/a.bin") == b"abc"  # path style: http://localhost:PORT/BUCKET/...
+
+    config.write_text("[default]\ns3 =\n  addressing_style = virtual\n")
+    storage._CLIENTS.clear()
+    with pytest.raises(storage.StorageError) as raised:
+        storage.read_bytes(f"s3://{s3_bucket}/x/a.bin")
+    message = str(raised.value)
+    assert f"http://{s3_bucket}.localhost:{port}" in message and "addressing_style = path" in message, message
+    assert "\n" not in message
+
+
+def test_a_missing_bucket_names_the_bucket_and_the_endpoint(s3_server, fresh_clients):
+    with pytest.raises(storage.StorageError) as raised:
+        storage.list_files("s3://no-such-bucket-here/prefix")
+    assert str(raised.value) == (f"s3://no-such-bucket-here/prefix: LIST failed: the bucket no-such-bucket-here does "
+                                 f"not exist at {s3_server} (AWS_ENDPOINT_URL)")
+
+
+def test_listing_pages_past_a_thousand_keys(s3_bucket):
+    """S3 answers a listing 1,000 keys at a time; every page is read (a set of 1,001 tars keeps its last)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    client = boto3.client("s3")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=s3_bucket, Key=f"p/{i:05d}.tar", Body=b"x"), range(1001)))
+    client.put_object(Bucket=s3_bucket, Key="p/readme.txt", Body=b"x")
+    found = storage.list_files(f"s3://{s3_bucket}/p", ".tar")
+    assert [f.name for f in found] == [f"{i:05d}.tar" for i in range(1001)]
+
+
+def test_a_range_past_the_end_of_an_object_says_it_is_shorter_than_asked(s3_bucket):
+    """A shard cut short in the bucket after it was indexed: a rank's range past its new end is refused by the store
+    (416); the error says which range and that the object ends before it, not only the store's code."""
+    storage.write_bytes(f"s3://{s3_bucket}/set/0.tar", b"abc")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.open_range(f"s3://{s3_bucket}/set/0.tar", 10, 20)
+    assert str(raised.value) == (f"s3://{s3_bucket}/set/0.tar: GET failed: bytes 10-19 are past the object's end "
+                                 "(InvalidRange): it is shorter than when it was indexed or listed")
+
+
+@pytest.fixture
+def checking_server(tmp_path):
+    """moto's server checking keys (its INITIAL_NO_AUTH_ACTION_COUNT=0: every request authenticated), in a process
+    of its own since the switch is process-wide; it knows no keys, so any is refused as a real store refuses one."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from free_port import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)  # noqa: S310 - the loopback
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_refused_keys_name_the_endpoint_the_key_id_and_where_it_was_found(checking_server, monkeypatch,
+                                                                           fresh_clients):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", checking_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLEFTINTHESHELL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-shown")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with pytest.raises(storage.StorageError) as raised:
+        storage.list_files("s3://some-bucket/prefix")
+    message = str(raised.value)
+    assert message == ("s3://some-bucket/prefix: LIST failed: the store at " + checking_server + " refused the "
+                       "credentials (InvalidAccessKeyId; access key id AKIDLEFTINTHESHELL from env): check "
+                       "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint and the bucket's "
+                       "permissions")
