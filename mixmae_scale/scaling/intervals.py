@@ -138,7 +138,8 @@ def _missing(support: Support, refitted: int) -> str | None:
     if support.points < support.needs:
         dof = support.points - support.parameters
         return (f"{support.points} points for {support.parameters} parameters: {dof} degree{'' if dof == 1 else 's'} "
-                f"of freedom about the law is too few for its interval; it needs {support.needs} points")
+                f"of freedom about the law {'is' if dof == 1 else 'are'} too few for its interval; it needs "
+                f"{support.needs} points")
     if support.once:
         return f"one seed: {support.once} of {support.points} {support.unit}"
     if not support.rounds:
