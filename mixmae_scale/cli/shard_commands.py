@@ -80,7 +80,7 @@ def _shards_adopt(args: argparse.Namespace) -> int:
 def _shards_verify(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.verify import verify
 
-    report = verify(args.folder, decode=args.decode)
+    report = verify(args.folder, decode=args.decode, workers=args.workers)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -168,6 +168,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("folder", help="the shard set: a folder or an s3:// prefix holding dataset.json")
     verify.add_argument("--decode", action="store_true", help="decode every image too")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1,
+                        help="processes reading tars at once (default: every core); the report is the same for any "
+                        "count")
     verify.set_defaults(handler=_shards_verify)
     demo = shards_sub.add_parser("demo", help="build the built-in demo dataset and its shards")
     demo.add_argument("--out", default="demo_data", help="folder for images/ and shards/")

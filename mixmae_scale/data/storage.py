@@ -44,6 +44,12 @@ class StorageError(DataError):
     """A file or object that cannot be read or written; the message names it and the way out."""
 
 
+class StoreUnreachable(StorageError):
+    """The store did not answer a request (no connection, or no response in time) over every attempt botocore
+    makes (AWS_MAX_ATTEMPTS, with its own backoff): a caller that retries the request again only multiplies that
+    wait, so shards/transient.py's `retrying` does not. The failure may still pass: a later run tries again."""
+
+
 @dataclass(frozen=True)
 class StoredFile:
     name: str  # relative to the listed prefix, with '/' separators
@@ -194,7 +200,8 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> St
             why = f"{code or status}: {exc}"
     else:
         why = f"{type(exc).__name__}: {exc}"
-    return StorageError(f"{url}: {action} failed: {why}")
+    kind = StoreUnreachable if isinstance(exc, bx.ConnectionError | bx.HTTPClientError) else StorageError
+    return kind(f"{url}: {action} failed: {why}")
 
 
 def _s3_call(url: str, action: str, call, range_asked: str = ""):

@@ -18,9 +18,10 @@ import torch
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config.schema import Config
-from mixmae_scale.data.loader import Batch, ShardLoader
+from mixmae_scale.data.loader import Batch, ShardLoader, as_mixture, require_masks
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import load_split
+from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
@@ -93,13 +94,27 @@ def build_model(config: Config, resumed: Path | None = None, pretrained: Pretrai
         return build_segmenter(config, resumed, pretrained)
 
 
+def check_segment_data(config: Config, train_data: ShardMixture, world: int) -> None:
+    """What segmentation refuses of its data, read off the manifests (start_run calls it before the run folder is
+    touched: the same refusals from the loaders came after it and left an empty checkpoints/ and a config.yaml of a
+    run that never ran): a training or validation split without masks, masks of more classes than
+    segment.num_classes, a validation split with fewer images than ranks. The validation split's masks were
+    otherwise first looked at by the first evaluation, steps into the run."""
+    seg, data = config.segment, config.data
+    require_masks(train_data, data.train_split, seg.num_classes)
+    val = as_mixture(data.shards, data.val_split)
+    require_masks(val, data.val_split, seg.num_classes)
+    eval_batch_size(1, val.sets[0].shards.samples, world, data.shards, data.val_split, "the segmentation fine-tuning")
+
+
 def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
             overwrite: bool = False) -> dict[str, Any]:
     """One segmentation run to its last step (or a stop); returns the summary it writes to summary.json."""
     # The user's mistake, said before a process group or run folder is made; a run that resumes from its own
     # checkpoint needs nothing of segment.init.
     check_init(config, run_folder.resumes(run_dir, config.checkpoint.resume, overwrite))
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="segment")
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="segment",
+                    check=lambda train_data, world: check_segment_data(config, train_data, world))
     if ctx.resume is None:  # a fresh start after all (the folder changed since it was read)
         check_init(config)
     derived, seg = ctx.resolved.derived, config.segment

@@ -52,6 +52,7 @@ SORTED_SHARE = 0.9  # a shard whose most frequent class holds this share of it h
 # A cls past this is an id or a hash, not a class index: classes.json would list that many classes and a classifier
 # head as many outputs (ImageNet-21k has 21,841 classes, JFT-3B about 30,000).
 MAX_CLASSES = 1_000_000
+HIDDEN_NAMED = 3  # hidden tars named in the summary; the rest are counted
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.zstd")
 
 
@@ -287,19 +288,24 @@ class AdoptionSource:
         self.tars: list[storage.StoredFile] = []
         self.left_out: dict[str, list[str]] = {}  # tars named for another split, by that split
         self.others: Counter[str] = Counter()
+        self.hidden: list[str] = []  # tars whose names start with a dot (macOS's AppleDouble ._* files)
         self.previous: Manifest | None = None  # the manifest OUT already holds (another split adopted before)
         self.base, self.other_splits, self.prefix = src, {}, ""  # see _place
         self.classes: list[dict] = []
 
     def discover(self) -> tuple[list[str], list[str]]:
         listing = [f for f in storage.list_files(self.src) if not _written_here(f.name, self.src, self.out)]
-        self.tars = [f for f in listing
-                     if f.name.lower().endswith(".tar") and not f.name.rsplit("/", 1)[-1].startswith(".")]
-        self.others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if f not in self.tars)
+        tars = [f for f in listing if f.name.lower().endswith(".tar")]
+        self.tars = [f for f in tars if not _hidden(f.name)]
+        self.hidden = [f.name for f in tars if _hidden(f.name)]
+        tar_names = {f.name for f in tars}
+        self.others = Counter(Path(f.name).suffix.lower() or f.name for f in listing if f.name not in tar_names)
         compressed = [f.name for f in listing if f.name.lower().endswith(COMPRESSED_TARS)]
         if not self.tars:
             raise SourceError(f"{self.src}: no .tar files found (searched recursively"
-                              + (f"; it holds {dict(self.others)}" if self.others else "; it is empty") + ")"
+                              + (f"; it holds {dict(self.others)}" if self.others else "")
+                              + ("; it is empty" if not self.others and not self.hidden else "") + ")"
+                              + (f". {hidden_note(len(self.hidden), self.hidden)}" if self.hidden else "")
                               + (f". {_compressed_note(compressed)}" if compressed else ""))
         self.left_out = other_split_tars(self.options.split, [t.name for t in self.tars])
         left_out = {name for names in self.left_out.values() for name in names}
@@ -406,6 +412,7 @@ class AdoptionSource:
                   "ignored_members": sum(len(s.ignored) for s in shards),
                   "problem_tars": sum(bool(s.problem) for s in shards), "decoded": self.options.decode,
                   "ignored_files": dict(self.others),
+                  "hidden_tars": len(self.hidden), "hidden_tar_names": self.hidden[:HIDDEN_NAMED],
                   "left_out_tars": {other: len(names) for other, names in self.left_out.items()}}
         entries = tuple(ShardEntry(self.prefix + s.name, s.index, s.samples, s.size, s.sha256)
                         for s in shards if s.samples)
@@ -415,6 +422,20 @@ class AdoptionSource:
         mask_classes = self.previous.mask_classes if self.previous else []  # a tar does not say its mask classes
         return Manifest({**self.other_splits, **entries}, self.classes, base=self.base, tool_version=__version__,
                         mask_classes=mask_classes)
+
+
+def _hidden(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(".")
+
+
+def hidden_note(count: int, names: list[str]) -> str:
+    """Why tars named with a leading dot are skipped: macOS writes an AppleDouble `._x.tar` (its metadata, not a
+    tar) beside every file it copies to a volume without its attributes, so a set copied from a Mac doubles its
+    "tars". A summary's "ignored files beside the tars: {'.tar': 1}" said neither which nor why."""
+    shown = ", ".join(names[:HIDDEN_NAMED]) + (f" and {count - HIDDEN_NAMED} more" if count > HIDDEN_NAMED else "")
+    return (f"{count} hidden tar(s) skipped ({shown}): a name starting with '.' is a hidden file, such as the "
+            "AppleDouble '._*' files macOS leaves beside copied files, not a shard; rename a real shard without the "
+            "leading dot")
 
 
 def _compressed_note(names: list[str]) -> str:
@@ -440,7 +461,8 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
     classes = f"labeled, {plural(len(manifest.classes), 'class', 'classes')}" if entry.labeled else "unlabeled"
     ignored = f"; ignored files beside the tars: {info['ignored_files']}" if info["ignored_files"] else ""
     problems = f"; {info['problem_tars']} tar(s) cut or unreadable (see rejected.jsonl)" if info["problem_tars"] else ""
+    hidden = f"; {hidden_note(info['hidden_tars'], info['hidden_tar_names'])}" if info.get("hidden_tars") else ""
     masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""
     return [f"{split}: {len(entry.shards)} shard(s) ({result.done_now} indexed now); samples found "
             f"{info['found']} = indexed {entry.samples} + rejected {info['rejected']}; members {info['members']} "
-            f"(ignored {info['ignored_members']}); {classes}{masks}{problems}{ignored}"]
+            f"(ignored {info['ignored_members']}); {classes}{masks}{problems}{ignored}{hidden}"]

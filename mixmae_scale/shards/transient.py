@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from mixmae_scale.data.storage import StoreUnreachable
+
 T = TypeVar("T")
 
 # Waits between attempts: four attempts over about 20 s ride out a file server's failover or a throttled
@@ -59,13 +61,20 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def retrying(action: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
-    """`action()`, tried again after each delay while it fails transiently; the last failure is raised."""
+    """`action()`, tried again after each delay while it fails transiently; the last failure is raised.
+
+    An object store that did not answer (`StoreUnreachable`) is not tried again here: botocore already made its
+    attempts at that request (8 unless AWS_MAX_ATTEMPTS says, each waiting up to the connect timeout), and three
+    more rounds of them only made a dead store's adoption wait about four times as long before it said so. It is
+    still transient (`is_transient`): the next run tries that file or tar again. What botocore does not retry,
+    a connection dropped while a tar's body streams (ResponseStreamingError, a read timeout mid-body), is retried
+    here as before."""
     waits = BACKOFF_S if delays is None else delays
     for wait in (*waits, None):
         try:
             return action()
         except Exception as exc:
-            if wait is None or not is_transient(exc):
+            if wait is None or not is_transient(exc) or isinstance(exc, StoreUnreachable):
                 raise
             time.sleep(wait)
     raise AssertionError("unreachable")

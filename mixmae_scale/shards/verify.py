@@ -7,14 +7,20 @@ lists but the tar does not hold as a usable sample is reported with the reason (
 not decode with --decode, ...). Sets converted here are held to more: every sample of the tar is
 indexed, has jpg, cls and json, and (with --decode) is a baseline RGB JPEG. Adopted sets may hold
 samples that adoption rejected; those are simply not in their index.
+
+Tars are read through the builder's bounded pool (`--workers`, as conversion and adoption): a set of 1,000 tars in a
+store was read one tar after another, each waiting on its GET. Each tar's problems are kept with its place in the
+manifest and reported in that order, so the report is the same whatever the worker count.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mixmae_scale.data import storage
 from mixmae_scale.data.manifest import DataError, ShardEntry, load_manifest, load_split
+from mixmae_scale.shards.builder import bounded_pool
 from mixmae_scale.shards.tar_index import INDEX_VERSION, TarIndex, index_tar, split_name
 
 REQUIRED_FIELDS = ("jpg", "cls", "json")  # what `mixmae shards` writes per sample
@@ -108,8 +114,34 @@ def _compare(tar: str, idx: str, stored: list[str], found: TarIndex, adopted: bo
         errors.extend(f"{tar}: {item['member']}: {item['reason']}" for item in found.ignored)
 
 
-def verify(location: str | Path, decode: bool = False) -> dict:
-    """Report: {"folder", "splits": {split: {"samples", "shards", "decoded"}}, "errors": [...], "ok"}."""
+@dataclass(frozen=True)
+class _Shard:
+    """One tar of a split and what checking it needs: a unit of the pool, sent to a worker process as it is."""
+
+    number: int
+    tar: str
+    idx: str
+    entry: ShardEntry
+    adopted: bool
+    labeled: bool
+    decode: bool
+
+
+def _check(unit: _Shard) -> tuple[int, list[str]]:
+    """(samples in the tar's readable index, the tar's problems in the order they are found)."""
+    errors: list[str] = []
+    stored = _stored_index(unit.idx, unit.entry.samples, errors)
+    found = _scan(unit.tar, unit.entry, unit.decode, errors)
+    if stored is None or found is None:
+        return 0, errors
+    _compare(unit.tar, unit.idx, stored, found, unit.adopted, unit.labeled, unit.decode, errors)
+    return len(stored), errors
+
+
+def verify(location: str | Path, decode: bool = False, workers: int = 1) -> dict:
+    """Report: {"folder", "splits": {split: {"samples", "shards", "decoded"}}, "errors": [...], "ok"}. `workers`
+    processes read tars at once (the builder's bounded pool); the report is the same for any count: each tar's
+    problems are listed in the manifest's tar order."""
     location = str(location)
     manifest = load_manifest(location)
     errors: list[str] = []
@@ -120,16 +152,15 @@ def verify(location: str | Path, decode: bool = False) -> dict:
         except DataError as exc:
             errors.append(str(exc))
             continue
+        units = [_Shard(i, shards.tar_url(i), shards.index_url(i), entry, info.adopted, shards.labeled, decode)
+                 for i, entry in enumerate(info.shards)]
+        checked = {unit.number: result for unit, result in bounded_pool(_check, units, workers)}
         seen = decoded = 0
-        for i, entry in enumerate(info.shards):
-            tar, idx = shards.tar_url(i), shards.index_url(i)
-            stored = _stored_index(idx, entry.samples, errors)
-            found = _scan(tar, entry, decode, errors)
-            if stored is None or found is None:
-                continue
-            _compare(tar, idx, stored, found, info.adopted, shards.labeled, decode, errors)
-            seen += len(stored)
-            decoded += len(stored) if decode else 0
+        for unit in units:  # the manifest's order, whatever order the workers finished in
+            samples, problems = checked[unit.number]
+            errors.extend(problems)
+            seen += samples
+            decoded += samples if decode else 0
         if seen != info.samples:
             errors.append(f"split {split}: {seen} samples in readable shards, the manifest says {info.samples}")
         report["splits"][split] = {"samples": seen, "shards": len(info.shards),

@@ -550,3 +550,27 @@ def test_tars_with_odd_key_names_in_a_bucket_adopt_and_verify(tmp_path, s3_bucke
     assert sorted(s.name for s in manifest.splits["train"].shards) == sorted(names)
     assert manifest.splits["train"].samples == 2 * len(names)
     assert verify(out)["ok"]
+
+
+def test_hidden_tars_are_said_skipped_by_name_and_why_not_counted_as_ignored_files(tmp_path, capsys):
+    """A set copied from a Mac holds an AppleDouble `._x.tar` beside each tar; they were skipped, and the summary said
+    only `ignored files beside the tars: {'.tar': 2}`: neither which files nor why."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "shard-000.tar", 3)
+    _labeled_tar(src / "shard-001.tar", 3)
+    for name in ("._shard-000.tar", "._shard-001.tar", ".tar", "part/._shard-002.tar"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+    (src / "_stats.json").write_text("{}")
+    assert main(["shards", "adopt", str(src), "--out", str(tmp_path / "out")]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: ")]
+    assert line.endswith("; ignored files beside the tars: {'.json': 1}; 4 hidden tar(s) skipped (._shard-000.tar, "
+                         "._shard-001.tar, .tar and 1 more): a name starting with '.' is a hidden file, such as the "
+                         "AppleDouble '._*' files macOS leaves beside copied files, not a shard; rename a real shard "
+                         "without the leading dot")
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(src / "._shard-000.tar", only)
+    with pytest.raises(SourceError, match=r"no \.tar files found \(searched recursively\)\. 1 hidden tar\(s\) "
+                                          r"skipped \(\._shard-000\.tar\): a name starting with '\.' is a hidden file"):
+        adopt(only, tmp_path / "out2", AdoptOptions())

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -157,3 +158,38 @@ def test_refused_keys_name_the_endpoint_the_key_id_and_where_it_was_found(checki
                        "credentials (InvalidAccessKeyId; access key id AKIDLEFTINTHESHELL from env): check "
                        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint and the bucket's "
                        "permissions")
+
+
+def test_adoption_does_not_retry_a_store_botocore_could_not_reach_and_still_retries_a_dropped_body(
+        s3_server, monkeypatch, fresh_clients, tmp_path):
+    """Adoption's own retries (after 1, 4 and 16 s) came on top of botocore's attempts: a store that died mid-adoption
+    was tried 4 x AWS_MAX_ATTEMPTS times per tar, each waiting up to the connect timeout, before the tar was said
+    unreadable. botocore has retried the request; adoption says so at once, and the next run tries the tar again.
+    A connection dropped while the body streams is not botocore's to retry, and adoption still does."""
+    from botocore.exceptions import ResponseStreamingError
+
+    from mixmae_scale.shards import adopt, transient
+
+    slept: list[float] = []
+    monkeypatch.setattr(transient, "time", SimpleNamespace(sleep=slept.append))  # adoption's waits, not botocore's
+    with socket.socket() as probe:  # a port nothing listens on: the store died
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    job = adopt._Job("a.tar", "s3://some-bucket/set/a.tar", 10240, str(tmp_path / "out"), "train", False)
+    said = adopt.index_shard(job)
+    assert said.startswith("s3://some-bucket/set/a.tar: GET failed: cannot reach ") and "2 attempt(s)" in said
+    assert slept == []  # no round of adoption's own on top of botocore's two attempts
+    with pytest.raises(storage.StoreUnreachable) as raised:
+        storage.read_bytes("s3://some-bucket/set/a.tar")
+    assert transient.is_transient(raised.value)  # still a failure that may pass: the next run tries the tar again
+
+    drops = iter([ResponseStreamingError(error="Connection broken: IncompleteRead")])
+
+    def read() -> bytes:
+        for error in drops:
+            raise error
+        return b"tar"
+
+    assert transient.retrying(read) == b"tar" and slept == [1.0]
