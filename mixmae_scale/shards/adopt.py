@@ -463,6 +463,6 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
     problems = f"; {info['problem_tars']} tar(s) cut or unreadable (see rejected.jsonl)" if info["problem_tars"] else ""
     hidden = f"; {hidden_note(info['hidden_tars'], info['hidden_tar_names'])}" if info.get("hidden_tars") else ""
     masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""
-    return [f"{split}: {len(entry.shards)} shard(s) ({result.done_now} indexed now); samples found "
+    return [f"{split}: {plural(len(entry.shards), 'shard')} ({result.done_now} indexed now); samples found "
             f"{info['found']} = indexed {entry.samples} + rejected {info['rejected']}; members {info['members']} "
             f"(ignored {info['ignored_members']}); {classes}{masks}{problems}{ignored}{hidden}"]

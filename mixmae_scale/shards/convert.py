@@ -362,7 +362,7 @@ class ConversionSource:
         elif todo:
             self.staging.mkdir(parents=True, exist_ok=True)
             _check_disk(self.staging, int(1.1 * max(needed) * max(self.workers, 1)))
-        desc = f"{split}: {len(todo)} shard(s) to write" + (f", {len(done)} done earlier" if done else "")
+        desc = f"{split}: {plural(len(todo), 'shard')} to write" + (f", {len(done)} done earlier" if done else "")
         work = WorkList(todo, done, write_shard, (self.out, self.write_options, self.staging), desc, "img",
                         size=lambda plan: len(plan.images), postfix=_Throughput())
         message = state.changes.describe(split)

@@ -132,7 +132,7 @@ def test_transient_read_errors_are_retried_and_a_rerun_retries_what_still_failed
     failures.clear()
     manifest = convert(src, out, options).manifest.to_dict()
     assert (manifest["splits"]["train"]["samples"], manifest["splits"]["train"]["rejected"]) == (10, 0)
-    assert "1 shard(s) to write, 1 done earlier" in capsys.readouterr().err
+    assert "1 shard to write, 1 done earlier" in capsys.readouterr().err
     assert (out / "rejected.jsonl").read_text() == "" and sorted(sources_in(out)) == [f"{i}.jpg" for i in range(10)]
 
 
@@ -149,7 +149,7 @@ def test_a_conversion_above_max_rejected_exits_nonzero_with_the_counts(tmp_path,
     assert "or accept them with --max-rejected 0.41" in error and not (out / "dataset.json").exists()
     assert main([*command, "--max-rejected", "0.5"]) == 0
     captured = capsys.readouterr()
-    assert "0 shard(s) to write, 1 done earlier" in captured.err
+    assert "0 shards to write, 1 done earlier" in captured.err
     assert "train: found 5 = written 3 + rejected 2" in captured.out
 
 
