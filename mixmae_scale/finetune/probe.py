@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from mixmae_scale.data.errors import plural
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.data.loaders import eval_spec
 from mixmae_scale.data.manifest import SplitShards
@@ -207,7 +207,6 @@ def require_memory(shards: str, train: int, val: int, arch: dict, classes: int, 
     need = probe_bytes(train, val, arch, classes, models, batch, at_once)
     if need <= available:
         return
-    from mixmae_scale.data.errors import DataError
 
     def fit(count: int) -> bool:
         return probe_bytes(count, val, arch, classes, models, batch, at_once) <= available
@@ -286,8 +285,6 @@ def standardise(train_x: torch.Tensor, val_x: torch.Tensor) -> tuple[torch.Tenso
 def probe_features(features: Features, num_classes: int) -> ProbeResult:
     train_n = len(features.train_y)
     if train_n < MIN_FIT_IMAGES:
-        from mixmae_scale.data.errors import DataError
-
         raise DataError(f"the probe has {train_n} training image{'s' * (train_n != 1)}, fewer than the "
                         f"{MIN_FIT_IMAGES} it needs to standardise its features by their spread; read more "
                         f"(--max-samples {MIN_FIT_IMAGES} or more, or a train split of at least {MIN_FIT_IMAGES})")
@@ -296,8 +293,6 @@ def probe_features(features: Features, num_classes: int) -> ProbeResult:
         # A read-out that saw one label answers it for every image: top-1 100% on a set of that class, whatever
         # the encoder. Counted on the images read, not the manifest's classes: --max-samples over a set sorted by
         # class reads one class of several.
-        from mixmae_scale.data.errors import DataError
-
         raise DataError(f"every one of the probe's {train_n} training images is of class {int(classes[0])}; a "
                         "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe "
                         "on a set of two classes or more"
@@ -320,8 +315,6 @@ def refuse_one_class(shards: str, split: SplitShards, classes: list[str | None])
     names no classes (adopted tars) says nothing here: the images' labels are checked once read."""
     if split.num_classes != 1:
         return
-    from mixmae_scale.data.errors import DataError
-
     name = f" ({classes[0]})" if classes and classes[0] else ""
     raise DataError(f"--data {shards}: split '{split.split}' has 1 class{name} in the set's manifest; a read-out of "
                     "one class answers it for every image (top-1 100% whatever the encoder): probe on a set of two "

@@ -18,6 +18,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
@@ -191,8 +192,8 @@ def what_the_bytes_are(data: bytes) -> str:
 
 def _claimed(name: str) -> str:
     """', named .png': the format a file's name claims, said beside what its bytes are."""
-    suffix = name.rsplit("/", 1)[-1].rpartition(".")[2] if "." in name.rsplit("/", 1)[-1] else ""
-    return f", named .{suffix}" if suffix else ""
+    suffix = PurePosixPath(name).suffix
+    return f", named {suffix}" if suffix else ""
 
 
 def _megapixels(width: int, height: int) -> str:
