@@ -7,6 +7,7 @@ import json
 import sys
 
 from mixmae_scale.cli.arguments import at_least
+from mixmae_scale.data.errors import plural
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def _runs_plot(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         left_out = f"; left out (no run logged it): {'; '.join(result['left_out'])}" if result["left_out"] else ""
-        print(f"wrote {result['out']}: {len(result['runs'])} run(s) against "
+        print(f"wrote {result['out']}: {plural(len(result['runs']), 'run')} against "
               f"{'step' if result['x'] == 'step' else 'images seen'}; panels: {', '.join(result['panels'])}{left_out}")
     return 0
 

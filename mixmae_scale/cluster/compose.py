@@ -26,6 +26,8 @@ ENV_FILE = ".deepspeed_env"
 # Where the store is and how to talk to it: what every rank of a run reading s3:// needs as the launching shell has
 # it. The keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) are not among them: .deepspeed_env is a
 # file in the run's folder and the dry run prints it; other hosts read them from their AWS credentials file.
+# The store's timeouts (MIXMAE_S3_CONNECT_TIMEOUT, MIXMAE_S3_READ_TIMEOUT: data/storage.py) travel with the shell's
+# other MIXMAE_* variables, which every launch on several nodes carries, so they are not listed here.
 AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mixmae_scale.data import storage
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.image_names import is_image_name
 
 __all__ = ["DataError", "MANIFEST", "Manifest", "ShardEntry", "SplitEntry", "SplitShards", "load_manifest",
@@ -270,13 +270,13 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
                 f"`mixmae shards imagenet --src {location} --out {out}`{then}")
     images = sum(1 for p in entries if p.is_file() and is_image_name(p.name))
     if images and not classes:
-        return (f"{head}: it is a folder of {images} image(s); convert it first: `mixmae shards folder --src "
+        return (f"{head}: it is a folder of {plural(images, 'image')}; convert it first: `mixmae shards folder --src "
                 f"{location} --out {out}`{then}")
     if classes:
         shown = ", ".join(f"{p.name}/" for p in classes[:3]) + (", ..." if len(classes) > 3 else "")
-        return (f"{head}: it holds {len(classes)} folder(s) of images ({shown}); convert them first: `mixmae shards "
-                f"folder --src {location} --out {out}` (add --val-fraction 0.1 for the val split that fine-tuning "
-                f"and eval need){then}")
+        return (f"{head}: it holds {plural(len(classes), 'folder')} of images ({shown}); convert them first: "
+                f"`mixmae shards folder --src {location} --out {out}` (add --val-fraction 0.1 for the val split "
+                f"that fine-tuning and eval need){then}")
     if not entries:
         return f"{head}: the folder is empty; build shards with `mixmae shards folder` or `mixmae shards imagenet`"
     return (f"{head}: it holds no shards, .tar files or images ({', '.join(p.name for p in entries[:5])}); build "

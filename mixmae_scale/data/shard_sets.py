@@ -28,7 +28,7 @@ from functools import cached_property
 
 import numpy as np
 
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.manifest import SplitShards
 from mixmae_scale.seeds import stream_seed
 
@@ -84,10 +84,10 @@ class ShardMixture:
                     remedy = f"a weight of at least {1 / count:g} reads some of it every epoch"
                 else:
                     remedy = f"a whole weight ({math.floor(entry.weight)} or {math.ceil(entry.weight)}) reads it evenly"
-                log.warning("data.sources: %s has %d shard(s) at weight %g: its fractional part is %.2f of a shard per "
+                log.warning("data.sources: %s has %s at weight %g: its fractional part is %.2f of a shard per "
                             "epoch, and shards are read whole, so %s in %.0f%% of epochs, drawn per epoch (its share "
-                            "holds on average over epochs, not in each); %s", name, count, entry.weight,
-                            fraction * count,
+                            "holds on average over epochs, not in each); %s", name, plural(count, "shard"),
+                            entry.weight, fraction * count,
                             "it is read (one shard)" if entry.weight < 1 else "one more shard is read",
                             100 * fraction * count, remedy)
 

@@ -8,17 +8,24 @@ AWS_DEFAULT_REGION, the AWS config file's `s3 = addressing_style`, ...), which b
 here reads an object store (DALI decodes bytes this module fetched), so those settings are the only ones.
 Every failure becomes a `StorageError` that names the URL, the endpoint the request went to and what to set.
 
+botocore reads no variable for its connect and read timeouts, so this module reads MIXMAE_S3_CONNECT_TIMEOUT and
+MIXMAE_S3_READ_TIMEOUT (seconds) itself, where the client is made, as boto3 reads the AWS ones there: the
+exception to "library code reads no environment variable", because the client is made in processes no CLI
+argument reaches (the shard pool's spawned workers, the data loader's workers, every rank on every node, the
+variables travelling in .deepspeed_env with the shell's other MIXMAE_*), and the environment reaches them all.
+
 `REQUESTS` counts the requests this process made, so benchmarks and tests can report requests per sample.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +40,8 @@ REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST", "DELETE" -> 
 # connection to a working store takes milliseconds; a first byte may take long on a busy one, so reads keep 60 s.
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
+CONNECT_TIMEOUT_ENV = "MIXMAE_S3_CONNECT_TIMEOUT"  # seconds; botocore has no variable of its own for either
+READ_TIMEOUT_ENV = "MIXMAE_S3_READ_TIMEOUT"
 ATTEMPTS = 8  # unless AWS_MAX_ATTEMPTS (or max_attempts in the AWS config file) says otherwise
 _CLIENTS: dict[int, object] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -81,6 +90,27 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def timeouts(environ: Mapping[str, str]) -> tuple[float, float]:
+    """(connect, read) seconds for a new client: the user's MIXMAE_S3_* where set, else ours; a value that is not
+    a positive number is refused by name rather than left for botocore to wait forever (0, inf) or fail on."""
+    return (_seconds(environ, CONNECT_TIMEOUT_ENV, "connect", CONNECT_TIMEOUT_S),
+            _seconds(environ, READ_TIMEOUT_ENV, "read", READ_TIMEOUT_S))
+
+
+def _seconds(environ: Mapping[str, str], name: str, what: str, default: float) -> float:
+    if name not in environ:
+        return default
+    text = environ[name]
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise StorageError(f"{name}={text!r}: not a positive number of seconds (the object store's {what} timeout; "
+                           f"unset, {default:g} s)")
+    return value
+
+
 def _client():
     """One boto3 client per process (clients are thread-safe, but not to be shared across a fork), from a session
     of its own, so it reads the AWS variables and config file as they are when it is made. The user's own retry
@@ -92,14 +122,15 @@ def _client():
             import botocore.session
             from botocore.config import Config
 
+            connect_s, read_s = timeouts(os.environ)
             core = botocore.session.get_session()
             session = boto3.session.Session(botocore_session=core)
             own = core.get_config_variable("max_attempts") is not None
             retries = {} if own else {"total_max_attempts": ATTEMPTS}
             if core.get_config_variable("retry_mode", methods=("env", "config")) is None:
                 retries["mode"] = "adaptive"
-            client = session.client("s3", config=Config(retries=retries or None, connect_timeout=CONNECT_TIMEOUT_S,
-                                                        read_timeout=READ_TIMEOUT_S))
+            client = session.client("s3", config=Config(retries=retries or None, connect_timeout=connect_s,
+                                                        read_timeout=read_s))
             client.meta.events.register("before-send.s3", _count_request)
             client.meta.events.register("needs-retry.s3", _say_retry)
             _CLIENTS[pid] = client
@@ -125,8 +156,17 @@ def _say_retry(caught_exception=None, attempts: int = 0, **_) -> None:
     if endpoint in _RETRY_SAID:
         return
     _RETRY_SAID.add(endpoint)
-    log.warning("object store %s: %s (attempt %d of %d, connect timeout %d s, read timeout %d s); retrying",
-                endpoint, caught_exception, attempts, _attempts(), CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    log.warning("object store %s: %s (attempt %d of %d, %s); retrying", endpoint, caught_exception, attempts,
+                _attempts(), _timeouts_said())
+
+
+def _timeouts_said() -> str:
+    """The timeouts this process's client waits, as its config holds them (the user's or ours), and their knobs."""
+    config = getattr(_CLIENTS.get(os.getpid()), "meta", None)
+    config = config.config if config is not None else None
+    connect = getattr(config, "connect_timeout", CONNECT_TIMEOUT_S)
+    read = getattr(config, "read_timeout", READ_TIMEOUT_S)
+    return f"connect timeout {connect:g} s ({CONNECT_TIMEOUT_ENV}), read timeout {read:g} s ({READ_TIMEOUT_ENV})"
 
 
 def _attempts() -> int:
@@ -177,8 +217,8 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> St
         virtual = (f"; the bucket is in the host name (virtual-host addressing): for a store that wants "
                    f"http://HOST/{bucket}/KEY set addressing_style = path in the s3 section of the AWS config file "
                    "(docs/data.md)" if host.startswith(bucket + ".") and not on_aws else "")
-        why = (f"cannot reach {endpoint}{unset} after {_attempts()} attempt(s) (AWS_MAX_ATTEMPTS; connect timeout "
-               f"{CONNECT_TIMEOUT_S} s, read timeout {READ_TIMEOUT_S} s): {' '.join(str(exc).split())}. Check "
+        why = (f"cannot reach {endpoint}{unset} after {_attempts()} attempt(s) (AWS_MAX_ATTEMPTS; "
+               f"{_timeouts_said()}): {' '.join(str(exc).split())}. Check "
                f"AWS_ENDPOINT_URL and the network{virtual}")
     elif isinstance(exc, bx.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))

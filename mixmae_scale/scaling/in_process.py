@@ -25,6 +25,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from mixmae_scale.data.errors import plural
+
 MARKER = "mixmae-sweep-run-done"
 HEADROOM = 0.25  # of the device memory kept free: the planner under-estimated a real peak by up to 18%
 
@@ -41,9 +43,10 @@ class DeviceShare:
 
     def describe(self) -> str:
         memory = (f"; the largest run's planned peak is {self.peak_gib:.2f} GiB, {self.parallel} x that fits"
-                  if self.peak_gib is not None else f", {self.threads} thread(s) each")
+                  if self.peak_gib is not None else f", {plural(self.threads, 'thread')} each")
         per = "one process per run" if self.per_process == 1 else f"up to {self.per_process} runs per process"
-        return f"{self.parallel} run(s) at a time share {self.device}{memory}; {per}"
+        share = "shares" if self.parallel == 1 else "share"
+        return f"{plural(self.parallel, 'run')} at a time {share} {self.device}{memory}; {per}"
 
 
 def runs_that_fit(peak_gib: float, device_gib: float, headroom: float = HEADROOM) -> int:
@@ -62,7 +65,7 @@ def device_share(spec, runs, parallel: int, per_process: int, cpu_count: int) ->
     parallel, per_process = max(parallel, 1), max(per_process, 1)
     threads = max(1, cpu_count // parallel)
     if not torch.cuda.is_available() or not runs:
-        return DeviceShare(f"{cpu_count} CPU core(s)", parallel, per_process, threads)
+        return DeviceShare(plural(cpu_count, "CPU core"), parallel, per_process, threads)
     device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     peak = max(planned_peak_gib(spec, run, device_gib) for run in _largest(runs))
     fits = runs_that_fit(peak, device_gib)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.manifest import DataError
 from mixmae_scale.engine import run_lock
 from mixmae_scale.scaling.commands import launch_line, pretrain_args
@@ -126,8 +127,9 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     write_plan(out, spec, runs)  # the runs `scaling fit` and `report` take: the spec's now
     dropped = not_planned(rows_of(out / "results.jsonl"), runs)
     if dropped:
-        log(f"{len(dropped)} recorded run(s) are not in the spec's plan now ({named(dropped)}): `mixmae scaling fit` "
-            f"and `report` leave them out (their rows stay in {out / 'results.jsonl'})")
+        are = "is" if len(dropped) == 1 else "are"
+        log(f"{plural(len(dropped), 'recorded run')} {are} not in the spec's plan now ({named(dropped)}): "
+            f"`mixmae scaling fit` and `report` leave them out (their rows stay in {out / 'results.jsonl'})")
     base_lr = None
     tally = Tally()
     first: list[str] = []
@@ -143,12 +145,12 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
         write_text(emit_commands, "".join(line + "\n" for line in [*first, *lines]))  # whole, or not at all
         if first:
             log(f"the lr sweep's {len(spec.learning_rate.sweep)} runs come first in {emit_commands}")
-        log(f"wrote {len(lines)} launch command(s) to {emit_commands}")
+        log(f"wrote {plural(len(lines), 'launch command')} to {emit_commands}")
         log(f"next: run them where the GPUs are; then the same `mixmae scaling run` without --emit-commands "
             f"(--out {out}) reads their finished run folders into results.jsonl")
         return []
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
-    log(f"{len(runs)} run(s): {share.describe()}")
+    log(f"{plural(len(runs), 'run')}: {share.describe()}")
     rule = spec.learning_rate.describe(base_lr)
     rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, **plan_record(spec)}, tally)
     _summary(tally, out, log)
@@ -162,7 +164,7 @@ def _summary(tally: Tally, out: Path, log) -> None:
     log(f"sweep: {tally.ran} ran, {tally.reused} reused (finished earlier), {len(tally.failed)} failed{failed}"
         f"{diverged}, in {minutes} min {seconds:02d} s; results in {out / 'results.jsonl'}")
     if tally.failed:
-        raise SweepError(f"{len(tally.failed)} run(s) failed ({tally.failures()}; their output is above); "
+        raise SweepError(f"{plural(len(tally.failed), 'run')} failed ({tally.failures()}; their output is above); "
                          f"the rest are recorded: run the same `mixmae scaling run` again to retry only those")
     log(f"next: mixmae scaling report --out {out}   (fit.json, report.md and figures; `mixmae scaling fit --out "
         f"{out}` for fit.json alone)")
@@ -177,8 +179,8 @@ def lr_sweep(spec: SweepSpec, train_samples: int, out: Path, log, parallel: int,
     share = device_share(spec, runs, parallel, per_process, os.cpu_count() or 2)
     _run_all(runs, spec, out, out / "lr_sweep.jsonl", log, share, {"lr_rule": "lr sweep", **plan_record(spec)}, tally)
     if tally.failed:
-        raise SweepError(f"the lr sweep's run(s) failed ({tally.failures()}; output above); run the same "
-                         "`mixmae scaling run` again to retry them")
+        raise SweepError(f"the lr sweep: {plural(len(tally.failed), 'run')} failed ({tally.failures()}; output "
+                         "above); run the same `mixmae scaling run` again to retry them")
     done = {r["run_id"]: r for r in rows_of(out / "lr_sweep.jsonl")}
     # A diverged lr (no row) scores worst; NaN in a comparison would have let it win.
     scored = [(done[r.run_id]["heldout_loss"] if r.run_id in done else math.inf, lr)
@@ -230,10 +232,11 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
     stale = [f"{results}:{done[run.run_id][0]}: run {run.run_id} ({'; '.join(said)})" for run in runs
              if run.run_id in done and (said := row_differences(done[run.run_id][1], run, extra))]
     if stale:
-        raise SweepError(f"{len(stale)} recorded run(s) were run under another plan than the spec's now, under the "
-                         f"same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their rows are no "
-                         f"points of this plan: give the changed spec a new --out, or remove those rows from "
-                         f"{results.name} and their folders from {out / 'runs'} to run them again")
+        were = "was" if len(stale) == 1 else "were"
+        raise SweepError(f"{plural(len(stale), 'recorded run')} {were} run under another plan than the spec's now, "
+                         f"under the same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their "
+                         f"rows are no points of this plan: give the changed spec a new --out, or remove those rows "
+                         f"from {results.name} and their folders from {out / 'runs'} to run them again")
     refuse_other_plans(spec, runs, out, set(done))
     pending = []
     rows: list[dict] = []

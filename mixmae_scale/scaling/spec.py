@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from mixmae_scale.config import ConfigError, load_resolved
+from mixmae_scale.data.errors import plural
 from mixmae_scale.models.flops import model_report
 
 KNOWN_KEYS = {"name", "profile", "shards", "sizes", "data_fractions", "steps", "epochs", "budgets", "seeds", "set",
@@ -415,7 +416,7 @@ def check_budgets(spec: SweepSpec, runs: list[PlannedRun], log) -> None:
     for line in few:
         log(f"warning: {line}")
     if off:
-        raise ConfigError(f"{spec.file or 'the sweep spec'}: {len(off)} iso-FLOP run(s) would spend more than "
+        raise ConfigError(f"{spec.file or 'the sweep spec'}: {plural(len(off), 'iso-FLOP run')} would spend more than "
                           f"{BUDGET_TOLERANCE:.0%} off their budget in whole steps: {'; '.join(off)}. Leave those "
                           "budgets out of the size's own list (sizes[i].budgets), or give the runs a smaller global "
                           "batch so that they take more steps; `mixmae scaling plan` lists every run")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.scaling.spec import SweepSpec
 
@@ -90,9 +91,10 @@ def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, f
         return kept.samples, full.samples
     shares = list(itertools.accumulate(full.samples_per_shard))
     near = sorted(range(len(shares)), key=lambda k: abs(shares[k] / full.samples - fraction))[:3]
-    options = ", ".join(f"{shares[k] / full.samples:.3g} ({k + 1} shard(s))" for k in sorted(near))
+    options = ", ".join(f"{shares[k] / full.samples:.3g} ({plural(k + 1, 'shard')})" for k in sorted(near))
     raise ConfigError(f"{spec.file or 'the sweep spec'}: data_fractions {fraction:g} of {shards} ('{split or 'train'}':"
-                      f" {len(shares)} shards, {full.samples} samples) is {len(kept.names)} whole shard(s), "
+                      f" {plural(len(shares), 'shard')}, {full.samples} samples) is "
+                      f"{plural(len(kept.names), 'whole shard')}, "
                       f"{kept.samples} samples: {share:.3g} of the set, {share / fraction:.2f}x the fraction (more "
                       f"than {FRACTION_TOLERANCE:.0%} off). Whole shards give {options}: give one of those")
 

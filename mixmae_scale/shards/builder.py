@@ -20,6 +20,7 @@ Library code prints nothing but the progress bar: warnings come back in `BuildRe
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,14 @@ R = TypeVar("R")
 REJECTED = "rejected.jsonl"
 CLASSES = "classes.json"
 IN_FLIGHT_PER_WORKER = 4
+# Workers start as fresh interpreters, not forks: a fork copies every lock as it stood, held by threads the child
+# does not have (the logging lock, an allocator's, boto3's), and a forked `shards verify` worker died by SIGSEGV
+# creating a boto3 client in a process that served moto from a thread. Spawn, not forkserver: a forkserver's
+# children inherit its environment as it was when the server started, so an AWS_* variable set later in the same
+# process (a test's S3 endpoint) would not reach them. Spawn costs about 0.28 s per pool of 2 workers on a 2-core
+# machine (fork: 0.01 s; forkserver: 0.23 s for the first pool), against seconds per shard of work. So `work`
+# must be a top-level function of an importable module, and it and its args must pickle.
+START_METHOD = "spawn"
 
 
 @dataclass
@@ -156,13 +165,13 @@ def resume(units: Sequence[J], records: dict[str, R], key: Callable[[J], str],
 
 def bounded_pool(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple = ()
                  ) -> Iterator[tuple[J, R]]:
-    """(unit, work(unit, *args)) as each finishes; in this process when workers <= 1, else with at most
-    IN_FLIGHT_PER_WORKER x workers units submitted at once."""
+    """(unit, work(unit, *args)) as each finishes; in this process when workers <= 1, else in START_METHOD
+    worker processes with at most IN_FLIGHT_PER_WORKER x workers units submitted at once."""
     if workers <= 1:
         for unit in units:
             yield unit, work(unit, *args)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD)) as pool:
         pending: dict[Future, J] = {}
         queue = iter(units)
         for unit in queue:

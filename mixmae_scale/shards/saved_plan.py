@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixmae_scale.data import storage
+from mixmae_scale.data.errors import plural
 from mixmae_scale.shards.sources import SourceError, SourceImage
 from mixmae_scale.shards.writer import PROGRESS_DIR, ShardPlan
 
@@ -40,11 +41,13 @@ class SourceChanges:
             return ""
         parts = []
         if self.vanished:
-            parts.append(f"{len(self.vanished)} planned file(s) vanished (first: {self.vanished[0]}): rejected if "
-                         "their shard is still to write, kept if it was written")
+            parts.append(f"{plural(len(self.vanished), 'planned file')} vanished (first: {self.vanished[0]}): "
+                         "rejected if their shard is still to write, kept if it was written")
         if self.appeared:
-            parts.append(f"{len(self.appeared)} new file(s) (first: {self.appeared[0]}) go to "
-                         f"{len(self.extra_shards)} extra shard(s) after the planned ones ({self.extra_shards[0]}"
+            go = "goes" if len(self.appeared) == 1 else "go"
+            parts.append(f"{plural(len(self.appeared), 'new file')} (first: {self.appeared[0]}) {go} to "
+                         f"{plural(len(self.extra_shards), 'extra shard')} after the planned ones "
+                         f"({self.extra_shards[0]}"
                          + (f"..{self.extra_shards[-1]}" if len(self.extra_shards) > 1 else "") + ")")
         return (f"{split}: the source changed since this conversion began: " + "; ".join(parts)
                 + ". Every file is written once, as planned at the start; for one shuffle over the folder as it "

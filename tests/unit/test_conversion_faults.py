@@ -86,8 +86,8 @@ def test_a_resume_over_a_changed_source_writes_every_image_exactly_once(tmp_path
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert [(r["source"], "No such file" in r["reason"]) for r in rejected] == [(vanished_pending, True)]
     (message,) = result.warnings  # returned for the CLI to print, not printed by the library
-    assert "the source changed since this conversion began: 2 planned file(s) vanished" in message
-    assert "1 new file(s) (first: new.jpg) go to 1 extra shard(s) after the planned ones (train-000008)" in message
+    assert "the source changed since this conversion began: 2 planned files vanished" in message
+    assert "1 new file (first: new.jpg) goes to 1 extra shard after the planned ones (train-000008)" in message
     assert verify(out)["ok"]
 
 

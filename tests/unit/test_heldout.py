@@ -299,7 +299,7 @@ def test_fractional_weights_read_each_set_by_its_weight_over_epochs_and_each_epo
     total = read.sum()
     for n, share in enumerate(shares.values()):
         assert abs(read[n] / total - share) < 0.01
-    assert "set0 has 1 shard(s) at weight 0.5" in warned and "set1 has 4 shard(s) at weight 0.1" in warned
+    assert "set0 has 1 shard at weight 0.5" in warned and "set1 has 4 shards at weight 0.1" in warned
     assert "set3" not in warned  # 2.5 shards: some of it is read every epoch
 
 

@@ -332,3 +332,18 @@ def test_several_nodes_reading_s3_get_the_shells_aws_settings_but_not_its_keys(t
         "AWS_SHARED_CREDENTIALS_FILE) or AWS_PROFILE there, or put them in cluster.env"]
     local = compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], workdir=tmp_path, check_files=False)
     assert "AWS" not in local.env_text and not [n for n in local.notes if "AWS" in n]  # a run that reads no store
+
+
+def test_several_nodes_get_the_shells_object_store_timeouts(tmp_path, monkeypatch):
+    """MIXMAE_S3_READ_TIMEOUT and MIXMAE_S3_CONNECT_TIMEOUT are read where each rank makes its client
+    (data/storage.py): ranks on other hosts have them only if .deepspeed_env carries them, as it carries the
+    shell's other MIXMAE_*."""
+    for key in [k for k in os.environ if k.startswith("MIXMAE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MIXMAE_S3_READ_TIMEOUT", "300")
+    monkeypatch.setenv("MIXMAE_S3_CONNECT_TIMEOUT", "20")
+    cluster = _cluster(tmp_path, launcher="pdsh")
+    remote = load_resolved("swin_b", cluster, ["data.shards=s3://bucket/set"])
+    plan = compose(remote, "swin_b", cluster, [], workdir=tmp_path, check_files=False)
+    assert plan.env_file == tmp_path / ".deepspeed_env"
+    assert {"MIXMAE_S3_READ_TIMEOUT=300", "MIXMAE_S3_CONNECT_TIMEOUT=20"} <= set(plan.env_text.splitlines())

@@ -36,8 +36,9 @@ def silent_port():
 def test_a_store_that_never_answers_fails_within_the_timeouts_attempts_warning_once_and_naming_the_url(
         s3_server, silent_port, monkeypatch, fresh_clients, caplog):
     """AWS_MAX_ATTEMPTS is botocore's own knob and is obeyed (a fixed 8 attempts of a 60 s read each was a
-    silent 8 minutes); the first retry of a connection says so at once, and the error names the URL tried."""
-    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
+    silent 8 minutes); so is MIXMAE_S3_READ_TIMEOUT, ours; the first retry of a connection says so at once, and
+    the error names the URL tried and the timeouts waited."""
+    monkeypatch.setenv("MIXMAE_S3_READ_TIMEOUT", "1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent_port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     start = time.monotonic()
@@ -47,6 +48,7 @@ def test_a_store_that_never_answers_fails_within_the_timeouts_attempts_warning_o
     message = str(raised.value)
     assert message.startswith("s3://some-bucket/some/prefix: LIST failed: ")
     assert f"http://127.0.0.1:{silent_port}" in message and "2 attempt(s)" in message and "AWS_MAX_ATTEMPTS" in message
+    assert "read timeout 1 s (MIXMAE_S3_READ_TIMEOUT)" in message
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) == 1 and f"http://127.0.0.1:{silent_port}" in retries[0], retries
 
@@ -193,3 +195,29 @@ def test_adoption_does_not_retry_a_store_botocore_could_not_reach_and_still_retr
         return b"tar"
 
     assert transient.retrying(read) == b"tar" and slept == [1.0]
+
+
+def test_the_timeouts_are_the_users_where_set_and_ours_where_not(monkeypatch, fresh_clients):
+    """botocore has no variable for its read timeout: a store far away or slow to send a first byte needed more
+    than our 60 s and had no way to say so. MIXMAE_S3_READ_TIMEOUT and MIXMAE_S3_CONNECT_TIMEOUT are read where
+    the client is made, in every process that makes one."""
+    monkeypatch.delenv("MIXMAE_S3_READ_TIMEOUT", raising=False)
+    monkeypatch.delenv("MIXMAE_S3_CONNECT_TIMEOUT", raising=False)
+    config = storage._client().meta.config
+    assert (config.connect_timeout, config.read_timeout) == (storage.CONNECT_TIMEOUT_S, storage.READ_TIMEOUT_S)
+    storage._CLIENTS.clear()
+    monkeypatch.setenv("MIXMAE_S3_READ_TIMEOUT", "300")
+    monkeypatch.setenv("MIXMAE_S3_CONNECT_TIMEOUT", "2.5")
+    config = storage._client().meta.config
+    assert (config.connect_timeout, config.read_timeout) == (2.5, 300)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan", ""])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_naming_the_variable_and_the_value(
+        monkeypatch, fresh_clients, value):
+    monkeypatch.setenv("MIXMAE_S3_READ_TIMEOUT", value)
+    monkeypatch.delenv("MIXMAE_S3_CONNECT_TIMEOUT", raising=False)
+    with pytest.raises(storage.StorageError, match=(
+            rf"^MIXMAE_S3_READ_TIMEOUT={value!r}: not a positive number of seconds \(the object store's read "
+            r"timeout; unset, 60 s\)$")):
+        storage._client()

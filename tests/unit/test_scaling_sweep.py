@@ -221,7 +221,7 @@ def test_runs_start_by_budget_then_longest_first_and_one_that_cannot_be_read_bac
 
     monkeypatch.setattr(sweep_run, "folder_row", row)
     messages: list[str] = []
-    with pytest.raises(SweepError, match=r"1 run\(s\) failed \(w12-C4e\+10-seed0: its run folder cannot be read;"):
+    with pytest.raises(SweepError, match=r"1 run failed \(w12-C4e\+10-seed0: its run folder cannot be read;"):
         run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     study = stub_runs[1:]  # after the lr sweep's one run
     order = [(planned[run_id].budget, -estimated_seconds(planned[run_id])) for run_id in study]
@@ -255,7 +255,7 @@ def test_a_run_whose_worker_was_killed_by_a_signal_is_reported_by_the_signals_na
 
     monkeypatch.setattr(sweep_run, "worker", worker)
     messages: list[str] = []
-    with pytest.raises(SweepError, match=re.escape("1 run(s) failed (w12-C4e+10-seed0: killed by SIGKILL;")):
+    with pytest.raises(SweepError, match=re.escape("1 run failed (w12-C4e+10-seed0: killed by SIGKILL;")):
         run_sweep(spec, tmp_path / "out", log=messages.append, parallel=1)
     assert any(m.startswith("[") and "w12-C4e+10-seed0: failed (killed by SIGKILL):\nstep 3" in m for m in messages)
     assert "1 failed (w12-C4e+10-seed0: killed by SIGKILL)," in messages[-1]
@@ -608,9 +608,9 @@ def test_a_data_fraction_is_recorded_as_read_and_one_whole_shards_miss_is_refuse
     text = ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
     spec_path.write_text(text.replace("data_fractions: [1.0]", "data_fractions: [0.1]"))
     with pytest.raises(ConfigError, match=re.escape(
-            f"{spec_path}: data_fractions 0.1 of {demo_shards} ('train': 5 shards, 300 samples) is 1 whole shard(s), "
+            f"{spec_path}: data_fractions 0.1 of {demo_shards} ('train': 5 shards, 300 samples) is 1 whole shard, "
             "64 samples: 0.213 of the set, 2.13x the fraction (more than 10% off). Whole shards give 0.213 (1 "
-            "shard(s)), 0.427 (2 shard(s)), 0.64 (3 shard(s)): give one of those")):
+            "shard), 0.427 (2 shards), 0.64 (3 shards): give one of those")):
         run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda m: None, parallel=1)
     assert stub_runs == []
     spec_path.write_text(text.replace("data_fractions: [1.0]", "data_fractions: [0.6]"))
@@ -801,7 +801,7 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     messages: list[str] = []
     run_sweep(load_spec(spec_path), out, log=messages.append, parallel=1)
     dropped = ["w12-C8e+10-seed0", "w16-C8e+10-seed0", "w8-C8e+10-seed0"]
-    assert any(m.startswith("3 recorded run(s) are not in the spec's plan now (" + ", ".join(dropped) + ")")
+    assert any(m.startswith("3 recorded runs are not in the spec's plan now (" + ", ".join(dropped) + ")")
                for m in messages)
     rows = read_results(out / "results.jsonl")
     assert len(rows) == 9 and len(stub_runs) == 10  # nothing ran again; the rows stay in the file

@@ -223,7 +223,7 @@ def test_eval_on_a_folder_of_jpegs_points_to_shards_folder(weights, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     _jpegs(tmp_path / "photos", 4)
     line = one_error_line(capfd, main(["eval", "--init", str(weights / "head3.safetensors"), "--data", "photos/"]))
-    assert "is a folder of 4 image(s); convert it first: `mixmae shards folder --src photos --out photos-shards`" \
+    assert "is a folder of 4 images; convert it first: `mixmae shards folder --src photos --out photos-shards`" \
         in line and "--data photos-shards" in line
 
 

@@ -1,10 +1,10 @@
 """`mixmae shards verify --workers N` reads tars in parallel (the builder's bounded pool) and still prints one report:
 the same lines, counts, order and exit code as one worker, on a real set with damaged tars, local and in a bucket.
 
-The command runs in a process of its own, as a user runs it: its pool forks, and a fork of the test process copies
-the moto server's thread (tests/conftest.py serves it in this process) mid-request: a CI run's forked worker once
-died by a segmentation fault while garbage-collecting, a hazard of the test's process that a user's command has
-not."""
+The command runs in a process of its own, as a user runs it. When the pool forked, a fork of the test process copied
+the moto server's thread (tests/conftest.py serves it in this process) mid-request, and a CI run's forked worker
+died by a segmentation fault; the pool now spawns its workers (tests/unit/test_pool_start.py), and a process of
+its own still keeps the test's threads out of the command's."""
 
 from __future__ import annotations
 

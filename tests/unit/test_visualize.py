@@ -104,7 +104,7 @@ def test_runs_plot_draws_a_fine_tuning_runs_evaluations_in_an_eval_top1_panel(tm
     assert "eval top-1 (%)" not in alone["panels"] and not any("eval" in why for why in alone["left_out"])
     assert main(["runs", "plot", finetune, pretrain, "--out", str(tmp_path / "both.png")]) == 0
     line = capsys.readouterr().out.strip()
-    assert line == (f"wrote {tmp_path / 'both.png'}: 2 run(s) against step; panels: training loss, learning rate, "
+    assert line == (f"wrote {tmp_path / 'both.png'}: 2 runs against step; panels: training loss, learning rate, "
                     "images/s, eval top-1 (%); left out (no run logged it): MFU (needs a device peak: "
                     "logging.peak_tflops, or a known GPU)")
     with Image.open(tmp_path / "both.png") as image:
