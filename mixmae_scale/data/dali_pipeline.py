@@ -24,7 +24,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from mixmae_scale.data.sample_ids import sample_id
-from mixmae_scale.data.shard_reader import RawBatch
+from mixmae_scale.data.shard_reader import DECODER_PREFETCH, RawBatch
 from mixmae_scale.data.spec import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec, eval_resize
 
 
@@ -127,7 +127,7 @@ def build_pipeline(spec: PipelineSpec, next_batch: Callable[[], RawBatch], check
 
     def built(state: bytes | None) -> Pipeline:
         pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
-                     seed=spec.seed, prefetch_queue_depth=2, checkpoint=state)
+                     seed=spec.seed, prefetch_queue_depth=DECODER_PREFETCH, checkpoint=state)
         pipe.build()
         return pipe
 

@@ -32,7 +32,7 @@ from mixmae_scale.data.crop_params import sample_augmentation
 from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.sample_ids import Coverage, sample_id, split_coverage
-from mixmae_scale.data.shard_reader import RankStream, RawBatch, RawSample, ordered_samples
+from mixmae_scale.data.shard_reader import DECODER_PREFETCH, RankStream, RawBatch, RawSample, ordered_samples
 from mixmae_scale.data.shard_sets import Layout, ShardMixture, WeightedSet
 from mixmae_scale.data.spec import MASK_IGNORE, PipelineSpec
 
@@ -133,7 +133,10 @@ def mixture_digest(mixture: ShardMixture) -> str:
 
 class ShardLoader:
     def __init__(self, shards: str | ShardMixture, split: str, spec: PipelineSpec, backend: str = "dali",
-                 workers: int = 2) -> None:
+                 workers: int = 2, batches: int | None = None) -> None:
+        """`batches`: the micro-batches the caller will take at most, where it knows (the held-out loss): the reader
+        then stops after the window that holds them (and the decoder's prefetch) instead of reading two windows
+        ahead, which on a split smaller than a window was two more passes over it, each a GET per tar."""
         if backend not in ("dali", "torch"):
             raise DataError(f"data.loader must be 'dali' or 'torch', got {backend!r}")
         self.mixture = as_mixture(shards, split)
@@ -144,7 +147,7 @@ class ShardLoader:
         unbounded = spec.with_masks and any(not entry.shards.mask_classes for entry in self.mixture.sets)
         self._mask_label_limit = spec.mask_classes if unbounded else 0
         self._digest = mixture_digest(self.mixture)
-        self.spec, self.backend, self.workers = spec, backend, workers
+        self.spec, self.backend, self.workers, self.batches_wanted = spec, backend, workers, batches
         self.window = max(spec.shuffle_buffer, 1)
         self.layout = Layout.whole_epoch(0, self.mixture.visits(spec.order_seed, 0).samples, spec.num_shards,
                                          spec.batch_size)
@@ -235,9 +238,10 @@ class ShardLoader:
         return batch
 
     def _training_batches(self) -> Iterator[Batch]:
+        limit = None if self.batches_wanted is None else self.batches_wanted + DECODER_PREFETCH
         self._stream = RankStream(self.mixture, self.spec.shard_id, self.layout, self.batch_in_epoch,
                                   self.spec.order_seed, self.window, self._augment, self.spec.with_meta,
-                                  with_masks=self.spec.with_masks)
+                                  with_masks=self.spec.with_masks, limit=limit)
         if self.backend == "torch":
             from mixmae_scale.data.torch_pipeline import TorchDecoder
 

@@ -101,6 +101,8 @@ def spec_for(config: Config, role: Role, batch: int, place: LoaderPlace = Loader
                         if ft.rand_augment_ops > 0 else None)
 
 
-def open_loader(config: Config, shards: str | ShardMixture, split: str, spec: PipelineSpec) -> ShardLoader:
-    """A loader on the configured backend (DALI or the PyTorch fallback)."""
-    return ShardLoader(shards, split, spec, config.data.loader, config.data.num_threads)
+def open_loader(config: Config, shards: str | ShardMixture, split: str, spec: PipelineSpec,
+                batches: int | None = None) -> ShardLoader:
+    """A loader on the configured backend (DALI or the PyTorch fallback); `batches`: the most it will be asked for,
+    where the caller knows (ShardLoader)."""
+    return ShardLoader(shards, split, spec, config.data.loader, config.data.num_threads, batches)

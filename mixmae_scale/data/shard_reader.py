@@ -29,6 +29,8 @@ from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits
 from mixmae_scale.seeds import stream_seed
 
 INDEX_CACHE = 16
+_END = object()  # the fetch thread's last item where the stream has a limit
+DECODER_PREFETCH = 2  # batches DALI's pipeline asks for ahead of the one it runs (its prefetch_queue_depth)
 OPEN_STREAMS = 4  # byte-range reads kept open between windows (one per shard the rank's run is inside)
 
 
@@ -200,10 +202,14 @@ class RankStream:
 
     def __init__(self, mixture: ShardMixture, rank: int, layout: Layout, start_batch: int, seed: int, window: int,
                  augment: Callable[[RawSample], None] | None, with_meta: bool = False, depth: int = 4,
-                 with_masks: bool = False) -> None:
+                 with_masks: bool = False, limit: int | None = None) -> None:
         self.source = SampleSource(mixture, with_meta, with_masks)
         self.mixture, self.rank, self.seed, self.window = mixture, rank, seed, max(int(window), 1)
         self.augment = augment
+        # `limit`: the micro-batches the caller will take at most (the held-out loss: a few). The fetch thread stops
+        # after the window that holds the last of them instead of reading two windows ahead, epoch after epoch; a
+        # batch asked for past them is an error, not a wait.
+        self.limit = limit
         self._windows: queue.Queue = queue.Queue(maxsize=1)
         self._batches: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -238,6 +244,9 @@ class RankStream:
             self.source.close()
 
     def _fetch_windows(self, layout: Layout, start_batch: int) -> None:
+        # samples still to fetch, where the caller said how many micro-batches it takes (an epoch's run is whole
+        # micro-batches, so the count carries across epochs)
+        wanted = None if self.limit is None else self.limit * layout.micro
         while not self._stop.is_set():
             visits = self.mixture.visits(self.seed, layout.epoch)
             run = layout.batches * layout.micro
@@ -252,6 +261,11 @@ class RankStream:
                 skip = max(first - window_start, 0)
                 if not self._put(self._windows, (layout, window_start, samples[skip:], skip)):
                     return
+                if wanted is not None:
+                    wanted -= stop - max(first, window_start)
+                    if wanted <= 0:
+                        self._put(self._windows, _END)
+                        return
             layout = Layout.whole_epoch(layout.epoch + 1, self.mixture.visits(self.seed, layout.epoch + 1).samples,
                                         layout.world, layout.micro)
             start_batch = 0
@@ -265,6 +279,10 @@ class RankStream:
                 continue
             if isinstance(item, BaseException):
                 raise item
+            if item is _END:
+                self._put(self._batches, DataError(f"the shard reader was opened for {self.limit} micro-batch(es) "
+                                                   "and asked for more"))
+                return
             layout, window_start, samples, skip = item
             micro = layout.micro
             position = window_start + skip

@@ -10,6 +10,7 @@ sweep refuses such a run when it reads it (scaling/run.py).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,10 @@ def heldout_loss(engine, config: Config, heldout: HeldOut, device: torch.device,
     if heldout.images is None:
         return HeldOutLoss(None, 0, heldout.none_because)
     spec = spec_for(config, "heldout", config.batch.micro, engine_dtype=dtype)
-    loader = open_loader(config, heldout.mixture, config.data.val_split, spec)
+    # It reads only the windows its batches need: reading ahead (two windows, epoch after epoch on a split smaller
+    # than a window) read a 160-image validation split three times per rank at each score
+    # (benchmarks/object_storage_resume.py).
+    loader = open_loader(config, heldout.mixture, config.data.val_split, spec, config.logging.heldout_batches)
     # Closed however it ends: its reader threads hold the loader, so garbage collection never frees an abandoned one
     # (two readers and pipelines left running per run, more in an in-process sweep).
     try:
@@ -64,9 +68,7 @@ def heldout_loss(engine, config: Config, heldout: HeldOut, device: torch.device,
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if i >= config.logging.heldout_batches:
-                    break
+            for i, batch in enumerate(itertools.islice(loader, config.logging.heldout_batches)):
                 generator = torch.Generator().manual_seed(stream_seed(config.run.seed, 999, i, bits=63))
                 mask = model.sample_mask(generator, device)
                 with autocast(device, dtype):

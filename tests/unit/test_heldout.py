@@ -339,3 +339,71 @@ def test_a_missing_validation_split_names_the_way_to_add_one_wherever_it_is_aske
     with pytest.raises(DataError, match=r"no split 'val'; it has \['train'\]; adopt a validation split into the set "
                                          r"\(`mixmae shards adopt SRC --out .*adopted --split val`\)"):
         load_split(str(adopted), "val")
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_the_heldout_loss_reads_only_the_window_its_batches_need(tmp_path, monkeypatch, backend):
+    """Its loader read two windows ahead, epoch after epoch on a split smaller than a window, until the score closed
+    it: one held-out batch of 16 read a 160-image validation split three times per rank, a GET per tar each time,
+    at the start and the end of every launch (benchmarks/object_storage_resume.py). It now stops after the window
+    that holds its batches and the decoder's prefetch: here one batch of one image, the split's one window."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from mixmae_scale.data import storage
+    from mixmae_scale.data.heldout import HeldOut
+    from mixmae_scale.pretrain.heldout_loss import heldout_loss
+
+    folder = write_set(tmp_path / "set", with_val=True)  # val: one tar of 4 samples
+    heldout = HeldOut(load_split(folder, "val"), 0, 0)
+    ranges = []
+    open_range = storage.open_range
+
+    def counted(url, start, end):
+        ranges.append((Path(url).name, start, end))
+        return open_range(url, start, end)
+
+    monkeypatch.setattr(storage, "open_range", counted)
+
+    class Model(torch.nn.Module):
+        def sample_mask(self, generator, device):
+            return None
+
+    def engine(images, mask):
+        time.sleep(0.5)  # a forward's time: the reader runs ahead meanwhile
+        return SimpleNamespace(loss=torch.tensor(0.25))
+
+    engine.module = Model()
+    config = SimpleNamespace(batch=SimpleNamespace(micro=1), logging=SimpleNamespace(heldout_batches=1),
+                             data=SimpleNamespace(val_split="val", loader=backend, num_threads=1,
+                                                  exif_orientation=False),
+                             model=SimpleNamespace(img_size=32), run=SimpleNamespace(seed=0))
+    result = heldout_loss(engine, config, heldout, torch.device("cpu"), "fp32")
+    assert (result.loss, result.images) == (0.25, 1)
+    assert [name for name, _, _ in ranges] == ["val-000.tar"], ranges
+
+
+def test_a_loader_opened_for_some_batches_says_so_when_asked_for_more(tmp_path):
+    """The limit is the caller's promise: the reader hands out the window that holds the batches (and the decoder's
+    prefetch), whole; a batch past that window is an error naming the limit, never a wait on a reader that has
+    stopped."""
+    import itertools
+
+    from mixmae_scale.data.loader import ShardLoader
+    from mixmae_scale.data.shard_reader import DECODER_PREFETCH
+    from mixmae_scale.data.spec import PipelineSpec
+
+    folder = write_set(tmp_path / "set")  # 24 train samples
+    spec = PipelineSpec(mode="eval", img_size=32, batch_size=2, num_threads=1, with_labels=False)
+    loader = ShardLoader(str(folder), "train", spec, "torch", workers=1, batches=1)
+    try:
+        stream = iter(loader)  # one window: the epoch's 12 batches (the window, 4096 samples, is larger)
+        assert loader.layout.batches == 12 and DECODER_PREFETCH == 2
+        assert len(list(itertools.islice(stream, 12))) == 12
+        assert list(stream) == []  # the epoch ends
+        with pytest.raises(DataError, match="opened for 3 micro-batch"):
+            next(iter(loader))  # the next epoch's first batch
+    finally:
+        loader.close()
