@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixmae_scale.data import storage
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.labels import parse_cls
 from mixmae_scale.data.shard_index import TAR_HEADER, ShardIndex, read_index, tar_header_holds
 from mixmae_scale.data.shard_sets import Interval, Layout, ShardMixture, Visits
@@ -280,8 +280,8 @@ class RankStream:
             if isinstance(item, BaseException):
                 raise item
             if item is _END:
-                self._put(self._batches, DataError(f"the shard reader was opened for {self.limit} micro-batch(es) "
-                                                   "and asked for more"))
+                opened = plural(self.limit, "micro-batch", "micro-batches")
+                self._put(self._batches, DataError(f"the shard reader was opened for {opened} and asked for more"))
                 return
             layout, window_start, samples, skip = item
             micro = layout.micro
