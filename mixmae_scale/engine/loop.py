@@ -145,7 +145,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         log.warning("%s", note)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
-    plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume)
+    plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume, data=train_data)
     if plan is not None and plan.finishes_by(last_step):
         raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
     branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
@@ -201,7 +201,8 @@ class TrainingLoop:
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
-                                         self.config.run.seed, recipe.as_record(ctx.resolved))
+                                         self.config.run.seed,
+                                         recipe.as_record(ctx.resolved, ctx.train_data))
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
