@@ -53,11 +53,12 @@ from mixmae_scale.engine.monitor import (
     device_peak_flops,
     drop_rows_after,
     format_eta,
+    logged_learning_rate,
     model_flops_utilization,
     peak_memory_mib,
     reset_peak_memory,
 )
-from mixmae_scale.engine.optimizer import last_step_learning_rate
+from mixmae_scale.engine.optimizer import last_step_learning_rate, scheduled_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
 from mixmae_scale.engine.rng import seed_generators
 from mixmae_scale.engine.step import (
@@ -257,6 +258,12 @@ class TrainingLoop:
         if self.ctx.rank == 0:
             drop_rows_after(self.ctx.root / "metrics.csv", self.step)
             self.job.truncate_logs(self.step)
+            note = recipe.schedule_note(plan.config_changes, self.step, logged_learning_rate(
+                self.ctx.root / "metrics.csv", self.step), scheduled_learning_rate(self.derived.learning_rate,
+                                                                                   self.scheduler),
+                self.derived.total_steps)
+            if note:
+                log.warning("%s", note)
 
     def save(self, at_step: int, directory: Path | None = None, keep: int | None = None) -> Path:
         """Collective: a checkpoint outside the checkpointer's schedule (fine-tuning's best one, in best/)."""

@@ -157,3 +157,23 @@ def test_a_moved_source_with_another_weight_and_a_tag_without_its_data_are_refus
     older = saved_run(tmp_path / "older", resolved("data.shards=/a"))  # saved before tags recorded their data
     with pytest.raises(store.ResumeError, match="saved before checkpoints recorded their data"):
         plan_with_data(older, resolved("data.shards=/b"), mixture("/b"))
+
+
+def test_a_resume_with_another_schedule_says_where_the_learning_rate_goes_on(tmp_path, gloo_of_one):
+    """A finished cosine run (2 epochs, lr 4.75e-6 at its last step 36) extended to 4 epochs: the new schedule applies
+    from step 37, 4.69e-4 there, 99x the lr the checkpoint ended at; the note named only `schedule.epochs 2 -> 4`.
+    (Values of the tiny profile's real run, 2 ranks.)"""
+    from mixmae_scale.engine.monitor import logged_learning_rate
+
+    ckpt_dir = saved_run(tmp_path, resolved("schedule.epochs=2"))
+    plan = plan_for(ckpt_dir, resolved("schedule.epochs=4"))
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss,lr\n35,0.65,1.88e-05\n36,0.66,4.747577e-06\n")
+    before = logged_learning_rate(metrics, 36)
+    assert before == pytest.approx(4.747577e-06) and logged_learning_rate(metrics, 37) is None
+    assert recipe.schedule_note(plan.config_changes, 36, before, 0.00046875, 72) == (
+        "the learning rate follows the new schedule from step 37 on: 4.75e-06 at step 36 under the checkpoint's, "
+        "0.000469 at step 37 of 72 (98.7x)")
+    assert recipe.schedule_note(("optim.base_learning_rate 0.01 -> 0.02",), 11, None, 6e-4, 90) == (
+        "the learning rate follows the new schedule from step 12 on: 0.0006 at step 12 of 90")
+    assert recipe.schedule_note(("logging.every_steps 1 -> 2",), 11, 3e-4, 3.4e-4, 90) is None

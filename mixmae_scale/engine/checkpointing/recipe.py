@@ -186,3 +186,27 @@ def as_record(resolved, data=None) -> dict[str, Any]:
     if data is not None:
         record[DATA] = data_identity(data)
     return record
+
+
+# What sets the learning rate of a step: a change of one of these moves the lr at the step a resume goes on from.
+SCHEDULE = ("schedule", "optim.base_learning_rate", "optim.width_lr_base")
+
+
+def schedule_note(changes: tuple[str, ...], step: int, before: float | None, after: float, total_steps: int
+                  ) -> str | None:
+    """What a resume with another schedule or learning rate does to the lr (None where neither changed): the new
+    schedule applies from the resumed step on, so extending a finished cosine (more epochs) goes on at the new
+    schedule's lr there, not from where the old one ended. `changes`: the plan's config_changes (`key old -> new`);
+    `before`: the lr the checkpoint's step ran at (its metrics.csv row; None where not logged); `after`: the next
+    step's under the new schedule."""
+    keys = [change.split(" ", 1)[0] for change in changes]
+    if not any(_under(key, SCHEDULE) for key in keys):
+        return None
+    was = f"{before:.3g} at step {step} under the checkpoint's, " if before is not None else ""
+    jump = ""
+    if before is not None and before > 0 and not 0.5 <= after / before <= 2:
+        jump = f" ({after / before:.3g}x)"
+    elif before == 0 and after > 0:
+        jump = " (from 0)"
+    return (f"the learning rate follows the new schedule from step {step + 1} on: {was}{after:.3g} at step "
+            f"{step + 1} of {total_steps}{jump}")
