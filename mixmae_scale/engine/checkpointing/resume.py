@@ -141,9 +141,17 @@ def choose_tag(ckpt_dir: Path, resume: str, policy: str) -> ResumePlan | None:
     if resume != "auto":
         return ResumePlan(_named_tag(ckpt_dir, resume, tags))
     intact, notes = _intact_newest_first(ckpt_dir, tags)
+    unsealed = [t for t in store.unsealed_tags(ckpt_dir)
+                if not intact or store.tag_order(t) > store.tag_order(intact[0])]
+    if unsealed and not intact:
+        raise store.ResumeError(f"no complete checkpoint to resume: {store.unsealed_note(ckpt_dir, unsealed)}; copy "
+                                "the run folder again whole, or move them aside (or set checkpoint.resume=none) to "
+                                "start over")
     if not intact:
         return None
     newest = intact[0]
+    if unsealed:
+        notes = [*notes, f"{store.unsealed_note(ckpt_dir, unsealed)}: resuming from {newest}, the newest complete one"]
     stop = StopRecord.of_tag(ckpt_dir, newest)
     if stop is None:
         return ResumePlan(newest, notes=tuple(notes))
