@@ -53,11 +53,12 @@ from mixmae_scale.engine.monitor import (
     device_peak_flops,
     drop_rows_after,
     format_eta,
+    logged_learning_rate,
     model_flops_utilization,
     peak_memory_mib,
     reset_peak_memory,
 )
-from mixmae_scale.engine.optimizer import last_step_learning_rate
+from mixmae_scale.engine.optimizer import last_step_learning_rate, scheduled_learning_rate
 from mixmae_scale.engine.preemption import StopFlag, report_stop
 from mixmae_scale.engine.rng import seed_generators
 from mixmae_scale.engine.step import (
@@ -145,7 +146,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         log.warning("%s", note)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
-    plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume)
+    plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume, data=train_data)
     if plan is not None and plan.finishes_by(last_step):
         raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
     branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
@@ -201,7 +202,8 @@ class TrainingLoop:
         self.step = 0
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
-                                         self.config.run.seed, recipe.as_record(ctx.resolved))
+                                         self.config.run.seed,
+                                         recipe.as_record(ctx.resolved, ctx.train_data))
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
@@ -256,6 +258,12 @@ class TrainingLoop:
         if self.ctx.rank == 0:
             drop_rows_after(self.ctx.root / "metrics.csv", self.step)
             self.job.truncate_logs(self.step)
+            note = recipe.schedule_note(plan.config_changes, self.step, logged_learning_rate(
+                self.ctx.root / "metrics.csv", self.step), scheduled_learning_rate(self.derived.learning_rate,
+                                                                                   self.scheduler),
+                self.derived.total_steps)
+            if note:
+                log.warning("%s", note)
 
     def save(self, at_step: int, directory: Path | None = None, keep: int | None = None) -> Path:
         """Collective: a checkpoint outside the checkpointer's schedule (fine-tuning's best one, in best/)."""

@@ -112,6 +112,17 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def logged_learning_rate(path: Path, step: int) -> float | None:
+    """The lr a metrics CSV logged at `step`; None where that step has no row (logged every N steps) or no file."""
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get("step") == str(step) and row.get("lr"):
+                return float(row["lr"])
+    return None
+
+
 def drop_rows_after(path: Path, step: int) -> int:
     """Resume after a crash: keep the rows of steps up to `step` in a metrics CSV (column `step`) or a
     JSON-lines log (key `step`), so that the steps replayed after the checkpoint are not logged twice.

@@ -64,8 +64,10 @@ def refusal(root: Path, resume: str, overwrite: bool) -> str | None:
         return (f"{root} holds checkpoints of an earlier run (newest {tags[-1]}); checkpoint.resume=none would start "
                 f"another run over them: {way_out(root)}")
     if not tags and (root / "summary.json").exists():
-        return (f"{root} holds a finished run (summary.json) with no checkpoint to resume: starting again there would "
-                f"overwrite it; {way_out(root)}")
+        unsealed = store.unsealed_tags(root / "checkpoints")
+        why = f" ({store.unsealed_note(root / 'checkpoints', unsealed)})" if unsealed else ""
+        return (f"{root} holds a finished run (summary.json) with no checkpoint to resume{why}: starting again there "
+                f"would overwrite it; {way_out(root)}")
     return None
 
 

@@ -69,14 +69,17 @@ def assert_carried_over_exactly(checkpoints: Path, step: int, parameters: int = 
 
 
 def test_zero2_resumes_on_one_rank_then_on_two_at_zero1(uninterrupted, demo_shards, tmp_path):
+    """On one rank where the shards are mounted at another path (a move, noted: the same shards), then on two."""
     run = tmp_path / "zero2"
     shutil.copytree(uninterrupted, run)
     for later in ("step00000008", "step00000012"):
         shutil.rmtree(run / "checkpoints" / later)  # as if the run had been stopped after step 4
-    one = launch_on(1, run, demo_shards, *COMMON, "zero.stage=2", "checkpoint.save_after_layout_change=true",
-                    max_steps=8)
+    moved = shutil.copytree(demo_shards, tmp_path / "other-mount" / "shards")  # the next cluster mounts them here
+    one = launch_on(1, run, moved, *COMMON, "zero.stage=2", "checkpoint.save_after_layout_change=true", max_steps=8)
     text = one.stdout + one.stderr
     assert "across a change of layout (world size 2 -> 1)" in text and "resumed from" in text, text[-3000:]
+    assert f'data.shards "{demo_shards}" -> "{moved}" (the same shards, by name, size and sample count, at another ' \
+           "location)" in text
     assert "epoch 0 continues on 1 rank(s) x 8 (was 2 x 8)" in text
     config = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
     assert (config["derived"]["micro_batch"], config["derived"]["accumulation"]) == (8, 2)

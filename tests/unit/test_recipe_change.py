@@ -29,14 +29,15 @@ class WritingEngine:
         (store.Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 64)
 
 
-def saved_run(tmp_path, first):
-    """A run folder with one tag saved by the real store with `first`'s recipe, as the trainer saves it."""
+def saved_run(tmp_path, first, data=None):
+    """A run folder with one tag saved by the real store with `first`'s recipe, as the trainer saves it (`data`: the
+    training data it read, recorded with the recipe as the loop records it)."""
     ckpt_dir = tmp_path / "run" / "checkpoints"
     identity = RunIdentity.of(first, LAYOUT)
     rank_state = {"loader": {"epoch": 0, "batches_consumed": 4}, "rng": {}, "model_digest": identity.model_digest,
                   "model_shape": identity.model_shape, "optimizer_layout": LAYOUT,
                   "global_batch": identity.global_batch, "init": identity.init}
-    request = store.SaveRequest(4, recipe=recipe.as_record(first))
+    request = store.SaveRequest(4, recipe=recipe.as_record(first, data))
     store.save(WritingEngine(), ckpt_dir, request, {"step": 4}, rank_state)
     return ckpt_dir
 
@@ -108,3 +109,71 @@ def test_per_start_keys_and_derived_values_are_not_compared_and_older_tags_fall_
     (tmp_path / "checkpoints" / "step00000004").mkdir(parents=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert recipe.saved_recipe(tmp_path / "checkpoints", "step00000004") == saved
+
+
+def mixture(location: str, bytes_per_shard: tuple[int, ...] = (1000, 700), weight: float = 1.0):
+    """The training data as the loop reads it: one set of two shards at `location` (no files are read)."""
+    from mixmae_scale.data.manifest import SplitShards
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    shards = SplitShards("train", location, location, ("train-000000.tar", "train-000001.tar"),
+                         ("train-000000.idx", "train-000001.idx"), (64, 36), bytes_per_shard, 100, True, 10)
+    return ShardMixture([WeightedSet(shards, weight, location)])
+
+
+def plan_with_data(ckpt_dir, now, data):
+    return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now, data),
+                         allow_recipe_change=now.config.checkpoint.allow_recipe_change)
+
+
+def test_the_same_shards_at_another_location_resume_with_a_note_and_other_shards_there_are_refused(tmp_path,
+                                                                                                    gloo_of_one):
+    """A run moved to another cluster, where the shards are mounted elsewhere: data.shards names another folder,
+    the shards in it are the checkpoint's (same names, sizes and sample counts). It was refused as 'would change
+    what the loss means', and the way out offered (the checkpoint's path) does not exist on the new machine."""
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/old/mount/shards"), mixture("/old/mount/shards"))
+    now = resolved("data.shards=/new/mount/shards")
+    plan = plan_with_data(ckpt_dir, now, mixture("/new/mount/shards"))
+    assert plan.tag == "step00000004"
+    assert plan.config_changes == ('data.shards "/old/mount/shards" -> "/new/mount/shards" (the same shards, by '
+                                   'name, size and sample count, at another location)',)
+    assert "with a changed configuration: data.shards" in plan.notes[0] and "allow_recipe_change" not in plan.notes[0]
+    with pytest.raises(store.ResumeError) as refused:  # other shards at the new place: one of them re-encoded
+        plan_with_data(ckpt_dir, now, mixture("/new/mount/shards", bytes_per_shard=(1000, 701)))
+    assert "not the checkpoint's shards; their names, sizes, sample counts or weights differ" in str(refused.value)
+    assert 'data.shards "/old/mount/shards" -> "/new/mount/shards" would change' in str(refused.value)
+
+
+def test_a_moved_source_with_another_weight_and_a_tag_without_its_data_are_refused(tmp_path, gloo_of_one):
+    def sources(location, weight):
+        return f"data.sources=[{{shards: {location}, weight: {weight}}}]"
+
+    ckpt_dir = saved_run(tmp_path, resolved(sources("/a", 1.0)), mixture("/a"))
+    plan = plan_with_data(ckpt_dir, resolved(sources("/b", 1.0)), mixture("/b"))
+    assert len(plan.config_changes) == 1 and "at another location" in plan.config_changes[0]
+    with pytest.raises(store.ResumeError, match="data.sources"):  # the same shards, read in another proportion
+        plan_with_data(ckpt_dir, resolved(sources("/b", 2.0)), mixture("/b", weight=2.0))
+    older = saved_run(tmp_path / "older", resolved("data.shards=/a"))  # saved before tags recorded their data
+    with pytest.raises(store.ResumeError, match="saved before checkpoints recorded their data"):
+        plan_with_data(older, resolved("data.shards=/b"), mixture("/b"))
+
+
+def test_a_resume_with_another_schedule_says_where_the_learning_rate_goes_on(tmp_path, gloo_of_one):
+    """A finished cosine run (2 epochs, lr 4.75e-6 at its last step 36) extended to 4 epochs: the new schedule applies
+    from step 37, 4.69e-4 there, 99x the lr the checkpoint ended at; the note named only `schedule.epochs 2 -> 4`.
+    (Values of the tiny profile's real run, 2 ranks.)"""
+    from mixmae_scale.engine.monitor import logged_learning_rate
+
+    ckpt_dir = saved_run(tmp_path, resolved("schedule.epochs=2"))
+    plan = plan_for(ckpt_dir, resolved("schedule.epochs=4"))
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss,lr\n35,0.65,1.88e-05\n36,0.66,4.747577e-06\n")
+    before = logged_learning_rate(metrics, 36)
+    assert before == pytest.approx(4.747577e-06) and logged_learning_rate(metrics, 37) is None
+    assert recipe.schedule_note(plan.config_changes, 36, before, 0.00046875, 72) == (
+        "the learning rate follows the new schedule from step 37 on: 4.75e-06 at step 36 under the checkpoint's, "
+        "0.000469 at step 37 of 72 (98.7x)")
+    assert recipe.schedule_note(("optim.base_learning_rate 0.01 -> 0.02",), 11, None, 6e-4, 90) == (
+        "the learning rate follows the new schedule from step 12 on: 0.0006 at step 12 of 90")
+    assert recipe.schedule_note(("logging.every_steps 1 -> 2",), 11, 3e-4, 3.4e-4, 90) is None

@@ -63,6 +63,25 @@ def test_a_checkpoint_cut_short_after_it_was_sealed_falls_back_to_the_one_before
     assert "model_states.pt is missing" in ckpt.damage(newest)
 
 
+def test_a_tag_folder_without_its_marker_is_named_when_passed_over_and_alone_is_not_a_fresh_start(tmp_path):
+    """A folder named as a checkpoint but never sealed (this tool seals `.partial` folders, so: a copy of the run
+    folder cut short or made without the markers) was passed over in silence: the run went back to an older tag
+    without a word, and with no sealed tag left it started again from step 0."""
+    make_tag(tmp_path, "step00000004")
+    copied = make_tag(tmp_path, "step00000008")
+    (copied / ckpt.MARKER).unlink()
+    (make_tag(tmp_path, "step00000002") / ckpt.MARKER).unlink()  # older than the one resumed: nothing lost
+    choice = choose_tag(tmp_path, "auto", "rollback")
+    assert choice.tag == "step00000004" and len(choice.notes) == 1
+    assert choice.notes[0].startswith(f"step00000008 in {tmp_path.resolve()} has no COMPLETE marker")
+    assert choice.notes[0].endswith("not read as a checkpoint: resuming from step00000004, the newest complete one")
+    (tmp_path / "step00000004" / ckpt.MARKER).unlink()
+    with pytest.raises(ckpt.ResumeError, match=r"no complete checkpoint to resume: step00000002, step00000004, "
+                                               r"step00000008 in .* have no COMPLETE marker .*checkpoint.resume=none"):
+        choose_tag(tmp_path, "auto", "rollback")
+    assert choose_tag(tmp_path, "none", "rollback") is None
+
+
 def test_every_checkpoint_damaged_is_an_error_that_says_how_to_start_over(tmp_path):
     for tag in ("step00000002", "step00000004"):
         (make_tag(tmp_path, tag) / "mp_rank_00_model_states.pt").write_bytes(b"")

@@ -42,6 +42,9 @@ def test_a_finished_run_without_checkpoints_is_refused_and_an_empty_or_new_folde
     (finished / "summary.json").write_text("{}")
     with pytest.raises(ResumeError, match="holds a finished run \\(summary.json\\) with no checkpoint to resume"):
         run_folder.prepare(finished, "auto", overwrite=False)
+    (finished / "checkpoints" / "step00000004").mkdir(parents=True)  # copied without its COMPLETE marker
+    with pytest.raises(ResumeError, match="no checkpoint to resume \\(step00000004 in .* has no COMPLETE marker"):
+        run_folder.prepare(finished, "auto", overwrite=False)
     (tmp_path / "empty").mkdir()
     assert run_folder.prepare(tmp_path / "empty", "none", overwrite=False) is None
     assert run_folder.prepare(tmp_path / "new", "auto", overwrite=False) is None

@@ -18,10 +18,17 @@ compares it with the one given now (`compare`):
 Keys that change per start by design (`checkpoint.resume`, the launch's `cluster.*`, the opt-in itself), the list of
 sources and the derived values (micro-batch and accumulation follow the world size; the layout is resume.py's) are
 not compared.
+
+Where the data is (`data.shards`, the `shards` of `data.sources`) is not what it is: a run moved to another cluster
+reads the same shards from another mount. Each tag also records what the training data is (`DATA`: a digest of every
+shard's name, size and sample count, and each set's split and weight, not where it lies), so a changed location
+whose shards are the same is noted, not refused; another set at the new location, or a tag saved before tags
+recorded their data, is refused as any change of the data read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +40,12 @@ from mixmae_scale.engine.checkpointing.store import RECIPE as RECORD  # in each 
 
 OPT_IN = "checkpoint.allow_recipe_change"
 
+DATA = "data_read"  # a record's digest of its training data wherever it lies (`data_identity`), beside the config
+# Where the data lies: a change of these alone, to the same shards (`DATA`), is a move, not other data.
+LOCATIONS = ("data.shards", "data.sources")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
-NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN)
+NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA)
 # How a block runs, not what it computes: the same loss at the same step.
 EXECUTION_ONLY = ("model.compile", "model.attention", "model.checkpoint_every")
 # What a loss value means at a step: the masking, the target, the model's regularisation, the images it sees.
@@ -78,20 +88,47 @@ class Change:
     key: str
     old: Any
     new: Any
+    moved: bool = False  # a location changed, to the same shards (`DATA`)
 
     @property
     def refused(self) -> bool:
-        return changes_the_loss(self.key)
+        return changes_the_loss(self.key) and not self.moved
 
     def __str__(self) -> str:
-        return f"{self.key} {_shown(self.old)} -> {_shown(self.new)}"
+        moved = " (the same shards, by name, size and sample count, at another location)" if self.moved else ""
+        return f"{self.key} {_shown(self.old)} -> {_shown(self.new)}{moved}"
+
+
+def data_identity(mixture) -> str:
+    """What the training data is, not where it lies (a data.shard_sets.ShardMixture, after any held-out tail is
+    taken out): each set's split and weight, and each shard's name (relative to its set), size, sample count and
+    first index line."""
+    sets = [[entry.weight, entry.shards.split, list(entry.shards.names), list(entry.shards.bytes_per_shard),
+             list(entry.shards.samples_per_shard), list(entry.shards.first_line)] for entry in mixture.sets]
+    return hashlib.sha256(json.dumps(sets).encode()).hexdigest()[:16]
+
+
+def _without_locations(sources: Any) -> Any:
+    if not isinstance(sources, list):
+        return sources
+    return [{k: v for k, v in s.items() if k != "shards"} if isinstance(s, dict) else s for s in sources]
+
+
+def _moved(key: str, old: Any, new: Any, same_data: bool) -> bool:
+    """A change of `key` from `old` to `new` only says where the same shards lie."""
+    if not same_data or key not in LOCATIONS:
+        return False
+    return key == "data.shards" or _shown(_without_locations(old)) == _shown(_without_locations(new))
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
-    """Every compared key whose value differs (a key one side lacks reads as null), in key order."""
+    """Every compared key whose value differs (a key one side lacks reads as null), in key order; a location's
+    change is `moved` where both records name the same training data."""
     old, new = flatten(saved), flatten(current)
+    same_data = saved.get(DATA) is not None and saved.get(DATA) == current.get(DATA)
     keys = sorted(k for k in old.keys() | new.keys() if not _under(k, NOT_COMPARED))
-    return [Change(k, old.get(k), new.get(k)) for k in keys if _shown(old.get(k)) != _shown(new.get(k))]
+    return [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data)) for k in keys
+            if _shown(old.get(k)) != _shown(new.get(k))]
 
 
 @dataclass(frozen=True)
@@ -112,9 +149,17 @@ def compare(saved: dict[str, Any] | None, current: dict[str, Any], allow: bool, 
     listed = "; ".join(map(str, changes))
     loss = [str(c) for c in changes if c.refused]
     if loss and not allow:
+        located = [c.key for c in changes if c.refused and c.key in LOCATIONS]
+        why = ""
+        if located and saved.get(DATA) is None:
+            why = (f" ({where} was saved before checkpoints recorded their data, so the same shards moved elsewhere "
+                   f"cannot be told from other ones)")
+        elif located:
+            why = (f" ({', '.join(located)}: not the checkpoint's shards; their names, sizes, sample counts or "
+                   "weights differ)")
         return Verdict(changes, refusal=(
             f"{where} was trained with another recipe: {'; '.join(loss)} would change what the loss means at the "
-            f"same step (all changes: {listed}); resume with the checkpoint's values (its {RECORD} records them), "
+            f"same step{why} (all changes: {listed}); resume with the checkpoint's values (its {RECORD} records them), "
             f"or set {OPT_IN}=true to go on with the new ones (noted in the log and run.json), or, for another run, "
             f"{how}"))
     opted = f" ({OPT_IN}=true lets {', '.join(c.key for c in changes if c.refused)} change)" if loss else ""
@@ -134,6 +179,34 @@ def saved_recipe(ckpt_dir: Path, tag: str) -> dict[str, Any] | None:
     return None
 
 
-def as_record(resolved) -> dict[str, Any]:
-    """What a tag records: the resolved configuration (config.ResolvedConfig.to_dict), as YAML writes it."""
-    return yaml.safe_load(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+def as_record(resolved, data=None) -> dict[str, Any]:
+    """What a tag records: the resolved configuration (config.ResolvedConfig.to_dict), as YAML writes it, and, given
+    the training data read (`data`, a ShardMixture), its `data_identity` under `DATA`."""
+    record = yaml.safe_load(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    if data is not None:
+        record[DATA] = data_identity(data)
+    return record
+
+
+# What sets the learning rate of a step: a change of one of these moves the lr at the step a resume goes on from.
+SCHEDULE = ("schedule", "optim.base_learning_rate", "optim.width_lr_base")
+
+
+def schedule_note(changes: tuple[str, ...], step: int, before: float | None, after: float, total_steps: int
+                  ) -> str | None:
+    """What a resume with another schedule or learning rate does to the lr (None where neither changed): the new
+    schedule applies from the resumed step on, so extending a finished cosine (more epochs) goes on at the new
+    schedule's lr there, not from where the old one ended. `changes`: the plan's config_changes (`key old -> new`);
+    `before`: the lr the checkpoint's step ran at (its metrics.csv row; None where not logged); `after`: the next
+    step's under the new schedule."""
+    keys = [change.split(" ", 1)[0] for change in changes]
+    if not any(_under(key, SCHEDULE) for key in keys):
+        return None
+    was = f"{before:.3g} at step {step} under the checkpoint's, " if before is not None else ""
+    jump = ""
+    if before is not None and before > 0 and not 0.5 <= after / before <= 2:
+        jump = f" ({after / before:.3g}x)"
+    elif before == 0 and after > 0:
+        jump = " (from 0)"
+    return (f"the learning rate follows the new schedule from step {step + 1} on: {was}{after:.3g} at step "
+            f"{step + 1} of {total_steps}{jump}")

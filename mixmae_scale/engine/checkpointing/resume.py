@@ -88,17 +88,20 @@ Converter = Callable[[Path, str], Path]
 
 
 def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any], last_step: int | None = None,
-                convert: Converter = convert_to_universal, resume: str | None = None) -> ResumePlan | None:
+                convert: Converter = convert_to_universal, resume: str | None = None, data=None
+                ) -> ResumePlan | None:
     """Collective: rank 0 decides (and converts where needed), every rank gets the same plan or the same error.
     `last_step`: the run's last step; a checkpoint there is a finished run, reported without a conversion.
-    `resume`: the setting to act on, where the run folder changed it (run_folder.continuation)."""
+    `resume`: the setting to act on, where the run folder changed it (run_folder.continuation). `data`: the
+    training data read (a ShardMixture), which a checkpoint's data location may change to (recipe.py)."""
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         config = resolved.config
         try:
             outcome[0] = decide_resume(ckpt_dir, resume or config.checkpoint.resume, config.faults.on_nonfinite_stop,
                                        RunIdentity.of(resolved, layout), dist.get_world_size(), convert,
-                                       last_step, recipe.as_record(resolved), config.checkpoint.allow_recipe_change)
+                                       last_step, recipe.as_record(resolved, data),
+                                       config.checkpoint.allow_recipe_change)
         except (store.ResumeError, ConfigError) as exc:
             outcome[0] = exc
         except OSError as exc:  # a file the plan reads cannot be read: the same one-line end on every rank
@@ -138,9 +141,17 @@ def choose_tag(ckpt_dir: Path, resume: str, policy: str) -> ResumePlan | None:
     if resume != "auto":
         return ResumePlan(_named_tag(ckpt_dir, resume, tags))
     intact, notes = _intact_newest_first(ckpt_dir, tags)
+    unsealed = [t for t in store.unsealed_tags(ckpt_dir)
+                if not intact or store.tag_order(t) > store.tag_order(intact[0])]
+    if unsealed and not intact:
+        raise store.ResumeError(f"no complete checkpoint to resume: {store.unsealed_note(ckpt_dir, unsealed)}; copy "
+                                "the run folder again whole, or move them aside (or set checkpoint.resume=none) to "
+                                "start over")
     if not intact:
         return None
     newest = intact[0]
+    if unsealed:
+        notes = [*notes, f"{store.unsealed_note(ckpt_dir, unsealed)}: resuming from {newest}, the newest complete one"]
     stop = StopRecord.of_tag(ckpt_dir, newest)
     if stop is None:
         return ResumePlan(newest, notes=tuple(notes))

@@ -100,6 +100,22 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
                    and UNIVERSAL not in p.name and (p / MARKER).exists()), key=tag_order)
 
 
+def unsealed_tags(ckpt_dir: Path) -> list[str]:
+    """Folders named as checkpoints but without a `COMPLETE` marker, oldest first: never a save of this tool (it seals
+    a `.partial` folder, then renames it), but a copy of the run folder cut short or made without the markers. Not
+    read as checkpoints; a resume names them (`unsealed_note`)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if is_tag_name(p.name) and PARTIAL not in p.name
+                   and UNIVERSAL not in p.name and p.is_dir() and not (p / MARKER).exists()), key=tag_order)
+
+
+def unsealed_note(ckpt_dir: Path, tags: list[str]) -> str:
+    return (f"{', '.join(tags)} in {ckpt_dir.resolve()} {'have' if len(tags) > 1 else 'has'} no {MARKER} marker "
+            "(never sealed: a save this tool did not finish is a .partial folder, so a copy of the run folder cut "
+            "short or made without the markers): not read as a checkpoint")
+
+
 def marker(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / MARKER).read_text())
 
