@@ -127,7 +127,9 @@ def _client():
             session = boto3.session.Session(botocore_session=core)
             own = core.get_config_variable("max_attempts") is not None
             retries = {} if own else {"total_max_attempts": ATTEMPTS}
-            if core.get_config_variable("retry_mode", methods=("env", "config")) is None:
+            # Not get_config_variable("retry_mode", methods=("env", "config")): it still answers botocore's
+            # default ('standard') when neither sets one, so no client was ever adaptive.
+            if not (os.environ.get("AWS_RETRY_MODE") or core.get_scoped_config().get("retry_mode")):
                 retries["mode"] = "adaptive"
             client = session.client("s3", config=Config(retries=retries or None, connect_timeout=connect_s,
                                                         read_timeout=read_s))

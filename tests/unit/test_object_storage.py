@@ -221,3 +221,24 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused_naming_the_variable_
             rf"^MIXMAE_S3_READ_TIMEOUT={value!r}: not a positive number of seconds \(the object store's read "
             r"timeout; unset, 60 s\)$")):
         storage._client()
+
+
+@pytest.mark.parametrize(("env_mode", "file_mode", "expected"), [
+    (None, None, "adaptive"), ("standard", None, "standard"), (None, "legacy", "legacy")])
+def test_the_retry_mode_is_adaptive_unless_the_user_sets_one(monkeypatch, fresh_clients, tmp_path, env_mode,
+                                                             file_mode, expected):
+    """docs/data.md: retries unset are 8 attempts, `adaptive`; AWS_RETRY_MODE or the config file's retry_mode are
+    the user's. botocore's lookup with methods=("env", "config") still answers its default ('standard'), so the
+    user's setting cannot be told from none that way: the client was always 'standard'."""
+    config = tmp_path / "aws_config"
+    config.write_text("[default]\n" + (f"retry_mode = {file_mode}\n" if file_mode else ""))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if env_mode:
+        monkeypatch.setenv("AWS_RETRY_MODE", env_mode)
+    else:
+        monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    retries = storage._client().meta.config.retries
+    assert retries["mode"] == expected and retries["total_max_attempts"] == storage.ATTEMPTS
