@@ -205,12 +205,17 @@ def _endpoint_of(exc: Exception | None = None) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else (url or "AWS's default endpoint")
 
 
-def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> StorageError:
-    """One line for what boto3 raised: which URL, which endpoint it went to, what went wrong, what to set."""
+def _explain(exc: Exception, url: str, action: str, range_asked: str = "", body: bool = False) -> StorageError:
+    """One line for what boto3 raised: which URL, which endpoint it went to, what went wrong, what to set. `body`:
+    raised while a response's body streamed, which botocore does not retry (the store was reached, once)."""
     from botocore import exceptions as bx
 
     endpoint = _endpoint_of(exc)
-    if isinstance(exc, bx.NoCredentialsError):
+    streamed = body and isinstance(exc, bx.ConnectionError | bx.HTTPClientError)
+    if streamed:
+        why = (f"the connection to {endpoint} broke while the body streamed ({' '.join(str(exc).split())}); botocore "
+               "does not retry a body: try again")
+    elif isinstance(exc, bx.NoCredentialsError):
         why = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
     elif isinstance(exc, bx.ConnectionError | bx.HTTPClientError):
         bucket, host = split_url(url)[0], urlsplit(endpoint).hostname or ""
@@ -242,17 +247,18 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> St
             why = f"{code or status}: {exc}"
     else:
         why = f"{type(exc).__name__}: {exc}"
-    kind = StoreUnreachable if isinstance(exc, bx.ConnectionError | bx.HTTPClientError) else StorageError
+    unreachable = isinstance(exc, bx.ConnectionError | bx.HTTPClientError) and not streamed
+    kind = StoreUnreachable if unreachable else StorageError
     return kind(f"{url}: {action} failed: {why}")
 
 
-def _s3_call(url: str, action: str, call, range_asked: str = ""):
+def _s3_call(url: str, action: str, call, range_asked: str = "", body: bool = False):
     from botocore import exceptions as bx
 
     try:
         return call()
     except (bx.BotoCoreError, bx.ClientError) as exc:
-        raise _explain(exc, url, action, range_asked) from exc
+        raise _explain(exc, url, action, range_asked, body) from exc
 
 
 def exists(url: str | Path) -> bool:
@@ -282,7 +288,7 @@ def read_bytes(url: str | Path) -> bytes:
             raise StorageError(f"{Path(url).resolve()}: {exc.strerror or exc}") from exc
     bucket, key = split_url(str(url))
     body = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key)["Body"])
-    return _s3_call(str(url), "GET", body.read)
+    return _s3_call(str(url), "GET", body.read, body=True)
 
 
 def read_text(url: str | Path) -> str:

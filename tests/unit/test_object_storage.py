@@ -242,3 +242,29 @@ def test_the_retry_mode_is_adaptive_unless_the_user_sets_one(monkeypatch, fresh_
         monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     retries = storage._client().meta.config.retries
     assert retries["mode"] == expected and retries["total_max_attempts"] == storage.ATTEMPTS
+
+
+@pytest.mark.parametrize("error", ["streaming", "read_timeout"])
+def test_a_body_that_breaks_while_it_streams_is_not_said_unreachable(monkeypatch, fresh_clients, error):
+    """botocore retries a request, not the reading of its body: a connection dropped (or timed out) while the body
+    streams reached the store and was tried once. It was said as 'cannot reach ... after 8 attempt(s)' and raised
+    as StoreUnreachable, which `transient.retrying` does not retry."""
+    from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+
+    from mixmae_scale.shards import transient
+
+    broken = (ResponseStreamingError(error="Connection broken: IncompleteRead") if error == "streaming"
+              else ReadTimeoutError(endpoint_url="http://127.0.0.1:9/bucket/key"))
+
+    class Body:
+        def read(self):
+            raise broken
+
+    client = SimpleNamespace(get_object=lambda **_: {"Body": Body()},
+                             meta=SimpleNamespace(endpoint_url="http://127.0.0.1:9"))
+    monkeypatch.setitem(storage._CLIENTS, os.getpid(), client)
+    with pytest.raises(storage.StorageError) as raised:
+        storage.read_bytes("s3://bucket/key")
+    assert not isinstance(raised.value, storage.StoreUnreachable)
+    assert "cannot reach" not in str(raised.value) and "attempt" not in str(raised.value)
+    assert transient.is_transient(raised.value)
