@@ -361,3 +361,6 @@ def test_a_launch_reading_s3_refuses_a_store_timeout_every_rank_would_refuse(mon
     config = load_resolved("swin_b", None, ["data.shards=s3://bucket/set"]).config
     with pytest.raises(storage.StorageError, match=r"^MIXMAE_S3_READ_TIMEOUT='abc': not a positive number"):
         train_samples_for(config)
+    mixed = load_resolved("swin_b", None, ["data.sources=[{shards: s3://bucket/set}]"]).config  # data.shards local
+    with pytest.raises(storage.StorageError, match=r"^MIXMAE_S3_READ_TIMEOUT='abc'"):
+        train_samples_for(mixed)
