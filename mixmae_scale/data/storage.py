@@ -385,7 +385,20 @@ def upload(local: str | Path, url: str | Path) -> None:
         fsync_path(target.parent)
         return
     bucket, key = split_url(str(url))
-    _s3_call(str(url), "PUT", lambda: _client().upload_file(str(local), bucket, key))
+
+    def put() -> None:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore import exceptions as bx
+
+        try:
+            _client().upload_file(str(local), bucket, key)
+        except S3UploadFailedError as exc:  # boto3 wraps the store's refusal (a ClientError) in an error of its own
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, bx.BotoCoreError | bx.ClientError):
+                raise cause from None  # explained by _s3_call as any other request's
+            raise StorageError(f"{url}: PUT failed: {' '.join(str(exc).split())}") from exc
+
+    _s3_call(str(url), "PUT", put)
 
 
 def write_bytes(url: str | Path, data: bytes) -> None:

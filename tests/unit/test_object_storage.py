@@ -268,3 +268,14 @@ def test_a_body_that_breaks_while_it_streams_is_not_said_unreachable(monkeypatch
     assert not isinstance(raised.value, storage.StoreUnreachable)
     assert "cannot reach" not in str(raised.value) and "attempt" not in str(raised.value)
     assert transient.is_transient(raised.value)
+
+
+def test_an_upload_the_store_refuses_is_a_storage_error_naming_the_bucket(s3_server, fresh_clients, tmp_path):
+    """boto3's upload_file turns the store's refusal (a ClientError) into its own S3UploadFailedError, which is no
+    botocore error: it escaped `_s3_call` as a traceback (a conversion into a bucket that does not exist)."""
+    local = tmp_path / "shard.tar"
+    local.write_bytes(b"tar")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.upload(local, "s3://no-such-bucket-here/set/shard.tar")
+    assert str(raised.value) == (f"s3://no-such-bucket-here/set/shard.tar: PUT failed: the bucket no-such-bucket-here "
+                                 f"does not exist at {s3_server} (AWS_ENDPOINT_URL)")
