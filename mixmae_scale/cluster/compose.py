@@ -250,6 +250,8 @@ def train_samples_for(config: Config) -> tuple[int | None, str]:
     from mixmae_scale.data.manifest import MANIFEST, DataError, load_split
 
     shards = config.data.shards
+    if any(storage.is_remote(where) for where in (shards, *(source.shards for source in config.data.sources))):
+        storage.timeouts(os.environ)  # one every rank would refuse is no "could not be read here": refuse it now
     manifest = storage.join(shards, MANIFEST) if storage.is_remote(shards) else Path(shards, MANIFEST).absolute()
     try:
         return load_split(shards, config.data.train_split).samples, f"counted in {manifest}"

@@ -150,7 +150,7 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
         adopted = any(info.adopted for info in splits.values())
         way = (way_to_add_split(str(location), splits, val_split) if adopted else
                "convert the images again with one (`mixmae shards folder --src SRC --out NEW --val-fraction F`, F "
-               "large enough to hold out that many)")
+               "large enough to hold out that many)" + ("" if val_split == "val" else ", then set data.val_split=val"))
         return HeldOut(None, 0, train.samples, (
             f"nothing held out: {path} has no split '{val_split}', and '{train_split}' has "
             f"{plural(train.samples, 'sample')}, fewer than the {2 * GRID_IMAGES} a hold-out of its tail needs (the "

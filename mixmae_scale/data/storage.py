@@ -127,7 +127,9 @@ def _client():
             session = boto3.session.Session(botocore_session=core)
             own = core.get_config_variable("max_attempts") is not None
             retries = {} if own else {"total_max_attempts": ATTEMPTS}
-            if core.get_config_variable("retry_mode", methods=("env", "config")) is None:
+            # Not get_config_variable("retry_mode", methods=("env", "config")): it still answers botocore's
+            # default ('standard') when neither sets one, so no client was ever adaptive.
+            if not (os.environ.get("AWS_RETRY_MODE") or core.get_scoped_config().get("retry_mode")):
                 retries["mode"] = "adaptive"
             client = session.client("s3", config=Config(retries=retries or None, connect_timeout=connect_s,
                                                         read_timeout=read_s))
@@ -203,12 +205,17 @@ def _endpoint_of(exc: Exception | None = None) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else (url or "AWS's default endpoint")
 
 
-def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> StorageError:
-    """One line for what boto3 raised: which URL, which endpoint it went to, what went wrong, what to set."""
+def _explain(exc: Exception, url: str, action: str, range_asked: str = "", body: bool = False) -> StorageError:
+    """One line for what boto3 raised: which URL, which endpoint it went to, what went wrong, what to set. `body`:
+    raised while a response's body streamed, which botocore does not retry (the store was reached, once)."""
     from botocore import exceptions as bx
 
     endpoint = _endpoint_of(exc)
-    if isinstance(exc, bx.NoCredentialsError):
+    streamed = body and isinstance(exc, bx.ConnectionError | bx.HTTPClientError)
+    if streamed:
+        why = (f"the connection to {endpoint} broke while the body streamed ({' '.join(str(exc).split())}); botocore "
+               "does not retry a body: try again")
+    elif isinstance(exc, bx.NoCredentialsError):
         why = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
     elif isinstance(exc, bx.ConnectionError | bx.HTTPClientError):
         bucket, host = split_url(url)[0], urlsplit(endpoint).hostname or ""
@@ -240,17 +247,18 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "") -> St
             why = f"{code or status}: {exc}"
     else:
         why = f"{type(exc).__name__}: {exc}"
-    kind = StoreUnreachable if isinstance(exc, bx.ConnectionError | bx.HTTPClientError) else StorageError
+    unreachable = isinstance(exc, bx.ConnectionError | bx.HTTPClientError) and not streamed
+    kind = StoreUnreachable if unreachable else StorageError
     return kind(f"{url}: {action} failed: {why}")
 
 
-def _s3_call(url: str, action: str, call, range_asked: str = ""):
+def _s3_call(url: str, action: str, call, range_asked: str = "", body: bool = False):
     from botocore import exceptions as bx
 
     try:
         return call()
     except (bx.BotoCoreError, bx.ClientError) as exc:
-        raise _explain(exc, url, action, range_asked) from exc
+        raise _explain(exc, url, action, range_asked, body) from exc
 
 
 def exists(url: str | Path) -> bool:
@@ -280,7 +288,7 @@ def read_bytes(url: str | Path) -> bytes:
             raise StorageError(f"{Path(url).resolve()}: {exc.strerror or exc}") from exc
     bucket, key = split_url(str(url))
     body = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key)["Body"])
-    return _s3_call(str(url), "GET", body.read)
+    return _s3_call(str(url), "GET", body.read, body=True)
 
 
 def read_text(url: str | Path) -> str:
@@ -377,7 +385,20 @@ def upload(local: str | Path, url: str | Path) -> None:
         fsync_path(target.parent)
         return
     bucket, key = split_url(str(url))
-    _s3_call(str(url), "PUT", lambda: _client().upload_file(str(local), bucket, key))
+
+    def put() -> None:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore import exceptions as bx
+
+        try:
+            _client().upload_file(str(local), bucket, key)
+        except S3UploadFailedError as exc:  # boto3 wraps the store's refusal (a ClientError) in an error of its own
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, bx.BotoCoreError | bx.ClientError):
+                raise cause from None  # explained by _s3_call as any other request's
+            raise StorageError(f"{url}: PUT failed: {' '.join(str(exc).split())}") from exc
+
+    _s3_call(str(url), "PUT", put)
 
 
 def write_bytes(url: str | Path, data: bytes) -> None:

@@ -382,8 +382,9 @@ class ConversionSource:
         # A split whose every file is another's image (a val/ of links into train/) would be an empty split.
         empty = (f"{split}: nothing to write: every one of its {plural(found, 'file')} is an image already in the "
                  f"set ({self.discovered[split].duplicates[0].reason()}, ...)" if skipped and skipped == found else "")
+        # The ceiling is a share of the files read: the skipped ones were never read and do not dilute it.
         return SplitOutcome(self._entry(split, ordered, found, changes),
-                            [{"shard": r.name, **item} for r in ordered for item in r.rejected], found,
+                            [{"shard": r.name, **item} for r in ordered for item in r.rejected], found - skipped,
                             [item["reason"] for r in ordered for item in r.rejected], empty_error=empty)
 
     def _entry(self, split: str, ordered: list[ShardRecord], found: int, changes: SourceChanges) -> SplitEntry:

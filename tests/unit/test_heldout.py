@@ -407,3 +407,12 @@ def test_a_loader_opened_for_some_batches_says_so_when_asked_for_more(tmp_path):
             next(iter(loader))  # the next epoch's first batch
     finally:
         loader.close()
+
+
+def test_a_tiny_set_asked_for_another_validation_name_is_told_the_conversion_names_it_val(tmp_path):
+    """A conversion's held-out split is named 'val' (`way_to_add_split`): with data.val_split=validation, "give the
+    set a 'validation' split: convert the images again with --val-fraction" made a 'val' the run still did not
+    read; the refusals of a larger set say to set data.val_split=val, and so does this."""
+    folder = write_set(tmp_path / "set", sizes=(7, 5))
+    said = choose_heldout(str(folder), "train", "validation", "auto", 8).describe()
+    assert said.endswith("then set data.val_split=val"), said

@@ -347,3 +347,20 @@ def test_several_nodes_get_the_shells_object_store_timeouts(tmp_path, monkeypatc
     plan = compose(remote, "swin_b", cluster, [], workdir=tmp_path, check_files=False)
     assert plan.env_file == tmp_path / ".deepspeed_env"
     assert {"MIXMAE_S3_READ_TIMEOUT=300", "MIXMAE_S3_CONNECT_TIMEOUT=20"} <= set(plan.env_text.splitlines())
+
+
+def test_a_launch_reading_s3_refuses_a_store_timeout_every_rank_would_refuse(monkeypatch):
+    """MIXMAE_S3_READ_TIMEOUT=abc is refused where a client is made (data/storage.py). The launch's own manifest
+    read made one, and its refusal was taken for "could not be read here": the launch went on, and carried the
+    variable to every rank (.deepspeed_env), where each refused it at its first read."""
+    from mixmae_scale.cluster.compose import train_samples_for
+    from mixmae_scale.data import storage
+
+    monkeypatch.setattr(storage, "_CLIENTS", {})
+    monkeypatch.setenv("MIXMAE_S3_READ_TIMEOUT", "abc")
+    config = load_resolved("swin_b", None, ["data.shards=s3://bucket/set"]).config
+    with pytest.raises(storage.StorageError, match=r"^MIXMAE_S3_READ_TIMEOUT='abc': not a positive number"):
+        train_samples_for(config)
+    mixed = load_resolved("swin_b", None, ["data.sources=[{shards: s3://bucket/set}]"]).config  # data.shards local
+    with pytest.raises(storage.StorageError, match=r"^MIXMAE_S3_READ_TIMEOUT='abc'"):
+        train_samples_for(mixed)

@@ -221,3 +221,61 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused_naming_the_variable_
             rf"^MIXMAE_S3_READ_TIMEOUT={value!r}: not a positive number of seconds \(the object store's read "
             r"timeout; unset, 60 s\)$")):
         storage._client()
+
+
+@pytest.mark.parametrize(("env_mode", "file_mode", "expected"), [
+    (None, None, "adaptive"), ("standard", None, "standard"), (None, "legacy", "legacy")])
+def test_the_retry_mode_is_adaptive_unless_the_user_sets_one(monkeypatch, fresh_clients, tmp_path, env_mode,
+                                                             file_mode, expected):
+    """docs/data.md: retries unset are 8 attempts, `adaptive`; AWS_RETRY_MODE or the config file's retry_mode are
+    the user's. botocore's lookup with methods=("env", "config") still answers its default ('standard'), so the
+    user's setting cannot be told from none that way: the client was always 'standard'."""
+    config = tmp_path / "aws_config"
+    config.write_text("[default]\n" + (f"retry_mode = {file_mode}\n" if file_mode else ""))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if env_mode:
+        monkeypatch.setenv("AWS_RETRY_MODE", env_mode)
+    else:
+        monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    retries = storage._client().meta.config.retries
+    assert retries["mode"] == expected and retries["total_max_attempts"] == storage.ATTEMPTS
+
+
+@pytest.mark.parametrize("error", ["streaming", "read_timeout"])
+def test_a_body_that_breaks_while_it_streams_is_not_said_unreachable(monkeypatch, fresh_clients, error):
+    """botocore retries a request, not the reading of its body: a connection dropped (or timed out) while the body
+    streams reached the store and was tried once. It was said as 'cannot reach ... after 8 attempt(s)' and raised
+    as StoreUnreachable, which `transient.retrying` does not retry."""
+    from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+
+    from mixmae_scale.shards import transient
+
+    broken = (ResponseStreamingError(error="Connection broken: IncompleteRead") if error == "streaming"
+              else ReadTimeoutError(endpoint_url="http://127.0.0.1:9/bucket/key"))
+
+    class Body:
+        def read(self):
+            raise broken
+
+    client = SimpleNamespace(get_object=lambda **_: {"Body": Body()},
+                             meta=SimpleNamespace(endpoint_url="http://127.0.0.1:9"))
+    monkeypatch.setitem(storage._CLIENTS, os.getpid(), client)
+    with pytest.raises(storage.StorageError) as raised:
+        storage.read_bytes("s3://bucket/key")
+    assert not isinstance(raised.value, storage.StoreUnreachable)
+    assert "cannot reach" not in str(raised.value) and "attempt" not in str(raised.value)
+    assert transient.is_transient(raised.value)
+
+
+def test_an_upload_the_store_refuses_is_a_storage_error_naming_the_bucket(s3_server, fresh_clients, tmp_path):
+    """boto3's upload_file turns the store's refusal (a ClientError) into its own S3UploadFailedError, which is no
+    botocore error: it escaped `_s3_call` as a traceback (a conversion into a bucket that does not exist)."""
+    local = tmp_path / "shard.tar"
+    local.write_bytes(b"tar")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.upload(local, "s3://no-such-bucket-here/set/shard.tar")
+    assert str(raised.value) == (f"s3://no-such-bucket-here/set/shard.tar: PUT failed: the bucket no-such-bucket-here "
+                                 f"does not exist at {s3_server} (AWS_ENDPOINT_URL)")

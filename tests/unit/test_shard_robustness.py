@@ -296,3 +296,20 @@ def test_a_linked_folder_onto_another_class_keeps_that_class_s_own_files(tmp_pat
     written = {json.loads(m)["source"]: json.loads(m)["label"] for tar in (tmp_path / "out").glob("train-*.tar")
                for m in _json_members(tar)}
     assert written == {"cats/cat_0.jpg": 0, "cats/cat_1.jpg": 0, "dogs/dog_0.jpg": 1, "dogs/dog_1.jpg": 1}
+
+
+def test_skipped_duplicates_do_not_dilute_the_rejection_ceiling(tmp_path):
+    """--max-rejected is a share of the files read: 1 of 4 images is 25% whatever links to them sit beside them.
+    The skipped links were counted in what the ceiling divides by, so 6 links made the same 1 bad image 10% and let
+    it pass a ceiling of 20%."""
+    from mixmae_scale.shards.rejection_limit import TooManyRejected
+
+    src = tmp_path / "src"
+    for i in range(3):
+        jpeg(src / "cats" / f"cat_{i}.jpg")
+    (src / "cats" / "broken.jpg").write_text("not an image")
+    for i in range(6):
+        (src / "cats" / f"link_{i}.jpg").symlink_to(src / "cats" / f"cat_{i % 3}.jpg")
+    with pytest.raises(TooManyRejected, match=r"train: 1 of 4 files rejected \(25\.0%\), above --max-rejected 0\.2"):
+        convert(src, tmp_path / "out", ConvertOptions(layout="folder", splits=("train",), shard_bytes=None,
+                                                      unlabeled=True, max_rejected=0.2))
