@@ -148,6 +148,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
     plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume, data=train_data)
     if plan is not None and plan.finishes_by(last_step):
+        if rank == 0:  # so that a Slurm job does not requeue itself for it again (cluster/requeue.py)
+            run_folder.note_complete(root, plan.step, last_step)
         raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
     branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
     if branch_note and rank == 0:

@@ -230,6 +230,27 @@ def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, 
     return _agreed(decide)
 
 
+COMPLETE_KEY = "complete_under_plan"  # in summary.json: the last step of a later start's plan it found reached
+
+
+def note_complete(root: Path, step: int, last_step: int) -> None:
+    """A start found the run complete (its newest checkpoint at `step`, the current plan ending at `last_step`)
+    where summary.json still says a signal stopped it before its planned steps: a schedule shortened after the
+    stop. Without a note the Slurm requeue check (cluster/requeue.py), which reads only summary.json, would
+    requeue the job again on every such start, up to MIXMAE_MAX_REQUEUES. The note is one key added; the stop's
+    own keys stay as they were, and the file is replaced atomically. Rank 0 only."""
+    path = root / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no summary (or not one to read): the requeue check does not requeue either
+    planned = summary.get("planned_steps")
+    if not summary.get("stopped_by_signal") or not isinstance(planned, int) or summary.get("steps", planned) >= planned:
+        return  # a finished run's record: nothing to add
+    summary[COMPLETE_KEY] = {"step": step, "planned_steps": last_step}
+    write_text(path, json.dumps(summary, indent=2, default=str))
+
+
 def agree_on_branch(root: Path, resume: str) -> str | None:
     """Collective, after the plan: rank 0 sets aside what a named resume supersedes (`set_aside_newer`)."""
     return _agreed(lambda: set_aside_newer(root, resume))
