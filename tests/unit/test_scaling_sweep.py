@@ -908,3 +908,25 @@ def test_a_stopped_sweep_sends_sigterm_to_each_worker_and_hands_out_no_further_r
     assert [(index, run.run_id, code) for index, run, code, _, _ in finished] == [(1, "a", 0)]
     assert "saved at the next step boundary on SIGTERM" in finished[0][4]
     assert queue.left() == 1 and queue.take() is None and stop.name == "SIGTERM"
+
+
+def test_a_sweep_on_a_set_too_small_for_a_hold_out_is_refused_before_its_first_run(tmp_path, stub_runs):
+    """data.heldout=auto on a set under 16 images without a validation split holds out nothing, and a run trains
+    without a held-out loss. A sweep compares held-out losses: it trained every run to the end and only then failed
+    each with "held-out loss not measured". It is refused before the first run (the lr sweep's too), naming the
+    set and what to do."""
+    from tests.unit.test_heldout import write_set
+
+    shards = write_set(tmp_path / "tiny", sizes=(7, 5))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(f"name: tiny\nprofile: tiny\nshards: {shards}\nsteps: [3]\n"
+                         "learning_rate: {rule: fixed, sweep: [0.005, 0.02]}\n" + SIZES.format())
+    with pytest.raises(SweepError) as refused:
+        run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda line: None)
+    assert stub_runs == []
+    assert str(refused.value) == (
+        f"{spec_path}: shards {shards} have no split 'val' (data.val_split), and the 'train' split a run reads has "
+        "12 samples, fewer than the 16 a hold-out of its tail needs: data.heldout=auto holds out nothing, and every "
+        "run would train to its end without the held-out loss a sweep compares; give the set a 'val' split of at "
+        "least batch.micro images: convert the images again with one (`mixmae shards folder --src SRC --out NEW "
+        "--val-fraction F`, F large enough to hold out that many)")
