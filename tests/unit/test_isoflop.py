@@ -233,3 +233,15 @@ def test_budget_n_opt_ranges_cover_the_vertex_at_near_their_nominal_rate():
             ranges += 1
             misses += not m.n_interval[0] <= 1e5 * (m.budget / 1e12) ** 0.5 <= m.n_interval[1]
     assert ranges == 60 and misses <= 12, misses
+
+
+def test_the_reports_degrees_of_freedom_say_which_budgets_runs_they_count():
+    """The iso-FLOP bootstrap pools the scatter over the budgets it draws: those with an interior minimum and at
+    least 2 seeds per configuration (`_draw_vertices`). The report said "runs - 3 x budgets", read as every run
+    and every budget of the table."""
+    from mixmae_scale.scaling.report import _iso_flop_section, iso_flop_summary
+
+    report = " ".join("\n".join(_iso_flop_section(iso_flop_summary(_bent((1, 1, 1)), 100))).split())
+    assert "(runs - 3 x budgets degrees of freedom)" not in report
+    assert ("the scatter pooled over the budgets with an interior minimum and at least 2 seeds per configuration: "
+            "their runs - 3 x their number degrees of freedom") in report
