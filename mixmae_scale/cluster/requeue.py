@@ -22,6 +22,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from mixmae_scale.data.errors import plural
+
 STOP_FILE = "NO_REQUEUE"
 DEFAULT_MAX_REQUEUES = 20
 
@@ -53,7 +55,8 @@ def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
                        "count; not requeueing")
     if int(restarts_text) >= int(limit_text):
         return False, (f"stopped by a signal at step {steps} of {planned}, but the job was requeued "
-                       f"{restarts_text} time(s) already (MIXMAE_MAX_REQUEUES={limit_text}); submit it again to go on")
+                       f"{plural(int(restarts_text), 'time')} already (MIXMAE_MAX_REQUEUES={limit_text}); "
+                       f"submit it again to go on")
     return True, f"stopped by a signal at step {steps} of {planned} (requeue {int(restarts_text) + 1} of {limit_text})"
 
 

@@ -38,6 +38,7 @@ from mixmae_scale.config import ResolvedConfig, resolve
 from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.loaders import job_crop_scale
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
@@ -388,8 +389,8 @@ class TrainingLoop:
         self.step += 1
         last = self.step == self.ctx.last_step
         if self.step == 1 and self.ctx.rank == 0 and self.job.compiled_blocks:
-            log.info("first step took %.1f s, compiling %d block(s) included", outcome.seconds,
-                     self.job.compiled_blocks)
+            log.info("first step took %.1f s, compiling %s included", outcome.seconds,
+                     plural(self.job.compiled_blocks, "block"))
         if self.step % self.config.logging.every_steps == 0 or last:
             self._log(metrics, window, run_start)
             window.reset()

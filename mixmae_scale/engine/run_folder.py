@@ -215,8 +215,11 @@ def unseen_probe(root: Path, views: list[tuple[str, bool]]) -> str | None:
             unseen.setdefault(host, []).append(rank)
     if not unseen:
         return None
-    who = "; ".join(f"rank(s) {store.ranges(ranks)} on {host}" for host, ranks in unseen.items())
-    return store.UNSHARED.format(what=f"{who} do not see the file rank 0 on {views[0][0]} wrote in {root.absolute()}")
+    who = "; ".join(f"{'rank' if len(ranks) == 1 else 'ranks'} {store.ranges(ranks)} on {host}"
+                    for host, ranks in unseen.items())
+    one = sum(len(ranks) for ranks in unseen.values()) == 1
+    return store.UNSHARED.format(what=f"{who} {'does' if one else 'do'} not see the file rank 0 on "
+                                      f"{views[0][0]} wrote in {root.absolute()}")
 
 
 def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, list[str]]:

@@ -141,7 +141,7 @@ def test_clear_errors_for_thin_sweeps():
         fit_iso_flop(rows)
     rows, _, _ = _sweep(budgets=(1e12, 2e12))
     two_sizes = [r for r in rows if r["budget"] == 2e12][:4] + [r for r in rows if r["budget"] == 1e12]
-    with pytest.raises(FitError, match=r"needs at least 2 budgets of 3 or more sizes, got 1 \(budget\(s\) 2e\+12 "
+    with pytest.raises(FitError, match=r"needs at least 2 budgets of 3 or more sizes, got 1 \(budget 2e\+12 "
                                        "left out: fewer than 3 sizes"):
         fit_iso_flop(two_sizes)
 
@@ -153,12 +153,12 @@ def test_a_sweep_cut_short_fits_its_whole_budgets_and_says_which_it_left_out():
     cut = [r for r in rows if r["budget"] < 1e16] + [r for r in rows if r["budget"] == 1e16][:4]  # 2 sizes x 2 seeds
     fit = fit_iso_flop(cut, bootstrap=50)
     assert [m.budget for m in fit.minima] == [1e12, 1e13, 1e14, 1e15]
-    assert fit.left_out == "budget(s) 1e+16 left out: fewer than 3 sizes, and a parabola needs 3"
+    assert fit.left_out == "budget 1e+16 left out: fewer than 3 sizes, and a parabola needs 3"
     assert fit.n_opt.exponent == pytest.approx(n_exp, abs=0.05)
     from mixmae_scale.scaling.report import fit_results, report_markdown
 
     report = report_markdown(cut, fit_results(cut, bootstrap=50), [])
-    assert "Budget(s) 1e+16 left out: fewer than 3 sizes, and a parabola needs 3." in report
+    assert "Budget 1e+16 left out: fewer than 3 sizes, and a parabola needs 3." in report
 
 
 def test_seeds_with_equal_losses_give_ranges_as_wide_as_the_parabolas_misfit_alone():
