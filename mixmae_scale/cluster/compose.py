@@ -94,8 +94,8 @@ def selected_gpus(pool: dict[str, int], include: str | None, exclude: str | None
         raise ConfigError(f"{key}={value}: {exc}") from None
     counts = {host: len(slots) for host, slots in chosen.items()}
     if len(counts) != num_nodes or any(n != gpus_per_node for n in counts.values()):
-        said = ", ".join(f"{host}: {n}" for host, n in counts.items()) or "nothing"
-        raise ConfigError(f"{key}={value} selects {said} GPU(s); cluster.num_nodes={num_nodes} x "
+        said = ", ".join(f"{plural(n, 'GPU')} on {host}" for host, n in counts.items()) or "no GPU"
+        raise ConfigError(f"{key}={value} selects {said}; cluster.num_nodes={num_nodes} x "
                           f"cluster.gpus_per_node={gpus_per_node} must describe it (the batch arithmetic uses them)")
 
 
@@ -113,7 +113,8 @@ def visible_devices(gpus_per_node: int) -> str | None:
         raise ConfigError(f"CUDA_VISIBLE_DEVICES={value}: DeepSpeed's launcher selects GPUs by index only; list "
                           "indices (CUDA_VISIBLE_DEVICES=0,1), or unset it and set cluster.include=localhost:0,1")
     if len(ids) != gpus_per_node:
-        raise ConfigError(f"CUDA_VISIBLE_DEVICES={value} makes {len(ids)} GPU(s) visible, cluster.gpus_per_node is "
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={value} makes {plural(len(ids), 'GPU')} visible, "
+                          f"cluster.gpus_per_node is "
                           f"{gpus_per_node}: make them agree (--set cluster.gpus_per_node={len(ids)}, which the batch "
                           "arithmetic uses, or list that many GPUs), or unset CUDA_VISIBLE_DEVICES to use GPUs "
                           f"0-{gpus_per_node - 1}")
@@ -133,7 +134,7 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
         raise ConfigError(SLURM_REFUSAL)
     if c.num_nodes > 1 and c.launcher == "local":
         raise ConfigError(f"cluster.num_nodes={c.num_nodes} with cluster.launcher=local: the local launcher starts "
-                          f"ranks on this node only, so the run would train on {c.gpus_per_node} GPU(s), not "
+                          f"ranks on this node only, so the run would train on {plural(c.gpus_per_node, 'GPU')}, not "
                           f"{c.num_nodes * c.gpus_per_node}; set cluster.launcher (pdsh, openmpi, mvapich) "
                           "and cluster.hostfile, or under Slurm submit launch/slurm/pretrain_srun.sbatch or "
                           "launch/slurm/pretrain.sbatch (`mixmae templates DIR` writes them out)")
@@ -166,7 +167,7 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
             else:
                 problem = None
                 if len(pool) < c.num_nodes or mpi and len(pool) != c.num_nodes:
-                    problem = (f"cluster.hostfile {hostfile.absolute()} lists {len(pool)} node(s), "
+                    problem = (f"cluster.hostfile {hostfile.absolute()} lists {plural(len(pool), 'node')}, "
                                f"cluster.num_nodes is {c.num_nodes}")
                     fix = "add the nodes or lower cluster.num_nodes" + (
                         f" (cluster.launcher={c.launcher} starts a rank on every slot listed)" if mpi else "")
@@ -231,9 +232,9 @@ def batch_report(resolved: ResolvedConfig, train_samples: int | None = None, sam
     (the shards' manifest, which the run itself reads, or the profile's data.train_samples)."""
     d, c = resolved.derived, resolved.config.cluster
     samples = train_samples if train_samples is not None else resolved.config.data.train_samples
-    return [f"world size       {d.world_size} = {c.num_nodes} node(s) x {c.gpus_per_node} GPU(s)",
+    return [f"world size       {d.world_size} = {plural(c.num_nodes, 'node')} x {plural(c.gpus_per_node, 'GPU')}",
             f"micro batch      {d.micro_batch} per GPU",
-            f"accumulation     {d.accumulation} step(s)",
+            f"accumulation     {plural(d.accumulation, 'step')}",
             f"global batch     {d.global_batch} = {d.micro_batch} x {d.accumulation} x {d.world_size}",
             f"learning rate    {d.learning_rate:.3g} (base {resolved.config.optim.base_learning_rate:g} x "
             f"{d.global_batch}/256)",

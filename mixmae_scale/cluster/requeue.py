@@ -4,8 +4,12 @@ arguments>`, run by launch/slurm/*.sbatch after srun returned 0.
 With `--signal=USR1@300` the ranks save and exit 0 five minutes before the time limit, so the job would end
 COMPLETED with its schedule unfinished and nobody to start it again. The run folder says what happened:
 `summary.json` has `stopped_by_signal: true` and `steps` below `planned_steps` after a stop on a signal, and
-neither after the last step. Exit 0 (and one line saying why) means "requeue", 1 "do not": the run finished,
-ended at --max-steps, left no summary, or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
+neither after the last step. A start that finds the run already complete under its current plan (a schedule
+shortened after the stop, or a lower --max-steps) adds `complete_under_plan` to that summary
+(engine/run_folder.py `note_complete`), so that the job does not requeue itself for it again.
+
+Exit 0 (and one line saying why) means "requeue", 1 "do not": the run finished, ended at --max-steps, was found
+complete by a later start, left no summary, or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
 Slurm's SLURM_RESTART_COUNT caps it, and a file `NO_REQUEUE` in the run folder ends it for a job already in the
 queue. A plain `scancel` ends the batch script before it gets here.
 """
@@ -17,6 +21,8 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+from mixmae_scale.data.errors import plural
 
 STOP_FILE = "NO_REQUEUE"
 DEFAULT_MAX_REQUEUES = 20
@@ -36,6 +42,10 @@ def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
         return False, f"{summary_path}: the run was not stopped by a signal (steps {steps} of {planned})"
     if steps >= planned:
         return False, f"{summary_path}: the run reached its planned step {planned}"
+    complete = summary.get("complete_under_plan")  # engine/run_folder.py note_complete
+    if isinstance(complete, dict):
+        return False, (f"{summary_path}: a later start found the run complete at step {complete.get('step')} (its "
+                       f"schedule now ends at step {complete.get('planned_steps')})")
     if (run_dir / STOP_FILE).exists():
         return False, f"{run_dir / STOP_FILE} exists: requeueing stopped by hand (remove it to requeue again)"
     limit_text = env.get("MIXMAE_MAX_REQUEUES", str(DEFAULT_MAX_REQUEUES))
@@ -45,7 +55,8 @@ def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
                        "count; not requeueing")
     if int(restarts_text) >= int(limit_text):
         return False, (f"stopped by a signal at step {steps} of {planned}, but the job was requeued "
-                       f"{restarts_text} time(s) already (MIXMAE_MAX_REQUEUES={limit_text}); submit it again to go on")
+                       f"{plural(int(restarts_text), 'time')} already (MIXMAE_MAX_REQUEUES={limit_text}); "
+                       f"submit it again to go on")
     return True, f"stopped by a signal at step {steps} of {planned} (requeue {int(restarts_text) + 1} of {limit_text})"
 
 

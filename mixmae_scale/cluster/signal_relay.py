@@ -31,6 +31,8 @@ import sys
 
 import psutil
 
+from mixmae_scale.data.errors import plural
+
 RANK_MARKERS = ("mixmae_scale.cli",)
 REPORT_ENV = "MIXMAE_FAILURE_REPORT"  # where a failing rank writes its one-line report (cli/failure_report.py)
 
@@ -107,7 +109,7 @@ def relay(command: list[str], env: dict[str, str] | None = None, shield_sigterm:
         ranks = rank_processes(os.getpid(), (STOP_REPORT_ENV, str(report)))
         asked.extend(r for r in ranks if r not in asked)
         name = signal.Signals(signum).name
-        print(f"[mixmae relay] {name}: asking {len(ranks)} rank(s) to checkpoint and exit", file=sys.stderr,
+        print(f"[mixmae relay] {name}: asking {plural(len(ranks), 'rank')} to checkpoint and exit", file=sys.stderr,
               flush=True)
         for process in ranks:
             with contextlib.suppress(psutil.Error):  # a rank that already exited

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 
 from mixmae_scale.config.load import ConfigError
+from mixmae_scale.data.errors import plural
 
 
 def first_host(nodelist: str) -> str:
@@ -110,6 +111,7 @@ def check_tasks_match_gpus(env: Mapping[str, str]) -> None:
     tasks, gpus = tasks_per_node(env), gpus_on_node(env)
     if tasks is None or gpus is None or tasks[0] == gpus[0]:
         return
-    raise ConfigError(f"{tasks[1]} starts {tasks[0]} task(s) on this node, which has {gpus[0]} GPU(s) ({gpus[1]}): "
+    raise ConfigError(f"{tasks[1]} starts {plural(tasks[0], 'task')} on this node, which has "
+                      f"{plural(gpus[0], 'GPU')} ({gpus[1]}): "
                       f"the srun layout runs one task per GPU; submit with --ntasks-per-node={gpus[0]}, or set "
-                      f"MIXMAE_GPUS_PER_NODE={tasks[0]} to use {tasks[0]} GPU(s) per node on purpose")
+                      f"MIXMAE_GPUS_PER_NODE={tasks[0]} to use {plural(tasks[0], 'GPU')} per node on purpose")

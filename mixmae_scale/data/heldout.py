@@ -51,17 +51,23 @@ class HeldOut:
             raise ValueError(f"no held-out images: {self.none_because}")
         return ShardMixture([WeightedSet(self.images, 1.0, self.images.location)])
 
-    def describe(self) -> str:
-        """The run log's line about a held-out tail, or about holding out nothing (a validation split needs none)."""
+    def describe(self, sources: ShardMixture | None = None) -> str:
+        """The run log's line about a held-out tail, or about holding out nothing (a validation split needs none).
+        `sources`: the training mixture when data.sources gives it (the held-out tail already cut): then training
+        does not read data.shards' train split, whose count this would otherwise say, but that mixture."""
+        mixture = (f"the data.sources mixture ({plural(sources.expected_samples, 'sample')} per epoch)"
+                   if sources is not None else "")
         if self.images is None:
-            return (f"held-out: {self.none_because}; training reads all {plural(self.train_samples, 'sample')}, "
+            reads = mixture or f"all {plural(self.train_samples, 'sample')}"
+            return (f"held-out: {self.none_because}; training reads {reads}, "
                     f"and no held-out loss or reconstruction grid is made; to measure one, {self.way_to_one}")
         where = self.images.location
         last = self.images.names[-1].rsplit("/", 1)[-1]
+        reads = (f"{mixture}, without them" if mixture else f"the other {self.train_samples - self.train_tail:,}")
         return (f"held-out: no separate held-out split in {where}; holding out the last {self.train_tail:,} of "
                 f"{self.train_samples:,} '{self.images.split}' samples (the end of {last}, in manifest order: the same "
-                "on every run and world size) for the held-out loss and the reconstruction grids; training reads "
-                f"the other {self.train_samples - self.train_tail:,} (data.heldout)")
+                f"on every run and world size) for the held-out loss and the reconstruction grids; training reads "
+                f"{reads} (data.heldout)")
 
     def summary(self) -> dict:
         if self.images is None:

@@ -216,7 +216,8 @@ class ShardLoader:
         self.layout = Layout(saved.epoch, rest, self.spec.num_shards, self.spec.batch_size)
         self.batch_in_epoch = 0
         self._dali_checkpoint = None
-        self.resume_note = (f"epoch {saved.epoch} continues on {self.spec.num_shards} rank(s) x {self.spec.batch_size} "
+        self.resume_note = (f"epoch {saved.epoch} continues on {plural(self.spec.num_shards, 'rank')} x "
+                            f"{self.spec.batch_size} "
                             f"(was {saved.world} x {saved.micro}): {self.layout.length} of its samples are left, "
                             f"{repeated} of them read a second time (the read part of each rank's shuffle window), "
                             f"{self.layout.length - self.layout.batches * self.spec.num_shards * self.spec.batch_size}"

@@ -38,6 +38,7 @@ from mixmae_scale.config import ResolvedConfig, resolve
 from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.loaders import job_crop_scale
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
@@ -148,6 +149,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
     plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume, data=train_data)
     if plan is not None and plan.finishes_by(last_step):
+        if rank == 0:  # so that a Slurm job does not requeue itself for it again (cluster/requeue.py)
+            run_folder.note_complete(root, plan.step, last_step)
         raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
     branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
     if branch_note and rank == 0:
@@ -386,8 +389,8 @@ class TrainingLoop:
         self.step += 1
         last = self.step == self.ctx.last_step
         if self.step == 1 and self.ctx.rank == 0 and self.job.compiled_blocks:
-            log.info("first step took %.1f s, compiling %d block(s) included", outcome.seconds,
-                     self.job.compiled_blocks)
+            log.info("first step took %.1f s, compiling %s included", outcome.seconds,
+                     plural(self.job.compiled_blocks, "block"))
         if self.step % self.config.logging.every_steps == 0 or last:
             self._log(metrics, window, run_start)
             window.reset()

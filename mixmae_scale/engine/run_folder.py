@@ -215,8 +215,11 @@ def unseen_probe(root: Path, views: list[tuple[str, bool]]) -> str | None:
             unseen.setdefault(host, []).append(rank)
     if not unseen:
         return None
-    who = "; ".join(f"rank(s) {store.ranges(ranks)} on {host}" for host, ranks in unseen.items())
-    return store.UNSHARED.format(what=f"{who} do not see the file rank 0 on {views[0][0]} wrote in {root.absolute()}")
+    who = "; ".join(f"{'rank' if len(ranks) == 1 else 'ranks'} {store.ranges(ranks)} on {host}"
+                    for host, ranks in unseen.items())
+    one = sum(len(ranks) for ranks in unseen.values()) == 1
+    return store.UNSHARED.format(what=f"{who} {'does' if one else 'do'} not see the file rank 0 on "
+                                      f"{views[0][0]} wrote in {root.absolute()}")
 
 
 def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, list[str]]:
@@ -228,6 +231,27 @@ def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, 
         return acting, [n for n in (moved, note) if n]
 
     return _agreed(decide)
+
+
+COMPLETE_KEY = "complete_under_plan"  # in summary.json: the last step of a later start's plan it found reached
+
+
+def note_complete(root: Path, step: int, last_step: int) -> None:
+    """A start found the run complete (its newest checkpoint at `step`, the current plan ending at `last_step`)
+    where summary.json still says a signal stopped it before its planned steps: a schedule shortened after the
+    stop. Without a note the Slurm requeue check (cluster/requeue.py), which reads only summary.json, would
+    requeue the job again on every such start, up to MIXMAE_MAX_REQUEUES. The note is one key added; the stop's
+    own keys stay as they were, and the file is replaced atomically. Rank 0 only."""
+    path = root / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no summary (or not one to read): the requeue check does not requeue either
+    planned = summary.get("planned_steps")
+    if not summary.get("stopped_by_signal") or not isinstance(planned, int) or summary.get("steps", planned) >= planned:
+        return  # a finished run's record: nothing to add
+    summary[COMPLETE_KEY] = {"step": step, "planned_steps": last_step}
+    write_text(path, json.dumps(summary, indent=2, default=str))
 
 
 def agree_on_branch(root: Path, resume: str) -> str | None:

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from mixmae_scale.data.errors import plural
 from mixmae_scale.engine import distributed, run_lock
 
 log = logging.getLogger("mixmae")
@@ -82,8 +83,8 @@ def _run(work: RankWork, report: FailureReport, process: RankProcess,
     if process.local_rank == 0:
         removed = distributed.remove_stale_shm_buffers()
         if removed:
-            log.warning("removed %d DeepSpeed shared-memory buffer(s) a killed run left in /dev/shm: %s",
-                        len(removed), ", ".join(removed))
+            log.warning("removed %s a killed run left in /dev/shm: %s",
+                        plural(len(removed), "DeepSpeed shared-memory buffer"), ", ".join(removed))
     rendezvous = process.rendezvous
     try:
         try:

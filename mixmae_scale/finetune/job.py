@@ -23,6 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config.schema import RANDOM_INIT, Config
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.manifest import DataError, load_split
@@ -76,7 +77,8 @@ def unplaced_weights(config: Config, unexpected: list[str], arch: dict) -> str:
     encoder's extra blocks were dropped without a word and the run fine-tuned a truncated encoder."""
     unexpected = sorted(unexpected)
     shown = ", ".join(unexpected[:4]) + (", ..." if len(unexpected) > 4 else "")
-    return (f"finetune.init={config.finetune.init}: {len(unexpected)} encoder tensor(s) have no place in the "
+    return (f"finetune.init={config.finetune.init}: {plural(len(unexpected), 'encoder tensor')} "
+            f"{'has' if len(unexpected) == 1 else 'have'} no place in the "
             f"classifier of model.depths={list(config.model.depths)} ({shown}); the weights' encoder has depths "
             f"{arch.get('depths')}: set model.* to its shape")
 

@@ -96,7 +96,8 @@ def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         else:
             unknown.append(key)
     if unknown:
-        raise WeightsError(f"{len(unknown)} key(s) of the official checkpoint have no place in our model: "
+        raise WeightsError(f"{len(unknown)} {'key' if len(unknown) == 1 else 'keys'} of the official checkpoint "
+                           f"{'has' if len(unknown) == 1 else 'have'} no place in our model: "
                            + ", ".join(sorted(unknown)))
     return mapped
 

@@ -121,10 +121,11 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
                              heldout_count(config.logging.heldout_batches, config.batch.micro))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=heldout.exclude_from,
                     job="pretrain")
+    sources = ctx.train_data if data.sources else None  # what training reads, when not data.shards' train split
     if ctx.rank == 0 and heldout.train_tail:  # a validation split is the usual case: nothing to say
-        log.info("%s", heldout.describe())
+        log.info("%s", heldout.describe(sources))
     if ctx.rank == 0 and heldout.images is None:
-        log.warning("%s", heldout.describe())
+        log.warning("%s", heldout.describe(sources))
     derived = ctx.resolved.derived
     model = build_mixmae(config.model).to(ctx.device)
     optimizer = build_optimizer(model, config.optim, derived.learning_rate, config.zero.offload_optimizer,

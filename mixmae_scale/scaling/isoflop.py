@@ -232,7 +232,8 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     # A sweep cut short (a time limit: budgets run from the smallest) leaves its last budget with a size or two:
     # that budget is left out and said, rather than the whole analysis refused.
     thin = [b for b, sizes in cells.items() if len(sizes) < 3]
-    left_out = (f"budget(s) {', '.join(f'{b:.3g}' for b in thin)} left out: fewer than 3 sizes, and a parabola "
+    left_out = (f"{'budget' if len(thin) == 1 else 'budgets'} {', '.join(f'{b:.3g}' for b in thin)} left out: "
+                f"fewer than 3 sizes, and a parabola "
                 "needs 3" if thin else None)
     cells = {b: sizes for b, sizes in cells.items() if b not in thin}
     if len(cells) < 2:

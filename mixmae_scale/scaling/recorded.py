@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.heldout import same_location
 from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.engine.run_record import point_provenance, read_record
@@ -148,9 +149,11 @@ def refuse_other_plans(spec: SweepSpec, runs: list[PlannedRun], out: Path, recor
               and (said := other_plan(out / "runs" / run.run_id, run)
                    or _other_config(spec, run, out / "runs" / run.run_id, out, lr_pending))]
     if others:
-        raise SweepError(f"{len(others)} run folder(s) hold runs of another plan: {' | '.join(others[:5])}"
-                         f"{' | ...' if len(others) > 5 else ''}. Remove them to run this plan's runs there, or give "
-                         "the spec a new --out")
+        raise SweepError(f"{plural(len(others), 'run folder')} "
+                         f"{'holds a run' if len(others) == 1 else 'hold runs'} of another plan: "
+                         f"{' | '.join(others[:5])}{' | ...' if len(others) > 5 else ''}. Remove "
+                         f"{'it' if len(others) == 1 else 'them'} to run this plan's runs there, or give the spec a "
+                         "new --out")
 
 
 def other_plan(run_dir: Path, run: PlannedRun) -> str | None:
@@ -307,7 +310,7 @@ def schedule_mismatch(summary: dict, run: PlannedRun, record: dict | None) -> st
                    else run.steps)
     if run.steps - allowed <= own < run.steps:
         return None
-    tail = f"; a held-out tail allows {allowed} step(s) fewer" if allowed else ""
+    tail = f"; a held-out tail allows {plural(allowed, 'step')} fewer" if allowed else ""
     return (f"its own schedule ends at step {own}, the plan's at {run.steps}{tail}: a run of another plan (an earlier "
             "spec or --max-steps), not a point of this one")
 

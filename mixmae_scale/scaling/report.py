@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.data.errors import plural
 from mixmae_scale.scaling.fit import (
     FitError,
     LawFit,
@@ -303,7 +304,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
              "the scatter of all runs about their parabolas.", ""]
     left_out = (fit.get("not_in_plan") or {}).get("runs")
     if left_out:  # rows of runs the spec dropped: in results.jsonl, not in this fit
-        lines += [f"**{len(left_out)} row(s) of results.jsonl are left out: runs the spec no longer plans "
+        lines += [f"**{plural(len(left_out), 'row')} of results.jsonl {'is' if len(left_out) == 1 else 'are'} "
+                  f"left out: runs the spec no longer plans "
                   f"({', '.join(left_out)}; the plan: {Path(fit['not_in_plan']['plan']).name}, recorded by "
                   "`mixmae scaling run`).** The fits and figures below are of the spec's runs only.", ""]
     lines += _runs_table(rows)
@@ -318,8 +320,9 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
     result = check["result"]
     if isinstance(result, dict):
         held = ", ".join(f"{level:.3g}" for level in result["held_out_levels"])
-        result = (f"fitted on {result['fitted_levels']} compute levels, predicting {result['held_out_points']} "
-                  f"point(s) ({result['held_out_runs']} runs) at C = {held}: max relative error "
+        result = (f"fitted on {result['fitted_levels']} compute levels, predicting "
+                  f"{plural(result['held_out_points'], 'point')} ({plural(result['held_out_runs'], 'run')}) at "
+                  f"C = {held}: max relative error "
                   f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%")
     lines += ["", f"Extrapolation check of {check['law']} ({check['method']}): {result}", "",
               "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
@@ -376,7 +379,9 @@ def _iso_flop_section(iso: dict) -> list[str]:
     lines = ["", ISO_FLOP_HEADING, "",
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each redrawing "
-             "every run about its budget's fitted parabola (runs - 3 x budgets degrees of freedom) and refitting. "
+             "every run about its budget's fitted parabola and refitting (the scatter pooled over the budgets with "
+             "an interior minimum and at least 2 seeds per configuration: their runs - 3 x their number degrees of "
+             "freedom; only those budgets get an N* range). "
              "The N* and L* ranges hold the runs' noise, not the parabola's own bias: a parabola through a loss curve "
              "that is not one has its vertex off the true N* (docs/scaling.md)."
              + (f" **{iso['left_out'][0].upper()}{iso['left_out'][1:]}.**" if iso.get("left_out") else ""), "",
@@ -444,6 +449,7 @@ def provenance_warnings(rows: list[dict]) -> list[str]:
             warnings.append(f"the points of this fit come from {len(groups)} different {what} ({listed})")
     dirty = [row["run_id"] for row in rows if "+dirty" in str(row.get("commit"))]
     if dirty:
-        warnings.append(f"{len(dirty)} point(s) ran from a tree with uncommitted changes ({', '.join(dirty[:3])}"
+        warnings.append(f"{plural(len(dirty), 'point')} ran from a tree with uncommitted changes "
+                        f"({', '.join(dirty[:3])}"
                         f"{' ...' if len(dirty) > 3 else ''}): their code cannot be recovered from the commit")
     return warnings

@@ -121,6 +121,8 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
         except DataError as exc:  # planned where the shards are not: lines name the whole sets, refused below 1
             if emit_commands is not None:
                 whole_sets(spec, fraction, train_samples, exc)
+            continue
+        refuse_without_heldout(spec, fraction, subset_shards(spec.shards, fraction, out / "data"))
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
     refuse_other_plans(spec, runs, out, {row["run_id"] for row in rows_of(out / "results.jsonl")},
                         lr_pending=bool(spec.learning_rate.sweep))
@@ -155,6 +157,31 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, **plan_record(spec)}, tally)
     _summary(tally, out, log)
     return rows
+
+
+def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> None:
+    """A set under 16 images without a validation split holds out nothing under data.heldout=auto
+    (data/heldout.py), and its runs measure no held-out loss, which is what a sweep compares: every run would
+    train to its end and only then be refused a row. Refused here, before the first run (the lr sweep's too).
+    `subset`: the folder a run of `fraction` reads (its validation split is the whole set's)."""
+    from mixmae_scale.config import load_config
+    from mixmae_scale.data.heldout import GRID_IMAGES, choose_heldout, heldout_count
+
+    config, _ = load_config(spec.profile, None, [*spec.overrides, f"data.shards={subset}"])
+    data = config.data
+    try:
+        heldout = choose_heldout(str(subset), data.train_split, data.val_split, data.heldout,
+                                 heldout_count(config.logging.heldout_batches, config.batch.micro))
+    except DataError:
+        return  # a hold-out the settings refuse: each run's start refuses it, naming the settings
+    if heldout.images is not None:
+        return
+    which = "a run reads" if fraction == 1 else f"a run of data fraction {fraction:g} reads"
+    raise SweepError(f"{spec.file or 'the sweep spec'}: shards {spec.shards} have no split '{data.val_split}' "
+                     f"(data.val_split), and the '{data.train_split}' split {which} has "
+                     f"{plural(heldout.train_samples, 'sample')}, fewer than the {2 * GRID_IMAGES} a hold-out of its "
+                     "tail needs: data.heldout=auto holds out nothing, and every run would train to its end without "
+                     f"the held-out loss a sweep compares; {heldout.way_to_one}")
 
 
 def _summary(tally: Tally, out: Path, log) -> None:

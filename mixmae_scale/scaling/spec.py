@@ -161,7 +161,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: a sweep spec is a mapping with keys {sorted(KNOWN_KEYS)}")
     unknown = set(raw) - KNOWN_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
+        raise ConfigError(f"{path}: unknown {'key' if len(unknown) == 1 else 'keys'} {sorted(unknown)}; known: "
+                          f"{sorted(KNOWN_KEYS)}")
     for key in ("name", "profile", "shards", "sizes", "data_fractions"):
         if key not in raw:
             raise ConfigError(f"{path}: missing '{key}'")
@@ -277,7 +278,7 @@ def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
     for budget in spec.budgets:
         count = sum(size_trains_on(size, budget) for size in spec.sizes)
         if count < 3:
-            raise ConfigError(f"{path}: budget {budget:.3g} has {count} size(s) training on it; its iso-FLOP "
+            raise ConfigError(f"{path}: budget {budget:.3g} has {plural(count, 'size')} training on it; its iso-FLOP "
                               "parabola needs at least 3")
 
 
@@ -400,7 +401,7 @@ def budget_problems(runs: list[PlannedRun]) -> tuple[list[str], list[str]]:
         if run.budget is None:
             continue
         ratio = run.flops / run.budget
-        said = (f"{run.run_id} (size {run.size} at budget {run.budget:.3g}): {run.steps} step(s) of "
+        said = (f"{run.run_id} (size {run.size} at budget {run.budget:.3g}): {plural(run.steps, 'step')} of "
                 f"{run.flops / run.steps:.3g} FLOPs spend {ratio:.2f}x the budget")
         if abs(ratio - 1) > BUDGET_TOLERANCE:
             off.append(said)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
+from mixmae_scale.data.errors import plural
 from mixmae_scale.scaling.fit import FitError
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec
 
@@ -91,10 +92,12 @@ def rows_of_plan(rows: list[dict], out: Path) -> Selection:
                         "takes the runs it planned then; run `mixmae scaling run` with the spec again to plan the "
                         "changed one")
     if left_out:
-        warnings.append(f"{len(left_out)} row(s) of {results} are runs the spec no longer plans ({out / PLAN}, "
+        warnings.append(f"{plural(len(left_out), 'row')} of {results} "
+                        f"{'is a run' if len(left_out) == 1 else 'are runs'} the spec no longer plans ({out / PLAN}, "
                         f"from {spec}), left out of the fit and the report: {named(left_out)}")
     if not kept:
-        raise FitError(f"{results}: none of its {len(rows)} row(s) is a run of the plan {out / PLAN} records (from "
+        raise FitError(f"{results}: none of its {plural(len(rows), 'row')} is a run of the plan {out / PLAN} "
+                       f"records (from "
                        f"{spec}): nothing to fit; run `mixmae scaling run` with the spec")
     return Selection(kept, left_out, warnings)
 

@@ -198,7 +198,7 @@ def test_a_resume_on_another_world_size_finishes_the_epoch_without_skipping(demo
         loader.load_state_dict(state)
         after.append(loader)
     note = after[0].resume_note
-    assert note and f"on {new} rank(s)" in note
+    assert note and f"on {new} rank{'' if new == 1 else 's'}" in note
     rest = _epoch_keys(after)
     counts = {key: (seen + rest).count(key) for key in set(seen + rest)}
     assert max(counts.values()) <= 2

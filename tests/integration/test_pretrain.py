@@ -438,7 +438,7 @@ def test_usr1_to_mixmae_launch_reaches_every_rank(demo_shards, tmp_path):
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-3000:]
-    assert "asking 2 rank(s) to checkpoint" in output
+    assert "asking 2 ranks to checkpoint" in output
     _assert_saved_on_signal_where_a_resume_starts(run, *config)
 
 

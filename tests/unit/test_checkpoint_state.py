@@ -77,7 +77,7 @@ def test_a_loader_restored_on_another_world_size_lays_out_what_is_left_of_the_ep
     left = old.layout.remaining(consumed, 64)
     assert new.layout == Layout(0, left, new_world, 8) and new.batch_in_epoch == 0
     assert new.batches_consumed == consumed
-    assert f"continues on {new_world} rank(s) x 8 (was {old_world} x 8)" in new.resume_note
+    assert f"continues on {new_world} rank{'' if new_world == 1 else 's'} x 8 (was {old_world} x 8)" in new.resume_note
     same = loader(old_world, rank=1)
     same.restore(position)
     assert (same.layout, same.batch_in_epoch, same.resume_note) == (old.layout, consumed, None)
@@ -257,7 +257,7 @@ def test_a_run_folder_other_nodes_do_not_share_is_refused_before_sealing_or_rota
 
     monkeypatch.setattr(dist, "all_gather_object", across_two_nodes)
     with pytest.raises(store.UnsharedRunFolder, match=r"the run folder is not shared by all nodes: rank 0 on \S+ does "
-                       r"not see in .*step00000006.partial what rank\(s\) 1 on node-b \(rank_1.json missing\) wrote.*"
+                       r"not see in .*step00000006.partial what rank 1 on node-b \(rank_1.json missing\) wrote.*"
                        "--run-dir"):
         saving.maybe_save(6)
     assert store.complete_tags(ckpt_dir) == ["step00000003"]
@@ -270,8 +270,8 @@ def test_the_refusal_names_each_node_its_ranks_and_a_file_that_differs(tmp_path)
     reports = [("node-a", {"rank_0.json": 10}), ("node-a", {"rank_1.json": 10}), ("node-b", {"rank_2.json": 5}),
                ("node-b", {"rank_3.json": 5}), ("node-b", {"rank_4.json": 5}), ("node-c", {"rank_6.json": 1})]
     problem = store.unshared(tmp_path, reports)
-    assert ("rank(s) 1 on node-a (rank_1.json has 7 bytes, 10 were written); rank(s) 2-4 on node-b (rank_2.json "
-            "missing); rank(s) 5 on node-c (rank_6.json missing)") in problem
+    assert ("rank 1 on node-a (rank_1.json has 7 bytes, 10 were written); ranks 2-4 on node-b (rank_2.json "
+            "missing); rank 5 on node-c (rank_6.json missing)") in problem
     assert store.unshared(tmp_path, reports[:1]) is None and store.ranges([9, 2, 3, 4, 11, 12]) == "2-4, 9, 11-12"
 
 

@@ -32,3 +32,40 @@ def test_a_folder_of_images_is_counted_in_images(tmp_path):
     assert "it is a folder of 1 image; convert it first" in _not_a_shard_set(one, str(one))
     (one / "b.jpg").write_bytes(b"")
     assert "it is a folder of 2 images; convert it first" in _not_a_shard_set(one, str(one))
+
+
+RUN_PATH_MODULES = ["cluster/compose.py", "cluster/slurm_ranks.py", "cluster/signal_relay.py", "cluster/requeue.py",
+                    "engine/runtime.py", "engine/loop.py", "engine/run_folder.py", "engine/checkpointing/resume.py",
+                    "engine/checkpointing/store.py", "data/loader.py", "finetune/job.py", "models/convert_official.py",
+                    "scaling/report.py", "scaling/spec.py", "scaling/sweep_plan.py", "scaling/recorded.py",
+                    "scaling/isoflop.py"]
+
+
+def test_the_run_and_launch_path_writes_no_counted_noun_with_an_s_in_brackets():
+    """`mixmae launch --dry-run` printed "1 node(s) x 1 GPU(s)" and "1 step(s)" on every launch, and the run, resume,
+    Slurm and sweep messages "1 rank(s)", "1 row(s)": their strings now count with `plural`. Read from the
+    modules' string literals (f-strings included), so that a new one is caught where it is written."""
+    import io
+    import re
+    import tokenize
+    from pathlib import Path
+
+    import mixmae_scale
+
+    root = Path(mixmae_scale.__file__).parent
+    found = []
+    for module in RUN_PATH_MODULES:
+        path = root / module
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type == tokenize.STRING and re.search(r"\w\(s\)", token.string):
+                found.append(f"{module}:{token.start[0]}: {token.string.strip()[:60]}")
+    assert found == []
+
+
+def test_the_launch_plan_counts_nodes_gpus_and_steps():
+    from mixmae_scale.cluster.compose import batch_report
+    from mixmae_scale.config import load_resolved
+
+    sets = ["batch.micro=8", "batch.global_batch=8", "cluster.gpus_per_node=1"]
+    lines = batch_report(load_resolved("tiny", overrides=sets, world_size=1, train_samples=64))
+    assert lines[0].endswith("= 1 node x 1 GPU") and lines[2].endswith(" 1 step")

@@ -39,7 +39,7 @@ def test_a_deeper_encoder_of_the_same_width_is_refused_naming_its_extra_tensors(
         build_classifier(config, 10, pretraining_weights(deeper, config))
     said = str(refused.value)
     last = len(depths) - 1
-    assert said.startswith(f"finetune.init=deeper.safetensors: 13 encoder tensor(s) have no place in the classifier "
+    assert said.startswith(f"finetune.init=deeper.safetensors: 13 encoder tensors have no place in the classifier "
                            f"of model.depths={list(depths)} (layers.{last}.blocks.{depths[-1]}.")
     assert f"the weights' encoder has depths {list(deeper)}: set model.* to its shape" in said and "\n" not in said
 

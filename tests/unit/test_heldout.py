@@ -416,3 +416,20 @@ def test_a_tiny_set_asked_for_another_validation_name_is_told_the_conversion_nam
     folder = write_set(tmp_path / "set", sizes=(7, 5))
     said = choose_heldout(str(folder), "train", "validation", "auto", 8).describe()
     assert said.endswith("then set data.val_split=val"), said
+
+
+def test_the_line_about_no_hold_out_counts_what_training_reads_when_data_sources_give_it(tmp_path):
+    """With data.sources the training mixture is theirs, not data.shards' train split: the line said "training
+    reads all 12 samples" (data.shards' count) of a run reading a 40-sample mixture."""
+    folder = write_set(tmp_path / "set", sizes=(7, 5))
+    mixture = training_mixture(str(folder), "train", [(str(write_set(tmp_path / "a", sizes=(20,))), 1.0, None),
+                                                      (str(write_set(tmp_path / "b", sizes=(10,))), 2.0, None)])
+    heldout = choose_heldout(str(folder), "train", "val", "auto", heldout_count(4, 16))
+    line = heldout.describe(mixture)
+    assert "training reads the data.sources mixture (40 samples per epoch), and no held-out loss" in line
+    assert "12 samples," not in line.split("; training reads")[1]
+    big = write_set(tmp_path / "big", sizes=(20, 20))
+    tail = choose_heldout(str(big), "train", "val", "auto", 8)
+    line = tail.describe(tail.exclude_from(training_mixture(str(big), "train", [(str(big), 1.0, None),
+                                                                               (str(tmp_path / "a"), 1.0, None)])))
+    assert line.endswith("training reads the data.sources mixture (52 samples per epoch), without them (data.heldout)")

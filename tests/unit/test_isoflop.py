@@ -141,7 +141,7 @@ def test_clear_errors_for_thin_sweeps():
         fit_iso_flop(rows)
     rows, _, _ = _sweep(budgets=(1e12, 2e12))
     two_sizes = [r for r in rows if r["budget"] == 2e12][:4] + [r for r in rows if r["budget"] == 1e12]
-    with pytest.raises(FitError, match=r"needs at least 2 budgets of 3 or more sizes, got 1 \(budget\(s\) 2e\+12 "
+    with pytest.raises(FitError, match=r"needs at least 2 budgets of 3 or more sizes, got 1 \(budget 2e\+12 "
                                        "left out: fewer than 3 sizes"):
         fit_iso_flop(two_sizes)
 
@@ -153,12 +153,12 @@ def test_a_sweep_cut_short_fits_its_whole_budgets_and_says_which_it_left_out():
     cut = [r for r in rows if r["budget"] < 1e16] + [r for r in rows if r["budget"] == 1e16][:4]  # 2 sizes x 2 seeds
     fit = fit_iso_flop(cut, bootstrap=50)
     assert [m.budget for m in fit.minima] == [1e12, 1e13, 1e14, 1e15]
-    assert fit.left_out == "budget(s) 1e+16 left out: fewer than 3 sizes, and a parabola needs 3"
+    assert fit.left_out == "budget 1e+16 left out: fewer than 3 sizes, and a parabola needs 3"
     assert fit.n_opt.exponent == pytest.approx(n_exp, abs=0.05)
     from mixmae_scale.scaling.report import fit_results, report_markdown
 
     report = report_markdown(cut, fit_results(cut, bootstrap=50), [])
-    assert "Budget(s) 1e+16 left out: fewer than 3 sizes, and a parabola needs 3." in report
+    assert "Budget 1e+16 left out: fewer than 3 sizes, and a parabola needs 3." in report
 
 
 def test_seeds_with_equal_losses_give_ranges_as_wide_as_the_parabolas_misfit_alone():
@@ -233,3 +233,15 @@ def test_budget_n_opt_ranges_cover_the_vertex_at_near_their_nominal_rate():
             ranges += 1
             misses += not m.n_interval[0] <= 1e5 * (m.budget / 1e12) ** 0.5 <= m.n_interval[1]
     assert ranges == 60 and misses <= 12, misses
+
+
+def test_the_reports_degrees_of_freedom_say_which_budgets_runs_they_count():
+    """The iso-FLOP bootstrap pools the scatter over the budgets it draws: those with an interior minimum and at
+    least 2 seeds per configuration (`_draw_vertices`). The report said "runs - 3 x budgets", read as every run
+    and every budget of the table."""
+    from mixmae_scale.scaling.report import _iso_flop_section, iso_flop_summary
+
+    report = " ".join("\n".join(_iso_flop_section(iso_flop_summary(_bent((1, 1, 1)), 100))).split())
+    assert "(runs - 3 x budgets degrees of freedom)" not in report
+    assert ("the scatter pooled over the budgets with an interior minimum and at least 2 seeds per configuration: "
+            "their runs - 3 x their number degrees of freedom") in report

@@ -54,7 +54,7 @@ def test_command_carries_cluster_settings_and_overrides(tmp_path, monkeypatch):
     assert plan.env_file == tmp_path / ".deepspeed_env"
     assert plan.env_text == "NCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5\n"
     report = "\n".join(batch_report(resolved))
-    assert "world size       16 = 2 node(s) x 8 GPU(s)" in report
+    assert "world size       16 = 2 nodes x 8 GPUs" in report
     assert "global batch     2048 = 64 x 2 x 16" in report
 
 
@@ -67,8 +67,8 @@ def test_include_leaves_the_counts_to_the_selection_and_the_arithmetic_must_matc
     assert plan.command[plan.command.index("--include") + 1] == "worker-0:0,1,2,3@worker-1:4,5,6,7"
     assert "mixmae_scale.cli" in deepspeed_would_start(plan.command[1:], monkeypatch)
     uneven = _cluster(tmp_path, launcher="pdsh", include="worker-0@worker-1:0,1")
-    with pytest.raises(ConfigError, match=r"^cluster.include=worker-0@worker-1:0,1 selects worker-0: 8, worker-1: 2 "
-                                          r"GPU\(s\); cluster.num_nodes=2 x cluster.gpus_per_node=8 must describe"):
+    with pytest.raises(ConfigError, match=r"^cluster.include=worker-0@worker-1:0,1 selects 8 GPUs on worker-0, 2 GPUs "
+                                          r"on worker-1; cluster.num_nodes=2 x cluster.gpus_per_node=8 must describe"):
         compose(load_resolved("swin_b", uneven), "swin_b", uneven, [])
     nowhere = _cluster(tmp_path, launcher="pdsh", exclude="worker-9")
     with pytest.raises(ConfigError, match="cluster.exclude=worker-9: Hostname 'worker-9' not found in hostfile"):
@@ -106,7 +106,7 @@ def test_bad_cluster_settings_are_refused(tmp_path):
         compose(load_resolved("swin_b"), "swin_b", None, [], check_files=False)
     short = tmp_path / "one-line-hostfile"
     short.write_text("# nodes\nworker-0 slots=8\n")
-    with pytest.raises(ConfigError, match="lists 1 node\\(s\\), cluster.num_nodes is 2"):
+    with pytest.raises(ConfigError, match="lists 1 node, cluster.num_nodes is 2"):
         compose(load_resolved("swin_b", overrides=[f"cluster.hostfile={short}"]), "swin_b", None, [])
     with pytest.raises(ConfigError, match="cluster file .* is a folder; name the YAML file"):  # IsADirectoryError
         load_resolved("swin_b", str(tmp_path))
@@ -114,7 +114,7 @@ def test_bad_cluster_settings_are_refused(tmp_path):
         compose(load_resolved("swin_b", overrides=[f"cluster.hostfile={tmp_path}"]), "swin_b", None, [])
     # The local launcher (tiny's) starts ranks on this node only: asking it for 2 nodes would train on one, quietly.
     two_local = load_resolved("tiny", overrides=["cluster.num_nodes=2", "cluster.gpus_per_node=4"])
-    with pytest.raises(ConfigError, match="num_nodes=2 with cluster.launcher=local: .* on 4 GPU\\(s\\), not 8"):
+    with pytest.raises(ConfigError, match="num_nodes=2 with cluster.launcher=local: .* on 4 GPUs, not 8"):
         compose(two_local, "tiny", None, [], check_files=False)
 
 
@@ -268,7 +268,7 @@ def test_one_node_launch_keeps_to_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # the runner deleted it from this process's environment
     with pytest.raises(ConfigError) as refused:
         compose(load_resolved("swin_h"), "swin_h", None, [])
-    assert str(refused.value).startswith("CUDA_VISIBLE_DEVICES=2,3 makes 2 GPU(s) visible, cluster.gpus_per_node "
+    assert str(refused.value).startswith("CUDA_VISIBLE_DEVICES=2,3 makes 2 GPUs visible, cluster.gpus_per_node "
                                          "is 8: ")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f3a,GPU-77b1")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=GPU-5f3a,GPU-77b1: .*cluster.include"):

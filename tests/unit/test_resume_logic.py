@@ -214,7 +214,7 @@ def test_zero0_loads_on_another_world_size_as_it_is_but_refuses_a_precision_chan
     convert = Converter()
     plan = decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, zero0), 1, convert)
     assert convert.calls == [] and not plan.universal and not plan.same_layout and plan.load_tag == "step00000004"
-    assert "(ZeRO-0) on 1 rank(s), written by 2" in plan.notes[-1]
+    assert "(ZeRO-0) on 1 rank, written by 2" in plan.notes[-1]
     with pytest.raises(ckpt.ResumeError, match="cannot be resumed across dtype fp32 -> bf16.*ZeRO-0 keeps none"):
         decide_resume(tmp_path, "auto", "rollback", RunIdentity("digest-a", {}, 32, {**zero0, "dtype": "bf16"}), 2,
                       convert)

@@ -151,7 +151,7 @@ def test_ranks_that_do_not_see_rank_0s_probe_are_refused_at_the_start_by_node(tm
     """A run folder on node-local scratch was found only at the first checkpoint, after hours of training."""
     views = [("node-a", True), ("node-a", True), ("node-b", False), ("node-b", False)]
     problem = run_folder.unseen_probe(tmp_path, views)
-    assert problem == store.UNSHARED.format(what=f"rank(s) 2-3 on node-b do not see the file rank 0 on node-a wrote in "
+    assert problem == store.UNSHARED.format(what=f"ranks 2-3 on node-b do not see the file rank 0 on node-a wrote in "
                                            f"{tmp_path.absolute()}")
     assert "not shared by all nodes" in problem and "--run-dir" in problem
     assert run_folder.unseen_probe(tmp_path, views[:2]) is None

@@ -340,10 +340,10 @@ def test_iso_flop_runs_whose_whole_steps_miss_their_budget_are_said_by_plan_and_
     ratio = 2 * step["w12"] / budget
     assert runs["w12"].steps == 2 and abs(ratio - 1) > 0.05 and runs["w8"].steps == 3
     off, few = budget_problems(list(runs.values()))
-    w12 = (f"{runs['w12'].run_id} (size w12 at budget {budget:.3g}): 2 step(s) of {step['w12']:.3g} FLOPs spend "
+    w12 = (f"{runs['w12'].run_id} (size w12 at budget {budget:.3g}): 2 steps of {step['w12']:.3g} FLOPs spend "
            f"{ratio:.2f}x the budget")
     assert off == [w12]
-    assert f"{runs['w8'].run_id} (size w8 at budget {budget:.3g}): 3 step(s) of {step['w8']:.3g} FLOPs spend 1.00x " \
+    assert f"{runs['w8'].run_id} (size w8 at budget {budget:.3g}): 3 steps of {step['w8']:.3g} FLOPs spend 1.00x " \
            "the budget, in fewer than 10 steps" in few
     assert main(["scaling", "plan", str(path)]) == 0  # the table, and what is wrong with it
     err = capsys.readouterr().err

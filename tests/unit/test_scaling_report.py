@@ -225,7 +225,7 @@ def test_the_compute_law_check_predicts_the_two_largest_compute_levels_not_two_r
     result = check["result"]
     assert result["held_out_levels"] == pytest.approx([1e11 * 100**0.8, 1e13])
     assert (result["held_out_points"], result["held_out_runs"], result["fitted_levels"]) == (2, 6, 4)
-    assert "fitted on 4 compute levels, predicting 2 point(s) (6 runs) at C = 3.98e+12, 1e+13: max relative error" \
+    assert "fitted on 4 compute levels, predicting 2 points (6 runs) at C = 3.98e+12, 1e+13: max relative error" \
         in report_markdown(rows, fit, [])
 
 

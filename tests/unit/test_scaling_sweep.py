@@ -396,7 +396,7 @@ def test_a_run_stopped_before_its_last_step_is_not_read_as_a_point(tmp_path):
     assert (row["steps"], row["planned_steps"], row["images_seen"], row["flops"]) == (8, 10, 64, 8e8)
     assert recorded.finished_here(run_dir, _planned("w8")) and recorded.other_plan(run_dir, _planned("w8")) is None
     _record(run_dir, samples=1000, tail=24)  # a tail that shortens 10 steps by 1 at most
-    assert "a held-out tail allows 1 step(s) fewer" in recorded.other_plan(run_dir, _planned("w8"))
+    assert "a held-out tail allows 1 step fewer" in recorded.other_plan(run_dir, _planned("w8"))
     (run_dir / "summary.json").write_text(json.dumps({**summary, "steps": 11, "planned_steps": 11,
                                                       "stopped_by_signal": False}))
     assert recorded.other_plan(run_dir, _planned("w8")) is None  # epochs that round up a step (no --max-steps)
@@ -416,9 +416,9 @@ def test_a_run_folder_of_another_plan_is_refused_not_read_as_finished(demo_shard
     (run_dir / "metrics.csv").write_text("step,epoch,images_seen,loss\n5,1.0,0,1.0\n")
     (run_dir / "summary.json").write_text(json.dumps({"steps": 5, "planned_steps": 5, "heldout_loss_end": 0.9,
                                                       "wall_s": 1.0}))
-    with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: its own "
+    with pytest.raises(SweepError, match=re.escape(f"1 run folder holds a run of another plan: {run_dir}: its own "
                                                    "schedule ends at step 5, the plan's at 80: a run of another plan")
-                       + ".*" + re.escape("Remove them to run this plan's runs there, or give the spec a new --out")):
+                       + ".*" + re.escape("Remove it to run this plan's runs there, or give the spec a new --out")):
         run_sweep(spec, out, log=lambda m: None, parallel=1)
     assert stub_runs == [] and not (out / "results.jsonl").exists()  # refused before the lr sweep
 
@@ -674,8 +674,8 @@ def test_a_started_run_of_another_plan_in_its_folder_is_refused_naming_folder_an
     run_dir = _started_folder(commands.pretrain_args(old, run, out, 1), capsys,
                               run.steps if finished else None)
     spec_path.write_text(text.replace(*change) if change else text)
-    with pytest.raises(SweepError, match=re.escape(f"1 run folder(s) hold runs of another plan: {run_dir}: ") + ".*"
-                       + re.escape(said) + ".*" + re.escape("Remove them to run this plan's runs there, or give the "
+    with pytest.raises(SweepError, match=re.escape(f"1 run folder holds a run of another plan: {run_dir}: ") + ".*"
+                       + re.escape(said) + ".*" + re.escape("Remove it to run this plan's runs there, or give the "
                                                             "spec a new --out")):
         run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
     assert stub_runs == ran and not (out / "results.jsonl").exists()
@@ -808,7 +808,7 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     capsys.readouterr()
     assert main(["scaling", "report", "--out", str(out), "--bootstrap", "20"]) == 0
     said = capsys.readouterr().err
-    assert f"3 row(s) of {out / 'results.jsonl'} are runs the spec no longer plans" in said
+    assert f"3 rows of {out / 'results.jsonl'} are runs the spec no longer plans" in said
     assert ", ".join(dropped) in said
     fit = json.loads((out / "fit.json").read_text())
     assert fit["runs"] == 6 and fit["not_in_plan"]["runs"] == dropped
@@ -817,7 +817,7 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     assert {k: v for k, v in fit.items() if k not in ("not_in_plan", "results")} == alone
     assert fit["results"]["rows"] == 9  # the file's rows, the dropped runs' among them
     report = (out / "report" / "report.md").read_text()
-    assert "3 row(s) of results.jsonl are left out: runs the spec no longer plans (" + ", ".join(dropped) in report
+    assert "3 rows of results.jsonl are left out: runs the spec no longer plans (" + ", ".join(dropped) in report
     assert not any(f"| {run_id} |" in report for run_id in dropped)
     spec_path.write_text(text + "# edited after the plan was recorded\n")  # the report takes the plan recorded
     assert main(["scaling", "fit", "--out", str(out), "--bootstrap", "0"]) == 0
@@ -908,3 +908,25 @@ def test_a_stopped_sweep_sends_sigterm_to_each_worker_and_hands_out_no_further_r
     assert [(index, run.run_id, code) for index, run, code, _, _ in finished] == [(1, "a", 0)]
     assert "saved at the next step boundary on SIGTERM" in finished[0][4]
     assert queue.left() == 1 and queue.take() is None and stop.name == "SIGTERM"
+
+
+def test_a_sweep_on_a_set_too_small_for_a_hold_out_is_refused_before_its_first_run(tmp_path, stub_runs):
+    """data.heldout=auto on a set under 16 images without a validation split holds out nothing, and a run trains
+    without a held-out loss. A sweep compares held-out losses: it trained every run to the end and only then failed
+    each with "held-out loss not measured". It is refused before the first run (the lr sweep's too), naming the
+    set and what to do."""
+    from tests.unit.test_heldout import write_set
+
+    shards = write_set(tmp_path / "tiny", sizes=(7, 5))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(f"name: tiny\nprofile: tiny\nshards: {shards}\nsteps: [3]\n"
+                         "learning_rate: {rule: fixed, sweep: [0.005, 0.02]}\n" + SIZES.format())
+    with pytest.raises(SweepError) as refused:
+        run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda line: None)
+    assert stub_runs == []
+    assert str(refused.value) == (
+        f"{spec_path}: shards {shards} have no split 'val' (data.val_split), and the 'train' split a run reads has "
+        "12 samples, fewer than the 16 a hold-out of its tail needs: data.heldout=auto holds out nothing, and every "
+        "run would train to its end without the held-out loss a sweep compares; give the set a 'val' split of at "
+        "least batch.micro images: convert the images again with one (`mixmae shards folder --src SRC --out NEW "
+        "--val-fraction F`, F large enough to hold out that many)")

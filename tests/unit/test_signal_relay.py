@@ -90,7 +90,7 @@ def test_a_signal_to_the_relay_reaches_every_rank_as_usr1_and_a_saved_stop_exits
     assert relay.returncode == 0, err
     assert [(tmp_path / f"rank{r}.signal").read_text() for r in (0, 1)] == ["SIGUSR1", "SIGUSR1"]
     assert (tmp_path / "launcher.usr1").read_text() == "True"  # the launcher ignores SIGUSR1: it outlives the stop
-    assert f"{signal.Signals(signum).name}: asking 2 rank(s) to checkpoint and exit" in err
+    assert f"{signal.Signals(signum).name}: asking 2 ranks to checkpoint and exit" in err
     assert "the ranks saved step00000007 at step 7 and stopped as asked" in err
 
 
@@ -188,7 +188,7 @@ def test_slurms_sigterm_to_every_process_of_the_step_still_ends_in_a_saved_stop(
         process.send_signal(signal.SIGTERM)
     _, err = relay.communicate(timeout=30)
     assert relay.returncode == 0, err
-    assert "SIGTERM: asking 2 rank(s) to checkpoint and exit" in err
+    assert "SIGTERM: asking 2 ranks to checkpoint and exit" in err
     assert all((tmp_path / f"rank{r}.saved").exists() for r in (0, 1))  # the relay outlived the saves
     assert "the ranks saved step00000007 at step 7 and stopped as asked" in err
 
@@ -210,5 +210,5 @@ def test_a_second_signal_after_the_launcher_exited_is_still_forwarded(tmp_path):
     relay.send_signal(signal.SIGTERM)
     _, err = relay.communicate(timeout=30)
     assert relay.returncode == 0 and "Traceback" not in err, err
-    assert "SIGTERM: asking 2 rank(s)" in err
+    assert "SIGTERM: asking 2 ranks" in err
     assert "the ranks saved step00000007 at step 7 and stopped as asked" in err

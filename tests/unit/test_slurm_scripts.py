@@ -255,7 +255,7 @@ def test_a_run_stopped_by_the_time_limit_warning_requeues_its_job(script, slurm)
     assert "mixmae: requeueing: stopped by a signal at step 40 of 100 (requeue 1 of 20)" in result.stdout
     result, requeued = outcome(stopped, SLURM_RESTART_COUNT="3", MIXMAE_MAX_REQUEUES="3")
     assert result.returncode == 0 and requeued is None
-    assert "requeued 3 time(s) already (MIXMAE_MAX_REQUEUES=3); submit it again to go on" in result.stdout
+    assert "requeued 3 times already (MIXMAE_MAX_REQUEUES=3); submit it again to go on" in result.stdout
     result, requeued = outcome(stopped, SRUN_RC="1")
     assert result.returncode == 1 and requeued is None
     for summary in ({"steps": 100, "planned_steps": 100, "stopped_by_signal": False},

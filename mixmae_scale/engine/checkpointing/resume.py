@@ -36,6 +36,7 @@ from typing import Any
 import torch.distributed as dist
 
 from mixmae_scale.config import ConfigError, ResolvedConfig
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import LoaderPosition
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.checkpointing import recipe, store
@@ -254,7 +255,7 @@ def _choose_layout(ckpt_dir: Path, plan: ResumePlan, saved: dict[str, Any] | Non
             "precision and offload may still change), or between stages 1 and 2")
     if saved_world != world and stages == {0}:
         return replace(plan, same_layout=False, notes=(
-            *plan.notes, f"resuming {tag} (ZeRO-0) on {world} rank(s), written by {saved_world}"))
+            *plan.notes, f"resuming {tag} (ZeRO-0) on {plural(world, 'rank')}, written by {saved_world}"))
     if saved_world != world:
         changes.insert(0, f"world size {saved_world} -> {world}")
     if not changes:

@@ -224,7 +224,8 @@ def unshared(folder: Path, reports: list[tuple[str, dict[str, int]]]) -> str | N
             by_host.setdefault(host, ([], problem))[0].append(rank)
     if not by_host:
         return None
-    parts = "; ".join(f"rank(s) {ranges(ranks)} on {host} ({first})" for host, (ranks, first) in by_host.items())
+    parts = "; ".join(f"{'rank' if len(ranks) == 1 else 'ranks'} {ranges(ranks)} on {host} ({first})"
+                      for host, (ranks, first) in by_host.items())
     return UNSHARED.format(what=f"rank 0 on {reports[0][0]} does not see in {folder} what {parts} wrote")
 
 

@@ -1,0 +1,66 @@
+"""The Slurm self-requeue decision (cluster/requeue.py) against what a start of the run leaves in its folder."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from mixmae_scale.cluster import requeue
+from mixmae_scale.engine import run_folder
+
+
+def _start_finding_the_run_complete(monkeypatch, run, total_steps: int, at_step: int) -> None:
+    """start_run up to the resume plan, with the process group, data, configuration and plan stubbed (no
+    DeepSpeed): the newest checkpoint at `at_step`, the current schedule `total_steps` long."""
+    from mixmae_scale.engine import loop
+
+    monkeypatch.setattr(loop, "StopFlag", lambda: None)
+    monkeypatch.setattr(loop, "job_crop_scale", lambda config, job: None)
+    monkeypatch.setattr(loop.distributed, "init", lambda local_rank: (0, 1, "cpu"))
+    monkeypatch.setattr(loop, "training_mixture", lambda *a: types.SimpleNamespace(expected_samples=1))
+    monkeypatch.setattr(loop, "resolve", lambda *a, **k: types.SimpleNamespace(
+        derived=types.SimpleNamespace(total_steps=total_steps)))
+    monkeypatch.setattr(loop, "engine_config", lambda *a: {})
+    monkeypatch.setattr(loop, "optimizer_layout", lambda *a: None)
+    monkeypatch.setattr(loop, "agree_on_configuration", lambda *a: None)
+    monkeypatch.setattr(run_folder, "agree_on_lock", lambda root: [])
+    monkeypatch.setattr(run_folder, "agree_on_shared_folder", lambda root: None)
+    monkeypatch.setattr(run_folder, "agree_on_run_folder", lambda root, resume, overwrite: (None, []))
+    monkeypatch.setattr(loop, "plan_resume", lambda *a, **k: types.SimpleNamespace(
+        step=at_step, tag=f"step{at_step:08d}", finishes_by=lambda last: at_step >= last))
+    config = types.SimpleNamespace(data=types.SimpleNamespace(shards="s", train_split="train", sources=[]),
+                                   checkpoint=types.SimpleNamespace(resume="auto"))
+    with pytest.raises(loop.RunAlreadyComplete, match=f"already complete at step {at_step}"):
+        loop.start_run(config, [], run, 0)
+
+
+def test_a_requeued_run_its_shortened_schedule_finds_complete_is_not_requeued_again(tmp_path, monkeypatch):
+    """Stopped by a signal at step 11 of 40, then requeued with a schedule that now ends at step 11 (the profile
+    edited to fewer epochs): the start says "already complete" and exits 0, and summary.json still said stopped at
+    11 of 40, so the batch script requeued the job again, up to MIXMAE_MAX_REQUEUES full job starts. The start
+    records, in summary.json, that the run is complete under the current plan; the decision reads it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    stopped = {"steps": 11, "planned_steps": 40, "stopped_by_signal": True, "images_seen": 88}
+    (run / "summary.json").write_text(json.dumps(stopped))
+    assert requeue.decide(run, {})[0]  # the first stop: requeue
+    _start_finding_the_run_complete(monkeypatch, run, total_steps=11, at_step=11)
+    again, why = requeue.decide(run, {})
+    assert not again
+    assert why == (f"{run / 'summary.json'}: a later start found the run complete at step 11 (its schedule now "
+                   "ends at step 11)")
+    summary = json.loads((run / "summary.json").read_text())
+    assert {k: summary[k] for k in stopped} == stopped  # the stop's own record is kept as it was
+    assert not list(run.glob("*.tmp*"))
+
+
+def test_a_finished_runs_summary_is_left_as_it_was_by_a_start_that_finds_it_complete(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    text = json.dumps({"steps": 40, "planned_steps": 40, "stopped_by_signal": False})
+    (run / "summary.json").write_text(text)
+    _start_finding_the_run_complete(monkeypatch, run, total_steps=40, at_step=40)
+    assert (run / "summary.json").read_text() == text
+    assert not requeue.decide(run, {})[0]
