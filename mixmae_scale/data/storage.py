@@ -278,6 +278,20 @@ def exists(url: str | Path) -> bool:
         raise _explain(exc, str(url), "HEAD") from exc
 
 
+def size(url: str | Path) -> int:
+    """The file's size in bytes: a stat, or one HEAD on S3 (for a ranged read of a file no record gives the size of:
+    a range that ends at 0 is no range)."""
+    if not is_remote(url):
+        try:
+            return Path(url).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"{Path(url).resolve()}: no such file") from None
+        except OSError as exc:
+            raise StorageError(f"{Path(url).resolve()}: {exc.strerror or exc}") from exc
+    bucket, key = split_url(str(url))
+    return int(_s3_call(str(url), "HEAD", lambda: _client().head_object(Bucket=bucket, Key=key))["ContentLength"])
+
+
 def read_bytes(url: str | Path) -> bytes:
     if not is_remote(url):
         try:

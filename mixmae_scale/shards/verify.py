@@ -58,6 +58,11 @@ def _scan(url: str, entry: ShardEntry, decode: bool, errors: list[str]) -> TarIn
             return None
         size = path.stat().st_size
     try:
+        if not size:  # a manifest may leave out `bytes` (0): the file says its size, as a store's HEAD does
+            size = storage.size(url)
+        if not size:
+            errors.append(f"{url}: empty (0 bytes), not a tar")
+            return None
         with storage.open_range(url, 0, size) as stream:
             # An object rewritten at another size is one line, as a file is: its samples past the old offsets
             # would each be a line of their own. The store says the object's size with the first range it sends.
