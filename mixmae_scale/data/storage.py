@@ -32,7 +32,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from mixmae_scale.atomic_file import fsync_path, replacing
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 
 S3_PREFIX = "s3://"
 REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST", "DELETE" -> requests this process sent
@@ -224,7 +224,7 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "", body:
         virtual = (f"; the bucket is in the host name (virtual-host addressing): for a store that wants "
                    f"http://HOST/{bucket}/KEY set addressing_style = path in the s3 section of the AWS config file "
                    "(docs/data.md)" if host.startswith(bucket + ".") and not on_aws else "")
-        why = (f"cannot reach {endpoint}{unset} after {_attempts()} attempt(s) (AWS_MAX_ATTEMPTS; "
+        why = (f"cannot reach {endpoint}{unset} after {plural(_attempts(), 'attempt')} (AWS_MAX_ATTEMPTS; "
                f"{_timeouts_said()}): {' '.join(str(exc).split())}. Check "
                f"AWS_ENDPOINT_URL and the network{virtual}")
     elif isinstance(exc, bx.ClientError):
