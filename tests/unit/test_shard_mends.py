@@ -43,3 +43,26 @@ def test_verify_reads_a_tar_in_a_bucket_whose_manifest_gives_no_bytes(tmp_path, 
     client.put_object(Bucket=s3_bucket, Key="set/train-000001.tar", Body=b"")
     report = verify(f"s3://{s3_bucket}/set")
     assert [e for e in report["errors"] if "train-000001.tar" in e and "empty" in e], report["errors"]
+
+
+def test_text_that_starts_with_bm_is_said_to_be_text_not_a_damaged_bmp():
+    from mixmae_scale.shards.jpeg_check import what_the_bytes_are
+
+    said = what_the_bytes_are(b"BMW,3 series,2019\nAudi,A4,2020\n")
+    assert said.startswith("text") and "not a readable BMP" not in said, said
+
+
+def test_text_with_a_utf8_byte_order_mark_is_said_to_be_text():
+    from mixmae_scale.shards.jpeg_check import what_the_bytes_are
+
+    assert what_the_bytes_are("\ufeffname,label\ncat.jpg,1\n".encode()).startswith("text"), \
+        what_the_bytes_are("\ufeffname,label\ncat.jpg,1\n".encode())
+
+
+def test_bytes_invalid_as_utf8_before_the_end_are_not_called_text():
+    from mixmae_scale.shards.jpeg_check import what_the_bytes_are
+
+    data = b"abc\xff\xfe" + b"x" * 600  # invalid bytes near the start: no character cut by the 512-byte window
+    assert not what_the_bytes_are(data).startswith("text"), what_the_bytes_are(data)
+    cut = "é".encode() * 300  # 600 bytes: the 512-byte window ends inside no character, but may: see below
+    assert what_the_bytes_are(b"a" + cut).startswith("text")  # 'é' cut in two at byte 512: still text
