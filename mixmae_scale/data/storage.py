@@ -180,14 +180,25 @@ def _attempts() -> int:
 
 def _credentials_source() -> str:
     """Which credentials were sent and where botocore found them (the variables, a profile's file, a role): keys
-    left in the shell win over the profile meant. The key id names them; the secret is never shown."""
-    import botocore.session
+    left in the shell win over the profile meant. The key id names them; the secret is never shown.
 
-    found = botocore.session.get_session().get_credentials()  # the chain the client resolved, from the same settings
-    if found is None:
-        return "no credentials"
-    profile = f", profile {os.environ['AWS_PROFILE']}" if os.environ.get("AWS_PROFILE") else ""
-    return f"access key id {found.access_key} from {found.method}{profile}"
+    Read from the client that sent them, never resolved again: a fresh session runs the chain anew, and for an
+    assume-role, credential_process or SSO profile that calls out (it may hang, or raise), and its error replaced
+    the refusal this explains. Whatever goes wrong here is said in the line, never raised."""
+    try:
+        client = _CLIENTS.get(os.getpid())
+        signer = getattr(client, "_request_signer", None)
+        if signer is None:
+            return "which credentials were sent is not known"
+        found = signer._credentials
+        if found is None:
+            return "no credentials"
+        # A refreshable set's access_key property refreshes an expired set (a call out); its last key is enough.
+        key = getattr(found, "_access_key", None) or found.access_key
+        profile = f", profile {os.environ['AWS_PROFILE']}" if os.environ.get("AWS_PROFILE") else ""
+        return f"access key id {key} from {getattr(found, 'method', None) or 'an unknown source'}{profile}"
+    except Exception as exc:  # noqa: BLE001 - the refusal being explained matters more than this detail
+        return f"which credentials were sent is not known ({type(exc).__name__}: {exc})"
 
 
 def _endpoint_set() -> bool:

@@ -279,3 +279,27 @@ def test_an_upload_the_store_refuses_is_a_storage_error_naming_the_bucket(s3_ser
         storage.upload(local, "s3://no-such-bucket-here/set/shard.tar")
     assert str(raised.value) == (f"s3://no-such-bucket-here/set/shard.tar: PUT failed: the bucket no-such-bucket-here "
                                  f"does not exist at {s3_server} (AWS_ENDPOINT_URL)")
+
+
+def test_refused_keys_are_explained_even_where_resolving_credentials_again_would_raise(checking_server, monkeypatch,
+                                                                                         fresh_clients):
+    """An assume-role, credential_process or SSO profile resolves by calling out, which may fail or hang: the
+    message that explains a refusal must not resolve them again, nor let a failure there replace the refusal."""
+    import botocore.session
+    from botocore.exceptions import CredentialRetrievalError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", checking_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLEFTINTHESHELL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-shown")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    storage._client()  # the client resolved its credentials; from now on resolving them again fails
+
+    def fails(self):
+        raise CredentialRetrievalError(provider="custom-process", error_msg="the role's session expired")
+
+    monkeypatch.setattr(botocore.session.Session, "get_credentials", fails)
+    with pytest.raises(storage.StorageError) as raised:
+        storage.list_files("s3://some-bucket/prefix")
+    message = str(raised.value)
+    said = "the credentials (InvalidAccessKeyId; access key id AKIDLEFTINTHESHELL from env)"
+    assert message.startswith(f"s3://some-bucket/prefix: LIST failed: the store at {checking_server} refused {said}")
