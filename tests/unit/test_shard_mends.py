@@ -66,3 +66,22 @@ def test_bytes_invalid_as_utf8_before_the_end_are_not_called_text():
     assert not what_the_bytes_are(data).startswith("text"), what_the_bytes_are(data)
     cut = "é".encode() * 300  # 600 bytes: the 512-byte window ends inside no character, but may: see below
     assert what_the_bytes_are(b"a" + cut).startswith("text")  # 'é' cut in two at byte 512: still text
+
+
+def test_a_script_without_a_main_guard_is_told_the_guard_or_workers_1(tmp_path, demo_shards):
+    """Workers start as fresh interpreters (spawn) that import the caller's script: a script calling verify (or
+    convert, adopt) with workers > 1 at its top level starts the call again in each worker, and multiprocessing's
+    'bootstrapping phase' RuntimeError in every worker, then BrokenProcessPool, is all the user saw."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check_my_set.py"
+    script.write_text("from mixmae_scale.shards.verify import verify\n"
+                      f"print(verify({str(demo_shards)!r}, workers=2)['ok'])\n")
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": root})
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mixmae_scale.shards.builder.PoolError") and 'if __name__ == "__main__":' in last \
+        and "workers=1" in last, done.stderr[-3000:]
