@@ -293,6 +293,7 @@ class _Split:
 
     plans: list[ShardPlan]
     changes: SourceChanges
+    duplicates_note: str = ""  # planned files now skipped as already in the set (_skip_planned_duplicates)
 
 
 class ConversionSource:
@@ -350,7 +351,31 @@ class ConversionSource:
 
         plans, changes = resume_plan(self.out, split, _split_root(self.src, split, options), images, classes,
                                      make_plans, started=_has_shards(self.out, split))
-        return _Split(plans, changes)
+        plans, note = self._skip_planned_duplicates(split, plans, changes)
+        return _Split(plans, changes, note)
+
+    def _skip_planned_duplicates(self, split: str, plans: list[ShardPlan], changes: SourceChanges
+                                 ) -> tuple[list[ShardPlan], str]:
+        """A plan saved before linked duplicates were skipped (sources.drop_duplicates) names files discovery now
+        leaves out: they were said to have vanished (they had not), written as planned and counted as skipped too.
+        In a shard still to write such a file is skipped; in one written earlier it stays, counted as written."""
+        found = self.discovered[split]
+        skipped = {d.rel: d for d in found.duplicates}
+        planned = [im.rel for p in plans for im in p.images if im.rel in skipped]
+        if not planned:
+            return plans, ""
+        done = set(finished_records(self.out, [p.name for p in plans]))
+        kept = {im.rel for p in plans if p.name in done for im in p.images if im.rel in skipped}
+        plans = [p if p.name in done else replace(p, images=tuple(im for im in p.images if im.rel not in skipped))
+                 for p in plans]
+        changes.vanished = [rel for rel in changes.vanished if rel not in skipped]
+        self.discovered[split] = replace(found, duplicates=[d for d in found.duplicates if d.rel not in kept])
+        first = skipped[planned[0]]
+        are = "is" if len(planned) == 1 else "are"
+        return plans, (f"{split}: {plural(len(planned), 'planned file')} {are} already in the set as another file "
+                       f"(first: {first.rel}: {first.reason().split(' (skipped')[0]}); the plan was saved before such "
+                       f"files were skipped: {len(planned) - len(kept)} skipped now, {len(kept)} kept in shards "
+                       "written earlier")
 
     def pending(self, split: str) -> tuple[WorkList, list[str]]:
         state = self.state[split]
@@ -365,8 +390,8 @@ class ConversionSource:
         desc = f"{split}: {plural(len(todo), 'shard')} to write" + (f", {len(done)} done earlier" if done else "")
         work = WorkList(todo, done, write_shard, (self.out, self.write_options, self.staging), desc, "img",
                         size=lambda plan: len(plan.images), postfix=_Throughput())
-        message = state.changes.describe(split)
-        return work, [message] if message else []
+        messages = [state.changes.describe(split), state.duplicates_note]
+        return work, [message for message in messages if message]
 
     def account(self, split: str, results: list[ShardRecord]) -> SplitOutcome:
         plans, changes = self.state[split].plans, self.state[split].changes
