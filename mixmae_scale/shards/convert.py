@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -316,10 +317,45 @@ class ConversionSource:
     def discover(self) -> tuple[list[str], list[str]]:
         self.discovered = discover_splits(self.src, self.options, self.out)
         self._keep_other_splits()
+        warnings = self._drop_earlier_duplicates()
         for split in self.splits:  # every split's plan saved before any shard: a resume finds the partition whole
             self.state[split] = self._plan(split)
         return ([f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored]
-                + [d.duplicates_note(split) for split, d in self.discovered.items() if d.duplicates]), []
+                + [d.duplicates_note(split) for split, d in self.discovered.items() if d.duplicates]), warnings
+
+    def _drop_earlier_duplicates(self) -> list[str]:
+        """Files of this run's splits that are images of a split OUT holds from an earlier run (`--split val` after
+        `--split train`): drop_duplicates sees one run's splits only, so a val/ of links into train/ kept training
+        images in the held-out split. The earlier split's files are those its saved plan names (kept in OUT's
+        progress folder); a split without one (converted by an older version) cannot be checked: said, not
+        silent."""
+        warnings: list[str] = []
+        earlier: dict[str, tuple[str, str]] = {}  # real path -> (split, relative name) of each earlier file
+        for other in self.other_splits:
+            files = planned_files(self.out, other)
+            if not files:
+                warnings.append(f"{other}: converted earlier into {self.out} without a saved plan (an older "
+                                f"version), so its files are not recorded: duplicates between {other} and "
+                                f"{', '.join(self.splits)} (links into {other}'s images) cannot be found; to be "
+                                "sure, convert every split in one run into a new folder")
+                continue
+            root = _split_root(self.src, other, self.options)
+            for rel in files:
+                earlier.setdefault(os.path.realpath(root / rel), (other, rel))
+        if not earlier:
+            return warnings
+        for split in self.splits:
+            found = self.discovered[split]
+            kept, left_out = [], []
+            for image in found.images:
+                holder = earlier.get(os.path.realpath(image.path))
+                if holder is None:
+                    kept.append(image)
+                else:
+                    left_out.append(Duplicate(image.rel, holder[1], holder[0], os.path.islink(image.path)))
+            if left_out:
+                self.discovered[split] = replace(found, images=kept, duplicates=found.duplicates + left_out)
+        return warnings
 
     def _keep_other_splits(self) -> None:
         """The splits OUT holds that this run does not convert (converted earlier by another --split) stay in the
