@@ -217,3 +217,28 @@ def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_m
     said = " ".join(result.warnings + result.notes)
     assert "vanished" not in said and "dup.jpg" in said, said
     assert verify(out)["ok"]
+
+
+def test_a_planned_link_already_written_before_the_resume_stays_counted_as_written(tmp_path, monkeypatch):
+    import shutil
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(20):
+        jpeg(src / f"img{i:03d}.jpg", i)
+    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
+    stop_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    stop_after(monkeypatch, planned_shard(out, "dup.jpg") + 1)  # its shard written, as an older version wrote it
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    (src / "dup.jpg").unlink()
+    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    result = convert(src, out, OPTIONS)
+    split = result.manifest.to_dict()["splits"]["train"]
+    assert sources_in(out).count("dup.jpg") == 1
+    assert (split["found"], split["samples"], split.get("skipped_duplicates", 0)) == (21, 21, 0)
+    said = " ".join(result.warnings)
+    assert "vanished" not in said and "0 skipped now, 1 kept in shards written earlier" in said, said
