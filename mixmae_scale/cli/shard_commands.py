@@ -89,7 +89,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
             print(f"{split}: {plural(info['samples'], 'sample')} in {plural(info['shards'], 'shard')}{decoded}")
         for error in report["errors"]:
             print(f"ERROR {error}")
-        print("OK" if report["ok"] else f"{len(report['errors'])} problem(s)")
+        print("OK" if report["ok"] else plural(len(report['errors']), 'problem'))
     return 0 if report["ok"] else 1
 
 

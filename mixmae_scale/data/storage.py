@@ -32,7 +32,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from mixmae_scale.atomic_file import fsync_path, replacing
-from mixmae_scale.data.errors import DataError
+from mixmae_scale.data.errors import DataError, plural
 
 S3_PREFIX = "s3://"
 REQUESTS: Counter[str] = Counter()  # "GET", "HEAD", "PUT", "LIST", "DELETE" -> requests this process sent
@@ -180,14 +180,25 @@ def _attempts() -> int:
 
 def _credentials_source() -> str:
     """Which credentials were sent and where botocore found them (the variables, a profile's file, a role): keys
-    left in the shell win over the profile meant. The key id names them; the secret is never shown."""
-    import botocore.session
+    left in the shell win over the profile meant. The key id names them; the secret is never shown.
 
-    found = botocore.session.get_session().get_credentials()  # the chain the client resolved, from the same settings
-    if found is None:
-        return "no credentials"
-    profile = f", profile {os.environ['AWS_PROFILE']}" if os.environ.get("AWS_PROFILE") else ""
-    return f"access key id {found.access_key} from {found.method}{profile}"
+    Read from the client that sent them, never resolved again: a fresh session runs the chain anew, and for an
+    assume-role, credential_process or SSO profile that calls out (it may hang, or raise), and its error replaced
+    the refusal this explains. Whatever goes wrong here is said in the line, never raised."""
+    try:
+        client = _CLIENTS.get(os.getpid())
+        signer = getattr(client, "_request_signer", None)
+        if signer is None:
+            return "which credentials were sent is not known"
+        found = signer._credentials
+        if found is None:
+            return "no credentials"
+        # A refreshable set's access_key property refreshes an expired set (a call out); its last key is enough.
+        key = getattr(found, "_access_key", None) or found.access_key
+        profile = f", profile {os.environ['AWS_PROFILE']}" if os.environ.get("AWS_PROFILE") else ""
+        return f"access key id {key} from {getattr(found, 'method', None) or 'an unknown source'}{profile}"
+    except Exception as exc:  # noqa: BLE001 - the refusal being explained matters more than this detail
+        return f"which credentials were sent is not known ({type(exc).__name__}: {exc})"
 
 
 def _endpoint_set() -> bool:
@@ -224,7 +235,7 @@ def _explain(exc: Exception, url: str, action: str, range_asked: str = "", body:
         virtual = (f"; the bucket is in the host name (virtual-host addressing): for a store that wants "
                    f"http://HOST/{bucket}/KEY set addressing_style = path in the s3 section of the AWS config file "
                    "(docs/data.md)" if host.startswith(bucket + ".") and not on_aws else "")
-        why = (f"cannot reach {endpoint}{unset} after {_attempts()} attempt(s) (AWS_MAX_ATTEMPTS; "
+        why = (f"cannot reach {endpoint}{unset} after {plural(_attempts(), 'attempt')} (AWS_MAX_ATTEMPTS; "
                f"{_timeouts_said()}): {' '.join(str(exc).split())}. Check "
                f"AWS_ENDPOINT_URL and the network{virtual}")
     elif isinstance(exc, bx.ClientError):
@@ -276,6 +287,20 @@ def exists(url: str | Path) -> bool:
         raise _explain(exc, str(url), "HEAD") from exc
     except bx.BotoCoreError as exc:
         raise _explain(exc, str(url), "HEAD") from exc
+
+
+def size(url: str | Path) -> int:
+    """The file's size in bytes: a stat, or one HEAD on S3 (for a ranged read of a file no record gives the size of:
+    a range that ends at 0 is no range)."""
+    if not is_remote(url):
+        try:
+            return Path(url).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"{Path(url).resolve()}: no such file") from None
+        except OSError as exc:
+            raise StorageError(f"{Path(url).resolve()}: {exc.strerror or exc}") from exc
+    bucket, key = split_url(str(url))
+    return int(_s3_call(str(url), "HEAD", lambda: _client().head_object(Bucket=bucket, Key=key))["ContentLength"])
 
 
 def read_bytes(url: str | Path) -> bytes:

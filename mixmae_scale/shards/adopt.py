@@ -334,7 +334,7 @@ class AdoptionSource:
                     and (record.decoded or not decode) and (not record.index or record.index in indexes))
 
         todo, done = resume(jobs, records, key=lambda job: job.name, fresh=fresh)
-        desc = f"{split}: {len(todo)} tar(s) to index" + (f", {len(done)} done earlier" if done else "")
+        desc = f"{split}: {plural(len(todo), 'tar')} to index" + (f", {len(done)} done earlier" if done else "")
         return (WorkList(todo, done, index_shard, (), desc, "B", size=lambda job: job.size, postfix=_Tally()),
                 self._vanished(split))
 
@@ -351,18 +351,19 @@ class AdoptionSource:
         if not gone:
             return []
         names = ", ".join(e.name for e in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
-        return [f"{split}: {len(gone)} tar(s) of the manifest are no longer in {self.src} ({names}): their "
-                f"{sum(e.samples for e in gone)} indexed sample(s) leave it ({before.samples} before). If they moved "
-                "or a mount is missing, put them back and run the same command again (the other tars are not read "
-                "again); if they were deleted on purpose, the set is now smaller"]
+        are = "is" if len(gone) == 1 else "are"
+        return [f"{split}: {plural(len(gone), 'tar')} of the manifest {are} no longer in {self.src} ({names}): "
+                f"their {plural(sum(e.samples for e in gone), 'indexed sample')} leave it ({before.samples} before). "
+                "If they moved or a mount is missing, put them back and run the same command again (the other tars are "
+                "not read again); if they were deleted on purpose, the set is now smaller"]
 
     def account(self, split: str, results: list[AdoptedShard | str]) -> SplitOutcome:
         failures = [r for r in results if isinstance(r, str)]
         if failures:
-            raise SourceError(f"{len(failures)} of {len(self.tars)} tar(s) could not be read: {failures[0]}"
+            raise SourceError(f"{len(failures)} of {plural(len(self.tars), 'tar')} could not be read: {failures[0]}"
                               + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
-                              + f". Run the same command again to retry them; the {len(self.tars) - len(failures)} "
-                              "indexed tar(s) are kept")
+                              + f". Run the same command again to retry them; the "
+                              f"{plural(len(self.tars) - len(failures), 'indexed tar')} are kept")
         records = {r.name: r for r in results}
         shards = [records[t.name] for t in self.tars]
         entry, warnings = self._entry(split, shards)
@@ -374,7 +375,8 @@ class AdoptionSource:
         # not one, in the ceiling's share (tar_index records them as "images").
         extra = [r["reason"] for s in shards for r in s.rejected for _ in range(r.get("images", 1) - 1)]
         reasons = [r["reason"] for s in shards for r in s.rejected] + extra + [s.problem for s in bad_tars]
-        empty = f"{self.src}: no sample of its {len(shards)} tar(s) can be read; see {storage.join(self.out, REJECTED)}"
+        empty = (f"{self.src}: no sample of its {plural(len(shards), 'tar')} can be read; "
+                 f"see {storage.join(self.out, REJECTED)}")
         return SplitOutcome(entry, rows, entry.counts["found"] + len(extra) + len(bad_tars), reasons, warnings, empty)
 
     def _entry(self, split: str, shards: list[AdoptedShard]) -> tuple[SplitEntry, list[str]]:
@@ -402,8 +404,8 @@ class AdoptionSource:
         if labeled and (warning := _sorted_warning(split, shards, max_label + 1)):
             warnings.append(warning)
         for other, names in self.left_out.items():
-            warnings.append(f"{split}: {len(names)} tar(s) named for '{other}' (e.g. {names[0]}) left out; adopt "
-                            f"them with --split {other}")
+            warnings.append(f"{split}: {plural(len(names), 'tar')} named for '{other}' (e.g. {names[0]}) left "
+                            f"out; adopt them with --split {other}")
         masked = sum(s.masked_samples for s in shards)
         if 0 < masked < samples:
             warnings.append(f"{split}: {samples - masked} of {samples} indexed samples have no seg.png, so the split "
@@ -433,7 +435,7 @@ def hidden_note(count: int, names: list[str]) -> str:
     tar) beside every file it copies to a volume without its attributes, so a set copied from a Mac doubles its
     "tars". A summary's "ignored files beside the tars: {'.tar': 1}" said neither which nor why."""
     shown = ", ".join(names[:HIDDEN_NAMED]) + (f" and {count - HIDDEN_NAMED} more" if count > HIDDEN_NAMED else "")
-    return (f"{count} hidden tar(s) skipped ({shown}): a name starting with '.' is a hidden file, such as the "
+    return (f"{plural(count, 'hidden tar')} skipped ({shown}): a name starting with '.' is a hidden file, such as the "
             "AppleDouble '._*' files macOS leaves beside copied files, not a shard; rename a real shard without the "
             "leading dot")
 
@@ -442,9 +444,9 @@ def _compressed_note(names: list[str]) -> str:
     """Compressed tars are not shards: training reads byte ranges of each tar at the offsets its index gives, and
     a gzip (bz2, xz, zstd) stream has no such offsets. A summary's "ignored files: {'.gz': 1}" hid them."""
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"{len(names)} compressed tar(s) ignored ({shown}): training reads byte ranges of plain tars, which a "
-            "compressed stream has not; decompress them in place (`gunzip x.tar.gz` or `gunzip x.tgz` leaves x.tar; "
-            "`unxz`, `bunzip2`, `unzstd` likewise) and run the same command again")
+    return (f"{plural(len(names), 'compressed tar')} ignored ({shown}): training reads byte ranges of plain tars, "
+            "which a compressed stream has not; decompress them in place (`gunzip x.tar.gz` or `gunzip x.tgz` leaves "
+            "x.tar; `unxz`, `bunzip2`, `unzstd` likewise) and run the same command again")
 
 
 def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResult:
@@ -460,7 +462,8 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
     info = entry.counts
     classes = f"labeled, {plural(len(manifest.classes), 'class', 'classes')}" if entry.labeled else "unlabeled"
     ignored = f"; ignored files beside the tars: {info['ignored_files']}" if info["ignored_files"] else ""
-    problems = f"; {info['problem_tars']} tar(s) cut or unreadable (see rejected.jsonl)" if info["problem_tars"] else ""
+    problems = (f"; {plural(info['problem_tars'], 'tar')} cut or unreadable (see rejected.jsonl)"
+                if info["problem_tars"] else "")
     hidden = f"; {hidden_note(info['hidden_tars'], info['hidden_tar_names'])}" if info.get("hidden_tars") else ""
     masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""
     return [f"{split}: {plural(len(entry.shards), 'shard')} ({result.done_now} indexed now); samples found "

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -47,6 +48,15 @@ IN_FLIGHT_PER_WORKER = 4
 # machine (fork: 0.01 s; forkserver: 0.23 s for the first pool), against seconds per shard of work. So `work`
 # must be a top-level function of an importable module, and it and its args must pickle.
 START_METHOD = "spawn"
+GUARD = ("if this runs from a script of your own, put its calls under `if __name__ == \"__main__\":` (each worker "
+         "starts a fresh interpreter that imports the script, and an unguarded call there starts the work again), "
+         "or pass workers=1")
+
+
+class PoolError(RuntimeError):
+    """The worker pool could not do its work. A script that calls convert/adopt/verify with workers > 1 outside an
+    `if __name__ == "__main__":` guard got multiprocessing's 'bootstrapping phase' RuntimeError from every worker and
+    then BrokenProcessPool, neither of which names the fix."""
 
 
 @dataclass
@@ -171,6 +181,16 @@ def bounded_pool(work: Callable[..., R], units: Sequence[J], workers: int, args:
         for unit in units:
             yield unit, work(unit, *args)
         return
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # a worker importing an unguarded script
+        raise PoolError(f"a pool of {workers} workers was started while a worker imported the calling script: {GUARD}")
+    try:
+        yield from _pooled(work, units, workers, args)
+    except BrokenProcessPool as exc:
+        raise PoolError(f"a worker of the pool ({workers} workers) stopped before its work was done: {GUARD}; "
+                        "otherwise it was killed (out of memory?)") from exc
+
+
+def _pooled(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple) -> Iterator[tuple[J, R]]:
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD)) as pool:
         pending: dict[Future, J] = {}
         queue = iter(units)

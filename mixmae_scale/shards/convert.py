@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -293,6 +294,7 @@ class _Split:
 
     plans: list[ShardPlan]
     changes: SourceChanges
+    duplicates_note: str = ""  # planned files now skipped as already in the set (_skip_planned_duplicates)
 
 
 class ConversionSource:
@@ -315,10 +317,45 @@ class ConversionSource:
     def discover(self) -> tuple[list[str], list[str]]:
         self.discovered = discover_splits(self.src, self.options, self.out)
         self._keep_other_splits()
+        warnings = self._drop_earlier_duplicates()
         for split in self.splits:  # every split's plan saved before any shard: a resume finds the partition whole
             self.state[split] = self._plan(split)
         return ([f"{split}: {ignored_note(d.ignored)}" for split, d in self.discovered.items() if d.ignored]
-                + [d.duplicates_note(split) for split, d in self.discovered.items() if d.duplicates]), []
+                + [d.duplicates_note(split) for split, d in self.discovered.items() if d.duplicates]), warnings
+
+    def _drop_earlier_duplicates(self) -> list[str]:
+        """Files of this run's splits that are images of a split OUT holds from an earlier run (`--split val` after
+        `--split train`): drop_duplicates sees one run's splits only, so a val/ of links into train/ kept training
+        images in the held-out split. The earlier split's files are those its saved plan names (kept in OUT's
+        progress folder); a split without one (converted by an older version) cannot be checked: said, not
+        silent."""
+        warnings: list[str] = []
+        earlier: dict[str, tuple[str, str]] = {}  # real path -> (split, relative name) of each earlier file
+        for other in self.other_splits:
+            files = planned_files(self.out, other)
+            if not files:
+                warnings.append(f"{other}: converted earlier into {self.out} without a saved plan (an older "
+                                f"version), so its files are not recorded: duplicates between {other} and "
+                                f"{', '.join(self.splits)} (links into {other}'s images) cannot be found; to be "
+                                "sure, convert every split in one run into a new folder")
+                continue
+            root = _split_root(self.src, other, self.options)
+            for rel in files:
+                earlier.setdefault(os.path.realpath(root / rel), (other, rel))
+        if not earlier:
+            return warnings
+        for split in self.splits:
+            found = self.discovered[split]
+            kept, left_out = [], []
+            for image in found.images:
+                holder = earlier.get(os.path.realpath(image.path))
+                if holder is None:
+                    kept.append(image)
+                else:
+                    left_out.append(Duplicate(image.rel, holder[1], holder[0], os.path.islink(image.path)))
+            if left_out:
+                self.discovered[split] = replace(found, images=kept, duplicates=found.duplicates + left_out)
+        return warnings
 
     def _keep_other_splits(self) -> None:
         """The splits OUT holds that this run does not convert (converted earlier by another --split) stay in the
@@ -350,7 +387,31 @@ class ConversionSource:
 
         plans, changes = resume_plan(self.out, split, _split_root(self.src, split, options), images, classes,
                                      make_plans, started=_has_shards(self.out, split))
-        return _Split(plans, changes)
+        plans, note = self._skip_planned_duplicates(split, plans, changes)
+        return _Split(plans, changes, note)
+
+    def _skip_planned_duplicates(self, split: str, plans: list[ShardPlan], changes: SourceChanges
+                                 ) -> tuple[list[ShardPlan], str]:
+        """A plan saved before linked duplicates were skipped (sources.drop_duplicates) names files discovery now
+        leaves out: they were said to have vanished (they had not), written as planned and counted as skipped too.
+        In a shard still to write such a file is skipped; in one written earlier it stays, counted as written."""
+        found = self.discovered[split]
+        skipped = {d.rel: d for d in found.duplicates}
+        planned = [im.rel for p in plans for im in p.images if im.rel in skipped]
+        if not planned:
+            return plans, ""
+        done = set(finished_records(self.out, [p.name for p in plans]))
+        kept = {im.rel for p in plans if p.name in done for im in p.images if im.rel in skipped}
+        plans = [p if p.name in done else replace(p, images=tuple(im for im in p.images if im.rel not in skipped))
+                 for p in plans]
+        changes.vanished = [rel for rel in changes.vanished if rel not in skipped]
+        self.discovered[split] = replace(found, duplicates=[d for d in found.duplicates if d.rel not in kept])
+        first = skipped[planned[0]]
+        are = "is" if len(planned) == 1 else "are"
+        return plans, (f"{split}: {plural(len(planned), 'planned file')} {are} already in the set as another file "
+                       f"(first: {first.rel}: {first.reason().split(' (skipped')[0]}); the plan was saved before such "
+                       f"files were skipped: {len(planned) - len(kept)} skipped now, {len(kept)} kept in shards "
+                       "written earlier")
 
     def pending(self, split: str) -> tuple[WorkList, list[str]]:
         state = self.state[split]
@@ -365,8 +426,8 @@ class ConversionSource:
         desc = f"{split}: {plural(len(todo), 'shard')} to write" + (f", {len(done)} done earlier" if done else "")
         work = WorkList(todo, done, write_shard, (self.out, self.write_options, self.staging), desc, "img",
                         size=lambda plan: len(plan.images), postfix=_Throughput())
-        message = state.changes.describe(split)
-        return work, [message] if message else []
+        messages = [state.changes.describe(split), state.duplicates_note]
+        return work, [message for message in messages if message]
 
     def account(self, split: str, results: list[ShardRecord]) -> SplitOutcome:
         plans, changes = self.state[split].plans, self.state[split].changes

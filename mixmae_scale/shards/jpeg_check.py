@@ -169,23 +169,37 @@ def _signature(data: bytes) -> str | None:
     return next((name for magic, name in IMAGE_SIGNATURES if data.startswith(magic)), None)
 
 
+def _as_text(head: bytes) -> str | None:
+    """`head` (a file's first bytes) as UTF-8 text, or None. A byte-order mark, which editors and spreadsheets put
+    before a UTF-8 CSV, is no character of the text; a character cut by the end of the window is still text, but a
+    byte that is not UTF-8 anywhere before the end makes it not text (dropping such bytes called binary data text)."""
+    head = head.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and exc.end == len(head) and len(head) - exc.start < 4:
+            return head[:exc.start].decode("utf-8", "strict")
+        return None
+
+
 def what_the_bytes_are(data: bytes) -> str:
     """What a file Pillow could not open is, by its first bytes: an image format whose data is damaged (or one
-    Pillow does not read), a known other kind of file, text, or unknown bytes."""
+    Pillow does not read), a known other kind of file, text, or unknown bytes. Text comes before the BMP and GIF
+    signatures, which are printable ('BM', 'GIF89a'): a CSV whose first word starts with BM was said to be a
+    damaged BMP."""
     image = _signature(data)
     if image == "HEIC/AVIF":
         return "a HEIC/AVIF image, which Pillow does not read without a plugin: convert it to JPEG or PNG first"
-    if image is not None:
+    text = _as_text(data[:512])
+    is_text = bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
+    if image is not None and not is_text:
         return f"a {image} signature, but the data after it is not a readable {image}"
     other = next((name for magic, name in OTHER_SIGNATURES if data.startswith(magic)), None)
     if other is not None:
         return other
-    head = data[:512]
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None if len(head) < 512 else head[:-3].decode("utf-8", "ignore")  # a character cut at the end
-    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+    if is_text:
+        if image is not None:
+            return f"text, not a {image} (it starts {data[:8]!r}, whose first bytes a {image} also starts with)"
         return f"text (no {SIGNATURE_NAMES} signature)"
     return f"no {SIGNATURE_NAMES} signature (it starts {data[:8].hex(' ')})"
 

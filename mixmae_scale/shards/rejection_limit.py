@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from mixmae_scale.data.errors import plural
 from mixmae_scale.shards.tar_index import KEY_APART, KEY_APART_REMEDY
 
 DEFAULT_MAX_REJECTED = 0.01
@@ -33,7 +34,7 @@ def _kind(reason: str) -> str:
 def reason_counts(reasons: list[str], top: int = 3) -> str:
     counts = Counter(_kind(r) for r in reasons).most_common()
     shown = ", ".join(f"{n} x {kind!r}" for kind, n in counts[:top])  # repr: no quotes inside quotes
-    return shown + (f" and {len(counts) - top} other reason(s)" if len(counts) > top else "")
+    return shown + (f" and {plural(len(counts) - top, 'other reason')}" if len(counts) > top else "")
 
 
 def check_rejections(what: str, found: int, reasons: list[str], max_rejected: float, rejections_file: str,

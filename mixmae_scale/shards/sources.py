@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.image_names import IMAGE_SUFFIXES, is_image_name
 
 # torchvision ImageFolder's IMG_EXTENSIONS: a file named otherwise (notes.txt, a README, labels.csv) is not an
@@ -178,7 +179,7 @@ def labeled_folder(split_dir: Path, root: Path, classes: list[str], ignored: lis
             empty.append(wnid)
         images.extend(found)
     if empty:
-        raise SourceError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:10])}"
+        raise SourceError(f"{split_dir}: {plural(len(empty), 'class folder')} without images: {', '.join(empty[:10])}"
                           + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
                           + (f" ({ignored_note(ignored)})" if ignored else ""))
     return images
@@ -267,7 +268,7 @@ def imagenet_split(src: Path, split: str, ignored: list[str] | None = None) -> t
                "$d && tar xf $f -C $d && rm $f; done), then run the same command again")
     if not classes:
         raise SourceError(f"{train_dir}: no class folders" + (
-            f"; {len(unextracted)} class tar(s) not extracted ({_first(unextracted)}): {extract}" if unextracted
+            f"; {plural(len(unextracted), 'class tar')} not extracted ({_first(unextracted)}): {extract}" if unextracted
             else ""))
     if unextracted:
         first = unextracted[0]
@@ -319,8 +320,10 @@ def folder_images(src: Path, ignored: list[str] | None = None, unlabeled: bool =
                           "classes: convert it with `mixmae shards ade20k`")
     classes = [] if unlabeled else class_folders(src)
     if shards := img2dataset_files_folders(src, classes):
+        are = "is a download shard" if len(shards) == 1 else "are download shards"
         raise SourceError(f"{src}: {shards[0]}/ beside {shards[0]}_stats.json is img2dataset's `files` output: its "
-                          f"{len(shards)} numbered folder(s) are download shards, not classes. Convert it with "
+                          f"{plural(len(shards), 'numbered folder')} {are}"
+                          ", not classes. Convert it with "
                           "--unlabeled (pretraining needs no labels), or download with output_format=webdataset "
                           "and `mixmae shards adopt` the tars")
     loose = [p for p in src.iterdir() if not p.is_dir() and is_image_name(p.name)]

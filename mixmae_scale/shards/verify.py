@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixmae_scale.data import storage
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.manifest import DataError, ShardEntry, load_manifest, load_split
 from mixmae_scale.shards.builder import bounded_pool
 from mixmae_scale.shards.tar_index import INDEX_VERSION, TarIndex, index_tar, split_name
@@ -58,6 +59,11 @@ def _scan(url: str, entry: ShardEntry, decode: bool, errors: list[str]) -> TarIn
             return None
         size = path.stat().st_size
     try:
+        if not size:  # a manifest may leave out `bytes` (0): the file says its size, as a store's HEAD does
+            size = storage.size(url)
+        if not size:
+            errors.append(f"{url}: empty (0 bytes), not a tar")
+            return None
         with storage.open_range(url, 0, size) as stream:
             # An object rewritten at another size is one line, as a file is: its samples past the old offsets
             # would each be a line of their own. The store says the object's size with the first range it sends.
@@ -108,7 +114,7 @@ def _compare(tar: str, idx: str, stored: list[str], found: TarIndex, adopted: bo
         extra = [found.keys[i] for i, line in enumerate(found.lines) if line not in stored_lines]
         extra += [r["key"] for r in found.rejected if r["key"] not in {_key(line) for line in stored}]
         if extra:
-            errors.append(f"{tar}: {len(extra)} sample(s) not in its index, first {extra[0]}")
+            errors.append(f"{tar}: {plural(len(extra), 'sample')} not in its index, first {extra[0]}")
         if found.problem:
             errors.append(f"{tar}: {found.problem}")
         errors.extend(f"{tar}: {item['member']}: {item['reason']}" for item in found.ignored)

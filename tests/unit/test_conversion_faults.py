@@ -189,3 +189,56 @@ def test_grouped_rejection_reasons_read_without_quotes_in_quotes_or_placeholder_
                            "more than one image (2 images: jpg, png): one per sample, so that which one trains ...",
                            "zero-byte file"])
     assert shown == "1 x \"unsafe member name '...'\", 1 x 'more than one image', 1 x 'zero-byte file'"
+
+
+def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_most_once(tmp_path, monkeypatch):
+    """A plan saved before linked duplicates were skipped names a link that discovery now leaves out: it was said
+    to have vanished (it had not), written as planned and also counted as skipped. Written earlier, it stays and
+    is counted written; still to write, it is skipped, and the warning says which it is."""
+    import shutil
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(20):
+        jpeg(src / f"img{i:03d}.jpg", i)
+    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")  # planned as a file of its own, as an older version did
+    stop_after(monkeypatch, 0)  # the plan saved, no shard written
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    (src / "dup.jpg").unlink()
+    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    result = convert(src, out, OPTIONS)
+    split = result.manifest.to_dict()["splits"]["train"]
+    samples = sources_in(out)
+    assert "dup.jpg" not in samples and samples.count("img005.jpg") == 1
+    assert split["found"] == split["samples"] + split["rejected"] + split.get("skipped_duplicates", 0)
+    assert (split["found"], split["samples"], split["skipped_duplicates"]) == (21, 20, 1)
+    assert split["source_changes"] == {"vanished": 0, "appeared": 0}
+    said = " ".join(result.warnings + result.notes)
+    assert "vanished" not in said and "dup.jpg" in said, said
+    assert verify(out)["ok"]
+
+
+def test_a_planned_link_already_written_before_the_resume_stays_counted_as_written(tmp_path, monkeypatch):
+    import shutil
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(20):
+        jpeg(src / f"img{i:03d}.jpg", i)
+    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
+    stop_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    stop_after(monkeypatch, planned_shard(out, "dup.jpg") + 1)  # its shard written, as an older version wrote it
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    (src / "dup.jpg").unlink()
+    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    result = convert(src, out, OPTIONS)
+    split = result.manifest.to_dict()["splits"]["train"]
+    assert sources_in(out).count("dup.jpg") == 1
+    assert (split["found"], split["samples"], split.get("skipped_duplicates", 0)) == (21, 21, 0)
+    said = " ".join(result.warnings)
+    assert "vanished" not in said and "0 skipped now, 1 kept in shards written earlier" in said, said

@@ -47,7 +47,7 @@ def test_a_store_that_never_answers_fails_within_the_timeouts_attempts_warning_o
     assert time.monotonic() - start < 10
     message = str(raised.value)
     assert message.startswith("s3://some-bucket/some/prefix: LIST failed: ")
-    assert f"http://127.0.0.1:{silent_port}" in message and "2 attempt(s)" in message and "AWS_MAX_ATTEMPTS" in message
+    assert f"http://127.0.0.1:{silent_port}" in message and "2 attempts" in message and "AWS_MAX_ATTEMPTS" in message
     assert "read timeout 1 s (MIXMAE_S3_READ_TIMEOUT)" in message
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) == 1 and f"http://127.0.0.1:{silent_port}" in retries[0], retries
@@ -181,7 +181,7 @@ def test_adoption_does_not_retry_a_store_botocore_could_not_reach_and_still_retr
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     job = adopt._Job("a.tar", "s3://some-bucket/set/a.tar", 10240, str(tmp_path / "out"), "train", False)
     said = adopt.index_shard(job)
-    assert said.startswith("s3://some-bucket/set/a.tar: GET failed: cannot reach ") and "2 attempt(s)" in said
+    assert said.startswith("s3://some-bucket/set/a.tar: GET failed: cannot reach ") and "2 attempts" in said
     assert slept == []  # no round of adoption's own on top of botocore's two attempts
     with pytest.raises(storage.StoreUnreachable) as raised:
         storage.read_bytes("s3://some-bucket/set/a.tar")
@@ -279,3 +279,27 @@ def test_an_upload_the_store_refuses_is_a_storage_error_naming_the_bucket(s3_ser
         storage.upload(local, "s3://no-such-bucket-here/set/shard.tar")
     assert str(raised.value) == (f"s3://no-such-bucket-here/set/shard.tar: PUT failed: the bucket no-such-bucket-here "
                                  f"does not exist at {s3_server} (AWS_ENDPOINT_URL)")
+
+
+def test_refused_keys_are_explained_even_where_resolving_credentials_again_would_raise(checking_server, monkeypatch,
+                                                                                         fresh_clients):
+    """An assume-role, credential_process or SSO profile resolves by calling out, which may fail or hang: the
+    message that explains a refusal must not resolve them again, nor let a failure there replace the refusal."""
+    import botocore.session
+    from botocore.exceptions import CredentialRetrievalError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", checking_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLEFTINTHESHELL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-shown")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    storage._client()  # the client resolved its credentials; from now on resolving them again fails
+
+    def fails(self):
+        raise CredentialRetrievalError(provider="custom-process", error_msg="the role's session expired")
+
+    monkeypatch.setattr(botocore.session.Session, "get_credentials", fails)
+    with pytest.raises(storage.StorageError) as raised:
+        storage.list_files("s3://some-bucket/prefix")
+    message = str(raised.value)
+    said = "the credentials (InvalidAccessKeyId; access key id AKIDLEFTINTHESHELL from env)"
+    assert message.startswith(f"s3://some-bucket/prefix: LIST failed: the store at {checking_server} refused {said}")

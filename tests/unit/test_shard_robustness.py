@@ -313,3 +313,26 @@ def test_skipped_duplicates_do_not_dilute_the_rejection_ceiling(tmp_path):
     with pytest.raises(TooManyRejected, match=r"train: 1 of 4 files rejected \(25\.0%\), above --max-rejected 0\.2"):
         convert(src, tmp_path / "out", ConvertOptions(layout="folder", splits=("train",), shard_bytes=None,
                                                       unlabeled=True, max_rejected=0.2))
+
+
+def test_a_val_converted_alone_after_train_skips_its_links_into_train(tmp_path):
+    """Duplicates were found only among the splits of one run: `--split val` into a set whose train was converted
+    earlier kept val's links into train/, training images in the held-out split. The earlier split's saved plan
+    names its files; where no plan says them, the run warns that it could not look."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for split in ("train", "val"):
+        for i in range(2):
+            jpeg(src / split / "n01" / f"{split}_{i}.jpg")
+    (src / "val" / "n01" / "copy.jpg").symlink_to(src / "train" / "n01" / "train_0.jpg")
+    convert(src, out, ConvertOptions(layout="imagenet", shard_bytes=None, splits=("train",)))
+    result = convert(src, out, ConvertOptions(layout="imagenet", shard_bytes=None, splits=("val",)))
+    val = result.manifest.to_dict()["splits"]["val"]
+    assert (val["found"], val["samples"], val.get("skipped_duplicates")) == (3, 2, 1)
+    assert val["skipped_examples"][0]["reason"] == ("a link to train/n01/train_0.jpg (split 'train'), an image "
+                                                    "already in the set (skipped, not written twice)")
+    (out / ".progress" / "plan-train.json.gz").unlink()  # as a set converted before plans were saved
+    again = convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", shard_bytes=None, splits=("train",)))
+    (tmp_path / "out2" / ".progress" / "plan-train.json.gz").unlink()
+    assert again.manifest.splits["train"].samples == 2
+    warned = convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", shard_bytes=None, splits=("val",)))
+    assert any("train" in w and "duplicates" in w and "not recorded" in w for w in warned.warnings), warned.warnings

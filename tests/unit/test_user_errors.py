@@ -411,7 +411,7 @@ def test_a_refused_conversion_leaves_no_empty_output_folder_and_keeps_an_existin
     (tmp_path / "src" / "cats" / "notes.txt").write_text("no images here\n")
     line = one_error_line(capfd, main(["shards", "folder", "--src", str(tmp_path / "src"), "--out",
                                        str(tmp_path / "out")]))
-    assert "class folder(s) without images: cats" in line and not (tmp_path / "out").exists()
+    assert "1 class folder without images: cats" in line and not (tmp_path / "out").exists()
     (tmp_path / "kept").mkdir()
     one_error_line(capfd, main(["shards", "folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "kept")]))
     assert (tmp_path / "kept").is_dir()  # the user's own folder is not removed

@@ -38,7 +38,7 @@ def test_several_workers_give_the_one_worker_report_in_tar_order(tmp_path, demo_
     one = report(str(shards), 1)
     assert one == report(str(shards), 3) == report(str(shards), 8)
     code, lines = one
-    assert code == 1 and lines[-1].endswith("problem(s)")
+    assert code == 1 and lines[-1].endswith("problems")
     errors = [line for line in lines if line.startswith("ERROR ")]
     tars = sorted(shards.glob("train-*.tar")) + [shards / "train-000003.tar"]
     named = [name for line in errors for name in sorted({p.name for p in tars}) if name[:-4] in line]
