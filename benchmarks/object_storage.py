@@ -62,6 +62,18 @@ def build_shards(work: Path, images: int, per_shard: int) -> Path:
     return out
 
 
+def upload_set(local: Path, bucket: str = "bench") -> str:
+    """The shard set under `local` (its .progress/ left out) into a new bucket; its s3:// URL."""
+    import boto3
+
+    from mixmae_scale.data import storage
+
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    for path in (p for p in local.rglob("*") if p.is_file() and ".progress" not in p.parts):
+        storage.upload(path, f"s3://{bucket}/shards/{path.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/shards"
+
+
 def loader_rate(location: str, batches: int, threads: int) -> tuple[float, int]:
     """Images/s of the DALI pretraining loader (after its first batch) and the GETs it sent per sample."""
     from mixmae_scale.data import storage
@@ -111,14 +123,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     local = build_shards(args.work, args.images, args.shard_samples)
     server, endpoint = start_server()
-    import boto3
-
-    from mixmae_scale.data import storage
-
-    boto3.client("s3").create_bucket(Bucket="bench")
-    for path in (p for p in local.rglob("*") if p.is_file() and ".progress" not in p.parts):
-        storage.upload(path, f"s3://bench/shards/{path.relative_to(local).as_posix()}")
-    remote = "s3://bench/shards"
+    remote = upload_set(local)
     rows: dict[str, dict[str, list[float]]] = {"local": {"loader": [], "gets": [], "pretrain": []},
                                                "s3": {"loader": [], "gets": [], "pretrain": []}}
     samples = args.batches * 64

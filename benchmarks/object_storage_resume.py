@@ -255,15 +255,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     local = build_photos(args.work, args.train, args.val, args.shard_samples)
     server, recorder = start_server()
-    import boto3
+    from object_storage import upload_set
 
-    from mixmae_scale.data import storage
     from mixmae_scale.data.manifest import load_split
 
-    boto3.client("s3").create_bucket(Bucket="bench")
-    for path in (p for p in local.rglob("*") if p.is_file() and ".progress" not in p.parts):
-        storage.upload(path, f"s3://bench/shards/{path.relative_to(local).as_posix()}")
-    remote = "s3://bench/shards"
+    remote = upload_set(local)
     train = load_split(str(local), "train")
     TRAIN_TARS.update("/bench/shards/" + Path(train.tar_url(i)).relative_to(local).as_posix()
                       for i in range(len(train.samples_per_shard)))

@@ -61,18 +61,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mixmae-verify-bench")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    from object_storage import build_shards
+    from object_storage import build_shards, upload_set
     from object_storage_resume import start_server
 
     local = build_shards(args.work, args.images, args.shard_samples)
     server, recorder = start_server()
-    import boto3
-
-    from mixmae_scale.data import storage
-
-    boto3.client("s3").create_bucket(Bucket="bench")
-    for path in (p for p in local.rglob("*") if p.is_file() and ".progress" not in p.parts):
-        storage.upload(path, f"s3://bench/shards/{path.relative_to(local).as_posix()}")
+    upload_set(local)
     manifest = json.loads((local / "dataset.json").read_text())
     tar_bytes = sum(shard["bytes"] for split in manifest["splits"].values() for shard in split["shards"])
     tars = sum(len(split["shards"]) for split in manifest["splits"].values())
