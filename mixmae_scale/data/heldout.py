@@ -127,7 +127,8 @@ def _part(split: SplitShards, shards: list[tuple[int, int, int]]) -> SplitShards
                    bytes_per_shard=tuple(split.bytes_per_shard[i] for i in pick),
                    samples=sum(lines for _, _, lines in shards),
                    first_line=tuple(first for _, first, _ in shards),
-                   index_lines=tuple(split.index_lines_of(i) for i in pick))
+                   index_lines=tuple(split.index_lines_of(i) for i in pick),
+                   sha256=tuple(split.sha256[i] for i in pick) if split.sha256 else ())
 
 
 def choose_heldout(location: str, train_split: str, val_split: str, mode: str, count: int) -> HeldOut:

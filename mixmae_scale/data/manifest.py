@@ -189,6 +189,7 @@ class SplitShards:
     index_lines: tuple[int, ...] = ()
     masks: bool = False  # every sample has a segmentation mask
     mask_classes: int = 0  # how many classes the masks label (0: the manifest does not say)
+    sha256: tuple[str, ...] = ()  # each tar's, as the manifest records it ("" where it does not); empty: none read
 
     def first_line_of(self, shard: int) -> int:
         return self.first_line[shard] if self.first_line else 0
@@ -364,4 +365,4 @@ def load_split(location: str | Path, split: str, world_size: int = 1) -> SplitSh
     return SplitShards(split, location, manifest.base or location, tuple(s.name for s in info.shards),
                        tuple(s.index for s in info.shards), counts, tuple(s.bytes for s in info.shards), sum(counts),
                        info.labeled, len(manifest.classes), masks=info.masks,
-                       mask_classes=len(manifest.mask_classes))
+                       mask_classes=len(manifest.mask_classes), sha256=tuple(s.sha256 for s in info.shards))

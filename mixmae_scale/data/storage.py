@@ -337,21 +337,25 @@ def open_range(url: str | Path, start: int, end: int) -> BinaryIO:
     response = _s3_call(str(url), "GET", lambda: _client().get_object(Bucket=bucket, Key=key, Range=asked), asked)
     content_range = response.get("ContentRange") or ""
     total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and content_range[-1] != "*" else None
-    return _Limited(response["Body"], end - start, total)
+    return _Limited(response["Body"], end - start, total, str(url), asked)
 
 
 class _Limited:
     """A read-only stream of exactly `length` bytes from `raw` (a file positioned at the start, or an HTTP body);
-    `total` is the whole file's size where the store says it (a check that the file is the one indexed)."""
+    `total` is the whole file's size where the store says it (a check that the file is the one indexed). `url`, `asked`:
+    an S3 body's object and range, so that a body that breaks while it streams is explained as read_bytes' are."""
 
-    def __init__(self, raw, length: int, total: int | None = None) -> None:
-        self.raw, self.left, self.total = raw, length, total
+    def __init__(self, raw, length: int, total: int | None = None, url: str | None = None, asked: str = "") -> None:
+        self.raw, self.left, self.total, self.url, self.asked = raw, length, total, url, asked
 
     def read(self, size: int = -1) -> bytes:
         if self.left <= 0:
             return b""
         size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.raw.read(size)
+        if self.url is None:
+            data = self.raw.read(size)
+        else:
+            data = _s3_call(self.url, "GET", lambda: self.raw.read(size), self.asked, body=True)
         self.left -= len(data)
         return data
 

@@ -303,3 +303,27 @@ def test_refused_keys_are_explained_even_where_resolving_credentials_again_would
     message = str(raised.value)
     said = "the credentials (InvalidAccessKeyId; access key id AKIDLEFTINTHESHELL from env)"
     assert message.startswith(f"s3://some-bucket/prefix: LIST failed: the store at {checking_server} refused {said}")
+
+
+def test_a_ranged_body_that_breaks_is_a_storage_error_naming_the_url(monkeypatch):
+    """The shard reader's reads are ranged GETs whose bodies stream through `open_range`'s stream: a connection that
+    broke there escaped as botocore's ResponseStreamingError, unnamed, through the training thread (read_bytes'
+    bodies were explained, these were not)."""
+    from botocore.exceptions import ResponseStreamingError
+
+    from mixmae_scale.shards import transient
+
+    class Body:
+        def read(self, size=-1):
+            raise ResponseStreamingError(error="Connection broken: IncompleteRead")
+
+        def close(self):
+            pass
+
+    client = SimpleNamespace(get_object=lambda **_: {"Body": Body(), "ContentRange": "bytes 0-9/100"},
+                             meta=SimpleNamespace(endpoint_url="http://127.0.0.1:9"))
+    monkeypatch.setitem(storage._CLIENTS, os.getpid(), client)
+    with storage.open_range("s3://bucket/shard.tar", 0, 10) as stream, pytest.raises(storage.StorageError) as raised:
+        stream.read(4)
+    assert str(raised.value).startswith("s3://bucket/shard.tar: GET failed: the connection to")
+    assert not isinstance(raised.value, storage.StoreUnreachable) and transient.is_transient(raised.value)

@@ -141,7 +141,7 @@ def test_the_same_shards_at_another_location_resume_with_a_note_and_other_shards
     assert "with a changed configuration: data.shards" in plan.notes[0] and "allow_recipe_change" not in plan.notes[0]
     with pytest.raises(store.ResumeError) as refused:  # other shards at the new place: one of them re-encoded
         plan_with_data(ckpt_dir, now, mixture("/new/mount/shards", bytes_per_shard=(1000, 701)))
-    assert "not the checkpoint's shards; their names, sizes, sample counts or weights differ" in str(refused.value)
+    assert "their names, sizes, sample counts, weights or contents differ" in str(refused.value)
     assert 'data.shards "/old/mount/shards" -> "/new/mount/shards" would change' in str(refused.value)
 
 
@@ -177,3 +177,25 @@ def test_a_resume_with_another_schedule_says_where_the_learning_rate_goes_on(tmp
     assert recipe.schedule_note(("optim.base_learning_rate 0.01 -> 0.02",), 11, None, 6e-4, 90) == (
         "the learning rate follows the new schedule from step 12 on: 0.0006 at step 12 of 90")
     assert recipe.schedule_note(("logging.every_steps 1 -> 2",), 11, 3e-4, 3.4e-4, 90) is None
+
+
+def test_a_rebuilt_set_with_the_same_names_sizes_and_counts_but_other_tars_is_not_a_move(tmp_path, gloo_of_one):
+    """Tars are 512-byte padded: a set rebuilt (re-encoded, relabelled) can keep every name, size and count. The
+    manifest's sha256 of each tar tells it apart; a tag saved with a digest of the names alone still reads a move."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    def hashed(location, digests):
+        entry = mixture(location).sets[0]
+        return ShardMixture([WeightedSet(replace(entry.shards, sha256=digests), entry.weight, location)])
+
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/old"), hashed("/old", ("a" * 64, "b" * 64)))
+    now = resolved("data.shards=/new")
+    assert "at another location" in plan_with_data(ckpt_dir, now, hashed("/new", ("a" * 64, "b" * 64))).notes[0]
+    with pytest.raises(store.ResumeError, match="not the checkpoint's shards"):
+        plan_with_data(ckpt_dir, now, hashed("/new", ("a" * 64, "c" * 64)))
+    # a tag saved before the digests were recorded: its names, sizes and counts still match the set now
+    older = saved_run(tmp_path / "older", resolved("data.shards=/old"), mixture("/old"))
+    plan = plan_with_data(older, now, hashed("/new", ("a" * 64, "c" * 64)))
+    assert "at another location" in plan.config_changes[0]

@@ -21,9 +21,10 @@ not compared.
 
 Where the data is (`data.shards`, the `shards` of `data.sources`) is not what it is: a run moved to another cluster
 reads the same shards from another mount. Each tag also records what the training data is (`DATA`: a digest of every
-shard's name, size and sample count, and each set's split and weight, not where it lies), so a changed location
-whose shards are the same is noted, not refused; another set at the new location, or a tag saved before tags
-recorded their data, is refused as any change of the data read.
+shard's name, size and sample count, and each set's split and weight, not where it lies; `CONTENT`: of each tar's
+sha256 where the manifest records it), so a changed location whose shards are the same is noted, not refused;
+another set at the new location, or a tag saved before tags recorded their data, is refused as any change of the
+data read.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ from mixmae_scale.engine.checkpointing.store import RECIPE as RECORD  # in each 
 OPT_IN = "checkpoint.allow_recipe_change"
 
 DATA = "data_read"  # a record's digest of its training data wherever it lies (`data_identity`), beside the config
+# The digest of its tars' contents (the manifests' sha256 of each tar, `data_content`), where the manifests record
+# them: tars are 512-byte padded, so a set rebuilt under the same names can keep every size and count. Kept apart from
+# `DATA` so that a tag saved before it was recorded still compares by names, sizes and counts.
+CONTENT = "data_content"
 # Where the data lies: a change of these alone, to the same shards (`DATA`), is a move, not other data.
 LOCATIONS = ("data.shards", "data.sources")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
-NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA)
+NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT)
 # How a block runs, not what it computes: the same loss at the same step.
 EXECUTION_ONLY = ("model.compile", "model.attention", "model.checkpoint_every")
 # What a loss value means at a step: the masking, the target, the model's regularisation, the images it sees.
@@ -102,10 +107,18 @@ class Change:
 def data_identity(mixture) -> str:
     """What the training data is, not where it lies (a data.shard_sets.ShardMixture, after any held-out tail is
     taken out): each set's split and weight, and each shard's name (relative to its set), size, sample count and
-    first index line."""
+    the line of its index it starts at (a held-out tail's part of a shard). Not the bytes: `data_content`."""
     sets = [[entry.weight, entry.shards.split, list(entry.shards.names), list(entry.shards.bytes_per_shard),
              list(entry.shards.samples_per_shard), list(entry.shards.first_line)] for entry in mixture.sets]
     return hashlib.sha256(json.dumps(sets).encode()).hexdigest()[:16]
+
+
+def data_content(mixture) -> str | None:
+    """A digest of the tars' contents, from each manifest's sha256 of each tar (None where no manifest records one)."""
+    digests = [list(entry.shards.sha256) for entry in mixture.sets]
+    if not any(any(d) for d in digests):
+        return None
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
 
 
 def _without_locations(sources: Any) -> Any:
@@ -126,6 +139,8 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     change is `moved` where both records name the same training data."""
     old, new = flatten(saved), flatten(current)
     same_data = saved.get(DATA) is not None and saved.get(DATA) == current.get(DATA)
+    if saved.get(CONTENT) is not None and current.get(CONTENT) is not None:  # both know their tars' bytes
+        same_data = same_data and saved.get(CONTENT) == current.get(CONTENT)
     keys = sorted(k for k in old.keys() | new.keys() if not _under(k, NOT_COMPARED))
     return [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data)) for k in keys
             if _shown(old.get(k)) != _shown(new.get(k))]
@@ -155,8 +170,8 @@ def compare(saved: dict[str, Any] | None, current: dict[str, Any], allow: bool, 
             why = (f" ({where} was saved before checkpoints recorded their data, so the same shards moved elsewhere "
                    f"cannot be told from other ones)")
         elif located:
-            why = (f" ({', '.join(located)}: not the checkpoint's shards; their names, sizes, sample counts or "
-                   "weights differ)")
+            why = (f" ({', '.join(located)}: not the checkpoint's shards; their names, sizes, sample counts, "
+                   "weights or contents differ)")
         return Verdict(changes, refusal=(
             f"{where} was trained with another recipe: {'; '.join(loss)} would change what the loss means at the "
             f"same step{why} (all changes: {listed}); resume with the checkpoint's values (its {RECORD} records them), "
@@ -185,6 +200,9 @@ def as_record(resolved, data=None) -> dict[str, Any]:
     record = yaml.safe_load(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
     if data is not None:
         record[DATA] = data_identity(data)
+        content = data_content(data)
+        if content is not None:
+            record[CONTENT] = content
     return record
 
 
