@@ -177,6 +177,8 @@ def test_a_resume_with_another_schedule_says_where_the_learning_rate_goes_on(tmp
     assert recipe.schedule_note(("optim.base_learning_rate 0.01 -> 0.02",), 11, None, 6e-4, 90) == (
         "the learning rate follows the new schedule from step 12 on: 0.0006 at step 12 of 90")
     assert recipe.schedule_note(("logging.every_steps 1 -> 2",), 11, 3e-4, 3.4e-4, 90) is None
+    to_zero = recipe.schedule_note(("schedule.epochs 4.0 -> 2.0",), 11, 3e-4, 0.0, 90)
+    assert to_zero.endswith(" 0 at step 12 of 90 (to 0)"), to_zero
 
 
 def test_a_rebuilt_set_with_the_same_names_sizes_and_counts_but_other_tars_is_not_a_move(tmp_path, gloo_of_one):

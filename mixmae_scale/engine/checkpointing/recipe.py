@@ -222,7 +222,9 @@ def schedule_note(changes: tuple[str, ...], step: int, before: float | None, aft
         return None
     was = f"{before:.3g} at step {step} under the checkpoint's, " if before is not None else ""
     jump = ""
-    if before is not None and before > 0 and not 0.5 <= after / before <= 2:
+    if before is not None and before > 0 and after == 0:
+        jump = " (to 0)"
+    elif before is not None and before > 0 and not 0.5 <= after / before <= 2:
         jump = f" ({after / before:.3g}x)"
     elif before == 0 and after > 0:
         jump = " (from 0)"
