@@ -191,20 +191,27 @@ def test_grouped_rejection_reasons_read_without_quotes_in_quotes_or_placeholder_
     assert shown == "1 x \"unsafe member name '...'\", 1 x 'more than one image', 1 x 'zero-byte file'"
 
 
-def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_most_once(tmp_path, monkeypatch):
-    """A plan saved before linked duplicates were skipped names a link that discovery now leaves out: it was said
-    to have vanished (it had not), written as planned and also counted as skipped. Written earlier, it stays and
-    is counted written; still to write, it is skipped, and the warning says which it is."""
+def _plan_naming_a_copy(tmp_path, monkeypatch):
+    """(src, out): 20 images and dup.jpg, a copy of img005.jpg, planned as a file of its own (as an older version
+    planned a link) and the conversion stopped before its first shard; the tests turn dup.jpg into a link."""
     import shutil
 
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(20):
         jpeg(src / f"img{i:03d}.jpg", i)
-    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")  # planned as a file of its own, as an older version did
-    stop_after(monkeypatch, 0)  # the plan saved, no shard written
+    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
+    stop_after(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
         convert(src, out, OPTIONS)
     monkeypatch.undo()
+    return src, out
+
+
+def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_most_once(tmp_path, monkeypatch):
+    """A plan saved before linked duplicates were skipped names a link that discovery now leaves out: it was said
+    to have vanished (it had not), written as planned and also counted as skipped. Written earlier, it stays and
+    is counted written; still to write, it is skipped, and the warning says which it is."""
+    src, out = _plan_naming_a_copy(tmp_path, monkeypatch)
     (src / "dup.jpg").unlink()
     (src / "dup.jpg").symlink_to(src / "img005.jpg")
     result = convert(src, out, OPTIONS)
@@ -220,16 +227,7 @@ def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_m
 
 
 def test_a_planned_link_already_written_before_the_resume_stays_counted_as_written(tmp_path, monkeypatch):
-    import shutil
-
-    src, out = tmp_path / "src", tmp_path / "out"
-    for i in range(20):
-        jpeg(src / f"img{i:03d}.jpg", i)
-    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
-    stop_after(monkeypatch, 0)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, out, OPTIONS)
-    monkeypatch.undo()
+    src, out = _plan_naming_a_copy(tmp_path, monkeypatch)
     stop_after(monkeypatch, planned_shard(out, "dup.jpg") + 1)  # its shard written, as an older version wrote it
     with pytest.raises(KeyboardInterrupt):
         convert(src, out, OPTIONS)
