@@ -240,3 +240,28 @@ def test_a_planned_link_already_written_before_the_resume_stays_counted_as_writt
     assert (split["found"], split["samples"], split.get("skipped_duplicates", 0)) == (21, 21, 0)
     said = " ".join(result.warnings)
     assert "vanished" not in said and "0 skipped now, 1 kept in shards written earlier" in said, said
+
+
+def test_a_planned_shard_left_with_no_image_by_skipped_links_is_not_written(tmp_path, monkeypatch):
+    """One image a shard: the shard an older plan gave the link alone has nothing left once the link is skipped. It
+    is neither listed in the manifest nor left on disk as an empty tar, and the counts still reconcile."""
+    import dataclasses
+    import shutil
+
+    options = dataclasses.replace(OPTIONS, samples_per_shard=1)
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(6):
+        jpeg(src / f"img{i:03d}.jpg", i)
+    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
+    stop_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, options)
+    monkeypatch.undo()
+    empty = planned_shard(out, "dup.jpg")
+    (src / "dup.jpg").unlink()
+    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    split = convert(src, out, options).manifest.to_dict()["splits"]["train"]
+    assert [s["samples"] for s in split["shards"]] == [1] * 6
+    assert (split["found"], split["samples"], split["skipped_duplicates"]) == (7, 6, 1)
+    assert not (out / f"train-{empty:06d}.tar").exists() and len(list(out.glob("train-*.tar"))) == 6
+    assert verify(out)["ok"]
