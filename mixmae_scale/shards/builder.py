@@ -175,9 +175,10 @@ def resume(units: Sequence[J], records: dict[str, R], key: Callable[[J], str],
 
 def bounded_pool(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple = ()
                  ) -> Iterator[tuple[J, R]]:
-    """(unit, work(unit, *args)) as each finishes; in this process when workers <= 1, else in START_METHOD
-    worker processes with at most IN_FLIGHT_PER_WORKER x workers units submitted at once."""
-    if workers <= 1:
+    """(unit, work(unit, *args)) as each finishes; in this process when workers <= 1 or there is one unit (a pool
+    of fresh interpreters takes ~0.3 s to start), else in START_METHOD worker processes with at most
+    IN_FLIGHT_PER_WORKER x workers units submitted at once."""
+    if workers <= 1 or len(units) <= 1:
         for unit in units:
             yield unit, work(unit, *args)
         return

@@ -39,3 +39,18 @@ def test_workers_do_not_inherit_a_lock_another_thread_holds():
         done.set()
         holder.join()
     assert results == {unit: "free" for unit in (1, 2, 3, 4)}
+
+
+def whose(unit: int) -> int:
+    import os
+
+    return os.getpid()
+
+
+def test_one_unit_of_work_starts_no_pool():
+    """A pool of fresh interpreters costs about 0.3 s to start (shards/builder.py): one unit (a one-tar verify, a
+    conversion resumed with one shard left) runs in this process; two go to the workers."""
+    import os
+
+    assert dict(bounded_pool(whose, [7], workers=2)) == {7: os.getpid()}
+    assert os.getpid() not in dict(bounded_pool(whose, [7, 8], workers=2)).values()
