@@ -65,3 +65,15 @@ def test_convert_with_a_worker_killed_says_one_line_and_the_same_command_resumes
     assert {split: (entry["samples"], entry["found"], entry["rejected"])
             for split, entry in counts.items()} == {"train": (30, 30, 0), "val": (10, 10, 0)}
     assert not list(out.glob("*.tmp*")) and verify(out)["ok"]
+
+
+def test_verify_with_a_worker_killed_says_one_line_and_that_the_set_was_only_read(demo_shards, monkeypatch, capfd):
+    from mixmae_scale.cli import main
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HELPERS), str(ROOT)]))
+    monkeypatch.setenv("MIXMAE_TEST_KILL_TAR", "train-000001.tar")
+    assert main(["shards", "verify", str(demo_shards), "--workers", "2"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("mixmae: error: a worker process (of 2) was killed by SIGKILL") and \
+        "the set was only read, so the same command can run again" in err and "--workers 1" in err, err

@@ -1,7 +1,8 @@
 """Test-only hooks, loaded only through PYTHONPATH in the tests that set their variables:
 - MIXMAE_TEST_SHARD_DELAY: each shard write sleeps first, so that a test can kill the converter part-way through;
 - MIXMAE_TEST_KILL_SHARD: the process that is to write the shard of this name kills itself by SIGKILL first, as the
-  kernel's out-of-memory killer ends a pool worker (spawned workers start with the test's environment)."""
+  kernel's out-of-memory killer ends a pool worker (spawned workers start with the test's environment);
+- MIXMAE_TEST_KILL_TAR: likewise for the process that is to verify the tar of this name."""
 
 import os
 
@@ -22,3 +23,17 @@ if os.environ.get("MIXMAE_TEST_SHARD_DELAY") or os.environ.get("MIXMAE_TEST_KILL
         return _write_shard(plan, *args, **kwargs)
 
     writer.write_shard = _hooked_write_shard
+
+if os.environ.get("MIXMAE_TEST_KILL_TAR"):
+    import signal
+
+    from mixmae_scale.shards import verify
+
+    _check = verify._check
+
+    def _hooked_check(unit):
+        if unit.tar.endswith("/" + os.environ["MIXMAE_TEST_KILL_TAR"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _check(unit)
+
+    verify._check = _hooked_check
