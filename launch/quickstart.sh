@@ -22,7 +22,9 @@ if command -v nvidia-smi >/dev/null 2>&1 \
     && .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   RANKS=()                 # every visible GPU
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  echo "== 2/4 pretraining the demo profile on $(nvidia-smi -L | wc -l) GPU(s) (deepspeed launcher)"
+  GPUS=$(nvidia-smi -L | wc -l)
+  if [[ $GPUS -eq 1 ]]; then GPUS="1 GPU"; else GPUS="$GPUS GPUs"; fi
+  echo "== 2/4 pretraining the demo profile on $GPUS (deepspeed launcher)"
 else
   RANKS=(--num_gpus 1)     # one CPU process using every core: faster here than one rank per core
   export DS_ACCELERATOR=cpu  # said here once, instead of a warning from every DeepSpeed process

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from mixmae_scale.cli.arguments import add_set_arg, at_least, between
+from mixmae_scale.data.errors import plural
 
 JOB_REASON = {"segment": "it sets segment.*", "finetune": "its file sets finetune.init",
               "pretrain": "its file sets neither finetune.init nor segment.*"}
@@ -86,15 +87,15 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.profile} ({result.job}): {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, "
-          f"{result.dtype}, checkpointing {checkpointing_text(result.checkpoint_every)}, {args.gpus} GPU(s) of "
+          f"{result.dtype}, checkpointing {checkpointing_text(result.checkpoint_every)}, {plural(args.gpus, 'GPU')} of "
           f"{args.gpu_mem_gb:g} GB")
     for name, gib in result.components_gib.items():
         print(f"  {name:<26}{gib:8.2f} GiB")
     print("  (activations + gathered weights, and the optimizer step's transient, do not coexist; the peak "
           "takes the larger)")
     print(f"  {'peak':<26}{result.total_gib:8.2f} GiB during the {result.peak_phase}, "
-          f"micro-batch {result.micro_batch} (x {result.accumulation} accumulation x {args.gpus} GPU(s) = global "
-          f"batch {result.global_batch}, as the run derives it): "
+          f"micro-batch {result.micro_batch} (x {result.accumulation} accumulation x {plural(args.gpus, 'GPU')} = "
+          f"global batch {result.global_batch}, as the run derives it): "
           f"{'fits' if result.fits else 'does NOT fit'}; largest micro-batch that fits: {result.max_micro_batch}")
     if args.recommend:
         print(f"\nchoices for the profile's global batch, micro-batches fitting {1 - args.headroom:.0%} of the GPU "

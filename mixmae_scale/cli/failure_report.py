@@ -48,9 +48,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mixmae_scale.data.manifest import DataError
     from mixmae_scale.engine.checkpointing.store import NoSpaceForCheckpoint, ResumeError
     from mixmae_scale.models.convert_official import WeightsError
+    from mixmae_scale.shards.builder import PoolError
     from mixmae_scale.shards.sources import SourceError
 
-    return ConfigError, DataError, ResumeError, WeightsError, SourceError, FileNotFoundError, NoSpaceForCheckpoint
+    return (ConfigError, DataError, ResumeError, WeightsError, SourceError, FileNotFoundError, NoSpaceForCheckpoint,
+            PoolError)
 
 
 def is_user_mistake(exc: BaseException) -> bool:
@@ -62,12 +64,14 @@ def is_refused_input(exc: BaseException) -> bool:
     """Exit code 2: the project refused the input, and the same command fails the same way again. A file not
     found is said in one line but exits 1, as a failure: mid-run, a shared file system's hiccup raises it too, and
     a resubmitting script should retry that; nor a resume's conversion killed by a signal (the checkpoint is fine),
-    nor a save that found the disk full (the same command succeeds once there is room)."""
+    nor a save that found the disk full (the same command succeeds once there is room), nor a pool worker that
+    died (killed for memory, most often: the work done is kept, and a rerun with fewer workers goes on)."""
     from mixmae_scale.engine.checkpointing.store import NoSpaceForCheckpoint
     from mixmae_scale.engine.checkpointing.universal import ConversionInterrupted
+    from mixmae_scale.shards.builder import PoolError
 
     return is_user_mistake(exc) and not isinstance(exc, FileNotFoundError | ConversionInterrupted |
-                                                    NoSpaceForCheckpoint)
+                                                    NoSpaceForCheckpoint | PoolError)
 
 
 def one_line(exc: BaseException) -> str:

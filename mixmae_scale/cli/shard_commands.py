@@ -13,7 +13,9 @@ from mixmae_scale.data.errors import plural
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 
 if TYPE_CHECKING:
-    from mixmae_scale.shards.builder import BuildResult
+    from mixmae_scale.shards.builder import BuildResult, PoolError
+
+RESUMES = "and the same command run again resumes from them"
 
 
 def _print_notes(result: BuildResult) -> None:
@@ -24,7 +26,19 @@ def _print_notes(result: BuildResult) -> None:
         print(f"WARNING {warning}", file=sys.stderr)
 
 
+def _worker_died(exc: PoolError, kept: str) -> int:
+    """A pool worker died: one line, exit 1. The library's message speaks to a script's author (the main guard,
+    workers=N); here the command line is the caller, so --workers, and what a rerun keeps."""
+    fewer = f"--workers {max(1, exc.workers // 2)}"
+    how = (f"lower --workers (e.g. {fewer}) so that each worker has more memory" if "memory" in exc.death
+           else f"if memory ran out, lower --workers (e.g. {fewer})")
+    print(f"mixmae: error: a worker process (of {exc.workers}) {exc.death} before its work was done; {kept}; {how}",
+          file=sys.stderr)
+    return 1
+
+
 def _shards_convert(args: argparse.Namespace) -> int:
+    from mixmae_scale.shards.builder import PoolError
     from mixmae_scale.shards.convert import ConvertOptions, convert, parse_size, summary_lines
 
     val_fraction = getattr(args, "val_fraction", 0.0)
@@ -44,6 +58,8 @@ def _shards_convert(args: argparse.Namespace) -> int:
         max_rejected=args.max_rejected, staging=args.staging, unlabeled=getattr(args, "unlabeled", False))
     try:
         result = convert(args.src, args.out, options)
+    except PoolError as exc:
+        return _worker_died(exc, f"the shards written so far are kept, {RESUMES}")
     except OSError as exc:  # the output side (disk full, unwritable folder): per-file problems never get here
         print(f"mixmae: error: writing shards to {args.out} failed: {exc}. Finished shards are kept; free space "
               "or fix the folder, then run the same command again to resume", file=sys.stderr)
@@ -58,11 +74,14 @@ def _shards_convert(args: argparse.Namespace) -> int:
 
 def _shards_adopt(args: argparse.Namespace) -> int:
     from mixmae_scale.shards.adopt import AdoptOptions, adopt, summary_lines
+    from mixmae_scale.shards.builder import PoolError
 
     options = AdoptOptions(split=args.split, decode=args.decode, workers=args.workers, max_rejected=args.max_rejected,
                            unlabeled=args.unlabeled)
     try:
         result = adopt(args.src, args.out, options)
+    except PoolError as exc:
+        return _worker_died(exc, f"the tars indexed so far are kept, {RESUMES}")
     except FileNotFoundError:
         raise  # a source path that is not there: said in one line by the CLI
     except OSError as exc:  # the output side (disk full, unwritable folder); a tar that cannot be read is retried
@@ -78,9 +97,13 @@ def _shards_adopt(args: argparse.Namespace) -> int:
 
 
 def _shards_verify(args: argparse.Namespace) -> int:
+    from mixmae_scale.shards.builder import PoolError
     from mixmae_scale.shards.verify import verify
 
-    report = verify(args.folder, decode=args.decode, workers=args.workers)
+    try:
+        report = verify(args.folder, decode=args.decode, workers=args.workers)
+    except PoolError as exc:
+        return _worker_died(exc, "the set was only read, so the same command can run again")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -96,16 +119,20 @@ def _shards_verify(args: argparse.Namespace) -> int:
 def _shards_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mixmae_scale.shards.builder import PoolError
     from mixmae_scale.shards.convert import ConvertOptions, convert, summary_lines
     from mixmae_scale.shards.demo import build_demo_images
 
     out = Path(args.out)
     images = out / "images"
-    counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed, args.workers)
-    print(f"demo images under {images}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
-    options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
-                             samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
-    result = convert(images, out / "shards", options)
+    try:
+        counts = build_demo_images(images, args.train_per_class, args.val_per_class, args.seed, args.workers)
+        print(f"demo images under {images}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
+        options = ConvertOptions(layout="imagenet", splits=("train", "val"), seed=args.seed,
+                                 samples_per_shard=args.samples_per_shard, shard_bytes=None, workers=args.workers)
+        result = convert(images, out / "shards", options)
+    except PoolError as exc:
+        return _worker_died(exc, f"the images and shards made so far are kept, {RESUMES}")
     _print_notes(result)
     for line in summary_lines(result.manifest):
         print(line)

@@ -16,6 +16,7 @@ from typing import Any
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.config.precision import Hardware, choose_precision, detect_hardware
 from mixmae_scale.config.schema import Config, SegmentConfig
+from mixmae_scale.data.errors import plural
 from mixmae_scale.models.sizes import ARCH_FIELDS, SIZES
 
 
@@ -220,12 +221,12 @@ def too_few_samples(global_batch: int, samples: int, world: int, accumulation_se
     said = f"the global batch {global_batch} is larger than the {samples} training samples"
     if not largest:
         fewer = " or on fewer GPUs (one takes a global batch of 2)" if world > 1 and samples >= 2 else ""
-        return (f"{said}, and no global batch fits on {world} GPU(s): the smallest is {step} (each GPU takes an even "
-                f"number of images, MixMAE pairs them); train on more data{fewer}")
+        return (f"{said}, and no global batch fits on {plural(world, 'GPU')}: the smallest is {step} (each GPU takes "
+                f"an even number of images, MixMAE pairs them); train on more data{fewer}")
     unset = " with batch.accumulation unset" if accumulation_set else ""
-    return (f"{said}: the largest global batch on {world} GPU(s) is {largest} (a multiple of {step}: each GPU takes an "
-            f"even number of images, MixMAE pairs them): --set batch.global_batch={largest}{unset}, or train on more "
-            "data")
+    return (f"{said}: the largest global batch on {plural(world, 'GPU')} is {largest} (a multiple of {step}: each "
+            f"GPU takes an even number of images, MixMAE pairs them): --set batch.global_batch={largest}{unset}, or "
+            "train on more data")
 
 
 def derive(config: Config, world_size: int | None = None, train_samples: int | None = None,

@@ -49,13 +49,14 @@ def device_index(local_rank: int, visible: int, cuda_visible_devices: str | None
     where `cuda:<local rank>` would fail with "invalid device ordinal" on every rank but the first. Anything else
     (8 ranks on a node, 4 GPUs each) is refused in one line (ConfigError: the CLI's exit 2)."""
     from mixmae_scale.config.load import ConfigError
+    from mixmae_scale.data.errors import plural
 
     if local_rank < visible:
         return local_rank
     if visible == 1:
         return 0
     shown = cuda_visible_devices if cuda_visible_devices is not None else "unset"
-    raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPU(s) "
+    raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {plural(visible, 'GPU')} "
                       f"(CUDA_VISIBLE_DEVICES={shown}); "
                       "start one rank per GPU, each seeing every GPU of its node or its own GPU alone")
 

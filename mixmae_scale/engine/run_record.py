@@ -145,8 +145,9 @@ def heldout_digest(heldout) -> dict[str, Any]:
 
 
 def data_read(config, heldout=None) -> list[dict[str, Any]]:
-    """Every shard set a run reads: its training set(s) and its held-out images (`heldout`: pretraining's
-    data/heldout.HeldOut; otherwise the data.val_split of data.shards, which fine-tuning evaluates on)."""
+    """Every shard set a run reads: its training sets (one, or each of a mixture) and its held-out images (`heldout`:
+    pretraining's data/heldout.HeldOut; otherwise the data.val_split of data.shards, which fine-tuning evaluates
+    on)."""
     data = config.data
     train = [(s.shards, s.split or data.train_split) for s in data.sources] or [(data.shards, data.train_split)]
     entries = [shard_set_digest(location, split, "train") for location, split in train]
@@ -274,7 +275,8 @@ def _plain(value: Any) -> Any:
 
 
 def point_provenance(record: dict[str, Any] | None) -> dict[str, Any]:
-    """What a scaling point carries into results.jsonl: the commit(s) of its launches and its data digest."""
+    """What a scaling point carries into results.jsonl: the commits its launches ran (more than one where a resume
+    ran newer code) and its data digest."""
     if record is None:
         return {"commit": None, "data_digest": None}
     commits = sorted({launch["commit"] for launch in record.get("launches", [])}) or [describe_commit(record["code"])]

@@ -311,8 +311,9 @@ class AdoptionSource:
         left_out = {name for names in self.left_out.values() for name in names}
         if left_out and len(left_out) == len(self.tars):
             other, names = max(self.left_out.items(), key=lambda item: len(item[1]))
-            raise SourceError(f"{self.src}: its {len(self.tars)} tars are named for '{other}' (e.g. {names[0]}), "
-                              f"not for --split {self.options.split}: add --split {other}")
+            are = "is" if len(self.tars) == 1 else "are"
+            raise SourceError(f"{self.src}: its {plural(len(self.tars), 'tar')} {are} named for '{other}' (e.g. "
+                              f"{names[0]}), not for --split {self.options.split}: add --split {other}")
         self.tars = [t for t in self.tars if t.name not in left_out]
         self.previous = load_manifest(self.out) if manifest_exists(self.out) else None
         self.base, self.other_splits, self.prefix = _place(self.previous, self.src, self.options.split)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -56,7 +57,33 @@ GUARD = ("if this runs from a script of your own, put its calls under `if __name
 class PoolError(RuntimeError):
     """The worker pool could not do its work. A script that calls convert/adopt/verify with workers > 1 outside an
     `if __name__ == "__main__":` guard got multiprocessing's 'bootstrapping phase' RuntimeError from every worker and
-    then BrokenProcessPool, neither of which names the fix."""
+    then BrokenProcessPool, neither of which names the fix; a worker ended by the kernel's out-of-memory killer got
+    the same BrokenProcessPool, which names neither the signal nor memory. `workers` and `exitcode` (the dead
+    worker's, negative for a signal; None when unknown) let the CLI say it in its own terms (`--workers`)."""
+
+    def __init__(self, message: str, workers: int = 0, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.workers, self.exitcode = workers, exitcode
+
+    @property
+    def death(self) -> str:
+        """How the worker ended, for a sentence: 'was killed by SIGKILL (most likely out of memory: ...)'."""
+        return how_it_ended(self.exitcode)
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped"
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    if -exitcode == signal.SIGKILL:  # what the kernel's out-of-memory killer sends; nothing in the pool does
+        return (f"was killed by {name} (most likely out of memory: the kernel's out-of-memory killer sends it, and "
+                "`dmesg` or the job's log names it)")
+    return f"was killed by {name}"
 
 
 @dataclass
@@ -184,28 +211,49 @@ def bounded_pool(work: Callable[..., R], units: Sequence[J], workers: int, args:
         return
     if getattr(multiprocessing.current_process(), "_inheriting", False):  # a worker importing an unguarded script
         raise PoolError(f"a pool of {workers} workers was started while a worker imported the calling script: {GUARD}")
+    processes: list = []  # the pool's, kept to read the dead worker's exit code once the pool has joined them
     try:
-        yield from _pooled(work, units, workers, args)
+        yield from _pooled(work, units, workers, args, processes)
     except BrokenProcessPool as exc:
-        raise PoolError(f"a worker of the pool ({workers} workers) stopped before its work was done: {GUARD}; "
-                        "otherwise it was killed (out of memory?)") from exc
+        exitcode = _dead_workers_code(processes)
+        if exitcode == -signal.SIGKILL:
+            advice = f"pass fewer workers (each holds its own share of the work in memory), e.g. workers={workers // 2}"
+        elif exitcode is not None and exitcode < 0:  # a crash, say SIGSEGV in a decoder: not the guard (exit 1)
+            advice = "workers=1 does the work in this process, where what ends it shows"
+        else:
+            advice = f"{GUARD}; otherwise it was killed (out of memory?)"
+        raise PoolError(f"a worker of the pool ({workers} workers) {how_it_ended(exitcode)} before its work was "
+                        f"done: {advice}", workers, exitcode) from exc
 
 
-def _pooled(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple) -> Iterator[tuple[J, R]]:
+def _dead_workers_code(processes: Sequence[multiprocessing.process.BaseProcess]) -> int | None:
+    """The exit code of the worker whose death broke the pool. The pool then ends the others by SIGTERM, so a
+    SIGTERM is the cause only where no worker ended otherwise."""
+    codes = [p.exitcode for p in processes if p.exitcode is not None]
+    return next((code for code in codes if code != -signal.SIGTERM), codes[0] if codes else None)
+
+
+def _pooled(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple, processes: list
+            ) -> Iterator[tuple[J, R]]:
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD)) as pool:
-        pending: dict[Future, J] = {}
-        queue = iter(units)
-        for unit in queue:
-            pending[pool.submit(work, unit, *args)] = unit
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                break
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield pending.pop(future), future.result()
-                unit = next(queue, None)
-                if unit is not None:
-                    pending[pool.submit(work, unit, *args)] = unit
+        try:
+            pending: dict[Future, J] = {}
+            queue = iter(units)
+            for unit in queue:
+                pending[pool.submit(work, unit, *args)] = unit
+                if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                    break
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+                    unit = next(queue, None)
+                    if unit is not None:
+                        pending[pool.submit(work, unit, *args)] = unit
+        finally:
+            # The executor forgets its processes on shutdown; their exit codes are read after it has joined them
+            # (read now, a dead worker's code may be mid-collection by the executor's own thread).
+            processes += (getattr(pool, "_processes", None) or {}).values()
 
 
 def run_pool(work: WorkList[J, R], workers: int) -> list[R | str]:

@@ -138,9 +138,9 @@ def _check_no_adopted_splits(out: str) -> None:
         return
     adopted = [name for name, entry in load_manifest(out).splits.items() if entry.adopted]
     if adopted:
-        raise SourceError(f"{out} holds split(s) adopted with `mixmae shards adopt` ({', '.join(adopted)}): a "
-                          "conversion writes a manifest of its own splits and would drop them; convert into "
-                          "another folder")
+        raise SourceError(f"{out} holds {plural(len(adopted), 'split')} adopted with `mixmae shards adopt` "
+                          f"({', '.join(adopted)}): a conversion writes a manifest of its own splits and would drop "
+                          "them; convert into another folder")
 
 
 SAMPLED_FOR_A_MOVE = 32  # planned files checked when --src names another folder than the one a conversion began

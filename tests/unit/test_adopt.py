@@ -312,7 +312,7 @@ def test_tars_named_for_another_split_are_not_adopted_into_this_one(wds_sets, tm
     only_val = tmp_path / "held-out"
     only_val.mkdir()
     (only_val / "val-0000.tar").write_bytes(b"")
-    with pytest.raises(SourceError, match=r"its 1 tars are named for 'val' \(e.g. val-0000.tar\), not for --split "
+    with pytest.raises(SourceError, match=r"its 1 tar is named for 'val' \(e.g. val-0000.tar\), not for --split "
                                           r"train: add --split val"):
         adopt(only_val, tmp_path / "refused", AdoptOptions())
     assert not (tmp_path / "refused" / "dataset.json").exists()
@@ -353,7 +353,7 @@ def test_adopting_over_a_converted_split_or_converting_over_an_adopted_one_is_re
     adopt(tmp_path / "valtars", adopted, AdoptOptions(split="val", workers=1))
     capsys.readouterr()
     assert main(["shards", "folder", "--src", str(src), "--out", str(adopted), "--workers", "1"]) == 2
-    assert "holds split(s) adopted with `mixmae shards adopt` (val)" in capsys.readouterr().err
+    assert "holds 1 split adopted with `mixmae shards adopt` (val)" in capsys.readouterr().err
     assert list(json.loads((adopted / "dataset.json").read_text())["splits"]) == ["val"]
 
 

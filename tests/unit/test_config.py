@@ -292,8 +292,9 @@ def test_overlap_comm_is_off_only_for_a_single_zero1_rank(world, stage, override
 def test_a_global_batch_larger_than_the_training_set_names_the_largest_that_splits(samples, world, largest):
     """It said `at most 6` for a folder of 6 images on 2 ranks, and 6 was then refused (3 images a rank, MixMAE
     pairs them): the value named is the largest this many GPUs take, and it is accepted."""
+    gpus = "1 GPU" if world == 1 else f"{world} GPUs"
     with pytest.raises(ConfigError, match=rf"larger than the {samples} training samples: the largest global batch "
-                                          rf"on {world} GPU\(s\) is {largest} \(a multiple of {2 * world}"):
+                                          rf"on {gpus} is {largest} \(a multiple of {2 * world}"):
         load_resolved("tiny", overrides=[f"data.train_samples={samples}", "batch.global_batch=32"], world_size=world)
     resolved = load_resolved("tiny", overrides=[f"data.train_samples={samples}", f"batch.global_batch={largest}"],
                              world_size=world)
@@ -303,8 +304,9 @@ def test_a_global_batch_larger_than_the_training_set_names_the_largest_that_spli
 @pytest.mark.parametrize("samples, world", [(3, 2), (1, 1), (1, 2)])
 def test_a_training_set_smaller_than_any_global_batch_is_refused_with_the_smallest(samples, world):
     """`set batch.global_batch to at most 1` was no way out: no global batch below 2 per GPU exists."""
+    gpus = "1 GPU" if world == 1 else f"{world} GPUs"
     with pytest.raises(ConfigError, match=rf"larger than the {samples} training samples, and no global batch fits on "
-                                          rf"{world} GPU\(s\): the smallest is {2 * world} "):
+                                          rf"{gpus}: the smallest is {2 * world} "):
         load_resolved("tiny", overrides=[f"data.train_samples={samples}", "batch.global_batch=32"], world_size=world)
 
 

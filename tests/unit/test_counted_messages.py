@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from mixmae_scale.data.manifest import _not_a_shard_set
 from mixmae_scale.scaling.in_process import DeviceShare
 from mixmae_scale.shards.saved_plan import SourceChanges
@@ -34,32 +37,66 @@ def test_a_folder_of_images_is_counted_in_images(tmp_path):
     assert "it is a folder of 2 images; convert it first" in _not_a_shard_set(one, str(one))
 
 
-RUN_PATH_MODULES = ["cluster/compose.py", "cluster/slurm_ranks.py", "cluster/signal_relay.py", "cluster/requeue.py",
-                    "engine/runtime.py", "engine/loop.py", "engine/run_folder.py", "engine/checkpointing/resume.py",
-                    "engine/checkpointing/store.py", "data/loader.py", "finetune/job.py", "models/convert_official.py",
-                    "scaling/report.py", "scaling/spec.py", "scaling/sweep_plan.py", "scaling/recorded.py",
-                    "scaling/isoflop.py"]
+BRACKETED_PLURAL = re.compile(r"[a-z]\((?:s|es|ies)\)", re.IGNORECASE)  # shard(s), match(es), entr(ies)
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_run_and_launch_path_writes_no_counted_noun_with_an_s_in_brackets():
-    """`mixmae launch --dry-run` printed "1 node(s) x 1 GPU(s)" and "1 step(s)" on every launch, and the run, resume,
-    Slurm and sweep messages "1 rank(s)", "1 row(s)": their strings now count with `plural`. Read from the
-    modules' string literals (f-strings included), so that a new one is caught where it is written."""
+def _literal_text(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of each string literal of a module: an f-string without its replacement fields, where
+    `{len(s)}` is code, not a plural (Python 3.12 and later hand over the literal parts alone)."""
     import io
-    import re
     import tokenize
-    from pathlib import Path
 
+    parts = (tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING))
+    found = []
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if token.type not in parts:
+            continue
+        text = token.string
+        if token.type == tokenize.STRING and "f" in text[:text.index(text[-1])].lower():
+            while re.search(r"\{[^{}]*\}", text):
+                text = re.sub(r"\{[^{}]*\}", "", text)
+        found.append((token.start[0], text))
+    return found
+
+
+def test_no_module_writes_a_counted_noun_with_a_plural_ending_in_brackets():
+    """`mixmae launch --dry-run` printed "1 node(s) x 1 GPU(s)" and "1 step(s)" on every launch, `mixmae plan`
+    "1 GPU(s)", a conversion "holds split(s) adopted" for one split: their strings now count with `plural`. Read
+    from every module's string literals (f-strings included) and from the shell scripts the package ships, so that a
+    new one is caught where it is written."""
     import mixmae_scale
 
-    root = Path(mixmae_scale.__file__).parent
-    found = []
-    for module in RUN_PATH_MODULES:
-        path = root / module
-        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
-            if token.type == tokenize.STRING and re.search(r"\w\(s\)", token.string):
-                found.append(f"{module}:{token.start[0]}: {token.string.strip()[:60]}")
+    package = Path(mixmae_scale.__file__).parent
+    found = [f"{path.relative_to(package)}:{line}: {text.strip()[:60]}" for path in sorted(package.rglob("*.py"))
+             for line, text in _literal_text(path) if BRACKETED_PLURAL.search(text)]
+    scripts = sorted((ROOT / "launch").rglob("*.sh")) + sorted((ROOT / "launch").rglob("*.sbatch"))
+    assert scripts
+    found += [f"{path.relative_to(ROOT)}:{number}: {line.strip()[:60]}" for path in scripts
+              for number, line in enumerate(path.read_text().splitlines(), 1) if BRACKETED_PLURAL.search(line)]
     assert found == []
+
+
+def test_the_scan_sees_a_bracketed_plural_in_text_and_not_in_an_f_strings_code(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('a = f"{plural(len(s), \'shard\')} of {n} match(es)"\nb = "no GPU(s)"\nc = f"{len(s)}"\n')
+    assert [line for line, text in _literal_text(module) if BRACKETED_PLURAL.search(text)] == [1, 2]
+
+
+def test_a_batch_on_one_gpu_is_refused_naming_1_gpu():
+    from mixmae_scale.config.derive import too_few_samples
+
+    assert "no global batch fits on 1 GPU: the smallest is 2" in too_few_samples(32, 1, 1, False)
+    assert "the largest global batch on 1 GPU is 6" in too_few_samples(32, 7, 1, False)
+    assert "the largest global batch on 2 GPUs is 4" in too_few_samples(32, 7, 2, False)
+
+
+def test_the_plan_of_one_gpu_counts_1_gpu(capsys):
+    from mixmae_scale.cli import main
+
+    assert main(["plan", "tiny", "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert " 1 GPU of 80 GB" in out and " x 1 GPU = global batch" in out, out
 
 
 def test_the_launch_plan_counts_nodes_gpus_and_steps():

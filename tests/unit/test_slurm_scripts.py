@@ -214,9 +214,11 @@ def test_each_nodes_launcher_keeps_to_the_gpus_slurm_gave_it(slurm, monkeypatch)
     result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "4", "CUDA_VISIBLE_DEVICES": "4,5"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "mixmae: error: node 1: CUDA_VISIBLE_DEVICES=4,5 lists 2 GPU(s), the job uses 4 per node (from"
+        "mixmae: error: node 1: CUDA_VISIBLE_DEVICES=4,5 lists 2 GPUs, the job uses 4 per node (from"
         " SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE or MIXMAE_GPUS_PER_NODE): request as many GPUs as it uses, or"
         " set MIXMAE_GPUS_PER_NODE=2")
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "4"})
+    assert result.returncode == 2 and "CUDA_VISIBLE_DEVICES=4 lists 1 GPU, the job uses 2 per node" in result.stderr
     result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "4,5"})
     assert result.returncode == 0, result.stderr
     args = recorded(records, "python")

@@ -25,7 +25,7 @@ def test_a_rank_uses_its_local_rank_among_all_the_node_gpus_or_its_own_gpu_alone
 def test_a_rank_with_no_gpu_of_its_own_is_refused_in_one_line():
     with pytest.raises(ConfigError) as refused:
         distributed.device_index(5, 4, "0,1,2,3")
-    assert str(refused.value).startswith("local rank 5 has no GPU of its own: this process sees 4 GPU(s) "
+    assert str(refused.value).startswith("local rank 5 has no GPU of its own: this process sees 4 GPUs "
                                          "(CUDA_VISIBLE_DEVICES=0,1,2,3); ")
     with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES=unset"):
         distributed.device_index(2, 2, None)

@@ -1,0 +1,79 @@
+"""A pool worker that dies (the kernel's out-of-memory killer sends SIGKILL) is said in one line naming the signal,
+what was kept and `--workers`, not with a traceback or the main-guard advice meant for a user's own script; and a
+conversion stopped that way resumes when the same command runs again (shards/builder.py, cli/shard_commands.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mixmae_scale.shards.builder import PoolError, bounded_pool
+
+HELPERS = Path(__file__).parent / "helpers"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def die_on_two(unit: int) -> int:
+    if unit == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return unit
+
+
+def test_a_worker_killed_by_sigkill_is_named_with_its_signal_and_the_likely_cause():
+    with pytest.raises(PoolError) as caught:
+        list(bounded_pool(die_on_two, [1, 2, 3], workers=2))
+    assert caught.value.exitcode == -signal.SIGKILL and caught.value.workers == 2
+    assert "SIGKILL" in str(caught.value) and "out of memory" in str(caught.value)
+
+
+def test_a_dead_worker_is_a_one_line_failure_not_a_refused_input():
+    """Exit 1 under a launcher too (cli/failure_report.py): the same command may pass once memory is free."""
+    from mixmae_scale.cli.failure_report import is_refused_input, is_user_mistake
+
+    died = PoolError("a worker of the pool (2 workers) was killed by SIGKILL", workers=2, exitcode=-9)
+    assert is_user_mistake(died) and not is_refused_input(died)
+
+
+def test_convert_with_a_worker_killed_says_one_line_and_the_same_command_resumes(tmp_path, monkeypatch, capfd):
+    from mixmae_scale.cli import main
+    from mixmae_scale.shards.demo import build_demo_images
+    from mixmae_scale.shards.verify import verify
+
+    build_demo_images(tmp_path / "images", train_per_class=3, val_per_class=1, seed=0)  # 30 train, 10 val images
+    out = tmp_path / "out"
+    command = ["shards", "imagenet", "--src", str(tmp_path / "images"), "--out", str(out), "--samples-per-shard", "4",
+               "--workers", "2"]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HELPERS), str(ROOT)]))  # the workers load the hook
+    monkeypatch.setenv("MIXMAE_TEST_KILL_SHARD", "train-000002")  # taken once a worker finished shard 0 or 1
+    assert main(command) == 1
+    err = capfd.readouterr().err
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("mixmae")]
+    assert "Traceback" not in err and len(said) == 1, err[-3000:]
+    assert said[0].startswith("mixmae: error: a worker process (of 2) was killed by SIGKILL"), said
+    for words in ("out of memory", "kept", "same command", "--workers 1"):
+        assert words in said[0], said
+    assert "__main__" not in said[0] and not (out / "dataset.json").exists()
+
+    monkeypatch.delenv("MIXMAE_TEST_KILL_SHARD")
+    assert main(command) == 0
+    assert "done earlier" in capfd.readouterr().err
+    counts = json.loads((out / "dataset.json").read_text())["splits"]
+    assert {split: (entry["samples"], entry["found"], entry["rejected"])
+            for split, entry in counts.items()} == {"train": (30, 30, 0), "val": (10, 10, 0)}
+    assert not list(out.glob("*.tmp*")) and verify(out)["ok"]
+
+
+def test_verify_with_a_worker_killed_says_one_line_and_that_the_set_was_only_read(demo_shards, monkeypatch, capfd):
+    from mixmae_scale.cli import main
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HELPERS), str(ROOT)]))
+    monkeypatch.setenv("MIXMAE_TEST_KILL_TAR", "train-000001.tar")
+    assert main(["shards", "verify", str(demo_shards), "--workers", "2"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("mixmae: error: a worker process (of 2) was killed by SIGKILL") and \
+        "the set was only read, so the same command can run again" in err and "--workers 1" in err, err
