@@ -17,4 +17,5 @@ for piece in "$KIT"/piece-*; do
   (cd "$part" && sha256sum piece > piece.sha256 && echo "$count" > pieces)
 done
 rm -rf "$KIT/wheels"
-echo "kit: $count piece(s) of <= $PIECE in $KIT/part-NN (carry one per call)"
+pieces=pieces; [ "$count" -eq 1 ] && pieces=piece
+echo "kit: $count $pieces of <= $PIECE in $KIT/part-NN (carry one per call)"
