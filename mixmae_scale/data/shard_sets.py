@@ -105,6 +105,19 @@ class ShardMixture:
         equally likely to be drawn, and floor(f x n) + Bernoulli(remainder) shards are, so f x samples)."""
         return round(sum(s.weight * s.shards.samples for s in self.sets))
 
+    def largest_epoch_samples(self) -> int:
+        """The most samples any epoch can draw: each set's whole weights of its shards, plus its largest shards for a
+        fractional part (`fractional_shards` draws at most ceil(f x n), any of them). Below one micro-batch on every
+        rank, no epoch ever gives a rank a batch (shard_reader.RankStream refuses to wait for one)."""
+        total = 0
+        for entry in self.sets:
+            counts = entry.shards.samples_per_shard
+            whole, fraction = divmod(entry.weight, 1.0)
+            expected = fraction * len(counts)
+            most = math.floor(expected + 1e-9) + int(expected - math.floor(expected + 1e-9) > 1e-9)
+            total += int(whole) * sum(counts) + sum(sorted(counts, reverse=True)[:most])
+        return total
+
     def shares(self) -> list[tuple[str, float]]:
         """Each set's expected share of an epoch's samples, for the log (the mean over epochs, as
         expected_samples)."""
