@@ -231,6 +231,17 @@ class Layout:
         read = min(consumed_batches * self.micro, self.batches * self.micro)
         return self.world * (read % window if window > 0 else 0)
 
+    def progress(self, consumed_batches: int, epoch_samples: int) -> float:
+        """How far into the run the data is, in epochs: `epoch` plus the share of its `epoch_samples` read, where the
+        unread ones are this layout's not yet consumed. Not steps over steps per epoch: a re-laid epoch (a resume on
+        another number of ranks) re-reads part of a window per old rank and lays its rest out anew, and an epoch of
+        a fractional weight draws another size, so the step count drifts from the epoch the loader is in. A layout
+        read to its end is the next epoch's start (its left-out remainder is not read)."""
+        if consumed_batches >= self.batches:
+            return float(self.epoch + 1)
+        unread = self.length - consumed_batches * self.micro * self.world
+        return self.epoch + max(epoch_samples - unread, 0) / max(epoch_samples, 1)
+
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "intervals": [list(i) for i in self.intervals], "world": self.world,
                 "micro": self.micro}

@@ -438,7 +438,7 @@ class TrainingLoop:
             return
         mfu = self._mfu(global_rate)
         grad_norm = self.engine.get_global_grad_norm()
-        row = {"step": step, "epoch": step / derived.steps_per_epoch, "images_seen": step * derived.global_batch,
+        row = {"step": step, "epoch": self.loader.epoch_progress, "images_seen": step * derived.global_batch,
                "loss": mean_loss, "lr": last_step_learning_rate(derived.learning_rate, self.scheduler),
                "grad_norm": float(grad_norm) if grad_norm is not None else None, "images_per_s": global_rate,
                "mfu": mfu, "data_wait_frac": wait_frac, "peak_mem_mib": peak_memory_mib(),

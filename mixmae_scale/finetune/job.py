@@ -142,7 +142,7 @@ class FinetuneJob(EvaluatedJob):
     def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
         """Collective: top-1 and top-5 of the whole validation split (every rank its share)."""
         derived = loop.derived
-        return {"step": step, "epoch": step / derived.steps_per_epoch,
+        return {"step": step, "epoch": self.loader.epoch_progress,
                 **evaluate(loop.engine, self.val_loader(), loop.device, derived.dtype,
                            expected_samples=self.val_samples)}
 

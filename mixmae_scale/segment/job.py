@@ -76,7 +76,7 @@ class SegmentJob(EvaluatedJob):
         scores = evaluate_segmentation(loop.engine, val_loader.eval_batches(), loop.device, derived.dtype,
                                        config.segment.num_classes, config.segment.ignore_index, self.val_samples,
                                        val_loader.split_coverage(), str(config.data.shards))
-        return {"step": step, "epoch": step / derived.steps_per_epoch, **scores}
+        return {"step": step, "epoch": self.loader.epoch_progress, **scores}
 
     def describe(self, result: dict[str, Any]) -> str:
         return (f"mIoU {result['miou']:.2f}  pixel accuracy {result['pixel_accuracy']:.2f}  "
