@@ -30,6 +30,7 @@ from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
+from mixmae_scale.engine.checkpointing.recipe import heldout_record
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -174,7 +175,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
                                                                              overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune",
-                    check=lambda train_data, world: check_finetune_data(config, train_data, world))
+                    check=lambda train_data, world: check_finetune_data(config, train_data, world),
+                    scores=lambda: heldout_record(load_split(config.data.shards, config.data.val_split)))
     if ctx.resume is None and pretrained is None:  # a fresh start after all (the folder changed since it was read)
         pretrained = finetune_start(config.finetune.init)
     derived, ft = ctx.resolved.derived, config.finetune
