@@ -171,8 +171,8 @@ def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where:
                 "scored (data.val_split, data.heldout, logging.heldout_batches, batch.micro, data.shards)")
     return (f"the held-out images differ from those {where} recorded ({what}): resumed at step {step} all the same "
             "(training reads the same data), but every held-out loss and evaluation from here on scores other "
-            f"images than those before step {step}: do not read a curve across it (run.json's resume entry and "
-            "summary.json say so); resume with the checkpoint's held-out images to keep one curve")
+            f"images than those before step {step}: do not read a curve across it (run.json's resume entry keeps this "
+            "note); resume with the checkpoint's held-out images to keep one curve")
 
 
 def _without_locations(sources: Any) -> Any:
