@@ -156,6 +156,7 @@ class ShardLoader:
                             f"{spec.batch_size} on each of {plural(spec.num_shards, 'rank')}")
         self.batch_in_epoch = 0
         self.batches_consumed = 0
+        self._epoch_samples = (0, self.layout.length)  # (epoch, its samples): epoch_progress's
         self.resume_note: str | None = None
         self._dali_checkpoint: bytes | None = None
         self._stream: RankStream | None = None
@@ -171,6 +172,15 @@ class ShardLoader:
     @property
     def batches_per_epoch(self) -> int:
         return self.layout.batches
+
+    @property
+    def epoch_progress(self) -> float:
+        """The epoch the batches handed out so far reach, with its fraction (shard_sets.Layout.progress): what
+        metrics.csv's and the evaluations' epoch column say."""
+        epoch = self.layout.epoch
+        if self._epoch_samples[0] != epoch:  # one planning per epoch, not per logged row
+            self._epoch_samples = (epoch, self.mixture.visits(self.spec.order_seed, epoch).samples)
+        return self.layout.progress(self.batch_in_epoch, self._epoch_samples[1])
 
     # -- state ---------------------------------------------------------------------------------------------------
     def position(self, with_generators: bool = False) -> LoaderPosition:

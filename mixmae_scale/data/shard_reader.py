@@ -203,6 +203,15 @@ class RankStream:
     def __init__(self, mixture: ShardMixture, rank: int, layout: Layout, start_batch: int, seed: int, window: int,
                  augment: Callable[[RawSample], None] | None, with_meta: bool = False, depth: int = 4,
                  with_masks: bool = False, limit: int | None = None) -> None:
+        need, largest = layout.world * layout.micro, mixture.largest_epoch_samples()
+        if layout.batches < 1 and largest < need:
+            # The fetch thread steps past an epoch that gives no rank a whole batch (a fractional weight's small draw,
+            # a re-laid epoch's short rest); where every epoch is that short it stepped on without end while the
+            # training thread waited for a batch that could never come.
+            raise DataError(f"{plural(layout.length, 'sample')} to read in epoch {layout.epoch}, and "
+                            f"{plural(largest, 'sample')} in the largest epoch the data can draw: fewer than one "
+                            f"micro-batch of {layout.micro} on each of {plural(layout.world, 'rank')}; use fewer ranks "
+                            "or a smaller batch.micro, or more data")
         self.source = SampleSource(mixture, with_meta, with_masks)
         self.mixture, self.rank, self.seed, self.window = mixture, rank, seed, max(int(window), 1)
         self.augment = augment

@@ -105,6 +105,19 @@ class ShardMixture:
         equally likely to be drawn, and floor(f x n) + Bernoulli(remainder) shards are, so f x samples)."""
         return round(sum(s.weight * s.shards.samples for s in self.sets))
 
+    def largest_epoch_samples(self) -> int:
+        """The most samples any epoch can draw: each set's whole weights of its shards, plus its largest shards for a
+        fractional part (`fractional_shards` draws at most ceil(f x n), any of them). Below one micro-batch on every
+        rank, no epoch ever gives a rank a batch (shard_reader.RankStream refuses to wait for one)."""
+        total = 0
+        for entry in self.sets:
+            counts = entry.shards.samples_per_shard
+            whole, fraction = divmod(entry.weight, 1.0)
+            expected = fraction * len(counts)
+            most = math.floor(expected + 1e-9) + int(expected - math.floor(expected + 1e-9) > 1e-9)
+            total += int(whole) * sum(counts) + sum(sorted(counts, reverse=True)[:most])
+        return total
+
     def shares(self) -> list[tuple[str, float]]:
         """Each set's expected share of an epoch's samples, for the log (the mean over epochs, as
         expected_samples)."""
@@ -217,6 +230,17 @@ class Layout:
         """Samples `remaining` hands out a second time: the consumed part of each rank's current window."""
         read = min(consumed_batches * self.micro, self.batches * self.micro)
         return self.world * (read % window if window > 0 else 0)
+
+    def progress(self, consumed_batches: int, epoch_samples: int) -> float:
+        """How far into the run the data is, in epochs: `epoch` plus the share of its `epoch_samples` read, where the
+        unread ones are this layout's not yet consumed. Not steps over steps per epoch: a re-laid epoch (a resume on
+        another number of ranks) re-reads part of a window per old rank and lays its rest out anew, and an epoch of
+        a fractional weight draws another size, so the step count drifts from the epoch the loader is in. A layout
+        read to its end is the next epoch's start (its left-out remainder is not read)."""
+        if consumed_batches >= self.batches:
+            return float(self.epoch + 1)
+        unread = self.length - consumed_batches * self.micro * self.world
+        return self.epoch + max(epoch_samples - unread, 0) / max(epoch_samples, 1)
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "intervals": [list(i) for i in self.intervals], "world": self.world,

@@ -105,6 +105,7 @@ class RunContext:
     resume: ResumePlan | None
     stop: StopFlag
     last_step: int
+    heldout: dict[str, str] | None = None  # what the tags record of the images the run scores (recipe.heldout_record)
 
     @property
     def checkpoints(self) -> Path:
@@ -113,13 +114,16 @@ class RunContext:
 
 def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int, max_steps: int | None = None,
               overwrite: bool = False, exclude: Callable[[ShardMixture], ShardMixture] | None = None,
-              job: str = "pretrain", check: Callable[[ShardMixture, int], None] | None = None) -> RunContext:
+              job: str = "pretrain", check: Callable[[ShardMixture, int], None] | None = None,
+              scores: Callable[[], dict[str, str]] | None = None) -> RunContext:
     """Process group, configuration resolved for the real world size and data, the run folder, the resume plan.
     `exclude` takes samples out of the training data (pretraining's held-out tail, data/heldout.py); `job` fills
     what the configuration leaves to the job's recipe (`data.crop_scale`), so that config.yaml says what ran.
     `check(training data, world size)`: the job's refusals of its data (a one-class set for a classifier, a
     validation split smaller than the ranks), made from the manifests before the run folder is touched, so that a
-    refused run leaves no folder, lock, checkpoints/ or config.yaml behind.
+    refused run leaves no folder, lock, checkpoints/ or config.yaml behind. `scores()`: the record of the images the
+    run scores but never trains on (recipe.heldout_record), after `check`: each tag keeps it, and a resume with other
+    ones is said (not refused).
 
     Nothing in the run folder is written before the plan is made but its lock (engine/run_lock.py: a folder a live
     run holds is refused; released when the work ends, engine/runtime.py) and a file every rank reads and rank 0
@@ -135,6 +139,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         train_data = exclude(train_data)
     if check is not None:
         check(train_data, world)
+    heldout = scores() if scores is not None else None
     resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
     ds_config = engine_config(resolved, root)
@@ -147,7 +152,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         log.warning("%s", note)
     derived = resolved.derived
     last_step = min(derived.total_steps, max_steps) if max_steps else derived.total_steps
-    plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume, data=train_data)
+    plan = plan_resume(root / "checkpoints", resolved, layout, last_step, resume=resume, data=train_data,
+                       heldout=heldout)
     if plan is not None and plan.finishes_by(last_step):
         if rank == 0:  # so that a Slurm job does not requeue itself for it again (cluster/requeue.py)
             run_folder.note_complete(root, plan.step, last_step)
@@ -167,7 +173,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     dist.barrier()
     seed_generators(stream_seed(config.run.seed, rank, bits=63))
     return RunContext(config, resolved, rank, world, local_rank, device, root, train_data, ds_config, layout, plan,
-                      stop, last_step)
+                      stop, last_step, heldout)
 
 
 def compile_model(model: torch.nn.Module, ctx: RunContext) -> int:
@@ -206,7 +212,7 @@ class TrainingLoop:
         self.checkpointer = Checkpointer(self.engine, ctx.checkpoints, self.config.checkpoint,
                                          RunIdentity.of(ctx.resolved, ctx.layout), ctx.world, ctx.rank, job, job.loader,
                                          self.config.run.seed,
-                                         recipe.as_record(ctx.resolved, ctx.train_data))
+                                         recipe.as_record(ctx.resolved, ctx.train_data, ctx.heldout))
         self.guard = faults.NonFiniteGuard(self.config.faults.nonfinite_skip_limit)
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
@@ -438,7 +444,7 @@ class TrainingLoop:
             return
         mfu = self._mfu(global_rate)
         grad_norm = self.engine.get_global_grad_norm()
-        row = {"step": step, "epoch": step / derived.steps_per_epoch, "images_seen": step * derived.global_batch,
+        row = {"step": step, "epoch": self.loader.epoch_progress, "images_seen": step * derived.global_batch,
                "loss": mean_loss, "lr": last_step_learning_rate(derived.learning_rate, self.scheduler),
                "grad_norm": float(grad_norm) if grad_norm is not None else None, "images_per_s": global_rate,
                "mfu": mfu, "data_wait_frac": wait_frac, "peak_mem_mib": peak_memory_mib(),

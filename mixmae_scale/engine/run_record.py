@@ -205,7 +205,8 @@ def resume_entry(plan, step: int, world: int, layout: dict[str, Any]) -> dict[st
     return {"time": now(), "step": step, "checkpoint": plan.tag, "loaded": plan.load_tag, "universal": plan.universal,
             "old_layout": {"world_size": plan.saved_world, **(plan.saved_layout or {})},
             "new_layout": {"world_size": world, **layout}, "notes": list(plan.notes),
-            "config_changes": list(plan.config_changes)}
+            "config_changes": list(plan.config_changes),
+            **({"heldout_changed": plan.heldout_change} if plan.heldout_change else {})}
 
 
 class RunRecord:

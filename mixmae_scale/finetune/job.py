@@ -30,6 +30,7 @@ from mixmae_scale.data.manifest import DataError, load_split
 from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
+from mixmae_scale.engine.checkpointing.recipe import heldout_record
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -142,7 +143,7 @@ class FinetuneJob(EvaluatedJob):
     def evaluate(self, loop: Loop, step: int) -> dict[str, Any]:
         """Collective: top-1 and top-5 of the whole validation split (every rank its share)."""
         derived = loop.derived
-        return {"step": step, "epoch": step / derived.steps_per_epoch,
+        return {"step": step, "epoch": self.loader.epoch_progress,
                 **evaluate(loop.engine, self.val_loader(), loop.device, derived.dtype,
                            expected_samples=self.val_samples)}
 
@@ -174,7 +175,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
         pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
                                                                              overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune",
-                    check=lambda train_data, world: check_finetune_data(config, train_data, world))
+                    check=lambda train_data, world: check_finetune_data(config, train_data, world),
+                    scores=lambda: heldout_record(load_split(config.data.shards, config.data.val_split)))
     if ctx.resume is None and pretrained is None:  # a fresh start after all (the folder changed since it was read)
         pretrained = finetune_start(config.finetune.init)
     derived, ft = ctx.resolved.derived, config.finetune

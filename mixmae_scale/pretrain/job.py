@@ -25,6 +25,7 @@ from mixmae_scale.data.heldout import HeldOut, choose_heldout, heldout_count
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.shard_sets import ShardMixture
+from mixmae_scale.engine.checkpointing.recipe import HELDOUT, heldout_record
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Job, Loop
@@ -44,13 +45,16 @@ SnapshotFactory = Callable[[Config, Path, int, torch.device, ShardMixture], Any]
 
 class PretrainJob(Job):
     """MixMAE's loss on this rank's batches; the held-out loss at the start is kept with the checkpoints, so a
-    resumed run reports the start of the whole run, not of its last launch."""
+    resumed run reports the start of the whole run, not of its last launch, with the images it scored
+    (recipe.heldout_record): a resume with other held-out images then says the two are not comparable."""
 
     kind = "pretrain"
 
     def __init__(self, config: Config, loader: ShardLoader, heldout: HeldOut, snapshots=None) -> None:
         self.config, self.loader, self.heldout, self.snapshots = config, loader, heldout, snapshots
         self.heldout_start: HeldOutLoss | None = None
+        self.scores = scored_images(config, heldout)[HELDOUT]  # the images the held-out loss scores now
+        self.start_scored: str | None = None  # those the loss at step 0 scored (None: a checkpoint that did not say)
         self.flops_per_image = model_report(config.model)["train_flops_per_image"]
         self.compiled_blocks = 0
 
@@ -68,6 +72,7 @@ class PretrainJob(Job):
         if self.heldout_start is None:
             self.heldout_start = heldout_loss(loop.engine, self.config, self.heldout, loop.device,
                                               loop.derived.dtype)
+            self.start_scored = self.scores
             if loop.ctx.rank == 0:
                 log.info("held-out reconstruction loss at step 0: %s", self.heldout_start.text())
 
@@ -77,7 +82,9 @@ class PretrainJob(Job):
             self.snapshots.write(loop.engine.module, step)
 
     def state(self) -> dict[str, Any]:
-        return {"heldout_start": asdict(self.heldout_start) if self.heldout_start else None}
+        # Beside heldout_start, not in it: an older release reads heldout_start as HeldOutLoss(**saved).
+        return {"heldout_start": asdict(self.heldout_start) if self.heldout_start else None,
+                "heldout_start_images": self.start_scored}
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = state.get("heldout_start")
@@ -85,18 +92,33 @@ class PretrainJob(Job):
         self.heldout_start = (HeldOutLoss(**saved) if isinstance(saved, dict)
                               else HeldOutLoss(saved, self.config.logging.heldout_batches * self.config.batch.micro)
                               if saved else HeldOutLoss(None, 0, "not kept by the checkpoint this run resumed from"))
+        self.start_scored = state.get("heldout_start_images")
 
     def summary(self, loop: Loop) -> dict[str, Any]:
         """The held-out loss at the end, said in the log with the one at the start."""
         rank = loop.ctx.rank
         end = heldout_loss(loop.engine, self.config, self.heldout, loop.device, loop.derived.dtype)
         start = self.heldout_start
+        same = None if self.start_scored is None else self.start_scored == self.scores
         if rank == 0 and end.loss is None:
             log.warning("held-out reconstruction loss: %s", end.text())
+        elif rank == 0 and same is False:
+            log.warning("held-out reconstruction loss: %s at step 0 on other held-out images than the %s at step %d "
+                        "(a resume changed them; run.json's resumes say where): not comparable", start.text(),
+                        end.text(), loop.step)
         elif rank == 0:
             log.info("held-out reconstruction loss: %s at step 0 -> %s at step %d", start.text(), end.text(), loop.step)
+        # heldout_same_images: whether the start and end losses scored the same images (None: a checkpoint from
+        # before the start's images were kept), so that a summary's start -> end is not read across a change.
         return {"heldout_loss_start": start.loss, "heldout_loss_end": end.loss, "heldout_images": end.images,
-                "heldout_not_measured": end.reason, "heldout_set": self.heldout.summary()}
+                "heldout_not_measured": end.reason, "heldout_set": self.heldout.summary(),
+                "heldout_same_images": same}
+
+
+def scored_images(config: Config, heldout: HeldOut) -> dict[str, str]:
+    """What the tags record of the images the held-out loss scores (recipe.heldout_record): the first
+    logging.heldout_batches micro-batches of batch.micro (the configured one, as heldout_loss reads them)."""
+    return heldout_record(heldout.images, config.logging.heldout_batches * config.batch.micro)
 
 
 def build_job(config: Config, ctx: RunContext, heldout: HeldOut, model: torch.nn.Module,
@@ -120,7 +142,7 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     heldout = choose_heldout(data.shards, data.train_split, data.val_split, data.heldout,
                              heldout_count(config.logging.heldout_batches, config.batch.micro))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=heldout.exclude_from,
-                    job="pretrain")
+                    job="pretrain", scores=lambda: scored_images(config, heldout))
     sources = ctx.train_data if data.sources else None  # what training reads, when not data.shards' train split
     if ctx.rank == 0 and heldout.train_tail:  # a validation split is the usual case: nothing to say
         log.info("%s", heldout.describe(sources))

@@ -24,6 +24,7 @@ from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
+from mixmae_scale.engine.checkpointing.recipe import heldout_record
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.evaluated_job import EvaluatedJob
 from mixmae_scale.engine.fault_injection import with_injected_faults
@@ -76,7 +77,7 @@ class SegmentJob(EvaluatedJob):
         scores = evaluate_segmentation(loop.engine, val_loader.eval_batches(), loop.device, derived.dtype,
                                        config.segment.num_classes, config.segment.ignore_index, self.val_samples,
                                        val_loader.split_coverage(), str(config.data.shards))
-        return {"step": step, "epoch": step / derived.steps_per_epoch, **scores}
+        return {"step": step, "epoch": self.loader.epoch_progress, **scores}
 
     def describe(self, result: dict[str, Any]) -> str:
         return (f"mIoU {result['miou']:.2f}  pixel accuracy {result['pixel_accuracy']:.2f}  "
@@ -114,7 +115,8 @@ def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | 
     # checkpoint needs nothing of segment.init.
     check_init(config, run_folder.resumes(run_dir, config.checkpoint.resume, overwrite))
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="segment",
-                    check=lambda train_data, world: check_segment_data(config, train_data, world))
+                    check=lambda train_data, world: check_segment_data(config, train_data, world),
+                    scores=lambda: heldout_record(load_split(config.data.shards, config.data.val_split)))
     if ctx.resume is None:  # a fresh start after all (the folder changed since it was read)
         check_init(config)
     derived, seg = ctx.resolved.derived, config.segment

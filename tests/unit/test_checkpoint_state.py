@@ -382,3 +382,24 @@ def test_a_recorded_best_whose_own_step_is_not_in_best_is_forgotten(tmp_path):
     job.best = {"top1": 40.0, "step": 250}
     job.on_start(SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1)))
     assert job.best == {"top1": 40.0, "step": 250}
+
+
+def test_the_epoch_column_follows_the_loader_through_an_epoch_re_laid_on_another_world_size():
+    """metrics.csv's epoch was step / steps_per_epoch: after a resume 2 -> 3 ranks at a global batch of 48 (8 x 3
+    accumulated on 2 ranks, 8 x 2 on 3) the re-laid epoch re-reads 64 samples and leaves 5 out, so where the loader
+    had finished epoch 0 at step 22 the column said 1.1; it is the loader's own position now."""
+    old = loader(2)  # 997 samples, 62 micro-batches of 8 per rank: 7 steps of 3 are 21 of them
+    old.batch_in_epoch = old.batches_consumed = 21
+    assert old.epoch_progress == pytest.approx(21 * 16 / 997)
+    new = loader(3)
+    new.restore(LoaderPosition.from_dict(json.loads(json.dumps(old.position().to_dict()))))
+    left = new.layout.length  # the rest of epoch 0, from the start of each old rank's window (64 of 2 x 168 read)
+    assert left == 997 - 2 * 128 and new.layout.batches == left // 24 == 30
+    assert new.epoch_progress == pytest.approx((997 - left) / 997)  # behind the 0.337 read: a window is read again
+    new.batch_in_epoch = 14  # 7 steps of 2 on 3 ranks, step 14
+    assert new.epoch_progress == pytest.approx((997 - left + 14 * 24) / 997)
+    new.batch_in_epoch = 30  # step 22: the loader is done with epoch 0 (22 / (997 // 48) was 1.1)
+    assert new.epoch_progress == 1.0
+    new._start_epoch(1)
+    new.batch_in_epoch = 20
+    assert new.epoch_progress == pytest.approx(1 + 20 * 24 / 997)

@@ -433,3 +433,43 @@ def test_the_line_about_no_hold_out_counts_what_training_reads_when_data_sources
     line = tail.describe(tail.exclude_from(training_mixture(str(big), "train", [(str(big), 1.0, None),
                                                                                (str(tmp_path / "a"), 1.0, None)])))
     assert line.endswith("training reads the data.sources mixture (52 samples per epoch), without them (data.heldout)")
+
+
+def test_a_summary_says_when_the_start_and_end_losses_scored_other_held_out_images(monkeypatch, caplog):
+    """The loss at step 0 travels with the checkpoints; resumed with other held-out images (another validation split,
+    another tail), the run reported '1.0 at step 0 -> 0.8' across two sets of images as if it had learnt."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mixmae_scale.config.derive import load_resolved
+    from mixmae_scale.data.heldout import HeldOut
+    from mixmae_scale.pretrain import job as module
+    from mixmae_scale.pretrain.heldout_loss import HeldOutLoss
+
+    config = load_resolved("tiny", world_size=1, train_samples=300).config
+
+    def split(counts):
+        return SplitShards("val", "/v", "/v", tuple(f"{n}.tar" for n in range(len(counts))),
+                           tuple(f"{n}.idx" for n in range(len(counts))), counts, (0,) * len(counts), sum(counts),
+                           False, 0)
+
+    monkeypatch.setattr(module, "heldout_loss", lambda *a: HeldOutLoss(0.8, 16))
+    loop = SimpleNamespace(ctx=SimpleNamespace(rank=0), engine=None, device=torch.device("cpu"),
+                           derived=SimpleNamespace(dtype="fp32"), step=10)
+    first = module.PretrainJob(config, None, HeldOut(split((16, 8)), 0, 0))
+    first.on_start(loop)
+    kept = first.state()
+    assert kept["heldout_start_images"] == first.scores
+    same = module.PretrainJob(config, None, HeldOut(split((16, 8)), 0, 0))
+    same.load_state(kept)
+    assert same.summary(loop)["heldout_same_images"] is True
+    other = module.PretrainJob(config, None, HeldOut(split((16, 9)), 0, 0))
+    other.load_state(kept)
+    with caplog.at_level("WARNING"):
+        summary = other.summary(loop)
+    assert summary["heldout_same_images"] is False and summary["heldout_loss_start"] == 0.8
+    assert "at step 0 on other held-out images than the 0.8000 at step 10" in caplog.text
+    older = module.PretrainJob(config, None, HeldOut(split((16, 9)), 0, 0))
+    older.load_state({"heldout_start": kept["heldout_start"]})  # a checkpoint that did not keep the images
+    assert older.summary(loop)["heldout_same_images"] is None

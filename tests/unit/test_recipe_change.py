@@ -29,15 +29,16 @@ class WritingEngine:
         (store.Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 64)
 
 
-def saved_run(tmp_path, first, data=None):
+def saved_run(tmp_path, first, data=None, heldout=None):
     """A run folder with one tag saved by the real store with `first`'s recipe, as the trainer saves it (`data`: the
-    training data it read, recorded with the recipe as the loop records it)."""
+    training data it read, `heldout`: the record of the images it scored, both recorded with the recipe as the loop
+    records them)."""
     ckpt_dir = tmp_path / "run" / "checkpoints"
     identity = RunIdentity.of(first, LAYOUT)
     rank_state = {"loader": {"epoch": 0, "batches_consumed": 4}, "rng": {}, "model_digest": identity.model_digest,
                   "model_shape": identity.model_shape, "optimizer_layout": LAYOUT,
                   "global_batch": identity.global_batch, "init": identity.init}
-    request = store.SaveRequest(4, recipe=recipe.as_record(first, data))
+    request = store.SaveRequest(4, recipe=recipe.as_record(first, data, heldout))
     store.save(WritingEngine(), ckpt_dir, request, {"step": 4}, rank_state)
     return ckpt_dir
 
@@ -201,3 +202,62 @@ def test_a_rebuilt_set_with_the_same_names_sizes_and_counts_but_other_tars_is_no
     older = saved_run(tmp_path / "older", resolved("data.shards=/old"), mixture("/old"))
     plan = plan_with_data(older, now, hashed("/new", ("a" * 64, "c" * 64)))
     assert "at another location" in plan.config_changes[0]
+
+
+def val_split(location: str, counts: tuple[int, ...] = (40, 24), sha256: tuple[str, ...] = ()):
+    """A validation split of `counts` samples per shard at `location` (no files are read)."""
+    from mixmae_scale.data.manifest import SplitShards
+
+    names = tuple(f"val-{n:06d}.tar" for n in range(len(counts)))
+    return SplitShards("val", location, location, names, tuple(n.replace(".tar", ".idx") for n in names), counts,
+                       tuple(500 * c for c in counts), sum(counts), True, 10, sha256=sha256)
+
+
+def plan_scoring(ckpt_dir, now, data, images, scored=32):
+    return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now, data, recipe.heldout_record(images, scored)),
+                         allow_recipe_change=False)
+
+
+def test_other_held_out_images_resume_with_a_warning_kept_in_run_json_and_moved_ones_only_as_the_move(tmp_path,
+                                                                                                    gloo_of_one):
+    """The held-out split was not in the tag: a resume with another one (a val split rebuilt, another data.val_split)
+    went on in silence, and the held-out loss after it scored other images than before it. Not refused (training
+    reads the same data): said, with its step, in the log and run.json."""
+    first = resolved("data.shards=/old")
+    ckpt_dir = saved_run(tmp_path, first, mixture("/old"), recipe.heldout_record(val_split("/old"), 32))
+    moved = plan_scoring(ckpt_dir, resolved("data.shards=/new"), mixture("/new"), val_split("/new"))
+    assert moved.heldout_change is None and len(moved.notes) == 1 and "at another location" in moved.notes[0]
+    assert "heldout_changed" not in resume_entry(moved, 4, 1, LAYOUT)
+    other = plan_scoring(ckpt_dir, first, mixture("/old"), val_split("/old", counts=(40, 30)))
+    assert other.tag == "step00000004" and other.config_changes == ()
+    assert other.notes == (other.heldout_change,) and "the held-out images differ" in other.heldout_change
+    assert "resumed at step 4 all the same" in other.heldout_change and "before step 4" in other.heldout_change
+    assert resume_entry(other, 4, 1, LAYOUT)["heldout_changed"] == other.heldout_change
+    assert plan_scoring(ckpt_dir, first, mixture("/old"), val_split("/old"), scored=64).heldout_change  # more scored
+    nothing = plan_scoring(ckpt_dir, first, mixture("/old"), None).heldout_change
+    assert "images were held out before it, none are now" in nothing
+
+
+def test_a_rebuilt_held_out_split_is_told_apart_by_its_tars_and_an_older_tag_is_resumed_without_the_check(
+        tmp_path, gloo_of_one):
+    first = resolved()
+    hashed = val_split("/v", sha256=("a" * 64, "b" * 64))
+    ckpt_dir = saved_run(tmp_path, first, mixture("/v"), recipe.heldout_record(hashed, 32))
+    rebuilt = plan_scoring(ckpt_dir, first, mixture("/v"), val_split("/v", sha256=("a" * 64, "c" * 64)))
+    assert "other tar contents: the set was rebuilt" in rebuilt.heldout_change
+    assert plan_scoring(ckpt_dir, first, mixture("/v"), val_split("/v")).heldout_change is None  # contents unknown now
+    older = saved_run(tmp_path / "older", first, mixture("/v"))  # saved before tags recorded their held-out images
+    plan = plan_scoring(older, first, mixture("/v"), val_split("/v", counts=(1, 2)))
+    assert plan.tag == "step00000004" and plan.notes == () and plan.heldout_change is None
+
+
+def test_the_held_out_record_is_of_the_images_scored_not_where_they_lie_nor_a_compared_config_key():
+    from mixmae_scale.data.heldout import split_tail
+
+    train = val_split("/a", counts=(64, 36))
+    assert recipe.heldout_record(val_split("/a")) == recipe.heldout_record(val_split("/elsewhere"))
+    assert recipe.heldout_record(split_tail(train, 16)[1]) != recipe.heldout_record(split_tail(train, 20)[1])
+    assert recipe.heldout_record(None) == {recipe.HELDOUT: recipe.NOTHING_HELD_OUT}
+    assert recipe.differences({recipe.HELDOUT: "x", recipe.HELDOUT_CONTENT: "y"},
+                              {recipe.HELDOUT: "z", recipe.HELDOUT_CONTENT: "w"}) == []

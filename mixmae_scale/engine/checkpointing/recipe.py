@@ -25,6 +25,15 @@ shard's name, size and sample count, and each set's split and weight, not where 
 sha256 where the manifest records it), so a changed location whose shards are the same is noted, not refused;
 another set at the new location, or a tag saved before tags recorded their data, is refused as any change of the
 data read.
+
+The images a run scores but never trains on (pretraining's held-out split or tail, data/heldout.py; a fine-tuning's
+validation split) are recorded the same way, apart (`HELDOUT`, `HELDOUT_CONTENT`: `heldout_record`). Another set of
+them changes no training step, so a resume with one is not refused; but every held-out loss and evaluation after it
+scores other images than the ones before it, and a curve drawn across the resume reads as one. So it is said
+(`heldout_change`: a warning in the log, and the resume's entry in run.json names it and its step), and pretraining's
+summary says when the loss at step 0 was scored on other images than the loss at the end. The same images at
+another location (a moved data.shards) say nothing more than the move; a tag saved before tags recorded them is
+resumed without the comparison.
 """
 
 from __future__ import annotations
@@ -46,11 +55,17 @@ DATA = "data_read"  # a record's digest of its training data wherever it lies (`
 # them: tars are 512-byte padded, so a set rebuilt under the same names can keep every size and count. Kept apart from
 # `DATA` so that a tag saved before it was recorded still compares by names, sizes and counts.
 CONTENT = "data_content"
+# The images a run scores but never trains on (`heldout_record`), and their tars' contents: compared apart, never a
+# refusal (`heldout_change`).
+HELDOUT = "heldout_read"
+HELDOUT_CONTENT = "heldout_content"
+NOTHING_HELD_OUT = "none"  # `HELDOUT` of a run too small to hold anything out
 # Where the data lies: a change of these alone, to the same shards (`DATA`), is a move, not other data.
 LOCATIONS = ("data.shards", "data.sources")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
-NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT)
+NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT,
+                HELDOUT, HELDOUT_CONTENT)
 # How a block runs, not what it computes: the same loss at the same step.
 EXECUTION_ONLY = ("model.compile", "model.attention", "model.checkpoint_every")
 # What a loss value means at a step: the masking, the target, the model's regularisation, the images it sees.
@@ -119,6 +134,45 @@ def data_content(mixture) -> str | None:
     if not any(any(d) for d in digests):
         return None
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
+
+
+def heldout_record(images, scored: int | None = None) -> dict[str, str]:
+    """What a tag records of the images a run scores but never trains on (a data.manifest.SplitShards: a validation
+    split, or a train split's held-out tail; None: nothing is held out), wherever they lie: their split, each shard's
+    name, size, sample count and first index line, and `scored`, how many of them a score reads where it reads only
+    the first ones (pretraining's logging.heldout_batches x batch.micro); under `HELDOUT_CONTENT`, the digest of the
+    tars' sha256s where the manifest records them."""
+    if images is None:
+        return {HELDOUT: NOTHING_HELD_OUT}
+    identity = [images.split, list(images.names), list(images.bytes_per_shard), list(images.samples_per_shard),
+                list(images.first_line), scored]
+    record = {HELDOUT: hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}
+    if any(images.sha256):
+        record[HELDOUT_CONTENT] = hashlib.sha256(json.dumps(list(images.sha256)).encode()).hexdigest()[:16]
+    return record
+
+
+def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int) -> str | None:
+    """The warning for a resume whose held-out images differ from those the tag recorded (None: the same, or either
+    side records none, as a tag saved before tags recorded them). The run goes on: training reads what it read."""
+    old, new = (saved or {}).get(HELDOUT), current.get(HELDOUT)
+    if old is None or new is None:
+        return None
+    old_content, new_content = (saved or {}).get(HELDOUT_CONTENT), current.get(HELDOUT_CONTENT)
+    if old == new and (old_content is None or new_content is None or old_content == new_content):
+        return None
+    if NOTHING_HELD_OUT in (old, new):
+        what = ("nothing was held out before it, images are now" if old == NOTHING_HELD_OUT
+                else "images were held out before it, none are now")
+    elif old == new:
+        what = "the same names, sizes and counts, other tar contents: the set was rebuilt"
+    else:
+        what = ("another split, other shards, sample counts or cut of the train split, or another number of them "
+                "scored (data.val_split, data.heldout, logging.heldout_batches, batch.micro, data.shards)")
+    return (f"the held-out images differ from those {where} recorded ({what}): resumed at step {step} all the same "
+            "(training reads the same data), but every held-out loss and evaluation from here on scores other "
+            f"images than those before step {step}: do not read a curve across it (run.json's resume entry keeps this "
+            "note); resume with the checkpoint's held-out images to keep one curve")
 
 
 def _without_locations(sources: Any) -> Any:
@@ -194,10 +248,12 @@ def saved_recipe(ckpt_dir: Path, tag: str) -> dict[str, Any] | None:
     return None
 
 
-def as_record(resolved, data=None) -> dict[str, Any]:
+def as_record(resolved, data=None, heldout: dict[str, str] | None = None) -> dict[str, Any]:
     """What a tag records: the resolved configuration (config.ResolvedConfig.to_dict), as YAML writes it, and, given
-    the training data read (`data`, a ShardMixture), its `data_identity` under `DATA`."""
+    the training data read (`data`, a ShardMixture), its `data_identity` under `DATA`; `heldout`: the images it
+    scores (`heldout_record`)."""
     record = yaml.safe_load(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    record.update(heldout or {})
     if data is not None:
         record[DATA] = data_identity(data)
         content = data_content(data)

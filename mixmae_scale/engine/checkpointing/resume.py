@@ -58,6 +58,7 @@ class ResumePlan:
     universal: bool = False
     same_layout: bool = True  # same world size and optimizer layout: each rank reads its own file back, bit-exact
     config_changes: tuple[str, ...] = ()  # `key old -> new` for each key changed since the tag was saved (recipe.py)
+    heldout_change: str | None = None  # the held-out images differ from the tag's (recipe.heldout_change): the warning
 
     @property
     def step(self) -> int:
@@ -89,19 +90,20 @@ Converter = Callable[[Path, str], Path]
 
 
 def plan_resume(ckpt_dir: Path, resolved: ResolvedConfig, layout: dict[str, Any], last_step: int | None = None,
-                convert: Converter = convert_to_universal, resume: str | None = None, data=None
-                ) -> ResumePlan | None:
+                convert: Converter = convert_to_universal, resume: str | None = None, data=None,
+                heldout: dict[str, str] | None = None) -> ResumePlan | None:
     """Collective: rank 0 decides (and converts where needed), every rank gets the same plan or the same error.
     `last_step`: the run's last step; a checkpoint there is a finished run, reported without a conversion.
     `resume`: the setting to act on, where the run folder changed it (run_folder.continuation). `data`: the
-    training data read (a ShardMixture), which a checkpoint's data location may change to (recipe.py)."""
+    training data read (a ShardMixture), which a checkpoint's data location may change to (recipe.py); `heldout`: the
+    images the run scores (recipe.heldout_record), compared with the tag's."""
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         config = resolved.config
         try:
             outcome[0] = decide_resume(ckpt_dir, resume or config.checkpoint.resume, config.faults.on_nonfinite_stop,
                                        RunIdentity.of(resolved, layout), dist.get_world_size(), convert,
-                                       last_step, recipe.as_record(resolved, data),
+                                       last_step, recipe.as_record(resolved, data, heldout),
                                        config.checkpoint.allow_recipe_change)
         except (store.ResumeError, ConfigError) as exc:
             outcome[0] = exc
@@ -225,13 +227,16 @@ def _refuse_another_run(ckpt_dir: Path, tag: str, saved: RunIdentity, identity: 
 def _check_recipe(ckpt_dir: Path, plan: ResumePlan, current: dict[str, Any], allow: bool) -> ResumePlan:
     """The tag's recorded recipe against this run's: refused (recipe.py says which keys), or the plan with the
     changes noted, so that the log and run.json say what the steps after the resume ran with."""
-    verdict = recipe.compare(recipe.saved_recipe(ckpt_dir, plan.tag), current, allow,
-                             str((ckpt_dir / plan.tag).resolve()), run_folder.way_out(ckpt_dir.parent))
+    saved, where = recipe.saved_recipe(ckpt_dir, plan.tag), str((ckpt_dir / plan.tag).resolve())
+    verdict = recipe.compare(saved, current, allow, where, run_folder.way_out(ckpt_dir.parent))
     if verdict.refusal:
         raise store.ResumeError(verdict.refusal)
-    if verdict.note is None:
-        return plan
-    return replace(plan, notes=(*plan.notes, verdict.note), config_changes=tuple(map(str, verdict.changes)))
+    if verdict.note is not None:
+        plan = replace(plan, notes=(*plan.notes, verdict.note), config_changes=tuple(map(str, verdict.changes)))
+    heldout = recipe.heldout_change(saved, current, where, plan.step)
+    if heldout is not None:
+        plan = replace(plan, notes=(*plan.notes, heldout), heldout_change=heldout)
+    return plan
 
 
 # -- 3. the layout -------------------------------------------------------------------------------------------------
