@@ -204,6 +204,33 @@ def test_a_rebuilt_set_with_the_same_names_sizes_and_counts_but_other_tars_is_no
     assert "at another location" in plan.config_changes[0]
 
 
+def test_a_set_rebuilt_in_place_is_refused_as_other_data_and_an_older_tag_resumes_as_before(tmp_path, gloo_of_one):
+    """The set converted again under the same data.shards: no location key changed, so the tag's record of its data
+    was compared with nothing and the run resumed, its positions naming other samples than the checkpoint's. Other
+    shards (names, sizes, counts) and other tars (sha256) at the same path are refused as any change of the data."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    def hashed(location, digests, weight=1.0):
+        entry = mixture(location).sets[0]
+        return ShardMixture([WeightedSet(replace(entry.shards, sha256=digests), weight, location)])
+
+    same = resolved("data.shards=/set")
+    ckpt_dir = saved_run(tmp_path, same, hashed("/set", ("a" * 64, "b" * 64)))
+    assert plan_with_data(ckpt_dir, same, hashed("/set", ("a" * 64, "b" * 64))).notes == ()
+    with pytest.raises(store.ResumeError, match="/set.*rebuilt in place") as refused:
+        plan_with_data(ckpt_dir, same, hashed("/set", ("a" * 64, "c" * 64)))
+    assert "allow_recipe_change" in str(refused.value) and "not the checkpoint's shards" not in str(refused.value)
+    grown = ShardMixture([WeightedSet(replace(mixture("/set").sets[0].shards, names=("x.tar", "y.tar")), 1.0, "/set")])
+    with pytest.raises(store.ResumeError, match="rebuilt in place"):
+        plan_with_data(ckpt_dir, same, grown)
+    opted = plan_with_data(ckpt_dir, resolved("data.shards=/set", "checkpoint.allow_recipe_change=true"), grown)
+    assert any("rebuilt in place" in note for note in opted.notes)
+    older = saved_run(tmp_path / "older", same)  # saved before tags recorded their data: nothing to compare
+    assert plan_with_data(older, same, grown).notes == ()
+
+
 def val_split(location: str, counts: tuple[int, ...] = (40, 24), sha256: tuple[str, ...] = ()):
     """A validation split of `counts` samples per shard at `location` (no files are read)."""
     from mixmae_scale.data.manifest import SplitShards

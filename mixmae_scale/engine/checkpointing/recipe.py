@@ -109,12 +109,16 @@ class Change:
     old: Any
     new: Any
     moved: bool = False  # a location changed, to the same shards (`DATA`)
+    rebuilt: bool = False  # the location is the same, the shards there are not (`DATA`, `CONTENT`)
 
     @property
     def refused(self) -> bool:
         return changes_the_loss(self.key) and not self.moved
 
     def __str__(self) -> str:
+        if self.rebuilt:
+            return (f"{self.key} {_shown(self.new)} rebuilt in place (the same location, other shard names, sizes, "
+                    "sample counts or tar contents than the checkpoint's)")
         moved = " (the same shards, by name, size and sample count, at another location)" if self.moved else ""
         return f"{self.key} {_shown(self.old)} -> {_shown(self.new)}{moved}"
 
@@ -196,8 +200,14 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     if saved.get(CONTENT) is not None and current.get(CONTENT) is not None:  # both know their tars' bytes
         same_data = same_data and saved.get(CONTENT) == current.get(CONTENT)
     keys = sorted(k for k in old.keys() | new.keys() if not _under(k, NOT_COMPARED))
-    return [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data)) for k in keys
-            if _shown(old.get(k)) != _shown(new.get(k))]
+    changes = [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data)) for k in keys
+               if _shown(old.get(k)) != _shown(new.get(k))]
+    # A set converted again where it was: no location key changed, so only the record tells the data apart.
+    rebuilt = saved.get(DATA) is not None and current.get(DATA) is not None and not same_data
+    if rebuilt and not any(c.key in LOCATIONS for c in changes):
+        key = "data.sources" if new.get("data.sources") else "data.shards"
+        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True))
+    return changes
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,7 @@ def compare(saved: dict[str, Any] | None, current: dict[str, Any], allow: bool, 
     listed = "; ".join(map(str, changes))
     loss = [str(c) for c in changes if c.refused]
     if loss and not allow:
-        located = [c.key for c in changes if c.refused and c.key in LOCATIONS]
+        located = [c.key for c in changes if c.refused and c.key in LOCATIONS and not c.rebuilt]  # rebuilt says why
         why = ""
         if located and saved.get(DATA) is None:
             why = (f" ({where} was saved before checkpoints recorded their data, so the same shards moved elsewhere "
