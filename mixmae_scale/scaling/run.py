@@ -256,8 +256,11 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
     """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once. A
     recorded row of another plan under a run's id is refused before any run starts."""
     done = recorded_rows(results)
+    data = {fraction: data_read_if_here(spec, fraction, out).get("data_subsets")
+            for fraction in {run.data_fraction for run in runs if run.run_id in done}}
     stale = [f"{results}:{done[run.run_id][0]}: run {run.run_id} ({'; '.join(said)})" for run in runs
-             if run.run_id in done and (said := row_differences(done[run.run_id][1], run, extra))]
+             if run.run_id in done and (said := row_differences(done[run.run_id][1], run, extra,
+                                                                data[run.data_fraction]))]
     if stale:
         were = "was" if len(stale) == 1 else "were"
         raise SweepError(f"{plural(len(stale), 'recorded run')} {were} run under another plan than the spec's now, "
@@ -274,7 +277,8 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         elif finished_here(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
             try:
-                row = {**folder_row(spec, run, run_dir, None), **data_read_if_here(spec, run, out), **extra}
+                row = {**folder_row(spec, run, run_dir, None), **data_read_if_here(spec, run.data_fraction, out),
+                       **extra}
             except Diverged as exc:
                 tally.diverged.append(run.run_id)
                 log(f"[{index}/{len(runs)}] {exc}")
