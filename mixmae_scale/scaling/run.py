@@ -163,7 +163,8 @@ def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> No
     """A set under 16 images without a validation split holds out nothing under data.heldout=auto
     (data/heldout.py), and its runs measure no held-out loss, which is what a sweep compares: every run would
     train to its end and only then be refused a row. Refused here, before the first run (the lr sweep's too).
-    `subset`: the folder a run of `fraction` reads (its validation split is the whole set's)."""
+    `subset`: the folder a run of `fraction` reads (its validation split is the whole set's): data.shards, from
+    which a run takes its held-out images with a mixture too (`pretrain`), while training reads the sources."""
     from mixmae_scale.config import load_config
     from mixmae_scale.data.heldout import GRID_IMAGES, choose_heldout, heldout_count
 
@@ -176,8 +177,11 @@ def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> No
         return  # a hold-out the settings refuse: each run's start refuses it, naming the settings
     if heldout.images is not None:
         return
-    which = "a run reads" if fraction == 1 else f"a run of data fraction {fraction:g} reads"
-    raise SweepError(f"{spec.file or 'the sweep spec'}: shards {spec.shards} have no split '{data.val_split}' "
+    run = "a run" if fraction == 1 else f"a run of data fraction {fraction:g}"
+    # With sources a run trains on them: `shards` gives only the held-out images, from its subset's train split.
+    which = f"{run}'s held-out images come from" if spec.sources else f"{run} reads"
+    alone = " (with sources: the held-out images alone; training reads the sources)" if spec.sources else ""
+    raise SweepError(f"{spec.file or 'the sweep spec'}: shards {spec.shards}{alone} have no split '{data.val_split}' "
                      f"(data.val_split), and the '{data.train_split}' split {which} has "
                      f"{plural(heldout.train_samples, 'sample')}, fewer than the {2 * GRID_IMAGES} a hold-out of its "
                      "tail needs: data.heldout=auto holds out nothing, and every run would train to its end without "

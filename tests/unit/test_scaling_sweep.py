@@ -1052,3 +1052,69 @@ def test_a_subset_made_before_subsets_were_keyed_on_their_set_alone_is_still_use
     shutil.copytree(shards, tmp_path / "b" / "shards")
     moved = subsets.subset_shards(tmp_path / "b" / "shards", 0.6, tmp_path / "data")
     assert moved != legacy and moved.name == subsets.subset_shards(shards, 0.6, tmp_path / "elsewhere").name
+
+
+MIXTURE_WITHOUT_VAL = """name: mixture
+profile: tiny
+shards: {shards}
+steps: [3]
+sizes: [{{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}]
+data_fractions: [{fraction}]
+set: ["batch.micro=8", "batch.global_batch=8", "zero.stage=0", "logging.heldout_batches=2"]
+sources:
+  - {{shards: {shards}, weight: 2}}
+  - {{shards: {other}, weight: 1}}
+"""
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_a_mixture_that_trains_on_its_heldout_set_leaves_out_the_heldout_tail(tmp_path, fraction):
+    """`shards` gives a mixture's held-out images; without a validation split they are the tail of its subset's
+    train split. The same set among the sources is another subset folder (OUT/data/source0/...), which the run's
+    cut of the tail (by the set's location) did not know for the same set: training read the held-out images."""
+    from mixmae_scale.config import load_config
+    from mixmae_scale.data.heldout import choose_heldout, heldout_count
+    from mixmae_scale.data.shard_sets import training_mixture
+    from mixmae_scale.scaling.subsets import run_data
+    from tests.unit.test_heldout import write_set
+
+    shards, other = write_set(tmp_path / "set", sizes=(40, 40)), write_set(tmp_path / "other", sizes=(40, 40))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(MIXTURE_WITHOUT_VAL.format(shards=shards, other=other, fraction=fraction))
+    spec = load_spec(spec_path)
+    sets, _ = run_data(spec, fraction, tmp_path / "out")
+    config, _ = load_config(spec.profile, None, [*spec.overrides, *sets])  # as `pretrain` reads them
+    data = config.data
+    heldout = choose_heldout(data.shards, data.train_split, data.val_split, data.heldout,
+                             heldout_count(config.logging.heldout_batches, config.batch.micro))
+    trained = heldout.exclude_from(training_mixture(data.shards, data.train_split,
+                                                    [(s.shards, s.weight, s.split) for s in data.sources]))
+    assert heldout.train_tail == 16 and [entry.shards.samples for entry in trained.sets] == [
+        round(80 * fraction) - 16, round(80 * fraction)]
+    held = {f"{shard}:{line}" for shard, first, lines in zip(heldout.images.tars, heldout.images.first_line,
+                                                              heldout.images.samples_per_shard, strict=True)
+            for line in range(first, first + lines)}
+    read = {f"{entry.shards.tars[shard]}:{line}" for entry in trained.sets
+            for shard in range(len(entry.shards.names))
+            for line in range(entry.shards.first_line_of(shard),
+                              entry.shards.first_line_of(shard) + entry.shards.samples_per_shard[shard])}
+    assert len(held) == 16 and not held & read
+
+
+def test_a_mixture_whose_heldout_set_is_too_small_is_refused_saying_it_gives_only_the_heldout_images(
+        tmp_path, stub_runs):
+    """With sources a run trains on them and `shards` gives only the held-out images: the refusal said "the 'train'
+    split a run reads", a split the run does not train on."""
+    from tests.unit.test_heldout import write_set
+
+    shards, other = write_set(tmp_path / "set", sizes=(7, 5)), write_set(tmp_path / "other", sizes=(40, 40))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(MIXTURE_WITHOUT_VAL.format(shards=shards, other=other, fraction=1.0))
+    with pytest.raises(SweepError) as refused:
+        run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda line: None)
+    assert stub_runs == []
+    assert str(refused.value).startswith(
+        f"{spec_path}: shards {shards} (with sources: the held-out images alone; training reads the sources) have "
+        "no split 'val' (data.val_split), and the 'train' split a run's held-out images come from has 12 samples, "
+        "fewer than the 16 a hold-out of its tail needs: data.heldout=auto holds out nothing, and every run would "
+        "train to its end without the held-out loss a sweep compares; give the set a 'val' split")
