@@ -945,7 +945,7 @@ def test_a_sweep_moved_to_another_mount_reads_back_its_runs_and_resumes_the_kill
 
     from mixmae_scale.data.manifest import load_split
     from mixmae_scale.data.shard_sets import training_mixture
-    from mixmae_scale.engine.checkpointing.recipe import data_identity
+    from mixmae_scale.engine.checkpointing.recipe import data_content, data_identity
     from mixmae_scale.scaling.subsets import subset_shards
 
     def sweep_at(mount: pathlib.Path) -> tuple:
@@ -954,8 +954,9 @@ def test_a_sweep_moved_to_another_mount_reads_back_its_runs_and_resumes_the_kill
                              .replace("data_fractions: [1.0]", "data_fractions: [0.6]"))
         return load_spec(spec_path), mount / "out"
 
-    def identity(spec, out) -> str:
-        return data_identity(training_mixture(str(subset_shards(spec.shards, 0.6, out / "data")), "train", []))
+    def identity(spec, out) -> tuple:
+        mixture = training_mixture(str(subset_shards(spec.shards, 0.6, out / "data")), "train", [])
+        return data_identity(mixture), data_content(mixture)
 
     shutil.copytree(demo_shards, tmp_path / "a" / "shards")
     spec, out = sweep_at(tmp_path / "a")
@@ -986,7 +987,7 @@ def test_a_sweep_moved_to_another_mount_reads_back_its_runs_and_resumes_the_kill
                for m in messages)
     subset = subset_shards(spec.shards, 0.6, out / "data")
     assert load_split(subset, "train").tar_url(0).startswith(str(here / "shards"))
-    assert identity(spec, out) == before
+    assert identity(spec, out) == before and None not in before
 
 
 @pytest.mark.parametrize("where", ["at its old path", "at another path"])
