@@ -44,6 +44,7 @@ class HeldOut:
     train_samples: int  # the train split's samples before the cut
     none_because: str = ""  # why nothing is held out (images None): the held-out loss's "not measured" reason
     way_to_one: str = ""  # how a set without one gets a hold-out (images None)
+    train_tars: tuple[str, ...] = ()  # the tars of the train split the tail was cut from (empty: no tail)
 
     @property
     def mixture(self) -> ShardMixture:
@@ -76,13 +77,18 @@ class HeldOut:
                 "train_tail": self.train_tail}
 
     def exclude_from(self, mixture: ShardMixture) -> ShardMixture:
-        """The training mixture without the held-out tail (sets other than the held-out one are left alone)."""
+        """The training mixture without the held-out tail (sets other than the held-out one are left alone). The
+        held-out split is known by its location, or by its tars wherever its manifest lies: a sweep gives a
+        mixture's held-out set and the same set among its sources two subset folders, and the tail cut by location
+        alone was trained on."""
         if not self.train_tail:
             return mixture
         sets = []
         for entry in mixture.sets:
             shards = entry.shards
-            if same_location(shards.location, self.images.location) and shards.split == self.images.split:
+            if ((same_location(shards.location, self.images.location) and shards.split == self.images.split)
+                    or (shards.tars == self.train_tars and shards.samples == self.train_samples
+                        and not shards.first_line)):
                 shards = split_tail(shards, self.train_tail)[0]
             sets.append(WeightedSet(shards, entry.weight, entry.name))
         return ShardMixture(sets)
@@ -186,4 +192,4 @@ def choose_heldout(location: str, train_split: str, val_split: str, mode: str, c
                       f"{train.samples} without a held-out loss")
         raise DataError(f"{path}: {why}, and '{train_split}' has {plural(train.samples, 'sample')}, too few to hold "
                         f"out {count} ({what}) and train on the rest; {way}{lower}")
-    return HeldOut(split_tail(train, count)[1], count, train.samples)
+    return HeldOut(split_tail(train, count)[1], count, train.samples, train_tars=train.tars)

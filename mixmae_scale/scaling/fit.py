@@ -34,8 +34,11 @@ DESIGN = ("budget", "size", "data_fraction", "steps", "global_batch")
 def configuration(row: dict) -> tuple:
     """The point a run measures: everything the sweep set for it except its seed. N, D and C alone do not tell
     points apart: a grid's data fractions at one step count share them, and grouped by them a one-seed sweep's
-    runs became "seeds of one point" with bootstrap intervals and identified laws."""
-    overrides = tuple(str(o) for o in row.get("overrides") or () if not str(o).startswith("run.seed="))
+    runs became "seeds of one point" with bootstrap intervals and identified laws. Not where the set lay
+    (`data.shards=`): a sweep resumed after its shards moved ran its other seeds with another path, and which set
+    a row read is `scaling run`'s to judge (its `data_subsets`)."""
+    overrides = tuple(str(o) for o in row.get("overrides") or ()
+                      if not str(o).startswith(("run.seed=", "data.shards=")))
     return (int(row["params"]), int(row["images_seen"]), float(row["flops"]),
             *(row.get(key) for key in DESIGN), overrides)
 

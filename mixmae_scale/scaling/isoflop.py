@@ -53,9 +53,11 @@ LEFT_THE_SIZES = "the minimum left the sizes"
 # How the per-budget N* ranges and the N*(C), D*(C) and L*(C) intervals are drawn, in words, for the results files
 # that measure them (benchmarks/scaling_isoflop_coverage.py).
 BOOTSTRAP_METHOD = ("parametric bootstrap: every run redrawn about its budget's fitted parabola with the log-residual "
-                    "scatter of all runs about their parabolas (runs - 3 x budgets dof, sigma^2 drawn as "
-                    "s^2 dof / chi2(dof) each round), every parabola and law refitted; N*(C) and D*(C) exponents "
-                    "spanned with the slope's t interval from the minima's scatter about the line")
+                    "scatter of the runs about their parabolas, pooled over the budgets with an interior minimum and "
+                    "at least 2 seeds per configuration (dof: those budgets' runs less 3 per budget for its "
+                    "parabola's coefficients; sigma^2 drawn as s^2 dof / chi2(dof) each round), every parabola and "
+                    "law refitted; N*(C) and D*(C) exponents spanned with the slope's t interval from the minima's "
+                    "scatter about the line")
 ONE_SEED_UNIT = "interior budgets have a size run once"
 
 
@@ -195,8 +197,9 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def _draw_vertices(cells, budgets: list[float], rounds: int, seed: int) -> dict[float, np.ndarray]:
     """Per budget, (rounds, 2) of (log N*, L*) from a parametric bootstrap (`fit.parametric_resamples`, the draws of
     L(C)'s and L(N, D)'s intervals): every run of `budgets` redrawn as its budget's fitted parabola times exp(sigma z),
-    sigma^2 the log residuals' sum of squares about the parabolas over runs - 3 x budgets (seeds and the parabolas'
-    misfit pooled over the budgets), and every parabola refitted; NaN where the drawn minimum is not interior.
+    sigma^2 the log residuals' sum of squares about the parabolas over the runs of `budgets` less 3 per budget (its
+    parabola's coefficients; seeds and the parabolas' misfit pooled over the budgets), and every parabola refitted;
+    NaN where the drawn minimum is not interior.
     Drawing each configuration's seeds instead gave, with 2 seeds, a point's mean one of three values with half the
     variance of a mean: the budgets' N* 5-95% ranges missed the vertex of the noiseless parabola 92 times of 300
     (benchmarks/results/scaling_isoflop_coverage.json)."""

@@ -94,18 +94,25 @@ def append_row(results: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def row_differences(row: dict, run: PlannedRun, record: dict) -> list[str]:
+def row_differences(row: dict, run: PlannedRun, record: dict, data: list[str] | None = None) -> list[str]:
     """How a recorded row's run differs from the planned run of its id. A run id names size, budget (or steps) and
     seed only: a changed size's model, `set:` (batch, precision), profile, mixture or lr rule keeps it, and the old
-    row passed for the new plan's point. Keys a row written before does not have are not compared."""
+    row passed for the new plan's point. Keys a row written before does not have are not compared. `data`: the
+    subsets the plan's run reads (`data_read`'s `data_subsets`; None where its sets cannot be read here): a row that
+    records its own is judged on them, not on where its sets lay (`data.shards`, each source's `shards`), so a set
+    moved to another mount is the same data, and another set at the same path is not."""
+    by_data = data is not None and "data_subsets" in row
     planned = {"size": run.size, "seed": run.seed, "data_fraction": run.data_fraction, "budget": run.budget,
                "params": run.params, "global_batch": run.global_batch, "steps": run.steps,
-               "overrides": list(run.overrides), "profile": record["profile"], "sources": record["sources"]}
+               "overrides": list(run.overrides), "profile": record["profile"], "sources": record["sources"],
+               **({"data_subsets": data} if by_data else {})}
     said = []
     for key, value in planned.items():
         if key not in row:
             continue
         kept = row.get("planned_steps", row["steps"]) if key == "steps" else row[key]  # steps: the planned ones
+        if by_data and key in ("overrides", "sources"):
+            kept, value = _unlocated(key, kept), _unlocated(key, value)
         if kept == value:
             continue
         if key == "overrides":
@@ -115,6 +122,15 @@ def row_differences(row: dict, run: PlannedRun, record: dict) -> list[str]:
         else:
             said.append(f"{key}: {kept!r} recorded, {value!r} planned")
     return said
+
+
+def _unlocated(key: str, value: object) -> object:
+    """A row's overrides or sources less where its sets lay."""
+    if not isinstance(value, list):
+        return value
+    if key == "overrides":
+        return [o for o in value if not (isinstance(o, str) and o.startswith("data.shards="))]
+    return [{k: v for k, v in s.items() if k != "shards"} if isinstance(s, dict) else s for s in value]
 
 
 def finished_here(run_dir: Path, run: PlannedRun) -> bool:
@@ -132,10 +148,10 @@ def ran_to_its_end(summary: dict, run: PlannedRun) -> bool:
     return steps is not None and steps >= summary.get("planned_steps", run.steps)
 
 
-def data_read_if_here(spec: SweepSpec, run: PlannedRun, out: Path) -> dict:
+def data_read_if_here(spec: SweepSpec, fraction: float, out: Path) -> dict:
     """`data_read`, where the shards can be read (a run read from its folder may have run where they are not)."""
     try:
-        return data_read(spec, run.data_fraction, out)
+        return data_read(spec, fraction, out)
     except DataError:
         return {}
 

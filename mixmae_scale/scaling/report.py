@@ -380,8 +380,8 @@ def _iso_flop_section(iso: dict) -> list[str]:
              f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each redrawing "
              "every run about its budget's fitted parabola and refitting (the scatter pooled over the budgets with "
-             "an interior minimum and at least 2 seeds per configuration: their runs - 3 x their number degrees of "
-             "freedom; only those budgets get an N* range). "
+             "an interior minimum and at least 2 seeds per configuration, on their runs less 3 per budget (its "
+             "parabola's coefficients) degrees of freedom; only those budgets get an N* range). "
              "The N* and L* ranges hold the runs' noise, not the parabola's own bias: a parabola through a loss curve "
              "that is not one has its vertex off the true N* (docs/scaling.md)."
              + (f" **{iso['left_out'][0].upper()}{iso['left_out'][1:]}.**" if iso.get("left_out") else ""), "",

@@ -163,7 +163,8 @@ def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> No
     """A set under 16 images without a validation split holds out nothing under data.heldout=auto
     (data/heldout.py), and its runs measure no held-out loss, which is what a sweep compares: every run would
     train to its end and only then be refused a row. Refused here, before the first run (the lr sweep's too).
-    `subset`: the folder a run of `fraction` reads (its validation split is the whole set's)."""
+    `subset`: the folder a run of `fraction` reads (its validation split is the whole set's): data.shards, from
+    which a run takes its held-out images with a mixture too (`pretrain`), while training reads the sources."""
     from mixmae_scale.config import load_config
     from mixmae_scale.data.heldout import GRID_IMAGES, choose_heldout, heldout_count
 
@@ -176,8 +177,11 @@ def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> No
         return  # a hold-out the settings refuse: each run's start refuses it, naming the settings
     if heldout.images is not None:
         return
-    which = "a run reads" if fraction == 1 else f"a run of data fraction {fraction:g} reads"
-    raise SweepError(f"{spec.file or 'the sweep spec'}: shards {spec.shards} have no split '{data.val_split}' "
+    run = "a run" if fraction == 1 else f"a run of data fraction {fraction:g}"
+    # With sources a run trains on them: `shards` gives only the held-out images, from its subset's train split.
+    which = f"{run}'s held-out images come from" if spec.sources else f"{run} reads"
+    alone = " (with sources: the held-out images alone; training reads the sources)" if spec.sources else ""
+    raise SweepError(f"{spec.file or 'the sweep spec'}: shards {spec.shards}{alone} have no split '{data.val_split}' "
                      f"(data.val_split), and the '{data.train_split}' split {which} has "
                      f"{plural(heldout.train_samples, 'sample')}, fewer than the {2 * GRID_IMAGES} a hold-out of its "
                      "tail needs: data.heldout=auto holds out nothing, and every run would train to its end without "
@@ -256,8 +260,11 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
     """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once. A
     recorded row of another plan under a run's id is refused before any run starts."""
     done = recorded_rows(results)
+    data = {fraction: data_read_if_here(spec, fraction, out).get("data_subsets")
+            for fraction in {run.data_fraction for run in runs if run.run_id in done}}
     stale = [f"{results}:{done[run.run_id][0]}: run {run.run_id} ({'; '.join(said)})" for run in runs
-             if run.run_id in done and (said := row_differences(done[run.run_id][1], run, extra))]
+             if run.run_id in done and (said := row_differences(done[run.run_id][1], run, extra,
+                                                                data[run.data_fraction]))]
     if stale:
         were = "was" if len(stale) == 1 else "were"
         raise SweepError(f"{plural(len(stale), 'recorded run')} {were} run under another plan than the spec's now, "
@@ -274,7 +281,8 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
             log(f"[{index}/{len(runs)}] {run.run_id}: done earlier, skipped")
         elif finished_here(run_dir, run):  # e.g. run on a cluster from --emit-commands lines: read, not rerun
             try:
-                row = {**folder_row(spec, run, run_dir, None), **data_read_if_here(spec, run, out), **extra}
+                row = {**folder_row(spec, run, run_dir, None), **data_read_if_here(spec, run.data_fraction, out),
+                       **extra}
             except Diverged as exc:
                 tally.diverged.append(run.run_id)
                 log(f"[{index}/{len(runs)}] {exc}")

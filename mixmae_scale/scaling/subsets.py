@@ -14,7 +14,7 @@ from pathlib import Path
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ConfigError
 from mixmae_scale.data.errors import plural
-from mixmae_scale.data.manifest import DataError, load_split
+from mixmae_scale.data.manifest import MANIFEST, DataError, load_split
 from mixmae_scale.scaling.spec import SweepSpec
 
 
@@ -22,31 +22,43 @@ def subset_shards(shards: str | Path, fraction: float, out: Path, split: str | N
     """A folder whose manifest lists the first ceil(fraction x n) training shards and every validation shard,
     pointing into the full set wherever it lives (a folder, adopted shards, s3://): nothing is copied or linked,
     and data fractions are nested, so larger ones see a superset. Whole shards are rarely the fraction asked for:
-    `run_data` refuses one too far off and rows record what was read."""
+    `run_data` refuses one too far off and rows record what was read.
+
+    Keyed on what the set is (its manifest as written, less where its tars lie, and the split), not where it is: a
+    sweep or set moved to another mount keeps its subset's name, which its run folders' config.yaml compare, and
+    the manifest is written again to point at the set where it is now. Tar names stay relative to the set's base,
+    as in the set's own manifest, so a run's data identity (what a checkpoint's resume compares) is the same shards'
+    wherever they lie."""
     from mixmae_scale.data import storage
     from mixmae_scale.data.manifest import load_manifest, read_manifest, write_manifest
 
     replace = dataclasses.replace
     location = str(shards) if storage.is_remote(shards) else str(Path(shards).resolve())
-    # Keyed on the set (where, which split, its manifest as written): a `fraction-x/` made for other shards or
-    # sources, or for this folder before it was converted again, pointed every later run at the old set.
-    source = json.dumps([location, split or "train", read_manifest(location)], sort_keys=True)
-    folder = out / f"fraction-{fraction:g}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
-    if (folder / "dataset.json").exists():
-        return folder
+    written = read_manifest(location)
+    legacy = out / _subset_name(fraction, [location, split or "train", written])
+    if (legacy / MANIFEST).exists():  # made before subsets were keyed on the set alone: its runs' checkpoints
+        return legacy  # recorded its absolute tar names; here, at the set's same location, it still holds
+    # Another set, or this one converted again, has another manifest: a subset made for it is never taken for this.
+    folder = out / _subset_name(fraction, [split or "train", {k: v for k, v in written.items() if k != "base"}])
     manifest = load_manifest(location)
-    base = storage.join(location, manifest.base or "")
-    splits = {name: replace(entry, shards=tuple(replace(s, name=storage.join(base, s.name),
-                                                        index=storage.join(location, s.index)) for s in entry.shards))
+    splits = {name: replace(entry, shards=tuple(replace(s, index=storage.join(location, s.index))
+                                                for s in entry.shards))
               for name, entry in manifest.splits.items()}
     train = splits[split or "train"]  # a mixture's source may train on another split: it becomes train
     # 0.6 x 5 is 3.0000000000000004 in floating point: its ceil, 4 shards, was 0.8 of the set
     keep = train.shards[: max(1, math.ceil(fraction * len(train.shards) - 1e-9))]
     splits["train"] = replace(train, shards=keep, samples=sum(s.samples for s in keep))
+    subset = replace(manifest, splits=splits, base=storage.join(location, manifest.base or ""))
+    if (folder / MANIFEST).exists() and read_manifest(folder) == json.loads(json.dumps(subset.to_dict())):
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "classes.json", json.dumps(manifest.classes, indent=1))
-    write_manifest(folder, replace(manifest, splits=splits, base=location))
+    write_manifest(folder, subset)
     return folder
+
+
+def _subset_name(fraction: float, key: list) -> str:
+    return f"fraction-{fraction:g}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
 FRACTION_TOLERANCE = 0.1  # whole shards may read this much more (or less) of a set than its data fraction
@@ -55,32 +67,36 @@ FRACTION_TOLERANCE = 0.1  # whole shards may read this much more (or less) of a 
 def run_data(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int]:
     """The overrides that point a run at its data fraction (of the one set, or of every set of a mixture) and the
     samples per epoch they give (a mixture: each set's subset times its weight)."""
-    sets, samples, _ = _fraction_sets(spec, fraction, out)
+    sets, samples, _, _ = _fraction_sets(spec, fraction, out)
     return sets, samples
 
 
 def data_read(spec: SweepSpec, fraction: float, out: Path) -> dict:
     """What a row records of the data its run read: the share of the training samples its whole shards hold (of the
-    weighted mixture) and their count per epoch. The fraction asked for is `data_fraction`: with 4 shards, 0.1 read
-    0.25 of the set and was recorded as 0.1."""
-    _, samples, share = _fraction_sets(spec, fraction, out)
-    return {"data_fraction_read": round(share, 6), "train_samples_read": samples}
+    weighted mixture), their count per epoch, and its subsets' folders under OUT (`data_subsets`: their names say
+    which sets, splits and fraction, not where the sets lie, so a row is judged on them after a move). The fraction
+    asked for is `data_fraction`: with 4 shards, 0.1 read 0.25 of the set and was recorded as 0.1."""
+    _, samples, share, folders = _fraction_sets(spec, fraction, out)
+    return {"data_fraction_read": round(share, 6), "train_samples_read": samples,
+            "data_subsets": [folder.relative_to(out).as_posix() for folder in folders]}
 
 
-def _fraction_sets(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int, float]:
-    """(overrides, samples per epoch, share of the training samples read). With a mixture, `shards` gives only the
-    held-out images: its subset is not checked against the fraction."""
+def _fraction_sets(spec: SweepSpec, fraction: float, out: Path) -> tuple[list[str], int, float, list[Path]]:
+    """(overrides, samples per epoch, share of the training samples read, the subset folders). With a mixture,
+    `shards` gives only the held-out images: its subset is not checked against the fraction."""
     subset = subset_shards(spec.shards, fraction, out / "data")
     if not spec.sources:
         kept, full = _whole_shards(spec, spec.shards, None, subset, fraction)
-        return [f"data.shards={subset}"], kept, kept / full
-    mixture, samples, total = [], 0.0, 0.0
+        return [f"data.shards={subset}"], kept, kept / full, [subset]
+    mixture, samples, total, folders = [], 0.0, 0.0, [subset]
     for number, source in enumerate(spec.sources):
         part = subset_shards(source["shards"], fraction, out / "data" / f"source{number}", source.get("split"))
         kept, full = _whole_shards(spec, source["shards"], source.get("split"), part, fraction)
         mixture.append({"shards": str(part), "weight": source["weight"], "split": "train"})
         samples, total = samples + source["weight"] * kept, total + source["weight"] * full
-    return [f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples)), samples / total
+        folders.append(part)
+    return ([f"data.shards={subset}", f"data.sources={json.dumps(mixture)}"], max(1, round(samples)),
+            samples / total, folders)
 
 
 def _whole_shards(spec: SweepSpec, shards: str, split: str | None, part: Path, fraction: float) -> tuple[int, int]:

@@ -243,5 +243,29 @@ def test_the_reports_degrees_of_freedom_say_which_budgets_runs_they_count():
 
     report = " ".join("\n".join(_iso_flop_section(iso_flop_summary(_bent((1, 1, 1)), 100))).split())
     assert "(runs - 3 x budgets degrees of freedom)" not in report
-    assert ("the scatter pooled over the budgets with an interior minimum and at least 2 seeds per configuration: "
-            "their runs - 3 x their number degrees of freedom") in report
+    assert ("the scatter pooled over the budgets with an interior minimum and at least 2 seeds per configuration, "
+            "on their runs less 3 per budget (its parabola's coefficients) degrees of freedom") in report
+
+
+def test_the_results_files_method_says_the_degrees_of_freedom_the_bootstrap_uses(monkeypatch):
+    """BOOTSTRAP_METHOD, which the coverage results files quote, said "runs - 3 x budgets dof" of "all runs": read as
+    every run and budget of the sweep. The draws pool only the budgets with an interior minimum and 2 seeds per
+    configuration, 3 parabola coefficients each: a budget of one seed (here the last) is left out of both counts."""
+    from mixmae_scale.scaling import isoflop
+
+    seen = []
+
+    def resamples(predicted, residuals, parameters, rounds, seed):
+        seen.append((len(residuals), parameters))
+        return iter(())
+
+    monkeypatch.setattr(isoflop, "parametric_resamples", resamples)
+    rows = _bent((1, 1), budgets=(1e12, 1e13))
+    rows += [r for r in _bent((1,), budgets=(1e14,), seed=1) if r["seed"] == 0]
+    fit = fit_iso_flop(rows, bootstrap=10)
+    drawn = [m for m in fit.minima if m.interior and m.seeds >= 2]
+    assert len(drawn) == 2 and len(fit.minima) == 3
+    assert seen == [(sum(m.sizes * m.seeds for m in drawn), 3 * len(drawn))]
+    assert "runs - 3 x budgets" not in isoflop.BOOTSTRAP_METHOD
+    assert ("pooled over the budgets with an interior minimum and at least 2 seeds per configuration (dof: those "
+            "budgets' runs less 3 per budget for its parabola's coefficients;") in isoflop.BOOTSTRAP_METHOD

@@ -234,3 +234,15 @@ def test_nd_law_below_its_interval_points_is_fitted_but_given_no_interval():
         else:
             assert fit.rounds == 30 and fit.refitted > 0
     assert ND_INTERVAL_POINTS == 8 and points == ND_INTERVAL_POINTS
+
+
+def test_the_seeds_of_a_point_run_before_and_after_its_shards_moved_are_one_configuration():
+    """A sweep resumed after its shard set moved (rows judged on `data_subsets`, not the path) ran seed 1 with
+    `data.shards=` the new path: its rows fitted as two one-seed points."""
+    from mixmae_scale.scaling.fit import configurations
+
+    row = {"params": 10, "images_seen": 20, "flops": 30.0, "overrides": ["model.embed_dim=8"]}
+    rows = [{**row, "seed": 0, "overrides": [*row["overrides"], "run.seed=0", "data.shards=/mnt/a/shards"]},
+            {**row, "seed": 1, "overrides": [*row["overrides"], "run.seed=1", "data.shards=/mnt/b/shards"]},
+            {**row, "seed": 0, "overrides": ["model.embed_dim=12", "run.seed=0", "data.shards=/mnt/b/shards"]}]
+    assert list(configurations(rows)) == [0, 0, 1]

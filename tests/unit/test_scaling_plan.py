@@ -188,7 +188,10 @@ def test_a_spec_mixes_shard_sets_and_each_data_fraction_subsets_every_set(demo_s
     train, again = (load_split(m["shards"], "train") for m in json.loads(sets[1].split("=", 1)[1]))
     assert len(train.names) == len(again.names) == 3 and samples == 2 * train.samples + again.samples == 3 * 192
     assert train.tar_url(0) == str(demo_shards / load_split(demo_shards, "train").names[0])
-    assert data_read(spec, 0.6, tmp_path / "out") == {"data_fraction_read": 0.64, "train_samples_read": 576}
+    read = data_read(spec, 0.6, tmp_path / "out")
+    assert (read["data_fraction_read"], read["train_samples_read"]) == (0.64, 576)
+    assert [re.sub("[0-9a-f]{12}$", "*", name) for name in read["data_subsets"]] == [
+        "data/fraction-0.6-*", "data/source0/fraction-0.6-*", "data/source1/fraction-0.6-*"]
     s3 = tmp_path / "s3.yaml"
     s3.write_text(BASE + "steps: [2]\nsources: [{shards: s3://bucket/set}]\n")
     assert load_spec(s3).sources[0]["shards"] == "s3://bucket/set"

@@ -930,3 +930,192 @@ def test_a_sweep_on_a_set_too_small_for_a_hold_out_is_refused_before_its_first_r
         "run would train to its end without the held-out loss a sweep compares; give the set a 'val' split of at "
         "least batch.micro images: convert the images again with one (`mixmae shards folder --src SRC --out NEW "
         "--val-fraction F`, F large enough to hold out that many)")
+
+
+@pytest.mark.parametrize("moved", ["the sweep folder", "the shards", "both"])
+def test_a_sweep_moved_to_another_mount_reads_back_its_runs_and_resumes_the_killed_one_on_the_same_data(
+        demo_shards, tmp_path, stub_runs, capsys, moved):
+    """A sweep folder or its shard set (or both) copied to another mount, the spec's `shards` naming the set where it
+    is now: finished rows are read back, a finished folder not yet recorded is read, not rerun, and a killed run
+    resumes on its subset made again for the new location, whose training data (`data_identity`, what a checkpoint's
+    resume compares) is the same shards'. The subset was keyed on the set's absolute location and named every tar by
+    its absolute path: a moved set gave every unrecorded folder "data.shards ... in the folder, ... planned" and
+    another data identity."""
+    import shutil
+
+    from mixmae_scale.data.manifest import load_split
+    from mixmae_scale.data.shard_sets import training_mixture
+    from mixmae_scale.engine.checkpointing.recipe import data_content, data_identity
+    from mixmae_scale.scaling.subsets import subset_shards
+
+    def sweep_at(mount: pathlib.Path) -> tuple:
+        spec_path = mount / "sweep.yaml"
+        spec_path.write_text(ISO_FLOP.format(shards=mount / "shards").replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+                             .replace("data_fractions: [1.0]", "data_fractions: [0.6]"))
+        return load_spec(spec_path), mount / "out"
+
+    def identity(spec, out) -> tuple:
+        mixture = training_mixture(str(subset_shards(spec.shards, 0.6, out / "data")), "train", [])
+        return data_identity(mixture), data_content(mixture)
+
+    shutil.copytree(demo_shards, tmp_path / "a" / "shards")
+    spec, out = sweep_at(tmp_path / "a")
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7
+    runs = {r.run_id: r for r in expand(spec, spec.train_samples_for_plan(), base_lr=0.02)}
+    killed, finished = runs["w12-C4e+10-seed0"], runs["w16-C2e+10-seed0"]
+    rows = [line for line in (out / "results.jsonl").read_text().splitlines()
+            if json.loads(line)["run_id"] not in (killed.run_id, finished.run_id)]
+    (out / "results.jsonl").write_text("".join(line + "\n" for line in rows))
+    for run, end in ((killed, None), (finished, finished.steps)):
+        shutil.rmtree(out / "runs" / run.run_id)
+        _started_folder(commands.pretrain_args(spec, run, out, 1), capsys, end)
+    before = identity(spec, out)
+    parts = {"the sweep folder": ["out"], "the shards": ["shards"], "both": ["out", "shards"]}[moved]
+    for part in parts:
+        shutil.copytree(tmp_path / "a" / part, tmp_path / "b" / part)
+    here = tmp_path / ("b" if moved != "the sweep folder" else "a")
+    spec, _ = sweep_at(here)
+    out = tmp_path / ("a" if moved == "the shards" else "b") / "out"
+    if moved != "the sweep folder":
+        shutil.rmtree(tmp_path / "a" / "shards")  # the old mount is gone
+    messages: list[str] = []
+    run_sweep(spec, out, log=messages.append, parallel=1)
+    assert stub_runs[7:] == [killed.run_id]
+    assert messages[-2].startswith("sweep: 1 ran, 6 reused (finished earlier), 0 failed")
+    assert any(m.endswith(f"{finished.run_id}: finished run read from {out / 'runs' / finished.run_id}")
+               for m in messages)
+    subset = subset_shards(spec.shards, 0.6, out / "data")
+    assert load_split(subset, "train").tar_url(0).startswith(str(here / "shards"))
+    assert identity(spec, out) == before and None not in before
+
+
+@pytest.mark.parametrize("where", ["at its old path", "at another path"])
+def test_rows_and_folders_of_another_set_are_refused_at_its_old_path_or_another(
+        demo_shards, tmp_path, stub_runs, capsys, where):
+    """What a move must not let through: the set rebuilt (the same names, sizes and counts, other tars: its
+    manifest's sha256s differ), at the spec's old path or a new one. Rows recorded their overrides' `data.shards`,
+    the set's path, and nothing of what it held: the set rebuilt in place gave every recorded row as a point of the
+    new data. A killed run's folder names its subset, made for the old set: refused."""
+    import shutil
+
+    from mixmae_scale.scaling.subsets import subset_shards
+
+    shards = tmp_path / "a" / "shards"
+    shutil.copytree(demo_shards, shards)
+    spec_path = tmp_path / "sweep.yaml"
+    text = (ISO_FLOP.replace("sweep: [0.005, 0.02]", "sweep: [0.02]")
+            .replace("data_fractions: [1.0]", "data_fractions: [0.6]"))
+    spec_path.write_text(text.format(shards=shards))
+    spec, out = load_spec(spec_path), tmp_path / "out"
+    run_sweep(spec, out, log=lambda m: None, parallel=1)
+    killed = next(r for r in expand(spec, spec.train_samples_for_plan(), base_lr=0.02)
+                  if r.run_id == "w12-C4e+10-seed0")
+    shutil.rmtree(out / "runs" / killed.run_id)
+    _started_folder(commands.pretrain_args(spec, killed, out, 1), capsys)
+    (out / "runs" / killed.run_id).rename(tmp_path / "aside")
+    kept = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("".join(f"{line}\n" for line in kept if killed.run_id not in line))
+    old = f"data/{subset_shards(spec.shards, 0.6, out / 'data').name}"
+    rebuilt = shards if where == "at its old path" else tmp_path / "b" / "shards"
+    if rebuilt != shards:
+        shutil.copytree(shards, rebuilt)
+    manifest = json.loads((rebuilt / "dataset.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    (rebuilt / "dataset.json").write_text(json.dumps(manifest))
+    spec_path.write_text(text.format(shards=rebuilt))
+    spec = load_spec(spec_path)
+    with pytest.raises(SweepError, match=re.escape(f"{out / 'lr_sweep.jsonl'}:1: run lr0.02-w8-C2e+10-seed0 (") + ".*"
+                       + re.escape(f"data_subsets: ['{old}'] recorded, ['data/fraction-0.6-")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+    (tmp_path / "aside").rename(out / "runs" / killed.run_id)
+    with pytest.raises(SweepError, match=re.escape(f"{out / 'runs' / killed.run_id}: an unfinished run (no "
+                                                   f"summary.json) whose config.yaml is not this plan's (data.shards "
+                                                   f"{old} in the folder, data/fraction-0.6-")):
+        run_sweep(spec, out, log=lambda m: None, parallel=1)
+    assert len(stub_runs) == 7
+
+
+def test_a_subset_made_before_subsets_were_keyed_on_their_set_alone_is_still_used_where_the_set_is(
+        demo_shards, tmp_path):
+    """Its killed runs' checkpoints recorded its absolute tar names, and their config.yaml its name: a new subset
+    beside it would have refused them as another plan. Moved, the set gets a subset keyed on what it is."""
+    import shutil
+
+    from mixmae_scale.data.manifest import read_manifest
+    from mixmae_scale.scaling import subsets
+
+    shards = tmp_path / "a" / "shards"
+    shutil.copytree(demo_shards, shards)
+    legacy = tmp_path / "data" / subsets._subset_name(0.6, [str(shards), "train", read_manifest(shards)])
+    shutil.copytree(subsets.subset_shards(shards, 0.6, tmp_path / "elsewhere"), legacy)
+    assert subsets.subset_shards(shards, 0.6, tmp_path / "data") == legacy
+    shutil.copytree(shards, tmp_path / "b" / "shards")
+    moved = subsets.subset_shards(tmp_path / "b" / "shards", 0.6, tmp_path / "data")
+    assert moved != legacy and moved.name == subsets.subset_shards(shards, 0.6, tmp_path / "elsewhere").name
+
+
+MIXTURE_WITHOUT_VAL = """name: mixture
+profile: tiny
+shards: {shards}
+steps: [3]
+sizes: [{{name: w8, model: {{embed_dim: 8, num_heads: [1, 1, 2, 4], decoder_dim: 32, decoder_heads: 2}}}}]
+data_fractions: [{fraction}]
+set: ["batch.micro=8", "batch.global_batch=8", "zero.stage=0", "logging.heldout_batches=2"]
+sources:
+  - {{shards: {shards}, weight: 2}}
+  - {{shards: {other}, weight: 1}}
+"""
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_a_mixture_that_trains_on_its_heldout_set_leaves_out_the_heldout_tail(tmp_path, fraction):
+    """`shards` gives a mixture's held-out images; without a validation split they are the tail of its subset's
+    train split. The same set among the sources is another subset folder (OUT/data/source0/...), which the run's
+    cut of the tail (by the set's location) did not know for the same set: training read the held-out images."""
+    from mixmae_scale.config import load_config
+    from mixmae_scale.data.heldout import choose_heldout, heldout_count
+    from mixmae_scale.data.shard_sets import training_mixture
+    from mixmae_scale.scaling.subsets import run_data
+    from tests.unit.test_heldout import write_set
+
+    shards, other = write_set(tmp_path / "set", sizes=(40, 40)), write_set(tmp_path / "other", sizes=(40, 40))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(MIXTURE_WITHOUT_VAL.format(shards=shards, other=other, fraction=fraction))
+    spec = load_spec(spec_path)
+    sets, _ = run_data(spec, fraction, tmp_path / "out")
+    config, _ = load_config(spec.profile, None, [*spec.overrides, *sets])  # as `pretrain` reads them
+    data = config.data
+    heldout = choose_heldout(data.shards, data.train_split, data.val_split, data.heldout,
+                             heldout_count(config.logging.heldout_batches, config.batch.micro))
+    trained = heldout.exclude_from(training_mixture(data.shards, data.train_split,
+                                                    [(s.shards, s.weight, s.split) for s in data.sources]))
+    assert heldout.train_tail == 16 and [entry.shards.samples for entry in trained.sets] == [
+        round(80 * fraction) - 16, round(80 * fraction)]
+    held = {f"{shard}:{line}" for shard, first, lines in zip(heldout.images.tars, heldout.images.first_line,
+                                                              heldout.images.samples_per_shard, strict=True)
+            for line in range(first, first + lines)}
+    read = {f"{entry.shards.tars[shard]}:{line}" for entry in trained.sets
+            for shard in range(len(entry.shards.names))
+            for line in range(entry.shards.first_line_of(shard),
+                              entry.shards.first_line_of(shard) + entry.shards.samples_per_shard[shard])}
+    assert len(held) == 16 and not held & read
+
+
+def test_a_mixture_whose_heldout_set_is_too_small_is_refused_saying_it_gives_only_the_heldout_images(
+        tmp_path, stub_runs):
+    """With sources a run trains on them and `shards` gives only the held-out images: the refusal said "the 'train'
+    split a run reads", a split the run does not train on."""
+    from tests.unit.test_heldout import write_set
+
+    shards, other = write_set(tmp_path / "set", sizes=(7, 5)), write_set(tmp_path / "other", sizes=(40, 40))
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(MIXTURE_WITHOUT_VAL.format(shards=shards, other=other, fraction=1.0))
+    with pytest.raises(SweepError) as refused:
+        run_sweep(load_spec(spec_path), tmp_path / "out", log=lambda line: None)
+    assert stub_runs == []
+    assert str(refused.value).startswith(
+        f"{spec_path}: shards {shards} (with sources: the held-out images alone; training reads the sources) have "
+        "no split 'val' (data.val_split), and the 'train' split a run's held-out images come from has 12 samples, "
+        "fewer than the 16 a hold-out of its tail needs: data.heldout=auto holds out nothing, and every run would "
+        "train to its end without the held-out loss a sweep compares; give the set a 'val' split")
