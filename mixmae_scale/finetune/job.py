@@ -31,7 +31,7 @@ from mixmae_scale.data.shard_sets import ShardMixture
 from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.distributed import autocast
-from mixmae_scale.engine.evaluated_job import EvaluatedJob
+from mixmae_scale.engine.evaluated_job import EvaluatedJob, recorded_best
 from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
@@ -190,7 +190,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     job = build_job(config, ctx, model, num_classes, started_from(config, pretrained))
     loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
-    summary.update({"best": job.best, "last": job.last, "num_classes": num_classes, "init": ft.init})
+    summary.update({"best": recorded_best(job.best, job.metric), "last": job.last,
+                    "num_classes": num_classes, "init": ft.init})
     if ctx.rank == 0:
         write_text(ctx.root / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
