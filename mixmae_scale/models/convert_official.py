@@ -281,6 +281,8 @@ def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, A
     its architecture read off the weights into the metadata."""
     require_safetensors_out(Path(out))
     source = Path(src)
+    if not source.exists():
+        raise FileNotFoundError(f"{src}: not found (tried {source.absolute()})")
     if source.suffix == ".safetensors" and source.is_file() and read_metadata(source).get("format") == "mixmae-scale":
         raise WeightsError(f"{Path(src).absolute()}: already a mixmae-scale weights file (`mixmae export` or an "
                            "earlier conversion): it needs no conversion; finetune.init, --init and load_backbone read "

@@ -184,3 +184,13 @@ def test_a_deepspeed_model_states_file_given_as_weights_names_its_checkpoint_fol
     said = str(refused.value)
     assert "a DeepSpeed checkpoint's file" in said and f"--init {folder}" in said
     assert "expected a dict of tensors" not in said
+
+
+def test_convert_official_of_a_missing_file_names_the_path_tried(tmp_path, capfd, monkeypatch):
+    """It said `mixmae: error: [Errno 2] No such file or directory: 'nothere.pth'`, unlike every other loader."""
+    from mixmae_scale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["model", "convert-official", "nothere.pth", "out.safetensors"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1] == f"mixmae: error: nothere.pth: not found (tried {tmp_path / 'nothere.pth'})"
