@@ -64,6 +64,41 @@ def build_classifier(config: Config, num_classes: int, pretrained: Pretrained | 
     return model
 
 
+ENCODER_SHAPE = ("embed_dim", "depths", "num_heads", "patch_size", "mlp_ratio")  # what a resize cannot adapt
+
+
+def refuse_another_encoder_shape(config: Config, pretrained: Pretrained) -> None:
+    """Weights of another width, depth or head count than the profile's `model.*`, refused before the run folder is
+    made, naming the settings that fit them. It failed once the classifier was built, after the folder was made,
+    with `the encoder lacks [8 keys]` (the official small model under finetune_tiny). Image size and windows may
+    differ: the position embedding and bias tables are resized (models/classifier.py)."""
+    import shlex
+
+    from mixmae_scale.models.sizes import SIZES
+
+    preset = SIZES.get(config.model.size, {})  # the config may not be resolved yet (the CLI's is not)
+    ours = {name: getattr(config.model, name) if getattr(config.model, name) is not None else preset.get(name)
+            for name in ENCODER_SHAPE}
+    theirs = {name: pretrained.arch.get(name) for name in ENCODER_SHAPE}
+    differ = [name for name in ENCODER_SHAPE if theirs[name] is not None and ours[name] is not None
+              and _shape_value(theirs[name]) != _shape_value(ours[name])]
+    if not differ:
+        return
+    said = ", ".join(f"{name} {theirs[name]}" for name in differ)
+    profile = ", ".join(f"{name} {ours[name]}" for name in differ)
+    sets = " ".join(shlex.quote(f"model.{name}={_shape_text(theirs[name])}") for name in differ)
+    raise WeightsError(f"finetune.init={config.finetune.init}: the weights' encoder has {said}; the profile's model "
+                       f"has {profile}: fine-tune it with --set {sets} (or name weights of the profile's shape)")
+
+
+def _shape_value(value: Any) -> Any:
+    return [float(v) for v in value] if isinstance(value, list | tuple) else float(value)
+
+
+def _shape_text(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list | tuple) else f"{value:g}"
+
+
 def started_from(config: Config, pretrained: Pretrained | None) -> dict[str, Any] | None:
     """run.json's "init" (engine/run_record.py): where the encoder's weights came from, with the checkpoint and step
     of a run folder; None for a resume, which loaded none (the record keeps what the run's first launch wrote)."""
@@ -173,6 +208,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if pretrained is None:
         pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
                                                                              overwrite))
+    if pretrained is not None:
+        refuse_another_encoder_shape(config, pretrained)
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune",
                     check=lambda train_data, world: check_finetune_data(config, train_data, world))
     if ctx.resume is None and pretrained is None:  # a fresh start after all (the folder changed since it was read)
