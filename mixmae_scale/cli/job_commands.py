@@ -122,12 +122,13 @@ def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> s
     in this launch: it read `top-1 nan% (best -1.00% at step -)`. The best of an earlier launch is said if any."""
     steps, planned = summary["steps"], summary.get("planned_steps")
     count = f"{steps} of {plural(planned, 'step')}" if planned and planned != steps else plural(steps, "step")
-    why = "stopped by a signal" if summary.get("stopped_by_signal") else "stopped"
+    why, again = (("stopped by a signal", "the same command continues it") if summary.get("stopped_by_signal")
+                  else ("stopped", "a rerun continues it"))
     best = summary.get("best")
-    if best is None:
-        return f"{done} {count}, {why} before its first evaluation: no {name} yet (the same command continues it)"
+    if best is None or best.get(metric, -1.0) < 0:  # -1: the job's "no evaluation yet"
+        return f"{done} {count}, {why} before its first evaluation: no {name} yet ({again})"
     return (f"{done} {count}, {why} before its next evaluation (best {best[metric]:.2f}% at step "
-            f"{best.get('step', '-')}; the same command continues it)")
+            f"{best.get('step', '-')}; {again})")
 
 
 def over_images(evaluation: dict) -> str:

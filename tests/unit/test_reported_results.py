@@ -152,6 +152,10 @@ def test_a_finetune_stopped_before_its_first_evaluation_says_so_not_nan_or_minus
     again = {**stopped, "steps": 170, "best": {"top1": 17.93, "step": 162}}
     assert finetune_message(again) == ("fine-tuned 170 of 324 steps, stopped by a signal before its next evaluation "
                                        "(best 17.93% at step 162; the same command continues it)")
+    # A summary written before this fix ("best": {"top1": -1.0}) reads the same; --max-steps is no signal.
+    assert finetune_message({**stopped, "best": {"top1": -1.0}}) == finetune_message(stopped)
+    assert finetune_message({**stopped, "stopped_by_signal": False}).endswith(
+        "stopped before its first evaluation: no top-1 yet (a rerun continues it)")
     from mixmae_scale.engine.evaluated_job import recorded_best
 
     assert recorded_best({"top1": -1.0}, "top1") is None
