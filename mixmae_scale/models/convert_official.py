@@ -65,9 +65,11 @@ def read_official_checkpoint(path: str | Path, mapped: bool = False
     if isinstance(checkpoint, dict) and "module" in checkpoint and "model" not in checkpoint:
         # DeepSpeed's mp_rank_*_model_states.pt: its weights may be ZeRO shards, gathered from the folder as a whole.
         folder = Path(path).absolute().parent
-        raise WeightsError(f"{Path(path).absolute()}: a DeepSpeed checkpoint's file, not a weights file: name its "
-                           f"checkpoint folder ({folder}) or run folder, whose ZeRO shards are gathered, or "
-                           f"`mixmae export` the run to one .safetensors")
+        run = folder.parent.parent if folder.parent.name in ("checkpoints", "best") else folder
+        raise WeightsError(f"{Path(path).absolute()}: a DeepSpeed checkpoint's file, not a weights file: "
+                           f"`mixmae export {run}` writes the run's weights as one .safetensors (what load_backbone "
+                           f"takes); finetune.init and --init also take the checkpoint folder {folder} or the run "
+                           "folder (their ZeRO shards gathered)")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{Path(path).absolute()}: expected a dict of tensors under 'model'")

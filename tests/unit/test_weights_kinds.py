@@ -182,7 +182,8 @@ def test_a_deepspeed_model_states_file_given_as_weights_names_its_checkpoint_fol
     with pytest.raises(WeightsError) as refused:
         load_encoder(states, "--init")
     said = str(refused.value)
-    assert "a DeepSpeed checkpoint's file" in said and f"--init {folder}" in said
+    assert "a DeepSpeed checkpoint's file" in said and f"`mixmae export {tmp_path / 'run'}` writes" in said
+    assert f"--init also take the checkpoint folder {folder} or the run folder" in said
     assert "expected a dict of tensors" not in said
 
 
