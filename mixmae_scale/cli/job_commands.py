@@ -108,11 +108,27 @@ def refuse_a_pretraining_profile(profile: str, config: Config) -> None:
 
 def finetune_message(summary: dict) -> str:
     """The last line of a fine-tuning run: the last evaluation's top-1 and the best one's."""
-    last = summary["last"] or {"top1": float("nan")}
+    last = summary["last"]
+    if last is None:
+        return not_evaluated_message("fine-tuned", summary, "top1", "top-1")
     # A bf16 run's top-1 is not `mixmae eval`'s fp32 one (docs/training.md): say which it is.
     precision = f" in {last['precision']}" if "precision" in last else ""
     return (f"fine-tuned {plural(summary['steps'], 'step')}: top-1 {last['top1']:.2f}%{precision}{over_images(last)} "
             f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
+
+
+def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> str:
+    """The last line of a fine-tuning or segmentation run that stopped (a signal, `--max-steps`) before evaluating
+    in this launch: it read `top-1 nan% (best -1.00% at step -)`. The best of an earlier launch is said if any."""
+    steps, planned = summary["steps"], summary.get("planned_steps")
+    count = f"{steps} of {plural(planned, 'step')}" if planned and planned != steps else plural(steps, "step")
+    why, again = (("stopped by a signal", "the same command continues it") if summary.get("stopped_by_signal")
+                  else ("stopped", "a rerun continues it"))
+    best = summary.get("best")
+    if best is None or best.get(metric, -1.0) < 0:  # -1: the job's "no evaluation yet"
+        return f"{done} {count}, {why} before its first evaluation: no {name} yet ({again})"
+    return (f"{done} {count}, {why} before its next evaluation (best {best[metric]:.2f}% at step "
+            f"{best.get('step', '-')}; {again})")
 
 
 def over_images(evaluation: dict) -> str:
@@ -131,7 +147,9 @@ def over_images(evaluation: dict) -> str:
 
 def segment_message(summary: dict) -> str:
     """The last line of a segmentation run: the last evaluation's mIoU and the best one's."""
-    last = summary["last"] or {"miou": float("nan")}
+    last = summary["last"]
+    if last is None:
+        return not_evaluated_message("segmentation fine-tuned", summary, "miou", "mIoU")
     precision = f" in {last['precision']}" if "precision" in last else ""
     return (f"segmentation fine-tuned {plural(summary['steps'], 'step')}: mIoU {last['miou']:.2f}%{precision} "
             f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')})")

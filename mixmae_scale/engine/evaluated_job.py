@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mixmae.eval")
 
 
+def recorded_best(best: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """summary.json's "best": None before any evaluation, rather than the job's placeholder of -1 (read as a score)."""
+    return None if best[metric] < 0 else best
+
+
 class EvaluatedJob(Job):
     root: Path
     eval_every: int

@@ -32,7 +32,7 @@ from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.checkpointing.recipe import heldout_record
 from mixmae_scale.engine.distributed import autocast
-from mixmae_scale.engine.evaluated_job import EvaluatedJob
+from mixmae_scale.engine.evaluated_job import EvaluatedJob, recorded_best
 from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
@@ -63,6 +63,41 @@ def build_classifier(config: Config, num_classes: int, pretrained: Pretrained | 
         log.info("loaded %s (resized: %s; decoder tensors ignored: %d)", pretrained.described(),
                  report.resized or "none", report.ignored_decoder)
     return model
+
+
+ENCODER_SHAPE = ("embed_dim", "depths", "num_heads", "patch_size", "mlp_ratio")  # what a resize cannot adapt
+
+
+def refuse_another_encoder_shape(config: Config, pretrained: Pretrained) -> None:
+    """Weights of another width, depth or head count than the profile's `model.*`, refused before the run folder is
+    made, naming the settings that fit them. It failed once the classifier was built, after the folder was made,
+    with `the encoder lacks [8 keys]` (the official small model under finetune_tiny). Image size and windows may
+    differ: the position embedding and bias tables are resized (models/classifier.py)."""
+    import shlex
+
+    from mixmae_scale.models.sizes import SIZES
+
+    preset = SIZES.get(config.model.size, {})  # the config may not be resolved yet (the CLI's is not)
+    ours = {name: getattr(config.model, name) if getattr(config.model, name) is not None else preset.get(name)
+            for name in ENCODER_SHAPE}
+    theirs = {name: pretrained.arch.get(name) for name in ENCODER_SHAPE}
+    differ = [name for name in ENCODER_SHAPE if theirs[name] is not None and ours[name] is not None
+              and _shape_value(theirs[name]) != _shape_value(ours[name])]
+    if not differ:
+        return
+    said = ", ".join(f"{name} {theirs[name]}" for name in differ)
+    profile = ", ".join(f"{name} {ours[name]}" for name in differ)
+    sets = " ".join(shlex.quote(f"model.{name}={_shape_text(theirs[name])}") for name in differ)
+    raise WeightsError(f"finetune.init={config.finetune.init}: the weights' encoder has {said}; the profile's model "
+                       f"has {profile}: fine-tune it with --set {sets} (or name weights of the profile's shape)")
+
+
+def _shape_value(value: Any) -> Any:
+    return [float(v) for v in value] if isinstance(value, list | tuple) else float(value)
+
+
+def _shape_text(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list | tuple) else f"{value:g}"
 
 
 def started_from(config: Config, pretrained: Pretrained | None) -> dict[str, Any] | None:
@@ -174,6 +209,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     if pretrained is None:
         pretrained = finetune_start(config.finetune.init, run_folder.resumes(run_dir, config.checkpoint.resume,
                                                                              overwrite))
+    if pretrained is not None:
+        refuse_another_encoder_shape(config, pretrained)
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, job="finetune",
                     check=lambda train_data, world: check_finetune_data(config, train_data, world),
                     scores=lambda: heldout_record(load_split(config.data.shards, config.data.val_split)))
@@ -192,7 +229,8 @@ def finetune(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     job = build_job(config, ctx, model, num_classes, started_from(config, pretrained))
     loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
-    summary.update({"best": job.best, "last": job.last, "num_classes": num_classes, "init": ft.init})
+    summary.update({"best": recorded_best(job.best, job.metric), "last": job.last,
+                    "num_classes": num_classes, "init": ft.init})
     if ctx.rank == 0:
         write_text(ctx.root / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -228,6 +228,12 @@ def _encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
     """The encoder of a run folder's export; an export older than the run's newest checkpoint is used, and said."""
     found = [run / name for name in EXPORTED_NAMES if (run / name).is_file()]
+    if not found and _checkpoint_folder_of(run) is not None:
+        owner = _checkpoint_folder_of(run)
+        raise WeightsError(f"{run.absolute()}: a checkpoint folder of the run {owner}, not a run folder; load_backbone "
+                           f"reads a run's export: `mixmae export {run} --out FILE.safetensors` writes these weights "
+                           f"to a file to name here, or `mixmae export {owner}` its newest checkpoint's into the run "
+                           "folder, then name the run folder")
     if not found:
         raise WeightsError(f"{run.absolute()}: a run folder without an export ({', '.join(EXPORTED_NAMES)}); write one "
                            f"with `mixmae export {run}` (encoder.safetensors for a pretraining run, "
@@ -240,6 +246,17 @@ def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
             "mixmae: %s holds step %s of the run; its newest complete checkpoint is step %d: `mixmae export %s` "
             "again to use it", exported.absolute(), step, newest, run)
     return _encoder_keys(load_weights(exported)[0])
+
+
+def _checkpoint_folder_of(path: Path) -> Path | None:
+    """The run folder of `path` when it is one of the run's checkpoints (RUN/checkpoints/stepN, RUN/best/stepN: a
+    COMPLETE marker) or RUN/checkpoints or RUN/best (complete checkpoints in it), which finetune.init and --init take;
+    else None. By name, as `_newest_checkpoint_step` reads them."""
+    if (path / "COMPLETE").is_file():
+        return path.parent.parent.absolute()
+    if path.name in ("checkpoints", "best") and any((child / "COMPLETE").is_file() for child in path.iterdir()):
+        return path.parent.absolute()
+    return None
 
 
 def _newest_checkpoint_step(run: Path) -> int | None:

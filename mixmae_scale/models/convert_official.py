@@ -33,6 +33,7 @@ DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decode
 RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")  # what the loaders read as a PyTorch pickle (official layout)
 OFFICIAL_DECODER_HEADS = 16  # not recoverable from the weights; the official decoder uses 16 heads
+OUR_PREFIXES = ("encoder.", "decoder.", "backbone.", "decode_head.")  # our own key names (models/, segment/)
 OURS = "mixmae_scale"  # our record in an official-layout file: what no tensor says (the decoder's head count)
 
 
@@ -61,6 +62,14 @@ def read_official_checkpoint(path: str | Path, mapped: bool = False
     except Exception as exc:  # unpickling refused or a corrupt file: say which file and why, in one line
         raise WeightsError(f"{Path(path).absolute()}: not a loadable weights-only checkpoint "
                            f"({_load_failure(exc)})") from exc
+    if isinstance(checkpoint, dict) and "module" in checkpoint and "model" not in checkpoint:
+        # DeepSpeed's mp_rank_*_model_states.pt: its weights may be ZeRO shards, gathered from the folder as a whole.
+        folder = Path(path).absolute().parent
+        run = folder.parent.parent if folder.parent.name in ("checkpoints", "best") else folder
+        raise WeightsError(f"{Path(path).absolute()}: a DeepSpeed checkpoint's file, not a weights file: "
+                           f"`mixmae export {run}` writes the run's weights as one .safetensors (what load_backbone "
+                           f"takes); finetune.init and --init also take the checkpoint folder {folder} or the run "
+                           "folder (their ZeRO shards gathered)")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{Path(path).absolute()}: expected a dict of tensors under 'model'")
@@ -95,11 +104,22 @@ def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             mapped[key] = value
         else:
             unknown.append(key)
+    if unknown and all(key.startswith(OUR_PREFIXES) for key in unknown):
+        raise WeightsError(f"holds this package's key names (encoder.*), not the official layout ({_few(unknown)}): "
+                           "`mixmae export` writes a .safetensors that every loader (finetune.init, --init, "
+                           "load_backbone) reads as it is, with no conversion")
     if unknown:
         raise WeightsError(f"{len(unknown)} {'key' if len(unknown) == 1 else 'keys'} of the official checkpoint "
                            f"{'has' if len(unknown) == 1 else 'have'} no place in our model: "
-                           + ", ".join(sorted(unknown)))
+                           + _few(unknown))
     return mapped
+
+
+def _few(keys: list[str], shown: int = 4) -> str:
+    """A few of `keys` and how many more: a checkpoint of another layout has hundreds, which made one line of pages."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def to_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -262,6 +282,13 @@ def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, A
     """An official MixMIM checkpoint (pretraining or fine-tuned) as our safetensors file at `out` (*.safetensors),
     its architecture read off the weights into the metadata."""
     require_safetensors_out(Path(out))
+    source = Path(src)
+    if not source.exists():
+        raise FileNotFoundError(f"{src}: not found (tried {source.absolute()})")
+    if source.suffix == ".safetensors" and source.is_file() and read_metadata(source).get("format") == "mixmae-scale":
+        raise WeightsError(f"{Path(src).absolute()}: already a mixmae-scale weights file (`mixmae export` or an "
+                           "earlier conversion): it needs no conversion; finetune.init, --init and load_backbone read "
+                           "it as it is")
     state, record = read_official_checkpoint(src)
     try:
         state = map_official_keys(state)

@@ -26,7 +26,7 @@ from mixmae_scale.data.spec import PipelineSpec
 from mixmae_scale.engine import run_folder
 from mixmae_scale.engine.checkpointing.recipe import heldout_record
 from mixmae_scale.engine.distributed import autocast
-from mixmae_scale.engine.evaluated_job import EvaluatedJob
+from mixmae_scale.engine.evaluated_job import EvaluatedJob, recorded_best
 from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, start_run
@@ -133,7 +133,8 @@ def segment(config: Config, sources: list[str], run_dir: Path, max_steps: int | 
     job = build_job(config, ctx, model, started_from(config, pretrained))
     loop = TrainingLoop(ctx, model, optimizer, with_injected_faults(job, config.faults))
     summary = loop.run()
-    summary.update({"best": job.best, "last": job.last, "num_classes": seg.num_classes, "init": seg.init})
+    summary.update({"best": recorded_best(job.best, job.metric), "last": job.last,
+                    "num_classes": seg.num_classes, "init": seg.init})
     if ctx.rank == 0:
         write_text(ctx.root / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -328,3 +328,21 @@ def test_a_faster_rcnn_on_the_backbone_learns_boxes():
         optimizer.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+def test_a_checkpoint_folder_is_called_one_with_advice_that_does_not_loop(tmp_path):
+    """finetune.init and --init take RUN/checkpoints/stepN; load_backbone called it "a run folder without an export"
+    and advised `mixmae export RUN/checkpoints/stepN`, which writes RUN/encoder.safetensors: the same call then
+    failed the same way. It names the file to export to, or the run folder."""
+    from mixmae_scale.engine.checkpointing.store import MARKER, tag_for
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / tag_for(162)
+    step.mkdir(parents=True)
+    (step / MARKER).write_text("{}")
+    for named in (step, run / "checkpoints"):
+        with pytest.raises(WeightsError) as refused:
+            load_backbone(named)
+        said = str(refused.value)
+        assert "a run folder without an export" not in said and f"a checkpoint folder of the run {run}" in said
+        assert f"`mixmae export {named} --out FILE.safetensors`" in said and f"`mixmae export {run}`" in said

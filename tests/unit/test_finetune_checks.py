@@ -178,3 +178,34 @@ def test_a_validation_split_smaller_than_the_ranks_is_refused_before_the_run_fol
                                         "fine-tuning on 2 GPUs or fewer"):
         job.finetune(config, [], tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_encoder_of_another_shape_is_refused_before_the_run_folder_naming_the_settings_that_fit(monkeypatch,
+                                                                                                  tmp_path):
+    """The official small fixture (depths 1,1,2,1) named as finetune_tiny's init (depths 2,2,2,2) failed after the
+    run folder was made (config.yaml, checkpoints/, trained_classes.json left) with `the encoder lacks
+    ['layers.0.blocks.1.norm1.weight', ...]`, saying neither what differs nor what to set."""
+    from mixmae_scale.finetune import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = tiny_config()
+    shallower = pretraining_weights((1, 1, 2, 1), config)
+    with pytest.raises(WeightsError) as refused:
+        job.finetune(config, [], tmp_path / "run", pretrained=shallower)
+    said = str(refused.value)
+    assert said.startswith("finetune.init=deeper.safetensors: the weights' encoder has depths [1, 1, 2, 1]; the "
+                           "profile's model has depths [2, 2, 2, 2]")
+    assert "--set 'model.depths=[1,1,2,1]'" in said and "\n" not in said
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RunStarted):  # the same weights under the profile's shape start
+        job.finetune(config, [], tmp_path / "run", pretrained=pretraining_weights((2, 2, 2, 2), config))
+    # The command line's config is not resolved yet (model.depths unset, the size's preset): the same refusal.
+    from mixmae_scale.config import load_config
+
+    unresolved = load_config("finetune_tiny", None, ["finetune.init=deeper.safetensors"])[0]
+    assert unresolved.model.depths is None
+    with pytest.raises(WeightsError, match=r"the profile's model has depths \[2, 2, 2, 2\]"):
+        job.finetune(unresolved, [], tmp_path / "run", pretrained=shallower)

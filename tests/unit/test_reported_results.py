@@ -136,3 +136,27 @@ def test_a_finetune_top1_says_how_many_validation_images_it_is_over_and_how_wide
     summary["last"]["samples"] = 1500
     assert finetune_message(summary) == ("fine-tuned 2 steps: top-1 100.00% in bf16 on 1500 validation images "
                                          "(best 100.00% at step 1)")
+
+
+def test_a_finetune_stopped_before_its_first_evaluation_says_so_not_nan_or_minus_one():
+    """A fine-tuning preempted (SIGTERM) before its first evaluation ended `fine-tuned 143 steps: top-1 nan% (best
+    -1.00% at step -)`, and its summary.json said `"best": {"top1": -1.0}`: -1 is the job's "nothing yet"."""
+    from mixmae_scale.cli.job_commands import segment_message
+
+    stopped = {"steps": 143, "planned_steps": 324, "stopped_by_signal": True, "last": None, "best": None}
+    assert finetune_message(stopped) == ("fine-tuned 143 of 324 steps, stopped by a signal before its first "
+                                         "evaluation: no top-1 yet (the same command continues it)")
+    assert segment_message(stopped) == ("segmentation fine-tuned 143 of 324 steps, stopped by a signal before its "
+                                        "first evaluation: no mIoU yet (the same command continues it)")
+    # Resumed after an evaluation and stopped again before the next: the best so far is the one to say.
+    again = {**stopped, "steps": 170, "best": {"top1": 17.93, "step": 162}}
+    assert finetune_message(again) == ("fine-tuned 170 of 324 steps, stopped by a signal before its next evaluation "
+                                       "(best 17.93% at step 162; the same command continues it)")
+    # A summary written before this fix ("best": {"top1": -1.0}) reads the same; --max-steps is no signal.
+    assert finetune_message({**stopped, "best": {"top1": -1.0}}) == finetune_message(stopped)
+    assert finetune_message({**stopped, "stopped_by_signal": False}).endswith(
+        "stopped before its first evaluation: no top-1 yet (a rerun continues it)")
+    from mixmae_scale.engine.evaluated_job import recorded_best
+
+    assert recorded_best({"top1": -1.0}, "top1") is None
+    assert recorded_best({"top1": 0.0, "step": 5}, "top1") == {"top1": 0.0, "step": 5}

@@ -137,3 +137,61 @@ def test_an_official_checkpoint_without_our_record_has_the_official_16_decoder_h
     torch.save({"model": to_official_keys(small_mixmae.state_dict()), "epoch": 599}, tmp_path / "released.pth")
     assert convert_official_checkpoint(tmp_path / "released.pth", tmp_path / "x.safetensors")["arch"][
         "decoder_heads"] == 16
+
+
+def _tiny_encoder_state() -> dict[str, torch.Tensor]:
+    from mixmae_scale.models.swin import SwinEncoder, SwinShape
+
+    encoder = SwinEncoder(SwinShape(64, 4, 16, (1, 1, 1, 1), (1, 1, 1, 1), (4, 4, 2, 1)))
+    return {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+
+
+def test_our_own_export_given_to_convert_official_is_called_ours_not_a_dump_of_its_keys(tmp_path):
+    """`mixmae model convert-official runs/x/encoder.safetensors y.safetensors` said "120 keys of the official
+    checkpoint have no place in our model: encoder.absolute_pos_embed, ..." with every one of the 120 keys."""
+    from mixmae_scale.models.convert_official import convert_official_checkpoint
+
+    state = _tiny_encoder_state()
+    ours = tmp_path / "encoder.safetensors"
+    save_weights(ours, state, infer_architecture(state), "encoder")
+    with pytest.raises(WeightsError) as refused:
+        convert_official_checkpoint(ours, tmp_path / "out.safetensors")
+    said = str(refused.value)
+    assert "already a mixmae-scale weights file" in said and "needs no conversion" in said
+    assert "have no place" not in said and not (tmp_path / "out.safetensors").exists()
+    # Our key names in a pickle (a state dict saved by hand) say so too, in a line of a few keys, not all of them.
+    pickled = tmp_path / "mine.pth"
+    torch.save({"model": state}, pickled)
+    with pytest.raises(WeightsError) as refused:
+        convert_official_checkpoint(pickled, tmp_path / "out.safetensors")
+    said = str(refused.value)
+    assert "this package's key names (encoder.*), not the official layout" in said
+    assert len(said) < 600 and "more" in said
+
+
+def test_a_deepspeed_model_states_file_given_as_weights_names_its_checkpoint_folder(tmp_path):
+    """`--init RUN/checkpoints/step00000162/mp_rank_00_model_states.pt` said "expected a dict of tensors under
+    'model'": it is a DeepSpeed checkpoint's file, whose folder (or run folder) every loader reads."""
+    from mixmae_scale.finetune.pretrained import load_encoder
+
+    folder = tmp_path / "run" / "checkpoints" / "step00000162"
+    folder.mkdir(parents=True)
+    states = folder / "mp_rank_00_model_states.pt"
+    torch.save({"module": _tiny_encoder_state(), "buffer_names": [], "ds_version": "0.16", "dp_world_size": 1},
+               states)
+    with pytest.raises(WeightsError) as refused:
+        load_encoder(states, "--init")
+    said = str(refused.value)
+    assert "a DeepSpeed checkpoint's file" in said and f"`mixmae export {tmp_path / 'run'}` writes" in said
+    assert f"--init also take the checkpoint folder {folder} or the run folder" in said
+    assert "expected a dict of tensors" not in said
+
+
+def test_convert_official_of_a_missing_file_names_the_path_tried(tmp_path, capfd, monkeypatch):
+    """It said `mixmae: error: [Errno 2] No such file or directory: 'nothere.pth'`, unlike every other loader."""
+    from mixmae_scale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["model", "convert-official", "nothere.pth", "out.safetensors"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1] == f"mixmae: error: nothere.pth: not found (tried {tmp_path / 'nothere.pth'})"
