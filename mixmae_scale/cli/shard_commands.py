@@ -30,8 +30,12 @@ def _worker_died(exc: PoolError, kept: str) -> int:
     """A pool worker died: one line, exit 1. The library's message speaks to a script's author (the main guard,
     workers=N); here the command line is the caller, so --workers, and what a rerun keeps."""
     fewer = f"--workers {max(1, exc.workers // 2)}"
-    how = (f"lower --workers (e.g. {fewer}) so that each worker has more memory" if "memory" in exc.death
-           else f"if memory ran out, lower --workers (e.g. {fewer})")
+    if "memory" in exc.death:
+        how = f"lower --workers (e.g. {fewer}) so that each worker has more memory"
+    elif exc.exitcode is not None and exc.exitcode < 0:  # a crash (SIGSEGV in a decoder): fewer workers crash too
+        how = "--workers 1 does the work in this process, where what ends it shows"
+    else:
+        how = f"if memory ran out, lower --workers (e.g. {fewer})"
     print(f"mixmae: error: a worker process (of {exc.workers}) {exc.death} before its work was done; {kept}; {how}",
           file=sys.stderr)
     return 1

@@ -83,6 +83,9 @@ def refuse_another_encoder_shape(config: Config, pretrained: Pretrained) -> None
     theirs = {name: pretrained.arch.get(name) for name in ENCODER_SHAPE}
     differ = [name for name in ENCODER_SHAPE if theirs[name] is not None and ours[name] is not None
               and _shape_value(theirs[name]) != _shape_value(ours[name])]
+    if "mlp_ratio" in differ and "embed_dim" not in differ and _mlp_fits(ours["mlp_ratio"], ours["embed_dim"],
+                                                                          pretrained.state):
+        differ.remove("mlp_ratio")  # the ratio read back off the weights, not the one they were built with
     if not differ:
         return
     said = ", ".join(f"{name} {theirs[name]}" for name in differ)
@@ -90,6 +93,17 @@ def refuse_another_encoder_shape(config: Config, pretrained: Pretrained) -> None
     sets = " ".join(shlex.quote(f"model.{name}={_shape_text(theirs[name])}") for name in differ)
     raise WeightsError(f"finetune.init={config.finetune.init}: the weights' encoder has {said}; the profile's model "
                        f"has {profile}: fine-tune it with --set {sets} (or name weights of the profile's shape)")
+
+
+def _mlp_fits(ratio: float, embed_dim: int, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `model.mlp_ratio` builds the weights' MLP widths: int(stage width x ratio) at every stage, as
+    models/swin.py does. The ratio read back off the weights (fc1's width / embed_dim) is not the one they were
+    built with where that product is no integer (1.3 at width 32: MLP 41, read back as 1.28125)."""
+    import re
+
+    widths = [(int(match[1]), value.shape[0]) for key, value in state.items()
+              if (match := re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.\d+\.mlp\.fc1\.weight", key))]
+    return bool(widths) and all(width == int(embed_dim * 2**stage * ratio) for stage, width in widths)
 
 
 def _shape_value(value: Any) -> Any:

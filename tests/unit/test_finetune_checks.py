@@ -209,3 +209,29 @@ def test_an_encoder_of_another_shape_is_refused_before_the_run_folder_naming_the
     assert unresolved.model.depths is None
     with pytest.raises(WeightsError, match=r"the profile's model has depths \[2, 2, 2, 2\]"):
         job.finetune(unresolved, [], tmp_path / "run", pretrained=shallower)
+
+
+def test_weights_of_the_profiles_own_mlp_ratio_are_not_refused_for_the_ratio_read_back_off_them(monkeypatch,
+                                                                                                tmp_path):
+    """The MLP is int(width x model.mlp_ratio) wide, so the ratio read back off the weights (fc1's width / embed_dim)
+    is not the one set where the product is no integer: weights pretrained at model.mlp_ratio=1.3 (tiny: width 32,
+    MLP 41, read back as 1.28125) were refused under the same model.mlp_ratio=1.3, and the --set it named
+    (1.28125) builds other widths at the later stages (int(64 x 1.28125) = 82, the weights' 83)."""
+    from mixmae_scale.finetune import job
+
+    def start_run(*args, **kwargs):
+        raise RunStarted
+
+    monkeypatch.setattr(job, "start_run", start_run)
+    config = tiny_config("model.mlp_ratio=1.3")
+    weights = pretraining_weights(tuple(config.model.depths), config)
+    assert weights.arch["mlp_ratio"] != 1.3
+    build_classifier(config, 10, weights)  # the weights fit the profile's model
+    with pytest.raises(RunStarted):
+        job.finetune(config, [], tmp_path / "run", pretrained=weights)
+    # Another ratio is still refused before the run folder, naming it.
+    with pytest.raises(WeightsError, match=r"the weights' encoder has mlp_ratio 4\.0; the profile's model has "
+                                           r"mlp_ratio 1\.3"):
+        job.finetune(tiny_config("model.mlp_ratio=1.3"), [], tmp_path / "run",
+                     pretrained=pretraining_weights(tuple(config.model.depths), tiny_config()))
+    assert not (tmp_path / "run").exists()

@@ -77,3 +77,20 @@ def test_verify_with_a_worker_killed_says_one_line_and_that_the_set_was_only_rea
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("mixmae: error: a worker process (of 2) was killed by SIGKILL") and \
         "the set was only read, so the same command can run again" in err and "--workers 1" in err, err
+
+
+def test_a_worker_that_crashed_is_not_told_to_lower_workers_for_memory(capsys):
+    """A worker ended by SIGSEGV (a native decoder's crash) is no out-of-memory kill: the library says `workers=1`
+    does the work in this process, where what ends it shows; the command line said 'if memory ran out, lower
+    --workers (e.g. --workers 2)', and fewer workers crash the same way."""
+    from mixmae_scale.cli.shard_commands import _worker_died
+
+    crashed = PoolError("a worker of the pool (4 workers) was killed by SIGSEGV", workers=4,
+                        exitcode=-signal.SIGSEGV)
+    assert _worker_died(crashed, "the shards written so far are kept") == 1
+    said = capsys.readouterr().err
+    assert said.startswith("mixmae: error: a worker process (of 4) was killed by SIGSEGV") and said.count("\n") == 1
+    assert "memory" not in said and "--workers 1 does the work in this process, where what ends it shows" in said
+    # A worker that exited with a code (not a signal) keeps the hedged advice.
+    assert _worker_died(PoolError("", workers=4, exitcode=1), "kept") == 1
+    assert "if memory ran out, lower --workers (e.g. --workers 2)" in capsys.readouterr().err
