@@ -228,6 +228,9 @@ def _encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
     """The encoder of a run folder's export; an export older than the run's newest checkpoint is used, and said."""
     found = [run / name for name in EXPORTED_NAMES if (run / name).is_file()]
+    if not found and (run / "COMPLETE").is_file() and _checkpoint_folder_of(run) is None:  # copied out of its run
+        raise WeightsError(f"{run.absolute()}: a checkpoint folder, not a run folder; load_backbone reads an export: "
+                           f"`mixmae export {run} --out FILE.safetensors` writes these weights to a file to name here")
     if not found and _checkpoint_folder_of(run) is not None:
         owner = _checkpoint_folder_of(run)
         raise WeightsError(f"{run.absolute()}: a checkpoint folder of the run {owner}, not a run folder; load_backbone "
@@ -252,8 +255,8 @@ def _checkpoint_folder_of(path: Path) -> Path | None:
     """The run folder of `path` when it is one of the run's checkpoints (RUN/checkpoints/stepN, RUN/best/stepN: a
     COMPLETE marker) or RUN/checkpoints or RUN/best (complete checkpoints in it), which finetune.init and --init take;
     else None. By name, as `_newest_checkpoint_step` reads them."""
-    if (path / "COMPLETE").is_file():
-        return path.parent.parent.absolute()
+    if (path / "COMPLETE").is_file():  # a step folder outside checkpoints/ or best/ (copied alone) has no run
+        return path.parent.parent.absolute() if path.parent.name in ("checkpoints", "best") else None
     if path.name in ("checkpoints", "best") and any((child / "COMPLETE").is_file() for child in path.iterdir()):
         return path.parent.absolute()
     return None

@@ -330,7 +330,7 @@ def test_a_faster_rcnn_on_the_backbone_learns_boxes():
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
 
-def test_a_checkpoint_folder_is_called_one_with_advice_that_does_not_loop(tmp_path):
+def test_a_checkpoint_folder_is_called_one_and_the_advice_names_an_export_to_a_file_or_its_run(tmp_path):
     """finetune.init and --init take RUN/checkpoints/stepN; load_backbone called it "a run folder without an export"
     and advised `mixmae export RUN/checkpoints/stepN`, which writes RUN/encoder.safetensors: the same call then
     failed the same way. It names the file to export to, or the run folder."""
@@ -346,3 +346,18 @@ def test_a_checkpoint_folder_is_called_one_with_advice_that_does_not_loop(tmp_pa
         said = str(refused.value)
         assert "a run folder without an export" not in said and f"a checkpoint folder of the run {run}" in said
         assert f"`mixmae export {named} --out FILE.safetensors`" in said and f"`mixmae export {run}`" in said
+
+
+def test_a_step_folder_copied_out_of_its_run_names_no_run(tmp_path):
+    """A sealed step folder copied on its own (its grandparent is no run): the advice named the grandparent as the run
+    and `mixmae export <grandparent>`, which finds no checkpoint there; only the --out export is offered."""
+    from mixmae_scale.engine.checkpointing.store import MARKER, tag_for
+
+    step = tmp_path / "copies" / tag_for(162)
+    step.mkdir(parents=True)
+    (step / MARKER).write_text("{}")
+    with pytest.raises(WeightsError) as refused:
+        load_backbone(step)
+    said = str(refused.value)
+    assert f"`mixmae export {step} --out FILE.safetensors`" in said and "of the run" not in said
+    assert f"`mixmae export {tmp_path}`" not in said
