@@ -220,8 +220,10 @@ def bounded_pool(work: Callable[..., R], units: Sequence[J], workers: int, args:
             advice = f"pass fewer workers (each holds its own share of the work in memory), e.g. workers={workers // 2}"
         elif exitcode is not None and exitcode < 0:  # a crash, say SIGSEGV in a decoder: not the guard (exit 1)
             advice = "workers=1 does the work in this process, where what ends it shows"
-        else:
+        elif exitcode is None:  # how it ended is unknown
             advice = f"{GUARD}; otherwise it was killed (out of memory?)"
+        else:  # it exited, killed by nothing: an unguarded script's workers exit 1
+            advice = f"{GUARD}; otherwise workers=1 does the work in this process, where what ends it shows"
         raise PoolError(f"a worker of the pool ({workers} workers) {how_it_ended(exitcode)} before its work was "
                         f"done: {advice}", workers, exitcode) from exc
 

@@ -30,6 +30,22 @@ def test_a_worker_killed_by_sigkill_is_named_with_its_signal_and_the_likely_caus
     assert "SIGKILL" in str(caught.value) and "out of memory" in str(caught.value)
 
 
+def exit_on_two(unit: int) -> int:
+    if unit == 2:
+        os._exit(3)
+    return unit
+
+
+def test_a_worker_that_exited_with_a_code_is_not_said_to_have_been_killed():
+    """A worker that exits (a user's code calling os._exit, an unguarded script's exit 1) was 'exited with code 3
+    ... otherwise it was killed (out of memory?)', which contradicts itself."""
+    with pytest.raises(PoolError) as caught:
+        list(bounded_pool(exit_on_two, [1, 2, 3], workers=2))
+    said = str(caught.value)
+    assert caught.value.exitcode == 3 and "exited with code 3" in said
+    assert "killed" not in said and "workers=1" in said
+
+
 def test_a_dead_worker_is_a_one_line_failure_not_a_refused_input():
     """Exit 1 under a launcher too (cli/failure_report.py): the same command may pass once memory is free."""
     from mixmae_scale.cli.failure_report import is_refused_input, is_user_mistake
