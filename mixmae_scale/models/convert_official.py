@@ -66,10 +66,11 @@ def read_official_checkpoint(path: str | Path, mapped: bool = False
         # DeepSpeed's mp_rank_*_model_states.pt: its weights may be ZeRO shards, gathered from the folder as a whole.
         folder = Path(path).absolute().parent
         run = folder.parent.parent if folder.parent.name in ("checkpoints", "best") else folder
+        newest = f", or `mixmae export {run}` the run's newest" if run != folder else ""
         raise WeightsError(f"{Path(path).absolute()}: a DeepSpeed checkpoint's file, not a weights file: "
-                           f"`mixmae export {run}` writes the run's weights as one .safetensors (what load_backbone "
-                           f"takes); finetune.init and --init also take the checkpoint folder {folder} or the run "
-                           "folder (their ZeRO shards gathered)")
+                           f"`mixmae export {folder} --out FILE.safetensors` writes this checkpoint's weights as one "
+                           f".safetensors (what load_backbone takes){newest}; finetune.init and --init also take the "
+                           f"checkpoint folder {folder} or the run folder (their ZeRO shards gathered)")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{Path(path).absolute()}: expected a dict of tensors under 'model'")

@@ -182,7 +182,9 @@ def test_a_deepspeed_model_states_file_given_as_weights_names_its_checkpoint_fol
     with pytest.raises(WeightsError) as refused:
         load_encoder(states, "--init")
     said = str(refused.value)
-    assert "a DeepSpeed checkpoint's file" in said and f"`mixmae export {tmp_path / 'run'}` writes" in said
+    assert "a DeepSpeed checkpoint's file" in said
+    assert f"`mixmae export {folder} --out FILE.safetensors` writes this checkpoint's" in said
+    assert f"`mixmae export {tmp_path / 'run'}` the run's newest" in said
     assert f"--init also take the checkpoint folder {folder} or the run folder" in said
     assert "expected a dict of tensors" not in said
 
