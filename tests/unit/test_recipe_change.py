@@ -288,3 +288,25 @@ def test_the_held_out_record_is_of_the_images_scored_not_where_they_lie_nor_a_co
     assert recipe.heldout_record(None) == {recipe.HELDOUT: recipe.NOTHING_HELD_OUT}
     assert recipe.differences({recipe.HELDOUT: "x", recipe.HELDOUT_CONTENT: "y"},
                               {recipe.HELDOUT: "z", recipe.HELDOUT_CONTENT: "w"}) == []
+
+
+def test_a_held_out_tail_cut_elsewhere_is_refused_naming_its_setting_not_as_a_set_rebuilt_in_place(tmp_path,
+                                                                                                   gloo_of_one):
+    """Without a validation split the held-out tail is logging.heldout_batches x batch.micro of the train split: a
+    resume with another count trains on another cut of the same shards. Refused (the training data changed), but
+    the set was not converted again: the refusal names the setting that moved the cut, not 'rebuilt in place'."""
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    def cut(count):
+        return ShardMixture([WeightedSet(split_tail(mixture("/set").sets[0].shards, count)[0], 1.0, "/set")])
+
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/set"), cut(16))
+    with pytest.raises(store.ResumeError, match="logging.heldout_batches") as refused:
+        plan_with_data(ckpt_dir, resolved("data.shards=/set", "logging.heldout_batches=8"), cut(32))
+    assert "rebuilt in place" not in str(refused.value), refused.value
+    assert "allow_recipe_change" in str(refused.value)
+    # a data.heldout or data.train_split change is refused by its own name: the set is not said to be rebuilt
+    with pytest.raises(store.ResumeError) as split:
+        plan_with_data(ckpt_dir, resolved("data.shards=/set", "data.heldout=split"), mixture("/set"))
+    assert "data.heldout" in str(split.value) and "rebuilt in place" not in str(split.value), split.value

@@ -62,6 +62,10 @@ HELDOUT_CONTENT = "heldout_content"
 NOTHING_HELD_OUT = "none"  # `HELDOUT` of a run too small to hold anything out
 # Where the data lies: a change of these alone, to the same shards (`DATA`), is a move, not other data.
 LOCATIONS = ("data.shards", "data.sources")
+# What else makes the training data read (`DATA`) another without a location changing: the split and the hold-out
+# chosen (refused by name), and the size of a held-out tail (data/heldout.heldout_count), which no refused key says.
+SPLIT_CHOICE = ("data.train_split", "data.heldout")
+TAIL_SIZE = ("logging.heldout_batches", "batch.micro")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
 NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT,
@@ -110,12 +114,16 @@ class Change:
     new: Any
     moved: bool = False  # a location changed, to the same shards (`DATA`)
     rebuilt: bool = False  # the location is the same, the shards there are not (`DATA`, `CONTENT`)
+    cut: str = ""  # rebuilt: the changes that moved its held-out tail's cut, which also change the samples read
 
     @property
     def refused(self) -> bool:
         return changes_the_loss(self.key) and not self.moved
 
     def __str__(self) -> str:
+        if self.rebuilt and self.cut:
+            return (f"{self.key} {_shown(self.new)}: other training samples than the checkpoint's at the same "
+                    f"location, its held-out tail (logging.heldout_batches x batch.micro) cut elsewhere by {self.cut}")
         if self.rebuilt:
             return (f"{self.key} {_shown(self.new)} rebuilt in place (the same location, other shard names, sizes, "
                     "sample counts or tar contents than the checkpoint's)")
@@ -204,9 +212,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
                if _shown(old.get(k)) != _shown(new.get(k))]
     # A set converted again where it was: no location key changed, so only the record tells the data apart.
     rebuilt = saved.get(DATA) is not None and current.get(DATA) is not None and not same_data
-    if rebuilt and not any(c.key in LOCATIONS for c in changes):
+    # Another split or data.heldout is refused by its own key; the tail's size (`TAIL_SIZE`) changes no key that
+    # is refused, yet moves the cut: named as what changed the samples, not as a set converted again.
+    if rebuilt and not any(c.key in LOCATIONS or c.key in SPLIT_CHOICE for c in changes):
         key = "data.sources" if new.get("data.sources") else "data.shards"
-        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True))
+        cut = "; ".join(str(c) for c in changes if c.key in TAIL_SIZE)
+        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut))
     return changes
 
 
