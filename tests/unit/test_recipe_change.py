@@ -310,3 +310,19 @@ def test_a_held_out_tail_cut_elsewhere_is_refused_naming_its_setting_not_as_a_se
     with pytest.raises(store.ResumeError) as split:
         plan_with_data(ckpt_dir, resolved("data.shards=/set", "data.heldout=split"), mixture("/set"))
     assert "data.heldout" in str(split.value) and "rebuilt in place" not in str(split.value), split.value
+
+
+def test_with_sources_another_data_shards_of_other_held_out_images_is_not_called_the_same_shards_moved(
+        tmp_path, gloo_of_one):
+    """With data.sources, data.shards gives only the held-out images: the training data is the same whatever it
+    names, so its change resumes (held-out images are said, not refused), but the note called it 'the same shards
+    ... at another location' beside the warning that the held-out images differ."""
+    src = "data.sources=[{shards: /train, weight: 1.0}]"
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/a", src), mixture("/train"),
+                         recipe.heldout_record(val_split("/a"), 32))
+    plan = plan_scoring(ckpt_dir, resolved("data.shards=/b", src), mixture("/train"), val_split("/b", (40, 30)))
+    assert plan.heldout_change is not None and len(plan.config_changes) == 1, plan
+    assert "the same shards" not in plan.config_changes[0], plan.config_changes
+    assert "held-out images only" in plan.config_changes[0], plan.config_changes
+    moved = plan_scoring(ckpt_dir, resolved("data.shards=/b", src), mixture("/train"), val_split("/b"))
+    assert moved.heldout_change is None and "at another location" in moved.config_changes[0]

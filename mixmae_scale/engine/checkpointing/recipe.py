@@ -115,6 +115,7 @@ class Change:
     moved: bool = False  # a location changed, to the same shards (`DATA`)
     rebuilt: bool = False  # the location is the same, the shards there are not (`DATA`, `CONTENT`)
     cut: str = ""  # rebuilt: the changes that moved its held-out tail's cut, which also change the samples read
+    heldout_only: bool = False  # data.shards beside data.sources, to other held-out images (`HELDOUT`)
 
     @property
     def refused(self) -> bool:
@@ -128,6 +129,9 @@ class Change:
             return (f"{self.key} {_shown(self.new)} rebuilt in place (the same location, other shard names, sizes, "
                     "sample counts or tar contents than the checkpoint's)")
         moved = " (the same shards, by name, size and sample count, at another location)" if self.moved else ""
+        if self.moved and self.heldout_only:
+            moved = (" (the held-out images only, other ones: training reads data.sources, unchanged by name, "
+                     "size and sample count)")
         return f"{self.key} {_shown(self.old)} -> {_shown(self.new)}{moved}"
 
 
@@ -208,7 +212,11 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     if saved.get(CONTENT) is not None and current.get(CONTENT) is not None:  # both know their tars' bytes
         same_data = same_data and saved.get(CONTENT) == current.get(CONTENT)
     keys = sorted(k for k in old.keys() | new.keys() if not _under(k, NOT_COMPARED))
-    changes = [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data)) for k in keys
+    # With sources, data.shards gives only the held-out images: the same training data is no move of them.
+    other_heldout = (bool(new.get("data.sources")) and None not in (saved.get(HELDOUT), current.get(HELDOUT))
+                     and saved.get(HELDOUT) != current.get(HELDOUT))
+    changes = [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data),
+                      heldout_only=k == "data.shards" and other_heldout) for k in keys
                if _shown(old.get(k)) != _shown(new.get(k))]
     # A set converted again where it was: no location key changed, so only the record tells the data apart.
     rebuilt = saved.get(DATA) is not None and current.get(DATA) is not None and not same_data
