@@ -326,3 +326,22 @@ def test_with_sources_another_data_shards_of_other_held_out_images_is_not_called
     assert "held-out images only" in plan.config_changes[0], plan.config_changes
     moved = plan_scoring(ckpt_dir, resolved("data.shards=/b", src), mixture("/train"), val_split("/b"))
     assert moved.heldout_change is None and "at another location" in moved.config_changes[0]
+
+
+def test_a_source_now_cut_of_its_held_out_tail_is_not_said_to_be_rebuilt_when_its_tars_are_the_same(tmp_path,
+                                                                                                  gloo_of_one):
+    """A mixture's source with data.shards' train tars trained on the held-out tail until the tail was cut from it
+    too: a run started before resumes with that source cut, the same tars (sha256) at the same place. Refused (other
+    samples), but 'rebuilt in place' told the user their set was converted again."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    whole = replace(mixture("/set").sets[0].shards, sha256=("a" * 64, "b" * 64))
+    src = resolved("data.shards=/set", "data.sources=[{shards: /set, weight: 1.0}]")
+    ckpt_dir = saved_run(tmp_path, src, ShardMixture([WeightedSet(whole, 1.0, "/set")]))
+    cut = ShardMixture([WeightedSet(split_tail(whole, 16)[0], 1.0, "/set")])
+    with pytest.raises(store.ResumeError, match="held-out tail") as refused:
+        plan_with_data(ckpt_dir, src, cut)
+    assert "rebuilt in place" not in str(refused.value), refused.value

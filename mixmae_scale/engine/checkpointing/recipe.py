@@ -116,6 +116,7 @@ class Change:
     rebuilt: bool = False  # the location is the same, the shards there are not (`DATA`, `CONTENT`)
     cut: str = ""  # rebuilt: the changes that moved its held-out tail's cut, which also change the samples read
     heldout_only: bool = False  # data.shards beside data.sources, to other held-out images (`HELDOUT`)
+    same_tars: bool = False  # rebuilt, yet the tars' sha256s (`CONTENT`) are the checkpoint's: other samples of them
 
     @property
     def refused(self) -> bool:
@@ -125,6 +126,11 @@ class Change:
         if self.rebuilt and self.cut:
             return (f"{self.key} {_shown(self.new)}: other training samples than the checkpoint's at the same "
                     f"location, its held-out tail (logging.heldout_batches x batch.micro) cut elsewhere by {self.cut}")
+        if self.rebuilt and self.same_tars:
+            return (f"{self.key} {_shown(self.new)}: the same tars (by sha256) at the same location, other samples of "
+                    "them read than the checkpoint's: a held-out tail cut from them where it was not, or the other "
+                    "way (data/heldout.py leaves the tail out of a data.sources set with data.shards' train tars; "
+                    "a run started by an earlier release trained on it)")
         if self.rebuilt:
             return (f"{self.key} {_shown(self.new)} rebuilt in place (the same location, other shard names, sizes, "
                     "sample counts or tar contents than the checkpoint's)")
@@ -225,7 +231,8 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     if rebuilt and not any(c.key in LOCATIONS or c.key in SPLIT_CHOICE for c in changes):
         key = "data.sources" if new.get("data.sources") else "data.shards"
         cut = "; ".join(str(c) for c in changes if c.key in TAIL_SIZE)
-        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut))
+        same_tars = saved.get(CONTENT) is not None and saved.get(CONTENT) == current.get(CONTENT)
+        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut, same_tars=same_tars))
     return changes
 
 
