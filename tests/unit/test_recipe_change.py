@@ -345,3 +345,24 @@ def test_a_source_now_cut_of_its_held_out_tail_is_not_said_to_be_rebuilt_when_it
     with pytest.raises(store.ResumeError, match="held-out tail") as refused:
         plan_with_data(ckpt_dir, src, cut)
     assert "rebuilt in place" not in str(refused.value), refused.value
+
+
+def test_a_held_out_change_opted_in_with_other_training_data_does_not_say_training_reads_the_same_data(
+        tmp_path, gloo_of_one):
+    """A held-out tail cut elsewhere, resumed with the opt-in: the held-out warning said '(training reads the same
+    data)' beside the note that the training samples changed."""
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    whole = mixture("/set").sets[0].shards
+    train16, tail16 = split_tail(whole, 16)
+    train32, tail32 = split_tail(whole, 32)
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/set"), ShardMixture([WeightedSet(train16, 1.0, "/set")]),
+                         recipe.heldout_record(tail16, 16))
+    now = resolved("data.shards=/set", "logging.heldout_batches=8", "checkpoint.allow_recipe_change=true")
+    plan = decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now, ShardMixture([WeightedSet(train32, 1.0, "/set")]),
+                                                         recipe.heldout_record(tail32, 32)),
+                         allow_recipe_change=True)
+    assert plan.heldout_change is not None
+    assert "training reads the same data" not in plan.heldout_change, plan.heldout_change

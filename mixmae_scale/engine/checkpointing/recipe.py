@@ -174,9 +174,11 @@ def heldout_record(images, scored: int | None = None) -> dict[str, str]:
     return record
 
 
-def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int) -> str | None:
+def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int,
+                   same_training: bool = True) -> str | None:
     """The warning for a resume whose held-out images differ from those the tag recorded (None: the same, or either
-    side records none, as a tag saved before tags recorded them). The run goes on: training reads what it read."""
+    side records none, as a tag saved before tags recorded them). The run goes on: training reads what it read, unless
+    `same_training` is False (an opted-in change of the training data, said by `compare`'s note)."""
     old, new = (saved or {}).get(HELDOUT), current.get(HELDOUT)
     if old is None or new is None:
         return None
@@ -191,8 +193,10 @@ def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where:
     else:
         what = ("another split, other shards, sample counts or cut of the train split, or another number of them "
                 "scored (data.val_split, data.heldout, logging.heldout_batches, batch.micro, data.shards)")
+    training = ("training reads the same data" if same_training
+                else f"{OPT_IN}=true let the training data change too: see the changed configuration")
     return (f"the held-out images differ from those {where} recorded ({what}): resumed at step {step} all the same "
-            "(training reads the same data), but every held-out loss and evaluation from here on scores other "
+            f"({training}), but every held-out loss and evaluation from here on scores other "
             f"images than those before step {step}: do not read a curve across it (run.json's resume entry keeps this "
             "note); resume with the checkpoint's held-out images to keep one curve")
 
@@ -208,6 +212,15 @@ def _moved(key: str, old: Any, new: Any, same_data: bool) -> bool:
     if not same_data or key not in LOCATIONS:
         return False
     return key == "data.shards" or _shown(_without_locations(old)) == _shown(_without_locations(new))
+
+
+def same_training_data(saved: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether the training data read is the tag's as far as the records tell (True where either lacks `DATA`)."""
+    old, new = (saved or {}).get(DATA), current.get(DATA)
+    if old is None or new is None:
+        return True
+    old_content, new_content = (saved or {}).get(CONTENT), current.get(CONTENT)
+    return old == new and (old_content is None or new_content is None or old_content == new_content)
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
