@@ -60,3 +60,10 @@ def test_a_fractional_weight_is_refused_only_where_even_its_largest_draw_holds_n
     assert _mixture(5, 7, weight=2.0).largest_epoch_samples() == 24
     with pytest.raises(DataError, match="the largest epoch"):
         RankStream(_mixture(1, 3, weight=0.5), 0, Layout.whole_epoch(0, 1, 2, 2), 0, 0, 4, None)
+
+
+def test_one_rank_whose_largest_fractional_draw_fills_a_batch_is_not_refused():
+    """The other half of 'refused only where': on 1 rank x 2 the draw of the 3-sample shard fills a batch, so the
+    stream opens (its reading then fails on the missing tars, which is not the refusal)."""
+    outcome = _first_batch_or_timeout(_mixture(1, 3, weight=0.5), Layout.whole_epoch(0, 1, 1, 2), seconds=10.0)
+    assert not (isinstance(outcome, DataError) and "the largest epoch" in str(outcome)), outcome

@@ -288,3 +288,81 @@ def test_the_held_out_record_is_of_the_images_scored_not_where_they_lie_nor_a_co
     assert recipe.heldout_record(None) == {recipe.HELDOUT: recipe.NOTHING_HELD_OUT}
     assert recipe.differences({recipe.HELDOUT: "x", recipe.HELDOUT_CONTENT: "y"},
                               {recipe.HELDOUT: "z", recipe.HELDOUT_CONTENT: "w"}) == []
+
+
+def test_a_held_out_tail_cut_elsewhere_is_refused_naming_its_setting_not_as_a_set_rebuilt_in_place(tmp_path,
+                                                                                                   gloo_of_one):
+    """Without a validation split the held-out tail is logging.heldout_batches x batch.micro of the train split: a
+    resume with another count trains on another cut of the same shards. Refused (the training data changed), but
+    the set was not converted again: the refusal names the setting that moved the cut, not 'rebuilt in place'."""
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    def cut(count):
+        return ShardMixture([WeightedSet(split_tail(mixture("/set").sets[0].shards, count)[0], 1.0, "/set")])
+
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/set"), cut(16))
+    with pytest.raises(store.ResumeError, match="logging.heldout_batches") as refused:
+        plan_with_data(ckpt_dir, resolved("data.shards=/set", "logging.heldout_batches=8"), cut(32))
+    assert "rebuilt in place" not in str(refused.value), refused.value
+    assert "allow_recipe_change" in str(refused.value)
+    # a data.heldout or data.train_split change is refused by its own name: the set is not said to be rebuilt
+    with pytest.raises(store.ResumeError) as split:
+        plan_with_data(ckpt_dir, resolved("data.shards=/set", "data.heldout=split"), mixture("/set"))
+    assert "data.heldout" in str(split.value) and "rebuilt in place" not in str(split.value), split.value
+
+
+def test_with_sources_another_data_shards_of_other_held_out_images_is_not_called_the_same_shards_moved(
+        tmp_path, gloo_of_one):
+    """With data.sources, data.shards gives only the held-out images: the training data is the same whatever it
+    names, so its change resumes (held-out images are said, not refused), but the note called it 'the same shards
+    ... at another location' beside the warning that the held-out images differ."""
+    src = "data.sources=[{shards: /train, weight: 1.0}]"
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/a", src), mixture("/train"),
+                         recipe.heldout_record(val_split("/a"), 32))
+    plan = plan_scoring(ckpt_dir, resolved("data.shards=/b", src), mixture("/train"), val_split("/b", (40, 30)))
+    assert plan.heldout_change is not None and len(plan.config_changes) == 1, plan
+    assert "the same shards" not in plan.config_changes[0], plan.config_changes
+    assert "held-out images only" in plan.config_changes[0], plan.config_changes
+    moved = plan_scoring(ckpt_dir, resolved("data.shards=/b", src), mixture("/train"), val_split("/b"))
+    assert moved.heldout_change is None and "at another location" in moved.config_changes[0]
+
+
+def test_a_source_now_cut_of_its_held_out_tail_is_not_said_to_be_rebuilt_when_its_tars_are_the_same(tmp_path,
+                                                                                                  gloo_of_one):
+    """A mixture's source with data.shards' train tars trained on the held-out tail until the tail was cut from it
+    too: a run started before resumes with that source cut, the same tars (sha256) at the same place. Refused (other
+    samples), but 'rebuilt in place' told the user their set was converted again."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    whole = replace(mixture("/set").sets[0].shards, sha256=("a" * 64, "b" * 64))
+    src = resolved("data.shards=/set", "data.sources=[{shards: /set, weight: 1.0}]")
+    ckpt_dir = saved_run(tmp_path, src, ShardMixture([WeightedSet(whole, 1.0, "/set")]))
+    cut = ShardMixture([WeightedSet(split_tail(whole, 16)[0], 1.0, "/set")])
+    with pytest.raises(store.ResumeError, match="held-out tail") as refused:
+        plan_with_data(ckpt_dir, src, cut)
+    assert "rebuilt in place" not in str(refused.value), refused.value
+
+
+def test_a_held_out_change_opted_in_with_other_training_data_does_not_say_training_reads_the_same_data(
+        tmp_path, gloo_of_one):
+    """A held-out tail cut elsewhere, resumed with the opt-in: the held-out warning said '(training reads the same
+    data)' beside the note that the training samples changed."""
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    whole = mixture("/set").sets[0].shards
+    train16, tail16 = split_tail(whole, 16)
+    train32, tail32 = split_tail(whole, 32)
+    ckpt_dir = saved_run(tmp_path, resolved("data.shards=/set"), ShardMixture([WeightedSet(train16, 1.0, "/set")]),
+                         recipe.heldout_record(tail16, 16))
+    now = resolved("data.shards=/set", "logging.heldout_batches=8", "checkpoint.allow_recipe_change=true")
+    plan = decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now, ShardMixture([WeightedSet(train32, 1.0, "/set")]),
+                                                         recipe.heldout_record(tail32, 32)),
+                         allow_recipe_change=True)
+    assert plan.heldout_change is not None
+    assert "training reads the same data" not in plan.heldout_change, plan.heldout_change

@@ -62,6 +62,10 @@ HELDOUT_CONTENT = "heldout_content"
 NOTHING_HELD_OUT = "none"  # `HELDOUT` of a run too small to hold anything out
 # Where the data lies: a change of these alone, to the same shards (`DATA`), is a move, not other data.
 LOCATIONS = ("data.shards", "data.sources")
+# What else makes the training data read (`DATA`) another without a location changing: the split and the hold-out
+# chosen (refused by name), and the size of a held-out tail (data/heldout.heldout_count), which no refused key says.
+SPLIT_CHOICE = ("data.train_split", "data.heldout")
+TAIL_SIZE = ("logging.heldout_batches", "batch.micro")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
 NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT,
@@ -110,16 +114,30 @@ class Change:
     new: Any
     moved: bool = False  # a location changed, to the same shards (`DATA`)
     rebuilt: bool = False  # the location is the same, the shards there are not (`DATA`, `CONTENT`)
+    cut: str = ""  # rebuilt: the changes that moved its held-out tail's cut, which also change the samples read
+    heldout_only: bool = False  # data.shards beside data.sources, to other held-out images (`HELDOUT`)
+    same_tars: bool = False  # rebuilt, yet the tars' sha256s (`CONTENT`) are the checkpoint's: other samples of them
 
     @property
     def refused(self) -> bool:
         return changes_the_loss(self.key) and not self.moved
 
     def __str__(self) -> str:
+        if self.rebuilt and self.cut:
+            return (f"{self.key} {_shown(self.new)}: other training samples than the checkpoint's at the same "
+                    f"location, its held-out tail (logging.heldout_batches x batch.micro) cut elsewhere by {self.cut}")
+        if self.rebuilt and self.same_tars:
+            return (f"{self.key} {_shown(self.new)}: the same tars (by sha256) at the same location, other samples of "
+                    "them read than the checkpoint's: a held-out tail cut from them where it was not, or the other "
+                    "way (data/heldout.py leaves the tail out of a data.sources set with data.shards' train tars; "
+                    "a run started by an earlier release trained on it)")
         if self.rebuilt:
             return (f"{self.key} {_shown(self.new)} rebuilt in place (the same location, other shard names, sizes, "
                     "sample counts or tar contents than the checkpoint's)")
         moved = " (the same shards, by name, size and sample count, at another location)" if self.moved else ""
+        if self.moved and self.heldout_only:
+            moved = (" (the held-out images only, other ones: training reads data.sources, unchanged by name, "
+                     "size and sample count)")
         return f"{self.key} {_shown(self.old)} -> {_shown(self.new)}{moved}"
 
 
@@ -156,9 +174,11 @@ def heldout_record(images, scored: int | None = None) -> dict[str, str]:
     return record
 
 
-def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int) -> str | None:
+def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int,
+                   same_training: bool = True) -> str | None:
     """The warning for a resume whose held-out images differ from those the tag recorded (None: the same, or either
-    side records none, as a tag saved before tags recorded them). The run goes on: training reads what it read."""
+    side records none, as a tag saved before tags recorded them). The run goes on: training reads what it read, unless
+    `same_training` is False (an opted-in change of the training data, said by `compare`'s note)."""
     old, new = (saved or {}).get(HELDOUT), current.get(HELDOUT)
     if old is None or new is None:
         return None
@@ -173,8 +193,10 @@ def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where:
     else:
         what = ("another split, other shards, sample counts or cut of the train split, or another number of them "
                 "scored (data.val_split, data.heldout, logging.heldout_batches, batch.micro, data.shards)")
+    training = ("training reads the same data" if same_training
+                else f"{OPT_IN}=true let the training data change too: see the changed configuration")
     return (f"the held-out images differ from those {where} recorded ({what}): resumed at step {step} all the same "
-            "(training reads the same data), but every held-out loss and evaluation from here on scores other "
+            f"({training}), but every held-out loss and evaluation from here on scores other "
             f"images than those before step {step}: do not read a curve across it (run.json's resume entry keeps this "
             "note); resume with the checkpoint's held-out images to keep one curve")
 
@@ -192,6 +214,15 @@ def _moved(key: str, old: Any, new: Any, same_data: bool) -> bool:
     return key == "data.shards" or _shown(_without_locations(old)) == _shown(_without_locations(new))
 
 
+def same_training_data(saved: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether the training data read is the tag's as far as the records tell (True where either lacks `DATA`)."""
+    old, new = (saved or {}).get(DATA), current.get(DATA)
+    if old is None or new is None:
+        return True
+    old_content, new_content = (saved or {}).get(CONTENT), current.get(CONTENT)
+    return old == new and (old_content is None or new_content is None or old_content == new_content)
+
+
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     """Every compared key whose value differs (a key one side lacks reads as null), in key order; a location's
     change is `moved` where both records name the same training data."""
@@ -200,13 +231,21 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     if saved.get(CONTENT) is not None and current.get(CONTENT) is not None:  # both know their tars' bytes
         same_data = same_data and saved.get(CONTENT) == current.get(CONTENT)
     keys = sorted(k for k in old.keys() | new.keys() if not _under(k, NOT_COMPARED))
-    changes = [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data)) for k in keys
+    # With sources, data.shards gives only the held-out images: the same training data is no move of them.
+    other_heldout = (bool(new.get("data.sources")) and None not in (saved.get(HELDOUT), current.get(HELDOUT))
+                     and saved.get(HELDOUT) != current.get(HELDOUT))
+    changes = [Change(k, old.get(k), new.get(k), _moved(k, old.get(k), new.get(k), same_data),
+                      heldout_only=k == "data.shards" and other_heldout) for k in keys
                if _shown(old.get(k)) != _shown(new.get(k))]
     # A set converted again where it was: no location key changed, so only the record tells the data apart.
     rebuilt = saved.get(DATA) is not None and current.get(DATA) is not None and not same_data
-    if rebuilt and not any(c.key in LOCATIONS for c in changes):
+    # Another split or data.heldout is refused by its own key; the tail's size (`TAIL_SIZE`) changes no key that
+    # is refused, yet moves the cut: named as what changed the samples, not as a set converted again.
+    if rebuilt and not any(c.key in LOCATIONS or c.key in SPLIT_CHOICE for c in changes):
         key = "data.sources" if new.get("data.sources") else "data.shards"
-        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True))
+        cut = "; ".join(str(c) for c in changes if c.key in TAIL_SIZE)
+        same_tars = saved.get(CONTENT) is not None and saved.get(CONTENT) == current.get(CONTENT)
+        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut, same_tars=same_tars))
     return changes
 
 

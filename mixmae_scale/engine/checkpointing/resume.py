@@ -233,7 +233,7 @@ def _check_recipe(ckpt_dir: Path, plan: ResumePlan, current: dict[str, Any], all
         raise store.ResumeError(verdict.refusal)
     if verdict.note is not None:
         plan = replace(plan, notes=(*plan.notes, verdict.note), config_changes=tuple(map(str, verdict.changes)))
-    heldout = recipe.heldout_change(saved, current, where, plan.step)
+    heldout = recipe.heldout_change(saved, current, where, plan.step, recipe.same_training_data(saved, current))
     if heldout is not None:
         plan = replace(plan, notes=(*plan.notes, heldout), heldout_change=heldout)
     return plan
