@@ -306,6 +306,10 @@ def test_a_held_out_tail_cut_elsewhere_is_refused_naming_its_setting_not_as_a_se
         plan_with_data(ckpt_dir, resolved("data.shards=/set", "logging.heldout_batches=8"), cut(32))
     assert "rebuilt in place" not in str(refused.value), refused.value
     assert "allow_recipe_change" in str(refused.value)
+    assert "keep logging.heldout_batches x batch.micro" in str(refused.value)
+    # the way out it names: a smaller micro-batch (smaller GPUs) with as many more held-out batches cuts the same tail
+    kept = plan_with_data(ckpt_dir, resolved("data.shards=/set", "batch.micro=8", "logging.heldout_batches=2"), cut(16))
+    assert kept.tag == "step00000004" and not any("held-out tail" in c for c in kept.config_changes), kept
     # a data.heldout or data.train_split change is refused by its own name: the set is not said to be rebuilt
     with pytest.raises(store.ResumeError) as split:
         plan_with_data(ckpt_dir, resolved("data.shards=/set", "data.heldout=split"), mixture("/set"))

@@ -125,7 +125,9 @@ class Change:
     def __str__(self) -> str:
         if self.rebuilt and self.cut:
             return (f"{self.key} {_shown(self.new)}: other training samples than the checkpoint's at the same "
-                    f"location, its held-out tail (logging.heldout_batches x batch.micro) cut elsewhere by {self.cut}")
+                    f"location, its held-out tail (logging.heldout_batches x batch.micro) cut elsewhere by {self.cut} "
+                    "(keep logging.heldout_batches x batch.micro as the checkpoint had it, e.g. twice the held-out "
+                    "batches at half the micro-batch, to cut the same tail)")
         if self.rebuilt and self.same_tars:
             return (f"{self.key} {_shown(self.new)}: the same tars (by sha256) at the same location, other samples of "
                     "them read than the checkpoint's: a held-out tail cut from them where it was not, or the other "
