@@ -194,7 +194,8 @@ def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where:
         what = "the same names, sizes and counts, other tar contents: the set was rebuilt"
     else:
         what = ("another split, other shards, sample counts or cut of the train split, or another number of them "
-                "scored (data.val_split, data.heldout, logging.heldout_batches, batch.micro, data.shards)")
+                "scored: data.val_split or data.shards; in pretraining also data.heldout, logging.heldout_batches, "
+                "batch.micro")
     training = ("training reads the same data" if same_training
                 else f"{OPT_IN}=true let the training data change too: see the changed configuration")
     return (f"the held-out images differ from those {where} recorded ({what}): resumed at step {step} all the same "
