@@ -193,6 +193,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     best = best or folder.name == BEST
     out = Path(out) if out is not None else default_out(run_root, kind, best, fmt)
     step = step_of(tag)
+    replaced = what_is_at(out)
     # A classifier's classes, which eval checks (finetune/trained_classes.py), go with it in either format.
     from mixmae_scale.finetune.trained_classes import export_metadata, official_record
 
@@ -204,7 +205,27 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
                                                            **(export_metadata(run_root) if kind == "finetune" else {})})
     return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
             "format": fmt, "kind": kind, "tensors": len(weights), "params": sum(v.numel() for v in weights.values()),
-            "arch": arch}
+            "arch": arch, "replaced": replaced}
+
+
+def what_is_at(out: Path) -> str | None:
+    """What an export is about to replace (None: nothing): exports of later steps, or of another run to the same --out,
+    are written where the last one was, and the file that goes is named, so that nobody loses track of a step's
+    weights without being told. A .pth in the official layout carries no provenance: named as a file."""
+    if not out.is_file():
+        return None
+    if out.suffix != ".safetensors":
+        return "a file"
+    from mixmae_scale.models.convert_official import read_metadata
+
+    try:
+        metadata = read_metadata(out)
+    except WeightsError:
+        return "a file that is not an export"
+    step, run = metadata.get("step"), metadata.get("run")
+    if step is None or run is None:
+        return "a file"
+    return f"step {step} of run {run}"
 
 
 def require_writable_file(out: Path) -> None:
@@ -241,11 +262,12 @@ def _export_segmenter(state: dict[str, torch.Tensor], run_root: Path, folder: Pa
     arch["segment"] = _segment_settings(run_root)
     out = Path(out) if out is not None else default_out(run_root, "segment", best)
     step = step_of(tag)
+    replaced = what_is_at(out)
     save_weights(out, weights, arch, "segment", provenance={"run": run_root.name, "checkpoint": str(folder / tag),
                                                              **({"step": str(step)} if step is not None else {})})
     return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
             "format": fmt, "kind": "segment", "tensors": len(weights),
-            "params": sum(v.numel() for v in weights.values()), "arch": arch}
+            "params": sum(v.numel() for v in weights.values()), "arch": arch, "replaced": replaced}
 
 
 def _segment_settings(run_dir: Path) -> dict[str, Any]:
@@ -268,8 +290,12 @@ def export_line(result: dict[str, Any]) -> str:
     which = f"step {result['step']}" if result["step"] is not None else Path(result["checkpoint"]).name
     source = f"{which}{' (best)' if result['best'] else ''} of run {result['run']}"
     layout = " in the official layout" if result.get("format") == "official" else ""
+    replaced = result.get("replaced")
+    if replaced and replaced.startswith("step "):
+        replaced = f"the export of {replaced}"
     return (f"exported {source} to {result['out']}: {KIND_WORDS[result['kind']]}, {result['params'] / 1e6:.2f}M "
-            f"parameters in {result['tensors']} tensors{layout} (checkpoint {result['checkpoint']})")
+            f"parameters in {result['tensors']} tensors{layout} (checkpoint {result['checkpoint']})"
+            + (f"; it replaced {replaced} there" if replaced else ""))
 
 
 def _decoder_heads(run_dir: Path) -> int:

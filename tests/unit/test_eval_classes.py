@@ -192,6 +192,23 @@ def test_a_finetuning_runs_record_goes_into_its_export_and_is_read_from_its_fold
         load_classifier(str(run), str(demo_shards), "val")
 
 
+def test_an_export_over_an_earlier_one_says_what_it_replaced(demo_shards, tmp_path, monkeypatch):
+    """`mixmae export RUN` writes RUN/encoder.safetensors (or classifier.safetensors) again at every call: an export
+    of a later step, or of another run to the same --out, replaced the file there without a word."""
+    from mixmae_scale.engine import export
+
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
+    out = tmp_path / "classifier.safetensors"
+    first = export.export_run(run, out)
+    assert first["replaced"] is None and "replaced" not in export.export_line(first)
+    again = export.export_run(run, out)
+    assert again["replaced"] == f"step {first['step']} of run {run.name}"
+    assert export.export_line(again).endswith(f"; it replaced the export of step {first['step']} of run {run.name} "
+                                              "there")
+    out.write_bytes(b"not weights")
+    assert export.export_run(run, out)["replaced"] == "a file that is not an export"
+
+
 def test_classes_named_by_index_alone_are_not_compared(tmp_path):
     from mixmae_scale.finetune.trained_classes import _first_difference, class_identities
 
