@@ -101,6 +101,15 @@ class EvaluatedJob(Job):
         One without (a resume from a checkpoint older than the newest, whose best was pruned; a damaged one) is
         forgotten, so that the next evaluation saves one again rather than only one that beats a number with no
         weights behind it, and `export --best` does not take another step's weights for it."""
+        resume = getattr(loop.ctx, "resume", None)
+        if getattr(resume, "heldout_change", None) and self.best[self.metric] >= 0:
+            # Scored on other validation images: a number the evaluations from here on cannot be compared with.
+            if loop.ctx.rank == 0:
+                aside = self._set_aside(store.complete_tags(self.root / "best"))
+                log.warning("the best evaluation so far (%s at step %s) scored other validation images than this "
+                            "resume does: best/ starts again at the next evaluation%s", self.best[self.metric],
+                            self.best.get("step"), f"; its checkpoint is kept in {aside}" if aside else "")
+            self.best = {self.metric: -1.0}
         kept = [None]
         if loop.ctx.rank == 0:
             kept[0] = self.best[self.metric] < 0 or self._best_is_kept()
@@ -136,19 +145,24 @@ class EvaluatedJob(Job):
         one (a step is not saved twice), and one after a new best outranked it for `export --best`. The best up to
         `step` stays: `best_victims` kept it."""
         drop_rows_after(self.root / "eval.jsonl", step)
-        best = self.root / "best"
-        later = [tag for tag in store.complete_tags(best) if store.step_of(tag) > step]
-        if not later:
-            return
+        later = [tag for tag in store.complete_tags(self.root / "best") if store.step_of(tag) > step]
+        target = self._set_aside(later)
+        if target is not None:
+            log.warning("best/ held %s of the continuation this run leaves at step %d: moved to %s",
+                        ", ".join(later), step, target)
+
+    def _set_aside(self, tags: list[str]) -> Path | None:
+        """Rank 0: move best/'s `tags` to a new `superseded-best-<n>/` (None: nothing to move), kept, not removed."""
+        if not tags:
+            return None
         number = 1
         while (self.root / f"superseded-best-{number}").exists():
             number += 1
         target = self.root / f"superseded-best-{number}"
         target.mkdir()
-        for tag in later:
-            (best / tag).rename(target / tag)
-        log.warning("best/ held %s of the continuation this run leaves at step %d: moved to %s", ", ".join(later),
-                    step, target)
+        for tag in tags:
+            (self.root / "best" / tag).rename(target / tag)
+        return target
 
 
 def newest_regular_step(ckpt_dir: Path) -> int | None:

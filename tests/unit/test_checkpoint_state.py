@@ -384,6 +384,27 @@ def test_a_recorded_best_whose_own_step_is_not_in_best_is_forgotten(tmp_path):
     assert job.best == {"top1": 40.0, "step": 250}
 
 
+def test_a_resume_with_other_validation_images_sets_the_best_aside_and_starts_it_again(tmp_path):
+    """A fine-tuning resumed with another validation split (recipe.heldout_change: said, not refused) compared its
+    next evaluations with a best scored on other images: a lower score on the new split never became the best, and
+    `export --best` gave weights chosen on images the run no longer scores. The old best is kept aside, not removed."""
+    from types import SimpleNamespace
+
+    from mixmae_scale.engine.evaluated_job import EvaluatedJob
+
+    job = EvaluatedJob.__new__(EvaluatedJob)
+    job.root, job.metric = tmp_path, "top1"
+    (tmp_path / "best" / "step00000250").mkdir(parents=True)
+    store.seal(tmp_path / "best" / "step00000250", {"step": 250})
+    job.best = {"top1": 40.0, "step": 250}
+    job.on_start(SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1, resume=SimpleNamespace(heldout_change=None))))
+    assert job.best == {"top1": 40.0, "step": 250}  # the same images: kept
+    changed = SimpleNamespace(heldout_change="the held-out images differ ...")
+    job.on_start(SimpleNamespace(ctx=SimpleNamespace(rank=0, world=1, resume=changed)))
+    assert job.best == {"top1": -1.0} and store.complete_tags(tmp_path / "best") == []
+    assert store.complete_tags(tmp_path / "superseded-best-1") == ["step00000250"]
+
+
 def test_the_epoch_column_follows_the_loader_through_an_epoch_re_laid_on_another_world_size():
     """metrics.csv's epoch was step / steps_per_epoch: after a resume 2 -> 3 ranks at a global batch of 48 (8 x 3
     accumulated on 2 ranks, 8 x 2 on 3) the re-laid epoch re-reads 64 samples and leaves 5 out, so where the loader
