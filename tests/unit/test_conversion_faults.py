@@ -191,20 +191,26 @@ def test_grouped_rejection_reasons_read_without_quotes_in_quotes_or_placeholder_
     assert shown == "1 x \"unsafe member name '...'\", 1 x 'more than one image', 1 x 'zero-byte file'"
 
 
-def _plan_naming_a_copy(tmp_path, monkeypatch):
-    """(src, out): 20 images and dup.jpg, a copy of img005.jpg, planned as a file of its own (as an older version
-    planned a link) and the conversion stopped before its first shard; the tests turn dup.jpg into a link."""
+def _plan_naming_a_copy(tmp_path, monkeypatch, images=20, options=OPTIONS):
+    """(src, out): `images` images and dup.jpg, a copy of img005.jpg, planned as a file of its own (as an older
+    version planned a link) and the conversion stopped before its first shard; `_link_the_copy` then turns dup.jpg
+    into a link."""
     import shutil
 
     src, out = tmp_path / "src", tmp_path / "out"
-    for i in range(20):
+    for i in range(images):
         jpeg(src / f"img{i:03d}.jpg", i)
     shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
     stop_after(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
-        convert(src, out, OPTIONS)
+        convert(src, out, options)
     monkeypatch.undo()
     return src, out
+
+
+def _link_the_copy(src):
+    (src / "dup.jpg").unlink()
+    (src / "dup.jpg").symlink_to(src / "img005.jpg")
 
 
 def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_most_once(tmp_path, monkeypatch):
@@ -212,8 +218,7 @@ def test_a_resume_whose_plan_holds_a_link_now_skipped_says_so_and_writes_it_at_m
     to have vanished (it had not), written as planned and also counted as skipped. Written earlier, it stays and
     is counted written; still to write, it is skipped, and the warning says which it is."""
     src, out = _plan_naming_a_copy(tmp_path, monkeypatch)
-    (src / "dup.jpg").unlink()
-    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    _link_the_copy(src)
     result = convert(src, out, OPTIONS)
     split = result.manifest.to_dict()["splits"]["train"]
     samples = sources_in(out)
@@ -232,8 +237,7 @@ def test_a_planned_link_already_written_before_the_resume_stays_counted_as_writt
     with pytest.raises(KeyboardInterrupt):
         convert(src, out, OPTIONS)
     monkeypatch.undo()
-    (src / "dup.jpg").unlink()
-    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    _link_the_copy(src)
     result = convert(src, out, OPTIONS)
     split = result.manifest.to_dict()["splits"]["train"]
     assert sources_in(out).count("dup.jpg") == 1
@@ -246,20 +250,11 @@ def test_a_planned_shard_left_with_no_image_by_skipped_links_is_not_written(tmp_
     """One image a shard: the shard an older plan gave the link alone has nothing left once the link is skipped. It
     is neither listed in the manifest nor left on disk as an empty tar, and the counts still reconcile."""
     import dataclasses
-    import shutil
 
     options = dataclasses.replace(OPTIONS, samples_per_shard=1)
-    src, out = tmp_path / "src", tmp_path / "out"
-    for i in range(6):
-        jpeg(src / f"img{i:03d}.jpg", i)
-    shutil.copyfile(src / "img005.jpg", src / "dup.jpg")
-    stop_after(monkeypatch, 0)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, out, options)
-    monkeypatch.undo()
+    src, out = _plan_naming_a_copy(tmp_path, monkeypatch, images=6, options=options)
     empty = planned_shard(out, "dup.jpg")
-    (src / "dup.jpg").unlink()
-    (src / "dup.jpg").symlink_to(src / "img005.jpg")
+    _link_the_copy(src)
     split = convert(src, out, options).manifest.to_dict()["splits"]["train"]
     assert [s["samples"] for s in split["shards"]] == [1] * 6
     assert (split["found"], split["samples"], split["skipped_duplicates"]) == (7, 6, 1)
