@@ -203,8 +203,7 @@ class RankStream:
     def __init__(self, mixture: ShardMixture, rank: int, layout: Layout, start_batch: int, seed: int, window: int,
                  augment: Callable[[RawSample], None] | None, with_meta: bool = False, depth: int = 4,
                  with_masks: bool = False, limit: int | None = None) -> None:
-        need, largest = layout.world * layout.micro, mixture.largest_epoch_samples()
-        if layout.batches < 1 and largest < need:
+        if layout.batches < 1 and (largest := mixture.largest_epoch_samples()) < layout.world * layout.micro:
             # The fetch thread steps past an epoch that gives no rank a whole batch (a fractional weight's small draw,
             # a re-laid epoch's short rest); where every epoch is that short it stepped on without end while the
             # training thread waited for a batch that could never come.
