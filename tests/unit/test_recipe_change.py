@@ -370,3 +370,36 @@ def test_a_held_out_change_opted_in_with_other_training_data_does_not_say_traini
                          allow_recipe_change=True)
     assert plan.heldout_change is not None
     assert "training reads the same data" not in plan.heldout_change, plan.heldout_change
+
+
+def test_a_checkpoint_that_trained_on_held_out_images_through_a_superset_source_is_told_as_that(tmp_path,
+                                                                                                 gloo_of_one):
+    """A source listing the held-out train split's tars and more read the held-out tail until the cut went by sample
+    identity: a run started before resumes with fewer samples of that source. Refused (other samples) unless opted
+    in, but as 'rebuilt in place', which told the user their set was converted again."""
+    from mixmae_scale.data.heldout import choose_heldout
+    from mixmae_scale.data.shard_sets import training_mixture
+    from tests.unit.test_heldout import write_set, write_superset
+
+    folder = write_set(tmp_path / "set", sizes=(20, 20))
+    superset = write_superset(tmp_path / "superset", folder, order=(0, 1))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 16)
+    sources = training_mixture("unused", "train", [(str(superset), 1.0, None)])
+    cut, earlier = heldout.exclude_from(sources), heldout.earlier_cut(sources)
+    scored = recipe.heldout_record(heldout.images, 16)
+    src = [f"data.shards={folder}", f"data.sources=[{{shards: {superset}, weight: 1.0}}]"]
+    ckpt_dir = saved_run(tmp_path, resolved(*src), earlier, scored)
+
+    def resume(*overrides):
+        now = resolved(*src, *overrides)
+        current = recipe.as_record(now, cut, {**scored, **recipe.earlier_cut_record(earlier, cut)})
+        return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1, current_recipe=current,
+                             allow_recipe_change=now.config.checkpoint.allow_recipe_change)
+
+    with pytest.raises(store.ResumeError, match="allow_recipe_change") as refused:
+        resume()
+    assert "rebuilt in place" not in str(refused.value) and "earlier release" in str(refused.value), refused.value
+    opted = resume("checkpoint.allow_recipe_change=true")
+    assert any("earlier release" in note for note in opted.notes), opted.notes
+    assert opted.heldout_change is None  # the same held-out images: only what training reads changed
+    assert recipe.earlier_cut_record(cut, cut) == {}
