@@ -163,6 +163,27 @@ def save_official(path: str | Path, state: dict[str, torch.Tensor], arch: dict[s
     return len(official)
 
 
+def mlp_widths(state: dict[str, torch.Tensor]) -> dict[int, tuple[int, ...]]:
+    """Each encoder stage's MLP hidden widths (fc1's rows), block by block, of a mapped state dict. The one reading of
+    them: `infer_architecture` takes mlp_ratio from the first, and a fine-tuning's shape check
+    (finetune/job.py) asks whether a configured mlp_ratio builds them all, since the ratio read back (width /
+    embed_dim) is not the one the weights were built with where int(width x ratio) rounded (1.3 at width 32: 41,
+    read back as 1.28125)."""
+    found: dict[int, dict[int, int]] = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.weight", key)
+        if match:
+            found.setdefault(int(match[1]), {})[int(match[2])] = int(value.shape[0])
+    return {stage: tuple(blocks[b] for b in sorted(blocks)) for stage, blocks in sorted(found.items())}
+
+
+def mlp_ratio_builds(ratio: float, embed_dim: int, widths: dict[int, tuple[int, ...]]) -> bool:
+    """Whether `ratio` at `embed_dim` builds these MLP widths (`mlp_widths`): int(stage width x ratio) at every stage,
+    as models/swin.py makes them; False where there are none to compare."""
+    return bool(widths) and all(width == int(embed_dim * 2**stage * ratio)
+                                for stage, stage_widths in widths.items() for width in stage_widths)
+
+
 def infer_architecture(state: dict[str, torch.Tensor], decoder_heads: int | None = None) -> dict[str, Any]:
     """The model shape, read off the weight shapes of a mapped state dict. Weights that do not describe a MixMAE
     encoder are a WeightsError (the caller names the file). `decoder_heads`: the count the file or run records (no
@@ -194,7 +215,7 @@ def infer_architecture(state: dict[str, torch.Tensor], decoder_heads: int | None
         "depths": [len(blocks[s]) for s in stages],
         "num_heads": [heads[s] for s in stages],
         "window_size": [windows[s] for s in stages],
-        "mlp_ratio": state["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "mlp_ratio": mlp_widths(state)[0][0] / embed_dim,
     }
     if "decoder.decoder_embed.weight" in state:
         arch["decoder_dim"] = state["decoder.decoder_embed.weight"].shape[0]
