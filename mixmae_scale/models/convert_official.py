@@ -285,6 +285,54 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return load_file(str(path)), json.loads(metadata["arch"])
 
 
+KIND_NAMES = {"encoder": "an encoder", "pretrain": "an encoder and decoder", "finetune": "a classifier",
+              "segment": "a segmentation model"}
+
+
+def what_is_at(out: str | Path) -> str | None:
+    """What writing weights to `out` is about to replace (None: nothing), the one reading of it for `mixmae export`
+    (either format) and `mixmae model convert-official`: an export by the step and run its metadata or its official
+    layout's record names, a conversion by its source, other weights by their shape, or a file that is neither.
+    Exports of later steps, or of another run, are written where the last one was, and the file that goes is named,
+    so that nobody loses track of a step's weights without being told."""
+    out = Path(out)
+    if not out.is_file():
+        return None
+    if out.suffix == ".safetensors":
+        try:
+            record: dict[str, Any] = read_metadata(out)
+        except WeightsError:
+            return "a file that is not an export"
+        if record.get("format") != "mixmae-scale":
+            return "a safetensors file mixmae-scale did not write"
+        kind, arch = record.get("kind", ""), _json_or_none(record.get("arch"))
+        layout = ""
+    elif out.suffix in OFFICIAL_SUFFIXES:
+        try:
+            state, record = read_official_checkpoint(out, mapped=True)
+            arch = infer_architecture(map_official_keys(state), record.get("decoder_heads"))
+        except (WeightsError, OSError, KeyError, IndexError):
+            return "a file that is not a weights checkpoint"
+        kind = "finetune" if "num_classes" in arch else "pretrain" if "decoder_dim" in arch else "encoder"
+        layout = "an official-layout checkpoint of "
+    else:
+        return "a file"
+    step, run = record.get("step"), record.get("run")
+    if step is not None and run is not None:
+        return f"step {step} of run {run}"
+    if record.get("source"):
+        return f"the conversion of {record['source']}"
+    width = f" of width {arch['embed_dim']}" if isinstance(arch, dict) and "embed_dim" in arch else ""
+    return f"{layout}{KIND_NAMES.get(kind, 'weights')}{width} (no run or step recorded)"
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+
+
 def require_safetensors_out(out: Path) -> None:
     """`mixmae model convert-official`'s output, checked before the source is read. Every loader (finetune.init,
     --init, load_backbone) tells our safetensors file from an official pickle by the suffix: safetensors bytes written
@@ -327,5 +375,7 @@ def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, A
     # head count is in `arch`, and what save_weights writes itself is not taken from a file.
     carried = {key: value if isinstance(value, str) else json.dumps(value) for key, value in record.items()
                if key not in ("decoder_heads", "format", "kind", "arch")}
-    save_weights(out, state, arch, kind, provenance=carried)
-    return {"source": str(src), "out": str(out), "kind": kind, "tensors": len(state), "arch": arch}
+    replaced = what_is_at(out)
+    save_weights(out, state, arch, kind, provenance={"source": str(source.absolute()), **carried})
+    return {"source": str(src), "out": str(out), "kind": kind, "tensors": len(state), "arch": arch,
+            "replaced": replaced}
