@@ -482,14 +482,16 @@ def write_superset(folder: Path, held_set: Path, extra: int = 6, order=(3, 0, 1,
     folder.mkdir(parents=True, exist_ok=True)
     jpeg = io.BytesIO()
     Image.new("RGB", (8, 8), (30, 20, 10)).save(jpeg, "JPEG")
-    writer = TarShardWriter(held_set / "more-000.tar")
-    for n in range(extra):
-        writer.add(f"m-{n}", {"jpg": jpeg.getvalue()})
-    writer.close()
-    (folder / "more-000.idx").write_text(writer.index_text())
     listed = json.loads((held_set / "dataset.json").read_text())["splits"]["train"]["shards"]
-    entries = [{"name": "more-000.tar", "index": "more-000.idx", "samples": extra,
-                "bytes": (held_set / "more-000.tar").stat().st_size}]
+    entries = []
+    if extra:
+        writer = TarShardWriter(held_set / "more-000.tar")
+        for n in range(extra):
+            writer.add(f"m-{n}", {"jpg": jpeg.getvalue()})
+        writer.close()
+        (folder / "more-000.idx").write_text(writer.index_text())
+        entries.append({"name": "more-000.tar", "index": "more-000.idx", "samples": extra,
+                        "bytes": (held_set / "more-000.tar").stat().st_size})
     for shard in order:
         entry = dict(listed[shard])
         lines = (held_set / entry["index"]).read_text().splitlines()
@@ -528,3 +530,16 @@ def test_a_source_over_the_held_out_tars_and_more_leaves_out_the_held_out_sample
     assert len(read) == len(set(read)) == 24 + 6 - 8 - (skip is not None)  # every other sample, once
     assert not held & set(sample_names(cut, 1)) and cut.sets[1].shards.samples == 16
     assert [s.weight for s in cut.sets] == [1.0, 1.0]
+
+
+def test_a_source_of_held_out_images_alone_is_refused_naming_it_and_the_way_out(tmp_path):
+    """A source listing only tars of the held-out tail keeps nothing once its held-out samples are left out: refused
+    by name, where an empty set would have been read as an epoch of no samples."""
+    folder = write_set(tmp_path / "set")
+    tail_only = write_superset(tmp_path / "tail-only", folder, extra=0, order=(3,))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 8)
+    mixture = training_mixture("unused", "train", [(str(folder), 1.0, None), (str(tail_only), 1.0, None)])
+    with pytest.raises(DataError) as refused:
+        heldout.exclude_from(mixture)
+    assert str(refused.value).startswith(f"data.sources: {tail_only} holds only held-out images"), refused.value
+    assert "drop it from data.sources" in str(refused.value) and "data.val_split" in str(refused.value)
