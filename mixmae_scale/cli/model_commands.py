@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from mixmae_scale.cli.arguments import add_set_arg, at_least
 
@@ -33,6 +34,8 @@ def _model_convert(args: argparse.Namespace) -> int:
     from mixmae_scale.models.convert_official import convert_official_checkpoint
 
     summary = convert_official_checkpoint(args.src, args.out)
+    if summary["replaced"]:  # beside the JSON, which stays one document on stdout
+        print(f"{args.out}: replaced {summary['replaced']}", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ its URL list's and for `mixmae shards` a shuffled one; `mixmae shards adopt` war
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from mixmae_scale.data.manifest import (
     load_split,
     way_to_add_split,
 )
+from mixmae_scale.data.shard_index import read_index
 from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
 
 GRID_IMAGES = 8  # the reconstruction grids' fixed images (visualize/snapshots.py)
@@ -77,21 +79,90 @@ class HeldOut:
                 "train_tail": self.train_tail}
 
     def exclude_from(self, mixture: ShardMixture) -> ShardMixture:
-        """The training mixture without the held-out tail (sets other than the held-out one are left alone). The
-        held-out split is known by its location, or by its tars wherever its manifest lies: a sweep gives a
-        mixture's held-out set and the same set among its sources two subset folders, and the tail cut by location
-        alone was trained on."""
+        """The training mixture without the held-out samples, wherever a set reads them: a set with the held-out
+        train split's tars (known by its location, or by its tars wherever its manifest lies: a sweep gives a
+        mixture's held-out set and the same set among its sources two subset folders) loses the tail; any other set
+        that lists one of the tail's tars (a superset: the same folder plus more tars, an adopted index over the
+        same tars and others) loses those samples of it, known by their keys in the tar. Cutting only a set whose
+        tars were exactly the held-out split's let a superset train on the held-out images. Sets sharing no tar
+        with the tail are left alone."""
         if not self.train_tail:
             return mixture
+        held = self._held_lines()
         sets = []
         for entry in mixture.sets:
             shards = entry.shards
-            if ((same_location(shards.location, self.images.location) and shards.split == self.images.split)
-                    or (shards.tars == self.train_tars and shards.samples == self.train_samples
-                        and not shards.first_line)):
+            if self._is_heldout_split(shards):
                 shards = split_tail(shards, self.train_tail)[0]
+            elif any(tar in held for tar in tar_identities(shards)):
+                shards = self._without_held(shards, held, entry.name or shards.location)
             sets.append(WeightedSet(shards, entry.weight, entry.name))
         return ShardMixture(sets)
+
+    def earlier_cut(self, mixture: ShardMixture) -> ShardMixture:
+        """What a release before the cut by sample identity trained on: the tail left out of the held-out split
+        alone (`_is_heldout_split`), a superset read whole. A tag records its digest beside the data read, so that a
+        checkpoint such a release wrote is told apart from a set rebuilt in place on resume (engine/checkpointing/
+        recipe.py, `EARLIER_CUT`)."""
+        if not self.train_tail:
+            return mixture
+        return ShardMixture([WeightedSet(split_tail(entry.shards, self.train_tail)[0]
+                                         if self._is_heldout_split(entry.shards) else entry.shards,
+                                         entry.weight, entry.name) for entry in mixture.sets])
+
+    def _is_heldout_split(self, shards: SplitShards) -> bool:
+        return ((same_location(shards.location, self.images.location) and shards.split == self.images.split)
+                or (shards.tars == self.train_tars and shards.samples == self.train_samples
+                    and not shards.first_line))
+
+    def _held_lines(self) -> dict[str, tuple[str, range]]:
+        """Each tail tar (`tar_identities`) -> (its index in the held-out split, the lines of it held out)."""
+        images = self.images
+        return {tar: (images.index_url(shard), range(images.first_line_of(shard),
+                                                     images.first_line_of(shard) + images.samples_per_shard[shard]))
+                for shard, tar in enumerate(tar_identities(images))}
+
+    def _without_held(self, shards: SplitShards, held: dict[str, tuple[str, range]], name: str) -> SplitShards:
+        """`shards` less the held-out samples of the tars it shares with the tail: by line where it reads the tail's
+        own index, else by key (another index of the same tar, made by another adoption, may list other lines). A
+        shard keeps its other lines, as one or more parts (`SplitShards.first_line`)."""
+        parts: list[tuple[int, int, int]] = []
+        for shard, tar in enumerate(tar_identities(shards)):
+            first = shards.first_line_of(shard)
+            lines = range(first, first + shards.samples_per_shard[shard])
+            if tar not in held:
+                parts.append((shard, first, len(lines)))
+                continue
+            index_url, held_lines = held[tar]
+            if same_location(shards.index_url(shard), index_url):
+                out = set(held_lines)
+            else:
+                held_keys = {read_index(index_url).keys[line] for line in held_lines}
+                out = {line for line, key in enumerate(read_index(shards.index_url(shard)).keys) if key in held_keys}
+            run_start = None
+            for line in [*lines, None]:
+                if line is not None and line not in out:
+                    run_start = line if run_start is None else run_start
+                    continue
+                if run_start is not None:
+                    parts.append((shard, run_start, (line if line is not None else lines.stop) - run_start))
+                    run_start = None
+        kept = _part(shards, parts)
+        if not kept.samples:
+            raise DataError(f"data.sources: {name} holds only held-out images (the last {self.train_tail} "
+                            f"'{self.images.split}' samples of {self.images.location}, data.shards): nothing is left "
+                            "to train on; drop it from data.sources, or give data.shards a validation split "
+                            "(data.val_split), which holds out nothing from the sources")
+        return kept
+
+
+def tar_identities(split: SplitShards) -> tuple[str, ...]:
+    """Each tar of a split as one name wherever its manifest lies: the URL of a remote one, the resolved path of a
+    local one (the base resolved once, not each of 100,000 tars)."""
+    if storage.is_remote(split.base):
+        return split.tars
+    base = Path(split.base).resolve()
+    return tuple(os.path.normpath(base / name) for name in split.names)
 
 
 def heldout_count(heldout_batches: int, micro: int) -> int:

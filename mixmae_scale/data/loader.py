@@ -151,9 +151,11 @@ class ShardLoader:
         self.window = max(spec.shuffle_buffer, 1)
         self.layout = Layout.whole_epoch(0, self.mixture.visits(spec.order_seed, 0).samples, spec.num_shards,
                                          spec.batch_size)
-        if spec.mode != "eval" and self.layout.batches < 1:
-            raise DataError(f"split '{split}' has {plural(self.layout.length, 'sample')}, fewer than one batch of "
-                            f"{spec.batch_size} on each of {plural(spec.num_shards, 'rank')}")
+        # Decided from the smallest epoch any seed draws, not epoch 0's: with a fractional weight that made the refusal
+        # hang on run.seed, and an accepted run met the short epochs later.
+        too_small = self.mixture.too_small(split, spec.num_shards, spec.batch_size) if spec.mode != "eval" else None
+        if too_small:
+            raise DataError(too_small)
         self.batch_in_epoch = 0
         self.batches_consumed = 0
         self._epoch_samples = (0, self.layout.length)  # (epoch, its samples): epoch_progress's

@@ -118,6 +118,47 @@ class ShardMixture:
             total += int(whole) * sum(counts) + sum(sorted(counts, reverse=True)[:most])
         return total
 
+    def smallest_epoch_samples(self) -> int:
+        """The fewest samples any epoch can draw, whatever the seed: each set's whole weights of its shards, plus its
+        smallest shards for a fractional part (`fractional_shards` draws at least floor(f x n), any of them). What a
+        refusal of a too-small mixture is decided from: epoch 0's draw made it hang on run.seed."""
+        return sum(_guaranteed(entry.shards.samples_per_shard, entry.weight) for entry in self.sets)
+
+    def too_small(self, split: str, world: int, micro: int) -> str | None:
+        """Why some epoch can give a rank no whole micro-batch (`smallest_epoch_samples` below world x micro), naming
+        the sets whose fractional weight draws short and a weight that would not; None where every epoch gives one."""
+        need, smallest = world * micro, self.smallest_epoch_samples()
+        if smallest >= need:
+            return None
+        batch = f"fewer than one batch (a micro-batch of {micro} on each of {plural(world, 'rank')}: {need} samples)"
+        smaller = "use a smaller batch.micro or fewer ranks"
+        short = [number for number, entry in enumerate(self.sets)
+                 if _guaranteed(entry.shards.samples_per_shard, entry.weight) < entry.weight * entry.shards.samples]
+        if not short:
+            names = ", ".join(entry.name or entry.shards.location for entry in self.sets)
+            return (f"{names}: split '{split}' has {plural(smallest, 'sample')}, {batch}; {smaller}, or more data")
+        parts = []
+        for number in short:
+            entry = self.sets[number]
+            counts = entry.shards.samples_per_shard
+            shards = math.floor(entry.weight % 1.0 * len(counts) + 1e-9) + int(entry.weight // 1) * len(counts)
+            parts.append(f"{entry.name or entry.shards.location} at weight {entry.weight:g} draws at least {shards} of "
+                         f"its {plural(len(counts), 'shard')} "
+                         f"({_guaranteed(counts, entry.weight)} of its {plural(sum(counts), 'sample')})")
+        first = self.sets[short[0]]
+        weight = self._weight_for(short[0], need - smallest + _guaranteed(first.shards.samples_per_shard, first.weight))
+        return (f"data.sources: an epoch can draw as few as {plural(smallest, 'sample')} (whichever run.seed): "
+                f"{'; '.join(parts)}, as shards are read whole: {batch} in some epochs; a weight of at least "
+                f"{weight:g} for {first.name or first.shards.location} reads one in every epoch, or {smaller}")
+
+    def _weight_for(self, number: int, samples: int) -> float:
+        """The smallest weight (rounded up to 3 decimals) at which set `number` guarantees `samples` per epoch."""
+        counts = self.sets[number].shards.samples_per_shard
+        k = math.floor(self.sets[number].weight * len(counts) + 1e-9) + 1
+        while _guaranteed(counts, k / len(counts)) < samples and sum(counts):
+            k += 1
+        return math.ceil(k / len(counts) * 1000 - 1e-6) / 1000
+
     def shares(self) -> list[tuple[str, float]]:
         """Each set's expected share of an epoch's samples, for the log (the mean over epochs, as
         expected_samples)."""
@@ -158,6 +199,14 @@ class ShardMixture:
         count = np.asarray(self.sets[0].shards.samples_per_shard, dtype=np.int64)
         return Visits(0, np.zeros(len(count), dtype=np.int32), np.arange(len(count)), count,
                       np.concatenate([[0], np.cumsum(count)]))
+
+
+def _guaranteed(counts: tuple[int, ...], weight: float) -> int:
+    """The fewest samples a set of shards of `counts` samples gives an epoch at `weight` (its smallest shards for the
+    fractional part, which draws at least floor(f x n) of them)."""
+    whole, fraction = divmod(weight, 1.0)
+    least = math.floor(fraction * len(counts) + 1e-9)
+    return int(whole) * sum(counts) + sum(sorted(counts)[:least])
 
 
 def fractional_shards(expected: float, rng: np.random.Generator) -> int:

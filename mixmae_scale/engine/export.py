@@ -24,6 +24,7 @@ from mixmae_scale.models.convert_official import (
     infer_architecture,
     save_official,
     save_weights,
+    what_is_at,
 )
 
 BEST = "best"  # a fine-tuning run's best checkpoint (finetune/job.py) lives in RUN/best/
@@ -197,8 +198,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     # A classifier's classes, which eval checks (finetune/trained_classes.py), go with it in either format.
     from mixmae_scale.finetune.trained_classes import export_metadata, official_record
 
-    if fmt == "official":  # records the decoder's head count too, which no tensor says
-        save_official(out, weights, arch, official_record(run_root) if kind == "finetune" else None)
+    if fmt == "official":  # records the decoder's head count too, which no tensor says, and the run and step
+        save_official(out, weights, arch, {**(official_record(run_root) if kind == "finetune" else {}),
+                                           "run": run_root.name, **({"step": step} if step is not None else {})})
     else:
         save_weights(out, weights, arch, kind, provenance={"run": run_root.name, "checkpoint": str(folder / tag),
                                                            **({"step": str(step)} if step is not None else {}),
@@ -206,26 +208,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     return {"run": str(run_root), "checkpoint": str(folder / tag), "step": step, "best": best, "out": str(out),
             "format": fmt, "kind": kind, "tensors": len(weights), "params": sum(v.numel() for v in weights.values()),
             "arch": arch, "replaced": replaced}
-
-
-def what_is_at(out: Path) -> str | None:
-    """What an export is about to replace (None: nothing): exports of later steps, or of another run to the same --out,
-    are written where the last one was, and the file that goes is named, so that nobody loses track of a step's
-    weights without being told. A .pth in the official layout carries no provenance: named as a file."""
-    if not out.is_file():
-        return None
-    if out.suffix != ".safetensors":
-        return "a file"
-    from mixmae_scale.models.convert_official import read_metadata
-
-    try:
-        metadata = read_metadata(out)
-    except WeightsError:
-        return "a file that is not an export"
-    step, run = metadata.get("step"), metadata.get("run")
-    if step is None or run is None:
-        return "a file"
-    return f"step {step} of run {run}"
 
 
 def require_writable_file(out: Path) -> None:

@@ -42,7 +42,7 @@ from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import Pretrained, finetune_start
 from mixmae_scale.finetune.trained_classes import write_run_record
 from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
-from mixmae_scale.models.convert_official import WeightsError
+from mixmae_scale.models.convert_official import WeightsError, mlp_ratio_builds, mlp_widths
 from mixmae_scale.models.mixmae import swin_shape
 
 log = logging.getLogger("mixmae.finetune")
@@ -83,8 +83,8 @@ def refuse_another_encoder_shape(config: Config, pretrained: Pretrained) -> None
     theirs = {name: pretrained.arch.get(name) for name in ENCODER_SHAPE}
     differ = [name for name in ENCODER_SHAPE if theirs[name] is not None and ours[name] is not None
               and _shape_value(theirs[name]) != _shape_value(ours[name])]
-    if "mlp_ratio" in differ and "embed_dim" not in differ and _mlp_fits(ours["mlp_ratio"], ours["embed_dim"],
-                                                                          pretrained.state):
+    if "mlp_ratio" in differ and "embed_dim" not in differ and mlp_ratio_builds(ours["mlp_ratio"], ours["embed_dim"],
+                                                                                 mlp_widths(pretrained.state)):
         differ.remove("mlp_ratio")  # the ratio read back off the weights, not the one they were built with
     if not differ:
         return
@@ -93,17 +93,6 @@ def refuse_another_encoder_shape(config: Config, pretrained: Pretrained) -> None
     sets = " ".join(shlex.quote(f"model.{name}={_shape_text(theirs[name])}") for name in differ)
     raise WeightsError(f"finetune.init={config.finetune.init}: the weights' encoder has {said}; the profile's model "
                        f"has {profile}: fine-tune it with --set {sets} (or name weights of the profile's shape)")
-
-
-def _mlp_fits(ratio: float, embed_dim: int, state: dict[str, torch.Tensor]) -> bool:
-    """Whether `model.mlp_ratio` builds the weights' MLP widths: int(stage width x ratio) at every stage, as
-    models/swin.py does. The ratio read back off the weights (fc1's width / embed_dim) is not the one they were
-    built with where that product is no integer (1.3 at width 32: MLP 41, read back as 1.28125)."""
-    import re
-
-    widths = [(int(match[1]), value.shape[0]) for key, value in state.items()
-              if (match := re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.\d+\.mlp\.fc1\.weight", key))]
-    return bool(widths) and all(width == int(embed_dim * 2**stage * ratio) for stage, width in widths)
 
 
 def _shape_value(value: Any) -> Any:

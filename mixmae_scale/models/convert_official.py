@@ -163,6 +163,27 @@ def save_official(path: str | Path, state: dict[str, torch.Tensor], arch: dict[s
     return len(official)
 
 
+def mlp_widths(state: dict[str, torch.Tensor]) -> dict[int, tuple[int, ...]]:
+    """Each encoder stage's MLP hidden widths (fc1's rows), block by block, of a mapped state dict. The one reading of
+    them: `infer_architecture` takes mlp_ratio from the first, and a fine-tuning's shape check
+    (finetune/job.py) asks whether a configured mlp_ratio builds them all, since the ratio read back (width /
+    embed_dim) is not the one the weights were built with where int(width x ratio) rounded (1.3 at width 32: 41,
+    read back as 1.28125)."""
+    found: dict[int, dict[int, int]] = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.weight", key)
+        if match:
+            found.setdefault(int(match[1]), {})[int(match[2])] = int(value.shape[0])
+    return {stage: tuple(blocks[b] for b in sorted(blocks)) for stage, blocks in sorted(found.items())}
+
+
+def mlp_ratio_builds(ratio: float, embed_dim: int, widths: dict[int, tuple[int, ...]]) -> bool:
+    """Whether `ratio` at `embed_dim` builds these MLP widths (`mlp_widths`): int(stage width x ratio) at every stage,
+    as models/swin.py makes them; False where there are none to compare."""
+    return bool(widths) and all(width == int(embed_dim * 2**stage * ratio)
+                                for stage, stage_widths in widths.items() for width in stage_widths)
+
+
 def infer_architecture(state: dict[str, torch.Tensor], decoder_heads: int | None = None) -> dict[str, Any]:
     """The model shape, read off the weight shapes of a mapped state dict. Weights that do not describe a MixMAE
     encoder are a WeightsError (the caller names the file). `decoder_heads`: the count the file or run records (no
@@ -194,7 +215,7 @@ def infer_architecture(state: dict[str, torch.Tensor], decoder_heads: int | None
         "depths": [len(blocks[s]) for s in stages],
         "num_heads": [heads[s] for s in stages],
         "window_size": [windows[s] for s in stages],
-        "mlp_ratio": state["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "mlp_ratio": mlp_widths(state)[0][0] / embed_dim,
     }
     if "decoder.decoder_embed.weight" in state:
         arch["decoder_dim"] = state["decoder.decoder_embed.weight"].shape[0]
@@ -264,6 +285,54 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return load_file(str(path)), json.loads(metadata["arch"])
 
 
+KIND_NAMES = {"encoder": "an encoder", "pretrain": "an encoder and decoder", "finetune": "a classifier",
+              "segment": "a segmentation model"}
+
+
+def what_is_at(out: str | Path) -> str | None:
+    """What writing weights to `out` is about to replace (None: nothing), the one reading of it for `mixmae export`
+    (either format) and `mixmae model convert-official`: an export by the step and run its metadata or its official
+    layout's record names, a conversion by its source, other weights by their shape, or a file that is neither.
+    Exports of later steps, or of another run, are written where the last one was, and the file that goes is named,
+    so that nobody loses track of a step's weights without being told."""
+    out = Path(out)
+    if not out.is_file():
+        return None
+    if out.suffix == ".safetensors":
+        try:
+            record: dict[str, Any] = read_metadata(out)
+        except WeightsError:
+            return "a file that is not an export"
+        if record.get("format") != "mixmae-scale":
+            return "a safetensors file mixmae-scale did not write"
+        kind, arch = record.get("kind", ""), _json_or_none(record.get("arch"))
+        layout = ""
+    elif out.suffix in OFFICIAL_SUFFIXES:
+        try:
+            state, record = read_official_checkpoint(out, mapped=True)
+            arch = infer_architecture(map_official_keys(state), record.get("decoder_heads"))
+        except (WeightsError, OSError, KeyError, IndexError):
+            return "a file that is not a weights checkpoint"
+        kind = "finetune" if "num_classes" in arch else "pretrain" if "decoder_dim" in arch else "encoder"
+        layout = "an official-layout checkpoint of "
+    else:
+        return "a file"
+    step, run = record.get("step"), record.get("run")
+    if step is not None and run is not None:
+        return f"step {step} of run {run}"
+    if record.get("source"):
+        return f"the conversion of {record['source']}"
+    width = f" of width {arch['embed_dim']}" if isinstance(arch, dict) and "embed_dim" in arch else ""
+    return f"{layout}{KIND_NAMES.get(kind, 'weights')}{width} (no run or step recorded)"
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+
+
 def require_safetensors_out(out: Path) -> None:
     """`mixmae model convert-official`'s output, checked before the source is read. Every loader (finetune.init,
     --init, load_backbone) tells our safetensors file from an official pickle by the suffix: safetensors bytes written
@@ -306,5 +375,7 @@ def convert_official_checkpoint(src: str | Path, out: str | Path) -> dict[str, A
     # head count is in `arch`, and what save_weights writes itself is not taken from a file.
     carried = {key: value if isinstance(value, str) else json.dumps(value) for key, value in record.items()
                if key not in ("decoder_heads", "format", "kind", "arch")}
-    save_weights(out, state, arch, kind, provenance=carried)
-    return {"source": str(src), "out": str(out), "kind": kind, "tensors": len(state), "arch": arch}
+    replaced = what_is_at(out)
+    save_weights(out, state, arch, kind, provenance={"source": str(source.absolute()), **carried})
+    return {"source": str(src), "out": str(out), "kind": kind, "tensors": len(state), "arch": arch,
+            "replaced": replaced}

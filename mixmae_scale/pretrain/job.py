@@ -25,7 +25,7 @@ from mixmae_scale.data.heldout import HeldOut, choose_heldout, heldout_count
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.shard_sets import ShardMixture
-from mixmae_scale.engine.checkpointing.recipe import HELDOUT, heldout_record
+from mixmae_scale.engine.checkpointing.recipe import HELDOUT, earlier_cut_record, heldout_record
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Job, Loop
@@ -141,8 +141,15 @@ def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int |
     data = config.data
     heldout = choose_heldout(data.shards, data.train_split, data.val_split, data.heldout,
                              heldout_count(config.logging.heldout_batches, config.batch.micro))
-    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=heldout.exclude_from,
-                    job="pretrain", scores=lambda: scored_images(config, heldout))
+    earlier: dict[str, str] = {}  # recipe.EARLIER_CUT, where an earlier release read other samples of the sources
+
+    def exclude(mixture: ShardMixture) -> ShardMixture:
+        cut = heldout.exclude_from(mixture)
+        earlier.update(earlier_cut_record(heldout.earlier_cut(mixture), cut))
+        return cut
+
+    ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=exclude,
+                    job="pretrain", scores=lambda: {**scored_images(config, heldout), **earlier})
     sources = ctx.train_data if data.sources else None  # what training reads, when not data.shards' train split
     if ctx.rank == 0 and heldout.train_tail:  # a validation split is the usual case: nothing to say
         log.info("%s", heldout.describe(sources))

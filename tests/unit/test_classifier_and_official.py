@@ -214,3 +214,19 @@ def test_an_evaluation_in_half_precision_holds_the_parameters_in_it_and_the_buff
     model = in_precision(SwinClassifier(small_shape, 10), torch.device("cpu"), precision)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert model.encoder.absolute_pos_embed.dtype == torch.float32
+
+
+def test_convert_official_over_an_earlier_file_says_what_it_replaced(small_mixmae, tmp_path):
+    """convert-official wrote over whatever was at its output without a word; it now names it as `mixmae export`
+    does: an earlier conversion by its source, an export by its step and run, an official .pth by its shape."""
+    src = tmp_path / "mixmim_pretrain.pth"
+    torch.save({"model": _official_layout(small_mixmae)}, src)
+    out = tmp_path / "out.safetensors"
+    assert convert_official_checkpoint(src, out)["replaced"] is None
+    assert convert_official_checkpoint(src, out)["replaced"] == f"the conversion of {src.absolute()}"
+    from mixmae_scale.models.convert_official import what_is_at
+
+    assert what_is_at(src) == (f"an official-layout checkpoint of an encoder and decoder of width "
+                               f"{small_mixmae.shape.embed_dim} (no run or step recorded)")
+    out.write_bytes(b"not weights")
+    assert convert_official_checkpoint(src, out)["replaced"] == "a file that is not an export"

@@ -232,10 +232,12 @@ def test_an_official_layout_export_carries_the_runs_classes_which_eval_checks(de
 
     names = demo_class_names(demo_shards)
     run = finetuning_run(tmp_path, demo_shards, monkeypatch)
-    assert export.export_run(run, tmp_path / "classifier.pth", fmt="official")["kind"] == "finetune"
+    exported = export.export_run(run, tmp_path / "classifier.pth", fmt="official")
+    assert exported["kind"] == "finetune"
     saved = torch.load(tmp_path / "classifier.pth", weights_only=True)
     assert set(saved) == {"model", OURS} and "head.weight" in saved["model"]  # what the official script reads
-    assert saved[OURS] == {"classes": names, "classes_digest": classes_digest(names)}
+    assert saved[OURS] == {"classes": names, "classes_digest": classes_digest(names), "run": run.name,
+                           "step": exported["step"]}  # the run and step: what a later export says it replaced
     assert recorded_classes(tmp_path / "classifier.pth") == names
     with caplog.at_level("WARNING"):
         load_classifier(str(tmp_path / "classifier.pth"), str(demo_shards), "val")
@@ -248,3 +250,21 @@ def test_an_official_layout_export_carries_the_runs_classes_which_eval_checks(de
     with pytest.raises(WeightsError, match=f"reversed.pth: fine-tuned on other classes .* class 0 is {names[-1]!r} in "
                                            "its training data"):
         load_classifier(str(tmp_path / "reversed.pth"), str(demo_shards), "val")
+
+
+def test_an_official_layout_export_over_an_earlier_one_says_which_step_and_run_it_replaced(demo_shards, tmp_path,
+                                                                                           monkeypatch):
+    """`--format official` over an earlier .pth said only that 'a file' was replaced: the .pth now records the run
+    and step beside 'model', and the one reading of a replaced file (models/convert_official.what_is_at) reads it."""
+    from mixmae_scale.engine import export
+
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
+    out = tmp_path / "classifier.pth"
+    first = export.export_run(run, out, fmt="official")
+    assert first["replaced"] is None
+    again = export.export_run(run, out, fmt="official")
+    assert again["replaced"] == f"step {first['step']} of run {run.name}", again["replaced"]
+    assert export.export_line(again).endswith(f"; it replaced the export of step {first['step']} of run {run.name} "
+                                              "there")
+    out.write_bytes(b"not weights")
+    assert export.export_run(run, out, fmt="official")["replaced"] == "a file that is not a weights checkpoint"

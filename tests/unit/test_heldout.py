@@ -473,3 +473,73 @@ def test_a_summary_says_when_the_start_and_end_losses_scored_other_held_out_imag
     older = module.PretrainJob(config, None, HeldOut(split((16, 9)), 0, 0))
     older.load_state({"heldout_start": kept["heldout_start"]})  # a checkpoint that did not keep the images
     assert older.summary(loop)["heldout_same_images"] is None
+
+
+def write_superset(folder: Path, held_set: Path, extra: int = 6, order=(3, 0, 1, 2), skip: int | None = None) -> Path:
+    """A manifest at `folder` over `held_set`'s train tars (in another order) plus one more tar written beside them,
+    with indexes of its own: an adopted index over the same tars and others, which is no copy of the held-out set.
+    `skip`: the shard whose index here leaves out its first sample (another adoption's lines are not the set's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (30, 20, 10)).save(jpeg, "JPEG")
+    listed = json.loads((held_set / "dataset.json").read_text())["splits"]["train"]["shards"]
+    entries = []
+    if extra:
+        writer = TarShardWriter(held_set / "more-000.tar")
+        for n in range(extra):
+            writer.add(f"m-{n}", {"jpg": jpeg.getvalue()})
+        writer.close()
+        (folder / "more-000.idx").write_text(writer.index_text())
+        entries.append({"name": "more-000.tar", "index": "more-000.idx", "samples": extra,
+                        "bytes": (held_set / "more-000.tar").stat().st_size})
+    for shard in order:
+        entry = dict(listed[shard])
+        lines = (held_set / entry["index"]).read_text().splitlines()
+        if shard == skip:
+            version, count = lines[0].split()
+            lines = [f"{version} {int(count) - 1}", *lines[2:]]
+            entry["samples"] -= 1
+        (folder / f"copy-{entry['index']}").write_text("\n".join(lines) + "\n")
+        entries.append({**entry, "index": f"copy-{entry['index']}"})
+    splits = {"train": {"samples": sum(e["samples"] for e in entries), "labeled": False, "shards": entries}}
+    write_text(folder / "dataset.json", json.dumps({"format": "mixmae-scale-shards", "version": 2, "classes": [],
+                                                    "base": str(held_set), "splits": splits}))
+    return folder
+
+
+def sample_names(mixture: ShardMixture, source: int) -> list[str]:
+    """`<tar url>:<key>` of every sample a source of the mixture reads, once each, in manifest order."""
+    alone = ShardMixture([WeightedSet(mixture.sets[source].shards)])
+    return [str(Path(s.key.rsplit(":", 1)[0]).resolve()) + ":" + s.key.rsplit(":", 1)[1]
+            for s in ordered_samples(alone, 0, 1)]
+
+
+@pytest.mark.parametrize("skip", [None, 2])
+def test_a_source_over_the_held_out_tars_and_more_leaves_out_the_held_out_samples(tmp_path, skip):
+    """A source whose tars are a superset of the held-out train split's (an adopted index over the same tars and
+    others) was read whole: only a source with exactly the held-out split's tars lost the tail, so training read
+    the held-out images. The samples are left out by their identity within the shared tars."""
+    folder = write_set(tmp_path / "set")
+    superset = write_superset(tmp_path / "superset", folder, skip=skip)
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 8)
+    held = set(sample_names(heldout.mixture, 0))
+    mixture = training_mixture("unused", "train", [(str(superset), 1.0, None), (str(folder), 1.0, None)])
+    cut = heldout.exclude_from(mixture)
+    read = sample_names(cut, 0)
+    assert len(held) == 8 and not held & set(read), sorted(held & set(read))
+    assert len(read) == len(set(read)) == 24 + 6 - 8 - (skip is not None)  # every other sample, once
+    assert not held & set(sample_names(cut, 1)) and cut.sets[1].shards.samples == 16
+    assert [s.weight for s in cut.sets] == [1.0, 1.0]
+
+
+def test_a_source_of_held_out_images_alone_is_refused_naming_it_and_the_way_out(tmp_path):
+    """A source listing only tars of the held-out tail keeps nothing once its held-out samples are left out: refused
+    by name, where an empty set would have been read as an epoch of no samples."""
+    folder = write_set(tmp_path / "set")
+    tail_only = write_superset(tmp_path / "tail-only", folder, extra=0, order=(3,))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 8)
+    mixture = training_mixture("unused", "train", [(str(folder), 1.0, None), (str(tail_only), 1.0, None)])
+    with pytest.raises(DataError) as refused:
+        heldout.exclude_from(mixture)
+    assert str(refused.value).startswith(f"data.sources: {tail_only} holds only held-out images"), refused.value
+    assert "drop it from data.sources" in str(refused.value) and "data.val_split" in str(refused.value)

@@ -67,3 +67,49 @@ def test_one_rank_whose_largest_fractional_draw_fills_a_batch_is_not_refused():
     stream opens (its reading then fails on the missing tars, which is not the refusal)."""
     outcome = _first_batch_or_timeout(_mixture(1, 3, weight=0.5), Layout.whole_epoch(0, 1, 1, 2), seconds=10.0)
     assert not (isinstance(outcome, DataError) and "the largest epoch" in str(outcome)), outcome
+
+
+def _seeds_drawing(mixture: ShardMixture, enough: bool, need: int) -> int:
+    """The first run.seed whose epoch 0 draws at least `need` samples (`enough`) or fewer."""
+    return next(seed for seed in range(200) if (mixture.visits(seed, 0).samples >= need) == enough)
+
+
+def test_a_mixture_too_small_for_a_batch_in_some_epochs_is_refused_whatever_the_seed_draws_first():
+    """Weight 0.5 of three shards of 4 draws one or two of them per epoch: 4 or 8 samples for a batch of 8 on one rank.
+    Whether the loader refused it hung on what epoch 0 drew, so one run.seed was refused and another started. Now
+    the smallest epoch any seed can draw decides, and the refusal names the source, its counts, the batch and the
+    way out."""
+    from mixmae_scale.data.loader import ShardLoader
+    from mixmae_scale.data.spec import PipelineSpec
+
+    mixture = _mixture(4, 4, 4, weight=0.5)
+    lucky, unlucky = _seeds_drawing(mixture, True, 8), _seeds_drawing(mixture, False, 8)
+    messages = []
+    for seed in (lucky, unlucky):
+        with pytest.raises(DataError) as refused:
+            ShardLoader(mixture, "train", PipelineSpec(mode="pretrain", img_size=32, batch_size=8, order_seed=seed),
+                        "torch")
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith("data.sources: an epoch can draw as few as 4 samples (whichever run.seed): tiny at "
+                                  "weight 0.5 draws at least 1 of its 3 shards (4 of its 12 samples)"), messages[0]
+    assert "fewer than one batch (a micro-batch of 8 on each of 1 rank: 8 samples)" in messages[0]
+    assert "a weight of at least 0.667 for tiny" in messages[0] and "batch.micro" in messages[0]
+    # a weight that guarantees two shards, or a batch that one shard fills, is not refused, whatever the seed
+    for seed in (lucky, unlucky):
+        ShardLoader(_mixture(4, 4, 4, weight=0.667), "train",
+                    PipelineSpec(mode="pretrain", img_size=32, batch_size=8, order_seed=seed), "torch")
+        ShardLoader(mixture, "train", PipelineSpec(mode="pretrain", img_size=32, batch_size=4, order_seed=seed),
+                    "torch")
+
+
+def test_a_set_of_whole_weights_below_one_batch_is_refused_naming_it_and_the_way_out():
+    from mixmae_scale.data.loader import ShardLoader
+    from mixmae_scale.data.spec import PipelineSpec
+
+    with pytest.raises(DataError) as refused:
+        ShardLoader(_mixture(3, 2), "train", PipelineSpec(mode="pretrain", img_size=32, batch_size=4, num_shards=2),
+                    "torch")
+    assert str(refused.value).startswith("tiny: split 'train' has 5 samples, fewer than one batch (a micro-batch of 4 "
+                                         "on each of 2 ranks: 8 samples)"), refused.value
+    assert "fewer ranks" in str(refused.value) and "batch.micro" in str(refused.value)

@@ -370,3 +370,100 @@ def test_a_held_out_change_opted_in_with_other_training_data_does_not_say_traini
                          allow_recipe_change=True)
     assert plan.heldout_change is not None
     assert "training reads the same data" not in plan.heldout_change, plan.heldout_change
+
+
+def test_a_checkpoint_that_trained_on_held_out_images_through_a_superset_source_is_told_as_that(tmp_path,
+                                                                                                 gloo_of_one):
+    """A source listing the held-out train split's tars and more read the held-out tail until the cut went by sample
+    identity: a run started before resumes with fewer samples of that source. Refused (other samples) unless opted
+    in, but as 'rebuilt in place', which told the user their set was converted again."""
+    from mixmae_scale.data.heldout import choose_heldout
+    from mixmae_scale.data.shard_sets import training_mixture
+    from tests.unit.test_heldout import write_set, write_superset
+
+    folder = write_set(tmp_path / "set", sizes=(20, 20))
+    superset = write_superset(tmp_path / "superset", folder, order=(0, 1))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 16)
+    sources = training_mixture("unused", "train", [(str(superset), 1.0, None)])
+    cut, earlier = heldout.exclude_from(sources), heldout.earlier_cut(sources)
+    scored = recipe.heldout_record(heldout.images, 16)
+    src = [f"data.shards={folder}", f"data.sources=[{{shards: {superset}, weight: 1.0}}]"]
+    ckpt_dir = saved_run(tmp_path, resolved(*src), earlier, scored)
+
+    def resume(*overrides):
+        now = resolved(*src, *overrides)
+        current = recipe.as_record(now, cut, {**scored, **recipe.earlier_cut_record(earlier, cut)})
+        return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1, current_recipe=current,
+                             allow_recipe_change=now.config.checkpoint.allow_recipe_change)
+
+    with pytest.raises(store.ResumeError, match="allow_recipe_change") as refused:
+        resume()
+    assert "rebuilt in place" not in str(refused.value) and "earlier release" in str(refused.value), refused.value
+    opted = resume("checkpoint.allow_recipe_change=true")
+    assert any("earlier release" in note for note in opted.notes), opted.notes
+    assert opted.heldout_change is None  # the same held-out images: only what training reads changed
+    assert recipe.earlier_cut_record(cut, cut) == {}
+
+
+def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_summary(tmp_path, gloo_of_one, caplog):
+    """The held-out change path as a run takes it, without a rank launch: the held-out images chosen from real shard
+    sets (data/heldout.py), recorded by pretraining (pretrain/job.scored_images) in a tag the store saves, compared by
+    the collective resume plan, kept in run.json's resume entry, and said by the summary. Each piece has its own
+    test; this one catches a record key that one of them writes and the next one does not read."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mixmae_scale.data.heldout import choose_heldout, heldout_count
+    from mixmae_scale.data.shard_sets import training_mixture
+    from mixmae_scale.engine.checkpointing.resume import plan_resume
+    from mixmae_scale.pretrain import job as module
+    from mixmae_scale.pretrain.heldout_loss import HeldOutLoss
+    from tests.unit.test_heldout import write_set
+
+    with_val = write_set(tmp_path / "val-set", sizes=(40, 40), with_val=True)
+    without = write_set(tmp_path / "tail-set", sizes=(40, 40))
+
+    def start(folder, *overrides):
+        now = resolved(f"data.shards={folder}", *overrides)
+        config = now.config
+        heldout = choose_heldout(str(folder), "train", "val", config.data.heldout,
+                                 heldout_count(config.logging.heldout_batches, config.batch.micro))
+        data = heldout.exclude_from(training_mixture(str(folder), "train", []))
+        return now, heldout, data, module.scored_images(config, heldout)
+
+    def resume(ckpt_dir, now, data, scored):
+        return plan_resume(ckpt_dir, now, LAYOUT, data=data, heldout=scored)
+
+    # a validation split, scored in 1 batch, then in 2: the same training data, other held-out images scored
+    first, heldout, data, scored = start(with_val, "logging.heldout_batches=1")
+    ckpt_dir = saved_run(tmp_path / "a", first, data, scored)
+    assert resume(ckpt_dir, first, data, scored).heldout_change is None
+    more, _, more_data, more_scored = start(with_val, "logging.heldout_batches=2")
+    plan = resume(ckpt_dir, more, more_data, more_scored)
+    assert plan.heldout_change and "training reads the same data" in plan.heldout_change, plan
+    assert resume_entry(plan, 4, 1, LAYOUT)["heldout_changed"] == plan.heldout_change
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(module, "heldout_loss", lambda *a: HeldOutLoss(0.8, 4))
+    loop = SimpleNamespace(ctx=SimpleNamespace(rank=0), engine=None, device=torch.device("cpu"),
+                           derived=SimpleNamespace(dtype="fp32"), step=10)
+    try:
+        before = module.PretrainJob(first.config, None, heldout)
+        before.on_start(loop)
+        after = module.PretrainJob(more.config, None, heldout)
+        after.load_state(before.state())
+        with caplog.at_level("WARNING"):
+            assert after.summary(loop)["heldout_same_images"] is False
+    finally:
+        monkey.undo()
+    # a train split's tail, cut at another size: other training data too, refused, then said with the opt-in
+    first, _, data, scored = start(without, "logging.heldout_batches=1")
+    ckpt_dir = saved_run(tmp_path / "b", first, data, scored)
+    cut_elsewhere, _, other_data, other_scored = start(without, "logging.heldout_batches=2")
+    with pytest.raises(store.ResumeError, match="held-out tail"):
+        resume(ckpt_dir, cut_elsewhere, other_data, other_scored)
+    opted, _, opted_data, opted_scored = start(without, "logging.heldout_batches=2",
+                                               "checkpoint.allow_recipe_change=true")
+    plan = resume(ckpt_dir, opted, opted_data, opted_scored)
+    assert plan.heldout_change and "allow_recipe_change=true let the training data change too" in plan.heldout_change
+    assert resume_entry(plan, 4, 1, LAYOUT)["heldout_changed"] == plan.heldout_change

@@ -57,6 +57,11 @@ DATA = "data_read"  # a record's digest of its training data wherever it lies (`
 CONTENT = "data_content"
 # The images a run scores but never trains on (`heldout_record`), and their tars' contents: compared apart, never a
 # refusal (`heldout_change`).
+# What a release before the held-out cut by sample identity (data/heldout.HeldOut.earlier_cut) read instead: the
+# `data_identity` of the sources with the tail left out of the held-out split alone, recorded only where it differs
+# from `DATA` (a source listing the held-out tars and more, which that release read whole). A checkpoint whose `DATA`
+# is this was written by such a release: its resume is told as that, not as a set rebuilt in place.
+EARLIER_CUT = "data_read_earlier_cut"
 HELDOUT = "heldout_read"
 HELDOUT_CONTENT = "heldout_content"
 NOTHING_HELD_OUT = "none"  # `HELDOUT` of a run too small to hold anything out
@@ -69,7 +74,7 @@ TAIL_SIZE = ("logging.heldout_batches", "batch.micro")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
 NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT,
-                HELDOUT, HELDOUT_CONTENT)
+                HELDOUT, HELDOUT_CONTENT, EARLIER_CUT)
 # How a block runs, not what it computes: the same loss at the same step.
 EXECUTION_ONLY = ("model.compile", "model.attention", "model.checkpoint_every")
 # What a loss value means at a step: the masking, the target, the model's regularisation, the images it sees.
@@ -117,6 +122,7 @@ class Change:
     cut: str = ""  # rebuilt: the changes that moved its held-out tail's cut, which also change the samples read
     heldout_only: bool = False  # data.shards beside data.sources, to other held-out images (`HELDOUT`)
     same_tars: bool = False  # rebuilt, yet the tars' sha256s (`CONTENT`) are the checkpoint's: other samples of them
+    earlier_cut: bool = False  # rebuilt: the checkpoint read what an earlier release read (`EARLIER_CUT`)
 
     @property
     def refused(self) -> bool:
@@ -128,6 +134,12 @@ class Change:
                     f"location, its held-out tail (logging.heldout_batches x batch.micro) cut elsewhere by {self.cut} "
                     "(keep logging.heldout_batches x batch.micro as the checkpoint had it, e.g. twice the held-out "
                     "batches at half the micro-batch, to cut the same tail)")
+        if self.rebuilt and self.earlier_cut:
+            return (f"{self.key} {_shown(self.new)}: the same shards, other samples of them read than the "
+                    "checkpoint's: the held-out tail of data.shards' train split is now left out of every source "
+                    "that lists its tars (data/heldout.py, by sample identity), and the checkpoint was written by an "
+                    "earlier release that read it from a source listing those tars and more, so that run trained on "
+                    "its held-out images (its held-out losses so far scored images it had trained on)")
         if self.rebuilt and self.same_tars:
             return (f"{self.key} {_shown(self.new)}: the same tars (by sha256) at the same location, other samples of "
                     "them read than the checkpoint's: a held-out tail cut from them where it was not, or the other "
@@ -174,6 +186,14 @@ def heldout_record(images, scored: int | None = None) -> dict[str, str]:
     if any(images.sha256):
         record[HELDOUT_CONTENT] = hashlib.sha256(json.dumps(list(images.sha256)).encode()).hexdigest()[:16]
     return record
+
+
+def earlier_cut_record(earlier, data) -> dict[str, str]:
+    """`EARLIER_CUT` for a tag: the digest of what an earlier release read (`earlier`, a ShardMixture) where it is not
+    the data read now (`data`); empty where the two are the same (no source shares the held-out tars but the
+    held-out split itself)."""
+    before = data_identity(earlier)
+    return {EARLIER_CUT: before} if before != data_identity(data) else {}
 
 
 def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int,
@@ -248,7 +268,9 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
         key = "data.sources" if new.get("data.sources") else "data.shards"
         cut = "; ".join(str(c) for c in changes if c.key in TAIL_SIZE)
         same_tars = saved.get(CONTENT) is not None and saved.get(CONTENT) == current.get(CONTENT)
-        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut, same_tars=same_tars))
+        earlier = current.get(EARLIER_CUT) is not None and saved.get(DATA) == current.get(EARLIER_CUT)
+        changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut, same_tars=same_tars,
+                              earlier_cut=earlier))
     return changes
 
 
