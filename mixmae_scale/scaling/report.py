@@ -308,6 +308,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
                   f"left out: runs the spec no longer plans "
                   f"({', '.join(left_out)}; the plan: {Path(fit['not_in_plan']['plan']).name}, recorded by "
                   "`mixmae scaling run`).** The fits and figures below are of the spec's runs only.", ""]
+    if fit.get("not_recorded"):  # planned runs without a row: diverged, unfinished, not started
+        lines += [f"**{fit['not_recorded']['said']}.**", ""]
     lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])

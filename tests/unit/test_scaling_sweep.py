@@ -824,6 +824,41 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     assert f"{spec_path} has changed since `mixmae scaling run` recorded its plan" in capsys.readouterr().err
 
 
+def test_planned_runs_without_a_row_are_named_by_the_fit_and_the_report_with_why(demo_shards, tmp_path, stub_runs,
+                                                                                  monkeypatch, capsys):
+    """Every run of a budget diverged (an lr too high at that budget) and one run of the other never finished: the
+    report fitted what was left and said nothing of the plan's other runs: the diverged budget vanished from it, and a
+    budget's parabola drawn through the sizes that survived read as that budget's whole measurement. The fit and the
+    report now name each planned run without a row, and why: diverged (its folder's held-out loss is not finite),
+    started but not finished, or not started."""
+    from mixmae_scale.cli import main
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    honest = stub_loss
+
+    def loss(run):
+        return float("nan") if run.budget == 4e10 else honest(run)
+
+    monkeypatch.setitem(globals(), "stub_loss", loss)
+    out = tmp_path / "out"
+    run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(line for line in lines if "w16-C2e+10" not in line) + "\n")
+    (out / "runs" / "w16-C2e+10-seed0" / "summary.json").unlink()  # killed before its end
+    capsys.readouterr()
+    assert main(["scaling", "report", "--out", str(out), "--bootstrap", "0"]) == 0
+    said = capsys.readouterr().err
+    diverged = ["w12-C4e+10-seed0", "w16-C4e+10-seed0", "w8-C4e+10-seed0"]
+    assert ("4 of the plan's 6 runs have no row in results.jsonl and are not in the fit: 3 diverged ("
+            + ", ".join(diverged) + "), 1 started but not finished (w16-C2e+10-seed0)") in said
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["not_recorded"]["runs"] == {**{run_id: "diverged" for run_id in diverged},
+                                           "w16-C2e+10-seed0": "started but not finished"}
+    report = (out / "report" / "report.md").read_text()
+    assert "**4 of the plan's 6 runs have no row in results.jsonl and are not in the fit: 3 diverged (" in report
+
+
 def test_a_ctrl_c_during_a_sweep_starts_no_further_run_and_says_what_ran_stopped_and_did_not_start(
         demo_shards, tmp_path, monkeypatch):
     """Ctrl-C in the second run: the main thread's KeyboardInterrupt left the workers' threads to start every run
