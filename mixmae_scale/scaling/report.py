@@ -37,12 +37,19 @@ def read_results(path: str | Path) -> list[dict]:
     rows: list[dict] = []
     lines: list[int] = []
     seen: dict[str, dict] = {"run_id": {}, "seed": {}}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    numbered = list(enumerate(text.splitlines(), start=1))
+    for number, line in numbered:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
+            if number == numbered[-1][0] and not text.endswith("\n"):  # an append interrupted: said as that
+                raise FitError(f"{path}:{number}: the last line was cut short ({len(line.encode())} bytes without a "
+                               "newline: a sweep killed while writing it, or one still writing); `mixmae scaling run` "
+                               "with the spec and this --out removes it (its run is read again from its folder), or "
+                               "remove that line") from exc
             raise FitError(f"{path}:{number}: not JSON: {exc}") from exc
         missing = [k for k in REQUIRED if k not in row]
         if missing:

@@ -179,6 +179,24 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
         read_results(results)
 
 
+def test_a_results_file_whose_last_line_was_cut_short_is_refused_saying_so_and_what_to_do(tmp_path):
+    """A sweep killed while writing its last row left it without its newline; `scaling report` said only
+    "results.jsonl:3: not JSON: Expecting ',' delimiter", as for a file mangled by hand. `scaling run` mends it
+    (mend_last_line); the report now says what happened and that."""
+    row = {"run_id": "a", "params": 10, "images_seen": 100, "flops": 1e9, "heldout_loss": 0.5, "seed": 0}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(row) + "\n" + json.dumps({**row, "run_id": "b", "seed": 1}) + "\n"
+                       + json.dumps({**row, "run_id": "c"})[:30])
+    with pytest.raises(FitError, match=re.escape(
+            f"{results}:3: the last line was cut short (30 bytes without a newline: a sweep killed while writing it, "
+            "or one still writing); `mixmae scaling run` with the spec and this --out removes it (its run is read "
+            "again from its folder), or remove that line")):
+        read_results(results)
+    results.write_text(json.dumps(row) + "\n{not json\n" + json.dumps({**row, "run_id": "b", "seed": 1}) + "\n")
+    with pytest.raises(FitError, match=re.escape(f"{results}:2: not JSON")):  # not the last line: mangled
+        read_results(results)
+
+
 @pytest.mark.parametrize("change, said", [
     ({"heldout_loss": float("nan")}, "run b: heldout_loss=nan; a point needs a finite number above zero"),
     ({"heldout_loss": None}, "run b: heldout_loss=None"),  # a TypeError traceback
