@@ -249,7 +249,8 @@ def fit_iso_flop(rows: list[dict], bootstrap: int = 1000, seed: int = 0) -> IsoF
     feeding = [m for m in minima if m.interior]
     few = too_few_points("a power law in C", len(feeding), 2)
     if few:
-        why = f"{len(feeding)} of {len(minima)} budgets have an interior minimum; a law needs 3"
+        why = (f"{len(feeding)} of {len(minima)} budgets {'has' if len(feeding) == 1 else 'have'} an interior minimum; "
+               "a law needs 3")
         return IsoFlopFit(minima, PowerLaw(None, None, [], missing=why), PowerLaw(None, None, [], missing=why),
                           f"not fitted: {why}", "not run: L*(C) was not fitted", bootstrap, left_out)
     f = _flops_per_image(rows)

@@ -193,7 +193,7 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
                     "frontier_runs": [rows[i]["run_id"] for i in front],
                     "compute_fit_on": "frontier" if on_front else "all runs (frontier has < 4 configurations)"}
     levels = len(np.unique(frontier_compute(rows)[use]))
-    few = too_few_points("E + A C^-alpha", levels, 3, "compute levels (budgets)")
+    few = too_few_points("E + A C^-alpha", levels, 3, ("compute level (budget)", "compute levels (budgets)"))
     law_c = None
     if few:  # 3 parameters through 2 or 3 compute levels: any curve fits, the values mean nothing
         result["L_of_C"] = f"not fitted: {few}"
@@ -385,8 +385,9 @@ def _law_lines(law: dict | str) -> list[str]:
 
 
 def _iso_flop_section(iso: dict) -> list[str]:
+    has = "has its" if iso["interior_budgets"] == 1 else "have their"
     lines = ["", ISO_FLOP_HEADING, "",
-             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
+             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets {has} minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each redrawing "
              "every run about its budget's fitted parabola and refitting (the scatter pooled over the budgets with "
              "an interior minimum and at least 2 seeds per configuration, on their runs less 3 per budget (its "
