@@ -113,14 +113,14 @@ def test_a_law_short_of_points_and_a_budget_short_of_minima_count_in_words():
     "1 of 4 budgets have an interior minimum"."""
     from mixmae_scale.scaling.intervals import too_few_points
     from mixmae_scale.scaling.isoflop import fit_iso_flop
-    from mixmae_scale.scaling.report import fit_results
     from mixmae_scale.scaling.synthetic import bent_power_law_sweep
 
     assert too_few_points("L", 1, 3).endswith("the runs give 1 distinct point; it needs at least 4")
     assert too_few_points("L", 2, 3).endswith("the runs give 2 distinct points; it needs at least 4")
     rows = bent_power_law_sweep([1.0, 1.0], budgets=(1e12, 1e13))
     one_budget = [r for r in rows if r["budget"] == 1e12]
-    assert "the runs give 1 compute level (budget); it needs at least 4" in fit_results(one_budget, 0)["L_of_C"]
+    levels = ("compute level (budget)", "compute levels (budgets)")
+    assert too_few_points("L", 1, 3, levels).endswith("the runs give 1 compute level (budget); it needs at least 4")
     rising = [r for r in rows if r["budget"] == 1e13 and float(r["run_id"].split("-")[1]) >= 1]  # no interior minimum
     fit = fit_iso_flop(one_budget + rising, bootstrap=0)
     assert fit.n_opt.verdict == "not identified (1 of 2 budgets has an interior minimum; a law needs 3)"

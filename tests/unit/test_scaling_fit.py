@@ -86,7 +86,8 @@ def test_frontier_keeps_the_best_of_one_budget_only():
 
 def test_a_report_whose_compute_law_cannot_be_fitted_says_so_and_still_writes(tmp_path):
     """CI met this on a real 6-run sweep: the L(C) fit diverged and the whole report failed with it. Two budgets
-    are two compute levels, too few for E + A C^-alpha's 3 parameters: the report says that instead."""
+    are two compute levels, 2 configurations on the frontier, too few for E + A C^-alpha's 3 parameters: the report
+    says that instead."""
     from mixmae_scale.scaling.report import fit_results, write_report
 
     c = [9.96e10, 1.0e11, 1.0015e11, 2.9963e11, 3.0e11, 3.001e11]
@@ -95,10 +96,11 @@ def test_a_report_whose_compute_law_cannot_be_fitted_says_so_and_still_writes(tm
     rows = [{"run_id": f"r{i}", "params": [3.6e4, 1.1e5, 2.2e5][i % 3], "images_seen": int(x / 1e7), "flops": x,
              "heldout_loss": v, "budget": 1e11 if x < 2e11 else 3e11} for i, (x, v) in pairs]
     fit = fit_results(rows, bootstrap=5)
-    assert fit["L_of_C"] == ("not fitted: E + A C^-alpha has 3 parameters and the runs give 2 compute levels "
-                             "(budgets); it needs at least 4"), fit["L_of_C"]
+    assert fit["L_of_C"].startswith("not fitted: the compute frontier (the lowest mean loss at a compute level, "
+                                    "below every smaller one's) has 2 configurations, one per compute level; E + A "
+                                    "C^-alpha has 3 parameters and needs 4"), fit["L_of_C"]
     report = write_report(rows, fit, tmp_path).read_text()
-    assert "2 compute levels (budgets); it needs at least 4" in report and "not run: L(C) was not fitted" in report
+    assert "has 2 configurations, one per compute level" in report and "not run: L(C) was not fitted" in report
     assert (tmp_path / "loss_vs_compute.png").stat().st_size > 1000
 
 
