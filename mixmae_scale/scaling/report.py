@@ -436,8 +436,24 @@ def _iso_flop_section(iso: dict) -> list[str]:
     lines.append(f"Extrapolation check of L*(C) (fitted without the largest interior budget, its L* predicted): {ex}"
                  if isinstance(ex, str) else
                  f"Extrapolation check of L*(C) to the largest interior budget {ex['budget']:.3g}: predicted "
-                 f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
+                 f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {_error_and_noise(ex)}")
     return lines
+
+
+def _error_and_noise(check: dict) -> str:
+    """The L*(C) check's error with its 5-95% interval from the runs' noise, and what that says: an error alone could
+    not be told from noise. fit.json from before the interval has the error's size alone."""
+    if "error" not in check:
+        return f"{100 * check['relative_error']:.1f}%"
+    said = f"{100 * check['error']:+.2f}% (predicted - observed, of observed)"
+    interval = check.get("error_5_95")
+    if interval is None:
+        return f"{said}; no interval: {check.get('no_interval', 'no bootstrap')}"
+    low, high = interval
+    holds = ("holds 0: the law's prediction is within the runs' noise" if low <= 0 <= high
+             else "excludes 0: the prediction is off by more than the runs' noise explains")
+    return (f"{said}, 5-95% over {check['rounds']} bootstrap rounds {100 * low:+.2f}% to {100 * high:+.2f}%, which "
+            f"{holds} (the parabolas' own bias is not in it)")
 
 
 def _spread(interval: tuple[float, float]) -> str:
