@@ -142,7 +142,7 @@ HOLDOUT = 2  # compute levels the L(C) check holds out
 
 
 def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray, groups: np.ndarray,
-                   levels: np.ndarray) -> dict:
+                   levels: np.ndarray, rounds: int = 0, seed: int = 0) -> dict:
     """The check of L(C): refitted without the two largest compute levels of the set it was fitted on (every seed
     of them, the same points as the law), predicting their points' mean losses. Run only when L(C) itself is
     identified: checking a law the data do not pin down says nothing."""
@@ -158,7 +158,7 @@ def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray, groups: 
                            f"{HOLDOUT} to predict), got {count}")
     else:
         try:
-            check["result"] = extrapolation_error(c, loss, HOLDOUT, groups, levels)
+            check["result"] = extrapolation_error(c, loss, HOLDOUT, groups, levels, rounds, seed)
         except FitError as exc:
             check["result"] = f"not computed: the refit on the {count - HOLDOUT} smaller compute levels failed: {exc}"
     return check
@@ -208,7 +208,8 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             result["L_of_C"] = f"not fitted: {exc}"
         else:
             result["L_of_C"] = _law_json(law_c)
-    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use])
+    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use],
+                                             bootstrap, seed)
     flops = flops_per_image_law(rows)
     result["flops_per_image"] = {"law": "f(N) = k N^s training FLOPs per image, fitted in log-log across the sizes",
                                  "k": math.exp(flops[0]), "s": flops[1]}
@@ -336,7 +337,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
         result = (f"fitted on {result['fitted_levels']} compute levels, predicting "
                   f"{plural(result['held_out_points'], 'point')} ({plural(result['held_out_runs'], 'run')}) at "
                   f"C = {held}: max relative error "
-                  f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%")
+                  f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%"
+                  + (f"; mean error {_signed_error(result, 'mean_error')}" if "mean_error" in result else ""))
     lines += ["", f"Extrapolation check of {check['law']} ({check['method']}): {result}", "",
               "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
     lines += _law_lines(fit["L_of_N_D"])
@@ -445,15 +447,20 @@ def _error_and_noise(check: dict) -> str:
     not be told from noise. fit.json from before the interval has the error's size alone."""
     if "error" not in check:
         return f"{100 * check['relative_error']:.1f}%"
-    said = f"{100 * check['error']:+.2f}% (predicted - observed, of observed)"
-    interval = check.get("error_5_95")
+    return _signed_error(check, "error", " (the parabolas' own bias is not in it)")
+
+
+def _signed_error(check: dict, key: str, caveat: str = "") -> str:
+    """An extrapolation check's signed error, its 5-95% interval (`KEY_5_95`) and whether it holds 0."""
+    said = f"{100 * check[key]:+.2f}% (predicted - observed, of observed)"
+    interval = check.get(f"{key}_5_95")
     if interval is None:
         return f"{said}; no interval: {check.get('no_interval', 'no bootstrap')}"
     low, high = interval
     holds = ("holds 0: the law's prediction is within the runs' noise" if low <= 0 <= high
              else "excludes 0: the prediction is off by more than the runs' noise explains")
     return (f"{said}, 5-95% over {check['rounds']} bootstrap rounds {100 * low:+.2f}% to {100 * high:+.2f}%, which "
-            f"{holds} (the parabolas' own bias is not in it)")
+            f"{holds}{caveat}")
 
 
 def _spread(interval: tuple[float, float]) -> str:

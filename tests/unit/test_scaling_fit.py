@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -141,6 +143,33 @@ def test_the_one_seed_rule_reaches_both_direct_fits():
     assert set(law.verdicts().values()) == {"not identified (one seed: 8 of 9 points were run once)"}
     with pytest.raises(FitError, match="5 parameters and the runs give 5 distinct points; it needs at least 6"):
         fit_nd(np.repeat(n[:5], 2), np.repeat(d[:5], 2), np.ones(10))
+
+
+def test_the_l_of_c_checks_error_has_an_interval_from_the_seeds_noise():
+    """As L*(C)'s: "max relative error 0.6%, mean 0.4%" could not be told from noise. The mean signed error of the
+    held-out points now has a 5-95% interval, each round redrawing every run about its point's mean with the seeds'
+    scatter and refitting the held-in levels: it holds 0 on an exact law and excludes it when the two largest levels
+    sit 3% above the law."""
+    rng = np.random.default_rng(2)
+    levels = np.logspace(11, 13, 6)
+    c = np.repeat(levels, 2)
+    loss = compute_law(c, 0.4, 3.0e4, 0.3) * np.exp(rng.normal(0, 0.003, c.size))
+    groups = np.repeat(np.arange(6), 2)
+    result = extrapolation_error(c, loss, holdout=2, groups=groups, rounds=100)
+    low, high = result["mean_error_5_95"]
+    assert low < 0 < high and low < result["mean_error"] < high and result["rounds"] >= 95
+    raised = loss * np.where(c >= levels[-2], 1.03, 1.0)
+    result = extrapolation_error(c, raised, holdout=2, groups=groups, rounds=100)
+    assert result["mean_error_5_95"][1] < 0
+    once = extrapolation_error(levels, compute_law(levels, 0.4, 3.0e4, 0.3), holdout=2, rounds=100)
+    assert once["mean_error_5_95"] is None and once["no_interval"] == "one seed: the seeds' noise is not measured"
+    from mixmae_scale.scaling.report import fit_results, report_markdown
+
+    rows = [{"run_id": f"r{i}", "params": 1000, "images_seen": int(x / 6e3), "flops": int(x / 6e3) * 6e3,
+             "seed": i % 2, "heldout_loss": float(v)} for i, (x, v) in enumerate(zip(c, raised, strict=True))]
+    report = report_markdown(rows, fit_results(rows, bootstrap=50), [])
+    assert re.search(r"mean error -\d\.\d\d% \(predicted - observed, of observed\), 5-95% over \d+ bootstrap "
+                     r"rounds -\d\.\d\d% to -\d\.\d\d%, which excludes 0", report), report
 
 
 def test_the_extrapolation_check_holds_out_whole_compute_levels_with_every_seed():
