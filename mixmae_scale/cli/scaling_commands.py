@@ -46,7 +46,7 @@ def _scaling(args: argparse.Namespace) -> int:
         write_fit,
         write_report,
     )
-    from mixmae_scale.scaling.sweep_plan import PLAN, rows_of_plan
+    from mixmae_scale.scaling.sweep_plan import PLAN, missing_line, rows_of_plan
 
     results = out / "results.jsonl"
     selection = rows_of_plan(read_results(results), out)  # the spec's runs, as `scaling run` planned
@@ -56,6 +56,9 @@ def _scaling(args: argparse.Namespace) -> int:
     fit = fit_results(rows, bootstrap=args.bootstrap, seed=args.seed)
     if selection.left_out:
         fit["not_in_plan"] = {"plan": str(out / PLAN), "runs": selection.left_out}
+    if selection.missing:
+        fit["not_recorded"] = {"plan": str(out / PLAN), "runs": selection.missing,
+                               "said": missing_line(selection.missing, selection.planned)}
     fit["results"] = results_file(results, out)  # fit.json's source, named as from its own folder
     write_fit(fit, out / "fit.json")
     if args.scaling_command == "report":

@@ -91,11 +91,14 @@ class Judgement:
         return f"{self.refitted} of {self.rounds} bootstrap resamples refitted{differ}"
 
 
-def too_few_points(law: str, points: int, parameters: int, what: str = "distinct points") -> str | None:
-    """Why `law` cannot be fitted through `points` distinct points (`what` they are), or None when it can."""
+def too_few_points(law: str, points: int, parameters: int,
+                   what: tuple[str, str] = ("distinct point", "distinct points")) -> str | None:
+    """Why `law` cannot be fitted through `points` distinct points (`what` they are: one, several), or None when it
+    can. Counted in words: a one-budget sweep read "the runs give 1 compute levels"."""
     if points >= parameters + 1:
         return None
-    return f"{law} has {parameters} parameters and the runs give {points} {what}; it needs at least {parameters + 1}"
+    return (f"{law} has {parameters} parameters and the runs give {points} {what[0] if points == 1 else what[1]}; "
+            f"it needs at least {parameters + 1}")
 
 
 def judge(estimates: Mapping[str, float], draws: Mapping[str, Sequence[float]], support: Support) -> Judgement:

@@ -22,7 +22,7 @@ from mixmae_scale.scaling.fit import (
     fit_compute,
     fit_nd,
 )
-from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval, too_few_points
+from mixmae_scale.scaling.intervals import EXPONENT_WIDTH, IDENTIFIED_FACTOR, format_interval
 from mixmae_scale.scaling.isoflop import PowerLaw, degrees_of_freedom, fit_iso_flop, flops_per_image_law
 
 ISO_FLOP_HEADING = "## Iso-FLOP (approach 2): a parabola in log N per budget"
@@ -37,12 +37,19 @@ def read_results(path: str | Path) -> list[dict]:
     rows: list[dict] = []
     lines: list[int] = []
     seen: dict[str, dict] = {"run_id": {}, "seed": {}}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    numbered = list(enumerate(text.splitlines(), start=1))
+    for number, line in numbered:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
+            if number == numbered[-1][0] and not text.endswith("\n"):  # an append interrupted: said as that
+                raise FitError(f"{path}:{number}: the last line was cut short ({len(line.encode())} bytes without a "
+                               "newline: a sweep killed while writing it, or one still writing); `mixmae scaling run` "
+                               "with the spec and this --out removes it (its run is read again from its folder), or "
+                               "remove that line") from exc
             raise FitError(f"{path}:{number}: not JSON: {exc}") from exc
         missing = [k for k in REQUIRED if k not in row]
         if missing:
@@ -135,7 +142,7 @@ HOLDOUT = 2  # compute levels the L(C) check holds out
 
 
 def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray, groups: np.ndarray,
-                   levels: np.ndarray) -> dict:
+                   levels: np.ndarray, rounds: int = 0, seed: int = 0) -> dict:
     """The check of L(C): refitted without the two largest compute levels of the set it was fitted on (every seed
     of them, the same points as the law), predicting their points' mean losses. Run only when L(C) itself is
     identified: checking a law the data do not pin down says nothing."""
@@ -151,24 +158,26 @@ def _extrapolation(law: LawFit | None, c: np.ndarray, loss: np.ndarray, groups: 
                            f"{HOLDOUT} to predict), got {count}")
     else:
         try:
-            check["result"] = extrapolation_error(c, loss, HOLDOUT, groups, levels)
+            check["result"] = extrapolation_error(c, loss, HOLDOUT, groups, levels, rounds, seed)
         except FitError as exc:
             check["result"] = f"not computed: the refit on the {count - HOLDOUT} smaller compute levels failed: {exc}"
     return check
 
 
-def _compute_fit_set(rows: list[dict], groups: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+FRONTIER_CONFIGURATIONS = 4  # E + A C^-alpha has 3 parameters
+
+
+def _compute_fit_set(rows: list[dict], groups: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, int]:
     """The runs L(C) is fitted on: every seed of the configurations on the compute frontier (judged on their mean
-    loss), or every run when the frontier has fewer than 4 configurations; and the frontier's runs."""
+    loss), and how many configurations those are. With fewer than 4 it is not fitted: it once fell back to every
+    run, which fits the runs' average at each C (an iso-FLOP budget's sizes far from its optimum among them), and
+    called E = 4.8 identified for a law whose E is 0.4 (tests/unit/test_scaling_report.py)."""
     compared_at = frontier_compute(rows)
     ids = np.unique(groups)
     means = np.array([loss[groups == g].mean() for g in ids])
     at = np.array([compared_at[groups == g][0] for g in ids])
     front = ids[frontier(at, means)]
-    on_front = np.isin(groups, front)
-    if len(front) >= 4:
-        return np.flatnonzero(on_front), np.flatnonzero(on_front), True
-    return np.arange(len(rows)), np.flatnonzero(on_front), False
+    return np.flatnonzero(np.isin(groups, front)), len(front)
 
 
 def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
@@ -179,17 +188,19 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     d = np.array([r["images_seen"] for r in rows], float)
     loss = np.array([r["heldout_loss"] for r in rows], float)
     groups = configurations(rows)
-    use, front, on_front = _compute_fit_set(rows, groups, loss)
+    use, front = _compute_fit_set(rows, groups, loss)
     result: dict = {"runs": len(rows), "configurations": len(np.unique(groups)),
                     "bootstrap": {"rounds": bootstrap, "seed": seed}, "identified_factor": IDENTIFIED_FACTOR,
                     "exponent_width": EXPONENT_WIDTH,
-                    "frontier_runs": [rows[i]["run_id"] for i in front],
-                    "compute_fit_on": "frontier" if on_front else "all runs (frontier has < 4 configurations)"}
-    levels = len(np.unique(frontier_compute(rows)[use]))
-    few = too_few_points("E + A C^-alpha", levels, 3, "compute levels (budgets)")
+                    "frontier_runs": [rows[i]["run_id"] for i in use],
+                    "compute_fit_on": f"the compute frontier: {plural(front, 'configuration')}"}
     law_c = None
-    if few:  # 3 parameters through 2 or 3 compute levels: any curve fits, the values mean nothing
-        result["L_of_C"] = f"not fitted: {few}"
+    # One configuration per compute level on the frontier: 4 of them are the 4 levels 3 parameters need.
+    if front < FRONTIER_CONFIGURATIONS:
+        result["L_of_C"] = ("not fitted: the compute frontier (the lowest mean loss at a compute level, below every "
+                            f"smaller one's) has {plural(front, 'configuration')}, one per compute level; E + A "
+                            f"C^-alpha has 3 parameters and needs {FRONTIER_CONFIGURATIONS}. Every run instead would "
+                            "fit the runs' average at each C, not the lowest loss")
     else:
         try:
             law_c = fit_compute(c[use], loss[use], bootstrap=bootstrap, seed=seed, groups=groups[use])
@@ -197,7 +208,8 @@ def fit_results(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             result["L_of_C"] = f"not fitted: {exc}"
         else:
             result["L_of_C"] = _law_json(law_c)
-    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use])
+    result["extrapolation"] = _extrapolation(law_c, c[use], loss[use], groups[use], frontier_compute(rows)[use],
+                                             bootstrap, seed)
     flops = flops_per_image_law(rows)
     result["flops_per_image"] = {"law": "f(N) = k N^s training FLOPs per image, fitted in log-log across the sizes",
                                  "k": math.exp(flops[0]), "s": flops[1]}
@@ -308,13 +320,15 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
                   f"left out: runs the spec no longer plans "
                   f"({', '.join(left_out)}; the plan: {Path(fit['not_in_plan']['plan']).name}, recorded by "
                   "`mixmae scaling run`).** The fits and figures below are of the spec's runs only.", ""]
+    if fit.get("not_recorded"):  # planned runs without a row: diverged, unfinished, not started
+        lines += [f"**{fit['not_recorded']['said']}.**", ""]
     lines += _runs_table(rows)
     if isinstance(fit.get("iso_flop"), dict):
         lines += _iso_flop_section(fit["iso_flop"])
     elif isinstance(fit.get("iso_flop"), str):  # an iso-FLOP study's own question, unanswered: said, not left out
         lines += ["", ISO_FLOP_HEADING, "", fit["iso_flop"], "",
                   "N*(C), D*(C) and L*(C): not fitted (no iso-FLOP fit)."]
-    lines += ["", "## L(C) = E + A C^-alpha", f"fitted on {fit['compute_fit_on']}", ""]
+    lines += ["", "## L(C) = E + A C^-alpha", f"on {fit['compute_fit_on']}", ""]
     lines += _law_lines(fit["L_of_C"])
     check = fit["extrapolation"]
     result = check["result"]
@@ -323,7 +337,8 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
         result = (f"fitted on {result['fitted_levels']} compute levels, predicting "
                   f"{plural(result['held_out_points'], 'point')} ({plural(result['held_out_runs'], 'run')}) at "
                   f"C = {held}: max relative error "
-                  f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%")
+                  f"{100 * result['max_relative_error']:.1f}%, mean {100 * result['mean_relative_error']:.1f}%"
+                  + (f"; mean error {_signed_error(result, 'mean_error')}" if "mean_error" in result else ""))
     lines += ["", f"Extrapolation check of {check['law']} ({check['method']}): {result}", "",
               "## L(N, D) = E + A/N^alpha + B/D^beta", ""]
     lines += _law_lines(fit["L_of_N_D"])
@@ -376,8 +391,9 @@ def _law_lines(law: dict | str) -> list[str]:
 
 
 def _iso_flop_section(iso: dict) -> list[str]:
+    has = "has its" if iso["interior_budgets"] == 1 else "have their"
     lines = ["", ISO_FLOP_HEADING, "",
-             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets have their minimum inside the sizes trained; "
+             f"{iso['interior_budgets']} of {len(iso['minima'])} budgets {has} minimum inside the sizes trained; "
              f"only those feed N*(C), D*(C) and L*(C). Bootstrap: {iso['bootstrap_rounds']} rounds, each redrawing "
              "every run about its budget's fitted parabola and refitting (the scatter pooled over the budgets with "
              "an interior minimum and at least 2 seeds per configuration, on their runs less 3 per budget (its "
@@ -422,8 +438,29 @@ def _iso_flop_section(iso: dict) -> list[str]:
     lines.append(f"Extrapolation check of L*(C) (fitted without the largest interior budget, its L* predicted): {ex}"
                  if isinstance(ex, str) else
                  f"Extrapolation check of L*(C) to the largest interior budget {ex['budget']:.3g}: predicted "
-                 f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {100 * ex['relative_error']:.1f}%")
+                 f"{ex['predicted']:.4f}, observed {ex['observed']:.4f}, error {_error_and_noise(ex)}")
     return lines
+
+
+def _error_and_noise(check: dict) -> str:
+    """The L*(C) check's error with its 5-95% interval from the runs' noise, and what that says: an error alone could
+    not be told from noise. fit.json from before the interval has the error's size alone."""
+    if "error" not in check:
+        return f"{100 * check['relative_error']:.1f}%"
+    return _signed_error(check, "error", " (the parabolas' own bias is not in it)")
+
+
+def _signed_error(check: dict, key: str, caveat: str = "") -> str:
+    """An extrapolation check's signed error, its 5-95% interval (`KEY_5_95`) and whether it holds 0."""
+    said = f"{100 * check[key]:+.2f}% (predicted - observed, of observed)"
+    interval = check.get(f"{key}_5_95")
+    if interval is None:
+        return f"{said}; no interval: {check.get('no_interval', 'no bootstrap')}"
+    low, high = interval
+    holds = ("holds 0: the law's prediction is within the runs' noise" if low <= 0 <= high
+             else "excludes 0: the prediction is off by more than the runs' noise explains")
+    return (f"{said}, 5-95% over {check['rounds']} bootstrap rounds {100 * low:+.2f}% to {100 * high:+.2f}%, which "
+            f"{holds}{caveat}")
 
 
 def _spread(interval: tuple[float, float]) -> str:

@@ -34,6 +34,7 @@ x images seen; N counts the encoder and decoder parameters that are trained.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import itertools
 import json
 import math
@@ -171,6 +172,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     sizes = [s if isinstance(s, dict) else {"name": str(s), "model": {"size": str(s)}}
              for s in _listed(path, raw, "sizes", object)]
     for i, size in enumerate(sizes):
+        _unknown_keys(path, f"sizes[{i}]" + (f" ({size['name']})" if "name" in size else ""), size,
+                      {"name", "model", "budgets"})
         if "name" not in size or not isinstance(size.get("model", {}), dict) or set(size) - {"name", "model",
                                                                                               "budgets"}:
             raise ConfigError(f"{path}: sizes[{i}] needs a 'name', an optional 'model' mapping and optional "
@@ -284,6 +287,8 @@ def _check_size_budgets(path: Path, spec: SweepSpec) -> None:
 
 def _sources(path: Path, raw: Any) -> list[dict[str, Any]]:
     """A training mixture: each entry a shard set (folder or s3://, relative to the spec), its weight, its split."""
+    for number, entry in enumerate(raw if isinstance(raw, list) else []):
+        _unknown_keys(path, f"sources[{number}]", entry, {"shards", "weight", "split"})
     if not isinstance(raw, list) or any(not isinstance(s, dict) or "shards" not in s or set(s) - {"shards", "weight",
                                                                                                   "split"}
                                         for s in raw):
@@ -299,7 +304,24 @@ def _sources(path: Path, raw: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _unknown_keys(path: Path, where: str, raw: Any, known: set[str]) -> None:
+    """A misspelt key inside a section is named, with the nearest known one: the section's whole mapping printed
+    back (its keys' values and all) left the user to find the misspelling by eye."""
+    if not isinstance(raw, dict):
+        return
+    unknown = sorted(str(k) for k in set(raw) - known)
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        named.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise ConfigError(f"{path}: {where}: unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(named)}; its "
+                      f"keys are {', '.join(sorted(known))}")
+
+
 def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
+    _unknown_keys(path, "learning_rate", raw, {"rule", "base_width", "sweep"})
     if not isinstance(raw, dict) or set(raw) - {"rule", "base_width", "sweep"}:
         raise ConfigError(f"{path}: learning_rate is a mapping with keys rule, base_width, sweep; got {raw!r}")
     rule = str(raw.get("rule", "fixed"))
@@ -315,6 +337,7 @@ def _lr_rule(path: Path, raw: Any) -> LearningRateRule:
 
 
 def _cluster(path: Path, raw: Any) -> dict[str, Any]:
+    _unknown_keys(path, "cluster", raw, {"gpus_per_node", "max_nodes", "file"})
     counts = {k: v for k, v in raw.items() if k != "file"} if isinstance(raw, dict) else None
     if counts is None or set(counts) - {"gpus_per_node", "max_nodes"} or not isinstance(raw.get("file", ""), str):
         raise ConfigError(f"{path}: cluster is a mapping of gpus_per_node and max_nodes (positive integers) and "

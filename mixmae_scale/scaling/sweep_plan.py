@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixmae_scale.atomic_file import write_text
@@ -71,6 +72,8 @@ class Selection:
     rows: list[dict]
     left_out: list[str]
     warnings: list[str]
+    missing: dict[str, str] = field(default_factory=dict)  # planned run id -> why it has no row
+    planned: int = 0  # the plan's runs; 0 without a plan
 
 
 def rows_of_plan(rows: list[dict], out: Path) -> Selection:
@@ -95,11 +98,45 @@ def rows_of_plan(rows: list[dict], out: Path) -> Selection:
         warnings.append(f"{plural(len(left_out), 'row')} of {results} "
                         f"{'is a run' if len(left_out) == 1 else 'are runs'} the spec no longer plans ({out / PLAN}, "
                         f"from {spec}), left out of the fit and the report: {named(left_out)}")
+    recorded = {row["run_id"] for row in kept}
+    missing = {run_id: why_no_row(out / "runs" / run_id) for run_id in plan["runs"] if run_id not in recorded}
+    if missing:
+        warnings.append(missing_line(missing, len(planned)))
     if not kept:
         raise FitError(f"{results}: none of its {plural(len(rows), 'row')} is a run of the plan {out / PLAN} "
                        f"records (from "
                        f"{spec}): nothing to fit; run `mixmae scaling run` with the spec")
-    return Selection(kept, left_out, warnings)
+    return Selection(kept, left_out, warnings, missing, len(planned))
+
+
+DIVERGED = "diverged"
+WHY_NO_ROW = (DIVERGED, "finished, not yet read into results.jsonl", "started but not finished", "not started")
+
+
+def why_no_row(run_dir: Path) -> str:
+    """Why a planned run has no row, from its folder: a run that diverged (its summary's held-out loss not finite),
+    one whose summary the sweep has not read yet (`scaling run` reads it), one started and stopped, killed or failed
+    before its summary, or none at all."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return WHY_NO_ROW[2] if run_dir.is_dir() else WHY_NO_ROW[3]
+    end = summary.get("heldout_loss_end") if isinstance(summary, dict) else None
+    if isinstance(end, (int, float)) and not math.isfinite(end):
+        return DIVERGED
+    return WHY_NO_ROW[1]
+
+
+def missing_line(missing: dict[str, str], planned: int) -> str:
+    """The plan's runs without a row, grouped by why: a budget whose every run diverged vanished from the report
+    without a word, and a parabola through the sizes left read as that budget's whole measurement."""
+    groups = [f"{len(ids)} {why} ({named(sorted(ids))})" for why in WHY_NO_ROW
+              if (ids := [run_id for run_id, said in missing.items() if said == why])]
+    have = "has" if len(missing) == 1 else "have"
+    return (f"{len(missing)} of the plan's {plural(planned, 'run')} {have} no row in results.jsonl and "
+            f"{'is' if len(missing) == 1 else 'are'} not in the fit: {', '.join(groups)}; `mixmae scaling run` "
+            "with the spec runs or reads the unfinished ones (a diverged run is not a point: its budget's parabola "
+            "is through the sizes left)")
 
 
 def not_planned(results: list[dict], runs: list[PlannedRun]) -> list[str]:

@@ -106,3 +106,21 @@ def test_the_launch_plan_counts_nodes_gpus_and_steps():
     sets = ["batch.micro=8", "batch.global_batch=8", "cluster.gpus_per_node=1"]
     lines = batch_report(load_resolved("tiny", overrides=sets, world_size=1, train_samples=64))
     assert lines[0].endswith("= 1 node x 1 GPU") and lines[2].endswith(" 1 step")
+
+
+def test_a_law_short_of_points_and_a_budget_short_of_minima_count_in_words():
+    """A one-budget sweep's report read "the runs give 1 compute levels (budgets)", and one interior budget of four
+    "1 of 4 budgets have an interior minimum"."""
+    from mixmae_scale.scaling.intervals import too_few_points
+    from mixmae_scale.scaling.isoflop import fit_iso_flop
+    from mixmae_scale.scaling.synthetic import bent_power_law_sweep
+
+    assert too_few_points("L", 1, 3).endswith("the runs give 1 distinct point; it needs at least 4")
+    assert too_few_points("L", 2, 3).endswith("the runs give 2 distinct points; it needs at least 4")
+    rows = bent_power_law_sweep([1.0, 1.0], budgets=(1e12, 1e13))
+    one_budget = [r for r in rows if r["budget"] == 1e12]
+    levels = ("compute level (budget)", "compute levels (budgets)")
+    assert too_few_points("L", 1, 3, levels).endswith("the runs give 1 compute level (budget); it needs at least 4")
+    rising = [r for r in rows if r["budget"] == 1e13 and float(r["run_id"].split("-")[1]) >= 1]  # no interior minimum
+    fit = fit_iso_flop(one_budget + rising, bootstrap=0)
+    assert fit.n_opt.verdict == "not identified (1 of 2 budgets has an interior minimum; a law needs 3)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -86,7 +88,8 @@ def test_frontier_keeps_the_best_of_one_budget_only():
 
 def test_a_report_whose_compute_law_cannot_be_fitted_says_so_and_still_writes(tmp_path):
     """CI met this on a real 6-run sweep: the L(C) fit diverged and the whole report failed with it. Two budgets
-    are two compute levels, too few for E + A C^-alpha's 3 parameters: the report says that instead."""
+    are two compute levels, 2 configurations on the frontier, too few for E + A C^-alpha's 3 parameters: the report
+    says that instead."""
     from mixmae_scale.scaling.report import fit_results, write_report
 
     c = [9.96e10, 1.0e11, 1.0015e11, 2.9963e11, 3.0e11, 3.001e11]
@@ -95,10 +98,11 @@ def test_a_report_whose_compute_law_cannot_be_fitted_says_so_and_still_writes(tm
     rows = [{"run_id": f"r{i}", "params": [3.6e4, 1.1e5, 2.2e5][i % 3], "images_seen": int(x / 1e7), "flops": x,
              "heldout_loss": v, "budget": 1e11 if x < 2e11 else 3e11} for i, (x, v) in pairs]
     fit = fit_results(rows, bootstrap=5)
-    assert fit["L_of_C"] == ("not fitted: E + A C^-alpha has 3 parameters and the runs give 2 compute levels "
-                             "(budgets); it needs at least 4"), fit["L_of_C"]
+    assert fit["L_of_C"].startswith("not fitted: the compute frontier (the lowest mean loss at a compute level, "
+                                    "below every smaller one's) has 2 configurations, one per compute level; E + A "
+                                    "C^-alpha has 3 parameters and needs 4"), fit["L_of_C"]
     report = write_report(rows, fit, tmp_path).read_text()
-    assert "2 compute levels (budgets); it needs at least 4" in report and "not run: L(C) was not fitted" in report
+    assert "has 2 configurations, one per compute level" in report and "not run: L(C) was not fitted" in report
     assert (tmp_path / "loss_vs_compute.png").stat().st_size > 1000
 
 
@@ -139,6 +143,33 @@ def test_the_one_seed_rule_reaches_both_direct_fits():
     assert set(law.verdicts().values()) == {"not identified (one seed: 8 of 9 points were run once)"}
     with pytest.raises(FitError, match="5 parameters and the runs give 5 distinct points; it needs at least 6"):
         fit_nd(np.repeat(n[:5], 2), np.repeat(d[:5], 2), np.ones(10))
+
+
+def test_the_l_of_c_checks_error_has_an_interval_from_the_seeds_noise():
+    """As L*(C)'s: "max relative error 0.6%, mean 0.4%" could not be told from noise. The mean signed error of the
+    held-out points now has a 5-95% interval, each round redrawing every run about its point's mean with the seeds'
+    scatter and refitting the held-in levels: it holds 0 on an exact law and excludes it when the two largest levels
+    sit 3% above the law."""
+    rng = np.random.default_rng(2)
+    levels = np.logspace(11, 13, 6)
+    c = np.repeat(levels, 2)
+    loss = compute_law(c, 0.4, 3.0e4, 0.3) * np.exp(rng.normal(0, 0.003, c.size))
+    groups = np.repeat(np.arange(6), 2)
+    result = extrapolation_error(c, loss, holdout=2, groups=groups, rounds=100)
+    low, high = result["mean_error_5_95"]
+    assert low < 0 < high and low < result["mean_error"] < high and result["rounds"] >= 95
+    raised = loss * np.where(c >= levels[-2], 1.03, 1.0)
+    result = extrapolation_error(c, raised, holdout=2, groups=groups, rounds=100)
+    assert result["mean_error_5_95"][1] < 0
+    once = extrapolation_error(levels, compute_law(levels, 0.4, 3.0e4, 0.3), holdout=2, rounds=100)
+    assert once["mean_error_5_95"] is None and once["no_interval"] == "one seed: the seeds' noise is not measured"
+    from mixmae_scale.scaling.report import fit_results, report_markdown
+
+    rows = [{"run_id": f"r{i}", "params": 1000, "images_seen": int(x / 6e3), "flops": int(x / 6e3) * 6e3,
+             "seed": i % 2, "heldout_loss": float(v)} for i, (x, v) in enumerate(zip(c, raised, strict=True))]
+    report = report_markdown(rows, fit_results(rows, bootstrap=50), [])
+    assert re.search(r"mean error -\d\.\d\d% \(predicted - observed, of observed\), 5-95% over \d+ bootstrap "
+                     r"rounds -\d\.\d\d% to -\d\.\d\d%, which excludes 0", report), report
 
 
 def test_the_extrapolation_check_holds_out_whole_compute_levels_with_every_seed():

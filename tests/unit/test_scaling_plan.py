@@ -18,7 +18,7 @@ BASE = "name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\n"
     ("budgets: [1.0e12]\nlearning_rate: {rule: sqrt}\n", "learning_rate.rule must be one of"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: inverse_width}\n", "needs base_width"),
     ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, sweep: [0.1, -1]}\n", "'learning_rate.sweep' holds -1.0"),
-    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate is a mapping"),
+    ("budgets: [1.0e12]\nlearning_rate: {rule: fixed, bogus: 1}\n", "learning_rate: unknown key 'bogus'"),
     ("budgets: [1.0e12]\ncluster: {gpus_per_node: 0}\n", "cluster.gpus_per_node must be a positive integer, got 0"),
     ("budgets: [1.0e12]\ncluster: {file: 3}\n", "optionally file"),
     ("budgets: [1.0e12]\n", "budget 1e\\+12 has 1 size"),
@@ -27,6 +27,29 @@ def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, m
     path = tmp_path / "spec.yaml"
     path.write_text(BASE + extra)
     with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("budgets: [1.0e12]\nlearning_rate: {rul: inverse_width, base_width: 8}\n",
+     "learning_rate: unknown key 'rul' (did you mean 'rule'?); its keys are base_width, rule, sweep"),
+    ("budgets: [2.0e11]\nsizes: [{name: a, budget: [2.0e11]}, b, c]\n",
+     "sizes[0] (a): unknown key 'budget' (did you mean 'budgets'?); its keys are budgets, model, name"),
+    ("steps: [5]\ncluster: {gpus_per_nodes: 4}\n",
+     "cluster: unknown key 'gpus_per_nodes' (did you mean 'gpus_per_node'?); its keys are file, gpus_per_node, "
+     "max_nodes"),
+    ("steps: [5]\nsources: [{shards: s, wieght: 2}]\n",
+     "sources[0]: unknown key 'wieght' (did you mean 'weight'?); its keys are shards, split, weight"),
+])
+def test_a_mistyped_key_inside_a_section_is_named(tmp_path, extra, message):
+    """A misspelt top-level key was named with the keys known; one inside learning_rate, a size, cluster or a source
+    was not: the whole mapping was printed back ("learning_rate is a mapping with keys rule, base_width, sweep; got
+    {'rul': 'inverse_width', 'base_width': 8}") for the user to diff by eye."""
+    import re
+
+    path = tmp_path / "spec.yaml"
+    path.write_text((BASE.replace("sizes: [tiny]\n", "") if "sizes: " in extra else BASE) + extra)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
         load_spec(path)
 
 

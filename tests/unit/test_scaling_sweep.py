@@ -179,6 +179,24 @@ def test_malformed_specs_and_results_are_refused_with_the_reason(tmp_path):
         read_results(results)
 
 
+def test_a_results_file_whose_last_line_was_cut_short_is_refused_saying_so_and_what_to_do(tmp_path):
+    """A sweep killed while writing its last row left it without its newline; `scaling report` said only
+    "results.jsonl:3: not JSON: Expecting ',' delimiter", as for a file mangled by hand. `scaling run` mends it
+    (mend_last_line); the report now says what happened and that."""
+    row = {"run_id": "a", "params": 10, "images_seen": 100, "flops": 1e9, "heldout_loss": 0.5, "seed": 0}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(row) + "\n" + json.dumps({**row, "run_id": "b", "seed": 1}) + "\n"
+                       + json.dumps({**row, "run_id": "c"})[:30])
+    with pytest.raises(FitError, match=re.escape(
+            f"{results}:3: the last line was cut short (30 bytes without a newline: a sweep killed while writing it, "
+            "or one still writing); `mixmae scaling run` with the spec and this --out removes it (its run is read "
+            "again from its folder), or remove that line")):
+        read_results(results)
+    results.write_text(json.dumps(row) + "\n{not json\n" + json.dumps({**row, "run_id": "b", "seed": 1}) + "\n")
+    with pytest.raises(FitError, match=re.escape(f"{results}:2: not JSON")):  # not the last line: mangled
+        read_results(results)
+
+
 @pytest.mark.parametrize("change, said", [
     ({"heldout_loss": float("nan")}, "run b: heldout_loss=nan; a point needs a finite number above zero"),
     ({"heldout_loss": None}, "run b: heldout_loss=None"),  # a TypeError traceback
@@ -822,6 +840,41 @@ def test_rows_of_runs_the_spec_no_longer_plans_are_left_out_of_the_fit_and_named
     spec_path.write_text(text + "# edited after the plan was recorded\n")  # the report takes the plan recorded
     assert main(["scaling", "fit", "--out", str(out), "--bootstrap", "0"]) == 0
     assert f"{spec_path} has changed since `mixmae scaling run` recorded its plan" in capsys.readouterr().err
+
+
+def test_planned_runs_without_a_row_are_named_by_the_fit_and_the_report_with_why(demo_shards, tmp_path, stub_runs,
+                                                                                  monkeypatch, capsys):
+    """Every run of a budget diverged (an lr too high at that budget) and one run of the other never finished: the
+    report fitted what was left and said nothing of the plan's other runs: the diverged budget vanished from it, and a
+    budget's parabola drawn through the sizes that survived read as that budget's whole measurement. The fit and the
+    report now name each planned run without a row, and why: diverged (its folder's held-out loss is not finite),
+    started but not finished, or not started."""
+    from mixmae_scale.cli import main
+
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(ISO_FLOP.format(shards=demo_shards).replace("sweep: [0.005, 0.02]", "sweep: [0.02]"))
+    honest = stub_loss
+
+    def loss(run):
+        return float("nan") if run.budget == 4e10 else honest(run)
+
+    monkeypatch.setitem(globals(), "stub_loss", loss)
+    out = tmp_path / "out"
+    run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(line for line in lines if "w16-C2e+10" not in line) + "\n")
+    (out / "runs" / "w16-C2e+10-seed0" / "summary.json").unlink()  # killed before its end
+    capsys.readouterr()
+    assert main(["scaling", "report", "--out", str(out), "--bootstrap", "0"]) == 0
+    said = capsys.readouterr().err
+    diverged = ["w12-C4e+10-seed0", "w16-C4e+10-seed0", "w8-C4e+10-seed0"]
+    assert ("4 of the plan's 6 runs have no row in results.jsonl and are not in the fit: 3 diverged ("
+            + ", ".join(diverged) + "), 1 started but not finished (w16-C2e+10-seed0)") in said
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["not_recorded"]["runs"] == {**{run_id: "diverged" for run_id in diverged},
+                                           "w16-C2e+10-seed0": "started but not finished"}
+    report = (out / "report" / "report.md").read_text()
+    assert "**4 of the plan's 6 runs have no row in results.jsonl and are not in the fit: 3 diverged (" in report
 
 
 def test_a_ctrl_c_during_a_sweep_starts_no_further_run_and_says_what_ran_stopped_and_did_not_start(
