@@ -16,7 +16,9 @@ import importlib.metadata as metadata
 
 from mixmae_scale.data.errors import DataError
 
-BUILDS = ("nvidia-dali-cuda120", "nvidia-dali-cuda130")  # the extras [cuda12] and [cuda13] (pyproject.toml)
+# Each build: the CUDA major version it is for, and the extra that brings it (pyproject.toml).
+EXTRAS = {"nvidia-dali-cuda120": (12, "cuda12"), "nvidia-dali-cuda130": (13, "cuda13")}
+BUILDS = tuple(EXTRAS)
 PICK_ONE = ("pip install 'mixmae-scale[cuda12]' on a CUDA 12 driver or 'mixmae-scale[cuda13]' on CUDA 13 (nvidia-smi "
             "shows the driver's CUDA version)")
 OR_TORCH = "or use the PyTorch loader: --set data.loader=torch, or --loader torch"
@@ -31,8 +33,10 @@ def installed_builds() -> list[metadata.Distribution]:
 
 
 def require_one_dali_build() -> None:
-    """Refuses two DALI builds at once, and a build whose files are gone; no build at all is left to the import
-    (its ModuleNotFoundError names the extras: cli/failure_report.py)."""
+    """Refuses two DALI builds at once, a build whose files are gone, and a build for a newer CUDA major version
+    than the node's driver runs (the [cuda13] extra on a 12.x driver: DALI's GPU decoding would fail at the first
+    batch with a CUDA error that names neither); no build at all is left to the import (its ModuleNotFoundError
+    names the extras: cli/failure_report.py)."""
     builds = installed_builds()
     named = [f"{build.metadata['Name']} {build.version}" for build in builds]
     if len(builds) > 1:
@@ -45,3 +49,14 @@ def require_one_dali_build() -> None:
             raise DataError(f"{name} is installed, but its files are gone ({init} does not exist; uninstalling the "
                             "other DALI build, which shares that folder, removes them): pip install "
                             f"--force-reinstall --no-deps {build.metadata['Name']}=={build.version}; {OR_TORCH}")
+    if len(builds) == 1:
+        from mixmae_scale.engine.distributed import driver_cuda_version
+
+        name = builds[0].metadata["Name"]
+        major, extra = EXTRAS[name]
+        driver = driver_cuda_version()
+        if driver is not None and major > driver[0]:
+            fits = next((other_extra for other, other_extra in EXTRAS.values() if other == driver[0]), None)
+            way = f"pip uninstall -y {name}, then pip install 'mixmae-scale[{fits}]'" if fits else "update the driver"
+            raise DataError(f"{named[0]} (the [{extra}] extra) is DALI's build for CUDA {major}, but this node's "
+                            f"NVIDIA driver runs CUDA up to {driver[0]}.{driver[1]}: {way}; {OR_TORCH}")
