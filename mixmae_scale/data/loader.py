@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mixmae_scale.data.crop_params import sample_augmentation
+from mixmae_scale.data.dali_builds import require_one_dali_build
 from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.manifest import load_split
 from mixmae_scale.data.sample_ids import Coverage, sample_id, split_coverage
@@ -263,6 +264,7 @@ class ShardLoader:
                 raw = self._next_raw()
                 yield self._torch_batch(*decoder(raw), raw)
         else:
+            require_one_dali_build()
             from mixmae_scale.data.dali_pipeline import build_pipeline
 
             in_flight: deque[RawBatch] = deque()
@@ -357,6 +359,7 @@ class ShardLoader:
                 ids = torch.tensor([sample_id(s.key) for s in batch.samples], dtype=torch.int64)
                 yield replace(self._torch_batch(*decoder(batch), batch), ids=ids), batch.real
             return
+        require_one_dali_build()
         from mixmae_scale.data.dali_pipeline import build_pipeline
 
         pending: deque[RawBatch] = deque()

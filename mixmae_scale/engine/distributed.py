@@ -4,6 +4,7 @@ the autocast context for the configured precision."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import time
@@ -19,6 +20,8 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        require_torch_for_the_driver()
     index = device_index(local_rank, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")) if cuda \
         else None
     if index is not None and index != local_rank:
@@ -40,6 +43,41 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     else:
         torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed NVIDIA driver runs (cuDriverGetVersion, which needs no GPU context), or
+    None where no driver library loads: a machine without NVIDIA GPUs."""
+    try:
+        library = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if library.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def require_torch_for_the_driver() -> None:
+    """Refuses a torch built for a newer CUDA major version than the node's driver runs. Such a torch sees no GPU, so
+    the run would start on the CPU (gloo) on a GPU node, said only in one warning of torch's. It is what a fresh
+    `pip install "mixmae-scale[cuda12]"` gets on a CUDA 12 driver: the extra picks DALI's build, while torch comes
+    from PyPI, whose newest default builds are for CUDA 13 (docs/install.md). Only the major version counts: CUDA's
+    minor version compatibility runs a 12.8 build on a 12.4 driver. DS_ACCELERATOR=cpu asks for the CPU on purpose."""
+    from mixmae_scale.config.load import ConfigError
+
+    built = torch.version.cuda
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not built:
+        return
+    driver = driver_cuda_version()
+    if driver is None or int(built.split(".")[0]) <= driver[0]:
+        return  # no driver (a CPU machine), or one that runs this torch: no GPU is visible for another reason
+    raise ConfigError(
+        f"torch {torch.__version__} is built for CUDA {built}, but this node's NVIDIA driver runs CUDA up to "
+        f"{driver[0]}.{driver[1]}, so torch sees no GPU and the run would train on the CPU: install a torch built "
+        f"for CUDA {driver[0]} into this environment (pip install torch torchvision --index-url "
+        f"https://download.pytorch.org/whl/cu{driver[0]}8, or another cu{driver[0]}x index of PyTorch's) or update "
+        "the driver; set DS_ACCELERATOR=cpu to train on the CPU on purpose")
 
 
 def device_index(local_rank: int, visible: int, cuda_visible_devices: str | None) -> int:

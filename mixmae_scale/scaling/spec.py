@@ -153,7 +153,10 @@ def _beside(spec_path: Path, value: str) -> str:
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"sweep spec {path}: not found (tried {path.absolute()})")
+        # README's example spec is in the repository's docs/, which the wheel does not ship (it is no package data).
+        raise ConfigError(f"sweep spec {path}: not found (tried {path.absolute()}): write a spec of your own (its "
+                          "keys: docs/scaling.md, 'The spec'), or copy docs/scaling-example/sweep.yaml from the "
+                          "repository: a pip install has no docs/ folder")
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

@@ -131,3 +131,73 @@ def test_without_dali_a_command_that_needs_it_names_the_extras_to_install(small_
     error = capsys.readouterr().err
     assert "mixmae-scale[cuda12]" in error and "mixmae-scale[cuda13]" in error and "data.loader=torch" in error
     assert not (tmp_path / "grid.png").exists()
+
+
+class _ListedDali:
+    """A DALI build as importlib.metadata lists it, its files under `root`."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.metadata, self.version, self.root = {"Name": name}, "2.4.0", root
+
+    def locate_file(self, path: str) -> Path:
+        return self.root / path
+
+
+@pytest.mark.parametrize("listed, driver, said", [
+    ("both", None, "NVIDIA DALI is installed twice (nvidia-dali-cuda120 2.4.0 and nvidia-dali-cuda130 2.4.0): both "
+                   "builds write the same nvidia/dali folder, which now holds a mix of them; pip uninstall -y "
+                   "nvidia-dali-cuda120 nvidia-dali-cuda130, then pip install 'mixmae-scale[cuda12]'"),
+    ("files gone", None, "nvidia-dali-cuda130 2.4.0 is installed, but its files are gone ("),
+    ("cuda13", (12, 8), "nvidia-dali-cuda130 2.4.0 (the [cuda13] extra) is DALI's build for CUDA 13, but this node's "
+                        "NVIDIA driver runs CUDA up to 12.8: pip uninstall -y nvidia-dali-cuda130, then pip install "
+                        "'mixmae-scale[cuda12]'; or use the PyTorch loader"),
+    ("cuda13", (13, 0), None),  # the build the driver runs: DALI decodes
+])
+def test_two_dali_builds_or_a_build_without_its_files_are_named_with_the_pip_commands_that_mend_them(
+        small_mixmae, tmp_path, monkeypatch, capsys, listed, driver, said):
+    """Walked with the wheel: [cuda12] over [cuda13] installs both builds into one nvidia/dali folder (pip check is
+    silent), and uninstalling one then deletes the files of the other, which stays listed; `mixmae visualize` then
+    ended in an ImportError traceback ("cannot import name 'fn' from 'nvidia.dali'). The [cuda13] build on a CUDA 12
+    driver is named before DALI's GPU decoding fails on it."""
+    import importlib.metadata
+
+    import nvidia.dali
+
+    from mixmae_scale.engine import distributed
+    from mixmae_scale.models.convert_official import infer_architecture, save_weights
+    from mixmae_scale.shards.convert import ConvertOptions, convert
+    from mixmae_scale.shards.demo import build_demo_images
+
+    build_demo_images(tmp_path / "images", train_per_class=1, val_per_class=1, seed=0)
+    convert(tmp_path / "images", tmp_path / "shards", ConvertOptions(layout="imagenet", shard_bytes=None))
+    state = small_mixmae.state_dict()
+    save_weights(tmp_path / "weights.safetensors", state, infer_architecture(state), "encoder+decoder")
+    real_root = Path(nvidia.dali.__file__).parents[2]  # site-packages: where the real build's files are
+    root = tmp_path / "emptied" if listed == "files gone" else real_root
+    builds = {"nvidia-dali-cuda130": _ListedDali("nvidia-dali-cuda130", root)}
+    if listed == "both":
+        builds["nvidia-dali-cuda120"] = _ListedDali("nvidia-dali-cuda120", root)
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name.startswith("nvidia-dali"):
+            if name not in builds:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return builds[name]
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    monkeypatch.setattr(distributed, "driver_cuda_version", lambda: driver)
+    capsys.readouterr()  # the conversion's progress
+    argv = ["visualize", str(tmp_path / "weights.safetensors"), "--data", str(tmp_path / "shards"), "--images", "2",
+            "--out", str(tmp_path / "grid.png")]
+    if said is None:
+        assert main(argv) == 0 and (tmp_path / "grid.png").exists()
+        return
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"mixmae: error: {said}") and error.count("\n") == 1
+    assert "data.loader=torch" in error
+    if listed == "files gone":
+        assert "pip install --force-reinstall --no-deps nvidia-dali-cuda130==2.4.0" in error
+    assert not (tmp_path / "grid.png").exists()

@@ -159,6 +159,13 @@ def test_spec_paths_are_relative_to_the_spec_file_wherever_the_command_runs(tmp_
     assert spec.shards == str(tmp_path / "data" / "shards") and spec.profile == str(folder / "profile.yaml")
     with pytest.raises(ConfigError, match=f"sweep spec nothere.yaml: not found \\(tried {elsewhere / 'nothere.yaml'}"):
         load_spec("nothere.yaml")
+    # README's example lives in the repository's docs/, which a pip install lacks: the message says where a spec comes
+    # from (wheel-journey finding: `mixmae scaling plan docs/scaling-example/sweep.yaml` from a wheel install)
+    with pytest.raises(ConfigError) as missing:
+        load_spec("docs/scaling-example/sweep.yaml")
+    assert str(missing.value).endswith(
+        ": write a spec of your own (its keys: docs/scaling.md, 'The spec'), or copy docs/scaling-example/sweep.yaml "
+        "from the repository: a pip install has no docs/ folder")
 
 
 def test_scaling_plan_plans_without_the_shards_when_the_count_is_given_or_recorded(tmp_path, capsys):

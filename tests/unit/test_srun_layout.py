@@ -105,3 +105,36 @@ def test_the_rendezvous_host_is_the_first_host_of_the_slurm_node_list(nodelist, 
     from mixmae_scale.cluster.slurm_ranks import first_host
 
     assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("built, driver, refused", [("13.0", (12, 8), True), ("13.0", (12, 2), True),
+                                                    ("12.8", (12, 4), False), ("12.8", (13, 0), False),
+                                                    ("13.0", None, False)])
+def test_a_torch_built_for_a_newer_cuda_than_the_driver_is_refused_before_the_cpu_process_group(
+        monkeypatch, built, driver, refused):
+    """A fresh `pip install "mixmae-scale[cuda12]"` on a CUDA 12 driver gets PyPI's torch, built for CUDA 13: it sees
+    no GPU, and the run would have started on the CPU (gloo) on a GPU node. A newer minor version (12.8 on a 12.4
+    driver) runs, by CUDA's minor version compatibility; no driver at all is a CPU machine."""
+    started = {}
+    monkeypatch.setitem(__import__("sys").modules, "deepspeed", types.SimpleNamespace(
+        init_distributed=lambda dist_backend: started.setdefault("backend", dist_backend)))
+    monkeypatch.setattr(distributed, "skip_shm_allreduce_op", lambda: None)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.torch.version, "cuda", built)
+    monkeypatch.setattr(distributed, "driver_cuda_version", lambda: driver, raising=False)
+    monkeypatch.setattr(distributed, "dist", types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 1))
+    monkeypatch.setattr(distributed.torch, "set_flush_denormal", lambda on: None)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    if not refused:
+        assert distributed.init(0)[2] == distributed.torch.device("cpu")
+        assert started == {"backend": "gloo"}
+        return
+    with pytest.raises(ConfigError) as stop:
+        distributed.init(0)
+    assert str(stop.value).startswith(
+        f"torch {distributed.torch.__version__} is built for CUDA {built}, but this node's NVIDIA driver runs CUDA up "
+        f"to {driver[0]}.{driver[1]}, so torch sees no GPU and the run would train on the CPU: ")
+    assert f"install a torch built for CUDA {driver[0]} into this environment" in str(stop.value)
+    assert started == {}  # refused before the process group
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the CPU on purpose
+    assert distributed.init(0)[2] == distributed.torch.device("cpu") and started == {"backend": "gloo"}
