@@ -111,6 +111,30 @@ def _written_options(options: ConvertOptions) -> dict:
     return written
 
 
+# Each written option as the command line gives it; `layout` is the subcommand, `masks` follows from it.
+OPTION_FLAGS = {"seed": "--seed", "samples_per_shard": "--samples-per-shard", "shard_bytes": "--shard-size",
+                "quality": "--quality", "resize_shorter": "--resize-shorter", "strict": "--strict",
+                "max_pixels": "--max-megapixels", "oversize": "--oversize", "val_fraction": "--val-fraction",
+                "unlabeled": "--unlabeled", "layout": "the subcommand (`mixmae shards LAYOUT`)",
+                "masks": "segmentation masks"}
+
+
+def _option_change(key: str, before: object, now: object) -> str:
+    """'--quality 95 there, 90 now': the flag and both values, so that the refusal says what resuming needs (it said
+    `other options (quality)`, naming neither the value the folder was begun with nor the flag that gives it)."""
+    def shown(value: object) -> str:
+        if key == "max_pixels":
+            return "0 (no limit)" if not value else f"{value / 1e6:g}"
+        if value is None:
+            return "not given"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    flag = OPTION_FLAGS.get(key, key)
+    if isinstance(before, bool) or isinstance(now, bool):
+        return f"{flag}: {'given' if before else 'not given'} there, {'given' if now else 'not given'} now"
+    return f"{flag} {shown(before)} there, {shown(now)} now"
+
+
 def _check_same_options(out: str, options: ConvertOptions) -> None:
     """Resuming with other options would mix two datasets in one folder: refuse. `splits` may differ: a split
     converted later (`--split train`, then `--split val`) joins the set; the record keeps every split's name."""
@@ -123,8 +147,9 @@ def _check_same_options(out: str, options: ConvertOptions) -> None:
         previous["splits"] = list(previous["splits"])
         changed = sorted(k for k in current if k != "splits" and previous.get(k) != current[k])
         if changed:
-            raise SourceError(f"{out} holds shards made with other options ({', '.join(changed)}); "
-                              "use the same options to resume, or a new output folder")
+            said = "; ".join(_option_change(k, previous.get(k), current[k]) for k in changed)
+            raise SourceError(f"{out} holds shards made with other options ({said}): resume with the options it was "
+                              "begun with, or convert into a new output folder")
         every = previous["splits"] + [s for s in current["splits"] if s not in previous["splits"]]
         if every != previous["splits"]:
             storage.write_text(url, json.dumps({**previous, "splits": every}, sort_keys=True))

@@ -221,8 +221,26 @@ def test_same_input_gives_byte_identical_shards_and_seed_changes_order(tmp_path)
 def test_resume_with_other_options_is_refused(tmp_path):
     src = _imagenet_tree(tmp_path / "src", per_class=2)
     convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
-    with pytest.raises(SourceError, match="samples_per_shard"):
+    with pytest.raises(SourceError, match="--samples-per-shard 2 there, 3 now"):
         convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", samples_per_shard=3, shard_bytes=None))
+
+
+def test_resume_with_other_options_names_each_option_by_its_flag_with_both_values(tmp_path):
+    """`mixmae shards folder ... --val-fraction 0.3` over a folder begun with 0.5 said `other options (val_fraction)`:
+    neither the value the folder was begun with, which resuming needs, nor the flag to give it with."""
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    begun = ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None, max_pixels=1_000_000,
+                           resize_shorter=32)
+    convert(src, tmp_path / "out", begun)
+    with pytest.raises(SourceError) as caught:
+        convert(src, tmp_path / "out", replace(begun, quality=90, max_pixels=None, resize_shorter=None, strict=True,
+                                                workers=2))
+    said = str(caught.value)
+    for words in ("--quality 95 there, 90 now", "--max-megapixels 1 there, 0 (no limit) now",
+                  "--resize-shorter 32 there, not given now", "--strict: not given there, given now",
+                  f"{tmp_path / 'out'} holds shards made with other options"):
+        assert words in said, said
+    assert "workers" not in said and "\n" not in said
 
 
 def test_killed_conversion_resumes_to_the_same_bytes(tmp_path):
