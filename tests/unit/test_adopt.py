@@ -574,3 +574,30 @@ def test_hidden_tars_are_said_skipped_by_name_and_why_not_counted_as_ignored_fil
     with pytest.raises(SourceError, match=r"no \.tar files found \(searched recursively\)\. 1 hidden tar "
                                           r"skipped \(\._shard-000\.tar\): a name starting with '\.' is a hidden file"):
         adopt(only, tmp_path / "out2", AdoptOptions())
+
+
+def test_a_file_named_tar_that_is_not_one_is_said_for_what_it_is_with_the_way_out(tmp_path):
+    """A Hugging Face webdataset cloned without git-lfs holds 130-byte pointer files named 00000.tar; a gzip stream
+    named .tar (webdataset's TarWriter(compress=True)), a failed download's HTML page, a zip: each was 'not a tar
+    archive (truncated header)' or '(invalid header)', and the refusal offered --max-rejected 1. Each is said for
+    what its bytes are, with the command that gets the real tar, and the summary groups the tars by that."""
+    import gzip
+
+    from mixmae_scale.shards.rejection_limit import reason_counts
+    from mixmae_scale.shards.tar_index import index_tar
+
+    good = tmp_path / "good.tar"
+    write_tar(good, [("a.jpg", image_bytes("jpg")), ("a.cls", b"0")])
+    pointer = (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258da"
+               b"aa5e2ca24d17e2393\nsize 1073741824\n")
+    html = b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head><body>" + b"x" * 600 + b"</body></html>\n"
+    problems = {name: index_tar(io.BytesIO(data)).problem for name, data in {
+        "pointer": pointer, "gzip": gzip.compress(good.read_bytes()), "html": html,
+        "zip": b"PK\x03\x04" + b"\0" * 600}.items()}
+    assert problems["pointer"].startswith("a Git LFS pointer file, not the tar") and "git lfs pull" in \
+        problems["pointer"], problems
+    assert problems["gzip"].startswith("gzip-compressed data named .tar") and "gunzip" in problems["gzip"], problems
+    assert problems["html"].startswith("an HTML page, not a tar") and "download it again" in problems["html"], problems
+    assert problems["zip"].startswith("a ZIP archive"), problems
+    assert "'a Git LFS pointer file, not the tar'" in reason_counts(list(problems.values()))
+    assert index_tar(io.BytesIO(good.read_bytes())).problem == ""
