@@ -18,6 +18,7 @@ from mixmae_scale.data.errors import plural
 from mixmae_scale.shards.tar_index import KEY_APART, KEY_APART_REMEDY
 
 DEFAULT_MAX_REJECTED = 0.01
+SINGULAR = {"files": "file", "samples (and unreadable tars)": "sample (or unreadable tar)"}  # the sources' units
 
 
 class TooManyRejected(ValueError):
@@ -54,15 +55,23 @@ def check_every_split(counts: list[tuple[str, int, list[str]]], max_rejected: fl
         if not found or rejected / found <= max_rejected:
             continue
         apart += sum(KEY_APART in reason for reason in reasons)
+        grouped = f": {reason_counts(reasons)}" if reasons else ""
+        if rejected >= found:
+            # Accepting every rejection leaves the split empty, which the build then refuses ("no sample ... can be
+            # read"): "accept them with --max-rejected 1" sent the user to a second failure.
+            whole = f"every one of its {found} {unit}" if found > 1 else f"its one {SINGULAR.get(unit, unit)}"
+            over.append(f"{what}: {whole} was rejected: no --max-rejected keeps any{grouped}")
+            continue
         share = f"{100 * rejected / found:.1f}%"
         suggest = max(suggest, min(1.0, round(rejected / found + 0.005, 2)))
         over.append(f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
-                    + (f": {reason_counts(reasons)}" if reasons else ""))
+                    + grouped)
     if over:
         # Keys whose members are apart are not bad images: the tar's member order is, and accepting them loses
         # every such sample, so the way out is to re-tar, not to raise the ceiling.
         retar = (f". {apart} of them are keys whose members are apart in the tar: {KEY_APART_REMEDY}, and run the "
                  "same command again" if apart else "")
+        accept = f", or accept them with --max-rejected {suggest:g}" if suggest else ""
         raise TooManyRejected(
             "; ".join(over) + f"; each with its reason in {rejections_file}{retar}. Fix the source and run the same "
-            f"command again (finished shards are kept), or accept them with --max-rejected {suggest:g}")
+            f"command again (finished shards are kept){accept}")

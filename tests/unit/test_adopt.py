@@ -484,7 +484,7 @@ def test_a_tar_in_directory_order_counts_its_keys_once_and_says_to_retar_sorted(
     with pytest.raises(TooManyRejected) as refused:
         adopt(tmp_path / "src", tmp_path / "out", AdoptOptions())
     message = str(refused.value)
-    assert "20 of 20 samples (and unreadable tars) rejected" in message
+    assert "every one of its 20 samples (and unreadable tars) was rejected: no --max-rejected keeps any" in message
     assert "20 of them are keys whose members are apart in the tar" in message and "tar --sort=name" in message
     lines = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(sorted(r["members"]) == [f"{r['key']}.cls", f"{r['key']}.jpg"] for r in lines)
@@ -601,3 +601,24 @@ def test_a_file_named_tar_that_is_not_one_is_said_for_what_it_is_with_the_way_ou
     assert problems["zip"].startswith("a ZIP archive"), problems
     assert "'a Git LFS pointer file, not the tar'" in reason_counts(list(problems.values()))
     assert index_tar(io.BytesIO(good.read_bytes())).problem == ""
+
+
+def test_a_split_with_every_unit_rejected_is_not_offered_a_ceiling_that_keeps_nothing(tmp_path):
+    """Every tar an LFS pointer: the refusal said "or accept them with --max-rejected 1", and that command then
+    failed with "no sample of its 2 tars can be read". A split rejected whole is told that no ceiling keeps any of
+    it; a split rejected in part beside it still gets the ceiling that accepts it."""
+    from mixmae_scale.shards.rejection_limit import check_every_split
+
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(b"version https://git-lfs.github.com/spec/v1\nsize 10\n")
+    with pytest.raises(TooManyRejected) as caught:
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1))
+    said = str(caught.value)
+    assert "--max-rejected 1" not in said and "accept them" not in said, said
+    assert "train: every one of its 2 samples (and unreadable tars) was rejected: no --max-rejected keeps any" in said
+    with pytest.raises(SourceError, match="no sample of its 2 tars can be read"):  # what the old advice led to
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1, max_rejected=1))
+    with pytest.raises(TooManyRejected) as both:
+        check_every_split([("train", 10, ["bad"] * 3), ("val", 2, ["bad"] * 2)], 0.01, "rejected.jsonl")
+    assert "or accept them with --max-rejected 0.3" in str(both.value) and "val: every one of its 2" in str(both.value)
