@@ -31,7 +31,7 @@ from typing import BinaryIO
 from PIL import Image, UnidentifiedImageError
 
 from mixmae_scale.data.labels import UNLABELED, parse_cls
-from mixmae_scale.shards.jpeg_check import BOMB_PIXELS, OTHER_SIGNATURES
+from mixmae_scale.shards.jpeg_check import BOMB_PIXELS, LFS_POINTER, OTHER_SIGNATURES
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
@@ -153,7 +153,6 @@ class _HashingReader:
             pass
 
 
-LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 COMPRESSED = ((b"\x1f\x8b", "gzip", ".gz", "gunzip"), (b"BZh", "bzip2", ".bz2", "bunzip2"),
               (b"\xfd7zXZ\x00", "xz", ".xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", ".zst", "unzstd"))
 
