@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -257,10 +259,17 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
     unfinished = _unfinished_build(folder, location)
     if unfinished:
         return f"{head}: {unfinished}"
-    tars = list(folder.glob("*.tar"))
+    # One level of subfolders too: a download laid out as train/*.tar and val/*.tar was said to hold no .tar files
+    # and sent to `mixmae shards folder`, though adoption lists recursively and finds them.
+    tars = sorted(p.relative_to(folder).as_posix() for p in chain(folder.glob("*.tar"), folder.glob("*/*.tar"))
+                  if not p.name.startswith("."))
     if tars:
-        return (f"{head}: {len(tars)} .tar files are there: `mixmae shards adopt {location} --out DIR` indexes "
-                "them without rewriting")
+        shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
+        val = any(re.search(r"(^|[-_./])(val|valid|validation)([-_./\d]|$)", name.lower()) for name in tars)
+        return (f"{head}: {plural(len(tars), '.tar file')} {'is' if len(tars) == 1 else 'are'} there ({shown}): "
+                f"`mixmae shards adopt {location} --out DIR` indexes them without rewriting"
+                + (f" (the tars named for val: a second `mixmae shards adopt {location} --out DIR --split val`)"
+                   if val else ""))
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     location = location.rstrip("/") or location
     out = location + "-shards"
