@@ -378,7 +378,12 @@ class AdoptionSource:
         reasons = [r["reason"] for s in shards for r in s.rejected] + extra + [s.problem for s in bad_tars]
         empty = (f"{self.src}: no sample of its {plural(len(shards), 'tar')} can be read; "
                  f"see {storage.join(self.out, REJECTED)}")
-        return SplitOutcome(entry, rows, entry.counts["found"] + len(extra) + len(bad_tars), reasons, warnings, empty)
+        # A tar with no readable sample (a Git LFS pointer, a failed download) may have held a tenth of the set, yet
+        # weighed 1 of 2,001 samples: it is also a share of the split's tars, which the ceiling checks too.
+        whole = ([(split, len(shards), [s.problem for s in bad_tars], "tars")]
+                 if 0 < len(bad_tars) < len(shards) else [])  # all unreadable: the samples' share says it
+        return SplitOutcome(entry, rows, entry.counts["found"] + len(extra) + len(bad_tars), reasons, warnings, empty,
+                            whole)
 
     def _entry(self, split: str, shards: list[AdoptedShard]) -> tuple[SplitEntry, list[str]]:
         found, samples = sum(s.found for s in shards), sum(s.samples for s in shards)

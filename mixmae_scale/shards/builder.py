@@ -123,6 +123,8 @@ class SplitOutcome:
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     empty_error: str = ""  # raised, after rejected.jsonl is written, when the split has no shard at all
+    # More shares the ceiling checks, each (what, found, reasons, unit): adoption's tars with no readable sample
+    extra_checks: list[tuple[str, int, list[str], str]] = field(default_factory=list)
 
 
 class ShardSource(Protocol):
@@ -157,7 +159,8 @@ def build(source: ShardSource, out: str) -> BuildResult:
         warnings += outcomes[split].warnings
     rejections = write_rejections(out, {split: o.rejected for split, o in outcomes.items()})
     try:
-        check_every_split([(split, o.found, o.reasons) for split, o in outcomes.items()], source.max_rejected,
+        check_every_split([(split, o.found, o.reasons) for split, o in outcomes.items()]
+                          + [check for o in outcomes.values() for check in o.extra_checks], source.max_rejected,
                           rejections, source.unit)
     except TooManyRejected as exc:  # what a successful build would have warned of is said with the refusal
         if not warnings:

@@ -622,3 +622,21 @@ def test_a_split_with_every_unit_rejected_is_not_offered_a_ceiling_that_keeps_no
     with pytest.raises(TooManyRejected) as both:
         check_every_split([("train", 10, ["bad"] * 3), ("val", 2, ["bad"] * 2)], 0.01, "rejected.jsonl")
     assert "or accept them with --max-rejected 0.3" in str(both.value) and "val: every one of its 2" in str(both.value)
+
+
+def test_a_tar_with_no_readable_sample_weighs_as_a_tar_against_the_ceiling(tmp_path):
+    """10 tars of 200 samples and one Git LFS pointer named 00010.tar: the pointer counted as 1 of 2,001 rejected
+    (0.05%, under 1%), so a tenth of the set was lost with exit 0 and a summary's '1 tar cut or unreadable'. A tar
+    from which nothing can be read is also a share of the split's tars: 1 of 11 is above the ceiling, said so."""
+    for t in range(10):
+        write_tar(tmp_path / "src" / f"{t:05d}.tar", [m for i in range(200) for m in (
+            (f"{t}_{i:04d}.jpg", image_bytes("jpg")), (f"{t}_{i:04d}.cls", str(i % 2).encode()))])
+    (tmp_path / "src" / "00010.tar").write_bytes(b"version https://git-lfs.github.com/spec/v1\nsize 10\n")
+    with pytest.raises(TooManyRejected) as caught:
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(workers=1))
+    said = str(caught.value)
+    assert "train: 1 of 11 tars rejected (9.1%), above --max-rejected 0.01: 1 x 'a Git LFS pointer file, not the tar'" \
+        in said, said
+    assert said.endswith("or accept them with --max-rejected 0.1"), said
+    result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(workers=1, max_rejected=0.1))
+    assert result.manifest.splits["train"].samples == 2000 and result.done_now == 0
