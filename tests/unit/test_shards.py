@@ -643,7 +643,7 @@ def test_a_split_converted_later_joins_the_set(tmp_path):
     # Both at once, after: nothing is rewritten; other options are still refused.
     again = convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
     assert again.done_now == 0 and again.manifest.to_dict()["splits"] == second["splits"]
-    with pytest.raises(SourceError, match=r"other options \(quality\)"):
+    with pytest.raises(SourceError, match=r"other options \(--quality 95 there, 80 now\)"):
         convert(src, out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2, shard_bytes=None,
                                          quality=80))
     # A split added after the class folders changed would mean other classes by the same labels: refused.
@@ -714,3 +714,4 @@ def test_a_val_fraction_that_leaves_classes_out_of_val_warns_naming_them(tmp_pat
     assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "every"), "--val-fraction", "0.3",
                  "--workers", "1"]) == 0
     assert "no image in it" not in capsys.readouterr().err  # every class held out: nothing to say
+
