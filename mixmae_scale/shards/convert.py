@@ -36,6 +36,7 @@ from mixmae_scale.shards.sources import (
     ade20k_split,
     drop_duplicates,
     folder_images,
+    hidden_folders,
     hold_out,
     ignored_note,
     imagenet_split,
@@ -482,7 +483,9 @@ class ConversionSource:
         duplicates = self.discovered[split].duplicates
         counts = {
             "found": found, "rejected": sum(len(r.rejected) for r in ordered), "copied": sum(r.copied for r in ordered),
-            "ignored_not_images": len(ignored), "ignored_examples": ignored[:5], "converted": converted,
+            "ignored_not_images": len(ignored) - len(hidden_folders(ignored)),
+            "ignored_examples": [name for name in ignored if not name.endswith("/")][:5], "converted": converted,
+            "ignored_hidden_folders": len(hidden_folders(ignored)),
             **({"skipped_duplicates": len(duplicates),
                 "skipped_examples": [{"source": d.rel, "reason": d.reason()} for d in duplicates[:5]]}
                if duplicates else {}),
@@ -579,7 +582,9 @@ def summary_lines(manifest: Manifest) -> list[str]:
                      + (f" ({kinds})" if kinds else "") + f"; {plural(len(info['shards']), 'shard')}"
                      + ("; with segmentation masks (seg.png)" if entry.masks else "")
                      + (f"; ignored {info['ignored_not_images']} not named like an image"
-                        if info.get("ignored_not_images") else ""))
+                        if info.get("ignored_not_images") else "")
+                     + (f"; skipped {plural(info['ignored_hidden_folders'], 'hidden folder')}"
+                        if info.get("ignored_hidden_folders") else ""))
         if info.get("transient"):
             lines.append(f"{split}: {info['transient']} of the rejections were I/O errors that may pass (EIO, ESTALE, "
                          "timeouts; retried with backoff): run the same command again to retry them")

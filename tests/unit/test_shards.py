@@ -715,3 +715,21 @@ def test_a_val_fraction_that_leaves_classes_out_of_val_warns_naming_them(tmp_pat
                  "--workers", "1"]) == 0
     assert "no image in it" not in capsys.readouterr().err  # every class held out: nothing to say
 
+
+def test_images_in_hidden_folders_are_not_part_of_the_set_and_the_folders_are_said(tmp_path):
+    """Hidden files were skipped, but the images inside hidden folders were converted as the class's own: a
+    `.thumbs/` of thumbnails (each image twice, once small), a drive's `.Trash-1000/` (deleted photos trained on)."""
+    _jpeg(tmp_path / "src" / "cat" / "a.jpg")
+    _jpeg(tmp_path / "src" / "cat" / ".thumbs" / "a_small.jpg", size=(16, 12))
+    _jpeg(tmp_path / "src" / "dog" / "b.jpg", colour=(10, 200, 10))
+    _jpeg(tmp_path / "flat" / "x.jpg")
+    _jpeg(tmp_path / "flat" / ".Trash-1000" / "files" / "deleted.jpg")
+    labeled = convert(tmp_path / "src", tmp_path / "out1", ConvertOptions(layout="folder", splits=("train",)))
+    flat = convert(tmp_path / "flat", tmp_path / "out2", ConvertOptions(layout="folder", splits=("train",)))
+    assert labeled.manifest.splits["train"].samples == 2 and flat.manifest.splits["train"].samples == 1
+    assert {s["json"] and json.loads(s["json"])["source"] for s in _samples(tmp_path / "out1", "train").values()} == \
+        {"cat/a.jpg", "dog/b.jpg"}
+    assert any("1 hidden folder" in note and "cat/.thumbs/" in note for note in labeled.notes), labeled.notes
+    assert any("1 hidden folder" in note and ".Trash-1000/" in note for note in flat.notes), flat.notes
+    counts = flat.manifest.splits["train"].counts
+    assert counts["ignored_not_images"] == 0 and counts["ignored_hidden_folders"] == 1, counts
