@@ -433,7 +433,9 @@ class AdoptionSource:
 
 
 def _hidden(name: str) -> bool:
-    return name.rsplit("/", 1)[-1].startswith(".")
+    """A tar whose name, or one of whose folders, starts with a dot: a drive's `.Trash-1000/files/old.tar` (a deleted
+    shard) was adopted into the set, as conversion took the images of hidden folders."""
+    return any(part.startswith(".") and part not in (".", "..") for part in name.split("/"))
 
 
 def hidden_note(count: int, names: list[str]) -> str:
@@ -441,9 +443,11 @@ def hidden_note(count: int, names: list[str]) -> str:
     tar) beside every file it copies to a volume without its attributes, so a set copied from a Mac doubles its
     "tars". A summary's "ignored files beside the tars: {'.tar': 1}" said neither which nor why."""
     shown = ", ".join(names[:HIDDEN_NAMED]) + (f" and {count - HIDDEN_NAMED} more" if count > HIDDEN_NAMED else "")
+    in_folder = any("/." in "/" + name.rsplit("/", 1)[0] for name in names if "/" in name)
     return (f"{plural(count, 'hidden tar')} skipped ({shown}): a name starting with '.' is a hidden file, such as the "
             "AppleDouble '._*' files macOS leaves beside copied files, not a shard; rename a real shard without the "
-            "leading dot")
+            "leading dot" + ("; a tar in a hidden folder (a drive's .Trash-1000/) is no shard either: move it out "
+                             "to adopt it" if in_folder else ""))
 
 
 def _compressed_note(names: list[str]) -> str:

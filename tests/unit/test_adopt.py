@@ -640,3 +640,16 @@ def test_a_tar_with_no_readable_sample_weighs_as_a_tar_against_the_ceiling(tmp_p
     assert said.endswith("or accept them with --max-rejected 0.1"), said
     result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(workers=1, max_rejected=0.1))
     assert result.manifest.splits["train"].samples == 2000 and result.done_now == 0
+
+
+def test_tars_inside_a_hidden_folder_are_skipped_as_hidden_tars_are(tmp_path):
+    """A drive's `.Trash-1000/files/old.tar` (a deleted shard) was adopted into the set: only a tar whose own name
+    starts with a dot was hidden. A tar under a hidden folder is skipped and named as hidden tars are."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "shard-000.tar", 3)
+    _labeled_tar(src / ".Trash-1000" / "files" / "shard-old.tar", 3)
+    result = adopt(src, tmp_path / "out", AdoptOptions(workers=1))
+    entry = result.manifest.splits["train"]
+    assert [s.name for s in entry.shards] == ["shard-000.tar"] and entry.samples == 3
+    assert entry.counts["hidden_tars"] == 1 and entry.counts["hidden_tar_names"] == [".Trash-1000/files/shard-old.tar"]
+    assert "in a hidden folder" in adopt_module.hidden_note(1, [".Trash-1000/files/shard-old.tar"])
