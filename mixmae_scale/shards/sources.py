@@ -170,7 +170,7 @@ def read_class_names(src: Path) -> dict[str, str]:
         for candidate in (folder / name for folder in label_folders(src)):
             if candidate.exists():
                 names = {}
-                for line in candidate.read_text().splitlines():
+                for line in candidate.read_text(encoding="utf-8-sig").splitlines():
                     wnid, _, words = line.strip().partition(" ")
                     if wnid:
                         names[wnid] = words.strip()
@@ -223,17 +223,21 @@ def _val_labels(src: Path) -> dict[str, str] | None:
     """Flat validation labels: file stem -> wnid, from Kaggle's CSV or the devkit ground truth."""
     for candidate in (folder / "LOC_val_solution.csv" for folder in label_folders(src)):
         if candidate.exists():
-            with candidate.open() as handle:
+            # utf-8-sig: a CSV saved by Excel or a Windows editor starts with a byte-order mark, which made its first
+            # column '\ufeffImageId' and refused a file that visibly has the columns.
+            with candidate.open(encoding="utf-8-sig", newline="") as handle:
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-                    raise SourceError(f"{candidate}: expected the columns ImageId,PredictionString")
+                    raise SourceError(f"{candidate}: expected the columns ImageId,PredictionString; it has "
+                                      f"{', '.join(reader.fieldnames or []) or 'none'} (Kaggle's file as downloaded "
+                                      "has them)")
                 return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
     for candidate in (place / "ILSVRC2012_validation_ground_truth.txt" for folder in label_folders(src)
                       for place in (folder, folder / "ILSVRC2012_devkit_t12" / "data")):
         if candidate.exists():
             order = _devkit_wnids(src, candidate)
             labels = {}
-            for i, line in enumerate(candidate.read_text().split(), start=1):
+            for i, line in enumerate(candidate.read_text(encoding="utf-8-sig").split(), start=1):
                 ilsvrc_id = int(line)
                 if not 1 <= ilsvrc_id <= len(order):
                     raise SourceError(f"{candidate}: line {i}: ILSVRC2012_ID {ilsvrc_id} out of range")
@@ -250,7 +254,7 @@ def _devkit_wnids(src: Path, truth: Path) -> list[str]:
     """
     listed = truth.parent / "ILSVRC2012_devkit_order.txt"
     if listed.exists():
-        return [w.strip() for w in listed.read_text().split() if w.strip()]
+        return [w.strip() for w in listed.read_text(encoding="utf-8-sig").split() if w.strip()]
     meta = truth.parent / "meta.mat"
     if meta.exists():
         from scipy.io import loadmat

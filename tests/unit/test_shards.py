@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -733,3 +734,22 @@ def test_images_in_hidden_folders_are_not_part_of_the_set_and_the_folders_are_sa
     assert any("1 hidden folder" in note and ".Trash-1000/" in note for note in flat.notes), flat.notes
     counts = flat.manifest.splits["train"].counts
     assert counts["ignored_not_images"] == 0 and counts["ignored_hidden_folders"] == 1, counts
+
+
+def test_a_val_labels_csv_saved_with_a_byte_order_mark_and_crlf_reads_its_columns(tmp_path):
+    """LOC_val_solution.csv saved by Excel or a Windows editor starts with a UTF-8 byte-order mark: its first column
+    read as '\\ufeffImageId', and the conversion was refused with 'expected the columns ImageId,PredictionString',
+    which the file visibly has."""
+    src = _imagenet_tree(tmp_path / "src", per_class=1, classes=("n01", "n02"))
+    shutil.rmtree(src / "val")
+    _jpeg(src / "val" / "ILSVRC2012_val_00000001.JPEG")
+    (src / "LOC_val_solution.csv").write_bytes(b"\xef\xbb\xbfImageId,PredictionString\r\n"
+                                               b"ILSVRC2012_val_00000001,n02 1 2 3 4\r\n")
+    (src / "LOC_synset_mapping.txt").write_bytes(b"\xef\xbb\xbfn01 tench\r\nn02 goldfish\r\n")
+    out = tmp_path / "out"
+    classes = convert(src, out, ConvertOptions(layout="imagenet")).manifest.classes
+    assert [int(s["cls"]) for s in _samples(out, "val").values()] == [1]
+    assert [c.get("name") for c in classes] == ["tench", "goldfish"], classes
+    (src / "LOC_val_solution.csv").write_text("Id,Label\nILSVRC2012_val_00000001,n02\n")
+    with pytest.raises(SourceError, match=r"expected the columns ImageId,PredictionString; it has Id, Label"):
+        convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet"))
