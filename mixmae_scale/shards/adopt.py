@@ -462,6 +462,9 @@ def _compressed_note(names: list[str]) -> str:
 def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResult:
     """Indexes SRC's tars into OUT and writes the manifest; the result's warnings are for the person adopting."""
     src, out = _location(src), _location(out)
+    if not storage.is_remote(src) and Path(src).is_file():  # a shard named alone: said only 'a file, not a folder'
+        raise SourceError(f"{src}: a file, not a folder: adopt the folder that holds it (`mixmae shards adopt "
+                          f"{Path(src).parent} --out DIR`); every .tar under it is a shard of the set")
     return build(AdoptionSource(src, out, options), out)
 
 

@@ -94,6 +94,8 @@ def parse_size(text: str) -> int:
 def _check_output(src: Path, out: str) -> None:
     if storage.is_remote(out):
         return
+    if Path(out).exists() and not Path(out).is_dir():  # mkdir failed 'File exists ... free space or fix the folder'
+        raise SourceError(f"--out {out}: a file, not a folder; name a new or empty folder for the shards")
     src_r, out_r = src.resolve(), Path(out).resolve()
     if out_r == src_r or src_r in out_r.parents:
         raise SourceError(f"output folder {out} is inside the source folder {src}: it would be read as input")

@@ -753,3 +753,22 @@ def test_a_val_labels_csv_saved_with_a_byte_order_mark_and_crlf_reads_its_column
     (src / "LOC_val_solution.csv").write_text("Id,Label\nILSVRC2012_val_00000001,n02\n")
     with pytest.raises(SourceError, match=r"expected the columns ImageId,PredictionString; it has Id, Label"):
         convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet"))
+
+
+def test_an_output_that_is_a_file_and_an_adopted_tar_named_alone_say_what_to_name_instead(tmp_path):
+    """`--out` naming a file failed 'File exists ... free space or fix the folder' (no disk was full); `mixmae shards
+    adopt x.tar` said 'a file, not a folder' without the folder to name."""
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    src = _imagenet_tree(tmp_path / "src", per_class=1)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SourceError, match=rf"--out {tmp_path / 'afile'}: a file, not a folder; name a new or empty "
+                                          "folder for the shards"):
+        convert(src / "train", tmp_path / "afile", ConvertOptions(layout="folder", splits=("train",)))
+    tar = tmp_path / "tars" / "shard-0.tar"
+    tar.parent.mkdir()
+    with tarfile.open(tar, "w"):
+        pass
+    with pytest.raises(SourceError, match=rf"{tar}: a file, not a folder: adopt the folder that holds it "
+                                          rf"\(`mixmae shards adopt {tar.parent} --out DIR`\)"):
+        adopt(tar, tmp_path / "idx", AdoptOptions(workers=1))
