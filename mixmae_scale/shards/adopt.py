@@ -412,6 +412,7 @@ class AdoptionSource:
         for other, names in self.left_out.items():
             warnings.append(f"{split}: {plural(len(names), 'tar')} named for '{other}' (e.g. {names[0]}) left "
                             f"out; adopt them with --split {other}")
+        empty = [s.name for s in shards if not s.found and not s.problem]
         masked = sum(s.masked_samples for s in shards)
         if 0 < masked < samples:
             warnings.append(f"{split}: {samples - masked} of {samples} indexed samples have no seg.png, so the split "
@@ -421,6 +422,9 @@ class AdoptionSource:
                   "problem_tars": sum(bool(s.problem) for s in shards), "decoded": self.options.decode,
                   "ignored_files": dict(self.others),
                   "hidden_tars": len(self.hidden), "hidden_tar_names": self.hidden[:HIDDEN_NAMED],
+                  # Tars read whole that hold no member of any sample (img2dataset's shard whose downloads all failed):
+                  # in no count above, so named here, else '2 shards (3 indexed now)' was all that told of them.
+                  "empty_tars": len(empty), "empty_tar_names": empty[:HIDDEN_NAMED],
                   "left_out_tars": {other: len(names) for other, names in self.left_out.items()}}
         entries = tuple(ShardEntry(self.prefix + s.name, s.index, s.samples, s.size, s.sha256)
                         for s in shards if s.samples)
@@ -479,6 +483,10 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
                 if info["problem_tars"] else "")
     hidden = f"; {hidden_note(info['hidden_tars'], info['hidden_tar_names'])}" if info.get("hidden_tars") else ""
     masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""
+    if empty := info.get("empty_tars", 0):
+        more = f" and {empty - HIDDEN_NAMED} more" if empty > HIDDEN_NAMED else ""
+        names = ", ".join(info["empty_tar_names"]) + more
+        problems += f"; {plural(empty, 'tar')} {'holds' if empty == 1 else 'hold'} no sample ({names})"
     return [f"{split}: {plural(len(entry.shards), 'shard')} ({result.done_now} indexed now); samples found "
             f"{info['found']} = indexed {entry.samples} + rejected {info['rejected']}; members {info['members']} "
             f"(ignored {info['ignored_members']}); {classes}{masks}{problems}{ignored}{hidden}"]

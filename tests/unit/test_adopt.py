@@ -653,3 +653,17 @@ def test_tars_inside_a_hidden_folder_are_skipped_as_hidden_tars_are(tmp_path):
     assert [s.name for s in entry.shards] == ["shard-000.tar"] and entry.samples == 3
     assert entry.counts["hidden_tars"] == 1 and entry.counts["hidden_tar_names"] == [".Trash-1000/files/shard-old.tar"]
     assert "in a hidden folder" in adopt_module.hidden_note(1, [".Trash-1000/files/shard-old.tar"])
+
+
+def test_a_tar_that_holds_no_sample_is_named_in_the_summary(tmp_path, capsys):
+    """img2dataset writes a tar for a shard whose downloads all failed: no member, or only .txt/.json. It left the set
+    unsaid: the summary read '2 shards (3 indexed now)' and no count or name told which tar held nothing."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "00000.tar", 3)
+    _labeled_tar(src / "00001.tar", 3)
+    write_tar(src / "00002.tar", [])
+    assert main(["shards", "adopt", str(src), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: ")]
+    assert "2 shards (3 indexed now)" in line and "; 1 tar holds no sample (00002.tar)" in line, line
+    counts = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
+    assert counts["empty_tars"] == 1 and counts["empty_tar_names"] == ["00002.tar"], counts
