@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -257,10 +259,17 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
     unfinished = _unfinished_build(folder, location)
     if unfinished:
         return f"{head}: {unfinished}"
-    tars = list(folder.glob("*.tar"))
+    # One level of subfolders too: a download laid out as train/*.tar and val/*.tar was said to hold no .tar files
+    # and sent to `mixmae shards folder`, though adoption lists recursively and finds them.
+    tars = sorted(p.relative_to(folder).as_posix() for p in chain(folder.glob("*.tar"), folder.glob("*/*.tar"))
+                  if not p.name.startswith("."))
     if tars:
-        return (f"{head}: {len(tars)} .tar files are there: `mixmae shards adopt {location} --out DIR` indexes "
-                "them without rewriting")
+        shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
+        val = any(re.search(r"(^|[-_./])(val|valid|validation)([-_./\d]|$)", name.lower()) for name in tars)
+        return (f"{head}: {plural(len(tars), '.tar file')} {'is' if len(tars) == 1 else 'are'} there ({shown}): "
+                f"`mixmae shards adopt {location} --out DIR` indexes them without rewriting"
+                + (f" (the tars named for val: a second `mixmae shards adopt {location} --out DIR --split val`)"
+                   if val else ""))
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     location = location.rstrip("/") or location
     out = location + "-shards"
@@ -284,6 +293,38 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
             "shards with `mixmae shards folder` or `mixmae shards imagenet`")
 
 
+def _not_a_stored_shard_set(location: str) -> str:
+    """What an s3:// prefix without a manifest holds, from one LIST page, and the command that makes a shard set of
+    it, as `_not_a_shard_set` says for a folder: `verify` or `data.shards=` over the tars of a download not yet
+    adopted said only `GET failed: no such object`, which names neither the tars nor `mixmae shards adopt`."""
+    location = location.rstrip("/")
+    head = f"{location} is not a shard set (it has no {MANIFEST})"
+    try:
+        files = storage.list_files(location, pages=1)
+    except storage.StorageError as exc:
+        return f"{head}; listing it failed too: {exc}"
+    if not files:
+        return (f"{head}: nothing is stored under it; check the bucket and prefix, or build shards there with "
+                f"`mixmae shards folder|imagenet ... --out {location}`")
+    if any(f.name.startswith(".progress/adopt/") for f in files):
+        return (f"{head}: it holds an unfinished adoption (`mixmae shards adopt ... --out {location}`): run that "
+                "command again to finish it")
+    if any(f.name.startswith(".progress/") for f in files):
+        return (f"{head}: it holds an unfinished conversion: run the `mixmae shards` command that wrote it (--out "
+                f"{location}, the same options) again to finish it")
+    tars = [f.name for f in files if f.name.lower().endswith(".tar")]
+    if tars:
+        many = len(files) >= 1000  # one LIST page: there may be more
+        shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
+        are = "is" if len(tars) == 1 else "are"
+        return (f"{head}: {'at least ' if many else ''}{plural(len(tars), '.tar file')} {are} there ({shown}): "
+                f"`mixmae shards adopt {location} --out {location}-index` indexes them without rewriting; then use "
+                f"{location}-index as the shard set")
+    names = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")
+    return (f"{head}: it holds no shards or .tar files ({names}); build shards with `mixmae shards folder|imagenet "
+            f"... --out {location}`")
+
+
 def _read_json(location: str) -> tuple[Any, str]:
     """The parsed JSON of a set's manifest and its displayed path, with one-line errors naming the path or URL."""
     path = storage.join(location, MANIFEST)
@@ -300,6 +341,8 @@ def _read_json(location: str) -> tuple[Any, str]:
     try:
         text = storage.read_text(path)
     except storage.StorageError as exc:
+        if storage.is_remote(location) and str(exc).endswith(": no such object"):
+            raise DataError(_not_a_stored_shard_set(location)) from exc
         raise DataError(f"{exc} (the shard set's manifest; data.shards={location})") from exc
     try:
         return json.loads(text), _display(path)

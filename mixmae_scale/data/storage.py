@@ -369,10 +369,11 @@ class _Limited:
         self.close()
 
 
-def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
+def list_files(prefix: str | Path, suffix: str = "", pages: int | None = None) -> list[StoredFile]:
     """Every file under a folder or s3:// prefix (recursively) whose name ends with `suffix`, sorted by name.
     Linked folders are followed (Path.rglob skipped them: a set spread over linked disks lost their tars unsaid),
-    each real folder once."""
+    each real folder once. `pages` (S3 only): at most that many LIST pages of 1,000 keys, for a look at what a
+    prefix holds (an error's hint) that must not list a million keys."""
     if not is_remote(prefix):
         root = Path(prefix)
         if not root.is_dir():
@@ -394,7 +395,8 @@ def list_files(prefix: str | Path, suffix: str = "") -> list[StoredFile]:
     key = key.rstrip("/") + "/" if key else ""
     found: list[StoredFile] = []
     for page in _s3_call(str(prefix), "LIST",
-                         lambda: list(_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key))):
+                         lambda: list(_client().get_paginator("list_objects_v2").paginate(
+                             Bucket=bucket, Prefix=key, PaginationConfig={"MaxItems": pages * 1000} if pages else {}))):
         for item in page.get("Contents", []):
             name = item["Key"][len(key):]
             if name.endswith(suffix) and name:

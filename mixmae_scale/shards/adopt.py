@@ -378,7 +378,12 @@ class AdoptionSource:
         reasons = [r["reason"] for s in shards for r in s.rejected] + extra + [s.problem for s in bad_tars]
         empty = (f"{self.src}: no sample of its {plural(len(shards), 'tar')} can be read; "
                  f"see {storage.join(self.out, REJECTED)}")
-        return SplitOutcome(entry, rows, entry.counts["found"] + len(extra) + len(bad_tars), reasons, warnings, empty)
+        # A tar with no readable sample (a Git LFS pointer, a failed download) may have held a tenth of the set, yet
+        # weighed 1 of 2,001 samples: it is also a share of the split's tars, which the ceiling checks too.
+        whole = ([(split, len(shards), [s.problem for s in bad_tars], "tars")]
+                 if 0 < len(bad_tars) < len(shards) else [])  # all unreadable: the samples' share says it
+        return SplitOutcome(entry, rows, entry.counts["found"] + len(extra) + len(bad_tars), reasons, warnings, empty,
+                            whole)
 
     def _entry(self, split: str, shards: list[AdoptedShard]) -> tuple[SplitEntry, list[str]]:
         found, samples = sum(s.found for s in shards), sum(s.samples for s in shards)
@@ -407,6 +412,7 @@ class AdoptionSource:
         for other, names in self.left_out.items():
             warnings.append(f"{split}: {plural(len(names), 'tar')} named for '{other}' (e.g. {names[0]}) left "
                             f"out; adopt them with --split {other}")
+        empty = [s.name for s in shards if not s.found and not s.problem]
         masked = sum(s.masked_samples for s in shards)
         if 0 < masked < samples:
             warnings.append(f"{split}: {samples - masked} of {samples} indexed samples have no seg.png, so the split "
@@ -416,6 +422,9 @@ class AdoptionSource:
                   "problem_tars": sum(bool(s.problem) for s in shards), "decoded": self.options.decode,
                   "ignored_files": dict(self.others),
                   "hidden_tars": len(self.hidden), "hidden_tar_names": self.hidden[:HIDDEN_NAMED],
+                  # Tars read whole that hold no member of any sample (img2dataset's shard whose downloads all failed):
+                  # in no count above, so named here, else '2 shards (3 indexed now)' was all that told of them.
+                  "empty_tars": len(empty), "empty_tar_names": empty[:HIDDEN_NAMED],
                   "left_out_tars": {other: len(names) for other, names in self.left_out.items()}}
         entries = tuple(ShardEntry(self.prefix + s.name, s.index, s.samples, s.size, s.sha256)
                         for s in shards if s.samples)
@@ -428,7 +437,9 @@ class AdoptionSource:
 
 
 def _hidden(name: str) -> bool:
-    return name.rsplit("/", 1)[-1].startswith(".")
+    """A tar whose name, or one of whose folders, starts with a dot: a drive's `.Trash-1000/files/old.tar` (a deleted
+    shard) was adopted into the set, as conversion took the images of hidden folders."""
+    return any(part.startswith(".") and part not in (".", "..") for part in name.split("/"))
 
 
 def hidden_note(count: int, names: list[str]) -> str:
@@ -436,9 +447,11 @@ def hidden_note(count: int, names: list[str]) -> str:
     tar) beside every file it copies to a volume without its attributes, so a set copied from a Mac doubles its
     "tars". A summary's "ignored files beside the tars: {'.tar': 1}" said neither which nor why."""
     shown = ", ".join(names[:HIDDEN_NAMED]) + (f" and {count - HIDDEN_NAMED} more" if count > HIDDEN_NAMED else "")
+    in_folder = any("/." in "/" + name.rsplit("/", 1)[0] for name in names if "/" in name)
     return (f"{plural(count, 'hidden tar')} skipped ({shown}): a name starting with '.' is a hidden file, such as the "
             "AppleDouble '._*' files macOS leaves beside copied files, not a shard; rename a real shard without the "
-            "leading dot")
+            "leading dot" + ("; a tar in a hidden folder (a drive's .Trash-1000/) is no shard either: move it out "
+                             "to adopt it" if in_folder else ""))
 
 
 def _compressed_note(names: list[str]) -> str:
@@ -453,6 +466,9 @@ def _compressed_note(names: list[str]) -> str:
 def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResult:
     """Indexes SRC's tars into OUT and writes the manifest; the result's warnings are for the person adopting."""
     src, out = _location(src), _location(out)
+    if not storage.is_remote(src) and Path(src).is_file():  # a shard named alone: said only 'a file, not a folder'
+        raise SourceError(f"{src}: a file, not a folder: adopt the folder that holds it (`mixmae shards adopt "
+                          f"{Path(src).parent} --out DIR`); every .tar under it is a shard of the set")
     return build(AdoptionSource(src, out, options), out)
 
 
@@ -467,6 +483,10 @@ def summary_lines(result: BuildResult, split: str) -> list[str]:
                 if info["problem_tars"] else "")
     hidden = f"; {hidden_note(info['hidden_tars'], info['hidden_tar_names'])}" if info.get("hidden_tars") else ""
     masks = "; every sample has a segmentation mask (seg.png)" if entry.masks else ""
+    if empty := info.get("empty_tars", 0):
+        more = f" and {empty - HIDDEN_NAMED} more" if empty > HIDDEN_NAMED else ""
+        names = ", ".join(info["empty_tar_names"]) + more
+        problems += f"; {plural(empty, 'tar')} {'holds' if empty == 1 else 'hold'} no sample ({names})"
     return [f"{split}: {plural(len(entry.shards), 'shard')} ({result.done_now} indexed now); samples found "
             f"{info['found']} = indexed {entry.samples} + rejected {info['rejected']}; members {info['members']} "
             f"(ignored {info['ignored_members']}); {classes}{masks}{problems}{ignored}{hidden}"]

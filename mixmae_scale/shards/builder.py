@@ -19,8 +19,10 @@ Library code prints nothing but the progress bar: warnings come back in `BuildRe
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -121,6 +123,8 @@ class SplitOutcome:
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     empty_error: str = ""  # raised, after rejected.jsonl is written, when the split has no shard at all
+    # More shares the ceiling checks, each (what, found, reasons, unit): adoption's tars with no readable sample
+    extra_checks: list[tuple[str, int, list[str], str]] = field(default_factory=list)
 
 
 class ShardSource(Protocol):
@@ -155,7 +159,8 @@ def build(source: ShardSource, out: str) -> BuildResult:
         warnings += outcomes[split].warnings
     rejections = write_rejections(out, {split: o.rejected for split, o in outcomes.items()})
     try:
-        check_every_split([(split, o.found, o.reasons) for split, o in outcomes.items()], source.max_rejected,
+        check_every_split([(split, o.found, o.reasons) for split, o in outcomes.items()]
+                          + [check for o in outcomes.values() for check in o.extra_checks], source.max_rejected,
                           rejections, source.unit)
     except TooManyRejected as exc:  # what a successful build would have warned of is said with the refusal
         if not warnings:
@@ -235,9 +240,28 @@ def _dead_workers_code(processes: Sequence[multiprocessing.process.BaseProcess])
     return next((code for code in codes if code != -signal.SIGTERM), codes[0] if codes else None)
 
 
+PR_SET_PDEATHSIG = 1  # Linux's prctl option: the signal this process gets when the thread that started it ends
+
+
+def die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: the kernel ends this worker by SIGKILL when the process that started it ends.
+
+    A conversion ended by `kill PID` (SIGTERM, no handler: no cleanup runs) or by the out-of-memory killer choosing
+    the main process left its workers running: they wrote the shards already handed to them into the output after
+    the command had exited, racing a rerun started at once on the same temporary files, then waited for work for
+    good. A worker whose parent ended before this ran ends itself. Elsewhere than Linux (no prctl) nothing changes."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _pooled(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple, processes: list
             ) -> Iterator[tuple[J, R]]:
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD),
+                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         try:
             pending: dict[Future, J] = {}
             queue = iter(units)

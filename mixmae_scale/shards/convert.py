@@ -36,6 +36,7 @@ from mixmae_scale.shards.sources import (
     ade20k_split,
     drop_duplicates,
     folder_images,
+    hidden_folders,
     hold_out,
     ignored_note,
     imagenet_split,
@@ -93,6 +94,8 @@ def parse_size(text: str) -> int:
 def _check_output(src: Path, out: str) -> None:
     if storage.is_remote(out):
         return
+    if Path(out).exists() and not Path(out).is_dir():  # mkdir failed 'File exists ... free space or fix the folder'
+        raise SourceError(f"--out {out}: a file, not a folder; name a new or empty folder for the shards")
     src_r, out_r = src.resolve(), Path(out).resolve()
     if out_r == src_r or src_r in out_r.parents:
         raise SourceError(f"output folder {out} is inside the source folder {src}: it would be read as input")
@@ -111,6 +114,30 @@ def _written_options(options: ConvertOptions) -> dict:
     return written
 
 
+# Each written option as the command line gives it; `layout` is the subcommand, `masks` follows from it.
+OPTION_FLAGS = {"seed": "--seed", "samples_per_shard": "--samples-per-shard", "shard_bytes": "--shard-size",
+                "quality": "--quality", "resize_shorter": "--resize-shorter", "strict": "--strict",
+                "max_pixels": "--max-megapixels", "oversize": "--oversize", "val_fraction": "--val-fraction",
+                "unlabeled": "--unlabeled", "layout": "the subcommand (`mixmae shards LAYOUT`)",
+                "masks": "segmentation masks"}
+
+
+def _option_change(key: str, before: object, now: object) -> str:
+    """'--quality 95 there, 90 now': the flag and both values, so that the refusal says what resuming needs (it said
+    `other options (quality)`, naming neither the value the folder was begun with nor the flag that gives it)."""
+    def shown(value: object) -> str:
+        if key == "max_pixels":
+            return "0 (no limit)" if not value else f"{value / 1e6:g}"
+        if value is None:
+            return "not given"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    flag = OPTION_FLAGS.get(key, key)
+    if isinstance(before, bool) or isinstance(now, bool):
+        return f"{flag}: {'given' if before else 'not given'} there, {'given' if now else 'not given'} now"
+    return f"{flag} {shown(before)} there, {shown(now)} now"
+
+
 def _check_same_options(out: str, options: ConvertOptions) -> None:
     """Resuming with other options would mix two datasets in one folder: refuse. `splits` may differ: a split
     converted later (`--split train`, then `--split val`) joins the set; the record keeps every split's name."""
@@ -123,8 +150,9 @@ def _check_same_options(out: str, options: ConvertOptions) -> None:
         previous["splits"] = list(previous["splits"])
         changed = sorted(k for k in current if k != "splits" and previous.get(k) != current[k])
         if changed:
-            raise SourceError(f"{out} holds shards made with other options ({', '.join(changed)}); "
-                              "use the same options to resume, or a new output folder")
+            said = "; ".join(_option_change(k, previous.get(k), current[k]) for k in changed)
+            raise SourceError(f"{out} holds shards made with other options ({said}): resume with the options it was "
+                              "begun with, or convert into a new output folder")
         every = previous["splits"] + [s for s in current["splits"] if s not in previous["splits"]]
         if every != previous["splits"]:
             storage.write_text(url, json.dumps({**previous, "splits": every}, sort_keys=True))
@@ -457,7 +485,9 @@ class ConversionSource:
         duplicates = self.discovered[split].duplicates
         counts = {
             "found": found, "rejected": sum(len(r.rejected) for r in ordered), "copied": sum(r.copied for r in ordered),
-            "ignored_not_images": len(ignored), "ignored_examples": ignored[:5], "converted": converted,
+            "ignored_not_images": len(ignored) - len(hidden_folders(ignored)),
+            "ignored_examples": [name for name in ignored if not name.endswith("/")][:5], "converted": converted,
+            "ignored_hidden_folders": len(hidden_folders(ignored)),
             **({"skipped_duplicates": len(duplicates),
                 "skipped_examples": [{"source": d.rel, "reason": d.reason()} for d in duplicates[:5]]}
                if duplicates else {}),
@@ -554,7 +584,9 @@ def summary_lines(manifest: Manifest) -> list[str]:
                      + (f" ({kinds})" if kinds else "") + f"; {plural(len(info['shards']), 'shard')}"
                      + ("; with segmentation masks (seg.png)" if entry.masks else "")
                      + (f"; ignored {info['ignored_not_images']} not named like an image"
-                        if info.get("ignored_not_images") else ""))
+                        if info.get("ignored_not_images") else "")
+                     + (f"; skipped {plural(info['ignored_hidden_folders'], 'hidden folder')}"
+                        if info.get("ignored_hidden_folders") else ""))
         if info.get("transient"):
             lines.append(f"{split}: {info['transient']} of the rejections were I/O errors that may pass (EIO, ESTALE, "
                          "timeouts; retried with backoff): run the same command again to retry them")

@@ -158,6 +158,7 @@ IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b
 OTHER_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive (or a document made of one)"),
                     (b"\x1f\x8b", "gzip-compressed data"), (b"7z\xbc\xaf", "a 7-Zip archive"))
 SIGNATURE_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what git leaves in place of a file it did not fetch
 
 
 def _signature(data: bytes) -> str | None:
@@ -188,6 +189,10 @@ def what_the_bytes_are(data: bytes) -> str:
     signatures, which are printable ('BM', 'GIF89a'): a CSV whose first word starts with BM was said to be a
     damaged BMP."""
     image = _signature(data)
+    if data.startswith(LFS_POINTER):  # text, but text that says where the image is
+        return ("a Git LFS pointer file, not the image: the files were cloned without their LFS objects (a Hugging "
+                "Face dataset cloned without git-lfs); fetch them (`git lfs install && git lfs pull` in the clone) and "
+                "run the same command again")
     if image == "HEIC/AVIF":
         return "a HEIC/AVIF image, which Pillow does not read without a plugin: convert it to JPEG or PNG first"
     text = _as_text(data[:512])

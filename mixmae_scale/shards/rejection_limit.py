@@ -18,6 +18,8 @@ from mixmae_scale.data.errors import plural
 from mixmae_scale.shards.tar_index import KEY_APART, KEY_APART_REMEDY
 
 DEFAULT_MAX_REJECTED = 0.01
+# The units the sources count in, in the singular.
+SINGULAR = {"files": "file", "samples (and unreadable tars)": "sample (or unreadable tar)", "tars": "tar"}
 
 
 class TooManyRejected(ValueError):
@@ -43,26 +45,35 @@ def check_rejections(what: str, found: int, reasons: list[str], max_rejected: fl
     check_every_split([(what, found, reasons)], max_rejected, rejections_file, unit)
 
 
-def check_every_split(counts: list[tuple[str, int, list[str]]], max_rejected: float, rejections_file: str,
-                      unit: str = "files") -> None:
+def check_every_split(counts: list[tuple], max_rejected: float, rejections_file: str, unit: str = "files") -> None:
     """One TooManyRejected naming every (split, found, reasons) above `max_rejected`, so that one run tells
     the user about all of them, with the one --max-rejected that accepts them all. A split that found nothing
-    is not a share of rejections (no --max-rejected would pass it): the build says it is empty."""
+    is not a share of rejections (no --max-rejected would pass it): the build says it is empty. An entry may name
+    its own unit as a fourth item (adoption's tars with no readable sample, a share of the split's tars)."""
     over, suggest, apart = [], 0.0, 0
-    for what, found, reasons in counts:
+    for what, found, reasons, *own in counts:
+        noun = own[0] if own else unit
         rejected = len(reasons)
         if not found or rejected / found <= max_rejected:
             continue
         apart += sum(KEY_APART in reason for reason in reasons)
+        grouped = f": {reason_counts(reasons)}" if reasons else ""
+        if rejected >= found:
+            # Accepting every rejection leaves the split empty, which the build then refuses ("no sample ... can be
+            # read"): "accept them with --max-rejected 1" sent the user to a second failure.
+            whole = f"every one of its {found} {noun}" if found > 1 else f"its one {SINGULAR.get(noun, noun)}"
+            over.append(f"{what}: {whole} was rejected: no --max-rejected keeps any{grouped}")
+            continue
         share = f"{100 * rejected / found:.1f}%"
         suggest = max(suggest, min(1.0, round(rejected / found + 0.005, 2)))
-        over.append(f"{what}: {rejected} of {found} {unit} rejected ({share}), above --max-rejected {max_rejected:g}"
-                    + (f": {reason_counts(reasons)}" if reasons else ""))
+        over.append(f"{what}: {rejected} of {found} {noun} rejected ({share}), above --max-rejected {max_rejected:g}"
+                    + grouped)
     if over:
         # Keys whose members are apart are not bad images: the tar's member order is, and accepting them loses
         # every such sample, so the way out is to re-tar, not to raise the ceiling.
         retar = (f". {apart} of them are keys whose members are apart in the tar: {KEY_APART_REMEDY}, and run the "
                  "same command again" if apart else "")
+        accept = f", or accept them with --max-rejected {suggest:g}" if suggest else ""
         raise TooManyRejected(
             "; ".join(over) + f"; each with its reason in {rejections_file}{retar}. Fix the source and run the same "
-            f"command again (finished shards are kept), or accept them with --max-rejected {suggest:g}")
+            f"command again (finished shards are kept){accept}")

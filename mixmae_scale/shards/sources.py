@@ -96,12 +96,29 @@ def drop_duplicates(splits: Mapping[str, list[SourceImage]]) -> tuple[dict[str, 
     return kept, left_out
 
 
+def hidden_folders(ignored: list[str]) -> list[str]:
+    """The hidden folders among `ignored` (listed with a trailing '/'); the rest are files."""
+    return [name for name in ignored if name.endswith("/")]
+
+
 def ignored_note(ignored: list[str], shown: int = 5) -> str:
-    """'ignored 1 file that is not an image by name: notes.txt' (the first `shown` names)."""
-    names = ", ".join(ignored[:shown]) + (f" and {len(ignored) - shown} more" if len(ignored) > shown else "")
-    one = len(ignored) == 1
-    return (f"ignored {len(ignored)} {'file that is not an image' if one else 'files that are not images'} by name "
-            f"(images end in {', '.join(IMAGE_SUFFIXES)}): {names}")
+    """'ignored 1 file that is not an image by name: notes.txt' (the first `shown` names), and the hidden folders
+    skipped with what was in them."""
+    folders = hidden_folders(ignored)
+    files = [name for name in ignored if not name.endswith("/")]
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+    one = len(files) == 1
+    said = [f"ignored {len(files)} {'file that is not an image' if one else 'files that are not images'} by name "
+            f"(images end in {', '.join(IMAGE_SUFFIXES)}): {first(files)}"] if files else []
+    if folders:
+        them = "it" if len(folders) == 1 else "them"
+        said.append(f"skipped {plural(len(folders), 'hidden folder')} and what is in {them} ({first(folders)}): a "
+                    "folder whose name starts with '.' (thumbnails, a drive's .Trash-1000/) is no part of the set; "
+                    "rename it without the dot to convert its images")
+    return "; ".join(said)
 
 
 def _list_images(folder: Path, root: Path, label: int, wnid: str | None, ignored: list[str]) -> list[SourceImage]:
@@ -118,7 +135,10 @@ def _list_images(folder: Path, root: Path, label: int, wnid: str | None, ignored
             dirnames.clear()
             continue
         seen.add(real)
-        dirnames.sort()
+        # A hidden folder is no part of the set, as a hidden file is not: its images were converted as the class's
+        # own (a `.thumbs/` of thumbnails, a drive's `.Trash-1000/` of deleted photos). Listed, with a trailing '/'.
+        ignored += [str((Path(dirpath) / d).relative_to(root)) + "/" for d in sorted(dirnames) if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         # A folder named like an image is listed too, so that it is reported (as unreadable), not lost.
         odd_folders = [d for d in dirnames if is_image_name(d) and not d.startswith(".")]
         for name in sorted(filenames + odd_folders):
@@ -150,7 +170,7 @@ def read_class_names(src: Path) -> dict[str, str]:
         for candidate in (folder / name for folder in label_folders(src)):
             if candidate.exists():
                 names = {}
-                for line in candidate.read_text().splitlines():
+                for line in candidate.read_text(encoding="utf-8-sig").splitlines():
                     wnid, _, words = line.strip().partition(" ")
                     if wnid:
                         names[wnid] = words.strip()
@@ -203,17 +223,21 @@ def _val_labels(src: Path) -> dict[str, str] | None:
     """Flat validation labels: file stem -> wnid, from Kaggle's CSV or the devkit ground truth."""
     for candidate in (folder / "LOC_val_solution.csv" for folder in label_folders(src)):
         if candidate.exists():
-            with candidate.open() as handle:
+            # utf-8-sig: a CSV saved by Excel or a Windows editor starts with a byte-order mark, which made its first
+            # column '\ufeffImageId' and refused a file that visibly has the columns.
+            with candidate.open(encoding="utf-8-sig", newline="") as handle:
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-                    raise SourceError(f"{candidate}: expected the columns ImageId,PredictionString")
+                    raise SourceError(f"{candidate}: expected the columns ImageId,PredictionString; it has "
+                                      f"{', '.join(reader.fieldnames or []) or 'none'} (Kaggle's file as downloaded "
+                                      "has them)")
                 return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
     for candidate in (place / "ILSVRC2012_validation_ground_truth.txt" for folder in label_folders(src)
                       for place in (folder, folder / "ILSVRC2012_devkit_t12" / "data")):
         if candidate.exists():
             order = _devkit_wnids(src, candidate)
             labels = {}
-            for i, line in enumerate(candidate.read_text().split(), start=1):
+            for i, line in enumerate(candidate.read_text(encoding="utf-8-sig").split(), start=1):
                 ilsvrc_id = int(line)
                 if not 1 <= ilsvrc_id <= len(order):
                     raise SourceError(f"{candidate}: line {i}: ILSVRC2012_ID {ilsvrc_id} out of range")
@@ -230,7 +254,7 @@ def _devkit_wnids(src: Path, truth: Path) -> list[str]:
     """
     listed = truth.parent / "ILSVRC2012_devkit_order.txt"
     if listed.exists():
-        return [w.strip() for w in listed.read_text().split() if w.strip()]
+        return [w.strip() for w in listed.read_text(encoding="utf-8-sig").split() if w.strip()]
     meta = truth.parent / "meta.mat"
     if meta.exists():
         from scipy.io import loadmat

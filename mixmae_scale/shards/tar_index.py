@@ -31,7 +31,7 @@ from typing import BinaryIO
 from PIL import Image, UnidentifiedImageError
 
 from mixmae_scale.data.labels import UNLABELED, parse_cls
-from mixmae_scale.shards.jpeg_check import BOMB_PIXELS
+from mixmae_scale.shards.jpeg_check import BOMB_PIXELS, LFS_POINTER, OTHER_SIGNATURES
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
@@ -153,6 +153,34 @@ class _HashingReader:
             pass
 
 
+COMPRESSED = ((b"\x1f\x8b", "gzip", ".gz", "gunzip"), (b"BZh", "bzip2", ".bz2", "bunzip2"),
+              (b"\xfd7zXZ\x00", "xz", ".xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", ".zst", "unzstd"))
+
+
+def not_a_tar(head: bytes, error: str) -> str:
+    """What a file named .tar that tarfile cannot open is, by its first bytes, and how to get the tar. A Hugging Face
+    webdataset cloned without git-lfs holds 130-byte pointer files named 00000.tar, a failed download may be an HTML
+    page, webdataset's TarWriter(compress=True) writes gzip: all were 'not a tar archive (truncated header)', which
+    sends no one to `git lfs pull`. The reason's first words name the kind, which the rejection summary groups by."""
+    if head.startswith(LFS_POINTER):
+        return ("a Git LFS pointer file, not the tar: the repository was cloned without its LFS objects (a Hugging "
+                "Face dataset cloned without git-lfs); fetch them (`git lfs install && git lfs pull` in the clone) and "
+                "run the same command again")
+    for magic, kind, suffix, tool in COMPRESSED:
+        if head.startswith(magic):
+            return (f"{kind}-compressed data named .tar, not a plain tar: training reads byte ranges of plain tars; "
+                    f"decompress it in place (`mv x.tar x.tar{suffix} && {tool} x.tar{suffix}`) and run the same "
+                    "command again")
+    start = head.lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return (f"an HTML page, not a tar (it starts {head.lstrip()[:40]!r}): a download that got an error or login "
+                "page instead of the file; download it again and run the same command again")
+    other = next((name for magic, name in OTHER_SIGNATURES if head.startswith(magic)), None)
+    if other is not None:
+        return f"{other}, not a tar: put its images into a tar, or convert them with `mixmae shards folder`"
+    return f"not a tar archive ({error}; it starts {head[:16]!r})"
+
+
 def _padded(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
@@ -240,7 +268,7 @@ def index_tar(stream: BinaryIO, decode: bool = False) -> TarIndex:
     try:
         tar = tarfile.open(fileobj=reader, mode="r|")  # noqa: SIM115 - closed below
     except tarfile.ReadError as exc:
-        result.problem = f"not a tar archive ({exc})"
+        result.problem = not_a_tar(reader.bytes_at(0, _BLOCK), str(exc))
     else:
         try:
             _read_members(tar, result, samples, cursor, decode)

@@ -269,7 +269,8 @@ def test_shards_in_object_storage_read_as_from_disk_in_few_requests(demo_shards,
     # the reader is up to 3 windows (of 64) into the next epoch by the time this one is consumed: at most 4 more.
     assert gets <= 1 + 5 + 5 + 4, dict(storage.REQUESTS)
     assert gets / samples < 0.1  # DALI's own S3 reader: about 2.3 (one request per member)
-    with pytest.raises(DataError, match=f"s3://{s3_bucket}/missing/dataset.json: GET failed: no such object"):
+    with pytest.raises(DataError, match=rf"s3://{s3_bucket}/missing is not a shard set \(it has no dataset.json\): "
+                       "nothing is stored under it"):
         ShardLoader(f"s3://{s3_bucket}/missing", "train", spec, "torch")
     # What `mixmae visualize` and `mixmae probe` read (their evaluation views) comes from the store the same way.
     from held_splits import load_images

@@ -484,7 +484,7 @@ def test_a_tar_in_directory_order_counts_its_keys_once_and_says_to_retar_sorted(
     with pytest.raises(TooManyRejected) as refused:
         adopt(tmp_path / "src", tmp_path / "out", AdoptOptions())
     message = str(refused.value)
-    assert "20 of 20 samples (and unreadable tars) rejected" in message
+    assert "every one of its 20 samples (and unreadable tars) was rejected: no --max-rejected keeps any" in message
     assert "20 of them are keys whose members are apart in the tar" in message and "tar --sort=name" in message
     lines = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(sorted(r["members"]) == [f"{r['key']}.cls", f"{r['key']}.jpg"] for r in lines)
@@ -574,3 +574,96 @@ def test_hidden_tars_are_said_skipped_by_name_and_why_not_counted_as_ignored_fil
     with pytest.raises(SourceError, match=r"no \.tar files found \(searched recursively\)\. 1 hidden tar "
                                           r"skipped \(\._shard-000\.tar\): a name starting with '\.' is a hidden file"):
         adopt(only, tmp_path / "out2", AdoptOptions())
+
+
+def test_a_file_named_tar_that_is_not_one_is_said_for_what_it_is_with_the_way_out(tmp_path):
+    """A Hugging Face webdataset cloned without git-lfs holds 130-byte pointer files named 00000.tar; a gzip stream
+    named .tar (webdataset's TarWriter(compress=True)), a failed download's HTML page, a zip: each was 'not a tar
+    archive (truncated header)' or '(invalid header)', and the refusal offered --max-rejected 1. Each is said for
+    what its bytes are, with the command that gets the real tar, and the summary groups the tars by that."""
+    import gzip
+
+    from mixmae_scale.shards.rejection_limit import reason_counts
+    from mixmae_scale.shards.tar_index import index_tar
+
+    good = tmp_path / "good.tar"
+    write_tar(good, [("a.jpg", image_bytes("jpg")), ("a.cls", b"0")])
+    pointer = (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258da"
+               b"aa5e2ca24d17e2393\nsize 1073741824\n")
+    html = b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head><body>" + b"x" * 600 + b"</body></html>\n"
+    problems = {name: index_tar(io.BytesIO(data)).problem for name, data in {
+        "pointer": pointer, "gzip": gzip.compress(good.read_bytes()), "html": html,
+        "zip": b"PK\x03\x04" + b"\0" * 600}.items()}
+    assert problems["pointer"].startswith("a Git LFS pointer file, not the tar") and "git lfs pull" in \
+        problems["pointer"], problems
+    assert problems["gzip"].startswith("gzip-compressed data named .tar") and "gunzip" in problems["gzip"], problems
+    assert problems["html"].startswith("an HTML page, not a tar") and "download it again" in problems["html"], problems
+    assert problems["zip"].startswith("a ZIP archive"), problems
+    assert "'a Git LFS pointer file, not the tar'" in reason_counts(list(problems.values()))
+    assert index_tar(io.BytesIO(good.read_bytes())).problem == ""
+
+
+def test_a_split_with_every_unit_rejected_is_not_offered_a_ceiling_that_keeps_nothing(tmp_path):
+    """Every tar an LFS pointer: the refusal said "or accept them with --max-rejected 1", and that command then
+    failed with "no sample of its 2 tars can be read". A split rejected whole is told that no ceiling keeps any of
+    it; a split rejected in part beside it still gets the ceiling that accepts it."""
+    from mixmae_scale.shards.rejection_limit import check_every_split
+
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(b"version https://git-lfs.github.com/spec/v1\nsize 10\n")
+    with pytest.raises(TooManyRejected) as caught:
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1))
+    said = str(caught.value)
+    assert "--max-rejected 1" not in said and "accept them" not in said, said
+    assert "train: every one of its 2 samples (and unreadable tars) was rejected: no --max-rejected keeps any" in said
+    with pytest.raises(SourceError, match="no sample of its 2 tars can be read"):  # what the old advice led to
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(split="train", workers=1, max_rejected=1))
+    with pytest.raises(TooManyRejected) as both:
+        check_every_split([("train", 10, ["bad"] * 3), ("val", 2, ["bad"] * 2)], 0.01, "rejected.jsonl")
+    assert "or accept them with --max-rejected 0.3" in str(both.value) and "val: every one of its 2" in str(both.value)
+
+
+def test_a_tar_with_no_readable_sample_weighs_as_a_tar_against_the_ceiling(tmp_path):
+    """10 tars of 200 samples and one Git LFS pointer named 00010.tar: the pointer counted as 1 of 2,001 rejected
+    (0.05%, under 1%), so a tenth of the set was lost with exit 0 and a summary's '1 tar cut or unreadable'. A tar
+    from which nothing can be read is also a share of the split's tars: 1 of 11 is above the ceiling, said so."""
+    for t in range(10):
+        write_tar(tmp_path / "src" / f"{t:05d}.tar", [m for i in range(200) for m in (
+            (f"{t}_{i:04d}.jpg", image_bytes("jpg")), (f"{t}_{i:04d}.cls", str(i % 2).encode()))])
+    (tmp_path / "src" / "00010.tar").write_bytes(b"version https://git-lfs.github.com/spec/v1\nsize 10\n")
+    with pytest.raises(TooManyRejected) as caught:
+        adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(workers=1))
+    said = str(caught.value)
+    assert "train: 1 of 11 tars rejected (9.1%), above --max-rejected 0.01: 1 x 'a Git LFS pointer file, not the tar'" \
+        in said, said
+    assert said.endswith("or accept them with --max-rejected 0.1"), said
+    result = adopt(tmp_path / "src", tmp_path / "out", AdoptOptions(workers=1, max_rejected=0.1))
+    assert result.manifest.splits["train"].samples == 2000 and result.done_now == 0
+
+
+def test_tars_inside_a_hidden_folder_are_skipped_as_hidden_tars_are(tmp_path):
+    """A drive's `.Trash-1000/files/old.tar` (a deleted shard) was adopted into the set: only a tar whose own name
+    starts with a dot was hidden. A tar under a hidden folder is skipped and named as hidden tars are."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "shard-000.tar", 3)
+    _labeled_tar(src / ".Trash-1000" / "files" / "shard-old.tar", 3)
+    result = adopt(src, tmp_path / "out", AdoptOptions(workers=1))
+    entry = result.manifest.splits["train"]
+    assert [s.name for s in entry.shards] == ["shard-000.tar"] and entry.samples == 3
+    assert entry.counts["hidden_tars"] == 1 and entry.counts["hidden_tar_names"] == [".Trash-1000/files/shard-old.tar"]
+    assert "in a hidden folder" in adopt_module.hidden_note(1, [".Trash-1000/files/shard-old.tar"])
+
+
+def test_a_tar_that_holds_no_sample_is_named_in_the_summary(tmp_path, capsys):
+    """img2dataset writes a tar for a shard whose downloads all failed: no member, or only .txt/.json. It left the set
+    unsaid: the summary read '2 shards (3 indexed now)' and no count or name told which tar held nothing."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "00000.tar", 3)
+    _labeled_tar(src / "00001.tar", 3)
+    write_tar(src / "00002.tar", [])
+    assert main(["shards", "adopt", str(src), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: ")]
+    assert "2 shards (3 indexed now)" in line and "; 1 tar holds no sample (00002.tar)" in line, line
+    counts = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
+    assert counts["empty_tars"] == 1 and counts["empty_tar_names"] == ["00002.tar"], counts

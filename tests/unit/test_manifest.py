@@ -87,3 +87,17 @@ def test_a_manifest_of_another_format_without_splits_or_not_json_is_refused_with
         (tmp_path / "dataset.json").write_text(json.dumps(empty))
         with pytest.raises(DataError, match=f"{tmp_path / 'dataset.json'}: lists no splits"):
             load_manifest(tmp_path)
+
+
+def test_a_folder_whose_tars_are_in_split_subfolders_is_told_to_adopt_them(tmp_path):
+    """A download laid out as train/*.tar and val/*.tar (as many Hugging Face webdatasets are), given as a shard set,
+    was said to hold 'no shards, .tar files or images (train, val)' and sent to `mixmae shards folder|imagenet`,
+    though `mixmae shards adopt` finds those tars (it lists recursively)."""
+    for split in ("train", "val"):
+        (tmp_path / "dl" / split).mkdir(parents=True)
+        (tmp_path / "dl" / split / "000.tar").write_bytes(b"\0" * 1024)
+    with pytest.raises(DataError) as caught:
+        load_manifest(tmp_path / "dl")
+    said = str(caught.value)
+    assert "2 .tar files are there (train/000.tar, val/000.tar)" in said and "no shards" not in said, said
+    assert f"`mixmae shards adopt {tmp_path / 'dl'} --out DIR`" in said and "--split val" in said, said

@@ -327,3 +327,28 @@ def test_a_ranged_body_that_breaks_is_a_storage_error_naming_the_url(monkeypatch
         stream.read(4)
     assert str(raised.value).startswith("s3://bucket/shard.tar: GET failed: the connection to")
     assert not isinstance(raised.value, storage.StoreUnreachable) and transient.is_transient(raised.value)
+
+
+def test_a_prefix_without_a_manifest_says_what_it_holds_and_the_command_that_makes_it_a_set(s3_bucket):
+    """`mixmae shards verify s3://b/laion-part` (or `data.shards=` it) over the tars a download left, not yet adopted,
+    said only `GET failed: no such object`; a local folder of tars names `mixmae shards adopt`. Now the store's
+    prefix is said as the folder is: its tars and the command, an unfinished build, or nothing at all there."""
+    import boto3
+
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.data.manifest import load_manifest
+
+    client = boto3.client("s3")
+    for name in ("laion/00000.tar", "laion/00001.tar", "laion/00000.parquet", "begun/.progress/adopt/train/0.tar.json"):
+        client.put_object(Bucket=s3_bucket, Key=name, Body=b"x")
+    said = {}
+    for prefix in ("laion", "begun", "nothing"):
+        with pytest.raises(DataError) as caught:
+            load_manifest(f"s3://{s3_bucket}/{prefix}")
+        said[prefix] = str(caught.value)
+        assert said[prefix].startswith(f"s3://{s3_bucket}/{prefix} is not a shard set (it has no dataset.json)")
+        assert "\n" not in said[prefix]
+    assert f"2 .tar files are there (00000.tar, 00001.tar): `mixmae shards adopt s3://{s3_bucket}/laion --out " \
+        in said["laion"], said["laion"]
+    assert "unfinished adoption" in said["begun"] and "run that command again" in said["begun"], said["begun"]
+    assert "nothing is stored under it" in said["nothing"], said["nothing"]

@@ -110,3 +110,52 @@ def test_a_worker_that_crashed_is_not_told_to_lower_workers_for_memory(capsys):
     # A worker that exited with a code (not a signal) keeps the hedged advice.
     assert _worker_died(PoolError("", workers=4, exitcode=1), "kept") == 1
     assert "if memory ran out, lower --workers (e.g. --workers 2)" in capsys.readouterr().err
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys, time
+from mixmae_scale.shards.builder import bounded_pool
+
+def work(unit, folder):
+    with open(os.path.join(folder, f"worker-{os.getpid()}"), "a") as seen:
+        seen.write(f"{unit}\\n")
+    time.sleep(0.3)
+    return unit
+
+if __name__ == "__main__":
+    for _ in bounded_pool(work, list(range(40)), 2, (sys.argv[1],)):
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))  # `kill PID`, or the OOM killer choosing the main process
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody reaps, as under a container's init, has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_the_pool_workers_end_with_the_process_that_started_them(tmp_path, signal_name):
+    """`kill PID` (or the OOM killer) ended `mixmae shards` but not its pool workers: they went on writing the shards
+    already handed to them into the output after the command had exited (racing a rerun started at once on the same
+    temporary files), then sat idle for good as orphans. Seen here: 3 processes left, files still appearing."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pooled.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    ended = subprocess.run([sys.executable, str(script), str(tmp_path), signal_name], env=env, timeout=60)
+    assert ended.returncode == -getattr(signal, signal_name)
+    workers = [int(path.name.split("-")[1]) for path in tmp_path.glob("worker-*")]
+    assert workers, "no worker started"
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # the test's own strays, so that a failure leaves none behind
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} of {len(workers)} workers outlived the process that started them"

@@ -85,3 +85,14 @@ def test_a_script_without_a_main_guard_is_told_the_guard_or_workers_1(tmp_path, 
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mixmae_scale.shards.builder.PoolError") and 'if __name__ == "__main__":' in last \
         and "workers=1" in last, done.stderr[-3000:]
+
+
+def test_an_image_that_is_a_git_lfs_pointer_is_said_so_with_git_lfs_pull():
+    """An image folder cloned from a Hugging Face dataset without git-lfs: every .jpg a 130-byte pointer, each
+    rejected as 'text (no JPEG, PNG, ... signature)', which sends no one to `git lfs pull`."""
+    from mixmae_scale.shards.jpeg_check import prepare_image
+
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 48213\n"
+    said = prepare_image(pointer, name="n01440764_10026.JPEG")
+    assert said.action == "rejected" and said.reason.startswith("not an image: a Git LFS pointer file"), said.reason
+    assert "git lfs pull" in said.reason and "named .JPEG" in said.reason, said.reason

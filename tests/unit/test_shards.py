@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,8 +222,26 @@ def test_same_input_gives_byte_identical_shards_and_seed_changes_order(tmp_path)
 def test_resume_with_other_options_is_refused(tmp_path):
     src = _imagenet_tree(tmp_path / "src", per_class=2)
     convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
-    with pytest.raises(SourceError, match="samples_per_shard"):
+    with pytest.raises(SourceError, match="--samples-per-shard 2 there, 3 now"):
         convert(src, tmp_path / "out", ConvertOptions(layout="imagenet", samples_per_shard=3, shard_bytes=None))
+
+
+def test_resume_with_other_options_names_each_option_by_its_flag_with_both_values(tmp_path):
+    """`mixmae shards folder ... --val-fraction 0.3` over a folder begun with 0.5 said `other options (val_fraction)`:
+    neither the value the folder was begun with, which resuming needs, nor the flag to give it with."""
+    src = _imagenet_tree(tmp_path / "src", per_class=2)
+    begun = ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None, max_pixels=1_000_000,
+                           resize_shorter=32)
+    convert(src, tmp_path / "out", begun)
+    with pytest.raises(SourceError) as caught:
+        convert(src, tmp_path / "out", replace(begun, quality=90, max_pixels=None, resize_shorter=None, strict=True,
+                                                workers=2))
+    said = str(caught.value)
+    for words in ("--quality 95 there, 90 now", "--max-megapixels 1 there, 0 (no limit) now",
+                  "--resize-shorter 32 there, not given now", "--strict: not given there, given now",
+                  f"{tmp_path / 'out'} holds shards made with other options"):
+        assert words in said, said
+    assert "workers" not in said and "\n" not in said
 
 
 def test_killed_conversion_resumes_to_the_same_bytes(tmp_path):
@@ -625,7 +644,7 @@ def test_a_split_converted_later_joins_the_set(tmp_path):
     # Both at once, after: nothing is rewritten; other options are still refused.
     again = convert(src, out, ConvertOptions(layout="imagenet", samples_per_shard=2, shard_bytes=None))
     assert again.done_now == 0 and again.manifest.to_dict()["splits"] == second["splits"]
-    with pytest.raises(SourceError, match=r"other options \(quality\)"):
+    with pytest.raises(SourceError, match=r"other options \(--quality 95 there, 80 now\)"):
         convert(src, out, ConvertOptions(layout="imagenet", splits=("val",), samples_per_shard=2, shard_bytes=None,
                                          quality=80))
     # A split added after the class folders changed would mean other classes by the same labels: refused.
@@ -696,3 +715,60 @@ def test_a_val_fraction_that_leaves_classes_out_of_val_warns_naming_them(tmp_pat
     assert main(["shards", "folder", "--src", str(src), "--out", str(tmp_path / "every"), "--val-fraction", "0.3",
                  "--workers", "1"]) == 0
     assert "no image in it" not in capsys.readouterr().err  # every class held out: nothing to say
+
+
+def test_images_in_hidden_folders_are_not_part_of_the_set_and_the_folders_are_said(tmp_path):
+    """Hidden files were skipped, but the images inside hidden folders were converted as the class's own: a
+    `.thumbs/` of thumbnails (each image twice, once small), a drive's `.Trash-1000/` (deleted photos trained on)."""
+    _jpeg(tmp_path / "src" / "cat" / "a.jpg")
+    _jpeg(tmp_path / "src" / "cat" / ".thumbs" / "a_small.jpg", size=(16, 12))
+    _jpeg(tmp_path / "src" / "dog" / "b.jpg", colour=(10, 200, 10))
+    _jpeg(tmp_path / "flat" / "x.jpg")
+    _jpeg(tmp_path / "flat" / ".Trash-1000" / "files" / "deleted.jpg")
+    labeled = convert(tmp_path / "src", tmp_path / "out1", ConvertOptions(layout="folder", splits=("train",)))
+    flat = convert(tmp_path / "flat", tmp_path / "out2", ConvertOptions(layout="folder", splits=("train",)))
+    assert labeled.manifest.splits["train"].samples == 2 and flat.manifest.splits["train"].samples == 1
+    assert {s["json"] and json.loads(s["json"])["source"] for s in _samples(tmp_path / "out1", "train").values()} == \
+        {"cat/a.jpg", "dog/b.jpg"}
+    assert any("1 hidden folder" in note and "cat/.thumbs/" in note for note in labeled.notes), labeled.notes
+    assert any("1 hidden folder" in note and ".Trash-1000/" in note for note in flat.notes), flat.notes
+    counts = flat.manifest.splits["train"].counts
+    assert counts["ignored_not_images"] == 0 and counts["ignored_hidden_folders"] == 1, counts
+
+
+def test_a_val_labels_csv_saved_with_a_byte_order_mark_and_crlf_reads_its_columns(tmp_path):
+    """LOC_val_solution.csv saved by Excel or a Windows editor starts with a UTF-8 byte-order mark: its first column
+    read as '\\ufeffImageId', and the conversion was refused with 'expected the columns ImageId,PredictionString',
+    which the file visibly has."""
+    src = _imagenet_tree(tmp_path / "src", per_class=1, classes=("n01", "n02"))
+    shutil.rmtree(src / "val")
+    _jpeg(src / "val" / "ILSVRC2012_val_00000001.JPEG")
+    (src / "LOC_val_solution.csv").write_bytes(b"\xef\xbb\xbfImageId,PredictionString\r\n"
+                                               b"ILSVRC2012_val_00000001,n02 1 2 3 4\r\n")
+    (src / "LOC_synset_mapping.txt").write_bytes(b"\xef\xbb\xbfn01 tench\r\nn02 goldfish\r\n")
+    out = tmp_path / "out"
+    classes = convert(src, out, ConvertOptions(layout="imagenet")).manifest.classes
+    assert [int(s["cls"]) for s in _samples(out, "val").values()] == [1]
+    assert [c.get("name") for c in classes] == ["tench", "goldfish"], classes
+    (src / "LOC_val_solution.csv").write_text("Id,Label\nILSVRC2012_val_00000001,n02\n")
+    with pytest.raises(SourceError, match=r"expected the columns ImageId,PredictionString; it has Id, Label"):
+        convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet"))
+
+
+def test_an_output_that_is_a_file_and_an_adopted_tar_named_alone_say_what_to_name_instead(tmp_path):
+    """`--out` naming a file failed 'File exists ... free space or fix the folder' (no disk was full); `mixmae shards
+    adopt x.tar` said 'a file, not a folder' without the folder to name."""
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    src = _imagenet_tree(tmp_path / "src", per_class=1)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SourceError, match=rf"--out {tmp_path / 'afile'}: a file, not a folder; name a new or empty "
+                                          "folder for the shards"):
+        convert(src / "train", tmp_path / "afile", ConvertOptions(layout="folder", splits=("train",)))
+    tar = tmp_path / "tars" / "shard-0.tar"
+    tar.parent.mkdir()
+    with tarfile.open(tar, "w"):
+        pass
+    with pytest.raises(SourceError, match=rf"{tar}: a file, not a folder: adopt the folder that holds it "
+                                          rf"\(`mixmae shards adopt {tar.parent} --out DIR`\)"):
+        adopt(tar, tmp_path / "idx", AdoptOptions(workers=1))
