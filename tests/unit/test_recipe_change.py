@@ -467,3 +467,44 @@ def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_sum
     plan = resume(ckpt_dir, opted, opted_data, opted_scored)
     assert plan.heldout_change and "allow_recipe_change=true let the training data change too" in plan.heldout_change
     assert resume_entry(plan, 4, 1, LAYOUT)["heldout_changed"] == plan.heldout_change
+
+
+def test_a_superset_source_rebuilt_in_place_is_not_told_as_the_earlier_release_s_cut(tmp_path, gloo_of_one):
+    """The earlier release's reading (`EARLIER_CUT`) was compared by names, sizes and counts alone: a superset source
+    converted again under the same names, sizes and counts (other tar sha256s) since its checkpoint was said to be
+    'the same shards' an earlier release read, hiding that the tars themselves changed."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.heldout import choose_heldout
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet, training_mixture
+    from tests.unit.test_heldout import write_set, write_superset
+
+    folder = write_set(tmp_path / "set", sizes=(20, 20))
+    superset = write_superset(tmp_path / "superset", folder, order=(0, 1))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 16)
+
+    def sources(digests):
+        entry = training_mixture("unused", "train", [(str(superset), 1.0, None)]).sets[0]
+        return ShardMixture([WeightedSet(replace(entry.shards, sha256=digests), entry.weight, entry.name)])
+
+    src = [f"data.shards={folder}", f"data.sources=[{{shards: {superset}, weight: 1.0}}]"]
+    ckpt_dir = saved_run(tmp_path, resolved(*src), heldout.earlier_cut(sources(("a" * 64, "b" * 64, "c" * 64))))
+
+    def refusal(digests):
+        data = sources(digests)
+        cut = heldout.exclude_from(data)
+        with pytest.raises(store.ResumeError) as refused:
+            plan_with_data_recorded(ckpt_dir, resolved(*src), cut,
+                                    recipe.earlier_cut_record(heldout.earlier_cut(data), cut))
+        return str(refused.value)
+
+    same = refusal(("a" * 64, "b" * 64, "c" * 64))
+    assert "earlier release" in same and "rebuilt in place" not in same, same
+    rebuilt = refusal(("a" * 64, "b" * 64, "d" * 64))
+    assert "rebuilt in place" in rebuilt and "earlier release" not in rebuilt, rebuilt
+
+
+def plan_with_data_recorded(ckpt_dir, now, data, records):
+    return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now, data, records),
+                         allow_recipe_change=now.config.checkpoint.allow_recipe_change)

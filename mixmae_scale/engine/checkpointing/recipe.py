@@ -58,9 +58,10 @@ CONTENT = "data_content"
 # The images a run scores but never trains on (`heldout_record`), and their tars' contents: compared apart, never a
 # refusal (`heldout_change`).
 # What a release before the held-out cut by sample identity (data/heldout.HeldOut.earlier_cut) read instead: the
-# `data_identity` of the sources with the tail left out of the held-out split alone, recorded only where it differs
-# from `DATA` (a source listing the held-out tars and more, which that release read whole). A checkpoint whose `DATA`
-# is this was written by such a release: its resume is told as that, not as a set rebuilt in place.
+# `data_identity` of the sources with the tail left out of the held-out split alone, and their `data_content` where
+# the manifests record it (`_reading`), recorded only where it differs from what is read now (a source listing the
+# held-out tars and more, which that release read whole). A checkpoint whose `DATA` (and `CONTENT`) is this was
+# written by such a release: its resume is told as that, not as a set rebuilt in place (`_read_by`).
 EARLIER_CUT = "data_read_earlier_cut"
 HELDOUT = "heldout_read"
 HELDOUT_CONTENT = "heldout_content"
@@ -189,11 +190,28 @@ def heldout_record(images, scored: int | None = None) -> dict[str, str]:
 
 
 def earlier_cut_record(earlier, data) -> dict[str, str]:
-    """`EARLIER_CUT` for a tag: the digest of what an earlier release read (`earlier`, a ShardMixture) where it is not
+    """`EARLIER_CUT` for a tag: what an earlier release read (`earlier`, a ShardMixture; `_reading`) where it is not
     the data read now (`data`); empty where the two are the same (no source shares the held-out tars but the
     held-out split itself)."""
-    before = data_identity(earlier)
-    return {EARLIER_CUT: before} if before != data_identity(data) else {}
+    before = _reading(earlier)
+    return {EARLIER_CUT: before} if before != _reading(data) else {}
+
+
+def _reading(mixture) -> str:
+    """A mixture's `data_identity`, and its `data_content` after a space where the manifests record one: what
+    `_read_by` compares with a checkpoint's `DATA` and `CONTENT`. Names, sizes and counts alone called a set converted
+    again under the same names (other tar sha256s) the same shards."""
+    content = data_content(mixture)
+    return data_identity(mixture) + (f" {content}" if content else "")
+
+
+def _read_by(saved: dict[str, Any], reading: str | None) -> bool:
+    """Whether the checkpoint's record (`saved`) read the data of `reading` (`_reading`): the same identity, and the
+    same tar contents where both sides know them (as `differences` compares `DATA` and `CONTENT`)."""
+    if not reading or saved.get(DATA) is None:
+        return False
+    identity, _, content = reading.partition(" ")
+    return saved[DATA] == identity and (not content or saved.get(CONTENT) is None or saved[CONTENT] == content)
 
 
 def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int,
@@ -268,7 +286,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
         key = "data.sources" if new.get("data.sources") else "data.shards"
         cut = "; ".join(str(c) for c in changes if c.key in TAIL_SIZE)
         same_tars = saved.get(CONTENT) is not None and saved.get(CONTENT) == current.get(CONTENT)
-        earlier = current.get(EARLIER_CUT) is not None and saved.get(DATA) == current.get(EARLIER_CUT)
+        earlier = _read_by(saved, current.get(EARLIER_CUT))
         changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut, same_tars=same_tars,
                               earlier_cut=earlier))
     return changes
