@@ -136,7 +136,13 @@ class ShardMixture:
                  if _guaranteed(entry.shards.samples_per_shard, entry.weight) < entry.weight * entry.shards.samples]
         if not short:
             names = ", ".join(entry.name or entry.shards.location for entry in self.sets)
-            return (f"{names}: split '{split}' has {plural(smallest, 'sample')}, {batch}; {smaller}, or more data")
+            if len(self.sets) == 1 and self.sets[0].weight == 1:
+                return f"{names}: split '{split}' has {plural(smallest, 'sample')}, {batch}; {smaller}, or more data"
+            # An epoch's samples are the weights' share, not what the split has (weight 0.5 of 16 is 8 an epoch).
+            each = "; ".join(("" if len(self.sets) == 1 else f"{entry.name or entry.shards.location}: ")
+                             + f"its {entry.shards.samples} at weight {entry.weight:g}" for entry in self.sets)
+            return (f"{names}: an epoch reads {plural(smallest, 'sample')} of split '{split}' ({each}), {batch}; "
+                    f"{smaller}, a higher weight, or more data")
         parts = []
         for number in short:
             entry = self.sets[number]
