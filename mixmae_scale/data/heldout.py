@@ -158,11 +158,12 @@ class HeldOut:
 
 def tar_identities(split: SplitShards) -> tuple[str, ...]:
     """Each tar of a split as one name wherever its manifest lies: the URL of a remote one, the resolved path of a
-    local one (the base resolved once, not each of 100,000 tars)."""
+    local one (the base resolved once, not each of 100,000 tars). A name that is a URL stands alone under a local base
+    too (storage.join): joined under the folder, it was not the same tar as a remote manifest's of that URL."""
     if storage.is_remote(split.base):
         return split.tars
     base = Path(split.base).resolve()
-    return tuple(os.path.normpath(base / name) for name in split.names)
+    return tuple(name if storage.is_remote(name) else os.path.normpath(base / name) for name in split.names)
 
 
 def heldout_count(heldout_batches: int, micro: int) -> int:

@@ -543,3 +543,20 @@ def test_a_source_of_held_out_images_alone_is_refused_naming_it_and_the_way_out(
         heldout.exclude_from(mixture)
     assert str(refused.value).startswith(f"data.sources: {tail_only} holds only held-out images"), refused.value
     assert "drop it from data.sources" in str(refused.value) and "data.val_split" in str(refused.value)
+
+
+def test_a_tar_named_by_its_url_in_a_local_manifest_is_the_same_tar_as_in_a_remote_one(tmp_path):
+    """A manifest's shard name may be a URL standing alone (storage.join); a local manifest's tars were named by
+    joining every name under its resolved folder, so its URL-named tar ('<folder>/s3:/bucket/...') was not the held-out
+    set's tar of that URL, and a source listing it kept the held-out samples."""
+    from mixmae_scale.data.heldout import tar_identities
+    from mixmae_scale.data.manifest import SplitShards
+
+    def split(location, base, names):
+        return SplitShards("train", location, base, names, tuple(n.rsplit("/", 1)[-1] + ".idx" for n in names),
+                           (4,) * len(names), (100,) * len(names), 4 * len(names), False, 0)
+
+    remote = split("s3://bucket/set", "s3://bucket/set", ("train-000.tar",))
+    local = split(str(tmp_path), str(tmp_path), ("s3://bucket/set/train-000.tar", "more.tar"))
+    assert tar_identities(local) == ("s3://bucket/set/train-000.tar", str((tmp_path / "more.tar").resolve()))
+    assert tar_identities(remote)[0] in tar_identities(local)
