@@ -407,9 +407,10 @@ def test_a_checkpoint_that_trained_on_held_out_images_through_a_superset_source_
 
 def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_summary(tmp_path, gloo_of_one, caplog):
     """The held-out change path as a run takes it, without a rank launch: the held-out images chosen from real shard
-    sets (data/heldout.py), recorded by pretraining (pretrain/job.scored_images) in a tag the store saves, compared by
-    the collective resume plan, kept in run.json's resume entry, and said by the summary. Each piece has its own
-    test; this one catches a record key that one of them writes and the next one does not read."""
+    sets (data/heldout.py), recorded by pretraining (pretrain/job.scored_images, leave_out_heldout) in a tag the
+    store saves, compared by the collective resume plan, kept in run.json's resume entry, and said by the summary.
+    Each piece has its own test; this one catches a record key that one of them writes and the next one does not
+    read."""
     from types import SimpleNamespace
 
     import torch
@@ -429,8 +430,8 @@ def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_sum
         config = now.config
         heldout = choose_heldout(str(folder), "train", "val", config.data.heldout,
                                  heldout_count(config.logging.heldout_batches, config.batch.micro))
-        data = heldout.exclude_from(training_mixture(str(folder), "train", []))
-        return now, heldout, data, module.scored_images(config, heldout)
+        data, cut_records = module.leave_out_heldout(heldout, training_mixture(str(folder), "train", []))
+        return now, heldout, data, {**module.scored_images(config, heldout), **cut_records}  # as pretrain's scores()
 
     def resume(ckpt_dir, now, data, scored):
         return plan_resume(ckpt_dir, now, LAYOUT, data=data, heldout=scored)
