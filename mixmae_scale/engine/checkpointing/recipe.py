@@ -149,9 +149,10 @@ class Change:
                     "earlier release that read it from a source listing those tars and more, so that run trained on "
                     "its held-out images (its held-out losses so far scored images it had trained on)")
         if self.rebuilt and self.uncut:
-            when = ("a run started by an earlier release, which read a data.sources set with data.shards' train tars "
-                    "whole, trained on its held-out images" if self.key == "data.sources" else
-                    "data.shards had a validation split when it was written")
+            when = "data.shards had a validation split when it was written"
+            if self.key == "data.sources":
+                when = ("a run started by an earlier release, which read a data.sources set with data.shards' train "
+                        f"tars whole, trained on its held-out images; or {when}")
             return (f"{self.key} {_shown(self.new)}: the same shards at the same location, other samples of them read "
                     "than the checkpoint's: the held-out tail of data.shards' train split (its last "
                     "logging.heldout_batches x batch.micro samples) is now left out of them, and the checkpoint read "
