@@ -564,6 +564,10 @@ def test_a_whole_shard_cut_off_tars_of_the_same_sha256_is_the_cut_and_of_other_o
     with pytest.raises(store.ResumeError) as refused:
         plan_with_data_recorded(ckpt_dir, src, cut_of(now), recipe.cut_record(now, cut_of(now), cut_of(now)))
     assert "rebuilt in place" not in str(refused.value) and "held-out tail" in str(refused.value), refused.value
+    # another tail size (logging.heldout_batches) that drops the whole shard is named by that setting, as it was
+    moved = resolved("data.shards=/held", "data.sources=[{shards: /set, weight: 1.0}]", "logging.heldout_batches=8")
+    with pytest.raises(store.ResumeError, match="cut elsewhere by logging.heldout_batches"):
+        plan_with_data_recorded(ckpt_dir, moved, cut_of(now), recipe.cut_record(now, cut_of(now), cut_of(now)))
     rebuilt = whole(("a" * 64, "c" * 64))
     with pytest.raises(store.ResumeError, match="rebuilt in place"):
         plan_with_data_recorded(ckpt_dir, src, cut_of(rebuilt),
