@@ -83,9 +83,9 @@ class HeldOut:
         train split's tars (known by its location, or by its tars wherever its manifest lies: a sweep gives a
         mixture's held-out set and the same set among its sources two subset folders) loses the tail; any other set
         that lists one of the tail's tars (a superset: the same folder plus more tars, an adopted index over the
-        same tars and others) loses those samples of it, known by their keys in the tar. Cutting only a set whose
-        tars were exactly the held-out split's let a superset train on the held-out images. Sets sharing no tar
-        with the tail are left alone."""
+        same tars and others) loses those samples of it, known by where their images lie in the tar. Cutting only a
+        set whose tars were exactly the held-out split's let a superset train on the held-out images. Sets sharing no
+        tar with the tail are left alone."""
         if not self.train_tail:
             return mixture
         held = self._held_lines()
@@ -124,8 +124,10 @@ class HeldOut:
 
     def _without_held(self, shards: SplitShards, held: dict[str, tuple[str, range]], name: str) -> SplitShards:
         """`shards` less the held-out samples of the tars it shares with the tail: by line where it reads the tail's
-        own index, else by key (another index of the same tar, made by another adoption, may list other lines). A
-        shard keeps its other lines, as one or more parts (`SplitShards.first_line`)."""
+        own index, else by the offset of each sample's image in the tar (another index of the same tar, made by
+        another adoption, may list other lines; a key may repeat within a tar, where a match by key left out a
+        sample that was not held out). A shard keeps its other lines, as one or more parts
+        (`SplitShards.first_line`)."""
         parts: list[tuple[int, int, int]] = []
         for shard, tar in enumerate(tar_identities(shards)):
             first = shards.first_line_of(shard)
@@ -136,9 +138,10 @@ class HeldOut:
             index_url, held_lines = held[tar]
             if same_location(shards.index_url(shard), index_url):
                 out = set(held_lines)
-            else:
-                held_keys = {read_index(index_url).keys[line] for line in held_lines}
-                out = {line for line, key in enumerate(read_index(shards.index_url(shard)).keys) if key in held_keys}
+            else:  # a sample of the tar is where its image lies in it: a key may repeat within a tar, an offset not
+                held_at = {int(read_index(index_url).image_offset[line]) for line in held_lines}
+                out = {line for line, offset in enumerate(read_index(shards.index_url(shard)).image_offset.tolist())
+                       if offset in held_at}
             run_start = None
             for line in [*lines, None]:
                 if line is not None and line not in out:
@@ -158,11 +161,12 @@ class HeldOut:
 
 def tar_identities(split: SplitShards) -> tuple[str, ...]:
     """Each tar of a split as one name wherever its manifest lies: the URL of a remote one, the resolved path of a
-    local one (the base resolved once, not each of 100,000 tars)."""
+    local one (the base resolved once, not each of 100,000 tars). A name that is a URL stands alone under a local base
+    too (storage.join): joined under the folder, it was not the same tar as a remote manifest's of that URL."""
     if storage.is_remote(split.base):
         return split.tars
     base = Path(split.base).resolve()
-    return tuple(os.path.normpath(base / name) for name in split.names)
+    return tuple(name if storage.is_remote(name) else os.path.normpath(base / name) for name in split.names)
 
 
 def heldout_count(heldout_batches: int, micro: int) -> int:

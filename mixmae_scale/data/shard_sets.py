@@ -136,15 +136,29 @@ class ShardMixture:
                  if _guaranteed(entry.shards.samples_per_shard, entry.weight) < entry.weight * entry.shards.samples]
         if not short:
             names = ", ".join(entry.name or entry.shards.location for entry in self.sets)
-            return (f"{names}: split '{split}' has {plural(smallest, 'sample')}, {batch}; {smaller}, or more data")
+            if len(self.sets) == 1 and self.sets[0].weight == 1:
+                return f"{names}: split '{split}' has {plural(smallest, 'sample')}, {batch}; {smaller}, or more data"
+            # An epoch's samples are the weights' share, not what the split has (weight 0.5 of 16 is 8 an epoch).
+            each = "; ".join(("" if len(self.sets) == 1 else f"{entry.name or entry.shards.location}: ")
+                             + f"its {entry.shards.samples} at weight {entry.weight:g}" for entry in self.sets)
+            return (f"{names}: an epoch reads {plural(smallest, 'sample')} of split '{split}' ({each}), {batch}; "
+                    f"{smaller}, a higher weight, or more data")
         parts = []
         for number in short:
             entry = self.sets[number]
             counts = entry.shards.samples_per_shard
-            shards = math.floor(entry.weight % 1.0 * len(counts) + 1e-9) + int(entry.weight // 1) * len(counts)
-            parts.append(f"{entry.name or entry.shards.location} at weight {entry.weight:g} draws at least {shards} of "
-                         f"its {plural(len(counts), 'shard')} "
-                         f"({_guaranteed(counts, entry.weight)} of its {plural(sum(counts), 'sample')})")
+            whole, extra = int(entry.weight // 1), math.floor(entry.weight % 1.0 * len(counts) + 1e-9)
+            name = f"{entry.name or entry.shards.location} at weight {entry.weight:g}"
+            if not whole:
+                parts.append(f"{name} draws at least {extra} of its {plural(len(counts), 'shard')} "
+                             f"({_guaranteed(counts, entry.weight)} of its {plural(sum(counts), 'sample')})")
+                continue
+            # Above 1 the shards read are visits, more than the set has: "at least 3 of its 2 shards" said otherwise.
+            times = "once each" if whole == 1 else f"{whole} times each"
+            parts.append(f"{name} reads at least {plural(whole * len(counts) + extra, 'shard')} an epoch (its "
+                         f"{plural(len(counts), 'shard')} {times} and {extra} more: "
+                         f"{plural(_guaranteed(counts, entry.weight), 'sample')}, "
+                         f"{entry.weight * sum(counts):g} on average)")
         first = self.sets[short[0]]
         weight = self._weight_for(short[0], need - smallest + _guaranteed(first.shards.samples_per_shard, first.weight))
         return (f"data.sources: an epoch can draw as few as {plural(smallest, 'sample')} (whichever run.seed): "

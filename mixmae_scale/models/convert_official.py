@@ -323,7 +323,9 @@ def what_is_at(out: str | Path) -> str | None:
     if record.get("source"):
         return f"the conversion of {record['source']}"
     width = f" of width {arch['embed_dim']}" if isinstance(arch, dict) and "embed_dim" in arch else ""
-    return f"{layout}{KIND_NAMES.get(kind, 'weights')}{width} (no run or step recorded)"
+    # An export of a tag that names no step (a non-finite stop's) records its run alone: named, not denied.
+    unknown = f"of run {run}, no step recorded" if run is not None else "no run or step recorded"
+    return f"{layout}{KIND_NAMES.get(kind, 'weights')}{width} ({unknown})"
 
 
 def _json_or_none(text: str | None) -> Any:

@@ -25,7 +25,7 @@ from mixmae_scale.data.heldout import HeldOut, choose_heldout, heldout_count
 from mixmae_scale.data.loader import Batch, ShardLoader
 from mixmae_scale.data.loaders import LoaderPlace, open_loader, spec_for
 from mixmae_scale.data.shard_sets import ShardMixture
-from mixmae_scale.engine.checkpointing.recipe import HELDOUT, earlier_cut_record, heldout_record
+from mixmae_scale.engine.checkpointing.recipe import HELDOUT, cut_record, heldout_record
 from mixmae_scale.engine.distributed import autocast
 from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Job, Loop
@@ -135,21 +135,29 @@ def build_job(config: Config, ctx: RunContext, heldout: HeldOut, model: torch.nn
     return job
 
 
+def leave_out_heldout(heldout: HeldOut, mixture: ShardMixture) -> tuple[ShardMixture, dict[str, str]]:
+    """What training reads of `mixture` (the held-out samples left out, data/heldout.py), and what each tag records of
+    that cut beside the data read (recipe.cut_record), so that a resume whose samples differ only by the cut is told as
+    that, not as a set rebuilt in place."""
+    cut = heldout.exclude_from(mixture)
+    return cut, cut_record(mixture, heldout.earlier_cut(mixture), cut)
+
+
 def pretrain(config: Config, sources: list[str], run_dir: Path, max_steps: int | None = None, local_rank: int = 0,
              snapshot_factory: SnapshotFactory | None = None, overwrite: bool = False) -> dict[str, Any]:
     """One pretraining run to its last step (or a stop); returns the summary it writes to summary.json."""
     data = config.data
     heldout = choose_heldout(data.shards, data.train_split, data.val_split, data.heldout,
                              heldout_count(config.logging.heldout_batches, config.batch.micro))
-    earlier: dict[str, str] = {}  # recipe.EARLIER_CUT, where an earlier release read other samples of the sources
+    records: dict[str, str] = {}  # what a tag records of the held-out cut (`leave_out_heldout`)
 
     def exclude(mixture: ShardMixture) -> ShardMixture:
-        cut = heldout.exclude_from(mixture)
-        earlier.update(earlier_cut_record(heldout.earlier_cut(mixture), cut))
+        cut, record = leave_out_heldout(heldout, mixture)
+        records.update(record)
         return cut
 
     ctx = start_run(config, sources, run_dir, local_rank, max_steps, overwrite, exclude=exclude,
-                    job="pretrain", scores=lambda: {**scored_images(config, heldout), **earlier})
+                    job="pretrain", scores=lambda: {**scored_images(config, heldout), **records})
     sources = ctx.train_data if data.sources else None  # what training reads, when not data.shards' train split
     if ctx.rank == 0 and heldout.train_tail:  # a validation split is the usual case: nothing to say
         log.info("%s", heldout.describe(sources))

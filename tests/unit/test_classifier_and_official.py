@@ -230,3 +230,19 @@ def test_convert_official_over_an_earlier_file_says_what_it_replaced(small_mixma
                                f"{small_mixmae.shape.embed_dim} (no run or step recorded)")
     out.write_bytes(b"not weights")
     assert convert_official_checkpoint(src, out)["replaced"] == "a file that is not an export"
+
+
+def test_what_is_at_an_export_of_a_tag_without_a_step_number_names_its_run(small_mixmae, tmp_path):
+    """An export records its run always and its step where the tag names one (a non-finite stop's
+    step00000010-nonfinite-2 does not): such a file was said to have 'no run or step recorded'."""
+    from mixmae_scale.models.convert_official import save_official, save_weights, what_is_at
+
+    state = small_mixmae.state_dict()
+    pth, safetensors = tmp_path / "encoder.pth", tmp_path / "encoder.safetensors"
+    save_official(pth, state, None, {"run": "my-run"})
+    from mixmae_scale.models.convert_official import infer_architecture
+
+    save_weights(safetensors, state, infer_architecture(state), "pretrain", provenance={"run": "my-run"})
+    for path in (pth, safetensors):
+        said = what_is_at(path)
+        assert "no run" not in said and "run my-run" in said and "no step recorded" in said, said

@@ -543,3 +543,45 @@ def test_a_source_of_held_out_images_alone_is_refused_naming_it_and_the_way_out(
         heldout.exclude_from(mixture)
     assert str(refused.value).startswith(f"data.sources: {tail_only} holds only held-out images"), refused.value
     assert "drop it from data.sources" in str(refused.value) and "data.val_split" in str(refused.value)
+
+
+def test_a_tar_named_by_its_url_in_a_local_manifest_is_the_same_tar_as_in_a_remote_one(tmp_path):
+    """A manifest's shard name may be a URL standing alone (storage.join); a local manifest's tars were named by
+    joining every name under its resolved folder, so its URL-named tar ('<folder>/s3:/bucket/...') was not the held-out
+    set's tar of that URL, and a source listing it kept the held-out samples."""
+    from mixmae_scale.data.heldout import tar_identities
+    from mixmae_scale.data.manifest import SplitShards
+
+    def split(location, base, names):
+        return SplitShards("train", location, base, names, tuple(n.rsplit("/", 1)[-1] + ".idx" for n in names),
+                           (4,) * len(names), (100,) * len(names), 4 * len(names), False, 0)
+
+    remote = split("s3://bucket/set", "s3://bucket/set", ("train-000.tar",))
+    local = split(str(tmp_path), str(tmp_path), ("s3://bucket/set/train-000.tar", "more.tar"))
+    assert tar_identities(local) == ("s3://bucket/set/train-000.tar", str((tmp_path / "more.tar").resolve()))
+    assert tar_identities(remote)[0] in tar_identities(local)
+
+
+def test_a_key_repeated_within_a_shared_tar_leaves_out_only_the_held_out_sample_of_it(tmp_path):
+    """Matched by key, a tar holding one key twice (a tool that wrote it twice) lost both samples where only the later
+    one was held out: each sample of a tar is told by where its image lies in the tar, which every index of that tar
+    gives alike."""
+    folder = write_set(tmp_path / "set", sizes=(10, 6))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(jpeg, "JPEG")
+    writer = TarShardWriter(folder / "train-001.tar")
+    for n in range(6):
+        writer.add(f"k{n % 3}", {"jpg": jpeg.getvalue()})  # k0 k1 k2 k0 k1 k2: the tail's 4 are k2 k0 k1 k2
+    writer.close()
+    (folder / "train-001.idx").write_text(writer.index_text())
+    manifest = json.loads((folder / "dataset.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["bytes"] = (folder / "train-001.tar").stat().st_size
+    write_text(folder / "dataset.json", json.dumps(manifest))
+    superset = write_superset(tmp_path / "superset", folder, extra=2, order=(0, 1))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 4)
+    cut = heldout.exclude_from(training_mixture("unused", "train", [(str(superset), 1.0, None)]))
+    assert cut.sets[0].shards.samples == 2 + 10 + 6 - 4, cut.sets[0].shards
+    kept = [(first, lines) for name, first, lines in zip(cut.sets[0].shards.names, cut.sets[0].shards.first_line,
+                                                          cut.sets[0].shards.samples_per_shard, strict=True)
+            if name == "train-001.tar"]
+    assert kept == [(0, 2)], kept  # k0 k1 of the first three, the held-out four left out

@@ -113,3 +113,32 @@ def test_a_set_of_whole_weights_below_one_batch_is_refused_naming_it_and_the_way
     assert str(refused.value).startswith("tiny: split 'train' has 5 samples, fewer than one batch (a micro-batch of 4 "
                                          "on each of 2 ranks: 8 samples)"), refused.value
     assert "fewer ranks" in str(refused.value) and "batch.micro" in str(refused.value)
+
+
+def test_a_set_below_one_batch_at_a_weight_other_than_1_is_not_said_to_have_its_epoch_s_samples():
+    """Weight 0.5 of four shards of 4 draws exactly two every epoch (8 samples): below a batch of 16, refused, but
+    the refusal said the split 'has 8 samples' (it has 16) and offered no higher weight."""
+    from mixmae_scale.data.loader import ShardLoader
+    from mixmae_scale.data.spec import PipelineSpec
+
+    with pytest.raises(DataError) as refused:
+        ShardLoader(_mixture(4, 4, 4, 4, weight=0.5), "train",
+                    PipelineSpec(mode="pretrain", img_size=32, batch_size=16), "torch")
+    assert "has 8 samples" not in str(refused.value), refused.value
+    assert str(refused.value).startswith("tiny: an epoch reads 8 samples of split 'train' (its 16 at weight 0.5)"), \
+        refused.value
+    assert "a higher weight" in str(refused.value), refused.value
+
+
+def test_a_fractional_weight_above_1_too_small_for_a_batch_does_not_draw_more_shards_than_it_has():
+    """Weight 1.5 of two shards of 2 reads both and one more: 'draws at least 3 of its 2 shards' named a count
+    above the set's shards; the shards read an epoch are said as visits of its shards."""
+    from mixmae_scale.data.loader import ShardLoader
+    from mixmae_scale.data.spec import PipelineSpec
+
+    with pytest.raises(DataError) as refused:
+        ShardLoader(_mixture(2, 4, weight=1.5), "train", PipelineSpec(mode="pretrain", img_size=32, batch_size=16),
+                    "torch")
+    assert "3 of its 2 shards" not in str(refused.value), refused.value
+    assert ("tiny at weight 1.5 reads at least 3 shards an epoch (its 2 shards once each and 1 more: 8 samples, 9 "
+            "on average)") in str(refused.value), refused.value

@@ -407,9 +407,10 @@ def test_a_checkpoint_that_trained_on_held_out_images_through_a_superset_source_
 
 def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_summary(tmp_path, gloo_of_one, caplog):
     """The held-out change path as a run takes it, without a rank launch: the held-out images chosen from real shard
-    sets (data/heldout.py), recorded by pretraining (pretrain/job.scored_images) in a tag the store saves, compared by
-    the collective resume plan, kept in run.json's resume entry, and said by the summary. Each piece has its own
-    test; this one catches a record key that one of them writes and the next one does not read."""
+    sets (data/heldout.py), recorded by pretraining (pretrain/job.scored_images, leave_out_heldout) in a tag the
+    store saves, compared by the collective resume plan, kept in run.json's resume entry, and said by the summary.
+    Each piece has its own test; this one catches a record key that one of them writes and the next one does not
+    read."""
     from types import SimpleNamespace
 
     import torch
@@ -429,8 +430,8 @@ def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_sum
         config = now.config
         heldout = choose_heldout(str(folder), "train", "val", config.data.heldout,
                                  heldout_count(config.logging.heldout_batches, config.batch.micro))
-        data = heldout.exclude_from(training_mixture(str(folder), "train", []))
-        return now, heldout, data, module.scored_images(config, heldout)
+        data, cut_records = module.leave_out_heldout(heldout, training_mixture(str(folder), "train", []))
+        return now, heldout, data, {**module.scored_images(config, heldout), **cut_records}  # as pretrain's scores()
 
     def resume(ckpt_dir, now, data, scored):
         return plan_resume(ckpt_dir, now, LAYOUT, data=data, heldout=scored)
@@ -467,3 +468,133 @@ def test_a_held_out_change_warns_end_to_end_from_the_set_to_run_json_and_the_sum
     plan = resume(ckpt_dir, opted, opted_data, opted_scored)
     assert plan.heldout_change and "allow_recipe_change=true let the training data change too" in plan.heldout_change
     assert resume_entry(plan, 4, 1, LAYOUT)["heldout_changed"] == plan.heldout_change
+
+
+def test_a_superset_source_rebuilt_in_place_is_not_told_as_the_earlier_release_s_cut(tmp_path, gloo_of_one):
+    """The earlier release's reading (`EARLIER_CUT`) was compared by names, sizes and counts alone: a superset source
+    converted again under the same names, sizes and counts (other tar sha256s) since its checkpoint was said to be
+    'the same shards' an earlier release read, hiding that the tars themselves changed."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.heldout import choose_heldout
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet, training_mixture
+    from tests.unit.test_heldout import write_set, write_superset
+
+    folder = write_set(tmp_path / "set", sizes=(20, 20))
+    superset = write_superset(tmp_path / "superset", folder, order=(0, 1))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", 16)
+
+    def sources(digests):
+        entry = training_mixture("unused", "train", [(str(superset), 1.0, None)]).sets[0]
+        return ShardMixture([WeightedSet(replace(entry.shards, sha256=digests), entry.weight, entry.name)])
+
+    src = [f"data.shards={folder}", f"data.sources=[{{shards: {superset}, weight: 1.0}}]"]
+    ckpt_dir = saved_run(tmp_path, resolved(*src), heldout.earlier_cut(sources(("a" * 64, "b" * 64, "c" * 64))))
+
+    def refusal(digests):
+        data = sources(digests)
+        cut = heldout.exclude_from(data)
+        with pytest.raises(store.ResumeError) as refused:
+            plan_with_data_recorded(ckpt_dir, resolved(*src), cut,
+                                    recipe.earlier_cut_record(heldout.earlier_cut(data), cut))
+        return str(refused.value)
+
+    same = refusal(("a" * 64, "b" * 64, "c" * 64))
+    assert "earlier release" in same and "rebuilt in place" not in same, same
+    rebuilt = refusal(("a" * 64, "b" * 64, "d" * 64))
+    assert "rebuilt in place" in rebuilt and "earlier release" not in rebuilt, rebuilt
+
+
+@pytest.mark.parametrize("tail", [8, 16, 24])  # part of the last shard, all of it, all of it and part of the one before
+def test_a_source_read_whole_by_its_checkpoint_and_now_cut_of_the_tail_names_the_cut_whatever_shards_it_drops(
+        tmp_path, gloo_of_one, tail):
+    """A source over data.shards' train tars at another location (a copy of its manifest) was read whole by a run an
+    earlier release started; now the tail is left out of it. The 'same tars' reading compared the tars' sha256 digest
+    of what is read, which changes as soon as the tail drops a whole shard (and is absent where the manifest records
+    no sha256): such a resume was refused as 'rebuilt in place', though nothing was converted again."""
+    from mixmae_scale.data.heldout import choose_heldout
+    from mixmae_scale.data.shard_sets import training_mixture
+    from mixmae_scale.pretrain.job import leave_out_heldout
+    from tests.unit.test_heldout import write_set, write_superset
+
+    folder = write_set(tmp_path / "set", sizes=(40, 16))
+    copy = write_superset(tmp_path / "copy", folder, extra=0, order=(0, 1))
+    heldout = choose_heldout(str(folder), "train", "val", "auto", tail)
+    sources = training_mixture("unused", "train", [(str(copy), 1.0, None)])
+    cut, records = leave_out_heldout(heldout, sources)
+    assert cut.sets[0].shards.samples == 56 - tail and len(cut.sets[0].shards.names) == (1 if tail >= 16 else 2)
+    src = [f"data.shards={folder}", f"data.sources=[{{shards: {copy}, weight: 1.0}}]"]
+    ckpt_dir = saved_run(tmp_path, resolved(*src), sources)  # what that release read: the source whole
+
+    def resume(*overrides):
+        now = resolved(*src, *overrides)
+        return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                             current_recipe=recipe.as_record(now, cut, records),
+                             allow_recipe_change=now.config.checkpoint.allow_recipe_change)
+
+    with pytest.raises(store.ResumeError, match="allow_recipe_change") as refused:
+        resume()
+    assert "rebuilt in place" not in str(refused.value), refused.value
+    assert "held-out tail" in str(refused.value) and "read them whole" in str(refused.value), refused.value
+    assert "goes on without the tail" in str(refused.value) and "data.val_split" in str(refused.value), refused.value
+    opted = resume("checkpoint.allow_recipe_change=true")
+    assert any("held-out tail" in note and "rebuilt in place" not in note for note in opted.notes), opted.notes
+
+
+def test_a_whole_shard_cut_off_tars_of_the_same_sha256_is_the_cut_and_of_other_ones_is_a_rebuilt_set(tmp_path,
+                                                                                                      gloo_of_one):
+    """The same reading where the manifests record each tar's sha256: the tail drops the second shard whole, so the
+    digest of the tars read changes; the digest of the tars before the cut tells the cut (the same tars) from a set
+    converted again under the same names, sizes and counts (other tars: still 'rebuilt in place')."""
+    from dataclasses import replace
+
+    from mixmae_scale.data.heldout import split_tail
+    from mixmae_scale.data.shard_sets import ShardMixture, WeightedSet
+
+    def whole(digests):
+        return ShardMixture([WeightedSet(replace(mixture("/set").sets[0].shards, sha256=digests), 1.0, "/set")])
+
+    def cut_of(data):
+        return ShardMixture([WeightedSet(split_tail(data.sets[0].shards, 40)[0], 1.0, "/set")])
+
+    src = resolved("data.shards=/held", "data.sources=[{shards: /set, weight: 1.0}]")
+    ckpt_dir = saved_run(tmp_path, src, whole(("a" * 64, "b" * 64)))
+    now = whole(("a" * 64, "b" * 64))
+    assert len(cut_of(now).sets[0].shards.names) == 1  # the second shard is gone from what is read
+    with pytest.raises(store.ResumeError) as refused:
+        plan_with_data_recorded(ckpt_dir, src, cut_of(now), recipe.cut_record(now, cut_of(now), cut_of(now)))
+    assert "rebuilt in place" not in str(refused.value) and "held-out tail" in str(refused.value), refused.value
+    # another tail size (logging.heldout_batches) that drops the whole shard is named by that setting, as it was
+    moved = resolved("data.shards=/held", "data.sources=[{shards: /set, weight: 1.0}]", "logging.heldout_batches=8")
+    with pytest.raises(store.ResumeError, match="cut elsewhere by logging.heldout_batches"):
+        plan_with_data_recorded(ckpt_dir, moved, cut_of(now), recipe.cut_record(now, cut_of(now), cut_of(now)))
+    rebuilt = whole(("a" * 64, "c" * 64))
+    with pytest.raises(store.ResumeError, match="rebuilt in place"):
+        plan_with_data_recorded(ckpt_dir, src, cut_of(rebuilt),
+                                recipe.cut_record(rebuilt, cut_of(rebuilt), cut_of(rebuilt)))
+
+
+def plan_with_data_recorded(ckpt_dir, now, data, records):
+    return decide_resume(ckpt_dir, "auto", "rollback", RunIdentity.of(now, LAYOUT), 1,
+                         current_recipe=recipe.as_record(now, data, records),
+                         allow_recipe_change=now.config.checkpoint.allow_recipe_change)
+
+
+def test_a_train_split_read_whole_by_its_checkpoint_and_now_cut_says_so_without_naming_data_sources(tmp_path,
+                                                                                                     gloo_of_one):
+    """Without data.sources the uncut reading is data.shards' train split whole (its validation split gone since):
+    named as the cut, not as a set rebuilt in place, and not as a data.sources set an earlier release read."""
+    from mixmae_scale.data.heldout import choose_heldout
+    from mixmae_scale.data.shard_sets import training_mixture
+    from mixmae_scale.pretrain.job import leave_out_heldout
+    from tests.unit.test_heldout import write_set
+
+    folder = write_set(tmp_path / "set", sizes=(40, 16))
+    whole = training_mixture(str(folder), "train", [])
+    cut, records = leave_out_heldout(choose_heldout(str(folder), "train", "val", "auto", 16), whole)
+    first = resolved(f"data.shards={folder}")
+    ckpt_dir = saved_run(tmp_path, first, whole)
+    with pytest.raises(store.ResumeError) as refused:
+        plan_with_data_recorded(ckpt_dir, first, cut, records)
+    assert "held-out tail" in str(refused.value) and "rebuilt in place" not in str(refused.value), refused.value
+    assert "had a validation split" in str(refused.value) and "earlier release" not in str(refused.value)

@@ -58,10 +58,17 @@ CONTENT = "data_content"
 # The images a run scores but never trains on (`heldout_record`), and their tars' contents: compared apart, never a
 # refusal (`heldout_change`).
 # What a release before the held-out cut by sample identity (data/heldout.HeldOut.earlier_cut) read instead: the
-# `data_identity` of the sources with the tail left out of the held-out split alone, recorded only where it differs
-# from `DATA` (a source listing the held-out tars and more, which that release read whole). A checkpoint whose `DATA`
-# is this was written by such a release: its resume is told as that, not as a set rebuilt in place.
+# `data_identity` of the sources with the tail left out of the held-out split alone, and their `data_content` where
+# the manifests record it (`_reading`), recorded only where it differs from what is read now (a source listing the
+# held-out tars and more, which that release read whole). A checkpoint whose `DATA` (and `CONTENT`) is this was
+# written by such a release: its resume is told as that, not as a set rebuilt in place (`_read_by`).
 EARLIER_CUT = "data_read_earlier_cut"
+# What the run would read with nothing held out of its sources (the sources whole, `_reading`), recorded only where the
+# held-out cut takes something out. A checkpoint whose `DATA` (and `CONTENT`) is this read those tars whole, the tail
+# with them (a release before the tail was cut from a source with data.shards' train tars): told as the cut, not as
+# a set rebuilt in place. The tars' digest of what is read (`CONTENT`) told it only while the tail was part of one
+# shard: a tail that drops a whole shard changes it, and a manifest without sha256s has none.
+UNCUT = "data_read_uncut"
 HELDOUT = "heldout_read"
 HELDOUT_CONTENT = "heldout_content"
 NOTHING_HELD_OUT = "none"  # `HELDOUT` of a run too small to hold anything out
@@ -74,7 +81,7 @@ TAIL_SIZE = ("logging.heldout_batches", "batch.micro")
 # `sources` (the profile files and --set lines) is not compared: the profiles' paths move with the installed package;
 # what another profile sets is compared key by key.
 NOT_COMPARED = ("derived", "deepspeed_config", "sources", "checkpoint.resume", "cluster", OPT_IN, DATA, CONTENT,
-                HELDOUT, HELDOUT_CONTENT, EARLIER_CUT)
+                HELDOUT, HELDOUT_CONTENT, EARLIER_CUT, UNCUT)
 # How a block runs, not what it computes: the same loss at the same step.
 EXECUTION_ONLY = ("model.compile", "model.attention", "model.checkpoint_every")
 # What a loss value means at a step: the masking, the target, the model's regularisation, the images it sees.
@@ -123,6 +130,7 @@ class Change:
     heldout_only: bool = False  # data.shards beside data.sources, to other held-out images (`HELDOUT`)
     same_tars: bool = False  # rebuilt, yet the tars' sha256s (`CONTENT`) are the checkpoint's: other samples of them
     earlier_cut: bool = False  # rebuilt: the checkpoint read what an earlier release read (`EARLIER_CUT`)
+    uncut: bool = False  # rebuilt: the checkpoint read the sources whole, the held-out tail with them (`UNCUT`)
 
     @property
     def refused(self) -> bool:
@@ -140,6 +148,17 @@ class Change:
                     "that lists its tars (data/heldout.py, by sample identity), and the checkpoint was written by an "
                     "earlier release that read it from a source listing those tars and more, so that run trained on "
                     "its held-out images (its held-out losses so far scored images it had trained on)")
+        if self.rebuilt and self.uncut:
+            when = "data.shards had a validation split when it was written"
+            if self.key == "data.sources":
+                when = ("a run started by an earlier release, which read a data.sources set with data.shards' train "
+                        f"tars whole, trained on its held-out images; or {when}")
+            return (f"{self.key} {_shown(self.new)}: the same shards at the same location, other samples of them read "
+                    "than the checkpoint's: the held-out tail of data.shards' train split (its last "
+                    "logging.heldout_batches x batch.micro samples) is now left out of them, and the checkpoint read "
+                    f"them whole, the tail with them ({when}): "
+                    f"{OPT_IN}=true goes on without the tail, or a validation split for data.shards (data.val_split) "
+                    "holds nothing out of the training data and reads it whole again")
         if self.rebuilt and self.same_tars:
             return (f"{self.key} {_shown(self.new)}: the same tars (by sha256) at the same location, other samples of "
                     "them read than the checkpoint's: a held-out tail cut from them where it was not, or the other "
@@ -189,11 +208,36 @@ def heldout_record(images, scored: int | None = None) -> dict[str, str]:
 
 
 def earlier_cut_record(earlier, data) -> dict[str, str]:
-    """`EARLIER_CUT` for a tag: the digest of what an earlier release read (`earlier`, a ShardMixture) where it is not
+    """`EARLIER_CUT` for a tag: what an earlier release read (`earlier`, a ShardMixture; `_reading`) where it is not
     the data read now (`data`); empty where the two are the same (no source shares the held-out tars but the
     held-out split itself)."""
-    before = data_identity(earlier)
-    return {EARLIER_CUT: before} if before != data_identity(data) else {}
+    before = _reading(earlier)
+    return {EARLIER_CUT: before} if before != _reading(data) else {}
+
+
+def _reading(mixture) -> str:
+    """A mixture's `data_identity`, and its `data_content` after a space where the manifests record one: what
+    `_read_by` compares with a checkpoint's `DATA` and `CONTENT`. Names, sizes and counts alone called a set converted
+    again under the same names (other tar sha256s) the same shards."""
+    content = data_content(mixture)
+    return data_identity(mixture) + (f" {content}" if content else "")
+
+
+def _read_by(saved: dict[str, Any], reading: str | None) -> bool:
+    """Whether the checkpoint's record (`saved`) read the data of `reading` (`_reading`): the same identity, and the
+    same tar contents where both sides know them (as `differences` compares `DATA` and `CONTENT`)."""
+    if not reading or saved.get(DATA) is None:
+        return False
+    identity, _, content = reading.partition(" ")
+    return saved[DATA] == identity and (not content or saved.get(CONTENT) is None or saved[CONTENT] == content)
+
+
+def cut_record(whole, earlier, data) -> dict[str, str]:
+    """What a tag records of the held-out cut beside the data read (`data`, a ShardMixture): `EARLIER_CUT` of what an
+    earlier release read (`earlier`: `earlier_cut_record`) and `UNCUT` of the sources whole (`whole`), each where it
+    is not what is read now."""
+    now = _reading(data)
+    return {**earlier_cut_record(earlier, data), **({UNCUT: _reading(whole)} if _reading(whole) != now else {})}
 
 
 def heldout_change(saved: dict[str, Any] | None, current: dict[str, Any], where: str, step: int,
@@ -268,9 +312,10 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
         key = "data.sources" if new.get("data.sources") else "data.shards"
         cut = "; ".join(str(c) for c in changes if c.key in TAIL_SIZE)
         same_tars = saved.get(CONTENT) is not None and saved.get(CONTENT) == current.get(CONTENT)
-        earlier = current.get(EARLIER_CUT) is not None and saved.get(DATA) == current.get(EARLIER_CUT)
+        uncut = _read_by(saved, current.get(UNCUT))  # the checkpoint read these sources whole, the tail with them
+        earlier = _read_by(saved, current.get(EARLIER_CUT))
         changes.append(Change(key, old.get(key), new.get(key), rebuilt=True, cut=cut, same_tars=same_tars,
-                              earlier_cut=earlier))
+                              earlier_cut=earlier, uncut=uncut))
     return changes
 
 
