@@ -36,6 +36,7 @@ import yaml
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ResolvedConfig, resolve
 from mixmae_scale.config.deepspeed_config import engine_config
+from mixmae_scale.config.derive import BatchSplitError
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.errors import plural
@@ -140,8 +141,11 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     if check is not None:
         check(train_data, world)
     heldout = scores() if scores is not None else None
-    resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
+    try:
+        resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
+    except BatchSplitError as exc:  # a resume on GPUs that cannot split its global batch: name the ones that can
+        raise run_folder.unsplittable_resume(root, exc, overwrite) from None
     ds_config = engine_config(resolved, root)
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
