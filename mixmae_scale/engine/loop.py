@@ -296,11 +296,18 @@ class TrainingLoop:
                 "replay": "replays this step's data"}[policy])
 
     def _stop_for_signal(self, saved: Path) -> None:
-        self.stopped_by_signal = True
+        """A stop asked for at a step boundary, its checkpoint saved. One asked for during the run's last step is not
+        a stop: the run is complete, and summary.json, run.json and the log say so (they said "stopped by a signal",
+        `stopped_by_signal: true`, for a run with nothing left to resume). The relay's report is written either way:
+        it needs it to know the ranks did what the signal asked."""
+        self.stopped_by_signal = self.step < self.ctx.last_step
         if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
             report_stop(saved, self.step)
-        if self.ctx.rank == 0:
+        if self.ctx.rank == 0 and self.stopped_by_signal:
             log.warning("stop requested: checkpoint %s written at step %d, exiting", saved, self.step)
+        elif self.ctx.rank == 0:
+            log.warning("stop requested during the last step (%d): the run is complete, checkpoint %s", self.step,
+                        saved)
 
     def run(self) -> dict[str, Any]:
         """Steps until the last one or a stop; returns the run's summary (the same on every rank)."""

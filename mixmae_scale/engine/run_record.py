@@ -248,10 +248,10 @@ class RunRecord:
     def finish(self, summary: dict[str, Any]) -> None:
         """`summary`: the loop's. Outcome: completed (the schedule's last step), stopped by a signal, or ended at
         --max-steps."""
-        if summary.get("stopped_by_signal"):
-            outcome = "stopped by a signal"
-        elif summary["steps"] >= self.record["total_steps"]:
+        if summary["steps"] >= self.record["total_steps"]:  # first: a signal during the last step stops nothing
             outcome = "completed"
+        elif summary.get("stopped_by_signal"):
+            outcome = "stopped by a signal"
         else:
             outcome = "ended at --max-steps" if summary["steps"] >= summary["planned_steps"] else "ended early"
         self.record["launches"][-1].update(ended=now(), outcome=outcome, end_step=summary["steps"])

@@ -233,3 +233,26 @@ def test_a_run_that_holds_nothing_out_records_no_held_out_set(tmp_path):
     config = SimpleNamespace(data=SimpleNamespace(shards=folder, train_split="train", val_split="val", sources=[]))
     assert [d["role"] for d in run_record.data_read(config, nothing)] == ["train"]
     assert run_record.data_digest(run_record.data_read(config, nothing)) is None
+
+
+def test_a_signal_during_the_last_step_leaves_a_completed_run_not_a_stopped_one(tmp_path, monkeypatch):
+    """The stop flag is read at the last micro-batch of each step: one raised during the run's last step used to mark
+    the finished run `stopped_by_signal: true` and run.json "stopped by a signal". It is complete; the relay's report
+    is still written (it waits for it to exit 0)."""
+    from mixmae_scale.engine.loop import TrainingLoop
+
+    report = tmp_path / "stop-report.json"
+    monkeypatch.setenv("MIXMAE_STOP_REPORT", str(report))
+    for step, stopped in ((36, False), (35, True)):
+        loop = SimpleNamespace(step=step, ctx=SimpleNamespace(last_step=36, local_rank=0, rank=0),
+                               stopped_by_signal=False)
+        TrainingLoop._stop_for_signal(loop, tmp_path / "checkpoints" / f"step{step:08d}")
+        assert loop.stopped_by_signal is stopped
+        assert json.loads(report.read_text())["step"] == step
+    context = _context(tmp_path, 2, None)
+    context.root.mkdir()
+    record = run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])
+    total = record.record["total_steps"]
+    record.finish({"steps": total, "planned_steps": total, "stopped_by_signal": True})  # a summary of before the fix
+    saved = run_record.read_record(context.root)
+    assert (saved["status"], saved["launches"][-1]["outcome"]) == ("completed", "completed")
