@@ -106,3 +106,12 @@ def test_the_launch_plan_counts_nodes_gpus_and_steps():
     sets = ["batch.micro=8", "batch.global_batch=8", "cluster.gpus_per_node=1"]
     lines = batch_report(load_resolved("tiny", overrides=sets, world_size=1, train_samples=64))
     assert lines[0].endswith("= 1 node x 1 GPU") and lines[2].endswith(" 1 step")
+
+
+def test_a_resume_on_another_number_of_ranks_counts_them_in_words():
+    """A 2 -> 1 and a 1 -> 2 rank resume logged "the 2 saved ones do not share out over 1 ranks", "the 1 saved ones"."""
+    from mixmae_scale.engine.checkpointing import checkpointer
+
+    down = checkpointer.reseed_note(9, 2, 1)
+    assert "step 9" in down and "2 ranks saved do not share out over 1 rank)" in down
+    assert "the generators 1 rank saved do not share out over 2 ranks" in checkpointer.reseed_note(21, 1, 2)
