@@ -82,10 +82,22 @@ log = logging.getLogger("mixmae.loop")
 
 
 class RunAlreadyComplete(RuntimeError):
-    """The newest checkpoint is at the run's last step: nothing to train, nothing to rewrite."""
+    """The newest checkpoint is at or past this launch's last step: nothing to train, nothing to rewrite. Past it (a
+    schedule shortened on resume, a lower --max-steps) the message says this launch's last step and where it came
+    from: "already complete at step 15" alone, for a run stopped at 15 of 36 resumed with schedule.epochs mistyped,
+    read as a finished run."""
 
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"already complete at step {step} ({checkpoint}); nothing to do")
+    def __init__(self, step: int, checkpoint: Path, last_step: int | None = None, total_steps: int | None = None,
+                 epochs: float | None = None) -> None:
+        if last_step is None or step <= last_step:
+            text = f"already complete at step {step} ({checkpoint}); nothing to do"
+        else:
+            why = (f"--max-steps {last_step}" if total_steps is not None and last_step < total_steps
+                   else f"the schedule's {plural(last_step, 'step')}" + (f", schedule.epochs={epochs:g}"
+                                                                          if epochs is not None else ""))
+            text = (f"nothing to do: the newest checkpoint, step {step} ({checkpoint}), is past this launch's last "
+                    f"step {last_step} ({why}); a longer schedule or a higher --max-steps continues it")
+        super().__init__(text)
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -161,7 +173,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     if plan is not None and plan.finishes_by(last_step):
         if rank == 0:  # so that a Slurm job does not requeue itself for it again (cluster/requeue.py)
             run_folder.note_complete(root, plan.step, last_step)
-        raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
+        raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag, last_step, derived.total_steps,
+                                 config.schedule.epochs if plan.step > last_step else None)
     branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
     if branch_note and rank == 0:
         log.warning("%s", branch_note)
