@@ -143,11 +143,13 @@ def validate(config: Config) -> None:
     _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
              f"data.crop_ratio must be [min, max] with 0 < min <= max, got {d.crop_ratio}")
     c = config.cluster
-    _require(c.num_nodes >= 1 and c.gpus_per_node >= 1, "cluster.num_nodes and gpus_per_node must be >= 1")
+    for key in ("num_nodes", "gpus_per_node"):  # each named with its value: a cluster file sets both
+        _require(getattr(c, key) >= 1, f"cluster.{key} must be >= 1, got {getattr(c, key)}")
     _require(1 <= c.master_port <= 65535, f"cluster.master_port={c.master_port} is not a TCP port (1-65535)")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-    _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
-    _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}")
+    _require(config.checkpoint.every_steps >= 1,
+             f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
+    _require(config.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {config.logging.every_steps}")
     f = config.faults
     _require(f.data_stall_s > 0, f"faults.data_stall_s must be a positive number of seconds, got {f.data_stall_s}")
     _require(f.nonfinite_skip_limit >= 1,
