@@ -234,6 +234,7 @@ class TrainingLoop:
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
         self.stopped_by_signal = False
+        self.stop_reported = False  # the relay's report of a stop (preemption.report_stop) was written
         if ctx.resume is not None:
             self._resume(ctx.resume)
         elif ctx.rank == 0:  # a start from step 0: rows a run left before its first checkpoint are not this run's
@@ -314,8 +315,9 @@ class TrainingLoop:
         `stopped_by_signal: true`, for a run with nothing left to resume). The relay's report is written either way:
         it needs it to know the ranks did what the signal asked."""
         self.stopped_by_signal = self.step < self.ctx.last_step
+        self.stop_reported = True
         if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
-            report_stop(saved, self.step)
+            report_stop(saved, self.step, complete=not self.stopped_by_signal)
         if self.ctx.rank == 0 and self.stopped_by_signal:
             log.warning("stop requested: checkpoint %s written at step %d, exiting", saved, self.step)
         elif self.ctx.rank == 0:
@@ -345,9 +347,22 @@ class TrainingLoop:
                     break
             if metrics is not None:
                 metrics.close()
-            return self._summary(run_start)
+            summary = self._summary(run_start)
+            self._report_a_stop_after_the_last_step()
+            return summary
         finally:
             self.job.close()
+
+    def _report_a_stop_after_the_last_step(self) -> None:
+        """A stop signal that came after the last step (during the final evaluation, the summary) found the run
+        ending anyway, saved at its last step: the relay (cluster/signal_relay.py), which forwarded it and waits for
+        a report that the ranks did what it asked, got none and ended the Slurm step with exit 1, a completed run's
+        job read as failed. The report names the run's last checkpoint; summary.json says it completed."""
+        if self.ctx.stop.signal is None or self.stop_reported or self.ctx.local_rank != 0:
+            return
+        saved = store.existing(self.last_saved)
+        if saved is not None:
+            report_stop(saved, self.step, complete=self.step >= self.ctx.last_step)
 
     def _micro_batches(self) -> Iterator[Batch]:
         """The loader's batches, epoch after epoch: the step count, not the data, ends a run."""

@@ -110,11 +110,12 @@ class StopFlag:
         return self.signal is not None
 
 
-def report_stop(checkpoint: Path, step: int) -> None:
-    """Each node's first rank, after the checkpoint of a requested stop is complete (a collective: on every node)."""
+def report_stop(checkpoint: Path, step: int, complete: bool = False) -> None:
+    """Each node's first rank, after the checkpoint of a requested stop is complete (a collective: on every node).
+    `complete`: the run reached its last step (the signal came during it or after it), which the relay says."""
     path = os.environ.get(STOP_REPORT_ENV)
     if path:
-        write_text(path, json.dumps({"checkpoint": str(checkpoint), "step": step}))
+        write_text(path, json.dumps({"checkpoint": str(checkpoint), "step": step, "complete": complete}))
 
 
 def _launcher_ancestors(markers: tuple[str, ...], levels: int = 3) -> list[tuple[int, float]]:
