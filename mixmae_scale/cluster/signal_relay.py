@@ -130,7 +130,9 @@ def relay(command: list[str], env: dict[str, str] | None = None, shield_sigterm:
         return _say_failure(failure, code) or 1
     finally:
         report.unlink(missing_ok=True)
-    print(f"[mixmae relay] the ranks saved {saved['checkpoint']} at step {saved['step']} and stopped as asked",
+    done = ("the run reached its last step as the signal came: complete" if saved.get("complete")
+            else "stopped as asked")
+    print(f"[mixmae relay] the ranks saved {saved['checkpoint']} at step {saved['step']} and {done}",
           file=sys.stderr, flush=True)
     return 0
 

@@ -143,11 +143,13 @@ def validate(config: Config) -> None:
     _require(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
              f"data.crop_ratio must be [min, max] with 0 < min <= max, got {d.crop_ratio}")
     c = config.cluster
-    _require(c.num_nodes >= 1 and c.gpus_per_node >= 1, "cluster.num_nodes and gpus_per_node must be >= 1")
+    for key in ("num_nodes", "gpus_per_node"):  # each named with its value: a cluster file sets both
+        _require(getattr(c, key) >= 1, f"cluster.{key} must be >= 1, got {getattr(c, key)}")
     _require(1 <= c.master_port <= 65535, f"cluster.master_port={c.master_port} is not a TCP port (1-65535)")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-    _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
-    _require(config.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}")
+    _require(config.checkpoint.every_steps >= 1,
+             f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
+    _require(config.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {config.logging.every_steps}")
     f = config.faults
     _require(f.data_stall_s > 0, f"faults.data_stall_s must be a positive number of seconds, got {f.data_stall_s}")
     _require(f.nonfinite_skip_limit >= 1,
@@ -188,6 +190,16 @@ def _validate_wandb(config: Config) -> None:
              "(or set logging.wandb.mode=off)")
 
 
+class BatchSplitError(ConfigError):
+    """A global batch this many GPUs cannot split. Its own type, with the numbers, because the way out differs for a
+    run folder that already holds checkpoints: another global batch is another run there (checkpointing/resume.py
+    refuses it), so a resume is told the GPU counts instead (engine/run_folder.py `unsplittable_resume`)."""
+
+    def __init__(self, message: str, global_batch: int, world: int, gpus: str) -> None:
+        super().__init__(message)
+        self.global_batch, self.world, self.gpus = global_batch, world, gpus
+
+
 def solve_batch(global_batch: int, micro_ceiling: int, world: int) -> tuple[int, int]:
     """(micro, accumulation) reaching `global_batch` on `world` GPUs: the largest even micro-batch up to the
     profile's ceiling (the planner's per-GPU limit) that divides each GPU's share, so the fewest
@@ -205,11 +217,11 @@ def solve_batch(global_batch: int, micro_ceiling: int, world: int) -> tuple[int,
     fewer = max((w for w in worlds if w < world), default=None)
     more = min((w for w in worlds if w > world), default=None)
     gpus = " or ".join(str(w) for w in (fewer, more) if w)
-    raise ConfigError(
-        f"batch.global_batch={global_batch} cannot be split over {world} GPUs: each GPU needs an even number of "
-        f"images (MixMAE pairs them). Nearest global batches for {world} GPUs: {' or '.join(map(str, near))} "
-        f"(--set batch.global_batch=N; the learning rate follows, base lr x N / 256); or use "
-        f"{gpus} GPUs")
+    raise BatchSplitError(
+        f"batch.global_batch={global_batch} cannot be split over {plural(world, 'GPU')}: each GPU needs an even "
+        f"number of images (MixMAE pairs them). Nearest global batches for {plural(world, 'GPU')}: "
+        f"{' or '.join(map(str, near))} (--set batch.global_batch=N; the learning rate follows, base lr x N / 256)"
+        + (f"; or use {gpus} GPU{'s' * (gpus != '1')}" if gpus else ""), global_batch, world, gpus)
 
 
 def too_few_samples(global_batch: int, samples: int, world: int, accumulation_set: bool) -> str:

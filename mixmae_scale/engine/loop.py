@@ -36,6 +36,7 @@ import yaml
 from mixmae_scale.atomic_file import write_text
 from mixmae_scale.config import ResolvedConfig, resolve
 from mixmae_scale.config.deepspeed_config import engine_config
+from mixmae_scale.config.derive import BatchSplitError
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
 from mixmae_scale.data.errors import plural
@@ -81,10 +82,22 @@ log = logging.getLogger("mixmae.loop")
 
 
 class RunAlreadyComplete(RuntimeError):
-    """The newest checkpoint is at the run's last step: nothing to train, nothing to rewrite."""
+    """The newest checkpoint is at or past this launch's last step: nothing to train, nothing to rewrite. Past it (a
+    schedule shortened on resume, a lower --max-steps) the message says this launch's last step and where it came
+    from: "already complete at step 15" alone, for a run stopped at 15 of 36 resumed with schedule.epochs mistyped,
+    read as a finished run."""
 
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"already complete at step {step} ({checkpoint}); nothing to do")
+    def __init__(self, step: int, checkpoint: Path, last_step: int | None = None, total_steps: int | None = None,
+                 epochs: float | None = None) -> None:
+        if last_step is None or step <= last_step:
+            text = f"already complete at step {step} ({checkpoint}); nothing to do"
+        else:
+            why = (f"--max-steps {last_step}" if total_steps is not None and last_step < total_steps
+                   else f"the schedule's {plural(last_step, 'step')}" + (f", schedule.epochs={epochs:g}"
+                                                                          if epochs is not None else ""))
+            text = (f"nothing to do: the newest checkpoint, step {step} ({checkpoint}), is past this launch's last "
+                    f"step {last_step} ({why}); a longer schedule or a higher --max-steps continues it")
+        super().__init__(text)
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -140,8 +153,11 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     if check is not None:
         check(train_data, world)
     heldout = scores() if scores is not None else None
-    resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     root = Path(run_dir)
+    try:
+        resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
+    except BatchSplitError as exc:  # a resume on GPUs that cannot split its global batch: name the ones that can
+        raise run_folder.unsplittable_resume(root, exc, overwrite) from None
     ds_config = engine_config(resolved, root)
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
@@ -157,7 +173,8 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     if plan is not None and plan.finishes_by(last_step):
         if rank == 0:  # so that a Slurm job does not requeue itself for it again (cluster/requeue.py)
             run_folder.note_complete(root, plan.step, last_step)
-        raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag)
+        raise RunAlreadyComplete(plan.step, root / "checkpoints" / plan.tag, last_step, derived.total_steps,
+                                 config.schedule.epochs if plan.step > last_step else None)
     branch_note = run_folder.agree_on_branch(root, resume)  # after the plan: a refused start moves nothing
     if branch_note and rank == 0:
         log.warning("%s", branch_note)
@@ -217,6 +234,7 @@ class TrainingLoop:
         self.rates: list[float] = []
         self.peak_flops = device_peak_flops(self.config.logging.peak_tflops)
         self.stopped_by_signal = False
+        self.stop_reported = False  # the relay's report of a stop (preemption.report_stop) was written
         if ctx.resume is not None:
             self._resume(ctx.resume)
         elif ctx.rank == 0:  # a start from step 0: rows a run left before its first checkpoint are not this run's
@@ -292,11 +310,19 @@ class TrainingLoop:
                 "replay": "replays this step's data"}[policy])
 
     def _stop_for_signal(self, saved: Path) -> None:
-        self.stopped_by_signal = True
+        """A stop asked for at a step boundary, its checkpoint saved. One asked for during the run's last step is not
+        a stop: the run is complete, and summary.json, run.json and the log say so (they said "stopped by a signal",
+        `stopped_by_signal: true`, for a run with nothing left to resume). The relay's report is written either way:
+        it needs it to know the ranks did what the signal asked."""
+        self.stopped_by_signal = self.step < self.ctx.last_step
+        self.stop_reported = True
         if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
-            report_stop(saved, self.step)
-        if self.ctx.rank == 0:
+            report_stop(saved, self.step, complete=not self.stopped_by_signal)
+        if self.ctx.rank == 0 and self.stopped_by_signal:
             log.warning("stop requested: checkpoint %s written at step %d, exiting", saved, self.step)
+        elif self.ctx.rank == 0:
+            log.warning("stop requested during the last step (%d): the run is complete, checkpoint %s", self.step,
+                        saved)
 
     def run(self) -> dict[str, Any]:
         """Steps until the last one or a stop; returns the run's summary (the same on every rank)."""
@@ -321,9 +347,22 @@ class TrainingLoop:
                     break
             if metrics is not None:
                 metrics.close()
-            return self._summary(run_start)
+            summary = self._summary(run_start)
+            self._report_a_stop_after_the_last_step()
+            return summary
         finally:
             self.job.close()
+
+    def _report_a_stop_after_the_last_step(self) -> None:
+        """A stop signal that came after the last step (during the final evaluation, the summary) found the run
+        ending anyway, saved at its last step: the relay (cluster/signal_relay.py), which forwarded it and waits for
+        a report that the ranks did what it asked, got none and ended the Slurm step with exit 1, a completed run's
+        job read as failed. The report names the run's last checkpoint; summary.json says it completed."""
+        if self.ctx.stop.signal is None or self.stop_reported or self.ctx.local_rank != 0:
+            return
+        saved = store.existing(self.last_saved)
+        if saved is not None:
+            report_stop(saved, self.step, complete=self.step >= self.ctx.last_step)
 
     def _micro_batches(self) -> Iterator[Batch]:
         """The loader's batches, epoch after epoch: the step count, not the data, ends a run."""

@@ -64,12 +64,27 @@ def _record_early(signum, frame) -> None:
     _early_signal = signum
 
 
+INTERRUPT_NOTE = (b"mixmae: Ctrl-C: saving a checkpoint at the next step boundary, then exiting; "
+                  b"Ctrl-C again to stop at once without it\n")
+
+
 class StopFlag:
+    """The stop request a rank's loop reads once per step.
+
+    Ctrl-C at a terminal sends SIGINT to every process of the foreground group, the ranks included: it raised
+    KeyboardInterrupt mid-step and the ranks died without a checkpoint (the work since the last one lost), while
+    DeepSpeed's launch.py, which got it too, was sending them the SIGTERM they save on. So the first SIGINT is a stop
+    like SIGTERM's, and a second one interrupts at once, the usual way out of a save that takes too long. A caller
+    that ignores SIGINT (an in-process sweep's worker, which turns Ctrl-C into a SIGTERM itself) keeps it ignored."""
+
     def __init__(self) -> None:
         global _early_signal
         self.signal: int | None = None
+        self.interrupts = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._interrupt)
         # A stop that arrived while the process started (record_early_stops), now that this flag's handlers hold:
         # taken once, so that a later run of the same process (an in-process sweep) does not stop by it again.
         if _early_signal is not None and self.signal is None:
@@ -79,6 +94,15 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
+    def _interrupt(self, signum, frame) -> None:
+        self.interrupts += 1
+        if self.interrupts > 1:
+            raise KeyboardInterrupt
+        if self.signal is None:
+            self.signal = signum
+        if os.environ.get("RANK", "0") == "0":  # once per job, not per rank; os.write: safe in a handler
+            os.write(2, INTERRUPT_NOTE)
+
     def requested(self) -> bool:
         if self.signal is None and any(not _alive(pid, born) for pid, born in self.launchers):
             log.warning("the launcher that started this rank is gone: saving a checkpoint and exiting")
@@ -86,11 +110,12 @@ class StopFlag:
         return self.signal is not None
 
 
-def report_stop(checkpoint: Path, step: int) -> None:
-    """Each node's first rank, after the checkpoint of a requested stop is complete (a collective: on every node)."""
+def report_stop(checkpoint: Path, step: int, complete: bool = False) -> None:
+    """Each node's first rank, after the checkpoint of a requested stop is complete (a collective: on every node).
+    `complete`: the run reached its last step (the signal came during it or after it), which the relay says."""
     path = os.environ.get(STOP_REPORT_ENV)
     if path:
-        write_text(path, json.dumps({"checkpoint": str(checkpoint), "step": step}))
+        write_text(path, json.dumps({"checkpoint": str(checkpoint), "step": step, "complete": complete}))
 
 
 def _launcher_ancestors(markers: tuple[str, ...], levels: int = 3) -> list[tuple[int, float]]:

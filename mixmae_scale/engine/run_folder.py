@@ -25,6 +25,9 @@ import torch.distributed as dist
 import yaml
 
 from mixmae_scale.atomic_file import fsync_path, write_text
+from mixmae_scale.config.derive import BatchSplitError
+from mixmae_scale.config.load import ConfigError
+from mixmae_scale.data.errors import plural
 from mixmae_scale.engine import run_lock
 from mixmae_scale.engine.checkpointing import store
 
@@ -45,6 +48,33 @@ def aside_path(root: Path) -> Path:
 def way_out(root: Path) -> str:
     return (f"start it in a new --run-dir (run.name with `mixmae launch`), or add --overwrite to move the earlier run "
             f"to {aside_path(root)} first")
+
+
+def unsplittable_resume(root: Path, error: BatchSplitError, overwrite: bool) -> ConfigError:
+    """The refusal of a world size that cannot split the global batch, for this run folder. A folder whose newest
+    checkpoint was trained at that global batch is resumed, not started: `error`'s way out (another global batch)
+    would only meet the next refusal (resume.py: the step counter and the schedule count batches of it), so the
+    GPU counts that take it are named instead. Anything else (no checkpoint, `--overwrite`, a checkpoint at another
+    global batch, which resume.py names on its own) keeps `error` as it is."""
+    ckpt_dir = root / "checkpoints"
+    tags = [] if overwrite else store.complete_tags(ckpt_dir)
+    if not tags:
+        return error
+    from mixmae_scale.engine.checkpointing.state import RankState
+
+    try:
+        saved = RankState.read(ckpt_dir, tags[-1], 0).identity.global_batch
+    except (OSError, ValueError, KeyError):
+        return error
+    if saved != error.global_batch:
+        return error
+    gpus = f"resume it on {error.gpus} GPU{'s' * (error.gpus != '1')}" if error.gpus else "no GPU count takes it"
+    return ConfigError(
+        f"{(ckpt_dir / tags[-1]).resolve()} was trained at batch.global_batch={saved}, which "
+        f"{plural(error.world, 'GPU')} cannot split (each GPU needs an even number of images: MixMAE pairs them): "
+        f"{gpus}, where the step counter and the learning-rate schedule go on in batches of {saved}; another global "
+        "batch is another run: "
+        f"{way_out(root)}")
 
 
 def holds_files(root: Path) -> bool:

@@ -209,6 +209,9 @@ def resume_entry(plan, step: int, world: int, layout: dict[str, Any]) -> dict[st
             **({"heldout_changed": plan.heldout_change} if plan.heldout_change else {})}
 
 
+UNENDED = "ended without a record (killed, or failed)"
+
+
 class RunRecord:
     """Rank 0's run.json. `begin` at a launch's start (after the resume is loaded), `finish` at its end."""
 
@@ -230,6 +233,10 @@ class RunRecord:
         launch = {"started": now(), "command": command_line(argv), "world_size": ctx.world,
                   "commit": describe_commit(code), "start_step": step, "outcome": "running"}
         resumes = list(earlier.get("resumes", []))
+        # An earlier launch still "running": this one holds the folder's lock (engine/run_lock.py), so that launch
+        # is gone without reaching `finish` (killed, or failed); it read "running" for ever after.
+        launches = [{**old, "outcome": UNENDED} if old.get("outcome") == "running" else old
+                    for old in earlier.get("launches", [])]
         init = init or earlier.get("init")  # a resume reads no init: the first launch's record of it stays
         if ctx.resume is not None:
             resumes.append(resume_entry(ctx.resume, step, ctx.world, ctx.layout))
@@ -240,7 +247,7 @@ class RunRecord:
                   "command": launch["command"], "world_size": ctx.world, "total_steps": derived.total_steps,
                   "precision": {"dtype": derived.dtype, "reason": derived.dtype_reason,
                                 "warning": derived.dtype_warning},
-                  "layout": ctx.layout, "resumes": resumes, "launches": [*earlier.get("launches", []), launch]}
+                  "layout": ctx.layout, "resumes": resumes, "launches": [*launches, launch]}
         made = cls(ctx.root / RECORD, record)
         made.write()
         return made
@@ -248,10 +255,10 @@ class RunRecord:
     def finish(self, summary: dict[str, Any]) -> None:
         """`summary`: the loop's. Outcome: completed (the schedule's last step), stopped by a signal, or ended at
         --max-steps."""
-        if summary.get("stopped_by_signal"):
-            outcome = "stopped by a signal"
-        elif summary["steps"] >= self.record["total_steps"]:
+        if summary["steps"] >= self.record["total_steps"]:  # first: a signal during the last step stops nothing
             outcome = "completed"
+        elif summary.get("stopped_by_signal"):
+            outcome = "stopped by a signal"
         else:
             outcome = "ended at --max-steps" if summary["steps"] >= summary["planned_steps"] else "ended early"
         self.record["launches"][-1].update(ended=now(), outcome=outcome, end_step=summary["steps"])

@@ -83,6 +83,11 @@ def test_logging_csv_is_no_longer_a_key_and_is_refused_as_unknown():
     ("model.decoder_depth=-1", r"model.decoder_depth must be >= 0, got -1"),
     ("model.drop_path=1.0", r"model.drop_path must be in \[0, 1\), got 1.0"),
     ("override_without_equals", "not of the form"),
+    ("cluster.gpus_per_node=0", r"cluster.gpus_per_node must be >= 1, got 0"),
+    ("cluster.num_nodes=-1", r"cluster.num_nodes must be >= 1, got -1"),
+    ("checkpoint.keep_last=0", r"checkpoint.keep_last must be >= 1, got 0"),
+    ("checkpoint.every_steps=0", r"checkpoint.every_steps must be >= 1, got 0"),
+    ("logging.every_steps=0", r"logging.every_steps must be >= 1, got 0"),
 ])
 def test_bad_values_fail_with_the_key_named(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -124,3 +124,12 @@ def test_a_law_short_of_points_and_a_budget_short_of_minima_count_in_words():
     rising = [r for r in rows if r["budget"] == 1e13 and float(r["run_id"].split("-")[1]) >= 1]  # no interior minimum
     fit = fit_iso_flop(one_budget + rising, bootstrap=0)
     assert fit.n_opt.verdict == "not identified (1 of 2 budgets has an interior minimum; a law needs 3)"
+
+
+def test_a_resume_on_another_number_of_ranks_counts_them_in_words():
+    """A 2 -> 1 and a 1 -> 2 rank resume logged "the 2 saved ones do not share out over 1 ranks", "the 1 saved ones"."""
+    from mixmae_scale.engine.checkpointing import checkpointer
+
+    down = checkpointer.reseed_note(9, 2, 1)
+    assert "step 9" in down and "2 ranks saved do not share out over 1 rank)" in down
+    assert "the generators 1 rank saved do not share out over 2 ranks" in checkpointer.reseed_note(21, 1, 2)

@@ -11,7 +11,8 @@ from mixmae_scale.cluster import requeue
 from mixmae_scale.engine import run_folder
 
 
-def _start_finding_the_run_complete(monkeypatch, run, total_steps: int, at_step: int) -> None:
+def _start_finding_the_run_complete(monkeypatch, run, total_steps: int, at_step: int, max_steps: int | None = None,
+                                    said: str | None = None) -> None:
     """start_run up to the resume plan, with the process group, data, configuration and plan stubbed (no
     DeepSpeed): the newest checkpoint at `at_step`, the current schedule `total_steps` long."""
     from mixmae_scale.engine import loop
@@ -31,9 +32,10 @@ def _start_finding_the_run_complete(monkeypatch, run, total_steps: int, at_step:
     monkeypatch.setattr(loop, "plan_resume", lambda *a, **k: types.SimpleNamespace(
         step=at_step, tag=f"step{at_step:08d}", finishes_by=lambda last: at_step >= last))
     config = types.SimpleNamespace(data=types.SimpleNamespace(shards="s", train_split="train", sources=[]),
-                                   checkpoint=types.SimpleNamespace(resume="auto"))
-    with pytest.raises(loop.RunAlreadyComplete, match=f"already complete at step {at_step}"):
-        loop.start_run(config, [], run, 0)
+                                   checkpoint=types.SimpleNamespace(resume="auto"),
+                                   schedule=types.SimpleNamespace(epochs=0.5))
+    with pytest.raises(loop.RunAlreadyComplete, match=said or f"already complete at step {at_step}"):
+        loop.start_run(config, [], run, 0, max_steps)
 
 
 def test_a_requeued_run_its_shortened_schedule_finds_complete_is_not_requeued_again(tmp_path, monkeypatch):
@@ -64,3 +66,19 @@ def test_a_finished_runs_summary_is_left_as_it_was_by_a_start_that_finds_it_comp
     _start_finding_the_run_complete(monkeypatch, run, total_steps=40, at_step=40)
     assert (run / "summary.json").read_text() == text
     assert not requeue.decide(run, {})[0]
+
+
+@pytest.mark.parametrize(("max_steps", "why"), [(None, r"the schedule's 9 steps, schedule.epochs=0.5"),
+                                                (12, r"--max-steps 12")])
+def test_a_checkpoint_past_a_shortened_schedule_is_not_called_complete_without_the_last_step(tmp_path, monkeypatch,
+                                                                                              max_steps, why):
+    """Stopped at step 15 of 36 and started again with schedule.epochs mistyped (9 steps) or a lower --max-steps: it
+    said "already complete at step 15", as for a finished run. It names this launch's last step and where it came
+    from, and what continues the run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    total = 9 if max_steps is None else 36
+    _start_finding_the_run_complete(
+        monkeypatch, run, total_steps=total, at_step=15, max_steps=max_steps,
+        said=rf"nothing to do: the newest checkpoint, step 15 \(.*step00000015\), is past this launch's last step "
+             rf"{max_steps or 9} \({why}\); a longer schedule or a higher --max-steps continues it")

@@ -532,3 +532,34 @@ def test_the_branch_goes_on_after_rotation_removed_its_branch_point_and_odd_step
     assert run_folder.continuation(run, "step-old") == ("step-old", None)  # not a tag: the plan refuses it
     assert run_folder.continuation(run, str(tmp_path / "other" / "step00000002")) == (
         str(tmp_path / "other" / "step00000002"), None)  # another folder's: refused by the plan, not turned auto
+
+
+def test_a_resume_on_gpus_that_cannot_split_its_global_batch_names_the_gpu_counts_not_another_batch(tmp_path):
+    """A run of global batch 32 resumed on 3 GPUs: the plain refusal's way out (--set batch.global_batch=N) would
+    only meet the next refusal (another global batch is another run), so the folder's refusal names the GPU counts."""
+    from mixmae_scale.config.derive import BatchSplitError, solve_batch
+    from mixmae_scale.engine.run_folder import unsplittable_resume
+
+    with pytest.raises(BatchSplitError) as caught:
+        solve_batch(32, 8, 3)
+    fresh = unsplittable_resume(tmp_path, caught.value, overwrite=False)
+    assert fresh is caught.value and "--set batch.global_batch=N" in str(fresh)  # nothing to resume: as it was
+    make_tag(tmp_path / "checkpoints", "step00000004")
+    refusal = str(unsplittable_resume(tmp_path, caught.value, overwrite=False))
+    assert "step00000004 was trained at batch.global_batch=32, which 3 GPUs cannot split" in refusal
+    assert "resume it on 2 or 4 GPUs" in refusal and "batch.global_batch=N" not in refusal
+    assert "--run-dir" in refusal and "--overwrite" in refusal
+    assert unsplittable_resume(tmp_path, caught.value, overwrite=True) is caught.value  # a new run: any batch
+    with pytest.raises(BatchSplitError) as other:  # the folder's run has another global batch: resume.py says so
+        solve_batch(36, 8, 5)
+    assert unsplittable_resume(tmp_path, other.value, overwrite=False) is other.value
+
+
+def test_a_global_batch_split_refusal_counts_one_gpu_in_the_singular():
+    from mixmae_scale.config import ConfigError
+    from mixmae_scale.config.derive import solve_batch
+
+    with pytest.raises(ConfigError) as caught:
+        solve_batch(15, 8, 1)
+    assert "cannot be split over 1 GPU:" in str(caught.value) and "for 1 GPU:" in str(caught.value)
+    assert "1 GPUs" not in str(caught.value)

@@ -233,3 +233,42 @@ def test_a_run_that_holds_nothing_out_records_no_held_out_set(tmp_path):
     config = SimpleNamespace(data=SimpleNamespace(shards=folder, train_split="train", val_split="val", sources=[]))
     assert [d["role"] for d in run_record.data_read(config, nothing)] == ["train"]
     assert run_record.data_digest(run_record.data_read(config, nothing)) is None
+
+
+def test_a_signal_during_the_last_step_leaves_a_completed_run_not_a_stopped_one(tmp_path, monkeypatch):
+    """The stop flag is read at the last micro-batch of each step: one raised during the run's last step used to mark
+    the finished run `stopped_by_signal: true` and run.json "stopped by a signal". It is complete; the relay's report
+    is still written (it waits for it to exit 0)."""
+    from mixmae_scale.engine.loop import TrainingLoop
+
+    report = tmp_path / "stop-report.json"
+    monkeypatch.setenv("MIXMAE_STOP_REPORT", str(report))
+    for step, stopped in ((36, False), (35, True)):
+        loop = SimpleNamespace(step=step, ctx=SimpleNamespace(last_step=36, local_rank=0, rank=0),
+                               stopped_by_signal=False)
+        TrainingLoop._stop_for_signal(loop, tmp_path / "checkpoints" / f"step{step:08d}")
+        assert loop.stopped_by_signal is stopped
+        assert json.loads(report.read_text())["step"] == step
+    context = _context(tmp_path, 2, None)
+    context.root.mkdir()
+    record = run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])
+    total = record.record["total_steps"]
+    record.finish({"steps": total, "planned_steps": total, "stopped_by_signal": True})  # a summary of before the fix
+    saved = run_record.read_record(context.root)
+    assert (saved["status"], saved["launches"][-1]["outcome"]) == ("completed", "completed")
+
+
+def test_a_launch_that_never_finished_is_not_left_running_once_the_next_one_starts(tmp_path):
+    """A launch killed (SIGKILL, a node lost) or failed never reaches `finish`: its entry said "running" for ever,
+    beside the launches after it. The next launch holds the folder's lock, so that one is gone: its entry says so."""
+    context = _context(tmp_path, 2, None)
+    context.root.mkdir()
+    run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])  # then killed
+    plan = ResumePlan("step00000010", saved_world=2, saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False})
+    second = run_record.RunRecord.begin(_context(tmp_path, 2, plan), "pretrain", 10, ["cpu"] * 2, argv=["mixmae"])
+    first, now = run_record.read_record(context.root)["launches"]
+    assert first["outcome"] != "running" and "killed" in first["outcome"] and now["outcome"] == "running"
+    second.finish({"steps": 12, "planned_steps": 20, "stopped_by_signal": True})
+    saved = run_record.read_record(context.root)
+    assert [x["outcome"] for x in saved["launches"]] == [first["outcome"], "stopped by a signal"]
+    assert f"steps 0 -> ?, {first['outcome']}, world size 2" in run_record.describe(saved)

@@ -10,6 +10,7 @@ test_faults.py, test_finetune.py) run the real launcher; these pin the relay's o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -212,3 +213,32 @@ def test_a_second_signal_after_the_launcher_exited_is_still_forwarded(tmp_path):
     assert relay.returncode == 0 and "Traceback" not in err, err
     assert "SIGTERM: asking 2 ranks" in err
     assert "the ranks saved step00000007 at step 7 and stopped as asked" in err
+
+
+def test_a_stop_after_the_last_step_is_reported_to_the_relay_as_a_completed_run(tmp_path, monkeypatch):
+    """The relay forwards a SIGUSR1 that comes after the last step (Slurm's warning during the final evaluation): the
+    ranks ended the run anyway, never reaching a step boundary's stop, and wrote no report, so the relay exited 1 and
+    the Slurm step of a completed run read as failed (seen with a tiny 2-rank run under the relay). The loop now
+    reports the run's last checkpoint after its summary when a stop was asked and not yet reported."""
+    from types import SimpleNamespace
+
+    from mixmae_scale.engine.loop import TrainingLoop
+
+    report = tmp_path / "stop-report.json"
+    monkeypatch.setenv("MIXMAE_STOP_REPORT", str(report))
+    from mixmae_scale.engine.checkpointing import store
+
+    checkpoint = tmp_path / "checkpoints" / "step00000036"
+    checkpoint.mkdir(parents=True)
+    store.seal(checkpoint, {"step": 36, "world_size": 2, "kind": "regular"})  # a complete checkpoint, as saved
+
+    def loop(signum, reported=False, local_rank=0):
+        return SimpleNamespace(ctx=SimpleNamespace(stop=SimpleNamespace(signal=signum), local_rank=local_rank,
+                                                   last_step=36),
+                               stop_reported=reported, last_saved=checkpoint, step=36)
+
+    for quiet in (loop(None), loop(signal.SIGUSR1, reported=True), loop(signal.SIGUSR1, local_rank=1)):
+        TrainingLoop._report_a_stop_after_the_last_step(quiet)
+        assert not report.exists()
+    TrainingLoop._report_a_stop_after_the_last_step(loop(signal.SIGUSR1))
+    assert json.loads(report.read_text()) == {"checkpoint": str(checkpoint), "step": 36, "complete": True}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mixmae_scale.config.schema import CheckpointConfig
+from mixmae_scale.data.errors import plural
 from mixmae_scale.data.loader import ShardLoader
 from mixmae_scale.engine.checkpointing import resume, store
 from mixmae_scale.engine.checkpointing.state import RankPosition, RankState, RunIdentity, RunState, StopRecord
@@ -99,11 +100,17 @@ class Checkpointer:
             seed_generators(stream_seed(self.seed, self.rank, run.step, bits=63))
         if self.rank == 0:
             if not plan.keeps_generators(self.world):
-                log.info("each rank's random generators seeded from run.seed, its rank and step %d (the %d saved "
-                         "ones do not share out over %d ranks)", run.step, plan.saved_world, self.world)
+                log.info("%s", reseed_note(run.step, plan.saved_world, self.world))
             for note in (*plan.notes, *([self.loader.resume_note] if self.loader.resume_note else [])):
                 log.warning("%s", note)
             log.info("resumed from %s at step %d", self.ckpt_dir / plan.tag, run.step)
         if plan.universal and self.settings.save_after_layout_change:
             self.last_saved = self.save(run.step, kind=store.RELAYOUT)
         return run.step
+
+
+def reseed_note(step: int, saved_world: int, world: int) -> str:
+    """The log line of a resume on another number of ranks, whose generators are seeded anew (`Checkpointer.resume`
+    says why); counted in words, as a 2 -> 1 resume is read ("the 2 saved ones do not share out over 1 ranks")."""
+    return (f"each rank's random generators seeded from run.seed, its rank and step {step} (the generators "
+            f"{plural(saved_world, 'rank')} saved do not share out over {plural(world, 'rank')})")
