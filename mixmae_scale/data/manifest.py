@@ -261,8 +261,11 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
         return f"{head}: {unfinished}"
     # One level of subfolders too: a download laid out as train/*.tar and val/*.tar was said to hold no .tar files
     # and sent to `mixmae shards folder`, though adoption lists recursively and finds them.
-    tars = sorted(p.relative_to(folder).as_posix() for p in chain(folder.glob("*.tar"), folder.glob("*/*.tar"))
-                  if not p.name.startswith("."))
+    # Not in a hidden folder either (a drive's .Trash-1000/): adoption skips those, so offering them sent the user to
+    # a command that finds nothing.
+    tars = sorted(name for name in (p.relative_to(folder).as_posix()
+                                    for p in chain(folder.glob("*.tar"), folder.glob("*/*.tar")))
+                  if not any(part.startswith(".") for part in name.split("/")))
     if tars:
         shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
         val = any(re.search(r"(^|[-_./])(val|valid|validation)([-_./\d]|$)", name.lower()) for name in tars)
