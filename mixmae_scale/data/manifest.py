@@ -270,7 +270,8 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
         shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
         val = any(re.search(r"(^|[-_./])(val|valid|validation)([-_./\d]|$)", name.lower()) for name in tars)
         return (f"{head}: {plural(len(tars), '.tar file')} {'is' if len(tars) == 1 else 'are'} there ({shown}): "
-                f"`mixmae shards adopt {location} --out DIR` indexes them without rewriting"
+                f"`mixmae shards adopt {location} --out DIR` indexes {'it' if len(tars) == 1 else 'them'} without "
+                "rewriting"
                 + (f" (the tars named for val: a second `mixmae shards adopt {location} --out DIR --split val`)"
                    if val else ""))
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
@@ -319,10 +320,10 @@ def _not_a_stored_shard_set(location: str) -> str:
     if tars:
         many = len(files) >= 1000  # one LIST page: there may be more
         shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
-        are = "is" if len(tars) == 1 else "are"
+        are, them = ("is", "it") if len(tars) == 1 else ("are", "them")
         return (f"{head}: {'at least ' if many else ''}{plural(len(tars), '.tar file')} {are} there ({shown}): "
-                f"`mixmae shards adopt {location} --out {location}-index` indexes them without rewriting; then use "
-                f"{location}-index as the shard set")
+                f"`mixmae shards adopt {location} --out {location}-index` indexes {'them' if many else them} without "
+                f"rewriting; then use {location}-index as the shard set")
     names = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")
     return (f"{head}: it holds no shards or .tar files ({names}); build shards with `mixmae shards folder|imagenet "
             f"... --out {location}`")

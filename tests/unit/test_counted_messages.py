@@ -124,3 +124,14 @@ def test_a_law_short_of_points_and_a_budget_short_of_minima_count_in_words():
     rising = [r for r in rows if r["budget"] == 1e13 and float(r["run_id"].split("-")[1]) >= 1]  # no interior minimum
     fit = fit_iso_flop(one_budget + rising, bootstrap=0)
     assert fit.n_opt.verdict == "not identified (1 of 2 budgets has an interior minimum; a law needs 3)"
+
+
+def test_one_tar_offered_for_adoption_is_it_and_two_are_them(tmp_path):
+    """'1 .tar file is there (000.tar): `mixmae shards adopt ...` indexes them': the pronoun counts too."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "000.tar").write_bytes(b"\0" * 1024)
+    one = _not_a_shard_set(tmp_path / "one", str(tmp_path / "one"))
+    assert "1 .tar file is there (000.tar)" in one and "indexes it without rewriting" in one, one
+    (tmp_path / "one" / "001.tar").write_bytes(b"\0" * 1024)
+    two = _not_a_shard_set(tmp_path / "one", str(tmp_path / "one"))
+    assert "2 .tar files are there" in two and "indexes them without rewriting" in two, two
