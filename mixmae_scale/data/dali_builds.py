@@ -46,11 +46,12 @@ def _importable_elsewhere() -> bool:
     return spec is not None and spec.origin is not None and Path(spec.origin).is_file()  # a bare folder: namespace
 
 
-def require_one_dali_build() -> None:
+def require_one_dali_build(gpu: bool = True) -> None:
     """Refuses two DALI builds at once, a build whose files are gone, and a build for a newer CUDA major version
     than the node's driver runs (the [cuda13] extra on a 12.x driver: DALI's GPU decoding would fail at the first
     batch with a CUDA error that names neither); no build at all is left to the import (its ModuleNotFoundError
-    names the extras: cli/failure_report.py)."""
+    names the extras: cli/failure_report.py). `gpu`: whether DALI decodes on a GPU; on the CPU (no GPU visible,
+    CUDA_VISIBLE_DEVICES="") its CUDA version plays no part, and a CPU run was refused all the same."""
     builds = installed_builds()
     named = [f"{build.metadata['Name']} {build.version}" for build in builds]
     if len(builds) > 1:
@@ -63,7 +64,7 @@ def require_one_dali_build() -> None:
             raise DataError(f"{name} is installed, but its files are gone ({init} does not exist; uninstalling the "
                             "other DALI build, which shares that folder, removes them): pip install "
                             f"--force-reinstall --no-deps {build.metadata['Name']}=={build.version}; {OR_TORCH}")
-    if len(builds) == 1:
+    if len(builds) == 1 and gpu:
         from mixmae_scale.engine.distributed import driver_cuda_version
 
         name = builds[0].metadata["Name"]

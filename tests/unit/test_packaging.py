@@ -149,9 +149,7 @@ class _ListedDali:
                    "builds write the same nvidia/dali folder, which now holds a mix of them; pip uninstall -y "
                    "nvidia-dali-cuda120 nvidia-dali-cuda130, then pip install 'mixmae-scale[cuda12]'"),
     ("files gone", None, "nvidia-dali-cuda130 2.4.0 is installed, but its files are gone ("),
-    ("cuda13", (12, 8), "nvidia-dali-cuda130 2.4.0 (the [cuda13] extra) is DALI's build for CUDA 13, but this node's "
-                        "NVIDIA driver runs CUDA up to 12.8: pip uninstall -y nvidia-dali-cuda130, then pip install "
-                        "'mixmae-scale[cuda12]'; or use the PyTorch loader"),
+    ("cuda13", (12, 8), None),  # a CPU run (as here): DALI decodes on the CPU, where its CUDA version plays no part
     ("cuda13", (13, 0), None),  # the build the driver runs: DALI decodes
 ])
 def test_two_dali_builds_or_a_build_without_its_files_are_named_with_the_pip_commands_that_mend_them(
@@ -241,3 +239,29 @@ def test_a_dali_build_whose_files_are_elsewhere_on_the_path_is_no_build_without_
     where["nvidia.dali"] = None  # nothing imports: the files are gone
     with pytest.raises(DataError, match=r"^nvidia-dali-cuda120 2\.4\.0 is installed, but its files are gone"):
         dali_builds.require_one_dali_build()
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_dali_built_for_a_newer_cuda_than_the_driver_is_refused_only_where_dali_decodes_on_the_gpu(monkeypatch, gpu):
+    """The [cuda13] build on a 12.x driver fails in DALI's GPU decoding; a run on the CPU (CUDA_VISIBLE_DEVICES="",
+    DS_ACCELERATOR=cpu) decodes on the CPU, where DALI's CUDA version plays no part, and was refused all the same."""
+    import importlib.metadata
+
+    import nvidia.dali
+
+    from mixmae_scale.data import dali_builds
+    from mixmae_scale.engine import distributed
+
+    listed = _ListedDali("nvidia-dali-cuda130", Path(nvidia.dali.__file__).parents[2])
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: listed if name == listed.metadata["Name"]
+                        else (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    monkeypatch.setattr(distributed, "driver_cuda_version", lambda: (12, 8))
+    if not gpu:
+        dali_builds.require_one_dali_build(gpu=False)
+        return
+    with pytest.raises(DataError) as caught:
+        dali_builds.require_one_dali_build(gpu=True)
+    assert str(caught.value).startswith(
+        "nvidia-dali-cuda130 2.4.0 (the [cuda13] extra) is DALI's build for CUDA 13, but this node's NVIDIA driver "
+        "runs CUDA up to 12.8: pip uninstall -y nvidia-dali-cuda130, then pip install 'mixmae-scale[cuda12]'; or use "
+        "the PyTorch loader")
