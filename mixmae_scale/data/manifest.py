@@ -316,7 +316,9 @@ def _not_a_stored_shard_set(location: str) -> str:
     if any(f.name.startswith(".progress/") for f in files):
         return (f"{head}: it holds an unfinished conversion: run the `mixmae shards` command that wrote it (--out "
                 f"{location}, the same options) again to finish it")
-    tars = [f.name for f in files if f.name.lower().endswith(".tar")]
+    # Hidden tars (macOS's `._x.tar`, a `.Trash-1000/`) are left out as adoption leaves them out.
+    tars = [f.name for f in files if f.name.lower().endswith(".tar")
+            and not any(part.startswith(".") for part in f.name.split("/"))]
     if tars:
         many = len(files) >= 1000  # one LIST page: there may be more
         shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
