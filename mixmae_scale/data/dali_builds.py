@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as metadata
+import importlib.util
+from pathlib import Path
 
 from mixmae_scale.data.errors import DataError
 
@@ -32,11 +34,24 @@ def installed_builds() -> list[metadata.Distribution]:
     return found
 
 
-def require_one_dali_build() -> None:
+def _importable_elsewhere() -> bool:
+    """Whether nvidia/dali is found on sys.path where its build's metadata does not say: an editable or egg-link
+    install (DALI built from source) keeps its files in the source tree, and was refused as a build whose files are
+    gone, with a --force-reinstall that would replace the user's build by PyPI's. find_spec locates the package
+    without running it (it imports only the `nvidia` namespace package)."""
+    try:
+        spec = importlib.util.find_spec("nvidia.dali")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None and Path(spec.origin).is_file()  # a bare folder: namespace
+
+
+def require_one_dali_build(gpu: bool = True) -> None:
     """Refuses two DALI builds at once, a build whose files are gone, and a build for a newer CUDA major version
     than the node's driver runs (the [cuda13] extra on a 12.x driver: DALI's GPU decoding would fail at the first
     batch with a CUDA error that names neither); no build at all is left to the import (its ModuleNotFoundError
-    names the extras: cli/failure_report.py)."""
+    names the extras: cli/failure_report.py). `gpu`: whether DALI decodes on a GPU; on the CPU (no GPU visible,
+    CUDA_VISIBLE_DEVICES="") its CUDA version plays no part, and a CPU run was refused all the same."""
     builds = installed_builds()
     named = [f"{build.metadata['Name']} {build.version}" for build in builds]
     if len(builds) > 1:
@@ -45,11 +60,11 @@ def require_one_dali_build() -> None:
                         f"{' '.join(BUILDS)}, then {PICK_ONE}; {OR_TORCH}")
     for build, name in zip(builds, named, strict=True):
         init = build.locate_file("nvidia/dali/__init__.py")
-        if not init.exists():
+        if not init.exists() and not _importable_elsewhere():
             raise DataError(f"{name} is installed, but its files are gone ({init} does not exist; uninstalling the "
                             "other DALI build, which shares that folder, removes them): pip install "
                             f"--force-reinstall --no-deps {build.metadata['Name']}=={build.version}; {OR_TORCH}")
-    if len(builds) == 1:
+    if len(builds) == 1 and gpu:
         from mixmae_scale.engine.distributed import driver_cuda_version
 
         name = builds[0].metadata["Name"]

@@ -264,7 +264,7 @@ class ShardLoader:
                 raw = self._next_raw()
                 yield self._torch_batch(*decoder(raw), raw)
         else:
-            require_one_dali_build()
+            require_one_dali_build(gpu=self.spec.device_id is not None)
             from mixmae_scale.data.dali_pipeline import build_pipeline
 
             in_flight: deque[RawBatch] = deque()
@@ -359,7 +359,7 @@ class ShardLoader:
                 ids = torch.tensor([sample_id(s.key) for s in batch.samples], dtype=torch.int64)
                 yield replace(self._torch_batch(*decoder(batch), batch), ids=ids), batch.real
             return
-        require_one_dali_build()
+        require_one_dali_build(gpu=self.spec.device_id is not None)
         from mixmae_scale.data.dali_pipeline import build_pipeline
 
         pending: deque[RawBatch] = deque()

@@ -261,13 +261,17 @@ def _not_a_shard_set(folder: Path, location: str) -> str:
         return f"{head}: {unfinished}"
     # One level of subfolders too: a download laid out as train/*.tar and val/*.tar was said to hold no .tar files
     # and sent to `mixmae shards folder`, though adoption lists recursively and finds them.
-    tars = sorted(p.relative_to(folder).as_posix() for p in chain(folder.glob("*.tar"), folder.glob("*/*.tar"))
-                  if not p.name.startswith("."))
+    # Not in a hidden folder either (a drive's .Trash-1000/): adoption skips those, so offering them sent the user to
+    # a command that finds nothing.
+    tars = sorted(name for name in (p.relative_to(folder).as_posix()
+                                    for p in chain(folder.glob("*.tar"), folder.glob("*/*.tar")))
+                  if not any(part.startswith(".") for part in name.split("/")))
     if tars:
         shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
         val = any(re.search(r"(^|[-_./])(val|valid|validation)([-_./\d]|$)", name.lower()) for name in tars)
         return (f"{head}: {plural(len(tars), '.tar file')} {'is' if len(tars) == 1 else 'are'} there ({shown}): "
-                f"`mixmae shards adopt {location} --out DIR` indexes them without rewriting"
+                f"`mixmae shards adopt {location} --out DIR` indexes {'it' if len(tars) == 1 else 'them'} without "
+                "rewriting"
                 + (f" (the tars named for val: a second `mixmae shards adopt {location} --out DIR --split val`)"
                    if val else ""))
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
@@ -312,14 +316,16 @@ def _not_a_stored_shard_set(location: str) -> str:
     if any(f.name.startswith(".progress/") for f in files):
         return (f"{head}: it holds an unfinished conversion: run the `mixmae shards` command that wrote it (--out "
                 f"{location}, the same options) again to finish it")
-    tars = [f.name for f in files if f.name.lower().endswith(".tar")]
+    # Hidden tars (macOS's `._x.tar`, a `.Trash-1000/`) are left out as adoption leaves them out.
+    tars = [f.name for f in files if f.name.lower().endswith(".tar")
+            and not any(part.startswith(".") for part in f.name.split("/"))]
     if tars:
         many = len(files) >= 1000  # one LIST page: there may be more
         shown = ", ".join(tars[:2]) + (", ..." if len(tars) > 2 else "")
-        are = "is" if len(tars) == 1 else "are"
+        are, them = ("is", "it") if len(tars) == 1 else ("are", "them")
         return (f"{head}: {'at least ' if many else ''}{plural(len(tars), '.tar file')} {are} there ({shown}): "
-                f"`mixmae shards adopt {location} --out {location}-index` indexes them without rewriting; then use "
-                f"{location}-index as the shard set")
+                f"`mixmae shards adopt {location} --out {location}-index` indexes {'them' if many else them} without "
+                f"rewriting; then use {location}-index as the shard set")
     names = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")
     return (f"{head}: it holds no shards or .tar files ({names}); build shards with `mixmae shards folder|imagenet "
             f"... --out {location}`")

@@ -58,12 +58,27 @@ def driver_cuda_version() -> tuple[int, int] | None:
     return version.value // 1000, version.value % 1000 // 10
 
 
+def driver_sees_a_gpu() -> bool | None:
+    """Whether the driver finds a GPU this process may use (cuInit honours CUDA_VISIBLE_DEVICES, and fails with
+    CUDA_ERROR_NO_DEVICE in a container started without GPUs though its driver library is mounted), or None where
+    no driver library loads. Only asked where torch sees no GPU, so no CUDA context of torch's is ever at stake."""
+    try:
+        library = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    if library.cuInit(0) != 0:
+        return False
+    count = ctypes.c_int(0)
+    return library.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
 def require_torch_for_the_driver() -> None:
     """Refuses a torch built for a newer CUDA major version than the node's driver runs. Such a torch sees no GPU, so
     the run would start on the CPU (gloo) on a GPU node, said only in one warning of torch's. It is what a fresh
     `pip install "mixmae-scale[cuda12]"` gets on a CUDA 12 driver: the extra picks DALI's build, while torch comes
     from PyPI, whose newest default builds are for CUDA 13 (docs/install.md). Only the major version counts: CUDA's
-    minor version compatibility runs a 12.8 build on a 12.4 driver. DS_ACCELERATOR=cpu asks for the CPU on purpose."""
+    minor version compatibility runs a 12.8 build on a 12.4 driver. DS_ACCELERATOR=cpu asks for the CPU on purpose, as
+    do GPUs hidden from the process (CUDA_VISIBLE_DEVICES="", a container given none): those pass."""
     from mixmae_scale.config.load import ConfigError
 
     built = torch.version.cuda
@@ -72,6 +87,10 @@ def require_torch_for_the_driver() -> None:
     driver = driver_cuda_version()
     if driver is None or int(built.split(".")[0]) <= driver[0]:
         return  # no driver (a CPU machine), or one that runs this torch: no GPU is visible for another reason
+    # GPUs hidden on purpose (CUDA_VISIBLE_DEVICES="", a container given none): no torch would see one, so the CPU
+    # is what was asked for; naming a torch to install sent the user to a change that would change nothing.
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1") or driver_sees_a_gpu() is False:
+        return
     raise ConfigError(
         f"torch {torch.__version__} is built for CUDA {built}, but this node's NVIDIA driver runs CUDA up to "
         f"{driver[0]}.{driver[1]}, so torch sees no GPU and the run would train on the CPU: install a torch built "

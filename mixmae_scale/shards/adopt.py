@@ -348,15 +348,31 @@ class AdoptionSource:
         if before is None:
             return []
         listed = {self.prefix + t.name for t in self.tars}
-        gone = [e for e in before.shards if e.name not in listed]
-        if not gone:
-            return []
-        names = ", ".join(e.name for e in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
-        are = "is" if len(gone) == 1 else "are"
-        return [f"{split}: {plural(len(gone), 'tar')} of the manifest {are} no longer in {self.src} ({names}): "
+        # A tar of a hidden folder that an older version adopted is still there, skipped now: not 'no longer in'.
+        skipped = {self.prefix + name for name in self.hidden}
+        hidden = [e for e in before.shards if e.name not in listed and e.name in skipped]
+        gone = [e for e in before.shards if e.name not in listed and e.name not in skipped]
+        warnings = []
+
+        def first(entries: list) -> str:
+            more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+            return ", ".join(e.name for e in entries[:3]) + more
+
+        if gone:
+            are = "is" if len(gone) == 1 else "are"
+            warnings.append(
+                f"{split}: {plural(len(gone), 'tar')} of the manifest {are} no longer in {self.src} ({first(gone)}): "
                 f"their {plural(sum(e.samples for e in gone), 'indexed sample')} leave it ({before.samples} before). "
                 "If they moved or a mount is missing, put them back and run the same command again (the other tars are "
-                "not read again); if they were deleted on purpose, the set is now smaller"]
+                "not read again); if they were deleted on purpose, the set is now smaller")
+        if hidden:
+            are = "is" if len(hidden) == 1 else "are"
+            warnings.append(
+                f"{split}: {plural(len(hidden), 'tar')} of the manifest {are} in a hidden folder ({first(hidden)}), "
+                f"which adoption now skips (an older version adopted {'it' if len(hidden) == 1 else 'them'}): their "
+                f"{plural(sum(e.samples for e in hidden), 'indexed sample')} leave the set ({before.samples} before); "
+                "move a real shard out of the hidden folder and run the same command again to keep it")
+        return warnings
 
     def account(self, split: str, results: list[AdoptedShard | str]) -> SplitOutcome:
         failures = [r for r in results if isinstance(r, str)]

@@ -19,11 +19,13 @@ Library code prints nothing but the progress bar: warnings come back in `BuildRe
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing
 import os
+import select
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -240,22 +242,35 @@ def _dead_workers_code(processes: Sequence[multiprocessing.process.BaseProcess])
     return next((code for code in codes if code != -signal.SIGTERM), codes[0] if codes else None)
 
 
-PR_SET_PDEATHSIG = 1  # Linux's prctl option: the signal this process gets when the thread that started it ends
-
-
 def die_with_parent(parent: int) -> None:
-    """A pool worker's initializer: the kernel ends this worker by SIGKILL when the process that started it ends.
+    """A pool worker's initializer: a daemon thread of the worker ends it by SIGKILL when the process that started it
+    ends.
 
     A conversion ended by `kill PID` (SIGTERM, no handler: no cleanup runs) or by the out-of-memory killer choosing
     the main process left its workers running: they wrote the shards already handed to them into the output after
     the command had exited, racing a rerun started at once on the same temporary files, then waited for work for
-    good. A worker whose parent ended before this ran ends itself. Elsewhere than Linux (no prctl) nothing changes."""
+    good. PR_SET_PDEATHSIG is not the way: it fires when the *thread* that spawned the worker ends, and a pool whose
+    first units were submitted from a thread that then ended lost every worker, said as an out-of-memory kill. A
+    pidfd (Linux 5.3+) turns readable when the parent process exits, whatever its threads do; elsewhere the thread
+    polls the parent's id each second. A worker whose parent ended before this ran ends itself."""
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+        handle = os.pidfd_open(parent)
+    except ProcessLookupError:
+        handle = None  # gone already: the check below ends this worker
+    except (AttributeError, OSError):  # no pidfd_open (not Linux, or a kernel before 5.3)
+        handle = -1
+    if handle is None or os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=_end_with_parent, args=(parent, handle), daemon=True, name="end-with-parent").start()
+
+
+def _end_with_parent(parent: int, handle: int) -> None:
+    if handle >= 0:
+        select.select([handle], [], [])  # readable once the parent process has exited
+    else:
+        while os.getppid() == parent:
+            time.sleep(1)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pooled(work: Callable[..., R], units: Sequence[J], workers: int, args: tuple, processes: list

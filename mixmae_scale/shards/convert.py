@@ -416,7 +416,29 @@ class ConversionSource:
         plans, changes = resume_plan(self.out, split, _split_root(self.src, split, options), images, classes,
                                      make_plans, started=_has_shards(self.out, split))
         plans, note = self._skip_planned_duplicates(split, plans, changes)
-        return _Split(plans, changes, note)
+        plans, hidden_note = self._skip_planned_hidden(split, plans, changes)
+        return _Split(plans, changes, "; ".join(n for n in (note, hidden_note) if n))
+
+    def _skip_planned_hidden(self, split: str, plans: list[ShardPlan], changes: SourceChanges
+                             ) -> tuple[list[ShardPlan], str]:
+        """A plan saved before hidden folders were skipped names their images (`.thumbs/t.jpg`), which discovery
+        now leaves out: the resume said they had vanished (they had not) and wrote them into the set all the same.
+        In a shard still to write such an image is skipped; in one written earlier it stays, counted as written."""
+        def in_hidden_folder(rel: str) -> bool:
+            return any(part.startswith(".") for part in Path(rel).parts[:-1])
+
+        planned = [im.rel for p in plans for im in p.images if in_hidden_folder(im.rel)]
+        if not planned:
+            return plans, ""
+        done = set(finished_records(self.out, [p.name for p in plans]))
+        kept = sum(in_hidden_folder(im.rel) for p in plans if p.name in done for im in p.images)
+        plans = [p if p.name in done
+                 else replace(p, images=tuple(im for im in p.images if not in_hidden_folder(im.rel))) for p in plans]
+        changes.vanished = [rel for rel in changes.vanished if not in_hidden_folder(rel)]
+        are = "is" if len(planned) == 1 else "are"
+        return plans, (f"{split}: {plural(len(planned), 'planned file')} {are} in a hidden folder (first: "
+                       f"{planned[0]}), which conversion skips; the plan was saved before hidden folders were "
+                       f"skipped: {len(planned) - kept} skipped now, {kept} kept in shards written earlier")
 
     def _skip_planned_duplicates(self, split: str, plans: list[ShardPlan], changes: SourceChanges
                                  ) -> tuple[list[ShardPlan], str]:

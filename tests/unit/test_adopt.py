@@ -667,3 +667,23 @@ def test_a_tar_that_holds_no_sample_is_named_in_the_summary(tmp_path, capsys):
     assert "2 shards (3 indexed now)" in line and "; 1 tar holds no sample (00002.tar)" in line, line
     counts = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
     assert counts["empty_tars"] == 1 and counts["empty_tar_names"] == ["00002.tar"], counts
+
+
+def test_a_rerun_over_a_set_that_held_a_tar_of_a_hidden_folder_says_it_is_skipped_not_gone(wds_sets, tmp_path,
+                                                                                          monkeypatch):
+    """A set adopted before hidden folders were skipped holds `.Trash-1000/files/shard-000001.tar`; the rerun said
+    that tar was 'no longer in' the source, 'if they moved or a mount is missing, put them back', though it lies
+    where it was: it is skipped now, as in a hidden folder, and the warning says so."""
+    src = tmp_path / "src"
+    shutil.copytree(wds_sets / "shardwriter", src)
+    (src / ".Trash-1000" / "files").mkdir(parents=True)
+    (src / "shard-000001.tar").rename(src / ".Trash-1000" / "files" / "shard-000001.tar")
+    out = tmp_path / "adopted"
+    with monkeypatch.context() as older:  # as the older version listed tars: only a dotted name was hidden
+        older.setattr(adopt_module, "_hidden", lambda name: name.rsplit("/", 1)[-1].startswith("."))
+        first = adopt(src, out, AdoptOptions())
+    assert ".Trash-1000/files/shard-000001.tar" in [e.name for e in first.manifest.splits["train"].shards]
+    again = adopt(src, out, AdoptOptions())
+    said = " ".join(again.warnings)
+    assert "no longer in" not in said and "put them back" not in said, said
+    assert ".Trash-1000/files/shard-000001.tar" in said and "hidden folder" in said, said

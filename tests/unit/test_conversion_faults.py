@@ -260,3 +260,30 @@ def test_a_planned_shard_left_with_no_image_by_skipped_links_is_not_written(tmp_
     assert (split["found"], split["samples"], split["skipped_duplicates"]) == (7, 6, 1)
     assert not (out / f"train-{empty:06d}.tar").exists() and len(list(out.glob("train-*.tar"))) == 6
     assert verify(out)["ok"]
+
+
+def test_a_resume_whose_plan_holds_an_image_of_a_hidden_folder_skips_it_and_says_why(tmp_path, monkeypatch):
+    """A plan saved before hidden folders were skipped names `.thumbs/t.jpg`, which discovery now leaves out: the
+    resume said it had vanished ('rejected if its shard is still to write'; it had not) and wrote the thumbnail
+    into the set all the same. Still to write, it is now skipped, and said to be in a hidden folder."""
+    import gzip
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(20):
+        jpeg(src / f"img{i:03d}.jpg", i)
+    stop_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, OPTIONS)
+    monkeypatch.undo()
+    jpeg(src / ".thumbs" / "t.jpg", 3)
+    plan_path = out / ".progress" / "plan-train.json.gz"
+    plan = json.loads(gzip.decompress(plan_path.read_bytes()))  # as the older version planned it
+    plan["shards"][-1]["images"].append([".thumbs/t.jpg", 0, None, (src / ".thumbs" / "t.jpg").stat().st_size])
+    plan_path.write_bytes(gzip.compress(json.dumps(plan).encode()))
+    result = convert(src, out, OPTIONS)
+    split = result.manifest.to_dict()["splits"]["train"]
+    assert ".thumbs/t.jpg" not in sources_in(out) and len(sources_in(out)) == 20
+    assert (split["found"], split["samples"], split["source_changes"]["vanished"]) == (20, 20, 0)
+    said = " ".join(result.warnings + result.notes)
+    assert "vanished" not in said and ".thumbs/t.jpg" in said and "hidden folder" in said, said
+    assert verify(out)["ok"]

@@ -133,3 +133,14 @@ def test_a_resume_on_another_number_of_ranks_counts_them_in_words():
     down = checkpointer.reseed_note(9, 2, 1)
     assert "step 9" in down and "2 ranks saved do not share out over 1 rank)" in down
     assert "the generators 1 rank saved do not share out over 2 ranks" in checkpointer.reseed_note(21, 1, 2)
+
+
+def test_one_tar_offered_for_adoption_is_it_and_two_are_them(tmp_path):
+    """'1 .tar file is there (000.tar): `mixmae shards adopt ...` indexes them': the pronoun counts too."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "000.tar").write_bytes(b"\0" * 1024)
+    one = _not_a_shard_set(tmp_path / "one", str(tmp_path / "one"))
+    assert "1 .tar file is there (000.tar)" in one and "indexes it without rewriting" in one, one
+    (tmp_path / "one" / "001.tar").write_bytes(b"\0" * 1024)
+    two = _not_a_shard_set(tmp_path / "one", str(tmp_path / "one"))
+    assert "2 .tar files are there" in two and "indexes them without rewriting" in two, two

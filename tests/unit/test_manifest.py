@@ -101,3 +101,15 @@ def test_a_folder_whose_tars_are_in_split_subfolders_is_told_to_adopt_them(tmp_p
     said = str(caught.value)
     assert "2 .tar files are there (train/000.tar, val/000.tar)" in said and "no shards" not in said, said
     assert f"`mixmae shards adopt {tmp_path / 'dl'} --out DIR`" in said and "--split val" in said, said
+
+
+def test_a_tar_in_a_hidden_folder_is_not_offered_for_adoption(tmp_path):
+    """`.Trash-1000/old.tar` (a drive's deleted shard) was said to be '1 .tar file ... there' with the `mixmae shards
+    adopt` command, which then skips it as hidden: the hint sent the user to a command that finds nothing."""
+    (tmp_path / "dl" / ".Trash-1000").mkdir(parents=True)
+    (tmp_path / "dl" / ".Trash-1000" / "old.tar").write_bytes(b"\0" * 1024)
+    (tmp_path / "dl" / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    with pytest.raises(DataError) as caught:
+        load_manifest(tmp_path / "dl")
+    said = str(caught.value)
+    assert "old.tar" not in said and "shards adopt" not in said, said

@@ -352,3 +352,20 @@ def test_a_prefix_without_a_manifest_says_what_it_holds_and_the_command_that_mak
         in said["laion"], said["laion"]
     assert "unfinished adoption" in said["begun"] and "run that command again" in said["begun"], said["begun"]
     assert "nothing is stored under it" in said["nothing"], said["nothing"]
+
+
+def test_a_prefix_whose_only_tars_are_hidden_is_not_sent_to_adoption(s3_bucket):
+    """`._00000.tar` (macOS's AppleDouble file, copied up with the set) was offered as '1 .tar file is there' with
+    `mixmae shards adopt`, which skips hidden tars and would find nothing: the prefix says it holds no tars."""
+    import boto3
+
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.data.manifest import load_manifest
+
+    client = boto3.client("s3")
+    for name in ("mac/._00000.tar", "mac/.Trash-1000/old.tar", "mac/readme.txt"):
+        client.put_object(Bucket=s3_bucket, Key=name, Body=b"x")
+    with pytest.raises(DataError) as caught:
+        load_manifest(f"s3://{s3_bucket}/mac")
+    said = str(caught.value)
+    assert "shards adopt" not in said and "it holds no shards or .tar files" in said, said

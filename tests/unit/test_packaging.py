@@ -16,6 +16,7 @@ import mixmae_scale
 from mixmae_scale.cli import main
 from mixmae_scale.config.deepspeed_config import DS_CONFIGS_DIR
 from mixmae_scale.config.load import PROFILES_DIR, merge_sources
+from mixmae_scale.data.errors import DataError
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself runs on 3.10
 
@@ -148,9 +149,7 @@ class _ListedDali:
                    "builds write the same nvidia/dali folder, which now holds a mix of them; pip uninstall -y "
                    "nvidia-dali-cuda120 nvidia-dali-cuda130, then pip install 'mixmae-scale[cuda12]'"),
     ("files gone", None, "nvidia-dali-cuda130 2.4.0 is installed, but its files are gone ("),
-    ("cuda13", (12, 8), "nvidia-dali-cuda130 2.4.0 (the [cuda13] extra) is DALI's build for CUDA 13, but this node's "
-                        "NVIDIA driver runs CUDA up to 12.8: pip uninstall -y nvidia-dali-cuda130, then pip install "
-                        "'mixmae-scale[cuda12]'; or use the PyTorch loader"),
+    ("cuda13", (12, 8), None),  # a CPU run (as here): DALI decodes on the CPU, where its CUDA version plays no part
     ("cuda13", (13, 0), None),  # the build the driver runs: DALI decodes
 ])
 def test_two_dali_builds_or_a_build_without_its_files_are_named_with_the_pip_commands_that_mend_them(
@@ -188,6 +187,12 @@ def test_two_dali_builds_or_a_build_without_its_files_are_named_with_the_pip_com
 
     monkeypatch.setattr(importlib.metadata, "distribution", distribution)
     monkeypatch.setattr(distributed, "driver_cuda_version", lambda: driver)
+    if listed == "files gone":  # uninstalling the other build removed nvidia/dali: nothing finds it any more
+        import importlib.util
+
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None if name == "nvidia.dali"
+                            else real_find_spec(name, package))
     capsys.readouterr()  # the conversion's progress
     argv = ["visualize", str(tmp_path / "weights.safetensors"), "--data", str(tmp_path / "shards"), "--images", "2",
             "--out", str(tmp_path / "grid.png")]
@@ -201,3 +206,62 @@ def test_two_dali_builds_or_a_build_without_its_files_are_named_with_the_pip_com
     if listed == "files gone":
         assert "pip install --force-reinstall --no-deps nvidia-dali-cuda130==2.4.0" in error
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_dali_build_whose_files_are_elsewhere_on_the_path_is_no_build_without_files(tmp_path, monkeypatch):
+    """An editable or egg-link install (DALI built from source, `pip install -e`) lists the build in one folder and
+    keeps nvidia/dali in another, on sys.path by a .pth file: its files are not beside its metadata, yet DALI imports.
+    It was refused as 'installed, but its files are gone' with a --force-reinstall that would replace the user's own
+    build by PyPI's. A build whose nvidia/dali imports from nowhere is still refused."""
+    import importlib.metadata
+    import importlib.util
+
+    from mixmae_scale.data import dali_builds
+    from mixmae_scale.engine import distributed
+
+    elsewhere = tmp_path / "dali-src" / "build" / "python"
+    (elsewhere / "nvidia" / "dali").mkdir(parents=True)
+    (elsewhere / "nvidia" / "dali" / "__init__.py").write_text("")
+    listed = _ListedDali("nvidia-dali-cuda120", tmp_path / "site-packages")  # its metadata's folder: no nvidia/dali
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: listed if name == listed.metadata["Name"]
+                        else (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    monkeypatch.setattr(distributed, "driver_cuda_version", lambda: None)
+    real_find_spec = importlib.util.find_spec
+    where = {"nvidia.dali": elsewhere / "nvidia" / "dali" / "__init__.py"}
+
+    def find_spec(name, package=None):
+        if name in where:
+            return None if where[name] is None else importlib.util.spec_from_file_location(name, where[name])
+        return real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    dali_builds.require_one_dali_build()  # the editable install: passes
+    where["nvidia.dali"] = None  # nothing imports: the files are gone
+    with pytest.raises(DataError, match=r"^nvidia-dali-cuda120 2\.4\.0 is installed, but its files are gone"):
+        dali_builds.require_one_dali_build()
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_dali_built_for_a_newer_cuda_than_the_driver_is_refused_only_where_dali_decodes_on_the_gpu(monkeypatch, gpu):
+    """The [cuda13] build on a 12.x driver fails in DALI's GPU decoding; a run on the CPU (CUDA_VISIBLE_DEVICES="",
+    DS_ACCELERATOR=cpu) decodes on the CPU, where DALI's CUDA version plays no part, and was refused all the same."""
+    import importlib.metadata
+
+    import nvidia.dali
+
+    from mixmae_scale.data import dali_builds
+    from mixmae_scale.engine import distributed
+
+    listed = _ListedDali("nvidia-dali-cuda130", Path(nvidia.dali.__file__).parents[2])
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: listed if name == listed.metadata["Name"]
+                        else (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    monkeypatch.setattr(distributed, "driver_cuda_version", lambda: (12, 8))
+    if not gpu:
+        dali_builds.require_one_dali_build(gpu=False)
+        return
+    with pytest.raises(DataError) as caught:
+        dali_builds.require_one_dali_build(gpu=True)
+    assert str(caught.value).startswith(
+        "nvidia-dali-cuda130 2.4.0 (the [cuda13] extra) is DALI's build for CUDA 13, but this node's NVIDIA driver "
+        "runs CUDA up to 12.8: pip uninstall -y nvidia-dali-cuda130, then pip install 'mixmae-scale[cuda12]'; or use "
+        "the PyTorch loader")

@@ -159,3 +159,25 @@ def test_the_pool_workers_end_with_the_process_that_started_them(tmp_path, signa
     for pid in left:  # the test's own strays, so that a failure leaves none behind
         os.kill(pid, signal.SIGKILL)
     assert not left, f"{len(left)} of {len(workers)} workers outlived the process that started them"
+
+
+def slow_identity(unit: int) -> int:
+    import time
+
+    time.sleep(0.05)
+    return unit
+
+
+def test_the_pool_workers_outlive_the_thread_that_started_them():
+    """PR_SET_PDEATHSIG fires when the *thread* that spawned a worker ends, not its process: a pool whose first units
+    were submitted from a thread that then ended (a generator advanced first by a helper thread, then by the caller)
+    lost every worker to SIGKILL, and the pool broke as if the out-of-memory killer had struck."""
+    import threading
+
+    units = list(range(12))
+    results = bounded_pool(slow_identity, units, workers=2)
+    first: list = []
+    helper = threading.Thread(target=lambda: first.append(next(results)))  # spawns the workers, then ends
+    helper.start()
+    helper.join()
+    assert sorted([first[0][1]] + [result for _, result in results]) == units

@@ -138,3 +138,49 @@ def test_a_torch_built_for_a_newer_cuda_than_the_driver_is_refused_before_the_cp
     assert started == {}  # refused before the process group
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the CPU on purpose
     assert distributed.init(0)[2] == distributed.torch.device("cpu") and started == {"backend": "gloo"}
+
+
+class _Driver:
+    """libcuda.so.1 as ctypes loads it: a 12.8 driver whose cuInit finds `gpus` devices (CUDA_ERROR_NO_DEVICE, 100,
+    where it finds none)."""
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+
+    def cuDriverGetVersion(self, version) -> int:  # noqa: N802 - the driver's name
+        version._obj.value = 12080
+        return 0
+
+    def cuInit(self, flags: int) -> int:  # noqa: N802
+        return 0 if self.gpus else 100
+
+    def cuDeviceGetCount(self, count) -> int:  # noqa: N802
+        count._obj.value = self.gpus
+        return 0
+
+
+@pytest.mark.parametrize("hidden", ["CUDA_VISIBLE_DEVICES=''", "a container given no GPU"])
+def test_a_node_whose_gpus_are_hidden_on_purpose_trains_on_the_cpu_whatever_cuda_torch_is_built_for(
+        monkeypatch, hidden):
+    """CUDA_VISIBLE_DEVICES="" (or a container started without GPUs, the driver library mounted all the same) shows
+    torch no GPU on purpose: a CUDA 13 torch on that 12.x driver is then no reason to stop, as it would see no GPU with
+    any driver. The check refused it, naming a torch to install that would have changed nothing."""
+    started = {}
+    monkeypatch.setitem(__import__("sys").modules, "deepspeed", types.SimpleNamespace(
+        init_distributed=lambda dist_backend: started.setdefault("backend", dist_backend)))
+    monkeypatch.setattr(distributed, "skip_shm_allreduce_op", lambda: None)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(distributed, "dist", types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 1))
+    monkeypatch.setattr(distributed.torch, "set_flush_denormal", lambda on: None)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: _Driver(gpus=1))
+    assert distributed.driver_cuda_version() == (12, 8)
+    with pytest.raises(ConfigError):  # the driver sees a GPU that this torch cannot use: refused
+        distributed.init(0)
+    if hidden == "CUDA_VISIBLE_DEVICES=''":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    else:
+        monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: _Driver(gpus=0))
+    assert distributed.init(0)[2] == distributed.torch.device("cpu") and started == {"backend": "gloo"}
