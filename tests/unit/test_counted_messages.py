@@ -124,3 +124,23 @@ def test_a_law_short_of_points_and_a_budget_short_of_minima_count_in_words():
     rising = [r for r in rows if r["budget"] == 1e13 and float(r["run_id"].split("-")[1]) >= 1]  # no interior minimum
     fit = fit_iso_flop(one_budget + rising, bootstrap=0)
     assert fit.n_opt.verdict == "not identified (1 of 2 budgets has an interior minimum; a law needs 3)"
+
+
+def test_one_budget_with_a_size_run_once_is_counted_with_a_singular_verb():
+    """"1 of 3 interior budgets have a size run once" read wrong (the known leftover of journey4): the verb agrees
+    with the count, 1 has and 2 have; and the plain points' form, "1 of 5 points were run once", too."""
+    from mixmae_scale.scaling.intervals import Support, judge
+    from mixmae_scale.scaling.isoflop import fit_iso_flop
+    from mixmae_scale.scaling.synthetic import bent_power_law_sweep
+
+    rows = bent_power_law_sweep([1.0, 1.0, 1.0])
+    one = [r for r in rows if r["run_id"] != "1e+13-1-1"]  # the middle budget's optimum run once
+    assert fit_iso_flop(one, bootstrap=20).n_opt.verdict == (
+        "not identified (one seed: 1 of 3 interior budgets has a size run once)")
+    two = [r for r in one if r["run_id"] != "1e+14-1-1"]
+    assert fit_iso_flop(two, bootstrap=20).n_opt.verdict == (
+        "not identified (one seed: 2 of 3 interior budgets have a size run once)")
+    said = judge({"E": 1.0}, {"E": []}, Support(5, 1, once=1)).verdicts["E"]
+    assert said == "not identified (one seed: 1 of 5 points was run once)", said
+    said = judge({"E": 1.0}, {"E": []}, Support(5, 1, once=2)).verdicts["E"]
+    assert said == "not identified (one seed: 2 of 5 points were run once)", said

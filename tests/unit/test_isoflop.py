@@ -115,7 +115,7 @@ def test_a_mixed_sweep_gives_intervals_where_there_are_seeds_and_no_law_through_
     fit = fit_iso_flop(rows, bootstrap=100)
     assert [m.n_interval is not None for m in fit.minima] == [True, True, False, True, True]
     assert fit.minima[2].missing == "one seed"
-    assert fit.n_opt.verdict == "not identified (one seed: 1 of 5 interior budgets have a size run once)"
+    assert fit.n_opt.verdict == "not identified (one seed: 1 of 5 interior budgets has a size run once)"
     assert not fit.d_opt.identified and not fit.loss_opt.identified
 
 
