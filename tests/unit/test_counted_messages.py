@@ -144,3 +144,15 @@ def test_one_budget_with_a_size_run_once_is_counted_with_a_singular_verb():
     assert said == "not identified (one seed: 1 of 5 points was run once)", said
     said = judge({"E": 1.0}, {"E": []}, Support(5, 1, once=2)).verdicts["E"]
     assert said == "not identified (one seed: 2 of 5 points were run once)", said
+
+
+def test_scaling_plan_counts_a_one_run_plan_in_the_singular(tmp_path, capsys):
+    """`scaling plan` of a one-run grid printed "1 runs, 3.2e+09 training FLOPs in total" (and
+    tests/unit/test_scaling_plan.py asserted it)."""
+    from mixmae_scale.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\nsteps: [5]\n")
+    assert main(["scaling", "plan", str(path), "--train-samples", "320"]) == 0
+    out = capsys.readouterr().out
+    assert "\n1 run, " in out and "1 runs" not in out, out
