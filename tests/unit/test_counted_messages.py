@@ -156,3 +156,12 @@ def test_scaling_plan_counts_a_one_run_plan_in_the_singular(tmp_path, capsys):
     assert main(["scaling", "plan", str(path), "--train-samples", "320"]) == 0
     out = capsys.readouterr().out
     assert "\n1 run, " in out and "1 runs" not in out, out
+
+
+def test_a_one_run_report_counts_its_run_and_its_resample_in_the_singular():
+    """A report of one run (a sweep's first row, read early) opened "1 runs; ... Bootstrap: 1 resamples asked for"."""
+    from mixmae_scale.scaling.report import fit_results, report_markdown
+
+    rows = [{"run_id": "a", "params": 1000, "images_seen": 100, "flops": 6e5, "heldout_loss": 0.9, "seed": 0}]
+    head = report_markdown(rows, fit_results(rows, bootstrap=1), []).splitlines()[2]
+    assert head.startswith("1 run; ") and "Bootstrap: 1 resample asked for per fit" in head, head
