@@ -12,6 +12,7 @@ from mixmae_scale.cli.arguments import at_least
 def _scaling(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mixmae_scale.data.errors import plural
     from mixmae_scale.scaling.spec import BUDGET_TOLERANCE, budget_problems, expand, load_spec
 
     if args.scaling_command == "plan":
@@ -22,7 +23,7 @@ def _scaling(args: argparse.Namespace) -> int:
             budget = f"{run.budget:.3g}" if run.budget else "-"
             print(f"{run.run_id:<30}{run.params:>12,}{run.steps:>8}{run.images_seen:>12,}{run.flops:>12.3g}"
                   f"{budget:>10}")
-        print(f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} training FLOPs in total; learning rate: "
+        print(f"{plural(len(runs), 'run')}, {sum(r.flops for r in runs):.3g} training FLOPs in total; learning rate: "
               f"{spec.learning_rate.describe(None)}")
         off, few = budget_problems(runs)  # said here, refused by `scaling run`: the table shows what to change
         for line in off:

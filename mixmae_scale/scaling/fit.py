@@ -311,7 +311,8 @@ def extrapolation_error(c: np.ndarray, loss: np.ndarray, holdout: int = 2, group
     `mean_error` is the held-out points' mean of (predicted - observed) / observed, and `mean_error_5_95` its interval
     over `rounds` parametric rounds: every run redrawn about its point's mean with the seeds' scatter (runs - points
     degrees of freedom, `parametric_resamples`), the held-in levels refitted, the held-out means predicted. An error
-    alone ("max 0.6%, mean 0.4%") could not be told from the runs' noise; points run once give no interval."""
+    alone ("max 0.6%, mean 0.4%") could not be told from the runs' noise; points run once, or seeds whose losses are
+    equal, give no interval."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
     levels = c if levels is None else np.asarray(levels, float)
     groups = np.unique(c, return_inverse=True)[1].ravel() if groups is None else np.asarray(groups)
@@ -340,8 +341,13 @@ def extrapolation_error(c: np.ndarray, loss: np.ndarray, holdout: int = 2, group
     means = np.empty_like(loss)
     for m in members:
         means[m] = loss[m].mean()
+    scatter = np.log(means) - np.log(loss)
+    if not np.any(np.abs(scatter) > 1e-12):  # every round would redraw the same losses: no interval, and not a
+        # failed refit (it once said "the refit failed in 0 of 100 resamples")
+        result["no_interval"] = "the seeds' losses do not differ: their noise is not measured"
+        return result
     drawn_errors = []
-    for drawn in parametric_resamples(means, np.log(means) - np.log(loss), len(members), rounds, seed):
+    for drawn in parametric_resamples(means, scatter, len(members), rounds, seed):
         try:
             refit = fit_compute(c[~held], drawn[~held], start=fit.values)
         except FitError:

@@ -54,14 +54,15 @@ Interval = tuple[float, float]
 @dataclass(frozen=True)
 class Support:
     """What a fit rests on. `once`: points measured by a single run; `rounds`: bootstrap resamples asked for;
-    `lost`: why a round gives no value (said when too many do); `unit`: how `once` reads in a sentence."""
+    `lost`: why a round gives no value (said when too many do); `unit`: how `once` reads in a sentence, for 1 and
+    for more (the verb agrees with the count: "1 of 5 points was run once", not "were")."""
 
     points: int
     parameters: int
     once: int = 0
     rounds: int = 0
     lost: str = "the refit failed"
-    unit: str = "points were run once"
+    unit: tuple[str, str] = ("points was run once", "points were run once")
     needs: int = 0  # the fewest points an interval needs, where a law's measured coverage asks for more than P + 1
 
 
@@ -144,7 +145,7 @@ def _missing(support: Support, refitted: int) -> str | None:
                 f"of freedom about the law {'is' if dof == 1 else 'are'} too few for its interval; it needs "
                 f"{support.needs} points")
     if support.once:
-        return f"one seed: {support.once} of {support.points} {support.unit}"
+        return f"one seed: {support.once} of {support.points} {support.unit[0 if support.once == 1 else 1]}"
     if not support.rounds:
         return "no bootstrap"
     if refitted < (1 - MAX_LOST_SHARE) * support.rounds:

@@ -60,7 +60,7 @@ BOOTSTRAP_METHOD = ("parametric bootstrap: every run redrawn about its budget's 
                     "parabola's coefficients; sigma^2 drawn as s^2 dof / chi2(dof) each round), every parabola and "
                     "law refitted; N*(C) and D*(C) exponents spanned with the slope's t interval from the minima's "
                     "scatter about the line")
-ONE_SEED_UNIT = "interior budgets have a size run once"
+ONE_SEED_UNIT = ("interior budgets has a size run once", "interior budgets have a size run once")
 
 
 @dataclass

@@ -308,12 +308,12 @@ def report_markdown(rows: list[dict], fit: dict, figures: list[str], not_drawn: 
                     source: str | None = None) -> str:
     bootstrap = fit["bootstrap"]
     of = f" of `{source}`" if source else ""
-    lines = ["# Scaling report", "", f"{len(rows)} runs{of}; held-out reconstruction loss with fixed masks and seed. "
-             f"Bootstrap: {bootstrap['rounds']} resamples asked for per fit, seed {bootstrap['seed']} (the same "
-             "results give the same report); each fit says how many refitted. L(C) and L(N, D): parametric, every "
-             "run redrawn about the fitted law with the scatter of all runs about it (runs - parameters degrees of "
-             "freedom); the iso-FLOP fits: parametric too, every run redrawn about its budget's fitted parabola with "
-             "the scatter of all runs about their parabolas.", ""]
+    lines = ["# Scaling report", "", f"{plural(len(rows), 'run')}{of}; held-out reconstruction loss with fixed masks "
+             f"and seed. Bootstrap: {plural(bootstrap['rounds'], 'resample')} asked for per fit, seed "
+             f"{bootstrap['seed']} (the same results give the same report); each fit says how many refitted. L(C) "
+             "and L(N, D): parametric, every run redrawn about the fitted law with the scatter of all runs about it "
+             "(runs - parameters degrees of freedom); the iso-FLOP fits: parametric too, every run redrawn about its "
+             "budget's fitted parabola with the scatter of all runs about their parabolas.", ""]
     left_out = (fit.get("not_in_plan") or {}).get("runs")
     if left_out:  # rows of runs the spec dropped: in results.jsonl, not in this fit
         lines += [f"**{plural(len(left_out), 'row')} of results.jsonl {'is' if len(left_out) == 1 else 'are'} "

@@ -116,12 +116,18 @@ WHY_NO_ROW = (DIVERGED, "finished, not yet read into results.jsonl", "started bu
 def why_no_row(run_dir: Path) -> str:
     """Why a planned run has no row, from its folder: a run that diverged (its summary's held-out loss not finite),
     one whose summary the sweep has not read yet (`scaling run` reads it), one started and stopped, killed or failed
-    before its summary, or none at all."""
+    before its end, or none at all. A stopped run writes its summary too (`stopped_by_signal`, steps short of
+    `planned_steps`: `recorded.ran_to_its_end`), and was once named finished: the same `scaling run` resumes it."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return WHY_NO_ROW[2] if run_dir.is_dir() else WHY_NO_ROW[3]
-    end = summary.get("heldout_loss_end") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        return WHY_NO_ROW[2]
+    steps, planned = summary.get("steps"), summary.get("planned_steps")
+    if summary.get("stopped_by_signal") or (isinstance(steps, int) and isinstance(planned, int) and steps < planned):
+        return WHY_NO_ROW[2]
+    end = summary.get("heldout_loss_end")
     if isinstance(end, (int, float)) and not math.isfinite(end):
         return DIVERGED
     return WHY_NO_ROW[1]

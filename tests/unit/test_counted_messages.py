@@ -144,3 +144,44 @@ def test_one_tar_offered_for_adoption_is_it_and_two_are_them(tmp_path):
     (tmp_path / "one" / "001.tar").write_bytes(b"\0" * 1024)
     two = _not_a_shard_set(tmp_path / "one", str(tmp_path / "one"))
     assert "2 .tar files are there" in two and "indexes them without rewriting" in two, two
+
+
+def test_one_budget_with_a_size_run_once_is_counted_with_a_singular_verb():
+    """"1 of 3 interior budgets have a size run once" read wrong (the known leftover of journey4): the verb agrees
+    with the count, 1 has and 2 have; and the plain points' form, "1 of 5 points were run once", too."""
+    from mixmae_scale.scaling.intervals import Support, judge
+    from mixmae_scale.scaling.isoflop import fit_iso_flop
+    from mixmae_scale.scaling.synthetic import bent_power_law_sweep
+
+    rows = bent_power_law_sweep([1.0, 1.0, 1.0])
+    one = [r for r in rows if r["run_id"] != "1e+13-1-1"]  # the middle budget's optimum run once
+    assert fit_iso_flop(one, bootstrap=20).n_opt.verdict == (
+        "not identified (one seed: 1 of 3 interior budgets has a size run once)")
+    two = [r for r in one if r["run_id"] != "1e+14-1-1"]
+    assert fit_iso_flop(two, bootstrap=20).n_opt.verdict == (
+        "not identified (one seed: 2 of 3 interior budgets have a size run once)")
+    said = judge({"E": 1.0}, {"E": []}, Support(5, 1, once=1)).verdicts["E"]
+    assert said == "not identified (one seed: 1 of 5 points was run once)", said
+    said = judge({"E": 1.0}, {"E": []}, Support(5, 1, once=2)).verdicts["E"]
+    assert said == "not identified (one seed: 2 of 5 points were run once)", said
+
+
+def test_scaling_plan_counts_a_one_run_plan_in_the_singular(tmp_path, capsys):
+    """`scaling plan` of a one-run grid printed "1 runs, 3.2e+09 training FLOPs in total" (and
+    tests/unit/test_scaling_plan.py asserted it)."""
+    from mixmae_scale.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\nprofile: tiny\nshards: s\nsizes: [tiny]\ndata_fractions: [1]\nsteps: [5]\n")
+    assert main(["scaling", "plan", str(path), "--train-samples", "320"]) == 0
+    out = capsys.readouterr().out
+    assert "\n1 run, " in out and "1 runs" not in out, out
+
+
+def test_a_one_run_report_counts_its_run_and_its_resample_in_the_singular():
+    """A report of one run (a sweep's first row, read early) opened "1 runs; ... Bootstrap: 1 resamples asked for"."""
+    from mixmae_scale.scaling.report import fit_results, report_markdown
+
+    rows = [{"run_id": "a", "params": 1000, "images_seen": 100, "flops": 6e5, "heldout_loss": 0.9, "seed": 0}]
+    head = report_markdown(rows, fit_results(rows, bootstrap=1), []).splitlines()[2]
+    assert head.startswith("1 run; ") and "Bootstrap: 1 resample asked for per fit" in head, head

@@ -277,3 +277,16 @@ def test_the_seeds_of_a_point_run_before_and_after_its_shards_moved_are_one_conf
             {**row, "seed": 1, "overrides": [*row["overrides"], "run.seed=1", "data.shards=/mnt/b/shards"]},
             {**row, "seed": 0, "overrides": ["model.embed_dim=12", "run.seed=0", "data.shards=/mnt/b/shards"]}]
     assert list(configurations(rows)) == [0, 0, 1]
+
+
+def test_the_l_of_c_checks_interval_says_seeds_without_spread_for_what_they_are():
+    """Seeds with equal losses (a deterministic run repeated, or a row copied) leave the redraws no scatter: every
+    round gives one error, and the check said "no interval: the refit failed in 0 of 100 resamples", a failure that
+    did not happen. It now says the seeds' losses do not differ."""
+    levels = np.logspace(11, 13, 6)
+    c = np.repeat(levels, 2)
+    loss = compute_law(c, 0.4, 3.0e4, 0.3)
+    groups = np.repeat(np.arange(6), 2)
+    result = extrapolation_error(c, loss, holdout=2, groups=groups, rounds=50)
+    assert result["mean_error_5_95"] is None
+    assert result["no_interval"] == "the seeds' losses do not differ: their noise is not measured", result

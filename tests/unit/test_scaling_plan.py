@@ -177,7 +177,7 @@ def test_scaling_plan_plans_without_the_shards_when_the_count_is_given_or_record
     error = capsys.readouterr().err
     assert f"shards folder {tmp_path / 's'} does not exist" in error and "--train-samples N" in error
     assert main(["scaling", "plan", str(path), "--train-samples", "320"]) == 0
-    assert "1 runs" in capsys.readouterr().out
+    assert "\n1 run, " in capsys.readouterr().out
     path.write_text(BASE + "steps: [5]\ntrain_samples: 320\n")
     assert main(["scaling", "plan", str(path)]) == 0
     assert "tiny-d1-s5-seed0" in capsys.readouterr().out

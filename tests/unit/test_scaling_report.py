@@ -398,3 +398,21 @@ def test_l_of_c_is_fitted_on_the_compute_frontier_or_not_at_all():
     report = report_markdown(rows, fit, [])
     assert "## L(C) = E + A C^-alpha\non the compute frontier: 3 configurations\n\nnot fitted: the compute frontier" \
         in report
+
+
+def test_the_docs_figure_of_l_of_c_through_every_run_is_that_sweeps_and_names_it():
+    """docs/scaling.md says L(C) through every run "called E = 4.8 identified on a synthetic sweep whose E is 0.4"
+    without naming the sweep. The figure is the fit through every run of the sweep of
+    test_l_of_c_is_fitted_on_the_compute_frontier_or_not_at_all, redone here, and the docs name that test."""
+    from test_isoflop import AROUND
+
+    from mixmae_scale.scaling.fit import configurations, fit_compute
+
+    factors = {1e12: AROUND, 1e13: AROUND, 1e14: (1 / 512, 1 / 256, 1 / 128), 1e15: (64, 128, 256)}
+    rows, _, _ = _sweep(budgets=(1e12, 1e13, 1e14, 1e15), factors=factors)
+    law = fit_compute(np.array([r["flops"] for r in rows], float), np.array([r["heldout_loss"] for r in rows]),
+                      bootstrap=50, groups=configurations(rows))
+    assert law.judged.verdicts["E"] == "identified"
+    docs = " ".join((Path(__file__).resolve().parents[2] / "docs/scaling.md").read_text().split())
+    assert (f"called E = {law['E']:.1f} identified on a synthetic sweep whose E is 0.4 (tests/unit/"
+            "test_scaling_report.py::test_l_of_c_is_fitted_on_the_compute_frontier_or_not_at_all)") in docs

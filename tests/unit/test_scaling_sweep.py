@@ -1172,3 +1172,23 @@ def test_a_mixture_whose_heldout_set_is_too_small_is_refused_saying_it_gives_onl
         "no split 'val' (data.val_split), and the 'train' split a run's held-out images come from has 12 samples, "
         "fewer than the 16 a hold-out of its tail needs: data.heldout=auto holds out nothing, and every run would "
         "train to its end without the held-out loss a sweep compares; give the set a 'val' split")
+
+
+def test_a_run_stopped_before_its_end_is_not_named_finished(tmp_path):
+    """A stopped run writes its summary.json too (`stopped_by_signal`, its steps short of `planned_steps`: Ctrl-C,
+    a time limit's SIGTERM), and `why_no_row` read any summary with a finite loss as "finished, not yet read into
+    results.jsonl": the report told a run that the same `scaling run` resumes as one it only has to read."""
+    from mixmae_scale.scaling.sweep_plan import why_no_row
+
+    def folder(name: str, **summary) -> pathlib.Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"heldout_loss_end": 0.9, **summary}))
+        return run_dir
+
+    assert why_no_row(folder("signal", steps=4, planned_steps=10, stopped_by_signal="SIGTERM")) == (
+        "started but not finished")
+    assert why_no_row(folder("short", steps=4, planned_steps=10)) == "started but not finished"
+    assert why_no_row(folder("done", steps=10, planned_steps=10)) == "finished, not yet read into results.jsonl"
+    assert why_no_row(folder("nan", steps=10, planned_steps=10, heldout_loss_end=float("nan"))) == "diverged"
+    assert why_no_row(tmp_path / "absent") == "not started"
