@@ -265,10 +265,36 @@ def test_a_launch_that_never_finished_is_not_left_running_once_the_next_one_star
     context.root.mkdir()
     run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])  # then killed
     plan = ResumePlan("step00000010", saved_world=2, saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False})
-    second = run_record.RunRecord.begin(_context(tmp_path, 2, plan), "pretrain", 10, ["cpu"] * 2, argv=["mixmae"])
+    from mixmae_scale.engine import run_lock
+
+    lock = run_lock.take(context.root)  # as the next launch's start holds it (run_folder.agree_on_lock)
+    try:
+        second = run_record.RunRecord.begin(_context(tmp_path, 2, plan), "pretrain", 10, ["cpu"] * 2, argv=["mixmae"])
+    finally:
+        lock.release()
     first, now = run_record.read_record(context.root)["launches"]
     assert first["outcome"] != "running" and "killed" in first["outcome"] and now["outcome"] == "running"
     second.finish({"steps": 12, "planned_steps": 20, "stopped_by_signal": True})
     saved = run_record.read_record(context.root)
     assert [x["outcome"] for x in saved["launches"]] == [first["outcome"], "stopped by a signal"]
     assert f"steps 0 -> ?, {first['outcome']}, world size 2" in run_record.describe(saved)
+
+
+def test_an_earlier_launch_is_marked_ended_only_where_this_launch_holds_the_folders_lock(tmp_path):
+    """Only the run lock says an earlier "running" launch is gone. On a file system that refuses flock the start runs
+    unlocked (engine/run_lock.py warns), so a second launch there may run beside a live first one: marking that one
+    "ended without a record" was a claim nothing checked. Locked, it is marked; unlocked, it stays "running"."""
+    from mixmae_scale.engine import run_lock
+
+    for locked in (True, False):
+        context = _context(tmp_path / str(locked), 2, None)
+        context.root.mkdir(parents=True)
+        run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])  # alive or not
+        lock = run_lock.take(context.root) if locked else None
+        try:
+            run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])
+        finally:
+            if lock is not None:
+                lock.release()
+        first, _ = run_record.read_record(context.root)["launches"]
+        assert first["outcome"] == (run_record.UNENDED if locked else "running"), locked
