@@ -19,6 +19,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     from mixmae_scale.cluster.compose import batch_report, compose, train_samples_for
     from mixmae_scale.config import load_config, resolve, run_kind
+    from mixmae_scale.config.derive import BatchSplitError
 
     config, sources = load_config(args.profile, args.cluster, args.overrides)
     kind = args.job or run_kind(args.profile)
@@ -33,7 +34,14 @@ def _launch(args: argparse.Namespace) -> int:
 
         require_segment_init(config.segment.init, "--set segment.init=")
     samples, samples_from = train_samples_for(config)  # the run counts the manifest: so does this arithmetic
-    resolved = resolve(config, sources, train_samples=samples)
+    try:
+        resolved = resolve(config, sources, train_samples=samples)
+    except BatchSplitError as exc:  # the ranks' own refusal (engine/loop.py start_run): a folder to resume names GPUs
+        from pathlib import Path
+
+        from mixmae_scale.engine.run_folder import unsplittable_resume
+
+        raise unsplittable_resume(Path(config.run.output_dir) / config.run.name, exc, args.overwrite) from None
     print(f"job: {kind}" + ("" if args.job else f" (from the profile: {JOB_REASON[kind]}; --job overrides)"))
     plan = compose(resolved, args.profile, args.cluster, args.overrides, job=kind, check_files=not args.dry_run)
     if args.overwrite:

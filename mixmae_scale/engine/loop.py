@@ -313,15 +313,19 @@ class TrainingLoop:
         """A stop asked for at a step boundary, its checkpoint saved. One asked for during the run's last step is not
         a stop: the run is complete, and summary.json, run.json and the log say so (they said "stopped by a signal",
         `stopped_by_signal: true`, for a run with nothing left to resume). The relay's report is written either way:
-        it needs it to know the ranks did what the signal asked."""
+        it needs it to know the ranks did what the signal asked. The last step of a launch cut short by --max-steps is
+        that launch's end, not the run's: neither the log nor the report calls the run complete there."""
         self.stopped_by_signal = self.step < self.ctx.last_step
         self.stop_reported = True
+        complete = self.step >= self.derived.total_steps
         if self.ctx.local_rank == 0:  # each node's relay reads its own node's report
-            report_stop(saved, self.step, complete=not self.stopped_by_signal)
+            report_stop(saved, self.step, complete=complete)
         if self.ctx.rank == 0 and self.stopped_by_signal:
             log.warning("stop requested: checkpoint %s written at step %d, exiting", saved, self.step)
         elif self.ctx.rank == 0:
-            log.warning("stop requested during the last step (%d): the run is complete, checkpoint %s", self.step,
+            log.warning("stop requested during the last step (%d): %s, checkpoint %s", self.step,
+                        "the run is complete" if complete else
+                        f"this launch's last (--max-steps); the schedule goes on to step {self.derived.total_steps}",
                         saved)
 
     def run(self) -> dict[str, Any]:
@@ -362,7 +366,7 @@ class TrainingLoop:
             return
         saved = store.existing(self.last_saved)
         if saved is not None:
-            report_stop(saved, self.step, complete=self.step >= self.ctx.last_step)
+            report_stop(saved, self.step, complete=self.step >= self.derived.total_steps)
 
     def _micro_batches(self) -> Iterator[Batch]:
         """The loader's batches, epoch after epoch: the step count, not the data, ends a run."""

@@ -36,6 +36,8 @@ LAUNCHERS = ("deepspeed", "torchrun", "signal_relay", "mixmae launch")
 
 RANK_COMMANDS = ("pretrain", "finetune", "segment", "eval")
 _early_signal: int | None = None
+_UNSET = object()
+_caller_interrupt: object = _UNSET  # the SIGINT handler a StopFlag replaced, until restore_interrupt puts it back
 
 
 def record_early_stops(argv: list[str]) -> None:
@@ -83,7 +85,11 @@ class StopFlag:
         self.interrupts = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
-        if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        global _caller_interrupt
+        before = signal.getsignal(signal.SIGINT)
+        if before != signal.SIG_IGN:
+            if _caller_interrupt is _UNSET:  # a second flag before the restore keeps the caller's, not the first flag's
+                _caller_interrupt = before
             signal.signal(signal.SIGINT, self._interrupt)
         # A stop that arrived while the process started (record_early_stops), now that this flag's handlers hold:
         # taken once, so that a later run of the same process (an in-process sweep) does not stop by it again.
@@ -108,6 +114,16 @@ class StopFlag:
             log.warning("the launcher that started this rank is gone: saving a checkpoint and exiting")
             self.signal = signal.SIGHUP
         return self.signal is not None
+
+
+def restore_interrupt() -> None:
+    """The caller's SIGINT handler back, when the work of a run ends however it ends (engine/runtime.py): a process
+    that goes on after the run (pytest, a notebook, `run_rank` alone) kept the run's Ctrl-C stop, which swallowed
+    its next Ctrl-C, saying that a checkpoint would be saved with no run left to save one."""
+    global _caller_interrupt
+    if _caller_interrupt is not _UNSET:
+        signal.signal(signal.SIGINT, _caller_interrupt if _caller_interrupt is not None else signal.SIG_DFL)
+        _caller_interrupt = _UNSET
 
 
 def report_stop(checkpoint: Path, step: int, complete: bool = False) -> None:

@@ -171,6 +171,13 @@ def moved(root: Path, target: Path) -> None:
         RunLock(target, old.fd, created=False).release()
 
 
+def holds(root: Path) -> bool:
+    """Whether this process holds `root`'s lock: where it does, no other launch in the folder is alive (run.json
+    marks a launch still "running" there as ended, engine/run_record.py); unlocked (a file system without flock),
+    nothing says so."""
+    return _key(root) in _held
+
+
 def release_all() -> None:
     """Every run folder this process holds: its work has ended."""
     for lock in list(_held.values()):

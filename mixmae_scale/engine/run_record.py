@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mixmae_scale.engine import run_lock
+
 RECORD = "run.json"
 FORMAT = "mixmae-scale-run-record"
 # Distributions whose versions change what a run computes or how fast; absent ones are left out.
@@ -233,9 +235,11 @@ class RunRecord:
         launch = {"started": now(), "command": command_line(argv), "world_size": ctx.world,
                   "commit": describe_commit(code), "start_step": step, "outcome": "running"}
         resumes = list(earlier.get("resumes", []))
-        # An earlier launch still "running": this one holds the folder's lock (engine/run_lock.py), so that launch
-        # is gone without reaching `finish` (killed, or failed); it read "running" for ever after.
-        launches = [{**old, "outcome": UNENDED} if old.get("outcome") == "running" else old
+        # An earlier launch still "running", where this one holds the folder's lock (engine/run_lock.py): that launch
+        # is gone without reaching `finish` (killed, or failed); it read "running" for ever after. Unlocked (a file
+        # system without flock, which the start warns of) it may be alive beside this one: left as it is.
+        locked = run_lock.holds(ctx.root)
+        launches = [{**old, "outcome": UNENDED} if locked and old.get("outcome") == "running" else old
                     for old in earlier.get("launches", [])]
         init = init or earlier.get("init")  # a resume reads no init: the first launch's record of it stays
         if ctx.resume is not None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mixmae_scale.data.errors import plural
-from mixmae_scale.engine import distributed, run_lock
+from mixmae_scale.engine import distributed, preemption, run_lock
 
 log = logging.getLogger("mixmae")
 
@@ -91,6 +91,7 @@ def _run(work: RankWork, report: FailureReport, process: RankProcess,
             code = work(process.rank, process.local_rank)
         finally:
             run_lock.release_all()
+            preemption.restore_interrupt()  # the caller's Ctrl-C back (a process that goes on after the run)
     except Exception as exc:  # noqa: BLE001 - every failure ends this rank now, reported once
         report(process.rank, exc, process.alone)
         code = exit_code(exc, is_mistake(exc))

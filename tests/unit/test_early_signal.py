@@ -109,3 +109,32 @@ def test_ctrl_c_at_the_terminal_is_a_stop_with_a_checkpoint_and_a_second_one_int
     assert result.stdout.splitlines() == ["first: True True", "second: interrupted", "ignored stays ignored: True"], \
         (result.stdout, result.stderr)
     assert "Ctrl-C again to stop at once" in result.stderr
+
+
+@pytest.mark.parametrize("ends", ["finished", "refused"])
+def test_the_callers_ctrl_c_handler_is_back_when_a_run_in_the_process_ends(ends):
+    """A run in the caller's process (pytest, a notebook, `run_rank` alone) installs the loop's Ctrl-C stop; after the
+    run the caller's own handler must hold again: the flag left behind swallowed the next Ctrl-C (it printed "saving a
+    checkpoint at the next step boundary" with no run left to save), however the run ended."""
+    from mixmae_scale.engine.preemption import StopFlag
+    from mixmae_scale.engine.runtime import run_rank
+
+    def caller_handler(signum, frame):  # what the caller had before the run: must come back, not SIG_DFL
+        raise KeyboardInterrupt
+
+    def work(rank, local_rank):
+        StopFlag()
+        assert signal.getsignal(signal.SIGINT) is not caller_handler  # the run's stop held during the run
+        if ends == "refused":
+            raise ValueError("a refused start")
+        return 0
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGINT, caller_handler)
+    try:
+        code = run_rank(work, lambda rank, exc, alone: None, is_mistake=lambda exc: True)
+        assert code == (0 if ends == "finished" else 2)
+        assert signal.getsignal(signal.SIGINT) is caller_handler
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -563,3 +563,21 @@ def test_a_global_batch_split_refusal_counts_one_gpu_in_the_singular():
         solve_batch(15, 8, 1)
     assert "cannot be split over 1 GPU:" in str(caught.value) and "for 1 GPU:" in str(caught.value)
     assert "1 GPUs" not in str(caught.value)
+
+
+def test_launch_dry_run_on_gpus_that_cannot_split_the_folders_global_batch_says_what_the_ranks_would(tmp_path,
+                                                                                                      capsys):
+    """`mixmae launch --dry-run` resolves the batch before any rank starts: for a run folder whose checkpoint was
+    trained at that global batch it offered another global batch (another run, refused at the resume), where the
+    ranks' own refusal names the GPU counts that take it."""
+    from mixmae_scale.cli import main
+
+    make_tag(tmp_path / "r" / "checkpoints", "step00000004")  # global batch 32, the tiny profile's
+    args = ["launch", "tiny", "--dry-run", "--set", "cluster.gpus_per_node=3", "--set", f"run.output_dir={tmp_path}",
+            "--set", "run.name=r", "--set", "data.shards=nowhere"]
+    assert main(args) == 2
+    said = capsys.readouterr().err
+    assert "step00000004 was trained at batch.global_batch=32, which 3 GPUs cannot split" in said, said
+    assert "resume it on 2 or 4 GPUs" in said and "batch.global_batch=N" not in said
+    assert main([*args, "--overwrite"]) == 2  # a new run in the folder: any global batch, as the ranks would say
+    assert "--set batch.global_batch=N" in capsys.readouterr().err

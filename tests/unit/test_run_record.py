@@ -245,7 +245,7 @@ def test_a_signal_during_the_last_step_leaves_a_completed_run_not_a_stopped_one(
     monkeypatch.setenv("MIXMAE_STOP_REPORT", str(report))
     for step, stopped in ((36, False), (35, True)):
         loop = SimpleNamespace(step=step, ctx=SimpleNamespace(last_step=36, local_rank=0, rank=0),
-                               stopped_by_signal=False)
+                               derived=SimpleNamespace(total_steps=36), stopped_by_signal=False)
         TrainingLoop._stop_for_signal(loop, tmp_path / "checkpoints" / f"step{step:08d}")
         assert loop.stopped_by_signal is stopped
         assert json.loads(report.read_text())["step"] == step
@@ -265,10 +265,67 @@ def test_a_launch_that_never_finished_is_not_left_running_once_the_next_one_star
     context.root.mkdir()
     run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])  # then killed
     plan = ResumePlan("step00000010", saved_world=2, saved_layout={"zero_stage": 2, "dtype": "fp32", "offload": False})
-    second = run_record.RunRecord.begin(_context(tmp_path, 2, plan), "pretrain", 10, ["cpu"] * 2, argv=["mixmae"])
+    from mixmae_scale.engine import run_lock
+
+    lock = run_lock.take(context.root)  # as the next launch's start holds it (run_folder.agree_on_lock)
+    try:
+        second = run_record.RunRecord.begin(_context(tmp_path, 2, plan), "pretrain", 10, ["cpu"] * 2, argv=["mixmae"])
+    finally:
+        lock.release()
     first, now = run_record.read_record(context.root)["launches"]
     assert first["outcome"] != "running" and "killed" in first["outcome"] and now["outcome"] == "running"
     second.finish({"steps": 12, "planned_steps": 20, "stopped_by_signal": True})
     saved = run_record.read_record(context.root)
     assert [x["outcome"] for x in saved["launches"]] == [first["outcome"], "stopped by a signal"]
     assert f"steps 0 -> ?, {first['outcome']}, world size 2" in run_record.describe(saved)
+
+
+def test_an_earlier_launch_is_marked_ended_only_where_this_launch_holds_the_folders_lock(tmp_path):
+    """Only the run lock says an earlier "running" launch is gone. On a file system that refuses flock the start runs
+    unlocked (engine/run_lock.py warns), so a second launch there may run beside a live first one: marking that one
+    "ended without a record" was a claim nothing checked. Locked, it is marked; unlocked, it stays "running"."""
+    from mixmae_scale.engine import run_lock
+
+    for locked in (True, False):
+        context = _context(tmp_path / str(locked), 2, None)
+        context.root.mkdir(parents=True)
+        run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])  # alive or not
+        lock = run_lock.take(context.root) if locked else None
+        try:
+            run_record.RunRecord.begin(context, "pretrain", 0, ["cpu"] * 2, argv=["mixmae", "pretrain"])
+        finally:
+            if lock is not None:
+                lock.release()
+        first, _ = run_record.read_record(context.root)["launches"]
+        assert first["outcome"] == (run_record.UNENDED if locked else "running"), locked
+
+
+def test_a_signal_during_the_last_step_of_a_shortened_launch_is_not_told_as_a_completed_run(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """--max-steps 12 of a 36-step schedule, a SIGUSR1 during step 12: the launch ends where it was to end, but the
+    run is not complete. The log said "the run is complete" and the relay's report `complete: true` (the relay then
+    printing "the run reached its last step ... complete") for a run 24 steps short."""
+    from mixmae_scale.engine.loop import TrainingLoop
+
+    report = tmp_path / "stop-report.json"
+    monkeypatch.setenv("MIXMAE_STOP_REPORT", str(report))
+    for total, complete in ((36, False), (12, True)):
+        loop = SimpleNamespace(step=12, ctx=SimpleNamespace(last_step=12, local_rank=0, rank=0),
+                               derived=SimpleNamespace(total_steps=total), stopped_by_signal=False)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mixmae.loop"):
+            TrainingLoop._stop_for_signal(loop, tmp_path / "checkpoints" / "step00000012")
+        assert loop.stopped_by_signal is False  # nothing left to do in this launch: no requeue for it
+        assert json.loads(report.read_text())["complete"] is complete, total
+        assert ("the run is complete" in caplog.text) is complete, caplog.text
+    from mixmae_scale.engine.checkpointing import store
+
+    saved = tmp_path / "checkpoints" / "step00000012"
+    saved.mkdir(parents=True)
+    store.seal(saved, {"step": 12, "world_size": 2, "kind": "regular"})
+    for total, complete in ((36, False), (12, True)):  # the signal after the last step, during the final evaluation
+        report.unlink()
+        loop = SimpleNamespace(step=12, ctx=SimpleNamespace(last_step=12, local_rank=0, stop=SimpleNamespace(
+            signal=10)), derived=SimpleNamespace(total_steps=total), stop_reported=False, last_saved=saved)
+        TrainingLoop._report_a_stop_after_the_last_step(loop)
+        assert json.loads(report.read_text())["complete"] is complete, total

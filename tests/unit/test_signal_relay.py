@@ -235,7 +235,8 @@ def test_a_stop_after_the_last_step_is_reported_to_the_relay_as_a_completed_run(
     def loop(signum, reported=False, local_rank=0):
         return SimpleNamespace(ctx=SimpleNamespace(stop=SimpleNamespace(signal=signum), local_rank=local_rank,
                                                    last_step=36),
-                               stop_reported=reported, last_saved=checkpoint, step=36)
+                               stop_reported=reported, last_saved=checkpoint, step=36,
+                               derived=SimpleNamespace(total_steps=36))
 
     for quiet in (loop(None), loop(signal.SIGUSR1, reported=True), loop(signal.SIGUSR1, local_rank=1)):
         TrainingLoop._report_a_stop_after_the_last_step(quiet)
