@@ -2,7 +2,9 @@
 examples, shipped inside the package and written out by `mixmae templates DIR`.
 
 Messages and docs name them by their place in the repository (`launch/slurm/pretrain.sbatch`); a `pip install`
-has no such folder, so the same files are written under DIR with the same relative paths (`DIR/slurm/...`).
+has no such folder, so the same files are written under DIR with the same relative paths (`DIR/slurm/...`), and
+their comments' usage lines name where they were written: a copy that said `sbatch launch/slurm/pretrain.sbatch`
+sent the user to a path that a pip install does not have.
 An edited copy is never replaced unasked: a file that differs from the shipped one is kept and reported, and
 `--force` replaces it.
 """
@@ -36,7 +38,7 @@ def write_templates(out: Path, force: bool = False) -> Written:
         raise NotADirectoryError(f"{out} is a file; name a folder for the templates")
     done = Written()
     for name in TEMPLATES:
-        text = (source / name).read_text()
+        text = for_folder((source / name).read_text(), out)
         target = out / name
         if target.is_file() and target.read_text() == text:
             done.unchanged.append(name)
@@ -48,3 +50,11 @@ def write_templates(out: Path, force: bool = False) -> Written:
         write_text(target, text)
         done.written.append(name)
     return done
+
+
+def for_folder(text: str, out: Path) -> str:
+    """A template's text with the repository's `launch/` in its comment lines replaced by the folder it is written
+    to, as the user named it (relative names stay relative: sbatch runs from where `mixmae templates` did)."""
+    where = out.as_posix().rstrip("/") + "/"
+    return "".join(line.replace("launch/", where) if line.lstrip().startswith("#") else line
+                   for line in text.splitlines(keepends=True))
