@@ -20,7 +20,7 @@ from mixmae_scale.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([*(ROOT / "docs").rglob("*.md"), ROOT / "README.md", ROOT / "benchmarks" / "README.md",
-               ROOT / "ds_configs" / "README.md"])
+               ROOT / "ds_configs" / "README.md", ROOT / "data_tools" / "README.md"])
 # Files whose comments tell people what to type (usage lines of the launch scripts and examples).
 COMMENTED = sorted(p for p in (ROOT / "launch").rglob("*") if p.suffix in (".sh", ".sbatch", ".yaml", ".example"))
 SHELL = ("", "bash", "sh", "console", "shell")
@@ -32,10 +32,13 @@ FAILS_ON_PURPOSE = ("did you mean", "refused")
 
 
 def shell_lines(text: str) -> list[str]:
-    """The lines of a markdown file's shell code blocks, continuation backslashes joined."""
+    """The lines of a markdown file's shell code blocks, fenced or indented by four spaces, continuation
+    backslashes joined."""
     lines, block, lang = [], None, ""
     for line in text.splitlines():
-        if line.startswith("```"):
+        if block is None and line.startswith("    ") and line.strip():
+            lines.append(line.strip())
+        elif line.startswith("```"):
             if block is None:
                 block, lang = [], line[3:].strip()
             else:
@@ -62,6 +65,9 @@ def cli_argv(line: str) -> tuple[list[str], str] | None:
         return None
     for part in re.split(r"\s*(?:&&|;|\|\|)\s*", line):
         words = part.split()
+        script = re.match(r"^python3? data_tools/make_shards\.py (.*)$", part)
+        if script:  # `mixmae shards` as a plain script
+            return ["shards", *shlex.split(script.group(1))], comment
         sbatch = re.match(r"^PROFILE=(\S+) (?:\S+=\S+ )*sbatch launch/slurm/\S+\.sbatch(.*)$", part)
         if sbatch:  # the scripts hand the arguments after them to `mixmae pretrain --profile $PROFILE`
             return ["pretrain", "--profile", sbatch.group(1), *shlex.split(re.sub(r"\[.*\]", "", sbatch.group(2)))], \
@@ -187,7 +193,8 @@ def test_every_script_the_docs_run_exists_and_takes_the_options_given():
         # A script may take its options from a sibling's (finetune_demo.py from seg_demo.py's demo_arguments).
         source += "".join((path.parent / f"{name}.py").read_text() for name in re.findall(r"^from (\w+) import",
                           source, re.M) if (path.parent / f"{name}.py").is_file())
-        if path.suffix == ".py":  # a shell script passes "$@" on; its options are the Python script's
+        # A shell script passes "$@" on, its options are the Python script's; make_shards.py's are the CLI's (above).
+        if path.suffix == ".py" and script != "data_tools/make_shards.py":
             wrong += [f"{doc}: {script} has no option {option}" for option in options
                       if f'"{option}"' not in source and f"'{option}'" not in source]
     assert not wrong, "\n".join(wrong)
