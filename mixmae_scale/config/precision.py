@@ -3,8 +3,9 @@
 `precision.dtype: auto` (the default) picks bf16 where the device computes it natively, fp16 with
 DeepSpeed's dynamic loss scaling on GPUs without bf16 (V100, T4: the official MixMAE code trained in
 fp16 on V100s), and fp32 otherwise. The trap this avoids: x86 CPUs without AVX-512 (most laptops and
-many cloud CPUs) emulate bf16, and a bf16 matmul there runs about 100x slower than fp32, so a bf16
-default turned a 3-minute demo into 23 minutes and changed its numbers.
+many cloud CPUs) emulate bf16, and a bf16 matmul there runs over 100x slower than fp32 (117x at 256 and 172x
+at 1024 square on a 2-core AVX2 CPU: benchmarks/bf16_matmul.py, benchmarks/results/bf16_matmul_cpu.json), so a
+bf16 default turned a 3-minute demo into 23 minutes (seen, not kept in a results file) and changed its numbers.
 
 An explicit dtype is kept as asked, with a warning when this hardware emulates it. The choice is made
 on the machine that runs the job (each rank decides the same way on identical nodes); `mixmae plan`,
@@ -60,12 +61,12 @@ def choose_precision(requested: str, hardware: Hardware) -> PrecisionChoice:
         if hardware.device == "cuda":
             return PrecisionChoice("fp16", f"auto: {where} has no native bf16; fp16 with dynamic loss scaling")
         return PrecisionChoice("fp32", f"auto: {where} has no native bf16 (oneDNN reports it unsupported: no "
-                                       "AVX-512), and emulated bf16 matmuls run ~100x slower than fp32")
+                                       "AVX-512), and emulated bf16 matmuls run over 100x slower than fp32")
     reason = f"precision.dtype={requested} set explicitly"
     warning = None
     if requested == "bf16" and not hardware.native_bf16:
         warning = (f"precision.dtype=bf16 on {where}, which has no native bf16: it is emulated, and a bf16 "
-                   "matmul runs about 100x slower than fp32 (CPUs without AVX-512). Use precision.dtype=auto "
+                   "matmul runs over 100x slower than fp32 (CPUs without AVX-512). Use precision.dtype=auto "
                    "(picks fp32 here) unless you mean to measure bf16 numerics")
     elif requested == "fp16" and hardware.device == "cpu":
         warning = (f"precision.dtype=fp16 on {where}: DeepSpeed's CPU accelerator does not train in fp16"

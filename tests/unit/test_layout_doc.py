@@ -43,3 +43,24 @@ def test_the_layout_reader_sees_folders_and_continuation_lines():
     readme = ("## Layout\n\n```\nmixmae_scale/   lib; atomic_file.py\n  engine/   loop.py, a.py,\n"
               "                  b.py\n  data/   c.py\nlaunch/   x.py\n```\n")
     assert layout_modules(readme) == {"atomic_file.py", "engine/loop.py", "engine/a.py", "engine/b.py", "data/c.py"}
+
+
+def layout_benchmarks(readme: str) -> set[str]:
+    """The script names on the Layout block's benchmarks/ line and its continuation lines."""
+    block = re.search(r"## Layout\s*```(.*?)```", readme, re.S)
+    listed, inside = set(), False
+    for line in block.group(1).splitlines():
+        if re.match(r"\S", line):
+            inside = line.startswith("benchmarks/")
+        if inside:
+            listed.update(re.findall(r"\b(\w+\.(?:py|sh))\b", line))
+    return listed
+
+
+def test_the_layout_doc_lists_every_benchmark_script():
+    """scaling_c_check_coverage.py and scaling_isoflop_placement.py were added to benchmarks/ (and its README)
+    without the map; benchmarks/gpu/ is named as a folder."""
+    actual = {p.name for p in (ROOT / "benchmarks").iterdir() if p.suffix in (".py", ".sh")}
+    listed = layout_benchmarks((ROOT / "docs" / "layout.md").read_text())
+    assert not actual - listed, f"benchmark scripts missing from docs/layout.md's Layout: {sorted(actual - listed)}"
+    assert not listed - actual, f"docs/layout.md lists benchmark scripts that do not exist: {sorted(listed - actual)}"

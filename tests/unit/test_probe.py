@@ -306,3 +306,19 @@ def test_a_probe_whose_training_images_are_all_of_one_class_is_refused_naming_th
     first = Features(sorted_two.train_x[:120], sorted_two.train_y[:120], sorted_two.val_x, sorted_two.val_y)
     with pytest.raises(DataError, match="of class 0"):
         probe_features(first, num_classes=2)
+
+
+def test_one_random_encoder_is_given_no_spread_and_its_line_says_there_is_none():
+    """`mixmae probe --baseline --baseline-seeds 1` printed `30.0 +- 0.0% random encoders`: a sample standard
+    deviation of one value is undefined, and 0.0 reads as random encoders that all agree. The report holds null,
+    and the line names the single encoder and how to get a spread."""
+    from mixmae_scale.cli.encoder_commands import probe_line
+    from mixmae_scale.finetune.probe import ProbeResult, margin_report
+
+    pretrained = ProbeResult(top1=25.0, knn_top1=12.5, train_top1=90.0, train_samples=300, val_samples=120)
+    report = margin_report(pretrained, [ProbeResult(30.0, 16.7, 50.0, 300, 120)])
+    assert report["linear"]["random_init"]["std"] is None and report["linear"]["margin_in_spread"] is None
+    line = probe_line(report["linear"])
+    assert "+-" not in line, line
+    assert line == ("25.0% pretrained vs 30.0% for one random encoder (-5.0 points; no spread to weigh them "
+                    "against: --baseline-seeds 2 or more)")
