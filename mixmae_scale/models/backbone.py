@@ -213,7 +213,11 @@ def _weights_from(source: Path) -> dict[str, torch.Tensor]:
     if source.suffix == ".safetensors":
         return _encoder_keys(load_weights(source)[0])
     if source.suffix in OFFICIAL_SUFFIXES:
-        return map_official_keys(read_official(source))
+        official = read_official(source)  # its own errors name the file
+        try:  # the key mapping's do not: said with the file, as finetune.init's and --init's are
+            return map_official_keys(official)
+        except WeightsError as exc:
+            raise WeightsError(f"{source.absolute()}: {exc}") from exc
     raise WeightsError(f"{source.absolute()}: expected a .safetensors file (`mixmae export`), a run folder or an "
                        "official MixMIM .pth")
 

@@ -361,3 +361,13 @@ def test_a_step_folder_copied_out_of_its_run_names_no_run(tmp_path):
     said = str(refused.value)
     assert f"`mixmae export {step} --out FILE.safetensors`" in said and "of the run" not in said
     assert f"`mixmae export {tmp_path}`" not in said
+
+
+def test_a_pth_of_other_keys_is_refused_naming_the_file(tmp_path):
+    """A .pth that is not an official checkpoint (the fixture's reference outputs, another model's weights): the
+    key mapping's refusal reached the user without the file it was about, as finetune.init's and --init's name it."""
+    other = tmp_path / "reference_outputs.pt"
+    torch.save({"model": {"images": torch.zeros(2, 3), "loss": torch.tensor(1.0)}}, other)
+    with pytest.raises(WeightsError) as refused:
+        load_backbone(other)
+    assert str(other.absolute()) in str(refused.value) and "no place in our model" in str(refused.value)
