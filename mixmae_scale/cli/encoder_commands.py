@@ -122,6 +122,9 @@ def _dense_probe(args: argparse.Namespace) -> int:
 def probe_line(readout: dict) -> str:
     """One probe's result as one line: the pretrained top-1 against the random encoders' mean and spread."""
     spread = readout["random_init"]
+    if spread["std"] is None:  # one random encoder: no spread to show or to measure the margin in
+        return (f"{readout['pretrained']:.1f}% pretrained vs {spread['mean']:.1f}% of one random encoder "
+                f"({readout['margin']:+.1f} points; one draw has no spread: --baseline-seeds 2 or more measures one)")
     times = f", {readout['margin_in_spread']:.1f}x their spread" if readout["margin_in_spread"] is not None else ""
     return (f"{readout['pretrained']:.1f}% pretrained vs {spread['mean']:.1f} +- {spread['std']:.1f}% random encoders "
             f"({readout['margin']:+.1f} points{times})")

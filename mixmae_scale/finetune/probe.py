@@ -407,8 +407,10 @@ def linear_probe(state: dict[str, torch.Tensor] | None, arch: dict, shards: str,
                        read_batches(shards, "val", arch["img_size"], batch, backend, threads), num_classes)
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+def _spread(values: list[float]) -> dict[str, float | None]:
+    """Mean, sample standard deviation, min and max. One value has no spread: its std is None, not 0.0, which read
+    as random encoders that all score the same (`--baseline-seeds 1`)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "min": min(values), "max": max(values)}
 
 
@@ -442,4 +444,4 @@ def readout_margin(pretrained: float, baselines: list[float]) -> dict:
     spread = _spread(baselines)
     margin = pretrained - spread["mean"]
     return {"pretrained": pretrained, "random_init": spread, "margin": margin,
-            "margin_in_spread": margin / spread["std"] if spread["std"] > 0 else None}
+            "margin_in_spread": margin / spread["std"] if spread["std"] else None}

@@ -306,3 +306,18 @@ def test_a_probe_whose_training_images_are_all_of_one_class_is_refused_naming_th
     first = Features(sorted_two.train_x[:120], sorted_two.train_y[:120], sorted_two.val_x, sorted_two.val_y)
     with pytest.raises(DataError, match="of class 0"):
         probe_features(first, num_classes=2)
+
+
+def test_one_random_encoder_is_said_to_have_no_spread_not_a_spread_of_zero():
+    """`mixmae probe --baseline --baseline-seeds 1` printed "vs 40.0 +- 0.0% random encoders" and wrote std 0.0: a
+    spread nobody measured, read as random encoders that all score the same. One draw has no spread: null, said."""
+    from mixmae_scale.cli.encoder_commands import probe_line
+    from mixmae_scale.finetune.probe import ProbeResult, margin_report
+
+    pretrained = ProbeResult(top1=70.0, knn_top1=60.0, train_top1=90.0, train_samples=100, val_samples=200)
+    report = margin_report(pretrained, [ProbeResult(40.0, 30.0, 50.0, 100, 200)])
+    assert report["linear"]["random_init"]["std"] is None and report["linear"]["margin_in_spread"] is None
+    line = probe_line(report["linear"])
+    assert "+- 0.0" not in line and "+-" not in line
+    assert line == ("70.0% pretrained vs 40.0% of one random encoder (+30.0 points; one draw has no spread: "
+                    "--baseline-seeds 2 or more measures one)")
