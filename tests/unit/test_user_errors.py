@@ -558,3 +558,30 @@ def test_probe_refuses_a_one_class_set_from_its_manifest_before_reading_an_image
     assert line == (f"mixmae: error: --data {shards}: split 'train' has 1 class (cats) in the set's manifest; a "
                     "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe on a "
                     "set of two classes or more")
+
+
+@pytest.mark.parametrize("unlabeled", ["train", "val"])
+def test_probe_refuses_a_split_without_labels_from_its_manifest_before_reading_an_image(weights, tmp_path, monkeypatch,
+                                                                                       capfd, unlabeled):
+    """`mixmae probe` of a set converted with --unlabeled encoded every image of both splits, then said "every one of
+    the probe's training images is of class -1"; an unlabeled validation split beside a labeled train split was
+    scored against labels of -1: top-1 0% whatever the encoder. The manifest says which splits are labeled."""
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import probe
+
+    shards = tiny_set(tmp_path, {"cats": 6, "dogs": 6}, val_fraction=0.34)
+    manifest = json.loads((shards / "dataset.json").read_text())
+    manifest["splits"][unlabeled]["labeled"] = False  # as `mixmae shards folder --unlabeled` writes a split
+    (shards / "dataset.json").write_text(json.dumps(manifest))
+    capfd.readouterr()  # the conversion's progress bars
+
+    def read_batches(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(probe, "read_batches", read_batches)
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(shards)]))
+    assert line == (f"mixmae: error: --data {shards}: split '{unlabeled}' has no labels (no .cls members, its "
+                    "manifest says); the probe fits and scores class labels: give it a labeled split (`mixmae shards "
+                    "folder` of class subfolders, `mixmae shards adopt` without --unlabeled)")
