@@ -113,8 +113,25 @@ def finetune_message(summary: dict) -> str:
         return not_evaluated_message("fine-tuned", summary, "top1", "top-1")
     # A bf16 run's top-1 is not `mixmae eval`'s fp32 one (docs/training.md): say which it is.
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"fine-tuned {plural(summary['steps'], 'step')}: top-1 {last['top1']:.2f}%{precision}{over_images(last)} "
-            f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
+    done, at, again = unfinished(summary, last)
+    return (f"fine-tuned {done}: top-1 {last['top1']:.2f}%{precision}{at}{over_images(last)} "
+            f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')}{again})")
+
+
+def unfinished(summary: dict, last: dict) -> tuple[str, str, str]:
+    """How far a run that evaluated got, which step its last evaluation is of, and what goes on from it. A run stopped
+    by a signal after an evaluation ended `fine-tuned 500 steps: top-1 61.20%`, read as the finished run's result and
+    as step 500's while it was step 486's: ("500 of 810 steps, stopped by a signal", " at step 486", "; the same
+    command continues it"); a finished run gives ("810 steps", "", ""). A --max-steps launch evaluates at its last
+    step and plans no more (`planned_steps` is its --max-steps), so it reads as finished."""
+    steps, planned = summary["steps"], summary.get("planned_steps")
+    step = last.get("step")
+    at = f" at step {step}" if step is not None and step != steps else ""
+    if not planned or steps >= planned:
+        return plural(steps, "step"), at, ""
+    why, again = (("stopped by a signal", "the same command continues it") if summary.get("stopped_by_signal")
+                  else ("stopped", "a rerun continues it"))
+    return f"{steps} of {plural(planned, 'step')}, {why}", at, f"; {again}"
 
 
 def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> str:
@@ -151,8 +168,9 @@ def segment_message(summary: dict) -> str:
     if last is None:
         return not_evaluated_message("segmentation fine-tuned", summary, "miou", "mIoU")
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"segmentation fine-tuned {plural(summary['steps'], 'step')}: mIoU {last['miou']:.2f}%{precision} "
-            f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')})")
+    done, at, again = unfinished(summary, last)
+    return (f"segmentation fine-tuned {done}: mIoU {last['miou']:.2f}%{precision}{at} "
+            f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')}{again})")
 
 
 def pretrain_message(summary: dict) -> str:
