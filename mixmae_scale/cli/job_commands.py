@@ -151,15 +151,20 @@ def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> s
 def over_images(evaluation: dict) -> str:
     """How many validation images a top-1 is over, and, below the probe's floor of a result (finetune/probe.py), how
     wide it is: a folder's one held-out image gave `top-1 100.00%`, which read as a result."""
-    from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES
-
     n = evaluation.get("samples")
     if not n:
         return ""
-    said = f" on {n} validation image{'s' * (n != 1)}"
-    if n < MIN_PROBE_IMAGES:
-        said += f", too few to read: its 95% interval is about +-{98 / n ** 0.5:.0f} points"
-    return said
+    return f" on {n} validation image{'s' * (n != 1)}{too_few(n)}"
+
+
+def too_few(images: int) -> str:
+    """What a top-1 over `images` images is worth when they are below the probe's floor of a result
+    (finetune/probe.py's MIN_PROBE_IMAGES): the fine-tuning's last line and `mixmae eval`'s say it alike."""
+    from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES
+
+    if not images or images >= MIN_PROBE_IMAGES:
+        return ""
+    return f", too few to read: its 95% interval is about +-{98 / images ** 0.5:.0f} points"
 
 
 def segment_message(summary: dict) -> str:
@@ -215,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
         elif rank == 0:
             print(f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the "
                   f"{plural(result['samples'], 'image')} of "
-                  f"split '{args.split}' of {args.data} ({args.init})")
+                  f"split '{args.split}' of {args.data} ({args.init}){too_few(result['samples'])}")
         return 0
 
     return _as_rank_process(args, evaluate_rank)
