@@ -81,6 +81,11 @@ def _mask_classes(args: argparse.Namespace) -> int:
     if not split.masks:
         raise DataError(f"--data {args.data}: its train split has no segmentation masks, which --dense reads; make "
                         "shards with masks (`mixmae shards demo`, `mixmae shards ade20k`)")
+    if args.mask_classes and split.mask_classes and args.mask_classes < split.mask_classes:
+        # Else found at the first label past them, once the whole training split was read and encoded.
+        raise DataError(f"--mask-classes {args.mask_classes}: the masks of {args.data} label {split.mask_classes} "
+                        f"classes (its manifest's mask_classes); pass at least {split.mask_classes}, or leave it out "
+                        "to take the manifest's")
     if args.mask_classes:
         return args.mask_classes
     if not split.mask_classes:

@@ -604,3 +604,19 @@ def test_eval_of_a_split_of_few_images_says_how_wide_its_top1_is(capsys, monkeyp
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
     assert capsys.readouterr().out == ("top-1 100.00%, top-5 n/a (fp32) on the 2 images of split 'val' of shards "
                                        "(ft.safetensors), too few to read: its 95% interval is about +-69 points\n")
+
+
+def test_a_dense_probe_of_fewer_mask_classes_than_the_manifests_is_refused_before_reading_an_image(
+        weights, demo_shards, monkeypatch, capfd):
+    """`mixmae probe --dense --mask-classes 5` on the demo's masks (11 classes, its manifest says) read and encoded the
+    whole training split, then stopped on the first label past 4. The manifest's count is known before: refused."""
+    from mixmae_scale.finetune import dense_probe
+
+    def load_masked_split(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(dense_probe, "load_masked_split", load_masked_split)
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(demo_shards), "--dense", "--mask-classes", "5"]))
+    assert line == (f"mixmae: error: --mask-classes 5: the masks of {demo_shards} label 11 classes (its manifest's "
+                    "mask_classes); pass at least 11, or leave it out to take the manifest's")
