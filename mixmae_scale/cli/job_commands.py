@@ -209,7 +209,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
-        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier, top5_text
+        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier
 
         model = load_classifier(args.init, args.data, args.split, args.img_size)  # mistakes found before the group
         _, world, device = distributed.init(local_rank)
@@ -218,12 +218,37 @@ def _eval(args: argparse.Namespace) -> int:
         if rank == 0 and args.json:
             print(json.dumps(result, indent=2))
         elif rank == 0:
-            print(f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the "
-                  f"{plural(result['samples'], 'image')} of "
-                  f"split '{args.split}' of {args.data} ({args.init}){too_few(result['samples'])}")
+            print(eval_line(result, args.split, args.data, args.init))
         return 0
 
     return _as_rank_process(args, evaluate_rank)
+
+
+def eval_line(result: dict, split: str, data: str, init: str) -> str:
+    """What `mixmae eval` of a classifier says. For a run folder, which checkpoint it scored: its newest, not its best,
+    where the line named the folder alone and read as the run's result or its best."""
+    from pathlib import Path
+
+    from mixmae_scale.engine.export import step_of
+    from mixmae_scale.finetune.evaluate import top5_text
+
+    weights = init
+    checkpoint = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    if checkpoint is not None:
+        step = step_of(checkpoint.name)
+        named = f"step {step}" if step is not None else checkpoint.name
+        run, hint = checkpoint.parent.parent, ""
+        if Path(init).resolve() == checkpoint.resolve():  # one checkpoint named: as named
+            which = f"checkpoint {named}"
+        elif checkpoint.parent.name == "best":
+            which = f"its best checkpoint, {named}"
+        else:
+            which = f"its newest checkpoint, {named}"
+            hint = f"; its best: `mixmae export {run} --best`" if (run / "best").is_dir() else ""
+        weights = f"{init}: {which}{hint}"
+    images = plural(result["samples"], "image")
+    return (f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the {images} of "
+            f"split '{split}' of {data} ({weights}){too_few(result['samples'])}")
 
 
 def _eval_segmenter(args: argparse.Namespace) -> int:

@@ -79,14 +79,15 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
 
     from mixmae_scale.data import storage
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.finetune.pretrained import load_pretrained
     from mixmae_scale.finetune.probe import shape_from_arch
     from mixmae_scale.finetune.trained_classes import require_trained_classes
     from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
     from mixmae_scale.models.convert_official import WeightsError
 
     require_folder(shards, "--data")
-    state, arch = load_encoder(source, option)
+    pretrained = load_pretrained(source, option)
+    state, arch = pretrained.state, pretrained.arch
     if "head.weight" not in state:
         raise WeightsError(f"{option} {source}: a pretrained encoder without a classification head; `mixmae eval` "
                            f"measures fine-tuned classifiers. Probe an encoder with `mixmae probe --init {source} "
@@ -119,6 +120,8 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
     if report.missing:
         raise WeightsError(f"{option} {source}: missing encoder weights {report.missing[:8]}")
     model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    # For a run folder, the checkpoint its weights were read from (its newest, not its best): what eval's result names.
+    model.weights_checkpoint = pretrained.checkpoint
     return model
 
 
@@ -209,5 +212,6 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)
-    return {"weights": str(source), "split": split, "batch": batch,
-            **evaluate(in_precision(model, device, precision), loader, device, precision, expected)}
+    checkpoint = getattr(model, "weights_checkpoint", None)  # load_classifier's, for a run folder
+    return {"weights": str(source), "checkpoint": str(checkpoint) if checkpoint is not None else None, "split": split,
+            "batch": batch, **evaluate(in_precision(model, device, precision), loader, device, precision, expected)}
