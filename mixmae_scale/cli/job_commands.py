@@ -113,8 +113,25 @@ def finetune_message(summary: dict) -> str:
         return not_evaluated_message("fine-tuned", summary, "top1", "top-1")
     # A bf16 run's top-1 is not `mixmae eval`'s fp32 one (docs/training.md): say which it is.
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"fine-tuned {plural(summary['steps'], 'step')}: top-1 {last['top1']:.2f}%{precision}{over_images(last)} "
-            f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')})")
+    done, at, again = unfinished(summary, last)
+    return (f"fine-tuned {done}: top-1 {last['top1']:.2f}%{precision}{at}{over_images(last)} "
+            f"(best {summary['best']['top1']:.2f}% at step {summary['best'].get('step', '-')}{again})")
+
+
+def unfinished(summary: dict, last: dict) -> tuple[str, str, str]:
+    """How far a run that evaluated got, which step its last evaluation is of, and what goes on from it. A run stopped
+    by a signal after an evaluation ended `fine-tuned 500 steps: top-1 61.20%`, read as the finished run's result and
+    as step 500's while it was step 486's: ("500 of 810 steps, stopped by a signal", " at step 486", "; the same
+    command continues it"); a finished run gives ("810 steps", "", ""). A --max-steps launch evaluates at its last
+    step and plans no more (`planned_steps` is its --max-steps), so it reads as finished."""
+    steps, planned = summary["steps"], summary.get("planned_steps")
+    step = last.get("step")
+    at = f" at step {step}" if step is not None and step != steps else ""
+    if not planned or steps >= planned:
+        return plural(steps, "step"), at, ""
+    why, again = (("stopped by a signal", "the same command continues it") if summary.get("stopped_by_signal")
+                  else ("stopped", "a rerun continues it"))
+    return f"{steps} of {plural(planned, 'step')}, {why}", at, f"; {again}"
 
 
 def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> str:
@@ -134,15 +151,20 @@ def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> s
 def over_images(evaluation: dict) -> str:
     """How many validation images a top-1 is over, and, below the probe's floor of a result (finetune/probe.py), how
     wide it is: a folder's one held-out image gave `top-1 100.00%`, which read as a result."""
-    from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES
-
     n = evaluation.get("samples")
     if not n:
         return ""
-    said = f" on {n} validation image{'s' * (n != 1)}"
-    if n < MIN_PROBE_IMAGES:
-        said += f", too few to read: its 95% interval is about +-{98 / n ** 0.5:.0f} points"
-    return said
+    return f" on {n} validation image{'s' * (n != 1)}{too_few(n)}"
+
+
+def too_few(images: int) -> str:
+    """What a top-1 over `images` images is worth when they are below the probe's floor of a result
+    (finetune/probe.py's MIN_PROBE_IMAGES): the fine-tuning's last line and `mixmae eval`'s say it alike."""
+    from mixmae_scale.finetune.probe import MIN_PROBE_IMAGES
+
+    if not images or images >= MIN_PROBE_IMAGES:
+        return ""
+    return f", too few to read: its 95% interval is about +-{98 / images ** 0.5:.0f} points"
 
 
 def segment_message(summary: dict) -> str:
@@ -151,8 +173,9 @@ def segment_message(summary: dict) -> str:
     if last is None:
         return not_evaluated_message("segmentation fine-tuned", summary, "miou", "mIoU")
     precision = f" in {last['precision']}" if "precision" in last else ""
-    return (f"segmentation fine-tuned {plural(summary['steps'], 'step')}: mIoU {last['miou']:.2f}%{precision} "
-            f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')})")
+    done, at, again = unfinished(summary, last)
+    return (f"segmentation fine-tuned {done}: mIoU {last['miou']:.2f}%{precision}{at} "
+            f"(best {summary['best']['miou']:.2f}% at step {summary['best'].get('step', '-')}{again})")
 
 
 def pretrain_message(summary: dict) -> str:
@@ -186,7 +209,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     def evaluate_rank(rank: int, local_rank: int) -> int:
         from mixmae_scale.engine import distributed
-        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier, top5_text
+        from mixmae_scale.finetune.evaluate import evaluate_classifier, evaluation_precision, load_classifier
 
         model = load_classifier(args.init, args.data, args.split, args.img_size)  # mistakes found before the group
         _, world, device = distributed.init(local_rank)
@@ -195,12 +218,37 @@ def _eval(args: argparse.Namespace) -> int:
         if rank == 0 and args.json:
             print(json.dumps(result, indent=2))
         elif rank == 0:
-            print(f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the "
-                  f"{plural(result['samples'], 'image')} of "
-                  f"split '{args.split}' of {args.data} ({args.init})")
+            print(eval_line(result, args.split, args.data, args.init))
         return 0
 
     return _as_rank_process(args, evaluate_rank)
+
+
+def eval_line(result: dict, split: str, data: str, init: str) -> str:
+    """What `mixmae eval` of a classifier says. For a run folder, which checkpoint it scored: its newest, not its best,
+    where the line named the folder alone and read as the run's result or its best."""
+    from pathlib import Path
+
+    from mixmae_scale.engine.export import step_of
+    from mixmae_scale.finetune.evaluate import top5_text
+
+    weights = init
+    checkpoint = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    if checkpoint is not None:
+        step = step_of(checkpoint.name)
+        named = f"step {step}" if step is not None else checkpoint.name
+        run, hint = checkpoint.parent.parent, ""
+        if Path(init).resolve() == checkpoint.resolve():  # one checkpoint named: as named
+            which = f"checkpoint {named}"
+        elif checkpoint.parent.name == "best":
+            which = f"its best checkpoint, {named}"
+        else:
+            which = f"its newest checkpoint, {named}"
+            hint = f"; its best: `mixmae export {run} --best`" if (run / "best").is_dir() else ""
+        weights = f"{init}: {which}{hint}"
+    images = plural(result["samples"], "image")
+    return (f"top-1 {result['top1']:.2f}%, top-5 {top5_text(result, '%')} ({result['precision']}) on the {images} of "
+            f"split '{split}' of {data} ({weights}){too_few(result['samples'])}")
 
 
 def _eval_segmenter(args: argparse.Namespace) -> int:

@@ -163,7 +163,7 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     agree_on_configuration(resolved, ds_config, layout)
     cleaned = run_folder.agree_on_lock(root)  # first: a second job must not read, move or write what this one does
     run_folder.agree_on_shared_folder(root)
-    resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite)
+    resume, notes = run_folder.agree_on_run_folder(root, config.checkpoint.resume, overwrite, job)
     for note in [*cleaned, *notes] if rank == 0 else []:
         log.warning("%s", note)
     derived = resolved.derived

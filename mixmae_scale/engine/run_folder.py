@@ -82,14 +82,36 @@ def holds_files(root: Path) -> bool:
     return root.is_dir() and any(path.name != run_lock.LOCK for path in root.iterdir())
 
 
-def refusal(root: Path, resume: str, overwrite: bool) -> str | None:
-    """Why this start may not go ahead in `root` (before any checkpoint is read), or None."""
+JOB_WORDS = {"pretrain": "pretraining", "finetune": "fine-tuning", "segment": "segmentation"}  # run.json's "job"
+
+
+def recorded_job(root: Path) -> str | None:
+    """The job of the run the folder holds, as its run.json (engine/run_record.py) says it; None without one."""
+    try:
+        job = json.loads((root / "run.json").read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return job if isinstance(job, str) else None
+
+
+def refusal(root: Path, resume: str, overwrite: bool, job: str | None = None) -> str | None:
+    """Why this start may not go ahead in `root` (before any checkpoint is read), or None. `job`: this start's
+    ("pretrain", "finetune", "segment"); a folder holding another job's run is refused as that. The model digest reads
+    the encoder's shape alone, the same for a pretraining and a fine-tuning of one size, so a fine-tuning in a
+    pretraining run's folder met the refusals of a resume (another global batch, other weights) whose advice led to
+    resuming the pretraining as a fine-tuning."""
     if overwrite:
         if resume not in ("auto", "none"):
             return (f"--overwrite starts a new run in {root}, checkpoint.resume={resume} resumes one of its "
                     "checkpoints: drop one of the two")
         return None
     tags = store.complete_tags(root / "checkpoints")
+    theirs = recorded_job(root) if job is not None else None
+    if theirs is not None and theirs != job and (tags or resume != "none"):
+        newest = f", newest checkpoint {tags[-1]}" if tags else ""
+        mine = JOB_WORDS.get(job, job)
+        return (f"{root} holds a {JOB_WORDS.get(theirs, theirs)} run (run.json: job {theirs}{newest}), not a {mine}: "
+                f"a {mine} started there would go on from that run's checkpoints; {way_out(root)}")
     if resume == "none" and tags:
         return (f"{root} holds checkpoints of an earlier run (newest {tags[-1]}); checkpoint.resume=none would start "
                 f"another run over them: {way_out(root)}")
@@ -178,9 +200,10 @@ def set_aside_newer(root: Path, resume: str) -> str | None:
             f"continuation and were moved to {target}")
 
 
-def prepare(root: Path, resume: str, overwrite: bool) -> str | None:
-    """Rank 0: refuse (ResumeError) or move an earlier run aside; returns what to tell the user, if anything."""
-    problem = refusal(root, resume, overwrite)
+def prepare(root: Path, resume: str, overwrite: bool, job: str | None = None) -> str | None:
+    """Rank 0: refuse (ResumeError) or move an earlier run aside; returns what to tell the user, if anything. `job`:
+    this start's (`refusal`)."""
+    problem = refusal(root, resume, overwrite, job)
     if problem:
         raise store.ResumeError(problem)
     if overwrite and holds_files(root):
@@ -252,11 +275,11 @@ def unseen_probe(root: Path, views: list[tuple[str, bool]]) -> str | None:
                                       f"{views[0][0]} wrote in {root.absolute()}")
 
 
-def agree_on_run_folder(root: Path, resume: str, overwrite: bool) -> tuple[str, list[str]]:
+def agree_on_run_folder(root: Path, resume: str, overwrite: bool, job: str | None = None) -> tuple[str, list[str]]:
     """Collective: rank 0 prepares the folder and reads which continuation this start is; every rank gets the resume
-    setting to plan with and the notes, or raises the same error."""
+    setting to plan with and the notes, or raises the same error. `job`: this start's (`refusal`)."""
     def decide() -> tuple[str, list[str]]:
-        moved = prepare(root, resume, overwrite)
+        moved = prepare(root, resume, overwrite, job)
         acting, note = continuation(root, resume)
         return acting, [n for n in (moved, note) if n]
 

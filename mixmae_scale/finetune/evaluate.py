@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mixmae_scale.data.loader import ShardLoader
+from mixmae_scale.data.manifest import DataError, SplitShards
 from mixmae_scale.data.sample_ids import Coverage, require_each_sample_once
 from mixmae_scale.engine.distributed import all_reduce_int, all_reduce_scalar, autocast
 
@@ -78,20 +79,23 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
 
     from mixmae_scale.data import storage
     from mixmae_scale.data.manifest import load_split
-    from mixmae_scale.finetune.pretrained import load_encoder
+    from mixmae_scale.finetune.pretrained import load_pretrained
     from mixmae_scale.finetune.probe import shape_from_arch
     from mixmae_scale.finetune.trained_classes import require_trained_classes
     from mixmae_scale.models.classifier import SwinClassifier, load_pretrained_encoder
     from mixmae_scale.models.convert_official import WeightsError
 
     require_folder(shards, "--data")
-    state, arch = load_encoder(source, option)
+    pretrained = load_pretrained(source, option)
+    state, arch = pretrained.state, pretrained.arch
     if "head.weight" not in state:
         raise WeightsError(f"{option} {source}: a pretrained encoder without a classification head; `mixmae eval` "
                            f"measures fine-tuned classifiers. Probe an encoder with `mixmae probe --init {source} "
                            f"--data {shards}`, or fine-tune it first (`mixmae finetune`) and evaluate that")
     head_classes = state["head.weight"].shape[0]
-    shard_classes = load_split(shards, split).num_classes
+    evaluated = load_split(shards, split)
+    require_labels(shards, evaluated, "--data ", "`mixmae eval` scores top-1 against the labels")
+    shard_classes = evaluated.num_classes
     where = shards if storage.is_remote(shards) else Path(shards).absolute()  # Path() would make s3://b into s3:/b
     if not shard_classes:
         raise WeightsError(f"{option} {source}: the shards in {where} have no classes "
@@ -116,7 +120,22 @@ def load_classifier(source: str, shards: str, split: str, img_size: int | None =
     if report.missing:
         raise WeightsError(f"{option} {source}: missing encoder weights {report.missing[:8]}")
     model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    # For a run folder, the checkpoint its weights were read from (its newest, not its best): what eval's result names.
+    model.weights_checkpoint = pretrained.checkpoint
     return model
+
+
+def require_labels(shards: str, split: SplitShards, option: str, needs: str) -> None:
+    """A split whose manifest says it has no labels (`mixmae shards folder --unlabeled`, `mixmae shards adopt
+    --unlabeled`, a validation split adopted unlabeled into a labeled set) refused before an image is read: its
+    images carry label -1, which a probe fitted to ("every image is of class -1") and every top-1 was scored against,
+    0% whatever the weights. `option`: how the set was named, with its separator ("--data ", "data.shards=");
+    `needs`: what the command does with labels ("the probe fits and scores class labels")."""
+    if split.labeled:
+        return
+    raise DataError(f"{option}{shards}: split '{split.split}' has no labels (no .cls members, its manifest says); "
+                    f"{needs}: give it a labeled split (`mixmae shards folder` of class subfolders, `mixmae shards "
+                    "adopt` without --unlabeled)")
 
 
 def require_folder(path: str | Path, option: str) -> None:
@@ -193,5 +212,6 @@ def evaluate_classifier(model: torch.nn.Module, source: str, shards: str, split:
     place = LoaderPlace(rank, world, choose_decode_device("auto", device.index or 0, backend))
     spec = eval_spec(model.encoder.shape.img_size, batch, threads, place)
     loader = ShardLoader(shards, split, spec, backend, threads)
-    return {"weights": str(source), "split": split, "batch": batch,
-            **evaluate(in_precision(model, device, precision), loader, device, precision, expected)}
+    checkpoint = getattr(model, "weights_checkpoint", None)  # load_classifier's, for a run folder
+    return {"weights": str(source), "checkpoint": str(checkpoint) if checkpoint is not None else None, "split": split,
+            "batch": batch, **evaluate(in_precision(model, device, precision), loader, device, precision, expected)}

@@ -37,7 +37,7 @@ from mixmae_scale.engine.fault_injection import with_injected_faults
 from mixmae_scale.engine.job import Loop
 from mixmae_scale.engine.loop import RunContext, TrainingLoop, compile_model, start_run
 from mixmae_scale.engine.optimizer import adamw
-from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate, top5_text
+from mixmae_scale.finetune.evaluate import eval_batch_size, evaluate, require_labels, top5_text
 from mixmae_scale.finetune.layer_decay import param_groups_layer_decay
 from mixmae_scale.finetune.pretrained import Pretrained, finetune_start
 from mixmae_scale.finetune.trained_classes import write_run_record
@@ -198,8 +198,9 @@ def check_finetune_data(config: Config, train_data: ShardMixture, world: int) ->
         raise DataError(f"data.shards={config.data.shards}: split '{config.data.train_split}' has no labels (.cls "
                         "members); fine-tuning needs labeled shards (pretraining accepts unlabeled ones)")
     num_classes = head_classes(config.finetune.num_classes, train_data.num_classes, config.data.shards)
-    val_samples = load_split(config.data.shards, config.data.val_split).samples
-    eval_batch_size(1, val_samples, world, config.data.shards, config.data.val_split, "the fine-tuning")
+    val = load_split(config.data.shards, config.data.val_split)
+    require_labels(config.data.shards, val, "data.shards=", "fine-tuning scores its top-1 against the labels")
+    eval_batch_size(1, val.samples, world, config.data.shards, config.data.val_split, "the fine-tuning")
     return num_classes
 
 

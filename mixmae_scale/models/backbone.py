@@ -213,7 +213,11 @@ def _weights_from(source: Path) -> dict[str, torch.Tensor]:
     if source.suffix == ".safetensors":
         return _encoder_keys(load_weights(source)[0])
     if source.suffix in OFFICIAL_SUFFIXES:
-        return map_official_keys(read_official(source))
+        official = read_official(source)  # its own errors name the file
+        try:  # the key mapping's do not: said with the file, as finetune.init's and --init's are
+            return map_official_keys(official)
+        except WeightsError as exc:
+            raise WeightsError(f"{source.absolute()}: {exc}") from exc
     raise WeightsError(f"{source.absolute()}: expected a .safetensors file (`mixmae export`), a run folder or an "
                        "official MixMIM .pth")
 
@@ -238,10 +242,7 @@ def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
                            f"to a file to name here, or `mixmae export {owner}` its newest checkpoint's into the run "
                            "folder, then name the run folder")
     if not found:
-        raise WeightsError(f"{run.absolute()}: a run folder without an export ({', '.join(EXPORTED_NAMES)}); write one "
-                           f"with `mixmae export {run}` (encoder.safetensors for a pretraining run, "
-                           "classifier.safetensors for a fine-tuning run, segmenter.safetensors for a segmentation "
-                           "run), or pass an exported file or official .pth")
+        raise WeightsError(_no_export(run))
     exported = found[0]
     step, newest = read_metadata(exported).get("step"), _newest_checkpoint_step(run)
     if step is not None and step.isdigit() and newest is not None and newest > int(step):
@@ -249,6 +250,26 @@ def _exported_weights(run: Path) -> dict[str, torch.Tensor]:
             "mixmae: %s holds step %s of the run; its newest complete checkpoint is step %d: `mixmae export %s` "
             "again to use it", exported.absolute(), step, newest, run)
     return _encoder_keys(load_weights(exported)[0])
+
+
+def _no_export(folder: Path) -> str:
+    """Why a folder gives no weights, and what to name instead. A folder that is not a run folder (no checkpoints/
+    and no config.yaml: a folder of downloaded checkpoints, the official fixtures) was called "a run folder without an
+    export" and sent to `mixmae export` it, which refuses it as not a run folder; the weights files in it are named.
+    A run folder whose only export is another name (`mixmae export RUN --best`'s classifier-best.safetensors, an
+    --out or --format official file beside it) was told it had none: those files are named too."""
+    suffixes = (".safetensors", *OFFICIAL_SUFFIXES)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
+    shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    held = f"; it holds {shown}: name one of them (a file of ours or an official MixMIM checkpoint)" if files else ""
+    if not (folder / "checkpoints").is_dir() and not (folder / "config.yaml").is_file():
+        way = held or "; name the weights file: an exported .safetensors or an official MixMIM .pth"
+        return (f"{folder.absolute()}: not a run folder (no checkpoints/ or config.yaml in it), and load_backbone "
+                f"reads a folder only as a run folder's export ({', '.join(EXPORTED_NAMES)}){way}")
+    return (f"{folder.absolute()}: a run folder without an export under the name load_backbone reads "
+            f"({', '.join(EXPORTED_NAMES)}){held}; or write one with `mixmae export {folder}` (encoder.safetensors "
+            "for a pretraining run, classifier.safetensors for a fine-tuning run, segmenter.safetensors for a "
+            "segmentation run)")
 
 
 def _checkpoint_folder_of(path: Path) -> Path | None:

@@ -237,6 +237,7 @@ def test_a_run_folder_gives_its_exported_encoder_and_says_how_to_export_one(smal
     backbone = SwinBackbone(small_shape)
     run = tmp_path / "run"
     run.mkdir()
+    (run / "config.yaml").write_text("model: {}\n")  # what every run writes when it starts
     with pytest.raises(WeightsError, match=r"mixmae export .*run"):
         load_backbone(run)
     arch = {"img_size": 128}  # load_backbone reads the shape off the weights, not the metadata
@@ -254,6 +255,7 @@ def test_a_fine_tuning_runs_export_gives_its_encoder_and_a_stale_export_is_said(
     backbone = SwinBackbone(small_shape)
     run = tmp_path / "finetune"
     run.mkdir()
+    (run / "config.yaml").write_text("finetune: {}\n")
     with pytest.raises(WeightsError, match="classifier.safetensors for a fine-tuning run"):
         load_backbone(run)
     weights = {**backbone.state_dict(), "encoder.norm.weight": torch.ones(128), "encoder.norm.bias": torch.zeros(128),
@@ -361,3 +363,34 @@ def test_a_step_folder_copied_out_of_its_run_names_no_run(tmp_path):
     said = str(refused.value)
     assert f"`mixmae export {step} --out FILE.safetensors`" in said and "of the run" not in said
     assert f"`mixmae export {tmp_path}`" not in said
+
+
+def test_a_pth_of_other_keys_is_refused_naming_the_file(tmp_path):
+    """A .pth that is not an official checkpoint (the fixture's reference outputs, another model's weights): the
+    key mapping's refusal reached the user without the file it was about, as finetune.init's and --init's name it."""
+    other = tmp_path / "reference_outputs.pt"
+    torch.save({"model": {"images": torch.zeros(2, 3), "loss": torch.tensor(1.0)}}, other)
+    with pytest.raises(WeightsError) as refused:
+        load_backbone(other)
+    assert str(other.absolute()) in str(refused.value) and "no place in our model" in str(refused.value)
+
+
+def test_a_folder_that_is_no_run_names_the_weights_in_it_not_an_export_that_would_fail(small_shape, tmp_path):
+    """A folder of downloaded checkpoints (the official fixtures' folder) was called "a run folder without an export"
+    and sent to `mixmae export FOLDER`, which refuses it as not a run folder; a run folder whose one export is
+    `mixmae export RUN --best`'s classifier-best.safetensors was told it had none. Both name the files to pass."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "mixmim_small.pth").write_bytes(b"")
+    (downloads / "notes.txt").write_text("")
+    with pytest.raises(WeightsError) as refused:
+        load_backbone(downloads)
+    said = str(refused.value)
+    assert "not a run folder" in said and "mixmim_small.pth" in said and "notes.txt" not in said
+    assert "mixmae export" not in said
+    run = tmp_path / "finetune"
+    (run / "checkpoints").mkdir(parents=True)
+    save_weights(run / "classifier-best.safetensors", SwinBackbone(small_shape).state_dict(), {}, "finetune")
+    with pytest.raises(WeightsError) as refused:
+        load_backbone(run)
+    assert "it holds classifier-best.safetensors: name one of them" in str(refused.value)

@@ -268,3 +268,23 @@ def test_an_official_layout_export_over_an_earlier_one_says_which_step_and_run_i
                                               "there")
     out.write_bytes(b"not weights")
     assert export.export_run(run, out, fmt="official")["replaced"] == "a file that is not a weights checkpoint"
+
+
+def test_eval_of_a_run_folder_says_which_checkpoint_it_scored(demo_shards, tmp_path, monkeypatch):
+    """`mixmae eval --init RUN` scores the run's newest checkpoint, not its best (`mixmae export RUN --best`), and its
+    line named only the folder: `top-1 12.00% ... (runs/ft)`, read as the run's result or its best. The line and
+    the JSON say the checkpoint and step, and where the best is when the run keeps one."""
+    from mixmae_scale.cli.job_commands import eval_line
+
+    run = finetuning_run(tmp_path, demo_shards, monkeypatch)
+    model = load_classifier(str(run), str(demo_shards), "val")
+    assert model.weights_checkpoint == run / "checkpoints" / "step00000010"
+    result = {"weights": str(run), "checkpoint": str(model.weights_checkpoint), "samples": 800, "top1": 12.0,
+              "top5": 50.0, "precision": "fp32"}
+    (run / "best" / "step00000008").mkdir(parents=True)
+    assert eval_line(result, "val", "shards", str(run)) == (
+        f"top-1 12.00%, top-5 50.00% (fp32) on the 800 images of split 'val' of shards ({run}: its newest checkpoint, "
+        f"step 10; its best: `mixmae export {run} --best`)")
+    file = {**result, "weights": "ft.safetensors", "checkpoint": None}
+    assert eval_line(file, "val", "shards", "ft.safetensors") == (
+        "top-1 12.00%, top-5 50.00% (fp32) on the 800 images of split 'val' of shards (ft.safetensors)")

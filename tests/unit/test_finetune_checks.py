@@ -235,3 +235,35 @@ def test_weights_of_the_profiles_own_mlp_ratio_are_not_refused_for_the_ratio_rea
         job.finetune(tiny_config("model.mlp_ratio=1.3"), [], tmp_path / "run",
                      pretrained=pretraining_weights(tuple(config.model.depths), tiny_config()))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_split_without_labels_is_refused_before_the_run_folder_is_made(tmp_path, monkeypatch,
+                                                                                   gloo_of_one):
+    """A validation split adopted unlabeled into a labeled set (`mixmae shards adopt --split val --unlabeled`) gave
+    every image label -1: the run trained to its end and reported top-1 0.00% at every evaluation, its best among
+    them. The manifest says the split has no labels: refused at the start, and eval refuses it too."""
+    import json
+
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import job
+    from mixmae_scale.finetune.evaluate import load_classifier
+
+    shards = tiny_set(tmp_path, {"cats": 4, "dogs": 4}, val_fraction=0.25)
+    manifest = json.loads((shards / "dataset.json").read_text())
+    manifest["splits"]["val"]["labeled"] = False
+    (shards / "dataset.json").write_text(json.dumps(manifest))
+    config = fine_tuning_on(shards, monkeypatch, world=1, global_batch=2)
+    said = (rf"^data.shards={shards}: split 'val' has no labels \(no .cls members, its manifest says\); fine-tuning "
+            "scores its top-1 against the labels")
+    with pytest.raises(DataError, match=said):
+        job.finetune(config, [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    classifier = tmp_path / "classifier.safetensors"
+    from mixmae_scale.models.classifier import SwinClassifier
+    from mixmae_scale.models.convert_official import save_weights
+
+    state = SwinClassifier(swin_shape(tiny_config().model), 2).state_dict()
+    save_weights(classifier, state, infer_architecture(state), "finetune")
+    with pytest.raises(DataError, match=rf"^--data {shards}: split 'val' has no labels .*`mixmae eval` scores"):
+        load_classifier(str(classifier), str(shards), "val")

@@ -160,3 +160,23 @@ def test_a_finetune_stopped_before_its_first_evaluation_says_so_not_nan_or_minus
 
     assert recorded_best({"top1": -1.0}, "top1") is None
     assert recorded_best({"top1": 0.0, "step": 5}, "top1") == {"top1": 0.0, "step": 5}
+
+
+def test_a_finetune_stopped_after_an_evaluation_says_it_is_unfinished_and_which_step_its_top1_is_of():
+    """A fine-tuning stopped by a signal after an evaluation ended `fine-tuned 500 steps: top-1 61.20% (best ...)`:
+    read as the finished run's result, and as the top-1 of step 500's weights, while it was step 486's and 310 steps
+    were left. The line says how far the run got, which step the top-1 is of, and that it goes on."""
+    from mixmae_scale.cli.job_commands import segment_message
+
+    stopped = {"steps": 500, "planned_steps": 810, "stopped_by_signal": True,
+               "last": {"top1": 61.2, "precision": "fp32", "step": 486}, "best": {"top1": 61.2, "step": 486}}
+    assert finetune_message(stopped) == ("fine-tuned 500 of 810 steps, stopped by a signal: top-1 61.20% in fp32 at "
+                                         "step 486 (best 61.20% at step 486; the same command continues it)")
+    capped = {**stopped, "steps": 486, "stopped_by_signal": False}
+    assert finetune_message(capped) == ("fine-tuned 486 of 810 steps, stopped: top-1 61.20% in fp32 (best 61.20% at "
+                                        "step 486; a rerun continues it)")
+    segmented = {**stopped, "last": {"miou": 20.0, "step": 486}, "best": {"miou": 20.0, "step": 486}}
+    assert segment_message(segmented) == ("segmentation fine-tuned 500 of 810 steps, stopped by a signal: mIoU 20.00% "
+                                          "at step 486 (best 20.00% at step 486; the same command continues it)")
+    finished = {**stopped, "steps": 810, "stopped_by_signal": False, "last": {**stopped["last"], "step": 810}}
+    assert finetune_message(finished) == "fine-tuned 810 steps: top-1 61.20% in fp32 (best 61.20% at step 486)"

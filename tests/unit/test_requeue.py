@@ -28,7 +28,7 @@ def _start_finding_the_run_complete(monkeypatch, run, total_steps: int, at_step:
     monkeypatch.setattr(loop, "agree_on_configuration", lambda *a: None)
     monkeypatch.setattr(run_folder, "agree_on_lock", lambda root: [])
     monkeypatch.setattr(run_folder, "agree_on_shared_folder", lambda root: None)
-    monkeypatch.setattr(run_folder, "agree_on_run_folder", lambda root, resume, overwrite: (None, []))
+    monkeypatch.setattr(run_folder, "agree_on_run_folder", lambda root, resume, overwrite, job=None: (None, []))
     monkeypatch.setattr(loop, "plan_resume", lambda *a, **k: types.SimpleNamespace(
         step=at_step, tag=f"step{at_step:08d}", finishes_by=lambda last: at_step >= last))
     config = types.SimpleNamespace(data=types.SimpleNamespace(shards="s", train_split="train", sources=[]),

@@ -155,3 +155,23 @@ def test_ranks_that_do_not_see_rank_0s_probe_are_refused_at_the_start_by_node(tm
                                            f"{tmp_path.absolute()}")
     assert "not shared by all nodes" in problem and "--run-dir" in problem
     assert run_folder.unseen_probe(tmp_path, views[:2]) is None
+
+
+def test_a_run_of_another_job_in_the_folder_is_refused_naming_it_not_its_batch_or_weights(tmp_path):
+    """`mixmae finetune --run-dir runs/tiny-demo` (the pretraining run's folder) was refused as "trained at a global
+    batch of 16, this run has 32: resume with --set batch.global_batch=16", and with that set, as "trained from other
+    weights (finetune.init unset -> ...): resume with the weights it started from": advice to resume a pretraining as
+    a fine-tuning (the model digest reads the encoder's shape alone, the same for both jobs). run.json says which job
+    the folder holds: another job is refused as that, with the ways out; the same job resumes as before."""
+    run = tags(tmp_path / "pre", "step00000020")
+    (run / "run.json").write_text(json.dumps({"job": "pretrain", "run": "pre"}))
+    with pytest.raises(ResumeError) as refused:
+        run_folder.prepare(run, "auto", overwrite=False, job="finetune")
+    said = str(refused.value)
+    assert said == (f"{run} holds a pretraining run (run.json: job pretrain, newest checkpoint step00000020), not a "
+                    "fine-tuning: a fine-tuning started there would go on from that run's checkpoints; start it in a "
+                    f"new --run-dir (run.name with `mixmae launch`), or add --overwrite to move the earlier run to "
+                    f"{tmp_path / 'pre.old-1'} first")
+    assert run_folder.prepare(run, "auto", overwrite=False, job="pretrain") is None
+    assert run_folder.prepare(run, "auto", overwrite=False) is None  # a caller that names no job checks none
+    assert "was moved to" in run_folder.prepare(run, "auto", overwrite=True, job="segment")

@@ -159,7 +159,7 @@ def test_start_run_takes_the_lock_before_the_run_folder_is_prepared(tmp_path, mo
     class Stop(Exception):
         pass
 
-    def prepare(root, resume, overwrite):
+    def prepare(root, resume, overwrite, job=None):
         order.append(("agree_on_run_folder", (root / run_lock.LOCK).exists()))
         raise Stop
 

@@ -311,19 +311,19 @@ def test_eval_and_visualize_print_one_line_and_json_on_request(capsys, monkeypat
     from mixmae_scale.finetune import evaluate
     from mixmae_scale.visualize import reconstruction
 
-    result = {"weights": "ft.safetensors", "split": "val", "batch": 40, "samples": 80, "top1": 41.25, "top5": 87.5,
+    result = {"weights": "ft.safetensors", "split": "val", "batch": 40, "samples": 800, "top1": 41.25, "top5": 87.5,
               "loss": 1.9, "precision": "fp32"}
     monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
     monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
     monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
-    assert capsys.readouterr().out == ("top-1 41.25%, top-5 87.50% (fp32) on the 80 images of split 'val' of "
+    assert capsys.readouterr().out == ("top-1 41.25%, top-5 87.50% (fp32) on the 800 images of split 'val' of "
                                        "shards (ft.safetensors)\n")
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == result
     result["top5"] = None  # a head of 5 classes or fewer: every label is in its top 5
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
-    assert capsys.readouterr().out.startswith("top-1 41.25%, top-5 n/a (fp32) on the 80 images")
+    assert capsys.readouterr().out.startswith("top-1 41.25%, top-5 n/a (fp32) on the 800 images")
     drawn = {"source": "run", "title": "...", "out": "grid.png", "pairs": 2, "size": [1, 2, 3]}
     monkeypatch.setattr(reconstruction, "visualize", lambda *args: drawn)
     assert main(["visualize", "run", "--data", "shards", "--images", "4", "--out", "grid.png"]) == 0
@@ -558,3 +558,65 @@ def test_probe_refuses_a_one_class_set_from_its_manifest_before_reading_an_image
     assert line == (f"mixmae: error: --data {shards}: split 'train' has 1 class (cats) in the set's manifest; a "
                     "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe on a "
                     "set of two classes or more")
+
+
+@pytest.mark.parametrize("unlabeled", ["train", "val"])
+def test_probe_refuses_a_split_without_labels_from_its_manifest_before_reading_an_image(weights, tmp_path, monkeypatch,
+                                                                                       capfd, unlabeled):
+    """`mixmae probe` of a set converted with --unlabeled encoded every image of both splits, then said "every one of
+    the probe's training images is of class -1"; an unlabeled validation split beside a labeled train split was
+    scored against labels of -1: top-1 0% whatever the encoder. The manifest says which splits are labeled."""
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.finetune import probe
+
+    shards = tiny_set(tmp_path, {"cats": 6, "dogs": 6}, val_fraction=0.34)
+    manifest = json.loads((shards / "dataset.json").read_text())
+    manifest["splits"][unlabeled]["labeled"] = False  # as `mixmae shards folder --unlabeled` writes a split
+    (shards / "dataset.json").write_text(json.dumps(manifest))
+    capfd.readouterr()  # the conversion's progress bars
+
+    def read_batches(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(probe, "read_batches", read_batches)
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(shards)]))
+    assert line == (f"mixmae: error: --data {shards}: split '{unlabeled}' has no labels (no .cls members, its "
+                    "manifest says); the probe fits and scores class labels: give it a labeled split (`mixmae shards "
+                    "folder` of class subfolders, `mixmae shards adopt` without --unlabeled)")
+
+
+def test_eval_of_a_split_of_few_images_says_how_wide_its_top1_is(capsys, monkeypatch):
+    """`mixmae eval` of a folder's tiny validation split (`--val-fraction` of a few images) printed `top-1 100.00% ...
+    on the 2 images`, a result with nothing said of it, where the fine-tuning's own last line and the probe say a
+    top-1 on fewer than 100 images is too few to read. It says so too, with the interval."""
+    import torch
+
+    from mixmae_scale.engine import distributed
+    from mixmae_scale.finetune import evaluate
+
+    result = {"weights": "ft.safetensors", "split": "val", "batch": 2, "samples": 2, "top1": 100.0, "top5": None,
+              "loss": 0.1, "precision": "fp32"}
+    monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
+    monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
+    monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+    assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
+    assert capsys.readouterr().out == ("top-1 100.00%, top-5 n/a (fp32) on the 2 images of split 'val' of shards "
+                                       "(ft.safetensors), too few to read: its 95% interval is about +-69 points\n")
+
+
+def test_a_dense_probe_of_fewer_mask_classes_than_the_manifests_is_refused_before_reading_an_image(
+        weights, demo_shards, monkeypatch, capfd):
+    """`mixmae probe --dense --mask-classes 5` on the demo's masks (11 classes, its manifest says) read and encoded the
+    whole training split, then stopped on the first label past 4. The manifest's count is known before: refused."""
+    from mixmae_scale.finetune import dense_probe
+
+    def load_masked_split(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(dense_probe, "load_masked_split", load_masked_split)
+    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
+                                       str(demo_shards), "--dense", "--mask-classes", "5"]))
+    assert line == (f"mixmae: error: --mask-classes 5: the masks of {demo_shards} label 11 classes (its manifest's "
+                    "mask_classes); pass at least 11, or leave it out to take the manifest's")
