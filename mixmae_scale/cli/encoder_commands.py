@@ -31,19 +31,20 @@ def _probe(args: argparse.Namespace) -> int:
         return _dense_probe(args)
 
     from mixmae_scale.data.manifest import load_manifest, load_split
-    from mixmae_scale.finetune.evaluate import require_folder
+    from mixmae_scale.finetune.evaluate import require_folder, require_labels
     from mixmae_scale.finetune.pretrained import load_encoder
     from mixmae_scale.finetune.probe import compare_with_random_init, linear_probe, refuse_one_class, require_memory
     from mixmae_scale.finetune.trained_classes import class_identities
 
     require_folder(args.data, "--data")
     state, arch = load_encoder(args.init, "--init")
-    train = load_split(args.data, "train")
-    refuse_one_class(args.data, train, class_identities(load_manifest(args.data).classes))  # before any image is read
+    train, val = load_split(args.data, "train"), load_split(args.data, "val")
+    for split in (train, val):  # before any image is read
+        require_labels(args.data, split, "--data ", "the probe fits and scores class labels")
+    refuse_one_class(args.data, train, class_identities(load_manifest(args.data).classes))
     num_classes = train.num_classes
-    require_memory(args.data, min(train.samples, args.max_samples or train.samples),
-                   load_split(args.data, "val").samples, arch, num_classes, 1 + args.baseline_seeds * args.baseline,
-                   args.batch)
+    require_memory(args.data, min(train.samples, args.max_samples or train.samples), val.samples, arch, num_classes,
+                   1 + args.baseline_seeds * args.baseline, args.batch)
     if not args.baseline:
         result = dataclasses.asdict(linear_probe(state, arch, args.data, num_classes, args.loader, args.batch,
                                                  args.threads, args.seed, args.max_samples))
@@ -80,6 +81,11 @@ def _mask_classes(args: argparse.Namespace) -> int:
     if not split.masks:
         raise DataError(f"--data {args.data}: its train split has no segmentation masks, which --dense reads; make "
                         "shards with masks (`mixmae shards demo`, `mixmae shards ade20k`)")
+    if args.mask_classes and split.mask_classes and args.mask_classes < split.mask_classes:
+        # Else found at the first label past them, once the whole training split was read and encoded.
+        raise DataError(f"--mask-classes {args.mask_classes}: the masks of {args.data} label {split.mask_classes} "
+                        f"classes (its manifest's mask_classes); pass at least {split.mask_classes}, or leave it out "
+                        "to take the manifest's")
     if args.mask_classes:
         return args.mask_classes
     if not split.mask_classes:
