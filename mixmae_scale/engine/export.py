@@ -47,15 +47,16 @@ def find_checkpoint(source: str | Path, tag: str | None = None, best: bool = Fal
     if best or tag == BEST:
         folder, tag = path / BEST, None
         if not complete_tags(folder):
-            raise FileNotFoundError(f"{folder.absolute()}: no complete best checkpoint; only fine-tuning runs keep "
-                                    "one (`mixmae finetune`, written at each evaluation that improves top-1)")
+            raise FileNotFoundError(f"{folder.absolute()}: no complete best checkpoint; fine-tuning and "
+                                    "segmentation runs keep one (`mixmae finetune`, `mixmae segment`: written at each "
+                                    "evaluation that improves top-1 or mIoU), a pretraining run none")
     elif (path / "checkpoints").is_dir():
         folder = path / "checkpoints"
     elif complete_tags(path):  # RUN/checkpoints or RUN/best named directly
         folder = path
     else:
         raise FileNotFoundError(f"{option} {source}: not a run folder: {(path / 'checkpoints').absolute()} does not "
-                                "exist (a run folder is what `mixmae pretrain` or `mixmae finetune` writes)")
+                                "exist (a run folder is what `mixmae pretrain`, `finetune` or `segment` writes)")
     tags = complete_tags(folder)
     if not tags:
         raise FileNotFoundError(f"{folder.absolute()}: no complete checkpoint (a step folder with {MARKER}); the run "

@@ -121,7 +121,8 @@ def test_probe_visualize_and_export_mistakes_are_one_line(weights, demo_shards, 
     assert "no decoder weights; name the run folder, or export with `mixmae export RUN --with-decoder`" in line
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     line = one_error_line(capfd, main(["export", str(tmp_path / "run"), "--best", "--out", str(tmp_path / "x")]))
-    assert f"{tmp_path / 'run' / 'best'}: no complete best checkpoint; only fine-tuning runs keep one" in line
+    best = tmp_path / "run" / "best"
+    assert f"{best}: no complete best checkpoint; fine-tuning and segmentation runs keep one" in line
 
 
 def test_a_probe_whose_splits_would_not_fit_in_memory_is_refused_before_decoding(weights, demo_shards, capfd,
