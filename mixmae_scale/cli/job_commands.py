@@ -122,29 +122,39 @@ def unfinished(summary: dict, last: dict) -> tuple[str, str, str]:
     """How far a run that evaluated got, which step its last evaluation is of, and what goes on from it. A run stopped
     by a signal after an evaluation ended `fine-tuned 500 steps: top-1 61.20%`, read as the finished run's result and
     as step 500's while it was step 486's: ("500 of 810 steps, stopped by a signal", " at step 486", "; the same
-    command continues it"); a finished run gives ("810 steps", "", ""). A --max-steps launch evaluates at its last
-    step and plans no more (`planned_steps` is its --max-steps), so it reads as finished."""
-    steps, planned = summary["steps"], summary.get("planned_steps")
+    command continues it"); a finished run gives ("810 steps", "", "")."""
     step = last.get("step")
-    at = f" at step {step}" if step is not None and step != steps else ""
-    if not planned or steps >= planned:
-        return plural(steps, "step"), at, ""
-    why, again = (("stopped by a signal", "the same command continues it") if summary.get("stopped_by_signal")
-                  else ("stopped", "a rerun continues it"))
-    return f"{steps} of {plural(planned, 'step')}, {why}", at, f"; {again}"
+    at = f" at step {step}" if step is not None and step != summary["steps"] else ""
+    count, why, again = progress(summary)
+    return count + why, at, f"; {again}" if again else ""
+
+
+def progress(summary: dict) -> tuple[str, str, str]:
+    """(steps done of how many, why it ended there, what continues it), the last two empty for a finished run. A
+    --max-steps launch plans no more than its --max-steps (`planned_steps`), and ended `fine-tuned 2 steps: top-1
+    ...` as if the run were done while 322 of the schedule's steps were left: the schedule's count
+    (`schedule_steps`) says so."""
+    steps, planned, schedule = summary["steps"], summary.get("planned_steps"), summary.get("schedule_steps")
+    if planned and steps < planned:
+        if summary.get("stopped_by_signal"):
+            return f"{steps} of {plural(planned, 'step')}", ", stopped by a signal", "the same command continues it"
+        return f"{steps} of {plural(planned, 'step')}", ", stopped", "a rerun continues it"
+    if planned and schedule and steps < schedule:
+        return (f"{steps} of {plural(schedule, 'step')}", f" (--max-steps {planned})",
+                "the same command with a larger --max-steps, or none, continues it")
+    return plural(steps, "step"), "", ""
 
 
 def not_evaluated_message(done: str, summary: dict, metric: str, name: str) -> str:
     """The last line of a fine-tuning or segmentation run that stopped (a signal, `--max-steps`) before evaluating
     in this launch: it read `top-1 nan% (best -1.00% at step -)`. The best of an earlier launch is said if any."""
-    steps, planned = summary["steps"], summary.get("planned_steps")
-    count = f"{steps} of {plural(planned, 'step')}" if planned and planned != steps else plural(steps, "step")
-    why, again = (("stopped by a signal", "the same command continues it") if summary.get("stopped_by_signal")
-                  else ("stopped", "a rerun continues it"))
+    count, why, again = progress(summary)
+    if not why:  # at its planned end unevaluated: a summary that names no schedule (written before schedule_steps)
+        why, again = ", stopped", "a rerun continues it"
     best = summary.get("best")
     if best is None or best.get(metric, -1.0) < 0:  # -1: the job's "no evaluation yet"
-        return f"{done} {count}, {why} before its first evaluation: no {name} yet ({again})"
-    return (f"{done} {count}, {why} before its next evaluation (best {best[metric]:.2f}% at step "
+        return f"{done} {count}{why} before its first evaluation: no {name} yet ({again})"
+    return (f"{done} {count}{why} before its next evaluation (best {best[metric]:.2f}% at step "
             f"{best.get('step', '-')}; {again})")
 
 

@@ -453,7 +453,8 @@ class TrainingLoop:
         steady = self.rates[1:] or self.rates
         images_per_s = sum(steady) / len(steady) if steady else None
         summary = {"steps": self.step, "optimizer_steps": int(self.engine.global_steps),
-                   "planned_steps": self.ctx.last_step, "stopped_by_signal": self.stopped_by_signal,
+                   "planned_steps": self.ctx.last_step, "schedule_steps": derived.total_steps,
+                   "stopped_by_signal": self.stopped_by_signal,
                    "images_seen": self.step * derived.global_batch, **self.guard.summary(),
                    "skipped_samples_after_nonfinite": self.skipped_samples,
                    "images_per_s": images_per_s, "peak_mem_mib_per_rank": peak,

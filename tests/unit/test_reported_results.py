@@ -180,3 +180,22 @@ def test_a_finetune_stopped_after_an_evaluation_says_it_is_unfinished_and_which_
                                           "at step 486 (best 20.00% at step 486; the same command continues it)")
     finished = {**stopped, "steps": 810, "stopped_by_signal": False, "last": {**stopped["last"], "step": 810}}
     assert finetune_message(finished) == "fine-tuned 810 steps: top-1 61.20% in fp32 (best 61.20% at step 486)"
+
+
+def test_a_max_steps_launch_says_how_much_of_the_schedule_is_left():
+    """A --max-steps launch ended `fine-tuned 2 steps: top-1 50.00% (best 50.00% at step 2)`, read as the finished
+    run's result while 322 of the schedule's 324 steps were left (`planned_steps` is the launch's --max-steps)."""
+    from mixmae_scale.cli.job_commands import segment_message
+
+    capped = {"steps": 2, "planned_steps": 2, "schedule_steps": 324, "stopped_by_signal": False,
+              "last": {"top1": 50.0, "step": 2}, "best": {"top1": 50.0, "step": 2}}
+    assert finetune_message(capped) == ("fine-tuned 2 of 324 steps (--max-steps 2): top-1 50.00% (best 50.00% at "
+                                        "step 2; the same command with a larger --max-steps, or none, continues it)")
+    segmented = {**capped, "last": {"miou": 9.0, "step": 2}, "best": {"miou": 9.0, "step": 2}}
+    assert segment_message(segmented).startswith("segmentation fine-tuned 2 of 324 steps (--max-steps 2): mIoU 9.00%")
+    unevaluated = {**capped, "last": None, "best": None}
+    assert finetune_message(unevaluated) == (
+        "fine-tuned 2 of 324 steps (--max-steps 2) before its first evaluation: no top-1 yet (the same command with a "
+        "larger --max-steps, or none, continues it)")
+    done = {**capped, "steps": 324, "planned_steps": 324, "last": {"top1": 50.0, "step": 324}}
+    assert finetune_message(done) == "fine-tuned 324 steps: top-1 50.00% (best 50.00% at step 2)"
