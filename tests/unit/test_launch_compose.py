@@ -92,6 +92,24 @@ def test_hostfile_slots_must_agree_with_gpus_per_node(tmp_path, monkeypatch):
     assert "mixmae_scale.cli" in deepspeed_would_start(plan.command[1:], monkeypatch)
 
 
+@pytest.mark.parametrize("text, said", [
+    ("worker-0 gpu slots=8\nworker-1 slots=8\n", "line 'worker-0 gpu slots=8' is not 'HOST slots=N'"),
+    ("worker-0 slots=8\nworker-0 slots=8\n", "lists worker-0 twice"),
+])
+def test_a_hostfile_deepspeed_would_refuse_is_refused_in_one_line(tmp_path, text, said):
+    """The hostfile is read by DeepSpeed's rule (runner._parse_hostfile: 'HOST slots=N' at the start of a line, each
+    host once): a line with a word before slots= passed here and then stopped the launch with DeepSpeed's
+    ValueError traceback; a host listed twice was counted once and reported as "lists 1 node"."""
+    cluster = _cluster(tmp_path, launcher="pdsh")
+    Path(tmp_path / "hostfile").write_text("# nodes\n\n" + text)
+    for check in (True, False):  # a dry run cannot compose a command from an unreadable hostfile either
+        with pytest.raises(ConfigError, match=f"cluster.hostfile {tmp_path / 'hostfile'}: .*{said}"):
+            compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], check_files=check)
+    Path(tmp_path / "hostfile").write_text("# nodes\n  # indented comment\n\nworker-0 slots=8 # gpu\n"
+                                           "worker-1\tslots=8\n")
+    compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])  # what DeepSpeed reads, read alike
+
+
 def test_bad_cluster_settings_are_refused(tmp_path):
     cluster = _cluster(tmp_path, include="worker-0", exclude="worker-1")
     with pytest.raises(ConfigError, match="mutually exclusive"):
