@@ -301,3 +301,21 @@ def test_the_docs_say_which_script_gives_deepspeeds_runner_a_hostfile():
     text = " ".join((ROOT / "docs" / "training.md").read_text().split())
     both = [sentence for sentence in re.split(r"(?<=\.) ", text) if sentence.startswith("Both scripts")]
     assert both and not any("hostfile" in sentence for sentence in both), both
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_jobs_submitted_with_the_example_cluster_file_get_different_ports(script, slurm):
+    """`mixmae templates DIR` ends "next: edit DIR/cluster.example.yaml ..., then CLUSTER=... sbatch": the example
+    set cluster.master_port: 29500, which the scripts take over the job-id port, so every job submitted from it
+    rendezvoused on 29500 and a second job on a shared node failed (EADDRINUSE). The example leaves the port to the
+    scripts' per-job default; a fixed one is still taken where a cluster file sets it (the test above)."""
+    env, records, _ = slurm
+    ports = []
+    for job_id in ("4242", "4243"):
+        result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_JOB_ID": job_id,
+                                 "CLUSTER": str(ROOT / "launch" / "cluster.example.yaml")})
+        assert result.returncode == 0, result.stderr
+        args = recorded(records, "python")
+        ports.append(args[args.index("--master_port") + 1] if script == "pretrain.sbatch" else
+                     recorded_env(records, "python")["MASTER_PORT"])
+    assert ports == ["14242", "14243"]
