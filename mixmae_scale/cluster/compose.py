@@ -180,7 +180,8 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                 if len(pool) < c.num_nodes or mpi and len(pool) != c.num_nodes:
                     problem = (f"cluster.hostfile {hostfile.absolute()} lists {plural(len(pool), 'node')}, "
                                f"cluster.num_nodes is {c.num_nodes}")
-                    fix = "add the nodes or lower cluster.num_nodes" + (
+                    fix = ("add the nodes or lower cluster.num_nodes" if len(pool) < c.num_nodes else
+                           "remove the extra nodes from the hostfile or raise cluster.num_nodes") + (
                         f" (cluster.launcher={c.launcher} starts a rank on every slot listed)" if mpi else "")
                 else:
                     wrong = [(host, n) for host, n in list(pool.items())[:c.num_nodes] if n != c.gpus_per_node]

@@ -110,6 +110,19 @@ def test_a_hostfile_deepspeed_would_refuse_is_refused_in_one_line(tmp_path, text
     compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])  # what DeepSpeed reads, read alike
 
 
+def test_an_mpi_hostfile_with_more_nodes_than_the_run_says_which_way_to_fix_it(tmp_path):
+    """openmpi/mvapich start a rank on every slot of the hostfile, so it must list exactly num_nodes hosts. A
+    hostfile with one host too many was told to "add the nodes or lower cluster.num_nodes": both make it worse."""
+    cluster = _cluster(tmp_path, launcher="openmpi")
+    Path(tmp_path / "hostfile").write_text("worker-0 slots=8\nworker-1 slots=8\nworker-2 slots=8\n")
+    with pytest.raises(ConfigError, match=r"lists 3 nodes, cluster.num_nodes is 2; remove the extra nodes from "
+                                          r"the hostfile or raise cluster.num_nodes \(cluster.launcher=openmpi"):
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])
+    Path(tmp_path / "hostfile").write_text("worker-0 slots=8\n")
+    with pytest.raises(ConfigError, match=r"lists 1 node, cluster.num_nodes is 2; add the nodes or lower"):
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])
+
+
 def test_bad_cluster_settings_are_refused(tmp_path):
     cluster = _cluster(tmp_path, include="worker-0", exclude="worker-1")
     with pytest.raises(ConfigError, match="mutually exclusive"):
