@@ -395,3 +395,23 @@ def test_a_launch_reading_s3_refuses_a_store_timeout_every_rank_would_refuse(mon
     mixed = load_resolved("swin_b", None, ["data.sources=[{shards: s3://bucket/set}]"]).config  # data.shards local
     with pytest.raises(storage.StorageError, match=r"^MIXMAE_S3_READ_TIMEOUT='abc'"):
         train_samples_for(mixed)
+
+
+@pytest.mark.parametrize("line, said", [
+    ("NCCL_P2P_LEVEL:", "cluster.env.NCCL_P2P_LEVEL has no value"),
+    ("TORCH_NCCL_BLOCKING_WAIT: yes", "cluster.env.TORCH_NCCL_BLOCKING_WAIT: yes/true/on reads as a YAML boolean"),
+    ("NCCL_IB_DISABLE: off", "cluster.env.NCCL_IB_DISABLE: no/false/off reads as a YAML boolean"),
+])
+def test_a_cluster_env_value_yaml_does_not_keep_as_text_is_refused(tmp_path, line, said):
+    """cluster.env values go to every rank as text: a blank value was exported as 'None' and yes/on as 'True' (YAML
+    reads them as null and booleans), in the sbatch scripts' exports and in `mixmae launch`'s environment alike."""
+    from mixmae_scale.cluster.shell_env import export_lines
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"cluster:\n  num_nodes: 1\n  env:\n    NCCL_DEBUG: WARN\n    {line}\n")
+    with pytest.raises(ConfigError, match=f"{cluster}: {said}"):
+        export_lines(str(cluster))
+    with pytest.raises(ConfigError, match=said):
+        compose(load_resolved("swin_b", str(cluster)), "swin_b", str(cluster), [])
+    cluster.write_text("cluster:\n  num_nodes: 1\n  env:\n    A: 'yes'\n    B: ''\n    C: 1\n")
+    assert export_lines(str(cluster)) == ["export A=yes", "export B=''", "export C=1"]
