@@ -78,7 +78,13 @@ def read_job(argv: list[str]) -> tuple[Path, str | None]:
 
 
 def main(argv: list[str]) -> int:
-    run_dir, restarts = read_job(argv)
+    from mixmae_scale.config import ConfigError
+
+    try:
+        run_dir, restarts = read_job(argv)
+    except ConfigError as exc:  # a requeue would be refused the same way on every rank
+        print(f"mixmae: not requeueing: {' '.join(str(exc).split())}")
+        return 1
     requeue, why = decide(run_dir, os.environ)
     if requeue and restarts:
         requeue, why = False, (f"{why.split(' (requeue')[0]}, but the job's arguments hold {restarts}, which a "

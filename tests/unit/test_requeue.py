@@ -102,3 +102,14 @@ def test_a_job_whose_arguments_start_the_run_again_is_not_requeued(tmp_path, cap
     out = capsys.readouterr().out
     assert out.startswith("mixmae: not requeueing: stopped by a signal at step 40 of 100, but ") and said in out
     assert "submit the job again without it to resume" in out
+
+
+def test_arguments_that_no_longer_load_end_the_cycle_in_one_line(tmp_path, capsys):
+    """The decision reads the pretrain arguments' configuration after the step (a cluster file edited or removed
+    meanwhile): a ConfigError ended it in a traceback in the job's log; it is one line, and no requeue."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run), "--cluster", str(tmp_path / "gone.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("mixmae: not requeueing: cluster file ") and out.count("\n") == 1
