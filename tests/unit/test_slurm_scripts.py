@@ -319,3 +319,21 @@ def test_two_jobs_submitted_with_the_example_cluster_file_get_different_ports(sc
         ports.append(args[args.index("--master_port") + 1] if script == "pretrain.sbatch" else
                      recorded_env(records, "python")["MASTER_PORT"])
     assert ports == ["14242", "14243"]
+
+
+def test_one_launcher_per_node_whatever_tasks_per_node_the_job_was_submitted_with(slurm):
+    """pretrain.sbatch's step starts DeepSpeed's runner once per node; srun without its own task count takes the
+    job's (SLURM_NTASKS_PER_NODE), so `sbatch --ntasks-per-node=8 pretrain.sbatch` (the srun layout's setting)
+    started 8 runners per node, each placing 8 ranks with the same node rank and port. The step asks for one task
+    per node itself; here srun's count is read as Slurm reads it: its own option, else the job's variable."""
+    env, records, _ = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_NTASKS": "16",
+           "SLURM_TASKS_PER_NODE": "8(x2)"}
+    result = submit("pretrain.sbatch", env)
+    assert result.returncode == 0, result.stderr
+    options = recorded(records, "srun")
+    options = options[:options.index("bash")]
+    per_node = [o.split("=", 1)[1] for o in options if o.startswith("--ntasks-per-node=")]
+    total = [o.split("=", 1)[1] for o in options if o.startswith("--ntasks=")]
+    assert (per_node or [env["SLURM_NTASKS_PER_NODE"]])[-1] == "1"
+    assert (total or [env["SLURM_NTASKS"]])[-1] == "2"
