@@ -11,6 +11,7 @@ that reads s3:// gets the shell's AWS settings there too, though not its keys (b
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -55,17 +56,27 @@ class LaunchPlan:
         return shlex.join(self.command)
 
 
+# DeepSpeed 0.19.8's runner._parse_hostfile: a line that is not a comment or blank must start 'HOST slots=N'.
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
+
+
 def hostfile_slots(path: Path) -> dict[str, int]:
-    """Hosts and their `slots=` as DeepSpeed's runner reads them (it refuses a line without slots)."""
+    """Hosts and their `slots=` by DeepSpeed's own rule (HOSTFILE_LINE, each host once), so that a hostfile passed
+    here is one its runner reads: it raises a bare ValueError (a traceback) for a line like 'worker-0 gpu slots=8'
+    or a host listed twice, and the dict a looser reading made of the latter counted one node fewer."""
     slots: dict[str, int] = {}
     for line in path.read_text().splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
-        found = [w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")]
-        if not found or not found[0].isdigit():
-            raise ConfigError(f"cluster.hostfile {path}: line '{line.strip()}' has no slots=N (DeepSpeed needs one)")
-        slots[words[0]] = int(found[0])
+        match = HOSTFILE_LINE.search(line)
+        if not match:
+            raise ConfigError(f"cluster.hostfile {path}: line '{line}' is not 'HOST slots=N' (DeepSpeed's runner "
+                              "refuses it; see launch/hostfile.example)")
+        if match.group(1) in slots:
+            raise ConfigError(f"cluster.hostfile {path}: lists {match.group(1)} twice (DeepSpeed's runner refuses "
+                              "it); one line per node")
+        slots[match.group(1)] = int(match.group(2))
     return slots
 
 
@@ -169,7 +180,8 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                 if len(pool) < c.num_nodes or mpi and len(pool) != c.num_nodes:
                     problem = (f"cluster.hostfile {hostfile.absolute()} lists {plural(len(pool), 'node')}, "
                                f"cluster.num_nodes is {c.num_nodes}")
-                    fix = "add the nodes or lower cluster.num_nodes" + (
+                    fix = ("add the nodes or lower cluster.num_nodes" if len(pool) < c.num_nodes else
+                           "remove the extra nodes from the hostfile or raise cluster.num_nodes") + (
                         f" (cluster.launcher={c.launcher} starts a rank on every slot listed)" if mpi else "")
                 else:
                     wrong = [(host, n) for host, n in list(pool.items())[:c.num_nodes] if n != c.gpus_per_node]

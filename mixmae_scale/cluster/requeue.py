@@ -9,7 +9,8 @@ shortened after the stop, or a lower --max-steps) adds `complete_under_plan` to 
 (engine/run_folder.py `note_complete`), so that the job does not requeue itself for it again.
 
 Exit 0 (and one line saying why) means "requeue", 1 "do not": the run finished, ended at --max-steps, was found
-complete by a later start, left no summary, or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
+complete by a later start, or left no summary; the job's arguments would start it anew (--overwrite,
+checkpoint.resume=none), or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
 Slurm's SLURM_RESTART_COUNT caps it, and a file `NO_REQUEUE` in the run folder ends it for a job already in the
 queue. A plain `scancel` ends the batch script before it gets here.
 """
@@ -60,20 +61,35 @@ def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
     return True, f"stopped by a signal at step {steps} of {planned} (requeue {int(restarts_text) + 1} of {limit_text})"
 
 
-def run_dir_for(argv: list[str]) -> Path:
-    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name)."""
+def read_job(argv: list[str]) -> tuple[Path, str | None]:
+    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name), and the argument
+    that makes every start of it a new run, if one does: a requeue runs the batch script with the same arguments,
+    so --overwrite would move the stopped run aside and begin at step 0 again (every requeue, up to the cap), and
+    checkpoint.resume=none over its checkpoints is refused on every rank."""
     from mixmae_scale.cli import build_parser
     from mixmae_scale.config import load_config
 
     args = build_parser().parse_args(["pretrain", *argv])
-    if args.run_dir:
-        return Path(args.run_dir)
     config, _ = load_config(args.profile, args.cluster, list(args.overrides))
-    return Path(config.run.output_dir) / config.run.name
+    run_dir = Path(args.run_dir) if args.run_dir else Path(config.run.output_dir) / config.run.name
+    restarts = "--overwrite" if args.overwrite else (
+        "checkpoint.resume=none" if config.checkpoint.resume == "none" else None)
+    return run_dir, restarts
 
 
 def main(argv: list[str]) -> int:
-    requeue, why = decide(run_dir_for(argv), os.environ)
+    from mixmae_scale.config import ConfigError
+
+    try:
+        run_dir, restarts = read_job(argv)
+    except ConfigError as exc:  # a requeue would be refused the same way on every rank
+        print(f"mixmae: not requeueing: {' '.join(str(exc).split())}")
+        return 1
+    requeue, why = decide(run_dir, os.environ)
+    if requeue and restarts:
+        requeue, why = False, (f"{why.split(' (requeue')[0]}, but the job's arguments hold {restarts}, which a "
+                               "requeue would run again and start the run anew instead of resuming it; submit the "
+                               f"job again without it to resume")
     print(f"mixmae: {'requeueing' if requeue else 'not requeueing'}: {why}")
     return 0 if requeue else 1
 

@@ -22,11 +22,22 @@ PORT_VARIABLE = "MIXMAE_CLUSTER_MASTER_PORT"  # a shell variable the scripts rea
 
 
 def env_problems(env: dict[str, object], where: str) -> None:
-    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry."""
-    for key in env:
+    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, and a value YAML did not keep as
+    the text written: every rank gets str(value), so a blank (null) became 'None' and yes/on (booleans) 'True'."""
+    for key, value in env.items():
         if not NAME.fullmatch(str(key)):
             raise ConfigError(f"{where}: cluster.env key '{key}' is not an environment variable name "
                               "(letters, digits, _; not starting with a digit)")
+        if value is None:
+            raise ConfigError(f"{where}: cluster.env.{key} has no value (YAML reads a blank as null, which every "
+                              f"rank would get as 'None'); write {key}: '' for an empty value, or remove it")
+        if isinstance(value, bool):
+            words = "yes/true/on" if value else "no/false/off"
+            raise ConfigError(f"{where}: cluster.env.{key}: {words} reads as a YAML boolean, which every rank "
+                              f"would get as '{value}'; quote the text the variable wants ({key}: '1')")
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{where}: cluster.env.{key} is a {type(value).__name__}, not one value; an "
+                              "environment variable holds text")
 
 
 def export_lines(cluster_file: str) -> list[str]:

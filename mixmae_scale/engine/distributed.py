@@ -32,7 +32,13 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     if not cuda:
         skip_shm_allreduce_op()
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        except dist.DistNetworkError as exc:
+            taken = port_taken(exc)
+            if taken is None:
+                raise
+            raise taken from None
     # DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every rank of
     # a CPU job that loads that extension; anything else it says still gets out.
     print("".join(line for line in said.getvalue().splitlines(keepends=True) if "built successfully" not in line),
@@ -43,6 +49,20 @@ def init(local_rank: int) -> tuple[int, int, torch.device]:
     else:
         torch.set_flush_denormal(True)  # denormals slow CPU GELU/softmax several-fold
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def port_taken(exc: Exception) -> Exception | None:
+    """A rendezvous that cannot listen because its port is held (EADDRINUSE: another job or run on this node uses
+    the same MASTER_PORT) as a one-line ConfigError, or None for any other network error. torch's DistNetworkError
+    would otherwise be reported as a peer's failure (cli/failure_report.py is_peer_failure), though none failed."""
+    if "EADDRINUSE" not in str(exc):
+        return None
+    from mixmae_scale.config import ConfigError
+
+    port, host = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
+    return ConfigError(f"the rendezvous port {port} (MASTER_PORT) is in use on {host}: another job or run on this "
+                       "node holds it; give this run a free port: --set cluster.master_port=N with `mixmae launch` "
+                       "(or in the cluster file), MASTER_PORT=N in the environment of sbatch launch/slurm/*.sbatch")
 
 
 def driver_cuda_version() -> tuple[int, int] | None:

@@ -92,6 +92,37 @@ def test_hostfile_slots_must_agree_with_gpus_per_node(tmp_path, monkeypatch):
     assert "mixmae_scale.cli" in deepspeed_would_start(plan.command[1:], monkeypatch)
 
 
+@pytest.mark.parametrize("text, said", [
+    ("worker-0 gpu slots=8\nworker-1 slots=8\n", "line 'worker-0 gpu slots=8' is not 'HOST slots=N'"),
+    ("worker-0 slots=8\nworker-0 slots=8\n", "lists worker-0 twice"),
+])
+def test_a_hostfile_deepspeed_would_refuse_is_refused_in_one_line(tmp_path, text, said):
+    """The hostfile is read by DeepSpeed's rule (runner._parse_hostfile: 'HOST slots=N' at the start of a line, each
+    host once): a line with a word before slots= passed here and then stopped the launch with DeepSpeed's
+    ValueError traceback; a host listed twice was counted once and reported as "lists 1 node"."""
+    cluster = _cluster(tmp_path, launcher="pdsh")
+    Path(tmp_path / "hostfile").write_text("# nodes\n\n" + text)
+    for check in (True, False):  # a dry run cannot compose a command from an unreadable hostfile either
+        with pytest.raises(ConfigError, match=f"cluster.hostfile {tmp_path / 'hostfile'}: .*{said}"):
+            compose(load_resolved("swin_b", cluster), "swin_b", cluster, [], check_files=check)
+    Path(tmp_path / "hostfile").write_text("# nodes\n  # indented comment\n\nworker-0 slots=8 # gpu\n"
+                                           "worker-1\tslots=8\n")
+    compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])  # what DeepSpeed reads, read alike
+
+
+def test_an_mpi_hostfile_with_more_nodes_than_the_run_says_which_way_to_fix_it(tmp_path):
+    """openmpi/mvapich start a rank on every slot of the hostfile, so it must list exactly num_nodes hosts. A
+    hostfile with one host too many was told to "add the nodes or lower cluster.num_nodes": both make it worse."""
+    cluster = _cluster(tmp_path, launcher="openmpi")
+    Path(tmp_path / "hostfile").write_text("worker-0 slots=8\nworker-1 slots=8\nworker-2 slots=8\n")
+    with pytest.raises(ConfigError, match=r"lists 3 nodes, cluster.num_nodes is 2; remove the extra nodes from "
+                                          r"the hostfile or raise cluster.num_nodes \(cluster.launcher=openmpi"):
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])
+    Path(tmp_path / "hostfile").write_text("worker-0 slots=8\n")
+    with pytest.raises(ConfigError, match=r"lists 1 node, cluster.num_nodes is 2; add the nodes or lower"):
+        compose(load_resolved("swin_b", cluster), "swin_b", cluster, [])
+
+
 def test_bad_cluster_settings_are_refused(tmp_path):
     cluster = _cluster(tmp_path, include="worker-0", exclude="worker-1")
     with pytest.raises(ConfigError, match="mutually exclusive"):
@@ -364,3 +395,23 @@ def test_a_launch_reading_s3_refuses_a_store_timeout_every_rank_would_refuse(mon
     mixed = load_resolved("swin_b", None, ["data.sources=[{shards: s3://bucket/set}]"]).config  # data.shards local
     with pytest.raises(storage.StorageError, match=r"^MIXMAE_S3_READ_TIMEOUT='abc'"):
         train_samples_for(mixed)
+
+
+@pytest.mark.parametrize("line, said", [
+    ("NCCL_P2P_LEVEL:", "cluster.env.NCCL_P2P_LEVEL has no value"),
+    ("TORCH_NCCL_BLOCKING_WAIT: yes", "cluster.env.TORCH_NCCL_BLOCKING_WAIT: yes/true/on reads as a YAML boolean"),
+    ("NCCL_IB_DISABLE: off", "cluster.env.NCCL_IB_DISABLE: no/false/off reads as a YAML boolean"),
+])
+def test_a_cluster_env_value_yaml_does_not_keep_as_text_is_refused(tmp_path, line, said):
+    """cluster.env values go to every rank as text: a blank value was exported as 'None' and yes/on as 'True' (YAML
+    reads them as null and booleans), in the sbatch scripts' exports and in `mixmae launch`'s environment alike."""
+    from mixmae_scale.cluster.shell_env import export_lines
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"cluster:\n  num_nodes: 1\n  env:\n    NCCL_DEBUG: WARN\n    {line}\n")
+    with pytest.raises(ConfigError, match=f"{cluster}: {said}"):
+        export_lines(str(cluster))
+    with pytest.raises(ConfigError, match=said):
+        compose(load_resolved("swin_b", str(cluster)), "swin_b", str(cluster), [])
+    cluster.write_text("cluster:\n  num_nodes: 1\n  env:\n    A: 'yes'\n    B: ''\n    C: 1\n")
+    assert export_lines(str(cluster)) == ["export A=yes", "export B=''", "export C=1"]

@@ -82,3 +82,34 @@ def test_a_checkpoint_past_a_shortened_schedule_is_not_called_complete_without_t
         monkeypatch, run, total_steps=total, at_step=15, max_steps=max_steps,
         said=rf"nothing to do: the newest checkpoint, step 15 \(.*step00000015\), is past this launch's last step "
              rf"{max_steps or 9} \({why}\); a longer schedule or a higher --max-steps continues it")
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--overwrite"], "--overwrite"),
+    (["--set", "checkpoint.resume=none"], "checkpoint.resume=none"),
+])
+def test_a_job_whose_arguments_start_the_run_again_is_not_requeued(tmp_path, capsys, extra, said):
+    """A requeued job runs its batch script with the same arguments. `sbatch pretrain.sbatch --overwrite` (to
+    replace an old run) stopped by the time-limit warning was requeued, and the requeue's --overwrite moved the
+    stopped run aside and began at step 0 again, every time, up to MIXMAE_MAX_REQUEUES; checkpoint.resume=none over
+    the run's checkpoints is refused on every rank. Neither is requeued: the line says why and how to resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run), *extra]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("mixmae: not requeueing: stopped by a signal at step 40 of 100, but ") and said in out
+    assert "submit the job again without it to resume" in out
+
+
+def test_arguments_that_no_longer_load_end_the_cycle_in_one_line(tmp_path, capsys):
+    """The decision reads the pretrain arguments' configuration after the step (a cluster file edited or removed
+    meanwhile): a ConfigError ended it in a traceback in the job's log; it is one line, and no requeue."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run), "--cluster", str(tmp_path / "gone.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("mixmae: not requeueing: cluster file ") and out.count("\n") == 1

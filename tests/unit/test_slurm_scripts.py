@@ -301,3 +301,39 @@ def test_the_docs_say_which_script_gives_deepspeeds_runner_a_hostfile():
     text = " ".join((ROOT / "docs" / "training.md").read_text().split())
     both = [sentence for sentence in re.split(r"(?<=\.) ", text) if sentence.startswith("Both scripts")]
     assert both and not any("hostfile" in sentence for sentence in both), both
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_jobs_submitted_with_the_example_cluster_file_get_different_ports(script, slurm):
+    """`mixmae templates DIR` ends "next: edit DIR/cluster.example.yaml ..., then CLUSTER=... sbatch": the example
+    set cluster.master_port: 29500, which the scripts take over the job-id port, so every job submitted from it
+    rendezvoused on 29500 and a second job on a shared node failed (EADDRINUSE). The example leaves the port to the
+    scripts' per-job default; a fixed one is still taken where a cluster file sets it (the test above)."""
+    env, records, _ = slurm
+    ports = []
+    for job_id in ("4242", "4243"):
+        result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_JOB_ID": job_id,
+                                 "CLUSTER": str(ROOT / "launch" / "cluster.example.yaml")})
+        assert result.returncode == 0, result.stderr
+        args = recorded(records, "python")
+        ports.append(args[args.index("--master_port") + 1] if script == "pretrain.sbatch" else
+                     recorded_env(records, "python")["MASTER_PORT"])
+    assert ports == ["14242", "14243"]
+
+
+def test_one_launcher_per_node_whatever_tasks_per_node_the_job_was_submitted_with(slurm):
+    """pretrain.sbatch's step starts DeepSpeed's runner once per node; srun without its own task count takes the
+    job's (SLURM_NTASKS_PER_NODE), so `sbatch --ntasks-per-node=8 pretrain.sbatch` (the srun layout's setting)
+    started 8 runners per node, each placing 8 ranks with the same node rank and port. The step asks for one task
+    per node itself; here srun's count is read as Slurm reads it: its own option, else the job's variable."""
+    env, records, _ = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_NTASKS": "16",
+           "SLURM_TASKS_PER_NODE": "8(x2)"}
+    result = submit("pretrain.sbatch", env)
+    assert result.returncode == 0, result.stderr
+    options = recorded(records, "srun")
+    options = options[:options.index("bash")]
+    per_node = [o.split("=", 1)[1] for o in options if o.startswith("--ntasks-per-node=")]
+    total = [o.split("=", 1)[1] for o in options if o.startswith("--ntasks=")]
+    assert (per_node or [env["SLURM_NTASKS_PER_NODE"]])[-1] == "1"
+    assert (total or [env["SLURM_NTASKS"]])[-1] == "2"

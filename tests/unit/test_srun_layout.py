@@ -184,3 +184,32 @@ def test_a_node_whose_gpus_are_hidden_on_purpose_trains_on_the_cpu_whatever_cuda
     else:
         monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: _Driver(gpus=0))
     assert distributed.init(0)[2] == distributed.torch.device("cpu") and started == {"backend": "gloo"}
+
+
+def test_a_rendezvous_port_another_job_holds_is_refused_in_one_line_not_blamed_on_a_rank(monkeypatch):
+    """Two jobs on one node with one MASTER_PORT (cluster.master_port's default 29500 under `mixmae launch`, or a
+    cluster file's fixed port under sbatch): rank 0's store cannot listen (EADDRINUSE). torch raises
+    DistNetworkError, which the failure report took for a peer's failure ("stopped: another rank failed"), though
+    no rank had failed: the port was taken. The store here is torch's own, on a port this test holds."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    def init_distributed(dist_backend):  # what init_process_group does first on rank 0
+        dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))
+
+    monkeypatch.setitem(__import__("sys").modules, "deepspeed", types.SimpleNamespace(
+        init_distributed=init_distributed))
+    monkeypatch.setattr(distributed, "skip_shm_allreduce_op", lambda: None)
+    monkeypatch.setattr(distributed, "require_torch_for_the_driver", lambda: None)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(ConfigError, match=f"rendezvous port {port} .*is in use on 127.0.0.1.* "
+                                              "cluster.master_port"):
+            distributed.init(0)
