@@ -231,9 +231,10 @@ def test_no_more_than_one_batch_of_images_is_alive_while_the_probe_encodes(demo_
 
         monkeypatch.setattr(encoder, "stage_maps", counted)
     shards = str(demo_shards)
-    features = probe.model_features(models, tracked(shards, "train", 32, 16, "torch", 1),
-                                    tracked(shards, "val", 32, 16, "torch", 1))
-    assert len(yielded) == 300 // 16 + 1 + 80 // 16 and len(most_alive) == 2 * len(yielded)
+    # Batches of 64: 5 + 2 of them, each encoder call behind a full gc.collect (a few tenths of a second each).
+    features = probe.model_features(models, tracked(shards, "train", 32, 64, "torch", 1),
+                                    tracked(shards, "val", 32, 64, "torch", 1))
+    assert len(yielded) == 300 // 64 + 1 + 80 // 64 + 1 and len(most_alive) == 2 * len(yielded)
     assert max(most_alive) == 1 and features[0].train_x.shape[0] == 300
 
 
