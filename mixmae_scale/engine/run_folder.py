@@ -86,11 +86,21 @@ JOB_WORDS = {"pretrain": "pretraining", "finetune": "fine-tuning", "segment": "s
 
 
 def recorded_job(root: Path) -> str | None:
-    """The job of the run the folder holds, as its run.json (engine/run_record.py) says it; None without one."""
+    """The job of the run the folder holds, as its run.json (engine/run_record.py) says it; None without one. A
+    record written before d1f7f66 said "pretrain" for a segmentation run, and it stays so until the run's next start:
+    the folder's config.yaml naming segment.init (which every segmentation needs, and no pretraining sets) tells that
+    run apart, so that it resumes instead of being refused as a pretraining."""
     try:
         job = json.loads((root / "run.json").read_text()).get("job")
     except (OSError, ValueError, AttributeError):
         return None
+    if job == "pretrain":
+        try:
+            segment = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("segment") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            segment = {}
+        if isinstance(segment, dict) and segment.get("init"):
+            return "segment"
     return job if isinstance(job, str) else None
 
 

@@ -175,3 +175,19 @@ def test_a_run_of_another_job_in_the_folder_is_refused_naming_it_not_its_batch_o
     assert run_folder.prepare(run, "auto", overwrite=False, job="pretrain") is None
     assert run_folder.prepare(run, "auto", overwrite=False) is None  # a caller that names no job checks none
     assert "was moved to" in run_folder.prepare(run, "auto", overwrite=True, job="segment")
+
+
+def test_a_segmentation_run_whose_older_run_json_says_pretrain_still_resumes(tmp_path):
+    """Before d1f7f66 a segmentation run's run.json said job "pretrain" (fixed there: "the job that ran"), and
+    run.json is rewritten by each launch, so such a run's record still says pretrain until its next start. The
+    folder's config.yaml names the encoder the segmentation started from (segment.init, which it requires): that run
+    resumes as a segmentation; a real pretraining run's folder (no segment.init) is still refused."""
+    run = tags(tmp_path / "seg", "step00000020")
+    (run / "run.json").write_text(json.dumps({"job": "pretrain", "run": "seg"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"segment": {"init": "runs/tiny/export.safetensors"}}))
+    assert run_folder.prepare(run, "auto", overwrite=False, job="segment") is None
+    with pytest.raises(ResumeError, match="holds a segmentation run"):
+        run_folder.prepare(run, "auto", overwrite=False, job="pretrain")
+    (run / "config.yaml").write_text(yaml.safe_dump({"segment": {"init": None}}))
+    with pytest.raises(ResumeError, match="holds a pretraining run"):
+        run_folder.prepare(run, "auto", overwrite=False, job="segment")
