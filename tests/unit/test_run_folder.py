@@ -191,3 +191,18 @@ def test_a_segmentation_run_whose_older_run_json_says_pretrain_still_resumes(tmp
     (run / "config.yaml").write_text(yaml.safe_dump({"segment": {"init": None}}))
     with pytest.raises(ResumeError, match="holds a pretraining run"):
         run_folder.prepare(run, "auto", overwrite=False, job="segment")
+
+
+def test_another_jobs_folder_without_checkpoints_is_refused_without_naming_checkpoints_it_lacks(tmp_path):
+    """A pretraining that stopped before its first checkpoint leaves run.json, metrics.csv and logs: a fine-tuning
+    started there is refused as before, but the refusal said it "would go on from that run's checkpoints", which the
+    folder does not hold; it says the fine-tuning would write over that run's files."""
+    run = tmp_path / "pre"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"job": "pretrain", "run": "pre"}))
+    with pytest.raises(ResumeError) as refused:
+        run_folder.prepare(run, "auto", overwrite=False, job="finetune")
+    said = str(refused.value)
+    assert said.startswith(f"{run} holds a pretraining run (run.json: job pretrain, no checkpoint yet), not a "
+                           "fine-tuning: a fine-tuning started there would write over that run's files; "), said
+    assert "checkpoints" not in said.split(";")[0], said
