@@ -357,3 +357,19 @@ def test_the_one_launcher_per_node_gets_every_cpu_the_job_holds_on_its_node(slur
         options = recorded(records, "srun")
         options = options[:options.index("bash")]
         assert options[options.index("-c") + 1] == expected, (per_node, placed, options)
+
+
+def test_a_job_of_several_tasks_per_node_without_cpus_per_task_gives_the_launcher_one_cpu_per_task(slurm):
+    """Without --cpus-per-task Slurm gives each of the job's tasks one CPU: `sbatch --ntasks-per-node=8` holds 8 per
+    node, but the step's one task per node, with no -c, got one for the launcher and all 8 ranks. A job of one task
+    per node passes no -c, as before."""
+    env, records, _ = slurm
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_NTASKS_PER_NODE": "8"})
+    assert result.returncode == 0, result.stderr
+    options = recorded(records, "srun")
+    options = options[:options.index("bash")]
+    assert options[options.index("-c") + 1] == "8", options
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "1(x2)"})
+    assert result.returncode == 0, result.stderr
+    options = recorded(records, "srun")
+    assert "-c" not in options[:options.index("bash")], options
