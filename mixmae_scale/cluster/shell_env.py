@@ -22,8 +22,9 @@ PORT_VARIABLE = "MIXMAE_CLUSTER_MASTER_PORT"  # a shell variable the scripts rea
 
 
 def env_problems(env: dict[str, object], where: str) -> None:
-    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, and a value YAML did not keep as
-    the text written: every rank gets str(value), so a blank (null) became 'None' and yes/on (booleans) 'True'."""
+    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, and a value read as null, a
+    boolean or a mapping/list: every rank gets str(value), so a blank (null) became 'None' and yes/on 'True'. Numbers
+    pass as Python writes them, which is not always the text written (010 is 8, 1.10 is 1.1): quote those."""
     for key, value in env.items():
         if not NAME.fullmatch(str(key)):
             raise ConfigError(f"{where}: cluster.env key '{key}' is not an environment variable name "

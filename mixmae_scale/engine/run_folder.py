@@ -86,11 +86,21 @@ JOB_WORDS = {"pretrain": "pretraining", "finetune": "fine-tuning", "segment": "s
 
 
 def recorded_job(root: Path) -> str | None:
-    """The job of the run the folder holds, as its run.json (engine/run_record.py) says it; None without one."""
+    """The job of the run the folder holds, as its run.json (engine/run_record.py) says it; None without one. A
+    record written before d1f7f66 said "pretrain" for a segmentation run, and it stays so until the run's next start:
+    the folder's config.yaml naming segment.init (which every segmentation needs, and no pretraining sets) tells that
+    run apart, so that it resumes instead of being refused as a pretraining."""
     try:
         job = json.loads((root / "run.json").read_text()).get("job")
     except (OSError, ValueError, AttributeError):
         return None
+    if job == "pretrain":
+        try:
+            segment = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("segment") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            segment = {}
+        if isinstance(segment, dict) and segment.get("init"):
+            return "segment"
     return job if isinstance(job, str) else None
 
 
@@ -108,10 +118,12 @@ def refusal(root: Path, resume: str, overwrite: bool, job: str | None = None) ->
     tags = store.complete_tags(root / "checkpoints")
     theirs = recorded_job(root) if job is not None else None
     if theirs is not None and theirs != job and (tags or resume != "none"):
-        newest = f", newest checkpoint {tags[-1]}" if tags else ""
+        # Without checkpoints (that run stopped before its first) there is nothing to go on from: its files are hit.
+        newest, would = ((f", newest checkpoint {tags[-1]}", "go on from that run's checkpoints") if tags else
+                         (", no checkpoint yet", "write over that run's files"))
         mine = JOB_WORDS.get(job, job)
         return (f"{root} holds a {JOB_WORDS.get(theirs, theirs)} run (run.json: job {theirs}{newest}), not a {mine}: "
-                f"a {mine} started there would go on from that run's checkpoints; {way_out(root)}")
+                f"a {mine} started there would {would}; {way_out(root)}")
     if resume == "none" and tags:
         return (f"{root} holds checkpoints of an earlier run (newest {tags[-1]}); checkpoint.resume=none would start "
                 f"another run over them: {way_out(root)}")

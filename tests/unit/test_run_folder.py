@@ -175,3 +175,34 @@ def test_a_run_of_another_job_in_the_folder_is_refused_naming_it_not_its_batch_o
     assert run_folder.prepare(run, "auto", overwrite=False, job="pretrain") is None
     assert run_folder.prepare(run, "auto", overwrite=False) is None  # a caller that names no job checks none
     assert "was moved to" in run_folder.prepare(run, "auto", overwrite=True, job="segment")
+
+
+def test_a_segmentation_run_whose_older_run_json_says_pretrain_still_resumes(tmp_path):
+    """Before d1f7f66 a segmentation run's run.json said job "pretrain" (fixed there: "the job that ran"), and
+    run.json is rewritten by each launch, so such a run's record still says pretrain until its next start. The
+    folder's config.yaml names the encoder the segmentation started from (segment.init, which it requires): that run
+    resumes as a segmentation; a real pretraining run's folder (no segment.init) is still refused."""
+    run = tags(tmp_path / "seg", "step00000020")
+    (run / "run.json").write_text(json.dumps({"job": "pretrain", "run": "seg"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"segment": {"init": "runs/tiny/export.safetensors"}}))
+    assert run_folder.prepare(run, "auto", overwrite=False, job="segment") is None
+    with pytest.raises(ResumeError, match="holds a segmentation run"):
+        run_folder.prepare(run, "auto", overwrite=False, job="pretrain")
+    (run / "config.yaml").write_text(yaml.safe_dump({"segment": {"init": None}}))
+    with pytest.raises(ResumeError, match="holds a pretraining run"):
+        run_folder.prepare(run, "auto", overwrite=False, job="segment")
+
+
+def test_another_jobs_folder_without_checkpoints_is_refused_without_naming_checkpoints_it_lacks(tmp_path):
+    """A pretraining that stopped before its first checkpoint leaves run.json, metrics.csv and logs: a fine-tuning
+    started there is refused as before, but the refusal said it "would go on from that run's checkpoints", which the
+    folder does not hold; it says the fine-tuning would write over that run's files."""
+    run = tmp_path / "pre"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"job": "pretrain", "run": "pre"}))
+    with pytest.raises(ResumeError) as refused:
+        run_folder.prepare(run, "auto", overwrite=False, job="finetune")
+    said = str(refused.value)
+    assert said.startswith(f"{run} holds a pretraining run (run.json: job pretrain, no checkpoint yet), not a "
+                           "fine-tuning: a fine-tuning started there would write over that run's files; "), said
+    assert "checkpoints" not in said.split(";")[0], said

@@ -337,3 +337,39 @@ def test_one_launcher_per_node_whatever_tasks_per_node_the_job_was_submitted_wit
     total = [o.split("=", 1)[1] for o in options if o.startswith("--ntasks=")]
     assert (per_node or [env["SLURM_NTASKS_PER_NODE"]])[-1] == "1"
     assert (total or [env["SLURM_NTASKS"]])[-1] == "2"
+
+
+def test_the_one_launcher_per_node_gets_every_cpu_the_job_holds_on_its_node(slurm):
+    """The step asks for one task per node, but -c came from SLURM_CPUS_PER_TASK alone: a job submitted with the
+    srun layout's --ntasks-per-node=8 --cpus-per-task=8 gave that one task (the launcher and all 8 ranks, with their
+    data-loading threads) 8 of the node's 64 CPUs, and with --mem-per-cpu an eighth of the job's memory. Its -c is
+    the job's CPUs per task times its tasks per node."""
+    env, records, _ = slurm
+    # (--ntasks-per-node, Slurm's placement, -c): without --ntasks-per-node (--ntasks=12 over 2 nodes) the node
+    # with fewest tasks bounds it; a job of one task per node keeps its own count.
+    for per_node, placed, expected in (("8", "8(x2)", "64"), (None, "8,4", "32"), (None, "1(x2)", "8"),
+                                       (None, None, "8")):
+        job = {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "8"}
+        job.update({key: value for key, value in (("SLURM_NTASKS_PER_NODE", per_node),
+                                                  ("SLURM_TASKS_PER_NODE", placed)) if value})
+        result = submit("pretrain.sbatch", job)
+        assert result.returncode == 0, result.stderr
+        options = recorded(records, "srun")
+        options = options[:options.index("bash")]
+        assert options[options.index("-c") + 1] == expected, (per_node, placed, options)
+
+
+def test_a_job_of_several_tasks_per_node_without_cpus_per_task_gives_the_launcher_one_cpu_per_task(slurm):
+    """Without --cpus-per-task Slurm gives each of the job's tasks one CPU: `sbatch --ntasks-per-node=8` holds 8 per
+    node, but the step's one task per node, with no -c, got one for the launcher and all 8 ranks. A job of one task
+    per node passes no -c, as before."""
+    env, records, _ = slurm
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_NTASKS_PER_NODE": "8"})
+    assert result.returncode == 0, result.stderr
+    options = recorded(records, "srun")
+    options = options[:options.index("bash")]
+    assert options[options.index("-c") + 1] == "8", options
+    result = submit("pretrain.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "1(x2)"})
+    assert result.returncode == 0, result.stderr
+    options = recorded(records, "srun")
+    assert "-c" not in options[:options.index("bash")], options
