@@ -38,12 +38,14 @@ def write_templates(out: Path, force: bool = False) -> Written:
         raise NotADirectoryError(f"{out} is a file; name a folder for the templates")
     done = Written()
     for name in TEMPLATES:
-        text = for_folder((source / name).read_text(), out)
+        shipped = (source / name).read_text()
+        text = for_folder(shipped, out)
         target = out / name
         if target.is_file() and target.read_text() == text:
             done.unchanged.append(name)
             continue
-        if target.exists() and not force:
+        # A copy an earlier release wrote (its comments naming launch/) is the shipped file, not the user's edit.
+        if target.exists() and not force and not (target.is_file() and target.read_text() == shipped):
             done.kept.append(name)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -402,7 +402,7 @@ def test_a_launch_reading_s3_refuses_a_store_timeout_every_rank_would_refuse(mon
     ("TORCH_NCCL_BLOCKING_WAIT: yes", "cluster.env.TORCH_NCCL_BLOCKING_WAIT: yes/true/on reads as a YAML boolean"),
     ("NCCL_IB_DISABLE: off", "cluster.env.NCCL_IB_DISABLE: no/false/off reads as a YAML boolean"),
 ])
-def test_a_cluster_env_value_yaml_does_not_keep_as_text_is_refused(tmp_path, line, said):
+def test_a_blank_or_boolean_cluster_env_value_is_refused(tmp_path, line, said):
     """cluster.env values go to every rank as text: a blank value was exported as 'None' and yes/on as 'True' (YAML
     reads them as null and booleans), in the sbatch scripts' exports and in `mixmae launch`'s environment alike."""
     from mixmae_scale.cluster.shell_env import export_lines

@@ -96,6 +96,11 @@ def test_the_launch_templates_ship_and_templates_writes_them_without_replacing_a
     assert main(["templates", str(out), "--force"]) == 0
     assert (out / "cluster.example.yaml").read_text() == (REPO / "launch" / "cluster.example.yaml").read_text().replace(
         "launch/", f"{out.as_posix()}/")
+    earlier = (REPO / "launch" / "hostfile.example").read_text()  # as an earlier release wrote it: launch/ paths
+    (out / "hostfile.example").write_text(earlier)
+    assert main(["templates", str(out)]) == 0
+    assert f"wrote {out / 'hostfile.example'}" in capsys.readouterr().out  # replaced, not kept as an edit
+    assert (out / "hostfile.example").read_text() == earlier.replace("launch/", f"{out.as_posix()}/")
     (tmp_path / "file").write_text("")
     assert main(["templates", str(tmp_path / "file")]) != 0
     assert "is a file; name a folder" in capsys.readouterr().err
