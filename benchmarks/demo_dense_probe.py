@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--check-iterations", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "demo_dense_probe_cpu_fp32.json")
     args = parser.parse_args()
+    if args.baseline_seeds < 2:  # the margin is read in units of the random encoders' spread, which one has not
+        parser.error(f"--baseline-seeds {args.baseline_seeds}: at least 2 random encoders give a spread to read "
+                     "the margin in")
 
     import dataclasses
 
