@@ -75,7 +75,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mixmae_scale.cluster.plan import measure_activations, options, plan, planning_dtype
+    from mixmae_scale.cluster.plan import measure_activations, next_steps, options, plan, planning_dtype
     from mixmae_scale.config import load_resolved, run_kind
 
     # The run's own batch arithmetic (config/derive.py): the micro-batch and accumulation planned are those the
@@ -87,13 +87,17 @@ def _plan(args: argparse.Namespace) -> int:
     result = plan(resolved, args.profile, args.gpus, gpu_mem_gib, activations=activations, job=args.job)
     found, chosen = (options(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
                              activations=activations, job=args.job) if args.recommend else ([], None))
+    # Nothing fitting is a refusal (exit 2, as the CLI's others), with the ways out the planner evaluated.
+    steps = (next_steps(args.profile, args.gpus, gpu_mem_gib, args.cluster, args.overrides, args.headroom,
+                        activations=activations, job=args.job) if args.recommend and chosen is None else [])
     if args.json:
         report = result.to_dict()
         if args.recommend:
             report["options"] = [asdict(o) for o in found]
             report["recommended"] = asdict(chosen) if chosen else None
+            report["next_steps"] = steps
         print(json.dumps(report, indent=2))
-        return 0
+        return 2 if steps else 0
     print(f"{args.profile} ({result.job}): {result.params / 1e6:.1f}M parameters, ZeRO-{result.zero_stage}, "
           f"{result.dtype}, checkpointing {checkpointing_text(result.checkpoint_every)}, {plural(args.gpus, 'GPU')} of "
           f"{args.gpu_mem_gb:g} GB")
@@ -116,7 +120,9 @@ def _plan(args: argparse.Namespace) -> int:
             print(f"  {o.zero_stage:>4}  {'on' if o.checkpointing else 'off':<14}{fits}{mark}")
         if chosen is not None:
             print("set: " + " ".join(f"--set {s}" for s in chosen.overrides()))
-    return 0
+        if steps:
+            print(f"{steps[0]}; what would fit instead:\n" + "".join(f"  {step}\n" for step in steps[1:]), end="")
+    return 2 if steps else 0
 
 
 def _templates(args: argparse.Namespace) -> int:

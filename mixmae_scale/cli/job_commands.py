@@ -189,14 +189,17 @@ def segment_message(summary: dict) -> str:
 
 
 def pretrain_message(summary: dict) -> str:
-    """The last line of a pretraining run; a held-out loss that was not measured says why, never a number."""
-    start, end, steps = summary["heldout_loss_start"], summary["heldout_loss_end"], summary["steps"]
+    """The last line of a pretraining run; a held-out loss that was not measured says why, never a number. A run
+    that ended before its schedule (--max-steps, a signal) says how far it got and what continues it (`progress`,
+    as fine-tuning's line): `after 3 steps` read as the finished run's loss."""
+    start, end = summary["heldout_loss_start"], summary["heldout_loss_end"]
+    count, why, again = progress(summary)
+    done, more = count + why, f"; {again}" if again else ""
     if end is None:
-        return (f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); "
-                f"{plural(steps, 'step')} trained")
+        return f"held-out reconstruction loss: not measured ({summary['heldout_not_measured']}); {done} trained{more}"
     if start is None:
-        return f"held-out reconstruction loss {end:.4f} after {plural(steps, 'step')} (not measured at the start)"
-    return f"held-out reconstruction loss {start:.4f} -> {end:.4f} after {plural(steps, 'step')}"
+        return f"held-out reconstruction loss {end:.4f} after {done} (not measured at the start){more}"
+    return f"held-out reconstruction loss {start:.4f} -> {end:.4f} after {done}{more}"
 
 
 def _pretrain(args: argparse.Namespace) -> int:

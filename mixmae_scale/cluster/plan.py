@@ -346,3 +346,39 @@ def options(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = N
     if chosen is None:
         chosen = max((o for o in found if o.micro_batch), key=lambda o: o.micro_batch, default=None)
     return found, chosen
+
+
+def next_steps(profile: str, gpus: int, gpu_mem_gib: float, cluster: str | None = None,
+               overrides: list[str] | tuple[str, ...] = (), headroom: float = DEFAULT_HEADROOM,
+               activations: ActivationProfile | None = None, job: str | None = None) -> list[str]:
+    """What to change when no option of `options` fits, each way out evaluated by this planner rather than guessed:
+    the leanest setting it ranks (ZeRO-3, checkpointing every block, micro-batch 2, the smallest MixMAE pairs)
+    with the optimizer offloaded, on more GPUs (those the global batch splits over), and the GPU memory it needs.
+    Without these a table of 'does not fit' rows left the reader no next step."""
+    from mixmae_scale.config import load_config, load_resolved, run_kind
+
+    batch = load_config(profile, cluster, list(overrides))[0].batch
+    global_batch = batch.global_batch or batch.micro * (batch.accumulation or 1) * gpus
+    job = job or run_kind(profile)
+    usable = gpu_mem_gib * (1 - headroom)
+    leanest = [*overrides, "zero.stage=3", "model.checkpoint_every=1", "batch.global_batch=null",
+               "batch.accumulation=1", "batch.micro=2"]
+
+    def lean(world: int, extra: tuple[str, ...] = ()) -> MemoryPlan:
+        return plan(load_resolved(profile, cluster, [*leanest, *extra], world_size=world), profile, world, usable,
+                    activations=activations, job=job)
+
+    steps = [f"nothing fits {usable:.2f} GiB ({1 - headroom:.0%} of the GPU): not even micro-batch 2 (the smallest, "
+             "MixMAE pairs images) with ZeRO-3 and checkpointing every block"]
+    offload = lean(gpus, ("zero.offload_optimizer=true",)).max_micro_batch
+    steps.append(f"offload the optimizer to host memory: --set zero.offload_optimizer=true --set zero.stage=3 --set "
+                 f"model.checkpoint_every=1 (micro-batch up to {offload} fits)" if offload >= 2 else
+                 "offloading the optimizer (--set zero.offload_optimizer=true) does not fit either")
+    more = [w for w in range(gpus + 1, global_batch // 2 + 1) if global_batch % (2 * w) == 0][:12]
+    enough = next((w for w in more if lean(w).max_micro_batch >= 2), None)
+    steps.append(f"more GPUs: --gpus {enough} fits with ZeRO-3 and checkpointing (it partitions the model states over "
+                 "them)" if enough else f"more GPUs: none of {', '.join(map(str, more)) or 'the counts'} that split "
+                 f"the global batch {global_batch} fits either")
+    needed = lean(gpus).total_gib / (1 - headroom) * 2**30 / 1e9
+    steps.append(f"a larger GPU: --gpu-mem-gb {needed:.1f} or more fits ZeRO-3 with checkpointing at micro-batch 2")
+    return steps

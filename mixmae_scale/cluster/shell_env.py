@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mixmae_scale.config.load import ConfigError, build_dataclass, read_yaml
+from mixmae_scale.config.load import ConfigError, build_dataclass, read_yaml, require_port
 from mixmae_scale.config.schema import ClusterConfig
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -46,6 +46,7 @@ def export_lines(cluster_file: str) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"cluster file '{cluster_file}' does not exist or is not a file (tried {path.absolute()})")
     section = read_yaml(path).get("cluster") or {}
+    require_port(section, cluster_file)
     cluster = build_dataclass(ClusterConfig, section, "cluster.")
     env_problems(cluster.env, cluster_file)
     lines = [f"export {key}={shlex.quote(str(value))}" for key, value in sorted(cluster.env.items())]

@@ -87,6 +87,16 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def require_port(section: dict[str, Any], where: str) -> None:
+    """A cluster file's `master_port` outside 1-65535, refused where the file is read, naming it: the sbatch scripts'
+    exports (cluster/shell_env.py) passed 70000 on and every rank failed at the rendezvous instead. 0 means nothing
+    here (each node's store would pick its own port, which the others cannot find), so it is refused too. A value
+    of another type is left to the typed config's own refusal."""
+    port = section.get("master_port") if isinstance(section, dict) else None
+    if isinstance(port, int) and not isinstance(port, bool) and not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: cluster.master_port={port} is not a TCP port (1-65535)")
+
+
 def merge_sources(profile: str, cluster: str | None = None, overrides: list[str] | tuple[str, ...] = ()
                   ) -> tuple[dict[str, Any], list[str]]:
     """Merge base, profile, cluster file and overrides; returns the raw dict and the sources used."""
@@ -104,7 +114,9 @@ def merge_sources(profile: str, cluster: str | None = None, overrides: list[str]
         if cluster_path.is_dir():
             raise ConfigError(f"cluster file '{cluster}' is a folder; name the YAML file (as "
                               "launch/cluster.example.yaml, which `mixmae templates DIR` writes out)")
-        merged = deep_merge(merged, read_yaml(cluster_path))
+        data = read_yaml(cluster_path)
+        require_port((data.get("cluster") or {}) if isinstance(data, dict) else {}, str(cluster_path))
+        merged = deep_merge(merged, data)
         sources.append(str(cluster_path))
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))

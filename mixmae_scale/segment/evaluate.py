@@ -121,7 +121,9 @@ def evaluate_segmenter(model: torch.nn.Module, settings: dict, source: str, shar
 
 
 def segmentation_line(result: dict[str, Any]) -> str:
-    """What `mixmae eval` says of a segmentation model."""
-    return (f"mIoU {result['miou']:.1f}% ({result['precision']}) on the {plural(result['samples'], 'image')} of split "
+    """What `mixmae eval` says of a segmentation model, with the image size it evaluated at (--img-size, else the
+    crop it was trained at), which the mIoU depends on: the JSON had it, the line did not."""
+    return (f"mIoU {result['miou']:.1f}% ({result['precision']}) at {result['img_size']} px on the "
+            f"{plural(result['samples'], 'image')} of split "
             f"'{result['split']}' of "
             f"{result['data']} ({result['weights']})")

@@ -111,9 +111,9 @@ def test_derived_batch_and_learning_rate():
 
 
 def test_global_batch_that_cannot_be_split_is_one_error_with_the_nearest_ways_out():
-    with pytest.raises(ConfigError, match=r"cannot be split over 3 GPUs.*2046 or 2052.*or use 2 or 4 GPUs"):
+    with pytest.raises(ConfigError, match=r"cannot be split over 3 GPUs.*2052 .* or 2046 .*or use 2 or 4 GPUs"):
         load_resolved("swin_b", world_size=3)
-    with pytest.raises(ConfigError, match=r"over 24 GPUs.*2016 or 2064.*use 16 or 32 GPUs"):
+    with pytest.raises(ConfigError, match=r"over 24 GPUs.*2016 .* or 2064 .*use 16 or 32 GPUs"):
         load_resolved("swin_h", world_size=24)
     with pytest.raises(ConfigError, match=r"over 2048 GPUs.*GPUs: 4096 .*use 1024 GPUs"):
         load_resolved("swin_h", world_size=2048)
@@ -328,3 +328,14 @@ def test_no_warm_up_is_one_step_that_deepspeeds_scheduler_accepts(tmp_path):
     assert resolved.derived.warmup_steps == params["warmup_num_steps"] == 1
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     WarmupCosineLR(optimizer, **params)
+
+
+def test_each_nearest_global_batch_names_its_micro_batch_and_accumulation_best_first():
+    """Swin-H (micro 64) on 12 GPUs: 2064 is micro 4 x 43 accumulation steps, about 10x slower than 2040's
+    micro 34 x 5, so the two are not equal choices: each says what it gives, the larger micro-batch first."""
+    with pytest.raises(ConfigError) as caught:
+        load_resolved("swin_h", world_size=12)
+    assert "2040 (micro 34 x 5 accumulation steps) or 2064 (micro 4 x 43 accumulation steps)" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:  # swin_b on 3 GPUs: 2052 (micro 114 x 6) before 2046 (micro 62 x 11)
+        load_resolved("swin_b", world_size=3)
+    assert "2052 (micro 114 x 6 accumulation steps) or 2046 (micro 62 x 11 accumulation steps)" in str(caught.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -415,3 +416,21 @@ def test_a_blank_or_boolean_cluster_env_value_is_refused(tmp_path, line, said):
         compose(load_resolved("swin_b", str(cluster)), "swin_b", str(cluster), [])
     cluster.write_text("cluster:\n  num_nodes: 1\n  env:\n    A: 'yes'\n    B: ''\n    C: 1\n")
     assert export_lines(str(cluster)) == ["export A=yes", "export B=''", "export C=1"]
+
+
+@pytest.mark.parametrize("port", [70000, 0, -1])
+def test_a_cluster_files_master_port_outside_1_to_65535_is_refused_at_load_naming_the_file(tmp_path, port):
+    """The sbatch scripts' exports took cluster.master_port: 70000 and every rank failed at the rendezvous; 0 has
+    no meaning here either (each node would pick its own port). Both readers of the file refuse it in one line."""
+    from mixmae_scale.cluster.shell_env import export_lines
+    from mixmae_scale.config import load_config
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"cluster:\n  num_nodes: 1\n  master_port: {port}\n")
+    said = f"{cluster}: cluster.master_port={port} is not a TCP port (1-65535)"
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        export_lines(str(cluster))
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config("swin_b", str(cluster))
+    cluster.write_text("cluster:\n  master_port: 65535\n")
+    assert export_lines(str(cluster)) == ["MIXMAE_CLUSTER_MASTER_PORT=65535"]

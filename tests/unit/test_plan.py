@@ -332,3 +332,19 @@ def test_the_plan_of_a_bf16_zero1_run_counts_its_fp32_gradient_buffer():
     # told to accumulate in bf16 (the profile's own deepspeed: block), DeepSpeed keeps bf16 gradients only
     bf16_accum = gradients_gib("zero.stage=1", "deepspeed.data_types.grad_accum_dtype=bf16")[0]
     assert bf16_accum == pytest.approx(round(2 * params / GIB, 3))
+
+
+def test_plan_recommend_with_nothing_fitting_says_what_to_change_and_exits_2(capsys):
+    """A GPU that holds no configuration at any micro-batch: the rows all say 'does not fit', so the command says
+    what the planner finds would fit (offload, more GPUs, a larger GPU) and exits 2, as other refusals do."""
+    from mixmae_scale.cli import main
+
+    assert main(["plan", "tiny", "--gpus", "2", "--gpu-mem-gb", "0.5", "--recommend"]) == 2
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "nothing fits" in out and "what would fit instead" in out
+    assert "zero.offload_optimizer=true" in out and "--gpu-mem-gb" in out and "more GPUs" in out
+    assert main(["plan", "tiny", "--gpus", "2", "--gpu-mem-gb", "0.5", "--recommend", "--json"]) == 2
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["recommended"] is None and report["next_steps"]

@@ -199,3 +199,23 @@ def test_a_max_steps_launch_says_how_much_of_the_schedule_is_left():
         "larger --max-steps, or none, continues it)")
     done = {**capped, "steps": 324, "planned_steps": 324, "last": {"top1": 50.0, "step": 324}}
     assert finetune_message(done) == "fine-tuned 324 steps: top-1 50.00% (best 50.00% at step 2)"
+
+
+def test_a_max_steps_pretraining_launch_says_how_much_of_the_schedule_is_left():
+    """A --max-steps pretraining launch ended `held-out reconstruction loss a -> b after 3 steps`, read as the
+    finished run's while most of the schedule was left: it says `3 of 500 steps (--max-steps 3)` and what continues
+    it, as fine-tuning's line does; a finished run's line is unchanged."""
+    capped = {"heldout_loss_start": 0.9, "heldout_loss_end": 0.5, "steps": 3, "heldout_not_measured": None,
+              "planned_steps": 3, "schedule_steps": 500, "stopped_by_signal": False}
+    assert pretrain_message(capped) == (
+        "held-out reconstruction loss 0.9000 -> 0.5000 after 3 of 500 steps (--max-steps 3); the same command with "
+        "a larger --max-steps, or none, continues it")
+    assert pretrain_message({**capped, "heldout_loss_start": None}) == (
+        "held-out reconstruction loss 0.5000 after 3 of 500 steps (--max-steps 3) (not measured at the start); the "
+        "same command with a larger --max-steps, or none, continues it")
+    assert pretrain_message({**capped, "heldout_loss_end": None, "heldout_not_measured": "logging.heldout_batches=0"}
+                            ) == ("held-out reconstruction loss: not measured (logging.heldout_batches=0); 3 of 500 "
+                                  "steps (--max-steps 3) trained; the same command with a larger --max-steps, or "
+                                  "none, continues it")
+    done = {**capped, "steps": 500, "planned_steps": 500}
+    assert pretrain_message(done) == "held-out reconstruction loss 0.9000 -> 0.5000 after 500 steps"

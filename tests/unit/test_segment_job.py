@@ -240,11 +240,13 @@ def test_eval_of_a_segmentation_model_takes_img_size_or_refuses_it_in_one_line(t
     monkeypatch.setattr(build, "load_segmenter", lambda source: (build_segmenter(seg_config()), settings))
     monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
     monkeypatch.setattr(evaluate, "evaluate_segmenter", lambda model, used, *args: evaluated.append(used) or {
-        "miou": 1.0, "precision": "fp32", "samples": 1, "split": "val", "data": "d", "weights": "w"})
+        "miou": 1.0, "precision": "fp32", "samples": 1, "split": "val", "data": "d", "weights": "w",
+        "img_size": used["crop_size"]})
     for size, expected in ((None, 96), ("160", 160)):
         assert main(["eval", "--init", "seg.safetensors", "--data", str(tmp_path),
                      *(["--img-size", size] if size else [])]) == 0
         assert evaluated.pop()["crop_size"] == expected
+        assert f"at {expected} px on the 1 image" in capfd.readouterr().out
     assert main(["eval", "--init", "seg.safetensors", "--data", str(tmp_path), "--img-size", "100"]) == 2
     assert capfd.readouterr().err.endswith("mixmae: error: --img-size 100: a segmentation model takes a multiple of "
                                             "32 (its backbone's last stride); it was trained on 96 px crops\n")
@@ -329,3 +331,14 @@ def test_run_json_says_where_the_encoder_came_from_and_a_resume_leaves_the_first
     assert started_from(config, segment_start(config, resumed=False)) == {
         "key": "segment.init", "path": str(tmp_path / "encoder.safetensors")}
     assert segment_start(config, resumed=True) is None and started_from(config, None) is None
+
+
+def test_the_segmentation_eval_line_names_the_image_size_it_used():
+    """`mixmae eval --init segmenter.safetensors` printed no size, though --img-size (or the crop it was trained at)
+    decides the mIoU and the JSON has it: the line says it too."""
+    from mixmae_scale.segment.evaluate import segmentation_line
+
+    result = {"miou": 41.234, "precision": "fp32", "samples": 20, "split": "val", "data": "shards/seg",
+              "weights": "runs/seg/segmenter.safetensors", "img_size": 448}
+    assert segmentation_line(result) == ("mIoU 41.2% (fp32) at 448 px on the 20 images of split 'val' of shards/seg "
+                                         "(runs/seg/segmenter.safetensors)")

@@ -373,3 +373,24 @@ def test_a_job_of_several_tasks_per_node_without_cpus_per_task_gives_the_launche
     assert result.returncode == 0, result.stderr
     options = recorded(records, "srun")
     assert "-c" not in options[:options.index("bash")], options
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_slurms_own_restart_continues_the_run_instead_of_starting_it_anew(script, slurm):
+    """Slurm's requeue after a node failure (SLURM_RESTART_COUNT > 0) reruns the script with the job's arguments:
+    --overwrite moved the stopped run aside and began at step 0, checkpoint.resume=none refused its checkpoints.
+    On a restart the script drops --overwrite, resumes instead of none, and says so in the log; a first start
+    keeps them as typed."""
+    env, records, _ = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8"}
+    typed = ("--overwrite", "--set", "run.name=x", "checkpoint.resume=none", "--max-steps", "5")
+    result = submit(script, {**env, "SLURM_RESTART_COUNT": "1"}, *typed)
+    assert result.returncode == 0, result.stderr
+    args = recorded(records, "python")
+    assert "--overwrite" not in args and "checkpoint.resume=none" not in args
+    assert args[-5:] == ["--set", "run.name=x", "checkpoint.resume=auto", "--max-steps", "5"]
+    assert "restart 1 of job 4242 (Slurm requeued it): dropping --overwrite" in result.stdout
+    assert "checkpoint.resume=none replaced by checkpoint.resume=auto" in result.stdout
+    result = submit(script, {**env, "SLURM_RESTART_COUNT": "0"}, *typed)
+    assert result.returncode == 0, result.stderr
+    assert recorded(records, "python")[-6:] == list(typed) and "dropping" not in result.stdout
