@@ -291,10 +291,12 @@ class TrainingLoop:
         if self.ctx.rank == 0:
             drop_rows_after(self.ctx.root / "metrics.csv", self.step)
             self.job.truncate_logs(self.step)
-            note = recipe.schedule_note(plan.config_changes, self.step, logged_learning_rate(
-                self.ctx.root / "metrics.csv", self.step), scheduled_learning_rate(self.derived.learning_rate,
-                                                                                   self.scheduler),
-                self.derived.total_steps)
+            before = logged_learning_rate(self.ctx.root / "metrics.csv", self.step)
+            after = scheduled_learning_rate(self.derived.learning_rate, self.scheduler)
+            # A schedule of another length says the continuation whole, its lr with it; otherwise the lr alone.
+            note = (recipe.continuation_note(self.step, plan.saved_total_steps, self.derived.total_steps, before, after,
+                                             run_folder.way_out(self.ctx.root))
+                    or recipe.schedule_note(plan.config_changes, self.step, before, after, self.derived.total_steps))
             if note:
                 log.warning("%s", note)
 
