@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
@@ -528,9 +529,40 @@ class ConversionSource:
         listed = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})} for i, w in enumerate(classes)]
         every = tuple(dict.fromkeys(s for s in (*self.split_order, *entries) if s in self.other_splits or s in entries))
         splits = {**self.other_splits, **entries}
+        if self.options.val_fraction and {"train", "val"} <= splits.keys():
+            val = splits["val"]
+            splits["val"] = replace(val, counts={**val.counts, HELD_OUT: held_out_account(splits["train"], val)})
         return Manifest({name: splits[name] for name in every}, listed,
                         options=_written_options(replace(self.options, splits=every)), tool_version=__version__,
                         mask_classes=list(self.masks.class_names) if self.masks else [])
+
+
+HELD_OUT = "held_out"  # in a --val-fraction set's val entry: what each split was drawn, wrote and rejected
+
+
+def held_out_account(train: SplitEntry, val: SplitEntry) -> dict[str, Any]:
+    """What --val-fraction held out, drawn and kept: the draw is made from the file list before any image is read, so
+    the unreadable files it put in val are rejected while writing and val can end under the share drawn. Drawn is
+    written + rejected (duplicates skipped before the draw are in neither)."""
+    written = {"train": train.samples, "val": val.samples}
+    rejected = {"train": int(train.counts.get("rejected", 0)), "val": int(val.counts.get("rejected", 0))}
+    drawn = {split: written[split] + rejected[split] for split in written}
+    return {"drawn": drawn, "written": written, "rejected": rejected,
+            "share_drawn": round(drawn["val"] / max(sum(drawn.values()), 1), 4),
+            "share_written": round(written["val"] / max(sum(written.values()), 1), 4)}
+
+
+def _held_out_line(account: dict[str, Any]) -> str | None:
+    """The summary's line of `held_out_account`, where rejections moved the share val holds (None otherwise)."""
+    drawn, written, rejected = account["drawn"], account["written"], account["rejected"]
+    if not any(rejected.values()):
+        return None
+    below = (", under the share drawn" if account["share_written"] < account["share_drawn"] else
+             ", above the share drawn" if account["share_written"] > account["share_drawn"] else "")
+    return (f"val: held out {drawn['val']} of the {sum(drawn.values())} images drawn ({account['share_drawn']:.1%}); "
+            f"after the rejections (train {rejected['train']}, val {rejected['val']}) it holds {written['val']} of "
+            f"the {sum(written.values())} images written ({account['share_written']:.1%}){below} (rejected.jsonl "
+            "names the files)")
 
 
 def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
@@ -609,6 +641,9 @@ def summary_lines(manifest: Manifest) -> list[str]:
                         if info.get("ignored_not_images") else "")
                      + (f"; skipped {plural(info['ignored_hidden_folders'], 'hidden folder')}"
                         if info.get("ignored_hidden_folders") else ""))
+        held_out = _held_out_line(info[HELD_OUT]) if isinstance(info.get(HELD_OUT), dict) else None
+        if held_out:
+            lines.append(held_out)
         if info.get("transient"):
             lines.append(f"{split}: {info['transient']} of the rejections were I/O errors that may pass (EIO, ESTALE, "
                          "timeouts; retried with backoff): run the same command again to retry them")
