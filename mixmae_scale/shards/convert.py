@@ -36,11 +36,13 @@ from mixmae_scale.shards.sources import (
     SourceImage,
     ade20k_split,
     drop_duplicates,
+    escaped,
     folder_images,
     hidden_folders,
     hold_out,
     ignored_note,
     imagenet_split,
+    not_utf8,
     read_class_names,
 )
 from mixmae_scale.shards.writer import (
@@ -259,9 +261,26 @@ def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) 
                  if d.classes and d.classes != classes]
     if problems:
         raise SourceError("; ".join(problems))
+    refuse_names_not_utf8(src, found)
     unique, duplicates = drop_duplicates({split: d.images for split, d in found.items()})
     return {split: replace(d, images=unique[split], duplicates=d.duplicates + duplicates[split])
             for split, d in found.items()}
+
+
+def refuse_names_not_utf8(src: Path, found: dict[str, Discovered], shown: int = 5) -> None:
+    """Refuses a source with names that are not UTF-8, naming them with those bytes escaped, before anything is
+    written: each name becomes text in the manifest and the samples, where its surrogate escapes were kept as lone
+    surrogates (sources.not_utf8)."""
+    names = not_utf8([*(image.rel for d in found.values() for image in d.images),
+                      *(name for d in found.values() for name in d.ignored)])
+    if not names:
+        return
+    listed = ", ".join(f"'{escaped(name)}'" for name in names[:shown]) + (
+        f" and {len(names) - shown} more" if len(names) > shown else "")
+    raise SourceError(f"{src}: {plural(len(names), 'name')} {'is' if len(names) == 1 else 'are'} not UTF-8 (the bytes "
+                      f"that are not shown escaped): {listed}; a name is written into dataset.json, classes.json and "
+                      "each sample's json as text: rename them in UTF-8 (for names written in Latin-1: `convmv -r -f "
+                      f"latin1 -t utf8 --notest {escaped(str(src))}`) and run the same command again")
 
 
 def classes_left_out_of_val(discovered: dict[str, Discovered], fraction: float) -> str | None:
