@@ -39,7 +39,7 @@ from mixmae_scale.config.deepspeed_config import engine_config
 from mixmae_scale.config.derive import BatchSplitError
 from mixmae_scale.config.precision import log_choice
 from mixmae_scale.config.schema import Config
-from mixmae_scale.data.errors import plural
+from mixmae_scale.data.errors import DataError, plural
 from mixmae_scale.data.loader import Batch
 from mixmae_scale.data.loaders import job_crop_scale
 from mixmae_scale.data.shard_sets import ShardMixture, training_mixture
@@ -134,9 +134,10 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
     what the configuration leaves to the job's recipe (`data.crop_scale`), so that config.yaml says what ran.
     `check(training data, world size)`: the job's refusals of its data (a one-class set for a classifier, a
     validation split smaller than the ranks), made from the manifests before the run folder is touched, so that a
-    refused run leaves no folder, lock, checkpoints/ or config.yaml behind. `scores()`: the record of the images the
-    run scores but never trains on (recipe.heldout_record), after `check`: each tag keeps it, and a resume with other
-    ones is said (not refused).
+    refused run leaves no folder, lock, checkpoints/ or config.yaml behind; a training mixture some epoch of which
+    gives a rank no whole micro-batch (ShardMixture.too_small) is refused there too. `scores()`: the record of the
+    images the run scores but never trains on (recipe.heldout_record), after `check`: each tag keeps it, and a resume
+    with other ones is said (not refused).
 
     Nothing in the run folder is written before the plan is made but its lock (engine/run_lock.py: a folder a live
     run holds is refused; released when the work ends, engine/runtime.py) and a file every rank reads and rank 0
@@ -158,6 +159,11 @@ def start_run(config: Config, sources: list[str], run_dir: Path, local_rank: int
         resolved = resolve(config, sources, world_size=world, train_samples=train_data.expected_samples)
     except BatchSplitError as exc:  # a resume on GPUs that cannot split its global batch: name the ones that can
         raise run_folder.unsplittable_resume(root, exc, overwrite) from None
+    # The loader refuses it too (data/loader.py), but only once the folder holds this start's lock, config.yaml and
+    # checkpoints/: made here, from the manifests, a refused start leaves the folder as it found it.
+    too_small = train_data.too_small(config.data.train_split, world, resolved.derived.micro_batch)
+    if too_small:
+        raise DataError(too_small)
     ds_config = engine_config(resolved, root)
     layout = optimizer_layout(ds_config)
     agree_on_configuration(resolved, ds_config, layout)
@@ -285,10 +291,12 @@ class TrainingLoop:
         if self.ctx.rank == 0:
             drop_rows_after(self.ctx.root / "metrics.csv", self.step)
             self.job.truncate_logs(self.step)
-            note = recipe.schedule_note(plan.config_changes, self.step, logged_learning_rate(
-                self.ctx.root / "metrics.csv", self.step), scheduled_learning_rate(self.derived.learning_rate,
-                                                                                   self.scheduler),
-                self.derived.total_steps)
+            before = logged_learning_rate(self.ctx.root / "metrics.csv", self.step)
+            after = scheduled_learning_rate(self.derived.learning_rate, self.scheduler)
+            # A schedule of another length says the continuation whole, its lr with it; otherwise the lr alone.
+            note = (recipe.continuation_note(self.step, plan.saved_total_steps, self.derived.total_steps, before, after,
+                                             run_folder.way_out(self.ctx.root))
+                    or recipe.schedule_note(plan.config_changes, self.step, before, after, self.derived.total_steps))
             if note:
                 log.warning("%s", note)
 

@@ -42,7 +42,7 @@ from mixmae_scale.shards.builder import (
 )
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
 from mixmae_scale.shards.sources import SourceError
-from mixmae_scale.shards.tar_index import TarIndex, index_tar
+from mixmae_scale.shards.tar_index import NAME_REMEDY, NAME_WHITESPACE, TarIndex, index_tar
 from mixmae_scale.shards.transient import retrying
 
 PROGRESS_DIR = ".progress/adopt"
@@ -428,6 +428,8 @@ class AdoptionSource:
         for other, names in self.left_out.items():
             warnings.append(f"{split}: {plural(len(names), 'tar')} named for '{other}' (e.g. {names[0]}) left "
                             f"out; adopt them with --split {other}")
+        if spaced := whitespace_names(split, shards):
+            warnings.append(spaced)
         empty = [s.name for s in shards if not s.found and not s.problem]
         masked = sum(s.masked_samples for s in shards)
         if 0 < masked < samples:
@@ -486,6 +488,20 @@ def adopt(src: str | Path, out: str | Path, options: AdoptOptions) -> BuildResul
         raise SourceError(f"{src}: a file, not a folder: adopt the folder that holds it (`mixmae shards adopt "
                           f"{Path(src).parent} --out DIR`); every .tar under it is a shard of the set")
     return build(AdoptionSource(src, out, options), out)
+
+
+def whitespace_names(split: str, shards: list[AdoptedShard]) -> str | None:
+    """The samples rejected for whitespace in their member names, with the first tar and member and the way out: the
+    rejection ceiling groups reasons by their start alone, and a hand-made tar of `n01440764 1.jpg` names is every
+    sample rejected for it."""
+    spaced = [(s.name, r["members"]) for s in shards for r in s.rejected if NAME_WHITESPACE in r["reason"]]
+    if not spaced:
+        return None
+    tar, members = spaced[0]
+    member = next(name for name in members if any(c.isspace() for c in name))
+    their = "their" if len(spaced) > 1 else "its"
+    return (f"{split}: {plural(len(spaced), 'sample')} rejected for whitespace in {their} member names (e.g. "
+            f"{member!r} in {tar}): DALI's index separates its fields by spaces and cannot hold them; {NAME_REMEDY}")
 
 
 def summary_lines(result: BuildResult, split: str) -> list[str]:

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from mixmae_scale import __version__
 from mixmae_scale.data import storage
@@ -35,11 +36,13 @@ from mixmae_scale.shards.sources import (
     SourceImage,
     ade20k_split,
     drop_duplicates,
+    escaped,
     folder_images,
     hidden_folders,
     hold_out,
     ignored_note,
     imagenet_split,
+    not_utf8,
     read_class_names,
 )
 from mixmae_scale.shards.writer import (
@@ -258,9 +261,26 @@ def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) 
                  if d.classes and d.classes != classes]
     if problems:
         raise SourceError("; ".join(problems))
+    refuse_names_not_utf8(src, found)
     unique, duplicates = drop_duplicates({split: d.images for split, d in found.items()})
     return {split: replace(d, images=unique[split], duplicates=d.duplicates + duplicates[split])
             for split, d in found.items()}
+
+
+def refuse_names_not_utf8(src: Path, found: dict[str, Discovered], shown: int = 5) -> None:
+    """Refuses a source with names that are not UTF-8, naming them with those bytes escaped, before anything is
+    written: each name becomes text in the manifest and the samples, where its surrogate escapes were kept as lone
+    surrogates (sources.not_utf8)."""
+    names = not_utf8([*(image.rel for d in found.values() for image in d.images),
+                      *(name for d in found.values() for name in d.ignored)])
+    if not names:
+        return
+    listed = ", ".join(f"'{escaped(name)}'" for name in names[:shown]) + (
+        f" and {len(names) - shown} more" if len(names) > shown else "")
+    raise SourceError(f"{src}: {plural(len(names), 'name')} {'is' if len(names) == 1 else 'are'} not UTF-8 (the bytes "
+                      f"that are not shown escaped): {listed}; a name is written into dataset.json, classes.json and "
+                      "each sample's json as text: rename them in UTF-8 (for names written in Latin-1: `convmv -r -f "
+                      f"latin1 -t utf8 --notest {escaped(str(src))}`) and run the same command again")
 
 
 def classes_left_out_of_val(discovered: dict[str, Discovered], fraction: float) -> str | None:
@@ -528,9 +548,40 @@ class ConversionSource:
         listed = [{"index": i, "wnid": w, **({"name": names[w]} if w in names else {})} for i, w in enumerate(classes)]
         every = tuple(dict.fromkeys(s for s in (*self.split_order, *entries) if s in self.other_splits or s in entries))
         splits = {**self.other_splits, **entries}
+        if self.options.val_fraction and {"train", "val"} <= splits.keys():
+            val = splits["val"]
+            splits["val"] = replace(val, counts={**val.counts, HELD_OUT: held_out_account(splits["train"], val)})
         return Manifest({name: splits[name] for name in every}, listed,
                         options=_written_options(replace(self.options, splits=every)), tool_version=__version__,
                         mask_classes=list(self.masks.class_names) if self.masks else [])
+
+
+HELD_OUT = "held_out"  # in a --val-fraction set's val entry: what each split was drawn, wrote and rejected
+
+
+def held_out_account(train: SplitEntry, val: SplitEntry) -> dict[str, Any]:
+    """What --val-fraction held out, drawn and kept: the draw is made from the file list before any image is read, so
+    the unreadable files it put in val are rejected while writing and val can end under the share drawn. Drawn is
+    written + rejected (duplicates skipped before the draw are in neither)."""
+    written = {"train": train.samples, "val": val.samples}
+    rejected = {"train": int(train.counts.get("rejected", 0)), "val": int(val.counts.get("rejected", 0))}
+    drawn = {split: written[split] + rejected[split] for split in written}
+    return {"drawn": drawn, "written": written, "rejected": rejected,
+            "share_drawn": round(drawn["val"] / max(sum(drawn.values()), 1), 4),
+            "share_written": round(written["val"] / max(sum(written.values()), 1), 4)}
+
+
+def _held_out_line(account: dict[str, Any]) -> str | None:
+    """The summary's line of `held_out_account`, where rejections moved the share val holds (None otherwise)."""
+    drawn, written, rejected = account["drawn"], account["written"], account["rejected"]
+    if not any(rejected.values()):
+        return None
+    below = (", under the share drawn" if account["share_written"] < account["share_drawn"] else
+             ", above the share drawn" if account["share_written"] > account["share_drawn"] else "")
+    return (f"val: held out {drawn['val']} of the {sum(drawn.values())} images drawn ({account['share_drawn']:.1%}); "
+            f"after the rejections (train {rejected['train']}, val {rejected['val']}) it holds {written['val']} of "
+            f"the {sum(written.values())} images written ({account['share_written']:.1%}){below} (rejected.jsonl "
+            "names the files)")
 
 
 def convert(src: Path, out: str | Path, options: ConvertOptions) -> BuildResult:
@@ -609,6 +660,9 @@ def summary_lines(manifest: Manifest) -> list[str]:
                         if info.get("ignored_not_images") else "")
                      + (f"; skipped {plural(info['ignored_hidden_folders'], 'hidden folder')}"
                         if info.get("ignored_hidden_folders") else ""))
+        held_out = _held_out_line(info[HELD_OUT]) if isinstance(info.get(HELD_OUT), dict) else None
+        if held_out:
+            lines.append(held_out)
         if info.get("transient"):
             lines.append(f"{split}: {info['transient']} of the rejections were I/O errors that may pass (EIO, ESTALE, "
                          "timeouts; retried with backoff): run the same command again to retry them")

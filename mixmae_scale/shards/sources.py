@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,29 @@ def drop_duplicates(splits: Mapping[str, list[SourceImage]]) -> tuple[dict[str, 
                 left_out[split].append(Duplicate(image.rel, holder[1].rel, holder[0] if holder[0] != split else "",
                                                  how == 2))
     return kept, left_out
+
+
+_NOT_UTF8 = re.compile(r"[\udc80-\udcff]")  # the surrogate escapes os.listdir gives bytes that are not UTF-8
+
+
+def escaped(name: str) -> str:
+    """A name listed from disk as a person can read and type it: the bytes that are not UTF-8 as `\\xNN`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def not_utf8(rels: Iterable[str]) -> list[str]:
+    """The names under a source root that are not UTF-8, each as the path to its first such part (a folder once,
+    with a trailing '/', not every file in it). Such a name is listed as surrogate escapes, which dataset.json,
+    classes.json and each sample's json then held as lone surrogates: JSON that strict readers refuse, and text that
+    stops a print."""
+    found = set()
+    for rel in rels:
+        parts = rel.rstrip("/").split("/")
+        for depth, part in enumerate(parts):
+            if _NOT_UTF8.search(part):
+                found.add("/".join(parts[:depth + 1]) + ("/" if depth < len(parts) - 1 or rel.endswith("/") else ""))
+                break
+    return sorted(found)
 
 
 def hidden_folders(ignored: list[str]) -> list[str]:

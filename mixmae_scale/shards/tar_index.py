@@ -7,7 +7,8 @@ stream (one GET), tarfile reads its headers in stream mode, and the same pass ha
 basename up to the first dot, the extension is the rest; consecutive members with one key form a sample;
 hidden names (a basename starting with a dot) belong to no sample. A sample that training could not use,
 or could not use unambiguously, is left out of the index with its reason:
-- a member name that is absolute or has '..', or that DALI's space-separated index cannot hold;
+- a member name that is absolute or has '..', or that DALI's space-separated index cannot hold (whitespace,
+  bytes that are not UTF-8);
 - a key that appears again later in the tar (two runs of members for one key: which is the sample?);
 - no image member (jpg, jpeg, png or webp, in any case), or more than one: we reject rather than keep
   the first, so that the sample trained on never depends on member order;
@@ -45,7 +46,11 @@ KEY_APART_REMEDY = ("a tar written in directory order, `tar cf x.tar .`, splits 
 # more (GIF, TGA, ICO, ...): a sample that only Pillow reads would pass --decode and stop training under DALI.
 DALI_FORMATS = ("JPEG", "MPO", "JPEG2000", "TIFF", "PNG", "BMP", "PPM", "WEBP")
 _BLOCK = 512
-_UNINDEXABLE = re.compile(r"[\s\ud800-\udfff]")
+_WHITESPACE = re.compile(r"\s")
+_NOT_UTF8 = re.compile(r"[\ud800-\udfff]")  # tarfile turns bytes that are not UTF-8 into surrogates
+NAME_WHITESPACE = "has whitespace"  # in the reason of a sample rejected for it (adopt.py gathers them in one line)
+NAME_REMEDY = ("extract the tar and convert its images with `mixmae shards folder` (it names the samples itself), or "
+               "rename the members without whitespace (e.g. spaces to '_') and write the tar again")
 _CHUNK = 1 << 20  # bytes per read when draining the stream
 _HISTORY = 1 << 16  # bytes kept behind the read position: more than tarfile's buffer reads ahead
 
@@ -217,8 +222,14 @@ def _sample_problem(sample: _Sample, key_runs: Counter[str]) -> str:
     for member in sample.members:
         if unsafe_name(member.name):
             return f"unsafe member name {member.name!r} (absolute or with '..')"
-        if _UNINDEXABLE.search(member.name):  # tarfile turns bytes that are not UTF-8 into surrogates
-            return f"member name {member.name!r} has whitespace or non-UTF-8 bytes, which a DALI index cannot hold"
+        # DALI's index line is `ext offset size name` per member, split at spaces: its own wds2idx writes such a
+        # name as it is, and the reader then takes the name's second word for the next member's extension.
+        if _WHITESPACE.search(member.name):
+            return (f"member name {member.name!r} {NAME_WHITESPACE}: DALI's index separates its fields by spaces "
+                    f"and cannot hold it; {NAME_REMEDY}")
+        if _NOT_UTF8.search(member.name):
+            return (f"member name {member.name!r} is not UTF-8 (its bytes that are not are shown escaped), which a "
+                    "DALI index cannot hold: rename the members in UTF-8 and write the tar again")
     if key_runs[sample.key] > 1:
         return (f"key {sample.key!r} appears {key_runs[sample.key]} times apart in this tar (a sample's members "
                 f"must be consecutive; {KEY_APART_REMEDY})")

@@ -687,3 +687,31 @@ def test_a_rerun_over_a_set_that_held_a_tar_of_a_hidden_folder_says_it_is_skippe
     said = " ".join(again.warnings)
     assert "no longer in" not in said and "put them back" not in said, said
     assert ".Trash-1000/files/shard-000001.tar" in said and "hidden folder" in said, said
+
+
+def test_member_names_with_spaces_are_rejected_naming_the_tar_and_member_with_the_way_out(tmp_path, capsys):
+    """A hand-made tar of `n01440764 1.jpg` and its cls: webdataset's key is `n01440764 1`, and DALI's index, whose
+    fields are space-separated (its own wds2idx writes the name as it is), cannot hold it. Every sample was rejected
+    and the refusal grouped them as `member name '...' has whitespace or non-UTF-N bytes, whic...`: neither the tar
+    nor the member, nor what to do."""
+    jpg = image_bytes("jpg")
+    write_tar(tmp_path / "src" / "train-000000.tar", [
+        *[(f"n01440764 {i}.{ext}", data) for i in range(4) for ext, data in (("jpg", jpg), ("cls", b"0"))]])
+    out = tmp_path / "out"
+    assert main(["shards", "adopt", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 2
+    error = capsys.readouterr().err
+    assert ("train: 4 samples rejected for whitespace in their member names (e.g. 'n01440764 0.jpg' in "
+            "train-000000.tar): DALI's index separates its fields by spaces and cannot hold them; extract the tar and "
+            "convert its images with `mixmae shards folder` (it names the samples itself), or rename the members "
+            "without whitespace (e.g. spaces to '_') and write the tar again") in error, error
+    assert "4 x \"member name '...' has whitespace\"" in error, error
+    rows = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [row["members"] for row in rows][0] == ["n01440764 0.jpg", "n01440764 0.cls"]
+    # Beside good samples, within the ceiling: adopted, and the same line said as a warning.
+    write_tar(tmp_path / "mixed" / "train-000000.tar", [
+        *[(f"n01440764_{i}.{ext}", data) for i in range(3) for ext, data in (("jpg", jpg), ("cls", b"0"))],
+        ("n01440764 9.jpg", jpg), ("n01440764 9.cls", b"0")])
+    result = adopt(tmp_path / "mixed", tmp_path / "mixed-out", AdoptOptions(max_rejected=0.5))
+    assert result.manifest.splits["train"].samples == 3
+    assert any(w.startswith("train: 1 sample rejected for whitespace in its member names (e.g. 'n01440764 9.jpg' in "
+                            "train-000000.tar)") for w in result.warnings), result.warnings

@@ -182,6 +182,64 @@ def test_a_resume_with_another_schedule_says_where_the_learning_rate_goes_on(tmp
     assert to_zero.endswith(" 0 at step 12 of 90 (to 0)"), to_zero
 
 
+def test_a_fine_tuning_rerun_with_more_epochs_says_before_training_that_it_continues_the_run_and_how_to_start_anew(
+        tmp_path, gloo_of_one, caplog):
+    """The same fine-tuning command again in its folder with schedule.epochs raised went on from the checkpoint, the
+    log naming a changed key and the lr but not that this is the earlier run continued under a longer schedule, nor
+    how to start a new one. The loop's resume (TrainingLoop._resume, the checkpointer stood in for) with DeepSpeed's
+    own WarmupCosineLR, stepped to the checkpoint's step under the old schedule and rebuilt for the new one as the
+    engine's load does (it restores only last_batch_iteration)."""
+    import logging
+    import types
+
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from mixmae_scale.config.deepspeed_config import engine_config
+    from mixmae_scale.engine import run_folder
+    from mixmae_scale.engine.loop import TrainingLoop
+
+    first, now = (resolved(f"schedule.epochs={epochs}", profile="finetune_tiny") for epochs in (2, 4))
+    assert now.derived.total_steps > first.derived.total_steps
+    ckpt_dir = saved_run(tmp_path, first)
+    plan = plan_for(ckpt_dir, now)
+    assert plan.saved_total_steps == first.derived.total_steps
+
+    def scheduler(config, steps: int) -> WarmupCosineLR:
+        weight = torch.nn.Parameter(torch.zeros(1))
+        made = WarmupCosineLR(torch.optim.SGD([weight], lr=config.derived.learning_rate),
+                              **engine_config(config, tmp_path)["scheduler"]["params"])
+        for _ in range(steps):
+            made.step()
+        return made
+
+    old = scheduler(first, plan.step)
+    new = scheduler(now, 0)
+    new.load_state_dict(old.state_dict())
+    run = ckpt_dir.parent
+    (run / "metrics.csv").write_text(f"step,loss,lr\n{plan.step},2.3,{old.get_lr()[0]}\n")
+    loop = types.SimpleNamespace(checkpointer=types.SimpleNamespace(resume=lambda plan: plan.step),
+                                 ctx=types.SimpleNamespace(rank=0, root=run), derived=now.derived, scheduler=new,
+                                 job=types.SimpleNamespace(truncate_logs=lambda step: None))
+    with caplog.at_level(logging.WARNING, logger="mixmae.loop"):
+        TrainingLoop._resume(loop, plan)
+    said = [r.getMessage() for r in caplog.records if r.name == "mixmae.loop"]
+    assert len(said) == 1, said
+    step, old_total, total = plan.step, first.derived.total_steps, now.derived.total_steps
+    assert said[0].startswith(f"continuing the earlier run from its checkpoint at step {step} of its {old_total}-step "
+                              f"schedule, now {total} steps long (not a new run): the learning rate's warm-up and "
+                              f"cosine are recomputed over {total} steps and taken up at step {step + 1}"), said[0]
+    assert (f"(the checkpoint keeps only the scheduler's step count): lr {old.get_lr()[0]:.3g} at step {step} "
+            f"under the checkpoint's, {new.get_lr()[0]:.3g} at step {step + 1}") in said[0]
+    assert said[0].endswith(f"; to train a new {total}-step run from the start instead, {run_folder.way_out(run)}")
+    assert "--overwrite" in said[0]
+    # A finished run (its last step, lr at the floor) extended: the jump back up is said.
+    extended = recipe.continuation_note(36, 36, 72, 4.747577e-06, 0.00046875, "HOW")
+    assert "4.75e-06 at step 36 under the checkpoint's, 0.000469 at step 37 (98.7x); " in extended
+    assert recipe.continuation_note(36, 72, 72, 4.7e-06, 4.7e-06, "HOW") is None  # the same length: a plain resume
+    assert recipe.continuation_note(36, None, 72, 4.7e-06, 4.7e-06, "HOW") is None  # an older tag's recipe
+
+
 def test_a_rebuilt_set_with_the_same_names_sizes_and_counts_but_other_tars_is_not_a_move(tmp_path, gloo_of_one):
     """Tars are 512-byte padded: a set rebuilt (re-encoded, relabelled) can keep every name, size and count. The
     manifest's sha256 of each tar tells it apart; a tag saved with a digest of the names alone still reads a move."""

@@ -20,9 +20,10 @@ def _start_finding_the_run_complete(monkeypatch, run, total_steps: int, at_step:
     monkeypatch.setattr(loop, "StopFlag", lambda: None)
     monkeypatch.setattr(loop, "job_crop_scale", lambda config, job: None)
     monkeypatch.setattr(loop.distributed, "init", lambda local_rank: (0, 1, "cpu"))
-    monkeypatch.setattr(loop, "training_mixture", lambda *a: types.SimpleNamespace(expected_samples=1))
+    monkeypatch.setattr(loop, "training_mixture", lambda *a: types.SimpleNamespace(
+        expected_samples=1, too_small=lambda split, world, micro: None))
     monkeypatch.setattr(loop, "resolve", lambda *a, **k: types.SimpleNamespace(
-        derived=types.SimpleNamespace(total_steps=total_steps)))
+        derived=types.SimpleNamespace(total_steps=total_steps, micro_batch=1)))
     monkeypatch.setattr(loop, "engine_config", lambda *a: {})
     monkeypatch.setattr(loop, "optimizer_layout", lambda *a: None)
     monkeypatch.setattr(loop, "agree_on_configuration", lambda *a: None)

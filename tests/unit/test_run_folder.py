@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mixmae_scale.engine import run_folder
@@ -206,3 +207,41 @@ def test_another_jobs_folder_without_checkpoints_is_refused_without_naming_check
     assert said.startswith(f"{run} holds a pretraining run (run.json: job pretrain, no checkpoint yet), not a "
                            "fine-tuning: a fine-tuning started there would write over that run's files; "), said
     assert "checkpoints" not in said.split(";")[0], said
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a folder): what a refused start must leave as it was."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
+
+
+def test_a_mixture_too_small_for_a_batch_is_refused_before_the_folder_is_touched_and_a_fixed_one_then_starts(
+        gloo_of_one, tmp_path, monkeypatch):
+    """A mixture whose fractional weight can draw an epoch short of one micro-batch was refused by the loader, after
+    start_run had taken the folder's lock and written config.yaml and checkpoints/. start_run here is the real one (the
+    configuration resolved, the folder's lock, plan and config.yaml) in a gloo world of one, without DeepSpeed."""
+    from tiny_sets import tiny_set
+
+    from mixmae_scale.config.load import load_config
+    from mixmae_scale.data.errors import DataError
+    from mixmae_scale.engine import loop
+
+    big = tiny_set(tmp_path / "big", {"a": 14})  # one shard: at weight 0.5 some epochs draw none of it
+    small = tiny_set(tmp_path / "small", {"a": 2})
+    monkeypatch.setattr(loop.distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+
+    def start(weight: float):
+        sources = f"data.sources=[{{shards: {big}, weight: {weight}}}, {{shards: {small}, weight: 1.0}}]"
+        config, files = load_config("tiny", None, [f"data.shards={big}", sources, "batch.micro=8",
+                                                   "batch.global_batch=8"])
+        return loop.start_run(config, files, run, 0)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's own file")
+    before = _tree(run)
+    with pytest.raises(DataError, match=r"an epoch can draw as few as 2 samples .* fewer than one batch"):
+        start(0.5)
+    assert _tree(run) == before
+    ctx = start(1.0)  # the same command with a weight that reads the set every epoch
+    assert ctx.resume is None and ctx.root == run
+    assert {"config.yaml", "checkpoints", "notes.txt"} <= set(_tree(run))

@@ -166,8 +166,10 @@ def test_start_run_takes_the_lock_before_the_run_folder_is_prepared(tmp_path, mo
     monkeypatch.setattr(loop, "StopFlag", lambda: None)
     monkeypatch.setattr(loop, "job_crop_scale", lambda config, job: None)
     monkeypatch.setattr(loop.distributed, "init", lambda local_rank: (0, 1, "cpu"))
-    monkeypatch.setattr(loop, "training_mixture", lambda *a: types.SimpleNamespace(expected_samples=1))
-    monkeypatch.setattr(loop, "resolve", lambda *a, **k: None)
+    monkeypatch.setattr(loop, "training_mixture", lambda *a: types.SimpleNamespace(
+        expected_samples=1, too_small=lambda split, world, micro: None))
+    monkeypatch.setattr(loop, "resolve", lambda *a, **k: types.SimpleNamespace(
+        derived=types.SimpleNamespace(micro_batch=1)))
     monkeypatch.setattr(loop, "engine_config", lambda *a: {})
     monkeypatch.setattr(loop, "optimizer_layout", lambda *a: None)
     monkeypatch.setattr(loop, "agree_on_configuration", lambda *a: None)

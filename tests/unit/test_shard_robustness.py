@@ -336,3 +336,26 @@ def test_a_val_converted_alone_after_train_skips_its_links_into_train(tmp_path):
     assert again.manifest.splits["train"].samples == 2
     warned = convert(src, tmp_path / "out2", ConvertOptions(layout="imagenet", shard_bytes=None, splits=("val",)))
     assert any("train" in w and "duplicates" in w and "not recorded" in w for w in warned.warnings), warned.warnings
+
+
+def test_names_that_are_not_utf8_are_refused_by_name_with_their_bytes_escaped_before_anything_is_written(tmp_path,
+                                                                                                          capsys):
+    """A folder copied from an old Latin-1 system: `dög/` and `cat/café.jpg` named in Latin-1 bytes. Python lists
+    them as surrogate escapes ('d\\udcf6g'), which went into classes.json, dataset.json and each sample's json as
+    `"d\\udcf6g"`: a lone surrogate, which strict JSON readers refuse and which stops a print of the class names."""
+    from mixmae_scale.cli import main
+
+    src = tmp_path / "src"
+    for i in range(3):
+        jpeg(src / "cat" / f"cat_{i}.jpg")
+        jpeg(Path(os.fsdecode(bytes(src) + b"/d\xf6g")) / f"dog_{i}.jpg")
+    jpeg(Path(os.fsdecode(bytes(src) + b"/cat/caf\xe9.jpg")))
+    assert sorted(os.listdir(bytes(src))) == [b"cat", b"d\xf6g"]  # real bytes names on disk
+    out = tmp_path / "out"
+    assert main(["shards", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]) == 2
+    error = capsys.readouterr().err
+    assert (f"{src}: 2 names are not UTF-8 (the bytes that are not shown escaped): 'cat/caf\\xe9.jpg', 'd\\xf6g/'; a "
+            "name is written into dataset.json, classes.json and each sample's json as text: rename them in UTF-8 "
+            f"(for names written in Latin-1: `convmv -r -f latin1 -t utf8 --notest {src}`) and run the same command "
+            "again") in error, error
+    assert "\\udc" not in error and not out.exists()

@@ -451,6 +451,33 @@ def test_a_val_fraction_conversion_resumed_on_a_changed_folder_writes_no_file_to
     assert len(val - before["val"]) == 1  # round(0.2 x 5) of dog's new files; cat's one new file trains
 
 
+def test_a_val_fraction_conversion_with_unreadable_images_says_the_share_val_keeps_after_rejections(tmp_path, capsys):
+    """The draw of --val-fraction is made from the file list, before any image is read: unreadable files it held out
+    are rejected while writing, and val ended under its share while the summary said `held out: 20% of each class`
+    alone. The summary and dataset.json say what each split kept and lost."""
+    from mixmae_scale.cli import main
+
+    src = _class_folder_tree(tmp_path / "src")  # 31 files: cat 11, dog 10, eel 10
+    args = ["shards", "folder", "--src", str(src), "--val-fraction", "0.2", "--workers", "1", "--max-rejected", "0.5"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    val, train = sorted(_split_sources(tmp_path / "clean", "val")), sorted(_split_sources(tmp_path / "clean", "train"))
+    for number, rel in enumerate([*val[:3], train[0]]):  # 3 of val's 6 and 1 of train's 25 made unreadable
+        (src / rel).write_bytes(b"\xff\xd8\xff\xe0 truncated %d" % number)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("val (held out: 20% of each class): found 6 = written 3 + rejected 3;"), lines
+    assert lines[2] == ("val: held out 6 of the 31 images drawn (19.4%); after the rejections (train 1, val 3) it "
+                        "holds 3 of the 27 images written (11.1%), under the share drawn (rejected.jsonl names the "
+                        "files)"), lines
+    manifest = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert manifest["splits"]["val"]["held_out"] == {
+        "drawn": {"train": 25, "val": 6}, "written": {"train": 24, "val": 3}, "rejected": {"train": 1, "val": 3},
+        "share_drawn": round(6 / 31, 4), "share_written": round(3 / 27, 4)}
+    clean = json.loads((tmp_path / "clean" / "dataset.json").read_text())["splits"]["val"]["held_out"]
+    assert clean["share_written"] == clean["share_drawn"] == round(6 / 31, 4)
+
+
 def test_a_val_fraction_that_holds_out_nothing_is_refused_saying_why(tmp_path, capsys):
     """round(0.1 x 5) is 0 (half to even): the val split was empty, and the rejection ceiling said "0 of 0 files
     rejected (all)" and suggested a --max-rejected that could not help."""

@@ -301,22 +301,27 @@ def last_error_line(capfd, code: int) -> str:
     return last
 
 
+def evaluation_gives(monkeypatch, result: dict) -> None:
+    """`mixmae eval`'s classifier and evaluation stood in for, in a world of one on the CPU, so that `result` is what
+    the command prints from (the evaluation's own results are tests/integration's)."""
+    from mixmae_scale.engine import distributed
+    from mixmae_scale.finetune import evaluate
+
+    monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
+    monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
+    monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+
+
 def test_eval_and_visualize_print_one_line_and_json_on_request(capsys, monkeypatch):
     """What a user reads after `mixmae eval` and `mixmae visualize`: one line, not a JSON dump (--json gives it).
     The evaluation and the drawing are stood in for (their results are tests/integration's); the lines are not."""
     import json
 
-    import torch
-
-    from mixmae_scale.engine import distributed
-    from mixmae_scale.finetune import evaluate
     from mixmae_scale.visualize import reconstruction
 
     result = {"weights": "ft.safetensors", "split": "val", "batch": 40, "samples": 800, "top1": 41.25, "top5": 87.5,
               "loss": 1.9, "precision": "fp32"}
-    monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
-    monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
-    monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+    evaluation_gives(monkeypatch, result)
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
     assert capsys.readouterr().out == ("top-1 41.25%, top-5 87.50% (fp32) on the 800 images of split 'val' of "
                                        "shards (ft.safetensors)\n")
@@ -539,6 +544,18 @@ def test_an_unfinished_adoption_is_called_one(tmp_path, monkeypatch, capfd):
     assert "it holds an unfinished adoption (`mixmae shards adopt ... --out index`): run that command again" in line
 
 
+def probe_refusal(capfd, monkeypatch, reader: tuple[object, str], weights: Path, data: Path, *more: str) -> str:
+    """The one error line of `mixmae probe --init WEIGHTS --data DATA MORE`, with `reader` (a module and the name of
+    what reads its images) failing the test if called: these refusals are made from the manifest, before any image
+    is read (which took minutes on a CPU)."""
+    def read(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(*reader, read)
+    return one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data", str(data),
+                                       *more]))
+
+
 def test_probe_refuses_a_one_class_set_from_its_manifest_before_reading_an_image(weights, tmp_path, monkeypatch,
                                                                                  capfd):
     """`mixmae probe` of a folder of one class encoded every image of both splits (minutes on a CPU) before it
@@ -549,13 +566,7 @@ def test_probe_refuses_a_one_class_set_from_its_manifest_before_reading_an_image
 
     shards = tiny_set(tmp_path, {"cats": 8}, val_fraction=0.25)
     capfd.readouterr()  # the conversion's progress bars
-
-    def read_batches(*args, **kwargs):
-        raise AssertionError("an image was read")
-
-    monkeypatch.setattr(probe, "read_batches", read_batches)
-    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
-                                       str(shards)]))
+    line = probe_refusal(capfd, monkeypatch, (probe, "read_batches"), weights, shards)
     assert line == (f"mixmae: error: --data {shards}: split 'train' has 1 class (cats) in the set's manifest; a "
                     "read-out of one class answers it for every image (top-1 100% whatever the encoder): probe on a "
                     "set of two classes or more")
@@ -576,13 +587,7 @@ def test_probe_refuses_a_split_without_labels_from_its_manifest_before_reading_a
     manifest["splits"][unlabeled]["labeled"] = False  # as `mixmae shards folder --unlabeled` writes a split
     (shards / "dataset.json").write_text(json.dumps(manifest))
     capfd.readouterr()  # the conversion's progress bars
-
-    def read_batches(*args, **kwargs):
-        raise AssertionError("an image was read")
-
-    monkeypatch.setattr(probe, "read_batches", read_batches)
-    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
-                                       str(shards)]))
+    line = probe_refusal(capfd, monkeypatch, (probe, "read_batches"), weights, shards)
     assert line == (f"mixmae: error: --data {shards}: split '{unlabeled}' has no labels (no .cls members, its "
                     "manifest says); the probe fits and scores class labels: give it a labeled split (`mixmae shards "
                     "folder` of class subfolders, `mixmae shards adopt` without --unlabeled)")
@@ -592,16 +597,9 @@ def test_eval_of_a_split_of_few_images_says_how_wide_its_top1_is(capsys, monkeyp
     """`mixmae eval` of a folder's tiny validation split (`--val-fraction` of a few images) printed `top-1 100.00% ...
     on the 2 images`, a result with nothing said of it, where the fine-tuning's own last line and the probe say a
     top-1 on fewer than 100 images is too few to read. It says so too, with the interval."""
-    import torch
-
-    from mixmae_scale.engine import distributed
-    from mixmae_scale.finetune import evaluate
-
     result = {"weights": "ft.safetensors", "split": "val", "batch": 2, "samples": 2, "top1": 100.0, "top5": None,
               "loss": 0.1, "precision": "fp32"}
-    monkeypatch.setattr(evaluate, "load_classifier", lambda *args: torch.nn.Identity())
-    monkeypatch.setattr(evaluate, "evaluate_classifier", lambda *args: result)
-    monkeypatch.setattr(distributed, "init", lambda local_rank: (0, 1, torch.device("cpu")))
+    evaluation_gives(monkeypatch, result)
     assert main(["eval", "--init", "ft.safetensors", "--data", "shards"]) == 0
     assert capsys.readouterr().out == ("top-1 100.00%, top-5 n/a (fp32) on the 2 images of split 'val' of shards "
                                        "(ft.safetensors), too few to read: its 95% interval is about +-69 points\n")
@@ -613,11 +611,7 @@ def test_a_dense_probe_of_fewer_mask_classes_than_the_manifests_is_refused_befor
     whole training split, then stopped on the first label past 4. The manifest's count is known before: refused."""
     from mixmae_scale.finetune import dense_probe
 
-    def load_masked_split(*args, **kwargs):
-        raise AssertionError("an image was read")
-
-    monkeypatch.setattr(dense_probe, "load_masked_split", load_masked_split)
-    line = one_error_line(capfd, main(["probe", "--init", str(weights / "encoder.safetensors"), "--data",
-                                       str(demo_shards), "--dense", "--mask-classes", "5"]))
+    line = probe_refusal(capfd, monkeypatch, (dense_probe, "load_masked_split"), weights, demo_shards, "--dense",
+                         "--mask-classes", "5")
     assert line == (f"mixmae: error: --mask-classes 5: the masks of {demo_shards} label 11 classes (its manifest's "
                     "mask_classes); pass at least 11, or leave it out to take the manifest's")

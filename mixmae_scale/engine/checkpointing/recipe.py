@@ -395,13 +395,37 @@ def schedule_note(changes: tuple[str, ...], step: int, before: float | None, aft
     keys = [change.split(" ", 1)[0] for change in changes]
     if not any(_under(key, SCHEDULE) for key in keys):
         return None
+    return f"the learning rate follows the new schedule from step {step + 1} on: {_lr_move(step, before, after)}" \
+           f" of {total_steps}{_jump(before, after)}"
+
+
+def _lr_move(step: int, before: float | None, after: float) -> str:
     was = f"{before:.3g} at step {step} under the checkpoint's, " if before is not None else ""
-    jump = ""
+    return f"{was}{after:.3g} at step {step + 1}"
+
+
+def _jump(before: float | None, after: float) -> str:
     if before is not None and before > 0 and after == 0:
-        jump = " (to 0)"
-    elif before is not None and before > 0 and not 0.5 <= after / before <= 2:
-        jump = f" ({after / before:.3g}x)"
-    elif before == 0 and after > 0:
-        jump = " (from 0)"
-    return (f"the learning rate follows the new schedule from step {step + 1} on: {was}{after:.3g} at step "
-            f"{step + 1} of {total_steps}{jump}")
+        return " (to 0)"
+    if before is not None and before > 0 and not 0.5 <= after / before <= 2:
+        return f" ({after / before:.3g}x)"
+    if before == 0 and after > 0:
+        return " (from 0)"
+    return ""
+
+
+def continuation_note(step: int, saved_total: int | None, total_steps: int, before: float | None, after: float,
+                      how: str) -> str | None:
+    """What a resume under a schedule of another length than the checkpoint's does (None where the length is the
+    same, or the checkpoint did not record it): the same command again with more epochs in a finished run's folder
+    continues that run, which read like a new run started, only run.json saying otherwise. DeepSpeed's
+    WarmupCosineLR keeps nothing of the checkpoint but its step count (`last_batch_iteration`): the warm-up and
+    cosine are the new length's, taken up at the resumed step, not the old curve's end stretched. `before`, `after`:
+    as `schedule_note`; `how`: the way to a new run in this folder (run_folder.way_out)."""
+    if saved_total is None or saved_total == total_steps:
+        return None
+    return (f"continuing the earlier run from its checkpoint at step {step} of its {saved_total}-step schedule, now "
+            f"{total_steps} steps long (not a new run): the learning rate's warm-up and cosine are recomputed over "
+            f"{total_steps} steps and taken up at step {step + 1} (the checkpoint keeps only the scheduler's step "
+            f"count): lr {_lr_move(step, before, after)}{_jump(before, after)}; to train a new {total_steps}-step "
+            f"run from the start instead, {how}")

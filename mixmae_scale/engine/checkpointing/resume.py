@@ -59,6 +59,7 @@ class ResumePlan:
     same_layout: bool = True  # same world size and optimizer layout: each rank reads its own file back, bit-exact
     config_changes: tuple[str, ...] = ()  # `key old -> new` for each key changed since the tag was saved (recipe.py)
     heldout_change: str | None = None  # the held-out images differ from the tag's (recipe.heldout_change): the warning
+    saved_total_steps: int | None = None  # the schedule length the tag was trained under (None: not in its recipe)
 
     @property
     def step(self) -> int:
@@ -228,6 +229,8 @@ def _check_recipe(ckpt_dir: Path, plan: ResumePlan, current: dict[str, Any], all
     """The tag's recorded recipe against this run's: refused (recipe.py says which keys), or the plan with the
     changes noted, so that the log and run.json say what the steps after the resume ran with."""
     saved, where = recipe.saved_recipe(ckpt_dir, plan.tag), str((ckpt_dir / plan.tag).resolve())
+    total = ((saved or {}).get("derived") or {}).get("total_steps")
+    plan = replace(plan, saved_total_steps=total if isinstance(total, int) else None)
     verdict = recipe.compare(saved, current, allow, where, run_folder.way_out(ckpt_dir.parent))
     if verdict.refusal:
         raise store.ResumeError(verdict.refusal)
