@@ -130,6 +130,36 @@ def test_no_gpu_count_or_no_python_is_one_line_and_nothing_starts(script, slurm)
                                      "mixmae-scale is installed in before sbatch, or set MIXMAE_PYTHON=/path/to/python")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpus_that_do_not_split_evenly_over_the_nodes_are_refused_with_the_counts(script, slurm):
+    """`sbatch --gpus=16 --nodes=3` (SLURM_GPUS, no per-node variable): the count per node was rounded down to 5,
+    silently, and every node ran 5 ranks. Slurm is simulated by its variables; nothing starts."""
+    env, records, _ = slurm
+    env = {**env, "SLURM_GPUS": "h100:16", "SLURM_JOB_NUM_NODES": "3", "SLURM_NNODES": "3"}
+    result = submit(script, env)
+    assert result.returncode == 2 and not (records / "srun.args").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mixmae: error: --gpus=h100:16 does not split evenly over 3 nodes (16 GPUs), and every node runs as many "
+        "ranks as the first: request --gpus-per-node=N, or set MIXMAE_GPUS_PER_NODE=5 to use that many on each node")
+    result = submit(script, {**env, "MIXMAE_GPUS_PER_NODE": "5"})  # the way out it names
+    assert result.returncode == 0, result.stderr
+    assert "cluster.gpus_per_node=5" in recorded(records, "python")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("variable", ["SLURM_HET_SIZE", "SLURM_PACK_SIZE"])  # its name before Slurm 20.02
+def test_a_heterogeneous_job_is_refused_before_anything_starts(script, slurm, variable):
+    """A heterogeneous job's batch script sees its first component only (nodes, GPUs, CPUs): the scripts started one
+    step over it as if every node were alike. Slurm is simulated by the variable it sets; nothing starts."""
+    env, records, _ = slurm
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", variable: "2"}, "--set", "run.name=x")
+    assert result.returncode == 2 and not (records / "srun.args").exists() and not (records / "python.args").exists()
+    assert result.stderr.strip() == (
+        f"mixmae: error: job 4242 is a heterogeneous job of 2 components ({variable}=2): this script starts one "
+        "step with the same GPUs and tasks on every node; submit one component (no hetjob/':' between option "
+        "groups) with --nodes and --gpus-per-node for all nodes")
+
+
 def test_both_scripts_read_gpus_the_same_way():
     def function(script: str) -> str:
         text = (SLURM / script).read_text()
