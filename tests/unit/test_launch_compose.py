@@ -173,7 +173,7 @@ def test_one_node_dry_run_prints_the_local_command_that_runs_as_printed(capsys):
                            "--profile", "swin_h"]
 
 
-def test_two_launches_on_one_node_get_different_ports_unless_one_is_set(tmp_path, monkeypatch):
+def test_two_launches_on_one_node_get_different_ports_unless_one_is_set(tmp_path, monkeypatch, capsys):
     """Every `mixmae launch` without cluster.master_port used 29500, so a second run on the node failed with
     EADDRINUSE. The default comes from the run folder: two run folders (two runs) differ, the same folder gives the
     same port (the launcher hands it to every node), in the sbatch scripts' range 10000-29999 (unprivileged, below
@@ -190,6 +190,11 @@ def test_two_launches_on_one_node_get_different_ports_unless_one_is_set(tmp_path
     assert port("run.name=a", "cluster.master_port=29555") == 29555
     (tmp_path / "cluster.yaml").write_text("cluster:\n  num_nodes: 1\n  master_port: 29600\n")
     assert port("run.name=a", cluster="cluster.yaml") == 29600
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "tiny", "--dry-run", "--set", "run.name=a"]) == 0  # the dry run says where it came from
+    assert (f"master port      {port('run.name=a')} (from the run folder {tmp_path / 'runs' / 'a'}; --set "
+            "cluster.master_port=N sets one)") in capsys.readouterr().out
 
 
 def test_dry_run_says_a_missing_hostfile_and_the_launch_refuses_it(capsys):
