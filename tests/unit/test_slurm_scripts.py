@@ -139,8 +139,12 @@ def test_gpus_that_do_not_split_evenly_over_the_nodes_are_refused_with_the_count
     result = submit(script, env)
     assert result.returncode == 2 and not (records / "srun.args").exists()
     assert result.stderr.strip().splitlines()[-1] == (
-        "mixmae: error: --gpus=h100:16 does not split evenly over 3 nodes (16 GPUs), and every node runs as many "
-        "ranks as the first: request --gpus-per-node=N, or set MIXMAE_GPUS_PER_NODE=5 to use that many on each node")
+        "mixmae: error: --gpus=h100:16 does not split evenly over 3 nodes, and every node runs as many ranks as the "
+        "first: request --gpus-per-node=N, or set MIXMAE_GPUS_PER_NODE=5 to use that many on each node")
+    result = submit(script, {**env, "SLURM_GPUS": "2", "SLURM_JOB_NUM_NODES": "3"})  # fewer GPUs than nodes
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "mixmae: error: --gpus=2 does not split evenly over 3 nodes, and every node runs as many ranks as the first: "
+        "request --gpus-per-node=N")
     result = submit(script, {**env, "MIXMAE_GPUS_PER_NODE": "5"})  # the way out it names
     assert result.returncode == 0, result.stderr
     assert "cluster.gpus_per_node=5" in recorded(records, "python")
