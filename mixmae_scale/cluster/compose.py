@@ -1,7 +1,8 @@
 """The exact `deepspeed` launcher command for a profile, like gpt-neox's deepy.py.
 
 The command is composed from the cluster section (hostfile, include/exclude, nodes, GPUs per node,
-master address and port, launcher backend). Environment variables for every rank (`cluster.env`): on one node
+master address and port, launcher backend); without cluster.master_port the port comes from the run folder
+(`launch_port`). Environment variables for every rank (`cluster.env`): on one node
 they go into the launched process's environment, which the ranks inherit (DeepSpeed reads `.deepspeed_env` only
 where it starts other hosts); on several nodes into `.deepspeed_env`, with the MIXMAE_* variables of the launching
 shell, since DeepSpeed forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* and that file to remote ranks; a run
@@ -14,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,15 @@ def visible_devices(gpus_per_node: int) -> str | None:
     return ",".join(ids)
 
 
+def launch_port(run_dir: Path) -> int:
+    """The rendezvous port of a launch that names none: 10000 + crc32(the run folder's absolute path) % 20000. Two
+    runs on one node have two run folders (the run lock refuses a second start in one), so they get different
+    ports (29500 for every run made the second fail with EADDRINUSE), and the port is computed once, here, and given
+    to every node's ranks by the launcher. The range is the sbatch scripts' (10000 + job id % 20000): unprivileged,
+    below Linux's ephemeral ports (32768-60999), where an outgoing connection on the node may hold it."""
+    return 10000 + zlib.crc32(os.path.abspath(run_dir).encode()) % 20000
+
+
 def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, overrides: list[str],
             job: str = "pretrain", workdir: Path = Path("."), check_files: bool = True) -> LaunchPlan:
     """The command as it must run. One node needs no hostfile and no remote launcher: the command is the
@@ -208,7 +219,8 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     # DeepSpeed refuses --num_gpus with --include/--exclude, and its MPI launchers refuse it at all.
     if not (c.include or c.exclude or visible) and not (c.num_nodes > 1 and c.launcher in MPI_LAUNCHERS):
         launcher += ["--num_gpus", str(c.gpus_per_node)]
-    launcher += ["--master_port", str(c.master_port)]
+    run_dir = Path(resolved.config.run.output_dir) / resolved.config.run.name
+    launcher += ["--master_port", str(c.master_port or launch_port(run_dir))]
     if c.master_addr:
         launcher += ["--master_addr", c.master_addr]
     args = ["--module", "mixmae_scale.cli", job, "--profile", profile]

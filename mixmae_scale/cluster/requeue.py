@@ -62,19 +62,19 @@ def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
 
 
 def read_job(argv: list[str]) -> tuple[Path, str | None]:
-    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name), and the argument
-    that makes every start of it a new run, if one does: a requeue runs the batch script with the same arguments,
-    so --overwrite would move the stopped run aside and begin at step 0 again (every requeue, up to the cap), and
-    checkpoint.resume=none over its checkpoints is refused on every rank."""
-    from mixmae_scale.cli import build_parser
+    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name), and what in the
+    arguments makes every start of it a new run, if anything does (cluster/restart.py `fresh_start`, the ranks' own
+    parse: an abbreviated --overwrite, checkpoint.resume=none from the profile, cluster file or --set): a requeue
+    runs the batch script with the same arguments, so --overwrite would move the stopped run aside and begin at
+    step 0 again (every requeue, up to the cap), and checkpoint.resume=none over its checkpoints is refused on every
+    rank."""
+    from mixmae_scale.cluster.restart import fresh_start, parse
     from mixmae_scale.config import load_config
 
-    args = build_parser().parse_args(["pretrain", *argv])
+    args = parse(argv)
     config, _ = load_config(args.profile, args.cluster, list(args.overrides))
     run_dir = Path(args.run_dir) if args.run_dir else Path(config.run.output_dir) / config.run.name
-    restarts = "--overwrite" if args.overwrite else (
-        "checkpoint.resume=none" if config.checkpoint.resume == "none" else None)
-    return run_dir, restarts
+    return run_dir, " and ".join(fresh_start(argv)) or None
 
 
 def main(argv: list[str]) -> int:

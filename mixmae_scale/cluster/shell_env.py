@@ -24,18 +24,20 @@ PORT_VARIABLE = "MIXMAE_CLUSTER_MASTER_PORT"  # a shell variable the scripts rea
 def env_problems(env: dict[str, object], where: str) -> None:
     """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, and a value read as null, a
     boolean or a mapping/list: every rank gets str(value), so a blank (null) became 'None' and yes/on 'True'. Numbers
-    pass as Python writes them, which is not always the text written (010 is 8, 1.10 is 1.1): quote those."""
+    and dates arrive as the text typed (config/load.py keep_env_text: 010 stays 010, not 8)."""
     for key, value in env.items():
         if not NAME.fullmatch(str(key)):
             raise ConfigError(f"{where}: cluster.env key '{key}' is not an environment variable name "
                               "(letters, digits, _; not starting with a digit)")
         if value is None:
             raise ConfigError(f"{where}: cluster.env.{key} has no value (YAML reads a blank as null, which every "
-                              f"rank would get as 'None'); write {key}: '' for an empty value, or remove it")
+                              f"rank would get as 'None'); for an empty value write {key}: '' in a YAML file or "
+                              f"--set cluster.env.{key}= on the command line, or remove it")
         if isinstance(value, bool):
             words = "yes/true/on" if value else "no/false/off"
             raise ConfigError(f"{where}: cluster.env.{key}: {words} reads as a YAML boolean, which every rank "
-                              f"would get as '{value}'; quote the text the variable wants ({key}: '1')")
+                              f"would get as '{value}'; quote the text the variable wants: {key}: '1' in a YAML file, "
+                              f"--set cluster.env.{key}=1 on the command line")
         if isinstance(value, dict | list):
             raise ConfigError(f"{where}: cluster.env.{key} is a {type(value).__name__}, not one value; an "
                               "environment variable holds text")
@@ -50,7 +52,7 @@ def export_lines(cluster_file: str) -> list[str]:
     cluster = build_dataclass(ClusterConfig, section, "cluster.")
     env_problems(cluster.env, cluster_file)
     lines = [f"export {key}={shlex.quote(str(value))}" for key, value in sorted(cluster.env.items())]
-    if "master_port" in section:
+    if section.get("master_port") is not None:
         lines.append(f"{PORT_VARIABLE}={cluster.master_port}")
     return lines
 

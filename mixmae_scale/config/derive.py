@@ -145,7 +145,8 @@ def validate(config: Config) -> None:
     c = config.cluster
     for key in ("num_nodes", "gpus_per_node"):  # each named with its value: a cluster file sets both
         _require(getattr(c, key) >= 1, f"cluster.{key} must be >= 1, got {getattr(c, key)}")
-    _require(1 <= c.master_port <= 65535, f"cluster.master_port={c.master_port} is not a TCP port (1-65535)")
+    _require(c.master_port is None or 1 <= c.master_port <= 65535,
+             f"cluster.master_port={c.master_port} is not a TCP port (1-65535)")
     _require(config.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}")
     _require(config.checkpoint.every_steps >= 1,
              f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")

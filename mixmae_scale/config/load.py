@@ -45,16 +45,39 @@ def profile_path(name_or_path: str) -> Path:
     )
 
 
+ENV_SECTION = ("cluster", "env")
+# What YAML 1.1 turns into another text: 010 is 8 (octal), 1:30 is 90 (sexagesimal), 1.10 is 1.1, 2024-01-01 a date.
+RETYPED_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
+
+
+def keep_env_text(node: yaml.Node, value: Any, path: tuple[str, ...] = ()) -> Any:
+    """`value` (loaded from `node`, found at `path` in the configuration) with each cluster.env value that YAML read
+    as a number or a date replaced by the text as typed: every rank gets the variable as text, and NCCL_* and the
+    like want what the user wrote (str(8) is not 010). Blanks and booleans are left for env_problems to refuse."""
+    if len(path) == len(ENV_SECTION) + 1 and path[:len(ENV_SECTION)] == ENV_SECTION:
+        if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in RETYPED_TAGS:
+            return node.value
+        return value
+    if path != ENV_SECTION[:len(path)] or not isinstance(node, yaml.MappingNode) or not isinstance(value, dict):
+        return value
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if isinstance(key, str) and key in value:
+            value[key] = keep_env_text(value_node, value[key], (*path, key))
+    return value
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, found {type(data).__name__}")
-    return data
+    return keep_env_text(yaml.compose(text, Loader=yaml.SafeLoader), data)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -68,19 +91,21 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """`a.b.c=value` becomes {'a': {'b': {'c': value}}}; the value is read as YAML (`[1,2]`, `true`)."""
+    """`a.b.c=value` becomes {'a': {'b': {'c': value}}}; the value is read as YAML (`[1,2]`, `true`), but a
+    cluster.env value keeps the text typed (keep_env_text)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' is not of the form section.key=value (--set takes KEY=VALUE pairs up "
                           "to the next option; put positional arguments before --set)")
+    parts = key.split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = keep_env_text(yaml.compose(raw, Loader=yaml.SafeLoader), yaml.safe_load(raw), tuple(parts)) \
+            if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
     nested: dict[str, Any] = {}
     cursor = nested
-    parts = key.split(".")
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
     cursor[parts[-1]] = value

@@ -168,8 +168,33 @@ def test_one_node_dry_run_prints_the_local_command_that_runs_as_printed(capsys):
     command = shlex.split(out.split("command:\n", 1)[1].splitlines()[0])
     assert "--hostfile" not in command and "--launcher" not in command and "note:" not in out
     assert Path(command[0]).is_file() and os.access(command[0], os.X_OK)  # the venv's deepspeed, as printed
-    assert command[1:] == ["--num_gpus", "8", "--master_port", "29500", "--module", "mixmae_scale.cli", "pretrain",
+    port = command[command.index("--master_port") + 1]
+    assert command[1:] == ["--num_gpus", "8", "--master_port", port, "--module", "mixmae_scale.cli", "pretrain",
                            "--profile", "swin_h"]
+
+
+def test_two_launches_on_one_node_get_different_ports_unless_one_is_set(tmp_path, monkeypatch, capsys):
+    """Every `mixmae launch` without cluster.master_port used 29500, so a second run on the node failed with
+    EADDRINUSE. The default comes from the run folder: two run folders (two runs) differ, the same folder gives the
+    same port (the launcher hands it to every node), in the sbatch scripts' range 10000-29999 (unprivileged, below
+    Linux's ephemeral ports); a cluster.master_port set in a file or with --set wins."""
+    monkeypatch.chdir(tmp_path)
+
+    def port(*overrides: str, cluster: str | None = None) -> int:
+        command = compose(load_resolved("tiny", cluster, list(overrides)), "tiny", cluster, list(overrides)).command
+        return int(command[command.index("--master_port") + 1])
+
+    ports = {port("run.output_dir=/scratch/runs", f"run.name=run{i}") for i in range(50)}  # fixed paths: no chance
+    assert len(ports) == 50 and all(10000 <= p < 30000 for p in ports)
+    assert port("run.name=a") == port("run.name=a") != port("run.name=a", f"run.output_dir={tmp_path / 'other'}")
+    assert port("run.name=a", "cluster.master_port=29555") == 29555
+    (tmp_path / "cluster.yaml").write_text("cluster:\n  num_nodes: 1\n  master_port: 29600\n")
+    assert port("run.name=a", cluster="cluster.yaml") == 29600
+    from mixmae_scale.cli import main
+
+    assert main(["launch", "tiny", "--dry-run", "--set", "run.name=a"]) == 0  # the dry run says where it came from
+    assert (f"master port      {port('run.name=a')} (from the run folder {tmp_path / 'runs' / 'a'}; --set "
+            "cluster.master_port=N sets one)") in capsys.readouterr().out
 
 
 def test_dry_run_says_a_missing_hostfile_and_the_launch_refuses_it(capsys):
@@ -416,6 +441,54 @@ def test_a_blank_or_boolean_cluster_env_value_is_refused(tmp_path, line, said):
         compose(load_resolved("swin_b", str(cluster)), "swin_b", str(cluster), [])
     cluster.write_text("cluster:\n  num_nodes: 1\n  env:\n    A: 'yes'\n    B: ''\n    C: 1\n")
     assert export_lines(str(cluster)) == ["export A=yes", "export B=''", "export C=1"]
+
+
+@pytest.mark.parametrize("source", ["file", "--set"])
+@pytest.mark.parametrize("typed, wanted", [("", ""), ("yes", "1"), ("off", "1")])
+def test_the_advice_for_a_refused_cluster_env_value_is_a_command_that_works(tmp_path, source, typed, wanted):
+    """The refusal of a blank or boolean cluster.env value advised the YAML file's syntax (`NAME: '1'`) also where
+    the value came from --set, where that text is no override at all. The advice names a --set that the CLI's own
+    parser and configuration loader take, and that gives the ranks the text."""
+    from mixmae_scale.cli import build_parser
+    from mixmae_scale.config import load_config
+
+    given: list[str] = []
+    if source == "file":
+        (tmp_path / "cluster.yaml").write_text(f"cluster:\n  num_nodes: 1\n  env:\n    NCCL_X: {typed}\n")
+    else:
+        given = [f"cluster.env.NCCL_X={typed}"] if typed else ["cluster.env={NCCL_X: }"]  # a blank --set X= is ''
+
+    cluster = str(tmp_path / "cluster.yaml") if source == "file" else None
+    with pytest.raises(ConfigError) as refused:
+        compose(load_resolved("tiny", cluster, given), "tiny", cluster, given)
+    advice = re.search(r"--set (\S+)", str(refused.value))
+    assert advice, str(refused.value)
+    args = build_parser().parse_args(["launch", "tiny", *(["--cluster", cluster] if cluster else []),
+                                      *(["--set", *given] if given else []), "--set", advice.group(1)])
+    config, _ = load_config(args.profile, args.cluster, args.overrides)
+    assert config.cluster.env == {"NCCL_X": wanted}
+    plan = compose(load_resolved("tiny", cluster, args.overrides), "tiny", cluster, args.overrides)
+    assert plan.env == config.cluster.env
+
+
+TYPED = {"NCCL_IB_TIMEOUT": "010", "NCCL_MIN_NCHANNELS": "0x1F", "NCCL_X_TIME": "1:30", "NCCL_X_VERSION": "1.10",
+         "NCCL_X_BIG": "1e3", "NCCL_X_DAY": "2024-01-01", "NCCL_X_COUNT": "1_000", "NCCL_X_INF": ".inf"}
+
+
+def test_cluster_env_values_reach_the_ranks_as_typed_not_as_yaml_reads_them(tmp_path):
+    """YAML 1.1 reads 010 as 8, 1:30 as 90 (sexagesimal), 1.10 as 1.1, 0x1F as 31, 1_000 as 1000 and 2024-01-01 as a
+    date: an environment variable is text, and every rank got str() of those. From a cluster file (the sbatch
+    scripts' exports, `mixmae launch`'s environment) and from --set, in each form, the ranks get what was typed."""
+    from mixmae_scale.cluster.shell_env import export_lines
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("cluster:\n  num_nodes: 1\n  env:\n" + "".join(f"    {k}: {v}\n" for k, v in TYPED.items()))
+    assert export_lines(str(cluster)) == [f"export {k}={v}" for k, v in sorted(TYPED.items())]
+    assert compose(load_resolved("tiny", str(cluster)), "tiny", str(cluster), []).env == TYPED
+    flow = "cluster.env={" + ", ".join(f"{k}: {v}" for k, v in TYPED.items()) + "}"
+    for overrides in ([f"cluster.env.{k}={v}" for k, v in TYPED.items()], [flow]):
+        assert compose(load_resolved("tiny", None, overrides), "tiny", None, overrides).env == TYPED, overrides
+    assert load_resolved("tiny", None, ["batch.micro=010"]).config.batch.micro == 8  # elsewhere YAML's reading
 
 
 @pytest.mark.parametrize("port", [70000, 0, -1])

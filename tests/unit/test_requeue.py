@@ -87,7 +87,10 @@ def test_a_checkpoint_past_a_shortened_schedule_is_not_called_complete_without_t
 
 @pytest.mark.parametrize("extra, said", [
     (["--overwrite"], "--overwrite"),
+    (["--overw"], "--overwrite"),  # argparse's abbreviation
     (["--set", "checkpoint.resume=none"], "checkpoint.resume=none"),
+    (["--set=checkpoint={resume: 'none'}"], "checkpoint.resume=none"),
+    (["--cluster", "FRESH_YAML"], "checkpoint.resume=none"),  # from a cluster file
 ])
 def test_a_job_whose_arguments_start_the_run_again_is_not_requeued(tmp_path, capsys, extra, said):
     """A requeued job runs its batch script with the same arguments. `sbatch pretrain.sbatch --overwrite` (to
@@ -99,6 +102,8 @@ def test_a_job_whose_arguments_start_the_run_again_is_not_requeued(tmp_path, cap
     (run / "summary.json").write_text(json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
     assert requeue.main(["--profile", "tiny", "--run-dir", str(run)]) == 0
     capsys.readouterr()
+    (tmp_path / "fresh.yaml").write_text("checkpoint:\n  resume: none\n")
+    extra = [str(tmp_path / "fresh.yaml") if item == "FRESH_YAML" else item for item in extra]
     assert requeue.main(["--profile", "tiny", "--run-dir", str(run), *extra]) == 1
     out = capsys.readouterr().out
     assert out.startswith("mixmae: not requeueing: stopped by a signal at step 40 of 100, but ") and said in out

@@ -4,8 +4,8 @@ sbatch file runs under bash with the environment variables Slurm would set. What
 submission depends on: the log file Slurm opens before the script runs, the interpreter taken from the
 environment, arguments that keep their quoting, the GPU count in every form Slurm sets it, the hostfile DeepSpeed's
 runner places ranks by, the rendezvous port, cluster.env and srun's CPU count. The stand-in `python` runs the real
-interpreter for the helpers the scripts call around srun (cluster/shell_env.py, cluster/requeue.py) and records the
-rest; `scontrol` records any call but `show hostnames`."""
+interpreter for the helpers the scripts call around srun (cluster/shell_env.py, cluster/requeue.py,
+cluster/restart.py) and records the rest; `scontrol` records any call but `show hostnames`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ SLURM = ROOT / "launch" / "slurm"
 SCRIPTS = ("pretrain.sbatch", "pretrain_srun.sbatch")
 
 RECORDER = """#!/usr/bin/env bash
-[[ $2 == mixmae_scale.cluster.shell_env || $2 == mixmae_scale.cluster.requeue ]] && exec "$REAL_PYTHON" "$@"
+[[ $2 == mixmae_scale.cluster.@(shell_env|requeue|restart) ]] && exec "$REAL_PYTHON" "$@"
 printf '%s\\0' "$@" > "$RECORDS/{name}.args"
 env > "$RECORDS/{name}.env"
 """
@@ -128,6 +128,40 @@ def test_no_gpu_count_or_no_python_is_one_line_and_nothing_starts(script, slurm)
     assert result.returncode == 2 and not (records / "srun.args").exists()
     assert result.stderr.strip() == ("mixmae: error: no '/opt/nowhere/python' on PATH: activate the environment "
                                      "mixmae-scale is installed in before sbatch, or set MIXMAE_PYTHON=/path/to/python")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpus_that_do_not_split_evenly_over_the_nodes_are_refused_with_the_counts(script, slurm):
+    """`sbatch --gpus=16 --nodes=3` (SLURM_GPUS, no per-node variable): the count per node was rounded down to 5,
+    silently, and every node ran 5 ranks. Slurm is simulated by its variables; nothing starts."""
+    env, records, _ = slurm
+    env = {**env, "SLURM_GPUS": "h100:16", "SLURM_JOB_NUM_NODES": "3", "SLURM_NNODES": "3"}
+    result = submit(script, env)
+    assert result.returncode == 2 and not (records / "srun.args").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mixmae: error: --gpus=h100:16 does not split evenly over 3 nodes, and every node runs as many ranks as the "
+        "first: request --gpus-per-node=N, or set MIXMAE_GPUS_PER_NODE=5 to use that many on each node")
+    result = submit(script, {**env, "SLURM_GPUS": "2", "SLURM_JOB_NUM_NODES": "3"})  # fewer GPUs than nodes
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "mixmae: error: --gpus=2 does not split evenly over 3 nodes, and every node runs as many ranks as the first: "
+        "request --gpus-per-node=N")
+    result = submit(script, {**env, "MIXMAE_GPUS_PER_NODE": "5"})  # the way out it names
+    assert result.returncode == 0, result.stderr
+    assert "cluster.gpus_per_node=5" in recorded(records, "python")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("variable", ["SLURM_HET_SIZE", "SLURM_PACK_SIZE"])  # its name before Slurm 20.02
+def test_a_heterogeneous_job_is_refused_before_anything_starts(script, slurm, variable):
+    """A heterogeneous job's batch script sees its first component only (nodes, GPUs, CPUs): the scripts started one
+    step over it as if every node were alike. Slurm is simulated by the variable it sets; nothing starts."""
+    env, records, _ = slurm
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", variable: "2"}, "--set", "run.name=x")
+    assert result.returncode == 2 and not (records / "srun.args").exists() and not (records / "python.args").exists()
+    assert result.stderr.strip() == (
+        f"mixmae: error: job 4242 is a heterogeneous job of 2 components ({variable}=2): this script starts one "
+        "step with the same GPUs and tasks on every node; submit one component (no hetjob/':' between option "
+        "groups) with --nodes and --gpus-per-node for all nodes")
 
 
 def test_both_scripts_read_gpus_the_same_way():
@@ -375,22 +409,62 @@ def test_a_job_of_several_tasks_per_node_without_cpus_per_task_gives_the_launche
     assert "-c" not in options[:options.index("bash")], options
 
 
+def ranks_parse(records: Path, submit_dir: Path, monkeypatch) -> tuple[bool, str]:
+    """(--overwrite?, checkpoint.resume) of the pretrain arguments the stand-in python recorded, read by the CLI's
+    own parser and configuration loader as a rank reads them (from the submission folder, where the step runs)."""
+    from mixmae_scale.cli import build_parser
+    from mixmae_scale.config import load_config
+
+    args = recorded(records, "python")
+    monkeypatch.chdir(submit_dir)
+    parsed = build_parser().parse_args(args[args.index("pretrain"):])
+    return parsed.overwrite, load_config(parsed.profile, parsed.cluster, parsed.overrides)[0].checkpoint.resume
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_slurms_own_restart_continues_the_run_instead_of_starting_it_anew(script, slurm):
+def test_slurms_own_restart_continues_the_run_instead_of_starting_it_anew(script, slurm, monkeypatch):
     """Slurm's requeue after a node failure (SLURM_RESTART_COUNT > 0) reruns the script with the job's arguments:
     --overwrite moved the stopped run aside and began at step 0, checkpoint.resume=none refused its checkpoints.
-    On a restart the script drops --overwrite, resumes instead of none, and says so in the log; a first start
-    keeps them as typed."""
-    env, records, _ = slurm
+    On a restart the ranks get arguments without --overwrite that resume (checked through the CLI's parser), and
+    the log says so; a first start keeps them as typed."""
+    env, records, submit_dir = slurm
     env = {**env, "SLURM_GPUS_PER_NODE": "8"}
     typed = ("--overwrite", "--set", "run.name=x", "checkpoint.resume=none", "--max-steps", "5")
     result = submit(script, {**env, "SLURM_RESTART_COUNT": "1"}, *typed)
     assert result.returncode == 0, result.stderr
     args = recorded(records, "python")
-    assert "--overwrite" not in args and "checkpoint.resume=none" not in args
-    assert args[-5:] == ["--set", "run.name=x", "checkpoint.resume=auto", "--max-steps", "5"]
+    assert "--overwrite" not in args and ranks_parse(records, submit_dir, monkeypatch) == (False, "auto")
+    assert args[-7:] == ["--set", "run.name=x", "checkpoint.resume=none", "--max-steps", "5", "--set",
+                         "checkpoint.resume=auto"]
     assert "restart 1 of job 4242 (Slurm requeued it): dropping --overwrite" in result.stdout
     assert "checkpoint.resume=none replaced by checkpoint.resume=auto" in result.stdout
     result = submit(script, {**env, "SLURM_RESTART_COUNT": "0"}, *typed)
     assert result.returncode == 0, result.stderr
     assert recorded(records, "python")[-6:] == list(typed) and "dropping" not in result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("typed, profile_text, cluster_text", [
+    (("--overw", "--max-steps", "5"), None, None),  # an abbreviation argparse takes for --overwrite
+    (("--set=checkpoint.resume='none'",), None, None),  # YAML quoting, --set=
+    (("--set", "checkpoint={resume: none}"), None, None),  # the section as a mapping
+    ((), "checkpoint:\n  resume: none\n", None),  # in the profile
+    ((), None, "checkpoint:\n  resume: none\n"),  # in the cluster file
+])
+def test_a_restart_sees_every_way_of_asking_for_a_fresh_start(script, slurm, monkeypatch, typed, profile_text,
+                                                              cluster_text):
+    """The restart decision matched `--overwrite` and `checkpoint.resume=none` as typed strings: an abbreviation
+    argparse accepts, a quoted or mapping --set, or resume: none in the profile or cluster file reached the
+    restarted ranks, which moved the run aside or refused its checkpoints. Slurm is simulated (SLURM_RESTART_COUNT,
+    stand-in srun/python); what the ranks would run is read back through the CLI's parser."""
+    env, records, submit_dir = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8", "SLURM_RESTART_COUNT": "2"}
+    if profile_text:
+        (submit_dir / "fresh.yaml").write_text(profile_text)
+        env["PROFILE"] = str(submit_dir / "fresh.yaml")
+    if cluster_text:
+        (submit_dir / "my cluster.yaml").write_text(cluster_text)
+    result = submit(script, env, *typed)
+    assert result.returncode == 0, result.stderr
+    assert ranks_parse(records, submit_dir, monkeypatch) == (False, "auto"), recorded(records, "python")
+    assert "restart 2 of job 4242 (Slurm requeued it): " in result.stdout

@@ -187,8 +187,8 @@ def test_a_node_whose_gpus_are_hidden_on_purpose_trains_on_the_cpu_whatever_cuda
 
 
 def test_a_rendezvous_port_another_job_holds_is_refused_in_one_line_not_blamed_on_a_rank(monkeypatch):
-    """Two jobs on one node with one MASTER_PORT (cluster.master_port's default 29500 under `mixmae launch`, or a
-    cluster file's fixed port under sbatch): rank 0's store cannot listen (EADDRINUSE). torch raises
+    """Two jobs on one node with one MASTER_PORT (one cluster.master_port set for both, or a plain `deepspeed`
+    command's default 29500): rank 0's store cannot listen (EADDRINUSE). torch raises
     DistNetworkError, which the failure report took for a peer's failure ("stopped: another rank failed"), though
     no rank had failed: the port was taken. The store here is torch's own, on a port this test holds."""
     import datetime
