@@ -109,12 +109,7 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
            parallel: int, per_process: int) -> list[dict]:
     for results in (out / "results.jsonl", out / "lr_sweep.jsonl"):
         mend_last_line(results, log)
-        # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file. Checked
-        # before the lr sweep, which would otherwise run another spec's lrs into this folder first.
-        others = sorted({str(r.get("sweep")) for r in rows_of(results)} - {"None", spec.name})
-        if others:
-            raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
-                             "name): give this spec its own --out, or its earlier name to continue that sweep")
+        refuse_other_sweeps(spec, results, rows_of(results))
     for fraction in spec.data_fractions:  # a fraction whole shards miss is refused before anything runs
         try:
             run_data(spec, fraction, out)
@@ -157,6 +152,15 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, **plan_record(spec)}, tally)
     _summary(tally, out, log)
     return rows
+
+
+def refuse_other_sweeps(spec: SweepSpec, results: Path, rows: list[dict]) -> None:
+    """The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file. Checked
+    before the lr sweep, which would otherwise run another spec's lrs into this folder first."""
+    others = sorted({str(r.get("sweep")) for r in rows} - {"None", spec.name})
+    if others:
+        raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
+                         "name): give this spec its own --out, or its earlier name to continue that sweep")
 
 
 def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> None:
