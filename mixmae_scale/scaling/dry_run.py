@@ -5,7 +5,9 @@ Every planned run is listed with what the sweep would do with it: nothing (its r
 finished folder, resume it (a stopped run's summary names the step it saved at) or run it. The time of what is left
 is estimated only from a measurement: for each run, the recorded run of the same size (name, N and global batch)
 whose steps are nearest to its own, its wall time per step (start-up and held-out evaluation included, so short runs
-overstate the time per step of long ones) times the steps left. A run whose size has no recorded run has no
+overstate the time per step of long ones) times the steps left; of several such runs, the fastest per step (a
+worker's first run carries its process's start-up, tens of seconds, and runs beside other work are slower: a sweep of
+6 tiny runs here recorded 95 s and 21 s for two seeds of one size and steps). A run whose size has no recorded run has no
 estimate, and the total says how many runs it covers. A second line gives the H100 cost model the sweep orders its
 runs by (`workers.estimated_seconds`), labelled with what it was measured on: a GPU study's plan before any run of
 it exists (docs/scaling-example/gpu-iso-flop/README.md derives its device time from it).
@@ -95,7 +97,9 @@ def plan_steps(runs: list[PlannedRun], out: Path, rows: list[dict], measured_row
         seconds = by = None
         same_size = measured.get((run.size, run.params, run.global_batch))
         if left and same_size:
-            done_steps, wall, by = min(same_size, key=lambda m: (abs(math.log(m[0] / run.steps)), m[2]))
+            nearest = min(abs(math.log(m[0] / run.steps)) for m in same_size)
+            done_steps, wall, by = min((m for m in same_size if abs(math.log(m[0] / run.steps)) == nearest),
+                                       key=lambda m: (m[1] / m[0], m[2]))
             seconds = wall / done_steps * left
         steps.append(Step(run, state, left, seconds, by))
     return steps
@@ -142,9 +146,9 @@ def _estimate(steps: list[Step], parallel: int, log) -> None:
         if len(known) == len(pending) and parallel > 1:
             end = finish_time([(start_order(s.run), s.seconds) for s in known], parallel)
             line += f"; with --parallel {parallel}, the last run ends after about {_minutes(end)}"
-        log(line + ". Source: each run's nearest-in-steps recorded run of its size (name, N, global batch), its "
-            "wall_s / steps in results.jsonl (start-up included; measured where and with the parallelism those "
-            "runs ran)")
+        log(line + ". Source: wall_s / steps in results.jsonl of each run's recorded run of its size (name, N, "
+            "global batch) nearest in steps, the fastest of those (its start-up included; timed where, and with the "
+            "--parallel, those runs ran); a worker's process start is not included")
     model = [(start_order(s.run), estimated_seconds(s.run) * s.steps_left / s.run.steps) for s in pending]
     end = finish_time(model, parallel)
     log(f"estimate on an H100: {_minutes(sum(c for _, c in model))} of runs, the last ending after about "
