@@ -6,11 +6,11 @@ finished folder, resume it (a stopped run's summary names the step it saved at) 
 is estimated only from a measurement: for each run, the recorded run of the same size (name, N and global batch)
 whose steps are nearest to its own, its wall time per step (start-up and held-out evaluation included, so short runs
 overstate the time per step of long ones) times the steps left; of several such runs, the fastest per step (a
-worker's first run carries its process's start-up, tens of seconds, and runs beside other work are slower: a sweep of
-6 tiny runs here recorded 95 s and 21 s for two seeds of one size and steps). A run whose size has no recorded run has no
-estimate, and the total says how many runs it covers. A second line gives the H100 cost model the sweep orders its
-runs by (`workers.estimated_seconds`), labelled with what it was measured on: a GPU study's plan before any run of
-it exists (docs/scaling-example/gpu-iso-flop/README.md derives its device time from it).
+worker's first run carries its process's start-up, tens of seconds, and runs beside other work are slower: a sweep
+of 6 tiny runs here recorded 95 s and 21 s for two seeds of one size and steps). A run whose size has no recorded
+run has no estimate, and the total says how many runs it covers. A second line gives the H100 cost model the sweep
+orders its runs by (`workers.estimated_seconds`), labelled with what it was measured on: a GPU study's plan before
+any run of it exists (docs/scaling-example/gpu-iso-flop/README.md derives its device time from it).
 
 The checks `scaling run` makes before its first run against the folder's rows and run folders (another plan under
 a run's id) need the data subsets it writes under OUT/data, and are not made here: the command itself makes them
