@@ -12,9 +12,10 @@ run has no estimate, and the total says how many runs it covers. A second line g
 orders its runs by (`workers.estimated_seconds`), labelled with what it was measured on: a GPU study's plan before
 any run of it exists (docs/scaling-example/gpu-iso-flop/README.md derives its device time from it).
 
-The checks `scaling run` makes before its first run against the folder's rows and run folders (another plan under
-a run's id) need the data subsets it writes under OUT/data, and are not made here: the command itself makes them
-before it trains.
+A recorded row of another plan under its run's id (a changed `set:`, a size's model, the profile) is listed as
+refused, as `scaling run` refuses it, but judged without its data: the data subsets it is compared on are written
+under OUT/data by the run. The checks of run folders' config.yaml against the plan need them too, and are not made
+here: the command itself makes them before it trains.
 """
 
 from __future__ import annotations
@@ -26,14 +27,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixmae_scale.data.errors import plural
-from mixmae_scale.scaling.recorded import finished_here, mended_last_line, numbered_rows
-from mixmae_scale.scaling.run import refuse_other_sweeps, sweep_runs
+from mixmae_scale.scaling.recorded import finished_here, mended_last_line, numbered_rows, row_differences
+from mixmae_scale.scaling.run import plan_record, refuse_other_sweeps, sweep_runs
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
 from mixmae_scale.scaling.workers import FLOP_RATE, STEP_OVERHEAD_S, estimated_seconds, start_order
 
 H100_SOURCE = (f"the H100 cost model of scaling/workers.py ({STEP_OVERHEAD_S} s per step + FLOPs at {FLOP_RATE:.2g} "
                "FLOP/s, measured on Swin-B at batch 64: benchmarks/results/gpu_fast_step/loop_overhead.json; not "
                "measured on these models)")
+
+
+REFUSED = "REFUSED by `scaling run`"
+
+
+def row_judge(spec: SweepSpec, lr_pending: bool):
+    """`recorded.row_differences` as `scaling run` applies it, less the data: a row's subsets are taken as the plan's
+    (they are made under OUT/data, which a dry run does not write), so another set at the same path goes unseen here.
+    `lr_pending`: the base lr is the lr sweep's to choose, and a row's own is not compared."""
+    def judge(row: dict, run: PlannedRun) -> list[str]:
+        if lr_pending and isinstance(row.get("overrides"), list):
+            row = {**row, "overrides": [o for o in row["overrides"]
+                                        if not str(o).startswith("optim.base_learning_rate=")]}
+        return row_differences(row, run, plan_record(spec), row.get("data_subsets"))
+    return judge
 
 
 @dataclass(frozen=True)
@@ -70,8 +86,11 @@ def _measured(rows: list[dict]) -> dict[tuple, list[tuple[int, float, str]]]:
     return by_size
 
 
-def _state(run: PlannedRun, run_dir: Path, recorded: set[str]) -> tuple[str, int]:
+def _state(run: PlannedRun, run_dir: Path, recorded: dict[str, dict], judge) -> tuple[str, int]:
     if run.run_id in recorded:
+        said = judge(recorded[run.run_id], run)
+        if said:
+            return f"{REFUSED}, recorded under another plan ({'; '.join(said)})", 0
         return "recorded: skipped", 0
     summary = run_dir / "summary.json"
     try:
@@ -87,13 +106,15 @@ def _state(run: PlannedRun, run_dir: Path, recorded: set[str]) -> tuple[str, int
     return "to run", run.steps
 
 
-def plan_steps(runs: list[PlannedRun], out: Path, rows: list[dict], measured_rows: list[dict]) -> list[Step]:
-    """What the sweep would do with each of `runs`, recorded in `rows`, each estimated from `measured_rows`."""
-    recorded = {str(row.get("run_id")) for row in rows}
+def plan_steps(runs: list[PlannedRun], out: Path, rows: list[dict], measured_rows: list[dict],
+               judge=lambda row, run: []) -> list[Step]:
+    """What the sweep would do with each of `runs`, recorded in `rows`, each estimated from `measured_rows`.
+    `judge(row, run)`: how a recorded row differs from the plan's run of its id (none: it is this plan's)."""
+    recorded = {str(row.get("run_id")): row for row in rows}
     measured = _measured(measured_rows)
     steps = []
     for run in runs:
-        state, left = _state(run, out / "runs" / run.run_id, recorded)
+        state, left = _state(run, out / "runs" / run.run_id, recorded, judge)
         seconds = by = None
         same_size = measured.get((run.size, run.params, run.global_batch))
         if left and same_size:
@@ -173,17 +194,24 @@ def dry_run(spec: SweepSpec, out: Path, parallel: int = 1, log=print) -> list[St
     measured = [*rows, *lr_rows]
     steps: list[Step] = []
     if spec.learning_rate.sweep:
-        lr_steps = plan_steps(sweep_runs(spec, train_samples), out, lr_rows, measured)
+        lr_steps = plan_steps(sweep_runs(spec, train_samples), out, lr_rows, measured, row_judge(spec, False))
         _table(f"the lr sweep first ({plural(len(lr_steps), 'run')}, rows in {lr_results}):", lr_steps, log)
         steps += lr_steps
-    study = plan_steps(runs, out, rows, measured)
+    study = plan_steps(runs, out, rows, measured, row_judge(spec, bool(spec.learning_rate.sweep)))
     _table(f"the study ({plural(len(study), 'run')}, rows in {results}):", study, log)
     steps += study
     left = [s for s in steps if s.steps_left]
     recorded, read = (sum(s.state.startswith(state) for s in steps) for state in ("recorded", "finished"))
+    refused = [s.run.run_id for s in steps if s.state.startswith(REFUSED)]
     flops = sum(s.run.flops * s.steps_left / s.run.steps for s in left)
-    log(f"{plural(len(steps), 'run')}: {len(steps) - len(left)} done ({recorded} recorded, {read} finished in their "
-        f"folders), {len(left)} left ({sum(s.steps_left for s in left):,} steps, {flops:.3g} training FLOPs)")
+    log(f"{plural(len(steps), 'run')}: {recorded + read} done ({recorded} recorded, {read} finished in their "
+        f"folders), {len(refused)} refused, {len(left)} left ({sum(s.steps_left for s in left):,} steps, "
+        f"{flops:.3g} training FLOPs)")
+    if refused:
+        log(f"`scaling run` refuses this spec here before any run starts: {plural(len(refused), 'recorded run')} "
+            f"of another plan under the same id ({', '.join(refused[:10])}{', ...' if len(refused) > 10 else ''}): "
+            f"give the changed spec a new --out, or remove those rows from {results.name} (or {lr_results.name}) "
+            f"and their folders from {out / 'runs'} to run them again")
     _estimate(steps, parallel, log)
     log("dry run: nothing trained or written; the same command without --dry-run runs it")
     return steps

@@ -71,7 +71,7 @@ def test_a_dry_run_lists_what_each_run_would_do_and_estimates_from_runs_measured
     assert all(s.seconds == per_step * s.steps_left and s.measured_by == recorded.run_id for s in w8_left)
     assert all(s.seconds is None for s in steps.values() if s.run.size != "w8")
     summary = next(line for line in lines if line.startswith("12 runs: "))
-    assert summary.startswith("12 runs: 3 done (2 recorded, 1 finished in their folders), 9 left")
+    assert summary.startswith("12 runs: 3 done (2 recorded, 1 finished in their folders), 0 refused, 9 left")
     measured = next(line for line in lines if line.startswith("estimate from runs measured here: "))
     assert _seconds(measured, "here:") == round(sum(s.seconds for s in w8_left))
     assert "2 of the 9 runs left" in measured and "(w12, w16)" in measured and "lower bound" in measured
@@ -102,3 +102,28 @@ def test_the_finish_time_is_that_of_workers_taking_runs_in_the_given_order():
     assert finish_time([((0,), 3.0), ((1,), 3.0), ((2,), 2.0)], 2) == 5.0
     assert finish_time([((2,), 2.0), ((0,), 3.0), ((1,), 3.0)], 1) == 8.0
     assert finish_time([((0,), 1.0), ((1,), 4.0), ((2,), 1.0), ((3,), 1.0)], 2) == 4.0
+
+
+def test_a_dry_run_lists_a_recorded_row_of_another_plan_as_the_sweep_refuses_it(demo_shards, tmp_path):
+    """A changed size's model keeps its run ids: the dry run listed those rows as skipped, where `scaling run`
+    refuses the spec before any run starts."""
+    spec, runs = _spec(tmp_path, demo_shards)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(
+        json.dumps({**dataclasses.asdict(run), "overrides": list(run.overrides), "sweep": spec.name,
+                    "profile": spec.profile, "sources": spec.sources, "heldout_loss": 0.5, "wall_s": 1.0}) + "\n"
+        for run in runs if run.size in ("w8", "w12")))
+    lines: list[str] = []
+    assert all(s.state == "recorded: skipped" for s in dry_run(spec, out, log=lines.append) if s.steps_left == 0)
+    assert not any("refuses" in line for line in lines)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(path.read_text().replace("decoder_dim: 48", "decoder_dim: 40"))
+    lines.clear()
+    steps = dry_run(load_spec(path), out, log=lines.append)
+    refused = [s.run.run_id for s in steps if s.state.startswith("REFUSED by `scaling run`")]
+    assert refused == [r.run_id for r in runs if r.size == "w12"]
+    assert all("overrides: model.decoder_dim=48 recorded, model.decoder_dim=40 planned" in s.state
+               for s in steps if s.run.run_id in refused)
+    assert any(line.startswith("`scaling run` refuses this spec here before any run starts: 4 recorded runs of "
+                               "another plan under the same id (w12-C2e+10-seed0") for line in lines)
