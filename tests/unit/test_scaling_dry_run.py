@@ -45,21 +45,24 @@ def test_a_dry_run_lists_what_each_run_would_do_and_estimates_from_runs_measured
     by_id = {run.run_id: run for run in runs}
     # Two seeds of one size and steps: the first run of a worker carries its process's start-up; the faster is used.
     slow, recorded = by_id["w8-C2e+10-seed0"], by_id["w8-C2e+10-seed1"]
+    cut = '{"run_id": "w16-C4e+10-se'  # a last line a kill cut short
     out.mkdir()
     wall_s = 12.5
     (out / "results.jsonl").write_text("".join(
         json.dumps({**dataclasses.asdict(run), "sweep": spec.name, "heldout_loss": 0.5, "wall_s": wall}) + "\n"
-        for run, wall in ((slow, 4 * wall_s), (recorded, wall_s))))
+        for run, wall in ((slow, 4 * wall_s), (recorded, wall_s))) + cut)
     finished, stopped = by_id["w12-C2e+10-seed0"], by_id["w8-C4e+10-seed1"]
     (out / "runs" / finished.run_id).mkdir(parents=True)
     (out / "runs" / finished.run_id / "summary.json").write_text(json.dumps({"steps": finished.steps}))
     (out / "runs" / stopped.run_id).mkdir(parents=True)
     (out / "runs" / stopped.run_id / "summary.json").write_text(
         json.dumps({"steps": 3, "planned_steps": stopped.steps, "stopped_by_signal": "SIGTERM"}))
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    before = {p.relative_to(out): p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
     lines: list[str] = []
     steps = {step.run.run_id: step for step in dry_run(spec, out, parallel=2, log=lines.append)}
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    assert {p.relative_to(out): p.read_bytes() if p.is_file() else None for p in out.rglob("*")} == before
+    assert lines[0] == (f"{out / 'results.jsonl'}: its last line is cut short ({len(cut)} bytes without a "
+                        "newline): `scaling run` removes it, and that run is read again from its folder, or run again")
     assert steps[recorded.run_id].state == "recorded: skipped" and steps[recorded.run_id].steps_left == 0
     assert steps[finished.run_id].state.startswith("finished in its folder") and steps[finished.run_id].steps_left == 0
     assert steps[stopped.run_id].state.startswith("stopped at step 3") and steps[stopped.run_id].steps_left == \
