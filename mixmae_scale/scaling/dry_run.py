@@ -4,13 +4,14 @@ device time is spent on it. Nothing is trained or written.
 Every planned run is listed with what the sweep would do with it: nothing (its row is in results.jsonl), read its
 finished folder, resume it (a stopped run's summary names the step it saved at) or run it. The time of what is left
 is estimated only from a measurement: for each run, the recorded run of the same size (name, N and global batch)
-whose steps are nearest to its own, its wall time per step (start-up and held-out evaluation included, so short runs
-overstate the time per step of long ones) times the steps left; of several such runs, the fastest per step (a
-worker's first run carries its process's start-up, tens of seconds, and runs beside other work are slower: a sweep
-of 6 tiny runs here recorded 95 s and 21 s for two seeds of one size and steps). A run whose size has no recorded
-run has no estimate, and the total says how many runs it covers. A second line gives the H100 cost model the sweep
-orders its runs by (`workers.estimated_seconds`), labelled with what it was measured on: a GPU study's plan before
-any run of it exists (docs/scaling-example/gpu-iso-flop/README.md derives its device time from it).
+whose steps are nearest to its own, its wall time per step (of a resumed run, its last launch's steps: its folder's
+run.json) (start-up and held-out evaluation included, so short runs overstate the time per step of long ones) times
+the steps left; of several such runs, the fastest per step (a worker's first run carries its process's start-up,
+tens of seconds, and runs beside other work are slower: a sweep of 6 tiny runs here recorded 95 s and 21 s for two
+seeds of one size and steps). A run whose size has no recorded run has no estimate, and the total says how many runs
+it covers. A second line gives the H100 cost model the sweep orders its runs by (`workers.estimated_seconds`),
+labelled with what it was measured on: a GPU study's plan before any run of it exists (docs/scaling-example/gpu-iso-
+flop/README.md derives its device time from it).
 
 A recorded row of another plan under its run's id (a changed `set:`, a size's model, the profile) is listed as
 refused, as `scaling run` refuses it, but judged without its data: the data subsets it is compared on are written
@@ -74,11 +75,22 @@ def _rows(path: Path, log) -> list[dict]:
     return [row for _, row in numbered_rows(path, data.decode())]
 
 
-def _measured(rows: list[dict]) -> dict[tuple, list[tuple[int, float, str]]]:
+def _timed_steps(row: dict, out: Path) -> object:
+    """The steps a row's `wall_s` timed: a resumed run's row times its last launch alone (a run stopped at step 70 of
+    80 and resumed recorded 10 steps' time), which its folder's run.json gives (`launches`); without the folder,
+    its steps."""
+    try:
+        last = json.loads((out / "runs" / str(row.get("run_id")) / "run.json").read_text())["launches"][-1]
+        return last["end_step"] - last["start_step"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return row.get("steps")
+
+
+def _measured(rows: list[dict], out: Path) -> dict[tuple, list[tuple[int, float, str]]]:
     """(steps, wall s, run id) of the recorded runs, by their size: name, N and global batch."""
     by_size: dict[tuple, list[tuple[int, float, str]]] = {}
     for row in rows:
-        steps, wall = row.get("steps"), row.get("wall_s")
+        steps, wall = _timed_steps(row, out), row.get("wall_s")
         if (isinstance(steps, int) and steps > 0 and isinstance(wall, (int, float)) and math.isfinite(wall)
                 and wall > 0):
             key = (row.get("size"), row.get("params"), row.get("global_batch"))
@@ -111,7 +123,7 @@ def plan_steps(runs: list[PlannedRun], out: Path, rows: list[dict], measured_row
     """What the sweep would do with each of `runs`, recorded in `rows`, each estimated from `measured_rows`.
     `judge(row, run)`: how a recorded row differs from the plan's run of its id (none: it is this plan's)."""
     recorded = {str(row.get("run_id")): row for row in rows}
-    measured = _measured(measured_rows)
+    measured = _measured(measured_rows, out)
     steps = []
     for run in runs:
         state, left = _state(run, out / "runs" / run.run_id, recorded, judge)

@@ -130,3 +130,22 @@ def test_a_dry_run_lists_a_recorded_row_of_another_plan_as_the_sweep_refuses_it(
                for s in steps if s.run.run_id in refused)
     assert any(line.startswith("`scaling run` refuses this spec here before any run starts: 4 recorded runs of "
                                "another plan under the same id (w12-C2e+10-seed0") for line in lines)
+
+
+def test_a_resumed_runs_wall_time_is_taken_as_that_of_its_last_launchs_steps(demo_shards, tmp_path):
+    """A resumed run's row records the wall time of its last launch alone: read as the time of all its steps, a run
+    stopped at step 30 of 40 and resumed gave a time per step 4x too small, and, the fastest, set the estimate."""
+    from mixmae_scale.scaling.dry_run import plan_steps
+
+    spec, runs = _spec(tmp_path, demo_shards)
+    out = tmp_path / "sweep"
+    done, pending = (next(r for r in runs if r.run_id == name) for name in ("w8-C2e+10-seed0", "w8-C4e+10-seed0"))
+    row = {**dataclasses.asdict(done), "wall_s": 10.0}
+    (out / "runs" / done.run_id).mkdir(parents=True)
+    (out / "runs" / done.run_id / "run.json").write_text(json.dumps({"launches": [
+        {"start_step": 0, "end_step": 30}, {"start_step": 30, "end_step": done.steps}]}))
+    step = next(s for s in plan_steps([pending], out, [row], [row]) if s.run.run_id == pending.run_id)
+    assert step.seconds == 10.0 / (done.steps - 30) * pending.steps
+    (out / "runs" / done.run_id / "run.json").unlink()  # copied without its folder: its steps are all it has
+    step = next(s for s in plan_steps([pending], out, [row], [row]) if s.run.run_id == pending.run_id)
+    assert step.seconds == 10.0 / done.steps * pending.steps
