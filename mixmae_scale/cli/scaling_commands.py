@@ -34,6 +34,15 @@ def _scaling(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if args.scaling_command == "run":
+        if args.dry_run:
+            from mixmae_scale.config import ConfigError
+            from mixmae_scale.scaling.dry_run import dry_run
+
+            if args.emit_commands:
+                raise ConfigError("--dry-run and --emit-commands: give one (the dry run lists the runs "
+                                 "and their estimated time, --emit-commands writes their launch lines)")
+            dry_run(load_spec(args.spec), out, parallel=args.parallel)
+            return 0
         from mixmae_scale.scaling.run import run_sweep
 
         run_sweep(load_spec(args.spec), out, Path(args.emit_commands) if args.emit_commands else None,
@@ -87,6 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if action == "run":
             p.add_argument("--emit-commands", help="write one `mixmae launch` line per run (with its world size) "
                            "instead of running")
+            p.add_argument("--dry-run", action="store_true",
+                           help="list each run and what the sweep would do with it (skip, read, resume, run) and "
+                                "estimate the time left from runs measured in --out; train and write nothing")
             p.add_argument("--parallel", type=at_least(1), default=1,
                            help="runs at a time sharing this machine's device: the CPU cores shared out, or one GPU, "
                                 "their planned peak memory checked against it")

@@ -38,13 +38,14 @@ def rows_of(path: Path) -> list[dict]:
     return [row for _, row in numbered_rows(path)]
 
 
-def numbered_rows(path: Path) -> list[tuple[int, dict]]:
+def numbered_rows(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
     """The rows of results.jsonl (or lr_sweep.jsonl) with their line numbers, each line one finished run's; a line
-    that is not one is refused naming path:line (a bare JSON error named no file)."""
-    if not path.exists():
+    that is not one is refused naming path:line (a bare JSON error named no file). `text`: the file's content as
+    read (or mended) already."""
+    if text is None and not path.exists():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate((path.read_text() if text is None else text).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -72,19 +73,25 @@ def mend_last_line(path: Path, log) -> None:
     if not path.exists():
         return
     data = path.read_bytes()
+    mended, cut = mended_last_line(data)
+    if mended != data:
+        write_text(path, mended.decode())
+    if cut:
+        log(f"{path}: its last line was cut short ({cut} bytes without a newline: a write interrupted); "
+            "removed: that run is read again from its folder, or run again")
+
+
+def mended_last_line(data: bytes) -> tuple[bytes, int]:
+    """(the file as `mend_last_line` leaves it, the bytes of a cut-short last line it removes), written nowhere: a dry
+    run reads the rows the sweep would."""
     if not data or data.endswith(b"\n"):
-        return
+        return data, 0
     cut = data.rfind(b"\n") + 1
     try:
         whole = isinstance(json.loads(data[cut:]), dict)
     except ValueError:
         whole = False
-    if whole:
-        write_text(path, data.decode() + "\n")
-        return
-    write_text(path, data[:cut].decode())
-    log(f"{path}: its last line was cut short ({len(data) - cut} bytes without a newline: a write interrupted); "
-        "removed: that run is read again from its folder, or run again")
+    return (data + b"\n", 0) if whole else (data[:cut], len(data) - cut)
 
 
 def append_row(results: Path, row: dict) -> None:

@@ -109,12 +109,7 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
            parallel: int, per_process: int) -> list[dict]:
     for results in (out / "results.jsonl", out / "lr_sweep.jsonl"):
         mend_last_line(results, log)
-        # The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file. Checked
-        # before the lr sweep, which would otherwise run another spec's lrs into this folder first.
-        others = sorted({str(r.get("sweep")) for r in rows_of(results)} - {"None", spec.name})
-        if others:
-            raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
-                             "name): give this spec its own --out, or its earlier name to continue that sweep")
+        refuse_other_sweeps(spec, results, rows_of(results))
     for fraction in spec.data_fractions:  # a fraction whole shards miss is refused before anything runs
         try:
             run_data(spec, fraction, out)
@@ -126,6 +121,11 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     # The study's steps do not wait for the lr sweep's base lr: its folders are checked before the lr sweep runs.
     refuse_other_plans(spec, runs, out, {row["run_id"] for row in rows_of(out / "results.jsonl")},
                         lr_pending=bool(spec.learning_rate.sweep))
+    # Before the plan is recorded: a refused spec's plan.json made `scaling report` fit the refused plan's runs.
+    if spec.learning_rate.sweep and emit_commands is None:  # its rows first, as the lr sweep runs first
+        refuse_stale_rows(spec, sweep_runs(spec, train_samples), out, out / "lr_sweep.jsonl", plan_record(spec))
+    refuse_stale_rows(spec, runs, out, out / "results.jsonl", plan_record(spec),
+                      lr_pending=bool(spec.learning_rate.sweep))
     write_plan(out, spec, runs)  # the runs `scaling fit` and `report` take: the spec's now
     dropped = not_planned(rows_of(out / "results.jsonl"), runs)
     if dropped:
@@ -157,6 +157,15 @@ def _sweep(spec: SweepSpec, out: Path, runs: list[PlannedRun], train_samples: in
     rows = _run_all(runs, spec, out, out / "results.jsonl", log, share, {"lr_rule": rule, **plan_record(spec)}, tally)
     _summary(tally, out, log)
     return rows
+
+
+def refuse_other_sweeps(spec: SweepSpec, results: Path, rows: list[dict]) -> None:
+    """The spec's name in every row: `scaling report` refuses rows of two sweeps joined into one file. Checked
+    before the lr sweep, which would otherwise run another spec's lrs into this folder first."""
+    others = sorted({str(r.get("sweep")) for r in rows} - {"None", spec.name})
+    if others:
+        raise SweepError(f"{results} holds runs of sweep {', '.join(others)}, not of '{spec.name}' (the spec's "
+                         "name): give this spec its own --out, or its earlier name to continue that sweep")
 
 
 def refuse_without_heldout(spec: SweepSpec, fraction: float, subset: Path) -> None:
@@ -255,15 +264,22 @@ def _emit_lr_sweep(spec: SweepSpec, train_samples: int, out: Path) -> list[str]:
     return lines
 
 
-def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, share: DeviceShare,
-             extra: dict, tally: Tally) -> list[dict]:
-    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once. A
-    recorded row of another plan under a run's id is refused before any run starts."""
+def refuse_stale_rows(spec: SweepSpec, runs: list[PlannedRun], out: Path, results: Path, extra: dict,
+                      lr_pending: bool = False) -> None:
+    """A recorded row of another plan under a run's id is refused. `lr_pending`: the lr sweep has yet to choose the
+    base lr the study's runs are planned with, so the rows' own base lr is not compared (it is once it has)."""
     done = recorded_rows(results)
     data = {fraction: data_read_if_here(spec, fraction, out).get("data_subsets")
             for fraction in {run.data_fraction for run in runs if run.run_id in done}}
+
+    def kept(row: dict) -> dict:
+        if not lr_pending or not isinstance(row.get("overrides"), list):
+            return row
+        return {**row, "overrides": [o for o in row["overrides"]
+                                     if not str(o).startswith("optim.base_learning_rate=")]}
+
     stale = [f"{results}:{done[run.run_id][0]}: run {run.run_id} ({'; '.join(said)})" for run in runs
-             if run.run_id in done and (said := row_differences(done[run.run_id][1], run, extra,
+             if run.run_id in done and (said := row_differences(kept(done[run.run_id][1]), run, extra,
                                                                 data[run.data_fraction]))]
     if stale:
         were = "was" if len(stale) == 1 else "were"
@@ -271,6 +287,14 @@ def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, 
                          f"under the same id: {' | '.join(stale[:5])}{' | ...' if len(stale) > 5 else ''}. Their "
                          f"rows are no points of this plan: give the changed spec a new --out, or remove those rows "
                          f"from {results.name} and their folders from {out / 'runs'} to run them again")
+
+
+def _run_all(runs: list[PlannedRun], spec: SweepSpec, out: Path, results: Path, log, share: DeviceShare,
+             extra: dict, tally: Tally) -> list[dict]:
+    """Runs not yet in `results`, by `share.parallel` workers; each finished run is appended (fsync'd) at once. A
+    recorded row of another plan under a run's id is refused before any run starts."""
+    done = recorded_rows(results)
+    refuse_stale_rows(spec, runs, out, results, extra)
     refuse_other_plans(spec, runs, out, set(done))
     pending = []
     rows: list[dict] = []

@@ -163,10 +163,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path.absolute()}: cannot read the sweep spec: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep spec is a mapping with keys {sorted(KNOWN_KEYS)}")
-    unknown = set(raw) - KNOWN_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown {'key' if len(unknown) == 1 else 'keys'} {sorted(unknown)}; known: "
-                          f"{sorted(KNOWN_KEYS)}")
+    _unknown_keys(path, "the spec", raw, KNOWN_KEYS)
     for key in ("name", "profile", "shards", "sizes", "data_fractions"):
         if key not in raw:
             raise ConfigError(f"{path}: missing '{key}'")
@@ -359,6 +356,17 @@ def size_overrides(size: dict[str, Any]) -> list[str]:
     return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]  # JSON values are valid YAML
 
 
+def _whose(spec: SweepSpec, size: dict[str, Any], exc: ConfigError) -> str:
+    """The spec's entry a refused setting is in: `set:` where its entries alone give the same refusal (a misspelt key
+    there was named as the first size's), else the size."""
+    try:
+        load_resolved(spec.profile, overrides=list(spec.overrides), world_size=1)
+    except ConfigError as alone:
+        if str(alone) == str(exc):
+            return "set"
+    return f"sizes[{spec.sizes.index(size)}] ({size['name']})"
+
+
 def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) -> list[PlannedRun]:
     """Every combination of size x data fraction x budget x seed, with N, D and C. In iso-FLOP mode each run's
     steps are the budget over (training FLOPs per image x global batch), rounded to whole steps."""
@@ -375,8 +383,7 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
             resolved = load_resolved(spec.profile, overrides=overrides, world_size=1,
                                      train_samples=max(1, int(train_samples * fraction)))
         except ConfigError as exc:  # it named the config key, not the spec or which of its sizes
-            number = spec.sizes.index(size)
-            raise ConfigError(f"{spec.file or 'the sweep spec'}: sizes[{number}] ({size['name']}): {exc}") from None
+            raise ConfigError(f"{spec.file or 'the sweep spec'}: {_whose(spec, size, exc)}: {exc}") from None
         _refuse_same_model(spec, size["name"], resolved.config.model, models)
         report = model_report(resolved.config.model)
         per_image = float(report["train_flops_per_image"])

@@ -40,6 +40,8 @@ def test_bad_iso_flop_and_lr_keys_are_refused_with_the_reason(tmp_path, extra, m
      "max_nodes"),
     ("steps: [5]\nsources: [{shards: s, wieght: 2}]\n",
      "sources[0]: unknown key 'wieght' (did you mean 'weight'?); its keys are shards, split, weight"),
+    ("budget: [1.0e12]\nsteps: [5]\n", "the spec: unknown key 'budget' (did you mean 'budgets'?); its keys are "
+                                       "budgets, cluster, data_fractions, epochs"),
 ])
 def test_a_mistyped_key_inside_a_section_is_named(tmp_path, extra, message):
     """A misspelt top-level key was named with the keys known; one inside learning_rate, a size, cluster or a source
@@ -51,6 +53,25 @@ def test_a_mistyped_key_inside_a_section_is_named(tmp_path, extra, message):
     path.write_text((BASE.replace("sizes: [tiny]\n", "") if "sizes: " in extra else BASE) + extra)
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
         load_spec(path)
+
+
+def test_a_mistyped_key_in_set_is_named_as_sets_not_as_the_first_sizes(tmp_path):
+    """`set: ["zero.stag=0"]` was refused as "sizes[0] (w8): unknown configuration key 'zero.stag'": the spec's
+    first size, where the user looked for it in vain. A size's own mistyped key is still named as the size's."""
+    import re
+
+    from mixmae_scale.scaling.spec import expand
+
+    path = tmp_path / "spec.yaml"
+    sizes = ("sizes:\n  - {name: a, model: {embed_dim: 8, num_heads: [1, 1, 2, 4]}}\n"
+             "  - {name: b, model: {embed_dim: 16, num_heads: [1, 2, 4, 8], decoder_dims: 64}}\n")
+    path.write_text(BASE.replace("sizes: [tiny]\n", sizes) + 'steps: [5]\nset: ["zero.stag=0"]\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: set: unknown configuration key 'zero.stag'")):
+        expand(load_spec(path), 100)
+    path.write_text(BASE.replace("sizes: [tiny]\n", sizes) + 'steps: [5]\nset: ["zero.stage=0"]\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: sizes[1] (b): unknown configuration key "
+                                                    "'model.decoder_dims'")):
+        expand(load_spec(path), 100)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -549,6 +549,7 @@ def test_a_recorded_run_of_another_plan_under_the_same_id_is_refused_naming_row_
     shutil.copy(pathlib.Path(__file__).resolve().parents[2] / "launch" / "profiles" / "tiny.yaml", tmp_path)
     out = tmp_path / "out"
     run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
+    plan = (out / "plan.json").read_text()
     spec_path.write_text(spec_path.read_text().replace(*change))
     results = where.split(":")[0]
     with pytest.raises(SweepError, match=re.escape(f"{out / where}") + ".*" + re.escape(said) + ".*" + re.escape(
@@ -556,6 +557,8 @@ def test_a_recorded_run_of_another_plan_under_the_same_id_is_refused_naming_row_
             f"{out / 'runs'} to run them again")):
         run_sweep(load_spec(spec_path), out, log=lambda m: None, parallel=1)
     assert len(stub_runs) == 7  # nothing ran
+    # The refused spec's plan is not recorded: `scaling fit` and `report` took it, and fitted its runs' ids.
+    assert (out / "plan.json").read_text() == plan
 
 
 def test_rows_written_before_rows_named_their_profile_are_still_resumed(demo_shards, tmp_path, stub_runs):
