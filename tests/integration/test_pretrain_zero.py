@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 # fp32 only: bf16 accumulates in fp32 (data_types.grad_accum_dtype, tests/unit/test_config.py) and bf16 steps run
-# in test_pretrain.py's ZeRO-1 loss test and the ZeRO-3 resume tests; a bf16 variant cost CI 70 s.
+# in test_pretrain.py's ZeRO-1 loss test (on a CPU with native bf16) and test_elastic.py's bf16 run; a bf16
+# variant cost CI 70 s.
 def test_zero1_accumulating_four_micro_batches_learns_schedules_and_resumes_exactly(demo_shards, tmp_path):
     """The H profile runs ZeRO-1 and accumulates 4 micro-batches. Here, in fp32: optimizer steps and the lr schedule
     follow the optimizer step, not the micro-batch; the loss (training and held-out) falls; and a run stopped by
