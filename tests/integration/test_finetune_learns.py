@@ -1,5 +1,5 @@
-"""Fine-tuning learns (in a module of its own: 216 steps on 2 ranks, which a CI process runs beside the other
-fine-tuning tests, not after them)."""
+"""Fine-tuning learns. A module of its own: --dist loadscope keeps a module on one test process, and these 216
+steps on 2 ranks, one of the suite's longest tests, need none of test_finetune.py's runs."""
 
 from __future__ import annotations
 

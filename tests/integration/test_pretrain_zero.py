@@ -1,5 +1,5 @@
-"""ZeRO-1 accumulating micro-batches, and regional compilation under ZeRO-3: 2-rank launches that share no run with
-test_pretrain.py's tests (in a module of their own, which a CI process runs beside that one, not after it)."""
+"""ZeRO-1 accumulating micro-batches, and regional compilation under ZeRO-3, on 2 ranks. A module of its own:
+--dist loadscope keeps a module on one test process, and these launches need none of test_pretrain.py's runs."""
 
 from __future__ import annotations
 

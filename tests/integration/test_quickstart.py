@@ -1,5 +1,5 @@
-"""The quickstart's path on the demo set, pretraining to probing (in a module of its own: one of the suite's
-longest tests, which a CI process runs beside the fine-tuning module, not after it)."""
+"""The quickstart's path on the demo set, pretraining to probing. A module of its own: --dist loadscope keeps a
+module on one test process, and this test, one of the suite's longest, needs none of test_finetune.py's runs."""
 
 from __future__ import annotations
 
