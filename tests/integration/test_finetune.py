@@ -100,28 +100,6 @@ def test_the_run_records_the_classes_it_learns_and_its_export_carries_them(finet
     assert recorded_classes(finetuned / "run") == names == recorded_classes(finetuned / "classifier.safetensors")
 
 
-def test_finetuning_from_a_random_init_learns_the_demo_classes(demo_shards, tmp_path):
-    """The fine-tuning loop (layer-decay groups, schedule, DeepSpeed step, head) learns: 216 steps on 2 ranks from
-    a random init, the augmentations that slow a short run off, at an lr a random init tolerates. Measured here
-    (2 ranks, lr 0.004): training loss 2.29 -> 1.85 and validation top-5 87.5% with run.seed 0, 2.30 -> 1.99 and
-    81.2% with seed 1 (chance 50%; top-1 15-16%, too close to chance's 10% over 80 images to assert); one rank:
-    2.30 -> 1.86, 83.8%. At 0.008 (this test's lr before) a random init sat at the edge: one rank learned with
-    seed 0 (top-5 80%) but not seed 1 (61%), two ranks with neither (50%, 55%)."""
-    off = ("finetune.mixup=0", "finetune.cutmix=0", "finetune.rand_augment_ops=0", "finetune.random_erasing=0",
-           "finetune.label_smoothing=0", "finetune.layer_decay=1", "model.drop_path=0")
-    run("finetune", "--profile", "finetune_tiny", "--run-dir", str(tmp_path / "run"), "--set",
-        f"data.shards={demo_shards}", "finetune.init=random", "batch.micro=8", "batch.global_batch=16",
-        "logging.every_steps=6", "finetune.eval_every_epochs=12", "optim.base_learning_rate=0.004",
-        "precision.dtype=fp32", "schedule.epochs=12", "schedule.warmup_epochs=1", *off)
-    curve = list(metric_losses(tmp_path / "run").values())
-    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
-    final = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
-    print(f"\ntraining loss {first:.3f} -> {last:.3f}; validation top-1 {final['top1']:.1f}%, "
-          f"top-5 {final['top5']:.1f}% at step {final['step']}")
-    assert final["step"] == 216 and final["samples"] == 80
-    assert last < first - 0.15 and final["top5"] >= 65
-
-
 def test_finetuning_log_has_no_deprecation_warnings_or_deepspeed_build_lines(finetuned):
     """DALI's RandAugment used deprecated `fn.experimental` operators: eight warnings, half of this log."""
     log = (finetuned / "finetune.log").read_text()
@@ -222,35 +200,6 @@ def test_eval_in_the_runs_precision_gives_the_runs_own_last_evaluation(finetuned
     # equal, still 10x under what CI saw; a CI machine of another CPU was not tried. The bound no longer tells bf16
     # weights from fp32 weights under bf16 autocast (2.8e-7 apart in the same file); the precision field does.
     assert report["loss"] == pytest.approx(last["loss"], rel=1e-5)
-
-
-def test_the_quickstart_path_pretrains_the_whole_schedule_the_dry_run_shows_and_probes_against_random_encoders(
-        demo_shards, tmp_path, capsys):
-    """The quickstart's steps on the small demo set: the demo profile in one CPU process with two threads through
-    the deepspeed launcher, its whole schedule (5 epochs), the step count `mixmae launch --dry-run` printed for
-    it, and `mixmae probe --baseline` against three random encoders.
-
-    Whether pretraining beats the random encoders is measured over training seeds on the full demo by
-    benchmarks/demo_probe.py (benchmarks/results/demo_probe_cpu_fp32.json), not here: 90 steps on 300 images are
-    far too few to learn the demo's shapes."""
-    from mixmae_scale.cli import main
-
-    run("pretrain", "--profile", "demo", "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={demo_shards}",
-        ranks=1, threads=2, port=free_port())
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 5 * (300 // 16) and summary["heldout_loss_end"] < summary["heldout_loss_start"]
-    assert main(["launch", "demo", "--dry-run", "--set", f"data.shards={demo_shards}"]) == 0
-    assert f"total steps      {summary['steps']} (5 epochs" in capsys.readouterr().out
-    out = subprocess.run([sys.executable, "-m", "mixmae_scale.cli", "probe", "--init", str(tmp_path / "run"),
-                          "--data", str(demo_shards), "--baseline", "--json"], capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout[out.stdout.index("{"):])
-    assert len(report["random_init"]) == 3 and len({r["top1"] for r in report["random_init"]} |
-                                                   {r["knn_top1"] for r in report["random_init"]}) > 1
-    for readout, key in (("linear", "top1"), ("knn", "knn_top1")):  # the margin's arithmetic: tests/unit/test_probe.py
-        assert report[readout]["pretrained"] == report["pretrained"][key]
-    assert report["pretrained"]["val_samples"] == 80 and report["pretrained"]["train_samples"] == 300
 
 
 def metric_losses(run_dir: Path) -> dict[int, float]:

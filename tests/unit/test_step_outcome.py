@@ -76,6 +76,11 @@ def test_fp16_overflow_at_the_minimum_scale_counts_toward_the_limit_instead_of_d
         return DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=MIN_LOSS_SCALE, delayed_shift=2,
                                  consecutive_hysteresis=False)
 
+    from mixmae_scale.engine.distributed import skip_shm_allreduce_op
+
+    # as every run does: without it init_distributed compiled DeepSpeed's shared-memory op on a machine's first use
+    # (68 s of a CI run on an empty TORCH_EXTENSIONS_DIR, for a test that reduces nothing)
+    skip_shm_allreduce_op()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     deepspeed.init_distributed("gloo")  # the scaler logs through deepspeed.comm's rank
     try:
