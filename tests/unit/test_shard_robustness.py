@@ -359,3 +359,20 @@ def test_names_that_are_not_utf8_are_refused_by_name_with_their_bytes_escaped_be
             f"(for names written in Latin-1: `convmv -r -f latin1 -t utf8 --notest {src}`) and run the same command "
             "again") in error, error
     assert "\\udc" not in error and not out.exists()
+
+
+def test_names_in_utf8_beyond_ascii_are_converted_and_kept_as_written(tmp_path):
+    """The refusal of names that are not UTF-8 must not reach names that are: `chien_é/café_0.jpg` in UTF-8 bytes
+    converts, its class named as typed in classes.json, and every image written."""
+    from mixmae_scale.cli import main
+
+    src = tmp_path / "src"
+    for i in range(2):
+        jpeg(src / "chat" / f"chat_{i}.jpg")
+        jpeg(src / "chien_é" / f"café_{i}.jpg")
+    assert b"chien_\xc3\xa9" in os.listdir(bytes(src))  # UTF-8 bytes on disk
+    out = tmp_path / "out"
+    assert main(["shards", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]) == 0
+    classes = json.loads((out / "classes.json").read_text(encoding="utf-8"))
+    assert "chien_é" in json.dumps(classes, ensure_ascii=False), classes
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["samples"] == 4
