@@ -9,8 +9,9 @@ shortened after the stop, or a lower --max-steps) adds `complete_under_plan` to 
 (engine/run_folder.py `note_complete`), so that the job does not requeue itself for it again.
 
 Exit 0 (and one line saying why) means "requeue", 1 "do not": the run finished, ended at --max-steps, was found
-complete by a later start, or left no summary; the job's arguments would start it anew (--overwrite,
-checkpoint.resume=none), or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
+complete by a later start, or left no summary; the job's arguments would start it anew on the requeue (--overwrite
+or checkpoint.resume=none that cluster/restart.py, which the requeued script runs, cannot undo; those it drops are
+requeued, as the restart continues the run), or the cycle was stopped: `MIXMAE_MAX_REQUEUES` (default 20) against
 Slurm's SLURM_RESTART_COUNT caps it, and a file `NO_REQUEUE` in the run folder ends it for a job already in the
 queue. A plain `scancel` ends the batch script before it gets here.
 """
@@ -61,35 +62,45 @@ def decide(run_dir: Path, env: Mapping[str, str]) -> tuple[bool, str]:
     return True, f"stopped by a signal at step {steps} of {planned} (requeue {int(restarts_text) + 1} of {limit_text})"
 
 
-def read_job(argv: list[str]) -> tuple[Path, str | None]:
-    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name), and what in the
-    arguments makes every start of it a new run, if anything does (cluster/restart.py `fresh_start`, the ranks' own
-    parse: an abbreviated --overwrite, checkpoint.resume=none from the profile, cluster file or --set): a requeue
-    runs the batch script with the same arguments, so --overwrite would move the stopped run aside and begin at
-    step 0 again (every requeue, up to the cap), and checkpoint.resume=none over its checkpoints is refused on every
-    rank."""
-    from mixmae_scale.cluster.restart import fresh_start, parse
-    from mixmae_scale.config import load_config
+def read_job(argv: list[str]) -> tuple[Path, list[str], bool]:
+    """The run folder `mixmae pretrain <argv>` uses (its --run-dir, else run.output_dir/run.name), what in the
+    arguments makes a start of it a new run (cluster/restart.py `fresh_start`, the ranks' own parse: an abbreviated
+    --overwrite, checkpoint.resume=none from the profile, cluster file or --set; empty if nothing does), and whether
+    the restart undoes it. A requeue runs the batch script with the same arguments, where --overwrite would move the
+    stopped run aside and begin at step 0 again and checkpoint.resume=none is refused over the run's checkpoints;
+    but the requeued script (SLURM_RESTART_COUNT > 0) runs cluster/restart.py `continuing` first, which drops the one
+    and overrides the other. Only what it cannot undo keeps the job from requeueing (`sbatch ... --overwrite`, to
+    replace an old run, stopped at the time limit ended its cycle there, though its requeue would have continued)."""
+    from mixmae_scale.cluster.restart import continuing, fresh_start, parse
+    from mixmae_scale.config import ConfigError, load_config
 
     args = parse(argv)
     config, _ = load_config(args.profile, args.cluster, list(args.overrides))
     run_dir = Path(args.run_dir) if args.run_dir else Path(config.run.output_dir) / config.run.name
-    return run_dir, " and ".join(fresh_start(argv)) or None
+    fresh = fresh_start(argv)
+    try:
+        continuing(argv)
+    except ConfigError:
+        return run_dir, fresh, False
+    return run_dir, fresh, True
 
 
 def main(argv: list[str]) -> int:
     from mixmae_scale.config import ConfigError
 
     try:
-        run_dir, restarts = read_job(argv)
+        run_dir, fresh, undone = read_job(argv)
     except ConfigError as exc:  # a requeue would be refused the same way on every rank
         print(f"mixmae: not requeueing: {' '.join(str(exc).split())}")
         return 1
     requeue, why = decide(run_dir, os.environ)
-    if requeue and restarts:
-        requeue, why = False, (f"{why.split(' (requeue')[0]}, but the job's arguments hold {restarts}, which a "
-                               "requeue would run again and start the run anew instead of resuming it; submit the "
-                               f"job again without it to resume")
+    if requeue and fresh and not undone:
+        requeue, why = False, (f"{why.split(' (requeue')[0]}, but the job's arguments hold {' and '.join(fresh)}, "
+                               "which the requeued job's restart (cluster/restart.py) cannot undo: it would start "
+                               "the run anew instead of resuming it; submit the job again without it to resume")
+    elif requeue and fresh:
+        why += (f"; the requeued job's restart (cluster/restart.py) undoes {' and '.join(fresh)} and continues the "
+                "run")
     print(f"mixmae: {'requeueing' if requeue else 'not requeueing'}: {why}")
     return 0 if requeue else 1
 

@@ -262,17 +262,20 @@ def discover_splits(src: Path, options: ConvertOptions, out: str | None = None) 
     if problems:
         raise SourceError("; ".join(problems))
     refuse_names_not_utf8(src, found)
+    # What is skipped is only listed (summary, ignored_examples): its bytes that are not UTF-8 escaped, not refused.
+    found = {split: replace(d, ignored=[escaped(name) for name in d.ignored]) for split, d in found.items()}
     unique, duplicates = drop_duplicates({split: d.images for split, d in found.items()})
     return {split: replace(d, images=unique[split], duplicates=d.duplicates + duplicates[split])
             for split, d in found.items()}
 
 
 def refuse_names_not_utf8(src: Path, found: dict[str, Discovered], shown: int = 5) -> None:
-    """Refuses a source with names that are not UTF-8, naming them with those bytes escaped, before anything is
-    written: each name becomes text in the manifest and the samples, where its surrogate escapes were kept as lone
-    surrogates (sources.not_utf8)."""
+    """Refuses a source whose images or class folders have names that are not UTF-8, naming them with those bytes
+    escaped, before anything is written: each becomes text in the manifest and the samples, where its surrogate
+    escapes were kept as lone surrogates (sources.not_utf8). Files skipped anyway (not images by name, hidden
+    folders) are not refused for it: a stray Latin-1 note refused the whole set; they are listed escaped."""
     names = not_utf8([*(image.rel for d in found.values() for image in d.images),
-                      *(name for d in found.values() for name in d.ignored)])
+                      *(f"{name}/" for d in found.values() for name in d.classes)])
     if not names:
         return
     listed = ", ".join(f"'{escaped(name)}'" for name in names[:shown]) + (

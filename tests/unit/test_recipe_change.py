@@ -656,3 +656,14 @@ def test_a_train_split_read_whole_by_its_checkpoint_and_now_cut_says_so_without_
         plan_with_data_recorded(ckpt_dir, first, cut, records)
     assert "held-out tail" in str(refused.value) and "rebuilt in place" not in str(refused.value), refused.value
     assert "had a validation split" in str(refused.value) and "earlier release" not in str(refused.value)
+
+
+def test_a_checkpoint_saved_under_the_old_default_port_resumes_without_a_change_noted():
+    """cluster.master_port's default went from 29500 to unset (a port derived per run folder): a run saved before
+    records 29500, and its resume under the new default must neither be refused nor noted as a recipe change (the
+    launch's cluster.* changes per start by design)."""
+    current = yaml.safe_load(yaml.safe_dump(resolved().to_dict()))
+    assert current["cluster"]["master_port"] is None
+    saved = {**current, "cluster": {**current["cluster"], "master_port": 29500}}
+    verdict = recipe.compare(saved, current, False, "ckpt", "a new run folder")
+    assert verdict.refusal is None and verdict.changes == () and verdict.note is None, verdict

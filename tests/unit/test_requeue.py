@@ -92,21 +92,42 @@ def test_a_checkpoint_past_a_shortened_schedule_is_not_called_complete_without_t
     (["--set=checkpoint={resume: 'none'}"], "checkpoint.resume=none"),
     (["--cluster", "FRESH_YAML"], "checkpoint.resume=none"),  # from a cluster file
 ])
-def test_a_job_whose_arguments_start_the_run_again_is_not_requeued(tmp_path, capsys, extra, said):
-    """A requeued job runs its batch script with the same arguments. `sbatch pretrain.sbatch --overwrite` (to
-    replace an old run) stopped by the time-limit warning was requeued, and the requeue's --overwrite moved the
-    stopped run aside and began at step 0 again, every time, up to MIXMAE_MAX_REQUEUES; checkpoint.resume=none over
-    the run's checkpoints is refused on every rank. Neither is requeued: the line says why and how to resume."""
+def test_a_job_whose_fresh_start_the_restart_undoes_is_requeued_and_says_so(tmp_path, capsys, extra, said):
+    """A requeued job runs its batch script with the same arguments, but the script runs cluster/restart.py first
+    (SLURM_RESTART_COUNT > 0), which drops --overwrite and sets checkpoint.resume=auto: the run continues.
+    `sbatch pretrain.sbatch --overwrite` (to replace an old run) stopped by the time-limit warning was not
+    requeued, its cycle ended after one segment with a line saying the requeue would start the run anew, which the
+    restart no longer does. It is requeued, and the line says what the restart undoes."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
-    assert requeue.main(["--profile", "tiny", "--run-dir", str(run)]) == 0
-    capsys.readouterr()
     (tmp_path / "fresh.yaml").write_text("checkpoint:\n  resume: none\n")
     extra = [str(tmp_path / "fresh.yaml") if item == "FRESH_YAML" else item for item in extra]
-    assert requeue.main(["--profile", "tiny", "--run-dir", str(run), *extra]) == 1
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run), *extra]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("mixmae: not requeueing: stopped by a signal at step 40 of 100, but ") and said in out
+    assert out.startswith("mixmae: requeueing: stopped by a signal at step 40 of 100 (requeue 1 of 20); the "
+                          f"requeued job's restart (cluster/restart.py) undoes {said} and continues the run"), out
+
+
+def test_a_job_whose_fresh_start_the_restart_cannot_undo_is_not_requeued(tmp_path, capsys, monkeypatch):
+    """Where cluster/restart.py refuses to rewrite the arguments (its safety net: the rewritten ones would not parse
+    to the same job continuing), the requeued job would stop there: not requeued, the line says why and how."""
+    from mixmae_scale.cluster import restart
+    from mixmae_scale.config import ConfigError
+
+    def refuse(argv, given=()):
+        raise ConfigError("could not be undone")
+
+    monkeypatch.setattr(restart, "continuing", refuse)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run)]) == 0  # nothing to undo: requeued
+    assert capsys.readouterr().out.endswith("(requeue 1 of 20)\n")
+    assert requeue.main(["--profile", "tiny", "--run-dir", str(run), "--overwrite"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("mixmae: not requeueing: stopped by a signal at step 40 of 100, but the job's arguments "
+                          "hold --overwrite, which the requeued job's restart (cluster/restart.py) cannot undo"), out
     assert "submit the job again without it to resume" in out
 
 

@@ -359,3 +359,41 @@ def test_names_that_are_not_utf8_are_refused_by_name_with_their_bytes_escaped_be
             f"(for names written in Latin-1: `convmv -r -f latin1 -t utf8 --notest {src}`) and run the same command "
             "again") in error, error
     assert "\\udc" not in error and not out.exists()
+
+
+def test_names_in_utf8_beyond_ascii_are_converted_and_kept_as_written(tmp_path):
+    """The refusal of names that are not UTF-8 must not reach names that are: `chien_é/café_0.jpg` in UTF-8 bytes
+    converts, its class named as typed in classes.json, and every image written."""
+    from mixmae_scale.cli import main
+
+    src = tmp_path / "src"
+    for i in range(2):
+        jpeg(src / "chat" / f"chat_{i}.jpg")
+        jpeg(src / "chien_é" / f"café_{i}.jpg")
+    assert b"chien_\xc3\xa9" in os.listdir(bytes(src))  # UTF-8 bytes on disk
+    out = tmp_path / "out"
+    assert main(["shards", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]) == 0
+    classes = json.loads((out / "classes.json").read_text(encoding="utf-8"))
+    assert "chien_é" in json.dumps(classes, ensure_ascii=False), classes
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["samples"] == 4
+
+
+def test_a_skipped_file_named_in_latin1_is_listed_escaped_not_a_refusal_of_the_set(tmp_path, capsys):
+    """The refusal of names that are not UTF-8 is for names the set is written with (images, class folders): a
+    Latin-1 `cat/notes_é.txt`, which the conversion skips as not an image, refused the whole source. It converts,
+    and the skipped name is listed and recorded with its byte escaped: the summary prints and dataset.json is strict
+    JSON (no lone surrogate)."""
+    from mixmae_scale.cli import main
+
+    src = tmp_path / "src"
+    for i in range(2):
+        jpeg(src / "cat" / f"cat_{i}.jpg")
+        jpeg(src / "dog" / f"dog_{i}.jpg")
+    Path(os.fsdecode(bytes(src) + b"/cat/notes_\xe9.txt")).write_text("a note")
+    out = tmp_path / "out"
+    assert main(["shards", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "cat/notes_\\xe9.txt" in printed.out + printed.err
+    manifest = (out / "dataset.json").read_text(encoding="utf-8", errors="strict")
+    assert "\\udc" not in manifest and "notes_\\\\xe9.txt" in manifest
+    assert json.loads(manifest)["splits"]["train"]["samples"] == 4

@@ -468,3 +468,25 @@ def test_a_restart_sees_every_way_of_asking_for_a_fresh_start(script, slurm, mon
     assert result.returncode == 0, result.stderr
     assert ranks_parse(records, submit_dir, monkeypatch) == (False, "auto"), recorded(records, "python")
     assert "restart 2 of job 4242 (Slurm requeued it): " in result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_job_submitted_with_overwrite_requeues_itself_and_its_restart_continues_the_run(script, slurm, monkeypatch):
+    """`sbatch pretrain.sbatch --overwrite` (to replace an old run) stopped by the time-limit warning: the script
+    did not requeue it, as the requeue would run --overwrite again, though the requeued script's restart drops it.
+    It requeues, and the requeued job's ranks resume the run. Slurm is simulated (stand-in srun, python, scontrol;
+    SLURM_RESTART_COUNT set by hand for the requeued start), the run folder's summary written by hand."""
+    env, records, submit_dir = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8"}
+    (submit_dir / "run").mkdir()
+    (submit_dir / "run" / "summary.json").write_text(
+        json.dumps({"steps": 40, "planned_steps": 100, "stopped_by_signal": True}))
+    typed = ("--overwrite", "--run-dir", "run")
+    result = submit(script, env, *typed)
+    assert result.returncode == 0, result.stderr
+    assert ranks_parse(records, submit_dir, monkeypatch) == (True, "auto")  # the first start replaces the old run
+    assert (records / "scontrol.args").exists() and recorded(records, "scontrol") == ["requeue", "4242"], result.stdout
+    assert "undoes --overwrite and continues the run" in result.stdout
+    result = submit(script, {**env, "SLURM_RESTART_COUNT": "1"}, *typed)
+    assert result.returncode == 0, result.stderr
+    assert ranks_parse(records, submit_dir, monkeypatch) == (False, "auto")
