@@ -88,7 +88,9 @@ class StopFlag:
         global _caller_interrupt
         before = signal.getsignal(signal.SIGINT)
         if before != signal.SIG_IGN:
-            if _caller_interrupt is _UNSET:  # a second flag before the restore keeps the caller's, not the first flag's
+            # A second flag before the restore keeps the caller's, not the first flag's; a handler the caller set
+            # since an earlier flag (one never restored: a loop built by hand) is the caller's now, not the stale one.
+            if _caller_interrupt is _UNSET or not isinstance(getattr(before, "__self__", None), StopFlag):
                 _caller_interrupt = before
             signal.signal(signal.SIGINT, self._interrupt)
         # A stop that arrived while the process started (record_early_stops), now that this flag's handlers hold:

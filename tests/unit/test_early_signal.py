@@ -138,3 +138,30 @@ def test_the_callers_ctrl_c_handler_is_back_when_a_run_in_the_process_ends(ends)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_flag_left_unrestored_by_earlier_work_does_not_bring_back_a_stale_handler():
+    """Work that made a StopFlag outside run_rank and never restored (a loop built in the process by hand, an earlier
+    test in the same pytest worker) kept the handler it replaced as "the caller's": the next run's restore put that
+    stale one back instead of the handler the caller had set since (the Ctrl-C test above failed by the order the
+    xdist worker happened to run its modules in)."""
+    from mixmae_scale.engine import preemption
+    from mixmae_scale.engine.runtime import run_rank
+
+    def stale_handler(signum, frame):
+        raise AssertionError("the stale handler")
+
+    def caller_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        signal.signal(signal.SIGINT, stale_handler)
+        preemption.StopFlag()  # earlier work: never restored
+        signal.signal(signal.SIGINT, caller_handler)
+        assert run_rank(lambda rank, local_rank: preemption.StopFlag() and 0, lambda rank, exc, alone: None) == 0
+        assert signal.getsignal(signal.SIGINT) is caller_handler
+    finally:
+        preemption.restore_interrupt()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
