@@ -549,3 +549,19 @@ def test_a_port_variable_left_in_the_submitting_shell_is_not_taken_for_the_jobs_
     port = ranks[ranks.index("--master_port") + 1] if script == "pretrain.sbatch" else \
         recorded_env(records, "python")["MASTER_PORT"]
     assert port == "14242"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cluster_env_from_a_set_after_the_script_reaches_the_step_over_the_files(script, slurm):
+    """`mixmae launch` gives the ranks cluster.env of the whole configuration; the scripts exported the cluster
+    file's alone, so a `--set cluster.env.NAME=VALUE` after the script never reached a rank, without a word."""
+    env, records, submit_dir = slurm
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", "cluster.env.NCCL_DEBUG=INFO",
+                    "cluster.env.NCCL_SOCKET_IFNAME=eth1")
+    assert result.returncode == 0, result.stderr
+    step_env = recorded_env(records, "python")
+    assert step_env["NCCL_DEBUG"] == "INFO" and step_env["NCCL_SOCKET_IFNAME"] == "eth1"  # the file says ib0
+    (records / "srun.args").unlink()
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", "cluster.env.NCCL-X=1")
+    assert result.returncode == 2 and not (records / "srun.args").exists()
+    assert "cluster.env key 'NCCL-X' is not an environment variable name" in result.stderr
