@@ -1,10 +1,15 @@
-"""What a Slurm batch script takes from the cluster file before it starts anything: `cluster.env` as `export`
-lines, and the rendezvous port if the file names one.
+"""What a Slurm batch script takes from the job's configuration before it starts anything: `cluster.env` as
+`export` lines, and the rendezvous port where the job sets one.
 
 The sbatch scripts start ranks through srun, which hands the batch step's environment to every task; DeepSpeed's
 `.deepspeed_env` is read only where its runner starts other hosts itself, which these scripts never ask of it.
 So the only way NCCL_SOCKET_IFNAME and the like from `cluster.env` reach the ranks is for the batch script to
 export them: `exports=$(python -m mixmae_scale.cluster.shell_env CLUSTER_FILE) && eval "$exports"`.
+
+The scripts call it as `shell_env --profile P [--cluster C] -- <the job's arguments>`: the exports and the port are
+then `cluster.env` and `cluster.master_port` of the configuration the ranks build (profile, cluster file, `--set` after
+the script, on the arguments parsed as `mixmae pretrain` parses them). Read from the cluster file alone, a port or
+a variable in the profile or a `--set` was ignored without a word (the job rendezvoused on its job-id port).
 """
 
 from __future__ import annotations
@@ -57,13 +62,43 @@ def export_lines(cluster_file: str) -> list[str]:
     return lines
 
 
+def job_lines(argv: list[str]) -> list[str]:
+    """The lines for a job whose `mixmae pretrain` arguments are `argv` (the script's --profile and --cluster first):
+    `cluster.env` and the port of the configuration the ranks read (profile, cluster file, --set), as `mixmae launch`
+    takes them; the cluster file's alone left a --set after the script unread. The port
+    variable is always assigned, empty where nothing sets a port, so a value left in the submitting shell's
+    environment is not taken for one. A usage error exits 2 in argparse's words, as the ranks' would."""
+    from mixmae_scale.cluster.restart import parse
+    from mixmae_scale.config import load_config
+
+    args = parse(argv)
+    if args.cluster:
+        export_lines(args.cluster)  # the file's own problems, named by the file
+    config, _ = load_config(args.profile, args.cluster, list(args.overrides))
+    env_problems(config.cluster.env, f"the job's configuration (profile {args.profile}, "
+                                     f"{f'cluster file {args.cluster}, ' if args.cluster else ''}--set)")
+    lines = [f"export {key}={shlex.quote(str(value))}" for key, value in sorted(config.cluster.env.items())]
+    port = config.cluster.master_port
+    if port is not None and not 1 <= port <= 65535:  # one from the cluster file was refused by export_lines
+        raise ConfigError(f"cluster.master_port={port} is not a TCP port (1-65535) (from the profile "
+                          f"{args.profile} or a --set)")
+    return [*lines, f"{PORT_VARIABLE}={'' if port is None else port}"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`shell_env CLUSTER_FILE`, or `shell_env --profile P [--cluster C] -- ARGS` (the sbatch scripts')."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m mixmae_scale.cluster.shell_env CLUSTER_FILE", file=sys.stderr)
+    if "--" not in argv and len(argv) != 1:
+        print("usage: python -m mixmae_scale.cluster.shell_env CLUSTER_FILE\n"
+              "       python -m mixmae_scale.cluster.shell_env --profile P [--cluster C] -- PRETRAIN_ARGS",
+              file=sys.stderr)
         return 2
     try:
-        lines = export_lines(argv[0])
+        if "--" in argv:
+            split = argv.index("--")
+            lines = job_lines(argv[:split] + argv[split + 1:])
+        else:
+            lines = export_lines(argv[0])
     except ConfigError as exc:
         print(f"mixmae: error: {exc}", file=sys.stderr)
         return 2

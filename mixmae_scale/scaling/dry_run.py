@@ -2,8 +2,10 @@
 device time is spent on it. Nothing is trained or written.
 
 Every planned run is listed with what the sweep would do with it: nothing (its row is in results.jsonl), read its
-finished folder, resume it (a stopped run's summary names the step it saved at) or run it. The time of what is left
-is estimated only from a measurement: for each run, the recorded run of the same size (name, N and global batch)
+finished folder, resume it (a stopped run's summary names the step it saved at) or run it. A finished folder the
+sweep would not read as a point is listed as what the sweep does with it instead, by its rule (`recorded.diverged`):
+diverged (no row, not run again) or, without a held-out loss, failing; it was listed as read. The time of what is
+left is estimated only from a measurement: for each run, the recorded run of the same size (name, N and global batch)
 whose steps are nearest to its own, its wall time per step (of a resumed run, its last launch's steps: its folder's
 run.json) (start-up and held-out evaluation included, so short runs overstate the time per step of long ones) times
 the steps left; of several such runs, the fastest per step (a worker's first run carries its process's start-up,
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixmae_scale.data.errors import plural
-from mixmae_scale.scaling.recorded import finished_here, mended_last_line, numbered_rows, row_differences
+from mixmae_scale.scaling.recorded import diverged, finished_here, mended_last_line, numbered_rows, row_differences
 from mixmae_scale.scaling.run import plan_record, refuse_other_sweeps, sweep_runs
 from mixmae_scale.scaling.spec import PlannedRun, SweepSpec, check_budgets, expand
 from mixmae_scale.scaling.workers import FLOP_RATE, STEP_OVERHEAD_S, estimated_seconds, start_order
@@ -39,6 +41,8 @@ H100_SOURCE = (f"the H100 cost model of scaling/workers.py ({STEP_OVERHEAD_S} s 
 
 
 REFUSED = "REFUSED by `scaling run`"
+DIVERGED = "diverged in its folder"
+FAILING = "FAILS in `scaling run`"
 
 
 def row_judge(spec: SweepSpec, lr_pending: bool):
@@ -107,6 +111,13 @@ def _state(run: PlannedRun, run_dir: Path, recorded: dict[str, dict], judge) -> 
     summary = run_dir / "summary.json"
     try:
         if finished_here(run_dir, run):
+            end = json.loads(summary.read_text()).get("heldout_loss_end")
+            if diverged(end):
+                return (f"{DIVERGED} (held-out loss {end!r} at its end): not a point, no row; `scaling run` says so "
+                        f"and it is not run again (remove {run_dir} to run it again)"), 0
+            if end is None:
+                return (f"{FAILING}: finished in its folder without a held-out loss, no row (a sweep compares "
+                        "held-out losses: the shards need a validation split)"), 0
             return "finished in its folder: read, not run", 0
         stopped_at = json.loads(summary.read_text()).get("steps") if summary.exists() else None
     except (OSError, ValueError):
@@ -213,11 +224,15 @@ def dry_run(spec: SweepSpec, out: Path, parallel: int = 1, log=print) -> list[St
     _table(f"the study ({plural(len(study), 'run')}, rows in {results}):", study, log)
     steps += study
     left = [s for s in steps if s.steps_left]
-    recorded, read = (sum(s.state.startswith(state) for s in steps) for state in ("recorded", "finished"))
+    recorded, read, lost, failing = (sum(s.state.startswith(state) for s in steps)
+                                     for state in ("recorded", "finished", DIVERGED, FAILING))
     refused = [s.run.run_id for s in steps if s.state.startswith(REFUSED)]
     flops = sum(s.run.flops * s.steps_left / s.run.steps for s in left)
-    log(f"{plural(len(steps), 'run')}: {recorded + read} done ({recorded} recorded, {read} finished in their "
-        f"folders), {len(refused)} refused, {len(left)} left ({sum(s.steps_left for s in left):,} steps, "
+    lost_said = f", {lost} diverged: no rows" if lost else ""
+    failing_said = f", {failing} failing" if failing else ""
+    log(f"{plural(len(steps), 'run')}: {recorded + read + lost} done ({recorded} recorded, {read} finished in their "
+        f"folders{lost_said}){failing_said}, {len(refused)} refused, {len(left)} left "
+        f"({sum(s.steps_left for s in left):,} steps, "
         f"{flops:.3g} training FLOPs)")
     if refused:
         log(f"`scaling run` refuses this spec here before any run starts: {plural(len(refused), 'recorded run')} "

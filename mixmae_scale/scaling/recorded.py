@@ -155,6 +155,13 @@ def ran_to_its_end(summary: dict, run: PlannedRun) -> bool:
     return steps is not None and steps >= summary.get("planned_steps", run.steps)
 
 
+def diverged(end: object) -> bool:
+    """Whether a finished run's held-out loss at its end (summary.json's `heldout_loss_end`) says it diverged: the
+    sweep records no row for it (`folder_row` raises Diverged), and `scaling run --dry-run` says so with the same
+    rule. None is a loss not measured, which the sweep counts failed instead."""
+    return end is not None and not (isinstance(end, (int, float)) and math.isfinite(end))
+
+
 def data_read_if_here(spec: SweepSpec, fraction: float, out: Path) -> dict:
     """`data_read`, where the shards can be read (a run read from its folder may have run where they are not)."""
     try:
@@ -351,7 +358,7 @@ def folder_row(spec: SweepSpec, run: PlannedRun, run_dir: Path, wall_s: float | 
                            f"{summary.get('planned_steps', run.steps)}, not a point of the study; the same "
                            "`mixmae scaling run` resumes it")
     end = summary.get("heldout_loss_end")
-    if end is not None and not (isinstance(end, (int, float)) and math.isfinite(end)):
+    if diverged(end):
         raise Diverged(f"run {run.run_id}: held-out loss {end!r} at its end: it diverged, not a point of the study "
                        f"(to run it again, remove {run_dir})")
     if summary.get("heldout_loss_end") is None:

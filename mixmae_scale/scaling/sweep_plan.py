@@ -94,6 +94,9 @@ def rows_of_plan(rows: list[dict], out: Path) -> Selection:
         warnings.append(f"{spec} has changed since `mixmae scaling run` recorded its plan ({out / PLAN}): the fit "
                         "takes the runs it planned then; run `mixmae scaling run` with the spec again to plan the "
                         "changed one")
+    elif digest is None and spec and plan.get("spec_sha256"):  # a folder copied from another machine
+        warnings.append(f"{spec}, the spec {out / PLAN} was recorded from, cannot be read here: whether it has "
+                        "changed since is not checked; the fit takes the runs it planned then")
     if left_out:
         warnings.append(f"{plural(len(left_out), 'row')} of {results} "
                         f"{'is a run' if len(left_out) == 1 else 'are runs'} the spec no longer plans ({out / PLAN}, "

@@ -53,7 +53,8 @@ def test_a_dry_run_lists_what_each_run_would_do_and_estimates_from_runs_measured
         for run, wall in ((slow, 4 * wall_s), (recorded, wall_s))) + cut)
     finished, stopped = by_id["w12-C2e+10-seed0"], by_id["w8-C4e+10-seed1"]
     (out / "runs" / finished.run_id).mkdir(parents=True)
-    (out / "runs" / finished.run_id / "summary.json").write_text(json.dumps({"steps": finished.steps}))
+    (out / "runs" / finished.run_id / "summary.json").write_text(
+        json.dumps({"steps": finished.steps, "heldout_loss_end": 0.5}))
     (out / "runs" / stopped.run_id).mkdir(parents=True)
     (out / "runs" / stopped.run_id / "summary.json").write_text(
         json.dumps({"steps": 3, "planned_steps": stopped.steps, "stopped_by_signal": "SIGTERM"}))
@@ -149,3 +150,40 @@ def test_a_resumed_runs_wall_time_is_taken_as_that_of_its_last_launchs_steps(dem
     (out / "runs" / done.run_id / "run.json").unlink()  # copied without its folder: its steps are all it has
     step = next(s for s in plan_steps([pending], out, [row], [row]) if s.run.run_id == pending.run_id)
     assert step.seconds == 10.0 / done.steps * pending.steps
+
+
+def test_a_finished_folder_the_sweep_would_not_record_is_listed_as_what_the_sweep_does_with_it(demo_shards, tmp_path):
+    """A finished run whose held-out loss diverged is no point: `scaling run` records no row for it, counts it
+    diverged and does not run it again; one that measured no held-out loss it counts failed. The dry run listed both
+    as "finished in its folder: read". Each folder is also given to the sweep's own reader (`folder_row`), so the
+    listing is checked against what the sweep does, not against a copy of its rule."""
+    import pytest
+
+    from mixmae_scale.scaling.recorded import Diverged, folder_row
+
+    spec, runs = _spec(tmp_path, demo_shards)
+    out = tmp_path / "sweep"
+    by_id = {run.run_id: run for run in runs}
+    ends = {"w8-C2e+10-seed0": float("nan"), "w8-C2e+10-seed1": float("inf"), "w12-C2e+10-seed0": None,
+            "w12-C2e+10-seed1": 0.75}
+    for run_id, end in ends.items():
+        (out / "runs" / run_id).mkdir(parents=True)
+        summary = {"steps": by_id[run_id].steps, "wall_s": 3.0, **({} if end is None else {"heldout_loss_end": end})}
+        (out / "runs" / run_id / "summary.json").write_text(json.dumps(summary))  # NaN, Infinity: as json writes them
+    (out / "runs" / "w12-C2e+10-seed1" / "metrics.csv").write_text("step,lr,x,train_loss\n8,0.1,0,0.8\n")
+    lines: list[str] = []
+    steps = {step.run.run_id: step for step in dry_run(spec, out, log=lines.append)}
+    for run_id in ("w8-C2e+10-seed0", "w8-C2e+10-seed1"):
+        with pytest.raises(Diverged):
+            folder_row(spec, by_id[run_id], out / "runs" / run_id, None)
+        assert steps[run_id].state.startswith("diverged in its folder (held-out loss") and steps[run_id].steps_left == 0
+        assert "not a point" in steps[run_id].state and "not run again" in steps[run_id].state
+    with pytest.raises(RuntimeError, match="held-out loss not measured"):
+        folder_row(spec, by_id["w12-C2e+10-seed0"], out / "runs" / "w12-C2e+10-seed0", None)
+    assert steps["w12-C2e+10-seed0"].state.startswith("FAILS in `scaling run`: finished in its folder without a "
+                                                      "held-out loss")
+    assert folder_row(spec, by_id["w12-C2e+10-seed1"], out / "runs" / "w12-C2e+10-seed1", None)["heldout_loss"] == 0.75
+    assert steps["w12-C2e+10-seed1"].state == "finished in its folder: read, not run"
+    summary = next(line for line in lines if line.startswith("12 runs: "))
+    assert summary.startswith("12 runs: 3 done (0 recorded, 1 finished in their folders, 2 diverged: no rows), "
+                              "1 failing, 0 refused, 8 left")

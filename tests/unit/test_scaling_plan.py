@@ -467,3 +467,27 @@ def test_a_size_whose_model_the_config_refuses_is_named_with_the_spec(tmp_path):
     spec = load_spec(path)
     with pytest.raises(ConfigError, match=re.escape(f"{path}: sizes[3] (giant): ") + ".*'model.size' must be one of"):
         expand(spec, 2560)
+
+
+@pytest.mark.parametrize("where", ["gone", "folder"])
+def test_a_plan_whose_spec_cannot_be_read_here_says_the_changed_spec_check_was_not_made(tmp_path, where):
+    """A sweep folder copied from another machine names a spec path that is not there (or is no file here): the fit
+    cannot tell whether the spec changed since its plan was recorded, and said nothing of it."""
+    import json
+
+    from mixmae_scale.scaling.sweep_plan import FORMAT, PLAN, rows_of_plan
+
+    spec = tmp_path / "elsewhere" / "sweep.yaml"
+    if where == "folder":
+        spec.mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PLAN).write_text(json.dumps({"format": FORMAT, "sweep": "s", "spec": str(spec), "spec_sha256": "ab" * 32,
+                                        "runs": ["w8-C2e+10-seed0"]}))
+    selection = rows_of_plan([{"run_id": "w8-C2e+10-seed0"}], out)
+    said = [w for w in selection.warnings if str(spec) in w]
+    assert len(said) == 1 and "cannot be read here" in said[0] and "not checked" in said[0]
+    assert str(out / PLAN) in said[0]
+    (out / PLAN).write_text(json.dumps({"format": FORMAT, "sweep": "s", "spec": None, "spec_sha256": None,
+                                        "runs": ["w8-C2e+10-seed0"]}))
+    assert rows_of_plan([{"run_id": "w8-C2e+10-seed0"}], out).warnings == []  # no spec recorded: nothing to say

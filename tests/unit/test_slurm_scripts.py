@@ -214,6 +214,52 @@ def test_the_rendezvous_port_comes_from_the_job_unless_set(script, slurm, variab
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("where, variables, port", [
+    ("profile", {}, "23456"),  # a profile file's cluster.master_port
+    ("--set", {}, "24680"),  # a --set after the script, no cluster file
+    ("--set over the file", {}, "24680"),  # a --set wins over the cluster file's, as on the ranks
+    ("--set=", {"MASTER_PORT": "31000"}, "31000"),  # the user's MASTER_PORT wins over all of them
+])
+def test_a_master_port_from_the_profile_or_a_set_after_the_script_is_the_rendezvous_port(script, slurm, where,
+                                                                                        variables, port):
+    """The scripts read cluster.master_port from the cluster file alone: one in the profile or in a `--set` after
+    the script was ignored without a word, and the job rendezvoused on the job-id port. The port is read from the
+    job's configuration as the ranks parse the arguments; MASTER_PORT in the environment still wins."""
+    env, records, submit_dir = slurm
+    env = {**env, "SLURM_GPUS_PER_NODE": "8", **variables}
+    args: tuple[str, ...] = ()
+    if where == "profile":
+        (submit_dir / "ported.yaml").write_text("cluster:\n  master_port: 23456\n")
+        env = {**env, "PROFILE": str(submit_dir / "ported.yaml")}
+        env.pop("CLUSTER")
+    elif where == "--set":
+        env.pop("CLUSTER")
+        args = ("--set", "cluster.master_port=24680")
+    elif where == "--set over the file":
+        (submit_dir / "my cluster.yaml").write_text("cluster:\n  master_port: 29555\n  env:\n    A_B: c\n")
+        args = ("--set", "cluster.master_port=24680")
+    else:
+        args = ("--set=cluster.master_port=24680",)
+    result = submit(script, env, *args)
+    assert result.returncode == 0, result.stderr
+    ranks = recorded(records, "python")
+    if script == "pretrain.sbatch":
+        assert ranks[ranks.index("--master_port") + 1] == port
+    else:
+        assert recorded_env(records, "python")["MASTER_PORT"] == port
+    if where == "--set over the file":
+        assert recorded_env(records, "python")["A_B"] == "c"  # the file's cluster.env is still exported
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_master_port_set_outside_tcps_range_after_the_script_is_refused_before_the_step(script, slurm):
+    env, records, _ = slurm
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", "cluster.master_port=70000")
+    assert result.returncode == 2 and not (records / "srun.args").exists()
+    assert "cluster.master_port=70000 is not a TCP port (1-65535)" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_cluster_env_reaches_the_step_and_srun_asks_for_the_jobs_cpus(script, slurm):
     """srun stopped inheriting --cpus-per-task in Slurm 22.05; .deepspeed_env is not read on these paths."""
     env, records, submit_dir = slurm
@@ -490,3 +536,32 @@ def test_a_job_submitted_with_overwrite_requeues_itself_and_its_restart_continue
     result = submit(script, {**env, "SLURM_RESTART_COUNT": "1"}, *typed)
     assert result.returncode == 0, result.stderr
     assert ranks_parse(records, submit_dir, monkeypatch) == (False, "auto")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_port_variable_left_in_the_submitting_shell_is_not_taken_for_the_jobs_port(script, slurm):
+    """MIXMAE_CLUSTER_MASTER_PORT is the scripts' own variable, set from the job's configuration; one exported in
+    the shell sbatch was run from (a copied line of the scripts, an earlier job's) was read as the job's port."""
+    env, records, _ = slurm
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", "MIXMAE_CLUSTER_MASTER_PORT": "29999"})
+    assert result.returncode == 0, result.stderr
+    ranks = recorded(records, "python")
+    port = ranks[ranks.index("--master_port") + 1] if script == "pretrain.sbatch" else \
+        recorded_env(records, "python")["MASTER_PORT"]
+    assert port == "14242"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cluster_env_from_a_set_after_the_script_reaches_the_step_over_the_files(script, slurm):
+    """`mixmae launch` gives the ranks cluster.env of the whole configuration; the scripts exported the cluster
+    file's alone, so a `--set cluster.env.NAME=VALUE` after the script never reached a rank, without a word."""
+    env, records, submit_dir = slurm
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", "cluster.env.NCCL_DEBUG=INFO",
+                    "cluster.env.NCCL_SOCKET_IFNAME=eth1")
+    assert result.returncode == 0, result.stderr
+    step_env = recorded_env(records, "python")
+    assert step_env["NCCL_DEBUG"] == "INFO" and step_env["NCCL_SOCKET_IFNAME"] == "eth1"  # the file says ib0
+    (records / "srun.args").unlink()
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", "cluster.env.NCCL-X=1")
+    assert result.returncode == 2 and not (records / "srun.args").exists()
+    assert "cluster.env key 'NCCL-X' is not an environment variable name" in result.stderr
