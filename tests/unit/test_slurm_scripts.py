@@ -206,11 +206,16 @@ def test_the_rendezvous_port_comes_from_the_job_unless_set(script, slurm, variab
         (submit_dir / "my cluster.yaml").write_text(f"cluster:\n  master_port: {cluster_port}\n")
     result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8", **variables})
     assert result.returncode == 0, result.stderr
-    args = recorded(records, "python")
+    assert rendezvous_port(script, records) == port
+
+
+def rendezvous_port(script: str, records) -> str:
+    """The port the step's ranks were given: the launcher's --master_port (pretrain.sbatch), MASTER_PORT in the
+    environment of each srun task (pretrain_srun.sbatch)."""
     if script == "pretrain.sbatch":
-        assert args[args.index("--master_port") + 1] == port
-    else:
-        assert recorded_env(records, "python")["MASTER_PORT"] == port
+        ranks = recorded(records, "python")
+        return ranks[ranks.index("--master_port") + 1]
+    return recorded_env(records, "python")["MASTER_PORT"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -242,11 +247,7 @@ def test_a_master_port_from_the_profile_or_a_set_after_the_script_is_the_rendezv
         args = ("--set=cluster.master_port=24680",)
     result = submit(script, env, *args)
     assert result.returncode == 0, result.stderr
-    ranks = recorded(records, "python")
-    if script == "pretrain.sbatch":
-        assert ranks[ranks.index("--master_port") + 1] == port
-    else:
-        assert recorded_env(records, "python")["MASTER_PORT"] == port
+    assert rendezvous_port(script, records) == port
     if where == "--set over the file":
         assert recorded_env(records, "python")["A_B"] == "c"  # the file's cluster.env is still exported
 
