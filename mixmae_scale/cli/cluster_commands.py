@@ -48,14 +48,8 @@ def _launch(args: argparse.Namespace) -> int:
         plan.command.append("--overwrite")
     for line in batch_report(resolved, samples, samples_from):
         print(line)
-    if resolved.config.cluster.master_port is None:  # two runs on one node must not share it: say where it came from
-        from pathlib import Path
-
-        from mixmae_scale.cluster.compose import launch_port
-
-        run_dir = Path(os.path.abspath(Path(config.run.output_dir) / config.run.name))
-        print(f"master port      {launch_port(run_dir)} (from the run folder {run_dir}; "
-              "--set cluster.master_port=N sets one)")
+    if plan.port is not None:  # where it came from, and whether it was tried here (cluster/rendezvous.py)
+        print(plan.port.report())
     if plan.env_text:
         where = plan.env_file or "set in the launcher's environment"
         print(f"environment for every rank ({where}):\n" + "".join(f"  {line}\n" for line in
@@ -156,9 +150,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "launch", help="compose and run the deepspeed launcher command for a profile",
         description="Compose the deepspeed launcher command for a profile and run it. The rendezvous port is "
                     "cluster.master_port, else 10000 + crc32(the run folder's absolute path) % 20000, so that two "
-                    "runs on one node differ. cluster.env values reach every rank as typed (010 stays 010). Under "
-                    "Slurm submit launch/slurm/pretrain_srun.sbatch or pretrain.sbatch instead (`mixmae templates "
-                    "DIR` writes them out).")
+                    "runs on one node differ; where rank 0 runs on this host the port is tried first: a derived one "
+                    "that is taken moves to the next free one, a set one that is taken is refused. cluster.env "
+                    "values reach every rank as typed (010 stays 010). Under Slurm submit "
+                    "launch/slurm/pretrain_srun.sbatch or pretrain.sbatch instead (`mixmae templates DIR` writes "
+                    "them out).")
     launch.add_argument("profile", help="profile name under launch/profiles/ or a YAML path")
     launch.add_argument("--cluster", help="cluster YAML (hostfile, nodes, GPUs, launcher, env)")
     add_set_arg(launch)

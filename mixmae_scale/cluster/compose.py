@@ -2,11 +2,12 @@
 
 The command is composed from the cluster section (hostfile, include/exclude, nodes, GPUs per node,
 master address and port, launcher backend); without cluster.master_port the port comes from the run folder
-(`launch_port`). Environment variables for every rank (`cluster.env`): on one node
-they go into the launched process's environment, which the ranks inherit (DeepSpeed reads `.deepspeed_env` only
-where it starts other hosts); on several nodes into `.deepspeed_env`, with the MIXMAE_* variables of the launching
-shell, since DeepSpeed forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* and that file to remote ranks; a run
-that reads s3:// gets the shell's AWS settings there too, though not its keys (below).
+(rendezvous.py `launch_port`), and where rank 0 runs on this host the port is tried first (`rendezvous_port`).
+Environment variables for every rank (`cluster.env`): on one node they go into the launched process's environment,
+which the ranks inherit (DeepSpeed reads `.deepspeed_env` only where it starts other hosts); on several nodes into
+`.deepspeed_env`, with the MIXMAE_* variables of the launching shell, since DeepSpeed forwards only NCCL*, PYTHON*,
+UCX*, MV2*, MLFLOW* and that file to remote ranks; a run that reads s3:// gets the shell's AWS settings there too,
+though not its keys (below).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import os
 import re
 import shlex
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixmae_scale.cluster.rendezvous import RendezvousPort, is_this_host, rendezvous_port
 from mixmae_scale.config import ResolvedConfig
 from mixmae_scale.config.load import ConfigError
 from mixmae_scale.config.schema import Config
@@ -53,6 +54,7 @@ class LaunchPlan:
     env_text: str
     env: dict[str, str] = field(default_factory=dict)  # for every rank: the launched process's environment
     notes: list[str] = field(default_factory=list)  # what a dry run found that the real launch would refuse
+    port: RendezvousPort | None = None  # the --master_port given, where it came from, whether it was tried here
 
     def shell(self) -> str:
         return shlex.join(self.command)
@@ -94,10 +96,11 @@ def local_gpus(gpus_per_node: int) -> int:
 
 
 def selected_gpus(pool: dict[str, int], include: str | None, exclude: str | None, num_nodes: int,
-                  gpus_per_node: int) -> None:
+                  gpus_per_node: int) -> list[str]:
     """Refuses an include/exclude whose selection is not num_nodes hosts of gpus_per_node GPUs: the run's batch
     arithmetic (world size, learning rate) uses those two numbers, DeepSpeed starts what the selection says. The
-    selection is DeepSpeed's own (parse_inclusion_exclusion), so its errors are its errors."""
+    selection is DeepSpeed's own (parse_inclusion_exclusion), so its errors are its errors. Returns its hosts in
+    DeepSpeed's order: rank 0 starts on the first."""
     from deepspeed.launcher.runner import parse_inclusion_exclusion
 
     key, value = ("cluster.include", include) if include else ("cluster.exclude", exclude)
@@ -134,15 +137,6 @@ def visible_devices(gpus_per_node: int) -> str | None:
     return ",".join(ids)
 
 
-def launch_port(run_dir: Path) -> int:
-    """The rendezvous port of a launch that names none: 10000 + crc32(the run folder's absolute path) % 20000. Two
-    runs on one node have two run folders (the run lock refuses a second start in one), so they get different
-    ports (29500 for every run made the second fail with EADDRINUSE), and the port is computed once, here, and given
-    to every node's ranks by the launcher. The range is the sbatch scripts' (10000 + job id % 20000): unprivileged,
-    below Linux's ephemeral ports (32768-60999), where an outgoing connection on the node may hold it."""
-    return 10000 + zlib.crc32(os.path.abspath(run_dir).encode()) % 20000
-
-
 def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, overrides: list[str],
             job: str = "pretrain", workdir: Path = Path("."), check_files: bool = True) -> LaunchPlan:
     """The command as it must run. One node needs no hostfile and no remote launcher: the command is the
@@ -162,6 +156,7 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                           "launch/slurm/pretrain.sbatch (`mixmae templates DIR` writes them out)")
     launcher = [str(Path(sys.executable).parent / "deepspeed")]
     notes: list[str] = []
+    rank0_host: str | None = None  # where rank 0 (and so the rendezvous store) starts; None: this host
     if c.num_nodes > 1 and c.launcher != "local":
         if not c.hostfile:
             raise ConfigError(f"cluster.num_nodes={c.num_nodes} needs cluster.hostfile, one line per node like "
@@ -172,6 +167,7 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                               "DeepSpeed's MPI launchers cannot select hosts or GPUs; list the hosts to use in "
                               "cluster.hostfile instead")
         hostfile = Path(c.hostfile)
+        rank0_host = f"the first host of {c.hostfile}"  # unknown until the hostfile is read
         if hostfile.is_dir():
             raise ConfigError(f"cluster.hostfile {c.hostfile} is a folder; name the hostfile (launch/hostfile.example; "
                               "`mixmae templates DIR` writes it out)")
@@ -184,8 +180,9 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
         else:
             pool = hostfile_slots(hostfile)
             mpi = c.launcher in MPI_LAUNCHERS
+            hosts = list(pool)
             if c.include or c.exclude:
-                selected_gpus(pool, c.include, c.exclude, c.num_nodes, c.gpus_per_node)
+                hosts = selected_gpus(pool, c.include, c.exclude, c.num_nodes, c.gpus_per_node)
             else:
                 problem = None
                 if len(pool) < c.num_nodes or mpi and len(pool) != c.num_nodes:
@@ -204,6 +201,8 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                     if check_files:
                         raise ConfigError(f"{problem}; {fix}")
                     notes.append(problem)
+            if hosts:
+                rank0_host = None if is_this_host(hosts[0]) else hosts[0]
         launcher += ["--hostfile", c.hostfile, "--launcher", c.launcher]
         if not (c.include or c.exclude) and c.launcher not in MPI_LAUNCHERS:
             launcher += ["--num_nodes", str(c.num_nodes)]
@@ -220,7 +219,12 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
     if not (c.include or c.exclude or visible) and not (c.num_nodes > 1 and c.launcher in MPI_LAUNCHERS):
         launcher += ["--num_gpus", str(c.gpus_per_node)]
     run_dir = Path(resolved.config.run.output_dir) / resolved.config.run.name
-    launcher += ["--master_port", str(c.master_port or launch_port(run_dir))]
+    port = rendezvous_port(c.master_port, resolved.sources, run_dir, rank0_host)
+    if port.refusal:
+        if check_files:
+            raise ConfigError(port.refusal)
+        notes.append(f"{port.refusal}: the launch refuses it")
+    launcher += ["--master_port", str(port.port)]
     if c.master_addr:
         launcher += ["--master_addr", c.master_addr]
     args = ["--module", "mixmae_scale.cli", job, "--profile", profile]
@@ -247,7 +251,7 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
         env = {**dict(sorted(carried.items())), **env}
     env_text = "".join(f"{k}={v}\n" for k, v in env.items())
     env_file = Path(workdir) / ENV_FILE if remote and env_text else None
-    return LaunchPlan(launcher + args, env_file, env_text, env, notes)
+    return LaunchPlan(launcher + args, env_file, env_text, env, notes, port)
 
 
 def batch_report(resolved: ResolvedConfig, train_samples: int | None = None, samples_from: str | None = None

@@ -270,7 +270,7 @@ class ClusterConfig:
     # several nodes: DeepSpeed's slurm backend drops --module and the port (cluster/compose.py, SLURM_REFUSAL).
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "local"] = "pdsh"
     master_addr: str | None = None
-    # None: `mixmae launch` derives one from the run folder (cluster/compose.py launch_port), the sbatch scripts from
+    # None: `mixmae launch` derives one from the run folder (cluster/rendezvous.py launch_port), the sbatch scripts from
     # the job id, so that two runs on one node do not share it.
     master_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
