@@ -24,16 +24,24 @@ from mixmae_scale.config.schema import ClusterConfig
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PORT_VARIABLE = "MIXMAE_CLUSTER_MASTER_PORT"  # a shell variable the scripts read, not exported
+# Set for every rank by the launcher (DeepSpeed's launch.py from --master_addr/--master_port) or the Slurm scripts,
+# from these settings: in cluster.env the two paths disagreed (the scripts' rendezvous took it, DeepSpeed overrode it).
+RENDEZVOUS = {"MASTER_PORT": "cluster.master_port", "MASTER_ADDR": "cluster.master_addr"}
 
 
 def env_problems(env: dict[str, object], where: str) -> None:
-    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, and a value read as null, a
-    boolean or a mapping/list: every rank gets str(value), so a blank (null) became 'None' and yes/on 'True'. Numbers
-    and dates arrive as the text typed (config/load.py keep_env_text: 010 stays 010, not 8)."""
+    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, or one the rendezvous sets, and a
+    value read as null, a boolean or a mapping/list: every rank gets str(value), so a blank (null) became 'None' and
+    yes/on 'True'. Numbers and dates arrive as the text typed (config/load.py keep_env_text: 010 stays 010, not 8)."""
     for key, value in env.items():
         if not NAME.fullmatch(str(key)):
             raise ConfigError(f"{where}: cluster.env key '{key}' is not an environment variable name "
                               "(letters, digits, _; not starting with a digit)")
+        if key in RENDEZVOUS:
+            raise ConfigError(f"{where}: cluster.env.{key}: the rendezvous is set by {RENDEZVOUS[key]} (the launcher "
+                              f"or the Slurm script gives every rank {key} from it); set {RENDEZVOUS[key]} instead"
+                              + ("; under Slurm the scripts take the allocation's first node" if key == "MASTER_ADDR"
+                                 else ""))
         if value is None:
             raise ConfigError(f"{where}: cluster.env.{key} has no value (YAML reads a blank as null, which every "
                               f"rank would get as 'None'); for an empty value write {key}: '' in a YAML file or "

@@ -669,3 +669,23 @@ def test_a_cluster_env_value_deepspeed_would_change_on_several_nodes_is_refused_
                                            "launcher"), str(refused)
             continue
         assert remote_rank_env(plan.env_text, launcher)["NCCL_NET"] == value, launcher
+
+
+@pytest.mark.parametrize("key, setting", [("MASTER_PORT", "cluster.master_port"),
+                                          ("MASTER_ADDR", "cluster.master_addr")])
+def test_a_rendezvous_variable_in_cluster_env_is_refused_by_both_paths_naming_its_setting(key, setting, slurm,
+                                                                                          monkeypatch):
+    """cluster.env.MASTER_PORT became the Slurm job's port (the scripts evaluate their exports before reading
+    MASTER_PORT), while `mixmae launch` passes cluster.master_port to DeepSpeed's launcher, which sets MASTER_PORT
+    for each rank over it: one configuration, two rendezvous. Both refuse it before anything starts, naming the
+    setting. Slurm simulated (variables, stand-in srun/python)."""
+    env, records, submit_dir = slurm
+    (submit_dir / "parity.yaml").write_text(PARITY_PROFILE)
+    value = "23000" if key == "MASTER_PORT" else "gpu-z"
+    result = submit("pretrain_srun.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", f"cluster.env.{key}={value}")
+    assert result.returncode == 2 and not (records / "srun.args").exists(), result.stderr
+    expected = (f"cluster.env.{key}: the rendezvous is set by {setting} (the launcher or the Slurm script gives "
+                f"every rank {key} from it); set {setting} instead")
+    assert expected in result.stderr, result.stderr
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        launch_plan(submit_dir, ("--set", f"cluster.env.{key}={value}"), None, monkeypatch)
