@@ -689,3 +689,33 @@ def test_a_rendezvous_variable_in_cluster_env_is_refused_by_both_paths_naming_it
     assert expected in result.stderr, result.stderr
     with pytest.raises(ConfigError, match=re.escape(expected)):
         launch_plan(submit_dir, ("--set", f"cluster.env.{key}={value}"), None, monkeypatch)
+
+
+def test_every_variable_the_scripts_read_after_taking_cluster_env_is_refused_as_a_cluster_env_key():
+    """The scripts evaluate cluster.env's exports in their own shell, then read their variables (and pretrain.sbatch's
+    node step reads its own on every node): each of those names is in shell_env.SCRIPT_VARIABLES, read here from the
+    scripts' text, so a new one in a script cannot slip past the refusal."""
+    from mixmae_scale.cluster.shell_env import SCRIPT_VARIABLES
+
+    read = re.compile(r"\$\{?[#!]?([A-Za-z_][A-Za-z0-9_]*)")
+    for script in SCRIPTS:
+        text = (SLURM / script).read_text()
+        after = text[text.index('eval "$EXPORTS"'):]
+        names = {name for line in after.splitlines() if not line.lstrip().startswith("#")
+                 for name in read.findall(line)}
+        names -= {"EXPORTS", "MASTER_PORT", "MASTER_ADDR", "MIXMAE_CLUSTER_MASTER_PORT"}  # refused or set by shell_env
+        assert len(names) > 10 and names <= SCRIPT_VARIABLES, (script, sorted(names - SCRIPT_VARIABLES))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("key", ["PROFILE", "SLURM_JOB_NODELIST"])
+def test_a_cluster_env_key_the_script_reads_itself_is_refused_before_the_step(script, key, slurm):
+    """cluster.env.PROFILE=x became the script's profile for the step and the requeue decision, and
+    SLURM_JOB_NODELIST its host list (the rendezvous), not only the ranks' variable as under `mixmae launch`.
+    Slurm simulated (variables, stand-in srun/python/scontrol)."""
+    env, records, submit_dir = slurm
+    (submit_dir / "parity.yaml").write_text(PARITY_PROFILE)
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", f"cluster.env.{key}=other")
+    assert result.returncode == 2 and not (records / "srun.args").exists(), result.stderr
+    assert (f"cluster.env.{key}: the Slurm scripts (launch/slurm/*.sbatch) take cluster.env into their own shell and "
+            f"then read {key} themselves") in result.stderr, result.stderr
