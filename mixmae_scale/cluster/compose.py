@@ -47,6 +47,30 @@ SLURM_REFUSAL = ("cluster.launcher=slurm: DeepSpeed's slurm launcher cannot star
                  "(`mixmae templates DIR` writes them out), or set cluster.launcher to pdsh, openmpi or mvapich")
 
 
+# DeepSpeed 0.19.8's MultiNodeRunner.add_export, which every line of .deepspeed_env goes through: the value is
+# stripped, and one with a character outside this class is wrapped in double quotes. pdsh sends `export K="V";`
+# through the remote shell, which expands $, `, \ and " inside them; mpirun's -x K="V" and mpiexec's -genv keep
+# the quotes as part of the value. A newline splits the value into two lines of the file.
+DEEPSPEED_PLAIN = re.compile(r"[\w@%+=:,./-]*")
+PDSH_EXPANDED = re.compile(r'[$`"\\]')
+
+
+def forwarding_problem(value: str, launcher: str) -> str | None:
+    """Why DeepSpeed's runner, passing `value` through .deepspeed_env to ranks on other hosts with `launcher`,
+    would give them another value; None where they get it as it is. The sbatch scripts and a one-node launch give
+    it as typed, so the multi-node launch must not change it without a word."""
+    if "\n" in value or "\r" in value:
+        return "a line break splits it into two lines of that file"
+    if value != value.strip():
+        return "DeepSpeed strips the blanks around it"
+    if DEEPSPEED_PLAIN.fullmatch(value):
+        return None
+    if launcher not in MPI_LAUNCHERS:
+        return ("DeepSpeed puts it in double quotes, inside which the remote shell expands $, `, \\ and \""
+                if PDSH_EXPANDED.search(value) else None)
+    return "DeepSpeed puts it in double quotes, which mpirun keeps as part of the value"
+
+
 @dataclass
 class LaunchPlan:
     command: list[str]
@@ -249,6 +273,14 @@ def compose(resolved: ResolvedConfig, profile: str, cluster_file: str | None, ov
                              "(~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE) or AWS_PROFILE there, or put them "
                              "in cluster.env")
         env = {**dict(sorted(carried.items())), **env}
+        for key, value in env.items():
+            problem = forwarding_problem(value, c.launcher)
+            if problem:
+                where = f"cluster.env.{key}" if key in c.env else f"{key} (this shell's, carried)"
+                raise ConfigError(f"{where}={value!r}: on several nodes DeepSpeed's {c.launcher} launcher passes it "
+                                  f"to the ranks through {ENV_FILE}, and {problem}, so they would get another "
+                                  "value; use a value of letters, digits and @%+=:,./- only, set it in the nodes' own "
+                                  "environment, or under Slurm submit launch/slurm/*.sbatch, which pass it as typed")
     env_text = "".join(f"{k}={v}\n" for k, v in env.items())
     env_file = Path(workdir) / ENV_FILE if remote and env_text else None
     return LaunchPlan(launcher + args, env_file, env_text, env, notes, port)

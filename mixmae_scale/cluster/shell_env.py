@@ -24,16 +24,34 @@ from mixmae_scale.config.schema import ClusterConfig
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PORT_VARIABLE = "MIXMAE_CLUSTER_MASTER_PORT"  # a shell variable the scripts read, not exported
+# Set for every rank by the launcher (DeepSpeed's launch.py from --master_addr/--master_port) or the Slurm scripts,
+# from these settings: in cluster.env the two paths disagreed (the scripts' rendezvous took it, DeepSpeed overrode it).
+RENDEZVOUS = {"MASTER_PORT": "cluster.master_port", "MASTER_ADDR": "cluster.master_addr"}
+# What the sbatch scripts (and pretrain.sbatch's node step) read after they evaluate these exports in their own
+# shell: a cluster.env key among them would change what the script runs (PROFILE its profile, PYTHON its
+# interpreter, SLURM_JOB_NODELIST its hosts, CUDA_VISIBLE_DEVICES the node step's GPUs), where `mixmae launch` only
+# hands it to the ranks. tests/unit/test_slurm_scripts.py reads the scripts and checks that this lists them all.
+SCRIPT_VARIABLES = frozenset({
+    "CLUSTER_ARGS", "CPUS", "CUDA_VISIBLE_DEVICES", "EXPORTS", "GPUS", "HOSTFILE", "HOSTS", "MIXMAE_GPUS",
+    "MIXMAE_HOSTFILE", "MIXMAE_NODES", "NODES", "NODE_STEP", "PROFILE", "PWD", "PYTHON", "SLURM_CPUS_PER_TASK",
+    "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_NODEID",
+    "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "hostfile", "hosts", "i", "ids", "item", "items", "listed",
+    "placement", "status", "tasks", "top", "usual", "IFS"})
 
 
 def env_problems(env: dict[str, object], where: str) -> None:
-    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, and a value read as null, a
-    boolean or a mapping/list: every rank gets str(value), so a blank (null) became 'None' and yes/on 'True'. Numbers
-    and dates arrive as the text typed (config/load.py keep_env_text: 010 stays 010, not 8)."""
+    """Refuses a `cluster.env` key no shell or `.deepspeed_env` line could carry, or one the rendezvous sets, and a
+    value read as null, a boolean or a mapping/list: every rank gets str(value), so a blank (null) became 'None' and
+    yes/on 'True'. Numbers and dates arrive as the text typed (config/load.py keep_env_text: 010 stays 010, not 8)."""
     for key, value in env.items():
         if not NAME.fullmatch(str(key)):
             raise ConfigError(f"{where}: cluster.env key '{key}' is not an environment variable name "
                               "(letters, digits, _; not starting with a digit)")
+        if key in RENDEZVOUS:
+            raise ConfigError(f"{where}: cluster.env.{key}: the rendezvous is set by {RENDEZVOUS[key]} (the launcher "
+                              f"or the Slurm script gives every rank {key} from it); set {RENDEZVOUS[key]} instead"
+                              + ("; under Slurm the scripts take the allocation's first node" if key == "MASTER_ADDR"
+                                 else ""))
         if value is None:
             raise ConfigError(f"{where}: cluster.env.{key} has no value (YAML reads a blank as null, which every "
                               f"rank would get as 'None'); for an empty value write {key}: '' in a YAML file or "
@@ -48,6 +66,18 @@ def env_problems(env: dict[str, object], where: str) -> None:
                               "environment variable holds text")
 
 
+def script_variable_problems(env: dict[str, object], where: str) -> None:
+    """Refuses a `cluster.env` key the Slurm scripts use themselves (SCRIPT_VARIABLES): only under Slurm, since
+    `mixmae launch` gives it to the ranks without running it through a shell of its own."""
+    for key in env:
+        if key in SCRIPT_VARIABLES:
+            raise ConfigError(f"{where}: cluster.env.{key}: the Slurm scripts (launch/slurm/*.sbatch) take cluster.env "
+                              f"into their own shell and then read {key} themselves, so it would change what they run "
+                              "(not only what the ranks get); use another name, or set it in the nodes' environment"
+                              + (" (the interpreter: MIXMAE_PYTHON=/path/to/python sbatch ...)" if key == "PYTHON"
+                                 else " (the profile: PROFILE=NAME sbatch ...)" if key == "PROFILE" else ""))
+
+
 def export_lines(cluster_file: str) -> list[str]:
     path = Path(cluster_file)
     if not path.is_file():
@@ -56,6 +86,7 @@ def export_lines(cluster_file: str) -> list[str]:
     require_port(section, cluster_file)
     cluster = build_dataclass(ClusterConfig, section, "cluster.")
     env_problems(cluster.env, cluster_file)
+    script_variable_problems(cluster.env, cluster_file)
     lines = [f"export {key}={shlex.quote(str(value))}" for key, value in sorted(cluster.env.items())]
     if section.get("master_port") is not None:
         lines.append(f"{PORT_VARIABLE}={cluster.master_port}")
@@ -75,8 +106,10 @@ def job_lines(argv: list[str]) -> list[str]:
     if args.cluster:
         export_lines(args.cluster)  # the file's own problems, named by the file
     config, _ = load_config(args.profile, args.cluster, list(args.overrides))
-    env_problems(config.cluster.env, f"the job's configuration (profile {args.profile}, "
-                                     f"{f'cluster file {args.cluster}, ' if args.cluster else ''}--set)")
+    where = (f"the job's configuration (profile {args.profile}, "
+             f"{f'cluster file {args.cluster}, ' if args.cluster else ''}--set)")
+    env_problems(config.cluster.env, where)
+    script_variable_problems(config.cluster.env, where)
     lines = [f"export {key}={shlex.quote(str(value))}" for key, value in sorted(config.cluster.env.items())]
     port = config.cluster.master_port
     if port is not None and not 1 <= port <= 65535:  # one from the cluster file was refused by export_lines

@@ -321,6 +321,37 @@ def test_shards_another_tool_wrote_train_where_they_are_after_adoption(tmp_path,
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_adopted_tars_whose_file_names_hold_whitespace_train_and_evaluate_every_sample(tmp_path, backend):
+    """A tar's file name is in no index line (member names are, and those with whitespace are rejected): tars named
+    `part 1.tar` and `sub dir/tab<TAB>x.tar` are read where they are, every sample once in evaluation, labels kept."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from mixmae_scale.shards.adopt import AdoptOptions, adopt
+
+    source = tmp_path / "theirs"
+    for label, name in enumerate(("part 1.tar", "sub dir/tab\tx.tar")):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(source / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(8):
+                buffer = io.BytesIO()
+                Image.new("RGB", (40, 30), (30 * i, 90, 200)).save(buffer, format="JPEG")
+                for ext, data in (("jpg", buffer.getvalue()), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"s{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    adopt(source, tmp_path / "index", AdoptOptions())
+    batches = list(ShardLoader(str(tmp_path / "index"), "train", _spec(with_meta=False, shuffle_buffer=8), backend,
+                               workers=1))
+    assert sorted(torch.cat([b.labels for b in batches]).tolist()) == [0] * 8 + [1] * 8
+    evaluated = list(ShardLoader(str(tmp_path / "index"), "train", _spec(mode="eval", with_meta=False), backend,
+                                 workers=1).eval_batches())
+    assert sum(real for _, real in evaluated) == 16
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_a_sixteen_bit_png_reads_with_the_pixels_dali_gives_not_saturated(tmp_path, backend):
     """Adopted shards keep a 16-bit PNG as it is; Pillow's convert("RGB") clipped it nearly white in the torch
     loader (mean 255) where DALI scales 0..65535 to 0..255 (mean 128)."""

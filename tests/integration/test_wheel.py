@@ -88,6 +88,50 @@ def test_the_wheel_is_what_the_fresh_environment_imports_and_it_says_its_version
     assert installed.run(installed.python, "-m", "mixmae_scale", "--version").strip() == expected
 
 
+# Run by the fresh environment's python on the wheel's METADATA (argv[1]): its Requires-Dist lines, then one line
+# for each that the packages this environment imports do not satisfy (missing, or outside the range). A requirement
+# of an extra counts where its distribution is installed: cuda12 and cuda13 bring two DALI builds, one at most.
+UNSATISFIED = """
+import importlib.metadata as metadata, json, sys
+from email.parser import Parser
+from packaging.requirements import Requirement
+lines = Parser().parsestr(open(sys.argv[1]).read()).get_all("Requires-Dist") or []
+print(json.dumps(lines))
+for line in lines:
+    requirement = Requirement(line)
+    extra = requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})
+    try:
+        version = metadata.version(requirement.name)
+    except metadata.PackageNotFoundError:
+        if not extra:
+            print(f"{line}: not installed")
+        continue
+    if not requirement.specifier.contains(version, prereleases=True):
+        print(f"{line}: {version} is installed")
+"""
+
+
+def test_the_wheels_requirements_are_pyprojects_and_the_installed_stack_satisfies_them(installed):
+    """The wheel is installed with --no-deps onto a borrowed stack, so pip never read its Requires-Dist: a dependency
+    lost by the build, or one the stack does not satisfy, passed every other test here. The wheel's lines must be
+    pyproject.toml's dependencies and extras, and the fresh environment's packages must satisfy them (the base ones
+    all; an extra's where its distribution is installed)."""
+    import json
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself runs on 3.10
+
+    (metadata_file,) = installed.site.glob("mixmae_scale-*.dist-info/METADATA")
+    shown = installed.run(installed.python, "-c", UNSATISFIED, metadata_file).splitlines()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(f"{text}; extra == '{extra}'" for extra, texts in
+                                            project["optional-dependencies"].items() for text in texts)]
+    assert sorted(str(Requirement(line)) for line in json.loads(shown[0])) == \
+        sorted(str(Requirement(line)) for line in declared)
+    assert not shown[1:], "the installed stack does not satisfy the wheel: " + "; ".join(shown[1:])
+
+
 def test_a_profile_name_is_found_inside_the_installed_wheel(installed):
     shown = yaml.safe_load(installed.run("mixmae", "config", "show", "--profile", "swin_h"))
     assert shown["run"]["name"] == "mixmae-h"

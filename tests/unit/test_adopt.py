@@ -715,3 +715,35 @@ def test_member_names_with_spaces_are_rejected_naming_the_tar_and_member_with_th
     assert result.manifest.splits["train"].samples == 3
     assert any(w.startswith("train: 1 sample rejected for whitespace in its member names (e.g. 'n01440764 9.jpg' in "
                             "train-000000.tar)") for w in result.warnings), result.warnings
+
+
+def test_tar_file_names_that_are_not_utf8_are_refused_naming_them_before_anything_is_written(tmp_path, capsys):
+    """A tar named in Latin-1 (`caf\\xe9.tar`) was adopted: dataset.json held its name as a lone surrogate (JSON that
+    strict readers refuse), and evaluation then stopped on a UnicodeEncodeError inside DALI's pipeline (the PyTorch
+    loader in sample_id), naming no file. Refused like a converted image's name: the bytes escaped, convmv."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "ok-000.tar", 2)
+    _labeled_tar(src / os.fsdecode(b"caf\xe9.tar"), 2)
+    _labeled_tar(src / os.fsdecode(b"d\xfcr") / "000.tar", 2)  # a folder's name: named once, as the folder
+    out = tmp_path / "out"
+    assert main(["shards", "adopt", str(src), "--out", str(out), "--workers", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1] == (
+        f"mixmae: error: {src}: 2 tar names are not UTF-8 (the bytes that are not shown escaped): 'caf\\xe9.tar', "
+        "'d\\xfcr/'; a tar's name is written into dataset.json as text, which every loader reads it by: rename them "
+        f"in UTF-8 (for names written in Latin-1: `convmv -r -f latin1 -t utf8 --notest {src}`) and run the same "
+        "command again"), error
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_tar_file_names_with_whitespace_adopt_and_verify_as_they_are(tmp_path):
+    """A tar's file name is not in its DALI index (only member names are, space-separated): `part 1.tar` adopts,
+    its index is DALI's own, and verify reads it back. Reading it through DALI and the PyTorch loader:
+    tests/integration/test_loader.py."""
+    src = tmp_path / "src"
+    _labeled_tar(src / "part 1.tar", 2)
+    _labeled_tar(src / "sub dir" / "tab\tname.tar", 2)
+    manifest = adopt(src, tmp_path / "out", AdoptOptions()).manifest
+    assert sorted(s.name for s in manifest.splits["train"].shards) == ["part 1.tar", "sub dir/tab\tname.tar"]
+    assert index_lines(tmp_path / "out", "train/part 1.idx") == wds2idx(src / "part 1.tar", tmp_path)
+    assert verify(tmp_path / "out")["ok"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from deepspeed_launcher import deepspeed_would_start
+
+from mixmae_scale.config import ConfigError, load_resolved
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
@@ -566,3 +569,153 @@ def test_cluster_env_from_a_set_after_the_script_reaches_the_step_over_the_files
     result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", "cluster.env.NCCL-X=1")
     assert result.returncode == 2 and not (records / "srun.args").exists()
     assert "cluster.env key 'NCCL-X' is not an environment variable name" in result.stderr
+
+
+# cluster.env of one configuration from a profile, a cluster file and --set after the script (a value YAML 1.1 reads
+# as a number: 010 is 8, 1:30 is 90; one that needs shell quoting), and the launching shell's MIXMAE_*/AWS_*.
+PARITY_PROFILE = "cluster:\n  env:\n    NCCL_IB_TIMEOUT: 010\n    FROM_PROFILE: kept\n    OVERRIDDEN: profile\n"
+PARITY_CLUSTER = "cluster:\n  env:\n    NCCL_SOCKET_IFNAME: ib0\n    OVERRIDDEN: file\n    NCCL_ASYNC: 1:30\n"
+PARITY_SETS = ("--set", "cluster.env.OVERRIDDEN=set", "data.shards=s3://bucket/shards")
+PARITY_SHELL = {"MIXMAE_S3_CONNECT_TIMEOUT": "7", "AWS_REGION": "eu-west-1"}
+
+
+def slurm_step_env(script: str, slurm, sets: tuple[str, ...]) -> dict[str, str]:
+    """The environment of the step's ranks as the script leaves it: its shell_env exports, evaluated by bash, and
+    whatever srun passes on (stand-in srun and python; Slurm simulated by its variables)."""
+    env, records, submit_dir = slurm
+    (submit_dir / "parity.yaml").write_text(PARITY_PROFILE)
+    (submit_dir / "my cluster.yaml").write_text(PARITY_CLUSTER)
+    result = submit(script, {**env, **PARITY_SHELL, "SLURM_GPUS_PER_NODE": "8",
+                             "PROFILE": str(submit_dir / "parity.yaml")}, *sets)
+    assert result.returncode == 0, result.stderr
+    return recorded_env(records, "python")
+
+
+def launch_plan(submit_dir: Path, sets: tuple[str, ...], launcher: str | None, monkeypatch):
+    """compose() for `mixmae launch` of the same configuration, from the same shell, on one node or (launcher
+    given) on two."""
+    from mixmae_scale.cluster.compose import compose
+
+    for key in [k for k in os.environ if k.startswith(("MIXMAE_", "AWS_"))]:  # the shell is the submitting one
+        monkeypatch.delenv(key)
+    for key, value in PARITY_SHELL.items():
+        monkeypatch.setenv(key, value)
+    overrides = list(sets[1:])
+    if launcher:
+        (submit_dir / "hostfile").write_text("gpu-a slots=8\ngpu-b slots=8\n")
+        overrides += ["cluster.num_nodes=2", f"cluster.launcher={launcher}", f"cluster.hostfile={submit_dir}/hostfile"]
+    profile, cluster = str(submit_dir / "parity.yaml"), str(submit_dir / "my cluster.yaml")
+    return compose(load_resolved(profile, cluster, overrides), profile, cluster, overrides, workdir=submit_dir)
+
+
+def remote_rank_env(env_text: str, launcher: str) -> dict[str, str]:
+    """What a rank on another host gets from .deepspeed_env: DeepSpeed 0.19.8's runner reads the file line by line
+    (key, value split at the first '=') into MultiNodeRunner.add_export, its own code run here; pdsh sends
+    `export K=V;` through the remote shell (bash evaluates it here), mpirun's `-x K=V` is taken as it stands."""
+    from types import SimpleNamespace
+
+    from deepspeed.launcher.multinode_runner import MultiNodeRunner
+
+    runner = SimpleNamespace(exports={})
+    for line in env_text.splitlines(keepends=True):
+        key, value = line.split("=", 1)
+        MultiNodeRunner.add_export(runner, key, value)
+    if launcher != "pdsh":
+        return dict(runner.exports)
+    script = "".join(f"export {key}={value}; " for key, value in runner.exports.items())
+    script += "".join(f'printf "%s\\0" "${key}"; ' for key in runner.exports)
+    shown = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    return dict(zip(runner.exports, shown.split("\0")[:-1], strict=True))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_ranks_get_the_same_cluster_env_from_mixmae_launch_and_the_slurm_scripts(script, slurm, monkeypatch):
+    """cluster.env (profile < cluster file < --set; 010 and 1:30 as typed) and, on several nodes, the launching
+    shell's MIXMAE_* and AWS settings (s3:// data): each value `mixmae launch` gives the ranks (one node: the
+    launched environment; two, pdsh and openmpi: .deepspeed_env as DeepSpeed's runner passes it on) is the value the
+    sbatch script's step has. Slurm simulated (variables, stand-in srun/python); DeepSpeed's runner code run for the
+    file, no launcher started."""
+    _, _, submit_dir = slurm
+    step = slurm_step_env(script, slurm, PARITY_SETS)
+    assert {k: step[k] for k in ("NCCL_IB_TIMEOUT", "NCCL_ASYNC", "OVERRIDDEN", "FROM_PROFILE")} == {
+        "NCCL_IB_TIMEOUT": "010", "NCCL_ASYNC": "1:30", "OVERRIDDEN": "set", "FROM_PROFILE": "kept"}
+    one_node = launch_plan(submit_dir, PARITY_SETS, None, monkeypatch)
+    assert one_node.env and {k: step.get(k) for k in one_node.env} == one_node.env
+    for launcher in ("pdsh", "openmpi"):
+        plan = launch_plan(submit_dir, PARITY_SETS, launcher, monkeypatch)
+        remote = remote_rank_env(plan.env_text, launcher)
+        assert set(remote) == {*one_node.env, *PARITY_SHELL}, launcher
+        assert {k: step.get(k) for k in remote} == remote, launcher
+
+
+@pytest.mark.parametrize("value", ["a b'c", 'say "hi"', "$HOME/x", " padded"])
+def test_a_cluster_env_value_deepspeed_would_change_on_several_nodes_is_refused_naming_it(value, slurm,
+                                                                                          monkeypatch):
+    """The sbatch scripts (shlex-quoted exports) and a one-node `mixmae launch` (the launched environment) give the
+    ranks the value as typed; on several nodes DeepSpeed's runner strips it and wraps one with other characters than
+    letters, digits and @%+=:,./- in double quotes, which mpirun's -x keeps in the value and pdsh's remote shell
+    expands ($, `, \\, "): the ranks got another value, silently. The ranks get the value as typed, or that launch
+    is refused naming the key; the one-node launch and the scripts pass it as typed. Slurm simulated as above."""
+    _, _, submit_dir = slurm
+    sets = (*PARITY_SETS, f"cluster.env.NCCL_NET={json.dumps(value)}")  # a YAML double-quoted string
+    step = slurm_step_env("pretrain_srun.sbatch", slurm, sets)
+    assert step["NCCL_NET"] == value
+    assert launch_plan(submit_dir, sets, None, monkeypatch).env["NCCL_NET"] == value
+    for launcher in ("pdsh", "openmpi"):
+        try:
+            plan = launch_plan(submit_dir, sets, launcher, monkeypatch)
+        except ConfigError as refused:
+            assert str(refused).startswith(f"cluster.env.NCCL_NET={value!r}: on several nodes DeepSpeed's {launcher} "
+                                           "launcher"), str(refused)
+            continue
+        assert remote_rank_env(plan.env_text, launcher)["NCCL_NET"] == value, launcher
+
+
+@pytest.mark.parametrize("key, setting", [("MASTER_PORT", "cluster.master_port"),
+                                          ("MASTER_ADDR", "cluster.master_addr")])
+def test_a_rendezvous_variable_in_cluster_env_is_refused_by_both_paths_naming_its_setting(key, setting, slurm,
+                                                                                          monkeypatch):
+    """cluster.env.MASTER_PORT became the Slurm job's port (the scripts evaluate their exports before reading
+    MASTER_PORT), while `mixmae launch` passes cluster.master_port to DeepSpeed's launcher, which sets MASTER_PORT
+    for each rank over it: one configuration, two rendezvous. Both refuse it before anything starts, naming the
+    setting. Slurm simulated (variables, stand-in srun/python)."""
+    env, records, submit_dir = slurm
+    (submit_dir / "parity.yaml").write_text(PARITY_PROFILE)
+    value = "23000" if key == "MASTER_PORT" else "gpu-z"
+    result = submit("pretrain_srun.sbatch", {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", f"cluster.env.{key}={value}")
+    assert result.returncode == 2 and not (records / "srun.args").exists(), result.stderr
+    expected = (f"cluster.env.{key}: the rendezvous is set by {setting} (the launcher or the Slurm script gives "
+                f"every rank {key} from it); set {setting} instead")
+    assert expected in result.stderr, result.stderr
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        launch_plan(submit_dir, ("--set", f"cluster.env.{key}={value}"), None, monkeypatch)
+
+
+def test_every_variable_the_scripts_read_after_taking_cluster_env_is_refused_as_a_cluster_env_key():
+    """The scripts evaluate cluster.env's exports in their own shell, then read their variables (and pretrain.sbatch's
+    node step reads its own on every node): each of those names is in shell_env.SCRIPT_VARIABLES, read here from the
+    scripts' text, so a new one in a script cannot slip past the refusal."""
+    from mixmae_scale.cluster.shell_env import SCRIPT_VARIABLES
+
+    read = re.compile(r"\$\{?[#!]?([A-Za-z_][A-Za-z0-9_]*)")
+    for script in SCRIPTS:
+        text = (SLURM / script).read_text()
+        after = text[text.index('eval "$EXPORTS"'):]
+        names = {name for line in after.splitlines() if not line.lstrip().startswith("#")
+                 for name in read.findall(line)}
+        names -= {"EXPORTS", "MASTER_PORT", "MASTER_ADDR", "MIXMAE_CLUSTER_MASTER_PORT"}  # refused or set by shell_env
+        assert len(names) > 10 and names <= SCRIPT_VARIABLES, (script, sorted(names - SCRIPT_VARIABLES))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("key", ["PROFILE", "SLURM_JOB_NODELIST"])
+def test_a_cluster_env_key_the_script_reads_itself_is_refused_before_the_step(script, key, slurm):
+    """cluster.env.PROFILE=x became the script's profile for the step and the requeue decision, and
+    SLURM_JOB_NODELIST its host list (the rendezvous), not only the ranks' variable as under `mixmae launch`.
+    Slurm simulated (variables, stand-in srun/python/scontrol)."""
+    env, records, submit_dir = slurm
+    (submit_dir / "parity.yaml").write_text(PARITY_PROFILE)
+    result = submit(script, {**env, "SLURM_GPUS_PER_NODE": "8"}, "--set", f"cluster.env.{key}=other")
+    assert result.returncode == 2 and not (records / "srun.args").exists(), result.stderr
+    assert (f"cluster.env.{key}: the Slurm scripts (launch/slurm/*.sbatch) take cluster.env into their own shell and "
+            f"then read {key} themselves") in result.stderr, result.stderr
