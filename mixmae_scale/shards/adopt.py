@@ -41,7 +41,7 @@ from mixmae_scale.shards.builder import (
     write_record,
 )
 from mixmae_scale.shards.rejection_limit import DEFAULT_MAX_REJECTED
-from mixmae_scale.shards.sources import SourceError, escaped, not_utf8
+from mixmae_scale.shards.sources import SourceError, not_utf8, refuse_not_utf8
 from mixmae_scale.shards.tar_index import NAME_REMEDY, NAME_WHITESPACE, TarIndex, index_tar
 from mixmae_scale.shards.transient import retrying
 
@@ -466,15 +466,8 @@ def refuse_tar_names_not_utf8(src: str, names: list[str], shown: int = 5) -> Non
     those bytes escaped: each name went into dataset.json as a lone surrogate (JSON strict readers refuse), and the
     loaders stopped on it in evaluation with a UnicodeEncodeError that named no file (inside DALI's pipeline, or
     the PyTorch loader's sample ids). Hidden tars too: the summary names them. An s3:// key is always UTF-8."""
-    bad = not_utf8(names)
-    if not bad:
-        return
-    listed = ", ".join(f"'{escaped(name)}'" for name in bad[:shown]) + (
-        f" and {len(bad) - shown} more" if len(bad) > shown else "")
-    raise SourceError(f"{escaped(src)}: {plural(len(bad), 'tar name')} {'is' if len(bad) == 1 else 'are'} not UTF-8 "
-                      f"(the bytes that are not shown escaped): {listed}; a tar's name is written into dataset.json as "
-                      "text, which every loader reads it by: rename them in UTF-8 (for names written in Latin-1: "
-                      f"`convmv -r -f latin1 -t utf8 --notest {escaped(src)}`) and run the same command again")
+    refuse_not_utf8(src, not_utf8(names), "tar name", "a tar's name is written into dataset.json as text, which "
+                    "every loader reads it by", shown)
 
 
 def hidden_note(count: int, names: list[str]) -> str:

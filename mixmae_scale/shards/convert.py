@@ -44,6 +44,7 @@ from mixmae_scale.shards.sources import (
     imagenet_split,
     not_utf8,
     read_class_names,
+    refuse_not_utf8,
 )
 from mixmae_scale.shards.writer import (
     PROGRESS_DIR,
@@ -276,14 +277,8 @@ def refuse_names_not_utf8(src: Path, found: dict[str, Discovered], shown: int = 
     folders) are not refused for it: a stray Latin-1 note refused the whole set; they are listed escaped."""
     names = not_utf8([*(image.rel for d in found.values() for image in d.images),
                       *(f"{name}/" for d in found.values() for name in d.classes)])
-    if not names:
-        return
-    listed = ", ".join(f"'{escaped(name)}'" for name in names[:shown]) + (
-        f" and {len(names) - shown} more" if len(names) > shown else "")
-    raise SourceError(f"{src}: {plural(len(names), 'name')} {'is' if len(names) == 1 else 'are'} not UTF-8 (the bytes "
-                      f"that are not shown escaped): {listed}; a name is written into dataset.json, classes.json and "
-                      "each sample's json as text: rename them in UTF-8 (for names written in Latin-1: `convmv -r -f "
-                      f"latin1 -t utf8 --notest {escaped(str(src))}`) and run the same command again")
+    refuse_not_utf8(str(src), names, "name", "a name is written into dataset.json, classes.json and each sample's "
+                    "json as text", shown)
 
 
 def classes_left_out_of_val(discovered: dict[str, Discovered], fraction: float) -> str | None:

@@ -105,6 +105,19 @@ def escaped(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def refuse_not_utf8(where: str, names: list[str], what: str, written_into: str, shown: int = 5) -> None:
+    """The one refusal of names that are not UTF-8, for conversion's images and class folders and adoption's tars:
+    each names them with those bytes escaped and gives the rename (convmv) that lets the same command run again."""
+    if not names:
+        return
+    listed = ", ".join(f"'{escaped(name)}'" for name in names[:shown]) + (
+        f" and {len(names) - shown} more" if len(names) > shown else "")
+    raise SourceError(f"{escaped(where)}: {plural(len(names), what)} {'is' if len(names) == 1 else 'are'} not UTF-8 "
+                      f"(the bytes that are not shown escaped): {listed}; {written_into}: rename them in UTF-8 (for "
+                      f"names written in Latin-1: `convmv -r -f latin1 -t utf8 --notest {escaped(where)}`) and run the "
+                      "same command again")
+
+
 def not_utf8(rels: Iterable[str]) -> list[str]:
     """The names under a source root that are not UTF-8, each as the path to its first such part (a folder once,
     with a trailing '/', not every file in it). Such a name is listed as surrogate escapes, which dataset.json,
