@@ -385,7 +385,7 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
         except ConfigError as exc:  # it named the config key, not the spec or which of its sizes
             raise ConfigError(f"{spec.file or 'the sweep spec'}: {_whose(spec, size, exc)}: {exc}") from None
         _refuse_same_model(spec, size["name"], resolved.config.model, models)
-        report = model_report(resolved.config.model)
+        report = _model_report(resolved.config.model)
         per_image = float(report["train_flops_per_image"])
         batch = resolved.derived.global_batch
         if spec.budgets:
@@ -401,6 +401,20 @@ def expand(spec: SweepSpec, train_samples: int, base_lr: float | None = None) ->
         runs.append(PlannedRun(run_id, size["name"], fraction, steps, seed, overrides, int(report["pretrain_params"]),
                                images, per_image * images, float(budget) if spec.budgets else None, batch))
     return runs
+
+
+_REPORTS: dict[str, dict[str, float | int | str]] = {}
+
+
+def _model_report(model: object) -> dict[str, float | int | str]:
+    """`model_report` once per resolved model: it builds the model (on the meta device) to count its parameters,
+    0.05-0.1 s a build, and a sweep expands its spec several times over (the lr sweep, the study, each pass), each
+    size for every budget and seed; a unit test of a sweep built 46 models for 3 sizes. The counts depend on the
+    model settings alone."""
+    key = json.dumps(asdict(model), sort_keys=True, default=str)
+    if key not in _REPORTS:
+        _REPORTS[key] = model_report(model)
+    return _REPORTS[key]
 
 
 def _refuse_same_model(spec: SweepSpec, name: str, model: object, models: dict[str, str]) -> None:

@@ -15,7 +15,6 @@ import re
 from collections import Counter
 
 from mixmae_scale.data.errors import plural
-from mixmae_scale.shards.tar_index import KEY_APART, KEY_APART_REMEDY
 
 DEFAULT_MAX_REJECTED = 0.01
 # The units the sources count in, in the singular.
@@ -50,6 +49,10 @@ def check_every_split(counts: list[tuple], max_rejected: float, rejections_file:
     the user about all of them, with the one --max-rejected that accepts them all. A split that found nothing
     is not a share of rejections (no --max-rejected would pass it): the build says it is empty. An entry may name
     its own unit as a fourth item (adoption's tars with no readable sample, a share of the split's tars)."""
+    # Here, not at the top: the CLI's parser reads DEFAULT_MAX_REJECTED, and tar_index brings PIL and numpy (0.2 s)
+    # into every start of the Slurm scripts' python helpers, which parse arguments with that parser.
+    from mixmae_scale.shards.tar_index import KEY_APART, KEY_APART_REMEDY
+
     over, suggest, apart = [], 0.0, 0
     for what, found, reasons, *own in counts:
         noun = own[0] if own else unit
